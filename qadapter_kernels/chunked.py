@@ -1,0 +1,156 @@
+"""Memory-bounded Q-Adapter token statistics: per chunk of tokens, two GEMMs, one row step, P @ Wq.
+
+For the scored tokens only (packed to ``[N, d]``), each chunk computes the base logits ``z``
+and the Q-values with matmuls, then the *row step* turns them into the per-token values the loss
+needs (``Q[t, a_t]`` and the soft value ``V_t``) and the combined policy ``p_t``; finally
+``E_p[Wq] = p @ Wq`` is stored (``[N, d]``). With it, the backward for ``q_hidden`` is
+elementwise (DESIGN section 2): no logits are kept or recomputed. Only a trainable
+``q_weight`` / ``q_bias`` needs a second chunked pass. Peak extra memory: ``O(chunk * V + N * d)``.
+
+The row step is pluggable: the eager PyTorch one below runs everywhere; the Triton and CUDA
+backends pass fused single-pass versions of the same contract.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype) -> (q_taken, value, p)
+#   z, q:     [C, V] base logits and Q-values as produced by the GEMMs; the step may overwrite them.
+#   targets:  [C] int64 actions.
+#   q_taken:  [C] Q[t, a_t];  value: [C] alpha~ * lse((Q + alpha_0 * log_softmax(z)) / alpha~);
+#             both in float32 (float64 for float64 inputs).
+#   p:        [C, V] softmax((Q + alpha_0 * z) / alpha~) in p_dtype (may alias z or q).
+RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
+
+DEFAULT_CPU_BUDGET = 64 * 2**20
+DEFAULT_CUDA_BUDGET = 1 * 2**30
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every reduction and statistic runs in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+    """Eager row step: reuses the GEMM buffers in place, four passes over the chunk."""
+    sd = stats_dtype(q.dtype)
+    q = q.to(sd)
+    z = z.to(sd)
+    q_taken = q.gather(1, targets.unsqueeze(1)).squeeze(1)
+    combined = q.add_(z, alpha=alpha_0)  # alpha_0 * lse(z) cancels inside the softmax
+    if alpha_tilde != 1.0:
+        combined.div_(alpha_tilde)
+    lse_c = combined.logsumexp(dim=1)
+    p = combined.sub_(lse_c.unsqueeze(1)).exp_()
+    lse_z = z.logsumexp(dim=1)
+    value = alpha_tilde * lse_c - alpha_0 * lse_z
+    return q_taken, value, p.to(p_dtype)
+
+
+def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int | None = None) -> int:
+    """Largest chunk whose ``[chunk, V]`` buffers (GEMM outputs, fp32 copies, P) fit the budget."""
+    if budget is None:
+        budget = DEFAULT_CUDA_BUDGET if device.type == "cuda" else DEFAULT_CPU_BUDGET
+    esize = torch.finfo(dtype).bits // 8
+    stats = torch.finfo(stats_dtype(dtype)).bits // 8
+    per_row = vocab * (3 * esize + (2 * stats if stats != esize else 0))
+    return max(1, min(n_tokens, budget // per_row))
+
+
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = h @ w.T
+    return out.add_(bias) if bias is not None else out
+
+
+class ChunkedTokenStats(torch.autograd.Function):
+    """``(q_taken, value)`` for packed scored tokens, with the elementwise ``q_hidden`` backward."""
+
+    @staticmethod
+    def forward(ctx, base, hq, weight, q_weight, q_bias, targets, chunk, row_step, cfg):
+        alpha_tilde, alpha_0 = cfg
+        n = hq.shape[0]
+        sd = stats_dtype(hq.dtype)
+        q_taken = torch.empty(n, dtype=sd, device=hq.device)
+        value = torch.empty(n, dtype=sd, device=hq.device)
+        want_hq_grad = ctx.needs_input_grad[1]
+        expected_w = torch.empty(n, hq.shape[1], dtype=sd, device=hq.device) if want_hq_grad else None
+        with torch.no_grad():
+            for s, e in _chunks(n, chunk):
+                z = base[s:e] @ weight.T
+                q = _logits(hq[s:e], q_weight, q_bias)
+                q_taken[s:e], value[s:e], p = row_step(z, q, targets[s:e], alpha_tilde, alpha_0, q_weight.dtype)
+                del z, q
+                if want_hq_grad:
+                    expected_w[s:e] = p @ q_weight
+        ctx.save_for_backward(base, hq, weight, q_weight, q_bias, targets, expected_w)
+        ctx.chunk, ctx.row_step, ctx.cfg = chunk, row_step, cfg
+        return q_taken, value
+
+    @staticmethod
+    def backward(ctx, grad_q_taken, grad_value):
+        base, hq, weight, q_weight, q_bias, targets, expected_w = ctx.saved_tensors
+        sd = grad_q_taken.dtype
+        grad_hq = grad_qw = grad_qb = None
+        if ctx.needs_input_grad[1]:
+            # dL/dh_q[t] = g_qa[t] * Wq[a_t] + g_v[t] * E_p[Wq]   (d V / d Q = p)
+            grad_hq = torch.addcmul(
+                grad_value.unsqueeze(1) * expected_w, grad_q_taken.unsqueeze(1), q_weight[targets].to(sd)
+            ).to(hq.dtype)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_qw, grad_qb = _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, grad_value)
+        return None, grad_hq, None, grad_qw, grad_qb, None, None, None, None
+
+
+def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, grad_value):
+    """Second chunked pass: dL/dQ = g_qa * onehot(a) + g_v * p, summed over tokens into Wq and bq."""
+    alpha_tilde, alpha_0 = ctx.cfg
+    sd = grad_q_taken.dtype
+    want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
+    grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
+    with torch.no_grad():
+        for s, e in _chunks(hq.shape[0], ctx.chunk):
+            z = base[s:e] @ weight.T
+            q = _logits(hq[s:e], q_weight, q_bias)
+            _, _, p = ctx.row_step(z, q, targets[s:e], alpha_tilde, alpha_0, sd)
+            del z, q
+            d_logits = p.mul_(grad_value[s:e].unsqueeze(1))
+            rows = torch.arange(e - s, device=p.device)
+            d_logits.index_put_((rows, targets[s:e]), grad_q_taken[s:e], accumulate=True)
+            if want_w:
+                # GEMM in the weights' dtype (tensor cores for bf16/fp16), accumulated in sd.
+                grad_qw.add_(d_logits.to(hq.dtype).T @ hq[s:e])
+            if want_b:
+                grad_qb.add_(d_logits.sum(dim=0))
+    return (
+        grad_qw.to(q_weight.dtype) if want_w else None,
+        grad_qb.to(q_bias.dtype) if want_b else None,
+    )
+
+
+def chunked_token_stats(
+    base: torch.Tensor,
+    hq: torch.Tensor,
+    weight: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    alpha_tilde: float,
+    alpha_0: float,
+    chunk_size: int | None = None,
+    row_step: RowStep = torch_row_step,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias."""
+    chunk = chunk_size or auto_chunk_size(hq.shape[0], weight.shape[0], hq.dtype, hq.device)
+    return ChunkedTokenStats.apply(
+        base.detach(), hq, weight.detach(), q_weight, q_bias, targets, chunk, row_step, (alpha_tilde, alpha_0)
+    )
