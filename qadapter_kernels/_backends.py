@@ -1,21 +1,33 @@
 """Backend registry: what each backend needs, whether it is usable here, and the ``auto`` choice.
 
 Every backend but ``reference`` implements one contract, ``token_stats``: from the packed scored
-tokens it returns ``(Q[t, a_t], V_t)`` with gradients to ``q_hidden``, ``q_weight`` and ``q_bias``.
-The loss around it (rewards, pairing, BT, chi2) is shared, in ``_contract.py``.
+tokens it returns ``(Q[t, a_t], V_t)`` with gradients to ``q_hidden``, ``q_weight`` and ``q_bias``
+(see ``chunked.chunked_token_stats`` for the signature). The loss around it (rewards, pairing, BT,
+chi2) is shared, in ``_contract.py``. Each backend module exposes ``backend_status()`` and
+``token_stats``; modules are imported lazily so a missing optional dependency only disables its
+backend, with the reason.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ._contract import check_choice
-from .chunked import chunked_token_stats
 
-BACKEND_NAMES = ("auto", "reference", "chunked")
+_MODULES = {
+    "reference": ".reference",
+    "chunked": ".chunked",
+    "triton": ".triton",
+    "cuda": "._cuda",
+}
+BACKEND_NAMES = ("auto", *_MODULES)
+# What "auto" tries, fastest first, per device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "chunked")}
+_AUTO_DEFAULT = ("chunked",)
 
 
 @dataclass(frozen=True)
@@ -27,25 +39,21 @@ class BackendStatus:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class _Backend:
-    token_stats: Callable | None  # None for the reference, which computes the whole loss itself
-    status: Callable[[], BackendStatus]
+def _module(name: str):
+    return importlib.import_module(_MODULES[name], __package__)
 
 
-def _always(name: str) -> Callable[[], BackendStatus]:
-    return lambda: BackendStatus(name, True)
-
-
-_REGISTRY: dict[str, _Backend] = {
-    "reference": _Backend(None, _always("reference")),
-    "chunked": _Backend(chunked_token_stats, _always("chunked")),
-}
+def status(name: str) -> BackendStatus:
+    try:
+        available, reason = _module(name).backend_status()
+    except ImportError as exc:  # an optional dependency of that backend is missing
+        return BackendStatus(name, False, f"cannot import it: {exc}")
+    return BackendStatus(name, available, reason)
 
 
 def backends() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine and, for a missing one, the reason."""
-    return {name: backend.status() for name, backend in _REGISTRY.items()}
+    return {name: status(name) for name in _MODULES}
 
 
 def check_name(name: str) -> str:
@@ -56,12 +64,15 @@ def resolve(name: str, device: torch.device) -> str:
     """The concrete backend for ``name`` on ``device``; raises if it cannot run."""
     check_name(name)
     if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
+            if status(candidate).available:
+                return candidate
         return "chunked"
-    status = _REGISTRY[name].status()
-    if not status.available:
-        raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
+    st = status(name)
+    if not st.available:
+        raise RuntimeError(f"backend {name!r} is not available: {st.reason}")
     return name
 
 
 def token_stats_fn(name: str) -> Callable:
-    return _REGISTRY[name].token_stats
+    return _module(name).token_stats

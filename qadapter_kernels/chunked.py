@@ -136,6 +136,10 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, 
     )
 
 
+def backend_status() -> tuple[bool, str]:
+    return True, ""
+
+
 def chunked_token_stats(
     base: torch.Tensor,
     hq: torch.Tensor,
@@ -149,8 +153,15 @@ def chunked_token_stats(
     chunk_size: int | None = None,
     row_step: RowStep = torch_row_step,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias."""
+    """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias.
+
+    ``base``/``hq``: ``[N, d]``; ``weight``/``q_weight``: ``[V, d]``; ``q_bias``: ``[V]`` or None;
+    ``targets``: ``[N]`` int64 in ``[0, V)``. Returns two ``[N]`` tensors in :func:`stats_dtype`.
+    """
     chunk = chunk_size or auto_chunk_size(hq.shape[0], weight.shape[0], hq.dtype, hq.device)
     return ChunkedTokenStats.apply(
         base.detach(), hq, weight.detach(), q_weight, q_bias, targets, chunk, row_step, (alpha_tilde, alpha_0)
     )
+
+
+token_stats = chunked_token_stats
