@@ -28,7 +28,7 @@ def qadapter_loss_reference(
 ) -> QAdapterLossOutput:
     """DESIGN section 2, line by line, over the whole ``[B, T, V]`` logits."""
     ct = _compute_dtype(q_hidden.dtype)
-    wq = weight if q_weight is None else q_weight
+    wq = weight.detach() if q_weight is None else q_weight  # the shared head stays frozen
     # The frozen side: no gradient ever reaches base_hidden or weight.
     z = base_hidden.detach().to(ct) @ weight.detach().to(ct).T
     q = q_hidden.to(ct) @ wq.to(ct).T

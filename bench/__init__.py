@@ -1,0 +1,1 @@
+"""Benchmarks of qadapter-kernels: timing and peak-memory measurement, baselines and reports."""

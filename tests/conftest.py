@@ -1,0 +1,66 @@
+"""Shared fixtures: fresh random Q-Adapter inputs (never zeros) with ragged masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_inputs(
+    batch=4,
+    seq=9,
+    hidden=24,
+    vocab=53,
+    *,
+    dtype=torch.float32,
+    seed=0,
+    ignore_index=-100,
+    prompt_only_row=True,
+    q_head=False,
+    q_bias=False,
+    scale=1.0,
+    device="cpu",
+):
+    """Random hidden states, frozen head and labels with prompt masks, ragged padding and,
+    optionally, a row that scores no token at all."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, seq, hidden, generator=g, dtype=torch.float64) * scale
+    hq = base + 0.5 * torch.randn(batch, seq, hidden, generator=g, dtype=torch.float64) * scale
+    weight = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    for row in range(batch):
+        prompt = int(torch.randint(1, max(2, seq // 2), (1,), generator=g))
+        pad = int(torch.randint(0, max(1, seq // 3), (1,), generator=g))
+        labels[row, :prompt] = ignore_index
+        if pad:
+            labels[row, seq - pad :] = ignore_index
+    if prompt_only_row and batch >= 4:
+        labels[1] = ignore_index  # a chosen row with no scored token
+    out = {
+        "base_hidden": base.to(dtype).to(device),
+        "q_hidden": hq.to(dtype).to(device).requires_grad_(),
+        "weight": weight.to(dtype).to(device),
+        "labels": labels.to(device),
+    }
+    if q_head:
+        qw = weight + 0.1 * torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+        out["q_weight"] = qw.to(dtype).to(device).requires_grad_()
+    if q_bias:
+        out["q_bias"] = (0.3 * torch.randn(vocab, generator=g, dtype=torch.float64)).to(dtype).to(device).requires_grad_()
+    return out
+
+
+def loss_and_grads(inputs, **kwargs):
+    """Loss output and the gradients of every trainable input, without touching the inputs."""
+    from qadapter_kernels import qadapter_loss
+
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items() if v.is_floating_point()}
+    out = qadapter_loss(labels=inputs["labels"], **leaves, **kwargs)
+    trainable = {k: v for k, v in leaves.items() if v.requires_grad}
+    grads = torch.autograd.grad(out.loss, list(trainable.values()))
+    return out, dict(zip(trainable, grads))
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs()

@@ -1,0 +1,39 @@
+"""Inference combination: log pi~ = log_softmax((Q + alpha_0 * log pi1) / alpha~)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qadapter_kernels import combine_logits, combined_logprobs
+
+
+def test_combine_logits_is_the_formula():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 17, generator=g, dtype=torch.float64) * 4
+    q = torch.randn(3, 17, generator=g, dtype=torch.float64)
+    got = combine_logits(z, q, alpha_tilde=0.6, alpha_0=0.3)
+    pi1 = torch.softmax(z, -1)
+    unnorm = torch.exp((q + 0.3 * torch.log(pi1)) / 0.6)
+    assert torch.allclose(got.exp(), unnorm / unnorm.sum(-1, keepdim=True), rtol=1e-12, atol=1e-15)
+
+
+def test_alpha_0_zero_and_unit_temperature_is_softmax_of_q():
+    q = torch.randn(4, 9)
+    assert torch.allclose(combine_logits(torch.randn(4, 9), q, alpha_0=0.0), torch.log_softmax(q, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_combined_logprobs_from_hidden_states(dtype, chunk_size):
+    g = torch.Generator().manual_seed(1)
+    hb = torch.randn(2, 5, 16, generator=g).to(dtype)
+    hq = torch.randn(2, 5, 16, generator=g).to(dtype)
+    w = (torch.randn(31, 16, generator=g) / 4).to(dtype)
+    qw = (torch.randn(31, 16, generator=g) / 4).to(dtype)
+    qb = torch.randn(31, generator=g).to(dtype)
+    got = combined_logprobs(hb, hq, w, q_weight=qw, q_bias=qb, alpha_tilde=0.9, alpha_0=0.1, chunk_size=chunk_size)
+    assert got.shape == (2, 5, 31) and got.dtype == torch.float32
+    expected = combine_logits(hb @ w.T, hq @ qw.T + qb, alpha_tilde=0.9, alpha_0=0.1)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got.logsumexp(-1), torch.zeros(2, 5), atol=1e-5)
