@@ -34,18 +34,25 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exp that overwrites ``x`` with ``exp(x - max)`` (no temporary ``[C, V]`` buffer)."""
+    row_max = x.amax(dim=1, keepdim=True)
+    exps = x.sub_(row_max).exp_()
+    sums = exps.sum(dim=1, keepdim=True)
+    return (row_max + sums.log()).squeeze(1), sums
+
+
 def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
-    """Eager row step: reuses the GEMM buffers in place, four passes over the chunk."""
+    """Eager row step: reuses the GEMM buffers in place, no ``[C, V]`` temporaries beyond them."""
     sd = stats_dtype(q.dtype)
-    q = q.to(sd)
-    z = z.to(sd)
+    q, z = q.to(sd), z.to(sd)
     q_taken = q.gather(1, targets.unsqueeze(1)).squeeze(1)
     combined = q.add_(z, alpha=alpha_0)  # alpha_0 * lse(z) cancels inside the softmax
     if alpha_tilde != 1.0:
         combined.div_(alpha_tilde)
-    lse_c = combined.logsumexp(dim=1)
-    p = combined.sub_(lse_c.unsqueeze(1)).exp_()
-    lse_z = z.logsumexp(dim=1)
+    lse_c, sums = _logsumexp_(combined)
+    p = combined.div_(sums)
+    lse_z, _ = _logsumexp_(z)
     value = alpha_tilde * lse_c - alpha_0 * lse_z
     return q_taken, value, p.to(p_dtype)
 
