@@ -1,0 +1,88 @@
+"""Training a Q-Adapter with transformers.Trainer: the method's options as TrainingArguments,
+the fused loss in ``compute_loss``, and the metrics preference trainers log.
+
+Everything else (checkpointing and resume, gradient accumulation, mixed precision, gradient
+checkpointing, progress bars, DDP/FSDP through accelerate or torchrun) is Trainer's own.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .data import PreferenceCollator
+
+METRIC_NAMES = {
+    "chosen_rewards": "rewards/chosen",
+    "rejected_rewards": "rewards/rejected",
+    "accuracy": "rewards/accuracies",
+    "margin": "rewards/margins",
+    "bt_loss": "loss/bt",
+    "chi2_loss": "loss/chi2",
+}
+
+
+@dataclass
+class QAdapterConfig(TrainingArguments):
+    """TrainingArguments plus the Q-Adapter loss, LoRA and data options (the method's defaults)."""
+
+    alpha_tilde: float = field(default=1.0, metadata={"help": "temperature of the customized policy"})
+    alpha_0: float = field(default=0.01, metadata={"help": "weight of the frozen model's log-probs"})
+    gamma: float = field(default=1.0, metadata={"help": "discount of the soft value in the reward"})
+    beta: float = field(default=0.1, metadata={"help": "weight of the chi2 reward regularizer"})
+    value_at: str = field(default="current", metadata={"help": "'current' (authors' code) or 'next' (paper)"})
+    reward_norm: str = field(default="padded", metadata={"help": "'padded', 'mean' or 'sum'"})
+    loss_backend: str = field(default="auto", metadata={"help": "qadapter_kernels backend"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    max_length: int = field(default=512, metadata={"help": "tokens per sequence, prompt included"})
+    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "pairs carry their own columns"})
+
+    def loss_options(self) -> dict:
+        return dict(alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0, gamma=self.gamma, beta=self.beta,
+                    value_at=self.value_at, reward_norm=self.reward_norm, backend=self.loss_backend)
+
+    def lora_options(self) -> dict:
+        return dict(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                    target_modules=list(self.lora_target_modules))
+
+
+class QAdapterTrainer(Trainer):
+    """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs."""
+
+    def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
+        if data_collator is None and processing_class is not None:
+            pad = processing_class.pad_token_id
+            data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+        split = "train" if model.training else "eval"
+        for name, key in METRIC_NAMES.items():
+            value = getattr(out, name).detach().float().mean()
+            self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+        return (out.loss, out) if return_outputs else out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._metrics[split].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[split].clear()
+        super().log(logs, *args, **kwargs)
