@@ -97,7 +97,9 @@ class ChunkedTokenStats(torch.autograd.Function):
                 del z, q
                 if want_hq_grad:
                     expected_w[s:e] = p @ q_weight
-        ctx.save_for_backward(base, hq, weight, q_weight, q_bias, targets, expected_w)
+        # base and weight are only needed again to recompute p for a trainable Q head.
+        head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w)
         ctx.chunk, ctx.row_step, ctx.cfg = chunk, row_step, cfg
         return q_taken, value
 
