@@ -3,7 +3,7 @@
 The preference: *answers open with a one-line "TL;DR:" summary*. A deterministic rule checks it
 (:func:`follows_rule`). Pairs come from the embedded model's own greedy answers to the prompts
 below: the rejected response is the answer as the model gives it, the chosen response is the
-same answer with its first sentence repeated as a TL;DR line in front (:func:`make_chosen`), so
+same answer with its first sentence set apart as a TL;DR line (:func:`make_chosen`), so
 the pair differs only in the preference, never in content. The knowledge probe holds
 short-answer questions; retention is the fraction still answered correctly.
 
@@ -96,14 +96,16 @@ def follows_rule(response: str) -> bool:
     return first_line.startswith(TLDR) and len(first_line[len(TLDR) :].strip()) >= 3
 
 
-def first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    return _SENTENCE_END.split(text, maxsplit=1)[0]
+def split_first_sentence(text: str) -> tuple[str, str]:
+    text = text.strip()
+    end = _SENTENCE_END.search(text)
+    return (text, "") if end is None else (text[: end.start()], text[end.end() :].strip())
 
 
 def make_chosen(response: str) -> str:
-    """The same answer with its first sentence in front as the TL;DR line."""
-    return f"{TLDR} {first_sentence(response)}\n\n{response.strip()}"
+    """The same answer, its first sentence set apart as the TL;DR line: same words, new format."""
+    first, rest = split_first_sentence(response)
+    return f"{TLDR} {' '.join(first.split())}\n\n{rest}".rstrip()
 
 
 def probe_correct(answer: str, accepted: list[str]) -> bool:
