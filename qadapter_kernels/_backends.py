@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ._contract import check_choice
+from ._contract import check_choice, pairwise_loss
 
 _MODULES = {
     "reference": ".reference",
@@ -76,3 +76,8 @@ def resolve(name: str, device: torch.device) -> str:
 
 def token_stats_fn(name: str) -> Callable:
     return _module(name).token_stats
+
+
+def pairwise_fn(name: str) -> Callable:
+    """The backend's fused pairwise loss (signature of ``_contract.pairwise_loss``), else the shared one."""
+    return getattr(_module(name), "pairwise_bt", pairwise_loss)

@@ -1,5 +1,204 @@
-"""Finds and loads the compiled CUDA extension (in progress)."""
+"""The CUDA backend: finds (or builds) the compiled extension ``qadapter_kernels._C`` and wraps it.
+
+The extension comes from ``pip install --no-build-isolation .`` on a machine with a CUDA build of
+torch and nvcc (see setup.py); failing that, it is built just in time from ``csrc/`` with ninja
+on first use and cached under ``build/``. Importing this module never fails: without a GPU,
+nvcc or a successful build, :func:`backend_status` says which of them is missing.
+
+What it offers on top of the kernels (csrc/qadapter_kernels.h):
+
+- :func:`token_stats`: the chunked pipeline (``chunked.chunked_token_stats``) with the fused
+  :func:`cuda_row_step`; the backend contract of ``_backends``.
+- :func:`pairwise_bt`: drop-in for ``_contract.pairwise_loss``, forward and gradient in one launch.
+- :func:`decode_combine`: combined-policy log-probs for a decode step, with temperature, top-k,
+  top-p filtering and seeded sampling.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ._contract import REWARD_NORM, LossConfig, QAdapterLossOutput, _check_real, pairwise_loss
+from .chunked import chunked_token_stats, torch_row_step
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PAIRWISE_MAX_BATCH = 4096  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
+_NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_reward_norm
+
+
+def _error_summary(message: str, limit: int = 1500) -> str:
+    """The compiler's error lines (or the message's last lines) of a failed build, shortened."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return " | ".join(errors[:6] or lines[-6:])[:limit]
+
+
+def _jit_build(prebuilt_error: str):
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return None, f"nvcc not found, and the prebuilt extension does not import ({prebuilt_error})"
+    if not (_CSRC / "binding.cpp").is_file():
+        return None, f"the prebuilt extension does not import ({prebuilt_error}) and there is no csrc/ to build it from"
+    build_dir = _CSRC.parent / "build" / f"jit-torch-{torch.__version__}"
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        build_dir = None  # read-only tree: torch's default extensions directory
+    try:
+        module = load(
+            name="qadapter_kernels_C",
+            sources=[str(p) for p in sorted(_CSRC.glob("*.cu"))] + [str(_CSRC / "binding.cpp")],
+            extra_include_paths=[str(_CSRC)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            build_directory=None if build_dir is None else str(build_dir),
+            verbose=os.environ.get("QADAPTER_JIT_VERBOSE") == "1",
+        )
+    except Exception as exc:  # noqa: BLE001 - any build failure disables the backend, with its reason
+        return None, f"building the CUDA extension failed: {_error_summary(str(exc))}"
+    return module, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """``(extension module, "")`` or ``(None, why not)``; built at most once per process."""
+    if torch.version.cuda is None:
+        return None, "torch is a CPU build (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU (torch.cuda.is_available() is False)"
+    try:
+        from . import _C
+    except ImportError as exc:
+        return _jit_build(str(exc))
+    return _C, ""
 
 
 def backend_status() -> tuple[bool, str]:
-    return False, "the CUDA extension is not built yet"
+    ext, reason = _load()
+    return ext is not None, reason
+
+
+def extension():
+    """The loaded extension module; raises with the reason when it is unavailable."""
+    ext, reason = _load()
+    if ext is None:
+        raise RuntimeError(f"the qadapter_kernels CUDA extension is not available: {reason}")
+    return ext
+
+
+def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+    """The fused row step (``chunked.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
+
+    float64 inputs keep float64 statistics through the eager step: the kernels compute in float32.
+    """
+    if q.dtype not in KERNEL_DTYPES:
+        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
+    z, q = z.contiguous(), q.contiguous()
+    q_taken = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    value = torch.empty_like(q_taken)
+    p = q if p_dtype == q.dtype else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    extension().row_step(z, q, targets.contiguous(), float(alpha_tilde), float(alpha_0), q_taken, value, p)
+    return q_taken, value, p.to(p_dtype)
+
+
+token_stats = functools.partial(chunked_token_stats, row_step=cuda_row_step)
+
+
+class _PairwiseBT(torch.autograd.Function):
+    """stats = [loss, bt, chi2, accuracy, margin] from packed rewards; only stats[0] has a gradient."""
+
+    @staticmethod
+    def forward(ctx, packed, counts, padded_len, beta, norm_code):
+        seq_rewards = torch.empty(counts.shape[0], dtype=torch.float32, device=packed.device)
+        stats = torch.empty(5, dtype=torch.float32, device=packed.device)
+        grad = torch.empty_like(packed)
+        extension().pairwise_bt(packed, counts, padded_len, beta, norm_code, seq_rewards, stats, grad)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(seq_rewards)
+        return stats, seq_rewards
+
+    @staticmethod
+    def backward(ctx, grad_stats, _grad_seq):
+        (grad,) = ctx.saved_tensors
+        return grad_stats[0] * grad, None, None, None, None
+
+
+def pairwise_bt(rewards: torch.Tensor, mask: torch.Tensor, config: LossConfig) -> QAdapterLossOutput:
+    """``_contract.pairwise_loss`` with the pairing, BT, chi2 and dL/dr_t in one kernel launch.
+
+    The kernel takes CUDA float32 rewards with at least one scored token and B <= 4096; anything
+    else (float64 rewards, CPU tensors) goes to the shared torch implementation.
+    """
+    packed = rewards[mask]
+    kernel_ok = rewards.is_cuda and rewards.dtype == torch.float32 and rewards.shape[0] <= _PAIRWISE_MAX_BATCH
+    if not kernel_ok or packed.numel() == 0:
+        return pairwise_loss(rewards, mask, config)
+    stats, seq_rewards = _PairwiseBT.apply(
+        packed, mask.sum(dim=1), mask.shape[1], config.beta, _NORM_CODES[config.reward_norm]
+    )
+    half = rewards.shape[0] // 2
+    detached = stats.detach()
+    return QAdapterLossOutput(
+        loss=stats[0],
+        bt_loss=detached[1],
+        chi2_loss=detached[2],
+        chosen_rewards=seq_rewards[:half],
+        rejected_rewards=seq_rewards[half:],
+        accuracy=detached[3],
+        margin=detached[4],
+    )
+
+
+def decode_combine(
+    base_logits: torch.Tensor,
+    q_values: torch.Tensor,
+    *,
+    alpha_tilde: float = 1.0,
+    alpha_0: float = 0.01,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Combined-policy log-probs ``[..., V]`` (float32) and, if ``sample``, one token id per row.
+
+    The log-probs are ``combine.combine_logits`` (unfiltered). Sampling draws from
+    ``softmax(logprobs / temperature)`` restricted to the ``top_k`` most likely tokens (0: all),
+    then to the smallest most-likely set of mass >= ``top_p``, as Hugging Face's warpers do;
+    ``top_k=1`` is greedy. The same ``seed`` gives the same ids. Inputs: CUDA float32, float16
+    or bfloat16 of one shape.
+    """
+    alpha_tilde = _check_real("alpha_tilde", alpha_tilde, positive=True)
+    alpha_0 = _check_real("alpha_0", alpha_0)
+    temperature = _check_real("temperature", temperature, positive=True)
+    top_p = _check_real("top_p", top_p, positive=True)
+    if top_p > 1:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter); got {top_k!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63); got {seed!r}")
+    if base_logits.shape != q_values.shape or base_logits.dim() < 1:
+        raise ValueError(
+            f"q_values must have base_logits' shape {tuple(base_logits.shape)} ([..., V]); got {tuple(q_values.shape)}"
+        )
+    if base_logits.dtype not in KERNEL_DTYPES or q_values.dtype != base_logits.dtype:
+        raise TypeError(
+            f"base_logits and q_values must share one of float32, float16, bfloat16; got {base_logits.dtype} "
+            f"and {q_values.dtype} (float64: use combine_logits)"
+        )
+    lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
+    z = base_logits.reshape(-1, vocab).contiguous()
+    q = q_values.reshape(-1, vocab).contiguous()
+    logprobs = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+    sampled = torch.empty(z.shape[0], dtype=torch.int64, device=z.device) if sample else None
+    extension().decode_combine(z, q, alpha_tilde, alpha_0, temperature, top_k, top_p, seed, logprobs, sampled)
+    return logprobs.reshape(*lead, vocab), None if sampled is None else sampled.reshape(lead)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import _backends
-from ._contract import LossConfig, QAdapterLossOutput, check_loss_inputs, pairwise_loss, token_rewards
+from ._contract import LossConfig, QAdapterLossOutput, check_loss_inputs, token_rewards
 from .reference import qadapter_loss_reference
 
 
@@ -37,7 +37,7 @@ def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backe
         alpha_0=config.alpha_0,
         chunk_size=chunk_size,
     )
-    return pairwise_loss(token_rewards(q_taken, value, mask, config), mask, config)
+    return _backends.pairwise_fn(name)(token_rewards(q_taken, value, mask, config), mask, config)
 
 
 def qadapter_loss(

@@ -1,0 +1,80 @@
+// Fused row step of the chunked pipeline: one block per row, one read pass for both
+// log-sum-exps (combined logits and base logits) and Q[t, a_t], then one pass writing P.
+// Traffic: z and q read twice, P written once; no [C, V] temporary.
+#include "common.cuh"
+
+namespace qak {
+namespace {
+
+constexpr int kRowThreads = 512;
+
+template <typename T, typename P>
+__global__ void __launch_bounds__(kRowThreads) row_step_kernel(
+    const T* z, const T* q, const int64_t* __restrict__ targets, int64_t vocab,
+    float inv_alpha_tilde, float alpha_0, float alpha_tilde, bool vec_ok, float* __restrict__ q_taken,
+    float* __restrict__ value, P* p) {
+  // z, q and p are not __restrict__: p may alias z or q.
+  __shared__ float scratch[4][32];
+  const int64_t row = blockIdx.x;
+  const int64_t row_start = row * vocab;
+
+  float taken = NAN;
+  if (threadIdx.x == 0) {
+    const int64_t t = targets[row];
+    if (t >= 0 && t < vocab) taken = to_float(q[row_start + t]);
+  }
+
+  Lse comb, base;
+  for_each_col(z, q, row_start, vocab, vec_ok, [&](int64_t, const float* zv, const float* qv, auto w) {
+    constexpr int n = decltype(w)::value;
+    float c[n];
+#pragma unroll
+    for (int j = 0; j < n; ++j) c[j] = (qv[j] + alpha_0 * zv[j]) * inv_alpha_tilde;
+    comb.add<n>(c);
+    base.add<n>(zv);
+  });
+  comb = block_lse(comb, scratch[0], scratch[1]);
+  base = block_lse(base, scratch[2], scratch[3]);  // its barriers also order every read above before the writes below
+
+  if (threadIdx.x == 0) {
+    q_taken[row] = taken;
+    value[row] = alpha_tilde * comb.value() - alpha_0 * base.value();
+  }
+
+  const float cmax = comb.max, inv_sum = 1.f / comb.sum;
+  P* pr = p + row_start;
+  for_each_col(z, q, row_start, vocab, vec_ok, [&](int64_t col, const float* zv, const float* qv, auto w) {
+    constexpr int n = decltype(w)::value;
+    float out[n];
+#pragma unroll
+    for (int j = 0; j < n; ++j) out[j] = fast_exp((qv[j] + alpha_0 * zv[j]) * inv_alpha_tilde - cmax) * inv_sum;
+    store_n<P, n>(pr + col, out);
+  });
+}
+
+template <typename T, typename P>
+cudaError_t launch(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
+                   float alpha_tilde, float alpha_0, float* q_taken, float* value, void* p, cudaStream_t stream) {
+  const bool vec_ok = aligned16(z) && aligned16(q) && aligned16(p);
+  row_step_kernel<T, P><<<(unsigned)rows, kRowThreads, 0, stream>>>(
+      static_cast<const T*>(z), static_cast<const T*>(q), targets, vocab, 1.f / alpha_tilde, alpha_0, alpha_tilde,
+      vec_ok, q_taken, value, static_cast<P*>(p));
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace qak
+
+extern "C" int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
+                            int dtype, float alpha_tilde, float alpha_0, float* q_taken, float* value, void* p,
+                            int p_dtype, cudaStream_t stream) {
+  if (rows < 0 || rows > 0x7fffffff || vocab <= 0 || !(alpha_tilde > 0.f)) return cudaErrorInvalidValue;
+  if (p_dtype != QAK_FLOAT32 && p_dtype != dtype) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  return qak::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (p_dtype == QAK_FLOAT32)
+      return qak::launch<T, float>(z, q, targets, rows, vocab, alpha_tilde, alpha_0, q_taken, value, p, stream);
+    return qak::launch<T, T>(z, q, targets, rows, vocab, alpha_tilde, alpha_0, q_taken, value, p, stream);
+  });
+}

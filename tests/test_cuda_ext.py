@@ -1,0 +1,380 @@
+"""The compiled CUDA extension: compile checks that run on any machine with nvcc, the backend
+status on a CPU build of torch, and (``-m gpu``) every kernel against the torch reference."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qadapter_kernels import _cuda, combine_logits
+from qadapter_kernels._contract import LossConfig, pairwise_loss
+from qadapter_kernels.chunked import torch_row_step
+
+from conftest import loss_and_grads, make_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+HAS_GPU = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _run_all(commands):
+    """Runs the commands concurrently; returns [(command, returncode, output)]."""
+    procs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for cmd in commands]
+    return [(cmd, proc.wait(timeout=600), proc.stdout.read()) for cmd, proc in procs]
+
+
+def _binding_syntax_command(scratch: Path):
+    """g++ -fsyntax-only on binding.cpp against this torch's headers, or None if they are not here.
+
+    A CPU build of torch ships c10/cuda without its generated cuda_cmake_macros.h; an empty
+    stand-in is enough to parse the binding (it only configures export macros).
+    """
+    gxx = shutil.which("g++")
+    include = Path(torch.__file__).parent / "include"
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", str(Path(NVCC).resolve().parent.parent)]
+    cuda_include = next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").is_file()), None)
+    if gxx is None or cuda_include is None or not (include / "torch" / "extension.h").is_file():
+        return None
+    stub = scratch / "include"
+    macros = stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not (include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
+        macros.parent.mkdir(parents=True, exist_ok=True)
+        macros.write_text("#pragma once\n")
+    return [
+        gxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Werror", "-Wno-error=deprecated-declarations",
+        f"-I{stub}", f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", f"-I{CSRC}",
+        "-DTORCH_EXTENSION_NAME=_C", str(CSRC / "binding.cpp"),
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compile-checked here")
+def test_cuda_sources_compile(tmp_path):
+    """Every kernel compiles for sm_80 and sm_90 with plain nvcc (no torch header), warning-free,
+    and the torch binding parses against this torch's headers."""
+    sources = sorted(CSRC.glob("*.cu"))
+    assert sources, "no .cu file in csrc/"
+    commands = [
+        [NVCC, "-c", "-O3", "-std=c++17", *GENCODE, "-Werror", "all-warnings", f"-I{CSRC}", str(src),
+         "-o", str(tmp_path / f"{src.stem}.o")]
+        for src in sources
+    ]  # fmt: skip
+    binding = _binding_syntax_command(tmp_path)
+    if binding is not None:
+        commands.append(binding)
+    failures = [f"$ {' '.join(cmd)}\n{out}" for cmd, rc, out in _run_all(commands) if rc != 0]
+    assert not failures, "\n\n".join(failures)
+    for src in sources:
+        assert (tmp_path / f"{src.stem}.o").stat().st_size > 0
+
+
+def test_header_declares_every_launcher():
+    header = (CSRC / "qadapter_kernels.h").read_text()
+    for name in ("qak_row_step", "qak_pairwise_bt", "qak_decode_combine"):
+        assert f"int {name}(" in header
+        assert any(f'extern "C" int {name}(' in src.read_text() for src in CSRC.glob("*.cu")), name
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="torch is a CUDA build here")
+def test_backend_status_on_cpu_torch():
+    available, reason = _cuda.backend_status()
+    assert not available
+    assert "torch is a CPU build" in reason
+    with pytest.raises(RuntimeError, match="CPU build"):
+        _cuda.extension()
+
+
+def test_float64_row_step_keeps_float64_statistics():
+    """float64 never reaches the float32 kernels (so this runs on CPU too)."""
+    g = torch.Generator().manual_seed(0)
+    z, q = torch.randn(3, 11, generator=g, dtype=torch.float64), torch.randn(3, 11, generator=g, dtype=torch.float64)
+    targets = torch.tensor([0, 5, 10])
+    got = _cuda.cuda_row_step(z.clone(), q.clone(), targets, 0.8, 0.1, torch.float64)
+    want = torch_row_step(z.clone(), q.clone(), targets, 0.8, 0.1, torch.float64)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- GPU: kernels vs torch reference
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
+    available, reason = _cuda.backend_status()
+    if not available:
+        pytest.fail(f"a GPU is here but the CUDA extension is not available: {reason}")
+    return _cuda.extension()
+
+
+def _logits(rows, vocab, dtype, *, seed, misalign=False, neg_inf=False):
+    """z, q on the GPU; misalign puts them one element past an aligned allocation (contiguous,
+    not 16-byte aligned: the all-scalar path); neg_inf masks every 7th vocabulary entry of q."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for scale in (3.0, 2.0):
+        values = (torch.randn(rows, vocab, generator=g, device="cuda") * scale).to(dtype)
+        if misalign:
+            values = torch.empty(rows * vocab + 1, dtype=dtype, device="cuda")[1:].view(rows, vocab).copy_(values)
+            assert values.data_ptr() % 16
+        out.append(values)
+    z, q = out
+    if neg_inf:
+        q[:, ::7] = float("-inf")
+    return z, q
+
+
+def _tol(dtype):
+    """float32: rounding of the float32 math; half types: one ulp of the stored p."""
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-6}
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [53, 50257, 4099])
+@pytest.mark.parametrize("p_out", ["float32", "in_place"])
+@pytest.mark.parametrize("layout", ["aligned", "misaligned", "neg_inf"])
+def test_row_step_matches_torch(ext, dtype, vocab, p_out, layout):
+    rows, alpha_tilde, alpha_0 = 7, 0.7, 0.3
+    z, q = _logits(rows, vocab, dtype, seed=vocab, misalign=layout == "misaligned", neg_inf=layout == "neg_inf")
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    p_dtype = torch.float32 if p_out == "float32" else dtype
+    want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype)
+    # Poisoned outputs prove every element is written; in place, p overwrites q.
+    q_taken = torch.full((rows,), float("nan"), device="cuda")
+    value = torch.full((rows,), float("nan"), device="cuda")
+    p = torch.full((rows, vocab), float("nan"), device="cuda") if p_out == "float32" else q
+    ext.row_step(z, q, targets, alpha_tilde, alpha_0, q_taken, value, p)
+    assert torch.equal(q_taken, want_qa)
+    torch.testing.assert_close(value, want_v, rtol=1e-5, atol=1e-5)
+    assert not p.isnan().any(), "an element of p was never written"
+    torch.testing.assert_close(p.float(), want_p.float(), **_tol(p_dtype))
+
+
+@gpu
+@needs_gpu
+def test_row_step_alias_z_and_bad_target(ext):
+    z, q = _logits(3, 1000, torch.bfloat16, seed=1)
+    want = torch_row_step(z.clone(), q.clone(), torch.tensor([1, 2, 3], device="cuda"), 1.0, 0.01, torch.bfloat16)
+    q_taken, value = torch.empty(3, device="cuda"), torch.empty(3, device="cuda")
+    ext.row_step(z, q, torch.tensor([1, 2, 1000], device="cuda"), 1.0, 0.01, q_taken, value, z)
+    torch.testing.assert_close(z.float(), want[2].float(), **_tol(torch.bfloat16))
+    assert q_taken[:2].equal(want[0][:2]) and q_taken[2].isnan(), "an out-of-range target gives NaN, never a stray read"
+
+
+@gpu
+@needs_gpu
+def test_binding_errors_name_the_argument(ext):
+    z, q = _logits(2, 64, torch.float32, seed=2)
+    t = torch.zeros(2, dtype=torch.long, device="cuda")
+    out = [torch.empty(2, device="cuda"), torch.empty(2, device="cuda"), torch.empty(2, 64, device="cuda")]
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        ext.row_step(z, q.cpu(), t, 1.0, 0.01, *out)
+    with pytest.raises(RuntimeError, match="z must be contiguous"):
+        ext.row_step(z.t().contiguous().t(), q, t, 1.0, 0.01, *out)
+    with pytest.raises(RuntimeError, match="q must be Float"):
+        ext.row_step(z, q.half(), t, 1.0, 0.01, *out)
+    with pytest.raises(RuntimeError, match="targets must be Long"):
+        ext.row_step(z, q, t.int(), 1.0, 0.01, *out)
+    with pytest.raises(RuntimeError, match="z must be float32, float16 or bfloat16"):
+        ext.row_step(z.double(), q.double(), t, 1.0, 0.01, *out)
+    with pytest.raises(RuntimeError, match="p must be float32 or z's dtype"):
+        ext.row_step(z.half(), q.half(), t, 1.0, 0.01, out[0], out[1], out[2].bfloat16())
+
+
+def _rewards(batch, width, *, seed, scale):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mask = torch.rand(batch, width, generator=g, device="cuda") < 0.7
+    mask[1 % batch] = False  # a row that scores nothing
+    mask[0, 0] = True
+    rewards = torch.randn(batch, width, generator=g, device="cuda") * scale
+    return rewards * mask, mask
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("reward_norm", ["padded", "mean", "sum"])
+@pytest.mark.parametrize(("batch", "width", "scale"), [(2, 5, 1.0), (8, 33, 0.5), (40, 257, 3.0), (6, 1000, 10.0)])
+def test_pairwise_matches_contract(ext, reward_norm, batch, width, scale):
+    """Forward stats and dL/dr_t against _contract.pairwise_loss + autograd (scale 10: softplus > 20)."""
+    rewards, mask = _rewards(batch, width, seed=batch + width, scale=scale)
+    config = LossConfig(beta=0.3, reward_norm=reward_norm)
+    r_ref = rewards.clone().requires_grad_()
+    want = pairwise_loss(r_ref, mask, config)
+    (want_grad,) = torch.autograd.grad(want.loss, r_ref)
+
+    r_cuda = rewards.clone().requires_grad_()
+    got = _cuda.pairwise_bt(r_cuda, mask, config)
+    (got_grad,) = torch.autograd.grad(got.loss, r_cuda)
+    for field in got._fields:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=1e-6, msg=field)
+    torch.testing.assert_close(got_grad, want_grad, rtol=2e-5, atol=1e-7)
+    assert got_grad[~mask].eq(0).all()
+
+    # Raw op with poisoned outputs: every output element is written.
+    packed = rewards[mask]
+    seq, stats, grad = (torch.full((n,), float("nan"), device="cuda") for n in (batch, 5, packed.numel()))
+    ext.pairwise_bt(packed, mask.sum(1), width, 0.3, ("padded", "mean", "sum").index(reward_norm), seq, stats, grad)
+    assert not (seq.isnan().any() or stats.isnan().any() or grad.isnan().any())
+    torch.testing.assert_close(grad, want_grad[mask], rtol=2e-5, atol=1e-7)
+
+
+@gpu
+@needs_gpu
+def test_pairwise_mismatched_counts_flag_nan(ext):
+    stats = torch.zeros(5, device="cuda")
+    counts = torch.tensor([3, 4], device="cuda")  # 7 tokens claimed, 5 given
+    ext.pairwise_bt(torch.ones(5, device="cuda"), counts, 4, 0.1, 0, torch.empty(2, device="cuda"), stats,
+                    torch.empty(5, device="cuda"))  # fmt: skip
+    assert stats.isnan().all()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [50257, 128256, 31])
+@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
+def test_decode_logprobs_match_combine(ext, dtype, vocab, layout):
+    rows = 3
+    z, q = _logits(rows, vocab, dtype, seed=vocab + 1, misalign=layout == "misaligned")
+    want = combine_logits(z, q, alpha_tilde=0.8, alpha_0=0.2)
+    logprobs = torch.full((rows, vocab), float("nan"), device="cuda")
+    sampled = torch.full((rows,), -1, dtype=torch.long, device="cuda")
+    ext.decode_combine(z, q, 0.8, 0.2, 1.0, 0, 1.0, 7, logprobs, sampled)
+    assert not logprobs.isnan().any()
+    torch.testing.assert_close(logprobs, want, rtol=1e-5, atol=2e-5)
+    assert ((sampled >= 0) & (sampled < vocab)).all()
+    lp, ids = _cuda.decode_combine(z, q, alpha_tilde=0.8, alpha_0=0.2, top_k=1, seed=3)
+    assert lp.gather(1, ids[:, None]).squeeze(1).equal(lp.amax(dim=1)), "top_k=1 is greedy (any of tied maxima)"
+
+
+def _hf_filtered_probs(logprobs, temperature, top_k, top_p):
+    """Hugging Face's temperature, top-k then top-p warpers on one row, as probabilities."""
+    x = logprobs / temperature
+    if 0 < top_k < x.numel():
+        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x)
+        cum = sorted_x.softmax(0).cumsum(0)
+        remove = cum <= 1 - top_p
+        remove[-1] = False
+        x = x.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return x.softmax(0)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.9, 8, 0.7)])
+def test_decode_sampling_distribution(ext, temperature, top_k, top_p):
+    """Many rows of one distribution: empirical frequencies match the filtered policy, and no
+    filtered-out token is ever drawn. Same seed, same ids."""
+    vocab, rows = 24, 40000
+    z, q = _logits(1, vocab, torch.float32, seed=11)
+    z, q = z.expand(rows, vocab).contiguous(), q.expand(rows, vocab).contiguous()
+    kwargs = dict(alpha_tilde=1.0, alpha_0=0.5, temperature=temperature, top_k=top_k, top_p=top_p, seed=1234)
+    logprobs, ids = _cuda.decode_combine(z, q, **kwargs)
+    _, again = _cuda.decode_combine(z, q, **kwargs)
+    assert ids.equal(again)
+    want = _hf_filtered_probs(logprobs[0].double(), temperature, top_k, top_p)
+    freq = torch.bincount(ids, minlength=vocab).double() / rows
+    assert freq[want == 0].sum() == 0, "a filtered-out token was sampled"
+    torch.testing.assert_close(freq, want, rtol=0, atol=0.012)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_filters_on_large_vocab(ext, dtype):
+    vocab, rows = 50257, 4
+    z, q = _logits(rows, vocab, dtype, seed=5)
+    for seed in range(20):
+        lp, ids = _cuda.decode_combine(z, q, temperature=0.8, top_k=40, top_p=0.9, seed=seed)
+        for r in range(rows):
+            kept = _hf_filtered_probs(lp[r].double(), 0.8, 40, 0.9) > 0
+            assert lp[r, ids[r]] >= lp[r][kept].min(), "sampled outside the top-k / top-p set (ties kept)"
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head", ["shared", "trainable"])
+@pytest.mark.parametrize("value_at", ["current", "next"])
+def test_qadapter_loss_cuda_backend(ext, dtype, head, value_at):
+    """The whole loss and its gradients, backend="cuda" vs the reference (float32) or the chunked
+    backend at the same precision (bf16 / fp16: the GEMMs dominate the error, not the row step)."""
+    trainable = head == "trainable"
+    inputs = make_inputs(batch=6, seq=19, hidden=64, vocab=50257, dtype=dtype, q_head=trainable, q_bias=trainable,
+                         device="cuda", seed=3)  # fmt: skip
+    kwargs = dict(value_at=value_at, reward_norm="mean", chunk_size=17, alpha_tilde=0.9, alpha_0=0.05)
+    got, got_grads = loss_and_grads(inputs, backend="cuda", **kwargs)
+    want, want_grads = loss_and_grads(inputs, backend="reference" if dtype == torch.float32 else "chunked", **kwargs)
+    tol = {"rtol": 2e-4, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    for field in got._fields:
+        torch.testing.assert_close(getattr(got, field).float(), getattr(want, field).float(), **tol, msg=field)
+    assert got_grads.keys() == want_grads.keys()
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name].float(), want_grads[name].float(), **tol, msg=name)
+
+
+@gpu
+@needs_gpu
+def test_pairwise_bt_in_the_loss_path(ext):
+    """token_rewards -> pairwise_bt equals token_rewards -> pairwise_loss on real token stats."""
+    from qadapter_kernels._contract import token_rewards
+
+    inputs = make_inputs(batch=4, seq=30, hidden=32, vocab=1000, device="cuda", seed=9)
+    config = LossConfig(value_at="next")
+    mask = inputs["labels"][:, 1:] != config.ignore_index
+    base, hq = inputs["base_hidden"][:, :-1][mask], inputs["q_hidden"][:, :-1][mask]
+    w = inputs["weight"]
+    qa, v = _cuda.token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask], alpha_tilde=1.0, alpha_0=0.01)
+    rewards = token_rewards(qa, v, mask, config)
+    got, want = _cuda.pairwise_bt(rewards, mask, config), pairwise_loss(rewards, mask, config)
+    torch.testing.assert_close(got.loss, want.loss, rtol=2e-5, atol=1e-6)
+    g_got, g_want = (torch.autograd.grad(o.loss, inputs["q_hidden"], retain_graph=True)[0] for o in (got, want))
+    torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-6)
+
+
+def test_pairwise_bt_falls_back_off_gpu():
+    """CPU or float64 rewards take the shared torch path: same object fields, same numbers."""
+    rewards = torch.randn(4, 6, dtype=torch.float64)
+    mask = torch.rand(4, 6) < 0.6
+    mask[0, 0] = True
+    rewards = rewards * mask
+    got, want = _cuda.pairwise_bt(rewards, mask, LossConfig()), pairwise_loss(rewards, mask, LossConfig())
+    for field in want._fields:
+        assert torch.equal(getattr(got, field), getattr(want, field))
+
+
+def test_decode_combine_checks_arguments():
+    z = torch.zeros(2, 5)
+    for kwargs, message in [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"top_p": 1.5}, "top_p must be in"),
+        ({"top_k": -1}, "top_k must be an int"),
+        ({"seed": -1}, "seed must be an int"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _cuda.decode_combine(z, z, **kwargs)
+    with pytest.raises(TypeError, match="float64: use combine_logits"):
+        _cuda.decode_combine(z.double(), z.double())
+    with pytest.raises(ValueError, match="q_values must have base_logits' shape"):
+        _cuda.decode_combine(z, z[:1])
+    if not HAS_GPU:
+        with pytest.raises(RuntimeError, match="not available"):
+            _cuda.decode_combine(z, z)
