@@ -1,0 +1,348 @@
+"""One-shot GPU check: correctness, speed and memory of every backend at real model shapes.
+
+    python bench/gpu_check.py                 # on a CUDA machine, < 8 minutes on an H100
+    TRITON_INTERPRET=1 python bench/gpu_check.py --dry-run --out /tmp/check.json   # CPU, tiny shapes
+
+What it measures (DESIGN section 4 is the yardstick):
+
+- ``T_gemm3``: three ``N x V x d`` torch matmuls (``z = h_b W^T``, ``Q = h_q W^T``, ``P W``), the
+  unavoidable work of the loss; every backend's forward+backward time is reported as a multiple.
+- device copy bandwidth (a large ``copy_``), and the row step's effective bandwidth as a fraction
+  of it, counting the bytes the step cannot avoid (read ``z`` and ``Q``, write ``P``).
+- per model shape (Llama-3.1-8B: d=4096, V=128256; Qwen2.5-7B: d=3584, V=152064), per dtype
+  (bfloat16, float32): loss and gradient error of each backend against ``reference`` at a token
+  count where the reference fits, then forward+backward time (CUDA events, warmup, median) and
+  peak extra memory at ``N`` tokens. ``reference`` is timed only where its ``[N, V]`` tensors fit.
+
+Backends: reference, chunked, triton (fully fused), chunked+triton-row-step (the chunked pipeline
+with the Triton row step). A markdown table goes to stdout, everything to
+``bench/results/gpu-check-<device>-<date>.json`` with device, torch, triton and CUDA versions.
+A time budget skips the remaining timings (and says so) rather than overrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.memory import peak_extra_memory  # noqa: E402
+from qadapter_kernels import backends as backend_statuses  # noqa: E402
+from qadapter_kernels import qadapter_loss  # noqa: E402
+from qadapter_kernels._contract import LossConfig, pairwise_loss, token_rewards  # noqa: E402
+from qadapter_kernels.chunked import auto_chunk_size, torch_row_step  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    vocab: int
+    tokens: int        # N for timing and memory
+    check_tokens: int  # N for the comparison against the reference
+
+
+GPU_SHAPES = (
+    Shape("Llama-3.1-8B", 4096, 128256, 4096, 512),
+    Shape("Qwen2.5-7B", 3584, 152064, 4096, 512),
+)
+DRY_SHAPES = (Shape("tiny", 40, 203, 72, 40),)
+TOL = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
+# Bytes the reference holds per [N, V] element (fp32 logits, Q, log-probs, combined, their grads).
+REFERENCE_BYTES_PER_LOGIT = 48
+
+
+def _loss_with(token_stats: Callable, *, base_hidden, q_hidden, weight, labels, q_weight=None, q_bias=None):
+    """``qadapter_loss`` (default hyper-parameters) with any ``token_stats``: pack, compute, pair.
+
+    The chunked pipeline with the Triton row step is not a registered backend, so this mirrors
+    ``loss.py``'s dispatch for it.
+    """
+    config = LossConfig()
+    actions = labels[:, 1:]
+    mask = actions != config.ignore_index
+    q_taken, value = token_stats(
+        base_hidden[:, :-1][mask], q_hidden[:, :-1][mask], weight,
+        weight.detach() if q_weight is None else q_weight, q_bias, actions[mask].long(),
+        alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0,
+    )
+    return pairwise_loss(token_rewards(q_taken, value, mask, config), mask, config)
+
+
+def loss_fns() -> dict[str, Callable]:
+    """Every backend available here, by the name used in the report."""
+    available = {name for name, st in backend_statuses().items() if st.available}
+    fns = {name: functools.partial(qadapter_loss, backend=name)
+           for name in ("reference", "chunked", "triton", "cuda") if name in available}
+    if "triton" in available:
+        from qadapter_kernels.triton import chunked_triton_token_stats
+
+        fns["chunked+triton-row-step"] = functools.partial(_loss_with, chunked_triton_token_stats)
+    return fns
+
+
+def make_inputs(shape: Shape, tokens: int, dtype: torch.dtype, device: str, *, q_head: bool = False, seed: int = 0):
+    """Hidden states scaled like a real final layer norm output, every position but the last scored.
+
+    Rows are ``tokens / 8 + 1`` long so that ``B * (T - 1) = tokens`` with ``B = 8``.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    batch = 8
+    seq = tokens // batch + 1
+    base = torch.randn(batch, seq, shape.hidden, generator=g)
+    hq = base + 0.1 * torch.randn(batch, seq, shape.hidden, generator=g)
+    weight = torch.randn(shape.vocab, shape.hidden, generator=g) / shape.hidden**0.5
+    labels = torch.randint(0, shape.vocab, (batch, seq), generator=g)
+    labels[:, 0] = -100
+    out = dict(
+        base_hidden=base.to(device, dtype),
+        q_hidden=hq.to(device, dtype).requires_grad_(),
+        weight=weight.to(device, dtype),
+        labels=labels.to(device),
+    )
+    if q_head:
+        qw = weight + 0.02 * torch.randn(shape.vocab, shape.hidden, generator=g) / shape.hidden**0.5
+        out["q_weight"] = qw.to(device, dtype).requires_grad_()
+        out["q_bias"] = (0.1 * torch.randn(shape.vocab, generator=g)).to(device, dtype).requires_grad_()
+    return out
+
+
+def run_loss(fn: Callable, inputs: dict):
+    """Loss and the gradients of the trainable inputs (fresh leaves, inputs untouched)."""
+    leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in inputs.items() if v.is_floating_point()}
+    out = fn(labels=inputs["labels"], **leaves)
+    trainable = [k for k, v in leaves.items() if v.requires_grad]
+    grads = torch.autograd.grad(out.loss, [leaves[k] for k in trainable])
+    return out.loss.detach(), dict(zip(trainable, grads))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+class Clock:
+    """Median time of a callable: CUDA events on GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: str, warmup: int, reps: int):
+        self.cuda = device == "cuda"
+        self.warmup, self.reps = warmup, reps
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+
+def gemm3_ms(clock: Clock, n: int, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> float:
+    """Three N x V x d matmuls: the two logit GEMMs and P @ W."""
+    h = torch.randn(n, hidden, device=device, dtype=dtype)
+    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
+    p = torch.randn(n, vocab, device=device, dtype=dtype)
+
+    def three():
+        torch.matmul(h, w.T)
+        torch.matmul(h, w.T)
+        torch.matmul(p, w)
+
+    return clock.median_ms(three)
+
+
+def copy_gbps(clock: Clock, device: str, nbytes: int) -> float:
+    """Device copy bandwidth (read + write bytes per second), in GB/s."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = clock.median_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def row_step_gbps(clock: Clock, rows: int, vocab: int, dtype: torch.dtype, device: str) -> dict[str, float]:
+    """Effective bandwidth of each row step on one ``[rows, V]`` chunk.
+
+    Counts the bytes no row step can avoid (read ``z`` and ``Q``, write ``P``), so a two-pass
+    kernel shows up as a lower fraction of the copy bandwidth.
+    """
+    steps = {"torch": torch_row_step}
+    if backend_statuses()["triton"].available:
+        from qadapter_kernels.triton import triton_row_step
+
+        steps["triton"] = triton_row_step
+    z = torch.randn(rows, vocab, device=device, dtype=dtype)
+    q = torch.randn(rows, vocab, device=device, dtype=dtype)
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    nbytes = 3 * rows * vocab * z.element_size()
+    # Both steps may overwrite z and q; repeated calls then see probabilities instead of logits,
+    # which costs the same, so no copy needs to be timed or subtracted.
+    return {name: nbytes / (clock.median_ms(functools.partial(step, z, q, targets, 1.0, 0.01, dtype)) * 1e-3) / 1e9
+            for name, step in steps.items()}
+
+
+def versions(device: str) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+    else:
+        info["device"] = "cpu (triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
+    return info
+
+
+def reference_fits(tokens: int, vocab: int, device: str) -> bool:
+    if device != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info()
+    return REFERENCE_BYTES_PER_LOGIT * tokens * vocab < 0.8 * free
+
+
+def check_shape(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, device: str, deadline: float,
+                gemm_ms: float) -> list[dict]:
+    """Errors against the reference at ``check_tokens``, then time and memory at ``tokens``."""
+    rows = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    for q_head in (False, True):
+        small = make_inputs(shape, shape.check_tokens, dtype, device, q_head=q_head, seed=1)
+        want_loss, want_grads = run_loss(fns["reference"], small)
+        for name, fn in fns.items():
+            if name == "reference":
+                continue
+            loss, grads = run_loss(fn, small)
+            errors = {"loss": rel_err(loss, want_loss), **{k: rel_err(grads[k], g) for k, g in want_grads.items()}}
+            rows.append(dict(kind="error", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.check_tokens,
+                             head="q_weight+bias" if q_head else "shared", errors=errors,
+                             ok=all(e <= TOL[dtype] for e in errors.values())))
+        del small
+    big = make_inputs(shape, shape.tokens, dtype, device, seed=2)
+    for name, fn in fns.items():
+        row = dict(kind="time", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.tokens)
+        if time.monotonic() > deadline:
+            rows.append({**row, "skipped": "time budget"})
+            continue
+        if name == "reference" and not reference_fits(shape.tokens, shape.vocab, device):
+            rows.append({**row, "skipped": "does not fit in memory"})
+            continue
+        step = functools.partial(run_loss, fn, big)
+        try:
+            (loss, grads), peak = peak_extra_memory(step, device)
+            ms = clock.median_ms(step)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({**row, "skipped": "out of memory"})
+            continue
+        again = step()[1]["q_hidden"]
+        rows.append({**row, "ms": ms, "x_gemm3": ms / gemm_ms, "peak_mib": peak / 2**20,
+                     "deterministic": bool(torch.equal(again, grads["q_hidden"]))})
+        del loss, grads, again
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"## GPU check: {result['versions']['device']}", "",
+             "| quantity | value |", "|---|---|"]
+    for key in ("torch", "triton", "cuda", "capability"):
+        lines.append(f"| {key} | {result['versions'].get(key)} |")
+    lines.append(f"| copy bandwidth | {result['copy_gbps']:.0f} GB/s |")
+    for model, per_dtype in result["gemm3_ms"].items():
+        for dtype, ms in per_dtype.items():
+            lines.append(f"| T_gemm3 {model} {dtype} | {ms:.2f} ms |")
+    for dtype, per_step in result["row_step"].items():
+        for step, gbps in per_step.items():
+            lines.append(f"| row step {step} {dtype} | {gbps:.0f} GB/s ({gbps / result['copy_gbps']:.0%} of copy) |")
+    lines += ["", "| model | dtype | backend | head | N | loss err | worst grad err | ok |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["kind"] == "error":
+            grad = max((v for k, v in r["errors"].items() if k != "loss"), default=0.0)
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['head']} | {r['tokens']} | "
+                         f"{r['errors']['loss']:.1e} | {grad:.1e} | {'yes' if r['ok'] else 'NO'} |")
+    lines += ["", "| model | dtype | backend | N | fwd+bwd ms | x T_gemm3 | peak MiB | deterministic |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["kind"] == "time":
+            if "skipped" in r:
+                lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['tokens']} | {r['skipped']} | | | |")
+            else:
+                lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['tokens']} | {r['ms']:.1f} | "
+                             f"{r['x_gemm3']:.2f} | {r['peak_mib']:.0f} | {r['deterministic']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="correctness, speed and memory of every backend on this GPU")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (use TRITON_INTERPRET=1)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stop timing after this many seconds")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/gpu-check-<device>-<date>.json)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    deadline = started + args.budget_s
+    if args.dry_run:
+        device, shapes, clock = "cpu", DRY_SHAPES, Clock("cpu", warmup=0, reps=1)
+    elif torch.cuda.is_available():
+        device, shapes, clock = "cuda", GPU_SHAPES, Clock("cuda", warmup=1, reps=5)
+    else:
+        print("no CUDA device: run with --dry-run (and TRITON_INTERPRET=1) to check the script on CPU")
+        return 2
+    fns = loss_fns()
+    result = {"versions": versions(device), "date": dt.datetime.now().isoformat(timespec="seconds"),
+              "backends": {name: st.reason or "available" for name, st in backend_statuses().items()},
+              "gemm3_ms": {}, "row_step": {}, "rows": []}
+    result["copy_gbps"] = copy_gbps(clock, device, 1 << (30 if device == "cuda" else 20))
+    dtypes = (torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32,)
+    for dtype in dtypes:
+        rows = shapes[0].tokens
+        chunk = auto_chunk_size(rows, shapes[0].vocab, dtype, torch.device(device))
+        result["row_step"][str(dtype).removeprefix("torch.")] = row_step_gbps(clock, chunk, shapes[0].vocab, dtype, device)
+    for shape in shapes:
+        result["gemm3_ms"][shape.name] = {}
+        for dtype in dtypes:
+            gemm = gemm3_ms(clock, shape.tokens, shape.vocab, shape.hidden, dtype, device)
+            result["gemm3_ms"][shape.name][str(dtype).removeprefix("torch.")] = gemm
+            result["rows"] += check_shape(shape, dtype, fns, clock, device, deadline, gemm)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    result["seconds"] = time.monotonic() - started
+    print(markdown(result))
+    device_tag = re.sub(r"[^a-z0-9]+", "-", result["versions"]["device"].lower()).strip("-")
+    out = args.out or ROOT / "bench" / "results" / f"gpu-check-{device_tag}-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out} in {result['seconds']:.0f} s")
+    failed = [r for r in result["rows"] if r["kind"] == "error" and not r["ok"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Runs the benchmarks and writes the results: JSON, a markdown table and PNG plots.
+
+    python -m bench.report [--full] [--out bench/results] [--shapes ...] [--tokens ...]
+
+Writes ``<out>/<device>-<date>.json`` (everything measured, with versions and the machine's load),
+``<out>/<device>-<date>.md`` (tables and headline ratios) and ``<out>/<device>-<date>-time.png`` /
+``-memory.png`` (forward+backward time and peak extra memory against N, per candidate, log scale).
+
+Every time is also given as a multiple of ``T_gemm3``, the three unavoidable GEMMs measured in
+the same run, so results from different machines and loads can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import qadapter_kernels
+from bench import e2e, harness
+from bench.shapes import SHAPES, bench_device, bench_dtype, default_cases, dtype_name, make_case_inputs
+
+PACKAGES = (
+    "qadapter-kernels", "torch", "triton", "transformers", "peft", "liger-kernel", "cut-cross-entropy",
+    "pytest-benchmark", "matplotlib", "numpy",
+)
+FUSED_KINDS = ("backend",)
+MIB = 2**20
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu`` or the GPU's name as a file-name slug (``nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    info = {
+        "device": device_label(device),
+        "device_type": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": dtype_name(dtype),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_memory_bytes"] = props.total_memory
+    return info
+
+
+def _load() -> list[float] | None:
+    """1/5/15-minute load averages: a shared machine's contention, recorded beside its timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="every shape and N in {1024, 4096, 16384} (for a GPU)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder (default bench/results)")
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="head shapes (default: by device)")
+    p.add_argument("--tokens", nargs="+", type=int, help="scored token counts N (default: by device)")
+    p.add_argument("--candidates", nargs="+", help="only these candidates (default: all)")
+    p.add_argument("--repeats", type=int, help="timed calls per candidate (default: 3 on CUDA, 2 on CPU)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation happens here)")
+    p.add_argument("--e2e-model", default="auto", choices=["auto", "none", *e2e.MODELS],
+                   help="model of the end-to-end training step (auto: llama-3.1-8b on CUDA, smollm2-135m on CPU)")
+    p.add_argument("--e2e-seq", type=int, help="tokens per sequence of the end-to-end step (default: by device)")
+    p.add_argument("--e2e-repeats", type=int, help="timed end-to-end steps per loss (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Measures everything the arguments (parsed from ``argv``) ask for; returns the JSON-ready results."""
+    device = torch.device(args.device) if args.device else bench_device()
+    dtype = bench_dtype(device)
+    repeats = args.repeats or (3 if device.type == "cuda" else 2)
+    chosen = harness.select(args.candidates)
+    cases = default_cases(
+        device, full=args.full, shapes=tuple(args.shapes) if args.shapes else None,
+        tokens=tuple(args.tokens) if args.tokens else None,
+    )
+    info = machine_info(device, dtype)
+    info.update(argv=argv, full=args.full, repeats=repeats,
+                warmup=args.warmup, load_start=_load())
+    info["backends"] = {n: {"available": s.available, "reason": s.reason} for n, s in qadapter_kernels.backends().items()}
+    info["copy_bandwidth_bytes_per_s"] = harness.copy_bandwidth(device)
+    results = {"meta": info, "cases": [], "e2e": None}
+    for case in cases:
+        print(f"[bench] {case.label} (B={case.batch}, T={case.seq})", flush=True)
+        inputs = make_case_inputs(case)
+        measured = harness.measure_all(chosen, inputs, device, repeats=repeats, warmup=args.warmup)
+        del inputs
+        gemm3 = next((r.time_s for r in measured if r.name == harness.GEMM3 and r.time_s), None)
+        rows = []
+        for r in measured:
+            row = vars(r) | {"time_s": r.time_s, "x_gemm3": r.time_s / gemm3 if gemm3 and r.time_s else None}
+            rows.append(row)
+            print(f"  {_row_text(row)}", flush=True)
+        results["cases"].append({
+            "shape": case.shape.name, "hidden": case.shape.hidden, "vocab": case.shape.vocab,
+            "tokens": case.tokens, "batch": case.batch, "seq": case.seq, "dtype": dtype_name(case.dtype),
+            "t_gemm3_s": gemm3, "results": rows,
+        })
+    model = e2e.default_model(device) if args.e2e_model == "auto" else args.e2e_model
+    if model != "none":
+        seq = args.e2e_seq or e2e.default_seq(device)
+        print(f"[bench] end-to-end training step: {model}, 2 pairs x {seq} tokens", flush=True)
+        e2e_repeats = args.e2e_repeats or e2e.default_repeats(device)
+        results["e2e"] = e2e.run_e2e(model, device, dtype, seq=seq, repeats=e2e_repeats)
+    info["load_end"] = _load()
+    results["headline"] = headline(results)
+    return results
+
+
+def _row_text(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['name']:<24} {row['status']}: {row['reason']}"
+    ratio = f" ({row['x_gemm3']:.2f}x T_gemm3)" if row["x_gemm3"] else ""
+    return f"{row['name']:<24} {row['time_s'] * 1e3:10.1f} ms{ratio}  peak {row['peak_bytes'] / MIB:9.1f} MiB"
+
+
+def headline(results: dict) -> list[dict]:
+    """For each case and each fused backend that ran: its speed-up and memory reduction against
+    every baseline and peer that ran (``other / fused``: above 1 means the fused one is better),
+    and its time as a multiple of T_gemm3."""
+    lines = []
+    for case in results["cases"]:
+        ok = {r["name"]: r for r in case["results"] if r["status"] == "ok"}
+        fused = [r for r in ok.values() if r["kind"] in FUSED_KINDS and r["name"] != "reference"]
+        others = [r for r in ok.values() if r["kind"] in ("baseline", "peer")]
+        label = f"{case['shape']} N={case['tokens']} {case['dtype']}"
+        for f in fused:
+            entry = {"case": label, "backend": f["name"], "x_gemm3": f["x_gemm3"], "vs": {}}
+            for o in others:
+                entry["vs"][o["name"]] = {
+                    "kind": o["kind"],
+                    "speedup": o["time_s"] / f["time_s"],
+                    "memory_reduction": o["peak_bytes"] / f["peak_bytes"] if f["peak_bytes"] else None,
+                }
+            lines.append(entry)
+    e = results.get("e2e")
+    if e:
+        by = {r["loss"]: r for r in e["results"] if r["status"] == "ok"}
+        if "fused" in by and "eager-authors" in by:
+            f, a = by["fused"], by["eager-authors"]
+            lines.append({
+                "case": f"e2e {e['model']} 2x{e['seq']} {e['dtype']}", "backend": f"fused ({f['backend']})",
+                "x_gemm3": None,
+                "vs": {"eager-authors": {
+                    "kind": "baseline", "speedup": a["time_s"] / f["time_s"],
+                    "memory_reduction": a["peak_extra_bytes"] / f["peak_extra_bytes"] if f["peak_extra_bytes"] else None,
+                }},
+            })
+    return lines
+
+
+def headline_text(entry: dict) -> str:
+    parts = [f"{entry['case']}: {entry['backend']}" + (f" at {entry['x_gemm3']:.2f}x T_gemm3" if entry["x_gemm3"] else "")]
+    for name, v in entry["vs"].items():
+        mem = f", peak memory / {v['memory_reduction']:.1f}" if v["memory_reduction"] else ""
+        parts.append(f"vs {name}{' (peer)' if v['kind'] == 'peer' else ''}: time / {v['speedup']:.2f}{mem}")
+    return "; ".join(parts)
+
+
+def _fmt_mib(b: int | None) -> str:
+    return "" if b is None else f"{b / MIB:,.1f}"
+
+
+def markdown(results: dict, plot_names: list[str]) -> str:
+    m = results["meta"]
+    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    out = [
+        f"# qadapter-kernels benchmarks: {m['device_name']} ({m['device']}), {m['date']}",
+        "",
+        f"- dtype {m['dtype']}; torch {m['torch']}, CUDA {m['cuda']}, triton {m['triton']}; python {m['python']}; "
+        f"{m['platform']}; {m['cpu_count']} CPUs, {m['torch_threads']} torch threads",
+        f"- packages: {pk}",
+        f"- load average (1/5/15 min) at start {m['load_start']}, at end {m['load_end']}: "
+        "above the CPU count means other work shared the machine",
+        f"- {m['repeats']} timed calls per candidate after {m['warmup']} warm-up, interleaved across candidates; "
+        "median shown. Peak = extra memory allocated by one forward+backward (bench/memory.py).",
+    ]
+    if m.get("copy_bandwidth_bytes_per_s"):
+        out.append(f"- device copy bandwidth: {m['copy_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s (read + write)")
+    missing = {n: b["reason"] for n, b in m["backends"].items() if not b["available"]}
+    if missing:
+        out.append("- backends not available here: " + "; ".join(f"`{n}`: {r}" for n, r in missing.items()))
+    out += ["", "N = scored tokens (B = 4 rows, 2 pairs); time = forward + backward of the loss.", ""]
+    for case in results["cases"]:
+        gemm3 = case["t_gemm3_s"]
+        out += [
+            f"## {case['shape']} (d={case['hidden']}, V={case['vocab']}), N={case['tokens']}, {case['dtype']}",
+            "",
+            f"T_gemm3 = {gemm3 * 1e3:.1f} ms" if gemm3 else "T_gemm3 not measured",
+            "",
+            "| candidate | kind | time (ms) | x T_gemm3 | peak extra (MiB) | status |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for r in case["results"]:
+            t = f"{r['time_s'] * 1e3:,.1f}" if r["time_s"] else ""
+            x = f"{r['x_gemm3']:.2f}" if r["x_gemm3"] else ""
+            status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+            out.append(f"| `{r['name']}` | {r['kind']} | {t} | {x} | {_fmt_mib(r['peak_bytes'])} | {status} |")
+        out.append("")
+    e = results.get("e2e")
+    if e:
+        out += [
+            f"## End to end: one training step, {e['model']} (random weights, {e['parameters'] / 1e6:,.1f}M parameters, "
+            f"LoRA r={e['lora']['r']} on {', '.join(e['lora']['target_modules'])}: "
+            f"{e['trainable_parameters'] / 1e6:.2f}M trainable)",
+            "",
+            f"{e['pairs']} pairs x {e['seq']} tokens ({e['scored_tokens']} scored), {e['dtype']}, gradient checkpointing "
+            f"{'on' if e['gradient_checkpointing'] else 'off'}; base forward (no grad) + adapter forward/backward + AdamW; "
+            f"median of {e['repeats']} timed step(s) after a warm-up.",
+            "",
+            "| loss | time (s) | resident (MiB) | peak extra (MiB) | fits 24 GB | status |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        for r in e["results"]:
+            name = r["loss"] + (f" (`{r['backend']}`)" if r["backend"] else "")
+            t = f"{r['time_s']:.2f}" if r["time_s"] else ""
+            fits = {True: "yes", False: "no", None: "n/a (CPU)"}[r["fits_24gb"]]
+            status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+            out.append(f"| {name} | {t} | {_fmt_mib(r['resident_bytes'])} | {_fmt_mib(r['peak_extra_bytes'])} | {fits} | {status} |")
+        out.append("")
+    if results["headline"]:
+        out += [
+            "## Headline ratios",
+            "",
+            "\"vs X: time / 2.0\" means the project's backend takes half X's time; \"peak memory / 10\" a tenth of "
+            "its peak extra memory (below 1: it takes more).",
+            "",
+        ]
+        out += [f"- {headline_text(h)}" for h in results["headline"]]
+        out.append("")
+    if plot_names:
+        out += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
+    return "\n".join(out)
+
+
+def plot(results: dict, out_dir: Path, stem: str) -> list[str]:
+    """Time and peak memory against N, one panel per shape, one line per candidate; log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(c["shape"] for c in results["cases"]))
+    names = []
+    for metric, key, scale, ylabel in (
+        ("time", "time_s", 1e3, "forward + backward (ms)"),
+        ("memory", "peak_bytes", 1 / MIB, "peak extra memory (MiB)"),
+    ):
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            series: dict[str, list[tuple[int, float]]] = {}
+            for case in (c for c in results["cases"] if c["shape"] == shape):
+                for r in case["results"]:
+                    if r["status"] == "ok" and r[key]:
+                        series.setdefault(r["name"], []).append((case["tokens"], r[key] * scale))
+            for name, points in series.items():
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, marker="o", label=name, linestyle="--" if name == harness.GEMM3 else "-")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N (scored tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{shape}, {results['meta']['dtype']}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Q-Adapter loss, {results['meta']['device_name']}")
+        fig.tight_layout()
+        name = f"{stem}-{metric}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Writes JSON, markdown and plots; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{results['meta']['device']}-{results['meta']['date'][:10]}"
+    plots = plot(results, out_dir, stem) if results["cases"] else []
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["md"].write_text(markdown(results, plots))
+    paths.update({f"png-{i}": out_dir / n for i, n in enumerate(plots)})
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    results = run(args, argv)
+    paths = write(results, args.out)
+    print("\nHeadline:")
+    for h in results["headline"]:
+        print(f"  {headline_text(h)}")
+    print("\nWrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
