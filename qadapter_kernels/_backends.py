@@ -60,11 +60,17 @@ def check_name(name: str) -> str:
     return check_choice("backend", name, BACKEND_NAMES)
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name`` on ``device``; raises if it cannot run."""
+# Backends whose kernels compute in float32 at most: "auto" keeps float64 inputs off them.
+_NO_FLOAT64 = ("triton",)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``name`` on ``device`` (and input ``dtype``); raises if it cannot run."""
     check_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
+            if dtype == torch.float64 and candidate in _NO_FLOAT64:
+                continue
             if status(candidate).available:
                 return candidate
         return "chunked"

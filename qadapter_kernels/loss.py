@@ -20,7 +20,7 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size):
     _check_chunk_size(chunk_size)
     check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
-    name = _backends.resolve(backend, q_hidden.device)
+    name = _backends.resolve(backend, q_hidden.device, q_hidden.dtype)
     if name == "reference":
         return qadapter_loss_reference(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
     # Only scored positions are computed at all: pack them to [N, d].
@@ -69,7 +69,7 @@ def qadapter_loss(
             is the rejected response of pair ``k``.
         q_weight, q_bias: optional Q head (``[V, d]``, ``[V]``); defaults to the frozen ``weight``.
         alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm: see DESIGN section 2.
-        backend: ``"auto"``, ``"reference"`` or ``"chunked"`` (see :func:`backends`).
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or ``"cuda"`` (see :func:`backends`).
         chunk_size: tokens per chunk for chunked backends; ``None`` picks it from a memory budget.
     """
     config = LossConfig(alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm, ignore_index)

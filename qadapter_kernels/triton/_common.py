@@ -1,0 +1,73 @@
+"""What every Triton kernel of the package shares: interpreter mode, input checks, dot precision.
+
+The kernels are decorated with ``triton.jit`` when their module is imported, and Triton decides
+*then* whether they are compiled for a GPU or run by its CPU interpreter (``TRITON_INTERPRET=1``).
+:data:`INTERPRET` records that decision once, so availability checks and block sizes agree with
+how the kernels were actually built. To interpret, the variable must be set before *triton* is
+first imported, by anything (:func:`interpreter_problem`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older versions read the environment
+INTERPRET: bool = bool(_knobs.runtime.interpret) if _knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_problem() -> str:
+    """Why interpreted kernels would fail here, or "" when they can run (or are not interpreted).
+
+    ``triton.language``'s own helpers (``tl.zeros``, ``tl.max``, ...) are ``triton.jit`` functions
+    too, built when ``triton.language`` is first imported. If some other package imported triton
+    before ``TRITON_INTERPRET=1`` was set, they were built for the compiler and an interpreted
+    kernel cannot call them.
+    """
+    if INTERPRET and isinstance(tl.zeros, triton.runtime.jit.JITFunction):
+        return (
+            "TRITON_INTERPRET=1 was set after triton had been imported (by another package), so "
+            "triton.language was built for the compiler; set it before anything imports triton"
+        )
+    return ""
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_inputs(what: str, *tensors: torch.Tensor) -> None:
+    """Clear errors for what the kernels cannot take: float64, or CPU tensors outside the interpreter.
+
+    The kernels compute every statistic in float32 (tensor-core dots accumulate in float32);
+    Triton has no float64 tensor-core path, and silently rounding a float64 caller would hide
+    the precision they asked for. float64 is served exactly by the ``chunked`` and
+    ``reference`` backends.
+    """
+    for t in tensors:
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"the Triton {what} takes float16, bfloat16 or float32 tensors; got {t.dtype} "
+                "(use backend='chunked' or 'reference' for float64)"
+            )
+        if t.device.type != "cuda" and not INTERPRET:
+            raise ValueError(
+                f"the Triton {what} needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+                f"first imported, to run on CPU); got a tensor on {t.device}"
+            )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for float32 operands, following torch's own TF32 switch.
+
+    torch runs float32 matmuls in full precision unless ``torch.backends.cuda.matmul.allow_tf32``
+    is set; the kernels do the same, so a float32 loss means the same thing on every backend.
+    float16/bfloat16 operands keep Triton's default, which only concerns float32.
+    """
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows by a stride and columns contiguously."""
+    return t if t.stride(-1) == 1 else t.contiguous()

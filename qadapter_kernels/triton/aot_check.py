@@ -1,0 +1,130 @@
+"""Compile every kernel for real GPU architectures on a machine without a GPU.
+
+Triton's interpreter runs the kernels' *logic* on CPU, but it is far more permissive than the
+compiler (loop-carried types, layouts, shared memory). This check runs the whole NVIDIA pipeline
+(TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas shipped in the triton wheel) for each
+kernel variant and tile configuration, and compares the shared memory each one needs with the
+per-block limit of the architecture. A configuration over the limit would only be skipped by the
+autotuner at run time; here it is reported. No driver or device is touched.
+
+Pointers, row strides and the hidden size are declared 16-divisible, as Triton's launcher
+specializes them for ordinary contiguous tensors; that is what lets the compiler pipeline the
+tile loads (cp.async / TMA), so the reported shared memory is the one a real launch needs.
+
+Usage (TRITON_INTERPRET must be unset, so the kernels are built as compilable JIT functions)::
+
+    python -m qadapter_kernels.triton.aot_check [--arch 80 86 89 90] [--mode full|quick|smoke]
+
+``full``: every dtype, head variant and configuration; ``quick``: bfloat16 with a separate,
+biased Q head (the largest tiles); ``smoke``: that, first configuration only, gradient filter on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+# Max dynamic shared memory per block (opt-in), bytes, per compute capability.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+_FLOAT_ARGS = {"alpha_tilde", "alpha_0", "filter_eps"}
+_INPUT_PTRS = {"base_ptr", "hq_ptr", "w_ptr", "wq_ptr", "bias_ptr", "z_ptr", "q_ptr", "p_ptr"}
+_TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def _signature(jit_fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+    """Argument types and the 16-divisibility attributes Triton's launcher would give them."""
+    sig, attrs = {}, {}
+    for index, name in enumerate(jit_fn.arg_names):
+        if name.endswith("_ptr") or name.startswith("stride") or name == "D":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "targets_ptr":
+            sig[name] = "*i64"
+        elif name in _INPUT_PTRS:
+            sig[name] = "*" + _TL_DTYPE[dtype]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, attrs
+
+
+def _variants(mode: str):
+    """(kernel name, jit function, dtype, constexprs, num_warps, num_stages) to compile."""
+    import torch
+
+    from . import decode, fused, row_step
+    from ._common import dot_precision
+
+    dtypes = ("bfloat16", "float16", "float32") if mode == "full" else ("bfloat16",)
+    for dtype in dtypes:
+        yield "row_step", row_step._row_step_kernel, dtype, {"BLOCK_V": 4096}, row_step._NUM_WARPS, 3
+        yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode._NUM_WARPS, 3
+    kernels = {
+        "forward": (fused._forward_kernel, {}),
+        "expected_weight": (fused._expected_weight_kernel, {"FILTER": mode == "smoke"}),
+        "head_grad": (fused._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True}),
+    }
+    # The separate, biased Q head is the largest variant (one more tile per stage).
+    shared_flags = (False, True) if mode == "full" else (False,)
+    for (name, (autotuner, flags)), dtype, shared in itertools.product(kernels.items(), dtypes, shared_flags):
+        for cfg in autotuner.configs[: 1 if mode == "smoke" else None]:
+            prec = dot_precision(getattr(torch, dtype))
+            constexprs = {**flags, **cfg.kwargs, "SHARED": shared, "HAS_BIAS": not shared, "DOT_PREC": prec}
+            yield name, autotuner.fn, dtype, constexprs, cfg.num_warps, cfg.num_stages
+
+
+def check(archs=(80, 86, 89, 90), mode: str = "full") -> list[dict]:
+    """Compiles every variant for every arch; returns one record per compilation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ._common import INTERPRET
+
+    if INTERPRET:
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter builds no compilable kernels")
+    records = []
+    for name, fn, dtype, constexprs, warps, stages in _variants(mode):
+        signature, attrs = _signature(fn, dtype, constexprs)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        for arch in archs:
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+            )
+            shared = int(compiled.metadata.shared)
+            records.append(dict(
+                kernel=name, arch=arch, dtype=dtype, warps=warps, stages=stages, shared=shared,
+                fits=shared <= SMEM_LIMIT[arch],
+                config={k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k == "SHARED"},
+            ))
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90], choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--mode", choices=("full", "quick", "smoke"), default="full")
+    args = parser.parse_args(argv)
+    records = check(tuple(args.arch), args.mode)
+    for r in records:
+        print(f"{r['kernel']:16s} sm_{r['arch']} {r['dtype']:9s} {r['config']} warps={r['warps']} "
+              f"stages={r['stages']} smem={r['shared']} {'ok' if r['fits'] else 'OVER LIMIT'}")
+    # A kernel is fine when at least one of its configurations fits each arch and dtype.
+    usable = {}
+    for r in records:
+        key = (r["kernel"], r["arch"], r["dtype"], r["config"].get("SHARED"))
+        usable[key] = usable.get(key, False) or r["fits"]
+    missing = [k for k, ok in usable.items() if not ok]
+    for k in missing:
+        print("no configuration fits:", k)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Triton row step: the ``RowStep`` contract of ``chunked.py`` as one kernel launch per chunk.
+
+From the two ``[C, V]`` GEMM outputs of a chunk (base logits ``z``, Q-values ``q``) it produces
+
+    q_taken[t] = q[t, a_t]
+    value[t]   = alpha~ * lse((q_t + alpha_0 * log_softmax(z_t)) / alpha~)
+               = alpha~ * lse(c_t) - alpha_0 * lse(z_t),     c_t = (q_t + alpha_0 * z_t) / alpha~
+    p[t, :]    = softmax(c_t) = exp(c_t - lse(c_t))
+
+One program owns one row. Pass 1 streams the row once, keeping running (max, sum) statistics of
+``z`` and ``c`` (online logsumexp, so no ``[V]`` temporary and no extra pass for the max); pass 2
+streams it again to write ``p``. Everything is computed in float32 whatever the input dtype, and
+row offsets are int64 so ``C * V`` may exceed 2**31. ``p`` is written into ``q``'s buffer when
+the dtypes allow it (the contract lets the step overwrite its inputs): the chunk then needs no
+third ``[C, V]`` buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_kernel_inputs, row_major
+
+# A memory-bound kernel: blocks large enough to keep many loads in flight per warp. The
+# interpreter uses a small block so that tests cross several blocks with small vocabularies.
+_MAX_BLOCK_V = 64 if INTERPRET else 4096
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
+    """Float32 ``z`` and ``c`` of one block of a row, ``-inf`` past the end of the row."""
+    in_row = cols < V
+    z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    q = tl.load(q_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    c = (q + alpha_0 * z) * inv_alpha_tilde
+    return tl.where(in_row, z, float("-inf")), tl.where(in_row, c, float("-inf"))
+
+
+@triton.jit
+def _online_lse(m, s, x):
+    """Running (max, sum of exp(x - max)) after one more block ``x``."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+
+
+@triton.jit
+def _row_step_kernel(
+    z_ptr, q_ptr, targets_ptr, p_ptr, q_taken_ptr, value_ptr,
+    V, stride_z, stride_q, stride_p,
+    alpha_tilde, alpha_0,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    q_row = q_ptr + row * stride_q
+    p_row = p_ptr + row * stride_p
+    inv_alpha_tilde = 1.0 / alpha_tilde
+    cols = tl.arange(0, BLOCK_V)
+
+    # Pass 1: statistics. The first block always holds a real column, so after it the running
+    # maxima are finite and exp(m - m_new) never sees -inf - -inf.
+    m_z = float("-inf")
+    s_z = 0.0
+    m_c = float("-inf")
+    s_c = 0.0
+    for start in range(0, V, BLOCK_V):
+        z, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        m_z, s_z = _online_lse(m_z, s_z, z)
+        m_c, s_c = _online_lse(m_c, s_c, c)
+    lse_z = m_z + tl.log(s_z)
+    lse_c = m_c + tl.log(s_c)
+
+    target = tl.load(targets_ptr + row)
+    tl.store(q_taken_ptr + row, tl.load(q_row + target).to(tl.float32))
+    tl.store(value_ptr + row, alpha_tilde * lse_c - alpha_0 * lse_z)
+
+    # Pass 2: the policy. Reads each element before this program overwrites it (p may alias q).
+    for start in range(0, V, BLOCK_V):
+        z, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        tl.store(p_row + start + cols, tl.exp(c - lse_c).to(p_ptr.dtype.element_ty), mask=start + cols < V)
+
+
+def triton_row_step(
+    z: torch.Tensor,
+    q: torch.Tensor,
+    targets: torch.Tensor,
+    alpha_tilde: float,
+    alpha_0: float,
+    p_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q_taken [C] fp32, value [C] fp32, p [C, V] p_dtype)``; see ``chunked.RowStep``.
+
+    ``p`` reuses ``q``'s memory when ``q`` is row-major in ``p_dtype``; ``q`` is then overwritten.
+    """
+    check_kernel_inputs("row step", z, q)
+    if z.shape != q.shape or z.dim() != 2:
+        raise ValueError(f"z and q must both be [C, V]; got {tuple(z.shape)} and {tuple(q.shape)}")
+    rows, vocab = q.shape
+    z, q = row_major(z), row_major(q)
+    targets = targets.to(device=q.device, dtype=torch.int64).contiguous()
+    p = q if q.dtype == p_dtype else torch.empty(rows, vocab, dtype=p_dtype, device=q.device)
+    q_taken = torch.empty(rows, dtype=torch.float32, device=q.device)
+    value = torch.empty(rows, dtype=torch.float32, device=q.device)
+    if rows:
+        _row_step_kernel[(rows,)](
+            z, q, targets, p, q_taken, value,
+            vocab, z.stride(0), q.stride(0), p.stride(0),
+            float(alpha_tilde), float(alpha_0),
+            BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS,
+        )
+    return q_taken, value, p

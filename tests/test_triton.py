@@ -1,0 +1,252 @@
+"""The Triton backend against the reference and the eager chunked pieces.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, which must be
+set before triton is first imported by anything: tests/conftest.py is the safe place, since other
+test modules import packages that import triton; if it comes too late, this module is skipped
+with the reason). Shapes are chosen so
+that V, d and N are not multiples of the interpreter's tile sizes (16 x 32 x 16) or row block (64).
+bfloat16 dots are wrong in the interpreter (DESIGN section 5), so bfloat16 is tested on GPU only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from conftest import loss_and_grads, make_inputs  # noqa: E402
+from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
+from qadapter_kernels.chunked import chunked_token_stats, torch_row_step  # noqa: E402
+from qadapter_kernels.triton import (  # noqa: E402
+    backend_status,
+    chunked_triton_token_stats,
+    combine_last,
+    fused_token_stats,
+    triton_row_step,
+)
+
+if not backend_status()[0]:
+    pytest.skip(f"Triton backend unavailable: {backend_status()[1]}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# V=203, d=40: neither is a multiple of any tile size; 6 x 11 tokens leave N around 40 scored.
+SHAPE = dict(batch=6, seq=11, hidden=40, vocab=203)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def assert_matches_reference(inputs, tol, **kwargs):
+    ref, ref_grads = loss_and_grads(inputs, backend="reference", **kwargs)
+    got, got_grads = loss_and_grads(inputs, backend="triton", **kwargs)
+    assert torch.isfinite(got.loss)
+    for field in ("loss", "bt_loss", "chi2_loss", "chosen_rewards", "rejected_rewards", "margin"):
+        assert rel_err(getattr(got, field), getattr(ref, field)) <= tol, field
+    assert set(got_grads) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        assert got_grads[name].dtype == inputs[name].dtype, name
+        assert rel_err(got_grads[name], grad) <= tol, name
+
+
+def test_backend_is_registered_and_available():
+    assert backends()["triton"].available
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head", ["shared", "q_weight", "q_weight+bias"])
+def test_loss_and_grads_match_reference(dtype, head):
+    x = make_inputs(**SHAPE, dtype=dtype, seed=3, q_head=head != "shared", q_bias=head == "q_weight+bias",
+                    device=DEVICE)
+    assert_matches_reference(x, TOL[dtype], alpha_tilde=0.8, alpha_0=0.05)
+
+
+@pytest.mark.parametrize("value_at", ["current", "next"])
+@pytest.mark.parametrize("reward_norm", ["padded", "mean", "sum"])
+def test_loss_modes(value_at, reward_norm):
+    x = make_inputs(**SHAPE, seed=5, device=DEVICE)
+    assert_matches_reference(x, TOL[torch.float32], value_at=value_at, reward_norm=reward_norm)
+
+
+@pytest.mark.parametrize("hyper", [dict(gamma=0.0), dict(alpha_0=0.0, beta=0.0)])
+def test_degenerate_hyper_parameters(hyper):
+    x = make_inputs(**SHAPE, seed=6, q_head=True, q_bias=True, device=DEVICE)
+    assert_matches_reference(x, TOL[torch.float32], **hyper)
+
+
+def test_bias_on_the_shared_head():
+    x = make_inputs(**SHAPE, seed=8, q_bias=True, device=DEVICE)
+    assert_matches_reference(x, TOL[torch.float32])
+
+
+def test_frozen_inputs_get_no_gradient():
+    x = make_inputs(**SHAPE, seed=9, device=DEVICE)
+    base = x["base_hidden"].requires_grad_()
+    weight = x["weight"].requires_grad_()
+    out = qadapter_loss(base, x["q_hidden"], weight, x["labels"], backend="triton")
+    out.loss.backward()
+    assert base.grad is None and weight.grad is None
+    assert x["q_hidden"].grad is not None and torch.isfinite(x["q_hidden"].grad).all()
+
+
+def _packed(seed=11, dtype=torch.float32, n=37, hidden=40, vocab=203):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, hidden, generator=g)
+    hq = (base + 0.5 * torch.randn(n, hidden, generator=g)).requires_grad_()
+    weight = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+    q_weight = (weight + 0.1 * torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_()
+    q_bias = (0.3 * torch.randn(vocab, generator=g)).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    grads = torch.randn(2, n, generator=g)
+    cast = lambda t: t.detach().to(dtype=dtype, device=DEVICE).requires_grad_(t.requires_grad)  # noqa: E731
+    return [cast(t) for t in (base, hq, weight, q_weight, q_bias)] + [targets.to(DEVICE), grads.to(DEVICE)]
+
+
+def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in (hq, q_weight, q_bias)]
+    q_taken, value = fn(base, leaves[0], weight, leaves[1], leaves[2], targets, alpha_tilde=0.7, alpha_0=0.2, **kwargs)
+    (q_taken * upstream[0] + value * upstream[1]).sum().backward()
+    return [q_taken, value] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_vocab_splits_are_exact_and_deterministic(splits):
+    """Several vocabulary ranges (partials reduced in a fixed order) give the single-range result."""
+    args = _packed()
+    want = _stats_and_grads(chunked_token_stats, *args)
+    first = _stats_and_grads(fused_token_stats, *args, vocab_splits=splits)
+    again = _stats_and_grads(fused_token_stats, *args, vocab_splits=splits)
+    for w, f, a in zip(want, first, again):
+        assert rel_err(f, w) <= 1e-5
+        assert torch.equal(f, a)
+
+
+def test_gradient_filter():
+    """A tiny threshold skips nothing that matters; one above every p drops E_p[Wq] entirely."""
+    base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=12)
+    want = _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
+    tiny = _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream,
+                            grad_filter_eps=1e-30)
+    for w, t in zip(want, tiny):
+        assert rel_err(t, w) <= 1e-6
+    q_taken, value, grad_hq, grad_qw, grad_qb = _stats_and_grads(
+        fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream, grad_filter_eps=2.0
+    )
+    # The forward and the (unfiltered) bias gradient are untouched; dh_q keeps only g_a * Wq[a].
+    for w, g in zip(want, (q_taken, value, None, None, grad_qb)):
+        if g is not None:
+            assert torch.equal(g, w)
+    torch.testing.assert_close(grad_hq, upstream[0][:, None] * q_weight.detach()[targets])
+    assert rel_err(grad_qw, want[3]) > 1e-3  # tiles without a target were skipped
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        fused_token_stats(base, hq, weight, q_weight, q_bias, targets, alpha_tilde=1.0, alpha_0=0.0,
+                          grad_filter_eps=-1.0)
+
+
+def test_chunked_pipeline_with_triton_row_step():
+    args = _packed(seed=13)
+    want = _stats_and_grads(chunked_token_stats, *args, chunk_size=5)
+    got = _stats_and_grads(chunked_triton_token_stats, *args, chunk_size=5)
+    for w, g in zip(want, got):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_float64_is_refused_with_a_reason():
+    x = make_inputs(seed=1, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        qadapter_loss(**x, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 64, 203])
+@pytest.mark.parametrize("p_dtype", ["same", torch.float32])
+def test_row_step_matches_torch(dtype, vocab, p_dtype):
+    g = torch.Generator().manual_seed(vocab)
+    z = (3 * torch.randn(9, vocab, generator=g)).to(dtype).to(DEVICE)
+    q = (3 * torch.randn(9, vocab, generator=g)).to(dtype).to(DEVICE)
+    targets = torch.randint(0, vocab, (9,), generator=g).to(DEVICE)
+    p_dtype = dtype if p_dtype == "same" else p_dtype
+    want = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype)
+    q_buffer = q.clone()
+    got = triton_row_step(z.clone(), q_buffer, targets, 0.7, 0.3, p_dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    for w, g_ in zip(want, got):
+        assert g_.dtype == w.dtype
+        torch.testing.assert_close(g_, w, rtol=tol, atol=tol)
+    # The policy reuses q's buffer when it can (the contract allows the step to overwrite it).
+    assert (got[2].data_ptr() == q_buffer.data_ptr()) == (p_dtype == dtype)
+
+
+def test_row_step_strided_rows():
+    z = torch.randn(5, 300, device=DEVICE)[:, :203]
+    q = torch.randn(5, 300, device=DEVICE)[:, :203]
+    targets = torch.tensor([0, 202, 7, 100, 64], device=DEVICE)
+    want = torch_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.float32)
+    got = triton_row_step(z, q, targets, 1.0, 0.01, torch.float32)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 203), (2, 2, 70), (1, 1)])
+def test_combine_last_matches_combine_logits(dtype, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    z = (4 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE)
+    q = (4 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE)
+    got = combine_last(z, q, alpha_tilde=0.6, alpha_0=0.1)
+    assert got.dtype == torch.float32 and got.shape == z.shape
+    torch.testing.assert_close(got, combine_logits(z, q, alpha_tilde=0.6, alpha_0=0.1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q_values must have base_logits' shape"):
+        combine_last(z, q[..., :-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for GPUs on machines without one")
+def test_kernels_compile_for_gpus():
+    """The interpreter accepts code the compiler rejects: build real sm_86 binaries (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "qadapter_kernels.triton.aot_check", "--mode", "smoke", "--arch", "86"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok") == 5, run.stdout
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("head", ["shared", "q_weight+bias"])
+def test_bfloat16_on_gpu(head):
+    x = make_inputs(batch=8, seq=65, hidden=200, vocab=3001, dtype=torch.bfloat16, seed=21,
+                    q_head=head != "shared", q_bias=head != "shared", device="cuda")
+    assert_matches_reference(x, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@gpu
+def test_bfloat16_row_step_and_combine_on_gpu():
+    z = torch.randn(33, 5003, device="cuda", dtype=torch.bfloat16) * 4
+    q = torch.randn(33, 5003, device="cuda", dtype=torch.bfloat16) * 4
+    targets = torch.randint(0, 5003, (33,), device="cuda")
+    want = torch_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.bfloat16)
+    got = triton_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.bfloat16)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(combine_last(z, q), combine_logits(z, q), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_only_under_no_grad():
+    x = make_inputs(**SHAPE, seed=14, device=DEVICE)
+    with torch.no_grad():
+        got = qadapter_loss(**x, backend="triton")
+    want = qadapter_loss(**x, backend="reference")
+    assert rel_err(got.loss, want.loss) <= TOL[torch.float32]
