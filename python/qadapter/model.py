@@ -6,7 +6,8 @@ decoder is called directly, so the full ``[B, T, V]`` logits never exist.
 
 Generation samples from the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)``
 (``combine_logits``). Both paths share one KV-cached forward per step: the batch is doubled into
-frozen rows (PEFT's ``__base__``) and adapter rows, so a token costs about one forward of the model.
+frozen rows and adapter rows (:meth:`QAdapterModel.rows_with_adapter`), so a token costs about one
+forward of the model.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qadapter_kernels import QAdapterLossOutput, combine_logits, qadapter_loss
 from qadapter_kernels._contract import LossConfig
@@ -233,14 +236,52 @@ class QAdapterModel(nn.Module):
         return self.loss_fn(base_hidden, q_hidden, self.lm_head_weight, labels, **self.loss_options)
 
     # -------------------------------------------------------------------------------- generation
+    @contextmanager
+    def rows_with_adapter(self, adapter_rows: torch.Tensor):
+        """Within it, one forward runs the adapter on the rows where ``adapter_rows`` is true and the
+        frozen model on the others.
+
+        The LoRA layers run frozen (adapter disabled) and a hook adds ``mask * lora(x)``: the frozen
+        rows get ``W x + 0`` and the adapter rows ``W x + lora(x)``, bit for bit what each model alone
+        computes, with no per-row gathering (PEFT's ``adapter_names`` path costs about as much again
+        as the model in Python-bound decoding).
+        """
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        mask = adapter_rows.reshape(-1, 1, 1)
+
+        def add_masked_lora(module, args, output):
+            x = module.lora_dropout[ADAPTER_NAME](args[0])
+            weight_a, weight_b = module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight
+            delta = F.linear(F.linear(x.to(weight_a.dtype), weight_a), weight_b)
+            delta = delta.mul_(mask.to(delta.dtype) * module.scaling[ADAPTER_NAME]).to(output.dtype)
+            return output.add_(delta) if not torch.is_grad_enabled() else output + delta
+
+        handles = []
+        try:
+            with self.peft_model.disable_adapter():
+                for module in self.peft_model.modules():
+                    if isinstance(module, LoraLinear) and ADAPTER_NAME in module.lora_A:
+                        if module.lora_variant.get(ADAPTER_NAME) is not None:
+                            raise NotImplementedError("row-selected decoding supports plain LoRA only (no DoRA)")
+                        handles.append(module.register_forward_hook(add_masked_lora))
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @torch.no_grad()
     def step_logprobs(self, input_ids, attention_mask, position_ids, cache):
-        """One cached step for frozen and adapter rows at once: combined log-probs of the last position."""
+        """One cached step for frozen and adapter rows at once: combined log-probs of the last position.
+
+        ``input_ids`` holds the batch twice: frozen rows first, then the same rows for the adapter.
+        """
         batch = input_ids.shape[0] // 2
         cache_arg = self._cache_argument()
-        out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=True, logits_to_keep=1, **{cache_arg: cache},
-                              adapter_names=["__base__"] * batch + [ADAPTER_NAME] * batch)
+        adapter_rows = torch.arange(2 * batch, device=input_ids.device) >= batch
+        with self.rows_with_adapter(adapter_rows):
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         logits = out.logits[:, -1]
         opts = self.loss_options
         return combine_logits(logits[:batch], logits[batch:], alpha_tilde=opts["alpha_tilde"],
@@ -280,7 +321,7 @@ class QAdapterModel(nn.Module):
         eos = _eos_ids(eos_token_id, self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         was_training = self.peft_model.training
-        self.peft_model.eval()  # PEFT's per-row adapter choice requires eval mode
+        self.peft_model.eval()  # sampling from the policy: no LoRA dropout
         try:
             ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
             positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
