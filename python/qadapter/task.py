@@ -165,3 +165,23 @@ def build_task_data(model, tokenizer, *, heldout: int = 20, seed: int = 0, max_n
     probe_answers = _greedy_answers(model, tokenizer, [q for q, _ in PROBE], 48)
     probe = [{"question": q, "answers": acc} for (q, acc), a in zip(PROBE, probe_answers) if probe_correct(a, acc)]
     return {"seed": seed, "train": pairs[heldout:], "heldout": pairs[:heldout], "probe": probe}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Regenerates the task data from the embedded default's own greedy answers."""
+    import argparse
+
+    from .defaults import load_base
+
+    parser = argparse.ArgumentParser(prog="python -m qadapter.task", description=main.__doc__)
+    parser.add_argument("--output", type=Path, default=DATA_FILE, help="where to write (default: the shipped file)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_base()
+    data = build_task_data(model, tokenizer, seed=args.seed)
+    args.output.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"{len(data['train'])} train, {len(data['heldout'])} held-out pairs, {len(data['probe'])} probe questions")
+
+
+if __name__ == "__main__":
+    main()

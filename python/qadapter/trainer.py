@@ -7,6 +7,7 @@ checkpointing, progress bars, DDP/FSDP through accelerate or torchrun) is Traine
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -45,12 +46,11 @@ class QAdapterConfig(TrainingArguments):
     learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "pairs carry their own columns"})
 
-    def loss_options(self) -> dict:
+    def model_options(self) -> dict:
+        """Keyword arguments of :class:`qadapter.QAdapterModel` (loss and LoRA settings)."""
         return dict(alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0, gamma=self.gamma, beta=self.beta,
-                    value_at=self.value_at, reward_norm=self.reward_norm, backend=self.loss_backend)
-
-    def lora_options(self) -> dict:
-        return dict(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                    value_at=self.value_at, reward_norm=self.reward_norm, backend=self.loss_backend,
+                    lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                     target_modules=list(self.lora_target_modules))
 
 
@@ -71,6 +71,23 @@ class QAdapterTrainer(Trainer):
             value = getattr(out, name).detach().float().mean()
             self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
         return (out.loss, out) if return_outputs else out.loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints hold the adapter only (a few MB), never a copy of the frozen base model."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).write_adapter(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        (model or self.model).load_adapter_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self.model.load_adapter_weights(self.state.best_model_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -1,0 +1,235 @@
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, bench.
+
+Bad arguments exit with code 2 and a message naming the argument (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .defaults import DEFAULT_MODEL
+
+
+def _usage_error(command: str, message: str):
+    print(f"qadapter {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    return value
+
+
+def _demo_parser(sub) -> None:
+    from .demo import DemoOptions
+
+    p = sub.add_parser("demo", help="train a Q-Adapter on the built-in task with the embedded default and report",
+                       description="The main job: customize the embedded default model to answer with a TL;DR "
+                                   "line, then print before/after preference accuracy, rule satisfaction, "
+                                   "knowledge retention and KL to the base.")
+    d = DemoOptions()
+    p.add_argument("--output", default=d.output, help="directory for the adapter and report.json (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=d.max_steps, help="training steps (default: %(default)s)")
+    p.add_argument("--pairs-per-step", type=_positive_int, default=d.pairs_per_step, help="(default: %(default)s)")
+    p.add_argument("--learning-rate", type=_positive_float, default=d.learning_rate, help="(default: %(default)s)")
+    p.add_argument("--max-length", type=_positive_int, default=d.max_length, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--answer-tokens", type=_positive_int, default=d.answer_tokens,
+                   help="tokens generated per evaluation answer (default: %(default)s)")
+    p.add_argument("--heldout-limit", type=_positive_int, default=None, help="use only the first N held-out pairs")
+    p.add_argument("--probe-limit", type=_positive_int, default=None, help="use only the first N probe questions")
+    p.add_argument("--backend", default=d.backend, help="loss backend (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _run_demo(args) -> int:
+    from .demo import DemoOptions, format_report, run_demo
+
+    options = DemoOptions(output=args.output, max_steps=args.steps, pairs_per_step=args.pairs_per_step,
+                          learning_rate=args.learning_rate, max_length=args.max_length,
+                          answer_tokens=args.answer_tokens, seed=args.seed, backend=args.backend,
+                          probe_limit=args.probe_limit, heldout_limit=args.heldout_limit)
+    print(format_report(run_demo(options)))
+    return 0
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a Q-Adapter on preference data",
+                       description="Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
+                                   "{'chosen': [messages], 'rejected': [messages]} or {'prompt', 'chosen', "
+                                   "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
+                                   "as --name value (e.g. --num_train_epochs 2 --gradient_checkpointing true).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
+    p.add_argument("--data", required=True, help="training preference data")
+    p.add_argument("--eval-data", help="held-out preference data (evaluated at the end)")
+    p.add_argument("--output", required=True, help="directory for the adapter (and trainer checkpoints)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="resume from the latest checkpoint in --output (or from the given checkpoint)")
+
+
+def _training_config(args, extra: list[str]):
+    from transformers import HfArgumentParser
+
+    from .trainer import QAdapterConfig
+
+    names = {f.name for f in fields(QAdapterConfig)}
+    given = [a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in extra if a.startswith("--")]
+    unknown = sorted(set(given) - names)
+    if unknown:
+        _usage_error("train", f"unrecognized arguments: {', '.join('--' + u for u in unknown)}")
+    parser = HfArgumentParser(QAdapterConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none", *extra]
+    )
+    return config
+
+
+def _run_train(args, extra: list[str]) -> int:
+    from .data import load_preference_data
+    from .evaluate import preference_metrics
+    from .model import QAdapterModel
+    from .trainer import QAdapterTrainer
+
+    config = _training_config(args, extra)
+    model = QAdapterModel.from_base(args.model, **config.model_options())
+    tokenizer = model.tokenizer
+    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                   skip_invalid=args.skip_invalid)
+    train, summary = load_preference_data(args.data, tokenizer, **lengths)
+    print(f"training data: {summary}")
+    evaluation = None
+    if args.eval_data:
+        evaluation, eval_summary = load_preference_data(args.eval_data, tokenizer, split="test", **lengths)
+        print(f"evaluation data: {eval_summary}")
+    trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                              processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=args.resume)
+    model.save_pretrained(args.output)
+    print(f"adapter saved to {args.output}")
+    if evaluation is not None:
+        metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate with the customized policy (streams tokens)")
+    p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=_probability, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .evaluate import chat_prompts
+    from .model import QAdapterModel
+
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    tokenizer = model.tokenizer
+    enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
+    model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                   generator=torch.Generator().manual_seed(args.seed))
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="preference accuracy, margin, loss and KL to the base on preference data")
+    p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
+    p.add_argument("--data", required=True, help="preference data to evaluate on")
+    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--max-length", type=_positive_int, default=512)
+    p.add_argument("--max-prompt-length", type=_positive_int, default=256)
+    p.add_argument("--skip-invalid", action="store_true")
+
+
+def _run_eval(args) -> int:
+    from .data import load_preference_data
+    from .evaluate import mean_kl, preference_metrics
+    from .model import QAdapterModel
+
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    tokenizer = model.tokenizer
+    data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
+                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+    features = data.to_list()
+    metrics = preference_metrics(model, features, tokenizer.pad_token_id)
+    metrics["kl_to_base"] = mean_kl(model, features, tokenizer.pad_token_id)
+    metrics["pairs"] = len(features)
+    print(f"data: {summary}")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _run_bench(extra: list[str]) -> int:
+    try:
+        from bench.report import main as bench_main
+    except ImportError as exc:
+        _usage_error("bench", f"the benchmark suite runs from a source checkout (bench/): {exc}")
+    return bench_main(extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qadapter", description="Q-Adapter: customize a frozen LLM to new "
+                                     "preferences without forgetting, with fused no-logits kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,bench}")
+    _demo_parser(sub)
+    _train_parser(sub)
+    _generate_parser(sub)
+    _eval_parser(sub)
+    sub.add_parser("bench", help="run the benchmark report (arguments go to python -m bench.report)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:
+        return _run_bench(argv[1:])
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "demo":
+            return _run_demo(args)
+        if args.command == "train":
+            return _run_train(args, extra)
+        if args.command == "generate":
+            return _run_generate(args)
+        return _run_eval(args)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+        _usage_error(args.command, str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

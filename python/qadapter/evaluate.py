@@ -1,0 +1,103 @@
+"""Measures of a customization: does it prefer what it was taught, and how far did it move from the base?
+
+- :func:`preference_metrics`: held-out accuracy of the learned rewards (R_chosen > R_rejected).
+- :func:`mean_kl`: mean per-token KL(customized || base) over response tokens, chunked so the
+  vocabulary-sized rows exist a few hundred at a time.
+- :func:`answers`: greedy answers of the base model or of the customized policy, batched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qadapter_kernels import combine_logits
+
+from .data import PreferenceCollator
+
+
+def _batches(features: list[dict], pairs: int):
+    for start in range(0, len(features), pairs):
+        yield features[start : start + pairs]
+
+
+@torch.no_grad()
+def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 8) -> dict:
+    """Accuracy and mean margin of the learned rewards, and the mean loss, on tokenized pairs."""
+    collate = PreferenceCollator(pad_token_id=pad_token_id)
+    was_training = model.training
+    model.eval()
+    wins, margins, losses = [], [], []
+    device = model.lm_head_weight.device
+    try:
+        for batch in _batches(features, pairs_per_batch):
+            inputs = {k: v.to(device) for k, v in collate(batch).items()}
+            out = model(**inputs)
+            wins.append(out.chosen_rewards > out.rejected_rewards)
+            margins.append(out.chosen_rewards - out.rejected_rewards)
+            losses.append(out.loss.float() * len(batch))
+    finally:
+        model.train(was_training)
+    return {
+        "accuracy": torch.cat(wins).float().mean().item(),
+        "margin": torch.cat(margins).float().mean().item(),
+        "loss": (torch.stack(losses).sum() / len(features)).item(),
+    }
+
+
+@torch.no_grad()
+def mean_kl(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 4, chunk: int = 256) -> float:
+    """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
+    collate = PreferenceCollator(pad_token_id=pad_token_id)
+    opts, weight = model.loss_options, model.lm_head_weight
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(features, pairs_per_batch):
+            inputs = {k: v.to(weight.device) for k, v in collate(batch).items()}
+            base, q = model.hidden_states(inputs["input_ids"], inputs["attention_mask"])
+            scored = inputs["labels"][:, 1:] != -100
+            base, q = base[:, :-1][scored], q[:, :-1][scored]
+            for s in range(0, base.shape[0], chunk):
+                z = base[s : s + chunk] @ weight.T
+                log_pi1 = torch.log_softmax(z.float(), dim=-1)
+                log_pi = combine_logits(z, q[s : s + chunk] @ weight.T, alpha_tilde=opts["alpha_tilde"],
+                                        alpha_0=opts["alpha_0"])
+                total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
+                count += z.shape[0]
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]
+
+
+@torch.no_grad()
+def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new_tokens: int = 48,
+            batch_size: int = 16) -> list[str]:
+    """Greedy answers of the customized policy, or of the frozen base model (``customized=False``)."""
+    tokenizer.padding_side = "left"
+    device = model.lm_head_weight.device
+    eos = tokenizer.eos_token_id
+    out_texts = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(questions), batch_size):
+            enc = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size]), return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(device)
+            if customized:
+                out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            else:
+                with model.peft_model.disable_adapter():
+                    out = model.base_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                                    eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, enc.input_ids.shape[1] :]:
+                out_texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return out_texts

