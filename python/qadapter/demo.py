@@ -29,10 +29,10 @@ from .task import follows_rule, load_task, probe_correct
 @dataclass
 class DemoOptions:
     output: str = "qadapter-demo"
-    max_steps: int = 60
+    max_steps: int = 40
     pairs_per_step: int = 4
-    learning_rate: float = 1e-3
-    max_length: int = 96
+    learning_rate: float = 2e-3
+    max_length: int = 80
     max_prompt_length: int = 64
     answer_tokens: int = 40
     seed: int = 0
