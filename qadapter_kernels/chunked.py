@@ -25,7 +25,7 @@ import torch
 #   p:        [C, V] softmax((Q + alpha_0 * z) / alpha~) in p_dtype (may alias z or q).
 RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
 
-DEFAULT_CPU_BUDGET = 64 * 2**20
+DEFAULT_CPU_BUDGET = 128 * 2**20
 DEFAULT_CUDA_BUDGET = 1 * 2**30
 
 
