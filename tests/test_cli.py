@@ -53,3 +53,26 @@ def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     for key in ("heldout_accuracy", "rule_rate", "probe_accuracy", "kl_to_base"):
         assert 0 <= report["after"][key] <= (1 if key != "kl_to_base" else 10)
+
+
+def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
+    from conftest import tiny_causal_lm, tiny_chat_tokenizer
+
+    tokenizer = tiny_chat_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(6)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(adapter),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                 "--save_strategy", "no"]) == 0
+    assert (adapter / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(adapter), "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("\n{") + 1 :])
+    assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
