@@ -76,3 +76,9 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     metrics = json.loads(printed[printed.index("\n{") + 1 :])
     assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+
+
+def test_bench_subcommand_reaches_the_report(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0 and "bench.report" in capsys.readouterr().out

@@ -192,6 +192,11 @@ def _run_eval(args) -> int:
 
 
 def _run_bench(extra: list[str]) -> int:
+    # bench/ is not installed: it lives beside python/ in a source checkout (editable installs).
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "bench" / "report.py").is_file() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+            break
     try:
         from bench.report import main as bench_main
     except ImportError as exc:
