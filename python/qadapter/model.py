@@ -276,12 +276,14 @@ class QAdapterModel(nn.Module):
 
         ``input_ids`` holds the batch twice: frozen rows first, then the same rows for the adapter.
         """
+        with self.rows_with_adapter(_second_half(input_ids.shape[0], input_ids.device)):
+            return self._combined_step(input_ids, attention_mask, position_ids, cache, self._cache_argument())
+
+    def _combined_step(self, input_ids, attention_mask, position_ids, cache, cache_arg):
+        """:meth:`step_logprobs` inside an active :meth:`rows_with_adapter` (entered once per generation)."""
         batch = input_ids.shape[0] // 2
-        cache_arg = self._cache_argument()
-        adapter_rows = torch.arange(2 * batch, device=input_ids.device) >= batch
-        with self.rows_with_adapter(adapter_rows):
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         logits = out.logits[:, -1]
         opts = self.loss_options
         return combine_logits(logits[:batch], logits[batch:], alpha_tilde=opts["alpha_tilde"],
@@ -322,6 +324,7 @@ class QAdapterModel(nn.Module):
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         was_training = self.peft_model.training
         self.peft_model.eval()  # sampling from the policy: no LoRA dropout
+        cache_arg = self._cache_argument()
         try:
             ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
             positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
@@ -330,25 +333,31 @@ class QAdapterModel(nn.Module):
             out, cache = input_ids, None
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             step_ids = ids2
-            for _ in range(max_new_tokens):
-                logprobs, cache = self.step_logprobs(step_ids, mask2, positions, cache)
-                token = _select(logprobs, do_sample, temperature, top_k, top_p, generator)
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                out = torch.cat([out, token[:, None]], dim=1)
-                if streamer is not None:
-                    streamer.put(token.cpu())
-                if eos:
-                    finished |= torch.isin(token, torch.tensor(eos, device=token.device))
-                    if bool(finished.all()):
-                        break
-                step_ids = torch.cat([token, token])[:, None]
-                mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], dim=1)
-                positions = positions[:, -1:] + 1
+            with self.rows_with_adapter(_second_half(ids2.shape[0], ids2.device)):
+                for _ in range(max_new_tokens):
+                    logprobs, cache = self._combined_step(step_ids, mask2, positions, cache, cache_arg)
+                    token = _select(logprobs, do_sample, temperature, top_k, top_p, generator)
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                    out = torch.cat([out, token[:, None]], dim=1)
+                    if streamer is not None:
+                        streamer.put(token.cpu())
+                    if eos:
+                        finished |= torch.isin(token, torch.tensor(eos, device=token.device))
+                        if bool(finished.all()):
+                            break
+                    step_ids = torch.cat([token, token])[:, None]
+                    mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], dim=1)
+                    positions = positions[:, -1:] + 1
         finally:
             self.peft_model.train(was_training)
             if streamer is not None:
                 streamer.end()
         return out
+
+
+def _second_half(rows: int, device) -> torch.Tensor:
+    """Row mask of a doubled batch: frozen rows first, adapter rows second."""
+    return torch.arange(rows, device=device) >= rows // 2
 
 
 def read_adapter_config(path: Path) -> dict:
