@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -65,11 +66,16 @@ def _measure(model, tokenizer, task, heldout_features, options: DemoOptions, *, 
     return result
 
 
+def _stage(text: str) -> None:
+    print(f"[qadapter demo] {text}", file=sys.stderr, flush=True)
+
+
 def run_demo(options: DemoOptions) -> dict:
     """Trains, measures, saves; returns the report (also written to ``<output>/report.json``)."""
     from .trainer import QAdapterConfig, QAdapterTrainer
 
     started = time.perf_counter()
+    _stage("1/4 loading the embedded default model (converted to a local cache on first use)")
     torch.manual_seed(options.seed)
     output = Path(options.output)
     model = QAdapterModel.from_base(DEFAULT_MODEL, backend=options.backend)
@@ -85,6 +91,7 @@ def run_demo(options: DemoOptions) -> dict:
     train_features, _ = tokenize_rows(task["train"], tokenizer, **lengths)
     heldout_features, _ = tokenize_rows(task["heldout"], tokenizer, **lengths)
 
+    _stage(f"2/4 measuring the base model ({len(task['heldout'])} held-out prompts, {len(task['probe'])} probe questions)")
     before = _measure(model, tokenizer, task, heldout_features, options, customized=False)
     before.update({f"heldout_{k}": v for k, v in
                    preference_metrics(model, heldout_features, tokenizer.pad_token_id).items()})
@@ -97,11 +104,13 @@ def run_demo(options: DemoOptions) -> dict:
         max_length=options.max_length, max_prompt_length=options.max_prompt_length, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
+    _stage(f"3/4 training on {len(train_features)} pairs for {options.max_steps} steps")
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=tokenizer)
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
 
+    _stage("4/4 measuring the customized model")
     after = _measure(model, tokenizer, task, heldout_features, options, customized=True)
     model.save_pretrained(output / "adapter")
     report = {
