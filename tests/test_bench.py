@@ -82,7 +82,8 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     # and cuda are unavailable here and must be recorded as skipped with the reason.
     names = ["gemm3", "reference", "chunked", "triton", "cuda", "eager-authors", "chunked-pairs"]
     argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "32", "128",
-            "--candidates", *names, "--repeats", "1", "--e2e-model", "tiny", "--e2e-seq", "16"]
+            "--candidates", *names, "--repeats", "1", "--e2e-model", "tiny", "--e2e-seq", "16",
+            "--decode-tokens", "0"]
     assert report.main(argv) == 0
     (js,) = tmp_path.glob("cpu-*.json")
     (md,) = tmp_path.glob("cpu-*.md")
