@@ -8,10 +8,8 @@ from ._contract import _check_float_tensor, _check_real, check_head
 from .chunked import auto_chunk_size, stats_dtype
 
 
-def combine_logits(
-    base_logits: torch.Tensor, q_values: torch.Tensor, *, alpha_tilde: float = 1.0, alpha_0: float = 0.01
-) -> torch.Tensor:
-    """Combined-policy log-probs ``[..., V]`` (float32, float64 for float64) from logits already held."""
+def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[float, float]:
+    """The checks every combine implementation shares; returns the validated ``(alpha_tilde, alpha_0)``."""
     alpha_tilde = _check_real("alpha_tilde", alpha_tilde, positive=True)
     alpha_0 = _check_real("alpha_0", alpha_0)
     _check_float_tensor("base_logits", base_logits)
@@ -22,6 +20,14 @@ def combine_logits(
         )
     if base_logits.device != q_values.device:
         raise ValueError(f"q_values must be on base_logits' device {base_logits.device}; got {q_values.device}")
+    return alpha_tilde, alpha_0
+
+
+def combine_logits(
+    base_logits: torch.Tensor, q_values: torch.Tensor, *, alpha_tilde: float = 1.0, alpha_0: float = 0.01
+) -> torch.Tensor:
+    """Combined-policy log-probs ``[..., V]`` (float32, float64 for float64) from logits already held."""
+    alpha_tilde, alpha_0 = check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0)
     sd = stats_dtype(q_values.dtype)
     log_pi1 = torch.log_softmax(base_logits.to(sd), dim=-1)
     return torch.log_softmax((q_values.to(sd) + alpha_0 * log_pi1) / alpha_tilde, dim=-1)

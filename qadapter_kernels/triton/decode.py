@@ -18,19 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._contract import _check_float_tensor, _check_real
-from ._common import INTERPRET, check_kernel_inputs, row_major
-
-_MAX_BLOCK_V = 64 if INTERPRET else 4096
-_NUM_WARPS = 8
-
-
-@triton.jit
-def _combined(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
-    in_row = cols < V
-    z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    q = tl.load(q_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    return tl.where(in_row, (q + alpha_0 * z) * inv_alpha_tilde, float("-inf"))
+from ..combine import check_combine_inputs
+from ._common import check_kernel_inputs, row_major
+from .row_step import _MAX_BLOCK_V, _NUM_WARPS, _load_block, _online_lse
 
 
 @triton.jit
@@ -50,14 +40,12 @@ def _combine_kernel(
     m = float("-inf")
     s = 0.0
     for start in range(0, V, BLOCK_V):
-        c = _combined(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
-        m_new = tl.maximum(m, tl.max(c, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(c - m_new), axis=0)
-        m = m_new
+        _, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        m, s = _online_lse(m, s, c)
     lse = m + tl.log(s)
 
     for start in range(0, V, BLOCK_V):
-        c = _combined(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        _, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
         tl.store(out_row + start + cols, c - lse, mask=start + cols < V)
 
 
@@ -65,16 +53,9 @@ def combine_last(
     base_logits: torch.Tensor, q_values: torch.Tensor, *, alpha_tilde: float = 1.0, alpha_0: float = 0.01
 ) -> torch.Tensor:
     """Combined-policy log-probs ``[..., V]`` in float32 (typically ``[B, V]``, the last position)."""
-    alpha_tilde = _check_real("alpha_tilde", alpha_tilde, positive=True)
-    alpha_0 = _check_real("alpha_0", alpha_0)
-    _check_float_tensor("base_logits", base_logits)
-    _check_float_tensor("q_values", q_values)
-    if base_logits.shape != q_values.shape or base_logits.dim() == 0:
-        raise ValueError(
-            f"q_values must have base_logits' shape {tuple(base_logits.shape)} ([..., V]); got {tuple(q_values.shape)}"
-        )
-    if base_logits.device != q_values.device:
-        raise ValueError(f"q_values must be on base_logits' device {base_logits.device}; got {q_values.device}")
+    alpha_tilde, alpha_0 = check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0)
+    if base_logits.dim() == 0:
+        raise ValueError("base_logits must have a vocabulary dimension ([..., V]); got a scalar")
     check_kernel_inputs("decode combine", base_logits, q_values)
     vocab = base_logits.shape[-1]
     z = row_major(base_logits.reshape(-1, vocab))
