@@ -13,30 +13,27 @@ import torch
 from qadapter_kernels import combine_logits
 
 from .data import PreferenceCollator
+from .model import evaluation_mode
 
 
-def _batches(features: list[dict], pairs: int):
+def _collated_batches(features: list[dict], pad_token_id: int, pairs: int, device: torch.device):
+    """``(pairs in the batch, model inputs on device)`` in the loss's ``[chosen..., rejected...]`` layout."""
+    collate = PreferenceCollator(pad_token_id=pad_token_id)
     for start in range(0, len(features), pairs):
-        yield features[start : start + pairs]
+        batch = features[start : start + pairs]
+        yield len(batch), {k: v.to(device) for k, v in collate(batch).items()}
 
 
 @torch.no_grad()
 def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 8) -> dict:
     """Accuracy and mean margin of the learned rewards, and the mean loss, on tokenized pairs."""
-    collate = PreferenceCollator(pad_token_id=pad_token_id)
-    was_training = model.training
-    model.eval()
     wins, margins, losses = [], [], []
-    device = model.lm_head_weight.device
-    try:
-        for batch in _batches(features, pairs_per_batch):
-            inputs = {k: v.to(device) for k, v in collate(batch).items()}
+    with evaluation_mode(model):
+        for pairs, inputs in _collated_batches(features, pad_token_id, pairs_per_batch, model.lm_head_weight.device):
             out = model(**inputs)
             wins.append(out.chosen_rewards > out.rejected_rewards)
             margins.append(out.chosen_rewards - out.rejected_rewards)
-            losses.append(out.loss.float() * len(batch))
-    finally:
-        model.train(was_training)
+            losses.append(out.loss.float() * pairs)
     return {
         "accuracy": torch.cat(wins).float().mean().item(),
         "margin": torch.cat(margins).float().mean().item(),
@@ -47,14 +44,10 @@ def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_
 @torch.no_grad()
 def mean_kl(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 4, chunk: int = 256) -> float:
     """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
-    collate = PreferenceCollator(pad_token_id=pad_token_id)
     opts, weight = model.loss_options, model.lm_head_weight
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in _batches(features, pairs_per_batch):
-            inputs = {k: v.to(weight.device) for k, v in collate(batch).items()}
+    with evaluation_mode(model):
+        for _, inputs in _collated_batches(features, pad_token_id, pairs_per_batch, weight.device):
             base, q = model.hidden_states(inputs["input_ids"], inputs["attention_mask"])
             scored = inputs["labels"][:, 1:] != -100
             base, q = base[:, :-1][scored], q[:, :-1][scored]
@@ -65,8 +58,6 @@ def mean_kl(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: 
                                         alpha_0=opts["alpha_0"])
                 total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
                 count += z.shape[0]
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -83,9 +74,7 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
     device = model.lm_head_weight.device
     eos = tokenizer.eos_token_id
     out_texts = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         for start in range(0, len(questions), batch_size):
             enc = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size]), return_tensors="pt",
                             padding=True, add_special_tokens=False).to(device)
@@ -98,6 +87,4 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
                                                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
             for row in out[:, enc.input_ids.shape[1] :]:
                 out_texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
     return out_texts

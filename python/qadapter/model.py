@@ -322,18 +322,17 @@ class QAdapterModel(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
         eos = _eos_ids(eos_token_id, self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        was_training = self.peft_model.training
-        self.peft_model.eval()  # sampling from the policy: no LoRA dropout
         cache_arg = self._cache_argument()
-        try:
-            ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
-            positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
-            out, cache = input_ids, None
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            step_ids = ids2
-            with self.rows_with_adapter(_second_half(ids2.shape[0], ids2.device)):
+        eos_ids = torch.tensor(eos, device=input_ids.device)
+        ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
+        positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
+        out, cache, step_ids = input_ids, None, ids2
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        # Sampling from the policy: no LoRA dropout.
+        with evaluation_mode(self.peft_model), self.rows_with_adapter(_second_half(ids2.shape[0], ids2.device)):
+            try:
                 for _ in range(max_new_tokens):
                     logprobs, cache = self._combined_step(step_ids, mask2, positions, cache, cache_arg)
                     token = _select(logprobs, do_sample, temperature, top_k, top_p, generator)
@@ -342,17 +341,27 @@ class QAdapterModel(nn.Module):
                     if streamer is not None:
                         streamer.put(token.cpu())
                     if eos:
-                        finished |= torch.isin(token, torch.tensor(eos, device=token.device))
+                        finished |= torch.isin(token, eos_ids)
                         if bool(finished.all()):
                             break
                     step_ids = torch.cat([token, token])[:, None]
                     mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], dim=1)
                     positions = positions[:, -1:] + 1
-        finally:
-            self.peft_model.train(was_training)
-            if streamer is not None:
-                streamer.end()
+            finally:
+                if streamer is not None:
+                    streamer.end()
         return out
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module):
+    """``module`` in eval mode (no dropout) inside, back to its previous mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _second_half(rows: int, device) -> torch.Tensor:
