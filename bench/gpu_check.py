@@ -14,8 +14,10 @@ What it measures (DESIGN section 4 is the yardstick):
   count where the reference fits, then forward+backward time (CUDA events, warmup, median) and
   peak extra memory at ``N`` tokens. ``reference`` is timed only where its ``[N, V]`` tensors fit.
 
-Backends: reference, chunked, triton (fully fused), chunked+triton-row-step (the chunked pipeline
-with the Triton row step). A markdown table goes to stdout, everything to
+Backends: every registered one available here (reference, chunked, triton = fully fused,
+chunked-triton = the chunked pipeline with the Triton row step, cuda), plus the authors'
+full-logits formulation and the Liger-style pair-chunked baseline. Timings are bfloat16 (the
+training dtype); float32 is checked for errors only. A markdown table goes to stdout, everything to
 ``bench/results/gpu-check-<device>-<date>.json`` with device, torch, triton and CUDA versions.
 A time budget skips the remaining timings (and says so) rather than overrun.
 """
@@ -44,7 +46,7 @@ import torch  # noqa: E402
 from bench.memory import peak_extra_memory  # noqa: E402
 from qadapter_kernels import backends as backend_statuses  # noqa: E402
 from qadapter_kernels import qadapter_loss  # noqa: E402
-from qadapter_kernels._contract import LossConfig, pairwise_loss, token_rewards  # noqa: E402
+from bench.baselines import chunked_pairs_loss, eager_authors_loss  # noqa: E402
 from qadapter_kernels.chunked import auto_chunk_size, torch_row_step  # noqa: E402
 
 
@@ -67,32 +69,13 @@ TOL = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
 REFERENCE_BYTES_PER_LOGIT = 48
 
 
-def _loss_with(token_stats: Callable, *, base_hidden, q_hidden, weight, labels, q_weight=None, q_bias=None):
-    """``qadapter_loss`` (default hyper-parameters) with any ``token_stats``: pack, compute, pair.
-
-    The chunked pipeline with the Triton row step is not a registered backend, so this mirrors
-    ``loss.py``'s dispatch for it.
-    """
-    config = LossConfig()
-    actions = labels[:, 1:]
-    mask = actions != config.ignore_index
-    q_taken, value = token_stats(
-        base_hidden[:, :-1][mask], q_hidden[:, :-1][mask], weight,
-        weight.detach() if q_weight is None else q_weight, q_bias, actions[mask].long(),
-        alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0,
-    )
-    return pairwise_loss(token_rewards(q_taken, value, mask, config), mask, config)
-
-
 def loss_fns() -> dict[str, Callable]:
-    """Every backend available here, by the name used in the report."""
-    available = {name for name, st in backend_statuses().items() if st.available}
+    """Every backend available here, then the authors' full-logits formulation and the
+    Liger-style pair-chunked baseline (``bench/baselines.py``), by the name used in the report."""
     fns = {name: functools.partial(qadapter_loss, backend=name)
-           for name in ("reference", "chunked", "triton", "cuda") if name in available}
-    if "triton" in available:
-        from qadapter_kernels.triton import chunked_triton_token_stats
-
-        fns["chunked+triton-row-step"] = functools.partial(_loss_with, chunked_triton_token_stats)
+           for name, st in backend_statuses().items() if st.available}
+    fns["eager-authors"] = eager_authors_loss
+    fns["chunked-pairs"] = chunked_pairs_loss
     return fns
 
 
@@ -229,6 +212,10 @@ def reference_fits(tokens: int, vocab: int, device: str) -> bool:
     return REFERENCE_BYTES_PER_LOGIT * tokens * vocab < 0.8 * free
 
 
+def _failure(exc: Exception) -> str:
+    return f"FAILED {type(exc).__name__}: {exc}"[:300].replace("\n", " ").replace("|", "/")
+
+
 def check_shape(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, device: str, deadline: float,
                 gemm_ms: float) -> list[dict]:
     """Errors against the reference at ``check_tokens``, then time and memory at ``tokens``."""
@@ -238,14 +225,20 @@ def check_shape(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, devic
         small = make_inputs(shape, shape.check_tokens, dtype, device, q_head=q_head, seed=1)
         want_loss, want_grads = run_loss(fns["reference"], small)
         for name, fn in fns.items():
-            if name == "reference":
+            if name == "reference" or (q_head and name == "chunked-pairs" and device == "cuda"):
+                continue  # the pair-chunked baseline is timed with the shared head only
+            row = dict(kind="error", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.check_tokens,
+                       head="q_weight+bias" if q_head else "shared")
+            try:
+                loss, grads = run_loss(fn, small)
+            except Exception as exc:  # noqa: BLE001 - one broken backend must not hide the others
+                rows.append({**row, "errors": {}, "ok": False, "failure": _failure(exc)})
                 continue
-            loss, grads = run_loss(fn, small)
             errors = {"loss": rel_err(loss, want_loss), **{k: rel_err(grads[k], g) for k, g in want_grads.items()}}
-            rows.append(dict(kind="error", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.check_tokens,
-                             head="q_weight+bias" if q_head else "shared", errors=errors,
-                             ok=all(e <= TOL[dtype] for e in errors.values())))
+            rows.append({**row, "errors": errors, "ok": all(e <= TOL[dtype] for e in errors.values())})
         del small
+    if device == "cuda" and dtype != torch.bfloat16:
+        return rows
     big = make_inputs(shape, shape.tokens, dtype, device, seed=2)
     for name, fn in fns.items():
         row = dict(kind="time", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.tokens)
@@ -259,9 +252,12 @@ def check_shape(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, devic
         try:
             (loss, grads), peak = peak_extra_memory(step, device)
             ms = clock.median_ms(step)
-        except torch.cuda.OutOfMemoryError:
+        except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows.append({**row, "skipped": "out of memory"})
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken backend must not hide the others
+            rows.append({**row, "skipped": _failure(exc)})
             continue
         again = step()[1]["q_hidden"]
         rows.append({**row, "ms": ms, "x_gemm3": ms / gemm_ms, "peak_mib": peak / 2**20,
@@ -284,7 +280,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| row step {step} {dtype} | {gbps:.0f} GB/s ({gbps / result['copy_gbps']:.0%} of copy) |")
     lines += ["", "| model | dtype | backend | head | N | loss err | worst grad err | ok |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        if r["kind"] == "error":
+        if r["kind"] == "error" and "failure" in r:
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['head']} | {r['tokens']} | "
+                         f"{r['failure']} | | NO |")
+        elif r["kind"] == "error":
             grad = max((v for k, v in r["errors"].items() if k != "loss"), default=0.0)
             lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['head']} | {r['tokens']} | "
                          f"{r['errors']['loss']:.1e} | {grad:.1e} | {'yes' if r['ok'] else 'NO'} |")

@@ -16,6 +16,11 @@ __device__ __forceinline__ float softplus_grad(float x) {
   return e / (e + 1.f);
 }
 
+// Dynamic shared memory of the largest batch, plus the static scratch, within the default 48 KB.
+static_assert((QAK_PAIRWISE_MAX_BATCH + 1) * sizeof(int64_t) + QAK_PAIRWISE_MAX_BATCH * sizeof(float) +
+                      32 * sizeof(float) <= 48 * 1024,
+              "QAK_PAIRWISE_MAX_BATCH needs more than 48 KB of shared memory per block");
+
 __global__ void __launch_bounds__(kPairThreads) pairwise_kernel(
     const float* __restrict__ rewards, int64_t n_tokens, const int64_t* __restrict__ row_counts, int batch,
     int64_t padded_len,

@@ -36,8 +36,10 @@ int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t r
 // rows 0..batch/2-1 chosen, row k + batch/2 the rejected response of pair k; padded_len = T-1.
 // Writes seq_rewards[batch] (normalized per-sequence rewards), stats[5] = {loss, bt, chi2,
 // accuracy, margin} and grad[n_tokens] = dloss/drewards. batch <= QAK_PAIRWISE_MAX_BATCH. If the
-// row counts do not sum to n_tokens, stats are NaN and nothing else is written.
-#define QAK_PAIRWISE_MAX_BATCH 4096
+// row counts do not sum to n_tokens, stats are NaN and nothing else is written. The limit keeps
+// the kernel's shared memory ((batch + 1) int64 row starts, batch floats, a 32-float scratch)
+// under the 48 KB a launch gets without opting in to more (pairwise.cu asserts it).
+#define QAK_PAIRWISE_MAX_BATCH 2048
 int qak_pairwise_bt(const float* rewards, int64_t n_tokens, const int64_t* row_counts, int64_t batch,
                     int64_t padded_len, float beta, int reward_norm, float* seq_rewards, float* stats,
                     float* grad, cudaStream_t stream);

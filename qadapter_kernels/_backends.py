@@ -22,11 +22,14 @@ _MODULES = {
     "reference": ".reference",
     "chunked": ".chunked",
     "triton": ".triton",
+    "chunked-triton": "._chunked_triton",
     "cuda": "._cuda",
 }
 BACKEND_NAMES = ("auto", *_MODULES)
-# What "auto" tries, fastest first, per device type.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "chunked")}
+# What "auto" tries, fastest first, per device type (docs/architecture.md, "Choosing a backend",
+# gives the measurements behind the order). The chunked pipelines come first: the fully fused
+# backward re-reads and re-writes E_p[Wq] once per vocabulary tile.
+_AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "triton", "chunked")}
 _AUTO_DEFAULT = ("chunked",)
 
 
@@ -61,7 +64,19 @@ def check_name(name: str) -> str:
 
 
 # Backends whose kernels compute in float32 at most: "auto" keeps float64 inputs off them.
-_NO_FLOAT64 = ("triton",)
+_NO_FLOAT64 = ("triton", "chunked-triton")
+
+
+def _auto_skips(candidate: str, dtype: torch.dtype | None) -> bool:
+    """Backends "auto" passes over for this input dtype.
+
+    float64 stays off the float32 kernels. float32 stays off the fully fused kernels unless
+    torch allows TF32 matmuls: their full-precision (``ieee``) Triton dots run without tensor
+    cores and spill registers, so the chunked pipelines (cuBLAS GEMMs) serve float32 better.
+    """
+    if dtype == torch.float64 and candidate in _NO_FLOAT64:
+        return True
+    return candidate == "triton" and dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -69,7 +84,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -
     check_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
-            if dtype == torch.float64 and candidate in _NO_FLOAT64:
+            if _auto_skips(candidate, dtype):
                 continue
             if status(candidate).available:
                 return candidate

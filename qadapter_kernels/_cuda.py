@@ -28,7 +28,7 @@ from .chunked import chunked_token_stats, torch_row_step
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PAIRWISE_MAX_BATCH = 4096  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
+_PAIRWISE_MAX_BATCH = 2048  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
 _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_reward_norm
 
 

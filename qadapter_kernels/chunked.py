@@ -72,6 +72,31 @@ def _chunks(n: int, chunk: int):
         yield start, min(n, start + chunk)
 
 
+def matmul_to(out_dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for operands of one dtype, its result in ``out_dtype`` (float32 statistics).
+
+    On CUDA, float16/bfloat16 products go straight from the tensor cores' float32 accumulator to
+    a float32 result (``out_dtype``), with no rounding to half precision on the way; the CPU has
+    no such kernel and rounds the product once.
+    """
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(out_dtype)
+
+
+def _head_weight_grad(d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``d_logits^T @ h`` in ``d_logits``' float32, with the GEMM in ``h``'s dtype (tensor cores).
+
+    ``d_logits = g_v * p (+ g_a at the targets)`` is mostly far below float16's smallest
+    subnormal (6e-8 at real vocabulary sizes): for float16 it is divided by its largest magnitude
+    before the cast and the product multiplied back in float32, so nothing is flushed to zero.
+    """
+    if h.dtype != torch.float16:
+        return matmul_to(d_logits.dtype, d_logits.to(h.dtype).T, h)
+    scale = d_logits.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return matmul_to(d_logits.dtype, (d_logits / scale).to(h.dtype).T, h).mul_(scale)
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out = h @ w.T
     return out.add_(bias) if bias is not None else out
@@ -96,7 +121,7 @@ class ChunkedTokenStats(torch.autograd.Function):
                 q_taken[s:e], value[s:e], p = row_step(z, q, targets[s:e], alpha_tilde, alpha_0, q_weight.dtype)
                 del z, q
                 if want_hq_grad:
-                    expected_w[s:e] = p @ q_weight
+                    expected_w[s:e] = matmul_to(sd, p, q_weight)
         # base and weight are only needed again to recompute p for a trainable Q head.
         head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w)
@@ -135,8 +160,7 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, 
             rows = torch.arange(e - s, device=p.device)
             d_logits.index_put_((rows, targets[s:e]), grad_q_taken[s:e], accumulate=True)
             if want_w:
-                # GEMM in the weights' dtype (tensor cores for bf16/fp16), accumulated in sd.
-                grad_qw.add_(d_logits.to(hq.dtype).T @ hq[s:e])
+                grad_qw.add_(_head_weight_grad(d_logits, hq[s:e]))
             if want_b:
                 grad_qb.add_(d_logits.sum(dim=0))
     return (

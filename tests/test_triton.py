@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 from conftest import loss_and_grads, make_inputs  # noqa: E402
 from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
 from qadapter_kernels.chunked import chunked_token_stats, torch_row_step  # noqa: E402
+from qadapter_kernels.triton import fused  # noqa: E402
 from qadapter_kernels.triton import (  # noqa: E402
     backend_status,
     chunked_triton_token_stats,
@@ -250,3 +251,120 @@ def test_forward_only_under_no_grad():
         got = qadapter_loss(**x, backend="triton")
     want = qadapter_loss(**x, backend="reference")
     assert rel_err(got.loss, want.loss) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked-triton"])
+def test_inf_bias_block(backend):
+    """A Q bias of -inf over the whole first vocabulary block (a banned-token range) gives the
+    reference's loss and gradients, not NaN: the online logsumexp must not compute -inf - -inf."""
+    from qadapter_kernels.triton import row_step
+
+    block = row_step._MAX_BLOCK_V  # the widest first block of any Triton kernel here
+    vocab = 2 * block + 37
+    x = make_inputs(batch=4, seq=9, hidden=24, vocab=vocab, seed=17, q_bias=True, device=DEVICE)
+    with torch.no_grad():
+        x["q_bias"][:block] = float("-inf")
+    scored = x["labels"] != -100
+    x["labels"][scored] = block + x["labels"][scored] % (vocab - block)  # targets avoid the banned range
+    ref, ref_grads = loss_and_grads(x, backend="reference")
+    got, got_grads = loss_and_grads(x, backend=backend)
+    assert torch.isfinite(got.loss)
+    assert rel_err(got.loss, ref.loss) <= 1e-5
+    for name, grad in ref_grads.items():
+        assert torch.isfinite(got_grads[name]).all(), name
+        assert rel_err(got_grads[name], grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("fn", [fused_token_stats, chunked_token_stats], ids=["fused", "chunked"])
+def test_float16_head_gradient_does_not_underflow(fn):
+    """dWq = sum_t g_v[t] p[t]^T h_q[t]: with a small upstream gradient, g_v * p sits far below
+    float16's smallest subnormal. It must be scaled before the half-precision GEMM, not flushed."""
+    base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=18)
+    upstream = torch.stack([torch.zeros_like(upstream[0]), 1e-5 * upstream[1]])
+    want = _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream)
+    half = [t.detach().half().requires_grad_(t.requires_grad) for t in (base, hq, weight, q_weight, q_bias)]
+    got = _stats_and_grads(fn, *half, targets, upstream)
+    # Against the float32 result rounded once to float16 (the gradient's own dtype): flushing
+    # g_v * p to zero gave 6e-2 here; scaled, what is left is float16 input rounding (< 1e-2).
+    assert rel_err(got[3], want[3].half()) <= 2e-2
+    assert rel_err(got[4], want[4].half()) <= 2e-2
+
+
+def test_dot_precision_follows_torch_float32_matmul_setting():
+    """Read through get_float32_matmul_precision: the legacy allow_tf32 flag raises on torch >= 2.9
+    once a caller has used the newer fp32_precision switch."""
+    from qadapter_kernels.triton._common import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+            assert dot_precision(torch.float32) in ("ieee", "tf32")  # no exception
+        assert dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current device: each launch site enters launch_guard(its tensors)."""
+    import contextlib
+    import types
+
+    from qadapter_kernels.triton import _common, decode, fused, row_step
+
+    seen = []
+
+    def recording_guard(tensor):
+        seen.append(tensor.device)
+        return contextlib.nullcontext()
+
+    for module in (decode, fused, row_step):
+        monkeypatch.setattr(module, "launch_guard", recording_guard)
+    base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=19)
+    _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
+    assert len(seen) == 2  # forward, backward
+    triton_row_step(base @ weight.T, hq.detach() @ weight.T, targets, 1.0, 0.01, torch.float32)
+    combine_last(base @ weight.T, hq.detach() @ weight.T)
+    assert len(seen) == 4 and all(d == hq.device for d in seen)
+
+    class FakeCudaDevice:  # a CUDA device index without a GPU: what the guard would switch to
+        def __init__(self, device):
+            self.idx = torch.device(device).index
+
+    assert isinstance(_common.launch_guard(torch.empty(0)), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    on_second_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))  # all the guard reads
+    assert _common.launch_guard(on_second_gpu).idx == 1
+
+
+def test_autotune_key_separates_variants():
+    """A configuration tuned for the shared head at small N is not reused for a separate, biased
+    head or a large N (a different tile footprint: on sm_86/89 in float32 it would not launch)."""
+    for kernel in (fused._forward_kernel, fused._expected_weight_kernel, fused._head_grad_kernel):
+        assert {"V", "D", "N_BUCKET", "SHARED", "HAS_BIAS"} <= set(kernel.keys)
+    assert fused._n_bucket(512) == 512 and fused._n_bucket(513) == 1024 and fused._n_bucket(3) == 64
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_in_place_row_step_reads_the_target_before_writing_p(dtype):
+    """p overwrites q in place; Q[t, a_t] must be the logit, never a probability written by another
+    warp. Real vocabulary, thousands of rows, targets spread over the row (first and last block too)."""
+    vocab, rows = 128256, 4096
+    g = torch.Generator(device="cuda").manual_seed(23)
+    z = torch.randn(rows, vocab, device="cuda", generator=g).to(dtype)
+    q = (4 * torch.randn(rows, vocab, device="cuda", generator=g)).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    targets[:64] = torch.arange(64, device="cuda")
+    targets[64:128] = vocab - 1 - torch.arange(64, device="cuda")
+    want = q.gather(1, targets[:, None]).squeeze(1).float()
+    q_taken, value, p = triton_row_step(z, q, targets, 1.0, 0.01, dtype)
+    assert p.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(q_taken, want, rtol=0, atol=0)
+    assert torch.isfinite(value).all()
+    torch.testing.assert_close(p.float().sum(1), torch.ones(rows, device="cuda"), rtol=2e-2, atol=2e-2)

@@ -9,6 +9,7 @@ first imported, by anything (:func:`interpreter_problem`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -59,13 +60,25 @@ def check_kernel_inputs(what: str, *tensors: torch.Tensor) -> None:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for float32 operands, following torch's own TF32 switch.
+    """``tl.dot`` precision for float32 operands, following torch's own float32 matmul setting.
 
-    torch runs float32 matmuls in full precision unless ``torch.backends.cuda.matmul.allow_tf32``
-    is set; the kernels do the same, so a float32 loss means the same thing on every backend.
-    float16/bfloat16 operands keep Triton's default, which only concerns float32.
+    torch runs float32 matmuls in full precision unless ``torch.set_float32_matmul_precision``
+    allows TF32 ("high" or "medium"); the kernels do the same, so a float32 loss means the same
+    thing on every backend. ``get_float32_matmul_precision`` is read rather than the legacy
+    ``allow_tf32`` flag, which raises on torch >= 2.9 once a caller has used the newer
+    ``torch.backends.cuda.matmul.fp32_precision`` switch. float16/bfloat16 operands keep
+    Triton's default, which only concerns float32.
     """
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def launch_guard(tensor: torch.Tensor):
+    """Makes ``tensor``'s GPU the current device for a kernel launch (Triton launches on the
+    current device, so tensors on ``cuda:1`` with ``cuda:0`` current would otherwise be read
+    by a kernel running on the wrong GPU). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def row_major(t: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,9 @@ def _variants(mode: str):
         yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode._NUM_WARPS, 3
     kernels = {
         "forward": (fused._forward_kernel, {}),
-        "expected_weight": (fused._expected_weight_kernel, {"FILTER": mode == "smoke"}),
-        "head_grad": (fused._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True}),
+        "expected_weight": (fused._expected_weight_kernel, {"FILTER": mode == "smoke", "P_SCALE": 1.0}),
+        "head_grad": (fused._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True,
+                                                "SCALE_DQ": False}),
     }
     # The separate, biased Q head is the largest variant (one more tile per stage).
     shared_flags = (False, True) if mode == "full" else (False,)
@@ -77,6 +78,26 @@ def _variants(mode: str):
             prec = dot_precision(getattr(torch, dtype))
             constexprs = {**flags, **cfg.kwargs, "SHARED": shared, "HAS_BIAS": not shared, "DOT_PREC": prec}
             yield name, autotuner.fn, dtype, constexprs, cfg.num_warps, cfg.num_stages
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """``(registers per thread, local-memory bytes per thread)`` of a cubin, read with the
+    ``cuobjdump`` shipped in the triton wheel; local memory is where spilled registers go."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    return int(regs.group(1)) if regs else -1, int(local.group(1)) if local else -1
 
 
 def check(archs=(80, 86, 89, 90), mode: str = "full") -> list[dict]:
@@ -98,9 +119,10 @@ def check(archs=(80, 86, 89, 90), mode: str = "full") -> list[dict]:
                 src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
             )
             shared = int(compiled.metadata.shared)
+            regs, local = _resource_usage(compiled.asm["cubin"])
             records.append(dict(
                 kernel=name, arch=arch, dtype=dtype, warps=warps, stages=stages, shared=shared,
-                fits=shared <= SMEM_LIMIT[arch],
+                regs=regs, spill_bytes=local, fits=shared <= SMEM_LIMIT[arch],
                 config={k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k == "SHARED"},
             ))
     return records
@@ -114,7 +136,8 @@ def main(argv=None) -> int:
     records = check(tuple(args.arch), args.mode)
     for r in records:
         print(f"{r['kernel']:16s} sm_{r['arch']} {r['dtype']:9s} {r['config']} warps={r['warps']} "
-              f"stages={r['stages']} smem={r['shared']} {'ok' if r['fits'] else 'OVER LIMIT'}")
+              f"stages={r['stages']} smem={r['shared']} regs={r['regs']} spill={r['spill_bytes']} "
+              f"{'ok' if r['fits'] else 'OVER LIMIT'}")
     # A kernel is fine when at least one of its configurations fits each arch and dtype.
     usable = {}
     for r in records:

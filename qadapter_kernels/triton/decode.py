@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..combine import check_combine_inputs
-from ._common import check_kernel_inputs, row_major
+from ._common import check_kernel_inputs, launch_guard, row_major
 from .row_step import _MAX_BLOCK_V, _NUM_WARPS, _load_block, _online_lse
 
 
@@ -62,11 +62,12 @@ def combine_last(
     q = row_major(q_values.reshape(-1, vocab))
     out = torch.empty(z.shape, dtype=torch.float32, device=z.device)
     if out.numel():
-        _combine_kernel[(z.shape[0],)](
-            z, q, out,
-            vocab, z.stride(0), q.stride(0), out.stride(0),
-            alpha_tilde, alpha_0,
-            BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
-            num_warps=_NUM_WARPS,
-        )
+        with launch_guard(z):
+            _combine_kernel[(z.shape[0],)](
+                z, q, out,
+                vocab, z.stride(0), q.stride(0), out.stride(0),
+                alpha_tilde, alpha_0,
+                BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+                num_warps=_NUM_WARPS,
+            )
     return out.reshape(base_logits.shape)

@@ -51,27 +51,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_kernel_inputs, dot_precision, row_major
+from ._common import INTERPRET, check_kernel_inputs, dot_precision, launch_guard, row_major
 
 if INTERPRET:
     # One small tile shape: fast on CPU, and small vocabularies still span several tiles.
     _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1)]
 else:
-    # Checked by compiling them all (python -m qadapter_kernels.triton.aot_check): in float16 and
-    # bfloat16 every one fits the 99 KiB of shared memory per block of sm_86 / sm_89 (so sm_80 and
-    # sm_90 too); in float32 the first and last fit there, and the autotuner, which keeps the
-    # fastest per (V, d, dtypes), skips the others as out of resources. All fit sm_80 / sm_90.
+    # Checked by compiling them all (python -m qadapter_kernels.triton.aot_check): on sm_90 in
+    # bfloat16 none spills (232-255 registers, no local memory). At most 64 float32 accumulator
+    # registers per thread per logit tile: two tiles (z and q) stay in registers. Configurations
+    # over an architecture's shared-memory limit are skipped by the autotuner as out of resources.
     _CONFIGS = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
     ]
 # Vocabulary splits start on a multiple of every tile width, so no tile straddles two splits.
 _SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
 _NOMINAL_BLOCK_N = 64
 # The E_p[Wq] partials, S * N * d float32, stay under this many bytes (S >= 1 regardless).
 _PARTIALS_BUDGET = 1 << 30
+# float16 policy values are multiplied by this before the E_p[Wq] dot (p <= 1, so p * 2**15 stays
+# under float16's maximum) and the float32 result divided by it (a power of two: exact).
+_FP16_P_SCALE = 2.0**15
+# A configuration tuned for one variant is reused only by the same variant: the head (shared or
+# separate), the bias and the token count (bucketed) change the tile footprint and the best shape.
+_TUNE_KEY = ["V", "D", "N_BUCKET", "SHARED", "HAS_BIAS"]
+
+
+def _n_bucket(n: int) -> int:
+    """The token count rounded up to a power of two (at least 64): the autotuner's N key."""
+    return max(64, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -113,17 +124,22 @@ def _policy(z, q, lse_c, n_mask, v_mask, alpha_tilde, alpha_0):
 
 @triton.jit
 def _online_lse_rows(m, s, x):
-    """Per-row running (max, sum of exp(x - max)) after one more tile ``x`` (``-inf`` = absent)."""
+    """Per-row running (max, sum of exp(x - max)) after one more tile ``x`` (``-inf`` = absent).
+
+    A row whose values so far are all ``-inf`` (a ``-inf`` bias block) shifts by 0, not by its
+    ``-inf`` max, so that ``exp(-inf - -inf)`` never makes a NaN.
+    """
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
 
 
-@triton.autotune(configs=_CONFIGS, key=["V", "D"])
+@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _forward_kernel(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, targets_ptr,
     q_taken_ptr, lse_z_ptr, lse_c_ptr,
-    N, V, D, split_size,
+    N, V, D, N_BUCKET, split_size,
     stride_base, stride_hq, stride_w, stride_wq,
     alpha_tilde, alpha_0,
     SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -137,7 +153,6 @@ def _forward_kernel(
     v_lo = split * split_size
     v_hi = tl.minimum(v_lo + split_size, V)
 
-    # Every tile holds at least one real column, so the maxima are finite after the first one.
     m_z = tl.full([BLOCK_N], float("-inf"), tl.float32)
     m_c = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s_z = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -163,20 +178,22 @@ def _forward_kernel(
     tl.store(q_taken_ptr + rows, q_taken, mask=n_mask & (targets >= v_lo) & (targets < v_hi))
 
 
-@triton.autotune(configs=_CONFIGS, key=["V", "D"], reset_to_zero=["expected_ptr"])
+@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, reset_to_zero=["expected_ptr"])
 @triton.jit
 def _expected_weight_kernel(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, lse_c_ptr,
     expected_ptr,
-    N, V, D, split_size,
+    N, V, D, N_BUCKET, split_size,
     stride_base, stride_hq, stride_w, stride_wq,
     alpha_tilde, alpha_0, filter_eps,
     SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    P_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (token blocks, splits): ``expected[split] += p @ Wq`` over the split's vocabulary.
+    """Grid (token blocks, splits): ``expected[split] += P_SCALE * p @ Wq`` over the split's vocabulary.
 
     ``expected`` is a zeroed ``[S, N, D]`` float32 buffer; this program alone writes its rows.
+    ``P_SCALE`` (a power of two) lifts float16 policy values out of the subnormal range.
     """
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,7 +216,7 @@ def _expected_weight_kernel(
         else:
             keep = True
         if keep:
-            p_w = p.to(wq_ptr.dtype.element_ty)
+            p_w = (p * P_SCALE).to(wq_ptr.dtype.element_ty)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = offs_d < D
@@ -214,21 +231,24 @@ def _expected_weight_kernel(
         tl.debug_barrier()
 
 
-@triton.autotune(configs=_CONFIGS, key=["V", "D"], reset_to_zero=["grad_w_ptr"])
+@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, reset_to_zero=["grad_w_ptr"])
 @triton.jit
 def _head_grad_kernel(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, targets_ptr, lse_c_ptr, g_taken_ptr, g_value_ptr,
     grad_w_ptr, grad_b_ptr,
-    N, V, D,
+    N, V, D, N_BUCKET,
     stride_base, stride_hq, stride_w, stride_wq,
     alpha_tilde, alpha_0, filter_eps,
     SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, FILTER: tl.constexpr,
-    WANT_W: tl.constexpr, WANT_B: tl.constexpr, DOT_PREC: tl.constexpr,
+    WANT_W: tl.constexpr, WANT_B: tl.constexpr, DOT_PREC: tl.constexpr, SCALE_DQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (vocabulary blocks): ``dWq[cols] = sum_t dQ[t, cols]^T h_q[t]`` and ``dbq[cols]``.
 
-    ``grad_w`` is a zeroed ``[V, D]`` float32 buffer; ``dQ = g_a onehot(a) + g_v p``.
+    ``grad_w`` is a zeroed ``[V, D]`` float32 buffer; ``dQ = g_a onehot(a) + g_v p``. With
+    ``SCALE_DQ`` (float16) each ``dQ`` tile is divided by its largest magnitude before the
+    half-precision dot and the product multiplied back in float32: ``g_v * p`` is often below
+    float16's smallest subnormal (6e-8) and would otherwise be flushed to zero.
     """
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = cols < V
@@ -256,7 +276,11 @@ def _head_grad_kernel(
             else:
                 keep = True
             if keep:
-                d_q_t = tl.trans(d_q.to(hq_ptr.dtype.element_ty))
+                scale = 1.0
+                if SCALE_DQ:
+                    tile_max = tl.max(tl.max(tl.abs(d_q), axis=1), axis=0)
+                    scale = tl.where(tile_max > 0, tile_max, 1.0)
+                d_q_t = tl.trans((d_q / scale).to(hq_ptr.dtype.element_ty))
                 for d0 in range(0, D, BLOCK_D):
                     offs_d = d0 + tl.arange(0, BLOCK_D)
                     d_mask = offs_d < D
@@ -267,7 +291,11 @@ def _head_grad_kernel(
                     out = grad_w_ptr + cols[:, None] * D + offs_d[None, :]
                     out_mask = v_mask[:, None] & d_mask[None, :]
                     acc = tl.load(out, mask=out_mask, other=0.0)
-                    tl.store(out, tl.dot(d_q_t, h_q, acc, input_precision=DOT_PREC), mask=out_mask)
+                    if SCALE_DQ:
+                        acc += scale * tl.dot(d_q_t, h_q, input_precision=DOT_PREC)
+                    else:
+                        acc = tl.dot(d_q_t, h_q, acc, input_precision=DOT_PREC)
+                    tl.store(out, acc, mask=out_mask)
             tl.debug_barrier()
     if WANT_B:
         tl.store(grad_b_ptr + cols, grad_b, mask=v_mask)
@@ -340,7 +368,7 @@ class FusedTokenStats(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.splits)  # noqa: E731
         _forward_kernel[grid](
             *ptrs, targets, q_taken, lse_z, lse_c,
-            n, vocab, hidden, plan.split_size, *strides,
+            n, vocab, hidden, _n_bucket(n), plan.split_size, *strides,
             plan.alpha_tilde, plan.alpha_0,
             SHARED=plan.shared, HAS_BIAS=q_bias is not None, DOT_PREC=plan.dot_precision,
         )
@@ -354,38 +382,48 @@ class FusedTokenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q_taken, grad_value):
         base, hq, weight, q_weight, q_bias, targets, lse_c = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        ptrs, (n, vocab, hidden), strides = _common_args(base, hq, weight, q_weight, q_bias)
-        grad_q_taken, grad_value = grad_q_taken.float().contiguous(), grad_value.float().contiguous()
-        common = dict(SHARED=plan.shared, HAS_BIAS=q_bias is not None, FILTER=plan.filter_eps > 0,
-                      DOT_PREC=plan.dot_precision)
-        grad_hq = grad_qw = grad_qb = None
-        if ctx.needs_input_grad[1]:
-            expected = torch.zeros(plan.splits, n, hidden, dtype=torch.float32, device=hq.device)
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.splits)  # noqa: E731
-            _expected_weight_kernel[grid](
-                *ptrs, lse_c, expected,
-                n, vocab, hidden, plan.split_size, *strides,
-                plan.alpha_tilde, plan.alpha_0, plan.filter_eps, **common,
-            )
-            expected = expected[0] if plan.splits == 1 else expected.sum(dim=0)
-            grad_hq = torch.addcmul(
-                grad_value.unsqueeze(1) * expected, grad_q_taken.unsqueeze(1), q_weight[targets].float()
-            ).to(hq.dtype)
-        want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if want_w or want_b:
-            grad_b = torch.empty(vocab, dtype=torch.float32, device=hq.device)
-            grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=hq.device) if want_w else grad_b
-            grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-            _head_grad_kernel[grid](
-                *ptrs, targets, lse_c, grad_q_taken, grad_value, grad_w, grad_b,
-                n, vocab, hidden, *strides,
-                plan.alpha_tilde, plan.alpha_0, plan.filter_eps,
-                WANT_W=want_w, WANT_B=want_b, **common,
-            )
-            grad_qw = grad_w.to(q_weight.dtype) if want_w else None
-            grad_qb = grad_b.to(q_bias.dtype) if want_b else None
-        return None, grad_hq, None, grad_qw, grad_qb, None, None
+        with launch_guard(hq):
+            return _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value)
+
+
+def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value):
+    """``FusedTokenStats.backward``, on ``hq``'s device."""
+    plan: _Plan = ctx.plan
+    ptrs, (n, vocab, hidden), strides = _common_args(base, hq, weight, q_weight, q_bias)
+    grad_q_taken, grad_value = grad_q_taken.float().contiguous(), grad_value.float().contiguous()
+    common = dict(SHARED=plan.shared, HAS_BIAS=q_bias is not None, FILTER=plan.filter_eps > 0,
+                  DOT_PREC=plan.dot_precision)
+    grad_hq = grad_qw = grad_qb = None
+    half = hq.dtype == torch.float16
+    p_scale = _FP16_P_SCALE if half else 1.0
+    if ctx.needs_input_grad[1]:
+        expected = torch.zeros(plan.splits, n, hidden, dtype=torch.float32, device=hq.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.splits)  # noqa: E731
+        _expected_weight_kernel[grid](
+            *ptrs, lse_c, expected,
+            n, vocab, hidden, _n_bucket(n), plan.split_size, *strides,
+            plan.alpha_tilde, plan.alpha_0, plan.filter_eps, P_SCALE=p_scale, **common,
+        )
+        expected = expected[0] if plan.splits == 1 else expected.sum(dim=0)
+        if p_scale != 1.0:
+            expected.mul_(1.0 / p_scale)
+        grad_hq = torch.addcmul(
+            grad_value.unsqueeze(1) * expected, grad_q_taken.unsqueeze(1), q_weight[targets].float()
+        ).to(hq.dtype)
+    want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    if want_w or want_b:
+        grad_b = torch.empty(vocab, dtype=torch.float32, device=hq.device)
+        grad_w = torch.zeros(vocab, hidden, dtype=torch.float32, device=hq.device) if want_w else grad_b
+        grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+        _head_grad_kernel[grid](
+            *ptrs, targets, lse_c, grad_q_taken, grad_value, grad_w, grad_b,
+            n, vocab, hidden, _n_bucket(n), *strides,
+            plan.alpha_tilde, plan.alpha_0, plan.filter_eps,
+            WANT_W=want_w, WANT_B=want_b, SCALE_DQ=half, **common,
+        )
+        grad_qw = grad_w.to(q_weight.dtype) if want_w else None
+        grad_qb = grad_b.to(q_bias.dtype) if want_b else None
+    return None, grad_hq, None, grad_qw, grad_qb, None, None
 
 
 def fused_token_stats(
@@ -419,10 +457,11 @@ def fused_token_stats(
         raise ValueError(f"grad_filter_eps must be a finite number >= 0; got {grad_filter_eps}")
     plan = _plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps)
     targets = targets.to(device=hq.device, dtype=torch.int64).contiguous()
-    return FusedTokenStats.apply(
-        row_major(base.detach()), row_major(hq), row_major(weight.detach()), row_major(q_weight),
-        q_bias.contiguous() if q_bias is not None else None, targets, plan,
-    )
+    with launch_guard(hq):
+        return FusedTokenStats.apply(
+            row_major(base.detach()), row_major(hq), row_major(weight.detach()), row_major(q_weight),
+            q_bias.contiguous() if q_bias is not None else None, targets, plan,
+        )
 
 
 def token_stats(

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_kernel_inputs, row_major
+from ._common import INTERPRET, check_kernel_inputs, launch_guard, row_major
 
 # A memory-bound kernel: blocks large enough to keep many loads in flight per warp. The
 # interpreter uses a small block so that tests cross several blocks with small vocabularies.
@@ -41,9 +41,15 @@ def _load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
 
 @triton.jit
 def _online_lse(m, s, x):
-    """Running (max, sum of exp(x - max)) after one more block ``x``."""
+    """Running (max, sum of exp(x - max)) after one more block ``x``.
+
+    While every value so far is ``-inf`` (a masked or ``-inf``-biased first block), the running
+    max stays ``-inf`` and ``exp(-inf - -inf)`` would be NaN: shift by 0 instead, as the CUDA
+    row step does.
+    """
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
 
 
 @triton.jit
@@ -60,8 +66,12 @@ def _row_step_kernel(
     inv_alpha_tilde = 1.0 / alpha_tilde
     cols = tl.arange(0, BLOCK_V)
 
-    # Pass 1: statistics. The first block always holds a real column, so after it the running
-    # maxima are finite and exp(m - m_new) never sees -inf - -inf.
+    # The target's Q-value is read before anything is written: p may alias q, and other warps
+    # of this program write p in pass 2 with no barrier in between.
+    target = tl.load(targets_ptr + row)
+    q_taken = tl.load(q_row + target).to(tl.float32)
+
+    # Pass 1: statistics.
     m_z = float("-inf")
     s_z = 0.0
     m_c = float("-inf")
@@ -73,8 +83,7 @@ def _row_step_kernel(
     lse_z = m_z + tl.log(s_z)
     lse_c = m_c + tl.log(s_c)
 
-    target = tl.load(targets_ptr + row)
-    tl.store(q_taken_ptr + row, tl.load(q_row + target).to(tl.float32))
+    tl.store(q_taken_ptr + row, q_taken)
     tl.store(value_ptr + row, alpha_tilde * lse_c - alpha_0 * lse_z)
 
     # Pass 2: the policy. Reads each element before this program overwrites it (p may alias q).
@@ -105,11 +114,12 @@ def triton_row_step(
     q_taken = torch.empty(rows, dtype=torch.float32, device=q.device)
     value = torch.empty(rows, dtype=torch.float32, device=q.device)
     if rows:
-        _row_step_kernel[(rows,)](
-            z, q, targets, p, q_taken, value,
-            vocab, z.stride(0), q.stride(0), p.stride(0),
-            float(alpha_tilde), float(alpha_0),
-            BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
-            num_warps=_NUM_WARPS,
-        )
+        with launch_guard(q):
+            _row_step_kernel[(rows,)](
+                z, q, targets, p, q_taken, value,
+                vocab, z.stride(0), q.stride(0), p.stride(0),
+                float(alpha_tilde), float(alpha_0),
+                BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+                num_warps=_NUM_WARPS,
+            )
     return q_taken, value, p

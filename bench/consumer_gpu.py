@@ -1,0 +1,252 @@
+"""Consumer-GPU step: a Llama-3.1-8B Q-Adapter trained and decoded within 24 GiB of GPU memory.
+
+A 24 GB card holds the 16 GB of bf16 weights of an 8B model and little else. This measures, in one
+run on one model, whether a Q-Adapter training step of 2 preference pairs x 1024 tokens (LoRA r=8
+on q_proj/v_proj, gradient checkpointing, AdamW) fits under that cap with the package's fused loss
+and with the authors' full-logits formulation, and what decoding from the customized policy costs
+per token next to the base model alone (batch 1 and 8, greedy, under the same cap).
+
+No hub is reachable: the architecture is built from its configuration with random bf16 weights.
+Each part is guarded: an out-of-memory, an error or the time budget is recorded and the run goes on.
+
+    python bench/consumer_gpu.py --out bench/results/consumer-gpu.json       # CUDA
+    python bench/consumer_gpu.py --dry-run --out /tmp/consumer-gpu.json      # CPU, tiny Llama, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import importlib.metadata
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+
+import torch  # noqa: E402
+
+from bench.baselines import eager_authors_loss  # noqa: E402
+from bench.decode import _base_loop  # noqa: E402
+from bench.e2e import GIB, LORA, MODELS, make_batch  # noqa: E402
+from bench.harness import first_line, is_oom, sync, time_step  # noqa: E402
+from qadapter_kernels import qadapter_loss  # noqa: E402
+from qadapter_kernels._backends import resolve  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str  # a key of bench.e2e.MODELS
+    dtype: str
+    pairs: int
+    seq: int
+    steps: int  # timed training steps after one warm-up
+    prompt: int
+    new_tokens: int
+    batches: tuple[int, ...]
+    rounds: int  # timed decoding rounds after one warm-up
+    cap_gib: float | None
+
+
+GPU = Setup("llama-3.1-8b", "bfloat16", pairs=2, seq=1024, steps=3, prompt=64, new_tokens=32, batches=(1, 8),
+            rounds=3, cap_gib=24.0)
+DRY = Setup("tiny", "float32", pairs=2, seq=32, steps=1, prompt=16, new_tokens=8, batches=(1, 8), rounds=1,
+            cap_gib=None)
+
+
+def authors_loss(*args, backend=None, chunk_size=None, **options):
+    """``eager_authors_loss`` under ``QAdapterModel.loss_fn``'s signature (it takes no backend options)."""
+    return eager_authors_loss(*args, **options)
+
+
+def build_model(setup: Setup, device: torch.device):
+    """The configuration's Llama with random weights built on ``device``, wrapped as a QAdapterModel."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qadapter.model import QAdapterModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODELS[setup.model], attn_implementation="sdpa")
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, setup.dtype))
+    model = QAdapterModel.from_base(base, lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
+                                    lora_dropout=LORA["lora_dropout"], target_modules=LORA["target_modules"])
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def allocated_gib(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def train(model, loss_fn: Callable, setup: Setup, device: torch.device) -> dict:
+    """A warm-up and ``setup.steps`` timed training steps through ``QAdapterModel.forward`` with ``loss_fn``."""
+    model.loss_fn = loss_fn
+    model.train()
+    batch = make_batch(model.config.vocab_size, setup.pairs, setup.seq, device)  # chosen rows, then rejected
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(*batch).loss.backward()
+        optimizer.step()
+        sync(device)
+
+    reset_peak(device)
+    try:
+        step()
+        times = time_step(step, setup.steps)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.loss_fn = qadapter_loss
+    return {"ms_per_step": statistics.median(times) * 1e3, "all_ms": [t * 1e3 for t in times],
+            "peak_gib": peak_gib(device)}
+
+
+def decode(model, batch: int, setup: Setup, device: torch.device) -> dict:
+    """ms/token of ``QAdapterModel.generate`` and of the base alone (bench.decode's loop), interleaved rounds."""
+    model.eval()
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, model.config.vocab_size, (batch, setup.prompt), generator=g).to(device)
+
+    def base() -> None:
+        with model.peft_model.disable_adapter():
+            _base_loop(model, ids, setup.new_tokens)
+        sync(device)
+
+    def customized() -> None:
+        model.generate(ids, max_new_tokens=setup.new_tokens, eos_token_id=[])
+        sync(device)
+
+    loops = {"base": base, "customized": customized}
+    reset_peak(device)
+    for fn in loops.values():  # warm-up
+        fn()
+    times = {name: [] for name in loops}
+    for _ in range(setup.rounds):
+        for name, fn in loops.items():
+            times[name] += time_step(fn, 1)
+    ms = {name: statistics.median(t) / setup.new_tokens * 1e3 for name, t in times.items()}
+    return {"base_ms_per_token": ms["base"], "customized_ms_per_token": ms["customized"],
+            "customized_over_base": ms["customized"] / ms["base"], "peak_gib": peak_gib(device)}
+
+
+def run_part(parts: dict, name: str, deadline: float, fn: Callable[[], dict]) -> None:
+    """Stores ``fn()``'s row under ``parts[name]``, or why there is none (skipped, out of memory, error)."""
+    if time.monotonic() > deadline:
+        parts[name] = {"status": "skipped: time budget"}
+        return
+    start = time.monotonic()
+    try:
+        row = {"status": "ok", **fn()}
+    except Exception as exc:  # noqa: BLE001 -- every failure is a result of this part
+        row = {"status": "out of memory" if is_oom(exc) else "error",
+               "error": f"{type(exc).__name__}: {first_line(exc)}"}
+    gc.collect()  # the failed part's tensors, held by the traceback until now
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    parts[name] = row | {"seconds": time.monotonic() - start}
+
+
+def no_model() -> dict:
+    raise RuntimeError("the model was not built")
+
+
+def versions(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    for package in ("transformers", "peft", "triton"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, memory_gib=round(props.total_memory / GIB, 1))
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def markdown(result: dict) -> str:
+    cap = result["memory_cap_gib"]
+    lines = [f"## Consumer-GPU step: {result['setup']['model']} on {result['versions']['device']}, "
+             f"{f'memory capped at {cap:g} GiB, decoding included' if cap else 'no memory cap'}", "",
+             "| part | status | time | peak GiB | customized / base |", "|---|---|---|---|---|"]
+    for name, row in result["parts"].items():
+        status = row["status"] if row["status"] == "ok" else f"{row['status']} {row.get('error', '')}".strip()
+        time_, ratio = "", ""
+        if "ms_per_step" in row:
+            time_ = f"{row['ms_per_step']:.0f} ms/step"
+        elif "base_ms_per_token" in row:
+            time_ = f"{row['base_ms_per_token']:.1f} / {row['customized_ms_per_token']:.1f} ms/token"
+            ratio = f"{row['customized_over_base']:.2f}"
+        peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else ""
+        lines.append(f"| {name} | {status} | {time_} | {peak} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON result path")
+    parser.add_argument("--dry-run", action="store_true", help="tiny Llama on CPU: checks the script in seconds")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="skip the parts left after this many seconds")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    deadline = started + args.budget_s
+    if args.dry_run:
+        setup, device = DRY, torch.device("cpu")
+    elif torch.cuda.is_available():
+        setup, device = GPU, torch.device("cuda", torch.cuda.current_device())
+    else:
+        print("no CUDA device: use --dry-run to check the script on CPU")
+        return 2
+    if setup.cap_gib:  # the GPU setup only
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, setup.cap_gib * GIB / total), device)
+    result = {"setup": asdict(setup), "versions": versions(device), "memory_cap_gib": setup.cap_gib,
+              "decode_under_cap": setup.cap_gib is not None,
+              "lora": LORA, "gradient_checkpointing": True,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "parts": {}}
+    parts, holder = result["parts"], {}
+
+    def build() -> dict:
+        holder["model"] = model = build_model(setup, device)
+        weight = model.base_model.get_decoder().layers[0].mlp.down_proj.weight
+        return {"parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "weight_std": float(weight.float().std()), "resident_gib": allocated_gib(device),
+                "peak_gib": peak_gib(device)}
+
+    run_part(parts, "build", deadline, build)
+    model = holder.get("model")
+    backend = resolve("auto", device, getattr(torch, setup.dtype))
+    todo = {"train: fused": lambda: {"backend": backend, **train(model, qadapter_loss, setup, device)},
+            "train: eager-authors": lambda: train(model, authors_loss, setup, device)}
+    todo |= {f"decode: batch {b}": (lambda b=b: decode(model, b, setup, device)) for b in setup.batches}
+    for name, fn in todo.items():
+        run_part(parts, name, deadline, fn if model is not None else no_model)
+    result["seconds"] = time.monotonic() - started
+    print(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.out} in {result['seconds']:.0f} s")
+    return 1 if any(row["status"] == "error" for row in parts.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

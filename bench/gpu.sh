@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The GPU proof in one command: every kernel built, checked against the reference and timed.
+#
+#   bash bench/gpu.sh OUTDIR [1|2|all] [--dry-run]
+#
+# Part 1 (< 7 minutes on an H100/H200): versions, the CUDA extension's just-in-time build (in the
+# background, beside the Triton tests), the Triton and CUDA tests on the GPU, bench/gpu_check.py
+# (every backend against the reference at Llama-3.1-8B and Qwen2.5-7B head shapes, time as a
+# multiple of T_gemm3, peak memory, copy bandwidth), bench/cuda_check.py (row step against the copy
+# bandwidth, decode, pairwise) and bench/consumer_gpu.py (one Llama-3.1-8B LoRA step under 24 GB,
+# fused loss vs the authors' full logits, then decoding).
+# Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
+# the compiled extension (built, installed into a temporary target, imported) and decoding.
+# --dry-run: the same steps on CPU with tiny shapes and the Triton interpreter; the GPU-only steps
+# are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo.
+#
+# Every step has its own time budget (`timeout`), so one slow step cannot starve the others.
+# Everything lands in OUTDIR (at most 8 files): gpu-run.log (every step's output), summary.md
+# (one line per step), versions.json and each check's JSON / markdown.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|all] [--dry-run]}"
+PART="${2:-all}"
+DRY=0
+for arg in "$@"; do [ "$arg" = "--dry-run" ] && DRY=1; done
+[ "$PART" = "--dry-run" ] && PART=all
+case "$PART" in 1|2|all) ;; *) echo "PART must be 1, 2 or all; got $PART" >&2; exit 2 ;; esac
+PY="${PYTHON:-python3}"
+[ -x "$ROOT/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && PY="$ROOT/.venv/bin/python"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/gpu-run.log"
+SUMMARY="$OUT/summary.md"
+cd "$ROOT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+  SCALE=dry
+else
+  SCALE=gpu
+fi
+export PY OUT DRY
+FAILED=0
+[ -f "$SUMMARY" ] || printf '| step | result | seconds |\n|---|---|---|\n' >"$SUMMARY"
+
+# step NAME BUDGET_S COMMAND...: runs COMMAND under its own time budget, logs and summarizes it.
+step() {
+  local name="$1" budget="$2"
+  shift 2
+  local start=$SECONDS rc
+  echo "=== $name (budget ${budget}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  if declare -F "$1" >/dev/null; then  # a function of this script: `timeout` needs a program
+    set -- bash -c "$(declare -f "$1"); $1"
+  fi
+  timeout --kill-after=10 "$budget" "$@" >>"$LOG" 2>&1
+  rc=$?
+  local took=$((SECONDS - start)) result="ok"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then result="TIMEOUT"; FAILED=1
+  elif [ "$rc" -ne 0 ]; then result="FAILED (exit $rc)"; FAILED=1; fi
+  echo "=== $name: $result in ${took}s" | tee -a "$LOG"
+  printf '| %s | %s | %s |\n' "$name" "$result" "$took" >>"$SUMMARY"
+  tail -n 25 "$LOG" | grep -E "passed|failed|error|Error|wrote|skipped" | tail -n 3 || true
+  return 0
+}
+skip() {
+  echo "=== $1: skipped ($2)" | tee -a "$LOG"
+  printf '| %s | skipped: %s | 0 |\n' "$1" "$2" >>"$SUMMARY"
+}
+
+versions() {
+  "$PY" - "$OUT/versions.json" <<'EOF'
+import json, platform, shutil, subprocess, sys
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+for name in ("triton", "transformers", "peft", "numpy"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as exc:  # noqa: BLE001 - a missing package is a finding, not a failure
+        info[name] = f"missing ({type(exc).__name__})"
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                memory_gib=round(p.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
+else:
+    info["device"] = "cpu"
+for tool, args in (("nvcc", ["--version"]), ("nvidia-smi", ["--query-gpu=driver_version,clocks.sm,clocks.mem", "--format=csv,noheader"])):
+    path = shutil.which(tool)
+    info[tool] = subprocess.run([path, *args], capture_output=True, text=True).stdout.strip().splitlines()[-1] if path else "not found"
+info["compute-sanitizer"] = shutil.which("compute-sanitizer") or "not found"
+print(json.dumps(info, indent=1))
+open(sys.argv[1], "w").write(json.dumps(info, indent=1) + "\n")
+EOF
+}
+
+build_extension() {
+  "$PY" -c "
+import time; t = time.time()
+from qadapter_kernels import _cuda
+ok, why = _cuda.backend_status()
+print('CUDA extension:', 'available' if ok else 'NOT available: ' + why, f'({time.time() - t:.0f} s)')
+raise SystemExit(0 if ok else 1)"
+}
+
+part1() {
+  step versions 60 versions
+  if [ "$DRY" = 1 ]; then
+    skip "cuda extension build" "no GPU (dry run)"
+    step "triton tests (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -k "row_step or inf or guard or precision"
+    step "gpu_check (tiny shapes)" 300 "$PY" bench/gpu_check.py --dry-run --out "$OUT/gpu-check.json"
+    skip "cuda tests and cuda_check" "no GPU (dry run)"
+    step "consumer step (tiny model)" 200 "$PY" bench/consumer_gpu.py --dry-run --out "$OUT/consumer.json"
+    return
+  fi
+  # The extension compiles on the CPU cores while the Triton tests use the GPU.
+  (timeout 240 "$PY" -c "from qadapter_kernels import _cuda; print(_cuda.backend_status())" >"$OUT/.build.log" 2>&1) &
+  local builder=$!
+  step "triton tests (GPU)" 90 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 -n 4 tests/test_triton.py
+  wait "$builder"
+  cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
+  step "cuda extension build" 60 build_extension
+  step "gpu_check" 140 "$PY" bench/gpu_check.py --budget-s 100 --out "$OUT/gpu-check.json"
+  # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
+  step "cuda tests and cuda_check" 75 "$PY" bench/cuda_check.py --skip-sanitizer --out "$OUT"
+  step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" bench/consumer_gpu.py --budget-s 85 --out "$OUT/consumer.json"
+}
+
+wheel_check() {
+  local tmp
+  tmp="$(mktemp -d)"
+  "$PY" -m pip wheel --no-build-isolation --no-deps -w "$tmp/dist" . &&
+    "$PY" -m pip install --no-deps --no-index --target "$tmp/site" "$tmp"/dist/*.whl &&
+    (cd "$tmp" && PYTHONPATH="$tmp/site" "$PY" -c "
+import qadapter_kernels, qadapter_kernels._cuda as c
+print('installed from', qadapter_kernels.__file__)
+ok, why = c.backend_status()
+import importlib.util
+compiled = importlib.util.find_spec('qadapter_kernels._C') is not None
+print('compiled extension in the wheel:', compiled, '| backend:', ok, why)
+raise SystemExit(0 if (ok and compiled) or '$DRY' == '1' else 1)")
+}
+
+part2() {
+  if [ "$DRY" = 1 ]; then
+    skip "compute-sanitizer" "no GPU (dry run)"
+  elif command -v compute-sanitizer >/dev/null; then
+    local tests="tests/test_cuda_ext.py::test_row_step_alias_z_and_bad_target tests/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan"
+    step "memcheck (CUDA + Triton, small shapes)" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+      "$PY" -m pytest -q -p no:cacheprovider -x $tests "tests/test_triton.py::test_row_step_strided_rows" "tests/test_triton.py::test_inf_bias_block"
+    step "racecheck (CUDA + Triton row step)" 90 compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
+      "$PY" -m pytest -q -p no:cacheprovider -x "tests/test_cuda_ext.py::test_row_step_alias_z_and_bad_target" "tests/test_triton.py::test_row_step_strided_rows"
+  else
+    skip "compute-sanitizer" "not installed"
+  fi
+  step "wheel with the compiled extension" 150 wheel_check
+}
+
+case "$PART" in
+  1) part1 ;;
+  2) part2 ;;
+  all) part1; part2 ;;
+esac
+echo
+cat "$SUMMARY"
+echo "results in $OUT"
+exit "$FAILED"
