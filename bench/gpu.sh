@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof in one command: every kernel built, checked against the reference and timed.
 #
-#   bash bench/gpu.sh OUTDIR [1|2|all] [--dry-run]
+#   bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]
 #
 # Part 1 (< 7 minutes on an H100/H200): versions, the CUDA extension's just-in-time build (in the
 # background, beside the Triton tests), the Triton and CUDA tests on the GPU, bench/gpu_check.py
@@ -11,6 +11,8 @@
 # fused loss vs the authors' full logits, then decoding).
 # Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
 # the compiled extension (built, installed into a temporary target, imported) and decoding.
+# Steps by name (to rerun some): versions, triton-tests, cuda-build, gpu-check, cuda-check,
+# consumer, memcheck, racecheck, wheel.
 # --dry-run: the same steps on CPU with tiny shapes and the Triton interpreter; the GPU-only steps
 # are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo.
 #
@@ -19,12 +21,11 @@
 # (one line per step), versions.json and each check's JSON / markdown.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|all] [--dry-run]}"
+OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]}"
 PART="${2:-all}"
 DRY=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && DRY=1; done
 [ "$PART" = "--dry-run" ] && PART=all
-case "$PART" in 1|2|all) ;; *) echo "PART must be 1, 2 or all; got $PART" >&2; exit 2 ;; esac
 PY="${PYTHON:-python3}"
 [ -x "$ROOT/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && PY="$ROOT/.venv/bin/python"
 mkdir -p "$OUT"
@@ -102,29 +103,6 @@ print('CUDA extension:', 'available' if ok else 'NOT available: ' + why, f'({tim
 raise SystemExit(0 if ok else 1)"
 }
 
-part1() {
-  step versions 60 versions
-  if [ "$DRY" = 1 ]; then
-    skip "cuda extension build" "no GPU (dry run)"
-    step "triton tests (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -k "row_step or inf or guard or precision"
-    step "gpu_check (tiny shapes)" 300 "$PY" bench/gpu_check.py --dry-run --out "$OUT/gpu-check.json"
-    skip "cuda tests and cuda_check" "no GPU (dry run)"
-    step "consumer step (tiny model)" 200 "$PY" bench/consumer_gpu.py --dry-run --out "$OUT/consumer.json"
-    return
-  fi
-  # The extension compiles on the CPU cores while the Triton tests use the GPU.
-  (timeout 240 "$PY" -c "from qadapter_kernels import _cuda; print(_cuda.backend_status())" >"$OUT/.build.log" 2>&1) &
-  local builder=$!
-  step "triton tests (GPU)" 90 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 -n 4 tests/test_triton.py
-  wait "$builder"
-  cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
-  step "cuda extension build" 60 build_extension
-  step "gpu_check" 140 "$PY" bench/gpu_check.py --budget-s 100 --out "$OUT/gpu-check.json"
-  # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
-  step "cuda tests and cuda_check" 75 "$PY" bench/cuda_check.py --skip-sanitizer --out "$OUT"
-  step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" bench/consumer_gpu.py --budget-s 85 --out "$OUT/consumer.json"
-}
-
 wheel_check() {
   local tmp
   tmp="$(mktemp -d)"
@@ -140,26 +118,76 @@ print('compiled extension in the wheel:', compiled, '| backend:', ok, why)
 raise SystemExit(0 if (ok and compiled) or '$DRY' == '1' else 1)")
 }
 
-part2() {
+# Steps by name; a part is a list of them, and any list can be given instead (to rerun some).
+PART1="versions,triton-tests,cuda-build,gpu-check,cuda-check,consumer"
+PART2="memcheck,racecheck,wheel"
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+run_steps() {
+  wants versions && step versions 60 versions
   if [ "$DRY" = 1 ]; then
-    skip "compute-sanitizer" "no GPU (dry run)"
-  elif command -v compute-sanitizer >/dev/null; then
-    local tests="tests/test_cuda_ext.py::test_row_step_alias_z_and_bad_target tests/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan"
-    step "memcheck (CUDA + Triton, small shapes)" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-      "$PY" -m pytest -q -p no:cacheprovider -x $tests "tests/test_triton.py::test_row_step_strided_rows" "tests/test_triton.py::test_inf_bias_block"
-    step "racecheck (CUDA + Triton row step)" 90 compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
-      "$PY" -m pytest -q -p no:cacheprovider -x "tests/test_cuda_ext.py::test_row_step_alias_z_and_bad_target" "tests/test_triton.py::test_row_step_strided_rows"
-  else
-    skip "compute-sanitizer" "not installed"
+    wants cuda-build && skip "cuda extension build" "no GPU (dry run)"
+    wants triton-tests && step "triton tests (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -k "row_step or inf or guard or precision"
+    wants gpu-check && step "gpu_check (tiny shapes)" 300 "$PY" bench/gpu_check.py --dry-run --out "$OUT/gpu-check.json"
+    wants cuda-check && skip "cuda tests and cuda_check" "no GPU (dry run)"
+    wants consumer && step "consumer step (tiny model)" 200 "$PY" bench/consumer_gpu.py --dry-run --out "$OUT/consumer.json"
+    wants memcheck && skip "compute-sanitizer" "no GPU (dry run)"
+    wants wheel && step "wheel" 300 wheel_check
+    return
   fi
-  step "wheel with the compiled extension" 150 wheel_check
+  # The extension and the wheel compile on the CPU cores while the GPU runs the Triton tests.
+  local builder="" wheeler=""
+  if wants cuda-build || wants gpu-check || wants cuda-check || wants memcheck || wants racecheck; then
+    (timeout 240 "$PY" -c "from qadapter_kernels import _cuda; print(_cuda.backend_status())" >"$OUT/.build.log" 2>&1) &
+    builder=$!
+  fi
+  if wants wheel; then
+    (MAX_JOBS=8 timeout 280 bash -c "$(declare -f wheel_check); wheel_check" >"$OUT/.wheel.log" 2>&1; echo "exit $?" >>"$OUT/.wheel.log") &
+    wheeler=$!
+  fi
+  # A single tile configuration: the tests check results, not the autotuner, and compile 4x less.
+  wants triton-tests && step "triton tests (GPU)" 100 env QADAPTER_TRITON_AUTOTUNE=0 \
+    "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 60 -n 8 tests/test_triton.py
+  if [ -n "$builder" ]; then
+    wait "$builder"
+    cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
+  fi
+  wants cuda-build && step "cuda extension build" 60 build_extension
+  wants gpu-check && step "gpu_check" 170 "$PY" bench/gpu_check.py --budget-s 150 --out "$OUT/gpu-check.json"
+  # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
+  wants cuda-check && step "cuda tests and cuda_check" 75 "$PY" bench/cuda_check.py --skip-sanitizer --out "$OUT"
+  wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" bench/consumer_gpu.py --budget-s 85 --out "$OUT/consumer.json"
+  if command -v compute-sanitizer >/dev/null; then
+    wants memcheck && step "memcheck (CUDA + Triton, small shapes)" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 QADAPTER_TRITON_AUTOTUNE=0 \
+      compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \
+      tests/test_cuda_ext.py::test_row_step_alias_z_and_bad_target tests/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan \
+      tests/test_triton.py::test_row_step_strided_rows tests/test_triton.py::test_inf_bias_block
+    wants racecheck && step "racecheck (CUDA row step and pairwise)" 90 compute-sanitizer --tool racecheck --error-exitcode 99 \
+      --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py::test_row_step_alias_z_and_bad_target \
+      tests/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan
+  else
+    { wants memcheck || wants racecheck; } && skip "compute-sanitizer" "not installed"
+  fi
+  if [ -n "$wheeler" ]; then
+    local start=$SECONDS
+    wait "$wheeler"
+    cat "$OUT/.wheel.log" >>"$LOG"
+    local result="FAILED"
+    grep -q "^exit 0$" "$OUT/.wheel.log" && result="ok"
+    [ "$result" = ok ] || FAILED=1
+    printf '| %s | %s | %s (waited) |\n' "wheel with the compiled extension" "$result" "$((SECONDS - start))" >>"$SUMMARY"
+    echo "=== wheel: $result" | tee -a "$LOG"
+    rm -f "$OUT/.wheel.log"
+  fi
 }
 
 case "$PART" in
-  1) part1 ;;
-  2) part2 ;;
-  all) part1; part2 ;;
+  1) STEPS="$PART1" ;;
+  2) STEPS="$PART2" ;;
+  all) STEPS="$PART1,$PART2" ;;
+  *) STEPS="$PART" ;;
 esac
+run_steps
 echo
 cat "$SUMMARY"
 echo "results in $OUT"

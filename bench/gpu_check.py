@@ -216,54 +216,60 @@ def _failure(exc: Exception) -> str:
     return f"FAILED {type(exc).__name__}: {exc}"[:300].replace("\n", " ").replace("|", "/")
 
 
-def check_shape(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, device: str, deadline: float,
-                gemm_ms: float) -> list[dict]:
-    """Errors against the reference at ``check_tokens``, then time and memory at ``tokens``."""
-    rows = []
+def check_errors(shape: Shape, dtype: torch.dtype, fns: dict, device: str, deadline: float):
+    """Loss and gradient errors of every backend against the reference at ``check_tokens``."""
     dtype_name = str(dtype).removeprefix("torch.")
     for q_head in (False, True):
         small = make_inputs(shape, shape.check_tokens, dtype, device, q_head=q_head, seed=1)
         want_loss, want_grads = run_loss(fns["reference"], small)
         for name, fn in fns.items():
             if name == "reference" or (q_head and name == "chunked-pairs" and device == "cuda"):
-                continue  # the pair-chunked baseline is timed with the shared head only
+                continue  # the pair-chunked baseline is checked with the shared head only
             row = dict(kind="error", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.check_tokens,
                        head="q_weight+bias" if q_head else "shared")
+            if time.monotonic() > deadline:
+                yield {**row, "errors": {}, "ok": None, "failure": "skipped: time budget"}
+                continue
             try:
                 loss, grads = run_loss(fn, small)
             except Exception as exc:  # noqa: BLE001 - one broken backend must not hide the others
-                rows.append({**row, "errors": {}, "ok": False, "failure": _failure(exc)})
+                yield {**row, "errors": {}, "ok": False, "failure": _failure(exc)}
                 continue
             errors = {"loss": rel_err(loss, want_loss), **{k: rel_err(grads[k], g) for k, g in want_grads.items()}}
-            rows.append({**row, "errors": errors, "ok": all(e <= TOL[dtype] for e in errors.values())})
+            yield {**row, "errors": errors, "ok": all(e <= TOL[dtype] for e in errors.values())}
         del small
-    if device == "cuda" and dtype != torch.bfloat16:
-        return rows
+
+
+def time_backends(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, device: str, deadline: float,
+                  gemm_ms: float):
+    """Forward+backward time (as a multiple of ``T_gemm3``), peak extra memory and determinism at ``tokens``."""
+    dtype_name = str(dtype).removeprefix("torch.")
     big = make_inputs(shape, shape.tokens, dtype, device, seed=2)
     for name, fn in fns.items():
         row = dict(kind="time", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.tokens)
         if time.monotonic() > deadline:
-            rows.append({**row, "skipped": "time budget"})
+            yield {**row, "skipped": "time budget"}
             continue
         if name == "reference" and not reference_fits(shape.tokens, shape.vocab, device):
-            rows.append({**row, "skipped": "does not fit in memory"})
+            yield {**row, "skipped": "does not fit in memory"}
             continue
         step = functools.partial(run_loss, fn, big)
         try:
             (loss, grads), peak = peak_extra_memory(step, device)
             ms = clock.median_ms(step)
+            again = step()[1]["q_hidden"]
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows.append({**row, "skipped": "out of memory"})
+            yield {**row, "skipped": "out of memory"}
             continue
         except Exception as exc:  # noqa: BLE001 - one broken backend must not hide the others
-            rows.append({**row, "skipped": _failure(exc)})
+            yield {**row, "skipped": _failure(exc)}
             continue
-        again = step()[1]["q_hidden"]
-        rows.append({**row, "ms": ms, "x_gemm3": ms / gemm_ms, "peak_mib": peak / 2**20,
-                     "deterministic": bool(torch.equal(again, grads["q_hidden"]))})
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        yield {**row, "ms": ms, "x_gemm3": ms / gemm_ms, "peak_mib": peak / 2**20,
+               "deterministic": bool(torch.equal(again, grads["q_hidden"]))}
         del loss, grads, again
-    return rows
 
 
 def markdown(result: dict) -> str:
@@ -280,7 +286,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| row step {step} {dtype} | {gbps:.0f} GB/s ({gbps / result['copy_gbps']:.0%} of copy) |")
     lines += ["", "| model | dtype | backend | head | N | loss err | worst grad err | ok |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        if r["kind"] == "error" and "failure" in r:
+        if r["kind"] == "error" and "failure" in r:  # failed or skipped
             lines.append(f"| {r['model']} | {r['dtype']} | {r['backend']} | {r['head']} | {r['tokens']} | "
                          f"{r['failure']} | | NO |")
         elif r["kind"] == "error":
@@ -319,25 +325,40 @@ def main(argv=None) -> int:
               "backends": {name: st.reason or "available" for name, st in backend_statuses().items()},
               "gemm3_ms": {}, "row_step": {}, "rows": []}
     result["copy_gbps"] = copy_gbps(clock, device, 1 << (30 if device == "cuda" else 20))
+    device_tag = re.sub(r"[^a-z0-9]+", "-", result["versions"]["device"].lower()).strip("-")
+    out = args.out or ROOT / "bench" / "results" / f"gpu-check-{device_tag}-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(row: dict | None = None) -> None:
+        """Every row is written as soon as it exists: a run cut short still leaves its numbers."""
+        if row is not None:
+            result["rows"].append(row)
+            print(json.dumps(row, default=str), flush=True)
+        result["seconds"] = time.monotonic() - started
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        os.replace(tmp, out)
+
     dtypes = (torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32,)
     for dtype in dtypes:
         rows = shapes[0].tokens
         chunk = auto_chunk_size(rows, shapes[0].vocab, dtype, torch.device(device))
         result["row_step"][str(dtype).removeprefix("torch.")] = row_step_gbps(clock, chunk, shapes[0].vocab, dtype, device)
+    save()
+    # Most telling first: the timed training dtype at both shapes, then its errors, then float32 errors.
+    timed = dtypes[:1]
     for shape in shapes:
-        result["gemm3_ms"][shape.name] = {}
-        for dtype in dtypes:
+        for dtype in timed:
             gemm = gemm3_ms(clock, shape.tokens, shape.vocab, shape.hidden, dtype, device)
-            result["gemm3_ms"][shape.name][str(dtype).removeprefix("torch.")] = gemm
-            result["rows"] += check_shape(shape, dtype, fns, clock, device, deadline, gemm)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    result["seconds"] = time.monotonic() - started
+            result["gemm3_ms"].setdefault(shape.name, {})[str(dtype).removeprefix("torch.")] = gemm
+            save()
+            for row in time_backends(shape, dtype, fns, clock, device, deadline, gemm):
+                save(row)
+    for dtype in dtypes:
+        for shape in shapes:
+            for row in check_errors(shape, dtype, fns, device, deadline):
+                save(row)
     print(markdown(result))
-    device_tag = re.sub(r"[^a-z0-9]+", "-", result["versions"]["device"].lower()).strip("-")
-    out = args.out or ROOT / "bench" / "results" / f"gpu-check-{device_tag}-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwrote {out} in {result['seconds']:.0f} s")
     failed = [r for r in result["rows"] if r["kind"] == "error" and not r["ok"]]
     return 1 if failed else 0

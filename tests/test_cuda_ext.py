@@ -223,7 +223,9 @@ def test_pairwise_matches_contract(ext, reward_norm, batch, width, scale):
     (got_grad,) = torch.autograd.grad(got.loss, r_cuda)
     for field in got._fields:
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=1e-6, msg=field)
-    torch.testing.assert_close(got_grad, want_grad, rtol=2e-5, atol=1e-7)
+    # Unscored positions hold constant zeros (token_rewards fills them): the contract's sum over
+    # the padded row gives them a gradient that goes nowhere; the kernel, on packed rewards, none.
+    torch.testing.assert_close(got_grad[mask], want_grad[mask], rtol=2e-5, atol=1e-7)
     assert got_grad[~mask].eq(0).all()
 
     # Raw op with poisoned outputs: every output element is written.

@@ -45,6 +45,7 @@ all that runs (evaluation); ``bench/gpu_check.py`` measures both paths on the sa
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,8 @@ else:
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2),
     ]
+    if os.environ.get("QADAPTER_TRITON_AUTOTUNE") == "0":  # the first configuration only: quick GPU tests
+        _CONFIGS = _CONFIGS[:1]
 # Vocabulary splits start on a multiple of every tile width, so no tile straddles two splits.
 _SPLIT_ALIGN = max(c.kwargs["BLOCK_V"] for c in _CONFIGS)
 _NOMINAL_BLOCK_N = 64
