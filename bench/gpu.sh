@@ -187,6 +187,9 @@ case "$PART" in
   all) STEPS="$PART1,$PART2" ;;
   *) STEPS="$PART" ;;
 esac
+for name in ${STEPS//,/ }; do
+  [[ ",$PART1,$PART2," == *",$name,"* ]] || { echo "unknown step '$name'; steps: $PART1,$PART2" >&2; exit 2; }
+done
 run_steps
 echo
 cat "$SUMMARY"

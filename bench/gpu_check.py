@@ -360,7 +360,7 @@ def main(argv=None) -> int:
                 save(row)
     print(markdown(result))
     print(f"\nwrote {out} in {result['seconds']:.0f} s")
-    failed = [r for r in result["rows"] if r["kind"] == "error" and not r["ok"]]
+    failed = [r for r in result["rows"] if r["kind"] == "error" and r["ok"] is False]
     return 1 if failed else 0
 
 

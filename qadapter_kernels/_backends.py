@@ -26,10 +26,12 @@ _MODULES = {
     "cuda": "._cuda",
 }
 BACKEND_NAMES = ("auto", *_MODULES)
-# What "auto" tries, fastest first, per device type (docs/architecture.md, "Choosing a backend",
-# gives the measurements behind the order). The chunked pipelines come first: the fully fused
-# backward re-reads and re-writes E_p[Wq] once per vocabulary tile.
-_AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "triton", "chunked")}
+# What "auto" tries, fastest first, per device type, as measured on an H200 (docs/architecture.md,
+# "Choosing a backend"): chunked-triton and cuda train at 1.2-1.4x T_gemm3 (within each other's
+# run-to-run spread; chunked-triton needs no compiled extension), chunked at 1.9-2.0x. The fully
+# fused "triton" backend (8-9x: its backward re-reads and re-writes E_p[Wq] per vocabulary tile)
+# is never chosen automatically; it is there to be asked for.
+_AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "chunked")}
 _AUTO_DEFAULT = ("chunked",)
 
 
@@ -67,24 +69,12 @@ def check_name(name: str) -> str:
 _NO_FLOAT64 = ("triton", "chunked-triton")
 
 
-def _auto_skips(candidate: str, dtype: torch.dtype | None) -> bool:
-    """Backends "auto" passes over for this input dtype.
-
-    float64 stays off the float32 kernels. float32 stays off the fully fused kernels unless
-    torch allows TF32 matmuls: their full-precision (``ieee``) Triton dots run without tensor
-    cores and spill registers, so the chunked pipelines (cuBLAS GEMMs) serve float32 better.
-    """
-    if dtype == torch.float64 and candidate in _NO_FLOAT64:
-        return True
-    return candidate == "triton" and dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-
-
 def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend for ``name`` on ``device`` (and input ``dtype``); raises if it cannot run."""
     check_name(name)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
-            if _auto_skips(candidate, dtype):
+            if dtype == torch.float64 and candidate in _NO_FLOAT64:
                 continue
             if status(candidate).available:
                 return candidate
