@@ -383,3 +383,14 @@ def test_auto_on_cuda_picks_the_measured_fastest():
     assert _backends.resolve("auto", cuda, torch.float64) in ("cuda", "chunked")
     assert "triton" not in _backends._AUTO_ORDER["cuda"]
     assert _backends.resolve("auto", torch.device("cpu"), torch.float32) == "chunked"
+
+
+def test_interpreter_numpy_guard():
+    """triton < 3.7's interpreter breaks on numpy >= 2.4: reported with the fix, not as failures."""
+    from qadapter_kernels.triton._common import interpreter_numpy_problem
+
+    assert "numpy < 2.4" in interpreter_numpy_problem("3.6.0", "2.4.0")
+    assert "numpy < 2.4" in interpreter_numpy_problem("3.5.1", "2.5.2")
+    assert interpreter_numpy_problem("3.6.0", "2.3.5") == ""
+    assert interpreter_numpy_problem("3.7.0", "2.4.6") == ""
+    assert interpreter_numpy_problem("3.9.0", "2.5.0rc1") == ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 import triton
@@ -32,6 +33,38 @@ def interpreter_problem() -> str:
         return (
             "TRITON_INTERPRET=1 was set after triton had been imported (by another package), so "
             "triton.language was built for the compiler; set it before anything imports triton"
+        )
+    if INTERPRET:
+        return interpreter_numpy_problem(triton.__version__, _numpy_version())
+    return ""
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``3.6.0`` or ``2.4.0rc1``."""
+    parts = re.findall(r"\d+", version)[:2]
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+def _numpy_version() -> str:
+    try:
+        import numpy
+    except ImportError:
+        return "0"
+    return numpy.__version__
+
+
+def interpreter_numpy_problem(triton_version: str, numpy_version: str) -> str:
+    """Why this triton's interpreter cannot run with this numpy, or "".
+
+    Triton < 3.7's interpreter turns a scalar held as a one-element array into a Python int with
+    ``int(array)``, which numpy 2.4 made an error (deprecated since 1.25): every kernel with a
+    runtime loop bound would fail.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"the Triton interpreter of triton {triton_version} needs numpy < 2.4 (numpy {numpy_version} "
+            "refuses int() of a one-element array, which triton < 3.7 relies on): "
+            "pip install 'numpy<2.4' or triton >= 3.7"
         )
     return ""
 
