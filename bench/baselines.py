@@ -27,19 +27,14 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from qadapter_kernels._contract import LossConfig, QAdapterLossOutput
+from qadapter_kernels import LossConfig, QAdapterLossOutput
+from qadapter_kernels.inputs import stats_dtype
 from qadapter_kernels.reference import qadapter_loss_reference
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The authors' code upcasts the model's logits with .float(); float64 stays float64 so the
-    # baselines can be checked against the reference to float64 precision.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _authors_token_rewards(base_hidden, q_hidden, wq, q_bias, weight, labels, config: LossConfig):
     """Per-token rewards ``[b, T-1]`` (zero where unscored) and the scored mask, over full logits."""
-    ct = _compute_dtype(q_hidden.dtype)
+    ct = stats_dtype(q_hidden.dtype)  # the authors upcast with .float(); float64 stays float64 here
     # The frozen model's logits, as its lm_head produces them, then upcast: two [b, T, V] tensors,
     # then log_softmax makes a third. No gradient reaches the base side.
     base_logits = (base_hidden.detach() @ weight.detach().T).to(ct)
@@ -48,9 +43,9 @@ def _authors_token_rewards(base_hidden, q_hidden, wq, q_bias, weight, labels, co
     values = config.alpha_tilde * torch.logsumexp(
         (q_values + config.alpha_0 * base_logps) / config.alpha_tilde, dim=-1
     )
-    actions = labels[:, 1:]
-    mask = actions != config.ignore_index
-    q_taken = torch.gather(q_values[:, :-1], 2, actions.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    targets = labels[:, 1:]
+    mask = targets != config.ignore_index
+    q_taken = torch.gather(q_values[:, :-1], 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     if config.value_at == "current":
         soft_value = values[:, :-1]
     else:  # the paper's V_{t+1}, only where t+1 is scored itself
@@ -97,21 +92,16 @@ def eager_authors_loss(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    gamma: float = 1.0,
-    beta: float = 0.1,
-    value_at: str = "current",
-    reward_norm: str = "padded",
-    ignore_index: int = -100,
     q_weight: torch.Tensor | None = None,
     q_bias: torch.Tensor | None = None,
+    config: LossConfig | None = None,
+    **options,
 ) -> QAdapterLossOutput:
     """The Q-Adapter loss as the method's public code computes it: every ``[B, T, V]`` logit in fp32.
 
     Same signature and result as ``qadapter_loss`` (without ``backend``/``chunk_size``).
     """
-    config = LossConfig(alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm, ignore_index)
+    config = LossConfig.from_options(config, **options)
     wq = weight.detach() if q_weight is None else q_weight
     rewards, mask = _authors_token_rewards(base_hidden, q_hidden, wq, q_bias, weight, labels, config)
     bt, chi2, chosen, rejected = _pair_terms(rewards, mask, config, rewards.shape[0] // 2, mask.sum())
@@ -135,7 +125,7 @@ def compiled_reference_loss(
 
     The first call compiles (and raises if the compiler cannot run on this device).
     """
-    config = LossConfig(**options)
+    config = LossConfig.from_options(**options)
     fn = _COMPILED_REFERENCE.get(config)
     if fn is None:
         fn = _COMPILED_REFERENCE[config] = torch.compile(partial(qadapter_loss_reference, config=config))
@@ -175,7 +165,7 @@ class _ChunkedPairs(torch.autograd.Function):
         grads = [torch.zeros_like(trainable[i]) for i in argnums]
         half = q_hidden.shape[0] // 2
         n_scored = (labels[:, 1:] != config.ignore_index).sum()
-        loss = bt = chi2 = torch.zeros((), dtype=_compute_dtype(q_hidden.dtype), device=q_hidden.device)
+        loss = bt = chi2 = torch.zeros((), dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
         chosen, rejected = [], []
         for s in range(0, half, chunk_pairs):
             e = min(half, s + chunk_pairs)
@@ -224,7 +214,7 @@ def chunked_pairs_loss(
     Each chunk's rewards need its rows' full ``[T, V]`` logits, so the peak is set by
     ``2 * chunk_pairs * T * V``: fine for short sequences, large for long ones.
     """
-    config = LossConfig(**options)
+    config = LossConfig.from_options(**options)
     if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, int) or chunk_pairs < 1:
         raise ValueError(f"chunk_pairs must be a positive int; got {chunk_pairs!r}")
     if q_hidden.dim() != 3 or q_hidden.shape[0] % 2:

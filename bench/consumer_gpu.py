@@ -37,7 +37,7 @@ from bench.decode import _base_loop  # noqa: E402
 from bench.e2e import GIB, LORA, MODELS, make_batch  # noqa: E402
 from bench.harness import first_line, is_oom, sync, time_step  # noqa: E402
 from qadapter_kernels import qadapter_loss  # noqa: E402
-from qadapter_kernels._backends import resolve  # noqa: E402
+from qadapter_kernels.registry import resolve  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_part(parts, "build", deadline, build)
     model = holder.get("model")
-    backend = resolve("auto", device, getattr(torch, setup.dtype))
+    backend = resolve("auto", device, getattr(torch, setup.dtype)).name
     todo = {"train: fused": lambda: {"backend": backend, **train(model, qadapter_loss, setup, device)},
             "train: eager-authors": lambda: train(model, authors_loss, setup, device)}
     todo |= {f"decode: batch {b}": (lambda b=b: decode(model, b, setup, device)) for b in setup.batches}

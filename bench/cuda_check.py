@@ -147,14 +147,15 @@ def bench_decode() -> list[dict]:
 
 def bench_pairwise() -> dict:
     """Pairwise BT launch for B=8, T=4096 (about 29k scored tokens) vs the torch ops."""
-    from qadapter_kernels._contract import LossConfig, pairwise_loss
+    from qadapter_kernels import LossConfig
+    from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss
 
-    mask = torch.rand(8, 4095, device="cuda") < 0.9
-    rewards = torch.randn(8, 4095, device="cuda") * mask
+    tokens = ScoredTokens.from_mask(torch.rand(8, 4095, device="cuda") < 0.9)
+    rewards = torch.randn(tokens.rows.shape[0], device="cuda")
     config = LossConfig()
     return {
-        "cuda_ms": round(_time_ms(lambda: _cuda.pairwise_bt(rewards, mask, config)), 4),
-        "torch_ms": round(_time_ms(lambda: pairwise_loss(rewards, mask, config)), 4),
+        "cuda_ms": round(_time_ms(lambda: _cuda.pairwise_loss(rewards, tokens, config)), 4),
+        "torch_ms": round(_time_ms(lambda: pairwise_loss(rewards, tokens, config)), 4),
     }
 
 

@@ -29,7 +29,7 @@ from bench.baselines import eager_authors_loss
 from bench.harness import first_line, is_oom, sync, time_step
 from bench.memory import peak_extra_memory
 from qadapter_kernels import qadapter_loss
-from qadapter_kernels._backends import resolve
+from qadapter_kernels.registry import resolve
 
 # Real architectures (public config.json values); random weights. rope scaling is left out: it
 # changes no shape and no cost.
@@ -177,7 +177,7 @@ def run_e2e(
     runs = []  # (result, step, optimizer)
     for loss_name, loss_fn in variants.items():
         optimizer = torch.optim.AdamW(trainable, lr=3e-4)
-        result = E2EResult(loss_name, "ok", backend=resolve("auto", device) if loss_fn is qadapter_loss else "")
+        result = E2EResult(loss_name, "ok", backend=resolve("auto", device).name if loss_fn is qadapter_loss else "")
         step = training_step(model, optimizer, loss_fn, ids, attention_mask, labels)
         # The warm-up also creates the optimizer state, which then counts as resident.
         if _guarded(result, optimizer, device, step):

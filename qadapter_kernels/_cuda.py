@@ -7,9 +7,9 @@ nvcc or a successful build, :func:`backend_status` says which of them is missing
 
 What it offers on top of the kernels (csrc/qadapter_kernels.h):
 
-- :func:`token_stats`: the chunked pipeline (``chunked.chunked_token_stats``) with the fused
-  :func:`cuda_row_step`; the backend contract of ``_backends``.
-- :func:`pairwise_bt`: drop-in for ``_contract.pairwise_loss``, forward and gradient in one launch.
+- ``token_stats``: the chunked pipeline (``chunked.chunked_token_stats``) with the fused
+  :func:`cuda_row_step`; the contract of ``backends``.
+- :func:`pairwise_loss`: drop-in for ``pairwise.pairwise_loss``, forward and gradient in one launch.
 - :func:`decode_combine`: combined-policy log-probs for a decode step, with temperature, top-k,
   top-p filtering and seeded sampling.
 """
@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ._contract import REWARD_NORM, LossConfig, QAdapterLossOutput, _check_real, pairwise_loss
+from . import pairwise
+from .registry import Backend
 from .chunked import chunked_token_stats, torch_row_step
+from .config import REWARD_NORM, LossConfig, check_real
+from .pairwise import QAdapterLossOutput, ScoredTokens
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,7 +111,7 @@ def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
     return q_taken, value, p.to(p_dtype)
 
 
-token_stats = functools.partial(chunked_token_stats, row_step=cuda_row_step)
+cuda_token_stats = functools.partial(chunked_token_stats, row_step=cuda_row_step)
 
 
 class _PairwiseBT(torch.autograd.Function):
@@ -130,20 +133,19 @@ class _PairwiseBT(torch.autograd.Function):
         return grad_stats[0] * grad, None, None, None, None
 
 
-def pairwise_bt(rewards: torch.Tensor, mask: torch.Tensor, config: LossConfig) -> QAdapterLossOutput:
-    """``_contract.pairwise_loss`` with the pairing, BT, chi2 and dL/dr_t in one kernel launch.
+def pairwise_loss(rewards: torch.Tensor, tokens: ScoredTokens, config: LossConfig) -> QAdapterLossOutput:
+    """``pairwise.pairwise_loss`` with the pairing, BT, chi2 and dL/dr_t in one kernel launch.
 
-    The kernel takes CUDA float32 rewards with at least one scored token and B <= 4096; anything
-    else (float64 rewards, CPU tensors) goes to the shared torch implementation.
+    The kernel takes packed CUDA float32 rewards of at least one token and B <= 2048 rows;
+    anything else (float64 rewards, CPU tensors) goes to the shared torch implementation.
     """
-    packed = rewards[mask]
-    kernel_ok = rewards.is_cuda and rewards.dtype == torch.float32 and rewards.shape[0] <= _PAIRWISE_MAX_BATCH
-    if not kernel_ok or packed.numel() == 0:
-        return pairwise_loss(rewards, mask, config)
+    kernel_ok = rewards.is_cuda and rewards.dtype == torch.float32 and tokens.batch <= _PAIRWISE_MAX_BATCH
+    if not kernel_ok or rewards.numel() == 0:
+        return pairwise.pairwise_loss(rewards, tokens, config)
     stats, seq_rewards = _PairwiseBT.apply(
-        packed, mask.sum(dim=1), mask.shape[1], config.beta, _NORM_CODES[config.reward_norm]
+        rewards, tokens.counts, tokens.padded_len, config.beta, _NORM_CODES[config.reward_norm]
     )
-    half = rewards.shape[0] // 2
+    half = tokens.batch // 2
     detached = stats.detach()
     return QAdapterLossOutput(
         loss=stats[0],
@@ -160,8 +162,8 @@ def decode_combine(
     base_logits: torch.Tensor,
     q_values: torch.Tensor,
     *,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
+    alpha_tilde: float = LossConfig.alpha_tilde,
+    alpha_0: float = LossConfig.alpha_0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -176,10 +178,10 @@ def decode_combine(
     ``top_k=1`` is greedy. The same ``seed`` gives the same ids. Inputs: CUDA float32, float16
     or bfloat16 of one shape.
     """
-    alpha_tilde = _check_real("alpha_tilde", alpha_tilde, positive=True)
-    alpha_0 = _check_real("alpha_0", alpha_0)
-    temperature = _check_real("temperature", temperature, positive=True)
-    top_p = _check_real("top_p", top_p, positive=True)
+    alpha_tilde = check_real("alpha_tilde", alpha_tilde, positive=True)
+    alpha_0 = check_real("alpha_0", alpha_0, non_negative=True)
+    temperature = check_real("temperature", temperature, positive=True)
+    top_p = check_real("top_p", top_p, positive=True)
     if top_p > 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -202,3 +204,12 @@ def decode_combine(
     sampled = torch.empty(z.shape[0], dtype=torch.int64, device=z.device) if sample else None
     extension().decode_combine(z, q, alpha_tilde, alpha_0, temperature, top_k, top_p, seed, logprobs, sampled)
     return logprobs.reshape(*lead, vocab), None if sampled is None else sampled.reshape(lead)
+
+
+BACKEND = Backend(
+    name="cuda",
+    summary="chunked pipeline with the compiled CUDA row step and pairwise BT kernel",
+    token_stats=cuda_token_stats,
+    availability=backend_status,
+    pairwise=pairwise_loss,
+)

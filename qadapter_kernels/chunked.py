@@ -4,7 +4,7 @@ For the scored tokens only (packed to ``[N, d]``), each chunk computes the base 
 and the Q-values with matmuls, then the *row step* turns them into the per-token values the loss
 needs (``Q[t, a_t]`` and the soft value ``V_t``) and the combined policy ``p_t``; finally
 ``E_p[Wq] = p @ Wq`` is stored (``[N, d]``). With it, the backward for ``q_hidden`` is
-elementwise (DESIGN section 2): no logits are kept or recomputed. Only a trainable
+elementwise (docs/design.md, "The gradient in closed form"): no logits are kept or recomputed. Only a trainable
 ``q_weight`` / ``q_bias`` needs a second chunked pass. Peak extra memory: ``O(chunk * V + N * d)``.
 
 The row step is pluggable: the eager PyTorch one below runs everywhere; the Triton and CUDA
@@ -17,6 +17,9 @@ from typing import Callable
 
 import torch
 
+from .registry import Backend
+from .inputs import stats_dtype
+
 # row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype) -> (q_taken, value, p)
 #   z, q:     [C, V] base logits and Q-values as produced by the GEMMs; the step may overwrite them.
 #   targets:  [C] int64 actions.
@@ -27,11 +30,6 @@ RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, torc
 
 DEFAULT_CPU_BUDGET = 128 * 2**20
 DEFAULT_CUDA_BUDGET = 1 * 2**30
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Every reduction and statistic runs in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +167,6 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, 
     )
 
 
-def backend_status() -> tuple[bool, str]:
-    return True, ""
-
-
 def chunked_token_stats(
     base: torch.Tensor,
     hq: torch.Tensor,
@@ -197,4 +191,9 @@ def chunked_token_stats(
     )
 
 
-token_stats = chunked_token_stats
+BACKEND = Backend(
+    name="chunked",
+    summary="per token chunk: 2 GEMMs, the eager row step, P @ Wq; elementwise backward",
+    token_stats=chunked_token_stats,
+    availability=lambda: (True, ""),
+)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ._contract import _check_float_tensor, _check_real, check_head
-from .chunked import auto_chunk_size, stats_dtype
+from .chunked import auto_chunk_size
+from .config import LossConfig, check_real
+from .inputs import check_chunk_size, check_float_tensor, check_head, stats_dtype
 
 
 def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[float, float]:
     """The checks every combine implementation shares; returns the validated ``(alpha_tilde, alpha_0)``."""
-    alpha_tilde = _check_real("alpha_tilde", alpha_tilde, positive=True)
-    alpha_0 = _check_real("alpha_0", alpha_0)
-    _check_float_tensor("base_logits", base_logits)
-    _check_float_tensor("q_values", q_values)
+    alpha_tilde = check_real("alpha_tilde", alpha_tilde, positive=True)
+    alpha_0 = check_real("alpha_0", alpha_0, non_negative=True)
+    check_float_tensor("base_logits", base_logits)
+    check_float_tensor("q_values", q_values)
     if base_logits.shape != q_values.shape:
         raise ValueError(
             f"q_values must have base_logits' shape {tuple(base_logits.shape)}; got {tuple(q_values.shape)}"
@@ -24,7 +25,11 @@ def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[f
 
 
 def combine_logits(
-    base_logits: torch.Tensor, q_values: torch.Tensor, *, alpha_tilde: float = 1.0, alpha_0: float = 0.01
+    base_logits: torch.Tensor,
+    q_values: torch.Tensor,
+    *,
+    alpha_tilde: float = LossConfig.alpha_tilde,
+    alpha_0: float = LossConfig.alpha_0,
 ) -> torch.Tensor:
     """Combined-policy log-probs ``[..., V]`` (float32, float64 for float64) from logits already held."""
     alpha_tilde, alpha_0 = check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0)
@@ -40,16 +45,17 @@ def combined_logprobs(
     *,
     q_weight: torch.Tensor | None = None,
     q_bias: torch.Tensor | None = None,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
+    alpha_tilde: float = LossConfig.alpha_tilde,
+    alpha_0: float = LossConfig.alpha_0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Combined-policy log-probs ``[..., V]`` from hidden states ``[..., d]``, a chunk of tokens at a time.
 
     Only the output is ``[tokens, V]``; the base logits and Q-values exist one chunk at a time.
     """
-    _check_float_tensor("base_hidden", base_hidden)
-    _check_float_tensor("q_hidden", q_hidden)
+    check_chunk_size(chunk_size)
+    check_float_tensor("base_hidden", base_hidden)
+    check_float_tensor("q_hidden", q_hidden)
     if base_hidden.shape != q_hidden.shape or q_hidden.dim() < 1:
         raise ValueError(
             f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)} ([..., d]); got {tuple(base_hidden.shape)}"

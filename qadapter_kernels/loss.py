@@ -5,39 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backends
-from ._contract import LossConfig, QAdapterLossOutput, check_loss_inputs, token_rewards
-from .reference import qadapter_loss_reference
+from . import registry
+from .config import LossConfig
+from .inputs import check_chunk_size, check_loss_inputs
+from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss, token_rewards
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None (automatic); got {chunk_size!r}")
-
-
-def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size):
-    _check_chunk_size(chunk_size)
+def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size):
+    check_chunk_size(chunk_size)
     check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
-    name = _backends.resolve(backend, q_hidden.device, q_hidden.dtype)
-    if name == "reference":
-        return qadapter_loss_reference(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
-    # Only scored positions are computed at all: pack them to [N, d].
-    actions = labels[:, 1:]
-    mask = actions != config.ignore_index
-    q_taken, value = _backends.token_stats_fn(name)(
-        base_hidden[:, :-1][mask],
-        q_hidden[:, :-1][mask],
+    impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
+    # Only scored positions are computed at all: pack them to [N, d], and keep them packed.
+    tokens = ScoredTokens.from_labels(labels, config.ignore_index)
+    q_taken, value = impl.token_stats(
+        base_hidden[:, :-1][tokens.mask],
+        q_hidden[:, :-1][tokens.mask],
         weight,
         weight.detach() if q_weight is None else q_weight,
         q_bias,
-        actions[mask].long(),
+        labels[:, 1:][tokens.mask].long(),
         alpha_tilde=config.alpha_tilde,
         alpha_0=config.alpha_0,
         chunk_size=chunk_size,
     )
-    return _backends.pairwise_fn(name)(token_rewards(q_taken, value, mask, config), mask, config)
+    return (impl.pairwise or pairwise_loss)(token_rewards(q_taken, value, tokens, config), tokens, config)
 
 
 def qadapter_loss(
@@ -48,15 +39,10 @@ def qadapter_loss(
     *,
     q_weight: torch.Tensor | None = None,
     q_bias: torch.Tensor | None = None,
-    alpha_tilde: float = 1.0,
-    alpha_0: float = 0.01,
-    gamma: float = 1.0,
-    beta: float = 0.1,
-    value_at: str = "current",
-    reward_norm: str = "padded",
-    ignore_index: int = -100,
+    config: LossConfig | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    **options,
 ) -> QAdapterLossOutput:
     """Q-Adapter Bradley-Terry loss on preference pairs, without holding the full logits.
 
@@ -68,34 +54,26 @@ def qadapter_loss(
             marks positions that are not scored. Rows ``0..B/2-1`` are chosen, row ``k + B/2``
             is the rejected response of pair ``k``.
         q_weight, q_bias: optional Q head (``[V, d]``, ``[V]``); defaults to the frozen ``weight``.
-        alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm: see DESIGN section 2.
-        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or ``"cuda"`` (see :func:`backends`).
+        config: the loss options (:class:`LossConfig`); ``**options`` overrides single fields
+            (``alpha_tilde``, ``alpha_0``, ``gamma``, ``beta``, ``value_at``, ``reward_norm``,
+            ``ignore_index``: docs/design.md, "The method").
+        backend: ``"auto"`` or a name of :func:`backends` (which also says why one cannot run).
         chunk_size: tokens per chunk for chunked backends; ``None`` picks it from a memory budget.
     """
-    config = LossConfig(alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm, ignore_index)
+    config = LossConfig.from_options(config, **options)
     return _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size)
 
 
 class QAdapterLoss(nn.Module):
-    """:func:`qadapter_loss` as a module holding its hyper-parameters."""
+    """:func:`qadapter_loss` as a module holding its options (a :class:`LossConfig`)."""
 
     def __init__(
-        self,
-        *,
-        alpha_tilde: float = 1.0,
-        alpha_0: float = 0.01,
-        gamma: float = 1.0,
-        beta: float = 0.1,
-        value_at: str = "current",
-        reward_norm: str = "padded",
-        ignore_index: int = -100,
-        backend: str = "auto",
-        chunk_size: int | None = None,
+        self, config: LossConfig | None = None, *, backend: str = "auto", chunk_size: int | None = None, **options
     ) -> None:
         super().__init__()
-        self.config = LossConfig(alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm, ignore_index)
-        _backends.check_name(backend)
-        _check_chunk_size(chunk_size)
+        self.config = LossConfig.from_options(config, **options)
+        registry.check_name(backend)
+        check_chunk_size(chunk_size)
         self.backend = backend
         self.chunk_size = chunk_size
 
@@ -113,8 +91,5 @@ class QAdapterLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"alpha_tilde={c.alpha_tilde}, alpha_0={c.alpha_0}, gamma={c.gamma}, beta={c.beta}, "
-            f"value_at={c.value_at!r}, reward_norm={c.reward_norm!r}, backend={self.backend!r}"
-        )
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config.as_dict().items())
+        return f"{options}, backend={self.backend!r}"

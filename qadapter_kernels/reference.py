@@ -10,11 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._contract import LossConfig, QAdapterLossOutput, pairwise_loss
+from .registry import Backend
+from .config import LossConfig
+from .inputs import stats_dtype
+from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0):
+    """Q-values and soft values ``V = alpha~ lse((Q + alpha_0 log_softmax(z)) / alpha~)`` over whole rows."""
+    ct = stats_dtype(h_q.dtype)
+    z = h_b.detach().to(ct) @ weight.detach().to(ct).T  # the frozen side: no gradient, ever
+    q = h_q.to(ct) @ wq.to(ct).T
+    if q_bias is not None:
+        q = q + q_bias.to(ct)
+    log_pi1 = torch.log_softmax(z, dim=-1)
+    return q, alpha_tilde * torch.logsumexp((q + alpha_0 * log_pi1) / alpha_tilde, dim=-1)
 
 
 def qadapter_loss_reference(
@@ -26,31 +36,33 @@ def qadapter_loss_reference(
     q_bias: torch.Tensor | None,
     config: LossConfig,
 ) -> QAdapterLossOutput:
-    """DESIGN section 2, line by line, over the whole ``[B, T, V]`` logits."""
-    ct = _compute_dtype(q_hidden.dtype)
+    """docs/design.md, "The loss", line by line, over the whole ``[B, T, V]`` logits."""
     wq = weight.detach() if q_weight is None else q_weight  # the shared head stays frozen
-    # The frozen side: no gradient ever reaches base_hidden or weight.
-    z = base_hidden.detach().to(ct) @ weight.detach().to(ct).T
-    q = q_hidden.to(ct) @ wq.to(ct).T
-    if q_bias is not None:
-        q = q + q_bias.to(ct)
-    log_pi1 = torch.log_softmax(z, dim=-1)
-    value = config.alpha_tilde * torch.logsumexp(
-        (q + config.alpha_0 * log_pi1) / config.alpha_tilde, dim=-1
-    )  # [B, T]
+    q, value = _values(base_hidden, q_hidden, weight, wq, q_bias, config.alpha_tilde, config.alpha_0)  # [B, T, V], [B, T]
 
-    # Position t is scored by the action labels[t + 1] (Hugging Face alignment).
-    actions = labels[:, 1:]
-    mask = actions != config.ignore_index
-    q_taken = q[:, :-1].gather(-1, actions.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    # Position t is scored by the target labels[t + 1] (Hugging Face alignment).
+    targets = labels[:, 1:]
+    mask = targets != config.ignore_index
+    q_taken = q[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     if config.value_at == "current":
         soft_value = value[:, :-1]
     else:  # "next": V_{t+1}, counted only when t+1 is scored itself.
         next_mask = F.pad(mask[:, 1:], (0, 1), value=False)
         soft_value = torch.where(next_mask, value[:, 1:], torch.zeros_like(value[:, 1:]))
-    token_rewards = torch.where(mask, q_taken - config.gamma * soft_value, torch.zeros_like(q_taken))
-    return pairwise_loss(token_rewards, mask, config)
+    rewards = torch.where(mask, q_taken - config.gamma * soft_value, torch.zeros_like(q_taken))
+    return pairwise_loss(rewards[mask], ScoredTokens.from_labels(labels, config.ignore_index), config)
 
 
-def backend_status() -> tuple[bool, str]:
-    return True, ""
+def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, *, alpha_tilde, alpha_0, chunk_size=None):
+    """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd."""
+    del chunk_size  # nothing is chunked here
+    q, value = _values(base, hq, weight, q_weight, q_bias, alpha_tilde, alpha_0)
+    return q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), value
+
+
+BACKEND = Backend(
+    name="reference",
+    summary="eager, materializes the [N, V] logits: the executable spec",
+    token_stats=reference_token_stats,
+    availability=lambda: (True, ""),
+)

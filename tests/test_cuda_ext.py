@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from qadapter_kernels import _cuda, combine_logits
-from qadapter_kernels._contract import LossConfig, pairwise_loss
+from qadapter_kernels.config import LossConfig
+from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.chunked import torch_row_step
 
 from conftest import loss_and_grads, make_inputs
@@ -203,7 +204,7 @@ def _rewards(batch, width, *, seed, scale):
     mask[1 % batch] = False  # a row that scores nothing
     mask[0, 0] = True
     rewards = torch.randn(batch, width, generator=g, device="cuda") * scale
-    return rewards * mask, mask
+    return rewards[mask], ScoredTokens.from_mask(mask)
 
 
 @gpu
@@ -211,29 +212,25 @@ def _rewards(batch, width, *, seed, scale):
 @pytest.mark.parametrize("reward_norm", ["padded", "mean", "sum"])
 @pytest.mark.parametrize(("batch", "width", "scale"), [(2, 5, 1.0), (8, 33, 0.5), (40, 257, 3.0), (6, 1000, 10.0)])
 def test_pairwise_matches_contract(ext, reward_norm, batch, width, scale):
-    """Forward stats and dL/dr_t against _contract.pairwise_loss + autograd (scale 10: softplus > 20)."""
-    rewards, mask = _rewards(batch, width, seed=batch + width, scale=scale)
+    """Forward stats and dL/dr_t against pairwise.pairwise_loss + autograd (scale 10: softplus > 20)."""
+    rewards, tokens = _rewards(batch, width, seed=batch + width, scale=scale)
     config = LossConfig(beta=0.3, reward_norm=reward_norm)
     r_ref = rewards.clone().requires_grad_()
-    want = pairwise_loss(r_ref, mask, config)
+    want = pairwise_loss(r_ref, tokens, config)
     (want_grad,) = torch.autograd.grad(want.loss, r_ref)
 
     r_cuda = rewards.clone().requires_grad_()
-    got = _cuda.pairwise_bt(r_cuda, mask, config)
+    got = _cuda.pairwise_loss(r_cuda, tokens, config)
     (got_grad,) = torch.autograd.grad(got.loss, r_cuda)
     for field in got._fields:
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=1e-6, msg=field)
-    # Unscored positions hold constant zeros (token_rewards fills them): the contract's sum over
-    # the padded row gives them a gradient that goes nowhere; the kernel, on packed rewards, none.
-    torch.testing.assert_close(got_grad[mask], want_grad[mask], rtol=2e-5, atol=1e-7)
-    assert got_grad[~mask].eq(0).all()
+    torch.testing.assert_close(got_grad, want_grad, rtol=2e-5, atol=1e-7)
 
     # Raw op with poisoned outputs: every output element is written.
-    packed = rewards[mask]
-    seq, stats, grad = (torch.full((n,), float("nan"), device="cuda") for n in (batch, 5, packed.numel()))
-    ext.pairwise_bt(packed, mask.sum(1), width, 0.3, ("padded", "mean", "sum").index(reward_norm), seq, stats, grad)
+    seq, stats, grad = (torch.full((n,), float("nan"), device="cuda") for n in (batch, 5, rewards.numel()))
+    ext.pairwise_bt(rewards, tokens.counts, width, 0.3, ("padded", "mean", "sum").index(reward_norm), seq, stats, grad)
     assert not (seq.isnan().any() or stats.isnan().any() or grad.isnan().any())
-    torch.testing.assert_close(grad, want_grad[mask], rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=2e-5, atol=1e-7)
 
 
 @gpu
@@ -335,30 +332,29 @@ def test_qadapter_loss_cuda_backend(ext, dtype, head, value_at):
 
 @gpu
 @needs_gpu
-def test_pairwise_bt_in_the_loss_path(ext):
-    """token_rewards -> pairwise_bt equals token_rewards -> pairwise_loss on real token stats."""
-    from qadapter_kernels._contract import token_rewards
-
+def test_pairwise_kernel_in_the_loss_path(ext):
+    """token_rewards -> the CUDA pairwise loss equals token_rewards -> pairwise_loss on real token stats."""
     inputs = make_inputs(batch=4, seq=30, hidden=32, vocab=1000, device="cuda", seed=9)
     config = LossConfig(value_at="next")
-    mask = inputs["labels"][:, 1:] != config.ignore_index
+    tokens = ScoredTokens.from_labels(inputs["labels"], config.ignore_index)
+    mask = tokens.mask
     base, hq = inputs["base_hidden"][:, :-1][mask], inputs["q_hidden"][:, :-1][mask]
     w = inputs["weight"]
-    qa, v = _cuda.token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask], alpha_tilde=1.0, alpha_0=0.01)
-    rewards = token_rewards(qa, v, mask, config)
-    got, want = _cuda.pairwise_bt(rewards, mask, config), pairwise_loss(rewards, mask, config)
+    qa, v = _cuda.cuda_token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask], alpha_tilde=1.0, alpha_0=0.01)
+    rewards = token_rewards(qa, v, tokens, config)
+    got, want = _cuda.pairwise_loss(rewards, tokens, config), pairwise_loss(rewards, tokens, config)
     torch.testing.assert_close(got.loss, want.loss, rtol=2e-5, atol=1e-6)
     g_got, g_want = (torch.autograd.grad(o.loss, inputs["q_hidden"], retain_graph=True)[0] for o in (got, want))
     torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-6)
 
 
-def test_pairwise_bt_falls_back_off_gpu():
+def test_pairwise_kernel_falls_back_off_gpu():
     """CPU or float64 rewards take the shared torch path: same object fields, same numbers."""
-    rewards = torch.randn(4, 6, dtype=torch.float64)
     mask = torch.rand(4, 6) < 0.6
     mask[0, 0] = True
-    rewards = rewards * mask
-    got, want = _cuda.pairwise_bt(rewards, mask, LossConfig()), pairwise_loss(rewards, mask, LossConfig())
+    tokens = ScoredTokens.from_mask(mask)
+    rewards = torch.randn(int(mask.sum()), dtype=torch.float64)
+    got, want = _cuda.pairwise_loss(rewards, tokens, LossConfig()), pairwise_loss(rewards, tokens, LossConfig())
     for field in want._fields:
         assert torch.equal(getattr(got, field), getattr(want, field))
 

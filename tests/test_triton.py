@@ -24,11 +24,11 @@ pytest.importorskip("triton")
 from conftest import loss_and_grads, make_inputs  # noqa: E402
 from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
 from qadapter_kernels.chunked import chunked_token_stats, torch_row_step  # noqa: E402
+from qadapter_kernels.triton import combine_logits as triton_combine_logits  # noqa: E402
 from qadapter_kernels.triton import fused  # noqa: E402
 from qadapter_kernels.triton import (  # noqa: E402
     backend_status,
     chunked_triton_token_stats,
-    combine_last,
     fused_token_stats,
     triton_row_step,
 )
@@ -201,15 +201,15 @@ def test_row_step_strided_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(3, 203), (2, 2, 70), (1, 1)])
-def test_combine_last_matches_combine_logits(dtype, shape):
+def test_triton_combine_matches_combine_logits(dtype, shape):
     g = torch.Generator().manual_seed(len(shape))
     z = (4 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE)
     q = (4 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE)
-    got = combine_last(z, q, alpha_tilde=0.6, alpha_0=0.1)
+    got = triton_combine_logits(z, q, alpha_tilde=0.6, alpha_0=0.1)
     assert got.dtype == torch.float32 and got.shape == z.shape
     torch.testing.assert_close(got, combine_logits(z, q, alpha_tilde=0.6, alpha_0=0.1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="q_values must have base_logits' shape"):
-        combine_last(z, q[..., :-1])
+        triton_combine_logits(z, q[..., :-1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for GPUs on machines without one")
@@ -243,7 +243,7 @@ def test_bfloat16_row_step_and_combine_on_gpu():
     got = triton_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.bfloat16)
     for w, g in zip(want, got):
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=1e-4)
-    torch.testing.assert_close(combine_last(z, q), combine_logits(z, q), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_combine_logits(z, q), combine_logits(z, q), rtol=1e-5, atol=1e-5)
 
 
 def test_forward_only_under_no_grad():
@@ -329,7 +329,7 @@ def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
     _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
     assert len(seen) == 2  # forward, backward
     triton_row_step(base @ weight.T, hq.detach() @ weight.T, targets, 1.0, 0.01, torch.float32)
-    combine_last(base @ weight.T, hq.detach() @ weight.T)
+    triton_combine_logits(base @ weight.T, hq.detach() @ weight.T)
     assert len(seen) == 4 and all(d == hq.device for d in seen)
 
     class FakeCudaDevice:  # a CUDA device index without a GPU: what the guard would switch to
@@ -375,14 +375,14 @@ def test_auto_on_cuda_picks_the_measured_fastest():
     """On a CUDA device "auto" takes the chunked pipeline with the Triton row step (fastest in the
     H200 run, no compiled extension needed), never the fully fused kernels, and keeps float64 off
     the float32 kernels."""
-    from qadapter_kernels import _backends
+    from qadapter_kernels import registry
 
     cuda = torch.device("cuda")
-    assert _backends.resolve("auto", cuda, torch.bfloat16) == "chunked-triton"
-    assert _backends.resolve("auto", cuda, torch.float32) == "chunked-triton"
-    assert _backends.resolve("auto", cuda, torch.float64) in ("cuda", "chunked")
-    assert "triton" not in _backends._AUTO_ORDER["cuda"]
-    assert _backends.resolve("auto", torch.device("cpu"), torch.float32) == "chunked"
+    assert registry.resolve("auto", cuda, torch.bfloat16).name == "chunked-triton"
+    assert registry.resolve("auto", cuda, torch.float32).name == "chunked-triton"
+    assert registry.resolve("auto", cuda, torch.float64).name in ("cuda", "chunked")
+    assert "triton" not in registry._AUTO_ORDER["cuda"]
+    assert registry.resolve("auto", torch.device("cpu"), torch.float32).name == "chunked"
 
 
 def test_interpreter_numpy_guard():

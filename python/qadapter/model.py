@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qadapter_kernels import QAdapterLossOutput, combine_logits, qadapter_loss
-from qadapter_kernels._contract import LossConfig
+from qadapter_kernels import LossConfig
 
 from .defaults import DEFAULT_MODEL, load_base
 

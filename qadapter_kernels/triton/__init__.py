@@ -1,14 +1,18 @@
-"""Triton backend: fused token statistics, a fused row step for the chunked pipeline, decode combine.
+"""Triton backends: the fully fused token statistics, the chunked pipeline with a fused row step,
+and the decode combine.
 
-- :func:`token_stats` (``fused.py``): the backend's ``token_stats`` contract, fully fused, no
-  ``[N, V]`` tensor (logit tiles live on chip; the backward recomputes them).
-- :func:`triton_row_step` (``row_step.py``): the ``chunked.RowStep`` contract in one kernel, and
-  :func:`chunked_triton_token_stats`, the chunked pipeline (torch GEMMs) using it.
-- :func:`combine_last` (``decode.py``): the customized policy's log-probs from held logits.
+- ``FUSED_BACKEND`` ("triton", ``fused.py``): the ``token_stats`` contract with no ``[N, V]``
+  tensor (logit tiles live on chip; the backward recomputes them).
+- ``CHUNKED_BACKEND`` ("chunked-triton"): ``chunked.chunked_token_stats`` with
+  :func:`triton_row_step` (``row_step.py``): torch GEMMs per chunk, one fused kernel between them.
+  It moves ``[chunk, V]`` buffers through memory instead of re-reading ``E_p[Wq]`` per vocabulary
+  tile, and is the faster of the two on a GPU (docs/architecture.md, "Choosing a backend").
+- :func:`combine_logits` (``decode.py``): the customized policy's log-probs from held logits.
 
 The kernels run on CUDA GPUs, or on CPU under Triton's interpreter when ``TRITON_INTERPRET=1`` is
 set before triton is first imported (by anything: the kernels and triton.language's helpers are
-built at import; slow, for tests). Inputs are float16, bfloat16 or float32.
+built at import; slow, for tests). Inputs are float16, bfloat16 or float32. Importing this package
+without triton installed raises ImportError, which the registry reports as the reason.
 """
 
 from __future__ import annotations
@@ -17,26 +21,19 @@ import functools
 
 import torch
 
-try:
-    import triton  # noqa: F401
-except ImportError as exc:  # the backend is optional: report why, never fail the package import
-    _MISSING = f"triton cannot be imported ({exc})"
-else:
-    _MISSING = ""
-    from .. import chunked
-    from ._common import INTERPRET, interpreter_problem
-    from .decode import combine_last
-    from .fused import fused_token_stats, token_stats
-    from .row_step import triton_row_step
+from .. import chunked
+from ..registry import Backend
+from ._common import INTERPRET, interpreter_problem
+from .decode import combine_logits
+from .fused import fused_token_stats, token_stats
+from .row_step import triton_row_step
 
-    chunked_triton_token_stats = functools.partial(chunked.chunked_token_stats, row_step=triton_row_step)
-    """``chunked.chunked_token_stats`` with the Triton row step (torch GEMMs, one fused kernel per chunk)."""
+chunked_triton_token_stats = functools.partial(chunked.chunked_token_stats, row_step=triton_row_step)
+"""``chunked.chunked_token_stats`` with the Triton row step (torch GEMMs, one fused kernel per chunk)."""
 
 
 def backend_status() -> tuple[bool, str]:
-    """Usable when triton imports and there is a CUDA GPU, or the kernels were built for the interpreter."""
-    if _MISSING:
-        return False, _MISSING
+    """Usable where there is a CUDA GPU, or where the kernels were built for the interpreter."""
     if interpreter_problem():
         return False, interpreter_problem()
     if not (torch.cuda.is_available() or INTERPRET):
@@ -46,11 +43,29 @@ def backend_status() -> tuple[bool, str]:
     return True, ""
 
 
+FUSED_BACKEND = Backend(
+    name="triton",
+    summary="fully fused, no [N, V] or [chunk, V] buffer; deterministic",
+    token_stats=token_stats,
+    availability=backend_status,
+    float64=False,
+    combine=combine_logits,
+)
+CHUNKED_BACKEND = Backend(
+    name="chunked-triton",
+    summary="chunked pipeline with the Triton row step (one kernel per chunk)",
+    token_stats=chunked_triton_token_stats,
+    availability=backend_status,
+    float64=False,
+    combine=combine_logits,
+)
+
 __all__ = [
+    "CHUNKED_BACKEND",
+    "FUSED_BACKEND",
     "backend_status",
     "chunked_triton_token_stats",
-    "combine_last",
+    "combine_logits",
     "fused_token_stats",
-    "token_stats",
     "triton_row_step",
 ]

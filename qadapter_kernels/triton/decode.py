@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..combine import check_combine_inputs
+from ..config import LossConfig
 from ._common import check_kernel_inputs, launch_guard, row_major
 from .row_step import _MAX_BLOCK_V, _NUM_WARPS, _load_block, _online_lse
 
@@ -49,8 +50,12 @@ def _combine_kernel(
         tl.store(out_row + start + cols, c - lse, mask=start + cols < V)
 
 
-def combine_last(
-    base_logits: torch.Tensor, q_values: torch.Tensor, *, alpha_tilde: float = 1.0, alpha_0: float = 0.01
+def combine_logits(
+    base_logits: torch.Tensor,
+    q_values: torch.Tensor,
+    *,
+    alpha_tilde: float = LossConfig.alpha_tilde,
+    alpha_0: float = LossConfig.alpha_0,
 ) -> torch.Tensor:
     """Combined-policy log-probs ``[..., V]`` in float32 (typically ``[B, V]``, the last position)."""
     alpha_tilde, alpha_0 = check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0)

@@ -1,0 +1,79 @@
+"""The loss options: one validated, frozen record whose fields and defaults every entry point uses.
+
+``qadapter_loss``, ``QAdapterLoss``, the combine functions, the model layer (``QAdapterModel``,
+``QAdapterConfig``), the command line and the benchmarks all take the options and their defaults
+from :class:`LossConfig`; a default is written here and nowhere else. The meaning of each option
+is in docs/design.md ("The method").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+VALUE_AT = ("current", "next")
+REWARD_NORM = ("padded", "mean", "sum")
+
+
+def check_real(name: str, value: object, *, positive: bool = False, non_negative: bool = False) -> float:
+    """``value`` as a finite float, or a TypeError / ValueError naming ``name`` and the expectation."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The Q-Adapter loss options, validated on construction. The defaults are the authors'."""
+
+    alpha_tilde: float = field(default=1.0, metadata={"help": "temperature of the customized policy (> 0)"})
+    alpha_0: float = field(default=0.01, metadata={"help": "weight of the frozen model's log-probs (>= 0)"})
+    gamma: float = field(default=1.0, metadata={"help": "discount of the soft value in the rewards (>= 0)"})
+    beta: float = field(default=0.1, metadata={"help": "weight of the chi2 reward regularizer (>= 0)"})
+    value_at: str = field(default="current", metadata={"help": "soft value of the token itself or the next one",
+                                                        "choices": VALUE_AT})
+    reward_norm: str = field(default="padded", metadata={"help": "per-sequence reward: sum over the padded length, "
+                                                          "the scored tokens, or 1", "choices": REWARD_NORM})
+    ignore_index: int = field(default=-100, metadata={"help": "label of positions that are not scored"})
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "alpha_tilde", check_real("alpha_tilde", self.alpha_tilde, positive=True))
+        set_(self, "alpha_0", check_real("alpha_0", self.alpha_0, non_negative=True))
+        set_(self, "gamma", check_real("gamma", self.gamma, non_negative=True))
+        set_(self, "beta", check_real("beta", self.beta, non_negative=True))
+        check_choice("value_at", self.value_at, VALUE_AT)
+        check_choice("reward_norm", self.reward_norm, REWARD_NORM)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, config: LossConfig | None = None, **options) -> LossConfig:
+        """``config`` (default: the defaults) with ``options`` replaced; an unknown name is a TypeError."""
+        unknown = sorted(set(options) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown loss option(s) {', '.join(unknown)}; the options are {', '.join(cls.names())}")
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+        return dataclasses.replace(config or cls(), **options)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,125 @@
+"""What the loss and combine entry points accept, with errors that name the argument, and the
+precision every backend computes its statistics in."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LossConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every reduction and statistic runs in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    """``chunk_size`` is a positive int or None (automatic): 0, negatives and floats are refused."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None (automatic); got {chunk_size!r}")
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+    return t
+
+
+def check_head(
+    weight: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    q_bias: torch.Tensor | None,
+    *,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Checks the frozen head and the optional Q head against the hidden states."""
+    check_float_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden_size:
+        raise ValueError(f"weight must be [V, d] with d={hidden_size} (the hidden size); got {describe(weight)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    vocab = weight.shape[0]
+    named = [("weight", weight)]
+    if q_weight is not None:
+        check_float_tensor("q_weight", q_weight)
+        if tuple(q_weight.shape) != (vocab, hidden_size):
+            raise ValueError(f"q_weight must be [V, d] = [{vocab}, {hidden_size}] like weight; got {describe(q_weight)}")
+        named.append(("q_weight", q_weight))
+    if q_bias is not None:
+        check_float_tensor("q_bias", q_bias)
+        if tuple(q_bias.shape) != (vocab,):
+            raise ValueError(f"q_bias must be [V] = [{vocab}]; got {describe(q_bias)}")
+        named.append(("q_bias", q_bias))
+    for name, t in named:
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must have the hidden states' dtype {dtype}; got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on the hidden states' device {device}; got {t.device}")
+
+
+def check_loss_inputs(
+    base_hidden: torch.Tensor,
+    q_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    q_bias: torch.Tensor | None,
+    config: LossConfig,
+) -> None:
+    """Raises a clear error, naming the argument, for every malformed input."""
+    check_float_tensor("base_hidden", base_hidden)
+    check_float_tensor("q_hidden", q_hidden)
+    if q_hidden.dim() != 3:
+        raise ValueError(f"q_hidden must be [B, T, d]; got {describe(q_hidden)}")
+    if base_hidden.shape != q_hidden.shape:
+        raise ValueError(
+            f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)}; got {tuple(base_hidden.shape)}"
+        )
+    batch, seq, hidden = q_hidden.shape
+    if batch == 0 or batch % 2:
+        raise ValueError(
+            f"the batch size B (dim 0 of q_hidden) must be even and > 0: rows 0..B/2-1 are the chosen "
+            f"responses, rows B/2.. the rejected ones; got B={batch}"
+        )
+    if seq < 2:
+        raise ValueError(f"the sequence length T (dim 1 of q_hidden) must be >= 2; got T={seq}")
+    if base_hidden.dtype != q_hidden.dtype:
+        raise TypeError(f"base_hidden must have q_hidden's dtype {q_hidden.dtype}; got {base_hidden.dtype}")
+    if base_hidden.device != q_hidden.device:
+        raise ValueError(f"base_hidden must be on q_hidden's device {q_hidden.device}; got {base_hidden.device}")
+    check_head(weight, q_weight, q_bias, hidden_size=hidden, dtype=q_hidden.dtype, device=q_hidden.device)
+
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (token ids); got {labels.dtype}")
+    if tuple(labels.shape) != (batch, seq):
+        raise ValueError(f"labels must be [B, T] = [{batch}, {seq}]; got shape {tuple(labels.shape)}")
+    if labels.device != q_hidden.device:
+        raise ValueError(f"labels must be on q_hidden's device {q_hidden.device}; got {labels.device}")
+    targets = labels[:, 1:]
+    scored = targets != config.ignore_index
+    vocab = weight.shape[0]
+    bad = scored & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) (the vocabulary size V) or equal ignore_index="
+            f"{config.ignore_index}; found {value}"
+        )
+    if not bool(scored.any()):
+        raise ValueError(
+            "labels score no token at all: every labels[:, 1:] equals ignore_index, so the loss is undefined"
+        )

@@ -1,0 +1,90 @@
+"""The light half of the loss, written once: per-token rewards from the token statistics, then
+per-sequence rewards, the chosen/rejected pairing, Bradley-Terry and chi2 (docs/design.md,
+"The loss").
+
+Rewards stay packed, one entry per scored token in row order, from the token statistics to the
+loss; :class:`ScoredTokens` says where each entry sits. Autograd carries the loss gradient back to
+the per-token statistics (``g_a`` and ``g_v`` of docs/design.md, "The gradient in closed form").
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import LossConfig
+
+
+class QAdapterLossOutput(NamedTuple):
+    """Result of :func:`qadapter_loss`. Only ``loss`` carries a gradient."""
+
+    loss: torch.Tensor
+    bt_loss: torch.Tensor
+    chi2_loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+
+
+class ScoredTokens(NamedTuple):
+    """Where the packed scored tokens sit. Position ``t`` of row ``b`` is scored by ``labels[b, t+1]``."""
+
+    mask: torch.Tensor  # [B, T-1] bool: position scored
+    rows: torch.Tensor  # [N] int64: the row of each packed token
+    counts: torch.Tensor  # [B] int64: scored tokens per row
+    next_scored: torch.Tensor  # [N] bool: position t+1 of the same row is scored (the next packed token)
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor, ignore_index: int) -> ScoredTokens:
+        return cls.from_mask(labels[:, 1:] != ignore_index)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> ScoredTokens:
+        rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+        next_scored = F.pad(mask[:, 1:], (0, 1), value=False)[mask]
+        return cls(mask, rows, mask.sum(dim=1), next_scored)
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def padded_len(self) -> int:
+        """``T - 1``: the length the ``padded`` reward norm divides by."""
+        return self.mask.shape[1]
+
+
+def token_rewards(q_taken: torch.Tensor, value: torch.Tensor, tokens: ScoredTokens, config: LossConfig) -> torch.Tensor:
+    """Packed per-token rewards ``r_t = Q[t, a_t] - gamma * V`` (``V_t``, or ``V_{t+1}`` when ``t+1`` is scored)."""
+    if config.value_at == "current":
+        return q_taken - config.gamma * value
+    next_value = torch.where(tokens.next_scored, value.roll(-1), torch.zeros_like(value))
+    return q_taken - config.gamma * next_value
+
+
+def pairwise_loss(rewards: torch.Tensor, tokens: ScoredTokens, config: LossConfig) -> QAdapterLossOutput:
+    """BT + chi2 from packed per-token rewards."""
+    sums = torch.zeros(tokens.batch, dtype=rewards.dtype, device=rewards.device).index_add(0, tokens.rows, rewards)
+    if config.reward_norm == "padded":
+        seq_rewards = sums / tokens.padded_len
+    elif config.reward_norm == "mean":
+        seq_rewards = sums / tokens.counts.clamp(min=1).to(sums.dtype)
+    else:
+        seq_rewards = sums
+    half = tokens.batch // 2
+    chosen, rejected = seq_rewards[:half], seq_rewards[half:]
+    bt = F.softplus(rejected - chosen).mean()
+    chi2 = config.beta * rewards.square().sum() / rewards.shape[0]
+    chosen_d, rejected_d = chosen.detach(), rejected.detach()
+    return QAdapterLossOutput(
+        loss=bt + chi2,
+        bt_loss=bt.detach(),
+        chi2_loss=chi2.detach(),
+        chosen_rewards=chosen_d,
+        rejected_rewards=rejected_d,
+        accuracy=(chosen_d > rejected_d).to(chosen_d.dtype).mean(),
+        margin=(chosen_d - rejected_d).mean(),
+    )

@@ -1,0 +1,97 @@
+"""The backend registry: each backend's declared record, whether it runs here (and why not), and
+the ``auto`` choice.
+
+Every backend implements one contract, ``token_stats``: from the packed scored tokens it returns
+``(Q[t, a_t], V_t)`` with gradients to ``q_hidden``, ``q_weight`` and ``q_bias`` (the signature of
+``chunked.chunked_token_stats``). The rest of the loss (rewards, pairing, BT, chi2) is shared, in
+``pairwise.py``; a backend may declare a fused replacement (``pairwise``) and a combine for decoding
+(``combine``). Records are imported lazily, so a missing optional dependency only disables its
+backend, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import check_choice
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend is and offers. ``availability()`` says whether it runs here, and why not."""
+
+    name: str
+    summary: str
+    token_stats: Callable
+    availability: Callable[[], tuple[bool, str]]
+    float64: bool = True  # False: its kernels compute in float32 at most and refuse float64
+    pairwise: Callable | None = None  # replaces pairwise.pairwise_loss (same signature)
+    combine: Callable | None = None  # combined-policy log-probs of held logits (combine.combine_logits' contract)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here and, when it cannot, why."""
+
+    name: str
+    available: bool
+    reason: str = ""
+
+
+# name -> (module, attribute holding its Backend record)
+_RECORDS = {
+    "reference": (".reference", "BACKEND"),
+    "chunked": (".chunked", "BACKEND"),
+    "chunked-triton": (".triton", "CHUNKED_BACKEND"),
+    "triton": (".triton", "FUSED_BACKEND"),
+    "cuda": ("._cuda", "BACKEND"),
+}
+BACKEND_NAMES = ("auto", *_RECORDS)
+# What "auto" tries, fastest first, per device type, as measured on an H200 (docs/architecture.md,
+# "Choosing a backend"): chunked-triton and cuda train at 1.2-1.4x T_gemm3 (within each other's
+# run-to-run spread; chunked-triton needs no compiled extension), chunked at 1.9-2.0x. The fully
+# fused "triton" backend (8-9x: its backward re-reads and re-writes E_p[Wq] per vocabulary tile)
+# is never chosen automatically; it is there to be asked for.
+_AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "chunked")}
+_AUTO_DEFAULT = ("chunked",)
+
+
+def check_name(name: str) -> str:
+    return check_choice("backend", name, BACKEND_NAMES)
+
+
+def get(name: str) -> Backend:
+    """The record of a named backend (not ``auto``); ImportError if its module cannot be imported."""
+    module, attribute = _RECORDS[check_choice("backend", name, tuple(_RECORDS))]
+    return getattr(importlib.import_module(module, __package__), attribute)
+
+
+def status(name: str) -> BackendStatus:
+    try:
+        available, reason = get(name).availability()
+    except ImportError as exc:  # an optional dependency of that backend is missing
+        return BackendStatus(name, False, f"cannot import it: {exc}")
+    return BackendStatus(name, available, reason)
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Each backend's availability on this machine and, for a missing one, the reason."""
+    return {name: status(name) for name in _RECORDS}
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The backend that runs ``name`` on ``device`` for inputs of ``dtype``; raises if it cannot run."""
+    check_name(name)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
+            if status(candidate).available and (dtype != torch.float64 or get(candidate).float64):
+                return get(candidate)
+        return get("chunked")
+    st = status(name)
+    if not st.available:
+        raise RuntimeError(f"backend {name!r} is not available: {st.reason}")
+    return get(name)
