@@ -19,7 +19,7 @@ OPTIONS = [
 
 def plain_loss(base, hq, weight, labels, *, q_weight=None, q_bias=None, alpha_tilde=1.0, alpha_0=0.01,
                gamma=1.0, beta=0.1, value_at="current", reward_norm="padded", ignore_index=-100):
-    """DESIGN section 2 transcribed with Python loops and scalars, in float64."""
+    """docs/design.md, "The loss", transcribed with Python loops and scalars, in float64."""
     batch, seq, _ = base.shape
     wq = weight if q_weight is None else q_weight
     vocab = weight.shape[0]

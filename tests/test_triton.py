@@ -5,7 +5,7 @@ set before triton is first imported by anything: tests/conftest.py is the safe p
 test modules import packages that import triton; if it comes too late, this module is skipped
 with the reason). Shapes are chosen so
 that V, d and N are not multiples of the interpreter's tile sizes (16 x 32 x 16) or row block (64).
-bfloat16 dots are wrong in the interpreter (DESIGN section 5), so bfloat16 is tested on GPU only.
+bfloat16 dots are wrong in the interpreter (docs/design.md, "Numerics and testing"), so bfloat16 is tested on GPU only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from conftest import loss_and_grads, make_inputs  # noqa: E402
 from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
 from qadapter_kernels.chunked import chunked_token_stats, torch_row_step  # noqa: E402
 from qadapter_kernels.triton import combine_logits as triton_combine_logits  # noqa: E402
-from qadapter_kernels.triton import fused  # noqa: E402
+from qadapter_kernels.triton import fused, fused_backward, fused_forward  # noqa: E402
+from qadapter_kernels.triton.fused_tiles import n_bucket  # noqa: E402
 from qadapter_kernels.triton import (  # noqa: E402
     backend_status,
     chunked_triton_token_stats,
@@ -260,7 +261,7 @@ def test_inf_bias_block(backend):
     reference's loss and gradients, not NaN: the online logsumexp must not compute -inf - -inf."""
     from qadapter_kernels.triton import row_step
 
-    block = row_step._MAX_BLOCK_V  # the widest first block of any Triton kernel here
+    block = row_step.MAX_BLOCK_V  # the widest first block of any Triton kernel here
     vocab = 2 * block + 37
     x = make_inputs(batch=4, seq=9, hidden=24, vocab=vocab, seed=17, q_bias=True, device=DEVICE)
     with torch.no_grad():
@@ -345,9 +346,10 @@ def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
 def test_autotune_key_separates_variants():
     """A configuration tuned for the shared head at small N is not reused for a separate, biased
     head or a large N (a different tile footprint: on sm_86/89 in float32 it would not launch)."""
-    for kernel in (fused._forward_kernel, fused._expected_weight_kernel, fused._head_grad_kernel):
+    for kernel in (fused_forward._forward_kernel, fused_backward._expected_weight_kernel,
+                   fused_backward._head_grad_kernel):
         assert {"V", "D", "N_BUCKET", "SHARED", "HAS_BIAS"} <= set(kernel.keys)
-    assert fused._n_bucket(512) == 512 and fused._n_bucket(513) == 1024 and fused._n_bucket(3) == 64
+    assert n_bucket(512) == 512 and n_bucket(513) == 1024 and n_bucket(3) == 64
 
 
 @pytest.mark.gpu

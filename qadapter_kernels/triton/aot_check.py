@@ -58,17 +58,17 @@ def _variants(mode: str):
     """(kernel name, jit function, dtype, constexprs, num_warps, num_stages) to compile."""
     import torch
 
-    from . import decode, fused, row_step
+    from . import decode, fused_backward, fused_forward, row_step
     from ._common import dot_precision
 
     dtypes = ("bfloat16", "float16", "float32") if mode == "full" else ("bfloat16",)
     for dtype in dtypes:
-        yield "row_step", row_step._row_step_kernel, dtype, {"BLOCK_V": 4096}, row_step._NUM_WARPS, 3
-        yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode._NUM_WARPS, 3
+        yield "row_step", row_step._row_step_kernel, dtype, {"BLOCK_V": 4096}, row_step.NUM_WARPS, 3
+        yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode.NUM_WARPS, 3
     kernels = {
-        "forward": (fused._forward_kernel, {}),
-        "expected_weight": (fused._expected_weight_kernel, {"FILTER": mode == "smoke", "P_SCALE": 1.0}),
-        "head_grad": (fused._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True,
+        "forward": (fused_forward._forward_kernel, {}),
+        "expected_weight": (fused_backward._expected_weight_kernel, {"FILTER": mode == "smoke", "P_SCALE": 1.0}),
+        "head_grad": (fused_backward._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True,
                                                 "SCALE_DQ": False}),
     }
     # The separate, biased Q head is the largest variant (one more tile per stage).

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..combine import check_combine_inputs
 from ..config import LossConfig
 from ._common import check_kernel_inputs, launch_guard, row_major
-from .row_step import _MAX_BLOCK_V, _NUM_WARPS, _load_block, _online_lse
+from .row_step import MAX_BLOCK_V, NUM_WARPS, load_block, online_lse
 
 
 @triton.jit
@@ -41,12 +41,12 @@ def _combine_kernel(
     m = float("-inf")
     s = 0.0
     for start in range(0, V, BLOCK_V):
-        _, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
-        m, s = _online_lse(m, s, c)
+        _, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        m, s = online_lse(m, s, c)
     lse = m + tl.log(s)
 
     for start in range(0, V, BLOCK_V):
-        _, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        _, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
         tl.store(out_row + start + cols, c - lse, mask=start + cols < V)
 
 
@@ -72,7 +72,7 @@ def combine_logits(
                 z, q, out,
                 vocab, z.stride(0), q.stride(0), out.stride(0),
                 alpha_tilde, alpha_0,
-                BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
-                num_warps=_NUM_WARPS,
+                BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+                num_warps=NUM_WARPS,
             )
     return out.reshape(base_logits.shape)

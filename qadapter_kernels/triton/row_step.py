@@ -25,12 +25,12 @@ from ._common import INTERPRET, check_kernel_inputs, launch_guard, row_major
 
 # A memory-bound kernel: blocks large enough to keep many loads in flight per warp. The
 # interpreter uses a small block so that tests cross several blocks with small vocabularies.
-_MAX_BLOCK_V = 64 if INTERPRET else 4096
-_NUM_WARPS = 8
+MAX_BLOCK_V = 64 if INTERPRET else 4096
+NUM_WARPS = 8
 
 
 @triton.jit
-def _load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
+def load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
     """Float32 ``z`` and ``c`` of one block of a row, ``-inf`` past the end of the row."""
     in_row = cols < V
     z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -40,7 +40,7 @@ def _load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
 
 
 @triton.jit
-def _online_lse(m, s, x):
+def online_lse(m, s, x):
     """Running (max, sum of exp(x - max)) after one more block ``x``.
 
     While every value so far is ``-inf`` (a masked or ``-inf``-biased first block), the running
@@ -77,9 +77,9 @@ def _row_step_kernel(
     m_c = float("-inf")
     s_c = 0.0
     for start in range(0, V, BLOCK_V):
-        z, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
-        m_z, s_z = _online_lse(m_z, s_z, z)
-        m_c, s_c = _online_lse(m_c, s_c, c)
+        z, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        m_z, s_z = online_lse(m_z, s_z, z)
+        m_c, s_c = online_lse(m_c, s_c, c)
     lse_z = m_z + tl.log(s_z)
     lse_c = m_c + tl.log(s_c)
 
@@ -88,7 +88,7 @@ def _row_step_kernel(
 
     # Pass 2: the policy. Reads each element before this program overwrites it (p may alias q).
     for start in range(0, V, BLOCK_V):
-        z, c = _load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        z, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
         tl.store(p_row + start + cols, tl.exp(c - lse_c).to(p_ptr.dtype.element_ty), mask=start + cols < V)
 
 
@@ -119,7 +119,7 @@ def triton_row_step(
                 z, q, targets, p, q_taken, value,
                 vocab, z.stride(0), q.stride(0), p.stride(0),
                 float(alpha_tilde), float(alpha_0),
-                BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(vocab)),
-                num_warps=_NUM_WARPS,
+                BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+                num_warps=NUM_WARPS,
             )
     return q_taken, value, p
