@@ -310,28 +310,6 @@ def test_decode_filters_on_large_vocab(ext, dtype):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head", ["shared", "trainable"])
-@pytest.mark.parametrize("value_at", ["current", "next"])
-def test_qadapter_loss_cuda_backend(ext, dtype, head, value_at):
-    """The whole loss and its gradients, backend="cuda" vs the reference (float32) or the chunked
-    backend at the same precision (bf16 / fp16: the GEMMs dominate the error, not the row step)."""
-    trainable = head == "trainable"
-    inputs = make_inputs(batch=6, seq=19, hidden=64, vocab=50257, dtype=dtype, q_head=trainable, q_bias=trainable,
-                         device="cuda", seed=3)  # fmt: skip
-    kwargs = dict(value_at=value_at, reward_norm="mean", chunk_size=17, alpha_tilde=0.9, alpha_0=0.05)
-    got, got_grads = loss_and_grads(inputs, backend="cuda", **kwargs)
-    want, want_grads = loss_and_grads(inputs, backend="reference" if dtype == torch.float32 else "chunked", **kwargs)
-    tol = {"rtol": 2e-4, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
-    for field in got._fields:
-        torch.testing.assert_close(getattr(got, field).float(), getattr(want, field).float(), **tol, msg=field)
-    assert got_grads.keys() == want_grads.keys()
-    for name in got_grads:
-        torch.testing.assert_close(got_grads[name].float(), want_grads[name].float(), **tol, msg=name)
-
-
-@gpu
-@needs_gpu
 def test_pairwise_kernel_in_the_loss_path(ext):
     """token_rewards -> the CUDA pairwise loss equals token_rewards -> pairwise_loss on real token stats."""
     inputs = make_inputs(batch=4, seq=30, hidden=32, vocab=1000, device="cuda", seed=9)

@@ -100,3 +100,28 @@ def test_combine_errors():
         combine_logits(z, z, alpha_tilde=0)
     with pytest.raises(ValueError, match="weight must be"):
         combined_logprobs(torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 3))
+
+
+@pytest.mark.parametrize(
+    "options, error, pattern",
+    [
+        (dict(alpha_0=-0.01), ValueError, "alpha_0 must be >= 0"),
+        (dict(gamma=-1.0), ValueError, "gamma must be >= 0"),
+        (dict(alpah_0=0.1), TypeError, "unknown loss option(s) alpah_0"),
+        (dict(config="padded"), TypeError, "config must be a LossConfig"),
+    ],
+)
+def test_loss_options_are_validated(x, options, error, pattern):
+    with pytest.raises(error, match=re.escape(pattern)):
+        call(x, **options)
+    with pytest.raises(error, match=re.escape(pattern)):
+        QAdapterLoss(**options)
+
+
+@pytest.mark.parametrize("chunk_size", [-1, 0, 2.5, True])
+def test_every_chunk_size_entry_validates_it(x, chunk_size):
+    """combined_logprobs(chunk_size=-1) returned uninitialised memory; 0 silently meant automatic."""
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        combined_logprobs(x["base_hidden"], x["q_hidden"].detach(), x["weight"], chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        call(x, chunk_size=chunk_size)
