@@ -103,11 +103,13 @@ def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
     """
     if q.dtype not in KERNEL_DTYPES:
         return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
-    z, q = z.contiguous(), q.contiguous()
-    q_taken = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
-    value = torch.empty_like(q_taken)
-    p = q if p_dtype == q.dtype else torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    extension().row_step(z, q, targets.contiguous(), float(alpha_tilde), float(alpha_0), q_taken, value, p)
+    from . import _cuda_ops
+
+    z, q, targets = z.contiguous(), q.contiguous(), targets.contiguous()
+    if p_dtype == q.dtype:
+        q_taken, value = _cuda_ops.row_step_(z, q, targets, float(alpha_tilde), float(alpha_0))
+        return q_taken, value, q
+    q_taken, value, p = _cuda_ops.row_step(z, q, targets, float(alpha_tilde), float(alpha_0))
     return q_taken, value, p.to(p_dtype)
 
 
@@ -119,10 +121,9 @@ class _PairwiseBT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, packed, counts, padded_len, beta, norm_code):
-        seq_rewards = torch.empty(counts.shape[0], dtype=torch.float32, device=packed.device)
-        stats = torch.empty(5, dtype=torch.float32, device=packed.device)
-        grad = torch.empty_like(packed)
-        extension().pairwise_bt(packed, counts, padded_len, beta, norm_code, seq_rewards, stats, grad)
+        from . import _cuda_ops
+
+        seq_rewards, stats, grad = _cuda_ops.pairwise_bt(packed, counts, padded_len, beta, norm_code)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(seq_rewards)
         return stats, seq_rewards
@@ -200,10 +201,10 @@ def decode_combine(
     lead, vocab = base_logits.shape[:-1], base_logits.shape[-1]
     z = base_logits.reshape(-1, vocab).contiguous()
     q = q_values.reshape(-1, vocab).contiguous()
-    logprobs = torch.empty(z.shape, dtype=torch.float32, device=z.device)
-    sampled = torch.empty(z.shape[0], dtype=torch.int64, device=z.device) if sample else None
-    extension().decode_combine(z, q, alpha_tilde, alpha_0, temperature, top_k, top_p, seed, logprobs, sampled)
-    return logprobs.reshape(*lead, vocab), None if sampled is None else sampled.reshape(lead)
+    from . import _cuda_ops
+
+    logprobs, sampled = _cuda_ops.decode_combine(z, q, alpha_tilde, alpha_0, temperature, top_k, top_p, seed, sample)
+    return logprobs.reshape(*lead, vocab), sampled.reshape(lead) if sample else None
 
 
 BACKEND = Backend(

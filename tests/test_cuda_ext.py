@@ -354,3 +354,38 @@ def test_decode_combine_checks_arguments():
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="not available"):
             _cuda.decode_combine(z, z)
+
+
+def test_custom_ops_trace_without_a_gpu():
+    """The extension's kernels are torch.library ops whose fake implementations give the output
+    shapes and dtypes, so torch.compile traces a step through them (checked here with fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qadapter_kernels import _cuda_ops  # noqa: F401 - registers the ops
+
+    with FakeTensorMode():
+        z, q = torch.empty(3, 11), torch.empty(3, 11, dtype=torch.bfloat16)
+        targets = torch.zeros(3, dtype=torch.long)
+        q_taken, value, p = torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01)
+        assert (q_taken.shape, value.dtype, p.shape, p.dtype) == ((3,), torch.float32, (3, 11), torch.float32)
+        assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01)[0].shape == (3,)
+        seq, stats, grad = torch.ops.qadapter.pairwise_bt(torch.empty(7), torch.zeros(4, dtype=torch.long), 5, 0.1, 0)
+        assert (seq.shape, stats.shape, grad.shape) == ((4,), (5,), (7,))
+        logprobs, sampled = torch.ops.qadapter.decode_combine(z, z, 1.0, 0.01, 1.0, 0, 1.0, 0, True)
+        assert (logprobs.shape, sampled.shape, sampled.dtype) == ((3, 11), (3,), torch.int64)
+        assert torch.ops.qadapter.decode_combine(z, z, 1.0, 0.01, 1.0, 0, 1.0, 0, False)[1].shape == (0,)
+
+
+@gpu
+@needs_gpu
+def test_custom_ops_pass_opcheck(ext):
+    """torch.library.opcheck: schema, fake implementation and autograd registration agree with the kernels."""
+    from qadapter_kernels import _cuda_ops  # noqa: F401
+
+    z, q = _logits(4, 1000, torch.bfloat16, seed=1)
+    targets = torch.randint(0, 1000, (4,), device="cuda")
+    torch.library.opcheck(torch.ops.qadapter.row_step.default, (z, q, targets, 1.0, 0.01))
+    torch.library.opcheck(torch.ops.qadapter.row_step_.default, (z, q.clone(), targets, 1.0, 0.01))
+    rewards, tokens = _rewards(4, 33, seed=2, scale=1.0)
+    torch.library.opcheck(torch.ops.qadapter.pairwise_bt.default, (rewards, tokens.counts, 33, 0.1, 0))
+    torch.library.opcheck(torch.ops.qadapter.decode_combine.default, (z, q, 1.0, 0.01, 0.8, 50, 0.9, 7, True))
