@@ -22,7 +22,7 @@ from .inputs import stats_dtype
 
 # row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype) -> (q_taken, value, p)
 #   z, q:     [C, V] base logits and Q-values as produced by the GEMMs; the step may overwrite them.
-#   targets:  [C] int64 actions.
+#   targets:  [C] int64 token ids (the scored tokens' labels).
 #   q_taken:  [C] Q[t, a_t];  value: [C] alpha~ * lse((Q + alpha_0 * log_softmax(z)) / alpha~);
 #             both in float32 (float64 for float64 inputs).
 #   p:        [C, V] softmax((Q + alpha_0 * z) / alpha~) in p_dtype (may alias z or q).

@@ -51,11 +51,9 @@ _RECORDS = {
     "cuda": ("._cuda", "BACKEND"),
 }
 BACKEND_NAMES = ("auto", *_RECORDS)
-# What "auto" tries, fastest first, per device type, as measured on an H200 (docs/architecture.md,
-# "Choosing a backend"): chunked-triton and cuda train at 1.2-1.4x T_gemm3 (within each other's
-# run-to-run spread; chunked-triton needs no compiled extension), chunked at 1.9-2.0x. The fully
-# fused "triton" backend (8-9x: its backward re-reads and re-writes E_p[Wq] per vocabulary tile)
-# is never chosen automatically; it is there to be asked for.
+# What "auto" tries, fastest first, per device type: the order the GPU check measured
+# (docs/architecture.md, "Choosing a backend", has the rule and the figures). The fully fused
+# "triton" backend is never chosen automatically; it is there to be asked for.
 _AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "chunked")}
 _AUTO_DEFAULT = ("chunked",)
 
