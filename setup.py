@@ -4,17 +4,37 @@ torch and nvcc are present. Installing without CUDA, nvcc or a GPU always succee
 
 ``QADAPTER_BUILD_CUDA=1`` requires the extension (the install fails if it cannot be built),
 ``QADAPTER_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures
-(default ``8.0;8.6;8.9;9.0``). Build against the installed torch: ``pip install --no-build-isolation``.
+(default: every one the kernels support that the installed nvcc targets, ``qadapter_kernels/cuda_archs.py``).
+Build against the installed torch: ``pip install --no-build-isolation``.
+
+The CUDA sources travel inside the package (``qadapter_kernels/csrc`` in the wheel), so an install
+without the compiled extension can still build it just in time on a GPU machine
+(``python -m qadapter_kernels.build_cuda``).
 """
 
 import os
+import runpy
 import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
+CUDA_ARCHS = runpy.run_path(str(ROOT / "qadapter_kernels" / "cuda_archs.py"))
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the package (qadapter_kernels/csrc) for the just-in-time build."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "qadapter_kernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted((ROOT / "csrc").iterdir()):
+            if source.suffix in SOURCE_SUFFIXES:
+                shutil.copyfile(source, target / source.name)
 
 
 def _cuda_toolchain() -> str:
@@ -38,16 +58,17 @@ def _extension_args() -> dict:
     if mode not in ("", "0", "1"):
         raise SystemExit(f"QADAPTER_BUILD_CUDA must be 0 or 1; got {mode!r}")
     if mode == "0":
-        return {}
+        return {"cmdclass": {"build_py": BuildPyWithSources}}
     missing = _cuda_toolchain()
     if missing:
         if mode == "1":
             raise SystemExit(f"QADAPTER_BUILD_CUDA=1 but the CUDA extension cannot be built: {missing}")
         print(f"qadapter-kernels: building without the CUDA extension: {missing}")
-        return {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        return {"cmdclass": {"build_py": BuildPyWithSources}}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS["arch_list"](CUDA_ARCHS["nvcc_version"](nvcc)))
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")) + ["csrc/binding.cpp"]
     ext = CUDAExtension(
         "qadapter_kernels._C",
@@ -55,7 +76,8 @@ def _extension_args() -> dict:
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True),
+                                               "build_py": BuildPyWithSources}}
 
 
 setup(**_extension_args())

@@ -1,9 +1,12 @@
 """The CUDA backend: finds (or builds) the compiled extension ``qadapter_kernels._C`` and wraps it.
 
 The extension comes from ``pip install --no-build-isolation .`` on a machine with a CUDA build of
-torch and nvcc (see setup.py); failing that, it is built just in time from ``csrc/`` with ninja
-on first use and cached under ``build/``. Importing this module never fails: without a GPU,
-nvcc or a successful build, :func:`backend_status` says which of them is missing.
+torch and nvcc (see setup.py); failing that, it is built just in time, on first use, from the
+CUDA sources shipped inside the package (``qadapter_kernels/csrc``; ``csrc/`` in a source
+checkout) with nvcc and ninja, into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, else the
+user's cache directory; never into site-packages). ``python -m qadapter_kernels.build_cuda`` does
+that build on purpose and shows the compiler's output. Importing this module never fails: without
+a GPU, nvcc, ninja or a successful build, :func:`backend_status` says which, and what to run.
 
 What it offers on top of the kernels (csrc/qadapter_kernels.h):
 
@@ -29,7 +32,16 @@ from .chunked import chunked_token_stats, torch_row_step
 from .config import REWARD_NORM, LossConfig, check_real
 from .pairwise import QAdapterLossOutput, ScoredTokens
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+BUILD_COMMAND = "python -m qadapter_kernels.build_cuda"
+
+
+def sources_dir() -> Path | None:
+    """The CUDA sources: inside the installed package, else the checkout's csrc/; None if neither."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "binding.cpp").is_file():
+            return candidate
+    return None
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PAIRWISE_MAX_BATCH = 2048  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
 _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_reward_norm
@@ -42,30 +54,28 @@ def _error_summary(message: str, limit: int = 1500) -> str:
     return " | ".join(errors[:6] or lines[-6:])[:limit]
 
 
-def _jit_build(prebuilt_error: str):
+def jit_build(prebuilt_error: str = "", *, verbose: bool = False):
+    """``(module, "")`` built (or found in the cache) from the shipped sources, or ``(None, why not)``."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     if CUDA_HOME is None and shutil.which("nvcc") is None:
-        return None, f"nvcc not found, and the prebuilt extension does not import ({prebuilt_error})"
-    if not (_CSRC / "binding.cpp").is_file():
-        return None, f"the prebuilt extension does not import ({prebuilt_error}) and there is no csrc/ to build it from"
-    build_dir = _CSRC.parent / "build" / f"jit-torch-{torch.__version__}"
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        build_dir = None  # read-only tree: torch's default extensions directory
+        return None, f"nvcc not found (install the CUDA toolkit matching torch {torch.version.cuda}, or set CUDA_HOME)"
+    if shutil.which("ninja") is None:
+        return None, "ninja not found: pip install ninja, then " + BUILD_COMMAND
+    csrc = sources_dir()
+    if csrc is None:
+        return None, f"the prebuilt extension does not import ({prebuilt_error}) and no CUDA sources are installed"
     try:
         module = load(
             name="qadapter_kernels_C",
-            sources=[str(p) for p in sorted(_CSRC.glob("*.cu"))] + [str(_CSRC / "binding.cpp")],
-            extra_include_paths=[str(_CSRC)],
+            sources=[str(p) for p in sorted(csrc.glob("*.cu"))] + [str(csrc / "binding.cpp")],
+            extra_include_paths=[str(csrc)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
-            build_directory=None if build_dir is None else str(build_dir),
-            verbose=os.environ.get("QADAPTER_JIT_VERBOSE") == "1",
+            verbose=verbose or os.environ.get("QADAPTER_JIT_VERBOSE") == "1",
         )
     except Exception as exc:  # noqa: BLE001 - any build failure disables the backend, with its reason
-        return None, f"building the CUDA extension failed: {_error_summary(str(exc))}"
+        return None, f"building the CUDA extension failed ({BUILD_COMMAND} shows why): {_error_summary(str(exc))}"
     return module, ""
 
 
@@ -79,7 +89,7 @@ def _load():
     try:
         from . import _C
     except ImportError as exc:
-        return _jit_build(str(exc))
+        return jit_build(str(exc))
     return _C, ""
 
 

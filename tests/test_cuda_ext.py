@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qadapter_kernels import _cuda, combine_logits
+from qadapter_kernels import _cuda, combine_logits, cuda_archs
 from qadapter_kernels.config import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.chunked import torch_row_step
@@ -23,7 +23,15 @@ from conftest import loss_and_grads, make_inputs
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
-GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+
+def _gencode(nvcc: str | None) -> list[str]:
+    """nvcc flags for every default architecture (qadapter_kernels.cuda_archs), PTX for the newest."""
+    archs = [a.replace(".", "") for a in cuda_archs.default_archs(cuda_archs.nvcc_version(nvcc) if nvcc else None)]
+    flags = [f for a in archs for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
+    return flags + ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+GENCODE = _gencode(NVCC)
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -63,8 +71,9 @@ def _binding_syntax_command(scratch: Path):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compile-checked here")
 def test_cuda_sources_compile(tmp_path):
-    """Every kernel compiles for sm_80 and sm_90 with plain nvcc (no torch header), warning-free,
-    and the torch binding parses against this torch's headers."""
+    """Every kernel compiles for every default architecture (consumer parts included, PTX for the
+    newest) with plain nvcc (no torch header), warning-free, and the binding parses against this
+    torch's headers."""
     sources = sorted(CSRC.glob("*.cu"))
     assert sources, "no .cu file in csrc/"
     commands = [
