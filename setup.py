@@ -22,7 +22,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CUDA_ARCHS = runpy.run_path(str(ROOT / "qadapter_kernels" / "cuda_archs.py"))
-SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp", ".c")
 
 
 class BuildPyWithSources(build_py):

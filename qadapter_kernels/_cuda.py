@@ -47,7 +47,7 @@ _PAIRWISE_MAX_BATCH = 2048  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
 _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_reward_norm
 
 
-def _error_summary(message: str, limit: int = 1500) -> str:
+def error_summary(message: str, limit: int = 1500) -> str:
     """The compiler's error lines (or the message's last lines) of a failed build, shortened."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower()]
@@ -75,7 +75,7 @@ def jit_build(prebuilt_error: str = "", *, verbose: bool = False):
             verbose=verbose or os.environ.get("QADAPTER_JIT_VERBOSE") == "1",
         )
     except Exception as exc:  # noqa: BLE001 - any build failure disables the backend, with its reason
-        return None, f"building the CUDA extension failed ({BUILD_COMMAND} shows why): {_error_summary(str(exc))}"
+        return None, f"building the CUDA extension failed ({BUILD_COMMAND} shows why): {error_summary(str(exc))}"
     return module, ""
 
 

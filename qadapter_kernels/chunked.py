@@ -55,6 +55,16 @@ def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
     return q_taken, value, p.to(p_dtype)
 
 
+def default_row_step(device: torch.device) -> RowStep:
+    """The compiled single-sweep step (``_cpu.py``) for CPU tensors when it builds, else the eager one."""
+    if device.type == "cpu":
+        from . import _cpu  # imported late: _cpu imports this module
+
+        if _cpu.status()[0]:
+            return _cpu.cpu_row_step
+    return torch_row_step
+
+
 def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int | None = None) -> int:
     """Largest chunk whose ``[chunk, V]`` buffers (GEMM outputs, fp32 copies, P) fit the budget."""
     if budget is None:
@@ -178,13 +188,15 @@ def chunked_token_stats(
     alpha_tilde: float,
     alpha_0: float,
     chunk_size: int | None = None,
-    row_step: RowStep = torch_row_step,
+    row_step: RowStep | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias.
 
     ``base``/``hq``: ``[N, d]``; ``weight``/``q_weight``: ``[V, d]``; ``q_bias``: ``[V]`` or None;
     ``targets``: ``[N]`` int64 in ``[0, V)``. Returns two ``[N]`` tensors in :func:`stats_dtype`.
+    ``row_step=None``: :func:`default_row_step` for ``hq``'s device.
     """
+    row_step = row_step or default_row_step(hq.device)
     chunk = chunk_size or auto_chunk_size(hq.shape[0], weight.shape[0], hq.dtype, hq.device)
     return ChunkedTokenStats.apply(
         base.detach(), hq, weight.detach(), q_weight, q_bias, targets, chunk, row_step, (alpha_tilde, alpha_0)
@@ -193,7 +205,7 @@ def chunked_token_stats(
 
 BACKEND = Backend(
     name="chunked",
-    summary="per token chunk: 2 GEMMs, the eager row step, P @ Wq; elementwise backward",
+    summary="per token chunk: 2 GEMMs, the row step (compiled C on CPU), P @ Wq; elementwise backward",
     token_stats=chunked_token_stats,
     availability=lambda: (True, ""),
 )

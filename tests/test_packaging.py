@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CSRC = sorted(p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+CSRC = sorted(p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".c", ".cu", ".cuh", ".h", ".cpp"))
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="builds and virtual environments: Linux")
 
 CHECK = """

@@ -1,0 +1,141 @@
+/* Single-sweep CPU row step (the RowStep contract of qadapter_kernels/chunked.py), plain C11.
+ *
+ * Per row, one sweep over memory in blocks of BLOCK elements: read z and q once, keep online
+ * (max, sum) for z and for c = (q + alpha_0 z) / alpha~, write e = exp(c - block max) into the
+ * output and remember each block's max; then a second pass over that row (still in L2) scales
+ * each block by exp(block max - row max) / sum. Rows run in parallel with OpenMP.
+ *
+ * exp is a branch-free polynomial so that gcc -O3 vectorises the inner loops without
+ * -ffast-math, which would break the -inf logits of masked vocabulary entries.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 1024
+
+static inline float f_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t u_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+/* Ternaries, not fmaxf/fminf: these compile to vmaxps/vminps (fmaxf's NaN rules keep it a call). */
+static inline float max_f(float a, float b) { return a > b ? a : b; }
+static inline float bf16_to_f(uint16_t h) { return f_of((uint32_t)h << 16); }
+static inline uint16_t f_to_bf16(float f) {  /* round to nearest even; p is finite here */
+    uint32_t u = u_of(f);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Cephes expf: x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial (~1 ulp). The clamp makes
+ * -inf give exactly 0 (exp(-105) rounds to 0) and 2^k is applied as 2^k1 * 2^k2 so results
+ * in the subnormal range stay correct rather than flushing. */
+static inline float vexp(float x) {
+    x = x < -105.0f ? -105.0f : x > 88.7f ? 88.7f : x;
+    const float shifter = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    float t = x * 1.44269504088896341f + shifter;
+    int32_t k = (int32_t)(u_of(t) - u_of(shifter));
+    float kf = t - shifter;
+    float r = x - kf * 0.693359375f;
+    r = r - kf * -2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    int32_t k1 = k >> 1, k2 = k - k1;
+    return y * f_of((uint32_t)(k1 + 127) << 23) * f_of((uint32_t)(k2 + 127) << 23);
+}
+
+/* Adds a block's (max m, sum s of exp(x - m)) to a running (M, S). */
+static inline void merge(float *M, double *S, float m, double s) {
+    if (m <= *M) {
+        if (s > 0) *S += s * exp((double)m - *M);
+    } else {
+        *S = *S * exp((double)*M - m) + s;  /* exp(-inf) = 0 for the first finite block */
+        *M = m;
+    }
+}
+
+/* z, q: [rows, V] float32 (in_bf16 = 0) or bfloat16; p: [rows, V] float32 (p_bf16 = 0) or
+ * bfloat16, may alias q (q is read before any of its row is written). */
+int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void *p,
+                     int in_bf16, int p_bf16, int64_t rows, int64_t V, float alpha_tilde,
+                     float alpha_0, float *q_taken, float *value, int threads) {
+    const int64_t nblocks = (V + BLOCK - 1) / BLOCK;
+    const int64_t grain = 1 + 16384 / (V > 0 ? V : 1);  /* dynamic: a busy core gets fewer rows */
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+#endif
+    {
+        /* Per thread: block maxima, and (bf16 p, bf16 inputs) a float32 row and input blocks. */
+        float *bmax = malloc(sizeof(float) * (size_t)nblocks);
+        float *row = p_bf16 ? malloc(sizeof(float) * (size_t)V) : NULL;
+        float zb[BLOCK], qb[BLOCK];
+        if (!bmax || (p_bf16 && !row)) failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, grain)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            const int64_t base = r * V, t = targets[r];
+            /* The target first: p may alias q. Out-of-range targets give NaN, not a crash. */
+            q_taken[r] = (t < 0 || t >= V) ? NAN
+                         : in_bf16 ? bf16_to_f(((const uint16_t *)q)[base + t]) : ((const float *)q)[base + t];
+            float *e = p_bf16 ? row : (float *)p + base;
+            float Mz = -INFINITY, Mc = -INFINITY;
+            double Sz = 0.0, Sc = 0.0;
+            for (int64_t b = 0; b < nblocks; b++) {
+                const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;
+                const float *zr, *qr;
+                if (in_bf16) {
+                    const uint16_t *zs = (const uint16_t *)z + base + off, *qs = (const uint16_t *)q + base + off;
+                    for (int64_t i = 0; i < n; i++) { zb[i] = bf16_to_f(zs[i]); qb[i] = bf16_to_f(qs[i]); }
+                    zr = zb, qr = qb;
+                } else {
+                    zr = (const float *)z + base + off, qr = (const float *)q + base + off;
+                }
+                float *eb = e + off;
+                float mz = -INFINITY, mc = -INFINITY;
+#pragma omp simd reduction(max : mz, mc)
+                for (int64_t i = 0; i < n; i++) {
+                    float c = (qr[i] + alpha_0 * zr[i]) / alpha_tilde;
+                    eb[i] = c;  /* may overwrite qr[i] (p aliases q): already read */
+                    mz = max_f(mz, zr[i]);
+                    mc = max_f(mc, c);
+                }
+                /* An all -inf block shifts by 0: its exps are 0, never NaN. */
+                const float shz = mz == -INFINITY ? 0.0f : mz, shc = mc == -INFINITY ? 0.0f : mc;
+                float sz = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sz, sc)
+                for (int64_t i = 0; i < n; i++) {
+                    float ec = vexp(eb[i] - shc);
+                    eb[i] = ec;
+                    sc += ec;
+                    sz += vexp(zr[i] - shz);
+                }
+                bmax[b] = mc;
+                merge(&Mz, &Sz, mz, sz);
+                merge(&Mc, &Sc, mc, sc);
+            }
+            const double lse_c = Mc + log(Sc), lse_z = Mz + log(Sz);
+            value[r] = (float)(alpha_tilde * lse_c - alpha_0 * lse_z);
+            /* Second pass, over the row just written: exp(block max - row max) / sum. */
+            for (int64_t b = 0; b < nblocks; b++) {
+                const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;
+                const float scale = bmax[b] == -INFINITY ? 0.0f : (float)(exp((double)bmax[b] - Mc) / Sc);
+                float *eb = e + off;
+                if (p_bf16) {
+                    uint16_t *pb = (uint16_t *)p + base + off;
+                    for (int64_t i = 0; i < n; i++) pb[i] = f_to_bf16(eb[i] * scale);
+                } else {
+                    for (int64_t i = 0; i < n; i++) eb[i] *= scale;
+                }
+            }
+        }
+        free(bmax);
+        free(row);
+    }
+    return failed ? -1 : 0;
+}

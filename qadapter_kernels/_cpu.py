@@ -1,0 +1,130 @@
+"""The compiled CPU row step: ``csrc/cpu_row_step.c`` built just in time with the system C compiler.
+
+:func:`cpu_row_step` has the ``chunked.RowStep`` contract and reads each ``[C, V]`` buffer once
+(the eager step makes several passes); ``chunked_token_stats`` uses it by default for CPU tensors
+when :func:`status` says it is available. The library is built on first use with ``$CC``, else
+``cc`` or ``gcc`` from PATH (``-O3 -march=native -fopenmp``; without OpenMP if that fails) into
+``$QADAPTER_CACHE``, else ``$XDG_CACHE_HOME/qadapter_kernels``, else ``~/.cache/qadapter_kernels``,
+under a name keyed by the source, compiler, flags and CPU, so later processes just load it.
+
+``QADAPTER_CPU_KERNELS=0`` switches it off (the eager step is used; :func:`status` says so).
+Without a compiler or with a failed build the eager step is used and :func:`status` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ._cuda import error_summary, sources_dir
+from .chunked import torch_row_step
+
+ENV_SWITCH = "QADAPTER_CPU_KERNELS"
+SOURCE = "cpu_row_step.c"
+BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fPIC", "-shared")
+# Tried in order: -fopenmp-simd keeps the `omp simd` reductions vectorised without the runtime.
+FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",))
+_DTYPES = (torch.float32, torch.bfloat16)
+_P = ctypes.c_void_p
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QADAPTER_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qadapter_kernels"
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "")) or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_id() -> str:
+    """-march=native code must not be reused on another CPU (a cache on a shared home directory)."""
+    try:
+        return next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build(cc: str, source: Path, flags: tuple[str, ...]) -> tuple[Path | None, str]:
+    key = hashlib.sha256("\0".join([source.read_text(), cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_row_step-{key}.so"
+    if target.is_file():
+        return target, ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, then renamed: atomic
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *BASE_FLAGS, *flags, "-o", tmp, str(source), "-lm"],
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            return None, error_summary(run.stderr or run.stdout)
+        os.replace(tmp, target)
+        return target, ""
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """``(library, "")`` or ``(None, why not)``; built (or found in the cache) once per process."""
+    cc, csrc = compiler(), sources_dir()
+    if cc is None:
+        return None, "no C compiler (set CC, or put cc/gcc on PATH)"
+    if csrc is None or not (csrc / SOURCE).is_file():
+        return None, f"{SOURCE} is not installed with the package"
+    errors = []
+    for flags in FLAG_SETS:
+        try:
+            path, error = _build(cc, csrc / SOURCE, flags)
+            lib = ctypes.CDLL(str(path)) if path else None
+        except (OSError, subprocess.SubprocessError) as exc:
+            lib, error = None, str(exc)
+        if lib is not None:
+            fn = lib.qak_cpu_row_step
+            fn.restype = ctypes.c_int
+            fn.argtypes = [_P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int]
+            return fn, ""
+        errors.append(f"{' '.join(flags)}: {error}")
+    return None, "building csrc/cpu_row_step.c failed: " + " || ".join(errors)
+
+
+@torch.compiler.disable  # under torch.compile: run as is, never traced (ctypes, a build, a cache)
+def status() -> tuple[bool, str]:
+    """``(True, "")`` when the compiled row step is used, else ``(False, why not)``."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return False, f"switched off ({ENV_SWITCH}=0)"
+    fn, reason = _load()
+    return fn is not None, reason
+
+
+@torch.compiler.disable
+def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+    """The ``chunked.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
+
+    CPU float32 / bfloat16 only; anything else (float64, float16, CUDA) takes the eager step.
+    """
+    ok = z.device.type == "cpu" and q.device.type == "cpu" and z.dtype == q.dtype and z.shape == q.shape
+    if not (ok and q.dtype in _DTYPES and p_dtype in _DTYPES and q.dim() == 2 and status()[0]):
+        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
+    z, q, targets = z.contiguous(), q.contiguous(), targets.to(torch.int64).contiguous()
+    rows, vocab = q.shape
+    p = q if p_dtype == q.dtype else torch.empty(rows, vocab, dtype=p_dtype, device="cpu")
+    q_taken, value = (torch.empty(rows, dtype=torch.float32, device="cpu") for _ in range(2))
+    rc = _load()[0](z.data_ptr(), q.data_ptr(), targets.data_ptr(), p.data_ptr(), q.dtype == torch.bfloat16,
+                    p_dtype == torch.bfloat16, rows, vocab, alpha_tilde, alpha_0, q_taken.data_ptr(),
+                    value.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("cpu_row_step: could not allocate its per-thread scratch rows")
+    return q_taken, value, p

@@ -1,0 +1,138 @@
+"""The compiled CPU row step (qadapter_kernels/_cpu.py, csrc/cpu_row_step.c) against the eager one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import make_inputs
+from qadapter_kernels import _cpu, chunked
+from qadapter_kernels.chunked import chunked_token_stats, torch_row_step
+
+needs_cc = pytest.mark.skipif(not _cpu.status()[0], reason=f"compiled CPU row step: {_cpu.status()[1]}")
+TOL = {torch.float64: dict(rtol=0, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
+       torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
+
+
+def _logits(rows, vocab, dtype, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    z, q = (scale * torch.randn(rows, vocab, generator=g) + 0.5 for _ in range(2))
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[0], targets[-1] = 0, vocab - 1  # first and last column
+    return z.to(dtype), q.to(dtype), targets
+
+
+def _check(z, q, targets, p_dtype, alpha_tilde=0.7, alpha_0=0.3):
+    want = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype)
+    q_buffer = q.clone()
+    got = _cpu.cpu_row_step(z.clone(), q_buffer, targets, alpha_tilde, alpha_0, p_dtype)
+    assert (got[2].data_ptr() == q_buffer.data_ptr()) == (p_dtype == q.dtype)  # p aliases q when it can
+    assert torch.equal(got[0], want[0])  # Q[t, a_t], read before p overwrites q
+    for g_, w in zip(got[1:], want[1:]):
+        assert g_.dtype == w.dtype and g_.shape == w.shape
+        assert not g_.isnan().any()
+    torch.testing.assert_close(got[1], want[1], **TOL[want[1].dtype])
+    torch.testing.assert_close(got[2], want[2], **TOL[p_dtype])
+    return got
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 511, 4099, 49157])
+@pytest.mark.parametrize("p_out", ["in_place", "float32"])
+def test_matches_eager(dtype, vocab, p_out):
+    z, q, targets = _logits(5, vocab, dtype, seed=vocab)
+    _check(z, q, targets, dtype if p_out == "in_place" else torch.float32)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_entries_at_minus_inf(dtype):
+    """Whole blocks of -inf (the first one, a middle one) and scattered -inf never give NaN."""
+    z, q, targets = _logits(4, 4099, dtype, seed=1)
+    q[0, :1024] = float("-inf")  # the whole first block of c
+    z[1, 1024:2048] = float("-inf")
+    q[2, ::3] = float("-inf")
+    z[3, 5:4000] = float("-inf")
+    targets[:] = 4098
+    q_taken, value, p = _check(z, q, targets, dtype, alpha_0=0.01)
+    assert torch.isfinite(value).all() and (p[0, :1024] == 0).all()
+
+
+@needs_cc
+def test_many_rows_parallel_and_float64_fallback():
+    z, q, targets = _logits(301, 2053, torch.float32, seed=2, scale=1.0)
+    _check(z, q, targets, torch.float32, alpha_tilde=1.0, alpha_0=0.01)
+    _check(z.double(), q.double(), targets, torch.float64)  # float64 keeps float64 statistics (eager)
+
+
+@needs_cc
+def test_accuracy_against_float64():
+    """Both steps err by ~|c - max| float32 roundings; the C step is no worse than the eager one."""
+    z, q, targets = _logits(16, 49157, torch.float32, seed=3)
+    exact = torch_row_step(z.double(), q.double(), targets, 0.7, 0.3, torch.float64)
+    for step in (torch_row_step, _cpu.cpu_row_step):
+        _, value, p = step(z.clone(), q.clone(), targets, 0.7, 0.3, torch.float32)
+        torch.testing.assert_close(value.double(), exact[1], rtol=1e-6, atol=0)
+        torch.testing.assert_close(p.double(), exact[2], rtol=1e-5, atol=1e-12)
+
+
+@needs_cc
+def test_chunked_uses_it_by_default_on_cpu():
+    assert chunked.default_row_step(torch.device("cpu")) is _cpu.cpu_row_step
+    assert chunked.default_row_step(torch.device("cuda")) is torch_row_step
+
+
+def _stats(x, row_step):
+    scored = x["labels"][:, 1:] != -100
+    base, hq = x["base_hidden"][:, :-1][scored], x["q_hidden"][:, :-1][scored]
+    targets = x["labels"][:, 1:][scored]
+    out = chunked_token_stats(base, hq, x["weight"], x["weight"], None, targets, alpha_tilde=0.8, alpha_0=0.1,
+                              chunk_size=4, row_step=row_step)
+    return torch.stack(out)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(_cpu.ENV_SWITCH, "0")
+    assert _cpu.status() == (False, "switched off (QADAPTER_CPU_KERNELS=0)")
+    assert chunked.default_row_step(torch.device("cpu")) is torch_row_step
+    x = make_inputs(seed=4, vocab=97)
+    torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=0, atol=0)
+
+
+def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path))  # an empty cache: it would have to build
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    _cpu._load.cache_clear()
+    try:
+        available, reason = _cpu.status()
+        assert not available and "no C compiler" in reason
+        x = make_inputs(seed=5, vocab=97)
+        torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=0, atol=0)
+        z, q, targets = _logits(3, 50, torch.float32, seed=5)
+        got = _cpu.cpu_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.float32)
+        for g_, w in zip(got, torch_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.float32)):
+            assert torch.equal(g_, w)
+    finally:
+        _cpu._load.cache_clear()
+
+
+@needs_cc
+def test_build_is_cached(monkeypatch, tmp_path):
+    """The first load builds into the cache; a second (a new process) loads it without building."""
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path))
+    _cpu._load.cache_clear()
+    try:
+        assert _cpu.status() == (True, "")
+        built = sorted(tmp_path.glob("*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # built aside, then renamed
+        mtime = os.stat(built[0]).st_mtime_ns
+        _cpu._load.cache_clear()
+        monkeypatch.setattr(_cpu.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached library"))
+        assert _cpu.status() == (True, "")
+        assert sorted(tmp_path.glob("*.so")) == built and os.stat(built[0]).st_mtime_ns == mtime
+    finally:
+        _cpu._load.cache_clear()
