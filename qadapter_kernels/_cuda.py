@@ -213,6 +213,7 @@ def decode_combine(
     q = q_values.reshape(-1, vocab).contiguous()
     from . import _cuda_ops
 
+    extension()  # the reason, when the extension cannot run here, before any dispatch
     logprobs, sampled = _cuda_ops.decode_combine(z, q, alpha_tilde, alpha_0, temperature, top_k, top_p, seed, sample)
     return logprobs.reshape(*lead, vocab), sampled.reshape(lead) if sample else None
 
