@@ -1,6 +1,6 @@
 """pytest-benchmark suite set-up: ``pytest bench/ --benchmark-only`` from the repository root.
 
-Cases come from bench/shapes.py (by device; ``--bench-full`` for all shapes and N, meant for a
+Cases come from bench/common.py (by device; ``--bench-full`` for all shapes and N, meant for a
 GPU). Candidates come from bench/harness.py, so the suite and ``python -m bench.report`` measure
 exactly the same things; a candidate that cannot run here is skipped with its reason.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from bench import harness
-from bench.shapes import bench_device, default_cases, make_case_inputs
+from bench.common import bench_device, default_cases, make_case_inputs
 
 
 def pytest_addoption(parser):

@@ -9,8 +9,11 @@ per token next to the base model alone (batch 1 and 8, greedy, under the same ca
 No hub is reachable: the architecture is built from its configuration with random bf16 weights.
 Each part is guarded: an out-of-memory, an error or the time budget is recorded and the run goes on.
 
-    python bench/consumer_gpu.py --out bench/results/consumer-gpu.json       # CUDA
-    python bench/consumer_gpu.py --dry-run --out /tmp/consumer-gpu.json      # CPU, tiny Llama, seconds
+From the repository root, with the model layer (``python/``, the ``qadapter`` package) importable:
+installed, or ``PYTHONPATH=python`` as bench/gpu.sh sets it::
+
+    python -m bench.consumer_gpu --out bench/results/consumer-gpu.json       # CUDA
+    python -m bench.consumer_gpu --dry-run --out /tmp/consumer-gpu.json      # CPU, tiny Llama, seconds
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import importlib.metadata
 import json
 import statistics
 import sys
@@ -27,17 +29,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+import torch
 
-import torch  # noqa: E402
-
-from bench.baselines import eager_authors_loss  # noqa: E402
-from bench.decode import _base_loop  # noqa: E402
-from bench.e2e import GIB, LORA, MODELS, make_batch  # noqa: E402
-from bench.harness import first_line, is_oom, sync, time_step  # noqa: E402
-from qadapter_kernels import qadapter_loss  # noqa: E402
-from qadapter_kernels.registry import resolve  # noqa: E402
+from bench.baselines import eager_authors_loss
+from bench.common import GIB, Timer, error_text, is_oom, release, sync, versions
+from bench.decode import base_loop
+from bench.e2e import LORA, MODELS, make_batch
+from qadapter_kernels import qadapter_loss
+from qadapter_kernels.registry import resolve
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,8 @@ def train(model, loss_fn: Callable, setup: Setup, device: torch.device) -> dict:
 
     reset_peak(device)
     try:
-        step()
-        times = time_step(step, setup.steps)
+        step()  # warm-up
+        times = Timer(device).times_s(step, setup.steps)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.loss_fn = qadapter_loss
@@ -126,21 +125,15 @@ def decode(model, batch: int, setup: Setup, device: torch.device) -> dict:
 
     def base() -> None:
         with model.peft_model.disable_adapter():
-            _base_loop(model, ids, setup.new_tokens)
+            base_loop(model, ids, setup.new_tokens)
         sync(device)
 
     def customized() -> None:
         model.generate(ids, max_new_tokens=setup.new_tokens, eos_token_id=[])
         sync(device)
 
-    loops = {"base": base, "customized": customized}
     reset_peak(device)
-    for fn in loops.values():  # warm-up
-        fn()
-    times = {name: [] for name in loops}
-    for _ in range(setup.rounds):
-        for name, fn in loops.items():
-            times[name] += time_step(fn, 1)
+    times = Timer(device).rounds({"base": base, "customized": customized}, setup.rounds)
     ms = {name: statistics.median(t) / setup.new_tokens * 1e3 for name, t in times.items()}
     return {"base_ms_per_token": ms["base"], "customized_ms_per_token": ms["customized"],
             "customized_over_base": ms["customized"] / ms["base"], "peak_gib": peak_gib(device)}
@@ -155,31 +148,15 @@ def run_part(parts: dict, name: str, deadline: float, fn: Callable[[], dict]) ->
     try:
         row = {"status": "ok", **fn()}
     except Exception as exc:  # noqa: BLE001 -- every failure is a result of this part
-        row = {"status": "out of memory" if is_oom(exc) else "error",
-               "error": f"{type(exc).__name__}: {first_line(exc)}"}
+        row = {"status": "out of memory" if is_oom(exc) else "error", "error": error_text(exc)}
     gc.collect()  # the failed part's tensors, held by the traceback until now
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        release("cuda")
     parts[name] = row | {"seconds": time.monotonic() - start}
 
 
 def no_model() -> dict:
     raise RuntimeError("the model was not built")
-
-
-def versions(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-    for package in ("transformers", "peft", "triton"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(device=props.name, memory_gib=round(props.total_memory / GIB, 1))
-    else:
-        info["device"] = "cpu"
-    return info
 
 
 def markdown(result: dict) -> str:
@@ -218,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if setup.cap_gib:  # the GPU setup only
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, setup.cap_gib * GIB / total), device)
-    result = {"setup": asdict(setup), "versions": versions(device), "memory_cap_gib": setup.cap_gib,
+    result = {"setup": asdict(setup), "versions": versions(device, ("transformers", "peft", "triton")),
+              "memory_cap_gib": setup.cap_gib,
               "decode_under_cap": setup.cap_gib is not None,
               "lora": LORA, "gradient_checkpointing": True,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "parts": {}}

@@ -1,6 +1,6 @@
 """GPU check of the compiled CUDA extension, in one run (< 8 minutes on an H100, no network).
 
-    python bench/cuda_check.py [--skip-sanitizer] [--out bench/results]
+    python -m bench.cuda_check [--skip-sanitizer] [--out bench/results]     # from the repository root
 
 1. builds (or loads) the extension: ``_cuda.backend_status()`` (just-in-time build if needed);
 2. runs the GPU tests, ``pytest -m gpu tests/test_cuda_ext.py``;
@@ -9,6 +9,9 @@
 4. times the row step at Llama-3.1-8B vocabulary size against the copy bandwidth measured in the
    same run, the eager torch row step and the Triton one (when importable), plus the decode step;
 5. writes ``cuda-check-<device>-<date>.json`` and ``.md`` with the device, torch and CUDA versions.
+
+The timer, copy bandwidth and version record are bench/common.py's; the row-step measure is
+bench/harness.py's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -27,11 +29,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import RESULTS, Timer, copy_bandwidth, error_text, slug, tool_version, versions
+from bench.harness import row_step_bandwidth, row_step_inputs
+from qadapter_kernels import _cuda
+from qadapter_kernels.chunked import torch_row_step
 
-from qadapter_kernels import _cuda  # noqa: E402
-from qadapter_kernels.chunked import torch_row_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository: where the GPU tests run
+TIMER = Timer("cuda", warmup=3, repeats=20)
 
 VOCAB = 128256  # Llama-3.1-8B
 SANITIZER_TESTS = (
@@ -54,29 +58,6 @@ def _pytest(args: list[str], *, prefix: list[str] = (), env=None, timeout: int) 
             "tail": "\n".join(lines[-40:]) if rc else ""}  # fmt: skip
 
 
-def _time_ms(fn, *, warmup: int = 3, iters: int = 20) -> float:
-    """Median milliseconds of fn() over CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3)
-
-
 def _triton_row_step():
     try:
         from qadapter_kernels.triton import triton_row_step
@@ -91,26 +72,21 @@ def bench_row_step(bandwidth: float) -> list[dict]:
     rows = 512
     results = []
     for dtype in (torch.bfloat16, torch.float32):
-        esize = torch.finfo(dtype).bits // 8
-        z = torch.randn(rows, VOCAB, device="cuda").to(dtype)
-        q = torch.randn(rows, VOCAB, device="cuda").to(dtype)
-        targets = torch.randint(0, VOCAB, (rows,), device="cuda")
+        z, q, targets = row_step_inputs(rows, VOCAB, dtype, "cuda")
         # Unavoidable traffic: read z and q, write p (in place, input dtype).
-        ideal_bytes = rows * VOCAB * 3 * esize
-        steps = {
-            "cuda": lambda: _cuda.cuda_row_step(z, q, targets, 1.0, 0.01, dtype),
-            "torch": lambda: torch_row_step(z, q, targets, 1.0, 0.01, dtype),
-        }
+        ideal_bytes = rows * VOCAB * 3 * z.element_size()
+        steps = {"cuda": _cuda.cuda_row_step, "torch": torch_row_step}
         if triton_step is not None:
-            steps["triton"] = lambda: triton_step(z, q, targets, 1.0, 0.01, dtype)
+            steps["triton"] = triton_step
         row = {"dtype": str(dtype), "rows": rows, "vocab": VOCAB, "ideal_bytes": ideal_bytes}
-        for name, fn in steps.items():
+        for name, step in steps.items():
             try:
-                ms = _time_ms(fn)
+                achieved = row_step_bandwidth(TIMER, step, z, q, targets)
             except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others
-                row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                row[name] = {"error": error_text(exc)}
                 continue
-            row[name] = {"ms": round(ms, 4), "fraction_of_copy_bw": round(ideal_bytes / (ms * 1e-3) / bandwidth, 3)}
+            ms = ideal_bytes / achieved * 1e3
+            row[name] = {"ms": round(ms, 4), "fraction_of_copy_bw": round(achieved / bandwidth, 3)}
         if triton_step is None:
             row["triton"] = {"error": triton_reason}
         results.append(row)
@@ -141,7 +117,7 @@ def bench_decode() -> list[dict]:
         "cuda sample top_k=50 top_p=0.9": lambda: _cuda.decode_combine(z, q, temperature=0.8, top_k=50, top_p=0.9),
         "torch sample top_k=50 top_p=0.9": torch_decode,
     }.items():
-        out.append({"name": name, "ms": round(_time_ms(fn), 4)})
+        out.append({"name": name, "ms": round(TIMER.median_ms(fn), 4)})
     return out
 
 
@@ -154,8 +130,8 @@ def bench_pairwise() -> dict:
     rewards = torch.randn(tokens.rows.shape[0], device="cuda")
     config = LossConfig()
     return {
-        "cuda_ms": round(_time_ms(lambda: _cuda.pairwise_loss(rewards, tokens, config)), 4),
-        "torch_ms": round(_time_ms(lambda: pairwise_loss(rewards, tokens, config)), 4),
+        "cuda_ms": round(TIMER.median_ms(lambda: _cuda.pairwise_loss(rewards, tokens, config)), 4),
+        "torch_ms": round(TIMER.median_ms(lambda: pairwise_loss(rewards, tokens, config)), 4),
     }
 
 
@@ -193,23 +169,17 @@ def _markdown(report: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--skip-sanitizer", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("cuda_check: no CUDA GPU here (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
 
-    nvcc = shutil.which("nvcc")
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nvcc": subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        if nvcc else "not found",
-        "python": platform.python_version(),
-    }  # fmt: skip
+    info = versions("cuda", packages=())
+    report = {"device": info.pop("device"), "date": dt.datetime.now().isoformat(timespec="seconds"),
+              "torch": info.pop("torch"), "cuda": info.pop("cuda"), "nvcc": tool_version("nvcc", "--version"),
+              "python": info.pop("python"), **info}  # then capability, memory_gib, sms
     start = time.perf_counter()
     available, reason = _cuda.backend_status()
     report["extension"] = {"available": available, "reason": reason, "seconds": round(time.perf_counter() - start, 1)}
@@ -233,7 +203,7 @@ def main() -> int:
     print(f"sanitizer: {report['sanitizer'].get('summary') or report['sanitizer'].get('skipped')}", flush=True)
 
     if available:
-        bandwidth = _copy_bandwidth()
+        bandwidth = copy_bandwidth(TIMER)
         report["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
         report["row_step"] = bench_row_step(bandwidth)
         report["decode"] = bench_decode()
@@ -242,8 +212,7 @@ def main() -> int:
         report["copy_bandwidth_GBps"] = None
 
     args.out.mkdir(parents=True, exist_ok=True)
-    device = re.sub(r"[^A-Za-z0-9]+", "-", report["device"]).strip("-")
-    stem = args.out / f"cuda-check-{device}-{dt.date.today().isoformat()}"
+    stem = args.out / f"cuda-check-{slug(report['device'])}-{dt.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = _markdown(report)
     stem.with_suffix(".md").write_text(markdown)

@@ -17,17 +17,17 @@ import argparse
 import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import RESULTS, Timer
 
 
 @torch.no_grad()
-def _base_loop(model, ids: torch.Tensor, tokens: int) -> None:
-    cache_arg = model._cache_argument()
+def base_loop(model, ids: torch.Tensor, tokens: int) -> None:
+    """Greedy KV-cached decoding of ``tokens`` tokens by ``model.base_model`` alone (whatever adapter state it is in)."""
+    cache_arg = model.cache_argument()
     out = model.base_model(input_ids=ids, use_cache=True, logits_to_keep=1)
     for _ in range(tokens - 1):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -51,21 +51,14 @@ def measure(tokens: int = 64, rounds: int = 3) -> dict:
 
     def base(rows):
         with model.peft_model.disable_adapter():
-            _base_loop(model, ids.repeat(rows, 1), tokens)
+            base_loop(model, ids.repeat(rows, 1), tokens)
 
     loops = {
         "base": lambda: base(1),
         "base x2": lambda: base(2),
         "qadapter": lambda: model.generate(ids, max_new_tokens=tokens, eos_token_id=[]),
     }
-    times = {name: [] for name in loops}
-    for name, fn in loops.items():  # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, fn in loops.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) / tokens * 1000)
+    times = {name: [s / tokens * 1e3 for s in v] for name, v in Timer("cpu").rounds(loops, rounds).items()}
     ms = {name: statistics.median(v) for name, v in times.items()}
     return {
         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__, "tokens": tokens,

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from bench.baselines import eager_authors_loss
-from bench.harness import first_line, is_oom, sync, time_step
+from bench.common import GIB, Timer, first_line, is_oom, release, sync
 from bench.memory import peak_extra_memory
 from qadapter_kernels import qadapter_loss
 from qadapter_kernels.registry import resolve
@@ -51,7 +51,6 @@ MODELS = {
     ),
 }
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
-GIB = 2**30
 BUDGET_24GB = 24 * GIB
 
 
@@ -185,10 +184,11 @@ def run_e2e(
                 [*model.parameters(), *model.buffers(), *(v for s in optimizer.state.values() for v in s.values())]
             )
         runs.append((result, step, optimizer))
+    timer = Timer(device)
     for _ in range(repeats):
         for result, step, optimizer in runs:
             if result.status == "ok":
-                _guarded(result, optimizer, device, lambda: result.times_s.extend(time_step(step, 1)))
+                _guarded(result, optimizer, device, lambda: result.times_s.extend(timer.times_s(step, 1)))
     for result, step, optimizer in runs:
         if result.status == "ok":
             _guarded(result, optimizer, device,
@@ -221,8 +221,7 @@ def _guarded(result: E2EResult, optimizer, device: torch.device, action: Callabl
             raise
         result.status, result.reason, result.times_s = "oom", first_line(exc), []
         result.fits_24gb = False if device.type == "cuda" else None
-        if device.type == "cuda":  # only now: emptying the cache after every step would slow the next
-            torch.cuda.empty_cache()
+        release(device)  # only now: emptying the cache after every step would slow the next
         return False
     finally:
         optimizer.zero_grad(set_to_none=True)

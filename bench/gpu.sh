@@ -4,10 +4,10 @@
 #   bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]
 #
 # Part 1 (< 7 minutes on an H100/H200): versions, the CUDA extension's just-in-time build (in the
-# background, beside the Triton tests), the Triton and CUDA tests on the GPU, bench/gpu_check.py
+# background, beside the Triton tests), the Triton and CUDA tests on the GPU, bench.gpu_check
 # (every backend against the reference at Llama-3.1-8B and Qwen2.5-7B head shapes, time as a
-# multiple of T_gemm3, peak memory, copy bandwidth), bench/cuda_check.py (row step against the copy
-# bandwidth, decode, pairwise) and bench/consumer_gpu.py (one Llama-3.1-8B LoRA step under 24 GB,
+# multiple of T_gemm3, peak memory, copy bandwidth), bench.cuda_check (row step against the copy
+# bandwidth, decode, pairwise) and bench.consumer_gpu (one Llama-3.1-8B LoRA step under 24 GB,
 # fused loss vs the authors' full logits, then decoding).
 # Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
 # the compiled extension (built, installed into a temporary target, imported) and decoding.
@@ -19,6 +19,10 @@
 # Every step has its own time budget (`timeout`), so one slow step cannot starve the others.
 # Everything lands in OUTDIR (at most 8 files): gpu-run.log (every step's output), summary.md
 # (one line per step), versions.json and each check's JSON / markdown.
+#
+# Nothing needs installing: the checks run as modules (`python -m bench.gpu_check`) from the
+# repository root, which puts the root (qadapter_kernels, bench) on the path; PYTHONPATH adds
+# python/ (the qadapter model layer) for the consumer step.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]}"
@@ -34,6 +38,7 @@ LOG="$OUT/gpu-run.log"
 SUMMARY="$OUT/summary.md"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
@@ -69,29 +74,9 @@ skip() {
   printf '| %s | skipped: %s | 0 |\n' "$1" "$2" >>"$SUMMARY"
 }
 
+# bench/common.py's version record, with the device count and the CUDA tools found.
 versions() {
-  "$PY" - "$OUT/versions.json" <<'EOF'
-import json, platform, shutil, subprocess, sys
-import torch
-info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
-for name in ("triton", "transformers", "peft", "numpy"):
-    try:
-        info[name] = __import__(name).__version__
-    except Exception as exc:  # noqa: BLE001 - a missing package is a finding, not a failure
-        info[name] = f"missing ({type(exc).__name__})"
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                memory_gib=round(p.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
-else:
-    info["device"] = "cpu"
-for tool, args in (("nvcc", ["--version"]), ("nvidia-smi", ["--query-gpu=driver_version,clocks.sm,clocks.mem", "--format=csv,noheader"])):
-    path = shutil.which(tool)
-    info[tool] = subprocess.run([path, *args], capture_output=True, text=True).stdout.strip().splitlines()[-1] if path else "not found"
-info["compute-sanitizer"] = shutil.which("compute-sanitizer") or "not found"
-print(json.dumps(info, indent=1))
-open(sys.argv[1], "w").write(json.dumps(info, indent=1) + "\n")
-EOF
+  "$PY" -m bench.common "$OUT/versions.json"
 }
 
 build_extension() {
@@ -128,9 +113,9 @@ run_steps() {
   if [ "$DRY" = 1 ]; then
     wants cuda-build && skip "cuda extension build" "no GPU (dry run)"
     wants triton-tests && step "triton tests (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -k "row_step or inf or guard or precision"
-    wants gpu-check && step "gpu_check (tiny shapes)" 300 "$PY" bench/gpu_check.py --dry-run --out "$OUT/gpu-check.json"
+    wants gpu-check && step "gpu_check (tiny shapes)" 300 "$PY" -m bench.gpu_check --dry-run --out "$OUT/gpu-check.json"
     wants cuda-check && skip "cuda tests and cuda_check" "no GPU (dry run)"
-    wants consumer && step "consumer step (tiny model)" 200 "$PY" bench/consumer_gpu.py --dry-run --out "$OUT/consumer.json"
+    wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
     wants memcheck && skip "compute-sanitizer" "no GPU (dry run)"
     wants wheel && step "wheel" 300 wheel_check
     return
@@ -153,10 +138,10 @@ run_steps() {
     cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
   fi
   wants cuda-build && step "cuda extension build" 60 build_extension
-  wants gpu-check && step "gpu_check" 170 "$PY" bench/gpu_check.py --budget-s 150 --out "$OUT/gpu-check.json"
+  wants gpu-check && step "gpu_check" 170 "$PY" -m bench.gpu_check --budget-s 150 --out "$OUT/gpu-check.json"
   # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
-  wants cuda-check && step "cuda tests and cuda_check" 75 "$PY" bench/cuda_check.py --skip-sanitizer --out "$OUT"
-  wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" bench/consumer_gpu.py --budget-s 85 --out "$OUT/consumer.json"
+  wants cuda-check && step "cuda tests and cuda_check" 75 "$PY" -m bench.cuda_check --skip-sanitizer --out "$OUT"
+  wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" -m bench.consumer_gpu --budget-s 85 --out "$OUT/consumer.json"
   if command -v compute-sanitizer >/dev/null; then
     wants memcheck && step "memcheck (CUDA + Triton, small shapes)" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 QADAPTER_TRITON_AUTOTUNE=0 \
       compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \

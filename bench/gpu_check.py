@@ -1,7 +1,9 @@
 """One-shot GPU check: correctness, speed and memory of every backend at real model shapes.
 
-    python bench/gpu_check.py                 # on a CUDA machine, < 8 minutes on an H100
-    TRITON_INTERPRET=1 python bench/gpu_check.py --dry-run --out /tmp/check.json   # CPU, tiny shapes
+From the repository root (nothing to install: ``-m`` puts the root on the path)::
+
+    python -m bench.gpu_check                 # on a CUDA machine, < 8 minutes on an H100
+    TRITON_INTERPRET=1 python -m bench.gpu_check --dry-run --out /tmp/check.json   # CPU, tiny shapes
 
 What it measures (DESIGN section 4 is the yardstick):
 
@@ -20,6 +22,9 @@ full-logits formulation and the Liger-style pair-chunked baseline. Timings are b
 training dtype); float32 is checked for errors only. A markdown table goes to stdout, everything to
 ``bench/results/gpu-check-<device>-<date>.json`` with device, torch, triton and CUDA versions.
 A time budget skips the remaining timings (and says so) rather than overrun.
+
+Shapes, inputs, the timer and the version record are bench/common.py's; ``T_gemm3`` is
+bench/harness.py's floor and the row-step bandwidth its measure.
 """
 
 from __future__ import annotations
@@ -29,41 +34,40 @@ import datetime as dt
 import functools
 import json
 import os
-import platform
-import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from bench.memory import peak_extra_memory  # noqa: E402
-from qadapter_kernels import backends as backend_statuses  # noqa: E402
-from qadapter_kernels import qadapter_loss  # noqa: E402
-from bench.baselines import chunked_pairs_loss, eager_authors_loss  # noqa: E402
-from qadapter_kernels.chunked import auto_chunk_size, torch_row_step  # noqa: E402
+from bench.baselines import chunked_pairs_loss, eager_authors_loss
+from bench.common import (
+    RESULTS, SHAPES, Case, Shape, Timer, copy_bandwidth, dtype_name, error_text, make_case_inputs, release, slug,
+    versions,
+)
+from bench.harness import gemm3_step, row_step_bandwidth, row_step_inputs
+from bench.memory import peak_extra_memory
+from qadapter_kernels import backends as backend_statuses
+from qadapter_kernels import qadapter_loss
+from qadapter_kernels.chunked import auto_chunk_size, torch_row_step
 
 
 @dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    vocab: int
-    tokens: int        # N for timing and memory
-    check_tokens: int  # N for the comparison against the reference
+class Plan:
+    """The head shapes to check, ``tokens`` (N) for timing and memory, ``check_tokens`` against the reference."""
+
+    shapes: tuple[Shape, ...]
+    tokens: int
+    check_tokens: int
+    copy_bytes: int
 
 
-GPU_SHAPES = (
-    Shape("Llama-3.1-8B", 4096, 128256, 4096, 512),
-    Shape("Qwen2.5-7B", 3584, 152064, 4096, 512),
-)
-DRY_SHAPES = (Shape("tiny", 40, 203, 72, 40),)
+GPU_PLAN = Plan((SHAPES["llama-3.1-8b"], SHAPES["qwen2.5-7b"]), tokens=4096, check_tokens=512, copy_bytes=2**30)
+DRY_PLAN = Plan((SHAPES["tiny-odd"],), tokens=72, check_tokens=40, copy_bytes=2**20)
+PAIRS = 4  # B = 8 rows, T = N / 8 + 1
+ADAPTER_NOISE = 0.1  # q_hidden = base_hidden + 0.1 * noise: an adapter near its base model
 TOL = {torch.bfloat16: 5e-2, torch.float32: 1e-4}
 # Bytes the reference holds per [N, V] element (fp32 logits, Q, log-probs, combined, their grads).
 REFERENCE_BYTES_PER_LOGIT = 48
@@ -80,29 +84,9 @@ def loss_fns() -> dict[str, Callable]:
 
 
 def make_inputs(shape: Shape, tokens: int, dtype: torch.dtype, device: str, *, q_head: bool = False, seed: int = 0):
-    """Hidden states scaled like a real final layer norm output, every position but the last scored.
-
-    Rows are ``tokens / 8 + 1`` long so that ``B * (T - 1) = tokens`` with ``B = 8``.
-    """
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    batch = 8
-    seq = tokens // batch + 1
-    base = torch.randn(batch, seq, shape.hidden, generator=g)
-    hq = base + 0.1 * torch.randn(batch, seq, shape.hidden, generator=g)
-    weight = torch.randn(shape.vocab, shape.hidden, generator=g) / shape.hidden**0.5
-    labels = torch.randint(0, shape.vocab, (batch, seq), generator=g)
-    labels[:, 0] = -100
-    out = dict(
-        base_hidden=base.to(device, dtype),
-        q_hidden=hq.to(device, dtype).requires_grad_(),
-        weight=weight.to(device, dtype),
-        labels=labels.to(device),
-    )
-    if q_head:
-        qw = weight + 0.02 * torch.randn(shape.vocab, shape.hidden, generator=g) / shape.hidden**0.5
-        out["q_weight"] = qw.to(device, dtype).requires_grad_()
-        out["q_bias"] = (0.1 * torch.randn(shape.vocab, generator=g)).to(device, dtype).requires_grad_()
-    return out
+    """bench.common's inputs over ``B = 8`` rows of ``tokens / 8 + 1`` positions, ``B * (T - 1) = tokens`` scored."""
+    case = Case(shape, tokens, dtype, torch.device(device), pairs=PAIRS)
+    return make_case_inputs(case, seed, q_head=q_head, adapter_noise=ADAPTER_NOISE)
 
 
 def run_loss(fn: Callable, inputs: dict):
@@ -119,90 +103,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-class Clock:
-    """Median time of a callable: CUDA events on GPU, perf_counter elsewhere."""
-
-    def __init__(self, device: str, warmup: int, reps: int):
-        self.cuda = device == "cuda"
-        self.warmup, self.reps = warmup, reps
-
-    def median_ms(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
+def gemm3_ms(timer: Timer, n: int, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> float:
+    """Three N x V x d matmuls (bench/harness.py's floor): the two logit GEMMs and P @ W."""
+    return timer.median_ms(gemm3_step(n, hidden, vocab, dtype, torch.device(device)))
 
 
-def gemm3_ms(clock: Clock, n: int, vocab: int, hidden: int, dtype: torch.dtype, device: str) -> float:
-    """Three N x V x d matmuls: the two logit GEMMs and P @ W."""
-    h = torch.randn(n, hidden, device=device, dtype=dtype)
-    w = torch.randn(vocab, hidden, device=device, dtype=dtype)
-    p = torch.randn(n, vocab, device=device, dtype=dtype)
-
-    def three():
-        torch.matmul(h, w.T)
-        torch.matmul(h, w.T)
-        torch.matmul(p, w)
-
-    return clock.median_ms(three)
-
-
-def copy_gbps(clock: Clock, device: str, nbytes: int) -> float:
-    """Device copy bandwidth (read + write bytes per second), in GB/s."""
-    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    ms = clock.median_ms(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def row_step_gbps(clock: Clock, rows: int, vocab: int, dtype: torch.dtype, device: str) -> dict[str, float]:
-    """Effective bandwidth of each row step on one ``[rows, V]`` chunk.
-
-    Counts the bytes no row step can avoid (read ``z`` and ``Q``, write ``P``), so a two-pass
-    kernel shows up as a lower fraction of the copy bandwidth.
-    """
+def row_step_gbps(timer: Timer, rows: int, vocab: int, dtype: torch.dtype, device: str) -> dict[str, float]:
+    """Effective bandwidth in GB/s of each row step on one ``[rows, V]`` chunk (bench/harness.py's measure)."""
     steps = {"torch": torch_row_step}
     if backend_statuses()["triton"].available:
         from qadapter_kernels.triton import triton_row_step
 
         steps["triton"] = triton_row_step
-    z = torch.randn(rows, vocab, device=device, dtype=dtype)
-    q = torch.randn(rows, vocab, device=device, dtype=dtype)
-    targets = torch.randint(0, vocab, (rows,), device=device)
-    nbytes = 3 * rows * vocab * z.element_size()
-    # Both steps may overwrite z and q; repeated calls then see probabilities instead of logits,
-    # which costs the same, so no copy needs to be timed or subtracted.
-    return {name: nbytes / (clock.median_ms(functools.partial(step, z, q, targets, 1.0, 0.01, dtype)) * 1e-3) / 1e9
-            for name, step in steps.items()}
-
-
-def versions(device: str) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
-    else:
-        info["device"] = "cpu (triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
-    return info
+    z, q, targets = row_step_inputs(rows, vocab, dtype, device)
+    return {name: row_step_bandwidth(timer, step, z, q, targets) / 1e9 for name, step in steps.items()}
 
 
 def reference_fits(tokens: int, vocab: int, device: str) -> bool:
@@ -213,19 +127,18 @@ def reference_fits(tokens: int, vocab: int, device: str) -> bool:
 
 
 def _failure(exc: Exception) -> str:
-    return f"FAILED {type(exc).__name__}: {exc}"[:300].replace("\n", " ").replace("|", "/")
+    return f"FAILED {error_text(exc)}".replace("|", "/")
 
 
-def check_errors(shape: Shape, dtype: torch.dtype, fns: dict, device: str, deadline: float):
+def check_errors(shape: Shape, check_tokens: int, dtype: torch.dtype, fns: dict, device: str, deadline: float):
     """Loss and gradient errors of every backend against the reference at ``check_tokens``."""
-    dtype_name = str(dtype).removeprefix("torch.")
     for q_head in (False, True):
-        small = make_inputs(shape, shape.check_tokens, dtype, device, q_head=q_head, seed=1)
+        small = make_inputs(shape, check_tokens, dtype, device, q_head=q_head, seed=1)
         want_loss, want_grads = run_loss(fns["reference"], small)
         for name, fn in fns.items():
             if name == "reference" or (q_head and name == "chunked-pairs" and device == "cuda"):
                 continue  # the pair-chunked baseline is checked with the shared head only
-            row = dict(kind="error", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.check_tokens,
+            row = dict(kind="error", model=shape.title, dtype=dtype_name(dtype), backend=name, tokens=check_tokens,
                        head="q_weight+bias" if q_head else "shared")
             if time.monotonic() > deadline:
                 yield {**row, "errors": {}, "ok": None, "failure": "skipped: time budget"}
@@ -240,23 +153,22 @@ def check_errors(shape: Shape, dtype: torch.dtype, fns: dict, device: str, deadl
         del small
 
 
-def time_backends(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, device: str, deadline: float,
-                  gemm_ms: float):
+def time_backends(shape: Shape, tokens: int, dtype: torch.dtype, fns: dict, timer: Timer, device: str,
+                  deadline: float, gemm_ms: float):
     """Forward+backward time (as a multiple of ``T_gemm3``), peak extra memory and determinism at ``tokens``."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    big = make_inputs(shape, shape.tokens, dtype, device, seed=2)
+    big = make_inputs(shape, tokens, dtype, device, seed=2)
     for name, fn in fns.items():
-        row = dict(kind="time", model=shape.name, dtype=dtype_name, backend=name, tokens=shape.tokens)
+        row = dict(kind="time", model=shape.title, dtype=dtype_name(dtype), backend=name, tokens=tokens)
         if time.monotonic() > deadline:
             yield {**row, "skipped": "time budget"}
             continue
-        if name == "reference" and not reference_fits(shape.tokens, shape.vocab, device):
+        if name == "reference" and not reference_fits(tokens, shape.vocab, device):
             yield {**row, "skipped": "does not fit in memory"}
             continue
         step = functools.partial(run_loss, fn, big)
         try:
             (loss, grads), peak = peak_extra_memory(step, device)
-            ms = clock.median_ms(step)
+            ms = timer.median_ms(step)
             again = step()[1]["q_hidden"]
         except torch.OutOfMemoryError:
             yield {**row, "skipped": "out of memory"}
@@ -265,8 +177,7 @@ def time_backends(shape: Shape, dtype: torch.dtype, fns: dict, clock: Clock, dev
             yield {**row, "skipped": _failure(exc)}
             continue
         finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
         yield {**row, "ms": ms, "x_gemm3": ms / gemm_ms, "peak_mib": peak / 2**20,
                "deterministic": bool(torch.equal(again, grads["q_hidden"]))}
         del loss, grads, again
@@ -314,9 +225,9 @@ def main(argv=None) -> int:
     started = time.monotonic()
     deadline = started + args.budget_s
     if args.dry_run:
-        device, shapes, clock = "cpu", DRY_SHAPES, Clock("cpu", warmup=0, reps=1)
+        device, plan, timer = "cpu", DRY_PLAN, Timer("cpu", warmup=0, repeats=1)
     elif torch.cuda.is_available():
-        device, shapes, clock = "cuda", GPU_SHAPES, Clock("cuda", warmup=1, reps=5)
+        device, plan, timer = "cuda", GPU_PLAN, Timer("cuda", warmup=1, repeats=5)
     else:
         print("no CUDA device: run with --dry-run (and TRITON_INTERPRET=1) to check the script on CPU")
         return 2
@@ -324,9 +235,9 @@ def main(argv=None) -> int:
     result = {"versions": versions(device), "date": dt.datetime.now().isoformat(timespec="seconds"),
               "backends": {name: st.reason or "available" for name, st in backend_statuses().items()},
               "gemm3_ms": {}, "row_step": {}, "rows": []}
-    result["copy_gbps"] = copy_gbps(clock, device, 1 << (30 if device == "cuda" else 20))
-    device_tag = re.sub(r"[^a-z0-9]+", "-", result["versions"]["device"].lower()).strip("-")
-    out = args.out or ROOT / "bench" / "results" / f"gpu-check-{device_tag}-{dt.date.today().isoformat()}.json"
+    result["copy_gbps"] = copy_bandwidth(timer, plan.copy_bytes) / 1e9
+    device_tag = slug(result["versions"]["device"].lower())
+    out = args.out or RESULTS / f"gpu-check-{device_tag}-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(row: dict | None = None) -> None:
@@ -340,23 +251,23 @@ def main(argv=None) -> int:
         os.replace(tmp, out)
 
     dtypes = (torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32,)
+    first = plan.shapes[0]
     for dtype in dtypes:
-        rows = shapes[0].tokens
-        chunk = auto_chunk_size(rows, shapes[0].vocab, dtype, torch.device(device))
-        result["row_step"][str(dtype).removeprefix("torch.")] = row_step_gbps(clock, chunk, shapes[0].vocab, dtype, device)
+        chunk = auto_chunk_size(plan.tokens, first.vocab, dtype, torch.device(device))
+        result["row_step"][dtype_name(dtype)] = row_step_gbps(timer, chunk, first.vocab, dtype, device)
     save()
     # Most telling first: the timed training dtype at both shapes, then its errors, then float32 errors.
     timed = dtypes[:1]
-    for shape in shapes:
+    for shape in plan.shapes:
         for dtype in timed:
-            gemm = gemm3_ms(clock, shape.tokens, shape.vocab, shape.hidden, dtype, device)
-            result["gemm3_ms"].setdefault(shape.name, {})[str(dtype).removeprefix("torch.")] = gemm
+            gemm = gemm3_ms(timer, plan.tokens, shape.vocab, shape.hidden, dtype, device)
+            result["gemm3_ms"].setdefault(shape.title, {})[dtype_name(dtype)] = gemm
             save()
-            for row in time_backends(shape, dtype, fns, clock, device, deadline, gemm):
+            for row in time_backends(shape, plan.tokens, dtype, fns, timer, device, deadline, gemm):
                 save(row)
     for dtype in dtypes:
-        for shape in shapes:
-            for row in check_errors(shape, dtype, fns, device, deadline):
+        for shape in plan.shapes:
+            for row in check_errors(shape, plan.check_tokens, dtype, fns, device, deadline):
                 save(row)
     print(markdown(result))
     print(f"\nwrote {out} in {result['seconds']:.0f} s")

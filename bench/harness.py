@@ -10,14 +10,13 @@ synchronized on CUDA. Each is one of
 A candidate that cannot run here raises :class:`Unavailable` with the reason, which is recorded
 instead of a number; so is an out-of-memory, which is itself a result.
 
-The copy bandwidth of the device (CUDA only) is measured beside them, as the floor of the
-memory-bound row step.
+Times come from the one timer of bench/common.py; the floor of the memory-bound row step is
+the copy bandwidth measured there, and :func:`row_step_bandwidth` rates a row step against it.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +24,7 @@ import torch
 
 import qadapter_kernels
 from bench import baselines
+from bench.common import Timer, error_text, first_line, is_oom, release, sync
 from bench.memory import peak_extra_memory
 
 Step = Callable[[], None]
@@ -40,11 +40,6 @@ class Candidate:
     kind: str  # "floor" | "backend" | "baseline" | "peer"
     description: str
     build: Callable[[dict], Step]  # from the case inputs to a step; raises Unavailable
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _loss_step(inputs: dict, loss_of: Callable[[dict], torch.Tensor]) -> Step:
@@ -143,25 +138,6 @@ class Result:
         return statistics.median(self.times_s) if self.times_s else None
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def time_step(step: Step, repeats: int) -> list[float]:
-    """Wall time of each of ``repeats`` calls (each step synchronizes itself on CUDA)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def prepare(candidate: Candidate, inputs: dict, device: torch.device, warmup: int = 1) -> tuple[Step | None, Result]:
     """Builds the step and runs the warm-up calls (compilation happens here).
 
@@ -179,15 +155,10 @@ def prepare(candidate: Candidate, inputs: dict, device: torch.device, warmup: in
         if is_oom(exc):
             result.status, result.reason = "oom", first_line(exc)
         else:
-            result.status, result.reason = "skipped", f"failed on {device.type}: {type(exc).__name__}: {first_line(exc)}"
+            result.status, result.reason = "skipped", f"failed on {device.type}: {error_text(exc)}"
     inputs["q_hidden"].grad = None
-    _release(device)
+    release(device)
     return None, result
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def measure_all(
@@ -199,10 +170,11 @@ def measure_all(
     machine's load, common on shared hosts, biases no candidate against another.
     """
     prepared = [prepare(c, inputs, device, warmup) for c in chosen]
+    timer = Timer(device)
     for _ in range(repeats):
         for step, result in prepared:
             if step is not None and result.status == "ok":
-                _guarded(result, inputs, device, lambda: result.times_s.extend(time_step(step, 1)))
+                _guarded(result, inputs, device, lambda: result.times_s.extend(timer.times_s(step, 1)))
     for step, result in prepared:
         if step is not None and result.status == "ok":
             _guarded(result, inputs, device, lambda: setattr(result, "peak_bytes", peak_extra_memory(step, device)[1]))
@@ -221,7 +193,7 @@ def _guarded(result: Result, inputs: dict, device: torch.device, action: Callabl
         if not is_oom(exc):
             raise
         result.status, result.reason, result.times_s = "oom", first_line(exc), []
-        _release(device)
+        release(device)
     finally:
         inputs["q_hidden"].grad = None
 
@@ -231,10 +203,11 @@ def gemm3_step(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device:
 
     Outputs are allocated per call, as every loss does: holding a ``[N, V]`` buffer across the
     whole case would shrink what the other candidates can use before running out of memory.
+    Inputs are drawn on the device itself: a GPU head holds half a billion elements.
     """
-    g = torch.Generator().manual_seed(1)
-    hb, hq = (torch.randn(tokens, hidden, generator=g).to(device, dtype) for _ in range(2))
-    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    g = torch.Generator(device).manual_seed(1)
+    hb, hq = (torch.randn(tokens, hidden, generator=g, device=device, dtype=dtype) for _ in range(2))
+    w = torch.randn(vocab, hidden, generator=g, device=device, dtype=dtype) / hidden**0.5
 
     def step() -> None:
         torch.matmul(hb, w.T)
@@ -251,19 +224,22 @@ def _gemm3(inputs: dict) -> Step:
     return gemm3_step(tokens, weight.shape[1], weight.shape[0], hq.dtype, hq.device)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float | None:
-    """Device-to-device copy bandwidth in bytes/s (read + write), CUDA only (None elsewhere)."""
-    if device.type != "cuda":
-        return None
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def row_step_inputs(rows: int, vocab: int, dtype: torch.dtype, device: torch.device | str):
+    """Logits ``z`` and Q-values ``q`` of ``rows`` positions (``[rows, V]``, ``dtype``) and their targets.
 
-    def step() -> None:
-        dst.copy_(src)
-        sync(device)
+    Drawn on the device itself: a GPU chunk can hold billions of elements.
+    """
+    z, q = (torch.randn(rows, vocab, device=device, dtype=dtype) for _ in range(2))
+    return z, q, torch.randint(0, vocab, (rows,), device=device)
 
-    seconds = statistics.median(time_step(step, repeats))
-    del src, dst
-    _release(device)
-    return 2 * nbytes / seconds
+
+def row_step_bandwidth(timer: Timer, step: Callable, z: torch.Tensor, q: torch.Tensor, targets: torch.Tensor) -> float:
+    """Effective bandwidth (bytes/s) of a row step on one ``[rows, V]`` chunk.
+
+    Counts the bytes no row step can avoid (read ``z`` and ``Q``, write ``P``), so a two-pass
+    kernel shows up as a lower fraction of the copy bandwidth. Steps may overwrite ``z`` and ``q``
+    (P in place); repeated calls then see probabilities instead of logits, which costs the same,
+    so no copy needs to be timed or subtracted.
+    """
+    nbytes = 3 * z.numel() * z.element_size()
+    return nbytes / timer.median_s(lambda: step(z, q, targets, 1.0, 0.01, z.dtype))

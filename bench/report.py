@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -27,7 +25,10 @@ import torch
 
 import qadapter_kernels
 from bench import decode, e2e, harness
-from bench.shapes import SHAPES, bench_device, bench_dtype, default_cases, dtype_name, make_case_inputs
+from bench.common import (
+    RESULTS, SHAPES, Timer, bench_device, bench_dtype, copy_bandwidth, default_cases, device_label, dtype_name,
+    make_case_inputs, package_version, versions,
+)
 
 PACKAGES = (
     "qadapter-kernels", "torch", "triton", "transformers", "peft", "liger-kernel", "cut-cross-entropy",
@@ -37,34 +38,22 @@ FUSED_KINDS = ("backend",)
 MIB = 2**20
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def device_label(device: torch.device) -> str:
-    """``cpu`` or the GPU's name as a file-name slug (``nvidia-h100-80gb-hbm3``)."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-
-
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    """bench.common's :func:`~bench.common.versions` in this report's fields, with the host and its load."""
+    v = versions(device)
     info = {
         "device": device_label(device),
         "device_type": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": v["device"] if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": dtype_name(dtype),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "python": platform.python_version(),
+        "python": v["python"],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "packages": {p: _version(p) for p in PACKAGES},
+        "torch": v["torch"],
+        "cuda": v["cuda"],
+        "triton": v["triton"],
+        "packages": {p: package_version(p) for p in PACKAGES},
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -84,7 +73,7 @@ def _load() -> list[float] | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="every shape and N in {1024, 4096, 16384} (for a GPU)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder (default bench/results)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="head shapes (default: by device)")
     p.add_argument("--tokens", nargs="+", type=int, help="scored token counts N (default: by device)")
     p.add_argument("--candidates", nargs="+", help="only these candidates (default: all)")
@@ -114,7 +103,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     info.update(argv=argv, full=args.full, repeats=repeats,
                 warmup=args.warmup, load_start=_load())
     info["backends"] = {n: {"available": s.available, "reason": s.reason} for n, s in qadapter_kernels.backends().items()}
-    info["copy_bandwidth_bytes_per_s"] = harness.copy_bandwidth(device)
+    info["copy_bandwidth_bytes_per_s"] = (
+        copy_bandwidth(Timer(device, warmup=1, repeats=10)) if device.type == "cuda" else None
+    )
     results = {"meta": info, "cases": [], "e2e": None}
     for case in cases:
         print(f"[bench] {case.label} (B={case.batch}, T={case.seq})", flush=True)

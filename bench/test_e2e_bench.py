@@ -11,8 +11,8 @@ import torch
 
 from bench import e2e
 from bench.baselines import eager_authors_loss
+from bench.common import bench_device, bench_dtype, first_line, is_oom
 from bench.memory import peak_extra_memory
-from bench.shapes import bench_device, bench_dtype
 from qadapter_kernels import qadapter_loss
 
 LOSSES = {"fused": qadapter_loss, "eager-authors": eager_authors_loss}
@@ -37,8 +37,6 @@ def test_training_step(benchmark, setup, loss):
         benchmark.pedantic(step, rounds=e2e.default_repeats(device), iterations=1, warmup_rounds=1)
         peak = peak_extra_memory(step, device)[1]
     except Exception as exc:  # noqa: BLE001 -- an out-of-memory is a result: recorded as a skip
-        from bench.harness import first_line, is_oom
-
         if not is_oom(exc):
             raise
         pytest.skip(f"{loss} oom: {first_line(exc)}")

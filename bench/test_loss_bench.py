@@ -6,11 +6,10 @@ median time as a multiple of ``T_gemm3`` measured in the same session.
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 
 from bench import harness
+from bench.common import Timer, first_line, is_oom
 from bench.memory import peak_extra_memory
 
 _GEMM3: dict = {}
@@ -24,8 +23,7 @@ def t_gemm3(case) -> float:
     """T_gemm3 of the case, measured once per session (the floor every time is divided by)."""
     if case not in _GEMM3:
         step = harness.gemm3_step(case.tokens, case.shape.hidden, case.shape.vocab, case.dtype, case.device)
-        step()
-        _GEMM3[case] = statistics.median(harness.time_step(step, rounds(case)))
+        _GEMM3[case] = Timer(case.device, warmup=1, repeats=rounds(case)).median_s(step)
     return _GEMM3[case]
 
 
@@ -42,9 +40,9 @@ def test_loss_forward_backward(benchmark, case, candidate, inputs):
         benchmark.pedantic(step, rounds=rounds(case), iterations=1)
         peak = peak_extra_memory(step, case.device)[1]
     except Exception as exc:  # noqa: BLE001 -- an out-of-memory is a result: recorded as a skip
-        if not harness.is_oom(exc):
+        if not is_oom(exc):
             raise
-        pytest.skip(f"{candidate.name} oom: {harness.first_line(exc)}")
+        pytest.skip(f"{candidate.name} oom: {first_line(exc)}")
     finally:
         inputs["q_hidden"].grad = None
     gemm3 = t_gemm3(case)

@@ -78,7 +78,12 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
 
 
-def test_bench_subcommand_reaches_the_report(capsys):
+def test_benchmarks_are_documented_not_a_verb(capsys):
+    """The benchmarks run from a source checkout (python -m bench.report); the installed command
+    never imports code from the working directory."""
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
-    assert exc.value.code == 0 and "bench.report" in capsys.readouterr().out
+        main(["--help"])
+    assert exc.value.code == 0 and "python -m bench.report" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err

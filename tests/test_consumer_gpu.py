@@ -1,5 +1,5 @@
-"""The consumer-GPU benchmark (bench/consumer_gpu.py) runs end to end on CPU with --dry-run, and a
-failing part is recorded while the others still run."""
+"""The consumer-GPU benchmark (``python -m bench.consumer_gpu``) runs end to end on CPU with
+--dry-run, and a failing part is recorded while the others still run."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ pytest.importorskip("peft")
 
 from bench import consumer_gpu  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "consumer_gpu.py"
+ROOT = Path(__file__).resolve().parents[1]
 LOSS_ROWS = ("train: fused", "train: eager-authors")
 DECODE_ROWS = ("decode: batch 1", "decode: batch 8")
 
 
 def test_dry_run_writes_every_row(tmp_path):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    # As bench/gpu.sh runs it: a module, from the repository root.
+    proc = subprocess.run([sys.executable, "-m", "bench.consumer_gpu", "--dry-run", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     parts = result["parts"]

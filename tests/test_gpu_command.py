@@ -1,5 +1,7 @@
 """The GPU proof's one command, `bench/gpu.sh`, in its CPU dry run: every step's imports,
-arguments and result files are exercised here, so a GPU run is never lost to a typo."""
+arguments and result files are exercised here, so a GPU run is never lost to a typo. The checks run
+as modules from the repository root (`python -m bench.gpu_check`), as on a GPU machine where
+nothing is installed."""
 
 from __future__ import annotations
 

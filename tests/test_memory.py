@@ -1,4 +1,10 @@
-"""The chunked backend's peak extra memory is O(chunk * V + N * d); the reference's grows with N * V."""
+"""The chunked backend's peak extra memory is O(chunk * V + N * d); the reference's grows with N * V.
+
+The measure is ``bench.memory.peak_extra_memory``, imported from bench on purpose: it is the one
+shared tool of the benchmarks (harness, e2e, gpu_check) and of this test, kept in one copy so that
+the suite checks with exactly what the benchmarks report. It is the only thing tests outside
+bench's own tests take from bench; ``test_profiler_measure_sees_allocations`` tests it here.
+"""
 
 from __future__ import annotations
 

@@ -50,13 +50,13 @@ def plain_greedy(model: QAdapterModel, ids, mask, steps):
     """Re-runs the frozen and the adapter model on the whole sequence every step: no cache, no tricks."""
     model.eval()
     decoder = model.base_model.get_decoder()
-    opts = model.loss_options
+    loss = model.loss
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with model.peft_model.disable_adapter():
             base = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
         q = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
-        logp = combined_logprobs(base, q, model.lm_head_weight, alpha_tilde=opts["alpha_tilde"], alpha_0=opts["alpha_0"])
+        logp = combined_logprobs(base, q, model.lm_head_weight, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
         ids = torch.cat([ids, logp.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids

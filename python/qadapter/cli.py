@@ -1,6 +1,8 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, bench.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval.
 
-Bad arguments exit with code 2 and a message naming the argument (argparse's convention).
+Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
+options of ``demo`` and ``train`` are generated from their dataclasses (``DemoOptions``,
+``QAdapterConfig``, whose loss options are ``qadapter_kernels.LossConfig``'s fields).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -40,6 +43,20 @@ def _probability(text: str) -> float:
     return value
 
 
+def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) -> None:
+    """One ``--field-name`` option per field of a dataclass, with its type, default and metadata
+    (``help``, ``choices``; ``positive``: values > 0; ``flag``: another option name)."""
+    types = typing.get_type_hints(options_class)
+    for f in fields(options_class):
+        kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+        if f.metadata.get("positive"):
+            kind = {int: _positive_int, float: _positive_float}[kind]
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"),
+                            metavar=None if "choices" in f.metadata else flag[2:].replace("-", "_").upper(),
+                            help=f.metadata["help"] + (" (default: %(default)s)" if f.default is not None else ""))
+
+
 def _demo_parser(sub) -> None:
     from .demo import DemoOptions
 
@@ -47,27 +64,13 @@ def _demo_parser(sub) -> None:
                        description="The main job: customize the embedded default model to answer with a TL;DR "
                                    "line, then print before/after preference accuracy, rule satisfaction, "
                                    "knowledge retention and KL to the base.")
-    d = DemoOptions()
-    p.add_argument("--output", default=d.output, help="directory for the adapter and report.json (default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=d.max_steps, help="training steps (default: %(default)s)")
-    p.add_argument("--pairs-per-step", type=_positive_int, default=d.pairs_per_step, help="(default: %(default)s)")
-    p.add_argument("--learning-rate", type=_positive_float, default=d.learning_rate, help="(default: %(default)s)")
-    p.add_argument("--max-length", type=_positive_int, default=d.max_length, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--answer-tokens", type=_positive_int, default=d.answer_tokens,
-                   help="tokens generated per evaluation answer (default: %(default)s)")
-    p.add_argument("--heldout-limit", type=_positive_int, default=None, help="use only the first N held-out pairs")
-    p.add_argument("--probe-limit", type=_positive_int, default=None, help="use only the first N probe questions")
-    p.add_argument("--backend", default=d.backend, help="loss backend (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_dataclass_options(p, DemoOptions)
 
 
 def _run_demo(args) -> int:
     from .demo import DemoOptions, format_report, run_demo
 
-    options = DemoOptions(output=args.output, max_steps=args.steps, pairs_per_step=args.pairs_per_step,
-                          learning_rate=args.learning_rate, max_length=args.max_length,
-                          answer_tokens=args.answer_tokens, seed=args.seed, backend=args.backend,
-                          probe_limit=args.probe_limit, heldout_limit=args.heldout_limit)
+    options = DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)})
     print(format_report(run_demo(options)))
     return 0
 
@@ -77,11 +80,16 @@ def _train_parser(sub) -> None:
                        description="Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
                                    "{'chosen': [messages], 'rejected': [messages]} or {'prompt', 'chosen', "
                                    "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
-                                   "as --name value (e.g. --num_train_epochs 2 --gradient_checkpointing true).")
+                                   "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
+                                   "LoRA and length settings, and e.g. --num_train_epochs 2 "
+                                   "--gradient_checkpointing true.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
     p.add_argument("--data", required=True, help="training preference data")
     p.add_argument("--eval-data", help="held-out preference data (evaluated at the end)")
     p.add_argument("--output", required=True, help="directory for the adapter (and trainer checkpoints)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output that holds no adapter of ours (only the adapter's "
+                        "own files are ever replaced; other files stay)")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the latest checkpoint in --output (or from the given checkpoint)")
@@ -107,10 +115,16 @@ def _training_config(args, extra: list[str]):
 def _run_train(args, extra: list[str]) -> int:
     from .data import load_preference_data
     from .evaluate import preference_metrics
-    from .model import QAdapterModel
+    from . import atomic
+    from .model import QAdapterModel, holds_adapter
     from .trainer import QAdapterTrainer
 
     config = _training_config(args, extra)
+    output = Path(args.output)
+    try:  # before anything loads or writes: a wrong --output costs nothing
+        atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
+    except atomic.OutputDirectoryError as exc:
+        _usage_error("train", str(exc))
     model = QAdapterModel.from_base(args.model, **config.model_options())
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
@@ -124,7 +138,7 @@ def _run_train(args, extra: list[str]) -> int:
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=args.resume)
-    model.save_pretrained(args.output)
+    model.save_pretrained(output, overwrite=args.overwrite)
     print(f"adapter saved to {args.output}")
     if evaluation is not None:
         metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
@@ -191,36 +205,24 @@ def _run_eval(args) -> int:
     return 0
 
 
-def _run_bench(extra: list[str]) -> int:
-    # bench/ is not installed: it lives beside python/ in a source checkout (editable installs).
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / "bench" / "report.py").is_file() and str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-            break
-    try:
-        from bench.report import main as bench_main
-    except ImportError as exc:
-        _usage_error("bench", f"the benchmark suite runs from a source checkout (bench/): {exc}")
-    return bench_main(extra)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qadapter", description="Q-Adapter: customize a frozen LLM to new "
-                                     "preferences without forgetting, with fused no-logits kernels.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,bench}")
+    parser = argparse.ArgumentParser(
+        prog="qadapter", description="Q-Adapter: customize a frozen LLM to new preferences without forgetting, "
+                                     "with fused no-logits kernels.",
+        # The benchmarks are not part of the installed package: they run from a source checkout.
+        epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
+               "(python -m bench.report --help for its options).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
-    sub.add_parser("bench", help="run the benchmark report (arguments go to python -m bench.report)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] == ["bench"]:
-        return _run_bench(argv[1:])
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

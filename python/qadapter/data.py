@@ -23,7 +23,9 @@ from typing import Any, Iterable
 
 import torch
 
-IGNORE_INDEX = -100
+from qadapter_kernels import LossConfig
+
+IGNORE_INDEX = LossConfig.ignore_index  # the label of unscored positions: the loss's default ignore_index
 ROLES = ("system", "user", "assistant", "tool")
 
 

@@ -15,10 +15,12 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from qadapter_kernels.registry import BACKEND_NAMES
 
 from .data import tokenize_rows
 from .defaults import DEFAULT_MODEL
@@ -27,19 +29,26 @@ from .model import QAdapterModel
 from .task import follows_rule, load_task, probe_correct
 
 
+def _option(default, help: str, **metadata):
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class DemoOptions:
-    output: str = "qadapter-demo"
-    max_steps: int = 40
-    pairs_per_step: int = 4
-    learning_rate: float = 2e-3
-    max_length: int = 80
-    max_prompt_length: int = 64
-    answer_tokens: int = 40
-    seed: int = 0
-    backend: str = "auto"
-    probe_limit: int | None = None
-    heldout_limit: int | None = None
+    """The demo's options; ``qadapter demo``'s command line is generated from these fields (their
+    metadata: ``help``, ``choices``, ``positive``, and ``flag`` where it is not ``--field-name``)."""
+
+    output: str = _option("qadapter-demo", "directory for the adapter and report.json")
+    max_steps: int = _option(40, "training steps", positive=True, flag="--steps")
+    pairs_per_step: int = _option(4, "preference pairs per training step", positive=True)
+    learning_rate: float = _option(2e-3, "peak learning rate (cosine schedule)", positive=True)
+    max_length: int = _option(80, "tokens per sequence, prompt included", positive=True)
+    max_prompt_length: int = _option(64, "prompt tokens kept (cut from the left)", positive=True)
+    answer_tokens: int = _option(40, "tokens generated per evaluation answer", positive=True)
+    seed: int = _option(0, "seed of the adapter's initialization and of training")
+    backend: str = _option("auto", "qadapter_kernels backend (loss and decoding)", choices=BACKEND_NAMES)
+    probe_limit: int | None = _option(None, "use only the first N probe questions", positive=True)
+    heldout_limit: int | None = _option(None, "use only the first N held-out pairs", positive=True)
 
 
 def _peak_memory_mb() -> float:
@@ -78,7 +87,15 @@ def run_demo(options: DemoOptions) -> dict:
     _stage("1/4 loading the embedded default model (converted to a local cache on first use)")
     torch.manual_seed(options.seed)
     output = Path(options.output)
-    model = QAdapterModel.from_base(DEFAULT_MODEL, backend=options.backend)
+    args = QAdapterConfig(
+        output_dir=str(output / "trainer"), max_steps=options.max_steps,
+        per_device_train_batch_size=options.pairs_per_step, learning_rate=options.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=max(1, options.max_steps // 10), logging_steps=10,
+        save_strategy="no", report_to=[], seed=options.seed, backend=options.backend,
+        max_length=options.max_length, max_prompt_length=options.max_prompt_length, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
     tokenizer = model.tokenizer
     loaded = time.perf_counter()
 
@@ -96,14 +113,6 @@ def run_demo(options: DemoOptions) -> dict:
     before.update({f"heldout_{k}": v for k, v in
                    preference_metrics(model, heldout_features, tokenizer.pad_token_id).items()})
 
-    args = QAdapterConfig(
-        output_dir=str(output / "trainer"), max_steps=options.max_steps,
-        per_device_train_batch_size=options.pairs_per_step, learning_rate=options.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(1, options.max_steps // 10), logging_steps=10,
-        save_strategy="no", report_to=[], seed=options.seed, loss_backend=options.backend,
-        max_length=options.max_length, max_prompt_length=options.max_prompt_length, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
     _stage(f"3/4 training on {len(train_features)} pairs for {options.max_steps} steps")
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=tokenizer)
     train_start = time.perf_counter()

@@ -3,7 +3,8 @@
 - :func:`preference_metrics`: held-out accuracy of the learned rewards (R_chosen > R_rejected).
 - :func:`mean_kl`: mean per-token KL(customized || base) over response tokens, chunked so the
   vocabulary-sized rows exist a few hundred at a time.
-- :func:`answers`: greedy answers of the base model or of the customized policy, batched.
+- :func:`answers`: greedy answers of the base model or of the customized policy, batched (also
+  what the built-in task's pairs are made from).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from qadapter_kernels import combine_logits
 
 from .data import PreferenceCollator
-from .model import evaluation_mode
+from .model import QAdapterModel, evaluation_mode
 
 
 def _collated_batches(features: list[dict], pad_token_id: int, pairs: int, device: torch.device):
@@ -44,18 +45,18 @@ def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_
 @torch.no_grad()
 def mean_kl(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 4, chunk: int = 256) -> float:
     """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
-    opts, weight = model.loss_options, model.lm_head_weight
+    loss, weight = model.loss, model.lm_head_weight
     total, count = 0.0, 0
     with evaluation_mode(model):
         for _, inputs in _collated_batches(features, pad_token_id, pairs_per_batch, weight.device):
             base, q = model.hidden_states(inputs["input_ids"], inputs["attention_mask"])
-            scored = inputs["labels"][:, 1:] != -100
+            scored = inputs["labels"][:, 1:] != loss.ignore_index
             base, q = base[:, :-1][scored], q[:, :-1][scored]
             for s in range(0, base.shape[0], chunk):
                 z = base[s : s + chunk] @ weight.T
                 log_pi1 = torch.log_softmax(z.float(), dim=-1)
-                log_pi = combine_logits(z, q[s : s + chunk] @ weight.T, alpha_tilde=opts["alpha_tilde"],
-                                        alpha_0=opts["alpha_0"])
+                log_pi = combine_logits(z, q[s : s + chunk] @ weight.T, alpha_tilde=loss.alpha_tilde,
+                                        alpha_0=loss.alpha_0)
                 total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
                 count += z.shape[0]
     return total / max(count, 1)
@@ -69,22 +70,27 @@ def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
 @torch.no_grad()
 def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new_tokens: int = 48,
             batch_size: int = 16) -> list[str]:
-    """Greedy answers of the customized policy, or of the frozen base model (``customized=False``)."""
+    """Greedy answers to chat questions (left-padded batches): of the customized policy of a
+    :class:`QAdapterModel`, or with ``customized=False`` of its frozen base model; a plain
+    transformers causal LM is its own base model (``customized=False`` only)."""
+    if isinstance(model, QAdapterModel):
+        if not customized:
+            with model.peft_model.disable_adapter():
+                return answers(model.base_model, tokenizer, questions, customized=False,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    elif customized:
+        raise TypeError(f"customized answers need a QAdapterModel; got {type(model).__name__}")
     tokenizer.padding_side = "left"
-    device = model.lm_head_weight.device
-    eos = tokenizer.eos_token_id
+    device = (model.lm_head_weight if customized else model.get_output_embeddings().weight).device
     out_texts = []
     with evaluation_mode(model):
         for start in range(0, len(questions), batch_size):
             enc = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size]), return_tensors="pt",
                             padding=True, add_special_tokens=False).to(device)
-            if customized:
-                out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens,
-                                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            else:
-                with model.peft_model.disable_adapter():
-                    out = model.base_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                                    eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            # The same call for QAdapterModel.generate and transformers' generate.
+            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
             for row in out[:, enc.input_ids.shape[1] :]:
                 out_texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out_texts

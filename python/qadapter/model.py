@@ -5,9 +5,11 @@ Training: the frozen model's final hidden states (adapter disabled, no grad) and
 decoder is called directly, so the full ``[B, T, V]`` logits never exist.
 
 Generation samples from the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)``
-(``combine_logits``). Both paths share one KV-cached forward per step: the batch is doubled into
-frozen rows and adapter rows (:meth:`QAdapterModel.rows_with_adapter`), so a token costs about one
-forward of the model.
+(the backend's decode combine, :func:`select_combine`). Both paths share one KV-cached forward per
+step: the batch is doubled into frozen rows and adapter rows (:meth:`QAdapterModel.rows_with_adapter`),
+so a token costs about one forward of the model.
+
+The loss options, their defaults and their checks are :class:`qadapter_kernels.LossConfig`'s.
 """
 
 from __future__ import annotations
@@ -16,25 +18,26 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qadapter_kernels import QAdapterLossOutput, combine_logits, qadapter_loss
-from qadapter_kernels import LossConfig
+from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qadapter_loss, registry
+from qadapter_kernels.inputs import check_chunk_size
 
+from . import atomic
 from .defaults import DEFAULT_MODEL, load_base
 
 CONFIG_NAME = "qadapter_config.json"
 ADAPTER_NAME = "default"
 FORMAT_VERSION = 1
-LOSS_KEYS = ("alpha_tilde", "alpha_0", "gamma", "beta", "value_at", "reward_norm", "backend", "chunk_size")
+# Keys of the saved config's "loss" section besides LossConfig's fields.
+RUN_KEYS = ("backend", "chunk_size")
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class AdapterLoadError(ValueError):
@@ -44,10 +47,15 @@ class AdapterLoadError(ValueError):
 def base_fingerprint(model: nn.Module) -> str:
     """A cheap identity of the base weights: names, shapes and a strided sample of each tensor's values.
 
-    Values are rounded to bfloat16 first, so the same base loaded in fp32, bf16 or fp16 agrees.
+    Values are rounded to bfloat16 first, so the same base loaded in fp32, bf16 or fp16 agrees. A
+    PEFT model gives its base's fingerprint (LoRA weights left out, ``base_layer`` names folded
+    back), so an adapter can be checked against a base whether or not it is already attached.
     """
+    if hasattr(model, "get_base_model"):  # a peft.PeftModel
+        model = model.get_base_model()
+    params = {name.replace(".base_layer.", "."): param for name, param in model.named_parameters() if "lora_" not in name}
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    for name, param in sorted(params.items(), key=lambda item: item[0]):
         flat = param.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
         digest.update(f"{name}:{tuple(param.shape)}".encode())
@@ -66,46 +74,64 @@ def _check_linear_head(model: nn.Module) -> nn.Linear:
 
 
 class QAdapterModel(nn.Module):
-    """A frozen causal LM with a LoRA residual Q-function; ``forward`` returns the Q-Adapter loss."""
+    """A frozen causal LM with a LoRA residual Q-function; ``forward`` returns the Q-Adapter loss.
+
+    ``QAdapterModel(base, ...)`` attaches a fresh adapter; :meth:`from_peft_model` wraps a PEFT model
+    that carries one already. The loss options are ``loss`` (a :class:`LossConfig`, default: its
+    defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
+    """
 
     def __init__(
         self,
         base_model: nn.Module,
         *,
         tokenizer: Any = None,
+        loss: LossConfig | None = None,
+        backend: str = "auto",
+        chunk_size: int | None = None,
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
         target_modules: Iterable[str] = ("q_proj", "v_proj"),
-        alpha_tilde: float = 1.0,
-        alpha_0: float = 0.01,
-        gamma: float = 1.0,
-        beta: float = 0.1,
-        value_at: str = "current",
-        reward_norm: str = "padded",
-        backend: str = "auto",
-        chunk_size: int | None = None,
-        _peft_model: nn.Module | None = None,
-        _fingerprint: str | None = None,
+        **loss_options,
     ) -> None:
-        super().__init__()
         from peft import LoraConfig, get_peft_model
 
-        LossConfig(alpha_tilde, alpha_0, gamma, beta, value_at, reward_norm, -100)  # validates early
-        self.loss_options = dict(alpha_tilde=alpha_tilde, alpha_0=alpha_0, gamma=gamma, beta=beta,
-                                 value_at=value_at, reward_norm=reward_norm, backend=backend, chunk_size=chunk_size)
-        self.loss_fn = qadapter_loss  # replaceable by any callable with qadapter_loss's signature
+        super().__init__()
+        self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
+        _check_linear_head(base_model)
+        lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=list(target_modules))
+        self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
+        self.fingerprint = base_fingerprint(self.peft_model)
+
+    def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
+        self.loss = LossConfig.from_options(loss, **loss_options)
+        self.backend = registry.check_name(backend)
+        check_chunk_size(chunk_size)
+        self.chunk_size = chunk_size
         self.tokenizer = tokenizer
-        if _peft_model is None:
-            _check_linear_head(base_model)
-            _fingerprint = base_fingerprint(base_model)
-            lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                              target_modules=list(target_modules))
-            _peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
-        self.peft_model = _peft_model
-        self.fingerprint = _fingerprint
+        # The training loss; the benchmarks swap in other implementations (same signature as qadapter_loss).
+        self.loss_fn = qadapter_loss
 
     # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_peft_model(cls, peft_model: nn.Module, *, tokenizer: Any = None, loss: LossConfig | None = None,
+                        backend: str = "auto", chunk_size: int | None = None, **loss_options) -> "QAdapterModel":
+        """Wraps a ``peft.PeftModel`` whose LoRA adapter ``"default"`` is the Q-function (loaded from
+        files, or built elsewhere); its LoRA settings are its own."""
+        config = getattr(peft_model, "peft_config", {}).get(ADAPTER_NAME)
+        if getattr(config, "peft_type", None) != "LORA":  # PeftType is a str enum
+            raise ValueError(f"a Q-Adapter wraps a PEFT model with a LoRA adapter named {ADAPTER_NAME!r}; "
+                             f"got {type(peft_model).__name__}")
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._configure(tokenizer, loss, backend, chunk_size, loss_options)
+        _check_linear_head(peft_model.get_base_model())
+        model.peft_model = peft_model
+        model.fingerprint = base_fingerprint(peft_model)
+        return model
+
     @classmethod
     def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, **options) -> "QAdapterModel":
         """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or the default."""
@@ -121,6 +147,7 @@ class QAdapterModel(nn.Module):
         from peft import PeftModel
 
         path = Path(path)
+        atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
         tokenizer = None
         if base_model is None and not config["base_model"]:
@@ -137,16 +164,17 @@ class QAdapterModel(nn.Module):
             peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable)
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
             raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): {exc}") from exc
+        check_adapter_weights(peft_model, path)
         if device is not None:
             peft_model.to(device)
-        return cls(base_model, tokenizer=tokenizer, _peft_model=peft_model, _fingerprint=fingerprint, **config["loss"])
+        return cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Replaces the adapter's weights with those saved in ``path`` (used to resume training)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        file = Path(path) / "adapter_model.safetensors"
+        file = Path(path) / WEIGHTS_NAME
         try:
             state = load_file(file)
         except Exception as exc:
@@ -162,7 +190,7 @@ class QAdapterModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "base_model": getattr(self.config, "name_or_path", None) or "",
             "base_fingerprint": self.fingerprint,
-            "loss": dict(self.loss_options),
+            "loss": {**self.loss.as_dict(), "backend": self.backend, "chunk_size": self.chunk_size},
             "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
                      "target_modules": sorted(lora.target_modules)},
         }
@@ -173,25 +201,20 @@ class QAdapterModel(nn.Module):
         self.peft_model.save_pretrained(directory, safe_serialization=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n", encoding="utf-8")
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Saves atomically: written to a temporary sibling directory, then renamed over ``path``.
+    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Saves the adapter's files into the directory ``path``, replacing only those files.
 
-        A failure while writing leaves an existing adapter at ``path`` untouched.
+        Everything else in ``path`` (trainer checkpoints, the user's files) stays. Each file is
+        renamed into place from a complete staged copy, so a crash leaves the old adapter or the
+        new one, never a mix (``atomic.py``). A regular file at ``path`` is refused, and so is a
+        non-empty directory that holds no adapter or checkpoint of ours unless ``overwrite``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            self.write_adapter(tmp)
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / path.name)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def write(staging: Path) -> None:
+            self.write_adapter(staging)
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's model card: not ours to replace
+
+        atomic.save_files(path, write, is_ours=holds_adapter, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------ module
     @property
@@ -233,7 +256,8 @@ class QAdapterModel(nn.Module):
         if labels is None:
             raise ValueError("labels is required: the forward computes the preference loss (use generate() to decode)")
         base_hidden, q_hidden = self.hidden_states(input_ids, attention_mask)
-        return self.loss_fn(base_hidden, q_hidden, self.lm_head_weight, labels, **self.loss_options)
+        return self.loss_fn(base_hidden, q_hidden, self.lm_head_weight, labels, config=self.loss, backend=self.backend,
+                            chunk_size=self.chunk_size)
 
     # -------------------------------------------------------------------------------- generation
     @contextmanager
@@ -277,20 +301,26 @@ class QAdapterModel(nn.Module):
         ``input_ids`` holds the batch twice: frozen rows first, then the same rows for the adapter.
         """
         with self.rows_with_adapter(_second_half(input_ids.shape[0], input_ids.device)):
-            return self._combined_step(input_ids, attention_mask, position_ids, cache, self._cache_argument())
+            return self._combined_step(input_ids, attention_mask, position_ids, cache, self.cache_argument(),
+                                       self._decode_combine())
 
-    def _combined_step(self, input_ids, attention_mask, position_ids, cache, cache_arg):
+    def _combined_step(self, input_ids, attention_mask, position_ids, cache, cache_arg, combine):
         """:meth:`step_logprobs` inside an active :meth:`rows_with_adapter` (entered once per generation)."""
         batch = input_ids.shape[0] // 2
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         logits = out.logits[:, -1]
-        opts = self.loss_options
-        return combine_logits(logits[:batch], logits[batch:], alpha_tilde=opts["alpha_tilde"],
-                              alpha_0=opts["alpha_0"]), getattr(out, cache_arg)
+        return combine(logits[:batch], logits[batch:], alpha_tilde=self.loss.alpha_tilde,
+                       alpha_0=self.loss.alpha_0), getattr(out, cache_arg)
 
-    def _cache_argument(self) -> str:
-        """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
+    def _decode_combine(self) -> Callable:
+        """The combine each decode step calls: :func:`select_combine` for this model's backend, device and dtype."""
+        weight = self.lm_head_weight
+        return select_combine(self.backend, weight.device, weight.dtype)
+
+    def cache_argument(self) -> str:
+        """The base model's name for its KV cache argument: transformers 5 renamed ``past_key_values``
+        to ``cache``; both are accepted."""
         params = inspect.signature(type(self.base_model).forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
@@ -322,7 +352,7 @@ class QAdapterModel(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
         eos = _eos_ids(eos_token_id, self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        cache_arg = self._cache_argument()
+        cache_arg, combine = self.cache_argument(), self._decode_combine()
         eos_ids = torch.tensor(eos, device=input_ids.device)
         ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
         positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
@@ -334,7 +364,7 @@ class QAdapterModel(nn.Module):
         with evaluation_mode(self.peft_model), self.rows_with_adapter(_second_half(ids2.shape[0], ids2.device)):
             try:
                 for _ in range(max_new_tokens):
-                    logprobs, cache = self._combined_step(step_ids, mask2, positions, cache, cache_arg)
+                    logprobs, cache = self._combined_step(step_ids, mask2, positions, cache, cache_arg, combine)
                     token = _select(logprobs, do_sample, temperature, top_k, top_p, generator)
                     token = torch.where(finished, torch.full_like(token, pad), token)
                     out = torch.cat([out, token[:, None]], dim=1)
@@ -353,6 +383,18 @@ class QAdapterModel(nn.Module):
         return out
 
 
+def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The combined-policy log-probs function for decoding: the backend's kernel where it declares one
+    (Triton on CUDA), else the eager :func:`qadapter_kernels.combine_logits` (CPU; float64; a named
+    backend that cannot run here, e.g. an adapter trained with ``cuda`` decoding on a laptop)."""
+    if backend != "auto" and not registry.status(backend).available:
+        return combine_logits
+    record = registry.resolve(backend, torch.device(device), dtype)
+    if record.combine is None or (dtype == torch.float64 and not record.float64):
+        return combine_logits
+    return record.combine
+
+
 @contextmanager
 def evaluation_mode(module: nn.Module):
     """``module`` in eval mode (no dropout) inside, back to its previous mode after."""
@@ -369,6 +411,12 @@ def _second_half(rows: int, device) -> torch.Tensor:
     return torch.arange(rows, device=device) >= rows // 2
 
 
+def holds_adapter(path: Path) -> bool:
+    """Whether a directory holds a saved adapter or the trainer checkpoints of one."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() or (path / "checkpoints").is_dir() or any(path.glob(f"checkpoint-*/{CONFIG_NAME}"))
+
+
 def read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     if not file.is_file():
@@ -382,8 +430,38 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterLoadError(f"{file} lacks {missing}")
     if config["format_version"] != FORMAT_VERSION:
         raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads {FORMAT_VERSION}")
-    config["loss"] = {k: v for k, v in config["loss"].items() if k in LOSS_KEYS}
+    # Missing keys (adapters saved before ignore_index was stored) take LossConfig's defaults.
+    if not isinstance(config["loss"], dict):
+        raise AdapterLoadError(f"{file}: 'loss' must be an object of loss options; got {config['loss']!r}")
+    known = (*LossConfig.names(), *RUN_KEYS)
+    config["loss"] = {k: v for k, v in config["loss"].items() if k in known}
+    options = {k: v for k, v in config["loss"].items() if k not in RUN_KEYS}
+    try:  # every value checked now, before a base model is loaded for it
+        LossConfig.from_options(**options)
+        registry.check_name(config["loss"].get("backend", "auto"))
+        check_chunk_size(config["loss"].get("chunk_size"))
+    except (TypeError, ValueError) as exc:
+        raise AdapterLoadError(f"{file} holds an invalid option: {exc}") from exc
+    if not (path / WEIGHTS_NAME).is_file():
+        raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
     return config
+
+
+def check_adapter_weights(peft_model: nn.Module, path: Path) -> None:
+    """The saved LoRA weights are exactly those the saved config describes: no missing, extra or
+    renamed tensor (PEFT would only warn, and the model would act as the bare base)."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME))
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+        saved = set(f.keys())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise AdapterLoadError(
+            f"{path / WEIGHTS_NAME} does not match its adapter config: missing {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+        )
 
 
 def _check_prompt(input_ids, attention_mask):

@@ -122,26 +122,6 @@ def load_task(path: Path | str = DATA_FILE) -> dict:
     return data
 
 
-def _greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """The plain base model's greedy answers (left-padded batches), cut to whole sentences."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts[start : start + batch_size]
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1] :]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
-
-
 def whole_sentences(text: str) -> str:
     """Drops a trailing unfinished sentence (generation stopped at the token limit)."""
     cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
@@ -154,15 +134,18 @@ def build_task_data(model, tokenizer, *, heldout: int = 20, seed: int = 0, max_n
     """Pairs from the model's own answers, a seeded held-out split, and the probe questions it gets right."""
     import random
 
+    from .evaluate import answers as greedy_answers
+
     prompts = list(PROMPTS)
     random.Random(seed).shuffle(prompts)
-    answers = [whole_sentences(a) for a in _greedy_answers(model, tokenizer, prompts, max_new_tokens)]
+    answers = [whole_sentences(a) for a in greedy_answers(model, tokenizer, prompts, customized=False,
+                                                           max_new_tokens=max_new_tokens)]
     pairs = [
         {"prompt": p, "chosen": make_chosen(a), "rejected": a}
         for p, a in zip(prompts, answers)
         if a and not follows_rule(a)
     ]
-    probe_answers = _greedy_answers(model, tokenizer, [q for q, _ in PROBE], 48)
+    probe_answers = greedy_answers(model, tokenizer, [q for q, _ in PROBE], customized=False, max_new_tokens=48)
     probe = [{"question": q, "answers": acc} for (q, acc), a in zip(PROBE, probe_answers) if probe_correct(a, acc)]
     return {"seed": seed, "train": pairs[heldout:], "heldout": pairs[:heldout], "probe": probe}
 

@@ -7,12 +7,17 @@ checkpointing, progress bars, DDP/FSDP through accelerate or torchrun) is Traine
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+
+from qadapter_kernels import LossConfig
+from qadapter_kernels.registry import BACKEND_NAMES
 
 from .data import PreferenceCollator
 
@@ -26,17 +31,34 @@ METRIC_NAMES = {
 }
 
 
-@dataclass
-class QAdapterConfig(TrainingArguments):
-    """TrainingArguments plus the Q-Adapter loss, LoRA and data options (the method's defaults)."""
+# The training data marks unscored positions with data.IGNORE_INDEX, so the loss's ignore_index is
+# not a training option.
+LOSS_ARGUMENTS = tuple(name for name in LossConfig.names() if name != "ignore_index")
 
-    alpha_tilde: float = field(default=1.0, metadata={"help": "temperature of the customized policy"})
-    alpha_0: float = field(default=0.01, metadata={"help": "weight of the frozen model's log-probs"})
-    gamma: float = field(default=1.0, metadata={"help": "discount of the soft value in the reward"})
-    beta: float = field(default=0.1, metadata={"help": "weight of the chi2 reward regularizer"})
-    value_at: str = field(default="current", metadata={"help": "'current' (authors' code) or 'next' (paper)"})
-    reward_norm: str = field(default="padded", metadata={"help": "'padded', 'mean' or 'sum'"})
-    loss_backend: str = field(default="auto", metadata={"help": "qadapter_kernels backend"})
+
+def _loss_arguments() -> type:
+    """A TrainingArguments subclass with one field per LossConfig option: its type, default, help and
+    choices (the metadata HfArgumentParser turns into ``--name`` options)."""
+    types = typing.get_type_hints(LossConfig)
+    specs = [(f.name, types[f.name], field(default=f.default, metadata=dict(f.metadata)))
+             for f in dataclasses.fields(LossConfig) if f.name in LOSS_ARGUMENTS]
+    cls = dataclasses.make_dataclass("LossArguments", specs, bases=(TrainingArguments,))
+    cls.__module__ = __name__
+    return cls
+
+
+LossArguments = _loss_arguments()
+
+
+@dataclass
+class QAdapterConfig(LossArguments):
+    """TrainingArguments plus the Q-Adapter loss options (LossConfig's fields and defaults), the
+    loss backend, and the LoRA and data options."""
+
+    backend: str = field(default="auto", metadata={"help": "qadapter_kernels backend (loss and decoding)",
+                                                  "choices": BACKEND_NAMES})
+    chunk_size: int | None = field(default=None, metadata={"help": "tokens per chunk of the chunked backends; "
+                                                                   "unset: from a memory budget"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -46,10 +68,16 @@ class QAdapterConfig(TrainingArguments):
     learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "pairs carry their own columns"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.loss_config()  # a bad value fails here, naming the option, not when the model is built
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig.from_options(**{name: getattr(self, name) for name in LOSS_ARGUMENTS})
+
     def model_options(self) -> dict:
         """Keyword arguments of :class:`qadapter.QAdapterModel` (loss and LoRA settings)."""
-        return dict(alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0, gamma=self.gamma, beta=self.beta,
-                    value_at=self.value_at, reward_norm=self.reward_norm, backend=self.loss_backend,
+        return dict(loss=self.loss_config(), backend=self.backend, chunk_size=self.chunk_size,
                     lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                     target_modules=list(self.lora_target_modules))
 

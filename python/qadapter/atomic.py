@@ -1,0 +1,91 @@
+"""Saving an adapter into a directory without losing anything that is already there.
+
+An adapter is a few files (the LoRA weights, PEFT's config, ours). Saving writes the complete new
+set into a hidden staging directory inside the target, marks the set complete, then renames each
+file over its old version. Only the adapter's own files are replaced; everything else in the
+directory (the trainer's checkpoints, the user's files) stays. If the process dies:
+
+- before the mark: the staging directory is incomplete and is dropped by the next save or load;
+  the previous adapter is untouched;
+- after the mark: the next save or load finishes the renames (:func:`recover`), so the directory
+  always ends up holding one whole adapter, old or new, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+STAGING_PREFIX = ".qadapter-saving-"
+COMPLETE = ".complete"
+
+
+class OutputDirectoryError(ValueError):
+    """The target path cannot receive an adapter (a file, or a directory of other things)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Finishes or drops a save that was interrupted in ``path`` (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for staging in sorted(path.glob(STAGING_PREFIX + "*")):
+        if (staging / COMPLETE).is_file():
+            _move_into(staging, path)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(staging: Path, path: Path) -> None:
+    for item in sorted(staging.iterdir()):
+        if item.name != COMPLETE:
+            os.replace(item, path / item.name)
+    _fsync_dir(path)
+
+
+def check_target(path: Path, *, is_ours: Callable[[Path], bool], overwrite: bool) -> None:
+    """Refuses a regular file, and a non-empty directory that is not ours unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise OutputDirectoryError(f"{path} is a file, not a directory: an adapter is saved as a directory")
+    if path.is_dir() and not overwrite and any(path.iterdir()) and not is_ours(path):
+        raise OutputDirectoryError(
+            f"{path} is not empty and holds no Q-Adapter adapter or checkpoint: refusing to write into it "
+            "(choose another directory, or allow it explicitly: overwrite=True / --overwrite_output_dir; "
+            "only the adapter's own files are ever replaced)"
+        )
+
+
+def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | None], *,
+               is_ours: Callable[[Path], bool], overwrite: bool = False) -> None:
+    """Runs ``write(staging_dir)``, then moves what it wrote into ``path`` file by file, recoverably."""
+    path = Path(path)
+    check_target(path, is_ours=is_ours, overwrite=overwrite)
+    path.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
+    try:
+        write(staging)
+        for item in staging.iterdir():
+            if item.is_file():
+                with open(item, "rb") as f:
+                    os.fsync(f.fileno())
+        (staging / COMPLETE).touch()
+        _fsync_dir(staging)
+        _move_into(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

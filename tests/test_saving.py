@@ -1,0 +1,167 @@
+"""Nothing lost: saving an adapter replaces only its own files, refuses what is not ours, and a
+crash at any point leaves one whole adapter (old or new) that the next load restores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from conftest import tiny_causal_lm  # noqa: E402
+from qadapter import atomic  # noqa: E402
+from qadapter.model import QAdapterModel  # noqa: E402
+from test_model import left_padded_prompts, make_model, perturb_adapter  # noqa: E402
+
+
+def greedy(model, steps=6):
+    ids, mask = left_padded_prompts()
+    return model.generate(ids, mask, max_new_tokens=steps, eos_token_id=[])
+
+
+def test_save_keeps_everything_else_in_the_directory(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-5" / "optimizer.pt").write_bytes(b"optimizer state")
+    make_model().save_pretrained(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text("my own model card")
+    model = make_model(seed=0)
+    perturb_adapter(model, seed=4)
+    model.save_pretrained(out)  # again, over the first adapter
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "README.md").read_text() == "my own model card"
+    assert (out / "checkpoints" / "checkpoint-5" / "optimizer.pt").read_bytes() == b"optimizer state"
+    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
+    assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(model))
+
+
+def test_refuses_a_file_and_a_foreign_directory(tmp_path):
+    file = tmp_path / "adapter"
+    file.write_text("not a directory")
+    with pytest.raises(atomic.OutputDirectoryError, match="is a file"):
+        make_model().save_pretrained(file)
+    assert file.read_text() == "not a directory"
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(atomic.OutputDirectoryError, match="holds no Q-Adapter adapter"):
+        make_model().save_pretrained(foreign)
+    make_model().save_pretrained(foreign, overwrite=True)  # told to: written, the photo stays
+    assert (foreign / "cat.jpg").read_bytes() == b"\xff\xd8" and (foreign / "qadapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("moved_before_crash", [0, 1, 2])
+def test_a_crash_between_renames_is_finished_by_the_next_load(tmp_path, monkeypatch, moved_before_crash):
+    """The process dies after `moved_before_crash` of the adapter's files were renamed into place:
+    the next load completes the save (the staged set was complete), so the new adapter loads."""
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    new = make_model()
+    perturb_adapter(new, seed=11)
+    real_replace = atomic.os.replace
+    calls = {"n": 0}
+
+    def dying_replace(src, dst):
+        if calls["n"] == moved_before_crash:
+            raise SystemExit("killed")
+        calls["n"] += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", dying_replace)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
+    with pytest.raises(SystemExit):
+        new.save_pretrained(out)
+    monkeypatch.undo()
+    assert list(out.glob(atomic.STAGING_PREFIX + "*"))  # the interrupted save is still there
+    loaded = QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))
+    assert torch.equal(greedy(loaded), greedy(new))
+    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
+
+
+def test_a_crash_while_writing_keeps_the_old_adapter(tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    old = make_model()
+    old.save_pretrained(out)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)
+
+    def write_then_die(self, directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"half written")
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(QAdapterModel, "write_adapter", write_then_die)
+    with pytest.raises(SystemExit):
+        make_model(seed=3).save_pretrained(out)
+    monkeypatch.undo()
+    assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(old))
+    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))  # the incomplete staging was dropped
+
+
+def test_cli_train_refuses_a_foreign_output_before_loading_anything(tmp_path):
+    foreign = tmp_path / "documents"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("\\documentclass{article}")
+    run = subprocess.run([sys.executable, "-m", "qadapter.cli", "train", "--data", str(tmp_path / "none.jsonl"),
+                          "--output", str(foreign), "--model", "/nonexistent"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "holds no Q-Adapter adapter" in run.stderr, run.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+
+def _rewrite_weights(path, change):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "adapter_model.safetensors")
+    save_file(change(dict(weights)), path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda w: {k: v for i, (k, v) in enumerate(sorted(w.items())) if i}, "missing ['base_model"),
+    (lambda w: {**w, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(8, 32)},
+     "unexpected ['base_model.model.model.layers.0.mlp.up_proj"),
+    (lambda w: {k.replace("q_proj", "k_proj"): v for k, v in w.items()}, "missing"),
+])
+def test_weights_that_contradict_the_config_are_refused(tmp_path, change, fragment):
+    """Missing, extra or renamed LoRA tensors loaded with a warning and acted as the bare base model."""
+    from qadapter.model import AdapterLoadError
+
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    _rewrite_weights(out, change)
+    with pytest.raises(AdapterLoadError, match="does not match its adapter config") as info:
+        QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("loss, fragment", [
+    ({"alpha_tilde": "x"}, "alpha_tilde must be a real number"),
+    ({"backend": "fastest"}, "backend must be one of"),
+    ({"chunk_size": -3}, "chunk_size must be a positive int"),
+    ({"gamma": -1.0}, "gamma must be >= 0"),
+])
+def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fragment):
+    import json
+
+    from qadapter.model import AdapterLoadError
+
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    config = json.loads((out / "qadapter_config.json").read_text())
+    config["loss"].update(loss)
+    (out / "qadapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match="holds an invalid option") as info:
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
+    assert fragment in str(info.value)
+
+
+def test_a_deleted_weights_file_is_named(tmp_path):
+    from qadapter.model import AdapterLoadError
+
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    (out / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterLoadError, match="adapter_model.safetensors is missing"):
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")
