@@ -87,3 +87,33 @@ def test_benchmarks_are_documented_not_a_verb(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench"])
     assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_negative_top_k_is_refused():
+    from qadapter.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--adapter", "x", "--prompt", "hi", "--top-k", "-5"])
+    assert info.value.code == 2
+
+
+def test_missing_model_path_is_one_line_not_a_traceback(tmp_path, capsys):
+    from qadapter.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(tmp_path / "nonexistent"), "--data", str(data), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and "qadapter train: error:" in err
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    from qadapter import cli
+
+    def interrupted(args, extra=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_generate", interrupted)
+    assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err.strip() == "qadapter generate: interrupted"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -154,8 +155,10 @@ def test_file_formats(tok, tmp_path):
     assert read_rows(jsonl) == rows == read_rows(tmp_path / "d.json")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(PreferenceDataError, match="line 2 of .* is not valid JSON"):
-        read_rows(bad)
+    with pytest.raises(PreferenceDataError, match="preference row 1: line 2 of .* is not valid JSON"):
+        load_preference_data(bad, tok)
+    _, skipped = load_preference_data(bad, tok, skip_invalid=True)  # an unreadable line is an invalid row
+    assert skipped.kept == 1 and sum(skipped.skipped.values()) == 1
     with pytest.raises(FileNotFoundError):
         read_rows(tmp_path / "missing.jsonl")
     datasets = pytest.importorskip("datasets")
@@ -189,3 +192,24 @@ def test_hh_rlhf_rows_score_only_the_final_assistant_turns(tok):
             text = scored_text(tok, f[f"{side}_input_ids"], f[f"{side}_labels"])
             assert text.replace("<|im_start|>assistant\n", "") == expected.replace("<|im_start|>assistant\n", "")
     assert any(len(p.chosen) > 1 or len(p.rejected) > 1 for p in valid)  # rows that differ earlier
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("pairs.csv", b"prompt,chosen,rejected\n", "unsupported format '.csv'; use .json, .jsonl, .parquet"),
+    ("pairs.json", b"", "is empty"),
+    ("pairs.json", b'[{"prompt": "a",', "is not valid JSON (line 1, column"),
+    ("pairs.json", b'{"prompt": "a"}', "must hold a JSON list of rows; got a dict"),
+    ("pairs.jsonl", b'{"prompt": "caf\xe9"}\n', "is not UTF-8 text (byte 15"),
+])
+def test_unreadable_files_are_named(tmp_path, name, content, message):
+    """Each names the file and what is wrong; a .csv is never looked up on the hub."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        read_rows(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_null_prompt_says_what_to_do(tok):
+    with pytest.raises(PreferenceDataError, match="'prompt' is null"):
+        tokenize_rows([{"prompt": None, "chosen": "b", "rejected": "c"}], tok)

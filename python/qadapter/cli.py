@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0: no top-k filter); got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -154,7 +161,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_positive_float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
@@ -234,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _run_generate(args)
         return _run_eval(args)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as exc:
+    except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))
+    except KeyboardInterrupt:  # what is saved is whole (saving is atomic); no traceback for a Ctrl-C
+        print(f"qadapter {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

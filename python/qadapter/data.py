@@ -84,12 +84,17 @@ def _check_response(index: int, key: str, response: str | list[dict]) -> None:
 
 def normalize_row(index: int, row: Any) -> PreferencePair:
     """Checks one raw row and splits it into prompt, chosen and rejected."""
+    if isinstance(row, UnreadableRow):
+        raise PreferenceDataError(index, row.problem)
     if not isinstance(row, dict):
         raise PreferenceDataError(index, f"must be a JSON object, got {type(row).__name__}")
+    if "prompt" in row and row["prompt"] is None:
+        raise PreferenceDataError(index, "'prompt' is null: give the shared prompt (a string or a list of messages), "
+                                         "or leave the key out when chosen and rejected are whole conversations")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise PreferenceDataError(index, f"missing key '{key}'")
-    if "prompt" in row and row["prompt"] is not None:
+    if "prompt" in row:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if isinstance(prompt, str):
             if not prompt.strip():
@@ -208,32 +213,60 @@ def tokenize_rows(
     return features, summary
 
 
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A line of a .jsonl file that is not JSON: an invalid row (skipped with ``skip_invalid``)."""
+
+    problem: str
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+
+
 def read_rows(source: Any, *, split: str = "train") -> list[Any]:
-    """Raw rows from a local .json/.jsonl/.parquet file, a ``datasets.Dataset``, a list, or a hub name."""
+    """Raw rows from a local .json/.jsonl/.parquet file, a ``datasets.Dataset``, a list, or a hub name.
+
+    A .jsonl line that is not JSON becomes an :class:`UnreadableRow` (an invalid row, named by its
+    line); a path with another suffix is refused rather than looked up on the hub.
+    """
+    import json
+
     if isinstance(source, list):
         return source
     if hasattr(source, "to_list") and hasattr(source, "column_names"):
         return source.to_list()
     path = Path(str(source))
-    if path.suffix in (".json", ".jsonl"):
-        import json
-
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(text.splitlines()):
-                if not line.strip():
-                    continue
+    if path.suffix and path.suffix not in DATA_SUFFIXES:
+        raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
+                         "files or a hub data set name")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise PreferenceDataError(len(rows), f"line {number + 1} of {path} is not valid JSON: {exc}") from exc
-            return rows
-        data = json.loads(text)
+                    rows.append(UnreadableRow(f"line {number} of {path} is not valid JSON: {exc}"))
+        return rows
+    if path.suffix == ".json":
+        text = _read_text(path)
+        if not text.strip():
+            raise ValueError(f"data file {path} is empty")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"data file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
         if not isinstance(data, list):
-            raise ValueError(f"{path} must hold a JSON list of rows")
+            raise ValueError(f"data file {path} must hold a JSON list of rows; got a {type(data).__name__}")
         return data
     import datasets
 
