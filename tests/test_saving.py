@@ -165,3 +165,46 @@ def test_a_deleted_weights_file_is_named(tmp_path):
     (out / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterLoadError, match="adapter_model.safetensors is missing"):
         QAdapterModel.from_pretrained(out, "/nonexistent/base")
+
+
+KILL_CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_model import make_model, perturb_adapter
+model = make_model()
+for version in range(10_000):
+    perturb_adapter(model, seed=version)
+    model.save_pretrained({out!r})
+    print(version, flush=True)
+"""
+
+
+def _lora_b(model):
+    return {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if "lora_B" in n}
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_sigkill_during_repeated_saves_leaves_a_whole_adapter(tmp_path, attempt):
+    """A process saving over and over is killed (SIGKILL) at a random moment; the adapter then
+    loads, and is exactly one of the versions the process was saving (never a mix)."""
+    import random
+    import signal
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "adapter"
+    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD.format(tests=str(Path(__file__).parent), out=str(out))],
+                             stdout=subprocess.PIPE, text=True)
+    first = child.stdout.readline()  # one whole save exists
+    assert first.strip() == "0", first
+    time.sleep(random.Random(attempt).uniform(0.0, 0.4))
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    last = int(([first] + child.stdout.read().split())[-1])
+    loaded = _lora_b(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama")))
+    model = make_model()
+    candidates = []
+    for version in (last, last + 1):  # the last announced save, or the one that was being made
+        perturb_adapter(model, seed=version)
+        candidates.append(_lora_b(model))
+    assert any(all(torch.equal(loaded[n], c[n]) for n in c) for c in candidates)
