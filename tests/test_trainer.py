@@ -77,3 +77,18 @@ def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     resumed = lora_state(model)
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_dependent_norm_with_accumulation_warns(tmp_path):
+    import warnings as w
+
+    from qadapter.trainer import QAdapterConfig, _warn_if_padding_dependent
+
+    args = QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[])
+    with pytest.warns(UserWarning, match="depend on how far its batch is padded"):
+        _warn_if_padding_dependent(args)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2,
+                                                  reward_norm="mean", report_to=[]))
+        _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), report_to=[]))

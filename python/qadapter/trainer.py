@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -82,6 +83,20 @@ class QAdapterConfig(LossArguments):
                     target_modules=list(self.lora_target_modules))
 
 
+def _warn_if_padding_dependent(args) -> None:
+    """reward_norm="padded" divides a sequence's reward by its batch's padded length, so a pair's
+    loss depends on the batch it lands in: with accumulation or length grouping, micro-batches
+    are padded differently from the whole batch. Said once, at construction."""
+    norm = getattr(args, "reward_norm", "padded")
+    grouped = getattr(args, "group_by_length", False) or getattr(args, "train_sampling_strategy", "") == "group_by_length"
+    if norm == "padded" and (args.gradient_accumulation_steps > 1 or grouped):
+        warnings.warn(
+            'reward_norm="padded" (the authors\' convention) makes each pair\'s reward depend on how far its '
+            "batch is padded, so gradient accumulation or length grouping changes the loss; reward_norm=\"mean\" "
+            'or "sum" does not depend on padding', UserWarning, stacklevel=3,
+        )
+
+
 class QAdapterTrainer(Trainer):
     """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs."""
 
@@ -91,6 +106,7 @@ class QAdapterTrainer(Trainer):
             data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        _warn_if_padding_dependent(self.args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
