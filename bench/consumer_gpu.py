@@ -59,11 +59,6 @@ DRY = Setup("tiny", "float32", pairs=2, seq=32, steps=1, prompt=16, new_tokens=8
             cap_gib=None)
 
 
-def authors_loss(*args, backend=None, chunk_size=None, **options):
-    """``eager_authors_loss`` under ``QAdapterModel.loss_fn``'s signature (it takes no backend options)."""
-    return eager_authors_loss(*args, **options)
-
-
 def build_model(setup: Setup, device: torch.device):
     """The configuration's Llama with random weights built on ``device``, wrapped as a QAdapterModel."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -94,15 +89,16 @@ def reset_peak(device: torch.device) -> None:
 
 
 def train(model, loss_fn: Callable, setup: Setup, device: torch.device) -> dict:
-    """A warm-up and ``setup.steps`` timed training steps through ``QAdapterModel.forward`` with ``loss_fn``."""
-    model.loss_fn = loss_fn
+    """A warm-up and ``setup.steps`` timed training steps: the model's hidden states (as its own
+    forward makes them), then ``loss_fn`` (``qadapter_loss``'s signature) with the model's options."""
     model.train()
-    batch = make_batch(model.config.vocab_size, setup.pairs, setup.seq, device)  # chosen rows, then rejected
+    ids, attention_mask, labels = make_batch(model.config.vocab_size, setup.pairs, setup.seq, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(*batch).loss.backward()
+        base_hidden, q_hidden = model.hidden_states(ids, attention_mask)
+        loss_fn(base_hidden, q_hidden, model.lm_head_weight, labels, config=model.loss).loss.backward()
         optimizer.step()
         sync(device)
 
@@ -112,7 +108,6 @@ def train(model, loss_fn: Callable, setup: Setup, device: torch.device) -> dict:
         times = Timer(device).times_s(step, setup.steps)
     finally:
         optimizer.zero_grad(set_to_none=True)
-        model.loss_fn = qadapter_loss
     return {"ms_per_step": statistics.median(times) * 1e3, "all_ms": [t * 1e3 for t in times],
             "peak_gib": peak_gib(device)}
 
@@ -214,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     model = holder.get("model")
     backend = resolve("auto", device, getattr(torch, setup.dtype)).name
     todo = {"train: fused": lambda: {"backend": backend, **train(model, qadapter_loss, setup, device)},
-            "train: eager-authors": lambda: train(model, authors_loss, setup, device)}
+            "train: eager-authors": lambda: train(model, eager_authors_loss, setup, device)}
     todo |= {f"decode: batch {b}": (lambda b=b: decode(model, b, setup, device)) for b in setup.batches}
     for name, fn in todo.items():
         run_part(parts, name, deadline, fn if model is not None else no_model)

@@ -50,7 +50,7 @@ def test_failures_are_recorded_and_the_rest_runs(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("decoding broke")
 
-    monkeypatch.setattr(consumer_gpu, "authors_loss", out_of_memory)
+    monkeypatch.setattr(consumer_gpu, "eager_authors_loss", out_of_memory)
     monkeypatch.setattr(consumer_gpu, "decode", lambda model, batch, setup, device: broken() if batch == 8 else {})
     out = tmp_path / "result.json"
     assert consumer_gpu.main(["--dry-run", "--out", str(out)]) == 1

@@ -112,7 +112,6 @@ class QAdapterModel(nn.Module):
         self.chunk_size = chunk_size
         self.tokenizer = tokenizer
         # The training loss; the benchmarks swap in other implementations (same signature as qadapter_loss).
-        self.loss_fn = qadapter_loss
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -256,8 +255,8 @@ class QAdapterModel(nn.Module):
         if labels is None:
             raise ValueError("labels is required: the forward computes the preference loss (use generate() to decode)")
         base_hidden, q_hidden = self.hidden_states(input_ids, attention_mask)
-        return self.loss_fn(base_hidden, q_hidden, self.lm_head_weight, labels, config=self.loss, backend=self.backend,
-                            chunk_size=self.chunk_size)
+        return qadapter_loss(base_hidden, q_hidden, self.lm_head_weight, labels, config=self.loss, backend=self.backend,
+                             chunk_size=self.chunk_size)
 
     # -------------------------------------------------------------------------------- generation
     @contextmanager
