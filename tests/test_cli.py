@@ -117,3 +117,17 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run_generate", interrupted)
     assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 130
     assert capsys.readouterr().err.strip() == "qadapter generate: interrupted"
+
+
+def test_invalid_data_fails_before_the_model_loads(tmp_path, capsys):
+    """A malformed row is reported at once, naming the row, with no model loaded (the model path
+    given here does not even exist) and nothing written to --output."""
+    from qadapter.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(tmp_path / "nonexistent"), "--data", str(data), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "preference row 1: missing key 'rejected'" in err
+    assert not (tmp_path / "o").exists()

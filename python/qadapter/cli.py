@@ -120,9 +120,9 @@ def _training_config(args, extra: list[str]):
 
 
 def _run_train(args, extra: list[str]) -> int:
-    from .data import load_preference_data
-    from .evaluate import preference_metrics
     from . import atomic
+    from .data import check_rows, load_preference_data
+    from .evaluate import preference_metrics
     from .model import QAdapterModel, holds_adapter
     from .trainer import QAdapterTrainer
 
@@ -132,6 +132,9 @@ def _run_train(args, extra: list[str]) -> int:
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
+    check_rows(args.data, skip_invalid=args.skip_invalid)  # bad data fails before the model loads
+    if args.eval_data:
+        check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid)
     model = QAdapterModel.from_base(args.model, **config.model_options())
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
