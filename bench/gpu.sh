@@ -4,15 +4,15 @@
 #   bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]
 #
 # Part 1 (< 7 minutes on an H100/H200): versions, the CUDA extension's just-in-time build (in the
-# background, beside the Triton tests), the Triton and CUDA tests on the GPU, bench.gpu_check
+# background, beside the Triton tests), the Triton, backend-agreement and CUDA tests on the GPU, bench.gpu_check
 # (every backend against the reference at Llama-3.1-8B and Qwen2.5-7B head shapes, time as a
 # multiple of T_gemm3, peak memory, copy bandwidth), bench.cuda_check (row step against the copy
 # bandwidth, decode, pairwise) and bench.consumer_gpu (one Llama-3.1-8B LoRA step under 24 GB,
 # fused loss vs the authors' full logits, then decoding).
 # Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
 # the compiled extension (built, installed into a temporary target, imported) and decoding.
-# Steps by name (to rerun some): versions, triton-tests, cuda-build, gpu-check, cuda-check,
-# consumer, memcheck, racecheck, wheel.
+# Steps by name (to rerun some): versions, triton-tests, cuda-build, backend-tests, gpu-check,
+# cuda-check, consumer, memcheck, racecheck, wheel.
 # --dry-run: the same steps on CPU with tiny shapes and the Triton interpreter; the GPU-only steps
 # are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo.
 #
@@ -104,7 +104,7 @@ raise SystemExit(0 if (ok and compiled) or '$DRY' == '1' else 1)")
 }
 
 # Steps by name; a part is a list of them, and any list can be given instead (to rerun some).
-PART1="versions,triton-tests,cuda-build,gpu-check,cuda-check,consumer"
+PART1="versions,triton-tests,cuda-build,backend-tests,gpu-check,cuda-check,consumer"
 PART2="memcheck,racecheck,wheel"
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -113,6 +113,7 @@ run_steps() {
   if [ "$DRY" = 1 ]; then
     wants cuda-build && skip "cuda extension build" "no GPU (dry run)"
     wants triton-tests && step "triton tests (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -k "row_step or inf or guard or precision"
+    wants backend-tests && step "backend agreement (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py -k "loss_modes and current"
     wants gpu-check && step "gpu_check (tiny shapes)" 300 "$PY" -m bench.gpu_check --dry-run --out "$OUT/gpu-check.json"
     wants cuda-check && skip "cuda tests and cuda_check" "no GPU (dry run)"
     wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
@@ -138,7 +139,10 @@ run_steps() {
     cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
   fi
   wants cuda-build && step "cuda extension build" 60 build_extension
-  wants gpu-check && step "gpu_check" 170 "$PY" -m bench.gpu_check --budget-s 150 --out "$OUT/gpu-check.json"
+  # Every registered backend against the reference (tests/test_backends.py, bf16 included), on the GPU.
+  wants backend-tests && step "backend agreement (GPU)" 90 env QADAPTER_TRITON_AUTOTUNE=0 \
+    "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 60 -n 4 tests/test_backends.py
+  wants gpu-check && step "gpu_check" 150 "$PY" -m bench.gpu_check --budget-s 130 --out "$OUT/gpu-check.json"
   # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
   wants cuda-check && step "cuda tests and cuda_check" 75 "$PY" -m bench.cuda_check --skip-sanitizer --out "$OUT"
   wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" -m bench.consumer_gpu --budget-s 85 --out "$OUT/consumer.json"
