@@ -150,3 +150,27 @@ def test_property_float64_backends_match_reference(name, pairs, seq, hidden, voc
                     prompt_only_row=False)
     x["labels"][0, -1] = 0  # at least one scored token
     assert_agree(name, x, 1e-9, chunk_size=chunk, **hyper)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    pairs=st.integers(1, 3),
+    seq=st.integers(2, 9),
+    hidden=st.integers(1, 20),
+    vocab=st.integers(1, 300),
+    chunk=st.integers(1, 20),
+    alpha_tilde=st.floats(0.1, 3.0),
+    alpha_0=st.floats(0.0, 1.0),
+    gamma=st.floats(0.0, 1.5),
+    value_at=st.sampled_from(["current", "next"]),
+    reward_norm=st.sampled_from(["padded", "mean", "sum"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_every_backend_matches_reference_in_float32(name, pairs, seq, hidden, vocab, chunk, seed, **hyper):
+    """Random shapes (vocabularies and hidden sizes off every tile size), masks and options."""
+    backend(name)
+    x = make_inputs(batch=2 * pairs, seq=seq, hidden=hidden, vocab=vocab, seed=seed, prompt_only_row=False,
+                    device=DEVICE)
+    x["labels"][0, -1] = 0  # at least one scored token
+    assert_agree(name, x, 2e-5, chunk_size=chunk, **hyper)
