@@ -72,16 +72,23 @@ def built_options(monkeypatch):
     return seen
 
 
+def _pairs_file(tmp_path):
+    """A valid data file: the data's rows are checked before the model is built."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    return str(path)
+
+
 def test_train_command_defaults_are_loss_config_defaults(built_options, tmp_path):
     with pytest.raises(Built):
-        main(["train", "--data", "pairs.jsonl", "--output", str(tmp_path)])
+        main(["train", "--data", _pairs_file(tmp_path), "--output", str(tmp_path / "out")])
     assert built_options["loss"] == LossConfig() and built_options["backend"] == "auto"
     assert built_options["chunk_size"] is None
 
 
 def test_train_command_passes_loss_options_to_the_model(built_options, tmp_path):
     with pytest.raises(Built):
-        main(["train", "--data", "pairs.jsonl", "--output", str(tmp_path), "--alpha_0", "0.25",
+        main(["train", "--data", _pairs_file(tmp_path), "--output", str(tmp_path / "out"), "--alpha_0", "0.25",
               "--value_at", "next", "--backend", "chunked", "--chunk_size", "16"])
     assert built_options["loss"] == LossConfig(alpha_0=0.25, value_at="next")
     assert built_options["backend"] == "chunked" and built_options["chunk_size"] == 16
