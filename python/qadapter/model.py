@@ -106,12 +106,8 @@ class QAdapterModel(nn.Module):
         self.fingerprint = base_fingerprint(self.peft_model)
 
     def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
-        self.loss = LossConfig.from_options(loss, **loss_options)
-        self.backend = registry.check_name(backend)
-        check_chunk_size(chunk_size)
-        self.chunk_size = chunk_size
+        self.loss, self.backend, self.chunk_size = run_options(loss, backend, chunk_size, **loss_options)
         self.tokenizer = tokenizer
-        # The training loss; the benchmarks swap in other implementations (same signature as qadapter_loss).
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -382,6 +378,13 @@ class QAdapterModel(nn.Module):
         return out
 
 
+def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_size: int | None = None,
+                **loss_options) -> tuple[LossConfig, str, int | None]:
+    """The validated loss options, backend and chunk size of a model (or of its saved config)."""
+    check_chunk_size(chunk_size)
+    return LossConfig.from_options(loss, **loss_options), registry.check_name(backend), chunk_size
+
+
 def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The combined-policy log-probs function for decoding: the backend's kernel where it declares one
     (Triton on CUDA), else the eager :func:`qadapter_kernels.combine_logits` (CPU; float64; a named
@@ -434,11 +437,8 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterLoadError(f"{file}: 'loss' must be an object of loss options; got {config['loss']!r}")
     known = (*LossConfig.names(), *RUN_KEYS)
     config["loss"] = {k: v for k, v in config["loss"].items() if k in known}
-    options = {k: v for k, v in config["loss"].items() if k not in RUN_KEYS}
     try:  # every value checked now, before a base model is loaded for it
-        LossConfig.from_options(**options)
-        registry.check_name(config["loss"].get("backend", "auto"))
-        check_chunk_size(config["loss"].get("chunk_size"))
+        run_options(**config["loss"])
     except (TypeError, ValueError) as exc:
         raise AdapterLoadError(f"{file} holds an invalid option: {exc}") from exc
     if not (path / WEIGHTS_NAME).is_file():
