@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from qadapter_kernels import LossConfig, QAdapterLossOutput
 from qadapter_kernels.inputs import stats_dtype
+from qadapter_kernels.pairwise import loss_output
 from qadapter_kernels.reference import qadapter_loss_reference
 
 
@@ -73,19 +74,6 @@ def _pair_terms(rewards, mask, config: LossConfig, n_pairs, n_scored):
     return bt, chi2, chosen, rejected
 
 
-def _output(loss, bt, chi2, chosen, rejected) -> QAdapterLossOutput:
-    chosen, rejected = chosen.detach(), rejected.detach()
-    return QAdapterLossOutput(
-        loss=loss,
-        bt_loss=bt.detach(),
-        chi2_loss=chi2.detach(),
-        chosen_rewards=chosen,
-        rejected_rewards=rejected,
-        accuracy=(chosen > rejected).to(chosen.dtype).mean(),
-        margin=(chosen - rejected).mean(),
-    )
-
-
 def eager_authors_loss(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,
@@ -105,7 +93,7 @@ def eager_authors_loss(
     wq = weight.detach() if q_weight is None else q_weight
     rewards, mask = _authors_token_rewards(base_hidden, q_hidden, wq, q_bias, weight, labels, config)
     bt, chi2, chosen, rejected = _pair_terms(rewards, mask, config, rewards.shape[0] // 2, mask.sum())
-    return _output(bt + chi2, bt, chi2, chosen, rejected)
+    return loss_output(bt + chi2, bt, chi2, chosen, rejected)
 
 
 _COMPILED_REFERENCE: dict[LossConfig, object] = {}
@@ -222,7 +210,7 @@ def chunked_pairs_loss(
     loss, bt, chi2, chosen, rejected = _ChunkedPairs.apply(
         q_hidden, q_weight, q_bias, base_hidden.detach(), weight.detach(), labels, config, chunk_pairs, compiled
     )
-    return _output(loss, bt, chi2, chosen, rejected)
+    return loss_output(loss, bt, chi2, chosen, rejected)
 
 
 def peer_status(module: str, package: str) -> tuple[bool, str]:

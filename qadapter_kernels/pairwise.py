@@ -78,13 +78,18 @@ def pairwise_loss(rewards: torch.Tensor, tokens: ScoredTokens, config: LossConfi
     chosen, rejected = seq_rewards[:half], seq_rewards[half:]
     bt = F.softplus(rejected - chosen).mean()
     chi2 = config.beta * rewards.square().sum() / rewards.shape[0]
-    chosen_d, rejected_d = chosen.detach(), rejected.detach()
+    return loss_output(bt + chi2, bt, chi2, chosen, rejected)
+
+
+def loss_output(loss, bt, chi2, chosen, rejected) -> QAdapterLossOutput:
+    """The output record: ``loss`` keeps its gradient; the terms, rewards and metrics are detached."""
+    chosen, rejected = chosen.detach(), rejected.detach()
     return QAdapterLossOutput(
-        loss=bt + chi2,
+        loss=loss,
         bt_loss=bt.detach(),
         chi2_loss=chi2.detach(),
-        chosen_rewards=chosen_d,
-        rejected_rewards=rejected_d,
-        accuracy=(chosen_d > rejected_d).to(chosen_d.dtype).mean(),
-        margin=(chosen_d - rejected_d).mean(),
+        chosen_rewards=chosen,
+        rejected_rewards=rejected,
+        accuracy=(chosen > rejected).to(chosen.dtype).mean(),
+        margin=(chosen - rejected).mean(),
     )
