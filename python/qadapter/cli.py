@@ -132,18 +132,18 @@ def _run_train(args, extra: list[str]) -> int:
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
-    check_rows(args.data, skip_invalid=args.skip_invalid)  # bad data fails before the model loads
-    if args.eval_data:
-        check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid)
+    # Read and checked before the model loads: bad data fails at once.
+    train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
+    eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
     model = QAdapterModel.from_base(args.model, **config.model_options())
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    skip_invalid=args.skip_invalid)
-    train, summary = load_preference_data(args.data, tokenizer, **lengths)
+    train, summary = load_preference_data(train_rows, tokenizer, **lengths)
     print(f"training data: {summary}")
     evaluation = None
     if args.eval_data:
-        evaluation, eval_summary = load_preference_data(args.eval_data, tokenizer, split="test", **lengths)
+        evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
         print(f"evaluation data: {eval_summary}")
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer)

@@ -277,13 +277,15 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
     return datasets.load_dataset(str(source), split=split).to_list()  # a hub data set
 
 
-def check_rows(source: Any, *, split: str = "train", skip_invalid: bool = False) -> None:
-    """The structural checks of every row, which need no tokenizer: bad data fails in a second,
-    before any model is loaded for it (``skip_invalid``: only the file itself is checked)."""
+def check_rows(source: Any, *, split: str = "train", skip_invalid: bool = False) -> list[Any]:
+    """The rows, read once and given the structural checks that need no tokenizer: bad data fails
+    in a second, before any model is loaded for it (``skip_invalid``: only the file is checked).
+    :func:`load_preference_data` takes the returned list."""
     rows = read_rows(source, split=split)
     if not skip_invalid:
         for index, row in enumerate(rows):
             normalize_row(index, row)
+    return rows
 
 
 def load_preference_data(
