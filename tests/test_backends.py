@@ -33,16 +33,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def assert_agree(name, inputs, tol, **kwargs):
+FIELDS = ("loss", "bt_loss", "chi2_loss", "chosen_rewards", "rejected_rewards", "margin")
+
+
+def assert_agree(name, inputs, tol, fields=FIELDS, **kwargs):
     ref, ref_grads = loss_and_grads(inputs, backend="reference", **kwargs)
     got, got_grads = loss_and_grads(inputs, backend=name, **kwargs)
     assert torch.isfinite(got.loss)
-    for field in ("loss", "bt_loss", "chi2_loss", "chosen_rewards", "rejected_rewards", "margin"):
+    for field in fields:
         assert rel_err(getattr(got, field), getattr(ref, field)) <= tol, field
     assert set(got_grads) == set(ref_grads)
     for grad_name, grad in ref_grads.items():
         assert got_grads[grad_name].dtype == inputs[grad_name].dtype, grad_name
         assert rel_err(got_grads[grad_name], grad) <= tol, grad_name
+    return got, ref
 
 
 def dtypes_of(name: str) -> list[torch.dtype]:
@@ -154,13 +158,21 @@ def test_property_float64_backends_match_reference(name, pairs, seq, hidden, voc
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(seq=st.integers(2, 9), hidden=st.integers(1, 20), vocab=st.integers(1, 300),
        alpha_tilde=st.floats(0.1, 3.0), **RANDOM_CASE)
 def test_property_every_backend_matches_reference_in_float32(name, pairs, seq, hidden, vocab, chunk, seed, **hyper):
-    """Random shapes (vocabularies and hidden sizes off every tile size), masks and options."""
+    """Random shapes (vocabularies and hidden sizes off every tile size), masks and options.
+
+    The margin, a difference of nearly equal rewards in some draws (-0.0069 from rewards near -9),
+    is checked against the rewards' scale: relative to itself, float32 rounding of the rewards
+    alone exceeds 1e-4. The examples are fixed (derandomize), so CI runs the same ones each time.
+    """
     backend(name)
     x = make_inputs(batch=2 * pairs, seq=seq, hidden=hidden, vocab=vocab, seed=seed, prompt_only_row=False,
                     device=DEVICE)
     x["labels"][0, -1] = 0  # at least one scored token
-    assert_agree(name, x, 2e-5, chunk_size=chunk, **hyper)
+    got, ref = assert_agree(name, x, 2e-5, fields=FIELDS[:-1], chunk_size=chunk, **hyper)
+    scale = torch.cat([ref.chosen_rewards, ref.rejected_rewards]).abs().mean().clamp(min=1e-30)
+    assert float((got.margin - ref.margin).abs() / scale) <= 2e-5
