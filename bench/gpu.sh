@@ -139,10 +139,11 @@ run_steps() {
     cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
   fi
   wants cuda-build && step "cuda extension build" 60 build_extension
-  # Every registered backend against the reference (tests/test_backends.py, bf16 included), on the GPU.
-  wants backend-tests && step "backend agreement (GPU)" 90 env QADAPTER_TRITON_AUTOTUNE=0 \
-    "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 60 -n 4 tests/test_backends.py
-  wants gpu-check && step "gpu_check" 150 "$PY" -m bench.gpu_check --budget-s 130 --out "$OUT/gpu-check.json"
+  # Every registered backend against the reference (tests/test_backends.py, bf16 included), then the
+  # GPU-only paths (torch.compile through the custom ops, the model layer and decoding on CUDA).
+  wants backend-tests && step "backend agreement and GPU paths" 120 env QADAPTER_TRITON_AUTOTUNE=0 \
+    "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 90 -n 4 tests/test_backends.py tests/test_gpu_paths.py
+  wants gpu-check && step "gpu_check" 130 "$PY" -m bench.gpu_check --budget-s 110 --out "$OUT/gpu-check.json"
   # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
   wants cuda-check && step "cuda tests and cuda_check" 75 "$PY" -m bench.cuda_check --skip-sanitizer --out "$OUT"
   wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" -m bench.consumer_gpu --budget-s 85 --out "$OUT/consumer.json"
