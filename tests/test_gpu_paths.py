@@ -54,7 +54,7 @@ def test_model_training_forward_on_gpu_matches_cpu():
     ids, mask, labels = preference_batch(vocab=97, seq=24)
     results = {}
     for device in ("cpu", "cuda"):
-        model = make_model().to(device)
+        model = make_model(lora_dropout=0.0).to(device)
         model.train()
         loss = model(ids.to(device), mask.to(device), labels.to(device)).loss
         loss.backward()
@@ -70,7 +70,7 @@ def test_model_bfloat16_on_gpu_is_close_to_float32():
     ids, mask, labels = preference_batch(vocab=97, seq=24)
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = make_model().to("cuda", dtype)
+        model = make_model(lora_dropout=0.0).to("cuda", dtype)
         model.train()
         losses[dtype] = model(ids.cuda(), mask.cuda(), labels.cuda()).loss.float().item()
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 3e-2 * max(1.0, abs(losses[torch.float32])), losses

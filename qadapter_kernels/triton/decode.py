@@ -35,7 +35,9 @@ def _combine_kernel(
     z_row = z_ptr + row * stride_z
     q_row = q_ptr + row * stride_q
     out_row = out_ptr + row * stride_out
-    inv_alpha_tilde = 1.0 / alpha_tilde
+    # Float32 scalars: torch.compile hands Python floats to Triton as float64.
+    alpha_0 = tl.cast(alpha_0, tl.float32)
+    inv_alpha_tilde = 1.0 / tl.cast(alpha_tilde, tl.float32)
     cols = tl.arange(0, BLOCK_V)
 
     m = float("-inf")

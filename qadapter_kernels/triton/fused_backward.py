@@ -26,6 +26,9 @@ def _expected_weight_kernel(
     ``expected`` is a zeroed ``[S, N, D]`` float32 buffer; this program alone writes its rows.
     ``P_SCALE`` (a power of two) lifts float16 policy values out of the subnormal range.
     """
+    # Float32 scalars: torch.compile hands Python floats to Triton as float64.
+    alpha_tilde, alpha_0 = tl.cast(alpha_tilde, tl.float32), tl.cast(alpha_0, tl.float32)
+    filter_eps = tl.cast(filter_eps, tl.float32)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < N
@@ -81,6 +84,9 @@ def _head_grad_kernel(
     half-precision dot and the product multiplied back in float32: ``g_v * p`` is often below
     float16's smallest subnormal (6e-8) and would otherwise be flushed to zero.
     """
+    # Float32 scalars: torch.compile hands Python floats to Triton as float64.
+    alpha_tilde, alpha_0 = tl.cast(alpha_tilde, tl.float32), tl.cast(alpha_0, tl.float32)
+    filter_eps = tl.cast(filter_eps, tl.float32)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = cols < V
     grad_b = tl.zeros([BLOCK_V], dtype=tl.float32)

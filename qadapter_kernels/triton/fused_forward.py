@@ -20,6 +20,8 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (token blocks, splits): per-split ``lse(z)``, ``lse(c)`` ([S, N]) and ``q[t, a_t]``."""
+    # Float32 scalars: torch.compile hands Python floats to Triton as float64.
+    alpha_tilde, alpha_0 = tl.cast(alpha_tilde, tl.float32), tl.cast(alpha_0, tl.float32)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < N
