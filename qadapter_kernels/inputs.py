@@ -23,6 +23,28 @@ def check_chunk_size(chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be a positive int or None (automatic); got {chunk_size!r}")
 
 
+def check_totals(total_pairs: object, total_tokens: object, config, pairs: int, tokens: int) -> tuple[int, int]:
+    """The whole batch's pair and scored-token counts a batch's loss is a share of.
+
+    Both; whole numbers (0-dim integer tensors too), at least this batch's own counts; and
+    only where the loss is a sum over pairs and tokens: with ``reward_norm="padded"`` a pair's reward
+    depends on how far its batch is padded, so no share of a larger batch's loss exists.
+    """
+    if total_pairs is None or total_tokens is None:
+        raise ValueError("total_pairs and total_tokens go together: give both or neither")
+    if config.reward_norm == "padded":
+        raise ValueError('total_pairs/total_tokens need reward_norm="mean" or "sum": with "padded" a pair\'s '
+                         "reward depends on its batch's padding, so the loss of a larger batch has no exact share")
+    counts = []
+    for name, value, least in (("total_pairs", total_pairs, pairs), ("total_tokens", total_tokens, tokens)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value.item())
+        if isinstance(value, bool) or not isinstance(value, int) or value < max(least, 1):
+            raise ValueError(f"{name} must be an int >= this batch's own count ({max(least, 1)}), got {value!r}")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
 def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 

@@ -7,16 +7,20 @@ from torch import nn
 
 from . import registry
 from .config import LossConfig
-from .inputs import check_chunk_size, check_loss_inputs
-from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss, token_rewards
+from .inputs import check_chunk_size, check_loss_inputs, check_totals
+from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss, share_of_total, token_rewards
 
 
-def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size):
+def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size,
+          total_pairs=None, total_tokens=None):
     check_chunk_size(chunk_size)
     check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
     # Only scored positions are computed at all: pack them to [N, d], and keep them packed.
     tokens = ScoredTokens.from_labels(labels, config.ignore_index)
+    totals = None
+    if total_pairs is not None or total_tokens is not None:
+        totals = check_totals(total_pairs, total_tokens, config, tokens.batch // 2, int(tokens.counts.sum()))
     q_taken, value = impl.token_stats(
         base_hidden[:, :-1][tokens.mask],
         q_hidden[:, :-1][tokens.mask],
@@ -28,7 +32,10 @@ def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossC
         alpha_0=config.alpha_0,
         chunk_size=chunk_size,
     )
-    return (impl.pairwise or pairwise_loss)(token_rewards(q_taken, value, tokens, config), tokens, config)
+    rewards = token_rewards(q_taken, value, tokens, config)
+    if totals is None:
+        return (impl.pairwise or pairwise_loss)(rewards, tokens, config)
+    return share_of_total(impl.pairwise or pairwise_loss, rewards, tokens, config, *totals)
 
 
 def qadapter_loss(
@@ -42,6 +49,8 @@ def qadapter_loss(
     config: LossConfig | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    total_pairs: int | None = None,
+    total_tokens: int | None = None,
     **options,
 ) -> QAdapterLossOutput:
     """Q-Adapter Bradley-Terry loss on preference pairs, without holding the full logits.
@@ -59,9 +68,14 @@ def qadapter_loss(
             ``ignore_index``: docs/design.md, "The method").
         backend: ``"auto"`` or a name of :func:`backends` (which also says why one cannot run).
         chunk_size: tokens per chunk for chunked backends; ``None`` picks it from a memory budget.
+        total_pairs, total_tokens: the pair and scored-token counts of a larger batch this one is
+            part of (gradient accumulation, data-parallel ranks): the loss is then this batch's share,
+            and the shares of the parts add up to the whole batch's loss. ``reward_norm`` "mean" or
+            "sum" only. ``None``: this batch alone.
     """
     config = LossConfig.from_options(config, **options)
-    return _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size)
+    return _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size,
+                 total_pairs, total_tokens)
 
 
 class QAdapterLoss(nn.Module):
@@ -85,9 +99,13 @@ class QAdapterLoss(nn.Module):
         labels: torch.Tensor,
         q_weight: torch.Tensor | None = None,
         q_bias: torch.Tensor | None = None,
+        *,
+        total_pairs: int | None = None,
+        total_tokens: int | None = None,
     ) -> QAdapterLossOutput:
         return _loss(
-            base_hidden, q_hidden, weight, labels, q_weight, q_bias, self.config, self.backend, self.chunk_size
+            base_hidden, q_hidden, weight, labels, q_weight, q_bias, self.config, self.backend, self.chunk_size,
+            total_pairs, total_tokens,
         )
 
     def extra_repr(self) -> str:

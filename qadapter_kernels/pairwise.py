@@ -9,7 +9,8 @@ the per-token statistics (``g_a`` and ``g_v`` of docs/design.md, "The gradient i
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,23 @@ def pairwise_loss(rewards: torch.Tensor, tokens: ScoredTokens, config: LossConfi
     bt = F.softplus(rejected - chosen).mean()
     chi2 = config.beta * rewards.square().sum() / rewards.shape[0]
     return loss_output(bt + chi2, bt, chi2, chosen, rejected)
+
+
+def share_of_total(
+    pairwise: Callable, rewards: torch.Tensor, tokens: ScoredTokens, config: LossConfig, total_pairs: int, total_tokens: int
+) -> QAdapterLossOutput:
+    """This batch's share of the loss of a larger batch it is part of (accumulated micro-batches,
+    data-parallel ranks): its pairs' BT terms over ``total_pairs`` plus ``beta`` times its squared
+    rewards over ``total_tokens``. The shares of the parts add up to the loss of the whole.
+
+    Written as ``pair_share * loss(beta * token_share / pair_share)``, so every backend's pairwise
+    kernel serves it unchanged. ``bt_loss`` and ``chi2_loss`` stay this batch's own means.
+    """
+    pair_share = (tokens.batch // 2) / total_pairs
+    token_share = rewards.shape[0] / total_tokens
+    out = pairwise(rewards, tokens, dataclasses.replace(config, beta=config.beta * token_share / pair_share))
+    chi2 = out.chi2_loss * (pair_share / token_share) if token_share else out.chi2_loss
+    return out._replace(loss=out.loss * pair_share, chi2_loss=chi2)
 
 
 def loss_output(loss, bt, chi2, chosen, rejected) -> QAdapterLossOutput:

@@ -102,6 +102,31 @@ def test_bias_on_the_shared_head(name):
     assert_agree(name, x, TOL[torch.float32], chunk_size=7)
 
 
+@pytest.mark.parametrize("name", ["reference", *NAMES])
+@pytest.mark.parametrize("reward_norm", ["mean", "sum"])
+def test_shares_of_parts_add_up_to_the_whole_batch(name, reward_norm):
+    """Gradient accumulation made exact: the parts' losses with the whole batch's totals add up to
+    the whole batch's loss, gradients included (a row with no scored token among them)."""
+    backend(name)
+    x = make_inputs(batch=8, seq=11, seed=2, q_head=True, q_bias=True, device=DEVICE)
+    options = dict(backend=name, reward_norm=reward_norm, beta=0.3, chunk_size=5)
+    whole, whole_grads = loss_and_grads(x, **options)
+    totals = dict(total_pairs=4, total_tokens=int((x["labels"][:, 1:] != -100).sum()))
+    parts = [torch.tensor(rows, device=DEVICE) for rows in ([0, 4], [1, 2, 5, 6], [3, 7])]
+    summed, summed_grads = 0.0, {}
+    for rows in parts:
+        part = {k: v[rows] if k in ("base_hidden", "q_hidden", "labels") else v for k, v in x.items()}
+        out, grads = loss_and_grads(part, **options, **totals)
+        summed = summed + out.loss.detach()
+        for key, grad in grads.items():
+            if key == "q_hidden":
+                grad = torch.zeros_like(x["q_hidden"]).index_copy(0, rows, grad)
+            summed_grads[key] = summed_grads.get(key, 0) + grad
+    assert rel_err(summed, whole.loss) <= TOL[torch.float32]
+    for key, grad in whole_grads.items():
+        assert rel_err(summed_grads[key], grad) <= TOL[torch.float32], key
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_frozen_inputs_get_no_gradient(name):
     backend(name)

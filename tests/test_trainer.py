@@ -32,9 +32,9 @@ def rows(count: int, seed: int):
 def setup(tmp_path, **config):
     tokenizer = tiny_chat_tokenizer()
     base = tiny_causal_lm("llama", vocab=len(tokenizer))
-    config = {"save_strategy": "no", **config}
-    args = QAdapterConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=5e-3,
-                          logging_steps=1, report_to=[], use_cpu=True, seed=0, lora_dropout=0.0, **config)
+    config = {"save_strategy": "no", "per_device_train_batch_size": 4, "learning_rate": 5e-3, **config}
+    args = QAdapterConfig(output_dir=str(tmp_path), logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                          lora_dropout=0.0, **config)
     model = QAdapterModel(base, tokenizer=tokenizer, **args.model_options())
     train, _ = tokenize_rows(rows(32, seed=0), tokenizer, max_length=48)
     heldout, _ = tokenize_rows(rows(16, seed=1), tokenizer, max_length=48)
@@ -92,3 +92,25 @@ def test_padding_dependent_norm_with_accumulation_warns(tmp_path):
         _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2,
                                                   reward_norm="mean", report_to=[]))
         _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), report_to=[]))
+
+
+@pytest.mark.parametrize("reward_norm", ["mean", "sum"])
+def test_accumulated_micro_batches_train_as_their_concatenation(tmp_path, reward_norm):
+    """Two micro-batches of 2 pairs accumulated = one batch of 4 pairs: the same logged loss and the
+    same LoRA weights after plain SGD steps (Trainer's num_items_in_batch carries the step's counts)."""
+    runs = {}
+    for micro, accumulate in ((4, 1), (2, 2)):
+        model, tokenizer, args, train, _ = setup(tmp_path / f"{micro}", max_steps=3, optim="sgd", learning_rate=0.5,
+                                                 per_device_train_batch_size=micro,
+                                                 gradient_accumulation_steps=accumulate, reward_norm=reward_norm, beta=2.0)
+        trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs[micro] = (losses, lora_state(model))
+    (whole_losses, whole), (acc_losses, accumulated) = runs[4], runs[2]
+    assert len(whole_losses) == len(acc_losses) == 3
+    torch.testing.assert_close(torch.tensor(acc_losses), torch.tensor(whole_losses), rtol=2e-5, atol=1e-6)
+    assert any((whole[name] - before).abs().max() > 1e-4 for name, before in lora_state(
+        setup(tmp_path / "init")[0]).items())  # the steps moved the weights
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=2e-5, atol=1e-6, msg=name)

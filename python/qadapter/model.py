@@ -246,13 +246,15 @@ class QAdapterModel(nn.Module):
         return base_hidden, q_hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> QAdapterLossOutput:
-        """The Q-Adapter loss and its metrics for a batch ``[chosen..., rejected...]``."""
+                labels: torch.Tensor | None = None, *, total_pairs: int | None = None,
+                total_tokens: int | None = None) -> QAdapterLossOutput:
+        """The Q-Adapter loss and its metrics for a batch ``[chosen..., rejected...]``; with
+        ``total_pairs``/``total_tokens``, its share of a larger batch's loss (:func:`qadapter_loss`)."""
         if labels is None:
             raise ValueError("labels is required: the forward computes the preference loss (use generate() to decode)")
         base_hidden, q_hidden = self.hidden_states(input_ids, attention_mask)
         return qadapter_loss(base_hidden, q_hidden, self.lm_head_weight, labels, config=self.loss, backend=self.backend,
-                             chunk_size=self.chunk_size)
+                             chunk_size=self.chunk_size, total_pairs=total_pairs, total_tokens=total_tokens)
 
     # -------------------------------------------------------------------------------- generation
     @contextmanager

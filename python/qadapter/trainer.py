@@ -13,6 +13,7 @@ import typing
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -20,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from qadapter_kernels import LossConfig
 from qadapter_kernels.registry import BACKEND_NAMES
 
-from .data import PreferenceCollator
+from .data import IGNORE_INDEX, PreferenceCollator
 
 METRIC_NAMES = {
     "chosen_rewards": "rewards/chosen",
@@ -97,8 +98,21 @@ def _warn_if_padding_dependent(args) -> None:
         )
 
 
+class StepTotals(NamedTuple):
+    """Pairs and scored tokens of one optimizer step: every micro-batch, every process."""
+
+    pairs: int
+    tokens: int
+
+
 class QAdapterTrainer(Trainer):
-    """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs."""
+    """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs.
+
+    With ``reward_norm`` "mean" or "sum", each micro-batch's loss is its exact share of the step's
+    loss (the step's pair and token counts come from :meth:`get_batch_samples`, Trainer's
+    ``num_items_in_batch``), so accumulating k micro-batches gives the gradient of their
+    concatenation. "padded" depends on padding: its micro-batch losses are averaged, as Trainer does.
+    """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
         if data_collator is None and processing_class is not None:
@@ -107,14 +121,33 @@ class QAdapterTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         _warn_if_padding_dependent(self.args)
+        self.loss_is_scaled_for_ga = self.args.reward_norm != "padded"  # Trainer must not divide the shares again
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """The step's micro-batches and, where the loss has exact shares, their :class:`StepTotals`."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        if self.args.reward_norm == "padded" or not batch_samples:
+            return batch_samples, None
+        counts = torch.tensor([[batch["labels"].shape[0] // 2, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())]
+                               for batch in batch_samples]).sum(dim=0)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts.to(self.args.device)).view(-1, 2).sum(dim=0).cpu()
+        return batch_samples, StepTotals(int(counts[0]), max(int(counts[1]), 1))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+        totals = {}
+        if isinstance(num_items_in_batch, StepTotals):
+            totals = dict(total_pairs=num_items_in_batch.pairs, total_tokens=num_items_in_batch.tokens)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
+                    **totals)
+        loss = out.loss
+        if totals and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients of their shares
         split = "train" if model.training else "eval"
         for name, key in METRIC_NAMES.items():
             value = getattr(out, name).detach().float().mean()
             self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
-        return (out.loss, out) if return_outputs else out.loss
+        return (loss, out) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints hold the adapter only (a few MB), never a copy of the frozen base model."""
