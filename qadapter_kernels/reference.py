@@ -24,7 +24,15 @@ def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0):
     if q_bias is not None:
         q = q + q_bias.to(ct)
     log_pi1 = torch.log_softmax(z, dim=-1)
-    return q, alpha_tilde * torch.logsumexp((q + alpha_0 * log_pi1) / alpha_tilde, dim=-1)
+    return q, alpha_tilde * _logsumexp((q + alpha_0 * log_pi1) / alpha_tilde)
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the vocabulary, NaN where a row holds ``+inf``: such a row has no finite
+    normaliser, and the max-shifted form every kernel computes says NaN (``torch.logsumexp``
+    alone would say ``+inf``), so a broken input looks the same whichever backend runs."""
+    lse = torch.logsumexp(x, dim=-1)
+    return torch.where(x.amax(dim=-1) == float("inf"), torch.full_like(lse, float("nan")), lse)
 
 
 def qadapter_loss_reference(

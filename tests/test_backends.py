@@ -201,3 +201,41 @@ def test_property_every_backend_matches_reference_in_float32(name, pairs, seq, h
     got, ref = assert_agree(name, x, 2e-5, fields=FIELDS[:-1], chunk_size=chunk, **hyper)
     scale = torch.cat([ref.chosen_rewards, ref.rejected_rewards]).abs().mean().clamp(min=1e-30)
     assert float((got.margin - ref.margin).abs() / scale) <= 2e-5
+
+
+def nonfinite_kind(t: torch.Tensor) -> str:
+    """What a tensor holds, worst first: NaN, +inf, -inf, or only finite values."""
+    t = t.detach()
+    if t.isnan().any():
+        return "nan"
+    if t.isposinf().any():
+        return "+inf"
+    return "-inf" if t.isneginf().any() else "finite"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(site=st.sampled_from(["base_hidden", "q_hidden", "weight", "q_weight", "q_bias"]),
+       value=st.sampled_from([float("inf"), float("-inf"), float("nan")]),
+       vocab=st.integers(2, 60), pick=st.integers(0, 2**16), **RANDOM_CASE)
+def test_property_nonfinite_inputs_give_the_references_nonfinite_outputs(name, site, value, vocab, pick, pairs,
+                                                                         chunk, seed, **hyper):
+    """One inf, -inf or NaN in a hidden state at a scored position, or anywhere in a head: the loss
+    and each gradient are NaN, +inf, -inf or finite exactly as in the reference."""
+    backend(name)
+    x = make_inputs(batch=2 * pairs, seq=6, hidden=5, vocab=vocab, seed=seed, prompt_only_row=False,
+                    q_head=True, q_bias=True, device=DEVICE)
+    x["labels"][0, -1] = 0  # at least one scored token
+    with torch.no_grad():
+        if site.endswith("hidden"):
+            rows, cols = (x["labels"][:, 1:] != -100).nonzero(as_tuple=True)
+            at = pick % rows.numel()
+            x[site][rows[at], cols[at], pick % 5] = value
+        else:
+            x[site].view(-1)[pick % x[site].numel()] = value
+    ref, ref_grads = loss_and_grads(x, backend="reference", chunk_size=chunk, **hyper)
+    got, got_grads = loss_and_grads(x, backend=name, chunk_size=chunk, **hyper)
+    assert nonfinite_kind(got.loss) == nonfinite_kind(ref.loss)
+    for key, grad in ref_grads.items():
+        assert nonfinite_kind(got_grads[key]) == nonfinite_kind(grad), key

@@ -24,6 +24,13 @@ from qadapter.cli import main  # noqa: E402
         (["train", "--data", "d.jsonl", "--output", "x", "--no_such_option", "1"], "--no_such_option"),
         (["generate", "--adapter", "a", "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
         (["eval", "--adapter", "a"], "--data"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--backend", "foo"], "--backend: invalid choice: 'foo'"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--reward_norm", "avg"], "--reward_norm"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--alpha_tilde", "-1"], "alpha_tilde must be > 0"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--chunk_size", "-3"], "chunk_size"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--top-k", "-5"], "--top-k: must be an integer >= 0"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--temperature", "-1"], "--temperature: must be > 0"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):

@@ -54,6 +54,12 @@ def x():
         (lambda x: dict(gamma="1"), TypeError, "gamma must be a real number"),
         (lambda x: dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
         (lambda x: dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (lambda x: dict(total_pairs=4), ValueError, "total_pairs and total_tokens go together"),
+        (lambda x: dict(total_pairs=4, total_tokens=100), ValueError, 'need reward_norm="mean" or "sum"'),
+        (lambda x: dict(total_pairs=1, total_tokens=100, reward_norm="mean"), ValueError,
+         "total_pairs must be an int >= this batch's own count (2), got 1"),
+        (lambda x: dict(total_pairs=2.0, total_tokens=100, reward_norm="sum"), ValueError, "total_pairs must be an int"),
+        (lambda x: dict(total_pairs=8, total_tokens=1, reward_norm="sum"), ValueError, "total_tokens must be an int >="),
     ],
 )
 def test_bad_input_names_the_argument(x, change, error, pattern):

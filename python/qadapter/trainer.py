@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from qadapter_kernels import LossConfig
+from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
 from .data import IGNORE_INDEX, PreferenceCollator
@@ -73,6 +74,7 @@ class QAdapterConfig(LossArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
+        check_chunk_size(self.chunk_size)
 
     def loss_config(self) -> LossConfig:
         return LossConfig.from_options(**{name: getattr(self, name) for name in LOSS_ARGUMENTS})
