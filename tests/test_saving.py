@@ -208,3 +208,75 @@ def test_sigkill_during_repeated_saves_leaves_a_whole_adapter(tmp_path, attempt)
         perturb_adapter(model, seed=version)
         candidates.append(_lora_b(model))
     assert any(all(torch.equal(loaded[n], c[n]) for n in c) for c in candidates)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A tiny local base model and a preference file for ``qadapter train`` in a subprocess."""
+    import json
+
+    from conftest import tiny_chat_tokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(8)]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def _train_command(run, output, *extra):
+    return [sys.executable, "-m", "qadapter.cli", "train", "--model", str(run / "base"), "--data",
+            str(run / "pairs.jsonl"), "--output", str(output), "--max_steps", "400", "--save_steps", "1",
+            "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_total_limit", "3", *extra]
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigkill_while_checkpointing_then_resume(local_run, tmp_path, attempt):
+    """``qadapter train`` checkpointing every step is SIGKILLed at a random moment; every complete
+    checkpoint left then loads, and ``--resume`` continues from the newest complete one to the end."""
+    import os
+    import random
+    import signal
+    import time
+
+    from qadapter.trainer import latest_checkpoint
+
+    output = tmp_path / "adapter"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(_train_command(local_run, output), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    checkpoints = output / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("checkpoint-*")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(attempt).uniform(0.0, 1.5))
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+
+    newest = latest_checkpoint(checkpoints)
+    assert newest is not None
+    QAdapterModel.from_pretrained(newest, str(local_run / "base"))
+    step = int(newest.rsplit("-", 1)[1])
+    finished = subprocess.run(_train_command(local_run, output, "--resume", "--max_steps", str(step + 2)),
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert latest_checkpoint(checkpoints).endswith(f"checkpoint-{step + 2}")
+    QAdapterModel.from_pretrained(output, str(local_run / "base"))
+
+
+def test_resume_passes_over_a_checkpoint_cut_short(tmp_path):
+    """A newest checkpoint without a readable trainer_state.json (killed while checkpointing) is
+    passed over, with a warning, for the one before it; Trainer alone would resume from it and fail."""
+    from qadapter.trainer import latest_checkpoint
+
+    for step, state in ((2, "{}"), (10, "{}"), (12, '{"global_step": 1'), (13, None)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        if state is not None:
+            (path / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-x").mkdir()
+    with pytest.warns(UserWarning, match="checkpoint-13 is incomplete"):
+        assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert latest_checkpoint(tmp_path / "nothing-here") is None

@@ -8,10 +8,13 @@ checkpointing, progress bars, DDP/FSDP through accelerate or torchrun) is Traine
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import typing
 import warnings
 from collections import defaultdict
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -100,6 +103,26 @@ def _warn_if_padding_dependent(args) -> None:
         )
 
 
+def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint of ``run_dir`` a run can resume from, or None.
+
+    Trainer writes a checkpoint's files one by one, ``trainer_state.json`` last: a process killed
+    while checkpointing leaves a newest folder whose state is missing or cut short. That folder is
+    passed over (with a warning) for the one before it.
+    """
+    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("checkpoint-*")
+             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            warnings.warn(f"{path} is incomplete (its trainer_state.json is missing or cut short: the run "
+                          "stopped while checkpointing); resuming from an earlier checkpoint", UserWarning, stacklevel=2)
+            continue
+        return str(path)
+    return None
+
+
 class StepTotals(NamedTuple):
     """Pairs and scored tokens of one optimizer step: every micro-batch, every process."""
 
@@ -124,6 +147,14 @@ class QAdapterTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         _warn_if_padding_dependent(self.args)
         self.loss_is_scaled_for_ga = self.args.reward_norm != "padded"  # Trainer must not divide the shares again
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         """The step's micro-batches and, where the loss has exact shares, their :class:`StepTotals`."""
