@@ -8,22 +8,37 @@ Public API::
     combined_logprobs(base_hidden, q_hidden, weight, ...)   # log pi~ from hidden states
     combine_logits(base_logits, q_values, ...)              # log pi~ from logits
     backends()                               # which backends run here, and why not
+
+Building blocks for other losses and trainers (same inputs, same backends, no [B, T, V] logits)::
+
+    qadapter_token_stats(base_hidden, q_hidden, weight, labels, ...) -> TokenStats
+                                             # per scored token: Q[t, a_t], V_t, r_t, rows, positions
+    sequence_rewards(stats)                  # [B] per-sequence rewards R_i
+    bt_terms(sequence_rewards)               # [K] per-pair Bradley-Terry terms
+    combined_logprobs_at(base_hidden, q_hidden, weight, targets, ...) -> TargetLogprobs
+                                             # log pi~ (differentiable) and log pi1 of given targets
 """
 
 from .registry import BackendStatus, backends
-from .combine import combine_logits, combined_logprobs
+from .combine import TargetLogprobs, combine_logits, combined_logprobs, combined_logprobs_at
 from .config import LossConfig
-from .loss import QAdapterLoss, qadapter_loss
-from .pairwise import QAdapterLossOutput
+from .loss import QAdapterLoss, qadapter_loss, qadapter_token_stats
+from .pairwise import QAdapterLossOutput, TokenStats, bt_terms, sequence_rewards
 
 __all__ = [
     "BackendStatus",
     "LossConfig",
     "QAdapterLoss",
     "QAdapterLossOutput",
+    "TargetLogprobs",
+    "TokenStats",
     "backends",
+    "bt_terms",
     "combine_logits",
     "combined_logprobs",
+    "combined_logprobs_at",
     "qadapter_loss",
+    "qadapter_token_stats",
+    "sequence_rewards",
 ]
 __version__ = "0.1.0"

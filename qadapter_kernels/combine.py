@@ -1,12 +1,16 @@
-"""Inference side: the customized policy ``log pi~ = log_softmax((Q + alpha_0 * log pi1) / alpha~)``."""
+"""The customized policy ``log pi~ = log_softmax((Q + alpha_0 * log pi1) / alpha~)``: whole rows for
+decoding, and the log-probs of given targets (with gradients) for likelihoods and other losses."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from . import registry
 from .chunked import auto_chunk_size
 from .config import LossConfig, check_real
-from .inputs import check_chunk_size, check_float_tensor, check_head, stats_dtype
+from .inputs import check_chunk_size, check_float_tensor, check_head, check_targets, stats_dtype
 
 
 def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[float, float]:
@@ -54,18 +58,7 @@ def combined_logprobs(
     Only the output is ``[tokens, V]``; the base logits and Q-values exist one chunk at a time.
     """
     check_chunk_size(chunk_size)
-    check_float_tensor("base_hidden", base_hidden)
-    check_float_tensor("q_hidden", q_hidden)
-    if base_hidden.shape != q_hidden.shape or q_hidden.dim() < 1:
-        raise ValueError(
-            f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)} ([..., d]); got {tuple(base_hidden.shape)}"
-        )
-    if base_hidden.dtype != q_hidden.dtype or base_hidden.device != q_hidden.device:
-        raise TypeError(
-            f"base_hidden must match q_hidden's dtype {q_hidden.dtype} and device {q_hidden.device}; "
-            f"got {base_hidden.dtype} on {base_hidden.device}"
-        )
-    check_head(weight, q_weight, q_bias, hidden_size=q_hidden.shape[-1], dtype=q_hidden.dtype, device=q_hidden.device)
+    _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias)
     wq = weight if q_weight is None else q_weight
     lead = q_hidden.shape[:-1]
     base, hq = base_hidden.reshape(-1, base_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])
@@ -79,3 +72,84 @@ def combined_logprobs(
             q += q_bias
         out[s:e] = combine_logits(base[s:e] @ weight.T, q, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
     return out.reshape(*lead, vocab)
+
+
+def _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias) -> None:
+    check_float_tensor("base_hidden", base_hidden)
+    check_float_tensor("q_hidden", q_hidden)
+    if base_hidden.shape != q_hidden.shape or q_hidden.dim() < 1:
+        raise ValueError(
+            f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)} ([..., d]); got {tuple(base_hidden.shape)}"
+        )
+    if base_hidden.dtype != q_hidden.dtype or base_hidden.device != q_hidden.device:
+        raise TypeError(
+            f"base_hidden must match q_hidden's dtype {q_hidden.dtype} and device {q_hidden.device}; "
+            f"got {base_hidden.dtype} on {base_hidden.device}"
+        )
+    check_head(weight, q_weight, q_bias, hidden_size=q_hidden.shape[-1], dtype=q_hidden.dtype, device=q_hidden.device)
+
+
+class TargetLogprobs(NamedTuple):
+    """Log-probs of given targets (:func:`combined_logprobs_at`); 0 where the target is ignored."""
+
+    combined: torch.Tensor  # log pi~(a): differentiable in q_hidden, q_weight, q_bias
+    base: torch.Tensor  # log pi1(a): the frozen model's, no gradient
+
+
+def combined_logprobs_at(
+    base_hidden: torch.Tensor,
+    q_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    q_weight: torch.Tensor | None = None,
+    q_bias: torch.Tensor | None = None,
+    alpha_tilde: float = LossConfig.alpha_tilde,
+    alpha_0: float = LossConfig.alpha_0,
+    ignore_index: int = LossConfig.ignore_index,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> TargetLogprobs:
+    """Log-probs of ``targets`` ``[...]`` under the customized policy and the frozen model, from hidden
+    states ``[..., d]``, with nothing ``[tokens, V]`` held: what a sequence likelihood or another
+    preference loss (DPO on ``pi~`` against ``pi1``) needs.
+
+    Position ``i`` scores ``targets[i]`` (no shift: for Hugging Face labels pass ``hidden[:, :-1]`` and
+    ``labels[:, 1:]``); positions whose target is ``ignore_index`` give 0 and cost nothing. The
+    combined log-prob is ``(Q[a] + alpha_0 * log pi1(a) - V) / alpha~`` from the backend's token
+    statistics (its gradient is theirs), plus one gradient-free chunked pass for ``log pi1(a)``.
+    """
+    alpha_tilde = check_real("alpha_tilde", alpha_tilde, positive=True)
+    alpha_0 = check_real("alpha_0", alpha_0, non_negative=True)
+    check_chunk_size(chunk_size)
+    _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0], ignore_index=ignore_index,
+                  device=q_hidden.device)
+    impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
+    mask = targets != ignore_index
+    zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
+    if not bool(mask.any()):
+        return TargetLogprobs(zeros, zeros.clone())
+    base, hq, actions = base_hidden[mask], q_hidden[mask], targets[mask].long()
+    q_taken, value = impl.token_stats(
+        base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
+        alpha_tilde=alpha_tilde, alpha_0=alpha_0, chunk_size=chunk_size,
+    )
+    log_pi1 = _base_logprobs(base, weight, actions, chunk_size)
+    combined = (q_taken + alpha_0 * log_pi1 - value) / alpha_tilde
+    return TargetLogprobs(zeros.masked_scatter(mask, combined), zeros.masked_scatter(mask, log_pi1))
+
+
+@torch.no_grad()
+def _base_logprobs(base: torch.Tensor, weight: torch.Tensor, actions: torch.Tensor, chunk_size: int | None):
+    """``log_softmax(base @ W^T)[a]`` for packed tokens ``[N, d]``, a chunk of ``[chunk, V]`` logits at a time."""
+    n, vocab = base.shape[0], weight.shape[0]
+    out = torch.empty(n, dtype=stats_dtype(base.dtype), device=base.device)
+    chunk = chunk_size or auto_chunk_size(n, vocab, base.dtype, base.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        z = (base[s:e] @ weight.T).to(out.dtype)
+        out[s:e] = z.gather(1, actions[s:e, None]).squeeze(1) - z.logsumexp(dim=1)
+    return out

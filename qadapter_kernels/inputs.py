@@ -99,8 +99,11 @@ def check_loss_inputs(
     q_weight: torch.Tensor | None,
     q_bias: torch.Tensor | None,
     config: LossConfig,
+    *,
+    paired: bool = True,
 ) -> None:
-    """Raises a clear error, naming the argument, for every malformed input."""
+    """Raises a clear error, naming the argument, for every malformed input. ``paired``: the rows are
+    chosen/rejected pairs (the loss); the token statistics alone take any number of rows."""
     check_float_tensor("base_hidden", base_hidden)
     check_float_tensor("q_hidden", q_hidden)
     if q_hidden.dim() != 3:
@@ -110,7 +113,7 @@ def check_loss_inputs(
             f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)}; got {tuple(base_hidden.shape)}"
         )
     batch, seq, hidden = q_hidden.shape
-    if batch == 0 or batch % 2:
+    if batch == 0 or (paired and batch % 2):
         raise ValueError(
             f"the batch size B (dim 0 of q_hidden) must be even and > 0: rows 0..B/2-1 are the chosen "
             f"responses, rows B/2.. the rejected ones; got B={batch}"
@@ -123,25 +126,32 @@ def check_loss_inputs(
         raise ValueError(f"base_hidden must be on q_hidden's device {q_hidden.device}; got {base_hidden.device}")
     check_head(weight, q_weight, q_bias, hidden_size=hidden, dtype=q_hidden.dtype, device=q_hidden.device)
 
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (token ids); got {labels.dtype}")
-    if tuple(labels.shape) != (batch, seq):
-        raise ValueError(f"labels must be [B, T] = [{batch}, {seq}]; got shape {tuple(labels.shape)}")
-    if labels.device != q_hidden.device:
-        raise ValueError(f"labels must be on q_hidden's device {q_hidden.device}; got {labels.device}")
-    targets = labels[:, 1:]
-    scored = targets != config.ignore_index
-    vocab = weight.shape[0]
-    bad = scored & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        value = int(targets[bad][0])
-        raise ValueError(
-            f"labels must lie in [0, {vocab}) (the vocabulary size V) or equal ignore_index="
-            f"{config.ignore_index}; found {value}"
-        )
-    if not bool(scored.any()):
+    check_targets("labels", labels, (batch, seq), vocab=weight.shape[0], ignore_index=config.ignore_index,
+                  device=q_hidden.device, shift=1)
+    if not bool((labels[:, 1:] != config.ignore_index).any()):
         raise ValueError(
             "labels score no token at all: every labels[:, 1:] equals ignore_index, so the loss is undefined"
         )
+
+
+def check_targets(name: str, targets: object, shape: tuple, *, vocab: int, ignore_index: int, device: torch.device,
+                  shift: int = 0) -> torch.Tensor:
+    """Integer token ids of ``shape`` on ``device``; every one from index ``shift`` on (along the last
+    dimension) in ``[0, vocab)`` or ``ignore_index``."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (token ids); got {targets.dtype}")
+    if tuple(targets.shape) != tuple(shape):
+        dims = "[B, T]" if shift else "the hidden states' leading dimensions"
+        raise ValueError(f"{name} must be {dims} = {list(shape)}; got shape {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"{name} must be on the hidden states' device {device}; got {targets.device}")
+    scored_ids = targets[..., shift:]
+    bad = (scored_ids != ignore_index) & ((scored_ids < 0) | (scored_ids >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must lie in [0, {vocab}) (the vocabulary size V) or equal ignore_index={ignore_index}; "
+            f"found {int(scored_ids[bad][0])}"
+        )
+    return targets

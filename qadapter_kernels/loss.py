@@ -1,4 +1,4 @@
-"""The public Q-Adapter loss: checks, packing of the scored tokens, dispatch to a backend."""
+"""The public Q-Adapter loss and its token statistics: checks, packing of the scored tokens, dispatch to a backend."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ from torch import nn
 from . import registry
 from .config import LossConfig
 from .inputs import check_chunk_size, check_loss_inputs, check_totals
-from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss, share_of_total, token_rewards
+from .pairwise import (QAdapterLossOutput, ScoredTokens, TokenStats, pairwise_loss, share_of_total,
+                       token_rewards)
 
 
-def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size,
-          total_pairs=None, total_tokens=None):
+def _scored_tokens(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size, *, paired):
+    """The checks, the backend that runs here, and where the scored tokens sit: everything before the heavy work."""
     check_chunk_size(chunk_size)
-    check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
+    check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, paired=paired)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
+    return impl, ScoredTokens.from_labels(labels, config.ignore_index)
+
+
+def _token_stats(impl, tokens, base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, chunk_size):
     # Only scored positions are computed at all: pack them to [N, d], and keep them packed.
-    tokens = ScoredTokens.from_labels(labels, config.ignore_index)
-    totals = None
-    if total_pairs is not None or total_tokens is not None:
-        totals = check_totals(total_pairs, total_tokens, config, tokens.batch // 2, int(tokens.counts.sum()))
     q_taken, value = impl.token_stats(
         base_hidden[:, :-1][tokens.mask],
         q_hidden[:, :-1][tokens.mask],
@@ -32,10 +33,48 @@ def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossC
         alpha_0=config.alpha_0,
         chunk_size=chunk_size,
     )
-    rewards = token_rewards(q_taken, value, tokens, config)
+    return TokenStats(q_taken, value, token_rewards(q_taken, value, tokens, config), tokens, config)
+
+
+def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size,
+          total_pairs=None, total_tokens=None):
+    inputs = (base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
+    impl, tokens = _scored_tokens(*inputs, backend, chunk_size, paired=True)
+    totals = None
+    if total_pairs is not None or total_tokens is not None:
+        totals = check_totals(total_pairs, total_tokens, config, tokens.batch // 2, int(tokens.counts.sum()))
+    rewards = _token_stats(impl, tokens, *inputs, chunk_size).rewards
     if totals is None:
         return (impl.pairwise or pairwise_loss)(rewards, tokens, config)
     return share_of_total(impl.pairwise or pairwise_loss, rewards, tokens, config, *totals)
+
+
+def qadapter_token_stats(
+    base_hidden: torch.Tensor,
+    q_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    q_weight: torch.Tensor | None = None,
+    q_bias: torch.Tensor | None = None,
+    config: LossConfig | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    **options,
+) -> TokenStats:
+    """The per-token statistics :func:`qadapter_loss` is built on, for building other losses on them.
+
+    Returns :class:`TokenStats`: for every scored token, packed in row order, ``Q[t, a_t]``, the soft
+    value ``V_t`` and the reward ``r_t`` (``value_at``, ``gamma``), differentiable in ``q_hidden``,
+    ``q_weight`` and ``q_bias``, computed by the backend without the ``[B, T, V]`` logits; with
+    ``rows`` and ``positions``. The arguments are :func:`qadapter_loss`'s, except that any number of
+    rows is accepted (no pairing). The Q-Adapter loss itself is
+    ``bt_terms(sequence_rewards(stats)).mean() + beta * stats.rewards.square().mean()``.
+    """
+    config = LossConfig.from_options(config, **options)
+    inputs = (base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
+    impl, tokens = _scored_tokens(*inputs, backend, chunk_size, paired=False)
+    return _token_stats(impl, tokens, *inputs, chunk_size)
 
 
 def qadapter_loss(

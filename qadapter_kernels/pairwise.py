@@ -5,6 +5,8 @@ per-sequence rewards, the chosen/rejected pairing, Bradley-Terry and chi2 (docs/
 Rewards stay packed, one entry per scored token in row order, from the token statistics to the
 loss; :class:`ScoredTokens` says where each entry sits. Autograd carries the loss gradient back to
 the per-token statistics (``g_a`` and ``g_v`` of docs/design.md, "The gradient in closed form").
+:class:`TokenStats`, :func:`sequence_rewards` and :func:`bt_terms` are the same pieces as public
+building blocks for other losses.
 """
 
 from __future__ import annotations
@@ -57,6 +59,37 @@ class ScoredTokens(NamedTuple):
         """``T - 1``: the length the ``padded`` reward norm divides by."""
         return self.mask.shape[1]
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[N]`` int64: the position ``t`` of each packed token (its action is ``labels[row, t+1]``)."""
+        return torch.arange(self.padded_len, device=self.mask.device).expand_as(self.mask)[self.mask]
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of the scored tokens, packed in row order (:func:`qadapter_token_stats`).
+
+    ``q_taken``, ``value`` and ``rewards`` are ``[N]`` (float32, float64 for float64 inputs) and
+    carry gradients to ``q_hidden`` and a trainable Q head, so other losses can be built on them;
+    :func:`sequence_rewards` and :func:`bt_terms` give the Q-Adapter loss's own per-sequence and
+    per-pair terms. ``rows``/``positions`` say where each entry sits.
+    """
+
+    q_taken: torch.Tensor  # [N] Q[t, a_t]
+    value: torch.Tensor  # [N] soft value V_t = alpha~ * lse((Q_t + alpha_0 * log pi1_t) / alpha~)
+    rewards: torch.Tensor  # [N] r_t, with config.value_at and config.gamma
+    tokens: ScoredTokens
+    config: LossConfig  # the options the statistics and rewards were computed with
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``[N]`` int64: the batch row of each packed token."""
+        return self.tokens.rows
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[N]`` int64: the position ``t`` of each packed token; its action is ``labels[row, t+1]``."""
+        return self.tokens.positions
+
 
 def token_rewards(q_taken: torch.Tensor, value: torch.Tensor, tokens: ScoredTokens, config: LossConfig) -> torch.Tensor:
     """Packed per-token rewards ``r_t = Q[t, a_t] - gamma * V`` (``V_t``, or ``V_{t+1}`` when ``t+1`` is scored)."""
@@ -66,20 +99,42 @@ def token_rewards(q_taken: torch.Tensor, value: torch.Tensor, tokens: ScoredToke
     return q_taken - config.gamma * next_value
 
 
+def _sequence_rewards(rewards: torch.Tensor, tokens: ScoredTokens, reward_norm: str) -> torch.Tensor:
+    sums = torch.zeros(tokens.batch, dtype=rewards.dtype, device=rewards.device).index_add(0, tokens.rows, rewards)
+    if reward_norm == "padded":
+        return sums / tokens.padded_len
+    if reward_norm == "mean":
+        return sums / tokens.counts.clamp(min=1).to(sums.dtype)
+    return sums
+
+
+def sequence_rewards(stats: TokenStats) -> torch.Tensor:
+    """``[B]`` per-sequence rewards ``R_i``: each row's token rewards summed and divided as
+    ``stats.config.reward_norm`` says (docs/design.md, "The loss"); 0 for a row with no scored token."""
+    if not isinstance(stats, TokenStats):
+        raise TypeError(f"stats must be the TokenStats of qadapter_token_stats, got {type(stats).__name__}")
+    return _sequence_rewards(stats.rewards, stats.tokens, stats.config.reward_norm)
+
+
+def bt_terms(sequence_rewards: torch.Tensor) -> torch.Tensor:
+    """``[K]`` Bradley-Terry terms ``softplus(R_{k+K} - R_k) = -log sigmoid(R_k - R_{k+K})`` of ``[B]``
+    per-sequence rewards, ``B = 2K``: rows ``0..K-1`` chosen, row ``k + K`` the rejected one of pair ``k``."""
+    if not isinstance(sequence_rewards, torch.Tensor):
+        raise TypeError(f"sequence_rewards must be a torch.Tensor, got {type(sequence_rewards).__name__}")
+    if sequence_rewards.dim() != 1 or sequence_rewards.shape[0] == 0 or sequence_rewards.shape[0] % 2:
+        raise ValueError("sequence_rewards must be [B] with B even and > 0 (chosen rows, then their rejected rows); "
+                         f"got shape {tuple(sequence_rewards.shape)}")
+    half = sequence_rewards.shape[0] // 2
+    return F.softplus(sequence_rewards[half:] - sequence_rewards[:half])
+
+
 def pairwise_loss(rewards: torch.Tensor, tokens: ScoredTokens, config: LossConfig) -> QAdapterLossOutput:
     """BT + chi2 from packed per-token rewards."""
-    sums = torch.zeros(tokens.batch, dtype=rewards.dtype, device=rewards.device).index_add(0, tokens.rows, rewards)
-    if config.reward_norm == "padded":
-        seq_rewards = sums / tokens.padded_len
-    elif config.reward_norm == "mean":
-        seq_rewards = sums / tokens.counts.clamp(min=1).to(sums.dtype)
-    else:
-        seq_rewards = sums
+    seq_rewards = _sequence_rewards(rewards, tokens, config.reward_norm)
     half = tokens.batch // 2
-    chosen, rejected = seq_rewards[:half], seq_rewards[half:]
-    bt = F.softplus(rejected - chosen).mean()
+    bt = bt_terms(seq_rewards).mean()
     chi2 = config.beta * rewards.square().sum() / rewards.shape[0]
-    return loss_output(bt + chi2, bt, chi2, chosen, rejected)
+    return loss_output(bt + chi2, bt, chi2, seq_rewards[:half], seq_rewards[half:])
 
 
 def share_of_total(

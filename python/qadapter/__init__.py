@@ -1,1 +1,52 @@
-"""qadapter: the thin model and trainer layer over qadapter_kernels (Hugging Face transformers + PEFT)."""
+"""qadapter: the thin model and trainer layer over qadapter_kernels (Hugging Face transformers + PEFT).
+
+Public API::
+
+    QAdapterModel                 # a causal LM with a LoRA residual Q-function: loss, generate, save/load
+    QAdapterTrainer, QAdapterConfig   # transformers.Trainer and TrainingArguments for it
+    PreferenceCollator            # tokenized pairs -> [chosen..., rejected...] batches with labels
+    load_preference_data          # preference rows -> tokenized pairs
+
+Building blocks for your own PEFT model and training loop (examples/ has runnable recipes)::
+
+    frozen_and_adapter_hidden(model, input_ids, attention_mask) -> HiddenStates
+                                  # (base_hidden, q_hidden, weight): qadapter_loss's first three arguments
+    linear_head(model)            # the lm_head, checked to be one the fused loss models
+
+Names are imported on first use: ``import qadapter`` does not import transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "QAdapterModel": "model",
+    "QAdapterTrainer": "trainer",
+    "QAdapterConfig": "trainer",
+    "PreferenceCollator": "data",
+    "load_preference_data": "data",
+    "HiddenStates": "hidden",
+    "frozen_and_adapter_hidden": "hidden",
+    "linear_head": "hidden",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .data import PreferenceCollator, load_preference_data
+    from .hidden import HiddenStates, frozen_and_adapter_hidden, linear_head
+    from .model import QAdapterModel
+    from .trainer import QAdapterConfig, QAdapterTrainer
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,8 +1,8 @@
 """QAdapterModel: a frozen Hugging Face causal LM plus a PEFT LoRA adapter as the residual Q-function.
 
 Training: the frozen model's final hidden states (adapter disabled, no grad) and the adapter's
-(with grad) go to :func:`qadapter_kernels.qadapter_loss` with the shared lm_head weight; the
-decoder is called directly, so the full ``[B, T, V]`` logits never exist.
+(with grad) go to :func:`qadapter_kernels.qadapter_loss` with the shared lm_head weight
+(:func:`qadapter.hidden.frozen_and_adapter_hidden`), so the full ``[B, T, V]`` logits never exist.
 
 Generation samples from the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)``
 (the backend's decode combine, :func:`select_combine`). Both paths share one KV-cached forward per
@@ -31,6 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic
 from .defaults import DEFAULT_MODEL, load_base
+from .hidden import frozen_and_adapter_hidden, linear_head
 
 CONFIG_NAME = "qadapter_config.json"
 ADAPTER_NAME = "default"
@@ -63,16 +64,6 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_linear_head(model: nn.Module) -> nn.Linear:
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"{type(model).__name__}: a Q-Adapter needs a bias-free linear lm_head; got {head!r}")
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, attr, None) not in (None, 1.0):
-            raise ValueError(f"{type(model).__name__} transforms its logits ({attr}), which the fused loss does not model")
-    return head
-
-
 class QAdapterModel(nn.Module):
     """A frozen causal LM with a LoRA residual Q-function; ``forward`` returns the Q-Adapter loss.
 
@@ -99,7 +90,7 @@ class QAdapterModel(nn.Module):
 
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
-        _check_linear_head(base_model)
+        linear_head(base_model)
         lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(target_modules))
         self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
@@ -122,7 +113,7 @@ class QAdapterModel(nn.Module):
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._configure(tokenizer, loss, backend, chunk_size, loss_options)
-        _check_linear_head(peft_model.get_base_model())
+        linear_head(peft_model.get_base_model())
         model.peft_model = peft_model
         model.fingerprint = base_fingerprint(peft_model)
         return model
@@ -239,11 +230,8 @@ class QAdapterModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Final hidden states ``[B, T, d]`` of the frozen model (no grad) and of the adapter model."""
-        decoder = self.base_model.get_decoder()
-        with torch.no_grad(), self.peft_model.disable_adapter():
-            base_hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        q_hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return base_hidden, q_hidden
+        hidden = frozen_and_adapter_hidden(self.peft_model, input_ids, attention_mask)
+        return hidden.base_hidden, hidden.q_hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, total_pairs: int | None = None,

@@ -1,0 +1,78 @@
+"""What the fused loss takes from a PEFT causal LM: the final hidden states of the frozen model and of
+the adapter model, and the lm_head weight, without the ``[B, T, V]`` logits.
+
+Both passes go through the model's own forward (so a DDP, FSDP or DeepSpeed wrapper sees them) with
+``logits_to_keep=1``: the head projects one position per row, and a hook on the decoder takes its
+final hidden states. The frozen pass runs with every adapter disabled and without autograd, so no
+gradient ever reaches the pre-trained model.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class HiddenStates(NamedTuple):
+    """The first three arguments of :func:`qadapter_kernels.qadapter_loss`, in its order."""
+
+    base_hidden: torch.Tensor  # [B, T, d] the frozen model's (adapter disabled), no gradient
+    q_hidden: torch.Tensor  # [B, T, d] the adapter model's
+    weight: torch.Tensor  # [V, d] the frozen lm_head
+
+
+def linear_head(model: nn.Module) -> nn.Linear:
+    """The model's lm_head, checked to be what the fused loss models: a bias-free linear layer whose
+    logits are not transformed afterwards (no soft-capping, no logit scale)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"{type(model).__name__}: a Q-Adapter needs a bias-free linear lm_head; got {head!r}")
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1.0):
+            raise ValueError(f"{type(model).__name__} transforms its logits ({attr}), "
+                             "which the fused loss does not model")
+    return head
+
+
+def peft_model_of(model: nn.Module) -> nn.Module:
+    """The ``peft.PeftModel`` inside ``model``, which may be it or a wrapper holding it as ``.module``
+    (DDP, DataParallel, FSDP, DeepSpeed)."""
+    from peft import PeftModel
+
+    inner = model
+    while not isinstance(inner, PeftModel) and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    if not isinstance(inner, PeftModel):
+        raise TypeError(f"model must be a peft.PeftModel (its adapter is the Q-function) or a wrapper of one; "
+                        f"got {type(model).__name__}")
+    return inner
+
+
+def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              **model_kwargs) -> HiddenStates:
+    """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
+    PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``.
+
+    ``model`` is a ``peft.PeftModel`` or a wrapper of one (what ``accelerator.prepare`` or Trainer
+    returns); ``model_kwargs`` go to both forwards.
+    """
+    peft_model = peft_model_of(model)
+    base_model = peft_model.get_base_model()
+    weight = linear_head(base_model).weight
+    captured = []
+
+    def keep_hidden(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **model_kwargs)
+    handle = base_model.get_decoder().register_forward_hook(keep_hidden)
+    try:
+        with torch.no_grad(), peft_model.disable_adapter():
+            model(**kwargs)
+        model(**kwargs)
+    finally:
+        handle.remove()
+    base_hidden, q_hidden = captured
+    return HiddenStates(base_hidden, q_hidden, weight)
