@@ -13,6 +13,7 @@ directory (the trainer's checkpoints, the user's files) stays. If the process di
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +22,22 @@ from typing import Callable, Iterable
 
 STAGING_PREFIX = ".qadapter-saving-"
 COMPLETE = ".complete"
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, written beside it and renamed over it: a reader (or a
+    run killed mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class OutputDirectoryError(ValueError):

@@ -100,6 +100,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the latest checkpoint in --output (or from the given checkpoint)")
+    p.add_argument("--curve-steps", type=_positive_int, default=None, metavar="N",
+                   help="with --eval-data: measure the held-out pairs at step 0, every N steps and at the end "
+                        "(accuracy with its 95%% interval, margin, KL to the base) into "
+                        "<output>/curve.json and curve.png")
 
 
 def _training_config(args, extra: list[str]):
@@ -127,6 +131,8 @@ def _run_train(args, extra: list[str]) -> int:
     from .trainer import QAdapterTrainer
 
     config = _training_config(args, extra)
+    if args.curve_steps and not args.eval_data:
+        _usage_error("train", "--curve-steps needs --eval-data (the held-out pairs it measures)")
     output = Path(args.output)
     try:  # before anything loads or writes: a wrong --output costs nothing
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
@@ -145,8 +151,14 @@ def _run_train(args, extra: list[str]) -> int:
     if args.eval_data:
         evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
         print(f"evaluation data: {eval_summary}")
+    callbacks = []
+    if args.curve_steps:
+        from .curve import LearningCurve
+
+        callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
+                                       progress=True, meta={"data": str(args.data), "eval_data": str(args.eval_data)}))
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
-                              processing_class=tokenizer)
+                              processing_class=tokenizer, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume)
     model.save_pretrained(output, overwrite=args.overwrite)
     print(f"adapter saved to {args.output}")
@@ -188,7 +200,12 @@ def _run_generate(args) -> int:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="preference accuracy, margin, loss and KL to the base on preference data")
+    p = sub.add_parser("eval", help="preference accuracy, margin, loss and KL to the base on preference data",
+                       description="Prints the data summary, then a JSON object: the adapter's preference "
+                                   "accuracy, margin and loss, its mean per-token KL to the base, and under "
+                                   '"step0" the same preference measures of an untrained adapter (LoRA B = 0) '
+                                   "on the same base: the baseline. A progress bar (pairs done, pairs/s) shows on "
+                                   "stderr when it is a terminal.")
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="preference data to evaluate on")
     p.add_argument("--base-model", help="override the base model named in the adapter's config")
@@ -199,18 +216,18 @@ def _eval_parser(sub) -> None:
 
 def _run_eval(args) -> int:
     from .data import load_preference_data
-    from .evaluate import mean_kl, preference_metrics
+    from .evaluate import STEP0_BASELINE, evaluate_pairs
     from .model import QAdapterModel
 
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
     tokenizer = model.tokenizer
     data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+    print(f"data: {summary}", flush=True)
     features = data.to_list()
-    metrics = preference_metrics(model, features, tokenizer.pad_token_id)
-    metrics["kl_to_base"] = mean_kl(model, features, tokenizer.pad_token_id)
+    metrics = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
     metrics["pairs"] = len(features)
-    print(f"data: {summary}")
+    print(f"step0: {STEP0_BASELINE}")
     print(json.dumps(metrics, indent=2))
     return 0
 

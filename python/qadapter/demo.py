@@ -3,17 +3,15 @@ in numbers that it learned the preference while keeping what it knew.
 
 Before and after training it measures, on held-out data: preference accuracy of the learned
 rewards, the rule's satisfaction rate in greedy generations, knowledge-probe accuracy, and the
-mean per-token KL(customized || base); plus training speed and peak memory. It saves the adapter
-and a JSON report.
+mean per-token KL(customized || base); plus training speed and peak memory. The base's preference
+accuracy is the step-0 adapter's (LoRA B = 0) under the same rewards, measured in the same pass as
+the trained adapter's. It saves the adapter and a JSON report.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,21 @@ import torch
 
 from qadapter_kernels.registry import BACKEND_NAMES
 
+from . import atomic
 from .data import tokenize_rows
 from .defaults import DEFAULT_MODEL
-from .evaluate import answers, mean_kl, preference_metrics
+from .evaluate import STEP0_BASELINE, answers, evaluate_pairs
 from .model import QAdapterModel
 from .task import follows_rule, load_task, probe_correct
+
+
+# Under the table: what the base's preference accuracy is.
+BASELINE_NOTE = (
+    "* base: the step-0 adapter (untrained: LoRA B = 0, so Q = the base's logits), same rewards and pairs.",
+    "  A step-0 reward is about the base's log-likelihood of the response, and each rejected answer is the",
+    "  base's own greedy answer, so the base prefers it: a low base accuracy is the base's preference,",
+    "  not a floor of the measure.",
+)
 
 
 def _option(default, help: str, **metadata):
@@ -57,22 +65,17 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _measure(model, tokenizer, task, heldout_features, options: DemoOptions, *, customized: bool) -> dict:
+def _measure(model, tokenizer, task, options: DemoOptions, *, customized: bool) -> dict:
     prompts = [row["prompt"] for row in task["heldout"]]
     probe = task["probe"]
     generated = answers(model, tokenizer, prompts, customized=customized, max_new_tokens=options.answer_tokens)
     probe_answers = answers(model, tokenizer, [p["question"] for p in probe], customized=customized,
                             max_new_tokens=options.answer_tokens)
-    result = {
+    return {
         "rule_rate": sum(map(follows_rule, generated)) / len(generated),
         "probe_accuracy": sum(probe_correct(a, p["answers"]) for a, p in zip(probe_answers, probe)) / len(probe),
         "examples": [{"prompt": p, "answer": a} for p, a in list(zip(prompts, generated))[:3]],
     }
-    if customized:
-        pad = tokenizer.pad_token_id
-        result.update({f"heldout_{k}": v for k, v in preference_metrics(model, heldout_features, pad).items()})
-        result["kl_to_base"] = mean_kl(model, heldout_features, pad)
-    return result
 
 
 def _stage(text: str) -> None:
@@ -109,9 +112,7 @@ def run_demo(options: DemoOptions) -> dict:
     heldout_features, _ = tokenize_rows(task["heldout"], tokenizer, **lengths)
 
     _stage(f"2/4 measuring the base model ({len(task['heldout'])} held-out prompts, {len(task['probe'])} probe questions)")
-    before = _measure(model, tokenizer, task, heldout_features, options, customized=False)
-    before.update({f"heldout_{k}": v for k, v in
-                   preference_metrics(model, heldout_features, tokenizer.pad_token_id).items()})
+    before = _measure(model, tokenizer, task, options, customized=False)
 
     _stage(f"3/4 training on {len(train_features)} pairs for {options.max_steps} steps")
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=tokenizer)
@@ -119,8 +120,12 @@ def run_demo(options: DemoOptions) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - train_start
 
-    _stage("4/4 measuring the customized model")
-    after = _measure(model, tokenizer, task, heldout_features, options, customized=True)
+    _stage("4/4 measuring the customized model and the step-0 baseline")
+    after = _measure(model, tokenizer, task, options, customized=True)
+    scores = evaluate_pairs(model, heldout_features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
+    before.update({f"heldout_{k}": v for k, v in scores.pop("step0").items()})
+    after["kl_to_base"] = scores.pop("kl_to_base")
+    after.update({f"heldout_{k}": v for k, v in scores.items()})
     model.save_pretrained(output / "adapter")
     report = {
         "model": DEFAULT_MODEL,
@@ -132,6 +137,7 @@ def run_demo(options: DemoOptions) -> dict:
         "probe_questions": len(task["probe"]),
         "before": before,
         "after": after,
+        "baseline": f"before.heldout_*: {STEP0_BASELINE}",
         "steps_per_second": options.max_steps / train_seconds,
         "train_seconds": train_seconds,
         "load_seconds": loaded - started,
@@ -139,31 +145,22 @@ def run_demo(options: DemoOptions) -> dict:
         "peak_memory_mb": _peak_memory_mb(),
         "adapter": str(output / "adapter"),
     }
-    _write_json_atomically(output / "report.json", report)
+    atomic.write_json(output / "report.json", report)
     return report
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def format_report(report: dict) -> str:
     """The before/after table the demo prints."""
     b, a = report["before"], report["after"]
     rows = [
-        ("held-out preference accuracy", b["heldout_accuracy"], a["heldout_accuracy"]),
+        ("held-out preference accuracy *", b["heldout_accuracy"], a["heldout_accuracy"]),
         ("rule satisfaction (greedy generations)", b["rule_rate"], a["rule_rate"]),
         ("knowledge-probe accuracy", b["probe_accuracy"], a["probe_accuracy"]),
         ("mean per-token KL(customized || base)", 0.0, a["kl_to_base"]),
     ]
     lines = [f"| {'metric':<40} | {'base':>8} | {'Q-Adapter':>9} |", f"|{'-' * 42}|{'-' * 10}|{'-' * 11}|"]
     lines += [f"| {name:<40} | {x:>8.3f} | {y:>9.3f} |" for name, x, y in rows]
-    lines.append("")
+    lines += ["", *BASELINE_NOTE, ""]
     lines.append(
         f"{report['train_pairs']} training pairs, {report['heldout_pairs']} held-out pairs, "
         f"{report['probe_questions']} probe questions; {report['options']['max_steps']} steps at "

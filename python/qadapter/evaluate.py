@@ -1,40 +1,179 @@
 """Measures of a customization: does it prefer what it was taught, and how far did it move from the base?
 
-- :func:`preference_metrics`: held-out accuracy of the learned rewards (R_chosen > R_rejected).
+- :func:`evaluate_pairs`: one pass over held-out pairs for everything below, and the step-0
+  baseline: the same rewards for a fresh adapter (LoRA B = 0, so Q = the base's logits).
+- :func:`preference_metrics`: held-out accuracy of the learned rewards (R_chosen > R_rejected),
+  their mean margin and the mean loss.
 - :func:`mean_kl`: mean per-token KL(customized || base) over response tokens, chunked so the
   vocabulary-sized rows exist a few hundred at a time.
 - :func:`answers`: greedy answers of the base model or of the customized policy, batched (also
   what the built-in task's pairs are made from).
+
+The pass is built for a CPU. Pairs run longest first in batches of about ``tokens_per_batch``
+tokens, so padding stays small; a pair is one row, its shared prompt once and each response
+attending to the prompt and to itself; the frozen model and the adapter run in one forward of
+the doubled batch (:meth:`QAdapterModel.rows_with_adapter`); the rewards come from the fused
+loss's chunked computation on the scored tokens' hidden states, whose vocabulary GEMMs the KL and
+the step-0 rewards share. None of this changes a number: the loss and the margin are those of the
+training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order (what a
+batched evaluation of the loss reports: ``reward_norm="padded"`` divides by a group's padded
+length, chi2 is a group's token mean), whatever batches the forward passes ran in.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from qadapter_kernels import combine_logits
+from qadapter_kernels.chunked import default_row_step
+from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 
 from .data import PreferenceCollator
 from .model import QAdapterModel, evaluation_mode
 
+ATTENTION_WITH_MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
+                  "rewards: the base's own preference, the baseline to beat")
 
-def _collated_batches(features: list[dict], pad_token_id: int, pairs: int, device: torch.device):
-    """``(pairs in the batch, model inputs on device)`` in the loss's ``[chosen..., rejected...]`` layout."""
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _can_pack(config, longest: int) -> bool:
+    """Packed rows need a custom attention mask, which must not hide a sliding window."""
+    window = getattr(config, "sliding_window", None)
+    return (getattr(config, "_attn_implementation", None) in ATTENTION_WITH_MASKS
+            and (window is None or longest <= window))
+
+
+def _packed_rows(batch: list[dict], pad_token_id: int, mask_dtype: torch.dtype):
+    """One row per pair: the chosen sequence, then the rejected one's tokens after the prefix the two
+    share; the rejected tokens attend to that prefix and to themselves, at their own positions.
+
+    Returns the model inputs and, per pair, the shared prefix length and the chosen length.
+    """
+    prefix = torch.tensor([_shared_prefix(f["chosen_input_ids"], f["rejected_input_ids"]) for f in batch])
+    chosen_len = torch.tensor([len(f["chosen_input_ids"]) for f in batch])
+    rows = [f["chosen_input_ids"] + f["rejected_input_ids"][p:] for f, p in zip(batch, prefix.tolist())]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    segment = torch.full((len(rows), width), 2)  # 0: chosen (from the start), 1: rejected suffix, 2: padding
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, p, c) in enumerate(zip(rows, prefix.tolist(), chosen_len.tolist())):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        segment[i, :c], segment[i, c : len(row)] = 0, 1
+        positions[i, :c] = torch.arange(c)
+        positions[i, c : len(row)] = torch.arange(p, p + len(row) - c)
+    key = torch.arange(width)
+    causal = key[None, :, None] >= key[None, None, :]  # [1, query, key]
+    visible = (key[None, :] < prefix[:, None])[:, None, :] | (segment[:, :, None] == segment[:, None, :])
+    mask = torch.zeros(visible.shape, dtype=mask_dtype).masked_fill_(~(causal & visible), torch.finfo(mask_dtype).min)
+    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": positions}, prefix, chosen_len
+
+
+def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int, pack: bool):
+    """Final hidden states of the frozen model and of the adapter at each scored position of the
+    loss's layout ``[chosen..., rejected...]`` (row by row, the order the loss packs them in), the
+    scored tokens' ids, and the layout's :class:`ScoredTokens`."""
+    weight = model.lm_head_weight
+    layout = PreferenceCollator(pad_token_id=pad_token_id)(batch)
+    tokens = ScoredTokens.from_labels(layout["labels"].to(weight.device), model.loss.ignore_index)
+    sequence, position = (x.cpu() for x in tokens.mask.nonzero(as_tuple=True))
+    if pack:
+        inputs, prefix, chosen_len = _packed_rows(batch, pad_token_id, weight.dtype)
+        pair = sequence % len(batch)
+        shift = (chosen_len - prefix)[pair] * ((sequence >= len(batch)) & (position >= prefix[pair]))
+        row, position = pair, position + shift
+    else:
+        inputs = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"]}
+        row = sequence
+    rows = inputs["input_ids"].shape[0]
+    doubled = {k: torch.cat([v, v]).to(weight.device) for k, v in inputs.items()}
+    adapter_rows = torch.arange(2 * rows, device=weight.device) >= rows
+    with model.rows_with_adapter(adapter_rows):
+        hidden = model.base_model.get_decoder()(**doubled, use_cache=False).last_hidden_state
+    row, position = row.to(weight.device), position.to(weight.device)
+    targets = layout["labels"].to(weight.device)[:, 1:][tokens.mask]
+    return hidden[:rows][row, position], hidden[rows:][row, position], targets, tokens
+
+
+def _length_batches(features: list[dict], tokens_per_batch: int, pack: bool) -> list[list[int]]:
+    """Pair indices, longest first, in batches whose doubled rows hold about ``tokens_per_batch``
+    tokens with padding (at least one pair each)."""
+    def width(f):
+        c, r = f["chosen_input_ids"], f["rejected_input_ids"]
+        return len(c) + len(r) - _shared_prefix(c, r) if pack else max(len(c), len(r))
+
+    widths = [width(f) for f in features]
+    rows_per_pair = 2 if pack else 4  # frozen and adapter rows
+    batches, current = [], []
+    for index in sorted(range(len(features)), key=lambda i: -widths[i]):
+        if current and (len(current) + 1) * rows_per_pair * widths[current[0]] > tokens_per_batch:
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + [current]
+
+
+def _vocabulary_pass(base, q, weight, targets, loss, *, step0: bool, kl: bool, chunk: int):
+    """``(Q[t, a_t], V_t)`` per scored token for the adapter and, with ``step0``, for the step-0
+    adapter (Q = the base's logits), and with ``kl`` the summed KL(customized || base).
+
+    The fused loss's chunked forward, a chunk of tokens at a time: the two vocabulary GEMMs, then
+    its row step; here the one pair of GEMMs serves all three measures.
+    """
+    row_step = default_row_step(base.device)
+    alpha_tilde, alpha_0 = loss.alpha_tilde, loss.alpha_0
+    learned, initial, kl_total = [], [], 0.0
+    for s in range(0, base.shape[0], chunk):
+        z, zq, a = base[s : s + chunk] @ weight.T, q[s : s + chunk] @ weight.T, targets[s : s + chunk]
+        if kl:
+            log_pi1 = torch.log_softmax(z.float(), dim=-1)
+            log_pi = combine_logits(z, zq, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
+            kl_total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
+        if step0:  # the row step may overwrite its inputs: it gets copies of what is used again
+            initial.append(row_step(z.clone(), z.clone(), a, alpha_tilde, alpha_0, z.dtype)[:2])
+        learned.append(row_step(z, zq, a, alpha_tilde, alpha_0, zq.dtype)[:2])
+
+    def joined(stats):
+        empty = torch.empty(0, device=base.device)
+        return tuple(torch.cat(parts) for parts in zip(*stats)) if stats else (empty, empty)
+
+    return joined(learned), joined(initial), kl_total
+
+
+def _progress(total: int, show: bool):
+    from tqdm import tqdm
+
+    # disable=None: tqdm's own rule, shown only when stderr is a terminal. The rate stays in pairs/s
+    # (tqdm would turn a slow one into s/pair).
+    return tqdm(total=total, unit=" pairs", desc="evaluating", file=sys.stderr, disable=None if show else True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} pairs "
+                           "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
+
+
+def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: list[dict], pad_token_id: int,
+                   pairs_per_batch: int, config) -> dict:
+    """Accuracy, margin and mean loss from per-token rewards (chosen, rejected) per pair, over
+    consecutive groups of ``pairs_per_batch`` pairs, each exactly the training loss of that batch."""
     collate = PreferenceCollator(pad_token_id=pad_token_id)
-    for start in range(0, len(features), pairs):
-        batch = features[start : start + pairs]
-        yield len(batch), {k: v.to(device) for k, v in collate(batch).items()}
-
-
-@torch.no_grad()
-def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 8) -> dict:
-    """Accuracy and mean margin of the learned rewards, and the mean loss, on tokenized pairs."""
     wins, margins, losses = [], [], []
-    with evaluation_mode(model):
-        for pairs, inputs in _collated_batches(features, pad_token_id, pairs_per_batch, model.lm_head_weight.device):
-            out = model(**inputs)
-            wins.append(out.chosen_rewards > out.rejected_rewards)
-            margins.append(out.chosen_rewards - out.rejected_rewards)
-            losses.append(out.loss.float() * pairs)
+    for start in range(0, len(features), pairs_per_batch):
+        group = range(start, min(start + pairs_per_batch, len(features)))
+        packed = torch.cat([rewards[i][0] for i in group] + [rewards[i][1] for i in group])
+        labels = collate(features[group.start : group.stop])["labels"].to(packed.device)
+        out = pairwise_loss(packed, ScoredTokens.from_labels(labels, config.ignore_index), config)
+        wins.append(out.chosen_rewards > out.rejected_rewards)
+        margins.append(out.chosen_rewards - out.rejected_rewards)
+        losses.append(out.loss.float() * len(group))
     return {
         "accuracy": torch.cat(wins).float().mean().item(),
         "margin": torch.cat(margins).float().mean().item(),
@@ -42,24 +181,62 @@ def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_
     }
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
 @torch.no_grad()
-def mean_kl(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 4, chunk: int = 256) -> float:
-    """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
+def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int, *, kl: bool = True,
+                   step0: bool = False, pairs_per_batch: int = 8, tokens_per_batch: int = 8192, chunk: int = 256,
+                   progress: bool = False) -> dict:
+    """Preference accuracy, margin and loss of tokenized pairs, with ``kl`` the mean per-token
+    KL(customized || base) (``"kl_to_base"``), and with ``step0`` the same preference measures of the
+    step-0 adapter (``"step0"``: LoRA B = 0, so Q = the base's logits): the baseline an untrained
+    adapter scores under the same rewards. One forward per batch serves them all.
+
+    ``pairs_per_batch`` defines the loss and margin (see the module's docstring);
+    ``tokens_per_batch`` only sizes the forward passes; ``progress``: a progress bar on stderr
+    when it is a terminal.
+    """
+    if not features:
+        raise ValueError("features must hold at least one tokenized pair")
+    for name, value in (("pairs_per_batch", pairs_per_batch), ("tokens_per_batch", tokens_per_batch),
+                        ("chunk", chunk)):
+        _check_positive(name, value)
     loss, weight = model.loss, model.lm_head_weight
-    total, count = 0.0, 0
-    with evaluation_mode(model):
-        for _, inputs in _collated_batches(features, pad_token_id, pairs_per_batch, weight.device):
-            base, q = model.hidden_states(inputs["input_ids"], inputs["attention_mask"])
-            scored = inputs["labels"][:, 1:] != loss.ignore_index
-            base, q = base[:, :-1][scored], q[:, :-1][scored]
-            for s in range(0, base.shape[0], chunk):
-                z = base[s : s + chunk] @ weight.T
-                log_pi1 = torch.log_softmax(z.float(), dim=-1)
-                log_pi = combine_logits(z, q[s : s + chunk] @ weight.T, alpha_tilde=loss.alpha_tilde,
-                                        alpha_0=loss.alpha_0)
-                total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
-                count += z.shape[0]
-    return total / max(count, 1)
+    longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
+    pack = _can_pack(model.config, longest)
+    learned, initial = [None] * len(features), [None] * len(features)
+    kl_total, kl_count = 0.0, 0
+    with evaluation_mode(model), _progress(len(features), progress) as bar:
+        for indices in _length_batches(features, tokens_per_batch, pack):
+            batch = [features[i] for i in indices]
+            base, q, targets, tokens = _forward_batch(model, batch, pad_token_id, pack)
+            adapter, step_zero, kl_sum = _vocabulary_pass(base, q, weight, targets, loss, step0=step0, kl=kl,
+                                                          chunk=chunk)
+            for store, stats in [(learned, adapter)] + ([(initial, step_zero)] if step0 else []):
+                per_sequence = token_rewards(*stats, tokens, loss).split(tokens.counts.tolist())
+                for k, i in enumerate(indices):
+                    store[i] = (per_sequence[k], per_sequence[k + len(indices)])
+            kl_total, kl_count = kl_total + kl_sum, kl_count + base.shape[0]
+            bar.update(len(indices))
+    result = _group_metrics(learned, features, pad_token_id, pairs_per_batch, loss)
+    if kl:
+        result["kl_to_base"] = kl_total / max(kl_count, 1)
+    if step0:
+        result["step0"] = _group_metrics(initial, features, pad_token_id, pairs_per_batch, loss)
+    return result
+
+
+def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 8) -> dict:
+    """Accuracy and mean margin of the learned rewards, and the mean loss, on tokenized pairs."""
+    return evaluate_pairs(model, features, pad_token_id, kl=False, pairs_per_batch=pairs_per_batch)
+
+
+def mean_kl(model, features: list[dict], pad_token_id: int, *, chunk: int = 256) -> float:
+    """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
+    return evaluate_pairs(model, features, pad_token_id, chunk=chunk)["kl_to_base"]
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:

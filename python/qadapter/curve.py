@@ -1,0 +1,116 @@
+"""Learning curves: does training beat the base's own preference, and when?
+
+:class:`LearningCurve` is a ``transformers.TrainerCallback`` that measures held-out pairs at step 0
+(the untrained adapter: its rewards are the base model's own likelihood preference), every
+``every`` optimizer steps and at the end: preference accuracy with its 95% binomial (Wilson)
+interval, margin, loss and the mean per-token KL of the customized policy to the base. Each
+point is written at once to ``curve.json`` (atomically), and ``curve.png`` is drawn from it, so a
+run cut short keeps every point it measured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from . import atomic
+from .evaluate import evaluate_pairs
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for z = 1.96)."""
+    if trials <= 0:
+        raise ValueError(f"trials must be positive; got {trials}")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class LearningCurve(TrainerCallback):
+    """Held-out measures at step 0, every ``every`` steps and at the end, into ``directory``."""
+
+    def __init__(self, features: list[dict], pad_token_id: int, directory: str | Path, *, every: int,
+                 kl: bool = True, progress: bool = False, meta: dict | None = None):
+        if not features:
+            raise ValueError("the learning curve needs held-out pairs (features is empty)")
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(f"every must be a positive number of steps; got {every!r}")
+        self.features, self.pad_token_id, self.every = features, pad_token_id, every
+        self.kl, self.progress = kl, progress
+        self.directory = Path(directory)
+        self.record = {"heldout_pairs": len(features), "every": every, **(meta or {}), "points": []}
+        self._started = time.monotonic()
+
+    @property
+    def points(self) -> list[dict]:
+        return self.record["points"]
+
+    def measure(self, model, step: int) -> dict:
+        """One point of the curve, written out before it is returned."""
+        if self.points and self.points[-1]["step"] == step:
+            return self.points[-1]
+        metrics = evaluate_pairs(model, self.features, self.pad_token_id, kl=self.kl, progress=self.progress)
+        wins = round(metrics["accuracy"] * len(self.features))
+        low, high = wilson_interval(wins, len(self.features))
+        point = {"step": step, "accuracy": metrics["accuracy"], "accuracy_95": [low, high],
+                 "margin": metrics["margin"], "loss": metrics["loss"],
+                 "kl_to_base": metrics.get("kl_to_base"), "train_seconds": round(time.monotonic() - self._started, 1)}
+        self.points.append(point)
+        self.write()
+        return point
+
+    def write(self) -> None:
+        atomic.write_json(self.directory / "curve.json", self.record)
+        plot_curve(self.record, self.directory / "curve.png")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self.measure(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.measure(model, state.global_step)
+
+
+def plot_curve(record: dict, path: str | Path) -> bool:
+    """Accuracy with its 95% band (and the step-0 level) and KL to the base against steps, as a PNG;
+    False, with nothing written, where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = record["points"]
+    steps = [p["step"] for p in points]
+    fig, acc_axis = plt.subplots(figsize=(6.4, 3.8))
+    acc_axis.plot(steps, [p["accuracy"] for p in points], "o-", color="tab:blue", label="held-out accuracy")
+    acc_axis.fill_between(steps, [p["accuracy_95"][0] for p in points], [p["accuracy_95"][1] for p in points],
+                          color="tab:blue", alpha=0.15, label="95% interval")
+    acc_axis.axhline(points[0]["accuracy"], color="gray", ls="--", lw=1, label="step 0 (base's own preference)")
+    acc_axis.set_xlabel("optimizer step")
+    acc_axis.set_ylabel("preference accuracy")
+    handles, labels = acc_axis.get_legend_handles_labels()
+    if any(p["kl_to_base"] is not None for p in points):
+        kl_axis = acc_axis.twinx()
+        kl_axis.plot(steps, [p["kl_to_base"] for p in points], "s:", color="tab:red", label="KL to base / token")
+        kl_axis.set_ylabel("KL to base per token")
+        more_handles, more_labels = kl_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    acc_axis.legend(handles, labels, fontsize=8, loc="best")
+    acc_axis.set_title(f"{record['heldout_pairs']} held-out pairs")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True

@@ -1,0 +1,154 @@
+"""The one-pass evaluation gives the numbers of the straightforward one: a forward per batch of 8
+pairs in the given order for the rewards, separate frozen and adapter passes, the KL from
+separate batches of 4; and its step-0 baseline is a fresh adapter's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from conftest import tiny_causal_lm  # noqa: E402
+
+from qadapter import evaluate  # noqa: E402
+from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
+from qadapter.evaluate import evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
+from qadapter.model import QAdapterModel  # noqa: E402
+from qadapter_kernels import combine_logits  # noqa: E402
+
+PAD = 0
+
+
+def ragged_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Random pairs: prompts and responses of different lengths, responses that share a first token
+    or two, one pair whose two sequences are identical and one where a response is a prefix."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    pairs = []
+    for i in range(count):
+        prompt = ids(int(torch.randint(1, 14, (1,), generator=g)))
+        common = ids(int(torch.randint(0, 3, (1,), generator=g)))
+        chosen = common + ids(int(torch.randint(1, 11, (1,), generator=g)))
+        rejected = common + ids(int(torch.randint(1, 11, (1,), generator=g)))
+        if i == 1:
+            rejected = list(chosen)
+        if i == 2:
+            rejected = chosen[:1]
+        pairs.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE_INDEX] * len(prompt) + chosen,
+                      "rejected_input_ids": prompt + rejected,
+                      "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected})
+    return pairs
+
+
+@torch.no_grad()
+def reference(model: QAdapterModel, features: list[dict]) -> dict:
+    """The evaluation as first written: collated batches in order, two passes, full-vocabulary KL."""
+    def batches(pairs):
+        collate = PreferenceCollator(pad_token_id=PAD)
+        for start in range(0, len(features), pairs):
+            batch = features[start : start + pairs]
+            yield len(batch), collate(batch)
+
+    model.eval()
+    wins, margins, losses = [], [], []
+    for pairs, inputs in batches(8):
+        out = model(**inputs)
+        wins.append(out.chosen_rewards > out.rejected_rewards)
+        margins.append(out.chosen_rewards - out.rejected_rewards)
+        losses.append(out.loss.float() * pairs)
+    weight, loss = model.lm_head_weight, model.loss
+    total, count = 0.0, 0
+    for _, inputs in batches(4):
+        base, q = model.hidden_states(inputs["input_ids"], inputs["attention_mask"])
+        scored = inputs["labels"][:, 1:] != loss.ignore_index
+        base, q = base[:, :-1][scored], q[:, :-1][scored]
+        for s in range(0, base.shape[0], 256):
+            z = base[s : s + 256] @ weight.T
+            log_pi1 = torch.log_softmax(z.float(), dim=-1)
+            log_pi = combine_logits(z, q[s : s + 256] @ weight.T, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
+            total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
+            count += z.shape[0]
+    return {"accuracy": torch.cat(wins).float().mean().item(), "margin": torch.cat(margins).float().mean().item(),
+            "loss": (torch.stack(losses).sum() / len(features)).item(), "kl_to_base": total / count}
+
+
+def trained_like(base, seed: int = 1, **options) -> QAdapterModel:
+    """A Q-Adapter whose LoRA B is random (as after training), so adapter and base differ."""
+    model = QAdapterModel(base, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    return model
+
+
+def base_model(layout: str):
+    if layout == "packed, eager attention":
+        base = tiny_causal_lm("llama")
+        base.set_attn_implementation("eager")
+        return base
+    if layout == "one row per sequence (sliding window)":
+        base = tiny_causal_lm("mistral")
+        base.config.sliding_window = 6
+        return base
+    return tiny_causal_lm("qwen2")
+
+
+CASES = [  # every forward layout with the default loss options, and the other options on the packed one
+    ("packed", {}),
+    ("packed, eager attention", {}),
+    ("one row per sequence (sliding window)", {}),
+    ("packed", {"reward_norm": "mean", "value_at": "next", "alpha_0": 0.3}),
+    ("packed", {"reward_norm": "sum", "alpha_tilde": 0.7, "gamma": 0.9}),
+]
+
+
+@pytest.mark.parametrize("layout, options", CASES)
+def test_one_pass_gives_the_reference_numbers(layout, options):
+    model = trained_like(base_model(layout), lora_dropout=0.3, **options)
+    features = ragged_pairs(13, vocab=97)
+    assert evaluate._can_pack(model.config, 30) == layout.startswith("packed")
+    expected = reference(model, features)
+    # A small token budget: several forward batches, none aligned with the groups of 8.
+    got = evaluate_pairs(model, features, PAD, tokens_per_batch=150)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+
+
+def test_step0_baseline_is_a_fresh_adapter_on_the_same_base():
+    features = ragged_pairs(11, vocab=97, seed=3)
+    fresh = preference_metrics(QAdapterModel(tiny_causal_lm("llama"), lora_r=4), features, PAD)
+    model = trained_like(tiny_causal_lm("llama"))  # the same frozen weights (seeded), a trained-looking adapter
+    result = evaluate_pairs(model, features, PAD, step0=True, kl=False)
+    assert result["step0"] == pytest.approx(fresh, abs=1e-5)
+    assert result["accuracy"] != pytest.approx(fresh["accuracy"]) or result["loss"] != pytest.approx(fresh["loss"])
+
+
+def test_batching_changes_no_number():
+    model = trained_like(tiny_causal_lm("llama"))
+    features = ragged_pairs(9, vocab=97, seed=5)
+    one = evaluate_pairs(model, features, PAD, tokens_per_batch=1)  # one pair per forward
+    everything = evaluate_pairs(model, features, PAD, tokens_per_batch=10**6)  # one forward
+    assert one == pytest.approx(everything, abs=1e-5)
+    assert preference_metrics(model, features, PAD) == pytest.approx({k: one[k] for k in ("accuracy", "margin", "loss")})
+    assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"])
+
+
+def test_progress_is_quiet_off_a_terminal(capsys):
+    model = trained_like(tiny_causal_lm("llama"))
+    evaluate_pairs(model, ragged_pairs(3, vocab=97), PAD, progress=True)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argument, value", [("pairs_per_batch", 0), ("tokens_per_batch", -1), ("chunk", 1.5)])
+def test_bad_arguments_are_named(argument, value):
+    model = trained_like(tiny_causal_lm("llama"))
+    with pytest.raises(ValueError, match=argument):
+        evaluate_pairs(model, ragged_pairs(2, vocab=97), PAD, **{argument: value})
+    with pytest.raises(ValueError, match="features"):
+        evaluate_pairs(model, [], PAD)
