@@ -4,19 +4,22 @@ separate batches of 4; and its step-0 baseline is a fresh adapter's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("peft")
-from conftest import tiny_causal_lm  # noqa: E402
+from conftest import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 
 from qadapter import evaluate  # noqa: E402
-from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
+from qadapter.data import IGNORE_INDEX, PreferenceCollator, tokenize_rows  # noqa: E402
 from qadapter.evaluate import evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
 from qadapter.model import QAdapterModel  # noqa: E402
 from qadapter_kernels import combine_logits  # noqa: E402
 
 PAD = 0
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
 
 
 def ragged_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -44,10 +47,10 @@ def ragged_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 @torch.no_grad()
-def reference(model: QAdapterModel, features: list[dict]) -> dict:
+def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dict:
     """The evaluation as first written: collated batches in order, two passes, full-vocabulary KL."""
     def batches(pairs):
-        collate = PreferenceCollator(pad_token_id=PAD)
+        collate = PreferenceCollator(pad_token_id=pad)
         for start in range(0, len(features), pairs):
             batch = features[start : start + pairs]
             yield len(batch), collate(batch)
@@ -120,6 +123,20 @@ def test_one_pass_gives_the_reference_numbers(layout, options):
         assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
 
 
+@pytest.mark.skipif(not HH.is_file(), reason=f"the shared HH-RLHF sample is absent ({HH})")
+def test_real_conversations_give_the_reference_numbers():
+    """Multi-turn HH-RLHF pairs, prompts cut from the left, responses from the right."""
+    import json
+
+    tokenizer = tiny_chat_tokenizer()
+    rows = [json.loads(line) for line in HH.read_text(encoding="utf-8").splitlines()[:11]]
+    features, _ = tokenize_rows(rows, tokenizer, max_length=80, max_prompt_length=48, skip_invalid=True)
+    model = trained_like(tiny_causal_lm("llama", vocab=len(tokenizer)))
+    expected = reference(model, features, pad=tokenizer.pad_token_id)
+    got = evaluate_pairs(model, features, tokenizer.pad_token_id)
+    assert got == pytest.approx(expected, abs=1e-5, rel=1e-5)
+
+
 def test_step0_baseline_is_a_fresh_adapter_on_the_same_base():
     features = ragged_pairs(11, vocab=97, seed=3)
     fresh = preference_metrics(QAdapterModel(tiny_causal_lm("llama"), lora_r=4), features, PAD)
@@ -135,7 +152,8 @@ def test_batching_changes_no_number():
     one = evaluate_pairs(model, features, PAD, tokens_per_batch=1)  # one pair per forward
     everything = evaluate_pairs(model, features, PAD, tokens_per_batch=10**6)  # one forward
     assert one == pytest.approx(everything, abs=1e-5)
-    assert preference_metrics(model, features, PAD) == pytest.approx({k: one[k] for k in ("accuracy", "margin", "loss")})
+    preferences = {k: one[k] for k in ("accuracy", "margin", "loss")}
+    assert preference_metrics(model, features, PAD) == pytest.approx(preferences)
     assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"])
 
 

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from qadapter_kernels import combine_logits
+from qadapter_kernels import LossConfig, combine_logits
 from qadapter_kernels.chunked import default_row_step
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 
@@ -161,7 +161,7 @@ def _progress(total: int, show: bool):
 
 
 def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: list[dict], pad_token_id: int,
-                   pairs_per_batch: int, config) -> dict:
+                   pairs_per_batch: int, config: LossConfig) -> dict:
     """Accuracy, margin and mean loss from per-token rewards (chosen, rejected) per pair, over
     consecutive groups of ``pairs_per_batch`` pairs, each exactly the training loss of that batch."""
     collate = PreferenceCollator(pad_token_id=pad_token_id)
@@ -188,7 +188,7 @@ def _check_positive(name: str, value) -> None:
 
 @torch.no_grad()
 def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int, *, kl: bool = True,
-                   step0: bool = False, pairs_per_batch: int = 8, tokens_per_batch: int = 8192, chunk: int = 256,
+                   step0: bool = False, pairs_per_batch: int = 8, tokens_per_batch: int = 2048, chunk: int = 256,
                    progress: bool = False) -> dict:
     """Preference accuracy, margin and loss of tokenized pairs, with ``kl`` the mean per-token
     KL(customized || base) (``"kl_to_base"``), and with ``step0`` the same preference measures of the
@@ -196,8 +196,8 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     adapter scores under the same rewards. One forward per batch serves them all.
 
     ``pairs_per_batch`` defines the loss and margin (see the module's docstring);
-    ``tokens_per_batch`` only sizes the forward passes; ``progress``: a progress bar on stderr
-    when it is a terminal.
+    ``tokens_per_batch`` only sizes the forward passes and ``chunk`` the vocabulary-sized blocks
+    (scored tokens per block); ``progress``: a progress bar on stderr when it is a terminal.
     """
     if not features:
         raise ValueError("features must hold at least one tokenized pair")
