@@ -157,10 +157,21 @@ def test_batching_changes_no_number():
     assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"])
 
 
-def test_progress_is_quiet_off_a_terminal(capsys):
+def test_progress_shows_pairs_and_rate_on_a_terminal_only(monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
     model = trained_like(tiny_causal_lm("llama"))
     evaluate_pairs(model, ragged_pairs(3, vocab=97), PAD, progress=True)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == ""  # not a terminal
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    evaluate_pairs(model, ragged_pairs(3, vocab=97), PAD, progress=True, tokens_per_batch=1)
+    assert "3/3 pairs" in terminal.getvalue() and "pairs/s" in terminal.getvalue()
 
 
 @pytest.mark.parametrize("argument, value", [("pairs_per_batch", 0), ("tokens_per_batch", -1), ("chunk", 1.5)])

@@ -160,7 +160,8 @@ def format_report(report: dict) -> str:
     ]
     lines = [f"| {'metric':<40} | {'base':>8} | {'Q-Adapter':>9} |", f"|{'-' * 42}|{'-' * 10}|{'-' * 11}|"]
     lines += [f"| {name:<40} | {x:>8.3f} | {y:>9.3f} |" for name, x, y in rows]
-    lines += ["", *BASELINE_NOTE, ""]
+    margin = f"  The step-0 adapter's mean reward margin (chosen - rejected) is {b['heldout_margin']:.3f}."
+    lines += ["", *BASELINE_NOTE, margin, ""]
     lines.append(
         f"{report['train_pairs']} training pairs, {report['heldout_pairs']} held-out pairs, "
         f"{report['probe_questions']} probe questions; {report['options']['max_steps']} steps at "
