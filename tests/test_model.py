@@ -4,6 +4,8 @@ generation against a plain re-running loop, and save/load."""
 from __future__ import annotations
 
 import json
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from qadapter.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter_kernels import combined_logprobs  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+DDP_TIMEOUT_S = 60
 
 
 def perturb_adapter(model: QAdapterModel, seed: int = 1, scale: float = 0.5) -> None:
@@ -275,29 +278,41 @@ def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
+    import os
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = make_model()
-        model.train()
-        model.peft_model.eval()  # no dropout: compare exact functions
-        ids, mask, labels = preference_batch(batch=4, scored=10)
-        rows = [rank, rank + 2]  # pair `rank`: its chosen and its rejected row
-        ddp = DistributedDataParallel(model)
-        ddp(ids[rows], mask[rows], labels[rows]).loss.backward()
-        grads = {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad}
-        torch.save(grads, f"{out_dir}/grads{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)  # two processes on a two-core machine
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DDP_TIMEOUT_S))  # a stuck collective raises
+    model = make_model()
+    model.train()
+    model.peft_model.eval()  # no dropout: compare exact functions
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    rows = [rank, rank + 2]  # pair `rank`: its chosen and its rejected row
+    ddp = DistributedDataParallel(model)
+    ddp(ids[rows], mask[rows], labels[rows]).loss.backward()
+    grads = {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad}
+    torch.save(grads, f"{out_dir}/grads{rank}.pt")
+    # Leave without tearing the process group down: freeing it (GIL held) waits for gloo's work
+    # thread, which may still be freeing the last allreduce and need the GIL. That deadlock in
+    # torch's gloo teardown hung this test now and then.
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
     """With equal scored counts per rank, the mean of the per-rank losses is the joined loss."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    workers = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 3 * DDP_TIMEOUT_S
+    while not workers.join(timeout=5):  # raises with the worker's traceback if one fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the two DDP workers did not finish in {3 * DDP_TIMEOUT_S} s")
     model = make_model()
     model.train()
     model.peft_model.eval()
