@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft")
+from conftest import default_model_available  # noqa: E402
 from test_trainer import setup  # noqa: E402
 
 from qadapter.curve import LearningCurve, wilson_interval  # noqa: E402
@@ -68,3 +70,18 @@ def test_train_command_writes_the_curve(tmp_path, capsys):
                  "--curve-steps", "2"]) == 0
     record = json.loads((tmp_path / "adapter" / "curve.json").read_text())
     assert [p["step"] for p in record["points"]] == [0, 2, 4] and record["heldout_pairs"] == 6
+
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
+
+
+@pytest.mark.skipif(not HH.is_file() or not default_model_available(),
+                    reason="needs the shared HH-RLHF subset and the embedded default model")
+def test_hh_curve_quick_mode(tmp_path):
+    """bench.hh_curve end to end on the real data: a few steps and pairs, every point measured."""
+    from bench.hh_curve import main
+
+    main(["--quick", "--preset", "small", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "small-curve.json").read_text())
+    assert [p["step"] for p in record["points"]] == [0, 1, 2]
+    assert record["heldout_pairs"] == 4 and (tmp_path / "small-curve.png").is_file()

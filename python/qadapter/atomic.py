@@ -24,16 +24,15 @@ STAGING_PREFIX = ".qadapter-saving-"
 COMPLETE = ".complete"
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """``data`` as indented JSON at ``path``, written beside it and renamed over it: a reader (or a
-    run killed mid-write) sees the old file or the new one, never half of one."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` at ``path``, written beside it and renamed over it: a reader (or a run killed
+    mid-write) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # a plain file's mode, not mkstemp's owner-only 0600
@@ -41,6 +40,19 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
+    """A matplotlib figure as PNG at ``path``, drawn beside it and renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", **savefig_options)
+    tmp.replace(path)
 
 
 class OutputDirectoryError(ValueError):

@@ -1,8 +1,8 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
-options of ``demo`` and ``train`` are generated from their dataclasses (``DemoOptions``,
-``QAdapterConfig``, whose loss options are ``qadapter_kernels.LossConfig``'s fields).
+options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
+``CompareOptions``, ``QAdapterConfig``, whose loss options are ``qadapter_kernels.LossConfig``'s fields).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) 
         if f.metadata.get("positive"):
             kind = {int: _positive_int, float: _positive_float}[kind]
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if kind is bool:  # a switch, off by default
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            continue
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"),
                             metavar=None if "choices" in f.metadata else flag[2:].replace("-", "_").upper(),
                             help=f.metadata["help"] + (" (default: %(default)s)" if f.default is not None else ""))
@@ -74,11 +77,36 @@ def _demo_parser(sub) -> None:
     add_dataclass_options(p, DemoOptions)
 
 
+def options_from(args: argparse.Namespace, options_class: type):
+    """The dataclass ``options_class`` filled from the options :func:`add_dataclass_options` added."""
+    return options_class(**{f.name: getattr(args, f.name) for f in fields(options_class)})
+
+
 def _run_demo(args) -> int:
     from .demo import DemoOptions, format_report, run_demo
 
-    options = DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)})
-    print(format_report(run_demo(options)))
+    print(format_report(run_demo(options_from(args, DemoOptions))))
+    return 0
+
+
+def _compare_parser(sub) -> None:
+    from .compare import CompareOptions
+
+    p = sub.add_parser("compare", help="Q-Adapter against SFT and DPO: preference learned vs knowledge kept",
+                       description="Train SFT, DPO and a Q-Adapter with the same data, steps, learning rate and "
+                                   "LoRA rank on the embedded default, then measure each against the base: "
+                                   "held-out preference accuracy under its own reward, rule satisfaction, a "
+                                   "knowledge probe, KL to the base on general prompts, general-text perplexity, "
+                                   "training time and memory. Writes compare.json, compare.md and compare.png.")
+    add_dataclass_options(p, CompareOptions)
+
+
+def _run_compare(args) -> int:
+    from .compare import CompareOptions, format_table, run_compare
+
+    options = options_from(args, CompareOptions)
+    options.budget_steps()  # a bad --budgets fails before any work
+    print(format_table(run_compare(options)))
     return 0
 
 
@@ -239,11 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
+    _compare_parser(sub)
     return parser
 
 
@@ -260,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_train(args, extra)
         if args.command == "generate":
             return _run_generate(args)
+        if args.command == "compare":
+            return _run_compare(args)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))

@@ -108,9 +108,6 @@ def plot_curve(record: dict, path: str | Path) -> bool:
     acc_axis.legend(handles, labels, fontsize=8, loc="best")
     acc_axis.set_title(f"{record['heldout_pairs']} held-out pairs")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return True

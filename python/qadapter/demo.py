@@ -37,7 +37,8 @@ BASELINE_NOTE = (
 )
 
 
-def _option(default, help: str, **metadata):
+def option_field(default, help: str, **metadata):
+    """A dataclass field whose metadata drives its command-line option (see ``cli.add_dataclass_options``)."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -46,17 +47,17 @@ class DemoOptions:
     """The demo's options; ``qadapter demo``'s command line is generated from these fields (their
     metadata: ``help``, ``choices``, ``positive``, and ``flag`` where it is not ``--field-name``)."""
 
-    output: str = _option("qadapter-demo", "directory for the adapter and report.json")
-    max_steps: int = _option(40, "training steps", positive=True, flag="--steps")
-    pairs_per_step: int = _option(4, "preference pairs per training step", positive=True)
-    learning_rate: float = _option(2e-3, "peak learning rate (cosine schedule)", positive=True)
-    max_length: int = _option(80, "tokens per sequence, prompt included", positive=True)
-    max_prompt_length: int = _option(64, "prompt tokens kept (cut from the left)", positive=True)
-    answer_tokens: int = _option(40, "tokens generated per evaluation answer", positive=True)
-    seed: int = _option(0, "seed of the adapter's initialization and of training")
-    backend: str = _option("auto", "qadapter_kernels backend (loss and decoding)", choices=BACKEND_NAMES)
-    probe_limit: int | None = _option(None, "use only the first N probe questions", positive=True)
-    heldout_limit: int | None = _option(None, "use only the first N held-out pairs", positive=True)
+    output: str = option_field("qadapter-demo", "directory for the adapter and report.json")
+    max_steps: int = option_field(40, "training steps", positive=True, flag="--steps")
+    pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
+    learning_rate: float = option_field(2e-3, "peak learning rate (cosine schedule)", positive=True)
+    max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
+    max_prompt_length: int = option_field(64, "prompt tokens kept (cut from the left)", positive=True)
+    answer_tokens: int = option_field(40, "tokens generated per evaluation answer", positive=True)
+    seed: int = option_field(0, "seed of the adapter's initialization and of training")
+    backend: str = option_field("auto", "qadapter_kernels backend (loss and decoding)", choices=BACKEND_NAMES)
+    probe_limit: int | None = option_field(None, "use only the first N probe questions", positive=True)
+    heldout_limit: int | None = option_field(None, "use only the first N held-out pairs", positive=True)
 
 
 def _peak_memory_mb() -> float:

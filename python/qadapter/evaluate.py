@@ -178,6 +178,7 @@ def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: l
         "accuracy": torch.cat(wins).float().mean().item(),
         "margin": torch.cat(margins).float().mean().item(),
         "loss": (torch.stack(losses).sum() / len(features)).item(),
+        "margins": torch.cat(margins).float().tolist(),
     }
 
 
@@ -189,7 +190,7 @@ def _check_positive(name: str, value) -> None:
 @torch.no_grad()
 def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int, *, kl: bool = True,
                    step0: bool = False, pairs_per_batch: int = 8, tokens_per_batch: int = 2048, chunk: int = 256,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, per_pair: bool = False) -> dict:
     """Preference accuracy, margin and loss of tokenized pairs, with ``kl`` the mean per-token
     KL(customized || base) (``"kl_to_base"``), and with ``step0`` the same preference measures of the
     step-0 adapter (``"step0"``: LoRA B = 0, so Q = the base's logits): the baseline an untrained
@@ -197,7 +198,8 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
 
     ``pairs_per_batch`` defines the loss and margin (see the module's docstring);
     ``tokens_per_batch`` only sizes the forward passes and ``chunk`` the vocabulary-sized blocks
-    (scored tokens per block); ``progress``: a progress bar on stderr when it is a terminal.
+    (scored tokens per block); ``progress``: a progress bar on stderr when it is a terminal;
+    ``per_pair``: also each pair's margin (``"margins"``, a list in the features' order).
     """
     if not features:
         raise ValueError("features must hold at least one tokenized pair")
@@ -222,16 +224,25 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
             kl_total, kl_count = kl_total + kl_sum, kl_count + base.shape[0]
             bar.update(len(indices))
     result = _group_metrics(learned, features, pad_token_id, pairs_per_batch, loss)
+    if not per_pair:
+        del result["margins"]
     if kl:
         result["kl_to_base"] = kl_total / max(kl_count, 1)
     if step0:
         result["step0"] = _group_metrics(initial, features, pad_token_id, pairs_per_batch, loss)
+        if not per_pair:
+            del result["step0"]["margins"]
     return result
 
 
 def preference_metrics(model, features: list[dict], pad_token_id: int, *, pairs_per_batch: int = 8) -> dict:
     """Accuracy and mean margin of the learned rewards, and the mean loss, on tokenized pairs."""
     return evaluate_pairs(model, features, pad_token_id, kl=False, pairs_per_batch=pairs_per_batch)
+
+
+def pair_margins(model, features: list[dict], pad_token_id: int) -> torch.Tensor:
+    """Each pair's learned reward margin (chosen - rejected), ``[pairs]``."""
+    return torch.tensor(evaluate_pairs(model, features, pad_token_id, kl=False, per_pair=True)["margins"])
 
 
 def mean_kl(model, features: list[dict], pad_token_id: int, *, chunk: int = 256) -> float:

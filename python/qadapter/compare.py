@@ -1,0 +1,469 @@
+"""Q-Adapter against SFT and DPO on one preference: how much each learns, and how much each forgets.
+
+The paper's claim is that a Q-Adapter learns a new preference while keeping what the model knew.
+:func:`run_compare` trains the three methods on the same pairs, with the same steps, pairs per step,
+learning rate and LoRA adapter on the same frozen base, then measures each policy and the base:
+
+- SFT: LoRA, cross-entropy on the chosen responses;
+- DPO: LoRA policy, the base (adapter disabled) as the reference, the DPO loss (:func:`dpo_loss`);
+- Q-Adapter: :class:`QAdapterTrainer`; its policy is the combined one, ``pi~``.
+
+Alignment: held-out preference accuracy under each method's own reward (SFT and the base: the
+log-likelihood margin; DPO: its implicit reward; Q-Adapter: its learned rewards), and on the
+built-in task the rule's satisfaction rate in greedy answers to held-out prompts. Retention: the
+knowledge probe (:mod:`qadapter.knowledge`) by option log-likelihood and by greedy answer, the mean
+per-token KL to the base on general chat prompts, the perplexity of a general text. Cost: training
+seconds and the peak resident memory added while training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qadapter_kernels import combined_logprobs
+
+from . import atomic
+from .demo import option_field
+from .data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
+from .evaluate import answers, chat_prompts, pair_margins
+from .task import follows_rule, load_task
+
+METHODS = ("sft", "dpo", "qadapter")
+LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO", "qadapter": "Q-Adapter"}
+
+
+@dataclass
+class CompareOptions:
+    """The comparison's options; ``qadapter compare``'s command line is generated from these fields."""
+
+    output: str = option_field("qadapter-compare", "directory for compare.json, compare.md and compare.png")
+    budgets: str = option_field("40,160", "training steps per method, comma-separated: one run of every method per budget")
+    pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
+    learning_rate: float = option_field(2e-3, "peak learning rate of every method (cosine schedule)", positive=True)
+    dpo_beta: float = option_field(0.1, "DPO's beta", positive=True)
+    lora_r: int = option_field(8, "LoRA rank of every method", positive=True)
+    data: str | None = option_field(None, "preference data file (JSON/JSONL); default: the built-in TL;DR task")
+    heldout: int = option_field(400, "with --data: the last N pairs are held out", positive=True)
+    max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
+    max_prompt_length: int = option_field(64, "prompt tokens kept (cut from the left)", positive=True)
+    answer_tokens: int = option_field(40, "tokens generated per answer (held-out prompts, probe, general prompts)",
+                                 positive=True)
+    seed: int = option_field(0, "seed of every adapter's initialization and training")
+    quick: bool = option_field(False, "a smoke test: 2 steps, a few pairs, questions and prompts")
+
+    def budget_steps(self) -> list[int]:
+        try:
+            steps = [int(s) for s in self.budgets.split(",")]
+        except ValueError:
+            steps = []
+        if not steps or min(steps) <= 0:
+            raise ValueError(f"budgets must be positive step counts separated by commas; got {self.budgets!r}")
+        return steps
+
+
+# ------------------------------------------------------------------------------------------ training
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability ``[B]`` of each row's scored tokens (labels aligned with the inputs)."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    taken = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (taken * scored).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))``, averaged over pairs."""
+    return -F.logsigmoid(beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))).mean()
+
+
+def _lora_trainer_class(method: str, beta: float):
+    from transformers import Trainer
+
+    class LoRAPreferenceTrainer(Trainer):
+        """SFT on the chosen rows, or DPO on both, of a ``[chosen..., rejected...]`` batch."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            pairs = ids.shape[0] // 2
+            if method == "sft":
+                loss = model(input_ids=ids[:pairs], attention_mask=mask[:pairs], labels=labels[:pairs]).loss
+            else:
+                policy = sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
+                with torch.no_grad(), model.disable_adapter():
+                    reference = sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
+                loss = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta)
+            return (loss, None) if return_outputs else loss
+
+    return LoRAPreferenceTrainer
+
+
+@contextmanager
+def peak_rss_growth():
+    """Yields a dict whose ``"mb"`` is, on exit, the peak resident memory above the entry's (sampled)."""
+    result = {"mb": 0.0}
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not os.path.exists("/proc/self/statm"):
+        yield result
+        return
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["mb"] = max(0, max(peak[0], rss()) - start) / 2**20
+
+
+def _training_args(options: CompareOptions, steps: int, output: Path, **extra):
+    return dict(output_dir=str(output), max_steps=steps, per_device_train_batch_size=options.pairs_per_step,
+                learning_rate=options.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+                logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], seed=options.seed,
+                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False, **extra)
+
+
+def train_method(method: str, options: CompareOptions, steps: int, train_features: list[dict], work: Path):
+    """A fresh adapter on a fresh copy of the base, trained by ``method``; returns (model, seconds, MB)."""
+    from transformers import TrainingArguments, set_seed
+
+    from .defaults import DEFAULT_MODEL, load_base
+    from .model import QAdapterModel
+    from .trainer import QAdapterConfig, QAdapterTrainer
+
+    set_seed(options.seed)
+    if method == "qadapter":
+        args = QAdapterConfig(**_training_args(options, steps, work / method, max_length=options.max_length,
+                                               max_prompt_length=options.max_prompt_length, lora_r=options.lora_r,
+                                               lora_alpha=2 * options.lora_r))
+        model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
+        trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=model.tokenizer)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        base, tokenizer = load_base()
+        lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
+                          target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(base, lora)
+        trainer = _lora_trainer_class(method, options.dpo_beta)(
+            model=model, args=TrainingArguments(**_training_args(options, steps, work / method)),
+            train_dataset=train_features, data_collator=PreferenceCollator(tokenizer.pad_token_id))
+    for parameter in model.parameters():  # page the (memory-mapped) weights in before measuring
+        parameter.data.sum()
+    with peak_rss_growth() as memory:
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    return model, seconds, memory["mb"]
+
+
+# ------------------------------------------------------------------------------------------ policies
+@dataclass
+class Policy:
+    """What the measurements need of a method: next-token log-probs ``[B, T, V]`` (float32), greedy
+    answers to chat questions (at most ``max_new_tokens``), and the preference margins of tokenized
+    pairs under its own reward."""
+
+    name: str
+    logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    answer: Callable[[list[str], int], list[str]]
+    margins: Callable[[list[dict]], torch.Tensor]
+
+
+def preference(margins: torch.Tensor) -> dict:
+    """Accuracy (chosen strictly ahead) and mean margin of per-pair reward margins."""
+    return {"heldout_accuracy": float((margins > 0).float().mean()), "heldout_margin": float(margins.mean())}
+
+
+def _batches(features: list[dict], pad_token_id: int, size: int = 8):
+    collate = PreferenceCollator(pad_token_id)
+    for start in range(0, len(features), size):
+        yield collate(features[start : start + size])
+
+
+def _likelihood_margins(logprobs_fn, features, pad_token_id) -> torch.Tensor:
+    """Summed log-likelihood of chosen minus rejected, per pair."""
+    out = []
+    for batch in _batches(features, pad_token_id):
+        lp = logprobs_fn(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        targets = labels[:, 1:]
+        taken = lp[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
+        sums = taken.sum(-1)
+        pairs = sums.shape[0] // 2
+        out.append(sums[:pairs] - sums[pairs:])
+    return torch.cat(out)
+
+
+def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: Policy | None = None) -> Policy:
+    """The base (``adapter=False``) or a LoRA-tuned causal LM; with ``reference``, margins are DPO's
+    implicit reward (the policy's likelihood margin minus the reference's)."""
+
+    def context():
+        return nullcontext() if adapter else peft_model.disable_adapter()
+
+    @torch.no_grad()
+    def logprobs(ids, mask):
+        with context():
+            return torch.log_softmax(peft_model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+
+    def answer(questions, max_new_tokens):
+        with context():
+            return answers(peft_model, tokenizer, questions, customized=False, max_new_tokens=max_new_tokens)
+
+    def margins(features):
+        own = _likelihood_margins(logprobs, features, tokenizer.pad_token_id)
+        return own if reference is None else own - reference.margins(features)
+
+    return Policy(name, logprobs, answer, margins)
+
+
+def qadapter_policy(model, tokenizer) -> Policy:
+    """The combined policy ``pi~`` of a trained :class:`QAdapterModel`; margins from its learned rewards
+    (the reward of a sequence as the loss defines it, :func:`qadapter_kernels.sequence_rewards`)."""
+
+    @torch.no_grad()
+    def logprobs(ids, mask):
+        base_hidden, q_hidden = model.hidden_states(ids, mask)
+        return combined_logprobs(base_hidden, q_hidden, model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
+                                 alpha_0=model.loss.alpha_0).float()
+
+    def answer(questions, max_new_tokens):
+        return answers(model, tokenizer, questions, customized=True, max_new_tokens=max_new_tokens)
+
+    def margins(features):
+        return pair_margins(model, features, tokenizer.pad_token_id)
+
+    return Policy("qadapter", logprobs, answer, margins)
+
+
+# ------------------------------------------------------------------------------------------ measures
+def _chat_batches(tokenizer, prompts: list[str], responses: list[str], size: int = 8):
+    """Right-padded ``(ids, mask, response_mask)`` batches of chat prompts followed by responses."""
+    rendered = chat_prompts(tokenizer, prompts)
+    for start in range(0, len(prompts), size):
+        rows = []
+        for prompt, response in zip(rendered[start : start + size], responses[start : start + size]):
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            r = tokenizer(response, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            rows.append((p, r))
+        width = max(len(p) + len(r) for p, r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (p, r) in enumerate(rows):
+            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, : len(p) + len(r)] = 1
+            scored[i, len(p) - 1 : len(p) + len(r) - 1] = True  # positions that predict a response token
+        yield ids, mask, scored
+
+
+def mean_kl_to_base(policy: Policy, base: Policy, tokenizer, prompts: list[str], responses: list[str]) -> float:
+    """Mean per-token KL(policy || base) at the positions that predict the responses' tokens."""
+    total, count = 0.0, 0
+    for ids, mask, scored in _chat_batches(tokenizer, prompts, responses):
+        lp, lb = policy.logprobs(ids, mask)[scored], base.logprobs(ids, mask)[scored]
+        total += float((lp.exp() * (lp - lb)).sum())
+        count += int(scored.sum())
+    return total / count
+
+
+def perplexity(policy: Policy, tokenizer, passages: list[str]) -> float:
+    """exp of the mean negative log-likelihood per token of plain passages (one at a time)."""
+    nll, count = 0.0, 0
+    for text in passages:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        lp = policy.logprobs(ids, torch.ones_like(ids))
+        nll -= float(lp[0, :-1].gather(-1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def measure(policy: Policy, base: Policy, tokenizer, suite: dict) -> dict:
+    """Every alignment and retention number of one policy (the base included)."""
+    from .knowledge import ANSWER_TOKENS, score_probe
+
+    row = preference(policy.margins(suite["heldout_features"]))
+    if suite["rule_prompts"]:
+        generated = policy.answer(suite["rule_prompts"], suite["answer_tokens"])
+        row["rule_rate"] = sum(map(follows_rule, generated)) / len(generated)
+        row["example"] = {"prompt": suite["rule_prompts"][0], "answer": generated[0]}
+    probe = score_probe(policy.logprobs, lambda questions: policy.answer(questions, ANSWER_TOKENS), tokenizer,
+                        suite["probe"])
+    row["probe_loglik_accuracy"] = probe["loglik_accuracy"]
+    row["probe_greedy_accuracy"] = probe["greedy_accuracy"]
+    row["general_kl_to_base"] = (0.0 if policy is base else
+                                 mean_kl_to_base(policy, base, tokenizer, suite["general_prompts"],
+                                                 suite["general_responses"]))
+    row["general_perplexity"] = perplexity(policy, tokenizer, suite["passages"])
+    return row
+
+
+# ------------------------------------------------------------------------------------------ the run
+def _suite(options: CompareOptions, tokenizer) -> tuple[list[dict], dict]:
+    """Training features and what every policy is measured on."""
+    from .knowledge import GENERAL_PROMPTS, general_passages, load_probe
+
+    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length)
+    if options.data is None:
+        task = load_task()
+        train_rows, heldout_rows = task["train"], task["heldout"]
+        rule_prompts = [row["prompt"] for row in heldout_rows]
+    else:
+        rows = read_rows(options.data)
+        if len(rows) <= options.heldout:
+            raise ValueError(f"--data {options.data} has {len(rows)} rows; --heldout {options.heldout} needs more")
+        train_rows, heldout_rows, rule_prompts = rows[: -options.heldout], rows[-options.heldout :], []
+    probe, prompts, passages = load_probe(), list(GENERAL_PROMPTS), general_passages()
+    if options.quick:
+        train_rows, heldout_rows, rule_prompts = train_rows[:8], heldout_rows[:4], rule_prompts[:2]
+        probe, prompts, passages = probe[:6], prompts[:3], passages[:2]
+    train, _ = tokenize_rows(train_rows, tokenizer, skip_invalid=True, **lengths)
+    heldout, _ = tokenize_rows(heldout_rows, tokenizer, skip_invalid=True, **lengths)
+    suite = {"heldout_features": heldout, "rule_prompts": rule_prompts, "probe": probe,
+             "general_prompts": prompts, "passages": passages,
+             "answer_tokens": min(options.answer_tokens, 8) if options.quick else options.answer_tokens}
+    return train, suite
+
+
+def _stage(text: str) -> None:
+    print(f"[qadapter compare] {text}", file=sys.stderr, flush=True)
+
+
+def run_compare(options: CompareOptions) -> dict:
+    """Trains and measures every method at every budget; writes compare.json, .md and .png."""
+    import tempfile
+
+    from .defaults import DEFAULT_MODEL, load_base
+
+    budgets = [2] if options.quick else options.budget_steps()
+    torch.manual_seed(options.seed)
+    started = time.perf_counter()
+    output = Path(options.output)
+    base_model, tokenizer = load_base()
+    from peft import LoraConfig, get_peft_model
+
+    # The base policy: a LoRA model with its adapter disabled (the same forward as every policy's).
+    base_peft = get_peft_model(base_model, LoraConfig(task_type="CAUSAL_LM", r=1, target_modules=["q_proj"]))
+    base = lora_policy("base", base_peft, tokenizer, adapter=False)
+    train, suite = _suite(options, tokenizer)
+    _stage(f"measuring the base ({len(suite['heldout_features'])} held-out pairs, {len(suite['probe'])} probe "
+           f"questions, {len(suite['general_prompts'])} general prompts)")
+    suite["general_responses"] = base.answer(suite["general_prompts"], suite["answer_tokens"])
+    rows = [{"method": "base", "steps": 0, **measure(base, base, tokenizer, suite)}]
+    with tempfile.TemporaryDirectory(prefix="qadapter-compare-") as work:
+        for steps in budgets:
+            for method in METHODS:
+                _stage(f"{LABELS[method]}: {steps} steps on {len(train)} pairs")
+                model, seconds, memory_mb = train_method(method, options, steps, train, Path(work))
+                if method == "qadapter":
+                    policy = qadapter_policy(model, tokenizer)
+                else:
+                    policy = lora_policy(method, model, tokenizer, adapter=True,
+                                         reference=base if method == "dpo" else None)
+                model.eval()
+                _stage(f"{LABELS[method]}: measuring")
+                rows.append({"method": method, "steps": steps, **measure(policy, base, tokenizer, suite),
+                             "train_seconds": seconds, "train_memory_mb": memory_mb})
+                del model, policy
+    report = {
+        "model": DEFAULT_MODEL,
+        "data": options.data or "built-in TL;DR task",
+        "options": asdict(options),
+        "train_pairs": len(train),
+        "heldout_pairs": len(suite["heldout_features"]),
+        "probe_questions": len(suite["probe"]),
+        "general_prompts": len(suite["general_prompts"]),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "total_seconds": time.perf_counter() - started,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(output / "compare.json", report)
+    atomic.write_text(output / "compare.md", format_table(report) + "\n")
+    plot(report, output / "compare.png")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ report
+COLUMNS = (
+    ("heldout_accuracy", "held-out pref. acc. (own reward)", "{:.3f}"),
+    ("rule_rate", "rule satisfaction", "{:.3f}"),
+    ("probe_loglik_accuracy", "probe acc. (log-lik.)", "{:.3f}"),
+    ("probe_greedy_accuracy", "probe acc. (greedy)", "{:.3f}"),
+    ("general_kl_to_base", "KL to base / token", "{:.4f}"),
+    ("general_perplexity", "general-text perplexity", "{:.2f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+    ("train_memory_mb", "train memory MB", "{:.0f}"),
+)
+
+
+def format_table(report: dict) -> str:
+    """The markdown table: one row per method and budget, the base first."""
+    columns = [c for c in COLUMNS if any(c[0] in row for row in report["rows"])]
+    lines = ["| method | steps | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for row in report["rows"]:
+        cells = [fmt.format(row[key]) if key in row else "-" for key, _, fmt in columns]
+        lines.append(f"| {LABELS[row['method']]} | {row['steps']} | " + " | ".join(cells) + " |")
+    lines += ["", f"{report['train_pairs']} training pairs, {report['heldout_pairs']} held-out pairs, "
+              f"{report['probe_questions']} probe questions, {report['general_prompts']} general prompts; "
+              f"{report['device']} ({report['threads']} threads), total {report['total_seconds'] / 60:.1f} min.",
+              "Own reward: the log-likelihood margin (base, SFT), the implicit reward (DPO), the learned "
+              "rewards (Q-Adapter)."]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Alignment gain (x) against knowledge kept (y), relative to the base at the origin; one line per
+    method through its budgets. Skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = report["rows"]
+    align = "rule_rate" if "rule_rate" in rows[0] else "heldout_accuracy"
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([0], [0], color="black", zorder=3)
+    ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
+    for method in METHODS:
+        points = [r for r in rows if r["method"] == method]
+        xs = [r[align] - base[align] for r in points]
+        ys = [r["probe_loglik_accuracy"] - base["probe_loglik_accuracy"] for r in points]
+        ax.plot(xs, ys, marker="o", label=LABELS[method])
+        for r, x, y in zip(points, xs, ys):
+            ax.annotate(str(r["steps"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel(("rule satisfaction" if align == "rule_rate" else "held-out preference accuracy") + " - base")
+    ax.set_ylabel("knowledge-probe accuracy - base")
+    ax.set_title("learned the preference (right) vs kept knowledge (up)")
+    ax.legend()
+    fig.tight_layout()
+    atomic.save_figure(fig, path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,187 @@
+"""qadapter compare: the DPO and SFT losses against their formulas, the measures against plain loops,
+and the whole comparison (quick mode) reproducible from its seed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+
+from qadapter.compare import (  # noqa: E402
+    CompareOptions, Policy, dpo_loss, format_table, lora_policy, mean_kl_to_base, perplexity, run_compare,
+    sequence_logprobs, _lora_trainer_class,
+)
+from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
+
+
+def _random_labels(batch, seq, vocab, prompt, generator):
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[:, :prompt] = IGNORE_INDEX
+    return labels
+
+
+def test_sequence_logprobs_is_the_sum_over_scored_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 11, generator=g)
+    labels = _random_labels(3, 9, 11, 4, g)
+    labels[1, 7:] = IGNORE_INDEX  # a shorter response
+    expected = torch.zeros(3)
+    for b in range(3):
+        for t in range(1, 9):
+            if labels[b, t] != IGNORE_INDEX:
+                expected[b] += torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+    torch.testing.assert_close(sequence_logprobs(logits, labels), expected)
+
+
+def test_dpo_loss_is_the_papers_formula():
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 for _ in range(4))
+    beta = 0.3
+    expected = sum(-math.log(1 / (1 + math.exp(-beta * ((a - c) - (b - d)))))
+                   for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 5
+    assert float(dpo_loss(pc, pr, rc, rr, beta)) == pytest.approx(expected, rel=1e-6)
+    # The policy equal to its reference: log 2 whatever the log-probs.
+    torch.testing.assert_close(dpo_loss(pc, pr, pc, pr, beta), torch.tensor(math.log(2)))
+
+
+def _tiny_lora(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_causal_lm("llama", vocab=97, seed=seed)
+    peft = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"]))
+    return peft
+
+
+def _pairs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(3, 97, (5,), generator=g).tolist()
+        chosen, rejected = (torch.randint(3, 97, (int(k),), generator=g).tolist()
+                            for k in torch.randint(2, 6, (2,), generator=g))
+        out.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE_INDEX] * 5 + chosen,
+                    "rejected_input_ids": prompt + rejected, "rejected_labels": [IGNORE_INDEX] * 5 + rejected})
+    return out
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_lora_trainer_losses(method, tmp_path):
+    """DPO at a fresh adapter (LoRA B = 0: policy = reference) is log 2; SFT is the chosen rows' CE."""
+    from transformers import TrainingArguments
+
+    peft = _tiny_lora()
+    with torch.no_grad():  # a trained-looking adapter for SFT; DPO keeps B = 0
+        for name, p in peft.named_parameters():
+            if "lora_B" in name and method == "sft":
+                p.normal_(0, 0.1)
+    batch = PreferenceCollator(pad_token_id=0)(_pairs())
+    trainer = _lora_trainer_class(method, beta=0.1)(model=peft, args=TrainingArguments(str(tmp_path), report_to=[]))
+    loss = trainer.compute_loss(peft, batch)
+    if method == "dpo":
+        torch.testing.assert_close(loss, torch.tensor(math.log(2)))
+    else:
+        logits = peft(input_ids=batch["input_ids"][:3], attention_mask=batch["attention_mask"][:3]).logits
+        labels = batch["labels"][:3]
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1),
+                                                     ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(loss, expected)
+
+
+def test_dpo_margins_are_the_implicit_reward():
+    """DPO's own reward is the policy's likelihood margin minus the reference's."""
+    tokenizer = tiny_chat_tokenizer()
+    peft = _tiny_lora()
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft.eval()
+    base = lora_policy("base", peft, tokenizer, adapter=False)
+    sft = lora_policy("sft", peft, tokenizer, adapter=True)
+    dpo = lora_policy("dpo", peft, tokenizer, adapter=True, reference=base)
+    pairs = _pairs(4, seed=2)
+    batch = PreferenceCollator(pad_token_id=0)(pairs)
+    with torch.no_grad():
+        policy = sequence_logprobs(peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   batch["labels"])
+        with peft.disable_adapter():
+            reference = sequence_logprobs(peft(input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    torch.testing.assert_close(sft.margins(pairs), policy[:4] - policy[4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dpo.margins(pairs), (policy[:4] - reference[:4]) - (policy[4:] - reference[4:]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _fixed_policy(seed: int, vocab: int) -> Policy:
+    """A policy whose next-token distribution depends on the position and the token (no model)."""
+    table = torch.log_softmax(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2, -1)
+
+    def logprobs(ids, mask):
+        return table[ids]
+
+    return Policy(f"fixed{seed}", logprobs, lambda qs, n: ["" for _ in qs], lambda f: torch.zeros(len(f)))
+
+
+def test_kl_and_perplexity_against_plain_loops():
+    tokenizer = tiny_chat_tokenizer()
+    vocab = len(tokenizer)
+    policy, base = _fixed_policy(1, vocab), _fixed_policy(2, vocab)
+    prompts, responses = ["hello world", "the capital"], ["Paris is the capital", "hello"]
+    assert mean_kl_to_base(base, base, tokenizer, prompts, responses) == pytest.approx(0.0, abs=1e-7)
+    total, count = 0.0, 0
+    from qadapter.evaluate import chat_prompts
+
+    for prompt, response in zip(chat_prompts(tokenizer, prompts), responses):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = p + r
+        for t in range(len(p) - 1, len(ids) - 1):
+            lp, lb = policy.logprobs(torch.tensor(ids[t]), None), base.logprobs(torch.tensor(ids[t]), None)
+            total += float((lp.exp() * (lp - lb)).sum())
+            count += 1
+    assert mean_kl_to_base(policy, base, tokenizer, prompts, responses) == pytest.approx(total / count, rel=1e-5)
+
+    passages = ["the capital of France is Paris", "hello world"]
+    nll, n = 0.0, 0
+    for text in passages:
+        ids = tokenizer(text)["input_ids"]
+        for t in range(1, len(ids)):
+            nll -= float(policy.logprobs(torch.tensor(ids[t - 1]), None)[ids[t]])
+            n += 1
+    assert perplexity(policy, tokenizer, passages) == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_budgets_are_checked():
+    assert CompareOptions(budgets="40, 160").budget_steps() == [40, 160]
+    for bad in ("", "0", "forty", "10,-1"):
+        with pytest.raises(ValueError, match="budgets must be positive step counts"):
+            CompareOptions(budgets=bad).budget_steps()
+
+
+@pytest.mark.skipif(not default_model_available(), reason="the embedded default model is not installed")
+def test_quick_comparison_runs_and_is_reproducible(tmp_path):
+    """Every method trains and is measured; the same seed gives the same table (times and memory aside)."""
+    reports = []
+    for run in ("a", "b"):
+        reports.append(run_compare(CompareOptions(output=str(tmp_path / run), quick=True)))
+    for name in ("compare.json", "compare.md", "compare.png"):
+        assert (tmp_path / "a" / name).is_file()
+    rows = reports[0]["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("base", 0), ("sft", 2), ("dpo", 2), ("qadapter", 2)]
+    assert rows[0]["general_kl_to_base"] == 0.0
+    assert all(0 <= r["probe_loglik_accuracy"] <= 1 and r["general_perplexity"] > 1 for r in rows)
+
+    def numbers(report):
+        return [{k: v for k, v in r.items() if k not in ("train_seconds", "train_memory_mb")} for r in report["rows"]]
+
+    assert numbers(reports[0]) == numbers(reports[1])
+    saved = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert numbers(saved) == json.loads(json.dumps(numbers(reports[0])))
+    table = format_table(reports[0])
+    assert "| Q-Adapter | 2 |" in table and "| base | 0 |" in table
