@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -260,6 +260,42 @@ def _run_eval(args) -> int:
     return 0
 
 
+LM_EVAL_COMMANDS = ("run", "ls", "validate")  # lm-eval's subcommands; other arguments are for "run"
+
+
+def _lm_eval_parser(sub) -> None:
+    # No -h of its own: --help goes on to lm-eval, whose options these all are.
+    sub.add_parser("lm-eval", add_help=False,
+                   help="benchmarks with lm-evaluation-harness: lm-eval's own arguments, with model 'qadapter' "
+                        "(--model_args adapter=DIR,base=...,batch_size=8) and the shipped tasks qadapter_knowledge "
+                        "and qadapter_tldr (run it with --apply_chat_template) included; qadapter lm-eval --help "
+                        "lists them")
+
+
+def _run_lm_eval(extra: list[str]) -> int:
+    try:
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("qadapter lm-eval needs lm-evaluation-harness: "
+                                  "pip install 'qadapter-kernels[lm-eval]'") from exc
+    from .lm_eval_model import TASKS_DIR  # importing it registers the model "qadapter"
+
+    setup_logging()
+    cli, argv = HarnessCLI(), sys.argv
+    sys.argv = ["qadapter lm-eval", *(extra if extra[:1] and extra[0] in LM_EVAL_COMMANDS else ["run", *extra])]
+    try:
+        args = cli.parse_args()
+    finally:
+        sys.argv = argv
+    if hasattr(args, "include_path"):  # the shipped tasks, and the user's own
+        args.include_path = [str(TASKS_DIR), *([args.include_path] if args.include_path else [])]
+    if args.command == "run" and not args.model:
+        args.model = "qadapter"
+    cli.execute(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qadapter", description="Q-Adapter: customize a frozen LLM to new preferences without forgetting, "
@@ -267,12 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
     _compare_parser(sub)
+    _lm_eval_parser(sub)
     return parser
 
 
@@ -280,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "lm-eval"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "demo":
@@ -291,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_generate(args)
         if args.command == "compare":
             return _run_compare(args)
+        if args.command == "lm-eval":
+            return _run_lm_eval(extra)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))

@@ -370,7 +370,26 @@ def run_compare(options: CompareOptions) -> dict:
     _stage(f"measuring the base ({len(suite['heldout_features'])} held-out pairs, {len(suite['probe'])} probe "
            f"questions, {len(suite['general_prompts'])} general prompts)")
     suite["general_responses"] = base.answer(suite["general_prompts"], suite["answer_tokens"])
-    rows = [{"method": "base", "steps": 0, **measure(base, base, tokenizer, suite)}]
+    report = {
+        "model": DEFAULT_MODEL,
+        "data": options.data or "built-in TL;DR task",
+        "options": asdict(options),
+        "train_pairs": len(train),
+        "heldout_pairs": len(suite["heldout_features"]),
+        "probe_questions": len(suite["probe"]),
+        "general_prompts": len(suite["general_prompts"]),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "complete": False,
+        "rows": [],
+    }
+
+    def add_row(row: dict) -> None:  # every row is written at once: a stopped run keeps what it measured
+        report["rows"].append(row)
+        report["total_seconds"] = time.perf_counter() - started
+        write_report(report, output)
+
+    add_row({"method": "base", "steps": 0, **measure(base, base, tokenizer, suite)})
     with tempfile.TemporaryDirectory(prefix="qadapter-compare-") as work:
         for steps in budgets:
             for method in METHODS:
@@ -383,27 +402,20 @@ def run_compare(options: CompareOptions) -> dict:
                                          reference=base if method == "dpo" else None)
                 model.eval()
                 _stage(f"{LABELS[method]}: measuring")
-                rows.append({"method": method, "steps": steps, **measure(policy, base, tokenizer, suite),
-                             "train_seconds": seconds, "train_memory_mb": memory_mb})
+                add_row({"method": method, "steps": steps, **measure(policy, base, tokenizer, suite),
+                         "train_seconds": seconds, "train_memory_mb": memory_mb})
                 del model, policy
-    report = {
-        "model": DEFAULT_MODEL,
-        "data": options.data or "built-in TL;DR task",
-        "options": asdict(options),
-        "train_pairs": len(train),
-        "heldout_pairs": len(suite["heldout_features"]),
-        "probe_questions": len(suite["probe"]),
-        "general_prompts": len(suite["general_prompts"]),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(),
-        "rows": rows,
-        "total_seconds": time.perf_counter() - started,
-    }
+    report["complete"] = True
+    write_report(report, output)
+    return report
+
+
+def write_report(report: dict, output: Path) -> None:
+    """compare.json, compare.md and compare.png in ``output``, each written atomically."""
     output.mkdir(parents=True, exist_ok=True)
     atomic.write_json(output / "compare.json", report)
     atomic.write_text(output / "compare.md", format_table(report) + "\n")
     plot(report, output / "compare.png")
-    return report
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -432,6 +444,8 @@ def format_table(report: dict) -> str:
               f"{report['device']} ({report['threads']} threads), total {report['total_seconds'] / 60:.1f} min.",
               "Own reward: the log-likelihood margin (base, SFT), the implicit reward (DPO), the learned "
               "rewards (Q-Adapter)."]
+    if not report.get("complete", True):
+        lines.append("Partial: the run stopped (or is still running) before its last row.")
     return "\n".join(lines)
 
 

@@ -1,0 +1,24 @@
+"""Data and scoring of the shipped lm-eval tasks: the package's own data, no download, no hub."""
+
+from __future__ import annotations
+
+import datasets
+
+from qadapter.knowledge import load_probe
+from qadapter.task import follows_rule, load_task
+
+
+def knowledge_probe(**metadata) -> datasets.DatasetDict:
+    """``qadapter_knowledge``'s documents: the shipped knowledge probe (``metadata``: what lm-eval
+    passes every custom dataset; unused)."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(load_probe())})
+
+
+def tldr_prompts(**metadata) -> datasets.DatasetDict:
+    """``qadapter_tldr``'s documents: the built-in task's held-out pairs (prompt, chosen, rejected)."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(load_task()["heldout"])})
+
+
+def follows_tldr_rule(doc: dict, results: list[str]) -> dict:
+    """1 when the answer opens with a ``TL;DR:`` line (:func:`qadapter.task.follows_rule`), else 0."""
+    return {"follows_rule": float(follows_rule(results[0]))}
