@@ -157,6 +157,16 @@ def test_kl_and_perplexity_against_plain_loops():
     assert perplexity(policy, tokenizer, passages) == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
+def test_methods_and_their_learning_rates():
+    options = CompareOptions(methods="dpo, qadapter", learning_rate=1e-3, dpo_learning_rate=1e-4)
+    assert options.method_list() == ["dpo", "qadapter"]
+    assert [options.method_learning_rate(m) for m in ("sft", "dpo", "qadapter")] == [1e-3, 1e-4, 1e-3]
+    assert CompareOptions(learning_rate=1e-3).method_learning_rate("dpo") == 1e-3
+    for bad in ("", "ppo", "sft,ppo"):
+        with pytest.raises(ValueError, match="methods must be a comma-separated subset of sft,dpo,qadapter"):
+            CompareOptions(methods=bad).method_list()
+
+
 def test_budgets_are_checked():
     assert CompareOptions(budgets="40, 160").budget_steps() == [40, 160]
     for bad in ("", "0", "forty", "10,-1"):

@@ -105,7 +105,7 @@ def _run_compare(args) -> int:
     from .compare import CompareOptions, format_table, run_compare
 
     options = options_from(args, CompareOptions)
-    options.budget_steps()  # a bad --budgets fails before any work
+    options.budget_steps(), options.method_list()  # bad --budgets or --methods fail before any work
     print(format_table(run_compare(options)))
     return 0
 

@@ -51,6 +51,9 @@ class CompareOptions:
     budgets: str = option_field("40,160", "training steps per method, comma-separated: one run of every method per budget")
     pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
     learning_rate: float = option_field(2e-3, "peak learning rate of every method (cosine schedule)", positive=True)
+    dpo_learning_rate: float | None = option_field(None, "DPO's own learning rate (default: --learning-rate)",
+                                                   positive=True)
+    methods: str = option_field(",".join(METHODS), "methods to train, comma-separated, from " + ",".join(METHODS))
     dpo_beta: float = option_field(0.1, "DPO's beta", positive=True)
     lora_r: int = option_field(8, "LoRA rank of every method", positive=True)
     data: str | None = option_field(None, "preference data file (JSON/JSONL); default: the built-in TL;DR task")
@@ -61,6 +64,15 @@ class CompareOptions:
                                  positive=True)
     seed: int = option_field(0, "seed of every adapter's initialization and training")
     quick: bool = option_field(False, "a smoke test: 2 steps, a few pairs, questions and prompts")
+
+    def method_list(self) -> list[str]:
+        chosen = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if not chosen or any(m not in METHODS for m in chosen):
+            raise ValueError(f"methods must be a comma-separated subset of {','.join(METHODS)}; got {self.methods!r}")
+        return chosen
+
+    def method_learning_rate(self, method: str) -> float:
+        return self.dpo_learning_rate if method == "dpo" and self.dpo_learning_rate else self.learning_rate
 
     def budget_steps(self) -> list[int]:
         try:
@@ -136,9 +148,9 @@ def peak_rss_growth():
         result["mb"] = max(0, max(peak[0], rss()) - start) / 2**20
 
 
-def _training_args(options: CompareOptions, steps: int, output: Path, **extra):
-    return dict(output_dir=str(output), max_steps=steps, per_device_train_batch_size=options.pairs_per_step,
-                learning_rate=options.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+def _training_args(options: CompareOptions, method: str, steps: int, output: Path, **extra):
+    return dict(output_dir=str(output / method), max_steps=steps, per_device_train_batch_size=options.pairs_per_step,
+                learning_rate=options.method_learning_rate(method), lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
                 logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], seed=options.seed,
                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False, **extra)
 
@@ -153,7 +165,7 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
 
     set_seed(options.seed)
     if method == "qadapter":
-        args = QAdapterConfig(**_training_args(options, steps, work / method, max_length=options.max_length,
+        args = QAdapterConfig(**_training_args(options, method, steps, work, max_length=options.max_length,
                                                max_prompt_length=options.max_prompt_length, lora_r=options.lora_r,
                                                lora_alpha=2 * options.lora_r))
         model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
@@ -166,7 +178,7 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
                           target_modules=["q_proj", "v_proj"])
         model = get_peft_model(base, lora)
         trainer = _lora_trainer_class(method, options.dpo_beta)(
-            model=model, args=TrainingArguments(**_training_args(options, steps, work / method)),
+            model=model, args=TrainingArguments(**_training_args(options, method, steps, work)),
             train_dataset=train_features, data_collator=PreferenceCollator(tokenizer.pad_token_id))
     for parameter in model.parameters():  # page the (memory-mapped) weights in before measuring
         parameter.data.sum()
@@ -392,7 +404,7 @@ def run_compare(options: CompareOptions) -> dict:
     add_row({"method": "base", "steps": 0, **measure(base, base, tokenizer, suite)})
     with tempfile.TemporaryDirectory(prefix="qadapter-compare-") as work:
         for steps in budgets:
-            for method in METHODS:
+            for method in options.method_list():
                 _stage(f"{LABELS[method]}: {steps} steps on {len(train)} pairs")
                 model, seconds, memory_mb = train_method(method, options, steps, train, Path(work))
                 if method == "qadapter":
@@ -402,7 +414,8 @@ def run_compare(options: CompareOptions) -> dict:
                                          reference=base if method == "dpo" else None)
                 model.eval()
                 _stage(f"{LABELS[method]}: measuring")
-                add_row({"method": method, "steps": steps, **measure(policy, base, tokenizer, suite),
+                add_row({"method": method, "steps": steps, "learning_rate": options.method_learning_rate(method),
+                         **measure(policy, base, tokenizer, suite),
                          "train_seconds": seconds, "train_memory_mb": memory_mb})
                 del model, policy
     report["complete"] = True
@@ -420,6 +433,7 @@ def write_report(report: dict, output: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ report
 COLUMNS = (
+    ("learning_rate", "learning rate", "{:g}"),
     ("heldout_accuracy", "held-out pref. acc. (own reward)", "{:.3f}"),
     ("rule_rate", "rule satisfaction", "{:.3f}"),
     ("probe_loglik_accuracy", "probe acc. (log-lik.)", "{:.3f}"),
