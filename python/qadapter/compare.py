@@ -85,13 +85,17 @@ class CompareOptions:
 
 
 # ------------------------------------------------------------------------------------------ training
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability ``[B]`` of each row's scored tokens (labels aligned with the inputs)."""
+def scored_logprob_sums(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability ``[B]`` of each row's scored tokens, from next-token log-probs ``[B, T, V]``
+    (labels aligned with the inputs)."""
     targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    taken = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (taken * scored).sum(-1)
+    taken = logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (taken * (targets != IGNORE_INDEX)).sum(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`scored_logprob_sums` from logits."""
+    return scored_logprob_sums(torch.log_softmax(logits.float(), dim=-1), labels)
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float) -> torch.Tensor:
@@ -217,11 +221,7 @@ def _likelihood_margins(logprobs_fn, features, pad_token_id) -> torch.Tensor:
     """Summed log-likelihood of chosen minus rejected, per pair."""
     out = []
     for batch in _batches(features, pad_token_id):
-        lp = logprobs_fn(batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"]
-        targets = labels[:, 1:]
-        taken = lp[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
-        sums = taken.sum(-1)
+        sums = scored_logprob_sums(logprobs_fn(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         pairs = sums.shape[0] // 2
         out.append(sums[:pairs] - sums[pairs:])
     return torch.cat(out)
