@@ -25,26 +25,27 @@ static inline uint16_t f_to_bf16(float f) {  /* round to nearest even; p is fini
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* Cephes expf: x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial (~1 ulp). The clamp makes
- * -inf give exactly 0 (exp(-105) rounds to 0) and 2^k is applied as 2^k1 * 2^k2 so results
- * in the subnormal range stay correct rather than flushing. */
+/* expf after Cephes: x = k ln2 + r, |r| <= ln2/2, a degree-6 polynomial (about 2 ulp; the row step
+ * is bound by these exps, so the term that bought the last ulp is left out). Below -87 the result
+ * is 0 rather than a subnormal: an exp(x - row max) that small is a probability below 1e-38, and
+ * -inf (masked vocabulary entries) gives exactly 0. */
 static inline float vexp(float x) {
-    x = x < -105.0f ? -105.0f : x > 88.7f ? 88.7f : x;
+    const int under = x < -87.0f;
+    x = x < -87.0f ? -87.0f : x > 88.7f ? 88.7f : x;
     const float shifter = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
     float t = x * 1.44269504088896341f + shifter;
     int32_t k = (int32_t)(u_of(t) - u_of(shifter));
     float kf = t - shifter;
     float r = x - kf * 0.693359375f;
     r = r - kf * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
+    float y = 1.3981999507e-3f;
     y = y * r + 8.3334519073e-3f;
     y = y * r + 4.1665795894e-2f;
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * r * r + r + 1.0f;
-    int32_t k1 = k >> 1, k2 = k - k1;
-    return y * f_of((uint32_t)(k1 + 127) << 23) * f_of((uint32_t)(k2 + 127) << 23);
+    y = y * f_of((uint32_t)(k + 127) << 23);
+    return under ? 0.0f : y;
 }
 
 /* Adds a block's (max m, sum s of exp(x - m)) to a running (M, S). */
@@ -63,6 +64,7 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
                      int in_bf16, int p_bf16, int64_t rows, int64_t V, float alpha_tilde,
                      float alpha_0, float *q_taken, float *value, int threads) {
     const int64_t nblocks = (V + BLOCK - 1) / BLOCK;
+    const float inv_at = 1.0f / alpha_tilde;
     const int64_t grain = 1 + 16384 / (V > 0 ? V : 1);  /* dynamic: a busy core gets fewer rows */
     int failed = 0;
 #ifdef _OPENMP
@@ -100,7 +102,7 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
                 float mz = -INFINITY, mc = -INFINITY;
 #pragma omp simd reduction(max : mz, mc)
                 for (int64_t i = 0; i < n; i++) {
-                    float c = (qr[i] + alpha_0 * zr[i]) / alpha_tilde;
+                    float c = (qr[i] + alpha_0 * zr[i]) * inv_at;
                     eb[i] = c;  /* may overwrite qr[i] (p aliases q): already read */
                     mz = max_f(mz, zr[i]);
                     mc = max_f(mc, c);

@@ -76,8 +76,50 @@ def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
 
 
 def _chunks(n: int, chunk: int):
-    for start in range(0, n, chunk):
-        yield start, min(n, start + chunk)
+    """``(start, end)`` of at most ``chunk`` rows each, sizes within one row of each other: no short
+    last chunk, whose GEMMs would run far below the others' speed."""
+    count = -(-n // chunk)
+    size, extra = divmod(n, max(count, 1))
+    start = 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        yield start, end
+        start = end
+
+
+class ChunkLogits:
+    """The base logits ``z`` and Q-values ``q`` of one chunk, written into one buffer reused by every chunk.
+
+    A fresh ``[chunk, V]`` GEMM output per chunk would cost its allocation (page faults on a CPU)
+    every time; the row step may overwrite the buffer, as the ``RowStep`` contract allows. A shared
+    head (``q_weight`` is ``weight``, no bias: adapters below the lm_head) takes one GEMM over the
+    stacked ``[base; hq]`` rows, which runs closer to peak than two half-height ones.
+    """
+
+    def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int):
+        self.base, self.hq, self.weight, self.q_weight, self.q_bias = base, hq, weight, q_weight, q_bias
+        rows = max(1, min(chunk, hq.shape[0]))
+        self.shared = q_bias is None and _same_tensor(weight, q_weight)
+        self.out = torch.empty(2 * rows, weight.shape[0], dtype=hq.dtype, device=hq.device)
+        self.stacked = torch.empty(2 * rows, hq.shape[1], dtype=hq.dtype, device=hq.device) if self.shared else None
+
+    def __call__(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = e - s
+        z, q = self.out[:n], self.out[n : 2 * n]
+        if self.shared:
+            torch.cat((self.base[s:e], self.hq[s:e]), out=self.stacked[: 2 * n])
+            torch.mm(self.stacked[: 2 * n], self.weight.T, out=self.out[: 2 * n])
+        else:
+            torch.mm(self.base[s:e], self.weight.T, out=z)
+            torch.mm(self.hq[s:e], self.q_weight.T, out=q)
+            if self.q_bias is not None:
+                q.add_(self.q_bias)
+        return z, q
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` view the same memory the same way (``detach()`` makes a new object)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def matmul_to(out_dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,11 +147,6 @@ def _head_weight_grad(d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return matmul_to(d_logits.dtype, (d_logits / scale).to(h.dtype).T, h).mul_(scale)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = h @ w.T
-    return out.add_(bias) if bias is not None else out
-
-
 class ChunkedTokenStats(torch.autograd.Function):
     """``(q_taken, value)`` for packed scored tokens, with the elementwise ``q_hidden`` backward."""
 
@@ -123,9 +160,9 @@ class ChunkedTokenStats(torch.autograd.Function):
         want_hq_grad = ctx.needs_input_grad[1]
         expected_w = torch.empty(n, hq.shape[1], dtype=sd, device=hq.device) if want_hq_grad else None
         with torch.no_grad():
+            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, chunk)
             for s, e in _chunks(n, chunk):
-                z = base[s:e] @ weight.T
-                q = _logits(hq[s:e], q_weight, q_bias)
+                z, q = logits(s, e)
                 q_taken[s:e], value[s:e], p = row_step(z, q, targets[s:e], alpha_tilde, alpha_0, q_weight.dtype)
                 del z, q
                 if want_hq_grad:
@@ -159,9 +196,9 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, 
     grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
     grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
     with torch.no_grad():
+        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, ctx.chunk)
         for s, e in _chunks(hq.shape[0], ctx.chunk):
-            z = base[s:e] @ weight.T
-            q = _logits(hq[s:e], q_weight, q_bias)
+            z, q = logits(s, e)
             _, _, p = ctx.row_step(z, q, targets[s:e], alpha_tilde, alpha_0, sd)
             del z, q
             d_logits = p.mul_(grad_value[s:e].unsqueeze(1))
