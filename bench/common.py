@@ -5,8 +5,9 @@ number of scored tokens ``N``, so a "shape" is just ``(d, V)`` taken from a real
 random (no model hub is reachable here): hidden states ~ N(0, 1) and a head scaled by
 ``1/sqrt(d)`` give logits of unit scale, like a trained model's.
 
-Defaults keep the CPU run short: the small shape at N = 256 and 1024 (on 2 cores one
-``N x V x d`` GEMM at N=1024 takes about a second, a forward+backward several). ``full=True``
+The CPU default is the small shape at N = 1024 and 4096, in fp32 and (where the CPU has fast
+bf16 GEMMs) bf16: on 2 cores one ``N x V x d`` fp32 GEMM at N=4096 takes about two seconds, so
+the run takes minutes. ``full=True``
 sweeps every shape and N in {1024, 4096, 16384} and is meant for a GPU; the GPU default is every
 shape at N=4096.
 
@@ -73,7 +74,7 @@ SHAPES = {
 FULL_SHAPES = ("smollm2-135m", "llama-3.1-8b", "qwen2.5-7b")
 FULL_TOKENS = (1024, 4096, 16384)
 CPU_SHAPES = ("smollm2-135m",)
-CPU_TOKENS = (256, 1024)
+CPU_TOKENS = (1024, 4096)
 PAIRS = 2  # B = 4 rows: 2 chosen, 2 rejected, as in DESIGN's N=4096 example at T ~ 1024.
 
 
@@ -111,8 +112,24 @@ def bench_device() -> torch.device:
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPU (how models train there); fp32 on CPU, where bf16 GEMMs are slow and unrepresentative."""
+    """The one dtype of a single-dtype run (the end-to-end step): bf16 on GPU (how models train
+    there); fp32 on CPU, the dtype every CPU has fast GEMMs for."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch's CPU GEMMs run bf16 natively here (oneDNN with AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bench_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The loss benchmark's dtypes: bf16 on GPU; fp32 on CPU, and bf16 too where it is fast."""
+    if device.type == "cuda":
+        return (torch.bfloat16,)
+    return (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
 
 
 def default_cases(
@@ -121,9 +138,10 @@ def default_cases(
     full: bool = False,
     shapes: tuple[str, ...] | None = None,
     tokens: tuple[int, ...] | None = None,
-    dtype: torch.dtype | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> list[Case]:
-    """The cases to run: explicit ``shapes``/``tokens`` win, else all (``full``), else the CPU/GPU default."""
+    """The cases to run: explicit ``shapes``/``tokens``/``dtypes`` win, else all (``full``), else the
+    CPU/GPU default."""
     if shapes is None:
         shapes = FULL_SHAPES if full or device.type == "cuda" else CPU_SHAPES
     if tokens is None:
@@ -131,11 +149,11 @@ def default_cases(
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise ValueError(f"unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
-    dtype = dtype or bench_dtype(device)
+    dtypes = dtypes or bench_dtypes(device)
     for n in tokens:
         if n < 2 * PAIRS or n % (2 * PAIRS):
             raise ValueError(f"token counts must be positive multiples of {2 * PAIRS} (the rows); got {n}")
-    return [Case(SHAPES[s], n, dtype, device) for s in shapes for n in tokens]
+    return [Case(SHAPES[s], n, dtype, device) for dtype in dtypes for s in shapes for n in tokens]
 
 
 def make_case_inputs(

@@ -132,6 +132,7 @@ class Result:
     reason: str = ""
     times_s: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    first_call_s: float | None = None  # the first warm-up call: a torch.compile candidate compiles here
 
     @property
     def time_s(self) -> float | None:
@@ -146,8 +147,10 @@ def prepare(candidate: Candidate, inputs: dict, device: torch.device, warmup: in
     result = Result(candidate.name, candidate.kind, candidate.description, "ok")
     try:
         step = candidate.build(inputs)
-        for _ in range(warmup):
-            step()
+        for i in range(warmup):
+            (elapsed,) = Timer(device).times_s(step, 1)
+            if i == 0:
+                result.first_call_s = elapsed
         return step, result
     except Unavailable as exc:
         result.status, result.reason = "skipped", str(exc)

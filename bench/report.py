@@ -18,7 +18,9 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,8 +28,8 @@ import torch
 import qadapter_kernels
 from bench import decode, e2e, harness
 from bench.common import (
-    RESULTS, SHAPES, Timer, bench_device, bench_dtype, copy_bandwidth, default_cases, device_label, dtype_name,
-    make_case_inputs, package_version, versions,
+    RESULTS, SHAPES, Timer, bench_device, bench_dtype, bench_dtypes, copy_bandwidth, default_cases, device_label,
+    dtype_name, make_case_inputs, package_version, versions,
 )
 
 PACKAGES = (
@@ -35,17 +37,18 @@ PACKAGES = (
     "pytest-benchmark", "matplotlib", "numpy",
 )
 FUSED_KINDS = ("backend",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
 
 
-def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+def machine_info(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> dict:
     """bench.common's :func:`~bench.common.versions` in this report's fields, with the host and its load."""
     v = versions(device)
     info = {
         "device": device_label(device),
         "device_type": device.type,
         "device_name": v["device"] if device.type == "cuda" else platform.processor() or "cpu",
-        "dtype": dtype_name(dtype),
+        "dtype": ", ".join(dtype_name(d) for d in dtypes),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": v["python"],
         "platform": platform.platform(),
@@ -76,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="head shapes (default: by device)")
     p.add_argument("--tokens", nargs="+", type=int, help="scored token counts N (default: by device)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
+                   help="dtypes of the loss cases (default: bfloat16 on CUDA; float32 on CPU, and bfloat16 where it is fast)")
     p.add_argument("--candidates", nargs="+", help="only these candidates (default: all)")
     p.add_argument("--repeats", type=int, help="timed calls per candidate (default: 3 on CUDA, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation happens here)")
@@ -92,21 +97,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Measures everything the arguments (parsed from ``argv``) ask for; returns the JSON-ready results."""
     device = torch.device(args.device) if args.device else bench_device()
-    dtype = bench_dtype(device)
+    dtypes = tuple(DTYPES[d] for d in args.dtypes) if args.dtypes else bench_dtypes(device)
     repeats = args.repeats or (3 if device.type == "cuda" else 2)
     chosen = harness.select(args.candidates)
     cases = default_cases(
         device, full=args.full, shapes=tuple(args.shapes) if args.shapes else None,
-        tokens=tuple(args.tokens) if args.tokens else None,
+        tokens=tuple(args.tokens) if args.tokens else None, dtypes=dtypes,
     )
-    info = machine_info(device, dtype)
+    info = machine_info(device, dtypes)
     info.update(argv=argv, full=args.full, repeats=repeats,
                 warmup=args.warmup, load_start=_load())
     info["backends"] = {n: {"available": s.available, "reason": s.reason} for n, s in qadapter_kernels.backends().items()}
-    info["copy_bandwidth_bytes_per_s"] = (
-        copy_bandwidth(Timer(device, warmup=1, repeats=10)) if device.type == "cuda" else None
-    )
+    info["copy_bandwidth_bytes_per_s"] = copy_bandwidth(Timer(device, warmup=1, repeats=10))
     results = {"meta": info, "cases": [], "e2e": None}
+    if device.type == "cpu":
+        results["row_step"] = cpu_row_steps(cases, info["copy_bandwidth_bytes_per_s"])
     for case in cases:
         print(f"[bench] {case.label} (B={case.batch}, T={case.seq})", flush=True)
         inputs = make_case_inputs(case)
@@ -128,11 +133,49 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         seq = args.e2e_seq or e2e.default_seq(device)
         print(f"[bench] end-to-end training step: {model}, 2 pairs x {seq} tokens", flush=True)
         e2e_repeats = args.e2e_repeats or e2e.default_repeats(device)
-        results["e2e"] = e2e.run_e2e(model, device, dtype, seq=seq, repeats=e2e_repeats)
+        results["e2e"] = e2e.run_e2e(model, device, bench_dtype(device), seq=seq, repeats=e2e_repeats)
     results["decode"] = _decode(args.decode_tokens)
     info["load_end"] = _load()
     results["headline"] = headline(results)
     return results
+
+
+def cpu_row_steps(cases: list, copy_bytes_per_s: float) -> dict:
+    """The CPU row steps alone, on one chunk of each case's head and dtype (the chunk the chunked
+    backend uses at the largest N): the compiled step (csrc/cpu_row_step.c) and the eager one, as
+    bytes/s and as a fraction of the copy bandwidth (``harness.row_step_bandwidth`` counts the
+    bytes no row step avoids); and the compiled step's first-use build time."""
+    from qadapter_kernels import _cpu, chunked
+
+    available, reason = _cpu.status()
+    timer = Timer("cpu", warmup=1, repeats=5)
+    rows = []
+    heads = {(c.shape.name, c.shape.vocab, c.dtype): max(x.tokens for x in cases if x.shape == c.shape) for c in cases}
+    for (shape, vocab, dtype), tokens in heads.items():
+        chunk = chunked.auto_chunk_size(tokens, vocab, dtype, torch.device("cpu"))
+        for name, step in (("compiled", _cpu.cpu_row_step), ("eager", chunked.torch_row_step)):
+            row = {"shape": shape, "dtype": dtype_name(dtype), "step": name, "rows": chunk, "vocab": vocab}
+            if name == "compiled" and not available:
+                rows.append(row | {"status": "skipped", "reason": reason})
+                continue
+            z, q, targets = harness.row_step_inputs(chunk, vocab, dtype, "cpu")
+            speed = harness.row_step_bandwidth(timer, step, z, q, targets)
+            rows.append(row | {"status": "ok", "bytes_per_s": speed, "of_copy": speed / copy_bytes_per_s})
+            print(f"[bench] row step {name} {shape} {dtype_name(dtype)} [{chunk}, {vocab}]: {speed / 1e9:.1f} GB/s",
+                  flush=True)
+    return {"build_s": cpu_build_seconds() if available else None, "rows": rows}
+
+
+def cpu_build_seconds() -> float | None:
+    """Seconds to build the compiled CPU row step from scratch, as a first use does: in a fresh
+    process with an empty cache (the measuring process has it built and cached already)."""
+    code = ("import time, torch; from qadapter_kernels import _cpu; t = time.perf_counter(); "
+            "ok = _cpu.status()[0]; print(time.perf_counter() - t if ok else -1)")
+    with tempfile.TemporaryDirectory() as cache:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "QADAPTER_CACHE": cache}, timeout=600)
+    seconds = float(run.stdout.split()[-1]) if run.returncode == 0 and run.stdout.split() else -1
+    return seconds if seconds >= 0 else None
 
 
 def _decode(tokens: int) -> dict | None:
@@ -226,15 +269,17 @@ def markdown(results: dict, plot_names: list[str]) -> str:
             "",
             f"T_gemm3 = {gemm3 * 1e3:.1f} ms" if gemm3 else "T_gemm3 not measured",
             "",
-            "| candidate | kind | time (ms) | x T_gemm3 | peak extra (MiB) | status |",
-            "|---|---|---:|---:|---:|---|",
+            "| candidate | kind | time (ms) | x T_gemm3 | peak extra (MiB) | first call (s) | status |",
+            "|---|---|---:|---:|---:|---:|---|",
         ]
         for r in case["results"]:
             t = f"{r['time_s'] * 1e3:,.1f}" if r["time_s"] else ""
             x = f"{r['x_gemm3']:.2f}" if r["x_gemm3"] else ""
+            first = f"{r['first_call_s']:.2f}" if r.get("first_call_s") else ""
             status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
-            out.append(f"| `{r['name']}` | {r['kind']} | {t} | {x} | {_fmt_mib(r['peak_bytes'])} | {status} |")
+            out.append(f"| `{r['name']}` | {r['kind']} | {t} | {x} | {_fmt_mib(r['peak_bytes'])} | {first} | {status} |")
         out.append("")
+    out += _row_step_markdown(results.get("row_step"), m.get("copy_bandwidth_bytes_per_s"))
     e = results.get("e2e")
     if e:
         out += [
@@ -287,6 +332,28 @@ def markdown(results: dict, plot_names: list[str]) -> str:
     return "\n".join(out)
 
 
+def _row_step_markdown(row_step: dict | None, copy_bytes_per_s: float | None) -> list[str]:
+    if not row_step:
+        return []
+    build = row_step["build_s"]
+    out = [
+        "## The CPU row step alone",
+        "",
+        "One chunk of the chunked backend (its rows at the largest N); bytes = read z and Q, write P "
+        f"(bench/harness.row_step_bandwidth); copy bandwidth {copy_bytes_per_s / 1e9:.1f} GB/s (1 GiB, read + write). "
+        + (f"Building the compiled step on first use took {build:.1f} s." if build is not None else
+           "The compiled step is not available here."),
+        "",
+        "| head | dtype | step | chunk | GB/s | of copy bandwidth | status |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    for r in row_step["rows"]:
+        speed = f"{r['bytes_per_s'] / 1e9:.1f} | {100 * r['of_copy']:.0f}%" if r["status"] == "ok" else " | "
+        status = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
+        out.append(f"| {r['shape']} | {r['dtype']} | {r['step']} | [{r['rows']}, {r['vocab']}] | {speed} | {status} |")
+    return out + [""]
+
+
 def plot(results: dict, out_dir: Path, stem: str) -> list[str]:
     """Time and peak memory against N, one panel per shape, one line per candidate; log-log."""
     import matplotlib
@@ -294,16 +361,16 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(c["shape"] for c in results["cases"]))
+    panels = list(dict.fromkeys((c["shape"], c["dtype"]) for c in results["cases"]))
     names = []
     for metric, key, scale, ylabel in (
         ("time", "time_s", 1e3, "forward + backward (ms)"),
         ("memory", "peak_bytes", 1 / MIB, "peak extra memory (MiB)"),
     ):
-        fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.2), squeeze=False)
-        for ax, shape in zip(axes[0], shapes):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for ax, (shape, dtype) in zip(axes[0], panels):
             series: dict[str, list[tuple[int, float]]] = {}
-            for case in (c for c in results["cases"] if c["shape"] == shape):
+            for case in (c for c in results["cases"] if (c["shape"], c["dtype"]) == (shape, dtype)):
                 for r in case["results"]:
                     if r["status"] == "ok" and r[key]:
                         series.setdefault(r["name"], []).append((case["tokens"], r[key] * scale))
@@ -314,7 +381,7 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[str]:
             ax.set_yscale("log")
             ax.set_xlabel("N (scored tokens)")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{shape}, {results['meta']['dtype']}")
+            ax.set_title(f"{shape}, {dtype}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"Q-Adapter loss, {results['meta']['device_name']}")

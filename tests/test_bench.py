@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import baselines, harness, report
+from bench.common import SHAPES
 from conftest import make_inputs
 
 OPTIONS = [
@@ -82,7 +83,7 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     # and cuda are unavailable here and must be recorded as skipped with the reason.
     names = ["gemm3", "reference", "chunked", "triton", "cuda", "eager-authors", "chunked-pairs"]
     argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "32", "128",
-            "--candidates", *names, "--repeats", "1", "--e2e-model", "tiny", "--e2e-seq", "16",
+            "--dtypes", "float32", "bfloat16", "--candidates", *names, "--repeats", "1", "--e2e-model", "tiny", "--e2e-seq", "16",
             "--decode-tokens", "0"]
     assert report.main(argv) == 0
     (js,) = tmp_path.glob("cpu-*.json")
@@ -94,7 +95,19 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     results = json.loads(js.read_text())
     meta = results["meta"]
     assert meta["torch"] == torch.__version__ and meta["argv"] == argv and "triton" in meta
-    assert [c["tokens"] for c in results["cases"]] == [32, 128]
+    cases = [(c["dtype"], c["tokens"]) for c in results["cases"]]
+    assert cases == [("float32", 32), ("float32", 128), ("bfloat16", 32), ("bfloat16", 128)]
+    assert meta["copy_bandwidth_bytes_per_s"] > 0
+    steps = {(r["dtype"], r["step"]): r for r in results["row_step"]["rows"]}
+    assert set(steps) == {(d, s) for d in ("float32", "bfloat16") for s in ("compiled", "eager")}
+    for (dtype, step), r in steps.items():
+        assert r["rows"] == 128 and r["vocab"] == SHAPES["tiny"].vocab  # the whole N fits one chunk
+        if r["status"] == "ok":
+            assert r["bytes_per_s"] > 0 and r["of_copy"] == pytest.approx(r["bytes_per_s"] / meta["copy_bandwidth_bytes_per_s"])
+        else:
+            assert step == "compiled" and r["reason"] and results["row_step"]["build_s"] is None
+    assert steps[("float32", "eager")]["status"] == "ok"
+    assert "## The CPU row step alone" in md.read_text()
     for case in results["cases"]:
         rows = {r["name"]: r for r in case["results"]}
         assert list(rows) == names
@@ -103,6 +116,7 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
             assert rows[name]["status"] == "ok", rows[name]
             assert rows[name]["time_s"] > 0 and rows[name]["peak_bytes"] > 0
             assert rows[name]["x_gemm3"] == pytest.approx(rows[name]["time_s"] / case["t_gemm3_s"])
+            assert rows[name]["first_call_s"] > 0
         for name in ("triton", "cuda"):
             if not meta["backends"][name]["available"]:
                 assert rows[name]["status"] == "skipped" and rows[name]["reason"]
