@@ -5,8 +5,12 @@
  * output and remember each block's max; then a second pass over that row (still in L2) scales
  * each block by exp(block max - row max) / sum. Rows run in parallel with OpenMP.
  *
- * exp is a branch-free polynomial so that gcc -O3 vectorises the inner loops without
- * -ffast-math, which would break the -inf logits of masked vocabulary entries.
+ * The two exps per element bound the step (it reads 8 bytes per element, and a core does not
+ * reach memory speed on exps). exp is a branch-free polynomial so that gcc -O3 vectorises the
+ * inner loops without -ffast-math, which would break the -inf logits of masked vocabulary
+ * entries; where the compiler targets AVX-512 (-march=native on such a CPU) the block loop is
+ * written with its intrinsics instead, whose scalef applies 2^k in one instruction (about 1.4x
+ * the whole step on a 2-core Zen 4). Both versions are tested against the eager step.
  */
 #include <math.h>
 #include <stdint.h>
@@ -47,6 +51,77 @@ static inline float vexp(float x) {
     y = y * f_of((uint32_t)(k + 127) << 23);
     return under ? 0.0f : y;
 }
+
+/* One block of a row: c = (q + alpha_0 z) / alpha~ written to eb as exp(c - max c), and the
+ * block's max and sum of exp(x - max) for z and for c. eb may alias qr (p aliases q): each
+ * element is read before it is written. An all -inf block shifts by 0: its exps are 0, never NaN. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* exp of 16 floats: the same reduction and polynomial as vexp, with AVX-512's scalef applying
+ * 2^k (subnormals and underflow to 0 included), a third of vexp's instructions. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.3981999507e-3f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, k);
+}
+
+static inline void block_exps(const float *zr, const float *qr, float *eb, int64_t n, float alpha_0,
+                              float inv_at, float *mz_out, float *mc_out, float *sz_out, float *sc_out) {
+    const __m512 a0 = _mm512_set1_ps(alpha_0), ia = _mm512_set1_ps(inv_at), ninf = _mm512_set1_ps(-INFINITY);
+    __m512 mz = ninf, mc = ninf;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 z = _mm512_mask_loadu_ps(ninf, m, zr + i);
+        const __m512 c = _mm512_mul_ps(_mm512_fmadd_ps(a0, z, _mm512_mask_loadu_ps(ninf, m, qr + i)), ia);
+        _mm512_mask_storeu_ps(eb + i, m, c);
+        mz = _mm512_max_ps(mz, z);
+        mc = _mm512_mask_max_ps(mc, m, mc, c);  /* a masked lane of c may be NaN (-inf + inf) */
+    }
+    const float hz = _mm512_reduce_max_ps(mz), hc = _mm512_reduce_max_ps(mc);
+    const __m512 shz = _mm512_set1_ps(hz == -INFINITY ? 0.0f : hz), shc = _mm512_set1_ps(hc == -INFINITY ? 0.0f : hc);
+    __m512 sz = _mm512_setzero_ps(), sc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 ec = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, m, eb + i), shc));
+        _mm512_mask_storeu_ps(eb + i, m, ec);
+        sc = _mm512_add_ps(sc, ec);
+        sz = _mm512_add_ps(sz, exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, m, zr + i), shz)));
+    }
+    *mz_out = hz, *mc_out = hc, *sz_out = _mm512_reduce_add_ps(sz), *sc_out = _mm512_reduce_add_ps(sc);
+}
+#else
+static inline void block_exps(const float *zr, const float *qr, float *eb, int64_t n, float alpha_0,
+                              float inv_at, float *mz_out, float *mc_out, float *sz_out, float *sc_out) {
+    float mz = -INFINITY, mc = -INFINITY;
+#pragma omp simd reduction(max : mz, mc)
+    for (int64_t i = 0; i < n; i++) {
+        float c = (qr[i] + alpha_0 * zr[i]) * inv_at;
+        eb[i] = c;
+        mz = max_f(mz, zr[i]);
+        mc = max_f(mc, c);
+    }
+    const float shz = mz == -INFINITY ? 0.0f : mz, shc = mc == -INFINITY ? 0.0f : mc;
+    float sz = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sz, sc)
+    for (int64_t i = 0; i < n; i++) {
+        float ec = vexp(eb[i] - shc);
+        eb[i] = ec;
+        sc += ec;
+        sz += vexp(zr[i] - shz);
+    }
+    *mz_out = mz, *mc_out = mc, *sz_out = sz, *sc_out = sc;
+}
+#endif
 
 /* Adds a block's (max m, sum s of exp(x - m)) to a running (M, S). */
 static inline void merge(float *M, double *S, float m, double s) {
@@ -99,24 +174,8 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
                     zr = (const float *)z + base + off, qr = (const float *)q + base + off;
                 }
                 float *eb = e + off;
-                float mz = -INFINITY, mc = -INFINITY;
-#pragma omp simd reduction(max : mz, mc)
-                for (int64_t i = 0; i < n; i++) {
-                    float c = (qr[i] + alpha_0 * zr[i]) * inv_at;
-                    eb[i] = c;  /* may overwrite qr[i] (p aliases q): already read */
-                    mz = max_f(mz, zr[i]);
-                    mc = max_f(mc, c);
-                }
-                /* An all -inf block shifts by 0: its exps are 0, never NaN. */
-                const float shz = mz == -INFINITY ? 0.0f : mz, shc = mc == -INFINITY ? 0.0f : mc;
-                float sz = 0.0f, sc = 0.0f;
-#pragma omp simd reduction(+ : sz, sc)
-                for (int64_t i = 0; i < n; i++) {
-                    float ec = vexp(eb[i] - shc);
-                    eb[i] = ec;
-                    sc += ec;
-                    sz += vexp(zr[i] - shz);
-                }
+                float mz, mc, sz, sc;
+                block_exps(zr, qr, eb, n, alpha_0, inv_at, &mz, &mc, &sz, &sc);
                 bmax[b] = mc;
                 merge(&Mz, &Sz, mz, sz);
                 merge(&Mc, &Sc, mc, sc);

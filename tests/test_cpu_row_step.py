@@ -136,3 +136,25 @@ def test_build_is_cached(monkeypatch, tmp_path):
         assert sorted(tmp_path.glob("*.so")) == built and os.stat(built[0]).st_mtime_ns == mtime
     finally:
         _cpu._load.cache_clear()
+
+
+@needs_cc
+@pytest.mark.skipif(not any(line.startswith("flags") and " avx512f" in line for line in open("/proc/cpuinfo")),
+                    reason="the CPU has no AVX-512: the native build is already the portable one")
+def test_portable_build_matches_eager(monkeypatch, tmp_path):
+    """Without AVX-512 the C step's plain loops (auto-vectorised vexp) run: the same contract."""
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu, "FLAG_SETS", (("-march=native", "-mno-avx512f", "-fopenmp"),))
+    _cpu._load.cache_clear()
+    try:
+        assert _cpu.status() == (True, "")
+        for dtype in (torch.float32, torch.bfloat16):
+            for vocab in (7, 4099):
+                z, q, targets = _logits(5, vocab, dtype, seed=vocab)
+                _check(z, q, targets, dtype)
+            z, q, targets = _logits(2, 2100, dtype, seed=2)
+            q[0, :1024] = float("-inf")
+            z[1, 5:2000] = float("-inf")
+            assert (_check(z, q, targets, dtype, alpha_0=0.01)[2][0, :1024] == 0).all()
+    finally:
+        _cpu._load.cache_clear()
