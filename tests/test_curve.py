@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 from conftest import default_model_available  # noqa: E402
 from test_trainer import setup  # noqa: E402
 
-from qadapter.curve import LearningCurve, wilson_interval  # noqa: E402
+from qadapter.curve import LearningCurve, mcnemar_exact, paired_change, wilson_interval  # noqa: E402
 from qadapter.evaluate import evaluate_pairs  # noqa: E402
 from qadapter.trainer import QAdapterTrainer  # noqa: E402
 
@@ -39,8 +39,24 @@ def test_curve_measures_step_zero_every_k_steps_and_the_end(tmp_path):
     assert last["accuracy"] > first["accuracy"] and last["kl_to_base"] > 0
     for point in record["points"]:
         assert point["accuracy_95"][0] <= point["accuracy"] <= point["accuracy_95"][1]
+        ranked = point["ranked_right"]
+        assert len(ranked) == len(features) and point["accuracy"] == pytest.approx(ranked.count("1") / len(features))
+    assert "vs_step0" not in first
+    for point in record["points"][1:]:
+        change = point["vs_step0"]
+        assert change["gained"] - change["lost"] == round((point["accuracy"] - first["accuracy"]) * len(features))
+        assert 0 < change["p_value"] <= 1
     pytest.importorskip("matplotlib")
     assert (tmp_path / "out" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mcnemar_exact_and_the_paired_change():
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(1, 0) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert mcnemar_exact(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096) == mcnemar_exact(2, 10)
+    assert paired_change("0011", "0110") == {"gained": 1, "lost": 1, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same pairs"):
+        paired_change("01", "011")
 
 
 def test_curve_refuses_what_it_cannot_measure(tmp_path):

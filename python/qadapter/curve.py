@@ -3,7 +3,9 @@
 :class:`LearningCurve` is a ``transformers.TrainerCallback`` that measures held-out pairs at step 0
 (the untrained adapter: its rewards are the base model's own likelihood preference), every
 ``every`` optimizer steps and at the end: preference accuracy with its 95% binomial (Wilson)
-interval, margin, loss and the mean per-token KL of the customized policy to the base. Each
+interval, margin, loss and the mean per-token KL of the customized policy to the base. Each point
+keeps which pairs it ranks right, so every later point is also compared with step 0 on the same
+pairs (McNemar's exact test: a paired test, sharper than comparing the two intervals). Each
 point is written at once to ``curve.json`` (atomically), and ``curve.png`` is drawn from it, so a
 run cut short keeps every point it measured.
 """
@@ -30,6 +32,25 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value of ``gained`` pairs ranked right only after and ``lost`` only
+    before: under no change each discordant pair is a fair coin."""
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_change(before: str, after: str) -> dict:
+    """Pairs ranked right at one point but not the other (``before``/``after``: one '1' or '0' per
+    pair, the same pairs in the same order) and McNemar's exact p-value of the change."""
+    if len(before) != len(after):
+        raise ValueError(f"the two points must rank the same pairs; got {len(before)} and {len(after)}")
+    gained = sum(b == "0" and a == "1" for b, a in zip(before, after))
+    lost = sum(b == "1" and a == "0" for b, a in zip(before, after))
+    return {"gained": gained, "lost": lost, "p_value": mcnemar_exact(gained, lost)}
+
+
 class LearningCurve(TrainerCallback):
     """Held-out measures at step 0, every ``every`` steps and at the end, into ``directory``."""
 
@@ -53,12 +74,16 @@ class LearningCurve(TrainerCallback):
         """One point of the curve, written out before it is returned."""
         if self.points and self.points[-1]["step"] == step:
             return self.points[-1]
-        metrics = evaluate_pairs(model, self.features, self.pad_token_id, kl=self.kl, progress=self.progress)
-        wins = round(metrics["accuracy"] * len(self.features))
-        low, high = wilson_interval(wins, len(self.features))
+        metrics = evaluate_pairs(model, self.features, self.pad_token_id, kl=self.kl, progress=self.progress,
+                                 per_pair=True)
+        ranked = "".join("1" if margin > 0 else "0" for margin in metrics["margins"])
+        low, high = wilson_interval(ranked.count("1"), len(self.features))
         point = {"step": step, "accuracy": metrics["accuracy"], "accuracy_95": [low, high],
                  "margin": metrics["margin"], "loss": metrics["loss"],
-                 "kl_to_base": metrics.get("kl_to_base"), "train_seconds": round(time.monotonic() - self._started, 1)}
+                 "kl_to_base": metrics.get("kl_to_base"), "train_seconds": round(time.monotonic() - self._started, 1),
+                 "ranked_right": ranked}
+        if self.points:
+            point["vs_step0"] = paired_change(self.points[0]["ranked_right"], ranked)
         self.points.append(point)
         self.write()
         return point
@@ -106,7 +131,11 @@ def plot_curve(record: dict, path: str | Path) -> bool:
         more_handles, more_labels = kl_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     acc_axis.legend(handles, labels, fontsize=8, loc="best")
-    acc_axis.set_title(f"{record['heldout_pairs']} held-out pairs")
+    title = f"{record['heldout_pairs']} held-out pairs"
+    change = points[-1].get("vs_step0")
+    if change:
+        title += f"; step {steps[-1]} vs 0: +{change['gained']} / -{change['lost']} pairs, McNemar p = {change['p_value']:.3g}"
+    acc_axis.set_title(title, fontsize=9)
     fig.tight_layout()
     atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
