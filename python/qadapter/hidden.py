@@ -20,7 +20,7 @@ class HiddenStates(NamedTuple):
 
     base_hidden: torch.Tensor  # [B, T, d] the frozen model's (adapter disabled), no gradient
     q_hidden: torch.Tensor  # [B, T, d] the adapter model's
-    weight: torch.Tensor  # [V, d] the frozen lm_head
+    weight: torch.Tensor  # [V, d] the frozen lm_head (gathered whole under FSDP2)
 
 
 def linear_head(model: nn.Module) -> nn.Linear:
@@ -34,6 +34,17 @@ def linear_head(model: nn.Module) -> nn.Linear:
             raise ValueError(f"{type(model).__name__} transforms its logits ({attr}), "
                              "which the fused loss does not model")
     return head
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` whole: FSDP2 (``fully_shard``) keeps parameters as sharded DTensors outside their
+    module's forward, and the fused loss reads the frozen lm_head's weight outside it. The head is
+    frozen, so the gather runs without autograd: one all-gather per step, as FSDP's own forward of
+    the head would do, and no gradient to reduce."""
+    if not hasattr(weight, "full_tensor"):
+        return weight
+    with torch.no_grad():
+        return weight.full_tensor()
 
 
 def peft_model_of(model: nn.Module) -> nn.Module:
@@ -60,7 +71,7 @@ def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attenti
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
-    weight = linear_head(base_model).weight
+    weight = full_weight(linear_head(base_model).weight)
     captured = []
 
     def keep_hidden(module, args, output):

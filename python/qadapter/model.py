@@ -31,7 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic
 from .defaults import DEFAULT_MODEL, load_base
-from .hidden import frozen_and_adapter_hidden, linear_head
+from .hidden import frozen_and_adapter_hidden, full_weight, linear_head
 
 CONFIG_NAME = "qadapter_config.json"
 ADAPTER_NAME = "default"
@@ -214,7 +214,8 @@ class QAdapterModel(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.base_model.get_output_embeddings().weight
+        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it)."""
+        return full_weight(self.base_model.get_output_embeddings().weight)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
         """Trainer's hook for gradient checkpointing; non-reentrant by default (frozen embeddings)."""
