@@ -94,14 +94,22 @@ class ChunkLogits:
     every time; the row step may overwrite the buffer, as the ``RowStep`` contract allows. A shared
     head (``q_weight`` is ``weight``, no bias: adapters below the lm_head) takes one GEMM over the
     stacked ``[base; hq]`` rows, which runs closer to peak than two half-height ones.
+
+    With ``softcap`` s both are capped in place, ``s * tanh(logits / s)`` (in float32 at least), and
+    with ``derivative`` the chunk's ``dQ_capped / dQ = 1 - tanh^2`` is kept in :attr:`derivative`:
+    the gradients' factor, read after the row step has overwritten ``q``.
     """
 
-    def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int):
+    def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int, softcap: float | None = None,
+                 derivative: bool = False):
         self.base, self.hq, self.weight, self.q_weight, self.q_bias = base, hq, weight, q_weight, q_bias
         rows = max(1, min(chunk, hq.shape[0]))
         self.shared = q_bias is None and _same_tensor(weight, q_weight)
         self.out = torch.empty(2 * rows, weight.shape[0], dtype=hq.dtype, device=hq.device)
         self.stacked = torch.empty(2 * rows, hq.shape[1], dtype=hq.dtype, device=hq.device) if self.shared else None
+        self.softcap = softcap
+        self.derivative = (torch.empty(rows, weight.shape[0], dtype=stats_dtype(hq.dtype), device=hq.device)
+                           if softcap is not None and derivative else None)
 
     def __call__(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = e - s
@@ -114,7 +122,20 @@ class ChunkLogits:
             torch.mm(self.hq[s:e], self.q_weight.T, out=q)
             if self.q_bias is not None:
                 q.add_(self.q_bias)
+        if self.softcap is not None:
+            self._cap(z, None)
+            self._cap(q, None if self.derivative is None else self.derivative[:n])
         return z, q
+
+    def _cap(self, x: torch.Tensor, derivative: torch.Tensor | None) -> None:
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        tanh = wide.div_(self.softcap).tanh_()
+        if derivative is not None:
+            torch.mul(tanh, tanh, out=derivative).neg_().add_(1)
+        if wide is x:
+            x.mul_(self.softcap)
+        else:
+            x.copy_(tanh.mul_(self.softcap))
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -152,7 +173,7 @@ class ChunkedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, hq, weight, q_weight, q_bias, targets, chunk, row_step, cfg):
-        alpha_tilde, alpha_0 = cfg
+        alpha_tilde, alpha_0, softcap = cfg
         n = hq.shape[0]
         sd = stats_dtype(hq.dtype)
         q_taken = torch.empty(n, dtype=sd, device=hq.device)
@@ -160,26 +181,32 @@ class ChunkedTokenStats(torch.autograd.Function):
         want_hq_grad = ctx.needs_input_grad[1]
         expected_w = torch.empty(n, hq.shape[1], dtype=sd, device=hq.device) if want_hq_grad else None
         with torch.no_grad():
-            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, chunk)
+            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, chunk, softcap, derivative=want_hq_grad)
             for s, e in _chunks(n, chunk):
                 z, q = logits(s, e)
                 q_taken[s:e], value[s:e], p = row_step(z, q, targets[s:e], alpha_tilde, alpha_0, q_weight.dtype)
                 del z, q
                 if want_hq_grad:
+                    if logits.derivative is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
+                        p.mul_(logits.derivative[: e - s])
                     expected_w[s:e] = matmul_to(sd, p, q_weight)
         # base and weight are only needed again to recompute p for a trainable Q head.
         head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w)
+        ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w,
+                              q_taken if softcap is not None else None)
         ctx.chunk, ctx.row_step, ctx.cfg = chunk, row_step, cfg
         return q_taken, value
 
     @staticmethod
     def backward(ctx, grad_q_taken, grad_value):
-        base, hq, weight, q_weight, q_bias, targets, expected_w = ctx.saved_tensors
+        base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken = ctx.saved_tensors
         sd = grad_q_taken.dtype
+        softcap = ctx.cfg[2]
+        if softcap is not None:  # Q[a] = s * tanh(raw / s): d/d raw = 1 - (Q[a] / s)^2
+            grad_q_taken = grad_q_taken * (1 - (capped_q_taken / softcap).square())
         grad_hq = grad_qw = grad_qb = None
         if ctx.needs_input_grad[1]:
-            # dL/dh_q[t] = g_qa[t] * Wq[a_t] + g_v[t] * E_p[Wq]   (d V / d Q = p)
+            # dL/dh_q[t] = g_qa[t] * Wq[a_t] + g_v[t] * E_p[Wq]   (d V / d Q = p; capped: both times 1 - tanh^2)
             grad_hq = torch.addcmul(
                 grad_value.unsqueeze(1) * expected_w, grad_q_taken.unsqueeze(1), q_weight[targets].to(sd)
             ).to(hq.dtype)
@@ -189,19 +216,22 @@ class ChunkedTokenStats(torch.autograd.Function):
 
 
 def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, grad_value):
-    """Second chunked pass: dL/dQ = g_qa * onehot(a) + g_v * p, summed over tokens into Wq and bq."""
-    alpha_tilde, alpha_0 = ctx.cfg
+    """Second chunked pass: dL/dQ = g_qa * onehot(a) + g_v * p (times 1 - tanh^2 under a soft cap;
+    ``grad_q_taken`` has its factor already), summed over tokens into Wq and bq."""
+    alpha_tilde, alpha_0, softcap = ctx.cfg
     sd = grad_q_taken.dtype
     want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
     grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
     with torch.no_grad():
-        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, ctx.chunk)
+        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, ctx.chunk, softcap, derivative=True)
         for s, e in _chunks(hq.shape[0], ctx.chunk):
             z, q = logits(s, e)
             _, _, p = ctx.row_step(z, q, targets[s:e], alpha_tilde, alpha_0, sd)
             del z, q
             d_logits = p.mul_(grad_value[s:e].unsqueeze(1))
+            if logits.derivative is not None:
+                d_logits.mul_(logits.derivative[: e - s])
             rows = torch.arange(e - s, device=p.device)
             d_logits.index_put_((rows, targets[s:e]), grad_q_taken[s:e], accumulate=True)
             if want_w:
@@ -226,17 +256,20 @@ def chunked_token_stats(
     alpha_0: float,
     chunk_size: int | None = None,
     row_step: RowStep | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias.
 
     ``base``/``hq``: ``[N, d]``; ``weight``/``q_weight``: ``[V, d]``; ``q_bias``: ``[V]`` or None;
     ``targets``: ``[N]`` int64 in ``[0, V)``. Returns two ``[N]`` tensors in :func:`stats_dtype`.
-    ``row_step=None``: :func:`default_row_step` for ``hq``'s device.
+    ``row_step=None``: :func:`default_row_step` for ``hq``'s device. ``softcap`` s: both heads'
+    logits are ``s * tanh(logits / s)`` (Gemma-2); the row step is unchanged, the gradients gain
+    the factor ``1 - tanh^2`` (one more ``[chunk, V]`` buffer).
     """
     row_step = row_step or default_row_step(hq.device)
     chunk = chunk_size or auto_chunk_size(hq.shape[0], weight.shape[0], hq.dtype, hq.device)
     return ChunkedTokenStats.apply(
-        base.detach(), hq, weight.detach(), q_weight, q_bias, targets, chunk, row_step, (alpha_tilde, alpha_0)
+        base.detach(), hq, weight.detach(), q_weight, q_bias, targets, chunk, row_step, (alpha_tilde, alpha_0, softcap)
     )
 
 

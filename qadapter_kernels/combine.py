@@ -52,12 +52,15 @@ def combined_logprobs(
     alpha_tilde: float = LossConfig.alpha_tilde,
     alpha_0: float = LossConfig.alpha_0,
     chunk_size: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Combined-policy log-probs ``[..., V]`` from hidden states ``[..., d]``, a chunk of tokens at a time.
 
     Only the output is ``[tokens, V]``; the base logits and Q-values exist one chunk at a time.
+    ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
     """
     check_chunk_size(chunk_size)
+    logit_softcap = _check_softcap(logit_softcap)
     _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias)
     wq = weight if q_weight is None else q_weight
     lead = q_hidden.shape[:-1]
@@ -70,8 +73,21 @@ def combined_logprobs(
         q = hq[s:e] @ wq.T
         if q_bias is not None:
             q += q_bias
-        out[s:e] = combine_logits(base[s:e] @ weight.T, q, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
+        z = base[s:e] @ weight.T
+        out[s:e] = combine_logits(_capped(z, logit_softcap), _capped(q, logit_softcap),
+                                  alpha_tilde=alpha_tilde, alpha_0=alpha_0)
     return out.reshape(*lead, vocab)
+
+
+def _check_softcap(logit_softcap):
+    return None if logit_softcap is None else check_real("logit_softcap", logit_softcap, positive=True)
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(logits / softcap)`` in at least float32 (the logits as they are without a cap)."""
+    if softcap is None:
+        return logits
+    return softcap * torch.tanh(logits.to(torch.promote_types(logits.dtype, torch.float32)) / softcap)
 
 
 def _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias) -> None:
@@ -109,6 +125,7 @@ def combined_logprobs_at(
     ignore_index: int = LossConfig.ignore_index,
     backend: str = "auto",
     chunk_size: int | None = None,
+    logit_softcap: float | None = None,
 ) -> TargetLogprobs:
     """Log-probs of ``targets`` ``[...]`` under the customized policy and the frozen model, from hidden
     states ``[..., d]``, with nothing ``[tokens, V]`` held: what a sequence likelihood or another
@@ -118,7 +135,9 @@ def combined_logprobs_at(
     ``labels[:, 1:]``); positions whose target is ``ignore_index`` give 0 and cost nothing. The
     combined log-prob is ``(Q[a] + alpha_0 * log pi1(a) - V) / alpha~`` from the backend's token
     statistics (its gradient is theirs), plus one gradient-free chunked pass for ``log pi1(a)``.
+    ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
     """
+    logit_softcap = _check_softcap(logit_softcap)
     alpha_tilde = check_real("alpha_tilde", alpha_tilde, positive=True)
     alpha_0 = check_real("alpha_0", alpha_0, non_negative=True)
     check_chunk_size(chunk_size)
@@ -128,6 +147,7 @@ def combined_logprobs_at(
     check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0], ignore_index=ignore_index,
                   device=q_hidden.device)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
+    registry.check_softcap(impl, logit_softcap)
     mask = targets != ignore_index
     zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
     if not bool(mask.any()):
@@ -135,21 +155,23 @@ def combined_logprobs_at(
     base, hq, actions = base_hidden[mask], q_hidden[mask], targets[mask].long()
     q_taken, value = impl.token_stats(
         base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
-        alpha_tilde=alpha_tilde, alpha_0=alpha_0, chunk_size=chunk_size,
+        alpha_tilde=alpha_tilde, alpha_0=alpha_0, chunk_size=chunk_size, softcap=logit_softcap,
     )
-    log_pi1 = _base_logprobs(base, weight, actions, chunk_size)
+    log_pi1 = _base_logprobs(base, weight, actions, chunk_size, logit_softcap)
     combined = (q_taken + alpha_0 * log_pi1 - value) / alpha_tilde
     return TargetLogprobs(zeros.masked_scatter(mask, combined), zeros.masked_scatter(mask, log_pi1))
 
 
 @torch.no_grad()
-def _base_logprobs(base: torch.Tensor, weight: torch.Tensor, actions: torch.Tensor, chunk_size: int | None):
-    """``log_softmax(base @ W^T)[a]`` for packed tokens ``[N, d]``, a chunk of ``[chunk, V]`` logits at a time."""
+def _base_logprobs(base: torch.Tensor, weight: torch.Tensor, actions: torch.Tensor, chunk_size: int | None,
+                   softcap: float | None = None):
+    """``log_softmax(base @ W^T)[a]`` (capped logits under ``softcap``) for packed tokens ``[N, d]``, a chunk of
+    ``[chunk, V]`` logits at a time."""
     n, vocab = base.shape[0], weight.shape[0]
     out = torch.empty(n, dtype=stats_dtype(base.dtype), device=base.device)
     chunk = chunk_size or auto_chunk_size(n, vocab, base.dtype, base.device)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        z = (base[s:e] @ weight.T).to(out.dtype)
+        z = _capped(base[s:e] @ weight.T, softcap).to(out.dtype)
         out[s:e] = z.gather(1, actions[s:e, None]).squeeze(1) - z.logsumexp(dim=1)
     return out

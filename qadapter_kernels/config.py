@@ -49,6 +49,9 @@ class LossConfig:
     reward_norm: str = field(default="padded", metadata={"help": "per-sequence reward: sum over the padded length, "
                                                           "the scored tokens, or 1", "choices": REWARD_NORM})
     ignore_index: int = field(default=-100, metadata={"help": "label of positions that are not scored"})
+    logit_softcap: float | None = field(default=None, metadata={
+        "help": "the model's final logit soft-capping (Gemma-2's final_logit_softcapping): both heads' logits "
+                "become s * tanh(logits / s); None: none"})
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -58,6 +61,8 @@ class LossConfig:
         set_(self, "beta", check_real("beta", self.beta, non_negative=True))
         check_choice("value_at", self.value_at, VALUE_AT)
         check_choice("reward_norm", self.reward_norm, REWARD_NORM)
+        if self.logit_softcap is not None:
+            set_(self, "logit_softcap", check_real("logit_softcap", self.logit_softcap, positive=True))
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
 

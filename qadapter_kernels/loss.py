@@ -17,6 +17,7 @@ def _scored_tokens(base_hidden, q_hidden, weight, labels, q_weight, q_bias, conf
     check_chunk_size(chunk_size)
     check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, paired=paired)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
+    registry.check_softcap(impl, config.logit_softcap)
     return impl, ScoredTokens.from_labels(labels, config.ignore_index)
 
 
@@ -32,6 +33,7 @@ def _token_stats(impl, tokens, base_hidden, q_hidden, weight, labels, q_weight, 
         alpha_tilde=config.alpha_tilde,
         alpha_0=config.alpha_0,
         chunk_size=chunk_size,
+        softcap=config.logit_softcap,
     )
     return TokenStats(q_taken, value, token_rewards(q_taken, value, tokens, config), tokens, config)
 
@@ -104,7 +106,8 @@ def qadapter_loss(
         q_weight, q_bias: optional Q head (``[V, d]``, ``[V]``); defaults to the frozen ``weight``.
         config: the loss options (:class:`LossConfig`); ``**options`` overrides single fields
             (``alpha_tilde``, ``alpha_0``, ``gamma``, ``beta``, ``value_at``, ``reward_norm``,
-            ``ignore_index``: docs/design.md, "The method").
+            ``ignore_index``: docs/design.md, "The method"; ``logit_softcap``: the model's final
+            logit soft-capping, applied to both heads' logits).
         backend: ``"auto"`` or a name of :func:`backends` (which also says why one cannot run).
         chunk_size: tokens per chunk for chunked backends; ``None`` picks it from a memory budget.
         total_pairs, total_tokens: the pair and scored-token counts of a larger batch this one is

@@ -16,13 +16,16 @@ from .inputs import stats_dtype
 from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss
 
 
-def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0):
-    """Q-values and soft values ``V = alpha~ lse((Q + alpha_0 log_softmax(z)) / alpha~)`` over whole rows."""
+def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0, softcap=None):
+    """Q-values and soft values ``V = alpha~ lse((Q + alpha_0 log_softmax(z)) / alpha~)`` over whole
+    rows; with ``softcap`` s, both heads' logits are first ``s * tanh(logits / s)``."""
     ct = stats_dtype(h_q.dtype)
     z = h_b.detach().to(ct) @ weight.detach().to(ct).T  # the frozen side: no gradient, ever
     q = h_q.to(ct) @ wq.to(ct).T
     if q_bias is not None:
         q = q + q_bias.to(ct)
+    if softcap is not None:
+        z, q = softcap * torch.tanh(z / softcap), softcap * torch.tanh(q / softcap)
     log_pi1 = torch.log_softmax(z, dim=-1)
     return q, alpha_tilde * _logsumexp((q + alpha_0 * log_pi1) / alpha_tilde)
 
@@ -46,7 +49,8 @@ def qadapter_loss_reference(
 ) -> QAdapterLossOutput:
     """docs/design.md, "The loss", line by line, over the whole ``[B, T, V]`` logits."""
     wq = weight.detach() if q_weight is None else q_weight  # the shared head stays frozen
-    q, value = _values(base_hidden, q_hidden, weight, wq, q_bias, config.alpha_tilde, config.alpha_0)  # [B, T, V], [B, T]
+    q, value = _values(base_hidden, q_hidden, weight, wq, q_bias, config.alpha_tilde, config.alpha_0,
+                       config.logit_softcap)  # [B, T, V], [B, T]
 
     # Position t is scored by the target labels[t + 1] (Hugging Face alignment).
     targets = labels[:, 1:]
@@ -61,10 +65,11 @@ def qadapter_loss_reference(
     return pairwise_loss(rewards[mask], ScoredTokens.from_labels(labels, config.ignore_index), config)
 
 
-def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, *, alpha_tilde, alpha_0, chunk_size=None):
+def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, *, alpha_tilde, alpha_0, chunk_size=None,
+                          softcap=None):
     """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd."""
     del chunk_size  # nothing is chunked here
-    q, value = _values(base, hq, weight, q_weight, q_bias, alpha_tilde, alpha_0)
+    q, value = _values(base, hq, weight, q_weight, q_bias, alpha_tilde, alpha_0, softcap)
     return q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), value
 
 

@@ -112,6 +112,8 @@ def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0):
         "qwen2": lambda: transformers.Qwen2Config(tie_word_embeddings=False, **common),
         "mistral": lambda: transformers.MistralConfig(tie_word_embeddings=False, **common),
         "gemma": lambda: transformers.GemmaConfig(head_dim=8, **common),
+        # A cap small enough to bite on a random model's logits (Gemma-2's own is 30).
+        "gemma2": lambda: transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **common),
     }
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(configs[family]())

@@ -70,6 +70,27 @@ def test_dtypes_and_heads(name, head):
         assert_agree(name, x, TOL[dtype], chunk_size=5, alpha_tilde=0.8, alpha_0=0.05)
 
 
+@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("head", ["shared", "q_weight+bias"])
+def test_logit_softcap(name, head):
+    """Gemma-2's soft-capped logits, s * tanh(logits / s), with a cap that bites (logits up to ~3s)."""
+    backend(name)
+    for dtype in dtypes_of(name):
+        x = make_inputs(batch=6, seq=11, hidden=40, vocab=203, dtype=dtype, seed=8, device=DEVICE,
+                        q_head=head != "shared", q_bias=head != "shared")
+        got, _ = assert_agree(name, x, TOL[dtype], chunk_size=5, alpha_tilde=0.8, alpha_0=0.05, logit_softcap=0.7)
+        uncapped, _ = loss_and_grads(x, backend=name, chunk_size=5, alpha_tilde=0.8, alpha_0=0.05)
+        assert rel_err(got.loss, uncapped.loss) > 0.1  # the cap changes the loss
+
+
+def test_logit_softcap_is_refused_where_it_is_not_modelled():
+    with pytest.raises(ValueError, match="logit_softcap must be > 0"):
+        qadapter_loss(**make_inputs(), logit_softcap=0.0)
+    backend("triton")
+    with pytest.raises(ValueError, match="'triton' does not model logit_softcap; use one of"):
+        qadapter_loss(**make_inputs(device=DEVICE), backend="triton", logit_softcap=30.0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("value_at", ["current", "next"])
 @pytest.mark.parametrize("reward_norm", ["padded", "mean", "sum"])

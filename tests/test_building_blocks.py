@@ -142,13 +142,15 @@ def test_positions_follow_ragged_masks():
     assert stats.positions.tolist() == [0, 1, 3, 2, 3]
 
 
-def full_target_logprobs(x, targets, alpha_tilde, alpha_0):
+def full_target_logprobs(x, targets, alpha_tilde, alpha_0, softcap=None):
     """log pi~ and log pi1 of targets [B, T] from whole float64 rows; 0 where the target is -100."""
     q_weight = x.get("q_weight", x["weight"])
     q = x["q_hidden"].double() @ q_weight.double().T
     if "q_bias" in x:
         q = q + x["q_bias"].double()
     z = x["base_hidden"].double() @ x["weight"].double().T
+    if softcap is not None:
+        q, z = softcap * torch.tanh(q / softcap), softcap * torch.tanh(z / softcap)
     index = targets.clamp(min=0).unsqueeze(-1)
     combined = combine_logits(z, q, alpha_tilde=alpha_tilde, alpha_0=alpha_0).gather(-1, index).squeeze(-1)
     base = torch.log_softmax(z, dim=-1).gather(-1, index).squeeze(-1)
@@ -157,18 +159,20 @@ def full_target_logprobs(x, targets, alpha_tilde, alpha_0):
 
 
 @pytest.mark.parametrize("name", ["reference", *NAMES])
-@pytest.mark.parametrize("chunk_size", [None, 1, 4])
-def test_combined_logprobs_at_targets(name, chunk_size):
+@pytest.mark.parametrize("chunk_size, softcap", [(None, None), (1, None), (4, None), (4, 0.7)])
+def test_combined_logprobs_at_targets(name, chunk_size, softcap):
     available(name)
+    if softcap is not None and not registry.get(name).softcap:
+        pytest.skip(f"{name} does not model logit_softcap")
     x = make_inputs(batch=4, seq=9, hidden=24, vocab=53, seed=11, q_head=True, q_bias=True, device=DEVICE)
     targets = x["labels"][:, 1:]
     hidden = {k: v[:, :-1] if k in ("base_hidden", "q_hidden") else v for k, v in leaves(x).items()}
     got = combined_logprobs_at(**hidden, targets=targets, alpha_tilde=0.6, alpha_0=0.3, backend=name,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, logit_softcap=softcap)
     assert got.combined.shape == got.base.shape == targets.shape and got.combined.dtype == torch.float32
     assert not got.base.requires_grad
     full = {k: v.detach().clone().requires_grad_(k in TRAINABLE) for k, v in hidden.items()}
-    combined, base = full_target_logprobs(full, targets, 0.6, 0.3)
+    combined, base = full_target_logprobs(full, targets, 0.6, 0.3, softcap)
     assert rel_err(got.combined, combined) <= 1e-5 and rel_err(got.base, base) <= 1e-5
     assert bool((got.combined[targets == -100] == 0).all())
     # A weighted sum reaches every trainable input exactly as the full-logits version does.

@@ -37,3 +37,14 @@ def test_combined_logprobs_from_hidden_states(dtype, chunk_size):
     expected = combine_logits(hb @ w.T, hq @ qw.T + qb, alpha_tilde=0.9, alpha_0=0.1)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got.logsumexp(-1), torch.zeros(2, 5), atol=1e-5)
+
+
+def test_combined_logprobs_with_a_logit_softcap():
+    g = torch.Generator().manual_seed(2)
+    hb, hq = torch.randn(2, 3, 5, 16, generator=g)
+    w = torch.randn(31, 16, generator=g) / 4
+    got = combined_logprobs(hb, hq, w, alpha_tilde=0.9, alpha_0=0.1, chunk_size=4, logit_softcap=0.5)
+    cap = lambda x: 0.5 * torch.tanh(x / 0.5)  # noqa: E731
+    expected = combine_logits(cap(hb @ w.T), cap(hq @ w.T), alpha_tilde=0.9, alpha_0=0.1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, combined_logprobs(hb, hq, w, alpha_tilde=0.9, alpha_0=0.1), atol=1e-2)

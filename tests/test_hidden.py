@@ -109,5 +109,6 @@ def test_refuses_what_it_cannot_serve():
         frozen_and_adapter_hidden(causal_lm("llama"), ids, mask)
     model = peft_lm("llama")
     model.get_base_model().config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30\): pass logit_softcap=30"):
         frozen_and_adapter_hidden(model, ids, mask)
+    assert frozen_and_adapter_hidden(model, ids, mask, logit_softcap=30.0).weight.shape[0] == 97

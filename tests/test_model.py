@@ -221,9 +221,48 @@ def test_forward_requires_labels():
 
 def test_rejects_heads_the_fused_loss_cannot_model():
     base = tiny_causal_lm("llama")
-    base.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    base.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale"):
         QAdapterModel(base)
+    with pytest.raises(ValueError, match="does not soft-cap"):
+        QAdapterModel(tiny_causal_lm("llama"), logit_softcap=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=0.5"):
+        QAdapterModel(tiny_causal_lm("gemma2"), logit_softcap=30.0)
+    with pytest.raises(ValueError, match="does not model logit_softcap"):
+        QAdapterModel.from_peft_model(make_model("gemma2").peft_model, backend="triton") if _triton_runs() else \
+            pytest.skip("the fused triton backend does not run here")
+
+
+def _triton_runs() -> bool:
+    from qadapter_kernels import registry
+
+    return registry.status("triton").available
+
+
+def test_gemma2_soft_capped_head():
+    """The loss takes Gemma-2's final_logit_softcapping from the model: the capped logits are the
+    model's own, and the chunked loss and LoRA gradients equal the reference backend's."""
+    from qadapter_kernels.reference import _values
+
+    models = {name: make_model("gemma2", backend=name, chunk_size=5) for name in ("reference", "chunked")}
+    assert all(m.loss.logit_softcap == 0.5 for m in models.values())
+    for model in models.values():
+        model.peft_model.eval()  # no dropout: compare exact functions
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    base_hidden, q_hidden = models["chunked"].hidden_states(ids, mask)
+    weight = models["chunked"].lm_head_weight
+    q_logits, _ = _values(base_hidden, q_hidden, weight, weight, None, 1.0, 0.0, 0.5)
+    own = models["chunked"].peft_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(q_logits, own, rtol=1e-5, atol=1e-6)
+    assert (q_logits - q_hidden @ weight.T).abs().max() > 0.05  # the cap bites
+    grads = {}
+    for name, model in models.items():
+        out = model(ids, mask, labels)
+        out.loss.backward()
+        grads[name] = (out.loss.detach(), {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(grads["chunked"][0], grads["reference"][0], rtol=1e-5, atol=1e-6)
+    for n, g in grads["reference"][1].items():
+        torch.testing.assert_close(grads["chunked"][1][n], g, rtol=1e-4, atol=1e-6)
 
 
 def test_save_load_round_trip_reproduces_generation(tmp_path):

@@ -23,16 +23,29 @@ class HiddenStates(NamedTuple):
     weight: torch.Tensor  # [V, d] the frozen lm_head (gathered whole under FSDP2)
 
 
-def linear_head(model: nn.Module) -> nn.Linear:
+def head_softcap(model: nn.Module) -> float | None:
+    """The model's final logit soft-capping (Gemma-2's ``final_logit_softcapping``: logits become
+    ``s * tanh(logits / s)``), or None."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return None if cap in (None, 0) else float(cap)
+
+
+def linear_head(model: nn.Module, logit_softcap: float | None = None) -> nn.Linear:
     """The model's lm_head, checked to be what the fused loss models: a bias-free linear layer whose
-    logits are not transformed afterwards (no soft-capping, no logit scale)."""
+    logits are not scaled afterwards, and soft-capped exactly when ``logit_softcap`` says so (the
+    caller passes the model's cap on to the loss: a loss without it would be silently wrong)."""
     head = model.get_output_embeddings()
+    name = type(model).__name__
     if not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"{type(model).__name__}: a Q-Adapter needs a bias-free linear lm_head; got {head!r}")
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, attr, None) not in (None, 1.0):
-            raise ValueError(f"{type(model).__name__} transforms its logits ({attr}), "
-                             "which the fused loss does not model")
+        raise ValueError(f"{name}: a Q-Adapter needs a bias-free linear lm_head; got {head!r}")
+    if getattr(model.config, "logit_scale", None) not in (None, 1.0):
+        raise ValueError(f"{name} scales its logits (logit_scale), which the fused loss does not model")
+    cap = head_softcap(model)
+    if cap != (None if logit_softcap is None else float(logit_softcap)):
+        if cap is None:
+            raise ValueError(f"{name} does not soft-cap its logits; got logit_softcap={logit_softcap}")
+        raise ValueError(f"{name} soft-caps its logits (final_logit_softcapping={cap:g}): pass logit_softcap={cap:g} "
+                         "here and to the loss (qadapter_loss(..., logit_softcap=...))")
     return head
 
 
@@ -62,16 +75,17 @@ def peft_model_of(model: nn.Module) -> nn.Module:
 
 
 def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              **model_kwargs) -> HiddenStates:
+                              *, logit_softcap: float | None = None, **model_kwargs) -> HiddenStates:
     """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
     PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``.
 
     ``model`` is a ``peft.PeftModel`` or a wrapper of one (what ``accelerator.prepare`` or Trainer
-    returns); ``model_kwargs`` go to both forwards.
+    returns); ``model_kwargs`` go to both forwards. A model that soft-caps its logits (Gemma-2) is
+    refused unless ``logit_softcap`` is its cap (:func:`head_softcap`), which the loss then needs too.
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
-    weight = full_weight(linear_head(base_model).weight)
+    weight = full_weight(linear_head(base_model, logit_softcap).weight)
     captured = []
 
     def keep_hidden(module, args, output):

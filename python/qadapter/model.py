@@ -31,7 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic
 from .defaults import DEFAULT_MODEL, load_base
-from .hidden import frozen_and_adapter_hidden, full_weight, linear_head
+from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
 
 CONFIG_NAME = "qadapter_config.json"
 ADAPTER_NAME = "default"
@@ -90,7 +90,7 @@ class QAdapterModel(nn.Module):
 
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
-        linear_head(base_model)
+        self._take_softcap(base_model)
         lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(target_modules))
         self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
@@ -99,6 +99,14 @@ class QAdapterModel(nn.Module):
     def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
         self.loss, self.backend, self.chunk_size = run_options(loss, backend, chunk_size, **loss_options)
         self.tokenizer = tokenizer
+
+    def _take_softcap(self, base_model: nn.Module) -> None:
+        """The loss takes the model's logit soft-capping (Gemma-2), unless it names another cap."""
+        if self.loss.logit_softcap is None:
+            self.loss = LossConfig.from_options(self.loss, logit_softcap=head_softcap(base_model))
+        linear_head(base_model, self.loss.logit_softcap)
+        if self.backend != "auto" and registry.status(self.backend).available:
+            registry.check_softcap(registry.get(self.backend), self.loss.logit_softcap)
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -113,7 +121,7 @@ class QAdapterModel(nn.Module):
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._configure(tokenizer, loss, backend, chunk_size, loss_options)
-        linear_head(peft_model.get_base_model())
+        model._take_softcap(peft_model.get_base_model())
         model.peft_model = peft_model
         model.fingerprint = base_fingerprint(peft_model)
         return model
@@ -231,7 +239,8 @@ class QAdapterModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Final hidden states ``[B, T, d]`` of the frozen model (no grad) and of the adapter model."""
-        hidden = frozen_and_adapter_hidden(self.peft_model, input_ids, attention_mask)
+        hidden = frozen_and_adapter_hidden(self.peft_model, input_ids, attention_mask,
+                                           logit_softcap=self.loss.logit_softcap)
         return hidden.base_hidden, hidden.q_hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -37,9 +37,9 @@ METRIC_NAMES = {
 }
 
 
-# The training data marks unscored positions with data.IGNORE_INDEX, so the loss's ignore_index is
-# not a training option.
-LOSS_ARGUMENTS = tuple(name for name in LossConfig.names() if name != "ignore_index")
+# The training data marks unscored positions with data.IGNORE_INDEX, and the logit soft-capping is
+# the model's own (QAdapterModel takes it from the model's config), so neither is a training option.
+LOSS_ARGUMENTS = tuple(name for name in LossConfig.names() if name not in ("ignore_index", "logit_softcap"))
 
 
 def _loss_arguments() -> type:

@@ -50,6 +50,7 @@ FUSED_BACKEND = Backend(
     availability=backend_status,
     float64=False,
     combine=combine_logits,
+    softcap=False,
 )
 CHUNKED_BACKEND = Backend(
     name="chunked-triton",

@@ -178,12 +178,16 @@ def token_stats(
     alpha_tilde: float,
     alpha_0: float,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``Q[t, a_t]`` and ``V_t`` (float32 ``[N]``), the contract of ``chunked.chunked_token_stats``.
 
     No ``[N, V]`` tensor is ever formed, so ``chunk_size`` (a memory knob of the chunked backend)
     has nothing to bound and is ignored. float16 / bfloat16 / float32 inputs; float64 is refused
     with a TypeError (Triton has no float64 tensor-core dot; ``chunked`` serves float64 exactly).
+    The kernels do not model logit soft-capping: ``softcap`` is refused (the chunked backends take it).
     """
     del chunk_size
+    if softcap is not None:
+        raise ValueError("the fused 'triton' backend does not model logit_softcap; use 'chunked-triton' or 'auto'")
     return fused_token_stats(base, hq, weight, q_weight, q_bias, targets, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
