@@ -24,3 +24,28 @@ def test_compiled_step_matches_eager():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_building_blocks_match_eager():
+    """torch.compile traces the building blocks other losses are made of (token statistics, the
+    combined policy's log-probs of targets), soft cap included, with their gradients."""
+    from qadapter_kernels import combined_logprobs_at, qadapter_token_stats
+
+    x = make_inputs(seed=4, q_head=True)
+
+    def blocks(base_hidden, q_hidden, weight, labels, q_weight):
+        stats = qadapter_token_stats(base_hidden, q_hidden, weight, labels, q_weight=q_weight, backend="chunked",
+                                     chunk_size=4, logit_softcap=2.0)
+        at = combined_logprobs_at(base_hidden[:, :-1], q_hidden[:, :-1], weight, labels[:, 1:], q_weight=q_weight,
+                                  backend="chunked", chunk_size=4)
+        return stats.rewards.square().sum() + stats.value.sum() + at.combined.sum()
+
+    args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight")]
+    trainable = [x["q_hidden"], x["q_weight"]]
+    want = blocks(*args)
+    want_grads = torch.autograd.grad(want, trainable)
+    got = torch.compile(blocks)(*args)
+    got_grads = torch.autograd.grad(got, trainable)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
