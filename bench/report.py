@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import qadapter_kernels
-from bench import decode, e2e, harness
+from bench import decode, e2e, harness, trl_recipe
 from bench.common import (
     RESULTS, SHAPES, Timer, bench_device, bench_dtype, bench_dtypes, copy_bandwidth, default_cases, device_label,
     dtype_name, make_case_inputs, package_version, versions,
@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-seq", type=int, help="tokens per sequence of the end-to-end step (default: by device)")
     p.add_argument("--e2e-repeats", type=int, help="timed end-to-end steps per loss (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--recipe-model", default="auto", choices=["auto", "none", *e2e.MODELS],
+                   help="model of the TRL recipe step (bench/trl_recipe.py; auto: smollm2-135m on CPU, none on CUDA)")
+    p.add_argument("--recipe-seq", type=int, default=128, help="tokens per sequence of the TRL recipe step")
     p.add_argument("--decode-tokens", type=int, default=64,
                    help="tokens of the CPU decode benchmark (bench/decode.py) on the embedded default; 0 skips it")
     return p.parse_args(argv)
@@ -134,6 +137,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         print(f"[bench] end-to-end training step: {model}, 2 pairs x {seq} tokens", flush=True)
         e2e_repeats = args.e2e_repeats or e2e.default_repeats(device)
         results["e2e"] = e2e.run_e2e(model, device, bench_dtype(device), seq=seq, repeats=e2e_repeats)
+    recipe_model = ("smollm2-135m" if device.type == "cpu" else "none") if args.recipe_model == "auto" else args.recipe_model
+    results["trl_recipe"] = (trl_recipe.measure(recipe_model, seq=args.recipe_seq, repeats=repeats + 1)
+                             if recipe_model != "none" else None)
     results["decode"] = _decode(args.decode_tokens)
     info["load_end"] = _load()
     results["headline"] = headline(results)
@@ -227,6 +233,18 @@ def headline(results: dict) -> list[dict]:
                     "memory_reduction": a["peak_extra_bytes"] / f["peak_extra_bytes"] if f["peak_extra_bytes"] else None,
                 }},
             })
+    recipe = results.get("trl_recipe")
+    if recipe:
+        by = {r["recipe"]: r for r in recipe["results"] if r["status"] == "ok"}
+        if "qadapter" in by:
+            ours = by["qadapter"]
+            lines.append({
+                "case": f"TRL step {recipe['model']} {recipe['pairs']}x{recipe['seq']}", "backend": "QAdapterDPOTrainer",
+                "x_gemm3": None,
+                "vs": {name: {"kind": "baseline", "speedup": r["time_s"] / ours["time_s"],
+                              "memory_reduction": r["peak_bytes"] / ours["peak_bytes"] if ours["peak_bytes"] else None}
+                       for name, r in by.items() if name != "qadapter"},
+            })
     return lines
 
 
@@ -301,6 +319,8 @@ def markdown(results: dict, plot_names: list[str]) -> str:
             status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
             out.append(f"| {name} | {t} | {_fmt_mib(r['resident_bytes'])} | {_fmt_mib(r['peak_extra_bytes'])} | {fits} | {status} |")
         out.append("")
+    if results.get("trl_recipe"):
+        out += trl_recipe.markdown(results["trl_recipe"])
     d = results.get("decode")
     if d:
         out += ["## Decoding: customized policy vs the base model alone", ""]

@@ -84,6 +84,7 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     names = ["gemm3", "reference", "chunked", "triton", "cuda", "eager-authors", "chunked-pairs"]
     argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "32", "128",
             "--dtypes", "float32", "bfloat16", "--candidates", *names, "--repeats", "1", "--e2e-model", "tiny", "--e2e-seq", "16",
+            "--recipe-model", "tiny", "--recipe-seq", "16",
             "--decode-tokens", "0"]
     assert report.main(argv) == 0
     (js,) = tmp_path.glob("cpu-*.json")
@@ -124,8 +125,15 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     assert set(e2e) == {"fused", "eager-authors"}
     assert all(r["status"] == "ok" and r["time_s"] > 0 and r["peak_extra_bytes"] > 0 for r in e2e.values())
     assert any(h["backend"] == "chunked" and "eager-authors" in h["vs"] for h in results["headline"])
+    recipes = {r["recipe"]: r for r in results["trl_recipe"]["results"]}
+    assert set(recipes) == {"dpo", "dpo-liger", "qadapter"}
+    for name, r in recipes.items():  # TRL is in the CI install; Liger may not be
+        assert (r["status"] == "ok" and r["time_s"] > 0 and r["peak_bytes"] > 0) or (
+            name == "dpo-liger" and "not installed" in r["reason"]), r
+    assert any(h["backend"] == "QAdapterDPOTrainer" and "dpo" in h["vs"] for h in results["headline"])
 
     text = md.read_text()
     assert "| `chunked` | backend |" in text and "Headline ratios" in text and pngs[0] in text
+    assert "## One training step inside TRL" in text and "| qadapter |" in text
     assert "Headline:" in capsys.readouterr().out
 
