@@ -16,6 +16,7 @@ the copy bandwidth measured there, and :func:`row_step_bandwidth` rates a row st
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable
@@ -85,6 +86,20 @@ def _pairs(compiled: bool):
     return fn
 
 
+def _chunked_eager_step(**x):
+    from qadapter_kernels import _cpu
+
+    saved = os.environ.get(_cpu.ENV_SWITCH)
+    os.environ[_cpu.ENV_SWITCH] = "0"  # read on every call: the compiled step is skipped for this one
+    try:
+        return qadapter_kernels.qadapter_loss(**x, backend="chunked")
+    finally:
+        if saved is None:
+            del os.environ[_cpu.ENV_SWITCH]
+        else:
+            os.environ[_cpu.ENV_SWITCH] = saved
+
+
 GEMM3 = "gemm3"
 
 
@@ -97,6 +112,8 @@ def candidates() -> list[Candidate]:
         _baseline("eager-authors", "the authors' formulation: fp32 [B,T,V] logits of both heads, autograd",
                   baselines.eager_authors_loss),
         _baseline("compiled-reference", "torch.compile of qadapter_kernels.reference", baselines.compiled_reference_loss),
+        _baseline("chunked-eager-step", "the chunked backend with the eager torch row step "
+                  "(QADAPTER_CPU_KERNELS=0, or a CPU without a C compiler)", _chunked_eager_step),
         _baseline("chunked-pairs", "Liger's pattern: 1 pair per chunk, grad_and_value, eager", _pairs(False)),
         _baseline("chunked-pairs-compiled", "Liger's pattern: 1 pair per chunk, grad_and_value, torch.compile",
                   _pairs(True)),
