@@ -147,7 +147,6 @@ def combined_logprobs_at(
     check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0], ignore_index=ignore_index,
                   device=q_hidden.device)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
-    registry.check_softcap(impl, logit_softcap)
     mask = targets != ignore_index
     zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
     if not bool(mask.any()):

@@ -17,7 +17,6 @@ def _scored_tokens(base_hidden, q_hidden, weight, labels, q_weight, q_bias, conf
     check_chunk_size(chunk_size)
     check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, paired=paired)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
-    registry.check_softcap(impl, config.logit_softcap)
     return impl, ScoredTokens.from_labels(labels, config.ignore_index)
 
 

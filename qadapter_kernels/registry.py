@@ -31,7 +31,6 @@ class Backend:
     float64: bool = True  # False: its kernels compute in float32 at most and refuse float64
     pairwise: Callable | None = None  # replaces pairwise.pairwise_loss (same signature)
     combine: Callable | None = None  # combined-policy log-probs of held logits (combine.combine_logits' contract)
-    softcap: bool = True  # False: its kernels do not model logit soft-capping and refuse it
 
 
 @dataclass(frozen=True)
@@ -80,21 +79,6 @@ def status(name: str) -> BackendStatus:
 def backends() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine and, for a missing one, the reason."""
     return {name: status(name) for name in _RECORDS}
-
-
-def _models_softcap(name: str) -> bool:
-    try:
-        return get(name).softcap
-    except ImportError:
-        return False
-
-
-def check_softcap(backend: Backend, softcap: float | None) -> None:
-    """Refuses logit soft-capping on a backend whose kernels do not model it, naming those that do."""
-    if softcap is not None and not backend.softcap:
-        able = [name for name in _RECORDS if name != backend.name and _models_softcap(name)]
-        raise ValueError(f"backend {backend.name!r} does not model logit_softcap; use one of {', '.join(able)} "
-                         "(or 'auto')")
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:

@@ -70,7 +70,7 @@ def test_dtypes_and_heads(name, head):
         assert_agree(name, x, TOL[dtype], chunk_size=5, alpha_tilde=0.8, alpha_0=0.05)
 
 
-@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("head", ["shared", "q_weight+bias"])
 def test_logit_softcap(name, head):
     """Gemma-2's soft-capped logits, s * tanh(logits / s), with a cap that bites (logits up to ~3s)."""
@@ -83,12 +83,10 @@ def test_logit_softcap(name, head):
         assert rel_err(got.loss, uncapped.loss) > 0.1  # the cap changes the loss
 
 
-def test_logit_softcap_is_refused_where_it_is_not_modelled():
-    with pytest.raises(ValueError, match="logit_softcap must be > 0"):
-        qadapter_loss(**make_inputs(), logit_softcap=0.0)
-    backend("triton")
-    with pytest.raises(ValueError, match="'triton' does not model logit_softcap; use one of"):
-        qadapter_loss(**make_inputs(device=DEVICE), backend="triton", logit_softcap=30.0)
+def test_logit_softcap_must_be_positive():
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="logit_softcap must be"):
+            qadapter_loss(**make_inputs(), logit_softcap=bad)
 
 
 @pytest.mark.parametrize("name", NAMES)

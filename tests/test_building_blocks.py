@@ -162,8 +162,6 @@ def full_target_logprobs(x, targets, alpha_tilde, alpha_0, softcap=None):
 @pytest.mark.parametrize("chunk_size, softcap", [(None, None), (1, None), (4, None), (4, 0.7)])
 def test_combined_logprobs_at_targets(name, chunk_size, softcap):
     available(name)
-    if softcap is not None and not registry.get(name).softcap:
-        pytest.skip(f"{name} does not model logit_softcap")
     x = make_inputs(batch=4, seq=9, hidden=24, vocab=53, seed=11, q_head=True, q_bias=True, device=DEVICE)
     targets = x["labels"][:, 1:]
     hidden = {k: v[:, :-1] if k in ("base_hidden", "q_hidden") else v for k, v in leaves(x).items()}

@@ -105,8 +105,6 @@ class QAdapterModel(nn.Module):
         if self.loss.logit_softcap is None:
             self.loss = LossConfig.from_options(self.loss, logit_softcap=head_softcap(base_model))
         linear_head(base_model, self.loss.logit_softcap)
-        if self.backend != "auto" and registry.status(self.backend).available:
-            registry.check_softcap(registry.get(self.backend), self.loss.logit_softcap)
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod

@@ -50,7 +50,6 @@ FUSED_BACKEND = Backend(
     availability=backend_status,
     float64=False,
     combine=combine_logits,
-    softcap=False,
 )
 CHUNKED_BACKEND = Backend(
     name="chunked-triton",

@@ -28,7 +28,7 @@ import sys
 # Max dynamic shared memory per block (opt-in), bytes, per compute capability.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-_FLOAT_ARGS = {"alpha_tilde", "alpha_0", "filter_eps"}
+_FLOAT_ARGS = {"alpha_tilde", "alpha_0", "filter_eps", "softcap"}
 _INPUT_PTRS = {"base_ptr", "hq_ptr", "w_ptr", "wq_ptr", "bias_ptr", "z_ptr", "q_ptr", "p_ptr"}
 _TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
@@ -71,12 +71,13 @@ def _variants(mode: str):
         "head_grad": (fused_backward._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True,
                                                 "SCALE_DQ": False}),
     }
-    # The separate, biased Q head is the largest variant (one more tile per stage).
+    # The separate, biased, soft-capped Q head is the largest variant (one more tile per stage).
     shared_flags = (False, True) if mode == "full" else (False,)
     for (name, (autotuner, flags)), dtype, shared in itertools.product(kernels.items(), dtypes, shared_flags):
         for cfg in autotuner.configs[: 1 if mode == "smoke" else None]:
             prec = dot_precision(getattr(torch, dtype))
-            constexprs = {**flags, **cfg.kwargs, "SHARED": shared, "HAS_BIAS": not shared, "DOT_PREC": prec}
+            constexprs = {**flags, **cfg.kwargs, "SHARED": shared, "HAS_BIAS": not shared, "SOFTCAP": not shared,
+                          "DOT_PREC": prec}
             yield name, autotuner.fn, dtype, constexprs, cfg.num_warps, cfg.num_stages
 
 

@@ -71,31 +71,31 @@ class FusedTokenStats(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.splits)  # noqa: E731
         _forward_kernel[grid](
             *ptrs, targets, q_taken, lse_z, lse_c,
-            n, vocab, hidden, n_bucket(n), plan.split_size, *strides,
+            n, vocab, hidden, n_bucket(n), plan.split_size, *strides, plan.softcap,
             plan.alpha_tilde, plan.alpha_0,
-            SHARED=plan.shared, HAS_BIAS=q_bias is not None, DOT_PREC=plan.dot_precision,
+            SHARED=plan.shared, HAS_BIAS=q_bias is not None, SOFTCAP=plan.softcap > 0, DOT_PREC=plan.dot_precision,
         )
         # Fixed-order reduction of the per-split statistics.
         lse_z, lse_c = torch.logsumexp(lse_z, dim=0), torch.logsumexp(lse_c, dim=0)
         value = plan.alpha_tilde * lse_c - plan.alpha_0 * lse_z
-        ctx.save_for_backward(base, hq, weight, q_weight, q_bias, targets, lse_c)
+        ctx.save_for_backward(base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken)
         ctx.plan = plan
         return q_taken, value
 
     @staticmethod
     def backward(ctx, grad_q_taken, grad_value):
-        base, hq, weight, q_weight, q_bias, targets, lse_c = ctx.saved_tensors
+        base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken = ctx.saved_tensors
         with launch_guard(hq):
-            return _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value)
+            return _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken, grad_q_taken, grad_value)
 
 
-def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value):
+def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken, grad_q_taken, grad_value):
     """``FusedTokenStats.backward``, on ``hq``'s device."""
     plan: FusedPlan = ctx.plan
     ptrs, (n, vocab, hidden), strides = kernel_args(base, hq, weight, q_weight, q_bias)
     grad_q_taken, grad_value = grad_q_taken.float().contiguous(), grad_value.float().contiguous()
-    common = dict(SHARED=plan.shared, HAS_BIAS=q_bias is not None, FILTER=plan.filter_eps > 0,
-                  DOT_PREC=plan.dot_precision)
+    common = dict(SHARED=plan.shared, HAS_BIAS=q_bias is not None, SOFTCAP=plan.softcap > 0,
+                  FILTER=plan.filter_eps > 0, DOT_PREC=plan.dot_precision)
     grad_hq = grad_qw = grad_qb = None
     half = hq.dtype == torch.float16
     p_scale = FP16_P_SCALE if half else 1.0
@@ -104,14 +104,16 @@ def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_ta
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.splits)  # noqa: E731
         _expected_weight_kernel[grid](
             *ptrs, lse_c, expected,
-            n, vocab, hidden, n_bucket(n), plan.split_size, *strides,
+            n, vocab, hidden, n_bucket(n), plan.split_size, *strides, plan.softcap,
             plan.alpha_tilde, plan.alpha_0, plan.filter_eps, P_SCALE=p_scale, **common,
         )
         expected = expected[0] if plan.splits == 1 else expected.sum(dim=0)
         if p_scale != 1.0:
             expected.mul_(1.0 / p_scale)
+        # Under a soft cap the target's term has the slope 1 - (Q[a] / s)^2 (the kernel's E_p has its own).
+        g_taken = grad_q_taken * (1 - (q_taken / plan.softcap).square()) if plan.softcap > 0 else grad_q_taken
         grad_hq = torch.addcmul(
-            grad_value.unsqueeze(1) * expected, grad_q_taken.unsqueeze(1), q_weight[targets].float()
+            grad_value.unsqueeze(1) * expected, g_taken.unsqueeze(1), q_weight[targets].float()
         ).to(hq.dtype)
     want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     if want_w or want_b:
@@ -120,7 +122,7 @@ def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_ta
         grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
         _head_grad_kernel[grid](
             *ptrs, targets, lse_c, grad_q_taken, grad_value, grad_w, grad_b,
-            n, vocab, hidden, n_bucket(n), *strides,
+            n, vocab, hidden, n_bucket(n), *strides, plan.softcap,
             plan.alpha_tilde, plan.alpha_0, plan.filter_eps,
             WANT_W=want_w, WANT_B=want_b, SCALE_DQ=half, **common,
         )
@@ -141,6 +143,7 @@ def fused_token_stats(
     alpha_0: float,
     vocab_splits: int | None = None,
     grad_filter_eps: float = 0.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_stats` with the kernels' own knobs.
 
@@ -158,7 +161,7 @@ def fused_token_stats(
         check_kernel_inputs("token statistics", q_bias)
     if grad_filter_eps < 0 or not math.isfinite(grad_filter_eps):
         raise ValueError(f"grad_filter_eps must be a finite number >= 0; got {grad_filter_eps}")
-    plan = make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps)
+    plan = make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps, softcap)
     targets = targets.to(device=hq.device, dtype=torch.int64).contiguous()
     with launch_guard(hq):
         return FusedTokenStats.apply(
@@ -185,9 +188,8 @@ def token_stats(
     No ``[N, V]`` tensor is ever formed, so ``chunk_size`` (a memory knob of the chunked backend)
     has nothing to bound and is ignored. float16 / bfloat16 / float32 inputs; float64 is refused
     with a TypeError (Triton has no float64 tensor-core dot; ``chunked`` serves float64 exactly).
-    The kernels do not model logit soft-capping: ``softcap`` is refused (the chunked backends take it).
+    ``softcap``: the logits' soft cap, applied to every tile (its slope enters the backward's products).
     """
     del chunk_size
-    if softcap is not None:
-        raise ValueError("the fused 'triton' backend does not model logit_softcap; use 'chunked-triton' or 'auto'")
-    return fused_token_stats(base, hq, weight, q_weight, q_bias, targets, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
+    return fused_token_stats(base, hq, weight, q_weight, q_bias, targets, alpha_tilde=alpha_tilde, alpha_0=alpha_0,
+                             softcap=softcap)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_tiles import CONFIGS, TUNE_KEY, logit_tiles, policy
+from .fused_tiles import CONFIGS, TUNE_KEY, logit_tiles, policy, soft_cap_slope
 
 @triton.autotune(configs=CONFIGS, key=TUNE_KEY, reset_to_zero=["expected_ptr"])
 @triton.jit
@@ -15,9 +15,9 @@ def _expected_weight_kernel(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, lse_c_ptr,
     expected_ptr,
     N, V, D, N_BUCKET, split_size,
-    stride_base, stride_hq, stride_w, stride_wq,
+    stride_base, stride_hq, stride_w, stride_wq, softcap,
     alpha_tilde, alpha_0, filter_eps,
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, FILTER: tl.constexpr, DOT_PREC: tl.constexpr,
     P_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -28,6 +28,7 @@ def _expected_weight_kernel(
     """
     # Float32 scalars: torch.compile hands Python floats to Triton as float64.
     alpha_tilde, alpha_0 = tl.cast(alpha_tilde, tl.float32), tl.cast(alpha_0, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     filter_eps = tl.cast(filter_eps, tl.float32)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -41,10 +42,12 @@ def _expected_weight_kernel(
         v_mask = cols < v_hi
         z, q = logit_tiles(
             base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, rows, n_mask, cols, v_mask, D,
-            stride_base, stride_hq, stride_w, stride_wq,
-            SHARED, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_D,
+            stride_base, stride_hq, stride_w, stride_wq, softcap,
+            SHARED, HAS_BIAS, SOFTCAP, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         p = policy(z, q, lse_c, n_mask, v_mask, alpha_tilde, alpha_0)
+        if SOFTCAP:  # E_p[(1 - tanh^2) Wq]
+            p = p * soft_cap_slope(q, softcap)
         if FILTER:
             keep = tl.max(tl.max(p, axis=1), axis=0) >= filter_eps
         else:
@@ -71,9 +74,9 @@ def _head_grad_kernel(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, targets_ptr, lse_c_ptr, g_taken_ptr, g_value_ptr,
     grad_w_ptr, grad_b_ptr,
     N, V, D, N_BUCKET,
-    stride_base, stride_hq, stride_w, stride_wq,
+    stride_base, stride_hq, stride_w, stride_wq, softcap,
     alpha_tilde, alpha_0, filter_eps,
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, FILTER: tl.constexpr,
+    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     WANT_W: tl.constexpr, WANT_B: tl.constexpr, DOT_PREC: tl.constexpr, SCALE_DQ: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -86,6 +89,7 @@ def _head_grad_kernel(
     """
     # Float32 scalars: torch.compile hands Python floats to Triton as float64.
     alpha_tilde, alpha_0 = tl.cast(alpha_tilde, tl.float32), tl.cast(alpha_0, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     filter_eps = tl.cast(filter_eps, tl.float32)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = cols < V
@@ -99,12 +103,14 @@ def _head_grad_kernel(
         g_value = tl.load(g_value_ptr + rows, mask=n_mask, other=0.0)
         z, q = logit_tiles(
             base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, rows, n_mask, cols, v_mask, D,
-            stride_base, stride_hq, stride_w, stride_wq,
-            SHARED, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_D,
+            stride_base, stride_hq, stride_w, stride_wq, softcap,
+            SHARED, HAS_BIAS, SOFTCAP, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         p = policy(z, q, lse_c, n_mask, v_mask, alpha_tilde, alpha_0)
         hit = cols[None, :] == targets[:, None]
         d_q = g_value[:, None] * p + tl.where(hit, g_taken[:, None], 0.0)
+        if SOFTCAP:
+            d_q = d_q * soft_cap_slope(q, softcap)
         if WANT_B:
             grad_b += tl.sum(d_q, axis=0)
         if WANT_W:

@@ -14,14 +14,15 @@ def _forward_kernel(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, targets_ptr,
     q_taken_ptr, lse_z_ptr, lse_c_ptr,
     N, V, D, N_BUCKET, split_size,
-    stride_base, stride_hq, stride_w, stride_wq,
+    stride_base, stride_hq, stride_w, stride_wq, softcap,
     alpha_tilde, alpha_0,
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (token blocks, splits): per-split ``lse(z)``, ``lse(c)`` ([S, N]) and ``q[t, a_t]``."""
     # Float32 scalars: torch.compile hands Python floats to Triton as float64.
     alpha_tilde, alpha_0 = tl.cast(alpha_tilde, tl.float32), tl.cast(alpha_0, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < N
@@ -39,8 +40,8 @@ def _forward_kernel(
         v_mask = cols < v_hi
         z, q = logit_tiles(
             base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr, rows, n_mask, cols, v_mask, D,
-            stride_base, stride_hq, stride_w, stride_wq,
-            SHARED, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_D,
+            stride_base, stride_hq, stride_w, stride_wq, softcap,
+            SHARED, HAS_BIAS, SOFTCAP, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         c = tl.where(v_mask[None, :], (q + alpha_0 * z) * (1.0 / alpha_tilde), float("-inf"))
         m_c, s_c = online_lse_rows(m_c, s_c, c)

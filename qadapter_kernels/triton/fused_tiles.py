@@ -50,11 +50,12 @@ def n_bucket(n: int) -> int:
 def logit_tiles(
     base_ptr, hq_ptr, w_ptr, wq_ptr, bias_ptr,
     rows, n_mask, cols, v_mask, D,
-    stride_base, stride_hq, stride_w, stride_wq,
-    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    stride_base, stride_hq, stride_w, stride_wq, softcap,
+    SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Float32 tiles ``z = h_b W^T`` and ``q = h_q Wq^T (+ bq)`` for int64 ``rows`` x ``cols``."""
+    """Float32 tiles ``z = h_b W^T`` and ``q = h_q Wq^T (+ bq)`` for int64 ``rows`` x ``cols``; with
+    ``SOFTCAP``, both capped to ``softcap * tanh(x / softcap)``."""
     z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     q = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -73,7 +74,22 @@ def logit_tiles(
             q = tl.dot(h_q, wq_t, q, input_precision=DOT_PREC)
     if HAS_BIAS:
         q += tl.load(bias_ptr + cols, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        z, q = soft_cap(z, softcap), soft_cap(q, softcap)
     return z, q
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """``cap * tanh(x / cap)``, as ``2 sigmoid(2x / cap) - 1`` (a tanh every Triton backend has)."""
+    return cap * (2.0 * tl.sigmoid(x * (2.0 / cap)) - 1.0)
+
+
+@triton.jit
+def soft_cap_slope(q, cap):
+    """``d capped / d raw = 1 - tanh^2 = 1 - (capped / cap)^2``, from the capped value."""
+    u = q / cap
+    return 1.0 - u * u
 
 
 @triton.jit
@@ -100,6 +116,7 @@ class FusedPlan:
 
     alpha_tilde: float
     alpha_0: float
+    softcap: float  # 0.0: none
     shared: bool
     split_size: int
     splits: int
@@ -121,7 +138,8 @@ def vocab_splits_for(n: int, vocab: int, hidden: int, device: torch.device, requ
     return max(1, min(splits, limit))
 
 
-def make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps) -> FusedPlan:
+def make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps,
+              softcap: float | None = None) -> FusedPlan:
     vocab, hidden = weight.shape
     splits = vocab_splits_for(hq.shape[0], vocab, hidden, hq.device, vocab_splits)
     split_size = SPLIT_ALIGN * triton.cdiv(triton.cdiv(vocab, splits), SPLIT_ALIGN)
@@ -132,6 +150,7 @@ def make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, gr
     return FusedPlan(
         alpha_tilde=float(alpha_tilde),
         alpha_0=float(alpha_0),
+        softcap=float(softcap or 0.0),
         shared=shared,
         split_size=split_size,
         splits=triton.cdiv(vocab, split_size),
