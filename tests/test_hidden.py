@@ -12,7 +12,7 @@ import transformers  # noqa: E402
 from conftest import tiny_causal_lm  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from qadapter import HiddenStates, frozen_and_adapter_hidden  # noqa: E402
+from qadapter import HiddenStates, frozen_and_adapter_hidden, head_softcap  # noqa: E402
 from qadapter_kernels import qadapter_loss  # noqa: E402
 
 VOCAB = 97
@@ -24,7 +24,7 @@ MORE_FAMILIES = {
     "phi3": lambda: transformers.Phi3Config(tie_word_embeddings=False, **COMMON),
     "olmo": lambda: transformers.OlmoConfig(tie_word_embeddings=False, **COMMON),
 }
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3", "olmo"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo"]
 TARGETS = {"phi3": ["qkv_proj"]}  # Phi-3 fuses q, k and v into one projection
 
 
@@ -62,7 +62,9 @@ def batch(rows=4, seq=12, seed=0):
 def test_hidden_states_give_the_frozen_and_the_adapter_logits(family):
     model = peft_lm(family)
     ids, mask, labels = batch()
-    hidden = frozen_and_adapter_hidden(model, ids, mask)
+    cap = head_softcap(model.get_base_model())  # Gemma-2 soft-caps its logits
+    assert (cap is not None) == (family == "gemma2")
+    hidden = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap)
     assert isinstance(hidden, HiddenStates)
     assert hidden.weight is model.get_base_model().get_output_embeddings().weight
     assert not hidden.base_hidden.requires_grad and hidden.q_hidden.requires_grad
@@ -71,10 +73,13 @@ def test_hidden_states_give_the_frozen_and_the_adapter_logits(family):
         with model.disable_adapter():
             frozen_logits = model(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(adapter_logits, frozen_logits, atol=1e-3)  # the adapter does change the model
-    torch.testing.assert_close(hidden.base_hidden @ hidden.weight.T, frozen_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(hidden.q_hidden.detach() @ hidden.weight.T, adapter_logits, rtol=1e-5, atol=1e-5)
+    def logits(h):
+        return h @ hidden.weight.T if cap is None else cap * torch.tanh(h @ hidden.weight.T / cap)
 
-    qadapter_loss(*hidden, labels).loss.backward()
+    torch.testing.assert_close(logits(hidden.base_hidden), frozen_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(hidden.q_hidden.detach()), adapter_logits, rtol=1e-5, atol=1e-5)
+
+    qadapter_loss(*hidden, labels, logit_softcap=cap).loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in name for name in grads)
     assert all(bool(g.abs().sum() > 0) for g in grads.values())

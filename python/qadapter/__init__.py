@@ -12,6 +12,8 @@ Building blocks for your own PEFT model and training loop (examples/ has runnabl
     frozen_and_adapter_hidden(model, input_ids, attention_mask) -> HiddenStates
                                   # (base_hidden, q_hidden, weight): qadapter_loss's first three arguments
     linear_head(model)            # the lm_head, checked to be one the fused loss models
+    head_softcap(model)           # the model's logit soft cap (Gemma-2) or None: pass it to the loss
+    full_weight(weight)           # a parameter whole (FSDP2 shards it as a DTensor)
 
 Names are imported on first use: ``import qadapter`` does not import transformers.
 """
@@ -30,12 +32,14 @@ _EXPORTS = {
     "HiddenStates": "hidden",
     "frozen_and_adapter_hidden": "hidden",
     "linear_head": "hidden",
+    "head_softcap": "hidden",
+    "full_weight": "hidden",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .data import PreferenceCollator, load_preference_data
-    from .hidden import HiddenStates, frozen_and_adapter_hidden, linear_head
+    from .hidden import HiddenStates, frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
     from .model import QAdapterModel
     from .trainer import QAdapterConfig, QAdapterTrainer
 
