@@ -465,7 +465,8 @@ def format_table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Alignment gain (x) against knowledge kept (y), relative to the base at the origin; one line per
-    method through its budgets. Skipped without matplotlib."""
+    method (and learning rate, where a method ran at several) through its budgets. Skipped without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -480,12 +481,16 @@ def plot(report: dict, path: Path) -> None:
     ax.scatter([0], [0], color="black", zorder=3)
     ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
     for method in METHODS:
-        points = [r for r in rows if r["method"] == method]
-        xs = [r[align] - base[align] for r in points]
-        ys = [r["probe_loglik_accuracy"] - base["probe_loglik_accuracy"] for r in points]
-        ax.plot(xs, ys, marker="o", label=LABELS[method])
-        for r, x, y in zip(points, xs, ys):
-            ax.annotate(str(r["steps"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        rates = sorted({r.get("learning_rate") for r in rows if r["method"] == method}, key=lambda lr: lr or 0)
+        for rate in rates:
+            points = sorted((r for r in rows if r["method"] == method and r.get("learning_rate") == rate),
+                            key=lambda r: r["steps"])
+            xs = [r[align] - base[align] for r in points]
+            ys = [r["probe_loglik_accuracy"] - base["probe_loglik_accuracy"] for r in points]
+            label = LABELS[method] + (f" (lr {rate:g})" if len(rates) > 1 and rate else "")
+            ax.plot(xs, ys, marker="o", label=label)
+            for r, x, y in zip(points, xs, ys):
+                ax.annotate(str(r["steps"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel(("rule satisfaction" if align == "rule_rate" else "held-out preference accuracy") + " - base")
