@@ -141,3 +141,16 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
         return out
+
+
+def assert_compiled_matches_eager(fn, args, trainable, *, value_tol: tuple[float, float],
+                                  grad_tol: tuple[float, float]) -> None:
+    """``torch.compile(fn)(*args)`` equals ``fn(*args)``, and so do their gradients to ``trainable``
+    (``value_tol``/``grad_tol``: ``(rtol, atol)``)."""
+    want = fn(*args)
+    want_grads = torch.autograd.grad(want, trainable)
+    got = torch.compile(fn)(*args)
+    got_grads = torch.autograd.grad(got, trainable)
+    torch.testing.assert_close(got, want, rtol=value_tol[0], atol=value_tol[1])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=grad_tol[0], atol=grad_tol[1])

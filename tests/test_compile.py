@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from conftest import make_inputs
+from conftest import assert_compiled_matches_eager, make_inputs
 from qadapter_kernels import qadapter_loss
 
 
@@ -17,13 +15,7 @@ def test_compiled_step_matches_eager():
 
     args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight", "q_bias")]
     trainable = [x["q_hidden"], x["q_weight"], x["q_bias"]]
-    want = step(*args)
-    want_grads = torch.autograd.grad(want, trainable)
-    got = torch.compile(step)(*args)
-    got_grads = torch.autograd.grad(got, trainable)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert_compiled_matches_eager(step, args, trainable, value_tol=(1e-6, 1e-7), grad_tol=(1e-5, 1e-7))
 
 
 def test_compiled_building_blocks_match_eager():
@@ -42,10 +34,4 @@ def test_compiled_building_blocks_match_eager():
 
     args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight")]
     trainable = [x["q_hidden"], x["q_weight"]]
-    want = blocks(*args)
-    want_grads = torch.autograd.grad(want, trainable)
-    got = torch.compile(blocks)(*args)
-    got_grads = torch.autograd.grad(got, trainable)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert_compiled_matches_eager(blocks, args, trainable, value_tol=(1e-6, 1e-6), grad_tol=(1e-5, 1e-7))

@@ -10,7 +10,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("peft")
 
-from conftest import make_inputs  # noqa: E402
+from conftest import assert_compiled_matches_eager, make_inputs  # noqa: E402
 from test_model import left_padded_prompts, make_model, plain_greedy, preference_batch  # noqa: E402
 
 from qadapter_kernels import qadapter_loss, registry  # noqa: E402
@@ -36,13 +36,7 @@ def test_compiled_step_matches_eager_on_gpu(backend):
 
     args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight", "q_bias")]
     trainable = [x[k] for k in TRAINABLE]
-    want = step(*args)
-    want_grads = torch.autograd.grad(want, trainable)
-    got = torch.compile(step)(*args)
-    got_grads = torch.autograd.grad(got, trainable)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert_compiled_matches_eager(step, args, trainable, value_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-6))
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
