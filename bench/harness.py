@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from unittest import mock
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -89,15 +90,9 @@ def _pairs(compiled: bool):
 def _chunked_eager_step(**x):
     from qadapter_kernels import _cpu
 
-    saved = os.environ.get(_cpu.ENV_SWITCH)
-    os.environ[_cpu.ENV_SWITCH] = "0"  # read on every call: the compiled step is skipped for this one
-    try:
+    # The switch is read on every call: the compiled step is skipped for this one only.
+    with mock.patch.dict(os.environ, {_cpu.ENV_SWITCH: "0"}):
         return qadapter_kernels.qadapter_loss(**x, backend="chunked")
-    finally:
-        if saved is None:
-            del os.environ[_cpu.ENV_SWITCH]
-        else:
-            os.environ[_cpu.ENV_SWITCH] = saved
 
 
 GEMM3 = "gemm3"

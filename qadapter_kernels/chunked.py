@@ -138,6 +138,11 @@ class ChunkLogits:
             x.copy_(tanh.mul_(self.softcap))
 
 
+def softcap_slope(capped: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``d capped / d raw = 1 - tanh^2 = 1 - (capped / softcap)^2`` of soft-capped logits."""
+    return 1 - (capped / softcap).square()
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when ``a`` and ``b`` view the same memory the same way (``detach()`` makes a new object)."""
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
@@ -203,7 +208,7 @@ class ChunkedTokenStats(torch.autograd.Function):
         sd = grad_q_taken.dtype
         softcap = ctx.cfg[2]
         if softcap is not None:  # Q[a] = s * tanh(raw / s): d/d raw = 1 - (Q[a] / s)^2
-            grad_q_taken = grad_q_taken * (1 - (capped_q_taken / softcap).square())
+            grad_q_taken = grad_q_taken * softcap_slope(capped_q_taken, softcap)
         grad_hq = grad_qw = grad_qb = None
         if ctx.needs_input_grad[1]:
             # dL/dh_q[t] = g_qa[t] * Wq[a_t] + g_v[t] * E_p[Wq]   (d V / d Q = p; capped: both times 1 - tanh^2)

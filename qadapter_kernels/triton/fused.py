@@ -54,6 +54,7 @@ import math
 import torch
 import triton
 
+from ..chunked import softcap_slope
 from ._common import check_kernel_inputs, launch_guard, row_major
 from .fused_backward import _expected_weight_kernel, _head_grad_kernel
 from .fused_forward import _forward_kernel
@@ -111,7 +112,7 @@ def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken, 
         if p_scale != 1.0:
             expected.mul_(1.0 / p_scale)
         # Under a soft cap the target's term has the slope 1 - (Q[a] / s)^2 (the kernel's E_p has its own).
-        g_taken = grad_q_taken * (1 - (q_taken / plan.softcap).square()) if plan.softcap > 0 else grad_q_taken
+        g_taken = grad_q_taken * softcap_slope(q_taken, plan.softcap) if plan.softcap > 0 else grad_q_taken
         grad_hq = torch.addcmul(
             grad_value.unsqueeze(1) * expected, g_taken.unsqueeze(1), q_weight[targets].float()
         ).to(hq.dtype)
