@@ -62,6 +62,17 @@ def test_masked_entries_at_minus_inf(dtype):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_alpha_0_zero_with_short_tails(dtype):
+    """alpha_0 = 0 makes 0 * -inf = NaN in the padding lanes of a short last block: they stay out."""
+    for vocab in (17, 1024 + 19, 2048 + 31):
+        z, q, targets = _logits(3, vocab, dtype, seed=vocab)
+        q[1, ::5] = float("-inf")
+        for p_dtype in (dtype, torch.float32):
+            _check(z, q, targets, p_dtype, alpha_0=0.0)
+
+
+@needs_cc
 def test_many_rows_parallel_and_float64_fallback():
     z, q, targets = _logits(301, 2053, torch.float32, seed=2, scale=1.0)
     _check(z, q, targets, torch.float32, alpha_tilde=1.0, alpha_0=0.01)
@@ -69,14 +80,17 @@ def test_many_rows_parallel_and_float64_fallback():
 
 
 @needs_cc
-def test_accuracy_against_float64():
-    """Both steps err by ~|c - max| float32 roundings; the C step is no worse than the eager one."""
-    z, q, targets = _logits(16, 49157, torch.float32, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_accuracy_against_float64(dtype):
+    """Both steps err by ~|c - max| float32 roundings; the C step is no worse than the eager one,
+    bfloat16 inputs (a shorter exp polynomial) included. p in bfloat16 is within its rounding."""
+    z, q, targets = _logits(16, 49157, dtype, seed=3)
     exact = torch_row_step(z.double(), q.double(), targets, 0.7, 0.3, torch.float64)
     for step in (torch_row_step, _cpu.cpu_row_step):
-        _, value, p = step(z.clone(), q.clone(), targets, 0.7, 0.3, torch.float32)
-        torch.testing.assert_close(value.double(), exact[1], rtol=1e-6, atol=0)
-        torch.testing.assert_close(p.double(), exact[2], rtol=1e-5, atol=1e-12)
+        for p_dtype, p_rtol in ((torch.float32, 1e-5), (dtype, 1e-5 if dtype == torch.float32 else 2 ** -8)):
+            _, value, p = step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype)
+            torch.testing.assert_close(value.double(), exact[1], rtol=1e-6, atol=0)
+            torch.testing.assert_close(p.double(), exact[2], rtol=p_rtol, atol=1e-12)
 
 
 @needs_cc
@@ -152,6 +166,7 @@ def test_portable_build_matches_eager(monkeypatch, tmp_path):
             for vocab in (7, 4099):
                 z, q, targets = _logits(5, vocab, dtype, seed=vocab)
                 _check(z, q, targets, dtype)
+                _check(z, q, targets, torch.float32)
             z, q, targets = _logits(2, 2100, dtype, seed=2)
             q[0, :1024] = float("-inf")
             z[1, 5:2000] = float("-inf")
