@@ -148,28 +148,55 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def cpu_row_steps(cases: list, copy_bytes_per_s: float) -> dict:
     """The CPU row steps alone, on one chunk of each case's head and dtype (the chunk the chunked
-    backend uses at the largest N): the compiled step (csrc/cpu_row_step.c) and the eager one, as
-    bytes/s and as a fraction of the copy bandwidth (``harness.row_step_bandwidth`` counts the
-    bytes no row step avoids); and the compiled step's first-use build time."""
+    backend uses at the largest N): the compiled step (csrc/cpu_row_step.c), the same built without
+    AVX-512 (its portable loops, what CPUs without AVX-512 run), and the eager one, as bytes/s and as
+    a fraction of the copy bandwidth (``harness.row_step_bandwidth`` counts the bytes no row step
+    avoids); and the compiled step's first-use build time."""
     from qadapter_kernels import _cpu, chunked
 
     available, reason = _cpu.status()
-    timer = Timer("cpu", warmup=1, repeats=5)
+    timer = Timer("cpu", warmup=2, repeats=20)
     rows = []
     heads = {(c.shape.name, c.shape.vocab, c.dtype): max(x.tokens for x in cases if x.shape == c.shape) for c in cases}
     for (shape, vocab, dtype), tokens in heads.items():
         chunk = chunked.auto_chunk_size(tokens, vocab, dtype, torch.device("cpu"))
-        for name, step in (("compiled", _cpu.cpu_row_step), ("eager", chunked.torch_row_step)):
+        for name in ("compiled", "compiled, no AVX-512", "eager"):
             row = {"shape": shape, "dtype": dtype_name(dtype), "step": name, "rows": chunk, "vocab": vocab}
-            if name == "compiled" and not available:
+            if name != "eager" and not available:
                 rows.append(row | {"status": "skipped", "reason": reason})
                 continue
-            z, q, targets = harness.row_step_inputs(chunk, vocab, dtype, "cpu")
-            speed = harness.row_step_bandwidth(timer, step, z, q, targets)
+            if name == "compiled, no AVX-512":
+                speed, why = portable_row_step_speed(chunk, vocab, dtype)
+                if speed is None:
+                    rows.append(row | {"status": "skipped", "reason": why})
+                    continue
+            else:
+                z, q, targets = harness.row_step_inputs(chunk, vocab, dtype, "cpu")
+                step = _cpu.cpu_row_step if name == "compiled" else chunked.torch_row_step
+                speed = harness.row_step_bandwidth(timer, step, z, q, targets)
             rows.append(row | {"status": "ok", "bytes_per_s": speed, "of_copy": speed / copy_bytes_per_s})
             print(f"[bench] row step {name} {shape} {dtype_name(dtype)} [{chunk}, {vocab}]: {speed / 1e9:.1f} GB/s",
                   flush=True)
     return {"build_s": cpu_build_seconds() if available else None, "rows": rows}
+
+
+def portable_row_step_speed(rows: int, vocab: int, dtype: torch.dtype) -> tuple[float | None, str]:
+    """Bytes/s of the compiled row step built with -mno-avx512f, in a fresh process with its own
+    cache: the loops a CPU without AVX-512 runs, measured on this one; or None and why not (a
+    compiler or CPU that does not take the flag)."""
+    code = ("import sys, torch; from bench import harness; from bench.common import Timer; "
+            "from qadapter_kernels import _cpu; "
+            "_cpu.FLAG_SETS = (('-march=native', '-mno-avx512f', '-fopenmp'),); "
+            "assert _cpu.status()[0], _cpu.status()[1]; "
+            "z, q, t = harness.row_step_inputs(int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), 'cpu'); "
+            "print(harness.row_step_bandwidth(Timer('cpu', warmup=2, repeats=20), _cpu.cpu_row_step, z, q, t))")
+    with tempfile.TemporaryDirectory() as cache:
+        run = subprocess.run([sys.executable, "-c", code, str(rows), str(vocab), dtype_name(dtype)],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                             env={**os.environ, "QADAPTER_CACHE": cache}, timeout=600)
+    if run.returncode != 0:
+        return None, (run.stderr.strip().splitlines() or ["failed"])[-1]
+    return float(run.stdout.split()[-1]), ""
 
 
 def cpu_build_seconds() -> float | None:

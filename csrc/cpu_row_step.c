@@ -7,7 +7,8 @@
  *
  * The two exps per element bound the step (a core does not reach memory speed on exps). The
  * portable exp is a branch-free polynomial so that gcc -O3 vectorises the inner loops without
- * -ffast-math, which would break the -inf logits of masked vocabulary entries. Where the compiler
+ * -ffast-math, which would break the -inf logits of masked vocabulary entries (-fno-trapping-math
+ * is needed, and is enough, for its compares to become vector selects). Where the compiler
  * targets AVX-512 (-march=native on such a CPU) the block loops are written with its intrinsics:
  * exp(x - m) = 2^(x log2 e - m log2 e), one FMA, then a minimax polynomial of 2^f and scalef for 2^k,
  * with a polynomial one degree shorter for bfloat16, whose results need 8 bits, not 24; and
@@ -59,163 +60,236 @@ static inline float vexp(float x) {
  * block's max and sum of exp(x - max) for z and for c. z and q are float32 or (bf16 = 1) bfloat16
  * rows. eb may alias q (p aliases q): each element is read before it is written. An all -inf block
  * shifts by 0: its exps are 0, never NaN. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #include <immintrin.h>
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* 2^x of 16 floats x <= 0 (-inf and NaN lanes give 0): x = k + f, |f| <= 1/2, a minimax polynomial
- * of 2^f, and AVX-512's scalef applies 2^k (subnormals and underflow to 0 included). Degree 5 errs
- * by 2.4e-7 (2 ulp) for float32 results; degree 4 by 2.7e-6, far below bfloat16's 3.9e-3 ulp, and
- * one FMA shorter: the step is bound by these exps. */
+/* 2^x of 16 floats x <= 0 (-inf and NaN lanes give 0): f = x - floor(x) in [0, 1) in one
+ * instruction (reduce), a minimax polynomial of 2^f, and scalef multiplies by 2^floor(x) itself
+ * (subnormals and underflow to 0 included). Degree 5 errs by 1.6e-7 (about 1 ulp) for float32
+ * results; degree 4 by 2.7e-6, far below bfloat16's 3.9e-3 ulp, and one FMA shorter: the step is
+ * bound by these exps. */
 static inline __m512 exp2_16(__m512 x, const int bf16) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-151.0f));  /* a NaN x gives the second operand */
-    const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, k);
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 y;
     if (bf16) {
-        y = _mm512_set1_ps(9.5701016527e-03f);
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5917862104e-02f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4024744850e-01f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9312181452e-01f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9999926143e-01f));
+        y = _mm512_set1_ps(1.3534167783e-02f);
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.2011462260e-02f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4144275477e-01f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9300383525e-01f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000025933e+00f));
     } else {
-        y = _mm512_set1_ps(1.3276471737e-03f);
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6755415401e-03f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5507132761e-02f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022119720e-01f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314696706e-01f));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000000717e+00f));
+        y = _mm512_set1_ps(1.8775766620e-03f);
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.9893402828e-03f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5826317720e-02f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4015361724e-01f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9315307316e-01f));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9999992507e-01f));
     }
-    return _mm512_scalef_ps(y, k);
+    return _mm512_scalef_ps(y, x);
 }
 
+/* The loops below run whole groups with plain loads and stores and the row's last, partial group
+ * with masked ones (padding lanes read -inf): `full` is a constant where a group body is inlined. */
 static inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
+static inline __mmask32 lanes32(int64_t left) { return left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1); }
 
-/* exp(x - h) = 2^(x log2 e - h log2 e): the shift folds into one FMA. An all -inf block shifts by 0. */
+ALWAYS_INLINE __m512 load16(const float *p, int64_t left, const int full) {
+    return full ? _mm512_loadu_ps(p) : _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes(left), p);
+}
+ALWAYS_INLINE void store16(float *p, int64_t left, __m512 x, const int full) {
+    if (full)
+        _mm512_storeu_ps(p, x);
+    else
+        _mm512_mask_storeu_ps(p, lanes(left), x);
+}
+
+/* exp(x - h) = 2^(x k - h k), with k = log2 e for z and log2 e / alpha~ for u = q + alpha_0 z (then
+ * x - h is in units of c = u / alpha~, `unit` = 1 / alpha~): the shift folds into one FMA. h k is
+ * rounded to float, so the block reports the point its exps are exactly relative to, in double: the
+ * rounding costs no accuracy. An all -inf block shifts by 0 and reports -inf. */
 static const float LOG2E = 1.44269504088896341f;
-static inline __m512 log2_shift(float h) { return _mm512_set1_ps(h == -INFINITY ? 0.0f : h * LOG2E); }
+static inline __m512 log2_shift(float h, float k, double unit, double *point) {
+    const float shift = h == -INFINITY ? 0.0f : h * k;
+    *point = h == -INFINITY ? -INFINITY : (double)shift / k * unit;
+    return _mm512_set1_ps(shift);
+}
+
+/* The constants and running sums of a block's second pass. */
+typedef struct { __m512 kz, shz, ku, shu, sz, sc; } Sweep;
+
+static inline Sweep sweep_of(float hz, float hu, float inv_at, double *mz_out, double *mc_out) {
+    const float ku = LOG2E * inv_at;
+    return (Sweep){_mm512_set1_ps(LOG2E), log2_shift(hz, LOG2E, 1.0, mz_out), _mm512_set1_ps(ku),
+                   log2_shift(hu, ku, inv_at, mc_out), _mm512_setzero_ps(), _mm512_setzero_ps()};
+}
+
+/* float32 rows, 16 elements per group. Pass 1: u into eb, and the maxima of z and u (max(u, m)
+ * keeps m where u is NaN: 0 * -inf in a padding lane when alpha_0 = 0). */
+ALWAYS_INLINE void f32_maxima(const float *zr, const float *qr, float *eb, int64_t left, const int full, __m512 a0,
+                              __m512 *mz, __m512 *mu) {
+    const __m512 z = load16(zr, left, full), u = _mm512_fmadd_ps(a0, z, load16(qr, left, full));
+    store16(eb, left, u, full);
+    *mz = _mm512_max_ps(z, *mz);
+    *mu = _mm512_max_ps(u, *mu);
+}
+
+/* Pass 2: eb = exp(c - point c), and the sums of that and of exp(z - point z). */
+ALWAYS_INLINE void f32_exps(const float *zr, float *eb, int64_t left, const int full, Sweep *w) {
+    const __m512 ec = exp2_16(_mm512_fmsub_ps(load16(eb, left, full), w->ku, w->shu), 0);
+    store16(eb, left, ec, full);
+    w->sc = _mm512_add_ps(w->sc, ec);
+    w->sz = _mm512_add_ps(w->sz, exp2_16(_mm512_fmsub_ps(load16(zr, left, full), w->kz, w->shz), 0));
+}
 
 static inline void block_exps_f32(const float *zr, const float *qr, float *eb, int64_t n, float alpha_0,
-                                  float inv_at, float *mz_out, float *mc_out, float *sz_out, float *sc_out) {
-    const __m512 a0 = _mm512_set1_ps(alpha_0), ia = _mm512_set1_ps(inv_at), ninf = _mm512_set1_ps(-INFINITY);
-    __m512 mz = ninf, mc = ninf;
+                                  float inv_at, double *mz_out, double *mc_out, float *sz_out, float *sc_out) {
+    const __m512 a0 = _mm512_set1_ps(alpha_0);
+    __m512 mz = _mm512_set1_ps(-INFINITY), mu = mz;
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = lanes(n - i);
-        const __m512 z = _mm512_mask_loadu_ps(ninf, m, zr + i);
-        const __m512 c = _mm512_mul_ps(_mm512_fmadd_ps(a0, z, _mm512_mask_loadu_ps(ninf, m, qr + i)), ia);
-        _mm512_mask_storeu_ps(eb + i, m, c);
-        mz = _mm512_max_ps(mz, z);
-        mc = _mm512_mask_max_ps(mc, m, mc, c);  /* a masked lane of c may be NaN (-inf + inf) */
+        if (n - i >= 16)
+            f32_maxima(zr + i, qr + i, eb + i, 16, 1, a0, &mz, &mu);
+        else
+            f32_maxima(zr + i, qr + i, eb + i, n - i, 0, a0, &mz, &mu);
     }
-    const float hz = _mm512_reduce_max_ps(mz), hc = _mm512_reduce_max_ps(mc);
-    const __m512 l2e = _mm512_set1_ps(LOG2E), shz = log2_shift(hz), shc = log2_shift(hc);
-    __m512 sz = _mm512_setzero_ps(), sc = _mm512_setzero_ps();
+    Sweep w = sweep_of(_mm512_reduce_max_ps(mz), _mm512_reduce_max_ps(mu), inv_at, mz_out, mc_out);
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = lanes(n - i);
-        const __m512 ec = exp2_16(_mm512_fmsub_ps(_mm512_mask_loadu_ps(ninf, m, eb + i), l2e, shc), 0);
-        _mm512_mask_storeu_ps(eb + i, m, ec);
-        sc = _mm512_add_ps(sc, ec);
-        sz = _mm512_add_ps(sz, exp2_16(_mm512_fmsub_ps(_mm512_mask_loadu_ps(ninf, m, zr + i), l2e, shz), 0));
+        if (n - i >= 16)
+            f32_exps(zr + i, eb + i, 16, 1, &w);
+        else
+            f32_exps(zr + i, eb + i, n - i, 0, &w);
     }
-    *mz_out = hz, *mc_out = hc, *sz_out = _mm512_reduce_add_ps(sz), *sc_out = _mm512_reduce_add_ps(sc);
+    *sz_out = _mm512_reduce_add_ps(w.sz), *sc_out = _mm512_reduce_add_ps(w.sc);
 }
 
-/* bfloat16 rows 32 elements at a time, without shuffles: one 512-bit load holds 32 bfloat16, and
- * shifting each 32-bit lane left by 16 gives the even elements as float32, clearing its low half the
- * odd ones. eb keeps that order: per group of `left` <= 32 elements its ceil(left/2) even elements,
- * then its odd ones; scale_block puts them back in order as it writes p. Masked lanes read -inf. */
-static inline void split32(const uint16_t *row, int64_t i, int64_t left, __m512 *even, __m512 *odd) {
-    const __mmask32 m = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
-    const __m512i x = _mm512_mask_loadu_epi16(_mm512_set1_epi16((short)0xff80), m, row + i);
+/* bfloat16 rows 32 elements per group, without shuffles: one 512-bit load holds 32 bfloat16, and
+ * shifting each 32-bit lane left by 16 gives the even elements as float32, clearing its low half
+ * the odd ones. eb keeps that order: per group of `left` <= 32 elements its ceil(left/2) even
+ * elements, then its odd ones; scale_block puts them back in order as it writes p. */
+static inline int64_t evens(int64_t left) { return left >= 32 ? 16 : (left + 1) / 2; }
+static inline int64_t odds(int64_t left) { return left >= 32 ? 16 : left / 2; }
+
+ALWAYS_INLINE void split32(const uint16_t *row, int64_t left, const int full, __m512 *even, __m512 *odd) {
+    const __m512i x = full ? _mm512_loadu_si512(row)
+                           : _mm512_mask_loadu_epi16(_mm512_set1_epi16((short)0xff80), lanes32(left), row);
     *even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
     *odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-static inline int64_t evens(int64_t left) { return left >= 32 ? 16 : (left + 1) / 2; }
-static inline int64_t odds(int64_t left) { return left >= 32 ? 16 : left / 2; }
+ALWAYS_INLINE void bf16_maxima(const uint16_t *zr, const uint16_t *qr, float *eb, int64_t left, const int full,
+                               __m512 a0, __m512 *mz, __m512 *mu) {
+    __m512 ze, zo, qe, qo;
+    split32(zr, left, full, &ze, &zo);
+    split32(qr, left, full, &qe, &qo);
+    const __m512 ue = _mm512_fmadd_ps(a0, ze, qe), uo = _mm512_fmadd_ps(a0, zo, qo);
+    store16(eb, evens(left), ue, full);
+    store16(eb + evens(left), odds(left), uo, full);
+    *mz = _mm512_max_ps(*mz, _mm512_max_ps(ze, zo));
+    *mu = _mm512_max_ps(uo, _mm512_max_ps(ue, *mu));
+}
+
+ALWAYS_INLINE void bf16_exps(const uint16_t *zr, float *eb, int64_t left, const int full, Sweep *w) {
+    const int64_t h = evens(left);
+    const __m512 ee = exp2_16(_mm512_fmsub_ps(load16(eb, h, full), w->ku, w->shu), 1);
+    const __m512 eo = exp2_16(_mm512_fmsub_ps(load16(eb + h, odds(left), full), w->ku, w->shu), 1);
+    store16(eb, h, ee, full);
+    store16(eb + h, odds(left), eo, full);
+    w->sc = _mm512_add_ps(w->sc, _mm512_add_ps(ee, eo));
+    __m512 ze, zo;
+    split32(zr, left, full, &ze, &zo);
+    w->sz = _mm512_add_ps(w->sz, _mm512_add_ps(exp2_16(_mm512_fmsub_ps(ze, w->kz, w->shz), 1),
+                                               exp2_16(_mm512_fmsub_ps(zo, w->kz, w->shz), 1)));
+}
 
 static inline void block_exps_bf16(const uint16_t *zr, const uint16_t *qr, float *eb, int64_t n, float alpha_0,
-                                    float inv_at, float *mz_out, float *mc_out, float *sz_out, float *sc_out) {
-    const __m512 a0 = _mm512_set1_ps(alpha_0), ia = _mm512_set1_ps(inv_at), ninf = _mm512_set1_ps(-INFINITY);
-    __m512 mz = ninf, mc = ninf, ze, zo, qe, qo;
+                                   float inv_at, double *mz_out, double *mc_out, float *sz_out, float *sc_out) {
+    const __m512 a0 = _mm512_set1_ps(alpha_0);
+    __m512 mz = _mm512_set1_ps(-INFINITY), mu = mz;
     for (int64_t i = 0; i < n; i += 32) {
-        const int64_t left = n - i, h = evens(left);
-        const __mmask16 me = lanes(h), mo = lanes(odds(left));
-        split32(zr, i, left, &ze, &zo);
-        split32(qr, i, left, &qe, &qo);
-        const __m512 ce = _mm512_mul_ps(_mm512_fmadd_ps(a0, ze, qe), ia), co = _mm512_mul_ps(_mm512_fmadd_ps(a0, zo, qo), ia);
-        _mm512_mask_storeu_ps(eb + i, me, ce);
-        _mm512_mask_storeu_ps(eb + i + h, mo, co);
-        mz = _mm512_max_ps(mz, _mm512_max_ps(ze, zo));
-        mc = _mm512_mask_max_ps(_mm512_mask_max_ps(mc, me, mc, ce), mo, mc, co);  /* masked c: -inf + inf */
+        if (n - i >= 32)
+            bf16_maxima(zr + i, qr + i, eb + i, 32, 1, a0, &mz, &mu);
+        else
+            bf16_maxima(zr + i, qr + i, eb + i, n - i, 0, a0, &mz, &mu);
     }
-    const float hz = _mm512_reduce_max_ps(mz), hc = _mm512_reduce_max_ps(mc);
-    const __m512 l2e = _mm512_set1_ps(LOG2E), shz = log2_shift(hz), shc = log2_shift(hc);
-    __m512 sz = _mm512_setzero_ps(), sc = _mm512_setzero_ps();
+    Sweep w = sweep_of(_mm512_reduce_max_ps(mz), _mm512_reduce_max_ps(mu), inv_at, mz_out, mc_out);
     for (int64_t i = 0; i < n; i += 32) {
-        const int64_t left = n - i, h = evens(left);
-        const __mmask16 me = lanes(h), mo = lanes(odds(left));
-        const __m512 ee = exp2_16(_mm512_fmsub_ps(_mm512_mask_loadu_ps(ninf, me, eb + i), l2e, shc), 1);
-        const __m512 eo = exp2_16(_mm512_fmsub_ps(_mm512_mask_loadu_ps(ninf, mo, eb + i + h), l2e, shc), 1);
-        _mm512_mask_storeu_ps(eb + i, me, ee);
-        _mm512_mask_storeu_ps(eb + i + h, mo, eo);
-        sc = _mm512_add_ps(sc, _mm512_add_ps(ee, eo));
-        split32(zr, i, left, &ze, &zo);
-        sz = _mm512_add_ps(sz, _mm512_add_ps(exp2_16(_mm512_fmsub_ps(ze, l2e, shz), 1),
-                                             exp2_16(_mm512_fmsub_ps(zo, l2e, shz), 1)));
+        if (n - i >= 32)
+            bf16_exps(zr + i, eb + i, 32, 1, &w);
+        else
+            bf16_exps(zr + i, eb + i, n - i, 0, &w);
     }
-    *mz_out = hz, *mc_out = hc, *sz_out = _mm512_reduce_add_ps(sz), *sc_out = _mm512_reduce_add_ps(sc);
+    *sz_out = _mm512_reduce_add_ps(w.sz), *sc_out = _mm512_reduce_add_ps(w.sc);
 }
 
 static inline void block_exps(const void *zr, const void *qr, float *eb, int64_t n, float alpha_0, float inv_at,
-                              const int bf16, float *mz_out, float *mc_out, float *sz_out, float *sc_out) {
+                              const int bf16, double *mz_out, double *mc_out, float *sz_out, float *sc_out) {
     if (bf16)
         block_exps_bf16(zr, qr, eb, n, alpha_0, inv_at, mz_out, mc_out, sz_out, sc_out);
     else
         block_exps_f32(zr, qr, eb, n, alpha_0, inv_at, mz_out, mc_out, sz_out, sc_out);
 }
 
-/* Rounds float32 lanes to bfloat16, nearest even (p is finite), in the high half of each lane. */
+/* Rounds float32 lanes to bfloat16, nearest even (p is finite): the result is each lane's high half. */
 static inline __m512i round_bf16(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
 }
 
-/* p = e * scale for one block, float32 in place or (pb) bfloat16; split: eb is in block_exps_bf16's
- * order, put back in element order here. */
-static inline void scale_block(float *eb, uint16_t *pb, int64_t n, float scale, const int split) {
-    const __m512 s = _mm512_set1_ps(scale);
-    if (!split) {
-        for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 m = lanes(n - i);
-            const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, eb + i), s);
-            if (pb)
-                _mm256_mask_storeu_epi16(pb + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16(x), 16)));
-            else
-                _mm512_mask_storeu_ps(eb + i, m, x);
-        }
+/* 32 float32 (even, odd) as bfloat16 in element order. */
+static inline __m512i interleave_bf16(__m512 even, __m512 odd) {
+#ifdef __AVX512BF16__
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+#else
+    return _mm512_or_si512(_mm512_srli_epi32(round_bf16(even), 16),
+                           _mm512_and_si512(round_bf16(odd), _mm512_set1_epi32((int)0xffff0000u)));
+#endif
+}
+
+ALWAYS_INLINE void scale_group(float *eb, uint16_t *pb, int64_t left, const int full, __m512 s) {
+    const int64_t h = evens(left);
+    const __m512 e = _mm512_mul_ps(load16(eb, h, full), s), o = _mm512_mul_ps(load16(eb + h, odds(left), full), s);
+    if (pb) {
+        if (full)
+            _mm512_storeu_si512(pb, interleave_bf16(e, o));
+        else
+            _mm512_mask_storeu_epi16(pb, lanes32(left), interleave_bf16(e, o));
         return;
     }
     const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (int64_t i = 0; i < n; i += 32) {
-        const int64_t left = n - i, h = evens(left);
-        const __m512 e = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(h), eb + i), s);
-        const __m512 o = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(odds(left)), eb + i + h), s);
-        if (pb) {
-            const __mmask32 m = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
-            const __m512i both = _mm512_or_si512(_mm512_srli_epi32(round_bf16(e), 16),
-                                                 _mm512_and_si512(round_bf16(o), _mm512_set1_epi32((int)0xffff0000u)));
-            _mm512_mask_storeu_epi16(pb + i, m, both);
-        } else {
-            _mm512_mask_storeu_ps(eb + i, lanes(left), _mm512_permutex2var_ps(e, lo, o));
-            if (left > 16) _mm512_mask_storeu_ps(eb + i + 16, lanes(left - 16), _mm512_permutex2var_ps(e, hi, o));
+    store16(eb, left, _mm512_permutex2var_ps(e, lo, o), full);
+    if (left > 16) store16(eb + 16, left - 16, _mm512_permutex2var_ps(e, hi, o), full);
+}
+
+/* p = e * scale for one block, float32 in place or (pb) bfloat16; split: eb is in block_exps_bf16's
+ * order, put back in element order here. A padding lane reads -inf * scale, never stored. */
+static inline void scale_block(float *eb, uint16_t *pb, int64_t n, float scale, const int split) {
+    const __m512 s = _mm512_set1_ps(scale);
+    if (split) {
+        for (int64_t i = 0; i < n; i += 32) {
+            if (n - i >= 32)
+                scale_group(eb + i, pb ? pb + i : NULL, 32, 1, s);
+            else
+                scale_group(eb + i, pb ? pb + i : NULL, n - i, 0, s);
         }
+        return;
+    }
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = lanes(n - i);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, eb + i), s);
+        if (pb)
+            _mm256_mask_storeu_epi16(pb + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16(x), 16)));
+        else
+            _mm512_mask_storeu_ps(eb + i, m, x);
     }
 }
 #else
 static inline void block_exps(const void *zraw, const void *qraw, float *eb, int64_t n, float alpha_0,
-                              float inv_at, const int bf16, float *mz_out, float *mc_out, float *sz_out,
+                              float inv_at, const int bf16, double *mz_out, double *mc_out, float *sz_out,
                               float *sc_out) {
     float zb[BLOCK], qb[BLOCK];
     const float *zr = zraw, *qr = qraw;
@@ -255,12 +329,13 @@ static inline void scale_block(float *eb, uint16_t *pb, int64_t n, float scale, 
 }
 #endif
 
-/* Adds a block's (max m, sum s of exp(x - m)) to a running (M, S). */
-static inline void merge(float *M, double *S, float m, double s) {
+/* Adds a block's (point m, sum s of exp(x - m)) to a running (M, S); m is the block's max or within
+ * a float rounding of it. */
+static inline void merge(double *M, double *S, double m, double s) {
     if (m <= *M) {
-        if (s > 0) *S += s * exp((double)m - *M);
+        if (s > 0) *S += s * exp(m - *M);
     } else {
-        *S = *S * exp((double)*M - m) + s;  /* exp(-inf) = 0 for the first finite block */
+        *S = *S * exp(*M - m) + s;  /* exp(-inf) = 0 for the first finite block */
         *M = m;
     }
 }
@@ -279,7 +354,7 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
 #endif
     {
         /* Per thread: block maxima, and (bf16 p, bf16 inputs) a float32 row and input blocks. */
-        float *bmax = malloc(sizeof(float) * (size_t)nblocks);
+        double *bmax = malloc(sizeof(double) * (size_t)nblocks);
         float *row = p_bf16 ? malloc(sizeof(float) * (size_t)V) : NULL;
         if (!bmax || (p_bf16 && !row)) failed = 1;
 #ifdef _OPENMP
@@ -292,12 +367,13 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
             q_taken[r] = (t < 0 || t >= V) ? NAN
                          : in_bf16 ? bf16_to_f(((const uint16_t *)q)[base + t]) : ((const float *)q)[base + t];
             float *e = p_bf16 ? row : (float *)p + base;
-            float Mz = -INFINITY, Mc = -INFINITY;
+            double Mz = -INFINITY, Mc = -INFINITY;
             double Sz = 0.0, Sc = 0.0;
             for (int64_t b = 0; b < nblocks; b++) {
                 const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;
                 float *eb = e + off;
-                float mz, mc, sz, sc;
+                double mz, mc;
+                float sz, sc;
                 if (in_bf16)
                     block_exps((const uint16_t *)z + base + off, (const uint16_t *)q + base + off, eb, n, alpha_0,
                                inv_at, 1, &mz, &mc, &sz, &sc);
@@ -313,7 +389,7 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
             /* Second pass, over the row just written: exp(block max - row max) / sum. */
             for (int64_t b = 0; b < nblocks; b++) {
                 const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;
-                const float scale = bmax[b] == -INFINITY ? 0.0f : (float)(exp((double)bmax[b] - Mc) / Sc);
+                const float scale = bmax[b] == -INFINITY ? 0.0f : (float)(exp(bmax[b] - Mc) / Sc);
                 scale_block(e + off, p_bf16 ? (uint16_t *)p + base + off : NULL, n, scale, in_bf16);
             }
         }

@@ -29,7 +29,9 @@ from .chunked import torch_row_step
 
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
 SOURCE = "cpu_row_step.c"
-BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fPIC", "-shared")
+# -fno-trapping-math lets gcc turn the portable exp's float compares into vector selects: without
+# it that loop runs scalar (about 6x slower where there is no AVX-512). Nothing reads FP exceptions.
+BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fPIC", "-shared")
 # Tried in order: -fopenmp-simd keeps the `omp simd` reductions vectorised without the runtime.
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",))
 _DTYPES = (torch.float32, torch.bfloat16)

@@ -14,6 +14,9 @@ from qadapter_kernels.chunked import chunked_token_stats, torch_row_step
 needs_cc = pytest.mark.skipif(not _cpu.status()[0], reason=f"compiled CPU row step: {_cpu.status()[1]}")
 TOL = {torch.float64: dict(rtol=0, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
        torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}
+# The float32 value from bfloat16 inputs: their exp polynomial errs by up to 2.7e-6, so each
+# log-sum-exp by as much (a single-element row shows the worst case); the inputs' own rounding is ~1e-2.
+VALUE_TOL = TOL | {torch.bfloat16: dict(rtol=1e-6, atol=4e-6)}
 
 
 def _logits(rows, vocab, dtype, seed, scale=3.0):
@@ -33,7 +36,7 @@ def _check(z, q, targets, p_dtype, alpha_tilde=0.7, alpha_0=0.3):
     for g_, w in zip(got[1:], want[1:]):
         assert g_.dtype == w.dtype and g_.shape == w.shape
         assert not g_.isnan().any()
-    torch.testing.assert_close(got[1], want[1], **TOL[want[1].dtype])
+    torch.testing.assert_close(got[1], want[1], **VALUE_TOL[z.dtype])
     torch.testing.assert_close(got[2], want[2], **TOL[p_dtype])
     return got
 
