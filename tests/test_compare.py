@@ -13,8 +13,8 @@ pytest.importorskip("peft")
 from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 
 from qadapter.compare import (  # noqa: E402
-    CompareOptions, Policy, dpo_loss, format_table, lora_policy, mean_kl_to_base, perplexity, run_compare,
-    sequence_logprobs, _lora_trainer_class,
+    CompareOptions, Policy, dpo_loss, format_table, lora_policy, mean_kl_to_base, perplexity, qadapter_policy,
+    run_compare, sequence_logprobs, _lora_trainer_class,
 )
 from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
 
@@ -126,6 +126,30 @@ def _fixed_policy(seed: int, vocab: int) -> Policy:
         return table[ids]
 
     return Policy(f"fixed{seed}", logprobs, lambda qs, n: ["" for _ in qs], lambda f: torch.zeros(len(f)))
+
+
+def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
+    """The combined policy's log-probs take packed rows (4D mask, position ids) through both passes."""
+    from qadapter.knowledge import candidates, option_scores
+    from qadapter.model import QAdapterModel
+
+    tokenizer = tiny_chat_tokenizer()
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer, lora_r=4,
+                          alpha_tilde=0.7, alpha_0=0.3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # an adapter that differs from the base
+                parameter.copy_(torch.randn(parameter.shape, generator=g))
+    model.eval()  # no LoRA dropout
+    policy = qadapter_policy(model, tokenizer)
+    assert policy.mask_dtype == torch.float32
+    items = candidates(0)[:8]
+    one = option_scores(policy.logprobs, tokenizer, items)
+    torch.testing.assert_close(torch.tensor(option_scores(policy.logprobs, tokenizer, items, mask_dtype=torch.float32)),
+                               torch.tensor(one), rtol=1e-5, atol=1e-5)
+    base = lora_policy("base", model.peft_model, tokenizer, adapter=False)
+    assert not torch.allclose(torch.tensor(option_scores(base.logprobs, tokenizer, items)), torch.tensor(one))
 
 
 def test_kl_and_perplexity_against_plain_loops():

@@ -15,8 +15,10 @@ from qadapter.knowledge import (
     greedy_correct,
     load_probe,
     option_logprob_scores,
+    option_scores,
     score_probe,
 )
+from qadapter.evaluate import packing_mask_dtype
 
 
 def test_candidates_are_well_formed_and_deterministic():
@@ -85,7 +87,7 @@ def _favouring(tokenizer, text: str, calls: list):
     """A fake model: next-token log-probabilities that favour the tokens of ``text``, whatever the context."""
     favoured = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
 
-    def logprobs_fn(input_ids, attention_mask):
+    def logprobs_fn(input_ids, attention_mask, position_ids):
         calls.append(input_ids.shape[0])
         logits = torch.zeros(*input_ids.shape, len(tokenizer))
         logits[..., favoured] = 10.0
@@ -111,7 +113,7 @@ def test_option_scores_respect_padding():
     model = tiny_causal_lm(vocab=len(tokenizer))
     items = knowledge.candidates(0)[:12]
 
-    def logprobs_fn(input_ids, attention_mask):
+    def logprobs_fn(input_ids, attention_mask, position_ids):
         return torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
 
     one = option_logprob_scores(logprobs_fn, tokenizer, items, batch_size=1)
@@ -119,6 +121,28 @@ def test_option_scores_respect_padding():
     result = score_probe(logprobs_fn, lambda qs: [items[0]["options"][items[0]["answer"]]] * len(qs), tokenizer,
                          items[:1])
     assert result == {"loglik_accuracy": float(one[0] == items[0]["answer"]), "greedy_accuracy": 1.0, "n": 1}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_rows_score_each_option_as_its_own_row_does(family):
+    """One row per item (the prompt once, the options side by side under a 4D mask, each at its own
+    positions) gives every option the score of its own right-padded row."""
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_causal_lm(family, vocab=len(tokenizer))
+    items = knowledge.candidates(0)[:12]
+    assert max(len(tokenizer(o).input_ids) for it in items for o in it["options"]) > 1  # multi-token options
+
+    def logprobs_fn(input_ids, attention_mask, position_ids):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    mask_dtype = packing_mask_dtype(model, 256)
+    assert mask_dtype == torch.float32
+    one = option_scores(logprobs_fn, tokenizer, items, batch_size=5)
+    packed = option_scores(logprobs_fn, tokenizer, items, batch_size=5, mask_dtype=mask_dtype)
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(one), rtol=1e-5, atol=1e-5)
+    assert option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype) == \
+        option_logprob_scores(logprobs_fn, tokenizer, items)
 
 
 def test_general_prompts_and_passages():
@@ -135,7 +159,10 @@ def test_embedded_model_gets_shipped_questions_right_by_loglik():
     model, tokenizer = load_base()
     items = load_probe()[::40]
 
-    def logprobs_fn(input_ids, attention_mask):
-        return torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
+    def logprobs_fn(input_ids, attention_mask, position_ids):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        return torch.log_softmax(logits.float(), dim=-1)
 
     assert option_logprob_scores(logprobs_fn, tokenizer, items) == [i["answer"] for i in items]
+    packed = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, 256))
+    assert packed == [i["answer"] for i in items]

@@ -36,7 +36,7 @@ from qadapter_kernels import combined_logprobs
 from . import atomic
 from .demo import option_field
 from .data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
-from .evaluate import answers, chat_prompts, pair_margins
+from .evaluate import answers, chat_prompts, packing_mask_dtype, pair_margins
 from .task import follows_rule, load_task
 
 METHODS = ("sft", "dpo", "qadapter")
@@ -194,16 +194,20 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
 
 
 # ------------------------------------------------------------------------------------------ policies
+PROBE_LONGEST = 256  # a bound on a packed probe row's tokens (the shipped probe's are about 45)
+
 @dataclass
 class Policy:
-    """What the measurements need of a method: next-token log-probs ``[B, T, V]`` (float32), greedy
-    answers to chat questions (at most ``max_new_tokens``), and the preference margins of tokenized
-    pairs under its own reward."""
+    """What the measurements need of a method: next-token log-probs ``[B, T, V]`` (float32) of
+    ``(input_ids, attention_mask, position_ids=None)``, greedy answers to chat questions (at most
+    ``max_new_tokens``), the preference margins of tokenized pairs under its own reward, and the dtype
+    of the packed-row attention masks its log-probs take (None: no packing)."""
 
     name: str
-    logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    logprobs: Callable[..., torch.Tensor]
     answer: Callable[[list[str], int], list[str]]
     margins: Callable[[list[dict]], torch.Tensor]
+    mask_dtype: torch.dtype | None = None
 
 
 def preference(margins: torch.Tensor) -> dict:
@@ -235,9 +239,10 @@ def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: P
         return nullcontext() if adapter else peft_model.disable_adapter()
 
     @torch.no_grad()
-    def logprobs(ids, mask):
+    def logprobs(ids, mask, position_ids=None):
         with context():
-            return torch.log_softmax(peft_model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+            return torch.log_softmax(logits.float(), dim=-1)
 
     def answer(questions, max_new_tokens):
         with context():
@@ -247,7 +252,7 @@ def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: P
         own = _likelihood_margins(logprobs, features, tokenizer.pad_token_id)
         return own if reference is None else own - reference.margins(features)
 
-    return Policy(name, logprobs, answer, margins)
+    return Policy(name, logprobs, answer, margins, packing_mask_dtype(peft_model, PROBE_LONGEST))
 
 
 def qadapter_policy(model, tokenizer) -> Policy:
@@ -255,8 +260,8 @@ def qadapter_policy(model, tokenizer) -> Policy:
     (the reward of a sequence as the loss defines it, :func:`qadapter_kernels.sequence_rewards`)."""
 
     @torch.no_grad()
-    def logprobs(ids, mask):
-        base_hidden, q_hidden = model.hidden_states(ids, mask)
+    def logprobs(ids, mask, position_ids=None):
+        base_hidden, q_hidden = model.hidden_states(ids, mask, position_ids=position_ids)
         return combined_logprobs(base_hidden, q_hidden, model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
                                  alpha_0=model.loss.alpha_0).float()
 
@@ -266,7 +271,7 @@ def qadapter_policy(model, tokenizer) -> Policy:
     def margins(features):
         return pair_margins(model, features, tokenizer.pad_token_id)
 
-    return Policy("qadapter", logprobs, answer, margins)
+    return Policy("qadapter", logprobs, answer, margins, packing_mask_dtype(model.base_model, PROBE_LONGEST))
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -321,7 +326,7 @@ def measure(policy: Policy, base: Policy, tokenizer, suite: dict) -> dict:
         row["rule_rate"] = sum(map(follows_rule, generated)) / len(generated)
         row["example"] = {"prompt": suite["rule_prompts"][0], "answer": generated[0]}
     probe = score_probe(policy.logprobs, lambda questions: policy.answer(questions, ANSWER_TOKENS), tokenizer,
-                        suite["probe"])
+                        suite["probe"], mask_dtype=policy.mask_dtype)
     row["probe_loglik_accuracy"] = probe["loglik_accuracy"]
     row["probe_greedy_accuracy"] = probe["greedy_accuracy"]
     row["general_kl_to_base"] = (0.0 if policy is base else

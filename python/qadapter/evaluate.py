@@ -72,11 +72,24 @@ def _packed_rows(batch: list[dict], pad_token_id: int, mask_dtype: torch.dtype):
         segment[i, :c], segment[i, c : len(row)] = 0, 1
         positions[i, :c] = torch.arange(c)
         positions[i, c : len(row)] = torch.arange(p, p + len(row) - c)
-    key = torch.arange(width)
+    return ({"input_ids": input_ids, "attention_mask": segment_mask(prefix, segment, mask_dtype), "position_ids": positions},
+            prefix, chosen_len)
+
+
+def segment_mask(prefix: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D attention mask ``[B, 1, T, T]`` of packed rows: a query sees the keys before it that
+    are in its row's shared prefix (the first ``prefix[b]`` tokens) or in its own ``segment``."""
+    key = torch.arange(segment.shape[1])
     causal = key[None, :, None] >= key[None, None, :]  # [1, query, key]
     visible = (key[None, :] < prefix[:, None])[:, None, :] | (segment[:, :, None] == segment[:, None, :])
-    mask = torch.zeros(visible.shape, dtype=mask_dtype).masked_fill_(~(causal & visible), torch.finfo(mask_dtype).min)
-    return {"input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": positions}, prefix, chosen_len
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~(causal & visible), torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def packing_mask_dtype(model, longest: int) -> torch.dtype | None:
+    """The dtype of the additive attention masks ``model`` takes for packed rows (its weights'), or
+    None where it cannot take one (:func:`_can_pack`)."""
+    return model.get_output_embeddings().weight.dtype if _can_pack(model.config, longest) else None
 
 
 def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int, pack: bool):

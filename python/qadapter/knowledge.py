@@ -331,46 +331,86 @@ def greedy_correct(answer_texts: list[str], items: list[dict]) -> list[bool]:
     return [any(_contains(text.lower(), a) for a in item["accepted"]) for text, item in zip(answer_texts, items)]
 
 
-def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16) -> list[int]:
-    """Per item, the index of the option whose tokens have the highest summed log-probability as the
-    assistant's reply to the question; ``logprobs_fn`` sees right-padded rows, ``batch_size`` at a time."""
+def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16, *,
+                  mask_dtype=None) -> list[list[float]]:
+    """Per item, the summed log-probability of each option's tokens as the assistant's reply.
+
+    ``logprobs_fn(input_ids, attention_mask, position_ids)`` returns next-token log-probs ``[B, T, V]``.
+    Without ``mask_dtype`` it sees right-padded rows, one per option, ``batch_size`` at a time, and
+    ``position_ids`` None. With ``mask_dtype`` (the model's, :func:`evaluate.packing_mask_dtype`) each
+    row holds one item: its prompt, then every option, each attending to the prompt and to itself at
+    the positions it would have alone (an additive 4D mask of that dtype). The prompt then runs once,
+    not once per option: 3.5x fewer tokens on the shipped probe.
+    """
     import torch
 
-    from .evaluate import chat_prompts
+    from .evaluate import chat_prompts, segment_mask
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    rows = []  # (item index, prompt ids, option ids): one row per option
-    for i, (item, prompt) in enumerate(zip(items, chat_prompts(tokenizer, [it["question"] for it in items]))):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        rows += [(i, prompt_ids, tokenizer(o, add_special_tokens=False).input_ids) for o in item["options"]]
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids
+               for p in chat_prompts(tokenizer, [it["question"] for it in items])]
+    options = [[tokenizer(o, add_special_tokens=False).input_ids for o in it["options"]] for it in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    best = [(float("-inf"), 0)] * len(items)  # (score, option index) per item
-    option_index = [k for item in items for k in range(len(item["options"]))]
+    # One row per option (unpacked) or per item (packed): its tokens, and per option of the row the
+    # (item, option) it scores and the row positions that predict its tokens.
+    rows = []
+    for i, (prompt, opts) in enumerate(zip(prompts, options)):
+        if mask_dtype is None:
+            rows += [(prompt + o, [(i, k, list(range(len(prompt) - 1, len(prompt) + len(o) - 1)), o)])
+                     for k, o in enumerate(opts)]
+            continue
+        tokens, scored = list(prompt), []
+        for k, o in enumerate(opts):
+            scored.append((i, k, [len(prompt) - 1] + list(range(len(tokens), len(tokens) + len(o) - 1)), o))
+            tokens += o
+        rows.append((tokens, scored))
+    scores = [[0.0] * len(opts) for opts in options]
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            width = max(len(p) + len(o) for _, p, o in chunk)
+            width = max(len(tokens) for tokens, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (_, p, o) in enumerate(chunk):
-                input_ids[r, : len(p) + len(o)] = torch.tensor(p + o)
-                attention_mask[r, : len(p) + len(o)] = 1
-            logprobs = logprobs_fn(input_ids, attention_mask)
-            for r, (i, p, o) in enumerate(chunk):
-                positions = torch.arange(len(p) - 1, len(p) + len(o) - 1, device=logprobs.device)
-                score = logprobs[r, positions, torch.tensor(o, device=logprobs.device)].float().sum().item()
-                if score > best[i][0]:
-                    best[i] = (score, option_index[start + r])
-    return [k for _, k in best]
+            for r, (tokens, _) in enumerate(chunk):
+                input_ids[r, : len(tokens)] = torch.tensor(tokens)
+                attention_mask[r, : len(tokens)] = 1
+            position_ids = None
+            if mask_dtype is not None:
+                prefix = torch.tensor([len(prompts[scored[0][0]]) for _, scored in chunk])
+                segment = torch.full((len(chunk), width), -1)  # padding: a segment of its own
+                position_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+                for r, (tokens, scored) in enumerate(chunk):
+                    p = int(prefix[r])
+                    position_ids[r, :p] = torch.arange(p)
+                    offset = p
+                    for k, (_, _, _, o) in enumerate(scored):
+                        segment[r, offset : offset + len(o)] = k
+                        position_ids[r, offset : offset + len(o)] = torch.arange(p, p + len(o))
+                        offset += len(o)
+                attention_mask = segment_mask(prefix, segment, mask_dtype)
+            logprobs = logprobs_fn(input_ids, attention_mask, position_ids)
+            for r, (_, scored) in enumerate(chunk):
+                for i, k, positions, o in scored:
+                    at = torch.tensor(positions, device=logprobs.device)
+                    scores[i][k] = logprobs[r, at, torch.tensor(o, device=logprobs.device)].float().sum().item()
+    return scores
 
 
-def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict]) -> dict:
-    """Fraction of items whose most likely option is the correct one (``loglik_accuracy``) and whose
-    greedy answer (``answer_fn(questions) -> texts``) names it (``greedy_accuracy``)."""
+def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16, *,
+                          mask_dtype=None) -> list[int]:
+    """Per item, the index of the option with the highest :func:`option_scores` (the first on a tie)."""
+    return [max(range(len(s)), key=s.__getitem__)
+            for s in option_scores(logprobs_fn, tokenizer, items, batch_size, mask_dtype=mask_dtype)]
+
+
+def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict], *, mask_dtype=None) -> dict:
+    """Fraction of items whose most likely option is the correct one (``loglik_accuracy``,
+    :func:`option_scores`) and whose greedy answer (``answer_fn(questions) -> texts``) names it
+    (``greedy_accuracy``)."""
     if not items:
         raise ValueError("score_probe needs at least one item")
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items)
+    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype)
     greedy = greedy_correct(answer_fn([it["question"] for it in items]), items)
     return {"loglik_accuracy": sum(p == it["answer"] for p, it in zip(picked, items)) / len(items),
             "greedy_accuracy": sum(greedy) / len(items), "n": len(items)}
@@ -380,16 +420,17 @@ def build_probe(model, tokenizer, *, seed: int = 0, max_new_tokens: int = ANSWER
     """The candidates the plain base ``model`` gets right under both scorings, in candidate order."""
     import torch
 
-    from .evaluate import answers
+    from .evaluate import answers, packing_mask_dtype
 
     items = candidates(seed)
     device = model.get_output_embeddings().weight.device
 
-    def logprobs_fn(input_ids, attention_mask):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    def logprobs_fn(input_ids, attention_mask, position_ids):
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=None if position_ids is None else position_ids.to(device)).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items)
+    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, 512))
     texts = answers(model, tokenizer, [it["question"] for it in items], customized=False,
                     max_new_tokens=max_new_tokens)
     greedy = greedy_correct(texts, items)

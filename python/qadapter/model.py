@@ -235,10 +235,11 @@ class QAdapterModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Final hidden states ``[B, T, d]`` of the frozen model (no grad) and of the adapter model."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_kwargs):
+        """Final hidden states ``[B, T, d]`` of the frozen model (no grad) and of the adapter model;
+        ``model_kwargs`` (``position_ids``, say) go to both forwards."""
         hidden = frozen_and_adapter_hidden(self.peft_model, input_ids, attention_mask,
-                                           logit_softcap=self.loss.logit_softcap)
+                                           logit_softcap=self.loss.logit_softcap, **model_kwargs)
         return hidden.base_hidden, hidden.q_hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
