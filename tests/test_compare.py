@@ -203,12 +203,13 @@ def test_quick_comparison_runs_and_is_reproducible(tmp_path):
     """Every method trains and is measured; the same seed gives the same table (times and memory aside)."""
     reports = []
     for run in ("a", "b"):
-        reports.append(run_compare(CompareOptions(output=str(tmp_path / run), quick=True)))
+        reports.append(run_compare(CompareOptions(output=str(tmp_path / run), quick=True, alpha_0=0.5, alpha_tilde=1.5)))
     for name in ("compare.json", "compare.md", "compare.png"):
         assert (tmp_path / "a" / name).is_file()
     rows = reports[0]["rows"]
     assert [(r["method"], r["steps"]) for r in rows] == [("base", 0), ("sft", 2), ("dpo", 2), ("qadapter", 2)]
     assert rows[0]["general_kl_to_base"] == 0.0
+    assert (rows[3]["alpha_0"], rows[3]["alpha_tilde"]) == (0.5, 1.5) and "alpha_0" not in rows[1]
     assert all(0 <= r["probe_loglik_accuracy"] <= 1 and r["general_perplexity"] > 1 for r in rows)
 
     def numbers(report):
@@ -218,4 +219,4 @@ def test_quick_comparison_runs_and_is_reproducible(tmp_path):
     saved = json.loads((tmp_path / "a" / "compare.json").read_text())
     assert numbers(saved) == json.loads(json.dumps(numbers(reports[0])))
     table = format_table(reports[0])
-    assert "| Q-Adapter | 2 |" in table and "| base | 0 |" in table
+    assert "| Q-Adapter | 2 |" in table and "| base | 0 |" in table and "| alpha~ |" in table

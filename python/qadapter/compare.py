@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qadapter_kernels import combined_logprobs
+from qadapter_kernels import LossConfig, combined_logprobs
 
 from . import atomic
 from .demo import option_field
@@ -55,6 +55,9 @@ class CompareOptions:
                                                    positive=True)
     methods: str = option_field(",".join(METHODS), "methods to train, comma-separated, from " + ",".join(METHODS))
     dpo_beta: float = option_field(0.1, "DPO's beta", positive=True)
+    alpha_0: float = option_field(LossConfig.alpha_0, "the Q-Adapter's weight on the frozen model's log-probs")
+    alpha_tilde: float = option_field(LossConfig.alpha_tilde, "the Q-Adapter's temperature; alpha~ = 1 + alpha_0 "
+                                      "makes the untrained adapter's policy the base's own", positive=True)
     lora_r: int = option_field(8, "LoRA rank of every method", positive=True)
     data: str | None = option_field(None, "preference data file (JSON/JSONL); default: the built-in TL;DR task")
     heldout: int = option_field(400, "with --data: the last N pairs are held out", positive=True)
@@ -171,7 +174,8 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
     if method == "qadapter":
         args = QAdapterConfig(**_training_args(options, method, steps, work, max_length=options.max_length,
                                                max_prompt_length=options.max_prompt_length, lora_r=options.lora_r,
-                                               lora_alpha=2 * options.lora_r))
+                                               lora_alpha=2 * options.lora_r, alpha_0=options.alpha_0,
+                                               alpha_tilde=options.alpha_tilde))
         model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
         trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=model.tokenizer)
     else:
@@ -419,8 +423,10 @@ def run_compare(options: CompareOptions) -> dict:
                                          reference=base if method == "dpo" else None)
                 model.eval()
                 _stage(f"{LABELS[method]}: measuring")
+                combination = ({"alpha_0": model.loss.alpha_0, "alpha_tilde": model.loss.alpha_tilde}
+                               if method == "qadapter" else {})
                 add_row({"method": method, "steps": steps, "learning_rate": options.method_learning_rate(method),
-                         **measure(policy, base, tokenizer, suite),
+                         **combination, **measure(policy, base, tokenizer, suite),
                          "train_seconds": seconds, "train_memory_mb": memory_mb})
                 del model, policy
     report["complete"] = True
@@ -439,6 +445,8 @@ def write_report(report: dict, output: Path) -> None:
 # ------------------------------------------------------------------------------------------ report
 COLUMNS = (
     ("learning_rate", "learning rate", "{:g}"),
+    ("alpha_0", "alpha_0", "{:g}"),
+    ("alpha_tilde", "alpha~", "{:g}"),
     ("heldout_accuracy", "held-out pref. acc. (own reward)", "{:.3f}"),
     ("rule_rate", "rule satisfaction", "{:.3f}"),
     ("probe_loglik_accuracy", "probe acc. (log-lik.)", "{:.3f}"),
@@ -470,8 +478,8 @@ def format_table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Alignment gain (x) against knowledge kept (y), relative to the base at the origin; one line per
-    method (and learning rate, where a method ran at several) through its budgets. Skipped without
-    matplotlib."""
+    method (and learning rate or Q-Adapter combination, where a method ran with several) through its
+    budgets. Skipped without matplotlib."""
     try:
         import matplotlib
 
@@ -485,15 +493,18 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter([0], [0], color="black", zorder=3)
     ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
+    def variant(r):  # the settings that make two runs of one method different lines
+        return r.get("learning_rate") or 0, r.get("alpha_0", 0), r.get("alpha_tilde", 0)
+
     for method in METHODS:
-        rates = sorted({r.get("learning_rate") for r in rows if r["method"] == method}, key=lambda lr: lr or 0)
-        for rate in rates:
-            points = sorted((r for r in rows if r["method"] == method and r.get("learning_rate") == rate),
-                            key=lambda r: r["steps"])
+        variants = sorted({variant(r) for r in rows if r["method"] == method})
+        for v in variants:
+            points = sorted((r for r in rows if r["method"] == method and variant(r) == v), key=lambda r: r["steps"])
             xs = [r[align] - base[align] for r in points]
             ys = [r["probe_loglik_accuracy"] - base["probe_loglik_accuracy"] for r in points]
-            label = LABELS[method] + (f" (lr {rate:g})" if len(rates) > 1 and rate else "")
-            ax.plot(xs, ys, marker="o", label=label)
+            notes = [f"lr {v[0]:g}"] if len({u[0] for u in variants}) > 1 else []
+            notes += [f"alpha_0 {v[1]:g}, alpha~ {v[2]:g}"] if len({u[1:] for u in variants}) > 1 else []
+            ax.plot(xs, ys, marker="o", label=LABELS[method] + (f" ({'; '.join(notes)})" if notes else ""))
             for r, x, y in zip(points, xs, ys):
                 ax.annotate(str(r["steps"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
