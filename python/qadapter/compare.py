@@ -48,7 +48,8 @@ class CompareOptions:
     """The comparison's options; ``qadapter compare``'s command line is generated from these fields."""
 
     output: str = option_field("qadapter-compare", "directory for compare.json, compare.md and compare.png")
-    budgets: str = option_field("40,160", "training steps per method, comma-separated: one run of every method per budget")
+    budgets: str = option_field("40", "training steps per method, comma-separated: one run of every method per "
+                                "budget (40,160 draws the trade-off as a curve)")
     pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
     learning_rate: float = option_field(2e-3, "peak learning rate of every method (cosine schedule)", positive=True)
     dpo_learning_rate: float | None = option_field(None, "DPO's own learning rate (default: --learning-rate)",
@@ -490,7 +491,7 @@ def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
     align = "rule_rate" if "rule_rate" in rows[0] else "heldout_accuracy"
     base = rows[0]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     ax.scatter([0], [0], color="black", zorder=3)
     ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
     def variant(r):  # the settings that make two runs of one method different lines
@@ -512,7 +513,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xlabel(("rule satisfaction" if align == "rule_rate" else "held-out preference accuracy") + " - base")
     ax.set_ylabel("knowledge-probe accuracy - base")
     ax.set_title("learned the preference (right) vs kept knowledge (up)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the points, not over them
     fig.tight_layout()
     atomic.save_figure(fig, path, dpi=120)
     plt.close(fig)
