@@ -37,6 +37,7 @@ from . import atomic
 from .demo import option_field
 from .data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
 from .evaluate import answers, chat_prompts, packing_mask_dtype, pair_margins
+from .knowledge import PROBE_LONGEST
 from .task import follows_rule, load_task
 
 METHODS = ("sft", "dpo", "qadapter")
@@ -199,8 +200,6 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
 
 
 # ------------------------------------------------------------------------------------------ policies
-PROBE_LONGEST = 256  # a bound on a packed probe row's tokens (the shipped probe's are about 45)
-
 @dataclass
 class Policy:
     """What the measurements need of a method: next-token log-probs ``[B, T, V]`` (float32) of

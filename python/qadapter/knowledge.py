@@ -30,6 +30,7 @@ DATA_FILE = Path(__file__).with_name("knowledge_data.json")
 GENERAL_TEXT_FILE = Path(__file__).with_name("general_text.txt")
 N_OPTIONS = 4
 ANSWER_TOKENS = 32  # greedy answer length the probe was built with; score with the same
+PROBE_LONGEST = 256  # a bound on a packed probe row's tokens (the shipped probe's are about 45)
 
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -430,7 +431,7 @@ def build_probe(model, tokenizer, *, seed: int = 0, max_new_tokens: int = ANSWER
                        position_ids=None if position_ids is None else position_ids.to(device)).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, 512))
+    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, PROBE_LONGEST))
     texts = answers(model, tokenizer, [it["question"] for it in items], customized=False,
                     max_new_tokens=max_new_tokens)
     greedy = greedy_correct(texts, items)
