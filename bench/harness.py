@@ -95,6 +95,17 @@ def _chunked_eager_step(**x):
         return qadapter_kernels.qadapter_loss(**x, backend="chunked")
 
 
+def _chunked_whole_rows(**x):
+    from qadapter_kernels import chunked
+
+    def whole_rows(n_tokens, vocab, dtype, device, chunk_size=None):
+        return chunk_size or chunked.auto_chunk_size(n_tokens, vocab, dtype, device), vocab
+
+    # The tiling is looked up on every call: this one takes [chunk, V] chunks (128 MiB on a CPU).
+    with mock.patch.object(chunked, "auto_tiles", whole_rows):
+        return qadapter_kernels.qadapter_loss(**x, backend="chunked")
+
+
 GEMM3 = "gemm3"
 
 
@@ -109,6 +120,8 @@ def candidates() -> list[Candidate]:
         _baseline("compiled-reference", "torch.compile of qadapter_kernels.reference", baselines.compiled_reference_loss),
         _baseline("chunked-eager-step", "the chunked backend with the eager torch row step "
                   "(QADAPTER_CPU_KERNELS=0, or a CPU without a C compiler)", _chunked_eager_step),
+        _baseline("chunked-whole-rows", "the chunked backend over whole-vocabulary [chunk, V] chunks of a 128 MiB "
+                  "budget instead of cache-sized tiles (the same step)", _chunked_whole_rows),
         _baseline("chunked-pairs", "Liger's pattern: 1 pair per chunk, grad_and_value, eager", _pairs(False)),
         _baseline("chunked-pairs-compiled", "Liger's pattern: 1 pair per chunk, grad_and_value, torch.compile",
                   _pairs(True)),

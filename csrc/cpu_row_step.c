@@ -350,10 +350,13 @@ static inline void merge(double *M, double *S, double m, double s) {
 }
 
 /* z, q: [rows, V] float32 (in_bf16 = 0) or bfloat16; p: [rows, V] float32 (p_bf16 = 0) or
- * bfloat16, may alias q (q is read before any of its row is written). */
+ * bfloat16, may alias q (q is read before any of its row is written). Per row it writes what the
+ * caller asks for (a NULL pointer: not wanted): q_taken = q[targets] (targets and q_taken together),
+ * value, and lse_c = lse(c), lse_z = lse(z): a vocabulary tile's share, which the caller merges. */
 int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void *p,
                      int in_bf16, int p_bf16, int64_t rows, int64_t V, float alpha_tilde,
-                     float alpha_0, float *q_taken, float *value, int threads) {
+                     float alpha_0, float *q_taken, float *value, float *lse_c_out, float *lse_z_out,
+                     int threads) {
     const int64_t nblocks = (V + BLOCK - 1) / BLOCK;
     const float inv_at = 1.0f / alpha_tilde;
     const int64_t grain = 1 + 16384 / (V > 0 ? V : 1);  /* dynamic: a busy core gets fewer rows */
@@ -371,10 +374,12 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
 #endif
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
-            const int64_t base = r * V, t = targets[r];
-            /* The target first: p may alias q. Out-of-range targets give NaN, not a crash. */
-            q_taken[r] = (t < 0 || t >= V) ? NAN
-                         : in_bf16 ? bf16_to_f(((const uint16_t *)q)[base + t]) : ((const float *)q)[base + t];
+            const int64_t base = r * V;
+            if (targets) {  /* The target first: p may alias q. Out-of-range targets give NaN, not a crash. */
+                const int64_t t = targets[r];
+                q_taken[r] = (t < 0 || t >= V) ? NAN
+                             : in_bf16 ? bf16_to_f(((const uint16_t *)q)[base + t]) : ((const float *)q)[base + t];
+            }
             float *e = p_bf16 ? row : (float *)p + base;
             double Mz = -INFINITY, Mc = -INFINITY;
             double Sz = 0.0, Sc = 0.0;
@@ -394,7 +399,9 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
                 merge(&Mc, &Sc, mc, sc);
             }
             const double lse_c = Mc + log(Sc), lse_z = Mz + log(Sz);
-            value[r] = (float)(alpha_tilde * lse_c - alpha_0 * lse_z);
+            if (value) value[r] = (float)(alpha_tilde * lse_c - alpha_0 * lse_z);
+            if (lse_c_out) lse_c_out[r] = (float)lse_c;
+            if (lse_z_out) lse_z_out[r] = (float)lse_z;
             /* Second pass, over the row just written: exp(block max - row max) / sum. */
             for (int64_t b = 0; b < nblocks; b++) {
                 const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;

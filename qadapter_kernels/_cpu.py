@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ._cuda import error_summary, sources_dir
-from .chunked import torch_row_step
+from .chunked import torch_block_step, torch_row_step
 
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
 SOURCE = "cpu_row_step.c"
@@ -96,7 +96,7 @@ def _load():
             fn = lib.qak_cpu_row_step
             fn.restype = ctypes.c_int
             fn.argtypes = [_P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_float, ctypes.c_float, _P, _P, ctypes.c_int]
+                           ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
             return fn, ""
         errors.append(f"{' '.join(flags)}: {error}")
     return None, "building csrc/cpu_row_step.c failed: " + " || ".join(errors)
@@ -111,22 +111,59 @@ def status() -> tuple[bool, str]:
     return fn is not None, reason
 
 
-@torch.compiler.disable
+def _compiled_fits(z: torch.Tensor, q: torch.Tensor, p_dtype: torch.dtype) -> bool:
+    """CPU float32 / bfloat16 matrices of one dtype and shape, and a built library."""
+    ok = z.device.type == "cpu" and q.device.type == "cpu" and z.dtype == q.dtype and z.shape == q.shape
+    return ok and q.dtype in _DTYPES and p_dtype in _DTYPES and q.dim() == 2 and status()[0]
+
+
+def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...]):
+    """One call of the C step; ``outputs`` names the ``[rows]`` float32 results wanted, of
+    ``q_taken`` (with ``targets``), ``value``, ``lse_c``, ``lse_z``. Returns them and ``p``."""
+    z, q = z.contiguous(), q.contiguous()
+    rows, vocab = q.shape
+    p = q if p_dtype == q.dtype else torch.empty(rows, vocab, dtype=p_dtype, device="cpu")
+    wanted = {name: torch.empty(rows, dtype=torch.float32, device="cpu") for name in outputs}
+    pointer = {name: out.data_ptr() for name, out in wanted.items()}
+    if targets is not None:
+        targets = targets.to(torch.int64).contiguous()
+    rc = _load()[0](z.data_ptr(), q.data_ptr(), None if targets is None else targets.data_ptr(), p.data_ptr(),
+                    q.dtype == torch.bfloat16, p_dtype == torch.bfloat16, rows, vocab, alpha_tilde, alpha_0,
+                    *(pointer.get(name) for name in ("q_taken", "value", "lse_c", "lse_z")), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("cpu_row_step: could not allocate its per-thread scratch rows")
+    return (*wanted.values(), p)
+
+
+@torch.compiler.disable  # under torch.compile: run as is, never traced (ctypes, a build, a cache)
 def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
     """The ``chunked.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
 
     CPU float32 / bfloat16 only; anything else (float64, float16, CUDA) takes the eager step.
     """
-    ok = z.device.type == "cpu" and q.device.type == "cpu" and z.dtype == q.dtype and z.shape == q.shape
-    if not (ok and q.dtype in _DTYPES and p_dtype in _DTYPES and q.dim() == 2 and status()[0]):
+    if not _compiled_fits(z, q, p_dtype):
         return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
-    z, q, targets = z.contiguous(), q.contiguous(), targets.to(torch.int64).contiguous()
-    rows, vocab = q.shape
-    p = q if p_dtype == q.dtype else torch.empty(rows, vocab, dtype=p_dtype, device="cpu")
-    q_taken, value = (torch.empty(rows, dtype=torch.float32, device="cpu") for _ in range(2))
-    rc = _load()[0](z.data_ptr(), q.data_ptr(), targets.data_ptr(), p.data_ptr(), q.dtype == torch.bfloat16,
-                    p_dtype == torch.bfloat16, rows, vocab, alpha_tilde, alpha_0, q_taken.data_ptr(),
-                    value.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("cpu_row_step: could not allocate its per-thread scratch rows")
-    return q_taken, value, p
+    return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"))
+
+
+@torch.compiler.disable
+def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+    """The ``chunked.BlockStep`` contract in one sweep (a vocabulary tile); p overwrites q when
+    p_dtype is q's dtype. Anything but CPU float32 / bfloat16 takes the eager step."""
+    if not _compiled_fits(z, q, p_dtype):
+        return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype)
+    return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"))
+
+
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The largest CPU cache (Linux sysfs), which sizes the chunked backend's vocabulary tiles;
+    ``default`` where the system does not say."""
+    units, sizes = {"K": 2**10, "M": 2**20, "G": 2**30}, []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip()
+        except OSError:
+            continue
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=default)

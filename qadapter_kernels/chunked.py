@@ -28,41 +28,88 @@ from .inputs import stats_dtype
 #   p:        [C, V] softmax((Q + alpha_0 * z) / alpha~) in p_dtype (may alias z or q).
 RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
 
+# block_step(z, q, alpha_tilde, alpha_0, p_dtype) -> (lse_c, lse_z, p): the same for one vocabulary tile
+#   z, q:         [C, Vt] the tile's base logits and Q-values (contiguous); the step may overwrite them.
+#   lse_c, lse_z: [C] the tile's log-sum-exps of c = (q + alpha_0 z) / alpha~ and of z, float32
+#                 (float64 for float64 inputs): the caller merges the tiles' shares.
+#   p:            [C, Vt] exp(c - lse_c), the tile's own softmax, in p_dtype (may alias z or q).
+BlockStep = Callable[[torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
+
 DEFAULT_CPU_BUDGET = 128 * 2**20
 DEFAULT_CUDA_BUDGET = 1 * 2**30
+# Tokens per CPU tile: from about 2048 rows of [h_b; h_q] by a few thousand vocabulary columns the
+# GEMMs run at their peak (2-core Zen 4: 170 GFLOP/s in float32 against 141 for the former
+# [2 x 227, V] chunks and 154 for one [4096, V] GEMM).
+CPU_TILE_ROWS = 1024
 
 
 def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row log-sum-exp that overwrites ``x`` with ``exp(x - max)`` (no temporary ``[C, V]`` buffer)."""
+    """Row log-sum-exp that overwrites ``x`` with ``exp(x - max)`` (no temporary ``[C, V]`` buffer).
+
+    A row that is all -inf (a masked vocabulary tile) shifts by 0: its lse is -inf, and its sum is
+    returned as the smallest normal number rather than 0, so that ``x / sums`` is 0, not NaN.
+    """
     row_max = x.amax(dim=1, keepdim=True)
+    row_max = torch.where(row_max == -float("inf"), 0.0, row_max)
     exps = x.sub_(row_max).exp_()
     sums = exps.sum(dim=1, keepdim=True)
-    return (row_max + sums.log()).squeeze(1), sums
+    return (row_max + sums.log()).squeeze(1), sums.clamp_min_(torch.finfo(sums.dtype).tiny)
 
 
-def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
-    """Eager row step: reuses the GEMM buffers in place, no ``[C, V]`` temporaries beyond them."""
+def torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+    """Eager block step: reuses the GEMM buffers in place, no ``[C, V]`` temporaries beyond them."""
     sd = stats_dtype(q.dtype)
-    q, z = q.to(sd), z.to(sd)
-    q_taken = q.gather(1, targets.unsqueeze(1)).squeeze(1)
-    combined = q.add_(z, alpha=alpha_0)  # alpha_0 * lse(z) cancels inside the softmax
+    z = z.to(sd)
+    combined = q.to(sd).add_(z, alpha=alpha_0)  # alpha_0 * lse(z) cancels inside the softmax
     if alpha_tilde != 1.0:
         combined.div_(alpha_tilde)
     lse_c, sums = _logsumexp_(combined)
     p = combined.div_(sums)
     lse_z, _ = _logsumexp_(z)
-    value = alpha_tilde * lse_c - alpha_0 * lse_z
-    return q_taken, value, p.to(p_dtype)
+    return lse_c, lse_z, p.to(p_dtype)
+
+
+def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+    """Eager row step: the target's Q, then the block step over whole rows."""
+    q_taken = q.gather(1, targets.unsqueeze(1)).squeeze(1).to(stats_dtype(q.dtype))
+    lse_c, lse_z, p = torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype)
+    return q_taken, alpha_tilde * lse_c - alpha_0 * lse_z, p
+
+
+def whole_row_block_step(row_step: RowStep) -> BlockStep:
+    """A row step as the block step of one tile spanning the vocabulary (the fused GPU row steps).
+
+    Its ``value / alpha~`` stands in for ``lse_c``, with ``lse_z = 0``: a single tile's shares pass
+    through the merge unchanged, so ``alpha~ lse_c - alpha_0 lse_z`` gives the value back and ``p``
+    keeps its weight ``exp(lse_c - lse_c) = 1``.
+    """
+
+    def block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+        targets = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)  # q_taken is read by the caller
+        _, value, p = row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
+        return value / alpha_tilde, torch.zeros_like(value), p
+
+    return block_step
 
 
 def default_row_step(device: torch.device) -> RowStep:
-    """The compiled single-sweep step (``_cpu.py``) for CPU tensors when it builds, else the eager one."""
+    """The compiled single-sweep row step (``_cpu.py``) for CPU tensors when it builds, else the eager one."""
     if device.type == "cpu":
         from . import _cpu  # imported late: _cpu imports this module
 
         if _cpu.status()[0]:
             return _cpu.cpu_row_step
     return torch_row_step
+
+
+def default_block_step(device: torch.device) -> BlockStep:
+    """The compiled single-sweep step (``_cpu.py``) for CPU tensors when it builds, else the eager one."""
+    if device.type == "cpu":
+        from . import _cpu  # imported late: _cpu imports this module
+
+        if _cpu.status()[0]:
+            return _cpu.cpu_block_step
+    return torch_block_step
 
 
 def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int | None = None) -> int:
@@ -73,6 +120,13 @@ def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
     stats = torch.finfo(stats_dtype(dtype)).bits // 8
     per_row = vocab * (3 * esize + (2 * stats if stats != esize else 0))
     return max(1, min(n_tokens, budget // per_row))
+
+
+def cpu_tile_columns(rows: int, vocab: int, dtype: torch.dtype, cache_bytes: int) -> int:
+    """Vocabulary entries per CPU tile: the tile's ``[2 rows, columns]`` GEMM output fills the last-level
+    cache, so the row step and ``p @ Wq`` read it from there, not from memory (at least 256 columns)."""
+    esize = torch.finfo(dtype).bits // 8
+    return max(1, min(vocab, max(256, cache_bytes // (2 * rows * esize))))
 
 
 def _chunks(n: int, chunk: int):
@@ -88,43 +142,51 @@ def _chunks(n: int, chunk: int):
 
 
 class ChunkLogits:
-    """The base logits ``z`` and Q-values ``q`` of one chunk, written into one buffer reused by every chunk.
+    """The base logits ``z`` and Q-values ``q`` of one tile (a chunk of tokens, a range of the
+    vocabulary: the whole of it by default), written into one buffer reused by every tile.
 
-    A fresh ``[chunk, V]`` GEMM output per chunk would cost its allocation (page faults on a CPU)
-    every time; the row step may overwrite the buffer, as the ``RowStep`` contract allows. A shared
-    head (``q_weight`` is ``weight``, no bias: adapters below the lm_head) takes one GEMM over the
+    A fresh GEMM output per tile would cost its allocation (page faults on a CPU) every time; the
+    row step may overwrite the buffer, as the ``RowStep`` contract allows. A shared head
+    (``q_weight`` is ``weight``, no bias: adapters below the lm_head) takes one GEMM over the
     stacked ``[base; hq]`` rows, which runs closer to peak than two half-height ones.
 
     With ``softcap`` s both are capped in place, ``s * tanh(logits / s)`` (in float32 at least), and
-    with ``derivative`` the chunk's ``dQ_capped / dQ = 1 - tanh^2`` is kept in :attr:`derivative`:
-    the gradients' factor, read after the row step has overwritten ``q``.
+    with ``derivative`` the tile's ``dQ_capped / dQ = 1 - tanh^2`` is :attr:`slope` after each
+    call: the gradients' factor, read after the row step has overwritten ``q``.
     """
 
     def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int, softcap: float | None = None,
-                 derivative: bool = False):
+                 derivative: bool = False, columns: int | None = None):
         self.base, self.hq, self.weight, self.q_weight, self.q_bias = base, hq, weight, q_weight, q_bias
         rows = max(1, min(chunk, hq.shape[0]))
+        columns = weight.shape[0] if columns is None else min(columns, weight.shape[0])
         self.shared = q_bias is None and _same_tensor(weight, q_weight)
-        self.out = torch.empty(2 * rows, weight.shape[0], dtype=hq.dtype, device=hq.device)
+        self.out = torch.empty(2 * rows * columns, dtype=hq.dtype, device=hq.device)
         self.stacked = torch.empty(2 * rows, hq.shape[1], dtype=hq.dtype, device=hq.device) if self.shared else None
+        self._stacked_rows = None  # the (start, end) whose [base; hq] rows ``stacked`` holds
         self.softcap = softcap
-        self.derivative = (torch.empty(rows, weight.shape[0], dtype=stats_dtype(hq.dtype), device=hq.device)
+        self.derivative = (torch.empty(rows * columns, dtype=stats_dtype(hq.dtype), device=hq.device)
                            if softcap is not None and derivative else None)
+        self.slope = None
 
-    def __call__(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = e - s
-        z, q = self.out[:n], self.out[n : 2 * n]
+    def __call__(self, s: int, e: int, v0: int = 0, v1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, v1 = e - s, self.weight.shape[0] if v1 is None else v1
+        out = self.out[: 2 * n * (v1 - v0)].view(2 * n, v1 - v0)
+        z, q = out[:n], out[n:]
         if self.shared:
-            torch.cat((self.base[s:e], self.hq[s:e]), out=self.stacked[: 2 * n])
-            torch.mm(self.stacked[: 2 * n], self.weight.T, out=self.out[: 2 * n])
+            if self._stacked_rows != (s, e):
+                torch.cat((self.base[s:e], self.hq[s:e]), out=self.stacked[: 2 * n])
+                self._stacked_rows = (s, e)
+            torch.mm(self.stacked[: 2 * n], self.weight[v0:v1].T, out=out)
         else:
-            torch.mm(self.base[s:e], self.weight.T, out=z)
-            torch.mm(self.hq[s:e], self.q_weight.T, out=q)
+            torch.mm(self.base[s:e], self.weight[v0:v1].T, out=z)
+            torch.mm(self.hq[s:e], self.q_weight[v0:v1].T, out=q)
             if self.q_bias is not None:
-                q.add_(self.q_bias)
+                q.add_(self.q_bias[v0:v1])
         if self.softcap is not None:
+            self.slope = None if self.derivative is None else self.derivative[: n * (v1 - v0)].view(n, v1 - v0)
             self._cap(z, None)
-            self._cap(q, None if self.derivative is None else self.derivative[:n])
+            self._cap(q, self.slope)
         return z, q
 
     def _cap(self, x: torch.Tensor, derivative: torch.Tensor | None) -> None:
@@ -136,6 +198,27 @@ class ChunkLogits:
             x.mul_(self.softcap)
         else:
             x.copy_(tanh.mul_(self.softcap))
+
+
+def _take_targets_(q_taken: torch.Tensor, q: torch.Tensor, targets: torch.Tensor, v0: int) -> None:
+    """``q_taken[i] = q[i, targets[i] - v0]`` for the rows whose target lies in this tile (before the
+    block step overwrites ``q``); no host sync, so GPU tiles stay asynchronous."""
+    local = targets - v0
+    inside = (local >= 0) & (local < q.shape[1])
+    taken = q.gather(1, local.clamp(0, q.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    q_taken.copy_(torch.where(inside, taken.to(q_taken.dtype), q_taken))
+
+
+def _merge_(lse: torch.Tensor, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lse <- log(exp(lse) + exp(part))`` in place; returns the weights ``exp(old - new)`` and
+    ``exp(part - new)`` that carry sums taken relative to each over to the new one (0, not NaN,
+    where both are -inf: rows whose logits are all masked so far)."""
+    new = torch.logaddexp(lse, part)
+    empty = new == -float("inf")
+    keep = torch.where(empty, 0.0, (lse - new).exp_())
+    add = torch.where(empty, 0.0, (part - new).exp_())
+    lse.copy_(new)
+    return keep, add
 
 
 def softcap_slope(capped: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -174,37 +257,47 @@ def _head_weight_grad(d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkedTokenStats(torch.autograd.Function):
-    """``(q_taken, value)`` for packed scored tokens, with the elementwise ``q_hidden`` backward."""
+    """``(q_taken, value)`` for packed scored tokens, with the elementwise ``q_hidden`` backward.
+
+    ``tiles = (rows, columns)``: tokens and vocabulary entries per tile. Per tile, the GEMMs, the
+    block step, and (for the ``q_hidden`` gradient) ``p @ Wq``; the tiles of a row chunk merge their
+    log-sum-exps online, rescaling the running ``E_p[Wq]`` as the maximum grows.
+    """
 
     @staticmethod
-    def forward(ctx, base, hq, weight, q_weight, q_bias, targets, chunk, row_step, cfg):
+    def forward(ctx, base, hq, weight, q_weight, q_bias, targets, tiles, block_step, cfg):
         alpha_tilde, alpha_0, softcap = cfg
-        n = hq.shape[0]
+        (n, d), vocab, (rows, columns) = hq.shape, weight.shape[0], tiles
         sd = stats_dtype(hq.dtype)
-        q_taken = torch.empty(n, dtype=sd, device=hq.device)
-        value = torch.empty(n, dtype=sd, device=hq.device)
+        q_taken = torch.full((n,), float("nan"), dtype=sd, device=hq.device)
+        lse_c, lse_z = (torch.full((n,), -float("inf"), dtype=sd, device=hq.device) for _ in range(2))
         want_hq_grad = ctx.needs_input_grad[1]
-        expected_w = torch.empty(n, hq.shape[1], dtype=sd, device=hq.device) if want_hq_grad else None
+        expected_w = torch.zeros(n, d, dtype=sd, device=hq.device) if want_hq_grad else None
         with torch.no_grad():
-            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, chunk, softcap, derivative=want_hq_grad)
-            for s, e in _chunks(n, chunk):
-                z, q = logits(s, e)
-                q_taken[s:e], value[s:e], p = row_step(z, q, targets[s:e], alpha_tilde, alpha_0, q_weight.dtype)
-                del z, q
-                if want_hq_grad:
-                    if logits.derivative is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
-                        p.mul_(logits.derivative[: e - s])
-                    expected_w[s:e] = matmul_to(sd, p, q_weight)
+            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, want_hq_grad, columns)
+            for s, e in _chunks(n, rows):
+                for v0, v1 in _chunks(vocab, columns):
+                    z, q = logits(s, e, v0, v1)
+                    _take_targets_(q_taken[s:e], q, targets[s:e], v0)
+                    part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype)
+                    del z, q
+                    torch.logaddexp(lse_z[s:e], part_z, out=lse_z[s:e])
+                    keep, add = _merge_(lse_c[s:e], part_c)
+                    if want_hq_grad:
+                        if logits.slope is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
+                            p.mul_(logits.slope)
+                        weighted = matmul_to(sd, p, q_weight[v0:v1]).mul_(add.unsqueeze(1))
+                        expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
         # base and weight are only needed again to recompute p for a trainable Q head.
         head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w,
-                              q_taken if softcap is not None else None)
-        ctx.chunk, ctx.row_step, ctx.cfg = chunk, row_step, cfg
-        return q_taken, value
+                              q_taken if softcap is not None else None, lse_c if head else None)
+        ctx.tiles, ctx.block_step, ctx.cfg = tiles, block_step, cfg
+        return q_taken, alpha_tilde * lse_c - alpha_0 * lse_z
 
     @staticmethod
     def backward(ctx, grad_q_taken, grad_value):
-        base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken = ctx.saved_tensors
+        base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken, lse_c = ctx.saved_tensors
         sd = grad_q_taken.dtype
         softcap = ctx.cfg[2]
         if softcap is not None:  # Q[a] = s * tanh(raw / s): d/d raw = 1 - (Q[a] / s)^2
@@ -216,37 +309,57 @@ class ChunkedTokenStats(torch.autograd.Function):
                 grad_value.unsqueeze(1) * expected_w, grad_q_taken.unsqueeze(1), q_weight[targets].to(sd)
             ).to(hq.dtype)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_qw, grad_qb = _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, grad_value)
+            grad_qw, grad_qb = _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken,
+                                           grad_value)
         return None, grad_hq, None, grad_qw, grad_qb, None, None, None, None
 
 
-def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, grad_q_taken, grad_value):
-    """Second chunked pass: dL/dQ = g_qa * onehot(a) + g_v * p (times 1 - tanh^2 under a soft cap;
-    ``grad_q_taken`` has its factor already), summed over tokens into Wq and bq."""
+def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value):
+    """Second tiled pass: dL/dQ = g_qa * onehot(a) + g_v * p (times 1 - tanh^2 under a soft cap;
+    ``grad_q_taken`` has its factor already), summed over tokens into Wq and bq. A tile's own
+    softmax becomes the row's ``p`` with the weight ``exp(lse_c(tile) - lse_c(row))``."""
     alpha_tilde, alpha_0, softcap = ctx.cfg
+    rows, columns = ctx.tiles
     sd = grad_q_taken.dtype
     want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
     grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
     with torch.no_grad():
-        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, ctx.chunk, softcap, derivative=True)
-        for s, e in _chunks(hq.shape[0], ctx.chunk):
-            z, q = logits(s, e)
-            _, _, p = ctx.row_step(z, q, targets[s:e], alpha_tilde, alpha_0, sd)
-            del z, q
-            d_logits = p.mul_(grad_value[s:e].unsqueeze(1))
-            if logits.derivative is not None:
-                d_logits.mul_(logits.derivative[: e - s])
-            rows = torch.arange(e - s, device=p.device)
-            d_logits.index_put_((rows, targets[s:e]), grad_q_taken[s:e], accumulate=True)
-            if want_w:
-                grad_qw.add_(_head_weight_grad(d_logits, hq[s:e]))
-            if want_b:
-                grad_qb.add_(d_logits.sum(dim=0))
+        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, True, columns)
+        for s, e in _chunks(hq.shape[0], rows):
+            rows_here = torch.arange(e - s, device=hq.device)
+            for v0, v1 in _chunks(q_weight.shape[0], columns):
+                z, q = logits(s, e, v0, v1)
+                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd)
+                del z, q
+                d_logits = p.mul_(((part_c - lse_c[s:e]).exp_() * grad_value[s:e]).unsqueeze(1))
+                if logits.slope is not None:
+                    d_logits.mul_(logits.slope)
+                local = targets[s:e] - v0
+                inside = (local >= 0) & (local < v1 - v0)
+                d_logits.index_put_((rows_here, local.clamp(0, v1 - v0 - 1)),
+                                    torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
+                if want_w:
+                    grad_qw[v0:v1].add_(_head_weight_grad(d_logits, hq[s:e]))
+                if want_b:
+                    grad_qb[v0:v1].add_(d_logits.sum(dim=0))
     return (
         grad_qw.to(q_weight.dtype) if want_w else None,
         grad_qb.to(q_bias.dtype) if want_b else None,
     )
+
+
+def auto_tiles(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device,
+               chunk_size: int | None = None) -> tuple[int, int]:
+    """``(rows, columns)`` of a tile. On a CPU, :data:`CPU_TILE_ROWS` tokens (or ``chunk_size``) by
+    :func:`cpu_tile_columns` of the vocabulary; elsewhere whole rows, as many as the memory budget
+    allows (:func:`auto_chunk_size`)."""
+    if device.type != "cpu":
+        return chunk_size or auto_chunk_size(n_tokens, vocab, dtype, device), vocab
+    from . import _cpu  # imported late: _cpu imports this module
+
+    rows = max(1, min(n_tokens, chunk_size or CPU_TILE_ROWS))
+    return rows, cpu_tile_columns(rows, vocab, dtype, _cpu.last_level_cache_bytes())
 
 
 def chunked_token_stats(
@@ -262,25 +375,32 @@ def chunked_token_stats(
     chunk_size: int | None = None,
     row_step: RowStep | None = None,
     softcap: float | None = None,
+    vocab_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias.
 
     ``base``/``hq``: ``[N, d]``; ``weight``/``q_weight``: ``[V, d]``; ``q_bias``: ``[V]`` or None;
     ``targets``: ``[N]`` int64 in ``[0, V)``. Returns two ``[N]`` tensors in :func:`stats_dtype`.
-    ``row_step=None``: :func:`default_row_step` for ``hq``'s device. ``softcap`` s: both heads'
-    logits are ``s * tanh(logits / s)`` (Gemma-2); the row step is unchanged, the gradients gain
-    the factor ``1 - tanh^2`` (one more ``[chunk, V]`` buffer).
+    ``row_step``: a fused step over whole rows (the GPU backends'); ``None`` takes
+    :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU, ``vocab_tile``
+    entries each when given). ``softcap`` s: both heads' logits are ``s * tanh(logits / s)``
+    (Gemma-2); the step is unchanged, the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
     """
-    row_step = row_step or default_row_step(hq.device)
-    chunk = chunk_size or auto_chunk_size(hq.shape[0], weight.shape[0], hq.dtype, hq.device)
+    vocab = weight.shape[0]
+    if row_step is not None:
+        tiles = (chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device), vocab)
+        block_step = whole_row_block_step(row_step)
+    else:
+        rows, columns = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, chunk_size)
+        tiles, block_step = (rows, vocab_tile or columns), default_block_step(hq.device)
     return ChunkedTokenStats.apply(
-        base.detach(), hq, weight.detach(), q_weight, q_bias, targets, chunk, row_step, (alpha_tilde, alpha_0, softcap)
+        base.detach(), hq, weight.detach(), q_weight, q_bias, targets, tiles, block_step, (alpha_tilde, alpha_0, softcap)
     )
 
 
 BACKEND = Backend(
     name="chunked",
-    summary="per token chunk: 2 GEMMs, the row step (compiled C on CPU), P @ Wq; elementwise backward",
+    summary="per tile of tokens x vocabulary: 2 GEMMs, the row step (compiled C on CPU), P @ Wq; elementwise backward",
     token_stats=chunked_token_stats,
     availability=lambda: (True, ""),
 )

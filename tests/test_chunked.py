@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from conftest import loss_and_grads, make_inputs
+from qadapter_kernels import chunked
 from qadapter_kernels.chunked import ChunkLogits, _chunks, auto_chunk_size
 
 
@@ -39,3 +42,69 @@ def test_chunk_logits_stack_a_shared_head_and_agree_with_two_gemms():
     with_bias = ChunkLogits(base, hq, weight, weight, bias, chunk=4)
     assert not with_bias.shared
     torch.testing.assert_close(with_bias(4, 8)[1], hq[4:8] @ weight.T + bias)
+
+
+@pytest.fixture
+def vocab_tiles(monkeypatch):
+    """Sets the CPU tile width the chunked backend takes (``auto_tiles``), far below the vocabulary."""
+
+    def use(columns: int) -> None:
+        monkeypatch.setattr(chunked, "cpu_tile_columns", lambda *args: columns)
+
+    return use
+
+
+@pytest.mark.parametrize("columns", [1, 7, 50, 202])
+@pytest.mark.parametrize("options", [
+    dict(alpha_tilde=0.8, alpha_0=0.05),
+    dict(alpha_tilde=1.3, alpha_0=0.0, value_at="next"),
+    dict(alpha_tilde=0.8, alpha_0=0.4, logit_softcap=0.7),
+], ids=["plain", "alpha0=0,next", "softcap"])
+@pytest.mark.parametrize("head", ["shared", "q_weight+bias"])
+def test_vocabulary_tiles_merge_to_the_reference(vocab_tiles, columns, options, head):
+    """Tiles narrower than the vocabulary (203 = 29 x 7, one short tile when 50 or 202 wide) merge
+    their log-sum-exps and rescale E_p[Wq] online: loss and every gradient as the reference's."""
+    vocab_tiles(columns)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        x = make_inputs(batch=6, seq=11, hidden=40, vocab=203, dtype=dtype, seed=columns,
+                        q_head=head != "shared", q_bias=head != "shared")
+        ref, ref_grads = loss_and_grads(x, backend="reference", **options)
+        got, got_grads = loss_and_grads(x, backend="chunked", chunk_size=5, **options)
+        assert _rel_err(got.loss, ref.loss) <= tol
+        for name, grad in ref_grads.items():
+            assert got_grads[name].dtype == grad.dtype and _rel_err(got_grads[name], grad) <= tol, name
+
+
+def test_vocabulary_tiles_keep_masked_entries_at_zero(vocab_tiles):
+    """Logits of -inf (a masked vocabulary range, whole tiles of it) get p = 0 and finite statistics."""
+    vocab_tiles(8)
+    g = torch.Generator().manual_seed(9)
+    base, hq = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    bias = torch.zeros(40, dtype=torch.float64)
+    bias[:20] = -float("inf")  # the first tiles of every row are all -inf in Q
+    targets = torch.randint(20, 40, (6,), generator=g)
+    hq.requires_grad_()
+    got = chunked.chunked_token_stats(base, hq, weight, weight, bias, targets, alpha_tilde=0.9, alpha_0=0.2)
+    q = hq @ weight.T + bias
+    c = (q + 0.2 * torch.log_softmax(base @ weight.T, -1)) / 0.9
+    torch.testing.assert_close(got[0], q.gather(1, targets[:, None])[:, 0])
+    torch.testing.assert_close(got[1], 0.9 * torch.logsumexp(c, -1))
+    (grad,) = torch.autograd.grad(got[1].sum(), hq)
+    torch.testing.assert_close(grad, torch.softmax(c, -1).nan_to_num(0.0) @ weight)
+
+
+def test_cpu_tiles_fill_the_cache():
+    rows, columns = chunked.auto_tiles(4096, 49152, torch.float32, torch.device("cpu"))
+    assert rows == chunked.CPU_TILE_ROWS
+    assert chunked.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20) == 4096
+    assert chunked.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20) == 8192
+    assert chunked.cpu_tile_columns(1024, 1000, torch.float32, 2**40) == 1000  # never wider than V
+    assert chunked.cpu_tile_columns(4096, 49152, torch.float32, 2**20) == 256  # nor too thin to vectorise
+    assert chunked.auto_tiles(100, 49152, torch.float32, torch.device("cpu"))[0] == 100
+    assert chunked.auto_tiles(100, 49152, torch.float32, torch.device("cuda")) == (100, 49152)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))

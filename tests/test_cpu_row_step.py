@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_inputs
 from qadapter_kernels import _cpu, chunked
-from qadapter_kernels.chunked import chunked_token_stats, torch_row_step
+from qadapter_kernels.chunked import chunked_token_stats, torch_block_step, torch_row_step
 
 needs_cc = pytest.mark.skipif(not _cpu.status()[0], reason=f"compiled CPU row step: {_cpu.status()[1]}")
 TOL = {torch.float64: dict(rtol=0, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -97,7 +97,27 @@ def test_accuracy_against_float64(dtype):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_step_matches_eager(dtype):
+    """A vocabulary tile's log-sum-exps and own softmax; a row all -inf in the tile gives lse -inf, p 0."""
+    z, q, _ = _logits(6, 1100, dtype, seed=11)
+    q[0] = float("-inf")
+    z[1, :600] = float("-inf")
+    for p_dtype in (dtype, torch.float32):
+        want = torch_block_step(z.clone(), q.clone(), 0.7, 0.3, p_dtype)
+        q_buffer = q.clone()
+        got = _cpu.cpu_block_step(z.clone(), q_buffer, 0.7, 0.3, p_dtype)
+        assert (got[2].data_ptr() == q_buffer.data_ptr()) == (p_dtype == dtype)
+        assert got[0][0] == -float("inf") and (got[2][0] == 0).all()
+        for g_, w, tol in zip(got, want, (VALUE_TOL[dtype], VALUE_TOL[dtype], TOL[p_dtype])):
+            assert g_.dtype == w.dtype and g_.shape == w.shape
+            torch.testing.assert_close(g_, w, **tol)
+
+
+@needs_cc
 def test_chunked_uses_it_by_default_on_cpu():
+    assert chunked.default_block_step(torch.device("cpu")) is _cpu.cpu_block_step
+    assert chunked.default_block_step(torch.device("cuda")) is torch_block_step
     assert chunked.default_row_step(torch.device("cpu")) is _cpu.cpu_row_step
     assert chunked.default_row_step(torch.device("cuda")) is torch_row_step
 
@@ -114,9 +134,9 @@ def _stats(x, row_step):
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv(_cpu.ENV_SWITCH, "0")
     assert _cpu.status() == (False, "switched off (QADAPTER_CPU_KERNELS=0)")
-    assert chunked.default_row_step(torch.device("cpu")) is torch_row_step
+    assert chunked.default_block_step(torch.device("cpu")) is torch_block_step
     x = make_inputs(seed=4, vocab=97)
-    torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=0, atol=0)
+    torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=1e-6, atol=1e-6)
 
 
 def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
@@ -128,7 +148,7 @@ def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
         available, reason = _cpu.status()
         assert not available and "no C compiler" in reason
         x = make_inputs(seed=5, vocab=97)
-        torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=0, atol=0)
+        torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=1e-6, atol=1e-6)
         z, q, targets = _logits(3, 50, torch.float32, seed=5)
         got = _cpu.cpu_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.float32)
         for g_, w in zip(got, torch_row_step(z.clone(), q.clone(), targets, 1.0, 0.01, torch.float32)):
