@@ -147,8 +147,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def cpu_row_steps(cases: list, copy_bytes_per_s: float) -> dict:
-    """The CPU row steps alone, on one chunk of each case's head and dtype (the chunk the chunked
-    backend uses at the largest N): the compiled step (csrc/cpu_row_step.c), the same built without
+    """The CPU row steps alone, on one whole-row chunk of each case's head and dtype (128 MiB of
+    buffers, beyond the cache, so the step streams from memory; the chunked backend's own tiles
+    are cache-sized and the ``chunked-whole-rows`` baseline's chunks this size): the compiled step (csrc/cpu_row_step.c), the same built without
     AVX-512 (its portable loops, what CPUs without AVX-512 run), and the eager one, as bytes/s and as
     a fraction of the copy bandwidth (``harness.row_step_bandwidth`` counts the bytes no row step
     avoids); and the compiled step's first-use build time."""
@@ -386,7 +387,8 @@ def _row_step_markdown(row_step: dict | None, copy_bytes_per_s: float | None) ->
     out = [
         "## The CPU row step alone",
         "",
-        "One chunk of the chunked backend (its rows at the largest N); bytes = read z and Q, write P "
+        "One whole-row chunk (that of `chunked-whole-rows` at the largest N: beyond the cache, so the step "
+        "streams from memory); bytes = read z and Q, write P "
         f"(bench/harness.row_step_bandwidth); copy bandwidth {copy_bytes_per_s / 1e9:.1f} GB/s (1 GiB, read + write). "
         + (f"Building the compiled step on first use took {build:.1f} s." if build is not None else
            "The compiled step is not available here."),
