@@ -34,7 +34,7 @@ SOURCE = "cpu_row_step.c"
 BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fPIC", "-shared")
 # Tried in order: -fopenmp-simd keeps the `omp simd` reductions vectorised without the runtime.
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",))
-_DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # what the compiled step takes; others take the eager one
 _P = ctypes.c_void_p
 
 
@@ -114,7 +114,7 @@ def status() -> tuple[bool, str]:
 def _compiled_fits(z: torch.Tensor, q: torch.Tensor, p_dtype: torch.dtype) -> bool:
     """CPU float32 / bfloat16 matrices of one dtype and shape, and a built library."""
     ok = z.device.type == "cpu" and q.device.type == "cpu" and z.dtype == q.dtype and z.shape == q.shape
-    return ok and q.dtype in _DTYPES and p_dtype in _DTYPES and q.dim() == 2 and status()[0]
+    return ok and q.dtype in DTYPES and p_dtype in DTYPES and q.dim() == 2 and status()[0]
 
 
 def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...]):

@@ -49,7 +49,7 @@ def vocab_tiles(monkeypatch):
     """Sets the CPU tile width the chunked backend takes (``auto_tiles``), far below the vocabulary."""
 
     def use(columns: int) -> None:
-        monkeypatch.setattr(chunked, "cpu_tile_columns", lambda *args: columns)
+        monkeypatch.setattr(chunked, "cpu_tile_columns", lambda *args, **options: columns)
 
     return use
 
@@ -99,6 +99,8 @@ def test_cpu_tiles_fill_the_cache():
     assert rows == chunked.CPU_TILE_ROWS
     assert chunked.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20) == 4096
     assert chunked.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20) == 8192
+    assert chunked.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20, widened=True) == 2730  # fp32 copies
+    assert chunked.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20, widened=True) == 4096  # none made
     assert chunked.cpu_tile_columns(1024, 1000, torch.float32, 2**40) == 1000  # never wider than V
     assert chunked.cpu_tile_columns(4096, 49152, torch.float32, 2**20) == 256  # nor too thin to vectorise
     assert chunked.auto_tiles(100, 49152, torch.float32, torch.device("cpu"))[0] == 100
