@@ -149,10 +149,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 def cpu_row_steps(cases: list, copy_bytes_per_s: float) -> dict:
     """The CPU row steps alone, on one whole-row chunk of each case's head and dtype (128 MiB of
     buffers, beyond the cache, so the step streams from memory; the chunked backend's own tiles
-    are cache-sized and the ``chunked-whole-rows`` baseline's chunks this size): the compiled step (csrc/cpu_row_step.c), the same built without
-    AVX-512 (its portable loops, what CPUs without AVX-512 run), and the eager one, as bytes/s and as
-    a fraction of the copy bandwidth (``harness.row_step_bandwidth`` counts the bytes no row step
-    avoids); and the compiled step's first-use build time."""
+    are cache-sized and the ``chunked-whole-rows`` baseline's chunks this size): the compiled step
+    (csrc/cpu_row_step.c), the same built without AVX-512 (its portable loops, what CPUs without
+    AVX-512 run), and the eager one, as bytes/s and as a fraction of the copy bandwidth
+    (``harness.row_step_bandwidth`` counts the bytes no row step avoids); and the compiled step's
+    first-use build time."""
     from qadapter_kernels import _cpu, chunked
 
     available, reason = _cpu.status()

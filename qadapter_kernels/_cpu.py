@@ -155,9 +155,10 @@ def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
     return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"))
 
 
+@functools.lru_cache(maxsize=None)
 def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     """The largest CPU cache (Linux sysfs), which sizes the chunked backend's vocabulary tiles;
-    ``default`` where the system does not say."""
+    ``default`` where the system does not say. Read once per process: every loss call asks."""
     units, sizes = {"K": 2**10, "M": 2**20, "G": 2**30}, []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         try:

@@ -92,24 +92,26 @@ def whole_row_block_step(row_step: RowStep) -> BlockStep:
     return block_step
 
 
-def default_row_step(device: torch.device) -> RowStep:
-    """The compiled single-sweep row step (``_cpu.py``) for CPU tensors when it builds, else the eager one."""
-    if device.type == "cpu":
-        from . import _cpu  # imported late: _cpu imports this module
+def _compiled_cpu(device: torch.device):
+    """The module of the compiled single-sweep step (``_cpu.py``) when it serves tensors on
+    ``device`` (a CPU, and the step builds), else None."""
+    if device.type != "cpu":
+        return None
+    from . import _cpu  # imported late: _cpu imports this module
 
-        if _cpu.status()[0]:
-            return _cpu.cpu_row_step
-    return torch_row_step
+    return _cpu if _cpu.status()[0] else None
+
+
+def default_row_step(device: torch.device) -> RowStep:
+    """The compiled single-sweep row step for CPU tensors when it builds, else the eager one."""
+    compiled = _compiled_cpu(device)
+    return compiled.cpu_row_step if compiled else torch_row_step
 
 
 def default_block_step(device: torch.device) -> BlockStep:
-    """The compiled single-sweep step (``_cpu.py``) for CPU tensors when it builds, else the eager one."""
-    if device.type == "cpu":
-        from . import _cpu  # imported late: _cpu imports this module
-
-        if _cpu.status()[0]:
-            return _cpu.cpu_block_step
-    return torch_block_step
+    """The compiled single-sweep block step for CPU tensors when it builds, else the eager one."""
+    compiled = _compiled_cpu(device)
+    return compiled.cpu_block_step if compiled else torch_block_step
 
 
 def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int | None = None) -> int:
@@ -203,12 +205,18 @@ class ChunkLogits:
             x.copy_(tanh.mul_(self.softcap))
 
 
+def _targets_in_tile(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's column in the tile ``[v0, v0 + width)``, clamped into it, and whether it lies
+    there: masks instead of a boolean index, so that no host sync stalls GPU tiles."""
+    local = targets - v0
+    return local.clamp(0, width - 1), (local >= 0) & (local < width)
+
+
 def _take_targets_(q_taken: torch.Tensor, q: torch.Tensor, targets: torch.Tensor, v0: int) -> None:
     """``q_taken[i] = q[i, targets[i] - v0]`` for the rows whose target lies in this tile (before the
-    block step overwrites ``q``); no host sync, so GPU tiles stay asynchronous."""
-    local = targets - v0
-    inside = (local >= 0) & (local < q.shape[1])
-    taken = q.gather(1, local.clamp(0, q.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    block step overwrites ``q``)."""
+    column, inside = _targets_in_tile(targets, v0, q.shape[1])
+    taken = q.gather(1, column.unsqueeze(1)).squeeze(1)
     q_taken.copy_(torch.where(inside, taken.to(q_taken.dtype), q_taken))
 
 
@@ -338,10 +346,8 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
                 d_logits = p.mul_(((part_c - lse_c[s:e]).exp_() * grad_value[s:e]).unsqueeze(1))
                 if logits.slope is not None:
                     d_logits.mul_(logits.slope)
-                local = targets[s:e] - v0
-                inside = (local >= 0) & (local < v1 - v0)
-                d_logits.index_put_((rows_here, local.clamp(0, v1 - v0 - 1)),
-                                    torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
+                column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
+                d_logits.index_put_((rows_here, column), torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
                 if want_w:
                     grad_qw[v0:v1].add_(_head_weight_grad(d_logits, hq[s:e]))
                 if want_b:
@@ -362,7 +368,7 @@ def auto_tiles(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.devi
     from . import _cpu  # imported late: _cpu imports this module
 
     rows = max(1, min(n_tokens, chunk_size or CPU_TILE_ROWS))
-    compiled = _cpu.status()[0] and dtype in _cpu.DTYPES
+    compiled = _compiled_cpu(device) is not None and dtype in _cpu.DTYPES
     return rows, cpu_tile_columns(rows, vocab, dtype, _cpu.last_level_cache_bytes(), widened=not compiled)
 
 
@@ -379,15 +385,13 @@ def chunked_token_stats(
     chunk_size: int | None = None,
     row_step: RowStep | None = None,
     softcap: float | None = None,
-    vocab_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias.
 
     ``base``/``hq``: ``[N, d]``; ``weight``/``q_weight``: ``[V, d]``; ``q_bias``: ``[V]`` or None;
     ``targets``: ``[N]`` int64 in ``[0, V)``. Returns two ``[N]`` tensors in :func:`stats_dtype`.
     ``row_step``: a fused step over whole rows (the GPU backends'); ``None`` takes
-    :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU, ``vocab_tile``
-    entries each when given). ``softcap`` s: both heads' logits are ``s * tanh(logits / s)``
+    :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). ``softcap`` s: both heads' logits are ``s * tanh(logits / s)``
     (Gemma-2); the step is unchanged, the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
     """
     vocab = weight.shape[0]
@@ -395,8 +399,8 @@ def chunked_token_stats(
         tiles = (chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device), vocab)
         block_step = whole_row_block_step(row_step)
     else:
-        rows, columns = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, chunk_size)
-        tiles, block_step = (rows, vocab_tile or columns), default_block_step(hq.device)
+        tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, chunk_size)
+        block_step = default_block_step(hq.device)
     return ChunkedTokenStats.apply(
         base.detach(), hq, weight.detach(), q_weight, q_bias, targets, tiles, block_step, (alpha_tilde, alpha_0, softcap)
     )
