@@ -134,7 +134,7 @@ def cpu_tile_columns(rows: int, vocab: int, dtype: torch.dtype, cache_bytes: int
     return max(1, min(vocab, max(256, cache_bytes // (rows * entry))))
 
 
-def _chunks(n: int, chunk: int):
+def chunks(n: int, chunk: int):
     """``(start, end)`` of at most ``chunk`` rows each, sizes within one row of each other: no short
     last chunk, whose GEMMs would run far below the others' speed."""
     count = -(-n // chunk)
@@ -190,19 +190,22 @@ class ChunkLogits:
                 q.add_(self.q_bias[v0:v1])
         if self.softcap is not None:
             self.slope = None if self.derivative is None else self.derivative[: n * (v1 - v0)].view(n, v1 - v0)
-            self._cap(z, None)
-            self._cap(q, self.slope)
+            softcap_(z, self.softcap)
+            softcap_(q, self.softcap, self.slope)
         return z, q
 
-    def _cap(self, x: torch.Tensor, derivative: torch.Tensor | None) -> None:
-        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        tanh = wide.div_(self.softcap).tanh_()
-        if derivative is not None:
-            torch.mul(tanh, tanh, out=derivative).neg_().add_(1)
-        if wide is x:
-            x.mul_(self.softcap)
-        else:
-            x.copy_(tanh.mul_(self.softcap))
+
+def softcap_(logits: torch.Tensor, softcap: float, slope: torch.Tensor | None = None) -> torch.Tensor:
+    """Caps ``logits`` in place, ``softcap * tanh(logits / softcap)`` (computed in float32 at least),
+    the model's final logit soft-capping (Gemma-2); with ``slope``, writes ``d capped / d raw =
+    1 - tanh^2`` into it. Every pass that forms logits above the fused kernels caps through here."""
+    wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    tanh = wide.div_(softcap).tanh_()
+    if slope is not None:
+        torch.mul(tanh, tanh, out=slope).neg_().add_(1)
+    if wide is logits:
+        return logits.mul_(softcap)
+    return logits.copy_(tanh.mul_(softcap))
 
 
 def _targets_in_tile(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,8 +289,8 @@ class ChunkedTokenStats(torch.autograd.Function):
         expected_w = torch.zeros(n, d, dtype=sd, device=hq.device) if want_hq_grad else None
         with torch.no_grad():
             logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, want_hq_grad, columns)
-            for s, e in _chunks(n, rows):
-                for v0, v1 in _chunks(vocab, columns):
+            for s, e in chunks(n, rows):
+                for v0, v1 in chunks(vocab, columns):
                     z, q = logits(s, e, v0, v1)
                     _take_targets_(q_taken[s:e], q, targets[s:e], v0)
                     part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype)
@@ -337,9 +340,9 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
     grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
     with torch.no_grad():
         logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, True, columns)
-        for s, e in _chunks(hq.shape[0], rows):
+        for s, e in chunks(hq.shape[0], rows):
             rows_here = torch.arange(e - s, device=hq.device)
-            for v0, v1 in _chunks(q_weight.shape[0], columns):
+            for v0, v1 in chunks(q_weight.shape[0], columns):
                 z, q = logits(s, e, v0, v1)
                 part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd)
                 del z, q

@@ -8,9 +8,10 @@ from typing import NamedTuple
 import torch
 
 from . import registry
-from .chunked import auto_chunk_size
+from .chunked import chunks
 from .config import LossConfig, check_real
-from .inputs import check_chunk_size, check_float_tensor, check_head, check_targets, stats_dtype
+from .inputs import check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
+from .vocabulary import capped_logits, pass_chunk_size, token_logprobs
 
 
 def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[float, float]:
@@ -60,49 +61,18 @@ def combined_logprobs(
     ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
     """
     check_chunk_size(chunk_size)
-    logit_softcap = _check_softcap(logit_softcap)
-    _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias)
+    config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, logit_softcap=logit_softcap)
+    check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     wq = weight if q_weight is None else q_weight
     lead = q_hidden.shape[:-1]
     base, hq = base_hidden.reshape(-1, base_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])
     n, vocab = hq.shape[0], weight.shape[0]
     out = torch.empty(n, vocab, dtype=stats_dtype(hq.dtype), device=hq.device)
-    chunk = chunk_size or auto_chunk_size(max(n, 1), vocab, hq.dtype, hq.device)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        q = hq[s:e] @ wq.T
-        if q_bias is not None:
-            q += q_bias
-        z = base[s:e] @ weight.T
-        out[s:e] = combine_logits(_capped(z, logit_softcap), _capped(q, logit_softcap),
-                                  alpha_tilde=alpha_tilde, alpha_0=alpha_0)
+    for s, e in chunks(n, chunk_size or pass_chunk_size(n, vocab, hq.dtype, hq.device)):
+        out[s:e] = combine_logits(capped_logits(base[s:e], weight, None, config.logit_softcap),
+                                  capped_logits(hq[s:e], wq, q_bias, config.logit_softcap),
+                                  alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0)
     return out.reshape(*lead, vocab)
-
-
-def _check_softcap(logit_softcap):
-    return None if logit_softcap is None else check_real("logit_softcap", logit_softcap, positive=True)
-
-
-def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """``softcap * tanh(logits / softcap)`` in at least float32 (the logits as they are without a cap)."""
-    if softcap is None:
-        return logits
-    return softcap * torch.tanh(logits.to(torch.promote_types(logits.dtype, torch.float32)) / softcap)
-
-
-def _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias) -> None:
-    check_float_tensor("base_hidden", base_hidden)
-    check_float_tensor("q_hidden", q_hidden)
-    if base_hidden.shape != q_hidden.shape or q_hidden.dim() < 1:
-        raise ValueError(
-            f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)} ([..., d]); got {tuple(base_hidden.shape)}"
-        )
-    if base_hidden.dtype != q_hidden.dtype or base_hidden.device != q_hidden.device:
-        raise TypeError(
-            f"base_hidden must match q_hidden's dtype {q_hidden.dtype} and device {q_hidden.device}; "
-            f"got {base_hidden.dtype} on {base_hidden.device}"
-        )
-    check_head(weight, q_weight, q_bias, hidden_size=q_hidden.shape[-1], dtype=q_hidden.dtype, device=q_hidden.device)
 
 
 class TargetLogprobs(NamedTuple):
@@ -137,13 +107,11 @@ def combined_logprobs_at(
     statistics (its gradient is theirs), plus one gradient-free chunked pass for ``log pi1(a)``.
     ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
     """
-    logit_softcap = _check_softcap(logit_softcap)
-    alpha_tilde = check_real("alpha_tilde", alpha_tilde, positive=True)
-    alpha_0 = check_real("alpha_0", alpha_0, non_negative=True)
+    config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, ignore_index=ignore_index,
+                        logit_softcap=logit_softcap)
+    alpha_tilde, alpha_0, logit_softcap = config.alpha_tilde, config.alpha_0, config.logit_softcap
     check_chunk_size(chunk_size)
-    _check_hidden(base_hidden, q_hidden, weight, q_weight, q_bias)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0], ignore_index=ignore_index,
                   device=q_hidden.device)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
@@ -156,21 +124,6 @@ def combined_logprobs_at(
         base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
         alpha_tilde=alpha_tilde, alpha_0=alpha_0, chunk_size=chunk_size, softcap=logit_softcap,
     )
-    log_pi1 = _base_logprobs(base, weight, actions, chunk_size, logit_softcap)
+    log_pi1 = token_logprobs(base, weight, actions, logit_softcap=logit_softcap, chunk_size=chunk_size)
     combined = (q_taken + alpha_0 * log_pi1 - value) / alpha_tilde
     return TargetLogprobs(zeros.masked_scatter(mask, combined), zeros.masked_scatter(mask, log_pi1))
-
-
-@torch.no_grad()
-def _base_logprobs(base: torch.Tensor, weight: torch.Tensor, actions: torch.Tensor, chunk_size: int | None,
-                   softcap: float | None = None):
-    """``log_softmax(base @ W^T)[a]`` (capped logits under ``softcap``) for packed tokens ``[N, d]``, a chunk of
-    ``[chunk, V]`` logits at a time."""
-    n, vocab = base.shape[0], weight.shape[0]
-    out = torch.empty(n, dtype=stats_dtype(base.dtype), device=base.device)
-    chunk = chunk_size or auto_chunk_size(n, vocab, base.dtype, base.device)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        z = _capped(base[s:e] @ weight.T, softcap).to(out.dtype)
-        out[s:e] = z.gather(1, actions[s:e, None]).squeeze(1) - z.logsumexp(dim=1)
-    return out

@@ -91,6 +91,23 @@ def check_head(
             raise ValueError(f"{name} must be on the hidden states' device {device}; got {t.device}")
 
 
+def check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias) -> None:
+    """Hidden states ``[..., d]`` of the frozen model and of the adapter, alike in shape, dtype and
+    device, and the heads that go with them."""
+    check_float_tensor("base_hidden", base_hidden)
+    check_float_tensor("q_hidden", q_hidden)
+    if base_hidden.shape != q_hidden.shape or q_hidden.dim() < 1:
+        raise ValueError(
+            f"base_hidden must have q_hidden's shape {tuple(q_hidden.shape)} ([..., d]); got {tuple(base_hidden.shape)}"
+        )
+    if base_hidden.dtype != q_hidden.dtype or base_hidden.device != q_hidden.device:
+        raise TypeError(
+            f"base_hidden must match q_hidden's dtype {q_hidden.dtype} and device {q_hidden.device}; "
+            f"got {base_hidden.dtype} on {base_hidden.device}"
+        )
+    check_head(weight, q_weight, q_bias, hidden_size=q_hidden.shape[-1], dtype=q_hidden.dtype, device=q_hidden.device)
+
+
 def check_loss_inputs(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,

@@ -7,7 +7,7 @@ import torch
 
 from conftest import loss_and_grads, make_inputs
 from qadapter_kernels import chunked
-from qadapter_kernels.chunked import ChunkLogits, _chunks, auto_chunk_size
+from qadapter_kernels.chunked import ChunkLogits, chunks, auto_chunk_size
 
 
 def test_auto_chunk_size_respects_budget():
@@ -18,13 +18,13 @@ def test_auto_chunk_size_respects_budget():
 
 def test_chunks_are_even_and_cover_every_row():
     for n, chunk in [(1024, 227), (10, 3), (7, 7), (7, 100), (1, 1)]:
-        spans = list(_chunks(n, chunk))
+        spans = list(chunks(n, chunk))
         sizes = [e - s for s, e in spans]
         assert [s for s, _ in spans] == [0] + [e for _, e in spans[:-1]] and sum(sizes) == n
         assert all(0 < k <= chunk for k in sizes) and max(sizes) - min(sizes) <= 1
-    assert list(_chunks(0, 5)) == []
-    assert [e - s for s, e in _chunks(1024, 227)] == [205, 205, 205, 205, 204]
-    assert [e - s for s, e in _chunks(10, 3)] == [3, 3, 2, 2]
+    assert list(chunks(0, 5)) == []
+    assert [e - s for s, e in chunks(1024, 227)] == [205, 205, 205, 205, 204]
+    assert [e - s for s, e in chunks(10, 3)] == [3, 3, 2, 2]
 
 
 def test_chunk_logits_stack_a_shared_head_and_agree_with_two_gemms():
@@ -34,7 +34,7 @@ def test_chunk_logits_stack_a_shared_head_and_agree_with_two_gemms():
     separate = ChunkLogits(base, hq, weight, weight.clone(), None, chunk=4)
     shared = ChunkLogits(base, hq, weight.detach(), weight.detach(), None, chunk=4)
     assert shared.shared and not separate.shared
-    for s, e in _chunks(11, 4):
+    for s, e in chunks(11, 4):
         for got in (shared(s, e), separate(s, e)):  # each call overwrites the last chunk's buffer
             torch.testing.assert_close(got[0], base[s:e] @ weight.T)
             torch.testing.assert_close(got[1], hq[s:e] @ weight.T)

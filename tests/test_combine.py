@@ -34,7 +34,8 @@ def test_combined_logprobs_from_hidden_states(dtype, chunk_size):
     qb = torch.randn(31, generator=g).to(dtype)
     got = combined_logprobs(hb, hq, w, q_weight=qw, q_bias=qb, alpha_tilde=0.9, alpha_0=0.1, chunk_size=chunk_size)
     assert got.shape == (2, 5, 31) and got.dtype == torch.float32
-    expected = combine_logits(hb @ w.T, hq @ qw.T + qb, alpha_tilde=0.9, alpha_0=0.1)
+    # The products in the inputs' dtype, the bias added in float32 (what every chunk does).
+    expected = combine_logits((hb @ w.T).float(), (hq @ qw.T).float() + qb.float(), alpha_tilde=0.9, alpha_0=0.1)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got.logsumexp(-1), torch.zeros(2, 5), atol=1e-5)
 
