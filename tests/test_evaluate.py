@@ -4,6 +4,7 @@ separate batches of 4; and its step-0 baseline is a fresh adapter's."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ def ragged_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
+def capped(logits: torch.Tensor, loss) -> torch.Tensor:
+    """The model's own final logits: soft-capped where it caps them (Gemma-2)."""
+    cap = loss.logit_softcap
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 @torch.no_grad()
 def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dict:
     """The evaluation as first written: collated batches in order, two passes, full-vocabulary KL."""
@@ -69,9 +76,9 @@ def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dic
         scored = inputs["labels"][:, 1:] != loss.ignore_index
         base, q = base[:, :-1][scored], q[:, :-1][scored]
         for s in range(0, base.shape[0], 256):
-            z = base[s : s + 256] @ weight.T
+            z, zq = capped(base[s : s + 256] @ weight.T, loss), capped(q[s : s + 256] @ weight.T, loss)
             log_pi1 = torch.log_softmax(z.float(), dim=-1)
-            log_pi = combine_logits(z, q[s : s + 256] @ weight.T, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
+            log_pi = combine_logits(z, zq, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
             total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
             count += z.shape[0]
     return {"accuracy": torch.cat(wins).float().mean().item(), "margin": torch.cat(margins).float().mean().item(),
@@ -98,7 +105,18 @@ def base_model(layout: str):
         base = tiny_causal_lm("mistral")
         base.config.sliding_window = 6
         return base
+    if layout == "soft-capped (Gemma-2)":
+        return soft_capped_gemma2()
     return tiny_causal_lm("qwen2")
+
+
+def soft_capped_gemma2():
+    """A tiny Gemma-2 (cap 0.5) whose head is large enough that the cap bites: uncapped, its logits
+    reach several times the cap."""
+    base = tiny_causal_lm("gemma2")
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(40.0)
+    return base
 
 
 CASES = [  # every forward layout with the default loss options, and the other options on the packed one
@@ -107,6 +125,7 @@ CASES = [  # every forward layout with the default loss options, and the other o
     ("one row per sequence (sliding window)", {}),
     ("packed", {"reward_norm": "mean", "value_at": "next", "alpha_0": 0.3}),
     ("packed", {"reward_norm": "sum", "alpha_tilde": 0.7, "gamma": 0.9}),
+    ("soft-capped (Gemma-2)", {}),
 ]
 
 
@@ -114,7 +133,7 @@ CASES = [  # every forward layout with the default loss options, and the other o
 def test_one_pass_gives_the_reference_numbers(layout, options):
     model = trained_like(base_model(layout), lora_dropout=0.3, **options)
     features = ragged_pairs(13, vocab=97)
-    assert evaluate._can_pack(model.config, 30) == layout.startswith("packed")
+    assert evaluate._can_pack(model.config, 30) == (layout != "one row per sequence (sliding window)")
     expected = reference(model, features)
     # A small token budget: several forward batches, none aligned with the groups of 8.
     got = evaluate_pairs(model, features, PAD, tokens_per_batch=150)
@@ -144,6 +163,22 @@ def test_step0_baseline_is_a_fresh_adapter_on_the_same_base():
     result = evaluate_pairs(model, features, PAD, step0=True, kl=False)
     assert result["step0"] == pytest.approx(fresh, abs=1e-5)
     assert result["accuracy"] != pytest.approx(fresh["accuracy"]) or result["loss"] != pytest.approx(fresh["loss"])
+
+
+def test_a_soft_capped_model_gets_its_training_loss():
+    """Every measure of a capped model is the training forward's, and the step-0 baseline a fresh
+    adapter's training loss (an uncapped evaluation is far off: the cap bites)."""
+    features = ragged_pairs(4, vocab=97, seed=7)
+    model = QAdapterModel(soft_capped_gemma2())
+    model.eval()
+    training = model(**PreferenceCollator(pad_token_id=PAD)(features))
+    got = evaluate_pairs(model, features, PAD, step0=True)
+    assert got["loss"] == pytest.approx(training.loss.item(), rel=1e-5, abs=1e-5)
+    assert got["step0"]["loss"] == pytest.approx(training.loss.item(), rel=1e-5, abs=1e-5)
+    same = QAdapterModel(soft_capped_gemma2(), alpha_tilde=1.25, alpha_0=0.25)  # alpha~ = 1 + alpha_0
+    assert evaluate_pairs(same, features, PAD)["kl_to_base"] == pytest.approx(0.0, abs=1e-6)  # pi~ = pi1
+    model.loss = dataclasses.replace(model.loss, logit_softcap=None)
+    assert evaluate_pairs(model, features, PAD)["loss"] != pytest.approx(got["loss"], rel=0.1)
 
 
 def test_batching_changes_no_number():

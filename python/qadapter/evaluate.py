@@ -12,9 +12,9 @@
 The pass is built for a CPU. Pairs run longest first in batches of about ``tokens_per_batch``
 tokens, so padding stays small; a pair is one row, its shared prompt once and each response
 attending to the prompt and to itself; the frozen model and the adapter run in one forward of
-the doubled batch (:meth:`QAdapterModel.rows_with_adapter`); the rewards come from the fused
-loss's chunked computation on the scored tokens' hidden states, whose vocabulary GEMMs the KL and
-the step-0 rewards share. None of this changes a number: the loss and the margin are those of the
+the doubled batch (:meth:`QAdapterModel.rows_with_adapter`); the rewards, the step-0 rewards and
+the KL come from one :func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens'
+hidden states, with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
 training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order (what a
 batched evaluation of the loss reports: ``reward_norm="padded"`` divides by a group's padded
 length, chi2 is a group's token mean), whatever batches the forward passes ran in.
@@ -26,9 +26,9 @@ import sys
 
 import torch
 
-from qadapter_kernels import LossConfig, combine_logits
-from qadapter_kernels.chunked import default_row_step
+from qadapter_kernels import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
+from qadapter_kernels.vocabulary import vocabulary_pass
 
 from .data import PreferenceCollator
 from .model import QAdapterModel, evaluation_mode
@@ -136,33 +136,6 @@ def _length_batches(features: list[dict], tokens_per_batch: int, pack: bool) -> 
     return batches + [current]
 
 
-def _vocabulary_pass(base, q, weight, targets, loss, *, step0: bool, kl: bool, chunk: int):
-    """``(Q[t, a_t], V_t)`` per scored token for the adapter and, with ``step0``, for the step-0
-    adapter (Q = the base's logits), and with ``kl`` the summed KL(customized || base).
-
-    The fused loss's chunked forward, a chunk of tokens at a time: the two vocabulary GEMMs, then
-    its row step; here the one pair of GEMMs serves all three measures.
-    """
-    row_step = default_row_step(base.device)
-    alpha_tilde, alpha_0 = loss.alpha_tilde, loss.alpha_0
-    learned, initial, kl_total = [], [], 0.0
-    for s in range(0, base.shape[0], chunk):
-        z, zq, a = base[s : s + chunk] @ weight.T, q[s : s + chunk] @ weight.T, targets[s : s + chunk]
-        if kl:
-            log_pi1 = torch.log_softmax(z.float(), dim=-1)
-            log_pi = combine_logits(z, zq, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
-            kl_total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
-        if step0:  # the row step may overwrite its inputs: it gets copies of what is used again
-            initial.append(row_step(z.clone(), z.clone(), a, alpha_tilde, alpha_0, z.dtype)[:2])
-        learned.append(row_step(z, zq, a, alpha_tilde, alpha_0, zq.dtype)[:2])
-
-    def joined(stats):
-        empty = torch.empty(0, device=base.device)
-        return tuple(torch.cat(parts) for parts in zip(*stats)) if stats else (empty, empty)
-
-    return joined(learned), joined(initial), kl_total
-
-
 def _progress(total: int, show: bool):
     from tqdm import tqdm
 
@@ -222,19 +195,22 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     loss, weight = model.loss, model.lm_head_weight
     longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
     pack = _can_pack(model.config, longest)
+    wanted = ("stats", *(("step0",) if step0 else ()), *(("kl",) if kl else ()))
     learned, initial = [None] * len(features), [None] * len(features)
     kl_total, kl_count = 0.0, 0
     with evaluation_mode(model), _progress(len(features), progress) as bar:
         for indices in _length_batches(features, tokens_per_batch, pack):
             batch = [features[i] for i in indices]
             base, q, targets, tokens = _forward_batch(model, batch, pad_token_id, pack)
-            adapter, step_zero, kl_sum = _vocabulary_pass(base, q, weight, targets, loss, step0=step0, kl=kl,
-                                                          chunk=chunk)
-            for store, stats in [(learned, adapter)] + ([(initial, step_zero)] if step0 else []):
+            measures = vocabulary_pass(base, q, weight, targets, config=loss, measures=wanted, chunk_size=chunk)
+            for store, stats in [(learned, (measures.q_taken, measures.value))] + (
+                    [(initial, (measures.step0_q_taken, measures.step0_value))] if step0 else []):
                 per_sequence = token_rewards(*stats, tokens, loss).split(tokens.counts.tolist())
                 for k, i in enumerate(indices):
                     store[i] = (per_sequence[k], per_sequence[k + len(indices)])
-            kl_total, kl_count = kl_total + kl_sum, kl_count + base.shape[0]
+            if kl:
+                kl_total += measures.kl.sum().item()
+            kl_count += base.shape[0]
             bar.update(len(indices))
     result = _group_metrics(learned, features, pad_token_id, pairs_per_batch, loss)
     if not per_pair:
