@@ -61,7 +61,8 @@ def direct_loglikelihood(model, context_ids, continuation_ids):
     one unbatched pass and :func:`combined_logprobs` over the whole sequence."""
     base, q = model.hidden_states(torch.tensor([context_ids + continuation_ids]))
     logprobs = combined_logprobs(base[0, :-1], q[0, :-1], model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
-                                 alpha_0=model.loss.alpha_0)[-len(continuation_ids) :]
+                                 alpha_0=model.loss.alpha_0,
+                                 logit_softcap=model.loss.logit_softcap)[-len(continuation_ids) :]
     targets = torch.tensor(continuation_ids)
     return logprobs.gather(-1, targets[:, None]).sum().item(), bool((logprobs.argmax(-1) == targets).all())
 
@@ -88,6 +89,22 @@ def test_loglikelihood_is_the_combined_policy_at_any_batch_size(model):
         assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
         torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
                                    torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_a_soft_capped_model_is_scored_with_its_cap():
+    """Gemma-2 caps its logits: the likelihoods are the capped combined policy's, not the raw logits'."""
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_causal_lm("gemma2", vocab=len(tokenizer))
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(40.0)  # uncapped logits several times the cap
+    model = QAdapterModel(base, tokenizer=tokenizer, alpha_tilde=0.7, alpha_0=0.3)
+    perturb_adapter(model, scale=0.2)
+    lm = QAdapterLM(model, batch_size=2)
+    expected = [direct_loglikelihood(model, *encoded(lm, c, x)) for c, x in PAIRS]
+    got = lm.loglikelihood(loglikelihood_requests(PAIRS), disable_tqdm=True)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
+                               torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
 
 
 def test_rolling_loglikelihood_is_the_whole_text_under_the_policy(model):

@@ -5,7 +5,8 @@ lm-eval scores a model through three calls (``loglikelihood``, ``loglikelihood_r
 ``pi~ = log_softmax((Q + alpha_0 * log pi1) / alpha~)`` of the adapter model's logits ``Q`` and the
 frozen base's ``pi1``, which no ``AutoModelForCausalLM`` computes. :class:`QAdapterLM` answers the
 three calls from that policy: likelihoods from the frozen and adapter hidden states
-(:meth:`QAdapterModel.hidden_states`) through :func:`qadapter_kernels.combined_logprobs`, text from
+(:meth:`QAdapterModel.hidden_states`) through the one vocabulary pass
+(:func:`qadapter_kernels.vocabulary.vocabulary_pass`, with the model's loss options and soft cap), text from
 :meth:`QAdapterModel.generate`. It registers as lm-eval model ``"qadapter"``::
 
     import qadapter.lm_eval_model  # registers "qadapter"
@@ -29,7 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
-from qadapter_kernels import combined_logprobs
+from qadapter_kernels.vocabulary import vocabulary_pass
 
 from .defaults import DEFAULT_MODEL
 from .model import QAdapterModel
@@ -37,7 +38,6 @@ from .model import QAdapterModel
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
-TOKENS_PER_PASS = 512  # scored tokens whose [tokens, V] log-probs exist at once
 # lm-eval's own options (--batch_size, --device) that reach the model besides its model_args.
 RUN_OPTIONS = ("batch_size", "device")
 
@@ -216,16 +216,11 @@ class QAdapterLM(TemplateLM):
             at = (torch.tensor(rows_idx, device=self.device), torch.tensor(positions, device=self.device))
             base_hidden, q_hidden = base_hidden[at], q_hidden[at]
             targets = torch.tensor(targets, device=self.device)
-            token_logprobs, token_greedy = [], []
-            for s in range(0, targets.shape[0], TOKENS_PER_PASS):
-                logprobs = combined_logprobs(base_hidden[s : s + TOKENS_PER_PASS], q_hidden[s : s + TOKENS_PER_PASS],
-                                             weight, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
-                chosen = targets[s : s + TOKENS_PER_PASS, None]
-                token_logprobs.append(logprobs.gather(-1, chosen).squeeze(-1).double())
-                token_greedy.append(logprobs.argmax(-1) == chosen.squeeze(-1))
+            measures = vocabulary_pass(base_hidden, q_hidden, weight, targets, config=loss,
+                                       measures=("logprobs", "greedy"))
             counts = [len(requests[i][2]) for i in batch]
-            logprob_sums = torch.cat(token_logprobs).split(counts)
-            for i, lp, greedy in zip(batch, logprob_sums, torch.cat(token_greedy).split(counts)):
+            logprob_sums = measures.combined.double().split(counts)
+            for i, lp, greedy in zip(batch, logprob_sums, (measures.greedy == targets).split(counts)):
                 results[i] = (lp.sum().item(), bool(greedy.all()))
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
