@@ -152,6 +152,24 @@ def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
     assert not torch.allclose(torch.tensor(option_scores(base.logprobs, tokenizer, items)), torch.tensor(one))
 
 
+def test_a_soft_capped_qadapter_policy_is_the_models_own_distribution():
+    """On Gemma-2 (its logits capped by its own forward), an untrained Q-Adapter with alpha_0 = 0 and
+    alpha~ = 1 is the base: its log-probs, margins and KL are those of the model's capped logits."""
+    from qadapter.model import QAdapterModel
+
+    tokenizer = tiny_chat_tokenizer()
+    base_model = tiny_causal_lm("gemma2", vocab=len(tokenizer))
+    with torch.no_grad():
+        base_model.get_output_embeddings().weight.mul_(40.0)  # uncapped logits several times the cap
+    model = QAdapterModel(base_model, tokenizer=tokenizer, alpha_tilde=1.0, alpha_0=0.0)
+    model.eval()
+    policy, base = qadapter_policy(model, tokenizer), lora_policy("base", model.peft_model, tokenizer, adapter=False)
+    ids = torch.tensor([tokenizer("the capital of France is Paris")["input_ids"]])
+    torch.testing.assert_close(policy.logprobs(ids, torch.ones_like(ids)), base.logprobs(ids, torch.ones_like(ids)),
+                               rtol=1e-5, atol=1e-5)
+    assert mean_kl_to_base(policy, base, tokenizer, ["hello world"], ["Paris"]) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_kl_and_perplexity_against_plain_loops():
     tokenizer = tiny_chat_tokenizer()
     vocab = len(tokenizer)

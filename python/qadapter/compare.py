@@ -267,7 +267,7 @@ def qadapter_policy(model, tokenizer) -> Policy:
     def logprobs(ids, mask, position_ids=None):
         base_hidden, q_hidden = model.hidden_states(ids, mask, position_ids=position_ids)
         return combined_logprobs(base_hidden, q_hidden, model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
-                                 alpha_0=model.loss.alpha_0).float()
+                                 alpha_0=model.loss.alpha_0, logit_softcap=model.loss.logit_softcap).float()
 
     def answer(questions, max_new_tokens):
         return answers(model, tokenizer, questions, customized=True, max_new_tokens=max_new_tokens)
