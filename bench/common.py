@@ -22,6 +22,8 @@ Nothing here imports ``qadapter_kernels``: the version record must work even whe
 
 from __future__ import annotations
 
+import functools
+
 import importlib.metadata
 import json
 import os
@@ -75,7 +77,8 @@ FULL_SHAPES = ("smollm2-135m", "llama-3.1-8b", "qwen2.5-7b")
 FULL_TOKENS = (1024, 4096, 16384)
 CPU_SHAPES = ("smollm2-135m",)
 CPU_TOKENS = (1024, 4096)
-PAIRS = 2  # B = 4 rows: 2 chosen, 2 rejected, as in DESIGN's N=4096 example at T ~ 1024.
+# B = 4 rows: 2 chosen, 2 rejected, as in the performance model's N=4096 example (docs/design.md) at T ~ 1024.
+PAIRS = 2
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,7 @@ def copy_bandwidth(timer: Timer, nbytes: int = GIB) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write) of an ``nbytes`` buffer."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=timer.device)
     dst = torch.empty_like(src)
-    seconds = timer.median_s(lambda: dst.copy_(src))
+    seconds = timer.median_s(functools.partial(dst.copy_, src))
     del src, dst
     release(timer.device)
     return 2 * nbytes / seconds

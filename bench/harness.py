@@ -227,7 +227,8 @@ def _guarded(result: Result, inputs: dict, device: torch.device, action: Callabl
 
 
 def gemm3_step(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Step:
-    """The three GEMMs of DESIGN section 4 (``z``, ``Q`` and ``P @ W``) as plain torch.matmul calls.
+    """The three GEMMs of the performance model (docs/design.md: ``z``, ``Q`` and ``P @ W``) as plain
+    torch.matmul calls.
 
     Outputs are allocated per call, as every loss does: holding a ``[N, V]`` buffer across the
     whole case would shrink what the other candidates can use before running out of memory.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,14 +37,17 @@ RECIPES = ("dpo", "dpo-liger", "qadapter")
 PAIRS = 2
 
 
-def _examples():
-    """examples/toy.py and examples/trl_dpo.py, importable as modules (they are scripts, not a package)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    import toy
-    import trl_dpo
+def _example(name: str):
+    """``examples/NAME.py`` as a module: the examples are scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    return toy, trl_dpo
+
+def _examples():
+    """examples/toy.py and examples/trl_dpo.py."""
+    return _example("toy"), _example("trl_dpo")
 
 
 def _trainer(recipe: str, model_name: str, seq: int, output_dir: str):

@@ -218,10 +218,22 @@ def decode_combine(
     return logprobs.reshape(*lead, vocab), sampled.reshape(lead) if sample else None
 
 
+def combine_logits(base_logits: torch.Tensor, q_values: torch.Tensor, *, alpha_tilde: float = LossConfig.alpha_tilde,
+                   alpha_0: float = LossConfig.alpha_0) -> torch.Tensor:
+    """The backend's decode combine (``combine.combine_logits``' contract): :func:`decode_combine`'s
+    log-probs, one kernel per step (float64 stays eager); the sampling is the caller's."""
+    if base_logits.dtype not in KERNEL_DTYPES:
+        from .combine import combine_logits as eager
+
+        return eager(base_logits, q_values, alpha_tilde=alpha_tilde, alpha_0=alpha_0)
+    return decode_combine(base_logits, q_values, alpha_tilde=alpha_tilde, alpha_0=alpha_0, sample=False)[0]
+
+
 BACKEND = Backend(
     name="cuda",
     summary="chunked pipeline with the compiled CUDA row step and pairwise BT kernel",
     token_stats=cuda_token_stats,
     availability=backend_status,
     pairwise=pairwise_loss,
+    combine=combine_logits,
 )

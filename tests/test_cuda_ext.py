@@ -398,3 +398,19 @@ def test_custom_ops_pass_opcheck(ext):
     rewards, tokens = _rewards(4, 33, seed=2, scale=1.0)
     torch.library.opcheck(torch.ops.qadapter.pairwise_bt.default, (rewards, tokens.counts, 33, 0.1, 0))
     torch.library.opcheck(torch.ops.qadapter.decode_combine.default, (z, q, 1.0, 0.01, 0.8, 50, 0.9, 7, True))
+
+
+
+@gpu
+def test_the_backends_decode_combine_is_the_kernels(ext):
+    """generate on CUDA with the cuda backend combines through the compiled kernel: the record's
+    combine equals combine_logits in every kernel dtype and stays eager for float64."""
+    from qadapter_kernels import registry
+
+    combine = registry.get("cuda").combine
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        z = torch.randn(3, 1000, device="cuda", generator=g).to(dtype)
+        q = torch.randn(3, 1000, device="cuda", generator=g).to(dtype)
+        torch.testing.assert_close(combine(z, q, alpha_tilde=0.8, alpha_0=0.2),
+                                   combine_logits(z, q, alpha_tilde=0.8, alpha_0=0.2), rtol=1e-4, atol=1e-4)

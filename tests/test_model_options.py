@@ -187,7 +187,7 @@ def test_decode_combine_is_eager_on_cpu():
     cpu = torch.device("cpu")
     assert select_combine("auto", cpu, torch.float32) is combine_logits
     assert select_combine("chunked", cpu, torch.bfloat16) is combine_logits
-    assert select_combine("cuda", cpu, torch.float32) is combine_logits  # no combine, or not runnable here
+    assert select_combine("cuda", cpu, torch.float32) is combine_logits  # not runnable here: eager
 
 
 def test_decode_combine_is_the_records_where_it_declares_one(monkeypatch):
