@@ -17,6 +17,7 @@ from qadapter.compare import (  # noqa: E402
     run_compare, sequence_logprobs, _lora_trainer_class,
 )
 from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
+from qadapter.evaluate import next_token_targets  # noqa: E402
 
 
 def _random_labels(batch, seq, vocab, prompt, generator):
@@ -118,14 +119,23 @@ def test_dpo_margins_are_the_implicit_reward():
                                rtol=1e-5, atol=1e-5)
 
 
-def _fixed_policy(seed: int, vocab: int) -> Policy:
-    """A policy whose next-token distribution depends on the position and the token (no model)."""
-    table = torch.log_softmax(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2, -1)
+def _table(seed: int, vocab: int) -> torch.Tensor:
+    """Next-token log-probs that depend on the current token only: ``table[token]`` (no model)."""
+    return torch.log_softmax(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2, -1)
 
-    def logprobs(ids, mask):
-        return table[ids]
 
-    return Policy(f"fixed{seed}", logprobs, lambda qs, n: ["" for _ in qs], lambda f: torch.zeros(len(f)))
+def _fixed_policy(seed: int, vocab: int, base_seed: int) -> Policy:
+    """A policy whose next-token distribution is ``_table(seed)[token]``, its base's ``_table(base_seed)``."""
+    table, base = _table(seed, vocab), _table(base_seed, vocab)
+
+    def target_logprobs(ids, mask, position_ids, targets):
+        return table[ids[targets.rows, targets.positions], targets.ids]
+
+    def kl_to_base(ids, mask):
+        return (table[ids].exp() * (table[ids] - base[ids])).sum(-1)
+
+    return Policy(f"fixed{seed}", target_logprobs, kl_to_base, lambda qs, n: ["" for _ in qs],
+                  lambda f: torch.zeros(len(f)))
 
 
 def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
@@ -145,11 +155,12 @@ def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
     policy = qadapter_policy(model, tokenizer)
     assert policy.mask_dtype == torch.float32
     items = candidates(0)[:8]
-    one = option_scores(policy.logprobs, tokenizer, items)
-    torch.testing.assert_close(torch.tensor(option_scores(policy.logprobs, tokenizer, items, mask_dtype=torch.float32)),
+    one = option_scores(policy.target_logprobs, tokenizer, items)
+    torch.testing.assert_close(torch.tensor(option_scores(policy.target_logprobs, tokenizer, items,
+                                                          mask_dtype=torch.float32)),
                                torch.tensor(one), rtol=1e-5, atol=1e-5)
     base = lora_policy("base", model.peft_model, tokenizer, adapter=False)
-    assert not torch.allclose(torch.tensor(option_scores(base.logprobs, tokenizer, items)), torch.tensor(one))
+    assert not torch.allclose(torch.tensor(option_scores(base.target_logprobs, tokenizer, items)), torch.tensor(one))
 
 
 def test_a_soft_capped_qadapter_policy_is_the_models_own_distribution():
@@ -165,17 +176,51 @@ def test_a_soft_capped_qadapter_policy_is_the_models_own_distribution():
     model.eval()
     policy, base = qadapter_policy(model, tokenizer), lora_policy("base", model.peft_model, tokenizer, adapter=False)
     ids = torch.tensor([tokenizer("the capital of France is Paris")["input_ids"]])
-    torch.testing.assert_close(policy.logprobs(ids, torch.ones_like(ids)), base.logprobs(ids, torch.ones_like(ids)),
-                               rtol=1e-5, atol=1e-5)
-    assert mean_kl_to_base(policy, base, tokenizer, ["hello world"], ["Paris"]) == pytest.approx(0.0, abs=1e-6)
+    mask, targets = torch.ones_like(ids), next_token_targets(ids)
+    with torch.no_grad():
+        own = torch.log_softmax(base_model(input_ids=ids).logits.float(), -1)  # Gemma-2 caps in its forward
+    expected = own[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(policy.target_logprobs(ids, mask, None, targets), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.target_logprobs(ids, mask, None, targets), expected[0], rtol=1e-5, atol=1e-5)
+    assert mean_kl_to_base(policy, tokenizer, ["hello world"], ["Paris"]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_lora_policys_measures_are_its_own_logits(family):
+    """Log-probs and KL to the base of a LoRA-tuned model equal those of its own forward's logits
+    (Gemma-2's capped by its forward), with no [B, T, V] tensor formed by the measures."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = tiny_chat_tokenizer()
+    base_model = tiny_causal_lm(family, vocab=len(tokenizer))
+    with torch.no_grad():
+        base_model.get_output_embeddings().weight.mul_(40.0 if family == "gemma2" else 1.0)
+    peft = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    peft.eval()
+    policy = lora_policy("sft", peft, tokenizer, adapter=True)
+    ids = torch.tensor([tokenizer("the capital of France is Paris")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        tuned = torch.log_softmax(peft(input_ids=ids).logits.float(), -1)
+        with peft.disable_adapter():
+            frozen = torch.log_softmax(peft(input_ids=ids).logits.float(), -1)
+    got = policy.target_logprobs(ids, mask, None, next_token_targets(ids))
+    torch.testing.assert_close(got, tuned[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1), rtol=1e-5, atol=1e-5)
+    kl = (tuned.exp() * (tuned - frozen)).sum(-1)
+    assert float(kl.mean()) > 1e-3  # the adapter moved the policy
+    torch.testing.assert_close(policy.kl_to_base(ids, mask), kl, rtol=1e-4, atol=1e-5)
 
 
 def test_kl_and_perplexity_against_plain_loops():
     tokenizer = tiny_chat_tokenizer()
     vocab = len(tokenizer)
-    policy, base = _fixed_policy(1, vocab), _fixed_policy(2, vocab)
+    policy, table, base = _fixed_policy(1, vocab, 2), _table(1, vocab), _table(2, vocab)
     prompts, responses = ["hello world", "the capital"], ["Paris is the capital", "hello"]
-    assert mean_kl_to_base(base, base, tokenizer, prompts, responses) == pytest.approx(0.0, abs=1e-7)
+    assert mean_kl_to_base(_fixed_policy(2, vocab, 2), tokenizer, prompts, responses) == pytest.approx(0.0, abs=1e-7)
     total, count = 0.0, 0
     from qadapter.evaluate import chat_prompts
 
@@ -184,17 +229,17 @@ def test_kl_and_perplexity_against_plain_loops():
         r = tokenizer(response, add_special_tokens=False)["input_ids"]
         ids = p + r
         for t in range(len(p) - 1, len(ids) - 1):
-            lp, lb = policy.logprobs(torch.tensor(ids[t]), None), base.logprobs(torch.tensor(ids[t]), None)
+            lp, lb = table[ids[t]], base[ids[t]]
             total += float((lp.exp() * (lp - lb)).sum())
             count += 1
-    assert mean_kl_to_base(policy, base, tokenizer, prompts, responses) == pytest.approx(total / count, rel=1e-5)
+    assert mean_kl_to_base(policy, tokenizer, prompts, responses) == pytest.approx(total / count, rel=1e-5)
 
     passages = ["the capital of France is Paris", "hello world"]
     nll, n = 0.0, 0
     for text in passages:
         ids = tokenizer(text)["input_ids"]
         for t in range(1, len(ids)):
-            nll -= float(policy.logprobs(torch.tensor(ids[t - 1]), None)[ids[t]])
+            nll -= float(table[ids[t - 1], ids[t]])
             n += 1
     assert perplexity(policy, tokenizer, passages) == pytest.approx(math.exp(nll / n), rel=1e-5)
 

@@ -18,7 +18,7 @@ from qadapter.knowledge import (
     option_scores,
     score_probe,
 )
-from qadapter.evaluate import packing_mask_dtype
+from qadapter.evaluate import likelihood, packing_mask_dtype
 
 
 def test_candidates_are_well_formed_and_deterministic():
@@ -87,11 +87,11 @@ def _favouring(tokenizer, text: str, calls: list):
     """A fake model: next-token log-probabilities that favour the tokens of ``text``, whatever the context."""
     favoured = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
 
-    def logprobs_fn(input_ids, attention_mask, position_ids):
+    def logprobs_fn(input_ids, attention_mask, position_ids, targets):
         calls.append(input_ids.shape[0])
-        logits = torch.zeros(*input_ids.shape, len(tokenizer))
-        logits[..., favoured] = 10.0
-        return torch.log_softmax(logits, dim=-1)
+        logits = torch.zeros(targets.ids.shape[0], len(tokenizer))
+        logits[:, favoured] = 10.0
+        return torch.log_softmax(logits, dim=-1).gather(1, targets.ids.unsqueeze(1)).squeeze(1)
 
     return logprobs_fn
 
@@ -113,9 +113,7 @@ def test_option_scores_respect_padding():
     model = tiny_causal_lm(vocab=len(tokenizer))
     items = knowledge.candidates(0)[:12]
 
-    def logprobs_fn(input_ids, attention_mask, position_ids):
-        return torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
-
+    logprobs_fn = likelihood(model)
     one = option_logprob_scores(logprobs_fn, tokenizer, items, batch_size=1)
     assert option_logprob_scores(logprobs_fn, tokenizer, items, batch_size=16) == one
     result = score_probe(logprobs_fn, lambda qs: [items[0]["options"][items[0]["answer"]]] * len(qs), tokenizer,
@@ -132,10 +130,7 @@ def test_packed_rows_score_each_option_as_its_own_row_does(family):
     items = knowledge.candidates(0)[:12]
     assert max(len(tokenizer(o).input_ids) for it in items for o in it["options"]) > 1  # multi-token options
 
-    def logprobs_fn(input_ids, attention_mask, position_ids):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        return torch.log_softmax(logits.float(), dim=-1)
-
+    logprobs_fn = likelihood(model)
     mask_dtype = packing_mask_dtype(model, 256)
     assert mask_dtype == torch.float32
     one = option_scores(logprobs_fn, tokenizer, items, batch_size=5)
@@ -159,10 +154,7 @@ def test_embedded_model_gets_shipped_questions_right_by_loglik():
     model, tokenizer = load_base()
     items = load_probe()[::40]
 
-    def logprobs_fn(input_ids, attention_mask, position_ids):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        return torch.log_softmax(logits.float(), dim=-1)
-
+    logprobs_fn = likelihood(model)
     assert option_logprob_scores(logprobs_fn, tokenizer, items) == [i["answer"] for i in items]
     packed = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, 256))
     assert packed == [i["answer"] for i in items]

@@ -31,12 +31,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qadapter_kernels import LossConfig, combined_logprobs
+from qadapter_kernels import LossConfig
+from qadapter_kernels.vocabulary import vocabulary_pass
 
 from . import atomic
 from .demo import option_field
 from .data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
-from .evaluate import answers, chat_prompts, packing_mask_dtype, pair_margins
+from .evaluate import answers, chat_prompts, likelihood, next_token_targets, packing_mask_dtype, pair_margins
+from .hidden import final_hidden, output_head
 from .knowledge import PROBE_LONGEST
 from .task import follows_rule, load_task
 
@@ -202,13 +204,19 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
 # ------------------------------------------------------------------------------------------ policies
 @dataclass
 class Policy:
-    """What the measurements need of a method: next-token log-probs ``[B, T, V]`` (float32) of
-    ``(input_ids, attention_mask, position_ids=None)``, greedy answers to chat questions (at most
-    ``max_new_tokens``), the preference margins of tokenized pairs under its own reward, and the dtype
-    of the packed-row attention masks its log-probs take (None: no packing)."""
+    """What the measurements need of a method, none of it through ``[B, T, V]`` logits:
+
+    - ``target_logprobs(input_ids, attention_mask, position_ids, targets) -> [targets]``: log-probs
+      (float32) of given next tokens (:class:`qadapter.evaluate.Targets`);
+    - ``kl_to_base(input_ids, attention_mask) -> [B, T]``: KL(policy || frozen base) per position;
+    - ``answer(questions, max_new_tokens)``: greedy answers to chat questions;
+    - ``margins(features)``: preference margins of tokenized pairs under its own reward;
+    - ``mask_dtype``: the dtype of the packed-row attention masks it takes (None: no packing).
+    """
 
     name: str
-    logprobs: Callable[..., torch.Tensor]
+    target_logprobs: Callable[..., torch.Tensor]
+    kl_to_base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     answer: Callable[[list[str], int], list[str]]
     margins: Callable[[list[dict]], torch.Tensor]
     mask_dtype: torch.dtype | None = None
@@ -225,11 +233,18 @@ def _batches(features: list[dict], pad_token_id: int, size: int = 8):
         yield collate(features[start : start + size])
 
 
-def _likelihood_margins(logprobs_fn, features, pad_token_id) -> torch.Tensor:
+def sequence_logprob_sums(target_logprobs, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability ``[B]`` of each row's scored tokens (labels aligned with the inputs)."""
+    targets = next_token_targets(labels)
+    return targets.row_sums(target_logprobs(input_ids, attention_mask, None, targets), labels.shape[0])
+
+
+def _likelihood_margins(target_logprobs, features, pad_token_id) -> torch.Tensor:
     """Summed log-likelihood of chosen minus rejected, per pair."""
     out = []
     for batch in _batches(features, pad_token_id):
-        sums = scored_logprob_sums(logprobs_fn(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        sums = sequence_logprob_sums(target_logprobs, batch["input_ids"], batch["attention_mask"], batch["labels"])
         pairs = sums.shape[0] // 2
         out.append(sums[:pairs] - sums[pairs:])
     return torch.cat(out)
@@ -238,36 +253,58 @@ def _likelihood_margins(logprobs_fn, features, pad_token_id) -> torch.Tensor:
 def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: Policy | None = None) -> Policy:
     """The base (``adapter=False``) or a LoRA-tuned causal LM; with ``reference``, margins are DPO's
     implicit reward (the policy's likelihood margin minus the reference's)."""
+    model = peft_model.get_base_model()
+    of_targets = likelihood(model)
 
     def context():
         return nullcontext() if adapter else peft_model.disable_adapter()
 
-    @torch.no_grad()
-    def logprobs(ids, mask, position_ids=None):
+    def target_logprobs(ids, mask, position_ids, targets):
         with context():
-            logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-            return torch.log_softmax(logits.float(), dim=-1)
+            return of_targets(ids, mask, position_ids, targets)
+
+    @torch.no_grad()
+    def kl_to_base(ids, mask):
+        weight, cap = output_head(model)
+        ids, mask = ids.to(weight.device), mask.to(weight.device)
+        if not adapter:
+            return torch.zeros(ids.shape, device=weight.device)
+        with peft_model.disable_adapter():
+            frozen = final_hidden(model, ids, mask)
+        # A plain model's distribution is the combination with alpha_0 = 0 and alpha~ = 1.
+        plain = LossConfig(alpha_0=0.0, alpha_tilde=1.0, logit_softcap=cap)
+        return vocabulary_pass(frozen, final_hidden(model, ids, mask), weight, config=plain, measures=("kl",)).kl
 
     def answer(questions, max_new_tokens):
         with context():
             return answers(peft_model, tokenizer, questions, customized=False, max_new_tokens=max_new_tokens)
 
     def margins(features):
-        own = _likelihood_margins(logprobs, features, tokenizer.pad_token_id)
+        own = _likelihood_margins(target_logprobs, features, tokenizer.pad_token_id)
         return own if reference is None else own - reference.margins(features)
 
-    return Policy(name, logprobs, answer, margins, packing_mask_dtype(peft_model, PROBE_LONGEST))
+    return Policy(name, target_logprobs, kl_to_base, answer, margins, packing_mask_dtype(peft_model, PROBE_LONGEST))
 
 
 def qadapter_policy(model, tokenizer) -> Policy:
     """The combined policy ``pi~`` of a trained :class:`QAdapterModel`; margins from its learned rewards
     (the reward of a sequence as the loss defines it, :func:`qadapter_kernels.sequence_rewards`)."""
 
+    weight = model.lm_head_weight
+
     @torch.no_grad()
-    def logprobs(ids, mask, position_ids=None):
-        base_hidden, q_hidden = model.hidden_states(ids, mask, position_ids=position_ids)
-        return combined_logprobs(base_hidden, q_hidden, model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
-                                 alpha_0=model.loss.alpha_0, logit_softcap=model.loss.logit_softcap).float()
+    def target_logprobs(ids, mask, position_ids, targets):
+        device = weight.device
+        base_hidden, q_hidden = model.hidden_states(
+            ids.to(device), mask.to(device), position_ids=None if position_ids is None else position_ids.to(device))
+        at = targets.to(device)
+        return vocabulary_pass(base_hidden[at.rows, at.positions], q_hidden[at.rows, at.positions], weight, at.ids,
+                               config=model.loss, measures=("logprobs",)).combined
+
+    @torch.no_grad()
+    def kl_to_base(ids, mask):
+        base_hidden, q_hidden = model.hidden_states(ids.to(weight.device), mask.to(weight.device))
+        return vocabulary_pass(base_hidden, q_hidden, weight, config=model.loss, measures=("kl",)).kl
 
     def answer(questions, max_new_tokens):
         return answers(model, tokenizer, questions, customized=True, max_new_tokens=max_new_tokens)
@@ -275,7 +312,8 @@ def qadapter_policy(model, tokenizer) -> Policy:
     def margins(features):
         return pair_margins(model, features, tokenizer.pad_token_id)
 
-    return Policy("qadapter", logprobs, answer, margins, packing_mask_dtype(model.base_model, PROBE_LONGEST))
+    return Policy("qadapter", target_logprobs, kl_to_base, answer, margins,
+                  packing_mask_dtype(model.base_model, PROBE_LONGEST))
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -299,12 +337,11 @@ def _chat_batches(tokenizer, prompts: list[str], responses: list[str], size: int
         yield ids, mask, scored
 
 
-def mean_kl_to_base(policy: Policy, base: Policy, tokenizer, prompts: list[str], responses: list[str]) -> float:
+def mean_kl_to_base(policy: Policy, tokenizer, prompts: list[str], responses: list[str]) -> float:
     """Mean per-token KL(policy || base) at the positions that predict the responses' tokens."""
     total, count = 0.0, 0
     for ids, mask, scored in _chat_batches(tokenizer, prompts, responses):
-        lp, lb = policy.logprobs(ids, mask)[scored], base.logprobs(ids, mask)[scored]
-        total += float((lp.exp() * (lp - lb)).sum())
+        total += float(policy.kl_to_base(ids, mask).cpu()[scored].sum())
         count += int(scored.sum())
     return total / count
 
@@ -314,13 +351,12 @@ def perplexity(policy: Policy, tokenizer, passages: list[str]) -> float:
     nll, count = 0.0, 0
     for text in passages:
         ids = torch.tensor([tokenizer(text)["input_ids"]])
-        lp = policy.logprobs(ids, torch.ones_like(ids))
-        nll -= float(lp[0, :-1].gather(-1, ids[0, 1:, None]).sum())
+        nll -= float(policy.target_logprobs(ids, torch.ones_like(ids), None, next_token_targets(ids)).sum())
         count += ids.shape[1] - 1
     return math.exp(nll / count)
 
 
-def measure(policy: Policy, base: Policy, tokenizer, suite: dict) -> dict:
+def measure(policy: Policy, tokenizer, suite: dict) -> dict:
     """Every alignment and retention number of one policy (the base included)."""
     from .knowledge import ANSWER_TOKENS, score_probe
 
@@ -329,13 +365,12 @@ def measure(policy: Policy, base: Policy, tokenizer, suite: dict) -> dict:
         generated = policy.answer(suite["rule_prompts"], suite["answer_tokens"])
         row["rule_rate"] = sum(map(follows_rule, generated)) / len(generated)
         row["example"] = {"prompt": suite["rule_prompts"][0], "answer": generated[0]}
-    probe = score_probe(policy.logprobs, lambda questions: policy.answer(questions, ANSWER_TOKENS), tokenizer,
+    probe = score_probe(policy.target_logprobs, lambda questions: policy.answer(questions, ANSWER_TOKENS), tokenizer,
                         suite["probe"], mask_dtype=policy.mask_dtype)
     row["probe_loglik_accuracy"] = probe["loglik_accuracy"]
     row["probe_greedy_accuracy"] = probe["greedy_accuracy"]
-    row["general_kl_to_base"] = (0.0 if policy is base else
-                                 mean_kl_to_base(policy, base, tokenizer, suite["general_prompts"],
-                                                 suite["general_responses"]))
+    row["general_kl_to_base"] = mean_kl_to_base(policy, tokenizer, suite["general_prompts"],
+                                                suite["general_responses"])
     row["general_perplexity"] = perplexity(policy, tokenizer, suite["passages"])
     return row
 
@@ -410,7 +445,7 @@ def run_compare(options: CompareOptions) -> dict:
         report["total_seconds"] = time.perf_counter() - started
         write_report(report, output)
 
-    add_row({"method": "base", "steps": 0, **measure(base, base, tokenizer, suite)})
+    add_row({"method": "base", "steps": 0, **measure(base, tokenizer, suite)})
     with tempfile.TemporaryDirectory(prefix="qadapter-compare-") as work:
         for steps in budgets:
             for method in options.method_list():
@@ -426,7 +461,7 @@ def run_compare(options: CompareOptions) -> dict:
                 combination = ({"alpha_0": model.loss.alpha_0, "alpha_tilde": model.loss.alpha_tilde}
                                if method == "qadapter" else {})
                 add_row({"method": method, "steps": steps, "learning_rate": options.method_learning_rate(method),
-                         **combination, **measure(policy, base, tokenizer, suite),
+                         **combination, **measure(policy, tokenizer, suite),
                          "train_seconds": seconds, "train_memory_mb": memory_mb})
                 del model, policy
     report["complete"] = True

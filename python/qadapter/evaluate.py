@@ -6,6 +6,7 @@
   their mean margin and the mean loss.
 - :func:`mean_kl`: mean per-token KL(customized || base) over response tokens, chunked so the
   vocabulary-sized rows exist a few hundred at a time.
+- :func:`likelihood`: a plain model's log-probs of given next tokens (the base, a LoRA policy).
 - :func:`answers`: greedy answers of the base model or of the customized policy, batched (also
   what the built-in task's pairs are made from).
 
@@ -23,14 +24,16 @@ length, chi2 is a group's token mean), whatever batches the forward passes ran i
 from __future__ import annotations
 
 import sys
+from typing import Callable, NamedTuple
 
 import torch
 
 from qadapter_kernels import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
-from qadapter_kernels.vocabulary import vocabulary_pass
+from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
-from .data import PreferenceCollator
+from .data import IGNORE_INDEX, PreferenceCollator
+from .hidden import final_hidden, output_head
 from .model import QAdapterModel, evaluation_mode
 
 ATTENTION_WITH_MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
@@ -237,6 +240,48 @@ def pair_margins(model, features: list[dict], pad_token_id: int) -> torch.Tensor
 def mean_kl(model, features: list[dict], pad_token_id: int, *, chunk: int = 256) -> float:
     """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
     return evaluate_pairs(model, features, pad_token_id, chunk=chunk)["kl_to_base"]
+
+
+class Targets(NamedTuple):
+    """Scored next tokens of a batch, packed: position ``positions[i]`` of row ``rows[i]`` predicts
+    ``ids[i]`` (a packed row may score several targets at one position)."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    ids: torch.Tensor
+
+    def to(self, device) -> "Targets":
+        return Targets(*(x.to(device) for x in self))
+
+    def row_sums(self, values: torch.Tensor, rows: int) -> torch.Tensor:
+        """Per-row sums ``[rows]`` of one value per target."""
+        return torch.zeros(rows, dtype=values.dtype, device=values.device).index_add_(0, self.rows.to(values.device),
+                                                                                      values)
+
+
+def next_token_targets(labels: torch.Tensor) -> Targets:
+    """The targets of labels aligned with the inputs: position ``t`` predicts ``labels[t + 1]`` where
+    that is not ``IGNORE_INDEX``."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    rows, positions = scored.nonzero(as_tuple=True)
+    return Targets(rows, positions, labels[:, 1:][scored])
+
+
+def likelihood(model) -> Callable:
+    """``fn(input_ids, attention_mask, position_ids, targets: Targets) -> [targets]``: a plain causal
+    LM's log-probs of given next tokens (adapters as the caller set them), from its hidden states at
+    the scored positions and its head, soft cap included, with no ``[B, T, V]`` logits."""
+    weight, cap = output_head(model)
+
+    @torch.no_grad()
+    def target_logprobs(input_ids, attention_mask, position_ids, targets: Targets):
+        device = weight.device
+        hidden = final_hidden(model, input_ids.to(device), attention_mask.to(device),
+                              position_ids=None if position_ids is None else position_ids.to(device))
+        targets = targets.to(device)
+        return token_logprobs(hidden[targets.rows, targets.positions], weight, targets.ids, logit_softcap=cap)
+
+    return target_logprobs
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:

@@ -49,6 +49,20 @@ def linear_head(model: nn.Module, logit_softcap: float | None = None) -> nn.Line
     return head
 
 
+def output_head(model: nn.Module) -> tuple[torch.Tensor, float | None]:
+    """The lm_head weight of a causal LM, whole, and its logit soft cap: what its logits are formed from."""
+    cap = head_softcap(model)
+    return full_weight(linear_head(model, cap).weight), cap
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **model_kwargs) -> torch.Tensor:
+    """Final hidden states ``[B, T, d]`` of a causal LM as it stands (adapters on or off as the caller
+    set them): its decoder's output, what the head projects; no logits are formed."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               **model_kwargs).last_hidden_state
+
+
 def full_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` whole: FSDP2 (``fully_shard``) keeps parameters as sharded DTensors outside their
     module's forward, and the fused loss reads the frozen lm_head's weight outside it. The head is

@@ -8,9 +8,11 @@ embedded base model answers right twice over: its most likely option (summed log
 option as its reply) is the correct one, and its greedy answer names the correct one. Whatever a
 fine-tuned model gets wrong on that probe it has forgotten.
 
-Scoring takes the model as a function, ``logprobs_fn(input_ids, attention_mask) -> [B, T, V]``
-next-token log-probabilities, and greedy answers as ``answer_fn(questions) -> texts``, so the same
-code scores the base model, a LoRA model and the Q-Adapter combined policy.
+Scoring takes the model as a function, ``logprobs_fn(input_ids, attention_mask, position_ids, targets)``,
+the log-probabilities of given next tokens (:class:`qadapter.evaluate.Targets`;
+:func:`qadapter.evaluate.likelihood`, a compare policy's ``target_logprobs``), and greedy answers as
+``answer_fn(questions) -> texts``, so the same code scores the base model, a LoRA model and the
+Q-Adapter combined policy.
 
 :data:`GENERAL_PROMPTS` (chat prompts unrelated to the task) and :func:`general_passages`
 (original plain prose) measure how far a fine-tuned model moved from the base on everything else:
@@ -336,7 +338,8 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
                   mask_dtype=None) -> list[list[float]]:
     """Per item, the summed log-probability of each option's tokens as the assistant's reply.
 
-    ``logprobs_fn(input_ids, attention_mask, position_ids)`` returns next-token log-probs ``[B, T, V]``.
+    ``logprobs_fn(input_ids, attention_mask, position_ids, targets)`` returns the log-probs of ``targets``
+    (:class:`qadapter.evaluate.Targets`: rows, positions and token ids, one per scored token).
     Without ``mask_dtype`` it sees right-padded rows, one per option, ``batch_size`` at a time, and
     ``position_ids`` None. With ``mask_dtype`` (the model's, :func:`evaluate.packing_mask_dtype`) each
     row holds one item: its prompt, then every option, each attending to the prompt and to itself at
@@ -345,7 +348,7 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     """
     import torch
 
-    from .evaluate import chat_prompts, segment_mask
+    from .evaluate import Targets, chat_prompts, segment_mask
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
@@ -390,11 +393,15 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
                         position_ids[r, offset : offset + len(o)] = torch.arange(p, p + len(o))
                         offset += len(o)
                 attention_mask = segment_mask(prefix, segment, mask_dtype)
-            logprobs = logprobs_fn(input_ids, attention_mask, position_ids)
-            for r, (_, scored) in enumerate(chunk):
-                for i, k, positions, o in scored:
-                    at = torch.tensor(positions, device=logprobs.device)
-                    scores[i][k] = logprobs[r, at, torch.tensor(o, device=logprobs.device)].float().sum().item()
+            at = [(r, position, token) for r, (_, scored) in enumerate(chunk)
+                  for _, _, positions, o in scored for position, token in zip(positions, o)]
+            targets = Targets(*(torch.tensor(column) for column in zip(*at)))
+            logprobs = logprobs_fn(input_ids, attention_mask, position_ids, targets).float().cpu().tolist()
+            start = 0
+            for _, scored in chunk:
+                for i, k, positions, _ in scored:
+                    scores[i][k] = sum(logprobs[start : start + len(positions)])
+                    start += len(positions)
     return scores
 
 
@@ -419,19 +426,11 @@ def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict], *, mask_dt
 
 def build_probe(model, tokenizer, *, seed: int = 0, max_new_tokens: int = ANSWER_TOKENS) -> list[dict]:
     """The candidates the plain base ``model`` gets right under both scorings, in candidate order."""
-    import torch
-
-    from .evaluate import answers, packing_mask_dtype
+    from .evaluate import answers, likelihood, packing_mask_dtype
 
     items = candidates(seed)
-    device = model.get_output_embeddings().weight.device
-
-    def logprobs_fn(input_ids, attention_mask, position_ids):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=None if position_ids is None else position_ids.to(device)).logits
-        return torch.log_softmax(logits.float(), dim=-1)
-
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, PROBE_LONGEST))
+    picked = option_logprob_scores(likelihood(model), tokenizer, items,
+                                   mask_dtype=packing_mask_dtype(model, PROBE_LONGEST))
     texts = answers(model, tokenizer, [it["question"] for it in items], customized=False,
                     max_new_tokens=max_new_tokens)
     greedy = greedy_correct(texts, items)
