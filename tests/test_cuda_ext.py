@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def test_lse_non_finite_rows_match_the_reference_on_host(tmp_path):
 
 def test_header_declares_every_launcher():
     header = (CSRC / "qadapter_kernels.h").read_text()
-    for name in ("qak_row_step", "qak_pairwise_bt", "qak_decode_combine"):
+    for name in ("qak_row_step", "qak_pairwise_bt", "qak_decode_combine", "qak_kernel_image"):
         assert f"int {name}(" in header
         assert any(f'extern "C" int {name}(' in src.read_text() for src in CSRC.glob("*.cu")), name
 
@@ -336,6 +337,16 @@ def test_cuda_token_stats_non_finite_logits_match_the_reference(ext, value, site
     got = _cuda.cuda_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2, chunk_size=4)
     for name, a, b in zip(("q_taken", "value"), got, want):
         _same_non_finite(a, b, name)
+
+
+@gpu
+@needs_gpu
+def test_extension_reports_the_image_it_runs(ext):
+    """The loaded extension runs this GPU from a cubin of its major version or from PTX."""
+    binary, ptx = ext.kernel_image()
+    major, minor = torch.cuda.get_device_capability()
+    assert binary // 10 == major or 0 < ptx <= 10 * major + minor, (binary, ptx)
+    assert _cuda.image_status(ext) == (True, "")
 
 
 @gpu
@@ -549,3 +560,141 @@ def test_custom_ops_pass_opcheck(ext):
     rewards, tokens = _rewards(4, 33, seed=2, scale=1.0)
     torch.library.opcheck(torch.ops.qadapter.pairwise_bt.default, (rewards, tokens.counts, 33, 0.1, 0))
     torch.library.opcheck(torch.ops.qadapter.decode_combine.default, (z, q, 1.0, 0.01, 0.8, 50, 0.9, 7, True))
+
+
+# ---------------------------------------------------------------- architectures: which build runs on which GPU
+
+
+@pytest.mark.parametrize(("archs", "capability", "runs"), [
+    ("9.0", (9, 0), True),
+    ("9.0", (8, 6), False),            # the first GPU run's default on an sm_86 card
+    ("9.0", (12, 0), False),           # no PTX: nothing the driver can compile for sm_120
+    ("9.0+PTX", (12, 0), True),        # PTX at or below the device's capability
+    ("9.0+PTX", (8, 9), False),        # PTX above it
+    ("8.0", (8, 6), True),             # a cubin runs on later minors of its major version
+    ("8.0", (8, 9), True),
+    ("8.6", (8, 0), False),
+    ("8.0;8.6;8.9;9.0;10.0;12.0+PTX", (12, 0), True),
+    ("8.0 8.6 9.0", (10, 0), False),   # space-separated, as torch also reads it
+    ("9.0a", (9, 0), True),
+    ("9.0a+PTX", (10, 0), False),      # architecture-specific: no later device, PTX included
+    ("8.6+PTX", (9, 0), True),
+])
+def test_arch_list_covers_a_device(archs, capability, runs):
+    fits, why = cuda_archs.covers(archs, capability)
+    assert fits == runs
+    assert fits or f"{capability[0]}.{capability[1]}" in why and archs in why
+
+
+def test_arch_list_parsing_and_flags():
+    assert cuda_archs.parse_arch_list("8.0;9.0a 12.0+PTX") == [(8, 0, "", False), (9, 0, "a", False),
+                                                                (12, 0, "", True)]
+    assert cuda_archs.parse_arch_list("Ampere") is None and cuda_archs.parse_arch_list("native") is None
+    assert cuda_archs.covers("Hopper", (8, 6))[0], "a list torch names but this module cannot read is not refused"
+    assert cuda_archs.gencode_flags("8.6;12.0+PTX") == [
+        "-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_120,code=sm_120",
+        "-gencode=arch=compute_120,code=compute_120"]
+    assert cuda_archs.gencode_flags("Hopper") == []
+
+
+def test_device_arch_list_is_the_device_with_ptx():
+    assert cuda_archs.device_arch_list((8, 6)) == "8.6+PTX"
+    assert cuda_archs.device_arch_list((12, 0), (12, 8)) == "12.0+PTX"
+    # nvcc 12.4 cannot target sm_120: PTX of the newest capability it can, which the driver compiles.
+    assert cuda_archs.device_arch_list((12, 0), (12, 4)) == "9.0+PTX"
+    assert cuda_archs.covers(cuda_archs.device_arch_list((12, 0), (12, 4)), (12, 0))[0]
+    for capability in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (12, 1)]:
+        assert cuda_archs.covers(cuda_archs.device_arch_list(capability), capability)[0]
+
+
+def test_cuda_archs_prints_a_list_without_a_gpu():
+    run = subprocess.run([sys.executable, "-m", "qadapter_kernels.cuda_archs"], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert cuda_archs.parse_arch_list(run.stdout.strip()), run.stdout
+
+
+class _FakeExtension:
+    """A loaded extension: what it was built for, and what the CUDA runtime says of its image."""
+
+    def __init__(self, archs=None, image_error=None):
+        if archs is not None:
+            self.built_archs = archs
+        self.image_error = image_error
+
+    def kernel_image(self):
+        if self.image_error:
+            raise RuntimeError(self.image_error)
+        return 90, 90
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA build of torch with one GPU of a chosen capability; _load's cache emptied around the test."""
+    state = {"capability": (8, 6)}
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    _cuda._load.cache_clear()
+    yield state
+    _cuda._load.cache_clear()
+
+
+def test_image_status_refuses_a_build_for_other_architectures(fake_gpu):
+    """The first GPU run built for 9.0 only: on an sm_86 card the backend said "available" and
+    failed at its first launch. Now it says why not, before any launch."""
+    fits, why = _cuda.image_status(_FakeExtension("9.0"))
+    assert not fits and "8.6" in why and "'9.0'" in why and "Test GPU" in why
+    assert _cuda.image_status(_FakeExtension("8.6+PTX")) == (True, "")
+    fits, why = _cuda.image_status(_FakeExtension(None, "no kernel image is available for execution on the device"))
+    assert not fits and "no kernel image" in why, "an unrecorded build is asked of the CUDA runtime"
+
+
+def test_prebuilt_extension_without_an_image_gives_way_to_a_jit_build(fake_gpu, monkeypatch, tmp_path):
+    import types
+
+    prebuilt = types.ModuleType("qadapter_kernels._C")
+    prebuilt.__file__ = str(tmp_path / "_C.so")
+    prebuilt.kernel_image = lambda: (90, 90)
+    (tmp_path / _cuda.ARCHS_FILE).write_text("9.0\n")  # what setup.py records beside it
+    monkeypatch.setitem(sys.modules, "qadapter_kernels._C", prebuilt)
+    assert _cuda.built_archs(prebuilt) == "9.0"
+    built = _FakeExtension("8.6+PTX")
+    monkeypatch.setattr(_cuda, "jit_build", lambda *a, **k: (built, ""))
+    assert _cuda._load() == (built, "")
+
+    _cuda._load.cache_clear()
+    monkeypatch.setattr(_cuda, "jit_build", lambda *a, **k: (None, "ninja not found"))
+    ext, why = _cuda._load()
+    assert ext is None and "8.6" in why and "ninja not found" in why
+    _cuda._load.cache_clear()
+    fake_gpu["capability"] = (9, 0)
+    assert _cuda._load() == (prebuilt, "")
+
+
+def test_jit_build_targets_the_device(fake_gpu, monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST the just-in-time build is for the device (with PTX), passed to
+    nvcc as flags (torch's build cache keys on them); a list that misses the device is refused."""
+    import types
+
+    import torch.utils.cpp_extension as cpp
+
+    seen = {}
+
+    def load(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(cpp, "CUDA_HOME", "/nonexistent")
+    monkeypatch.setattr(_cuda.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(_cuda.cuda_archs, "nvcc_version", lambda nvcc=None: (12, 8))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    module, why = _cuda.jit_build()
+    assert why == "" and module.built_archs == "8.6+PTX"
+    assert "-gencode=arch=compute_86,code=sm_86" in seen["extra_cuda_cflags"]
+    assert "-gencode=arch=compute_86,code=compute_86" in seen["extra_cuda_cflags"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    seen.clear()
+    module, why = _cuda.jit_build()
+    assert module is None and "does not cover this GPU" in why and not seen
