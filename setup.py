@@ -4,7 +4,9 @@ torch and nvcc are present. Installing without CUDA, nvcc or a GPU always succee
 
 ``QADAPTER_BUILD_CUDA=1`` requires the extension (the install fails if it cannot be built),
 ``QADAPTER_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures
-(default: every one the kernels support that the installed nvcc targets, ``qadapter_kernels/cuda_archs.py``).
+(default: every one the kernels support that the installed nvcc targets, ``qadapter_kernels/cuda_archs.py``);
+the list is recorded beside the extension (``_C_archs.txt``), and a GPU it does not cover gets a
+just-in-time build for itself instead.
 Build against the installed torch: ``pip install --no-build-isolation``.
 
 The CUDA sources travel inside the package (``qadapter_kernels/csrc`` in the wheel), so an install
@@ -69,6 +71,18 @@ def _extension_args() -> dict:
 
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS["arch_list"](CUDA_ARCHS["nvcc_version"](nvcc)))
+
+    class BuildExtensionRecordingArchs(BuildExtension.with_options(use_ninja=True)):
+        """Writes the arch list beside the compiled extension (``_C_archs.txt``), where
+        ``_cuda.image_status`` compares it with the GPU's capability."""
+
+        def run(self):
+            super().run()
+            for extension in self.extensions:
+                target = Path(self.get_ext_fullpath(extension.name)).with_name("_C_archs.txt")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(os.environ["TORCH_CUDA_ARCH_LIST"] + "\n")
+
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu")) + ["csrc/binding.cpp"]
     ext = CUDAExtension(
         "qadapter_kernels._C",
@@ -76,7 +90,7 @@ def _extension_args() -> dict:
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True),
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtensionRecordingArchs,
                                                "build_py": BuildPyWithSources}}
 
 

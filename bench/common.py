@@ -55,6 +55,7 @@ class Shape:
     hidden: int
     vocab: int
     model: str = ""
+    softcap: float | None = None  # the model's final logit soft-capping (Gemma-2: 30)
 
     @property
     def title(self) -> str:
@@ -67,10 +68,12 @@ SHAPES = {
         Shape("smollm2-135m", 576, 49152, "SmolLM2-135M"),
         Shape("llama-3.1-8b", 4096, 128256, "Llama-3.1-8B"),
         Shape("qwen2.5-7b", 3584, 152064, "Qwen2.5-7B"),
+        Shape("gemma-2-2b", 2304, 256000, "Gemma-2-2B", softcap=30.0),
         # Not models: a seconds-long shape for the CI smoke test of the suite and the report, and
-        # one of odd sizes (no block size divides them) for the GPU check's CPU dry run.
+        # one of odd sizes (no block size divides them) and a soft-capped one for the GPU check's CPU dry run.
         Shape("tiny", 64, 512),
         Shape("tiny-odd", 40, 203),
+        Shape("tiny-capped", 24, 301, softcap=30.0),
     )
 }
 FULL_SHAPES = ("smollm2-135m", "llama-3.1-8b", "qwen2.5-7b")

@@ -3,10 +3,11 @@
 #
 #   bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]
 #
-# Part 1 (< 7 minutes on an H100/H200): versions, the CUDA extension's just-in-time build (in the
-# background, beside the Triton tests), the Triton, backend-agreement and CUDA tests on the GPU, bench.gpu_check
-# (every backend against the reference at Llama-3.1-8B and Qwen2.5-7B head shapes, time as a
-# multiple of T_gemm3, peak memory, copy bandwidth), bench.cuda_check (row step against the copy
+# Part 1 (< 8 minutes on an H100/H200): versions, the CUDA extension's just-in-time build for this
+# GPU (in the background, beside the Triton tests), the Triton, backend-agreement and CUDA tests on
+# the GPU, bench.gpu_check (every backend against the reference at Llama-3.1-8B, Qwen2.5-7B and
+# soft-capped Gemma-2-2B head shapes, then time as a multiple of T_gemm3, peak memory, copy
+# bandwidth; every row bounded), bench.cuda_check (row step against the copy
 # bandwidth, decode, pairwise) and bench.consumer_gpu (one Llama-3.1-8B LoRA step under 24 GB,
 # fused loss vs the authors' full logits, then decoding).
 # Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
@@ -39,16 +40,40 @@ SUMMARY="$OUT/summary.md"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export MAX_JOBS="${MAX_JOBS:-16}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   SCALE=dry
 else
   SCALE=gpu
 fi
+# The CUDA extension (just-in-time build and wheel) for this GPU's own compute capability, with PTX
+# (qadapter_kernels/cuda_archs.py; without a GPU, its default list): a fixed list would leave other
+# GPUs without a kernel image.
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -m qadapter_kernels.cuda_archs 2>/dev/null)}"
+export TORCH_CUDA_ARCH_LIST
 export PY OUT DRY
 FAILED=0
 [ -f "$SUMMARY" ] || printf '| step | result | seconds |\n|---|---|---|\n' >"$SUMMARY"
+
+# pytest-xdist and pytest-timeout are used where they import (nothing is installed on the GPU
+# machine): `-n WORKERS --timeout SECONDS`, each only with its plugin. The dry run passes the same
+# flags as the GPU run; without xdist the test steps run serially, with longer budgets.
+HAVE_XDIST=0 HAVE_TIMEOUT=0
+"$PY" -c "import xdist" 2>/dev/null && HAVE_XDIST=1
+"$PY" -c "import pytest_timeout" 2>/dev/null && HAVE_TIMEOUT=1
+plugin_flags() {  # plugin_flags WORKERS SECONDS
+  [ "$HAVE_XDIST" = 1 ] && printf -- '-n %s ' "$1"
+  [ "$HAVE_TIMEOUT" = 1 ] && printf -- '--timeout %s ' "$2"
+  return 0
+}
+# shellcheck disable=SC2207  # the flags are words without spaces
+TRITON_PYTEST=(-q -rfE -p no:cacheprovider $(plugin_flags 8 60))
+# shellcheck disable=SC2207
+BACKEND_PYTEST=(-q -rfE -p no:cacheprovider $(plugin_flags 4 90))
+TRITON_BUDGET=$([ "$HAVE_XDIST" = 1 ] && echo 100 || echo 150)
+BACKEND_BUDGET=$([ "$HAVE_XDIST" = 1 ] && echo 120 || echo 180)
+echo "=== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; pytest flags: ${TRITON_PYTEST[*]} | ${BACKEND_PYTEST[*]}" | tee -a "$LOG"
 
 # step NAME BUDGET_S COMMAND...: runs COMMAND under its own time budget, logs and summarizes it.
 step() {
@@ -112,8 +137,8 @@ run_steps() {
   wants versions && step versions 60 versions
   if [ "$DRY" = 1 ]; then
     wants cuda-build && skip "cuda extension build" "no GPU (dry run)"
-    wants triton-tests && step "triton tests (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py -k "row_step or inf or guard or precision"
-    wants backend-tests && step "backend agreement (interpreter)" 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py -k "loss_modes and current"
+    wants triton-tests && step "triton tests (interpreter)" 300 "$PY" -m pytest "${TRITON_PYTEST[@]}" tests/test_triton.py -k "row_step or inf or guard or precision"
+    wants backend-tests && step "backend agreement (interpreter)" 300 "$PY" -m pytest "${BACKEND_PYTEST[@]}" tests/test_backends.py -k "loss_modes and current"
     wants gpu-check && step "gpu_check (tiny shapes)" 300 "$PY" -m bench.gpu_check --dry-run --out "$OUT/gpu-check.json"
     wants cuda-check && skip "cuda tests and cuda_check" "no GPU (dry run)"
     wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
@@ -132,8 +157,8 @@ run_steps() {
     wheeler=$!
   fi
   # A single tile configuration: the tests check results, not the autotuner, and compile 4x less.
-  wants triton-tests && step "triton tests (GPU)" 100 env QADAPTER_TRITON_AUTOTUNE=0 \
-    "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 60 -n 8 tests/test_triton.py
+  wants triton-tests && step "triton tests (GPU)" "$TRITON_BUDGET" env QADAPTER_TRITON_AUTOTUNE=0 \
+    "$PY" -m pytest "${TRITON_PYTEST[@]}" tests/test_triton.py
   if [ -n "$builder" ]; then
     wait "$builder"
     cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
@@ -141,9 +166,10 @@ run_steps() {
   wants cuda-build && step "cuda extension build" 60 build_extension
   # Every registered backend against the reference (tests/test_backends.py, bf16 included), then the
   # GPU-only paths (torch.compile through the custom ops, the model layer and decoding on CUDA).
-  wants backend-tests && step "backend agreement and GPU paths" 120 env QADAPTER_TRITON_AUTOTUNE=0 \
-    "$PY" -m pytest -q -rfE -p no:cacheprovider --timeout 90 -n 4 tests/test_backends.py tests/test_gpu_paths.py
-  wants gpu-check && step "gpu_check" 130 "$PY" -m bench.gpu_check --budget-s 110 --out "$OUT/gpu-check.json"
+  wants backend-tests && step "backend agreement and GPU paths" "$BACKEND_BUDGET" env QADAPTER_TRITON_AUTOTUNE=0 \
+    "$PY" -m pytest "${BACKEND_PYTEST[@]}" tests/test_backends.py tests/test_gpu_paths.py
+  # Errors first, then timings; each row bounded (a first-call autotune), the rows left skipped at the budget.
+  wants gpu-check && step "gpu_check" 170 "$PY" -m bench.gpu_check --budget-s 150 --row-limit-s 40 --out "$OUT/gpu-check.json"
   # cuda_check runs the CUDA tests (pytest -m gpu tests/test_cuda_ext.py) before its timings.
   wants cuda-check && step "cuda tests and cuda_check" 75 "$PY" -m bench.cuda_check --skip-sanitizer --out "$OUT"
   wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 100 "$PY" -m bench.consumer_gpu --budget-s 85 --out "$OUT/consumer.json"

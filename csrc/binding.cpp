@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 
 #include "qadapter_kernels.h"
 
@@ -130,6 +131,14 @@ void decode_combine(const at::Tensor& z, const at::Tensor& q, double alpha_tilde
                "decode_combine");
 }
 
+// (binary version, PTX version) of the row step kernel on the current device; raises with the CUDA
+// error when the extension has no image this device runs.
+std::tuple<int64_t, int64_t> kernel_image() {
+  int binary = 0, ptx = 0;
+  check_launch(qak_kernel_image(&binary, &ptx), "kernel_image");
+  return {binary, ptx};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -143,4 +152,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_combine", &decode_combine, "Combined-policy log-probs and optional filtered sampling", py::arg("z"),
         py::arg("q"), py::arg("alpha_tilde"), py::arg("alpha_0"), py::arg("temperature"), py::arg("top_k"),
         py::arg("top_p"), py::arg("seed"), py::arg("logprobs"), py::arg("sampled") = py::none());
+  m.def("kernel_image", &kernel_image,
+        "(cubin, PTX) versions the kernels run with on the current device; raises when there is no image for it");
 }

@@ -30,7 +30,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // exp via the ex2 unit: the error is relative to x, which callers keep <= 0 (x = value - max).
-__device__ __forceinline__ float fast_exp(float x) { return exp2f(x * kLog2e); }
+// Host-callable too, as Lse is: tests/test_cuda_ext.py runs Lse's edge cases on the CPU.
+__host__ __device__ __forceinline__ float fast_exp(float x) { return exp2f(x * kLog2e); }
 
 // Elements of T in one 16-byte load.
 template <typename T>
@@ -98,18 +99,27 @@ __device__ __forceinline__ void for_each_col(const T* z, const T* q, int64_t row
   }
 }
 
-// Running log-sum-exp state: sum of exp(x - max).
+// Running log-sum-exp state: sum of exp(x - max). Non-finite inputs give what torch.logsumexp
+// with the reference's rule gives (qadapter_kernels/reference.py, _logsumexp): a NaN or a +inf
+// anywhere makes the value NaN, a row of only -inf gives -inf. fmaxf skips NaN, so a NaN is
+// carried in the sum instead (exp(NaN - m) is NaN, and NaN * 0 stays NaN through every rescale);
+// while the max is still -inf no exp is taken, so a NaN met then is put into the sum directly.
 struct Lse {
   float max = -INFINITY;
   float sum = 0.f;
 
   // Adds n values with one rescale: n + 1 exponentials instead of 2n.
   template <int N>
-  __device__ __forceinline__ void add(const float* x) {
+  __host__ __device__ __forceinline__ void add(const float* x) {
     float m = max;
 #pragma unroll
     for (int j = 0; j < N; ++j) m = fmaxf(m, x[j]);
-    if (m == -INFINITY) return;  // only -inf so far: nothing to add
+    if (m == -INFINITY) {  // only -inf and NaN so far: nothing to add but a NaN
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (x[j] != x[j]) sum = x[j];
+      return;
+    }
     float s = sum * fast_exp(max - m);
 #pragma unroll
     for (int j = 0; j < N; ++j) s += fast_exp(x[j] - m);
@@ -117,14 +127,18 @@ struct Lse {
     sum = s;
   }
 
-  __device__ __forceinline__ void merge(float other_max, float other_sum) {
+  __host__ __device__ __forceinline__ void merge(float other_max, float other_sum) {
     const float m = fmaxf(max, other_max);
-    if (m == -INFINITY) return;
+    if (m == -INFINITY) {  // both empty: each sum is 0, or NaN if it met one
+      sum += other_sum;
+      return;
+    }
     sum = sum * fast_exp(max - m) + other_sum * fast_exp(other_max - m);
     max = m;
   }
 
-  __device__ __forceinline__ float value() const { return max + logf(sum); }
+  // -inf + log(0) = -inf for a row of -inf; NaN whenever the sum is NaN.
+  __host__ __device__ __forceinline__ float value() const { return max + logf(sum); }
 };
 
 __device__ __forceinline__ float warp_sum(float v) {

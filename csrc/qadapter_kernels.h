@@ -30,6 +30,11 @@ int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t r
                  int dtype, float alpha_tilde, float alpha_0, float* q_taken, float* value, void* p,
                  int p_dtype, cudaStream_t stream);
 
+// Whether the kernels have an image for the current device: 0 and the cubin's and PTX's
+// versions (major * 10 + minor) the row step kernel runs with, else the CUDA error (typically
+// cudaErrorNoKernelImageForDevice: built for other architectures, and no PTX the device can take).
+int qak_kernel_image(int* binary_version, int* ptx_version);
+
 // Pairwise Bradley-Terry + chi2 loss of _contract.pairwise_loss, forward and gradient in one
 // launch. rewards: [n_tokens] float32 per-token rewards of the scored tokens, packed row by row
 // (row b holds row_counts[b] consecutive entries; sum(row_counts) == n_tokens); batch even,

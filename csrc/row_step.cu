@@ -78,3 +78,15 @@ extern "C" int qak_row_step(const void* z, const void* q, const int64_t* targets
     return qak::launch<T, T>(z, q, targets, rows, vocab, alpha_tilde, alpha_0, q_taken, value, p, stream);
   });
 }
+
+extern "C" int qak_kernel_image(int* binary_version, int* ptx_version) {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, qak::row_step_kernel<float, float>);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // reset it: a later launch check must not see this error as its own
+    return err;
+  }
+  *binary_version = attr.binaryVersion;
+  *ptx_version = attr.ptxVersion;
+  return 0;
+}

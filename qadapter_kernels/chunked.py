@@ -114,13 +114,24 @@ def default_block_step(device: torch.device) -> BlockStep:
     return compiled.cpu_block_step if compiled else torch_block_step
 
 
-def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int | None = None) -> int:
-    """Largest chunk whose ``[chunk, V]`` buffers (GEMM outputs, fp32 copies, P) fit the budget."""
+def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, budget: int | None = None,
+                    *, widened: bool = True) -> int:
+    """Largest chunk whose ``[chunk, V]`` buffers fit the budget.
+
+    ``widened`` (the eager step, or a soft cap, which widens half-precision tiles to float32): the
+    GEMM outputs ``z`` and ``q``, their two float32 copies and ``P`` in the input dtype. Otherwise
+    (the fused Triton and CUDA row steps, which read half precision and compute in registers):
+    ``z``, ``q`` and one float32 ``P``, the most a fused step writes (the forward writes ``P`` over
+    ``q``; the backward of a trainable Q head takes a float32 ``P``).
+    """
     if budget is None:
         budget = DEFAULT_CUDA_BUDGET if device.type == "cuda" else DEFAULT_CPU_BUDGET
     esize = torch.finfo(dtype).bits // 8
     stats = torch.finfo(stats_dtype(dtype)).bits // 8
-    per_row = vocab * (3 * esize + (2 * stats if stats != esize else 0))
+    if widened:
+        per_row = vocab * (3 * esize + (2 * stats if stats != esize else 0))
+    else:
+        per_row = vocab * (2 * esize + stats)
     return max(1, min(n_tokens, budget // per_row))
 
 
@@ -245,14 +256,23 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
+# torch.mm(..., out_dtype=) (a half-precision GEMM with a float32 result) came with torch 2.8.
+MM_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _float32_result_mm(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether ``matmul_to`` takes ``torch.mm(..., out_dtype=float32)`` for ``a``."""
+    return MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32
+
+
 def matmul_to(out_dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for operands of one dtype, its result in ``out_dtype`` (float32 statistics).
 
-    On CUDA, float16/bfloat16 products go straight from the tensor cores' float32 accumulator to
-    a float32 result (``out_dtype``), with no rounding to half precision on the way; the CPU has
-    no such kernel and rounds the product once.
+    On CUDA with torch >= 2.8, float16/bfloat16 products go straight from the tensor cores' float32
+    accumulator to a float32 result (``out_dtype``), with no rounding to half precision on the way;
+    elsewhere (a CPU, an older torch) the product is rounded once to the operands' dtype.
     """
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32:
+    if _float32_result_mm(a, out_dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).to(out_dtype)
 
@@ -399,7 +419,9 @@ def chunked_token_stats(
     """
     vocab = weight.shape[0]
     if row_step is not None:
-        tiles = (chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device), vocab)
+        # A fused step makes no float32 copies; the soft cap still widens the tiles (ChunkLogits).
+        tiles = (chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device,
+                                               widened=softcap is not None), vocab)
         block_step = whole_row_block_step(row_step)
     else:
         tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, chunk_size)

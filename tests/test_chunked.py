@@ -16,6 +16,56 @@ def test_auto_chunk_size_respects_budget():
     assert auto_chunk_size(10, 10**9, torch.bfloat16, torch.device("cpu"), budget=1) == 1
 
 
+def test_auto_chunk_size_counts_the_copies_only_a_widening_step_makes():
+    """The eager step (or a soft cap) holds z, q, their two float32 copies and P; a fused GPU step
+    z, q and at most a float32 P: at a Llama-3.1-8B head in bfloat16, 1,046 rows fit 1 GiB, not 597."""
+    cuda, vocab, gib = torch.device("cuda"), 128256, 2**30
+    assert auto_chunk_size(10**6, vocab, torch.bfloat16, cuda) == gib // (vocab * (3 * 2 + 2 * 4)) == 597
+    assert auto_chunk_size(10**6, vocab, torch.bfloat16, cuda, widened=False) == gib // (vocab * (2 * 2 + 4)) == 1046
+    # float32 tiles are never copied: both counts are z, q and P.
+    for widened in (True, False):
+        assert auto_chunk_size(10**6, vocab, torch.float32, cuda, widened=widened) == gib // (vocab * 12)
+    assert auto_chunk_size(10**6, 1000, torch.float16, torch.device("cpu"), budget=8000 * 7, widened=False) == 7
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_fused_row_steps_take_the_unwidened_chunk_unless_capped(monkeypatch, softcap):
+    """chunked_token_stats with a fused row step sizes its chunks for a step without copies; the soft
+    cap widens half-precision tiles in ChunkLogits, so it counts them."""
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return 3
+
+    monkeypatch.setattr(chunked, "auto_chunk_size", spy)
+    x = torch.randn(5, 4)
+    w = torch.randn(7, 4)
+    chunked.chunked_token_stats(x, x, w, w, None, torch.zeros(5, dtype=torch.long), alpha_tilde=1.0, alpha_0=0.1,
+                                row_step=chunked.torch_row_step, softcap=softcap)
+    assert seen == {"widened": softcap is not None}
+
+
+def test_matmul_to_takes_the_float32_result_gemm_only_where_torch_has_it(monkeypatch):
+    """torch.mm(out_dtype=) exists from torch 2.8 (pyproject allows 2.4): below it, and on a CPU,
+    the product is taken in the operands' dtype and converted."""
+    from types import SimpleNamespace
+
+    version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    assert chunked.MM_OUT_DTYPE == (version >= (2, 8))
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(chunked, "MM_OUT_DTYPE", True)
+    assert chunked._float32_result_mm(cuda_bf16, torch.float32)
+    assert not chunked._float32_result_mm(cuda_bf16, torch.bfloat16)
+    assert not chunked._float32_result_mm(SimpleNamespace(is_cuda=False, dtype=torch.bfloat16), torch.float32)
+    assert not chunked._float32_result_mm(SimpleNamespace(is_cuda=True, dtype=torch.float32), torch.float32)
+    monkeypatch.setattr(chunked, "MM_OUT_DTYPE", False)
+    assert not chunked._float32_result_mm(cuda_bf16, torch.float32)
+    a, b = torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(5, 2, dtype=torch.bfloat16)
+    got = chunked.matmul_to(torch.float32, a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, (a @ b).float())
+
+
 def test_chunks_are_even_and_cover_every_row():
     for n, chunk in [(1024, 227), (10, 3), (7, 7), (7, 100), (1, 1)]:
         spans = list(chunks(n, chunk))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -90,9 +91,89 @@ def test_cuda_sources_compile(tmp_path):
         assert (tmp_path / f"{src.stem}.o").stat().st_size > 0
 
 
+LSE_HOST_PROGRAM = r"""
+#include <stdio.h>
+#include "common.cuh"
+
+// The row's log-sum-exp as the kernels take it: `threads` states, each adding runs of `width`
+// consecutive values (whole runs round-robin, then a scalar tail), merged as block_lse does.
+template <int W>
+float row_lse(const float* x, int n, int threads) {
+  qak::Lse states[4];
+  const int runs = n / W;
+  for (int r = 0; r < runs; ++r) states[r % threads].add<W>(x + r * W);
+  for (int col = runs * W; col < n; ++col) states[col % threads].add<1>(x + col);
+  qak::Lse total;
+  for (int t = 0; t < threads; ++t) total.merge(states[t].max, states[t].sum);
+  return total.value();
+}
+
+int main() {
+  int rows, n;
+  if (scanf("%d %d", &rows, &n) != 2) return 1;
+  for (int r = 0; r < rows; ++r) {
+    float x[64];
+    for (int j = 0; j < n; ++j) {
+      char word[32];
+      if (scanf("%31s", word) != 1) return 1;
+      sscanf(word, "%f", &x[j]);
+    }
+    printf("%.9g %.9g %.9g %.9g\n", row_lse<1>(x, n, 1), row_lse<8>(x, n, 1), row_lse<1>(x, n, 3),
+           row_lse<8>(x, n, 4));
+  }
+  return 0;
+}
+"""
+
+
+def _non_finite_rows(vocab: int) -> torch.Tensor:
+    """Rows of finite logits with NaN, +inf or -inf put first, mid-row, last, or everywhere."""
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(vocab, generator=g) * 3 for _ in range(12)]
+    nan, inf = float("nan"), float("inf")
+    rows[1][0] = nan                      # before any finite value of its thread
+    rows[2][:9] = -inf
+    rows[2][9] = nan                      # a NaN after -inf only
+    rows[3][vocab // 2] = nan
+    rows[4][-1] = nan
+    rows[5][:] = nan
+    rows[6][3] = inf
+    rows[7][:] = -inf
+    rows[8][:] = -inf
+    rows[8][5] = inf
+    rows[9][::2] = -inf
+    rows[10][:] = -inf
+    rows[10][-1] = nan
+    rows[11][0], rows[11][1] = inf, -inf
+    return torch.stack(rows)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_lse_non_finite_rows_match_the_reference_on_host(tmp_path):
+    """The kernels' running log-sum-exp (csrc/common.cuh's Lse, host-callable) against the
+    reference's rule, whatever the thread count and vector width: a NaN anywhere (even before a
+    thread's first finite value, or in a row of -inf) or a +inf gives NaN, a row of -inf gives -inf."""
+    from qadapter_kernels.reference import _logsumexp
+
+    source = tmp_path / "lse.cu"
+    source.write_text(LSE_HOST_PROGRAM)
+    binary = tmp_path / "lse"
+    build = subprocess.run([NVCC, "-O2", "-std=c++17", f"-I{CSRC}", str(source), "-o", str(binary)],
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stdout + build.stderr
+    rows = _non_finite_rows(37)
+    text = f"{rows.shape[0]} {rows.shape[1]}\n" + "\n".join(" ".join(repr(float(v)) for v in row) for row in rows)
+    run = subprocess.run([str(binary)], input=text, capture_output=True, text=True, check=True, timeout=60)
+    got = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.splitlines()])
+    want = _logsumexp(rows)
+    for variant in range(got.shape[1]):
+        torch.testing.assert_close(got[:, variant], want, rtol=1e-5, atol=1e-5, equal_nan=True,
+                                   msg=lambda m, v=variant: f"variant {v}: {m}")
+
+
 def test_header_declares_every_launcher():
     header = (CSRC / "qadapter_kernels.h").read_text()
-    for name in ("qak_row_step", "qak_pairwise_bt", "qak_decode_combine"):
+    for name in ("qak_row_step", "qak_pairwise_bt", "qak_decode_combine", "qak_kernel_image"):
         assert f"int {name}(" in header
         assert any(f'extern "C" int {name}(' in src.read_text() for src in CSRC.glob("*.cu")), name
 
@@ -185,6 +266,87 @@ def test_row_step_alias_z_and_bad_target(ext):
     ext.row_step(z, q, torch.tensor([1, 2, 1000], device="cuda"), 1.0, 0.01, q_taken, value, z)
     torch.testing.assert_close(z.float(), want[2].float(), **_tol(torch.bfloat16))
     assert q_taken[:2].equal(want[0][:2]) and q_taken[2].isnan(), "an out-of-range target gives NaN, never a stray read"
+
+
+def _same_non_finite(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
+    """Elementwise: NaN where ``want`` is NaN, the same infinities, close finite values."""
+    got, want = got.float().cpu(), want.float().cpu()
+    where = f"NaN at {got.isnan().nonzero().tolist()}, reference {want.isnan().nonzero().tolist()}"
+    assert torch.equal(got.isnan(), want.isnan()), f"{msg}: {where}"
+    finite = want.isfinite()
+    assert torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0)) and torch.equal(got.isfinite(), finite), msg
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-5, msg=msg)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [37, 4099])
+@pytest.mark.parametrize("where", ["z", "q"])
+def test_row_step_and_decode_non_finite_rows_match_the_reference(ext, dtype, vocab, where):
+    """NaN, +inf and -inf rows (first element, mid-row, whole row) through the CUDA row step and
+    the decode kernel give the reference's NaN / inf (a NaN met before a thread's first finite
+    value was lost before, and an all-NaN row gave -inf)."""
+    rows = _non_finite_rows(vocab).to("cuda", dtype)
+    z, q = _logits(rows.shape[0], vocab, dtype, seed=3)
+    if where == "z":
+        z = rows.contiguous()
+    else:
+        q = rows.contiguous()
+    targets = torch.arange(rows.shape[0], device="cuda") % vocab
+    # p of a row whose combined logits are all -inf is 0 / 0: the eager step says 0 (it is written for
+    # masked vocabulary tiles), the fused steps NaN, as the reference's gradient there. Compared elsewhere.
+    defined = ~((q.float() + 0.3 * z.float()) == -float("inf")).all(dim=1)
+    for p_dtype in (torch.float32, dtype):
+        want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype)
+        q_taken, value = (torch.empty(rows.shape[0], device="cuda") for _ in range(2))
+        qq = q.clone()
+        p = torch.empty(qq.shape, dtype=torch.float32, device="cuda") if p_dtype == torch.float32 else qq
+        ext.row_step(z, qq, targets, 0.7, 0.3, q_taken, value, p)
+        _same_non_finite(q_taken, want_qa, f"q_taken ({p_dtype})")
+        _same_non_finite(value, want_v, f"value ({p_dtype})")
+        _same_non_finite(p[defined], want_p[defined], f"p ({p_dtype})")
+    logprobs = torch.empty(z.shape, device="cuda")
+    ext.decode_combine(z, q, 0.7, 0.3, 1.0, 0, 1.0, 0, logprobs, None)
+    want = combine_logits(z, q, alpha_tilde=0.7, alpha_0=0.3)
+    assert torch.equal(logprobs.isnan().any(dim=1).cpu(), want.isnan().any(dim=1).cpu()), "rows holding NaN"
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("site", ["weight", "q_hidden", "base_hidden"])
+def test_cuda_token_stats_non_finite_logits_match_the_reference(ext, value, site):
+    """A non-finite head row or hidden state through the cuda backend's token statistics: each
+    token's Q[a] and V are NaN, +inf, -inf or finite as the reference's."""
+    from qadapter_kernels.reference import reference_token_stats
+
+    g = torch.Generator().manual_seed(1)
+    n, d, vocab = 9, 16, 300
+    base, hq = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) / d**0.5
+    if site == "weight":
+        weight[7] = value  # one vocabulary row: every token's logit there
+    elif site == "q_hidden":
+        hq[3, 0] = value  # one token's adapter state
+    else:
+        base[5, 1] = value  # one token's base state
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    args = [t.cuda() for t in (base, hq, weight, weight)] + [None, targets.cuda()]
+    want = reference_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2)
+    got = _cuda.cuda_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2, chunk_size=4)
+    for name, a, b in zip(("q_taken", "value"), got, want):
+        _same_non_finite(a, b, name)
+
+
+@gpu
+@needs_gpu
+def test_extension_reports_the_image_it_runs(ext):
+    """The loaded extension runs this GPU from a cubin of its major version or from PTX."""
+    binary, ptx = ext.kernel_image()
+    major, minor = torch.cuda.get_device_capability()
+    assert binary // 10 == major or 0 < ptx <= 10 * major + minor, (binary, ptx)
+    assert _cuda.image_status(ext) == (True, "")
 
 
 @gpu
@@ -399,6 +561,143 @@ def test_custom_ops_pass_opcheck(ext):
     torch.library.opcheck(torch.ops.qadapter.pairwise_bt.default, (rewards, tokens.counts, 33, 0.1, 0))
     torch.library.opcheck(torch.ops.qadapter.decode_combine.default, (z, q, 1.0, 0.01, 0.8, 50, 0.9, 7, True))
 
+
+# ---------------------------------------------------------------- architectures: which build runs on which GPU
+
+
+@pytest.mark.parametrize(("archs", "capability", "runs"), [
+    ("9.0", (9, 0), True),
+    ("9.0", (8, 6), False),            # the first GPU run's default on an sm_86 card
+    ("9.0", (12, 0), False),           # no PTX: nothing the driver can compile for sm_120
+    ("9.0+PTX", (12, 0), True),        # PTX at or below the device's capability
+    ("9.0+PTX", (8, 9), False),        # PTX above it
+    ("8.0", (8, 6), True),             # a cubin runs on later minors of its major version
+    ("8.0", (8, 9), True),
+    ("8.6", (8, 0), False),
+    ("8.0;8.6;8.9;9.0;10.0;12.0+PTX", (12, 0), True),
+    ("8.0 8.6 9.0", (10, 0), False),   # space-separated, as torch also reads it
+    ("9.0a", (9, 0), True),
+    ("9.0a+PTX", (10, 0), False),      # architecture-specific: no later device, PTX included
+    ("8.6+PTX", (9, 0), True),
+])
+def test_arch_list_covers_a_device(archs, capability, runs):
+    fits, why = cuda_archs.covers(archs, capability)
+    assert fits == runs
+    assert fits or f"{capability[0]}.{capability[1]}" in why and archs in why
+
+
+def test_arch_list_parsing_and_flags():
+    assert cuda_archs.parse_arch_list("8.0;9.0a 12.0+PTX") == [(8, 0, "", False), (9, 0, "a", False),
+                                                                (12, 0, "", True)]
+    assert cuda_archs.parse_arch_list("Ampere") is None and cuda_archs.parse_arch_list("native") is None
+    assert cuda_archs.covers("Hopper", (8, 6))[0], "a list torch names but this module cannot read is not refused"
+    assert cuda_archs.gencode_flags("8.6;12.0+PTX") == [
+        "-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_120,code=sm_120",
+        "-gencode=arch=compute_120,code=compute_120"]
+    assert cuda_archs.gencode_flags("Hopper") == []
+
+
+def test_device_arch_list_is_the_device_with_ptx():
+    assert cuda_archs.device_arch_list((8, 6)) == "8.6+PTX"
+    assert cuda_archs.device_arch_list((12, 0), (12, 8)) == "12.0+PTX"
+    # nvcc 12.4 cannot target sm_120: PTX of the newest capability it can, which the driver compiles.
+    assert cuda_archs.device_arch_list((12, 0), (12, 4)) == "9.0+PTX"
+    assert cuda_archs.covers(cuda_archs.device_arch_list((12, 0), (12, 4)), (12, 0))[0]
+    for capability in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (12, 1)]:
+        assert cuda_archs.covers(cuda_archs.device_arch_list(capability), capability)[0]
+
+
+def test_cuda_archs_prints_a_list_without_a_gpu():
+    run = subprocess.run([sys.executable, "-m", "qadapter_kernels.cuda_archs"], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert cuda_archs.parse_arch_list(run.stdout.strip()), run.stdout
+
+
+class _FakeExtension:
+    """A loaded extension: what it was built for, and what the CUDA runtime says of its image."""
+
+    def __init__(self, archs=None, image_error=None):
+        if archs is not None:
+            self.built_archs = archs
+        self.image_error = image_error
+
+    def kernel_image(self):
+        if self.image_error:
+            raise RuntimeError(self.image_error)
+        return 90, 90
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA build of torch with one GPU of a chosen capability; _load's cache emptied around the test."""
+    state = {"capability": (8, 6)}
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    _cuda._load.cache_clear()
+    yield state
+    _cuda._load.cache_clear()
+
+
+def test_image_status_refuses_a_build_for_other_architectures(fake_gpu):
+    """The first GPU run built for 9.0 only: on an sm_86 card the backend said "available" and
+    failed at its first launch. Now it says why not, before any launch."""
+    fits, why = _cuda.image_status(_FakeExtension("9.0"))
+    assert not fits and "8.6" in why and "'9.0'" in why and "Test GPU" in why
+    assert _cuda.image_status(_FakeExtension("8.6+PTX")) == (True, "")
+    fits, why = _cuda.image_status(_FakeExtension(None, "no kernel image is available for execution on the device"))
+    assert not fits and "no kernel image" in why, "an unrecorded build is asked of the CUDA runtime"
+
+
+def test_prebuilt_extension_without_an_image_gives_way_to_a_jit_build(fake_gpu, monkeypatch, tmp_path):
+    import types
+
+    prebuilt = types.ModuleType("qadapter_kernels._C")
+    prebuilt.__file__ = str(tmp_path / "_C.so")
+    prebuilt.kernel_image = lambda: (90, 90)
+    (tmp_path / _cuda.ARCHS_FILE).write_text("9.0\n")  # what setup.py records beside it
+    monkeypatch.setitem(sys.modules, "qadapter_kernels._C", prebuilt)
+    assert _cuda.built_archs(prebuilt) == "9.0"
+    built = _FakeExtension("8.6+PTX")
+    monkeypatch.setattr(_cuda, "jit_build", lambda *a, **k: (built, ""))
+    assert _cuda._load() == (built, "")
+
+    _cuda._load.cache_clear()
+    monkeypatch.setattr(_cuda, "jit_build", lambda *a, **k: (None, "ninja not found"))
+    ext, why = _cuda._load()
+    assert ext is None and "8.6" in why and "ninja not found" in why
+    _cuda._load.cache_clear()
+    fake_gpu["capability"] = (9, 0)
+    assert _cuda._load() == (prebuilt, "")
+
+
+def test_jit_build_targets_the_device(fake_gpu, monkeypatch):
+    """Without TORCH_CUDA_ARCH_LIST the just-in-time build is for the device (with PTX), passed to
+    nvcc as flags (torch's build cache keys on them); a list that misses the device is refused."""
+    import types
+
+    import torch.utils.cpp_extension as cpp
+
+    seen = {}
+
+    def load(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(cpp, "CUDA_HOME", "/nonexistent")
+    monkeypatch.setattr(_cuda.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(_cuda.cuda_archs, "nvcc_version", lambda nvcc=None: (12, 8))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    module, why = _cuda.jit_build()
+    assert why == "" and module.built_archs == "8.6+PTX"
+    assert "-gencode=arch=compute_86,code=sm_86" in seen["extra_cuda_cflags"]
+    assert "-gencode=arch=compute_86,code=compute_86" in seen["extra_cuda_cflags"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    seen.clear()
+    module, why = _cuda.jit_build()
+    assert module is None and "does not cover this GPU" in why and not seen
 
 
 @gpu

@@ -5,13 +5,17 @@ nothing is installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from qadapter_kernels import cuda_archs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +38,28 @@ def test_gpu_command_dry_run(tmp_path):
     assert check["rows"] and all(r["ok"] for r in check["rows"] if r["kind"] == "error")
     assert json.loads((out / "versions.json").read_text())["torch"]
     assert len(list(out.iterdir())) <= 8  # what comes back from a GPU machine: at most 8 files
+    log = (out / "gpu-run.log").read_text()
+    # The arch list the GPU run would build for, and the pytest flags both branches pass (plugins
+    # that do not import here are left out here as there).
+    archs = re.search(r"TORCH_CUDA_ARCH_LIST=(\S*);", log).group(1)
+    assert cuda_archs.parse_arch_list(archs), log[:500]
+    flags = re.search(r"pytest flags: (.*)", log).group(1)
+    assert ("-n" in flags.split()) == (importlib.util.find_spec("xdist") is not None), flags
+    assert ("--timeout" in flags.split()) == (importlib.util.find_spec("pytest_timeout") is not None), flags
+
+
+def test_gpu_and_dry_runs_pass_the_same_pytest_flags():
+    """The test steps of both branches take their flags from the arrays the dry run exercises: no
+    plugin flag (-n, --timeout) is written out anywhere else, so none can fail only on the GPU."""
+    script = (ROOT / "bench" / "gpu.sh").read_text()
+    body = script.split("plugin_flags() {", 1)[1].split("\n}\n", 1)[1]
+    pytest_lines = [line for line in body.splitlines() if "-m pytest" in line and "compute-sanitizer" not in line
+                    and "tests/test_cuda_ext.py" not in line]
+    assert len(pytest_lines) == 4, pytest_lines  # triton and backend tests, dry and GPU
+    for line in pytest_lines:
+        assert '"${TRITON_PYTEST[@]}"' in line or '"${BACKEND_PYTEST[@]}"' in line, line
+    assert "--timeout" not in body and not any(re.search(r"\s-n\s", line) for line in pytest_lines), \
+        "a plugin flag outside plugin_flags"
 
 
 def test_gpu_command_rejects_an_unknown_step(tmp_path):

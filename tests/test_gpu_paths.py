@@ -1,5 +1,5 @@
 """Paths only a CUDA device takes, each against its eager or CPU twin: torch.compile through the
-CUDA custom ops and the Triton chunked backend, and the model layer on CUDA (training forward,
+CUDA custom ops and the Triton chunked backend (separate and shared heads), and the model layer on CUDA (training forward,
 bfloat16, cached generation through the Triton decode combine)."""
 
 from __future__ import annotations
@@ -37,6 +37,24 @@ def test_compiled_step_matches_eager_on_gpu(backend):
     args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight", "q_bias")]
     trainable = [x[k] for k in TRAINABLE]
     assert_compiled_matches_eager(step, args, trainable, value_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-6))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "chunked-triton"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_compiled_shared_head_step_matches_eager_on_gpu(backend, softcap):
+    """The shared (frozen, tied) head under torch.compile: one stacked GEMM written with ``mm(out=)``
+    into views of the buffer every chunk reuses, then the row step overwriting ``q``, a view of that
+    buffer, in place (``qadapter::row_step_`` for ``cuda``); three chunks, so the buffer is reused.
+    With Gemma-2's soft cap too, whose tanh rewrites the same views."""
+    require(backend)
+    x = make_inputs(batch=4, seq=33, hidden=64, vocab=1000, seed=6, device="cuda")
+
+    def step(base_hidden, q_hidden, weight, labels):
+        return qadapter_loss(base_hidden, q_hidden, weight, labels, backend=backend, chunk_size=24,
+                             logit_softcap=softcap).loss
+
+    args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels")]
+    assert_compiled_matches_eager(step, args, [x["q_hidden"]], value_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-6))
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:

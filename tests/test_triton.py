@@ -164,14 +164,27 @@ def test_triton_combine_matches_combine_logits(dtype, shape):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for GPUs on machines without one")
 def test_kernels_compile_for_gpus():
-    """The interpreter accepts code the compiler rejects: build real sm_86 binaries (no GPU needed)."""
+    """The interpreter accepts code the compiler rejects: build real sm_86 and consumer-Blackwell
+    sm_120 binaries (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-m", "qadapter_kernels.triton.aot_check", "--mode", "smoke", "--arch", "86"],
+        [sys.executable, "-m", "qadapter_kernels.triton.aot_check", "--mode", "smoke", "--arch", "86", "120"],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 5, run.stdout
+    assert run.stdout.count(" ok") == 10, run.stdout
+
+
+def test_aot_check_covers_blackwell_and_the_soft_capped_shared_head():
+    """sm_100 and sm_120 have shared-memory limits, and the full check compiles Gemma-2's head (shared,
+    soft-capped) beside the separate biased capped one and the plain shared one."""
+    from qadapter_kernels.triton import aot_check
+
+    assert aot_check.SMEM_LIMIT[100] == aot_check.SMEM_LIMIT[90] and aot_check.SMEM_LIMIT[120] == 99 * 1024
+    assert {100, 120} <= set(aot_check.DEFAULT_ARCHS)
+    heads = {(c["SHARED"], c["HAS_BIAS"], c["SOFTCAP"]) for name, _, _, c, _, _ in aot_check._variants("full")
+             if name == "forward"}
+    assert heads == {(False, True, True), (True, False, False), (True, False, True)}
 
 
 @pytest.mark.gpu

@@ -13,10 +13,11 @@ tile loads (cp.async / TMA), so the reported shared memory is the one a real lau
 
 Usage (TRITON_INTERPRET must be unset, so the kernels are built as compilable JIT functions)::
 
-    python -m qadapter_kernels.triton.aot_check [--arch 80 86 89 90] [--mode full|quick|smoke]
+    python -m qadapter_kernels.triton.aot_check [--arch 80 86 89 90 100 120] [--mode full|quick|smoke]
 
-``full``: every dtype, head variant and configuration; ``quick``: bfloat16 with a separate,
-biased Q head (the largest tiles); ``smoke``: that, first configuration only, gradient filter on.
+``full``: every dtype, head variant (separate biased soft-capped, shared, shared soft-capped) and
+configuration; ``quick``: bfloat16 with a separate, biased, soft-capped Q head (the largest tiles);
+``smoke``: that, first configuration only, gradient filter on.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import argparse
 import itertools
 import sys
 
-# Max dynamic shared memory per block (opt-in), bytes, per compute capability.
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Max dynamic shared memory per block (opt-in), bytes, per compute capability (CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"): 163 KB on sm_80, 99 KB on sm_86 / sm_89
+# and on consumer Blackwell sm_120 (128 KB per SM there), 227 KB on sm_90 and datacenter Blackwell sm_100.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+DEFAULT_ARCHS = (80, 86, 89, 90, 100, 120)
 
 _FLOAT_ARGS = {"alpha_tilde", "alpha_0", "filter_eps", "softcap"}
 _INPUT_PTRS = {"base_ptr", "hq_ptr", "w_ptr", "wq_ptr", "bias_ptr", "z_ptr", "q_ptr", "p_ptr"}
@@ -71,13 +75,13 @@ def _variants(mode: str):
         "head_grad": (fused_backward._head_grad_kernel, {"FILTER": mode == "smoke", "WANT_W": True, "WANT_B": True,
                                                 "SCALE_DQ": False}),
     }
-    # The separate, biased, soft-capped Q head is the largest variant (one more tile per stage).
-    shared_flags = (False, True) if mode == "full" else (False,)
-    for (name, (autotuner, flags)), dtype, shared in itertools.product(kernels.items(), dtypes, shared_flags):
+    # Head variants (SHARED, HAS_BIAS, SOFTCAP): the separate, biased, soft-capped Q head is the
+    # largest (one more tile per stage); the shared head plain, and soft-capped (Gemma-2's tied head).
+    heads = ((False, True, True), (True, False, False), (True, False, True)) if mode == "full" else ((False, True, True),)
+    for (name, (autotuner, flags)), dtype, (shared, bias, cap) in itertools.product(kernels.items(), dtypes, heads):
         for cfg in autotuner.configs[: 1 if mode == "smoke" else None]:
             prec = dot_precision(getattr(torch, dtype))
-            constexprs = {**flags, **cfg.kwargs, "SHARED": shared, "HAS_BIAS": not shared, "SOFTCAP": not shared,
-                          "DOT_PREC": prec}
+            constexprs = {**flags, **cfg.kwargs, "SHARED": shared, "HAS_BIAS": bias, "SOFTCAP": cap, "DOT_PREC": prec}
             yield name, autotuner.fn, dtype, constexprs, cfg.num_warps, cfg.num_stages
 
 
@@ -101,7 +105,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(local.group(1)) if local else -1
 
 
-def check(archs=(80, 86, 89, 90), mode: str = "full") -> list[dict]:
+def check(archs=DEFAULT_ARCHS, mode: str = "full") -> list[dict]:
     """Compiles every variant for every arch; returns one record per compilation."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -124,14 +128,14 @@ def check(archs=(80, 86, 89, 90), mode: str = "full") -> list[dict]:
             records.append(dict(
                 kernel=name, arch=arch, dtype=dtype, warps=warps, stages=stages, shared=shared,
                 regs=regs, spill_bytes=local, fits=shared <= SMEM_LIMIT[arch],
-                config={k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k == "SHARED"},
+                config={k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("SHARED", "SOFTCAP")},
             ))
     return records
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90], choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), choices=sorted(SMEM_LIMIT))
     parser.add_argument("--mode", choices=("full", "quick", "smoke"), default="full")
     args = parser.parse_args(argv)
     records = check(tuple(args.arch), args.mode)
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     # A kernel is fine when at least one of its configurations fits each arch and dtype.
     usable = {}
     for r in records:
-        key = (r["kernel"], r["arch"], r["dtype"], r["config"].get("SHARED"))
+        key = (r["kernel"], r["arch"], r["dtype"], r["config"].get("SHARED"), r["config"].get("SOFTCAP"))
         usable[key] = usable.get(key, False) or r["fits"]
     missing = [k for k, ok in usable.items() if not ok]
     for k in missing:
