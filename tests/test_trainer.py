@@ -9,9 +9,10 @@ import torch
 pytest.importorskip("peft")
 from conftest import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 
+from qadapter import atomic
 from qadapter.data import tokenize_rows  # noqa: E402
 from qadapter.evaluate import preference_metrics  # noqa: E402
-from qadapter.model import QAdapterModel  # noqa: E402
+from qadapter.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter.trainer import METRIC_NAMES, QAdapterConfig, QAdapterTrainer  # noqa: E402
 
 WORDS = "the capital of France is Paris user assistant system hello world".split()
@@ -39,6 +40,11 @@ def setup(tmp_path, **config):
     train, _ = tokenize_rows(rows(32, seed=0), tokenizer, max_length=48)
     heldout, _ = tokenize_rows(rows(16, seed=1), tokenizer, max_length=48)
     return model, tokenizer, args, train, heldout
+
+
+def fresh_base():
+    """The base model ``setup`` trains on, without an adapter attached."""
+    return tiny_causal_lm("llama", vocab=len(tiny_chat_tokenizer()))
 
 
 def lora_state(model):
@@ -70,13 +76,92 @@ def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     assert {"adapter_model.safetensors", "qadapter_config.json", "optimizer.pt"} <= files
     assert "model.safetensors" not in files  # never a copy of the frozen base
     assert (checkpoint / "adapter_model.safetensors").stat().st_size < 1_000_000
+    QAdapterModel.from_pretrained(checkpoint, fresh_base())  # config and fingerprint
 
+    # What a run killed while writing checkpoint-6 leaves: part of its files. Trainer writes over it.
+    last = tmp_path / "cut" / "checkpoint-6"
+    for path in last.iterdir():
+        path.unlink()
+    (last / "adapter_model.safetensors").write_bytes(b"half written")
     model, tokenizer, args, train, _ = setup(tmp_path / "cut", max_steps=6, save_strategy="steps", save_steps=3)
     QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train(
         resume_from_checkpoint=str(checkpoint))
     resumed = lora_state(model)
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7)
+    saved = lora_state(QAdapterModel.from_pretrained(last, fresh_base()))
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-7)
+    assert not list(last.glob(atomic.STAGING_PREFIX + "*"))
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_this_adapters(tmp_path):
+    """Resuming checks the checkpoint as loading does: its base fingerprint, and exactly the
+    adapter's LoRA tensors (PEFT alone would load a partial or foreign set with a warning)."""
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer, args, train, _ = setup(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    checkpoint = tmp_path / "checkpoint-2"
+
+    model, tokenizer, args, train, _ = setup(tmp_path, max_steps=4, save_strategy="no")
+    other_base = QAdapterModel(tiny_causal_lm("llama", seed=5, vocab=len(tokenizer)), tokenizer=tokenizer,
+                               **args.model_options())
+    with pytest.raises(AdapterLoadError, match="trained on another base model"):
+        QAdapterTrainer(model=other_base, args=args, train_dataset=train, processing_class=tokenizer).train(
+            resume_from_checkpoint=str(checkpoint))
+
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0." not in k}, checkpoint / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="does not match its adapter config"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train(
+            resume_from_checkpoint=str(checkpoint))
+
+
+def test_save_model_writes_a_loadable_adapter_and_keeps_other_files(tmp_path):
+    """Trainer.save_model: the adapter, its config and the tokenizer, staged and renamed into place
+    beside whatever the directory holds; a directory of other things is refused untouched."""
+    model, tokenizer, args, train, _ = setup(tmp_path / "run", max_steps=2)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    out = tmp_path / "adapter"
+    setup(tmp_path / "old")[0].save_pretrained(out)  # an older adapter there, and the user's files
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text("my own model card")
+    trainer.save_model(str(out))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == "my own model card"
+    assert {"qadapter_config.json", "tokenizer_config.json", "training_args.bin"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
+    loaded = lora_state(QAdapterModel.from_pretrained(out, fresh_base()))
+    for name, value in lora_state(model).items():
+        torch.testing.assert_close(loaded[name], value)
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(atomic.OutputDirectoryError, match="holds no Q-Adapter adapter"):
+        trainer.save_model(str(foreign))
+    assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    """With the highest held-out loss as "best" (training lowers it), the best checkpoint is an early
+    one, not the last: the model ends with that checkpoint's adapter."""
+    from safetensors.torch import load_file
+
+    model, tokenizer, args, train, heldout = setup(
+        tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
+                              processing_class=tokenizer)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved = load_file(f"{best}/adapter_model.safetensors")
+    state = {name.replace(".default", ""): value for name, value in lora_state(model).items()}
+    assert set(saved) == set(state)
+    for name, value in saved.items():
+        torch.testing.assert_close(state[name], value)
 
 
 def test_padding_dependent_norm_with_accumulation_warns(tmp_path):

@@ -162,16 +162,26 @@ class QAdapterModel(nn.Module):
         return cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
-        """Replaces the adapter's weights with those saved in ``path`` (used to resume training)."""
+        """Replaces the adapter's weights with those saved in ``path`` (a trainer checkpoint or a saved
+        adapter: resume, best-model loading), checked as :meth:`from_pretrained` checks them: an
+        interrupted save is finished first, the base fingerprint must be this model's, and the saved
+        tensors exactly this adapter's (PEFT would load a partial set with a warning)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        file = Path(path) / WEIGHTS_NAME
+        path = Path(path)
+        atomic.recover(path)
+        config = read_adapter_config(path)
+        if config["base_fingerprint"] != self.fingerprint:
+            raise AdapterLoadError(f"the adapter in {path} was trained on another base model (fingerprint "
+                                   f"{config['base_fingerprint']}; this model's base: {self.fingerprint})")
+        check_adapter_weights(self.peft_model, path)
+        file = path / WEIGHTS_NAME
         try:
             state = load_file(file)
-        except Exception as exc:
-            raise AdapterLoadError(f"cannot read adapter weights {file}: {exc}") from exc
-        result = set_peft_model_state_dict(self.peft_model, state, adapter_name=ADAPTER_NAME)
+            result = set_peft_model_state_dict(self.peft_model, state, adapter_name=ADAPTER_NAME)
+        except Exception as exc:  # unreadable file; a tensor of another shape (another LoRA rank)
+            raise AdapterLoadError(f"cannot load adapter weights {file}: {exc}") from exc
         if any("lora_" in key for key in result.missing_keys):
             raise AdapterLoadError(f"{file} lacks adapter weights: {[k for k in result.missing_keys if 'lora_' in k][:3]}")
 

@@ -14,18 +14,21 @@ import re
 import typing
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from qadapter_kernels import LossConfig
 from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
+from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator
+from .model import holds_adapter
 
 METRIC_NAMES = {
     "chosen_rewards": "rewards/chosen",
@@ -182,22 +185,46 @@ class QAdapterTrainer(Trainer):
             self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
         return (loss, out) if return_outputs else loss
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints hold the adapter only (a few MB), never a copy of the frozen base model."""
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).write_adapter(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves the adapter (never a copy of the frozen base: a few MB), its ``qadapter_config.json``
+        with the base fingerprint, the tokenizer and the training arguments into ``output_dir``.
 
+        Trainer's checkpoints come through here too, so every checkpoint loads with
+        :meth:`QAdapterModel.from_pretrained`. The files are staged and renamed into place
+        (``atomic.save_files``): only these files are replaced, and a crash leaves the old set or the
+        new one. A checkpoint folder is Trainer's own and is written over (a run killed while
+        checkpointing may have left part of one); a directory given by the caller follows
+        :meth:`QAdapterModel.save_pretrained`'s rule: a non-empty one that holds no adapter or
+        checkpoint of ours is refused.
+
+        This overrides Trainer's public ``save_model`` rather than its private ``_save``: Trainer
+        hands to ``save_pretrained`` only a ``PreTrainedModel`` or a ``PeftModel``, and writes any
+        other module (this wrapper, whose forward is the loss) as its whole state dict.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+
+            def write(staging: Path) -> None:
+                model.write_adapter(staging)
+                (staging / "README.md").unlink(missing_ok=True)  # PEFT's model card: not ours to replace
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(staging)
+                torch.save(self.args, staging / TRAINING_ARGS_NAME)
+
+            atomic.save_files(output_dir, write, is_ours=holds_adapter, overwrite=_internal_call)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    # Trainer.train calls these two to load a checkpoint's weights (resume; load_best_model_at_end).
+    # Their adapter path is taken only for a peft.PeftModel: for any other module they look for a
+    # full state dict (model.safetensors or a sharded index) and fail on an adapter-only checkpoint.
+    # No public hook runs in their place, so they stay overridden, and only to load the adapter.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        (model or self.model).load_adapter_weights(resume_from_checkpoint)
+        self.accelerator.unwrap_model(model or self.model).load_adapter_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        self.model.load_adapter_weights(self.state.best_model_checkpoint)
+        self.accelerator.unwrap_model(self.model).load_adapter_weights(self.state.best_model_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
