@@ -4,14 +4,14 @@ torch and nvcc are present. Installing without CUDA, nvcc or a GPU always succee
 
 ``QADAPTER_BUILD_CUDA=1`` requires the extension (the install fails if it cannot be built),
 ``QADAPTER_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures
-(default: every one the kernels support that the installed nvcc targets, ``qadapter_kernels/cuda_archs.py``);
+(default: every one the kernels support that the installed nvcc targets, ``qadapter_kernels/toolchain/cuda_archs.py``);
 the list is recorded beside the extension (``_C_archs.txt``), and a GPU it does not cover gets a
 just-in-time build for itself instead.
 Build against the installed torch: ``pip install --no-build-isolation``.
 
 The CUDA sources travel inside the package (``qadapter_kernels/csrc`` in the wheel), so an install
 without the compiled extension can still build it just in time on a GPU machine
-(``python -m qadapter_kernels.build_cuda``).
+(``python -m qadapter_kernels.toolchain.build_cuda``).
 """
 
 import os
@@ -23,7 +23,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-CUDA_ARCHS = runpy.run_path(str(ROOT / "qadapter_kernels" / "cuda_archs.py"))
+CUDA_ARCHS = runpy.run_path(str(ROOT / "qadapter_kernels" / "toolchain" / "cuda_archs.py"))
 SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp", ".c")
 
 

@@ -31,8 +31,8 @@ import torch
 
 from bench.common import RESULTS, Timer, copy_bandwidth, error_text, slug, tool_version, versions
 from bench.harness import row_step_bandwidth, row_step_inputs
-from qadapter_kernels import _cuda
-from qadapter_kernels.chunked import torch_row_step
+from qadapter_kernels import _cuda, cuda_backend
+from qadapter_kernels.steps import torch_row_step
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: where the GPU tests run
 TIMER = Timer("cuda", warmup=3, repeats=20)
@@ -75,7 +75,7 @@ def bench_row_step(bandwidth: float) -> list[dict]:
         z, q, targets = row_step_inputs(rows, VOCAB, dtype, "cuda")
         # Unavoidable traffic: read z and q, write p (in place, input dtype).
         ideal_bytes = rows * VOCAB * 3 * z.element_size()
-        steps = {"cuda": _cuda.cuda_row_step, "torch": torch_row_step}
+        steps = {"cuda": cuda_backend.cuda_row_step, "torch": torch_row_step}
         if triton_step is not None:
             steps["triton"] = triton_step
         row = {"dtype": str(dtype), "rows": rows, "vocab": VOCAB, "ideal_bytes": ideal_bytes}
@@ -113,8 +113,8 @@ def bench_decode() -> list[dict]:
 
     out = []
     for name, fn in {
-        "cuda logprobs only": lambda: _cuda.decode_combine(z, q, sample=False),
-        "cuda sample top_k=50 top_p=0.9": lambda: _cuda.decode_combine(z, q, temperature=0.8, top_k=50, top_p=0.9),
+        "cuda logprobs only": lambda: cuda_backend.decode_combine(z, q, sample=False),
+        "cuda sample top_k=50 top_p=0.9": lambda: cuda_backend.decode_combine(z, q, temperature=0.8, top_k=50, top_p=0.9),
         "torch sample top_k=50 top_p=0.9": torch_decode,
     }.items():
         out.append({"name": name, "ms": round(TIMER.median_ms(fn), 4)})
@@ -130,7 +130,7 @@ def bench_pairwise() -> dict:
     rewards = torch.randn(tokens.rows.shape[0], device="cuda")
     config = LossConfig()
     return {
-        "cuda_ms": round(TIMER.median_ms(lambda: _cuda.pairwise_loss(rewards, tokens, config)), 4),
+        "cuda_ms": round(TIMER.median_ms(lambda: cuda_backend.pairwise_loss(rewards, tokens, config)), 4),
         "torch_ms": round(TIMER.median_ms(lambda: pairwise_loss(rewards, tokens, config)), 4),
     }
 

@@ -48,9 +48,9 @@ else
   SCALE=gpu
 fi
 # The CUDA extension (just-in-time build and wheel) for this GPU's own compute capability, with PTX
-# (qadapter_kernels/cuda_archs.py; without a GPU, its default list): a fixed list would leave other
+# (qadapter_kernels/toolchain/cuda_archs.py; without a GPU, its default list): a fixed list would leave other
 # GPUs without a kernel image.
-TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -m qadapter_kernels.cuda_archs 2>/dev/null)}"
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -m qadapter_kernels.toolchain.cuda_archs 2>/dev/null)}"
 export TORCH_CUDA_ARCH_LIST
 export PY OUT DRY
 FAILED=0

@@ -5,7 +5,7 @@ From the repository root (nothing to install: ``-m`` puts the root on the path):
     python -m bench.gpu_check                 # on a CUDA machine, < 8 minutes on an H100
     TRITON_INTERPRET=1 python -m bench.gpu_check --dry-run --out /tmp/check.json   # CPU, tiny shapes
 
-What it measures (DESIGN section 4 is the yardstick):
+What it measures (the performance model of docs/design.md is the yardstick):
 
 - ``T_gemm3``: three ``N x V x d`` torch matmuls (``z = h_b W^T``, ``Q = h_q W^T``, ``P W``), the
   unavoidable work of the loss; every backend's forward+backward time is reported as a multiple.
@@ -58,7 +58,8 @@ from bench.harness import gemm3_step, row_step_bandwidth, row_step_inputs
 from bench.memory import peak_extra_memory
 from qadapter_kernels import backends as backend_statuses
 from qadapter_kernels import qadapter_loss
-from qadapter_kernels.chunked import auto_chunk_size, torch_row_step
+from qadapter_kernels.sizing import auto_chunk_size
+from qadapter_kernels.steps import torch_row_step
 
 
 @dataclass(frozen=True)

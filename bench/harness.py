@@ -96,10 +96,10 @@ def _chunked_eager_step(**x):
 
 
 def _chunked_whole_rows(**x):
-    from qadapter_kernels import chunked
+    from qadapter_kernels import chunked, sizing
 
     def whole_rows(n_tokens, vocab, dtype, device, chunk_size=None):
-        return chunk_size or chunked.auto_chunk_size(n_tokens, vocab, dtype, device), vocab
+        return chunk_size or sizing.auto_chunk_size(n_tokens, vocab, dtype, device), vocab
 
     # The tiling is looked up on every call: this one takes [chunk, V] chunks (128 MiB on a CPU).
     with mock.patch.object(chunked, "auto_tiles", whole_rows):

@@ -154,14 +154,14 @@ def cpu_row_steps(cases: list, copy_bytes_per_s: float) -> dict:
     AVX-512 run), and the eager one, as bytes/s and as a fraction of the copy bandwidth
     (``harness.row_step_bandwidth`` counts the bytes no row step avoids); and the compiled step's
     first-use build time."""
-    from qadapter_kernels import _cpu, chunked
+    from qadapter_kernels import _cpu, sizing, steps
 
     available, reason = _cpu.status()
     timer = Timer("cpu", warmup=2, repeats=20)
     rows = []
     heads = {(c.shape.name, c.shape.vocab, c.dtype): max(x.tokens for x in cases if x.shape == c.shape) for c in cases}
     for (shape, vocab, dtype), tokens in heads.items():
-        chunk = chunked.auto_chunk_size(tokens, vocab, dtype, torch.device("cpu"))
+        chunk = sizing.auto_chunk_size(tokens, vocab, dtype, torch.device("cpu"))
         for name in ("compiled", "compiled, no AVX-512", "eager"):
             row = {"shape": shape, "dtype": dtype_name(dtype), "step": name, "rows": chunk, "vocab": vocab}
             if name != "eager" and not available:
@@ -174,7 +174,7 @@ def cpu_row_steps(cases: list, copy_bytes_per_s: float) -> dict:
                     continue
             else:
                 z, q, targets = harness.row_step_inputs(chunk, vocab, dtype, "cpu")
-                step = _cpu.cpu_row_step if name == "compiled" else chunked.torch_row_step
+                step = _cpu.cpu_row_step if name == "compiled" else steps.torch_row_step
                 speed = harness.row_step_bandwidth(timer, step, z, q, targets)
             rows.append(row | {"status": "ok", "bytes_per_s": speed, "of_copy": speed / copy_bytes_per_s})
             print(f"[bench] row step {name} {shape} {dtype_name(dtype)} [{chunk}, {vocab}]: {speed / 1e9:.1f} GB/s",

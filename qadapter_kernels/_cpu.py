@@ -1,11 +1,10 @@
 """The compiled CPU row step: ``csrc/cpu_row_step.c`` built just in time with the system C compiler.
 
-:func:`cpu_row_step` has the ``chunked.RowStep`` contract and reads each ``[C, V]`` buffer once
+:func:`cpu_row_step` has the ``steps.RowStep`` contract and reads each ``[C, V]`` buffer once
 (the eager step makes several passes); ``chunked_token_stats`` uses it by default for CPU tensors
 when :func:`status` says it is available. The library is built on first use with ``$CC``, else
 ``cc`` or ``gcc`` from PATH (``-O3 -march=native -fopenmp``; without OpenMP if that fails) into
-``$QADAPTER_CACHE``, else ``$XDG_CACHE_HOME/qadapter_kernels``, else ``~/.cache/qadapter_kernels``,
-under a name keyed by the source, compiler, flags and CPU, so later processes just load it.
+the package's cache (``toolchain/cache.py``: ``$QADAPTER_CACHE/cpu`` by default), under a name keyed by the source, compiler, flags and CPU, so later processes just load it.
 
 ``QADAPTER_CPU_KERNELS=0`` switches it off (the eager step is used; :func:`status` says so).
 Without a compiler or with a failed build the eager step is used and :func:`status` says why.
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ._cuda import error_summary, sources_dir
-from .chunked import torch_block_step, torch_row_step
+from .steps import torch_block_step, torch_row_step
+from .toolchain.cache import cache_dir, error_summary, sources_dir
 
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
 SOURCE = "cpu_row_step.c"
@@ -36,13 +35,6 @@ BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fno-trapping-math", "-f
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",))
 DTYPES = (torch.float32, torch.bfloat16)  # what the compiled step takes; others take the eager one
 _P = ctypes.c_void_p
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("QADAPTER_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qadapter_kernels"
 
 
 def compiler() -> str | None:
@@ -59,7 +51,7 @@ def _cpu_id() -> str:
 
 def _build(cc: str, source: Path, flags: tuple[str, ...]) -> tuple[Path | None, str]:
     key = hashlib.sha256("\0".join([source.read_text(), cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_row_step-{key}.so"
+    target = cache_dir("cpu") / f"cpu_row_step-{key}.so"
     if target.is_file():
         return target, ""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +129,7 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
 
 @torch.compiler.disable  # under torch.compile: run as is, never traced (ctypes, a build, a cache)
 def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
-    """The ``chunked.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
+    """The ``steps.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
 
     CPU float32 / bfloat16 only; anything else (float64, float16, CUDA) takes the eager step.
     """
@@ -148,7 +140,7 @@ def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
 
 @torch.compiler.disable
 def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
-    """The ``chunked.BlockStep`` contract in one sweep (a vocabulary tile); p overwrites q when
+    """The ``steps.BlockStep`` contract in one sweep (a vocabulary tile); p overwrites q when
     p_dtype is q's dtype. Anything but CPU float32 / bfloat16 takes the eager step."""
     if not _compiled_fits(z, q, p_dtype):
         return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype)

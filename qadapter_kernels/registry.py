@@ -1,9 +1,9 @@
 """The backend registry: each backend's declared record, whether it runs here (and why not), and
 the ``auto`` choice.
 
-Every backend implements one contract, ``token_stats``: from the packed scored tokens it returns
-``(Q[t, a_t], V_t)`` with gradients to ``q_hidden``, ``q_weight`` and ``q_bias`` (the signature of
-``chunked.chunked_token_stats``). The rest of the loss (rewards, pairing, BT, chi2) is shared, in
+Every backend implements one contract, ``token_stats`` (:class:`TokenStatsFn`): from the packed
+scored tokens it returns ``(Q[t, a_t], V_t)`` with gradients to ``q_hidden``, ``q_weight`` and
+``q_bias``. The rest of the loss (rewards, pairing, BT, chi2) is shared, in
 ``pairwise.py``; a backend may declare a fused replacement (``pairwise``) and a combine for decoding
 (``combine``). Records are imported lazily, so a missing optional dependency only disables its
 backend, with the reason.
@@ -13,11 +13,29 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from .config import check_choice
+
+
+class TokenStatsFn(Protocol):
+    """The contract every backend's ``token_stats`` implements, written once.
+
+    ``base``, ``hq``: ``[N, d]`` the scored tokens' hidden states of the frozen model (no gradient)
+    and of the adapter; ``weight``, ``q_weight``: ``[V, d]`` the frozen head and the Q head (the
+    frozen one, detached, when the adapter sits below the head); ``q_bias``: ``[V]`` or None;
+    ``targets``: ``[N]`` int64 in ``[0, V)``; ``softcap``: both heads' logits become
+    ``s * tanh(logits / s)`` (Gemma-2), None: none; ``chunk_size``: tokens per chunk where the
+    backend chunks (None: from its memory budget). Returns ``(Q[t, a_t], V_t)``, two ``[N]`` tensors
+    in ``inputs.stats_dtype``, differentiable in ``hq``, ``q_weight`` and ``q_bias``, with
+    ``V_t = alpha~ lse((Q_t + alpha_0 log_softmax(z_t)) / alpha~)``.
+    """
+
+    def __call__(self, base: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor,
+                 q_bias: torch.Tensor | None, targets: torch.Tensor, *, alpha_tilde: float, alpha_0: float,
+                 chunk_size: int | None = None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -26,7 +44,7 @@ class Backend:
 
     name: str
     summary: str
-    token_stats: Callable
+    token_stats: TokenStatsFn
     availability: Callable[[], tuple[bool, str]]
     float64: bool = True  # False: its kernels compute in float32 at most and refuse float64
     pairwise: Callable | None = None  # replaces pairwise.pairwise_loss (same signature)
@@ -48,7 +66,7 @@ _RECORDS = {
     "chunked": (".chunked", "BACKEND"),
     "chunked-triton": (".triton", "CHUNKED_BACKEND"),
     "triton": (".triton", "FUSED_BACKEND"),
-    "cuda": ("._cuda", "BACKEND"),
+    "cuda": (".cuda_backend", "BACKEND"),
 }
 BACKEND_NAMES = ("auto", *_RECORDS)
 # What "auto" tries, fastest first, per device type: the order the GPU check measured

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .chunked import chunks, matmul_to, softcap_
+from .tiles import chunks, matmul_to, softcap_
 from .config import LossConfig, check_choice
 from .inputs import check_chunk_size, check_hidden_pair, check_targets, stats_dtype
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import loss_and_grads, make_inputs
-from qadapter_kernels import chunked
-from qadapter_kernels.chunked import ChunkLogits, chunks, auto_chunk_size
+from qadapter_kernels import chunked, sizing, steps, tiles
+from qadapter_kernels.sizing import auto_chunk_size
+from qadapter_kernels.tiles import ChunkLogits, chunks
 
 
 def test_auto_chunk_size_respects_budget():
@@ -42,7 +43,7 @@ def test_fused_row_steps_take_the_unwidened_chunk_unless_capped(monkeypatch, sof
     x = torch.randn(5, 4)
     w = torch.randn(7, 4)
     chunked.chunked_token_stats(x, x, w, w, None, torch.zeros(5, dtype=torch.long), alpha_tilde=1.0, alpha_0=0.1,
-                                row_step=chunked.torch_row_step, softcap=softcap)
+                                row_step=steps.torch_row_step, softcap=softcap)
     assert seen == {"widened": softcap is not None}
 
 
@@ -52,17 +53,17 @@ def test_matmul_to_takes_the_float32_result_gemm_only_where_torch_has_it(monkeyp
     from types import SimpleNamespace
 
     version = tuple(int(part) for part in torch.__version__.split(".")[:2])
-    assert chunked.MM_OUT_DTYPE == (version >= (2, 8))
+    assert tiles.MM_OUT_DTYPE == (version >= (2, 8))
     cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
-    monkeypatch.setattr(chunked, "MM_OUT_DTYPE", True)
-    assert chunked._float32_result_mm(cuda_bf16, torch.float32)
-    assert not chunked._float32_result_mm(cuda_bf16, torch.bfloat16)
-    assert not chunked._float32_result_mm(SimpleNamespace(is_cuda=False, dtype=torch.bfloat16), torch.float32)
-    assert not chunked._float32_result_mm(SimpleNamespace(is_cuda=True, dtype=torch.float32), torch.float32)
-    monkeypatch.setattr(chunked, "MM_OUT_DTYPE", False)
-    assert not chunked._float32_result_mm(cuda_bf16, torch.float32)
+    monkeypatch.setattr(tiles, "MM_OUT_DTYPE", True)
+    assert tiles._float32_result_mm(cuda_bf16, torch.float32)
+    assert not tiles._float32_result_mm(cuda_bf16, torch.bfloat16)
+    assert not tiles._float32_result_mm(SimpleNamespace(is_cuda=False, dtype=torch.bfloat16), torch.float32)
+    assert not tiles._float32_result_mm(SimpleNamespace(is_cuda=True, dtype=torch.float32), torch.float32)
+    monkeypatch.setattr(tiles, "MM_OUT_DTYPE", False)
+    assert not tiles._float32_result_mm(cuda_bf16, torch.float32)
     a, b = torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(5, 2, dtype=torch.bfloat16)
-    got = chunked.matmul_to(torch.float32, a, b)
+    got = tiles.matmul_to(torch.float32, a, b)
     assert got.dtype == torch.float32 and torch.equal(got, (a @ b).float())
 
 
@@ -99,7 +100,7 @@ def vocab_tiles(monkeypatch):
     """Sets the CPU tile width the chunked backend takes (``auto_tiles``), far below the vocabulary."""
 
     def use(columns: int) -> None:
-        monkeypatch.setattr(chunked, "cpu_tile_columns", lambda *args, **options: columns)
+        monkeypatch.setattr(sizing, "cpu_tile_columns", lambda *args, **options: columns)
 
     return use
 
@@ -145,16 +146,16 @@ def test_vocabulary_tiles_keep_masked_entries_at_zero(vocab_tiles):
 
 
 def test_cpu_tiles_fill_the_cache():
-    rows, columns = chunked.auto_tiles(4096, 49152, torch.float32, torch.device("cpu"))
-    assert rows == chunked.CPU_TILE_ROWS
-    assert chunked.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20) == 4096
-    assert chunked.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20) == 8192
-    assert chunked.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20, widened=True) == 2730  # fp32 copies
-    assert chunked.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20, widened=True) == 4096  # none made
-    assert chunked.cpu_tile_columns(1024, 1000, torch.float32, 2**40) == 1000  # never wider than V
-    assert chunked.cpu_tile_columns(4096, 49152, torch.float32, 2**20) == 256  # nor too thin to vectorise
-    assert chunked.auto_tiles(100, 49152, torch.float32, torch.device("cpu"))[0] == 100
-    assert chunked.auto_tiles(100, 49152, torch.float32, torch.device("cuda")) == (100, 49152)
+    rows, columns = sizing.auto_tiles(4096, 49152, torch.float32, torch.device("cpu"))
+    assert rows == sizing.CPU_TILE_ROWS
+    assert sizing.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20) == 4096
+    assert sizing.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20) == 8192
+    assert sizing.cpu_tile_columns(1024, 49152, torch.bfloat16, 32 * 2**20, widened=True) == 2730  # fp32 copies
+    assert sizing.cpu_tile_columns(1024, 49152, torch.float32, 32 * 2**20, widened=True) == 4096  # none made
+    assert sizing.cpu_tile_columns(1024, 1000, torch.float32, 2**40) == 1000  # never wider than V
+    assert sizing.cpu_tile_columns(4096, 49152, torch.float32, 2**20) == 256  # nor too thin to vectorise
+    assert sizing.auto_tiles(100, 49152, torch.float32, torch.device("cpu"))[0] == 100
+    assert sizing.auto_tiles(100, 49152, torch.float32, torch.device("cuda")) == (100, 49152)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

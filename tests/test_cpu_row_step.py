@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import make_inputs
-from qadapter_kernels import _cpu, chunked
-from qadapter_kernels.chunked import chunked_token_stats, torch_block_step, torch_row_step
+from qadapter_kernels import _cpu, sizing
+from qadapter_kernels.chunked import chunked_token_stats
+from qadapter_kernels.steps import torch_block_step, torch_row_step
 
 needs_cc = pytest.mark.skipif(not _cpu.status()[0], reason=f"compiled CPU row step: {_cpu.status()[1]}")
 TOL = {torch.float64: dict(rtol=0, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -116,10 +117,10 @@ def test_block_step_matches_eager(dtype):
 
 @needs_cc
 def test_chunked_uses_it_by_default_on_cpu():
-    assert chunked.default_block_step(torch.device("cpu")) is _cpu.cpu_block_step
-    assert chunked.default_block_step(torch.device("cuda")) is torch_block_step
-    assert chunked.default_row_step(torch.device("cpu")) is _cpu.cpu_row_step
-    assert chunked.default_row_step(torch.device("cuda")) is torch_row_step
+    assert sizing.default_block_step(torch.device("cpu")) is _cpu.cpu_block_step
+    assert sizing.default_block_step(torch.device("cuda")) is torch_block_step
+    assert sizing.default_row_step(torch.device("cpu")) is _cpu.cpu_row_step
+    assert sizing.default_row_step(torch.device("cuda")) is torch_row_step
 
 
 def _stats(x, row_step):
@@ -134,7 +135,7 @@ def _stats(x, row_step):
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv(_cpu.ENV_SWITCH, "0")
     assert _cpu.status() == (False, "switched off (QADAPTER_CPU_KERNELS=0)")
-    assert chunked.default_block_step(torch.device("cpu")) is torch_block_step
+    assert sizing.default_block_step(torch.device("cpu")) is torch_block_step
     x = make_inputs(seed=4, vocab=97)
     torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=1e-6, atol=1e-6)
 
@@ -164,13 +165,13 @@ def test_build_is_cached(monkeypatch, tmp_path):
     _cpu._load.cache_clear()
     try:
         assert _cpu.status() == (True, "")
-        built = sorted(tmp_path.glob("*.so"))
-        assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # built aside, then renamed
+        built = sorted((tmp_path / "cpu").glob("*.so"))  # the cache's folder for C builds
+        assert len(built) == 1 and not list((tmp_path / "cpu").glob("tmp*"))  # built aside, then renamed
         mtime = os.stat(built[0]).st_mtime_ns
         _cpu._load.cache_clear()
         monkeypatch.setattr(_cpu.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a cached library"))
         assert _cpu.status() == (True, "")
-        assert sorted(tmp_path.glob("*.so")) == built and os.stat(built[0]).st_mtime_ns == mtime
+        assert sorted((tmp_path / "cpu").glob("*.so")) == built and os.stat(built[0]).st_mtime_ns == mtime
     finally:
         _cpu._load.cache_clear()
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qadapter_kernels import _cuda, combine_logits, cuda_archs
+from qadapter_kernels import _cuda, combine_logits, cuda_backend
+from qadapter_kernels.toolchain import cuda_archs
 from qadapter_kernels.config import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
-from qadapter_kernels.chunked import torch_row_step
+from qadapter_kernels.steps import torch_row_step
 
 from conftest import loss_and_grads, make_inputs
 
@@ -26,7 +27,7 @@ CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
 
 def _gencode(nvcc: str | None) -> list[str]:
-    """nvcc flags for every default architecture (qadapter_kernels.cuda_archs), PTX for the newest."""
+    """nvcc flags for every default architecture (qadapter_kernels.toolchain.cuda_archs), PTX for the newest."""
     archs = [a.replace(".", "") for a in cuda_archs.default_archs(cuda_archs.nvcc_version(nvcc) if nvcc else None)]
     flags = [f for a in archs for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
     return flags + ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
@@ -192,7 +193,7 @@ def test_float64_row_step_keeps_float64_statistics():
     g = torch.Generator().manual_seed(0)
     z, q = torch.randn(3, 11, generator=g, dtype=torch.float64), torch.randn(3, 11, generator=g, dtype=torch.float64)
     targets = torch.tensor([0, 5, 10])
-    got = _cuda.cuda_row_step(z.clone(), q.clone(), targets, 0.8, 0.1, torch.float64)
+    got = cuda_backend.cuda_row_step(z.clone(), q.clone(), targets, 0.8, 0.1, torch.float64)
     want = torch_row_step(z.clone(), q.clone(), targets, 0.8, 0.1, torch.float64)
     for a, b in zip(got, want):
         assert a.dtype == torch.float64
@@ -334,7 +335,7 @@ def test_cuda_token_stats_non_finite_logits_match_the_reference(ext, value, site
     targets = torch.randint(0, vocab, (n,), generator=g)
     args = [t.cuda() for t in (base, hq, weight, weight)] + [None, targets.cuda()]
     want = reference_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2)
-    got = _cuda.cuda_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2, chunk_size=4)
+    got = cuda_backend.cuda_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2, chunk_size=4)
     for name, a, b in zip(("q_taken", "value"), got, want):
         _same_non_finite(a, b, name)
 
@@ -391,7 +392,7 @@ def test_pairwise_matches_contract(ext, reward_norm, batch, width, scale):
     (want_grad,) = torch.autograd.grad(want.loss, r_ref)
 
     r_cuda = rewards.clone().requires_grad_()
-    got = _cuda.pairwise_loss(r_cuda, tokens, config)
+    got = cuda_backend.pairwise_loss(r_cuda, tokens, config)
     (got_grad,) = torch.autograd.grad(got.loss, r_cuda)
     for field in got._fields:
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=1e-6, msg=field)
@@ -429,7 +430,7 @@ def test_decode_logprobs_match_combine(ext, dtype, vocab, layout):
     assert not logprobs.isnan().any()
     torch.testing.assert_close(logprobs, want, rtol=1e-5, atol=2e-5)
     assert ((sampled >= 0) & (sampled < vocab)).all()
-    lp, ids = _cuda.decode_combine(z, q, alpha_tilde=0.8, alpha_0=0.2, top_k=1, seed=3)
+    lp, ids = cuda_backend.decode_combine(z, q, alpha_tilde=0.8, alpha_0=0.2, top_k=1, seed=3)
     assert lp.gather(1, ids[:, None]).squeeze(1).equal(lp.amax(dim=1)), "top_k=1 is greedy (any of tied maxima)"
 
 
@@ -457,8 +458,8 @@ def test_decode_sampling_distribution(ext, temperature, top_k, top_p):
     z, q = _logits(1, vocab, torch.float32, seed=11)
     z, q = z.expand(rows, vocab).contiguous(), q.expand(rows, vocab).contiguous()
     kwargs = dict(alpha_tilde=1.0, alpha_0=0.5, temperature=temperature, top_k=top_k, top_p=top_p, seed=1234)
-    logprobs, ids = _cuda.decode_combine(z, q, **kwargs)
-    _, again = _cuda.decode_combine(z, q, **kwargs)
+    logprobs, ids = cuda_backend.decode_combine(z, q, **kwargs)
+    _, again = cuda_backend.decode_combine(z, q, **kwargs)
     assert ids.equal(again)
     want = _hf_filtered_probs(logprobs[0].double(), temperature, top_k, top_p)
     freq = torch.bincount(ids, minlength=vocab).double() / rows
@@ -473,7 +474,7 @@ def test_decode_filters_on_large_vocab(ext, dtype):
     vocab, rows = 50257, 4
     z, q = _logits(rows, vocab, dtype, seed=5)
     for seed in range(20):
-        lp, ids = _cuda.decode_combine(z, q, temperature=0.8, top_k=40, top_p=0.9, seed=seed)
+        lp, ids = cuda_backend.decode_combine(z, q, temperature=0.8, top_k=40, top_p=0.9, seed=seed)
         for r in range(rows):
             kept = _hf_filtered_probs(lp[r].double(), 0.8, 40, 0.9) > 0
             assert lp[r, ids[r]] >= lp[r][kept].min(), "sampled outside the top-k / top-p set (ties kept)"
@@ -489,9 +490,9 @@ def test_pairwise_kernel_in_the_loss_path(ext):
     mask = tokens.mask
     base, hq = inputs["base_hidden"][:, :-1][mask], inputs["q_hidden"][:, :-1][mask]
     w = inputs["weight"]
-    qa, v = _cuda.cuda_token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask], alpha_tilde=1.0, alpha_0=0.01)
+    qa, v = cuda_backend.cuda_token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask], alpha_tilde=1.0, alpha_0=0.01)
     rewards = token_rewards(qa, v, tokens, config)
-    got, want = _cuda.pairwise_loss(rewards, tokens, config), pairwise_loss(rewards, tokens, config)
+    got, want = cuda_backend.pairwise_loss(rewards, tokens, config), pairwise_loss(rewards, tokens, config)
     torch.testing.assert_close(got.loss, want.loss, rtol=2e-5, atol=1e-6)
     g_got, g_want = (torch.autograd.grad(o.loss, inputs["q_hidden"], retain_graph=True)[0] for o in (got, want))
     torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-6)
@@ -503,7 +504,7 @@ def test_pairwise_kernel_falls_back_off_gpu():
     mask[0, 0] = True
     tokens = ScoredTokens.from_mask(mask)
     rewards = torch.randn(int(mask.sum()), dtype=torch.float64)
-    got, want = _cuda.pairwise_loss(rewards, tokens, LossConfig()), pairwise_loss(rewards, tokens, LossConfig())
+    got, want = cuda_backend.pairwise_loss(rewards, tokens, LossConfig()), pairwise_loss(rewards, tokens, LossConfig())
     for field in want._fields:
         assert torch.equal(getattr(got, field), getattr(want, field))
 
@@ -517,14 +518,14 @@ def test_decode_combine_checks_arguments():
         ({"seed": -1}, "seed must be an int"),
     ]:
         with pytest.raises(ValueError, match=message):
-            _cuda.decode_combine(z, z, **kwargs)
+            cuda_backend.decode_combine(z, z, **kwargs)
     with pytest.raises(TypeError, match="float64: use combine_logits"):
-        _cuda.decode_combine(z.double(), z.double())
+        cuda_backend.decode_combine(z.double(), z.double())
     with pytest.raises(ValueError, match="q_values must have base_logits' shape"):
-        _cuda.decode_combine(z, z[:1])
+        cuda_backend.decode_combine(z, z[:1])
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="not available"):
-            _cuda.decode_combine(z, z)
+            cuda_backend.decode_combine(z, z)
 
 
 def test_custom_ops_trace_without_a_gpu():
@@ -608,7 +609,7 @@ def test_device_arch_list_is_the_device_with_ptx():
 
 
 def test_cuda_archs_prints_a_list_without_a_gpu():
-    run = subprocess.run([sys.executable, "-m", "qadapter_kernels.cuda_archs"], cwd=ROOT, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "qadapter_kernels.toolchain.cuda_archs"], cwd=ROOT, capture_output=True,
                          text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert cuda_archs.parse_arch_list(run.stdout.strip()), run.stdout
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qadapter_kernels import cuda_archs
+from qadapter_kernels.toolchain import cuda_archs
 
 ROOT = Path(__file__).resolve().parents[1]
 

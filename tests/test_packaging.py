@@ -24,12 +24,13 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="builds and virt
 
 CHECK = """
 import pathlib, torch, qadapter_kernels as qk
-from qadapter_kernels import _cuda, backends, qadapter_loss
+from qadapter_kernels import backends, qadapter_loss
+from qadapter_kernels.toolchain.cache import sources_dir
 root = pathlib.Path(qk.__file__).parent
 assert "site-packages" in str(root), root
 shipped = sorted(p.name for p in (root / "csrc").iterdir())
 assert shipped == {csrc!r}, shipped
-assert _cuda.sources_dir() == root / "csrc"
+assert sources_dir() == root / "csrc"
 g = torch.Generator().manual_seed(0)
 h = torch.randn(2, 6, 16, generator=g)
 labels = torch.randint(0, 50, (2, 6), generator=g); labels[:, :2] = -100

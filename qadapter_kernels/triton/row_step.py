@@ -1,4 +1,4 @@
-"""Triton row step: the ``RowStep`` contract of ``chunked.py`` as one kernel launch per chunk.
+"""Triton row step: the ``RowStep`` contract of ``steps.py`` as one kernel launch per chunk.
 
 From the two ``[C, V]`` GEMM outputs of a chunk (base logits ``z``, Q-values ``q``) it produces
 
@@ -102,7 +102,7 @@ def triton_row_step(
     alpha_0: float,
     p_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q_taken [C] fp32, value [C] fp32, p [C, V] p_dtype)``; see ``chunked.RowStep``.
+    """``(q_taken [C] fp32, value [C] fp32, p [C, V] p_dtype)``; see ``steps.RowStep``.
 
     ``p`` reuses ``q``'s memory when ``q`` is row-major in ``p_dtype``; ``q`` is then overwritten.
     """

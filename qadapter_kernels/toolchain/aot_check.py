@@ -13,7 +13,7 @@ tile loads (cp.async / TMA), so the reported shared memory is the one a real lau
 
 Usage (TRITON_INTERPRET must be unset, so the kernels are built as compilable JIT functions)::
 
-    python -m qadapter_kernels.triton.aot_check [--arch 80 86 89 90 100 120] [--mode full|quick|smoke]
+    python -m qadapter_kernels.toolchain.aot_check [--arch 80 86 89 90 100 120] [--mode full|quick|smoke]
 
 ``full``: every dtype, head variant (separate biased soft-capped, shared, shared soft-capped) and
 configuration; ``quick``: bfloat16 with a separate, biased, soft-capped Q head (the largest tiles);
@@ -62,8 +62,8 @@ def _variants(mode: str):
     """(kernel name, jit function, dtype, constexprs, num_warps, num_stages) to compile."""
     import torch
 
-    from . import decode, fused_backward, fused_forward, row_step
-    from ._common import dot_precision
+    from ..triton import decode, fused_backward, fused_forward, row_step
+    from ..triton._common import dot_precision
 
     dtypes = ("bfloat16", "float16", "float32") if mode == "full" else ("bfloat16",)
     for dtype in dtypes:
@@ -111,7 +111,7 @@ def check(archs=DEFAULT_ARCHS, mode: str = "full") -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ._common import INTERPRET
+    from ..triton._common import INTERPRET
 
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter builds no compilable kernels")

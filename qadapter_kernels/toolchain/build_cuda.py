@@ -1,8 +1,8 @@
-"""Builds the CUDA extension after a plain install: ``python -m qadapter_kernels.build_cuda``.
+"""Builds the CUDA extension after a plain install: ``python -m qadapter_kernels.toolchain.build_cuda``.
 
 For installs made with build isolation (``pip install qadapter-kernels`` or from a git URL), where
 torch was not there to build against: compiles the shipped sources with this machine's torch,
-nvcc and ninja into torch's extensions cache, shows the compiler's output, and says whether the
+nvcc and ninja into the package's cache, shows the compiler's output, and says whether the
 ``cuda`` backend is now available. Later imports find the cached build.
 """
 
@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from ._cuda import jit_build, sources_dir
+from .._cuda import jit_build
+from .cache import sources_dir
 
 
 def main() -> int:

@@ -1,0 +1,81 @@
+"""The step contracts of the chunked pipeline, and their eager PyTorch implementations.
+
+A *row step* turns one chunk's base logits ``z`` and Q-values ``q`` (whole vocabulary rows) into
+what the loss needs per token and the combined policy ``p``; a *block step* does the same for one
+vocabulary tile and reports the tile's log-sum-exps for the caller to merge. The eager steps here
+run everywhere; the compiled CPU step (``_cpu.py``), the Triton step (``triton/row_step.py``) and
+the CUDA step (``csrc/row_step.cu``) are single-pass versions of the same contracts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .inputs import stats_dtype
+
+# row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype) -> (q_taken, value, p)
+#   z, q:     [C, V] base logits and Q-values as produced by the GEMMs; the step may overwrite them.
+#   targets:  [C] int64 token ids (the scored tokens' labels).
+#   q_taken:  [C] Q[t, a_t];  value: [C] alpha~ * lse((Q + alpha_0 * log_softmax(z)) / alpha~);
+#             both in float32 (float64 for float64 inputs).
+#   p:        [C, V] softmax((Q + alpha_0 * z) / alpha~) in p_dtype (may alias z or q).
+RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
+
+
+# block_step(z, q, alpha_tilde, alpha_0, p_dtype) -> (lse_c, lse_z, p): the same for one vocabulary tile
+#   z, q:         [C, Vt] the tile's base logits and Q-values (contiguous); the step may overwrite them.
+#   lse_c, lse_z: [C] the tile's log-sum-exps of c = (q + alpha_0 z) / alpha~ and of z, float32
+#                 (float64 for float64 inputs): the caller merges the tiles' shares.
+#   p:            [C, Vt] exp(c - lse_c), the tile's own softmax, in p_dtype (may alias z or q).
+BlockStep = Callable[[torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
+
+
+def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row log-sum-exp that overwrites ``x`` with ``exp(x - max)`` (no temporary ``[C, V]`` buffer).
+
+    A row that is all -inf (a masked vocabulary tile) shifts by 0: its lse is -inf, and its sum is
+    returned as the smallest normal number rather than 0, so that ``x / sums`` is 0, not NaN.
+    """
+    row_max = x.amax(dim=1, keepdim=True)
+    row_max = torch.where(row_max == -float("inf"), 0.0, row_max)
+    exps = x.sub_(row_max).exp_()
+    sums = exps.sum(dim=1, keepdim=True)
+    return (row_max + sums.log()).squeeze(1), sums.clamp_min_(torch.finfo(sums.dtype).tiny)
+
+
+def torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+    """Eager block step: reuses the GEMM buffers in place, no ``[C, V]`` temporaries beyond them."""
+    sd = stats_dtype(q.dtype)
+    z = z.to(sd)
+    combined = q.to(sd).add_(z, alpha=alpha_0)  # alpha_0 * lse(z) cancels inside the softmax
+    if alpha_tilde != 1.0:
+        combined.div_(alpha_tilde)
+    lse_c, sums = _logsumexp_(combined)
+    p = combined.div_(sums)
+    lse_z, _ = _logsumexp_(z)
+    return lse_c, lse_z, p.to(p_dtype)
+
+
+def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+    """Eager row step: the target's Q, then the block step over whole rows."""
+    q_taken = q.gather(1, targets.unsqueeze(1)).squeeze(1).to(stats_dtype(q.dtype))
+    lse_c, lse_z, p = torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype)
+    return q_taken, alpha_tilde * lse_c - alpha_0 * lse_z, p
+
+
+def whole_row_block_step(row_step: RowStep) -> BlockStep:
+    """A row step as the block step of one tile spanning the vocabulary (the fused GPU row steps).
+
+    Its ``value / alpha~`` stands in for ``lse_c``, with ``lse_z = 0``: a single tile's shares pass
+    through the merge unchanged, so ``alpha~ lse_c - alpha_0 lse_z`` gives the value back and ``p``
+    keeps its weight ``exp(lse_c - lse_c) = 1``.
+    """
+
+    def block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+        targets = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)  # q_taken is read by the caller
+        _, value, p = row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
+        return value / alpha_tilde, torch.zeros_like(value), p
+
+    return block_step

@@ -1,0 +1,246 @@
+"""The tile engine of the chunked backends: per tile of tokens x vocabulary, the GEMMs (soft cap
+included), the block step, and ``E_p[Wq] = p @ Wq`` merged online across a row's tiles; the
+autograd Function whose ``q_hidden`` backward is elementwise (docs/design.md, "The gradient in
+closed form"), with a second tiled pass only for a trainable Q head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inputs import stats_dtype
+
+def chunks(n: int, chunk: int):
+    """``(start, end)`` of at most ``chunk`` rows each, sizes within one row of each other: no short
+    last chunk, whose GEMMs would run far below the others' speed."""
+    count = -(-n // chunk)
+    size, extra = divmod(n, max(count, 1))
+    start = 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        yield start, end
+        start = end
+
+
+class ChunkLogits:
+    """The base logits ``z`` and Q-values ``q`` of one tile (a chunk of tokens, a range of the
+    vocabulary: the whole of it by default), written into one buffer reused by every tile.
+
+    A fresh GEMM output per tile would cost its allocation (page faults on a CPU) every time; the
+    row step may overwrite the buffer, as the ``RowStep`` contract allows. A shared head
+    (``q_weight`` is ``weight``, no bias: adapters below the lm_head) takes one GEMM over the
+    stacked ``[base; hq]`` rows, which runs closer to peak than two half-height ones.
+
+    With ``softcap`` s both are capped in place, ``s * tanh(logits / s)`` (in float32 at least), and
+    with ``derivative`` the tile's ``dQ_capped / dQ = 1 - tanh^2`` is :attr:`slope` after each
+    call: the gradients' factor, read after the row step has overwritten ``q``.
+    """
+
+    def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int, softcap: float | None = None,
+                 derivative: bool = False, columns: int | None = None):
+        self.base, self.hq, self.weight, self.q_weight, self.q_bias = base, hq, weight, q_weight, q_bias
+        rows = max(1, min(chunk, hq.shape[0]))
+        columns = weight.shape[0] if columns is None else min(columns, weight.shape[0])
+        self.shared = q_bias is None and _same_tensor(weight, q_weight)
+        self.out = torch.empty(2 * rows * columns, dtype=hq.dtype, device=hq.device)
+        self.stacked = torch.empty(2 * rows, hq.shape[1], dtype=hq.dtype, device=hq.device) if self.shared else None
+        self._stacked_rows = None  # the (start, end) whose [base; hq] rows ``stacked`` holds
+        self.softcap = softcap
+        self.derivative = (torch.empty(rows * columns, dtype=stats_dtype(hq.dtype), device=hq.device)
+                           if softcap is not None and derivative else None)
+        self.slope = None
+
+    def __call__(self, s: int, e: int, v0: int = 0, v1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, v1 = e - s, self.weight.shape[0] if v1 is None else v1
+        out = self.out[: 2 * n * (v1 - v0)].view(2 * n, v1 - v0)
+        z, q = out[:n], out[n:]
+        if self.shared:
+            if self._stacked_rows != (s, e):
+                torch.cat((self.base[s:e], self.hq[s:e]), out=self.stacked[: 2 * n])
+                self._stacked_rows = (s, e)
+            torch.mm(self.stacked[: 2 * n], self.weight[v0:v1].T, out=out)
+        else:
+            torch.mm(self.base[s:e], self.weight[v0:v1].T, out=z)
+            torch.mm(self.hq[s:e], self.q_weight[v0:v1].T, out=q)
+            if self.q_bias is not None:
+                q.add_(self.q_bias[v0:v1])
+        if self.softcap is not None:
+            self.slope = None if self.derivative is None else self.derivative[: n * (v1 - v0)].view(n, v1 - v0)
+            softcap_(z, self.softcap)
+            softcap_(q, self.softcap, self.slope)
+        return z, q
+
+
+def softcap_(logits: torch.Tensor, softcap: float, slope: torch.Tensor | None = None) -> torch.Tensor:
+    """Caps ``logits`` in place, ``softcap * tanh(logits / softcap)`` (computed in float32 at least),
+    the model's final logit soft-capping (Gemma-2); with ``slope``, writes ``d capped / d raw =
+    1 - tanh^2`` into it. Every pass that forms logits above the fused kernels caps through here."""
+    wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    tanh = wide.div_(softcap).tanh_()
+    if slope is not None:
+        torch.mul(tanh, tanh, out=slope).neg_().add_(1)
+    if wide is logits:
+        return logits.mul_(softcap)
+    return logits.copy_(tanh.mul_(softcap))
+
+
+def _targets_in_tile(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's column in the tile ``[v0, v0 + width)``, clamped into it, and whether it lies
+    there: masks instead of a boolean index, so that no host sync stalls GPU tiles."""
+    local = targets - v0
+    return local.clamp(0, width - 1), (local >= 0) & (local < width)
+
+
+def _take_targets_(q_taken: torch.Tensor, q: torch.Tensor, targets: torch.Tensor, v0: int) -> None:
+    """``q_taken[i] = q[i, targets[i] - v0]`` for the rows whose target lies in this tile (before the
+    block step overwrites ``q``)."""
+    column, inside = _targets_in_tile(targets, v0, q.shape[1])
+    taken = q.gather(1, column.unsqueeze(1)).squeeze(1)
+    q_taken.copy_(torch.where(inside, taken.to(q_taken.dtype), q_taken))
+
+
+def _merge_(lse: torch.Tensor, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lse <- log(exp(lse) + exp(part))`` in place; returns the weights ``exp(old - new)`` and
+    ``exp(part - new)`` that carry sums taken relative to each over to the new one (0, not NaN,
+    where both are -inf: rows whose logits are all masked so far)."""
+    new = torch.logaddexp(lse, part)
+    empty = new == -float("inf")
+    keep = torch.where(empty, 0.0, (lse - new).exp_())
+    add = torch.where(empty, 0.0, (part - new).exp_())
+    lse.copy_(new)
+    return keep, add
+
+
+def softcap_slope(capped: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``d capped / d raw = 1 - tanh^2 = 1 - (capped / softcap)^2`` of soft-capped logits."""
+    return 1 - (capped / softcap).square()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` view the same memory the same way (``detach()`` makes a new object)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+# torch.mm(..., out_dtype=) (a half-precision GEMM with a float32 result) came with torch 2.8.
+MM_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _float32_result_mm(a: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether ``matmul_to`` takes ``torch.mm(..., out_dtype=float32)`` for ``a``."""
+    return MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and out_dtype == torch.float32
+
+
+def matmul_to(out_dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for operands of one dtype, its result in ``out_dtype`` (float32 statistics).
+
+    On CUDA with torch >= 2.8, float16/bfloat16 products go straight from the tensor cores' float32
+    accumulator to a float32 result (``out_dtype``), with no rounding to half precision on the way;
+    elsewhere (a CPU, an older torch) the product is rounded once to the operands' dtype.
+    """
+    if _float32_result_mm(a, out_dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(out_dtype)
+
+
+def _head_weight_grad(d_logits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``d_logits^T @ h`` in ``d_logits``' float32, with the GEMM in ``h``'s dtype (tensor cores).
+
+    ``d_logits = g_v * p (+ g_a at the targets)`` is mostly far below float16's smallest
+    subnormal (6e-8 at real vocabulary sizes): for float16 it is divided by its largest magnitude
+    before the cast and the product multiplied back in float32, so nothing is flushed to zero.
+    """
+    if h.dtype != torch.float16:
+        return matmul_to(d_logits.dtype, d_logits.to(h.dtype).T, h)
+    scale = d_logits.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return matmul_to(d_logits.dtype, (d_logits / scale).to(h.dtype).T, h).mul_(scale)
+
+
+class ChunkedTokenStats(torch.autograd.Function):
+    """``(q_taken, value)`` for packed scored tokens, with the elementwise ``q_hidden`` backward.
+
+    ``tiles = (rows, columns)``: tokens and vocabulary entries per tile. Per tile, the GEMMs, the
+    block step, and (for the ``q_hidden`` gradient) ``p @ Wq``; the tiles of a row chunk merge their
+    log-sum-exps online, rescaling the running ``E_p[Wq]`` as the maximum grows.
+    """
+
+    @staticmethod
+    def forward(ctx, base, hq, weight, q_weight, q_bias, targets, tiles, block_step, cfg):
+        alpha_tilde, alpha_0, softcap = cfg
+        (n, d), vocab, (rows, columns) = hq.shape, weight.shape[0], tiles
+        sd = stats_dtype(hq.dtype)
+        q_taken = torch.full((n,), float("nan"), dtype=sd, device=hq.device)
+        lse_c, lse_z = (torch.full((n,), -float("inf"), dtype=sd, device=hq.device) for _ in range(2))
+        want_hq_grad = ctx.needs_input_grad[1]
+        expected_w = torch.zeros(n, d, dtype=sd, device=hq.device) if want_hq_grad else None
+        with torch.no_grad():
+            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, want_hq_grad, columns)
+            for s, e in chunks(n, rows):
+                for v0, v1 in chunks(vocab, columns):
+                    z, q = logits(s, e, v0, v1)
+                    _take_targets_(q_taken[s:e], q, targets[s:e], v0)
+                    part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype)
+                    del z, q
+                    torch.logaddexp(lse_z[s:e], part_z, out=lse_z[s:e])
+                    keep, add = _merge_(lse_c[s:e], part_c)
+                    if want_hq_grad:
+                        if logits.slope is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
+                            p.mul_(logits.slope)
+                        weighted = matmul_to(sd, p, q_weight[v0:v1]).mul_(add.unsqueeze(1))
+                        expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
+        # base and weight are only needed again to recompute p for a trainable Q head.
+        head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w,
+                              q_taken if softcap is not None else None, lse_c if head else None)
+        ctx.tiles, ctx.block_step, ctx.cfg = tiles, block_step, cfg
+        return q_taken, alpha_tilde * lse_c - alpha_0 * lse_z
+
+    @staticmethod
+    def backward(ctx, grad_q_taken, grad_value):
+        base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken, lse_c = ctx.saved_tensors
+        sd = grad_q_taken.dtype
+        softcap = ctx.cfg[2]
+        if softcap is not None:  # Q[a] = s * tanh(raw / s): d/d raw = 1 - (Q[a] / s)^2
+            grad_q_taken = grad_q_taken * softcap_slope(capped_q_taken, softcap)
+        grad_hq = grad_qw = grad_qb = None
+        if ctx.needs_input_grad[1]:
+            # dL/dh_q[t] = g_qa[t] * Wq[a_t] + g_v[t] * E_p[Wq]   (d V / d Q = p; capped: both times 1 - tanh^2)
+            grad_hq = torch.addcmul(
+                grad_value.unsqueeze(1) * expected_w, grad_q_taken.unsqueeze(1), q_weight[targets].to(sd)
+            ).to(hq.dtype)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_qw, grad_qb = _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken,
+                                           grad_value)
+        return None, grad_hq, None, grad_qw, grad_qb, None, None, None, None
+
+
+def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value):
+    """Second tiled pass: dL/dQ = g_qa * onehot(a) + g_v * p (times 1 - tanh^2 under a soft cap;
+    ``grad_q_taken`` has its factor already), summed over tokens into Wq and bq. A tile's own
+    softmax becomes the row's ``p`` with the weight ``exp(lse_c(tile) - lse_c(row))``."""
+    alpha_tilde, alpha_0, softcap = ctx.cfg
+    rows, columns = ctx.tiles
+    sd = grad_q_taken.dtype
+    want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
+    grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
+    with torch.no_grad():
+        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, True, columns)
+        for s, e in chunks(hq.shape[0], rows):
+            rows_here = torch.arange(e - s, device=hq.device)
+            for v0, v1 in chunks(q_weight.shape[0], columns):
+                z, q = logits(s, e, v0, v1)
+                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd)
+                del z, q
+                d_logits = p.mul_(((part_c - lse_c[s:e]).exp_() * grad_value[s:e]).unsqueeze(1))
+                if logits.slope is not None:
+                    d_logits.mul_(logits.slope)
+                column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
+                d_logits.index_put_((rows_here, column), torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
+                if want_w:
+                    grad_qw[v0:v1].add_(_head_weight_grad(d_logits, hq[s:e]))
+                if want_b:
+                    grad_qb[v0:v1].add_(d_logits.sum(dim=0))
+    return (
+        grad_qw.to(q_weight.dtype) if want_w else None,
+        grad_qb.to(q_bias.dtype) if want_b else None,
+    )
