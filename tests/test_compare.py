@@ -1,5 +1,5 @@
-"""qadapter compare: the DPO and SFT losses against their formulas, the measures against plain loops,
-and the whole comparison (quick mode) reproducible from its seed."""
+"""qadapter compare: TRL's SFT and DPO trainers on the comparison's pairs against the losses' formulas,
+the measures against plain loops, and the whole comparison (quick mode) reproducible from its seed."""
 
 from __future__ import annotations
 
@@ -13,41 +13,11 @@ pytest.importorskip("peft")
 from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 
 from qadapter.compare import (  # noqa: E402
-    CompareOptions, Policy, dpo_loss, format_table, lora_policy, mean_kl_to_base, perplexity, qadapter_policy,
-    run_compare, sequence_logprobs, _lora_trainer_class,
+    CompareOptions, Policy, format_table, lora_policy, mean_kl_to_base, perplexity, qadapter_policy, run_compare,
+    scored_logprob_sums, trl_dataset, trl_trainer,
 )
 from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
 from qadapter.evaluate import next_token_targets  # noqa: E402
-
-
-def _random_labels(batch, seq, vocab, prompt, generator):
-    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
-    labels[:, :prompt] = IGNORE_INDEX
-    return labels
-
-
-def test_sequence_logprobs_is_the_sum_over_scored_tokens():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 9, 11, generator=g)
-    labels = _random_labels(3, 9, 11, 4, g)
-    labels[1, 7:] = IGNORE_INDEX  # a shorter response
-    expected = torch.zeros(3)
-    for b in range(3):
-        for t in range(1, 9):
-            if labels[b, t] != IGNORE_INDEX:
-                expected[b] += torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
-    torch.testing.assert_close(sequence_logprobs(logits, labels), expected)
-
-
-def test_dpo_loss_is_the_papers_formula():
-    g = torch.Generator().manual_seed(1)
-    pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 for _ in range(4))
-    beta = 0.3
-    expected = sum(-math.log(1 / (1 + math.exp(-beta * ((a - c) - (b - d)))))
-                   for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 5
-    assert float(dpo_loss(pc, pr, rc, rr, beta)) == pytest.approx(expected, rel=1e-6)
-    # The policy equal to its reference: log 2 whatever the log-probs.
-    torch.testing.assert_close(dpo_loss(pc, pr, pc, pr, beta), torch.tensor(math.log(2)))
 
 
 def _tiny_lora(seed=0):
@@ -71,27 +41,84 @@ def _pairs(n=3, seed=0):
     return out
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_lora_trainer_losses(method, tmp_path):
-    """DPO at a fresh adapter (LoRA B = 0: policy = reference) is log 2; SFT is the chosen rows' CE."""
-    from transformers import TrainingArguments
+def _sequence_logprobs(model, batch):
+    """Summed log-probability of each row's scored tokens, from the model's own (full) logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return scored_logprob_sums(torch.log_softmax(logits.float(), -1), batch["labels"])
 
-    peft = _tiny_lora()
-    with torch.no_grad():  # a trained-looking adapter for SFT; DPO keeps B = 0
-        for name, p in peft.named_parameters():
-            if "lora_B" in name and method == "sft":
-                p.normal_(0, 0.1)
-    batch = PreferenceCollator(pad_token_id=0)(_pairs())
-    trainer = _lora_trainer_class(method, beta=0.1)(model=peft, args=TrainingArguments(str(tmp_path), report_to=[]))
-    loss = trainer.compute_loss(peft, batch)
-    if method == "dpo":
-        torch.testing.assert_close(loss, torch.tensor(math.log(2)))
-    else:
-        logits = peft(input_ids=batch["input_ids"][:3], attention_mask=batch["attention_mask"][:3]).logits
-        labels = batch["labels"][:3]
-        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1),
-                                                     ignore_index=IGNORE_INDEX)
-        torch.testing.assert_close(loss, expected)
+
+def test_trl_dataset_keeps_the_tokenized_pairs():
+    """SFT's rows are the chosen sequences with their labels; DPO's split each pair at its prompt."""
+    pytest.importorskip("datasets")
+    pairs = _pairs(3)
+    sft, dpo = trl_dataset("sft", pairs), trl_dataset("dpo", pairs)
+    assert sft.to_list() == [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"]} for p in pairs]
+    for row, pair in zip(dpo.to_list(), pairs):
+        assert len(row["prompt_ids"]) == 5
+        assert row["prompt_ids"] + row["chosen_ids"] == pair["chosen_input_ids"]
+        assert row["prompt_ids"] + row["rejected_ids"] == pair["rejected_input_ids"]
+    bad = dict(pairs[0], rejected_input_ids=[1] + pairs[0]["rejected_input_ids"][1:])
+    with pytest.raises(ValueError, match="do not start with the same prompt"):
+        trl_dataset("dpo", [bad])
+
+
+def _trl_trainer(method, tmp_path, beta=0.1):
+    pytest.importorskip("trl")
+    tokenizer = tiny_chat_tokenizer()
+    options = CompareOptions(pairs_per_step=3, lora_r=4, dpo_beta=beta)
+    trainer = trl_trainer(method, options, 2, _pairs(), tmp_path, tiny_causal_lm("llama", vocab=len(tokenizer)),
+                          tokenizer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return trainer, batch
+
+
+def _perturb_adapter(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_trl_dpo_is_the_papers_loss_against_the_base(tmp_path):
+    """TRL's DPO on the pairs: log 2 for the untrained adapter (the policy is its reference); with a
+    trained-looking adapter, -log sigmoid(beta * ((pc - rc) - (pr - rr))) over the pairs, the reference
+    the base (the adapter disabled: no second adapter), the scored tokens the responses'."""
+    beta = 0.3
+    trainer, batch = _trl_trainer("dpo", tmp_path, beta)
+    model = trainer.model
+    assert list(model.peft_config) == ["default"]
+    model.eval()  # no LoRA dropout
+    with torch.no_grad():
+        assert float(trainer.compute_loss(model, batch)) == pytest.approx(math.log(2), abs=1e-6)
+    _perturb_adapter(model)
+    pairs = PreferenceCollator(pad_token_id=0)(_pairs())  # the same pairs, stacked by qadapter's own collator
+    assert trainer.train_dataset.to_list() == trl_dataset("dpo", _pairs()).to_list()  # taken as tokenized
+    with torch.no_grad():
+        policy = _sequence_logprobs(model, pairs)
+        with model.disable_adapter():
+            reference = _sequence_logprobs(model, pairs)
+    margins = (policy[:3] - reference[:3]) - (policy[3:] - reference[3:])
+    assert margins.abs().max() > 0.1  # the adapter matters
+    # The loss is the mean over pairs: the batch's order (the loader shuffles) does not change it.
+    expected = -torch.nn.functional.logsigmoid(beta * margins).mean()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_trl_sft_is_the_chosen_responses_mean_nll(tmp_path):
+    """TRL's SFT on the pairs: the mean negative log-likelihood of the chosen responses' tokens (the
+    prompt and the rejected responses not scored)."""
+    trainer, batch = _trl_trainer("sft", tmp_path)
+    model = trainer.model
+    model.eval()
+    _perturb_adapter(model)
+    assert batch["input_ids"].shape[0] == 3
+    chosen = PreferenceCollator(pad_token_id=0)(_pairs())
+    with torch.no_grad():
+        nll = -_sequence_logprobs(model, chosen)[:3].sum()
+        scored = sum(len(p["chosen_input_ids"]) - 5 for p in _pairs())
+        torch.testing.assert_close(trainer.compute_loss(model, batch), nll / scored, rtol=1e-5, atol=1e-6)
 
 
 def test_dpo_margins_are_the_implicit_reward():
@@ -109,11 +136,9 @@ def test_dpo_margins_are_the_implicit_reward():
     pairs = _pairs(4, seed=2)
     batch = PreferenceCollator(pad_token_id=0)(pairs)
     with torch.no_grad():
-        policy = sequence_logprobs(peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                   batch["labels"])
+        policy = _sequence_logprobs(peft, batch)
         with peft.disable_adapter():
-            reference = sequence_logprobs(peft(input_ids=batch["input_ids"],
-                                               attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            reference = _sequence_logprobs(peft, batch)
     torch.testing.assert_close(sft.margins(pairs), policy[:4] - policy[4:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dpo.margins(pairs), (policy[:4] - reference[:4]) - (policy[4:] - reference[4:]),
                                rtol=1e-5, atol=1e-5)
@@ -254,6 +279,17 @@ def test_methods_and_their_learning_rates():
             CompareOptions(methods=bad).method_list()
 
 
+def test_sft_and_dpo_need_trl(monkeypatch, tmp_path):
+    """Without TRL, SFT and DPO are refused before any work, with the extra to install."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"qadapter-kernels\[trl\]"):
+        run_compare(CompareOptions(output=str(tmp_path), methods="qadapter,dpo", quick=True))
+    assert not (tmp_path / "compare.json").exists()
+
+
 def test_budgets_are_checked():
     assert CompareOptions(budgets="40, 160").budget_steps() == [40, 160]
     for bad in ("", "0", "forty", "10,-1"):
@@ -264,6 +300,7 @@ def test_budgets_are_checked():
 @pytest.mark.skipif(not default_model_available(), reason="the embedded default model is not installed")
 def test_quick_comparison_runs_and_is_reproducible(tmp_path):
     """Every method trains and is measured; the same seed gives the same table (times and memory aside)."""
+    pytest.importorskip("trl")
     reports = []
     for run in ("a", "b"):
         reports.append(run_compare(CompareOptions(output=str(tmp_path / run), quick=True, alpha_0=0.5, alpha_tilde=1.5)))

@@ -4,8 +4,8 @@ The paper's claim is that a Q-Adapter learns a new preference while keeping what
 :func:`run_compare` trains the three methods on the same pairs, with the same steps, pairs per step,
 learning rate and LoRA adapter on the same frozen base, then measures each policy and the base:
 
-- SFT: LoRA, cross-entropy on the chosen responses;
-- DPO: LoRA policy, the base (adapter disabled) as the reference, the DPO loss (:func:`dpo_loss`);
+- SFT: LoRA, cross-entropy on the chosen responses (TRL's ``SFTTrainer``);
+- DPO: LoRA policy, the base (adapter disabled) as the reference, the DPO loss (TRL's ``DPOTrainer``);
 - Q-Adapter: :class:`QAdapterTrainer`; its policy is the combined one, ``pi~``.
 
 Alignment: held-out preference accuracy under each method's own reward (SFT and the base: the
@@ -18,6 +18,7 @@ seconds and the peak resident memory added while training.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from qadapter_kernels import LossConfig
 from qadapter_kernels.vocabulary import vocabulary_pass
@@ -100,37 +100,6 @@ def scored_logprob_sums(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.T
     return (taken * (targets != IGNORE_INDEX)).sum(-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """:func:`scored_logprob_sums` from logits."""
-    return scored_logprob_sums(torch.log_softmax(logits.float(), dim=-1), labels)
-
-
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))``, averaged over pairs."""
-    return -F.logsigmoid(beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))).mean()
-
-
-def _lora_trainer_class(method: str, beta: float):
-    from transformers import Trainer
-
-    class LoRAPreferenceTrainer(Trainer):
-        """SFT on the chosen rows, or DPO on both, of a ``[chosen..., rejected...]`` batch."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-            pairs = ids.shape[0] // 2
-            if method == "sft":
-                loss = model(input_ids=ids[:pairs], attention_mask=mask[:pairs], labels=labels[:pairs]).loss
-            else:
-                policy = sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
-                with torch.no_grad(), model.disable_adapter():
-                    reference = sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
-                loss = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta)
-            return (loss, None) if return_outputs else loss
-
-    return LoRAPreferenceTrainer
-
-
 @contextmanager
 def peak_rss_growth():
     """Yields a dict whose ``"mb"`` is, on exit, the peak resident memory above the entry's (sampled)."""
@@ -166,9 +135,61 @@ def _training_args(options: CompareOptions, method: str, steps: int, output: Pat
                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False, **extra)
 
 
+def trl_dataset(method: str, features: list[dict]):
+    """The pairs as the pre-tokenized columns of TRL's trainers: SFT's ``input_ids`` and ``labels`` of
+    the chosen sequences (the prompt's labels ignored: only the chosen response is scored); DPO's
+    ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (the prompt is the labels' ignored prefix, the
+    same in both sequences of a pair)."""
+    from datasets import Dataset
+
+    if method == "sft":
+        return Dataset.from_list([{"input_ids": f["chosen_input_ids"], "labels": f["chosen_labels"]}
+                                  for f in features])
+    rows = []
+    for f in features:
+        prompt = next(i for i, label in enumerate(f["chosen_labels"]) if label != IGNORE_INDEX)
+        if f["rejected_input_ids"][:prompt] != f["chosen_input_ids"][:prompt]:
+            raise ValueError("a pair's chosen and rejected sequences do not start with the same prompt")
+        rows.append({"prompt_ids": f["chosen_input_ids"][:prompt], "chosen_ids": f["chosen_input_ids"][prompt:],
+                     "rejected_ids": f["rejected_input_ids"][prompt:]})
+    return Dataset.from_list(rows)
+
+
+def trl_trainer(method: str, options: CompareOptions, steps: int, train_features: list[dict], work: Path,
+                base, tokenizer):
+    """TRL's ``SFTTrainer`` or ``DPOTrainer`` for ``base`` (a causal LM without an adapter), LoRA given
+    as ``peft_config``: TRL wraps the model itself, so DPO's reference is the base, the adapter disabled
+    (a ``PeftModel`` given to TRL 1.16's DPOTrainer would get a second, frozen copy of its adapter as
+    the reference). Where TRL's defaults would make the baselines' run differ from the Q-Adapter's, they
+    are set back: float32 (no bf16), no gradient checkpointing, and DPO keeps the LoRA dropout (TRL
+    would zero it)."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        # TRL 1.16's DPOTrainer tokenizes every text dataset itself (its _prepare_dataset has no path for
+        # rows that are already prompt_ids/chosen_ids/rejected_ids); the pairs are tokenized by
+        # qadapter.data, as the Q-Adapter's are, so they are taken as they are.
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
+                      target_modules=["q_proj", "v_proj"])
+    shared = {"bf16": False, "gradient_checkpointing": False, "max_length": options.max_length}
+    if method == "sft":
+        args, trainer_class = SFTConfig(**_training_args(options, method, steps, work, **shared)), SFTTrainer
+    else:
+        args = DPOConfig(**_training_args(options, method, steps, work, beta=options.dpo_beta, disable_dropout=False,
+                                          **shared))
+        trainer_class = PreTokenizedDPOTrainer
+    return trainer_class(model=base, args=args, train_dataset=trl_dataset(method, train_features),
+                         processing_class=tokenizer, peft_config=lora)
+
+
 def train_method(method: str, options: CompareOptions, steps: int, train_features: list[dict], work: Path):
-    """A fresh adapter on a fresh copy of the base, trained by ``method``; returns (model, seconds, MB)."""
-    from transformers import TrainingArguments, set_seed
+    """A fresh adapter on a fresh copy of the base, trained by ``method``; returns (model, seconds, MB).
+    SFT and DPO train with TRL's trainers (:func:`trl_trainer`), the Q-Adapter with its own."""
+    from transformers import set_seed
 
     from .defaults import DEFAULT_MODEL, load_base
     from .model import QAdapterModel
@@ -183,15 +204,8 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
         model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
         trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=model.tokenizer)
     else:
-        from peft import LoraConfig, get_peft_model
-
-        base, tokenizer = load_base()
-        lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
-                          target_modules=["q_proj", "v_proj"])
-        model = get_peft_model(base, lora)
-        trainer = _lora_trainer_class(method, options.dpo_beta)(
-            model=model, args=TrainingArguments(**_training_args(options, method, steps, work)),
-            train_dataset=train_features, data_collator=PreferenceCollator(tokenizer.pad_token_id))
+        trainer = trl_trainer(method, options, steps, train_features, work, *load_base())
+        model = trainer.model
     for parameter in model.parameters():  # page the (memory-mapped) weights in before measuring
         parameter.data.sum()
     with peak_rss_growth() as memory:
@@ -413,6 +427,8 @@ def run_compare(options: CompareOptions) -> dict:
     from .defaults import DEFAULT_MODEL, load_base
 
     budgets = [2] if options.quick else options.budget_steps()
+    if {"sft", "dpo"} & set(options.method_list()) and importlib.util.find_spec("trl") is None:
+        raise ModuleNotFoundError('qadapter compare trains SFT and DPO with TRL: pip install "qadapter-kernels[trl]"')
     torch.manual_seed(options.seed)
     started = time.perf_counter()
     output = Path(options.output)
