@@ -14,7 +14,7 @@ from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenize
 
 from qadapter.compare import (  # noqa: E402
     CompareOptions, Policy, format_table, lora_policy, mean_kl_to_base, perplexity, qadapter_policy, run_compare,
-    scored_logprob_sums, trl_dataset, trl_trainer,
+    trl_dataset, trl_trainer,
 )
 from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
 from qadapter.evaluate import next_token_targets  # noqa: E402
@@ -44,7 +44,9 @@ def _pairs(n=3, seed=0):
 def _sequence_logprobs(model, batch):
     """Summed log-probability of each row's scored tokens, from the model's own (full) logits."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return scored_logprob_sums(torch.log_softmax(logits.float(), -1), batch["labels"])
+    targets = batch["labels"][:, 1:]
+    taken = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (taken * (targets != IGNORE_INDEX)).sum(-1)
 
 
 def test_trl_dataset_keeps_the_tokenized_pairs():

@@ -92,14 +92,6 @@ class CompareOptions:
 
 
 # ------------------------------------------------------------------------------------------ training
-def scored_logprob_sums(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability ``[B]`` of each row's scored tokens, from next-token log-probs ``[B, T, V]``
-    (labels aligned with the inputs)."""
-    targets = labels[:, 1:]
-    taken = logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (taken * (targets != IGNORE_INDEX)).sum(-1)
-
-
 @contextmanager
 def peak_rss_growth():
     """Yields a dict whose ``"mb"`` is, on exit, the peak resident memory above the entry's (sampled)."""
