@@ -23,7 +23,6 @@ Nothing here imports ``qadapter_kernels``: the version record must work even whe
 from __future__ import annotations
 
 import functools
-
 import importlib.metadata
 import json
 import os
@@ -34,9 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -25,9 +25,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -61,9 +61,8 @@ DRY = Setup("tiny", "float32", pairs=2, seq=32, steps=1, prompt=16, new_tokens=8
 
 def build_model(setup: Setup, device: torch.device):
     """The configuration's Llama with random weights built on ``device``, wrapped as a QAdapterModel."""
+    from qadapter.library.model import QAdapterModel
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from qadapter.model import QAdapterModel
 
     torch.manual_seed(0)
     config = LlamaConfig(**MODELS[setup.model], attn_implementation="sdpa")

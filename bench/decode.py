@@ -36,7 +36,7 @@ def base_loop(model, ids: torch.Tensor, tokens: int) -> None:
 
 
 def measure(tokens: int = 64, rounds: int = 3) -> dict:
-    from qadapter.model import QAdapterModel
+    from qadapter.library.model import QAdapterModel
 
     model = QAdapterModel.from_base()
     model.eval()

@@ -13,15 +13,15 @@ Q-Adapter trainer does per batch:
 Only the decoder runs (``last_hidden_state``): calling the causal-LM wrapper would build the
 ``[B, T, V]`` logits itself and hide the difference the loss makes. The loss is a swappable
 callable with ``qadapter_loss``'s signature, so exactly one thing differs between the variants.
-It is built from transformers and peft directly, not from ``qadapter.model``, to measure the
+It is built from transformers and peft directly, not from ``qadapter.library.model``, to measure the
 loss alone and not the model layer's own choices.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

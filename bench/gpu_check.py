@@ -43,15 +43,25 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from bench.baselines import chunked_pairs_loss, eager_authors_loss
 from bench.common import (
-    RESULTS, SHAPES, Case, Shape, Timer, copy_bandwidth, dtype_name, error_text, make_case_inputs, release, slug,
+    RESULTS,
+    SHAPES,
+    Case,
+    Shape,
+    Timer,
+    copy_bandwidth,
+    dtype_name,
+    error_text,
+    make_case_inputs,
+    release,
+    slug,
     versions,
 )
 from bench.harness import gemm3_step, row_step_bandwidth, row_step_inputs

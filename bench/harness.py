@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import statistics
-from unittest import mock
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from unittest import mock
 
 import torch
 

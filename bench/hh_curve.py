@@ -6,7 +6,7 @@
 Splits ``../shared/data/hh-rlhf-harmless-2000.jsonl`` (the 4 rows with an empty response skipped)
 into its last 400 pairs for held-out measurement and the 1,596 before them for training, trains a
 Q-Adapter with a preset's options and measures the held-out pairs at step 0 (the base model's own
-preference), every ``--every`` steps and at the end (:class:`qadapter.curve.LearningCurve`):
+preference), every ``--every`` steps and at the end (:class:`qadapter.evaluation.curve.LearningCurve`):
 accuracy with its 95% interval, margin, loss, KL to the base. Writes ``<preset>-curve.json`` and
 ``<preset>-curve.png`` into ``--out``. ``--quick`` runs a few steps on a few pairs (CI).
 """
@@ -38,7 +38,7 @@ PRESETS = {
 
 def split_rows(path: Path = DATA) -> tuple[list[dict], list[dict]]:
     """The usable pairs but the last 400, and the last 400 (a pair with an empty response is not usable)."""
-    from qadapter.data import PreferenceDataError, check_rows, normalize_row
+    from qadapter.library.data import PreferenceDataError, check_rows, normalize_row
 
     usable = []
     for index, row in enumerate(check_rows(path, skip_invalid=True)):
@@ -54,10 +54,10 @@ def split_rows(path: Path = DATA) -> tuple[list[dict], list[dict]]:
 
 def run(preset: str, out: Path, *, steps: int, every: int, heldout: int, batch: int, max_length: int,
         quick: bool = False) -> dict:
-    from qadapter.curve import LearningCurve
-    from qadapter.data import load_preference_data
-    from qadapter.model import QAdapterModel
-    from qadapter.trainer import QAdapterConfig, QAdapterTrainer
+    from qadapter.evaluation.curve import LearningCurve
+    from qadapter.library.data import load_preference_data
+    from qadapter.library.model import QAdapterModel
+    from qadapter.library.trainer import QAdapterConfig, QAdapterTrainer
 
     train_rows, heldout_rows = split_rows()
     if quick:

@@ -7,7 +7,8 @@ what "extra memory of the loss" means, independent of the process' RSS and glibc
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

@@ -28,8 +28,19 @@ import torch
 import qadapter_kernels
 from bench import decode, e2e, harness, trl_recipe
 from bench.common import (
-    RESULTS, SHAPES, Timer, bench_device, bench_dtype, bench_dtypes, copy_bandwidth, default_cases, device_label,
-    dtype_name, make_case_inputs, package_version, versions,
+    RESULTS,
+    SHAPES,
+    Timer,
+    bench_device,
+    bench_dtype,
+    bench_dtypes,
+    copy_bandwidth,
+    default_cases,
+    device_label,
+    dtype_name,
+    make_case_inputs,
+    package_version,
+    versions,
 )
 
 PACKAGES = (

@@ -11,12 +11,11 @@ hold pairs as rows [chosen..., rejected...] with labels that score the responses
 
 from __future__ import annotations
 
-
 import torch
 from accelerate import Accelerator
+from qadapter import PreferenceCollator, frozen_and_adapter_hidden
 from torch.utils.data import DataLoader
 
-from qadapter import PreferenceCollator, frozen_and_adapter_hidden
 from qadapter_kernels import LossConfig, qadapter_loss
 
 

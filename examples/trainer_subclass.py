@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import tempfile
 
+from qadapter import PreferenceCollator, frozen_and_adapter_hidden
 from transformers import Trainer, TrainingArguments
 
-from qadapter import PreferenceCollator, frozen_and_adapter_hidden
 from qadapter_kernels import LossConfig, qadapter_loss
 
 

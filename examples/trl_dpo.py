@@ -19,10 +19,10 @@ from __future__ import annotations
 import tempfile
 
 import torch
+from qadapter.library.hidden import frozen_and_adapter_hidden, peft_model_of
+from qadapter.library.trainer import METRIC_NAMES
 from trl import DPOConfig, DPOTrainer
 
-from qadapter.hidden import frozen_and_adapter_hidden, peft_model_of
-from qadapter.trainer import METRIC_NAMES
 from qadapter_kernels import LossConfig, qadapter_loss
 
 
@@ -58,9 +58,8 @@ class QAdapterDPOTrainer(DPOTrainer):
 
 def run(steps: int, chunk_size: int | None = None):
     """The trainer on the toy model, tokenizer and task of examples/toy.py; returns it and the logged losses."""
-    from datasets import Dataset
-
     import toy
+    from datasets import Dataset
 
     with tempfile.TemporaryDirectory() as output_dir:
         args = DPOConfig(

@@ -19,11 +19,11 @@ Building blocks for other losses and trainers (same inputs, same backends, no [B
                                              # log pi~ (differentiable) and log pi1 of given targets
 """
 
-from .registry import BackendStatus, backends
 from .combine import TargetLogprobs, combine_logits, combined_logprobs, combined_logprobs_at
 from .config import LossConfig
 from .loss import QAdapterLoss, qadapter_loss, qadapter_token_stats
 from .pairwise import QAdapterLossOutput, TokenStats, bt_terms, sequence_rewards
+from .registry import BackendStatus, backends
 
 __all__ = [
     "BackendStatus",

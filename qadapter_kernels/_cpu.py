@@ -69,7 +69,7 @@ def _build(cc: str, source: Path, flags: tuple[str, ...]) -> tuple[Path | None, 
             os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """``(library, "")`` or ``(None, why not)``; built (or found in the cache) once per process."""
     cc, csrc = compiler(), sources_dir()
@@ -147,7 +147,7 @@ def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
     return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     """The largest CPU cache (Linux sysfs), which sizes the chunked backend's vocabulary tiles;
     ``default`` where the system does not say. Read once per process: every loss call asks."""

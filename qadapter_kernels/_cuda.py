@@ -113,7 +113,7 @@ def image_status(module) -> tuple[bool, str]:
     return True, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """``(extension module, "")`` or ``(None, why not)``; built at most once per process. A prebuilt
     extension without an image for this GPU gives way to a just-in-time build for it."""

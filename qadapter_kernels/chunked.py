@@ -22,6 +22,7 @@ from .sizing import auto_chunk_size, auto_tiles, default_block_step
 from .steps import RowStep, whole_row_block_step
 from .tiles import ChunkedTokenStats
 
+
 def chunked_token_stats(
     base: torch.Tensor,
     hq: torch.Tensor,

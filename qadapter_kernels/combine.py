@@ -8,9 +8,9 @@ from typing import NamedTuple
 import torch
 
 from . import registry
-from .tiles import chunks
 from .config import LossConfig, check_real
 from .inputs import check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
+from .tiles import chunks
 from .vocabulary import capped_logits, pass_chunk_size, token_logprobs
 
 

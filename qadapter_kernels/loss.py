@@ -8,8 +8,7 @@ from torch import nn
 from . import registry
 from .config import LossConfig
 from .inputs import check_chunk_size, check_loss_inputs, check_totals
-from .pairwise import (QAdapterLossOutput, ScoredTokens, TokenStats, pairwise_loss, share_of_total,
-                       token_rewards)
+from .pairwise import QAdapterLossOutput, ScoredTokens, TokenStats, pairwise_loss, share_of_total, token_rewards
 
 
 def _scored_tokens(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size, *, paired):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import Backend
 from .config import LossConfig
 from .inputs import stats_dtype
 from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss
+from .registry import Backend
 
 
 def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0, softcap=None):

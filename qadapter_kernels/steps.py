@@ -9,7 +9,7 @@ the CUDA step (``csrc/row_step.cu``) are single-pass versions of the same contra
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -10,6 +10,7 @@ import torch
 
 from .inputs import stats_dtype
 
+
 def chunks(n: int, chunk: int):
     """``(start, end)`` of at most ``chunk`` rows each, sizes within one row of each other: no short
     last chunk, whose GEMMs would run far below the others' speed."""

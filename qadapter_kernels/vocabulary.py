@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from .tiles import chunks, matmul_to, softcap_
 from .config import LossConfig, check_choice
 from .inputs import check_chunk_size, check_hidden_pair, check_targets, stats_dtype
+from .tiles import chunks, matmul_to, softcap_
 
 MEASURES = ("stats", "step0", "logprobs", "kl", "greedy")
 # [chunk, V] float32 buffers a chunk of the pass holds at once (the two logits, log pi1, the

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import loss_and_grads, make_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import loss_and_grads, make_inputs
 from qadapter_kernels import qadapter_loss, registry
 
 NAMES = [name for name in registry.BACKEND_NAMES if name not in ("auto", "reference")]

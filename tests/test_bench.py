@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_inputs
 
 from bench import baselines, harness, report
 from bench.common import SHAPES
-from conftest import make_inputs
 
 OPTIONS = [
     {},
@@ -101,7 +101,7 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     assert meta["copy_bandwidth_bytes_per_s"] > 0
     steps = {(r["dtype"], r["step"]): r for r in results["row_step"]["rows"]}
     assert set(steps) == {(d, s) for d in ("float32", "bfloat16") for s in ("compiled", "compiled, no AVX-512", "eager")}
-    for (dtype, step), r in steps.items():
+    for (_, step), r in steps.items():
         assert r["rows"] == 128 and r["vocab"] == SHAPES["tiny"].vocab  # the whole N fits one chunk
         if r["status"] == "ok":
             assert r["bytes_per_s"] > 0 and r["of_copy"] == pytest.approx(r["bytes_per_s"] / meta["copy_bandwidth_bytes_per_s"])

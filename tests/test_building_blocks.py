@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_inputs
+
 from qadapter_kernels import (
     LossConfig,
     TokenStats,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import loss_and_grads, make_inputs
+
 from qadapter_kernels import chunked, sizing, steps, tiles
 from qadapter_kernels.sizing import auto_chunk_size
 from qadapter_kernels.tiles import ChunkLogits, chunks

@@ -9,7 +9,6 @@ import pytest
 
 pytest.importorskip("peft")
 from conftest import default_model_available  # noqa: E402
-
 from qadapter.cli import main  # noqa: E402
 
 

@@ -11,13 +11,20 @@ import torch
 
 pytest.importorskip("peft")
 from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
-
-from qadapter.compare import (  # noqa: E402
-    CompareOptions, Policy, format_table, lora_policy, mean_kl_to_base, perplexity, qadapter_policy, run_compare,
-    trl_dataset, trl_trainer,
+from qadapter.evaluation.measures import next_token_targets  # noqa: E402
+from qadapter.experiments.compare import (  # noqa: E402
+    CompareOptions,
+    Policy,
+    format_table,
+    lora_policy,
+    mean_kl_to_base,
+    perplexity,
+    qadapter_policy,
+    run_compare,
+    trl_dataset,
+    trl_trainer,
 )
-from qadapter.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
-from qadapter.evaluate import next_token_targets  # noqa: E402
+from qadapter.library.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
 
 
 def _tiny_lora(seed=0):
@@ -167,8 +174,8 @@ def _fixed_policy(seed: int, vocab: int, base_seed: int) -> Policy:
 
 def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
     """The combined policy's log-probs take packed rows (4D mask, position ids) through both passes."""
-    from qadapter.knowledge import candidates, option_scores
-    from qadapter.model import QAdapterModel
+    from qadapter.evaluation.knowledge import candidates, option_scores
+    from qadapter.library.model import QAdapterModel
 
     tokenizer = tiny_chat_tokenizer()
     model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer, lora_r=4,
@@ -193,7 +200,7 @@ def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
 def test_a_soft_capped_qadapter_policy_is_the_models_own_distribution():
     """On Gemma-2 (its logits capped by its own forward), an untrained Q-Adapter with alpha_0 = 0 and
     alpha~ = 1 is the base: its log-probs, margins and KL are those of the model's capped logits."""
-    from qadapter.model import QAdapterModel
+    from qadapter.library.model import QAdapterModel
 
     tokenizer = tiny_chat_tokenizer()
     base_model = tiny_causal_lm("gemma2", vocab=len(tokenizer))
@@ -249,7 +256,7 @@ def test_kl_and_perplexity_against_plain_loops():
     prompts, responses = ["hello world", "the capital"], ["Paris is the capital", "hello"]
     assert mean_kl_to_base(_fixed_policy(2, vocab, 2), tokenizer, prompts, responses) == pytest.approx(0.0, abs=1e-7)
     total, count = 0.0, 0
-    from qadapter.evaluate import chat_prompts
+    from qadapter.evaluation.measures import chat_prompts
 
     for prompt, response in zip(chat_prompts(tokenizer, prompts), responses):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]

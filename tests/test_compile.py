@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import assert_compiled_matches_eager, make_inputs
+
 from qadapter_kernels import qadapter_loss
 
 

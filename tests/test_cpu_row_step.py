@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import make_inputs
+
 from qadapter_kernels import _cpu, sizing
 from qadapter_kernels.chunked import chunked_token_stats
 from qadapter_kernels.steps import torch_block_step, torch_row_step

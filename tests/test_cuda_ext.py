@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import make_inputs
 
 from qadapter_kernels import _cuda, combine_logits, cuda_backend
-from qadapter_kernels.toolchain import cuda_archs
 from qadapter_kernels.config import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.steps import torch_row_step
-
-from conftest import loss_and_grads, make_inputs
+from qadapter_kernels.toolchain import cuda_archs
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"

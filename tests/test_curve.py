@@ -9,11 +9,10 @@ import pytest
 
 pytest.importorskip("peft")
 from conftest import default_model_available  # noqa: E402
+from qadapter.evaluation.curve import LearningCurve, mcnemar_exact, paired_change, wilson_interval  # noqa: E402
+from qadapter.evaluation.measures import evaluate_pairs  # noqa: E402
+from qadapter.library.trainer import QAdapterTrainer  # noqa: E402
 from test_trainer import setup  # noqa: E402
-
-from qadapter.curve import LearningCurve, mcnemar_exact, paired_change, wilson_interval  # noqa: E402
-from qadapter.evaluate import evaluate_pairs  # noqa: E402
-from qadapter.trainer import QAdapterTrainer  # noqa: E402
 
 
 def test_wilson_interval():
@@ -68,9 +67,8 @@ def test_curve_refuses_what_it_cannot_measure(tmp_path):
 
 def test_train_command_writes_the_curve(tmp_path, capsys):
     from conftest import tiny_causal_lm, tiny_chat_tokenizer
-    from test_trainer import rows
-
     from qadapter.cli import main
+    from test_trainer import rows
 
     tokenizer = tiny_chat_tokenizer()
     tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(tmp_path / "base")

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from conftest import tiny_chat_tokenizer  # noqa: E402
-from qadapter.data import (  # noqa: E402
+from qadapter.library.data import (  # noqa: E402
     IGNORE_INDEX,
     PreferenceCollator,
     PreferenceDataError,

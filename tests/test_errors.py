@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import make_inputs
+
 from qadapter_kernels import QAdapterLoss, combine_logits, combined_logprobs, qadapter_loss
 
 

@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("peft")
 from conftest import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from qadapter.evaluation import measures as evaluate  # noqa: E402
+from qadapter.evaluation.measures import evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
+from qadapter.library.data import IGNORE_INDEX, PreferenceCollator, tokenize_rows  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
 
-from qadapter import evaluate  # noqa: E402
-from qadapter.data import IGNORE_INDEX, PreferenceCollator, tokenize_rows  # noqa: E402
-from qadapter.evaluate import evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
-from qadapter.model import QAdapterModel  # noqa: E402
 from qadapter_kernels import combine_logits  # noqa: E402
 
 PAD = 0

@@ -4,7 +4,6 @@ loss falls, only the adapter is trained and no [B, T, V] tensor is ever allocate
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +77,7 @@ def test_recipe_trains_the_adapter_without_full_logits(name, examples_path):
         loss = owner.compute_loss(model, batch)
     else:
         from qadapter import frozen_and_adapter_hidden
+
         from qadapter_kernels import qadapter_loss
 
         loss = qadapter_loss(*frozen_and_adapter_hidden(model, batch["input_ids"], batch["attention_mask"]),

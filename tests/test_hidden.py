@@ -11,8 +11,8 @@ pytest.importorskip("peft")
 import transformers  # noqa: E402
 from conftest import tiny_causal_lm  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-
 from qadapter import HiddenStates, frozen_and_adapter_hidden, head_softcap  # noqa: E402
+
 from qadapter_kernels import qadapter_loss  # noqa: E402
 
 VOCAB = 97

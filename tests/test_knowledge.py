@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenizer
-from qadapter import knowledge
-from qadapter.knowledge import (
+from qadapter.evaluation import knowledge
+from qadapter.evaluation.knowledge import (
     candidates,
     general_passages,
     greedy_correct,
@@ -18,7 +17,7 @@ from qadapter.knowledge import (
     option_scores,
     score_probe,
 )
-from qadapter.evaluate import likelihood, packing_mask_dtype
+from qadapter.evaluation.measures import likelihood, packing_mask_dtype
 
 
 def test_candidates_are_well_formed_and_deterministic():
@@ -149,7 +148,7 @@ def test_general_prompts_and_passages():
 
 @pytest.mark.skipif(not default_model_available(), reason="needs the embedded default model")
 def test_embedded_model_gets_shipped_questions_right_by_loglik():
-    from qadapter.defaults import load_base
+    from qadapter.library.defaults import load_base
 
     model, tokenizer = load_base()
     items = load_probe()[::40]

@@ -15,11 +15,12 @@ pytest.importorskip("peft")
 pytest.importorskip("lm_eval")
 from conftest import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
+from qadapter.cli import main  # noqa: E402
+from qadapter.evaluation.lm_eval_model import QAdapterLM
+from qadapter.experiments.lm_eval_run import TASKS_DIR  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
 from test_model import perturb_adapter  # noqa: E402
 
-from qadapter.cli import main  # noqa: E402
-from qadapter.lm_eval_model import TASKS_DIR, QAdapterLM  # noqa: E402
-from qadapter.model import QAdapterModel  # noqa: E402
 from qadapter_kernels import combined_logprobs  # noqa: E402
 
 PAIRS = [("the capital of", " France is Paris"), ("hello", " world"), ("", "hello world"),

@@ -9,9 +9,9 @@ bench's own tests take from bench; ``test_profiler_measure_sees_allocations`` te
 from __future__ import annotations
 
 import torch
+from conftest import make_inputs
 
 from bench.memory import peak_extra_memory
-from conftest import make_inputs
 from qadapter_kernels import qadapter_loss
 
 VOCAB, HIDDEN, CHUNK = 4096, 64, 32

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("peft")
 from conftest import LargestTensor, default_model_available, tiny_causal_lm  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
-from qadapter.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter_kernels import combined_logprobs  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
@@ -363,7 +363,8 @@ def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
 
 def _building_block_loss(peft_model, ids, mask, labels):
     """What another trainer writes: hidden states without logits, then the fused loss."""
-    from qadapter.hidden import frozen_and_adapter_hidden
+    from qadapter.library.hidden import frozen_and_adapter_hidden
+
     from qadapter_kernels import qadapter_loss
 
     return qadapter_loss(*frozen_and_adapter_hidden(peft_model, ids, mask), labels).loss

@@ -12,12 +12,12 @@ import torch
 
 pytest.importorskip("peft")
 from conftest import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
-
 from qadapter.cli import build_parser, main  # noqa: E402
-from qadapter.demo import DemoOptions  # noqa: E402
-from qadapter.evaluate import answers  # noqa: E402
-from qadapter.model import QAdapterModel, base_fingerprint, select_combine  # noqa: E402
-from qadapter.trainer import LOSS_ARGUMENTS, QAdapterConfig  # noqa: E402
+from qadapter.evaluation.measures import answers  # noqa: E402
+from qadapter.experiments.demo import DemoOptions  # noqa: E402
+from qadapter.library.model import QAdapterModel, base_fingerprint, select_combine  # noqa: E402
+from qadapter.library.trainer import LOSS_ARGUMENTS, QAdapterConfig  # noqa: E402
+
 from qadapter_kernels import LossConfig, combine_logits, registry  # noqa: E402
 
 

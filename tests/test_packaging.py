@@ -74,7 +74,10 @@ def test_wheel_and_sdist_install_and_run_outside_the_checkout(tmp_path):
     wheel, sdist = next(dist.glob("*.whl")), next(dist.glob("*.tar.gz"))
     wheel_files = zipfile.ZipFile(wheel).namelist()
     assert {f"qadapter_kernels/csrc/{name}" for name in CSRC} <= set(wheel_files)
-    assert "qadapter/task_data.json" in wheel_files
+    data = {"qadapter/experiments/task_data.json", "qadapter/evaluation/knowledge_data.json",
+            "qadapter/evaluation/general_text.txt", "qadapter/experiments/lm_eval_tasks/qadapter_tldr.yaml",
+            "qadapter_kernels/toolchain/cuda_archs.py"}
+    assert data <= set(wheel_files), data - set(wheel_files)
     sdist_files = {Path(n).name for n in tarfile.open(sdist).getnames()}
     assert set(CSRC) <= sdist_files and "setup.py" in sdist_files
 

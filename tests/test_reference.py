@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_inputs
+
 from qadapter_kernels import qadapter_loss
 
 OPTIONS = [

@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("peft")
 
 from conftest import tiny_causal_lm  # noqa: E402
-from qadapter import atomic  # noqa: E402
-from qadapter.model import QAdapterModel  # noqa: E402
+from qadapter.library import atomic  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
 from test_model import left_padded_prompts, make_model, perturb_adapter  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def _rewrite_weights(path, change):
 ])
 def test_weights_that_contradict_the_config_are_refused(tmp_path, change, fragment):
     """Missing, extra or renamed LoRA tensors loaded with a warning and acted as the bare base model."""
-    from qadapter.model import AdapterLoadError
+    from qadapter.library.model import AdapterLoadError
 
     out = tmp_path / "adapter"
     make_model().save_pretrained(out)
@@ -145,7 +145,7 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, change, fragme
 def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fragment):
     import json
 
-    from qadapter.model import AdapterLoadError
+    from qadapter.library.model import AdapterLoadError
 
     out = tmp_path / "adapter"
     make_model().save_pretrained(out)
@@ -158,7 +158,7 @@ def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fra
 
 
 def test_a_deleted_weights_file_is_named(tmp_path):
-    from qadapter.model import AdapterLoadError
+    from qadapter.library.model import AdapterLoadError
 
     out = tmp_path / "adapter"
     make_model().save_pretrained(out)
@@ -241,7 +241,7 @@ def test_sigkill_while_checkpointing_then_resume(local_run, tmp_path, attempt):
     import signal
     import time
 
-    from qadapter.trainer import latest_checkpoint
+    from qadapter.library.trainer import latest_checkpoint
 
     output = tmp_path / "adapter"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -269,7 +269,7 @@ def test_sigkill_while_checkpointing_then_resume(local_run, tmp_path, attempt):
 def test_resume_passes_over_a_checkpoint_cut_short(tmp_path):
     """A newest checkpoint without a readable trainer_state.json (killed while checkpointing) is
     passed over, with a warning, for the one before it; Trainer alone would resume from it and fail."""
-    from qadapter.trainer import latest_checkpoint
+    from qadapter.library.trainer import latest_checkpoint
 
     for step, state in ((2, "{}"), (10, "{}"), (12, '{"global_step": 1'), (13, None)):
         path = tmp_path / f"checkpoint-{step}"

@@ -8,12 +8,11 @@ import torch
 
 pytest.importorskip("peft")
 from conftest import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
-
-from qadapter import atomic
-from qadapter.data import tokenize_rows  # noqa: E402
-from qadapter.evaluate import preference_metrics  # noqa: E402
-from qadapter.model import AdapterLoadError, QAdapterModel  # noqa: E402
-from qadapter.trainer import METRIC_NAMES, QAdapterConfig, QAdapterTrainer  # noqa: E402
+from qadapter.evaluation.measures import preference_metrics  # noqa: E402
+from qadapter.library import atomic
+from qadapter.library.data import tokenize_rows  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
+from qadapter.library.trainer import METRIC_NAMES, QAdapterConfig, QAdapterTrainer  # noqa: E402
 
 WORDS = "the capital of France is Paris user assistant system hello world".split()
 
@@ -167,7 +166,7 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
 def test_padding_dependent_norm_with_accumulation_warns(tmp_path):
     import warnings as w
 
-    from qadapter.trainer import QAdapterConfig, _warn_if_padding_dependent
+    from qadapter.library.trainer import QAdapterConfig, _warn_if_padding_dependent
 
     args = QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[])
     with pytest.warns(UserWarning, match="depend on how far its batch is padded"):

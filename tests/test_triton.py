@@ -22,18 +22,21 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from conftest import loss_and_grads, make_inputs  # noqa: E402
+
 from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
 from qadapter_kernels.chunked import chunked_token_stats  # noqa: E402
 from qadapter_kernels.steps import torch_row_step  # noqa: E402
-from qadapter_kernels.triton import combine_logits as triton_combine_logits  # noqa: E402
-from qadapter_kernels.triton import fused, fused_backward, fused_forward  # noqa: E402
-from qadapter_kernels.triton.fused_tiles import n_bucket  # noqa: E402
-from qadapter_kernels.triton import (  # noqa: E402
+from qadapter_kernels.triton import (  # noqa: E402  # noqa: E402
     backend_status,
     chunked_triton_token_stats,
+    fused,
+    fused_backward,
+    fused_forward,
     fused_token_stats,
     triton_row_step,
 )
+from qadapter_kernels.triton import combine_logits as triton_combine_logits  # noqa: E402
+from qadapter_kernels.triton.fused_tiles import n_bucket  # noqa: E402
 
 if not backend_status()[0]:
     pytest.skip(f"Triton backend unavailable: {backend_status()[1]}", allow_module_level=True)
@@ -262,7 +265,7 @@ def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
     import contextlib
     import types
 
-    from qadapter_kernels.triton import _common, decode, fused, row_step
+    from qadapter_kernels.triton import _common, decode, row_step
 
     seen = []
 

@@ -24,24 +24,35 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "QAdapterModel": "model",
-    "QAdapterTrainer": "trainer",
-    "QAdapterConfig": "trainer",
-    "PreferenceCollator": "data",
-    "load_preference_data": "data",
-    "HiddenStates": "hidden",
-    "frozen_and_adapter_hidden": "hidden",
-    "linear_head": "hidden",
-    "head_softcap": "hidden",
-    "full_weight": "hidden",
+    "QAdapterModel": "library.model",
+    "QAdapterTrainer": "library.trainer",
+    "QAdapterConfig": "library.trainer",
+    "PreferenceCollator": "library.data",
+    "load_preference_data": "library.data",
+    "HiddenStates": "library.hidden",
+    "frozen_and_adapter_hidden": "library.hidden",
+    "linear_head": "library.hidden",
+    "head_softcap": "library.hidden",
+    "full_weight": "library.hidden",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "HiddenStates",
+    "PreferenceCollator",
+    "QAdapterConfig",
+    "QAdapterModel",
+    "QAdapterTrainer",
+    "frozen_and_adapter_hidden",
+    "full_weight",
+    "head_softcap",
+    "linear_head",
+    "load_preference_data",
+]
 
 if TYPE_CHECKING:
-    from .data import PreferenceCollator, load_preference_data
-    from .hidden import HiddenStates, frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
-    from .model import QAdapterModel
-    from .trainer import QAdapterConfig, QAdapterTrainer
+    from .library.data import PreferenceCollator, load_preference_data
+    from .library.hidden import HiddenStates, frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
+    from .library.model import QAdapterModel
+    from .library.trainer import QAdapterConfig, QAdapterTrainer
 
 
 def __getattr__(name: str):

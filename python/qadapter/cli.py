@@ -14,7 +14,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .defaults import DEFAULT_MODEL
+from .library.defaults import DEFAULT_MODEL
 
 
 def _usage_error(command: str, message: str):
@@ -68,7 +68,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) 
 
 
 def _demo_parser(sub) -> None:
-    from .demo import DemoOptions
+    from .experiments.demo import DemoOptions
 
     p = sub.add_parser("demo", help="train a Q-Adapter on the built-in task with the embedded default and report",
                        description="The main job: customize the embedded default model to answer with a TL;DR "
@@ -83,14 +83,14 @@ def options_from(args: argparse.Namespace, options_class: type):
 
 
 def _run_demo(args) -> int:
-    from .demo import DemoOptions, format_report, run_demo
+    from .experiments.demo import DemoOptions, format_report, run_demo
 
     print(format_report(run_demo(options_from(args, DemoOptions))))
     return 0
 
 
 def _compare_parser(sub) -> None:
-    from .compare import CompareOptions
+    from .experiments.compare import CompareOptions
 
     p = sub.add_parser("compare", help="Q-Adapter against SFT and DPO: preference learned vs knowledge kept",
                        description="Train SFT, DPO and a Q-Adapter with the same data, steps, learning rate and "
@@ -102,7 +102,7 @@ def _compare_parser(sub) -> None:
 
 
 def _run_compare(args) -> int:
-    from .compare import CompareOptions, format_table, run_compare
+    from .experiments.compare import CompareOptions, format_table, run_compare
 
     options = options_from(args, CompareOptions)
     options.budget_steps(), options.method_list()  # bad --budgets or --methods fail before any work
@@ -137,7 +137,7 @@ def _train_parser(sub) -> None:
 def _training_config(args, extra: list[str]):
     from transformers import HfArgumentParser
 
-    from .trainer import QAdapterConfig
+    from .library.trainer import QAdapterConfig
 
     names = {f.name for f in fields(QAdapterConfig)}
     given = [a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in extra if a.startswith("--")]
@@ -152,11 +152,11 @@ def _training_config(args, extra: list[str]):
 
 
 def _run_train(args, extra: list[str]) -> int:
-    from . import atomic
-    from .data import check_rows, load_preference_data
-    from .evaluate import preference_metrics
-    from .model import QAdapterModel, holds_adapter
-    from .trainer import QAdapterTrainer
+    from .evaluation.measures import preference_metrics
+    from .library import atomic
+    from .library.data import check_rows, load_preference_data
+    from .library.model import QAdapterModel, holds_adapter
+    from .library.trainer import QAdapterTrainer
 
     config = _training_config(args, extra)
     if args.curve_steps and not args.eval_data:
@@ -181,7 +181,7 @@ def _run_train(args, extra: list[str]) -> int:
         print(f"evaluation data: {eval_summary}")
     callbacks = []
     if args.curve_steps:
-        from .curve import LearningCurve
+        from .evaluation.curve import LearningCurve
 
         callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
                                        progress=True, meta={"data": str(args.data), "eval_data": str(args.eval_data)}))
@@ -213,8 +213,8 @@ def _run_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .evaluate import chat_prompts
-    from .model import QAdapterModel
+    from .evaluation.measures import chat_prompts
+    from .library.model import QAdapterModel
 
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
     tokenizer = model.tokenizer
@@ -243,9 +243,9 @@ def _eval_parser(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .data import load_preference_data
-    from .evaluate import STEP0_BASELINE, evaluate_pairs
-    from .model import QAdapterModel
+    from .evaluation.measures import STEP0_BASELINE, evaluate_pairs
+    from .library.data import load_preference_data
+    from .library.model import QAdapterModel
 
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
     tokenizer = model.tokenizer
@@ -336,7 +336,7 @@ def _run_lm_eval(args) -> int:
     try:
         from lm_eval.utils import setup_logging
 
-        from . import lm_eval_model as harness  # importing it registers the model "qadapter"
+        from .experiments import lm_eval_run as harness  # importing it registers the model "qadapter"
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("lm_eval"):
             raise

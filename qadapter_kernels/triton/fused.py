@@ -60,6 +60,7 @@ from .fused_backward import _expected_weight_kernel, _head_grad_kernel
 from .fused_forward import _forward_kernel
 from .fused_tiles import FP16_P_SCALE, FusedPlan, kernel_args, make_plan, n_bucket
 
+
 class FusedTokenStats(torch.autograd.Function):
     """``(q_taken, value)`` of packed tokens; gradients to ``hq``, ``q_weight``, ``q_bias`` only."""
 

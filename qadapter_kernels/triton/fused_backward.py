@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .fused_tiles import CONFIGS, TUNE_KEY, logit_tiles, policy, soft_cap_slope
 
+
 @triton.autotune(configs=CONFIGS, key=TUNE_KEY, reset_to_zero=["expected_ptr"])
 @triton.jit
 def _expected_weight_kernel(

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .fused_tiles import CONFIGS, TUNE_KEY, logit_tiles, online_lse_rows
 
+
 @triton.autotune(configs=CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _forward_kernel(

@@ -24,7 +24,8 @@ length, chi2 is a group's token mean), whatever batches the forward passes ran i
 from __future__ import annotations
 
 import sys
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +33,9 @@ from qadapter_kernels import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
-from .data import IGNORE_INDEX, PreferenceCollator
-from .hidden import final_hidden, output_head
-from .model import QAdapterModel, evaluation_mode
+from ..library.data import IGNORE_INDEX, PreferenceCollator
+from ..library.hidden import final_hidden, output_head
+from ..library.model import QAdapterModel, evaluation_mode
 
 ATTENTION_WITH_MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
@@ -250,7 +251,7 @@ class Targets(NamedTuple):
     positions: torch.Tensor
     ids: torch.Tensor
 
-    def to(self, device) -> "Targets":
+    def to(self, device) -> Targets:
         return Targets(*(x.to(device) for x in self))
 
     def row_sums(self, values: torch.Tensor, rows: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import atomic
-from .evaluate import evaluate_pairs
+from ..library import atomic
+from .measures import evaluate_pairs
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:

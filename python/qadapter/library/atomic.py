@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 STAGING_PREFIX = ".qadapter-saving-"
 COMPLETE = ".complete"

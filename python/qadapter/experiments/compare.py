@@ -11,7 +11,7 @@ learning rate and LoRA adapter on the same frozen base, then measures each polic
 Alignment: held-out preference accuracy under each method's own reward (SFT and the base: the
 log-likelihood margin; DPO: its implicit reward; Q-Adapter: its learned rewards), and on the
 built-in task the rule's satisfaction rate in greedy answers to held-out prompts. Retention: the
-knowledge probe (:mod:`qadapter.knowledge`) by option log-likelihood and by greedy answer, the mean
+knowledge probe (:mod:`qadapter.evaluation.knowledge`) by option log-likelihood and by greedy answer, the mean
 per-token KL to the base on general chat prompts, the perplexity of a general text. Cost: training
 seconds and the peak resident memory added while training.
 """
@@ -24,22 +24,29 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from qadapter_kernels import LossConfig
 from qadapter_kernels.vocabulary import vocabulary_pass
 
-from . import atomic
+from ..evaluation.knowledge import PROBE_LONGEST
+from ..evaluation.measures import (
+    answers,
+    chat_prompts,
+    likelihood,
+    next_token_targets,
+    packing_mask_dtype,
+    pair_margins,
+)
+from ..library import atomic
+from ..library.data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
+from ..library.hidden import final_hidden, output_head
 from .demo import option_field
-from .data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
-from .evaluate import answers, chat_prompts, likelihood, next_token_targets, packing_mask_dtype, pair_margins
-from .hidden import final_hidden, output_head
-from .knowledge import PROBE_LONGEST
 from .task import follows_rule, load_task
 
 METHODS = ("sft", "dpo", "qadapter")
@@ -161,7 +168,7 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
     class PreTokenizedDPOTrainer(DPOTrainer):
         # TRL 1.16's DPOTrainer tokenizes every text dataset itself (its _prepare_dataset has no path for
         # rows that are already prompt_ids/chosen_ids/rejected_ids); the pairs are tokenized by
-        # qadapter.data, as the Q-Adapter's are, so they are taken as they are.
+        # qadapter.library.data, as the Q-Adapter's are, so they are taken as they are.
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
@@ -183,9 +190,9 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
     SFT and DPO train with TRL's trainers (:func:`trl_trainer`), the Q-Adapter with its own."""
     from transformers import set_seed
 
-    from .defaults import DEFAULT_MODEL, load_base
-    from .model import QAdapterModel
-    from .trainer import QAdapterConfig, QAdapterTrainer
+    from ..library.defaults import DEFAULT_MODEL, load_base
+    from ..library.model import QAdapterModel
+    from ..library.trainer import QAdapterConfig, QAdapterTrainer
 
     set_seed(options.seed)
     if method == "qadapter":
@@ -213,7 +220,7 @@ class Policy:
     """What the measurements need of a method, none of it through ``[B, T, V]`` logits:
 
     - ``target_logprobs(input_ids, attention_mask, position_ids, targets) -> [targets]``: log-probs
-      (float32) of given next tokens (:class:`qadapter.evaluate.Targets`);
+      (float32) of given next tokens (:class:`qadapter.evaluation.measures.Targets`);
     - ``kl_to_base(input_ids, attention_mask) -> [B, T]``: KL(policy || frozen base) per position;
     - ``answer(questions, max_new_tokens)``: greedy answers to chat questions;
     - ``margins(features)``: preference margins of tokenized pairs under its own reward;
@@ -364,7 +371,7 @@ def perplexity(policy: Policy, tokenizer, passages: list[str]) -> float:
 
 def measure(policy: Policy, tokenizer, suite: dict) -> dict:
     """Every alignment and retention number of one policy (the base included)."""
-    from .knowledge import ANSWER_TOKENS, score_probe
+    from ..evaluation.knowledge import ANSWER_TOKENS, score_probe
 
     row = preference(policy.margins(suite["heldout_features"]))
     if suite["rule_prompts"]:
@@ -384,7 +391,7 @@ def measure(policy: Policy, tokenizer, suite: dict) -> dict:
 # ------------------------------------------------------------------------------------------ the run
 def _suite(options: CompareOptions, tokenizer) -> tuple[list[dict], dict]:
     """Training features and what every policy is measured on."""
-    from .knowledge import GENERAL_PROMPTS, general_passages, load_probe
+    from ..evaluation.knowledge import GENERAL_PROMPTS, general_passages, load_probe
 
     lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length)
     if options.data is None:
@@ -416,7 +423,7 @@ def run_compare(options: CompareOptions) -> dict:
     """Trains and measures every method at every budget; writes compare.json, .md and .png."""
     import tempfile
 
-    from .defaults import DEFAULT_MODEL, load_base
+    from ..library.defaults import DEFAULT_MODEL, load_base
 
     budgets = [2] if options.quick else options.budget_steps()
     if {"sft", "dpo"} & set(options.method_list()) and importlib.util.find_spec("trl") is None:

@@ -7,7 +7,7 @@ same answer with its first sentence set apart as a TL;DR line (:func:`make_chose
 the pair differs only in the preference, never in content. The knowledge probe holds
 short-answer questions; retention is the fraction still answered correctly.
 
-``python -m qadapter.task --output DIR`` regenerates the shipped data (seeded, greedy).
+``python -m qadapter.experiments.task --output DIR`` regenerates the shipped data (seeded, greedy).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def build_task_data(model, tokenizer, *, heldout: int = 20, seed: int = 0, max_n
     """Pairs from the model's own answers, a seeded held-out split, and the probe questions it gets right."""
     import random
 
-    from .evaluate import answers as greedy_answers
+    from ..evaluation.measures import answers as greedy_answers
 
     prompts = list(PROMPTS)
     random.Random(seed).shuffle(prompts)
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     """Regenerates the task data from the embedded default's own greedy answers."""
     import argparse
 
-    from .defaults import load_base
+    from ..library.defaults import load_base
 
-    parser = argparse.ArgumentParser(prog="python -m qadapter.task", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m qadapter.experiments.task", description=main.__doc__)
     parser.add_argument("--output", type=Path, default=DATA_FILE, help="where to write (default: the shipped file)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

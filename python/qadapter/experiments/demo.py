@@ -20,13 +20,12 @@ import torch
 
 from qadapter_kernels.registry import BACKEND_NAMES
 
-from . import atomic
-from .data import tokenize_rows
-from .defaults import DEFAULT_MODEL
-from .evaluate import STEP0_BASELINE, answers, evaluate_pairs
-from .model import QAdapterModel
+from ..evaluation.measures import STEP0_BASELINE, answers, evaluate_pairs
+from ..library import atomic
+from ..library.data import tokenize_rows
+from ..library.defaults import DEFAULT_MODEL
+from ..library.model import QAdapterModel
 from .task import follows_rule, load_task, probe_correct
-
 
 # Under the table: what the base's preference accuracy is.
 BASELINE_NOTE = (
@@ -85,7 +84,7 @@ def _stage(text: str) -> None:
 
 def run_demo(options: DemoOptions) -> dict:
     """Trains, measures, saves; returns the report (also written to ``<output>/report.json``)."""
-    from .trainer import QAdapterConfig, QAdapterTrainer
+    from ..library.trainer import QAdapterConfig, QAdapterTrainer
 
     started = time.perf_counter()
     _stage("1/4 loading the embedded default model (converted to a local cache on first use)")

@@ -9,42 +9,36 @@ three calls from that policy: likelihoods from the frozen and adapter hidden sta
 (:func:`qadapter_kernels.vocabulary.vocabulary_pass`, with the model's loss options and soft cap), text from
 :meth:`QAdapterModel.generate`. It registers as lm-eval model ``"qadapter"``::
 
-    import qadapter.lm_eval_model  # registers "qadapter"
+    import qadapter.evaluation.lm_eval_model  # registers "qadapter"
     lm_eval.simple_evaluate(model="qadapter", model_args="adapter=DIR,batch_size=8", tasks=["mmlu"])
 
 or from the command line, ``qadapter lm-eval --model_args adapter=DIR --tasks mmlu`` (lm-eval's run
 options; it calls :func:`evaluate_tasks`). The shipped offline tasks (``qadapter_knowledge``,
-``qadapter_tldr``) live in :data:`TASKS_DIR`; pass it as lm-eval's ``include_path``, or take
-:func:`task_manager`'s ``TaskManager``.
+``qadapter_tldr``) and the runner behind ``qadapter lm-eval`` are
+:mod:`qadapter.experiments.lm_eval_run`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-from lm_eval.tasks import TaskManager
 from lm_eval.utils import (
     get_rolling_token_windows,
-    handle_non_serializable,
     make_disjoint_window,
-    make_table,
     simple_parse_args_string,
 )
 from tqdm import tqdm
 
 from qadapter_kernels.vocabulary import vocabulary_pass
 
-from .defaults import DEFAULT_MODEL
-from .model import QAdapterModel
+from ..library.defaults import DEFAULT_MODEL
+from ..library.model import QAdapterModel
 
-TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
 # lm-eval's own options (--batch_size, --device) that reach the model besides its model_args.
@@ -155,13 +149,13 @@ class QAdapterLM(TemplateLM):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "QAdapterLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> QAdapterLM:
         """``key=value,...`` model args; lm-eval's own ``--batch_size`` and ``--device`` fill in only
         what the model args leave out (its CLI always passes defaults for them)."""
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "QAdapterLM":
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> QAdapterLM:
         """As :meth:`create_from_arg_string`, from a dict (what lm-eval's CLI passes)."""
         run = {k: v for k, v in (additional_config or {}).items() if k in RUN_OPTIONS and v is not None}
         return cls(**{**run, **arg_dict})
@@ -310,114 +304,3 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"qadapter: dtype must name a torch dtype (float32, bfloat16, float16); got {name!r}")
     return value
-
-
-# ------------------------------------------------------------------- running lm-eval (qadapter lm-eval)
-# lm-eval's public interface: TaskManager, simple_evaluate, EvaluationTracker (its results files) and
-# make_table; ``qadapter lm-eval`` (cli.py) parses lm-eval's run options and calls these.
-
-LISTS = {  # ``ls`` choices: TaskManager.list_all_tasks's switches
-    "tasks": {},
-    "groups": {"list_subtasks": False, "list_tags": False},
-    "subtasks": {"list_groups": False, "list_tags": False},
-    "tags": {"list_groups": False, "list_subtasks": False},
-}
-
-
-def task_manager(include_path: list[str] | None = None, metadata: dict | None = None) -> TaskManager:
-    """lm-eval's tasks, the shipped ones (:data:`TASKS_DIR`) and those in ``include_path``."""
-    return TaskManager(include_path=[str(TASKS_DIR), *(include_path or [])], metadata=metadata or {})
-
-
-def missing_tasks(manager: TaskManager, names: list[str]) -> list[str]:
-    """The names (or patterns) that match no task, group or tag."""
-    return [name for name in names if not manager.match_tasks([name])]
-
-
-def resolve_tasks(manager: TaskManager, names: list[str]) -> list[str]:
-    """Task, group and tag names matching ``names`` (patterns expanded, each once); an unknown
-    name is a ValueError naming it."""
-    missing = missing_tasks(manager, names)
-    if missing:
-        raise ValueError(f"Tasks not found: {', '.join(missing)} (qadapter lm-eval ls lists them)")
-    return list(dict.fromkeys(task for name in names for task in manager.match_tasks([name])))
-
-
-def key_values(texts: list[str] | None) -> dict:
-    """``key=value,key=value`` strings (values typed as lm-eval types them) or JSON objects, merged."""
-    merged: dict = {}
-    for text in texts or []:
-        if text.strip().startswith("{"):
-            value = json.loads(text)
-            if not isinstance(value, dict):
-                raise ValueError(f"expected a JSON object; got {text}")
-            merged.update(value)
-        else:
-            for item in text.split(","):
-                if item and "=" not in item:
-                    raise ValueError(f"expected key=value; got {item!r}")
-            merged.update(simple_parse_args_string(text))
-    return merged
-
-
-def samples_option(text: str | None) -> dict | None:
-    """``--samples``: a JSON object ``{"task": [indices]}``, or the path of a file holding one."""
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        if Path(text).is_file():
-            return json.loads(Path(text).read_text(encoding="utf-8"))
-        raise ValueError(f"--samples: neither a JSON object nor a file: {text}") from None
-
-
-def trust_remote_code() -> None:
-    """Lets data sets run their own loading code (``datasets`` read its setting when imported)."""
-    import datasets
-
-    datasets.config.HF_DATASETS_TRUST_REMOTE_CODE = True
-
-
-def evaluate_tasks(*, tasks: list, task_manager: TaskManager, output_path: str | None = None,
-                   hf_hub_log_args: dict | None = None, **options) -> dict | None:
-    """:func:`lm_eval.simple_evaluate` (``options`` are its arguments), the results written under
-    ``output_path`` by lm-eval's ``EvaluationTracker`` (``<output_path>/<model>/results_<date>.json``,
-    and with ``log_samples`` each task's samples), as lm-eval's own command line writes them.
-    Returns the results, without the samples; None on processes other than the first."""
-    import lm_eval
-    from lm_eval.loggers import EvaluationTracker
-
-    tracker_options = dict(hf_hub_log_args or {})
-    if output_path:
-        tracker_options["output_path"] = output_path
-    if os.environ.get("HF_TOKEN"):
-        tracker_options["token"] = os.environ["HF_TOKEN"]
-    tracker = EvaluationTracker(**tracker_options)
-    results = lm_eval.simple_evaluate(tasks=tasks, task_manager=task_manager, evaluation_tracker=tracker, **options)
-    if results is None:
-        return None
-    samples = results.pop("samples", None) if options.get("log_samples") else None
-    tracker.save_results_aggregated(results=results, samples=samples)
-    for task_name in results["configs"] if samples is not None else ():
-        tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    if tracker.push_results_to_hub or tracker.push_samples_to_hub:
-        tracker.recreate_metadata_card()
-    return results
-
-
-def format_results(results: dict, options: dict, *, show_config: bool = False) -> str:
-    """What lm-eval's command line prints: the run's settings and the results table (and the
-    groups'); with ``show_config``, the whole results first."""
-    parts = []
-    if show_config:
-        parts.append(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    batch_sizes = ",".join(map(str, results["config"].get("batch_sizes", [])))
-    model_args = {k: v for k, v in options.get("model_args", {}).items() if k != "trust_remote_code"}
-    parts.append(f"{options.get('model')} ({model_args}), gen_kwargs: ({options.get('gen_kwargs')}), "
-                 f"limit: {options.get('limit')}, num_fewshot: {options.get('num_fewshot')}, "
-                 f"batch_size: {options.get('batch_size')}{f' ({batch_sizes})' if batch_sizes else ''}")
-    parts.append(make_table(results))
-    if "groups" in results:
-        parts.append(make_table(results, "groups"))
-    return "\n".join(parts)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import datasets
-
-from qadapter.knowledge import load_probe
-from qadapter.task import follows_rule, load_task
+from qadapter.evaluation.knowledge import load_probe
+from qadapter.experiments.task import follows_rule, load_task
 
 
 def knowledge_probe(**metadata) -> datasets.DatasetDict:
@@ -20,5 +19,5 @@ def tldr_prompts(**metadata) -> datasets.DatasetDict:
 
 
 def follows_tldr_rule(doc: dict, results: list[str]) -> dict:
-    """1 when the answer opens with a ``TL;DR:`` line (:func:`qadapter.task.follows_rule`), else 0."""
+    """1 when the answer opens with a ``TL;DR:`` line (:func:`qadapter.experiments.task.follows_rule`), else 0."""
     return {"follows_rule": float(follows_rule(results[0]))}

@@ -1,6 +1,6 @@
 """A knowledge probe large enough to show forgetting, and general text and prompts to measure drift.
 
-The built-in task's probe (:data:`qadapter.task.PROBE`) holds a few dozen questions: too few to tell
+The built-in task's probe (:data:`qadapter.experiments.task.PROBE`) holds a few dozen questions: too few to tell
 one fine-tuning method's retention from another's. This module generates several hundred easy
 multiple-choice questions from small tables (capitals, chemical symbols, opposites, plurals,
 small sums, ...), seeded so that the same seed always gives the same list, and keeps the ones the
@@ -9,8 +9,8 @@ option as its reply) is the correct one, and its greedy answer names the correct
 fine-tuned model gets wrong on that probe it has forgotten.
 
 Scoring takes the model as a function, ``logprobs_fn(input_ids, attention_mask, position_ids, targets)``,
-the log-probabilities of given next tokens (:class:`qadapter.evaluate.Targets`;
-:func:`qadapter.evaluate.likelihood`, a compare policy's ``target_logprobs``), and greedy answers as
+the log-probabilities of given next tokens (:class:`qadapter.evaluation.measures.Targets`;
+:func:`qadapter.evaluation.measures.likelihood`, a compare policy's ``target_logprobs``), and greedy answers as
 ``answer_fn(questions) -> texts``, so the same code scores the base model, a LoRA model and the
 Q-Adapter combined policy.
 
@@ -18,7 +18,7 @@ Q-Adapter combined policy.
 (original plain prose) measure how far a fine-tuned model moved from the base on everything else:
 KL to the base on general chat and perplexity on general text.
 
-``python -m qadapter.knowledge --output PATH --seed 0`` regenerates the shipped probe.
+``python -m qadapter.evaluation.knowledge --output PATH --seed 0`` regenerates the shipped probe.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     """Per item, the summed log-probability of each option's tokens as the assistant's reply.
 
     ``logprobs_fn(input_ids, attention_mask, position_ids, targets)`` returns the log-probs of ``targets``
-    (:class:`qadapter.evaluate.Targets`: rows, positions and token ids, one per scored token).
+    (:class:`qadapter.evaluation.measures.Targets`: rows, positions and token ids, one per scored token).
     Without ``mask_dtype`` it sees right-padded rows, one per option, ``batch_size`` at a time, and
     ``position_ids`` None. With ``mask_dtype`` (the model's, :func:`evaluate.packing_mask_dtype`) each
     row holds one item: its prompt, then every option, each attending to the prompt and to itself at
@@ -348,7 +348,7 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     """
     import torch
 
-    from .evaluate import Targets, chat_prompts, segment_mask
+    from .measures import Targets, chat_prompts, segment_mask
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
@@ -384,7 +384,7 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
                 prefix = torch.tensor([len(prompts[scored[0][0]]) for _, scored in chunk])
                 segment = torch.full((len(chunk), width), -1)  # padding: a segment of its own
                 position_ids = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, (tokens, scored) in enumerate(chunk):
+                for r, (_, scored) in enumerate(chunk):
                     p = int(prefix[r])
                     position_ids[r, :p] = torch.arange(p)
                     offset = p
@@ -426,7 +426,7 @@ def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict], *, mask_dt
 
 def build_probe(model, tokenizer, *, seed: int = 0, max_new_tokens: int = ANSWER_TOKENS) -> list[dict]:
     """The candidates the plain base ``model`` gets right under both scorings, in candidate order."""
-    from .evaluate import answers, likelihood, packing_mask_dtype
+    from .measures import answers, likelihood, packing_mask_dtype
 
     items = candidates(seed)
     picked = option_logprob_scores(likelihood(model), tokenizer, items,
@@ -504,8 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     import time
     from collections import Counter
 
-    from .atomic import write_json
-    from .defaults import DEFAULT_MODEL, load_base
+    from ..library.atomic import write_json
+    from ..library.defaults import DEFAULT_MODEL, load_base
 
     parser = argparse.ArgumentParser(description="Regenerate the knowledge probe from the embedded base model.")
     parser.add_argument("--output", default=str(DATA_FILE), help="where to write the probe (JSON)")

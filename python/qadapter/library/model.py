@@ -2,7 +2,7 @@
 
 Training: the frozen model's final hidden states (adapter disabled, no grad) and the adapter's
 (with grad) go to :func:`qadapter_kernels.qadapter_loss` with the shared lm_head weight
-(:func:`qadapter.hidden.frozen_and_adapter_hidden`), so the full ``[B, T, V]`` logits never exist.
+(:func:`qadapter.library.hidden.frozen_and_adapter_hidden`), so the full ``[B, T, V]`` logits never exist.
 
 Generation samples from the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)``
 (the backend's decode combine, :func:`select_combine`). Both paths share one KV-cached forward per
@@ -18,9 +18,10 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,7 +110,7 @@ class QAdapterModel(nn.Module):
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def from_peft_model(cls, peft_model: nn.Module, *, tokenizer: Any = None, loss: LossConfig | None = None,
-                        backend: str = "auto", chunk_size: int | None = None, **loss_options) -> "QAdapterModel":
+                        backend: str = "auto", chunk_size: int | None = None, **loss_options) -> QAdapterModel:
         """Wraps a ``peft.PeftModel`` whose LoRA adapter ``"default"`` is the Q-function (loaded from
         files, or built elsewhere); its LoRA settings are its own."""
         config = getattr(peft_model, "peft_config", {}).get(ADAPTER_NAME)
@@ -125,7 +126,7 @@ class QAdapterModel(nn.Module):
         return model
 
     @classmethod
-    def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, **options) -> "QAdapterModel":
+    def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, **options) -> QAdapterModel:
         """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or the default."""
         tokenizer = options.pop("tokenizer", None)
         if isinstance(model, str):
@@ -134,7 +135,7 @@ class QAdapterModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model: str | nn.Module | None = None, *,
-                        torch_dtype=None, device=None, is_trainable: bool = False) -> "QAdapterModel":
+                        torch_dtype=None, device=None, is_trainable: bool = False) -> QAdapterModel:
         """Loads a saved adapter onto its base model (by default the one named in its config)."""
         from peft import PeftModel
 
