@@ -3,7 +3,7 @@
     python -m bench.cuda_check [--skip-sanitizer] [--out bench/results]     # from the repository root
 
 1. builds (or loads) the extension: ``_cuda.backend_status()`` (just-in-time build if needed);
-2. runs the GPU tests, ``pytest -m gpu tests/test_cuda_ext.py``;
+2. runs the GPU tests, ``pytest -m gpu tests/kernels/test_cuda_ext.py``;
 3. reruns a small subset under ``compute-sanitizer --tool memcheck`` when it is installed, with
    torch's caching allocator off so that an out-of-bounds access hits unallocated memory;
 4. times the row step at Llama-3.1-8B vocabulary size against the copy bandwidth measured in the
@@ -185,7 +185,7 @@ def main() -> int:
     report["extension"] = {"available": available, "reason": reason, "seconds": round(time.perf_counter() - start, 1)}
     print(f"extension: available={available} {reason} ({report['extension']['seconds']} s)", flush=True)
 
-    report["gpu_tests"] = _pytest(["-m", "gpu", "tests/test_cuda_ext.py"], timeout=45)
+    report["gpu_tests"] = _pytest(["-m", "gpu", "tests/kernels/test_cuda_ext.py"], timeout=45)
     print(f"gpu tests: {report['gpu_tests']['summary']}", flush=True)
 
     sanitizer = shutil.which("compute-sanitizer")
@@ -195,7 +195,7 @@ def main() -> int:
     else:
         env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
         report["sanitizer"] = _pytest(
-            ["-m", "gpu", "-k", SANITIZER_TESTS, "tests/test_cuda_ext.py"],
+            ["-m", "gpu", "-k", SANITIZER_TESTS, "tests/kernels/test_cuda_ext.py"],
             prefix=[sanitizer, "--tool", "memcheck", "--error-exitcode", "99", "--print-limit", "20"],
             env=env,
             timeout=180,

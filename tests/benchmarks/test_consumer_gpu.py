@@ -1,0 +1,70 @@
+"""The consumer-GPU benchmark (``python -m bench.consumer_gpu``) runs end to end on CPU with
+--dry-run, and a failing part is recorded while the others still run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from bench import consumer_gpu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+LOSS_ROWS = ("train: fused", "train: eager-authors")
+DECODE_ROWS = ("decode: batch 1", "decode: batch 8")
+
+
+def test_dry_run_writes_every_row(tmp_path):
+    out = tmp_path / "result.json"
+    # As bench/gpu.sh runs it: a module, from the repository root.
+    proc = subprocess.run([sys.executable, "-m", "bench.consumer_gpu", "--dry-run", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    parts = result["parts"]
+    for name in LOSS_ROWS:
+        assert parts[name]["status"] == "ok", parts[name]
+        assert parts[name]["ms_per_step"] > 0
+    for name in DECODE_ROWS:
+        row = parts[name]
+        assert row["status"] == "ok", row
+        assert row["base_ms_per_token"] > 0 and row["customized_ms_per_token"] > 0
+        assert row["customized_over_base"] > 0
+    assert parts["train: fused"]["backend"] == "chunked"
+    assert parts["build"]["weight_std"] > 0  # random weights, not zeros
+    assert {"torch", "transformers", "peft", "triton", "cuda", "device"} <= result["versions"].keys()
+    assert "| train: eager-authors | ok |" in proc.stdout
+
+
+def test_failures_are_recorded_and_the_rest_runs(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoding broke")
+
+    monkeypatch.setattr(consumer_gpu, "eager_authors_loss", out_of_memory)
+    monkeypatch.setattr(consumer_gpu, "decode", lambda model, batch, setup, device: broken() if batch == 8 else {})
+    out = tmp_path / "result.json"
+    assert consumer_gpu.main(["--dry-run", "--out", str(out)]) == 1
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["train: fused"]["status"] == "ok"
+    assert parts["train: eager-authors"]["status"] == "out of memory"
+    assert parts["decode: batch 1"]["status"] == "ok"
+    assert parts["decode: batch 8"]["status"] == "error"
+    assert parts["decode: batch 8"]["error"] == "RuntimeError: decoding broke"
+
+
+def test_time_budget_skips_the_remaining_parts(tmp_path):
+    out = tmp_path / "result.json"
+    assert consumer_gpu.main(["--dry-run", "--budget-s", "0", "--out", str(out)]) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert {row["status"] for row in parts.values()} == {"skipped: time budget"}
+    assert set(parts) == {"build", *LOSS_ROWS, *DECODE_ROWS}

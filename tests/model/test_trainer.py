@@ -1,0 +1,173 @@
+"""QAdapterTrainer on a tiny random model: it learns a preference, logs the preference metrics,
+checkpoints only the adapter, and resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa: E402
+from qadapter.evaluation.measures import preference_metrics  # noqa: E402
+from qadapter.library import atomic
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
+from qadapter.library.trainer import METRIC_NAMES, QAdapterConfig, QAdapterTrainer  # noqa: E402
+
+
+def fresh_base():
+    """The base model ``setup`` trains on, without an adapter attached."""
+    return tiny_causal_lm("llama", vocab=len(tiny_chat_tokenizer()))
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if "lora_" in n}
+
+
+def test_training_learns_the_preference_and_logs_metrics(tmp_path):
+    model, tokenizer, args, train, heldout = training_setup(tmp_path, max_steps=24)
+    before = preference_metrics(model, heldout, tokenizer.pad_token_id)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    after = preference_metrics(model, heldout, tokenizer.pad_token_id)
+    assert after["loss"] < before["loss"] - 0.05
+    assert before["accuracy"] < 0.5 <= 0.9 <= after["accuracy"]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(name in logged[0] for name in METRIC_NAMES.values())
+    assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+
+
+def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
+    model, tokenizer, args, train, _ = training_setup(tmp_path / "full", max_steps=6)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    uninterrupted = lora_state(model)
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path / "cut", max_steps=6, save_strategy="steps", save_steps=3)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    checkpoint = tmp_path / "cut" / "checkpoint-3"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors", "qadapter_config.json", "optimizer.pt"} <= files
+    assert "model.safetensors" not in files  # never a copy of the frozen base
+    assert (checkpoint / "adapter_model.safetensors").stat().st_size < 1_000_000
+    QAdapterModel.from_pretrained(checkpoint, fresh_base())  # config and fingerprint
+
+    # What a run killed while writing checkpoint-6 leaves: part of its files. Trainer writes over it.
+    last = tmp_path / "cut" / "checkpoint-6"
+    for path in last.iterdir():
+        path.unlink()
+    (last / "adapter_model.safetensors").write_bytes(b"half written")
+    model, tokenizer, args, train, _ = training_setup(tmp_path / "cut", max_steps=6, save_strategy="steps", save_steps=3)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train(
+        resume_from_checkpoint=str(checkpoint))
+    resumed = lora_state(model)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7)
+    saved = lora_state(QAdapterModel.from_pretrained(last, fresh_base()))
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-7)
+    assert not list(last.glob(atomic.STAGING_PREFIX + "*"))
+
+
+def test_resume_refuses_a_checkpoint_that_is_not_this_adapters(tmp_path):
+    """Resuming checks the checkpoint as loading does: its base fingerprint, and exactly the
+    adapter's LoRA tensors (PEFT alone would load a partial or foreign set with a warning)."""
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    checkpoint = tmp_path / "checkpoint-2"
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=4, save_strategy="no")
+    other_base = QAdapterModel(tiny_causal_lm("llama", seed=5, vocab=len(tokenizer)), tokenizer=tokenizer,
+                               **args.model_options())
+    with pytest.raises(AdapterLoadError, match="trained on another base model"):
+        QAdapterTrainer(model=other_base, args=args, train_dataset=train, processing_class=tokenizer).train(
+            resume_from_checkpoint=str(checkpoint))
+
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0." not in k}, checkpoint / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="does not match its adapter config"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train(
+            resume_from_checkpoint=str(checkpoint))
+
+
+def test_save_model_writes_a_loadable_adapter_and_keeps_other_files(tmp_path):
+    """Trainer.save_model: the adapter, its config and the tokenizer, staged and renamed into place
+    beside whatever the directory holds; a directory of other things is refused untouched."""
+    model, tokenizer, args, train, _ = training_setup(tmp_path / "run", max_steps=2)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    out = tmp_path / "adapter"
+    training_setup(tmp_path / "old")[0].save_pretrained(out)  # an older adapter there, and the user's files
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text("my own model card")
+    trainer.save_model(str(out))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == "my own model card"
+    assert {"qadapter_config.json", "tokenizer_config.json", "training_args.bin"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
+    loaded = lora_state(QAdapterModel.from_pretrained(out, fresh_base()))
+    for name, value in lora_state(model).items():
+        torch.testing.assert_close(loaded[name], value)
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(atomic.OutputDirectoryError, match="holds no Q-Adapter adapter"):
+        trainer.save_model(str(foreign))
+    assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    """With the highest held-out loss as "best" (training lowers it), the best checkpoint is an early
+    one, not the last: the model ends with that checkpoint's adapter."""
+    from safetensors.torch import load_file
+
+    model, tokenizer, args, train, heldout = training_setup(
+        tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
+                              processing_class=tokenizer)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved = load_file(f"{best}/adapter_model.safetensors")
+    state = {name.replace(".default", ""): value for name, value in lora_state(model).items()}
+    assert set(saved) == set(state)
+    for name, value in saved.items():
+        torch.testing.assert_close(state[name], value)
+
+
+def test_padding_dependent_norm_with_accumulation_warns(tmp_path):
+    import warnings as w
+
+    from qadapter.library.trainer import _warn_if_padding_dependent
+
+    args = QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[])
+    with pytest.warns(UserWarning, match="depend on how far its batch is padded"):
+        _warn_if_padding_dependent(args)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2,
+                                                  reward_norm="mean", report_to=[]))
+        _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), report_to=[]))
+
+
+@pytest.mark.parametrize("reward_norm", ["mean", "sum"])
+def test_accumulated_micro_batches_train_as_their_concatenation(tmp_path, reward_norm):
+    """Two micro-batches of 2 pairs accumulated = one batch of 4 pairs: the same logged loss and the
+    same LoRA weights after plain SGD steps (Trainer's num_items_in_batch carries the step's counts)."""
+    runs = {}
+    for micro, accumulate in ((4, 1), (2, 2)):
+        model, tokenizer, args, train, _ = training_setup(tmp_path / f"{micro}", max_steps=3, optim="sgd", learning_rate=0.5,
+                                                 per_device_train_batch_size=micro,
+                                                 gradient_accumulation_steps=accumulate, reward_norm=reward_norm, beta=2.0)
+        trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs[micro] = (losses, lora_state(model))
+    (whole_losses, whole), (acc_losses, accumulated) = runs[4], runs[2]
+    assert len(whole_losses) == len(acc_losses) == 3
+    torch.testing.assert_close(torch.tensor(acc_losses), torch.tensor(whole_losses), rtol=2e-5, atol=1e-6)
+    assert any((whole[name] - before).abs().max() > 1e-4 for name, before in lora_state(
+        training_setup(tmp_path / "init")[0]).items())  # the steps moved the weights
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=2e-5, atol=1e-6, msg=name)
