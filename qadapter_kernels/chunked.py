@@ -17,46 +17,32 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Backend
+from .registry import Backend, StatsOptions
 from .sizing import auto_chunk_size, auto_tiles, default_block_step
 from .steps import RowStep, whole_row_block_step
 from .tiles import ChunkedTokenStats
 
 
-def chunked_token_stats(
-    base: torch.Tensor,
-    hq: torch.Tensor,
-    weight: torch.Tensor,
-    q_weight: torch.Tensor,
-    q_bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    *,
-    alpha_tilde: float,
-    alpha_0: float,
-    chunk_size: int | None = None,
-    row_step: RowStep | None = None,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``Q[t, a_t]`` and ``V_t`` for packed tokens ``[N, d]``; differentiable in hq, q_weight, q_bias.
+def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor,
+                        q_bias: torch.Tensor | None, targets: torch.Tensor, options: StatsOptions,
+                        row_step: RowStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``token_stats`` contract (:class:`registry.TokenStatsFn`) over tiles.
 
-    ``base``/``hq``: ``[N, d]``; ``weight``/``q_weight``: ``[V, d]``; ``q_bias``: ``[V]`` or None;
-    ``targets``: ``[N]`` int64 in ``[0, V)``. Returns two ``[N]`` tensors in :func:`stats_dtype`.
     ``row_step``: a fused step over whole rows (the GPU backends'); ``None`` takes
-    :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). ``softcap`` s: both heads' logits are ``s * tanh(logits / s)``
-    (Gemma-2); the step is unchanged, the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
+    :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). Under a soft cap
+    the step is unchanged and the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
     """
-    vocab = weight.shape[0]
+    vocab, softcap = weight.shape[0], options.softcap
     if row_step is not None:
         # A fused step makes no float32 copies; the soft cap still widens the tiles (ChunkLogits).
-        tiles = (chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device,
-                                               widened=softcap is not None), vocab)
+        tiles = (options.chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device,
+                                                       widened=softcap is not None), vocab)
         block_step = whole_row_block_step(row_step)
     else:
-        tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, chunk_size)
+        tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, options.chunk_size)
         block_step = default_block_step(hq.device)
-    return ChunkedTokenStats.apply(
-        base.detach(), hq, weight.detach(), q_weight, q_bias, targets, tiles, block_step, (alpha_tilde, alpha_0, softcap)
-    )
+    return ChunkedTokenStats.apply(base.detach(), hq, weight.detach(), q_weight, q_bias, targets, tiles, block_step,
+                                   (options.alpha_tilde, options.alpha_0, softcap))
 
 
 BACKEND = Backend(

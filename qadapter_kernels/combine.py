@@ -122,7 +122,7 @@ def combined_logprobs_at(
     base, hq, actions = base_hidden[mask], q_hidden[mask], targets[mask].long()
     q_taken, value = impl.token_stats(
         base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
-        alpha_tilde=alpha_tilde, alpha_0=alpha_0, chunk_size=chunk_size, softcap=logit_softcap,
+        registry.StatsOptions(alpha_tilde, alpha_0, logit_softcap, chunk_size),
     )
     log_pi1 = token_logprobs(base, weight, actions, logit_softcap=logit_softcap, chunk_size=chunk_size)
     combined = (q_taken + alpha_0 * log_pi1 - value) / alpha_tilde

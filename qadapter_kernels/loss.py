@@ -28,10 +28,7 @@ def _token_stats(impl, tokens, base_hidden, q_hidden, weight, labels, q_weight, 
         weight.detach() if q_weight is None else q_weight,
         q_bias,
         labels[:, 1:][tokens.mask].long(),
-        alpha_tilde=config.alpha_tilde,
-        alpha_0=config.alpha_0,
-        chunk_size=chunk_size,
-        softcap=config.logit_softcap,
+        registry.StatsOptions(config.alpha_tilde, config.alpha_0, config.logit_softcap, chunk_size),
     )
     return TokenStats(q_taken, value, token_rewards(q_taken, value, tokens, config), tokens, config)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .config import LossConfig
 from .inputs import stats_dtype
 from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss
-from .registry import Backend
+from .registry import Backend, StatsOptions
 
 
 def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0, softcap=None):
@@ -65,11 +65,10 @@ def qadapter_loss_reference(
     return pairwise_loss(rewards[mask], ScoredTokens.from_labels(labels, config.ignore_index), config)
 
 
-def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, *, alpha_tilde, alpha_0, chunk_size=None,
-                          softcap=None):
-    """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd."""
-    del chunk_size  # nothing is chunked here
-    q, value = _values(base, hq, weight, q_weight, q_bias, alpha_tilde, alpha_0, softcap)
+def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, options: StatsOptions):
+    """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd (nothing is
+    chunked: ``options.chunk_size`` has nothing to bound)."""
+    q, value = _values(base, hq, weight, q_weight, q_bias, options.alpha_tilde, options.alpha_0, options.softcap)
     return q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), value
 
 

@@ -21,22 +21,33 @@ import torch
 from .config import check_choice
 
 
+@dataclass(frozen=True)
+class StatsOptions:
+    """The options every backend's ``token_stats`` takes, in one record: the combination
+    (``alpha_tilde``, ``alpha_0``), the model's logit soft cap (``softcap`` s: both heads' logits
+    become ``s * tanh(logits / s)``; None: none) and, for backends that chunk, ``chunk_size``
+    (tokens per chunk; None: from the backend's memory budget)."""
+
+    alpha_tilde: float
+    alpha_0: float
+    softcap: float | None = None
+    chunk_size: int | None = None
+
+
 class TokenStatsFn(Protocol):
     """The contract every backend's ``token_stats`` implements, written once.
 
     ``base``, ``hq``: ``[N, d]`` the scored tokens' hidden states of the frozen model (no gradient)
     and of the adapter; ``weight``, ``q_weight``: ``[V, d]`` the frozen head and the Q head (the
     frozen one, detached, when the adapter sits below the head); ``q_bias``: ``[V]`` or None;
-    ``targets``: ``[N]`` int64 in ``[0, V)``; ``softcap``: both heads' logits become
-    ``s * tanh(logits / s)`` (Gemma-2), None: none; ``chunk_size``: tokens per chunk where the
-    backend chunks (None: from its memory budget). Returns ``(Q[t, a_t], V_t)``, two ``[N]`` tensors
-    in ``inputs.stats_dtype``, differentiable in ``hq``, ``q_weight`` and ``q_bias``, with
+    ``targets``: ``[N]`` int64 in ``[0, V)``. Returns ``(Q[t, a_t], V_t)``, two ``[N]`` tensors in
+    ``inputs.stats_dtype``, differentiable in ``hq``, ``q_weight`` and ``q_bias``, with
     ``V_t = alpha~ lse((Q_t + alpha_0 log_softmax(z_t)) / alpha~)``.
     """
 
     def __call__(self, base: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor,
-                 q_bias: torch.Tensor | None, targets: torch.Tensor, *, alpha_tilde: float, alpha_0: float,
-                 chunk_size: int | None = None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+                 q_bias: torch.Tensor | None, targets: torch.Tensor,
+                 options: StatsOptions) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .. import chunked
 from ..registry import Backend
 from ._common import INTERPRET, interpreter_problem
 from .decode import combine_logits
-from .fused import fused_token_stats, token_stats
+from .fused import fused_token_stats
 from .row_step import triton_row_step
 
 chunked_triton_token_stats = functools.partial(chunked.chunked_token_stats, row_step=triton_row_step)
@@ -46,7 +46,7 @@ def backend_status() -> tuple[bool, str]:
 FUSED_BACKEND = Backend(
     name="triton",
     summary="fully fused, no [N, V] or [chunk, V] buffer; deterministic",
-    token_stats=token_stats,
+    token_stats=fused_token_stats,
     availability=backend_status,
     float64=False,
     combine=combine_logits,

@@ -54,6 +54,7 @@ import math
 import torch
 import triton
 
+from ..registry import StatsOptions
 from ..tiles import softcap_slope
 from ._common import check_kernel_inputs, launch_guard, row_major
 from .fused_backward import _expected_weight_kernel, _head_grad_kernel
@@ -133,21 +134,15 @@ def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken, 
     return None, grad_hq, None, grad_qw, grad_qb, None, None
 
 
-def fused_token_stats(
-    base: torch.Tensor,
-    hq: torch.Tensor,
-    weight: torch.Tensor,
-    q_weight: torch.Tensor,
-    q_bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    *,
-    alpha_tilde: float,
-    alpha_0: float,
-    vocab_splits: int | None = None,
-    grad_filter_eps: float = 0.0,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_stats` with the kernels' own knobs.
+def fused_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor,
+                      q_bias: torch.Tensor | None, targets: torch.Tensor, options: StatsOptions, *,
+                      vocab_splits: int | None = None, grad_filter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``token_stats`` contract (:class:`registry.TokenStatsFn`) with no ``[N, V]`` tensor ever
+    formed (``options.chunk_size`` has nothing to bound), and the kernels' own knobs.
+
+    float16 / bfloat16 / float32 inputs; float64 is refused with a TypeError (Triton has no float64
+    tensor-core dot; ``chunked`` serves float64 exactly). The soft cap applies to every tile, its
+    slope entering the backward's products.
 
     Args:
         vocab_splits: vocabulary ranges processed by separate programs (each with its own
@@ -163,35 +158,11 @@ def fused_token_stats(
         check_kernel_inputs("token statistics", q_bias)
     if grad_filter_eps < 0 or not math.isfinite(grad_filter_eps):
         raise ValueError(f"grad_filter_eps must be a finite number >= 0; got {grad_filter_eps}")
-    plan = make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps, softcap)
+    plan = make_plan(base, hq, weight, q_weight, options.alpha_tilde, options.alpha_0, vocab_splits, grad_filter_eps,
+                     options.softcap)
     targets = targets.to(device=hq.device, dtype=torch.int64).contiguous()
     with launch_guard(hq):
         return FusedTokenStats.apply(
             row_major(base.detach()), row_major(hq), row_major(weight.detach()), row_major(q_weight),
             q_bias.contiguous() if q_bias is not None else None, targets, plan,
         )
-
-
-def token_stats(
-    base: torch.Tensor,
-    hq: torch.Tensor,
-    weight: torch.Tensor,
-    q_weight: torch.Tensor,
-    q_bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    *,
-    alpha_tilde: float,
-    alpha_0: float,
-    chunk_size: int | None = None,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``Q[t, a_t]`` and ``V_t`` (float32 ``[N]``), the contract of ``chunked.chunked_token_stats``.
-
-    No ``[N, V]`` tensor is ever formed, so ``chunk_size`` (a memory knob of the chunked backend)
-    has nothing to bound and is ignored. float16 / bfloat16 / float32 inputs; float64 is refused
-    with a TypeError (Triton has no float64 tensor-core dot; ``chunked`` serves float64 exactly).
-    ``softcap``: the logits' soft cap, applied to every tile (its slope enters the backward's products).
-    """
-    del chunk_size
-    return fused_token_stats(base, hq, weight, q_weight, q_bias, targets, alpha_tilde=alpha_tilde, alpha_0=alpha_0,
-                             softcap=softcap)

@@ -7,6 +7,7 @@ import torch
 from helpers import loss_and_grads, make_inputs
 
 from qadapter_kernels import chunked, sizing, steps, tiles
+from qadapter_kernels.registry import StatsOptions
 from qadapter_kernels.sizing import auto_chunk_size
 from qadapter_kernels.tiles import ChunkLogits, chunks
 
@@ -42,8 +43,8 @@ def test_fused_row_steps_take_the_unwidened_chunk_unless_capped(monkeypatch, sof
     monkeypatch.setattr(chunked, "auto_chunk_size", spy)
     x = torch.randn(5, 4)
     w = torch.randn(7, 4)
-    chunked.chunked_token_stats(x, x, w, w, None, torch.zeros(5, dtype=torch.long), alpha_tilde=1.0, alpha_0=0.1,
-                                row_step=steps.torch_row_step, softcap=softcap)
+    chunked.chunked_token_stats(x, x, w, w, None, torch.zeros(5, dtype=torch.long),
+                                StatsOptions(alpha_tilde=1.0, alpha_0=0.1, softcap=softcap), row_step=steps.torch_row_step)
     assert seen == {"widened": softcap is not None}
 
 
@@ -136,7 +137,7 @@ def test_vocabulary_tiles_keep_masked_entries_at_zero(vocab_tiles):
     bias[:20] = -float("inf")  # the first tiles of every row are all -inf in Q
     targets = torch.randint(20, 40, (6,), generator=g)
     hq.requires_grad_()
-    got = chunked.chunked_token_stats(base, hq, weight, weight, bias, targets, alpha_tilde=0.9, alpha_0=0.2)
+    got = chunked.chunked_token_stats(base, hq, weight, weight, bias, targets, StatsOptions(alpha_tilde=0.9, alpha_0=0.2))
     q = hq @ weight.T + bias
     c = (q + 0.2 * torch.log_softmax(base @ weight.T, -1)) / 0.9
     torch.testing.assert_close(got[0], q.gather(1, targets[:, None])[:, 0])

@@ -10,6 +10,7 @@ from helpers import make_inputs
 
 from qadapter_kernels import _cpu, sizing
 from qadapter_kernels.chunked import chunked_token_stats
+from qadapter_kernels.registry import StatsOptions
 from qadapter_kernels.steps import torch_block_step, torch_row_step
 
 needs_cc = pytest.mark.skipif(not _cpu.status()[0], reason=f"compiled CPU row step: {_cpu.status()[1]}")
@@ -127,8 +128,8 @@ def _stats(x, row_step):
     scored = x["labels"][:, 1:] != -100
     base, hq = x["base_hidden"][:, :-1][scored], x["q_hidden"][:, :-1][scored]
     targets = x["labels"][:, 1:][scored]
-    out = chunked_token_stats(base, hq, x["weight"], x["weight"], None, targets, alpha_tilde=0.8, alpha_0=0.1,
-                              chunk_size=4, row_step=row_step)
+    out = chunked_token_stats(base, hq, x["weight"], x["weight"], None, targets,
+                              StatsOptions(alpha_tilde=0.8, alpha_0=0.1, chunk_size=4), row_step=row_step)
     return torch.stack(out)
 
 

@@ -17,6 +17,7 @@ from helpers import make_inputs
 from qadapter_kernels import _cuda, combine_logits, cuda_backend
 from qadapter_kernels.config import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
+from qadapter_kernels.registry import StatsOptions
 from qadapter_kernels.steps import torch_row_step
 from qadapter_kernels.toolchain import cuda_archs
 
@@ -332,8 +333,8 @@ def test_cuda_token_stats_non_finite_logits_match_the_reference(ext, value, site
         base[5, 1] = value  # one token's base state
     targets = torch.randint(0, vocab, (n,), generator=g)
     args = [t.cuda() for t in (base, hq, weight, weight)] + [None, targets.cuda()]
-    want = reference_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2)
-    got = cuda_backend.cuda_token_stats(*args, alpha_tilde=0.8, alpha_0=0.2, chunk_size=4)
+    want = reference_token_stats(*args, StatsOptions(alpha_tilde=0.8, alpha_0=0.2))
+    got = cuda_backend.cuda_token_stats(*args, StatsOptions(alpha_tilde=0.8, alpha_0=0.2, chunk_size=4))
     for name, a, b in zip(("q_taken", "value"), got, want):
         _same_non_finite(a, b, name)
 
@@ -488,7 +489,8 @@ def test_pairwise_kernel_in_the_loss_path(ext):
     mask = tokens.mask
     base, hq = inputs["base_hidden"][:, :-1][mask], inputs["q_hidden"][:, :-1][mask]
     w = inputs["weight"]
-    qa, v = cuda_backend.cuda_token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask], alpha_tilde=1.0, alpha_0=0.01)
+    qa, v = cuda_backend.cuda_token_stats(base, hq, w, w, None, inputs["labels"][:, 1:][mask],
+                                          StatsOptions(alpha_tilde=1.0, alpha_0=0.01))
     rewards = token_rewards(qa, v, tokens, config)
     got, want = cuda_backend.pairwise_loss(rewards, tokens, config), pairwise_loss(rewards, tokens, config)
     torch.testing.assert_close(got.loss, want.loss, rtol=2e-5, atol=1e-6)

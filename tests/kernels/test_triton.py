@@ -25,6 +25,7 @@ from helpers import loss_and_grads, make_inputs  # noqa: E402
 
 from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E402
 from qadapter_kernels.chunked import chunked_token_stats  # noqa: E402
+from qadapter_kernels.registry import StatsOptions  # noqa: E402
 from qadapter_kernels.steps import torch_row_step  # noqa: E402
 from qadapter_kernels.triton import (  # noqa: E402  # noqa: E402
     backend_status,
@@ -67,9 +68,12 @@ def _packed(seed=11, dtype=torch.float32, n=37, hidden=40, vocab=203):
     return [cast(t) for t in (base, hq, weight, q_weight, q_bias)] + [targets.to(DEVICE), grads.to(DEVICE)]
 
 
-def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, **kwargs):
+def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, chunk_size=None, softcap=None,
+                     **knobs):
+    """Token statistics and the gradients of ``upstream``; ``knobs``: the fused backend's own."""
     leaves = [t.detach().clone().requires_grad_() for t in (hq, q_weight, q_bias)]
-    q_taken, value = fn(base, leaves[0], weight, leaves[1], leaves[2], targets, alpha_tilde=0.7, alpha_0=0.2, **kwargs)
+    options = StatsOptions(alpha_tilde=0.7, alpha_0=0.2, softcap=softcap, chunk_size=chunk_size)
+    q_taken, value = fn(base, leaves[0], weight, leaves[1], leaves[2], targets, options, **knobs)
     (q_taken * upstream[0] + value * upstream[1]).sum().backward()
     return [q_taken, value] + [t.grad for t in leaves]
 
@@ -105,7 +109,7 @@ def test_gradient_filter():
     torch.testing.assert_close(grad_hq, upstream[0][:, None] * q_weight.detach()[targets])
     assert rel_err(grad_qw, want[3]) > 1e-3  # tiles without a target were skipped
     with pytest.raises(ValueError, match="grad_filter_eps"):
-        fused_token_stats(base, hq, weight, q_weight, q_bias, targets, alpha_tilde=1.0, alpha_0=0.0,
+        fused_token_stats(base, hq, weight, q_weight, q_bias, targets, StatsOptions(alpha_tilde=1.0, alpha_0=0.0),
                           grad_filter_eps=-1.0)
 
 
