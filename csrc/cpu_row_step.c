@@ -117,7 +117,7 @@ static inline __m512 log2_shift(float h, float k, double unit, double *point) {
 
 /* Asks for the cache line `bytes` past p, where the next block's inputs are: the first pass of a block
  * waits on memory and the second computes, so fetching one block ahead during the second overlaps
- * the two (1.4x in bfloat16 on a 2-core Zen 4). Address arithmetic, not pointer arithmetic:
+ * the two (measurably faster in bfloat16). Address arithmetic, not pointer arithmetic:
  * past the last row it points outside the tensor, which a prefetch may. */
 static inline void prefetch_ahead(const void *p, size_t bytes) {
     _mm_prefetch((const char *)((uintptr_t)p + bytes), _MM_HINT_T0);
@@ -222,7 +222,7 @@ ALWAYS_INLINE void group_exps(const void *zr, float *eb, int64_t i, int64_t left
 }
 
 /* Out of line: gcc still makes one copy per dtype (bf16 is a constant at both calls), and inlined
- * into the row loop the bfloat16 step ran 1.4x slower on a 2-core Zen 4. */
+ * into the row loop the bfloat16 step ran slower. */
 static __attribute__((noinline)) void block_exps(const void *zr, const void *qr, float *eb, int64_t n, float alpha_0, float inv_at,
                               const int bf16, double *mz_out, double *mc_out, float *sz_out, float *sc_out) {
     const int64_t width = bf16 ? 32 : 16;  /* elements per group: one cache line of each input */

@@ -16,8 +16,8 @@ DEFAULT_CUDA_BUDGET = 1 * 2**30
 
 
 # Tokens per CPU tile: from about 2048 rows of [h_b; h_q] by a few thousand vocabulary columns the
-# GEMMs run at their peak (2-core Zen 4: 170 GFLOP/s in float32 against 141 for the former
-# [2 x 227, V] chunks and 154 for one [4096, V] GEMM).
+# GEMMs run at their peak, faster than thin whole-vocabulary chunks or one tall GEMM
+# (docs/architecture.md, "chunked"; the timings are in bench/results/).
 CPU_TILE_ROWS = 1024
 
 
@@ -66,7 +66,7 @@ def cpu_tile_columns(rows: int, vocab: int, dtype: torch.dtype, cache_bytes: int
     """Vocabulary entries per CPU tile: the tile's ``[2 rows, columns]`` GEMM output (and, ``widened``,
     the float32 copies of both that the eager step makes of half-precision tiles) fills the
     last-level cache, so the step and ``p @ Wq`` read it from there, not from memory (at least 256
-    columns). Sized without the copies, the eager step's bfloat16 tiles ran 1.25x slower."""
+    columns). Sized without the copies, the eager step's bfloat16 tiles spill out of the cache."""
     esize, stats = torch.finfo(dtype).bits // 8, torch.finfo(stats_dtype(dtype)).bits // 8
     entry = 2 * esize + (2 * stats if widened and stats != esize else 0)
     return max(1, min(vocab, max(256, cache_bytes // (rows * entry))))

@@ -110,6 +110,15 @@ def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0):
     return model.float().eval()
 
 
+def save_tiny_base(directory):
+    """A tiny random Llama and its tokenizer saved in ``directory``, as a local base model is; returns
+    the tokenizer."""
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 def default_model_available() -> bool:
     import importlib.util
 

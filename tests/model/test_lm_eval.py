@@ -15,7 +15,8 @@ pytest.importorskip("peft")
 pytest.importorskip("lm_eval")
 from helpers import (  # noqa: E402
     default_model_available,
-    perturb_adapter,  # noqa: E402
+    perturb_adapter,
+    save_tiny_base,
     tiny_causal_lm,
     tiny_chat_tokenizer,
 )
@@ -43,9 +44,7 @@ def generate_requests(contexts, **gen_kwargs):
 def saved(tmp_path_factory):
     """A tiny base model with its tokenizer in a directory, and a perturbed adapter saved for it."""
     root = tmp_path_factory.mktemp("lm_eval")
-    tokenizer = tiny_chat_tokenizer()
-    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     model = QAdapterModel.from_base(str(root / "base"), alpha_tilde=0.7, alpha_0=0.3)
     perturb_adapter(model, scale=0.2)
     model.save_pretrained(root / "adapter")

@@ -220,12 +220,10 @@ def local_run(tmp_path_factory):
     """A tiny local base model and a preference file for ``qadapter train`` in a subprocess."""
     import json
 
-    from helpers import tiny_chat_tokenizer
+    from helpers import save_tiny_base
 
     root = tmp_path_factory.mktemp("run")
-    tokenizer = tiny_chat_tokenizer()
-    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(8)]
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return root

@@ -344,7 +344,7 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     ``position_ids`` None. With ``mask_dtype`` (the model's, :func:`evaluate.packing_mask_dtype`) each
     row holds one item: its prompt, then every option, each attending to the prompt and to itself at
     the positions it would have alone (an additive 4D mask of that dtype). The prompt then runs once,
-    not once per option: 3.5x fewer tokens on the shipped probe.
+    not once per option: several times fewer tokens on the shipped probe.
     """
     import torch
 
