@@ -32,7 +32,7 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). Under a soft cap
     the step is unchanged and the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
     """
-    vocab, softcap = weight.shape[0], options.softcap
+    vocab, softcap = weight.shape[0], options.logit_softcap
     if row_step is not None:
         # A fused step makes no float32 copies; the soft cap still widens the tiles (ChunkLogits).
         tiles = (options.chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device,

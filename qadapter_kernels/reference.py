@@ -68,7 +68,7 @@ def qadapter_loss_reference(
 def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, options: StatsOptions):
     """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd (nothing is
     chunked: ``options.chunk_size`` has nothing to bound)."""
-    q, value = _values(base, hq, weight, q_weight, q_bias, options.alpha_tilde, options.alpha_0, options.softcap)
+    q, value = _values(base, hq, weight, q_weight, q_bias, options.alpha_tilde, options.alpha_0, options.logit_softcap)
     return q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), value
 
 

@@ -24,13 +24,13 @@ from .config import check_choice
 @dataclass(frozen=True)
 class StatsOptions:
     """The options every backend's ``token_stats`` takes, in one record: the combination
-    (``alpha_tilde``, ``alpha_0``), the model's logit soft cap (``softcap`` s: both heads' logits
+    (``alpha_tilde``, ``alpha_0``), the model's logit soft cap (``logit_softcap`` s: both heads' logits
     become ``s * tanh(logits / s)``; None: none) and, for backends that chunk, ``chunk_size``
     (tokens per chunk; None: from the backend's memory budget)."""
 
     alpha_tilde: float
     alpha_0: float
-    softcap: float | None = None
+    logit_softcap: float | None = None
     chunk_size: int | None = None
 
 

@@ -159,7 +159,7 @@ def fused_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor
     if grad_filter_eps < 0 or not math.isfinite(grad_filter_eps):
         raise ValueError(f"grad_filter_eps must be a finite number >= 0; got {grad_filter_eps}")
     plan = make_plan(base, hq, weight, q_weight, options.alpha_tilde, options.alpha_0, vocab_splits, grad_filter_eps,
-                     options.softcap)
+                     options.logit_softcap)
     targets = targets.to(device=hq.device, dtype=torch.int64).contiguous()
     with launch_guard(hq):
         return FusedTokenStats.apply(

@@ -44,7 +44,7 @@ def test_fused_row_steps_take_the_unwidened_chunk_unless_capped(monkeypatch, sof
     x = torch.randn(5, 4)
     w = torch.randn(7, 4)
     chunked.chunked_token_stats(x, x, w, w, None, torch.zeros(5, dtype=torch.long),
-                                StatsOptions(alpha_tilde=1.0, alpha_0=0.1, softcap=softcap), row_step=steps.torch_row_step)
+                                StatsOptions(alpha_tilde=1.0, alpha_0=0.1, logit_softcap=softcap), row_step=steps.torch_row_step)
     assert seen == {"widened": softcap is not None}
 
 

@@ -72,7 +72,7 @@ def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, 
                      **knobs):
     """Token statistics and the gradients of ``upstream``; ``knobs``: the fused backend's own."""
     leaves = [t.detach().clone().requires_grad_() for t in (hq, q_weight, q_bias)]
-    options = StatsOptions(alpha_tilde=0.7, alpha_0=0.2, softcap=softcap, chunk_size=chunk_size)
+    options = StatsOptions(alpha_tilde=0.7, alpha_0=0.2, logit_softcap=softcap, chunk_size=chunk_size)
     q_taken, value = fn(base, leaves[0], weight, leaves[1], leaves[2], targets, options, **knobs)
     (q_taken * upstream[0] + value * upstream[1]).sum().backward()
     return [q_taken, value] + [t.grad for t in leaves]

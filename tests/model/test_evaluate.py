@@ -209,7 +209,7 @@ def test_progress_shows_pairs_and_rate_on_a_terminal_only(monkeypatch, capsys):
     assert "3/3 pairs" in terminal.getvalue() and "pairs/s" in terminal.getvalue()
 
 
-@pytest.mark.parametrize("argument, value", [("pairs_per_batch", 0), ("tokens_per_batch", -1), ("chunk", 1.5)])
+@pytest.mark.parametrize("argument, value", [("pairs_per_batch", 0), ("tokens_per_batch", -1), ("chunk_size", 1.5)])
 def test_bad_arguments_are_named(argument, value):
     model = trained_like(tiny_causal_lm("llama"))
     with pytest.raises(ValueError, match=argument):

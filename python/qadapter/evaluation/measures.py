@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from qadapter_kernels import LossConfig
+from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
@@ -179,7 +180,8 @@ def _check_positive(name: str, value) -> None:
 
 @torch.no_grad()
 def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int, *, kl: bool = True,
-                   step0: bool = False, pairs_per_batch: int = 8, tokens_per_batch: int = 2048, chunk: int = 256,
+                   step0: bool = False, pairs_per_batch: int = 8, tokens_per_batch: int = 2048,
+                   chunk_size: int | None = None,
                    progress: bool = False, per_pair: bool = False) -> dict:
     """Preference accuracy, margin and loss of tokenized pairs, with ``kl`` the mean per-token
     KL(customized || base) (``"kl_to_base"``), and with ``step0`` the same preference measures of the
@@ -187,15 +189,15 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     adapter scores under the same rewards. One forward per batch serves them all.
 
     ``pairs_per_batch`` defines the loss and margin (see the module's docstring);
-    ``tokens_per_batch`` only sizes the forward passes and ``chunk`` the vocabulary-sized blocks
+    ``tokens_per_batch`` only sizes the forward passes and ``chunk_size`` the vocabulary-sized blocks
     (scored tokens per block); ``progress``: a progress bar on stderr when it is a terminal;
     ``per_pair``: also each pair's margin (``"margins"``, a list in the features' order).
     """
     if not features:
         raise ValueError("features must hold at least one tokenized pair")
-    for name, value in (("pairs_per_batch", pairs_per_batch), ("tokens_per_batch", tokens_per_batch),
-                        ("chunk", chunk)):
+    for name, value in (("pairs_per_batch", pairs_per_batch), ("tokens_per_batch", tokens_per_batch)):
         _check_positive(name, value)
+    check_chunk_size(chunk_size)
     loss, weight = model.loss, model.lm_head_weight
     longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
     pack = _can_pack(model.config, longest)
@@ -206,7 +208,7 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
         for indices in _length_batches(features, tokens_per_batch, pack):
             batch = [features[i] for i in indices]
             base, q, targets, tokens = _forward_batch(model, batch, pad_token_id, pack)
-            measures = vocabulary_pass(base, q, weight, targets, config=loss, measures=wanted, chunk_size=chunk)
+            measures = vocabulary_pass(base, q, weight, targets, config=loss, measures=wanted, chunk_size=chunk_size)
             for store, stats in [(learned, (measures.q_taken, measures.value))] + (
                     [(initial, (measures.step0_q_taken, measures.step0_value))] if step0 else []):
                 per_sequence = token_rewards(*stats, tokens, loss).split(tokens.counts.tolist())
@@ -238,9 +240,9 @@ def pair_margins(model, features: list[dict], pad_token_id: int) -> torch.Tensor
     return torch.tensor(evaluate_pairs(model, features, pad_token_id, kl=False, per_pair=True)["margins"])
 
 
-def mean_kl(model, features: list[dict], pad_token_id: int, *, chunk: int = 256) -> float:
+def mean_kl(model, features: list[dict], pad_token_id: int, *, chunk_size: int | None = None) -> float:
     """Mean per-token KL(pi~ || pi1) at the scored positions of the given pairs (both responses)."""
-    return evaluate_pairs(model, features, pad_token_id, chunk=chunk)["kl_to_base"]
+    return evaluate_pairs(model, features, pad_token_id, chunk_size=chunk_size)["kl_to_base"]
 
 
 class Targets(NamedTuple):
