@@ -347,7 +347,8 @@ class QAdapterModel(nn.Module):
     ) -> torch.Tensor:
         """Samples from the customized policy; returns ``[B, T + new]`` (prompts left-padded).
 
-        Finished rows (an ``eos_token_id`` emitted) continue with ``pad_token_id``; decoding stops
+        Greedy, or with ``do_sample`` a draw reshaped by transformers' own warpers (temperature,
+        top-k, top-p) and seeded by ``generator``. Finished rows (an ``eos_token_id`` emitted) continue with ``pad_token_id``; decoding stops
         when every row has finished or after ``max_new_tokens``.
         """
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
@@ -355,6 +356,7 @@ class QAdapterModel(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
+        warpers = _warpers(temperature, top_k, top_p) if do_sample else None
         eos = _eos_ids(eos_token_id, self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         cache_arg, combine = self.cache_argument(), self._decode_combine()
@@ -370,7 +372,7 @@ class QAdapterModel(nn.Module):
             try:
                 for _ in range(max_new_tokens):
                     logprobs, cache = self._combined_step(step_ids, mask2, positions, cache, cache_arg, combine)
-                    token = _select(logprobs, do_sample, temperature, top_k, top_p, generator)
+                    token = _select(logprobs, out, warpers, generator)
                     token = torch.where(finished, torch.full_like(token, pad), token)
                     out = torch.cat([out, token[:, None]], dim=1)
                     if streamer is not None:
@@ -495,17 +497,24 @@ def _eos_ids(eos_token_id, config) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _select(logprobs, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-    """Greedy, or sampling with temperature, top-k and top-p filtering."""
-    if not do_sample:
-        return logprobs.argmax(dim=-1)
-    scores = logprobs / temperature
+def _warpers(temperature: float, top_k: int, top_p: float):
+    """transformers' own sampling warpers for the options given (temperature, then top-k, then top-p,
+    in the order its ``generate`` applies them)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
     if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_scores.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def _select(logprobs, ids, warpers, generator) -> torch.Tensor:
+    """Greedy (``warpers`` None), or a draw from the customized policy reshaped by ``warpers``."""
+    if warpers is None:
+        return logprobs.argmax(dim=-1)
+    scores = warpers(ids, logprobs)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
