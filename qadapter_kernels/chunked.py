@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Backend, StatsOptions
+from .registry import Backend, StatsOptions, require_exact_gradient
 from .sizing import auto_chunk_size, auto_tiles, default_block_step
 from .steps import RowStep, whole_row_block_step
 from .tiles import ChunkedTokenStats
@@ -32,6 +32,7 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). Under a soft cap
     the step is unchanged and the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
     """
+    require_exact_gradient(options, "chunked pipeline (chunked, chunked-triton, cuda)")
     vocab, softcap = weight.shape[0], options.logit_softcap
     if row_step is not None:
         # A fused step makes no float32 copies; the soft cap still widens the tiles (ChunkLogits).

@@ -52,6 +52,10 @@ class LossConfig:
     logit_softcap: float | None = field(default=None, metadata={
         "help": "the model's final logit soft-capping (Gemma-2's final_logit_softcapping): both heads' logits "
                 "become s * tanh(logits / s); None: none"})
+    grad_filter_eps: float = field(default=0.0, metadata={
+        "help": "gradient filtering (>= 0): the backward skips the vocabulary tiles whose policy values are all "
+                "below it, an approximation of the gradient (the loss is exact); 0: the exact gradient. The "
+                "fused triton backend implements it; the others take 0 only (docs/design.md)"})
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -59,6 +63,7 @@ class LossConfig:
         set_(self, "alpha_0", check_real("alpha_0", self.alpha_0, non_negative=True))
         set_(self, "gamma", check_real("gamma", self.gamma, non_negative=True))
         set_(self, "beta", check_real("beta", self.beta, non_negative=True))
+        set_(self, "grad_filter_eps", check_real("grad_filter_eps", self.grad_filter_eps, non_negative=True))
         check_choice("value_at", self.value_at, VALUE_AT)
         check_choice("reward_norm", self.reward_norm, REWARD_NORM)
         if self.logit_softcap is not None:

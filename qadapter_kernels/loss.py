@@ -28,7 +28,8 @@ def _token_stats(impl, tokens, base_hidden, q_hidden, weight, labels, q_weight, 
         weight.detach() if q_weight is None else q_weight,
         q_bias,
         labels[:, 1:][tokens.mask].long(),
-        registry.StatsOptions(config.alpha_tilde, config.alpha_0, config.logit_softcap, chunk_size),
+        registry.StatsOptions(config.alpha_tilde, config.alpha_0, config.logit_softcap, chunk_size,
+                              config.grad_filter_eps),
     )
     return TokenStats(q_taken, value, token_rewards(q_taken, value, tokens, config), tokens, config)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .config import LossConfig
 from .inputs import stats_dtype
 from .pairwise import QAdapterLossOutput, ScoredTokens, pairwise_loss
-from .registry import Backend, StatsOptions
+from .registry import Backend, StatsOptions, require_exact_gradient
 
 
 def _values(h_b, h_q, weight, wq, q_bias, alpha_tilde, alpha_0, softcap=None):
@@ -68,6 +68,7 @@ def qadapter_loss_reference(
 def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, options: StatsOptions):
     """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd (nothing is
     chunked: ``options.chunk_size`` has nothing to bound)."""
+    require_exact_gradient(options, "reference")
     q, value = _values(base, hq, weight, q_weight, q_bias, options.alpha_tilde, options.alpha_0, options.logit_softcap)
     return q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), value
 

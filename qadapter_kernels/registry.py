@@ -26,12 +26,21 @@ class StatsOptions:
     """The options every backend's ``token_stats`` takes, in one record: the combination
     (``alpha_tilde``, ``alpha_0``), the model's logit soft cap (``logit_softcap`` s: both heads' logits
     become ``s * tanh(logits / s)``; None: none) and, for backends that chunk, ``chunk_size``
-    (tokens per chunk; None: from the backend's memory budget)."""
+    (tokens per chunk; None: from the backend's memory budget); ``grad_filter_eps``, gradient
+    filtering (0: the exact gradient)."""
 
     alpha_tilde: float
     alpha_0: float
     logit_softcap: float | None = None
     chunk_size: int | None = None
+    grad_filter_eps: float = 0.0  # LossConfig.grad_filter_eps; only the fused triton backend filters
+
+
+def require_exact_gradient(options: StatsOptions, backend: str) -> None:
+    """A backend that computes the exact gradient refuses a request for gradient filtering."""
+    if options.grad_filter_eps:
+        raise ValueError(f"grad_filter_eps={options.grad_filter_eps} asks for gradient filtering, which the "
+                         f"{backend} backend does not implement: use backend='triton', or grad_filter_eps=0")
 
 
 class TokenStatsFn(Protocol):

@@ -49,8 +49,6 @@ or ``grad_filter_eps`` skips most tiles.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 
@@ -135,31 +133,23 @@ def _backward(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, q_taken, 
 
 
 def fused_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tensor, q_weight: torch.Tensor,
-                      q_bias: torch.Tensor | None, targets: torch.Tensor, options: StatsOptions, *,
-                      vocab_splits: int | None = None, grad_filter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      q_bias: torch.Tensor | None, targets: torch.Tensor,
+                      options: StatsOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``token_stats`` contract (:class:`registry.TokenStatsFn`) with no ``[N, V]`` tensor ever
-    formed (``options.chunk_size`` has nothing to bound), and the kernels' own knobs.
+    formed (``options.chunk_size`` has nothing to bound).
 
     float16 / bfloat16 / float32 inputs; float64 is refused with a TypeError (Triton has no float64
     tensor-core dot; ``chunked`` serves float64 exactly). The soft cap applies to every tile, its
-    slope entering the backward's products.
-
-    Args:
-        vocab_splits: vocabulary ranges processed by separate programs (each with its own
-            partials, reduced in a fixed order). ``None``: enough to fill the GPU, bounded so the
-            ``[S, N, d]`` float32 partials of the backward stay under 1 GiB; 1 on CPU.
-        grad_filter_eps: when > 0, the backward skips the ``p @ Wq`` / ``dQ^T h_q`` products of a
-            (tokens x vocabulary) tile whose policy values ``p`` are all below it and (for
-            ``dWq``) that holds no target. This trades exactness for speed: the skipped mass is
-            below ``eps`` per entry. Off (0) by default; Cut Cross-Entropy uses ``2**-12`` for bf16.
+    slope entering the backward's products. ``options.grad_filter_eps`` > 0: the backward skips the
+    ``p @ Wq`` / ``dQ^T h_q`` products of a (tokens x vocabulary) tile whose policy values ``p`` are
+    all below it and (for ``dWq``) that holds no target (docs/design.md). The vocabulary is split
+    into ranges processed by separate programs, enough to fill the GPU (``fused_tiles.vocab_splits_for``),
+    their partials reduced in a fixed order.
     """
     check_kernel_inputs("token statistics", base, hq, weight, q_weight)
     if q_bias is not None:
         check_kernel_inputs("token statistics", q_bias)
-    if grad_filter_eps < 0 or not math.isfinite(grad_filter_eps):
-        raise ValueError(f"grad_filter_eps must be a finite number >= 0; got {grad_filter_eps}")
-    plan = make_plan(base, hq, weight, q_weight, options.alpha_tilde, options.alpha_0, vocab_splits, grad_filter_eps,
-                     options.logit_softcap)
+    plan = make_plan(base, hq, weight, q_weight, options)
     targets = targets.to(device=hq.device, dtype=torch.int64).contiguous()
     with launch_guard(hq):
         return FusedTokenStats.apply(

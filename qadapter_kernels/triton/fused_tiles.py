@@ -124,11 +124,9 @@ class FusedPlan:
     dot_precision: str
 
 
-def vocab_splits_for(n: int, vocab: int, hidden: int, device: torch.device, requested: int | None) -> int:
+def vocab_splits_for(n: int, vocab: int, hidden: int, device: torch.device) -> int:
     """How many vocabulary ranges to process in parallel: enough programs to fill the GPU."""
     limit = triton.cdiv(vocab, SPLIT_ALIGN)
-    if requested is not None:
-        return max(1, min(int(requested), limit))
     if device.type != "cuda" or INTERPRET:
         return 1
     # Several waves of long-running programs, so the last, partial wave costs little.
@@ -138,23 +136,23 @@ def vocab_splits_for(n: int, vocab: int, hidden: int, device: torch.device, requ
     return max(1, min(splits, limit))
 
 
-def make_plan(base, hq, weight, q_weight, alpha_tilde, alpha_0, vocab_splits, grad_filter_eps,
-              softcap: float | None = None) -> FusedPlan:
+def make_plan(base, hq, weight, q_weight, options) -> FusedPlan:
+    """The launch plan for ``options`` (``registry.StatsOptions``) at these shapes."""
     vocab, hidden = weight.shape
-    splits = vocab_splits_for(hq.shape[0], vocab, hidden, hq.device, vocab_splits)
+    splits = min(vocab_splits_for(hq.shape[0], vocab, hidden, hq.device), triton.cdiv(vocab, SPLIT_ALIGN))
     split_size = SPLIT_ALIGN * triton.cdiv(triton.cdiv(vocab, splits), SPLIT_ALIGN)
     shared = (
         q_weight.data_ptr() == weight.data_ptr() and q_weight.stride() == weight.stride()
         and q_weight.dtype == weight.dtype
     )
     return FusedPlan(
-        alpha_tilde=float(alpha_tilde),
-        alpha_0=float(alpha_0),
-        softcap=float(softcap or 0.0),
+        alpha_tilde=float(options.alpha_tilde),
+        alpha_0=float(options.alpha_0),
+        softcap=float(options.logit_softcap or 0.0),
         shared=shared,
         split_size=split_size,
         splits=triton.cdiv(vocab, split_size),
-        filter_eps=float(grad_filter_eps),
+        filter_eps=float(options.grad_filter_eps),
         dot_precision=dot_precision(hq.dtype),
     )
 

@@ -27,12 +27,13 @@ from qadapter_kernels import backends, combine_logits, qadapter_loss  # noqa: E4
 from qadapter_kernels.chunked import chunked_token_stats  # noqa: E402
 from qadapter_kernels.registry import StatsOptions  # noqa: E402
 from qadapter_kernels.steps import torch_row_step  # noqa: E402
-from qadapter_kernels.triton import (  # noqa: E402  # noqa: E402
+from qadapter_kernels.triton import (  # noqa: E402
     backend_status,
     chunked_triton_token_stats,
     fused,
     fused_backward,
     fused_forward,
+    fused_tiles,
     fused_token_stats,
     triton_row_step,
 )
@@ -68,23 +69,23 @@ def _packed(seed=11, dtype=torch.float32, n=37, hidden=40, vocab=203):
     return [cast(t) for t in (base, hq, weight, q_weight, q_bias)] + [targets.to(DEVICE), grads.to(DEVICE)]
 
 
-def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, chunk_size=None, softcap=None,
-                     **knobs):
-    """Token statistics and the gradients of ``upstream``; ``knobs``: the fused backend's own."""
+def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, **options):
+    """Token statistics and the gradients of ``upstream``; ``options``: StatsOptions' besides alpha~, alpha_0."""
     leaves = [t.detach().clone().requires_grad_() for t in (hq, q_weight, q_bias)]
-    options = StatsOptions(alpha_tilde=0.7, alpha_0=0.2, logit_softcap=softcap, chunk_size=chunk_size)
-    q_taken, value = fn(base, leaves[0], weight, leaves[1], leaves[2], targets, options, **knobs)
+    options = StatsOptions(alpha_tilde=0.7, alpha_0=0.2, **options)
+    q_taken, value = fn(base, leaves[0], weight, leaves[1], leaves[2], targets, options)
     (q_taken * upstream[0] + value * upstream[1]).sum().backward()
     return [q_taken, value] + [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("splits", [2, 3])
-def test_vocab_splits_are_exact_and_deterministic(splits):
+def test_vocab_splits_are_exact_and_deterministic(splits, monkeypatch):
     """Several vocabulary ranges (partials reduced in a fixed order) give the single-range result."""
     args = _packed()
     want = _stats_and_grads(chunked_token_stats, *args)
-    first = _stats_and_grads(fused_token_stats, *args, vocab_splits=splits)
-    again = _stats_and_grads(fused_token_stats, *args, vocab_splits=splits)
+    monkeypatch.setattr(fused_tiles, "vocab_splits_for", lambda *shape: splits)  # as many as a GPU would take
+    first = _stats_and_grads(fused_token_stats, *args)
+    again = _stats_and_grads(fused_token_stats, *args)
     for w, f, a in zip(want, first, again):
         assert rel_err(f, w) <= 1e-5
         assert torch.equal(f, a)
@@ -108,9 +109,20 @@ def test_gradient_filter():
             assert torch.equal(g, w)
     torch.testing.assert_close(grad_hq, upstream[0][:, None] * q_weight.detach()[targets])
     assert rel_err(grad_qw, want[3]) > 1e-3  # tiles without a target were skipped
-    with pytest.raises(ValueError, match="grad_filter_eps"):
-        fused_token_stats(base, hq, weight, q_weight, q_bias, targets, StatsOptions(alpha_tilde=1.0, alpha_0=0.0),
-                          grad_filter_eps=-1.0)
+
+
+def test_gradient_filtering_is_a_loss_option_of_the_fused_backend_only():
+    """qadapter_loss(grad_filter_eps=...) reaches the fused kernels; the exact backends refuse it,
+    and a negative threshold is refused by name."""
+    inputs = make_inputs(q_head=True)
+    exact = loss_and_grads(inputs, backend="triton")[1]
+    filtered = loss_and_grads(inputs, backend="triton", grad_filter_eps=2.0)[1]  # above every p
+    assert rel_err(filtered["q_hidden"], exact["q_hidden"]) > 1e-3  # E_p[Wq] skipped
+    for backend in ("chunked", "reference", "chunked-triton"):
+        with pytest.raises(ValueError, match="does not implement"):
+            qadapter_loss(**inputs, backend=backend, grad_filter_eps=1e-6)
+    with pytest.raises(ValueError, match="grad_filter_eps must be >= 0"):
+        qadapter_loss(**inputs, backend="triton", grad_filter_eps=-1.0)
 
 
 def test_chunked_pipeline_with_triton_row_step():
