@@ -17,6 +17,13 @@ Building blocks for other losses and trainers (same inputs, same backends, no [B
     bt_terms(sequence_rewards)               # [K] per-pair Bradley-Terry terms
     combined_logprobs_at(base_hidden, q_hidden, weight, targets, ...) -> TargetLogprobs
                                              # log pi~ (differentiable) and log pi1 of given targets
+
+Measuring a customized policy (gradient-free, one pass over the vocabulary per chunk of tokens)::
+
+    vocabulary_pass(base_hidden, q_hidden, weight, targets, config=..., measures=...) -> TokenMeasures
+                                             # token statistics (learned and step-0), log pi~ and
+                                             # log pi1 of targets, KL to the base, greedy tokens
+    token_logprobs(hidden, weight, targets, logit_softcap=...)   # one plain model's log-probs of targets
 """
 
 from .combine import TargetLogprobs, combine_logits, combined_logprobs, combined_logprobs_at
@@ -24,6 +31,7 @@ from .config import LossConfig
 from .loss import QAdapterLoss, qadapter_loss, qadapter_token_stats
 from .pairwise import QAdapterLossOutput, TokenStats, bt_terms, sequence_rewards
 from .registry import BackendStatus, backends
+from .vocabulary import TokenMeasures, token_logprobs, vocabulary_pass
 
 __all__ = [
     "BackendStatus",
@@ -31,6 +39,7 @@ __all__ = [
     "QAdapterLoss",
     "QAdapterLossOutput",
     "TargetLogprobs",
+    "TokenMeasures",
     "TokenStats",
     "backends",
     "bt_terms",
@@ -40,5 +49,7 @@ __all__ = [
     "qadapter_loss",
     "qadapter_token_stats",
     "sequence_rewards",
+    "token_logprobs",
+    "vocabulary_pass",
 ]
 __version__ = "0.1.0"
