@@ -110,6 +110,28 @@ def _run_compare(args) -> int:
     return 0
 
 
+def _add_quantization_options(p, loads: str) -> None:
+    """``--load-in-4bit`` / ``--load-in-8bit`` (bitsandbytes, the lm_head dense) and the 4-bit compute dtype."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help=f"{loads} quantized to 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes)")
+    group.add_argument("--load-in-8bit", action="store_true",
+                       help=f"{loads} quantized with LLM.int8 (needs bitsandbytes)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the 4-bit layers' compute dtype (default: bfloat16 on CUDA, float32 on a CPU)")
+
+
+def _quantization(args, default=None):
+    """The quantization the quantization options name (a dict), or ``default`` when none is given."""
+    if args.load_in_8bit:
+        return "8bit"
+    if args.load_in_4bit:
+        return {"method": "nf4", "compute_dtype": args.compute_dtype}
+    if args.compute_dtype:
+        _usage_error(args.command, "--compute-dtype applies with --load-in-4bit")
+    return default
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a Q-Adapter on preference data",
                        description="Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
@@ -132,6 +154,7 @@ def _train_parser(sub) -> None:
                    help="with --eval-data: measure the held-out pairs at step 0, every N steps and at the end "
                         "(accuracy with its 95%% interval, margin, KL to the base) into "
                         "<output>/curve.json and curve.png")
+    _add_quantization_options(p, "load the frozen base")
 
 
 def _training_config(args, extra: list[str]):
@@ -169,7 +192,7 @@ def _run_train(args, extra: list[str]) -> int:
     # Read and checked before the model loads: bad data fails at once.
     train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
-    model = QAdapterModel.from_base(args.model, **config.model_options())
+    model = QAdapterModel.from_base(args.model, quantization=_quantization(args), **config.model_options())
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    skip_invalid=args.skip_invalid)
@@ -207,6 +230,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
 def _run_generate(args) -> int:
@@ -216,7 +240,7 @@ def _run_generate(args) -> int:
     from .evaluation.measures import chat_prompts
     from .library.model import QAdapterModel
 
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
     model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -240,6 +264,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--max-prompt-length", type=_positive_int, default=256)
     p.add_argument("--skip-invalid", action="store_true")
+    _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
 def _run_eval(args) -> int:
@@ -247,7 +272,7 @@ def _run_eval(args) -> int:
     from .library.data import load_preference_data
     from .library.model import QAdapterModel
 
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
