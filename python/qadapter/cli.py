@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, plan, compare, lm-eval.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -219,6 +219,47 @@ def _run_train(args, extra: list[str]) -> int:
     return 0
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predict the peak GPU memory of training (no GPU needed)",
+                       description="Predicts the peak GPU memory of a Q-Adapter training step from the model's "
+                                   "config alone: base weights by dtype or quantization, LoRA weights with their "
+                                   "gradients and AdamW state, activations (with or without gradient checkpointing), "
+                                   "the fused loss's buffers and the CUDA context. With --gpu-memory it says "
+                                   "whether the step fits, and if not, what would make it fit.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
+    p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 12GiB, 24GB, 8000MiB (a bare number: GiB)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--load-in-4bit", action="store_true", help="the base quantized to NF4 (double quantization)")
+    group.add_argument("--load-in-8bit", action="store_true", help="the base quantized with LLM.int8")
+    p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per row (default: %(default)s)")
+    p.add_argument("--pairs-per-step", type=_positive_int, default=4,
+                   help="preference pairs per step, 2 rows each (default: %(default)s)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="the model's dtype, and the 4-bit compute dtype (default: %(default)s)")
+    p.add_argument("--lora-r", type=_positive_int, default=8)
+    p.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME")
+
+
+def _run_plan(args) -> int:
+    from transformers import AutoConfig
+
+    from .library.defaults import resolve_model
+    from .library.memory_plan import PlanOptions, format_plan, parse_size, plan, suggestions
+
+    gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
+    options = PlanOptions(max_length=args.max_length, pairs_per_step=args.pairs_per_step,
+                          gradient_checkpointing=args.gradient_checkpointing,
+                          quantization="4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None,
+                          dtype=args.dtype, lora_r=args.lora_r, target_modules=tuple(args.lora_target_modules))
+    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    config = getattr(config, "get_text_config", lambda: config)()
+    predicted = plan(config, options)
+    advice = suggestions(config, options, gpu) if gpu is not None and not predicted.fits(gpu) else None
+    print(format_plan(predicted, gpu, advice))
+    return 0 if gpu is None or predicted.fits(gpu) else 1
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate with the customized policy (streams tokens)")
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
@@ -436,11 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,plan,compare,lm-eval}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
+    _plan_parser(sub)
     _compare_parser(sub)
     _lm_eval_parser(sub)
     return parser
@@ -463,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_compare(args)
         if args.command == "lm-eval":
             return _run_lm_eval(args)
+        if args.command == "plan":
+            return _run_plan(args)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))
