@@ -148,3 +148,18 @@ def test_cli_trains_and_generates_on_a_4bit_base(bases, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--adapter", str(out), "--prompt", "hi", "--load-in-8bit"])
     assert exc.value.code == 2 and "LLM.int8" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(bases):
+    plain, checkpointed = adapter(bases["qwen2"], "4bit"), adapter(bases["qwen2"], "4bit")
+    checkpointed.gradient_checkpointing_enable()
+    plain.train()
+    checkpointed.train()
+    ids, mask, labels = batch(plain)
+    want, got = plain(ids, mask, labels).loss, checkpointed(ids, mask, labels).loss
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want_grads, got_grads = lora_b_grads(plain), lora_b_grads(checkpointed)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6)

@@ -62,7 +62,7 @@ def base_fingerprint(model: nn.Module) -> str:
     params = {name.replace(".base_layer.", "."): param for name, param in model.named_parameters() if "lora_" not in name}
     digest = hashlib.sha256()
     for name, param in sorted(params.items(), key=lambda item: item[0]):
-        flat = torch.Tensor(param.detach()).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
+        flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
         sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
         digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())

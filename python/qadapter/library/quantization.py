@@ -139,20 +139,15 @@ def keep_training_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """What ``peft.prepare_model_for_kbit_training`` does for a frozen quantized base, without its
     cast of every non-quantized weight (embeddings, lm_head, norms) to float32, which on a large
-    vocabulary costs more memory than the quantized layers save: every base weight frozen, and with
-    gradient checkpointing, inputs that require grad (so checkpointed blocks see a grad path) and
-    the model's cache off."""
+    vocabulary costs more memory than the quantized layers save: every base weight frozen and the
+    loaded layout kept (:func:`keep_training_layout`). Gradient checkpointing is the trainer's
+    (``QAdapterModel.gradient_checkpointing_enable``, non-reentrant: no input needs to require grad)."""
     for param in model.parameters():
         param.requires_grad_(False)
     keep_training_layout(model)
-    if gradient_checkpointing:
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     return model
 
 
