@@ -90,11 +90,12 @@ def tiny_chat_tokenizer():
     )
 
 
-def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0):
-    """A random-initialized causal LM of a real architecture family, small enough for CPU tests."""
+def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0, hidden: int = 32):
+    """A random-initialized causal LM of a real architecture family, small enough for CPU tests
+    (``hidden=64``: every linear layer's input a multiple of 64, as bitsandbytes' 4-bit CPU kernels need)."""
     import transformers
 
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   eos_token_id=2, bos_token_id=1, pad_token_id=0)
     configs = {

@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, plan, compare, lm-eval.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -110,6 +110,28 @@ def _run_compare(args) -> int:
     return 0
 
 
+def _add_quantization_options(p, loads: str) -> None:
+    """``--load-in-4bit`` / ``--load-in-8bit`` (bitsandbytes, the lm_head dense) and the 4-bit compute dtype."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help=f"{loads} quantized to 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes)")
+    group.add_argument("--load-in-8bit", action="store_true",
+                       help=f"{loads} quantized with LLM.int8 (needs bitsandbytes)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the 4-bit layers' compute dtype (default: bfloat16 on CUDA, float32 on a CPU)")
+
+
+def _quantization(args, default=None):
+    """The quantization the quantization options name (a dict), or ``default`` when none is given."""
+    if args.load_in_8bit:
+        return "8bit"
+    if args.load_in_4bit:
+        return {"method": "nf4", "compute_dtype": args.compute_dtype}
+    if args.compute_dtype:
+        _usage_error(args.command, "--compute-dtype applies with --load-in-4bit")
+    return default
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a Q-Adapter on preference data",
                        description="Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
@@ -132,6 +154,7 @@ def _train_parser(sub) -> None:
                    help="with --eval-data: measure the held-out pairs at step 0, every N steps and at the end "
                         "(accuracy with its 95%% interval, margin, KL to the base) into "
                         "<output>/curve.json and curve.png")
+    _add_quantization_options(p, "load the frozen base")
 
 
 def _training_config(args, extra: list[str]):
@@ -169,7 +192,7 @@ def _run_train(args, extra: list[str]) -> int:
     # Read and checked before the model loads: bad data fails at once.
     train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
-    model = QAdapterModel.from_base(args.model, **config.model_options())
+    model = QAdapterModel.from_base(args.model, quantization=_quantization(args), **config.model_options())
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    skip_invalid=args.skip_invalid)
@@ -196,6 +219,47 @@ def _run_train(args, extra: list[str]) -> int:
     return 0
 
 
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="predict the peak GPU memory of training (no GPU needed)",
+                       description="Predicts the peak GPU memory of a Q-Adapter training step from the model's "
+                                   "config alone: base weights by dtype or quantization, LoRA weights with their "
+                                   "gradients and AdamW state, activations (with or without gradient checkpointing), "
+                                   "the fused loss's buffers and the CUDA context. With --gpu-memory it says "
+                                   "whether the step fits, and if not, what would make it fit.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
+    p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 12GiB, 24GB, 8000MiB (a bare number: GiB)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--load-in-4bit", action="store_true", help="the base quantized to NF4 (double quantization)")
+    group.add_argument("--load-in-8bit", action="store_true", help="the base quantized with LLM.int8")
+    p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per row (default: %(default)s)")
+    p.add_argument("--pairs-per-step", type=_positive_int, default=4,
+                   help="preference pairs per step, 2 rows each (default: %(default)s)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="the model's dtype, and the 4-bit compute dtype (default: %(default)s)")
+    p.add_argument("--lora-r", type=_positive_int, default=8)
+    p.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME")
+
+
+def _run_plan(args) -> int:
+    from transformers import AutoConfig
+
+    from .library.defaults import resolve_model
+    from .library.memory_plan import PlanOptions, format_plan, parse_size, plan, suggestions
+
+    gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
+    options = PlanOptions(max_length=args.max_length, pairs_per_step=args.pairs_per_step,
+                          gradient_checkpointing=args.gradient_checkpointing,
+                          quantization="4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None,
+                          dtype=args.dtype, lora_r=args.lora_r, target_modules=tuple(args.lora_target_modules))
+    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    config = getattr(config, "get_text_config", lambda: config)()
+    predicted = plan(config, options)
+    advice = suggestions(config, options, gpu) if gpu is not None and not predicted.fits(gpu) else None
+    print(format_plan(predicted, gpu, advice))
+    return 0 if gpu is None or predicted.fits(gpu) else 1
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate with the customized policy (streams tokens)")
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
@@ -207,6 +271,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
 def _run_generate(args) -> int:
@@ -216,7 +281,7 @@ def _run_generate(args) -> int:
     from .evaluation.measures import chat_prompts
     from .library.model import QAdapterModel
 
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
     model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -240,6 +305,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--max-prompt-length", type=_positive_int, default=256)
     p.add_argument("--skip-invalid", action="store_true")
+    _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
 def _run_eval(args) -> int:
@@ -247,7 +313,7 @@ def _run_eval(args) -> int:
     from .library.data import load_preference_data
     from .library.model import QAdapterModel
 
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
@@ -411,11 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,plan,compare,lm-eval}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
+    _plan_parser(sub)
     _compare_parser(sub)
     _lm_eval_parser(sub)
     return parser
@@ -438,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_compare(args)
         if args.command == "lm-eval":
             return _run_lm_eval(args)
+        if args.command == "plan":
+            return _run_plan(args)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))

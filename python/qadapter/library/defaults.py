@@ -91,17 +91,29 @@ def resolve_model(name_or_path: str) -> str:
     return str(default_model_dir()) if name_or_path == DEFAULT_MODEL else name_or_path
 
 
-def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=None):
-    """``(model, tokenizer)`` for a causal LM: the embedded default, a local directory or a hub name."""
+def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=None, quantization=None):
+    """``(model, tokenizer)`` for a causal LM: the embedded default, a local directory or a hub name.
+
+    ``quantization`` (see :mod:`qadapter.library.quantization`: ``"4bit"``, ``"8bit"``, a dict or a
+    ``BitsAndBytesConfig``) loads the weights quantized by bitsandbytes, the lm_head dense; a 4-bit
+    base's other dense modules take the compute dtype unless ``torch_dtype`` names one.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import quantization as quant
+
+    quantization = quant.normalize(quantization, torch_dtype)
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if torch_dtype is None and quantization is not None and quantization["method"] != "int8":
+        torch_dtype = quantization["compute_dtype"]
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **quant.load_kwargs(quantization, device))
     model.config.name_or_path = name_or_path
-    if device is not None:
+    if quantization is not None:
+        quant.check_dense_head(model)
+    elif device is not None:
         model.to(device)
     return model, tokenizer

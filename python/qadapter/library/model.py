@@ -31,6 +31,7 @@ from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qad
 from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic
+from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
 from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
 
@@ -50,6 +51,9 @@ def base_fingerprint(model: nn.Module) -> str:
     """A cheap identity of the base weights: names, shapes and a strided sample of each tensor's values.
 
     Values are rounded to bfloat16 first, so the same base loaded in fp32, bf16 or fp16 agrees. A
+    quantized base (bitsandbytes) is fingerprinted by its stored tensors (NF4 codes packed in uint8,
+    int8 rows), exact in bfloat16, so it is deterministic for a given base and method and differs
+    from the dense base's; the method itself is recorded beside it (``"quantization"``). A
     PEFT model gives its base's fingerprint (LoRA weights left out, ``base_layer`` names folded
     back), so an adapter can be checked against a base whether or not it is already attached.
     """
@@ -58,7 +62,7 @@ def base_fingerprint(model: nn.Module) -> str:
     params = {name.replace(".base_layer.", "."): param for name, param in model.named_parameters() if "lora_" not in name}
     digest = hashlib.sha256()
     for name, param in sorted(params.items(), key=lambda item: item[0]):
-        flat = param.detach().reshape(-1)
+        flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
         sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
         digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())
@@ -92,6 +96,10 @@ class QAdapterModel(nn.Module):
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
         self._take_softcap(base_model)
+        self.quantization = quant.model_quantization(base_model)
+        if self.quantization is not None:
+            quant.check_dense_head(base_model)
+            quant.prepare_for_kbit_training(base_model)
         lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(target_modules))
         self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
@@ -121,32 +129,56 @@ class QAdapterModel(nn.Module):
         nn.Module.__init__(model)
         model._configure(tokenizer, loss, backend, chunk_size, loss_options)
         model._take_softcap(peft_model.get_base_model())
+        model.quantization = quant.model_quantization(peft_model)
+        if model.quantization is not None:
+            quant.check_dense_head(peft_model)
+            quant.keep_training_layout(peft_model)
         model.peft_model = peft_model
         model.fingerprint = base_fingerprint(peft_model)
         return model
 
     @classmethod
-    def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, **options) -> QAdapterModel:
-        """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or the default."""
+    def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, quantization=None,
+                  **options) -> QAdapterModel:
+        """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or the default.
+
+        ``quantization`` loads a named base quantized by bitsandbytes (QLoRA-style): ``"4bit"`` (NF4,
+        double quantization, compute dtype ``torch_dtype`` or bfloat16 on CUDA, float32 on a CPU),
+        ``"8bit"`` (LLM.int8), a dict ``{"method", "double_quant", "compute_dtype"}`` or a
+        ``transformers.BitsAndBytesConfig``; the lm_head and the LoRA weights stay dense. A model
+        object is taken as it is (quantized or not)."""
         tokenizer = options.pop("tokenizer", None)
         if isinstance(model, str):
-            model, tokenizer = load_base(model, torch_dtype=torch_dtype, device=device)
+            model, tokenizer = load_base(model, torch_dtype=torch_dtype, device=device, quantization=quantization)
+        elif quantization is not None:
+            raise ValueError("quantization= applies to a base loaded by name; quantize a model object when loading it")
         return cls(model, tokenizer=tokenizer, **options)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model: str | nn.Module | None = None, *,
-                        torch_dtype=None, device=None, is_trainable: bool = False) -> QAdapterModel:
-        """Loads a saved adapter onto its base model (by default the one named in its config)."""
+                        torch_dtype=None, device=None, is_trainable: bool = False,
+                        quantization: Any = "saved") -> QAdapterModel:
+        """Loads a saved adapter onto its base model (by default the one named in its config).
+
+        The base is loaded quantized as it was in training (``quantization="saved"``, the adapter's
+        recorded ``"quantization"``); another quantization (``None``: dense), or a base model object
+        quantized otherwise, is refused: the adapter learned a residual on that base's outputs."""
         from peft import PeftModel
 
         path = Path(path)
         atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
+        saved = config["quantization"]
         tokenizer = None
         if base_model is None and not config["base_model"]:
             raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
         if base_model is None or isinstance(base_model, str):
-            base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device)
+            saved_way = isinstance(quantization, str) and quantization == "saved"
+            wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
+            check_quantization(path, saved, wanted)
+            base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
+                                              quantization=wanted)
+        check_quantization(path, saved, quant.model_quantization(base_model))
         fingerprint = base_fingerprint(base_model)
         if fingerprint != config["base_fingerprint"]:
             raise AdapterLoadError(
@@ -158,7 +190,7 @@ class QAdapterModel(nn.Module):
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
             raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): {exc}") from exc
         check_adapter_weights(peft_model, path)
-        if device is not None:
+        if device is not None and saved is None:  # a quantized base is placed as it loads
             peft_model.to(device)
         return cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
 
@@ -193,6 +225,7 @@ class QAdapterModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "base_model": getattr(self.config, "name_or_path", None) or "",
             "base_fingerprint": self.fingerprint,
+            "quantization": self.quantization,
             "loss": {**self.loss.as_dict(), "backend": self.backend, "chunk_size": self.chunk_size},
             "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
                      "target_modules": sorted(lora.target_modules)},
@@ -453,9 +486,24 @@ def read_adapter_config(path: Path) -> dict:
         run_options(**config["loss"])
     except (TypeError, ValueError) as exc:
         raise AdapterLoadError(f"{file} holds an invalid option: {exc}") from exc
+    try:  # adapters saved before quantized bases were supported: a dense base
+        config["quantization"] = quant.normalize(config.get("quantization"))
+    except quant.QuantizationError as exc:
+        raise AdapterLoadError(f"{file} holds an invalid quantization: {exc}") from exc
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
     return config
+
+
+def check_quantization(path: Path, saved: dict | None, given: dict | None) -> None:
+    """An adapter goes only onto a base quantized as its own was (the method and, for 4-bit, double
+    quantization; the compute dtype may differ): refused otherwise, naming both."""
+    def stored(q):
+        return None if q is None else (q["method"], q.get("double_quant"))
+
+    if stored(saved) != stored(given):
+        raise AdapterLoadError(f"the adapter in {path} was trained on a base quantized as {quant.describe(saved)}; "
+                               f"the base given is {quant.describe(given)} (load it as the adapter was trained)")
 
 
 def check_adapter_weights(peft_model: nn.Module, path: Path) -> None:

@@ -1,0 +1,112 @@
+"""The memory plan's arithmetic against hand-computed cases, its advice, and ``qadapter plan``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qadapter.library.memory_plan import (
+    GIB,
+    MIB,
+    ModelShape,
+    PlanOptions,
+    loss_chunk_bytes,
+    parse_size,
+    plan,
+    quantized_linear_bytes,
+    suggestions,
+)
+
+from qadapter_kernels.sizing import auto_chunk_size
+
+# vocab 1000, d 64, intermediate 128, 2 layers, 4 heads and 2 KV heads of 16, tied head.
+SMALL = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+OPTIONS = PlanOptions(max_length=16, pairs_per_step=1, dtype="bfloat16", lora_r=8)  # 32 tokens
+
+
+def test_dense_plan_by_hand():
+    parts = plan(SMALL, OPTIONS).parts
+    # embeddings 1000*64*2 (tied: no second head) + 5 norms of 64 in bf16 + 2 layers of 36864 weights
+    assert parts["base weights"] == 128000 + 640 + 2 * 36864 * 2
+    # LoRA on q (8*(64+64)) and v (8*(64+32)) in 2 layers, 16 bytes a parameter
+    assert parts["LoRA weights, gradients, AdamW state"] == 16 * 2 * (1024 + 768)
+    # per token and layer 3*64 + 2*(4+2)*16 + 3*128 = 768 values; plus both final hidden states
+    assert parts["activations"] == 32 * 2 * 768 * 2 + 2 * 32 * 64 * 2
+    # 32 rows of 1000 * (2 + 2 + 4) bytes, and the float32 E_p[Wq] rows
+    assert parts["fused loss buffers"] == 32 * 8000 + 4 * 32 * 64
+    assert parts["dequantized layer (transient)"] == 0 and parts["CUDA context"] == 512 * MIB
+    assert plan(SMALL, OPTIONS).peak == sum(parts.values())
+
+
+def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():
+    parts = plan(SMALL, OPTIONS, gradient_checkpointing=True).parts
+    assert parts["activations"] == 32 * (2 * 64 + 768) * 2 + 2 * 32 * 64 * 2
+
+
+def test_quantized_weights_by_hand():
+    # NF4 with double quantization: n/2 codes, an int8 scale per 64, a float32 per 256 blocks.
+    assert quantized_linear_bytes(64, 64, "4bit", 2) == 2048 + 64 + 4
+    assert quantized_linear_bytes(64, 64, "4bit", 2, double_quant=False) == 2048 + 4 * 64
+    assert quantized_linear_bytes(64, 64, "8bit", 2) == 4096 + 4 * 64  # a float32 scale per output row
+    four = plan(SMALL, OPTIONS, quantization="4bit").parts
+    assert four["base weights"] == 128000 + 640 + 2 * (2 * 2116 + 2 * 1060 + 3 * 4228)
+    assert four["dequantized layer (transient)"] == 64 * 128 * 2
+    eight = plan(SMALL, OPTIONS, quantization="8bit").parts
+    assert eight["base weights"] == 128000 + 640 + 2 * (2 * 4352 + 2 * 2176 + 2 * 8704 + 8448)
+
+
+def test_loss_buffers_follow_the_kernels_sizing():
+    for tokens, vocab in ((4096, 151936), (64, 32000), (100000, 256000)):
+        per_row = vocab * (2 * 2 + 4)
+        chunk = auto_chunk_size(tokens, vocab, torch.bfloat16, torch.device("cuda"), 2**30, widened=False)
+        assert loss_chunk_bytes(tokens, vocab, 2) == chunk * per_row <= 2**30
+
+
+def test_a_7b_base_in_4bit_is_about_3_6_gib():
+    llama7b = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False}
+    assert 3.4 * GIB < plan(llama7b, quantization="4bit").parts["base weights"] < 3.8 * GIB
+    assert 12.4 * GIB < plan(llama7b).parts["base weights"] < 12.7 * GIB  # 6.74e9 weights in bf16
+
+
+def test_advice_makes_the_plan_fit():
+    llama7b = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 32}
+    options = PlanOptions(max_length=512, pairs_per_step=4)
+    gpu = 12 * GIB
+    assert not plan(llama7b, options).fits(gpu)
+    advice = suggestions(llama7b, options, gpu)
+    assert advice and advice[-1].startswith("--gradient-checkpointing --load-in-4bit --pairs-per-step")
+    pairs = int(advice[-1].rsplit(" ", 1)[1])
+    assert plan(llama7b, options, gradient_checkpointing=True, quantization="4bit", pairs_per_step=pairs).fits(gpu)
+    small_gpu = plan(SMALL, OPTIONS).peak - 1
+    assert "--gradient-checkpointing" in suggestions(SMALL, OPTIONS, small_gpu)
+
+
+@pytest.mark.parametrize("text, size", [("12GiB", 12 * GIB), ("12G", 12 * GIB), ("24GB", 24 * 10**9),
+                                        ("800MiB", 800 * MIB), ("16", 16 * GIB), ("1.5GiB", int(1.5 * GIB))])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_bad_sizes_and_options_are_refused():
+    with pytest.raises(ValueError, match="memory size"):
+        parse_size("twelve")
+    with pytest.raises(ValueError, match="quantization"):
+        PlanOptions(quantization="3bit")
+
+
+def test_plan_command_on_a_local_config(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from helpers import tiny_causal_lm
+    from qadapter.cli import main
+
+    tiny_causal_lm("llama", hidden=64).config.save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "12GiB", "--load-in-4bit"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "fits in 12.00 GiB" in out and "NF4" in out
+    assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "300MiB", "--max-length", "4096"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "no change tried here makes it fit" in out  # the CUDA context alone is 512 MiB
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", str(tmp_path), "--gpu-memory", "lots"])
+    assert exc.value.code == 2

@@ -1,0 +1,165 @@
+"""A quantized frozen base (bitsandbytes NF4 and LLM.int8, QLoRA-style) on a CPU: the head stays
+dense, the loss and the LoRA gradients stay near the dense model's, training lowers the loss, the
+adapter records its base's quantization and goes back only onto a base quantized the same way.
+
+The tiny bases have hidden size 64: bitsandbytes' 4-bit CPU kernels quantize in blocks of 64 along
+a layer's input. Tolerances, relative (the LoRA-B gradients: norm of the difference over the dense
+gradient's norm): 4-bit loss 0.5%, gradients 25%; 8-bit loss 0.2%, gradients 5%. Measured on a CPU
+with bitsandbytes 0.50.2: 4-bit loss within 0.04%, gradients within 19%; 8-bit 0.02% and 1.8%.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes", reason="the quantized base needs bitsandbytes (pip install 'qadapter-kernels[quant]')")
+pytest.importorskip("peft")
+
+from helpers import perturb_adapter, preference_batch, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from qadapter.library import quantization as quant  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
+
+TOLERANCES = {"4bit": (0.005, 0.25), "8bit": (0.002, 0.05)}  # (loss, LoRA-B gradient), relative
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Tiny Llama (tied head) and Qwen2 (untied head, biased q/k/v) bases saved as local models."""
+    tokenizer = tiny_chat_tokenizer()
+    out = {}
+    for family in ("llama", "qwen2"):
+        directory = tmp_path_factory.mktemp(family)
+        tiny_causal_lm(family, vocab=len(tokenizer), hidden=64).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        out[family] = str(directory)
+    return out
+
+
+def adapter(base, quantization=None, seed=0):
+    torch.manual_seed(seed)
+    model = QAdapterModel.from_base(base, quantization=quantization, lora_dropout=0.0)
+    perturb_adapter(model, scale=0.05)
+    return model
+
+
+def batch(model):
+    return preference_batch(vocab=model.config.vocab_size, seq=16)
+
+
+def lora_b_grads(model):
+    return {n: p.grad for n, p in model.peft_model.named_parameters() if "lora_B" in n}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_keeps_a_dense_head_and_records_its_quantization(bases, family, bits):
+    import bitsandbytes as bnb
+
+    model = adapter(bases[family], bits)
+    head = model.base_model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    layer = model.base_model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt)
+    lora = [p for n, p in model.peft_model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert all(not p.requires_grad for n, p in model.peft_model.named_parameters() if "lora_" not in n)
+    expected = ({"method": "nf4", "double_quant": True, "compute_dtype": "float32"} if bits == "4bit"
+                else {"method": "int8"})
+    assert model.quantization == expected == model.adapter_config()["quantization"]
+    # The fingerprint of a quantized base is deterministic and not the dense base's.
+    assert model.fingerprint == adapter(bases[family], bits).fingerprint != adapter(bases[family]).fingerprint
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_loss_and_lora_gradients_near_the_dense_models(bases, family, bits):
+    dense, quantized = adapter(bases[family]), adapter(bases[family], bits)
+    ids, mask, labels = batch(dense)
+    want, got = dense(ids, mask, labels).loss, quantized(ids, mask, labels).loss
+    want.backward()
+    got.backward()
+    loss_tol, grad_tol = TOLERANCES[bits]
+    assert abs(got.item() - want.item()) <= loss_tol * abs(want.item())
+    want_grads, got_grads = lora_b_grads(dense), lora_b_grads(quantized)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name, g in got_grads.items():
+        w = want_grads[name]
+        assert (g - w).norm() <= grad_tol * w.norm(), name
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_training_steps_lower_the_loss(bases, bits):
+    model = adapter(bases["qwen2"], bits)
+    ids, mask, labels = batch(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, mask, labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
+    model = adapter(bases["llama"], "4bit")
+    prompt = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    want = model.generate(prompt, max_new_tokens=4)
+    model.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "qadapter_config.json").read_text())
+    assert saved["quantization"] == {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    loaded = QAdapterModel.from_pretrained(tmp_path / "a")  # quantized as it was trained
+    assert loaded.quantization == model.quantization and loaded.fingerprint == model.fingerprint
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=4), want)
+    with pytest.raises(AdapterLoadError, match="NF4 4-bit.*dense"):
+        QAdapterModel.from_pretrained(tmp_path / "a", quantization=None)
+    with pytest.raises(AdapterLoadError, match="LLM.int8"):
+        QAdapterModel.from_pretrained(tmp_path / "a", quantization="8bit")
+    dense_base = adapter(bases["llama"]).base_model
+    with pytest.raises(AdapterLoadError, match="dense"):
+        QAdapterModel.from_pretrained(tmp_path / "a", dense_base)
+
+
+def test_bad_quantization_names_are_refused():
+    with pytest.raises(quant.QuantizationError, match="method"):
+        quant.normalize("3bit")
+    with pytest.raises(quant.QuantizationError, match="compute_dtype"):
+        quant.normalize({"method": "nf4", "compute_dtype": "int8"})
+    assert quant.normalize(quant.bnb_config(quant.normalize("4bit"))) == quant.normalize("4bit")
+
+
+def test_cli_trains_and_generates_on_a_4bit_base(bases, tmp_path, capsys):
+    from qadapter.cli import main
+
+    rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(4)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", bases["llama"], "--load-in-4bit", "--data", str(data), "--output", str(out),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                 "--save_strategy", "no"]) == 0
+    assert json.loads((out / "qadapter_config.json").read_text())["quantization"]["method"] == "nf4"
+    assert main(["generate", "--adapter", str(out), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    assert main(["eval", "--adapter", str(out), "--data", str(data), "--load-in-4bit"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--adapter", str(out), "--prompt", "hi", "--load-in-8bit"])
+    assert exc.value.code == 2 and "LLM.int8" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(bases):
+    plain, checkpointed = adapter(bases["qwen2"], "4bit"), adapter(bases["qwen2"], "4bit")
+    checkpointed.gradient_checkpointing_enable()
+    plain.train()
+    checkpointed.train()
+    ids, mask, labels = batch(plain)
+    want, got = plain(ids, mask, labels).loss, checkpointed(ids, mask, labels).loss
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want_grads, got_grads = lora_b_grads(plain), lora_b_grads(checkpointed)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6)
