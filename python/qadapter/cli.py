@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval, info.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -156,6 +156,7 @@ def _run_train(args, extra: list[str]) -> int:
     from .library import atomic
     from .library.data import check_rows, load_preference_data
     from .library.model import QAdapterModel, holds_adapter
+    from .library.provenance import data_identity
     from .library.trainer import QAdapterTrainer
 
     config = _training_config(args, extra)
@@ -175,10 +176,12 @@ def _run_train(args, extra: list[str]) -> int:
                    skip_invalid=args.skip_invalid)
     train, summary = load_preference_data(train_rows, tokenizer, **lengths)
     print(f"training data: {summary}")
+    model.provenance["data"] = data_identity(args.data, train_rows, summary)  # saved with the adapter
     evaluation = None
     if args.eval_data:
         evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
         print(f"evaluation data: {eval_summary}")
+        model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
     callbacks = []
     if args.curve_steps:
         from .evaluation.curve import LearningCurve
@@ -258,6 +261,82 @@ def _run_eval(args) -> int:
     print(f"step0: {STEP0_BASELINE}")
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="what a saved adapter is: its provenance",
+                       description="Prints a saved adapter's provenance: the training data (source, content "
+                                   "hash, rows kept and skipped), the training options, the base model (name, "
+                                   "fingerprint), the library versions, the final training metrics and the "
+                                   "creation time. A missing or unreadable provenance record is reported; the "
+                                   "adapter itself still loads.")
+    p.add_argument("adapter", help="directory of a saved Q-Adapter")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _run_info(args) -> int:
+    from .library.model import AdapterLoadError, read_adapter_config
+    from .library.provenance import read_provenance
+
+    path = Path(args.adapter)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a saved adapter")
+    try:
+        config, config_problem = read_adapter_config(path), None
+    except AdapterLoadError as exc:
+        config, config_problem = None, str(exc)
+    record, problem = read_provenance(path)
+    if args.json:
+        print(json.dumps({"adapter": str(path), "config": config, "config_problem": config_problem,
+                          "provenance": record, "provenance_problem": problem}, indent=2))
+        return 0
+    print(f"adapter: {path}")
+    if config_problem:
+        print(f"config: PROBLEM: {config_problem}")
+    if problem:
+        if config is not None:
+            print(f"base: {config['base_model'] or '(unnamed)'} (fingerprint {config['base_fingerprint']})")
+        print(f"provenance: PROBLEM: {problem}")
+        return 0
+    print(_format_provenance(record))
+    return 0
+
+
+def _format_provenance(record: dict) -> str:
+    base = record.get("base") or {}
+    lines = [f"created: {record.get('created')}",
+             f"base: {base.get('name')} (fingerprint {base.get('fingerprint')}, quantization {base.get('quantization')})",
+             f"parent adapter: {record.get('parent_adapter')}"]
+    for key in ("data", "eval_data"):
+        data = record.get(key)
+        if not data:
+            continue
+        skipped = data.get("skipped_reasons") or {}
+        reasons = f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
+        lines.append(f"{key.replace('_', ' ')}: {data.get('source') or data.get('kind')}"
+                     f"; rows {data.get('rows')}, kept {data.get('kept')}, skipped {data.get('skipped')}{reasons}")
+        for digest in ("file_sha256", "rows_sha256", "dataset_fingerprint"):
+            if data.get(digest):
+                lines.append(f"  {digest}: {data[digest]}")
+    adapter = record.get("adapter") or {}
+    if adapter:
+        lines.append(f"adapter: lora {adapter.get('lora')}; loss {adapter.get('loss')}")
+    training = record.get("training")
+    if training:
+        options = training.get("options") or {}
+        shown = {k: options[k] for k in ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                                        "gradient_accumulation_steps", "seed") if k in options}
+        lines.append(f"training: step {training.get('global_step')}, completed {training.get('completed')}; "
+                     f"{', '.join(f'{k}={v}' for k, v in shown.items())} ({len(options)} options in --json)")
+    else:
+        lines.append("training: none recorded (an adapter saved outside training)")
+    metrics = record.get("metrics")
+    if metrics:
+        lines.append("final metrics: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    versions = record.get("versions") or {}
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    return "\n".join(lines)
 
 
 LM_EVAL_LISTS = ("tasks", "groups", "subtasks", "tags")
@@ -411,13 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval,info}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
     _compare_parser(sub)
     _lm_eval_parser(sub)
+    _info_parser(sub)
     return parser
 
 
@@ -438,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_compare(args)
         if args.command == "lm-eval":
             return _run_lm_eval(args)
+        if args.command == "info":
+            return _run_info(args)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))
