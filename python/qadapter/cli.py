@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval, info.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, compare, lm-eval, info, check.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -339,6 +339,74 @@ def _format_provenance(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_parser(sub) -> None:
+    from .evaluation.check import Thresholds
+
+    p = sub.add_parser("check", help="measure an adapter against its base; fail it when it forgets",
+                       description="Measures a saved adapter against its base on preference pairs (accuracy and "
+                                   "its gain over the step-0 baseline, KL to the base), the knowledge probe "
+                                   "(log-likelihood accuracy, customized policy vs the base) and general-text "
+                                   "perplexity (vs the base); compares each with its threshold (flags, or a JSON "
+                                   "file of them) and with an earlier report (--baseline). Writes check.json and "
+                                   "check.md, and exits 1 naming each failed threshold.")
+    p.add_argument("adapter", help="directory of a saved Q-Adapter")
+    p.add_argument("--data", required=True, help="held-out preference pairs")
+    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--output", help="directory for check.json and check.md (default: the adapter's directory)")
+    p.add_argument("--baseline", help="an earlier check.json: the report shows the change since")
+    p.add_argument("--thresholds", metavar="JSON", help="a JSON object of thresholds (the flags below win)")
+    defaults = Thresholds()
+    for f in fields(Thresholds):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=float, default=None, metavar="X",
+                       help=f"{'lower' if f.name.startswith('min_') else 'upper'} limit "
+                            f"(default: {getattr(defaults, f.name)}; null in the thresholds file turns it off)")
+    p.add_argument("--max-pairs", type=_positive_int, help="measure at most this many pairs (default: all)")
+    p.add_argument("--probe-items", type=_non_negative_int, default=64,
+                   help="knowledge probe questions, spread over the probe (default: %(default)s; 0: skip)")
+    p.add_argument("--passages", type=_non_negative_int, default=4,
+                   help="general-text passages for perplexity (default: %(default)s; 0: skip)")
+    p.add_argument("--max-length", type=_positive_int, default=512)
+    p.add_argument("--max-prompt-length", type=_positive_int, default=256)
+    p.add_argument("--skip-invalid", action="store_true")
+
+
+def _run_check(args) -> int:
+    from dataclasses import replace
+
+    from .evaluation.check import Thresholds, format_markdown, read_report, run_check
+    from .library import atomic
+    from .library.data import load_preference_data
+    from .library.model import QAdapterModel
+
+    thresholds = Thresholds.from_file(args.thresholds) if args.thresholds else Thresholds()
+    given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
+    thresholds = replace(thresholds, **given)
+    baseline = read_report(args.baseline) if args.baseline else None  # a bad baseline fails before any work
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
+                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+    features = data.to_list()[: args.max_pairs]
+    if not features:
+        raise ValueError(f"--data {args.data} holds no usable pair ({summary})")
+    report = run_check(model, features, thresholds, probe_items=args.probe_items,
+                       passages=args.passages, baseline=baseline,
+                       meta={"adapter": str(args.adapter), "data": str(args.data),
+                             "baseline": str(args.baseline) if args.baseline else None})
+    output = Path(args.output or args.adapter)
+    atomic.write_json(output / "check.json", report)
+    markdown = format_markdown(report)
+    atomic.write_text(output / "check.md", markdown)
+    print(markdown)
+    print(f"written: {output / 'check.json'}, {output / 'check.md'}")
+    if not report["passed"]:
+        for c in report["checks"]:
+            if not c["passed"]:
+                print(f"qadapter check: FAILED {c['measure']} = {c['value']:.4g} (needs {c['rule']} {c['limit']}, "
+                      f"--{c['threshold'].replace('_', '-')})", file=sys.stderr)
+        return 1
+    return 0
+
+
 LM_EVAL_LISTS = ("tasks", "groups", "subtasks", "tags")
 
 
@@ -490,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,compare,lm-eval,info,check}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
@@ -498,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _lm_eval_parser(sub)
     _info_parser(sub)
+    _check_parser(sub)
     return parser
 
 
@@ -520,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_lm_eval(args)
         if args.command == "info":
             return _run_info(args)
+        if args.command == "check":
+            return _run_check(args)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))
