@@ -286,6 +286,8 @@ def _run_info(args) -> int:
     except AdapterLoadError as exc:
         config, config_problem = None, str(exc)
     record, problem = read_provenance(path)
+    if config is None and record is None:
+        raise ValueError(f"{path} holds no readable Q-Adapter: {config_problem}")
     if args.json:
         print(json.dumps({"adapter": str(path), "config": config, "config_problem": config_problem,
                           "provenance": record, "provenance_problem": problem}, indent=2))

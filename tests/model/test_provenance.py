@@ -107,3 +107,9 @@ def test_a_plain_save_records_base_and_versions_without_training(tmp_path):
     record, problem = read_provenance(tmp_path)
     assert problem is None and record["training"] is None and record["data"] is None
     assert record["base"]["fingerprint"] == model.fingerprint
+
+
+def test_info_on_a_directory_without_an_adapter_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["info", str(tmp_path)])
+    assert exc.value.code == 2 and "qadapter_config.json is missing" in capsys.readouterr().err
