@@ -379,6 +379,7 @@ def _run_check(args) -> int:
     from .library import atomic
     from .library.data import load_preference_data
     from .library.model import QAdapterModel
+    from .library.provenance import read_provenance
 
     thresholds = Thresholds.from_file(args.thresholds) if args.thresholds else Thresholds()
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
@@ -390,10 +391,13 @@ def _run_check(args) -> int:
     features = data.to_list()[: args.max_pairs]
     if not features:
         raise ValueError(f"--data {args.data} holds no usable pair ({summary})")
+    record, problem = read_provenance(args.adapter)  # which adapter this report is about
+    origin = {"created": record.get("created"), "base": record.get("base"), "data": record.get("data")} if record \
+        else {"problem": problem}
     report = run_check(model, features, thresholds, probe_items=args.probe_items,
                        passages=args.passages, baseline=baseline,
                        meta={"adapter": str(args.adapter), "data": str(args.data),
-                             "baseline": str(args.baseline) if args.baseline else None})
+                             "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
     output = Path(args.output or args.adapter)
     atomic.write_json(output / "check.json", report)
     markdown = format_markdown(report)

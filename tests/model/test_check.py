@@ -50,6 +50,7 @@ def test_untrained_adapter_keeps_everything_and_learned_nothing(adapters, capsys
     assert m["preference_accuracy"] == m["step0_preference_accuracy"] and m["kl_to_base"] < 1e-2
     assert m["probe_accuracy"] == m["base_probe_accuracy"] and m["perplexity_ratio"] < 1.1
     assert (report["pairs"], report["probe_items"], report["passages"]) == (8, 6, 2)
+    assert report["provenance"]["base"]["name"] == str(tmp / "base")  # which adapter the report is about
     assert (tmp / "untrained" / "check.md").read_text().startswith("# qadapter check: FAILED: preference_gain")
 
 
