@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, plan, compare, lm-eval.
+"""The ``qadapter`` command: demo (the main job), train, generate, eval, plan, compare, lm-eval, info, check.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -179,6 +179,7 @@ def _run_train(args, extra: list[str]) -> int:
     from .library import atomic
     from .library.data import check_rows, load_preference_data
     from .library.model import QAdapterModel, holds_adapter
+    from .library.provenance import data_identity
     from .library.trainer import QAdapterTrainer
 
     config = _training_config(args, extra)
@@ -198,10 +199,12 @@ def _run_train(args, extra: list[str]) -> int:
                    skip_invalid=args.skip_invalid)
     train, summary = load_preference_data(train_rows, tokenizer, **lengths)
     print(f"training data: {summary}")
+    model.provenance["data"] = data_identity(args.data, train_rows, summary)  # saved with the adapter
     evaluation = None
     if args.eval_data:
         evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
         print(f"evaluation data: {eval_summary}")
+        model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
     callbacks = []
     if args.curve_steps:
         from .evaluation.curve import LearningCurve
@@ -323,6 +326,156 @@ def _run_eval(args) -> int:
     metrics["pairs"] = len(features)
     print(f"step0: {STEP0_BASELINE}")
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="what a saved adapter is: its provenance",
+                       description="Prints a saved adapter's provenance: the training data (source, content "
+                                   "hash, rows kept and skipped), the training options, the base model (name, "
+                                   "fingerprint), the library versions, the final training metrics and the "
+                                   "creation time. A missing or unreadable provenance record is reported; the "
+                                   "adapter itself still loads.")
+    p.add_argument("adapter", help="directory of a saved Q-Adapter")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _run_info(args) -> int:
+    from .library.model import AdapterLoadError, read_adapter_config
+    from .library.provenance import read_provenance
+
+    path = Path(args.adapter)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a saved adapter")
+    try:
+        config, config_problem = read_adapter_config(path), None
+    except AdapterLoadError as exc:
+        config, config_problem = None, str(exc)
+    record, problem = read_provenance(path)
+    if config is None and record is None:
+        raise ValueError(f"{path} holds no readable Q-Adapter: {config_problem}")
+    if args.json:
+        print(json.dumps({"adapter": str(path), "config": config, "config_problem": config_problem,
+                          "provenance": record, "provenance_problem": problem}, indent=2))
+        return 0
+    print(f"adapter: {path}")
+    if config_problem:
+        print(f"config: PROBLEM: {config_problem}")
+    if problem:
+        if config is not None:
+            print(f"base: {config['base_model'] or '(unnamed)'} (fingerprint {config['base_fingerprint']})")
+        print(f"provenance: PROBLEM: {problem}")
+        return 0
+    print(_format_provenance(record))
+    return 0
+
+
+def _format_provenance(record: dict) -> str:
+    base = record.get("base") or {}
+    lines = [f"created: {record.get('created')}",
+             f"base: {base.get('name')} (fingerprint {base.get('fingerprint')}, quantization {base.get('quantization')})",
+             f"parent adapter: {record.get('parent_adapter')}"]
+    for key in ("data", "eval_data"):
+        data = record.get(key)
+        if not data:
+            continue
+        skipped = data.get("skipped_reasons") or {}
+        reasons = f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
+        lines.append(f"{key.replace('_', ' ')}: {data.get('source') or data.get('kind')}"
+                     f"; rows {data.get('rows')}, kept {data.get('kept')}, skipped {data.get('skipped')}{reasons}")
+        for digest in ("file_sha256", "rows_sha256", "dataset_fingerprint"):
+            if data.get(digest):
+                lines.append(f"  {digest}: {data[digest]}")
+    adapter = record.get("adapter") or {}
+    if adapter:
+        lines.append(f"adapter: lora {adapter.get('lora')}; loss {adapter.get('loss')}")
+    training = record.get("training")
+    if training:
+        options = training.get("options") or {}
+        shown = {k: options[k] for k in ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                                        "gradient_accumulation_steps", "seed") if k in options}
+        lines.append(f"training: step {training.get('global_step')}, completed {training.get('completed')}; "
+                     f"{', '.join(f'{k}={v}' for k, v in shown.items())} ({len(options)} options in --json)")
+    else:
+        lines.append("training: none recorded (an adapter saved outside training)")
+    metrics = record.get("metrics")
+    if metrics:
+        lines.append("final metrics: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    versions = record.get("versions") or {}
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    return "\n".join(lines)
+
+
+def _check_parser(sub) -> None:
+    from .evaluation.check import Thresholds
+
+    p = sub.add_parser("check", help="measure an adapter against its base; fail it when it forgets",
+                       description="Measures a saved adapter against its base on preference pairs (accuracy and "
+                                   "its gain over the step-0 baseline, KL to the base), the knowledge probe "
+                                   "(log-likelihood accuracy, customized policy vs the base) and general-text "
+                                   "perplexity (vs the base); compares each with its threshold (flags, or a JSON "
+                                   "file of them) and with an earlier report (--baseline). Writes check.json and "
+                                   "check.md, and exits 1 naming each failed threshold.")
+    p.add_argument("adapter", help="directory of a saved Q-Adapter")
+    p.add_argument("--data", required=True, help="held-out preference pairs")
+    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--output", help="directory for check.json and check.md (default: the adapter's directory)")
+    p.add_argument("--baseline", help="an earlier check.json: the report shows the change since")
+    p.add_argument("--thresholds", metavar="JSON", help="a JSON object of thresholds (the flags below win)")
+    defaults = Thresholds()
+    for f in fields(Thresholds):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=float, default=None, metavar="X",
+                       help=f"{'lower' if f.name.startswith('min_') else 'upper'} limit "
+                            f"(default: {getattr(defaults, f.name)}; null in the thresholds file turns it off)")
+    p.add_argument("--max-pairs", type=_positive_int, help="measure at most this many pairs (default: all)")
+    p.add_argument("--probe-items", type=_non_negative_int, default=64,
+                   help="knowledge probe questions, spread over the probe (default: %(default)s; 0: skip)")
+    p.add_argument("--passages", type=_non_negative_int, default=4,
+                   help="general-text passages for perplexity (default: %(default)s; 0: skip)")
+    p.add_argument("--max-length", type=_positive_int, default=512)
+    p.add_argument("--max-prompt-length", type=_positive_int, default=256)
+    p.add_argument("--skip-invalid", action="store_true")
+
+
+def _run_check(args) -> int:
+    from dataclasses import replace
+
+    from .evaluation.check import Thresholds, format_markdown, read_report, run_check
+    from .library import atomic
+    from .library.data import load_preference_data
+    from .library.model import QAdapterModel
+    from .library.provenance import read_provenance
+
+    thresholds = Thresholds.from_file(args.thresholds) if args.thresholds else Thresholds()
+    given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
+    thresholds = replace(thresholds, **given)
+    baseline = read_report(args.baseline) if args.baseline else None  # a bad baseline fails before any work
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
+                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+    features = data.to_list()[: args.max_pairs]
+    if not features:
+        raise ValueError(f"--data {args.data} holds no usable pair ({summary})")
+    record, problem = read_provenance(args.adapter)  # which adapter this report is about
+    origin = {"created": record.get("created"), "base": record.get("base"), "data": record.get("data")} if record \
+        else {"problem": problem}
+    report = run_check(model, features, thresholds, probe_items=args.probe_items,
+                       passages=args.passages, baseline=baseline,
+                       meta={"adapter": str(args.adapter), "data": str(args.data),
+                             "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
+    output = Path(args.output or args.adapter)
+    atomic.write_json(output / "check.json", report)
+    markdown = format_markdown(report)
+    atomic.write_text(output / "check.md", markdown)
+    print(markdown)
+    print(f"written: {output / 'check.json'}, {output / 'check.md'}")
+    if not report["passed"]:
+        for c in report["checks"]:
+            if not c["passed"]:
+                print(f"qadapter check: FAILED {c['measure']} = {c['value']:.4g} (needs {c['rule']} {c['limit']}, "
+                      f"--{c['threshold'].replace('_', '-')})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -477,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,plan,compare,lm-eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,plan,compare,lm-eval,info,check}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
@@ -485,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_parser(sub)
     _compare_parser(sub)
     _lm_eval_parser(sub)
+    _info_parser(sub)
+    _check_parser(sub)
     return parser
 
 
@@ -507,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_lm_eval(args)
         if args.command == "plan":
             return _run_plan(args)
+        if args.command == "info":
+            return _run_info(args)
+        if args.command == "check":
+            return _run_check(args)
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qadapter_loss, registry
 from qadapter_kernels.inputs import check_chunk_size
 
-from . import atomic
+from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
 from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
@@ -108,6 +108,8 @@ class QAdapterModel(nn.Module):
     def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
         self.loss, self.backend, self.chunk_size = run_options(loss, backend, chunk_size, **loss_options)
         self.tokenizer = tokenizer
+        # What training adds to the saved provenance (provenance.build): data, training, metrics.
+        self.provenance: dict = {}
 
     def _take_softcap(self, base_model: nn.Module) -> None:
         """The loss takes the model's logit soft-capping (Gemma-2), unless it names another cap."""
@@ -232,10 +234,12 @@ class QAdapterModel(nn.Module):
         }
 
     def write_adapter(self, directory: str | os.PathLike) -> None:
-        """Writes the adapter files into an existing directory (Trainer checkpoints use this)."""
+        """Writes the adapter files into an existing directory (Trainer checkpoints use this): the
+        weights, ``qadapter_config.json`` and ``provenance.json`` (:mod:`qadapter.library.provenance`)."""
         directory = Path(directory)
         self.peft_model.save_pretrained(directory, safe_serialization=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n", encoding="utf-8")
+        provenance.write(directory, provenance.build(self, self.provenance))
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Saves the adapter's files into the directory ``path``, replacing only those files.

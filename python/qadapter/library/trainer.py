@@ -29,6 +29,7 @@ from qadapter_kernels.registry import BACKEND_NAMES
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator
 from .model import holds_adapter
+from .provenance import rows_hash
 
 METRIC_NAMES = {
     "chosen_rewards": "rewards/chosen",
@@ -157,7 +158,31 @@ class QAdapterTrainer(Trainer):
             resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._record_provenance(output.metrics)
+        return output
+
+    def _record_provenance(self, final: dict | None = None) -> None:
+        """Puts what this trainer knows into the model's provenance (saved with every adapter and
+        checkpoint): every training option, the step reached, the last logged training metrics (with
+        ``final``, the run's summary) and, unless the caller named the data, the training set's size
+        and ``datasets`` fingerprint."""
+        model = self.accelerator.unwrap_model(self.model)
+        record = getattr(model, "provenance", None)
+        if record is None:
+            return
+        logged = [entry for entry in self.state.log_history if "loss" in entry and "eval_loss" not in entry]
+        evaluated = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        metrics = {**(logged[-1] if logged else {}), **(evaluated[-1] if evaluated else {}), **(final or {})}
+        record["training"] = {"options": self.args.to_dict(), "global_step": self.state.global_step,
+                              "epoch": self.state.epoch, "completed": final is not None}
+        record["metrics"] = metrics
+        if "data" not in record and self.train_dataset is not None:
+            data = self.train_dataset
+            record["data"] = {"kind": "dataset", "source": None,
+                              "dataset_fingerprint": getattr(data, "_fingerprint", None),
+                              "rows_sha256": rows_hash(data) if isinstance(data, list) else None,
+                              "rows": len(data) if hasattr(data, "__len__") else None}
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         """The step's micro-batches and, where the loss has exact shares, their :class:`StepTotals`."""
@@ -204,6 +229,8 @@ class QAdapterTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             model = self.accelerator.unwrap_model(self.model)
+            if _internal_call:  # a checkpoint: its record says how far training had come
+                self._record_provenance()
 
             def write(staging: Path) -> None:
                 model.write_adapter(staging)

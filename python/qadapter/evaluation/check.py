@@ -1,0 +1,213 @@
+"""``qadapter check``: an adapter measured against its base, and stopped when it forgets.
+
+Preference (did it learn?): accuracy on held-out pairs under the adapter's own rewards, and its
+gain over the step-0 baseline (the same rewards with LoRA B = 0), from :func:`evaluate_pairs`.
+Retention (did it keep what the base knew?): the mean per-token KL to the base on the same pairs,
+the knowledge probe's log-likelihood accuracy (the customized policy against the base), and the
+perplexity of general text (against the base's). Each measure is compared with a threshold, and
+with an earlier report when one is given (the change since).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from qadapter_kernels.vocabulary import vocabulary_pass
+
+from ..library.model import QAdapterModel
+from .knowledge import PROBE_LONGEST, general_passages, load_probe, option_logprob_scores
+from .measures import evaluate_pairs, likelihood, next_token_targets, packing_mask_dtype
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class Thresholds:
+    """The limits an adapter must meet; None turns a check off. ``min_*``: the measure must be at
+    least the limit; ``max_*``: at most."""
+
+    min_preference_accuracy: float | None = None
+    min_preference_gain: float | None = 0.05
+    max_kl_to_base: float | None = 0.5
+    max_probe_drop: float | None = 0.05
+    max_perplexity_ratio: float | None = 1.10
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Thresholds:
+        """Thresholds from a JSON object of (some of) the field names; unknown keys are refused."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"thresholds file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"thresholds file {path} must hold a JSON object")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"thresholds file {path}: unknown thresholds {unknown}; known: {sorted(names)}")
+        for key, value in data.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"thresholds file {path}: {key} must be a number or null; got {value!r}")
+        return cls(**data)
+
+
+# measure -> (threshold field, kind); the threshold's prefix says the direction.
+CHECKS = {
+    "preference_accuracy": ("min_preference_accuracy", "preference"),
+    "preference_gain": ("min_preference_gain", "preference"),
+    "kl_to_base": ("max_kl_to_base", "retention"),
+    "probe_drop": ("max_probe_drop", "retention"),
+    "perplexity_ratio": ("max_perplexity_ratio", "retention"),
+}
+
+
+def subsample(items: list, count: int | None) -> list:
+    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or larger)."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[(k * len(items)) // count] for k in range(count)]
+
+
+def _policies(model: QAdapterModel):
+    """Target log-prob functions of the customized policy and of the base (the adapter disabled)."""
+    weight = model.lm_head_weight
+    plain = likelihood(model.base_model)
+
+    @torch.no_grad()
+    def customized(ids, mask, position_ids, targets):
+        device = weight.device
+        base_hidden, q_hidden = model.hidden_states(
+            ids.to(device), mask.to(device), position_ids=None if position_ids is None else position_ids.to(device))
+        at = targets.to(device)
+        return vocabulary_pass(base_hidden[at.rows, at.positions], q_hidden[at.rows, at.positions], weight, at.ids,
+                               config=model.loss, measures=("logprobs",)).combined
+
+    def base(ids, mask, position_ids, targets):
+        with model.peft_model.disable_adapter():
+            return plain(ids, mask, position_ids, targets)
+
+    return customized, base
+
+
+def perplexity(target_logprobs, tokenizer, passages: list[str]) -> float:
+    """exp of the mean negative log-likelihood per token of plain passages (one at a time)."""
+    nll, count = 0.0, 0
+    for text in passages:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        nll -= float(target_logprobs(ids, torch.ones_like(ids), None, next_token_targets(ids)).sum())
+        count += ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))
+
+
+def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], passages: list[str]) -> dict:
+    """Every measure of the check (see the module's docstring), base values included."""
+    tokenizer = model.tokenizer
+    pairs = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True)
+    customized, base = _policies(model)
+    mask_dtype = packing_mask_dtype(model.base_model, PROBE_LONGEST)
+    result = {
+        "preference_accuracy": pairs["accuracy"],
+        "step0_preference_accuracy": pairs["step0"]["accuracy"],
+        "preference_gain": pairs["accuracy"] - pairs["step0"]["accuracy"],
+        "preference_margin": pairs["margin"],
+        "kl_to_base": pairs["kl_to_base"],
+    }
+    if probe:
+        def accuracy(fn):
+            picked = option_logprob_scores(fn, tokenizer, probe, mask_dtype=mask_dtype)
+            return sum(p == item["answer"] for p, item in zip(picked, probe)) / len(probe)
+
+        result["probe_accuracy"] = accuracy(customized)
+        result["base_probe_accuracy"] = accuracy(base)
+        result["probe_drop"] = result["base_probe_accuracy"] - result["probe_accuracy"]
+    if passages:
+        result["perplexity"] = perplexity(customized, tokenizer, passages)
+        result["base_perplexity"] = perplexity(base, tokenizer, passages)
+        result["perplexity_ratio"] = result["perplexity"] / result["base_perplexity"]
+    return result
+
+
+def judge(measures: dict, thresholds: Thresholds) -> list[dict]:
+    """One entry per threshold that is set and whose measure was taken: value, limit, pass or fail."""
+    limits = asdict(thresholds)
+    out = []
+    for name, (field_name, kind) in CHECKS.items():
+        limit = limits[field_name]
+        if limit is None or name not in measures:
+            continue
+        value = measures[name]
+        at_least = field_name.startswith("min_")
+        passed = value >= limit if at_least else value <= limit
+        out.append({"measure": name, "kind": kind, "value": value, "rule": ">=" if at_least else "<=",
+                    "limit": limit, "threshold": field_name, "passed": bool(passed)})
+    return out
+
+
+def change_since(measures: dict, baseline: dict) -> dict:
+    """Per measure in both reports: the earlier value, this one and the difference."""
+    before = baseline.get("measures", {})
+    return {name: {"before": before[name], "after": value, "delta": value - before[name]}
+            for name, value in measures.items()
+            if isinstance(before.get(name), (int, float)) and isinstance(value, (int, float))}
+
+
+def read_report(path: str | Path) -> dict:
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"baseline report {path} is not valid JSON: {exc}") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("measures"), dict):
+        raise ValueError(f"baseline report {path} is not a qadapter check report (no 'measures' object)")
+    return report
+
+
+def run_check(model: QAdapterModel, features: list[dict], thresholds: Thresholds, *, probe_items: int | None = 64,
+              passages: int | None = 4, baseline: dict | None = None, meta: dict | None = None) -> dict:
+    """The check's report: measures, each threshold's verdict, the failures, and the change since ``baseline``."""
+    probe = subsample(load_probe(), probe_items)
+    texts = subsample(general_passages(), passages)
+    measures = measure(model, features, probe=probe, passages=texts)
+    checks = judge(measures, thresholds)
+    report = {
+        "report_version": REPORT_VERSION, **(meta or {}),
+        "pairs": len(features), "probe_items": len(probe), "passages": len(texts),
+        "measures": measures, "thresholds": asdict(thresholds), "checks": checks,
+        "failed": [c["measure"] for c in checks if not c["passed"]],
+    }
+    report["passed"] = not report["failed"]
+    if baseline is not None:
+        report["change"] = change_since(measures, baseline)
+    return report
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_markdown(report: dict) -> str:
+    """The report as markdown: the verdict, the checks, the measures (with the change since a baseline)."""
+    verdict = "PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"])
+    lines = [f"# qadapter check: {verdict}", ""]
+    if report.get("adapter"):
+        lines.append(f"Adapter `{report['adapter']}` on data `{report.get('data')}`: {report['pairs']} pairs, "
+                     f"{report['probe_items']} probe questions, {report['passages']} general passages.")
+        lines.append("")
+    lines += ["| check | kind | value | rule | limit | result |", "|---|---|---|---|---|---|"]
+    for c in report["checks"]:
+        lines.append(f"| {c['measure']} | {c['kind']} | {_number(c['value'])} | {c['rule']} | {_number(c['limit'])} "
+                     f"| {'pass' if c['passed'] else '**FAIL**'} |")
+    change = report.get("change")
+    lines += ["", "| measure | value |" + (" before | change |" if change is not None else ""),
+              "|---|---|" + ("---|---|" if change is not None else "")]
+    for name, value in report["measures"].items():
+        row = f"| {name} | {_number(value)} |"
+        if change is not None:
+            c = change.get(name)
+            row += f" {_number(c['before'])} | {c['delta']:+.4g} |" if c else " | |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""`qadapter check`: an adapter measured against its base, failed by name when it forgets."""
+
+import json
+
+import pytest
+import torch
+from helpers import perturb_adapter, rows, tiny_causal_lm, tiny_chat_tokenizer
+from qadapter.cli import main
+from qadapter.evaluation.check import Thresholds, judge
+from qadapter.library.model import QAdapterModel
+
+QUICK = ["--probe-items", "6", "--passages", "2"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """An untrained adapter and one made to forget (LoRA B set large), on one tiny local base."""
+    tmp = tmp_path_factory.mktemp("check")
+    # A random tiny model predicts almost uniformly, and nothing its LoRA does moves that far; a
+    # sharper head gives it confident predictions, as a trained base has, which an adapter can ruin.
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_causal_lm("llama", vocab=len(tokenizer))
+    with torch.no_grad():
+        base.lm_head.weight.mul_(10)
+    base.save_pretrained(tmp / "base")
+    tokenizer.save_pretrained(tmp / "base")
+    data = tmp / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows(8, seed=1)) + "\n")
+    model = QAdapterModel.from_base(str(tmp / "base"))
+    model.save_pretrained(tmp / "untrained")
+    perturb_adapter(model, seed=3, scale=3.0)
+    model.save_pretrained(tmp / "forgot")
+    return tmp, data
+
+
+def _check(adapter, data, *extra):
+    return main(["check", str(adapter), "--data", str(data), *QUICK, *extra])
+
+
+def test_untrained_adapter_keeps_everything_and_learned_nothing(adapters, capsys):
+    tmp, data = adapters
+    capsys.readouterr()
+    assert _check(tmp / "untrained", data) == 1
+    err = capsys.readouterr().err
+    report = json.loads((tmp / "untrained" / "check.json").read_text())
+    assert report["failed"] == ["preference_gain"] and "FAILED preference_gain" in err
+    verdicts = {c["measure"]: c["passed"] for c in report["checks"]}
+    assert verdicts == {"preference_gain": False, "kl_to_base": True, "probe_drop": True, "perplexity_ratio": True}
+    m = report["measures"]
+    assert m["preference_accuracy"] == m["step0_preference_accuracy"] and m["kl_to_base"] < 1e-2
+    assert m["probe_accuracy"] == m["base_probe_accuracy"] and m["perplexity_ratio"] < 1.1
+    assert (report["pairs"], report["probe_items"], report["passages"]) == (8, 6, 2)
+    assert report["provenance"]["base"]["name"] == str(tmp / "base")  # which adapter the report is about
+    assert (tmp / "untrained" / "check.md").read_text().startswith("# qadapter check: FAILED: preference_gain")
+
+
+def test_forgetting_adapter_fails_retention_by_name(adapters, tmp_path, capsys):
+    tmp, data = adapters
+    capsys.readouterr()
+    assert _check(tmp / "forgot", data, "--output", str(tmp_path), "--min-preference-gain", "-1") == 1
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert "kl_to_base" in report["failed"]
+    assert "preference_gain" not in report["failed"]
+    assert "FAILED kl_to_base" in err and "--max-kl-to-base" in err
+    assert report["measures"]["kl_to_base"] > 0.5
+
+
+def test_baseline_report_shows_the_change_since(adapters, tmp_path, capsys):
+    tmp, data = adapters
+    first, second = tmp_path / "first", tmp_path / "second"
+    _check(tmp / "untrained", data, "--output", str(first))
+    _check(tmp / "forgot", data, "--output", str(second), "--baseline", str(first / "check.json"))
+    capsys.readouterr()
+    before = json.loads((first / "check.json").read_text())["measures"]
+    report = json.loads((second / "check.json").read_text())
+    change = report["change"]["kl_to_base"]
+    assert change["before"] == before["kl_to_base"] and change["after"] == report["measures"]["kl_to_base"]
+    assert change["delta"] == pytest.approx(change["after"] - change["before"]) and change["delta"] > 0.5
+    assert "| kl_to_base |" in (second / "check.md").read_text() and "before" in (second / "check.md").read_text()
+
+
+def test_thresholds_file_and_flags(adapters, tmp_path, capsys):
+    tmp, data = adapters
+    config = tmp_path / "thresholds.json"
+    config.write_text(json.dumps({"min_preference_gain": None, "max_kl_to_base": 0.01}))
+    assert _check(tmp / "untrained", data, "--output", str(tmp_path), "--thresholds", str(config)) == 0
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["passed"] and report["thresholds"]["max_kl_to_base"] == 0.01
+    assert "preference_gain" not in {c["measure"] for c in report["checks"]}
+    # a flag wins over the file
+    assert _check(tmp / "untrained", data, "--output", str(tmp_path), "--thresholds", str(config),
+                  "--min-preference-accuracy", "0.9") == 1
+    assert json.loads((tmp_path / "check.json").read_text())["failed"] == ["preference_accuracy"]
+    config.write_text(json.dumps({"max_kl": 1}))
+    with pytest.raises(SystemExit) as exc:
+        _check(tmp / "untrained", data, "--thresholds", str(config))
+    assert exc.value.code == 2 and "max_kl" in capsys.readouterr().err
+
+
+def test_judge_directions():
+    checks = judge({"preference_gain": 0.1, "kl_to_base": 0.7}, Thresholds(max_probe_drop=None))
+    assert [(c["measure"], c["passed"]) for c in checks] == [("preference_gain", True), ("kl_to_base", False)]
