@@ -186,6 +186,9 @@ def tokenize_rows(
     use_chat_template: bool | None = None,
 ) -> tuple[list[dict[str, list[int]]], DataSummary]:
     """Tokenized pairs from raw rows; malformed rows raise, or are skipped and counted."""
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {value!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one prompt and one response token); got {max_length}")
     if max_prompt_length < 1:
@@ -228,7 +231,7 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not data
     except UnicodeDecodeError as exc:
         raise ValueError(f"data file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
 
