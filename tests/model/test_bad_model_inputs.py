@@ -190,6 +190,36 @@ def test_messages_need_a_chat_template(tokenizer):
            ValueError, "chat template")
 
 
+COLLATOR = [
+    ("pad-none", {"pad_token_id": None}, TypeError, "pad_token_id must be an int"),
+    ("pad-float", {"pad_token_id": 0.0}, TypeError, "pad_token_id must be an int"),
+    ("multiple-0", {"pad_token_id": 0, "pad_to_multiple_of": 0}, ValueError, "pad_to_multiple_of must be a positive"),
+    ("multiple-negative", {"pad_token_id": 0, "pad_to_multiple_of": -8}, ValueError, "pad_to_multiple_of"),
+]
+
+
+@pytest.mark.parametrize(("options", "exc", "fragment"), [pytest.param(o, e, f, id=i) for i, o, e, f in COLLATOR])
+def test_bad_collator_option(options, exc, fragment):
+    from qadapter.library.data import PreferenceCollator
+
+    expect(lambda: PreferenceCollator(**options), exc, fragment)
+
+
+def test_collator_refuses_an_empty_batch():
+    from qadapter.library.data import PreferenceCollator
+
+    expect(lambda: PreferenceCollator(0)([]), ValueError, "no pairs")
+
+
+def test_collator_pads_to_a_multiple():
+    from qadapter.library.data import PreferenceCollator
+
+    pair = {"chosen_input_ids": [1, 2, 3], "rejected_input_ids": [1], "chosen_labels": [-100, 2, 3],
+            "rejected_labels": [-100]}
+    batch = PreferenceCollator(0, pad_to_multiple_of=8)([pair])
+    assert batch["input_ids"].shape == (2, 8) and batch["labels"][1, 1:].eq(-100).all()
+
+
 def test_read_rows_passes_lists_through():
     assert read_rows([GOOD]) == [GOOD]
 

@@ -320,7 +320,16 @@ class PreferenceCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise TypeError(f"pad_token_id must be an int (the tokenizer's pad or eos id); got {self.pad_token_id!r}")
+        multiple = self.pad_to_multiple_of
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None; got {multiple!r}")
+
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("PreferenceCollator got no pairs: a batch holds at least one")
         sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         length = max(len(s) for s in sequences)
