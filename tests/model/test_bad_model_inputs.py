@@ -493,6 +493,12 @@ GENERATE = [
     ("top_p-0", {"do_sample": True, "top_p": 0.0}, ValueError, "top_p must be"),
     ("top_p-above-1", {"do_sample": True, "top_p": 1.5}, ValueError, "top_p must be"),
     ("top_p-nan", {"do_sample": True, "top_p": float("nan")}, ValueError, "top_p must be"),
+    ("eos-str", {"eos_token_id": "2"}, ValueError, "eos_token_id must be a token id"),
+    ("eos-float", {"eos_token_id": 2.0}, ValueError, "eos_token_id must be a token id"),
+    ("eos-list-of-str", {"eos_token_id": ["2"]}, ValueError, "eos_token_id must be a token id"),
+    ("pad-negative", {"pad_token_id": -5}, ValueError, "pad_token_id must be a token id in [0,"),
+    ("pad-beyond-vocab", {"pad_token_id": 10**6}, ValueError, "pad_token_id must be a token id in [0,"),
+    ("pad-float", {"pad_token_id": 1.0}, ValueError, "pad_token_id must be a token id"),
 ]
 VALID_GENERATE = [
     ("greedy", {}, 3 + 2),
@@ -501,6 +507,9 @@ VALID_GENERATE = [
     ("sample-top-p-1", {"do_sample": True, "top_p": 1.0, "temperature": 0.5}, 3 + 2),
     ("greedy-ignores-temperature", {"temperature": 0.0}, 3 + 2),
     ("int32-ids", {"input_ids": PROMPT.int()}, 3 + 2),
+    ("eos-list", {"eos_token_id": [2, 3]}, None),
+    ("eos-tuple", {"eos_token_id": (2,)}, None),
+    ("pad-given", {"pad_token_id": 0}, 3 + 2),
 ]
 
 
@@ -526,7 +535,8 @@ def test_bad_generation_option(chat_model, options, exc, fragment):
 
 @pytest.mark.parametrize(("options", "length"), [pytest.param(o, n, id=i) for i, o, n in VALID_GENERATE])
 def test_valid_generation_option(chat_model, options, length):
-    assert generate(chat_model, generator=torch.Generator().manual_seed(0), **options).shape == (1, length)
+    out = generate(chat_model, generator=torch.Generator().manual_seed(0), **options)
+    assert out.shape == (1, length) if length is not None else 3 < out.shape[1] <= 5
 
 
 # ------------------------------------------------------------------------------ lm-eval model arguments

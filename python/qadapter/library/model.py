@@ -360,6 +360,9 @@ class QAdapterModel(nn.Module):
         warpers = _warpers(temperature, top_k, top_p) if do_sample else None
         eos = _eos_ids(eos_token_id, self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        vocab = self.lm_head_weight.shape[0]
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab:
+            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (finished rows are fed it); got {pad!r}")
         cache_arg, combine = self.cache_argument(), self._decode_combine()
         eos_ids = torch.tensor(eos, device=input_ids.device)
         ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
@@ -498,7 +501,11 @@ def _eos_ids(eos_token_id, config) -> list[int]:
         eos_token_id = getattr(config, "eos_token_id", None)
     if eos_token_id is None:
         return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be a token id (int) or a list of them; got {eos_token_id!r}")
+    return list(ids)
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
