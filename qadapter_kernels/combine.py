@@ -26,6 +26,9 @@ def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[f
         )
     if base_logits.device != q_values.device:
         raise ValueError(f"q_values must be on base_logits' device {base_logits.device}; got {q_values.device}")
+    if base_logits.dtype != q_values.dtype:
+        raise TypeError(f"q_values must have base_logits' dtype {base_logits.dtype}; got {q_values.dtype} (cast one: "
+                        "mixed dtypes would silently compute in the narrower one)")
     return alpha_tilde, alpha_0
 
 

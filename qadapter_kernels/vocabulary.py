@@ -91,6 +91,8 @@ def vocabulary_pass(
     combination with ``alpha_0=0, alpha_tilde=1``, so its KL to the base is this pass's too.
     """
     config = LossConfig.from_options(config, **options)
+    if isinstance(measures, str) or not measures:
+        raise ValueError(f"measures must be a non-empty tuple of {MEASURES}; got {measures!r}")
     measures = tuple(check_choice("measures", m, MEASURES) for m in measures)
     check_chunk_size(chunk_size)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)

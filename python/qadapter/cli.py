@@ -38,8 +38,8 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite; got {text}")
     return value
 
 
@@ -494,7 +494,11 @@ def _seeds(text: str) -> list[int | None]:
 
 
 def _switch(text: str) -> bool:
-    return text.lower() in ("true", "1", "yes")
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false; got {text}")
 
 
 def _lm_eval_parser(sub) -> None:

@@ -186,6 +186,9 @@ def tokenize_rows(
     use_chat_template: bool | None = None,
 ) -> tuple[list[dict[str, list[int]]], DataSummary]:
     """Tokenized pairs from raw rows; malformed rows raise, or are skipped and counted."""
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {value!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one prompt and one response token); got {max_length}")
     if max_prompt_length < 1:
@@ -228,7 +231,7 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not data
     except UnicodeDecodeError as exc:
         raise ValueError(f"data file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
 
@@ -317,7 +320,16 @@ class PreferenceCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise TypeError(f"pad_token_id must be an int (the tokenizer's pad or eos id); got {self.pad_token_id!r}")
+        multiple = self.pad_to_multiple_of
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None; got {multiple!r}")
+
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("PreferenceCollator got no pairs: a batch holds at least one")
         sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         length = max(len(s) for s in sequences)

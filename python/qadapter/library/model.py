@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -389,13 +390,16 @@ class QAdapterModel(nn.Module):
         when every row has finished or after ``max_new_tokens``.
         """
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+        if do_sample:
+            _check_sampling(temperature, top_k, top_p)
         warpers = _warpers(temperature, top_k, top_p) if do_sample else None
         eos = _eos_ids(eos_token_id, self.config)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        vocab = self.lm_head_weight.shape[0]
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab:
+            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (finished rows are fed it); got {pad!r}")
         cache_arg, combine = self.cache_argument(), self._decode_combine()
         eos_ids = torch.tensor(eos, device=input_ids.device)
         ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
@@ -517,8 +521,11 @@ def check_adapter_weights(peft_model: nn.Module, path: Path) -> None:
     from safetensors import safe_open
 
     expected = set(get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME))
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        saved = set(f.keys())
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            saved = set(f.keys())
+    except Exception as exc:  # safetensors' own error type for a truncated or garbled file
+        raise AdapterLoadError(f"{path / WEIGHTS_NAME} cannot be read (corrupted or incomplete?): {exc}") from exc
     missing, unexpected = sorted(expected - saved), sorted(saved - expected)
     if missing or unexpected:
         raise AdapterLoadError(
@@ -546,7 +553,22 @@ def _eos_ids(eos_token_id, config) -> list[int]:
         eos_token_id = getattr(config, "eos_token_id", None)
     if eos_token_id is None:
         return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be a token id (int) or a list of them; got {eos_token_id!r}")
+    return list(ids)
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    """Sampling options, refused by name rather than silently ignored (a negative top_k, a top_p
+    above 1) or failing inside transformers' warpers."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite when sampling; got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter); got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: no top-p filter); got {top_p!r}")
 
 
 def _warpers(temperature: float, top_k: int, top_p: float):
