@@ -275,7 +275,7 @@ def test_kl_and_perplexity_against_plain_loops():
         for t in range(1, len(ids)):
             nll -= float(table[ids[t - 1], ids[t]])
             n += 1
-    assert perplexity(policy, tokenizer, passages) == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert perplexity(policy.target_logprobs, tokenizer, passages) == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
 def test_methods_and_their_learning_rates():

@@ -11,17 +11,12 @@ with an earlier report when one is given (the change since).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
-from qadapter_kernels.vocabulary import vocabulary_pass
-
 from ..library.model import QAdapterModel
 from .knowledge import PROBE_LONGEST, general_passages, load_probe, option_logprob_scores
-from .measures import evaluate_pairs, likelihood, next_token_targets, packing_mask_dtype
+from .measures import customized_likelihood, evaluate_pairs, likelihood, packing_mask_dtype, perplexity
 
 REPORT_VERSION = 1
 
@@ -75,33 +70,13 @@ def subsample(items: list, count: int | None) -> list:
 
 def _policies(model: QAdapterModel):
     """Target log-prob functions of the customized policy and of the base (the adapter disabled)."""
-    weight = model.lm_head_weight
     plain = likelihood(model.base_model)
-
-    @torch.no_grad()
-    def customized(ids, mask, position_ids, targets):
-        device = weight.device
-        base_hidden, q_hidden = model.hidden_states(
-            ids.to(device), mask.to(device), position_ids=None if position_ids is None else position_ids.to(device))
-        at = targets.to(device)
-        return vocabulary_pass(base_hidden[at.rows, at.positions], q_hidden[at.rows, at.positions], weight, at.ids,
-                               config=model.loss, measures=("logprobs",)).combined
 
     def base(ids, mask, position_ids, targets):
         with model.peft_model.disable_adapter():
             return plain(ids, mask, position_ids, targets)
 
-    return customized, base
-
-
-def perplexity(target_logprobs, tokenizer, passages: list[str]) -> float:
-    """exp of the mean negative log-likelihood per token of plain passages (one at a time)."""
-    nll, count = 0.0, 0
-    for text in passages:
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
-        nll -= float(target_logprobs(ids, torch.ones_like(ids), None, next_token_targets(ids)).sum())
-        count += ids.shape[1] - 1
-    return math.exp(nll / max(count, 1))
+    return customized_likelihood(model), base
 
 
 def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], passages: list[str]) -> dict:

@@ -23,6 +23,7 @@ length, chi2 is a group's token mean), whatever batches the forward passes ran i
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -285,6 +286,35 @@ def likelihood(model) -> Callable:
         return token_logprobs(hidden[targets.rows, targets.positions], weight, targets.ids, logit_softcap=cap)
 
     return target_logprobs
+
+
+def customized_likelihood(model: QAdapterModel) -> Callable:
+    """:func:`likelihood`'s contract for the customized policy ``pi~`` of a :class:`QAdapterModel`:
+    both passes' hidden states at the scored positions through the one vocabulary pass."""
+    weight = model.lm_head_weight
+
+    @torch.no_grad()
+    def target_logprobs(input_ids, attention_mask, position_ids, targets: Targets):
+        device = weight.device
+        base_hidden, q_hidden = model.hidden_states(
+            input_ids.to(device), attention_mask.to(device),
+            position_ids=None if position_ids is None else position_ids.to(device))
+        at = targets.to(device)
+        return vocabulary_pass(base_hidden[at.rows, at.positions], q_hidden[at.rows, at.positions], weight, at.ids,
+                               config=model.loss, measures=("logprobs",)).combined
+
+    return target_logprobs
+
+
+def perplexity(target_logprobs: Callable, tokenizer, passages: list[str]) -> float:
+    """exp of the mean negative log-likelihood per token of plain passages (one at a time), under a
+    model given as its target log-probs (:func:`likelihood`, :func:`customized_likelihood`)."""
+    nll, count = 0.0, 0
+    for text in passages:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        nll -= float(target_logprobs(ids, torch.ones_like(ids), None, next_token_targets(ids)).sum())
+        count += ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:

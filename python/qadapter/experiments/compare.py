@@ -19,7 +19,6 @@ seconds and the peak resident memory added while training.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 import threading
@@ -38,10 +37,12 @@ from ..evaluation.knowledge import PROBE_LONGEST
 from ..evaluation.measures import (
     answers,
     chat_prompts,
+    customized_likelihood,
     likelihood,
     next_token_targets,
     packing_mask_dtype,
     pair_margins,
+    perplexity,
 )
 from ..library import atomic
 from ..library.data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
@@ -304,15 +305,7 @@ def qadapter_policy(model, tokenizer) -> Policy:
     (the reward of a sequence as the loss defines it, :func:`qadapter_kernels.sequence_rewards`)."""
 
     weight = model.lm_head_weight
-
-    @torch.no_grad()
-    def target_logprobs(ids, mask, position_ids, targets):
-        device = weight.device
-        base_hidden, q_hidden = model.hidden_states(
-            ids.to(device), mask.to(device), position_ids=None if position_ids is None else position_ids.to(device))
-        at = targets.to(device)
-        return vocabulary_pass(base_hidden[at.rows, at.positions], q_hidden[at.rows, at.positions], weight, at.ids,
-                               config=model.loss, measures=("logprobs",)).combined
+    target_logprobs = customized_likelihood(model)
 
     @torch.no_grad()
     def kl_to_base(ids, mask):
@@ -359,16 +352,6 @@ def mean_kl_to_base(policy: Policy, tokenizer, prompts: list[str], responses: li
     return total / count
 
 
-def perplexity(policy: Policy, tokenizer, passages: list[str]) -> float:
-    """exp of the mean negative log-likelihood per token of plain passages (one at a time)."""
-    nll, count = 0.0, 0
-    for text in passages:
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
-        nll -= float(policy.target_logprobs(ids, torch.ones_like(ids), None, next_token_targets(ids)).sum())
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
-
-
 def measure(policy: Policy, tokenizer, suite: dict) -> dict:
     """Every alignment and retention number of one policy (the base included)."""
     from ..evaluation.knowledge import ANSWER_TOKENS, score_probe
@@ -384,7 +367,7 @@ def measure(policy: Policy, tokenizer, suite: dict) -> dict:
     row["probe_greedy_accuracy"] = probe["greedy_accuracy"]
     row["general_kl_to_base"] = mean_kl_to_base(policy, tokenizer, suite["general_prompts"],
                                                 suite["general_responses"])
-    row["general_perplexity"] = perplexity(policy, tokenizer, suite["passages"])
+    row["general_perplexity"] = perplexity(policy.target_logprobs, tokenizer, suite["passages"])
     return row
 
 
