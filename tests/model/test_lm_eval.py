@@ -5,6 +5,7 @@ shipped offline tasks run, and ``qadapter lm-eval`` runs them through lm-eval's 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -235,3 +236,15 @@ def test_simple_evaluate_on_the_embedded_default():
 def test_importing_qadapter_does_not_import_lm_eval():
     code = "import sys, qadapter, qadapter.cli; assert 'lm_eval' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_general_text_task_gives_the_policys_perplexity(saved, tmp_path):
+    """``qadapter_general_text``: the retention perplexity ``qadapter check`` measures, for lm-eval users
+    (rolling log-likelihoods of the shipped general passages under the combined policy)."""
+    base, adapter = saved
+    code = main(["lm-eval", "--model_args", f"adapter={adapter},base={base},batch_size=2", "--tasks",
+                 "qadapter_general_text", "--limit", "1", "--device", "cpu", "--output_path", str(tmp_path / "out")])
+    assert code == 0
+    [results] = (tmp_path / "out").rglob("results_*.json")
+    scores = json.loads(results.read_text())["results"]["qadapter_general_text"]
+    assert math.isfinite(scores["word_perplexity,none"]) and scores["word_perplexity,none"] > 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datasets
-from qadapter.evaluation.knowledge import load_probe
+from qadapter.evaluation.knowledge import general_passages, load_probe
 from qadapter.experiments.task import follows_rule, load_task
 
 
@@ -11,6 +11,11 @@ def knowledge_probe(**metadata) -> datasets.DatasetDict:
     """``qadapter_knowledge``'s documents: the shipped knowledge probe (``metadata``: what lm-eval
     passes every custom dataset; unused)."""
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(load_probe())})
+
+
+def general_text(**metadata) -> datasets.DatasetDict:
+    """``qadapter_general_text``'s documents: the shipped general passages, one document each."""
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": t} for t in general_passages()])})
 
 
 def tldr_prompts(**metadata) -> datasets.DatasetDict:
