@@ -673,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run_eval(args)
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))
+    except FloatingPointError as exc:  # training went non-finite: it says at which step, and what is kept
+        print(f"qadapter {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # what is saved is whole (saving is atomic); no traceback for a Ctrl-C
         print(f"qadapter {args.command}: interrupted", file=sys.stderr)
         return 130

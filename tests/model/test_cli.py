@@ -137,3 +137,20 @@ def test_invalid_data_fails_before_the_model_loads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and "preference row 1: missing key 'rejected'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_that_goes_non_finite_exits_naming_the_step(tmp_path, capsys):
+    """A learning rate that blows the adapter up: `qadapter train` stops, says at which step and that
+    what was saved is untouched, and exits 1 (not a traceback)."""
+    import json
+
+    from helpers import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(8)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code = main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "pairs.jsonl"), "--output",
+                 str(tmp_path / "out"), "--max_steps", "4", "--learning_rate", "1e30", "--per_device_train_batch_size", "2"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "qadapter train: step " in err and "not finite" in err and "untouched" in err

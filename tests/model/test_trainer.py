@@ -171,3 +171,33 @@ def test_accumulated_micro_batches_train_as_their_concatenation(tmp_path, reward
         training_setup(tmp_path / "init")[0]).items())  # the steps moved the weights
     for name, value in whole.items():
         torch.testing.assert_close(accumulated[name], value, rtol=2e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_training_that_goes_non_finite_stops_and_keeps_the_last_checkpoint(tmp_path, poison):
+    """A non-finite loss (a LoRA weight turned NaN) or a non-finite gradient (an inf gradient hook)
+    at step 3 stops training with an error naming the step, before the optimizer takes it; the
+    checkpoint of step 2 is whole, loads, and holds finite weights."""
+    from qadapter.library.trainer import NonFiniteTrainingError
+    from transformers import TrainerCallback
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    lora_b = next(p for n, p in model.peft_model.named_parameters() if "lora_B" in n)
+
+    class Poison(TrainerCallback):  # once checkpoint-2 is written
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                if poison == "loss":
+                    with torch.no_grad():
+                        lora_b.fill_(float("nan"))
+                else:
+                    lora_b.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                              callbacks=[Poison()])
+    what = "the loss is nan" if poison == "loss" else "a gradient is not finite"
+    with pytest.raises(NonFiniteTrainingError, match=f"step 3: {what}"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-4").exists()
+    saved = QAdapterModel.from_pretrained(tmp_path / "checkpoint-2", fresh_base())
+    assert all(torch.isfinite(p).all() for n, p in saved.peft_model.named_parameters() if "lora_" in n)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from qadapter_kernels import LossConfig
@@ -134,6 +134,26 @@ class StepTotals(NamedTuple):
     tokens: int
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Training produced a non-finite loss or gradient: it stops before the optimizer step takes it,
+    so the adapter saved last (and every complete checkpoint) stays as it was."""
+
+
+def _stop(step: int, what: str, output_dir: str) -> NonFiniteTrainingError:
+    return NonFiniteTrainingError(
+        f"step {step}: {what}; training stopped before the optimizer step, the last saved adapter and "
+        f"checkpoints in {output_dir} are untouched (a lower learning rate, or --max_grad_norm, may help)")
+
+
+class _FiniteGradients(TrainerCallback):
+    """Checks the trainable parameters' gradients before each optimizer step (after clipping)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([g.detach().isfinite().all() for g in grads]).all()):
+            raise _stop(state.global_step + 1, "a gradient is not finite", args.output_dir)
+
+
 class QAdapterTrainer(Trainer):
     """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs.
 
@@ -141,6 +161,9 @@ class QAdapterTrainer(Trainer):
     loss (the step's pair and token counts come from :meth:`get_batch_samples`, Trainer's
     ``num_items_in_batch``), so accumulating k micro-batches gives the gradient of their
     concatenation. "padded" depends on padding: its micro-batch losses are averaged, as Trainer does.
+
+    A non-finite loss or gradient stops training with :class:`NonFiniteTrainingError` naming the step,
+    before the optimizer step takes it: the adapter on disk stays the last good one.
     """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
@@ -149,6 +172,7 @@ class QAdapterTrainer(Trainer):
             data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.add_callback(_FiniteGradients())
         _warn_if_padding_dependent(self.args)
         self.loss_is_scaled_for_ga = self.args.reward_norm != "padded"  # Trainer must not divide the shares again
 
@@ -202,6 +226,10 @@ class QAdapterTrainer(Trainer):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
                     **totals)
         loss = out.loss
+        # One process: stop at the loss. Several: every rank must stop together, which the gradient
+        # check does after the all-reduce (a non-finite loss anywhere makes every rank's gradient so).
+        if model.training and self.accelerator.num_processes == 1 and not bool(torch.isfinite(loss.detach())):
+            raise _stop(self.state.global_step + 1, f"the loss is {loss.item()}", self.args.output_dir)
         if totals and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients of their shares
         split = "train" if model.training else "eval"
