@@ -117,3 +117,14 @@ def test_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\): pass logit_softcap=30"):
         frozen_and_adapter_hidden(model, ids, mask)
     assert frozen_and_adapter_hidden(model, ids, mask, logit_softcap=30.0).weight.shape[0] == 97
+
+
+def test_refuses_a_quantized_head():
+    """The fused loss multiplies hidden states by the head's dense weight: an integer (quantized)
+    weight is refused by name, with the way to keep the head dense."""
+    ids, mask, _ = batch()
+    model = peft_lm("llama")
+    head = model.get_base_model().get_output_embeddings()
+    head.weight = torch.nn.Parameter(torch.zeros(head.weight.shape, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"dense weight; got a torch.int8 one .*llm_int8_skip_modules"):
+        frozen_and_adapter_hidden(model, ids, mask)

@@ -112,8 +112,6 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=Non
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **quant.load_kwargs(quantization, device))
     model.config.name_or_path = name_or_path
-    if quantization is not None:
-        quant.check_dense_head(model)
-    elif device is not None:
+    if quantization is None and device is not None:
         model.to(device)
     return model, tokenizer

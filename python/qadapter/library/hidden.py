@@ -31,13 +31,17 @@ def head_softcap(model: nn.Module) -> float | None:
 
 
 def linear_head(model: nn.Module, logit_softcap: float | None = None) -> nn.Linear:
-    """The model's lm_head, checked to be what the fused loss models: a bias-free linear layer whose
+    """The model's lm_head, checked to be what the fused loss models: a bias-free linear layer with a
+    dense floating-point weight (not quantized: the loss multiplies hidden states by it) whose
     logits are not scaled afterwards, and soft-capped exactly when ``logit_softcap`` says so (the
     caller passes the model's cap on to the loss: a loss without it would be silently wrong)."""
     head = model.get_output_embeddings()
     name = type(model).__name__
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise ValueError(f"{name}: a Q-Adapter needs a bias-free linear lm_head; got {head!r}")
+    if not head.weight.is_floating_point():
+        raise ValueError(f"{name}: the fused loss needs the lm_head's dense weight; got a {head.weight.dtype} one "
+                         "(a quantized head: keep it out of quantization, llm_int8_skip_modules=['lm_head'])")
     if getattr(model.config, "logit_scale", None) not in (None, 1.0):
         raise ValueError(f"{name} scales its logits (logit_scale), which the fused loss does not model")
     cap = head_softcap(model)

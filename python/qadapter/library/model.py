@@ -99,7 +99,6 @@ class QAdapterModel(nn.Module):
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
         if self.quantization is not None:
-            quant.check_dense_head(base_model)
             quant.prepare_for_kbit_training(base_model)
         lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(target_modules))
@@ -134,7 +133,6 @@ class QAdapterModel(nn.Module):
         model._take_softcap(peft_model.get_base_model())
         model.quantization = quant.model_quantization(peft_model)
         if model.quantization is not None:
-            quant.check_dense_head(peft_model)
             quant.keep_training_layout(peft_model)
         model.peft_model = peft_model
         model.fingerprint = base_fingerprint(peft_model)

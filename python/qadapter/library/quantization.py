@@ -3,7 +3,7 @@
 
 The fused loss reads the lm_head's weight as a dense ``[V, d]`` matrix, so the head is never
 quantized (``llm_int8_skip_modules=["lm_head"]``, which bitsandbytes' 4-bit path honours too);
-:func:`check_dense_head` verifies it on the loaded model. The LoRA weights stay float32 (PEFT's
+``library.hidden.linear_head``, the check of every head the fused loss takes, refuses a quantized one. The LoRA weights stay float32 (PEFT's
 default for adapters on a lower-precision base), whatever the compute dtype.
 
 A quantization is written as a small dict, which the saved adapter records
@@ -27,7 +27,7 @@ INSTALL_HINT = "pip install 'qadapter-kernels[quant]' (bitsandbytes)"
 
 
 class QuantizationError(ValueError):
-    """A quantization that cannot be honoured: unknown method, bitsandbytes missing, a quantized head."""
+    """A quantization that cannot be honoured: unknown method, unknown keys, a compute dtype it cannot take."""
 
 
 def default_compute_dtype(torch_dtype=None) -> str:
@@ -114,19 +114,6 @@ def describe(quantization: dict | None) -> str:
         return "LLM.int8 (8-bit)"
     double = ", double quantization" if quantization["double_quant"] else ""
     return f"{quantization['method'].upper()} 4-bit{double}, compute {quantization['compute_dtype']}"
-
-
-def check_dense_head(model: nn.Module) -> None:
-    """The output head is a plain ``nn.Linear`` with a dense floating-point weight (the fused loss
-    multiplies hidden states by it)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if type(head) is not nn.Linear or weight is None or not weight.is_floating_point() or weight.dim() != 2:
-        raise QuantizationError(f"the output head must stay a dense nn.Linear for the fused loss; got "
-                                f"{type(head).__name__} with weight {getattr(weight, 'dtype', None)} "
-                                f"(keep it out of quantization: llm_int8_skip_modules=['lm_head'])")
 
 
 def keep_training_layout(model: nn.Module) -> None:
