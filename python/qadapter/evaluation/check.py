@@ -10,12 +10,12 @@ with an earlier report when one is given (the change since).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..library.atomic import read_json
 from ..library.model import QAdapterModel
-from .knowledge import PROBE_LONGEST, general_passages, load_probe, option_logprob_scores
+from .knowledge import PROBE_LONGEST, general_passages, load_probe, loglik_accuracy
 from .measures import customized_likelihood, evaluate_pairs, likelihood, packing_mask_dtype, perplexity
 
 REPORT_VERSION = 1
@@ -35,10 +35,7 @@ class Thresholds:
     @classmethod
     def from_file(cls, path: str | Path) -> Thresholds:
         """Thresholds from a JSON object of (some of) the field names; unknown keys are refused."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"thresholds file {path} is not valid JSON: {exc}") from exc
+        data = read_json(path, "thresholds file")
         if not isinstance(data, dict):
             raise ValueError(f"thresholds file {path} must hold a JSON object")
         names = {f.name for f in fields(cls)}
@@ -93,12 +90,8 @@ def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], pa
         "kl_to_base": pairs["kl_to_base"],
     }
     if probe:
-        def accuracy(fn):
-            picked = option_logprob_scores(fn, tokenizer, probe, mask_dtype=mask_dtype)
-            return sum(p == item["answer"] for p, item in zip(picked, probe)) / len(probe)
-
-        result["probe_accuracy"] = accuracy(customized)
-        result["base_probe_accuracy"] = accuracy(base)
+        result["probe_accuracy"] = loglik_accuracy(customized, tokenizer, probe, mask_dtype=mask_dtype)
+        result["base_probe_accuracy"] = loglik_accuracy(base, tokenizer, probe, mask_dtype=mask_dtype)
         result["probe_drop"] = result["base_probe_accuracy"] - result["probe_accuracy"]
     if passages:
         result["perplexity"] = perplexity(customized, tokenizer, passages)
@@ -132,10 +125,7 @@ def change_since(measures: dict, baseline: dict) -> dict:
 
 
 def read_report(path: str | Path) -> dict:
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"baseline report {path} is not valid JSON: {exc}") from exc
+    report = read_json(path, "baseline report")
     if not isinstance(report, dict) or not isinstance(report.get("measures"), dict):
         raise ValueError(f"baseline report {path} is not a qadapter check report (no 'measures' object)")
     return report

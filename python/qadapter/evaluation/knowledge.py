@@ -23,10 +23,11 @@ KL to the base on general chat and perplexity on general text.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
+
+from ..library.atomic import read_json, write_json
 
 DATA_FILE = Path(__file__).with_name("knowledge_data.json")
 GENERAL_TEXT_FILE = Path(__file__).with_name("general_text.txt")
@@ -412,15 +413,20 @@ def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size:
             for s in option_scores(logprobs_fn, tokenizer, items, batch_size, mask_dtype=mask_dtype)]
 
 
+def loglik_accuracy(logprobs_fn, tokenizer, items: list[dict], *, mask_dtype=None) -> float:
+    """Fraction of items whose most likely option is the correct one (:func:`option_logprob_scores`)."""
+    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype)
+    return sum(p == it["answer"] for p, it in zip(picked, items)) / len(items)
+
+
 def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict], *, mask_dtype=None) -> dict:
     """Fraction of items whose most likely option is the correct one (``loglik_accuracy``,
     :func:`option_scores`) and whose greedy answer (``answer_fn(questions) -> texts``) names it
     (``greedy_accuracy``)."""
     if not items:
         raise ValueError("score_probe needs at least one item")
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype)
     greedy = greedy_correct(answer_fn([it["question"] for it in items]), items)
-    return {"loglik_accuracy": sum(p == it["answer"] for p, it in zip(picked, items)) / len(items),
+    return {"loglik_accuracy": loglik_accuracy(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype),
             "greedy_accuracy": sum(greedy) / len(items), "n": len(items)}
 
 
@@ -458,10 +464,7 @@ def _check_question(q, k: int, path) -> None:
 
 def load_probe(path: Path | str = DATA_FILE) -> list[dict]:
     """The shipped probe's questions (see :func:`build_probe`), checked."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"knowledge probe {path} is not valid JSON: {e}") from e
+    data = read_json(path, "knowledge probe")
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
         raise ValueError(f"knowledge probe {path} must be a JSON object with a 'questions' list")
     for k, q in enumerate(data["questions"]):
@@ -504,7 +507,6 @@ def main(argv: list[str] | None = None) -> None:
     import time
     from collections import Counter
 
-    from ..library.atomic import write_json
     from ..library.defaults import DEFAULT_MODEL, load_base
 
     parser = argparse.ArgumentParser(description="Regenerate the knowledge probe from the embedded base model.")

@@ -47,6 +47,14 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON value in the file ``path``; a file that is not JSON is a ValueError naming ``what``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def save_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
     """A matplotlib figure as PNG at ``path``, drawn beside it and renamed over it."""
     path = Path(path)
