@@ -233,10 +233,12 @@ class QAdapterModel(nn.Module):
         }
 
     def write_adapter(self, directory: str | os.PathLike) -> None:
-        """Writes the adapter files into an existing directory (Trainer checkpoints use this): the
-        weights, ``qadapter_config.json`` and ``provenance.json`` (:mod:`qadapter.library.provenance`)."""
+        """Writes the adapter files into an existing (staging) directory, for :meth:`save_pretrained`
+        and Trainer checkpoints: the weights, ``qadapter_config.json`` and ``provenance.json``
+        (:mod:`qadapter.library.provenance`); PEFT's model card is dropped, not ours to replace."""
         directory = Path(directory)
         self.peft_model.save_pretrained(directory, safe_serialization=True)
+        (directory / "README.md").unlink(missing_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n", encoding="utf-8")
         provenance.write(directory, provenance.build(self, self.provenance))
 
@@ -248,12 +250,7 @@ class QAdapterModel(nn.Module):
         new one, never a mix (``atomic.py``). A regular file at ``path`` is refused, and so is a
         non-empty directory that holds no adapter or checkpoint of ours unless ``overwrite``.
         """
-
-        def write(staging: Path) -> None:
-            self.write_adapter(staging)
-            (staging / "README.md").unlink(missing_ok=True)  # PEFT's model card: not ours to replace
-
-        atomic.save_files(path, write, is_ours=holds_adapter, overwrite=overwrite)
+        atomic.save_files(path, self.write_adapter, is_ours=holds_adapter, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------ module
     @property

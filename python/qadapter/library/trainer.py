@@ -262,7 +262,6 @@ class QAdapterTrainer(Trainer):
 
             def write(staging: Path) -> None:
                 model.write_adapter(staging)
-                (staging / "README.md").unlink(missing_ok=True)  # PEFT's model card: not ours to replace
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(staging)
                 torch.save(self.args, staging / TRAINING_ARGS_NAME)
