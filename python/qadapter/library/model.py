@@ -180,12 +180,7 @@ class QAdapterModel(nn.Module):
             base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
                                               quantization=wanted)
         check_quantization(path, saved, quant.model_quantization(base_model))
-        fingerprint = base_fingerprint(base_model)
-        if fingerprint != config["base_fingerprint"]:
-            raise AdapterLoadError(
-                f"the adapter in {path} was trained on base model {config['base_model']!r} "
-                f"(fingerprint {config['base_fingerprint']}), but the given base model's fingerprint is {fingerprint}"
-            )
+        check_base(path, config, base_fingerprint(base_model))
         try:
             peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable)
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
@@ -205,10 +200,7 @@ class QAdapterModel(nn.Module):
 
         path = Path(path)
         atomic.recover(path)
-        config = read_adapter_config(path)
-        if config["base_fingerprint"] != self.fingerprint:
-            raise AdapterLoadError(f"the adapter in {path} was trained on another base model (fingerprint "
-                                   f"{config['base_fingerprint']}; this model's base: {self.fingerprint})")
+        check_base(path, read_adapter_config(path), self.fingerprint)
         check_adapter_weights(self.peft_model, path)
         file = path / WEIGHTS_NAME
         try:
@@ -496,6 +488,15 @@ def read_adapter_config(path: Path) -> dict:
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
     return config
+
+
+def check_base(path: Path, config: dict, fingerprint: str) -> None:
+    """An adapter goes only onto the base it was trained on: the saved base fingerprint must be
+    ``fingerprint`` (the base's it is loaded onto)."""
+    if fingerprint != config["base_fingerprint"]:
+        raise AdapterLoadError(
+            f"the adapter in {path} was trained on another base model, {config['base_model']!r} (fingerprint "
+            f"{config['base_fingerprint']}), than the one given (fingerprint {fingerprint})")
 
 
 def check_quantization(path: Path, saved: dict | None, given: dict | None) -> None:
