@@ -339,10 +339,12 @@ static inline void scale_block(float *eb, uint16_t *pb, int64_t n, float scale, 
 #endif
 
 /* Adds a block's (point m, sum s of exp(x - m)) to a running (M, S); m is the block's max or within
- * a float rounding of it. */
+ * a float rounding of it. A NaN sum (a NaN logit: the maxima skip it, the exps do not) is carried
+ * into S whatever m is, so the row's log-sum-exp is NaN as in every other step; only an empty
+ * block (s = 0, all -inf) adds nothing. */
 static inline void merge(double *M, double *S, double m, double s) {
     if (m <= *M) {
-        if (s > 0) *S += s * exp(m - *M);
+        if (!(s <= 0)) *S += s * exp(m - *M);  /* exp(-inf - -inf) is NaN: S becomes NaN, as it should */
     } else {
         *S = *S * exp(*M - m) + s;  /* exp(-inf) = 0 for the first finite block */
         *M = m;

@@ -124,20 +124,7 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
                     *(pointer.get(name) for name in ("q_taken", "value", "lse_c", "lse_z")), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("cpu_row_step: could not allocate its per-thread scratch rows")
-    _nan_for_nan_rows(wanted.values(), p)
     return (*wanted.values(), p)
-
-
-def _nan_for_nan_rows(results, p: torch.Tensor) -> None:
-    """The C step's maxima skip NaN (vmaxps), so a row that is NaN throughout has max -inf, is taken
-    for an all -inf row and reports a log-sum-exp of -inf where every other step says NaN. Such a
-    row's ``p`` is NaN: set those results to NaN. Only rows reporting -inf are looked at (after
-    the sweep, outside its loops), so a finite batch pays one [rows] comparison per result."""
-    for out in results:
-        low = out == -float("inf")
-        if bool(low.any()):
-            rows = low.nonzero().squeeze(1)
-            out[rows[p.index_select(0, rows).isnan().any(dim=1)]] = float("nan")
 
 
 @torch.compiler.disable  # under torch.compile: run as is, never traced (ctypes, a build, a cache)

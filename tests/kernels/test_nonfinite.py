@@ -93,3 +93,17 @@ def test_cpu_step_reports_nan_for_an_all_nan_row():
     assert kind(value) == "fn-"
     lse_c, lse_z, _ = cpu_block_step(z.clone(), q.clone(), 1.0, 0.01, torch.float32)
     assert kind(lse_c) == "fn-" and kind(lse_z) == "fff"
+
+
+def test_cpu_step_keeps_a_nan_in_any_block():
+    """A NaN in a later vocabulary block whose maximum is below the row's so far (the maxima skip
+    NaN, the block's sum is NaN) still makes the row's log-sum-exp NaN, as every other step says."""
+    from qadapter_kernels._cpu import cpu_block_step, status
+
+    if not status()[0] or os.environ.get(ENV_SWITCH) == "0":
+        pytest.skip("the compiled CPU step is not available")
+    z, q = torch.randn(2, 5000), torch.randn(2, 5000)
+    q[:, :100] += 20.0  # the first block holds the row's maximum
+    q[0, 4000] = float("nan")
+    lse_c, _, _ = cpu_block_step(z.clone(), q.clone(), 1.0, 0.01, torch.float32)
+    assert kind(lse_c) == "nf"
