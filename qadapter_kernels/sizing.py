@@ -53,13 +53,16 @@ def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
     """
     if budget is None:
         budget = DEFAULT_CUDA_BUDGET if device.type == "cuda" else DEFAULT_CPU_BUDGET
+    return max(1, min(n_tokens, budget // chunk_row_bytes(vocab, dtype, widened=widened)))
+
+
+def chunk_row_bytes(vocab: int, dtype: torch.dtype, *, widened: bool = True) -> int:
+    """Bytes of one token's ``[V]`` buffers in a chunk (:func:`auto_chunk_size` says which)."""
     esize = torch.finfo(dtype).bits // 8
     stats = torch.finfo(stats_dtype(dtype)).bits // 8
     if widened:
-        per_row = vocab * (3 * esize + (2 * stats if stats != esize else 0))
-    else:
-        per_row = vocab * (2 * esize + stats)
-    return max(1, min(n_tokens, budget // per_row))
+        return vocab * (3 * esize + (2 * stats if stats != esize else 0))
+    return vocab * (2 * esize + stats)
 
 
 def cpu_tile_columns(rows: int, vocab: int, dtype: torch.dtype, cache_bytes: int, widened: bool = False) -> int:

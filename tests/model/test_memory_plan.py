@@ -58,7 +58,7 @@ def test_loss_buffers_follow_the_kernels_sizing():
     for tokens, vocab in ((4096, 151936), (64, 32000), (100000, 256000)):
         per_row = vocab * (2 * 2 + 4)
         chunk = auto_chunk_size(tokens, vocab, torch.bfloat16, torch.device("cuda"), 2**30, widened=False)
-        assert loss_chunk_bytes(tokens, vocab, 2) == chunk * per_row <= 2**30
+        assert loss_chunk_bytes(tokens, vocab, torch.bfloat16) == chunk * per_row <= 2**30
 
 
 def test_a_7b_base_in_4bit_is_about_3_6_gib():

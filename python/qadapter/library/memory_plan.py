@@ -31,7 +31,9 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET
+import torch
+
+from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
 
 GIB = 2**30
 MIB = 2**20
@@ -119,11 +121,11 @@ def quantized_linear_bytes(n_in: int, n_out: int, quantization: str | None, dtyp
     return math.ceil(n / 2) + scales
 
 
-def loss_chunk_bytes(tokens: int, vocab: int, dtype_bytes: int, budget: int = LOSS_BUDGET) -> int:
-    """The fused loss's ``[chunk, V]`` tiles as ``auto_chunk_size`` sizes them on CUDA (the fused row
-    steps: ``z``, ``q`` in the input dtype and one float32 ``P``)."""
-    per_row = vocab * (2 * dtype_bytes + 4)
-    return max(1, min(tokens, budget // per_row)) * per_row
+def loss_chunk_bytes(tokens: int, vocab: int, dtype: torch.dtype, budget: int = LOSS_BUDGET) -> int:
+    """The fused loss's ``[chunk, V]`` tiles as the kernels size them on CUDA (``auto_chunk_size`` for
+    the fused row steps: ``z``, ``q`` in the input dtype and one float32 ``P``)."""
+    chunk = auto_chunk_size(tokens, vocab, dtype, torch.device("cuda"), budget, widened=False)
+    return chunk * chunk_row_bytes(vocab, dtype, widened=False)
 
 
 def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
@@ -154,7 +156,7 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
-        "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, b, options.loss_budget) + 4 * tokens * d,
+        "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, getattr(torch, options.dtype), options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
         "CUDA context": CUDA_CONTEXT,
     }
