@@ -33,7 +33,7 @@ import torch
 
 from bench.baselines import eager_authors_loss
 from bench.common import GIB, Timer, error_text, is_oom, release, sync, versions
-from bench.decode import base_loop
+from bench.decode import frozen_generate, generation, interleaved
 from bench.e2e import LORA, MODELS, make_batch
 from qadapter_kernels import qadapter_loss
 from qadapter_kernels.registry import resolve
@@ -112,25 +112,21 @@ def train(model, loss_fn: Callable, setup: Setup, device: torch.device) -> dict:
 
 
 def decode(model, batch: int, setup: Setup, device: torch.device) -> dict:
-    """ms/token of ``QAdapterModel.generate`` and of the base alone (bench.decode's loop), interleaved rounds."""
+    """ms/token of the customized policy and of the base alone (adapter disabled), both through
+    transformers' generate with the device's default decoding (compiled on CUDA), interleaved rounds."""
+    from qadapter.library.policy import compiles_by_default
+
     model.eval()
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, setup.prompt), generator=g).to(device)
-
-    def base() -> None:
-        with model.peft_model.disable_adapter():
-            base_loop(model, ids, setup.new_tokens)
-        sync(device)
-
-    def customized() -> None:
-        model.generate(ids, max_new_tokens=setup.new_tokens, eos_token_id=[])
-        sync(device)
-
+    compiled = compiles_by_default(device)
     reset_peak(device)
-    times = Timer(device).rounds({"base": base, "customized": customized}, setup.rounds)
-    ms = {name: statistics.median(t) / setup.new_tokens * 1e3 for name, t in times.items()}
-    return {"base_ms_per_token": ms["base"], "customized_ms_per_token": ms["customized"],
-            "customized_over_base": ms["customized"] / ms["base"], "peak_gib": peak_gib(device)}
+    runs = interleaved({"base": generation(frozen_generate(model), ids, setup.new_tokens, compiled),
+                        "customized": generation(model.generate, ids, setup.new_tokens, compiled)}, setup.rounds)
+    ms = {name: statistics.median(t) for name, t in runs.items()}
+    return {"decoding": "compiled" if compiled else "eager", "base_ms_per_token": ms["base"],
+            "customized_ms_per_token": ms["customized"], "customized_over_base": ms["customized"] / ms["base"],
+            "peak_gib": peak_gib(device)}
 
 
 def run_part(parts: dict, name: str, deadline: float, fn: Callable[[], dict]) -> None:

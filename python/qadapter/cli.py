@@ -273,6 +273,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=_probability, default=1.0)
+    p.add_argument("--min-p", type=_probability, default=None, help="drop tokens below min_p times the top one's probability")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the answer contains TEXT (repeatable)")
+    p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                   help="static cache and compiled decode step (auto: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
@@ -287,11 +292,13 @@ def _run_generate(args) -> int:
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p) if args.sample else {}
     model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   **sampling, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                   generator=torch.Generator().manual_seed(args.seed))
+                   compiled={"auto": None, "yes": True, "no": False}[args.compile])
     return 0
 
 

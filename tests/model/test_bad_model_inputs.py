@@ -483,7 +483,9 @@ GENERATE = [
     ("ids-empty", {"input_ids": PROMPT[:, :0]}, ValueError, "at least one prompt token"),
     ("mask-shape", {"attention_mask": torch.ones(1, 2, dtype=torch.long)}, ValueError, "attention_mask must have"),
     ("right-padded", {"attention_mask": torch.tensor([[1, 1, 0]])}, ValueError, "left-padded"),
-    ("max_new_tokens-negative", {"max_new_tokens": -1}, ValueError, "max_new_tokens must be"),
+    # transformers' own check, which names the argument
+    ("max_new_tokens-negative", {"max_new_tokens": -1}, ValueError, "max_new_tokens` must be greater than 0"),
+    ("max_new_tokens-0", {"max_new_tokens": 0}, ValueError, "max_new_tokens` must be greater than 0"),
     ("max_new_tokens-float", {"max_new_tokens": 2.5}, (TypeError, ValueError), "max_new_tokens must be"),
     ("temperature-0-sampling", {"do_sample": True, "temperature": 0.0}, ValueError, "temperature must be > 0"),
     ("temperature-negative-sampling", {"do_sample": True, "temperature": -1.0}, ValueError, "temperature"),
@@ -499,10 +501,14 @@ GENERATE = [
     ("pad-negative", {"pad_token_id": -5}, ValueError, "pad_token_id must be a token id in [0,"),
     ("pad-beyond-vocab", {"pad_token_id": 10**6}, ValueError, "pad_token_id must be a token id in [0,"),
     ("pad-float", {"pad_token_id": 1.0}, ValueError, "pad_token_id must be a token id"),
+    ("min_p-above-1", {"do_sample": True, "min_p": 1.5}, ValueError, "min_p must be in [0, 1]"),
+    ("repetition_penalty-0", {"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
+    ("num_return_sequences-0", {"num_return_sequences": 0}, ValueError, "num_return_sequences must be an int >= 1"),
+    ("num_beams-2", {"num_beams": 2}, ValueError, "num_beams must be 1"),
+    ("eos-beyond-vocab", {"eos_token_id": 10**6}, ValueError, "eos_token_id must be a token id (int) in [0,"),
 ]
 VALID_GENERATE = [
     ("greedy", {}, 3 + 2),
-    ("zero-new-tokens", {"max_new_tokens": 0}, 3),
     ("sample-top-k-1", {"do_sample": True, "top_k": 1}, 3 + 2),
     ("sample-top-p-1", {"do_sample": True, "top_p": 1.0, "temperature": 0.5}, 3 + 2),
     ("greedy-ignores-temperature", {"temperature": 0.0}, 3 + 2),
@@ -535,7 +541,8 @@ def test_bad_generation_option(chat_model, options, exc, fragment):
 
 @pytest.mark.parametrize(("options", "length"), [pytest.param(o, n, id=i) for i, o, n in VALID_GENERATE])
 def test_valid_generation_option(chat_model, options, length):
-    out = generate(chat_model, generator=torch.Generator().manual_seed(0), **options)
+    torch.manual_seed(0)
+    out = generate(chat_model, **options)
     assert out.shape == (1, length) if length is not None else 3 < out.shape[1] <= 5
 
 

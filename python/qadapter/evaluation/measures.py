@@ -13,7 +13,7 @@
 The pass is built for a CPU. Pairs run longest first in batches of about ``tokens_per_batch``
 tokens, so padding stays small; a pair is one row, its shared prompt once and each response
 attending to the prompt and to itself; the frozen model and the adapter run in one forward of
-the doubled batch (:meth:`QAdapterModel.rows_with_adapter`); the rewards, the step-0 rewards and
+the doubled batch (:func:`qadapter.library.policy.adapter_rows`); the rewards, the step-0 rewards and
 the KL come from one :func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens'
 hidden states, with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
 training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order (what a
@@ -38,6 +38,7 @@ from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 from ..library.data import IGNORE_INDEX, PreferenceCollator
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
+from ..library.policy import adapter_rows, second_half
 
 ATTENTION_WITH_MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
@@ -116,8 +117,8 @@ def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int, p
         row = sequence
     rows = inputs["input_ids"].shape[0]
     doubled = {k: torch.cat([v, v]).to(weight.device) for k, v in inputs.items()}
-    adapter_rows = torch.arange(2 * rows, device=weight.device) >= rows
-    with model.rows_with_adapter(adapter_rows):
+    rows_flags = second_half(2 * rows, weight.device)
+    with adapter_rows(model.peft_model, rows_flags):
         hidden = model.base_model.get_decoder()(**doubled, use_cache=False).last_hidden_state
     row, position = row.to(weight.device), position.to(weight.device)
     targets = layout["labels"].to(weight.device)[:, 1:][tokens.mask]

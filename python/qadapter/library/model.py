@@ -4,10 +4,10 @@ Training: the frozen model's final hidden states (adapter disabled, no grad) and
 (with grad) go to :func:`qadapter_kernels.qadapter_loss` with the shared lm_head weight
 (:func:`qadapter.library.hidden.frozen_and_adapter_hidden`), so the full ``[B, T, V]`` logits never exist.
 
-Generation samples from the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)``
-(the backend's decode combine, :func:`select_combine`). Both paths share one KV-cached forward per
-step: the batch is doubled into frozen rows and adapter rows (:meth:`QAdapterModel.rows_with_adapter`),
-so a token costs about one forward of the model.
+Generation decodes the customized policy ``log_softmax((Q + alpha_0 * log pi1) / alpha~)`` with
+transformers' own ``generate`` (:class:`qadapter.library.policy.CombinedPolicy`): one KV-cached forward
+per step over the batch doubled into frozen rows and adapter rows, so a token costs about one
+forward of the model.
 
 The loss options, their defaults and their checks are :class:`qadapter_kernels.LossConfig`'s.
 """
@@ -15,9 +15,7 @@ The loss options, their defaults and their checks are :class:`qadapter_kernels.L
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import math
 import os
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -26,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qadapter_loss, registry
 from qadapter_kernels.inputs import check_chunk_size
@@ -35,9 +32,9 @@ from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
 from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
+from .policy import ADAPTER_NAME, CombinedPolicy
 
 CONFIG_NAME = "qadapter_config.json"
-ADAPTER_NAME = "default"
 FORMAT_VERSION = 1
 # Keys of the saved config's "loss" section besides LossConfig's fields.
 RUN_KEYS = ("backend", "chunk_size")
@@ -290,132 +287,33 @@ class QAdapterModel(nn.Module):
                              chunk_size=self.chunk_size, total_pairs=total_pairs, total_tokens=total_tokens)
 
     # -------------------------------------------------------------------------------- generation
-    @contextmanager
-    def rows_with_adapter(self, adapter_rows: torch.Tensor):
-        """Within it, one forward runs the adapter on the rows where ``adapter_rows`` is true and the
-        frozen model on the others.
-
-        The LoRA layers run frozen (adapter disabled) and a hook adds ``mask * lora(x)``: the frozen
-        rows get ``W x + 0`` and the adapter rows ``W x + lora(x)``, bit for bit what each model alone
-        computes, with no per-row gathering (PEFT's ``adapter_names`` path costs about as much again
-        as the model in Python-bound decoding).
-        """
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        mask = adapter_rows.reshape(-1, 1, 1)
-
-        def add_masked_lora(module, args, output):
-            x = module.lora_dropout[ADAPTER_NAME](args[0])
-            weight_a, weight_b = module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight
-            delta = F.linear(F.linear(x.to(weight_a.dtype), weight_a), weight_b)
-            delta = delta.mul_(mask.to(delta.dtype) * module.scaling[ADAPTER_NAME]).to(output.dtype)
-            return output.add_(delta) if not torch.is_grad_enabled() else output + delta
-
-        handles = []
-        try:
-            with self.peft_model.disable_adapter():
-                for module in self.peft_model.modules():
-                    if isinstance(module, LoraLinear) and ADAPTER_NAME in module.lora_A:
-                        if module.lora_variant.get(ADAPTER_NAME) is not None:
-                            raise NotImplementedError("row-selected decoding supports plain LoRA only (no DoRA)")
-                        handles.append(module.register_forward_hook(add_masked_lora))
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    @property
+    def policy(self) -> CombinedPolicy:
+        """The customized policy as a transformers causal LM (:class:`~qadapter.library.policy.CombinedPolicy`),
+        made once and kept (not a submodule: it shares this model's network)."""
+        policy = self.__dict__.get("_policy")
+        if policy is None:
+            policy = self.__dict__["_policy"] = CombinedPolicy(self)
+        return policy
 
     @torch.no_grad()
-    def step_logprobs(self, input_ids, attention_mask, position_ids, cache):
-        """One cached step for frozen and adapter rows at once: combined log-probs of the last position.
-
-        ``input_ids`` holds the batch twice: frozen rows first, then the same rows for the adapter.
-        """
-        with self.rows_with_adapter(_second_half(input_ids.shape[0], input_ids.device)):
-            return self._combined_step(input_ids, attention_mask, position_ids, cache, self.cache_argument(),
-                                       self._decode_combine())
-
-    def _combined_step(self, input_ids, attention_mask, position_ids, cache, cache_arg, combine):
-        """:meth:`step_logprobs` inside an active :meth:`rows_with_adapter` (entered once per generation)."""
-        batch = input_ids.shape[0] // 2
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        logits = out.logits[:, -1]
-        return combine(logits[:batch], logits[batch:], alpha_tilde=self.loss.alpha_tilde,
-                       alpha_0=self.loss.alpha_0), getattr(out, cache_arg)
-
-    def _decode_combine(self) -> Callable:
-        """The combine each decode step calls: :func:`select_combine` for this model's backend, device and dtype."""
-        weight = self.lm_head_weight
-        return select_combine(self.backend, weight.device, weight.dtype)
-
-    def cache_argument(self) -> str:
-        """The base model's name for its KV cache argument: transformers 5 renamed ``past_key_values``
-        to ``cache``; both are accepted."""
-        params = inspect.signature(type(self.base_model).forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        streamer: Any = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Samples from the customized policy; returns ``[B, T + new]`` (prompts left-padded).
-
-        Greedy, or with ``do_sample`` a draw reshaped by transformers' own warpers (temperature,
-        top-k, top-p) and seeded by ``generator``. Finished rows (an ``eos_token_id`` emitted) continue with ``pad_token_id``; decoding stops
-        when every row has finished or after ``max_new_tokens``.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 generation_config: Any = None, *, compiled: bool | None = None, **kwargs):
+        """Decodes the customized policy with transformers' ``generate``: it takes what that takes
+        (a ``GenerationConfig`` and keyword arguments: greedy or sampling, ``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``repetition_penalty``, ``num_return_sequences``, ``stop_strings``,
+        ``max_new_tokens``, streamers, logits processors, stopping criteria; seeded by
+        ``torch.manual_seed``) and returns what it returns; prompts are left-padded. ``compiled``
+        (default: on CUDA) decodes with a static cache and a compiled step.
         """
         input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
-        if do_sample:
-            _check_sampling(temperature, top_k, top_p)
-        warpers = _warpers(temperature, top_k, top_p) if do_sample else None
-        eos = _eos_ids(eos_token_id, self.config)
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        vocab = self.lm_head_weight.shape[0]
-        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab:
-            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (finished rows are fed it); got {pad!r}")
-        cache_arg, combine = self.cache_argument(), self._decode_combine()
-        eos_ids = torch.tensor(eos, device=input_ids.device)
-        ids2, mask2 = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
-        positions = (mask2.cumsum(-1) - 1).clamp_(min=0)
-        out, cache, step_ids = input_ids, None, ids2
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        # Sampling from the policy: no LoRA dropout.
-        with evaluation_mode(self.peft_model), self.rows_with_adapter(_second_half(ids2.shape[0], ids2.device)):
-            try:
-                for _ in range(max_new_tokens):
-                    logprobs, cache = self._combined_step(step_ids, mask2, positions, cache, cache_arg, combine)
-                    token = _select(logprobs, out, warpers, generator)
-                    token = torch.where(finished, torch.full_like(token, pad), token)
-                    out = torch.cat([out, token[:, None]], dim=1)
-                    if streamer is not None:
-                        streamer.put(token.cpu())
-                    if eos:
-                        finished |= torch.isin(token, eos_ids)
-                        if bool(finished.all()):
-                            break
-                    step_ids = torch.cat([token, token])[:, None]
-                    mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], dim=1)
-                    positions = positions[:, -1:] + 1
-            finally:
-                if streamer is not None:
-                    streamer.end()
-        return out
+        if kwargs.get("stop_strings") is not None and "tokenizer" not in kwargs:
+            kwargs["tokenizer"] = self.tokenizer
+        weight, policy = self.lm_head_weight, self.policy
+        policy.combine = select_combine(self.backend, weight.device, weight.dtype)  # once per generation
+        with evaluation_mode(self.peft_model):  # sampling from the policy: no LoRA dropout
+            return policy.generate(input_ids, generation_config, attention_mask=attention_mask,
+                                        compiled=compiled, **kwargs)
 
 
 def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_size: int | None = None,
@@ -447,10 +345,6 @@ def evaluation_mode(module: nn.Module):
     finally:
         module.train(was_training)
 
-
-def _second_half(rows: int, device) -> torch.Tensor:
-    """Row mask of a doubled batch: frozen rows first, adapter rows second."""
-    return torch.arange(rows, device=device) >= rows // 2
 
 
 def holds_adapter(path: Path) -> bool:
@@ -542,49 +436,3 @@ def _check_prompt(input_ids, attention_mask):
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (attention_mask[:, -1] is 0 for some row)")
     return input_ids.long(), attention_mask.long()
-
-
-def _eos_ids(eos_token_id, config) -> list[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(config, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"eos_token_id must be a token id (int) or a list of them; got {eos_token_id!r}")
-    return list(ids)
-
-
-def _check_sampling(temperature, top_k, top_p) -> None:
-    """Sampling options, refused by name rather than silently ignored (a negative top_k, a top_p
-    above 1) or failing inside transformers' warpers."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be > 0 and finite when sampling; got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter); got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1: no top-p filter); got {top_p!r}")
-
-
-def _warpers(temperature: float, top_k: int, top_p: float):
-    """transformers' own sampling warpers for the options given (temperature, then top-k, then top-p,
-    in the order its ``generate`` applies them)."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    warpers = LogitsProcessorList()
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
-
-
-def _select(logprobs, ids, warpers, generator) -> torch.Tensor:
-    """Greedy (``warpers`` None), or a draw from the customized policy reshaped by ``warpers``."""
-    if warpers is None:
-        return logprobs.argmax(dim=-1)
-    scores = warpers(ids, logprobs)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)

@@ -1,0 +1,224 @@
+"""The customized policy as a transformers causal LM, so that transformers' own ``generate`` decodes it.
+
+``log pi~ = log_softmax((Q + alpha_0 * log pi1) / alpha~)`` needs, at every step, the frozen model's
+logits and the adapter model's. :class:`CombinedPolicy` is a ``PreTrainedModel`` whose forward takes
+a batch of ``B`` rows, runs it twice in one forward of the shared network (rows ``[0, B)`` frozen, rows
+``[B, 2B)`` with the adapter, :func:`adapter_rows`), and returns the combined log-probs as its logits.
+Everything else is transformers': the sampler and its logits processors, stopping criteria and stop
+strings, streamers, ``num_return_sequences``, and the KV caches, which size themselves from the
+first key states they see and so hold both halves (dynamic and static alike).
+
+Why this route: transformers' generation machinery only ever sees one model with ``B`` rows whose
+logits are the policy's, so every option that acts on logits or tokens works unchanged; the row
+doubling stays inside the forward, and the adapter's row selection is a per-row LoRA scaling tensor
+(no hooks), so ``torch.compile`` captures the whole step. Beam search is refused: it reorders the
+cache by rows of ``B`` while the cache holds ``2B``.
+
+Compiled decoding (``compiled=True``) is transformers' own: a static cache and a ``torch.compile``d
+decode step (CUDA graphs on a GPU, ``mode="reduce-overhead"``). :func:`compiles_by_default` is the
+rule ``generate`` follows when not told (``bench/decode.py`` measures both; README has the figures).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+
+from qadapter_kernels import combine_logits
+
+ADAPTER_NAME = "default"
+
+
+@contextmanager
+def adapter_rows(peft_model: nn.Module, rows: torch.Tensor):
+    """Within it, one forward of ``peft_model`` runs the adapter on the rows where ``rows`` is true
+    and the frozen model on the others.
+
+    Each LoRA layer's scaling becomes a per-row tensor, ``s`` on adapter rows and ``0`` on frozen
+    rows, so PEFT's own forward computes ``W x + 0`` (bit for bit the frozen model's output) and
+    ``W x + s * B A x``: no per-row gathering (PEFT's ``adapter_names`` path costs about as much
+    again as the model in Python-bound decoding) and no hooks, so a compiled step contains it.
+    The tensors are cached on each layer per row pattern, so repeated calls reuse the same objects
+    and a compiled step is not re-traced.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype != torch.bool:
+        raise ValueError(f"rows must be a 1-D bool tensor (one flag per batch row); got {rows!r}")
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A]
+    saved = []
+    try:
+        for layer in layers:
+            if layer.lora_variant.get(ADAPTER_NAME) is not None:
+                raise NotImplementedError("row-selected forwards support plain LoRA only (no DoRA)")
+            scaling = layer.scaling[ADAPTER_NAME]
+            saved.append((layer, scaling))
+            layer.scaling[ADAPTER_NAME] = _row_scaling(layer, rows, scaling)
+        yield
+    finally:
+        for layer, scaling in saved:
+            layer.scaling[ADAPTER_NAME] = scaling
+
+
+def _row_scaling(layer: nn.Module, rows: torch.Tensor, scaling: float) -> torch.Tensor:
+    weight = layer.lora_A[ADAPTER_NAME].weight
+    key = (tuple(rows.tolist()), weight.device, weight.dtype, float(scaling))
+    cache = layer.__dict__.setdefault("_qadapter_row_scaling", {})
+    if key not in cache:
+        cache.clear()  # one pattern at a time: a new batch shape replaces the old one
+        cache[key] = (rows.to(device=weight.device, dtype=weight.dtype) * scaling).reshape(-1, 1, 1)
+    return cache[key]
+
+
+def second_half(rows: int, device) -> torch.Tensor:
+    """Row flags of a doubled batch: frozen rows first, adapter rows second."""
+    return torch.arange(rows, device=device) >= rows // 2
+
+
+def compiles_by_default(device: torch.device) -> bool:
+    """Whether ``generate`` compiles its decode step when not told: on CUDA devices (CUDA graphs
+    remove the launch-bound step's overhead), not on CPUs (measured slower or no faster there,
+    after a compile time of tens of seconds)."""
+    return torch.device(device).type == "cuda"
+
+
+def decoding_config(config: GenerationConfig, compiled: bool) -> GenerationConfig:
+    """A copy of ``config`` that decodes eagerly, or with a static cache (unless it names another
+    compilable one) and transformers' compiled step, on any device (transformers compiles on
+    accelerators only unless told)."""
+    config = copy.deepcopy(config)
+    if compiled:
+        config.cache_implementation = config.cache_implementation or "static"
+        config.compile_config = config.compile_config or CompileConfig()
+        config.compile_config._compile_all_devices = True
+    else:
+        config.disable_compile = True
+    return config
+
+
+def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
+    """The options transformers takes unchecked or words vaguely, refused by name before any work
+    (a top_p of 1.5, a token id as a string or beyond the vocabulary)."""
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_real(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def is_token(value):
+        return is_int(value) and 0 <= value < vocab
+
+    if config.max_new_tokens is not None and not (is_int(config.max_new_tokens) and config.max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an int >= 1; got {config.max_new_tokens!r}")
+    if config.num_return_sequences is not None and not (is_int(config.num_return_sequences)
+                                                        and config.num_return_sequences >= 1):
+        raise ValueError(f"num_return_sequences must be an int >= 1; got {config.num_return_sequences!r}")
+    if config.do_sample:
+        if config.temperature is not None and not (is_real(config.temperature) and config.temperature > 0):
+            raise ValueError(f"temperature must be > 0 and finite when sampling; got {config.temperature!r}")
+        if config.top_k is not None and not (is_int(config.top_k) and config.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter); got {config.top_k!r}")
+        if config.top_p is not None and not (is_real(config.top_p) and 0 < config.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1: no top-p filter); got {config.top_p!r}")
+        if config.min_p is not None and not (is_real(config.min_p) and 0 <= config.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1] (0: no min-p filter); got {config.min_p!r}")
+    if config.repetition_penalty is not None and not (is_real(config.repetition_penalty)
+                                                      and config.repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0 and finite (1: none); got {config.repetition_penalty!r}")
+    eos = config.eos_token_id
+    eos_ids = [eos] if not isinstance(eos, (list, tuple, torch.Tensor)) or isinstance(eos, str) else list(eos)
+    if eos is not None and not all(is_token(int(i) if isinstance(i, torch.Tensor) else i) for i in eos_ids):
+        raise ValueError(f"eos_token_id must be a token id (int) in [0, {vocab}) or a list of them; got {eos!r}")
+    if config.pad_token_id is not None and not is_token(config.pad_token_id):
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (finished rows are fed it); "
+                         f"got {config.pad_token_id!r}")
+
+
+def _doubled(value):
+    """A per-row input repeated for the adapter's half (2-D masks, 4-D masks, mask dicts); None stays."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value])
+    if isinstance(value, dict):
+        return {k: _doubled(v) for k, v in value.items()}
+    return value
+
+
+class CombinedPolicy(PreTrainedModel, GenerationMixin):
+    """The customized policy of a :class:`~qadapter.library.model.QAdapterModel` as a causal LM:
+    ``logits`` are its log-probs ``[B, T, V]`` (float32), so transformers' ``generate`` samples it.
+
+    It shares the model's network (no copy); its config and generation config are copies of the
+    base model's, so decoding options never leak into the base.
+    """
+
+    # The wrapped model does the attention: accept the implementation its config names.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, model: nn.Module, combine: Callable = combine_logits) -> None:
+        super().__init__(copy.deepcopy(model.config))
+        self.causal_lm = model.base_model
+        self.generation_config = copy.deepcopy(getattr(self.causal_lm, "generation_config", None)
+                                               or GenerationConfig.from_model_config(model.config))
+        self._peft_model = [model.peft_model]  # not a submodule: causal_lm already holds its layers
+        self.alpha_tilde, self.alpha_0 = model.loss.alpha_tilde, model.loss.alpha_0
+        self.combine = combine
+        self._active_rows: int | None = None
+
+    @contextmanager
+    def selecting_rows(self, batch: int):
+        """The adapter on the second half of a doubled batch of ``batch`` prompts, for every forward inside."""
+        rows = 2 * batch
+        with adapter_rows(self._peft_model[0], second_half(rows, self.device)):
+            previous, self._active_rows = self._active_rows, rows
+            try:
+                yield
+            finally:
+                self._active_rows = previous
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **model_kwargs):
+        """Combined log-probs of the positions kept (all by default) for ``input_ids [B, T]``, as
+        ``logits``; the cache (``cache`` or ``past_key_values``) holds ``2B`` rows."""
+        if model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds is not supported: the policy doubles input_ids into frozen and adapter rows")
+        batch = input_ids.shape[0]
+        inputs = dict(input_ids=_doubled(input_ids), attention_mask=_doubled(attention_mask),
+                      position_ids=_doubled(position_ids), logits_to_keep=logits_to_keep, **model_kwargs)
+        if self._active_rows == 2 * batch:
+            out = self.causal_lm(**inputs)
+        else:
+            with self.selecting_rows(batch):
+                out = self.causal_lm(**inputs)
+        logits = out.logits
+        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
+        combine = combine_logits if torch.compiler.is_compiling() else self.combine
+        out.logits = combine(logits[:batch], logits[batch:], alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+        return out
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *,
+                 compiled: bool | None = None, **kwargs):
+        """transformers' ``generate`` on the customized policy; ``compiled`` (default:
+        :func:`compiles_by_default`) decodes with a static cache and a compiled step."""
+        input_ids = kwargs.pop("input_ids", inputs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be an integer tensor [B, T]; got {getattr(input_ids, 'shape', type(input_ids))}")
+        config = copy.deepcopy(generation_config or self.generation_config)
+        kwargs = config.update(**kwargs)  # what is left are model inputs (attention_mask, ...)
+        check_decoding_options(config, self.config.get_text_config().vocab_size)
+        if (config.num_beams or 1) != 1:
+            raise ValueError(f"num_beams must be 1: beam search reorders the cache by rows of the batch, which holds "
+                             f"frozen and adapter rows; got num_beams={config.num_beams}")
+        config = decoding_config(config, compiles_by_default(self.device) if compiled is None else compiled)
+        batch = input_ids.shape[0] * (config.num_return_sequences or 1)
+        with self.selecting_rows(batch):
+            return super().generate(input_ids, generation_config=config, **kwargs)
