@@ -67,6 +67,23 @@ def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     assert not list(last.glob(atomic.STAGING_PREFIX + "*"))
 
 
+def test_a_run_resumed_at_its_last_step_takes_no_further_step(tmp_path):
+    """A run killed after the checkpoint of its last step (while saving the final adapter) is resumed:
+    it takes no step. Trainer alone, its epoch not over (8 steps each here), trained a step past
+    max_steps, into a checkpoint-4 and an adapter of step 4."""
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    finished = lora_state(model)
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 3
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+    for name, value in lora_state(model).items():
+        assert torch.equal(value, finished[name]), name
+
+
 def test_resume_refuses_a_checkpoint_that_is_not_this_adapters(tmp_path):
     """Resuming checks the checkpoint as loading does: its base fingerprint, and exactly the
     adapter's LoRA tensors (PEFT alone would load a partial or foreign set with a warning)."""

@@ -209,7 +209,13 @@ class QAdapterTrainer(Trainer):
                               "rows": len(data) if hasattr(data, "__len__") else None}
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
-        """The step's micro-batches and, where the loss has exact shares, their :class:`StepTotals`."""
+        """The step's micro-batches and, where the loss has exact shares, their :class:`StepTotals`.
+
+        None once the run has taken its last step: Trainer checks for the end only after a step, so a
+        run resumed from the checkpoint of its last step (killed while saving the final adapter) would
+        otherwise train one step past ``max_steps``, unless that step ended an epoch."""
+        if self.state.global_step >= self.state.max_steps > 0:
+            return [], None
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         if self.args.reward_norm == "padded" or not batch_samples:
             return batch_samples, None
