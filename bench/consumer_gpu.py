@@ -49,13 +49,16 @@ class Setup:
     prompt: int
     new_tokens: int
     batches: tuple[int, ...]
+    decodings: tuple[str, ...]  # "eager" (dynamic cache), "compiled" (static cache, compiled step)
     rounds: int  # timed decoding rounds after one warm-up
     cap_gib: float | None
 
 
 GPU = Setup("llama-3.1-8b", "bfloat16", pairs=2, seq=1024, steps=3, prompt=64, new_tokens=32, batches=(1, 8),
+            decodings=("eager", "compiled"),
             rounds=3, cap_gib=24.0)
-DRY = Setup("tiny", "float32", pairs=2, seq=32, steps=1, prompt=16, new_tokens=8, batches=(1, 8), rounds=1,
+DRY = Setup("tiny", "float32", pairs=2, seq=32, steps=1, prompt=16, new_tokens=8, batches=(1, 8),
+            decodings=("eager",), rounds=1,
             cap_gib=None)
 
 
@@ -111,21 +114,21 @@ def train(model, loss_fn: Callable, setup: Setup, device: torch.device) -> dict:
             "peak_gib": peak_gib(device)}
 
 
-def decode(model, batch: int, setup: Setup, device: torch.device) -> dict:
+def decode(model, batch: int, decoding: str, setup: Setup, device: torch.device) -> dict:
     """ms/token of the customized policy and of the base alone (adapter disabled), both through
-    transformers' generate with the device's default decoding (compiled on CUDA), interleaved rounds."""
-    from qadapter.library.policy import compiles_by_default
-
+    transformers' generate, eager or compiled, interleaved rounds; with the weights' size, from which
+    the weight-read floor of a decode step follows (divided by the memory bandwidth)."""
     model.eval()
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, setup.prompt), generator=g).to(device)
-    compiled = compiles_by_default(device)
+    compiled = decoding == "compiled"
     reset_peak(device)
     runs = interleaved({"base": generation(frozen_generate(model), ids, setup.new_tokens, compiled),
                         "customized": generation(model.generate, ids, setup.new_tokens, compiled)}, setup.rounds)
     ms = {name: statistics.median(t) for name, t in runs.items()}
-    return {"decoding": "compiled" if compiled else "eager", "base_ms_per_token": ms["base"],
-            "customized_ms_per_token": ms["customized"], "customized_over_base": ms["customized"] / ms["base"],
+    weights = sum(p.numel() * p.element_size() for p in model.base_model.parameters())
+    return {"decoding": decoding, "base_ms_per_token": ms["base"], "customized_ms_per_token": ms["customized"],
+            "customized_over_base": ms["customized"] / ms["base"], "weights_gib": weights / GIB,
             "peak_gib": peak_gib(device)}
 
 
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = resolve("auto", device, getattr(torch, setup.dtype)).name
     todo = {"train: fused": lambda: {"backend": backend, **train(model, qadapter_loss, setup, device)},
             "train: eager-authors": lambda: train(model, eager_authors_loss, setup, device)}
-    todo |= {f"decode: batch {b}": (lambda b=b: decode(model, b, setup, device)) for b in setup.batches}
+    todo |= {f"decode: batch {b} {mode}": (lambda b=b, mode=mode: decode(model, b, mode, setup, device))
+             for b in setup.batches for mode in setup.decodings}
     for name, fn in todo.items():
         run_part(parts, name, deadline, fn if model is not None else no_model)
     result["seconds"] = time.monotonic() - started

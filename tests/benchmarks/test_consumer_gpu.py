@@ -18,7 +18,7 @@ from bench import consumer_gpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 LOSS_ROWS = ("train: fused", "train: eager-authors")
-DECODE_ROWS = ("decode: batch 1", "decode: batch 8")
+DECODE_ROWS = ("decode: batch 1 eager", "decode: batch 8 eager")
 
 
 def test_dry_run_writes_every_row(tmp_path):
@@ -51,15 +51,15 @@ def test_failures_are_recorded_and_the_rest_runs(tmp_path, monkeypatch):
         raise RuntimeError("decoding broke")
 
     monkeypatch.setattr(consumer_gpu, "eager_authors_loss", out_of_memory)
-    monkeypatch.setattr(consumer_gpu, "decode", lambda model, batch, setup, device: broken() if batch == 8 else {})
+    monkeypatch.setattr(consumer_gpu, "decode", lambda model, batch, decoding, setup, device: broken() if batch == 8 else {})
     out = tmp_path / "result.json"
     assert consumer_gpu.main(["--dry-run", "--out", str(out)]) == 1
     parts = json.loads(out.read_text())["parts"]
     assert parts["train: fused"]["status"] == "ok"
     assert parts["train: eager-authors"]["status"] == "out of memory"
-    assert parts["decode: batch 1"]["status"] == "ok"
-    assert parts["decode: batch 8"]["status"] == "error"
-    assert parts["decode: batch 8"]["error"] == "RuntimeError: decoding broke"
+    assert parts["decode: batch 1 eager"]["status"] == "ok"
+    assert parts["decode: batch 8 eager"]["status"] == "error"
+    assert parts["decode: batch 8 eager"]["error"] == "RuntimeError: decoding broke"
 
 
 def test_time_budget_skips_the_remaining_parts(tmp_path):
