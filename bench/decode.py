@@ -11,7 +11,7 @@ cache) and compiled (static cache, compiled step: :func:`qadapter.library.policy
 ms/token is the decode step alone: the time between the first and the last new token (a streamer
 clocks them), over the tokens in between, so the prefill is left out. Rounds are interleaved
 (median). Embedded default on the CPU; ``python -m bench.decode [--tokens 32] [--rounds 3]
-[--batches 1 8]``; writes ``bench/results/decode-<device>-<date>.json``.
+[--batches 1 8] [--threads N]``; writes ``bench/results/decode-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     result = measure(args.tokens, args.rounds, tuple(args.batches))
     for batch, row in result["batches"].items():
         for name, value in row["ms_per_token"].items():

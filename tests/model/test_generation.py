@@ -222,3 +222,21 @@ def test_generate_rejects_bad_input():
     with pytest.raises(ValueError, match="rows must be a 1-D bool tensor"):
         with adapter_rows(model.peft_model, torch.ones(3)):
             pass
+
+
+def test_a_config_that_chooses_its_decoding_is_followed(monkeypatch):
+    """compiled=None leaves a config that sets disable_compile or compile_config as it is."""
+    from qadapter.library.policy import decoding_config
+
+    model = make_model()
+    ids, mask = left_padded_prompts()
+    seen = []
+    real = type(model.policy)._valid_auto_compile_criteria
+
+    def spy(self, model_kwargs, generation_config):
+        seen.append(real(self, model_kwargs, generation_config))
+        return False  # decode eagerly all the same: the test is about the choice
+    monkeypatch.setattr(type(model.policy), "_valid_auto_compile_criteria", spy)
+    for compiled in (True, False):
+        model.generate(ids, mask, decoding_config(GenerationConfig(max_new_tokens=2, eos_token_id=[]), compiled))
+    assert seen == [True, False]

@@ -207,8 +207,9 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *,
                  compiled: bool | None = None, **kwargs):
-        """transformers' ``generate`` on the customized policy; ``compiled`` (default:
-        :func:`compiles_by_default`) decodes with a static cache and a compiled step."""
+        """transformers' ``generate`` on the customized policy; ``compiled`` decodes with a static
+        cache and a compiled step (default: as ``generation_config`` says through ``disable_compile``
+        or ``compile_config``, else :func:`compiles_by_default`)."""
         input_ids = kwargs.pop("input_ids", inputs)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be an integer tensor [B, T]; got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -218,7 +219,9 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         if (config.num_beams or 1) != 1:
             raise ValueError(f"num_beams must be 1: beam search reorders the cache by rows of the batch, which holds "
                              f"frozen and adapter rows; got num_beams={config.num_beams}")
-        config = decoding_config(config, compiles_by_default(self.device) if compiled is None else compiled)
+        if compiled is not None or not (config.disable_compile or config.compile_config is not None):
+            # Not told, and the config does not say either: the default rule.
+            config = decoding_config(config, compiles_by_default(self.device) if compiled is None else compiled)
         batch = input_ids.shape[0] * (config.num_return_sequences or 1)
         with self.selecting_rows(batch):
             return super().generate(input_ids, generation_config=config, **kwargs)
