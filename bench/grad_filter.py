@@ -9,7 +9,8 @@ shape (``bench.common.make_case_inputs``) are the worst case: unit-scale logits,
 negligible; the same with a Zipf tilt (:func:`peaked`) the best. For each threshold: time, ratio to ``T_gemm3``, the skipped fraction, the largest and
 median probability mass a token loses, and the gradient's error against the exact backward.
 
-Also the choice of how filtered products run: skipping blocks (one GEMM per run of kept blocks, as
+On the real hidden states, offline (:func:`skippable`): how many blocks other tile shapes and a
+reordered vocabulary would make skippable. Also the choice of how filtered products run: skipping blocks (one GEMM per run of kept blocks, as
 ``tiles._spans_product`` does) against compacting the kept columns into one GEMM.
 
     python -m bench.grad_filter [--rounds 3] [--out bench/results/grad-filter-cpu-DATE.json]
@@ -130,6 +131,33 @@ def measure(name: str, inputs: dict, rounds: int) -> dict:
     return out
 
 
+def skippable(inputs: dict, alpha_0: float = 0.01) -> list[dict]:
+    """Offline, from the exact ``p`` (alpha~ = 1): the fraction of (tokens x vocabulary) blocks whose
+    ``p`` is below a threshold in every token, for other tile heights and block widths than the
+    backend's (1,024 x 1,024), in the vocabulary's own order and reordered by each entry's mean ``p``
+    over the first half of the tokens (as Cut Cross-Entropy sorts its vocabulary), counted on the
+    second half."""
+    mask = inputs["labels"][:, 1:] != -100
+    hb, hq = inputs["base_hidden"][:, :-1][mask], inputs["q_hidden"][:, :-1][mask].detach()
+    weight = inputs["weight"]
+    with torch.no_grad():
+        p = torch.cat([torch.softmax((hq[s:s + 1024] @ weight.T).float() + alpha_0 * (hb[s:s + 1024] @ weight.T).float(),
+                                     dim=1) for s in range(0, hq.shape[0], 1024)])
+    half = p.shape[0] // 2
+    orders = {"vocabulary": None, "by mean p (first half)": p[:half].mean(dim=0).argsort(descending=True)}
+    thresholds = {"auto": resolve_eps("auto", hq.dtype, weight.shape[0]), "1e-6": 1e-6, "1e-5": 1e-5, "1e-4": 1e-4}
+    out = []
+    for order_name, order in orders.items():
+        second = p[half:] if order is None else p[half:, order]
+        for rows in (64, 256, 1024):
+            for width in (64, 256, 1024):
+                usable = second.shape[1] // width * width
+                block_max = second[:, :usable].reshape(-1, rows, usable // width, width).amax(dim=(1, 3))
+                out.append({"order": order_name, "tokens": rows, "columns": width,
+                            **{name: float((block_max < eps).float().mean()) for name, eps in thresholds.items()}})
+    return out
+
+
 def layouts(rounds: int, dtype: torch.dtype) -> dict:
     """A tile's ``p @ W`` with half its blocks kept: one GEMM per run of kept blocks (skip) against
     one GEMM over the gathered kept columns (compact), at the CPU tile of the SmolLM2 head."""
@@ -170,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         result["real"] = f"skipped: {DATA.name} is absent"
     else:
         result["cases"].append(measure("SmolLM2-135M-Instruct over HH-RLHF harmless pairs", real, args.rounds))
+        result["skippable_blocks"] = skippable(real)
         del real
     random = make_case_inputs(Case(SHAPES["smollm2-135m"], ROWS * (SEQ - 1), dtype, device))
     result["cases"].append(measure("random (bench.common.make_case_inputs), the worst case", random, args.rounds))
