@@ -129,11 +129,12 @@ def test_filtered_gradient_is_exact_minus_what_the_report_says_it_skipped(step, 
     assert ((filtered - expected).norm() / exact.norm()) < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_filtered_gradient_is_within_the_stated_bound(step, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, softcap", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 20.0)])
+def test_filtered_gradient_is_within_the_stated_bound(step, monkeypatch, dtype, softcap):
     """Several vocabulary tiles and token chunks (the skip rule then bounds p against the row's
     log-sum-exp so far): per token, |dL/dh_q - exact| <= |g_v| * dropped mass * max_v |Wq[v]| (plus the
-    dtype's rounding), the mass below eps times the entries skipped, and most of p @ Wq skipped."""
+    dtype's rounding), the mass below eps times the entries skipped, and most of p @ Wq skipped; a
+    soft cap only multiplies the skipped terms by 1 - tanh^2 <= 1."""
     monkeypatch.setattr(_cpu, "last_level_cache_bytes", lambda: 8 * 2 * FILTER_BLOCK * 2 * 4)  # 2-block tiles
     inputs = peaked(dtype, zipf=1.5, scale=0.3)
     eps = 1e-4
@@ -142,7 +143,8 @@ def test_filtered_gradient_is_within_the_stated_bound(step, monkeypatch, dtype):
 
     def hq_grad(**options):
         leaves = {k: v.detach().clone().requires_grad_(k == "q_hidden") for k, v in inputs.items() if k != "labels"}
-        stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend="chunked", chunk_size=8, **options)
+        stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend="chunked", chunk_size=8,
+                                     logit_softcap=softcap, **options)
         (stats.value * g_v.to(stats.value.dtype)).sum().backward()
         mask = inputs["labels"][:, 1:] != -100
         return leaves["q_hidden"].grad[:, :-1][mask].double()
