@@ -1,10 +1,11 @@
 """Gradient filtering in the chunked backward: the vocabulary blocks whose policy values ``p`` are
 below a threshold in every token of a tile are left out of ``p @ Wq`` (the ``q_hidden`` gradient)
-and of a trainable head's ``dQ^T h_q`` (docs/design.md, "Gradient filtering", has the bound).
+and of a trainable head's ``dQ^T h_q`` (docs/design.md, "The gradient in closed form", has the
+bound and the measurements).
 
 A block is :data:`steps.FILTER_BLOCK` columns of a tile, the compiled CPU step's sweep block, whose
-largest ``p`` and sum of ``p`` that step reports as it goes. What was skipped and how much probability it held are
-reported to a :func:`grad_filter_report` in effect.
+largest ``p`` and sum of ``p`` that step reports as it goes. What was skipped and how much
+probability it held are reported to a :func:`grad_filter_report` in effect.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def resolve_eps(eps: float | str, dtype: torch.dtype, vocab: int) -> float:
 
     ``"auto"``: the unit roundoff of ``dtype`` (half its machine epsilon) divided by ``vocab``. Every
     skipped ``p`` is below it, so the probability a token loses, summed over however many entries
-    are skipped, is below one unit roundoff: what rounding the gradient into ``dtype`` costs anyway.
+    are skipped, is below one unit roundoff, and so is the error of ``E_p[Wq]`` relative to the
+    longest row of ``Wq``: what rounding the gradient into ``dtype`` costs at that scale anyway.
     """
     return torch.finfo(dtype).eps / 2 / vocab if eps == AUTO else float(eps)
 
