@@ -351,14 +351,20 @@ static inline void merge(double *M, double *S, double m, double s) {
     }
 }
 
+/* The width of the blocks a row is swept in, which block_stats_out reports on. */
+int qak_cpu_block_width(void) { return BLOCK; }
+
 /* z, q: [rows, V] float32 (in_bf16 = 0) or bfloat16; p: [rows, V] float32 (p_bf16 = 0) or
  * bfloat16, may alias q (q is read before any of its row is written). Per row it writes what the
  * caller asks for (a NULL pointer: not wanted): q_taken = q[targets] (targets and q_taken together),
- * value, and lse_c = lse(c), lse_z = lse(z): a vocabulary tile's share, which the caller merges. */
+ * value, and lse_c = lse(c), lse_z = lse(z): a vocabulary tile's share, which the caller merges;
+ * block_stats_out ([rows, ceil(V / BLOCK), 2]): each block's largest p (the scale its exps get: they
+ * are relative to the block's max, within a float rounding) and its sum of p, for gradient
+ * filtering at no extra pass. */
 int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void *p,
                      int in_bf16, int p_bf16, int64_t rows, int64_t V, float alpha_tilde,
                      float alpha_0, float *q_taken, float *value, float *lse_c_out, float *lse_z_out,
-                     int threads) {
+                     float *block_stats_out, int threads) {
     const int64_t nblocks = (V + BLOCK - 1) / BLOCK;
     const float inv_at = 1.0f / alpha_tilde;
     const int64_t grain = 1 + 16384 / (V > 0 ? V : 1);  /* dynamic: a busy core gets fewer rows */
@@ -367,10 +373,11 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
 #endif
     {
-        /* Per thread: block maxima, and (bf16 p, bf16 inputs) a float32 row and input blocks. */
+        /* Per thread: block maxima and sums, and (bf16 p, bf16 inputs) a float32 row and input blocks. */
         double *bmax = malloc(sizeof(double) * (size_t)nblocks);
+        float *bsum = malloc(sizeof(float) * (size_t)nblocks);
         float *row = p_bf16 ? malloc(sizeof(float) * (size_t)V) : NULL;
-        if (!bmax || (p_bf16 && !row)) failed = 1;
+        if (!bmax || !bsum || (p_bf16 && !row)) failed = 1;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, grain)
 #endif
@@ -397,6 +404,7 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
                     block_exps((const float *)z + base + off, (const float *)q + base + off, eb, n, alpha_0,
                                inv_at, 0, &mz, &mc, &sz, &sc);
                 bmax[b] = mc;
+                bsum[b] = sc;
                 merge(&Mz, &Sz, mz, sz);
                 merge(&Mc, &Sc, mc, sc);
             }
@@ -408,10 +416,15 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
             for (int64_t b = 0; b < nblocks; b++) {
                 const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;
                 const float scale = bmax[b] == -INFINITY ? 0.0f : (float)(exp(bmax[b] - Mc) / Sc);
+                if (block_stats_out) {
+                    block_stats_out[2 * (r * nblocks + b)] = scale;
+                    block_stats_out[2 * (r * nblocks + b) + 1] = scale * bsum[b];
+                }
                 scale_block(e + off, p_bf16 ? (uint16_t *)p + base + off : NULL, n, scale, in_bf16);
             }
         }
         free(bmax);
+        free(bsum);
         free(row);
     }
     return failed ? -1 : 0;

@@ -8,6 +8,7 @@ Public API::
     combined_logprobs(base_hidden, q_hidden, weight, ...)   # log pi~ from hidden states
     combine_logits(base_logits, q_values, ...)              # log pi~ from logits
     backends()                               # which backends run here, and why not
+    grad_filter_report()                     # context manager: what grad_filter_eps left out
 
 Building blocks for other losses and trainers (same inputs, same backends, no [B, T, V] logits)::
 
@@ -28,6 +29,7 @@ Measuring a customized policy (gradient-free, one pass over the vocabulary per c
 
 from .combine import TargetLogprobs, combine_logits, combined_logprobs, combined_logprobs_at
 from .config import LossConfig
+from .grad_filter import GradFilterReport, grad_filter_report
 from .loss import QAdapterLoss, qadapter_loss, qadapter_token_stats
 from .pairwise import QAdapterLossOutput, TokenStats, bt_terms, sequence_rewards
 from .registry import BackendStatus, backends
@@ -35,6 +37,7 @@ from .vocabulary import TokenMeasures, token_logprobs, vocabulary_pass
 
 __all__ = [
     "BackendStatus",
+    "GradFilterReport",
     "LossConfig",
     "QAdapterLoss",
     "QAdapterLossOutput",
@@ -46,6 +49,7 @@ __all__ = [
     "combine_logits",
     "combined_logprobs",
     "combined_logprobs_at",
+    "grad_filter_report",
     "qadapter_loss",
     "qadapter_token_stats",
     "sequence_rewards",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .steps import torch_block_step, torch_row_step
+from .steps import FILTER_BLOCK, torch_block_step, torch_row_step
 from .toolchain.cache import cache_dir, error_summary, sources_dir
 
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
@@ -88,7 +88,9 @@ def _load():
             fn = lib.qak_cpu_row_step
             fn.restype = ctypes.c_int
             fn.argtypes = [_P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
+                           ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, ctypes.c_int]
+            if lib.qak_cpu_block_width() != FILTER_BLOCK:
+                return None, f"{SOURCE} sweeps blocks of {lib.qak_cpu_block_width()}, steps.FILTER_BLOCK is {FILTER_BLOCK}"
             return fn, ""
         errors.append(f"{' '.join(flags)}: {error}")
     return None, "building csrc/cpu_row_step.c failed: " + " || ".join(errors)
@@ -109,9 +111,10 @@ def _compiled_fits(z: torch.Tensor, q: torch.Tensor, p_dtype: torch.dtype) -> bo
     return ok and q.dtype in DTYPES and p_dtype in DTYPES and q.dim() == 2 and status()[0]
 
 
-def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...]):
+def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...], block_stats=None):
     """One call of the C step; ``outputs`` names the ``[rows]`` float32 results wanted, of
-    ``q_taken`` (with ``targets``), ``value``, ``lse_c``, ``lse_z``. Returns them and ``p``."""
+    ``q_taken`` (with ``targets``), ``value``, ``lse_c``, ``lse_z``. Returns them and ``p``; fills
+    ``block_stats`` when given (``steps.BlockStep``)."""
     z, q = z.contiguous(), q.contiguous()
     rows, vocab = q.shape
     p = q if p_dtype == q.dtype else torch.empty(rows, vocab, dtype=p_dtype, device="cpu")
@@ -121,7 +124,9 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
         targets = targets.to(torch.int64).contiguous()
     rc = _load()[0](z.data_ptr(), q.data_ptr(), None if targets is None else targets.data_ptr(), p.data_ptr(),
                     q.dtype == torch.bfloat16, p_dtype == torch.bfloat16, rows, vocab, alpha_tilde, alpha_0,
-                    *(pointer.get(name) for name in ("q_taken", "value", "lse_c", "lse_z")), torch.get_num_threads())
+                    *(pointer.get(name) for name in ("q_taken", "value", "lse_c", "lse_z")),
+                    None if block_stats is None else _block_stats_out(block_stats, rows, vocab).data_ptr(),
+                    torch.get_num_threads())
     if rc != 0:
         raise MemoryError("cpu_row_step: could not allocate its per-thread scratch rows")
     return (*wanted.values(), p)
@@ -138,13 +143,23 @@ def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
     return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"))
 
 
+def _block_stats_out(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
+    """``block_stats`` checked to be what the C step writes: a contiguous float32 ``[rows, blocks, 2]``."""
+    shape = (rows, -(-vocab // FILTER_BLOCK), 2)
+    if block_stats.dtype != torch.float32 or tuple(block_stats.shape) != shape or not block_stats.is_contiguous():
+        raise ValueError(f"block_stats must be a contiguous float32 tensor of shape {shape}, got "
+                         f"{block_stats.dtype} {tuple(block_stats.shape)}")
+    return block_stats
+
+
 @torch.compiler.disable
-def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None):
     """The ``steps.BlockStep`` contract in one sweep (a vocabulary tile); p overwrites q when
-    p_dtype is q's dtype. Anything but CPU float32 / bfloat16 takes the eager step."""
+    p_dtype is q's dtype; ``block_stats`` come from the sweep's own block scales and sums, at no
+    extra pass. Anything but CPU float32 / bfloat16 takes the eager step."""
     if not _compiled_fits(z, q, p_dtype):
-        return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype)
-    return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"))
+        return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats)
+    return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"), block_stats)
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .grad_filter import resolve_eps
 from .registry import Backend, StatsOptions, require_exact_gradient
 from .sizing import auto_chunk_size, auto_tiles, default_block_step
 from .steps import RowStep, whole_row_block_step
@@ -31,10 +32,13 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     ``row_step``: a fused step over whole rows (the GPU backends'); ``None`` takes
     :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). Under a soft cap
     the step is unchanged and the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
+    ``options.grad_filter_eps`` (the block steps only, which report each block's largest ``p``):
+    the blocks of a tile whose ``p`` are all below it are left out of ``p @ Wq`` and ``dWq``
+    (``grad_filter.py``).
     """
-    require_exact_gradient(options, "chunked pipeline (chunked, chunked-triton, cuda)")
     vocab, softcap = weight.shape[0], options.logit_softcap
     if row_step is not None:
+        require_exact_gradient(options, "chunked-triton and cuda")
         # A fused step makes no float32 copies; the soft cap still widens the tiles (ChunkLogits).
         tiles = (options.chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device,
                                                        widened=softcap is not None), vocab)
@@ -42,13 +46,15 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     else:
         tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, options.chunk_size)
         block_step = default_block_step(hq.device)
+    eps = resolve_eps(options.grad_filter_eps, hq.dtype, vocab)
     return ChunkedTokenStats.apply(base.detach(), hq, weight.detach(), q_weight, q_bias, targets, tiles, block_step,
-                                   (options.alpha_tilde, options.alpha_0, softcap))
+                                   (options.alpha_tilde, options.alpha_0, softcap, eps))
 
 
 BACKEND = Backend(
     name="chunked",
-    summary="per tile of tokens x vocabulary: 2 GEMMs, the row step (compiled C on CPU), P @ Wq; elementwise backward",
+    summary="per tile of tokens x vocabulary: 2 GEMMs, the row step (compiled C on CPU), P @ Wq (gradient "
+            "filtering optional); elementwise backward",
     token_stats=chunked_token_stats,
     availability=lambda: (True, ""),
 )

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 VALUE_AT = ("current", "next")
+AUTO = "auto"  # grad_filter_eps: a threshold per input dtype and vocabulary (grad_filter.resolve_eps)
 REWARD_NORM = ("padded", "mean", "sum")
 
 
@@ -28,6 +29,15 @@ def check_real(name: str, value: object, *, positive: bool = False, non_negative
     if non_negative and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def check_grad_filter_eps(value: object) -> float | str:
+    """``"auto"``, or a finite real ``>= 0``; otherwise a TypeError / ValueError naming grad_filter_eps."""
+    if isinstance(value, str):
+        if value != AUTO:
+            raise ValueError(f"grad_filter_eps must be {AUTO!r} or a real number >= 0, got {value!r}")
+        return value
+    return check_real("grad_filter_eps", value, non_negative=True)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -52,10 +62,11 @@ class LossConfig:
     logit_softcap: float | None = field(default=None, metadata={
         "help": "the model's final logit soft-capping (Gemma-2's final_logit_softcapping): both heads' logits "
                 "become s * tanh(logits / s); None: none"})
-    grad_filter_eps: float = field(default=0.0, metadata={
-        "help": "gradient filtering (>= 0): the backward skips the vocabulary tiles whose policy values are all "
-                "below it, an approximation of the gradient (the loss is exact); 0: the exact gradient. The "
-                "fused triton backend implements it; the others take 0 only (docs/design.md)"})
+    grad_filter_eps: float | str = field(default=0.0, metadata={
+        "help": "gradient filtering (>= 0, or 'auto': the input dtype's unit roundoff / V): the backward skips "
+                "the vocabulary blocks whose policy values are all below it, an approximation of the gradient "
+                "(the loss is exact); 0: the exact gradient. The chunked and fused triton backends implement "
+                "it; the others take 0 only (docs/design.md)"})
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -63,7 +74,7 @@ class LossConfig:
         set_(self, "alpha_0", check_real("alpha_0", self.alpha_0, non_negative=True))
         set_(self, "gamma", check_real("gamma", self.gamma, non_negative=True))
         set_(self, "beta", check_real("beta", self.beta, non_negative=True))
-        set_(self, "grad_filter_eps", check_real("grad_filter_eps", self.grad_filter_eps, non_negative=True))
+        set_(self, "grad_filter_eps", check_grad_filter_eps(self.grad_filter_eps))
         check_choice("value_at", self.value_at, VALUE_AT)
         check_choice("reward_norm", self.reward_norm, REWARD_NORM)
         if self.logit_softcap is not None:

@@ -27,20 +27,21 @@ class StatsOptions:
     (``alpha_tilde``, ``alpha_0``), the model's logit soft cap (``logit_softcap`` s: both heads' logits
     become ``s * tanh(logits / s)``; None: none) and, for backends that chunk, ``chunk_size``
     (tokens per chunk; None: from the backend's memory budget); ``grad_filter_eps``, gradient
-    filtering (0: the exact gradient)."""
+    filtering (0: the exact gradient; ``"auto"``: ``grad_filter.resolve_eps``)."""
 
     alpha_tilde: float
     alpha_0: float
     logit_softcap: float | None = None
     chunk_size: int | None = None
-    grad_filter_eps: float = 0.0  # LossConfig.grad_filter_eps; only the fused triton backend filters
+    grad_filter_eps: float | str = 0.0  # LossConfig.grad_filter_eps; chunked (tile steps) and triton filter
 
 
 def require_exact_gradient(options: StatsOptions, backend: str) -> None:
     """A backend that computes the exact gradient refuses a request for gradient filtering."""
     if options.grad_filter_eps:
-        raise ValueError(f"grad_filter_eps={options.grad_filter_eps} asks for gradient filtering, which the "
-                         f"{backend} backend does not implement: use backend='triton', or grad_filter_eps=0")
+        raise ValueError(f"grad_filter_eps={options.grad_filter_eps!r} asks for gradient filtering, which the "
+                         f"{backend} backend does not implement: use backend='chunked' or 'triton', or "
+                         f"grad_filter_eps=0")
 
 
 class TokenStatsFn(Protocol):

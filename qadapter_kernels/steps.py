@@ -24,12 +24,20 @@ from .inputs import stats_dtype
 RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
 
 
-# block_step(z, q, alpha_tilde, alpha_0, p_dtype) -> (lse_c, lse_z, p): the same for one vocabulary tile
+# block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None) -> (lse_c, lse_z, p): the same for
+# one vocabulary tile
 #   z, q:         [C, Vt] the tile's base logits and Q-values (contiguous); the step may overwrite them.
 #   lse_c, lse_z: [C] the tile's log-sum-exps of c = (q + alpha_0 z) / alpha~ and of z, float32
 #                 (float64 for float64 inputs): the caller merges the tiles' shares.
 #   p:            [C, Vt] exp(c - lse_c), the tile's own softmax, in p_dtype (may alias z or q).
-BlockStep = Callable[[torch.Tensor, torch.Tensor, float, float, torch.dtype], tuple]
+#   block_stats:  optional [C, ceil(Vt / FILTER_BLOCK), 2] in the statistics dtype (float32; float64
+#                 for float64 inputs), filled with the largest p and the sum of p of each
+#                 FILTER_BLOCK columns of the tile (gradient filtering); the CPU steps take it.
+BlockStep = Callable[..., tuple]
+
+# Columns per block of gradient filtering: the compiled CPU step's sweep block (csrc/cpu_row_step.c,
+# BLOCK), whose per-block scale and sum are the block's largest p and its mass: no extra pass.
+FILTER_BLOCK = 1024
 
 
 def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +53,21 @@ def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (row_max + sums.log()).squeeze(1), sums.clamp_min_(torch.finfo(sums.dtype).tiny)
 
 
-def torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
+def block_stats_(p: torch.Tensor, block_stats: torch.Tensor) -> torch.Tensor:
+    """``block_stats[:, b] = (max, sum)`` of ``p[:, b * FILTER_BLOCK : (b + 1) * FILTER_BLOCK]`` (the eager way)."""
+    rows, width = p.shape
+    full = width // FILTER_BLOCK
+    if full:
+        blocks = p[:, : full * FILTER_BLOCK].reshape(rows, full, FILTER_BLOCK)
+        torch.amax(blocks, dim=2, out=block_stats[:, :full, 0])
+        torch.sum(blocks, dim=2, out=block_stats[:, :full, 1])
+    if full * FILTER_BLOCK < width:
+        torch.amax(p[:, full * FILTER_BLOCK:], dim=1, out=block_stats[:, full, 0])
+        torch.sum(p[:, full * FILTER_BLOCK:], dim=1, out=block_stats[:, full, 1])
+    return block_stats
+
+
+def torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None):
     """Eager block step: reuses the GEMM buffers in place, no ``[C, V]`` temporaries beyond them."""
     sd = stats_dtype(q.dtype)
     z = z.to(sd)
@@ -54,6 +76,8 @@ def torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype):
         combined.div_(alpha_tilde)
     lse_c, sums = _logsumexp_(combined)
     p = combined.div_(sums)
+    if block_stats is not None:
+        block_stats_(p, block_stats)
     lse_z, _ = _logsumexp_(z)
     return lse_c, lse_z, p.to(p_dtype)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from . import grad_filter
 from .inputs import stats_dtype
+from .steps import FILTER_BLOCK
 
 
 def chunks(n: int, chunk: int):
@@ -166,28 +168,44 @@ class ChunkedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, hq, weight, q_weight, q_bias, targets, tiles, block_step, cfg):
-        alpha_tilde, alpha_0, softcap = cfg
+        alpha_tilde, alpha_0, softcap, eps = cfg
         (n, d), vocab, (rows, columns) = hq.shape, weight.shape[0], tiles
         sd = stats_dtype(hq.dtype)
         q_taken = torch.full((n,), float("nan"), dtype=sd, device=hq.device)
         lse_c, lse_z = (torch.full((n,), -float("inf"), dtype=sd, device=hq.device) for _ in range(2))
         want_hq_grad = ctx.needs_input_grad[1]
         expected_w = torch.zeros(n, d, dtype=sd, device=hq.device) if want_hq_grad else None
+        filtering = want_hq_grad and eps > 0
+        block_stats = _BlockStats(rows, columns, sd, hq.device) if filtering else None
+        dropped = torch.zeros(n, dtype=sd, device=hq.device) if filtering else None
+        entries = skipped = 0
         with torch.no_grad():
             logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, want_hq_grad, columns)
             for s, e in chunks(n, rows):
                 for v0, v1 in chunks(vocab, columns):
                     z, q = logits(s, e, v0, v1)
                     _take_targets_(q_taken[s:e], q, targets[s:e], v0)
-                    part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype)
+                    stats = block_stats(e - s, v1 - v0) if filtering else None
+                    part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype,
+                                                   **({} if stats is None else {"block_stats": stats}))
                     del z, q
                     torch.logaddexp(lse_z[s:e], part_z, out=lse_z[s:e])
                     keep, add = _merge_(lse_c[s:e], part_c)
-                    if want_hq_grad:
-                        if logits.slope is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
-                            p.mul_(logits.slope)
-                        weighted = matmul_to(sd, p, q_weight[v0:v1]).mul_(add.unsqueeze(1))
-                        expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
+                    if not want_hq_grad:
+                        continue
+                    spans = None
+                    if filtering:  # add * p bounds p against the row's lse so far, hence its final p
+                        kept = grad_filter.kept_blocks(stats[..., 0], add, eps)
+                        spans = grad_filter.runs(kept, v1 - v0)
+                        entries += p.numel()
+                        skipped += (e - s) * (v1 - v0 - sum(b - a for a, b in spans))
+                        dropped[s:e].mul_(keep).add_(stats[:, ~kept, 1].sum(dim=1).mul_(add))
+                    if logits.slope is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
+                        p.mul_(logits.slope)
+                    weighted = _spans_product(sd, p, q_weight[v0:v1], spans).mul_(add.unsqueeze(1))
+                    expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
+        if filtering:
+            grad_filter.record(eps, entries=entries, skipped=skipped, dropped_mass=dropped)
         # base and weight are only needed again to recompute p for a trainable Q head.
         head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w,
@@ -217,31 +235,72 @@ class ChunkedTokenStats(torch.autograd.Function):
 def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_taken, grad_value):
     """Second tiled pass: dL/dQ = g_qa * onehot(a) + g_v * p (times 1 - tanh^2 under a soft cap;
     ``grad_q_taken`` has its factor already), summed over tokens into Wq and bq. A tile's own
-    softmax becomes the row's ``p`` with the weight ``exp(lse_c(tile) - lse_c(row))``."""
-    alpha_tilde, alpha_0, softcap = ctx.cfg
+    softmax becomes the row's ``p`` with the weight ``exp(lse_c(tile) - lse_c(row))``. Filtering
+    leaves out of ``dWq`` the blocks whose ``p`` are all below the threshold and that hold no target
+    (``dbq``, a sum, stays exact)."""
+    alpha_tilde, alpha_0, softcap, eps = ctx.cfg
     rows, columns = ctx.tiles
     sd = grad_q_taken.dtype
     want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
     grad_qb = torch.zeros(q_weight.shape[0], dtype=sd, device=q_weight.device) if want_b else None
+    filtering = want_w and eps > 0
+    block_stats = _BlockStats(rows, columns, sd, hq.device) if filtering else None
+    entries = skipped = 0
     with torch.no_grad():
         logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, True, columns)
         for s, e in chunks(hq.shape[0], rows):
             rows_here = torch.arange(e - s, device=hq.device)
             for v0, v1 in chunks(q_weight.shape[0], columns):
                 z, q = logits(s, e, v0, v1)
-                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd)
+                stats = block_stats(e - s, v1 - v0) if filtering else None
+                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd,
+                                              **({} if stats is None else {"block_stats": stats}))
                 del z, q
-                d_logits = p.mul_(((part_c - lse_c[s:e]).exp_() * grad_value[s:e]).unsqueeze(1))
+                to_row = (part_c - lse_c[s:e]).exp_()
+                column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
+                spans = None
+                if filtering:
+                    kept = grad_filter.kept_blocks(stats[..., 0], to_row, eps)
+                    kept[(column[inside] // FILTER_BLOCK).unique()] = True
+                    spans = grad_filter.runs(kept, v1 - v0)
+                    entries += p.numel()
+                    skipped += (e - s) * (v1 - v0 - sum(b - a for a, b in spans))
+                d_logits = p.mul_((to_row * grad_value[s:e]).unsqueeze(1))
                 if logits.slope is not None:
                     d_logits.mul_(logits.slope)
-                column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
                 d_logits.index_put_((rows_here, column), torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
                 if want_w:
-                    grad_qw[v0:v1].add_(_head_weight_grad(d_logits, hq[s:e]))
+                    for a, b in [(0, v1 - v0)] if spans is None else spans:
+                        grad_qw[v0 + a:v0 + b].add_(_head_weight_grad(d_logits[:, a:b], hq[s:e]))
                 if want_b:
                     grad_qb[v0:v1].add_(d_logits.sum(dim=0))
+    if filtering:
+        grad_filter.record(eps, head_entries=entries, head_skipped=skipped)
     return (
         grad_qw.to(q_weight.dtype) if want_w else None,
         grad_qb.to(q_bias.dtype) if want_b else None,
     )
+
+
+class _BlockStats:
+    """One reused buffer for the block steps' per-block maximum and sum of ``p`` (``steps.BlockStep``)."""
+
+    def __init__(self, rows: int, columns: int, dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(rows * -(-columns // FILTER_BLOCK) * 2, dtype=dtype, device=device)
+
+    def __call__(self, rows: int, width: int) -> torch.Tensor:
+        blocks = -(-width // FILTER_BLOCK)
+        return self.buffer[: rows * blocks * 2].view(rows, blocks, 2)
+
+
+def _spans_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor,
+                   spans: list[tuple[int, int]] | None) -> torch.Tensor:
+    """``p @ w`` over the column ranges ``spans`` of ``p`` (rows of ``w``) only; ``None``: all of it,
+    one GEMM, as the exact path takes it."""
+    if spans is None or spans == [(0, p.shape[1])]:
+        return matmul_to(out_dtype, p, w)
+    out = torch.zeros(p.shape[0], w.shape[1], dtype=out_dtype, device=p.device)
+    for a, b in spans:
+        out.add_(matmul_to(out_dtype, p[:, a:b], w[a:b]))
+    return out

@@ -197,6 +197,8 @@ for opt in ("alpha_tilde", "alpha_0", "gamma", "beta", "logit_softcap", "grad_fi
         if name == "none" and opt == "logit_softcap":
             continue  # None: no cap
         exc = TypeError if name in ("bool", "str", "none", "complex") else ValueError
+        if opt == "grad_filter_eps" and name == "str":
+            exc = ValueError  # a string, but not "auto"
         case("loss", f"{opt}-{name}", lambda opt=opt, value=value: loss(inputs(), **{opt: value}), exc, opt)
 for opt, value in (("alpha_0", 0.0), ("gamma", 0.0), ("beta", 0.0), ("logit_softcap", 30.0), ("alpha_tilde", 2)):
     case("loss", f"{opt}-{value}-valid", lambda opt=opt, value=value: loss(inputs(), **{opt: value}), finite)
@@ -210,8 +212,14 @@ case("loss", "config-dict", lambda: loss(inputs(), config={"beta": 0.1}), TypeEr
 case("loss", "config-and-option", lambda: loss(inputs(), config=LossConfig(beta=0.5), gamma=0.5), finite)
 case("loss", "grad_filter_eps-on-reference", lambda: loss(inputs(), grad_filter_eps=1e-3), ValueError,
      "grad_filter_eps=0.001")
-case("loss", "grad_filter_eps-on-chunked", lambda: loss(inputs(), backend="chunked", grad_filter_eps=1e-3),
-     ValueError, "gradient filtering")
+case("loss", "grad_filter_eps-auto-on-reference", lambda: loss(inputs(), grad_filter_eps="auto"), ValueError,
+     "grad_filter_eps='auto'")
+case("loss", "grad_filter_eps-typo", lambda: loss(inputs(), grad_filter_eps="Auto"), ValueError,
+     "grad_filter_eps must be 'auto' or a real number")
+case("loss", "grad_filter_eps-on-chunked-valid", lambda: loss(inputs(), backend="chunked", grad_filter_eps=1e-3),
+     finite)
+case("loss", "grad_filter_eps-auto-on-chunked-valid",
+     lambda: loss(inputs(), backend="chunked", grad_filter_eps="auto"), finite)
 case("loss", "backend-typo", lambda: loss(inputs(), backend="fast"), ValueError, "backend")
 case("loss", "backend-none", lambda: loss(inputs(), backend=None), ValueError, "backend")
 case("loss", "backend-cuda-on-cpu", lambda: loss(inputs(), backend="cuda"), RuntimeError, "not available")

@@ -111,14 +111,14 @@ def test_gradient_filter():
     assert rel_err(grad_qw, want[3]) > 1e-3  # tiles without a target were skipped
 
 
-def test_gradient_filtering_is_a_loss_option_of_the_fused_backend_only():
-    """qadapter_loss(grad_filter_eps=...) reaches the fused kernels; the exact backends refuse it,
-    and a negative threshold is refused by name."""
+def test_gradient_filtering_reaches_the_fused_backend():
+    """qadapter_loss(grad_filter_eps=...) reaches the fused kernels; the backends that do not filter
+    refuse it, and a negative threshold is refused by name (chunked: test_grad_filter.py)."""
     inputs = make_inputs(q_head=True)
     exact = loss_and_grads(inputs, backend="triton")[1]
     filtered = loss_and_grads(inputs, backend="triton", grad_filter_eps=2.0)[1]  # above every p
     assert rel_err(filtered["q_hidden"], exact["q_hidden"]) > 1e-3  # E_p[Wq] skipped
-    for backend in ("chunked", "reference", "chunked-triton"):
+    for backend in ("reference", "chunked-triton"):
         with pytest.raises(ValueError, match="does not implement"):
             qadapter_loss(**inputs, backend=backend, grad_filter_eps=1e-6)
     with pytest.raises(ValueError, match="grad_filter_eps must be >= 0"):
