@@ -95,6 +95,14 @@ def test_train_command_passes_loss_options_to_the_model(built_options, tmp_path)
     assert built_options["backend"] == "chunked" and built_options["chunk_size"] == 16
 
 
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("1e-6", 1e-6), ("0", 0.0)])
+def test_train_command_takes_a_number_or_auto_for_grad_filter_eps(built_options, tmp_path, value, expected):
+    with pytest.raises(Built):
+        main(["train", "--data", _pairs_file(tmp_path), "--output", str(tmp_path / "out"), "--backend", "chunked",
+              "--grad_filter_eps", value])
+    assert built_options["loss"].grad_filter_eps == expected
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -102,6 +110,7 @@ def test_train_command_passes_loss_options_to_the_model(built_options, tmp_path)
         (["--value_at", "sideways"], "--value_at"),
         (["--backend", "fastest"], "--backend"),
         (["--alpha", "1"], "unrecognized arguments: --alpha"),
+        (["--grad_filter_eps", "sometimes"], "grad_filter_eps must be 'auto' or a real number >= 0"),
     ],
 )
 def test_train_command_refuses_bad_loss_options(extra, message, capsys, tmp_path):

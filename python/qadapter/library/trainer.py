@@ -46,10 +46,20 @@ METRIC_NAMES = {
 LOSS_ARGUMENTS = tuple(name for name in LossConfig.names() if name not in ("ignore_index", "logit_softcap"))
 
 
+def _real_or_word(text: str) -> float | str:
+    """A command-line value of an option that takes a number or a word (``grad_filter_eps``: ``auto``);
+    LossConfig checks which words it takes."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _loss_arguments() -> type:
     """A TrainingArguments subclass with one field per LossConfig option: its type, default, help and
     choices (the metadata HfArgumentParser turns into ``--name`` options)."""
-    types = typing.get_type_hints(LossConfig)
+    types = {name: _real_or_word if hint == float | str else hint
+             for name, hint in typing.get_type_hints(LossConfig).items()}
     specs = [(f.name, types[f.name], field(default=f.default, metadata=dict(f.metadata)))
              for f in dataclasses.fields(LossConfig) if f.name in LOSS_ARGUMENTS]
     cls = dataclasses.make_dataclass("LossArguments", specs, bases=(TrainingArguments,))
