@@ -298,9 +298,11 @@ class QAdapterModel(nn.Module):
         The LoRA layers run frozen (adapter disabled) and a hook adds ``mask * lora(x)``: the frozen
         rows get ``W x + 0`` and the adapter rows ``W x + lora(x)``, bit for bit what each model alone
         computes, with no per-row gathering (PEFT's ``adapter_names`` path costs about as much again
-        as the model in Python-bound decoding).
+        as the model in Python-bound decoding). Every LoRA layer of the adapter is hooked, on a dense
+        ``nn.Linear`` or on a bitsandbytes 4-bit or 8-bit layer (PEFT's ``lora.bnb`` classes, which are
+        not its dense ``lora.Linear``): ``lora(x)`` is the same dense ``B A x`` on each.
         """
-        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
 
         mask = adapter_rows.reshape(-1, 1, 1)
 
@@ -315,7 +317,7 @@ class QAdapterModel(nn.Module):
         try:
             with self.peft_model.disable_adapter():
                 for module in self.peft_model.modules():
-                    if isinstance(module, LoraLinear) and ADAPTER_NAME in module.lora_A:
+                    if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
                         if module.lora_variant.get(ADAPTER_NAME) is not None:
                             raise NotImplementedError("row-selected decoding supports plain LoRA only (no DoRA)")
                         handles.append(module.register_forward_hook(add_masked_lora))
