@@ -122,9 +122,9 @@ def _add_quantization_options(p, loads: str, compute_default: str = "bfloat16 on
     dtype: every command that loads a base takes the same three options (:func:`_quantization` reads them)."""
     group = p.add_mutually_exclusive_group()
     group.add_argument("--load-in-4bit", action="store_true",
-                       help=f"{loads} quantized to 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes)")
+                       help=f"{loads} quantized by bitsandbytes to 4-bit NF4 with double quantization (QLoRA-style)")
     group.add_argument("--load-in-8bit", action="store_true",
-                       help=f"{loads} quantized with LLM.int8 (needs bitsandbytes)")
+                       help=f"{loads} quantized by bitsandbytes with LLM.int8")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
                    help=f"the 4-bit layers' compute dtype (default: {compute_default})")
 
