@@ -27,6 +27,7 @@ def test_both_runs_on_a_tiny_base(tmp_path, capsys):
     assert dense["quantization"] is None
     assert nf4["quantization"] == {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
     assert result["options"]["max_steps"] == 2 and result["options"]["seed"] == 3
+    assert "output" not in result["options"] and 0 <= nf4["base_probe_accuracy"] <= 1
     assert dense["heldout_pairs"] == nf4["heldout_pairs"] == 4 and dense["train_pairs"] == nf4["train_pairs"]
     assert result["difference"] == nf4["heldout_accuracy"] - dense["heldout_accuracy"]
     assert result["within_target"] == (abs(result["difference"]) <= 0.05)
