@@ -335,7 +335,7 @@ def tool_version(tool: str, *args: str) -> str:
 
 def gpu_run_versions() -> dict:
     """What bench/gpu.sh records first: versions, the device(s) and the CUDA tools found."""
-    info = versions(bench_device(), ("triton", "transformers", "peft", "numpy"))
+    info = versions(bench_device(), ("triton", "transformers", "peft", "accelerate", "bitsandbytes", "numpy"))
     info["device_count"] = torch.cuda.device_count()
     info["nvcc"] = tool_version("nvcc", "--version")
     info["nvidia-smi"] = tool_version("nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.mem",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof in one command: every kernel built, checked against the reference and timed.
 #
-#   bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]
+#   bash bench/gpu.sh OUTDIR [1|2|3|all|STEP,STEP,...] [--dry-run]
 #
 # Part 1 (< 8 minutes on an H100/H200): versions, the CUDA extension's just-in-time build for this
 # GPU (in the background, beside the Triton tests), the Triton, backend-agreement and CUDA tests on
@@ -12,21 +12,28 @@
 # fused loss vs the authors' full logits, then decoding).
 # Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
 # the compiled extension (built, installed into a temporary target, imported) and decoding.
+# Part 3 (< 7 minutes): the quantized base. bitsandbytes, which the GPU machine lacks, travels with
+# the tree: build bench/carry first (`python -m bench.carry`, an ignored folder of about 4 MiB: the
+# package with its CUDA 13.0 library) and carry it; its site/ goes first on PYTHONPATH. Then
+# bench.carry --check (imported from there, a CUDA library loaded, an NF4 round trip) and
+# bench.quantized_gpu (the Llama-3.1-8B step on a 4-bit base under 8-24 GiB beside the memory
+# plan, LoRA on q/v and on every projection; the fused loss and the authors' on an 8-bit base).
 # Steps by name (to rerun some): versions, triton-tests, cuda-build, backend-tests, gpu-check,
-# cuda-check, consumer, memcheck, racecheck, wheel.
+# cuda-check, consumer, memcheck, racecheck, wheel, carry, quantized.
 # --dry-run: the same steps on CPU with tiny shapes and the Triton interpreter; the GPU-only steps
-# are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo.
+# are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo. It checks
+# what would be carried: bench/carry when it is built, else a copy made from the installed wheel.
 #
 # Every step has its own time budget (`timeout`), so one slow step cannot starve the others.
 # Everything lands in OUTDIR (at most 8 files): gpu-run.log (every step's output), summary.md
-# (one line per step), versions.json and each check's JSON / markdown.
+# (one line per step), versions.json and each check's JSON / markdown (quantized.json: part 3).
 #
 # Nothing needs installing: the checks run as modules (`python -m bench.gpu_check`) from the
 # repository root, which puts the root (qadapter_kernels, bench) on the path; PYTHONPATH adds
 # python/ (the qadapter model layer) for the consumer step.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|all|STEP,STEP,...] [--dry-run]}"
+OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|3|all|STEP,STEP,...] [--dry-run]}"
 PART="${2:-all}"
 DRY=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && DRY=1; done
@@ -40,6 +47,14 @@ SUMMARY="$OUT/summary.md"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+# bitsandbytes as carried (bench/carry.py); the dry run builds a copy when none is built.
+CARRY="${QADAPTER_CARRY:-$ROOT/bench/carry}"
+if [ "$DRY" = 1 ] && [ ! -d "$CARRY/site" ] && "$PY" -c "import bitsandbytes" 2>/dev/null; then
+  CARRY="$(mktemp -d)"
+  trap 'rm -rf "$CARRY"' EXIT
+  "$PY" -m bench.carry --out "$CARRY" >/dev/null
+fi
+[ -d "$CARRY/site" ] && export PYTHONPATH="$CARRY/site:$PYTHONPATH"
 export MAX_JOBS="${MAX_JOBS:-16}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
@@ -131,6 +146,7 @@ raise SystemExit(0 if (ok and compiled) or '$DRY' == '1' else 1)")
 # Steps by name; a part is a list of them, and any list can be given instead (to rerun some).
 PART1="versions,triton-tests,cuda-build,backend-tests,gpu-check,cuda-check,consumer"
 PART2="memcheck,racecheck,wheel"
+PART3="carry,quantized"
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 run_steps() {
@@ -144,6 +160,12 @@ run_steps() {
     wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
     wants memcheck && skip "compute-sanitizer" "no GPU (dry run)"
     wants wheel && step "wheel" 300 wheel_check
+    if [ -d "$CARRY/site" ]; then
+      wants carry && step "bitsandbytes (carried)" 120 "$PY" -m bench.carry --check "$CARRY"
+      wants quantized && step "quantized base (tiny model)" 300 "$PY" -m bench.quantized_gpu --dry-run --out "$OUT/quantized.json"
+    else
+      { wants carry || wants quantized; } && skip "bitsandbytes (carried) and quantized base" "bitsandbytes is not installed here"
+    fi
     return
   fi
   # The extension and the wheel compile on the CPU cores while the GPU runs the Triton tests.
@@ -195,16 +217,19 @@ run_steps() {
     echo "=== wheel: $result" | tee -a "$LOG"
     rm -f "$OUT/.wheel.log"
   fi
+  wants carry && step "bitsandbytes (carried)" 120 "$PY" -m bench.carry --check "$CARRY"
+  wants quantized && step "quantized base (Llama-3.1-8B, 8-24 GiB caps)" 420 "$PY" -m bench.quantized_gpu --budget-s 390 --out "$OUT/quantized.json"
 }
 
 case "$PART" in
   1) STEPS="$PART1" ;;
   2) STEPS="$PART2" ;;
-  all) STEPS="$PART1,$PART2" ;;
+  3) STEPS="$PART3" ;;
+  all) STEPS="$PART1,$PART2,$PART3" ;;
   *) STEPS="$PART" ;;
 esac
 for name in ${STEPS//,/ }; do
-  [[ ",$PART1,$PART2," == *",$name,"* ]] || { echo "unknown step '$name'; steps: $PART1,$PART2" >&2; exit 2; }
+  [[ ",$PART1,$PART2,$PART3," == *",$name,"* ]] || { echo "unknown step '$name'; steps: $PART1,$PART2,$PART3" >&2; exit 2; }
 done
 run_steps
 echo

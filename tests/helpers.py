@@ -111,11 +111,11 @@ def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0, hid
     return model.float().eval()
 
 
-def save_tiny_base(directory):
+def save_tiny_base(directory, hidden: int = 32):
     """A tiny random Llama and its tokenizer saved in ``directory``, as a local base model is; returns
-    the tokenizer."""
+    the tokenizer (``hidden=64`` for a base bitsandbytes quantizes on a CPU)."""
     tokenizer = tiny_chat_tokenizer()
-    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(directory)
+    tiny_causal_lm("llama", vocab=len(tokenizer), hidden=hidden).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return tokenizer
 

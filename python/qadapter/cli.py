@@ -52,9 +52,12 @@ def _probability(text: str) -> float:
 
 def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) -> None:
     """One ``--field-name`` option per field of a dataclass, with its type, default and metadata
-    (``help``, ``choices``; ``positive``: values > 0; ``flag``: another option name)."""
+    (``help``, ``choices``; ``positive``: values > 0; ``flag``: another option name; ``cli=False``: no
+    option of its own, the command sets it from others, as the quantization flags set ``quantization``)."""
     types = typing.get_type_hints(options_class)
     for f in fields(options_class):
+        if not f.metadata.get("cli", True):
+            continue
         kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
         if f.metadata.get("positive"):
             kind = {int: _positive_int, float: _positive_float}[kind]
@@ -71,21 +74,24 @@ def _demo_parser(sub) -> None:
     from .experiments.demo import DemoOptions
 
     p = sub.add_parser("demo", help="train a Q-Adapter on the built-in task with the embedded default and report",
-                       description="The main job: customize the embedded default model to answer with a TL;DR "
-                                   "line, then print before/after preference accuracy, rule satisfaction, "
-                                   "knowledge retention and KL to the base.")
+                       description="The main job: customize the embedded default model (or --model) to answer "
+                                   "with a TL;DR line, then print before/after preference accuracy, rule "
+                                   "satisfaction, knowledge retention and KL to the base.")
     add_dataclass_options(p, DemoOptions)
+    _add_quantization_options(p, "load the base")
 
 
-def options_from(args: argparse.Namespace, options_class: type):
-    """The dataclass ``options_class`` filled from the options :func:`add_dataclass_options` added."""
-    return options_class(**{f.name: getattr(args, f.name) for f in fields(options_class)})
+def options_from(args: argparse.Namespace, options_class: type, **given):
+    """The dataclass ``options_class`` filled from the options :func:`add_dataclass_options` added,
+    and the fields without an option of their own from ``given``."""
+    return options_class(**{f.name: getattr(args, f.name) for f in fields(options_class) if f.metadata.get("cli", True)},
+                         **given)
 
 
 def _run_demo(args) -> int:
     from .experiments.demo import DemoOptions, format_report, run_demo
 
-    print(format_report(run_demo(options_from(args, DemoOptions))))
+    print(format_report(run_demo(options_from(args, DemoOptions, quantization=_quantization(args)))))
     return 0
 
 
@@ -99,26 +105,28 @@ def _compare_parser(sub) -> None:
                                    "knowledge probe, KL to the base on general prompts, general-text perplexity, "
                                    "training time and memory. Writes compare.json, compare.md and compare.png.")
     add_dataclass_options(p, CompareOptions)
+    _add_quantization_options(p, "load the base of every method")
 
 
 def _run_compare(args) -> int:
     from .experiments.compare import CompareOptions, format_table, run_compare
 
-    options = options_from(args, CompareOptions)
+    options = options_from(args, CompareOptions, quantization=_quantization(args))
     options.budget_steps(), options.method_list()  # bad --budgets or --methods fail before any work
     print(format_table(run_compare(options)))
     return 0
 
 
-def _add_quantization_options(p, loads: str) -> None:
-    """``--load-in-4bit`` / ``--load-in-8bit`` (bitsandbytes, the lm_head dense) and the 4-bit compute dtype."""
+def _add_quantization_options(p, loads: str, compute_default: str = "bfloat16 on CUDA, float32 on a CPU") -> None:
+    """``--load-in-4bit`` / ``--load-in-8bit`` (bitsandbytes, the lm_head dense) and the 4-bit compute
+    dtype: every command that loads a base takes the same three options (:func:`_quantization` reads them)."""
     group = p.add_mutually_exclusive_group()
     group.add_argument("--load-in-4bit", action="store_true",
-                       help=f"{loads} quantized to 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes)")
+                       help=f"{loads} quantized by bitsandbytes to 4-bit NF4 with double quantization (QLoRA-style)")
     group.add_argument("--load-in-8bit", action="store_true",
-                       help=f"{loads} quantized with LLM.int8 (needs bitsandbytes)")
+                       help=f"{loads} quantized by bitsandbytes with LLM.int8")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
-                   help="the 4-bit layers' compute dtype (default: bfloat16 on CUDA, float32 on a CPU)")
+                   help=f"the 4-bit layers' compute dtype (default: {compute_default})")
 
 
 def _quantization(args, default=None):
@@ -231,15 +239,13 @@ def _plan_parser(sub) -> None:
                                    "whether the step fits, and if not, what would make it fit.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
     p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 12GiB, 24GB, 8000MiB (a bare number: GiB)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--load-in-4bit", action="store_true", help="the base quantized to NF4 (double quantization)")
-    group.add_argument("--load-in-8bit", action="store_true", help="the base quantized with LLM.int8")
+    _add_quantization_options(p, "plan for the base", compute_default="--dtype")
     p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per row (default: %(default)s)")
     p.add_argument("--pairs-per-step", type=_positive_int, default=4,
                    help="preference pairs per step, 2 rows each (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="the model's dtype, and the 4-bit compute dtype (default: %(default)s)")
+                   help="the model's dtype (default: %(default)s)")
     p.add_argument("--lora-r", type=_positive_int, default=8)
     p.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME")
 
@@ -251,10 +257,9 @@ def _run_plan(args) -> int:
     from .library.memory_plan import PlanOptions, format_plan, parse_size, plan, suggestions
 
     gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
-    options = PlanOptions(max_length=args.max_length, pairs_per_step=args.pairs_per_step,
-                          gradient_checkpointing=args.gradient_checkpointing,
-                          quantization="4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None,
-                          dtype=args.dtype, lora_r=args.lora_r, target_modules=tuple(args.lora_target_modules))
+    options = PlanOptions.of(_quantization(args), max_length=args.max_length, pairs_per_step=args.pairs_per_step,
+                             gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, lora_r=args.lora_r,
+                             target_modules=tuple(args.lora_target_modules))
     config = AutoConfig.from_pretrained(resolve_model(args.model))
     config = getattr(config, "get_text_config", lambda: config)()
     predicted = plan(config, options)
@@ -560,6 +565,7 @@ def _lm_eval_parser(sub) -> None:
                    help="key=value options of lm-eval's EvaluationTracker (pushing results to the hub)")
     p.add_argument("--trust_remote_code", action="store_true", help="let data sets run their own code")
     p.add_argument("--confirm_run_unsafe_code", action="store_true", help="allow tasks that execute generated code")
+    _add_quantization_options(p, "--model qadapter: load the base (default: as the adapter was trained)")
 
 
 def _run_lm_eval(args) -> int:
@@ -610,6 +616,14 @@ def _lm_eval_options(args, harness) -> dict:
     elif multiturn and not args.apply_chat_template:
         _usage_error("lm-eval", "--fewshot_as_multiturn needs --apply_chat_template")
     model_args = harness.key_values(args.model_args)
+    quantization = _quantization(args)
+    if quantization is not None:
+        if args.model != "qadapter":
+            _usage_error("lm-eval", f"--load-in-4bit and --load-in-8bit load the model qadapter's base; --model "
+                                    f"{args.model} takes its own --model_args")
+        if "quantization" in model_args:
+            _usage_error("lm-eval", "quantization is given twice: in --model_args and by --load-in-4bit/--load-in-8bit")
+        model_args["quantization"] = quantization
     if args.trust_remote_code:
         harness.trust_remote_code()
         if args.model != "qadapter":

@@ -30,6 +30,9 @@ from qadapter.cli import main  # noqa: E402
         (["generate", "--adapter", "a", "--prompt", "hi", "--top-k", "-5"], "--top-k: must be an integer >= 0"),
         (["generate", "--adapter", "a", "--prompt", "hi", "--temperature", "-1"], "--temperature: must be > 0"),
         (["generate", "--adapter", "a", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["demo", "--compute-dtype", "bfloat16"], "--compute-dtype applies with --load-in-4bit"),
+        (["demo", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument"),
+        (["compare", "--compute-dtype", "float16"], "--compute-dtype applies with --load-in-4bit"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
@@ -156,3 +159,19 @@ def test_train_that_goes_non_finite_exits_naming_the_step(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "qadapter train: step " in err and "not finite" in err and "untouched" in err
+
+
+def test_demo_on_a_4bit_base(tmp_path, capsys):
+    """``qadapter demo --model DIR --load-in-4bit``: the base loads NF4, the adapter and the report record it."""
+    pytest.importorskip("bitsandbytes")
+    from helpers import save_tiny_base
+
+    save_tiny_base(tmp_path / "base", hidden=64)  # bitsandbytes' CPU 4-bit kernels: inputs in blocks of 64
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tmp_path / "base"), "--load-in-4bit", "--output", str(out), "--steps", "2",
+                 "--heldout-limit", "2", "--probe-limit", "2", "--answer-tokens", "4", "--max-length", "48"]) == 0
+    nf4 = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    assert "base quantized: NF4 4-bit, double quantization, compute float32" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == str(tmp_path / "base") and report["quantization"] == nf4
+    assert json.loads((out / "adapter" / "qadapter_config.json").read_text())["quantization"] == nf4

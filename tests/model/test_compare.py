@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers import default_model_available, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from helpers import default_model_available, save_tiny_base, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 from qadapter.evaluation.measures import next_token_targets  # noqa: E402
 from qadapter.experiments.compare import (  # noqa: E402
     CompareOptions,
@@ -329,3 +329,31 @@ def test_quick_comparison_runs_and_is_reproducible(tmp_path):
     assert numbers(saved) == json.loads(json.dumps(numbers(reports[0])))
     table = format_table(reports[0])
     assert "| Q-Adapter | 2 |" in table and "| base | 0 |" in table and "| alpha~ |" in table
+
+
+def test_a_quantized_comparison_trains_every_method_on_the_4bit_base(tmp_path, monkeypatch):
+    """``qadapter compare --load-in-4bit`` (``quantization="4bit"``): the base policy and every method's
+    base load NF4 and the LoRA weights stay float32 (TRL would make SFT's and DPO's bf16), then the
+    quick comparison measures every policy."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("trl")
+    from qadapter.experiments import compare
+    from qadapter.library.quantization import model_quantization
+
+    save_tiny_base(tmp_path / "base", hidden=64)  # bitsandbytes' CPU 4-bit kernels: inputs in blocks of 64
+    trained, train_method = {}, compare.train_method
+
+    def recording(method, *args):
+        model, seconds, memory = train_method(method, *args)
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        trained[method] = model_quantization(getattr(model, "peft_model", model)), {p.dtype for p in lora}, all(p.requires_grad for p in lora)
+        return model, seconds, memory
+
+    monkeypatch.setattr(compare, "train_method", recording)
+    report = run_compare(CompareOptions(model=str(tmp_path / "base"), quantization="4bit", quick=True, lora_r=4,
+                                        output=str(tmp_path / "out")))
+    nf4 = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    assert report["quantization"] == nf4 and report["model"] == str(tmp_path / "base")
+    assert trained == {method: (nf4, {torch.float32}, True) for method in ("sft", "dpo", "qadapter")}
+    assert [(r["method"], r["steps"]) for r in report["rows"]] == [("base", 0), ("sft", 2), ("dpo", 2), ("qadapter", 2)]
+    assert all(0 <= r["heldout_accuracy"] <= 1 and math.isfinite(r["general_perplexity"]) for r in report["rows"])

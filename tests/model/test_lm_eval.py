@@ -25,7 +25,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from qadapter.cli import main  # noqa: E402
 from qadapter.evaluation.lm_eval_model import QAdapterLM
 from qadapter.experiments.lm_eval_run import TASKS_DIR  # noqa: E402
-from qadapter.library.model import QAdapterModel  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
 from qadapter_kernels import combined_logprobs  # noqa: E402
 
@@ -199,6 +199,9 @@ def test_qadapter_lm_eval_command_runs_the_shipped_tasks(saved, tmp_path, capsys
     (["--model_args", "adapter=/nonexistent"], "--tasks is required"),
     (["--tasks", "qadapter_knowledge", "--wandb_args", "project=x"], "unrecognized arguments: --wandb_args"),
     (["list", "--tasks", "qadapter_knowledge"], "invalid choice: 'list'"),
+    (["--tasks", "qadapter_knowledge", "--model", "hf", "--load-in-4bit"], "--model hf takes its own --model_args"),
+    (["--tasks", "qadapter_knowledge", "--model_args", "quantization=8bit", "--load-in-4bit"], "given twice"),
+    (["--tasks", "qadapter_knowledge", "--compute-dtype", "float32"], "--compute-dtype applies with --load-in-4bit"),
 ])
 def test_lm_eval_command_checks_its_options_before_any_model_loads(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -248,3 +251,35 @@ def test_the_general_text_task_gives_the_policys_perplexity(saved, tmp_path):
     [results] = (tmp_path / "out").rglob("results_*.json")
     scores = json.loads(results.read_text())["results"]["qadapter_general_text"]
     assert math.isfinite(scores["word_perplexity,none"]) and scores["word_perplexity,none"] > 1
+
+
+def test_a_quantized_base_by_model_args_and_by_the_command(tmp_path):
+    """``quantization=4bit`` (``qadapter lm-eval --load-in-4bit``): the base loads NF4 and a fresh
+    adapter scores exactly that base's own log-likelihoods (float32 on both sides: within 1e-5); an
+    adapter trained on it loads 4-bit unless told otherwise, and refuses another quantization."""
+    pytest.importorskip("bitsandbytes")
+    save_tiny_base(tmp_path / "base", hidden=64)  # bitsandbytes' CPU 4-bit kernels: inputs in blocks of 64
+    base = str(tmp_path / "base")
+    fresh = QAdapterLM(base=base, quantization="4bit", device="cpu")
+    nf4 = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    assert fresh.model.quantization == nf4
+    context, continuation = encoded(fresh, *PAIRS[0])
+    with torch.no_grad():
+        logits = fresh.model.base_model(torch.tensor([context + continuation])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1)[-len(continuation) :].gather(-1, torch.tensor(continuation)[:, None]).sum()
+    [(got, _)] = fresh.loglikelihood(loglikelihood_requests(PAIRS[:1]), disable_tqdm=True)
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="quantization applies to a base loaded by name"):
+        QAdapterLM(fresh.model, quantization="4bit")
+
+    model = QAdapterModel.from_base(base, quantization="4bit")
+    perturb_adapter(model, scale=0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    assert QAdapterLM(adapter=str(tmp_path / "adapter"), device="cpu").model.quantization == nf4
+    with pytest.raises(AdapterLoadError, match="LLM.int8"):
+        QAdapterLM(adapter=str(tmp_path / "adapter"), quantization="8bit")
+    assert main(["lm-eval", "--model_args", f"adapter={tmp_path / 'adapter'}", "--load-in-4bit", "--tasks",
+                 "qadapter_knowledge", "--limit", "1", "--device", "cpu", "--output_path", str(tmp_path / "out")]) == 0
+    [results] = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(results.read_text())["config"]["model_args"]["quantization"] == {"method": "nf4",
+                                                                                    "compute_dtype": None}

@@ -52,6 +52,18 @@ def test_quantized_weights_by_hand():
     assert four["dequantized layer (transient)"] == 64 * 128 * 2
     eight = plan(SMALL, OPTIONS, quantization="8bit").parts
     assert eight["base weights"] == 128000 + 640 + 2 * (2 * 4352 + 2 * 2176 + 2 * 8704 + 8448)
+    # A float32 compute dtype dequantizes the largest layer to float32.
+    assert plan(SMALL, OPTIONS, quantization="4bit", compute_dtype="float32").parts[
+        "dequantized layer (transient)"] == 64 * 128 * 4
+
+
+def test_plan_options_of_a_quantization_as_loading_takes_it():
+    assert PlanOptions.of(None, dtype="float16") == PlanOptions(dtype="float16")
+    assert PlanOptions.of("8bit", max_length=7) == PlanOptions(quantization="8bit", max_length=7)
+    assert PlanOptions.of("4bit", dtype="float16") == PlanOptions(quantization="4bit", dtype="float16",
+                                                                  compute_dtype="float16")
+    assert PlanOptions.of({"method": "nf4", "double_quant": False, "compute_dtype": "float32"}) == PlanOptions(
+        quantization="4bit", double_quant=False, compute_dtype="float32")
 
 
 def test_loss_buffers_follow_the_kernels_sizing():
@@ -93,6 +105,8 @@ def test_bad_sizes_and_options_are_refused():
         parse_size("twelve")
     with pytest.raises(ValueError, match="quantization"):
         PlanOptions(quantization="3bit")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        PlanOptions(quantization="4bit", compute_dtype="int8")
 
 
 def test_plan_command_on_a_local_config(tmp_path, capsys):
@@ -103,10 +117,14 @@ def test_plan_command_on_a_local_config(tmp_path, capsys):
     tiny_causal_lm("llama", hidden=64).config.save_pretrained(tmp_path)
     assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "12GiB", "--load-in-4bit"]) == 0
     out = capsys.readouterr().out
-    assert "predicted peak" in out and "fits in 12.00 GiB" in out and "NF4" in out
+    assert "predicted peak" in out and "fits in 12.00 GiB" in out and "NF4 4-bit (double quantization), compute bfloat16" in out
+    assert main(["plan", "--model", str(tmp_path), "--load-in-4bit", "--compute-dtype", "float32"]) == 0
+    assert "compute float32" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "300MiB", "--max-length", "4096"]) == 1
     out = capsys.readouterr().out
     assert "does not fit" in out and "no change tried here makes it fit" in out  # the CUDA context alone is 512 MiB
-    with pytest.raises(SystemExit) as exc:
-        main(["plan", "--model", str(tmp_path), "--gpu-memory", "lots"])
-    assert exc.value.code == 2
+    for argv in (["--gpu-memory", "lots"], ["--compute-dtype", "float32"], ["--load-in-4bit", "--load-in-8bit"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", "--model", str(tmp_path), *argv])
+        assert exc.value.code == 2
+    assert "--compute-dtype applies with --load-in-4bit" in capsys.readouterr().err

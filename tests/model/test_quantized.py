@@ -18,7 +18,14 @@ import torch
 pytest.importorskip("bitsandbytes", reason="the quantized base needs bitsandbytes (pip install 'qadapter-kernels[quant]')")
 pytest.importorskip("peft")
 
-from helpers import perturb_adapter, preference_batch, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from helpers import (  # noqa: E402
+    left_padded_prompts,
+    perturb_adapter,
+    plain_greedy,
+    preference_batch,
+    tiny_causal_lm,
+    tiny_chat_tokenizer,
+)
 from qadapter.library import quantization as quant  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
@@ -103,6 +110,31 @@ def test_training_steps_lower_the_loss(bases, bits):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_the_doubled_batch_runs_the_adapter_on_a_quantized_base(bases, family, bits):
+    """Evaluation and generation run frozen and adapter rows in one forward (adapter_rows): on
+    bitsandbytes' layers (PEFT's lora.bnb classes) too, the adapter rows are the adapter model's and
+    the frozen rows the base's (float32 compute: within 1e-5), and greedy decoding is the plain loop's."""
+    from qadapter.library.hidden import final_hidden
+    from qadapter.library.policy import adapter_rows, second_half
+
+    model = adapter(bases[family], bits)
+    model.eval()
+    ids, mask, _ = batch(model)
+    rows = ids.shape[0]
+    with torch.no_grad():
+        base, q = model.hidden_states(ids, mask)
+        with adapter_rows(model.peft_model, second_half(2 * rows, ids.device)):
+            both = final_hidden(model.base_model, torch.cat([ids, ids]), torch.cat([mask, mask]))
+    assert (q - base).abs().max() > 0.1  # the adapter matters
+    torch.testing.assert_close(both[:rows], base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[rows:], q, rtol=1e-5, atol=1e-5)
+    prompts, prompt_mask = left_padded_prompts(vocab=model.config.vocab_size)
+    assert torch.equal(model.generate(prompts, prompt_mask, max_new_tokens=6, eos_token_id=[]),
+                       plain_greedy(model, prompts, prompt_mask, 6))
 
 
 def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):

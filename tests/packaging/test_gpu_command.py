@@ -37,6 +37,11 @@ def test_gpu_command_dry_run(tmp_path):
     check = json.loads((out / "gpu-check.json").read_text())
     assert check["rows"] and all(r["ok"] for r in check["rows"] if r["kind"] == "error")
     assert json.loads((out / "versions.json").read_text())["torch"]
+    if importlib.util.find_spec("bitsandbytes") is not None:  # part 3 on what would be carried
+        assert "| bitsandbytes (carried) | ok" in summary and "| quantized base (tiny model) | ok" in summary, summary
+        rows = json.loads((out / "quantized.json").read_text())["parts"]
+        assert rows and all(row["status"] == "ok" for row in rows.values()), rows
+        assert sum("plan_allocator_gib" in row for row in rows.values()) == 5  # each fused-loss row has its plan
     assert len(list(out.iterdir())) <= 8  # what comes back from a GPU machine: at most 8 files
     log = (out / "gpu-run.log").read_text()
     # The arch list the GPU run would build for, and the pytest flags both branches pass (plugins

@@ -117,25 +117,32 @@ class QAdapterLM(TemplateLM):
     ``base`` (the base model: path, hub name; default: the adapter's own, else the embedded default),
     ``batch_size``, ``max_length`` (default: the model's maximum positions, else 2048), ``device``
     (default: CUDA when present; a model object stays where it is unless given), ``dtype`` (e.g.
-    ``bfloat16``; default: the checkpoint's), ``max_gen_toks`` (when a task gives none).
+    ``bfloat16``; default: the checkpoint's; a 4-bit base's compute dtype unless ``quantization`` names
+    one), ``quantization`` (the base quantized by bitsandbytes: ``4bit``, ``8bit``, or a dict as
+    :mod:`qadapter.library.quantization` takes it; default: as the adapter was trained, dense without
+    one), ``max_gen_toks`` (when a task gives none).
     """
 
     def __init__(self, adapter: str | os.PathLike | QAdapterModel | None = None, base: str | None = None, *,
                  batch_size: int | str = 8, max_length: int | None = None, device: str | None = None,
-                 dtype: str | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> None:
+                 dtype: str | None = None, quantization: str | dict | None = None,
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> None:
         super().__init__()
         torch_dtype = _dtype(dtype)
         if isinstance(adapter, QAdapterModel):
+            if quantization is not None:
+                raise ValueError("qadapter: quantization applies to a base loaded by name, not to a model object")
             model = adapter
-        elif adapter is None:
-            model = QAdapterModel.from_base(base or DEFAULT_MODEL, torch_dtype=torch_dtype, alpha_0=0.0,
-                                            alpha_tilde=1.0)
+            if device is not None:
+                model.to(resolve_device(device))
+        elif adapter is None:  # loaded onto the device (a quantized base cannot be moved after loading)
+            model = QAdapterModel.from_base(base or DEFAULT_MODEL, torch_dtype=torch_dtype, device=resolve_device(device),
+                                            quantization=quantization, alpha_0=0.0, alpha_tilde=1.0)
         else:
-            model = QAdapterModel.from_pretrained(adapter, base, torch_dtype=torch_dtype)
+            model = QAdapterModel.from_pretrained(adapter, base, torch_dtype=torch_dtype, device=resolve_device(device),
+                                                  quantization="saved" if quantization is None else quantization)
         if model.tokenizer is None:
             raise ValueError("the Q-Adapter has no tokenizer: build it with tokenizer=")
-        if device is not None or not isinstance(adapter, QAdapterModel):
-            model.to(resolve_device(device))
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         self._device = model.lm_head_weight.device

@@ -46,7 +46,9 @@ from ..evaluation.measures import (
 )
 from ..library import atomic
 from ..library.data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
+from ..library.defaults import DEFAULT_MODEL, load_base
 from ..library.hidden import final_hidden, output_head
+from ..library.quantization import model_quantization
 from .demo import option_field
 from .task import follows_rule, load_task
 
@@ -58,6 +60,8 @@ LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO", "qadapter": "Q-Adapter"}
 class CompareOptions:
     """The comparison's options; ``qadapter compare``'s command line is generated from these fields."""
 
+    model: str = option_field(DEFAULT_MODEL, "base model of every method: a local directory, a hub name, or the "
+                              "embedded default")
     output: str = option_field("qadapter-compare", "directory for compare.json, compare.md and compare.png")
     budgets: str = option_field("40", "training steps per method, comma-separated: one run of every method per "
                                 "budget (40,160 draws the trade-off as a curve)")
@@ -79,6 +83,8 @@ class CompareOptions:
                                  positive=True)
     seed: int = option_field(0, "seed of every adapter's initialization and training")
     quick: bool = option_field(False, "a smoke test: 2 steps, a few pairs, questions and prompts")
+    quantization: str | dict | None = option_field(None, "every method's base quantized by bitsandbytes ('4bit', "
+                                                   "'8bit', a dict; qadapter.library.quantization)", cli=False)
 
     def method_list(self) -> list[str]:
         chosen = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -161,8 +167,8 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
     as ``peft_config``: TRL wraps the model itself, so DPO's reference is the base, the adapter disabled
     (a ``PeftModel`` given to TRL 1.16's DPOTrainer would get a second, frozen copy of its adapter as
     the reference). Where TRL's defaults would make the baselines' run differ from the Q-Adapter's, they
-    are set back: float32 (no bf16), no gradient checkpointing, and DPO keeps the LoRA dropout (TRL
-    would zero it)."""
+    are set back: float32 (no bf16), no gradient checkpointing, DPO keeps the LoRA dropout (TRL
+    would zero it), and on a quantized base the LoRA weights stay float32, as the Q-Adapter's do."""
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -182,8 +188,13 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
         args = DPOConfig(**_training_args(options, method, steps, work, beta=options.dpo_beta, disable_dropout=False,
                                           **shared))
         trainer_class = PreTokenizedDPOTrainer
-    return trainer_class(model=base, args=args, train_dataset=trl_dataset(method, train_features),
-                         processing_class=tokenizer, peft_config=lora)
+    trainer = trainer_class(model=base, args=args, train_dataset=trl_dataset(method, train_features),
+                            processing_class=tokenizer, peft_config=lora)
+    if model_quantization(base) is not None:  # TRL casts a quantized base's LoRA weights to bf16 (QLoRA's recipe)
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    return trainer
 
 
 def train_method(method: str, options: CompareOptions, steps: int, train_features: list[dict], work: Path):
@@ -191,7 +202,6 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
     SFT and DPO train with TRL's trainers (:func:`trl_trainer`), the Q-Adapter with its own."""
     from transformers import set_seed
 
-    from ..library.defaults import DEFAULT_MODEL, load_base
     from ..library.model import QAdapterModel
     from ..library.trainer import QAdapterConfig, QAdapterTrainer
 
@@ -201,10 +211,11 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
                                                max_prompt_length=options.max_prompt_length, lora_r=options.lora_r,
                                                lora_alpha=2 * options.lora_r, alpha_0=options.alpha_0,
                                                alpha_tilde=options.alpha_tilde))
-        model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
+        model = QAdapterModel.from_base(options.model, quantization=options.quantization, **args.model_options())
         trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=model.tokenizer)
     else:
-        trainer = trl_trainer(method, options, steps, train_features, work, *load_base())
+        trainer = trl_trainer(method, options, steps, train_features, work,
+                              *load_base(options.model, quantization=options.quantization))
         model = trainer.model
     for parameter in model.parameters():  # page the (memory-mapped) weights in before measuring
         parameter.data.sum()
@@ -406,15 +417,13 @@ def run_compare(options: CompareOptions) -> dict:
     """Trains and measures every method at every budget; writes compare.json, .md and .png."""
     import tempfile
 
-    from ..library.defaults import DEFAULT_MODEL, load_base
-
     budgets = [2] if options.quick else options.budget_steps()
     if {"sft", "dpo"} & set(options.method_list()) and importlib.util.find_spec("trl") is None:
         raise ModuleNotFoundError('qadapter compare trains SFT and DPO with TRL: pip install "qadapter-kernels[trl]"')
     torch.manual_seed(options.seed)
     started = time.perf_counter()
     output = Path(options.output)
-    base_model, tokenizer = load_base()
+    base_model, tokenizer = load_base(options.model, quantization=options.quantization)
     from peft import LoraConfig, get_peft_model
 
     # The base policy: a LoRA model with its adapter disabled (the same forward as every policy's).
@@ -425,7 +434,8 @@ def run_compare(options: CompareOptions) -> dict:
            f"questions, {len(suite['general_prompts'])} general prompts)")
     suite["general_responses"] = base.answer(suite["general_prompts"], suite["answer_tokens"])
     report = {
-        "model": DEFAULT_MODEL,
+        "model": options.model,
+        "quantization": model_quantization(base_model),
         "data": options.data or "built-in TL;DR task",
         "options": asdict(options),
         "train_pairs": len(train),

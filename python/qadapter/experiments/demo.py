@@ -25,6 +25,7 @@ from ..library import atomic
 from ..library.data import tokenize_rows
 from ..library.defaults import DEFAULT_MODEL
 from ..library.model import QAdapterModel
+from ..library.quantization import describe
 from .task import follows_rule, load_task, probe_correct
 
 # Under the table: what the base's preference accuracy is.
@@ -46,6 +47,8 @@ class DemoOptions:
     """The demo's options; ``qadapter demo``'s command line is generated from these fields (their
     metadata: ``help``, ``choices``, ``positive``, and ``flag`` where it is not ``--field-name``)."""
 
+    model: str = option_field(DEFAULT_MODEL, "base model: a local directory, a hub name, or the embedded default "
+                              "(whose own answers the built-in task's pairs were made from)")
     output: str = option_field("qadapter-demo", "directory for the adapter and report.json")
     max_steps: int = option_field(40, "training steps", positive=True, flag="--steps")
     pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
@@ -57,6 +60,8 @@ class DemoOptions:
     backend: str = option_field("auto", "qadapter_kernels backend (loss and decoding)", choices=BACKEND_NAMES)
     probe_limit: int | None = option_field(None, "use only the first N probe questions", positive=True)
     heldout_limit: int | None = option_field(None, "use only the first N held-out pairs", positive=True)
+    quantization: str | dict | None = option_field(None, "the base quantized by bitsandbytes ('4bit', '8bit', a dict; "
+                                                   "qadapter.library.quantization)", cli=False)
 
 
 def _peak_memory_mb() -> float:
@@ -87,7 +92,8 @@ def run_demo(options: DemoOptions) -> dict:
     from ..library.trainer import QAdapterConfig, QAdapterTrainer
 
     started = time.perf_counter()
-    _stage("1/4 loading the embedded default model (converted to a local cache on first use)")
+    embedded = options.model == DEFAULT_MODEL
+    _stage(f"1/4 loading {'the embedded default model (converted to a local cache on first use)' if embedded else options.model}")
     torch.manual_seed(options.seed)
     output = Path(options.output)
     args = QAdapterConfig(
@@ -98,7 +104,7 @@ def run_demo(options: DemoOptions) -> dict:
         max_length=options.max_length, max_prompt_length=options.max_prompt_length, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    model = QAdapterModel.from_base(DEFAULT_MODEL, **args.model_options())
+    model = QAdapterModel.from_base(options.model, quantization=options.quantization, **args.model_options())
     tokenizer = model.tokenizer
     loaded = time.perf_counter()
 
@@ -128,7 +134,8 @@ def run_demo(options: DemoOptions) -> dict:
     after.update({f"heldout_{k}": v for k, v in scores.items()})
     model.save_pretrained(output / "adapter")
     report = {
-        "model": DEFAULT_MODEL,
+        "model": options.model,
+        "quantization": model.quantization,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
         "options": options.__dict__,
@@ -168,6 +175,8 @@ def format_report(report: dict) -> str:
         f"{report['steps_per_second']:.2f} steps/s on {report['device']} ({report['threads']} threads), "
         f"peak memory {report['peak_memory_mb']:.0f} MB, total {report['total_seconds'] / 60:.1f} min"
     )
+    if report.get("quantization"):
+        lines.append(f"base quantized: {describe(report['quantization'])}")
     example = a["examples"][0]
     lines.append(f"\nexample ({example['prompt']!r}):\n{example['answer']}")
     lines.append(f"\nadapter saved to {report['adapter']}")

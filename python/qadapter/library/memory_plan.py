@@ -18,7 +18,8 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
   set recomputed in the backward; and both passes' final hidden states ``2 * N * d``;
 - **the fused loss**: its ``[chunk, V]`` tiles (``qadapter_kernels.sizing.auto_chunk_size``: at
   most its budget, 1 GiB on CUDA) and the float32 ``E_p[Wq]`` rows, ``4 * N * d``;
-- **transient**: the largest 4-bit or 8-bit layer dequantized to the compute dtype while it runs;
+- **transient**: the largest 4-bit or 8-bit layer dequantized while it runs (4-bit: to its compute
+  dtype, by default the model dtype; LLM.int8: the model dtype);
 - **CUDA context**: a fixed 512 MiB outside the allocator (the context, cuBLAS workspaces).
 
 It is a prediction from the configuration (every sequence padded to ``max_length``, every token
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
+
+from . import quantization as quant
 
 GIB = 2**30
 MIB = 2**20
@@ -81,6 +84,7 @@ class PlanOptions:
     quantization: str | None = None  # None, "4bit" (NF4), "8bit" (LLM.int8)
     double_quant: bool = True
     dtype: str = "bfloat16"
+    compute_dtype: str | None = None  # a 4-bit base's compute dtype; None: ``dtype``
     lora_r: int = 8
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     loss_budget: int = LOSS_BUDGET
@@ -90,8 +94,22 @@ class PlanOptions:
             raise ValueError(f"quantization must be None, '4bit' or '8bit'; got {self.quantization!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}; got {self.dtype!r}")
+        if self.compute_dtype not in (None, *DTYPE_BYTES):
+            raise ValueError(f"compute_dtype must be None or one of {sorted(DTYPE_BYTES)}; got {self.compute_dtype!r}")
         if min(self.max_length, self.pairs_per_step, self.lora_r) < 1:
             raise ValueError("max_length, pairs_per_step and lora_r must be positive")
+
+    @classmethod
+    def of(cls, quantization, **options) -> PlanOptions:
+        """The plan's options for a base quantized as ``quantization`` says (anything
+        :func:`qadapter.library.quantization.normalize` takes: ``"4bit"``, a dict, ...), which
+        loading takes too: method, double quantization and the 4-bit compute dtype."""
+        q = quant.normalize(quantization, options.get("dtype", cls.dtype))
+        if q is None:
+            return cls(**options)
+        if q["method"] == "int8":
+            return cls(quantization="8bit", **options)
+        return cls(quantization="4bit", double_quant=q["double_quant"], compute_dtype=q["compute_dtype"], **options)
 
 
 @dataclass
@@ -151,7 +169,8 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         kept = tokens * layers * per_layer * b
     transient = 0
     if options.quantization is not None:
-        transient = max(i * o for i, o in linears.values()) * b
+        compute = options.compute_dtype if options.quantization == "4bit" and options.compute_dtype else options.dtype
+        transient = max(i * o for i, o in linears.values()) * DTYPE_BYTES[compute]
     parts = {
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
@@ -214,7 +233,8 @@ def format_bytes(n: int) -> str:
 
 def format_plan(memory_plan: MemoryPlan, gpu_memory: int | None = None, advice: list[str] | None = None) -> str:
     o, s = memory_plan.options, memory_plan.shape
-    quant = {None: o.dtype, "4bit": f"NF4 4-bit{' (double quantization)' if o.double_quant else ''}",
+    quant = {None: o.dtype, "4bit": f"NF4 4-bit{' (double quantization)' if o.double_quant else ''}, "
+                                    f"compute {o.compute_dtype or o.dtype}",
              "8bit": "LLM.int8"}[o.quantization]
     lines = [f"model: {s.layers} layers, hidden {s.hidden}, vocabulary {s.vocab}; base {quant}, LoRA r={o.lora_r} "
              f"on {', '.join(o.target_modules)}",
