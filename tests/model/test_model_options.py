@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("peft")
 from helpers import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
-from qadapter.cli import build_parser, main  # noqa: E402
+from qadapter.cli import build_parser, main, options_from  # noqa: E402
 from qadapter.evaluation.measures import answers  # noqa: E402
 from qadapter.experiments.demo import DemoOptions  # noqa: E402
 from qadapter.library.model import QAdapterModel, base_fingerprint, select_combine  # noqa: E402
@@ -231,7 +231,7 @@ def test_generate_decodes_with_the_backends_combine(monkeypatch):
 def test_demo_command_line_is_generated_from_demo_options():
     parser = build_parser()
     args = parser.parse_args(["demo"])
-    assert DemoOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoOptions)}) == DemoOptions()
+    assert options_from(args, DemoOptions, quantization=None) == DemoOptions()
     args = parser.parse_args(["demo", "--steps", "3", "--max-prompt-length", "32", "--backend", "chunked",
                               "--probe-limit", "2"])
     assert (args.max_steps, args.max_prompt_length, args.backend, args.probe_limit) == (3, 32, "chunked", 2)
