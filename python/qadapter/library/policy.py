@@ -83,8 +83,9 @@ def second_half(rows: int, device) -> torch.Tensor:
 
 def compiles_by_default(device: torch.device) -> bool:
     """Whether ``generate`` compiles its decode step when not told: on CUDA devices (CUDA graphs
-    remove the launch-bound step's overhead), not on CPUs (measured slower or no faster there,
-    after a compile time of tens of seconds)."""
+    remove the launch-bound step's overhead), not on CPUs: there the compiled step is about a tenth
+    faster per token, but compiling costs tens of seconds per batch shape, repaid only after
+    thousands of tokens (``bench/decode.py``)."""
     return torch.device(device).type == "cuda"
 
 
