@@ -170,21 +170,44 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_run(argv: list[str] | None, prog: str, description: str, budget_s: float) -> argparse.Namespace:
+    """The options of a guarded GPU run: the JSON path, the CPU dry run, the time budget."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, required=True, help="JSON result path")
     parser.add_argument("--dry-run", action="store_true", help="tiny Llama on CPU: checks the script in seconds")
-    parser.add_argument("--budget-s", type=float, default=240.0, help="skip the parts left after this many seconds")
-    args = parser.parse_args(argv)
+    parser.add_argument("--budget-s", type=float, default=budget_s, help="skip the parts left after this many seconds")
+    return parser.parse_args(argv)
+
+
+def run_setup(dry_run: bool, dry, gpu) -> tuple | None:
+    """``(setup, device)``: ``dry`` on the CPU for a dry run, else ``gpu`` on the current CUDA device;
+    None (said) when there is none."""
+    if dry_run:
+        return dry, torch.device("cpu")
+    if torch.cuda.is_available():
+        return gpu, torch.device("cuda", torch.cuda.current_device())
+    print("no CUDA device: use --dry-run to check the script on CPU")
+    return None
+
+
+def finish_run(result: dict, table: str, out: Path, started: float) -> int:
+    """Prints the table, writes the result JSON; exit status 1 when a part failed."""
+    result["seconds"] = time.monotonic() - started
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {out} in {result['seconds']:.0f} s")
+    return 1 if any(row["status"] == "error" for row in result["parts"].values()) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_run(argv, "python -m bench.consumer_gpu", __doc__.split("\n")[0], budget_s=240.0)
     started = time.monotonic()
     deadline = started + args.budget_s
-    if args.dry_run:
-        setup, device = DRY, torch.device("cpu")
-    elif torch.cuda.is_available():
-        setup, device = GPU, torch.device("cuda", torch.cuda.current_device())
-    else:
-        print("no CUDA device: use --dry-run to check the script on CPU")
+    chosen = run_setup(args.dry_run, DRY, GPU)
+    if chosen is None:
         return 2
+    setup, device = chosen
     if setup.cap_gib:  # the GPU setup only
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, setup.cap_gib * GIB / total), device)
@@ -212,12 +235,7 @@ def main(argv: list[str] | None = None) -> int:
              for b in setup.batches for mode in setup.decodings}
     for name, fn in todo.items():
         run_part(parts, name, deadline, fn if model is not None else no_model)
-    result["seconds"] = time.monotonic() - started
-    print(markdown(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out} in {result['seconds']:.0f} s")
-    return 1 if any(row["status"] == "error" for row in parts.values()) else 0
+    return finish_run(result, markdown(result), args.out, started)
 
 
 if __name__ == "__main__":

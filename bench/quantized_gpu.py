@@ -30,20 +30,17 @@ or the time budget is recorded and the run goes on.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import gc
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
 from bench.baselines import eager_authors_loss
 from bench.common import GIB, release, versions
-from bench.consumer_gpu import peak_gib, run_part, train
+from bench.consumer_gpu import finish_run, parse_run, peak_gib, run_part, run_setup, train
 from bench.e2e import LORA, MODELS
 from qadapter_kernels import qadapter_loss
 
@@ -154,20 +151,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.quantized_gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON result path")
-    parser.add_argument("--dry-run", action="store_true", help="tiny Llama on CPU: checks the script in seconds")
-    parser.add_argument("--budget-s", type=float, default=360.0, help="skip the rows left after this many seconds")
-    args = parser.parse_args(argv)
+    args = parse_run(argv, "python -m bench.quantized_gpu", __doc__.split("\n")[0], budget_s=360.0)
     started = time.monotonic()
     deadline = started + args.budget_s
-    if args.dry_run:
-        setup, device = DRY, torch.device("cpu")
-    elif torch.cuda.is_available():
-        setup, device = GPU, torch.device("cuda", torch.cuda.current_device())
-    else:
-        print("no CUDA device: use --dry-run to check the script on CPU")
+    chosen = run_setup(args.dry_run, DRY, GPU)
+    if chosen is None:
         return 2
+    setup, device = chosen
     result = {"setup": asdict(setup), "versions": versions(device, ("transformers", "peft", "bitsandbytes", "accelerate")),
               "lora": LORA | {"targets": TARGETS}, "gradient_checkpointing": True,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "parts": {}}
@@ -208,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, loss_fn in (("fused", qadapter_loss), ("eager-authors", eager_authors_loss)):
         run_part(parts, f"8-bit, LoRA on q,v: {setup.pairs} x {setup.int8_seq}, {name}", deadline,
                  lambda f=loss_fn: row("8bit", TARGETS["q,v"], setup.int8_seq, None, f))
-    result["seconds"] = time.monotonic() - started
-    print(markdown(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {args.out} in {result['seconds']:.0f} s")
-    return 1 if any(r["status"] == "error" for r in parts.values()) else 0
+    return finish_run(result, markdown(result), args.out, started)
 
 
 if __name__ == "__main__":
