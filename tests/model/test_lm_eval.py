@@ -80,6 +80,16 @@ def encoded(lm, context, continuation):
     return context_ids, lm.tok_encode(context + continuation)[len(context_ids) :]
 
 
+def assert_scores_its_base(lm) -> None:
+    """An lm-eval model without an adapter scores its base model's own log-likelihood (within 1e-5)."""
+    context, continuation = encoded(lm, *PAIRS[0])
+    with torch.no_grad():
+        logits = lm.model.base_model(torch.tensor([context + continuation])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1)[-len(continuation) :].gather(-1, torch.tensor(continuation)[:, None]).sum()
+    [(got, _)] = lm.loglikelihood(loglikelihood_requests(PAIRS[:1]), disable_tqdm=True)
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_loglikelihood_is_the_combined_policy_at_any_batch_size(model):
     lm = QAdapterLM(model, batch_size=1)
     pairs = list(PAIRS)
@@ -159,12 +169,7 @@ def test_model_args_and_a_fresh_adapter(saved):
         QAdapterLM.create_from_arg_obj({"adapter": str(adapter), "base": str(base), "batch_size": "auto"})
     # Without an adapter: the base model's own policy.
     fresh = QAdapterLM(base=str(base), device="cpu")
-    context, continuation = encoded(fresh, *PAIRS[0])
-    with torch.no_grad():
-        logits = fresh.model.base_model(torch.tensor([context + continuation])).logits[0, :-1].float()
-    expected = torch.log_softmax(logits, -1)[-len(continuation) :].gather(-1, torch.tensor(continuation)[:, None]).sum()
-    [(got, _)] = fresh.loglikelihood(loglikelihood_requests(PAIRS[:1]), disable_tqdm=True)
-    assert got == pytest.approx(expected.item(), rel=1e-5)
+    assert_scores_its_base(fresh)
 
 
 def test_qadapter_lm_eval_command_runs_the_shipped_tasks(saved, tmp_path, capsys):
@@ -263,12 +268,7 @@ def test_a_quantized_base_by_model_args_and_by_the_command(tmp_path):
     fresh = QAdapterLM(base=base, quantization="4bit", device="cpu")
     nf4 = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
     assert fresh.model.quantization == nf4
-    context, continuation = encoded(fresh, *PAIRS[0])
-    with torch.no_grad():
-        logits = fresh.model.base_model(torch.tensor([context + continuation])).logits[0, :-1].float()
-    expected = torch.log_softmax(logits, -1)[-len(continuation) :].gather(-1, torch.tensor(continuation)[:, None]).sum()
-    [(got, _)] = fresh.loglikelihood(loglikelihood_requests(PAIRS[:1]), disable_tqdm=True)
-    assert got == pytest.approx(expected.item(), rel=1e-5)
+    assert_scores_its_base(fresh)
     with pytest.raises(ValueError, match="quantization applies to a base loaded by name"):
         QAdapterLM(fresh.model, quantization="4bit")
 
