@@ -52,6 +52,7 @@ def adapter_rows(peft_model: nn.Module, rows: torch.Tensor):
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype != torch.bool:
         raise ValueError(f"rows must be a 1-D bool tensor (one flag per batch row); got {rows!r}")
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A]
+    pattern = tuple(rows.tolist())  # read once, not per layer (a device sync on a GPU)
     saved = []
     try:
         for layer in layers:
@@ -59,16 +60,16 @@ def adapter_rows(peft_model: nn.Module, rows: torch.Tensor):
                 raise NotImplementedError("row-selected forwards support plain LoRA only (no DoRA)")
             scaling = layer.scaling[ADAPTER_NAME]
             saved.append((layer, scaling))
-            layer.scaling[ADAPTER_NAME] = _row_scaling(layer, rows, scaling)
+            layer.scaling[ADAPTER_NAME] = _row_scaling(layer, rows, pattern, scaling)
         yield
     finally:
         for layer, scaling in saved:
             layer.scaling[ADAPTER_NAME] = scaling
 
 
-def _row_scaling(layer: nn.Module, rows: torch.Tensor, scaling: float) -> torch.Tensor:
+def _row_scaling(layer: nn.Module, rows: torch.Tensor, pattern: tuple, scaling: float) -> torch.Tensor:
     weight = layer.lora_A[ADAPTER_NAME].weight
-    key = (tuple(rows.tolist()), weight.device, weight.dtype, float(scaling))
+    key = (pattern, weight.device, weight.dtype, float(scaling))
     cache = layer.__dict__.setdefault("_qadapter_row_scaling", {})
     if key not in cache:
         cache.clear()  # one pattern at a time: a new batch shape replaces the old one
