@@ -32,7 +32,7 @@ from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
 from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
-from .policy import ADAPTER_NAME, CombinedPolicy
+from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 
 CONFIG_NAME = "qadapter_config.json"
 FORMAT_VERSION = 1
@@ -166,24 +166,14 @@ class QAdapterModel(nn.Module):
         path = Path(path)
         atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
-        saved = config["quantization"]
-        tokenizer = None
-        if base_model is None and not config["base_model"]:
-            raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
-        if base_model is None or isinstance(base_model, str):
-            saved_way = isinstance(quantization, str) and quantization == "saved"
-            wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
-            check_quantization(path, saved, wanted)
-            base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
-                                              quantization=wanted)
-        check_quantization(path, saved, quant.model_quantization(base_model))
-        check_base(path, config, base_fingerprint(base_model))
+        base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
+                                                quantization=quantization)
         try:
             peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable)
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
             raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): {exc}") from exc
         check_adapter_weights(peft_model, path)
-        if device is not None and saved is None:  # a quantized base is placed as it loads
+        if device is not None and config["quantization"] is None:  # a quantized base is placed as it loads
             peft_model.to(device)
         return cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
 
@@ -293,7 +283,8 @@ class QAdapterModel(nn.Module):
         made once and kept (not a submodule: it shares this model's network)."""
         policy = self.__dict__.get("_policy")
         if policy is None:
-            policy = self.__dict__["_policy"] = CombinedPolicy(self)
+            rows = RowPlan(self.peft_model, self.loss.alpha_tilde, self.loss.alpha_0)
+            policy = self.__dict__["_policy"] = CombinedPolicy(self.base_model, rows)
         return policy
 
     @torch.no_grad()
@@ -306,11 +297,11 @@ class QAdapterModel(nn.Module):
         ``torch.manual_seed``) and returns what it returns; prompts are left-padded. ``compiled``
         (default: on CUDA) decodes with a static cache and a compiled step.
         """
-        input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask)
         if kwargs.get("stop_strings") is not None and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         weight, policy = self.lm_head_weight, self.policy
-        policy.combine = select_combine(self.backend, weight.device, weight.dtype)  # once per generation
+        policy.rows.kernel = select_combine(self.backend, weight.device, weight.dtype)  # once per generation
         with evaluation_mode(self.peft_model):  # sampling from the policy: no LoRA dropout
             return policy.generate(input_ids, generation_config, attention_mask=attention_mask,
                                         compiled=compiled, **kwargs)
@@ -345,6 +336,27 @@ def evaluation_mode(module: nn.Module):
     finally:
         module.train(was_training)
 
+
+
+def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None = None, *, torch_dtype=None,
+                    device=None, quantization: Any = "saved") -> tuple[nn.Module, Any]:
+    """The base model a saved adapter goes onto, and its tokenizer (None for a model object): by
+    default the one its config names, loaded quantized as it was in training (``quantization="saved"``);
+    another quantization, another base (by fingerprint) or a model object quantized otherwise is
+    refused: the adapter learned a residual on that base's outputs."""
+    saved = config["quantization"]
+    tokenizer = None
+    if base_model is None and not config["base_model"]:
+        raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
+    if base_model is None or isinstance(base_model, str):
+        saved_way = isinstance(quantization, str) and quantization == "saved"
+        wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
+        check_quantization(path, saved, wanted)
+        base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
+                                          quantization=wanted)
+    check_quantization(path, saved, quant.model_quantization(base_model))
+    check_base(path, config, base_fingerprint(base_model))
+    return base_model, tokenizer
 
 
 def holds_adapter(path: Path) -> bool:
@@ -404,13 +416,17 @@ def check_quantization(path: Path, saved: dict | None, given: dict | None) -> No
                                f"the base given is {quant.describe(given)} (load it as the adapter was trained)")
 
 
-def check_adapter_weights(peft_model: nn.Module, path: Path) -> None:
+def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME,
+                          foreign: tuple[str, ...] = ()) -> None:
     """The saved LoRA weights are exactly those the saved config describes: no missing, extra or
     renamed tensor (PEFT would only warn, and the model would act as the bare base)."""
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    expected = set(get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME))
+    state = None
+    if foreign:  # module entries PEFT's config does not know of, and so would not filter out
+        state = {k: v for k, v in peft_model.state_dict().items() if not any(f".{n}." in k for n in foreign)}
+    expected = set(get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name))
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
             saved = set(f.keys())
@@ -424,7 +440,7 @@ def check_adapter_weights(peft_model: nn.Module, path: Path) -> None:
         )
 
 
-def _check_prompt(input_ids, attention_mask):
+def check_prompt(input_ids, attention_mask):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor [B, T]; got {getattr(input_ids, 'shape', type(input_ids))}")
     if input_ids.shape[1] == 0:

@@ -151,12 +151,36 @@ def _doubled(value):
     return value
 
 
-class CombinedPolicy(PreTrainedModel, GenerationMixin):
-    """The customized policy of a :class:`~qadapter.library.model.QAdapterModel` as a causal LM:
-    ``logits`` are its log-probs ``[B, T, V]`` (float32), so transformers' ``generate`` samples it.
+class RowPlan:
+    """What the rows of a doubled batch run and how each prompt row's policy is formed from them: the
+    one adapter of a :class:`~qadapter.library.model.QAdapterModel` here, many adapters in
+    :class:`~qadapter.library.adapter_set.AdapterSet`.
 
-    It shares the model's network (no copy); its config and generation config are copies of the
-    base model's, so decoding options never leak into the base.
+    ``selecting(rows, device)`` is the context in which one forward of the network runs the frozen model on
+    the first half of ``rows`` and the adapter(s) on the second; ``combine`` turns the two halves'
+    logits into the policy's log-probs.
+    """
+
+    def __init__(self, peft_model: nn.Module, alpha_tilde: float, alpha_0: float) -> None:
+        self.peft_model, self.alpha_tilde, self.alpha_0 = peft_model, alpha_tilde, alpha_0
+        self.kernel: Callable = combine_logits  # the eager combine; a backend's kernel on CUDA (select_combine)
+
+    def selecting(self, rows: int, device: torch.device):
+        return adapter_rows(self.peft_model, second_half(rows, device))
+
+    def combine(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
+        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
+        combine = combine_logits if torch.compiler.is_compiling() else self.kernel
+        return combine(frozen_logits, adapter_logits, alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+
+
+class CombinedPolicy(PreTrainedModel, GenerationMixin):
+    """A customized policy over a frozen network as a causal LM: ``logits`` are its log-probs
+    ``[B, T, V]`` (float32), so transformers' ``generate`` samples it. ``rows`` (a :class:`RowPlan`)
+    says which LoRA the doubled rows run and how their logits combine.
+
+    It shares the network (no copy); its config and generation config are copies of the base
+    model's, so decoding options never leak into the base.
     """
 
     # The wrapped model does the attention: accept the implementation its config names.
@@ -165,21 +189,20 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def __init__(self, model: nn.Module, combine: Callable = combine_logits) -> None:
-        super().__init__(copy.deepcopy(model.config))
-        self.causal_lm = model.base_model
-        self.generation_config = copy.deepcopy(getattr(self.causal_lm, "generation_config", None)
-                                               or GenerationConfig.from_model_config(model.config))
-        self._peft_model = [model.peft_model]  # not a submodule: causal_lm already holds its layers
-        self.alpha_tilde, self.alpha_0 = model.loss.alpha_tilde, model.loss.alpha_0
-        self.combine = combine
+    def __init__(self, causal_lm: nn.Module, rows: RowPlan) -> None:
+        super().__init__(copy.deepcopy(causal_lm.config))
+        self.causal_lm = causal_lm
+        self.generation_config = copy.deepcopy(getattr(causal_lm, "generation_config", None)
+                                               or GenerationConfig.from_model_config(causal_lm.config))
+        self.__dict__["rows"] = rows  # not a submodule: it holds the network's own LoRA layers
         self._active_rows: int | None = None
 
     @contextmanager
     def selecting_rows(self, batch: int):
-        """The adapter on the second half of a doubled batch of ``batch`` prompts, for every forward inside."""
+        """The frozen model on the first half and the adapter(s) on the second half of a doubled batch
+        of ``batch`` prompts, for every forward inside."""
         rows = 2 * batch
-        with adapter_rows(self._peft_model[0], second_half(rows, self.device)):
+        with self.rows.selecting(rows, self.device):
             previous, self._active_rows = self._active_rows, rows
             try:
                 yield
@@ -200,10 +223,7 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         else:
             with self.selecting_rows(batch):
                 out = self.causal_lm(**inputs)
-        logits = out.logits
-        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
-        combine = combine_logits if torch.compiler.is_compiling() else self.combine
-        out.logits = combine(logits[:batch], logits[batch:], alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+        out.logits = self.rows.combine(out.logits[:batch], out.logits[batch:])
         return out
 
     @torch.no_grad()
