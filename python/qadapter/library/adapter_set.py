@@ -19,6 +19,7 @@ measures both against one adapter).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -168,7 +169,11 @@ class AdapterSet:
         self.dtype = torch.float32
         self.row_mask = _RowMask()
         self.rows = BankRows(self)
+        weight = base_model.get_output_embeddings().weight
+        self.rows.kernel = select_combine("auto", weight.device, weight.dtype)
         self._policy = CombinedPolicy(base_model, self.rows)
+        # transformers renamed the forward's past_key_values to cache; take whichever this one has.
+        self._cache_argument = "cache" if "cache" in inspect.signature(base_model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, adapters: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]],
@@ -294,20 +299,33 @@ class AdapterSet:
         adapter's name, or ``None`` for the base model), all rows in one forward per token; takes what
         :meth:`QAdapterModel.generate` takes and returns what transformers' ``generate`` returns."""
         input_ids, attention_mask = check_prompt(input_ids, attention_mask)
-        if self.peft_model is None:
-            raise ValueError("no adapter is loaded: load() one first")
-        if isinstance(adapters, str) or len(adapters) != input_ids.shape[0]:
+        self._assign(adapters, input_ids.shape[0])
+        if kwargs.get("stop_strings") is not None and "tokenizer" not in kwargs:
+            kwargs["tokenizer"] = self.tokenizer
+        with evaluation_mode(self.peft_model or self.base_model):
+            return self._policy.generate(input_ids, generation_config, attention_mask=attention_mask,
+                                         compiled=compiled, **kwargs)
+
+    @torch.no_grad()
+    def next_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
+                      cache) -> torch.Tensor:
+        """Each row's log-probs ``[B, V]`` of its next token under the policy of ``adapters[row]``, after
+        feeding ``input_ids [B, t]``: one step of a caller's own decoding loop (the serving engine's).
+        ``attention_mask [B, T + t]`` covers everything fed so far; ``cache`` (a transformers
+        ``DynamicCache`` over ``2B`` rows: frozen rows, then adapter rows) holds the first ``T`` and is
+        extended. The model is used as it is (call ``eval()`` on it first)."""
+        self._assign(adapters, input_ids.shape[0])
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        return self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
+
+    def _assign(self, adapters: Sequence[str | None], rows: int) -> None:
+        """Row ``i`` decodes ``adapters[i]``: checked, and set as the row plan's assignment."""
+        if isinstance(adapters, str) or len(adapters) != rows:
             raise ValueError(f"adapters must name one adapter (or None, the base) per row of input_ids "
-                             f"({input_ids.shape[0]}); got {adapters!r}")
+                             f"({rows}); got {adapters!r}")
         index = {name: i for i, name in enumerate(self.names)}
         unknown = sorted({str(a) for a in adapters if a is not None and a not in index})
         if unknown:
             raise ValueError(f"adapters names {unknown}, not loaded; loaded: {self.names}")
-        if kwargs.get("stop_strings") is not None and "tokenizer" not in kwargs:
-            kwargs["tokenizer"] = self.tokenizer
         self.rows.assignment = tuple(None if a is None else index[a] for a in adapters)
-        weight = self.base_model.get_output_embeddings().weight
-        self.rows.kernel = select_combine("auto", weight.device, weight.dtype)
-        with evaluation_mode(self.peft_model):
-            return self._policy.generate(input_ids, generation_config, attention_mask=attention_mask,
-                                         compiled=compiled, **kwargs)
