@@ -171,3 +171,16 @@ def token_logprobs(
         scored = a != ignore_index
         out[s:e] = _taken(logits, a, scored) - torch.where(scored, logits.logsumexp(dim=1), 0)
     return out.reshape(lead)
+
+
+@torch.no_grad()
+def row_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, *, logit_softcap: float | None = None,
+                  chunk_size: int | None = None) -> torch.Tensor:
+    """``logsumexp(logits)`` ``[N]`` of packed hidden states ``[N, d]`` over ``weight``'s rows, soft-capped
+    like the model's, a chunk of tokens at a time: a rank's share of the base normaliser when the head's
+    rows are split over ranks (``vocab_parallel.py``)."""
+    out = torch.empty(hidden.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
+    chunk = chunk_size or pass_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device)
+    for s, e in chunks(hidden.shape[0], chunk):
+        out[s:e] = capped_logits(hidden[s:e], weight, None, logit_softcap).logsumexp(dim=1)
+    return out
