@@ -18,6 +18,7 @@ from helpers import init_gloo, make_inputs, run_workers
 
 from qadapter_kernels import (
     LossConfig,
+    QAdapterLoss,
     combine_logits,
     combined_logprobs,
     qadapter_loss,
@@ -28,7 +29,7 @@ from qadapter_kernels import (
 TIMEOUT_S = 60
 WORLDS = (2, 3)
 CASES = {  # V = 37 splits unevenly over 2 and 3 ranks (19 + 18, 13 + 12 + 12); 36 evenly
-    "float32": dict(dtype=torch.float32, vocab=37, options=dict(chunk_size=4)),
+    "float32": dict(dtype=torch.float32, vocab=37, options=dict(chunk_size=4, grad_filter_eps="auto")),
     "float32-q-head-softcap": dict(dtype=torch.float32, vocab=37, q_head=True,
                                    options=dict(alpha_tilde=0.7, alpha_0=0.5, logit_softcap=2.0, value_at="next",
                                                 reward_norm="mean")),
@@ -65,6 +66,8 @@ def run_case(name: str, group: dist.ProcessGroup | None = None) -> dict[str, tor
         stats = qadapter_token_stats(base, hq, head["weight"], labels, **q_head, **options, **parallel,
                                      vocab_start=rows.start)
     got["q_taken"], got["value"] = stats.q_taken, stats.value
+    module = QAdapterLoss(**options, **parallel, vocab_start=rows.start)
+    got["module_loss"] = module(base, hq, head["weight"], labels, **q_head).loss.detach()
 
     config = LossConfig.from_options(**{k: v for k, v in options.items() if k not in ("backend", "chunk_size")})
     # Differentiable where the logits are not capped in place, as in one process.
