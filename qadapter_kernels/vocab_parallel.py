@@ -81,15 +81,18 @@ def vocab_layout(group: dist.ProcessGroup | None, vocab_start: object, weight: t
     mine = torch.tensor([vocab_start, rows], dtype=torch.int64, device=weight.device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    ranges = sorted((int(start), int(start) + int(size), rank) for rank, (start, size) in
-                    enumerate(torch.stack(gathered).tolist()))
+    every = torch.stack(gathered).tolist()
+    empty = [rank for rank, (_, size) in enumerate(every) if size == 0]
+    if empty:  # raised on every rank, where the rank's own check would leave the others waiting
+        raise ValueError(f"weight must be [V_r, d] with V_r >= 1 rows on every rank of group; on ranks {empty} "
+                         f"it is not")
+    ranges = sorted((start, start + size, rank) for rank, (start, size) in enumerate(every))
     end = 0
     for start, stop, rank in ranges:
         if start != end:
             what = "overlaps" if start < end else "leaves a gap after"
             raise ValueError(f"vocab_start: the ranks' rows of weight must tile the vocabulary, but rank {rank}'s "
-                             f"[{start}, {stop}) {what} [0, {end}) (every rank's (vocab_start, rows): "
-                             f"{[tuple(t.tolist()) for t in gathered]})")
+                             f"[{start}, {stop}) {what} [0, {end}) (every rank's (vocab_start, rows): {every})")
         end = stop
     return VocabLayout(group, vocab_start, rows, end)
 

@@ -99,8 +99,8 @@ def expect_error(got: dict, key: str, error: type, call) -> None:
 
 
 def bad_layouts(group: dist.ProcessGroup) -> dict[str, str]:
-    """A whole head on every rank, a missing ``vocab_start``, labels beyond the whole vocabulary, a
-    whole Q head beside a sharded frozen one."""
+    """A whole head on every rank, a missing ``vocab_start``, a gap between the ranks' rows, a rank
+    with no rows, labels beyond the whole vocabulary, a whole Q head beside a sharded frozen one."""
     inputs = make_inputs(vocab=37, hidden=16, seed=3)
     rows = vocab_shard(37, group)
     base, hq, weight, labels = (inputs[k] for k in ("base_hidden", "q_hidden", "weight", "labels"))
@@ -108,6 +108,11 @@ def bad_layouts(group: dist.ProcessGroup) -> dict[str, str]:
     expect_error(got, "whole_head", ValueError,
                  lambda: qadapter_loss(base, hq, weight, labels, group=group, vocab_start=rows.start))
     expect_error(got, "no_start", ValueError, lambda: qadapter_loss(base, hq, weight[rows], labels, group=group))
+    last = dist.get_rank(group) == dist.get_world_size(group) - 1
+    expect_error(got, "gap", ValueError, lambda: qadapter_loss(base, hq, weight[rows], labels, group=group,
+                                                               vocab_start=rows.start + last))
+    expect_error(got, "empty", ValueError, lambda: qadapter_loss(base, hq, weight[:0] if last else weight[rows],
+                                                                 labels, group=group, vocab_start=rows.start))
     beyond = labels.clone()
     beyond[0, -1] = 37
     expect_error(got, "labels", ValueError,
@@ -175,6 +180,9 @@ def test_bad_layouts_name_the_argument(worlds, world):
     for bad in (ranks["bad"] for ranks in worlds[world]):
         assert "vocab_start" in bad["whole_head"] and "overlaps" in bad["whole_head"], bad["whole_head"]
         assert "vocab_start must be an int" in bad["no_start"], bad["no_start"]
+        assert "vocab_start" in bad["gap"] and "leaves a gap" in bad["gap"], bad["gap"]
+        assert bad["empty"].startswith(f"weight must be [V_r, d] with V_r >= 1 rows on every rank of group; on ranks "
+                                       f"[{world - 1}]"), bad["empty"]
         assert bad["labels"].startswith("labels must lie in [0, 37)"), bad["labels"]
         assert bad["q_weight"].startswith("q_weight must be [V, d]"), bad["q_weight"]
 
