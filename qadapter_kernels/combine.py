@@ -12,7 +12,7 @@ from . import registry
 from .config import LossConfig, check_real
 from .inputs import check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
 from .tiles import chunks
-from .vocab_parallel import agreed_chunk, check_group, log_softmax, sum_grad_across_ranks
+from .vocab_parallel import agreed_chunk, check_group, local_head, log_softmax, sum_grad_across_ranks
 from .vocabulary import capped_logits, pass_chunk_size, token_logprobs
 
 
@@ -72,11 +72,13 @@ def combined_logprobs(
     Only the output is ``[tokens, V]``; the base logits and Q-values exist one chunk at a time.
     ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
     ``group``: ``weight`` (and ``q_weight``, ``q_bias``) are this rank's rows of a head split over the
-    process group, the hidden states the same on every rank; the result ``[..., V_r]`` is the whole
-    row's log-probs at this rank's vocabulary ids.
+    process group (or DTensors sharded on their rows, which bring their group), the hidden states the
+    same on every rank; the result ``[..., V_r]`` is the whole row's log-probs at this rank's
+    vocabulary ids.
     """
     check_chunk_size(chunk_size)
     config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, logit_softcap=logit_softcap)
+    weight, q_weight, q_bias, group, _ = local_head(weight, q_weight, q_bias, group, None)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_group(group)
     wq = weight if q_weight is None else q_weight

@@ -97,6 +97,38 @@ def vocab_layout(group: dist.ProcessGroup | None, vocab_start: object, weight: t
     return VocabLayout(group, vocab_start, rows, end)
 
 
+def local_head(weight, q_weight, q_bias, group, vocab_start):
+    """``(weight, q_weight, q_bias, group, vocab_start)`` with a head given as DTensors sharded on
+    their rows (``Shard(0)`` over a 1-D mesh, as ``ColwiseParallel`` lays out an lm_head) turned into
+    this rank's rows, the mesh's group and their offset (DTensor splits as ``torch.chunk`` does); a
+    head of plain tensors unchanged. ``to_local`` is differentiable: a sharded Q head's gradient
+    lands on its DTensor."""
+    if not dist.is_available():  # no DTensor either
+        return weight, q_weight, q_bias, group, vocab_start
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    named = (("weight", weight), ("q_weight", q_weight), ("q_bias", q_bias))
+    if not isinstance(weight, DTensor):
+        for name, t in named[1:]:
+            if isinstance(t, DTensor):
+                raise TypeError(f"{name} is a DTensor but weight is not: give the whole head as DTensors sharded "
+                                f"alike, or as this rank's rows with group and vocab_start")
+        return weight, q_weight, q_bias, group, vocab_start
+    if group is not None or vocab_start is not None:
+        raise ValueError("group and vocab_start come from weight's layout when weight is a DTensor: give neither")
+    mesh, placements = weight.device_mesh, tuple(weight.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise ValueError(f"weight: a DTensor head must be sharded on its rows over a 1-D mesh, placements "
+                         f"(Shard(0),); got {placements} over a {mesh.ndim}-D mesh")
+    for name, t in named[1:]:
+        if t is not None and not (isinstance(t, DTensor) and t.device_mesh == mesh and tuple(t.placements) == placements):
+            raise TypeError(f"{name} must be a DTensor sharded as weight is (placements (Shard(0),) on its mesh)")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
+    local = (None if t is None else t.to_local() for _, t in named)
+    return (*local, mesh.get_group(), offset[0])
+
+
 class _SumGradAcrossRanks(torch.autograd.Function):
     """Identity forward; the backward sums the gradient over the group: each rank's backend gives
     its vocabulary range's share of ``dL/dh_q``, and ``h_q`` itself is the same on every rank."""

@@ -1,8 +1,9 @@
 """A vocabulary-parallel head (qadapter_kernels/vocab_parallel.py): 2 and 3 gloo processes, each
-holding its rows of the head, compute what one process holding the whole head computes: the loss and
-its metrics, the token statistics, the gradients of ``q_hidden`` and of a sharded Q head and bias,
-the combined log-probs (and their gradient) and ``combine_logits``; uneven splits, a soft cap,
-float32 and bfloat16. Bad layouts get errors naming the argument.
+holding its rows of the head, compute what one process holding the whole head computes: the loss
+(function and module) and its metrics, the token statistics, the gradients of ``q_hidden`` and of a
+sharded Q head and bias, the combined log-probs (and their gradient) and ``combine_logits``; uneven
+splits, a soft cap, float32 and bfloat16; a head of DTensors. Bad layouts get errors naming the
+argument.
 
 Each world is spawned once (module fixture) and runs every case, saving what it got; the tests
 compare that with the same calls in this process over the whole head."""
@@ -123,11 +124,39 @@ def bad_layouts(group: dist.ProcessGroup) -> dict[str, str]:
     return got
 
 
+def dtensor_head(world: int | None = None) -> dict[str, torch.Tensor]:
+    """The loss, its gradients and the combined log-probs with the head given as DTensors sharded on
+    their rows (``Shard(0)`` over a 1-D mesh of ``world`` ranks; None: plain tensors, one process).
+    The head's gradients are gathered whole; the log-probs are the rank's columns."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    inputs = make_inputs(vocab=37, hidden=16, seed=5, q_head=True, q_bias=True)
+    head = {k: inputs[k].detach() for k in HEAD}
+    if world is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        head = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in head.items()}
+    head["q_weight"].requires_grad_()
+    head["q_bias"].requires_grad_()
+    base, hq = inputs["base_hidden"], inputs["q_hidden"].detach().requires_grad_()
+    out = qadapter_loss(base, hq, head["weight"], inputs["labels"], q_weight=head["q_weight"], q_bias=head["q_bias"],
+                        alpha_0=0.3, logit_softcap=2.5)
+    out.loss.backward()
+    whole = {k: v.full_tensor() if isinstance(v, DTensor) else v
+             for k, v in (("q_weight_grad", head["q_weight"].grad), ("q_bias_grad", head["q_bias"].grad))}
+    with torch.no_grad():
+        logprobs = combined_logprobs(base, hq, head["weight"], q_weight=head["q_weight"], q_bias=head["q_bias"],
+                                     alpha_0=0.3, logit_softcap=2.5)
+    return {"loss": out.loss.detach(), "q_hidden_grad": hq.grad, **whole, "logprobs": logprobs}
+
+
 def _worker(rank, world, init_file, out_dir):
     init_gloo(rank, world, init_file, TIMEOUT_S)
     group = dist.group.WORLD
     results = {name: run_case(name, group) for name in CASES}
     results["bad"] = bad_layouts(group)
+    results["dtensor"] = dtensor_head(world)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     os._exit(0)  # no process-group teardown (helpers.run_workers says why)
 
@@ -172,6 +201,19 @@ def test_ranks_compute_what_one_process_computes(worlds, world, name):
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         for key, whole in want.items():
             torch.testing.assert_close(got[key], rank_columns(key, whole, rows), **tolerance,
+                                       msg=lambda m, k=key, r=rank: f"{k}, rank {r}: {m}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_a_dtensor_head_brings_its_own_layout(worlds, world):
+    """A head of DTensors sharded on their rows, split as torch.chunk splits (13 + 13 + 11 rows of 37
+    over three ranks, not tensor_split's 13 + 12 + 12)."""
+    want = dtensor_head()
+    for rank, ranks in enumerate(worlds[world]):
+        ids = torch.chunk(torch.arange(37), world)[rank]
+        for key, expected in want.items():
+            expected = expected[..., ids] if key == "logprobs" else expected
+            torch.testing.assert_close(ranks["dtensor"][key], expected, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, k=key, r=rank: f"{k}, rank {r}: {m}")
 
 
