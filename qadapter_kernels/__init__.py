@@ -29,7 +29,8 @@ Measuring a customized policy (gradient-free, one pass over the vocabulary per c
 A vocabulary-parallel head (each rank of a process group holds a range of the head's rows)::
 
     vocab_shard(V, group)                    # this rank's rows under torch.tensor_split's split
-    qadapter_loss(..., group=group, vocab_start=rows.start)      # also qadapter_token_stats, QAdapterLoss
+    qadapter_loss(..., group=group, vocab_start=rows.start)      # also qadapter_token_stats, QAdapterLoss,
+                                                                 # combined_logprobs_at; or a DTensor head
     combined_logprobs(..., group=group), combine_logits(..., group=group)   # this rank's columns of log pi~
 """
 

@@ -12,7 +12,7 @@ from . import registry
 from .config import LossConfig
 from .inputs import check_chunk_size, check_loss_inputs, check_totals
 from .pairwise import QAdapterLossOutput, ScoredTokens, TokenStats, pairwise_loss, share_of_total, token_rewards
-from .vocab_parallel import check_group, local_head, sharded_token_stats, vocab_layout
+from .vocab_parallel import check_group, sharded_token_stats, split_head
 
 
 def _scored_tokens(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size, layout, *,
@@ -41,15 +41,9 @@ def _token_stats(impl, tokens, base_hidden, q_hidden, weight, labels, q_weight, 
     return TokenStats(q_taken, value, token_rewards(q_taken, value, tokens, config), tokens, config)
 
 
-def _split_head(weight, q_weight, q_bias, group, vocab_start):
-    """This rank's rows of the head and where they sit (layout None: the head is whole)."""
-    weight, q_weight, q_bias, group, vocab_start = local_head(weight, q_weight, q_bias, group, vocab_start)
-    return weight, q_weight, q_bias, vocab_layout(group, vocab_start, weight)
-
-
 def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size,
           total_pairs=None, total_tokens=None, group=None, vocab_start=None):
-    weight, q_weight, q_bias, layout = _split_head(weight, q_weight, q_bias, group, vocab_start)
+    weight, q_weight, q_bias, layout = split_head(weight, q_weight, q_bias, group, vocab_start)
     inputs = (base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
     impl, tokens = _scored_tokens(*inputs, backend, chunk_size, layout, paired=True)
     totals = None
@@ -86,7 +80,7 @@ def qadapter_token_stats(
     Q-Adapter loss itself is ``bt_terms(sequence_rewards(stats)).mean() + beta * stats.rewards.square().mean()``.
     """
     config = LossConfig.from_options(config, **options)
-    weight, q_weight, q_bias, layout = _split_head(weight, q_weight, q_bias, group, vocab_start)
+    weight, q_weight, q_bias, layout = split_head(weight, q_weight, q_bias, group, vocab_start)
     inputs = (base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
     impl, tokens = _scored_tokens(*inputs, backend, chunk_size, layout, paired=False)
     return _token_stats(impl, tokens, *inputs, chunk_size, layout)

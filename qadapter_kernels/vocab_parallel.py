@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .grad_filter import resolve_eps
 from .inputs import check_float_tensor
 from .registry import Backend, StatsOptions
-from .vocabulary import row_logsumexp
+from .vocabulary import logit_stats
 
 
 def vocab_shard(vocab: int, group: dist.ProcessGroup | None = None) -> slice:
@@ -129,6 +129,13 @@ def local_head(weight, q_weight, q_bias, group, vocab_start):
     return (*local, mesh.get_group(), offset[0])
 
 
+def split_head(weight, q_weight, q_bias, group, vocab_start):
+    """``(weight, q_weight, q_bias, layout)``: this rank's rows of the head (a DTensor head's local
+    rows) and where they sit (:func:`vocab_layout`; None: the head is whole)."""
+    weight, q_weight, q_bias, group, vocab_start = local_head(weight, q_weight, q_bias, group, vocab_start)
+    return weight, q_weight, q_bias, vocab_layout(group, vocab_start, weight)
+
+
 class _SumGradAcrossRanks(torch.autograd.Function):
     """Identity forward; the backward sums the gradient over the group: each rank's backend gives
     its vocabulary range's share of ``dL/dh_q``, and ``h_q`` itself is the same on every rank."""
@@ -197,16 +204,31 @@ def sharded_token_stats(impl: Backend, base, hq, weight, q_weight, q_bias, targe
     """The ``token_stats`` contract over a head split as ``layout`` says: ``impl`` over this rank's
     rows (targets it does not hold read row 0 and are masked out), this rank's base log-sum-exp
     (one gradient-free pass over its rows, only where ``alpha_0`` weighs it), then the merge."""
-    local = targets - layout.start
-    owned = (local >= 0) & (local < layout.size)
+    local, owned = _local_targets(targets, layout)
     # "auto" is relative to the whole vocabulary; a rank's p bounds are its share's upper bounds.
     options = dataclasses.replace(options, grad_filter_eps=resolve_eps(options.grad_filter_eps, hq.dtype,
                                                                         layout.vocab))
     q_taken, value = impl.token_stats(base, sum_grad_across_ranks(hq, layout.group), weight, q_weight, q_bias,
-                                      torch.where(owned, local, 0), options)
-    lse_z = (row_logsumexp(base, weight, logit_softcap=options.logit_softcap, chunk_size=options.chunk_size)
+                                      local, options)
+    lse_z = (logit_stats(base, weight, logit_softcap=options.logit_softcap, chunk_size=options.chunk_size)[0]
              if options.alpha_0 else torch.zeros_like(value))
     return _MergedTokenStats.apply(q_taken, value, lse_z, owned, options.alpha_tilde, options.alpha_0, layout.group)
+
+
+def sharded_token_logprobs(hidden, weight, targets, layout: VocabLayout, logit_softcap, chunk_size) -> torch.Tensor:
+    """``log_softmax(logits)[target]`` ``[N]`` of one model whose head is split as ``layout`` says
+    (gradient-free): the rank's log-sum-exp and held target logits, merged."""
+    local, owned = _local_targets(targets, layout)
+    lse, taken = logit_stats(hidden, weight, local, owned, logit_softcap=logit_softcap, chunk_size=chunk_size)
+    merged, taken = merge_logsumexp(lse.unsqueeze(0), layout.group, summed=taken)
+    return taken - merged[0]
+
+
+def _local_targets(targets: torch.Tensor, layout: VocabLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's row in this rank's shard (0 where the rank does not hold it), and whether it does."""
+    local = targets - layout.start
+    owned = (local >= 0) & (local < layout.size)
+    return torch.where(owned, local, 0), owned
 
 
 class _ShardedLogSoftmax(torch.autograd.Function):

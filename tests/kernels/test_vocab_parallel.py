@@ -1,7 +1,7 @@
 """A vocabulary-parallel head (qadapter_kernels/vocab_parallel.py): 2 and 3 gloo processes, each
 holding its rows of the head, compute what one process holding the whole head computes: the loss
 (function and module) and its metrics, the token statistics, the gradients of ``q_hidden`` and of a
-sharded Q head and bias, the combined log-probs (and their gradient) and ``combine_logits``; uneven
+sharded Q head and bias, the combined log-probs (and their gradient), those of targets and ``combine_logits``; uneven
 splits, a soft cap, float32 and bfloat16; a head of DTensors. Bad layouts get errors naming the
 argument.
 
@@ -22,6 +22,7 @@ from qadapter_kernels import (
     QAdapterLoss,
     combine_logits,
     combined_logprobs,
+    combined_logprobs_at,
     qadapter_loss,
     qadapter_token_stats,
     vocab_shard,
@@ -47,18 +48,21 @@ def run_case(name: str, group: dist.ProcessGroup | None = None) -> dict[str, tor
     """Every vocabulary-parallel entry point on case ``name``: over the whole head (``group`` None),
     or over this rank's rows of it."""
     case = CASES[name]
-    vocab, options = case["vocab"], dict(case["options"])
-    inputs = make_inputs(vocab=vocab, hidden=16, dtype=case["dtype"], seed=7, q_head=case.get("q_head", False),
-                         q_bias=case.get("q_head", False))
-    rows = slice(None) if group is None else vocab_shard(vocab, group)
+    inputs = make_inputs(vocab=case["vocab"], hidden=16, dtype=case["dtype"], seed=7,
+                         q_head=case.get("q_head", False), q_bias=case.get("q_head", False))
+    rows = slice(None) if group is None else vocab_shard(case["vocab"], group)
     parallel = {} if group is None else {"group": group}
     head = {k: inputs[k][rows].detach().requires_grad_(inputs[k].requires_grad) for k in HEAD if k in inputs}
+    return {**loss_results(inputs, head, dict(case["options"]), rows, parallel),
+            **logprob_results(inputs, head, dict(case["options"]), rows, parallel, case["vocab"])}
+
+
+def loss_results(inputs, head, options, rows, parallel) -> dict[str, torch.Tensor]:
+    """The loss (function and module), its metrics and gradients, the token statistics."""
     q_head = {k: head[k] for k in ("q_weight", "q_bias") if k in head}
     base, labels = inputs["base_hidden"], inputs["labels"]
     hq = inputs["q_hidden"].detach().requires_grad_()
-
-    out = qadapter_loss(base, hq, head["weight"], labels, **q_head, **options, **parallel,
-                        vocab_start=rows.start)
+    out = qadapter_loss(base, hq, head["weight"], labels, **q_head, **options, **parallel, vocab_start=rows.start)
     out.loss.backward()
     got = {f"metric_{k}": v.detach() for k, v in out._asdict().items()}
     got["q_hidden_grad"] = hq.grad
@@ -66,26 +70,40 @@ def run_case(name: str, group: dist.ProcessGroup | None = None) -> dict[str, tor
     with torch.no_grad():
         stats = qadapter_token_stats(base, hq, head["weight"], labels, **q_head, **options, **parallel,
                                      vocab_start=rows.start)
+        module = QAdapterLoss(**options, **parallel, vocab_start=rows.start)
+        got["module_loss"] = module(base, hq, head["weight"], labels, **q_head).loss
     got["q_taken"], got["value"] = stats.q_taken, stats.value
-    module = QAdapterLoss(**options, **parallel, vocab_start=rows.start)
-    got["module_loss"] = module(base, hq, head["weight"], labels, **q_head).loss.detach()
+    return got
 
+
+def logprob_results(inputs, head, options, rows, parallel, vocab) -> dict[str, torch.Tensor]:
+    """The combined log-probs (whole rows and of targets, with their ``q_hidden`` gradients) and
+    ``combine_logits``."""
     config = LossConfig.from_options(**{k: v for k, v in options.items() if k not in ("backend", "chunk_size")})
+    combination = dict(alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0)
+    q_head = {k: head[k].detach() for k in ("q_weight", "q_bias") if k in head}
+    base, labels = inputs["base_hidden"], inputs["labels"]
+    got = {}
     # Differentiable where the logits are not capped in place, as in one process.
-    hq_lp = inputs["q_hidden"].detach().requires_grad_(config.logit_softcap is None)
-    logprobs = combined_logprobs(base, hq_lp, head["weight"], **{k: v.detach() for k, v in q_head.items()},
-                                 alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0,
+    hq = inputs["q_hidden"].detach().requires_grad_(config.logit_softcap is None)
+    logprobs = combined_logprobs(base, hq, head["weight"], **q_head, **combination,
                                  logit_softcap=config.logit_softcap, chunk_size=5, **parallel)
     g = torch.Generator().manual_seed(11)
     got["logprobs"] = logprobs.detach()
-    if hq_lp.requires_grad:
+    if hq.requires_grad:
         probe = torch.randn(*base.shape[:-1], vocab, generator=g)[..., rows]  # a loss on every log-prob
         (logprobs * probe).sum().backward()
-        got["logprobs_grad"] = hq_lp.grad
+        got["logprobs_grad"] = hq.grad
 
-    z, q = (3 * torch.randn(5, vocab, generator=g, dtype=torch.float64).to(case["dtype"]) for _ in range(2))
-    got["combined"] = combine_logits(z[..., rows], q[..., rows], alpha_tilde=config.alpha_tilde,
-                                     alpha_0=config.alpha_0, **parallel)
+    hq = inputs["q_hidden"].detach().requires_grad_()
+    at = combined_logprobs_at(base[:, :-1], hq[:, :-1], head["weight"], labels[:, 1:], **q_head, **combination,
+                              logit_softcap=config.logit_softcap, chunk_size=options.get("chunk_size"), **parallel,
+                              vocab_start=rows.start)
+    at.combined.sum().backward()
+    got["combined_at"], got["base_at"], got["combined_at_grad"] = at.combined.detach(), at.base, hq.grad
+
+    z, q = (3 * torch.randn(5, vocab, generator=g, dtype=torch.float64).to(base.dtype) for _ in range(2))
+    got["combined"] = combine_logits(z[..., rows], q[..., rows], **combination, **parallel)
     return got
 
 
