@@ -31,6 +31,8 @@ def vocab_shard(vocab: int, group: dist.ProcessGroup | None = None) -> slice:
     ``vocab % world`` of them one row more. Its ``start`` is the ``vocab_start`` the loss takes."""
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
         raise ValueError(f"vocab must be a positive int (the whole head's rows); got {vocab!r}")
+    _require_initialized("vocab_shard")
+    check_group(group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if vocab < world:
         raise ValueError(f"vocab={vocab} rows cannot give each of the group's {world} ranks one")
@@ -53,12 +55,16 @@ def check_group(group: object) -> None:
     """``group`` is a process group of an initialized ``torch.distributed`` (or None: not split)."""
     if group is None:
         return
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("group is given but torch.distributed is not initialized: call "
-                           "torch.distributed.init_process_group first")
+    _require_initialized("group")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup (or None: the head is not split); "
                         f"got {type(group).__name__}")
+
+
+def _require_initialized(who: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{who} needs torch.distributed initialized: call torch.distributed.init_process_group "
+                           f"first")
 
 
 def vocab_layout(group: dist.ProcessGroup | None, vocab_start: object, weight: torch.Tensor) -> VocabLayout | None:

@@ -252,5 +252,7 @@ def test_a_group_needs_torch_distributed_and_a_start_needs_a_group(inputs):
     with pytest.raises(ValueError, match="vocab_start is given without group"):
         qadapter_loss(*args, vocab_start=0)
     if not dist.is_initialized():
-        with pytest.raises(RuntimeError, match="group is given but torch.distributed is not initialized"):
+        with pytest.raises(RuntimeError, match="group needs torch.distributed initialized"):
             qadapter_loss(*args, group=object(), vocab_start=0)
+        with pytest.raises(RuntimeError, match="vocab_shard needs torch.distributed initialized"):
+            vocab_shard(37)
