@@ -143,6 +143,39 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def init_gloo(rank: int, world: int, init_file: str, timeout_s: float) -> None:
+    """A spawned worker's gloo process group, one thread per process (the workers share a few cores);
+    a collective stuck longer than ``timeout_s`` raises instead of hanging."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def run_workers(worker, world: int, directory, timeout_s: float) -> None:
+    """Runs ``worker(rank, world, init_file, out_dir)`` in ``world`` spawned processes (``out_dir`` is
+    ``directory``), failing the test if they do not finish in ``3 * timeout_s`` (a stuck collective)
+    and raising a worker's traceback. A worker ends with ``os._exit(0)``, without tearing its process
+    group down: freeing it (GIL held) waits for gloo's work thread, which may still be freeing the
+    last collective and need the GIL, a deadlock in torch's gloo teardown that hung runs now and then."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    workers = mp.start_processes(worker, args=(world, str(directory / "init"), str(directory)), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 3 * timeout_s
+    while not workers.join(timeout=5):  # raises with the worker's traceback if one fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the {world} workers did not finish in {3 * timeout_s} s")
+
+
 def assert_compiled_matches_eager(fn, args, trainable, *, value_tol: tuple[float, float],
                                   grad_tol: tuple[float, float]) -> None:
     """``torch.compile(fn)(*args)`` equals ``fn(*args)``, and so do their gradients to ``trainable``

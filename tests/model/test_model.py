@@ -4,8 +4,6 @@ distributed training (decoding: test_generation.py)."""
 from __future__ import annotations
 
 import json
-import time
-from datetime import timedelta
 
 import pytest
 import torch
@@ -13,10 +11,12 @@ import torch
 pytest.importorskip("peft")
 from helpers import (  # noqa: E402
     LargestTensor,
+    init_gloo,
     left_padded_prompts,
     make_model,
     perturb_adapter,
     preference_batch,
+    run_workers,
     tiny_causal_lm,
 )
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
@@ -167,12 +167,9 @@ def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
 def _ddp_worker(rank, world, init_file, out_dir):
     import os
 
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)  # two processes on a two-core machine
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DDP_TIMEOUT_S))  # a stuck collective raises
+    init_gloo(rank, world, init_file, DDP_TIMEOUT_S)
     model = make_model()
     model.train()
     model.peft_model.eval()  # no dropout: compare exact functions
@@ -182,30 +179,12 @@ def _ddp_worker(rank, world, init_file, out_dir):
     ddp(ids[rows], mask[rows], labels[rows]).loss.backward()
     grads = {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad}
     torch.save(grads, f"{out_dir}/grads{rank}.pt")
-    # Leave without tearing the process group down: freeing it (GIL held) waits for gloo's work
-    # thread, which may still be freeing the last allreduce and need the GIL. That deadlock in
-    # torch's gloo teardown hung this test now and then.
-    os._exit(0)
-
-
-def _run_two_workers(worker, tmp_path) -> None:
-    """Runs ``worker(rank, 2, init_file, out_dir)`` in two spawned processes, failing the test if they
-    do not finish in time (a stuck collective) and raising a worker's traceback."""
-    import torch.multiprocessing as mp
-
-    workers = mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 3 * DDP_TIMEOUT_S
-    while not workers.join(timeout=5):  # raises with the worker's traceback if one fails
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail(f"the two workers did not finish in {3 * DDP_TIMEOUT_S} s")
+    os._exit(0)  # no process-group teardown (helpers.run_workers says why)
 
 
 def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
     """With equal scored counts per rank, the mean of the per-rank losses is the joined loss."""
-    _run_two_workers(_ddp_worker, tmp_path)
+    run_workers(_ddp_worker, 2, tmp_path, DDP_TIMEOUT_S)
     model = make_model()
     model.train()
     model.peft_model.eval()
@@ -230,12 +209,9 @@ def _building_block_loss(peft_model, ids, mask, labels):
 def _fsdp2_worker(rank, world, init_file, out_dir):
     import os
 
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    init_gloo(rank, world, init_file, DDP_TIMEOUT_S)
     peft_model = make_model().peft_model  # tied embeddings: the lm_head is sharded with the root
     peft_model.eval()
     for layer in peft_model.get_base_model().model.layers:
@@ -248,14 +224,14 @@ def _fsdp2_worker(rank, world, init_file, out_dir):
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in peft_model.named_parameters() if p.requires_grad}
     torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/fsdp{rank}.pt")
-    os._exit(0)  # as the DDP worker: no process-group teardown
+    os._exit(0)  # no process-group teardown (helpers.run_workers says why)
 
 
 def test_fsdp2_two_processes_match_one_process_on_the_joined_batch(tmp_path):
     """FSDP2 (fully_shard) shards the lm_head; the building blocks gather it, and the mean of the
     per-rank losses and the averaged LoRA gradients are the joined batch's."""
     pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
-    _run_two_workers(_fsdp2_worker, tmp_path)
+    run_workers(_fsdp2_worker, 2, tmp_path, DDP_TIMEOUT_S)
     peft_model = make_model().peft_model
     peft_model.eval()
     ids, mask, labels = preference_batch(batch=4, scored=10)
