@@ -73,6 +73,8 @@ class Engine:
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, T]: which cached positions are real, per request
         self._next: torch.Tensor | None = None  # [B]: each request's latest token, not yet fed
+        self._lock = threading.Lock()
+        self._outstanding = 0  # submitted and not finished
         self._closing = threading.Event()  # no new requests
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
@@ -101,6 +103,8 @@ class Engine:
                 request.generator.seed()  # a fresh, non-deterministic seed
             else:
                 request.generator.manual_seed(request.seed)
+        with self._lock:
+            self._outstanding += 1
         self._pending.put(request)
 
     # ---------------------------------------------------------------------------------- thread
@@ -132,7 +136,7 @@ class Engine:
 
     def _end_all(self, event: dict, requests: list[Request]) -> None:
         for request in requests:
-            request.emit({**event, "completion_tokens": len(request.tokens)})
+            self._finish(request, event)
         self._running, self._cache, self._mask, self._next = [], None, None, None
 
     def _drain(self) -> list[Request]:
@@ -223,7 +227,7 @@ class Engine:
     def _take(self, request: Request, token: int) -> bool:
         """Adds ``token`` to ``request``, emits the text that became final; True when it finished."""
         if request.cancelled:
-            request.emit({"finish_reason": "cancelled", "completion_tokens": len(request.tokens)})
+            self._finish(request, {"finish_reason": "cancelled"})
             return True
         finish = None
         if token in self.eos:
@@ -241,8 +245,14 @@ class Engine:
             request.emit({"text": text[request.sent:final]})
             request.sent = final
         if finish:
-            request.emit({"finish_reason": finish, "completion_tokens": len(request.tokens)})
+            self._finish(request, {"finish_reason": finish})
         return finish is not None
+
+    def _finish(self, request: Request, event: dict) -> None:
+        """The request's last event (its end, and how many tokens it got); it no longer counts as work."""
+        request.emit({**event, "completion_tokens": len(request.tokens)})
+        with self._lock:
+            self._outstanding -= 1
 
     def _drop(self, rows: list[int]) -> None:
         """Removes the requests at ``rows`` from the batch, and the padding columns no row needs."""
@@ -264,7 +274,7 @@ class Engine:
         """Whether the engine ran out of work within ``timeout`` seconds (for tests and benchmarks)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._running and self._pending.empty():
+            if not self._outstanding:
                 return True
             time.sleep(0.01)
         return False
