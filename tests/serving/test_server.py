@@ -167,6 +167,21 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):
+    base_url, engine = server
+    real = engine.adapter_set.next_logprobs
+
+    def failing(*args, **kwargs):
+        monkeypatch.setattr(engine.adapter_set, "next_logprobs", real)  # once
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine.adapter_set, "next_logprobs", failing)
+    with pytest.raises(openai.InternalServerError, match="simulated"):
+        client(base_url).completions.create(model="kind", prompt="hello", max_tokens=3, temperature=0)
+    assert engine.wait_idle(10)
+    assert client(base_url).completions.create(model="kind", prompt="hello", max_tokens=3, temperature=0).usage
+
+
 def test_a_client_leaving_mid_stream_is_dropped_from_the_batch(server):
     base_url, engine = server
     body = {"model": "brief", "prompt": "hello world", "max_tokens": 100, "temperature": 0, "stream": True}

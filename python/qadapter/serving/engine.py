@@ -70,6 +70,7 @@ class Engine:
         self.device = adapter_set.base_model.get_output_embeddings().weight.device
         self._pending: queue.Queue[Request] = queue.Queue()
         self._running: list[Request] = []
+        self._joining: list[Request] = []  # taken off the queue, not yet in the batch
         self._cache = None
         self._mask: torch.Tensor | None = None  # [B, T]: which cached positions are real, per request
         self._next: torch.Tensor | None = None  # [B]: each request's latest token, not yet fed
@@ -131,13 +132,14 @@ class Engine:
                     if self._running:
                         self._step()
                 except Exception as exc:  # the batch is lost; its clients hear why, the engine goes on
-                    self._end_all({"error": f"{type(exc).__name__}: {exc}"}, self._running)
+                    joined = self._running + [r for r in self._joining if r not in self._running]
+                    self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
         self._end_all({"finish_reason": "cancelled"}, self._running + self._drain())
 
     def _end_all(self, event: dict, requests: list[Request]) -> None:
         for request in requests:
             self._finish(request, event)
-        self._running, self._cache, self._mask, self._next = [], None, None, None
+        self._running, self._joining, self._cache, self._mask, self._next = [], [], None, None, None
 
     def _drain(self) -> list[Request]:
         taken = []
@@ -162,7 +164,10 @@ class Engine:
                 new.append(self._pending.get_nowait())
             except queue.Empty:
                 break
-        new = [r for r in new if not r.cancelled]
+        for request in new:
+            if request.cancelled:  # its client left while it waited
+                self._finish(request, {"finish_reason": "cancelled"})
+        new = self._joining = [r for r in new if not r.cancelled]
         if not new:
             return
         width = max(len(r.prompt) for r in new)
@@ -177,6 +182,7 @@ class Engine:
         cache = DynamicCache()
         logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache)
         self._splice(new, cache, mask)
+        self._joining = []
         self._advance(new, logprobs, offset=len(self._running) - len(new))
 
     def _splice(self, new: list[Request], cache, mask: torch.Tensor) -> None:
