@@ -34,7 +34,6 @@ PROMPTS = ["Tell me a long story about a dragon.", "Explain how rain forms.", "W
 def running_server(engine):
     """The HTTP server over ``engine`` in a background thread; returns (base URL, stop function)."""
     import uvicorn
-
     from qadapter.serving.server import Server
 
     with socket.socket() as s:
