@@ -229,3 +229,22 @@ def test_ctrl_c_ends_the_server_cleanly(saved):
     assert "Traceback" not in output and "ERROR" not in output, output
     assert lines and lines[-1] == "data: [DONE]"  # the running request finished, or was cancelled, cleanly
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop", "cancelled")
+
+
+@pytest.mark.parametrize("argument, message", [("noequals", "NAME=DIR"), ("base=somewhere", "reserved for the base"),
+                                               ("=somewhere", "NAME=DIR")])
+def test_serve_command_refuses_bad_adapter_arguments(argument, message, capsys):
+    from qadapter.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--adapter", argument])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_command_refuses_a_name_given_twice(saved, capsys):
+    from qadapter.cli import main
+
+    path = saved[2]["terse"]
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--adapter", f"a={path}", "--adapter", f"a={path}"])
+    assert exc.value.code == 2 and "given twice" in capsys.readouterr().err
