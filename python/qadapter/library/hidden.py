@@ -20,7 +20,7 @@ class HiddenStates(NamedTuple):
 
     base_hidden: torch.Tensor  # [B, T, d] the frozen model's (adapter disabled), no gradient
     q_hidden: torch.Tensor  # [B, T, d] the adapter model's
-    weight: torch.Tensor  # [V, d] the frozen lm_head (gathered whole under FSDP2)
+    weight: torch.Tensor  # [V, d] the frozen lm_head (gathered whole under FSDP2 and ZeRO-3)
 
 
 def head_softcap(model: nn.Module) -> float | None:
@@ -68,14 +68,35 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def full_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` whole: FSDP2 (``fully_shard``) keeps parameters as sharded DTensors outside their
-    module's forward, and the fused loss reads the frozen lm_head's weight outside it. The head is
-    frozen, so the gather runs without autograd: one all-gather per step, as FSDP's own forward of
-    the head would do, and no gradient to reduce."""
-    if not hasattr(weight, "full_tensor"):
-        return weight
-    with torch.no_grad():
-        return weight.full_tensor()
+    """``weight`` whole, read outside its module's forward as the fused loss reads the frozen lm_head.
+
+    FSDP2 (``fully_shard``) keeps parameters as sharded DTensors there; DeepSpeed ZeRO-3 keeps an
+    empty placeholder (the module's forward gathers it and lets it go again). The head is frozen, so
+    the gather runs without autograd: one all-gather per step, as the head's own forward would do,
+    and no gradient to reduce. Call it once per step and hand the result to the loss, which keeps it
+    for its backward (a backend that reads the head again there needs no second gather)."""
+    if hasattr(weight, "full_tensor"):
+        with torch.no_grad():
+            return weight.full_tensor()
+    if hasattr(weight, "ds_id"):
+        return _zero3_gathered(weight)
+    return weight
+
+
+def _zero3_gathered(weight: nn.Parameter) -> torch.Tensor:
+    """A ZeRO-3 parameter's whole tensor, which outlives the gather: ZeRO-3 releases a gathered
+    parameter by pointing it at an empty tensor, not by freeing the storage, so the loss holding this
+    tensor keeps it whole until its backward is done, with no second gather and no copy. A parameter
+    already whole is taken as it is: inside a module's forward run by the engine (QAdapterModel's),
+    reading it made ZeRO-3 gather it for that module, and small parameters ZeRO-3 keeps whole; a
+    gather of our own would release it under them."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        return weight.detach()
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach()
 
 
 def peft_model_of(model: nn.Module) -> nn.Module:
@@ -103,7 +124,7 @@ def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attenti
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
-    weight = full_weight(linear_head(base_model, logit_softcap).weight)
+    head = linear_head(base_model, logit_softcap)
     captured = []
 
     def keep_hidden(module, args, output):
@@ -118,4 +139,4 @@ def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attenti
     finally:
         handle.remove()
     base_hidden, q_hidden = captured
-    return HiddenStates(base_hidden, q_hidden, weight)
+    return HiddenStates(base_hidden, q_hidden, full_weight(head.weight))  # gathered after the forwards, once

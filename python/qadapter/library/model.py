@@ -253,7 +253,7 @@ class QAdapterModel(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it)."""
+        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it or ZeRO-3 partitions it)."""
         return full_weight(self.base_model.get_output_embeddings().weight)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
