@@ -8,7 +8,9 @@ minus its gradient (DeepSpeed steps the optimizer inside ``backward``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from helpers import (  # noqa: E402
     training_setup,
 )
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LR = 1.0
 CHUNK = 4  # several chunks per loss: the head is still gathered once a step
 TRAINER_OPTIONS = dict(max_steps=1, per_device_train_batch_size=16, reward_norm="mean", optim="sgd", learning_rate=LR,
@@ -48,8 +51,7 @@ def zero_config(stage: int, batch="auto") -> dict:
     partitioned even inside the engine's forward."""
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1 if batch != "auto" else "auto",
             "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
-                                  "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
-            "zero_allow_untested_optimizer": True}
+                                  "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}
 
 
 def join_workers(rank: int, world: int, init_file: str) -> None:
@@ -175,3 +177,32 @@ def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_pa
     for r in ranks:
         torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     assert_steps_are_gradients(model.peft_model, ranks)
+
+
+def _recipe_worker(rank, world, init_file, out_dir, config_file):
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = config_file  # as `accelerate launch --deepspeed_config_file`
+    join_workers(rank, world, init_file)
+    sys.path.insert(0, str(EXAMPLES))
+    import accelerate_loop
+
+    peft_model, losses = accelerate_loop.run(steps=3)
+    torch.save({"losses": losses, "partitioned": head_weight(peft_model).numel() == 0}, f"{out_dir}/rank{rank}.pt")
+    exit_worker()
+
+
+def test_accelerate_recipe_runs_unchanged_under_zero3(tmp_path, monkeypatch):
+    """examples/accelerate_loop.py launched with a ZeRO-3 config, as README shows: each of the two
+    processes gets the recipe's one batch (accelerate evens the ranks' batches out), so its losses
+    are one process's, step by step, while the head stays partitioned."""
+    config_file = tmp_path / "zero3.json"
+    config_file.write_text(json.dumps(zero_config(3)))
+    run_two_workers(_recipe_worker, tmp_path, str(config_file))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import accelerate_loop
+
+    _, expected = accelerate_loop.run(steps=3)
+    assert all(b < a for a, b in zip(expected, expected[1:])), expected
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["partitioned"]
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
