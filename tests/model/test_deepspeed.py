@@ -28,6 +28,7 @@ from helpers import (  # noqa: E402
     pair_batch,
     perturb_adapter,
     run_two_workers,
+    tiny_causal_lm,
     training_setup,
 )
 
@@ -153,6 +154,7 @@ def _trainer_worker(rank, world, init_file, out_dir, stage):
     gathers = count_gathers()
     loss = trainer.train().training_loss
     partitioned = head_weight(model.peft_model).numel() == 0
+    trainer.save_model(str(Path(out_dir) / "adapter"))  # on every process, as Trainer's own checkpoints
     torch.save({"loss": torch.tensor(loss), "params": lora_params(model.peft_model), "partitioned": partitioned,
                 "gathers": len(gathers)}, f"{out_dir}/rank{rank}.pt")
     exit_worker()
@@ -164,6 +166,7 @@ def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_pa
     of the pairs, is one process's step on all of them (the QAdapterModel forward, inside the
     engine's, gathers the partitioned head once)."""
     from qadapter.library.data import PreferenceCollator
+    from qadapter.library.model import QAdapterModel
 
     run_two_workers(_trainer_worker, tmp_path, stage)
     model, tokenizer, args, train, _ = training_setup(tmp_path / "reference", **TRAINER_OPTIONS)
@@ -177,6 +180,12 @@ def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_pa
     for r in ranks:
         torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     assert_steps_are_gradients(model.peft_model, ranks)
+    # The adapter saved after the step is the stepped one, whole (ZeRO-3 holds it partitioned).
+    saved = QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama", vocab=len(tokenizer)))
+    saved_lora = {n: p for n, p in saved.peft_model.named_parameters() if "lora_" in n}
+    assert set(saved_lora) == set(ranks[0]["params"])
+    for name, param in saved_lora.items():
+        torch.testing.assert_close(param, ranks[0]["params"][name], rtol=0, atol=0)
 
 
 def _recipe_worker(rank, world, init_file, out_dir, config_file):

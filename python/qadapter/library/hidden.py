@@ -9,6 +9,7 @@ gradient ever reaches the pre-trained model.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -74,29 +75,35 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     empty placeholder (the module's forward gathers it and lets it go again). The head is frozen, so
     the gather runs without autograd: one all-gather per step, as the head's own forward would do,
     and no gradient to reduce. Call it once per step and hand the result to the loss, which keeps it
-    for its backward (a backend that reads the head again there needs no second gather)."""
+    for its backward: ZeRO-3 lets a gathered parameter go by pointing it at an empty tensor, not by
+    freeing the storage, so the tensor returned stays whole with no copy and no second gather."""
     if hasattr(weight, "full_tensor"):
         with torch.no_grad():
             return weight.full_tensor()
-    if hasattr(weight, "ds_id"):
-        return _zero3_gathered(weight)
-    return weight
-
-
-def _zero3_gathered(weight: nn.Parameter) -> torch.Tensor:
-    """A ZeRO-3 parameter's whole tensor, which outlives the gather: ZeRO-3 releases a gathered
-    parameter by pointing it at an empty tensor, not by freeing the storage, so the loss holding this
-    tensor keeps it whole until its backward is done, with no second gather and no copy. A parameter
-    already whole is taken as it is: inside a module's forward run by the engine (QAdapterModel's),
-    reading it made ZeRO-3 gather it for that module, and small parameters ZeRO-3 keeps whole; a
-    gather of our own would release it under them."""
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+    if not hasattr(weight, "ds_id"):  # not a ZeRO-3 parameter: whole already
+        return weight
+    with torch.no_grad(), whole_parameters([weight]):
         return weight.detach()
-    with torch.no_grad(), deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-        return weight.detach()
+
+
+def whole_parameters(params, modifier_rank: int | None = None):
+    """A context in which the DeepSpeed ZeRO-3 parameters among ``params`` that are partitioned are
+    whole; a collective, so every process enters it. With ``modifier_rank``, what that process
+    writes into them is kept (broadcast to the others); with None, nothing written may be kept.
+
+    Parameters already whole are left alone: inside a module's forward run by the engine
+    (QAdapterModel's), reading one made ZeRO-3 gather it for that module, and ZeRO-3 keeps small
+    ones whole throughout; a gather of our own would let them go under their owner on leaving.
+    Without ZeRO-3, nothing happens."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not partitioned:
+        return nullcontext()
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 def peft_model_of(model: nn.Module) -> nn.Module:
