@@ -31,6 +31,7 @@ from helpers import (  # noqa: E402
     tiny_causal_lm,
     training_setup,
 )
+from qadapter.library.hidden import whole_parameters  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 LR = 1.0
@@ -153,10 +154,15 @@ def _trainer_worker(rank, world, init_file, out_dir, stage):
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     gathers = count_gathers()
     loss = trainer.train().training_loss
-    partitioned = head_weight(model.peft_model).numel() == 0
+    partitioned, step_gathers = head_weight(model.peft_model).numel() == 0, len(gathers)
     trainer.save_model(str(Path(out_dir) / "adapter"))  # on every process, as Trainer's own checkpoints
-    torch.save({"loss": torch.tensor(loss), "params": lora_params(model.peft_model), "partitioned": partitioned,
-                "gathers": len(gathers)}, f"{out_dir}/rank{rank}.pt")
+    params = lora_params(model.peft_model)
+    trainer.state.best_model_checkpoint = str(Path(out_dir) / "before")  # load_best_model_at_end's load
+    trainer._load_best_model()
+    with whole_parameters(list(model.peft_model.parameters())):
+        loaded = {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if p.requires_grad}
+    torch.save({"loss": torch.tensor(loss), "params": params, "partitioned": partitioned, "gathers": step_gathers,
+                "loaded": loaded}, f"{out_dir}/rank{rank}.pt")
     exit_worker()
 
 
@@ -164,13 +170,16 @@ def _trainer_worker(rank, world, init_file, out_dir, stage):
 def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_path, stage):
     """QAdapterTrainer with ``deepspeed=`` (a dict config): one step on two processes, each with half
     of the pairs, is one process's step on all of them (the QAdapterModel forward, inside the
-    engine's, gathers the partitioned head once)."""
+    engine's, gathers the partitioned head once); the adapter it saves is the stepped one, whole,
+    and the best-model load puts a saved adapter (the one before the step) into the partitioned one."""
     from qadapter.library.data import PreferenceCollator
     from qadapter.library.model import QAdapterModel
 
-    run_two_workers(_trainer_worker, tmp_path, stage)
     model, tokenizer, args, train, _ = training_setup(tmp_path / "reference", **TRAINER_OPTIONS)
     perturb_adapter(model)
+    model.save_pretrained(tmp_path / "before")
+    before = {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if p.requires_grad}
+    run_two_workers(_trainer_worker, tmp_path, stage)
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(train)
     loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
     loss.backward()
@@ -186,6 +195,10 @@ def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_pa
     assert set(saved_lora) == set(ranks[0]["params"])
     for name, param in saved_lora.items():
         torch.testing.assert_close(param, ranks[0]["params"][name], rtol=0, atol=0)
+    for r in ranks:
+        assert set(r["loaded"]) == set(before)
+        for name, param in before.items():
+            torch.testing.assert_close(r["loaded"][name], param, rtol=0, atol=0)
 
 
 def _recipe_worker(rank, world, init_file, out_dir, config_file):
