@@ -179,7 +179,8 @@ class QAdapterTrainer(Trainer):
     concatenation. "padded" depends on padding: its micro-batch losses are averaged, as Trainer does.
 
     A non-finite loss or gradient stops training with :class:`NonFiniteTrainingError` naming the step,
-    before the optimizer step takes it: the adapter on disk stays the last good one.
+    before the optimizer step takes it: the adapter on disk stays the last good one. (Not with several
+    processes under DeepSpeed, whose optimizer steps inside the backward, before the gradient check.)
     """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
