@@ -28,6 +28,7 @@ from helpers import (  # noqa: E402
     pair_batch,
     perturb_adapter,
     run_two_workers,
+    save_tiny_base,
     tiny_causal_lm,
     training_setup,
 )
@@ -145,36 +146,42 @@ def assert_steps_are_gradients(peft_model, ranks: list[dict]) -> None:
 
 def _trainer_worker(rank, world, init_file, out_dir, stage):
     join_workers(rank, world, init_file)
+    from qadapter.library.model import QAdapterModel
     from qadapter.library.trainer import QAdapterTrainer
 
-    model, tokenizer, args, train, _ = training_setup(Path(out_dir) / "run", deepspeed=zero_config(stage),
-                                                      accelerator_config={"use_configured_state": True},
-                                                      use_cpu=False, **TRAINER_OPTIONS)
-    perturb_adapter(model)  # LoRA B != 0: every LoRA gradient is non-zero
+    out = Path(out_dir)
+    # Trainer's arguments first, as for a large model: the base then loads partitioned (zero.Init),
+    # and the adapter goes onto it only if the base's fingerprint, read gathered, is the dense one's.
+    _, tokenizer, args, train, _ = training_setup(out / "run", deepspeed=zero_config(stage), use_cpu=False,
+                                                  accelerator_config={"use_configured_state": True}, **TRAINER_OPTIONS)
+    model = QAdapterModel.from_pretrained(out / "before", str(out / "base"), is_trainable=True)
+    loaded_partitioned = head_weight(model.peft_model).numel() == 0
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     gathers = count_gathers()
     loss = trainer.train().training_loss
     partitioned, step_gathers = head_weight(model.peft_model).numel() == 0, len(gathers)
-    trainer.save_model(str(Path(out_dir) / "adapter"))  # on every process, as Trainer's own checkpoints
+    trainer.save_model(str(out / "adapter"))  # on every process, as Trainer's own checkpoints
     params = lora_params(model.peft_model)
-    trainer.state.best_model_checkpoint = str(Path(out_dir) / "before")  # load_best_model_at_end's load
+    trainer.state.best_model_checkpoint = str(out / "before")  # load_best_model_at_end's load
     trainer._load_best_model()
     with whole_parameters(list(model.peft_model.parameters())):
         loaded = {n: p.detach().clone() for n, p in model.peft_model.named_parameters() if p.requires_grad}
-    torch.save({"loss": torch.tensor(loss), "params": params, "partitioned": partitioned, "gathers": step_gathers,
-                "loaded": loaded}, f"{out_dir}/rank{rank}.pt")
+    torch.save({"loss": torch.tensor(loss), "params": params, "partitioned": [loaded_partitioned, partitioned],
+                "gathers": step_gathers, "loaded": loaded}, out / f"rank{rank}.pt")
     exit_worker()
 
 
 @pytest.mark.parametrize("stage", [3])
 def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_path, stage):
-    """QAdapterTrainer with ``deepspeed=`` (a dict config): one step on two processes, each with half
-    of the pairs, is one process's step on all of them (the QAdapterModel forward, inside the
-    engine's, gathers the partitioned head once); the adapter it saves is the stepped one, whole,
-    and the best-model load puts a saved adapter (the one before the step) into the partitioned one."""
+    """QAdapterTrainer with ``deepspeed=`` (a dict config) on an adapter loaded onto a base ZeRO-3
+    loads partitioned: one step on two processes, each with half of the pairs, is one process's step
+    on all of them (the QAdapterModel forward, inside the engine's, finds the head gathered); the
+    adapter it saves is the stepped one, whole, and the best-model load puts a saved adapter (the
+    one before the step) into the partitioned one."""
     from qadapter.library.data import PreferenceCollator
     from qadapter.library.model import QAdapterModel
 
+    save_tiny_base(tmp_path / "base")  # training_setup's base
     model, tokenizer, args, train, _ = training_setup(tmp_path / "reference", **TRAINER_OPTIONS)
     perturb_adapter(model)
     model.save_pretrained(tmp_path / "before")
@@ -184,12 +191,11 @@ def test_trainer_deepspeed_option_matches_one_process_on_the_joined_batch(tmp_pa
     loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
     loss.backward()
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    assert [r["partitioned"] for r in ranks] == [stage == 3] * 2
+    assert [r["partitioned"] for r in ranks] == [[stage == 3] * 2] * 2
     assert all(r["gathers"] <= 1 for r in ranks)  # inside the engine's forward, ZeRO-3 gathers it on access
     for r in ranks:
         torch.testing.assert_close(r["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
     assert_steps_are_gradients(model.peft_model, ranks)
-    # The adapter saved after the step is the stepped one, whole (ZeRO-3 holds it partitioned).
     saved = QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama", vocab=len(tokenizer)))
     saved_lora = {n: p for n, p in saved.peft_model.named_parameters() if "lora_" in n}
     assert set(saved_lora) == set(ranks[0]["params"])
