@@ -48,13 +48,10 @@ def cpu_deepspeed(monkeypatch):
 
 
 def zero_config(stage: int, batch="auto") -> dict:
-    """ZeRO ``stage`` in fp32. Stage 3 partitions every parameter, however small (by default it
-    keeps small ones whole: the tiny model's head would be), and releases each as soon as its module's
-    forward is done (by default it keeps those it will soon use again), so the loss finds the head
-    partitioned even inside the engine's forward."""
+    """ZeRO ``stage`` in fp32; stage 3 partitions every parameter, however small (by default it keeps
+    small ones whole, and the tiny model's head would be)."""
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1 if batch != "auto" else "auto",
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
-                                  "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
 
 
 def join_workers(rank: int, world: int, init_file: str) -> None:
