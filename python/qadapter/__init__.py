@@ -14,7 +14,7 @@ Building blocks for your own PEFT model and training loop (examples/ has runnabl
                                   # (base_hidden, q_hidden, weight): qadapter_loss's first three arguments
     linear_head(model)            # the lm_head, checked to be one the fused loss models
     head_softcap(model)           # the model's logit soft cap (Gemma-2) or None: pass it to the loss
-    full_weight(weight)           # a parameter whole (FSDP2 shards it as a DTensor)
+    full_weight(weight)           # a parameter whole (FSDP2 shards it as a DTensor, ZeRO-3 partitions it)
 
 Names are imported on first use: ``import qadapter`` does not import transformers.
 """

@@ -10,12 +10,10 @@ compare that with the same calls in this process over the whole head."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import init_gloo, make_inputs, run_workers
+from helpers import exit_worker, init_gloo, make_inputs, run_workers
 
 from qadapter_kernels import (
     LossConfig,
@@ -176,7 +174,7 @@ def _worker(rank, world, init_file, out_dir):
     results["bad"] = bad_layouts(group)
     results["dtensor"] = dtensor_head(world)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
-    os._exit(0)  # no process-group teardown (helpers.run_workers says why)
+    exit_worker()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +183,7 @@ def worlds(tmp_path_factory):
     got = {}
     for world in WORLDS:
         directory = tmp_path_factory.mktemp(f"world{world}")
-        run_workers(_worker, world, directory, TIMEOUT_S)
+        run_workers(_worker, world, directory, timeout_s=TIMEOUT_S)
         got[world] = [torch.load(directory / f"rank{rank}.pt") for rank in range(world)]
     return got
 

@@ -31,7 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
-from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
+from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head, whole_parameters
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 
 CONFIG_NAME = "qadapter_config.json"
@@ -53,16 +53,19 @@ def base_fingerprint(model: nn.Module) -> str:
     int8 rows), exact in bfloat16, so it is deterministic for a given base and method and differs
     from the dense base's; the method itself is recorded beside it (``"quantization"``). A
     PEFT model gives its base's fingerprint (LoRA weights left out, ``base_layer`` names folded
-    back), so an adapter can be checked against a base whether or not it is already attached.
+    back), so an adapter can be checked against a base whether or not it is already attached. A base
+    DeepSpeed ZeRO-3 holds partitioned (loaded under its ``zero.Init``) is read one parameter at a
+    time, gathered on every process, so it gives the dense base's fingerprint.
     """
     if hasattr(model, "get_base_model"):  # a peft.PeftModel
         model = model.get_base_model()
     params = {name.replace(".base_layer.", "."): param for name, param in model.named_parameters() if "lora_" not in name}
     digest = hashlib.sha256()
     for name, param in sorted(params.items(), key=lambda item: item[0]):
-        flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
-        sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
-        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        with whole_parameters([param]):
+            flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
+            digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -243,7 +246,7 @@ class QAdapterModel(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it)."""
+        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it or ZeRO-3 partitions it)."""
         return full_weight(self.base_model.get_output_embeddings().weight)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
