@@ -4,9 +4,10 @@ one at a time, through ``qadapter serve`` in a process of its own on the loopbac
 Each round sends the same ``requests`` chat completions (greedy, ``max_tokens`` each, request ``i``
 to adapter ``i mod adapters``) twice: one after another, then all at once; tokens/s is the completion
 tokens over the wall time of the whole set. Rounds take turns (median). Embedded default on the CPU;
-``python -m bench.serve [--requests 8] [--adapters 4] [--max-tokens 32] [--rounds 3] [--threads N]``
+``python -m bench.serve [--requests 8] [--adapters 4] [--max-tokens 64] [--rounds 3] [--threads N]``
 (``--threads``: the server's torch threads);
-writes ``bench/results/serve-<device>-<date>.json``.
+writes ``bench/results/serve-<device>-<date>-<max tokens>-tokens.json``. Each request's prefill is
+the same work either way, so the shorter the answers, the more of the time it takes.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def serve_rows(base_url: str, names: list[str], requests: int, max_tokens: int, 
             "concurrent_over_one_at_a_time": tps[f"{requests} concurrent"] / tps["one at a time"]}
 
 
-def measure(requests: int = 8, adapters: int = 4, max_tokens: int = 32, rounds: int = 3) -> dict:
+def measure(requests: int = 8, adapters: int = 4, max_tokens: int = 64, rounds: int = 3) -> dict:
     from qadapter.library.model import QAdapterModel
 
     model = QAdapterModel.from_base()
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>14}: {value:7.1f} tokens/s")
     print(f"concurrent / one at a time = {result['concurrent_over_one_at_a_time']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-cpu-{datetime.date.today().isoformat()}.json"
+    path = args.out / f"serve-cpu-{datetime.date.today().isoformat()}-{args.max_tokens}-tokens.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
