@@ -5,7 +5,8 @@ run on one model, whether a Q-Adapter training step of 2 preference pairs x 1024
 on q_proj/v_proj, gradient checkpointing, AdamW) fits under that cap with the package's fused loss
 and with the authors' full-logits formulation, and what decoding from the customized policy costs
 per token next to the base model alone (batch 1 and 8, greedy, under the same cap), and, last, a
-batch of 8 rows over 8 adapters beside 8 rows over one adapter (``AdapterSet``, ``bench.adapter_set``).
+batch of 8 rows over 8 adapters beside 8 rows over one adapter (``AdapterSet``, ``bench.adapter_set``)
+and the serving engine's 8 requests at once beside one at a time (``bench.serve``, without HTTP).
 
 No hub is reachable: the architecture is built from its configuration with random bf16 weights.
 Each part is guarded: an out-of-memory, an error or the time budget is recorded and the run goes on.
@@ -135,14 +136,17 @@ def decode(model, batch: int, decoding: str, setup: Setup, device: torch.device)
 
 def many_adapters(model, adapters: int, setup: Setup, device: torch.device) -> dict:
     """ms/token of ``adapters`` rows over one adapter and over ``adapters`` adapters (each row another)
-    in one AdapterSet on the model's base, greedy, eager. The model's own LoRA layers are taken out
+    in one AdapterSet on the model's base, greedy, eager; and the serving engine's tokens/s with
+    ``adapters`` requests over half as many adapters, at once and one at a time. The model's own LoRA layers are taken out
     (the part runs last): one set first holds one adapter, then all, so "one adapter" is the same
     code path over a one-adapter bank."""
     import tempfile
 
     from qadapter.library.adapter_set import AdapterSet
+    from qadapter.serving.engine import Engine
 
     from bench.adapter_set import save_adapters
+    from bench.serve import TokenIdText, engine_throughput
 
     g = torch.Generator().manual_seed(adapters)
     ids = torch.randint(0, model.config.vocab_size, (adapters, setup.prompt), generator=g).to(device)
@@ -160,8 +164,22 @@ def many_adapters(model, adapters: int, setup: Setup, device: torch.device) -> d
             adapter_set.load(name, paths[name])
     mixed = interleaved({"mixed": rows_over(names)}, setup.rounds)["mixed"]
     one_ms, mixed_ms = statistics.median(one), statistics.median(mixed)
+    # The serving engine (bench.serve, without HTTP) on the same set: the requests at once, and one at a time.
+    engine = Engine(adapter_set, TokenIdText(model.config.eos_token_id), max_batch=adapters).start()
+    try:
+        prompts = [row.tolist() for row in ids.cpu()]
+        served = [names[i % (adapters // 2)] for i in range(adapters)]
+        runs = {mode: [] for mode in ("one at a time", "at once")}
+        engine_throughput(engine, prompts[:2], served[:2], setup.new_tokens, concurrent=True)  # warm-up
+        for _ in range(max(1, setup.rounds // 3)):  # each round decodes every request twice: one is enough on a GPU
+            for mode in runs:
+                runs[mode].append(engine_throughput(engine, prompts, served, setup.new_tokens, mode == "at once"))
+    finally:
+        engine.stop()
+    tps = {mode: statistics.median(v) for mode, v in runs.items()}
     return {"adapters": adapters, "one_adapter_ms_per_token": one_ms, "many_adapters_ms_per_token": mixed_ms,
-            "many_over_one": mixed_ms / one_ms, "peak_gib": peak_gib(device)}
+            "many_over_one": mixed_ms / one_ms, "served_adapters": adapters // 2, "engine_tokens_per_s": tps,
+            "engine_at_once_over_one_at_a_time": tps["at once"] / tps["one at a time"], "peak_gib": peak_gib(device)}
 
 
 def run_part(parts: dict, name: str, deadline: float, fn: Callable[[], dict]) -> None:
@@ -199,7 +217,8 @@ def markdown(result: dict) -> str:
             ratio = f"{row['customized_over_base']:.2f}"
         elif "many_over_one" in row:
             time_ = f"{row['one_adapter_ms_per_token']:.1f} / {row['many_adapters_ms_per_token']:.1f} ms/token"
-            ratio = f"{row['many_over_one']:.2f} (many / one adapter)"
+            ratio = (f"{row['many_over_one']:.2f} (many / one adapter); serving "
+                     f"{row['engine_at_once_over_one_at_a_time']:.2f} (at once / one at a time)")
         peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else ""
         lines.append(f"| {name} | {status} | {time_} | {peak} | {ratio} |")
     return "\n".join(lines)
@@ -225,12 +244,19 @@ def run_setup(dry_run: bool, dry, gpu) -> tuple | None:
     return None
 
 
+def write_json(result: dict, out: Path) -> None:
+    """The result as it stands, written beside and renamed over ``out`` (never half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.with_name(f".{out.name}.tmp")
+    staged.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    staged.replace(out)
+
+
 def finish_run(result: dict, table: str, out: Path, started: float) -> int:
     """Prints the table, writes the result JSON; exit status 1 when a part failed."""
     result["seconds"] = time.monotonic() - started
     print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(result, out)
     print(f"\nwrote {out} in {result['seconds']:.0f} s")
     return 1 if any(row["status"] == "error" for row in result["parts"].values()) else 0
 
@@ -271,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     todo["decode: batch 8 over 8 adapters"] = lambda: many_adapters(model, 8, setup, device)  # last: unloads the LoRA
     for name, fn in todo.items():
         run_part(parts, name, deadline, fn if model is not None else no_model)
+        write_json(result, args.out)  # a step killed at its time limit keeps the parts measured
     return finish_run(result, markdown(result), args.out, started)
 
 

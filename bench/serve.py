@@ -93,6 +93,41 @@ def throughput(base_url: str, bodies: list[dict], concurrent: bool) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+class TokenIdText:
+    """A tokenizer stand-in for a model that has none (a random GPU-sized architecture): token ids as
+    text, so the engine's streaming and stop handling run unchanged."""
+
+    pad_token_id = 0
+
+    def __init__(self, eos_token_id: int | None) -> None:
+        self.eos_token_id = eos_token_id
+
+    def decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, tokens))
+
+
+def engine_throughput(engine, prompts: list[list[int]], adapters: list[str], max_tokens: int,
+                      concurrent: bool) -> float:
+    """Completion tokens per second of the engine alone (no HTTP) on ``prompts``, each to its adapter,
+    submitted all at once or one after another."""
+    from qadapter.serving.engine import Request
+
+    ends = []
+
+    def submit(prompt, adapter):
+        engine.submit(Request(prompt=prompt, adapter=adapter, max_tokens=max_tokens,
+                              emit=lambda event: ends.append(event) if "finish_reason" in event else None))
+
+    start = time.perf_counter()
+    for prompt, adapter in zip(prompts, adapters):
+        submit(prompt, adapter)
+        if not concurrent and not engine.wait_idle(600):
+            raise RuntimeError("the engine did not finish a request in 600 s")
+    if not engine.wait_idle(600):
+        raise RuntimeError("the engine did not finish its requests in 600 s")
+    return sum(e["completion_tokens"] for e in ends) / (time.perf_counter() - start)
+
+
 def serve_rows(base_url: str, names: list[str], requests: int, max_tokens: int, rounds: int) -> dict:
     bodies = [{"model": names[i % len(names)], "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                "max_tokens": max_tokens, "temperature": 0} for i in range(requests)]

@@ -41,6 +41,7 @@ def test_dry_run_writes_every_row(tmp_path):
     many = parts["decode: batch 8 over 8 adapters"]
     assert many["status"] == "ok", many
     assert many["one_adapter_ms_per_token"] > 0 and many["many_over_one"] > 0
+    assert many["engine_tokens_per_s"]["at once"] > 0 and many["engine_at_once_over_one_at_a_time"] > 0
     assert parts["build"]["weight_std"] > 0  # random weights, not zeros
     assert {"torch", "transformers", "peft", "triton", "cuda", "device"} <= result["versions"].keys()
     assert "| train: eager-authors | ok |" in proc.stdout
