@@ -9,6 +9,8 @@ gradient ever reaches the pre-trained model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -92,14 +94,37 @@ def peft_model_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              *, logit_softcap: float | None = None, **model_kwargs) -> HiddenStates:
-    """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
-    PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``.
+@contextmanager
+def only_adapters(peft_model: nn.Module, names: Sequence[str]):
+    """Within it, every LoRA layer of ``peft_model`` runs exactly the adapters ``names`` (their
+    trainability untouched, unlike PEFT's ``set_adapter``, which makes the adapters it activates
+    trainable): how a stack of adapters runs one level's network (:mod:`qadapter.library.stack`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    ``model`` is a ``peft.PeftModel`` or a wrapper of one (what ``accelerator.prepare`` or Trainer
-    returns); ``model_kwargs`` go to both forwards. A model that soft-caps its logits (Gemma-2) is
-    refused unless ``logit_softcap`` is its cap (:func:`head_softcap`), which the loss then needs too.
+    saved = []
+    try:
+        for layer in peft_model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                saved.append((layer, layer._active_adapter))
+                layer._active_adapter = list(names)
+        yield
+    finally:
+        for layer, active in saved:
+            layer._active_adapter = active
+
+
+def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 levels: Sequence[Sequence[str]] = (), adapters: Sequence[str] | None = None,
+                 logit_softcap: float | None = None, **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Final hidden states of the frozen pass (adapters disabled, no grad), of one pass per entry of
+    ``levels`` (the adapters named there, no grad: the frozen levels of a stack) and of the adapter
+    pass (``adapters``, or the model's active ones, with grad), and the lm_head weight.
+
+    Every pass goes through ``model``'s own forward with ``logits_to_keep=1``, a hook on the decoder
+    keeping its output. ``model`` is a ``peft.PeftModel`` or a wrapper of one (what
+    ``accelerator.prepare`` or Trainer returns), so the wrapper sees every pass; ``model_kwargs`` go
+    to each. A model that soft-caps its logits (Gemma-2) is refused unless ``logit_softcap`` is its
+    cap (:func:`head_softcap`), which the loss then needs too.
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
@@ -112,10 +137,24 @@ def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attenti
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **model_kwargs)
     handle = base_model.get_decoder().register_forward_hook(keep_hidden)
     try:
-        with torch.no_grad(), peft_model.disable_adapter():
+        with torch.no_grad():
+            with peft_model.disable_adapter():
+                model(**kwargs)
+            for names in levels:
+                with only_adapters(peft_model, names):
+                    model(**kwargs)
+        with only_adapters(peft_model, adapters) if adapters is not None else nullcontext():
             model(**kwargs)
-        model(**kwargs)
     finally:
         handle.remove()
-    base_hidden, q_hidden = captured
+    return captured, weight
+
+
+def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              *, logit_softcap: float | None = None, **model_kwargs) -> HiddenStates:
+    """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
+    PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``
+    (:func:`level_hidden` without stacked levels)."""
+    (base_hidden, q_hidden), weight = level_hidden(model, input_ids, attention_mask, logit_softcap=logit_softcap,
+                                                   **model_kwargs)
     return HiddenStates(base_hidden, q_hidden, weight)
