@@ -37,26 +37,27 @@ def saved_adapter(path, on=None, seed=1, base_seed=0, family="llama", **options)
     return model
 
 
-def network_logits(model, names, ids, mask):
+def network_logits(model, names, ids, mask, **kwargs):
     """Logits ``[B, T, V]`` of the base with the adapters ``names`` (none: the frozen model), through
     PEFT's own adapter selection."""
     peft = model.peft_model
     with torch.no_grad():
         if not names:
             with peft.disable_adapter():
-                return peft(input_ids=ids, attention_mask=mask).logits.double()
+                return peft(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
         peft.base_model.set_adapter(list(names))
         try:
-            return peft(input_ids=ids, attention_mask=mask).logits.double()
+            return peft(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
         finally:
             peft.base_model.set_adapter("default")  # back to training only the new adapter
 
 
-def explicit_logprobs(model, ids, mask):
+def explicit_logprobs(model, ids, mask, **kwargs):
     """log pi~_L from full logits, level by level: log_softmax((Q_k + alpha_0_k log pi~_{k-1}) / alpha~_k)."""
-    logp = torch.log_softmax(network_logits(model, (), ids, mask), dim=-1)
+    logp = torch.log_softmax(network_logits(model, (), ids, mask, **kwargs), dim=-1)
     for names, (alpha_0, alpha_tilde) in zip(model.q_networks, model.level_alphas):
-        logp = torch.log_softmax((network_logits(model, names, ids, mask) + alpha_0 * logp) / alpha_tilde, dim=-1)
+        q = network_logits(model, names, ids, mask, **kwargs)
+        logp = torch.log_softmax((q + alpha_0 * logp) / alpha_tilde, dim=-1)
     return logp
 
 
@@ -193,3 +194,26 @@ def test_saving_over_a_level_is_refused(parent_dir):
     model = QAdapterModel(tiny_causal_lm(), on=parent_dir)
     with pytest.raises(ValueError, match="holds stack level 1"):
         model.save_pretrained(parent_dir)
+
+
+@pytest.mark.parametrize("q_on", ["parent", "base"])
+def test_generation_of_a_stack_is_greedy_decoding_of_the_explicit_combination(tmp_path, parent_dir, q_on):
+    """Greedy tokens of the stack's policy (one forward over the frozen, parent and child blocks, KV
+    cached) equal a loop that re-runs the explicit level-by-level combination of full logits."""
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    perturb(model, seed=5)
+    ids, mask = left_padded_prompts()
+    out = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[], compiled=False)
+    want, want_mask = ids, mask
+    for _ in range(8):
+        position = (want_mask.cumsum(-1) - 1).clamp(min=0)
+        logp = explicit_logprobs(model, want, want_mask, position_ids=position)[:, -1]
+        want = torch.cat([want, logp.argmax(-1, keepdim=True)], dim=1)
+        want_mask = torch.cat([want_mask, torch.ones_like(want_mask[:, :1])], dim=1)
+    assert torch.equal(out, want)
+    # The policy's log-probs of a step are the explicit ones.
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model.policy(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(got.double(), explicit_logprobs(model, ids, mask, position_ids=position)[:, -1],
+                               rtol=0, atol=1e-5)

@@ -33,7 +33,16 @@ from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
 from .hidden import full_weight, head_softcap, level_hidden, linear_head
 from .policy import ADAPTER_NAME, CombinedPolicy
-from .stack import Level, adapter_digest, check_q_on, effective_hidden, freeze_level, level_name, q_networks
+from .stack import (
+    Level,
+    StackedPolicy,
+    adapter_digest,
+    check_q_on,
+    effective_hidden,
+    freeze_level,
+    level_name,
+    q_networks,
+)
 
 CONFIG_NAME = "qadapter_config.json"
 FORMAT_VERSION = 1
@@ -393,7 +402,7 @@ class QAdapterModel(nn.Module):
         made once and kept (not a submodule: it shares this model's network)."""
         policy = self.__dict__.get("_policy")
         if policy is None:
-            policy = self.__dict__["_policy"] = CombinedPolicy(self)
+            policy = self.__dict__["_policy"] = (StackedPolicy if self.stack else CombinedPolicy)(self)
         return policy
 
     @torch.no_grad()

@@ -142,12 +142,12 @@ def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
                          f"got {config.pad_token_id!r}")
 
 
-def _doubled(value):
-    """A per-row input repeated for the adapter's half (2-D masks, 4-D masks, mask dicts); None stays."""
+def _repeated(value, copies: int = 2):
+    """A per-row input repeated for each copy of the batch (2-D masks, 4-D masks, mask dicts); None stays."""
     if isinstance(value, torch.Tensor):
-        return torch.cat([value, value])
+        return torch.cat([value] * copies)
     if isinstance(value, dict):
-        return {k: _doubled(v) for k, v in value.items()}
+        return {k: _repeated(v, copies) for k, v in value.items()}
     return value
 
 
@@ -164,6 +164,7 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    copies = 2  # copies of the batch one forward runs: frozen rows, then adapter rows
 
     def __init__(self, model: nn.Module, combine: Callable = combine_logits) -> None:
         super().__init__(copy.deepcopy(model.config))
@@ -175,11 +176,22 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         self.combine = combine
         self._active_rows: int | None = None
 
+    def row_selection(self, batch: int):
+        """The context in which one forward runs each copy of ``batch`` prompts through its network:
+        the adapter on the second half of the doubled batch."""
+        return adapter_rows(self._peft_model[0], second_half(2 * batch, self.device))
+
+    def combine_rows(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        """The policy's log-probs from the logits of the repeated batch (frozen, then adapter rows)."""
+        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
+        combine = combine_logits if torch.compiler.is_compiling() else self.combine
+        return combine(logits[:batch], logits[batch:], alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+
     @contextmanager
     def selecting_rows(self, batch: int):
-        """The adapter on the second half of a doubled batch of ``batch`` prompts, for every forward inside."""
-        rows = 2 * batch
-        with adapter_rows(self._peft_model[0], second_half(rows, self.device)):
+        """:meth:`row_selection` for ``batch`` prompts, for every forward inside."""
+        rows = self.copies * batch
+        with self.row_selection(batch):
             previous, self._active_rows = self._active_rows, rows
             try:
                 yield
@@ -193,17 +205,14 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: the policy doubles input_ids into frozen and adapter rows")
         batch = input_ids.shape[0]
-        inputs = dict(input_ids=_doubled(input_ids), attention_mask=_doubled(attention_mask),
-                      position_ids=_doubled(position_ids), logits_to_keep=logits_to_keep, **model_kwargs)
-        if self._active_rows == 2 * batch:
+        inputs = dict(input_ids=_repeated(input_ids, self.copies), attention_mask=_repeated(attention_mask, self.copies),
+                      position_ids=_repeated(position_ids, self.copies), logits_to_keep=logits_to_keep, **model_kwargs)
+        if self._active_rows == self.copies * batch:
             out = self.causal_lm(**inputs)
         else:
             with self.selecting_rows(batch):
                 out = self.causal_lm(**inputs)
-        logits = out.logits
-        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
-        combine = combine_logits if torch.compiler.is_compiling() else self.combine
-        out.logits = combine(logits[:batch], logits[batch:], alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+        out.logits = self.combine_rows(out.logits, batch)
         return out
 
     @torch.no_grad()
