@@ -27,9 +27,7 @@ Writes ``stacked-<device>-<date>.json`` into ``--out`` (default ``bench/results`
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +36,7 @@ from pathlib import Path
 import torch
 from qadapter.experiments.demo import option_field
 
-from bench.common import RESULTS, bench_device, device_label, versions
+from bench.common import bench_device, device_label, options_main, versions
 
 RULES = ("tldr", "bullets")
 
@@ -178,19 +176,8 @@ def summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qadapter.cli import add_dataclass_options, options_from
-
-    parser = argparse.ArgumentParser(prog="python -m bench.stacked", description=__doc__.split("\n")[0])
-    add_dataclass_options(parser, StackedOptions)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result JSON (default: %(default)s)")
-    args = parser.parse_args(argv)
-    result = run(options_from(args, StackedOptions))
-    print(summary(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"stacked-{result['device']}-{result['date'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
+    return options_main(argv, prog="python -m bench.stacked", doc=__doc__, options_class=StackedOptions, run=run,
+                        summary=summary, name="stacked")
 
 
 if __name__ == "__main__":

@@ -217,3 +217,66 @@ def test_generation_of_a_stack_is_greedy_decoding_of_the_explicit_combination(tm
         got = model.policy(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1).logits[:, -1]
     torch.testing.assert_close(got.double(), explicit_logprobs(model, ids, mask, position_ids=position)[:, -1],
                                rtol=0, atol=1e-5)
+
+
+def test_command_line_trains_evaluates_and_generates_a_stack(tmp_path, capsys):
+    from helpers import save_tiny_base
+    from qadapter.cli import main
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"})
+                            + "\n" for i in range(6)))
+    common = ["--data", str(data), "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+              "--save_strategy", "no"]
+    assert main(["train", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "parent"), *common]) == 0
+    # --model defaults to the base the parent names.
+    assert main(["train", "--on", str(tmp_path / "parent"), "--q-on", "base", "--alpha_0", "0.5",
+                 "--output", str(tmp_path / "child"), *common]) == 0
+    config = json.loads((tmp_path / "child" / "qadapter_config.json").read_text())
+    assert config["q_on"] == "base" and config["loss"]["alpha_0"] == 0.5
+    assert config["stack"][0]["path"] == str((tmp_path / "parent").resolve())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "child"), "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("\n{") + 1 :])
+    assert metrics["pairs"] == 6 and metrics["kl_to_base"] > 0 and 0 <= metrics["step0"]["accuracy"] <= 1
+    assert main(["info", str(tmp_path / "child")]) == 0
+    assert "parent adapter: {" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(tmp_path / "child"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--q-on", "base", "--output", str(tmp_path / "x"), *common])
+    assert info.value.code == 2 and "--q-on applies with --on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("q_on", ["parent", "base"])
+def test_evaluation_of_a_stack_gives_the_explicit_numbers(parent_dir, q_on):
+    """evaluate_pairs' loss is the training loss; its KL is KL(pi~2 || pi1) from the explicit full
+    logits; its step-0 numbers are those of a fresh adapter on the same stack."""
+    from qadapter.evaluation.measures import evaluate_pairs
+    from qadapter.library.data import IGNORE_INDEX, PreferenceCollator
+
+    g = torch.Generator().manual_seed(7)
+    features = []
+    for _ in range(5):
+        prompt, chosen, rejected = (torch.randint(3, 97, (int(n),), generator=g).tolist()
+                                    for n in torch.randint(2, 9, (3,), generator=g))
+        features.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE_INDEX] * len(prompt) + chosen,
+                         "rejected_input_ids": prompt + rejected,
+                         "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected})
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    fresh = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    perturb(model, seed=6)
+    got = evaluate_pairs(model, features, 0, kl=True, step0=True)
+
+    batch = PreferenceCollator(pad_token_id=0)(features)
+    with torch.no_grad():
+        for result, which in ((got, model), (got["step0"], fresh)):
+            out = which(**batch)
+            assert result["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+            assert result["accuracy"] == (out.chosen_rewards > out.rejected_rewards).float().mean().item()
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
+    logp = explicit_logprobs(model, batch["input_ids"], batch["attention_mask"])[:, :-1][scored]
+    base = torch.log_softmax(network_logits(model, (), batch["input_ids"], batch["attention_mask"]), dim=-1)
+    kl = (logp.exp() * (logp - base[:, :-1][scored])).sum(-1).mean().item()
+    assert got["kl_to_base"] == pytest.approx(kl, rel=1e-4)
