@@ -12,10 +12,11 @@
 
 The pass is built for a CPU. Pairs run longest first in batches of about ``tokens_per_batch``
 tokens, so padding stays small; a pair is one row, its shared prompt once and each response
-attending to the prompt and to itself; the frozen model and the adapter run in one forward of
-the doubled batch (:func:`qadapter.library.policy.adapter_rows`); the rewards, the step-0 rewards and
-the KL come from one :func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens'
-hidden states, with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
+attending to the prompt and to itself; the frozen model and the adapter (for a stack, every level's
+Q network) run in one forward of the batch repeated once per network
+(:func:`qadapter.library.stack.level_rows`); the rewards, the step-0 rewards and the KL come from one
+:func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens' hidden states (a stack
+takes one per measure: :func:`_level_measures`), with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
 training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order (what a
 batched evaluation of the loss reports: ``reward_norm="padded"`` divides by a group's padded
 length, chi2 is a group's token mean), whatever batches the forward passes ran in.
