@@ -280,3 +280,19 @@ def test_evaluation_of_a_stack_gives_the_explicit_numbers(parent_dir, q_on):
     base = torch.log_softmax(network_logits(model, (), batch["input_ids"], batch["attention_mask"]), dim=-1)
     kl = (logp.exp() * (logp - base[:, :-1][scored])).sum(-1).mean().item()
     assert got["kl_to_base"] == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("stack"), "'stack' must be a non-empty list exactly when format_version is 2"),
+    (lambda c: c["stack"][0].pop("sha256"), "a stack level must be an object with path, sha256"),
+    (lambda c: c.update(q_on="top"), "q_on must be one of"),
+    (lambda c: c["stack"][0].update(q_on="sideways"), "a stack level.s q_on must be one of"),
+])
+def test_a_damaged_stack_record_is_refused_before_loading(tmp_path, parent_dir, edit, match):
+    saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
+    file = tmp_path / "child" / "qadapter_config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match=match):
+        QAdapterModel.from_pretrained(tmp_path / "child", tiny_causal_lm())

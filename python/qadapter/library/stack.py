@@ -60,7 +60,7 @@ class Level:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{where}: a stack level must be an object with path, sha256, alpha_0, alpha_tilde, "
                              f"q_on; got {record!r}") from exc
-        check_q_on(level.q_on, where, allow_none=True)
+        check_q_on(level.q_on, f"{where}: a stack level's q_on", allow_none=True)
         return level
 
 
