@@ -79,6 +79,13 @@ def test_effective_hidden_gives_the_explicit_combination(parent_dir, q_on):
     want = explicit_logprobs(model, ids, mask)
     scored = mask.bool()
     torch.testing.assert_close(got[scored], want[scored], rtol=0, atol=1e-5)
+    # What the likelihood measures (knowledge probe, lm-eval) take: log pi~2 of given targets.
+    from qadapter.evaluation.measures import Targets, customized_likelihood
+
+    rows, positions = scored.nonzero(as_tuple=True)
+    targets = Targets(rows, positions, torch.randint(0, want.shape[-1], rows.shape, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(customized_likelihood(model)(ids, mask, None, targets).double(),
+                               want[rows, positions, targets.ids], rtol=0, atol=1e-5)
     # The parent's own policy: its hidden states combine to what it computes as a single adapter.
     parent = QAdapterModel.from_pretrained(parent_dir, tiny_causal_lm()).eval()
     base_hidden, q_hidden = parent.hidden_states(ids, mask)
