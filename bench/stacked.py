@@ -47,12 +47,12 @@ class StackedOptions:
 
     model: str | None = option_field(None, "base model: a local directory or a hub name (default: the embedded one)")
     output: str = option_field("qadapter-demo/stacked", "directory for the runs' adapters")
-    steps: int = option_field(24, "training steps per preference (the joint adapter takes twice as many)",
+    steps: int = option_field(20, "training steps per preference (the joint adapter takes twice as many)",
                               positive=True)
     pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
-    learning_rate: float = option_field(3e-3, "peak learning rate (cosine schedule)", positive=True)
-    max_length: int = option_field(96, "tokens per sequence, prompt included", positive=True)
-    max_prompt_length: int = option_field(64, "prompt tokens kept (cut from the left)", positive=True)
+    learning_rate: float = option_field(4e-3, "peak learning rate (cosine schedule)", positive=True)
+    max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
+    max_prompt_length: int = option_field(48, "prompt tokens kept (cut from the left)", positive=True)
     answer_tokens: int = option_field(64, "tokens generated per held-out answer (both rules must fit)",
                                       positive=True)
     heldout_limit: int | None = option_field(None, "use only the first N held-out pairs of each preference",

@@ -7,12 +7,14 @@ networks run through PEFT's own ``set_adapter``, not the stack's row and pass se
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 pytest.importorskip("peft")
 from helpers import left_padded_prompts, preference_batch, tiny_causal_lm  # noqa: E402
+from qadapter.library.hidden import activate_adapters  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
 from qadapter_kernels import qadapter_loss  # noqa: E402
@@ -45,11 +47,20 @@ def network_logits(model, names, ids, mask, **kwargs):
         if not names:
             with peft.disable_adapter():
                 return peft(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
-        peft.base_model.set_adapter(list(names))
-        try:
+        with peft_adapters(model, names):
             return peft(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
-        finally:
-            peft.base_model.set_adapter("default")  # back to training only the new adapter
+
+
+@contextmanager
+def peft_adapters(model, names):
+    """PEFT's own ``set_adapter(names)`` inside; after it, the new adapter alone trainable and the
+    model's Q network active again."""
+    model.peft_model.base_model.set_adapter(list(names))
+    try:
+        yield
+    finally:
+        model.peft_model.base_model.set_adapter("default")
+        activate_adapters(model.peft_model, model.q_networks[-1])
 
 
 def explicit_logprobs(model, ids, mask, **kwargs):
@@ -111,17 +122,19 @@ def test_stacked_loss_and_gradient_equal_the_reference_from_full_logits(parent_d
     logp_parent = torch.log_softmax(network_logits(model, (), ids, mask), dim=-1)
     logp_parent = torch.log_softmax((network_logits(model, ("level1",), ids, mask) + PARENT["alpha_0"] * logp_parent)
                                     / PARENT["alpha_tilde"], dim=-1)
-    peft = model.peft_model
-    peft.base_model.set_adapter(list(model.q_networks[-1]))
-    try:
-        q = peft(input_ids=ids, attention_mask=mask).logits.double()
-    finally:
-        peft.base_model.set_adapter("default")
+    with peft_adapters(model, model.q_networks[-1]):
+        q = model.peft_model(input_ids=ids, attention_mask=mask).logits.double()
     eye = torch.eye(q.shape[-1], dtype=torch.float64)
     want = qadapter_loss(logp_parent, q, eye, labels, config=model.loss, backend="reference")
     torch.testing.assert_close(out.loss.double(), want.loss, rtol=1e-5, atol=1e-6)
     want_grads = torch.autograd.grad(want.loss, params)
     for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+    # Gradient checkpointing recomputes the adapter pass in the backward: the same network.
+    model.gradient_checkpointing_enable()
+    model.train()
+    checkpointed = torch.autograd.grad(model(ids, mask, labels).loss, params)
+    for g, w in zip(checkpointed, want_grads):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
 
 
@@ -169,11 +182,12 @@ def test_trainer_trains_only_the_new_adapter(tmp_path, parent_dir):
                           learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True, seed=0, lora_dropout=0.1)
     model = QAdapterModel(tiny_causal_lm(vocab=len(tokenizer)), tokenizer=tokenizer, on=tmp_path / "p",
                           **args.model_options())
-    before = {n: p.detach().clone() for n, p in model.peft_model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.peft_model.state_dict().items()}
+    assert any(".level1." in n for n in before)  # the level's weights are there (as buffers)
     train, _ = tokenize_rows(rows(16, seed=0), tokenizer, max_length=48)
     QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
-    for name, param in model.peft_model.named_parameters():
-        changed = not torch.equal(param, before[name])
+    for name, value in model.peft_model.state_dict().items():
+        changed = not torch.equal(value, before[name])
         assert changed == ("lora_B.default" in name or "lora_A.default" in name), name
 
 

@@ -10,7 +10,7 @@ gradient ever reaches the pre-trained model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -94,19 +94,27 @@ def peft_model_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-@contextmanager
-def only_adapters(peft_model: nn.Module, names: Sequence[str]):
-    """Within it, every LoRA layer of ``peft_model`` runs exactly the adapters ``names`` (their
-    trainability untouched, unlike PEFT's ``set_adapter``, which makes the adapters it activates
-    trainable): how a stack of adapters runs one level's network (:mod:`qadapter.library.stack`)."""
+def activate_adapters(peft_model: nn.Module, names: Sequence[str]) -> list:
+    """Makes every LoRA layer of ``peft_model`` run exactly the adapters ``names``, their trainability
+    untouched (PEFT's ``set_adapter`` makes the adapters it activates trainable); returns each
+    layer's previous set, for :func:`only_adapters` to put back."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     saved = []
+    for layer in peft_model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            saved.append((layer, layer._active_adapter))
+            layer._active_adapter = list(names)
+    return saved
+
+
+@contextmanager
+def only_adapters(peft_model: nn.Module, names: Sequence[str]):
+    """Within it, every LoRA layer of ``peft_model`` runs exactly the adapters ``names``
+    (:func:`activate_adapters`): how a stack runs one level's network (:mod:`qadapter.library.stack`)."""
+    saved = []
     try:
-        for layer in peft_model.modules():
-            if isinstance(layer, BaseTunerLayer):
-                saved.append((layer, layer._active_adapter))
-                layer._active_adapter = list(names)
+        saved = activate_adapters(peft_model, names)
         yield
     finally:
         for layer, active in saved:
@@ -114,11 +122,12 @@ def only_adapters(peft_model: nn.Module, names: Sequence[str]):
 
 
 def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 levels: Sequence[Sequence[str]] = (), adapters: Sequence[str] | None = None,
-                 logit_softcap: float | None = None, **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 levels: Sequence[Sequence[str]] = (), logit_softcap: float | None = None,
+                 **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Final hidden states of the frozen pass (adapters disabled, no grad), of one pass per entry of
     ``levels`` (the adapters named there, no grad: the frozen levels of a stack) and of the adapter
-    pass (``adapters``, or the model's active ones, with grad), and the lm_head weight.
+    pass (the model's active adapters, with grad: set, not switched for the pass, so that gradient
+    checkpointing recomputes the same network), and the lm_head weight.
 
     Every pass goes through ``model``'s own forward with ``logits_to_keep=1``, a hook on the decoder
     keeping its output. ``model`` is a ``peft.PeftModel`` or a wrapper of one (what
@@ -143,8 +152,7 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             for names in levels:
                 with only_adapters(peft_model, names):
                     model(**kwargs)
-        with only_adapters(peft_model, adapters) if adapters is not None else nullcontext():
-            model(**kwargs)
+        model(**kwargs)
     finally:
         handle.remove()
     return captured, weight

@@ -31,7 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
-from .hidden import full_weight, head_softcap, level_hidden, linear_head
+from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head
 from .policy import ADAPTER_NAME, CombinedPolicy
 from .stack import (
     Level,
@@ -163,6 +163,8 @@ class QAdapterModel(nn.Module):
             check_adapter_weights(self.peft_model, path, adapter_name=name)
             freeze_level(self.peft_model, name)
         self.stack, self.q_on = tuple(levels), q_on
+        # The adapters this model's Q network runs are its active ones, whatever runs its forward.
+        activate_adapters(self.peft_model, self.q_networks[-1])
         self.provenance["parent_adapter"] = {**levels[-1].as_dict(), "depth": len(levels)}
 
     def _take_softcap(self, base_model: nn.Module) -> None:
@@ -356,7 +358,6 @@ class QAdapterModel(nn.Module):
         (``position_ids``, say) go to every forward."""
         networks = self.q_networks
         hidden, _ = level_hidden(self.peft_model, input_ids, attention_mask, levels=networks[:-1],
-                                 adapters=networks[-1] if self.stack else None,
                                  logit_softcap=self.loss.logit_softcap, **model_kwargs)
         return hidden
 

@@ -118,14 +118,21 @@ def effective_logits(logits: Sequence[torch.Tensor], alphas: Sequence[tuple[floa
 
 
 def freeze_level(peft_model: nn.Module, name: str) -> None:
-    """A loaded level is part of the frozen policy: no gradient and no dropout, in training too."""
+    """A loaded level is part of the frozen policy: no dropout, and its LoRA weights become buffers,
+    so nothing can train them (PEFT marks every active adapter trainable whenever adapters are
+    re-enabled, after each ``disable_adapter()`` too, and a stack's Q network runs its levels)."""
     from peft.tuners.lora.layer import LoraLayer
 
     for layer in peft_model.modules():
         if isinstance(layer, LoraLayer) and name in layer.lora_A:
             layer.lora_dropout[name] = nn.Identity()
-            for param in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
-                param.requires_grad_(False)
+            for module in (layer.lora_A[name], layer.lora_B[name]):
+                for key, param in list(module.named_parameters(recurse=False)):
+                    delattr(module, key)
+                    module.register_buffer(key, param.detach())
+    left = [n for n, _ in peft_model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")]
+    if left:
+        raise ValueError(f"stack levels must be LoRAs of linear layers; {name} also holds {left[:3]}")
 
 
 @contextmanager
