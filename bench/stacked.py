@@ -18,7 +18,7 @@ the held-out prompts and the held-out accuracy of its learned rewards on each pr
 The question: after the second customization, is the first preference kept and the second learned,
 at what cost to knowledge and KL, beside one adapter trained on both?
 
-    python -m bench.stacked                      # the defaults below: a few minutes on 2 CPU cores
+    python -m bench.stacked                      # the defaults below
     python -m bench.stacked --steps 40 --seed 1  # python -m bench.stacked --help for every option
 
 Writes ``stacked-<device>-<date>.json`` into ``--out`` (default ``bench/results``), the adapters into

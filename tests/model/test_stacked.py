@@ -317,3 +317,12 @@ def test_a_damaged_stack_record_is_refused_before_loading(tmp_path, parent_dir, 
     file.write_text(json.dumps(config))
     with pytest.raises(AdapterLoadError, match=match):
         QAdapterModel.from_pretrained(tmp_path / "child", tiny_causal_lm())
+
+
+def test_compiled_generation_of_a_stack_matches_eager(parent_dir):
+    """The static cache and compiled step (the default on CUDA) decode a stack as eager decoding does."""
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, **CHILD).eval()
+    perturb(model, seed=5)
+    ids, mask = left_padded_prompts()
+    eager = model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=False)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=True), eager)
