@@ -308,6 +308,7 @@ def test_evaluation_of_a_stack_gives_the_explicit_numbers(parent_dir, q_on):
     (lambda c: c["stack"][0].pop("sha256"), "a stack level must be an object with path, sha256"),
     (lambda c: c.update(q_on="top"), "q_on must be one of"),
     (lambda c: c["stack"][0].update(q_on="sideways"), "a stack level.s q_on must be one of"),
+    (lambda c: c["stack"][0].update(alpha_tilde=0), "a stack level.s alpha_tilde"),
 ])
 def test_a_damaged_stack_record_is_refused_before_loading(tmp_path, parent_dir, edit, match):
     saved_adapter(tmp_path / "child", on=parent_dir, seed=2)

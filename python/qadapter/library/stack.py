@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qadapter_kernels import combine_logits
+from qadapter_kernels import LossConfig, combine_logits
 
 from .hidden import only_adapters
 from .policy import ADAPTER_NAME, CombinedPolicy
@@ -61,6 +61,10 @@ class Level:
             raise ValueError(f"{where}: a stack level must be an object with path, sha256, alpha_0, alpha_tilde, "
                              f"q_on; got {record!r}") from exc
         check_q_on(level.q_on, f"{where}: a stack level's q_on", allow_none=True)
+        try:
+            LossConfig.from_options(alpha_0=level.alpha_0, alpha_tilde=level.alpha_tilde)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: a stack level's {exc}") from exc
         return level
 
 
