@@ -345,10 +345,11 @@ def gpu_run_versions() -> dict:
 
 
 def options_main(argv: list[str] | None, *, prog: str, doc: str, options_class: type, run: Callable[..., dict],
-                 summary: Callable[[dict], str], name: str, **defaults) -> int:
+                 summary: Callable[[dict], str], name: str | Callable[[dict], str], **defaults) -> int:
     """The command of a benchmark of the model layer whose options are a dataclass: its options (as
     ``qadapter``'s commands generate them, ``defaults`` replacing some) and ``--out``; runs
-    ``run(options)``, prints ``summary(result)`` and writes ``<name>-<device>-<date>.json`` into ``--out``.
+    ``run(options)``, prints ``summary(result)`` and writes ``<name>-<device>-<date>.json`` into ``--out``
+    (``name``: or ``name(result)``, for a benchmark whose variants are kept side by side).
     (``qadapter`` is imported here, not at the top: the version record must work without it.)"""
     import argparse
 
@@ -362,7 +363,7 @@ def options_main(argv: list[str] | None, *, prog: str, doc: str, options_class: 
     result = run(options_from(args, options_class))
     print(summary(result))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{name}-{result['device']}-{result['date'][:10]}.json"
+    path = args.out / f"{name(result) if callable(name) else name}-{result['device']}-{result['date'][:10]}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0

@@ -2,7 +2,13 @@
 
 The first preference is the built-in task's (answers open with a ``TL;DR:`` line); the second is a
 style the same answers make pairs for (after its opening line the answer goes on as a bulleted list,
-:func:`qadapter.experiments.task.bullet_pairs`). Runs, on the embedded default (or ``--model``):
+:func:`qadapter.experiments.task.bullet_pairs`). The built-in task's pairs are made from the base's
+own answers; the second preference's are made from the answers as the first customization writes
+them (``--second-from first``: the TL;DR answer, bulleted or not), the way a customized model's own
+answers would be collected for its next preference. ``--second-from base`` makes them from the
+base's answers instead, which lack the first preference: the loss's chi2 term pulls a policy toward
+both responses' tokens, so such pairs teach the first preference away whatever the stack keeps.
+Runs, on the embedded default (or ``--model``):
 
 - ``level1``: an adapter on the base, trained on the first preference's pairs;
 - ``stacked``: an adapter on ``level1`` (``QAdapterModel(..., on=level1)``, ``q_on="parent"``: its Q
@@ -60,6 +66,9 @@ class StackedOptions:
     probe_items: int = option_field(48, "knowledge-probe questions, spread over the probe", positive=True)
     passages: int = option_field(2, "general-text passages for perplexity", positive=True)
     seed: int = option_field(0, "seed of the adapters' initialization and of training")
+    second_from: str = option_field("first", "the answers the second preference's pairs are made from: as the "
+                                    "first customization writes them (first) or as the base does (base)",
+                                    choices=("first", "base"))
 
 
 def rule_rates(model, tokenizer, prompts: list[str], answer_tokens: int, *, customized: bool) -> dict:
@@ -116,10 +125,11 @@ def run(options: StackedOptions) -> dict:
     device = bench_device()
     output = Path(options.output)
     task = load_task()
-    heldout = {"tldr": task["heldout"], "bullets": bullet_pairs(task["heldout"])}
+    answers = {"first": "chosen", "base": "rejected"}[options.second_from]  # the task's TL;DR answers, or the base's
+    heldout = {"tldr": task["heldout"], "bullets": bullet_pairs(task["heldout"], answers)}
     if options.heldout_limit is not None:
         heldout = {rule: rows[: options.heldout_limit] for rule, rows in heldout.items()}
-    train_rows = {"tldr": task["train"], "bullets": bullet_pairs(task["train"])}
+    train_rows = {"tldr": task["train"], "bullets": bullet_pairs(task["train"], answers)}
     # Both pair sets interleaved, so every stretch of joint training sees both preferences.
     train_rows["joint"] = [row for pair in zip(train_rows["tldr"], train_rows["bullets"]) for row in pair]
     options_record = {k: v for k, v in asdict(options).items() if k != "output"}
@@ -177,7 +187,7 @@ def summary(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return options_main(argv, prog="python -m bench.stacked", doc=__doc__, options_class=StackedOptions, run=run,
-                        summary=summary, name="stacked")
+                        summary=summary, name=lambda result: f"stacked-second-from-{result['options']['second_from']}")
 
 
 if __name__ == "__main__":

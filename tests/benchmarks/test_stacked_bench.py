@@ -20,7 +20,7 @@ def test_every_run_on_a_tiny_base(tmp_path, capsys):
             "2", "--passages", "1", "--answer-tokens", "4", "--max-length", "48", "--output", str(tmp_path / "runs"),
             "--out", str(tmp_path / "results")]
     assert stacked.main(argv) == 0
-    [path] = (tmp_path / "results").glob("stacked-cpu-*.json")
+    [path] = (tmp_path / "results").glob("stacked-second-from-first-cpu-*.json")
     result = json.loads(path.read_text())
     runs = result["runs"]
     assert list(runs) == ["level1", "stacked", "stacked-base-q", "joint"]
@@ -37,3 +37,5 @@ def test_every_run_on_a_tiny_base(tmp_path, capsys):
     config = json.loads((tmp_path / "runs" / "stacked" / "qadapter_config.json").read_text())
     assert config["stack"][0]["path"] == str((tmp_path / "runs" / "level1").resolve()) and config["q_on"] == "parent"
     assert "stacked:" in capsys.readouterr().out
+    # The second preference's pairs as the first customization writes its answers: TL;DR first.
+    assert result["options"]["second_from"] == "first"

@@ -131,12 +131,14 @@ def make_bulleted(response: str) -> str:
     return first + "\n\n" + "\n".join(f"- {sentence}" for sentence in rest)
 
 
-def bullet_pairs(rows: list[dict]) -> list[dict]:
-    """Pairs of the second preference from the task's pairs: the bulleted answer against the answer
-    as the model gives it (the rejected response), so a pair differs only in that preference; an
-    answer of one sentence has no list to make and is left out."""
-    return [{"prompt": row["prompt"], "chosen": make_bulleted(row["rejected"]), "rejected": row["rejected"]}
-            for row in rows if len(sentences(row["rejected"])) >= 2]
+def bullet_pairs(rows: list[dict], answers: str = "chosen") -> list[dict]:
+    """Pairs of the second preference from the task's pairs: an answer bulleted against the answer as
+    it is, so a pair differs only in that preference. ``answers``: which response of the task's pair
+    is the answer: ``"chosen"``, as a policy customized to the first preference writes it (its TL;DR
+    line first), or ``"rejected"``, as the base model writes it. An answer of one sentence has no list
+    to make and is left out."""
+    return [{"prompt": row["prompt"], "chosen": make_bulleted(row[answers]), "rejected": row[answers]}
+            for row in rows if len(sentences(row[answers])) >= 2]
 
 
 def probe_correct(answer: str, accepted: list[str]) -> bool:
