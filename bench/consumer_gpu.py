@@ -4,7 +4,8 @@ A 24 GB card holds the 16 GB of bf16 weights of an 8B model and little else. Thi
 run on one model, whether a Q-Adapter training step of 2 preference pairs x 1024 tokens (LoRA r=8
 on q_proj/v_proj, gradient checkpointing, AdamW) fits under that cap with the package's fused loss
 and with the authors' full-logits formulation, and what decoding from the customized policy costs
-per token next to the base model alone (batch 1 and 8, greedy, under the same cap).
+per token next to the base model alone (batch 1 and 8, greedy, under the same cap), and, last, a
+batch of 8 rows over 8 adapters beside 8 rows over one adapter (``AdapterSet``, ``bench.adapter_set``).
 
 No hub is reachable: the architecture is built from its configuration with random bf16 weights.
 Each part is guarded: an out-of-memory, an error or the time budget is recorded and the run goes on.
@@ -132,6 +133,37 @@ def decode(model, batch: int, decoding: str, setup: Setup, device: torch.device)
             "peak_gib": peak_gib(device)}
 
 
+def many_adapters(model, adapters: int, setup: Setup, device: torch.device) -> dict:
+    """ms/token of ``adapters`` rows over one adapter and over ``adapters`` adapters (each row another)
+    in one AdapterSet on the model's base, greedy, eager. The model's own LoRA layers are taken out
+    (the part runs last): one set first holds one adapter, then all, so "one adapter" is the same
+    code path over a one-adapter bank."""
+    import tempfile
+
+    from qadapter.library.adapter_set import AdapterSet
+
+    from bench.adapter_set import save_adapters
+
+    g = torch.Generator().manual_seed(adapters)
+    ids = torch.randint(0, model.config.vocab_size, (adapters, setup.prompt), generator=g).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = save_adapters(model, Path(tmp), adapters)
+        adapter_set = AdapterSet.from_pretrained(dict(list(paths.items())[:1]), base_model=model.peft_model.unload())
+        names = list(paths)
+
+        def rows_over(assigned):
+            return generation(lambda *a, **k: adapter_set.generate(*a, adapters=assigned, **k), ids,
+                              setup.new_tokens, compiled=False)
+
+        one = interleaved({"one": rows_over([names[0]] * adapters)}, setup.rounds)["one"]
+        for name in names[1:]:
+            adapter_set.load(name, paths[name])
+    mixed = interleaved({"mixed": rows_over(names)}, setup.rounds)["mixed"]
+    one_ms, mixed_ms = statistics.median(one), statistics.median(mixed)
+    return {"adapters": adapters, "one_adapter_ms_per_token": one_ms, "many_adapters_ms_per_token": mixed_ms,
+            "many_over_one": mixed_ms / one_ms, "peak_gib": peak_gib(device)}
+
+
 def run_part(parts: dict, name: str, deadline: float, fn: Callable[[], dict]) -> None:
     """Stores ``fn()``'s row under ``parts[name]``, or why there is none (skipped, out of memory, error)."""
     if time.monotonic() > deadline:
@@ -165,6 +197,9 @@ def markdown(result: dict) -> str:
         elif "base_ms_per_token" in row:
             time_ = f"{row['base_ms_per_token']:.1f} / {row['customized_ms_per_token']:.1f} ms/token"
             ratio = f"{row['customized_over_base']:.2f}"
+        elif "many_over_one" in row:
+            time_ = f"{row['one_adapter_ms_per_token']:.1f} / {row['many_adapters_ms_per_token']:.1f} ms/token"
+            ratio = f"{row['many_over_one']:.2f} (many / one adapter)"
         peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else ""
         lines.append(f"| {name} | {status} | {time_} | {peak} | {ratio} |")
     return "\n".join(lines)
@@ -233,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "train: eager-authors": lambda: train(model, eager_authors_loss, setup, device)}
     todo |= {f"decode: batch {b} {mode}": (lambda b=b, mode=mode: decode(model, b, mode, setup, device))
              for b in setup.batches for mode in setup.decodings}
+    todo["decode: batch 8 over 8 adapters"] = lambda: many_adapters(model, 8, setup, device)  # last: unloads the LoRA
     for name, fn in todo.items():
         run_part(parts, name, deadline, fn if model is not None else no_model)
     return finish_run(result, markdown(result), args.out, started)

@@ -25,6 +25,13 @@ Measuring a customized policy (gradient-free, one pass over the vocabulary per c
                                              # token statistics (learned and step-0), log pi~ and
                                              # log pi1 of targets, KL to the base, greedy tokens
     token_logprobs(hidden, weight, targets, logit_softcap=...)   # one plain model's log-probs of targets
+
+A vocabulary-parallel head (each rank of a process group holds a range of the head's rows)::
+
+    vocab_shard(V, group)                    # this rank's rows under torch.tensor_split's split
+    qadapter_loss(..., group=group, vocab_start=rows.start)      # also qadapter_token_stats, QAdapterLoss,
+                                                                 # combined_logprobs_at; or a DTensor head
+    combined_logprobs(..., group=group), combine_logits(..., group=group)   # this rank's columns of log pi~
 """
 
 from .combine import TargetLogprobs, combine_logits, combined_logprobs, combined_logprobs_at
@@ -33,6 +40,7 @@ from .grad_filter import GradFilterReport, grad_filter_report
 from .loss import QAdapterLoss, qadapter_loss, qadapter_token_stats
 from .pairwise import QAdapterLossOutput, TokenStats, bt_terms, sequence_rewards
 from .registry import BackendStatus, backends
+from .vocab_parallel import vocab_shard
 from .vocabulary import TokenMeasures, token_logprobs, vocabulary_pass
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "qadapter_token_stats",
     "sequence_rewards",
     "token_logprobs",
+    "vocab_shard",
     "vocabulary_pass",
 ]
 __version__ = "0.1.0"

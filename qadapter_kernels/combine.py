@@ -6,11 +6,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import distributed as dist
 
 from . import registry
 from .config import LossConfig, check_real
 from .inputs import check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
 from .tiles import chunks
+from .vocab_parallel import (
+    agreed_chunk,
+    check_group,
+    local_head,
+    log_softmax,
+    sharded_token_logprobs,
+    sharded_token_stats,
+    split_head,
+    sum_grad_across_ranks,
+)
 from .vocabulary import capped_logits, pass_chunk_size, token_logprobs
 
 
@@ -38,12 +49,18 @@ def combine_logits(
     *,
     alpha_tilde: float = LossConfig.alpha_tilde,
     alpha_0: float = LossConfig.alpha_0,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """Combined-policy log-probs ``[..., V]`` (float32, float64 for float64) from logits already held."""
+    """Combined-policy log-probs ``[..., V]`` (float32, float64 for float64) from logits already held.
+
+    ``group``: the logits are this rank's columns ``[..., V_r]`` of a vocabulary split over the process
+    group (a vocabulary-parallel head); the result is the same columns of the whole row's log-probs.
+    """
     alpha_tilde, alpha_0 = check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0)
+    check_group(group)
     sd = stats_dtype(q_values.dtype)
-    log_pi1 = torch.log_softmax(base_logits.to(sd), dim=-1)
-    return torch.log_softmax((q_values.to(sd) + alpha_0 * log_pi1) / alpha_tilde, dim=-1)
+    log_pi1 = log_softmax(base_logits.to(sd), group)
+    return log_softmax((q_values.to(sd) + alpha_0 * log_pi1) / alpha_tilde, group)
 
 
 def combined_logprobs(
@@ -57,24 +74,35 @@ def combined_logprobs(
     alpha_0: float = LossConfig.alpha_0,
     chunk_size: int | None = None,
     logit_softcap: float | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Combined-policy log-probs ``[..., V]`` from hidden states ``[..., d]``, a chunk of tokens at a time.
 
     Only the output is ``[tokens, V]``; the base logits and Q-values exist one chunk at a time.
     ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
+    ``group``: ``weight`` (and ``q_weight``, ``q_bias``) are this rank's rows of a head split over the
+    process group (or DTensors sharded on their rows, which bring their group), the hidden states the
+    same on every rank; the result ``[..., V_r]`` is the whole row's log-probs at this rank's
+    vocabulary ids.
     """
     check_chunk_size(chunk_size)
     config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, logit_softcap=logit_softcap)
+    weight, q_weight, q_bias, group, _ = local_head(weight, q_weight, q_bias, group, None)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
+    check_group(group)
     wq = weight if q_weight is None else q_weight
     lead = q_hidden.shape[:-1]
     base, hq = base_hidden.reshape(-1, base_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])
     n, vocab = hq.shape[0], weight.shape[0]
+    chunk = chunk_size or pass_chunk_size(n, vocab, hq.dtype, hq.device)
+    if group is not None:  # each rank's gradient to the hidden states is its rows' share
+        chunk = agreed_chunk(chunk, group, hq.device)
+        base, hq = sum_grad_across_ranks(base, group), sum_grad_across_ranks(hq, group)
     out = torch.empty(n, vocab, dtype=stats_dtype(hq.dtype), device=hq.device)
-    for s, e in chunks(n, chunk_size or pass_chunk_size(n, vocab, hq.dtype, hq.device)):
+    for s, e in chunks(n, chunk):
         out[s:e] = combine_logits(capped_logits(base[s:e], weight, None, config.logit_softcap),
                                   capped_logits(hq[s:e], wq, q_bias, config.logit_softcap),
-                                  alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0)
+                                  alpha_tilde=config.alpha_tilde, alpha_0=config.alpha_0, group=group)
     return out.reshape(*lead, vocab)
 
 
@@ -99,6 +127,8 @@ def combined_logprobs_at(
     backend: str = "auto",
     chunk_size: int | None = None,
     logit_softcap: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
 ) -> TargetLogprobs:
     """Log-probs of ``targets`` ``[...]`` under the customized policy and the frozen model, from hidden
     states ``[..., d]``, with nothing ``[tokens, V]`` held: what a sequence likelihood or another
@@ -109,24 +139,30 @@ def combined_logprobs_at(
     combined log-prob is ``(Q[a] + alpha_0 * log pi1(a) - V) / alpha~`` from the backend's token
     statistics (its gradient is theirs), plus one gradient-free chunked pass for ``log pi1(a)``.
     ``logit_softcap``: the model's final logit soft-capping, applied to both heads' logits.
+    ``group``, ``vocab_start``: a vocabulary-parallel head, as :func:`qadapter_kernels.qadapter_loss`
+    takes it; every rank gets the whole log-probs.
     """
     config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, ignore_index=ignore_index,
                         logit_softcap=logit_softcap)
     alpha_tilde, alpha_0, logit_softcap = config.alpha_tilde, config.alpha_0, config.logit_softcap
     check_chunk_size(chunk_size)
+    weight, q_weight, q_bias, layout = split_head(weight, q_weight, q_bias, group, vocab_start)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
-    check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0], ignore_index=ignore_index,
-                  device=q_hidden.device)
+    check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0] if layout is None else layout.vocab,
+                  ignore_index=ignore_index, device=q_hidden.device)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
     mask = targets != ignore_index
     zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
     if not bool(mask.any()):
         return TargetLogprobs(zeros, zeros.clone())
     base, hq, actions = base_hidden[mask], q_hidden[mask], targets[mask].long()
-    q_taken, value = impl.token_stats(
-        base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
-        registry.StatsOptions(alpha_tilde, alpha_0, logit_softcap, chunk_size),
-    )
-    log_pi1 = token_logprobs(base, weight, actions, logit_softcap=logit_softcap, chunk_size=chunk_size)
+    stats_args = (base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
+                  registry.StatsOptions(alpha_tilde, alpha_0, logit_softcap, chunk_size))
+    if layout is None:
+        q_taken, value = impl.token_stats(*stats_args)
+        log_pi1 = token_logprobs(base, weight, actions, logit_softcap=logit_softcap, chunk_size=chunk_size)
+    else:
+        q_taken, value = sharded_token_stats(impl, *stats_args, layout=layout)
+        log_pi1 = sharded_token_logprobs(base, weight, actions, layout, logit_softcap, chunk_size)
     combined = (q_taken + alpha_0 * log_pi1 - value) / alpha_tilde
     return TargetLogprobs(zeros.masked_scatter(mask, combined), zeros.masked_scatter(mask, log_pi1))

@@ -118,9 +118,11 @@ def check_loss_inputs(
     config: LossConfig,
     *,
     paired: bool = True,
+    vocab: int | None = None,
 ) -> None:
     """Raises a clear error, naming the argument, for every malformed input. ``paired``: the rows are
-    chosen/rejected pairs (the loss); the token statistics alone take any number of rows."""
+    chosen/rejected pairs (the loss); the token statistics alone take any number of rows. ``vocab``:
+    the whole vocabulary where ``weight`` holds a rank's rows of it (default: ``weight``'s rows)."""
     check_float_tensor("base_hidden", base_hidden)
     check_float_tensor("q_hidden", q_hidden)
     if q_hidden.dim() != 3:
@@ -143,7 +145,7 @@ def check_loss_inputs(
         raise ValueError(f"base_hidden must be on q_hidden's device {q_hidden.device}; got {base_hidden.device}")
     check_head(weight, q_weight, q_bias, hidden_size=hidden, dtype=q_hidden.dtype, device=q_hidden.device)
 
-    check_targets("labels", labels, (batch, seq), vocab=weight.shape[0], ignore_index=config.ignore_index,
+    check_targets("labels", labels, (batch, seq), vocab=vocab or weight.shape[0], ignore_index=config.ignore_index,
                   device=q_hidden.device, shift=1)
     if not bool((labels[:, 1:] != config.ignore_index).any()):
         raise ValueError(

@@ -163,11 +163,29 @@ def token_logprobs(
     lead = hidden.shape[:-1]
     check_targets("targets", targets, lead, vocab=weight.shape[0], ignore_index=ignore_index, device=hidden.device)
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
-    out = torch.empty(flat.shape[0], dtype=stats_dtype(hidden.dtype), device=hidden.device)
-    chunk = chunk_size or pass_chunk_size(flat.shape[0], weight.shape[0], hidden.dtype, hidden.device)
-    for s, e in chunks(flat.shape[0], chunk):
-        logits = capped_logits(flat[s:e], weight, bias, config.logit_softcap)
-        a = targets[s:e]
-        scored = a != ignore_index
-        out[s:e] = _taken(logits, a, scored) - torch.where(scored, logits.logsumexp(dim=1), 0)
-    return out.reshape(lead)
+    scored = targets != ignore_index
+    lse, taken = logit_stats(flat, weight, targets, scored, bias=bias, logit_softcap=config.logit_softcap,
+                             chunk_size=chunk_size)
+    return (taken - torch.where(scored, lse, 0)).reshape(lead)
+
+
+@torch.no_grad()
+def logit_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
+                taken_where: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                logit_softcap: float | None = None,
+                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logsumexp(logits), logits[target])``, each ``[N]``, of packed hidden states ``[N, d]`` over
+    ``weight``'s rows, soft-capped like the model's, a chunk of tokens at a time. The taken logit is
+    0 where ``taken_where`` is false (targets there may be anything) and None without ``targets``.
+    One plain model's log-probs (:func:`token_logprobs`), and a rank's share of them where the head's
+    rows are split over ranks (``vocab_parallel.py``)."""
+    sd = stats_dtype(hidden.dtype)
+    lse = torch.empty(hidden.shape[0], dtype=sd, device=hidden.device)
+    taken = None if targets is None else torch.empty_like(lse)
+    chunk = chunk_size or pass_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device)
+    for s, e in chunks(hidden.shape[0], chunk):
+        logits = capped_logits(hidden[s:e], weight, bias, logit_softcap)
+        lse[s:e] = logits.logsumexp(dim=1)
+        if taken is not None:
+            taken[s:e] = _taken(logits, targets[s:e], taken_where[s:e])
+    return lse, taken

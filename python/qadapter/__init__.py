@@ -3,6 +3,7 @@
 Public API::
 
     QAdapterModel                 # a causal LM with a LoRA residual Q-function: loss, generate, save/load
+    AdapterSet                    # many saved adapters over one frozen base: each row decodes its own policy
     QAdapterTrainer, QAdapterConfig   # transformers.Trainer and TrainingArguments for it
     PreferenceCollator            # tokenized pairs -> [chosen..., rejected...] batches with labels
     load_preference_data          # preference rows -> tokenized pairs
@@ -13,7 +14,7 @@ Building blocks for your own PEFT model and training loop (examples/ has runnabl
                                   # (base_hidden, q_hidden, weight): qadapter_loss's first three arguments
     linear_head(model)            # the lm_head, checked to be one the fused loss models
     head_softcap(model)           # the model's logit soft cap (Gemma-2) or None: pass it to the loss
-    full_weight(weight)           # a parameter whole (FSDP2 shards it as a DTensor)
+    full_weight(weight)           # a parameter whole (FSDP2 shards it as a DTensor, ZeRO-3 partitions it)
 
 Names are imported on first use: ``import qadapter`` does not import transformers.
 """
@@ -24,6 +25,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
+    "AdapterSet": "library.adapter_set",
     "QAdapterModel": "library.model",
     "QAdapterTrainer": "library.trainer",
     "QAdapterConfig": "library.trainer",
@@ -36,6 +38,7 @@ _EXPORTS = {
     "full_weight": "library.hidden",
 }
 __all__ = [
+    "AdapterSet",
     "HiddenStates",
     "PreferenceCollator",
     "QAdapterConfig",
@@ -49,6 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .library.adapter_set import AdapterSet
     from .library.data import PreferenceCollator, load_preference_data
     from .library.hidden import HiddenStates, frozen_and_adapter_hidden, full_weight, head_softcap, linear_head
     from .library.model import QAdapterModel

@@ -1,4 +1,4 @@
-"""The ``qadapter`` command: demo (the main job), train, generate, eval, plan, compare, lm-eval, info, check.
+"""The ``qadapter`` command: demo (the main job), train, generate, serve, eval, plan, compare, lm-eval, info, check.
 
 Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
@@ -315,6 +315,43 @@ def _run_generate(args) -> int:
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
                    compiled={"auto": None, "yes": True, "no": False}[args.compile])
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server of customized policies (many adapters, one base)",
+                       description="Serves /v1/completions, /v1/chat/completions (streaming by server-sent events) "
+                                   "and /v1/models. A request's model names a loaded adapter, or 'base' for the "
+                                   "frozen base alone; requests to different adapters decode in one running batch.")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the saved Q-Adapter in DIR as model NAME (repeatable)")
+    p.add_argument("--base-model", help="the base (default: the one the adapters name; without adapters, the "
+                                        "embedded default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together at most")
+
+
+def _run_serve(args) -> int:
+    from .library.adapter_set import AdapterSet
+    from .library.defaults import DEFAULT_MODEL, load_base
+    from .serving.engine import Engine
+    from .serving.server import BASE_MODEL, serve
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=DIR; got {item!r}")
+        if name in adapters or name == BASE_MODEL:
+            raise ValueError(f"--adapter: the name {name!r} is {'given twice' if name in adapters else 'reserved for the base'}")
+        adapters[name] = path
+    if adapters:
+        adapter_set = AdapterSet.from_pretrained(adapters, args.base_model)
+    else:
+        base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
+        adapter_set = AdapterSet(base, tokenizer=tokenizer)
+    serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch), args.host, args.port)
     return 0
 
 
@@ -666,10 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,eval,plan,compare,lm-eval,info,check}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,serve,eval,plan,compare,lm-eval,info,check}")
     _demo_parser(sub)
     _train_parser(sub)
     _generate_parser(sub)
+    _serve_parser(sub)
     _eval_parser(sub)
     _plan_parser(sub)
     _compare_parser(sub)
@@ -692,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_train(args, extra)
         if args.command == "generate":
             return _run_generate(args)
+        if args.command == "serve":
+            return _run_serve(args)
         if args.command == "compare":
             return _run_compare(args)
         if args.command == "lm-eval":

@@ -38,6 +38,9 @@ def test_dry_run_writes_every_row(tmp_path):
         assert row["base_ms_per_token"] > 0 and row["customized_ms_per_token"] > 0
         assert row["customized_over_base"] > 0
     assert parts["train: fused"]["backend"] == "chunked"
+    many = parts["decode: batch 8 over 8 adapters"]
+    assert many["status"] == "ok", many
+    assert many["one_adapter_ms_per_token"] > 0 and many["many_over_one"] > 0
     assert parts["build"]["weight_std"] > 0  # random weights, not zeros
     assert {"torch", "transformers", "peft", "triton", "cuda", "device"} <= result["versions"].keys()
     assert "| train: eager-authors | ok |" in proc.stdout
@@ -67,4 +70,4 @@ def test_time_budget_skips_the_remaining_parts(tmp_path):
     assert consumer_gpu.main(["--dry-run", "--budget-s", "0", "--out", str(out)]) == 0
     parts = json.loads(out.read_text())["parts"]
     assert {row["status"] for row in parts.values()} == {"skipped: time budget"}
-    assert set(parts) == {"build", *LOSS_ROWS, *DECODE_ROWS}
+    assert set(parts) == {"build", *LOSS_ROWS, *DECODE_ROWS, "decode: batch 8 over 8 adapters"}

@@ -93,3 +93,13 @@ def test_recipe_runs_from_its_command_line(name, examples_path, capsys):
     recipe(name).main(["--steps", "2"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"]
+
+
+def test_vocab_parallel_head_trains_as_one_process(examples_path):
+    """Two gloo processes, each holding its rows of the head, take the steps one process takes."""
+    module = recipe("vocab_parallel_head")
+    (whole,) = module.run(steps=3, chunk_size=8, world=1)
+    ranks = module.run(steps=3, chunk_size=8, world=2)
+    assert whole[-1] < whole[0]
+    for losses in ranks:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole), rtol=1e-5, atol=1e-6)

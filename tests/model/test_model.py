@@ -4,8 +4,6 @@ distributed training (decoding: test_generation.py)."""
 from __future__ import annotations
 
 import json
-import time
-from datetime import timedelta
 
 import pytest
 import torch
@@ -13,16 +11,21 @@ import torch
 pytest.importorskip("peft")
 from helpers import (  # noqa: E402
     LargestTensor,
+    building_block_loss,
+    exit_worker,
+    init_gloo,
+    joined_batch_reference,
     left_padded_prompts,
     make_model,
+    pair_batch,
     perturb_adapter,
     preference_batch,
+    run_two_workers,
     tiny_causal_lm,
 )
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
-DDP_TIMEOUT_S = 60
 
 
 def test_training_step_never_allocates_full_logits():
@@ -165,52 +168,26 @@ def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
-    import os
-
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)  # two processes on a two-core machine
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DDP_TIMEOUT_S))  # a stuck collective raises
+    init_gloo(rank, world, init_file)
     model = make_model()
     model.train()
     model.peft_model.eval()  # no dropout: compare exact functions
-    ids, mask, labels = preference_batch(batch=4, scored=10)
-    rows = [rank, rank + 2]  # pair `rank`: its chosen and its rejected row
-    ddp = DistributedDataParallel(model)
-    ddp(ids[rows], mask[rows], labels[rows]).loss.backward()
+    ddp = DistributedDataParallel(model)  # held until the backward: its hooks average the gradients
+    ddp(*pair_batch(rank)).loss.backward()
     grads = {n: p.grad for n, p in model.peft_model.named_parameters() if p.requires_grad}
     torch.save(grads, f"{out_dir}/grads{rank}.pt")
-    # Leave without tearing the process group down: freeing it (GIL held) waits for gloo's work
-    # thread, which may still be freeing the last allreduce and need the GIL. That deadlock in
-    # torch's gloo teardown hung this test now and then.
-    os._exit(0)
-
-
-def _run_two_workers(worker, tmp_path) -> None:
-    """Runs ``worker(rank, 2, init_file, out_dir)`` in two spawned processes, failing the test if they
-    do not finish in time (a stuck collective) and raising a worker's traceback."""
-    import torch.multiprocessing as mp
-
-    workers = mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 3 * DDP_TIMEOUT_S
-    while not workers.join(timeout=5):  # raises with the worker's traceback if one fails
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail(f"the two workers did not finish in {3 * DDP_TIMEOUT_S} s")
+    exit_worker()
 
 
 def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
     """With equal scored counts per rank, the mean of the per-rank losses is the joined loss."""
-    _run_two_workers(_ddp_worker, tmp_path)
+    run_two_workers(_ddp_worker, tmp_path)
     model = make_model()
     model.train()
     model.peft_model.eval()
-    ids, mask, labels = preference_batch(batch=4, scored=10)
-    model(ids, mask, labels).loss.backward()
+    model(*pair_batch()).loss.backward()
     for rank in range(2):
         ddp_grads = torch.load(tmp_path / f"grads{rank}.pt")
         for name, param in model.peft_model.named_parameters():
@@ -218,51 +195,31 @@ def test_ddp_two_processes_match_one_process_on_the_joined_batch(tmp_path):
                 torch.testing.assert_close(ddp_grads[name], param.grad, rtol=1e-4, atol=1e-6)
 
 
-def _building_block_loss(peft_model, ids, mask, labels):
-    """What another trainer writes: hidden states without logits, then the fused loss."""
-    from qadapter.library.hidden import frozen_and_adapter_hidden
-
-    from qadapter_kernels import qadapter_loss
-
-    return qadapter_loss(*frozen_and_adapter_hidden(peft_model, ids, mask), labels).loss
-
-
 def _fsdp2_worker(rank, world, init_file, out_dir):
-    import os
-
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    init_gloo(rank, world, init_file)
     peft_model = make_model().peft_model  # tied embeddings: the lm_head is sharded with the root
     peft_model.eval()
     for layer in peft_model.get_base_model().model.layers:
         fully_shard(layer)
     fully_shard(peft_model)
     assert hasattr(peft_model.get_base_model().get_output_embeddings().weight, "full_tensor")  # sharded
-    ids, mask, labels = preference_batch(batch=4, scored=10)
-    rows = [rank, rank + 2]
-    loss = _building_block_loss(peft_model, ids[rows], mask[rows], labels[rows])
+    loss = building_block_loss(peft_model, *pair_batch(rank))
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in peft_model.named_parameters() if p.requires_grad}
     torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/fsdp{rank}.pt")
-    os._exit(0)  # as the DDP worker: no process-group teardown
+    exit_worker()
 
 
 def test_fsdp2_two_processes_match_one_process_on_the_joined_batch(tmp_path):
     """FSDP2 (fully_shard) shards the lm_head; the building blocks gather it, and the mean of the
     per-rank losses and the averaged LoRA gradients are the joined batch's."""
     pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
-    _run_two_workers(_fsdp2_worker, tmp_path)
-    peft_model = make_model().peft_model
-    peft_model.eval()
-    ids, mask, labels = preference_batch(batch=4, scored=10)
-    loss = _building_block_loss(peft_model, ids, mask, labels)
-    loss.backward()
+    run_two_workers(_fsdp2_worker, tmp_path)
+    peft_model, loss = joined_batch_reference()
     ranks = [torch.load(tmp_path / f"fsdp{rank}.pt") for rank in range(2)]
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss, rtol=1e-5, atol=1e-6)
     trainable = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and set(ranks[0]["grads"]) == set(trainable)
     for name, grad in trainable.items():

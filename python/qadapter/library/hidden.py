@@ -10,7 +10,7 @@ gradient ever reaches the pre-trained model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -22,7 +22,7 @@ class HiddenStates(NamedTuple):
 
     base_hidden: torch.Tensor  # [B, T, d] the frozen model's (adapter disabled), no gradient
     q_hidden: torch.Tensor  # [B, T, d] the adapter model's
-    weight: torch.Tensor  # [V, d] the frozen lm_head (gathered whole under FSDP2)
+    weight: torch.Tensor  # [V, d] the frozen lm_head (gathered whole under FSDP2 and ZeRO-3)
 
 
 def head_softcap(model: nn.Module) -> float | None:
@@ -70,14 +70,41 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def full_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` whole: FSDP2 (``fully_shard``) keeps parameters as sharded DTensors outside their
-    module's forward, and the fused loss reads the frozen lm_head's weight outside it. The head is
-    frozen, so the gather runs without autograd: one all-gather per step, as FSDP's own forward of
-    the head would do, and no gradient to reduce."""
-    if not hasattr(weight, "full_tensor"):
+    """``weight`` whole, read outside its module's forward as the fused loss reads the frozen lm_head.
+
+    FSDP2 (``fully_shard``) keeps parameters as sharded DTensors there; DeepSpeed ZeRO-3 keeps an
+    empty placeholder (the module's forward gathers it and lets it go again). The head is frozen, so
+    the gather runs without autograd: one all-gather per step, as the head's own forward would do,
+    and no gradient to reduce. Call it once per step and hand the result to the loss, which keeps it
+    for its backward: ZeRO-3 lets a gathered parameter go by pointing it at an empty tensor, not by
+    freeing the storage, so the tensor returned stays whole with no copy and no second gather."""
+    if hasattr(weight, "full_tensor"):
+        with torch.no_grad():
+            return weight.full_tensor()
+    if not hasattr(weight, "ds_id"):  # not a ZeRO-3 parameter: whole already
         return weight
-    with torch.no_grad():
-        return weight.full_tensor()
+    with torch.no_grad(), whole_parameters([weight]):
+        return weight.detach()
+
+
+def whole_parameters(params, modifier_rank: int | None = None):
+    """A context in which the DeepSpeed ZeRO-3 parameters among ``params`` that are partitioned are
+    whole; a collective, so every process enters it. With ``modifier_rank``, what that process
+    writes into them is kept (broadcast to the others); with None, nothing written may be kept.
+
+    Parameters already whole are left alone: inside a module's forward run by the engine
+    (QAdapterModel's), reading one made ZeRO-3 gather it for that module, and ZeRO-3 keeps small
+    ones whole throughout; a gather of our own would let them go under their owner on leaving.
+    Without ZeRO-3, nothing happens."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not partitioned:
+        return nullcontext()
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 def peft_model_of(model: nn.Module) -> nn.Module:
@@ -137,7 +164,7 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
-    weight = full_weight(linear_head(base_model, logit_softcap).weight)
+    head = linear_head(base_model, logit_softcap)
     captured = []
 
     def keep_hidden(module, args, output):
@@ -155,7 +182,7 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         model(**kwargs)
     finally:
         handle.remove()
-    return captured, weight
+    return captured, full_weight(head.weight)  # gathered after the forwards, once
 
 
 def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

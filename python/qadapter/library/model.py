@@ -31,11 +31,11 @@ from qadapter_kernels.inputs import check_chunk_size
 from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
-from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head
-from .policy import ADAPTER_NAME, CombinedPolicy
+from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head, whole_parameters
+from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .stack import (
     Level,
-    StackedPolicy,
+    StackedRows,
     adapter_digest,
     check_q_on,
     effective_hidden,
@@ -69,16 +69,19 @@ def base_fingerprint(model: nn.Module) -> str:
     int8 rows), exact in bfloat16, so it is deterministic for a given base and method and differs
     from the dense base's; the method itself is recorded beside it (``"quantization"``). A
     PEFT model gives its base's fingerprint (LoRA weights left out, ``base_layer`` names folded
-    back), so an adapter can be checked against a base whether or not it is already attached.
+    back), so an adapter can be checked against a base whether or not it is already attached. A base
+    DeepSpeed ZeRO-3 holds partitioned (loaded under its ``zero.Init``) is read one parameter at a
+    time, gathered on every process, so it gives the dense base's fingerprint.
     """
     if hasattr(model, "get_base_model"):  # a peft.PeftModel
         model = model.get_base_model()
     params = {name.replace(".base_layer.", "."): param for name, param in model.named_parameters() if "lora_" not in name}
     digest = hashlib.sha256()
     for name, param in sorted(params.items(), key=lambda item: item[0]):
-        flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
-        sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
-        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        with whole_parameters([param]):
+            flat = param.detach().as_subclass(torch.Tensor).reshape(-1)  # bitsandbytes' parameter classes as plain tensors
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.bfloat16)
+            digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -229,18 +232,8 @@ class QAdapterModel(nn.Module):
         path = Path(path)
         atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
-        saved = config["quantization"]
-        tokenizer = None
-        if base_model is None and not config["base_model"]:
-            raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
-        if base_model is None or isinstance(base_model, str):
-            saved_way = isinstance(quantization, str) and quantization == "saved"
-            wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
-            check_quantization(path, saved, wanted)
-            base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
-                                              quantization=wanted)
-        check_quantization(path, saved, quant.model_quantization(base_model))
-        check_base(path, config, base_fingerprint(base_model))
+        base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
+                                                quantization=quantization)
         try:
             peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable)
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
@@ -249,7 +242,7 @@ class QAdapterModel(nn.Module):
         model = cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
         if config["stack"]:
             model._stack_levels([Level.from_dict(r, str(path)) for r in config["stack"]], config["q_on"], str(path))
-        if device is not None and saved is None:  # a quantized base is placed as it loads
+        if device is not None and config["quantization"] is None:  # a quantized base is placed as it loads
             peft_model.to(device)
         return model
 
@@ -326,7 +319,7 @@ class QAdapterModel(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it)."""
+        """The frozen lm_head's weight, whole (gathered when FSDP2 shards it or ZeRO-3 partitions it)."""
         return full_weight(self.base_model.get_output_embeddings().weight)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
@@ -403,7 +396,8 @@ class QAdapterModel(nn.Module):
         made once and kept (not a submodule: it shares this model's network)."""
         policy = self.__dict__.get("_policy")
         if policy is None:
-            policy = self.__dict__["_policy"] = (StackedPolicy if self.stack else CombinedPolicy)(self)
+            rows = StackedRows(self) if self.stack else RowPlan(self.peft_model, self.loss.alpha_tilde, self.loss.alpha_0)
+            policy = self.__dict__["_policy"] = CombinedPolicy(self.base_model, rows)
         return policy
 
     @torch.no_grad()
@@ -416,11 +410,11 @@ class QAdapterModel(nn.Module):
         ``torch.manual_seed``) and returns what it returns; prompts are left-padded. ``compiled``
         (default: on CUDA) decodes with a static cache and a compiled step.
         """
-        input_ids, attention_mask = _check_prompt(input_ids, attention_mask)
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask)
         if kwargs.get("stop_strings") is not None and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         weight, policy = self.lm_head_weight, self.policy
-        policy.combine = select_combine(self.backend, weight.device, weight.dtype)  # once per generation
+        policy.rows.kernel = select_combine(self.backend, weight.device, weight.dtype)  # once per generation
         with evaluation_mode(self.peft_model):  # sampling from the policy: no LoRA dropout
             return policy.generate(input_ids, generation_config, attention_mask=attention_mask,
                                         compiled=compiled, **kwargs)
@@ -455,6 +449,27 @@ def evaluation_mode(module: nn.Module):
     finally:
         module.train(was_training)
 
+
+
+def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None = None, *, torch_dtype=None,
+                    device=None, quantization: Any = "saved") -> tuple[nn.Module, Any]:
+    """The base model a saved adapter goes onto, and its tokenizer (None for a model object): by
+    default the one its config names, loaded quantized as it was in training (``quantization="saved"``);
+    another quantization, another base (by fingerprint) or a model object quantized otherwise is
+    refused: the adapter learned a residual on that base's outputs."""
+    saved = config["quantization"]
+    tokenizer = None
+    if base_model is None and not config["base_model"]:
+        raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
+    if base_model is None or isinstance(base_model, str):
+        saved_way = isinstance(quantization, str) and quantization == "saved"
+        wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
+        check_quantization(path, saved, wanted)
+        base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
+                                          quantization=wanted)
+    check_quantization(path, saved, quant.model_quantization(base_model))
+    check_base(path, config, base_fingerprint(base_model))
+    return base_model, tokenizer
 
 
 def holds_adapter(path: Path) -> bool:
@@ -541,13 +556,17 @@ def check_quantization(path: Path, saved: dict | None, given: dict | None) -> No
                                f"the base given is {quant.describe(given)} (load it as the adapter was trained)")
 
 
-def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME) -> None:
+def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME,
+                          foreign: tuple[str, ...] = ()) -> None:
     """The saved LoRA weights are exactly those the saved config describes: no missing, extra or
     renamed tensor (PEFT would only warn, and the model would act as the bare base)."""
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    state = None
+    if foreign:  # module entries PEFT's config does not know of, and so would not filter out
+        state = {k: v for k, v in peft_model.state_dict().items() if not any(f".{n}." in k for n in foreign)}
+    expected = set(get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name))
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
             saved = set(f.keys())
@@ -561,7 +580,7 @@ def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str =
         )
 
 
-def _check_prompt(input_ids, attention_mask):
+def check_prompt(input_ids, attention_mask):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor [B, T]; got {getattr(input_ids, 'shape', type(input_ids))}")
     if input_ids.shape[1] == 0:

@@ -151,12 +151,40 @@ def _repeated(value, copies: int = 2):
     return value
 
 
-class CombinedPolicy(PreTrainedModel, GenerationMixin):
-    """The customized policy of a :class:`~qadapter.library.model.QAdapterModel` as a causal LM:
-    ``logits`` are its log-probs ``[B, T, V]`` (float32), so transformers' ``generate`` samples it.
+class RowPlan:
+    """What the rows of a doubled batch run and how each prompt row's policy is formed from them: the
+    one adapter of a :class:`~qadapter.library.model.QAdapterModel` here, many adapters in
+    :class:`~qadapter.library.adapter_set.AdapterSet`.
 
-    It shares the model's network (no copy); its config and generation config are copies of the
-    base model's, so decoding options never leak into the base.
+    ``selecting(rows, device)`` is the context in which one forward of the network runs the frozen model on
+    the first half of ``rows`` and the adapter(s) on the second; ``combine`` turns the two halves'
+    logits into the policy's log-probs. ``copies``: how many copies of the batch one forward runs
+    (a stack of adapters, :class:`~qadapter.library.stack.StackedRows`, runs one per level after the
+    frozen one; ``combine`` then gets the frozen copy's logits and the other copies' after them).
+    """
+
+    copies = 2
+
+    def __init__(self, peft_model: nn.Module, alpha_tilde: float, alpha_0: float) -> None:
+        self.peft_model, self.alpha_tilde, self.alpha_0 = peft_model, alpha_tilde, alpha_0
+        self.kernel: Callable = combine_logits  # the eager combine; a backend's kernel on CUDA (select_combine)
+
+    def selecting(self, rows: int, device: torch.device):
+        return adapter_rows(self.peft_model, second_half(rows, device))
+
+    def combine(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
+        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
+        combine = combine_logits if torch.compiler.is_compiling() else self.kernel
+        return combine(frozen_logits, adapter_logits, alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+
+
+class CombinedPolicy(PreTrainedModel, GenerationMixin):
+    """A customized policy over a frozen network as a causal LM: ``logits`` are its log-probs
+    ``[B, T, V]`` (float32), so transformers' ``generate`` samples it. ``rows`` (a :class:`RowPlan`)
+    says which LoRA the doubled rows run and how their logits combine.
+
+    It shares the network (no copy); its config and generation config are copies of the base
+    model's, so decoding options never leak into the base.
     """
 
     # The wrapped model does the attention: accept the implementation its config names.
@@ -164,34 +192,22 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    copies = 2  # copies of the batch one forward runs: frozen rows, then adapter rows
 
-    def __init__(self, model: nn.Module, combine: Callable = combine_logits) -> None:
-        super().__init__(copy.deepcopy(model.config))
-        self.causal_lm = model.base_model
-        self.generation_config = copy.deepcopy(getattr(self.causal_lm, "generation_config", None)
-                                               or GenerationConfig.from_model_config(model.config))
-        self._peft_model = [model.peft_model]  # not a submodule: causal_lm already holds its layers
-        self.alpha_tilde, self.alpha_0 = model.loss.alpha_tilde, model.loss.alpha_0
-        self.combine = combine
+    def __init__(self, causal_lm: nn.Module, rows: RowPlan) -> None:
+        super().__init__(copy.deepcopy(causal_lm.config))
+        self.causal_lm = causal_lm
+        self.generation_config = copy.deepcopy(getattr(causal_lm, "generation_config", None)
+                                               or GenerationConfig.from_model_config(causal_lm.config))
+        self.__dict__["rows"] = rows  # not a submodule: it holds the network's own LoRA layers
+        self.copies = getattr(rows, "copies", 2)  # of the batch in one forward: a row plan may run more than two
         self._active_rows: int | None = None
-
-    def row_selection(self, batch: int):
-        """The context in which one forward runs each copy of ``batch`` prompts through its network:
-        the adapter on the second half of the doubled batch."""
-        return adapter_rows(self._peft_model[0], second_half(2 * batch, self.device))
-
-    def combine_rows(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
-        """The policy's log-probs from the logits of the repeated batch (frozen, then adapter rows)."""
-        # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
-        combine = combine_logits if torch.compiler.is_compiling() else self.combine
-        return combine(logits[:batch], logits[batch:], alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
 
     @contextmanager
     def selecting_rows(self, batch: int):
-        """:meth:`row_selection` for ``batch`` prompts, for every forward inside."""
+        """The frozen model on the first half and the adapter(s) on the second half of a doubled batch
+        of ``batch`` prompts, for every forward inside."""
         rows = self.copies * batch
-        with self.row_selection(batch):
+        with self.rows.selecting(rows, self.device):
             previous, self._active_rows = self._active_rows, rows
             try:
                 yield
@@ -205,14 +221,15 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: the policy doubles input_ids into frozen and adapter rows")
         batch = input_ids.shape[0]
-        inputs = dict(input_ids=_repeated(input_ids, self.copies), attention_mask=_repeated(attention_mask, self.copies),
-                      position_ids=_repeated(position_ids, self.copies), logits_to_keep=logits_to_keep, **model_kwargs)
-        if self._active_rows == self.copies * batch:
+        copies = self.copies
+        inputs = dict(input_ids=_repeated(input_ids, copies), attention_mask=_repeated(attention_mask, copies),
+                      position_ids=_repeated(position_ids, copies), logits_to_keep=logits_to_keep, **model_kwargs)
+        if self._active_rows == copies * batch:
             out = self.causal_lm(**inputs)
         else:
             with self.selecting_rows(batch):
                 out = self.causal_lm(**inputs)
-        out.logits = self.combine_rows(out.logits, batch)
+        out.logits = self.rows.combine(out.logits[:batch], out.logits[batch:])
         return out
 
     @torch.no_grad()

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qadapter_kernels import LossConfig, combine_logits
+from qadapter_kernels import LossConfig
 
 from .hidden import only_adapters
-from .policy import ADAPTER_NAME, CombinedPolicy
+from .policy import ADAPTER_NAME, RowPlan
 
 Q_ON = ("parent", "base")
 
@@ -172,23 +172,21 @@ def level_rows(peft_model: nn.Module, networks: Sequence[Sequence[str]], batch: 
             layer.scaling[name] = scaling
 
 
-class StackedPolicy(CombinedPolicy):
-    """A stack's customized policy as a causal LM for transformers' ``generate``: one forward runs the
-    batch once per network (the frozen model, then each level's Q network, :func:`level_rows`), and
-    the log-probs are ``log_softmax(h_eff_L W)``, formed from the blocks' logits by the same recursion
+class StackedRows(RowPlan):
+    """The row plan of a stack's generation (:class:`~qadapter.library.policy.CombinedPolicy`): the batch
+    repeated once per network, the frozen model and then each level's Q network (:func:`level_rows`),
+    and the log-probs ``log_softmax(h_eff_L W)`` formed from the copies' logits by the same recursion
     (:func:`effective_logits` up to the parent, then the trained level's combine)."""
 
-    def __init__(self, model: nn.Module, combine=combine_logits) -> None:
-        super().__init__(model, combine)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model.peft_model, model.loss.alpha_tilde, model.loss.alpha_0)
         self.networks = [(), *model.q_networks]
         self.copies = len(self.networks)
         self.parent_alphas = model.level_alphas[:-1]
 
-    def row_selection(self, batch: int):
-        return level_rows(self._peft_model[0], self.networks, batch)
+    def selecting(self, rows: int, device: torch.device):
+        return level_rows(self.peft_model, self.networks, rows // self.copies)
 
-    def combine_rows(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
-        blocks = logits.split(batch)
-        parent = effective_logits(blocks[:-1], self.parent_alphas)
-        combine = combine_logits if torch.compiler.is_compiling() else self.combine
-        return combine(parent, blocks[-1].float(), alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
+    def combine(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
+        blocks = [frozen_logits, *adapter_logits.split(frozen_logits.shape[0])]
+        return super().combine(effective_logits(blocks[:-1], self.parent_alphas), blocks[-1].float())

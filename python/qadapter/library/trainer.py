@@ -28,6 +28,7 @@ from qadapter_kernels.registry import BACKEND_NAMES
 
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator
+from .hidden import whole_parameters
 from .model import holds_adapter
 from .provenance import rows_hash
 
@@ -164,6 +165,11 @@ class _FiniteGradients(TrainerCallback):
             raise _stop(state.global_step + 1, "a gradient is not finite", args.output_dir)
 
 
+def _adapter_parameters(model) -> list[torch.nn.Parameter]:
+    """What a checkpoint holds of the model: its trainable (LoRA) parameters."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class QAdapterTrainer(Trainer):
     """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs.
 
@@ -173,7 +179,8 @@ class QAdapterTrainer(Trainer):
     concatenation. "padded" depends on padding: its micro-batch losses are averaged, as Trainer does.
 
     A non-finite loss or gradient stops training with :class:`NonFiniteTrainingError` naming the step,
-    before the optimizer step takes it: the adapter on disk stays the last good one.
+    before the optimizer step takes it: the adapter on disk stays the last good one. (Not with several
+    processes under DeepSpeed, whose optimizer steps inside the backward, before the gradient check.)
     """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
@@ -271,30 +278,37 @@ class QAdapterTrainer(Trainer):
         other module (this wrapper, whose forward is the loss) as its whole state dict.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            model = self.accelerator.unwrap_model(self.model)
-            if _internal_call:  # a checkpoint: its record says how far training had come
-                self._record_provenance()
+        model = self.accelerator.unwrap_model(self.model)
+        with whole_parameters(_adapter_parameters(model)):  # ZeRO-3: every process gathers, the main one writes
+            if self.args.should_save:
+                if _internal_call:  # a checkpoint: its record says how far training had come
+                    self._record_provenance()
 
-            def write(staging: Path) -> None:
-                model.write_adapter(staging)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(staging)
-                torch.save(self.args, staging / TRAINING_ARGS_NAME)
+                def write(staging: Path) -> None:
+                    model.write_adapter(staging)
+                    if self.processing_class is not None:
+                        self.processing_class.save_pretrained(staging)
+                    torch.save(self.args, staging / TRAINING_ARGS_NAME)
 
-            atomic.save_files(output_dir, write, is_ours=holds_adapter, overwrite=_internal_call)
+                atomic.save_files(output_dir, write, is_ours=holds_adapter, overwrite=_internal_call)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # Trainer.train calls these two to load a checkpoint's weights (resume; load_best_model_at_end).
     # Their adapter path is taken only for a peft.PeftModel: for any other module they look for a
     # full state dict (model.safetensors or a sharded index) and fail on an adapter-only checkpoint.
-    # No public hook runs in their place, so they stay overridden, and only to load the adapter.
+    # No public hook runs in their place, so they stay overridden, and only to load the adapter
+    # (under ZeRO-3 into the gathered adapter, every process reading the same files).
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        self.accelerator.unwrap_model(model or self.model).load_adapter_weights(resume_from_checkpoint)
+        self._load_adapter(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        self.accelerator.unwrap_model(self.model).load_adapter_weights(self.state.best_model_checkpoint)
+        self._load_adapter(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+    @staticmethod
+    def _load_adapter(model, path: str) -> None:
+        with whole_parameters(_adapter_parameters(model), modifier_rank=0):
+            model.load_adapter_weights(path)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

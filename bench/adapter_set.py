@@ -1,0 +1,140 @@
+"""Many adapters in one batch beside one adapter, through the same decode path, in one run.
+
+Rows (transformers' ``generate``, greedy, a fixed number of new tokens, eager; ms/token of the
+decode step alone, as ``bench/decode.py`` clocks it; interleaved rounds, median):
+
+- ``one adapter``: ``QAdapterModel.generate`` of one saved adapter on all rows;
+- ``set, N adapters``: an :class:`~qadapter.library.adapter_set.AdapterSet` holding N adapters,
+  each row naming another one (the bank: two GEMMs per LoRA layer whatever N);
+- ``set, one adapter``: the same set, every row naming the same adapter;
+- ``PEFT mixed batch, N adapters``: the same rows through PEFT's own mixed-batch path
+  (``adapter_names=``: per layer, a gather, a LoRA and a scatter for each adapter in the batch), the
+  anchor.
+
+Embedded default on the CPU; ``python -m bench.adapter_set [--adapters 8] [--tokens 32]
+[--rounds 3] [--threads N]``; writes ``bench/results/adapter-set-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS, versions
+from bench.decode import generation, interleaved, trained_looking
+
+
+def save_adapters(model, directory: Path, count: int) -> dict[str, Path]:
+    """``count`` trained-looking adapters of ``model``'s shape, each with its own LoRA weights and
+    temperatures, saved under ``directory``; name -> path."""
+    from qadapter_kernels import LossConfig
+
+    paths = {}
+    for k in range(count):
+        trained_looking(model, seed=k)
+        model.loss = LossConfig.from_options(model.loss, alpha_tilde=0.6 + 0.1 * k, alpha_0=0.2 + 0.1 * k)
+        paths[f"adapter-{k}"] = directory / f"adapter-{k}"
+        model.save_pretrained(paths[f"adapter-{k}"])
+    return paths
+
+
+class PeftMixedRows:
+    """A row plan (``RowPlan``'s contract) running PEFT's mixed-batch path over an adapter set's own
+    per-adapter LoRA modules: the frozen half named ``"__base__"``, each adapter row its adapter."""
+
+    def __init__(self, adapter_set, names: list[str]) -> None:
+        from qadapter.library.adapter_set import BankRows
+
+        self.adapter_set, self.names = adapter_set, names
+        self.policies = BankRows(adapter_set)  # each row's combine, as the set forms it
+        self.policies.assignment = tuple(adapter_set.names.index(n) for n in names)
+
+    @contextmanager
+    def selecting(self, rows: int, device):
+        repeats = rows // 2 // len(self.names)
+        names = ["__base__"] * (rows // 2) + [n for n in self.names for _ in range(repeats)]
+        with self.adapter_set.peft_model.base_model._enable_peft_forward_hooks(adapter_names=names):
+            yield
+
+    def combine(self, frozen_logits, adapter_logits):
+        return self.policies.combine(frozen_logits, adapter_logits)
+
+
+def set_rows(adapter_set, solo, ids: torch.Tensor, tokens: int, rounds: int) -> dict:
+    """ms/token of one adapter (``solo``, a QAdapterModel) and of the set's mixed batches on the rows of ``ids``."""
+    from qadapter.library.policy import CombinedPolicy
+
+    names = adapter_set.names
+    rows = ids.shape[0]
+    mixed = [names[i % len(names)] for i in range(rows)]
+    peft_policy = CombinedPolicy(adapter_set.base_model, PeftMixedRows(adapter_set, mixed))
+
+    def set_generate(assigned):
+        return lambda *args, **kwargs: adapter_set.generate(*args, adapters=assigned, **kwargs)
+
+    loops = {
+        "one adapter": generation(solo.generate, ids, tokens, compiled=False),
+        f"set, {len(names)} adapters": generation(set_generate(mixed), ids, tokens, compiled=False),
+        "set, one adapter": generation(set_generate([names[0]] * rows), ids, tokens, compiled=False),
+        f"PEFT mixed batch, {len(names)} adapters": generation(peft_policy.generate, ids, tokens, compiled=False),
+    }
+    runs = interleaved(loops, rounds)
+    ms = {name: statistics.median(v) for name, v in runs.items()}
+    one = ms["one adapter"]
+    return {"ms_per_token": ms, "all_ms_per_token": runs,
+            "tokens_per_s": {name: rows * 1e3 / v for name, v in ms.items()},
+            "over_one_adapter": {name: v / one for name, v in ms.items()}}
+
+
+def measure(adapters: int = 8, tokens: int = 32, rounds: int = 3) -> dict:
+    from qadapter.library.adapter_set import AdapterSet
+    from qadapter.library.model import QAdapterModel
+
+    model = QAdapterModel.from_base()
+    tok = model.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = save_adapters(model, Path(tmp), adapters)
+        del model
+        adapter_set = AdapterSet.from_pretrained(paths)
+        solo = QAdapterModel.from_pretrained(paths["adapter-0"])
+    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me a long story about a dragon."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    return {
+        "device": "cpu", "threads": torch.get_num_threads(), **versions("cpu", ("transformers", "peft")),
+        "adapters": adapters, "rows": adapters, "tokens": tokens, "rounds": rounds, "prompt_tokens": ids.shape[1],
+        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+        **set_rows(adapter_set, solo, ids.repeat(adapters, 1), tokens, rounds),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.adapter_set", description=__doc__.split("\n")[0])
+    parser.add_argument("--adapters", type=int, default=8, help="adapters in the set, and rows in the batch")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = measure(args.adapters, args.tokens, args.rounds)
+    for name, value in result["ms_per_token"].items():
+        print(f"{name:>30}: {value:7.1f} ms/token  {result['tokens_per_s'][name]:7.1f} tokens/s  "
+              f"{result['over_one_adapter'][name]:.2f}x one adapter")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"adapter-set-cpu-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

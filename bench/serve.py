@@ -1,0 +1,131 @@
+"""``qadapter serve`` throughput: concurrent requests over several adapters beside the same requests
+one at a time, through the HTTP server on the loopback address, in one run.
+
+Each round sends the same ``requests`` chat completions (greedy, ``max_tokens`` each, request ``i``
+to adapter ``i mod adapters``) twice: one after another, then all at once; tokens/s is the completion
+tokens over the wall time of the whole set. Rounds take turns (median). Embedded default on the CPU;
+``python -m bench.serve [--requests 8] [--adapters 4] [--max-tokens 32] [--rounds 3] [--threads N]``;
+writes ``bench/results/serve-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from bench.adapter_set import save_adapters
+from bench.common import RESULTS, versions
+
+PROMPTS = ["Tell me a long story about a dragon.", "Explain how rain forms.", "Write a poem about the sea.",
+           "What should I cook tonight?", "Describe the city of Paris.", "How do bees make honey?",
+           "Give me advice for a job interview.", "Why is the sky blue?"]
+
+
+def running_server(engine):
+    """The HTTP server over ``engine`` in a background thread; returns (base URL, stop function)."""
+    import uvicorn
+    from qadapter.serving.server import Server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(Server(engine).app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(30)
+    return f"http://127.0.0.1:{port}/v1", stop
+
+
+def completion_tokens(base_url: str, body: dict) -> int:
+    import httpx
+
+    response = httpx.post(f"{base_url}/chat/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()["usage"]["completion_tokens"]
+
+
+def throughput(base_url: str, bodies: list[dict], concurrent: bool) -> float:
+    """Completion tokens per second of ``bodies``, sent all at once or one after another."""
+    start = time.perf_counter()
+    if concurrent:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            tokens = sum(pool.map(lambda body: completion_tokens(base_url, body), bodies))
+    else:
+        tokens = sum(completion_tokens(base_url, body) for body in bodies)
+    return tokens / (time.perf_counter() - start)
+
+
+def serve_rows(base_url: str, names: list[str], requests: int, max_tokens: int, rounds: int) -> dict:
+    bodies = [{"model": names[i % len(names)], "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+               "max_tokens": max_tokens, "temperature": 0} for i in range(requests)]
+    throughput(base_url, bodies[:2], concurrent=True)  # warm-up
+    runs = {"one at a time": [], f"{requests} concurrent": []}
+    for _ in range(rounds):
+        runs["one at a time"].append(throughput(base_url, bodies, concurrent=False))
+        runs[f"{requests} concurrent"].append(throughput(base_url, bodies, concurrent=True))
+    tps = {name: statistics.median(v) for name, v in runs.items()}
+    return {"tokens_per_s": tps, "all_tokens_per_s": runs,
+            "concurrent_over_one_at_a_time": tps[f"{requests} concurrent"] / tps["one at a time"]}
+
+
+def measure(requests: int = 8, adapters: int = 4, max_tokens: int = 32, rounds: int = 3) -> dict:
+    from qadapter.library.adapter_set import AdapterSet
+    from qadapter.library.model import QAdapterModel
+    from qadapter.serving.engine import Engine
+
+    model = QAdapterModel.from_base()
+    tokenizer = model.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = save_adapters(model, Path(tmp), adapters)
+        del model
+        adapter_set = AdapterSet.from_pretrained(paths)
+    engine = Engine(adapter_set, tokenizer, max_batch=requests).start()
+    base_url, stop = running_server(engine)
+    try:
+        rows = serve_rows(base_url, list(paths), requests, max_tokens, rounds)
+    finally:
+        stop()
+    return {"device": "cpu", "threads": torch.get_num_threads(), **versions("cpu", ("transformers", "peft")),
+            "requests": requests, "adapters": adapters, "max_tokens": max_tokens, "rounds": rounds, **rows,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = measure(args.requests, args.adapters, args.max_tokens, args.rounds)
+    for name, value in result["tokens_per_s"].items():
+        print(f"{name:>14}: {value:7.1f} tokens/s")
+    print(f"concurrent / one at a time = {result['concurrent_over_one_at_a_time']:.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serve-cpu-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""Continuous batching of customized policies over one frozen base: requests join and leave the running
+batch between decode steps, each row decoding its own adapter's policy (an
+:class:`~qadapter.library.adapter_set.AdapterSet`).
+
+Why an engine of its own: transformers' ``generate`` runs a batch fixed from start to end, and its
+continuous-batching manager packs requests into one row of a paged cache, while the combined policy
+runs every request on two rows (frozen and adapter) of a batch. Here the KV cache is transformers'
+``DynamicCache`` over ``2B`` rows (the frozen rows of all requests, then their adapter rows, left-padded
+to a common length); a joining request is prefilled on its own rows and its cache spliced in, a
+finished one's rows are dropped, and the padding columns no row needs any more are cut. Sampling is
+transformers' logits warpers (temperature, top-p) on each row's policy log-probs.
+
+One thread owns the model (:meth:`Engine.start`); requests are submitted from any thread and hear of
+their tokens through their ``emit`` callback.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..library.adapter_set import AdapterSet
+
+
+class EngineStopped(RuntimeError):
+    """The engine takes no more requests: it is shutting down."""
+
+
+@dataclass
+class Request:
+    """One completion: the prompt's token ids, the adapter it decodes (None: the base), and how.
+
+    ``emit`` receives, on the engine's thread, ``{"text": delta}`` as text becomes final, then once
+    ``{"finish_reason": "stop" | "length" | "cancelled", "completion_tokens": n}``.
+    """
+
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    emit: Callable[[dict], None]
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cancelled: bool = False  # set by the submitter (a client that went away); the engine drops the request
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the completion text already emitted
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Decodes submitted :class:`Request` s in one running batch of at most ``max_batch`` requests."""
+
+    def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}")
+        self.adapter_set, self.tokenizer, self.max_batch = adapter_set, tokenizer, max_batch
+        config = adapter_set.base_model.config.get_text_config()
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        eos = adapter_set.base_model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = adapter_set.base_model.get_output_embeddings().weight.device
+        self._pending: queue.Queue[Request] = queue.Queue()
+        self._running: list[Request] = []
+        self._joining: list[Request] = []  # taken off the queue, not yet in the batch
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [B, T]: which cached positions are real, per request
+        self._next: torch.Tensor | None = None  # [B]: each request's latest token, not yet fed
+        self._lock = threading.Lock()
+        self._outstanding = 0  # submitted and not finished
+        self._closing = threading.Event()  # no new requests
+        self._stopping = threading.Event()  # the thread ends, cancelling what still runs
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------------------ submitting
+    def check(self, request: Request) -> None:
+        """Refuses, by name, what the engine cannot run (before it is queued)."""
+        if request.adapter is not None and request.adapter not in self.adapter_set.names:
+            raise KeyError(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}")
+        if not request.prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1; got {request.max_tokens!r}")
+        if self.context_length is not None and len(request.prompt) + request.max_tokens > self.context_length:
+            raise ValueError(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) exceed "
+                             f"the model's context length ({self.context_length})")
+
+    def submit(self, request: Request) -> None:
+        self.check(request)
+        if self._closing.is_set():
+            raise EngineStopped("the server is shutting down")
+        if request.temperature > 0:
+            request.generator = torch.Generator(device=self.device)
+            if request.seed is None:
+                request.generator.seed()  # a fresh, non-deterministic seed
+            else:
+                request.generator.manual_seed(request.seed)
+        with self._lock:
+            self._outstanding += 1
+        self._pending.put(request)
+
+    # ---------------------------------------------------------------------------------- thread
+    def start(self) -> Engine:
+        self.adapter_set.peft_model is None or self.adapter_set.peft_model.eval()
+        self._thread = threading.Thread(target=self._loop, name="qadapter-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, grace: float = 0.0, timeout: float | None = 30.0) -> None:
+        """Takes no new request, gives the running and queued ones ``grace`` seconds to finish, then
+        cancels the rest (their clients hear ``finish_reason="cancelled"``) and joins the thread."""
+        self._closing.set()
+        self.wait_idle(grace)
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping.is_set():
+                try:
+                    self._admit(wait=not self._running)
+                    if self._running:
+                        self._step()
+                except Exception as exc:  # the batch is lost; its clients hear why, the engine goes on
+                    joined = self._running + [r for r in self._joining if r not in self._running]
+                    self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
+        self._end_all({"finish_reason": "cancelled"}, self._running + self._drain())
+
+    def _end_all(self, event: dict, requests: list[Request]) -> None:
+        for request in requests:
+            self._finish(request, event)
+        self._running, self._joining, self._cache, self._mask, self._next = [], [], None, None, None
+
+    def _drain(self) -> list[Request]:
+        taken = []
+        while True:
+            try:
+                taken.append(self._pending.get_nowait())
+            except queue.Empty:
+                return taken
+
+    # --------------------------------------------------------------------------------- batching
+    def _admit(self, wait: bool) -> None:
+        """Prefills the queued requests that fit and splices them into the running batch."""
+        room = self.max_batch - len(self._running)
+        new = []
+        if wait:
+            try:
+                new.append(self._pending.get(timeout=0.05))
+            except queue.Empty:
+                return
+        while len(new) < room:
+            try:
+                new.append(self._pending.get_nowait())
+            except queue.Empty:
+                break
+        for request in new:
+            if request.cancelled:  # its client left while it waited
+                self._finish(request, {"finish_reason": "cancelled"})
+        new = self._joining = [r for r in new if not r.cancelled]
+        if not new:
+            return
+        width = max(len(r.prompt) for r in new)
+        ids = torch.full((len(new), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(new):
+            ids[row, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[row, width - len(r.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache)
+        self._splice(new, cache, mask)
+        self._joining = []
+        self._advance(new, logprobs, offset=len(self._running) - len(new))
+
+    def _splice(self, new: list[Request], cache, mask: torch.Tensor) -> None:
+        """Adds ``new`` requests' rows (their cache over ``2b`` rows and their ``mask``) to the batch."""
+        if not self._running:
+            self._running, self._cache, self._mask = list(new), cache, mask
+            return
+        b_old, b_new = len(self._running), len(new)
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                old, added = _left_pad(getattr(old_layer, name), width), _left_pad(getattr(new_layer, name), width)
+                setattr(old_layer, name, torch.cat([old[:b_old], added[:b_new], old[b_old:], added[b_new:]]))
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
+        self._running += new
+
+    def _step(self) -> None:
+        """One decode step of the whole running batch: feed each request's latest token."""
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
+        logprobs = self.adapter_set.next_logprobs(self._next.unsqueeze(1), self._mask,
+                                                  [r.adapter for r in self._running], self._cache)
+        self.steps += 1
+        self._advance(self._running, logprobs, offset=0)
+
+    def _advance(self, requests: list[Request], logprobs: torch.Tensor, offset: int) -> None:
+        """Samples each request's next token from its rows' log-probs, emits the new text, and
+        drops the requests that finished."""
+        tokens = self._sample(requests, logprobs).tolist()
+        new_next = torch.tensor(tokens, device=self.device)
+        self._next = new_next if offset == 0 and len(requests) == len(self._running) else torch.cat(
+            [self._next[:offset], new_next])
+        finished = [offset + i for i, (r, t) in enumerate(zip(requests, tokens)) if self._take(r, t)]
+        if finished:
+            self._drop(finished)
+
+    def _sample(self, requests: list[Request], logprobs: torch.Tensor) -> torch.Tensor:
+        tokens = logprobs.argmax(-1)
+        for row, r in enumerate(requests):
+            if r.temperature > 0:
+                from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+                scores = TemperatureLogitsWarper(r.temperature)(None, logprobs[row:row + 1])
+                if r.top_p < 1:
+                    scores = TopPLogitsWarper(r.top_p)(None, scores)
+                tokens[row] = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=r.generator)[0, 0]
+        return tokens
+
+    def _take(self, request: Request, token: int) -> bool:
+        """Adds ``token`` to ``request``, emits the text that became final; True when it finished."""
+        if request.cancelled:
+            self._finish(request, {"finish_reason": "cancelled"})
+            return True
+        finish = None
+        if token in self.eos:
+            finish = "stop"
+        else:
+            request.tokens.append(token)
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in request.stop if s in text), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        if finish is None and len(request.tokens) >= request.max_tokens:
+            finish = "length"
+        final = len(text) if finish else _held_back(text, request.stop)
+        if final > request.sent:
+            request.emit({"text": text[request.sent:final]})
+            request.sent = final
+        if finish:
+            self._finish(request, {"finish_reason": finish})
+        return finish is not None
+
+    def _finish(self, request: Request, event: dict) -> None:
+        """The request's last event (its end, and how many tokens it got); it no longer counts as work."""
+        request.emit({**event, "completion_tokens": len(request.tokens)})
+        with self._lock:
+            self._outstanding -= 1
+
+    def _drop(self, rows: list[int]) -> None:
+        """Removes the requests at ``rows`` from the batch, and the padding columns no row needs."""
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._next = None
+            return
+        b = len(rows) + len(keep)
+        index = torch.tensor(keep + [b + i for i in keep], device=self.device)
+        self._mask, self._next = self._mask[keep], self._next[keep]
+        start = int((self._mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding on every row
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Whether the engine ran out of work within ``timeout`` seconds (for tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._outstanding:
+                return True
+            time.sleep(0.01)
+        return False
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` ([B, T] masks or [B, H, T, D] cache states) with zeros on the left up to ``width`` positions."""
+    dim = 1 if tensor.dim() == 2 else 2
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` is final: all but a tail that may begin a stop string and a character
+    whose bytes are still arriving."""
+    hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    end = len(text) - hold
+    return end - 1 if text[:end].endswith("\ufffd") else end

@@ -1,0 +1,281 @@
+"""An OpenAI-compatible HTTP server for the customized policies of an adapter set (``qadapter serve``).
+
+``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events when ``stream`` is
+true), ``/v1/models`` listing the base and the loaded adapters. A request's ``model`` names an adapter
+or the base; requests to different adapters share one running batch (:mod:`qadapter.serving.engine`).
+Starlette routes, uvicorn serves; a bad request gets a 4xx answer in OpenAI's error shape, naming the
+field, and a client that goes away mid-stream has its request dropped from the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .engine import Engine, EngineStopped, Request
+
+BASE_MODEL = "base"  # the model name that decodes the frozen base alone
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+def _error(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+@dataclass
+class Sampling:
+    """The options every completion request shares, checked."""
+
+    adapter: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (low < value if low_open else low <= value) and value <= high):
+        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+        raise BadRequest(f"{name} must be a number in {bound}; got {value!r}", name)
+    return float(value)
+
+
+def _int(body: dict, name: str, default: int | None, low: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BadRequest(f"{name} must be an integer >= {low}; got {value!r}", name)
+    return value
+
+
+class Server:
+    """The routes over one :class:`~qadapter.serving.engine.Engine`."""
+
+    def __init__(self, engine: Engine, *, default_max_tokens: int = 256) -> None:
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.default_max_tokens = default_max_tokens
+
+    def app(self) -> Starlette:
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            self.engine.stop()
+
+        return Starlette(routes=[
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ], lifespan=lifespan)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [BASE_MODEL, *self.engine.adapter_set.names]
+
+    async def models(self, request: HttpRequest) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "qadapter"} for name in self.model_names]})
+
+    async def completions(self, request: HttpRequest):
+        return await self._complete(request, chat=False)
+
+    async def chat_completions(self, request: HttpRequest):
+        return await self._complete(request, chat=True)
+
+    # ------------------------------------------------------------------------------ requests
+    async def _complete(self, http: HttpRequest, chat: bool):
+        try:
+            body = await self._body(http)
+            sampling = self._sampling(body, chat)
+            prompt = self._chat_prompt(body) if chat else self._text_prompt(body)
+        except BadRequest as exc:
+            return _error(str(exc), exc.status, exc.param, exc.code)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        request = Request(prompt=prompt, adapter=sampling.adapter, max_tokens=sampling.max_tokens,
+                          emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                          temperature=sampling.temperature, top_p=sampling.top_p, stop=sampling.stop, seed=sampling.seed)
+        try:
+            self.engine.submit(request)
+        except (KeyError, ValueError) as exc:
+            return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
+        except EngineStopped as exc:
+            return _error(str(exc), 503)
+        reply = _Reply(body["model"], chat, len(prompt))
+        if sampling.stream:
+            return StreamingResponse(self._stream(request, events, reply), media_type="text/event-stream")
+        text, end = [], None
+        try:
+            while end is None:
+                event = await events.get()
+                if "text" in event:
+                    text.append(event["text"])
+                else:
+                    end = event
+        except asyncio.CancelledError:
+            request.cancelled = True
+            raise
+        if "error" in end:
+            return _error(end["error"], 500)
+        return JSONResponse(reply.whole("".join(text), end))
+
+    async def _stream(self, request: Request, events: asyncio.Queue, reply: _Reply):
+        finished = False
+        try:
+            if reply.chat:
+                yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
+            while True:
+                event = await events.get()
+                if "text" in event:
+                    yield _sse(reply.chunk(event["text"], None))
+                    continue
+                finished = True
+                if "error" in event:
+                    yield _sse({"error": {"message": event["error"], "type": "server_error"}})
+                else:
+                    yield _sse(reply.chunk("" if not reply.chat else {}, event["finish_reason"], event))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not finished:  # the client went away (or the server is stopping): free the rows
+                request.cancelled = True
+
+    @staticmethod
+    async def _body(http: HttpRequest) -> dict:
+        try:
+            body = json.loads(await http.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    def _sampling(self, body: dict, chat: bool) -> Sampling:
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
+        if model not in self.model_names:
+            raise BadRequest(f"model {model!r} does not exist; available: {self.model_names}", "model", 404,
+                             "model_not_found")
+        if body.get("n", 1) != 1:
+            raise BadRequest(f"n must be 1 (one completion per request); got {body.get('n')!r}", "n")
+        limit = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _int(body, limit, self.default_max_tokens if chat else 16, 1)
+        stop = body.get("stop")
+        stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise BadRequest(f"stop must be a non-empty string or a list of up to 4 of them; got {body.get('stop')!r}",
+                             "stop")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"stream must be true or false; got {stream!r}", "stream")
+        return Sampling(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
+                        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), stop=tuple(stop),
+                        seed=_int(body, "seed", None, 0), stream=stream)
+
+    def _text_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str) and prompt:
+            return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        vocab = len(self.tokenizer)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            return list(prompt)
+        raise BadRequest(f"prompt must be a non-empty string or a list of token ids in [0, {vocab}); got "
+                         f"{str(prompt)[:80]!r}", "prompt")
+
+    def _chat_prompt(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise BadRequest("messages must be a non-empty list of {role, content} objects with string values",
+                             "messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(ids["input_ids"])
+
+
+class _Reply:
+    """The OpenAI shapes of one completion's answer, whole or in chunks."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self, end: dict) -> dict:
+        done = end["completion_tokens"]
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+
+    def whole(self, text: str, end: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": end["finish_reason"]}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(end)}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]}
+        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(end)}
+
+    def chunk(self, piece: Any, finish_reason: str | None, end: dict | None = None) -> dict:
+        if self.chat:
+            delta = piece if isinstance(piece, dict) else {"content": piece}
+            out = {**self._head("chat.completion.chunk"),
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        else:
+            out = {**self._head("text_completion"),
+                   "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}]}
+        if end is not None:
+            out["usage"] = self.usage(end)
+        return out
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: float = 5.0,
+          log_level: str = "info") -> None:
+    """Serves until interrupted. On Ctrl-C (or SIGTERM) new requests are refused, the running ones get
+    ``grace`` seconds to finish and are then cancelled (a streaming client reads
+    ``finish_reason="cancelled"`` and the end of the stream), and the server exits."""
+    import threading
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            threading.Thread(target=engine.stop, args=(grace,), daemon=True).start()
+
+    engine.start()
+    config = uvicorn.Config(Server(engine).app(), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=grace + 10)
+    _Server(config).run()

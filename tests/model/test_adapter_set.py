@@ -1,0 +1,146 @@
+"""Many adapters over one frozen base (AdapterSet): each row of a mixed batch decodes exactly its own
+adapter's policy (or the base's), whatever the other rows name; loading and unloading by name, with
+the checks a single adapter's loading makes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import left_padded_prompts, perturb_adapter, save_tiny_base  # noqa: E402
+from qadapter.library.adapter_set import AdapterSet  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+# Ranks, target modules and temperatures differ, so every part of the bank's layout is exercised.
+ADAPTERS = {
+    "terse": dict(alpha_tilde=0.8, alpha_0=0.5),
+    "formal": dict(lora_r=4, target_modules=("q_proj", "v_proj", "o_proj"), alpha_tilde=1.2, alpha_0=1.0),
+    "kind": dict(lora_r=16, lora_alpha=8, target_modules=("k_proj", "down_proj"), alpha_tilde=0.5, alpha_0=0.2),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny base on disk and three adapters trained on it (trained-looking), name -> directory."""
+    root = tmp_path_factory.mktemp("adapter_set")
+    vocab = len(save_tiny_base(root / "base"))
+    paths = {}
+    for seed, (name, options) in enumerate(ADAPTERS.items(), start=1):
+        model = QAdapterModel.from_base(str(root / "base"), **options)
+        perturb_adapter(model, seed=seed)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+    return root, vocab, paths
+
+
+@pytest.fixture(scope="module")
+def solo(saved):
+    """Each adapter loaded alone, and the plain base: what each row must equal."""
+    root, _, paths = saved
+    models = {name: QAdapterModel.from_pretrained(path).eval() for name, path in paths.items()}
+    models[None] = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    return models
+
+
+def next_token_logprobs(policy, ids, mask):
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return policy(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+
+
+def solo_logprobs(model, ids, mask):
+    if isinstance(model, QAdapterModel):
+        return next_token_logprobs(model.policy, ids, mask)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def set_logprobs(adapter_set, ids, mask, names):
+    adapter_set.rows.assignment = tuple(None if n is None else adapter_set.names.index(n) for n in names)
+    return next_token_logprobs(adapter_set._policy, ids, mask)
+
+
+def test_each_row_gets_its_own_adapters_policy(saved, solo):
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained(paths)
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9, 5, 6))
+    names = ["terse", None, "formal", "kind", "terse"]
+    got = set_logprobs(adapter_set, ids, mask, names)
+    for row, name in enumerate(names):
+        want = solo_logprobs(solo[name], ids[row:row + 1], mask[row:row + 1])
+        torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+    # The policies differ from each other, so a row that took another's adapter would be caught.
+    assert (got[0] - got[2]).abs().max() > 1e-2 and (got[2] - got[3]).abs().max() > 1e-2
+
+
+def test_greedy_rows_equal_each_adapters_solo_decoding(saved, solo):
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained(paths)
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9, 5), seed=3)
+    names = ["kind", "terse", None, "formal"]
+    options = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0)
+    # Two samples per prompt at top_k=1 (greedy): the row plan follows the repeated rows.
+    out = adapter_set.generate(ids, mask, adapters=names, num_return_sequences=2, do_sample=True, top_k=1, **options)
+    for row, name in enumerate(names):
+        one = (ids[row:row + 1], mask[row:row + 1])
+        if name is None:
+            want = solo[None].generate(one[0], attention_mask=one[1], do_sample=False, **options)
+        else:
+            want = solo[name].generate(*one, **options)
+        assert torch.equal(out[2 * row], want[0]) and torch.equal(out[2 * row + 1], want[0]), f"row {row} ({name})"
+
+
+def test_compiled_mixed_batch_matches_eager(saved):
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained(paths)
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9))
+    names = ["formal", "kind", None]
+    options = dict(max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    eager = adapter_set.generate(ids, mask, adapters=names, compiled=False, **options)
+    assert torch.equal(adapter_set.generate(ids, mask, adapters=names, compiled=True, **options), eager)
+
+
+def test_unload_and_load_keep_the_other_rows_policies(saved, solo):
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained(paths)
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9))
+    names = ["terse", "kind", None]
+    before = set_logprobs(adapter_set, ids, mask, names)
+    adapter_set.unload("formal")
+    assert adapter_set.names == ["terse", "kind"]
+    torch.testing.assert_close(set_logprobs(adapter_set, ids, mask, names), before, rtol=1e-5, atol=1e-6)
+    adapter_set.load("formal-again", paths["formal"])
+    got = set_logprobs(adapter_set, ids, mask, ["formal-again", "kind", None])
+    torch.testing.assert_close(got[:1], solo_logprobs(solo["formal"], ids[:1], mask[:1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], before[1:], rtol=1e-5, atol=1e-6)
+
+
+def test_adapters_of_another_base_or_bad_names_are_refused(saved, tmp_path):
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]})
+    other_base = AutoModelForCausalLM.from_pretrained(saved[0] / "base")
+    with torch.no_grad():
+        other_base.get_input_embeddings().weight.add_(1.0)  # another base
+    QAdapterModel(other_base).save_pretrained(tmp_path / "other")
+    with pytest.raises(AdapterLoadError, match="another base"):
+        adapter_set.load("other", tmp_path / "other")
+    with pytest.raises(ValueError, match="loaded already"):
+        adapter_set.load("terse", paths["formal"])
+    with pytest.raises(ValueError, match="name must be"):
+        adapter_set.load("", paths["formal"])
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        adapter_set.unload("nope")
+    assert adapter_set.names == ["terse"]  # a refused load leaves the set as it was
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4))
+    with pytest.raises(ValueError, match=r"not loaded.*\['terse'\]"):
+        adapter_set.generate(ids, mask, adapters=["terse", "formal"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="one adapter .* per row"):
+        adapter_set.generate(ids, mask, adapters=["terse"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="one adapter .* per row"):
+        adapter_set.generate(ids, mask, adapters="terse", max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one"):
+        AdapterSet.from_pretrained({})

@@ -1,0 +1,250 @@
+"""``qadapter serve`` on the loopback address, spoken to with the real ``openai`` client: each answer
+is its adapter's own greedy decoding whatever else shares the running batch; streaming and not; bad
+requests answered with a 4xx naming what is wrong; a client that leaves mid-stream is dropped from
+the batch; Ctrl-C ends the server cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+from helpers import perturb_adapter, save_tiny_base  # noqa: E402
+from qadapter.library.adapter_set import AdapterSet  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
+from qadapter.serving.engine import Engine  # noqa: E402
+from qadapter.serving.server import Server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ADAPTERS = {"terse": dict(alpha_tilde=0.8, alpha_0=0.5), "formal": dict(lora_r=4, alpha_tilde=1.2),
+            "kind": dict(alpha_tilde=0.5, alpha_0=0.2), "brief": dict(lora_r=2, alpha_0=1.5)}
+PROMPTS = ["the capital of France", "hello world", "user assistant system hello", "Paris is",
+           "the", "world hello the capital of", "system", "France is the capital"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = save_tiny_base(root / "base")
+    paths = {}
+    for seed, (name, options) in enumerate(ADAPTERS.items(), start=1):
+        model = QAdapterModel.from_base(str(root / "base"), **options)
+        perturb_adapter(model, seed=seed)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+    return root, tokenizer, paths
+
+
+@pytest.fixture(scope="module")
+def solo_text(saved):
+    """Each (adapter, prompt)'s greedy completion decoded alone (one row), by a set of its own."""
+    _, tokenizer, paths = saved
+    reference = AdapterSet.from_pretrained(paths)
+    eos = tokenizer.eos_token_id
+    cache = {}
+
+    def text(adapter, prompt, max_tokens):
+        key = (adapter, prompt, max_tokens)
+        if key not in cache:
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+            out = reference.generate(ids, adapters=[adapter], max_new_tokens=max_tokens, eos_token_id=eos,
+                                     pad_token_id=tokenizer.pad_token_id, do_sample=False)[0, ids.shape[1]:].tolist()
+            cache[key] = tokenizer.decode(out[:out.index(eos)] if eos in out else out, skip_special_tokens=True)
+        return cache[key]
+    return text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(saved):
+    """A server over the four adapters in a background thread; yields (base_url, engine)."""
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained(paths), tokenizer, max_batch=16).start()
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(Server(engine).app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1", engine
+    instance.should_exit = True
+    thread.join(30)
+
+
+def client(base_url):
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_base_and_the_adapters(server):
+    assert [m.id for m in client(server[0]).models.list().data] == ["base", *ADAPTERS]
+
+
+def test_completion_is_the_adapters_own_greedy_decoding(server, solo_text):
+    answer = client(server[0]).completions.create(model="formal", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert answer.choices[0].text == solo_text("formal", PROMPTS[0], 10)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert answer.usage.completion_tokens <= 10 and answer.usage.prompt_tokens > 0
+    base = client(server[0]).completions.create(model="base", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert base.choices[0].text == solo_text(None, PROMPTS[0], 10)
+
+
+def test_chat_streamed_equals_chat_whole(server):
+    api = client(server[0])
+    messages = [{"role": "user", "content": "hello world"}]
+    whole = api.chat.completions.create(model="kind", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(api.chat.completions.create(model="kind", messages=messages, max_tokens=12, temperature=0,
+                                              stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings_end_the_answer_before_them(server, solo_text):
+    full = solo_text("terse", PROMPTS[1], 16)
+    if len(full) < 4:
+        pytest.skip("the tiny model's answer is too short to cut")
+    stop = full[2:4]
+    answer = client(server[0]).completions.create(model="terse", prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                                  stop=[stop])
+    assert answer.choices[0].text == full[:full.index(stop)] and answer.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_requests_over_4_adapters_each_get_their_own_answer(server, solo_text):
+    """Requests join and leave the running batch at different steps (prompt lengths and answer
+    lengths differ); none is lost, none gets another's tokens."""
+    api = client(server[0])
+    jobs = [(name, PROMPTS[i % len(PROMPTS)], 4 + i % 7) for i, name in enumerate(list(ADAPTERS) * 8)]
+
+    def ask(job):
+        name, prompt, max_tokens = job
+        if len(job[1]) % 2:
+            chunks = api.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return api.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+
+    steps = server[1].steps
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert answers == [solo_text(*job) for job in jobs]
+    assert server[1].steps - steps < sum(job[2] for job in jobs) / 2  # decoded together, not one at a time
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem(server):
+    api = client(server[0])
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        api.completions.create(model="nope", prompt="hello", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer >= 1"):
+        api.completions.create(model="terse", prompt="hello", max_tokens=-3)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        api.completions.create(model="terse", prompt="hello world " * 80, max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=5)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        api.chat.completions.create(model="terse", messages=[], max_tokens=2)
+    raw = httpx.post(f"{server[0]}/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    # The server is still serving.
+    assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):
+    base_url, engine = server
+    real = engine.adapter_set.next_logprobs
+
+    def failing(*args, **kwargs):
+        monkeypatch.setattr(engine.adapter_set, "next_logprobs", real)  # once
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine.adapter_set, "next_logprobs", failing)
+    with pytest.raises(openai.InternalServerError, match="simulated"):
+        client(base_url).completions.create(model="kind", prompt="hello", max_tokens=3, temperature=0)
+    assert engine.wait_idle(10)
+    assert client(base_url).completions.create(model="kind", prompt="hello", max_tokens=3, temperature=0).usage
+
+
+def test_a_client_leaving_mid_stream_is_dropped_from_the_batch(server):
+    base_url, engine = server
+    body = {"model": "brief", "prompt": "hello world", "max_tokens": 100, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # one piece of text, then hang up
+    assert engine.wait_idle(30), "the request of a client that went away is still decoding"
+    answer = client(base_url).completions.create(model="brief", prompt="hello", max_tokens=3, temperature=0)
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_ctrl_c_ends_the_server_cleanly(saved):
+    root, _, paths = saved
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "qadapter.cli", "serve", "--adapter", f"terse={paths['terse']}",
+                                "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up")
+        lines = []
+        body = {"model": "terse", "prompt": "hello world", "max_tokens": 16, "temperature": 0, "stream": True}
+
+        def listen():
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+                lines.extend(line for line in response.iter_lines() if line)
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        listener.join(60)
+    finally:
+        process.kill()
+    assert process.returncode in (0, 130), output  # 130: the conventional status of a process ended by SIGINT
+    assert "Traceback" not in output and "ERROR" not in output, output
+    assert lines and lines[-1] == "data: [DONE]"  # the running request finished, or was cancelled, cleanly
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop", "cancelled")
+
+
+@pytest.mark.parametrize("argument, message", [("noequals", "NAME=DIR"), ("base=somewhere", "reserved for the base"),
+                                               ("=somewhere", "NAME=DIR")])
+def test_serve_command_refuses_bad_adapter_arguments(argument, message, capsys):
+    from qadapter.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--adapter", argument])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_command_refuses_a_name_given_twice(saved, capsys):
+    from qadapter.cli import main
+
+    path = saved[2]["terse"]
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--adapter", f"a={path}", "--adapter", f"a={path}"])
+    assert exc.value.code == 2 and "given twice" in capsys.readouterr().err
