@@ -327,3 +327,12 @@ def test_compiled_generation_of_a_stack_matches_eager(parent_dir):
     ids, mask = left_padded_prompts()
     eager = model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=False)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=True), eager)
+
+
+def test_an_adapter_set_refuses_a_stacked_adapter(tmp_path, parent_dir):
+    """An adapter set's bank holds single adapters: a stack's policy would silently lose its levels."""
+    from qadapter.library.adapter_set import AdapterSet
+
+    saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
+    with pytest.raises(AdapterLoadError, match="'child': .* is a stacked adapter"):
+        AdapterSet.from_pretrained({"parent": parent_dir, "child": tmp_path / "child"}, tiny_causal_lm())
