@@ -1,22 +1,28 @@
 """``qadapter serve`` throughput: concurrent requests over several adapters beside the same requests
-one at a time, through the HTTP server on the loopback address, in one run.
+one at a time, through ``qadapter serve`` in a process of its own on the loopback address, in one run.
 
 Each round sends the same ``requests`` chat completions (greedy, ``max_tokens`` each, request ``i``
 to adapter ``i mod adapters``) twice: one after another, then all at once; tokens/s is the completion
 tokens over the wall time of the whole set. Rounds take turns (median). Embedded default on the CPU;
-``python -m bench.serve [--requests 8] [--adapters 4] [--max-tokens 32] [--rounds 3] [--threads N]``;
-writes ``bench/results/serve-<device>-<date>.json``.
+``python -m bench.serve [--requests 8] [--adapters 4] [--max-tokens 64] [--rounds 3] [--threads N]``
+(``--threads``: the server's torch threads);
+writes ``bench/results/serve-<device>-<date>-<max tokens>-tokens.json``. Each request's prefill is
+the same work either way, so the shorter the answers, the more of the time it takes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,24 +37,41 @@ PROMPTS = ["Tell me a long story about a dragon.", "Explain how rain forms.", "W
            "Give me advice for a job interview.", "Why is the sky blue?"]
 
 
-def running_server(engine):
-    """The HTTP server over ``engine`` in a background thread; returns (base URL, stop function)."""
-    import uvicorn
-    from qadapter.serving.server import Server
+@contextlib.contextmanager
+def serving(adapters: dict[str, Path], max_batch: int, threads: int | None = None, base_model: str | None = None):
+    """``qadapter serve`` over ``adapters`` in a process of its own (as a deployment runs it: the
+    clients do not share its interpreter), on a free loopback port; yields its base URL, and ends it
+    with Ctrl-C."""
+    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(Server(engine).app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(30)
-    return f"http://127.0.0.1:{port}/v1", stop
+    command = [sys.executable, "-m", "qadapter.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
+               "--log-level", "warning", *(f"--adapter={name}={path}" for name, path in adapters.items())]
+    if base_model is not None:
+        command += ["--base-model", base_model]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base_url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qadapter serve did not come up: {process.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def completion_tokens(base_url: str, body: dict) -> int:
@@ -83,23 +106,15 @@ def serve_rows(base_url: str, names: list[str], requests: int, max_tokens: int, 
             "concurrent_over_one_at_a_time": tps[f"{requests} concurrent"] / tps["one at a time"]}
 
 
-def measure(requests: int = 8, adapters: int = 4, max_tokens: int = 32, rounds: int = 3) -> dict:
-    from qadapter.library.adapter_set import AdapterSet
+def measure(requests: int = 8, adapters: int = 4, max_tokens: int = 64, rounds: int = 3) -> dict:
     from qadapter.library.model import QAdapterModel
-    from qadapter.serving.engine import Engine
 
     model = QAdapterModel.from_base()
-    tokenizer = model.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         paths = save_adapters(model, Path(tmp), adapters)
         del model
-        adapter_set = AdapterSet.from_pretrained(paths)
-    engine = Engine(adapter_set, tokenizer, max_batch=requests).start()
-    base_url, stop = running_server(engine)
-    try:
-        rows = serve_rows(base_url, list(paths), requests, max_tokens, rounds)
-    finally:
-        stop()
+        with serving(paths, max_batch=requests, threads=torch.get_num_threads()) as base_url:
+            rows = serve_rows(base_url, list(paths), requests, max_tokens, rounds)
     return {"device": "cpu", "threads": torch.get_num_threads(), **versions("cpu", ("transformers", "peft")),
             "requests": requests, "adapters": adapters, "max_tokens": max_tokens, "rounds": rounds, **rows,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -109,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>14}: {value:7.1f} tokens/s")
     print(f"concurrent / one at a time = {result['concurrent_over_one_at_a_time']:.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-cpu-{datetime.date.today().isoformat()}.json"
+    path = args.out / f"serve-cpu-{datetime.date.today().isoformat()}-{args.max_tokens}-tokens.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

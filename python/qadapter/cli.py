@@ -330,6 +330,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together at most")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="the HTTP server's log (info: one line per request)")
 
 
 def _run_serve(args) -> int:
@@ -351,7 +353,8 @@ def _run_serve(args) -> int:
     else:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
-    serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch), args.host, args.port)
+    serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch), args.host, args.port,
+          log_level=args.log_level)
     return 0
 
 

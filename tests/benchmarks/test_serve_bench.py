@@ -9,23 +9,17 @@ pytest.importorskip("peft")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 from helpers import save_tiny_base  # noqa: E402
-from qadapter.library.adapter_set import AdapterSet  # noqa: E402
 from qadapter.library.model import QAdapterModel  # noqa: E402
-from qadapter.serving.engine import Engine  # noqa: E402
 
 from bench.adapter_set import save_adapters  # noqa: E402
-from bench.serve import running_server, serve_rows  # noqa: E402
+from bench.serve import serve_rows, serving  # noqa: E402
 
 
 def test_both_ways_are_timed_over_the_same_requests(tmp_path):
-    tokenizer = save_tiny_base(tmp_path / "base")
+    save_tiny_base(tmp_path / "base")
     paths = save_adapters(QAdapterModel.from_base(str(tmp_path / "base")), tmp_path, 2)
-    engine = Engine(AdapterSet.from_pretrained(paths), tokenizer, max_batch=4).start()
-    base_url, stop = running_server(engine)
-    try:
+    with serving(paths, max_batch=4, threads=1) as base_url:
         row = serve_rows(base_url, list(paths), requests=4, max_tokens=3, rounds=1)
-    finally:
-        stop()
     assert set(row["tokens_per_s"]) == {"one at a time", "4 concurrent"}
     assert all(v > 0 for v in row["tokens_per_s"].values())
     assert row["concurrent_over_one_at_a_time"] == pytest.approx(
