@@ -344,6 +344,31 @@ def gpu_run_versions() -> dict:
     return info
 
 
+def options_main(argv: list[str] | None, *, prog: str, doc: str, options_class: type, run: Callable[..., dict],
+                 summary: Callable[[dict], str], name: str | Callable[[dict], str], **defaults) -> int:
+    """The command of a benchmark of the model layer whose options are a dataclass: its options (as
+    ``qadapter``'s commands generate them, ``defaults`` replacing some) and ``--out``; runs
+    ``run(options)``, prints ``summary(result)`` and writes ``<name>-<device>-<date>.json`` into ``--out``
+    (``name``: or ``name(result)``, for a benchmark whose variants are kept side by side).
+    (``qadapter`` is imported here, not at the top: the version record must work without it.)"""
+    import argparse
+
+    from qadapter.cli import add_dataclass_options, options_from
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    add_dataclass_options(parser, options_class)
+    parser.set_defaults(**defaults)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
+    result = run(options_from(args, options_class))
+    print(summary(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name(result) if callable(name) else name}-{result['device']}-{result['date'][:10]}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.common [OUT.json]``: prints (and writes) :func:`gpu_run_versions`."""
     argv = sys.argv[1:] if argv is None else argv

@@ -19,16 +19,14 @@ two runs' adapters and reports into ``--output``'s ``dense/`` and ``nf4/``.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, bench_device, device_label, versions
+from bench.common import bench_device, device_label, options_main, versions
 
 RUNS = {"dense": None, "nf4": {"method": "nf4", "double_quant": True}}  # the compute dtype: the device's default
 TARGET = 0.05  # the largest held-out accuracy difference the target allows
@@ -78,21 +76,10 @@ def summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qadapter.cli import add_dataclass_options, options_from
     from qadapter.experiments.demo import DemoOptions
 
-    parser = argparse.ArgumentParser(prog="python -m bench.quantized_accuracy", description=__doc__.split("\n")[0])
-    add_dataclass_options(parser, DemoOptions)
-    parser.set_defaults(output="qadapter-demo/quantized-accuracy")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result JSON (default: %(default)s)")
-    args = parser.parse_args(argv)
-    result = run(options_from(args, DemoOptions))
-    print(summary(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"quantized-accuracy-{result['device']}-{result['date'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
+    return options_main(argv, prog="python -m bench.quantized_accuracy", doc=__doc__, options_class=DemoOptions,
+                        run=run, summary=summary, name="quantized-accuracy", output="qadapter-demo/quantized-accuracy")
 
 
 if __name__ == "__main__":

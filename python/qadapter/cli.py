@@ -147,8 +147,16 @@ def _train_parser(sub) -> None:
                                    "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
                                    "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
                                    "LoRA and length settings, and e.g. --num_train_epochs 2 "
-                                   "--gradient_checkpointing true.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
+                                   "--gradient_checkpointing true. With --on, the new adapter is trained on top "
+                                   "of a saved one (a stack: the saved customized policy takes the frozen "
+                                   "model's place).")
+    p.add_argument("--model", help=f"base model: a local directory, a hub name, or (default) {DEFAULT_MODEL}; "
+                                   "with --on, the base the saved adapter names")
+    p.add_argument("--on", metavar="ADAPTER_DIR",
+                   help="train on top of this saved Q-Adapter (continual customization); its own levels come along")
+    p.add_argument("--q-on", choices=("parent", "base"), default="parent",
+                   help="with --on: the new Q network is the parent's plus the new LoRA (parent), or the base "
+                        "plus the new LoRA alone (base) (default: %(default)s)")
     p.add_argument("--data", required=True, help="training preference data")
     p.add_argument("--eval-data", help="held-out preference data (evaluated at the end)")
     p.add_argument("--output", required=True, help="directory for the adapter (and trainer checkpoints)")
@@ -201,7 +209,10 @@ def _run_train(args, extra: list[str]) -> int:
     # Read and checked before the model loads: bad data fails at once.
     train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
-    model = QAdapterModel.from_base(args.model, quantization=_quantization(args), **config.model_options())
+    if args.q_on != "parent" and args.on is None:
+        _usage_error("train", "--q-on applies with --on")
+    stacking = {} if args.on is None else {"on": args.on, "q_on": args.q_on}
+    model = QAdapterModel.from_base(args.model, quantization=_quantization(args), **config.model_options(), **stacking)
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    skip_invalid=args.skip_invalid)

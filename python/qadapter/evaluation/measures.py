@@ -12,10 +12,11 @@
 
 The pass is built for a CPU. Pairs run longest first in batches of about ``tokens_per_batch``
 tokens, so padding stays small; a pair is one row, its shared prompt once and each response
-attending to the prompt and to itself; the frozen model and the adapter run in one forward of
-the doubled batch (:func:`qadapter.library.policy.adapter_rows`); the rewards, the step-0 rewards and
-the KL come from one :func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens'
-hidden states, with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
+attending to the prompt and to itself; the frozen model and the adapter (for a stack, every level's
+Q network) run in one forward of the batch repeated once per network
+(:func:`qadapter.library.stack.level_rows`); the rewards, the step-0 rewards and the KL come from one
+:func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens' hidden states (a stack
+takes one per measure: :func:`_level_measures`), with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
 training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order (what a
 batched evaluation of the loss reports: ``reward_norm="padded"`` divides by a group's padded
 length, chi2 is a group's token mean), whatever batches the forward passes ran in.
@@ -38,7 +39,7 @@ from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 from ..library.data import IGNORE_INDEX, PreferenceCollator
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
-from ..library.policy import adapter_rows, second_half
+from ..library.stack import level_rows
 
 ATTENTION_WITH_MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
@@ -100,9 +101,10 @@ def packing_mask_dtype(model, longest: int) -> torch.dtype | None:
 
 
 def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int, pack: bool):
-    """Final hidden states of the frozen model and of the adapter at each scored position of the
-    loss's layout ``[chosen..., rejected...]`` (row by row, the order the loss packs them in), the
-    scored tokens' ids, and the layout's :class:`ScoredTokens`."""
+    """Final hidden states ``[h_0, ..., h_L]`` of the frozen model and of each level's Q network (one
+    adapter: ``[h_0, h_1]``) at each scored position of the loss's layout ``[chosen..., rejected...]``
+    (row by row, the order the loss packs them in), the scored tokens' ids, and the layout's
+    :class:`ScoredTokens`. One forward runs every level, each on its own copy of the rows."""
     weight = model.lm_head_weight
     layout = PreferenceCollator(pad_token_id=pad_token_id)(batch)
     tokens = ScoredTokens.from_labels(layout["labels"].to(weight.device), model.loss.ignore_index)
@@ -116,13 +118,35 @@ def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int, p
         inputs = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"]}
         row = sequence
     rows = inputs["input_ids"].shape[0]
-    doubled = {k: torch.cat([v, v]).to(weight.device) for k, v in inputs.items()}
-    rows_flags = second_half(2 * rows, weight.device)
-    with adapter_rows(model.peft_model, rows_flags):
-        hidden = model.base_model.get_decoder()(**doubled, use_cache=False).last_hidden_state
+    networks = [(), *model.q_networks]  # the frozen model first
+    repeated = {k: torch.cat([v] * len(networks)).to(weight.device) for k, v in inputs.items()}
+    with level_rows(model.peft_model, networks, rows):
+        hidden = model.base_model.get_decoder()(**repeated, use_cache=False).last_hidden_state
     row, position = row.to(weight.device), position.to(weight.device)
     targets = layout["labels"].to(weight.device)[:, 1:][tokens.mask]
-    return hidden[:rows][row, position], hidden[rows:][row, position], targets, tokens
+    return [h[row, position] for h in hidden.split(rows)], targets, tokens
+
+
+def _level_measures(model: QAdapterModel, levels: list[torch.Tensor], targets: torch.Tensor, *, step0: bool, kl: bool,
+                    chunk_size: int | None):
+    """The vocabulary pass's measures of one batch's levels (:func:`_forward_batch`): one pass for one
+    adapter; a stack's step-0 rewards (Q of a fresh adapter: :meth:`QAdapterModel.step0_hidden`) and
+    its KL to the base (:meth:`QAdapterModel.policy_hidden`) each take their own pair of hidden states."""
+    weight, single = model.lm_head_weight, not model.stack
+    base, q = model.loss_hidden(levels)
+    wanted = ("stats", *(("step0",) if step0 and single else ()), *(("kl",) if kl and single else ()))
+    out = vocabulary_pass(base, q, weight, targets, config=model.loss, measures=wanted, chunk_size=chunk_size)
+    if single:
+        return out
+    if step0:
+        fresh = vocabulary_pass(base, model.step0_hidden(levels), weight, targets, config=model.loss,
+                                chunk_size=chunk_size)
+        out = out._replace(step0_q_taken=fresh.q_taken, step0_value=fresh.value)
+    if kl:
+        frozen, policy, config = model.policy_hidden(levels)
+        out = out._replace(kl=vocabulary_pass(frozen, policy, weight, config=config, measures=("kl",),
+                                              chunk_size=chunk_size).kl)
+    return out
 
 
 def _length_batches(features: list[dict], tokens_per_batch: int, pack: bool) -> list[list[int]]:
@@ -200,17 +224,16 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     for name, value in (("pairs_per_batch", pairs_per_batch), ("tokens_per_batch", tokens_per_batch)):
         _check_positive(name, value)
     check_chunk_size(chunk_size)
-    loss, weight = model.loss, model.lm_head_weight
+    loss = model.loss
     longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
     pack = _can_pack(model.config, longest)
-    wanted = ("stats", *(("step0",) if step0 else ()), *(("kl",) if kl else ()))
     learned, initial = [None] * len(features), [None] * len(features)
     kl_total, kl_count = 0.0, 0
     with evaluation_mode(model), _progress(len(features), progress) as bar:
         for indices in _length_batches(features, tokens_per_batch, pack):
             batch = [features[i] for i in indices]
-            base, q, targets, tokens = _forward_batch(model, batch, pad_token_id, pack)
-            measures = vocabulary_pass(base, q, weight, targets, config=loss, measures=wanted, chunk_size=chunk_size)
+            levels, targets, tokens = _forward_batch(model, batch, pad_token_id, pack)
+            measures = _level_measures(model, levels, targets, step0=step0, kl=kl, chunk_size=chunk_size)
             for store, stats in [(learned, (measures.q_taken, measures.value))] + (
                     [(initial, (measures.step0_q_taken, measures.step0_value))] if step0 else []):
                 per_sequence = token_rewards(*stats, tokens, loss).split(tokens.counts.tolist())
@@ -218,7 +241,7 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
                     store[i] = (per_sequence[k], per_sequence[k + len(indices)])
             if kl:
                 kl_total += measures.kl.sum().item()
-            kl_count += base.shape[0]
+            kl_count += targets.shape[0]
             bar.update(len(indices))
     result = _group_metrics(learned, features, pad_token_id, pairs_per_batch, loss)
     if not per_pair:

@@ -320,8 +320,8 @@ def qadapter_policy(model, tokenizer) -> Policy:
 
     @torch.no_grad()
     def kl_to_base(ids, mask):
-        base_hidden, q_hidden = model.hidden_states(ids.to(weight.device), mask.to(weight.device))
-        return vocabulary_pass(base_hidden, q_hidden, weight, config=model.loss, measures=("kl",)).kl
+        frozen, policy, config = model.policy_hidden(model.stack_hidden(ids.to(weight.device), mask.to(weight.device)))
+        return vocabulary_pass(frozen, policy, weight, config=config, measures=("kl",)).kl
 
     def answer(questions, max_new_tokens):
         return answers(model, tokenizer, questions, customized=True, max_new_tokens=max_new_tokens)

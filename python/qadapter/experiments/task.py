@@ -7,6 +7,10 @@ same answer with its first sentence set apart as a TL;DR line (:func:`make_chose
 the pair differs only in the preference, never in content. The knowledge probe holds
 short-answer questions; retention is the fraction still answered correctly.
 
+A second preference, for a stack trained on the first (:mod:`qadapter.library.stack`): *the answer
+goes on as a bulleted list after its opening line* (:func:`follows_bullets`), its pairs made from the
+same answers (:func:`bullet_pairs`).
+
 ``python -m qadapter.experiments.task --output DIR`` regenerates the shipped data (seeded, greedy).
 """
 
@@ -106,6 +110,35 @@ def make_chosen(response: str) -> str:
     """The same answer, its first sentence set apart as the TL;DR line: same words, new format."""
     first, rest = split_first_sentence(response)
     return f"{TLDR} {' '.join(first.split())}\n\n{rest}".rstrip()
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a text, across its lines (list markers and blank lines dropped)."""
+    parts = [line.strip().removeprefix("- ").strip() for line in text.strip().split("\n")]
+    return [sentence for line in parts if line for sentence in _SENTENCE_END.split(line) if sentence.strip()]
+
+
+def follows_bullets(response: str) -> bool:
+    """The second preference (for stacking on the first): after its opening line, the answer goes on
+    as a bulleted list, its next non-empty line starting with ``- ``."""
+    lines = [line.strip() for line in response.strip().split("\n") if line.strip()]
+    return len(lines) >= 2 and lines[1].startswith("- ") and len(lines[1]) > 3
+
+
+def make_bulleted(response: str) -> str:
+    """The same answer, its first sentence as the opening line and every later one a ``- `` item."""
+    first, *rest = sentences(response)
+    return first + "\n\n" + "\n".join(f"- {sentence}" for sentence in rest)
+
+
+def bullet_pairs(rows: list[dict], answers: str = "chosen") -> list[dict]:
+    """Pairs of the second preference from the task's pairs: an answer bulleted against the answer as
+    it is, so a pair differs only in that preference. ``answers``: which response of the task's pair
+    is the answer: ``"chosen"``, as a policy customized to the first preference writes it (its TL;DR
+    line first), or ``"rejected"``, as the base model writes it. An answer of one sentence has no list
+    to make and is left out."""
+    return [{"prompt": row["prompt"], "chosen": make_bulleted(row[answers]), "rejected": row[answers]}
+            for row in rows if len(sentences(row[answers])) >= 2]
 
 
 def probe_correct(answer: str, accepted: list[str]) -> bool:

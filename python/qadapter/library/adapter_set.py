@@ -208,6 +208,10 @@ class AdapterSet:
         path = Path(path)
         atomic.recover(path)
         config = read_adapter_config(path)
+        if config["stack"]:  # its policy needs its levels' networks too, which the bank does not hold
+            raise AdapterLoadError(f"adapter {name!r}: {path} is a stacked adapter (on {len(config['stack'])} saved "
+                                   "level(s)); an adapter set serves single adapters: load it with "
+                                   "QAdapterModel.from_pretrained")
         check_quantization(path, config["quantization"], self.quantization)
         check_base(path, config, self.fingerprint)
         with self._bank_rebuilt():

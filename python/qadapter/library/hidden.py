@@ -9,7 +9,8 @@ gradient ever reaches the pre-trained model.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -120,14 +121,46 @@ def peft_model_of(model: nn.Module) -> nn.Module:
     return inner
 
 
-def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              *, logit_softcap: float | None = None, **model_kwargs) -> HiddenStates:
-    """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
-    PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``.
+def activate_adapters(peft_model: nn.Module, names: Sequence[str]) -> list:
+    """Makes every LoRA layer of ``peft_model`` run exactly the adapters ``names``, their trainability
+    untouched (PEFT's ``set_adapter`` makes the adapters it activates trainable); returns each
+    layer's previous set, for :func:`only_adapters` to put back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    ``model`` is a ``peft.PeftModel`` or a wrapper of one (what ``accelerator.prepare`` or Trainer
-    returns); ``model_kwargs`` go to both forwards. A model that soft-caps its logits (Gemma-2) is
-    refused unless ``logit_softcap`` is its cap (:func:`head_softcap`), which the loss then needs too.
+    saved = []
+    for layer in peft_model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            saved.append((layer, layer._active_adapter))
+            layer._active_adapter = list(names)
+    return saved
+
+
+@contextmanager
+def only_adapters(peft_model: nn.Module, names: Sequence[str]):
+    """Within it, every LoRA layer of ``peft_model`` runs exactly the adapters ``names``
+    (:func:`activate_adapters`): how a stack runs one level's network (:mod:`qadapter.library.stack`)."""
+    saved = []
+    try:
+        saved = activate_adapters(peft_model, names)
+        yield
+    finally:
+        for layer, active in saved:
+            layer._active_adapter = active
+
+
+def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 levels: Sequence[Sequence[str]] = (), logit_softcap: float | None = None,
+                 **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Final hidden states of the frozen pass (adapters disabled, no grad), of one pass per entry of
+    ``levels`` (the adapters named there, no grad: the frozen levels of a stack) and of the adapter
+    pass (the model's active adapters, with grad: set, not switched for the pass, so that gradient
+    checkpointing recomputes the same network), and the lm_head weight.
+
+    Every pass goes through ``model``'s own forward with ``logits_to_keep=1``, a hook on the decoder
+    keeping its output. ``model`` is a ``peft.PeftModel`` or a wrapper of one (what
+    ``accelerator.prepare`` or Trainer returns), so the wrapper sees every pass; ``model_kwargs`` go
+    to each. A model that soft-caps its logits (Gemma-2) is refused unless ``logit_softcap`` is its
+    cap (:func:`head_softcap`), which the loss then needs too.
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
@@ -140,10 +173,23 @@ def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attenti
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **model_kwargs)
     handle = base_model.get_decoder().register_forward_hook(keep_hidden)
     try:
-        with torch.no_grad(), peft_model.disable_adapter():
-            model(**kwargs)
+        with torch.no_grad():
+            with peft_model.disable_adapter():
+                model(**kwargs)
+            for names in levels:
+                with only_adapters(peft_model, names):
+                    model(**kwargs)
         model(**kwargs)
     finally:
         handle.remove()
-    base_hidden, q_hidden = captured
-    return HiddenStates(base_hidden, q_hidden, full_weight(head.weight))  # gathered after the forwards, once
+    return captured, full_weight(head.weight)  # gathered after the forwards, once
+
+
+def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              *, logit_softcap: float | None = None, **model_kwargs) -> HiddenStates:
+    """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
+    PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``
+    (:func:`level_hidden` without stacked levels)."""
+    (base_hidden, q_hidden), weight = level_hidden(model, input_ids, attention_mask, logit_softcap=logit_softcap,
+                                                   **model_kwargs)
+    return HiddenStates(base_hidden, q_hidden, weight)

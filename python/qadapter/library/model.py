@@ -31,14 +31,30 @@ from qadapter_kernels.inputs import check_chunk_size
 from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
-from .hidden import frozen_and_adapter_hidden, full_weight, head_softcap, linear_head, whole_parameters
+from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head, whole_parameters
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
+from .stack import (
+    Level,
+    StackedRows,
+    adapter_digest,
+    check_q_on,
+    effective_hidden,
+    freeze_level,
+    level_name,
+    q_networks,
+)
 
 CONFIG_NAME = "qadapter_config.json"
 FORMAT_VERSION = 1
+STACKED_FORMAT_VERSION = 2  # a stacked adapter: a reader that cannot load its levels refuses it
 # Keys of the saved config's "loss" section besides LossConfig's fields.
 RUN_KEYS = ("backend", "chunk_size")
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What a stack level's sha256 covers: what its policy is (weights, loss options, base), not its history.
+LEVEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+# The combination that makes a distribution of plain logits (alpha_0 = 0, alpha~ = 1): a stack's
+# policy is a softmax of h_eff_L W, measured against the base by this.
+PLAIN_LOSS = LossConfig(alpha_0=0.0, alpha_tilde=1.0)
 
 
 class AdapterLoadError(ValueError):
@@ -76,6 +92,10 @@ class QAdapterModel(nn.Module):
     ``QAdapterModel(base, ...)`` attaches a fresh adapter; :meth:`from_peft_model` wraps a PEFT model
     that carries one already. The loss options are ``loss`` (a :class:`LossConfig`, default: its
     defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
+
+    ``on``: a saved adapter's directory: the new adapter is trained on top of that customized policy
+    (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q network the parent's
+    plus the new LoRA (``q_on="parent"``) or the base plus the new LoRA (``q_on="base"``).
     """
 
     def __init__(
@@ -90,12 +110,16 @@ class QAdapterModel(nn.Module):
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
         target_modules: Iterable[str] = ("q_proj", "v_proj"),
+        on: str | os.PathLike | None = None,
+        q_on: str = "parent",
         **loss_options,
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
+        check_q_on(q_on)
+        levels = None if on is None else levels_on(on)
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
         if self.quantization is not None:
@@ -104,12 +128,47 @@ class QAdapterModel(nn.Module):
                           target_modules=list(target_modules))
         self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
         self.fingerprint = base_fingerprint(self.peft_model)
+        if levels is not None:
+            self._stack_levels(levels, q_on, "on")
 
     def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
         self.loss, self.backend, self.chunk_size = run_options(loss, backend, chunk_size, **loss_options)
         self.tokenizer = tokenizer
         # What training adds to the saved provenance (provenance.build): data, training, metrics.
         self.provenance: dict = {}
+        # The saved adapters under this one, the first on the base (a stack); empty for one adapter.
+        self.stack: tuple[Level, ...] = ()
+        self.q_on: str | None = None
+
+    def _stack_levels(self, levels: list[Level], q_on: str, argument: str) -> None:
+        """Loads ``levels`` as frozen PEFT adapters under this one, each checked: same base, same
+        quantization, files unchanged since recorded (``argument`` names where they came from)."""
+        if self.loss.logit_softcap is not None:
+            raise ValueError(
+                f"{argument}: stacking adapters needs an uncapped head, and this model soft-caps its logits "
+                f"(logit_softcap={self.loss.logit_softcap:g}): tanh is not linear, so a level's policy is not a "
+                "softmax of one hidden state and the fused loss cannot take it as the frozen side")
+        for k, level in enumerate(levels, 1):
+            path, name = Path(level.path), level_name(k)
+            try:
+                config = read_adapter_config(path)
+                check_base(path, config, self.fingerprint)
+                check_quantization(path, config["quantization"], self.quantization)
+            except AdapterLoadError as exc:
+                raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
+            if adapter_digest(path, LEVEL_FILES) != level.sha256:
+                raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
+                                       f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)")
+            try:
+                self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
+                raise AdapterLoadError(f"{argument}: stack level {k}: the weights in {path} cannot be loaded: {exc}") from exc
+            check_adapter_weights(self.peft_model, path, adapter_name=name)
+            freeze_level(self.peft_model, name)
+        self.stack, self.q_on = tuple(levels), q_on
+        # The adapters this model's Q network runs are its active ones, whatever runs its forward.
+        activate_adapters(self.peft_model, self.q_networks[-1])
+        self.provenance["parent_adapter"] = {**levels[-1].as_dict(), "depth": len(levels)}
 
     def _take_softcap(self, base_model: nn.Module) -> None:
         """The loss takes the model's logit soft-capping (Gemma-2), unless it names another cap."""
@@ -139,9 +198,10 @@ class QAdapterModel(nn.Module):
         return model
 
     @classmethod
-    def from_base(cls, model: str | nn.Module = DEFAULT_MODEL, *, torch_dtype=None, device=None, quantization=None,
+    def from_base(cls, model: str | nn.Module | None = None, *, torch_dtype=None, device=None, quantization=None,
                   **options) -> QAdapterModel:
-        """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or the default.
+        """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or (None)
+        the default; with ``on`` (a saved adapter to stack on), None is the base that adapter names.
 
         ``quantization`` loads a named base quantized by bitsandbytes (QLoRA-style): ``"4bit"`` (NF4,
         double quantization, compute dtype ``torch_dtype`` or bfloat16 on CUDA, float32 on a CPU),
@@ -149,6 +209,9 @@ class QAdapterModel(nn.Module):
         ``transformers.BitsAndBytesConfig``; the lm_head and the LoRA weights stay dense. A model
         object is taken as it is (quantized or not)."""
         tokenizer = options.pop("tokenizer", None)
+        if model is None:
+            on = options.get("on")
+            model = (read_adapter_config(Path(on))["base_model"] if on is not None else "") or DEFAULT_MODEL
         if isinstance(model, str):
             model, tokenizer = load_base(model, torch_dtype=torch_dtype, device=device, quantization=quantization)
         elif quantization is not None:
@@ -176,9 +239,12 @@ class QAdapterModel(nn.Module):
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
             raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): {exc}") from exc
         check_adapter_weights(peft_model, path)
+        model = cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
+        if config["stack"]:
+            model._stack_levels([Level.from_dict(r, str(path)) for r in config["stack"]], config["q_on"], str(path))
         if device is not None and config["quantization"] is None:  # a quantized base is placed as it loads
             peft_model.to(device)
-        return cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
+        return model
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Replaces the adapter's weights with those saved in ``path`` (a trainer checkpoint or a saved
@@ -204,14 +270,16 @@ class QAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------------ saving
     def adapter_config(self) -> dict:
         lora = self.peft_model.peft_config[ADAPTER_NAME]
+        stacked = {"stack": [level.as_dict() for level in self.stack], "q_on": self.q_on} if self.stack else {}
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": STACKED_FORMAT_VERSION if self.stack else FORMAT_VERSION,
             "base_model": getattr(self.config, "name_or_path", None) or "",
             "base_fingerprint": self.fingerprint,
             "quantization": self.quantization,
             "loss": {**self.loss.as_dict(), "backend": self.backend, "chunk_size": self.chunk_size},
             "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
                      "target_modules": sorted(lora.target_modules)},
+            **stacked,
         }
 
     def write_adapter(self, directory: str | os.PathLike) -> None:
@@ -219,7 +287,7 @@ class QAdapterModel(nn.Module):
         and Trainer checkpoints: the weights, ``qadapter_config.json`` and ``provenance.json``
         (:mod:`qadapter.library.provenance`); PEFT's model card is dropped, not ours to replace."""
         directory = Path(directory)
-        self.peft_model.save_pretrained(directory, safe_serialization=True)
+        self.peft_model.save_pretrained(directory, safe_serialization=True, selected_adapters=[ADAPTER_NAME])
         (directory / "README.md").unlink(missing_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n", encoding="utf-8")
         provenance.write(directory, provenance.build(self, self.provenance))
@@ -230,8 +298,13 @@ class QAdapterModel(nn.Module):
         Everything else in ``path`` (trainer checkpoints, the user's files) stays. Each file is
         renamed into place from a complete staged copy, so a crash leaves the old adapter or the
         new one, never a mix (``atomic.py``). A regular file at ``path`` is refused, and so is a
-        non-empty directory that holds no adapter or checkpoint of ours unless ``overwrite``.
+        non-empty directory that holds no adapter or checkpoint of ours unless ``overwrite``; so is a
+        level of this adapter's own stack (the adapter it is trained on).
         """
+        for k, level in enumerate(self.stack, 1):
+            if Path(path).resolve() == Path(level.path).resolve():
+                raise ValueError(f"path {path} holds stack level {k} of this adapter: saving there would replace "
+                                 "the adapter it was trained on")
         atomic.save_files(path, self.write_adapter, is_ours=holds_adapter, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------ module
@@ -261,12 +334,49 @@ class QAdapterModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
+    @property
+    def q_networks(self) -> list[tuple[str, ...]]:
+        """Per level of the stack (this adapter last), the PEFT adapters its Q network runs."""
+        return q_networks([level.q_on for level in self.stack] + [self.q_on])
+
+    @property
+    def level_alphas(self) -> list[tuple[float, float]]:
+        """``(alpha_0, alpha~)`` of each level of the stack, this adapter's last."""
+        return [(level.alpha_0, level.alpha_tilde) for level in self.stack] + [(self.loss.alpha_0, self.loss.alpha_tilde)]
+
+    def stack_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     **model_kwargs) -> list[torch.Tensor]:
+        """Final hidden states ``[h_0, h_1, ..., h_L]`` of the frozen model and of each level's Q
+        network (the stack's levels without grad, this adapter's with); ``model_kwargs``
+        (``position_ids``, say) go to every forward."""
+        networks = self.q_networks
+        hidden, _ = level_hidden(self.peft_model, input_ids, attention_mask, levels=networks[:-1],
+                                 logit_softcap=self.loss.logit_softcap, **model_kwargs)
+        return hidden
+
+    def loss_hidden(self, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss's ``(base_hidden, q_hidden)`` of :meth:`stack_hidden`'s states: ``h_eff`` of the
+        levels below this adapter (the frozen model's own for one adapter), and this adapter's."""
+        return effective_hidden(hidden[:-1], self.level_alphas[:-1]), hidden[-1]
+
+    def policy_hidden(self, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, LossConfig]:
+        """``(base_hidden, q_hidden, config)`` whose combination is this model's customized policy
+        and whose base is the frozen model, for measures against the base (KL): for one adapter the
+        loss's inputs and options, for a stack ``h_0`` and ``h_eff_L`` under :data:`PLAIN_LOSS`."""
+        if not self.stack:
+            return hidden[0], hidden[1], self.loss
+        return hidden[0], effective_hidden(hidden, self.level_alphas), PLAIN_LOSS
+
+    def step0_hidden(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """The Q hidden state of a fresh adapter (LoRA B = 0) in this adapter's place, of
+        :meth:`stack_hidden`'s states: the frozen model's, or for ``q_on="parent"`` the parent's Q network's."""
+        return hidden[-2] if self.q_on == "parent" else hidden[0]
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_kwargs):
-        """Final hidden states ``[B, T, d]`` of the frozen model (no grad) and of the adapter model;
-        ``model_kwargs`` (``position_ids``, say) go to both forwards."""
-        hidden = frozen_and_adapter_hidden(self.peft_model, input_ids, attention_mask,
-                                           logit_softcap=self.loss.logit_softcap, **model_kwargs)
-        return hidden.base_hidden, hidden.q_hidden
+        """Final hidden states ``[B, T, d]`` the loss takes: the frozen side (no grad; for a stack
+        ``h_eff`` of the levels below) and the adapter model's; ``model_kwargs`` (``position_ids``,
+        say) go to every forward."""
+        return self.loss_hidden(self.stack_hidden(input_ids, attention_mask, **model_kwargs))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, total_pairs: int | None = None,
@@ -286,7 +396,7 @@ class QAdapterModel(nn.Module):
         made once and kept (not a submodule: it shares this model's network)."""
         policy = self.__dict__.get("_policy")
         if policy is None:
-            rows = RowPlan(self.peft_model, self.loss.alpha_tilde, self.loss.alpha_0)
+            rows = StackedRows(self) if self.stack else RowPlan(self.peft_model, self.loss.alpha_tilde, self.loss.alpha_0)
             policy = self.__dict__["_policy"] = CombinedPolicy(self.base_model, rows)
         return policy
 
@@ -379,8 +489,20 @@ def read_adapter_config(path: Path) -> dict:
     missing = [k for k in ("format_version", "base_model", "base_fingerprint", "loss") if k not in config]
     if missing:
         raise AdapterLoadError(f"{file} lacks {missing}")
-    if config["format_version"] != FORMAT_VERSION:
-        raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads {FORMAT_VERSION}")
+    if config["format_version"] not in (FORMAT_VERSION, STACKED_FORMAT_VERSION):
+        raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads "
+                               f"{FORMAT_VERSION} and {STACKED_FORMAT_VERSION} (stacked)")
+    config.setdefault("stack", [])
+    config.setdefault("q_on", None)
+    try:  # the levels' records, checked before any base loads
+        if not isinstance(config["stack"], list) or bool(config["stack"]) != (config["format_version"] == STACKED_FORMAT_VERSION):
+            raise ValueError(f"'stack' must be a non-empty list exactly when format_version is {STACKED_FORMAT_VERSION}")
+        for record in config["stack"]:
+            Level.from_dict(record, str(file))
+        if config["stack"]:
+            check_q_on(config["q_on"])
+    except ValueError as exc:
+        raise AdapterLoadError(f"{file} holds an invalid stack: {exc}") from exc
     # Missing keys (adapters saved before ignore_index was stored) take LossConfig's defaults.
     if not isinstance(config["loss"], dict):
         raise AdapterLoadError(f"{file}: 'loss' must be an object of loss options; got {config['loss']!r}")
@@ -397,6 +519,21 @@ def read_adapter_config(path: Path) -> dict:
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
     return config
+
+
+def levels_on(on: str | os.PathLike) -> list[Level]:
+    """The stack a new adapter trained on the saved adapter ``on`` sits on: ``on``'s own levels, then
+    ``on`` itself, recorded with the sha256 of its files and its alpha options."""
+    path = Path(on)
+    atomic.recover(path)  # finishes a save that a crash interrupted
+    try:
+        config = read_adapter_config(path)
+    except AdapterLoadError as exc:
+        raise AdapterLoadError(f"on: {exc}") from exc
+    loss = LossConfig.from_options(**{k: v for k, v in config["loss"].items() if k in LossConfig.names()})
+    own = Level(path=str(path.resolve()), sha256=adapter_digest(path, LEVEL_FILES), alpha_0=loss.alpha_0,
+                alpha_tilde=loss.alpha_tilde, q_on=config["q_on"])
+    return [Level.from_dict(record, str(path)) for record in config["stack"]] + [own]
 
 
 def check_base(path: Path, config: dict, fingerprint: str) -> None:

@@ -142,12 +142,12 @@ def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
                          f"got {config.pad_token_id!r}")
 
 
-def _doubled(value):
-    """A per-row input repeated for the adapter's half (2-D masks, 4-D masks, mask dicts); None stays."""
+def _repeated(value, copies: int = 2):
+    """A per-row input repeated for each copy of the batch (2-D masks, 4-D masks, mask dicts); None stays."""
     if isinstance(value, torch.Tensor):
-        return torch.cat([value, value])
+        return torch.cat([value] * copies)
     if isinstance(value, dict):
-        return {k: _doubled(v) for k, v in value.items()}
+        return {k: _repeated(v, copies) for k, v in value.items()}
     return value
 
 
@@ -158,8 +158,12 @@ class RowPlan:
 
     ``selecting(rows, device)`` is the context in which one forward of the network runs the frozen model on
     the first half of ``rows`` and the adapter(s) on the second; ``combine`` turns the two halves'
-    logits into the policy's log-probs.
+    logits into the policy's log-probs. ``copies``: how many copies of the batch one forward runs
+    (a stack of adapters, :class:`~qadapter.library.stack.StackedRows`, runs one per level after the
+    frozen one; ``combine`` then gets the frozen copy's logits and the other copies' after them).
     """
+
+    copies = 2
 
     def __init__(self, peft_model: nn.Module, alpha_tilde: float, alpha_0: float) -> None:
         self.peft_model, self.alpha_tilde, self.alpha_0 = peft_model, alpha_tilde, alpha_0
@@ -195,13 +199,14 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         self.generation_config = copy.deepcopy(getattr(causal_lm, "generation_config", None)
                                                or GenerationConfig.from_model_config(causal_lm.config))
         self.__dict__["rows"] = rows  # not a submodule: it holds the network's own LoRA layers
+        self.copies = getattr(rows, "copies", 2)  # of the batch in one forward: a row plan may run more than two
         self._active_rows: int | None = None
 
     @contextmanager
     def selecting_rows(self, batch: int):
         """The frozen model on the first half and the adapter(s) on the second half of a doubled batch
         of ``batch`` prompts, for every forward inside."""
-        rows = 2 * batch
+        rows = self.copies * batch
         with self.rows.selecting(rows, self.device):
             previous, self._active_rows = self._active_rows, rows
             try:
@@ -216,9 +221,10 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: the policy doubles input_ids into frozen and adapter rows")
         batch = input_ids.shape[0]
-        inputs = dict(input_ids=_doubled(input_ids), attention_mask=_doubled(attention_mask),
-                      position_ids=_doubled(position_ids), logits_to_keep=logits_to_keep, **model_kwargs)
-        if self._active_rows == 2 * batch:
+        copies = self.copies
+        inputs = dict(input_ids=_repeated(input_ids, copies), attention_mask=_repeated(attention_mask, copies),
+                      position_ids=_repeated(position_ids, copies), logits_to_keep=logits_to_keep, **model_kwargs)
+        if self._active_rows == copies * batch:
             out = self.causal_lm(**inputs)
         else:
             with self.selecting_rows(batch):

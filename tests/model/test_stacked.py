@@ -1,0 +1,338 @@
+"""Stacked adapters: a Q-Adapter trained on a saved customized policy (docs/design.md, "Stacked adapters").
+
+Every check compares with the explicit combination of full logits: log pi~1 from the parent's
+frozen and adapter logits, then pi~2 = softmax((Q2 + alpha_0' log pi~1) / alpha~'), with the Q
+networks run through PEFT's own ``set_adapter``, not the stack's row and pass selection."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import left_padded_prompts, preference_batch, tiny_causal_lm  # noqa: E402
+from qadapter.library.hidden import activate_adapters  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
+
+from qadapter_kernels import qadapter_loss  # noqa: E402
+
+PARENT = dict(alpha_0=0.3, alpha_tilde=0.7)
+CHILD = dict(alpha_0=0.6, alpha_tilde=1.3)
+
+
+def perturb(model, seed: int, scale: float = 0.5) -> None:
+    """The trained adapter's LoRA B random (its parents' stay as saved)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.peft_model.named_parameters():
+            if "lora_B.default" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * scale)
+
+
+def saved_adapter(path, on=None, seed=1, base_seed=0, family="llama", **options):
+    model = QAdapterModel(tiny_causal_lm(family, seed=base_seed), on=on, **options)
+    perturb(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+def network_logits(model, names, ids, mask, **kwargs):
+    """Logits ``[B, T, V]`` of the base with the adapters ``names`` (none: the frozen model), through
+    PEFT's own adapter selection."""
+    peft = model.peft_model
+    with torch.no_grad():
+        if not names:
+            with peft.disable_adapter():
+                return peft(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
+        with peft_adapters(model, names):
+            return peft(input_ids=ids, attention_mask=mask, **kwargs).logits.double()
+
+
+@contextmanager
+def peft_adapters(model, names):
+    """PEFT's own ``set_adapter(names)`` inside; after it, the new adapter alone trainable and the
+    model's Q network active again."""
+    model.peft_model.base_model.set_adapter(list(names))
+    try:
+        yield
+    finally:
+        model.peft_model.base_model.set_adapter("default")
+        activate_adapters(model.peft_model, model.q_networks[-1])
+
+
+def explicit_logprobs(model, ids, mask, **kwargs):
+    """log pi~_L from full logits, level by level: log_softmax((Q_k + alpha_0_k log pi~_{k-1}) / alpha~_k)."""
+    logp = torch.log_softmax(network_logits(model, (), ids, mask, **kwargs), dim=-1)
+    for names, (alpha_0, alpha_tilde) in zip(model.q_networks, model.level_alphas):
+        q = network_logits(model, names, ids, mask, **kwargs)
+        logp = torch.log_softmax((q + alpha_0 * logp) / alpha_tilde, dim=-1)
+    return logp
+
+
+@pytest.fixture
+def parent_dir(tmp_path):
+    saved_adapter(tmp_path / "parent", **PARENT)
+    return tmp_path / "parent"
+
+
+@pytest.mark.parametrize("q_on", ["parent", "base"])
+def test_effective_hidden_gives_the_explicit_combination(parent_dir, q_on):
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    perturb(model, seed=2)
+    assert model.q_networks == ([("level1",), ("level1", "default")] if q_on == "parent" else [("level1",), ("default",)])
+    ids, mask = left_padded_prompts()
+    hidden = model.stack_hidden(ids, mask)
+    _, h_eff, _ = model.policy_hidden(hidden)
+    got = torch.log_softmax(h_eff.double() @ model.lm_head_weight.double().T, dim=-1)
+    want = explicit_logprobs(model, ids, mask)
+    scored = mask.bool()
+    torch.testing.assert_close(got[scored], want[scored], rtol=0, atol=1e-5)
+    # What the likelihood measures (knowledge probe, lm-eval) take: log pi~2 of given targets.
+    from qadapter.evaluation.measures import Targets, customized_likelihood
+
+    rows, positions = scored.nonzero(as_tuple=True)
+    targets = Targets(rows, positions, torch.randint(0, want.shape[-1], rows.shape, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(customized_likelihood(model)(ids, mask, None, targets).double(),
+                               want[rows, positions, targets.ids], rtol=0, atol=1e-5)
+    # The parent's own policy: its hidden states combine to what it computes as a single adapter.
+    parent = QAdapterModel.from_pretrained(parent_dir, tiny_causal_lm()).eval()
+    base_hidden, q_hidden = parent.hidden_states(ids, mask)
+    h_eff1, _ = model.loss_hidden(hidden)
+    parent_logp = torch.log_softmax((q_hidden.double() + PARENT["alpha_0"] * base_hidden.double())
+                                    / PARENT["alpha_tilde"] @ parent.lm_head_weight.double().T, dim=-1)
+    torch.testing.assert_close(torch.log_softmax(h_eff1.double() @ model.lm_head_weight.double().T, dim=-1)[scored],
+                               parent_logp[scored], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_on", ["parent", "base"])
+def test_stacked_loss_and_gradient_equal_the_reference_from_full_logits(parent_dir, q_on):
+    """The level's loss through the fused path with base_hidden = h_eff, against the reference loss
+    on explicit full logits (log pi~1 as the frozen side, Q2 as the adapter's; an identity head)."""
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, lora_dropout=0.0, **CHILD)
+    perturb(model, seed=3)
+    ids, mask, labels = preference_batch()
+    out = model(ids, mask, labels)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(".default." in n for n, p in model.named_parameters() if p.requires_grad)
+    grads = torch.autograd.grad(out.loss, params)
+
+    logp_parent = torch.log_softmax(network_logits(model, (), ids, mask), dim=-1)
+    logp_parent = torch.log_softmax((network_logits(model, ("level1",), ids, mask) + PARENT["alpha_0"] * logp_parent)
+                                    / PARENT["alpha_tilde"], dim=-1)
+    with peft_adapters(model, model.q_networks[-1]):
+        q = model.peft_model(input_ids=ids, attention_mask=mask).logits.double()
+    eye = torch.eye(q.shape[-1], dtype=torch.float64)
+    want = qadapter_loss(logp_parent, q, eye, labels, config=model.loss, backend="reference")
+    torch.testing.assert_close(out.loss.double(), want.loss, rtol=1e-5, atol=1e-6)
+    want_grads = torch.autograd.grad(want.loss, params)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+    # Gradient checkpointing recomputes the adapter pass in the backward: the same network.
+    model.gradient_checkpointing_enable()
+    model.train()
+    checkpointed = torch.autograd.grad(model(ids, mask, labels).loss, params)
+    for g, w in zip(checkpointed, want_grads):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_save_and_load_round_trip_three_levels(tmp_path, parent_dir):
+    child = saved_adapter(tmp_path / "child", on=parent_dir, seed=2, **CHILD)
+    config = json.loads((tmp_path / "child" / "qadapter_config.json").read_text())
+    assert config["format_version"] == 2 and config["q_on"] == "parent" and len(config["stack"]) == 1
+    assert config["stack"][0]["alpha_0"] == PARENT["alpha_0"]
+    grandchild = saved_adapter(tmp_path / "grandchild", on=tmp_path / "child", seed=4, q_on="base", alpha_0=0.9)
+    assert [level.path for level in grandchild.stack] == [str(parent_dir.resolve()), str((tmp_path / "child").resolve())]
+    assert grandchild.q_networks == [("level1",), ("level1", "level2"), ("default",)]
+
+    ids, mask = left_padded_prompts()
+    for model, path in ((child, "child"), (grandchild, "grandchild")):
+        loaded = QAdapterModel.from_pretrained(tmp_path / path, tiny_causal_lm()).eval()
+        assert loaded.stack == model.stack and loaded.q_on == model.q_on
+        model.eval()
+        for got, want in zip(loaded.stack_hidden(ids, mask), model.stack_hidden(ids, mask)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        want = explicit_logprobs(loaded, ids, mask)
+        _, h_eff, _ = loaded.policy_hidden(loaded.stack_hidden(ids, mask))
+        got = torch.log_softmax(h_eff.double() @ loaded.lm_head_weight.double().T, dim=-1)
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=0, atol=1e-5)
+    # Only the new adapter's weights are in its directory; its provenance names its parent.
+    assert not any(p.is_dir() and p.name.startswith("level") for p in (tmp_path / "child").iterdir())
+    record = json.loads((tmp_path / "child" / "provenance.json").read_text())
+    assert record["parent_adapter"]["path"] == str(parent_dir.resolve()) and record["parent_adapter"]["depth"] == 1
+
+    # A level whose files changed since is refused, naming it.
+    saved_adapter(parent_dir, seed=9, **PARENT)
+    with pytest.raises(AdapterLoadError, match="stack level 1.*has changed"):
+        QAdapterModel.from_pretrained(tmp_path / "grandchild", tiny_causal_lm())
+
+
+def test_trainer_trains_only_the_new_adapter(tmp_path, parent_dir):
+    from helpers import rows, tiny_chat_tokenizer
+    from qadapter.library.data import tokenize_rows
+    from qadapter.library.trainer import QAdapterConfig, QAdapterTrainer
+
+    tokenizer = tiny_chat_tokenizer()
+    parent = QAdapterModel(tiny_causal_lm(vocab=len(tokenizer)), tokenizer=tokenizer, **PARENT)
+    perturb(parent, seed=1)
+    parent.save_pretrained(tmp_path / "p")
+    args = QAdapterConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                          learning_rate=5e-3, save_strategy="no", report_to=[], use_cpu=True, seed=0, lora_dropout=0.1)
+    model = QAdapterModel(tiny_causal_lm(vocab=len(tokenizer)), tokenizer=tokenizer, on=tmp_path / "p",
+                          **args.model_options())
+    before = {n: p.detach().clone() for n, p in model.peft_model.state_dict().items()}
+    assert any(".level1." in n for n in before)  # the level's weights are there (as buffers)
+    train, _ = tokenize_rows(rows(16, seed=0), tokenizer, max_length=48)
+    QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    for name, value in model.peft_model.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        assert changed == ("lora_B.default" in name or "lora_A.default" in name), name
+
+
+def test_soft_capped_model_is_refused(tmp_path):
+    saved_adapter(tmp_path / "gemma2", family="gemma2")
+    with pytest.raises(ValueError, match="logit_softcap"):
+        QAdapterModel(tiny_causal_lm("gemma2"), on=tmp_path / "gemma2")
+
+
+@pytest.mark.parametrize("case, options, error, match", [
+    ("other-base", dict(base_seed=1), AdapterLoadError, "on: stack level 1: .*another base model"),
+    ("q_on", dict(q_on="top"), ValueError, "q_on must be one of"),
+    ("missing", dict(on="missing"), AdapterLoadError, "on: .*missing.*is not a saved Q-Adapter"),
+])
+def test_bad_stacks_are_refused_by_name(parent_dir, case, options, error, match):
+    options = {"on": parent_dir, **options}
+    if options["on"] == "missing":
+        options["on"] = parent_dir.parent / "missing"
+    base_seed = options.pop("base_seed", 0)
+    with pytest.raises(error, match=match):
+        QAdapterModel(tiny_causal_lm(seed=base_seed), **options)
+
+
+def test_saving_over_a_level_is_refused(parent_dir):
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir)
+    with pytest.raises(ValueError, match="holds stack level 1"):
+        model.save_pretrained(parent_dir)
+
+
+@pytest.mark.parametrize("q_on", ["parent", "base"])
+def test_generation_of_a_stack_is_greedy_decoding_of_the_explicit_combination(tmp_path, parent_dir, q_on):
+    """Greedy tokens of the stack's policy (one forward over the frozen, parent and child blocks, KV
+    cached) equal a loop that re-runs the explicit level-by-level combination of full logits."""
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    perturb(model, seed=5)
+    ids, mask = left_padded_prompts()
+    out = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[], compiled=False)
+    want, want_mask = ids, mask
+    for _ in range(8):
+        position = (want_mask.cumsum(-1) - 1).clamp(min=0)
+        logp = explicit_logprobs(model, want, want_mask, position_ids=position)[:, -1]
+        want = torch.cat([want, logp.argmax(-1, keepdim=True)], dim=1)
+        want_mask = torch.cat([want_mask, torch.ones_like(want_mask[:, :1])], dim=1)
+    assert torch.equal(out, want)
+    # The policy's log-probs of a step are the explicit ones.
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model.policy(input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(got.double(), explicit_logprobs(model, ids, mask, position_ids=position)[:, -1],
+                               rtol=0, atol=1e-5)
+
+
+def test_command_line_trains_evaluates_and_generates_a_stack(tmp_path, capsys):
+    from helpers import save_tiny_base
+    from qadapter.cli import main
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"})
+                            + "\n" for i in range(6)))
+    common = ["--data", str(data), "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+              "--save_strategy", "no"]
+    assert main(["train", "--model", str(tmp_path / "base"), "--output", str(tmp_path / "parent"), *common]) == 0
+    # --model defaults to the base the parent names.
+    assert main(["train", "--on", str(tmp_path / "parent"), "--q-on", "base", "--alpha_0", "0.5",
+                 "--output", str(tmp_path / "child"), *common]) == 0
+    config = json.loads((tmp_path / "child" / "qadapter_config.json").read_text())
+    assert config["q_on"] == "base" and config["loss"]["alpha_0"] == 0.5
+    assert config["stack"][0]["path"] == str((tmp_path / "parent").resolve())
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(tmp_path / "child"), "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("\n{") + 1 :])
+    assert metrics["pairs"] == 6 and metrics["kl_to_base"] > 0 and 0 <= metrics["step0"]["accuracy"] <= 1
+    assert main(["info", str(tmp_path / "child")]) == 0
+    assert "parent adapter: {" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(tmp_path / "child"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--q-on", "base", "--output", str(tmp_path / "x"), *common])
+    assert info.value.code == 2 and "--q-on applies with --on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("q_on", ["parent", "base"])
+def test_evaluation_of_a_stack_gives_the_explicit_numbers(parent_dir, q_on):
+    """evaluate_pairs' loss is the training loss; its KL is KL(pi~2 || pi1) from the explicit full
+    logits; its step-0 numbers are those of a fresh adapter on the same stack."""
+    from qadapter.evaluation.measures import evaluate_pairs
+    from qadapter.library.data import IGNORE_INDEX, PreferenceCollator
+
+    g = torch.Generator().manual_seed(7)
+    features = []
+    for _ in range(5):
+        prompt, chosen, rejected = (torch.randint(3, 97, (int(n),), generator=g).tolist()
+                                    for n in torch.randint(2, 9, (3,), generator=g))
+        features.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [IGNORE_INDEX] * len(prompt) + chosen,
+                         "rejected_input_ids": prompt + rejected,
+                         "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected})
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    fresh = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()
+    perturb(model, seed=6)
+    got = evaluate_pairs(model, features, 0, kl=True, step0=True)
+
+    batch = PreferenceCollator(pad_token_id=0)(features)
+    with torch.no_grad():
+        for result, which in ((got, model), (got["step0"], fresh)):
+            out = which(**batch)
+            assert result["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+            assert result["accuracy"] == (out.chosen_rewards > out.rejected_rewards).float().mean().item()
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
+    logp = explicit_logprobs(model, batch["input_ids"], batch["attention_mask"])[:, :-1][scored]
+    base = torch.log_softmax(network_logits(model, (), batch["input_ids"], batch["attention_mask"]), dim=-1)
+    kl = (logp.exp() * (logp - base[:, :-1][scored])).sum(-1).mean().item()
+    assert got["kl_to_base"] == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("stack"), "'stack' must be a non-empty list exactly when format_version is 2"),
+    (lambda c: c["stack"][0].pop("sha256"), "a stack level must be an object with path, sha256"),
+    (lambda c: c.update(q_on="top"), "q_on must be one of"),
+    (lambda c: c["stack"][0].update(q_on="sideways"), "a stack level.s q_on must be one of"),
+    (lambda c: c["stack"][0].update(alpha_tilde=0), "a stack level.s alpha_tilde"),
+])
+def test_a_damaged_stack_record_is_refused_before_loading(tmp_path, parent_dir, edit, match):
+    saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
+    file = tmp_path / "child" / "qadapter_config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match=match):
+        QAdapterModel.from_pretrained(tmp_path / "child", tiny_causal_lm())
+
+
+def test_compiled_generation_of_a_stack_matches_eager(parent_dir):
+    """The static cache and compiled step (the default on CUDA) decode a stack as eager decoding does."""
+    model = QAdapterModel(tiny_causal_lm(), on=parent_dir, **CHILD).eval()
+    perturb(model, seed=5)
+    ids, mask = left_padded_prompts()
+    eager = model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=False)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=True), eager)
+
+
+def test_an_adapter_set_refuses_a_stacked_adapter(tmp_path, parent_dir):
+    """An adapter set's bank holds single adapters: a stack's policy would silently lose its levels."""
+    from qadapter.library.adapter_set import AdapterSet
+
+    saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
+    with pytest.raises(AdapterLoadError, match="'child': .* is a stacked adapter"):
+        AdapterSet.from_pretrained({"parent": parent_dir, "child": tmp_path / "child"}, tiny_causal_lm())
