@@ -248,3 +248,21 @@ def test_serve_command_refuses_a_name_given_twice(saved, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--adapter", f"a={path}", "--adapter", f"a={path}"])
     assert exc.value.code == 2 and "given twice" in capsys.readouterr().err
+
+
+def test_completion_text_decodes_a_window_yet_equals_the_whole_decode():
+    """Characters split over byte-level tokens and leading spaces come out as a decode of all the
+    tokens at once, however the tokens arrive."""
+    from helpers import tiny_chat_tokenizer
+    from qadapter.serving.engine import Request, completion_text
+
+    tokenizer = tiny_chat_tokenizer()
+    tokens = tokenizer("naïve café 🙂 the capital of France is Paris, 東京 too", add_special_tokens=False).input_ids
+    request = Request(prompt=[1], adapter=None, max_tokens=len(tokens), emit=lambda event: None)
+    seen = []
+    for i, token in enumerate(tokens):
+        request.tokens.append(token)
+        seen.append(completion_text(tokenizer, request, final=i == len(tokens) - 1))
+    whole = tokenizer.decode(tokens, skip_special_tokens=True)
+    assert seen[-1] == whole
+    assert all(whole.startswith(text) and "\ufffd" not in text for text in seen)

@@ -50,6 +50,8 @@ class Request:
     seed: int | None = None
     cancelled: bool = False  # set by the submitter (a client that went away); the engine drops the request
     tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the completion's text so far, up to the last whole character
+    decoded: tuple[int, int] = (0, 0)  # token offsets of the decoding window: (prefix, read)
     sent: int = 0  # characters of the completion text already emitted
     generator: torch.Generator | None = None
 
@@ -240,7 +242,7 @@ class Engine:
             finish = "stop"
         else:
             request.tokens.append(token)
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        text = completion_text(self.tokenizer, request, final=finish is not None or len(request.tokens) >= request.max_tokens)
         cut = min((text.find(s) for s in request.stop if s in text), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
@@ -284,6 +286,20 @@ class Engine:
                 return True
             time.sleep(0.01)
         return False
+
+
+def completion_text(tokenizer, request: Request, final: bool) -> str:
+    """The completion's text, decoding only its newest tokens: the window starts at the tokens of the
+    last piece of text taken (so a token's leading space, or a character split over tokens, comes out
+    as in a decode of the whole; a character still incomplete waits, unless ``final``), and a step
+    costs the same however long the answer is."""
+    prefix, read = request.decoded
+    before = tokenizer.decode(request.tokens[prefix:read], skip_special_tokens=True)
+    after = tokenizer.decode(request.tokens[prefix:], skip_special_tokens=True)
+    if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        request.text += after[len(before):]
+        request.decoded = (read, len(request.tokens))
+    return request.text
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
