@@ -144,3 +144,24 @@ def test_adapters_of_another_base_or_bad_names_are_refused(saved, tmp_path):
         adapter_set.generate(ids, mask, adapters="terse", max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one"):
         AdapterSet.from_pretrained({})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_rows_match_solo_policies_on_other_families(family, tmp_path):
+    """An untied head (Qwen2), and a soft-capped head with sliding-window layers (Gemma-2)."""
+    from helpers import tiny_causal_lm
+
+    paths = {}
+    for seed, (name, options) in enumerate([("a", dict(alpha_tilde=0.7)), ("b", dict(lora_r=4, alpha_0=1.3))], 1):
+        model = QAdapterModel(tiny_causal_lm(family), **options)
+        perturb_adapter(model, seed=seed)
+        model.save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    adapter_set = AdapterSet.from_pretrained(paths, base_model=tiny_causal_lm(family))
+    ids, mask = left_padded_prompts(lengths=(7, 4, 9))
+    names = ["b", None, "a"]
+    got = set_logprobs(adapter_set, ids, mask, names)
+    for row, name in enumerate(names):
+        one = (ids[row:row + 1], mask[row:row + 1])
+        solo = tiny_causal_lm(family) if name is None else QAdapterModel.from_pretrained(paths[name], tiny_causal_lm(family))
+        torch.testing.assert_close(got[row:row + 1], solo_logprobs(solo.eval(), *one), rtol=1e-5, atol=1e-5)

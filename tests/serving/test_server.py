@@ -266,3 +266,41 @@ def test_completion_text_decodes_a_window_yet_equals_the_whole_decode():
     whole = tokenizer.decode(tokens, skip_special_tokens=True)
     assert seen[-1] == whole
     assert all(whole.startswith(text) and "\ufffd" not in text for text in seen)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_requests_joining_and_leaving_mid_run_decode_as_alone(family, tmp_path):
+    """The engine's cache splicing and cutting, step by step: requests of different prompt lengths
+    join a running batch at different steps and leave it at different steps (Gemma-2: soft cap,
+    sliding-window layers); each gets the tokens it gets decoded alone."""
+    from helpers import left_padded_prompts, tiny_causal_lm, tiny_chat_tokenizer
+    from qadapter.serving.engine import Request
+
+    paths = {}
+    for seed, name in enumerate(("a", "b"), 1):
+        model = QAdapterModel(tiny_causal_lm(family), alpha_tilde=0.6 + 0.3 * seed)
+        perturb_adapter(model, seed=seed)
+        model.save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    adapter_set = AdapterSet.from_pretrained(paths, base_model=tiny_causal_lm(family))
+    engine = Engine(adapter_set, tiny_chat_tokenizer(), max_batch=4)
+    ids, mask = left_padded_prompts(lengths=(9, 3, 6, 5), seed=5)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    jobs = [("a", 9), (None, 4), ("b", 7), ("a", 3)]  # (adapter, max_tokens)
+    requests = [Request(prompt=p, adapter=a, max_tokens=n, emit=lambda event: None) for p, (a, n) in zip(prompts, jobs)]
+    adapter_set.peft_model.eval()
+    together = 0
+    with torch.inference_mode():
+        for request, joins_after in zip(requests, (0, 2, 1, 3)):  # steps run before each joins
+            for _ in range(joins_after):
+                engine._step()
+            engine.submit(request)
+            engine._admit(wait=False)
+            together = max(together, len(engine._running))
+        while engine._running:
+            engine._step()
+    assert together >= 3  # they did share the batch
+    for request, prompt in zip(requests, prompts):
+        alone = adapter_set.generate(torch.tensor([prompt]), adapters=[request.adapter], max_new_tokens=request.max_tokens,
+                                     eos_token_id=2, pad_token_id=0, do_sample=False)[0, len(prompt):].tolist()
+        assert request.tokens == (alone[:alone.index(2)] if 2 in alone else alone), (request.adapter, alone)
