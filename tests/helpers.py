@@ -170,6 +170,21 @@ def perturb_adapter(model, seed: int = 1, scale: float = 0.5) -> None:
                 param.copy_(torch.randn(param.shape, generator=g) * scale)
 
 
+def save_perturbed_adapters(directory, adapters: dict, base) -> dict:
+    """Trained-looking adapters (:func:`perturb_adapter`, seeds 1, 2, ...), one per ``name: options``
+    of ``adapters``, saved as ``directory / name``; ``base``: a saved base's directory, or a function
+    making a fresh base model. Returns name -> directory."""
+    from qadapter.library.model import QAdapterModel
+
+    paths = {}
+    for seed, (name, options) in enumerate(adapters.items(), start=1):
+        model = QAdapterModel(base(), **options) if callable(base) else QAdapterModel.from_base(str(base), **options)
+        perturb_adapter(model, seed=seed)
+        paths[name] = directory / name
+        model.save_pretrained(paths[name])
+    return paths
+
+
 def make_model(family="llama", seed=0, **options):
     """A Q-Adapter on a tiny random base of ``family``, its adapter perturbed (trained-looking)."""
     from qadapter.library.model import QAdapterModel

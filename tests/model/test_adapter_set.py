@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers import left_padded_prompts, perturb_adapter, save_tiny_base  # noqa: E402
+from helpers import left_padded_prompts, save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -26,13 +26,7 @@ def saved(tmp_path_factory):
     """A tiny base on disk and three adapters trained on it (trained-looking), name -> directory."""
     root = tmp_path_factory.mktemp("adapter_set")
     vocab = len(save_tiny_base(root / "base"))
-    paths = {}
-    for seed, (name, options) in enumerate(ADAPTERS.items(), start=1):
-        model = QAdapterModel.from_base(str(root / "base"), **options)
-        perturb_adapter(model, seed=seed)
-        paths[name] = root / name
-        model.save_pretrained(paths[name])
-    return root, vocab, paths
+    return root, vocab, save_perturbed_adapters(root, ADAPTERS, root / "base")
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +145,8 @@ def test_rows_match_solo_policies_on_other_families(family, tmp_path):
     """An untied head (Qwen2), and a soft-capped head with sliding-window layers (Gemma-2)."""
     from helpers import tiny_causal_lm
 
-    paths = {}
-    for seed, (name, options) in enumerate([("a", dict(alpha_tilde=0.7)), ("b", dict(lora_r=4, alpha_0=1.3))], 1):
-        model = QAdapterModel(tiny_causal_lm(family), **options)
-        perturb_adapter(model, seed=seed)
-        model.save_pretrained(tmp_path / name)
-        paths[name] = tmp_path / name
+    paths = save_perturbed_adapters(tmp_path, {"a": dict(alpha_tilde=0.7), "b": dict(lora_r=4, alpha_0=1.3)},
+                                    lambda: tiny_causal_lm(family))
     adapter_set = AdapterSet.from_pretrained(paths, base_model=tiny_causal_lm(family))
     ids, mask = left_padded_prompts(lengths=(7, 4, 9))
     names = ["b", None, "a"]

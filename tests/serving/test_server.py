@@ -23,9 +23,8 @@ pytest.importorskip("peft")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
-from helpers import perturb_adapter, save_tiny_base  # noqa: E402
+from helpers import save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
-from qadapter.library.model import QAdapterModel  # noqa: E402
 from qadapter.serving.engine import Engine  # noqa: E402
 from qadapter.serving.server import Server  # noqa: E402
 
@@ -40,13 +39,7 @@ PROMPTS = ["the capital of France", "hello world", "user assistant system hello"
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     tokenizer = save_tiny_base(root / "base")
-    paths = {}
-    for seed, (name, options) in enumerate(ADAPTERS.items(), start=1):
-        model = QAdapterModel.from_base(str(root / "base"), **options)
-        perturb_adapter(model, seed=seed)
-        paths[name] = root / name
-        model.save_pretrained(paths[name])
-    return root, tokenizer, paths
+    return root, tokenizer, save_perturbed_adapters(root, ADAPTERS, root / "base")
 
 
 @pytest.fixture(scope="module")
@@ -276,12 +269,8 @@ def test_requests_joining_and_leaving_mid_run_decode_as_alone(family, tmp_path):
     from helpers import left_padded_prompts, tiny_causal_lm, tiny_chat_tokenizer
     from qadapter.serving.engine import Request
 
-    paths = {}
-    for seed, name in enumerate(("a", "b"), 1):
-        model = QAdapterModel(tiny_causal_lm(family), alpha_tilde=0.6 + 0.3 * seed)
-        perturb_adapter(model, seed=seed)
-        model.save_pretrained(tmp_path / name)
-        paths[name] = tmp_path / name
+    paths = save_perturbed_adapters(tmp_path, {"a": dict(alpha_tilde=0.9), "b": dict(alpha_tilde=1.2)},
+                                    lambda: tiny_causal_lm(family))
     adapter_set = AdapterSet.from_pretrained(paths, base_model=tiny_causal_lm(family))
     engine = Engine(adapter_set, tiny_chat_tokenizer(), max_batch=4)
     ids, mask = left_padded_prompts(lengths=(9, 3, 6, 5), seed=5)
