@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import tempfile
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, versions
+from bench.common import cpu_bench_args, versions, write_result
 from bench.decode import generation, interleaved, trained_looking
 
 
@@ -120,19 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", type=int, default=8, help="adapters in the set, and rows in the batch")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = cpu_bench_args(parser, argv)
     result = measure(args.adapters, args.tokens, args.rounds)
     for name, value in result["ms_per_token"].items():
         print(f"{name:>30}: {value:7.1f} ms/token  {result['tokens_per_s'][name]:7.1f} tokens/s  "
               f"{result['over_one_adapter'][name]:.2f}x one adapter")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"adapter-set-cpu-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(result, args.out, f"adapter-set-cpu-{datetime.date.today().isoformat()}")
     return 0
 
 

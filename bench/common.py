@@ -344,6 +344,26 @@ def gpu_run_versions() -> dict:
     return info
 
 
+def cpu_bench_args(parser, argv: list[str] | None):
+    """Parses a CPU benchmark's options with the two every one takes, ``--threads`` (then set as
+    torch's) and ``--out`` (the results directory)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def write_result(result: dict, out: Path, name: str, indent: int = 1) -> Path:
+    """Writes ``result`` as ``<out>/<name>.json`` and says where."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=indent) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return path
+
+
 def options_main(argv: list[str] | None, *, prog: str, doc: str, options_class: type, run: Callable[..., dict],
                  summary: Callable[[dict], str], name: str | Callable[[dict], str], **defaults) -> int:
     """The command of a benchmark of the model layer whose options are a dataclass: its options (as
@@ -362,10 +382,8 @@ def options_main(argv: list[str] | None, *, prog: str, doc: str, options_class: 
     args = parser.parse_args(argv)
     result = run(options_from(args, options_class))
     print(summary(result))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{name(result) if callable(name) else name}-{result['device']}-{result['date'][:10]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
+    write_result(result, args.out, f"{name(result) if callable(name) else name}-{result['device']}-{result['date'][:10]}",
+                 indent=2)
     return 0
 
 

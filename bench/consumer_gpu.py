@@ -224,24 +224,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_run(argv: list[str] | None, prog: str, description: str, budget_s: float) -> argparse.Namespace:
-    """The options of a guarded GPU run: the JSON path, the CPU dry run, the time budget."""
+def start_run(argv: list[str] | None, prog: str, description: str, budget_s: float, dry, gpu):
+    """A guarded GPU run's start: its options (the JSON path, the CPU dry run, the time budget) and
+    ``(args, setup, device, started, deadline)``: ``dry`` on the CPU for a dry run, else ``gpu`` on the
+    current CUDA device; None (said) when there is none."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, required=True, help="JSON result path")
     parser.add_argument("--dry-run", action="store_true", help="tiny Llama on CPU: checks the script in seconds")
     parser.add_argument("--budget-s", type=float, default=budget_s, help="skip the parts left after this many seconds")
-    return parser.parse_args(argv)
-
-
-def run_setup(dry_run: bool, dry, gpu) -> tuple | None:
-    """``(setup, device)``: ``dry`` on the CPU for a dry run, else ``gpu`` on the current CUDA device;
-    None (said) when there is none."""
-    if dry_run:
-        return dry, torch.device("cpu")
-    if torch.cuda.is_available():
-        return gpu, torch.device("cuda", torch.cuda.current_device())
-    print("no CUDA device: use --dry-run to check the script on CPU")
-    return None
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    if args.dry_run:
+        setup, device = dry, torch.device("cpu")
+    elif torch.cuda.is_available():
+        setup, device = gpu, torch.device("cuda", torch.cuda.current_device())
+    else:
+        print("no CUDA device: use --dry-run to check the script on CPU")
+        return None
+    return args, setup, device, started, started + args.budget_s
 
 
 def write_json(result: dict, out: Path) -> None:
@@ -262,13 +262,10 @@ def finish_run(result: dict, table: str, out: Path, started: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_run(argv, "python -m bench.consumer_gpu", __doc__.split("\n")[0], budget_s=240.0)
-    started = time.monotonic()
-    deadline = started + args.budget_s
-    chosen = run_setup(args.dry_run, DRY, GPU)
-    if chosen is None:
+    run = start_run(argv, "python -m bench.consumer_gpu", __doc__.split("\n")[0], 240.0, DRY, GPU)
+    if run is None:
         return 2
-    setup, device = chosen
+    args, setup, device, started, deadline = run
     if setup.cap_gib:  # the GPU setup only
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, setup.cap_gib * GIB / total), device)

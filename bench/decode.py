@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, sync, versions
+from bench.common import cpu_bench_args, sync, versions, write_result
 
 MODES = ("eager", "compiled")
 
@@ -144,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = cpu_bench_args(parser, argv)
     result = measure(args.tokens, args.rounds, tuple(args.batches))
     for batch, row in result["batches"].items():
         for name, value in row["ms_per_token"].items():
@@ -156,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch {batch}: policy / base x2 = {row['policy_over_base_x2_eager']:.2f} eager, "
               f"{row['policy_over_base_x2_compiled']:.2f} compiled; compiled / eager policy = "
               f"{row['compiled_over_eager_policy']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode-cpu-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(result, args.out, f"decode-cpu-{datetime.date.today().isoformat()}")
     return 0
 
 

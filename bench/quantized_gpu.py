@@ -33,14 +33,13 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from bench.baselines import eager_authors_loss
 from bench.common import GIB, release, versions
-from bench.consumer_gpu import finish_run, parse_run, peak_gib, run_part, run_setup, train
+from bench.consumer_gpu import finish_run, peak_gib, run_part, start_run, train
 from bench.e2e import LORA, MODELS
 from qadapter_kernels import qadapter_loss
 
@@ -151,13 +150,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_run(argv, "python -m bench.quantized_gpu", __doc__.split("\n")[0], budget_s=360.0)
-    started = time.monotonic()
-    deadline = started + args.budget_s
-    chosen = run_setup(args.dry_run, DRY, GPU)
-    if chosen is None:
+    run = start_run(argv, "python -m bench.quantized_gpu", __doc__.split("\n")[0], 360.0, DRY, GPU)
+    if run is None:
         return 2
-    setup, device = chosen
+    args, setup, device, started, deadline = run
     result = {"setup": asdict(setup), "versions": versions(device, ("transformers", "peft", "bitsandbytes", "accelerate")),
               "lora": LORA | {"targets": TARGETS}, "gradient_checkpointing": True,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "parts": {}}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import signal
 import socket
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.adapter_set import save_adapters
-from bench.common import RESULTS, versions
+from bench.common import cpu_bench_args, versions, write_result
 
 PROMPTS = ["Tell me a long story about a dragon.", "Explain how rain forms.", "Write a poem about the sea.",
            "What should I cook tonight?", "Describe the city of Paris.", "How do bees make honey?",
@@ -161,19 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = cpu_bench_args(parser, argv)
     result = measure(args.requests, args.adapters, args.max_tokens, args.rounds)
     for name, value in result["tokens_per_s"].items():
         print(f"{name:>14}: {value:7.1f} tokens/s")
     print(f"concurrent / one at a time = {result['concurrent_over_one_at_a_time']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-cpu-{datetime.date.today().isoformat()}-{args.max_tokens}-tokens.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(result, args.out, f"serve-cpu-{datetime.date.today().isoformat()}-{args.max_tokens}-tokens")
     return 0
 
 
