@@ -556,17 +556,13 @@ def check_quantization(path: Path, saved: dict | None, given: dict | None) -> No
                                f"the base given is {quant.describe(given)} (load it as the adapter was trained)")
 
 
-def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME,
-                          foreign: tuple[str, ...] = ()) -> None:
+def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME) -> None:
     """The saved LoRA weights are exactly those the saved config describes: no missing, extra or
     renamed tensor (PEFT would only warn, and the model would act as the bare base)."""
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    state = None
-    if foreign:  # module entries PEFT's config does not know of, and so would not filter out
-        state = {k: v for k, v in peft_model.state_dict().items() if not any(f".{n}." in k for n in foreign)}
-    expected = set(get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name))
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
             saved = set(f.keys())

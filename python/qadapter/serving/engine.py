@@ -112,7 +112,7 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- thread
     def start(self) -> Engine:
-        self.adapter_set.peft_model is None or self.adapter_set.peft_model.eval()
+        (self.adapter_set.peft_model or self.adapter_set.base_model).eval()  # no dropout while decoding
         self._thread = threading.Thread(target=self._loop, name="qadapter-engine", daemon=True)
         self._thread.start()
         return self
@@ -214,8 +214,8 @@ class Engine:
         drops the requests that finished."""
         tokens = self._sample(requests, logprobs).tolist()
         new_next = torch.tensor(tokens, device=self.device)
-        self._next = new_next if offset == 0 and len(requests) == len(self._running) else torch.cat(
-            [self._next[:offset], new_next])
+        # A step advances every row; an admission, the rows after the ``offset`` already running.
+        self._next = new_next if offset == 0 else torch.cat([self._next[:offset], new_next])
         finished = [offset + i for i, (r, t) in enumerate(zip(requests, tokens)) if self._take(r, t)]
         if finished:
             self._drop(finished)

@@ -14,7 +14,6 @@ import contextlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,19 +35,6 @@ class BadRequest(Exception):
 def _error(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
-
-
-@dataclass
-class Sampling:
-    """The options every completion request shares, checked."""
-
-    adapter: str | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-    seed: int | None
-    stream: bool
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
@@ -108,15 +94,14 @@ class Server:
     async def _complete(self, http: HttpRequest, chat: bool):
         try:
             body = await self._body(http)
-            sampling = self._sampling(body, chat)
+            options, stream = self._options(body, chat)
             prompt = self._chat_prompt(body) if chat else self._text_prompt(body)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        request = Request(prompt=prompt, adapter=sampling.adapter, max_tokens=sampling.max_tokens,
-                          emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                          temperature=sampling.temperature, top_p=sampling.top_p, stop=sampling.stop, seed=sampling.seed)
+        request = Request(prompt=prompt, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                          **options)
         try:
             self.engine.submit(request)
         except (KeyError, ValueError) as exc:
@@ -124,7 +109,7 @@ class Server:
         except EngineStopped as exc:
             return _error(str(exc), 503)
         reply = _Reply(body["model"], chat, len(prompt))
-        if sampling.stream:
+        if stream:
             return StreamingResponse(self._stream(request, events, reply), media_type="text/event-stream")
         text, end = [], None
         try:
@@ -172,7 +157,9 @@ class Server:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _sampling(self, body: dict, chat: bool) -> Sampling:
+    def _options(self, body: dict, chat: bool) -> tuple[dict, bool]:
+        """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
+        as OpenAI's), and whether to stream."""
         model = body.get("model")
         if not isinstance(model, str):
             raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
@@ -191,10 +178,10 @@ class Server:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"stream must be true or false; got {stream!r}", "stream")
-        return Sampling(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
-                        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), stop=tuple(stop),
-                        seed=_int(body, "seed", None, 0), stream=stream)
+        return dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
+                    temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), stop=tuple(stop),
+                    seed=_int(body, "seed", None, 0)), stream
 
     def _text_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
