@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .grad_filter import resolve_eps
+from .grad_filter import mass_budget
 from .registry import Backend, StatsOptions, require_exact_gradient
 from .sizing import auto_chunk_size, auto_tiles, default_block_step
 from .steps import RowStep, whole_row_block_step
@@ -32,8 +32,8 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     ``row_step``: a fused step over whole rows (the GPU backends'); ``None`` takes
     :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). Under a soft cap
     the step is unchanged and the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
-    ``options.grad_filter_eps`` (the block steps only, which report each block's largest ``p``):
-    the blocks of a tile whose ``p`` are all below it are left out of ``p @ Wq`` and ``dWq``
+    ``options.grad_filter_eps`` (the block steps only, which report each block's share of ``p``):
+    each token leaves its lightest blocks, up to that much probability, out of ``p @ Wq`` and ``dWq``
     (``grad_filter.py``).
     """
     vocab, softcap = weight.shape[0], options.logit_softcap
@@ -46,7 +46,7 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     else:
         tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, options.chunk_size)
         block_step = default_block_step(hq.device)
-    eps = resolve_eps(options.grad_filter_eps, hq.dtype, vocab)
+    eps = mass_budget(options.grad_filter_eps, hq.dtype)
     return ChunkedTokenStats.apply(base.detach(), hq, weight.detach(), q_weight, q_bias, targets, tiles, block_step,
                                    (options.alpha_tilde, options.alpha_0, softcap, eps))
 

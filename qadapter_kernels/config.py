@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 VALUE_AT = ("current", "next")
-AUTO = "auto"  # grad_filter_eps: a threshold per input dtype and vocabulary (grad_filter.resolve_eps)
+AUTO = "auto"  # grad_filter_eps: a probability budget per input dtype (grad_filter.mass_budget)
 REWARD_NORM = ("padded", "mean", "sum")
 
 
@@ -63,10 +63,10 @@ class LossConfig:
         "help": "the model's final logit soft-capping (Gemma-2's final_logit_softcapping): both heads' logits "
                 "become s * tanh(logits / s); None: none"})
     grad_filter_eps: float | str = field(default=0.0, metadata={
-        "help": "gradient filtering (>= 0, or 'auto': the input dtype's unit roundoff / V): the backward skips "
-                "the vocabulary blocks whose policy values are all below it, an approximation of the gradient "
-                "(the loss is exact); 0: the exact gradient. The chunked and fused triton backends implement "
-                "it; the others take 0 only (docs/design.md)"})
+        "help": "gradient filtering (>= 0, or 'auto': the input dtype's unit roundoff): the probability each "
+                "token may leave out of the backward's p @ Wq, its lightest vocabulary blocks; an approximation "
+                "of the gradient (the loss is exact); 0: the exact gradient. The chunked and fused triton "
+                "backends implement it; the others take 0 only (docs/design.md)"})
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -1,16 +1,19 @@
-"""Gradient filtering in the chunked backward: the vocabulary blocks whose policy values ``p`` are
-below a threshold in every token of a tile are left out of ``p @ Wq`` (the ``q_hidden`` gradient)
-and of a trainable head's ``dQ^T h_q`` (docs/design.md, "The gradient in closed form", has the
+"""Gradient filtering in the chunked backward: each token leaves out of ``p @ Wq`` (the ``q_hidden``
+gradient) and of a trainable head's ``dQ^T h_q`` the vocabulary blocks that hold the least of its
+policy ``p``, as many as fit a probability budget (``grad_filter_eps``), so the gradient loses at
+most that share of its ``E_p[Wq]`` term (docs/design.md, "The gradient in closed form", has the
 bound and the measurements).
 
 A block is :data:`steps.FILTER_BLOCK` columns of a tile, the compiled CPU step's sweep block, whose
-largest ``p`` and sum of ``p`` that step reports as it goes. What was skipped and how much
-probability it held are reported to a :func:`grad_filter_report` in effect.
+sum of ``p`` per token that step reports as it goes. A tile's products then run once per column range
+over the tokens that keep it. What was skipped and how much probability it held are reported to a
+:func:`grad_filter_report` in effect.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,15 +22,20 @@ from .config import AUTO
 from .steps import FILTER_BLOCK
 
 
-def resolve_eps(eps: float | str, dtype: torch.dtype, vocab: int) -> float:
-    """The threshold of ``grad_filter_eps`` for inputs of ``dtype`` over a vocabulary of ``vocab``.
+def mass_budget(eps: float | str, dtype: torch.dtype) -> float:
+    """The probability each token may leave out, of ``grad_filter_eps`` for inputs of ``dtype``.
 
-    ``"auto"``: the unit roundoff of ``dtype`` (half its machine epsilon) divided by ``vocab``. Every
-    skipped ``p`` is below it, so the probability a token loses, summed over however many entries
-    are skipped, is below one unit roundoff, and so is the error of ``E_p[Wq]`` relative to the
-    longest row of ``Wq``: what rounding the gradient into ``dtype`` costs at that scale anyway.
+    ``"auto"``: the unit roundoff of ``dtype`` (half its machine epsilon). A token that loses less
+    than that of its ``p`` changes its ``E_p[Wq]`` by less than one unit roundoff of the longest row
+    of ``Wq``: what rounding the gradient into ``dtype`` costs at that scale anyway.
     """
-    return torch.finfo(dtype).eps / 2 / vocab if eps == AUTO else float(eps)
+    return torch.finfo(dtype).eps / 2 if eps == AUTO else float(eps)
+
+
+def entry_threshold(budget: float, vocab: int) -> float:
+    """The bound on single entries that keeps a token within ``budget`` however many of its ``vocab``
+    entries are left out: what backends that test tiles entry by entry (fused Triton) compare with."""
+    return budget / vocab
 
 
 @dataclass
@@ -37,7 +45,7 @@ class GradFilterReport:
     ``entries`` / ``skipped_entries``: token x vocabulary entries of ``p @ Wq`` (the ``q_hidden``
     gradient) seen and left out; ``head_entries`` / ``head_skipped_entries``: the same for a
     trainable head's ``dWq``. ``dropped_mass``: per scored token (of every call, in order), the
-    probability ``p`` held by the entries left out of its ``p @ Wq``. ``eps``: the last threshold used.
+    probability ``p`` held by the entries left out of its ``p @ Wq``. ``eps``: the last budget used.
     """
 
     entries: int = 0
@@ -93,19 +101,40 @@ def record(eps: float, *, entries: int = 0, skipped: int = 0, head_entries: int 
             report.masses.append(dropped_mass.detach().cpu())
 
 
-def kept_blocks(block_max: torch.Tensor, row_scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[blocks]`` bool: the blocks where some row's ``block_max * row_scale`` (a bound on its ``p``)
-    is not below ``eps``. NaN is never below: a non-finite row keeps every block."""
-    return ~(block_max * row_scale.unsqueeze(1) < eps).all(dim=0)
+def leave_out(mass: torch.Tensor, budget_so_far: float, dropped: torch.Tensor, width: int,
+              ) -> tuple[list[tuple[int, int, torch.Tensor | None]], int]:
+    """What each row of a ``width``-column tile leaves out: its lightest blocks of ``mass``
+    (``[rows, blocks]``, upper bounds of the probability each block holds) within ``budget_so_far``
+    less what it already left out (``dropped``, ``[rows]``, which grows by their mass in place).
+    Returns the parts to keep (:func:`kept_parts`) and the number of entries left out."""
+    drop = dropped_blocks(mass, budget_so_far - dropped)
+    dropped.add_(torch.where(drop, mass, 0.0).sum(dim=1))
+    widths = torch.full((drop.shape[1],), FILTER_BLOCK, device=drop.device)
+    widths[-1] = width - (drop.shape[1] - 1) * FILTER_BLOCK
+    return list(kept_parts(drop, width)), int((drop * widths).sum())
 
 
-def runs(kept: torch.Tensor, width: int) -> list[tuple[int, int]]:
-    """The column ranges ``[a, b)`` of a ``width``-column tile covered by consecutive kept blocks."""
-    flags, out, start = kept.tolist(), [], None
-    for i, keep in enumerate([*flags, False]):
-        if keep and start is None:
-            start = i
-        elif not keep and start is not None:
-            out.append((start * FILTER_BLOCK, min(i * FILTER_BLOCK, width)))
+def dropped_blocks(mass: torch.Tensor, allowance: torch.Tensor) -> torch.Tensor:
+    """``[rows, blocks]`` bool: per row, its lightest blocks of ``mass`` (``[rows, blocks]``, the
+    probability each block holds) while their sum stays within the row's ``allowance`` (``[rows]``).
+    NaN is never within: a non-finite row keeps every block from its first NaN on."""
+    ordered, order = mass.sort(dim=1)
+    within = ordered.cumsum(dim=1) <= allowance.unsqueeze(1)
+    return torch.zeros_like(within).scatter_(1, order, within)
+
+
+def kept_parts(dropped: torch.Tensor, width: int) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+    """``(a, b, rows)``: the tile's columns ``[a, b)`` and the rows that keep them (None: every row),
+    covering every kept (row, block) once. Runs of blocks that every row keeps come as one range, so
+    a tile nobody filters is one product, as on the exact path."""
+    kept = ~dropped
+    counts = kept.sum(dim=0).tolist()
+    rows, start = dropped.shape[0], None
+    for b, count in enumerate([*counts, 0]):
+        if count == rows and start is None:
+            start = b
+        elif count != rows and start is not None:
+            yield start * FILTER_BLOCK, min(b * FILTER_BLOCK, width), None
             start = None
-    return out
+        if 0 < count < rows:
+            yield b * FILTER_BLOCK, min((b + 1) * FILTER_BLOCK, width), kept[:, b].nonzero().squeeze(1)

@@ -27,7 +27,8 @@ class StatsOptions:
     (``alpha_tilde``, ``alpha_0``), the model's logit soft cap (``logit_softcap`` s: both heads' logits
     become ``s * tanh(logits / s)``; None: none) and, for backends that chunk, ``chunk_size``
     (tokens per chunk; None: from the backend's memory budget); ``grad_filter_eps``, gradient
-    filtering (0: the exact gradient; ``"auto"``: ``grad_filter.resolve_eps``)."""
+    filtering (the probability a token may leave out of ``p @ Wq``; 0: the exact gradient;
+    ``"auto"``: ``grad_filter.mass_budget``)."""
 
     alpha_tilde: float
     alpha_0: float

@@ -193,16 +193,16 @@ class ChunkedTokenStats(torch.autograd.Function):
                     keep, add = _merge_(lse_c[s:e], part_c)
                     if not want_hq_grad:
                         continue
-                    spans = None
+                    parts = None
                     if filtering:  # add * p bounds p against the row's lse so far, hence its final p
-                        kept = grad_filter.kept_blocks(stats[..., 0], add, eps)
-                        spans = grad_filter.runs(kept, v1 - v0)
+                        dropped[s:e].mul_(keep)
+                        parts, left_out = grad_filter.leave_out(stats[..., 1] * add.unsqueeze(1), eps * v1 / vocab,
+                                                                dropped[s:e], v1 - v0)
                         entries += p.numel()
-                        skipped += (e - s) * (v1 - v0 - sum(b - a for a, b in spans))
-                        dropped[s:e].mul_(keep).add_(stats[:, ~kept, 1].sum(dim=1).mul_(add))
+                        skipped += left_out
                     if logits.slope is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
                         p.mul_(logits.slope)
-                    weighted = _spans_product(sd, p, q_weight[v0:v1], spans).mul_(add.unsqueeze(1))
+                    weighted = _parts_product(sd, p, q_weight[v0:v1], parts).mul_(add.unsqueeze(1))
                     expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
         if filtering:
             grad_filter.record(eps, entries=entries, skipped=skipped, dropped_mass=dropped)
@@ -236,10 +236,11 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
     """Second tiled pass: dL/dQ = g_qa * onehot(a) + g_v * p (times 1 - tanh^2 under a soft cap;
     ``grad_q_taken`` has its factor already), summed over tokens into Wq and bq. A tile's own
     softmax becomes the row's ``p`` with the weight ``exp(lse_c(tile) - lse_c(row))``. Filtering
-    leaves out of ``dWq`` the blocks whose ``p`` are all below the threshold and that hold no target
-    (``dbq``, a sum, stays exact)."""
+    leaves out of ``dWq`` each token's lightest blocks within its budget, never the block of its
+    target (``dbq``, a sum, stays exact)."""
     alpha_tilde, alpha_0, softcap, eps = ctx.cfg
     rows, columns = ctx.tiles
+    vocab = q_weight.shape[0]
     sd = grad_q_taken.dtype
     want_w, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     grad_qw = torch.zeros(q_weight.shape, dtype=sd, device=q_weight.device) if want_w else None
@@ -251,7 +252,8 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
         logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, True, columns)
         for s, e in chunks(hq.shape[0], rows):
             rows_here = torch.arange(e - s, device=hq.device)
-            for v0, v1 in chunks(q_weight.shape[0], columns):
+            dropped = torch.zeros(e - s, dtype=sd, device=hq.device) if filtering else None
+            for v0, v1 in chunks(vocab, columns):
                 z, q = logits(s, e, v0, v1)
                 stats = block_stats(e - s, v1 - v0) if filtering else None
                 part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd,
@@ -259,20 +261,23 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
                 del z, q
                 to_row = (part_c - lse_c[s:e]).exp_()
                 column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
-                spans = None
-                if filtering:
-                    kept = grad_filter.kept_blocks(stats[..., 0], to_row, eps)
-                    kept[(column[inside] // FILTER_BLOCK).unique()] = True
-                    spans = grad_filter.runs(kept, v1 - v0)
+                parts = None
+                if filtering:  # a token's own target block is never left out (its g_a term)
+                    target = torch.where(inside, float("inf"), 0.0).to(sd).unsqueeze(1)
+                    mass = (stats[..., 1] * to_row.unsqueeze(1)).scatter_add_(1, (column // FILTER_BLOCK).unsqueeze(1),
+                                                                              target)
+                    parts, left_out = grad_filter.leave_out(mass, eps * v1 / vocab, dropped, v1 - v0)
                     entries += p.numel()
-                    skipped += (e - s) * (v1 - v0 - sum(b - a for a, b in spans))
+                    skipped += left_out
                 d_logits = p.mul_((to_row * grad_value[s:e]).unsqueeze(1))
                 if logits.slope is not None:
                     d_logits.mul_(logits.slope)
                 d_logits.index_put_((rows_here, column), torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
                 if want_w:
-                    for a, b in [(0, v1 - v0)] if spans is None else spans:
-                        grad_qw[v0 + a:v0 + b].add_(_head_weight_grad(d_logits[:, a:b], hq[s:e]))
+                    for a, b, kept in [(0, v1 - v0, None)] if parts is None else parts:
+                        grad_qw[v0 + a:v0 + b].add_(
+                            _head_weight_grad(d_logits[:, a:b], hq[s:e]) if kept is None
+                            else _head_weight_grad(d_logits[kept, a:b], hq[s:e][kept]))
                 if want_b:
                     grad_qb[v0:v1].add_(d_logits.sum(dim=0))
     if filtering:
@@ -294,13 +299,16 @@ class _BlockStats:
         return self.buffer[: rows * blocks * 2].view(rows, blocks, 2)
 
 
-def _spans_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor,
-                   spans: list[tuple[int, int]] | None) -> torch.Tensor:
-    """``p @ w`` over the column ranges ``spans`` of ``p`` (rows of ``w``) only; ``None``: all of it,
-    one GEMM, as the exact path takes it."""
-    if spans is None or spans == [(0, p.shape[1])]:
+def _parts_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, parts) -> torch.Tensor:
+    """``p @ w`` over the kept ``parts`` of the tile only (``grad_filter.kept_parts``: column ranges of
+    ``p``, rows of ``w``, and the rows of ``p`` that keep them); ``None``: all of it, one GEMM, as
+    the exact path takes it."""
+    if parts is None or parts == [(0, p.shape[1], None)]:
         return matmul_to(out_dtype, p, w)
     out = torch.zeros(p.shape[0], w.shape[1], dtype=out_dtype, device=p.device)
-    for a, b in spans:
-        out.add_(matmul_to(out_dtype, p[:, a:b], w[a:b]))
+    for a, b, kept in parts:
+        if kept is None:
+            out.add_(matmul_to(out_dtype, p[:, a:b], w[a:b]))
+        else:
+            out.index_add_(0, kept, matmul_to(out_dtype, p[kept, a:b], w[a:b]))
     return out

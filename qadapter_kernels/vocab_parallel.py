@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .grad_filter import resolve_eps
+from .grad_filter import mass_budget
 from .inputs import check_float_tensor
 from .registry import Backend, StatsOptions
 from .vocabulary import logit_stats
@@ -211,9 +211,10 @@ def sharded_token_stats(impl: Backend, base, hq, weight, q_weight, q_bias, targe
     rows (targets it does not hold read row 0 and are masked out), this rank's base log-sum-exp
     (one gradient-free pass over its rows, only where ``alpha_0`` weighs it), then the merge."""
     local, owned = _local_targets(targets, layout)
-    # "auto" is relative to the whole vocabulary; a rank's p bounds are its share's upper bounds.
-    options = dataclasses.replace(options, grad_filter_eps=resolve_eps(options.grad_filter_eps, hq.dtype,
-                                                                        layout.vocab))
+    # Each rank may leave out its share of a token's budget: its p (against its own log-sum-exp) are
+    # upper bounds of the whole vocabulary's, so the ranks' dropped masses add up to at most the budget.
+    budget = mass_budget(options.grad_filter_eps, hq.dtype) * layout.size / layout.vocab
+    options = dataclasses.replace(options, grad_filter_eps=budget)
     q_taken, value = impl.token_stats(base, sum_grad_across_ranks(hq, layout.group), weight, q_weight, q_bias,
                                       local, options)
     lse_z = (logit_stats(base, weight, logit_softcap=options.logit_softcap, chunk_size=options.chunk_size)[0]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..grad_filter import resolve_eps
+from ..grad_filter import entry_threshold, mass_budget
 from ._common import INTERPRET, dot_precision
 
 if INTERPRET:
@@ -153,7 +153,7 @@ def make_plan(base, hq, weight, q_weight, options) -> FusedPlan:
         shared=shared,
         split_size=split_size,
         splits=triton.cdiv(vocab, split_size),
-        filter_eps=resolve_eps(options.grad_filter_eps, hq.dtype, vocab),
+        filter_eps=entry_threshold(mass_budget(options.grad_filter_eps, hq.dtype), vocab),
         dot_precision=dot_precision(hq.dtype),
     )
 

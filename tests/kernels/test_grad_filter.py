@@ -1,5 +1,6 @@
-"""Gradient filtering in the chunked backend (``grad_filter_eps``): against the exact backward and an
-independent float64 account of what a filter leaves out, for both CPU steps (compiled and eager)."""
+"""Gradient filtering in the chunked backend (``grad_filter_eps``, a probability budget per token):
+against the exact backward and an independent float64 account of what each token leaves out, for
+both CPU steps (compiled and eager)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from helpers import loss_and_grads, make_inputs
 
 from qadapter_kernels import _cpu, qadapter_loss, qadapter_token_stats, steps
-from qadapter_kernels.grad_filter import grad_filter_report, resolve_eps
+from qadapter_kernels.grad_filter import entry_threshold, grad_filter_report, mass_budget
 from qadapter_kernels.steps import FILTER_BLOCK
 
 VOCAB = 4 * FILTER_BLOCK + 300  # five blocks, the last one partial
@@ -45,6 +46,15 @@ def peaked(dtype=torch.float32, q_head=False, seed=0, zipf=3.0, vocab=VOCAB, sca
     return out
 
 
+def varied(inputs, seed=5):
+    """``inputs`` with each token's tilt scaled by its own factor in [0.5, 2): tokens whose tails
+    differ, so each leaves out a different number of blocks."""
+    hq = inputs["q_hidden"].detach().clone()
+    factor = 0.5 + 1.5 * torch.rand(hq.shape[:2], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    hq[..., 0] = (hq[..., 0].double() * factor).to(hq.dtype)
+    return {**inputs, "q_hidden": hq.requires_grad_()}
+
+
 def float64_policy(inputs, alpha_tilde=1.0, alpha_0=0.01):
     """``p`` of every scored token in float64, packed in row order, and its ``Q`` head."""
     mask = inputs["labels"][:, 1:] != -100
@@ -52,7 +62,8 @@ def float64_policy(inputs, alpha_tilde=1.0, alpha_0=0.01):
     hq = inputs["q_hidden"][:, :-1][mask].double()
     w = inputs["weight"].double()
     wq = inputs.get("q_weight", inputs["weight"]).detach().double()
-    return torch.softmax((hq @ wq.T + alpha_0 * hb @ w.T) / alpha_tilde, dim=1), wq
+    with torch.no_grad():
+        return torch.softmax((hq @ wq.T + alpha_0 * hb @ w.T) / alpha_tilde, dim=1), wq
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -73,15 +84,16 @@ def test_compiled_block_stats_match_the_eager_ones(dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
-def test_auto_is_the_unit_roundoff_over_the_vocabulary():
-    assert resolve_eps("auto", torch.bfloat16, 49152) == 2**-8 / 49152
-    assert resolve_eps("auto", torch.float32, 1000) == 2**-24 / 1000
-    assert resolve_eps(1e-6, torch.float32, 1000) == 1e-6
+def test_auto_is_the_unit_roundoff_of_the_dtype():
+    assert mass_budget("auto", torch.bfloat16) == 2**-8
+    assert mass_budget("auto", torch.float32) == 2**-24
+    assert mass_budget(1e-3, torch.float32) == 1e-3
+    assert entry_threshold(2**-8, 49152) == 2**-8 / 49152
 
 
 def test_a_filter_that_skips_nothing_is_the_exact_backward_bit_for_bit(step):
-    """Random inputs of unit-scale logits: no block is negligible, so filtering must take the exact
-    path, to the bit, for the q_hidden and the head gradients."""
+    """Random inputs of unit-scale logits: every block holds far more than the float32 budget, so
+    filtering must take the exact path, to the bit, for the q_hidden and the head gradients."""
     inputs = make_inputs(batch=4, seq=10, hidden=16, vocab=VOCAB, q_head=True, q_bias=True, seed=3)
     _, exact = loss_and_grads(inputs, backend="chunked", chunk_size=8)
     with grad_filter_report() as report:
@@ -91,101 +103,130 @@ def test_a_filter_that_skips_nothing_is_the_exact_backward_bit_for_bit(step):
         assert torch.equal(filtered[name], exact[name]), name
 
 
+def lightest_blocks(p: torch.Tensor, budget: float, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n, V]`` bool, from float64 ``p``: per token, the columns of its lightest FILTER_BLOCK blocks
+    while their summed mass stays within ``budget`` (``kept``: ``[n, blocks]`` blocks never left out),
+    written out independently of the backend's vectorized rule. Asserts that no token's running sum
+    lies within 1e-4 of the budget, where float32 and float64 masses could choose differently."""
+    block = torch.arange(p.shape[1]) // FILTER_BLOCK
+    blocks = int(block[-1]) + 1
+    mass = torch.stack([p[:, block == b].sum(dim=1) for b in range(blocks)], dim=1)
+    dropped = torch.zeros(p.shape, dtype=torch.bool)
+    for t in range(p.shape[0]):
+        total = 0.0
+        last = kept[t] if kept is not None else torch.zeros(blocks, dtype=torch.bool)
+        for b in sorted(range(blocks), key=lambda b: float("inf") if last[b] else float(mass[t, b])):
+            if last[b]:
+                break
+            total += float(mass[t, b])
+            assert abs(total - budget) > 1e-4 * budget, "budget too close to a token's running sum"
+            if total > budget:
+                break
+            dropped[t, block == b] = True
+    return dropped
+
+
+def token_stats_grads(inputs, upstream, **options):
+    """The q_hidden (and, with a Q head, Wq) gradients of ``qadapter_token_stats`` under the upstream
+    ``(g_a, g_v)``, in float64, q_hidden packed in token order."""
+    trainable = ("q_hidden", "q_weight")
+    leaves = {k: v.detach().clone().requires_grad_(k in trainable) for k, v in inputs.items() if k != "labels"}
+    stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend="chunked", **options)
+    ((stats.q_taken * upstream[0].to(stats.value.dtype)).sum()
+     + (stats.value * upstream[1].to(stats.value.dtype)).sum()).backward()
+    mask = inputs["labels"][:, 1:] != -100
+    grad_wq = leaves["q_weight"].grad.double() if "q_weight" in leaves else None
+    return leaves["q_hidden"].grad[:, :-1][mask].double(), grad_wq
+
+
+def scored_targets(inputs) -> torch.Tensor:
+    return inputs["labels"][:, 1:][inputs["labels"][:, 1:] != -100]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_filtered_gradient_is_exact_minus_what_the_report_says_it_skipped(step, monkeypatch, dtype):
-    """One vocabulary tile and one token chunk, so that the skip rule sees the final p: the blocks left
-    out are exactly those whose float64 p is below eps in every token; the gradient is the exact one
-    less g_v * (sum of p Wq over them); the reported mass and fraction are theirs."""
-    inputs = peaked(dtype, zipf=1.5, scale=0.3)  # a heavier tail: what is dropped shows in float32
-    eps = 1e-4
+def test_filtered_gradient_is_exact_minus_each_tokens_lightest_blocks(step, monkeypatch, dtype):
+    """One vocabulary tile and one token chunk, so that the rule sees the final p: each token leaves
+    out exactly its lightest blocks within the budget (a float64 account); the gradient is the exact
+    one less g_v * (sum of p Wq over them); the reported entries and masses are theirs."""
+    inputs = varied(peaked(dtype, zipf=1.5, scale=0.3))  # a heavier tail: what is dropped shows in float32
+    budget = 0.02
     monkeypatch.setattr(_cpu, "last_level_cache_bytes", lambda: 2**30)  # one tile spans the vocabulary
     p, wq = float64_policy(inputs)
     n = p.shape[0]
     upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-    def hq_grad(**options):
-        leaves = {k: v.detach().clone().requires_grad_(k == "q_hidden") for k, v in inputs.items() if k != "labels"}
-        stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend="chunked", chunk_size=n, **options)
-        ((stats.q_taken * upstream[0]).sum() + (stats.value * upstream[1]).sum()).backward()
-        mask = inputs["labels"][:, 1:] != -100
-        return leaves["q_hidden"].grad[:, :-1][mask].double()
-
-    exact = hq_grad()
+    exact, _ = token_stats_grads(inputs, upstream, chunk_size=n)
     with grad_filter_report() as report:
-        filtered = hq_grad(grad_filter_eps=eps)
-    block = torch.arange(VOCAB) // FILTER_BLOCK
-    blocks = int(block[-1]) + 1
-    skippable = torch.tensor([bool((p[:, block == b] < eps).all()) for b in range(blocks)])
-    assert 0 < int(skippable.sum()) < blocks  # the test is not vacuous: some blocks skipped, some not
-    skipped = skippable[block]
-    assert report.skipped_entries == n * int(skipped.sum()) and report.entries == n * VOCAB
-    assert report.skipped_fraction == pytest.approx(int(skipped.sum()) / VOCAB)
-    mass = p[:, skipped].sum(dim=1)
+        filtered, _ = token_stats_grads(inputs, upstream, chunk_size=n, grad_filter_eps=budget)
+    dropped = lightest_blocks(p, budget)
+    # Not vacuous: most tokens leave blocks out, none all of them, and they differ in how many.
+    assert dropped.any(dim=1).float().mean() > 0.5 and not dropped.all(dim=1).any()
+    assert len(set(dropped.sum(dim=1).tolist())) > 1
+    assert report.entries == n * VOCAB and report.skipped_entries == int(dropped.sum())
+    mass = (p * dropped).sum(dim=1)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(report.dropped_mass.double(), mass, rtol=tol, atol=0)
-    assert (mass <= eps * skipped.sum()).all()
-    expected = exact - upstream[1].unsqueeze(1) * (p[:, skipped] @ wq[skipped])
+    assert (mass <= budget).all()
+    expected = exact - upstream[1].unsqueeze(1) * ((p * dropped) @ wq)
     assert ((filtered - exact).norm() / exact.norm()) > 10 * tol  # filtering changed something
     assert ((filtered - expected).norm() / exact.norm()) < tol
 
 
 @pytest.mark.parametrize("dtype, softcap", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 20.0)])
 def test_filtered_gradient_is_within_the_stated_bound(step, monkeypatch, dtype, softcap):
-    """Several vocabulary tiles and token chunks (the skip rule then bounds p against the row's
-    log-sum-exp so far): per token, |dL/dh_q - exact| <= |g_v| * dropped mass * max_v |Wq[v]| (plus the
-    dtype's rounding), the mass below eps times the entries skipped, and most of p @ Wq skipped; a
-    soft cap only multiplies the skipped terms by 1 - tanh^2 <= 1."""
+    """Several vocabulary tiles and token chunks (the rule then bounds p against the row's
+    log-sum-exp so far and spends a token's budget tile by tile): per token, the dropped mass is
+    within the budget and |dL/dh_q - exact| <= |g_v| * dropped mass * max_v |Wq[v]| (plus the dtype's
+    rounding), with much of p @ Wq skipped; a soft cap only multiplies the skipped terms by
+    1 - tanh^2 <= 1."""
     monkeypatch.setattr(_cpu, "last_level_cache_bytes", lambda: 8 * 2 * FILTER_BLOCK * 2 * 4)  # 2-block tiles
-    inputs = peaked(dtype, zipf=1.5, scale=0.3)
-    eps = 1e-4
+    inputs = varied(peaked(dtype, zipf=1.5, scale=0.3))
+    budget = 0.02
     n = int((inputs["labels"][:, 1:] != -100).sum())
-    g_v = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-
-    def hq_grad(**options):
-        leaves = {k: v.detach().clone().requires_grad_(k == "q_hidden") for k, v in inputs.items() if k != "labels"}
-        stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend="chunked", chunk_size=8,
-                                     logit_softcap=softcap, **options)
-        (stats.value * g_v.to(stats.value.dtype)).sum().backward()
-        mask = inputs["labels"][:, 1:] != -100
-        return leaves["q_hidden"].grad[:, :-1][mask].double()
-
-    exact = hq_grad()
+    upstream = torch.stack([torch.zeros(n, dtype=torch.float64),
+                            torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)])
+    exact, _ = token_stats_grads(inputs, upstream, chunk_size=8, logit_softcap=softcap)
     with grad_filter_report() as report:
-        filtered = hq_grad(grad_filter_eps=eps)
-    assert report.skipped_fraction > 0.5
-    assert (report.dropped_mass <= eps * VOCAB).all()
+        filtered, _ = token_stats_grads(inputs, upstream, chunk_size=8, logit_softcap=softcap, grad_filter_eps=budget)
+    assert report.skipped_fraction > 0.3
+    assert (report.dropped_mass <= budget * (1 + 1e-6)).all()
     head_norm = inputs["weight"].double().norm(dim=1).max()
     # Both gradients are rounded to the dtype, and bfloat16 p @ Wq partial products once more on a CPU.
     rounding = (2**-7 if dtype == torch.bfloat16 else 1e-5) * exact.norm(dim=1)
     error = (filtered - exact).norm(dim=1)
-    bound = g_v.abs() * report.dropped_mass.double() * head_norm
+    bound = upstream[1].abs() * report.dropped_mass.double() * head_norm
     assert (error <= bound * 1.01 + rounding).all()
     assert (bound > rounding).any()  # the bound is what the check is about, not the rounding
 
 
-def test_trainable_head_skips_only_blocks_without_targets(step, monkeypatch):
-    """dWq: a skipped block (every p below eps, no target) gets no gradient in a single chunk of tokens;
-    what it would have had is below eps * sum_t |g_v| |h_q|; kept rows equal the exact ones."""
+def test_trainable_head_leaves_out_each_tokens_lightest_blocks_but_its_target(step, monkeypatch):
+    """dWq in one tile: each token leaves out its lightest blocks within the budget, never its target's
+    block (a float64 account): dWq is the exact one less sum_t g_v[t] p_t[v] h_q[t] over them."""
     monkeypatch.setattr(_cpu, "last_level_cache_bytes", lambda: 2**30)
-    inputs = peaked(q_head=True)
-    inputs["labels"][:, 1:] = torch.where(inputs["labels"][:, 1:] == -100, -100, inputs["labels"][:, 1:] % 1500)
-    n = int((inputs["labels"][:, 1:] != -100).sum())
-    _, exact = loss_and_grads(inputs, backend="chunked", chunk_size=n)
+    inputs = varied(peaked(torch.float64, q_head=True, zipf=1.5, scale=0.3))
+    budget = 0.02
+    p, _ = float64_policy(inputs)
+    n = p.shape[0]
+    upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, exact = token_stats_grads(inputs, upstream, chunk_size=n)
     with grad_filter_report() as report:
-        _, filtered = loss_and_grads(inputs, backend="chunked", chunk_size=n, grad_filter_eps=1e-6)
-    assert report.head_skipped_fraction > 0.3
-    skipped = (filtered["q_weight"] == 0).all(dim=1)
-    assert int(skipped.sum()) == report.head_skipped_entries // n
-    assert not skipped[:1500].any()  # the targets' blocks are kept
-    torch.testing.assert_close(filtered["q_weight"][~skipped], exact["q_weight"][~skipped], rtol=1e-5, atol=1e-7)
-    assert 0 < exact["q_weight"][skipped].abs().max() < 1e-6 * inputs["q_hidden"].abs().sum()
+        _, filtered = token_stats_grads(inputs, upstream, chunk_size=n, grad_filter_eps=budget)
+    target_block = torch.zeros(n, -(-VOCAB // FILTER_BLOCK), dtype=torch.bool)
+    target_block[torch.arange(n), scored_targets(inputs) // FILTER_BLOCK] = True
+    dropped = lightest_blocks(p, budget, kept=target_block)
+    assert 0 < int(dropped.sum()) and report.head_skipped_entries == int(dropped.sum())
+    assert not (dropped & target_block.repeat_interleave(FILTER_BLOCK, dim=1)[:, :VOCAB]).any()
+    mask = inputs["labels"][:, 1:] != -100
+    hq = inputs["q_hidden"][:, :-1][mask].double()
+    expected = exact - ((upstream[1].unsqueeze(1) * p * dropped).T @ hq)
+    assert (filtered - exact).norm() / exact.norm() > 1e-8
+    torch.testing.assert_close(filtered, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_filtering_the_loss_output_is_exact():
     """The loss and its metrics do not depend on the filter (only the backward does)."""
     inputs = peaked()
     exact = loss_and_grads(inputs, backend="chunked", chunk_size=8)[0]
-    filtered = loss_and_grads(inputs, backend="chunked", chunk_size=8, grad_filter_eps=1e-4)[0]
+    filtered = loss_and_grads(inputs, backend="chunked", chunk_size=8, grad_filter_eps=0.02)[0]
     for name in ("loss", "chosen_rewards", "rejected_rewards"):
         assert torch.equal(getattr(filtered, name), getattr(exact, name))
 

@@ -92,7 +92,8 @@ def test_vocab_splits_are_exact_and_deterministic(splits, monkeypatch):
 
 
 def test_gradient_filter():
-    """A tiny threshold skips nothing that matters; one above every p drops E_p[Wq] entirely."""
+    """A tiny budget skips nothing that matters; one whose share per entry (budget / V) is above
+    every p drops E_p[Wq] entirely."""
     base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=12)
     targets = targets % 16  # every target in the first vocabulary tile: the other tiles hold none
     want = _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
@@ -101,7 +102,7 @@ def test_gradient_filter():
     for w, t in zip(want, tiny):
         assert rel_err(t, w) <= 1e-6
     q_taken, value, grad_hq, grad_qw, grad_qb = _stats_and_grads(
-        fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream, grad_filter_eps=2.0
+        fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream, grad_filter_eps=2.0 * weight.shape[0]
     )
     # The forward and the (unfiltered) bias gradient are untouched; dh_q keeps only g_a * Wq[a].
     for w, g in zip(want, (q_taken, value, None, None, grad_qb)):
@@ -116,7 +117,8 @@ def test_gradient_filtering_reaches_the_fused_backend():
     refuse it, and a negative threshold is refused by name (chunked: test_grad_filter.py)."""
     inputs = make_inputs(q_head=True)
     exact = loss_and_grads(inputs, backend="triton")[1]
-    filtered = loss_and_grads(inputs, backend="triton", grad_filter_eps=2.0)[1]  # above every p
+    vocab = inputs["weight"].shape[0]
+    filtered = loss_and_grads(inputs, backend="triton", grad_filter_eps=2.0 * vocab)[1]  # budget / V above every p
     assert rel_err(filtered["q_hidden"], exact["q_hidden"]) > 1e-3  # E_p[Wq] skipped
     for backend in ("reference", "chunked-triton"):
         with pytest.raises(ValueError, match="does not implement"):
