@@ -133,13 +133,13 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
 
 
 @torch.compiler.disable  # under torch.compile: run as is, never traced (ctypes, a build, a cache)
-def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
     """The ``steps.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
 
-    CPU float32 / bfloat16 only; anything else (float64, float16, CUDA) takes the eager step.
+    CPU float32 / bfloat16 only; anything else (float64, float16, CUDA, a soft cap) takes the eager step.
     """
-    if not _compiled_fits(z, q, p_dtype):
-        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
+    if softcap is not None or not _compiled_fits(z, q, p_dtype):
+        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
     return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"))
 
 
@@ -153,12 +153,12 @@ def _block_stats_out(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.
 
 
 @torch.compiler.disable
-def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None):
+def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None, softcap=None):
     """The ``steps.BlockStep`` contract in one sweep (a vocabulary tile); p overwrites q when
     p_dtype is q's dtype; ``block_stats`` come from the sweep's own block scales and sums, at no
-    extra pass. Anything but CPU float32 / bfloat16 takes the eager step."""
-    if not _compiled_fits(z, q, p_dtype):
-        return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats)
+    extra pass. Anything but CPU float32 / bfloat16 (or a soft cap) takes the eager step."""
+    if softcap is not None or not _compiled_fits(z, q, p_dtype):
+        return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats, softcap)
     return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"), block_stats)
 
 

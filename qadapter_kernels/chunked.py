@@ -39,9 +39,8 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     vocab, softcap = weight.shape[0], options.logit_softcap
     if row_step is not None:
         require_exact_gradient(options, "chunked-triton and cuda")
-        # A fused step makes no float32 copies; the soft cap still widens the tiles (ChunkLogits).
-        tiles = (options.chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device,
-                                                       widened=softcap is not None), vocab)
+        # A fused step makes no float32 copies, a soft cap included (it caps as it reads).
+        tiles = (options.chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device, widened=False), vocab)
         block_step = whole_row_block_step(row_step)
     else:
         tiles = auto_tiles(hq.shape[0], vocab, hq.dtype, hq.device, options.chunk_size)

@@ -31,13 +31,13 @@ _PAIRWISE_MAX_BATCH = 2048  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
 _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_reward_norm
 
 
-def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype):
+def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
     """The fused row step (``chunked.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
 
     float64 inputs keep float64 statistics through the eager step: the kernels compute in float32.
     """
-    if q.dtype not in KERNEL_DTYPES:
-        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype)
+    if q.dtype not in KERNEL_DTYPES or softcap is not None:
+        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
     z, q, targets = z.contiguous(), q.contiguous(), targets.contiguous()
     if p_dtype == q.dtype:
         q_taken, value = _cuda_ops.row_step_(z, q, targets, float(alpha_tilde), float(alpha_0))

@@ -45,7 +45,7 @@ def auto_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch
                     *, widened: bool = True) -> int:
     """Largest chunk whose ``[chunk, V]`` buffers fit the budget.
 
-    ``widened`` (the eager step, or a soft cap, which widens half-precision tiles to float32): the
+    ``widened`` (the eager step, which widens half-precision tiles to float32): the
     GEMM outputs ``z`` and ``q``, their two float32 copies and ``P`` in the input dtype. Otherwise
     (the fused Triton and CUDA row steps, which read half precision and compute in registers):
     ``z``, ``q`` and one float32 ``P``, the most a fused step writes (the forward writes ``P`` over

@@ -10,7 +10,7 @@ import torch
 
 from . import grad_filter
 from .inputs import stats_dtype
-from .steps import FILTER_BLOCK
+from .steps import FILTER_BLOCK, softcap_
 
 
 def chunks(n: int, chunk: int):
@@ -34,13 +34,10 @@ class ChunkLogits:
     (``q_weight`` is ``weight``, no bias: adapters below the lm_head) takes one GEMM over the
     stacked ``[base; hq]`` rows, which runs closer to peak than two half-height ones.
 
-    With ``softcap`` s both are capped in place, ``s * tanh(logits / s)`` (in float32 at least), and
-    with ``derivative`` the tile's ``dQ_capped / dQ = 1 - tanh^2`` is :attr:`slope` after each
-    call: the gradients' factor, read after the row step has overwritten ``q``.
+    The logits are raw: a soft cap is the step's to apply (``steps.BlockStep``).
     """
 
-    def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int, softcap: float | None = None,
-                 derivative: bool = False, columns: int | None = None):
+    def __init__(self, base, hq, weight, q_weight, q_bias, chunk: int, columns: int | None = None):
         self.base, self.hq, self.weight, self.q_weight, self.q_bias = base, hq, weight, q_weight, q_bias
         rows = max(1, min(chunk, hq.shape[0]))
         columns = weight.shape[0] if columns is None else min(columns, weight.shape[0])
@@ -48,10 +45,6 @@ class ChunkLogits:
         self.out = torch.empty(2 * rows * columns, dtype=hq.dtype, device=hq.device)
         self.stacked = torch.empty(2 * rows, hq.shape[1], dtype=hq.dtype, device=hq.device) if self.shared else None
         self._stacked_rows = None  # the (start, end) whose [base; hq] rows ``stacked`` holds
-        self.softcap = softcap
-        self.derivative = (torch.empty(rows * columns, dtype=stats_dtype(hq.dtype), device=hq.device)
-                           if softcap is not None and derivative else None)
-        self.slope = None
 
     def __call__(self, s: int, e: int, v0: int = 0, v1: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n, v1 = e - s, self.weight.shape[0] if v1 is None else v1
@@ -67,24 +60,7 @@ class ChunkLogits:
             torch.mm(self.hq[s:e], self.q_weight[v0:v1].T, out=q)
             if self.q_bias is not None:
                 q.add_(self.q_bias[v0:v1])
-        if self.softcap is not None:
-            self.slope = None if self.derivative is None else self.derivative[: n * (v1 - v0)].view(n, v1 - v0)
-            softcap_(z, self.softcap)
-            softcap_(q, self.softcap, self.slope)
         return z, q
-
-
-def softcap_(logits: torch.Tensor, softcap: float, slope: torch.Tensor | None = None) -> torch.Tensor:
-    """Caps ``logits`` in place, ``softcap * tanh(logits / softcap)`` (computed in float32 at least),
-    the model's final logit soft-capping (Gemma-2); with ``slope``, writes ``d capped / d raw =
-    1 - tanh^2`` into it. Every pass that forms logits above the fused kernels caps through here."""
-    wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    tanh = wide.div_(softcap).tanh_()
-    if slope is not None:
-        torch.mul(tanh, tanh, out=slope).neg_().add_(1)
-    if wide is logits:
-        return logits.mul_(softcap)
-    return logits.copy_(tanh.mul_(softcap))
 
 
 def _targets_in_tile(targets: torch.Tensor, v0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,14 +156,14 @@ class ChunkedTokenStats(torch.autograd.Function):
         dropped = torch.zeros(n, dtype=sd, device=hq.device) if filtering else None
         entries = skipped = 0
         with torch.no_grad():
-            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, want_hq_grad, columns)
+            logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, columns)
             for s, e in chunks(n, rows):
                 for v0, v1 in chunks(vocab, columns):
                     z, q = logits(s, e, v0, v1)
                     _take_targets_(q_taken[s:e], q, targets[s:e], v0)
                     stats = block_stats(e - s, v1 - v0) if filtering else None
                     part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype,
-                                                   **({} if stats is None else {"block_stats": stats}))
+                                                   **_step_options(stats, softcap))
                     del z, q
                     torch.logaddexp(lse_z[s:e], part_z, out=lse_z[s:e])
                     keep, add = _merge_(lse_c[s:e], part_c)
@@ -200,10 +176,10 @@ class ChunkedTokenStats(torch.autograd.Function):
                                                                 dropped[s:e], v1 - v0)
                         entries += p.numel()
                         skipped += left_out
-                    if logits.slope is not None:  # E_p[(1 - tanh^2) Wq]: still one GEMM
-                        p.mul_(logits.slope)
                     weighted = _parts_product(sd, p, q_weight[v0:v1], parts).mul_(add.unsqueeze(1))
                     expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
+        if softcap is not None:  # the targets' Q-values were read raw, before the step capped its tile
+            softcap_(q_taken, softcap)
         if filtering:
             grad_filter.record(eps, entries=entries, skipped=skipped, dropped_mass=dropped)
         # base and weight are only needed again to recompute p for a trainable Q head.
@@ -249,15 +225,14 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
     block_stats = _BlockStats(rows, columns, sd, hq.device) if filtering else None
     entries = skipped = 0
     with torch.no_grad():
-        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, softcap, True, columns)
+        logits = ChunkLogits(base, hq, weight, q_weight, q_bias, rows, columns)
         for s, e in chunks(hq.shape[0], rows):
             rows_here = torch.arange(e - s, device=hq.device)
             dropped = torch.zeros(e - s, dtype=sd, device=hq.device) if filtering else None
             for v0, v1 in chunks(vocab, columns):
                 z, q = logits(s, e, v0, v1)
                 stats = block_stats(e - s, v1 - v0) if filtering else None
-                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd,
-                                              **({} if stats is None else {"block_stats": stats}))
+                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd, **_step_options(stats, softcap))
                 del z, q
                 to_row = (part_c - lse_c[s:e]).exp_()
                 column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
@@ -269,9 +244,7 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
                     parts, left_out = grad_filter.leave_out(mass, eps * v1 / vocab, dropped, v1 - v0)
                     entries += p.numel()
                     skipped += left_out
-                d_logits = p.mul_((to_row * grad_value[s:e]).unsqueeze(1))
-                if logits.slope is not None:
-                    d_logits.mul_(logits.slope)
+                d_logits = p.mul_((to_row * grad_value[s:e]).unsqueeze(1))  # a capped step's p has its slope
                 d_logits.index_put_((rows_here, column), torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
                 if want_w:
                     for a, b, kept in [(0, v1 - v0, None)] if parts is None else parts:
@@ -286,6 +259,12 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
         grad_qw.to(q_weight.dtype) if want_w else None,
         grad_qb.to(q_bias.dtype) if want_b else None,
     )
+
+
+def _step_options(block_stats: torch.Tensor | None, softcap: float | None) -> dict:
+    """The block step's optional arguments: only those in use, so steps without them still serve."""
+    return {**({} if block_stats is None else {"block_stats": block_stats}),
+            **({} if softcap is None else {"softcap": softcap})}
 
 
 class _BlockStats:

@@ -20,7 +20,8 @@ import torch
 
 from .config import LossConfig, check_choice
 from .inputs import check_chunk_size, check_hidden_pair, check_targets, stats_dtype
-from .tiles import chunks, matmul_to, softcap_
+from .steps import softcap_
+from .tiles import chunks, matmul_to
 
 MEASURES = ("stats", "step0", "logprobs", "kl", "greedy")
 # [chunk, V] float32 buffers a chunk of the pass holds at once (the two logits, log pi1, the

@@ -67,7 +67,8 @@ def _variants(mode: str):
 
     dtypes = ("bfloat16", "float16", "float32") if mode == "full" else ("bfloat16",)
     for dtype in dtypes:
-        yield "row_step", row_step._row_step_kernel, dtype, {"BLOCK_V": 4096}, row_step.NUM_WARPS, 3
+        for cap in (False, True):  # the soft cap (Gemma-2) is capped as the step reads
+            yield "row_step", row_step._row_step_kernel, dtype, {"BLOCK_V": 4096, "SOFTCAP": cap}, row_step.NUM_WARPS, 3
         yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode.NUM_WARPS, 3
     kernels = {
         "forward": (fused_forward._forward_kernel, {}),

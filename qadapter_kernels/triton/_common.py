@@ -122,3 +122,16 @@ def launch_guard(tensor: torch.Tensor):
 def row_major(t: torch.Tensor) -> torch.Tensor:
     """The kernels index rows by a stride and columns contiguously."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """``cap * tanh(x / cap)``, as ``2 sigmoid(2x / cap) - 1`` (a tanh every Triton backend has)."""
+    return cap * (2.0 * tl.sigmoid(x * (2.0 / cap)) - 1.0)
+
+
+@triton.jit
+def soft_cap_slope(q, cap):
+    """``d capped / d raw = 1 - tanh^2 = 1 - (capped / cap)^2``, from the capped value."""
+    u = q / cap
+    return 1.0 - u * u

@@ -43,12 +43,12 @@ def _combine_kernel(
     m = float("-inf")
     s = 0.0
     for start in range(0, V, BLOCK_V):
-        _, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        _, c, _ = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, 0.0, False)
         m, s = online_lse(m, s, c)
     lse = m + tl.log(s)
 
     for start in range(0, V, BLOCK_V):
-        _, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        _, c, _ = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, 0.0, False)
         tl.store(out_row + start + cols, c - lse, mask=start + cols < V)
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_tiles import CONFIGS, TUNE_KEY, logit_tiles, policy, soft_cap_slope
+from ._common import soft_cap_slope
+from .fused_tiles import CONFIGS, TUNE_KEY, logit_tiles, policy
 
 
 @triton.autotune(configs=CONFIGS, key=TUNE_KEY, reset_to_zero=["expected_ptr"])

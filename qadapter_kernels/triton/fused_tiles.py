@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..grad_filter import entry_threshold, mass_budget
-from ._common import INTERPRET, dot_precision
+from ._common import INTERPRET, dot_precision, soft_cap
 
 if INTERPRET:
     # One small tile shape: fast on CPU, and small vocabularies still span several tiles.
@@ -78,19 +78,6 @@ def logit_tiles(
     if SOFTCAP:
         z, q = soft_cap(z, softcap), soft_cap(q, softcap)
     return z, q
-
-
-@triton.jit
-def soft_cap(x, cap):
-    """``cap * tanh(x / cap)``, as ``2 sigmoid(2x / cap) - 1`` (a tanh every Triton backend has)."""
-    return cap * (2.0 * tl.sigmoid(x * (2.0 / cap)) - 1.0)
-
-
-@triton.jit
-def soft_cap_slope(q, cap):
-    """``d capped / d raw = 1 - tanh^2 = 1 - (capped / cap)^2``, from the capped value."""
-    u = q / cap
-    return 1.0 - u * u
 
 
 @triton.jit

@@ -9,7 +9,9 @@ From the two ``[C, V]`` GEMM outputs of a chunk (base logits ``z``, Q-values ``q
 
 One program owns one row. Pass 1 streams the row once, keeping running (max, sum) statistics of
 ``z`` and ``c`` (online logsumexp, so no ``[V]`` temporary and no extra pass for the max); pass 2
-streams it again to write ``p``. Everything is computed in float32 whatever the input dtype, and
+streams it again to write ``p``. With a soft cap s (``SOFTCAP``) both are capped as they are read,
+``s * tanh(x / s)``, and ``p`` comes out times the cap's slope on Q (``steps.RowStep``): no eager
+pass over the tile. Everything is computed in float32 whatever the input dtype, and
 row offsets are int64 so ``C * V`` may exceed 2**31. ``p`` is written into ``q``'s buffer when
 the dtypes allow it (the contract lets the step overwrite its inputs): the chunk then needs no
 third ``[C, V]`` buffer.
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_kernel_inputs, launch_guard, row_major
+from ._common import INTERPRET, check_kernel_inputs, launch_guard, row_major, soft_cap, soft_cap_slope
 
 # A memory-bound kernel: blocks large enough to keep many loads in flight per warp. The
 # interpreter uses a small block so that tests cross several blocks with small vocabularies.
@@ -30,13 +32,16 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde):
-    """Float32 ``z`` and ``c`` of one block of a row, ``-inf`` past the end of the row."""
+def load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP: tl.constexpr):
+    """Float32 ``z``, ``c`` and ``q`` of one block of a row (capped with ``SOFTCAP``), ``z`` and
+    ``c`` ``-inf`` past the end of the row."""
     in_row = cols < V
     z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
     q = tl.load(q_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z, q = soft_cap(z, softcap), soft_cap(q, softcap)
     c = (q + alpha_0 * z) * inv_alpha_tilde
-    return tl.where(in_row, z, float("-inf")), tl.where(in_row, c, float("-inf"))
+    return tl.where(in_row, z, float("-inf")), tl.where(in_row, c, float("-inf")), q
 
 
 @triton.jit
@@ -56,8 +61,8 @@ def online_lse(m, s, x):
 def _row_step_kernel(
     z_ptr, q_ptr, targets_ptr, p_ptr, q_taken_ptr, value_ptr,
     V, stride_z, stride_q, stride_p,
-    alpha_tilde, alpha_0,
-    BLOCK_V: tl.constexpr,
+    alpha_tilde, alpha_0, softcap,
+    SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -66,12 +71,15 @@ def _row_step_kernel(
     # Float32 scalars: torch.compile hands Python floats to Triton as float64.
     alpha_0 = tl.cast(alpha_0, tl.float32)
     inv_alpha_tilde = 1.0 / tl.cast(alpha_tilde, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     cols = tl.arange(0, BLOCK_V)
 
     # The target's Q-value is read before anything is written: p may alias q, and other warps
     # of this program write p in pass 2 with no barrier in between.
     target = tl.load(targets_ptr + row)
     q_taken = tl.load(q_row + target).to(tl.float32)
+    if SOFTCAP:
+        q_taken = soft_cap(q_taken, softcap)
 
     # Pass 1: statistics.
     m_z = float("-inf")
@@ -79,7 +87,7 @@ def _row_step_kernel(
     m_c = float("-inf")
     s_c = 0.0
     for start in range(0, V, BLOCK_V):
-        z, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
+        z, c, _ = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
         m_z, s_z = online_lse(m_z, s_z, z)
         m_c, s_c = online_lse(m_c, s_c, c)
     lse_z = m_z + tl.log(s_z)
@@ -90,8 +98,11 @@ def _row_step_kernel(
 
     # Pass 2: the policy. Reads each element before this program overwrites it (p may alias q).
     for start in range(0, V, BLOCK_V):
-        z, c = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde)
-        tl.store(p_row + start + cols, tl.exp(c - lse_c).to(p_ptr.dtype.element_ty), mask=start + cols < V)
+        z, c, q = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
+        p = tl.exp(c - lse_c)
+        if SOFTCAP:
+            p = p * soft_cap_slope(q, softcap)
+        tl.store(p_row + start + cols, p.to(p_ptr.dtype.element_ty), mask=start + cols < V)
 
 
 def triton_row_step(
@@ -101,6 +112,7 @@ def triton_row_step(
     alpha_tilde: float,
     alpha_0: float,
     p_dtype: torch.dtype,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_taken [C] fp32, value [C] fp32, p [C, V] p_dtype)``; see ``steps.RowStep``.
 
@@ -120,8 +132,8 @@ def triton_row_step(
             _row_step_kernel[(rows,)](
                 z, q, targets, p, q_taken, value,
                 vocab, z.stride(0), q.stride(0), p.stride(0),
-                float(alpha_tilde), float(alpha_0),
-                BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+                float(alpha_tilde), float(alpha_0), float(softcap or 0.0),
+                SOFTCAP=softcap is not None, BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab)),
                 num_warps=NUM_WARPS,
             )
     return q_taken, value, p

@@ -31,9 +31,9 @@ def test_auto_chunk_size_counts_the_copies_only_a_widening_step_makes():
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_fused_row_steps_take_the_unwidened_chunk_unless_capped(monkeypatch, softcap):
-    """chunked_token_stats with a fused row step sizes its chunks for a step without copies; the soft
-    cap widens half-precision tiles in ChunkLogits, so it counts them."""
+def test_fused_row_steps_take_the_unwidened_chunk_capped_or_not(monkeypatch, softcap):
+    """chunked_token_stats with a fused row step sizes its chunks for a step without copies: the
+    fused steps cap as they read (steps.RowStep), so a soft cap adds none."""
     seen = {}
 
     def spy(*args, **kwargs):
@@ -45,7 +45,35 @@ def test_fused_row_steps_take_the_unwidened_chunk_unless_capped(monkeypatch, sof
     w = torch.randn(7, 4)
     chunked.chunked_token_stats(x, x, w, w, None, torch.zeros(5, dtype=torch.long),
                                 StatsOptions(alpha_tilde=1.0, alpha_0=0.1, logit_softcap=softcap), row_step=steps.torch_row_step)
-    assert seen == {"widened": softcap is not None}
+    assert seen == {"widened": False}
+
+
+@pytest.mark.parametrize("step", ["row", "block"])
+def test_eager_steps_cap_as_the_contract_says(step):
+    """Under a soft cap s the eager steps (the executable spec of steps.RowStep / BlockStep) give the
+    capped logits' statistics and p times the slope on Q, 1 - (Q / s)^2, written out in float64;
+    the block statistics are of the policy itself."""
+    g = torch.Generator().manual_seed(8)
+    z, q = (4 * torch.randn(5, 2 * steps.FILTER_BLOCK + 30, generator=g) for _ in range(2))
+    targets = torch.randint(0, q.shape[1], (5,), generator=g)
+    s, alpha_tilde, alpha_0 = 3.0, 0.8, 0.2
+    zc, qc = s * torch.tanh(z.double() / s), s * torch.tanh(q.double() / s)
+    c = (qc + alpha_0 * zc) / alpha_tilde
+    policy = torch.softmax(c, dim=1)
+    if step == "row":
+        q_taken, value, p = steps.torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, torch.float32, s)
+        torch.testing.assert_close(q_taken.double(), qc.gather(1, targets[:, None])[:, 0], rtol=1e-6, atol=1e-6)
+        want = alpha_tilde * torch.logsumexp(c, 1) - alpha_0 * torch.logsumexp(zc, 1)
+        torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=1e-5)
+    else:
+        stats = torch.empty(5, 3, 2)
+        lse_c, lse_z, p = steps.torch_block_step(z.clone(), q.clone(), alpha_tilde, alpha_0, torch.float32, stats, s)
+        torch.testing.assert_close(lse_c.double(), torch.logsumexp(c, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse_z.double(), torch.logsumexp(zc, 1), rtol=1e-5, atol=1e-5)
+        blocks = torch.nn.functional.pad(policy, (0, 3 * steps.FILTER_BLOCK - policy.shape[1])).view(5, 3, -1)
+        torch.testing.assert_close(stats[..., 1].double(), blocks.sum(2), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats[..., 0].double(), blocks.amax(2), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.double(), policy * (1 - (qc / s) ** 2), rtol=1e-5, atol=1e-8)
 
 
 def test_matmul_to_takes_the_float32_result_gemm_only_where_torch_has_it(monkeypatch):
