@@ -86,7 +86,7 @@ GPU_PLAN = Plan((SHAPES["llama-3.1-8b"], SHAPES["qwen2.5-7b"], SHAPES["gemma-2-2
                 copy_bytes=2**30)
 DRY_PLAN = Plan((SHAPES["tiny-odd"], SHAPES["tiny-capped"]), tokens=72, check_tokens=40, copy_bytes=2**20)
 # Timed in this order, the slowest last: what a run cut short by its budget loses matters least.
-TIME_ORDER = ("cuda", "chunked-triton", "chunked", "eager-authors", "chunked-pairs", "triton", "reference")
+TIME_ORDER = ("cuda", "chunked-triton", "chunked", "eager-authors", "chunked-pairs", "reference")
 # The baselines have no soft cap: soft-capped shapes check and time the registered backends only.
 NO_SOFTCAP = ("eager-authors", "chunked-pairs")
 PAIRS = 4  # B = 8 rows, T = N / 8 + 1
@@ -179,7 +179,7 @@ def gemm3_ms(timer: Timer, n: int, vocab: int, hidden: int, dtype: torch.dtype, 
 def row_step_gbps(timer: Timer, rows: int, vocab: int, dtype: torch.dtype, device: str) -> dict[str, float]:
     """Effective bandwidth in GB/s of each row step on one ``[rows, V]`` chunk (bench/harness.py's measure)."""
     steps = {"torch": torch_row_step}
-    if backend_statuses()["triton"].available:
+    if backend_statuses()["chunked-triton"].available:
         from qadapter_kernels.triton import triton_row_step
 
         steps["triton"] = triton_row_step

@@ -32,12 +32,6 @@ def mass_budget(eps: float | str, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 if eps == AUTO else float(eps)
 
 
-def entry_threshold(budget: float, vocab: int) -> float:
-    """The bound on single entries that keeps a token within ``budget`` however many of its ``vocab``
-    entries are left out: what backends that test tiles entry by entry (fused Triton) compare with."""
-    return budget / vocab
-
-
 @dataclass
 class GradFilterReport:
     """What gradient filtering left out, summed over the loss calls made while it was in effect.

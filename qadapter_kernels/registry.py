@@ -34,14 +34,14 @@ class StatsOptions:
     alpha_0: float
     logit_softcap: float | None = None
     chunk_size: int | None = None
-    grad_filter_eps: float | str = 0.0  # LossConfig.grad_filter_eps; chunked (tile steps) and triton filter
+    grad_filter_eps: float | str = 0.0  # LossConfig.grad_filter_eps; the chunked backend's tile steps filter
 
 
 def require_exact_gradient(options: StatsOptions, backend: str) -> None:
     """A backend that computes the exact gradient refuses a request for gradient filtering."""
     if options.grad_filter_eps:
         raise ValueError(f"grad_filter_eps={options.grad_filter_eps!r} asks for gradient filtering, which the "
-                         f"{backend} backend does not implement: use backend='chunked' or 'triton', or "
+                         f"{backend} backend does not implement: use backend='chunked', or "
                          f"grad_filter_eps=0")
 
 
@@ -88,13 +88,11 @@ _RECORDS = {
     "reference": (".reference", "BACKEND"),
     "chunked": (".chunked", "BACKEND"),
     "chunked-triton": (".triton", "CHUNKED_BACKEND"),
-    "triton": (".triton", "FUSED_BACKEND"),
     "cuda": (".cuda_backend", "BACKEND"),
 }
 BACKEND_NAMES = ("auto", *_RECORDS)
 # What "auto" tries, fastest first, per device type: the order the GPU check measured
-# (docs/architecture.md, "Choosing a backend", has the rule and the figures). The fully fused
-# "triton" backend is never chosen automatically; it is there to be asked for.
+# (docs/architecture.md, "Choosing a backend", has the rule and the figures).
 _AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "chunked")}
 _AUTO_DEFAULT = ("chunked",)
 

@@ -1,12 +1,8 @@
-"""Triton backends: the fully fused token statistics, the chunked pipeline with a fused row step,
-and the decode combine.
+"""The Triton backend: the chunked pipeline with a fused row step, and the decode combine.
 
-- ``FUSED_BACKEND`` ("triton", ``fused.py``): the ``token_stats`` contract with no ``[N, V]``
-  tensor (logit tiles live on chip; the backward recomputes them).
 - ``CHUNKED_BACKEND`` ("chunked-triton"): ``chunked.chunked_token_stats`` with
-  :func:`triton_row_step` (``row_step.py``): torch GEMMs per chunk, one fused kernel between them.
-  It moves ``[chunk, V]`` buffers through memory instead of re-reading ``E_p[Wq]`` per vocabulary
-  tile, and is the faster of the two on a GPU (docs/architecture.md, "Choosing a backend").
+  :func:`triton_row_step` (``row_step.py``): torch GEMMs per chunk, one fused kernel between them
+  (docs/architecture.md, "Choosing a backend").
 - :func:`combine_logits` (``decode.py``): the customized policy's log-probs from held logits.
 
 The kernels run on CUDA GPUs, or on CPU under Triton's interpreter when ``TRITON_INTERPRET=1`` is
@@ -25,7 +21,6 @@ from .. import chunked
 from ..registry import Backend
 from ._common import INTERPRET, interpreter_problem
 from .decode import combine_logits
-from .fused import fused_token_stats
 from .row_step import triton_row_step
 
 chunked_triton_token_stats = functools.partial(chunked.chunked_token_stats, row_step=triton_row_step)
@@ -43,14 +38,6 @@ def backend_status() -> tuple[bool, str]:
     return True, ""
 
 
-FUSED_BACKEND = Backend(
-    name="triton",
-    summary="fully fused, no [N, V] or [chunk, V] buffer; deterministic",
-    token_stats=fused_token_stats,
-    availability=backend_status,
-    float64=False,
-    combine=combine_logits,
-)
 CHUNKED_BACKEND = Backend(
     name="chunked-triton",
     summary="chunked pipeline with the Triton row step (one kernel per chunk)",
@@ -62,10 +49,8 @@ CHUNKED_BACKEND = Backend(
 
 __all__ = [
     "CHUNKED_BACKEND",
-    "FUSED_BACKEND",
     "backend_status",
     "chunked_triton_token_stats",
     "combine_logits",
-    "fused_token_stats",
     "triton_row_step",
 ]

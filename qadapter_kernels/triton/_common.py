@@ -1,4 +1,4 @@
-"""What every Triton kernel of the package shares: interpreter mode, input checks, dot precision.
+"""What every Triton kernel of the package shares: interpreter mode, input checks, the soft cap.
 
 The kernels are decorated with ``triton.jit`` when their module is imported, and Triton decides
 *then* whether they are compiled for a GPU or run by its CPU interpreter (``TRITON_INTERPRET=1``).
@@ -95,21 +95,6 @@ def check_kernel_inputs(what: str, *tensors: torch.Tensor) -> None:
                 f"the Triton {what} needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
                 f"first imported, to run on CPU); got a tensor on {t.device}"
             )
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision for float32 operands, following torch's own float32 matmul setting.
-
-    torch runs float32 matmuls in full precision unless ``torch.set_float32_matmul_precision``
-    allows TF32 ("high" or "medium"); the kernels do the same, so a float32 loss means the same
-    thing on every backend. ``get_float32_matmul_precision`` is read rather than the legacy
-    ``allow_tf32`` flag, which raises on torch >= 2.9 once a caller has used the newer
-    ``torch.backends.cuda.matmul.fp32_precision`` switch. float16/bfloat16 operands keep
-    Triton's default, which only concerns float32.
-    """
-    if dtype != torch.float32:
-        return "tf32"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def launch_guard(tensor: torch.Tensor):

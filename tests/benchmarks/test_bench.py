@@ -79,9 +79,9 @@ def test_unknown_candidate_is_an_error():
 
 
 def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
-    # Cheap candidates only (the compiled ones spend most of a minute compiling on CPU); triton
+    # Cheap candidates only (the compiled ones spend most of a minute compiling on CPU); chunked-triton
     # and cuda are unavailable here and must be recorded as skipped with the reason.
-    names = ["gemm3", "reference", "chunked", "triton", "cuda", "eager-authors", "chunked-pairs"]
+    names = ["gemm3", "reference", "chunked", "chunked-triton", "cuda", "eager-authors", "chunked-pairs"]
     argv = ["--out", str(tmp_path), "--device", "cpu", "--shapes", "tiny", "--tokens", "32", "128",
             "--dtypes", "float32", "bfloat16", "--candidates", *names, "--repeats", "1", "--e2e-model", "tiny", "--e2e-seq", "16",
             "--recipe-model", "tiny", "--recipe-seq", "16",
@@ -119,7 +119,7 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
             assert rows[name]["time_s"] > 0 and rows[name]["peak_bytes"] > 0
             assert rows[name]["x_gemm3"] == pytest.approx(rows[name]["time_s"] / case["t_gemm3_s"])
             assert rows[name]["first_call_s"] > 0
-        for name in ("triton", "cuda"):
+        for name in ("chunked-triton", "cuda"):
             if not meta["backends"][name]["available"]:
                 assert rows[name]["status"] == "skipped" and rows[name]["reason"]
     e2e = {r["loss"]: r for r in results["e2e"]["results"]}

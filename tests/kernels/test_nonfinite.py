@@ -15,7 +15,7 @@ from qadapter_kernels import qadapter_loss, qadapter_token_stats
 from qadapter_kernels._cpu import ENV_SWITCH
 
 # (backend, compiled C step on?): the chunked backend with the compiled C step and with the eager one.
-BACKENDS = [("reference", True), ("chunked", True), ("chunked", False), ("chunked-triton", True), ("triton", True)]
+BACKENDS = [("reference", True), ("chunked", True), ("chunked", False), ("chunked-triton", True)]
 FIELDS = ("base_hidden", "q_hidden", "weight", "q_weight", "q_bias")
 TRAINABLE = ("q_hidden", "q_weight", "q_bias")
 

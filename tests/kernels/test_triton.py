@@ -30,15 +30,9 @@ from qadapter_kernels.steps import torch_row_step  # noqa: E402
 from qadapter_kernels.triton import (  # noqa: E402
     backend_status,
     chunked_triton_token_stats,
-    fused,
-    fused_backward,
-    fused_forward,
-    fused_tiles,
-    fused_token_stats,
     triton_row_step,
 )
 from qadapter_kernels.triton import combine_logits as triton_combine_logits  # noqa: E402
-from qadapter_kernels.triton.fused_tiles import n_bucket  # noqa: E402
 
 if not backend_status()[0]:
     pytest.skip(f"Triton backend unavailable: {backend_status()[1]}", allow_module_level=True)
@@ -53,7 +47,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_backend_is_registered_and_available():
-    assert backends()["triton"].available
+    assert backends()["chunked-triton"].available
 
 
 def _packed(seed=11, dtype=torch.float32, n=37, hidden=40, vocab=203):
@@ -78,55 +72,6 @@ def _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream, 
     return [q_taken, value] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("splits", [2, 3])
-def test_vocab_splits_are_exact_and_deterministic(splits, monkeypatch):
-    """Several vocabulary ranges (partials reduced in a fixed order) give the single-range result."""
-    args = _packed()
-    want = _stats_and_grads(chunked_token_stats, *args)
-    monkeypatch.setattr(fused_tiles, "vocab_splits_for", lambda *shape: splits)  # as many as a GPU would take
-    first = _stats_and_grads(fused_token_stats, *args)
-    again = _stats_and_grads(fused_token_stats, *args)
-    for w, f, a in zip(want, first, again):
-        assert rel_err(f, w) <= 1e-5
-        assert torch.equal(f, a)
-
-
-def test_gradient_filter():
-    """A tiny budget skips nothing that matters; one whose share per entry (budget / V) is above
-    every p drops E_p[Wq] entirely."""
-    base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=12)
-    targets = targets % 16  # every target in the first vocabulary tile: the other tiles hold none
-    want = _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
-    tiny = _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream,
-                            grad_filter_eps=1e-30)
-    for w, t in zip(want, tiny):
-        assert rel_err(t, w) <= 1e-6
-    q_taken, value, grad_hq, grad_qw, grad_qb = _stats_and_grads(
-        fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream, grad_filter_eps=2.0 * weight.shape[0]
-    )
-    # The forward and the (unfiltered) bias gradient are untouched; dh_q keeps only g_a * Wq[a].
-    for w, g in zip(want, (q_taken, value, None, None, grad_qb)):
-        if g is not None:
-            assert torch.equal(g, w)
-    torch.testing.assert_close(grad_hq, upstream[0][:, None] * q_weight.detach()[targets])
-    assert rel_err(grad_qw, want[3]) > 1e-3  # tiles without a target were skipped
-
-
-def test_gradient_filtering_reaches_the_fused_backend():
-    """qadapter_loss(grad_filter_eps=...) reaches the fused kernels; the backends that do not filter
-    refuse it, and a negative threshold is refused by name (chunked: test_grad_filter.py)."""
-    inputs = make_inputs(q_head=True)
-    exact = loss_and_grads(inputs, backend="triton")[1]
-    vocab = inputs["weight"].shape[0]
-    filtered = loss_and_grads(inputs, backend="triton", grad_filter_eps=2.0 * vocab)[1]  # budget / V above every p
-    assert rel_err(filtered["q_hidden"], exact["q_hidden"]) > 1e-3  # E_p[Wq] skipped
-    for backend in ("reference", "chunked-triton"):
-        with pytest.raises(ValueError, match="does not implement"):
-            qadapter_loss(**inputs, backend=backend, grad_filter_eps=1e-6)
-    with pytest.raises(ValueError, match="grad_filter_eps must be >= 0"):
-        qadapter_loss(**inputs, backend="triton", grad_filter_eps=-1.0)
-
-
 def test_chunked_pipeline_with_triton_row_step():
     args = _packed(seed=13)
     want = _stats_and_grads(chunked_token_stats, *args, chunk_size=5)
@@ -138,7 +83,7 @@ def test_chunked_pipeline_with_triton_row_step():
 def test_float64_is_refused_with_a_reason():
     x = make_inputs(seed=1, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
-        qadapter_loss(**x, backend="triton")
+        qadapter_loss(**x, backend="chunked-triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -197,19 +142,18 @@ def test_kernels_compile_for_gpus():
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 12, run.stdout  # 6 kernels (the row step capped and not) x 2 archs
+    assert run.stdout.count(" ok") == 6, run.stdout  # the row step capped and not, the combine; 2 archs
 
 
-def test_aot_check_covers_blackwell_and_the_soft_capped_shared_head():
-    """sm_100 and sm_120 have shared-memory limits, and the full check compiles Gemma-2's head (shared,
-    soft-capped) beside the separate biased capped one and the plain shared one."""
+def test_aot_check_covers_blackwell_and_the_soft_capped_row_step():
+    """sm_100 and sm_120 have shared-memory limits, and the full check compiles the row step plain and
+    soft-capped (Gemma-2) for every input dtype."""
     from qadapter_kernels.toolchain import aot_check
 
     assert aot_check.SMEM_LIMIT[100] == aot_check.SMEM_LIMIT[90] and aot_check.SMEM_LIMIT[120] == 99 * 1024
     assert {100, 120} <= set(aot_check.DEFAULT_ARCHS)
-    heads = {(c["SHARED"], c["HAS_BIAS"], c["SOFTCAP"]) for name, _, _, c, _, _ in aot_check._variants("full")
-             if name == "forward"}
-    assert heads == {(False, True, True), (True, False, False), (True, False, True)}
+    variants = {(dtype, c["SOFTCAP"]) for name, _, dtype, c, _, _ in aot_check._variants("full") if name == "row_step"}
+    assert variants == {(d, cap) for d in ("bfloat16", "float16", "float32") for cap in (False, True)}
 
 
 @pytest.mark.gpu
@@ -225,13 +169,12 @@ def test_bfloat16_row_step_and_combine_on_gpu():
     torch.testing.assert_close(triton_combine_logits(z, q), combine_logits(z, q), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "chunked-triton"])
-def test_inf_bias_block(backend):
+def test_inf_bias_block():
     """A Q bias of -inf over the whole first vocabulary block (a banned-token range) gives the
     reference's loss and gradients, not NaN: the online logsumexp must not compute -inf - -inf."""
     from qadapter_kernels.triton import row_step
 
-    block = row_step.MAX_BLOCK_V  # the widest first block of any Triton kernel here
+    block = row_step.MAX_BLOCK_V  # the row step's first block
     vocab = 2 * block + 37
     x = make_inputs(batch=4, seq=9, hidden=24, vocab=vocab, seed=17, q_bias=True, device=DEVICE)
     with torch.no_grad():
@@ -239,7 +182,7 @@ def test_inf_bias_block(backend):
     scored = x["labels"] != -100
     x["labels"][scored] = block + x["labels"][scored] % (vocab - block)  # targets avoid the banned range
     ref, ref_grads = loss_and_grads(x, backend="reference")
-    got, got_grads = loss_and_grads(x, backend=backend)
+    got, got_grads = loss_and_grads(x, backend="chunked-triton")
     assert torch.isfinite(got.loss)
     assert rel_err(got.loss, ref.loss) <= 1e-5
     for name, grad in ref_grads.items():
@@ -247,38 +190,18 @@ def test_inf_bias_block(backend):
         assert rel_err(got_grads[name], grad) <= 1e-5, name
 
 
-@pytest.mark.parametrize("fn", [fused_token_stats, chunked_token_stats], ids=["fused", "chunked"])
-def test_float16_head_gradient_does_not_underflow(fn):
+def test_float16_head_gradient_does_not_underflow():
     """dWq = sum_t g_v[t] p[t]^T h_q[t]: with a small upstream gradient, g_v * p sits far below
     float16's smallest subnormal. It must be scaled before the half-precision GEMM, not flushed."""
     base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=18)
     upstream = torch.stack([torch.zeros_like(upstream[0]), 1e-5 * upstream[1]])
-    want = _stats_and_grads(fn, base, hq, weight, q_weight, q_bias, targets, upstream)
+    want = _stats_and_grads(chunked_triton_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
     half = [t.detach().half().requires_grad_(t.requires_grad) for t in (base, hq, weight, q_weight, q_bias)]
-    got = _stats_and_grads(fn, *half, targets, upstream)
+    got = _stats_and_grads(chunked_triton_token_stats, *half, targets, upstream)
     # Against the float32 result rounded once to float16 (the gradient's own dtype): flushing
     # g_v * p to zero gave 6e-2 here; scaled, what is left is float16 input rounding (< 1e-2).
     assert rel_err(got[3], want[3].half()) <= 2e-2
     assert rel_err(got[4], want[4].half()) <= 2e-2
-
-
-def test_dot_precision_follows_torch_float32_matmul_setting():
-    """Read through get_float32_matmul_precision: the legacy allow_tf32 flag raises on torch >= 2.9
-    once a caller has used the newer fp32_precision switch."""
-    from qadapter_kernels.triton._common import dot_precision
-
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        assert dot_precision(torch.float32) == "ieee"
-        torch.set_float32_matmul_precision("high")
-        assert dot_precision(torch.float32) == "tf32"
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            torch.backends.cuda.matmul.fp32_precision = "ieee"
-            assert dot_precision(torch.float32) in ("ieee", "tf32")  # no exception
-        assert dot_precision(torch.bfloat16) == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
@@ -294,14 +217,12 @@ def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
         seen.append(tensor.device)
         return contextlib.nullcontext()
 
-    for module in (decode, fused, row_step):
+    for module in (decode, row_step):
         monkeypatch.setattr(module, "launch_guard", recording_guard)
     base, hq, weight, q_weight, q_bias, targets, upstream = _packed(seed=19)
-    _stats_and_grads(fused_token_stats, base, hq, weight, q_weight, q_bias, targets, upstream)
-    assert len(seen) == 2  # forward, backward
     triton_row_step(base @ weight.T, hq.detach() @ weight.T, targets, 1.0, 0.01, torch.float32)
     triton_combine_logits(base @ weight.T, hq.detach() @ weight.T)
-    assert len(seen) == 4 and all(d == hq.device for d in seen)
+    assert len(seen) == 2 and all(d == hq.device for d in seen)
 
     class FakeCudaDevice:  # a CUDA device index without a GPU: what the guard would switch to
         def __init__(self, device):
@@ -311,15 +232,6 @@ def test_every_launch_is_guarded_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
     on_second_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))  # all the guard reads
     assert _common.launch_guard(on_second_gpu).idx == 1
-
-
-def test_autotune_key_separates_variants():
-    """A configuration tuned for the shared head at small N is not reused for a separate, biased
-    head or a large N (a different tile footprint: on sm_86/89 in float32 it would not launch)."""
-    for kernel in (fused_forward._forward_kernel, fused_backward._expected_weight_kernel,
-                   fused_backward._head_grad_kernel):
-        assert {"V", "D", "N_BUCKET", "SHARED", "HAS_BIAS"} <= set(kernel.keys)
-    assert n_bucket(512) == 512 and n_bucket(513) == 1024 and n_bucket(3) == 64
 
 
 @pytest.mark.gpu
@@ -345,15 +257,13 @@ def test_in_place_row_step_reads_the_target_before_writing_p(dtype):
 
 def test_auto_on_cuda_picks_the_measured_fastest():
     """On a CUDA device "auto" takes the chunked pipeline with the Triton row step (fastest in the
-    H200 run, no compiled extension needed), never the fully fused kernels, and keeps float64 off
-    the float32 kernels."""
+    H200 run, no compiled extension needed), and keeps float64 off the float32 kernels."""
     from qadapter_kernels import registry
 
     cuda = torch.device("cuda")
     assert registry.resolve("auto", cuda, torch.bfloat16).name == "chunked-triton"
     assert registry.resolve("auto", cuda, torch.float32).name == "chunked-triton"
     assert registry.resolve("auto", cuda, torch.float64).name in ("cuda", "chunked")
-    assert "triton" not in registry._AUTO_ORDER["cuda"]
     assert registry.resolve("auto", torch.device("cpu"), torch.float32).name == "chunked"
 
 
@@ -372,6 +282,5 @@ def test_interpreter_numpy_guard():
 def test_bfloat16_is_refused_under_the_interpreter():
     """The interpreter's bfloat16 dot is wrong (a loss of 4e18 instead of 3.6): refused, not returned."""
     x = make_inputs(seed=1, dtype=torch.bfloat16)
-    for backend in ("triton", "chunked-triton"):
-        with pytest.raises(TypeError, match="bfloat16 under Triton's CPU interpreter"):
-            qadapter_loss(**x, backend=backend)
+    with pytest.raises(TypeError, match="bfloat16 under Triton's CPU interpreter"):
+        qadapter_loss(**x, backend="chunked-triton")
