@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -55,7 +56,8 @@ int check_logits(const at::Tensor& z, const at::Tensor& q) {
 }
 
 void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& targets, double alpha_tilde,
-              double alpha_0, const at::Tensor& q_taken, const at::Tensor& value, const at::Tensor& p) {
+              double alpha_0, double softcap, const at::Tensor& q_taken, const at::Tensor& value,
+              const at::Tensor& p) {
   const int code = check_logits(z, q);
   const int64_t rows = z.size(0);
   check_tensor(targets, "targets", z.device(), {rows});
@@ -69,10 +71,12 @@ void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& target
   TORCH_CHECK(p_code == QAK_FLOAT32 || p_code == code, "p must be float32 or z's dtype ", z.scalar_type(), "; got ",
               p.scalar_type());
   TORCH_CHECK(alpha_tilde > 0, "alpha_tilde must be > 0; got ", alpha_tilde);
+  TORCH_CHECK(softcap >= 0 && std::isfinite(static_cast<float>(softcap)),
+              "softcap must be finite and >= 0 (0: no soft cap); got ", softcap);
   const c10::cuda::CUDAGuard guard(z.device());
   check_launch(qak_row_step(z.data_ptr(), q.data_ptr(), targets.data_ptr<int64_t>(), rows, z.size(1), code,
-                            static_cast<float>(alpha_tilde), static_cast<float>(alpha_0), q_taken.data_ptr<float>(),
-                            value.data_ptr<float>(), p.data_ptr(), p_code,
+                            static_cast<float>(alpha_tilde), static_cast<float>(alpha_0), static_cast<float>(softcap),
+                            q_taken.data_ptr<float>(), value.data_ptr<float>(), p.data_ptr(), p_code,
                             c10::cuda::getCurrentCUDAStream(z.device().index()).stream()),
                "row_step");
 }
@@ -143,9 +147,9 @@ std::tuple<int64_t, int64_t> kernel_image() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qadapter-kernels CUDA kernels (see csrc/qadapter_kernels.h); use them through qadapter_kernels._cuda";
-  m.def("row_step", &row_step, "Fused row step into preallocated outputs", py::arg("z"), py::arg("q"),
-        py::arg("targets"), py::arg("alpha_tilde"), py::arg("alpha_0"), py::arg("q_taken"), py::arg("value"),
-        py::arg("p"));
+  m.def("row_step", &row_step, "Fused row step into preallocated outputs (softcap 0: none)", py::arg("z"),
+        py::arg("q"), py::arg("targets"), py::arg("alpha_tilde"), py::arg("alpha_0"), py::arg("softcap"),
+        py::arg("q_taken"), py::arg("value"), py::arg("p"));
   m.def("pairwise_bt", &pairwise_bt, "Pairwise BT + chi2 loss, its stats and per-token gradient", py::arg("rewards"),
         py::arg("row_counts"), py::arg("padded_len"), py::arg("beta"), py::arg("reward_norm"),
         py::arg("seq_rewards"), py::arg("stats"), py::arg("grad"));

@@ -19,16 +19,19 @@ enum qak_dtype { QAK_FLOAT32 = 0, QAK_FLOAT16 = 1, QAK_BFLOAT16 = 2 };
 // Per-sequence reward normalization, as LossConfig.reward_norm.
 enum qak_reward_norm { QAK_NORM_PADDED = 0, QAK_NORM_MEAN = 1, QAK_NORM_SUM = 2 };
 
-// Row step of the chunked pipeline (qadapter_kernels.chunked.torch_row_step), for contiguous
+// Row step of the chunked pipeline (qadapter_kernels.steps.torch_row_step), for contiguous
 // z, q: [rows, vocab] of dtype `dtype` and targets: [rows] int64:
 //   q_taken[r] = q[r, targets[r]]                        (NaN if the target is out of range)
 //   value[r]   = alpha_tilde * lse((q + alpha_0 * z) / alpha_tilde) - alpha_0 * lse(z)
 //              = alpha_tilde * lse((q + alpha_0 * log_softmax(z)) / alpha_tilde)
 //   p[r, :]    = softmax((q + alpha_0 * z) / alpha_tilde), of dtype p_dtype (float32 or dtype).
+// softcap s > 0 (finite; 0 = none): z and q are raw logits, capped as they are read,
+// s * tanh(x / s), so all of the above is of the capped z and q, and p is written times the
+// cap's slope on Q, 1 - (q_capped / s)^2.
 // p may alias z or q (same dtype): each element is read before it is overwritten, by one thread.
 int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
-                 int dtype, float alpha_tilde, float alpha_0, float* q_taken, float* value, void* p,
-                 int p_dtype, cudaStream_t stream);
+                 int dtype, float alpha_tilde, float alpha_0, float softcap, float* q_taken, float* value,
+                 void* p, int p_dtype, cudaStream_t stream);
 
 // Whether the kernels have an image for the current device: 0 and the cubin's and PTX's
 // versions (major * 10 + minor) the row step kernel runs with, else the CUDA error (typically

@@ -32,17 +32,19 @@ _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_
 
 
 def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
-    """The fused row step (``chunked.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
+    """The fused row step (``steps.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
+    A soft cap is applied by the kernel as it reads z and q.
 
     float64 inputs keep float64 statistics through the eager step: the kernels compute in float32.
     """
-    if q.dtype not in KERNEL_DTYPES or softcap is not None:
+    if q.dtype not in KERNEL_DTYPES:
         return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
     z, q, targets = z.contiguous(), q.contiguous(), targets.contiguous()
+    args = (float(alpha_tilde), float(alpha_0), float(softcap or 0.0))
     if p_dtype == q.dtype:
-        q_taken, value = _cuda_ops.row_step_(z, q, targets, float(alpha_tilde), float(alpha_0))
+        q_taken, value = _cuda_ops.row_step_(z, q, targets, *args)
         return q_taken, value, q
-    q_taken, value, p = _cuda_ops.row_step(z, q, targets, float(alpha_tilde), float(alpha_0))
+    q_taken, value, p = _cuda_ops.row_step(z, q, targets, *args)
     return q_taken, value, p.to(p_dtype)
 
 

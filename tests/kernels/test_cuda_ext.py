@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import loss_and_grads, make_inputs
 
 from qadapter_kernels import _cuda, combine_logits, cuda_backend
 from qadapter_kernels.config import LossConfig
@@ -212,12 +212,13 @@ def ext():
     return _cuda.extension()
 
 
-def _logits(rows, vocab, dtype, *, seed, misalign=False, neg_inf=False):
-    """z, q on the GPU; misalign puts them one element past an aligned allocation (contiguous,
-    not 16-byte aligned: the all-scalar path); neg_inf masks every 7th vocabulary entry of q."""
+def _logits(rows, vocab, dtype, *, seed, misalign=False, neg_inf=False, scales=(3.0, 2.0)):
+    """z, q on the GPU (normal, of standard deviations ``scales``); misalign puts them one element
+    past an aligned allocation (contiguous, not 16-byte aligned: the all-scalar path); neg_inf masks
+    every 7th vocabulary entry of q."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     out = []
-    for scale in (3.0, 2.0):
+    for scale in scales:
         values = (torch.randn(rows, vocab, generator=g, device="cuda") * scale).to(dtype)
         if misalign:
             values = torch.empty(rows * vocab + 1, dtype=dtype, device="cuda")[1:].view(rows, vocab).copy_(values)
@@ -250,7 +251,7 @@ def test_row_step_matches_torch(ext, dtype, vocab, p_out, layout):
     q_taken = torch.full((rows,), float("nan"), device="cuda")
     value = torch.full((rows,), float("nan"), device="cuda")
     p = torch.full((rows, vocab), float("nan"), device="cuda") if p_out == "float32" else q
-    ext.row_step(z, q, targets, alpha_tilde, alpha_0, q_taken, value, p)
+    ext.row_step(z, q, targets, alpha_tilde, alpha_0, 0.0, q_taken, value, p)
     assert torch.equal(q_taken, want_qa)
     torch.testing.assert_close(value, want_v, rtol=1e-5, atol=1e-5)
     assert not p.isnan().any(), "an element of p was never written"
@@ -263,9 +264,37 @@ def test_row_step_alias_z_and_bad_target(ext):
     z, q = _logits(3, 1000, torch.bfloat16, seed=1)
     want = torch_row_step(z.clone(), q.clone(), torch.tensor([1, 2, 3], device="cuda"), 1.0, 0.01, torch.bfloat16)
     q_taken, value = torch.empty(3, device="cuda"), torch.empty(3, device="cuda")
-    ext.row_step(z, q, torch.tensor([1, 2, 1000], device="cuda"), 1.0, 0.01, q_taken, value, z)
+    ext.row_step(z, q, torch.tensor([1, 2, 1000], device="cuda"), 1.0, 0.01, 0.0, q_taken, value, z)
     torch.testing.assert_close(z.float(), want[2].float(), **_tol(torch.bfloat16))
     assert q_taken[:2].equal(want[0][:2]) and q_taken[2].isnan(), "an out-of-range target gives NaN, never a stray read"
+
+
+def _no_eager_step(*args, **kwargs):
+    raise AssertionError("cuda_row_step fell back to the eager step")
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [53, 4099])
+@pytest.mark.parametrize("p_out", ["float32", "same"])
+@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
+def test_capped_row_step_matches_torch(ext, monkeypatch, dtype, vocab, p_out, layout):
+    """Under a soft cap the kernel caps z and q as it reads them (logits of scale 3 against a cap of
+    2.5: the cap bends most of them) and writes p times the slope on Q, as the eager step does."""
+    rows, alpha_tilde, alpha_0, softcap = 7, 0.7, 0.3, 2.5
+    z, q = _logits(rows, vocab, dtype, seed=vocab + 5, misalign=layout == "misaligned", scales=(3.0, 3.0))
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    p_dtype = torch.float32 if p_out == "float32" else dtype
+    want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype, softcap)
+    plain_v = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype)[1]
+    assert (want_v - plain_v).abs().min() > 0.1, "the cap must bite"
+    monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
+    q_taken, value, p = cuda_backend.cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
+    assert p.dtype == p_dtype and (p.data_ptr() == q.data_ptr()) == (p_dtype == dtype), "in place when it can"
+    torch.testing.assert_close(q_taken, want_qa, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(value, want_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.float(), want_p.float(), **_tol(p_dtype))
 
 
 def _same_non_finite(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
@@ -283,10 +312,12 @@ def _same_non_finite(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab", [37, 4099])
 @pytest.mark.parametrize("where", ["z", "q"])
-def test_row_step_and_decode_non_finite_rows_match_the_reference(ext, dtype, vocab, where):
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+def test_row_step_and_decode_non_finite_rows_match_the_reference(ext, dtype, vocab, where, softcap):
     """NaN, +inf and -inf rows (first element, mid-row, whole row) through the CUDA row step and
     the decode kernel give the reference's NaN / inf (a NaN met before a thread's first finite
-    value was lost before, and an all-NaN row gave -inf)."""
+    value was lost before, and an all-NaN row gave -inf). Under a soft cap, +-inf is capped to +-s
+    and NaN stays NaN, as in the eager step."""
     rows = _non_finite_rows(vocab).to("cuda", dtype)
     z, q = _logits(rows.shape[0], vocab, dtype, seed=3)
     if where == "z":
@@ -296,16 +327,20 @@ def test_row_step_and_decode_non_finite_rows_match_the_reference(ext, dtype, voc
     targets = torch.arange(rows.shape[0], device="cuda") % vocab
     # p of a row whose combined logits are all -inf is 0 / 0: the eager step says 0 (it is written for
     # masked vocabulary tiles), the fused steps NaN, as the reference's gradient there. Compared elsewhere.
-    defined = ~((q.float() + 0.3 * z.float()) == -float("inf")).all(dim=1)
+    # Capped logits are never -inf.
+    defined = ~((q.float() + 0.3 * z.float()) == -float("inf")).all(dim=1) | (softcap > 0)
     for p_dtype in (torch.float32, dtype):
-        want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype)
+        want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype, softcap or None)
         q_taken, value = (torch.empty(rows.shape[0], device="cuda") for _ in range(2))
         qq = q.clone()
         p = torch.empty(qq.shape, dtype=torch.float32, device="cuda") if p_dtype == torch.float32 else qq
-        ext.row_step(z, qq, targets, 0.7, 0.3, q_taken, value, p)
+        ext.row_step(z, qq, targets, 0.7, 0.3, softcap, q_taken, value, p)
         _same_non_finite(q_taken, want_qa, f"q_taken ({p_dtype})")
         _same_non_finite(value, want_v, f"value ({p_dtype})")
         _same_non_finite(p[defined], want_p[defined], f"p ({p_dtype})")
+    if softcap:
+        assert value.isfinite().any() and not want_v.isinf().any(), "capped: +-inf logits give finite values"
+        return
     logprobs = torch.empty(z.shape, device="cuda")
     ext.decode_combine(z, q, 0.7, 0.3, 1.0, 0, 1.0, 0, logprobs, None)
     want = combine_logits(z, q, alpha_tilde=0.7, alpha_0=0.3)
@@ -356,17 +391,20 @@ def test_binding_errors_name_the_argument(ext):
     t = torch.zeros(2, dtype=torch.long, device="cuda")
     out = [torch.empty(2, device="cuda"), torch.empty(2, device="cuda"), torch.empty(2, 64, device="cuda")]
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        ext.row_step(z, q.cpu(), t, 1.0, 0.01, *out)
+        ext.row_step(z, q.cpu(), t, 1.0, 0.01, 0.0, *out)
     with pytest.raises(RuntimeError, match="z must be contiguous"):
-        ext.row_step(z.t().contiguous().t(), q, t, 1.0, 0.01, *out)
+        ext.row_step(z.t().contiguous().t(), q, t, 1.0, 0.01, 0.0, *out)
     with pytest.raises(RuntimeError, match="q must be Float"):
-        ext.row_step(z, q.half(), t, 1.0, 0.01, *out)
+        ext.row_step(z, q.half(), t, 1.0, 0.01, 0.0, *out)
     with pytest.raises(RuntimeError, match="targets must be Long"):
-        ext.row_step(z, q, t.int(), 1.0, 0.01, *out)
+        ext.row_step(z, q, t.int(), 1.0, 0.01, 0.0, *out)
     with pytest.raises(RuntimeError, match="z must be float32, float16 or bfloat16"):
-        ext.row_step(z.double(), q.double(), t, 1.0, 0.01, *out)
+        ext.row_step(z.double(), q.double(), t, 1.0, 0.01, 0.0, *out)
     with pytest.raises(RuntimeError, match="p must be float32 or z's dtype"):
-        ext.row_step(z.half(), q.half(), t, 1.0, 0.01, out[0], out[1], out[2].bfloat16())
+        ext.row_step(z.half(), q.half(), t, 1.0, 0.01, 0.0, out[0], out[1], out[2].bfloat16())
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="softcap must be finite and >= 0"):
+            ext.row_step(z, q, t, 1.0, 0.01, bad, *out)
 
 
 def _rewards(batch, width, *, seed, scale):
@@ -498,6 +536,73 @@ def test_pairwise_kernel_in_the_loss_path(ext):
     torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-6)
 
 
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_soft_capped_loss_and_gradients_match_the_reference(ext, monkeypatch, dtype):
+    """qadapter_loss(backend="cuda") under Gemma-2's soft cap (one that bites) against the
+    reference: loss and every gradient, each chunk through the capping kernel, never the eager step."""
+    from qadapter_kernels import _cuda_ops
+
+    caps = []
+
+    def spy(kernel):
+        def step(z, q, targets, alpha_tilde, alpha_0, softcap):
+            caps.append(softcap)
+            return kernel(z, q, targets, alpha_tilde, alpha_0, softcap)
+
+        return step
+
+    for name in ("row_step_", "row_step"):  # in place (p in q's dtype) or into a float32 p
+        monkeypatch.setattr(_cuda_ops, name, spy(getattr(_cuda_ops, name)))
+    monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
+    x = make_inputs(batch=6, seq=17, hidden=40, vocab=1001, dtype=dtype, seed=8, device="cuda", q_head=True,
+                    q_bias=True)
+    kwargs = dict(chunk_size=16, alpha_tilde=0.8, alpha_0=0.05, logit_softcap=0.7)
+    got, got_grads = loss_and_grads(x, backend="cuda", **kwargs)
+    want, want_grads = loss_and_grads(x, backend="reference", **kwargs)
+    assert caps and set(caps) == {0.7}
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # test_backends.TOL
+
+    def rel_err(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm())
+
+    for field in ("loss", "chosen_rewards", "rejected_rewards"):
+        assert rel_err(getattr(got, field), getattr(want, field)) <= tol, field
+    assert got_grads.keys() == want_grads.keys() == {"q_hidden", "q_weight", "q_bias"}
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) <= tol, name
+
+
+def test_cuda_row_step_hands_the_cap_to_the_kernel(monkeypatch):
+    """cuda_row_step passes a soft cap to the kernel ops (0.0 for none) instead of taking the eager
+    step, in place or into a float32 p; float64 alone stays eager (ops faked: runs without a GPU)."""
+    from qadapter_kernels import _cuda_ops
+
+    seen = []
+
+    def row_step_(z, q, targets, alpha_tilde, alpha_0, softcap):
+        seen.append(("row_step_", softcap))
+        return targets.float(), targets.float()
+
+    def row_step(z, q, targets, alpha_tilde, alpha_0, softcap):
+        seen.append(("row_step", softcap))
+        return targets.float(), targets.float(), q.float()
+
+    monkeypatch.setattr(_cuda_ops, "row_step_", row_step_)
+    monkeypatch.setattr(_cuda_ops, "row_step", row_step)
+    monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
+    z, q, targets = torch.randn(3, 11), torch.randn(3, 11).bfloat16(), torch.tensor([0, 5, 10])
+    assert cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.bfloat16, 2.5)[2] is q
+    cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32, 2.5)
+    cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32)
+    assert seen == [("row_step_", 2.5), ("row_step", 2.5), ("row_step", 0.0)]
+    assert all(type(cap) is float for _, cap in seen)
+    with pytest.raises(AssertionError, match="eager"):
+        cuda_backend.cuda_row_step(z.double(), q.double(), targets, 0.8, 0.1, torch.float64, 2.5)
+
+
 def test_pairwise_kernel_falls_back_off_gpu():
     """CPU or float64 rewards take the shared torch path: same object fields, same numbers."""
     mask = torch.rand(4, 6) < 0.6
@@ -538,9 +643,9 @@ def test_custom_ops_trace_without_a_gpu():
     with FakeTensorMode():
         z, q = torch.empty(3, 11), torch.empty(3, 11, dtype=torch.bfloat16)
         targets = torch.zeros(3, dtype=torch.long)
-        q_taken, value, p = torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01)
+        q_taken, value, p = torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01, 0.0)
         assert (q_taken.shape, value.dtype, p.shape, p.dtype) == ((3,), torch.float32, (3, 11), torch.float32)
-        assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01)[0].shape == (3,)
+        assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01, 2.5)[0].shape == (3,)
         seq, stats, grad = torch.ops.qadapter.pairwise_bt(torch.empty(7), torch.zeros(4, dtype=torch.long), 5, 0.1, 0)
         assert (seq.shape, stats.shape, grad.shape) == ((4,), (5,), (7,))
         logprobs, sampled = torch.ops.qadapter.decode_combine(z, z, 1.0, 0.01, 1.0, 0, 1.0, 0, True)
@@ -556,8 +661,8 @@ def test_custom_ops_pass_opcheck(ext):
 
     z, q = _logits(4, 1000, torch.bfloat16, seed=1)
     targets = torch.randint(0, 1000, (4,), device="cuda")
-    torch.library.opcheck(torch.ops.qadapter.row_step.default, (z, q, targets, 1.0, 0.01))
-    torch.library.opcheck(torch.ops.qadapter.row_step_.default, (z, q.clone(), targets, 1.0, 0.01))
+    torch.library.opcheck(torch.ops.qadapter.row_step.default, (z, q, targets, 1.0, 0.01, 0.0))
+    torch.library.opcheck(torch.ops.qadapter.row_step_.default, (z, q.clone(), targets, 1.0, 0.01, 2.5))
     rewards, tokens = _rewards(4, 33, seed=2, scale=1.0)
     torch.library.opcheck(torch.ops.qadapter.pairwise_bt.default, (rewards, tokens.counts, 33, 0.1, 0))
     torch.library.opcheck(torch.ops.qadapter.decode_combine.default, (z, q, 1.0, 0.01, 0.8, 50, 0.9, 7, True))
