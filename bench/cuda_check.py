@@ -185,7 +185,7 @@ def main() -> int:
     report["extension"] = {"available": available, "reason": reason, "seconds": round(time.perf_counter() - start, 1)}
     print(f"extension: available={available} {reason} ({report['extension']['seconds']} s)", flush=True)
 
-    report["gpu_tests"] = _pytest(["-m", "gpu", "tests/kernels/test_cuda_ext.py"], timeout=45)
+    report["gpu_tests"] = _pytest(["-m", "gpu", "tests/kernels/test_cuda_ext.py"], timeout=60)
     print(f"gpu tests: {report['gpu_tests']['summary']}", flush=True)
 
     sanitizer = shutil.which("compute-sanitizer")
