@@ -15,6 +15,12 @@
  * bfloat16 rows are widened 32 at a time without shuffles (split32); the next block's inputs
  * are prefetched while a block computes. bench.report times both versions ("compiled" and
  * "compiled, no AVX-512"), and both are tested against the eager step.
+ *
+ * Under a soft cap s (Gemma-2's final logit soft-capping) z and q are the raw GEMM outputs: the
+ * block's first pass caps both as it reads them, s tanh(x / s) in float32, and keeps the capped z
+ * and the cap's slope on q, 1 - (q_capped / s)^2, in two L1-sized block buffers; the second pass
+ * reads those instead of the inputs and writes e times the slope, its sums staying those of e
+ * (the block statistics are of the policy itself). The uncapped step runs the loops it ran before.
  */
 #include <math.h>
 #include <stdint.h>
@@ -54,6 +60,24 @@ static inline float vexp(float x) {
     y = y * r * r + r + 1.0f;
     y = y * f_of((uint32_t)(k + 127) << 23);
     return under ? 0.0f : y;
+}
+
+/* tanhf after Cephes: below |y| = 0.625 an odd polynomial (0.1 ulp), above (1 - e) / (1 + e) with
+ * e = exp(-2|y|) (the exp's 2 ulp); +-inf give +-1, NaN stays NaN. Branch-free, so it vectorises.
+ * With slope, 1 - tanh^2 into it: above 0.625 as 4 e / (1 + e)^2, not 1 - tanh^2, which near
+ * |tanh| = 1 would keep only the few bits of tanh's rounding error it does not cancel. */
+static const float TANH_POLY[5] = {-5.70498872745e-3f, 2.06390887954e-2f, -5.37397155531e-2f, 1.33314422036e-1f,
+                                   -3.33332819422e-1f};
+static const float TANH_SMALL = 0.625f;
+static inline float vtanh(float y, float *slope) {
+    const float a = y < 0.0f ? -y : y, a2 = a * a;
+    const float e = vexp(-2.0f * a), inv = 1.0f / (1.0f + e);
+    float r = TANH_POLY[0];
+    for (int j = 1; j < 5; j++) r = r * a2 + TANH_POLY[j];
+    const float small = r * a2 * a + a;
+    const float t = a < TANH_SMALL ? small : (1.0f - e) * inv;
+    *slope = a < TANH_SMALL ? 1.0f - small * small : 4.0f * e * inv * inv;
+    return y < 0.0f ? -t : t;
 }
 
 /* One block of a row: c = (q + alpha_0 z) / alpha~ written to eb as exp(c - m_c), and for z and for
@@ -239,6 +263,104 @@ static __attribute__((noinline)) void block_exps(const void *zr, const void *qr,
     *sz_out = _mm512_reduce_add_ps(w.sz), *sc_out = _mm512_reduce_add_ps(w.sc);
 }
 
+/* tanh of 16 floats, as vtanh (slope included, when asked for): the polynomial below |y| = 0.625,
+ * (1 - e) / (1 + e) with e = exp(-2|y|) = 2^(-2 log2(e) |y|) above (exp2_16 of degree 5), the sign
+ * put back. */
+ALWAYS_INLINE __m512 tanh_16(__m512 y, __m512 *slope) {
+    const __m512 one = _mm512_set1_ps(1.0f), a = _mm512_abs_ps(y), a2 = _mm512_mul_ps(a, a);
+    const __m512 e = exp2_16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f * LOG2E)), 0);
+    const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    __m512 r = _mm512_set1_ps(TANH_POLY[0]);
+    for (int j = 1; j < 5; j++) r = _mm512_fmadd_ps(r, a2, _mm512_set1_ps(TANH_POLY[j]));
+    r = _mm512_fmadd_ps(_mm512_mul_ps(r, a2), a, a);
+    const __mmask16 small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(TANH_SMALL), _CMP_LT_OQ);
+    if (slope)
+        *slope = _mm512_mask_blend_ps(small, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0f), e), inv), inv),
+                                      _mm512_fnmadd_ps(r, r, one));
+    const __m512 t = _mm512_mask_blend_ps(small, _mm512_mul_ps(_mm512_sub_ps(one, e), inv), r);
+    return _mm512_or_ps(t, _mm512_and_ps(y, _mm512_set1_ps(-0.0f)));
+}
+
+/* The soft cap s and its inverse. */
+typedef struct { __m512 s, inv_s; } Cap;
+
+/* s tanh(x / s); with slope, 1 - tanh^2 into it. */
+ALWAYS_INLINE __m512 cap_16(__m512 x, const Cap *k, __m512 *slope) {
+    return _mm512_mul_ps(tanh_16(_mm512_mul_ps(x, k->inv_s), slope), k->s);
+}
+
+/* Pass 1 of a capped group of 16 float32 (from float32 inputs, or half of a bfloat16 group): u into
+ * eb, the capped z into zc, the slope into sl, and the maxima. Padding lanes (capped -inf is -s)
+ * stay out of the maxima. */
+ALWAYS_INLINE void capped_maxima16(__m512 zraw, __m512 qraw, float *eb, float *zc, float *sl, int64_t left,
+                                   const int full, __m512 a0, const Cap *k, __m512 *mz, __m512 *mu) {
+    __m512 slope;
+    const __m512 z = cap_16(zraw, k, NULL), u = _mm512_fmadd_ps(a0, z, cap_16(qraw, k, &slope));
+    store16(eb, left, u, full);
+    store16(zc, left, z, full);
+    store16(sl, left, slope, full);
+    if (full) {
+        *mz = _mm512_max_ps(z, *mz);
+        *mu = _mm512_max_ps(u, *mu);
+    } else {
+        *mz = _mm512_mask_max_ps(*mz, lanes(left), z, *mz);
+        *mu = _mm512_mask_max_ps(*mu, lanes(left), u, *mu);
+    }
+}
+
+/* A capped group, its `left` elements on, in split32's order for bfloat16 rows (as eb's). */
+ALWAYS_INLINE void capped_group(const void *zr, const void *qr, float *eb, float *zc, float *sl, int64_t left,
+                                const int full, const int bf16, __m512 a0, const Cap *k, __m512 *mz, __m512 *mu) {
+    if (bf16) {
+        __m512 ze, zo, qe, qo;
+        split32(zr, left, full, &ze, &zo);
+        split32(qr, left, full, &qe, &qo);
+        const int64_t h = evens(left);
+        capped_maxima16(ze, qe, eb, zc, sl, h, full, a0, k, mz, mu);
+        capped_maxima16(zo, qo, eb + h, zc + h, sl + h, odds(left), full, a0, k, mz, mu);
+    } else {
+        capped_maxima16(load16(zr, left, full), load16(qr, left, full), eb, zc, sl, left, full, a0, k, mz, mu);
+    }
+}
+
+/* Pass 2 of a capped group of 16: eb = exp(c - point c) times the slope; the sums are of the exps. */
+ALWAYS_INLINE void capped_exps16(float *eb, const float *zc, const float *sl, int64_t left, const int full,
+                                 const int bf16, Sweep *w) {
+    const __m512 ec = exp2_16(_mm512_fmsub_ps(load16(eb, left, full), w->ku, w->shu), bf16);
+    store16(eb, left, _mm512_mul_ps(ec, load16(sl, left, full)), full);
+    w->sc = _mm512_add_ps(w->sc, ec);
+    w->sz = _mm512_add_ps(w->sz, exp2_16(_mm512_fmsub_ps(load16(zc, left, full), w->kz, w->shz), bf16));
+}
+
+/* block_exps under a soft cap: the same outputs, of the capped logits; eb holds e times the slope. */
+static __attribute__((noinline)) void block_exps_capped(const void *zr, const void *qr, float *eb, int64_t n,
+                                                        float alpha_0, float inv_at, float softcap, const int bf16,
+                                                        double *mz_out, double *mc_out, float *sz_out, float *sc_out) {
+    float zc[BLOCK], sl[BLOCK];  /* the block's capped z and slope, in eb's order */
+    const int64_t width = bf16 ? 32 : 16;
+    const size_t size = bf16 ? sizeof(uint16_t) : sizeof(float);
+    const __m512 a0 = _mm512_set1_ps(alpha_0);
+    const Cap k = {_mm512_set1_ps(softcap), _mm512_set1_ps(1.0f / softcap)};
+    __m512 mz = _mm512_set1_ps(-INFINITY), mu = mz;
+    for (int64_t i = 0; i < n; i += width) {
+        const void *z = (const char *)zr + i * size, *q = (const char *)qr + i * size;
+        if (n - i >= width)
+            capped_group(z, q, eb + i, zc + i, sl + i, width, 1, bf16, a0, &k, &mz, &mu);
+        else
+            capped_group(z, q, eb + i, zc + i, sl + i, n - i, 0, bf16, a0, &k, &mz, &mu);
+    }
+    Sweep w = sweep_of(_mm512_reduce_max_ps(mz), _mm512_reduce_max_ps(mu), inv_at, mz_out, mc_out);
+    for (int64_t i = 0; i < n; i += 16) {
+        prefetch_ahead((const char *)zr + i * size, BLOCK * size);
+        prefetch_ahead((const char *)qr + i * size, BLOCK * size);
+        if (n - i >= 16)
+            capped_exps16(eb + i, zc + i, sl + i, 16, 1, bf16, &w);
+        else
+            capped_exps16(eb + i, zc + i, sl + i, n - i, 0, bf16, &w);
+    }
+    *sz_out = _mm512_reduce_add_ps(w.sz), *sc_out = _mm512_reduce_add_ps(w.sc);
+}
+
 /* Rounds float32 lanes to bfloat16, nearest even (p is finite): the result is each lane's high half. */
 static inline __m512i round_bf16(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
@@ -329,6 +451,41 @@ static inline void block_exps(const void *zraw, const void *qraw, float *eb, int
     *mz_out = mz, *mc_out = mc, *sz_out = sz, *sc_out = sc;
 }
 
+static inline float input_at(const void *row, int64_t i, const int bf16) {
+    return bf16 ? bf16_to_f(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* block_exps under a soft cap: z and q capped as they are read, the capped z and the slope kept in
+ * block buffers; eb ends up holding e times the slope, the sums are of e. */
+static inline void block_exps_capped(const void *zraw, const void *qraw, float *eb, int64_t n, float alpha_0,
+                                     float inv_at, float softcap, const int bf16, double *mz_out, double *mc_out,
+                                     float *sz_out, float *sc_out) {
+    float zc[BLOCK], sl[BLOCK];
+    const float inv_s = 1.0f / softcap;
+    float mz = -INFINITY, mc = -INFINITY;
+#pragma omp simd reduction(max : mz, mc)
+    for (int64_t i = 0; i < n; i++) {
+        float unused, slope;
+        const float z = softcap * vtanh(input_at(zraw, i, bf16) * inv_s, &unused);
+        const float c = (softcap * vtanh(input_at(qraw, i, bf16) * inv_s, &slope) + alpha_0 * z) * inv_at;
+        zc[i] = z;
+        sl[i] = slope;
+        eb[i] = c;
+        mz = max_f(mz, z);
+        mc = max_f(mc, c);
+    }
+    const float shz = mz == -INFINITY ? 0.0f : mz, shc = mc == -INFINITY ? 0.0f : mc;
+    float sz = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sz, sc)
+    for (int64_t i = 0; i < n; i++) {
+        float ec = vexp(eb[i] - shc);
+        eb[i] = ec * sl[i];
+        sc += ec;
+        sz += vexp(zc[i] - shz);
+    }
+    *mz_out = mz, *mc_out = mc, *sz_out = sz, *sc_out = sc;
+}
+
 static inline void scale_block(float *eb, uint16_t *pb, int64_t n, float scale, const int split) {
     (void)split;  /* block_exps writes eb in element order here */
     if (pb)
@@ -360,13 +517,16 @@ int qak_cpu_block_width(void) { return BLOCK; }
  * value, and lse_c = lse(c), lse_z = lse(z): a vocabulary tile's share, which the caller merges;
  * block_stats_out ([rows, ceil(V / BLOCK), 2]): each block's largest p (the scale its exps get: they
  * are relative to the block's max, within a float rounding) and its sum of p, for gradient
- * filtering at no extra pass. */
+ * filtering at no extra pass. softcap > 0: z and q are raw and capped as they are read (q_taken
+ * too), p comes out times the cap's slope on q, and block_stats_out stays of the policy itself;
+ * 0: no cap. */
 int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void *p,
                      int in_bf16, int p_bf16, int64_t rows, int64_t V, float alpha_tilde,
-                     float alpha_0, float *q_taken, float *value, float *lse_c_out, float *lse_z_out,
+                     float alpha_0, float softcap, float *q_taken, float *value, float *lse_c_out, float *lse_z_out,
                      float *block_stats_out, int threads) {
     const int64_t nblocks = (V + BLOCK - 1) / BLOCK;
     const float inv_at = 1.0f / alpha_tilde;
+    const int capped = softcap > 0.0f;
     const int64_t grain = 1 + 16384 / (V > 0 ? V : 1);  /* dynamic: a busy core gets fewer rows */
     int failed = 0;
 #ifdef _OPENMP
@@ -386,8 +546,9 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
             const int64_t base = r * V;
             if (targets) {  /* The target first: p may alias q. Out-of-range targets give NaN, not a crash. */
                 const int64_t t = targets[r];
-                q_taken[r] = (t < 0 || t >= V) ? NAN
-                             : in_bf16 ? bf16_to_f(((const uint16_t *)q)[base + t]) : ((const float *)q)[base + t];
+                const float qt = (t < 0 || t >= V) ? NAN
+                                 : in_bf16 ? bf16_to_f(((const uint16_t *)q)[base + t]) : ((const float *)q)[base + t];
+                q_taken[r] = capped ? softcap * tanhf(qt / softcap) : qt;
             }
             float *e = p_bf16 ? row : (float *)p + base;
             double Mz = -INFINITY, Mc = -INFINITY;
@@ -397,7 +558,13 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
                 float *eb = e + off;
                 double mz, mc;
                 float sz, sc;
-                if (in_bf16)
+                if (capped && in_bf16)
+                    block_exps_capped((const uint16_t *)z + base + off, (const uint16_t *)q + base + off, eb, n,
+                                      alpha_0, inv_at, softcap, 1, &mz, &mc, &sz, &sc);
+                else if (capped)
+                    block_exps_capped((const float *)z + base + off, (const float *)q + base + off, eb, n, alpha_0,
+                                      inv_at, softcap, 0, &mz, &mc, &sz, &sc);
+                else if (in_bf16)
                     block_exps((const uint16_t *)z + base + off, (const uint16_t *)q + base + off, eb, n, alpha_0,
                                inv_at, 1, &mz, &mc, &sz, &sc);
                 else

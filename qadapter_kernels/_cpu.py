@@ -88,7 +88,7 @@ def _load():
             fn = lib.qak_cpu_row_step
             fn.restype = ctypes.c_int
             fn.argtypes = [_P, _P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, ctypes.c_int]
+                           ctypes.c_float, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, _P, ctypes.c_int]
             if lib.qak_cpu_block_width() != FILTER_BLOCK:
                 return None, f"{SOURCE} sweeps blocks of {lib.qak_cpu_block_width()}, steps.FILTER_BLOCK is {FILTER_BLOCK}"
             return fn, ""
@@ -111,10 +111,11 @@ def _compiled_fits(z: torch.Tensor, q: torch.Tensor, p_dtype: torch.dtype) -> bo
     return ok and q.dtype in DTYPES and p_dtype in DTYPES and q.dim() == 2 and status()[0]
 
 
-def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...], block_stats=None):
+def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...], block_stats=None, softcap=None):
     """One call of the C step; ``outputs`` names the ``[rows]`` float32 results wanted, of
     ``q_taken`` (with ``targets``), ``value``, ``lse_c``, ``lse_z``. Returns them and ``p``; fills
-    ``block_stats`` when given (``steps.BlockStep``)."""
+    ``block_stats`` when given (``steps.BlockStep``). Under ``softcap`` the step caps z and q as it
+    reads them (0 tells it there is no cap)."""
     z, q = z.contiguous(), q.contiguous()
     rows, vocab = q.shape
     p = q if p_dtype == q.dtype else torch.empty(rows, vocab, dtype=p_dtype, device="cpu")
@@ -124,6 +125,7 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
         targets = targets.to(torch.int64).contiguous()
     rc = _load()[0](z.data_ptr(), q.data_ptr(), None if targets is None else targets.data_ptr(), p.data_ptr(),
                     q.dtype == torch.bfloat16, p_dtype == torch.bfloat16, rows, vocab, alpha_tilde, alpha_0,
+                    0.0 if softcap is None else softcap,
                     *(pointer.get(name) for name in ("q_taken", "value", "lse_c", "lse_z")),
                     None if block_stats is None else _block_stats_out(block_stats, rows, vocab).data_ptr(),
                     torch.get_num_threads())
@@ -136,11 +138,12 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
 def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
     """The ``steps.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
 
-    CPU float32 / bfloat16 only; anything else (float64, float16, CUDA, a soft cap) takes the eager step.
+    Under a soft cap it caps z, q and the target's Q as it reads them. CPU float32 / bfloat16 only;
+    anything else (float64, float16, CUDA) takes the eager step.
     """
-    if softcap is not None or not _compiled_fits(z, q, p_dtype):
+    if not _compiled_fits(z, q, p_dtype):
         return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
-    return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"))
+    return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"), softcap=softcap)
 
 
 def _block_stats_out(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
@@ -156,10 +159,10 @@ def _block_stats_out(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.
 def cpu_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None, softcap=None):
     """The ``steps.BlockStep`` contract in one sweep (a vocabulary tile); p overwrites q when
     p_dtype is q's dtype; ``block_stats`` come from the sweep's own block scales and sums, at no
-    extra pass. Anything but CPU float32 / bfloat16 (or a soft cap) takes the eager step."""
-    if softcap is not None or not _compiled_fits(z, q, p_dtype):
+    extra pass; a soft cap is applied as it reads. Anything but CPU float32 / bfloat16 takes the eager step."""
+    if not _compiled_fits(z, q, p_dtype):
         return torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats, softcap)
-    return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"), block_stats)
+    return _sweep(z, q, None, alpha_tilde, alpha_0, p_dtype, ("lse_c", "lse_z"), block_stats, softcap)
 
 
 @functools.cache

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import loss_and_grads, make_inputs
 
 from qadapter_kernels import _cpu, sizing
 from qadapter_kernels.chunked import chunked_token_stats
 from qadapter_kernels.registry import StatsOptions
-from qadapter_kernels.steps import torch_block_step, torch_row_step
+from qadapter_kernels.steps import FILTER_BLOCK, torch_block_step, torch_row_step
 
 needs_cc = pytest.mark.skipif(not _cpu.status()[0], reason=f"compiled CPU row step: {_cpu.status()[1]}")
 TOL = {torch.float64: dict(rtol=0, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
@@ -116,6 +116,115 @@ def test_block_step_matches_eager(dtype):
             torch.testing.assert_close(g_, w, **tol)
 
 
+SOFTCAP = 2.5  # on logits of scale 3 (_logits): the cap bends most of them, its slope is far from 1
+# p of a capped step: TOL's atol for bfloat16 is above every p of a wide row, so there p's own
+# rounding (a bfloat16 ulp is 2^-8 to 2^-7 of it) and the eager slope's absolute error (1 - tanh^2
+# near |tanh| = 1 keeps about 1e-7 of it) bound the difference.
+CAP_TOL = TOL | {torch.bfloat16: dict(rtol=2**-7, atol=1e-7)}
+
+
+def _capped_logits(rows, vocab, dtype, seed):
+    """Raw logits with the edge cases: whole blocks of -inf (capped to -s, so no longer masked: in q
+    the slope, 0 there, still gives p = 0, in z not), a NaN entry (its row's statistics and p are
+    NaN in every step)."""
+    z, q, targets = _logits(rows, vocab, dtype, seed)
+    q[0, :FILTER_BLOCK] = float("-inf")
+    z[1, 3] = float("nan")
+    z[2, -FILTER_BLOCK:] = float("-inf")
+    return z, q, targets
+
+
+def _assert_the_cap_bends(q, p, p_uncapped):
+    """The inputs exercise the cap and its slope: a step that left out either (p_uncapped, or p
+    divided by the slope) would be outside the tolerance the capped tests allow."""
+    slope = 1 - torch.tanh(q.float() / SOFTCAP) ** 2
+    assert slope[slope.isfinite()].median() < 0.7
+    kept = p.isfinite() & (slope > 0.1)
+    p, tol = p.float()[kept], CAP_TOL[p.dtype]
+    assert not torch.allclose(p_uncapped.float()[kept], p, **tol)
+    assert not torch.allclose(p / slope[kept], p, **tol)
+
+
+def _check_capped(z, q, targets, p_dtype, alpha_tilde=0.7, alpha_0=0.3):
+    want = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype, softcap=SOFTCAP)
+    q_buffer = q.clone()
+    got = _cpu.cpu_row_step(z.clone(), q_buffer, targets, alpha_tilde, alpha_0, p_dtype, softcap=SOFTCAP)
+    assert (got[2].data_ptr() == q_buffer.data_ptr()) == (p_dtype == q.dtype)
+    for g_, w in zip(got, want):
+        assert g_.dtype == w.dtype and g_.shape == w.shape
+        assert torch.equal(g_.isnan(), w.isnan())
+    torch.testing.assert_close(got[0], want[0], rtol=2e-7, atol=0)  # tanhf and torch's tanh, each within an ulp
+    torch.testing.assert_close(got[1], want[1], **VALUE_TOL[z.dtype], equal_nan=True)
+    torch.testing.assert_close(got[2], want[2], **CAP_TOL[p_dtype], equal_nan=True)
+    return got
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [7, 4099])
+@pytest.mark.parametrize("p_out", ["in_place", "float32"])
+def test_soft_cap_matches_eager(dtype, vocab, p_out):
+    """Under a soft cap the C step caps z, q and the target's Q as it reads them and writes p times
+    the slope on Q, as the eager step does: -inf capped to -s, a NaN row NaN."""
+    z, q, targets = _capped_logits(5, vocab, dtype, seed=vocab)
+    p_dtype = dtype if p_out == "in_place" else torch.float32
+    _, value, p = _check_capped(z, q, targets, p_dtype)
+    assert value[1].isnan() and value[[0, 2, 3, 4]].isfinite().all()
+    assert (p[0, :FILTER_BLOCK] == 0).all() and (p[2, -FILTER_BLOCK:] > 0).all()
+    _assert_the_cap_bends(q, p, torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype)[2])
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_soft_cap_block_step_matches_eager(dtype):
+    """The capped block step: the tile's log-sum-exps of the capped logits, p times the slope, and
+    block statistics of the policy itself (not weighted by the slope), over an odd width of four
+    blocks, the last one partial."""
+    width = 3 * FILTER_BLOCK + 77
+    z, q, _ = _capped_logits(6, width, dtype, seed=12)
+    for p_dtype in (dtype, torch.float32):
+        got_stats, want_stats = (torch.full((6, 4, 2), -1.0) for _ in range(2))
+        want = torch_block_step(z.clone(), q.clone(), 0.7, 0.3, p_dtype, want_stats, softcap=SOFTCAP)
+        q_buffer = q.clone()
+        got = _cpu.cpu_block_step(z.clone(), q_buffer, 0.7, 0.3, p_dtype, got_stats, softcap=SOFTCAP)
+        assert (got[2].data_ptr() == q_buffer.data_ptr()) == (p_dtype == dtype)
+        for g_, w, tol in zip(got, want, (VALUE_TOL[dtype], VALUE_TOL[dtype], CAP_TOL[p_dtype])):
+            assert g_.dtype == w.dtype and g_.shape == w.shape and torch.equal(g_.isnan(), w.isnan())
+            torch.testing.assert_close(g_, w, **tol, equal_nan=True)
+        torch.testing.assert_close(got_stats, want_stats, rtol=1e-5, atol=1e-9, equal_nan=True)
+        assert got_stats[1].isnan().all() and got_stats[[0, 2, 3, 4, 5]].isfinite().all()
+        assert (got[2][0, :FILTER_BLOCK] == 0).all() and got_stats[0, 0, 1] > 1e-3  # the policy's mass at q = -s
+        # The sums of p over the blocks are the policy's (1 per row), which p itself is not.
+        torch.testing.assert_close(got_stats[[0, 2, 3, 4, 5], :, 1].sum(1), torch.ones(5), rtol=1e-5, atol=0)
+        assert (got[2][[0, 2, 3, 4, 5]].float().sum(1) < 0.9).all()
+        uncapped = torch_block_step(z.clone(), q.clone(), 0.7, 0.3, p_dtype)[2]
+        _assert_the_cap_bends(q, got[2], uncapped)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)], ids=str)
+def test_soft_capped_chunked_loss_takes_the_compiled_step(monkeypatch, dtype, tol):
+    """qadapter_loss(backend="chunked", logit_softcap=s) with the compiled step (never the eager
+    one): loss and every gradient as the reference's, over a vocabulary of several blocks."""
+    monkeypatch.setattr(_cpu, "torch_block_step", lambda *a, **k: pytest.fail("took the eager step"))
+    monkeypatch.setattr(_cpu, "torch_row_step", lambda *a, **k: pytest.fail("took the eager step"))
+    x = make_inputs(batch=4, seq=9, hidden=32, vocab=2 * FILTER_BLOCK + 301, dtype=dtype, seed=6,
+                    q_head=True, q_bias=True, scale=3.0)
+    options = dict(alpha_tilde=0.8, alpha_0=0.2, logit_softcap=SOFTCAP)
+    ref, ref_grads = loss_and_grads(x, backend="reference", **options)
+    got, got_grads = loss_and_grads(x, backend="chunked", **options)
+    uncapped, _ = loss_and_grads(x, backend="reference", alpha_tilde=0.8, alpha_0=0.2)
+
+    def rel_err(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+    assert rel_err(uncapped.loss, ref.loss) > 10 * tol  # the cap changes the loss
+    assert rel_err(got.loss, ref.loss) <= tol
+    for name, grad in ref_grads.items():
+        assert got_grads[name].dtype == grad.dtype and rel_err(got_grads[name], grad) <= tol, name
+
+
 @needs_cc
 def test_chunked_uses_it_by_default_on_cpu():
     assert sizing.default_block_step(torch.device("cpu")) is _cpu.cpu_block_step
@@ -181,7 +290,8 @@ def test_build_is_cached(monkeypatch, tmp_path):
 @pytest.mark.skipif(not any(line.startswith("flags") and " avx512f" in line for line in open("/proc/cpuinfo")),
                     reason="the CPU has no AVX-512: the native build is already the portable one")
 def test_portable_build_matches_eager(monkeypatch, tmp_path):
-    """Without AVX-512 the C step's plain loops (auto-vectorised vexp) run: the same contract."""
+    """Without AVX-512 the C step's plain loops (auto-vectorised vexp and vtanh) run: the same
+    contract, capped or not."""
     monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path))
     monkeypatch.setattr(_cpu, "FLAG_SETS", (("-march=native", "-mno-avx512f", "-fopenmp"),))
     _cpu._load.cache_clear()
@@ -196,5 +306,8 @@ def test_portable_build_matches_eager(monkeypatch, tmp_path):
             q[0, :1024] = float("-inf")
             z[1, 5:2000] = float("-inf")
             assert (_check(z, q, targets, dtype, alpha_0=0.01)[2][0, :1024] == 0).all()
+            z, q, targets = _capped_logits(5, 4099, dtype, seed=3)
+            for p_dtype in (dtype, torch.float32):
+                _check_capped(z, q, targets, p_dtype)
     finally:
         _cpu._load.cache_clear()
