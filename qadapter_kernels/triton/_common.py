@@ -85,11 +85,6 @@ def check_kernel_inputs(what: str, *tensors: torch.Tensor) -> None:
                 f"the Triton {what} takes float16, bfloat16 or float32 tensors; got {t.dtype} "
                 "(use backend='chunked' or 'reference' for float64)"
             )
-        if t.dtype == torch.bfloat16 and INTERPRET:
-            raise TypeError(
-                f"the Triton {what} cannot take bfloat16 under Triton's CPU interpreter, whose bfloat16 dot "
-                "is wrong (it would return garbage): use float16 or float32 there, or a GPU"
-            )
         if t.device.type != "cuda" and not INTERPRET:
             raise ValueError(
                 f"the Triton {what} needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "

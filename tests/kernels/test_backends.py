@@ -50,13 +50,10 @@ def assert_agree(name, inputs, tol, fields=FIELDS, **kwargs):
 
 
 def dtypes_of(name: str) -> list[torch.dtype]:
-    """What a backend is checked in: float64 where it computes in it; bfloat16 on CPU only for the
-    torch backend (the interpreter's bfloat16 dot is wrong; a GPU runs it below)."""
-    out = [torch.float32, torch.float16]
+    """What a backend is checked in: float32, float16, bfloat16, and float64 where it computes in it."""
+    out = [torch.float32, torch.float16, torch.bfloat16]
     if registry.get(name).float64:
         out.append(torch.float64)
-    if name == "chunked":
-        out.append(torch.bfloat16)
     return out
 
 

@@ -5,7 +5,7 @@ set before triton is first imported by anything: tests/conftest.py is the safe p
 test modules import packages that import triton; if it comes too late, this module is skipped
 with the reason). Shapes are chosen so
 that V, d and N are not multiples of the interpreter's tile sizes (16 x 32 x 16) or row block (64).
-bfloat16 dots are wrong in the interpreter (docs/design.md, "Numerics and testing"), so bfloat16 is tested on GPU only.
+The kernels have no ``tl.dot`` (whose bfloat16 the interpreter gets wrong), so bfloat16 runs there too.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_float64_is_refused_with_a_reason():
         qadapter_loss(**x, backend="chunked-triton")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1, 64, 203])
 @pytest.mark.parametrize("p_dtype", ["same", torch.float32])
 @pytest.mark.parametrize("softcap", [None, 2.5])
@@ -101,7 +101,7 @@ def test_row_step_matches_torch(dtype, vocab, p_dtype, softcap):
     want = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, p_dtype, softcap)
     q_buffer = q.clone()
     got = triton_row_step(z.clone(), q_buffer, targets, 0.7, 0.3, p_dtype, softcap)
-    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # bfloat16: one rounding of p
     for w, g_ in zip(want, got):
         assert g_.dtype == w.dtype
         torch.testing.assert_close(g_, w, rtol=tol, atol=tol)
@@ -276,11 +276,3 @@ def test_interpreter_numpy_guard():
     assert interpreter_numpy_problem("3.6.0", "2.3.5") == ""
     assert interpreter_numpy_problem("3.7.0", "2.4.6") == ""
     assert interpreter_numpy_problem("3.9.0", "2.5.0rc1") == ""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU")
-def test_bfloat16_is_refused_under_the_interpreter():
-    """The interpreter's bfloat16 dot is wrong (a loss of 4e18 instead of 3.6): refused, not returned."""
-    x = make_inputs(seed=1, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="bfloat16 under Triton's CPU interpreter"):
-        qadapter_loss(**x, backend="chunked-triton")
