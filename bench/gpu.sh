@@ -10,8 +10,10 @@
 # bandwidth; every row bounded), bench.cuda_check (row step against the copy
 # bandwidth, decode, pairwise) and bench.consumer_gpu (one Llama-3.1-8B LoRA step under 24 GB,
 # fused loss vs the authors' full logits, then decoding, 8 adapters in one batch and serving).
-# Part 2 (< 4 minutes): compute-sanitizer memcheck and racecheck on small shapes, the wheel with
-# the compiled extension (built, installed into a temporary target, imported) and decoding.
+# Part 2 (< 6 minutes): compute-sanitizer memcheck and racecheck on small shapes, gradient
+# filtering at the Llama-3.1-8B head (bench.grad_filter: random and peaked policies, the gradient
+# against float64), the wheel with the compiled extension (built, installed into a temporary
+# target, imported) and decoding.
 # Part 3 (< 7 minutes): the quantized base. bitsandbytes, which the GPU machine lacks, travels with
 # the tree: build bench/carry first (`python -m bench.carry`, an ignored folder of about 4 MiB: the
 # package with its CUDA 13.0 library) and carry it; its site/ goes first on PYTHONPATH. Then
@@ -19,7 +21,7 @@
 # bench.quantized_gpu (the Llama-3.1-8B step on a 4-bit base under 8-24 GiB beside the memory
 # plan, LoRA on q/v and on every projection; the fused loss and the authors' on an 8-bit base).
 # Steps by name (to rerun some): versions, triton-tests, cuda-build, backend-tests, gpu-check,
-# cuda-check, consumer, memcheck, racecheck, wheel, carry, quantized.
+# cuda-check, consumer, memcheck, racecheck, grad-filter, wheel, carry, quantized.
 # --dry-run: the same steps on CPU with tiny shapes and the Triton interpreter; the GPU-only steps
 # are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo. It checks
 # what would be carried: bench/carry when it is built, else a copy made from the installed wheel.
@@ -145,7 +147,7 @@ raise SystemExit(0 if (ok and compiled) or '$DRY' == '1' else 1)")
 
 # Steps by name; a part is a list of them, and any list can be given instead (to rerun some).
 PART1="versions,triton-tests,cuda-build,backend-tests,gpu-check,cuda-check,consumer"
-PART2="memcheck,racecheck,wheel"
+PART2="memcheck,racecheck,grad-filter,wheel"
 PART3="carry,quantized"
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -159,6 +161,8 @@ run_steps() {
     wants cuda-check && skip "cuda tests and cuda_check" "no GPU (dry run)"
     wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
     wants memcheck && skip "compute-sanitizer" "no GPU (dry run)"
+    wants grad-filter && step "grad filter (tiny shape)" 120 "$PY" -m bench.grad_filter --shape tiny --tokens 64 \
+      --rounds 1 --out "$OUT/grad-filter.json"
     wants wheel && step "wheel" 300 wheel_check
     if [ -d "$CARRY/site" ]; then
       wants carry && step "bitsandbytes (carried)" 120 "$PY" -m bench.carry --check "$CARRY"
@@ -207,6 +211,8 @@ run_steps() {
   else
     { wants memcheck || wants racecheck; } && skip "compute-sanitizer" "not installed"
   fi
+  wants grad-filter && step "grad filter (Llama-3.1-8B head, random and peaked)" 150 "$PY" -m bench.grad_filter \
+    --device cuda --shape llama-3.1-8b --rounds 3 --out "$OUT/grad-filter.json"
   if [ -n "$wheeler" ]; then
     local start=$SECONDS
     wait "$wheeler"

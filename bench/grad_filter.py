@@ -14,7 +14,12 @@ backward's own error against float64: the tolerance bfloat16 gives).
 On the real hidden states, offline (:func:`skippable`): how much other block widths and a reordered
 vocabulary would let each token leave out.
 
-    python -m bench.grad_filter [--rounds 3] [--out bench/results/grad-filter-cpu-DATE.json]
+On a GPU (``--device cuda --shape llama-3.1-8b``, part 2 of ``bench/gpu.sh``) the random and peaked
+cases at that head: what the per-token gathered products cost where one large GEMM is cheap (the
+real hidden states are the embedded model's, SmolLM2's head, and are taken at that shape only).
+
+    python -m bench.grad_filter [--device cpu|cuda] [--shape smollm2-135m] [--tokens 4096] [--rounds 3]
+                                [--out bench/results/grad-filter-DEVICE-DATE.json]
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ def peaked(inputs: dict, zipf: float = 3.0) -> dict:
     to ``-zipf * log(1 + v)``, so ``p(v)`` falls as ``(1 + v)^-zipf`` in every token and most blocks
     are negligible: the case filtering is for (a far more peaked model than SmolLM2)."""
     out = dict(inputs)
-    tilt = -zipf * torch.log1p(torch.arange(inputs["weight"].shape[0], dtype=torch.float32))
+    tilt = -zipf * torch.log1p(torch.arange(inputs["weight"].shape[0], dtype=torch.float32,
+                                            device=inputs["weight"].device))
     for name in ("base_hidden", "q_hidden"):
         h = inputs[name].detach().clone()
         h[..., 0] = 1
@@ -174,28 +180,33 @@ def skippable(inputs: dict, alpha_0: float = 0.01) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=ROWS * (SEQ - 1), help="scored tokens of the random cases")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    dtype, device = torch.bfloat16, torch.device("cpu")
+    dtype, device = torch.bfloat16, torch.device(args.device)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(device, ("triton", "transformers")), "threads": torch.get_num_threads(),
-              "load_average_before": os.getloadavg(), "dtype": "bfloat16", "cases": []}
-    real = real_inputs(dtype)
+              "load_average_before": os.getloadavg(), "dtype": "bfloat16", "shape": args.shape, "cases": []}
+    real = real_inputs(dtype) if args.shape == "smollm2-135m" else None
     if real is None:
-        print(f"skipping the real hidden states: {DATA} is absent")
-        result["real"] = f"skipped: {DATA.name} is absent"
+        reason = f"{DATA.name} is absent" if args.shape == "smollm2-135m" else "taken at the smollm2-135m head only"
+        print(f"skipping the real hidden states: {reason}")
+        result["real"] = f"skipped: {reason}"
     else:
+        real = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in real.items()}
         result["cases"].append(measure("SmolLM2-135M-Instruct over HH-RLHF harmless pairs", real, args.rounds))
         result["skippable_blocks"] = skippable(real)
         del real
-    random = make_case_inputs(Case(SHAPES["smollm2-135m"], ROWS * (SEQ - 1), dtype, device))
+    random = make_case_inputs(Case(SHAPES[args.shape], args.tokens, dtype, device))
     result["cases"].append(measure("random (bench.common.make_case_inputs), the worst case", random, args.rounds))
     result["cases"].append(measure("random with a Zipf tilt (peaked), the best case", peaked(random), args.rounds))
     result["load_average_after"] = os.getloadavg()
     text = json.dumps(result, indent=1)
     print(text)
-    out = args.out or RESULTS / f"grad-filter-cpu-{result['date'][:10]}.json"
+    out = args.out or RESULTS / f"grad-filter-{device.type}-{result['date'][:10]}.json"
     out.write_text(text + "\n")
     return 0
 
