@@ -161,8 +161,8 @@ run_steps() {
     wants cuda-check && skip "cuda tests and cuda_check" "no GPU (dry run)"
     wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
     wants memcheck && skip "compute-sanitizer" "no GPU (dry run)"
-    wants grad-filter && step "grad filter (tiny shape)" 120 "$PY" -m bench.grad_filter --shape tiny --tokens 64 \
-      --rounds 1 --out "$OUT/grad-filter.json"
+    wants grad-filter && step "grad filter (tiny shape)" 120 "$PY" -m bench.grad_filter --backend chunked-triton \
+      --shape tiny --tokens 64 --rounds 1 --out "$OUT/grad-filter.json"
     wants wheel && step "wheel" 300 wheel_check
     if [ -d "$CARRY/site" ]; then
       wants carry && step "bitsandbytes (carried)" 120 "$PY" -m bench.carry --check "$CARRY"
@@ -212,7 +212,7 @@ run_steps() {
     { wants memcheck || wants racecheck; } && skip "compute-sanitizer" "not installed"
   fi
   wants grad-filter && step "grad filter (Llama-3.1-8B head, random and peaked)" 150 "$PY" -m bench.grad_filter \
-    --device cuda --shape llama-3.1-8b --rounds 3 --out "$OUT/grad-filter.json"
+    --device cuda --backend chunked-triton --shape llama-3.1-8b --rounds 3 --out "$OUT/grad-filter.json"
   if [ -n "$wheeler" ]; then
     local start=$SECONDS
     wait "$wheeler"

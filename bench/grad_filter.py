@@ -14,12 +14,13 @@ backward's own error against float64: the tolerance bfloat16 gives).
 On the real hidden states, offline (:func:`skippable`): how much other block widths and a reordered
 vocabulary would let each token leave out.
 
-On a GPU (``--device cuda --shape llama-3.1-8b``, part 2 of ``bench/gpu.sh``) the random and peaked
-cases at that head: what the per-token gathered products cost where one large GEMM is cheap (the
-real hidden states are the embedded model's, SmolLM2's head, and are taken at that shape only).
+On a GPU (``--device cuda --backend chunked-triton --shape llama-3.1-8b``, part 2 of ``bench/gpu.sh``)
+the random and peaked cases at that head: what the per-token gathered products cost where one large
+GEMM is cheap (the real hidden states are the embedded model's, SmolLM2's head, and are taken at
+that shape only).
 
-    python -m bench.grad_filter [--device cpu|cuda] [--shape smollm2-135m] [--tokens 4096] [--rounds 3]
-                                [--out bench/results/grad-filter-DEVICE-DATE.json]
+    python -m bench.grad_filter [--device cpu|cuda] [--backend chunked|chunked-triton|cuda]
+                                [--shape smollm2-135m] [--tokens 4096] [--rounds 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -88,20 +89,20 @@ def peaked(inputs: dict, zipf: float = 3.0) -> dict:
     return out
 
 
-def loss_step(inputs: dict, eps):
+def loss_step(inputs: dict, eps, backend: str = "chunked"):
     hq = inputs["q_hidden"]
 
     def step() -> None:
         hq.grad = None
-        qadapter_kernels.qadapter_loss(**inputs, backend="chunked", grad_filter_eps=eps).loss.backward()
+        qadapter_kernels.qadapter_loss(**inputs, backend=backend, grad_filter_eps=eps).loss.backward()
 
     return step
 
 
-def filtered_gradient(inputs: dict, eps) -> tuple[torch.Tensor, dict]:
+def filtered_gradient(inputs: dict, eps, backend: str = "chunked") -> tuple[torch.Tensor, dict]:
     """The ``q_hidden`` gradient at ``eps`` and what the filter reported."""
     with grad_filter_report() as report:
-        loss_step(inputs, eps)()
+        loss_step(inputs, eps, backend)()
     mass = report.dropped_mass
     return inputs["q_hidden"].grad.clone(), {
         "eps": mass_budget(eps, inputs["q_hidden"].dtype) if eps else 0.0,
@@ -111,26 +112,27 @@ def filtered_gradient(inputs: dict, eps) -> tuple[torch.Tensor, dict]:
     }
 
 
-def measure(name: str, inputs: dict, rounds: int) -> dict:
-    """Times, ratios, skipped fractions and gradient errors of every threshold on ``inputs``."""
+def measure(name: str, inputs: dict, rounds: int, backend: str = "chunked") -> dict:
+    """Times, ratios, skipped fractions and gradient errors of every budget on ``inputs``."""
     hq, weight = inputs["q_hidden"], inputs["weight"]
     tokens = int((inputs["labels"][:, 1:] != -100).sum())
     steps = {"gemm3": gemm3_step(tokens, weight.shape[1], weight.shape[0], hq.dtype, hq.device)}
-    steps |= {f"chunked eps={eps}": loss_step(inputs, eps) for eps in THRESHOLDS}
+    steps |= {f"eps={eps}": loss_step(inputs, eps, backend) for eps in THRESHOLDS}
     times = Timer(hq.device, warmup=1).rounds(steps, rounds)
     gemm3 = statistics.median(times["gemm3"])
     scored = inputs["labels"][:, 1:].reshape(-1) != -100
-    exact = filtered_gradient(inputs, 0.0)[0][:, :-1].reshape(scored.numel(), -1)[scored].float()
+    exact = filtered_gradient(inputs, 0.0, backend)[0][:, :-1].reshape(scored.numel(), -1)[scored].float()
     truth = float64_gradient(inputs)[:, :-1].reshape(scored.numel(), -1)[scored]
-    out = {"inputs": name, "tokens": tokens, "T_gemm3_ms": 1e3 * gemm3, "rounds": rounds, "thresholds": []}
+    out = {"inputs": name, "backend": backend, "tokens": tokens, "T_gemm3_ms": 1e3 * gemm3, "rounds": rounds,
+           "thresholds": []}
     for eps in THRESHOLDS:
-        grad, report = filtered_gradient(inputs, eps)
+        grad, report = filtered_gradient(inputs, eps, backend)
         got = grad[:, :-1].reshape(scored.numel(), -1)[scored].float()
         per_row = (got - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-30)
-        seconds = statistics.median(times[f"chunked eps={eps}"])
+        seconds = statistics.median(times[f"eps={eps}"])
         out["thresholds"].append({
             "grad_filter_eps": eps, **report, "time_ms": 1e3 * seconds, "x_T_gemm3": seconds / gemm3,
-            "times_ms": [1e3 * t for t in times[f"chunked eps={eps}"]],
+            "times_ms": [1e3 * t for t in times[f"eps={eps}"]],
             "grad_rel_error": float((got - exact).norm() / exact.norm()),
             "grad_rel_error_max_token": float(per_row.max()),
             "grad_rel_error_vs_float64": float((got.double() - truth).norm() / truth.norm()),
@@ -181,6 +183,7 @@ def skippable(inputs: dict, alpha_0: float = 0.01) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--backend", choices=("chunked", "chunked-triton", "cuda"), default="chunked")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=ROWS * (SEQ - 1), help="scored tokens of the random cases")
     parser.add_argument("--rounds", type=int, default=3)
@@ -197,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         result["real"] = f"skipped: {reason}"
     else:
         real = {k: v.detach().to(device).requires_grad_(v.requires_grad) for k, v in real.items()}
-        result["cases"].append(measure("SmolLM2-135M-Instruct over HH-RLHF harmless pairs", real, args.rounds))
+        result["cases"].append(measure("SmolLM2-135M-Instruct over HH-RLHF harmless pairs", real, args.rounds,
+                                       args.backend))
         result["skippable_blocks"] = skippable(real)
         del real
     random = make_case_inputs(Case(SHAPES[args.shape], args.tokens, dtype, device))
-    result["cases"].append(measure("random (bench.common.make_case_inputs), the worst case", random, args.rounds))
-    result["cases"].append(measure("random with a Zipf tilt (peaked), the best case", peaked(random), args.rounds))
+    result["cases"].append(measure("random (bench.common.make_case_inputs), the worst case", random, args.rounds,
+                                   args.backend))
+    result["cases"].append(measure("random with a Zipf tilt (peaked), the best case", peaked(random), args.rounds,
+                                   args.backend))
     result["load_average_after"] = os.getloadavg()
     text = json.dumps(result, indent=1)
     print(text)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .steps import FILTER_BLOCK, torch_block_step, torch_row_step
+from .steps import FILTER_BLOCK, kernel_block_stats, torch_block_step, torch_row_step
 from .toolchain.cache import cache_dir, error_summary, sources_dir
 
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
@@ -127,7 +127,7 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
                     q.dtype == torch.bfloat16, p_dtype == torch.bfloat16, rows, vocab, alpha_tilde, alpha_0,
                     0.0 if softcap is None else softcap,
                     *(pointer.get(name) for name in ("q_taken", "value", "lse_c", "lse_z")),
-                    None if block_stats is None else _block_stats_out(block_stats, rows, vocab).data_ptr(),
+                    None if block_stats is None else kernel_block_stats(block_stats, rows, vocab).data_ptr(),
                     torch.get_num_threads())
     if rc != 0:
         raise MemoryError("cpu_row_step: could not allocate its per-thread scratch rows")
@@ -135,24 +135,15 @@ def _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, outputs: tuple[str, ...
 
 
 @torch.compiler.disable  # under torch.compile: run as is, never traced (ctypes, a build, a cache)
-def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
+def cpu_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None, block_stats=None):
     """The ``steps.RowStep`` contract in one sweep; p overwrites q when p_dtype is q's dtype.
 
     Under a soft cap it caps z, q and the target's Q as it reads them. CPU float32 / bfloat16 only;
     anything else (float64, float16, CUDA) takes the eager step.
     """
     if not _compiled_fits(z, q, p_dtype):
-        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
-    return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"), softcap=softcap)
-
-
-def _block_stats_out(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
-    """``block_stats`` checked to be what the C step writes: a contiguous float32 ``[rows, blocks, 2]``."""
-    shape = (rows, -(-vocab // FILTER_BLOCK), 2)
-    if block_stats.dtype != torch.float32 or tuple(block_stats.shape) != shape or not block_stats.is_contiguous():
-        raise ValueError(f"block_stats must be a contiguous float32 tensor of shape {shape}, got "
-                         f"{block_stats.dtype} {tuple(block_stats.shape)}")
-    return block_stats
+        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap, block_stats)
+    return _sweep(z, q, targets, alpha_tilde, alpha_0, p_dtype, ("q_taken", "value"), block_stats, softcap=softcap)
 
 
 @torch.compiler.disable

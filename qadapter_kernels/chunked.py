@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .grad_filter import mass_budget
-from .registry import Backend, StatsOptions, require_exact_gradient
+from .registry import Backend, StatsOptions
 from .sizing import auto_chunk_size, auto_tiles, default_block_step
 from .steps import RowStep, whole_row_block_step
 from .tiles import ChunkedTokenStats
@@ -32,13 +32,12 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     ``row_step``: a fused step over whole rows (the GPU backends'); ``None`` takes
     :func:`default_block_step` over :func:`auto_tiles` (vocabulary tiles on a CPU). Under a soft cap
     the step is unchanged and the gradients gain the factor ``1 - tanh^2`` (one more tile buffer).
-    ``options.grad_filter_eps`` (the block steps only, which report each block's share of ``p``):
-    each token leaves its lightest blocks, up to that much probability, out of ``p @ Wq`` and ``dWq``
-    (``grad_filter.py``).
+    ``options.grad_filter_eps``: each token leaves its lightest blocks, up to that much
+    probability, out of ``p @ Wq`` and ``dWq`` (``grad_filter.py``; the steps report each block's
+    share of ``p``).
     """
     vocab, softcap = weight.shape[0], options.logit_softcap
     if row_step is not None:
-        require_exact_gradient(options, "chunked-triton and cuda")
         # A fused step makes no float32 copies, a soft cap included (it caps as it reads).
         tiles = (options.chunk_size or auto_chunk_size(hq.shape[0], vocab, hq.dtype, hq.device, widened=False), vocab)
         block_step = whole_row_block_step(row_step)

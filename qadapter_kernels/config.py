@@ -65,8 +65,8 @@ class LossConfig:
     grad_filter_eps: float | str = field(default=0.0, metadata={
         "help": "gradient filtering (>= 0, or 'auto': the input dtype's unit roundoff): the probability each "
                 "token may leave out of the backward's p @ Wq, its lightest vocabulary blocks; an approximation "
-                "of the gradient (the loss is exact); 0: the exact gradient. The chunked backend implements "
-                "it; the others take 0 only (docs/design.md)"})
+                "of the gradient (the loss is exact); 0: the exact gradient. The chunked backends implement "
+                "it; the reference takes 0 only (docs/design.md)"})
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

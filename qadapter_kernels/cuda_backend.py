@@ -31,14 +31,15 @@ _PAIRWISE_MAX_BATCH = 2048  # QAK_PAIRWISE_MAX_BATCH in csrc/qadapter_kernels.h
 _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_reward_norm
 
 
-def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
+def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None, block_stats=None):
     """The fused row step (``steps.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
     A soft cap is applied by the kernel as it reads z and q.
 
-    float64 inputs keep float64 statistics through the eager step: the kernels compute in float32.
+    float64 inputs keep float64 statistics through the eager step: the kernels compute in float32;
+    so do ``block_stats`` (gradient filtering), which the kernel does not report.
     """
-    if q.dtype not in KERNEL_DTYPES:
-        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap)
+    if q.dtype not in KERNEL_DTYPES or block_stats is not None:
+        return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap, block_stats)
     z, q, targets = z.contiguous(), q.contiguous(), targets.contiguous()
     args = (float(alpha_tilde), float(alpha_0), float(softcap or 0.0))
     if p_dtype == q.dtype:

@@ -34,14 +34,14 @@ class StatsOptions:
     alpha_0: float
     logit_softcap: float | None = None
     chunk_size: int | None = None
-    grad_filter_eps: float | str = 0.0  # LossConfig.grad_filter_eps; the chunked backend's tile steps filter
+    grad_filter_eps: float | str = 0.0  # LossConfig.grad_filter_eps; the chunked backends' steps report for it
 
 
 def require_exact_gradient(options: StatsOptions, backend: str) -> None:
     """A backend that computes the exact gradient refuses a request for gradient filtering."""
     if options.grad_filter_eps:
         raise ValueError(f"grad_filter_eps={options.grad_filter_eps!r} asks for gradient filtering, which the "
-                         f"{backend} backend does not implement: use backend='chunked', or "
+                         f"{backend} backend does not implement: use a chunked backend (chunked, chunked-triton, cuda), or "
                          f"grad_filter_eps=0")
 
 

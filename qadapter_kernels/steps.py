@@ -15,7 +15,7 @@ import torch
 
 from .inputs import stats_dtype
 
-# row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None) -> (q_taken, value, p)
+# row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None, block_stats=None) -> (q_taken, value, p)
 #   z, q:     [C, V] base logits and Q-values as produced by the GEMMs; the step may overwrite them.
 #   targets:  [C] int64 token ids (the scored tokens' labels).
 #   q_taken:  [C] Q[t, a_t];  value: [C] alpha~ * lse((Q + alpha_0 * log_softmax(z)) / alpha~);
@@ -25,6 +25,7 @@ from .inputs import stats_dtype
 #             it reads them (Gemma-2's final logit soft-capping): everything above is of the capped
 #             logits, and p comes out times the cap's slope on Q, 1 - (Q / s)^2, the factor every
 #             use of p in the gradient takes (E_p[(1 - tanh^2) Wq], dQ).
+#   block_stats: optional, as the block step's below (the row being one tile): gradient filtering.
 RowStep = Callable[..., tuple]
 
 
@@ -57,6 +58,16 @@ def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exps = x.sub_(row_max).exp_()
     sums = exps.sum(dim=1, keepdim=True)
     return (row_max + sums.log()).squeeze(1), sums.clamp_min_(torch.finfo(sums.dtype).tiny)
+
+
+def kernel_block_stats(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
+    """``block_stats`` checked to be what a compiled step writes: a contiguous float32
+    ``[rows, ceil(vocab / FILTER_BLOCK), 2]``."""
+    shape = (rows, -(-vocab // FILTER_BLOCK), 2)
+    if block_stats.dtype != torch.float32 or tuple(block_stats.shape) != shape or not block_stats.is_contiguous():
+        raise ValueError(f"block_stats must be a contiguous float32 tensor of shape {shape}, got "
+                         f"{block_stats.dtype} {tuple(block_stats.shape)}")
+    return block_stats
 
 
 def block_stats_(p: torch.Tensor, block_stats: torch.Tensor) -> torch.Tensor:
@@ -109,12 +120,12 @@ def torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None, soft
     return lse_c, lse_z, p.to(p_dtype)
 
 
-def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None):
+def torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None, block_stats=None):
     """Eager row step: the target's Q, then the block step over whole rows."""
     q_taken = q.gather(1, targets.unsqueeze(1)).squeeze(1).to(stats_dtype(q.dtype))
     if softcap is not None:
         q_taken = softcap_(q_taken, softcap)
-    lse_c, lse_z, p = torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, softcap=softcap)
+    lse_c, lse_z, p = torch_block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats, softcap)
     return q_taken, alpha_tilde * lse_c - alpha_0 * lse_z, p
 
 
@@ -126,9 +137,11 @@ def whole_row_block_step(row_step: RowStep) -> BlockStep:
     keeps its weight ``exp(lse_c - lse_c) = 1``.
     """
 
-    def block_step(z, q, alpha_tilde, alpha_0, p_dtype, softcap=None):
+    def block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None, softcap=None):
         targets = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)  # q_taken is read by the caller
-        _, value, p = row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=softcap)
+        options = {**({} if softcap is None else {"softcap": softcap}),
+                   **({} if block_stats is None else {"block_stats": block_stats})}
+        _, value, p = row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, **options)
         return value / alpha_tilde, torch.zeros_like(value), p
 
     return block_step

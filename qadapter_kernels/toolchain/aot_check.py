@@ -3,7 +3,8 @@
 Triton's interpreter runs the kernels' *logic* on CPU, but it is far more permissive than the
 compiler (loop-carried types, layouts, shared memory). This check runs the whole NVIDIA pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas shipped in the triton wheel) for each
-kernel variant (the row step plain and soft-capped, the decode combine), and compares the shared
+kernel variant (the row step plain and soft-capped, with and without the block statistics of
+gradient filtering; the decode combine), and compares the shared
 memory each one needs with the per-block limit of the architecture, and reports registers and
 spills. No driver or device is touched.
 
@@ -20,6 +21,7 @@ Usage (TRITON_INTERPRET must be unset, so the kernels are built as compilable JI
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 # Max dynamic shared memory per block (opt-in), bytes, per compute capability (CUDA C++ Programming
@@ -56,12 +58,16 @@ def _signature(jit_fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 def _variants(mode: str):
     """(kernel name, jit function, dtype, constexprs, num_warps, num_stages) to compile."""
+    from ..steps import FILTER_BLOCK
     from ..triton import decode, row_step
 
     dtypes = ("bfloat16", "float16", "float32") if mode == "full" else ("bfloat16",)
     for dtype in dtypes:
-        for cap in (False, True):  # the soft cap (Gemma-2) is capped as the step reads
-            yield "row_step", row_step._row_step_kernel, dtype, {"BLOCK_V": 4096, "SOFTCAP": cap}, row_step.NUM_WARPS, 3
+        # The soft cap (Gemma-2) is capped as the step reads; block statistics for gradient filtering.
+        for cap, stats in itertools.product((False, True), (False, True)):
+            constexprs = {"BLOCK_V": FILTER_BLOCK if stats else 4096, "SOFTCAP": cap, "STATS": stats,
+                          "FILTER": FILTER_BLOCK}
+            yield "row_step", row_step._row_step_kernel, dtype, constexprs, row_step.NUM_WARPS, 3
         yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode.NUM_WARPS, 3
 
 

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..steps import FILTER_BLOCK, kernel_block_stats
 from ._common import INTERPRET, check_kernel_inputs, launch_guard, row_major, soft_cap, soft_cap_slope
 
 # A memory-bound kernel: blocks large enough to keep many loads in flight per warp. The
@@ -59,10 +60,10 @@ def online_lse(m, s, x):
 
 @triton.jit
 def _row_step_kernel(
-    z_ptr, q_ptr, targets_ptr, p_ptr, q_taken_ptr, value_ptr,
-    V, stride_z, stride_q, stride_p,
+    z_ptr, q_ptr, targets_ptr, p_ptr, q_taken_ptr, value_ptr, stats_ptr,
+    V, stride_z, stride_q, stride_p, n_blocks,
     alpha_tilde, alpha_0, softcap,
-    SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr, STATS: tl.constexpr, FILTER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -97,12 +98,29 @@ def _row_step_kernel(
     tl.store(value_ptr + row, alpha_tilde * lse_c - alpha_0 * lse_z)
 
     # Pass 2: the policy. Reads each element before this program overwrites it (p may alias q).
-    for start in range(0, V, BLOCK_V):
-        z, c, q = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
-        p = tl.exp(c - lse_c)
-        if SOFTCAP:
-            p = p * soft_cap_slope(q, softcap)
-        tl.store(p_row + start + cols, p.to(p_ptr.dtype.element_ty), mask=start + cols < V)
+    if STATS:  # FILTER columns at a time (BLOCK_V divides FILTER): each one's largest p and sum of p
+        for b0 in range(0, V, FILTER):
+            b_max = 0.0
+            b_sum = 0.0
+            for off in range(0, FILTER, BLOCK_V):
+                start = b0 + off
+                z, c, q = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
+                p = tl.exp(c - lse_c)
+                b_max = tl.maximum(b_max, tl.max(p, axis=0))
+                b_sum += tl.sum(p, axis=0)
+                if SOFTCAP:
+                    p = p * soft_cap_slope(q, softcap)
+                tl.store(p_row + start + cols, p.to(p_ptr.dtype.element_ty), mask=start + cols < V)
+            stats_row = stats_ptr + (row * n_blocks + b0 // FILTER) * 2
+            tl.store(stats_row, b_max)
+            tl.store(stats_row + 1, b_sum)
+    else:
+        for start in range(0, V, BLOCK_V):
+            z, c, q = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
+            p = tl.exp(c - lse_c)
+            if SOFTCAP:
+                p = p * soft_cap_slope(q, softcap)
+            tl.store(p_row + start + cols, p.to(p_ptr.dtype.element_ty), mask=start + cols < V)
 
 
 def triton_row_step(
@@ -113,10 +131,12 @@ def triton_row_step(
     alpha_0: float,
     p_dtype: torch.dtype,
     softcap: float | None = None,
+    block_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_taken [C] fp32, value [C] fp32, p [C, V] p_dtype)``; see ``steps.RowStep``.
 
     ``p`` reuses ``q``'s memory when ``q`` is row-major in ``p_dtype``; ``q`` is then overwritten.
+    ``block_stats`` (gradient filtering) are written by the pass that writes ``p``.
     """
     check_kernel_inputs("row step", z, q)
     if z.shape != q.shape or z.dim() != 2:
@@ -127,13 +147,16 @@ def triton_row_step(
     p = q if q.dtype == p_dtype else torch.empty(rows, vocab, dtype=p_dtype, device=q.device)
     q_taken = torch.empty(rows, dtype=torch.float32, device=q.device)
     value = torch.empty(rows, dtype=torch.float32, device=q.device)
+    stats = value if block_stats is None else kernel_block_stats(block_stats, rows, vocab)
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     if rows:
         with launch_guard(q):
             _row_step_kernel[(rows,)](
-                z, q, targets, p, q_taken, value,
-                vocab, z.stride(0), q.stride(0), p.stride(0),
+                z, q, targets, p, q_taken, value, stats,
+                vocab, z.stride(0), q.stride(0), p.stride(0), stats.shape[1] if stats.dim() == 3 else 0,
                 float(alpha_tilde), float(alpha_0), float(softcap or 0.0),
-                SOFTCAP=softcap is not None, BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab)),
+                SOFTCAP=softcap is not None, STATS=block_stats is not None, FILTER=FILTER_BLOCK,
+                BLOCK_V=min(block_v, FILTER_BLOCK) if block_stats is not None else block_v,
                 num_warps=NUM_WARPS,
             )
     return q_taken, value, p

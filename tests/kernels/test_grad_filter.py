@@ -55,15 +55,20 @@ def varied(inputs, seed=5):
     return {**inputs, "q_hidden": hq.requires_grad_()}
 
 
-def float64_policy(inputs, alpha_tilde=1.0, alpha_0=0.01):
-    """``p`` of every scored token in float64, packed in row order, and its ``Q`` head."""
+def float64_policy(inputs, alpha_tilde=1.0, alpha_0=0.01, softcap=None):
+    """``p`` of every scored token in float64, packed in row order, its ``Q`` head, and the soft cap's
+    slope on ``Q`` (ones without a cap)."""
     mask = inputs["labels"][:, 1:] != -100
     hb = inputs["base_hidden"][:, :-1][mask].double()
     hq = inputs["q_hidden"][:, :-1][mask].double()
     w = inputs["weight"].double()
     wq = inputs.get("q_weight", inputs["weight"]).detach().double()
     with torch.no_grad():
-        return torch.softmax((hq @ wq.T + alpha_0 * hb @ w.T) / alpha_tilde, dim=1), wq
+        z, q = hb @ w.T, hq @ wq.T
+        if softcap is not None:
+            z, q = softcap * torch.tanh(z / softcap), softcap * torch.tanh(q / softcap)
+        slope = torch.ones_like(q) if softcap is None else 1 - (q / softcap) ** 2
+        return torch.softmax((q + alpha_0 * z) / alpha_tilde, dim=1), wq, slope
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,12 +130,12 @@ def lightest_blocks(p: torch.Tensor, budget: float, kept: torch.Tensor | None = 
     return dropped
 
 
-def token_stats_grads(inputs, upstream, **options):
+def token_stats_grads(inputs, upstream, backend="chunked", **options):
     """The q_hidden (and, with a Q head, Wq) gradients of ``qadapter_token_stats`` under the upstream
     ``(g_a, g_v)``, in float64, q_hidden packed in token order."""
     trainable = ("q_hidden", "q_weight")
     leaves = {k: v.detach().clone().requires_grad_(k in trainable) for k, v in inputs.items() if k != "labels"}
-    stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend="chunked", **options)
+    stats = qadapter_token_stats(labels=inputs["labels"], **leaves, backend=backend, **options)
     ((stats.q_taken * upstream[0].to(stats.value.dtype)).sum()
      + (stats.value * upstream[1].to(stats.value.dtype)).sum()).backward()
     mask = inputs["labels"][:, 1:] != -100
@@ -150,7 +155,7 @@ def test_filtered_gradient_is_exact_minus_each_tokens_lightest_blocks(step, monk
     inputs = varied(peaked(dtype, zipf=1.5, scale=0.3))  # a heavier tail: what is dropped shows in float32
     budget = 0.02
     monkeypatch.setattr(_cpu, "last_level_cache_bytes", lambda: 2**30)  # one tile spans the vocabulary
-    p, wq = float64_policy(inputs)
+    p, wq, _ = float64_policy(inputs)
     n = p.shape[0]
     upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     exact, _ = token_stats_grads(inputs, upstream, chunk_size=n)
@@ -168,6 +173,32 @@ def test_filtered_gradient_is_exact_minus_each_tokens_lightest_blocks(step, monk
     expected = exact - upstream[1].unsqueeze(1) * ((p * dropped) @ wq)
     assert ((filtered - exact).norm() / exact.norm()) > 10 * tol  # filtering changed something
     assert ((filtered - expected).norm() / exact.norm()) < tol
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_whole_row_steps_filter_as_the_float64_account_says(softcap):
+    """chunked-triton (its row step under Triton's interpreter) tiles whole rows, so its rule sees the
+    final p: each token leaves out its lightest blocks within the budget, by the block statistics
+    its row step writes, and the gradient is the exact one less g_v * (1 - tanh^2) p Wq over them."""
+    from qadapter_kernels import backends
+
+    if not backends()["chunked-triton"].available:
+        pytest.skip(f"chunked-triton unavailable: {backends()['chunked-triton'].reason}")
+    inputs = varied(peaked(torch.float32, zipf=1.5, scale=0.3))
+    budget = 0.02
+    p, wq, slope = float64_policy(inputs, softcap=softcap)
+    n = p.shape[0]
+    upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact, _ = token_stats_grads(inputs, upstream, "chunked-triton", chunk_size=n, logit_softcap=softcap)
+    with grad_filter_report() as report:
+        filtered, _ = token_stats_grads(inputs, upstream, "chunked-triton", chunk_size=n, logit_softcap=softcap,
+                                        grad_filter_eps=budget)
+    dropped = lightest_blocks(p, budget)
+    assert dropped.any(dim=1).float().mean() > 0.5 and report.skipped_entries == int(dropped.sum())
+    torch.testing.assert_close(report.dropped_mass.double(), (p * dropped).sum(dim=1), rtol=1e-5, atol=0)
+    expected = exact - upstream[1].unsqueeze(1) * ((p * slope * dropped) @ wq)
+    assert ((filtered - exact).norm() / exact.norm()) > 1e-4
+    assert ((filtered - expected).norm() / exact.norm()) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, softcap", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, 20.0)])
@@ -203,7 +234,7 @@ def test_trainable_head_leaves_out_each_tokens_lightest_blocks_but_its_target(st
     monkeypatch.setattr(_cpu, "last_level_cache_bytes", lambda: 2**30)
     inputs = varied(peaked(torch.float64, q_head=True, zipf=1.5, scale=0.3))
     budget = 0.02
-    p, _ = float64_policy(inputs)
+    p, _, _ = float64_policy(inputs)
     n = p.shape[0]
     upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     _, exact = token_stats_grads(inputs, upstream, chunk_size=n)

@@ -109,6 +109,23 @@ def test_row_step_matches_torch(dtype, vocab, p_dtype, softcap):
     assert (got[2].data_ptr() == q_buffer.data_ptr()) == (p_dtype == dtype)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("vocab", [203, 2 * 1024 + 77])
+def test_row_step_block_stats_match_torch(softcap, vocab):
+    """The block statistics for gradient filtering (each 1,024 columns' largest p and sum of p, of
+    the policy itself under a cap), written by the pass that writes p, against the eager step's."""
+    g = torch.Generator().manual_seed(vocab)
+    z, q = ((3 * torch.randn(6, vocab, generator=g)).to(DEVICE) for _ in range(2))
+    targets = torch.randint(0, vocab, (6,), generator=g).to(DEVICE)
+    blocks = -(-vocab // 1024)
+    want_stats, got_stats = (torch.full((6, blocks, 2), float("nan"), device=DEVICE) for _ in range(2))
+    want = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, torch.float32, softcap, want_stats)
+    got = triton_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, torch.float32, softcap, got_stats)
+    torch.testing.assert_close(got_stats, want_stats, rtol=1e-5, atol=1e-7)
+    for w, g_ in zip(want, got):
+        torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-6)
+
+
 def test_row_step_strided_rows():
     z = torch.randn(5, 300, device=DEVICE)[:, :203]
     q = torch.randn(5, 300, device=DEVICE)[:, :203]
@@ -142,18 +159,20 @@ def test_kernels_compile_for_gpus():
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 6, run.stdout  # the row step capped and not, the combine; 2 archs
+    assert run.stdout.count(" ok") == 10, run.stdout  # 4 row-step variants (cap, stats) and the combine; 2 archs
 
 
 def test_aot_check_covers_blackwell_and_the_soft_capped_row_step():
     """sm_100 and sm_120 have shared-memory limits, and the full check compiles the row step plain and
-    soft-capped (Gemma-2) for every input dtype."""
+    soft-capped (Gemma-2), with and without block statistics, for every input dtype."""
     from qadapter_kernels.toolchain import aot_check
 
     assert aot_check.SMEM_LIMIT[100] == aot_check.SMEM_LIMIT[90] and aot_check.SMEM_LIMIT[120] == 99 * 1024
     assert {100, 120} <= set(aot_check.DEFAULT_ARCHS)
-    variants = {(dtype, c["SOFTCAP"]) for name, _, dtype, c, _, _ in aot_check._variants("full") if name == "row_step"}
-    assert variants == {(d, cap) for d in ("bfloat16", "float16", "float32") for cap in (False, True)}
+    variants = {(dtype, c["SOFTCAP"], c["STATS"]) for name, _, dtype, c, _, _ in aot_check._variants("full")
+                if name == "row_step"}
+    assert variants == {(d, cap, stats) for d in ("bfloat16", "float16", "float32") for cap in (False, True)
+                        for stats in (False, True)}
 
 
 @pytest.mark.gpu
