@@ -55,9 +55,10 @@ int check_logits(const at::Tensor& z, const at::Tensor& q) {
   return code;
 }
 
+// block_stats (optional): [rows, ceil(vocab / QAK_FILTER_BLOCK), 2] float32, each block's max and sum of p.
 void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& targets, double alpha_tilde,
               double alpha_0, double softcap, const at::Tensor& q_taken, const at::Tensor& value,
-              const at::Tensor& p) {
+              const at::Tensor& p, const std::optional<at::Tensor>& block_stats) {
   const int code = check_logits(z, q);
   const int64_t rows = z.size(0);
   check_tensor(targets, "targets", z.device(), {rows});
@@ -70,6 +71,11 @@ void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& target
   const int p_code = dtype_code(p.scalar_type());
   TORCH_CHECK(p_code == QAK_FLOAT32 || p_code == code, "p must be float32 or z's dtype ", z.scalar_type(), "; got ",
               p.scalar_type());
+  if (block_stats) {
+    check_tensor(*block_stats, "block_stats", z.device(),
+                 {rows, (z.size(1) + QAK_FILTER_BLOCK - 1) / QAK_FILTER_BLOCK, 2});
+    check_dtype(*block_stats, "block_stats", at::kFloat);
+  }
   TORCH_CHECK(alpha_tilde > 0, "alpha_tilde must be > 0; got ", alpha_tilde);
   TORCH_CHECK(softcap >= 0 && std::isfinite(static_cast<float>(softcap)),
               "softcap must be finite and >= 0 (0: no soft cap); got ", softcap);
@@ -77,6 +83,7 @@ void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& target
   check_launch(qak_row_step(z.data_ptr(), q.data_ptr(), targets.data_ptr<int64_t>(), rows, z.size(1), code,
                             static_cast<float>(alpha_tilde), static_cast<float>(alpha_0), static_cast<float>(softcap),
                             q_taken.data_ptr<float>(), value.data_ptr<float>(), p.data_ptr(), p_code,
+                            block_stats ? block_stats->data_ptr<float>() : nullptr,
                             c10::cuda::getCurrentCUDAStream(z.device().index()).stream()),
                "row_step");
 }
@@ -147,9 +154,10 @@ std::tuple<int64_t, int64_t> kernel_image() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qadapter-kernels CUDA kernels (see csrc/qadapter_kernels.h); use them through qadapter_kernels._cuda";
-  m.def("row_step", &row_step, "Fused row step into preallocated outputs (softcap 0: none)", py::arg("z"),
-        py::arg("q"), py::arg("targets"), py::arg("alpha_tilde"), py::arg("alpha_0"), py::arg("softcap"),
-        py::arg("q_taken"), py::arg("value"), py::arg("p"));
+  m.def("row_step", &row_step,
+        "Fused row step into preallocated outputs (softcap 0: none; block_stats None: no per-block statistics)",
+        py::arg("z"), py::arg("q"), py::arg("targets"), py::arg("alpha_tilde"), py::arg("alpha_0"),
+        py::arg("softcap"), py::arg("q_taken"), py::arg("value"), py::arg("p"), py::arg("block_stats") = py::none());
   m.def("pairwise_bt", &pairwise_bt, "Pairwise BT + chi2 loss, its stats and per-token gradient", py::arg("rewards"),
         py::arg("row_counts"), py::arg("padded_len"), py::arg("beta"), py::arg("reward_norm"),
         py::arg("seq_rewards"), py::arg("stats"), py::arg("grad"));

@@ -147,6 +147,15 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// max that propagates NaN (fmaxf skips it), as torch.amax does.
+__device__ __forceinline__ float nan_max(float a, float b) { return a > b || a != a ? a : b; }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 __device__ __forceinline__ Lse warp_lse(Lse a) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) a.merge(__shfl_xor_sync(0xffffffffu, a.max, o), __shfl_xor_sync(0xffffffffu, a.sum, o));
@@ -162,6 +171,16 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   return warp_sum(lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.f);
+}
+
+// Largest value of the block (NaN if any is NaN), as block_sum.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return warp_max(lane < (int)(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
 }
 
 __device__ __forceinline__ Lse block_lse(Lse a, float* scratch_max, float* scratch_sum) {

@@ -29,9 +29,14 @@ enum qak_reward_norm { QAK_NORM_PADDED = 0, QAK_NORM_MEAN = 1, QAK_NORM_SUM = 2 
 // s * tanh(x / s), so all of the above is of the capped z and q, and p is written times the
 // cap's slope on Q, 1 - (q_capped / s)^2.
 // p may alias z or q (same dtype): each element is read before it is overwritten, by one thread.
+// block_stats (NULL: none), for gradient filtering: a [rows, ceil(vocab / QAK_FILTER_BLOCK), 2]
+// float32 array that gets, for each QAK_FILTER_BLOCK columns of a row (the last block may be
+// partial), the largest p and the sum of p of the policy softmax(...) itself, never times a
+// cap's slope; a NaN p makes the block's max and sum NaN.
+#define QAK_FILTER_BLOCK 1024  // qadapter_kernels.steps.FILTER_BLOCK
 int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
                  int dtype, float alpha_tilde, float alpha_0, float softcap, float* q_taken, float* value,
-                 void* p, int p_dtype, cudaStream_t stream);
+                 void* p, int p_dtype, float* block_stats, cudaStream_t stream);
 
 // Whether the kernels have an image for the current device: 0 and the cubin's and PTX's
 // versions (major * 10 + minor) the row step kernel runs with, else the CUDA error (typically

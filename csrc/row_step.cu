@@ -1,7 +1,9 @@
 // Fused row step of the chunked pipeline: one block per row, one read pass for both
 // log-sum-exps (combined logits and base logits) and Q[t, a_t], then one pass writing P.
 // Traffic: z and q read twice, P written once; no [C, V] temporary. Under a soft cap (kCap) z
-// and q are capped in registers as they are read, in both passes.
+// and q are capped in registers as they are read, in both passes. With block statistics (kStats,
+// gradient filtering) the write pass goes QAK_FILTER_BLOCK columns at a time and reduces each
+// block's largest p and sum of p across the thread block.
 #include "common.cuh"
 
 namespace qak {
@@ -14,11 +16,13 @@ __device__ __forceinline__ float soft_cap(float x, float cap, float inv_cap) { r
 
 // kCap: z and q are raw logits, capped as they are read (softcap s, inv_softcap 1 / s), and p is
 // written times the cap's slope on Q, 1 - tanh^2 (steps.RowStep). Without it both are unused.
-template <typename T, typename P, bool kCap>
+// kStats: stats ([rows, ceil(vocab / QAK_FILTER_BLOCK), 2]) gets each block's max and sum of the
+// policy itself (not times the slope); without it stats is unused.
+template <typename T, typename P, bool kCap, bool kStats>
 __global__ void __launch_bounds__(kRowThreads) row_step_kernel(
     const T* z, const T* q, const int64_t* __restrict__ targets, int64_t vocab,
     float inv_alpha_tilde, float alpha_0, float alpha_tilde, float softcap, float inv_softcap, bool vec_ok,
-    float* __restrict__ q_taken, float* __restrict__ value, P* p) {
+    float* __restrict__ q_taken, float* __restrict__ value, P* p, float* __restrict__ stats) {
   // z, q and p are not __restrict__: p may alias z or q.
   __shared__ float scratch[4][32];
   const int64_t row = blockIdx.x;
@@ -57,33 +61,76 @@ __global__ void __launch_bounds__(kRowThreads) row_step_kernel(
   }
 
   const float cmax = comb.max, inv_sum = 1.f / comb.sum;
-  P* pr = p + row_start;
-  for_each_col(z, q, row_start, vocab, vec_ok, [&](int64_t col, const float* zv, const float* qv, auto w) {
+  // n columns of the policy: pol[j] = softmax(c) itself, out[j] what is written (pol[j] times the
+  // cap's slope on Q under kCap, else pol[j]).
+  const auto policy = [&](const float* zv, const float* qv, float* pol, float* out, auto w) {
     constexpr int n = decltype(w)::value;
-    float out[n];
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       if constexpr (kCap) {
         const float tq = tanhf(qv[j] * inv_softcap);  // capped q = softcap * tq, its slope 1 - tq^2
         const float qc = softcap * tq, zc = soft_cap(zv[j], softcap, inv_softcap);
-        out[j] = fast_exp((qc + alpha_0 * zc) * inv_alpha_tilde - cmax) * inv_sum * (1.f - tq * tq);
+        pol[j] = fast_exp((qc + alpha_0 * zc) * inv_alpha_tilde - cmax) * inv_sum;
+        out[j] = pol[j] * (1.f - tq * tq);
       } else {
-        out[j] = fast_exp((qv[j] + alpha_0 * zv[j]) * inv_alpha_tilde - cmax) * inv_sum;
+        pol[j] = fast_exp((qv[j] + alpha_0 * zv[j]) * inv_alpha_tilde - cmax) * inv_sum;
+        out[j] = pol[j];
       }
     }
-    store_n<P, n>(pr + col, out);
-  });
+  };
+
+  if constexpr (!kStats) {
+    P* pr = p + row_start;
+    for_each_col(z, q, row_start, vocab, vec_ok, [&](int64_t col, const float* zv, const float* qv, auto w) {
+      constexpr int n = decltype(w)::value;
+      float pol[n], out[n];
+      policy(zv, qv, pol, out, w);
+      store_n<P, n>(pr + col, out);
+    });
+  } else {
+    // One filter block at a time, each a for_each_col of its own (head, vectors, tail): a block
+    // starts a multiple of QAK_FILTER_BLOCK past the row start, so the same 16-byte boundaries apply.
+    // The loop bounds are the same for every thread: all reach the reductions' barriers.
+    const int64_t n_blocks = (vocab + QAK_FILTER_BLOCK - 1) / QAK_FILTER_BLOCK;
+    float* row_stats = stats + row * n_blocks * 2;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t start = b * QAK_FILTER_BLOCK;
+      const int64_t width = vocab - start < QAK_FILTER_BLOCK ? vocab - start : QAK_FILTER_BLOCK;
+      P* pb = p + row_start + start;
+      float b_max = 0.f, b_sum = 0.f;  // p >= 0: 0 is the max of no column
+      for_each_col(z, q, row_start + start, width, vec_ok,
+                   [&](int64_t col, const float* zv, const float* qv, auto w) {
+                     constexpr int n = decltype(w)::value;
+                     float pol[n], out[n];
+                     policy(zv, qv, pol, out, w);
+#pragma unroll
+                     for (int j = 0; j < n; ++j) {
+                       b_max = nan_max(b_max, pol[j]);
+                       b_sum += pol[j];  // a NaN stays in the sum: the filter then keeps the block
+                     }
+                     store_n<P, n>(pb + col, out);
+                   });
+      b_max = block_max(b_max, scratch[0]);
+      b_sum = block_sum(b_sum, scratch[1]);
+      if (threadIdx.x == 0) {
+        row_stats[2 * b] = b_max;
+        row_stats[2 * b + 1] = b_sum;
+      }
+    }
+  }
 }
 
 template <typename T, typename P>
 cudaError_t launch(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
                    float alpha_tilde, float alpha_0, float softcap, float* q_taken, float* value, void* p,
-                   cudaStream_t stream) {
+                   float* block_stats, cudaStream_t stream) {
   const bool vec_ok = aligned16(z) && aligned16(q) && aligned16(p);
-  const auto kernel = softcap > 0.f ? row_step_kernel<T, P, true> : row_step_kernel<T, P, false>;
+  const bool cap = softcap > 0.f;
+  const auto kernel = block_stats ? (cap ? row_step_kernel<T, P, true, true> : row_step_kernel<T, P, false, true>)
+                                  : (cap ? row_step_kernel<T, P, true, false> : row_step_kernel<T, P, false, false>);
   kernel<<<(unsigned)rows, kRowThreads, 0, stream>>>(
       static_cast<const T*>(z), static_cast<const T*>(q), targets, vocab, 1.f / alpha_tilde, alpha_0, alpha_tilde,
-      softcap, softcap > 0.f ? 1.f / softcap : 0.f, vec_ok, q_taken, value, static_cast<P*>(p));
+      softcap, cap ? 1.f / softcap : 0.f, vec_ok, q_taken, value, static_cast<P*>(p), block_stats);
   return cudaGetLastError();
 }
 
@@ -92,7 +139,7 @@ cudaError_t launch(const void* z, const void* q, const int64_t* targets, int64_t
 
 extern "C" int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
                             int dtype, float alpha_tilde, float alpha_0, float softcap, float* q_taken, float* value,
-                            void* p, int p_dtype, cudaStream_t stream) {
+                            void* p, int p_dtype, float* block_stats, cudaStream_t stream) {
   if (rows < 0 || rows > 0x7fffffff || vocab <= 0 || !(alpha_tilde > 0.f)) return cudaErrorInvalidValue;
   if (!(softcap >= 0.f && softcap < INFINITY)) return cudaErrorInvalidValue;  // 0: no cap
   if (p_dtype != QAK_FLOAT32 && p_dtype != dtype) return cudaErrorInvalidValue;
@@ -101,14 +148,15 @@ extern "C" int qak_row_step(const void* z, const void* q, const int64_t* targets
     using T = decltype(tag);
     if (p_dtype == QAK_FLOAT32)
       return qak::launch<T, float>(z, q, targets, rows, vocab, alpha_tilde, alpha_0, softcap, q_taken, value, p,
-                                   stream);
-    return qak::launch<T, T>(z, q, targets, rows, vocab, alpha_tilde, alpha_0, softcap, q_taken, value, p, stream);
+                                   block_stats, stream);
+    return qak::launch<T, T>(z, q, targets, rows, vocab, alpha_tilde, alpha_0, softcap, q_taken, value, p,
+                             block_stats, stream);
   });
 }
 
 extern "C" int qak_kernel_image(int* binary_version, int* ptx_version) {
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, qak::row_step_kernel<float, float, false>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, qak::row_step_kernel<float, float, false, false>);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // reset it: a later launch check must not see this error as its own
     return err;

@@ -12,37 +12,41 @@ import torch
 from . import _cuda
 
 
-@torch.library.custom_op("qadapter::row_step_", mutates_args=("q",), device_types="cuda")
+@torch.library.custom_op("qadapter::row_step_", mutates_args=("q", "block_stats"), device_types="cuda")
 def row_step_(z: torch.Tensor, q: torch.Tensor, targets: torch.Tensor, alpha_tilde: float,
-              alpha_0: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+              alpha_0: float, softcap: float,
+              block_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q_taken, value)`` of each row; the policy ``p`` overwrites ``q`` (in ``q``'s dtype).
 
-    ``softcap`` > 0: z and q are raw logits, capped as the kernel reads them (``steps.RowStep``); 0: none."""
+    ``softcap`` > 0: z and q are raw logits, capped as the kernel reads them (``steps.RowStep``); 0: none.
+    ``block_stats`` (gradient filtering): a float32 ``[C, ceil(V / steps.FILTER_BLOCK), 2]`` the kernel
+    fills with each block's largest p and sum of p (of the policy itself, never times a cap's slope)."""
     q_taken = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
     value = torch.empty_like(q_taken)
-    _cuda.extension().row_step(z, q, targets, alpha_tilde, alpha_0, softcap, q_taken, value, q)
+    _cuda.extension().row_step(z, q, targets, alpha_tilde, alpha_0, softcap, q_taken, value, q, block_stats)
     return q_taken, value
 
 
 @row_step_.register_fake
-def _(z, q, targets, alpha_tilde, alpha_0, softcap):
+def _(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats=None):
     return q.new_empty(q.shape[0], dtype=torch.float32), q.new_empty(q.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("qadapter::row_step", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("qadapter::row_step", mutates_args=("block_stats",), device_types="cuda")
 def row_step(z: torch.Tensor, q: torch.Tensor, targets: torch.Tensor, alpha_tilde: float,
-             alpha_0: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             alpha_0: float, softcap: float,
+             block_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q_taken, value, p)`` with ``p`` a new float32 ``[C, V]`` tensor; ``q`` is left as it is.
-    ``softcap`` as :func:`row_step_`'s."""
+    ``softcap`` and ``block_stats`` as :func:`row_step_`'s."""
     q_taken = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
     value = torch.empty_like(q_taken)
     p = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    _cuda.extension().row_step(z, q, targets, alpha_tilde, alpha_0, softcap, q_taken, value, p)
+    _cuda.extension().row_step(z, q, targets, alpha_tilde, alpha_0, softcap, q_taken, value, p, block_stats)
     return q_taken, value, p
 
 
 @row_step.register_fake
-def _(z, q, targets, alpha_tilde, alpha_0, softcap):
+def _(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats=None):
     rows = q.new_empty(q.shape[0], dtype=torch.float32)
     return rows, torch.empty_like(rows), q.new_empty(q.shape, dtype=torch.float32)
 

@@ -20,7 +20,7 @@ from .chunked import chunked_token_stats
 from .config import REWARD_NORM, LossConfig, check_real
 from .pairwise import QAdapterLossOutput, ScoredTokens
 from .registry import Backend
-from .steps import torch_row_step
+from .steps import kernel_block_stats, torch_row_step
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,15 +33,18 @@ _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_
 
 def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None, block_stats=None):
     """The fused row step (``steps.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
-    A soft cap is applied by the kernel as it reads z and q.
+    A soft cap is applied by the kernel as it reads z and q. ``block_stats`` (gradient filtering, a
+    contiguous float32 ``[C, ceil(V / FILTER_BLOCK), 2]``) are written by the kernel's pass that
+    writes p: each block's largest p and sum of p, of the policy itself (never times a cap's slope).
 
-    float64 inputs keep float64 statistics through the eager step: the kernels compute in float32;
-    so do ``block_stats`` (gradient filtering), which the kernel does not report.
+    float64 inputs keep float64 statistics through the eager step: the kernels compute in float32.
     """
-    if q.dtype not in KERNEL_DTYPES or block_stats is not None:
+    if q.dtype not in KERNEL_DTYPES:
         return torch_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap, block_stats)
     z, q, targets = z.contiguous(), q.contiguous(), targets.contiguous()
-    args = (float(alpha_tilde), float(alpha_0), float(softcap or 0.0))
+    if block_stats is not None:
+        block_stats = kernel_block_stats(block_stats, *q.shape)
+    args = (float(alpha_tilde), float(alpha_0), float(softcap or 0.0), block_stats)
     if p_dtype == q.dtype:
         q_taken, value = _cuda_ops.row_step_(z, q, targets, *args)
         return q_taken, value, q

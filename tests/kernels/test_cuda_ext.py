@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import loss_and_grads, make_inputs
 
-from qadapter_kernels import _cuda, combine_logits, cuda_backend
+from qadapter_kernels import _cuda, combine_logits, cuda_backend, steps
 from qadapter_kernels.config import LossConfig
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.registry import StatsOptions
-from qadapter_kernels.steps import torch_row_step
+from qadapter_kernels.steps import FILTER_BLOCK, torch_row_step
 from qadapter_kernels.toolchain import cuda_archs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,6 +297,127 @@ def test_capped_row_step_matches_torch(ext, monkeypatch, dtype, vocab, p_out, la
     torch.testing.assert_close(p.float(), want_p.float(), **_tol(p_dtype))
 
 
+def _block_stats_buffer(rows, vocab):
+    """NaN-poisoned ``[rows, ceil(vocab / FILTER_BLOCK), 2]`` float32 block statistics, and the
+    sentinel element just past them (in the same allocation): a block past the end of the last row
+    would land there."""
+    blocks = -(-vocab // FILTER_BLOCK)
+    buffer = torch.full((rows * blocks * 2 + 2,), float("nan"), device="cuda")
+    buffer[-2:] = -7.0
+    return buffer[: rows * blocks * 2].view(rows, blocks, 2), buffer[-2:]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [53, 3 * FILTER_BLOCK + 77])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("p_out", ["float32", "in_place"])
+@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
+def test_row_step_block_stats_match_torch(ext, monkeypatch, dtype, vocab, softcap, p_out, layout):
+    """Gradient filtering's block statistics from the kernel's write pass: each FILTER_BLOCK columns'
+    largest p and sum of p, of the policy itself even under a cap (the written p carries the slope),
+    as the eager step's; every block written, none past the last (a partial one included), rows of
+    every alignment (an odd vocabulary puts each aligned row's head elsewhere); p unchanged."""
+    rows, alpha_tilde, alpha_0 = 7, 0.7, 0.3
+    z, q = _logits(rows, vocab, dtype, seed=vocab + 11, misalign=layout == "misaligned", scales=(3.0, 3.0))
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    p_dtype = torch.float32 if p_out == "float32" else dtype
+    blocks = -(-vocab // FILTER_BLOCK)
+    want_stats = torch.full((rows, blocks, 2), float("nan"), device="cuda")
+    want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype, softcap,
+                                             want_stats)
+    assert not want_stats.isnan().any()
+    stats, sentinel = _block_stats_buffer(rows, vocab)
+    monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
+    q_taken, value, p = cuda_backend.cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap, stats)
+    assert p.dtype == p_dtype and (p.data_ptr() == q.data_ptr()) == (p_dtype == dtype)
+    assert not stats.isnan().any(), "a block's statistics were never written"
+    assert sentinel.eq(-7.0).all(), "a block past the end of the last row was written"
+    torch.testing.assert_close(stats, want_stats, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(q_taken, want_qa, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(value, want_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.float(), want_p.float(), **_tol(p_dtype))
+    # Not vacuous: the blocks differ, and under the cap the statistics of the written p would not do.
+    assert (stats[:, :, 1].amax(dim=1) > 2 * stats[:, :, 1].amin(dim=1)).all() or blocks == 1
+    written = torch.full_like(want_stats, float("nan"))
+    steps.block_stats_(p.float(), written)
+    if softcap is not None:
+        assert ((written[..., 1] - want_stats[..., 1]).abs() > 0.05 * want_stats[..., 1]).all()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_row_step_block_stats_carry_nan(ext, dtype, softcap):
+    """A NaN logit makes its row's p NaN, hence every block's sum (the filter then keeps the blocks)
+    and max, as in the eager step; the other rows' statistics are untouched by it."""
+    rows, vocab = 4, 2 * FILTER_BLOCK + 3
+    z, q = _logits(rows, vocab, dtype, seed=21)
+    z[1, 5] = float("nan")
+    q[2, FILTER_BLOCK + 7] = float("nan")
+    targets = torch.zeros(rows, dtype=torch.long, device="cuda")
+    want = torch.empty(rows, 3, 2, device="cuda")
+    torch_row_step(z.clone(), q.clone(), targets, 0.8, 0.2, torch.float32, softcap, want)
+    stats, sentinel = _block_stats_buffer(rows, vocab)
+    stats[:] = 0.0
+    q_taken, value = (torch.empty(rows, device="cuda") for _ in range(2))
+    p = torch.empty(rows, vocab, device="cuda")
+    ext.row_step(z, q, targets, 0.8, 0.2, softcap or 0.0, q_taken, value, p, stats)
+    assert stats[1:3].isnan().all() and not stats[[0, 3]].isnan().any() and sentinel.eq(-7.0).all()
+    torch.testing.assert_close(stats, want, rtol=2e-5, atol=1e-7, equal_nan=True)
+
+
+@gpu
+@needs_gpu
+def test_binding_checks_block_stats(ext):
+    z, q = _logits(2, FILTER_BLOCK + 1, torch.bfloat16, seed=2)
+    t = torch.zeros(2, dtype=torch.long, device="cuda")
+    out = [torch.empty(2, device="cuda"), torch.empty(2, device="cuda"), torch.empty(z.shape, device="cuda")]
+    for bad, message in [
+        (torch.empty(2, 1, 2, device="cuda"), "block_stats must have shape"),
+        (torch.empty(2, 2, 2, device="cuda", dtype=torch.bfloat16), "block_stats must be Float"),
+        (torch.empty(2, 2, 2), "block_stats must be a CUDA tensor"),
+        (torch.empty(2, 2, 2, device="cuda").transpose(0, 1), "block_stats must be contiguous"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            ext.row_step(z, q, t, 1.0, 0.01, 0.0, *out, bad)
+    ext.row_step(z, q, t, 1.0, 0.01, 0.0, *out, None)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_cuda_backend_filters_as_the_float64_account_says(ext, monkeypatch, softcap):
+    """qadapter_token_stats(backend="cuda", grad_filter_eps=...) tiles whole rows through the kernel
+    (never the eager step), so its rule sees the final p by the block statistics the kernel writes:
+    each token leaves out its lightest blocks within the budget (test_grad_filter's float64
+    account), and the q_hidden gradient is the exact one less g_v * (1 - tanh^2) p Wq over them."""
+    from test_grad_filter import float64_policy, lightest_blocks, peaked, token_stats_grads, varied
+
+    from qadapter_kernels.grad_filter import grad_filter_report
+
+    monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
+    inputs = varied(peaked(torch.float32, zipf=1.5, scale=0.3))
+    on_gpu = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    budget = 0.02
+    p, wq, slope = float64_policy(inputs, softcap=softcap)
+    n = p.shape[0]
+    upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    options = dict(chunk_size=n, logit_softcap=softcap)
+    exact, _ = token_stats_grads(on_gpu, upstream.cuda(), "cuda", **options)
+    with grad_filter_report() as report:
+        filtered, _ = token_stats_grads(on_gpu, upstream.cuda(), "cuda", grad_filter_eps=budget, **options)
+    exact, filtered = exact.cpu(), filtered.cpu()
+    dropped = lightest_blocks(p, budget)
+    assert dropped.any(dim=1).float().mean() > 0.5 and report.skipped_entries == int(dropped.sum())
+    torch.testing.assert_close(report.dropped_mass.double().cpu(), (p * dropped).sum(dim=1), rtol=1e-5, atol=0)
+    expected = exact - upstream[1].unsqueeze(1) * ((p * slope * dropped) @ wq)
+    assert ((filtered - exact).norm() / exact.norm()) > 1e-4
+    assert ((filtered - expected).norm() / exact.norm()) < 1e-5
+
+
 def _same_non_finite(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
     """Elementwise: NaN where ``want`` is NaN, the same infinities, close finite values."""
     got, want = got.float().cpu(), want.float().cpu()
@@ -547,9 +668,9 @@ def test_soft_capped_loss_and_gradients_match_the_reference(ext, monkeypatch, dt
     caps = []
 
     def spy(kernel):
-        def step(z, q, targets, alpha_tilde, alpha_0, softcap):
+        def step(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats):
             caps.append(softcap)
-            return kernel(z, q, targets, alpha_tilde, alpha_0, softcap)
+            return kernel(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats)
 
         return step
 
@@ -582,11 +703,11 @@ def test_cuda_row_step_hands_the_cap_to_the_kernel(monkeypatch):
 
     seen = []
 
-    def row_step_(z, q, targets, alpha_tilde, alpha_0, softcap):
+    def row_step_(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats):
         seen.append(("row_step_", softcap))
         return targets.float(), targets.float()
 
-    def row_step(z, q, targets, alpha_tilde, alpha_0, softcap):
+    def row_step(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats):
         seen.append(("row_step", softcap))
         return targets.float(), targets.float(), q.float()
 
@@ -601,6 +722,42 @@ def test_cuda_row_step_hands_the_cap_to_the_kernel(monkeypatch):
     assert all(type(cap) is float for _, cap in seen)
     with pytest.raises(AssertionError, match="eager"):
         cuda_backend.cuda_row_step(z.double(), q.double(), targets, 0.8, 0.1, torch.float64, 2.5)
+
+
+def test_cuda_row_step_hands_block_stats_to_the_kernel(monkeypatch):
+    """Gradient filtering's block statistics go to the kernel ops (the very tensor, in place or into
+    a float32 p, with or without a cap), not to the eager step; None when not asked for; a tensor of
+    the wrong shape or dtype is refused before any launch; float64 alone stays eager (ops faked)."""
+    from qadapter_kernels import _cuda_ops
+
+    seen = []
+
+    def row_step_(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats):
+        seen.append(("row_step_", softcap, block_stats))
+        return targets.float(), targets.float()
+
+    def row_step(z, q, targets, alpha_tilde, alpha_0, softcap, block_stats):
+        seen.append(("row_step", softcap, block_stats))
+        return targets.float(), targets.float(), q.float()
+
+    monkeypatch.setattr(_cuda_ops, "row_step_", row_step_)
+    monkeypatch.setattr(_cuda_ops, "row_step", row_step)
+    monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
+    vocab = 2 * FILTER_BLOCK + 5
+    z, q, targets = torch.randn(3, vocab), torch.randn(3, vocab).bfloat16(), torch.tensor([0, 5, 10])
+    stats = torch.empty(3, 3, 2)
+    assert cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.bfloat16, 2.5, stats)[2] is q
+    cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32, None, stats)
+    cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32)
+    assert [(name, cap) for name, cap, _ in seen] == [("row_step_", 2.5), ("row_step", 0.0), ("row_step", 0.0)]
+    assert seen[0][2] is stats and seen[1][2] is stats and seen[2][2] is None
+    for bad in (torch.empty(3, 2, 2), torch.empty(3, 3, 2, dtype=torch.float64), torch.empty(3, 2, 3).transpose(1, 2)):
+        with pytest.raises(ValueError, match="block_stats must be a contiguous float32"):
+            cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32, None, bad)
+    assert len(seen) == 3
+    with pytest.raises(AssertionError, match="eager"):
+        cuda_backend.cuda_row_step(z.double(), q.double(), targets, 0.8, 0.1, torch.float64, None,
+                                   torch.empty(3, 3, 2, dtype=torch.float64))
 
 
 def test_pairwise_kernel_falls_back_off_gpu():
@@ -646,6 +803,9 @@ def test_custom_ops_trace_without_a_gpu():
         q_taken, value, p = torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01, 0.0)
         assert (q_taken.shape, value.dtype, p.shape, p.dtype) == ((3,), torch.float32, (3, 11), torch.float32)
         assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01, 2.5)[0].shape == (3,)
+        stats = torch.empty(3, 1, 2)
+        assert torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01, 0.0, stats)[2].shape == (3, 11)
+        assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01, 2.5, stats)[1].shape == (3,)
         seq, stats, grad = torch.ops.qadapter.pairwise_bt(torch.empty(7), torch.zeros(4, dtype=torch.long), 5, 0.1, 0)
         assert (seq.shape, stats.shape, grad.shape) == ((4,), (5,), (7,))
         logprobs, sampled = torch.ops.qadapter.decode_combine(z, z, 1.0, 0.01, 1.0, 0, 1.0, 0, True)
@@ -663,6 +823,9 @@ def test_custom_ops_pass_opcheck(ext):
     targets = torch.randint(0, 1000, (4,), device="cuda")
     torch.library.opcheck(torch.ops.qadapter.row_step.default, (z, q, targets, 1.0, 0.01, 0.0))
     torch.library.opcheck(torch.ops.qadapter.row_step_.default, (z, q.clone(), targets, 1.0, 0.01, 2.5))
+    stats = torch.empty(4, 1, 2, device="cuda")
+    torch.library.opcheck(torch.ops.qadapter.row_step.default, (z, q, targets, 1.0, 0.01, 0.0, stats))
+    torch.library.opcheck(torch.ops.qadapter.row_step_.default, (z, q.clone(), targets, 1.0, 0.01, 2.5, stats))
     rewards, tokens = _rewards(4, 33, seed=2, scale=1.0)
     torch.library.opcheck(torch.ops.qadapter.pairwise_bt.default, (rewards, tokens.counts, 33, 0.1, 0))
     torch.library.opcheck(torch.ops.qadapter.decode_combine.default, (z, q, 1.0, 0.01, 0.8, 50, 0.9, 7, True))
