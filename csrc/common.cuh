@@ -163,24 +163,25 @@ __device__ __forceinline__ Lse warp_lse(Lse a) {
 }
 
 // Block reductions: blockDim.x a multiple of 32; every thread gets the result. They begin with a
-// barrier so that consecutive calls can reuse the same 32-slot shared scratch.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  v = warp_sum(v);
+// barrier so that consecutive calls can reuse the same 32-slot shared scratch. warp_reduce folds a
+// warp's values, identity fills the lanes past the block's warps.
+template <typename WarpReduce>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, WarpReduce warp_reduce, float identity) {
+  v = warp_reduce(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  return warp_sum(lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.f);
+  return warp_reduce(lane < (int)(blockDim.x >> 5) ? scratch[lane] : identity);
 }
 
-// Largest value of the block (NaN if any is NaN), as block_sum.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  return block_reduce(v, scratch, [](float x) { return warp_sum(x); }, 0.f);
+}
+
+// Largest value of the block (NaN if any is NaN).
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-  v = warp_max(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  return warp_max(lane < (int)(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
+  return block_reduce(v, scratch, [](float x) { return warp_max(x); }, -INFINITY);
 }
 
 __device__ __forceinline__ Lse block_lse(Lse a, float* scratch_max, float* scratch_sum) {

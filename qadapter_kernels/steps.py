@@ -39,7 +39,7 @@ RowStep = Callable[..., tuple]
 #   block_stats:  optional [C, ceil(Vt / FILTER_BLOCK), 2] in the statistics dtype (float32; float64
 #                 for float64 inputs), filled with the largest p and the sum of p of each
 #                 FILTER_BLOCK columns of the tile (gradient filtering; the policy itself, never
-#                 weighted by a cap's slope); the CPU steps take it.
+#                 weighted by a cap's slope).
 BlockStep = Callable[..., tuple]
 
 # Columns per block of gradient filtering: the compiled CPU step's sweep block (csrc/cpu_row_step.c,
@@ -139,9 +139,7 @@ def whole_row_block_step(row_step: RowStep) -> BlockStep:
 
     def block_step(z, q, alpha_tilde, alpha_0, p_dtype, block_stats=None, softcap=None):
         targets = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)  # q_taken is read by the caller
-        options = {**({} if softcap is None else {"softcap": softcap}),
-                   **({} if block_stats is None else {"block_stats": block_stats})}
-        _, value, p = row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, **options)
+        _, value, p = row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=softcap, block_stats=block_stats)
         return value / alpha_tilde, torch.zeros_like(value), p
 
     return block_step

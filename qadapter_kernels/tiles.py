@@ -163,7 +163,7 @@ class ChunkedTokenStats(torch.autograd.Function):
                     _take_targets_(q_taken[s:e], q, targets[s:e], v0)
                     stats = block_stats(e - s, v1 - v0) if filtering else None
                     part_c, part_z, p = block_step(z, q, alpha_tilde, alpha_0, q_weight.dtype,
-                                                   **_step_options(stats, softcap))
+                                                   block_stats=stats, softcap=softcap)
                     del z, q
                     torch.logaddexp(lse_z[s:e], part_z, out=lse_z[s:e])
                     keep, add = _merge_(lse_c[s:e], part_c)
@@ -232,7 +232,7 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
             for v0, v1 in chunks(vocab, columns):
                 z, q = logits(s, e, v0, v1)
                 stats = block_stats(e - s, v1 - v0) if filtering else None
-                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd, **_step_options(stats, softcap))
+                part_c, _, p = ctx.block_step(z, q, alpha_tilde, alpha_0, sd, block_stats=stats, softcap=softcap)
                 del z, q
                 to_row = (part_c - lse_c[s:e]).exp_()
                 column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
@@ -259,12 +259,6 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
         grad_qw.to(q_weight.dtype) if want_w else None,
         grad_qb.to(q_bias.dtype) if want_b else None,
     )
-
-
-def _step_options(block_stats: torch.Tensor | None, softcap: float | None) -> dict:
-    """The block step's optional arguments: only those in use, so steps without them still serve."""
-    return {**({} if block_stats is None else {"block_stats": block_stats}),
-            **({} if softcap is None else {"softcap": softcap})}
 
 
 class _BlockStats:
