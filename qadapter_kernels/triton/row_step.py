@@ -59,6 +59,17 @@ def online_lse(m, s, x):
 
 
 @triton.jit
+def write_policy(z_row, q_row, p_row, cols, V, alpha_0, inv_alpha_tilde, lse_c, softcap, SOFTCAP: tl.constexpr):
+    """Writes one block of the row's ``p`` (times the cap's slope on Q with ``SOFTCAP``); returns the
+    policy itself, 0 past the end of the row."""
+    _, c, q = load_block(z_row, q_row, cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
+    p = tl.exp(c - lse_c)
+    out = p * soft_cap_slope(q, softcap) if SOFTCAP else p
+    tl.store(p_row + cols, out.to(p_row.dtype.element_ty), mask=cols < V)
+    return p
+
+
+@triton.jit
 def _row_step_kernel(
     z_ptr, q_ptr, targets_ptr, p_ptr, q_taken_ptr, value_ptr, stats_ptr,
     V, stride_z, stride_q, stride_p, n_blocks,
@@ -103,24 +114,16 @@ def _row_step_kernel(
             b_max = 0.0
             b_sum = 0.0
             for off in range(0, FILTER, BLOCK_V):
-                start = b0 + off
-                z, c, q = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
-                p = tl.exp(c - lse_c)
+                p = write_policy(z_row, q_row, p_row, b0 + off + cols, V, alpha_0, inv_alpha_tilde, lse_c, softcap,
+                                 SOFTCAP)
                 b_max = tl.maximum(b_max, tl.max(p, axis=0))
                 b_sum += tl.sum(p, axis=0)
-                if SOFTCAP:
-                    p = p * soft_cap_slope(q, softcap)
-                tl.store(p_row + start + cols, p.to(p_ptr.dtype.element_ty), mask=start + cols < V)
             stats_row = stats_ptr + (row * n_blocks + b0 // FILTER) * 2
             tl.store(stats_row, b_max)
             tl.store(stats_row + 1, b_sum)
     else:
         for start in range(0, V, BLOCK_V):
-            z, c, q = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, softcap, SOFTCAP)
-            p = tl.exp(c - lse_c)
-            if SOFTCAP:
-                p = p * soft_cap_slope(q, softcap)
-            tl.store(p_row + start + cols, p.to(p_ptr.dtype.element_ty), mask=start + cols < V)
+            write_policy(z_row, q_row, p_row, start + cols, V, alpha_0, inv_alpha_tilde, lse_c, softcap, SOFTCAP)
 
 
 def triton_row_step(
