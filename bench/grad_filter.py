@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import qadapter_kernels
-from bench.common import RESULTS, SHAPES, Case, Timer, make_case_inputs, versions
+from bench.common import RESULTS, SHAPES, Case, Timer, make_case_inputs, versions, write_result
 from bench.harness import gemm3_step
 from qadapter_kernels.grad_filter import grad_filter_report, mass_budget
 
@@ -210,10 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     result["cases"].append(measure("random with a Zipf tilt (peaked), the best case", peaked(random), args.rounds,
                                    args.backend))
     result["load_average_after"] = os.getloadavg()
-    text = json.dumps(result, indent=1)
-    print(text)
     out = args.out or RESULTS / f"grad-filter-{device.type}-{result['date'][:10]}.json"
-    out.write_text(text + "\n")
+    write_result(result, out.parent, out.stem)
     return 0
 
 
