@@ -12,8 +12,9 @@
 # fused loss vs the authors' full logits, then decoding, 8 adapters in one batch and serving).
 # Part 2 (< 6 minutes): compute-sanitizer memcheck and racecheck on small shapes, gradient
 # filtering at the Llama-3.1-8B head (bench.grad_filter: random and peaked policies, the gradient
-# against float64), the wheel with the compiled extension (built, installed into a temporary
-# target, imported) and decoding.
+# against float64, the filtered product alone: dense GEMM, gathered GEMMs, the kept-blocks kernel),
+# the wheel with the compiled extension (built, installed into a temporary target, imported) and
+# decoding.
 # Part 3 (< 7 minutes): the quantized base. bitsandbytes, which the GPU machine lacks, travels with
 # the tree: build bench/carry first (`python -m bench.carry`, an ignored folder of about 4 MiB: the
 # package with its CUDA 13.0 library) and carry it; its site/ goes first on PYTHONPATH. Then
@@ -204,7 +205,8 @@ run_steps() {
     wants memcheck && step "memcheck (CUDA + Triton, small shapes)" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \
       tests/kernels/test_cuda_ext.py::test_row_step_alias_z_and_bad_target tests/kernels/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan \
-      tests/kernels/test_triton.py::test_row_step_strided_rows tests/kernels/test_triton.py::test_inf_bias_block
+      tests/kernels/test_triton.py::test_row_step_strided_rows tests/kernels/test_triton.py::test_inf_bias_block \
+      "tests/kernels/test_triton.py::test_kept_blocks_product_matches_the_masked_product[strided-dtype2]"
     wants racecheck && step "racecheck (CUDA row step and pairwise)" 90 compute-sanitizer --tool racecheck --error-exitcode 99 \
       --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_ext.py::test_row_step_alias_z_and_bad_target \
       tests/kernels/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan

@@ -15,9 +15,10 @@ On the real hidden states, offline (:func:`skippable`): how much other block wid
 vocabulary would let each token leave out.
 
 On a GPU (``--device cuda --backend chunked-triton --shape llama-3.1-8b``, part 2 of ``bench/gpu.sh``)
-the random and peaked cases at that head: what the per-token gathered products cost where one large
-GEMM is cheap (the real hidden states are the embedded model's, SmolLM2's head, and are taken at
-that shape only).
+the random and peaked cases at that head (the real hidden states are the embedded model's, SmolLM2's
+head, and are taken at that shape only). On either device, the product alone (:func:`product_timings`):
+the dense GEMM, the gathered GEMMs per block and, on a GPU, the one-launch kept-blocks kernel, at
+three shares of blocks left out.
 
     python -m bench.grad_filter [--device cpu|cuda] [--backend chunked|chunked-triton|cuda]
                                 [--shape smollm2-135m] [--tokens 4096] [--rounds 3] [--out FILE]
@@ -180,6 +181,46 @@ def skippable(inputs: dict, alpha_0: float = 0.01) -> list[dict]:
     return out
 
 
+def product_timings(case: Case, rounds: int) -> list[dict]:
+    """The filtered backward's product alone, ``p @ Wq`` at ``case``'s shape with each token leaving
+    out a random share of its blocks (0: the dense GEMM's work; 2/3: the share a token of real text
+    leaves out at the auto budget; 98%: a peaked policy's), three ways: one dense GEMM (nothing
+    left out), the gathered GEMMs per block (``tiles.gathered_product``, a CPU's way) and, on a GPU,
+    the one-launch kernel (``triton/kept_product.py``): which way a device should take."""
+    from qadapter_kernels.steps import FILTER_BLOCK
+    from qadapter_kernels.tiles import gathered_product, matmul_to
+
+    shape, device = case.shape, case.device
+    generator = torch.Generator(device=device).manual_seed(0)
+    p = (torch.rand(case.tokens, shape.vocab, generator=generator, device=device) / shape.vocab).to(case.dtype)
+    w = (torch.randn(shape.vocab, shape.hidden, generator=generator, device=device) / shape.hidden**0.5).to(case.dtype)
+    blocks = -(-shape.vocab // FILTER_BLOCK)
+    kernel = _kept_blocks_kernel(device)
+    out = []
+    for share in (0.0, 2 / 3, 0.98):
+        drop = torch.rand(case.tokens, blocks, generator=generator, device=device) < share
+        ways = {"dense GEMM": lambda: matmul_to(torch.float32, p, w),
+                "gathered GEMMs": lambda drop=drop: gathered_product(torch.float32, p, w, drop)}
+        if kernel is not None:
+            ways["kept-blocks kernel"] = lambda drop=drop: kernel(p, w, drop)
+        times = Timer(device, warmup=1).rounds(ways, rounds)
+        dense = statistics.median(times["dense GEMM"])
+        out.append({"left_out_share": float(drop.float().mean()), "tokens": case.tokens, "vocab": shape.vocab,
+                    "hidden": shape.hidden, **{f"{name} ms": 1e3 * statistics.median(t) for name, t in times.items()},
+                    **{f"{name} x dense": statistics.median(t) / dense for name, t in times.items()}})
+    return out
+
+
+def _kept_blocks_kernel(device: torch.device):
+    """The Triton kept-blocks product where it runs: a GPU, or Triton's interpreter (the dry run)."""
+    try:
+        from qadapter_kernels.triton._common import INTERPRET
+        from qadapter_kernels.triton.kept_product import kept_blocks_product
+    except ImportError:
+        return None
+    return kept_blocks_product if device.type == "cuda" or INTERPRET else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -209,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.backend))
     result["cases"].append(measure("random with a Zipf tilt (peaked), the best case", peaked(random), args.rounds,
                                    args.backend))
+    del random
+    result["product"] = product_timings(Case(SHAPES[args.shape], args.tokens, dtype, device), args.rounds)
     result["load_average_after"] = os.getloadavg()
     out = args.out or RESULTS / f"grad-filter-{device.type}-{result['date'][:10]}.json"
     write_result(result, out.parent, out.stem)

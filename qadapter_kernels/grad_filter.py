@@ -96,16 +96,18 @@ def record(eps: float, *, entries: int = 0, skipped: int = 0, head_entries: int 
 
 
 def leave_out(mass: torch.Tensor, budget_so_far: float, dropped: torch.Tensor, width: int,
-              ) -> tuple[list[tuple[int, int, torch.Tensor | None]], int]:
+              ) -> tuple[torch.Tensor | None, int]:
     """What each row of a ``width``-column tile leaves out: its lightest blocks of ``mass``
     (``[rows, blocks]``, upper bounds of the probability each block holds) within ``budget_so_far``
     less what it already left out (``dropped``, ``[rows]``, which grows by their mass in place).
-    Returns the parts to keep (:func:`kept_parts`) and the number of entries left out."""
+    Returns the ``[rows, blocks]`` bool mask of the blocks left out (None when nothing is: the
+    exact product) and the number of entries left out."""
     drop = dropped_blocks(mass, budget_so_far - dropped)
     dropped.add_(torch.where(drop, mass, 0.0).sum(dim=1))
     widths = torch.full((drop.shape[1],), FILTER_BLOCK, device=drop.device)
     widths[-1] = width - (drop.shape[1] - 1) * FILTER_BLOCK
-    return list(kept_parts(drop, width)), int((drop * widths).sum())
+    left_out = int((drop * widths).sum())
+    return (drop if left_out else None), left_out
 
 
 def dropped_blocks(mass: torch.Tensor, allowance: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ closed form"), with a second tiled pass only for a trainable Q head.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import grad_filter
@@ -169,14 +171,14 @@ class ChunkedTokenStats(torch.autograd.Function):
                     keep, add = _merge_(lse_c[s:e], part_c)
                     if not want_hq_grad:
                         continue
-                    parts = None
+                    drop = None
                     if filtering:  # add * p bounds p against the row's lse so far, hence its final p
                         dropped[s:e].mul_(keep)
-                        parts, left_out = grad_filter.leave_out(stats[..., 1] * add.unsqueeze(1), eps * v1 / vocab,
-                                                                dropped[s:e], v1 - v0)
+                        drop, left_out = grad_filter.leave_out(stats[..., 1] * add.unsqueeze(1), eps * v1 / vocab,
+                                                               dropped[s:e], v1 - v0)
                         entries += p.numel()
                         skipped += left_out
-                    weighted = _parts_product(sd, p, q_weight[v0:v1], parts).mul_(add.unsqueeze(1))
+                    weighted = _kept_product(sd, p, q_weight[v0:v1], drop).mul_(add.unsqueeze(1))
                     expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
         if softcap is not None:  # the targets' Q-values were read raw, before the step capped its tile
             softcap_(q_taken, softcap)
@@ -241,7 +243,8 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
                     target = torch.where(inside, float("inf"), 0.0).to(sd).unsqueeze(1)
                     mass = (stats[..., 1] * to_row.unsqueeze(1)).scatter_add_(1, (column // FILTER_BLOCK).unsqueeze(1),
                                                                               target)
-                    parts, left_out = grad_filter.leave_out(mass, eps * v1 / vocab, dropped, v1 - v0)
+                    drop, left_out = grad_filter.leave_out(mass, eps * v1 / vocab, dropped, v1 - v0)
+                    parts = None if drop is None else grad_filter.kept_parts(drop, v1 - v0)
                     entries += p.numel()
                     skipped += left_out
                 d_logits = p.mul_((to_row * grad_value[s:e]).unsqueeze(1))  # a capped step's p has its slope
@@ -272,16 +275,38 @@ class _BlockStats:
         return self.buffer[: rows * blocks * 2].view(rows, blocks, 2)
 
 
-def _parts_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, parts) -> torch.Tensor:
-    """``p @ w`` over the kept ``parts`` of the tile only (``grad_filter.kept_parts``: column ranges of
-    ``p``, rows of ``w``, and the rows of ``p`` that keep them); ``None``: all of it, one GEMM, as
-    the exact path takes it."""
-    if parts is None or parts == [(0, p.shape[1], None)]:
+def _kept_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """``p @ w`` with each row's ``drop``-ped blocks left out (``grad_filter.leave_out``; None: all of
+    it, one GEMM, as the exact path takes it): on a GPU one grouped kernel
+    (``triton/kept_product.py``, whose float32 atomics sum in no fixed order), elsewhere and under
+    ``torch.use_deterministic_algorithms`` :func:`gathered_product`."""
+    if drop is None:
         return matmul_to(out_dtype, p, w)
+    if (p.is_cuda and out_dtype == torch.float32 and p.dtype == w.dtype and _gpu_kept_product() is not None
+            and not torch.are_deterministic_algorithms_enabled()):
+        return _gpu_kept_product()(p, w, drop)
+    return gathered_product(out_dtype, p, w, drop)
+
+
+def gathered_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``p @ w`` without each row's ``drop``-ped blocks: one GEMM per run of blocks that every row
+    keeps and one per other block over the rows that keep it (``grad_filter.kept_parts``), added
+    back by row. On a CPU the GEMMs run at their peak; on a GPU each block costs a host sync."""
     out = torch.zeros(p.shape[0], w.shape[1], dtype=out_dtype, device=p.device)
-    for a, b, kept in parts:
+    for a, b, kept in grad_filter.kept_parts(drop, p.shape[1]):
         if kept is None:
             out.add_(matmul_to(out_dtype, p[:, a:b], w[a:b]))
         else:
             out.index_add_(0, kept, matmul_to(out_dtype, p[kept, a:b], w[a:b]))
     return out
+
+
+@functools.cache
+def _gpu_kept_product():
+    """The Triton kept-blocks product, or None where triton does not import (the gathered GEMMs then
+    serve a GPU too, more slowly)."""
+    try:
+        from .triton.kept_product import kept_blocks_product
+    except ImportError:
+        return None
+    return kept_blocks_product

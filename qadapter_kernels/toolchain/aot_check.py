@@ -4,7 +4,7 @@ Triton's interpreter runs the kernels' *logic* on CPU, but it is far more permis
 compiler (loop-carried types, layouts, shared memory). This check runs the whole NVIDIA pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas shipped in the triton wheel) for each
 kernel variant (the row step plain and soft-capped, with and without the block statistics of
-gradient filtering; the decode combine), and compares the shared
+gradient filtering; the decode combine; the kept-blocks product of gradient filtering), and compares the shared
 memory each one needs with the per-block limit of the architecture, and reports registers and
 spills. No driver or device is touched.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from typing import NamedTuple
 
 # Max dynamic shared memory per block (opt-in), bytes, per compute capability (CUDA C++ Programming
 # Guide, "Technical Specifications per Compute Capability"): 163 KB on sm_80, 99 KB on sm_86 / sm_89
@@ -31,20 +32,36 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 DEFAULT_ARCHS = (80, 86, 89, 90, 100, 120)
 
 _FLOAT_ARGS = {"alpha_tilde", "alpha_0", "softcap"}
-_INPUT_PTRS = {"z_ptr", "q_ptr", "p_ptr"}
+_INPUT_PTRS = {"z_ptr", "q_ptr", "p_ptr", "w_ptr"}
+_INDEX_PTRS = {"targets_ptr": "*i64", "tokens_ptr": "*i32", "counts_ptr": "*i32", "tile_block_ptr": "*i32",
+               "tile_first_ptr": "*i32"}
 _TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def _signature(jit_fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+class Variant(NamedTuple):
+    """One compilation: ``divisible`` names the integer arguments that real launches pass as
+    multiples of 16 (the launcher then specializes them, as it does pointers and row strides)."""
+
+    name: str
+    fn: object
+    dtype: str
+    constexprs: dict
+    warps: int
+    stages: int
+    divisible: tuple[str, ...] = ()
+
+
+def _signature(variant: Variant) -> tuple[dict, dict]:
     """Argument types and the 16-divisibility attributes Triton's launcher would give them."""
+    jit_fn, dtype, constexprs = variant.fn, variant.dtype, variant.constexprs
     sig, attrs = {}, {}
     for index, name in enumerate(jit_fn.arg_names):
-        if name.endswith("_ptr") or name.startswith("stride"):
+        if name.endswith("_ptr") or name.startswith("stride") or name in variant.divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "targets_ptr":
-            sig[name] = "*i64"
+        elif name in _INDEX_PTRS:
+            sig[name] = _INDEX_PTRS[name]
         elif name in _INPUT_PTRS:
             sig[name] = "*" + _TL_DTYPE[dtype]
         elif name.endswith("_ptr"):
@@ -57,9 +74,11 @@ def _signature(jit_fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 
 def _variants(mode: str):
-    """(kernel name, jit function, dtype, constexprs, num_warps, num_stages) to compile."""
+    """The :class:`Variant` s to compile."""
+    import torch
+
     from ..steps import FILTER_BLOCK
-    from ..triton import decode, row_step
+    from ..triton import decode, kept_product, row_step
 
     dtypes = ("bfloat16", "float16", "float32") if mode == "full" else ("bfloat16",)
     for dtype in dtypes:
@@ -67,8 +86,15 @@ def _variants(mode: str):
         for cap, stats in itertools.product((False, True), (False, True)):
             constexprs = {"BLOCK_V": FILTER_BLOCK if stats else 4096, "SOFTCAP": cap, "STATS": stats,
                           "FILTER": FILTER_BLOCK}
-            yield "row_step", row_step._row_step_kernel, dtype, constexprs, row_step.NUM_WARPS, 3
-        yield "combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode.NUM_WARPS, 3
+            yield Variant("row_step", row_step._row_step_kernel, dtype, constexprs, row_step.NUM_WARPS, 3)
+        yield Variant("combine", decode._combine_kernel, dtype, {"BLOCK_V": 4096}, decode.NUM_WARPS, 3)
+        # Real vocabularies and hidden sizes are multiples of 16 (Llama-3's 128,256 x 4,096), which
+        # lets the loads vectorize and the pipeline buffer: compiled both ways.
+        block_m, block_d, block_k = kept_product.tile_sizes(getattr(torch, dtype))
+        for divisible in ((), ("V", "D")):
+            yield Variant("kept_product", kept_product._kept_blocks_product_kernel, dtype,
+                          {"FILTER": FILTER_BLOCK, "BLOCK_M": block_m, "BLOCK_D": block_d, "BLOCK_K": block_k},
+                          kept_product.NUM_WARPS, kept_product.NUM_STAGES, divisible)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -102,19 +128,20 @@ def check(archs=DEFAULT_ARCHS, mode: str = "full") -> list[dict]:
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter builds no compilable kernels")
     records = []
-    for name, fn, dtype, constexprs, warps, stages in _variants(mode):
-        signature, attrs = _signature(fn, dtype, constexprs)
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    for variant in _variants(mode):
+        signature, attrs = _signature(variant)
+        src = ASTSource(fn=variant.fn, signature=signature, constexprs=variant.constexprs, attrs=attrs)
         for arch in archs:
             compiled = triton.compile(
-                src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+                src, target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": variant.warps, "num_stages": variant.stages},
             )
             shared = int(compiled.metadata.shared)
             regs, local = _resource_usage(compiled.asm["cubin"])
             records.append(dict(
-                kernel=name, arch=arch, dtype=dtype, warps=warps, stages=stages, shared=shared,
-                regs=regs, spill_bytes=local, fits=shared <= SMEM_LIMIT[arch],
-                config=dict(constexprs),
+                kernel=variant.name, arch=arch, dtype=variant.dtype, warps=variant.warps, stages=variant.stages,
+                shared=shared, regs=regs, spill_bytes=local, fits=shared <= SMEM_LIMIT[arch],
+                config=dict(variant.constexprs, **{name: "16k" for name in variant.divisible}),
             ))
     return records
 

@@ -149,6 +149,96 @@ def test_triton_combine_matches_combine_logits(dtype, shape):
         triton_combine_logits(z, q[..., :-1])
 
 
+def _drop_mask(rows: int, blocks: int, seed: int) -> torch.Tensor:
+    """A random drop mask with the edge cases: a row that drops every block, one that keeps all but
+    one, a block that every row drops, one that every row but the first keeps."""
+    dropped = torch.rand(rows, blocks, generator=torch.Generator().manual_seed(seed)) < 0.5
+    dropped[1], dropped[:, 2] = False, False
+    dropped[0], dropped[:, 1] = True, True
+    return dropped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=gpu)])  # the interpreter's bf16 tl.dot is wrong
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_kept_blocks_product_matches_the_masked_product(dtype, layout):
+    """Gradient filtering's grouped product on a GPU: ``p @ w`` with each row's dropped blocks of
+    ``FILTER_BLOCK`` columns left out, against the float64 product of the masked ``p``; a partial last
+    block, ``d`` and the rows not multiples of the tiles, ``p`` as rows of a wider buffer."""
+    from qadapter_kernels.steps import FILTER_BLOCK
+    from qadapter_kernels.triton.kept_product import kept_blocks_product
+
+    rows, width, d = 37, 3 * FILTER_BLOCK + 77, 40
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(rows, width + (13 if layout == "strided" else 0), generator=g)[:, :width]
+    w = torch.randn(width, d, generator=g)
+    dropped = _drop_mask(rows, 4, seed=4)
+    p, w = p.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE)
+    got = kept_blocks_product(p, w, dropped.to(DEVICE))
+    keep = (~dropped).repeat_interleave(FILTER_BLOCK, dim=1)[:, :width]
+    want = (p.double().cpu() * keep) @ w.double().cpu()
+    assert got.dtype == torch.float32 and got.shape == (rows, d)
+    assert got[0].abs().max() == 0  # a row that drops everything gets nothing
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # half precision: the products are exact, the sums float32
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_kept_blocks_product_refuses_what_it_cannot_take():
+    from qadapter_kernels.triton.kept_product import kept_blocks_product
+
+    p, w = torch.rand(5, 2000, device=DEVICE), torch.rand(2000, 8, device=DEVICE)
+    mask = torch.zeros(5, 2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"dropped must be a bool \[5, 2\] mask"):
+        kept_blocks_product(p, w, mask[:, :1])
+    with pytest.raises(ValueError, match=r"w must be \[2000, d\]"):
+        kept_blocks_product(p, w.half(), mask)
+    with pytest.raises(TypeError, match="float64"):
+        kept_blocks_product(p.double(), w.double(), mask)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_filtered_gradient_on_gpu_takes_the_kept_blocks_kernel(monkeypatch, dtype):
+    """On a GPU the tile engine's filtered product is the one-launch kernel: same gradient as the
+    gathered GEMMs it replaces there, and the kernel is what ran."""
+    from qadapter_kernels import tiles
+    from qadapter_kernels.grad_filter import grad_filter_report
+    from qadapter_kernels.triton import kept_product
+
+    g = torch.Generator().manual_seed(7)
+    n, hidden, vocab = 96, 64, 5 * 1024 + 300
+    tilt = -1.5 * torch.log1p(torch.arange(vocab, dtype=torch.float32))  # a peaked policy, as a model's
+    weight = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+    weight[:, 0] = tilt
+    base, hq = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
+    base[:, 0] = hq[:, 0] = 1.0
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    upstream = torch.randn(2, n, generator=g).to(DEVICE)
+    args = [t.to(dtype).to(DEVICE) for t in (base, hq, weight)]
+
+    def grad():
+        leaf = args[1].detach().clone().requires_grad_()
+        q_taken, value = chunked_triton_token_stats(args[0], leaf, args[2], args[2], None, targets.to(DEVICE),
+                                                    StatsOptions(grad_filter_eps=0.02))
+        (q_taken * upstream[0] + value * upstream[1]).sum().backward()
+        return leaf.grad.double()
+
+    assert tiles._gpu_kept_product() is kept_product.kept_blocks_product
+    calls = []
+    monkeypatch.setattr(tiles, "_gpu_kept_product",
+                        lambda: lambda *a: calls.append(1) or kept_product.kept_blocks_product(*a))
+    with grad_filter_report() as report:
+        kernel = grad()
+    assert calls and report.skipped_fraction > 0.3
+    # Deterministic algorithms asked for: the gathered GEMMs (the kernel's atomics sum in no fixed order).
+    kernel_calls = len(calls)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    gathered = grad()
+    assert len(calls) == kernel_calls
+    assert (kernel - gathered).norm() / gathered.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for GPUs on machines without one")
 def test_kernels_compile_for_gpus():
     """The interpreter accepts code the compiler rejects: build real sm_86 and consumer-Blackwell
@@ -159,7 +249,8 @@ def test_kernels_compile_for_gpus():
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 10, run.stdout  # 4 row-step variants (cap, stats) and the combine; 2 archs
+    # 4 row-step variants (cap, stats), the combine, the kept-blocks product (16-divisible sizes or not); 2 archs
+    assert run.stdout.count(" ok") == 14, run.stdout
 
 
 def test_aot_check_covers_blackwell_and_the_soft_capped_row_step():
@@ -169,8 +260,8 @@ def test_aot_check_covers_blackwell_and_the_soft_capped_row_step():
 
     assert aot_check.SMEM_LIMIT[100] == aot_check.SMEM_LIMIT[90] and aot_check.SMEM_LIMIT[120] == 99 * 1024
     assert {100, 120} <= set(aot_check.DEFAULT_ARCHS)
-    variants = {(dtype, c["SOFTCAP"], c["STATS"]) for name, _, dtype, c, _, _ in aot_check._variants("full")
-                if name == "row_step"}
+    variants = {(v.dtype, v.constexprs["SOFTCAP"], v.constexprs["STATS"]) for v in aot_check._variants("full")
+                if v.name == "row_step"}
     assert variants == {(d, cap, stats) for d in ("bfloat16", "float16", "float32") for cap in (False, True)
                         for stats in (False, True)}
 
