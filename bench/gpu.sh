@@ -206,7 +206,8 @@ run_steps() {
       compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \
       tests/kernels/test_cuda_ext.py::test_row_step_alias_z_and_bad_target tests/kernels/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan \
       tests/kernels/test_triton.py::test_row_step_strided_rows tests/kernels/test_triton.py::test_inf_bias_block \
-      "tests/kernels/test_triton.py::test_kept_blocks_product_matches_the_masked_product[strided-dtype2]"
+      "tests/kernels/test_triton.py::test_kept_blocks_product_matches_the_masked_product[strided-dtype2]" \
+      "tests/kernels/test_triton.py::test_kept_blocks_head_product_matches_the_masked_product[dtype2]"
     wants racecheck && step "racecheck (CUDA row step and pairwise)" 90 compute-sanitizer --tool racecheck --error-exitcode 99 \
       --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_ext.py::test_row_step_alias_z_and_bad_target \
       tests/kernels/test_cuda_ext.py::test_pairwise_mismatched_counts_flag_nan

@@ -238,22 +238,18 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
                 del z, q
                 to_row = (part_c - lse_c[s:e]).exp_()
                 column, inside = _targets_in_tile(targets[s:e], v0, v1 - v0)
-                parts = None
+                drop = None
                 if filtering:  # a token's own target block is never left out (its g_a term)
                     target = torch.where(inside, float("inf"), 0.0).to(sd).unsqueeze(1)
                     mass = (stats[..., 1] * to_row.unsqueeze(1)).scatter_add_(1, (column // FILTER_BLOCK).unsqueeze(1),
                                                                               target)
                     drop, left_out = grad_filter.leave_out(mass, eps * v1 / vocab, dropped, v1 - v0)
-                    parts = None if drop is None else grad_filter.kept_parts(drop, v1 - v0)
                     entries += p.numel()
                     skipped += left_out
                 d_logits = p.mul_((to_row * grad_value[s:e]).unsqueeze(1))  # a capped step's p has its slope
                 d_logits.index_put_((rows_here, column), torch.where(inside, grad_q_taken[s:e], 0.0), accumulate=True)
                 if want_w:
-                    for a, b, kept in [(0, v1 - v0, None)] if parts is None else parts:
-                        grad_qw[v0 + a:v0 + b].add_(
-                            _head_weight_grad(d_logits[:, a:b], hq[s:e]) if kept is None
-                            else _head_weight_grad(d_logits[kept, a:b], hq[s:e][kept]))
+                    _add_head_weight_grad_(grad_qw[v0:v1], d_logits, hq[s:e], drop)
                 if want_b:
                     grad_qb[v0:v1].add_(d_logits.sum(dim=0))
     if filtering:
@@ -282,9 +278,9 @@ def _kept_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, drop
     ``torch.use_deterministic_algorithms`` :func:`gathered_product`."""
     if drop is None:
         return matmul_to(out_dtype, p, w)
-    if (p.is_cuda and out_dtype == torch.float32 and p.dtype == w.dtype and _gpu_kept_product() is not None
+    if (p.is_cuda and out_dtype == torch.float32 and p.dtype == w.dtype and _gpu_kernels() is not None
             and not torch.are_deterministic_algorithms_enabled()):
-        return _gpu_kept_product()(p, w, drop)
+        return _gpu_kernels().kept_blocks_product(p, w, drop)
     return gathered_product(out_dtype, p, w, drop)
 
 
@@ -301,12 +297,27 @@ def gathered_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, d
     return out
 
 
+def _add_head_weight_grad_(out: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor,
+                           drop: torch.Tensor | None) -> None:
+    """``out += d_logits^T @ h`` (a tile's ``dWq``) without each row's ``drop``-ped blocks (None: all
+    of it): on a GPU one kernel (``triton/kept_product.py``), elsewhere one GEMM per part of
+    ``grad_filter.kept_parts`` over the rows that keep it."""
+    if drop is None:
+        out.add_(_head_weight_grad(d_logits, h))
+    elif d_logits.is_cuda and d_logits.dtype == torch.float32 and _gpu_kernels() is not None:
+        _gpu_kernels().kept_blocks_head_product_(out, d_logits, h, drop)
+    else:
+        for a, b, kept in grad_filter.kept_parts(drop, d_logits.shape[1]):
+            out[a:b].add_(_head_weight_grad(d_logits[:, a:b], h) if kept is None
+                          else _head_weight_grad(d_logits[kept, a:b], h[kept]))
+
+
 @functools.cache
-def _gpu_kept_product():
-    """The Triton kept-blocks product, or None where triton does not import (the gathered GEMMs then
-    serve a GPU too, more slowly)."""
+def _gpu_kernels():
+    """The Triton kept-blocks products (``triton/kept_product.py``), or None where triton does not
+    import (the gathered GEMMs then serve a GPU too, more slowly)."""
     try:
-        from .triton.kept_product import kept_blocks_product
+        from .triton import kept_product
     except ImportError:
         return None
-    return kept_blocks_product
+    return kept_product

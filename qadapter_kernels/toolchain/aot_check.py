@@ -4,7 +4,7 @@ Triton's interpreter runs the kernels' *logic* on CPU, but it is far more permis
 compiler (loop-carried types, layouts, shared memory). This check runs the whole NVIDIA pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas shipped in the triton wheel) for each
 kernel variant (the row step plain and soft-capped, with and without the block statistics of
-gradient filtering; the decode combine; the kept-blocks product of gradient filtering), and compares the shared
+gradient filtering; the decode combine; the kept-blocks products of gradient filtering), and compares the shared
 memory each one needs with the per-block limit of the architecture, and reports registers and
 spills. No driver or device is touched.
 
@@ -32,7 +32,7 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 DEFAULT_ARCHS = (80, 86, 89, 90, 100, 120)
 
 _FLOAT_ARGS = {"alpha_tilde", "alpha_0", "softcap"}
-_INPUT_PTRS = {"z_ptr", "q_ptr", "p_ptr", "w_ptr"}
+_INPUT_PTRS = {"z_ptr", "q_ptr", "p_ptr", "w_ptr", "h_ptr"}
 _INDEX_PTRS = {"targets_ptr": "*i64", "tokens_ptr": "*i32", "counts_ptr": "*i32", "tile_block_ptr": "*i32",
                "tile_first_ptr": "*i32"}
 _TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -94,6 +94,11 @@ def _variants(mode: str):
         for divisible in ((), ("V", "D")):
             yield Variant("kept_product", kept_product._kept_blocks_product_kernel, dtype,
                           {"FILTER": FILTER_BLOCK, "BLOCK_M": block_m, "BLOCK_D": block_d, "BLOCK_K": block_k},
+                          kept_product.NUM_WARPS, kept_product.NUM_STAGES, divisible)
+            block_n, block_d, block_k = kept_product.head_tile_sizes()
+            yield Variant("kept_head", kept_product._kept_blocks_head_kernel, dtype,
+                          {"FILTER": FILTER_BLOCK, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_K": block_k,
+                           "PRECISION": "ieee" if dtype == "float32" else "tf32"},
                           kept_product.NUM_WARPS, kept_product.NUM_STAGES, divisible)
 
 

@@ -1,4 +1,4 @@
-"""Triton kept-blocks product: ``p @ w`` over the (token, block) pairs gradient filtering keeps.
+"""Triton kept-blocks products: ``p @ w`` (and ``dWq``) over the (token, block) pairs gradient filtering keeps.
 
 Gradient filtering (``grad_filter.py``) lets each token leave its own lightest blocks of
 ``FILTER_BLOCK`` vocabulary columns out of ``E_p[Wq] = p @ Wq``; tokens keep different blocks, so
@@ -14,6 +14,10 @@ of ``d``) gathers its tokens' rows of ``p``, multiplies them by the block's rows
 tensor cores and adds the result into its tokens' rows of the output with float32 atomics (so the
 order of the sums, not their terms, varies from run to run). Only tiles that hold a token are
 launched: one host sync per call reads how many there are.
+
+A trainable Q head's ``dWq = g^T @ h`` filters the same way (:func:`kept_blocks_head_product_`):
+there each program owns a tile of head rows of one block and runs over the tokens that keep it, so
+it needs neither atomics nor a sync.
 """
 
 from __future__ import annotations
@@ -81,10 +85,9 @@ def kept_blocks_product(p: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor)
     p, w = row_major(p), row_major(w)
     block_m, block_d, block_k = tile_sizes(p.dtype)
     out = torch.zeros(rows, w.shape[1], dtype=torch.float32, device=p.device)
-    # Per block, the rows that keep it first, in row order, and how many; then one program per
-    # (block, BLOCK_M of its rows) that has any, by the block it serves and its first row.
-    tokens = torch.argsort(dropped.T.to(torch.uint8), dim=1, stable=True).to(torch.int32).contiguous()
-    counts = (~dropped).sum(dim=0, dtype=torch.int32)
+    # One program per (block, BLOCK_M of the rows that keep it) that has any, by the block it serves
+    # and its first row.
+    tokens, counts = _kept_tokens(dropped)
     tiles_per_block = (counts + block_m - 1) // block_m
     tiles = int(tiles_per_block.sum())
     if not tiles or not w.shape[1]:
@@ -101,3 +104,78 @@ def kept_blocks_product(p: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor)
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
     return out
+
+
+@triton.jit
+def _kept_blocks_head_kernel(
+    g_ptr, h_ptr, out_ptr, tokens_ptr, counts_ptr,
+    C, V, D, stride_g, stride_h, stride_out,
+    FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0) // (FILTER // BLOCK_N)
+    count = tl.load(counts_ptr + block)
+    if count == 0:
+        return
+    n = block.to(tl.int64) * FILTER + (tl.program_id(0) % (FILTER // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = n < V
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = cols < D
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start in range(0, count, BLOCK_K):
+        m = start + tl.arange(0, BLOCK_K)
+        in_m = m < count
+        tokens = tl.load(tokens_ptr + block.to(tl.int64) * C + m, mask=in_m, other=0).to(tl.int64)
+        g = tl.load(g_ptr + tokens[:, None] * stride_g + n[None, :], mask=in_m[:, None] & in_n[None, :], other=0.0)
+        h = tl.load(h_ptr + tokens[:, None] * stride_h + cols[None, :], mask=in_m[:, None] & in_d[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g), h.to(tl.float32), acc, input_precision=PRECISION)
+    out = out_ptr + n[:, None] * stride_out + cols[None, :]
+    mask = in_n[:, None] & in_d[None, :]
+    tl.store(out, tl.load(out, mask=mask) + acc, mask=mask)
+
+
+def kept_blocks_head_product_(out: torch.Tensor, g: torch.Tensor, h: torch.Tensor, dropped: torch.Tensor) -> None:
+    """``out += g^T @ h`` with each row's dropped blocks of ``g`` left out: a trainable Q head's
+    ``dWq`` over a tile (``g = dL/dQ``).
+
+    ``out``: ``[Vt, d]`` float32, row-major; ``g``: ``[C, Vt]`` float32; ``h``: ``[C, d]`` (float16,
+    bfloat16 or float32); ``dropped`` as :func:`kept_blocks_product` takes it. One program per
+    (``BLOCK_N`` columns of a block, ``BLOCK_D`` of ``d``) runs over the rows that keep the block,
+    so each owns its tile of ``out`` (no atomics: the result is the same every run). The product
+    is float32 (TF32 on the tensor cores for half-precision ``h``, finer than ``g`` rounded to
+    ``h``'s dtype, and without float16's underflow of ``g``).
+    """
+    check_kernel_inputs("kept-blocks head product", g, h, out)
+    rows, width = g.shape
+    blocks = -(-width // FILTER_BLOCK)
+    if g.dtype != torch.float32 or out.dtype != torch.float32 or out.stride(-1) != 1:
+        raise TypeError(f"g and out must be float32 (out row-major); got {g.dtype} and {out.dtype}")
+    if tuple(out.shape) != (width, h.shape[1]) or h.shape[0] != rows:
+        raise ValueError(f"out must be [{width}, d] and h [{rows}, d]; got {tuple(out.shape)} and {tuple(h.shape)}")
+    if dropped.dtype != torch.bool or tuple(dropped.shape) != (rows, blocks):
+        raise ValueError(f"dropped must be a bool [{rows}, {blocks}] mask; got {dropped.dtype} {tuple(dropped.shape)}")
+    g, h = row_major(g), row_major(h)
+    block_n, block_d, block_k = head_tile_sizes()
+    tokens, counts = _kept_tokens(dropped)
+    if rows and width and h.shape[1]:
+        with launch_guard(g):
+            _kept_blocks_head_kernel[(blocks * (FILTER_BLOCK // block_n), triton.cdiv(h.shape[1], block_d))](
+                g, h, out, tokens, counts,
+                rows, width, h.shape[1], g.stride(0), h.stride(0), out.stride(0),
+                FILTER=FILTER_BLOCK, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k,
+                PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            )
+
+
+def head_tile_sizes() -> tuple[int, int, int]:
+    """``(BLOCK_N head rows, BLOCK_D columns, BLOCK_K tokens per step)`` of the head product (float32
+    operands: three stages in 72 KB of shared memory); small in the interpreter."""
+    return (16, 32, 16) if INTERPRET else (64, 128, 32)
+
+
+def _kept_tokens(dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, the rows that keep it first, in row order (``[blocks, C]`` int32), and how many
+    (``[blocks]`` int32): a stable sort of the drop mask on its device, no host sync."""
+    tokens = torch.argsort(dropped.T.to(torch.uint8), dim=1, stable=True).to(torch.int32).contiguous()
+    return tokens, (~dropped).sum(dim=0, dtype=torch.int32)

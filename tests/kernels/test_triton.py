@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -196,12 +197,37 @@ def test_kept_blocks_product_refuses_what_it_cannot_take():
         kept_blocks_product(p.double(), w.double(), mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kept_blocks_head_product_matches_the_masked_product(dtype):
+    """A trainable head's filtered dWq on a GPU: ``out += g^T @ h`` with each row's dropped blocks of
+    ``g`` left out, added to what ``out`` held, against float64; a partial last block, a block no row
+    keeps, odd sizes, ``h`` in the model's dtype (the product float32: TF32 on a GPU's tensor cores
+    for half-precision ``h``)."""
+    from qadapter_kernels.steps import FILTER_BLOCK
+    from qadapter_kernels.triton.kept_product import kept_blocks_head_product_
+
+    rows, width, d = 37, 3 * FILTER_BLOCK + 77, 40
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(rows, width, generator=g)
+    h = torch.randn(rows, d, generator=g).to(dtype)
+    before = torch.randn(width, d, generator=g)
+    dropped = _drop_mask(rows, 4, seed=6)
+    out = before.clone().to(DEVICE)
+    kept_blocks_head_product_(out, grad.to(DEVICE), h.to(DEVICE), dropped.to(DEVICE))
+    keep = (~dropped).repeat_interleave(FILTER_BLOCK, dim=1)[:, :width]
+    want = before.double() + (grad.double() * keep).T @ h.double()
+    assert torch.equal(out[FILTER_BLOCK:2 * FILTER_BLOCK].cpu(), before[FILTER_BLOCK:2 * FILTER_BLOCK])  # nobody keeps it
+    tol = 1e-5 if dtype == torch.float32 or not torch.cuda.is_available() else 2e-3  # TF32 on a GPU
+    torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_filtered_gradient_on_gpu_takes_the_kept_blocks_kernel(monkeypatch, dtype):
-    """On a GPU the tile engine's filtered product is the one-launch kernel: same gradient as the
-    gathered GEMMs it replaces there, and the kernel is what ran."""
+def test_filtered_gradients_on_gpu_take_the_kept_blocks_kernels(monkeypatch, dtype):
+    """On a GPU the tile engine's filtered products are the Triton kernels (``p @ Wq`` and a trainable
+    head's ``dWq``): the same gradients as the gathered GEMMs they replace there, and the kernels are
+    what ran; with deterministic algorithms asked for, ``p @ Wq`` (atomics) takes the gathered GEMMs."""
     from qadapter_kernels import tiles
     from qadapter_kernels.grad_filter import grad_filter_report
     from qadapter_kernels.triton import kept_product
@@ -211,32 +237,38 @@ def test_filtered_gradient_on_gpu_takes_the_kept_blocks_kernel(monkeypatch, dtyp
     tilt = -1.5 * torch.log1p(torch.arange(vocab, dtype=torch.float32))  # a peaked policy, as a model's
     weight = torch.randn(vocab, hidden, generator=g) / hidden**0.5
     weight[:, 0] = tilt
+    q_weight = weight + 0.1 * torch.randn(vocab, hidden, generator=g) / hidden**0.5
     base, hq = torch.randn(n, hidden, generator=g), torch.randn(n, hidden, generator=g)
     base[:, 0] = hq[:, 0] = 1.0
-    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
     upstream = torch.randn(2, n, generator=g).to(DEVICE)
-    args = [t.to(dtype).to(DEVICE) for t in (base, hq, weight)]
+    base, hq, weight, q_weight = (t.to(dtype).to(DEVICE) for t in (base, hq, weight, q_weight))
 
-    def grad():
-        leaf = args[1].detach().clone().requires_grad_()
-        q_taken, value = chunked_triton_token_stats(args[0], leaf, args[2], args[2], None, targets.to(DEVICE),
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (hq, q_weight)]
+        q_taken, value = chunked_triton_token_stats(base, leaves[0], weight, leaves[1], None, targets,
                                                     StatsOptions(grad_filter_eps=0.02))
         (q_taken * upstream[0] + value * upstream[1]).sum().backward()
-        return leaf.grad.double()
+        return [t.grad.double() for t in leaves]
 
-    assert tiles._gpu_kept_product() is kept_product.kept_blocks_product
+    assert tiles._gpu_kernels() is kept_product
     calls = []
-    monkeypatch.setattr(tiles, "_gpu_kept_product",
-                        lambda: lambda *a: calls.append(1) or kept_product.kept_blocks_product(*a))
+    counting = types.SimpleNamespace(
+        kept_blocks_product=lambda *a: calls.append("p @ Wq") or kept_product.kept_blocks_product(*a),
+        kept_blocks_head_product_=lambda *a: calls.append("dWq") or kept_product.kept_blocks_head_product_(*a))
+    monkeypatch.setattr(tiles, "_gpu_kernels", lambda: counting)
     with grad_filter_report() as report:
-        kernel = grad()
-    assert calls and report.skipped_fraction > 0.3
-    # Deterministic algorithms asked for: the gathered GEMMs (the kernel's atomics sum in no fixed order).
-    kernel_calls = len(calls)
+        kernels = grads()
+    assert {"p @ Wq", "dWq"} <= set(calls) and report.skipped_fraction > 0.3 and report.head_skipped_fraction > 0.3
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    gathered = grad()
-    assert len(calls) == kernel_calls
-    assert (kernel - gathered).norm() / gathered.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
+    calls.clear()
+    grads()
+    assert "p @ Wq" not in calls
+    monkeypatch.setattr(tiles, "_gpu_kernels", lambda: None)
+    gathered = grads()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip(kernels, gathered):
+        assert (got - want).norm() / want.norm() < tol
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for GPUs on machines without one")
@@ -249,8 +281,9 @@ def test_kernels_compile_for_gpus():
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    # 4 row-step variants (cap, stats), the combine, the kept-blocks product (16-divisible sizes or not); 2 archs
-    assert run.stdout.count(" ok") == 14, run.stdout
+    # 4 row-step variants (cap, stats), the combine, the kept-blocks products (p @ Wq and dWq; 16-divisible
+    # sizes or not); 2 archs
+    assert run.stdout.count(" ok") == 18, run.stdout
 
 
 def test_aot_check_covers_blackwell_and_the_soft_capped_row_step():
