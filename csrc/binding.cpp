@@ -55,7 +55,7 @@ int check_logits(const at::Tensor& z, const at::Tensor& q) {
   return code;
 }
 
-// block_stats (optional): [rows, ceil(vocab / QAK_FILTER_BLOCK), 2] float32, each block's max and sum of p.
+// block_stats (optional): [rows, ceil(vocab / QAK_FILTER_BLOCK)] float32, each block's sum of p.
 void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& targets, double alpha_tilde,
               double alpha_0, double softcap, const at::Tensor& q_taken, const at::Tensor& value,
               const at::Tensor& p, const std::optional<at::Tensor>& block_stats) {
@@ -73,7 +73,7 @@ void row_step(const at::Tensor& z, const at::Tensor& q, const at::Tensor& target
               p.scalar_type());
   if (block_stats) {
     check_tensor(*block_stats, "block_stats", z.device(),
-                 {rows, (z.size(1) + QAK_FILTER_BLOCK - 1) / QAK_FILTER_BLOCK, 2});
+                 {rows, (z.size(1) + QAK_FILTER_BLOCK - 1) / QAK_FILTER_BLOCK});
     check_dtype(*block_stats, "block_stats", at::kFloat);
   }
   TORCH_CHECK(alpha_tilde > 0, "alpha_tilde must be > 0; got ", alpha_tilde);

@@ -147,41 +147,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// max that propagates NaN (fmaxf skips it), as torch.amax does.
-__device__ __forceinline__ float nan_max(float a, float b) { return a > b || a != a ? a : b; }
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 __device__ __forceinline__ Lse warp_lse(Lse a) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) a.merge(__shfl_xor_sync(0xffffffffu, a.max, o), __shfl_xor_sync(0xffffffffu, a.sum, o));
   return a;
 }
 
-// Block reductions: blockDim.x a multiple of 32; every thread gets the result. They begin with a
-// barrier so that consecutive calls can reuse the same 32-slot shared scratch. warp_reduce folds a
-// warp's values, identity fills the lanes past the block's warps.
-template <typename WarpReduce>
-__device__ __forceinline__ float block_reduce(float v, float* scratch, WarpReduce warp_reduce, float identity) {
-  v = warp_reduce(v);
+// Block sum: blockDim.x a multiple of 32; every thread gets the result. It begins with a barrier so
+// that consecutive calls can reuse the same 32-slot shared scratch.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  return warp_reduce(lane < (int)(blockDim.x >> 5) ? scratch[lane] : identity);
-}
-
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-  return block_reduce(v, scratch, [](float x) { return warp_sum(x); }, 0.f);
-}
-
-// Largest value of the block (NaN if any is NaN).
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  return block_reduce(v, scratch, [](float x) { return warp_max(x); }, -INFINITY);
+  return warp_sum(lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.f);
 }
 
 __device__ __forceinline__ Lse block_lse(Lse a, float* scratch_max, float* scratch_sum) {

@@ -515,9 +515,8 @@ int qak_cpu_block_width(void) { return BLOCK; }
  * bfloat16, may alias q (q is read before any of its row is written). Per row it writes what the
  * caller asks for (a NULL pointer: not wanted): q_taken = q[targets] (targets and q_taken together),
  * value, and lse_c = lse(c), lse_z = lse(z): a vocabulary tile's share, which the caller merges;
- * block_stats_out ([rows, ceil(V / BLOCK), 2]): each block's largest p (the scale its exps get: they
- * are relative to the block's max, within a float rounding) and its sum of p, for gradient
- * filtering at no extra pass. softcap > 0: z and q are raw and capped as they are read (q_taken
+ * block_stats_out ([rows, ceil(V / BLOCK)]): each block's sum of p (its exps' sum times the scale
+ * they get), for gradient filtering at no extra pass. softcap > 0: z and q are raw and capped as they are read (q_taken
  * too), p comes out times the cap's slope on q, and block_stats_out stays of the policy itself;
  * 0: no cap. */
 int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void *p,
@@ -583,10 +582,7 @@ int qak_cpu_row_step(const void *z, const void *q, const int64_t *targets, void 
             for (int64_t b = 0; b < nblocks; b++) {
                 const int64_t off = b * BLOCK, n = V - off < BLOCK ? V - off : BLOCK;
                 const float scale = bmax[b] == -INFINITY ? 0.0f : (float)(exp(bmax[b] - Mc) / Sc);
-                if (block_stats_out) {
-                    block_stats_out[2 * (r * nblocks + b)] = scale;
-                    block_stats_out[2 * (r * nblocks + b) + 1] = scale * bsum[b];
-                }
+                if (block_stats_out) block_stats_out[r * nblocks + b] = scale * bsum[b];
                 scale_block(e + off, p_bf16 ? (uint16_t *)p + base + off : NULL, n, scale, in_bf16);
             }
         }

@@ -29,10 +29,10 @@ enum qak_reward_norm { QAK_NORM_PADDED = 0, QAK_NORM_MEAN = 1, QAK_NORM_SUM = 2 
 // s * tanh(x / s), so all of the above is of the capped z and q, and p is written times the
 // cap's slope on Q, 1 - (q_capped / s)^2.
 // p may alias z or q (same dtype): each element is read before it is overwritten, by one thread.
-// block_stats (NULL: none), for gradient filtering: a [rows, ceil(vocab / QAK_FILTER_BLOCK), 2]
+// block_stats (NULL: none), for gradient filtering: a [rows, ceil(vocab / QAK_FILTER_BLOCK)]
 // float32 array that gets, for each QAK_FILTER_BLOCK columns of a row (the last block may be
-// partial), the largest p and the sum of p of the policy softmax(...) itself, never times a
-// cap's slope; a NaN p makes the block's max and sum NaN.
+// partial), the sum of p of the policy softmax(...) itself, never times a cap's slope; a NaN p
+// makes the block's sum NaN.
 #define QAK_FILTER_BLOCK 1024  // qadapter_kernels.steps.FILTER_BLOCK
 int qak_row_step(const void* z, const void* q, const int64_t* targets, int64_t rows, int64_t vocab,
                  int dtype, float alpha_tilde, float alpha_0, float softcap, float* q_taken, float* value,

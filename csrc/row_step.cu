@@ -3,7 +3,7 @@
 // Traffic: z and q read twice, P written once; no [C, V] temporary. Under a soft cap (kCap) z
 // and q are capped in registers as they are read, in both passes. With block statistics (kStats,
 // gradient filtering) the write pass goes QAK_FILTER_BLOCK columns at a time and reduces each
-// block's largest p and sum of p across the thread block.
+// block's sum of p across the thread block.
 #include "common.cuh"
 
 namespace qak {
@@ -16,8 +16,8 @@ __device__ __forceinline__ float soft_cap(float x, float cap, float inv_cap) { r
 
 // kCap: z and q are raw logits, capped as they are read (softcap s, inv_softcap 1 / s), and p is
 // written times the cap's slope on Q, 1 - tanh^2 (steps.RowStep). Without it both are unused.
-// kStats: stats ([rows, ceil(vocab / QAK_FILTER_BLOCK), 2]) gets each block's max and sum of the
-// policy itself (not times the slope); without it stats is unused.
+// kStats: stats ([rows, ceil(vocab / QAK_FILTER_BLOCK)]) gets each block's sum of the policy itself
+// (not times the slope); without it stats is unused.
 template <typename T, typename P, bool kCap, bool kStats>
 __global__ void __launch_bounds__(kRowThreads) row_step_kernel(
     const T* z, const T* q, const int64_t* __restrict__ targets, int64_t vocab,
@@ -92,30 +92,23 @@ __global__ void __launch_bounds__(kRowThreads) row_step_kernel(
     // starts a multiple of QAK_FILTER_BLOCK past the row start, so the same 16-byte boundaries apply.
     // The loop bounds are the same for every thread: all reach the reductions' barriers.
     const int64_t n_blocks = (vocab + QAK_FILTER_BLOCK - 1) / QAK_FILTER_BLOCK;
-    float* row_stats = stats + row * n_blocks * 2;
+    float* row_stats = stats + row * n_blocks;
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t start = b * QAK_FILTER_BLOCK;
       const int64_t width = vocab - start < QAK_FILTER_BLOCK ? vocab - start : QAK_FILTER_BLOCK;
       P* pb = p + row_start + start;
-      float b_max = 0.f, b_sum = 0.f;  // p >= 0: 0 is the max of no column
+      float b_sum = 0.f;
       for_each_col(z, q, row_start + start, width, vec_ok,
                    [&](int64_t col, const float* zv, const float* qv, auto w) {
                      constexpr int n = decltype(w)::value;
                      float pol[n], out[n];
                      policy(zv, qv, pol, out, w);
 #pragma unroll
-                     for (int j = 0; j < n; ++j) {
-                       b_max = nan_max(b_max, pol[j]);
-                       b_sum += pol[j];  // a NaN stays in the sum: the filter then keeps the block
-                     }
+                     for (int j = 0; j < n; ++j) b_sum += pol[j];  // a NaN stays in: the filter then keeps the block
                      store_n<P, n>(pb + col, out);
                    });
-      b_max = block_max(b_max, scratch[0]);
-      b_sum = block_sum(b_sum, scratch[1]);
-      if (threadIdx.x == 0) {
-        row_stats[2 * b] = b_max;
-        row_stats[2 * b + 1] = b_sum;
-      }
+      b_sum = block_sum(b_sum, scratch[0]);
+      if (threadIdx.x == 0) row_stats[b] = b_sum;
     }
   }
 }

@@ -19,8 +19,8 @@ def row_step_(z: torch.Tensor, q: torch.Tensor, targets: torch.Tensor, alpha_til
     """``(q_taken, value)`` of each row; the policy ``p`` overwrites ``q`` (in ``q``'s dtype).
 
     ``softcap`` > 0: z and q are raw logits, capped as the kernel reads them (``steps.RowStep``); 0: none.
-    ``block_stats`` (gradient filtering): a float32 ``[C, ceil(V / steps.FILTER_BLOCK), 2]`` the kernel
-    fills with each block's largest p and sum of p (of the policy itself, never times a cap's slope)."""
+    ``block_stats`` (gradient filtering): a float32 ``[C, ceil(V / steps.FILTER_BLOCK)]`` the kernel
+    fills with each block's sum of p (of the policy itself, never times a cap's slope)."""
     q_taken = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
     value = torch.empty_like(q_taken)
     _cuda.extension().row_step(z, q, targets, alpha_tilde, alpha_0, softcap, q_taken, value, q, block_stats)

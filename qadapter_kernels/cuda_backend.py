@@ -34,8 +34,8 @@ _NORM_CODES = {name: code for code, name in enumerate(REWARD_NORM)}  # enum qak_
 def cuda_row_step(z, q, targets, alpha_tilde, alpha_0, p_dtype, softcap=None, block_stats=None):
     """The fused row step (``steps.RowStep`` contract); p overwrites q when p_dtype is q's dtype.
     A soft cap is applied by the kernel as it reads z and q. ``block_stats`` (gradient filtering, a
-    contiguous float32 ``[C, ceil(V / FILTER_BLOCK), 2]``) are written by the kernel's pass that
-    writes p: each block's largest p and sum of p, of the policy itself (never times a cap's slope).
+    contiguous float32 ``[C, ceil(V / FILTER_BLOCK)]``) are written by the kernel's pass that
+    writes p: each block's sum of p, of the policy itself (never times a cap's slope).
 
     float64 inputs keep float64 statistics through the eager step: the kernels compute in float32.
     """

@@ -36,14 +36,14 @@ RowStep = Callable[..., tuple]
 #                 (float64 for float64 inputs): the caller merges the tiles' shares.
 #   p:            [C, Vt] exp(c - lse_c), the tile's own softmax, in p_dtype (may alias z or q);
 #                 under a soft cap, times its slope on Q (as the row step's).
-#   block_stats:  optional [C, ceil(Vt / FILTER_BLOCK), 2] in the statistics dtype (float32; float64
-#                 for float64 inputs), filled with the largest p and the sum of p of each
-#                 FILTER_BLOCK columns of the tile (gradient filtering; the policy itself, never
-#                 weighted by a cap's slope).
+#   block_stats:  optional [C, ceil(Vt / FILTER_BLOCK)] in the statistics dtype (float32; float64
+#                 for float64 inputs), filled with the sum of p of each FILTER_BLOCK columns of the
+#                 tile, the probability the block holds (gradient filtering; the policy itself,
+#                 never weighted by a cap's slope).
 BlockStep = Callable[..., tuple]
 
 # Columns per block of gradient filtering: the compiled CPU step's sweep block (csrc/cpu_row_step.c,
-# BLOCK), whose per-block scale and sum are the block's largest p and its mass: no extra pass.
+# BLOCK), whose per-block sum is the block's mass: no extra pass.
 FILTER_BLOCK = 1024
 
 
@@ -62,8 +62,8 @@ def _logsumexp_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def kernel_block_stats(block_stats: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
     """``block_stats`` checked to be what a compiled step writes: a contiguous float32
-    ``[rows, ceil(vocab / FILTER_BLOCK), 2]``."""
-    shape = (rows, -(-vocab // FILTER_BLOCK), 2)
+    ``[rows, ceil(vocab / FILTER_BLOCK)]``."""
+    shape = (rows, -(-vocab // FILTER_BLOCK))
     if block_stats.dtype != torch.float32 or tuple(block_stats.shape) != shape or not block_stats.is_contiguous():
         raise ValueError(f"block_stats must be a contiguous float32 tensor of shape {shape}, got "
                          f"{block_stats.dtype} {tuple(block_stats.shape)}")
@@ -71,16 +71,13 @@ def kernel_block_stats(block_stats: torch.Tensor, rows: int, vocab: int) -> torc
 
 
 def block_stats_(p: torch.Tensor, block_stats: torch.Tensor) -> torch.Tensor:
-    """``block_stats[:, b] = (max, sum)`` of ``p[:, b * FILTER_BLOCK : (b + 1) * FILTER_BLOCK]`` (the eager way)."""
+    """``block_stats[:, b]`` = the sum of ``p[:, b * FILTER_BLOCK : (b + 1) * FILTER_BLOCK]`` (the eager way)."""
     rows, width = p.shape
     full = width // FILTER_BLOCK
     if full:
-        blocks = p[:, : full * FILTER_BLOCK].reshape(rows, full, FILTER_BLOCK)
-        torch.amax(blocks, dim=2, out=block_stats[:, :full, 0])
-        torch.sum(blocks, dim=2, out=block_stats[:, :full, 1])
+        torch.sum(p[:, : full * FILTER_BLOCK].reshape(rows, full, FILTER_BLOCK), dim=2, out=block_stats[:, :full])
     if full * FILTER_BLOCK < width:
-        torch.amax(p[:, full * FILTER_BLOCK:], dim=1, out=block_stats[:, full, 0])
-        torch.sum(p[:, full * FILTER_BLOCK:], dim=1, out=block_stats[:, full, 1])
+        torch.sum(p[:, full * FILTER_BLOCK:], dim=1, out=block_stats[:, full])
     return block_stats
 
 

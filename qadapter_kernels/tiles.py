@@ -174,7 +174,7 @@ class ChunkedTokenStats(torch.autograd.Function):
                     drop = None
                     if filtering:  # add * p bounds p against the row's lse so far, hence its final p
                         dropped[s:e].mul_(keep)
-                        drop, left_out = grad_filter.leave_out(stats[..., 1] * add.unsqueeze(1), eps * v1 / vocab,
+                        drop, left_out = grad_filter.leave_out(stats * add.unsqueeze(1), eps * v1 / vocab,
                                                                dropped[s:e], v1 - v0)
                         entries += p.numel()
                         skipped += left_out
@@ -241,8 +241,7 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
                 drop = None
                 if filtering:  # a token's own target block is never left out (its g_a term)
                     target = torch.where(inside, float("inf"), 0.0).to(sd).unsqueeze(1)
-                    mass = (stats[..., 1] * to_row.unsqueeze(1)).scatter_add_(1, (column // FILTER_BLOCK).unsqueeze(1),
-                                                                              target)
+                    mass = (stats * to_row.unsqueeze(1)).scatter_add_(1, (column // FILTER_BLOCK).unsqueeze(1), target)
                     drop, left_out = grad_filter.leave_out(mass, eps * v1 / vocab, dropped, v1 - v0)
                     entries += p.numel()
                     skipped += left_out
@@ -261,14 +260,14 @@ def _head_grads(ctx, base, hq, weight, q_weight, q_bias, targets, lse_c, grad_q_
 
 
 class _BlockStats:
-    """One reused buffer for the block steps' per-block maximum and sum of ``p`` (``steps.BlockStep``)."""
+    """One reused buffer for the block steps' per-block sums of ``p`` (``steps.BlockStep``)."""
 
     def __init__(self, rows: int, columns: int, dtype: torch.dtype, device: torch.device):
-        self.buffer = torch.empty(rows * -(-columns // FILTER_BLOCK) * 2, dtype=dtype, device=device)
+        self.buffer = torch.empty(rows * -(-columns // FILTER_BLOCK), dtype=dtype, device=device)
 
     def __call__(self, rows: int, width: int) -> torch.Tensor:
         blocks = -(-width // FILTER_BLOCK)
-        return self.buffer[: rows * blocks * 2].view(rows, blocks, 2)
+        return self.buffer[: rows * blocks].view(rows, blocks)
 
 
 def _kept_product(out_dtype: torch.dtype, p: torch.Tensor, w: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:

@@ -109,18 +109,14 @@ def _row_step_kernel(
     tl.store(value_ptr + row, alpha_tilde * lse_c - alpha_0 * lse_z)
 
     # Pass 2: the policy. Reads each element before this program overwrites it (p may alias q).
-    if STATS:  # FILTER columns at a time (BLOCK_V divides FILTER): each one's largest p and sum of p
+    if STATS:  # FILTER columns at a time (BLOCK_V divides FILTER): each one's sum of p
         for b0 in range(0, V, FILTER):
-            b_max = 0.0
             b_sum = 0.0
             for off in range(0, FILTER, BLOCK_V):
                 p = write_policy(z_row, q_row, p_row, b0 + off + cols, V, alpha_0, inv_alpha_tilde, lse_c, softcap,
                                  SOFTCAP)
-                b_max = tl.maximum(b_max, tl.max(p, axis=0))
                 b_sum += tl.sum(p, axis=0)
-            stats_row = stats_ptr + (row * n_blocks + b0 // FILTER) * 2
-            tl.store(stats_row, b_max)
-            tl.store(stats_row + 1, b_sum)
+            tl.store(stats_ptr + row * n_blocks + b0 // FILTER, b_sum)
     else:
         for start in range(0, V, BLOCK_V):
             write_policy(z_row, q_row, p_row, start + cols, V, alpha_0, inv_alpha_tilde, lse_c, softcap, SOFTCAP)
@@ -156,7 +152,7 @@ def triton_row_step(
         with launch_guard(q):
             _row_step_kernel[(rows,)](
                 z, q, targets, p, q_taken, value, stats,
-                vocab, z.stride(0), q.stride(0), p.stride(0), stats.shape[1] if stats.dim() == 3 else 0,
+                vocab, z.stride(0), q.stride(0), p.stride(0), stats.shape[1] if block_stats is not None else 0,
                 float(alpha_tilde), float(alpha_0), float(softcap or 0.0),
                 SOFTCAP=softcap is not None, STATS=block_stats is not None, FILTER=FILTER_BLOCK,
                 BLOCK_V=min(block_v, FILTER_BLOCK) if block_stats is not None else block_v,

@@ -298,13 +298,13 @@ def test_capped_row_step_matches_torch(ext, monkeypatch, dtype, vocab, p_out, la
 
 
 def _block_stats_buffer(rows, vocab):
-    """NaN-poisoned ``[rows, ceil(vocab / FILTER_BLOCK), 2]`` float32 block statistics, and the
-    sentinel element just past them (in the same allocation): a block past the end of the last row
+    """NaN-poisoned ``[rows, ceil(vocab / FILTER_BLOCK)]`` float32 block statistics, and the
+    sentinel elements just past them (in the same allocation): a block past the end of the last row
     would land there."""
     blocks = -(-vocab // FILTER_BLOCK)
-    buffer = torch.full((rows * blocks * 2 + 2,), float("nan"), device="cuda")
+    buffer = torch.full((rows * blocks + 2,), float("nan"), device="cuda")
     buffer[-2:] = -7.0
-    return buffer[: rows * blocks * 2].view(rows, blocks, 2), buffer[-2:]
+    return buffer[: rows * blocks].view(rows, blocks), buffer[-2:]
 
 
 @gpu
@@ -316,7 +316,7 @@ def _block_stats_buffer(rows, vocab):
 @pytest.mark.parametrize("layout", ["aligned", "misaligned"])
 def test_row_step_block_stats_match_torch(ext, monkeypatch, dtype, vocab, softcap, p_out, layout):
     """Gradient filtering's block statistics from the kernel's write pass: each FILTER_BLOCK columns'
-    largest p and sum of p, of the policy itself even under a cap (the written p carries the slope),
+    sum of p, of the policy itself even under a cap (the written p carries the slope),
     as the eager step's; every block written, none past the last (a partial one included), rows of
     every alignment (an odd vocabulary puts each aligned row's head elsewhere); p unchanged."""
     rows, alpha_tilde, alpha_0 = 7, 0.7, 0.3
@@ -324,7 +324,7 @@ def test_row_step_block_stats_match_torch(ext, monkeypatch, dtype, vocab, softca
     targets = torch.randint(0, vocab, (rows,), device="cuda")
     p_dtype = torch.float32 if p_out == "float32" else dtype
     blocks = -(-vocab // FILTER_BLOCK)
-    want_stats = torch.full((rows, blocks, 2), float("nan"), device="cuda")
+    want_stats = torch.full((rows, blocks), float("nan"), device="cuda")
     want_qa, want_v, want_p = torch_row_step(z.clone(), q.clone(), targets, alpha_tilde, alpha_0, p_dtype, softcap,
                                              want_stats)
     assert not want_stats.isnan().any()
@@ -339,11 +339,11 @@ def test_row_step_block_stats_match_torch(ext, monkeypatch, dtype, vocab, softca
     torch.testing.assert_close(value, want_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p.float(), want_p.float(), **_tol(p_dtype))
     # Not vacuous: the blocks differ, and under the cap the statistics of the written p would not do.
-    assert (stats[:, :, 1].amax(dim=1) > 2 * stats[:, :, 1].amin(dim=1)).all() or blocks == 1
+    assert (stats.amax(dim=1) > 2 * stats.amin(dim=1)).all() or blocks == 1
     written = torch.full_like(want_stats, float("nan"))
     steps.block_stats_(p.float(), written)
     if softcap is not None:
-        assert ((written[..., 1] - want_stats[..., 1]).abs() > 0.05 * want_stats[..., 1]).all()
+        assert ((written - want_stats).abs() > 0.05 * want_stats).all()
 
 
 @gpu
@@ -351,14 +351,14 @@ def test_row_step_block_stats_match_torch(ext, monkeypatch, dtype, vocab, softca
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("softcap", [None, 2.5])
 def test_row_step_block_stats_carry_nan(ext, dtype, softcap):
-    """A NaN logit makes its row's p NaN, hence every block's sum (the filter then keeps the blocks)
-    and max, as in the eager step; the other rows' statistics are untouched by it."""
+    """A NaN logit makes its row's p NaN, hence every block's sum (the filter then keeps the blocks),
+    as in the eager step; the other rows' statistics are untouched by it."""
     rows, vocab = 4, 2 * FILTER_BLOCK + 3
     z, q = _logits(rows, vocab, dtype, seed=21)
     z[1, 5] = float("nan")
     q[2, FILTER_BLOCK + 7] = float("nan")
     targets = torch.zeros(rows, dtype=torch.long, device="cuda")
-    want = torch.empty(rows, 3, 2, device="cuda")
+    want = torch.empty(rows, 3, device="cuda")
     torch_row_step(z.clone(), q.clone(), targets, 0.8, 0.2, torch.float32, softcap, want)
     stats, sentinel = _block_stats_buffer(rows, vocab)
     stats[:] = 0.0
@@ -376,10 +376,10 @@ def test_binding_checks_block_stats(ext):
     t = torch.zeros(2, dtype=torch.long, device="cuda")
     out = [torch.empty(2, device="cuda"), torch.empty(2, device="cuda"), torch.empty(z.shape, device="cuda")]
     for bad, message in [
-        (torch.empty(2, 1, 2, device="cuda"), "block_stats must have shape"),
-        (torch.empty(2, 2, 2, device="cuda", dtype=torch.bfloat16), "block_stats must be Float"),
-        (torch.empty(2, 2, 2), "block_stats must be a CUDA tensor"),
-        (torch.empty(2, 2, 2, device="cuda").transpose(0, 1), "block_stats must be contiguous"),
+        (torch.empty(2, 1, device="cuda"), "block_stats must have shape"),
+        (torch.empty(2, 2, device="cuda", dtype=torch.bfloat16), "block_stats must be Float"),
+        (torch.empty(2, 2), "block_stats must be a CUDA tensor"),
+        (torch.empty(2, 2, device="cuda").transpose(0, 1), "block_stats must be contiguous"),
     ]:
         with pytest.raises(RuntimeError, match=message):
             ext.row_step(z, q, t, 1.0, 0.01, 0.0, *out, bad)
@@ -745,19 +745,19 @@ def test_cuda_row_step_hands_block_stats_to_the_kernel(monkeypatch):
     monkeypatch.setattr(cuda_backend, "torch_row_step", _no_eager_step)
     vocab = 2 * FILTER_BLOCK + 5
     z, q, targets = torch.randn(3, vocab), torch.randn(3, vocab).bfloat16(), torch.tensor([0, 5, 10])
-    stats = torch.empty(3, 3, 2)
+    stats = torch.empty(3, 3)
     assert cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.bfloat16, 2.5, stats)[2] is q
     cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32, None, stats)
     cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32)
     assert [(name, cap) for name, cap, _ in seen] == [("row_step_", 2.5), ("row_step", 0.0), ("row_step", 0.0)]
     assert seen[0][2] is stats and seen[1][2] is stats and seen[2][2] is None
-    for bad in (torch.empty(3, 2, 2), torch.empty(3, 3, 2, dtype=torch.float64), torch.empty(3, 2, 3).transpose(1, 2)):
+    for bad in (torch.empty(3, 2), torch.empty(3, 3, dtype=torch.float64), torch.empty(3, 3, 2), torch.empty(3, 3).T):
         with pytest.raises(ValueError, match="block_stats must be a contiguous float32"):
             cuda_backend.cuda_row_step(z, q, targets, 0.8, 0.1, torch.float32, None, bad)
     assert len(seen) == 3
     with pytest.raises(AssertionError, match="eager"):
         cuda_backend.cuda_row_step(z.double(), q.double(), targets, 0.8, 0.1, torch.float64, None,
-                                   torch.empty(3, 3, 2, dtype=torch.float64))
+                                   torch.empty(3, 3, dtype=torch.float64))
 
 
 def test_pairwise_kernel_falls_back_off_gpu():
@@ -803,7 +803,7 @@ def test_custom_ops_trace_without_a_gpu():
         q_taken, value, p = torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01, 0.0)
         assert (q_taken.shape, value.dtype, p.shape, p.dtype) == ((3,), torch.float32, (3, 11), torch.float32)
         assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01, 2.5)[0].shape == (3,)
-        stats = torch.empty(3, 1, 2)
+        stats = torch.empty(3, 1)
         assert torch.ops.qadapter.row_step(z, q, targets, 1.0, 0.01, 0.0, stats)[2].shape == (3, 11)
         assert torch.ops.qadapter.row_step_(z, q, targets, 1.0, 0.01, 2.5, stats)[1].shape == (3,)
         seq, stats, grad = torch.ops.qadapter.pairwise_bt(torch.empty(7), torch.zeros(4, dtype=torch.long), 5, 0.1, 0)
