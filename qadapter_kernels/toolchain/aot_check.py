@@ -93,7 +93,8 @@ def _variants(mode: str):
         block_m, block_d, block_k = kept_product.tile_sizes(getattr(torch, dtype))
         for divisible in ((), ("V", "D")):
             yield Variant("kept_product", kept_product._kept_blocks_product_kernel, dtype,
-                          {"FILTER": FILTER_BLOCK, "BLOCK_M": block_m, "BLOCK_D": block_d, "BLOCK_K": block_k},
+                          {"FILTER": FILTER_BLOCK, "BLOCK_M": block_m, "BLOCK_D": block_d, "BLOCK_K": block_k,
+                           "PRECISION": "ieee"},
                           kept_product.NUM_WARPS, kept_product.NUM_STAGES, divisible)
             block_n, block_d, block_k = kept_product.head_tile_sizes()
             yield Variant("kept_head", kept_product._kept_blocks_head_kernel, dtype,

@@ -47,6 +47,7 @@ def _kept_blocks_product_kernel(
     p_ptr, w_ptr, out_ptr, tokens_ptr, counts_ptr, tile_block_ptr, tile_first_ptr,
     C, V, D, stride_p, stride_w, stride_out,
     FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     block = tl.load(tile_block_ptr + tile)
@@ -61,8 +62,7 @@ def _kept_blocks_product_kernel(
         in_k = k < V
         a = tl.load(p_ptr + tokens[:, None] * stride_p + k[None, :], mask=in_m[:, None] & in_k[None, :], other=0.0)
         b = tl.load(w_ptr + k[:, None] * stride_w + cols[None, :], mask=in_k[:, None] & in_d[None, :], other=0.0)
-        # "ieee": a float32 product as exact as torch.mm's (no TF32); half-precision inputs ignore it.
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     tl.atomic_add(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc, mask=in_m[:, None] & in_d[None, :],
                   sem="relaxed")
 
@@ -101,7 +101,7 @@ def kept_blocks_product(p: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor)
             p, w, out, tokens, counts, tile_block, tile_first,
             rows, width, w.shape[1], p.stride(0), w.stride(0), out.stride(0),
             FILTER=FILTER_BLOCK, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            PRECISION=float32_precision(), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
     return out
 
@@ -143,7 +143,8 @@ def kept_blocks_head_product_(out: torch.Tensor, g: torch.Tensor, h: torch.Tenso
     (``BLOCK_N`` columns of a block, ``BLOCK_D`` of ``d``) runs over the rows that keep the block,
     so each owns its tile of ``out`` (no atomics: the result is the same every run). The product
     is float32 (TF32 on the tensor cores for half-precision ``h``, finer than ``g`` rounded to
-    ``h``'s dtype, and without float16's underflow of ``g``).
+    ``h``'s dtype, and without float16's underflow of ``g``; for float32 ``h`` as
+    :func:`float32_precision` says).
     """
     check_kernel_inputs("kept-blocks head product", g, h, out)
     rows, width = g.shape
@@ -163,9 +164,15 @@ def kept_blocks_head_product_(out: torch.Tensor, g: torch.Tensor, h: torch.Tenso
                 g, h, out, tokens, counts,
                 rows, width, h.shape[1], g.stride(0), h.stride(0), out.stride(0),
                 FILTER=FILTER_BLOCK, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k,
-                PRECISION="ieee" if h.dtype == torch.float32 else "tf32",
+                PRECISION=float32_precision() if h.dtype == torch.float32 else "tf32",
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES,
             )
+
+
+def float32_precision() -> str:
+    """A float32 ``tl.dot``'s precision as ``torch.mm``'s follows ``torch.get_float32_matmul_precision()``:
+    IEEE at ``"highest"`` (torch's default), TF32 otherwise. Half-precision operands ignore it."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def head_tile_sizes() -> tuple[int, int, int]:
