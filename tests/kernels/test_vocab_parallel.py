@@ -2,8 +2,8 @@
 holding its rows of the head, compute what one process holding the whole head computes: the loss
 (function and module) and its metrics, the token statistics, the gradients of ``q_hidden`` and of a
 sharded Q head and bias, the combined log-probs (and their gradient), those of targets and ``combine_logits``; uneven
-splits, a soft cap, float32 and bfloat16; a head of DTensors. Bad layouts get errors naming the
-argument.
+splits, a soft cap, float32 and bfloat16; a head of DTensors; gradient filtering's budget shared
+among the ranks. Bad layouts get errors naming the argument.
 
 Each world is spawned once (module fixture) and runs every case, saving what it got; the tests
 compare that with the same calls in this process over the whole head."""
@@ -21,10 +21,12 @@ from qadapter_kernels import (
     combine_logits,
     combined_logprobs,
     combined_logprobs_at,
+    grad_filter_report,
     qadapter_loss,
     qadapter_token_stats,
     vocab_shard,
 )
+from qadapter_kernels.steps import FILTER_BLOCK
 
 TIMEOUT_S = 60
 WORLDS = (2, 3)
@@ -39,6 +41,8 @@ CASES = {  # V = 37 splits unevenly over 2 and 3 ranks (19 + 18, 13 + 12 + 12); 
 }
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 HEAD = ("weight", "q_weight", "q_bias")
+FILTER_VOCAB = 4 * FILTER_BLOCK + 300  # two or more filter blocks on every rank
+FILTER_BUDGET = 0.02
 PER_VOCAB = ("q_weight_grad", "q_bias_grad", "logprobs", "combined")  # a rank holds its columns of these
 
 
@@ -167,12 +171,33 @@ def dtensor_head(world: int | None = None) -> dict[str, torch.Tensor]:
     return {"loss": out.loss.detach(), "q_hidden_grad": hq.grad, **whole, "logprobs": logprobs}
 
 
+def filtered_gradients(group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor | float]:
+    """The ``q_hidden`` gradient of the token statistics without and with a filter budget, on
+    test_grad_filter's peaked inputs over a vocabulary of several filter blocks per rank, what was
+    left out here, the upstream gradients and the largest row of the head."""
+    from test_grad_filter import peaked, token_stats_grads, varied
+
+    inputs = varied(peaked(torch.float32, zipf=1.5, scale=0.3, vocab=FILTER_VOCAB))
+    rows = slice(None) if group is None else vocab_shard(FILTER_VOCAB, group)
+    parallel = {} if group is None else {"group": group, "vocab_start": rows.start}
+    local = {**inputs, "weight": inputs["weight"][rows]}
+    n = int((inputs["labels"][:, 1:] != -100).sum())
+    upstream = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact, _ = token_stats_grads(local, upstream, chunk_size=8, **parallel)
+    with grad_filter_report() as report:
+        filtered, _ = token_stats_grads(local, upstream, chunk_size=8, grad_filter_eps=FILTER_BUDGET, **parallel)
+    return {"exact": exact, "filtered": filtered, "dropped_mass": report.dropped_mass.double(),
+            "skipped_fraction": report.skipped_fraction, "upstream": upstream,
+            "head_norm": inputs["weight"].double().norm(dim=1).max()}
+
+
 def _worker(rank, world, init_file, out_dir):
     init_gloo(rank, world, init_file, TIMEOUT_S)
     group = dist.group.WORLD
     results = {name: run_case(name, group) for name in CASES}
     results["bad"] = bad_layouts(group)
     results["dtensor"] = dtensor_head(world)
+    results["filtered"] = filtered_gradients(group)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     exit_worker()
 
@@ -218,6 +243,33 @@ def test_ranks_compute_what_one_process_computes(worlds, world, name):
         for key, whole in want.items():
             torch.testing.assert_close(got[key], rank_columns(key, whole, rows), **tolerance,
                                        msg=lambda m, k=key, r=rank: f"{k}, rank {r}: {m}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ranks_share_each_tokens_filter_budget(worlds, world):
+    """Gradient filtering over a split head: each rank leaves out blocks within its share of a token's
+    budget (``budget * V_r / V``) by masses against its own log-sum-exp (upper bounds of the whole
+    row's), so the ranks' dropped masses add up to at most the budget; the rank holding the head of
+    the peaked policy leaves some out (the others' own softmax over a tail is far flatter than the
+    whole row's); the gradient, the same on every rank, is within the bound of test_grad_filter of
+    the exact one, which is one process's."""
+    one = filtered_gradients()
+    ranks = [got["filtered"] for got in worlds[world]]
+    assert ranks[0]["skipped_fraction"] > 0.1, [got["skipped_fraction"] for got in ranks]
+    shares = [FILTER_BUDGET * size / FILTER_VOCAB for size in shard_sizes(FILTER_VOCAB, world)]
+    for got, share in zip(ranks, shares):
+        assert (got["dropped_mass"] <= share * (1 + 1e-6)).all()
+    assert (ranks[0]["dropped_mass"] > 0.5 * shares[0]).any()  # the share is what bounds it
+    total = sum(got["dropped_mass"] for got in ranks)
+    assert (total > 0).float().mean() > 0.5
+    exact, filtered = ranks[0]["exact"], ranks[0]["filtered"]
+    torch.testing.assert_close(exact, one["exact"], rtol=1e-5, atol=1e-6)
+    for got in ranks[1:]:
+        torch.testing.assert_close(got["filtered"], filtered, rtol=1e-5, atol=1e-6)
+    error = (filtered - exact).norm(dim=1)
+    bound = one["upstream"][1].abs() * total * one["head_norm"]
+    assert (error <= bound * 1.01 + 1e-5 * exact.norm(dim=1)).all()
+    assert (error > 1e-5 * exact.norm(dim=1)).any()  # filtering changed the gradient
 
 
 @pytest.mark.parametrize("world", WORLDS)
