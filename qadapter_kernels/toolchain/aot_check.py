@@ -96,9 +96,9 @@ def _variants(mode: str):
                           {"FILTER": FILTER_BLOCK, "BLOCK_M": block_m, "BLOCK_D": block_d, "BLOCK_K": block_k,
                            "PRECISION": "ieee"},
                           kept_product.NUM_WARPS, kept_product.NUM_STAGES, divisible)
-            block_n, block_d, block_k = kept_product.head_tile_sizes()
+            head_n, head_d, head_k = kept_product.head_tile_sizes()
             yield Variant("kept_head", kept_product._kept_blocks_head_kernel, dtype,
-                          {"FILTER": FILTER_BLOCK, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_K": block_k,
+                          {"FILTER": FILTER_BLOCK, "BLOCK_N": head_n, "BLOCK_D": head_d, "BLOCK_K": head_k,
                            "PRECISION": "ieee" if dtype == "float32" else "tf32"},
                           kept_product.NUM_WARPS, kept_product.NUM_STAGES, divisible)
 
