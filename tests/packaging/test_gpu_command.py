@@ -71,3 +71,15 @@ def test_gpu_command_rejects_an_unknown_step(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path), "no-such-step", "--dry-run"],
                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "no-such-step" in run.stderr
+
+
+def test_every_test_the_gpu_command_names_exists():
+    """The sanitizer steps name single tests (`tests/...py::test_name[params]`), which only run on a
+    GPU: each must be collected here, so that a renamed test or parameter fails in CI, not there."""
+    nodes = sorted(set(re.findall(r"tests/[\w/]+\.py::[\w\[\]\-.]+", (ROOT / "bench" / "gpu.sh").read_text())))
+    assert len(nodes) >= 6, nodes
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *nodes],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    collected = {line.strip() for line in run.stdout.splitlines()}
+    assert set(nodes) <= collected, set(nodes) - collected
