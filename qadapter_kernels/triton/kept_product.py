@@ -77,17 +77,15 @@ def kept_blocks_product(p: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor)
     """
     check_kernel_inputs("kept-blocks product", p, w)
     rows, width = p.shape
-    blocks = -(-width // FILTER_BLOCK)
     if w.shape[0] != width or w.dtype != p.dtype:
         raise ValueError(f"w must be [{width}, d] in {p.dtype}; got {tuple(w.shape)} {w.dtype}")
-    if dropped.dtype != torch.bool or tuple(dropped.shape) != (rows, blocks):
-        raise ValueError(f"dropped must be a bool [{rows}, {blocks}] mask; got {dropped.dtype} {tuple(dropped.shape)}")
+    tokens, counts = _kept_tokens(dropped, rows, width)
+    blocks = counts.shape[0]
     p, w = row_major(p), row_major(w)
     block_m, block_d, block_k = tile_sizes(p.dtype)
     out = torch.zeros(rows, w.shape[1], dtype=torch.float32, device=p.device)
     # One program per (block, BLOCK_M of the rows that keep it) that has any, by the block it serves
     # and its first row.
-    tokens, counts = _kept_tokens(dropped)
     tiles_per_block = (counts + block_m - 1) // block_m
     tiles = int(tiles_per_block.sum())
     if not tiles or not w.shape[1]:
@@ -148,16 +146,14 @@ def kept_blocks_head_product_(out: torch.Tensor, g: torch.Tensor, h: torch.Tenso
     """
     check_kernel_inputs("kept-blocks head product", g, h, out)
     rows, width = g.shape
-    blocks = -(-width // FILTER_BLOCK)
     if g.dtype != torch.float32 or out.dtype != torch.float32 or out.stride(-1) != 1:
         raise TypeError(f"g and out must be float32 (out row-major); got {g.dtype} and {out.dtype}")
     if tuple(out.shape) != (width, h.shape[1]) or h.shape[0] != rows:
         raise ValueError(f"out must be [{width}, d] and h [{rows}, d]; got {tuple(out.shape)} and {tuple(h.shape)}")
-    if dropped.dtype != torch.bool or tuple(dropped.shape) != (rows, blocks):
-        raise ValueError(f"dropped must be a bool [{rows}, {blocks}] mask; got {dropped.dtype} {tuple(dropped.shape)}")
+    tokens, counts = _kept_tokens(dropped, rows, width)
+    blocks = counts.shape[0]
     g, h = row_major(g), row_major(h)
     block_n, block_d, block_k = head_tile_sizes()
-    tokens, counts = _kept_tokens(dropped)
     if rows and width and h.shape[1]:
         with launch_guard(g):
             _kept_blocks_head_kernel[(blocks * (FILTER_BLOCK // block_n), triton.cdiv(h.shape[1], block_d))](
@@ -181,8 +177,12 @@ def head_tile_sizes() -> tuple[int, int, int]:
     return (16, 32, 16) if INTERPRET else (64, 128, 32)
 
 
-def _kept_tokens(dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _kept_tokens(dropped: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block, the rows that keep it first, in row order (``[blocks, C]`` int32), and how many
-    (``[blocks]`` int32): a stable sort of the drop mask on its device, no host sync."""
+    (``[blocks]`` int32): a stable sort of the drop mask on its device, no host sync. ``dropped`` is
+    checked to be the bool ``[rows, ceil(width / FILTER_BLOCK)]`` mask of a ``[rows, width]`` tile."""
+    blocks = -(-width // FILTER_BLOCK)
+    if dropped.dtype != torch.bool or tuple(dropped.shape) != (rows, blocks):
+        raise ValueError(f"dropped must be a bool [{rows}, {blocks}] mask; got {dropped.dtype} {tuple(dropped.shape)}")
     tokens = torch.argsort(dropped.T.to(torch.uint8), dim=1, stable=True).to(torch.int32).contiguous()
     return tokens, (~dropped).sum(dim=0, dtype=torch.int32)
