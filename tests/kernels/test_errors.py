@@ -131,3 +131,31 @@ def test_every_chunk_size_entry_validates_it(x, chunk_size):
         combined_logprobs(x["base_hidden"], x["q_hidden"].detach(), x["weight"], chunk_size=chunk_size)
     with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
         call(x, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "chunked-triton", "cuda"])
+def test_a_second_derivative_is_refused_not_wrong(x, backend):
+    """The fused backwards are first-order (their saved ``E_p[Wq]`` is a constant): a Hessian-vector
+    product or a gradient penalty through them is an error, never a silently partial result."""
+    from qadapter_kernels import registry
+
+    status = registry.status(backend)
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
+    hq = x["q_hidden"].detach().clone().requires_grad_()
+    loss = call(x, q_hidden=hq, backend=backend).loss
+    (grad,) = torch.autograd.grad(loss, hq, create_graph=True)
+    with pytest.raises(RuntimeError, match="backward is first-order"):
+        torch.autograd.grad(grad.square().sum(), hq)
+
+
+
+def test_a_float32_backend_named_for_float64_says_so_before_running(x, monkeypatch):
+    """A backend whose kernels stop at float32 refuses float64 inputs up front, naming those that take them."""
+    from qadapter_kernels import registry
+
+    monkeypatch.setattr(registry, "status", lambda name: registry.BackendStatus(name, True))  # runnable or not here
+    doubled = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+    with pytest.raises(TypeError, match=r"backend 'chunked-triton' takes float16, bfloat16 and float32 inputs, got "
+                                        r"float64 \(float64 runs on 'reference', 'chunked'"):
+        call(doubled, backend="chunked-triton")
