@@ -90,14 +90,17 @@ def combined_logprobs(
     weight, q_weight, q_bias, group, _ = local_head(weight, q_weight, q_bias, group, None)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_group(group)
+    # The frozen model gets no gradient, as in the loss: pi1's hidden states and head are constants
+    # (a shared head takes its gradient through neither side).
+    weight = weight.detach()
     wq = weight if q_weight is None else q_weight
     lead = q_hidden.shape[:-1]
-    base, hq = base_hidden.reshape(-1, base_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])
+    base, hq = base_hidden.detach().reshape(-1, base_hidden.shape[-1]), q_hidden.reshape(-1, q_hidden.shape[-1])
     n, vocab = hq.shape[0], weight.shape[0]
     chunk = chunk_size or pass_chunk_size(n, vocab, hq.dtype, hq.device)
-    if group is not None:  # each rank's gradient to the hidden states is its rows' share
+    if group is not None:  # each rank's gradient to the q hidden states is its rows' share
         chunk = agreed_chunk(chunk, group, hq.device)
-        base, hq = sum_grad_across_ranks(base, group), sum_grad_across_ranks(hq, group)
+        hq = sum_grad_across_ranks(hq, group)
     out = torch.empty(n, vocab, dtype=stats_dtype(hq.dtype), device=hq.device)
     for s, e in chunks(n, chunk):
         out[s:e] = combine_logits(capped_logits(base[s:e], weight, None, config.logit_softcap),
@@ -153,8 +156,10 @@ def combined_logprobs_at(
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
     mask = targets != ignore_index
     zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
-    if not bool(mask.any()):
-        return TargetLogprobs(zeros, zeros.clone())
+    if not bool(mask.any()):  # still on the trainable inputs' graph: a backward gives them zero gradients
+        trainable = [t for t in (q_hidden, q_weight, q_bias) if t is not None and t.requires_grad]
+        attached = zeros + sum(t.flatten()[:0].sum() for t in trainable) if trainable else zeros
+        return TargetLogprobs(attached, zeros.clone())
     base, hq, actions = base_hidden[mask], q_hidden[mask], targets[mask].long()
     stats_args = (base, hq, weight, weight.detach() if q_weight is None else q_weight, q_bias, actions,
                   registry.StatsOptions(alpha_tilde, alpha_0, logit_softcap, chunk_size))

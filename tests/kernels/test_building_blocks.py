@@ -209,6 +209,16 @@ def test_combined_logprobs_at_any_leading_shape_and_nothing_scored():
     assert bool((none.combined == 0).all()) and bool((none.base == 0).all())
 
 
+def test_nothing_scored_still_reaches_the_trainable_inputs():
+    """A micro-batch with no scored target gives zero gradients, not a graph-less error, to what trains."""
+    x = leaves(make_inputs(batch=2, seq=6, hidden=8, vocab=17, seed=3, q_head=True, q_bias=True))
+    none = combined_logprobs_at(**x, targets=torch.full((2, 6), -100))
+    none.combined.sum().backward()
+    for key in TRAINABLE:
+        assert x[key].grad is not None and not bool(x[key].grad.any()), key
+    assert not none.base.requires_grad and x["base_hidden"].grad is None and x["weight"].grad is None
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qadapter_kernels import combine_logits, combined_logprobs
+from qadapter_kernels import combine_logits, combined_logprobs, combined_logprobs_at
 
 
 def test_combine_logits_is_the_formula():
@@ -49,3 +49,27 @@ def test_combined_logprobs_with_a_logit_softcap():
     expected = combine_logits(cap(hb @ w.T), cap(hq @ w.T), alpha_tilde=0.9, alpha_0=0.1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, combined_logprobs(hb, hq, w, alpha_tilde=0.9, alpha_0=0.1), atol=1e-2)
+
+
+@pytest.mark.parametrize("q_head", [False, True])
+def test_combined_logprobs_gives_the_frozen_model_no_gradient(q_head):
+    """Whole rows and targets' log-probs agree in value and gradient: the gradient reaches the
+    adapter's side only (pi1's hidden states and head are constants, a shared head included)."""
+    g = torch.Generator().manual_seed(2)
+    hb, hq = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    w, qw = torch.randn(31, 16, generator=g) / 4, torch.randn(31, 16, generator=g) / 4
+    targets = torch.randint(0, 31, (2, 5), generator=g)
+
+    def grads(fn):
+        x = {"base_hidden": hb.clone().requires_grad_(), "q_hidden": hq.clone().requires_grad_(),
+             "weight": w.clone().requires_grad_(), **({"q_weight": qw.clone().requires_grad_()} if q_head else {})}
+        fn(x).sum().backward()
+        return {k: v.grad for k, v in x.items()}
+
+    whole = grads(lambda x: combined_logprobs(**x, alpha_0=0.3).gather(-1, targets.unsqueeze(-1)))
+    at = grads(lambda x: combined_logprobs_at(**x, targets=targets, alpha_0=0.3).combined)
+    assert whole["base_hidden"] is None and whole["weight"] is None
+    assert at["base_hidden"] is None and at["weight"] is None
+    for key in ("q_hidden", "q_weight") if q_head else ("q_hidden",):
+        assert whole[key] is not None and bool(whole[key].any())
+        assert torch.allclose(whole[key], at[key], rtol=1e-4, atol=1e-6), key
