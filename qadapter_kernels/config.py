@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 VALUE_AT = ("current", "next")
@@ -19,7 +20,7 @@ REWARD_NORM = ("padded", "mean", "sum")
 
 def check_real(name: str, value: object, *, positive: bool = False, non_negative: bool = False) -> float:
     """``value`` as a finite float, or a TypeError / ValueError naming ``name`` and the expectation."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -32,12 +33,17 @@ def check_real(name: str, value: object, *, positive: bool = False, non_negative
 
 
 def check_grad_filter_eps(value: object) -> float | str:
-    """``"auto"``, or a finite real ``>= 0``; otherwise a TypeError / ValueError naming grad_filter_eps."""
+    """``"auto"``, or a probability budget in ``[0, 1)``; otherwise a TypeError / ValueError naming
+    grad_filter_eps. A budget of 1 would leave a token's whole ``E_p[Wq]`` term out of its gradient."""
+    expected = f"{AUTO!r} or a probability budget in [0, 1)"
     if isinstance(value, str):
         if value != AUTO:
-            raise ValueError(f"grad_filter_eps must be {AUTO!r} or a real number >= 0, got {value!r}")
+            raise ValueError(f"grad_filter_eps must be {expected}, got {value!r}")
         return value
-    return check_real("grad_filter_eps", value, non_negative=True)
+    value = check_real("grad_filter_eps", value, non_negative=True)
+    if value >= 1:
+        raise ValueError(f"grad_filter_eps must be {expected}, got {value}")
+    return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

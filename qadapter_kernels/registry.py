@@ -131,4 +131,8 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -
     st = status(name)
     if not st.available:
         raise RuntimeError(f"backend {name!r} is not available: {st.reason}")
+    if dtype == torch.float64 and not get(name).float64:
+        takers = ", ".join(repr(n) for n in BACKEND_NAMES if n != "auto" and get(n).float64)
+        raise TypeError(f"backend {name!r} takes float16, bfloat16 and float32 inputs, got float64 (float64 runs on "
+                        f"{takers} or 'auto')")
     return get(name)

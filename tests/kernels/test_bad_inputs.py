@@ -215,7 +215,7 @@ case("loss", "grad_filter_eps-on-reference", lambda: loss(inputs(), grad_filter_
 case("loss", "grad_filter_eps-auto-on-reference", lambda: loss(inputs(), grad_filter_eps="auto"), ValueError,
      "grad_filter_eps='auto'")
 case("loss", "grad_filter_eps-typo", lambda: loss(inputs(), grad_filter_eps="Auto"), ValueError,
-     "grad_filter_eps must be 'auto' or a real number")
+     "grad_filter_eps must be 'auto' or a probability budget in [0, 1)")
 case("loss", "grad_filter_eps-on-chunked-valid", lambda: loss(inputs(), backend="chunked", grad_filter_eps=1e-3),
      finite)
 case("loss", "grad_filter_eps-auto-on-chunked-valid",

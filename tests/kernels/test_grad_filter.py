@@ -264,7 +264,8 @@ def test_filtering_the_loss_output_is_exact():
 @pytest.mark.parametrize("value, error, message", [
     (-1e-6, ValueError, "grad_filter_eps must be >= 0"),
     (float("nan"), ValueError, "grad_filter_eps must be finite"),
-    ("automatic", ValueError, "grad_filter_eps must be 'auto' or a real number"),
+    ("automatic", ValueError, r"grad_filter_eps must be 'auto' or a probability budget in \[0, 1\)"),
+    (1.0, ValueError, r"grad_filter_eps must be 'auto' or a probability budget in \[0, 1\), got 1.0"),
     (True, TypeError, "grad_filter_eps must be a real number"),
     (None, TypeError, "grad_filter_eps must be a real number"),
 ])

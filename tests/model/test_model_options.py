@@ -207,6 +207,11 @@ def test_decode_combine_is_the_records_where_it_declares_one(monkeypatch):
     monkeypatch.setattr(registry, "resolve", lambda name, device, dtype=None: record)
     assert select_combine("auto", torch.device("cpu"), torch.float32) is kernel
     assert select_combine("auto", torch.device("cpu"), torch.float64) is combine_logits  # float32-only kernel
+    # A named backend the same: its kernel, or the eager combine for what the kernel does not take.
+    monkeypatch.setattr(registry, "get", lambda name: record)
+    monkeypatch.setattr(registry, "status", lambda name: registry.BackendStatus(name, True))
+    assert select_combine("fake", torch.device("cpu"), torch.float32) is kernel
+    assert select_combine("fake", torch.device("cpu"), torch.float64) is combine_logits
 
 
 def test_generate_decodes_with_the_backends_combine(monkeypatch):

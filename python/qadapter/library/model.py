@@ -431,9 +431,12 @@ def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Ca
     """The combined-policy log-probs function for decoding: the backend's kernel where it declares one
     (Triton on CUDA), else the eager :func:`qadapter_kernels.combine_logits` (CPU; float64; a named
     backend that cannot run here, e.g. an adapter trained with ``cuda`` decoding on a laptop)."""
-    if backend != "auto" and not registry.status(backend).available:
+    if backend == "auto":
+        record = registry.resolve(backend, torch.device(device), dtype)
+    elif registry.status(backend).available:
+        record = registry.get(backend)
+    else:
         return combine_logits
-    record = registry.resolve(backend, torch.device(device), dtype)
     if record.combine is None or (dtype == torch.float64 and not record.float64):
         return combine_logits
     return record.combine
