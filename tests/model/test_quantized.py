@@ -156,6 +156,25 @@ def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
         QAdapterModel.from_pretrained(tmp_path / "a", dense_base)
 
 
+def test_another_compute_dtype_loads_where_the_checkpoint_is_exact_in_both(bases, tmp_path):
+    """A 4-bit base's weights are cast to the compute dtype before they are quantized: a bfloat16
+    checkpoint gives the same 4-bit codes with float32 or bfloat16 compute, a float32 one does not,
+    and the refusal names the compute dtype to load with."""
+    bf16 = tmp_path / "bf16"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(bases["llama"], dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(bases["llama"]).save_pretrained(bf16)
+    for base, name in ((bases["llama"], "f32"), (str(bf16), "b16")):
+        adapter(base, {"method": "nf4", "compute_dtype": "float32"}).save_pretrained(tmp_path / name)
+    bfloat16 = {"method": "nf4", "compute_dtype": "bfloat16"}
+    loaded = QAdapterModel.from_pretrained(tmp_path / "b16", quantization=bfloat16)
+    assert loaded.quantization == {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    with pytest.raises(AdapterLoadError, match=r"quantized from bfloat16 weights instead of float32 ones.*"
+                                               r"--compute-dtype float32"):
+        QAdapterModel.from_pretrained(tmp_path / "f32", quantization=bfloat16)
+
+
 def test_bad_quantization_names_are_refused():
     with pytest.raises(quant.QuantizationError, match="method"):
         quant.normalize("3bit")

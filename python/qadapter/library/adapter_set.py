@@ -213,7 +213,7 @@ class AdapterSet:
                                    "level(s)); an adapter set serves single adapters: load it with "
                                    "QAdapterModel.from_pretrained")
         check_quantization(path, config["quantization"], self.quantization)
-        check_base(path, config, self.fingerprint)
+        check_base(path, config, self.fingerprint, self.quantization)
         with self._bank_rebuilt():
             try:
                 if self.peft_model is None:

@@ -152,7 +152,7 @@ class QAdapterModel(nn.Module):
             path, name = Path(level.path), level_name(k)
             try:
                 config = read_adapter_config(path)
-                check_base(path, config, self.fingerprint)
+                check_base(path, config, self.fingerprint, self.quantization)
                 check_quantization(path, config["quantization"], self.quantization)
             except AdapterLoadError as exc:
                 raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
@@ -256,7 +256,7 @@ class QAdapterModel(nn.Module):
 
         path = Path(path)
         atomic.recover(path)
-        check_base(path, read_adapter_config(path), self.fingerprint)
+        check_base(path, read_adapter_config(path), self.fingerprint, self.quantization)
         check_adapter_weights(self.peft_model, path)
         file = path / WEIGHTS_NAME
         try:
@@ -470,8 +470,9 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
         check_quantization(path, saved, wanted)
         base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
                                           quantization=wanted)
-    check_quantization(path, saved, quant.model_quantization(base_model))
-    check_base(path, config, base_fingerprint(base_model))
+    given = quant.model_quantization(base_model)
+    check_quantization(path, saved, given)
+    check_base(path, config, base_fingerprint(base_model), given)
     return base_model, tokenizer
 
 
@@ -539,18 +540,28 @@ def levels_on(on: str | os.PathLike) -> list[Level]:
     return [Level.from_dict(record, str(path)) for record in config["stack"]] + [own]
 
 
-def check_base(path: Path, config: dict, fingerprint: str) -> None:
+def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | None) -> None:
     """An adapter goes only onto the base it was trained on: the saved base fingerprint must be
-    ``fingerprint`` (the base's it is loaded onto)."""
-    if fingerprint != config["base_fingerprint"]:
-        raise AdapterLoadError(
-            f"the adapter in {path} was trained on another base model, {config['base_model']!r} (fingerprint "
-            f"{config['base_fingerprint']}), than the one given (fingerprint {fingerprint})")
+    ``fingerprint`` (the base's it is loaded onto, quantized as ``quantization`` says)."""
+    if fingerprint == config["base_fingerprint"]:
+        return
+    saved = config["quantization"]
+    hint = ""
+    if saved and quantization and saved["method"] != "int8" and saved["compute_dtype"] != quantization["compute_dtype"]:
+        # A 4-bit base's weights are cast to the compute dtype before they are quantized: a checkpoint
+        # whose weights are not exact in both dtypes (float32 ones, for bfloat16) gets other 4-bit codes.
+        hint = (f" or the same base quantized from {quantization['compute_dtype']} weights instead of "
+                f"{saved['compute_dtype']} ones, whose 4-bit codes differ: load it with the compute dtype "
+                f"{saved['compute_dtype']} (--compute-dtype {saved['compute_dtype']})")
+    raise AdapterLoadError(
+        f"the adapter in {path} was trained on another base model, {config['base_model']!r} (fingerprint "
+        f"{config['base_fingerprint']}), than the one given (fingerprint {fingerprint}){hint}")
 
 
 def check_quantization(path: Path, saved: dict | None, given: dict | None) -> None:
     """An adapter goes only onto a base quantized as its own was (the method and, for 4-bit, double
-    quantization; the compute dtype may differ): refused otherwise, naming both."""
+    quantization; the compute dtype may differ where the 4-bit codes come out the same, which the
+    fingerprint checks): refused otherwise, naming both."""
     def stored(q):
         return None if q is None else (q["method"], q.get("double_quant"))
 
