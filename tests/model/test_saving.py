@@ -3,6 +3,7 @@ crash at any point leaves one whole adapter (old or new) that the next load rest
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,21 @@ def test_save_keeps_everything_else_in_the_directory(tmp_path):
     assert (out / "checkpoints" / "checkpoint-5" / "optimizer.pt").read_bytes() == b"optimizer state"
     assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
     assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(model))
+
+
+def test_a_base_loaded_from_a_relative_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """The adapter names its base so that it loads from anywhere, not only from where it was trained."""
+    from helpers import tiny_chat_tokenizer
+
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    QAdapterModel.from_base("base").save_pretrained("adapter")
+    config = json.loads((tmp_path / "adapter" / "qadapter_config.json").read_text())
+    assert config["base_model"] == str((tmp_path / "base").resolve())
+    monkeypatch.chdir(tmp_path / "adapter")
+    assert QAdapterModel.from_pretrained(tmp_path / "adapter").fingerprint == config["base_fingerprint"]
 
 
 def test_refuses_a_file_and_a_foreign_directory(tmp_path):

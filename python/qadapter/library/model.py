@@ -273,7 +273,7 @@ class QAdapterModel(nn.Module):
         stacked = {"stack": [level.as_dict() for level in self.stack], "q_on": self.q_on} if self.stack else {}
         return {
             "format_version": STACKED_FORMAT_VERSION if self.stack else FORMAT_VERSION,
-            "base_model": getattr(self.config, "name_or_path", None) or "",
+            "base_model": recorded_base_name(getattr(self.config, "name_or_path", None) or ""),
             "base_fingerprint": self.fingerprint,
             "quantization": self.quantization,
             "loss": {**self.loss.as_dict(), "backend": self.backend, "chunk_size": self.chunk_size},
@@ -538,6 +538,12 @@ def levels_on(on: str | os.PathLike) -> list[Level]:
     own = Level(path=str(path.resolve()), sha256=adapter_digest(path, LEVEL_FILES), alpha_0=loss.alpha_0,
                 alpha_tilde=loss.alpha_tilde, q_on=config["q_on"])
     return [Level.from_dict(record, str(path)) for record in config["stack"]] + [own]
+
+
+def recorded_base_name(name: str) -> str:
+    """The base as an adapter records it: a local folder by its absolute path (a relative one would
+    name another folder, or a hub model, from anywhere else), a hub name or the default as given."""
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
 
 
 def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | None) -> None:
