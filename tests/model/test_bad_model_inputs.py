@@ -110,7 +110,10 @@ FILES = [
     ("jsonl-array-line", "d.jsonl", "[1, 2]\n", PreferenceDataError, "must be a JSON object, got list"),
     ("jsonl-missing-key", "d.jsonl", GOOD_LINE + '\n{"prompt": "a", "chosen": "b"}\n', PreferenceDataError,
      "preference row 1: missing key 'rejected'"),
-    ("directory-as-file", "dir.jsonl", "DIR", FileNotFoundError, "does not exist"),
+    ("directory-as-file", "dir.jsonl", "DIR", ValueError, "is a folder; give a .json, .jsonl, .parquet file"),
+    ("directory", "pairs", "DIR", ValueError, "is a folder"),  # not handed to datasets to read all under it
+    ("json-empty-list", "d.json", "[]", ValueError, "holds no preference row"),
+    ("jsonl-blank", "d.jsonl", "\n  \n", ValueError, "holds no preference row"),
 ]
 
 
@@ -132,7 +135,6 @@ VALID_FILES = [
     ("jsonl-utf8-bom", "d.jsonl", ("\ufeff" + GOOD_LINE + "\n").encode("utf-8"), 1),
     ("json", "d.json", json.dumps([GOOD, GOOD]), 2),
     ("json-unicode", "d.json", json.dumps([{**GOOD, "chosen": "Pärïs ✓"}], ensure_ascii=False).encode("utf-8"), 1),
-    ("json-empty-list", "d.json", "[]", 0),
 ]
 
 

@@ -249,6 +249,8 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
     if hasattr(source, "to_list") and hasattr(source, "column_names"):
         return source.to_list()
     path = Path(str(source))
+    if path.is_dir():  # datasets would read every data file under it, however many and whatever they hold
+        raise ValueError(f"data {path} is a folder; give a {', '.join(DATA_SUFFIXES)} file or a hub data set name")
     if path.suffix and path.suffix not in DATA_SUFFIXES:
         raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
                          "files or a hub data set name")
@@ -286,6 +288,8 @@ def check_rows(source: Any, *, split: str = "train", skip_invalid: bool = False)
     in a second, before any model is loaded for it (``skip_invalid``: only the file is checked).
     :func:`load_preference_data` takes the returned list."""
     rows = read_rows(source, split=split)
+    if not rows:
+        raise ValueError(f"data {source} holds no preference row")
     if not skip_invalid:
         for index, row in enumerate(rows):
             normalize_row(index, row)
