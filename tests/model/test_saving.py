@@ -61,6 +61,29 @@ def test_a_base_loaded_from_a_relative_folder_is_recorded_by_its_absolute_path(t
     assert QAdapterModel.from_pretrained(tmp_path / "adapter").fingerprint == config["base_fingerprint"]
 
 
+def test_a_failed_report_or_figure_write_keeps_the_old_file_and_leaves_nothing_beside_it(tmp_path):
+    class Figure:
+        def savefig(self, file, format, **_):
+            file.write(b"half a pn")
+            raise OSError("disk full")
+
+    atomic.write_text(tmp_path / "check.md", "old report")
+    atomic.save_figure(type("Drawn", (), {"savefig": lambda self, f, format: f.write(b"PNG")})(), tmp_path / "plot.png")
+    with pytest.raises(OSError, match="disk full"):
+        atomic.save_figure(Figure(), tmp_path / "plot.png")
+    with pytest.raises(AttributeError):  # not text: nothing written
+        atomic.write_text(tmp_path / "check.md", None)
+    assert (tmp_path / "plot.png").read_bytes() == b"PNG" and (tmp_path / "check.md").read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.md", "plot.png"]
+    assert oct((tmp_path / "plot.png").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_refuses_a_file_and_a_foreign_directory(tmp_path):
     file = tmp_path / "adapter"
     file.write_text("not a directory")

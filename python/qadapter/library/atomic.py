@@ -27,12 +27,20 @@ COMPLETE = ".complete"
 def write_text(path: str | os.PathLike, text: str) -> None:
     """``text`` at ``path``, written beside it and renamed over it: a reader (or a run killed
     mid-write) sees the old file or the new one, never half of one."""
+    _replace_with(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _replace_with(path: str | os.PathLike, write: Callable) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk and renamed over it
+    (the folder synced too), so that a crash, even a power loss, leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # a plain file's mode, not mkstemp's owner-only 0600
@@ -40,6 +48,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -57,10 +66,7 @@ def read_json(path: str | os.PathLike, what: str):
 
 def save_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
     """A matplotlib figure as PNG at ``path``, drawn beside it and renamed over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", **savefig_options)
-    tmp.replace(path)
+    _replace_with(path, lambda f: figure.savefig(f, format="png", **savefig_options))
 
 
 class OutputDirectoryError(ValueError):
@@ -105,7 +111,7 @@ def check_target(path: Path, *, is_ours: Callable[[Path], bool], overwrite: bool
     if path.is_dir() and not overwrite and any(path.iterdir()) and not is_ours(path):
         raise OutputDirectoryError(
             f"{path} is not empty and holds no Q-Adapter adapter or checkpoint: refusing to write into it "
-            "(choose another directory, or allow it explicitly: overwrite=True / --overwrite_output_dir; "
+            "(choose another directory, or allow it explicitly: save_pretrained(..., overwrite=True) / qadapter train --overwrite; "
             "only the adapter's own files are ever replaced)"
         )
 
