@@ -44,6 +44,9 @@ def test_save_keeps_everything_else_in_the_directory(tmp_path):
     assert (out / "checkpoints" / "checkpoint-5" / "optimizer.pt").read_bytes() == b"optimizer state"
     assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
     assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(model))
+    # Every file the adapter is made of has a plain file's mode, whatever wrote it (not 0600).
+    for name in ("adapter_model.safetensors", "adapter_config.json", "qadapter_config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
 
 
 def test_a_base_loaded_from_a_relative_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):

@@ -41,9 +41,7 @@ def _replace_with(path: str | os.PathLike, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a plain file's mode, not mkstemp's owner-only 0600
+        os.chmod(tmp, _plain_file_mode())  # not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,6 +65,13 @@ def read_json(path: str | os.PathLike, what: str):
 def save_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
     """A matplotlib figure as PNG at ``path``, drawn beside it and renamed over it."""
     _replace_with(path, lambda f: figure.savefig(f, format="png", **savefig_options))
+
+
+def _plain_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class OutputDirectoryError(ValueError):
@@ -130,6 +135,7 @@ def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | 
             if item.is_file():
                 with open(item, "rb") as f:
                     os.fsync(f.fileno())
+                os.chmod(item, _plain_file_mode())  # whatever mode the writer chose: readable by whoever serves it
         (staging / COMPLETE).touch()
         _fsync_dir(staging)
         _move_into(staging, path)
