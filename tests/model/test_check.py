@@ -96,6 +96,10 @@ def test_thresholds_file_and_flags(adapters, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _check(tmp / "untrained", data, "--thresholds", str(config))
     assert exc.value.code == 2 and "max_kl" in capsys.readouterr().err
+    config.write_text('{"max_kl_to_base": NaN}')  # Python's json reads it; the report would not be JSON
+    with pytest.raises(SystemExit) as exc:
+        _check(tmp / "untrained", data, "--thresholds", str(config))
+    assert exc.value.code == 2 and "max_kl_to_base must be a finite number or null" in capsys.readouterr().err
 
 
 def test_judge_directions():

@@ -10,6 +10,8 @@ with an earlier report when one is given (the change since).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -43,8 +45,9 @@ class Thresholds:
         if unknown:
             raise ValueError(f"thresholds file {path}: unknown thresholds {unknown}; known: {sorted(names)}")
         for key, value in data.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"thresholds file {path}: {key} must be a number or null; got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):  # json reads NaN and Infinity
+                raise ValueError(f"thresholds file {path}: {key} must be a finite number or null; got {value!r}")
         return cls(**data)
 
 
