@@ -11,7 +11,6 @@ with an earlier report when one is given (the change since).
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
