@@ -154,6 +154,19 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
         api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=5)
     with pytest.raises(openai.BadRequestError, match="messages"):
         api.chat.completions.create(model="terse", messages=[], max_tokens=2)
+    # What would change the answer and is not implemented is refused, not ignored; its default is accepted.
+    for name, value in (("n", 2), ("logprobs", 5), ("echo", True), ("best_of", 3), ("frequency_penalty", 0.5),
+                        ("logit_bias", {"50": 10})):
+        with pytest.raises(openai.BadRequestError, match=f"{name} is not supported by this server"):
+            api.completions.create(model="terse", prompt="hello", max_tokens=2, **{name: value})
+    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
+        api.chat.completions.create(model="terse", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                    tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\].role must be one of system, user, assistant"):
+        api.chat.completions.create(model="terse", max_tokens=2, messages=[{"role": "user", "content": "hi"},
+                                                                           {"role": "bogus", "content": "x"}])
+    assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0, n=1, echo=False,
+                                  logprobs=0, frequency_penalty=0.0).choices[0].text is not None
     raw = httpx.post(f"{server[0]}/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     # The server is still serving.

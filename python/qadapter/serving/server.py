@@ -24,6 +24,13 @@ from starlette.routing import Route
 from .engine import Engine, EngineStopped, Request
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
+# OpenAI request fields that would change the answer and that this server does not implement, with
+# the values that ask for nothing: set to anything else they are refused, never silently ignored.
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+               "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
+               "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+               "response_format": ({"type": "text"},)}
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class BadRequest(Exception):
@@ -166,8 +173,12 @@ class Server:
         if model not in self.model_names:
             raise BadRequest(f"model {model!r} does not exist; available: {self.model_names}", "model", 404,
                              "model_not_found")
-        if body.get("n", 1) != 1:
-            raise BadRequest(f"n must be 1 (one completion per request); got {body.get('n')!r}", "n")
+        for name, defaults in UNSUPPORTED.items():
+            value = body.get(name)
+            if value is not None and not any(value == d and isinstance(value, bool) == isinstance(d, bool)
+                                             for d in defaults):
+                raise BadRequest(f"{name} is not supported by this server (only {' or '.join(map(json.dumps, defaults))}"
+                                 f"); got {json.dumps(value)}", name)
         limit = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
         max_tokens = _int(body, limit, self.default_max_tokens if chat else 16, 1)
         stop = body.get("stop")
@@ -202,10 +213,17 @@ class Server:
                 for m in messages):
             raise BadRequest("messages must be a non-empty list of {role, content} objects with string values",
                              "messages")
+        for i, m in enumerate(messages):
+            if m["role"] not in CHAT_ROLES:
+                raise BadRequest(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m['role']!r}",
+                                 "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
-        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
+        except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
+            raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
 
 
