@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_inputs
@@ -381,6 +382,8 @@ for opt in ("alpha_tilde", "alpha_0", "gamma", "beta", "logit_softcap", "grad_fi
 case("LossConfig", "int-valid", lambda: LossConfig(alpha_tilde=2, beta=0), lambda c: isinstance(c.alpha_tilde, float))
 case("LossConfig", "numpy-like-valid", lambda: LossConfig(alpha_tilde=torch.tensor(0.5).item()),
      lambda c: c.alpha_tilde == 0.5)
+case("LossConfig", "numpy-scalars-valid", lambda: LossConfig(alpha_tilde=np.float32(0.5), beta=np.int64(1)),
+     lambda c: (c.alpha_tilde, c.beta) == (0.5, 1.0) and type(c.alpha_tilde) is float)
 case("LossConfig", "value_at-case", lambda: LossConfig(value_at="Current"), ValueError, "value_at")
 case("LossConfig", "reward_norm-int", lambda: LossConfig(reward_norm=1), ValueError, "reward_norm")
 case("LossConfig", "ignore_index-none", lambda: LossConfig(ignore_index=None), TypeError, "ignore_index")
