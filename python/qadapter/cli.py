@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import typing
+from collections.abc import Collection
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def _usage_error(command: str, message: str):
     raise SystemExit(2)
 
 
+def _named(name: str):
+    """argparse names a type by its ``__name__`` when a value does not parse ("invalid positive
+    integer value: 'abc'"); the helpers below get readable names instead of their own."""
+    def rename(parse):
+        parse.__name__ = name
+        return parse
+    return rename
+
+
+@_named("positive integer")
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -29,13 +40,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@_named("non-negative integer")
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0: no top-k filter); got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
     return value
 
 
+@_named("port number")
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535; got {text}")
+    return value
+
+
+@_named("positive number")
 def _positive_float(text: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
@@ -43,6 +64,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+@_named("non-negative number")
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite; got {text}")
+    return value
+
+
+@_named("probability")
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -52,8 +82,9 @@ def _probability(text: str) -> float:
 
 def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) -> None:
     """One ``--field-name`` option per field of a dataclass, with its type, default and metadata
-    (``help``, ``choices``; ``positive``: values > 0; ``flag``: another option name; ``cli=False``: no
-    option of its own, the command sets it from others, as the quantization flags set ``quantization``)."""
+    (``help``, ``choices``; ``positive``: values > 0; ``non_negative``: values >= 0; ``flag``: another
+    option name; ``cli=False``: no option of its own, the command sets it from others, as the
+    quantization flags set ``quantization``)."""
     types = typing.get_type_hints(options_class)
     for f in fields(options_class):
         if not f.metadata.get("cli", True):
@@ -61,6 +92,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) 
         kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
         if f.metadata.get("positive"):
             kind = {int: _positive_int, float: _positive_float}[kind]
+        if f.metadata.get("non_negative"):
+            kind = {int: _non_negative_int, float: _non_negative_float}[kind]
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         if kind is bool:  # a switch, off by default
             parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
@@ -70,13 +103,12 @@ def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) 
                             help=f.metadata["help"] + (" (default: %(default)s)" if f.default is not None else ""))
 
 
-def _demo_parser(sub) -> None:
+def _demo_parser(p) -> None:
     from .experiments.demo import DemoOptions
 
-    p = sub.add_parser("demo", help="train a Q-Adapter on the built-in task with the embedded default and report",
-                       description="The main job: customize the embedded default model (or --model) to answer "
-                                   "with a TL;DR line, then print before/after preference accuracy, rule "
-                                   "satisfaction, knowledge retention and KL to the base.")
+    p.description = ("The main job: customize the embedded default model (or --model) to answer "
+                     "with a TL;DR line, then print before/after preference accuracy, rule "
+                     "satisfaction, knowledge retention and KL to the base.")
     add_dataclass_options(p, DemoOptions)
     _add_quantization_options(p, "load the base")
 
@@ -88,22 +120,35 @@ def options_from(args: argparse.Namespace, options_class: type, **given):
                          **given)
 
 
+def _output_directory(command: str, path: str) -> Path:
+    """The directory a command writes into at its end: a file there, or above it, is refused now,
+    not after the work."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        _usage_error(command, f"--output {path}: {existing} is a file, not a directory")
+    return path
+
+
 def _run_demo(args) -> int:
     from .experiments.demo import DemoOptions, format_report, run_demo
+    from .library import atomic
+    from .library.model import holds_adapter
 
+    output = _output_directory("demo", args.output)
+    atomic.check_target(output / "adapter", is_ours=holds_adapter, overwrite=False)  # where the adapter goes
     print(format_report(run_demo(options_from(args, DemoOptions, quantization=_quantization(args)))))
     return 0
 
 
-def _compare_parser(sub) -> None:
+def _compare_parser(p) -> None:
     from .experiments.compare import CompareOptions
 
-    p = sub.add_parser("compare", help="Q-Adapter against SFT and DPO: preference learned vs knowledge kept",
-                       description="Train SFT, DPO and a Q-Adapter with the same data, steps, learning rate and "
-                                   "LoRA rank on the embedded default, then measure each against the base: "
-                                   "held-out preference accuracy under its own reward, rule satisfaction, a "
-                                   "knowledge probe, KL to the base on general prompts, general-text perplexity, "
-                                   "training time and memory. Writes compare.json, compare.md and compare.png.")
+    p.description = ("Train SFT, DPO and a Q-Adapter with the same data, steps, learning rate and "
+                     "LoRA rank on the embedded default, then measure each against the base: "
+                     "held-out preference accuracy under its own reward, rule satisfaction, a "
+                     "knowledge probe, KL to the base on general prompts, general-text perplexity, "
+                     "training time and memory. Writes compare.json, compare.md and compare.png.")
     add_dataclass_options(p, CompareOptions)
     _add_quantization_options(p, "load the base of every method")
 
@@ -111,9 +156,8 @@ def _compare_parser(sub) -> None:
 def _run_compare(args) -> int:
     from .experiments.compare import CompareOptions, format_table, run_compare
 
-    options = options_from(args, CompareOptions, quantization=_quantization(args))
-    options.budget_steps(), options.method_list()  # bad --budgets or --methods fail before any work
-    print(format_table(run_compare(options)))
+    _output_directory("compare", args.output)
+    print(format_table(run_compare(options_from(args, CompareOptions, quantization=_quantization(args)))))
     return 0
 
 
@@ -131,25 +175,23 @@ def _add_quantization_options(p, loads: str, compute_default: str = "bfloat16 on
 
 def _quantization(args, default=None):
     """The quantization the quantization options name (a dict), or ``default`` when none is given."""
-    if args.load_in_8bit:
-        return "8bit"
     if args.load_in_4bit:
         return {"method": "nf4", "compute_dtype": args.compute_dtype}
     if args.compute_dtype:
-        _usage_error(args.command, "--compute-dtype applies with --load-in-4bit")
-    return default
+        _usage_error(args.command, "--compute-dtype applies with --load-in-4bit"
+                                   + (" (LLM.int8 takes no compute dtype)" if args.load_in_8bit else ""))
+    return "8bit" if args.load_in_8bit else default
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a Q-Adapter on preference data",
-                       description="Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
-                                   "{'chosen': [messages], 'rejected': [messages]} or {'prompt', 'chosen', "
-                                   "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
-                                   "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
-                                   "LoRA and length settings, and e.g. --num_train_epochs 2 "
-                                   "--gradient_checkpointing true. With --on, the new adapter is trained on top "
-                                   "of a saved one (a stack: the saved customized policy takes the frozen "
-                                   "model's place).")
+def _train_parser(p) -> None:
+    p.description = ("Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
+                     "{'chosen': [messages], 'rejected': [messages]} or {'prompt', 'chosen', "
+                     "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
+                     "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
+                     "LoRA and length settings, and e.g. --num_train_epochs 2 "
+                     "--gradient_checkpointing true. With --on, the new adapter is trained on top "
+                     "of a saved one (a stack: the saved customized policy takes the frozen "
+                     "model's place).")
     p.add_argument("--model", help=f"base model: a local directory, a hub name, or (default) {DEFAULT_MODEL}; "
                                    "with --on, the base the saved adapter names")
     p.add_argument("--on", metavar="ADAPTER_DIR",
@@ -194,7 +236,7 @@ def _run_train(args, extra: list[str]) -> int:
     from .evaluation.measures import preference_metrics
     from .library import atomic
     from .library.data import check_rows, load_preference_data
-    from .library.model import QAdapterModel, holds_adapter
+    from .library.model import QAdapterModel, holds_adapter, read_adapter_config
     from .library.provenance import data_identity
     from .library.trainer import QAdapterTrainer
 
@@ -206,6 +248,11 @@ def _run_train(args, extra: list[str]) -> int:
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
+    if args.on is not None:  # saving over an adapter of the stack is refused, but only after training
+        under = [Path(args.on), *(Path(level["path"]) for level in read_adapter_config(Path(args.on))["stack"])]
+        if any(output.resolve() == level.resolve() for level in under):
+            _usage_error("train", f"--output {output} holds an adapter the new one is trained on (--on {args.on}): "
+                                  "saving there would replace it; choose another --output")
     # Read and checked before the model loads: bad data fails at once.
     train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
@@ -241,13 +288,12 @@ def _run_train(args, extra: list[str]) -> int:
     return 0
 
 
-def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="predict the peak GPU memory of training (no GPU needed)",
-                       description="Predicts the peak GPU memory of a Q-Adapter training step from the model's "
-                                   "config alone: base weights by dtype or quantization, LoRA weights with their "
-                                   "gradients and AdamW state, activations (with or without gradient checkpointing), "
-                                   "the fused loss's buffers and the CUDA context. With --gpu-memory it says "
-                                   "whether the step fits, and if not, what would make it fit.")
+def _plan_parser(p) -> None:
+    p.description = ("Predicts the peak GPU memory of a Q-Adapter training step from the model's "
+                     "config alone: base weights by dtype or quantization, LoRA weights with their "
+                     "gradients and AdamW state, activations (with or without gradient checkpointing), "
+                     "the fused loss's buffers and the CUDA context. With --gpu-memory it says "
+                     "whether the step fits, and if not, what would make it fit.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
     p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 12GiB, 24GB, 8000MiB (a bare number: GiB)")
     _add_quantization_options(p, "plan for the base", compute_default="--dtype")
@@ -274,28 +320,37 @@ def _run_plan(args) -> int:
     config = AutoConfig.from_pretrained(resolve_model(args.model))
     config = getattr(config, "get_text_config", lambda: config)()
     predicted = plan(config, options)
+    known = predicted.shape.linear_layers()
+    unknown = [name for name in options.target_modules if name not in known]
+    if unknown:  # a name no layer has would plan no LoRA weights for it; training refuses it
+        _usage_error("plan", f"--lora-target-modules: {', '.join(unknown)} is not a linear layer of a decoder "
+                             f"layer; choose from {', '.join(known)}")
     advice = suggestions(config, options, gpu) if gpu is not None and not predicted.fits(gpu) else None
     print(format_plan(predicted, gpu, advice))
     return 0 if gpu is None or predicted.fits(gpu) else 1
 
 
-def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate with the customized policy (streams tokens)")
+def _generate_parser(p) -> None:
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--base-model", help="override the base model named in the adapter's config")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=_positive_float, default=1.0)
-    p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=_probability, default=1.0)
-    p.add_argument("--min-p", type=_probability, default=None, help="drop tokens below min_p times the top one's probability")
+    p.add_argument("--temperature", type=_positive_float, help="with --sample (default: 1.0)")
+    p.add_argument("--top-k", type=_non_negative_int, help="with --sample: keep the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=_probability, help="with --sample (default: 1.0)")
+    p.add_argument("--min-p", type=_probability,
+                   help="with --sample: drop tokens below min_p times the top one's probability")
     p.add_argument("--repetition-penalty", type=_positive_float, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the answer contains TEXT (repeatable)")
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="static cache and compiled decode step (auto: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
+
+
+# What --sample draws with where its options are not given (no filter).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None}
 
 
 def _run_generate(args) -> int:
@@ -305,11 +360,15 @@ def _run_generate(args) -> int:
     from .evaluation.measures import chat_prompts
     from .library.model import QAdapterModel
 
+    given = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None}
+    if given and not args.sample:
+        _usage_error("generate", f"{', '.join('--' + name.replace('_', '-') for name in given)} apply only with "
+                                 "--sample (greedy decoding takes no sampling options)")
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p) if args.sample else {}
+    sampling = {**SAMPLING_DEFAULTS, **given} if args.sample else {}
     model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    **sampling, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -318,17 +377,16 @@ def _run_generate(args) -> int:
     return 0
 
 
-def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server of customized policies (many adapters, one base)",
-                       description="Serves /v1/completions, /v1/chat/completions (streaming by server-sent events) "
-                                   "and /v1/models. A request's model names a loaded adapter, or 'base' for the "
-                                   "frozen base alone; requests to different adapters decode in one running batch.")
+def _serve_parser(p) -> None:
+    p.description = ("Serves /v1/completions, /v1/chat/completions (streaming by server-sent events) "
+                     "and /v1/models. A request's model names a loaded adapter, or 'base' for the "
+                     "frozen base alone; requests to different adapters decode in one running batch.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the saved Q-Adapter in DIR as model NAME (repeatable)")
     p.add_argument("--base-model", help="the base (default: the one the adapters name; without adapters, the "
                                         "embedded default)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together at most")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="the HTTP server's log (info: one line per request)")
@@ -358,13 +416,12 @@ def _run_serve(args) -> int:
     return 0
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="preference accuracy, margin, loss and KL to the base on preference data",
-                       description="Prints the data summary, then a JSON object: the adapter's preference "
-                                   "accuracy, margin and loss, its mean per-token KL to the base, and under "
-                                   '"step0" the same preference measures of an untrained adapter (LoRA B = 0) '
-                                   "on the same base: the baseline. A progress bar (pairs done, pairs/s) shows on "
-                                   "stderr when it is a terminal.")
+def _eval_parser(p) -> None:
+    p.description = ("Prints a JSON object (and nothing else) on stdout: the adapter's preference "
+                     "accuracy, margin and loss, its mean per-token KL to the base, and under "
+                     '"step0" the same preference measures of an untrained adapter (LoRA B = 0) '
+                     "on the same base: the baseline. The data summary goes to stderr, and a "
+                     "progress bar (pairs done, pairs/s) when it is a terminal.")
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="preference data to evaluate on")
     p.add_argument("--base-model", help="override the base model named in the adapter's config")
@@ -383,22 +440,21 @@ def _run_eval(args) -> int:
     tokenizer = model.tokenizer
     data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
-    print(f"data: {summary}", flush=True)
+    print(f"data: {summary}", file=sys.stderr, flush=True)  # stdout is the JSON alone (| jq)
     features = data.to_list()
     metrics = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
     metrics["pairs"] = len(features)
-    print(f"step0: {STEP0_BASELINE}")
+    print(f"step0: {STEP0_BASELINE}", file=sys.stderr)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _info_parser(sub) -> None:
-    p = sub.add_parser("info", help="what a saved adapter is: its provenance",
-                       description="Prints a saved adapter's provenance: the training data (source, content "
-                                   "hash, rows kept and skipped), the training options, the base model (name, "
-                                   "fingerprint), the library versions, the final training metrics and the "
-                                   "creation time. A missing or unreadable provenance record is reported; the "
-                                   "adapter itself still loads.")
+def _info_parser(p) -> None:
+    p.description = ("Prints a saved adapter's provenance: the training data (source, content "
+                     "hash, rows kept and skipped), the training options, the base model (name, "
+                     "fingerprint), the library versions, the final training metrics and the "
+                     "creation time. A missing or unreadable provenance record is reported; the "
+                     "adapter itself still loads.")
     p.add_argument("adapter", help="directory of a saved Q-Adapter")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -470,16 +526,15 @@ def _format_provenance(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_parser(sub) -> None:
+def _check_parser(p) -> None:
     from .evaluation.check import Thresholds
 
-    p = sub.add_parser("check", help="measure an adapter against its base; fail it when it forgets",
-                       description="Measures a saved adapter against its base on preference pairs (accuracy and "
-                                   "its gain over the step-0 baseline, KL to the base), the knowledge probe "
-                                   "(log-likelihood accuracy, customized policy vs the base) and general-text "
-                                   "perplexity (vs the base); compares each with its threshold (flags, or a JSON "
-                                   "file of them) and with an earlier report (--baseline). Writes check.json and "
-                                   "check.md, and exits 1 naming each failed threshold.")
+    p.description = ("Measures a saved adapter against its base on preference pairs (accuracy and "
+                     "its gain over the step-0 baseline, KL to the base), the knowledge probe "
+                     "(log-likelihood accuracy, customized policy vs the base) and general-text "
+                     "perplexity (vs the base); compares each with its threshold (flags, or a JSON "
+                     "file of them) and with an earlier report (--baseline). Writes check.json and "
+                     "check.md, and exits 1 naming each failed threshold.")
     p.add_argument("adapter", help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="held-out preference pairs")
     p.add_argument("--base-model", help="override the base model named in the adapter's config")
@@ -501,6 +556,16 @@ def _check_parser(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true")
 
 
+def _read_option_file(command: str, option: str, read, path: str | None):
+    """``read(path)`` (None without a path); a file that cannot be opened is named by its option."""
+    if path is None:
+        return None
+    try:
+        return read(path)
+    except OSError as exc:
+        _usage_error(command, f"{option} {path}: {exc.strerror}")
+
+
 def _run_check(args) -> int:
     from dataclasses import replace
 
@@ -510,10 +575,11 @@ def _run_check(args) -> int:
     from .library.model import QAdapterModel
     from .library.provenance import read_provenance
 
-    thresholds = Thresholds.from_file(args.thresholds) if args.thresholds else Thresholds()
+    thresholds = _read_option_file("check", "--thresholds", Thresholds.from_file, args.thresholds) or Thresholds()
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
     thresholds = replace(thresholds, **given)
-    baseline = read_report(args.baseline) if args.baseline else None  # a bad baseline fails before any work
+    baseline = _read_option_file("check", "--baseline", read_report, args.baseline)  # fails before any work
+    output = _output_directory("check", args.output) if args.output else Path(args.adapter)
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
     data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
@@ -527,7 +593,6 @@ def _run_check(args) -> int:
                        passages=args.passages, baseline=baseline,
                        meta={"adapter": str(args.adapter), "data": str(args.data),
                              "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
-    output = Path(args.output or args.adapter)
     atomic.write_json(output / "check.json", report)
     markdown = format_markdown(report)
     atomic.write_text(output / "check.md", markdown)
@@ -545,6 +610,7 @@ def _run_check(args) -> int:
 LM_EVAL_LISTS = ("tasks", "groups", "subtasks", "tags")
 
 
+@_named("seeds")
 def _seeds(text: str) -> list[int | None]:
     """lm-eval's ``--seed``: one integer for all four generators (python, numpy, torch, few-shot),
     or four comma-separated integers or ``None``s."""
@@ -556,6 +622,7 @@ def _seeds(text: str) -> list[int | None]:
     return values
 
 
+@_named("true or false")
 def _switch(text: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
         return True
@@ -564,15 +631,13 @@ def _switch(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"must be true or false; got {text}")
 
 
-def _lm_eval_parser(sub) -> None:
-    p = sub.add_parser(
-        "lm-eval", help="benchmarks with lm-evaluation-harness, on the model 'qadapter' by default",
-        description="Runs lm-evaluation-harness (lm_eval.simple_evaluate) with lm-eval's run options. The "
-                    "model is 'qadapter' (--model_args adapter=DIR,base=...,batch_size=8,dtype=bfloat16) unless "
-                    "--model names another; the shipped tasks qadapter_knowledge and qadapter_tldr (run it with "
-                    "--apply_chat_template) are always included. 'ls [tasks|groups|subtasks|tags]' lists the "
-                    "tasks, 'validate --tasks ...' checks that they exist. The results table is printed, and "
-                    "with --output_path the results JSON is written as lm-eval writes it.")
+def _lm_eval_parser(p) -> None:
+    p.description = ("Runs lm-evaluation-harness (lm_eval.simple_evaluate) with lm-eval's run options. The "
+                     "model is 'qadapter' (--model_args adapter=DIR,base=...,batch_size=8,dtype=bfloat16) unless "
+                     "--model names another; the shipped tasks qadapter_knowledge and qadapter_tldr (run it with "
+                     "--apply_chat_template) are always included. 'ls [tasks|groups|subtasks|tags]' lists the "
+                     "tasks, 'validate --tasks ...' checks that they exist. The results table is printed, and "
+                     "with --output_path the results JSON is written as lm-eval writes it.")
     # Checked after parsing (no argparse choices), so that the value of an unknown option is not
     # reported as an invalid action: the unknown option itself is named.
     p.add_argument("action", nargs="?", default="run", metavar="{run,ls,validate}",
@@ -699,30 +764,41 @@ def _lm_eval_options(args, harness) -> dict:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each command: its one-line help, and the function that adds its description and options.
+COMMANDS = {
+    "demo": ("train a Q-Adapter on the built-in task with the embedded default and report", _demo_parser),
+    "train": ("train a Q-Adapter on preference data", _train_parser),
+    "generate": ("generate with the customized policy (streams tokens)", _generate_parser),
+    "serve": ("an OpenAI-compatible HTTP server of customized policies (many adapters, one base)", _serve_parser),
+    "eval": ("preference accuracy, margin, loss and KL to the base on preference data", _eval_parser),
+    "plan": ("predict the peak GPU memory of training (no GPU needed)", _plan_parser),
+    "compare": ("Q-Adapter against SFT and DPO: preference learned vs knowledge kept", _compare_parser),
+    "lm-eval": ("benchmarks with lm-evaluation-harness, on the model 'qadapter' by default", _lm_eval_parser),
+    "info": ("what a saved adapter is: its provenance", _info_parser),
+    "check": ("measure an adapter against its base; fail it when it forgets", _check_parser),
+}
+
+
+def build_parser(commands: Collection[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The command line, with the options of ``commands`` only: some commands' options come from
+    modules that import torch and transformers, which ``qadapter --help`` need not wait for."""
     parser = argparse.ArgumentParser(
         prog="qadapter", description="Q-Adapter: customize a frozen LLM to new preferences without forgetting, "
                                      "with fused no-logits kernels.",
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,generate,serve,eval,plan,compare,lm-eval,info,check}")
-    _demo_parser(sub)
-    _train_parser(sub)
-    _generate_parser(sub)
-    _serve_parser(sub)
-    _eval_parser(sub)
-    _plan_parser(sub)
-    _compare_parser(sub)
-    _lm_eval_parser(sub)
-    _info_parser(sub)
-    _check_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (summary, add_options) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary)
+        if name in commands:
+            add_options(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but --help
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -280,6 +280,34 @@ CLI = [
     ("lm-eval-cache_requests", ["lm-eval", "--cache_requests", "maybe"], "--cache_requests"),
     ("lm-eval-fewshot_as_multiturn", ["lm-eval", "--fewshot_as_multiturn", "perhaps"], "--fewshot_as_multiturn: must be true or false"),
     ("lm-eval-unknown", ["lm-eval", "--nonsense"], "unrecognized"),
+    # Trainer's own failures come after the model loads, or never (an untrained adapter saved).
+    ("train-gradient_accumulation_steps-0", ["train", *DATA, "--gradient_accumulation_steps", "0"],
+     "--gradient_accumulation_steps must be an integer >= 1; got 0"),
+    ("train-batch-size-0", ["train", *DATA, "--per_device_train_batch_size", "0"],
+     "--per_device_train_batch_size must be an integer >= 1"),
+    ("train-learning_rate-negative", ["train", *DATA, "--learning_rate", "-1"], "--learning_rate must be a number >= 0"),
+    ("train-lora_alpha-0", ["train", *DATA, "--lora_alpha", "0"], "--lora_alpha must be > 0"),
+    ("train-lora_alpha-negative", ["train", *DATA, "--lora_alpha", "-4"], "--lora_alpha must be > 0"),
+    ("train-seed-negative", ["train", *DATA, "--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1]"),
+    ("train-seed-too-large", ["train", *DATA, "--seed", str(2**32)], "--seed must be an integer in [0, 2**32 - 1]"),
+    ("train-max_steps-0", ["train", *DATA, "--max_steps", "0"], "--max_steps must be -1"),
+    ("train-epochs-0", ["train", *DATA, "--num_train_epochs", "0"], "--num_train_epochs must be > 0"),
+    ("serve-port-too-large", ["serve", "--port", "70000"], "--port: must be a TCP port in 1..65535; got 70000"),
+    ("serve-port-0", ["serve", "--port", "0"], "--port: must be a TCP port"),
+    ("gen-max-new-tokens-type-named", [*GEN, "--max-new-tokens", "abc"],
+     "--max-new-tokens: invalid positive integer value: 'abc'"),
+    ("gen-top-p-type-named", [*GEN, "--top-p", "most"], "--top-p: invalid probability value: 'most'"),
+    ("gen-temperature-without-sample", [*GEN, "--temperature", "0.7"], "--temperature apply only with --sample"),
+    ("gen-sampling-without-sample", [*GEN, "--top-k", "5", "--top-p", "0.9", "--min-p", "0.1"],
+     "--top-k, --top-p, --min-p apply only with --sample"),
+    ("gen-compute-dtype-8bit", [*GEN, "--load-in-8bit", "--compute-dtype", "float16"],
+     "--compute-dtype applies with --load-in-4bit"),
+    ("plan-compute-dtype-8bit", ["plan", "--load-in-8bit", "--compute-dtype", "float16"],
+     "--compute-dtype applies with --load-in-4bit"),
+    ("compare-alpha-0-negative", ["compare", "--alpha-0", "-1"], "--alpha-0: must be >= 0"),
+    ("compare-heldout-without-data", ["compare", "--heldout", "5"], "--heldout applies with --data"),
+    ("compare-skip-invalid-without-data", ["compare", "--skip-invalid"], "--skip-invalid applies with --data"),
+    ("compare-quick-and-budgets", ["compare", "--quick", "--budgets", "10"], "--quick runs 2 steps"),
 ]
 
 
@@ -310,6 +338,19 @@ CLI_FILES = [
      "does not exist"),
     ("train-curve-without-eval", lambda p: ["train", "--data", str(write(p, "d.jsonl", GOOD_LINE)),
                                             "--curve-steps", "2", "--output", str(p / "o")], "--eval-data"),
+    ("demo-output-is-file", lambda p: ["demo", "--output", str(write(p, "out", "x"))], "is a file, not a directory"),
+    ("demo-output-under-file", lambda p: ["demo", "--output", str(write(p, "out", "x") / "sub")],
+     "is a file, not a directory"),
+    ("compare-output-is-file", lambda p: ["compare", "--output", str(write(p, "out", "x"))], "is a file"),
+    ("compare-data-bad-row", lambda p: ["compare", "--methods", "qadapter", "--output", str(p / "o"), "--data",
+                                        str(write(p, "d.jsonl", GOOD_LINE + '\n{"prompt": "a", "chosen": "b"}\n'))],
+     "preference row 1: missing key 'rejected'"),
+    ("check-output-is-file", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--output", str(write(p, "out", "x"))],
+     "is a file, not a directory"),
+    ("check-thresholds-missing", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--thresholds",
+                                            str(p / "none.json")], "--thresholds"),
+    ("check-baseline-missing", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--baseline",
+                                          str(p / "none.json")], "--baseline"),
 ]
 
 
@@ -322,6 +363,28 @@ def test_cli_bad_file_exits_2_in_one_line(tmp_path, argv, fragment, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert fragment in err, err
+
+
+def test_train_output_on_its_own_stack_exits_2_before_loading(saved, tmp_path, capsys):
+    """Training --on an adapter with --output that adapter would replace it: refused before the model
+    loads (the --model given does not exist), not after training."""
+    root, _ = saved
+    data = write(tmp_path, "d.jsonl", GOOD_LINE)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--on", str(root / "adapter"), "--output", str(root / "adapter"), "--data", str(data),
+              "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "holds an adapter the new one is trained on" in err, err
+
+
+def test_plan_unknown_target_module_exits_2(tmp_path, capsys):
+    """plan takes the LoRA target modules train takes: a name no layer has is refused, not planned as 0."""
+    tiny_causal_lm("llama").config.save_pretrained(tmp_path / "base")
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--model", str(tmp_path / "base"), "--lora-target-modules", "q_proj", "foo_proj"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--lora-target-modules: foo_proj is not a linear layer" in err, err
 
 
 # ------------------------------------------------------------------------------ saving and loading

@@ -81,8 +81,9 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert (adapter / "adapter_model.safetensors").is_file()
     capsys.readouterr()
     assert main(["eval", "--adapter", str(adapter), "--data", str(data)]) == 0
-    printed = capsys.readouterr().out
-    metrics = json.loads(printed[printed.index("\n{") + 1 :])
+    printed = capsys.readouterr()
+    metrics = json.loads(printed.out)  # stdout is the JSON alone (| jq); the data summary goes to stderr
+    assert "data: 6/6 pairs kept" in printed.err
     assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3", "--sample",
@@ -98,6 +99,16 @@ def test_benchmarks_are_documented_not_a_verb(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench"])
     assert exc.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_help_starts_without_torch():
+    """`qadapter --help` adds no command's options, so it does not wait for torch and transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom qadapter.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_negative_top_k_is_refused():

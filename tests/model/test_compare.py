@@ -306,6 +306,23 @@ def test_budgets_are_checked():
             CompareOptions(budgets=bad).budget_steps()
 
 
+def test_malformed_data_rows_raise_unless_skip_invalid(tmp_path):
+    """As in train: a malformed row of --data fails naming the row, before any model loads; with
+    --skip-invalid it is skipped and counted in the report's data summary."""
+    from qadapter.experiments.compare import _rows, _suite
+
+    good = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(6)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [*good[:3], {"prompt": "a", "chosen": "b"}, *good[3:]]) + "\n")
+    with pytest.raises(ValueError, match="preference row 3: missing key 'rejected'"):
+        run_compare(CompareOptions(data=str(path), heldout=2, methods="qadapter", output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    options = CompareOptions(data=str(path), heldout=2, skip_invalid=True)
+    train, suite = _suite(options, tiny_chat_tokenizer(), _rows(options))
+    assert len(train) == 4 and len(suite["heldout_features"]) == 2
+    assert suite["data"]["train"]["skipped"] == {"missing key 'rejected'": 1}
+
+
 @pytest.mark.skipif(not default_model_available(), reason="the embedded default model is not installed")
 def test_quick_comparison_runs_and_is_reproducible(tmp_path):
     """Every method trains and is measured; the same seed gives the same table (times and memory aside)."""

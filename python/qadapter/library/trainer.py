@@ -90,9 +90,29 @@ class QAdapterConfig(LossArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "pairs carry their own columns"})
 
     def __post_init__(self) -> None:
+        self.check_training_options()
         super().__post_init__()
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
         check_chunk_size(self.chunk_size)
+
+    def check_training_options(self) -> None:
+        """Values Trainer takes and fails on only after the model loads (a ZeroDivisionError, numpy's
+        seed error), or trains on without a step (an untrained adapter saved): refused here, naming
+        the option as ``qadapter train`` spells it."""
+        expectations = {
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "an integer >= 1"),
+            "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, "an integer >= 1"),
+            "learning_rate": (self.learning_rate >= 0, "a number >= 0"),
+            "lora_alpha": (self.lora_alpha > 0, "> 0"),
+            "seed": (0 <= self.seed <= 2**32 - 1, "an integer in [0, 2**32 - 1]"),
+            "max_steps": (self.max_steps != 0, "-1 (train --num_train_epochs epochs) or a positive step count"),
+        }
+        for name, (holds, expected) in expectations.items():
+            if not holds:
+                raise ValueError(f"--{name} must be {expected}; got {getattr(self, name)}")
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 when --max_steps is -1 (its default); "
+                             f"got {self.num_train_epochs}")
 
     def loss_config(self) -> LossConfig:
         return LossConfig.from_options(**{name: getattr(self, name) for name in LOSS_ARGUMENTS})
