@@ -42,6 +42,7 @@ def first_order(backward):
             return backward(ctx, *grads)
         with torch.no_grad():
             out = backward(ctx, *grads)
+        out = out if isinstance(out, tuple) else (out,)
         anchors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not anchors:
             return out

@@ -120,6 +120,13 @@ def backends() -> dict[str, BackendStatus]:
     return {name: status(name) for name in _RECORDS}
 
 
+def _takes_float64(name: str) -> bool:
+    try:
+        return get(name).float64
+    except ImportError:  # a backend whose module cannot be imported here takes nothing
+        return False
+
+
 def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
     """The backend that runs ``name`` on ``device`` for inputs of ``dtype``; raises if it cannot run."""
     check_name(name)
@@ -132,7 +139,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -
     if not st.available:
         raise RuntimeError(f"backend {name!r} is not available: {st.reason}")
     if dtype == torch.float64 and not get(name).float64:
-        takers = ", ".join(repr(n) for n in BACKEND_NAMES if n != "auto" and get(n).float64)
+        takers = ", ".join(repr(n) for n in BACKEND_NAMES if n != "auto" and _takes_float64(n))
         raise TypeError(f"backend {name!r} takes float16, bfloat16 and float32 inputs, got float64 (float64 runs on "
                         f"{takers} or 'auto')")
     return get(name)
