@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import loss_and_grads, make_inputs
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qadapter_kernels import qadapter_loss, registry
@@ -36,16 +36,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 FIELDS = ("loss", "bt_loss", "chi2_loss", "chosen_rewards", "rejected_rewards", "margin")
 
 
-def assert_agree(name, inputs, tol, fields=FIELDS, **kwargs):
+def within(a: torch.Tensor, b: torch.Tensor, tol: float, atol: float) -> bool:
+    """``a`` within ``tol`` of ``b`` relative to ``b``'s norm, or within ``atol`` (norm of the difference):
+    a quantity that is exactly 0 in the reference (rewards and gradients with one vocabulary entry)
+    is roundoff in another summation order, which no relative tolerance admits."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm()) <= tol * float(b.norm()) + atol
+
+
+def assert_agree(name, inputs, tol, fields=FIELDS, atol=0.0, **kwargs):
     ref, ref_grads = loss_and_grads(inputs, backend="reference", **kwargs)
     got, got_grads = loss_and_grads(inputs, backend=name, **kwargs)
     assert torch.isfinite(got.loss)
     for field in fields:
-        assert rel_err(getattr(got, field), getattr(ref, field)) <= tol, field
+        assert within(getattr(got, field), getattr(ref, field), tol, atol), (field, rel_err(getattr(got, field), getattr(ref, field)))
     assert set(got_grads) == set(ref_grads)
     for grad_name, grad in ref_grads.items():
         assert got_grads[grad_name].dtype == inputs[grad_name].dtype, grad_name
-        assert rel_err(got_grads[grad_name], grad) <= tol, grad_name
+        assert within(got_grads[grad_name], grad, tol, atol), (grad_name, rel_err(got_grads[grad_name], grad))
     return got, ref
 
 
@@ -188,14 +196,21 @@ RANDOM_CASE = dict(
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n in ("chunked",)])
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seq=st.integers(2, 8), hidden=st.integers(1, 12), vocab=st.integers(1, 40),
        alpha_tilde=st.floats(0.05, 3.0), **RANDOM_CASE)
+# One vocabulary entry: rewards and the q_hidden gradient are 0 in the reference, roundoff here.
+@example(seq=2, hidden=1, vocab=1, alpha_tilde=1.0, pairs=1, chunk=1, alpha_0=1.0, gamma=1.0, beta=0.0,
+         value_at="current", reward_norm="padded", seed=0)
+@example(seq=2, hidden=1, vocab=1, alpha_tilde=1.0, pairs=1, chunk=1, alpha_0=0.0, gamma=0.9999999999999999,
+         beta=0.0, value_at="current", reward_norm="padded", seed=2)
 def test_property_float64_backends_match_reference(name, pairs, seq, hidden, vocab, chunk, seed, **hyper):
+    """Random shapes, masks and options in float64; the examples are fixed (derandomize), so CI runs
+    the same ones each time."""
     x = make_inputs(batch=2 * pairs, seq=seq, hidden=hidden, vocab=vocab, dtype=torch.float64, seed=seed,
                     prompt_only_row=False)
     x["labels"][0, -1] = 0  # at least one scored token
-    assert_agree(name, x, 1e-9, chunk_size=chunk, **hyper)
+    assert_agree(name, x, 1e-9, atol=1e-13, chunk_size=chunk, **hyper)
 
 
 @pytest.mark.parametrize("name", NAMES)
