@@ -236,7 +236,7 @@ def _run_train(args, extra: list[str]) -> int:
     from .evaluation.measures import preference_metrics
     from .library import atomic
     from .library.data import check_rows, load_preference_data
-    from .library.model import QAdapterModel, holds_adapter, read_adapter_config
+    from .library.model import QAdapterModel, holds_adapter, read_adapter_config, stack_level_at
     from .library.provenance import data_identity
     from .library.trainer import QAdapterTrainer
 
@@ -249,8 +249,8 @@ def _run_train(args, extra: list[str]) -> int:
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
     if args.on is not None:  # saving over an adapter of the stack is refused, but only after training
-        under = [Path(args.on), *(Path(level["path"]) for level in read_adapter_config(Path(args.on))["stack"])]
-        if any(output.resolve() == level.resolve() for level in under):
+        levels = [level["path"] for level in read_adapter_config(Path(args.on))["stack"]]
+        if stack_level_at(output, [*levels, args.on]) is not None:
             _usage_error("train", f"--output {output} holds an adapter the new one is trained on (--on {args.on}): "
                                   "saving there would replace it; choose another --output")
     # Read and checked before the model loads: bad data fails at once.

@@ -301,10 +301,10 @@ class QAdapterModel(nn.Module):
         non-empty directory that holds no adapter or checkpoint of ours unless ``overwrite``; so is a
         level of this adapter's own stack (the adapter it is trained on).
         """
-        for k, level in enumerate(self.stack, 1):
-            if Path(path).resolve() == Path(level.path).resolve():
-                raise ValueError(f"path {path} holds stack level {k} of this adapter: saving there would replace "
-                                 "the adapter it was trained on")
+        k = stack_level_at(path, [level.path for level in self.stack])
+        if k is not None:
+            raise ValueError(f"path {path} holds stack level {k} of this adapter: saving there would replace "
+                             "the adapter it was trained on")
         atomic.save_files(path, self.write_adapter, is_ours=holds_adapter, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------ module
@@ -538,6 +538,13 @@ def levels_on(on: str | os.PathLike) -> list[Level]:
     own = Level(path=str(path.resolve()), sha256=adapter_digest(path, LEVEL_FILES), alpha_0=loss.alpha_0,
                 alpha_tilde=loss.alpha_tilde, q_on=config["q_on"])
     return [Level.from_dict(record, str(path)) for record in config["stack"]] + [own]
+
+
+def stack_level_at(path: str | os.PathLike, level_paths: Iterable[str | os.PathLike]) -> int | None:
+    """Which level (from 1) of a stack whose levels are saved at ``level_paths`` the folder ``path``
+    holds, or None: saving an adapter there would replace one it is trained on."""
+    target = Path(path).resolve()
+    return next((k for k, level in enumerate(level_paths, 1) if Path(level).resolve() == target), None)
 
 
 def recorded_base_name(name: str) -> str:
