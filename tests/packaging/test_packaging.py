@@ -61,8 +61,9 @@ def _install_and_check(artifact: Path, env: Path, workdir: Path) -> str:
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
           "--no-build-isolation", "--no-index", str(artifact)], env={**os.environ, "QADAPTER_BUILD_CUDA": "0"})
     out = _run([str(python), "-c", CHECK.format(csrc=CSRC)], cwd=workdir)
-    help_text = _run([str(env / "bin" / "qadapter"), "--help"], cwd=workdir)
-    assert "train" in help_text and "generate" in help_text
+    for command in ([str(env / "bin" / "qadapter")], [str(python), "-m", "qadapter"]):
+        help_text = _run([*command, "--help"], cwd=workdir)
+        assert "usage: qadapter" in help_text and "train" in help_text and "generate" in help_text
     return out
 
 
