@@ -593,9 +593,8 @@ def _run_check(args) -> int:
                        passages=args.passages, baseline=baseline,
                        meta={"adapter": str(args.adapter), "data": str(args.data),
                              "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
-    atomic.write_json(output / "check.json", report)
     markdown = format_markdown(report)
-    atomic.write_text(output / "check.md", markdown)
+    atomic.write_texts(output, {"check.json": json.dumps(report, indent=2) + "\n", "check.md": markdown})
     print(markdown)
     print(f"written: {output / 'check.json'}, {output / 'check.md'}")
     if not report["passed"]:

@@ -470,3 +470,28 @@ def test_resume_passes_over_a_checkpoint_cut_short(tmp_path):
     with pytest.warns(UserWarning, match="checkpoint-13 is incomplete"):
         assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize("moved_before_crash", [0, 1])
+def test_files_written_together_are_never_left_new_beside_old(tmp_path, monkeypatch, moved_before_crash):
+    """A report and its rendering (`qadapter check`'s check.json and check.md) are one save: a crash
+    between the two renames is finished by the next reader, so the pair is both old or both new."""
+    atomic.write_texts(tmp_path, {"check.json": "old json", "check.md": "old markdown"})
+    (tmp_path / "notes.txt").write_text("mine")
+    real_replace = atomic.os.replace
+    calls = {"n": 0}
+
+    def dying_replace(src, dst):
+        if calls["n"] == moved_before_crash:
+            raise SystemExit("killed")
+        calls["n"] += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", dying_replace)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
+    with pytest.raises(SystemExit):
+        atomic.write_texts(tmp_path, {"check.json": "new json", "check.md": "new markdown"})
+    monkeypatch.undo()
+    atomic.recover(tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        "check.json": "new json", "check.md": "new markdown", "notes.txt": "mine"}

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..library.atomic import read_json
+from ..library.atomic import read_json, recover
 from ..library.model import QAdapterModel
 from .knowledge import PROBE_LONGEST, general_passages, load_probe, loglik_accuracy
 from .measures import customized_likelihood, evaluate_pairs, likelihood, packing_mask_dtype, perplexity
@@ -127,6 +127,7 @@ def change_since(measures: dict, baseline: dict) -> dict:
 
 
 def read_report(path: str | Path) -> dict:
+    recover(Path(path).parent)  # a report write that was interrupted there is finished first
     report = read_json(path, "baseline report")
     if not isinstance(report, dict) or not isinstance(report.get("measures"), dict):
         raise ValueError(f"baseline report {path} is not a qadapter check report (no 'measures' object)")

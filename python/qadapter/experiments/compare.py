@@ -19,6 +19,7 @@ seconds and the peak resident memory added while training.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -508,10 +509,10 @@ def run_compare(options: CompareOptions) -> dict:
 
 
 def write_report(report: dict, output: Path) -> None:
-    """compare.json, compare.md and compare.png in ``output``, each written atomically."""
-    output.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(output / "compare.json", report)
-    atomic.write_text(output / "compare.md", format_table(report) + "\n")
+    """compare.json and compare.md in ``output`` as one save (never a new table beside an old record),
+    then compare.png, drawn from them, written atomically."""
+    atomic.write_texts(output, {"compare.json": json.dumps(report, indent=2) + "\n",
+                                "compare.md": format_table(report) + "\n"})
     plot(report, output / "compare.png")
 
 

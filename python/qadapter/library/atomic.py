@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 STAGING_PREFIX = ".qadapter-saving-"
@@ -60,6 +60,18 @@ def read_json(path: str | os.PathLike, what: str):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def write_texts(directory: str | os.PathLike, texts: Mapping[str, str]) -> None:
+    """Several text files (``name: text``) in ``directory`` as one save (:func:`save_files`): files
+    that belong together (a report and its rendering) are never left a new one beside an old one.
+    Anything else in the directory stays; an interrupted write is finished or dropped by the next
+    save, load or :func:`recover` there."""
+    def write(staging: Path) -> None:
+        for name, text in texts.items():
+            (staging / name).write_text(text, encoding="utf-8")
+
+    save_files(directory, write, is_ours=lambda _: True)
 
 
 def save_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
