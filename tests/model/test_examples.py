@@ -4,6 +4,7 @@ loss falls, only the adapter is trained and no [B, T, V] tensor is ever allocate
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,30 @@ def test_vocab_parallel_head_trains_as_one_process(examples_path):
     assert whole[-1] < whole[0]
     for losses in ranks:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(whole), rtol=1e-5, atol=1e-6)
+
+
+def _readme_snippets_of_examples() -> list[tuple[str, str]]:
+    """(example file name, snippet) for each README python block whose paragraph names one example."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    pieces = re.split(r"^```python\n(.*?)^```\n", readme, flags=re.S | re.M)  # text, code, text, code, ...
+    found = []
+    for before, code in zip(pieces[0::2], pieces[1::2]):
+        names = set(re.findall(r"examples/(\w+\.py)", before.rsplit("```", 1)[-1]))
+        if len(names) == 1:
+            found.append((names.pop(), code))
+    return found
+
+
+@pytest.mark.parametrize("name, snippet", _readme_snippets_of_examples(), ids=lambda v: v if v.endswith(".py") else "")
+def test_readme_snippets_are_lines_of_their_examples(name, snippet):
+    """README says its recipe snippets are lines from the examples (`...`: lines left out); CI runs
+    the examples, so a snippet that drifts from its file would show code nobody ran."""
+    lines = {line.strip() for line in (EXAMPLES / name).read_text(encoding="utf-8").splitlines()}  # snippets dedent
+    strays = [line for line in snippet.splitlines() if line.strip() and not line.strip().startswith("...")
+              and line.strip() not in lines]
+    assert not strays, f"README lines not in examples/{name}: {strays}"
+
+
+def test_readme_names_the_examples_it_quotes():
+    assert {name for name, _ in _readme_snippets_of_examples()} >= {"accelerate_loop.py", "trainer_subclass.py",
+                                                                    "trl_dpo.py", "vocab_parallel_head.py"}
