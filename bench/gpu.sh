@@ -99,6 +99,7 @@ step() {
   shift 2
   local start=$SECONDS rc
   echo "=== $name (budget ${budget}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  local first_line=$(($(wc -l <"$LOG") + 1))  # this step's output starts here
   if declare -F "$1" >/dev/null; then  # a function of this script: `timeout` needs a program
     set -- bash -c "$(declare -f "$1"); $1"
   fi
@@ -109,7 +110,7 @@ step() {
   elif [ "$rc" -ne 0 ]; then result="FAILED (exit $rc)"; FAILED=1; fi
   echo "=== $name: $result in ${took}s" | tee -a "$LOG"
   printf '| %s | %s | %s |\n' "$name" "$result" "$took" >>"$SUMMARY"
-  tail -n 25 "$LOG" | grep -E "passed|failed|error|Error|wrote|skipped" | tail -n 3 || true
+  tail -n "+$first_line" "$LOG" | grep -E "passed|failed|error|Error|wrote|skipped" | tail -n 3 || true
   return 0
 }
 skip() {

@@ -118,7 +118,7 @@ def _load():
     """``(extension module, "")`` or ``(None, why not)``; built at most once per process. A prebuilt
     extension without an image for this GPU gives way to a just-in-time build for it."""
     if torch.version.cuda is None:
-        return None, "torch is a CPU build (torch.version.cuda is None)"
+        return None, "torch is a CPU build (torch.version.cuda is None): the cuda backend needs a CUDA build of torch"
     if not torch.cuda.is_available():
         return None, "no CUDA GPU (torch.cuda.is_available() is False)"
     try:

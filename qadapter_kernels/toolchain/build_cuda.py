@@ -8,6 +8,7 @@ nvcc and ninja into the package's cache, shows the compiler's output, and says w
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -16,7 +17,9 @@ from .._cuda import jit_build
 from .cache import sources_dir
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m qadapter_kernels.toolchain.build_cuda", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     if torch.version.cuda is None:
         print("torch is a CPU build: install a CUDA build of torch first (https://pytorch.org)")
         return 1

@@ -9,7 +9,7 @@ A build runs on a device when it holds a cubin of the device's major version and
 no higher than the device's (sm_80 runs on 8.6 and 8.9; sm_90a only on 9.0 itself), or PTX of a
 capability no higher than the device's, which the driver compiles at load time.
 
-``python -m qadapter_kernels.cuda_archs`` prints the ``TORCH_CUDA_ARCH_LIST`` for the GPU at hand
+``python -m qadapter_kernels.toolchain.cuda_archs`` prints the ``TORCH_CUDA_ARCH_LIST`` for the GPU at hand
 (its capability, with PTX), or without one the default list for the nvcc at hand.
 """
 
