@@ -3,6 +3,8 @@ checkpoints only the adapter, and resumes exactly."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -151,6 +153,18 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     assert set(saved) == set(state)
     for name, value in saved.items():
         torch.testing.assert_close(state[name], value)
+
+
+def test_no_memory_is_pinned_without_an_accelerator(tmp_path):
+    """Trainer pins the loader's memory by default; without an accelerator torch's loader then warns
+    on every epoch and pins nothing, so the config does not ask for it (a GPU keeps the default)."""
+    args = QAdapterConfig(output_dir=str(tmp_path), report_to=[])
+    assert args.dataloader_pin_memory == torch.accelerator.is_available()
+    loader = QAdapterTrainer(model=training_setup(tmp_path)[0], args=args,
+                             train_dataset=[{"input_ids": [1]}]).get_train_dataloader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iter(loader)
 
 
 def test_padding_dependent_norm_with_accumulation_warns(tmp_path):

@@ -92,6 +92,8 @@ class QAdapterConfig(LossArguments):
     def __post_init__(self) -> None:
         self.check_training_options()
         super().__post_init__()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
         check_chunk_size(self.chunk_size)
 
@@ -122,6 +124,11 @@ class QAdapterConfig(LossArguments):
         return dict(loss=self.loss_config(), backend=self.backend, chunk_size=self.chunk_size,
                     lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                     target_modules=list(self.lora_target_modules))
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; older ones pin for CUDA only
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _warn_if_padding_dependent(args) -> None:
