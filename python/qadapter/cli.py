@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import re
 import sys
 import typing
+import warnings
 from collections.abc import Collection
 from dataclasses import fields
 from pathlib import Path
@@ -795,8 +799,30 @@ def build_parser(commands: Collection[str] = tuple(COMMANDS)) -> argparse.Argume
     return parser
 
 
+# What the libraries print on every run about their own versions or this machine, none of it about
+# the run (logger or warning category, and the message's start): PEFT calling transformers' renamed
+# gradient-checkpointing property; bitsandbytes falling back from a hub-fetched CPU kernel to its own;
+# DeepSpeed (imported by transformers when installed) saying it found no GPU, on stdout.
+LIBRARY_CHATTER = (
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    ("DeepSpeed", "Setting accelerator to CPU"),
+)
+
+
+def _quiet_library_chatter() -> None:
+    """Keeps the command's output its own (LIBRARY_CHATTER); a library's errors and every other
+    warning still show. The command line only: importing qadapter changes no filters."""
+    for source, start in LIBRARY_CHATTER:
+        if isinstance(source, type):
+            warnings.filterwarnings("ignore", message=re.escape(start), category=source)
+        else:
+            logging.getLogger(source).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_library_chatter()
     parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but --help
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
@@ -821,6 +847,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _run_check(args)
         return _run_eval(args)
+    except BrokenPipeError:  # the reader stopped reading (`qadapter info DIR | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing for exit's flush to fail on
+        return 141  # as a shell reports a command ended by SIGPIPE
     except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
         _usage_error(args.command, str(exc))
     except FloatingPointError as exc:  # training went non-finite: it says at which step, and what is kept

@@ -186,3 +186,44 @@ def test_demo_on_a_4bit_base(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == str(tmp_path / "base") and report["quantization"] == nf4
     assert json.loads((out / "adapter" / "qadapter_config.json").read_text())["quantization"] == nf4
+
+
+def test_library_chatter_is_kept_out_of_the_commands_output():
+    """The libraries' version and machine notices (LIBRARY_CHATTER) are silenced by the command line,
+    and only they: another warning, and another message of the same loggers, still show."""
+    import subprocess
+    import sys
+
+    code = """
+import logging, warnings
+from qadapter.cli import main
+try:
+    main(['info', '/nonexistent-adapter'])
+except SystemExit:
+    pass
+logging.basicConfig()
+warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed', FutureWarning)
+warnings.warn('a warning of ours', UserWarning)
+logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward from kernels-community')
+logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes message')
+logging.getLogger('DeepSpeed').warning('Setting accelerator to CPU. If you have GPU')
+"""
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "a warning of ours" in err and "another bitsandbytes message" in err
+    assert "is_gradient_checkpointing" not in err and "gemm_4bit_forward" not in err and "Setting accelerator" not in err
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """`qadapter info DIR | head`: the closed pipe ends the command quietly (exit 141, as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "qadapter_config.json").write_text(json.dumps({"format_version": 1, "base_model": "x",
+                                                               "base_fingerprint": "0", "loss": {}}))
+    (tmp_path / "adapter_model.safetensors").touch()
+    command = [sys.executable, "-c", "import sys; from qadapter.cli import main; sys.exit(main())", "info",
+               str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+        run.stdout.close()  # the reader is gone before the first line
+        err = run.stderr.read().decode()
+    assert run.returncode == 141 and "Broken pipe" not in err, err
