@@ -110,6 +110,12 @@ def test_chat_streamed_equals_chat_whole(server):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert streamed == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # stream_options.include_usage: OpenAI's last chunk, the usage and no choices (the one usage sent).
+    chunks = list(api.chat.completions.create(model="kind", messages=messages, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == streamed
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason and chunks[-2].usage is None
 
 
 def test_stop_strings_end_the_answer_before_them(server, solo_text):
@@ -171,6 +177,34 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     # The server is still serving.
     assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
+    """Each field is implemented, cannot change the answer, or is refused with a 400 naming it, never
+    silently ignored: vLLM's extra sampling parameters, a made-up field, the other route's own field."""
+    api = client(server[0])
+
+    def ask(**fields):
+        if chat:
+            answer = api.chat.completions.create(model="formal", messages=[{"role": "user", "content": "hello world"}],
+                                                 max_tokens=6, temperature=0, **fields)
+            return answer.choices[0].message.content
+        return api.completions.create(model="formal", prompt="hello world", max_tokens=6, temperature=0,
+                                      **fields).choices[0].text
+
+    others = ("suffix", "") if chat else ("messages", [{"role": "user", "content": "hi"}])
+    for name, value in (("top_k", 5), ("repetition_penalty", 1.5), ("min_p", 0.1), ("made_up_knob", True), others):
+        with pytest.raises(openai.BadRequestError, match=f"unsupported field '{name}': this server takes model, "
+                                                         f"{'messages' if chat else 'prompt'}, max_tokens") as exc:
+            ask(extra_body={name: value})
+        assert exc.value.param == name
+    with pytest.raises(openai.BadRequestError, match="stream_options must be an object") as exc:
+        ask(extra_body={"stream_options": {"continuous_usage_stats": True}})
+    assert exc.value.param == "stream_options"
+    # OpenAI's bookkeeping fields are taken and change nothing.
+    bookkeeping = dict(metadata={"run": "7"}, store=True, service_tier="auto") if chat else {}
+    assert ask(user="someone", **bookkeeping) == ask()
 
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):

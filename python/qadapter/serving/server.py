@@ -24,6 +24,23 @@ from starlette.routing import Route
 from .engine import Engine, EngineStopped, Request
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
+# The request fields each route takes: (those it implements, those that cannot change the answer whatever
+# their value -- OpenAI's bookkeeping, caching and latency hints, and ``parallel_tool_calls``, which only
+# matters with ``tools`` -- and the UNSUPPORTED ones, taken only at their do-nothing values). Any other
+# field is refused by name, never silently ignored.
+FIELDS = {
+    "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+                     "stream_options"),
+                    ("user",),
+                    ("n", "best_of", "echo", "logprobs", "frequency_penalty", "presence_penalty", "logit_bias",
+                     "suffix")),
+    "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
+              "stream", "stream_options"),
+             ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+              "prompt_cache_options", "prompt_cache_retention", "prediction", "parallel_tool_calls"),
+             ("n", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "tools",
+              "tool_choice", "functions", "function_call", "response_format")),
+}
 # OpenAI request fields that would change the answer and that this server does not implement, with
 # the values that ask for nothing: set to anything else they are refused, never silently ignored.
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
@@ -101,7 +118,7 @@ class Server:
     async def _complete(self, http: HttpRequest, chat: bool):
         try:
             body = await self._body(http)
-            options, stream = self._options(body, chat)
+            options, stream, usage_chunk = self._options(body, chat)
             prompt = self._chat_prompt(body) if chat else self._text_prompt(body)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
@@ -115,7 +132,7 @@ class Server:
             return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
         except EngineStopped as exc:
             return _error(str(exc), 503)
-        reply = _Reply(body["model"], chat, len(prompt))
+        reply = _Reply(body["model"], chat, len(prompt), usage_chunk)
         if stream:
             return StreamingResponse(self._stream(request, events, reply), media_type="text/event-stream")
         text, end = [], None
@@ -147,7 +164,11 @@ class Server:
                 if "error" in event:
                     yield _sse({"error": {"message": event["error"], "type": "server_error"}})
                 else:
-                    yield _sse(reply.chunk("" if not reply.chat else {}, event["finish_reason"], event))
+                    finish = reply.chunk("" if not reply.chat else {}, event["finish_reason"],
+                                         None if reply.usage_chunk else event)
+                    yield _sse(finish)
+                    if reply.usage_chunk:  # stream_options.include_usage: OpenAI's last chunk, usage and no choices
+                        yield _sse({**finish, "choices": [], "usage": reply.usage(event)})
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -164,17 +185,22 @@ class Server:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _options(self, body: dict, chat: bool) -> tuple[dict, bool]:
+    def _options(self, body: dict, chat: bool) -> tuple[dict, bool, bool]:
         """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
-        as OpenAI's), and whether to stream."""
+        as OpenAI's), whether to stream, and whether the stream ends in a chunk of the usage alone."""
         model = body.get("model")
         if not isinstance(model, str):
             raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
         if model not in self.model_names:
             raise BadRequest(f"model {model!r} does not exist; available: {self.model_names}", "model", 404,
                              "model_not_found")
-        for name, defaults in UNSUPPORTED.items():
-            value = body.get(name)
+        implemented, harmless, unsupported = FIELDS["chat" if chat else "completions"]
+        for name in body:
+            if name not in implemented + harmless + unsupported:
+                raise BadRequest(f"unsupported field {name!r}: this server takes {', '.join(implemented)}; and, where "
+                                 f"they change nothing, {', '.join(harmless + unsupported)}", name)
+        for name in unsupported:
+            value, defaults = body.get(name), UNSUPPORTED[name]
             if value is not None and not any(value == d and isinstance(value, bool) == isinstance(d, bool)
                                              for d in defaults):
                 raise BadRequest(f"{name} is not supported by this server (only {' or '.join(map(json.dumps, defaults))}"
@@ -189,10 +215,16 @@ class Server:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"stream must be true or false; got {stream!r}", "stream")
+        stream_options = body.get("stream_options")
+        stream_options = {} if stream_options is None else stream_options  # include_obfuscation: nothing is padded either way
+        if not isinstance(stream_options, dict) or not all(
+                k in ("include_usage", "include_obfuscation") and isinstance(v, bool) for k, v in stream_options.items()):
+            raise BadRequest("stream_options must be an object whose include_usage and include_obfuscation are true or "
+                             f"false; got {json.dumps(stream_options)}", "stream_options")
         return dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), stop=tuple(stop),
-                    seed=_int(body, "seed", None, 0)), stream
+                    seed=_int(body, "seed", None, 0)), stream, stream_options.get("include_usage", False)
 
     def _text_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -230,8 +262,8 @@ class Server:
 class _Reply:
     """The OpenAI shapes of one completion's answer, whole or in chunks."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, usage_chunk: bool = False) -> None:
+        self.model, self.chat, self.prompt_tokens, self.usage_chunk = model, chat, prompt_tokens, usage_chunk
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
