@@ -7,6 +7,8 @@ networks run through PEFT's own ``set_adapter``, not the stack's row and pass se
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from contextlib import contextmanager
 
 import pytest
@@ -308,6 +310,7 @@ def test_evaluation_of_a_stack_gives_the_explicit_numbers(parent_dir, q_on):
     (lambda c: c.update(q_on="top"), "q_on must be one of"),
     (lambda c: c["stack"][0].update(q_on="sideways"), "a stack level.s q_on must be one of"),
     (lambda c: c["stack"][0].update(alpha_tilde=0), "a stack level.s alpha_tilde"),
+    (lambda c: c["stack"][0].update(relative_path=3), "a stack level.s relative_path must be a string or null"),
 ])
 def test_a_damaged_stack_record_is_refused_before_loading(tmp_path, parent_dir, edit, match):
     saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
@@ -335,3 +338,108 @@ def test_an_adapter_set_refuses_a_stacked_adapter(tmp_path, parent_dir):
     saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
     with pytest.raises(AdapterLoadError, match="'child': .* is a stacked adapter"):
         AdapterSet.from_pretrained({"parent": parent_dir, "child": tmp_path / "child"}, tiny_causal_lm())
+
+
+def saved_stack(folder):
+    """level1, level2 on it and level3 on that, side by side in ``folder`` (as README's example makes them)."""
+    saved_adapter(folder / "level1", **PARENT)
+    saved_adapter(folder / "level2", on=folder / "level1", seed=2, **CHILD)
+    saved_adapter(folder / "level3", on=folder / "level2", seed=4, q_on="base", alpha_0=0.9)
+
+
+def stack_outputs(path):
+    model = QAdapterModel.from_pretrained(path, tiny_causal_lm()).eval()
+    ids, mask = left_padded_prompts()
+    return model, model.stack_hidden(ids, mask)
+
+
+def assert_same_outputs(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_a_stack_moved_as_a_whole_loads_from_its_new_place(tmp_path):
+    """Each level is recorded relative to the adapter on it too (the staging directory of a save is
+    not what it is relative to); a moved stack finds its levels there, the inherited ones as well."""
+    saved_stack(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "level3" / "qadapter_config.json").read_text())
+    assert [level["relative_path"] for level in config["stack"]] == ["../level1", "../level2"]
+    _, want = stack_outputs(tmp_path / "a" / "level3")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved, got = stack_outputs(tmp_path / "b" / "level3")
+    assert [level.path for level in moved.stack] == [str((tmp_path / "b" / n).resolve()) for n in ("level1", "level2")]
+    assert_same_outputs(got, want)
+    # A save of it records where the levels are now; saving over one of them is refused there.
+    moved.save_pretrained(tmp_path / "elsewhere" / "level3")
+    config = json.loads((tmp_path / "elsewhere" / "level3" / "qadapter_config.json").read_text())
+    assert [level["path"] for level in config["stack"]] == [level.path for level in moved.stack]
+    assert config["stack"][0]["relative_path"] == "../../b/level1"
+    with pytest.raises(ValueError, match="holds stack level 2"):
+        moved.save_pretrained(tmp_path / "b" / "level2")
+    # A new level on the moved stack finds the levels its parent records, relative to the parent.
+    on_moved = QAdapterModel(tiny_causal_lm(), on=tmp_path / "b" / "level3")
+    assert [level.path for level in on_moved.stack] == [str((tmp_path / "b" / n).resolve())
+                                                         for n in ("level1", "level2", "level3")]
+
+
+def test_train_on_a_moved_stack_refuses_an_output_of_its_levels_before_loading(tmp_path, capsys):
+    """`qadapter train --on` checks --output against the levels where the moved stack has them, before
+    anything loads (the --model given does not exist)."""
+    from qadapter.cli import main
+
+    saved_stack(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--on", str(tmp_path / "b" / "level3"), "--output", str(tmp_path / "b" / "level1"),
+              "--data", str(data), "--model", str(tmp_path / "no-model")])
+    assert info.value.code == 2 and "holds an adapter the new one is trained on" in capsys.readouterr().err
+
+
+def test_a_copied_stack_uses_its_own_levels_not_the_originals(tmp_path):
+    saved_stack(tmp_path / "a")
+    _, want = stack_outputs(tmp_path / "a" / "level3")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    saved_adapter(tmp_path / "a" / "level1", seed=9, **PARENT)  # the original changes; the copy does not
+    with pytest.raises(AdapterLoadError, match="stack level 1.*has changed"):
+        QAdapterModel.from_pretrained(tmp_path / "a" / "level3", tiny_causal_lm())
+    copy, got = stack_outputs(tmp_path / "b" / "level3")
+    assert copy.stack[0].path == str((tmp_path / "b" / "level1").resolve())
+    assert_same_outputs(got, want)
+    # What is found first must still be the level recorded: a changed copy is refused, not passed over.
+    saved_adapter(tmp_path / "b" / "level1", seed=9, **PARENT)
+    with pytest.raises(AdapterLoadError, match=f"stack level 1, the adapter in {re.escape(str(tmp_path / 'b'))}.*has changed"):
+        QAdapterModel.from_pretrained(tmp_path / "b" / "level3", tiny_causal_lm())
+
+
+def test_a_level_in_neither_place_is_refused_naming_both(tmp_path):
+    saved_adapter(tmp_path / "a" / "level1", **PARENT)
+    saved_adapter(tmp_path / "a" / "level2", on=tmp_path / "a" / "level1", seed=2, **CHILD)
+    shutil.move(tmp_path / "a" / "level2", tmp_path / "b" / "level2")  # the child alone
+    QAdapterModel.from_pretrained(tmp_path / "b" / "level2", tiny_causal_lm())  # the recorded path still holds it
+    shutil.rmtree(tmp_path / "a")
+    tried = (re.escape(str((tmp_path / where / "level1").resolve())) for where in ("b", "a"))
+    with pytest.raises(AdapterLoadError, match=f"stack level 1: no adapter at {next(tried)} .* nor at {next(tried)} "
+                                               r"\(its recorded path\): a stack's levels must be moved or copied along"):
+        QAdapterModel.from_pretrained(tmp_path / "b" / "level2", tiny_causal_lm())
+
+
+def test_an_older_record_without_relative_paths_loads(tmp_path):
+    """Records saved before relative paths have the absolute one only: loaded from there as before,
+    and refused naming it when it is gone."""
+    saved_stack(tmp_path / "a")
+    _, want = stack_outputs(tmp_path / "a" / "level3")
+    file = tmp_path / "a" / "level3" / "qadapter_config.json"
+    config = json.loads(file.read_text())
+    for level in config["stack"]:
+        del level["relative_path"]
+    file.write_text(json.dumps(config))
+    old, got = stack_outputs(tmp_path / "a" / "level3")
+    assert [level.path for level in old.stack] == [str((tmp_path / "a" / n).resolve()) for n in ("level1", "level2")]
+    assert_same_outputs(got, want)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(AdapterLoadError, match=f"stack level 1: no adapter at {re.escape(str((tmp_path / 'a' / 'level1').resolve()))}, "
+                                               "its recorded path .an older record"):
+        QAdapterModel.from_pretrained(tmp_path / "b" / "level3", tiny_causal_lm())

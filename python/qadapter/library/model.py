@@ -148,13 +148,15 @@ class QAdapterModel(nn.Module):
                 f"{argument}: stacking adapters needs an uncapped head, and this model soft-caps its logits "
                 f"(logit_softcap={self.loss.logit_softcap:g}): tanh is not linear, so a level's policy is not a "
                 "softmax of one hidden state and the fused loss cannot take it as the frozen side")
+        found = []
         for k, level in enumerate(levels, 1):
-            path, name = Path(level.path), level_name(k)
+            name = level_name(k)
             try:
+                path = level.location()  # beside the adapter on it if the stack moved, else where recorded
                 config = read_adapter_config(path)
                 check_base(path, config, self.fingerprint, self.quantization)
                 check_quantization(path, config["quantization"], self.quantization)
-            except AdapterLoadError as exc:
+            except (AdapterLoadError, FileNotFoundError) as exc:
                 raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
             if adapter_digest(path, LEVEL_FILES) != level.sha256:
                 raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
@@ -165,10 +167,11 @@ class QAdapterModel(nn.Module):
                 raise AdapterLoadError(f"{argument}: stack level {k}: the weights in {path} cannot be loaded: {exc}") from exc
             check_adapter_weights(self.peft_model, path, adapter_name=name)
             freeze_level(self.peft_model, name)
-        self.stack, self.q_on = tuple(levels), q_on
+            found.append(level.found_at(path))
+        self.stack, self.q_on = tuple(found), q_on
         # The adapters this model's Q network runs are its active ones, whatever runs its forward.
         activate_adapters(self.peft_model, self.q_networks[-1])
-        self.provenance["parent_adapter"] = {**levels[-1].as_dict(), "depth": len(levels)}
+        self.provenance["parent_adapter"] = {**found[-1].as_dict(), "depth": len(found)}
 
     def _take_softcap(self, base_model: nn.Module) -> None:
         """The loss takes the model's logit soft-capping (Gemma-2), unless it names another cap."""
@@ -241,7 +244,7 @@ class QAdapterModel(nn.Module):
         check_adapter_weights(peft_model, path)
         model = cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
         if config["stack"]:
-            model._stack_levels([Level.from_dict(r, str(path)) for r in config["stack"]], config["q_on"], str(path))
+            model._stack_levels([Level.from_dict(r, str(path), path) for r in config["stack"]], config["q_on"], str(path))
         if device is not None and config["quantization"] is None:  # a quantized base is placed as it loads
             peft_model.to(device)
         return model
@@ -268,9 +271,10 @@ class QAdapterModel(nn.Module):
             raise AdapterLoadError(f"{file} lacks adapter weights: {[k for k in result.missing_keys if 'lora_' in k][:3]}")
 
     # ------------------------------------------------------------------------------------ saving
-    def adapter_config(self) -> dict:
+    def adapter_config(self, directory: str | os.PathLike | None = None) -> dict:
+        """The config of the adapter written into ``directory`` (None: not written; no relative level paths)."""
         lora = self.peft_model.peft_config[ADAPTER_NAME]
-        stacked = {"stack": [level.as_dict() for level in self.stack], "q_on": self.q_on} if self.stack else {}
+        stacked = {"stack": [level.record(directory) for level in self.stack], "q_on": self.q_on} if self.stack else {}
         return {
             "format_version": STACKED_FORMAT_VERSION if self.stack else FORMAT_VERSION,
             "base_model": recorded_base_name(getattr(self.config, "name_or_path", None) or ""),
@@ -289,7 +293,7 @@ class QAdapterModel(nn.Module):
         directory = Path(directory)
         self.peft_model.save_pretrained(directory, safe_serialization=True, selected_adapters=[ADAPTER_NAME])
         (directory / "README.md").unlink(missing_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(), indent=2) + "\n", encoding="utf-8")
+        (directory / CONFIG_NAME).write_text(json.dumps(self.adapter_config(directory), indent=2) + "\n", encoding="utf-8")
         provenance.write(directory, provenance.build(self, self.provenance))
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -537,7 +541,7 @@ def levels_on(on: str | os.PathLike) -> list[Level]:
     loss = LossConfig.from_options(**{k: v for k, v in config["loss"].items() if k in LossConfig.names()})
     own = Level(path=str(path.resolve()), sha256=adapter_digest(path, LEVEL_FILES), alpha_0=loss.alpha_0,
                 alpha_tilde=loss.alpha_tilde, q_on=config["q_on"])
-    return [Level.from_dict(record, str(path)) for record in config["stack"]] + [own]
+    return [Level.from_dict(record, str(path), path) for record in config["stack"]] + [own]
 
 
 def stack_level_at(path: str | os.PathLike, level_paths: Iterable[str | os.PathLike]) -> int | None:
