@@ -240,7 +240,7 @@ def _run_train(args, extra: list[str]) -> int:
     from .evaluation.measures import preference_metrics
     from .library import atomic
     from .library.data import check_rows, load_preference_data
-    from .library.model import QAdapterModel, holds_adapter, read_adapter_config, stack_level_at
+    from .library.model import QAdapterModel, holds_adapter, levels_on, stack_level_at
     from .library.provenance import data_identity
     from .library.trainer import QAdapterTrainer
 
@@ -253,8 +253,8 @@ def _run_train(args, extra: list[str]) -> int:
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
     if args.on is not None:  # saving over an adapter of the stack is refused, but only after training
-        levels = [level["path"] for level in read_adapter_config(Path(args.on))["stack"]]
-        if stack_level_at(output, [*levels, args.on]) is not None:
+        places = [place for level in levels_on(args.on) for place in (level.nearby, level.path) if place]
+        if stack_level_at(output, places) is not None:  # a level where the stack moved to, or where recorded
             _usage_error("train", f"--output {output} holds an adapter the new one is trained on (--on {args.on}): "
                                   "saving there would replace it; choose another --output")
     # Read and checked before the model loads: bad data fails at once.
@@ -349,7 +349,7 @@ def _generate_parser(p) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the answer contains TEXT (repeatable)")
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="static cache and compiled decode step (auto: on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="with --sample: the seed of the draws (default: 0)")
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
@@ -365,13 +365,14 @@ def _run_generate(args) -> int:
     from .library.model import QAdapterModel
 
     given = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None}
-    if given and not args.sample:
-        _usage_error("generate", f"{', '.join('--' + name.replace('_', '-') for name in given)} apply only with "
+    if not args.sample and (given or args.seed is not None):
+        named = [f"--{name.replace('_', '-')}" for name in given] + ["--seed"] * (args.seed is not None)
+        _usage_error("generate", f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} only with "
                                  "--sample (greedy decoding takes no sampling options)")
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed or 0)
     sampling = {**SAMPLING_DEFAULTS, **given} if args.sample else {}
     model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                    **sampling, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
