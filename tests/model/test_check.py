@@ -72,12 +72,20 @@ def test_baseline_report_shows_the_change_since(adapters, tmp_path, capsys):
     _check(tmp / "untrained", data, "--output", str(first))
     _check(tmp / "forgot", data, "--output", str(second), "--baseline", str(first / "check.json"))
     capsys.readouterr()
-    before = json.loads((first / "check.json").read_text())["measures"]
+    before_report = json.loads((first / "check.json").read_text())
+    before = before_report["measures"]
     report = json.loads((second / "check.json").read_text())
     change = report["change"]["kl_to_base"]
     assert change["before"] == before["kl_to_base"] and change["after"] == report["measures"]["kl_to_base"]
     assert change["delta"] == pytest.approx(change["after"] - change["before"]) and change["delta"] > 0.5
     assert "| kl_to_base |" in (second / "check.md").read_text() and "before" in (second / "check.md").read_text()
+    # Against a baseline of another sample the change would mean nothing: refused before measuring.
+    with pytest.raises(SystemExit) as info:
+        _check(tmp / "forgot", data, "--output", str(tmp_path / "third"), "--baseline", str(first / "check.json"),
+               "--probe-items", "3")
+    assert info.value.code == 2
+    assert f"probe_items {before_report['probe_items']} there, 3 here (--probe-items)" in capsys.readouterr().err
+    assert not (tmp_path / "third").exists()
 
 
 def test_thresholds_file_and_flags(adapters, tmp_path, capsys):

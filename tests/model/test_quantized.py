@@ -151,9 +151,12 @@ def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
         QAdapterModel.from_pretrained(tmp_path / "a", quantization=None)
     with pytest.raises(AdapterLoadError, match="LLM.int8"):
         QAdapterModel.from_pretrained(tmp_path / "a", quantization="8bit")
-    dense_base = adapter(bases["llama"]).base_model
+    dense = adapter(bases["llama"])
     with pytest.raises(AdapterLoadError, match="dense"):
-        QAdapterModel.from_pretrained(tmp_path / "a", dense_base)
+        QAdapterModel.from_pretrained(tmp_path / "a", dense.base_model)
+    dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(AdapterLoadError, match="trained on a dense base; the base given is NF4 4-bit"):
+        QAdapterModel.from_pretrained(tmp_path / "dense", quantization="4bit")
 
 
 def test_another_compute_dtype_loads_where_the_checkpoint_is_exact_in_both(bases, tmp_path):

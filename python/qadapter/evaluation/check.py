@@ -126,6 +126,20 @@ def change_since(measures: dict, baseline: dict) -> dict:
             if isinstance(before.get(name), (int, float)) and isinstance(value, (int, float))}
 
 
+SAMPLE_OPTIONS = {"pairs": "--max-pairs", "probe_items": "--probe-items", "passages": "--passages"}
+
+
+def check_same_sample(baseline: dict, sample: dict) -> None:
+    """A change since a baseline compares like with like: the same numbers of pairs, probe questions
+    and passages (each subsample is the first n of a fixed order); refused otherwise, before measuring."""
+    differ = {k: (baseline.get(k), n) for k, n in sample.items() if k in baseline and baseline[k] != n}
+    if differ:
+        raise ValueError("the baseline report measured another sample, so the change would compare different "
+                         "things: " + "; ".join(f"{k} {before} there, {now} here ({SAMPLE_OPTIONS[k]})"
+                                                for k, (before, now) in differ.items())
+                         + ". Run with the baseline's sizes (and data)")
+
+
 def read_report(path: str | Path) -> dict:
     recover(Path(path).parent)  # a report write that was interrupted there is finished first
     report = read_json(path, "baseline report")
@@ -139,11 +153,13 @@ def run_check(model: QAdapterModel, features: list[dict], thresholds: Thresholds
     """The check's report: measures, each threshold's verdict, the failures, and the change since ``baseline``."""
     probe = subsample(load_probe(), probe_items)
     texts = subsample(general_passages(), passages)
+    sample = {"pairs": len(features), "probe_items": len(probe), "passages": len(texts)}
+    if baseline is not None:
+        check_same_sample(baseline, sample)
     measures = measure(model, features, probe=probe, passages=texts)
     checks = judge(measures, thresholds)
     report = {
-        "report_version": REPORT_VERSION, **(meta or {}),
-        "pairs": len(features), "probe_items": len(probe), "passages": len(texts),
+        "report_version": REPORT_VERSION, **(meta or {}), **sample,
         "measures": measures, "thresholds": asdict(thresholds), "checks": checks,
         "failed": [c["measure"] for c in checks if not c["passed"]],
     }
@@ -163,7 +179,8 @@ def format_markdown(report: dict) -> str:
     lines = [f"# qadapter check: {verdict}", ""]
     if report.get("adapter"):
         lines.append(f"Adapter `{report['adapter']}` on data `{report.get('data')}`: {report['pairs']} pairs, "
-                     f"{report['probe_items']} probe questions, {report['passages']} general passages.")
+                     f"{report['probe_items']} probe questions, {report['passages']} general passage"
+                     f"{'s' * (report['passages'] != 1)}.")
         lines.append("")
     lines += ["| check | kind | value | rule | limit | result |", "|---|---|---|---|---|---|"]
     for c in report["checks"]:

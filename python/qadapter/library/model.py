@@ -583,8 +583,9 @@ def check_quantization(path: Path, saved: dict | None, given: dict | None) -> No
         return None if q is None else (q["method"], q.get("double_quant"))
 
     if stored(saved) != stored(given):
-        raise AdapterLoadError(f"the adapter in {path} was trained on a base quantized as {quant.describe(saved)}; "
-                               f"the base given is {quant.describe(given)} (load it as the adapter was trained)")
+        trained_on = "a dense base" if saved is None else f"a base quantized as {quant.describe(saved)}"
+        raise AdapterLoadError(f"the adapter in {path} was trained on {trained_on}; the base given is "
+                               f"{quant.describe(given)} (load it as the adapter was trained)")
 
 
 def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME) -> None:
