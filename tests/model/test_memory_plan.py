@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from qadapter.library.memory_plan import (
@@ -86,10 +88,13 @@ def test_advice_makes_the_plan_fit():
     options = PlanOptions(max_length=512, pairs_per_step=4)
     gpu = 12 * GIB
     assert not plan(llama7b, options).fits(gpu)
-    advice = suggestions(llama7b, options, gpu)
-    assert advice and advice[-1].startswith("--gradient-checkpointing --load-in-4bit --pairs-per-step")
-    pairs = int(advice[-1].rsplit(" ", 1)[1])
-    assert plan(llama7b, options, gradient_checkpointing=True, quantization="4bit", pairs_per_step=pairs).fits(gpu)
+    # Checkpointing and 4-bit together let the 4 pairs given fit: the advice names the changes only.
+    assert suggestions(llama7b, options, gpu) == ["--gradient-checkpointing --load-in-4bit"]
+    assert plan(llama7b, options, gradient_checkpointing=True, quantization="4bit").fits(gpu)
+    advice = suggestions(llama7b, options, 6 * GIB)[-1]
+    assert advice.startswith("--gradient-checkpointing --load-in-4bit --pairs-per-step 2 ")
+    assert plan(llama7b, options, gradient_checkpointing=True, quantization="4bit", pairs_per_step=2).fits(6 * GIB)
+    assert suggestions(llama7b, replace(options, gradient_checkpointing=True), gpu) == ["--load-in-4bit"]
     small_gpu = plan(SMALL, OPTIONS).peak - 1
     assert "--gradient-checkpointing" in suggestions(SMALL, OPTIONS, small_gpu)
 

@@ -209,8 +209,13 @@ def suggestions(config, options: PlanOptions, gpu_memory: int) -> list[str]:
         pairs = both.pairs_per_step
         while pairs >= 1 and not plan(config, both, pairs_per_step=pairs).fits(gpu_memory):
             pairs //= 2
-        if pairs >= 1:
-            out.append(f"--gradient-checkpointing --load-in-4bit --pairs-per-step {pairs}")
+        if pairs >= 1:  # only what changes: the options already given are not repeated
+            changes = ["--gradient-checkpointing"] * (not options.gradient_checkpointing)
+            changes += ["--load-in-4bit"] * (options.quantization != "4bit")
+            if pairs < options.pairs_per_step:
+                accumulate = math.ceil(options.pairs_per_step / pairs)
+                changes.append(f"--pairs-per-step {pairs} (with --gradient_accumulation_steps {accumulate} in training)")
+            out.append(" ".join(changes))
     return out
 
 
