@@ -46,6 +46,7 @@ from .model import (
     read_adapter_config,
     run_options,
     select_combine,
+    warnings_held_while_checked,
 )
 from .policy import CombinedPolicy
 
@@ -214,7 +215,7 @@ class AdapterSet:
                                    "QAdapterModel.from_pretrained")
         check_quantization(path, config["quantization"], self.quantization)
         check_base(path, config, self.fingerprint, self.quantization)
-        with self._bank_rebuilt():
+        with self._bank_rebuilt(), warnings_held_while_checked():
             try:
                 if self.peft_model is None:
                     self.peft_model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,11 +162,13 @@ class QAdapterModel(nn.Module):
             if adapter_digest(path, LEVEL_FILES) != level.sha256:
                 raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
                                        f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)")
-            try:
-                self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
-                raise AdapterLoadError(f"{argument}: stack level {k}: the weights in {path} cannot be loaded: {exc}") from exc
-            check_adapter_weights(self.peft_model, path, adapter_name=name)
+            with warnings_held_while_checked():
+                try:
+                    self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
+                    raise AdapterLoadError(f"{argument}: stack level {k}: the weights in {path} cannot be loaded: "
+                                           f"{exc}") from exc
+                check_adapter_weights(self.peft_model, path, adapter_name=name)
             freeze_level(self.peft_model, name)
             found.append(level.found_at(path))
         self.stack, self.q_on = tuple(found), q_on
@@ -237,11 +240,14 @@ class QAdapterModel(nn.Module):
         config = read_adapter_config(path)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
                                                 quantization=quantization)
-        try:
-            peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable)
-        except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
-            raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): {exc}") from exc
-        check_adapter_weights(peft_model, path)
+        with warnings_held_while_checked():
+            try:
+                peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME,
+                                                       is_trainable=is_trainable)
+            except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
+                raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): "
+                                       f"{exc}") from exc
+            check_adapter_weights(peft_model, path)
         model = cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
         if config["stack"]:
             model._stack_levels([Level.from_dict(r, str(path), path) for r in config["stack"]], config["q_on"], str(path))
@@ -586,6 +592,18 @@ def check_quantization(path: Path, saved: dict | None, given: dict | None) -> No
         trained_on = "a dense base" if saved is None else f"a base quantized as {quant.describe(saved)}"
         raise AdapterLoadError(f"the adapter in {path} was trained on {trained_on}; the base given is "
                                f"{quant.describe(given)} (load it as the adapter was trained)")
+
+
+@contextmanager
+def warnings_held_while_checked():
+    """Holds the warnings of loading an adapter until its checks pass, and drops them when a check
+    refuses it: PEFT warns of every missing key (hundreds on a real model) before
+    :func:`check_adapter_weights` says in one line what is wrong."""
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        yield
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME) -> None:
