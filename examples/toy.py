@@ -9,6 +9,8 @@ vocabulary, the rejected one from the upper half. Word ``w<i>`` is token ``i``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -100,3 +102,15 @@ def run_from_command_line(run, doc: str, argv: list[str] | None = None) -> None:
     _, losses = run(parser.parse_args(argv).steps)
     for step, value in enumerate(losses, start=1):
         print(f"step {step}: loss {value:.4f}")
+    if torch.distributed.is_initialized():  # one of several processes (`accelerate launch`, torchrun)
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Ends a launched process once every rank is done, without the interpreter's shutdown: a gloo
+    thread may still be freeing a collective (a ZeRO-3 parameter prefetch) when it starts, and that
+    aborts the process ("terminate called without an active exception"), failing the launch."""
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
