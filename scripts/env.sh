@@ -1,6 +1,7 @@
 # Sourced by the other scripts: makes (or reuses) the project's virtual environment and installs
 # the package with everything the tests, the benchmarks and the model layer need. Idempotent.
-# On a machine without a GPU it installs the CPU build of torch; an existing torch is kept.
+# torch 2.13.0 unless one is installed: the CPU build where pip finds one (a local wheel, or
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), else PyPI's, with CUDA libraries.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QADAPTER_VENV:-$ROOT/.venv}"
