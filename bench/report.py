@@ -288,11 +288,17 @@ def headline(results: dict) -> list[dict]:
     return lines
 
 
+def _times(ratio: float, better: str, worse: str, digits: int) -> str:
+    """A ratio of theirs over ours in words that cannot be misread: "2.00x faster", "1.43x slower"."""
+    return f"{ratio:.{digits}f}x {better}" if ratio >= 1 else f"{1 / ratio:.{digits}f}x {worse}"
+
+
 def headline_text(entry: dict) -> str:
     parts = [f"{entry['case']}: {entry['backend']}" + (f" at {entry['x_gemm3']:.2f}x T_gemm3" if entry["x_gemm3"] else "")]
     for name, v in entry["vs"].items():
-        mem = f", peak memory / {v['memory_reduction']:.1f}" if v["memory_reduction"] else ""
-        parts.append(f"vs {name}{' (peer)' if v['kind'] == 'peer' else ''}: time / {v['speedup']:.2f}{mem}")
+        mem = f", {_times(v['memory_reduction'], 'less', 'more', 1)} peak memory" if v["memory_reduction"] else ""
+        parts.append(f"vs {name}{' (peer)' if v['kind'] == 'peer' else ''}: "
+                     f"{_times(v['speedup'], 'faster', 'slower', 2)}{mem}")
     return "; ".join(parts)
 
 
@@ -381,8 +387,8 @@ def markdown(results: dict, plot_names: list[str]) -> str:
         out += [
             "## Headline ratios",
             "",
-            "\"vs X: time / 2.0\" means the project's backend takes half X's time; \"peak memory / 10\" a tenth of "
-            "its peak extra memory (below 1: it takes more).",
+            "\"vs X: 2.00x faster, 10.0x less peak memory\": the project's backend takes half X's time and a tenth "
+            "of its peak extra memory.",
             "",
         ]
         out += [f"- {headline_text(h)}" for h in results["headline"]]

@@ -138,3 +138,14 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     assert "## One training step inside TRL" in text and "| qadapter |" in text
     assert "Headline:" in capsys.readouterr().out
 
+
+
+def test_headline_ratios_read_the_right_way_round():
+    """A ratio of theirs over ours reads as faster/slower and less/more, never as a bare quotient."""
+    from bench.report import headline_text
+
+    entry = {"case": "c", "backend": "chunked", "x_gemm3": 0.95,
+             "vs": {"cce": {"kind": "peer", "speedup": 0.5, "memory_reduction": 4.0},
+                    "eager": {"kind": "baseline", "speedup": 2.0, "memory_reduction": 0.25}}}
+    assert headline_text(entry) == ("c: chunked at 0.95x T_gemm3; vs cce (peer): 2.00x slower, 4.0x less peak memory; "
+                                    "vs eager: 2.00x faster, 4.0x more peak memory")
