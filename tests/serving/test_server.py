@@ -205,6 +205,11 @@ def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
     # OpenAI's bookkeeping fields are taken and change nothing.
     bookkeeping = dict(metadata={"run": "7"}, store=True, service_tier="auto") if chat else {}
     assert ask(user="someone", **bookkeeping) == ask()
+    if chat:  # inside a message too: a participant's name would change the prompt, so it is refused
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\] has name: a message here is its role") as exc:
+            api.chat.completions.create(model="formal", messages=[{"role": "user", "content": "hi", "name": "ann"}],
+                                        max_tokens=2)
+        assert exc.value.param == "messages"
 
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):

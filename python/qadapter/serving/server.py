@@ -249,6 +249,10 @@ class Server:
             if m["role"] not in CHAT_ROLES:
                 raise BadRequest(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m['role']!r}",
                                  "messages")
+            extra = sorted(k for k, v in m.items() if k not in ("role", "content") and v is not None)
+            if extra:  # a participant's name, tool calls, ...: the prompt would differ from what was asked
+                raise BadRequest(f"messages[{i}] has {', '.join(extra)}: a message here is its role and content only",
+                                 "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
         turns = [{"role": m["role"], "content": m["content"]} for m in messages]
