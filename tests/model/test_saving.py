@@ -103,6 +103,22 @@ def test_refuses_a_file_and_a_foreign_directory(tmp_path):
     assert (foreign / "cat.jpg").read_bytes() == b"\xff\xd8" and (foreign / "qadapter_config.json").is_file()
 
 
+def _die_after_renames(monkeypatch, renames: int) -> None:
+    """The process is killed after ``renames`` files of a save were renamed into place (SystemExit at
+    the next rename), and cleans nothing up."""
+    real_replace = atomic.os.replace
+    calls = {"n": 0}
+
+    def dying_replace(src, dst):
+        if calls["n"] == renames:
+            raise SystemExit("killed")
+        calls["n"] += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", dying_replace)
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)
+
+
 @pytest.mark.parametrize("moved_before_crash", [0, 1, 2])
 def test_a_crash_between_renames_is_finished_by_the_next_load(tmp_path, monkeypatch, moved_before_crash):
     """The process dies after `moved_before_crash` of the adapter's files were renamed into place:
@@ -111,17 +127,7 @@ def test_a_crash_between_renames_is_finished_by_the_next_load(tmp_path, monkeypa
     make_model().save_pretrained(out)
     new = make_model()
     perturb_adapter(new, seed=11)
-    real_replace = atomic.os.replace
-    calls = {"n": 0}
-
-    def dying_replace(src, dst):
-        if calls["n"] == moved_before_crash:
-            raise SystemExit("killed")
-        calls["n"] += 1
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", dying_replace)
-    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
+    _die_after_renames(monkeypatch, moved_before_crash)
     with pytest.raises(SystemExit):
         new.save_pretrained(out)
     monkeypatch.undo()
@@ -483,17 +489,7 @@ def test_files_written_together_are_never_left_new_beside_old(tmp_path, monkeypa
     between the two renames is finished by the next reader, so the pair is both old or both new."""
     atomic.write_texts(tmp_path, {"check.json": "old json", "check.md": "old markdown"})
     (tmp_path / "notes.txt").write_text("mine")
-    real_replace = atomic.os.replace
-    calls = {"n": 0}
-
-    def dying_replace(src, dst):
-        if calls["n"] == moved_before_crash:
-            raise SystemExit("killed")
-        calls["n"] += 1
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", dying_replace)
-    monkeypatch.setattr(atomic.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
+    _die_after_renames(monkeypatch, moved_before_crash)
     with pytest.raises(SystemExit):
         atomic.write_texts(tmp_path, {"check.json": "new json", "check.md": "new markdown"})
     monkeypatch.undo()
