@@ -8,6 +8,7 @@ options of ``demo``, ``compare`` and ``train`` are generated from their dataclas
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -811,6 +812,7 @@ LIBRARY_CHATTER = (
 )
 
 
+@functools.cache  # once a process: the loggers' filters would pile up with every main() call
 def _quiet_library_chatter() -> None:
     """Keeps the command's output its own (LIBRARY_CHATTER); a library's errors and every other
     warning still show. The command line only: importing qadapter changes no filters."""
