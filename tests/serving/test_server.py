@@ -1,6 +1,7 @@
 """``qadapter serve`` on the loopback address, spoken to with the real ``openai`` client: each answer
-is its adapter's own greedy decoding whatever else shares the running batch; streaming and not; bad
-requests answered with a 4xx naming what is wrong; a client that leaves mid-stream is dropped from
+is its adapter's own greedy decoding whatever else shares the running batch, penalized as
+transformers' ``generate`` penalizes; streaming and not; bad requests answered with a 4xx naming
+what is wrong; a client that leaves mid-stream is dropped from
 the batch; Ctrl-C ends the server cleanly."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from helpers import save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
 from qadapter.serving.engine import Engine  # noqa: E402
 from qadapter.serving.server import Server  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = {"terse": dict(alpha_tilde=0.8, alpha_0=0.5), "formal": dict(lora_r=4, alpha_tilde=1.2),
@@ -42,20 +44,40 @@ def saved(tmp_path_factory):
     return root, tokenizer, save_perturbed_adapters(root, ADAPTERS, root / "base")
 
 
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties as a transformers logits processor, written from
+    OpenAI's definition: ``score[t] -= frequency * count(t) + presence * (count(t) > 0)``, counting
+    the tokens generated after the prompt's ``start`` tokens."""
+
+    def __init__(self, start: int, frequency: float, presence: float) -> None:
+        self.start, self.frequency, self.presence = start, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for row, answer in enumerate(input_ids[:, self.start:].tolist()):
+            for token in set(answer):
+                scores[row, token] -= self.frequency * answer.count(token) + self.presence
+        return scores
+
+
 @pytest.fixture(scope="module")
 def solo_text(saved):
-    """Each (adapter, prompt)'s greedy completion decoded alone (one row), by a set of its own."""
+    """Each (adapter, prompt)'s greedy completion decoded alone (one row), by a set of its own, through
+    transformers' ``generate`` (its repetition penalty; OpenAI's penalties as :class:`OpenAIPenalties`)."""
     _, tokenizer, paths = saved
     reference = AdapterSet.from_pretrained(paths)
     eos = tokenizer.eos_token_id
     cache = {}
 
-    def text(adapter, prompt, max_tokens):
-        key = (adapter, prompt, max_tokens)
+    def text(adapter, prompt, max_tokens, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0):
+        key = (adapter, prompt, max_tokens, repetition_penalty, frequency_penalty, presence_penalty)
         if key not in cache:
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+            openai_penalties = [OpenAIPenalties(ids.shape[1], frequency_penalty, presence_penalty)]
             out = reference.generate(ids, adapters=[adapter], max_new_tokens=max_tokens, eos_token_id=eos,
-                                     pad_token_id=tokenizer.pad_token_id, do_sample=False)[0, ids.shape[1]:].tolist()
+                                     pad_token_id=tokenizer.pad_token_id, do_sample=False,
+                                     repetition_penalty=repetition_penalty,
+                                     logits_processor=LogitsProcessorList(openai_penalties))[0, ids.shape[1]:].tolist()
             cache[key] = tokenizer.decode(out[:out.index(eos)] if eos in out else out, skip_special_tokens=True)
         return cache[key]
     return text
@@ -161,8 +183,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     with pytest.raises(openai.BadRequestError, match="messages"):
         api.chat.completions.create(model="terse", messages=[], max_tokens=2)
     # What would change the answer and is not implemented is refused, not ignored; its default is accepted.
-    for name, value in (("n", 2), ("logprobs", 5), ("echo", True), ("best_of", 3), ("frequency_penalty", 0.5),
-                        ("logit_bias", {"50": 10})):
+    for name, value in (("n", 2), ("logprobs", 5), ("echo", True), ("best_of", 3), ("logit_bias", {"50": 10})):
         with pytest.raises(openai.BadRequestError, match=f"{name} is not supported by this server"):
             api.completions.create(model="terse", prompt="hello", max_tokens=2, **{name: value})
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):
@@ -182,7 +203,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
     """Each field is implemented, cannot change the answer, or is refused with a 400 naming it, never
-    silently ignored: vLLM's extra sampling parameters, a made-up field, the other route's own field."""
+    silently ignored: a vLLM parameter this server does not take, a made-up field, the other route's own field."""
     api = client(server[0])
 
     def ask(**fields):
@@ -194,7 +215,7 @@ def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
                                       **fields).choices[0].text
 
     others = ("suffix", "") if chat else ("messages", [{"role": "user", "content": "hi"}])
-    for name, value in (("top_k", 5), ("repetition_penalty", 1.5), ("min_p", 0.1), ("made_up_knob", True), others):
+    for name, value in (("ignore_eos", True), ("made_up_knob", True), others):
         with pytest.raises(openai.BadRequestError, match=f"unsupported field '{name}': this server takes model, "
                                                          f"{'messages' if chat else 'prompt'}, max_tokens") as exc:
             ask(extra_body={name: value})
@@ -210,6 +231,73 @@ def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
             api.chat.completions.create(model="formal", messages=[{"role": "user", "content": "hi", "name": "ann"}],
                                         max_tokens=2)
         assert exc.value.param == "messages"
+
+
+def test_penalties_decode_as_transformers_generate_with_them(server, solo_text):
+    """Greedy answers under transformers' repetition penalty and OpenAI's frequency and presence
+    penalties, on both routes' wiring, are the reference's; a penalty does change an answer here."""
+    api = client(server[0])
+    changed = False
+    for options in (dict(repetition_penalty=1.3), dict(frequency_penalty=0.8, presence_penalty=1.5),
+                    dict(repetition_penalty=0.9, frequency_penalty=-0.5, presence_penalty=2.0)):
+        rp = options.get("repetition_penalty", 1.0)
+        for prompt in PROMPTS[3:5]:
+            answer = api.completions.create(model="formal", prompt=prompt, max_tokens=12, temperature=0,
+                                            frequency_penalty=options.get("frequency_penalty"),
+                                            presence_penalty=options.get("presence_penalty"),
+                                            extra_body={"repetition_penalty": rp})
+            assert answer.choices[0].text == solo_text("formal", prompt, 12, **options), (options, prompt)
+            changed |= answer.choices[0].text != solo_text("formal", prompt, 12)
+    assert changed
+    messages = [{"role": "user", "content": "hello world"}]
+    plain = api.chat.completions.create(model="kind", messages=messages, max_tokens=12, temperature=0)
+    penalized = api.chat.completions.create(model="kind", messages=messages, max_tokens=12, temperature=0,
+                                            presence_penalty=2, frequency_penalty=2,
+                                            extra_body={"repetition_penalty": 1.5})
+    assert penalized.choices[0].message.content != plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_warpers_keeping_only_the_top_token_sample_as_greedy(server, chat):
+    """top_k 1 (or min_p 1) at temperature 1 draws the greedy answer; top_k 0 and -1 (vLLM's) are off."""
+    api = client(server[0])
+
+    def ask(**fields):
+        if chat:
+            answer = api.chat.completions.create(model="brief", messages=[{"role": "user", "content": "hello"}],
+                                                 max_tokens=10, **fields)
+            return answer.choices[0].message.content
+        return api.completions.create(model="brief", prompt=PROMPTS[2], max_tokens=10, **fields).choices[0].text
+
+    greedy = ask(temperature=0)
+    for extra in ({"top_k": 1}, {"min_p": 1.0}, {"top_k": 1, "min_p": 0.5, "repetition_penalty": 1.0}):
+        assert ask(temperature=1, extra_body=extra) == greedy, extra
+    for off in (0, -1):
+        assert ask(temperature=0, extra_body={"top_k": off}) == greedy
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
+    api = client(server[0])
+    bad = (("top_k", -5), ("top_k", 2.5), ("top_k", True), ("min_p", 2), ("min_p", -0.1), ("repetition_penalty", 0),
+           ("repetition_penalty", -1.5), ("repetition_penalty", "high"), ("presence_penalty", 3),
+           ("presence_penalty", -2.5), ("frequency_penalty", 2.01), ("frequency_penalty", True))
+    for name, value in bad:
+        with pytest.raises(openai.BadRequestError, match=f"{name} must be") as exc:
+            if chat:
+                api.chat.completions.create(model="terse", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                            extra_body={name: value})
+            else:
+                api.completions.create(model="terse", prompt="hello", max_tokens=2, extra_body={name: value})
+        assert exc.value.param == name, (name, value)
+    # Python's JSON reads Infinity, NaN, and numbers beyond any float: none is a number here.
+    route, head = ("chat/completions", '"messages": [{"role": "user", "content": "hi"}]') if chat else \
+        ("completions", '"prompt": "hello"')
+    for name, value in (("repetition_penalty", "Infinity"), ("repetition_penalty", "1e999"),
+                        ("repetition_penalty", "1" + "0" * 400), ("min_p", "NaN"), ("presence_penalty", "-Infinity")):
+        raw = httpx.post(f"{server[0]}/{route}", content=f'{{"model": "terse", {head}, "{name}": {value}}}',
+                         headers={"content-type": "application/json"})
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == name, (name, value, raw.text)
 
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):

@@ -7,8 +7,11 @@ continuous-batching manager packs requests into one row of a paged cache, while 
 runs every request on two rows (frozen and adapter) of a batch. Here the KV cache is transformers'
 ``DynamicCache`` over ``2B`` rows (the frozen rows of all requests, then their adapter rows, left-padded
 to a common length); a joining request is prefilled on its own rows and its cache spliced in, a
-finished one's rows are dropped, and the padding columns no row needs any more are cut. Sampling is
-transformers' logits warpers (temperature, top-p) on each row's policy log-probs.
+finished one's rows are dropped, and the padding columns no row needs any more are cut. A row's next
+token is the argmax of its policy log-probs (greedy rows, in one batched argmax) or, for a row that
+asks for more, taken from its log-probs after transformers' repetition penalty (over prompt and
+answer), OpenAI's frequency and presence penalties (over the answer) and, when sampling,
+transformers' warpers (temperature, top-k, top-p, min-p).
 
 One thread owns the model (:meth:`Engine.start`); requests are submitted from any thread and hear of
 their tokens through their ``emit`` callback.
@@ -44,8 +47,13 @@ class Request:
     adapter: str | None
     max_tokens: int
     emit: Callable[[dict], None]
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    temperature: float = 0.0  # 0: greedy (the warpers below then change nothing)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; transformers' (prompt and answer tokens)
+    frequency_penalty: float = 0.0  # OpenAI's (answer tokens): minus this times a token's count so far
+    presence_penalty: float = 0.0  # OpenAI's (answer tokens): minus this once a token occurred
     stop: tuple[str, ...] = ()
     seed: int | None = None
     cancelled: bool = False  # set by the submitter (a client that went away); the engine drops the request
@@ -221,15 +229,12 @@ class Engine:
             self._drop(finished)
 
     def _sample(self, requests: list[Request], logprobs: torch.Tensor) -> torch.Tensor:
+        """Each request's next token: the batched argmax, replaced on the rows that ask for more."""
         tokens = logprobs.argmax(-1)
         for row, r in enumerate(requests):
-            if r.temperature > 0:
-                from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-                scores = TemperatureLogitsWarper(r.temperature)(None, logprobs[row:row + 1])
-                if r.top_p < 1:
-                    scores = TopPLogitsWarper(r.top_p)(None, scores)
-                tokens[row] = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=r.generator)[0, 0]
+            if r.temperature > 0 or _penalized(r):
+                scores = penalize(r, logprobs[row:row + 1])
+                tokens[row] = scores.argmax(-1)[0] if r.temperature == 0 else _draw(r, scores)
         return tokens
 
     def _take(self, request: Request, token: int) -> bool:
@@ -300,6 +305,42 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
         request.text += after[len(before):]
         request.decoded = (read, len(request.tokens))
     return request.text
+
+
+def _penalized(request: Request) -> bool:
+    return (request.repetition_penalty != 1 or request.frequency_penalty != 0
+            or request.presence_penalty != 0)
+
+
+def penalize(request: Request, scores: torch.Tensor) -> torch.Tensor:
+    """``scores [1, V]`` (a row's log-probs) after the request's penalties: transformers' repetition
+    penalty over the prompt and answer tokens (as its ``generate`` applies it), then OpenAI's over the
+    answer tokens, ``score[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0)``."""
+    if request.repetition_penalty != 1:
+        from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+        seen = torch.tensor([request.prompt + request.tokens], device=scores.device)
+        scores = RepetitionPenaltyLogitsProcessor(float(request.repetition_penalty))(seen, scores)
+    if (request.frequency_penalty or request.presence_penalty) and request.tokens:
+        counts = torch.bincount(torch.tensor(request.tokens, device=scores.device), minlength=scores.shape[-1])
+        penalty = request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
+        scores = scores - penalty.to(scores.dtype)
+    return scores
+
+
+def _draw(request: Request, scores: torch.Tensor) -> torch.Tensor:
+    """A token drawn with the request's generator from ``scores [1, V]`` under its warpers, in the
+    order transformers' ``generate`` applies them."""
+    from transformers.generation import logits_process as lp
+
+    scores = lp.TemperatureLogitsWarper(float(request.temperature))(None, scores)
+    if request.top_k > 0:
+        scores = lp.TopKLogitsWarper(request.top_k)(None, scores)
+    if request.top_p < 1:
+        scores = lp.TopPLogitsWarper(float(request.top_p))(None, scores)
+    if request.min_p > 0:
+        scores = lp.MinPLogitsWarper(float(request.min_p))(None, scores)
+    return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=request.generator)[0, 0]
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -24,29 +25,28 @@ from starlette.routing import Route
 from .engine import Engine, EngineStopped, Request
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
-# The request fields each route takes: (those it implements, those that cannot change the answer whatever
-# their value -- OpenAI's bookkeeping, caching and latency hints, and ``parallel_tool_calls``, which only
-# matters with ``tools`` -- and the UNSUPPORTED ones, taken only at their do-nothing values). Any other
-# field is refused by name, never silently ignored.
+# The request fields each route takes: (those it implements -- OpenAI's, and vLLM's names for the other
+# sampling options of ``qadapter generate``: top_k, min_p, repetition_penalty --, those that cannot
+# change the answer whatever their value -- OpenAI's bookkeeping, caching and latency hints, and
+# ``parallel_tool_calls``, which only matters with ``tools`` -- and the UNSUPPORTED ones, taken only at
+# their do-nothing values). Any other field is refused by name, never silently ignored.
 FIELDS = {
-    "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                     "stream_options"),
+    "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
+                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "stream", "stream_options"),
                     ("user",),
-                    ("n", "best_of", "echo", "logprobs", "frequency_penalty", "presence_penalty", "logit_bias",
-                     "suffix")),
-    "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-              "stream", "stream_options"),
+                    ("n", "best_of", "echo", "logprobs", "logit_bias", "suffix")),
+    "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
+              "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "stream", "stream_options"),
              ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
               "prompt_cache_options", "prompt_cache_retention", "prediction", "parallel_tool_calls"),
-             ("n", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias", "tools",
-              "tool_choice", "functions", "function_call", "response_format")),
+             ("n", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+              "response_format")),
 }
 # OpenAI request fields that would change the answer and that this server does not implement, with
 # the values that ask for nothing: set to anything else they are refused, never silently ignored.
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
-               "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
-               "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-               "response_format": ({"type": "text"},)}
+               "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+               "function_call": ("none",), "response_format": ({"type": "text"},)}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -61,15 +61,22 @@ def _error(message: str, status: int, param: str | None = None, code: str | None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def _number(body: dict, name: str, default: float, low: float, high: float = math.inf,
+            low_open: bool = False) -> float:
+    """``body[name]`` (``default`` when absent or null) as a float, refused by name unless a finite
+    number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            (low < value if low_open else low <= value) and value <= high):
-        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-        raise BadRequest(f"{name} must be a number in {bound}; got {value!r}", name)
-    return float(value)
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):  # an integer beyond any float
+            number = float(value)
+    if not (math.isfinite(number) and (low < number if low_open else low <= number) and number <= high):
+        bound = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                 f"in {'(' if low_open else '['}{low:g}, {high:g}]")
+        raise BadRequest(f"{name} must be a number {bound}; got {value!r}", name)
+    return number
 
 
 def _int(body: dict, name: str, default: int | None, low: int) -> int | None:
@@ -221,9 +228,14 @@ class Server:
                 k in ("include_usage", "include_obfuscation") and isinstance(v, bool) for k, v in stream_options.items()):
             raise BadRequest("stream_options must be an object whose include_usage and include_obfuscation are true or "
                              f"false; got {json.dumps(stream_options)}", "stream_options")
+        top_k = _int(body, "top_k", 0, -1)  # -1: off, as vLLM has it (and 0, as transformers has it)
         return dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), stop=tuple(stop),
+                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=max(top_k, 0),
+                    min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+                    repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
+                    frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                    presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
                     seed=_int(body, "seed", None, 0)), stream, stream_options.get("include_usage", False)
 
     def _text_prompt(self, body: dict) -> list[int]:
