@@ -115,3 +115,14 @@ def test_warpers_keeping_only_the_top_token_sample_as_greedy_and_a_seed_repeats_
     decode(engine, [greedy, top_k, min_p, *drawn])
     assert top_k.tokens == greedy.tokens and min_p.tokens == greedy.tokens
     assert drawn[0].tokens == drawn[1].tokens and drawn[0].tokens
+
+
+@pytest.mark.parametrize("option, value", [("temperature", -1.0), ("top_k", 2.5), ("top_p", 0.0), ("min_p", 2.0),
+                                           ("repetition_penalty", 0.0), ("frequency_penalty", float("nan")),
+                                           ("presence_penalty", float("inf")), ("seed", -3), ("top_k", True)])
+def test_a_request_the_engine_cannot_decode_is_refused_by_name_before_it_is_queued(engine, prompts, option, value):
+    """The engine's own callers (not only the server, which checks the HTTP fields) hear of a bad value
+    at submission, naming the option, instead of an error that ends the running batch."""
+    with pytest.raises(ValueError, match=f"^{option} must be "):
+        engine.submit(new_request(prompts[0], **{option: value}))
+    assert engine._pending.empty()

@@ -19,6 +19,7 @@ their tokens through their ``emit`` callback.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -103,6 +104,9 @@ class Engine:
         if self.context_length is not None and len(request.prompt) + request.max_tokens > self.context_length:
             raise ValueError(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) exceed "
                              f"the model's context length ({self.context_length})")
+        for name, (holds, expected) in _sampling_expectations(request).items():
+            if not holds:  # caught here, not as an error that ends the running batch
+                raise ValueError(f"{name} must be {expected}; got {getattr(request, name)!r}")
 
     def submit(self, request: Request) -> None:
         self.check(request)
@@ -305,6 +309,27 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
         request.text += after[len(before):]
         request.decoded = (read, len(request.tokens))
     return request.text
+
+
+def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
+    """Each decoding option of ``request``: whether its value can run, and what it must be."""
+    def real(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return {
+        "temperature": (real(request.temperature) and request.temperature >= 0, "a number >= 0 (0: greedy)"),
+        "top_k": (integer(request.top_k) and request.top_k >= 0, "an integer >= 0 (0: off)"),
+        "top_p": (real(request.top_p) and 0 < request.top_p <= 1, "a number in (0, 1]"),
+        "min_p": (real(request.min_p) and 0 <= request.min_p <= 1, "a number in [0, 1]"),
+        "repetition_penalty": (real(request.repetition_penalty) and request.repetition_penalty > 0,
+                               "a number > 0 (1: off)"),
+        "frequency_penalty": (real(request.frequency_penalty), "a finite number"),
+        "presence_penalty": (real(request.presence_penalty), "a finite number"),
+        "seed": (request.seed is None or (integer(request.seed) and request.seed >= 0), "an integer >= 0 or None"),
+    }
 
 
 def _penalized(request: Request) -> bool:
