@@ -138,7 +138,7 @@ def _output_directory(command: str, path: str) -> Path:
 def _run_demo(args) -> int:
     from .experiments.demo import DemoOptions, format_report, run_demo
     from .library import atomic
-    from .library.model import holds_adapter
+    from .library.saved import holds_adapter
 
     output = _output_directory("demo", args.output)
     atomic.check_target(output / "adapter", is_ours=holds_adapter, overwrite=False)  # where the adapter goes
@@ -241,8 +241,9 @@ def _run_train(args, extra: list[str]) -> int:
     from .evaluation.measures import preference_metrics
     from .library import atomic
     from .library.data import check_rows, load_preference_data
-    from .library.model import QAdapterModel, holds_adapter, levels_on, stack_level_at
+    from .library.model import QAdapterModel, levels_on, stack_level_at
     from .library.provenance import data_identity
+    from .library.saved import holds_adapter
     from .library.trainer import QAdapterTrainer
 
     config = _training_config(args, extra)
@@ -466,8 +467,8 @@ def _info_parser(p) -> None:
 
 
 def _run_info(args) -> int:
-    from .library.model import AdapterLoadError, read_adapter_config
     from .library.provenance import read_provenance
+    from .library.saved import AdapterLoadError, read_adapter_config
 
     path = Path(args.adapter)
     if not path.is_dir():

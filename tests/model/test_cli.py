@@ -227,3 +227,17 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
         run.stdout.close()  # the reader is gone before the first line
         err = run.stderr.read().decode()
     assert run.returncode == 141 and "Broken pipe" not in err, err
+
+
+def test_info_reads_an_adapter_without_transformers_or_peft(tmp_path):
+    """`qadapter info` reads the saved config and provenance alone (library.saved): it does not wait
+    for transformers and PEFT to import."""
+    import subprocess
+    import sys
+
+    (tmp_path / "qadapter_config.json").write_text(json.dumps({"format_version": 1, "base_model": "x",
+                                                               "base_fingerprint": "0", "loss": {}}))
+    (tmp_path / "adapter_model.safetensors").touch()
+    code = (f"import sys\nfrom qadapter.cli import main\nassert main(['info', {str(tmp_path)!r}]) == 0\n"
+            "assert not {'transformers', 'peft'} & set(sys.modules), 'imported: ' + str({'transformers', 'peft'} & set(sys.modules))")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

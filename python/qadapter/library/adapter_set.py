@@ -35,7 +35,6 @@ from qadapter_kernels import combine_logits
 from . import atomic
 from . import quantization as quant
 from .model import (
-    AdapterLoadError,
     base_fingerprint,
     check_adapter_weights,
     check_base,
@@ -43,12 +42,11 @@ from .model import (
     check_quantization,
     evaluation_mode,
     load_saved_base,
-    read_adapter_config,
-    run_options,
     select_combine,
     warnings_held_while_checked,
 )
 from .policy import CombinedPolicy
+from .saved import AdapterLoadError, read_adapter_config, run_options
 
 BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer holds the bank
 

@@ -27,39 +27,37 @@ import torch
 from torch import nn
 
 from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qadapter_loss, registry
-from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base
 from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head, whole_parameters
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
-from .stack import (
+from .saved import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    LEVEL_FILES,
+    STACKED_FORMAT_VERSION,
+    WEIGHTS_NAME,
+    AdapterLoadError,
     Level,
-    StackedRows,
     adapter_digest,
     check_q_on,
+    holds_adapter,
+    read_adapter_config,
+    run_options,
+)
+from .stack import (
+    StackedRows,
     effective_hidden,
     freeze_level,
     level_name,
     q_networks,
 )
 
-CONFIG_NAME = "qadapter_config.json"
-FORMAT_VERSION = 1
-STACKED_FORMAT_VERSION = 2  # a stacked adapter: a reader that cannot load its levels refuses it
-# Keys of the saved config's "loss" section besides LossConfig's fields.
-RUN_KEYS = ("backend", "chunk_size")
-WEIGHTS_NAME = "adapter_model.safetensors"
-# What a stack level's sha256 covers: what its policy is (weights, loss options, base), not its history.
-LEVEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 # The combination that makes a distribution of plain logits (alpha_0 = 0, alpha~ = 1): a stack's
 # policy is a softmax of h_eff_L W, measured against the base by this.
 PLAIN_LOSS = LossConfig(alpha_0=0.0, alpha_tilde=1.0)
-
-
-class AdapterLoadError(ValueError):
-    """A saved adapter cannot be used: missing or corrupted files, or another base model."""
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -430,13 +428,6 @@ class QAdapterModel(nn.Module):
                                         compiled=compiled, **kwargs)
 
 
-def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_size: int | None = None,
-                **loss_options) -> tuple[LossConfig, str, int | None]:
-    """The validated loss options, backend and chunk size of a model (or of its saved config)."""
-    check_chunk_size(chunk_size)
-    return LossConfig.from_options(loss, **loss_options), registry.check_name(backend), chunk_size
-
-
 def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The combined-policy log-probs function for decoding: the backend's kernel where it declares one
     (Triton on CUDA), else the eager :func:`qadapter_kernels.combine_logits` (CPU; float64; a named
@@ -484,55 +475,6 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
     check_quantization(path, saved, given)
     check_base(path, config, base_fingerprint(base_model), given)
     return base_model, tokenizer
-
-
-def holds_adapter(path: Path) -> bool:
-    """Whether a directory holds a saved adapter or the trainer checkpoints of one."""
-    path = Path(path)
-    return (path / CONFIG_NAME).is_file() or (path / "checkpoints").is_dir() or any(path.glob(f"checkpoint-*/{CONFIG_NAME}"))
-
-
-def read_adapter_config(path: Path) -> dict:
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise AdapterLoadError(f"{path} is not a saved Q-Adapter: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{file} is corrupted: {exc}") from exc
-    missing = [k for k in ("format_version", "base_model", "base_fingerprint", "loss") if k not in config]
-    if missing:
-        raise AdapterLoadError(f"{file} lacks {missing}")
-    if config["format_version"] not in (FORMAT_VERSION, STACKED_FORMAT_VERSION):
-        raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads "
-                               f"{FORMAT_VERSION} and {STACKED_FORMAT_VERSION} (stacked)")
-    config.setdefault("stack", [])
-    config.setdefault("q_on", None)
-    try:  # the levels' records, checked before any base loads
-        if not isinstance(config["stack"], list) or bool(config["stack"]) != (config["format_version"] == STACKED_FORMAT_VERSION):
-            raise ValueError(f"'stack' must be a non-empty list exactly when format_version is {STACKED_FORMAT_VERSION}")
-        for record in config["stack"]:
-            Level.from_dict(record, str(file))
-        if config["stack"]:
-            check_q_on(config["q_on"])
-    except ValueError as exc:
-        raise AdapterLoadError(f"{file} holds an invalid stack: {exc}") from exc
-    # Missing keys (adapters saved before ignore_index was stored) take LossConfig's defaults.
-    if not isinstance(config["loss"], dict):
-        raise AdapterLoadError(f"{file}: 'loss' must be an object of loss options; got {config['loss']!r}")
-    known = (*LossConfig.names(), *RUN_KEYS)
-    config["loss"] = {k: v for k, v in config["loss"].items() if k in known}
-    try:  # every value checked now, before a base model is loaded for it
-        run_options(**config["loss"])
-    except (TypeError, ValueError) as exc:
-        raise AdapterLoadError(f"{file} holds an invalid option: {exc}") from exc
-    try:  # adapters saved before quantized bases were supported: a dense base
-        config["quantization"] = quant.normalize(config.get("quantization"))
-    except quant.QuantizationError as exc:
-        raise AdapterLoadError(f"{file} holds an invalid quantization: {exc}") from exc
-    if not (path / WEIGHTS_NAME).is_file():
-        raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
-    return config
 
 
 def levels_on(on: str | os.PathLike) -> list[Level]:

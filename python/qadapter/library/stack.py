@@ -16,133 +16,25 @@ is the base with a set of LoRAs (:func:`q_networks`): with ``q_on="parent"`` (th
 parent's Q network plus the new LoRA, so a fresh level starts as its parent's policy; with
 ``q_on="base"`` the base with the new LoRA alone.
 
-A child records its levels (path, a sha256 of the files, alpha options, ``q_on``); loading refuses a
-level whose files changed or that was trained on another base. Each level is recorded by its
-absolute path and by its path relative to the child's directory, tried first (:meth:`Level.location`):
-a stack moved or copied as a whole (``level1/`` and ``level2/`` side by side) finds its own levels,
-not the originals; the sha256 makes either lookup safe.
+A child records its levels (:class:`~qadapter.library.saved.Level`: path, a sha256 of the files,
+alpha options, ``q_on``); loading refuses a level whose files changed or that was trained on another base.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from qadapter_kernels import LossConfig
-
-from . import atomic
 from .hidden import only_adapters
 from .policy import ADAPTER_NAME, RowPlan
-
-Q_ON = ("parent", "base")
-
-
-# The keys of a stack level's record, all required; "relative_path" is optional (records saved before
-# it have only the absolute path; readers that predate it ignore it, so the format version stays).
-LEVEL_KEYS = ("path", "sha256", "alpha_0", "alpha_tilde", "q_on")
-
-
-@dataclass(frozen=True)
-class Level:
-    """One saved adapter under the one being trained, as the child's config records it (:meth:`record`)."""
-
-    path: str  # the adapter directory, absolute: where it was when the child was built, or where it was found
-    sha256: str  # of its weights and config files (:func:`adapter_digest`)
-    alpha_0: float
-    alpha_tilde: float
-    q_on: str | None  # how its Q network was built (None: the first level, on the base)
-    # The record's "relative_path" resolved against the directory of the adapter that recorded it: where
-    # the level is when the stack moved as a whole, tried before ``path``. None: not recorded.
-    nearby: str | None = field(default=None, compare=False)
-
-    def as_dict(self) -> dict:
-        return {key: getattr(self, key) for key in LEVEL_KEYS}
-
-    def record(self, directory: str | os.PathLike | None) -> dict:
-        """The level as the config of an adapter written into ``directory`` records it: with
-        ``relative_path``, its path relative to that adapter's directory (None where there is none:
-        no directory, another drive on Windows). A hidden staging directory of
-        :func:`atomic.save_files` lies inside the adapter's directory: the path is relative to that one."""
-        relative = None
-        if directory is not None:
-            home = Path(directory).resolve()
-            if home.name.startswith(atomic.STAGING_PREFIX):
-                home = home.parent
-            try:
-                relative = os.path.relpath(self.path, home)
-            except ValueError:
-                pass
-        return {**self.as_dict(), "relative_path": relative}
-
-    @classmethod
-    def from_dict(cls, record: dict, where: str, directory: str | os.PathLike | None = None) -> Level:
-        """The level of ``record``, read from the config of the adapter in ``directory`` (None: only checked)."""
-        try:
-            level = cls(**{k: record[k] for k in LEVEL_KEYS})
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{where}: a stack level must be an object with path, sha256, alpha_0, alpha_tilde, "
-                             f"q_on; got {record!r}") from exc
-        relative = record.get("relative_path")
-        if relative is not None and not isinstance(relative, str):
-            raise ValueError(f"{where}: a stack level's relative_path must be a string or null; got {relative!r}")
-        check_q_on(level.q_on, f"{where}: a stack level's q_on", allow_none=True)
-        try:
-            LossConfig.from_options(alpha_0=level.alpha_0, alpha_tilde=level.alpha_tilde)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: a stack level's {exc}") from exc
-        if relative is None or directory is None:
-            return level
-        return replace(level, nearby=str((Path(directory).resolve() / relative).resolve()))
-
-    def found_at(self, path: str | os.PathLike) -> Level:
-        """The level as it was found at ``path``: where a save of the adapter on it records it."""
-        return replace(self, path=str(Path(path).resolve()), nearby=None)
-
-    def location(self) -> Path:
-        """Where the level is: at its path relative to the adapter that recorded it if anything is
-        there (the stack moved or copied as a whole), else at its recorded absolute path. Either one
-        is then checked against the sha256. FileNotFoundError naming both when neither exists."""
-        for place in (self.nearby, self.path):
-            if place is not None and Path(place).is_dir():
-                return Path(place)
-        if self.nearby is None:
-            raise FileNotFoundError(f"no adapter at {self.path}, its recorded path (an older record, without the "
-                                    "relative one): the level must sit there")
-        raise FileNotFoundError(f"no adapter at {self.nearby} (its place relative to the adapter trained on it) "
-                                f"nor at {self.path} (its recorded path): a stack's levels must be moved or copied "
-                                "along with it, keeping their places relative to each other, or sit at their "
-                                "recorded paths")
-
-
-def check_q_on(q_on, name: str = "q_on", *, allow_none: bool = False) -> str | None:
-    if q_on is None and allow_none:
-        return None
-    if q_on not in Q_ON:
-        raise ValueError(f"{name} must be one of {Q_ON}; got {q_on!r}")
-    return q_on
 
 
 def level_name(k: int) -> str:
     """The PEFT adapter name of stack level ``k`` (1-based) below the trained one."""
     return f"level{k}"
-
-
-def adapter_digest(path: str | os.PathLike, files: Sequence[str]) -> str:
-    """sha256 of the named files of an adapter directory, in order (names and contents)."""
-    digest = hashlib.sha256()
-    for name in files:
-        digest.update(name.encode())
-        with open(Path(path) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def q_networks(q_ons: Sequence[str | None]) -> list[tuple[str, ...]]:

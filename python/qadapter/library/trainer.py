@@ -29,8 +29,8 @@ from qadapter_kernels.registry import BACKEND_NAMES
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator
 from .hidden import whole_parameters
-from .model import holds_adapter
 from .provenance import rows_hash
+from .saved import holds_adapter
 
 METRIC_NAMES = {
     "chosen_rewards": "rewards/chosen",

@@ -1,0 +1,196 @@
+"""What a saved adapter is on disk, read and checked before any base model loads: its file names,
+format versions, its config (loss options, base, quantization, stack levels) and the records of the
+levels it is stacked on.
+
+Torch-light on purpose (no transformers, no PEFT): ``qadapter info`` reads an adapter with this alone,
+and every loader checks a config here before it spends anything on a base.
+
+A child records its levels (path, a sha256 of the files, alpha options, ``q_on``); loading refuses a
+level whose files changed or that was trained on another base. Each level is recorded by its
+absolute path and by its path relative to the child's directory, tried first (:meth:`Level.location`):
+a stack moved or copied as a whole (``level1/`` and ``level2/`` side by side) finds its own levels,
+not the originals; the sha256 makes either lookup safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qadapter_kernels import LossConfig, registry
+from qadapter_kernels.inputs import check_chunk_size
+
+from . import atomic
+from . import quantization as quant
+
+CONFIG_NAME = "qadapter_config.json"
+FORMAT_VERSION = 1
+STACKED_FORMAT_VERSION = 2  # a stacked adapter: a reader that cannot load its levels refuses it
+# Keys of the saved config's "loss" section besides LossConfig's fields.
+RUN_KEYS = ("backend", "chunk_size")
+WEIGHTS_NAME = "adapter_model.safetensors"
+# What a stack level's sha256 covers: what its policy is (weights, loss options, base), not its history.
+LEVEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
+
+
+class AdapterLoadError(ValueError):
+    """A saved adapter cannot be used: missing or corrupted files, or another base model."""
+
+
+def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_size: int | None = None,
+                **loss_options) -> tuple[LossConfig, str, int | None]:
+    """The validated loss options, backend and chunk size of a model (or of its saved config)."""
+    check_chunk_size(chunk_size)
+    return LossConfig.from_options(loss, **loss_options), registry.check_name(backend), chunk_size
+
+
+Q_ON = ("parent", "base")
+
+
+# The keys of a stack level's record, all required; "relative_path" is optional (records saved before
+# it have only the absolute path; readers that predate it ignore it, so the format version stays).
+LEVEL_KEYS = ("path", "sha256", "alpha_0", "alpha_tilde", "q_on")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One saved adapter under the one being trained, as the child's config records it (:meth:`record`)."""
+
+    path: str  # the adapter directory, absolute: where it was when the child was built, or where it was found
+    sha256: str  # of its weights and config files (:func:`adapter_digest`)
+    alpha_0: float
+    alpha_tilde: float
+    q_on: str | None  # how its Q network was built (None: the first level, on the base)
+    # The record's "relative_path" resolved against the directory of the adapter that recorded it: where
+    # the level is when the stack moved as a whole, tried before ``path``. None: not recorded.
+    nearby: str | None = field(default=None, compare=False)
+
+    def as_dict(self) -> dict:
+        return {key: getattr(self, key) for key in LEVEL_KEYS}
+
+    def record(self, directory: str | os.PathLike | None) -> dict:
+        """The level as the config of an adapter written into ``directory`` records it: with
+        ``relative_path``, its path relative to that adapter's directory (None where there is none:
+        no directory, another drive on Windows). A hidden staging directory of
+        :func:`atomic.save_files` lies inside the adapter's directory: the path is relative to that one."""
+        relative = None
+        if directory is not None:
+            home = Path(directory).resolve()
+            if home.name.startswith(atomic.STAGING_PREFIX):
+                home = home.parent
+            try:
+                relative = os.path.relpath(self.path, home)
+            except ValueError:
+                pass
+        return {**self.as_dict(), "relative_path": relative}
+
+    @classmethod
+    def from_dict(cls, record: dict, where: str, directory: str | os.PathLike | None = None) -> Level:
+        """The level of ``record``, read from the config of the adapter in ``directory`` (None: only checked)."""
+        try:
+            level = cls(**{k: record[k] for k in LEVEL_KEYS})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: a stack level must be an object with path, sha256, alpha_0, alpha_tilde, "
+                             f"q_on; got {record!r}") from exc
+        relative = record.get("relative_path")
+        if relative is not None and not isinstance(relative, str):
+            raise ValueError(f"{where}: a stack level's relative_path must be a string or null; got {relative!r}")
+        check_q_on(level.q_on, f"{where}: a stack level's q_on", allow_none=True)
+        try:
+            LossConfig.from_options(alpha_0=level.alpha_0, alpha_tilde=level.alpha_tilde)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: a stack level's {exc}") from exc
+        if relative is None or directory is None:
+            return level
+        return replace(level, nearby=str((Path(directory).resolve() / relative).resolve()))
+
+    def found_at(self, path: str | os.PathLike) -> Level:
+        """The level as it was found at ``path``: where a save of the adapter on it records it."""
+        return replace(self, path=str(Path(path).resolve()), nearby=None)
+
+    def location(self) -> Path:
+        """Where the level is: at its path relative to the adapter that recorded it if anything is
+        there (the stack moved or copied as a whole), else at its recorded absolute path. Either one
+        is then checked against the sha256. FileNotFoundError naming both when neither exists."""
+        for place in (self.nearby, self.path):
+            if place is not None and Path(place).is_dir():
+                return Path(place)
+        if self.nearby is None:
+            raise FileNotFoundError(f"no adapter at {self.path}, its recorded path (an older record, without the "
+                                    "relative one): the level must sit there")
+        raise FileNotFoundError(f"no adapter at {self.nearby} (its place relative to the adapter trained on it) "
+                                f"nor at {self.path} (its recorded path): a stack's levels must be moved or copied "
+                                "along with it, keeping their places relative to each other, or sit at their "
+                                "recorded paths")
+
+
+def check_q_on(q_on, name: str = "q_on", *, allow_none: bool = False) -> str | None:
+    if q_on is None and allow_none:
+        return None
+    if q_on not in Q_ON:
+        raise ValueError(f"{name} must be one of {Q_ON}; got {q_on!r}")
+    return q_on
+
+
+def adapter_digest(path: str | os.PathLike, files: Sequence[str]) -> str:
+    """sha256 of the named files of an adapter directory, in order (names and contents)."""
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name.encode())
+        with open(Path(path) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def holds_adapter(path: Path) -> bool:
+    """Whether a directory holds a saved adapter or the trainer checkpoints of one."""
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() or (path / "checkpoints").is_dir() or any(path.glob(f"checkpoint-*/{CONFIG_NAME}"))
+
+
+def read_adapter_config(path: Path) -> dict:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterLoadError(f"{path} is not a saved Q-Adapter: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{file} is corrupted: {exc}") from exc
+    missing = [k for k in ("format_version", "base_model", "base_fingerprint", "loss") if k not in config]
+    if missing:
+        raise AdapterLoadError(f"{file} lacks {missing}")
+    if config["format_version"] not in (FORMAT_VERSION, STACKED_FORMAT_VERSION):
+        raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads "
+                               f"{FORMAT_VERSION} and {STACKED_FORMAT_VERSION} (stacked)")
+    config.setdefault("stack", [])
+    config.setdefault("q_on", None)
+    try:  # the levels' records, checked before any base loads
+        if not isinstance(config["stack"], list) or bool(config["stack"]) != (config["format_version"] == STACKED_FORMAT_VERSION):
+            raise ValueError(f"'stack' must be a non-empty list exactly when format_version is {STACKED_FORMAT_VERSION}")
+        for record in config["stack"]:
+            Level.from_dict(record, str(file))
+        if config["stack"]:
+            check_q_on(config["q_on"])
+    except ValueError as exc:
+        raise AdapterLoadError(f"{file} holds an invalid stack: {exc}") from exc
+    # Missing keys (adapters saved before ignore_index was stored) take LossConfig's defaults.
+    if not isinstance(config["loss"], dict):
+        raise AdapterLoadError(f"{file}: 'loss' must be an object of loss options; got {config['loss']!r}")
+    known = (*LossConfig.names(), *RUN_KEYS)
+    config["loss"] = {k: v for k, v in config["loss"].items() if k in known}
+    try:  # every value checked now, before a base model is loaded for it
+        run_options(**config["loss"])
+    except (TypeError, ValueError) as exc:
+        raise AdapterLoadError(f"{file} holds an invalid option: {exc}") from exc
+    try:  # adapters saved before quantized bases were supported: a dense base
+        config["quantization"] = quant.normalize(config.get("quantization"))
+    except quant.QuantizationError as exc:
+        raise AdapterLoadError(f"{file} holds an invalid quantization: {exc}") from exc
+    if not (path / WEIGHTS_NAME).is_file():
+        raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
+    return config
