@@ -468,7 +468,7 @@ def _info_parser(p) -> None:
 
 def _run_info(args) -> int:
     from .library.provenance import read_provenance
-    from .library.saved import AdapterLoadError, read_adapter_config
+    from .library.saved import AdapterLoadError, read_adapter_config, stack_levels_found
 
     path = Path(args.adapter)
     if not path.is_dir():
@@ -480,9 +480,10 @@ def _run_info(args) -> int:
     record, problem = read_provenance(path)
     if config is None and record is None:
         raise ValueError(f"{path} holds no readable Q-Adapter: {config_problem}")
+    levels = stack_levels_found(path, config) if config is not None else []
     if args.json:
         print(json.dumps({"adapter": str(path), "config": config, "config_problem": config_problem,
-                          "provenance": record, "provenance_problem": problem}, indent=2))
+                          "stack_levels": levels, "provenance": record, "provenance_problem": problem}, indent=2))
         return 0
     print(f"adapter: {path}")
     if config_problem:
@@ -491,16 +492,26 @@ def _run_info(args) -> int:
         if config is not None:
             print(f"base: {config['base_model'] or '(unnamed)'} (fingerprint {config['base_fingerprint']})")
         print(f"provenance: PROBLEM: {problem}")
-        return 0
-    print(_format_provenance(record))
+    else:
+        print(_format_provenance(record))
+    for level in levels:  # where loading would find each level now, or why it would refuse it
+        print(f"stack level {level['level']}: " + (f"PROBLEM: {level['problem']}" if level["problem"]
+                                                    else level["found_at"]))
     return 0
+
+
+def _format_parent(parent: dict | None) -> str:
+    if not parent:
+        return "None"
+    return (f"{parent.get('path')} (stack depth {parent.get('depth')}, sha256 {str(parent.get('sha256'))[:16]}..., "
+            f"alpha_0 {parent.get('alpha_0')}, alpha~ {parent.get('alpha_tilde')}, q_on {parent.get('q_on')})")
 
 
 def _format_provenance(record: dict) -> str:
     base = record.get("base") or {}
     lines = [f"created: {record.get('created')}",
              f"base: {base.get('name')} (fingerprint {base.get('fingerprint')}, quantization {base.get('quantization')})",
-             f"parent adapter: {record.get('parent_adapter')}"]
+             f"parent adapter: {_format_parent(record.get('parent_adapter'))}"]
     for key in ("data", "eval_data"):
         data = record.get(key)
         if not data:

@@ -398,6 +398,28 @@ def test_train_on_a_moved_stack_refuses_an_output_of_its_levels_before_loading(t
     assert info.value.code == 2 and "holds an adapter the new one is trained on" in capsys.readouterr().err
 
 
+def test_info_says_where_each_level_is_and_what_loading_would_refuse(tmp_path, capsys):
+    """`qadapter info` on a stacked adapter: each level where loading would find it (a moved stack:
+    at its new place), the parent in words, and a level gone or changed named as a problem."""
+    from qadapter.cli import main
+
+    saved_stack(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "b" / "level3")]) == 0
+    out = capsys.readouterr().out
+    assert f"stack level 1: {(tmp_path / 'b' / 'level1').resolve()}\n" in out
+    assert f"stack level 2: {(tmp_path / 'b' / 'level2').resolve()}\n" in out
+    assert "parent adapter: " in out and "(stack depth 2, sha256 " in out
+    saved_adapter(tmp_path / "b" / "level1", seed=9, **PARENT)  # level 1 changes under the stack
+    shutil.rmtree(tmp_path / "b" / "level2")
+    assert main(["info", "--json", str(tmp_path / "b" / "level3")]) == 0
+    levels = json.loads(capsys.readouterr().out)["stack_levels"]
+    assert levels[0]["found_at"] == str((tmp_path / "b" / "level1").resolve())
+    assert "has changed since" in levels[0]["problem"]
+    assert levels[1]["found_at"] is None and "no adapter at" in levels[1]["problem"]
+
+
 def test_a_copied_stack_uses_its_own_levels_not_the_originals(tmp_path):
     saved_stack(tmp_path / "a")
     _, want = stack_outputs(tmp_path / "a" / "level3")

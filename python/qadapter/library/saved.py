@@ -194,3 +194,19 @@ def read_adapter_config(path: Path) -> dict:
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
     return config
+
+
+def stack_levels_found(path: Path, config: dict) -> list[dict]:
+    """Where each stack level of the adapter in ``path`` (its ``config``) is now, and what loading it
+    would refuse (gone, changed since, unreadable), found without loading anything (``qadapter info``)."""
+    found = []
+    for k, record in enumerate(config["stack"], 1):
+        level, problem, where = Level.from_dict(record, str(path), path), None, None
+        try:
+            where = level.location()
+            if adapter_digest(where, LEVEL_FILES) != level.sha256:
+                problem = f"{where} has changed since this adapter was trained on it (sha256 differs)"
+        except OSError as exc:  # FileNotFoundError names both places tried; a file gone names the file
+            problem = str(exc)
+        found.append({"level": k, "found_at": None if where is None else str(where), "problem": problem})
+    return found
