@@ -339,7 +339,7 @@ def _run_plan(args) -> int:
 def _generate_parser(p) -> None:
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--base-model", "--model", dest="base_model", help="override the base model named in the adapter's config")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_positive_float, help="with --sample (default: 1.0)")
@@ -390,7 +390,7 @@ def _serve_parser(p) -> None:
                      "frozen base alone; requests to different adapters decode in one running batch.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the saved Q-Adapter in DIR as model NAME (repeatable)")
-    p.add_argument("--base-model", help="the base (default: the one the adapters name; without adapters, the "
+    p.add_argument("--base-model", "--model", dest="base_model", help="the base (default: the one the adapters name; without adapters, the "
                                         "embedded default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
@@ -431,7 +431,7 @@ def _eval_parser(p) -> None:
                      "progress bar (pairs done, pairs/s) when it is a terminal.")
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="preference data to evaluate on")
-    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--base-model", "--model", dest="base_model", help="override the base model named in the adapter's config")
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--max-prompt-length", type=_positive_int, default=256)
     p.add_argument("--skip-invalid", action="store_true")
@@ -555,7 +555,7 @@ def _check_parser(p) -> None:
                      "check.md, and exits 1 naming each failed threshold.")
     p.add_argument("adapter", help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="held-out preference pairs")
-    p.add_argument("--base-model", help="override the base model named in the adapter's config")
+    p.add_argument("--base-model", "--model", dest="base_model", help="override the base model named in the adapter's config")
     p.add_argument("--output", help="directory for check.json and check.md (default: the adapter's directory)")
     p.add_argument("--baseline", help="an earlier check.json: the report shows the change since")
     p.add_argument("--thresholds", metavar="JSON", help="a JSON object of thresholds (the flags below win)")

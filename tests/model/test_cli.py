@@ -241,3 +241,14 @@ def test_info_reads_an_adapter_without_transformers_or_peft(tmp_path):
     code = (f"import sys\nfrom qadapter.cli import main\nassert main(['info', {str(tmp_path)!r}]) == 0\n"
             "assert not {'transformers', 'peft'} & set(sys.modules), 'imported: ' + str({'transformers', 'peft'} & set(sys.modules))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--adapter", "a", "--prompt", "hi"], ["eval", "--adapter", "a", "--data", "d"],
+                                  ["check", "a", "--data", "d"], ["serve"]], ids=lambda argv: argv[0])
+def test_the_base_is_named_by_model_as_in_train(argv):
+    """Every command that takes a base takes `--model` (train's name for it) besides `--base-model`."""
+    from qadapter.cli import build_parser
+
+    parser = build_parser(argv[:1])
+    assert parser.parse_args([*argv, "--model", "some/base"]).base_model == "some/base"
+    assert parser.parse_args([*argv, "--base-model", "some/base"]).base_model == "some/base"
