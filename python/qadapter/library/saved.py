@@ -2,8 +2,8 @@
 format versions, its config (loss options, base, quantization, stack levels) and the records of the
 levels it is stacked on.
 
-Torch-light on purpose (no transformers, no PEFT): ``qadapter info`` reads an adapter with this alone,
-and every loader checks a config here before it spends anything on a base.
+It imports neither transformers nor PEFT, on purpose: ``qadapter info`` reads an adapter with this
+alone, and every loader checks a config here before it spends anything on a base.
 
 A child records its levels (path, a sha256 of the files, alpha options, ``q_on``); loading refuses a
 level whose files changed or that was trained on another base. Each level is recorded by its
