@@ -264,7 +264,9 @@ def test_command_line_trains_evaluates_and_generates_a_stack(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["pairs"] == 6 and metrics["kl_to_base"] > 0 and 0 <= metrics["step0"]["accuracy"] <= 1
     assert main(["info", str(tmp_path / "child")]) == 0
-    assert "parent adapter: {" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"parent adapter: {(tmp_path / 'parent').resolve()} (stack depth 1, sha256 " in out
+    assert f"stack level 1: {(tmp_path / 'parent').resolve()}\n" in out
     assert main(["generate", "--adapter", str(tmp_path / "child"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     with pytest.raises(SystemExit) as info:
         main(["train", "--q-on", "base", "--output", str(tmp_path / "x"), *common])
