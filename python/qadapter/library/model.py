@@ -157,7 +157,7 @@ class QAdapterModel(nn.Module):
                 check_quantization(path, config["quantization"], self.quantization)
             except (AdapterLoadError, FileNotFoundError) as exc:
                 raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
-            if adapter_digest(path, LEVEL_FILES) != level.sha256:
+            if not level.is_at(path):
                 raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
                                        f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)")
             with warnings_held_while_checked():

@@ -112,6 +112,10 @@ class Level:
         """The level as it was found at ``path``: where a save of the adapter on it records it."""
         return replace(self, path=str(Path(path).resolve()), nearby=None)
 
+    def is_at(self, path: str | os.PathLike) -> bool:
+        """Whether the adapter in ``path`` is the one recorded: the same sha256 of its LEVEL_FILES."""
+        return adapter_digest(path, LEVEL_FILES) == self.sha256
+
     def location(self) -> Path:
         """Where the level is: at its path relative to the adapter that recorded it if anything is
         there (the stack moved or copied as a whole), else at its recorded absolute path. Either one
@@ -204,7 +208,7 @@ def stack_levels_found(path: Path, config: dict) -> list[dict]:
         level, problem, where = Level.from_dict(record, str(path), path), None, None
         try:
             where = level.location()
-            if adapter_digest(where, LEVEL_FILES) != level.sha256:
+            if not level.is_at(where):
                 problem = f"{where} has changed since this adapter was trained on it (sha256 differs)"
         except OSError as exc:  # FileNotFoundError names both places tried; a file gone names the file
             problem = str(exc)
