@@ -178,6 +178,11 @@ def _add_quantization_options(p, loads: str, compute_default: str = "bfloat16 on
                    help=f"the 4-bit layers' compute dtype (default: {compute_default})")
 
 
+def _add_base_model_option(p, text: str = "override the base model named in the adapter's config") -> None:
+    """The base of a command that loads saved adapters: ``--base-model``, or ``--model`` as train names it."""
+    p.add_argument("--base-model", "--model", dest="base_model", help=text)
+
+
 def _quantization(args, default=None):
     """The quantization the quantization options name (a dict), or ``default`` when none is given."""
     if args.load_in_4bit:
@@ -237,7 +242,7 @@ def _training_config(args, extra: list[str]):
     return config
 
 
-def _run_train(args, extra: list[str]) -> int:
+def _run_train(args) -> int:
     from .evaluation.measures import preference_metrics
     from .library import atomic
     from .library.data import check_rows, load_preference_data
@@ -246,7 +251,7 @@ def _run_train(args, extra: list[str]) -> int:
     from .library.saved import holds_adapter
     from .library.trainer import QAdapterTrainer
 
-    config = _training_config(args, extra)
+    config = _training_config(args, args.training_options)
     if args.curve_steps and not args.eval_data:
         _usage_error("train", "--curve-steps needs --eval-data (the held-out pairs it measures)")
     output = Path(args.output)
@@ -339,7 +344,7 @@ def _run_plan(args) -> int:
 def _generate_parser(p) -> None:
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--base-model", "--model", dest="base_model", help="override the base model named in the adapter's config")
+    _add_base_model_option(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_positive_float, help="with --sample (default: 1.0)")
@@ -390,8 +395,7 @@ def _serve_parser(p) -> None:
                      "frozen base alone; requests to different adapters decode in one running batch.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve the saved Q-Adapter in DIR as model NAME (repeatable)")
-    p.add_argument("--base-model", "--model", dest="base_model", help="the base (default: the one the adapters name; without adapters, the "
-                                        "embedded default)")
+    _add_base_model_option(p, "the base (default: the one the adapters name; without adapters, the embedded default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together at most")
@@ -431,7 +435,7 @@ def _eval_parser(p) -> None:
                      "progress bar (pairs done, pairs/s) when it is a terminal.")
     p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="preference data to evaluate on")
-    p.add_argument("--base-model", "--model", dest="base_model", help="override the base model named in the adapter's config")
+    _add_base_model_option(p)
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--max-prompt-length", type=_positive_int, default=256)
     p.add_argument("--skip-invalid", action="store_true")
@@ -555,7 +559,7 @@ def _check_parser(p) -> None:
                      "check.md, and exits 1 naming each failed threshold.")
     p.add_argument("adapter", help="directory of a saved Q-Adapter")
     p.add_argument("--data", required=True, help="held-out preference pairs")
-    p.add_argument("--base-model", "--model", dest="base_model", help="override the base model named in the adapter's config")
+    _add_base_model_option(p)
     p.add_argument("--output", help="directory for check.json and check.md (default: the adapter's directory)")
     p.add_argument("--baseline", help="an earlier check.json: the report shows the change since")
     p.add_argument("--thresholds", metavar="JSON", help="a JSON object of thresholds (the flags below win)")
@@ -781,18 +785,21 @@ def _lm_eval_options(args, harness) -> dict:
     }
 
 
-# Each command: its one-line help, and the function that adds its description and options.
+# Each command: its one-line help, the function that adds its description and options, and the one
+# that runs it.
 COMMANDS = {
-    "demo": ("train a Q-Adapter on the built-in task with the embedded default and report", _demo_parser),
-    "train": ("train a Q-Adapter on preference data", _train_parser),
-    "generate": ("generate with the customized policy (streams tokens)", _generate_parser),
-    "serve": ("an OpenAI-compatible HTTP server of customized policies (many adapters, one base)", _serve_parser),
-    "eval": ("preference accuracy, margin, loss and KL to the base on preference data", _eval_parser),
-    "plan": ("predict the peak GPU memory of training (no GPU needed)", _plan_parser),
-    "compare": ("Q-Adapter against SFT and DPO: preference learned vs knowledge kept", _compare_parser),
-    "lm-eval": ("benchmarks with lm-evaluation-harness, on the model 'qadapter' by default", _lm_eval_parser),
-    "info": ("what a saved adapter is: its provenance", _info_parser),
-    "check": ("measure an adapter against its base; fail it when it forgets", _check_parser),
+    "demo": ("train a Q-Adapter on the built-in task with the embedded default and report", _demo_parser, _run_demo),
+    "train": ("train a Q-Adapter on preference data", _train_parser, _run_train),
+    "generate": ("generate with the customized policy (streams tokens)", _generate_parser, _run_generate),
+    "serve": ("an OpenAI-compatible HTTP server of customized policies (many adapters, one base)", _serve_parser,
+              _run_serve),
+    "eval": ("preference accuracy, margin, loss and KL to the base on preference data", _eval_parser, _run_eval),
+    "plan": ("predict the peak GPU memory of training (no GPU needed)", _plan_parser, _run_plan),
+    "compare": ("Q-Adapter against SFT and DPO: preference learned vs knowledge kept", _compare_parser, _run_compare),
+    "lm-eval": ("benchmarks with lm-evaluation-harness, on the model 'qadapter' by default", _lm_eval_parser,
+                _run_lm_eval),
+    "info": ("what a saved adapter is: its provenance", _info_parser, _run_info),
+    "check": ("measure an adapter against its base; fail it when it forgets", _check_parser, _run_check),
 }
 
 
@@ -806,7 +813,7 @@ def build_parser(commands: Collection[str] = tuple(COMMANDS)) -> argparse.Argume
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
-    for name, (summary, add_options) in COMMANDS.items():
+    for name, (summary, add_options, _) in COMMANDS.items():
         p = sub.add_parser(name, help=summary)
         if name in commands:
             add_options(p)
@@ -842,26 +849,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.training_options = extra  # train's TrainingArguments fields (--name value), parsed by HfArgumentParser
     try:
-        if args.command == "demo":
-            return _run_demo(args)
-        if args.command == "train":
-            return _run_train(args, extra)
-        if args.command == "generate":
-            return _run_generate(args)
-        if args.command == "serve":
-            return _run_serve(args)
-        if args.command == "compare":
-            return _run_compare(args)
-        if args.command == "lm-eval":
-            return _run_lm_eval(args)
-        if args.command == "plan":
-            return _run_plan(args)
-        if args.command == "info":
-            return _run_info(args)
-        if args.command == "check":
-            return _run_check(args)
-        return _run_eval(args)
+        return COMMANDS[args.command][2](args)
     except BrokenPipeError:  # the reader stopped reading (`qadapter info DIR | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing for exit's flush to fail on
         return 141  # as a shell reports a command ended by SIGPIPE

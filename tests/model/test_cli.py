@@ -133,10 +133,11 @@ def test_missing_model_path_is_one_line_not_a_traceback(tmp_path, capsys):
 def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     from qadapter import cli
 
-    def interrupted(args, extra=None):
+    def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_run_generate", interrupted)
+    summary, add_options, _ = cli.COMMANDS["generate"]
+    monkeypatch.setitem(cli.COMMANDS, "generate", (summary, add_options, interrupted))
     assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 130
     assert capsys.readouterr().err.strip() == "qadapter generate: interrupted"
 
