@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .library.defaults import DEFAULT_MODEL
 
+ADAPTER_HELP = "a saved Q-Adapter: its directory, or a hub repository owner/name[@revision]"
 
 def _usage_error(command: str, message: str):
     print(f"qadapter {command}: error: {message}", file=sys.stderr)
@@ -199,7 +200,8 @@ def _train_parser(p) -> None:
                      "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
                      "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
                      "LoRA and length settings, and e.g. --num_train_epochs 2 "
-                     "--gradient_checkpointing true. With --on, the new adapter is trained on top "
+                     "--gradient_checkpointing true; --push_to_hub true (--hub_model_id owner/name) "
+                     "uploads the saved adapter once training ends. With --on, the new adapter is trained on top "
                      "of a saved one (a stack: the saved customized policy takes the frozen "
                      "model's place).")
     p.add_argument("--model", help=f"base model: a local directory, a hub name, or (default) {DEFAULT_MODEL}; "
@@ -252,6 +254,12 @@ def _run_train(args) -> int:
     from .library.trainer import QAdapterTrainer
 
     config = _training_config(args, args.training_options)
+    # The saved adapter is pushed once, at the end; Trainer would push its checkpoints' folder instead.
+    push_to = (config.hub_model_id or Path(args.output).resolve().name) if config.push_to_hub else None
+    config.push_to_hub = False
+    if push_to and args.on is not None:
+        _usage_error("train", "--push_to_hub: a stacked adapter (--on) cannot be pushed alone: its levels are local "
+                              "folders its record points to")
     if args.curve_steps and not args.eval_data:
         _usage_error("train", "--curve-steps needs --eval-data (the held-out pairs it measures)")
     output = Path(args.output)
@@ -293,6 +301,10 @@ def _run_train(args) -> int:
     trainer.train(resume_from_checkpoint=args.resume)
     model.save_pretrained(output, overwrite=args.overwrite)
     print(f"adapter saved to {args.output}")
+    if push_to:
+        commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
+                                   revision=config.hub_revision)
+        print(f"adapter pushed to the hub: {commit.commit_url}")
     if evaluation is not None:
         metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
         print(json.dumps(metrics, indent=2))
@@ -342,7 +354,7 @@ def _run_plan(args) -> int:
 
 
 def _generate_parser(p) -> None:
-    p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
+    p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--prompt", required=True, help="the user message")
     _add_base_model_option(p)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
@@ -393,8 +405,9 @@ def _serve_parser(p) -> None:
     p.description = ("Serves /v1/completions, /v1/chat/completions (streaming by server-sent events) "
                      "and /v1/models. A request's model names a loaded adapter, or 'base' for the "
                      "frozen base alone; requests to different adapters decode in one running batch.")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="serve the saved Q-Adapter in DIR as model NAME (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=ADAPTER",
+                   help="serve the saved Q-Adapter ADAPTER (a directory, or a hub repository owner/name[@revision]) "
+                        "as model NAME (repeatable)")
     _add_base_model_option(p, "the base (default: the one the adapters name; without adapters, the embedded default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
@@ -413,7 +426,7 @@ def _run_serve(args) -> int:
     for item in args.adapter:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--adapter takes NAME=DIR; got {item!r}")
+            raise ValueError(f"--adapter takes NAME=ADAPTER; got {item!r}")
         if name in adapters or name == BASE_MODEL:
             raise ValueError(f"--adapter: the name {name!r} is {'given twice' if name in adapters else 'reserved for the base'}")
         adapters[name] = path
@@ -433,7 +446,7 @@ def _eval_parser(p) -> None:
                      '"step0" the same preference measures of an untrained adapter (LoRA B = 0) '
                      "on the same base: the baseline. The data summary goes to stderr, and a "
                      "progress bar (pairs done, pairs/s) when it is a terminal.")
-    p.add_argument("--adapter", required=True, help="directory of a saved Q-Adapter")
+    p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--data", required=True, help="preference data to evaluate on")
     _add_base_model_option(p)
     p.add_argument("--max-length", type=_positive_int, default=512)
@@ -466,15 +479,15 @@ def _info_parser(p) -> None:
                      "fingerprint), the library versions, the final training metrics and the "
                      "creation time. A missing or unreadable provenance record is reported; the "
                      "adapter itself still loads.")
-    p.add_argument("adapter", help="directory of a saved Q-Adapter")
+    p.add_argument("adapter", help=ADAPTER_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def _run_info(args) -> int:
     from .library.provenance import read_provenance
-    from .library.saved import AdapterLoadError, read_adapter_config, stack_levels_found
+    from .library.saved import AdapterLoadError, locate_adapter, read_adapter_config, stack_levels_found
 
-    path = Path(args.adapter)
+    path = locate_adapter(args.adapter)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory holding a saved adapter")
     try:
@@ -557,7 +570,7 @@ def _check_parser(p) -> None:
                      "perplexity (vs the base); compares each with its threshold (flags, or a JSON "
                      "file of them) and with an earlier report (--baseline). Writes check.json and "
                      "check.md, and exits 1 naming each failed threshold.")
-    p.add_argument("adapter", help="directory of a saved Q-Adapter")
+    p.add_argument("adapter", help=ADAPTER_HELP)
     p.add_argument("--data", required=True, help="held-out preference pairs")
     _add_base_model_option(p)
     p.add_argument("--output", help="directory for check.json and check.md (default: the adapter's directory)")
@@ -596,19 +609,24 @@ def _run_check(args) -> int:
     from .library.data import load_preference_data
     from .library.model import QAdapterModel
     from .library.provenance import read_provenance
+    from .library.saved import locate_adapter
 
     thresholds = _read_option_file("check", "--thresholds", Thresholds.from_file, args.thresholds) or Thresholds()
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
     thresholds = replace(thresholds, **given)
     baseline = _read_option_file("check", "--baseline", read_report, args.baseline)  # fails before any work
+    if args.output is None and not Path(args.adapter).is_dir():
+        _usage_error("check", f"--output: {args.adapter} is a hub repository, whose downloaded copy is the hub "
+                              "cache's; name a directory for check.json and check.md")
     output = _output_directory("check", args.output) if args.output else Path(args.adapter)
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model)
+    adapter = locate_adapter(args.adapter)
+    model = QAdapterModel.from_pretrained(adapter, args.base_model)
     data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     features = data.to_list()[: args.max_pairs]
     if not features:
         raise ValueError(f"--data {args.data} holds no usable pair ({summary})")
-    record, problem = read_provenance(args.adapter)  # which adapter this report is about
+    record, problem = read_provenance(adapter)  # which adapter this report is about
     origin = {"created": record.get("created"), "base": record.get("base"), "data": record.get("data")} if record \
         else {"problem": problem}
     report = run_check(model, features, thresholds, probe_items=args.probe_items,

@@ -323,9 +323,9 @@ def test_cli_bad_argument_exits_2(argv, fragment, capsys):
 
 
 CLI_FILES = [
-    ("gen-adapter-missing", lambda p: [*GEN[:2], str(p / "none"), "--prompt", "hi"], "is not a saved Q-Adapter"),
+    ("gen-adapter-missing", lambda p: [*GEN[:2], str(p / "none"), "--prompt", "hi"], "no such folder"),
     ("eval-adapter-missing", lambda p: ["eval", "--adapter", str(p / "none"), "--data", str(p / "d.jsonl")],
-     "is not a saved Q-Adapter"),
+     "no such folder"),
     ("train-data-missing", lambda p: ["train", "--data", str(p / "none.jsonl"), "--output", str(p / "o")],
      "does not exist"),
     ("train-data-csv", lambda p: ["train", "--data", str(write(p, "d.csv", "a")), "--output", str(p / "o")],
@@ -654,7 +654,7 @@ def test_lm_eval_model_missing_adapter(tmp_path):
     pytest.importorskip("lm_eval")
     from qadapter.evaluation.lm_eval_model import QAdapterLM
 
-    expect(lambda: QAdapterLM(str(tmp_path / "none")), AdapterLoadError, "is not a saved Q-Adapter")
+    expect(lambda: QAdapterLM(str(tmp_path / "none")), AdapterLoadError, "no such folder")
 
 
 @pytest.mark.parametrize(("options", "check"), [

@@ -46,7 +46,7 @@ from .model import (
     warnings_held_while_checked,
 )
 from .policy import CombinedPolicy
-from .saved import AdapterLoadError, read_adapter_config, run_options
+from .saved import AdapterLoadError, locate_adapter, read_adapter_config, run_options
 
 BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer holds the bank
 
@@ -177,12 +177,14 @@ class AdapterSet:
     @classmethod
     def from_pretrained(cls, adapters: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]],
                         base_model: str | nn.Module | None = None, *, torch_dtype=None, device=None) -> AdapterSet:
-        """An adapter set with ``adapters`` (name -> saved adapter directory) loaded onto ``base_model``
+        """An adapter set with ``adapters`` (name -> saved adapter: a directory or a hub repository,
+        ``owner/name[@revision]``) loaded onto ``base_model``
         (default: the base the first adapter names, loaded as it was in training)."""
         items = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
         if not items:
             raise ValueError("adapters must name at least one saved adapter (name -> directory)")
-        first = Path(items[0][1])
+        items = [(name, locate_adapter(path)) for name, path in items]
+        first = items[0][1]
         atomic.recover(first)
         base, tokenizer = load_saved_base(first, read_adapter_config(first), base_model, torch_dtype=torch_dtype,
                                           device=device)
@@ -196,7 +198,7 @@ class AdapterSet:
         return [a.name for a in self.adapters]
 
     def load(self, name: str, path: str | os.PathLike) -> None:
-        """Loads the saved adapter in ``path`` under ``name``, checked as ``QAdapterModel.from_pretrained``
+        """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as ``QAdapterModel.from_pretrained``
         checks it (complete files, this base, its quantization, exactly its tensors)."""
         from peft import PeftModel
 
@@ -204,7 +206,7 @@ class AdapterSet:
             raise ValueError(f"name must be a non-empty string other than {BANK!r}; got {name!r}")
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is loaded already (unload it first)")
-        path = Path(path)
+        path = locate_adapter(path)
         atomic.recover(path)
         config = read_adapter_config(path)
         if config["stack"]:  # its policy needs its levels' networks too, which the bank does not hold

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ from .saved import (
     adapter_digest,
     check_q_on,
     holds_adapter,
+    locate_adapter,
+    model_card,
     read_adapter_config,
     run_options,
 )
@@ -226,14 +229,16 @@ class QAdapterModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, base_model: str | nn.Module | None = None, *,
                         torch_dtype=None, device=None, is_trainable: bool = False,
                         quantization: Any = "saved") -> QAdapterModel:
-        """Loads a saved adapter onto its base model (by default the one named in its config).
+        """Loads a saved adapter (a folder, or a hub repository ``owner/name[@revision]``:
+        :func:`~qadapter.library.saved.locate_adapter`) onto its base model (by default the one
+        named in its config).
 
         The base is loaded quantized as it was in training (``quantization="saved"``, the adapter's
         recorded ``"quantization"``); another quantization (``None``: dense), or a base model object
         quantized otherwise, is refused: the adapter learned a residual on that base's outputs."""
         from peft import PeftModel
 
-        path = Path(path)
+        path = locate_adapter(path)
         atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
@@ -314,6 +319,25 @@ class QAdapterModel(nn.Module):
             raise ValueError(f"path {path} holds stack level {k} of this adapter: saving there would replace "
                              "the adapter it was trained on")
         atomic.save_files(path, self.write_adapter, is_ours=holds_adapter, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload Q-Adapter", private: bool | None = None,
+                    token: str | None = None, revision: str | None = None):
+        """Uploads the adapter's files, as :meth:`save_pretrained` writes them, and a model card to the
+        hub model repository ``repo_id`` (created where missing) in one commit, and returns
+        huggingface_hub's ``CommitInfo``; ``from_pretrained(repo_id)`` loads it back. A stacked adapter
+        is refused: its levels are adapters of their own, which its record names by local paths."""
+        if self.stack:
+            raise ValueError(f"a stacked adapter (on {len(self.stack)} level(s)) cannot be pushed alone: its levels "
+                             "are local folders its record points to")
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as staging:
+            self.write_adapter(staging)
+            (Path(staging) / "README.md").write_text(model_card(repo_id, self.adapter_config()), encoding="utf-8")
+            return api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=commit_message,
+                                     revision=revision)
 
     # ------------------------------------------------------------------------------------ module
     @property

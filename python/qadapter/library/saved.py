@@ -5,6 +5,10 @@ levels it is stacked on.
 It imports neither transformers nor PEFT, on purpose: ``qadapter info`` reads an adapter with this
 alone, and every loader checks a config here before it spends anything on a base.
 
+An adapter is named by a local folder or a hub model repository (``owner/name``, pinned with
+``owner/name@revision``): :func:`locate_adapter` turns either into a local folder, downloading
+only the adapter's own files into the hub cache, so everything after it reads local files.
+
 A child records its levels (path, a sha256 of the files, alpha options, ``q_on``); loading refuses a
 level whose files changed or that was trained on another base. Each level is recorded by its
 absolute path and by its path relative to the child's directory, tried first (:meth:`Level.location`):
@@ -26,6 +30,7 @@ from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic
 from . import quantization as quant
+from .provenance import PROVENANCE_NAME
 
 CONFIG_NAME = "qadapter_config.json"
 FORMAT_VERSION = 1
@@ -33,6 +38,9 @@ STACKED_FORMAT_VERSION = 2  # a stacked adapter: a reader that cannot load its l
 # Keys of the saved config's "loss" section besides LossConfig's fields.
 RUN_KEYS = ("backend", "chunk_size")
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What a hub repository of an adapter gives (PEFT's config too: PEFT reads it); never the
+# checkpoints or anything else a pushed training folder may hold.
+HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_config.json", PROVENANCE_NAME)
 # What a stack level's sha256 covers: what its policy is (weights, loss options, base), not its history.
 LEVEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 
@@ -149,6 +157,50 @@ def adapter_digest(path: str | os.PathLike, files: Sequence[str]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def locate_adapter(adapter: str | os.PathLike) -> Path:
+    """The local folder of ``adapter``: the folder itself where one exists at that path, else the
+    snapshot of the hub model repository it names (``owner/name``, or ``owner/name@revision``: a
+    branch, tag or commit), downloaded into the hub cache or found there offline
+    (``HF_HUB_OFFLINE=1``). AdapterLoadError naming ``adapter`` when neither gives one."""
+    path = Path(adapter)
+    if path.exists() or not isinstance(adapter, str):
+        return path
+    repo_id, _, revision = adapter.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        validate_repo_id(repo_id)
+    except (ImportError, HFValidationError):
+        raise AdapterLoadError(f"adapter {adapter!r}: no such folder") from None
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_FILES)))
+    except Exception as exc:  # huggingface_hub raises a family of errors: not found, gated, offline, HTTP
+        raise AdapterLoadError(f"adapter {adapter!r}: no such folder here, and the hub gave no repository "
+                               f"{repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    if not (snapshot / CONFIG_NAME).is_file():
+        raise AdapterLoadError(f"adapter {adapter!r}: the hub repository {repo_id!r} holds no Q-Adapter "
+                               f"({CONFIG_NAME} is missing; a plain PEFT adapter is not a Q-Adapter)")
+    return snapshot
+
+
+def model_card(repo_id: str, config: dict) -> str:
+    """The README.md of an adapter pushed to the hub: its base and loss options, and how to use it."""
+    base = config["base_model"]
+    metadata = "library_name: qadapter-kernels\ntags:\n- q-adapter\n- peft\n- lora\n"
+    if "/" in base and not Path(base).is_absolute():  # a hub name (a local folder names nothing there)
+        metadata += f"base_model: {base}\n"
+    loss = {k: config["loss"][k] for k in ("alpha_0", "alpha_tilde") if k in config["loss"]}
+    return (f"---\n{metadata}---\n\n# {repo_id.rpartition('/')[2]}\n\n"
+            f"A Q-Adapter (Li et al., ICLR 2025) on the frozen base `{base or '(unnamed)'}` "
+            f"(quantization: {config['quantization']}; {loss}): a LoRA residual Q-function whose "
+            "combination with the base is the customized policy. Its training data and options are in "
+            f"`{PROVENANCE_NAME}`. With qadapter-kernels installed:\n\n```bash\n"
+            f'qadapter generate --adapter {repo_id} --prompt "Hello!"\n```\n\n'
+            f"```python\nfrom qadapter import QAdapterModel\nmodel = QAdapterModel.from_pretrained({repo_id!r})\n```\n")
 
 
 def holds_adapter(path: Path) -> bool:

@@ -1,0 +1,165 @@
+"""Adapters on the hub: a repository ``owner/name[@revision]`` loads wherever a folder does, and
+``push_to_hub`` uploads what loads back. No hub is reachable here: the hub's side is its local
+cache, filled as a download fills it and read with huggingface_hub offline, and the upload is
+caught at ``HfApi`` and written into that cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+from helpers import perturb_adapter, save_tiny_base  # noqa: E402
+from qadapter.cli import main  # noqa: E402
+from qadapter.library.adapter_set import AdapterSet  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
+from qadapter.library.saved import AdapterLoadError, locate_adapter  # noqa: E402
+
+
+class FakeHub:
+    """The hub as its local cache: each publish is a commit (a snapshot folder) that ``revision`` points to."""
+
+    def __init__(self, cache):
+        self.cache, self.commits = cache, 0
+
+    def publish(self, repo_id: str, folder, revision: str = "main") -> str:
+        self.commits += 1
+        sha = f"{self.commits:040x}"
+        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / sha)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(sha)
+        return sha
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return FakeHub(tmp_path / "hub-cache")
+
+
+@pytest.fixture
+def base(tmp_path):
+    save_tiny_base(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def trained(base, seed: int) -> QAdapterModel:
+    model = QAdapterModel.from_base(str(base), lora_dropout=0.0)
+    perturb_adapter(model, seed=seed)
+    return model
+
+
+def next_token_logprobs(model: QAdapterModel) -> torch.Tensor:
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        return model.policy(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+
+
+def test_a_hub_repository_loads_as_its_folder_and_a_revision_pins_it(tmp_path, hub, base):
+    first, second = trained(base, seed=1), trained(base, seed=2)
+    first.save_pretrained(tmp_path / "v1")
+    second.save_pretrained(tmp_path / "v2")
+    sha1 = hub.publish("me/tldr", tmp_path / "v1")
+    hub.publish("me/tldr", tmp_path / "v2")  # main moves on
+
+    latest = QAdapterModel.from_pretrained("me/tldr")
+    pinned = QAdapterModel.from_pretrained(f"me/tldr@{sha1}")
+    torch.testing.assert_close(next_token_logprobs(latest), next_token_logprobs(second))
+    torch.testing.assert_close(next_token_logprobs(pinned), next_token_logprobs(first))
+    assert not torch.allclose(next_token_logprobs(latest), next_token_logprobs(pinned))
+
+    policies = AdapterSet.from_pretrained({"new": "me/tldr", "old": f"me/tldr@{sha1}"})
+    assert policies.names == ["new", "old"]
+
+
+def test_what_cannot_be_found_is_named(tmp_path, hub, base):
+    with pytest.raises(AdapterLoadError, match=r"'me/missing': no such folder here, and the hub gave no repository"):
+        locate_adapter("me/missing")
+    with pytest.raises(AdapterLoadError, match=r"at revision 'v9'"):
+        trained(base, seed=1).save_pretrained(tmp_path / "a")
+        hub.publish("me/a", tmp_path / "a")
+        locate_adapter("me/a@v9")
+    with pytest.raises(AdapterLoadError, match=r"'\./typo/adapter': no such folder$"):  # not a repository name
+        locate_adapter("./typo/adapter")
+    plain = tmp_path / "plain-peft"
+    plain.mkdir()
+    (plain / "adapter_config.json").write_text("{}")
+    hub.publish("me/plain", plain)
+    with pytest.raises(AdapterLoadError, match="holds no Q-Adapter"):
+        QAdapterModel.from_pretrained("me/plain")
+    # A folder is a folder, whatever its name looks like.
+    local = tmp_path / "me@v1"
+    shutil.copytree(tmp_path / "a", local)
+    assert locate_adapter(str(local)) == local
+
+
+def test_push_to_hub_uploads_what_loads_back(tmp_path, hub, base, monkeypatch):
+    pushed = {}
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, revision=None):
+        pushed.update(files=sorted(p.name for p in Path(folder_path).iterdir()),
+                      card=(Path(folder_path) / "README.md").read_text())
+        sha = hub.publish(repo_id, folder_path, revision or "main")
+        return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{sha}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **_: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model = trained(base, seed=3)
+    commit = model.push_to_hub("me/pushed")
+    assert commit.commit_url.startswith("https://huggingface.co/me/pushed/commit/")
+    assert pushed["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "provenance.json",
+                               "qadapter_config.json"]
+    assert "library_name: qadapter-kernels" in pushed["card"] and "from_pretrained('me/pushed')" in pushed["card"]
+    torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/pushed")),
+                               next_token_logprobs(model))
+
+    model.save_pretrained(tmp_path / "level1")
+    stacked = QAdapterModel.from_base(on=str(tmp_path / "level1"))
+    with pytest.raises(ValueError, match="stacked adapter .* cannot be pushed alone"):
+        stacked.push_to_hub("me/stacked")
+
+
+def test_commands_take_a_hub_repository(tmp_path, hub, base, monkeypatch, capsys):
+    trained(base, seed=1).save_pretrained(tmp_path / "a")
+    hub.publish("me/a", tmp_path / "a")
+    assert main(["info", "me/a"]) == 0
+    assert "base: " in capsys.readouterr().out
+    assert main(["generate", "--adapter", "me/a", "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hi {i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                            for i in range(2)))
+    with pytest.raises(SystemExit) as exit_:  # the report would land in the hub cache
+        main(["check", "me/a", "--data", str(data)])
+    assert exit_.value.code == 2 and "--output" in capsys.readouterr().err
+
+
+def test_train_pushes_the_saved_adapter_once_at_the_end(tmp_path, hub, base, monkeypatch, capsys):
+    uploads = []
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, revision=None):
+        uploads.append(repo_id)
+        sha = hub.publish(repo_id, folder_path)
+        return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{sha}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **_: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"})
+                            + "\n" for i in range(4)))
+    assert main(["train", "--model", str(base), "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_steps", "1",
+                 "--push_to_hub", "true", "--hub_model_id", "me/trained"]) == 0
+    assert uploads == ["me/trained"]  # the adapter, not the checkpoints at each save
+    assert "adapter pushed to the hub: https://huggingface.co/me/trained/commit/" in capsys.readouterr().out
+    torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/trained")),
+                               next_token_logprobs(QAdapterModel.from_pretrained(tmp_path / "run")))
