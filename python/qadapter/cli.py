@@ -206,8 +206,9 @@ def _train_parser(p) -> None:
                      "model's place).")
     p.add_argument("--model", help=f"base model: a local directory, a hub name, or (default) {DEFAULT_MODEL}; "
                                    "with --on, the base the saved adapter names")
-    p.add_argument("--on", metavar="ADAPTER_DIR",
-                   help="train on top of this saved Q-Adapter (continual customization); its own levels come along")
+    p.add_argument("--on", metavar="ADAPTER",
+                   help="train on top of this saved Q-Adapter (a directory, or a hub repository owner/name[@revision]: "
+                        "continual customization); its own levels come along")
     p.add_argument("--q-on", choices=("parent", "base"), default="parent",
                    help="with --on: the new Q network is the parent's plus the new LoRA (parent), or the base "
                         "plus the new LoRA alone (base) (default: %(default)s)")
@@ -257,9 +258,6 @@ def _run_train(args) -> int:
     # The saved adapter is pushed once, at the end; Trainer would push its checkpoints' folder instead.
     push_to = (config.hub_model_id or Path(args.output).resolve().name) if config.push_to_hub else None
     config.push_to_hub = False
-    if push_to and args.on is not None:
-        _usage_error("train", "--push_to_hub: a stacked adapter (--on) cannot be pushed alone: its levels are local "
-                              "folders its record points to")
     if args.curve_steps and not args.eval_data:
         _usage_error("train", "--curve-steps needs --eval-data (the held-out pairs it measures)")
     output = Path(args.output)
@@ -268,10 +266,15 @@ def _run_train(args) -> int:
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
     if args.on is not None:  # saving over an adapter of the stack is refused, but only after training
-        places = [place for level in levels_on(args.on) for place in (level.nearby, level.path) if place]
+        levels = levels_on(args.on)
+        places = [place for level in levels for place in (level.nearby, level.path) if place]
         if stack_level_at(output, places) is not None:  # a level where the stack moved to, or where recorded
             _usage_error("train", f"--output {output} holds an adapter the new one is trained on (--on {args.on}): "
                                   "saving there would replace it; choose another --output")
+        local = [k for k, level in enumerate(levels, 1) if level.hub is None]
+        if push_to and local:
+            _usage_error("train", f"--push_to_hub: stack level(s) {local} under the new adapter are local folders; "
+                                  "push them first and train --on the hub repository")
     # Read and checked before the model loads: bad data fails at once.
     train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None

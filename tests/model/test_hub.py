@@ -125,8 +125,35 @@ def test_push_to_hub_uploads_what_loads_back(tmp_path, hub, base, monkeypatch):
 
     model.save_pretrained(tmp_path / "level1")
     stacked = QAdapterModel.from_base(on=str(tmp_path / "level1"))
-    with pytest.raises(ValueError, match="stacked adapter .* cannot be pushed alone"):
+    with pytest.raises(ValueError, match=r"stack level\(s\) \[1\] of this adapter are local folders"):
         stacked.push_to_hub("me/stacked")
+
+
+def test_a_stack_over_hub_levels_is_pushed_and_found_on_another_machine(tmp_path, hub, base, monkeypatch):
+    """A level taken from the hub is recorded pinned to its commit: the pushed child finds it there
+    where neither its recorded path nor its relative one exists (another machine's cache)."""
+    trained(base, seed=1).save_pretrained(tmp_path / "level1")
+    sha = hub.publish("me/level1", tmp_path / "level1")
+    child = QAdapterModel.from_base(on="me/level1", lora_dropout=0.0)
+    perturb_adapter(child, seed=2)
+    assert child.stack[0].hub == f"me/level1@{sha}"
+    assert child.adapter_config(tmp_path / "anywhere")["stack"][0]["relative_path"] is None  # in the cache, not beside
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **_: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **_:
+                        shutil.copytree(folder_path, tmp_path / "uploaded"))
+    child.push_to_hub("me/level2")
+    expected = next_token_logprobs(child)
+
+    from huggingface_hub import constants
+
+    shutil.rmtree(hub.cache)  # another machine: a fresh cache that the hub fills
+    other = FakeHub(tmp_path / "other-cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(other.cache))
+    assert other.publish("me/level1", tmp_path / "level1") == sha
+    other.publish("me/level2", tmp_path / "uploaded")
+    loaded = QAdapterModel.from_pretrained("me/level2")
+    assert loaded.stack[0].path.startswith(str(other.cache))
+    torch.testing.assert_close(next_token_logprobs(loaded), expected)
 
 
 def test_commands_take_a_hub_repository(tmp_path, hub, base, monkeypatch, capsys):
@@ -163,3 +190,14 @@ def test_train_pushes_the_saved_adapter_once_at_the_end(tmp_path, hub, base, mon
     assert "adapter pushed to the hub: https://huggingface.co/me/trained/commit/" in capsys.readouterr().out
     torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/trained")),
                                next_token_logprobs(QAdapterModel.from_pretrained(tmp_path / "run")))
+
+
+def test_train_refuses_to_push_a_stack_over_local_levels_before_training(tmp_path, hub, base, capsys):
+    trained(base, seed=1).save_pretrained(tmp_path / "level1")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--on", str(tmp_path / "level1"), "--data", str(data), "--output", str(tmp_path / "level2"),
+              "--push_to_hub", "true", "--hub_model_id", "me/level2"])
+    assert exit_.value.code == 2 and "stack level(s) [1] under the new adapter are local folders" in capsys.readouterr().err
+    assert not (tmp_path / "level2").exists()

@@ -45,6 +45,7 @@ from .saved import (
     adapter_digest,
     check_q_on,
     holds_adapter,
+    hub_pin,
     locate_adapter,
     model_card,
     read_adapter_config,
@@ -95,7 +96,7 @@ class QAdapterModel(nn.Module):
     that carries one already. The loss options are ``loss`` (a :class:`LossConfig`, default: its
     defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
 
-    ``on``: a saved adapter's directory: the new adapter is trained on top of that customized policy
+    ``on``: a saved adapter (its directory or a hub repository): the new adapter is trained on top of that customized policy
     (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q network the parent's
     plus the new LoRA (``q_on="parent"``) or the base plus the new LoRA (``q_on="base"``).
     """
@@ -218,7 +219,7 @@ class QAdapterModel(nn.Module):
         tokenizer = options.pop("tokenizer", None)
         if model is None:
             on = options.get("on")
-            model = (read_adapter_config(Path(on))["base_model"] if on is not None else "") or DEFAULT_MODEL
+            model = (read_adapter_config(locate_adapter(on))["base_model"] if on is not None else "") or DEFAULT_MODEL
         if isinstance(model, str):
             model, tokenizer = load_base(model, torch_dtype=torch_dtype, device=device, quantization=quantization)
         elif quantization is not None:
@@ -325,10 +326,11 @@ class QAdapterModel(nn.Module):
         """Uploads the adapter's files, as :meth:`save_pretrained` writes them, and a model card to the
         hub model repository ``repo_id`` (created where missing) in one commit, and returns
         huggingface_hub's ``CommitInfo``; ``from_pretrained(repo_id)`` loads it back. A stacked adapter
-        is refused: its levels are adapters of their own, which its record names by local paths."""
-        if self.stack:
-            raise ValueError(f"a stacked adapter (on {len(self.stack)} level(s)) cannot be pushed alone: its levels "
-                             "are local folders its record points to")
+        goes only where its levels came from the hub (its record pins each to a commit there)."""
+        local = [k for k, level in enumerate(self.stack, 1) if level.hub is None]
+        if local:
+            raise ValueError(f"stack level(s) {local} of this adapter are local folders, which its record points to: "
+                             "push them first and train on them from the hub (--on owner/name)")
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
@@ -504,15 +506,15 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
 def levels_on(on: str | os.PathLike) -> list[Level]:
     """The stack a new adapter trained on the saved adapter ``on`` sits on: ``on``'s own levels, then
     ``on`` itself, recorded with the sha256 of its files and its alpha options."""
-    path = Path(on)
-    atomic.recover(path)  # finishes a save that a crash interrupted
     try:
+        path = locate_adapter(on)
+        atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
     except AdapterLoadError as exc:
         raise AdapterLoadError(f"on: {exc}") from exc
     loss = LossConfig.from_options(**{k: v for k, v in config["loss"].items() if k in LossConfig.names()})
     own = Level(path=str(path.resolve()), sha256=adapter_digest(path, LEVEL_FILES), alpha_0=loss.alpha_0,
-                alpha_tilde=loss.alpha_tilde, q_on=config["q_on"])
+                alpha_tilde=loss.alpha_tilde, q_on=config["q_on"], hub=hub_pin(on, path))
     return [Level.from_dict(record, str(path), path) for record in config["stack"]] + [own]
 
 

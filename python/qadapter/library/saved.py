@@ -59,8 +59,8 @@ def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_siz
 Q_ON = ("parent", "base")
 
 
-# The keys of a stack level's record, all required; "relative_path" is optional (records saved before
-# it have only the absolute path; readers that predate it ignore it, so the format version stays).
+# The keys of a stack level's record, all required; "relative_path" and "hub" are optional (records
+# saved before them lack them; readers that predate them ignore them, so the format version stays).
 LEVEL_KEYS = ("path", "sha256", "alpha_0", "alpha_tilde", "q_on")
 
 
@@ -76,6 +76,9 @@ class Level:
     # The record's "relative_path" resolved against the directory of the adapter that recorded it: where
     # the level is when the stack moved as a whole, tried before ``path``. None: not recorded.
     nearby: str | None = field(default=None, compare=False)
+    # Where the hub has it, pinned to a commit (``owner/name@commit``): a level that was loaded from the
+    # hub is found there again on a machine without the local copy. None: a local folder.
+    hub: str | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict:
         return {key: getattr(self, key) for key in LEVEL_KEYS}
@@ -84,9 +87,11 @@ class Level:
         """The level as the config of an adapter written into ``directory`` records it: with
         ``relative_path``, its path relative to that adapter's directory (None where there is none:
         no directory, another drive on Windows). A hidden staging directory of
-        :func:`atomic.save_files` lies inside the adapter's directory: the path is relative to that one."""
+        :func:`atomic.save_files` lies inside the adapter's directory: the path is relative to that one.
+        A level from the hub has none: it sits in the hub cache, not beside the stack, and is found by
+        its commit."""
         relative = None
-        if directory is not None:
+        if directory is not None and self.hub is None:
             home = Path(directory).resolve()
             if home.name.startswith(atomic.STAGING_PREFIX):
                 home = home.parent
@@ -94,7 +99,7 @@ class Level:
                 relative = os.path.relpath(self.path, home)
             except ValueError:
                 pass
-        return {**self.as_dict(), "relative_path": relative}
+        return {**self.as_dict(), "relative_path": relative, "hub": self.hub}
 
     @classmethod
     def from_dict(cls, record: dict, where: str, directory: str | os.PathLike | None = None) -> Level:
@@ -104,9 +109,11 @@ class Level:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{where}: a stack level must be an object with path, sha256, alpha_0, alpha_tilde, "
                              f"q_on; got {record!r}") from exc
-        relative = record.get("relative_path")
-        if relative is not None and not isinstance(relative, str):
-            raise ValueError(f"{where}: a stack level's relative_path must be a string or null; got {relative!r}")
+        relative, hub = record.get("relative_path"), record.get("hub")
+        for key, value in (("relative_path", relative), ("hub", hub)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{where}: a stack level's {key} must be a string or null; got {value!r}")
+        level = replace(level, hub=hub)
         check_q_on(level.q_on, f"{where}: a stack level's q_on", allow_none=True)
         try:
             LossConfig.from_options(alpha_0=level.alpha_0, alpha_tilde=level.alpha_tilde)
@@ -126,11 +133,18 @@ class Level:
 
     def location(self) -> Path:
         """Where the level is: at its path relative to the adapter that recorded it if anything is
-        there (the stack moved or copied as a whole), else at its recorded absolute path. Either one
-        is then checked against the sha256. FileNotFoundError naming both when neither exists."""
+        there (the stack moved or copied as a whole), else at its recorded absolute path, else (a
+        level loaded from the hub) at its commit on the hub. Each is then checked against the sha256.
+        FileNotFoundError naming every place tried when none has it."""
         for place in (self.nearby, self.path):
             if place is not None and Path(place).is_dir():
                 return Path(place)
+        if self.hub is not None:
+            try:
+                return locate_adapter(self.hub)
+            except AdapterLoadError as exc:
+                raise FileNotFoundError(f"no adapter at {self.nearby} (its place relative to the adapter trained "
+                                        f"on it) nor at {self.path} (its recorded path), and {exc}") from exc
         if self.nearby is None:
             raise FileNotFoundError(f"no adapter at {self.path}, its recorded path (an older record, without the "
                                     "relative one): the level must sit there")
@@ -185,6 +199,14 @@ def locate_adapter(adapter: str | os.PathLike) -> Path:
         raise AdapterLoadError(f"adapter {adapter!r}: the hub repository {repo_id!r} holds no Q-Adapter "
                                f"({CONFIG_NAME} is missing; a plain PEFT adapter is not a Q-Adapter)")
     return snapshot
+
+
+def hub_pin(adapter: str | os.PathLike, path: Path) -> str | None:
+    """``owner/name@commit`` for an ``adapter`` that :func:`locate_adapter` found on the hub at
+    ``path`` (a snapshot folder is named by its commit), else None (a local folder)."""
+    if not isinstance(adapter, str) or Path(adapter).exists():
+        return None
+    return f"{adapter.partition('@')[0]}@{path.name}"
 
 
 def model_card(repo_id: str, config: dict) -> str:
