@@ -13,7 +13,8 @@ A child records its levels (path, a sha256 of the files, alpha options, ``q_on``
 level whose files changed or that was trained on another base. Each level is recorded by its
 absolute path and by its path relative to the child's directory, tried first (:meth:`Level.location`):
 a stack moved or copied as a whole (``level1/`` and ``level2/`` side by side) finds its own levels,
-not the originals; the sha256 makes either lookup safe.
+not the originals; a level taken from the hub is also recorded by its commit there, looked up last.
+The sha256 makes every lookup safe.
 """
 
 from __future__ import annotations
