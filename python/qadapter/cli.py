@@ -415,6 +415,9 @@ def _serve_parser(p) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together at most")
+    p.add_argument("--allow-adapter-updates", action="store_true",
+                   help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): any client that "
+                        "reaches the server can then load adapters from this machine's folders or the hub")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="the HTTP server's log (info: one line per request)")
 
@@ -439,7 +442,7 @@ def _run_serve(args) -> int:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
     serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch), args.host, args.port,
-          log_level=args.log_level)
+          log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates)
     return 0
 
 

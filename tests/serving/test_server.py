@@ -26,7 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 from helpers import save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
-from qadapter.serving.engine import Engine  # noqa: E402
+from qadapter.serving.engine import AdapterBusy, Engine, Request  # noqa: E402
 from qadapter.serving.server import Server  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
@@ -89,13 +89,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(saved):
-    """A server over the four adapters in a background thread; yields (base_url, engine)."""
-    _, tokenizer, paths = saved
-    engine = Engine(AdapterSet.from_pretrained(paths), tokenizer, max_batch=16).start()
+def running_server(engine: Engine, **options):
+    """A server over ``engine`` in a background thread; yields (base_url, engine)."""
     port = free_port()
-    instance = uvicorn.Server(uvicorn.Config(Server(engine).app(), host="127.0.0.1", port=port, log_level="warning"))
+    app = Server(engine.start(), **options).app()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -104,6 +102,21 @@ def server(saved):
     yield f"http://127.0.0.1:{port}/v1", engine
     instance.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(saved):
+    """A server over the four adapters; (base_url, engine)."""
+    _, tokenizer, paths = saved
+    yield from running_server(Engine(AdapterSet.from_pretrained(paths), tokenizer, max_batch=16))
+
+
+@pytest.fixture(scope="module")
+def updatable_server(saved):
+    """A server over two of the adapters that takes adapter updates; (base_url, engine)."""
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({k: paths[k] for k in ("terse", "formal")}), tokenizer, max_batch=16)
+    yield from running_server(engine, allow_adapter_updates=True)
 
 
 def client(base_url):
@@ -364,8 +377,8 @@ def test_ctrl_c_ends_the_server_cleanly(saved):
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop", "cancelled")
 
 
-@pytest.mark.parametrize("argument, message", [("noequals", "NAME=DIR"), ("base=somewhere", "reserved for the base"),
-                                               ("=somewhere", "NAME=DIR")])
+@pytest.mark.parametrize("argument, message", [("noequals", "NAME=ADAPTER"), ("base=somewhere", "reserved for the base"),
+                                               ("=somewhere", "NAME=ADAPTER")])
 def test_serve_command_refuses_bad_adapter_arguments(argument, message, capsys):
     from qadapter.cli import main
 
@@ -433,3 +446,63 @@ def test_requests_joining_and_leaving_mid_run_decode_as_alone(family, tmp_path):
         alone = adapter_set.generate(torch.tensor([prompt]), adapters=[request.adapter], max_new_tokens=request.max_tokens,
                                      eos_token_id=2, pad_token_id=0, do_sample=False)[0, len(prompt):].tolist()
         assert request.tokens == (alone[:alone.index(2)] if 2 in alone else alone), (request.adapter, alone)
+
+
+def test_adapters_load_and_unload_while_the_server_runs(updatable_server, saved, solo_text):
+    """vLLM's routes: an adapter loaded while another one's request decodes answers as it would alone,
+    and so does that request; an unloaded adapter is gone from the models and refused by name."""
+    base_url, _ = updatable_server
+    api, paths = client(base_url), saved[2]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: api.completions.create(model="terse", prompt=PROMPTS[2], max_tokens=40,
+                                                             temperature=0).choices[0].text)
+        loaded = httpx.post(f"{base_url}/load_lora_adapter", json={"lora_name": "kind", "lora_path": str(paths["kind"])},
+                            timeout=60)
+        assert running.result() == solo_text("terse", PROMPTS[2], 40)
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'kind' added successfully."
+    assert [m.id for m in api.models.list().data] == ["base", "terse", "formal", "kind"]
+    answer = api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert answer.choices[0].text == solo_text("kind", PROMPTS[0], 10)
+
+    unloaded = httpx.post(f"{base_url}/unload_lora_adapter", json={"lora_name": "kind"}, timeout=60)
+    assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'kind' removed successfully."
+    assert [m.id for m in api.models.list().data] == ["base", "terse", "formal"]
+    with pytest.raises(openai.NotFoundError, match="'kind' does not exist"):
+        api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=4)
+    assert api.completions.create(model="formal", prompt=PROMPTS[0], max_tokens=10,
+                                  temperature=0).choices[0].text == solo_text("formal", PROMPTS[0], 10)
+
+
+@pytest.mark.parametrize("route, body, status, param, message", [
+    ("load", {"lora_name": "x", "lora_path": "/nonexistent/adapter"}, 400, "lora_path", "no such folder"),
+    ("load", {"lora_name": "terse", "lora_path": "TERSE"}, 400, "lora_name", "loaded already"),
+    ("load", {"lora_name": "base", "lora_path": "TERSE"}, 400, "lora_name", "the base"),
+    ("load", {"lora_name": "x", "lora_path": "TERSE", "lora_int_id": 3}, 400, "lora_int_id", "unknown field"),
+    ("load", {"lora_path": "TERSE"}, 400, "lora_name", "must be a non-empty string"),
+    ("unload", {"lora_name": "nope"}, 404, "lora_name", "is not loaded"),
+    ("unload", {"lora_name": 3}, 400, "lora_name", "must be a non-empty string"),
+])
+def test_a_bad_adapter_update_is_refused_by_name(updatable_server, saved, route, body, status, param, message):
+    body = {k: str(saved[2]["terse"]) if v == "TERSE" else v for k, v in body.items()}
+    answer = httpx.post(f"{updatable_server[0]}/{route}_lora_adapter", json=body, timeout=60)
+    error = answer.json()["error"]
+    assert answer.status_code == status and error["param"] == param and message in error["message"]
+
+
+def test_adapter_updates_are_taken_only_when_allowed(server, saved):
+    answer = httpx.post(f"{server[0]}/load_lora_adapter", json={"lora_name": "x", "lora_path": str(saved[2]["kind"])})
+    assert answer.status_code == 404
+
+
+def test_an_adapter_with_requests_in_flight_is_not_unloaded(saved):
+    """Its queued request would lose its model: the unload is refused until it has finished."""
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({k: paths[k] for k in ("terse", "formal")}), tokenizer)
+    engine.submit(Request(prompt=[5, 6, 7], adapter="terse", max_tokens=2, emit=lambda event: None))
+    with pytest.raises(AdapterBusy, match="'terse' has 1 request"):
+        engine.unload_adapter("terse")
+    engine.start()
+    assert engine.wait_idle()
+    engine.unload_adapter("terse")  # between two steps of the running engine
+    assert engine.adapter_set.names == ["formal"]
+    engine.stop()

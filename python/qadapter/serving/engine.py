@@ -14,26 +14,37 @@ answer), OpenAI's frequency and presence penalties (over the answer) and, when s
 transformers' warpers (temperature, top-k, top-p, min-p).
 
 One thread owns the model (:meth:`Engine.start`); requests are submitted from any thread and hear of
-their tokens through their ``emit`` callback.
+their tokens through their ``emit`` callback. Adapters are loaded and unloaded while it serves
+(:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`): that thread runs the change between two
+decode steps, and an adapter is unloaded only when no request for it is queued or running.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..library.adapter_set import AdapterSet
+from ..library.saved import locate_adapter
 
 
 class EngineStopped(RuntimeError):
     """The engine takes no more requests: it is shutting down."""
+
+
+class AdapterBusy(RuntimeError):
+    """An adapter cannot be unloaded: requests for it are queued or running."""
 
 
 @dataclass
@@ -87,6 +98,8 @@ class Engine:
         self._next: torch.Tensor | None = None  # [B]: each request's latest token, not yet fed
         self._lock = threading.Lock()
         self._outstanding = 0  # submitted and not finished
+        self._in_flight: Counter[str | None] = Counter()  # the same, by adapter name
+        self._between_steps: queue.Queue[tuple[Callable, Future]] = queue.Queue()  # adapter changes
         self._closing = threading.Event()  # no new requests
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
@@ -94,9 +107,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------ submitting
     def check(self, request: Request) -> None:
-        """Refuses, by name, what the engine cannot run (before it is queued)."""
-        if request.adapter is not None and request.adapter not in self.adapter_set.names:
-            raise KeyError(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}")
+        """Refuses, by name, what the engine cannot run (before it is queued; :meth:`submit` checks
+        that its adapter is loaded)."""
         if not request.prompt:
             raise ValueError("the prompt must hold at least one token")
         if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
@@ -118,9 +130,61 @@ class Engine:
                 request.generator.seed()  # a fresh, non-deterministic seed
             else:
                 request.generator.manual_seed(request.seed)
-        with self._lock:
+        with self._lock:  # checked again under the lock: an unload cannot come between the check and the queue
+            if request.adapter is not None and request.adapter not in self.adapter_set.names:
+                raise KeyError(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}")
             self._outstanding += 1
-        self._pending.put(request)
+            self._in_flight[request.adapter] += 1
+            self._pending.put(request)
+
+    # ------------------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Loads the saved adapter ``path`` (a folder or a hub repository) as ``name`` while the running
+        batch goes on: the files are found (a hub download) here, the model changes between two decode
+        steps. Raises what :meth:`AdapterSet.load` raises (a name taken, another base, bad files)."""
+        located = locate_adapter(path)
+        self._run_between_steps(lambda: self.adapter_set.load(name, located))
+
+    def unload_adapter(self, name: str) -> None:
+        """Unloads the adapter ``name`` between two decode steps; :class:`AdapterBusy` while requests
+        for it are queued or running (no request loses its model), KeyError where none is loaded."""
+        def unload() -> None:
+            with self._lock:
+                if self._in_flight[name]:
+                    raise AdapterBusy(f"model {name!r} has {self._in_flight[name]} request(s) queued or running; "
+                                      "unload it when they have finished")
+                self.adapter_set.unload(name)
+        self._run_between_steps(unload)
+
+    def _run_between_steps(self, change: Callable[[], None]) -> None:
+        """Runs ``change`` in the engine thread between decode steps (at once where no thread runs)."""
+        if self._thread is None or not self._thread.is_alive():
+            return change()
+        done: Future = Future()
+        self._between_steps.put((change, done))
+        while True:
+            try:
+                return done.result(timeout=0.1)
+            except FutureTimeout:
+                if not self._thread.is_alive():  # it stopped before it took the change
+                    self._apply_changes(EngineStopped("the server is shutting down"))
+
+    def _apply_changes(self, error: Exception | None = None) -> None:
+        """Runs the queued adapter changes (or answers each with ``error``: the engine is stopping)."""
+        while True:
+            try:
+                change, done = self._between_steps.get_nowait()
+            except queue.Empty:
+                return
+            if error is not None:
+                done.set_exception(error)
+                continue
+            try:
+                with torch.inference_mode(False):  # the adapters' tensors are ordinary ones, as at start
+                    change()
+                done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
 
     # ---------------------------------------------------------------------------------- thread
     def start(self) -> Engine:
@@ -141,6 +205,7 @@ class Engine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stopping.is_set():
+                self._apply_changes()
                 try:
                     self._admit(wait=not self._running)
                     if self._running:
@@ -149,6 +214,7 @@ class Engine:
                     joined = self._running + [r for r in self._joining if r not in self._running]
                     self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
         self._end_all({"finish_reason": "cancelled"}, self._running + self._drain())
+        self._apply_changes(EngineStopped("the server is shutting down"))
 
     def _end_all(self, event: dict, requests: list[Request]) -> None:
         for request in requests:
@@ -270,6 +336,7 @@ class Engine:
         request.emit({**event, "completion_tokens": len(request.tokens)})
         with self._lock:
             self._outstanding -= 1
+            self._in_flight[request.adapter] -= 1
 
     def _drop(self, rows: list[int]) -> None:
         """Removes the requests at ``rows`` from the batch, and the padding columns no row needs."""

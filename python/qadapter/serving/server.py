@@ -4,7 +4,9 @@
 true), ``/v1/models`` listing the base and the loaded adapters. A request's ``model`` names an adapter
 or the base; requests to different adapters share one running batch (:mod:`qadapter.serving.engine`).
 Starlette routes, uvicorn serves; a bad request gets a 4xx answer in OpenAI's error shape, naming the
-field, and a client that goes away mid-stream has its request dropped from the batch.
+field, and a client that goes away mid-stream has its request dropped from the batch. With adapter
+updates allowed, ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's routes and
+bodies) load and unload adapters while the server runs.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, EngineStopped, Request
+from ..library.saved import AdapterLoadError
+from .engine import AdapterBusy, Engine, EngineStopped, Request
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 # The request fields each route takes: (those it implements -- OpenAI's, and vLLM's names for the other
@@ -91,9 +94,10 @@ def _int(body: dict, name: str, default: int | None, low: int) -> int | None:
 class Server:
     """The routes over one :class:`~qadapter.serving.engine.Engine`."""
 
-    def __init__(self, engine: Engine, *, default_max_tokens: int = 256) -> None:
+    def __init__(self, engine: Engine, *, default_max_tokens: int = 256, allow_adapter_updates: bool = False) -> None:
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.default_max_tokens = default_max_tokens
+        self.allow_adapter_updates = allow_adapter_updates
 
     def app(self) -> Starlette:
         @contextlib.asynccontextmanager
@@ -101,10 +105,13 @@ class Server:
             yield
             self.engine.stop()
 
+        updates = [Route("/v1/load_lora_adapter", self.load_adapter, methods=["POST"]),
+                   Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"])]
         return Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            *(updates if self.allow_adapter_updates else []),
         ], lifespan=lifespan)
 
     @property
@@ -120,6 +127,53 @@ class Server:
 
     async def chat_completions(self, request: HttpRequest):
         return await self._complete(request, chat=True)
+
+    # ------------------------------------------------------------------------------ adapters
+    async def load_adapter(self, http: HttpRequest):
+        """vLLM's ``{"lora_name", "lora_path"}``: the path is a saved adapter's folder on the server's
+        machine or a hub repository; the running batch goes on while it loads."""
+        try:
+            name, path = self._adapter_fields(await self._body(http), ("lora_name", "lora_path"))
+            if name == BASE_MODEL or name in self.engine.adapter_set.names:
+                raise BadRequest(f"lora_name {name!r} is {'the base' if name == BASE_MODEL else 'loaded already'}",
+                                 "lora_name")
+            await asyncio.to_thread(self.engine.load_adapter, name, path)
+        except BadRequest as exc:
+            return _error(str(exc), exc.status, exc.param, exc.code)
+        except (AdapterLoadError, ValueError, OSError) as exc:  # not an adapter, another base, unreadable files
+            return _error(f"lora_path {path!r}: {exc}", 400, "lora_path")
+        except EngineStopped as exc:
+            return _error(str(exc), 503)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_adapter(self, http: HttpRequest):
+        """vLLM's ``{"lora_name"}``; refused (409) while requests for that adapter are queued or running."""
+        try:
+            (name,) = self._adapter_fields(await self._body(http), ("lora_name",))
+            if name not in self.engine.adapter_set.names:
+                raise BadRequest(f"lora_name {name!r} is not loaded; loaded: {self.engine.adapter_set.names}",
+                                 "lora_name", 404)
+            await asyncio.to_thread(self.engine.unload_adapter, name)
+        except BadRequest as exc:
+            return _error(str(exc), exc.status, exc.param, exc.code)
+        except AdapterBusy as exc:
+            return _error(str(exc), 409, "lora_name")
+        except KeyError as exc:  # unloaded by another request meanwhile
+            return _error(str(exc).strip("'\""), 404, "lora_name")
+        except EngineStopped as exc:
+            return _error(str(exc), 503)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @staticmethod
+    def _adapter_fields(body: dict, names: tuple[str, ...]) -> list[str]:
+        """The string fields ``names`` of an adapter update's body, which holds nothing else."""
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}: this route takes {list(names)}", unknown[0])
+        for name in names:
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise BadRequest(f"{name} must be a non-empty string; got {body.get(name)!r}", name)
+        return [body[name] for name in names]
 
     # ------------------------------------------------------------------------------ requests
     async def _complete(self, http: HttpRequest, chat: bool):
@@ -315,7 +369,7 @@ def _sse(payload: dict) -> str:
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: float = 5.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", allow_adapter_updates: bool = False) -> None:
     """Serves until interrupted. On Ctrl-C (or SIGTERM) new requests are refused, the running ones get
     ``grace`` seconds to finish and are then cancelled (a streaming client reads
     ``finish_reason="cancelled"`` and the end of the stream), and the server exits."""
@@ -329,6 +383,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: f
             threading.Thread(target=engine.stop, args=(grace,), daemon=True).start()
 
     engine.start()
-    config = uvicorn.Config(Server(engine).app(), host=host, port=port, log_level=log_level,
+    app = Server(engine, allow_adapter_updates=allow_adapter_updates).app()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace + 10)
     _Server(config).run()
