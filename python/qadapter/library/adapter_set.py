@@ -236,6 +236,9 @@ class AdapterSet:
         if name not in self.names:
             raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
         with self._bank_rebuilt():
+            others = [n for n in self.names if n != name]
+            if others:  # PEFT warns when the active adapter is deleted
+                self.peft_model.set_adapter(others[0])
             self.peft_model.delete_adapter(name)
             self.adapters = [a for a in self.adapters if a.name != name]
 
