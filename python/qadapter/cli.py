@@ -491,11 +491,12 @@ def _info_parser(p) -> None:
 
 def _run_info(args) -> int:
     from .library.provenance import read_provenance
-    from .library.saved import AdapterLoadError, locate_adapter, read_adapter_config, stack_levels_found
+    from .library.saved import AdapterLoadError, hub_pin, locate_adapter, read_adapter_config, stack_levels_found
 
     path = locate_adapter(args.adapter)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory holding a saved adapter")
+    pin = hub_pin(args.adapter, path)  # owner/name@commit: which commit of a hub repository this is
     try:
         config, config_problem = read_adapter_config(path), None
     except AdapterLoadError as exc:
@@ -505,10 +506,10 @@ def _run_info(args) -> int:
         raise ValueError(f"{path} holds no readable Q-Adapter: {config_problem}")
     levels = stack_levels_found(path, config) if config is not None else []
     if args.json:
-        print(json.dumps({"adapter": str(path), "config": config, "config_problem": config_problem,
+        print(json.dumps({"adapter": str(path), "hub": pin, "config": config, "config_problem": config_problem,
                           "stack_levels": levels, "provenance": record, "provenance_problem": problem}, indent=2))
         return 0
-    print(f"adapter: {path}")
+    print(f"adapter: {path}" if pin is None else f"adapter: {pin} (the hub's; cached at {path})")
     if config_problem:
         print(f"config: PROBLEM: {config_problem}")
     if problem:
@@ -615,7 +616,7 @@ def _run_check(args) -> int:
     from .library.data import load_preference_data
     from .library.model import QAdapterModel
     from .library.provenance import read_provenance
-    from .library.saved import locate_adapter
+    from .library.saved import hub_pin, locate_adapter
 
     thresholds = _read_option_file("check", "--thresholds", Thresholds.from_file, args.thresholds) or Thresholds()
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
@@ -637,7 +638,7 @@ def _run_check(args) -> int:
         else {"problem": problem}
     report = run_check(model, features, thresholds, probe_items=args.probe_items,
                        passages=args.passages, baseline=baseline,
-                       meta={"adapter": str(args.adapter), "data": str(args.data),
+                       meta={"adapter": hub_pin(args.adapter, adapter) or str(args.adapter), "data": str(args.data),
                              "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
     markdown = format_markdown(report)
     atomic.write_texts(output, {"check.json": json.dumps(report, indent=2) + "\n", "check.md": markdown})

@@ -159,8 +159,10 @@ def test_a_stack_over_hub_levels_is_pushed_and_found_on_another_machine(tmp_path
 def test_commands_take_a_hub_repository(tmp_path, hub, base, monkeypatch, capsys):
     trained(base, seed=1).save_pretrained(tmp_path / "a")
     hub.publish("me/a", tmp_path / "a")
+    sha = hub.publish("me/a", tmp_path / "a")  # main moves to a second commit of the same files
     assert main(["info", "me/a"]) == 0
-    assert "base: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"adapter: me/a@{sha} (the hub's; cached at ") and "base: " in out
     assert main(["generate", "--adapter", "me/a", "--prompt", "hello", "--max-new-tokens", "2"]) == 0
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"hi {i}", "chosen": "yes", "rejected": "no"}) + "\n"
@@ -168,6 +170,9 @@ def test_commands_take_a_hub_repository(tmp_path, hub, base, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_:  # the report would land in the hub cache
         main(["check", "me/a", "--data", str(data)])
     assert exit_.value.code == 2 and "--output" in capsys.readouterr().err
+    main(["check", "me/a", "--data", str(data), "--output", str(tmp_path / "report"), "--probe-items", "2",
+          "--passages", "0"])
+    assert json.loads((tmp_path / "report" / "check.json").read_text())["adapter"] == f"me/a@{sha}"
 
 
 def test_train_pushes_the_saved_adapter_once_at_the_end(tmp_path, hub, base, monkeypatch, capsys):
