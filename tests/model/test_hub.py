@@ -91,6 +91,8 @@ def test_what_cannot_be_found_is_named(tmp_path, hub, base):
         locate_adapter("me/a@v9")
     with pytest.raises(AdapterLoadError, match=r"'\./typo/adapter': no such folder$"):  # not a repository name
         locate_adapter("./typo/adapter")
+    with pytest.raises(AdapterLoadError, match=r"'me/missing': no such folder$"):  # a Path is a folder, never a repository
+        locate_adapter(Path("me/missing"))
     plain = tmp_path / "plain-peft"
     plain.mkdir()
     (plain / "adapter_config.json").write_text("{}")

@@ -180,16 +180,16 @@ def locate_adapter(adapter: str | os.PathLike) -> Path:
     branch, tag or commit), downloaded into the hub cache or found there offline
     (``HF_HUB_OFFLINE=1``). AdapterLoadError naming ``adapter`` when neither gives one."""
     path = Path(adapter)
-    if path.exists() or not isinstance(adapter, str):
+    if path.exists():
         return path
-    repo_id, _, revision = adapter.partition("@")
+    repo_id, _, revision = adapter.partition("@") if isinstance(adapter, str) else ("", "", "")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
         validate_repo_id(repo_id)
     except (ImportError, HFValidationError):
-        raise AdapterLoadError(f"adapter {adapter!r}: no such folder") from None
+        raise AdapterLoadError(f"adapter {str(adapter)!r}: no such folder") from None
     try:
         snapshot = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_FILES)))
     except Exception as exc:  # huggingface_hub raises a family of errors: not found, gated, offline, HTTP
