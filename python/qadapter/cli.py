@@ -24,6 +24,7 @@ from .library.defaults import DEFAULT_MODEL
 
 ADAPTER_HELP = "a saved Q-Adapter: its directory, or a hub repository owner/name[@revision]"
 
+
 def _usage_error(command: str, message: str):
     print(f"qadapter {command}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -622,11 +623,12 @@ def _run_check(args) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
     thresholds = replace(thresholds, **given)
     baseline = _read_option_file("check", "--baseline", read_report, args.baseline)  # fails before any work
-    if args.output is None and not Path(args.adapter).is_dir():
+    adapter = locate_adapter(args.adapter)
+    pin = hub_pin(args.adapter, adapter)  # owner/name@commit: the report names the commit it judged
+    if args.output is None and pin is not None:
         _usage_error("check", f"--output: {args.adapter} is a hub repository, whose downloaded copy is the hub "
                               "cache's; name a directory for check.json and check.md")
-    output = _output_directory("check", args.output) if args.output else Path(args.adapter)
-    adapter = locate_adapter(args.adapter)
+    output = _output_directory("check", args.output) if args.output else adapter
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
     data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
@@ -638,7 +640,7 @@ def _run_check(args) -> int:
         else {"problem": problem}
     report = run_check(model, features, thresholds, probe_items=args.probe_items,
                        passages=args.passages, baseline=baseline,
-                       meta={"adapter": hub_pin(args.adapter, adapter) or str(args.adapter), "data": str(args.data),
+                       meta={"adapter": pin or str(args.adapter), "data": str(args.data),
                              "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
     markdown = format_markdown(report)
     atomic.write_texts(output, {"check.json": json.dumps(report, indent=2) + "\n", "check.md": markdown})

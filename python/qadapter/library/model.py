@@ -96,9 +96,10 @@ class QAdapterModel(nn.Module):
     that carries one already. The loss options are ``loss`` (a :class:`LossConfig`, default: its
     defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
 
-    ``on``: a saved adapter (its directory or a hub repository): the new adapter is trained on top of that customized policy
-    (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q network the parent's
-    plus the new LoRA (``q_on="parent"``) or the base plus the new LoRA (``q_on="base"``).
+    ``on``: a saved adapter (its directory or a hub repository): the new adapter is trained on top of
+    that customized policy (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q
+    network the parent's plus the new LoRA (``q_on="parent"``) or the base plus the new LoRA
+    (``q_on="base"``).
     """
 
     def __init__(
