@@ -623,12 +623,13 @@ def _run_check(args) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
     thresholds = replace(thresholds, **given)
     baseline = _read_option_file("check", "--baseline", read_report, args.baseline)  # fails before any work
+    output = _output_directory("check", args.output) if args.output else None
     adapter = locate_adapter(args.adapter)
     pin = hub_pin(args.adapter, adapter)  # owner/name@commit: the report names the commit it judged
-    if args.output is None and pin is not None:
+    if output is None and pin is not None:
         _usage_error("check", f"--output: {args.adapter} is a hub repository, whose downloaded copy is the hub "
                               "cache's; name a directory for check.json and check.md")
-    output = _output_directory("check", args.output) if args.output else adapter
+    output = output or adapter
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
     data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)

@@ -208,3 +208,14 @@ def test_train_refuses_to_push_a_stack_over_local_levels_before_training(tmp_pat
               "--push_to_hub", "true", "--hub_model_id", "me/level2"])
     assert exit_.value.code == 2 and "stack level(s) [1] under the new adapter are local folders" in capsys.readouterr().err
     assert not (tmp_path / "level2").exists()
+
+
+def test_an_adapter_on_a_local_base_from_another_machine_asks_for_the_base(tmp_path, hub, base):
+    model = trained(base, seed=1)
+    model.save_pretrained(tmp_path / "a")
+    hub.publish("me/a", tmp_path / "a")
+    moved = shutil.move(base, tmp_path / "elsewhere")  # the recorded folder is the uploader's
+    with pytest.raises(AdapterLoadError, match=r"trained on the local base .*base, which is not here.*--base-model"):
+        QAdapterModel.from_pretrained("me/a")
+    torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/a", str(moved))),
+                               next_token_logprobs(model))

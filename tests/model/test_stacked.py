@@ -202,7 +202,7 @@ def test_soft_capped_model_is_refused(tmp_path):
 @pytest.mark.parametrize("case, options, error, match", [
     ("other-base", dict(base_seed=1), AdapterLoadError, "on: stack level 1: .*another base model"),
     ("q_on", dict(q_on="top"), ValueError, "q_on must be one of"),
-    ("missing", dict(on="missing"), AdapterLoadError, "on: .*missing.*is not a saved Q-Adapter"),
+    ("missing", dict(on="missing"), AdapterLoadError, "on: .*missing.*no such folder"),
 ])
 def test_bad_stacks_are_refused_by_name(parent_dir, case, options, error, match):
     options = {"on": parent_dir, **options}

@@ -492,6 +492,11 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
     tokenizer = None
     if base_model is None and not config["base_model"]:
         raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
+    recorded = config["base_model"]
+    if base_model is None and Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise AdapterLoadError(f"the adapter in {path} was trained on the local base {recorded}, which is not here "
+                               "(an adapter from another machine?): pass the same base as base_model= "
+                               "(--base-model), a folder or its hub name; its fingerprint is checked")
     if base_model is None or isinstance(base_model, str):
         saved_way = isinstance(quantization, str) and quantization == "saved"
         wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
@@ -581,7 +586,9 @@ def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str =
     from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    # Without embedding layers (not a Q-Adapter's targets): "auto" would read the base's config at the
+    # path PEFT recorded, which on another machine is not there.
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False))
     try:
         with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
             saved = set(f.keys())
