@@ -74,6 +74,10 @@ def test_a_hub_repository_loads_as_its_folder_and_a_revision_pins_it(tmp_path, h
 
     latest = QAdapterModel.from_pretrained("me/tldr")
     pinned = QAdapterModel.from_pretrained(f"me/tldr@{sha1}")
+    torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/tldr", revision=sha1)),
+                               next_token_logprobs(first))  # transformers' spelling
+    with pytest.raises(ValueError, match="has one already"):
+        QAdapterModel.from_pretrained(f"me/tldr@{sha1}", revision="main")
     torch.testing.assert_close(next_token_logprobs(latest), next_token_logprobs(second))
     torch.testing.assert_close(next_token_logprobs(pinned), next_token_logprobs(first))
     assert not torch.allclose(next_token_logprobs(latest), next_token_logprobs(pinned))

@@ -230,17 +230,17 @@ class QAdapterModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model: str | nn.Module | None = None, *,
                         torch_dtype=None, device=None, is_trainable: bool = False,
-                        quantization: Any = "saved") -> QAdapterModel:
-        """Loads a saved adapter (a folder, or a hub repository ``owner/name[@revision]``:
-        :func:`~qadapter.library.saved.locate_adapter`) onto its base model (by default the one
-        named in its config).
+                        quantization: Any = "saved", revision: str | None = None) -> QAdapterModel:
+        """Loads a saved adapter (a folder, or a hub repository ``owner/name[@revision]``, or with
+        ``revision=``: :func:`~qadapter.library.saved.locate_adapter`) onto its base model (by
+        default the one named in its config).
 
         The base is loaded quantized as it was in training (``quantization="saved"``, the adapter's
         recorded ``"quantization"``); another quantization (``None``: dense), or a base model object
         quantized otherwise, is refused: the adapter learned a residual on that base's outputs."""
         from peft import PeftModel
 
-        path = locate_adapter(path)
+        path = locate_adapter(path, revision)
         atomic.recover(path)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,

@@ -174,14 +174,19 @@ def adapter_digest(path: str | os.PathLike, files: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def locate_adapter(adapter: str | os.PathLike) -> Path:
+def locate_adapter(adapter: str | os.PathLike, revision: str | None = None) -> Path:
     """The local folder of ``adapter``: the folder itself where one exists at that path, else the
-    snapshot of the hub model repository it names (``owner/name``, or ``owner/name@revision``: a
-    branch, tag or commit), downloaded into the hub cache or found there offline
+    snapshot of the hub model repository it names (``owner/name``, or ``owner/name@revision``, or
+    ``revision=``: a branch, tag or commit), downloaded into the hub cache or found there offline
     (``HF_HUB_OFFLINE=1``). AdapterLoadError naming ``adapter`` when neither gives one."""
     path = Path(adapter)
-    if path.exists():
+    if revision is not None and (not isinstance(adapter, str) or "@" in adapter):
+        raise ValueError(f"revision= names a revision of a hub repository, once: adapter {str(adapter)!r} "
+                         f"{'has one already' if isinstance(adapter, str) else 'is a path'}")
+    if path.exists() and revision is None:
         return path
+    if revision is not None:
+        adapter = f"{adapter}@{revision}"
     repo_id, _, revision = adapter.partition("@") if isinstance(adapter, str) else ("", "", "")
     try:
         from huggingface_hub import snapshot_download
