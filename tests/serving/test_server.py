@@ -196,7 +196,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     with pytest.raises(openai.BadRequestError, match="messages"):
         api.chat.completions.create(model="terse", messages=[], max_tokens=2)
     # What would change the answer and is not implemented is refused, not ignored; its default is accepted.
-    for name, value in (("n", 2), ("logprobs", 5), ("echo", True), ("best_of", 3), ("logit_bias", {"50": 10})):
+    for name, value in (("logprobs", 5), ("echo", True), ("best_of", 3), ("logit_bias", {"50": 10})):
         with pytest.raises(openai.BadRequestError, match=f"{name} is not supported by this server"):
             api.completions.create(model="terse", prompt="hello", max_tokens=2, **{name: value})
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):
@@ -294,7 +294,8 @@ def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
     api = client(server[0])
     bad = (("top_k", -5), ("top_k", 2.5), ("top_k", True), ("min_p", 2), ("min_p", -0.1), ("repetition_penalty", 0),
            ("repetition_penalty", -1.5), ("repetition_penalty", "high"), ("presence_penalty", 3),
-           ("presence_penalty", -2.5), ("frequency_penalty", 2.01), ("frequency_penalty", True))
+           ("presence_penalty", -2.5), ("frequency_penalty", 2.01), ("frequency_penalty", True), ("n", 0),
+           ("n", 129), ("n", "2"), ("seed", -1), ("seed", 2**63))
     for name, value in bad:
         with pytest.raises(openai.BadRequestError, match=f"{name} must be") as exc:
             if chat:
@@ -311,6 +312,38 @@ def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
         raw = httpx.post(f"{server[0]}/{route}", content=f'{{"model": "terse", {head}, "{name}": {value}}}',
                          headers={"content-type": "application/json"})
         assert raw.status_code == 400 and raw.json()["error"]["param"] == name, (name, value, raw.text)
+
+
+def test_n_choices_decode_as_n_requests(server, solo_text):
+    """``n``: greedy choices are each the adapter's own answer; seeded sampled choices are the answers of
+    the seeds ``seed``, ``seed + 1``, ... (choice 0 is the same request with n = 1); the usage counts the
+    prompt once and every choice's tokens."""
+    api = client(server[0])
+    answer = api.completions.create(model="formal", prompt=PROMPTS[0], max_tokens=10, temperature=0, n=3)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert [c.text for c in answer.choices] == [solo_text("formal", PROMPTS[0], 10)] * 3
+    one = api.completions.create(model="formal", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+    assert answer.usage.prompt_tokens == one.usage.prompt_tokens
+    assert answer.usage.completion_tokens == 3 * one.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "hello world"}]
+
+    def sampled(n, seed, **options):
+        return api.chat.completions.create(model="kind", messages=messages, max_tokens=12, temperature=1.0, n=n,
+                                           seed=seed, **options)
+
+    four = sampled(4, 7)
+    texts = [c.message.content for c in four.choices]
+    assert len(set(texts)) > 1  # different seeds: different samples
+    assert [sampled(1, 7 + i).choices[0].message.content for i in (0, 2)] == [texts[0], texts[2]]
+    chunks = list(sampled(4, 7, stream=True, stream_options={"include_usage": True}))
+    streamed = [""] * 4
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+    assert sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason) == [0, 1, 2, 3]
+    assert chunks[-1].choices == [] and chunks[-1].usage == four.usage
 
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):

@@ -395,7 +395,8 @@ def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
                                "a number > 0 (1: off)"),
         "frequency_penalty": (real(request.frequency_penalty), "a finite number"),
         "presence_penalty": (real(request.presence_penalty), "a finite number"),
-        "seed": (request.seed is None or (integer(request.seed) and request.seed >= 0), "an integer >= 0 or None"),
+        "seed": (request.seed is None or (integer(request.seed) and 0 <= request.seed < 2**64),
+                 "an integer in [0, 2**64) (a torch seed) or None"),
     }
 
 

@@ -35,19 +35,22 @@ BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 # their do-nothing values). Any other field is refused by name, never silently ignored.
 FIELDS = {
     "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "stream", "stream_options"),
+                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "stream", "stream_options"),
                     ("user",),
-                    ("n", "best_of", "echo", "logprobs", "logit_bias", "suffix")),
+                    ("best_of", "echo", "logprobs", "logit_bias", "suffix")),
     "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
-              "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "stream", "stream_options"),
+              "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "stream",
+              "stream_options"),
              ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
               "prompt_cache_options", "prompt_cache_retention", "prediction", "parallel_tool_calls"),
-             ("n", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+             ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
               "response_format")),
 }
+MAX_CHOICES = 128  # OpenAI's bound on n
+MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
 # the values that ask for nothing: set to anything else they are refused, never silently ignored.
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+UNSUPPORTED = {"best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
                "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
                "function_call": ("none",), "response_format": ({"type": "text"},)}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -82,12 +85,13 @@ def _number(body: dict, name: str, default: float, low: float, high: float = mat
     return number
 
 
-def _int(body: dict, name: str, default: int | None, low: int) -> int | None:
+def _int(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise BadRequest(f"{name} must be an integer >= {low}; got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise BadRequest(f"{name} must be an integer {bound}; got {value!r}", name)
     return value
 
 
@@ -179,62 +183,71 @@ class Server:
     async def _complete(self, http: HttpRequest, chat: bool):
         try:
             body = await self._body(http)
-            options, stream, usage_chunk = self._options(body, chat)
+            options, choices, stream, usage_chunk = self._options(body, chat)
             prompt = self._chat_prompt(body) if chat else self._text_prompt(body)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
         loop = asyncio.get_running_loop()
-        request = Request(prompt=prompt, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                          **options)
+        seed = options.pop("seed")
+        requests = [Request(prompt=prompt, seed=None if seed is None else seed + i,  # n seeded choices differ
+                            emit=lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event)), **options)
+                    for i in range(choices)]
         try:
-            self.engine.submit(request)
-        except (KeyError, ValueError) as exc:
+            for request in requests:
+                self.engine.submit(request)
+        except (KeyError, ValueError, EngineStopped) as exc:
+            for request in requests:  # those already queued go
+                request.cancelled = True
+            if isinstance(exc, EngineStopped):
+                return _error(str(exc), 503)
             return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
-        except EngineStopped as exc:
-            return _error(str(exc), 503)
-        reply = _Reply(body["model"], chat, len(prompt), usage_chunk)
+        reply = _Reply(body["model"], chat, len(prompt), choices, usage_chunk)
         if stream:
-            return StreamingResponse(self._stream(request, events, reply), media_type="text/event-stream")
-        text, end = [], None
+            return StreamingResponse(self._stream(requests, events, reply), media_type="text/event-stream")
+        texts, ends = [[] for _ in requests], [None] * choices
         try:
-            while end is None:
-                event = await events.get()
+            while None in ends:
+                index, event = await events.get()
                 if "text" in event:
-                    text.append(event["text"])
+                    texts[index].append(event["text"])
                 else:
-                    end = event
+                    ends[index] = event
         except asyncio.CancelledError:
-            request.cancelled = True
+            for request in requests:
+                request.cancelled = True
             raise
-        if "error" in end:
-            return _error(end["error"], 500)
-        return JSONResponse(reply.whole("".join(text), end))
+        failed = [end for end in ends if "error" in end]
+        if failed:
+            return _error(failed[0]["error"], 500)
+        return JSONResponse(reply.whole(["".join(text) for text in texts], ends))
 
-    async def _stream(self, request: Request, events: asyncio.Queue, reply: _Reply):
-        finished = False
+    async def _stream(self, requests: list[Request], events: asyncio.Queue, reply: _Reply):
+        ends: list[dict | None] = [None] * len(requests)
         try:
             if reply.chat:
-                yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
-            while True:
-                event = await events.get()
+                for index in range(len(requests)):
+                    yield _sse(reply.chunk(index, {"role": "assistant", "content": ""}, None))
+            while None in ends:
+                index, event = await events.get()
                 if "text" in event:
-                    yield _sse(reply.chunk(event["text"], None))
+                    yield _sse(reply.chunk(index, event["text"], None))
                     continue
-                finished = True
+                ends[index] = event
                 if "error" in event:
                     yield _sse({"error": {"message": event["error"], "type": "server_error"}})
-                else:
-                    finish = reply.chunk("" if not reply.chat else {}, event["finish_reason"],
-                                         None if reply.usage_chunk else event)
-                    yield _sse(finish)
-                    if reply.usage_chunk:  # stream_options.include_usage: OpenAI's last chunk, usage and no choices
-                        yield _sse({**finish, "choices": [], "usage": reply.usage(event)})
-                yield "data: [DONE]\n\n"
-                return
+                    break
+                last = None not in ends
+                finish = reply.chunk(index, "" if not reply.chat else {}, event["finish_reason"],
+                                     ends if last and not reply.usage_chunk else None)
+                yield _sse(finish)
+                if last and reply.usage_chunk:  # stream_options.include_usage: OpenAI's last chunk, usage and no choices
+                    yield _sse({**finish, "choices": [], "usage": reply.usage(ends)})
+            yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away (or the server is stopping): free the rows
-                request.cancelled = True
+            for request, end in zip(requests, ends):
+                if end is None:  # the client went away, the server is stopping, or a choice failed: free the rows
+                    request.cancelled = True
 
     @staticmethod
     async def _body(http: HttpRequest) -> dict:
@@ -246,9 +259,10 @@ class Server:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _options(self, body: dict, chat: bool) -> tuple[dict, bool, bool]:
+    def _options(self, body: dict, chat: bool) -> tuple[dict, int, bool, bool]:
         """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
-        as OpenAI's), whether to stream, and whether the stream ends in a chunk of the usage alone."""
+        as OpenAI's), the number of choices, whether to stream, and whether the stream ends in a
+        chunk of the usage alone."""
         model = body.get("model")
         if not isinstance(model, str):
             raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
@@ -283,6 +297,7 @@ class Server:
             raise BadRequest("stream_options must be an object whose include_usage and include_obfuscation are true or "
                              f"false; got {json.dumps(stream_options)}", "stream_options")
         top_k = _int(body, "top_k", 0, -1)  # -1: off, as vLLM has it (and 0, as transformers has it)
+        choices = _int(body, "n", 1, 1, MAX_CHOICES)
         return dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=max(top_k, 0),
@@ -290,7 +305,7 @@ class Server:
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                     presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
-                    seed=_int(body, "seed", None, 0)), stream, stream_options.get("include_usage", False)
+                    seed=_int(body, "seed", None, 0, MAX_SEED)), choices, stream, stream_options.get("include_usage", False)
 
     def _text_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -330,37 +345,41 @@ class Server:
 
 
 class _Reply:
-    """The OpenAI shapes of one completion's answer, whole or in chunks."""
+    """The OpenAI shapes of one completion's answer (its ``choices`` choices), whole or in chunks."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int, usage_chunk: bool = False) -> None:
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, choices: int = 1, usage_chunk: bool = False) -> None:
         self.model, self.chat, self.prompt_tokens, self.usage_chunk = model, chat, prompt_tokens, usage_chunk
+        self.choices = choices
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def usage(self, end: dict) -> dict:
-        done = end["completion_tokens"]
+    def usage(self, ends: list[dict]) -> dict:
+        """The prompt once (the choices share it), the completion tokens of every choice."""
+        done = sum(end["completion_tokens"] for end in ends)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
 
-    def whole(self, text: str, end: dict) -> dict:
+    def whole(self, texts: list[str], ends: list[dict]) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": end["finish_reason"]}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(end)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]}
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(end)}
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": end["finish_reason"]}
+                       for i, (text, end) in enumerate(zip(texts, ends))]
+            return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(ends)}
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]}
+                   for i, (text, end) in enumerate(zip(texts, ends))]
+        return {**self._head("text_completion"), "choices": choices, "usage": self.usage(ends)}
 
-    def chunk(self, piece: Any, finish_reason: str | None, end: dict | None = None) -> dict:
+    def chunk(self, index: int, piece: Any, finish_reason: str | None, ends: list[dict] | None = None) -> dict:
         if self.chat:
             delta = piece if isinstance(piece, dict) else {"content": piece}
             out = {**self._head("chat.completion.chunk"),
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                   "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
         else:
             out = {**self._head("text_completion"),
-                   "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish_reason}]}
-        if end is not None:
-            out["usage"] = self.usage(end)
+                   "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}]}
+        if ends is not None:
+            out["usage"] = self.usage(ends)
         return out
 
 
