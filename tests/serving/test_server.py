@@ -123,8 +123,13 @@ def client(base_url):
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
 
 
-def test_models_lists_the_base_and_the_adapters(server):
-    assert [m.id for m in client(server[0]).models.list().data] == ["base", *ADAPTERS]
+def test_models_lists_the_base_and_the_adapters(server, saved):
+    models = client(server[0]).models.list().data
+    assert [m.id for m in models] == ["base", *ADAPTERS]
+    # vLLM's fields: where each model comes from, and an adapter's parent.
+    assert models[0].root == str(saved[0] / "base") and models[0].parent is None
+    assert [(m.root, m.parent) for m in models[1:]] == [(str(saved[2][name]), "base") for name in ADAPTERS]
+    assert models[0].max_model_len == 128
 
 
 def test_completion_is_the_adapters_own_greedy_decoding(server, solo_text):

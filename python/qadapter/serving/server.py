@@ -123,8 +123,14 @@ class Server:
         return [BASE_MODEL, *self.engine.adapter_set.names]
 
     async def models(self, request: HttpRequest) -> JSONResponse:
+        """OpenAI's model list, with vLLM's ``root`` (where a model's weights come from) and ``parent``
+        (an adapter's model: the base) and the context length."""
+        adapters = {a.name: str(a.path) for a in self.engine.adapter_set.adapters}
+        base = getattr(self.engine.adapter_set.base_model.config, "name_or_path", None) or None
         return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "qadapter"} for name in self.model_names]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "qadapter", "root": adapters.get(name, base),
+             "parent": None if name == BASE_MODEL else BASE_MODEL, "max_model_len": self.engine.context_length}
+            for name in self.model_names]})
 
     async def completions(self, request: HttpRequest):
         return await self._complete(request, chat=False)
