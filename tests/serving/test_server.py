@@ -201,7 +201,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     with pytest.raises(openai.BadRequestError, match="messages"):
         api.chat.completions.create(model="terse", messages=[], max_tokens=2)
     # What would change the answer and is not implemented is refused, not ignored; its default is accepted.
-    for name, value in (("logprobs", 5), ("echo", True), ("best_of", 3), ("logit_bias", {"50": 10})):
+    for name, value in (("echo", True), ("best_of", 3), ("logit_bias", {"50": 10})):
         with pytest.raises(openai.BadRequestError, match=f"{name} is not supported by this server"):
             api.completions.create(model="terse", prompt="hello", max_tokens=2, **{name: value})
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):
@@ -300,7 +300,8 @@ def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
     bad = (("top_k", -5), ("top_k", 2.5), ("top_k", True), ("min_p", 2), ("min_p", -0.1), ("repetition_penalty", 0),
            ("repetition_penalty", -1.5), ("repetition_penalty", "high"), ("presence_penalty", 3),
            ("presence_penalty", -2.5), ("frequency_penalty", 2.01), ("frequency_penalty", True), ("n", 0),
-           ("n", 129), ("n", "2"), ("seed", -1), ("seed", 2**63))
+           ("n", 129), ("n", "2"), ("seed", -1), ("seed", 2**63), ("logprobs", "yes"),
+           *((("top_logprobs", 21), ("top_logprobs", -1)) if chat else (("logprobs", 21), ("logprobs", -1))))
     for name, value in bad:
         with pytest.raises(openai.BadRequestError, match=f"{name} must be") as exc:
             if chat:
@@ -349,6 +350,46 @@ def test_n_choices_decode_as_n_requests(server, solo_text):
     assert streamed == texts
     assert sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason) == [0, 1, 2, 3]
     assert chunks[-1].choices == [] and chunks[-1].usage == four.usage
+
+
+def test_logprobs_are_the_policys_own(server, saved):
+    """The answer tokens' log-probs (and the likeliest alternatives) are the customized policy's, as
+    transformers' ``generate`` scores it; streamed, the chunks' entries add up to the whole answer's."""
+    _, tokenizer, paths = saved
+    api = client(server[0])
+    answer = api.completions.create(model="formal", prompt=PROMPTS[3], max_tokens=8, temperature=0, logprobs=3)
+    got = answer.choices[0].logprobs
+    ids = torch.tensor([tokenizer(PROMPTS[3], add_special_tokens=False).input_ids])
+    out = AdapterSet.from_pretrained(paths).generate(
+        ids, adapters=["formal"], max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()[:len(got.tokens)]
+    want = [float(scores[0, t]) for scores, t in zip(out.scores, tokens)]
+    assert got.tokens == [tokenizer.decode([t]) for t in tokens] and "".join(got.tokens) == answer.choices[0].text
+    torch.testing.assert_close(torch.tensor(got.token_logprobs), torch.tensor(want), rtol=0, atol=1e-4)
+    for top, scores, taken in zip(got.top_logprobs, out.scores, got.token_logprobs):
+        assert next(iter(top.values())) == max(top.values()) == taken  # greedy: the answer's token is the likeliest
+        # Keyed by text, two tokens of one text (an incomplete character) are one key, as in OpenAI's format.
+        likeliest = scores[0].topk(3)
+        assert set(top) == {tokenizer.decode([t]) for t in likeliest.indices.tolist()}
+        assert all(min(abs(v - w) for w in likeliest.values.tolist()) < 1e-4 for v in top.values())
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+
+    messages = [{"role": "user", "content": "hello world"}]
+    whole = api.chat.completions.create(model="kind", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                        top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == whole.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in content)
+    assert all(e.logprob == e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
+    chunks = api.chat.completions.create(model="kind", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                         top_logprobs=2, stream=True)
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == content
+    plain = api.chat.completions.create(model="kind", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+        api.chat.completions.create(model="kind", messages=messages, max_tokens=2, top_logprobs=2)
 
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):

@@ -52,7 +52,10 @@ class Request:
     """One completion: the prompt's token ids, the adapter it decodes (None: the base), and how.
 
     ``emit`` receives, on the engine's thread, ``{"text": delta}`` as text becomes final, then once
-    ``{"finish_reason": "stop" | "length" | "cancelled", "completion_tokens": n}``.
+    ``{"finish_reason": "stop" | "length" | "cancelled", "completion_tokens": n}``. With ``logprobs``
+    (k), either event also carries ``"logprobs"``: for each answer token taken since the last event,
+    ``(token, its log-prob, ((token, log-prob) of the k likeliest, ...))`` under the policy itself
+    (before penalties and temperature).
     """
 
     prompt: list[int]
@@ -68,12 +71,14 @@ class Request:
     presence_penalty: float = 0.0  # OpenAI's (answer tokens): minus this once a token occurred
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: each answer token's log-prob and the k likeliest tokens'
     cancelled: bool = False  # set by the submitter (a client that went away); the engine drops the request
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the completion's text so far, up to the last whole character
     decoded: tuple[int, int] = (0, 0)  # token offsets of the decoding window: (prefix, read)
     sent: int = 0  # characters of the completion text already emitted
     generator: torch.Generator | None = None
+    unsent_logprobs: list = field(default_factory=list)  # of the tokens taken since the last event
 
 
 class Engine:
@@ -291,10 +296,11 @@ class Engine:
         """Samples each request's next token from its rows' log-probs, emits the new text, and
         drops the requests that finished."""
         tokens = self._sample(requests, logprobs).tolist()
+        entries = _logprob_entries(requests, logprobs, tokens)
         new_next = torch.tensor(tokens, device=self.device)
         # A step advances every row; an admission, the rows after the ``offset`` already running.
         self._next = new_next if offset == 0 else torch.cat([self._next[:offset], new_next])
-        finished = [offset + i for i, (r, t) in enumerate(zip(requests, tokens)) if self._take(r, t)]
+        finished = [offset + i for i, (r, t, e) in enumerate(zip(requests, tokens, entries)) if self._take(r, t, e)]
         if finished:
             self._drop(finished)
 
@@ -307,8 +313,9 @@ class Engine:
                 tokens[row] = scores.argmax(-1)[0] if r.temperature == 0 else _draw(r, scores)
         return tokens
 
-    def _take(self, request: Request, token: int) -> bool:
-        """Adds ``token`` to ``request``, emits the text that became final; True when it finished."""
+    def _take(self, request: Request, token: int, logprobs: tuple | None = None) -> bool:
+        """Adds ``token`` (and its ``logprobs`` entry) to ``request``, emits the text that became final;
+        True when it finished."""
         if request.cancelled:
             self._finish(request, {"finish_reason": "cancelled"})
             return True
@@ -317,6 +324,8 @@ class Engine:
             finish = "stop"
         else:
             request.tokens.append(token)
+            if logprobs is not None:
+                request.unsent_logprobs.append(logprobs)
         text = completion_text(self.tokenizer, request, final=finish is not None or len(request.tokens) >= request.max_tokens)
         cut = min((text.find(s) for s in request.stop if s in text), default=-1)
         if cut >= 0:
@@ -325,7 +334,7 @@ class Engine:
             finish = "length"
         final = len(text) if finish else _held_back(text, request.stop)
         if final > request.sent:
-            request.emit({"text": text[request.sent:final]})
+            request.emit({"text": text[request.sent:final], **_unsent_logprobs(request)})
             request.sent = final
         if finish:
             self._finish(request, {"finish_reason": finish})
@@ -333,7 +342,7 @@ class Engine:
 
     def _finish(self, request: Request, event: dict) -> None:
         """The request's last event (its end, and how many tokens it got); it no longer counts as work."""
-        request.emit({**event, "completion_tokens": len(request.tokens)})
+        request.emit({**event, **_unsent_logprobs(request), "completion_tokens": len(request.tokens)})
         with self._lock:
             self._outstanding -= 1
             self._in_flight[request.adapter] -= 1
@@ -378,6 +387,32 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
     return request.text
 
 
+def _logprob_entries(requests: list[Request], logprobs: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
+    """Each request's entry for the token it takes (None where it asks for no log-probs): the token,
+    its log-prob and its request's ``k`` likeliest tokens with theirs, in one gather and one top-k."""
+    rows = [i for i, r in enumerate(requests) if r.logprobs is not None]
+    entries: list[tuple | None] = [None] * len(requests)
+    if not rows:
+        return entries
+    index = torch.tensor(rows, device=logprobs.device)
+    scores = logprobs.index_select(0, index).float()
+    taken = scores.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logprobs.device))[:, 0].tolist()
+    k = max(requests[i].logprobs for i in rows)
+    top_values, top_tokens = scores.topk(k, dim=-1) if k else (scores[:, :0], scores[:, :0].long())
+    for j, (i, values, ids) in enumerate(zip(rows, top_values.tolist(), top_tokens.tolist())):
+        kept = requests[i].logprobs
+        entries[i] = (tokens[i], taken[j], tuple(zip(ids[:kept], values[:kept])))
+    return entries
+
+
+def _unsent_logprobs(request: Request) -> dict:
+    """``{"logprobs": entries}`` of the tokens taken since the last event (and none are left), or {}."""
+    if request.logprobs is None:
+        return {}
+    entries, request.unsent_logprobs = request.unsent_logprobs, []
+    return {"logprobs": entries}
+
+
 def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
     """Each decoding option of ``request``: whether its value can run, and what it must be."""
     def real(value) -> bool:
@@ -395,6 +430,8 @@ def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
                                "a number > 0 (1: off)"),
         "frequency_penalty": (real(request.frequency_penalty), "a finite number"),
         "presence_penalty": (real(request.presence_penalty), "a finite number"),
+        "logprobs": (request.logprobs is None or (integer(request.logprobs) and request.logprobs >= 0),
+                     "an integer >= 0 (the likeliest tokens to list) or None"),
         "seed": (request.seed is None or (integer(request.seed) and 0 <= request.seed < 2**64),
                  "an integer in [0, 2**64) (a torch seed) or None"),
     }

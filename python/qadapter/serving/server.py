@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,22 +37,23 @@ BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 # their do-nothing values). Any other field is refused by name, never silently ignored.
 FIELDS = {
     "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "stream", "stream_options"),
+                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs", "stream",
+                     "stream_options"),
                     ("user",),
-                    ("best_of", "echo", "logprobs", "logit_bias", "suffix")),
+                    ("best_of", "echo", "logit_bias", "suffix")),
     "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
-              "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "stream",
-              "stream_options"),
+              "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs",
+              "top_logprobs", "stream", "stream_options"),
              ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
               "prompt_cache_options", "prompt_cache_retention", "prediction", "parallel_tool_calls"),
-             ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
-              "response_format")),
+             ("logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format")),
 }
 MAX_CHOICES = 128  # OpenAI's bound on n
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs (its completions stop at 5; vLLM's at 20)
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
 # the values that ask for nothing: set to anything else they are refused, never silently ignored.
-UNSUPPORTED = {"best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+UNSUPPORTED = {"best_of": (1,), "echo": (False,),
                "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
                "function_call": ("none",), "response_format": ({"type": "text"},)}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -102,6 +105,8 @@ class Server:
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.default_max_tokens = default_max_tokens
         self.allow_adapter_updates = allow_adapter_updates
+        # A token's text, for log-probs (the vocabulary bounds the cache).
+        self._token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
 
     def app(self) -> Starlette:
         @contextlib.asynccontextmanager
@@ -208,13 +213,15 @@ class Server:
             if isinstance(exc, EngineStopped):
                 return _error(str(exc), 503)
             return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
-        reply = _Reply(body["model"], chat, len(prompt), choices, usage_chunk)
+        reply = _Reply(body["model"], chat, len(prompt), choices, usage_chunk,
+                       token_text=self._token_text if options["logprobs"] is not None else None)
         if stream:
             return StreamingResponse(self._stream(requests, events, reply), media_type="text/event-stream")
-        texts, ends = [[] for _ in requests], [None] * choices
+        texts, ends, logprobs = [[] for _ in requests], [None] * choices, [[] for _ in requests]
         try:
             while None in ends:
                 index, event = await events.get()
+                logprobs[index] += event.get("logprobs", ())
                 if "text" in event:
                     texts[index].append(event["text"])
                 else:
@@ -226,7 +233,7 @@ class Server:
         failed = [end for end in ends if "error" in end]
         if failed:
             return _error(failed[0]["error"], 500)
-        return JSONResponse(reply.whole(["".join(text) for text in texts], ends))
+        return JSONResponse(reply.whole(["".join(text) for text in texts], ends, logprobs))
 
     async def _stream(self, requests: list[Request], events: asyncio.Queue, reply: _Reply):
         ends: list[dict | None] = [None] * len(requests)
@@ -237,7 +244,7 @@ class Server:
             while None in ends:
                 index, event = await events.get()
                 if "text" in event:
-                    yield _sse(reply.chunk(index, event["text"], None))
+                    yield _sse(reply.chunk(index, event["text"], None, logprobs=event.get("logprobs")))
                     continue
                 ends[index] = event
                 if "error" in event:
@@ -245,7 +252,7 @@ class Server:
                     break
                 last = None not in ends
                 finish = reply.chunk(index, "" if not reply.chat else {}, event["finish_reason"],
-                                     ends if last and not reply.usage_chunk else None)
+                                     ends if last and not reply.usage_chunk else None, logprobs=event.get("logprobs"))
                 yield _sse(finish)
                 if last and reply.usage_chunk:  # stream_options.include_usage: OpenAI's last chunk, usage and no choices
                     yield _sse({**finish, "choices": [], "usage": reply.usage(ends)})
@@ -304,6 +311,16 @@ class Server:
                              f"false; got {json.dumps(stream_options)}", "stream_options")
         top_k = _int(body, "top_k", 0, -1)  # -1: off, as vLLM has it (and 0, as transformers has it)
         choices = _int(body, "n", 1, 1, MAX_CHOICES)
+        if chat:  # logprobs: true asks for them, top_logprobs for that many alternatives
+            wanted = body.get("logprobs") or False
+            if not isinstance(wanted, bool):
+                raise BadRequest(f"logprobs must be true or false; got {json.dumps(body.get('logprobs'))}", "logprobs")
+            top = _int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+            if top is not None and not wanted:
+                raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+            logprobs = (top or 0) if wanted else None
+        else:  # logprobs: the number of alternatives (0: the answer's tokens alone)
+            logprobs = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
         return dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=max(top_k, 0),
@@ -311,7 +328,7 @@ class Server:
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                     presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
-                    seed=_int(body, "seed", None, 0, MAX_SEED)), choices, stream, stream_options.get("include_usage", False)
+                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs), choices, stream, stream_options.get("include_usage", False)
 
     def _text_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -351,13 +368,39 @@ class Server:
 
 
 class _Reply:
-    """The OpenAI shapes of one completion's answer (its ``choices`` choices), whole or in chunks."""
+    """The OpenAI shapes of one completion's answer (its ``choices`` choices), whole or in chunks;
+    with ``token_text`` (a token's text), the answer tokens' log-probs in each route's shape."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int, choices: int = 1, usage_chunk: bool = False) -> None:
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, choices: int = 1, usage_chunk: bool = False,
+                 token_text: Callable[[int], str] | None = None) -> None:
         self.model, self.chat, self.prompt_tokens, self.usage_chunk = model, chat, prompt_tokens, usage_chunk
-        self.choices = choices
+        self.choices, self.token_text = choices, token_text
+        self.text_offsets = [0] * choices  # completions' text_offset: where each choice's next token starts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+
+    def logprobs(self, index: int, entries) -> dict | None:
+        """Engine log-prob entries of choice ``index``, in order, in the route's shape (None: not asked for)."""
+        if self.token_text is None:
+            return None
+        text = self.token_text
+        if self.chat:
+            def alternative(token: int, logprob: float) -> dict:
+                return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode())}
+            return {"content": [{**alternative(token, logprob), "top_logprobs": [alternative(*t) for t in top]}
+                                for token, logprob, top in entries]}
+        tokens = [text(token) for token, _, _ in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.text_offsets[index])
+            self.text_offsets[index] += len(token)
+        alternatives = []  # keyed by text, as OpenAI's format is: of tokens with one text (an incomplete
+        for _, _, top in entries:  # character), the likeliest; likeliest first
+            alternatives.append({})
+            for token, logprob in top:
+                alternatives[-1].setdefault(text(token), logprob)
+        return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
+                "top_logprobs": alternatives, "text_offset": offsets}
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -367,23 +410,26 @@ class _Reply:
         done = sum(end["completion_tokens"] for end in ends)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
 
-    def whole(self, texts: list[str], ends: list[dict]) -> dict:
+    def whole(self, texts: list[str], ends: list[dict], logprobs: list[list]) -> dict:
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": end["finish_reason"]}
-                       for i, (text, end) in enumerate(zip(texts, ends))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                        "logprobs": self.logprobs(i, entries), "finish_reason": end["finish_reason"]}
+                       for i, (text, end, entries) in enumerate(zip(texts, ends, logprobs))]
             return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(ends)}
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]}
-                   for i, (text, end) in enumerate(zip(texts, ends))]
+        choices = [{"index": i, "text": text, "logprobs": self.logprobs(i, entries), "finish_reason": end["finish_reason"]}
+                   for i, (text, end, entries) in enumerate(zip(texts, ends, logprobs))]
         return {**self._head("text_completion"), "choices": choices, "usage": self.usage(ends)}
 
-    def chunk(self, index: int, piece: Any, finish_reason: str | None, ends: list[dict] | None = None) -> dict:
+    def chunk(self, index: int, piece: Any, finish_reason: str | None, ends: list[dict] | None = None,
+              logprobs: list | None = None) -> dict:
+        entries = None if logprobs is None else self.logprobs(index, logprobs)
         if self.chat:
             delta = piece if isinstance(piece, dict) else {"content": piece}
             out = {**self._head("chat.completion.chunk"),
-                   "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+                   "choices": [{"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish_reason}]}
         else:
             out = {**self._head("text_completion"),
-                   "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": finish_reason}]}
+                   "choices": [{"index": index, "text": piece, "logprobs": entries, "finish_reason": finish_reason}]}
         if ends is not None:
             out["usage"] = self.usage(ends)
         return out
