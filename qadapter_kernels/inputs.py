@@ -147,10 +147,17 @@ def check_loss_inputs(
 
     check_targets("labels", labels, (batch, seq), vocab=vocab or weight.shape[0], ignore_index=config.ignore_index,
                   device=q_hidden.device, shift=1)
-    if not bool((labels[:, 1:] != config.ignore_index).any()):
+    if not _any(labels[:, 1:] != config.ignore_index):
         raise ValueError(
             "labels score no token at all: every labels[:, 1:] equals ignore_index, so the loss is undefined"
         )
+
+
+@torch.compiler.disable
+def _any(mask: torch.Tensor) -> bool:
+    """Whether any entry of ``mask`` is set. A data-dependent answer: under torch.compile this runs
+    eagerly behind a graph break, where a traced ``bool(mask.any())`` would warn of the break."""
+    return bool(mask.any())
 
 
 def check_targets(name: str, targets: object, shape: tuple, *, vocab: int, ignore_index: int, device: torch.device,
@@ -168,7 +175,7 @@ def check_targets(name: str, targets: object, shape: tuple, *, vocab: int, ignor
         raise ValueError(f"{name} must be on the hidden states' device {device}; got {targets.device}")
     scored_ids = targets[..., shift:]
     bad = (scored_ids != ignore_index) & ((scored_ids < 0) | (scored_ids >= vocab))
-    if bool(bad.any()):
+    if _any(bad):
         raise ValueError(
             f"{name} must lie in [0, {vocab}) (the vocabulary size V) or equal ignore_index={ignore_index}; "
             f"found {int(scored_ids[bad][0])}"

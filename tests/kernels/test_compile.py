@@ -36,3 +36,22 @@ def test_compiled_building_blocks_match_eager():
     args = [x[k] for k in ("base_hidden", "q_hidden", "weight", "labels", "q_weight")]
     trainable = [x["q_hidden"], x["q_weight"]]
     assert_compiled_matches_eager(blocks, args, trainable, value_tol=(1e-6, 1e-6), grad_tol=(1e-5, 1e-7))
+
+
+
+def test_the_input_checks_break_the_graph_silently():
+    """The loss's data-dependent input checks (token ids in range, some token scored) run eagerly
+    behind a ``torch.compiler.disable`` break, which dynamo takes silently; traced, their
+    ``bool(mask.any())`` broke the graph with a warning printed into every compiled training run."""
+    import torch
+
+    x = make_inputs(seed=5)
+
+    def step(base_hidden, q_hidden, weight, labels):
+        return qadapter_loss(base_hidden, q_hidden, weight, labels, backend="chunked", chunk_size=5).loss
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(x["base_hidden"], x["q_hidden"], x["weight"], x["labels"])
+    at_checks = [b.reason for b in explained.break_reasons
+                 if b.user_stack and b.user_stack[-1].filename.endswith("inputs.py")]
+    assert at_checks and all("disable" in reason for reason in at_checks), at_checks
