@@ -321,14 +321,15 @@ class Server:
             logprobs = (top or 0) if wanted else None
         else:  # logprobs: the number of alternatives (0: the answer's tokens alone)
             logprobs = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-        return dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
+        options = dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=max(top_k, 0),
                     min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                     presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
-                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs), choices, stream, stream_options.get("include_usage", False)
+                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs)
+        return options, choices, stream, stream_options.get("include_usage", False)
 
     def _text_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -374,7 +375,7 @@ class _Reply:
     def __init__(self, model: str, chat: bool, prompt_tokens: int, choices: int = 1, usage_chunk: bool = False,
                  token_text: Callable[[int], str] | None = None) -> None:
         self.model, self.chat, self.prompt_tokens, self.usage_chunk = model, chat, prompt_tokens, usage_chunk
-        self.choices, self.token_text = choices, token_text
+        self.token_text = token_text
         self.text_offsets = [0] * choices  # completions' text_offset: where each choice's next token starts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
