@@ -352,6 +352,27 @@ def test_n_choices_decode_as_n_requests(server, solo_text):
     assert chunks[-1].choices == [] and chunks[-1].usage == four.usage
 
 
+def test_several_prompts_in_one_completions_request(server, solo_text, saved):
+    """OpenAI's list of prompts (strings or token ids): choice ``j * n + i`` is prompt ``j``'s ``i``-th
+    answer, each its adapter's own; the usage counts each prompt once."""
+    tokenizer = saved[1]
+    api = client(server[0])
+    prompts = [PROMPTS[0], tokenizer(PROMPTS[1], add_special_tokens=False).input_ids, PROMPTS[2]]
+    answer = api.completions.create(model="terse", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in answer.choices] == list(range(6))
+    assert [c.text for c in answer.choices] == [solo_text("terse", PROMPTS[j], 6) for j in range(3) for _ in range(2)]
+    assert answer.usage.prompt_tokens == sum(len(tokenizer(PROMPTS[j], add_special_tokens=False).input_ids)
+                                             for j in range(3))
+    streamed = [""] * 6
+    for chunk in api.completions.create(model="terse", prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [c.text for c in answer.choices]
+    for bad in ([], ["fine", 3], [[1, 2], []]):
+        with pytest.raises(openai.BadRequestError, match="prompt must be a non-empty string") as exc:
+            api.completions.create(model="terse", prompt=bad, max_tokens=2)
+        assert exc.value.param == "prompt"
+
+
 def test_logprobs_are_the_policys_own(server, saved):
     """The answer tokens' log-probs (and the likeliest alternatives) are the customized policy's, as
     transformers' ``generate`` scores it; streamed, the chunks' entries add up to the whole answer's."""

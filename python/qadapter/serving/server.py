@@ -49,6 +49,7 @@ FIELDS = {
              ("logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format")),
 }
 MAX_CHOICES = 128  # OpenAI's bound on n
+MAX_PROMPTS = 2048  # prompts in one completions request (OpenAI's bound on a list of prompts)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs (its completions stop at 5; vLLM's at 20)
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
@@ -195,15 +196,16 @@ class Server:
         try:
             body = await self._body(http)
             options, choices, stream, usage_chunk = self._options(body, chat)
-            prompt = self._chat_prompt(body) if chat else self._text_prompt(body)
+            prompts = [self._chat_prompt(body)] if chat else self._text_prompts(body)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
         loop = asyncio.get_running_loop()
         seed = options.pop("seed")
-        requests = [Request(prompt=prompt, seed=None if seed is None else seed + i,  # n seeded choices differ
-                            emit=lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event)), **options)
-                    for i in range(choices)]
+        # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
+        requests = [Request(prompt=prompt, seed=None if seed is None else seed + i, **options,
+                            emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)))
+                    for j, prompt in enumerate(prompts) for i in range(choices)]
         try:
             for request in requests:
                 self.engine.submit(request)
@@ -213,11 +215,11 @@ class Server:
             if isinstance(exc, EngineStopped):
                 return _error(str(exc), 503)
             return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
-        reply = _Reply(body["model"], chat, len(prompt), choices, usage_chunk,
+        reply = _Reply(body["model"], chat, sum(map(len, prompts)), len(requests), usage_chunk,
                        token_text=self._token_text if options["logprobs"] is not None else None)
         if stream:
             return StreamingResponse(self._stream(requests, events, reply), media_type="text/event-stream")
-        texts, ends, logprobs = [[] for _ in requests], [None] * choices, [[] for _ in requests]
+        texts, ends, logprobs = [[] for _ in requests], [None] * len(requests), [[] for _ in requests]
         try:
             while None in ends:
                 index, event = await events.get()
@@ -331,17 +333,27 @@ class Server:
                     seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs)
         return options, choices, stream, stream_options.get("include_usage", False)
 
-    def _text_prompt(self, body: dict) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            return self.tokenizer(prompt, add_special_tokens=False).input_ids
-        vocab = len(self.tokenizer)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-            return list(prompt)
-        raise BadRequest(f"prompt must be a non-empty string or a list of token ids in [0, {vocab}); got "
-                         f"{str(prompt)[:80]!r}", "prompt")
+    def _text_prompts(self, body: dict) -> list[list[int]]:
+        """The prompts' token ids: OpenAI's ``prompt`` is a string, a list of token ids, or a list of
+        either (several prompts, each answered ``n`` times)."""
+        prompt, vocab = body.get("prompt"), len(self.tokenizer)
+
+        def ids(one) -> list[int] | None:
+            if isinstance(one, str) and one:
+                return self.tokenizer(one, add_special_tokens=False).input_ids
+            if isinstance(one, list) and one and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                     for t in one):
+                return list(one)
+            return None
+
+        single = ids(prompt)
+        if single is not None:
+            return [single]
+        several = [ids(one) for one in prompt] if isinstance(prompt, list) and prompt else [None]
+        if None in several or len(several) > MAX_PROMPTS:
+            raise BadRequest(f"prompt must be a non-empty string, a list of token ids in [0, {vocab}), or a list of up "
+                             f"to {MAX_PROMPTS} of either; got {str(prompt)[:80]!r}", "prompt")
+        return several
 
     def _chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
