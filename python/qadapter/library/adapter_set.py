@@ -211,8 +211,8 @@ class AdapterSet:
         config = read_adapter_config(path)
         if config["stack"]:  # its policy needs its levels' networks too, which the bank does not hold
             raise AdapterLoadError(f"adapter {name!r}: {path} is a stacked adapter (on {len(config['stack'])} saved "
-                                   "level(s)); an adapter set serves single adapters: load it with "
-                                   "QAdapterModel.from_pretrained")
+                                   "level(s)); an adapter set (and qadapter serve) serves single adapters: "
+                                   "load it with QAdapterModel.from_pretrained, or run qadapter generate")
         check_quantization(path, config["quantization"], self.quantization)
         check_base(path, config, self.fingerprint, self.quantization)
         with self._bank_rebuilt(), warnings_held_while_checked():
