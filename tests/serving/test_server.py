@@ -201,7 +201,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     with pytest.raises(openai.BadRequestError, match="messages"):
         api.chat.completions.create(model="terse", messages=[], max_tokens=2)
     # What would change the answer and is not implemented is refused, not ignored; its default is accepted.
-    for name, value in (("echo", True), ("best_of", 3), ("logit_bias", {"50": 10})):
+    for name, value in (("best_of", 3), ("logit_bias", {"50": 10})):
         with pytest.raises(openai.BadRequestError, match=f"{name} is not supported by this server"):
             api.completions.create(model="terse", prompt="hello", max_tokens=2, **{name: value})
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):
@@ -301,7 +301,8 @@ def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
            ("repetition_penalty", -1.5), ("repetition_penalty", "high"), ("presence_penalty", 3),
            ("presence_penalty", -2.5), ("frequency_penalty", 2.01), ("frequency_penalty", True), ("n", 0),
            ("n", 129), ("n", "2"), ("seed", -1), ("seed", 2**63), ("logprobs", "yes"),
-           *((("top_logprobs", 21), ("top_logprobs", -1)) if chat else (("logprobs", 21), ("logprobs", -1))))
+           *((("top_logprobs", 21), ("top_logprobs", -1)) if chat else (("logprobs", 21), ("logprobs", -1),
+                                                                         ("echo", 1))))
     for name, value in bad:
         with pytest.raises(openai.BadRequestError, match=f"{name} must be") as exc:
             if chat:
@@ -411,6 +412,36 @@ def test_logprobs_are_the_policys_own(server, saved):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
         api.chat.completions.create(model="kind", messages=messages, max_tokens=2, top_logprobs=2)
+
+
+def test_echo_scores_the_prompt_under_the_policy(server, saved):
+    """``echo`` with ``logprobs``, as lm-eval's ``local-completions`` asks to score a continuation: the
+    prompt's tokens' log-probs are the customized policy's (a single-adapter model's forward over the
+    prompt), the first token's none; streamed, the same text and entries."""
+    from qadapter.library.model import QAdapterModel
+
+    _, tokenizer, paths = saved
+    api = client(server[0])
+    ids = tokenizer(PROMPTS[5], add_special_tokens=False).input_ids
+    answer = api.completions.create(model="formal", prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    got = answer.choices[0]
+    assert got.text.startswith(tokenizer.decode(ids)) and len(got.logprobs.tokens) == len(ids) + 1
+    assert got.logprobs.token_logprobs[0] is None and got.logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        policy = QAdapterModel.from_pretrained(paths["formal"]).policy(input_ids=torch.tensor([ids])).logits[0]
+    want = policy[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(got.logprobs.token_logprobs[1:len(ids)]), want, rtol=0, atol=1e-4)
+    chunks = list(api.completions.create(model="formal", prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                         echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == got.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        got.logprobs.token_logprobs
+    plain = api.completions.create(model="formal", prompt=PROMPTS[5], max_tokens=4, temperature=0, echo=True)
+    alone = api.completions.create(model="formal", prompt=PROMPTS[5], max_tokens=4, temperature=0)
+    assert plain.choices[0].text == PROMPTS[5] + alone.choices[0].text and plain.choices[0].logprobs is None
+    streamed = api.completions.create(model="formal", prompt=PROMPTS[5], max_tokens=4, temperature=0, echo=True,
+                                      stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):

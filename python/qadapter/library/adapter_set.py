@@ -316,16 +316,19 @@ class AdapterSet:
 
     @torch.no_grad()
     def next_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
-                      cache) -> torch.Tensor:
+                      cache, *, every_position: bool = False) -> torch.Tensor:
         """Each row's log-probs ``[B, V]`` of its next token under the policy of ``adapters[row]``, after
         feeding ``input_ids [B, t]``: one step of a caller's own decoding loop (the serving engine's).
         ``attention_mask [B, T + t]`` covers everything fed so far; ``cache`` (a transformers
         ``DynamicCache`` over ``2B`` rows: frozen rows, then adapter rows) holds the first ``T`` and is
-        extended. The model is used as it is (call ``eval()`` on it first)."""
+        extended. With ``every_position``, ``[B, t, V]``: the log-probs after each token fed (a prompt's
+        own log-probs, for echoing them). The model is used as it is (call ``eval()`` on it first)."""
         self._assign(adapters, input_ids.shape[0])
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        return self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                            use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
+        logprobs = self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                use_cache=True, logits_to_keep=0 if every_position else 1,
+                                **{self._cache_argument: cache}).logits
+        return logprobs if every_position else logprobs[:, -1]
 
     def _assign(self, adapters: Sequence[str | None], rows: int) -> None:
         """Row ``i`` decodes ``adapters[i]``: checked, and set as the row plan's assignment."""

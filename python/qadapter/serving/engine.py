@@ -55,7 +55,9 @@ class Request:
     ``{"finish_reason": "stop" | "length" | "cancelled", "completion_tokens": n}``. With ``logprobs``
     (k), either event also carries ``"logprobs"``: for each answer token taken since the last event,
     ``(token, its log-prob, ((token, log-prob) of the k likeliest, ...))`` under the policy itself
-    (before penalties and temperature).
+    (before penalties and temperature). With ``echo`` too, a first event ``{"prompt_logprobs":
+    entries}`` gives the same for the prompt's tokens (``(token, None, None)`` for its first, which
+    nothing predicts).
     """
 
     prompt: list[int]
@@ -72,6 +74,7 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: each answer token's log-prob and the k likeliest tokens'
+    echo: bool = False  # with logprobs: the prompt's tokens' log-probs too (computed as the prompt is read)
     cancelled: bool = False  # set by the submitter (a client that went away); the engine drops the request
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the completion's text so far, up to the last whole character
@@ -265,7 +268,16 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache)
+        echoed = [row for row, r in enumerate(new) if r.echo and r.logprobs is not None]
+        logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache,
+                                                  every_position=bool(echoed))
+        if echoed:  # the prompts' own log-probs, read off the same forward
+            for row in echoed:
+                request, start = new[row], width - len(new[row].prompt)
+                entries = _logprob_entries([request] * (len(request.prompt) - 1), logprobs[row, start:-1],
+                                           request.prompt[1:])
+                request.emit({"prompt_logprobs": [(request.prompt[0], None, None), *entries]})
+            logprobs = logprobs[:, -1]
         self._splice(new, cache, mask)
         self._joining = []
         self._advance(new, logprobs, offset=len(self._running) - len(new))
@@ -432,6 +444,7 @@ def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
         "presence_penalty": (real(request.presence_penalty), "a finite number"),
         "logprobs": (request.logprobs is None or (integer(request.logprobs) and request.logprobs >= 0),
                      "an integer >= 0 (the likeliest tokens to list) or None"),
+        "echo": (isinstance(request.echo, bool), "true or false"),
         "seed": (request.seed is None or (integer(request.seed) and 0 <= request.seed < 2**64),
                  "an integer in [0, 2**64) (a torch seed) or None"),
     }

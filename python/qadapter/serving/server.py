@@ -37,10 +37,10 @@ BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 # their do-nothing values). Any other field is refused by name, never silently ignored.
 FIELDS = {
     "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs", "stream",
+                     "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs", "echo", "stream",
                      "stream_options"),
                     ("user",),
-                    ("best_of", "echo", "logit_bias", "suffix")),
+                    ("best_of", "logit_bias", "suffix")),
     "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
               "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs",
               "top_logprobs", "stream", "stream_options"),
@@ -54,7 +54,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs (its completions 
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
 # the values that ask for nothing: set to anything else they are refused, never silently ignored.
-UNSUPPORTED = {"best_of": (1,), "echo": (False,),
+UNSUPPORTED = {"best_of": (1,),
                "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
                "function_call": ("none",), "response_format": ({"type": "text"},)}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -196,7 +196,7 @@ class Server:
         try:
             body = await self._body(http)
             options, choices, stream, usage_chunk = self._options(body, chat)
-            prompts = [self._chat_prompt(body)] if chat else self._text_prompts(body)
+            prompts = [(self._chat_prompt(body), "")] if chat else self._text_prompts(body)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
@@ -205,7 +205,7 @@ class Server:
         # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
         requests = [Request(prompt=prompt, seed=None if seed is None else seed + i, **options,
                             emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)))
-                    for j, prompt in enumerate(prompts) for i in range(choices)]
+                    for j, (prompt, _) in enumerate(prompts) for i in range(choices)]
         try:
             for request in requests:
                 self.engine.submit(request)
@@ -215,18 +215,19 @@ class Server:
             if isinstance(exc, EngineStopped):
                 return _error(str(exc), 503)
             return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
-        reply = _Reply(body["model"], chat, sum(map(len, prompts)), len(requests), usage_chunk,
+        reply = _Reply(body["model"], chat, sum(len(ids) for ids, _ in prompts), len(requests), usage_chunk,
                        token_text=self._token_text if options["logprobs"] is not None else None)
+        echoed = [text if options.get("echo") else "" for _, text in prompts for _ in range(choices)]  # per choice
         if stream:
-            return StreamingResponse(self._stream(requests, events, reply), media_type="text/event-stream")
-        texts, ends, logprobs = [[] for _ in requests], [None] * len(requests), [[] for _ in requests]
+            return StreamingResponse(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
+        texts, ends, logprobs = [[text] for text in echoed], [None] * len(requests), [[] for _ in requests]
         try:
             while None in ends:
                 index, event = await events.get()
-                logprobs[index] += event.get("logprobs", ())
+                logprobs[index] += [*event.get("prompt_logprobs", ()), *event.get("logprobs", ())]
                 if "text" in event:
                     texts[index].append(event["text"])
-                else:
+                elif "prompt_logprobs" not in event:
                     ends[index] = event
         except asyncio.CancelledError:
             for request in requests:
@@ -237,14 +238,21 @@ class Server:
             return _error(failed[0]["error"], 500)
         return JSONResponse(reply.whole(["".join(text) for text in texts], ends, logprobs))
 
-    async def _stream(self, requests: list[Request], events: asyncio.Queue, reply: _Reply):
+    async def _stream(self, requests: list[Request], events: asyncio.Queue, reply: _Reply, echoed: list[str]):
         ends: list[dict | None] = [None] * len(requests)
         try:
             if reply.chat:
                 for index in range(len(requests)):
                     yield _sse(reply.chunk(index, {"role": "assistant", "content": ""}, None))
+            elif reply.token_text is None:  # an echoed prompt without log-probs goes first, at once
+                for index, text in enumerate(echoed):
+                    if text:
+                        yield _sse(reply.chunk(index, text, None))
             while None in ends:
                 index, event = await events.get()
+                if "prompt_logprobs" in event:  # an echoed prompt, with its tokens' log-probs
+                    yield _sse(reply.chunk(index, echoed[index], None, logprobs=event["prompt_logprobs"]))
+                    continue
                 if "text" in event:
                     yield _sse(reply.chunk(index, event["text"], None, logprobs=event.get("logprobs")))
                     continue
@@ -323,6 +331,9 @@ class Server:
             logprobs = (top or 0) if wanted else None
         else:  # logprobs: the number of alternatives (0: the answer's tokens alone)
             logprobs = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+            echo = body.get("echo") or False
+            if not isinstance(echo, bool):
+                raise BadRequest(f"echo must be true or false; got {json.dumps(body.get('echo'))}", "echo")
         options = dict(adapter=None if model == BASE_MODEL else model, max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                     top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=max(top_k, 0),
@@ -331,19 +342,21 @@ class Server:
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                     presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
                     seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs)
+        if not chat:
+            options["echo"] = echo
         return options, choices, stream, stream_options.get("include_usage", False)
 
-    def _text_prompts(self, body: dict) -> list[list[int]]:
-        """The prompts' token ids: OpenAI's ``prompt`` is a string, a list of token ids, or a list of
-        either (several prompts, each answered ``n`` times)."""
+    def _text_prompts(self, body: dict) -> list[tuple[list[int], str]]:
+        """The prompts' token ids and texts (what ``echo`` returns): OpenAI's ``prompt`` is a string, a
+        list of token ids, or a list of either (several prompts, each answered ``n`` times)."""
         prompt, vocab = body.get("prompt"), len(self.tokenizer)
 
-        def ids(one) -> list[int] | None:
+        def ids(one) -> tuple[list[int], str] | None:
             if isinstance(one, str) and one:
-                return self.tokenizer(one, add_special_tokens=False).input_ids
+                return self.tokenizer(one, add_special_tokens=False).input_ids, one
             if isinstance(one, list) and one and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                      for t in one):
-                return list(one)
+                return list(one), self.tokenizer.decode(one)
             return None
 
         single = ids(prompt)
@@ -408,9 +421,9 @@ class _Reply:
             offsets.append(self.text_offsets[index])
             self.text_offsets[index] += len(token)
         alternatives = []  # keyed by text, as OpenAI's format is: of tokens with one text (an incomplete
-        for _, _, top in entries:  # character), the likeliest; likeliest first
-            alternatives.append({})
-            for token, logprob in top:
+        for _, _, top in entries:  # character), the likeliest; likeliest first. None: an echoed first token
+            alternatives.append(None if top is None else {})
+            for token, logprob in top or ():
                 alternatives[-1].setdefault(text(token), logprob)
         return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
                 "top_logprobs": alternatives, "text_offset": offsets}
