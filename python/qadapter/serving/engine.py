@@ -256,8 +256,16 @@ class Engine:
             if request.cancelled:  # its client left while it waited
                 self._finish(request, {"finish_reason": "cancelled"})
         new = self._joining = [r for r in new if not r.cancelled]
-        if not new:
-            return
+        # Together, except a request that echoes its prompt's log-probs: its prefill keeps every position's
+        # log-probs ([T, V]), which for a group would be [B, T, V].
+        plain = [r for r in new if not (r.echo and r.logprobs is not None)]
+        for group in ([plain] if plain else []) + [[r] for r in new if r not in plain]:
+            self._prefill(group)
+        self._joining = []
+
+    def _prefill(self, new: list[Request]) -> None:
+        """Reads ``new`` requests' prompts in one forward, splices their rows into the batch and takes
+        their first tokens (and, for an echoing request alone, its prompt's log-probs)."""
         width = max(len(r.prompt) for r in new)
         ids = torch.full((len(new), width), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -268,18 +276,14 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        echoed = [row for row, r in enumerate(new) if r.echo and r.logprobs is not None]
-        logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache,
-                                                  every_position=bool(echoed))
-        if echoed:  # the prompts' own log-probs, read off the same forward
-            for row in echoed:
-                request, start = new[row], width - len(new[row].prompt)
-                entries = _logprob_entries([request] * (len(request.prompt) - 1), logprobs[row, start:-1],
-                                           request.prompt[1:])
-                request.emit({"prompt_logprobs": [(request.prompt[0], None, None), *entries]})
+        echo = new[0].echo and new[0].logprobs is not None
+        logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache, every_position=echo)
+        if echo:  # the prompt's own log-probs, read off the same forward (one request, no padding)
+            (request,) = new
+            entries = _logprob_entries([request] * (width - 1), logprobs[0, :-1], request.prompt[1:])
+            request.emit({"prompt_logprobs": [(request.prompt[0], None, None), *entries]})
             logprobs = logprobs[:, -1]
         self._splice(new, cache, mask)
-        self._joining = []
         self._advance(new, logprobs, offset=len(self._running) - len(new))
 
     def _splice(self, new: list[Request], cache, mask: torch.Tensor) -> None:
