@@ -444,6 +444,31 @@ def test_echo_scores_the_prompt_under_the_policy(server, saved):
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
+def test_lm_evals_own_client_scores_the_served_policy(server, saved):
+    """lm-eval's ``local-completions`` model (its OpenAI client: a list of token-id prompts, ``echo``
+    and ``logprobs``) against the server gives the log-likelihoods and greediness that the native
+    lm-eval model computes on the same adapter, and the same greedy generations."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm_eval[api]
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from qadapter.evaluation.lm_eval_model import QAdapterLM
+
+    root, _, paths = saved
+    served = LocalCompletionsAPI(model="formal", base_url=f"{server[0]}/completions", tokenizer=str(root / "base"),
+                                 num_concurrent=1, max_retries=1, batch_size=2)
+    native = QAdapterLM(str(paths["formal"]), batch_size=2)
+    pairs = [(PROMPTS[i], " " + PROMPTS[i + 1]) for i in range(4)]
+    requests = [Instance("loglikelihood", {}, pair, k) for k, pair in enumerate(pairs)]
+    got, want = served.loglikelihood(requests, disable_tqdm=True), native.loglikelihood(requests, disable_tqdm=True)
+    torch.testing.assert_close(torch.tensor([g[0] for g in got]), torch.tensor([w[0] for w in want]), rtol=0,
+                               atol=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    generate = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}), k)
+                for k, p in enumerate(PROMPTS[:3])]
+    assert served.generate_until(generate, disable_tqdm=True) == native.generate_until(generate, disable_tqdm=True)
+
+
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):
     base_url, engine = server
     real = engine.adapter_set.next_logprobs
