@@ -223,3 +223,15 @@ def test_an_adapter_on_a_local_base_from_another_machine_asks_for_the_base(tmp_p
         QAdapterModel.from_pretrained("me/a")
     torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/a", str(moved))),
                                next_token_logprobs(model))
+
+
+def test_a_base_that_can_only_be_a_folder_and_is_missing_is_named_before_transformers():
+    """An absolute path, or a name no hub repository can have, names a folder: its absence is said
+    as such (transformers would answer with a repository-name error); a hub name is left to the hub."""
+    from qadapter.library.defaults import load_base, names_missing_folder
+
+    for name in ("/nonexistent/base", "./nope", "../a/b/c"):
+        assert names_missing_folder(name)
+        with pytest.raises(FileNotFoundError, match=f"no model folder at {name}"):
+            load_base(name)
+    assert not names_missing_folder("me/base") and not names_missing_folder("smollm2-135m-instruct")

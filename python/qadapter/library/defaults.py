@@ -92,6 +92,22 @@ def resolve_model(name_or_path: str) -> str:
     return str(default_model_dir()) if name_or_path == DEFAULT_MODEL else name_or_path
 
 
+def names_missing_folder(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only mean a local folder (an absolute path, or no hub repository
+    name) and none is there: transformers would answer with a hub repository-name error."""
+    if name_or_path == DEFAULT_MODEL or Path(name_or_path).exists():
+        return False
+    if Path(name_or_path).is_absolute():
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return False
+
+
 def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=None, quantization=None):
     """``(model, tokenizer)`` for a causal LM: the embedded default, a local directory or a hub name.
 
@@ -104,6 +120,8 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=Non
     from . import quantization as quant
 
     quantization = quant.normalize(quantization, torch_dtype)
+    if names_missing_folder(name_or_path):
+        raise FileNotFoundError(f"no model folder at {name_or_path}")
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:

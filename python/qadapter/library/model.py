@@ -31,7 +31,7 @@ from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qad
 
 from . import atomic, provenance
 from . import quantization as quant
-from .defaults import DEFAULT_MODEL, load_base
+from .defaults import DEFAULT_MODEL, load_base, names_missing_folder
 from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head, whole_parameters
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
@@ -493,7 +493,7 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
     if base_model is None and not config["base_model"]:
         raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
     recorded = config["base_model"]
-    if base_model is None and Path(recorded).is_absolute() and not Path(recorded).exists():
+    if base_model is None and names_missing_folder(recorded):
         raise AdapterLoadError(f"the adapter in {path} was trained on the local base {recorded}, which is not here "
                                "(an adapter from another machine?): pass the same base as base_model= "
                                "(--base-model), a folder or its hub name; its fingerprint is checked")
