@@ -83,6 +83,11 @@ class Request:
     generator: torch.Generator | None = None
     unsent_logprobs: list = field(default_factory=list)  # of the tokens taken since the last event
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prefill reads the prompt's own log-probs (``echo`` with ``logprobs``)."""
+        return self.echo and self.logprobs is not None
+
 
 class Engine:
     """Decodes submitted :class:`Request` s in one running batch of at most ``max_batch`` requests."""
@@ -258,7 +263,7 @@ class Engine:
         new = self._joining = [r for r in new if not r.cancelled]
         # Together, except a request that echoes its prompt's log-probs: its prefill keeps every position's
         # log-probs ([T, V]), which for a group would be [B, T, V].
-        plain = [r for r in new if not (r.echo and r.logprobs is not None)]
+        plain = [r for r in new if not r.scores_prompt]
         for group in ([plain] if plain else []) + [[r] for r in new if r not in plain]:
             self._prefill(group)
         self._joining = []
@@ -276,7 +281,7 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        echo = new[0].echo and new[0].logprobs is not None
+        echo = new[0].scores_prompt
         logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache, every_position=echo)
         if echo:  # the prompt's own log-probs, read off the same forward (one request, no padding)
             (request,) = new

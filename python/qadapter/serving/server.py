@@ -26,7 +26,6 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..library.saved import AdapterLoadError
 from .engine import AdapterBusy, Engine, EngineStopped, Request
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
@@ -156,7 +155,7 @@ class Server:
             await asyncio.to_thread(self.engine.load_adapter, name, path)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
-        except (AdapterLoadError, ValueError, OSError) as exc:  # not an adapter, another base, unreadable files
+        except (ValueError, OSError) as exc:  # AdapterLoadError (not an adapter, another base), unreadable files
             return _error(f"lora_path {path!r}: {exc}", 400, "lora_path")
         except EngineStopped as exc:
             return _error(str(exc), 503)
@@ -196,7 +195,7 @@ class Server:
         try:
             body = await self._body(http)
             options, choices, stream, usage_chunk = self._options(body, chat)
-            prompts = [(self._chat_prompt(body), "")] if chat else self._text_prompts(body)
+            prompts = [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, options["echo"])
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
@@ -346,9 +345,10 @@ class Server:
             options["echo"] = echo
         return options, choices, stream, stream_options.get("include_usage", False)
 
-    def _text_prompts(self, body: dict) -> list[tuple[list[int], str]]:
-        """The prompts' token ids and texts (what ``echo`` returns): OpenAI's ``prompt`` is a string, a
-        list of token ids, or a list of either (several prompts, each answered ``n`` times)."""
+    def _text_prompts(self, body: dict, echo: bool) -> list[tuple[list[int], str]]:
+        """The prompts' token ids and texts (what ``echo`` returns; token ids are decoded only then):
+        OpenAI's ``prompt`` is a string, a list of token ids, or a list of either (several prompts, each
+        answered ``n`` times)."""
         prompt, vocab = body.get("prompt"), len(self.tokenizer)
 
         def ids(one) -> tuple[list[int], str] | None:
@@ -356,7 +356,7 @@ class Server:
                 return self.tokenizer(one, add_special_tokens=False).input_ids, one
             if isinstance(one, list) and one and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                      for t in one):
-                return list(one), self.tokenizer.decode(one)
+                return list(one), self.tokenizer.decode(one) if echo else ""
             return None
 
         single = ids(prompt)
