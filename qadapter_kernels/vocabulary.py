@@ -23,7 +23,7 @@ from .inputs import check_chunk_size, check_hidden_pair, check_targets, stats_dt
 from .steps import softcap_
 from .tiles import chunks, matmul_to
 
-MEASURES = ("stats", "step0", "logprobs", "kl", "greedy")
+MEASURES = ("stats", "step0", "logprobs", "kl", "greedy", "top")
 # [chunk, V] float32 buffers a chunk of the pass holds at once (the two logits, log pi1, the
 # combined scores and their softmax, one temporary): what sizes the chunks.
 _BUFFERS_PER_ROW = 6
@@ -41,6 +41,8 @@ class TokenMeasures(NamedTuple):
     base: torch.Tensor | None = None  # "logprobs": log pi1(a_t)
     kl: torch.Tensor | None = None  # "kl": KL(pi~ || pi1) of the token's whole distribution
     greedy: torch.Tensor | None = None  # "greedy": argmax pi~ (int64)
+    top_logprobs: torch.Tensor | None = None  # "top": [..., k] the k largest log pi~, largest first
+    top_ids: torch.Tensor | None = None  # "top": [..., k] their token ids (int64)
 
 
 def capped_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -80,6 +82,7 @@ def vocabulary_pass(
     config: LossConfig | None = None,
     measures: tuple[str, ...] = ("stats",),
     chunk_size: int | None = None,
+    top_k: int | None = None,
     **options,
 ) -> TokenMeasures:
     """The ``measures`` (of :data:`MEASURES`) of the customized policy for tokens whose hidden states
@@ -90,6 +93,8 @@ def vocabulary_pass(
     ``**options`` are the loss options (:class:`LossConfig`), the soft cap included; ``q_weight``,
     ``q_bias``: the Q head (default: the frozen ``weight``). A plain model's distribution is the
     combination with ``alpha_0=0, alpha_tilde=1``, so its KL to the base is this pass's too.
+    "top" gives each token's ``top_k`` likeliest ids under the customized policy and their log-probs
+    (what a server reports beside a token's own log-prob).
     """
     config = LossConfig.from_options(config, **options)
     if isinstance(measures, str) or not measures:
@@ -97,6 +102,10 @@ def vocabulary_pass(
     measures = tuple(check_choice("measures", m, MEASURES) for m in measures)
     check_chunk_size(chunk_size)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
+    if "top" in measures and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or not 0 <= top_k <= weight.shape[0]):
+        raise ValueError(f"top_k must be an int in [0, {weight.shape[0]}] (the vocabulary) for the measure 'top'; "
+                         f"got {top_k!r}")
     lead, hidden = q_hidden.shape[:-1], q_hidden.shape[-1]
     targeted = {"stats", "step0", "logprobs"} & set(measures)
     if targeted:
@@ -109,7 +118,8 @@ def vocabulary_pass(
     wq = weight if q_weight is None else q_weight
     n, vocab = hq.shape[0], weight.shape[0]
     sd = stats_dtype(hq.dtype)
-    out = {name: torch.empty(n, dtype=torch.int64 if name == "greedy" else sd, device=hq.device)
+    out = {name: torch.empty(n, *((top_k,) if name.startswith("top") else ()),
+                             dtype=torch.int64 if name in ("greedy", "top_ids") else sd, device=hq.device)
            for name in _fields(measures)}
     at, a0, cap = config.alpha_tilde, config.alpha_0, config.logit_softcap
     for s, e in chunks(n, chunk_size or pass_chunk_size(n, vocab, hq.dtype, hq.device)):
@@ -132,15 +142,19 @@ def vocabulary_pass(
         if "logprobs" in measures:
             out["combined"][s:e] = _taken(scores, a, scored) - torch.where(scored, lse, 0)
             out["base"][s:e] = _taken(log_pi1, a, scored)
+        if "top" in measures:
+            values, ids = scores.topk(top_k, dim=1)
+            out["top_logprobs"][s:e], out["top_ids"][s:e] = values - lse.unsqueeze(1), ids
         if "kl" in measures:
             log_pi = scores.sub_(lse.unsqueeze(1))
             out["kl"][s:e] = (log_pi.exp() * (log_pi - log_pi1)).sum(dim=1)
-    return TokenMeasures(**{name: value.reshape(lead) for name, value in out.items()})
+    return TokenMeasures(**{name: value.reshape(*lead, *value.shape[1:]) for name, value in out.items()})
 
 
 def _fields(measures: tuple[str, ...]) -> list[str]:
     fields = {"stats": ("q_taken", "value"), "step0": ("step0_q_taken", "step0_value"),
-              "logprobs": ("combined", "base"), "kl": ("kl",), "greedy": ("greedy",)}
+              "logprobs": ("combined", "base"), "kl": ("kl",), "greedy": ("greedy",),
+              "top": ("top_logprobs", "top_ids")}
     return [name for m in measures for name in fields[m]]
 
 

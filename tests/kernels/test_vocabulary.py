@@ -56,7 +56,7 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-
 def test_every_measure_is_the_whole_row_formula(dtype, cap, chunk_size):
     hb, hq, w, targets = inputs(dtype)
     got = vocabulary_pass(hb, hq, w, targets, measures=MEASURES, alpha_tilde=0.8, alpha_0=0.3, logit_softcap=cap,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, top_k=4)
     want = whole_rows(hb, hq, w, targets, alpha_tilde=0.8, alpha_0=0.3, cap=cap)
     for name, value in want.items():
         if name == "greedy":  # a saturated cap makes near-ties: the pick's log-prob is the largest
@@ -66,6 +66,10 @@ def test_every_measure_is_the_whole_row_formula(dtype, cap, chunk_size):
         if name == "log_pi":
             continue
         torch.testing.assert_close(getattr(got, name).double(), value, **TOL[dtype], msg=name)
+    # The top 4, largest first, and each id's own log-prob (near-ties may order ids differently).
+    torch.testing.assert_close(got.top_logprobs.double(), want["log_pi"].topk(4, dim=-1).values, **TOL[dtype])
+    torch.testing.assert_close(want["log_pi"].gather(-1, got.top_ids), got.top_logprobs.double(), **TOL[dtype])
+    assert got.top_ids.shape == (3, 7, 4) and got.top_ids.dtype == torch.int64
 
 
 def test_a_separate_q_head_and_only_what_is_asked():
@@ -77,7 +81,15 @@ def test_a_separate_q_head_and_only_what_is_asked():
     want = whole_rows(hb, hq, w, targets, qw=qw, qb=qb, alpha_tilde=1.2, alpha_0=0.05, cap=2.0)
     for name in ("q_taken", "value", "kl"):
         torch.testing.assert_close(getattr(got, name).double(), want[name], rtol=1e-5, atol=1e-5)
-    assert got.combined is None and got.step0_value is None and got.greedy is None
+    assert got.combined is None and got.step0_value is None and got.greedy is None and got.top_ids is None
+
+
+def test_top_zero_and_the_whole_vocabulary():
+    hb, hq, w, targets = inputs(torch.float32, seed=6)
+    none = vocabulary_pass(hb, hq, w, measures=("top",), top_k=0)
+    assert none.top_ids.shape == (3, 7, 0) and none.top_logprobs.shape == (3, 7, 0)
+    every = vocabulary_pass(hb, hq, w, measures=("top",), top_k=w.shape[0])
+    torch.testing.assert_close(every.top_logprobs.exp().sum(-1), torch.ones(3, 7))  # the whole distribution
 
 
 def test_the_statistics_are_the_training_losses():
@@ -119,6 +131,8 @@ def test_the_cap_changes_the_numbers():
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t + 1000), r"targets must lie in \[0, 37\)"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t, logit_softcap=-1.0), "logit_softcap must be > 0"),
     (lambda hb, hq, w, t: token_logprobs(hb, w[:, :3], t), "weight must be"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",)), r"top_k must be an int in \[0, 37\]"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=38), "top_k must be an int"),
 ])
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -155,3 +155,60 @@ def test_rows_match_solo_policies_on_other_families(family, tmp_path):
         one = (ids[row:row + 1], mask[row:row + 1])
         solo = tiny_causal_lm(family) if name is None else QAdapterModel.from_pretrained(paths[name], tiny_causal_lm(family))
         torch.testing.assert_close(got[row:row + 1], solo_logprobs(solo.eval(), *one), rtol=1e-5, atol=1e-5)
+
+    def solo_of(name):  # Gemma-2's soft cap must reach the echoed prompt's scores too
+        model = tiny_causal_lm(family) if name is None else QAdapterModel.from_pretrained(paths[name], tiny_causal_lm(family))
+        return model.eval()
+
+    check_read_prompts(adapter_set, solo_of, ids, mask, names, [2, 1, 3])
+
+
+def solo_every_position(model, ids, mask):
+    """``[B, T, V]``: the whole prompt's log-probs under a solo model (what echoing a prompt reports)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        if isinstance(model, QAdapterModel):
+            return model.policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1)
+
+
+def check_read_prompts(adapter_set, solo_of, ids, mask, names, top):
+    """``read_prompts`` against each row's solo model over the whole prompt; the forward forms the last
+    position's logits only."""
+    from transformers import DynamicCache
+
+    head = adapter_set.base_model.get_output_embeddings()
+    formed = []
+    hook = head.register_forward_hook(lambda module, args, output: formed.append(output.shape[1]))
+    try:
+        logprobs, scores = adapter_set.read_prompts(ids, mask, names, DynamicCache(), top=top)
+    finally:
+        hook.remove()
+    assert formed == [1]  # no [T, V] logits
+    for row, (name, k) in enumerate(zip(names, top)):
+        real = mask[row].bool()
+        whole = solo_every_position(solo_of(name), ids[row:row + 1, real], mask[row:row + 1, real])[0]
+        torch.testing.assert_close(logprobs[row], whole[-1], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+        if k is None:
+            assert scores[row] is None
+            continue
+        prompt = ids[row, real]
+        want = whole[:-1].gather(1, prompt[1:, None])[:, 0]
+        torch.testing.assert_close(scores[row].combined, want, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+        torch.testing.assert_close(scores[row].top_logprobs, whole[:-1].topk(k, -1).values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(whole[:-1].gather(1, scores[row].top_ids), scores[row].top_logprobs, rtol=1e-5,
+                                   atol=1e-5)
+    return scores
+
+
+def test_read_prompts_scores_each_rows_prompt_under_its_policy(saved, solo):
+    """The serving engine's echo: every prompt token's log-prob and the likeliest tokens' under the row's
+    own policy, from the same forward's hidden states, equal to each row's solo model over the prompt."""
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained(paths)
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9, 5, 1))
+    names, top = ["terse", None, "formal", "kind", "kind"], [3, 2, None, 0, 5]
+    scores = check_read_prompts(adapter_set, solo.__getitem__, ids, mask, names, top)
+    assert scores[4].combined.shape == (0,) and scores[4].top_ids.shape == (0, 5)  # a one-token prompt: nothing
+    with pytest.raises(ValueError, match="top must hold one entry per row"):
+        adapter_set.read_prompts(ids, mask, names, None, top=[1])

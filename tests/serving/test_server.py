@@ -444,6 +444,31 @@ def test_echo_scores_the_prompt_under_the_policy(server, saved):
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
+def test_echoed_prompts_score_together_and_alone(server, saved):
+    """Several echoed prompts in one request (one prefill for all, lm-eval's batches) score as each
+    alone does; ``max_tokens`` 0 scores the prompt without an answer; 0 without ``echo`` is refused."""
+    _, tokenizer, _ = saved
+    api = client(server[0])
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS[:4]]
+    together = api.completions.create(model="kind", prompt=ids, max_tokens=2, temperature=0, logprobs=2, echo=True)
+    for i, one in enumerate(ids):
+        alone = api.completions.create(model="kind", prompt=one, max_tokens=2, temperature=0, logprobs=2,
+                                       echo=True).choices[0]
+        got = together.choices[i]
+        assert got.text == alone.text and got.logprobs.tokens == alone.logprobs.tokens
+        torch.testing.assert_close(torch.tensor(got.logprobs.token_logprobs[1:]),
+                                   torch.tensor(alone.logprobs.token_logprobs[1:]), rtol=0, atol=1e-5)
+        assert [list(t) for t in got.logprobs.top_logprobs[1:]] == [list(t) for t in alone.logprobs.top_logprobs[1:]]
+        scored = api.completions.create(model="kind", prompt=one, max_tokens=0, logprobs=2, echo=True).choices[0]
+        assert scored.text == tokenizer.decode(one) and scored.finish_reason == "length"
+        assert len(scored.logprobs.tokens) == len(one)
+        assert scored.logprobs.token_logprobs == got.logprobs.token_logprobs[:len(one)]
+    texts = api.completions.create(model="base", prompt=PROMPTS[:2], max_tokens=0, echo=True)
+    assert [c.text for c in texts.choices] == PROMPTS[:2] and texts.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer >= 1; got 0"):
+        api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=0)
+
+
 def test_lm_evals_own_client_scores_the_served_policy(server, saved):
     """lm-eval's ``local-completions`` model (its OpenAI client: a list of token-id prompts, ``echo``
     and ``logprobs``) against the server gives the log-likelihoods and greediness that the native

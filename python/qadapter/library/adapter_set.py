@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qadapter_kernels import combine_logits
+from qadapter_kernels import TokenMeasures, combine_logits, vocabulary_pass
 
 from . import atomic
 from . import quantization as quant
+from .hidden import output_head
 from .model import (
     base_fingerprint,
     check_adapter_weights,
@@ -316,19 +317,57 @@ class AdapterSet:
 
     @torch.no_grad()
     def next_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
-                      cache, *, every_position: bool = False) -> torch.Tensor:
+                      cache) -> torch.Tensor:
         """Each row's log-probs ``[B, V]`` of its next token under the policy of ``adapters[row]``, after
         feeding ``input_ids [B, t]``: one step of a caller's own decoding loop (the serving engine's).
         ``attention_mask [B, T + t]`` covers everything fed so far; ``cache`` (a transformers
         ``DynamicCache`` over ``2B`` rows: frozen rows, then adapter rows) holds the first ``T`` and is
-        extended. With ``every_position``, ``[B, t, V]``: the log-probs after each token fed (a prompt's
-        own log-probs, for echoing them). The model is used as it is (call ``eval()`` on it first)."""
+        extended. The model is used as it is (call ``eval()`` on it first)."""
         self._assign(adapters, input_ids.shape[0])
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        logprobs = self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                use_cache=True, logits_to_keep=0 if every_position else 1,
-                                **{self._cache_argument: cache}).logits
-        return logprobs if every_position else logprobs[:, -1]
+        return self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
+
+    @torch.no_grad()
+    def read_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
+                     cache, *, top: Sequence[int | None]) -> tuple[torch.Tensor, list[TokenMeasures | None]]:
+        """:meth:`next_logprobs` of a prefill (``cache`` empty, ``input_ids`` left-padded as
+        ``attention_mask`` says) that also scores the prompt of each row whose ``top[row]`` is not None:
+        each of its tokens after the first, its log-prob under the row's policy (``combined``) and the
+        ``top[row]`` likeliest tokens' (``top_logprobs``, ``top_ids``).
+
+        The scores come from the decoder's final hidden states of the same forward through
+        :func:`qadapter_kernels.vocabulary_pass`, a chunk of positions at a time: the forward still forms
+        the last position's logits only, so scoring a prompt of ``T`` tokens holds no ``[T, V]`` tensor."""
+        if len(top) != input_ids.shape[0]:
+            raise ValueError(f"top must hold one entry per row of input_ids ({input_ids.shape[0]}); got {len(top)}")
+        weight, cap = output_head(self.base_model)
+        captured = []
+
+        def keep_hidden(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        handle = self.base_model.get_decoder().register_forward_hook(keep_hidden)
+        try:
+            logprobs = self.next_logprobs(input_ids, attention_mask, adapters, cache)
+        finally:
+            handle.remove()
+        (hidden,) = captured
+        rows, by_name = input_ids.shape[0], {a.name: a for a in self.adapters}
+        scores: list[TokenMeasures | None] = []
+        for row, (name, k) in enumerate(zip(adapters, top)):
+            if k is None:
+                scores.append(None)
+                continue
+            real = attention_mask[row, -input_ids.shape[1]:].bool()
+            frozen, adapted = hidden[row, real][:-1], hidden[rows + row, real][:-1]
+            # The base's own policy is the combination with alpha_0 = 0, alpha~ = 1 of its own logits.
+            alphas = dict(alpha_tilde=1.0, alpha_0=0.0) if name is None else dict(
+                alpha_tilde=by_name[name].alpha_tilde, alpha_0=by_name[name].alpha_0)
+            scores.append(vocabulary_pass(frozen, frozen if name is None else adapted, weight,
+                                          input_ids[row, real][1:], measures=("logprobs", "top"), top_k=k,
+                                          logit_softcap=cap, **alphas))
+        return logprobs, scores
 
     def _assign(self, adapters: Sequence[str | None], rows: int) -> None:
         """Row ``i`` decodes ``adapters[i]``: checked, and set as the row plan's assignment."""

@@ -57,7 +57,7 @@ class Request:
     ``(token, its log-prob, ((token, log-prob) of the k likeliest, ...))`` under the policy itself
     (before penalties and temperature). With ``echo`` too, a first event ``{"prompt_logprobs":
     entries}`` gives the same for the prompt's tokens (``(token, None, None)`` for its first, which
-    nothing predicts).
+    nothing predicts); ``max_tokens`` 0 with ``echo`` asks for that alone (a prompt scored, no answer).
     """
 
     prompt: list[int]
@@ -124,8 +124,11 @@ class Engine:
         that its adapter is loaded)."""
         if not request.prompt:
             raise ValueError("the prompt must hold at least one token")
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1; got {request.max_tokens!r}")
+        if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 1 (0 with echo: the prompt alone); "
+                             f"got {request.max_tokens!r}")
+        if request.max_tokens == 0 and request.echo is not True:
+            raise ValueError("max_tokens must be >= 1 without echo (0 asks for the echoed prompt alone); got 0")
         if self.context_length is not None and len(request.prompt) + request.max_tokens > self.context_length:
             raise ValueError(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) exceed "
                              f"the model's context length ({self.context_length})")
@@ -260,17 +263,17 @@ class Engine:
         for request in new:
             if request.cancelled:  # its client left while it waited
                 self._finish(request, {"finish_reason": "cancelled"})
-        new = self._joining = [r for r in new if not r.cancelled]
-        # Together, except a request that echoes its prompt's log-probs: its prefill keeps every position's
-        # log-probs ([T, V]), which for a group would be [B, T, V].
-        plain = [r for r in new if not r.scores_prompt]
-        for group in ([plain] if plain else []) + [[r] for r in new if r not in plain]:
-            self._prefill(group)
+            elif request.max_tokens == 0 and not request.scores_prompt:  # the echoed prompt's text is all it asks
+                self._finish(request, {"finish_reason": "length"})
+        new = self._joining = [r for r in new if not r.cancelled and (r.max_tokens or r.scores_prompt)]
+        if new:
+            self._prefill(new)
         self._joining = []
 
     def _prefill(self, new: list[Request]) -> None:
-        """Reads ``new`` requests' prompts in one forward, splices their rows into the batch and takes
-        their first tokens (and, for an echoing request alone, its prompt's log-probs)."""
+        """Reads ``new`` requests' prompts in one forward (with an echoing request's prompt log-probs, read
+        off its hidden states), splices the rows of those that go on decoding into the batch and takes
+        their first tokens."""
         width = max(len(r.prompt) for r in new)
         ids = torch.full((len(new), width), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -280,14 +283,24 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         from transformers import DynamicCache
 
-        cache = DynamicCache()
-        echo = new[0].scores_prompt
-        logprobs = self.adapter_set.next_logprobs(ids, mask, [r.adapter for r in new], cache, every_position=echo)
-        if echo:  # the prompt's own log-probs, read off the same forward (one request, no padding)
-            (request,) = new
-            entries = _logprob_entries([request] * (width - 1), logprobs[0, :-1], request.prompt[1:])
-            request.emit({"prompt_logprobs": [(request.prompt[0], None, None), *entries]})
-            logprobs = logprobs[:, -1]
+        cache, adapters = DynamicCache(), [r.adapter for r in new]
+        if any(r.scores_prompt for r in new):
+            logprobs, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache,
+                                                             top=[r.logprobs if r.scores_prompt else None for r in new])
+            for request, score in zip(new, scores):
+                if score is not None:
+                    request.emit({"prompt_logprobs": [(request.prompt[0], None, None), *_prompt_entries(request, score)]})
+        else:
+            logprobs = self.adapter_set.next_logprobs(ids, mask, adapters, cache)
+        going_on = [row for row, r in enumerate(new) if r.max_tokens > 0]
+        for r in new:
+            if r.max_tokens == 0:  # an echoed prompt scored alone: no answer token, no place in the batch
+                self._finish(r, {"finish_reason": "length"})
+        if len(going_on) < len(new):
+            if not going_on:
+                return
+            _keep_rows(cache, going_on, len(new))
+            new, mask, logprobs = [new[row] for row in going_on], mask[going_on], logprobs[going_on]
         self._splice(new, cache, mask)
         self._advance(new, logprobs, offset=len(self._running) - len(new))
 
@@ -375,14 +388,10 @@ class Engine:
         if not keep:
             self._cache = self._mask = self._next = None
             return
-        b = len(rows) + len(keep)
-        index = torch.tensor(keep + [b + i for i in keep], device=self.device)
         self._mask, self._next = self._mask[keep], self._next[keep]
         start = int((self._mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding on every row
         self._mask = self._mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        _keep_rows(self._cache, keep, len(rows) + len(keep), start)
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Whether the engine ran out of work within ``timeout`` seconds (for tests and benchmarks)."""
@@ -406,6 +415,23 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
         request.text += after[len(before):]
         request.decoded = (read, len(request.tokens))
     return request.text
+
+
+def _keep_rows(cache, keep: list[int], batch: int, start: int = 0) -> None:
+    """Keeps, in ``cache`` over ``2 * batch`` rows (frozen rows, then adapter rows), the rows of the
+    requests at ``keep``, and its positions from ``start`` on."""
+    index = torch.tensor(keep + [batch + i for i in keep], device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+        layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _prompt_entries(request: Request, scores) -> list[tuple]:
+    """The log-prob entries of an echoed prompt's tokens after the first (``scores``: their
+    :class:`~qadapter_kernels.TokenMeasures` under the request's policy), as :func:`_logprob_entries` gives them."""
+    return [(token, taken, tuple(zip(ids, values)))
+            for token, taken, ids, values in zip(request.prompt[1:], scores.combined.tolist(), scores.top_ids.tolist(),
+                                                 scores.top_logprobs.tolist())]
 
 
 def _logprob_entries(requests: list[Request], logprobs: torch.Tensor, tokens: list[int]) -> list[tuple | None]:

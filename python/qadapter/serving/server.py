@@ -303,7 +303,8 @@ class Server:
                 raise BadRequest(f"{name} is not supported by this server (only {' or '.join(map(json.dumps, defaults))}"
                                  f"); got {json.dumps(value)}", name)
         limit = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _int(body, limit, self.default_max_tokens if chat else 16, 1)
+        scored_alone = not chat and body.get("echo") is True  # max_tokens 0: the echoed prompt alone
+        max_tokens = _int(body, limit, self.default_max_tokens if chat else 16, 0 if scored_alone else 1)
         stop = body.get("stop")
         stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
