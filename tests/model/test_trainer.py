@@ -232,3 +232,40 @@ def test_training_that_goes_non_finite_stops_and_keeps_the_last_checkpoint(tmp_p
     assert not (tmp_path / "checkpoint-4").exists()
     saved = QAdapterModel.from_pretrained(tmp_path / "checkpoint-2", fresh_base())
     assert all(torch.isfinite(p).all() for n, p in saved.peft_model.named_parameters() if "lora_" in n)
+
+
+def test_every_checkpoint_push_uploads_a_loadable_adapter(tmp_path, monkeypatch):
+    """``push_to_hub`` with Trainer's default ``hub_strategy="every_save"``: each checkpoint's upload of
+    the output folder is a whole Q-Adapter (our config with PEFT's files) whose weights are that
+    checkpoint's, and the final upload the trained adapter's. No hub here: the upload is caught."""
+    from concurrent.futures import Future
+
+    import huggingface_hub
+
+    uploads = []
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, run_as_future=False, path_in_repo=None, **_):
+        if path_in_repo is None:  # the output folder, as a repository's root
+            uploads.append((commit_message, lora_state(QAdapterModel.from_pretrained(folder_path, fresh_base()))))
+        if not run_as_future:
+            return f"https://huggingface.co/{repo_id}/commit/0"
+        done = Future()
+        done.set_result(None)
+        return done
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **_: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=4, save_strategy="steps", save_steps=2,
+                                                      push_to_hub=True, hub_model_id="me/run")
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    assert [message for message, _ in uploads] == ["Training in progress, step 2", "Training in progress, step 4",
+                                                   "Model save"]
+    for (_, pushed), step in zip(uploads, (2, 4)):
+        saved = lora_state(QAdapterModel.from_pretrained(tmp_path / f"checkpoint-{step}", fresh_base()))
+        for name, value in saved.items():
+            torch.testing.assert_close(pushed[name], value, rtol=0, atol=0)
+    for name, value in lora_state(model).items():
+        torch.testing.assert_close(uploads[-1][1][name], value, rtol=0, atol=0)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import typing
 import warnings
 from collections import defaultdict
@@ -30,7 +31,7 @@ from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator
 from .hidden import whole_parameters
 from .provenance import rows_hash
-from .saved import holds_adapter
+from .saved import HUB_FILES, holds_adapter
 
 METRIC_NAMES = {
     "chosen_rewards": "rewards/chosen",
@@ -192,6 +193,31 @@ class _FiniteGradients(TrainerCallback):
             raise _stop(state.global_step + 1, "a gradient is not finite", args.output_dir)
 
 
+class _CheckpointAdapterPushed(TrainerCallback):
+    """Completes Trainer's push of a checkpoint (``push_to_hub`` with ``hub_strategy="every_save"``, its
+    default): Trainer uploads the output directory after copying into it the checkpoint's model files,
+    PEFT's among them, but not the Q-Adapter's own (``qadapter_config.json``, ``provenance.json``),
+    so until the final push the repository would not load as a Q-Adapter. Just before such a push
+    (``on_push_begin``), the checkpoint's adapter files are copied there as one save. ``checkpoint``:
+    the folder the trainer saved last, when that save was a checkpoint (a final save clears it, so the
+    final push never brings back an older checkpoint's adapter)."""
+
+    def __init__(self) -> None:
+        self.checkpoint: Path | None = None
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        checkpoint, self.checkpoint = self.checkpoint, None
+        if checkpoint is None or not args.should_save:
+            return
+
+        def write(staging: Path) -> None:
+            for name in HUB_FILES:
+                if (checkpoint / name).is_file():
+                    shutil.copy2(checkpoint / name, staging / name)
+
+        atomic.save_files(args.output_dir, write, is_ours=lambda _: True)
+
+
 def _adapter_parameters(model) -> list[torch.nn.Parameter]:
     """What a checkpoint holds of the model: its trainable (LoRA) parameters."""
     return [p for p in model.parameters() if p.requires_grad]
@@ -217,6 +243,8 @@ class QAdapterTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(_FiniteGradients())
+        self._checkpoint_pushed = _CheckpointAdapterPushed()
+        self.add_callback(self._checkpoint_pushed)
         _warn_if_padding_dependent(self.args)
         self.loss_is_scaled_for_ga = self.args.reward_norm != "padded"  # Trainer must not divide the shares again
 
@@ -318,6 +346,7 @@ class QAdapterTrainer(Trainer):
                     torch.save(self.args, staging / TRAINING_ARGS_NAME)
 
                 atomic.save_files(output_dir, write, is_ours=holds_adapter, overwrite=_internal_call)
+        self._checkpoint_pushed.checkpoint = Path(output_dir) if _internal_call else None
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
