@@ -55,15 +55,18 @@ class PeftMixedRows:
         self.policies = BankRows(adapter_set)  # each row's combine, as the set forms it
         self.policies.assignment = tuple(adapter_set.names.index(n) for n in names)
 
+    def expand(self, value, batch: int):
+        return self.policies.expand(value, batch)  # single adapters: the doubled batch [frozen, adapter]
+
     @contextmanager
-    def selecting(self, rows: int, device):
-        repeats = rows // 2 // len(self.names)
-        names = ["__base__"] * (rows // 2) + [n for n in self.names for _ in range(repeats)]
+    def selecting(self, batch: int, device):
+        repeats = batch // len(self.names)
+        names = ["__base__"] * batch + [n for n in self.names for _ in range(repeats)]
         with self.adapter_set.peft_model.base_model._enable_peft_forward_hooks(adapter_names=names):
             yield
 
-    def combine(self, frozen_logits, adapter_logits):
-        return self.policies.combine(frozen_logits, adapter_logits)
+    def combine(self, logits, batch: int):
+        return self.policies.combine(logits, batch)
 
 
 def set_rows(adapter_set, solo, ids: torch.Tensor, tokens: int, rounds: int) -> dict:

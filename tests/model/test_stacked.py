@@ -333,13 +333,44 @@ def test_compiled_generation_of_a_stack_matches_eager(parent_dir):
     assert torch.equal(model.generate(ids, mask, max_new_tokens=5, eos_token_id=[], compiled=True), eager)
 
 
-def test_an_adapter_set_refuses_a_stacked_adapter(tmp_path, parent_dir):
-    """An adapter set's bank holds single adapters: a stack's policy would silently lose its levels."""
+def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
+    """Stacks (two levels, and three with a ``q_on="base"`` top) in a mixed batch with their own
+    parent and the base: each row's next-token log-probs, its echoed prompt's and its greedy decoding
+    are its own model's (the explicit level-by-level formula; ``generate`` of the stack alone)."""
+    from transformers import DynamicCache
+
     from qadapter.library.adapter_set import AdapterSet
 
-    saved_adapter(tmp_path / "child", on=parent_dir, seed=2)
-    with pytest.raises(AdapterLoadError, match="'child': .* is a stacked adapter"):
-        AdapterSet.from_pretrained({"parent": parent_dir, "child": tmp_path / "child"}, tiny_causal_lm())
+    saved_stack(tmp_path)
+    paths = {"one": tmp_path / "level1", "two": tmp_path / "level2", "three": tmp_path / "level3"}
+    adapter_set = AdapterSet.from_pretrained(paths, tiny_causal_lm())
+    assert [adapter_set.depth(n) for n in (None, "one", "two", "three")] == [0, 1, 2, 3]
+    solo = {name: QAdapterModel.from_pretrained(path, tiny_causal_lm()).eval() for name, path in paths.items()}
+    ids, mask = left_padded_prompts(lengths=(7, 4, 9, 5, 6))
+    names = ["three", None, "two", "one", "two"]
+    logprobs, scores = adapter_set.read_prompts(ids, mask, names, DynamicCache(), top=[2, None, 1, None, 3])
+    for row, name in enumerate(names):
+        real = mask[row].bool()
+        one = (ids[row:row + 1, real], mask[row:row + 1, real])
+        if name is None:
+            want = torch.log_softmax(tiny_causal_lm()(input_ids=one[0]).logits.double(), -1)[0]
+        else:
+            want = explicit_logprobs(solo[name], *one)[0]
+        torch.testing.assert_close(logprobs[row].double(), want[-1], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+        if scores[row] is not None:
+            taken = want[:-1].gather(1, one[0][0, 1:, None])[:, 0]
+            torch.testing.assert_close(scores[row].combined.double(), taken, rtol=1e-5, atol=1e-5)
+    # Greedy decoding of the mixed batch: each row as its stack decodes alone.
+    out = adapter_set.generate(ids, mask, adapters=names, max_new_tokens=4, eos_token_id=[], do_sample=False)
+    for row, name in enumerate(names):
+        if name is None:
+            continue
+        real = mask[row].bool()
+        alone = solo[name].generate(ids[row:row + 1, real], mask[row:row + 1, real], max_new_tokens=4, eos_token_id=[],
+                                    do_sample=False)
+        assert out[row, ids.shape[1]:].tolist() == alone[0, real.sum():].tolist(), f"row {row} ({name})"
+    adapter_set.unload("two")
+    assert adapter_set.names == ["one", "three"] and not [m for m in adapter_set.blocks if m.startswith("two")]
 
 
 def saved_stack(folder):

@@ -600,21 +600,47 @@ def test_requests_joining_and_leaving_mid_run_decode_as_alone(family, tmp_path):
     """The engine's cache splicing and cutting, step by step: requests of different prompt lengths
     join a running batch at different steps and leave it at different steps (Gemma-2: soft cap,
     sliding-window layers); each gets the tokens it gets decoded alone."""
-    from helpers import left_padded_prompts, tiny_causal_lm, tiny_chat_tokenizer
-    from qadapter.serving.engine import Request
+    from helpers import tiny_causal_lm
 
     paths = save_perturbed_adapters(tmp_path, {"a": dict(alpha_tilde=0.9), "b": dict(alpha_tilde=1.2)},
                                     lambda: tiny_causal_lm(family))
-    adapter_set = AdapterSet.from_pretrained(paths, base_model=tiny_causal_lm(family))
+    decode_joining_and_leaving(AdapterSet.from_pretrained(paths, base_model=tiny_causal_lm(family)))
+
+
+def test_stacks_join_and_leave_the_running_batch_as_alone(tmp_path):
+    """Stacked adapters (a three-level request runs four rows, a base request one) joining and leaving
+    beside a single adapter: the cache's rows follow each request's depth."""
+    from helpers import perturb_adapter, tiny_causal_lm
+    from qadapter.library.model import QAdapterModel
+
+    on = None
+    for k, options in enumerate([dict(alpha_tilde=0.9), dict(alpha_0=0.4), dict(q_on="base", alpha_tilde=1.3)], 1):
+        model = QAdapterModel(tiny_causal_lm(), on=on, **options)
+        perturb_adapter(model, seed=k)
+        model.save_pretrained(tmp_path / f"level{k}")
+        on = tmp_path / f"level{k}"
+    adapter_set = AdapterSet.from_pretrained({"a": tmp_path / "level1", "b": tmp_path / "level3"}, tiny_causal_lm())
+    assert adapter_set.depth("b") == 3
+    decode_joining_and_leaving(adapter_set)
+
+
+def decode_joining_and_leaving(adapter_set):
+    """Requests for ``a``, the base, ``b``, ``a`` join a running batch after 0, 2, 1, 3 steps, one
+    scoring its prompt alone (``max_tokens`` 0, never in the batch); each gets what it gets decoded alone."""
+    from helpers import left_padded_prompts, tiny_chat_tokenizer
+    from qadapter.serving.engine import Request
+
     engine = Engine(adapter_set, tiny_chat_tokenizer(), max_batch=4)
     ids, mask = left_padded_prompts(lengths=(9, 3, 6, 5), seed=5)
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     jobs = [("a", 9), (None, 4), ("b", 7), ("a", 3)]  # (adapter, max_tokens)
     requests = [Request(prompt=p, adapter=a, max_tokens=n, emit=lambda event: None) for p, (a, n) in zip(prompts, jobs)]
+    scored = []
+    requests.insert(2, Request(prompt=prompts[2], adapter="b", max_tokens=0, emit=scored.append, echo=True, logprobs=1))
     adapter_set.peft_model.eval()
     together = 0
     with torch.inference_mode():
-        for request, joins_after in zip(requests, (0, 2, 1, 3)):  # steps run before each joins
+        for request, joins_after in zip(requests, (0, 2, 0, 1, 3)):  # steps run before each joins
             for _ in range(joins_after):
                 engine._step()
             engine.submit(request)
@@ -623,7 +649,9 @@ def test_requests_joining_and_leaving_mid_run_decode_as_alone(family, tmp_path):
         while engine._running:
             engine._step()
     assert together >= 3  # they did share the batch
-    for request, prompt in zip(requests, prompts):
+    assert [e.get("finish_reason") for e in scored][-1] == "length" and len(scored[0]["prompt_logprobs"]) == 6
+    for request in requests[:2] + requests[3:]:
+        prompt = request.prompt
         alone = adapter_set.generate(torch.tensor([prompt]), adapters=[request.adapter], max_new_tokens=request.max_tokens,
                                      eos_token_id=2, pad_token_id=0, do_sample=False)[0, len(prompt):].tolist()
         assert request.tokens == (alone[:alone.index(2)] if 2 in alone else alone), (request.adapter, alone)

@@ -34,20 +34,22 @@ from qadapter_kernels import TokenMeasures, combine_logits, vocabulary_pass
 
 from . import atomic
 from . import quantization as quant
-from .hidden import output_head
+from .hidden import head_softcap, output_head
 from .model import (
     base_fingerprint,
-    check_adapter_weights,
     check_base,
     check_prompt,
     check_quantization,
+    check_stackable,
     evaluation_mode,
+    find_level,
+    load_lora,
     load_saved_base,
     select_combine,
-    warnings_held_while_checked,
 )
-from .policy import CombinedPolicy
-from .saved import AdapterLoadError, locate_adapter, read_adapter_config, run_options
+from .policy import ADAPTER_NAME, CombinedPolicy
+from .saved import AdapterLoadError, Level, locate_adapter, read_adapter_config, run_options
+from .stack import effective_hidden, effective_logits, level_name, q_networks
 
 BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer holds the bank
 
@@ -70,18 +72,41 @@ class _BankUp(nn.Module):
         return F.linear(h * self.mask.value, self.weight)
 
 
-class _Adapter:
-    """One loaded adapter: its name, directory and policy temperatures."""
+class _Served:
+    """One served policy: its name and folder, and for each level above the frozen model (one for a
+    single adapter; for a stack its saved levels, then its own) the bank members (PEFT adapter names)
+    its Q network runs and its ``(alpha_0, alpha~)``."""
 
-    def __init__(self, name: str, path: Path, config: dict) -> None:
-        self.name, self.path = name, path
-        loss = run_options(**config["loss"])[0]
-        self.alpha_tilde, self.alpha_0 = loss.alpha_tilde, loss.alpha_0
+    def __init__(self, name: str, path: Path, members: list[str], networks: list[tuple[str, ...]],
+                 alphas: list[tuple[float, float]]) -> None:
+        self.name, self.path, self.members, self.networks, self.alphas = name, path, members, networks, alphas
+
+    @property
+    def depth(self) -> int:
+        """The rows a request for it runs beside the frozen one: one per level."""
+        return len(self.networks)
+
+
+def _part(logits: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    return logits[rows] if isinstance(rows, slice) else logits.index_select(0, rows)
+
+
+def _rows(indices: list[int], device: torch.device) -> slice | torch.Tensor:
+    """``indices`` as a slice where they run contiguously (a view, no copy), else an index tensor."""
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices, device=device)
 
 
 class BankRows:
     """The row plan of an :class:`AdapterSet` (:class:`~qadapter.library.policy.RowPlan`'s contract):
-    prompt row ``i`` decodes ``assignment[i]``, an index into the set's adapters or ``None`` (the base)."""
+    prompt row ``i`` decodes ``assignment[i]``, an index into the set's served policies or ``None``
+    (the base).
+
+    One forward runs ``B + sum(depth_i)`` rows: the ``B`` frozen rows first, then each prompt row's
+    level rows in order (none for the base, one for an adapter, one per level for a stack), so a
+    batch of single adapters is the doubled batch ``[frozen B, adapter B]``. :meth:`level_rows` says
+    where each prompt row's levels are."""
 
     def __init__(self, adapter_set: AdapterSet) -> None:
         self.adapter_set = adapter_set
@@ -97,55 +122,81 @@ class BankRows:
         repeats = rows // len(self.assignment)
         return tuple(a for a in self.assignment for _ in range(repeats))
 
-    def _plan(self, rows: int, device: torch.device) -> dict:
-        """Mask and combine groups for a doubled batch of ``rows``, cached per pattern (a compiled step
-        sees the same tensors again and is not re-traced)."""
-        assignment = self._expanded(rows // 2)
+    def _plan(self, batch: int, device: torch.device) -> dict:
+        """The rows, mask and combine groups of a batch of ``batch`` prompt rows, cached per pattern (a
+        compiled step sees the same tensors again and is not re-traced)."""
+        assignment = self._expanded(batch)
         key = (assignment, torch.device(device))
         if key not in self._cache:
             self._cache.clear()
             bank = self.adapter_set
-            mask = torch.zeros(rows, 1, bank.width, device=device, dtype=bank.dtype)
+            served = [None if index is None else bank.adapters[index] for index in assignment]
+            levels, next_row = [], batch
+            for policy in served:
+                depth = 0 if policy is None else policy.depth
+                levels.append(list(range(next_row, next_row + depth)))
+                next_row += depth
+            owner = list(range(batch)) + [i for i, rows in enumerate(levels) for _ in rows]
+            mask = torch.zeros(next_row, 1, bank.width, device=device, dtype=bank.dtype)
             groups: dict = {}
-            for i, index in enumerate(assignment):
-                if index is None:
-                    groups.setdefault(None, []).append(i)
-                    continue
-                start, stop = bank.blocks[index]
-                mask[rows // 2 + i, 0, start:stop] = 1
-                adapter = bank.adapters[index]
-                groups.setdefault((adapter.alpha_tilde, adapter.alpha_0), []).append(i)
+            for i, (policy, rows) in enumerate(zip(served, levels)):
+                for row, network in zip(rows, [] if policy is None else policy.networks):
+                    for member in network:
+                        start, stop = bank.blocks[member]
+                        mask[row, 0, start:stop] = 1
+                groups.setdefault(() if policy is None else tuple(policy.alphas), []).append(i)
             every = len(groups) == 1
-            self._cache[key] = {"mask": mask, "groups": [
-                (alphas, None if every else torch.tensor(index, device=device)) for alphas, index in groups.items()]}
+            self._cache[key] = {
+                "mask": mask, "owner": torch.tensor(owner, device=device), "levels": levels,
+                "groups": [(alphas, None if every else torch.tensor(members, device=device),
+                            [_rows(members, device)] + [_rows([levels[i][j] for i in members], device)
+                                                        for j in range(len(alphas))])
+                           for alphas, members in groups.items()]}
         return self._cache[key]
 
+    def level_rows(self, batch: int, device: torch.device) -> list[list[int]]:
+        """Each prompt row's level rows in the forward (its frozen row is its own index)."""
+        return self._plan(batch, device)["levels"]
+
+    def rows(self, batch: int, device: torch.device) -> int:
+        return len(self._plan(batch, device)["owner"])
+
+    def expand(self, value, batch: int):
+        """A per-prompt-row input (ids, mask, positions; a mask dict) laid out on the forward's rows."""
+        if isinstance(value, torch.Tensor):
+            return value.index_select(0, self._plan(batch, value.device)["owner"])
+        if isinstance(value, dict):
+            return {k: self.expand(v, batch) for k, v in value.items()}
+        return value
+
     @contextmanager
-    def selecting(self, rows: int, device: torch.device):
+    def selecting(self, batch: int, device: torch.device):
         mask = self.adapter_set.row_mask
-        previous, mask.value = mask.value, self._plan(rows, device)["mask"]
+        previous, mask.value = mask.value, self._plan(batch, device)["mask"]
         try:
             yield
         finally:
             mask.value = previous
 
-    def combine(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
-        """Each row's policy: its adapter's combined log-probs with its own ``alpha~``, ``alpha_0``;
-        a base row's are the frozen model's own log-probs."""
+    def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        """Each prompt row's policy from the forward's rows: its adapter's combined log-probs with its
+        own ``alpha~``, ``alpha_0`` (a stack's, by the stack's recursion over its levels); a base row's
+        are the frozen log-probs. Rows of the same temperatures combine together."""
         kernel = combine_logits if torch.compiler.is_compiling() else self.kernel
-        groups = self._plan(2 * frozen_logits.shape[0], frozen_logits.device)["groups"]
         out = None
-        for alphas, index in groups:
-            frozen = frozen_logits if index is None else frozen_logits.index_select(0, index)
-            if alphas is None:
-                part = torch.log_softmax(frozen.float(), dim=-1)
-            else:
-                adapter = adapter_logits if index is None else adapter_logits.index_select(0, index)
-                part = kernel(frozen, adapter, alpha_tilde=alphas[0], alpha_0=alphas[1])
+        for alphas, index, rows in self._plan(batch, logits.device)["groups"]:
+            blocks = [_part(logits, r) for r in rows]
+            if not alphas:
+                part = torch.log_softmax(blocks[0].float(), dim=-1)
+            elif len(alphas) == 1:
+                part = kernel(blocks[0], blocks[1], alpha_0=alphas[0][0], alpha_tilde=alphas[0][1])
+            else:  # a stack: its parent's policy is the softmax of h_eff W (docs/design.md, "Stacked adapters")
+                part = kernel(effective_logits(blocks[:-1], alphas[:-1]), blocks[-1].float(), alpha_0=alphas[-1][0],
+                              alpha_tilde=alphas[-1][1])
             if index is None:
                 return part
             if out is None:
-                out = part.new_empty(frozen_logits.shape)
+                out = part.new_empty((batch, *part.shape[1:]))
             out.index_copy_(0, index, part)
         return out
 
@@ -163,8 +214,8 @@ class AdapterSet:
         self.fingerprint = base_fingerprint(base_model)
         self.quantization = quant.model_quantization(base_model)
         self.peft_model: nn.Module | None = None
-        self.adapters: list[_Adapter] = []
-        self.blocks: list[tuple[int, int]] = []  # each adapter's columns in the bank
+        self.adapters: list[_Served] = []
+        self.blocks: dict[str, tuple[int, int]] = {}  # each member's columns in the bank
         self.width = 0
         self.dtype = torch.float32
         self.row_mask = _RowMask()
@@ -198,50 +249,61 @@ class AdapterSet:
     def names(self) -> list[str]:
         return [a.name for a in self.adapters]
 
-    def load(self, name: str, path: str | os.PathLike) -> None:
-        """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as ``QAdapterModel.from_pretrained``
-        checks it (complete files, this base, its quantization, exactly its tensors)."""
-        from peft import PeftModel
+    def depth(self, name: str | None) -> int:
+        """The rows a request for ``name`` (None: the base) runs beside its frozen row: 0 for the base,
+        1 for an adapter, a stack's levels for a stack."""
+        return 0 if name is None else next(a.depth for a in self.adapters if a.name == name)
 
-        if not isinstance(name, str) or not name or name == BANK:
-            raise ValueError(f"name must be a non-empty string other than {BANK!r}; got {name!r}")
+    def load(self, name: str, path: str | os.PathLike) -> None:
+        """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as
+        ``QAdapterModel.from_pretrained`` checks it (complete files, this base, its quantization, exactly
+        its tensors; a stack's levels found where its record says, unchanged)."""
+        if not isinstance(name, str) or not name or name == BANK or ":" in name or "." in name:
+            raise ValueError(f"name must be a non-empty string without ':' or '.', other than {BANK!r}; got {name!r}")
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is loaded already (unload it first)")
         path = locate_adapter(path)
         atomic.recover(path)
         config = read_adapter_config(path)
-        if config["stack"]:  # its policy needs its levels' networks too, which the bank does not hold
-            raise AdapterLoadError(f"adapter {name!r}: {path} is a stacked adapter (on {len(config['stack'])} saved "
-                                   "level(s)); an adapter set (and qadapter serve) serves single adapters: "
-                                   "load it with QAdapterModel.from_pretrained, or run qadapter generate")
         check_quantization(path, config["quantization"], self.quantization)
         check_base(path, config, self.fingerprint, self.quantization)
-        with self._bank_rebuilt(), warnings_held_while_checked():
+        levels = [Level.from_dict(record, str(path), path) for record in config["stack"]]
+        if levels:
+            check_stackable(head_softcap(self.base_model), str(path))
+        # A stack's levels load as members "name:level1", ...; its own LoRA (and a single adapter's) as "name".
+        members = [f"{name}:{level_name(k)}" for k in range(1, len(levels) + 1)] + [name]
+        loaded = []
+        with self._bank_rebuilt():
             try:
-                if self.peft_model is None:
-                    self.peft_model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name)
-                else:
-                    self.peft_model.load_adapter(path, adapter_name=name)
-            except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
-                raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): "
-                                       f"{exc}") from exc
-            try:
-                check_adapter_weights(self.peft_model, path, adapter_name=name)
-                self.adapters.append(_Adapter(name, path, config))
+                for k, level in enumerate(levels, 1):
+                    found = find_level(level, k, str(path), self.fingerprint, self.quantization)
+                    self.peft_model = load_lora(self.peft_model or self.base_model, found, members[k - 1],
+                                                f"{path}: stack level {k}", frozen=True)
+                    loaded.append(members[k - 1])
+                self.peft_model = load_lora(self.peft_model or self.base_model, path, name, f"adapter {name!r}")
             except Exception:
-                self.peft_model.delete_adapter(name)
+                for member in loaded:
+                    self.peft_model.delete_adapter(member)
                 raise
+            loss = run_options(**config["loss"])[0]
+            alphas = [(level.alpha_0, level.alpha_tilde) for level in levels] + [(loss.alpha_0, loss.alpha_tilde)]
+            by_level = dict(zip([level_name(k) for k in range(1, len(levels) + 1)] + [ADAPTER_NAME], members))
+            networks = [tuple(by_level[n] for n in network)
+                        for network in q_networks([level.q_on for level in levels] + [config["q_on"]])]
+            self.adapters.append(_Served(name, path, members, networks, alphas))
 
     def unload(self, name: str) -> None:
-        """Removes the adapter ``name`` from the device."""
+        """Removes the adapter ``name`` (a stack: with its levels) from the device."""
         if name not in self.names:
             raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
+        (served,) = [a for a in self.adapters if a.name == name]
         with self._bank_rebuilt():
-            others = [n for n in self.names if n != name]
+            others = [a for a in self.adapters if a.name != name]
             if others:  # PEFT warns when the active adapter is deleted
-                self.peft_model.set_adapter(others[0])
-            self.peft_model.delete_adapter(name)
-            self.adapters = [a for a in self.adapters if a.name != name]
+                self.peft_model.set_adapter(others[0].name)
+            for member in served.members:
+                self.peft_model.delete_adapter(member)
+            self.adapters = others
 
     @contextmanager
     def _bank_rebuilt(self):
@@ -266,32 +328,33 @@ class AdapterSet:
         return [m for m in self.peft_model.modules() if isinstance(m, LoraLayer)]
 
     def _build_bank(self) -> None:
-        """(Re)builds every LoRA layer's bank from the loaded adapters and makes it the active adapter."""
-        layers, names = self._lora_layers(), self.names
-        widths = {name: 0 for name in names}
+        """(Re)builds every LoRA layer's bank from the loaded adapters (a stack's levels too) and makes it
+        the active adapter."""
+        layers, members = self._lora_layers(), [m for a in self.adapters for m in a.members]
+        widths = {member: 0 for member in members}
         for layer in layers:
-            for name in names:
-                if name in layer.lora_A:
-                    if layer.lora_variant.get(name) is not None or layer.lora_B[name].bias is not None:
-                        raise AdapterLoadError(f"adapter {name!r}: an adapter set serves plain LoRA only "
+            for member in members:
+                if member in layer.lora_A:
+                    if layer.lora_variant.get(member) is not None or layer.lora_B[member].bias is not None:
+                        raise AdapterLoadError(f"adapter {member!r}: an adapter set serves plain LoRA only "
                                                "(no DoRA or other variant, no LoRA bias)")
-                    widths[name] = max(widths[name], layer.lora_A[name].weight.shape[0])
-        self.blocks, start = [], 0
-        for name in names:
-            self.blocks.append((start, start + widths[name]))
-            start += widths[name]
+                    widths[member] = max(widths[member], layer.lora_A[member].weight.shape[0])
+        self.blocks, start = {}, 0
+        for member in members:
+            self.blocks[member] = (start, start + widths[member])
+            start += widths[member]
         self.width = start
-        if names:
-            self.dtype = next(layer.lora_A[names[0]].weight.dtype for layer in layers if names[0] in layer.lora_A)
+        if members:
+            self.dtype = next(layer.lora_A[members[0]].weight.dtype for layer in layers if members[0] in layer.lora_A)
         for layer in layers:
             device = layer.get_base_layer().weight.device
             down = torch.zeros(self.width, layer.in_features, device=device, dtype=self.dtype)
             up = torch.zeros(layer.out_features, self.width, device=device, dtype=self.dtype)
-            for name, (start, _) in zip(names, self.blocks):
-                if name in layer.lora_A:
-                    a = layer.lora_A[name].weight
+            for member, (start, _) in self.blocks.items():
+                if member in layer.lora_A:
+                    a = layer.lora_A[member].weight
                     down[start:start + a.shape[0]] = a
-                    up[:, start:start + a.shape[0]] = layer.lora_B[name].weight * layer.scaling[name]
+                    up[:, start:start + a.shape[0]] = layer.lora_B[member].weight * layer.scaling[member]
             layer.lora_A[BANK] = nn.Linear(layer.in_features, self.width, bias=False, device="meta")
             layer.lora_A[BANK].weight = nn.Parameter(down, requires_grad=False)
             layer.lora_B[BANK] = _BankUp(up, self.row_mask)
@@ -353,20 +416,22 @@ class AdapterSet:
         finally:
             handle.remove()
         (hidden,) = captured
-        rows, by_name = input_ids.shape[0], {a.name: a for a in self.adapters}
+        levels_of = self.rows.level_rows(input_ids.shape[0], input_ids.device)
+        by_name = {a.name: a for a in self.adapters}
         scores: list[TokenMeasures | None] = []
         for row, (name, k) in enumerate(zip(adapters, top)):
             if k is None:
                 scores.append(None)
                 continue
             real = attention_mask[row, -input_ids.shape[1]:].bool()
-            frozen, adapted = hidden[row, real][:-1], hidden[rows + row, real][:-1]
-            # The base's own policy is the combination with alpha_0 = 0, alpha~ = 1 of its own logits.
-            alphas = dict(alpha_tilde=1.0, alpha_0=0.0) if name is None else dict(
-                alpha_tilde=by_name[name].alpha_tilde, alpha_0=by_name[name].alpha_0)
-            scores.append(vocabulary_pass(frozen, frozen if name is None else adapted, weight,
-                                          input_ids[row, real][1:], measures=("logprobs", "top"), top_k=k,
-                                          logit_softcap=cap, **alphas))
+            states = [hidden[r, real][:-1] for r in [row, *levels_of[row]]]
+            if name is None:  # the base's own policy: the combination with alpha_0 = 0, alpha~ = 1 of its logits
+                frozen, q, (alpha_0, alpha_tilde) = states[0], states[0], (0.0, 1.0)
+            else:  # the frozen side of a stack's top level is h_eff of the levels below, as in training
+                alphas = by_name[name].alphas
+                frozen, q, (alpha_0, alpha_tilde) = effective_hidden(states[:-1], alphas[:-1]), states[-1], alphas[-1]
+            scores.append(vocabulary_pass(frozen, q, weight, input_ids[row, real][1:], measures=("logprobs", "top"),
+                                          top_k=k, logit_softcap=cap, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
         return logprobs, scores
 
     def _assign(self, adapters: Sequence[str | None], rows: int) -> None:

@@ -147,32 +147,11 @@ class QAdapterModel(nn.Module):
     def _stack_levels(self, levels: list[Level], q_on: str, argument: str) -> None:
         """Loads ``levels`` as frozen PEFT adapters under this one, each checked: same base, same
         quantization, files unchanged since recorded (``argument`` names where they came from)."""
-        if self.loss.logit_softcap is not None:
-            raise ValueError(
-                f"{argument}: stacking adapters needs an uncapped head, and this model soft-caps its logits "
-                f"(logit_softcap={self.loss.logit_softcap:g}): tanh is not linear, so a level's policy is not a "
-                "softmax of one hidden state and the fused loss cannot take it as the frozen side")
+        check_stackable(self.loss.logit_softcap, argument)
         found = []
         for k, level in enumerate(levels, 1):
-            name = level_name(k)
-            try:
-                path = level.location()  # beside the adapter on it if the stack moved, else where recorded
-                config = read_adapter_config(path)
-                check_base(path, config, self.fingerprint, self.quantization)
-                check_quantization(path, config["quantization"], self.quantization)
-            except (AdapterLoadError, FileNotFoundError) as exc:
-                raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
-            if not level.is_at(path):
-                raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
-                                       f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)")
-            with warnings_held_while_checked():
-                try:
-                    self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-                except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
-                    raise AdapterLoadError(f"{argument}: stack level {k}: the weights in {path} cannot be loaded: "
-                                           f"{exc}") from exc
-                check_adapter_weights(self.peft_model, path, adapter_name=name)
-            freeze_level(self.peft_model, name)
+            path = find_level(level, k, argument, self.fingerprint, self.quantization)
+            load_lora(self.peft_model, path, level_name(k), f"{argument}: stack level {k}", frozen=True)
             found.append(level.found_at(path))
         self.stack, self.q_on = tuple(found), q_on
         # The adapters this model's Q network runs are its active ones, whatever runs its forward.
@@ -535,6 +514,52 @@ def recorded_base_name(name: str) -> str:
     """The base as an adapter records it: a local folder by its absolute path (a relative one would
     name another folder, or a hub model, from anywhere else), a hub name or the default as given."""
     return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+
+
+def check_stackable(logit_softcap: float | None, argument: str) -> None:
+    """Stacking needs an uncapped head (a level's policy is a softmax of one hidden state)."""
+    if logit_softcap is not None:
+        raise ValueError(
+            f"{argument}: stacking adapters needs an uncapped head, and this model soft-caps its logits "
+            f"(logit_softcap={logit_softcap:g}): tanh is not linear, so a level's policy is not a "
+            "softmax of one hidden state and the fused loss cannot take it as the frozen side")
+
+
+def find_level(level: Level, k: int, argument: str, fingerprint: str, quantization: dict | None) -> Path:
+    """Where stack level ``k`` (from 1) of the adapter ``argument`` names is: found, checked to be on
+    this base (``fingerprint``, ``quantization``) and unchanged since it was recorded."""
+    try:
+        path = level.location()  # beside the adapter on it if the stack moved, else where recorded
+        config = read_adapter_config(path)
+        check_base(path, config, fingerprint, quantization)
+        check_quantization(path, config["quantization"], quantization)
+    except (AdapterLoadError, FileNotFoundError) as exc:
+        raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
+    if not level.is_at(path):
+        raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
+                               f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)")
+    return path
+
+
+def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: bool = False) -> nn.Module:
+    """The saved LoRA in ``path`` as the PEFT adapter ``name`` of ``model`` (a ``PeftModel``, or a bare
+    base, which becomes one), its weights checked (``what`` names it in errors); ``frozen`` (a stack
+    level): its weights made buffers. Returns the ``PeftModel``."""
+    from peft import PeftModel
+
+    with warnings_held_while_checked():
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
+            raise AdapterLoadError(f"{what}: the weights in {path} cannot be loaded (corrupted or incomplete?): "
+                                   f"{exc}") from exc
+        check_adapter_weights(model, path, adapter_name=name)
+    if frozen:
+        freeze_level(model, name)
+    return model
 
 
 def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | None) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -152,15 +152,16 @@ def _repeated(value, copies: int = 2):
 
 
 class RowPlan:
-    """What the rows of a doubled batch run and how each prompt row's policy is formed from them: the
-    one adapter of a :class:`~qadapter.library.model.QAdapterModel` here, many adapters in
+    """What the rows of one forward run and how each prompt row's policy is formed from them: the one
+    adapter of a :class:`~qadapter.library.model.QAdapterModel` here, many adapters in
     :class:`~qadapter.library.adapter_set.AdapterSet`.
 
-    ``selecting(rows, device)`` is the context in which one forward of the network runs the frozen model on
-    the first half of ``rows`` and the adapter(s) on the second; ``combine`` turns the two halves'
-    logits into the policy's log-probs. ``copies``: how many copies of the batch one forward runs
-    (a stack of adapters, :class:`~qadapter.library.stack.StackedRows`, runs one per level after the
-    frozen one; ``combine`` then gets the frozen copy's logits and the other copies' after them).
+    For a batch of ``batch`` prompt rows: ``expand(value, batch)`` lays a per-row input out on the
+    forward's rows; ``selecting(batch, device)`` is the context in which one forward of the network
+    runs each of those rows through its network; ``combine(logits, batch)`` turns the forward's
+    logits into the policy's log-probs ``[batch, ..., V]``. Here the forward runs ``copies`` copies of
+    the batch: the frozen model on the first, the adapter on the second (a stack of adapters,
+    :class:`~qadapter.library.stack.StackedRows`, runs one copy per level after the frozen one).
     """
 
     copies = 2
@@ -169,10 +170,16 @@ class RowPlan:
         self.peft_model, self.alpha_tilde, self.alpha_0 = peft_model, alpha_tilde, alpha_0
         self.kernel: Callable = combine_logits  # the eager combine; a backend's kernel on CUDA (select_combine)
 
-    def selecting(self, rows: int, device: torch.device):
-        return adapter_rows(self.peft_model, second_half(rows, device))
+    def expand(self, value, batch: int):
+        return _repeated(value, self.copies)
 
-    def combine(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
+    def selecting(self, batch: int, device: torch.device):
+        return adapter_rows(self.peft_model, second_half(self.copies * batch, device))
+
+    def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.combine_pair(logits[:batch], logits[batch:])
+
+    def combine_pair(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
         # Compiled, the eager combine is traced and fused with the step; eager, the backend's kernel runs.
         combine = combine_logits if torch.compiler.is_compiling() else self.kernel
         return combine(frozen_logits, adapter_logits, alpha_tilde=self.alpha_tilde, alpha_0=self.alpha_0)
@@ -199,37 +206,32 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         self.generation_config = copy.deepcopy(getattr(causal_lm, "generation_config", None)
                                                or GenerationConfig.from_model_config(causal_lm.config))
         self.__dict__["rows"] = rows  # not a submodule: it holds the network's own LoRA layers
-        self.copies = getattr(rows, "copies", 2)  # of the batch in one forward: a row plan may run more than two
-        self._active_rows: int | None = None
+        self._active_batch: int | None = None
 
     @contextmanager
     def selecting_rows(self, batch: int):
-        """The frozen model on the first half and the adapter(s) on the second half of a doubled batch
-        of ``batch`` prompts, for every forward inside."""
-        rows = self.copies * batch
-        with self.rows.selecting(rows, self.device):
-            previous, self._active_rows = self._active_rows, rows
+        """The row plan's networks on the forward's rows of a batch of ``batch`` prompts, for every
+        forward inside."""
+        with self.rows.selecting(batch, self.device):
+            previous, self._active_batch = self._active_batch, batch
             try:
                 yield
             finally:
-                self._active_rows = previous
+                self._active_batch = previous
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids: torch.Tensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **model_kwargs):
         """Combined log-probs of the positions kept (all by default) for ``input_ids [B, T]``, as
-        ``logits``; the cache (``cache`` or ``past_key_values``) holds ``2B`` rows."""
+        ``logits``; the cache (``cache`` or ``past_key_values``) holds the forward's rows (``2B`` for one
+        adapter)."""
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: the policy doubles input_ids into frozen and adapter rows")
-        batch = input_ids.shape[0]
-        copies = self.copies
-        inputs = dict(input_ids=_repeated(input_ids, copies), attention_mask=_repeated(attention_mask, copies),
-                      position_ids=_repeated(position_ids, copies), logits_to_keep=logits_to_keep, **model_kwargs)
-        if self._active_rows == copies * batch:
+        batch, rows = input_ids.shape[0], self.rows
+        inputs = dict(input_ids=rows.expand(input_ids, batch), attention_mask=rows.expand(attention_mask, batch),
+                      position_ids=rows.expand(position_ids, batch), logits_to_keep=logits_to_keep, **model_kwargs)
+        with nullcontext() if self._active_batch == batch else self.selecting_rows(batch):
             out = self.causal_lm(**inputs)
-        else:
-            with self.selecting_rows(batch):
-                out = self.causal_lm(**inputs)
-        out.logits = self.rows.combine(out.logits[:batch], out.logits[batch:])
+        out.logits = rows.combine(out.logits, batch)
         return out
 
     @torch.no_grad()

@@ -129,9 +129,9 @@ class StackedRows(RowPlan):
         self.copies = len(self.networks)
         self.parent_alphas = model.level_alphas[:-1]
 
-    def selecting(self, rows: int, device: torch.device):
-        return level_rows(self.peft_model, self.networks, rows // self.copies)
+    def selecting(self, batch: int, device: torch.device):
+        return level_rows(self.peft_model, self.networks, batch)
 
-    def combine(self, frozen_logits: torch.Tensor, adapter_logits: torch.Tensor) -> torch.Tensor:
-        blocks = [frozen_logits, *adapter_logits.split(frozen_logits.shape[0])]
-        return super().combine(effective_logits(blocks[:-1], self.parent_alphas), blocks[-1].float())
+    def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        blocks = logits.split(batch)
+        return self.combine_pair(effective_logits(blocks[:-1], self.parent_alphas), blocks[-1].float())

@@ -4,9 +4,10 @@ batch between decode steps, each row decoding its own adapter's policy (an
 
 Why an engine of its own: transformers' ``generate`` runs a batch fixed from start to end, and its
 continuous-batching manager packs requests into one row of a paged cache, while the combined policy
-runs every request on two rows (frozen and adapter) of a batch. Here the KV cache is transformers'
-``DynamicCache`` over ``2B`` rows (the frozen rows of all requests, then their adapter rows, left-padded
-to a common length); a joining request is prefilled on its own rows and its cache spliced in, a
+runs every request on several rows of a batch (frozen and adapter; a stack's levels; the base's
+frozen one alone). Here the KV cache is transformers' ``DynamicCache`` over those rows (the frozen
+rows of all requests, then each request's level rows: ``AdapterSet.rows``' layout, left-padded to a
+common length); a joining request is prefilled on its own rows and its cache spliced in, a
 finished one's rows are dropped, and the padding columns no row needs any more are cut. A row's next
 token is the argmax of its policy log-probs (greedy rows, in one batched argmax) or, for a row that
 asks for more, taken from its log-probs after transformers' repetition penalty (over prompt and
@@ -21,6 +22,7 @@ decode steps, and an adapter is unloaded only when no request for it is queued o
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue
@@ -299,13 +301,13 @@ class Engine:
         if len(going_on) < len(new):
             if not going_on:
                 return
-            _keep_rows(cache, going_on, len(new))
+            _keep_rows(cache, going_on, self._depths(new))
             new, mask, logprobs = [new[row] for row in going_on], mask[going_on], logprobs[going_on]
         self._splice(new, cache, mask)
         self._advance(new, logprobs, offset=len(self._running) - len(new))
 
     def _splice(self, new: list[Request], cache, mask: torch.Tensor) -> None:
-        """Adds ``new`` requests' rows (their cache over ``2b`` rows and their ``mask``) to the batch."""
+        """Adds ``new`` requests' rows (their cache, frozen rows then level rows, and their ``mask``) to the batch."""
         if not self._running:
             self._running, self._cache, self._mask = list(new), cache, mask
             return
@@ -384,6 +386,7 @@ class Engine:
     def _drop(self, rows: list[int]) -> None:
         """Removes the requests at ``rows`` from the batch, and the padding columns no row needs."""
         keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        depths = self._depths(self._running)
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache = self._mask = self._next = None
@@ -391,7 +394,11 @@ class Engine:
         self._mask, self._next = self._mask[keep], self._next[keep]
         start = int((self._mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding on every row
         self._mask = self._mask[:, start:]
-        _keep_rows(self._cache, keep, len(rows) + len(keep), start)
+        _keep_rows(self._cache, keep, depths, start)
+
+    def _depths(self, requests: list[Request]) -> list[int]:
+        """The level rows each request's policy runs beside its frozen row (an adapter 1, a stack more, the base none)."""
+        return [self.adapter_set.depth(r.adapter) for r in requests]
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Whether the engine ran out of work within ``timeout`` seconds (for tests and benchmarks)."""
@@ -417,10 +424,13 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
     return request.text
 
 
-def _keep_rows(cache, keep: list[int], batch: int, start: int = 0) -> None:
-    """Keeps, in ``cache`` over ``2 * batch`` rows (frozen rows, then adapter rows), the rows of the
-    requests at ``keep``, and its positions from ``start`` on."""
-    index = torch.tensor(keep + [batch + i for i in keep], device=cache.layers[0].keys.device)
+def _keep_rows(cache, keep: list[int], depths: list[int], start: int = 0) -> None:
+    """Keeps, in ``cache`` over the rows of requests whose policies run ``depths`` level rows each (the
+    frozen rows of all, then each request's level rows: :class:`~qadapter.library.adapter_set.BankRows`),
+    the rows of the requests at ``keep``, and its positions from ``start`` on."""
+    first = list(itertools.accumulate(depths, initial=len(depths)))  # each request's first level row
+    index = keep + [row for i in keep for row in range(first[i], first[i] + depths[i])]
+    index = torch.tensor(index, device=cache.layers[0].keys.device)
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, index)[:, :, start:]
         layer.values = layer.values.index_select(0, index)[:, :, start:]
