@@ -337,9 +337,8 @@ def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
     """Stacks (two levels, and three with a ``q_on="base"`` top) in a mixed batch with their own
     parent and the base: each row's next-token log-probs, its echoed prompt's and its greedy decoding
     are its own model's (the explicit level-by-level formula; ``generate`` of the stack alone)."""
-    from transformers import DynamicCache
-
     from qadapter.library.adapter_set import AdapterSet
+    from transformers import DynamicCache
 
     saved_stack(tmp_path)
     paths = {"one": tmp_path / "level1", "two": tmp_path / "level2", "three": tmp_path / "level3"}
