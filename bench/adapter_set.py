@@ -51,17 +51,18 @@ class PeftMixedRows:
     def __init__(self, adapter_set, names: list[str]) -> None:
         from qadapter.library.adapter_set import BankRows
 
-        self.adapter_set, self.names = adapter_set, names
+        self.adapter_set = adapter_set
         self.policies = BankRows(adapter_set)  # each row's combine, as the set forms it
         self.policies.assignment = tuple(adapter_set.names.index(n) for n in names)
+        self.members = [adapter_set.adapters[i].members[-1] for i in self.policies.assignment]  # PEFT's names
 
     def expand(self, value, batch: int):
         return self.policies.expand(value, batch)  # single adapters: the doubled batch [frozen, adapter]
 
     @contextmanager
     def selecting(self, batch: int, device):
-        repeats = batch // len(self.names)
-        names = ["__base__"] * batch + [n for n in self.names for _ in range(repeats)]
+        repeats = batch // len(self.members)
+        names = ["__base__"] * batch + [n for n in self.members for _ in range(repeats)]
         with self.adapter_set.peft_model.base_model._enable_peft_forward_hooks(adapter_names=names):
             yield
 

@@ -158,9 +158,6 @@ class BankRows:
         """Each prompt row's level rows in the forward (its frozen row is its own index)."""
         return self._plan(batch, device)["levels"]
 
-    def rows(self, batch: int, device: torch.device) -> int:
-        return len(self._plan(batch, device)["owner"])
-
     def expand(self, value, batch: int):
         """A per-prompt-row input (ids, mask, positions; a mask dict) laid out on the forward's rows."""
         if isinstance(value, torch.Tensor):
@@ -215,6 +212,7 @@ class AdapterSet:
         self.quantization = quant.model_quantization(base_model)
         self.peft_model: nn.Module | None = None
         self.adapters: list[_Served] = []
+        self._loads = 0  # adapters loaded so far: numbers their bank members
         self.blocks: dict[str, tuple[int, int]] = {}  # each member's columns in the bank
         self.width = 0
         self.dtype = torch.float32
@@ -258,8 +256,8 @@ class AdapterSet:
         """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as
         ``QAdapterModel.from_pretrained`` checks it (complete files, this base, its quantization, exactly
         its tensors; a stack's levels found where its record says, unchanged)."""
-        if not isinstance(name, str) or not name or name == BANK or ":" in name or "." in name:
-            raise ValueError(f"name must be a non-empty string without ':' or '.', other than {BANK!r}; got {name!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string; got {name!r}")
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is loaded already (unload it first)")
         path = locate_adapter(path)
@@ -270,8 +268,10 @@ class AdapterSet:
         levels = [Level.from_dict(record, str(path), path) for record in config["stack"]]
         if levels:
             check_stackable(head_softcap(self.base_model), str(path))
-        # A stack's levels load as members "name:level1", ...; its own LoRA (and a single adapter's) as "name".
-        members = [f"{name}:{level_name(k)}" for k in range(1, len(levels) + 1)] + [name]
+        # Members are PEFT adapter names of our own (a served name may hold what a module name cannot):
+        # a stack's levels, then its own LoRA (a single adapter's alone).
+        self._loads += 1
+        members = [f"served{self._loads}_{level_name(k)}" for k in range(1, len(levels) + 1)] + [f"served{self._loads}"]
         loaded = []
         with self._bank_rebuilt():
             try:
@@ -280,7 +280,7 @@ class AdapterSet:
                     self.peft_model = load_lora(self.peft_model or self.base_model, found, members[k - 1],
                                                 f"{path}: stack level {k}", frozen=True)
                     loaded.append(members[k - 1])
-                self.peft_model = load_lora(self.peft_model or self.base_model, path, name, f"adapter {name!r}")
+                self.peft_model = load_lora(self.peft_model or self.base_model, path, members[-1], f"adapter {name!r}")
             except Exception:
                 for member in loaded:
                     self.peft_model.delete_adapter(member)
@@ -300,7 +300,7 @@ class AdapterSet:
         with self._bank_rebuilt():
             others = [a for a in self.adapters if a.name != name]
             if others:  # PEFT warns when the active adapter is deleted
-                self.peft_model.set_adapter(others[0].name)
+                self.peft_model.set_adapter(others[0].members[-1])
             for member in served.members:
                 self.peft_model.delete_adapter(member)
             self.adapters = others
@@ -314,8 +314,8 @@ class AdapterSet:
                 for entries in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.scaling):
                     if BANK in entries:
                         del entries[BANK]
-            if self.names:
-                self.peft_model.set_adapter(self.names[0])
+            if self.adapters:
+                self.peft_model.set_adapter(self.adapters[0].members[-1])
         try:
             yield
         finally:
@@ -330,13 +330,14 @@ class AdapterSet:
     def _build_bank(self) -> None:
         """(Re)builds every LoRA layer's bank from the loaded adapters (a stack's levels too) and makes it
         the active adapter."""
-        layers, members = self._lora_layers(), [m for a in self.adapters for m in a.members]
+        layers, served_as = self._lora_layers(), {m: a.name for a in self.adapters for m in a.members}
+        members = list(served_as)
         widths = {member: 0 for member in members}
         for layer in layers:
             for member in members:
                 if member in layer.lora_A:
                     if layer.lora_variant.get(member) is not None or layer.lora_B[member].bias is not None:
-                        raise AdapterLoadError(f"adapter {member!r}: an adapter set serves plain LoRA only "
+                        raise AdapterLoadError(f"adapter {served_as[member]!r}: an adapter set serves plain LoRA only "
                                                "(no DoRA or other variant, no LoRA bias)")
                     widths[member] = max(widths[member], layer.lora_A[member].weight.shape[0])
         self.blocks, start = {}, 0
@@ -384,8 +385,8 @@ class AdapterSet:
         """Each row's log-probs ``[B, V]`` of its next token under the policy of ``adapters[row]``, after
         feeding ``input_ids [B, t]``: one step of a caller's own decoding loop (the serving engine's).
         ``attention_mask [B, T + t]`` covers everything fed so far; ``cache`` (a transformers
-        ``DynamicCache`` over ``2B`` rows: frozen rows, then adapter rows) holds the first ``T`` and is
-        extended. The model is used as it is (call ``eval()`` on it first)."""
+        ``DynamicCache`` over the forward's rows, :class:`BankRows`: frozen rows, then each row's level
+        rows) holds the first ``T`` and is extended. The model is used as it is (call ``eval()`` on it first)."""
         self._assign(adapters, input_ids.shape[0])
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         return self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
