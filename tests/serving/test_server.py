@@ -682,6 +682,35 @@ def test_adapters_load_and_unload_while_the_server_runs(updatable_server, saved,
                                   temperature=0).choices[0].text == solo_text("formal", PROMPTS[0], 10)
 
 
+def test_a_stacked_adapter_is_loaded_and_served_as_its_stack_decodes(updatable_server, saved, tmp_path):
+    """A stack (trained on a served adapter) loaded by vLLM's route answers as the stack decodes alone
+    (``QAdapterModel.generate``), beside its own parent's requests; unloading it leaves the parent."""
+    from helpers import perturb_adapter
+    from qadapter.library.model import QAdapterModel
+
+    base_url, _ = updatable_server
+    root, tokenizer, paths = saved
+    stack = QAdapterModel.from_base(str(root / "base"), on=str(paths["terse"]), alpha_0=0.7, lora_dropout=0.0)
+    perturb_adapter(stack, seed=9)
+    stack.save_pretrained(tmp_path / "terse-v2")
+    loaded = httpx.post(f"{base_url}/load_lora_adapter", json={"lora_name": "terse.v2", "lora_path": str(tmp_path / "terse-v2")},
+                        timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    ids = tokenizer(PROMPTS[3], add_special_tokens=False).input_ids
+    alone = QAdapterModel.from_pretrained(tmp_path / "terse-v2").eval().generate(
+        torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
+    api = client(base_url)
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(lambda m=m: api.completions.create(model=m, prompt=ids, max_tokens=8, temperature=0))
+                for m in ("terse.v2", "terse")]
+        stacked, parent = [job.result().choices[0].text for job in jobs]
+    assert stacked == tokenizer.decode(alone, skip_special_tokens=True)
+    assert stacked != parent  # the stack's own policy, not its parent's
+    assert httpx.post(f"{base_url}/unload_lora_adapter", json={"lora_name": "terse.v2"}, timeout=60).status_code == 200
+    assert [m.id for m in api.models.list().data] == ["base", "terse", "formal"]
+
+
 @pytest.mark.parametrize("route, body, status, param, message", [
     ("load", {"lora_name": "x", "lora_path": "/nonexistent/adapter"}, 400, "lora_path", "no such folder"),
     ("load", {"lora_name": "terse", "lora_path": "TERSE"}, 400, "lora_name", "loaded already"),
