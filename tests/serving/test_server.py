@@ -130,6 +130,48 @@ def test_models_lists_the_base_and_the_adapters(server, saved):
     assert models[0].root == str(saved[0] / "base") and models[0].parent is None
     assert [(m.root, m.parent) for m in models[1:]] == [(str(saved[2][name]), "base") for name in ADAPTERS]
     assert models[0].max_model_len == 128
+    one = client(server[0]).models.retrieve("formal")
+    assert one.id == "formal" and one.parent == "base" and one.root == str(saved[2]["formal"])
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        client(server[0]).models.retrieve("nope")
+
+
+def test_health_says_whether_the_engine_takes_requests(server, saved):
+    """``/health``, a load balancer's probe: 200 while the engine runs, 503 when it does not."""
+    from starlette.testclient import TestClient
+
+    assert httpx.get(server[0].removesuffix("/v1") + "/health", timeout=10).status_code == 200
+    _, tokenizer, paths = saved
+    stopped = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer)  # never started
+    answer = TestClient(Server(stopped).app()).get("/health")
+    assert answer.status_code == 503 and "not running" in answer.json()["error"]["message"]
+
+
+def test_logit_bias_moves_the_answer_as_openai_defines_it(server, saved):
+    """A bias of +100 on a token makes every answer token that token (log-probs are <= 0), on both
+    routes; -100 on the greedy answer's first token makes it the policy's second choice; a bias outside
+    OpenAI's range or the vocabulary is a 400."""
+    from qadapter.library.model import QAdapterModel
+
+    _, tokenizer, paths = saved
+    api = client(server[0])
+    favoured = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" world"))[0]
+    chat = api.chat.completions.create(model="kind", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=4,
+                                       temperature=0, logit_bias={str(favoured): 100})
+    assert chat.choices[0].message.content == tokenizer.decode([favoured] * 4)
+    ids = tokenizer(PROMPTS[1], add_special_tokens=False).input_ids
+    forced = api.completions.create(model="kind", prompt=ids, max_tokens=4, temperature=0, logit_bias={str(favoured): 100})
+    assert forced.choices[0].text == tokenizer.decode([favoured] * 4)
+    with torch.no_grad():
+        policy = QAdapterModel.from_pretrained(paths["kind"]).policy(input_ids=torch.tensor([ids])).logits[0, -1]
+    first, second = policy.topk(2).indices.tolist()
+    moved = api.completions.create(model="kind", prompt=ids, max_tokens=1, temperature=0, logprobs=0,
+                                   logit_bias={str(first): -100})
+    assert moved.choices[0].logprobs.token_logprobs[0] == pytest.approx(policy[second].item(), abs=1e-4)
+    for bias, match in (({"abc": 1}, "logit_bias must map"), ({"5": 101}, r"\[-100, 100\]"),
+                        ({str(len(tokenizer) + 10**6): 1}, "token ids in")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=2, logit_bias=bias)
 
 
 def test_completion_is_the_adapters_own_greedy_decoding(server, solo_text):
@@ -201,7 +243,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     with pytest.raises(openai.BadRequestError, match="messages"):
         api.chat.completions.create(model="terse", messages=[], max_tokens=2)
     # What would change the answer and is not implemented is refused, not ignored; its default is accepted.
-    for name, value in (("best_of", 3), ("logit_bias", {"50": 10})):
+    for name, value in (("best_of", 3), ("suffix", "the end")):
         with pytest.raises(openai.BadRequestError, match=f"{name} is not supported by this server"):
             api.completions.create(model="terse", prompt="hello", max_tokens=2, **{name: value})
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):

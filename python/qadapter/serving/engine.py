@@ -73,6 +73,7 @@ class Request:
     repetition_penalty: float = 1.0  # 1: off; transformers' (prompt and answer tokens)
     frequency_penalty: float = 0.0  # OpenAI's (answer tokens): minus this times a token's count so far
     presence_penalty: float = 0.0  # OpenAI's (answer tokens): minus this once a token occurred
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its score
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: each answer token's log-prob and the k likeliest tokens'
@@ -104,6 +105,7 @@ class Engine:
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.vocab = adapter_set.base_model.get_output_embeddings().weight.shape[0]
         self.device = adapter_set.base_model.get_output_embeddings().weight.device
         self._pending: queue.Queue[Request] = queue.Queue()
         self._running: list[Request] = []
@@ -137,6 +139,12 @@ class Engine:
         for name, (holds, expected) in _sampling_expectations(request).items():
             if not holds:  # caught here, not as an error that ends the running batch
                 raise ValueError(f"{name} must be {expected}; got {getattr(request, name)!r}")
+        bias = request.logit_bias
+        if not isinstance(bias, dict) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab and isinstance(b, (int, float))
+                and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()):
+            raise ValueError(f"logit_bias must map token ids in [0, {self.vocab}) to numbers in [-100, 100]; "
+                             f"got {bias!r}")
 
     def submit(self, request: Request) -> None:
         self.check(request)
@@ -210,6 +218,11 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="qadapter-engine", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def serving(self) -> bool:
+        """Whether the engine takes requests: its thread runs and it is not shutting down."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing.is_set()
 
     def stop(self, grace: float = 0.0, timeout: float | None = 30.0) -> None:
         """Takes no new request, gives the running and queued ones ``grace`` seconds to finish, then
@@ -497,13 +510,14 @@ def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
 
 def _penalized(request: Request) -> bool:
     return (request.repetition_penalty != 1 or request.frequency_penalty != 0
-            or request.presence_penalty != 0)
+            or request.presence_penalty != 0 or bool(request.logit_bias))
 
 
 def penalize(request: Request, scores: torch.Tensor) -> torch.Tensor:
     """``scores [1, V]`` (a row's log-probs) after the request's penalties: transformers' repetition
     penalty over the prompt and answer tokens (as its ``generate`` applies it), then OpenAI's over the
-    answer tokens, ``score[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0)``."""
+    answer tokens, ``score[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0)``,
+    then OpenAI's ``logit_bias`` added to its tokens' scores."""
     if request.repetition_penalty != 1:
         from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -513,6 +527,10 @@ def penalize(request: Request, scores: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(request.tokens, device=scores.device), minlength=scores.shape[-1])
         penalty = request.frequency_penalty * counts + request.presence_penalty * (counts > 0)
         scores = scores - penalty.to(scores.dtype)
+    if request.logit_bias:
+        tokens = torch.tensor(list(request.logit_bias), device=scores.device)
+        bias = torch.tensor(list(request.logit_bias.values()), device=scores.device, dtype=scores.dtype)
+        scores = scores.index_add(1, tokens, bias.unsqueeze(0))
     return scores
 
 

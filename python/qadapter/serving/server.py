@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server for the customized policies of an adapter set (``qadapter serve``).
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events when ``stream`` is
-true), ``/v1/models`` listing the base and the loaded adapters. A request's ``model`` names an adapter
+true), ``/v1/models`` listing the base and the loaded adapters (``/v1/models/{id}`` one of them),
+``/health`` for probes. A request's ``model`` names an adapter
 or the base; requests to different adapters share one running batch (:mod:`qadapter.serving.engine`).
 Starlette routes, uvicorn serves; a bad request gets a 4xx answer in OpenAI's error shape, naming the
 field, and a client that goes away mid-stream has its request dropped from the batch. With adapter
@@ -37,15 +38,15 @@ BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 FIELDS = {
     "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
                      "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs", "echo", "stream",
-                     "stream_options"),
+                     "stream_options", "logit_bias"),
                     ("user",),
-                    ("best_of", "logit_bias", "suffix")),
+                    ("best_of", "suffix")),
     "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
               "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs",
-              "top_logprobs", "stream", "stream_options"),
+              "top_logprobs", "stream", "stream_options", "logit_bias"),
              ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
               "prompt_cache_options", "prompt_cache_retention", "prediction", "parallel_tool_calls"),
-             ("logit_bias", "tools", "tool_choice", "functions", "function_call", "response_format")),
+             ("tools", "tool_choice", "functions", "function_call", "response_format")),
 }
 MAX_CHOICES = 128  # OpenAI's bound on n
 MAX_PROMPTS = 2048  # prompts in one completions request (OpenAI's bound on a list of prompts)
@@ -53,8 +54,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs (its completions 
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
 # the values that ask for nothing: set to anything else they are refused, never silently ignored.
-UNSUPPORTED = {"best_of": (1,),
-               "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
                "function_call": ("none",), "response_format": ({"type": "text"},)}
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -88,6 +88,19 @@ def _number(body: dict, name: str, default: float, low: float, high: float = mat
     return number
 
 
+def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: token ids (JSON keys, so strings of digits) to biases in [-100, 100]."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if isinstance(bias, dict) and all(isinstance(k, str) and k.isdigit() and int(k) < vocab for k in bias) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -100 <= v <= 100
+            for v in bias.values()):
+        return {int(k): float(v) for k, v in bias.items()}
+    raise BadRequest(f"logit_bias must map token ids in [0, {vocab}) to numbers in [-100, 100]; got "
+                     f"{json.dumps(bias)}", "logit_bias")
+
+
 def _int(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
     value = body.get(name, default)
     if value is None:
@@ -117,7 +130,9 @@ class Server:
         updates = [Route("/v1/load_lora_adapter", self.load_adapter, methods=["POST"]),
                    Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"])]
         return Starlette(routes=[
+            Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             *(updates if self.allow_adapter_updates else []),
@@ -127,15 +142,30 @@ class Server:
     def model_names(self) -> list[str]:
         return [BASE_MODEL, *self.engine.adapter_set.names]
 
-    async def models(self, request: HttpRequest) -> JSONResponse:
-        """OpenAI's model list, with vLLM's ``root`` (where a model's weights come from) and ``parent``
+    async def health(self, request: HttpRequest):
+        """200 while the engine takes requests, 503 once it does not (a load balancer's probe, as vLLM's)."""
+        if self.engine.serving:
+            return PlainTextResponse("")
+        return _error("the engine is not running (stopped, or shutting down)", 503)
+
+    def _model_entry(self, name: str) -> dict:
+        """OpenAI's model object, with vLLM's ``root`` (where a model's weights come from) and ``parent``
         (an adapter's model: the base) and the context length."""
         adapters = {a.name: str(a.path) for a in self.engine.adapter_set.adapters}
         base = getattr(self.engine.adapter_set.base_model.config, "name_or_path", None) or None
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "qadapter", "root": adapters.get(name, base),
-             "parent": None if name == BASE_MODEL else BASE_MODEL, "max_model_len": self.engine.context_length}
-            for name in self.model_names]})
+        return {"id": name, "object": "model", "created": 0, "owned_by": "qadapter", "root": adapters.get(name, base),
+                "parent": None if name == BASE_MODEL else BASE_MODEL, "max_model_len": self.engine.context_length}
+
+    async def models(self, request: HttpRequest) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [self._model_entry(name) for name in self.model_names]})
+
+    async def model(self, request: HttpRequest) -> JSONResponse:
+        """OpenAI's model retrieval: one model of the list, by its id."""
+        name = request.path_params["model"]
+        if name not in self.model_names:
+            return _error(f"model {name!r} does not exist; available: {self.model_names}", 404, "model",
+                          "model_not_found")
+        return JSONResponse(self._model_entry(name))
 
     async def completions(self, request: HttpRequest):
         return await self._complete(request, chat=False)
@@ -341,7 +371,7 @@ class Server:
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                     presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
-                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs)
+                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs, logit_bias=_logit_bias(body, self.engine.vocab))
         if not chat:
             options["echo"] = echo
         return options, choices, stream, stream_options.get("include_usage", False)
