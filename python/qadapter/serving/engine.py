@@ -6,13 +6,13 @@ Why an engine of its own: transformers' ``generate`` runs a batch fixed from sta
 continuous-batching manager packs requests into one row of a paged cache, while the combined policy
 runs every request on several rows of a batch (frozen and adapter; a stack's levels; the base's
 frozen one alone). Here the KV cache is transformers' ``DynamicCache`` over those rows (the frozen
-rows of all requests, then each request's level rows: ``AdapterSet.rows``' layout, left-padded to a
-common length); a joining request is prefilled on its own rows and its cache spliced in, a
+rows of all requests, then each request's level rows, as the adapter set's row plan lays them out,
+left-padded to a common length); a joining request is prefilled on its own rows and its cache spliced in, a
 finished one's rows are dropped, and the padding columns no row needs any more are cut. A row's next
 token is the argmax of its policy log-probs (greedy rows, in one batched argmax) or, for a row that
 asks for more, taken from its log-probs after transformers' repetition penalty (over prompt and
-answer), OpenAI's frequency and presence penalties (over the answer) and, when sampling,
-transformers' warpers (temperature, top-k, top-p, min-p).
+answer), OpenAI's frequency and presence penalties (over the answer) and its ``logit_bias`` and,
+when sampling, transformers' warpers (temperature, top-k, top-p, min-p).
 
 One thread owns the model (:meth:`Engine.start`); requests are submitted from any thread and hear of
 their tokens through their ``emit`` callback. Adapters are loaded and unloaded while it serves
