@@ -344,6 +344,7 @@ def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
     paths = {"one": tmp_path / "level1", "two": tmp_path / "level2", "three.v3": tmp_path / "level3"}
     adapter_set = AdapterSet.from_pretrained(paths, tiny_causal_lm())
     assert [adapter_set.depth(n) for n in (None, "one", "two", "three.v3")] == [0, 1, 2, 3]
+    assert len(adapter_set.blocks) == 3  # the three LoRAs, each once: a stack shares its served parents
     solo = {name: QAdapterModel.from_pretrained(path, tiny_causal_lm()).eval() for name, path in paths.items()}
     ids, mask = left_padded_prompts(lengths=(7, 4, 9, 5, 6))
     names = ["three.v3", None, "two", "one", "two"]
@@ -368,8 +369,10 @@ def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
         alone = solo[name].generate(ids[row:row + 1, real], mask[row:row + 1, real], max_new_tokens=4, eos_token_id=[],
                                     do_sample=False)
         assert out[row, ids.shape[1]:].tolist() == alone[0, real.sum():].tolist(), f"row {row} ({name})"
-    adapter_set.unload("two")
-    assert adapter_set.names == ["one", "three.v3"] and len(adapter_set.blocks) == 1 + 3  # its two members gone
+    adapter_set.unload("three.v3")  # level 3 goes; levels 1 and 2 stay, "two" runs them
+    assert adapter_set.names == ["one", "two"] and len(adapter_set.blocks) == 2
+    after = adapter_set.read_prompts(ids, mask, ["one", None, "two", "one", "two"], DynamicCache(), top=[None] * 5)[0]
+    torch.testing.assert_close(after[1:], logprobs[1:], rtol=1e-5, atol=1e-5)
 
 
 def saved_stack(folder):

@@ -48,7 +48,15 @@ from .model import (
     select_combine,
 )
 from .policy import ADAPTER_NAME, CombinedPolicy
-from .saved import AdapterLoadError, Level, locate_adapter, read_adapter_config, run_options
+from .saved import (
+    LEVEL_FILES,
+    AdapterLoadError,
+    Level,
+    adapter_digest,
+    locate_adapter,
+    read_adapter_config,
+    run_options,
+)
 from .stack import effective_hidden, effective_logits, level_name, q_networks
 
 BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer holds the bank
@@ -75,11 +83,13 @@ class _BankUp(nn.Module):
 class _Served:
     """One served policy: its name and folder, and for each level above the frozen model (one for a
     single adapter; for a stack its saved levels, then its own) the bank members (PEFT adapter names)
-    its Q network runs and its ``(alpha_0, alpha~)``."""
+    its Q network runs and its ``(alpha_0, alpha~)``. ``digests``, ``members``: the sha256 of each
+    level's LoRA files and its member, levels first."""
 
-    def __init__(self, name: str, path: Path, members: list[str], networks: list[tuple[str, ...]],
-                 alphas: list[tuple[float, float]]) -> None:
-        self.name, self.path, self.members, self.networks, self.alphas = name, path, members, networks, alphas
+    def __init__(self, name: str, path: Path, digests: list[str], members: list[str],
+                 networks: list[tuple[str, ...]], alphas: list[tuple[float, float]]) -> None:
+        self.name, self.path, self.digests, self.members = name, path, digests, members
+        self.networks, self.alphas = networks, alphas
 
     @property
     def depth(self) -> int:
@@ -212,7 +222,8 @@ class AdapterSet:
         self.quantization = quant.model_quantization(base_model)
         self.peft_model: nn.Module | None = None
         self.adapters: list[_Served] = []
-        self._loads = 0  # adapters loaded so far: numbers their bank members
+        self._members: dict[str, str] = {}  # the bank's LoRAs: sha256 of their files -> PEFT adapter name
+        self._loads = 0  # LoRAs loaded so far: numbers their PEFT adapter names
         self.blocks: dict[str, tuple[int, int]] = {}  # each member's columns in the bank
         self.width = 0
         self.dtype = torch.float32
@@ -268,29 +279,37 @@ class AdapterSet:
         levels = [Level.from_dict(record, str(path), path) for record in config["stack"]]
         if levels:
             check_stackable(head_softcap(self.base_model), str(path))
-        # Members are PEFT adapter names of our own (a served name may hold what a module name cannot):
-        # a stack's levels, then its own LoRA (a single adapter's alone).
-        self._loads += 1
-        members = [f"served{self._loads}_{level_name(k)}" for k in range(1, len(levels) + 1)] + [f"served{self._loads}"]
-        loaded = []
+        # Each LoRA of the bank (a member) is a PEFT adapter named by the set (a served name may hold what a
+        # module name cannot), keyed by the sha256 of its files: a stack's level that is loaded already
+        # (its parent, served too) is shared, not loaded twice.
+        digests = [level.sha256 for level in levels] + [adapter_digest(path, LEVEL_FILES)]
+        added = []
         with self._bank_rebuilt():
             try:
-                for k, level in enumerate(levels, 1):
-                    found = find_level(level, k, str(path), self.fingerprint, self.quantization)
-                    self.peft_model = load_lora(self.peft_model or self.base_model, found, members[k - 1],
-                                                f"{path}: stack level {k}", frozen=True)
-                    loaded.append(members[k - 1])
-                self.peft_model = load_lora(self.peft_model or self.base_model, path, members[-1], f"adapter {name!r}")
+                for k, digest in enumerate(digests, 1):
+                    if digest in self._members:
+                        continue
+                    self._loads += 1
+                    if k <= len(levels):
+                        found, what = find_level(levels[k - 1], k, str(path), self.fingerprint, self.quantization), \
+                            f"{path}: stack level {k}"
+                    else:
+                        found, what = path, f"adapter {name!r}"
+                    self.peft_model = load_lora(self.peft_model or self.base_model, found, f"lora{self._loads}", what,
+                                                frozen=k <= len(levels))
+                    self._members[digest] = f"lora{self._loads}"
+                    added.append(digest)
             except Exception:
-                for member in loaded:
-                    self.peft_model.delete_adapter(member)
+                for digest in added:
+                    self.peft_model.delete_adapter(self._members.pop(digest))
                 raise
+            members = [self._members[digest] for digest in digests]
             loss = run_options(**config["loss"])[0]
             alphas = [(level.alpha_0, level.alpha_tilde) for level in levels] + [(loss.alpha_0, loss.alpha_tilde)]
             by_level = dict(zip([level_name(k) for k in range(1, len(levels) + 1)] + [ADAPTER_NAME], members))
             networks = [tuple(by_level[n] for n in network)
                         for network in q_networks([level.q_on for level in levels] + [config["q_on"]])]
-            self.adapters.append(_Served(name, path, members, networks, alphas))
+            self.adapters.append(_Served(name, path, digests, members, networks, alphas))
 
     def unload(self, name: str) -> None:
         """Removes the adapter ``name`` (a stack: with its levels) from the device."""
@@ -301,8 +320,10 @@ class AdapterSet:
             others = [a for a in self.adapters if a.name != name]
             if others:  # PEFT warns when the active adapter is deleted
                 self.peft_model.set_adapter(others[0].members[-1])
-            for member in served.members:
-                self.peft_model.delete_adapter(member)
+            kept = {digest for other in others for digest in other.digests}
+            for digest in dict.fromkeys(served.digests):
+                if digest not in kept:  # no other served adapter shares it
+                    self.peft_model.delete_adapter(self._members.pop(digest))
             self.adapters = others
 
     @contextmanager
@@ -330,7 +351,10 @@ class AdapterSet:
     def _build_bank(self) -> None:
         """(Re)builds every LoRA layer's bank from the loaded adapters (a stack's levels too) and makes it
         the active adapter."""
-        layers, served_as = self._lora_layers(), {m: a.name for a in self.adapters for m in a.members}
+        layers, served_as = self._lora_layers(), {}
+        for served in self.adapters:
+            for member in served.members:
+                served_as.setdefault(member, served.name)
         members = list(served_as)
         widths = {member: 0 for member in members}
         for layer in layers:
