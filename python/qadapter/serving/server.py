@@ -371,7 +371,8 @@ class Server:
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                     presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0), stop=tuple(stop),
-                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs, logit_bias=_logit_bias(body, self.engine.vocab))
+                    seed=_int(body, "seed", None, 0, MAX_SEED), logprobs=logprobs,
+                    logit_bias=_logit_bias(body, self.engine.vocab))
         if not chat:
             options["echo"] = echo
         return options, choices, stream, stream_options.get("include_usage", False)
