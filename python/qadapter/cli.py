@@ -410,8 +410,8 @@ def _serve_parser(p) -> None:
                      "and /v1/models. A request's model names a loaded adapter, or 'base' for the "
                      "frozen base alone; requests to different adapters decode in one running batch.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=ADAPTER",
-                   help="serve the saved Q-Adapter ADAPTER (a directory, or a hub repository owner/name[@revision]) "
-                        "as model NAME (repeatable)")
+                   help="serve the saved Q-Adapter ADAPTER (a directory, or a hub repository owner/name[@revision]; "
+                        "a stacked one too) as model NAME (repeatable)")
     _add_base_model_option(p, "the base (default: the one the adapters name; without adapters, the embedded default)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
