@@ -286,36 +286,44 @@ class Engine:
         self._joining = []
 
     def _prefill(self, new: list[Request]) -> None:
-        """Reads ``new`` requests' prompts in one forward (with an echoing request's prompt log-probs, read
-        off its hidden states), splices the rows of those that go on decoding into the batch and takes
-        their first tokens."""
-        width = max(len(r.prompt) for r in new)
-        ids = torch.full((len(new), width), self.pad, dtype=torch.long)
+        """Reads ``new`` requests' distinct prompts in one forward (a prompt that several requests ask of
+        one model, ``n`` choices, is read once and its cache rows copied), with an echoing request's
+        prompt log-probs read off the hidden states; splices the rows of those that go on decoding into
+        the batch and takes their first tokens."""
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault((tuple(r.prompt), r.adapter), len(distinct)) for r in new]
+        reads = [new[source.index(j)] for j in range(len(distinct))]
+        width = max(len(r.prompt) for r in reads)
+        ids = torch.full((len(reads), width), self.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, r in enumerate(new):
+        for row, r in enumerate(reads):
             ids[row, width - len(r.prompt):] = torch.tensor(r.prompt)
             mask[row, width - len(r.prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         from transformers import DynamicCache
 
-        cache, adapters = DynamicCache(), [r.adapter for r in new]
-        if any(r.scores_prompt for r in new):
-            logprobs, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache,
-                                                             top=[r.logprobs if r.scores_prompt else None for r in new])
-            for request, score in zip(new, scores):
-                if score is not None:
-                    request.emit({"prompt_logprobs": [(request.prompt[0], None, None), *_prompt_entries(request, score)]})
+        cache, adapters = DynamicCache(), [r.adapter for r in reads]
+        top = [max((r.logprobs for r, j in zip(new, source) if j == row and r.scores_prompt), default=None)
+               for row in range(len(reads))]
+        if any(k is not None for k in top):
+            logprobs, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache, top=top)
+            for request, row in zip(new, source):
+                if request.scores_prompt:
+                    request.emit({"prompt_logprobs": [(request.prompt[0], None, None),
+                                                      *_prompt_entries(request, scores[row])]})
         else:
             logprobs = self.adapter_set.next_logprobs(ids, mask, adapters, cache)
-        going_on = [row for row, r in enumerate(new) if r.max_tokens > 0]
         for r in new:
             if r.max_tokens == 0:  # an echoed prompt scored alone: no answer token, no place in the batch
                 self._finish(r, {"finish_reason": "length"})
-        if len(going_on) < len(new):
-            if not going_on:
-                return
-            _keep_rows(cache, going_on, self._depths(new))
-            new, mask, logprobs = [new[row] for row in going_on], mask[going_on], logprobs[going_on]
+        going_on = [i for i, r in enumerate(new) if r.max_tokens > 0]
+        if not going_on:
+            return
+        rows = [source[i] for i in going_on]  # each request's read
+        if rows != list(range(len(reads))):
+            _keep_rows(cache, rows, self._depths(reads))
+            mask, logprobs = mask[rows], logprobs[rows]
+        new = [new[i] for i in going_on]
         self._splice(new, cache, mask)
         self._advance(new, logprobs, offset=len(self._running) - len(new))
 
@@ -440,7 +448,8 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
 def _keep_rows(cache, keep: list[int], depths: list[int], start: int = 0) -> None:
     """Keeps, in ``cache`` over the rows of requests whose policies run ``depths`` level rows each (the
     frozen rows of all, then each request's level rows: :class:`~qadapter.library.adapter_set.BankRows`),
-    the rows of the requests at ``keep``, and its positions from ``start`` on."""
+    the rows of the requests at ``keep`` (in that order; one named twice is copied), and its positions
+    from ``start`` on."""
     first = list(itertools.accumulate(depths, initial=len(depths)))  # each request's first level row
     index = keep + [row for i in keep for row in range(first[i], first[i] + depths[i])]
     index = torch.tensor(index, device=cache.layers[0].keys.device)
@@ -452,7 +461,8 @@ def _keep_rows(cache, keep: list[int], depths: list[int], start: int = 0) -> Non
 def _prompt_entries(request: Request, scores) -> list[tuple]:
     """The log-prob entries of an echoed prompt's tokens after the first (``scores``: their
     :class:`~qadapter_kernels.TokenMeasures` under the request's policy), as :func:`_logprob_entries` gives them."""
-    return [(token, taken, tuple(zip(ids, values)))
+    k = request.logprobs  # the read may have listed more, for another request of the same prompt
+    return [(token, taken, tuple(zip(ids[:k], values[:k])))
             for token, taken, ids, values in zip(request.prompt[1:], scores.combined.tolist(), scores.top_ids.tolist(),
                                                  scores.top_logprobs.tolist())]
 
