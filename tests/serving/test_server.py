@@ -666,6 +666,46 @@ def test_stacks_join_and_leave_the_running_batch_as_alone(tmp_path):
     decode_joining_and_leaving(adapter_set)
 
 
+def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
+    """``n`` choices (or lm-eval's repeated contexts): requests with the same prompt and model are
+    prefilled as one row, whose cache rows are copied to each; each then decodes (and scores its echoed
+    prompt, with its own number of alternatives) as it would alone."""
+    _, tokenizer, paths = saved
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"], "kind": paths["kind"]})
+    engine = Engine(adapter_set, tokenizer, max_batch=8)
+    read_rows = []
+    real = adapter_set.read_prompts
+    monkeypatch.setattr(adapter_set, "read_prompts",
+                        lambda ids, *args, **kwargs: read_rows.append(ids.shape[0]) or real(ids, *args, **kwargs))
+    same, other = (tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS[:2])
+    events = [[] for _ in range(5)]
+    jobs = [(same, "kind", 2), (same, "kind", 0), (same, "terse", 1), (other, "kind", 3), (same, "kind", 1)]
+    requests = [Request(prompt=p, adapter=a, max_tokens=6, emit=events[i].append, echo=True, logprobs=k)
+                for i, (p, a, k) in enumerate(jobs)]
+    adapter_set.peft_model.eval()
+    with torch.inference_mode():
+        for request in requests:
+            engine.submit(request)
+        engine._admit(wait=False)
+        while engine._running:
+            engine._step()
+    assert read_rows == [3]  # (same, kind), (same, terse), (other, kind)
+    for i, request in enumerate(requests):
+        alone_events = []
+        alone = Request(prompt=request.prompt, adapter=request.adapter, max_tokens=6, emit=alone_events.append,
+                        echo=True, logprobs=request.logprobs)
+        solo = Engine(adapter_set, tokenizer)
+        with torch.inference_mode():
+            solo.submit(alone)
+            solo._admit(wait=False)
+            while solo._running:
+                solo._step()
+        assert request.tokens == alone.tokens, i
+        got, want = events[i][0]["prompt_logprobs"], alone_events[0]["prompt_logprobs"]
+        assert [len(e[2] or ()) for e in got[1:]] == [request.logprobs] * (len(request.prompt) - 1)
+        torch.testing.assert_close(torch.tensor([e[1] for e in got[1:]]), torch.tensor([e[1] for e in want[1:]]))
+
+
 def decode_joining_and_leaving(adapter_set):
     """Requests for ``a``, the base, ``b``, ``a`` join a running batch after 0, 2, 1, 3 steps, one
     scoring its prompt alone (``max_tokens`` 0, never in the batch); each gets what it gets decoded alone."""
@@ -732,6 +772,7 @@ def test_a_stacked_adapter_is_loaded_and_served_as_its_stack_decodes(updatable_s
 
     base_url, _ = updatable_server
     root, tokenizer, paths = saved
+    torch.manual_seed(0)  # PEFT draws the new LoRA's A
     stack = QAdapterModel.from_base(str(root / "base"), on=str(paths["terse"]), alpha_0=0.7, lora_dropout=0.0)
     perturb_adapter(stack, seed=9)
     stack.save_pretrained(tmp_path / "terse-v2")
@@ -744,11 +785,11 @@ def test_a_stacked_adapter_is_loaded_and_served_as_its_stack_decodes(updatable_s
         pad_token_id=tokenizer.pad_token_id)[0, len(ids):]
     api = client(base_url)
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(lambda m=m: api.completions.create(model=m, prompt=ids, max_tokens=8, temperature=0))
-                for m in ("terse.v2", "terse")]
-        stacked, parent = [job.result().choices[0].text for job in jobs]
-    assert stacked == tokenizer.decode(alone, skip_special_tokens=True)
-    assert stacked != parent  # the stack's own policy, not its parent's
+        jobs = [pool.submit(lambda m=m: api.completions.create(model=m, prompt=ids, max_tokens=8, temperature=0,
+                                                               logprobs=0)) for m in ("terse.v2", "terse")]
+        stacked, parent = [job.result().choices[0] for job in jobs]
+    assert stacked.text == tokenizer.decode(alone, skip_special_tokens=True)
+    assert stacked.logprobs.token_logprobs != parent.logprobs.token_logprobs  # the stack's own policy, not its parent's
     assert httpx.post(f"{base_url}/unload_lora_adapter", json={"lora_name": "terse.v2"}, timeout=60).status_code == 200
     assert [m.id for m in api.models.list().data] == ["base", "terse", "formal"]
 
