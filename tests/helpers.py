@@ -236,6 +236,16 @@ def left_padded_prompts(vocab=97, lengths=(7, 4, 9), seed=0):
 
 
 @torch.no_grad()
+def engine_decode(engine, requests: list) -> None:
+    """Runs ``requests`` in one batch of the serving engine to their ends, on this thread (no engine thread)."""
+    with torch.inference_mode():
+        for request in requests:
+            engine.submit(request)
+        engine._admit(wait=False)
+        while engine._running:
+            engine._step()
+
+
 def plain_greedy(model, ids, mask, steps):
     """Re-runs the frozen and the adapter model on the whole sequence every step: no cache, no tricks."""
     from qadapter_kernels import combined_logprobs

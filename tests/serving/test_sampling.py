@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers import left_padded_prompts, save_perturbed_adapters, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from helpers import engine_decode, left_padded_prompts, save_perturbed_adapters, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
 from qadapter.serving.engine import Engine, Request, penalize  # noqa: E402
 
@@ -31,16 +31,6 @@ def prompts():
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def decode(engine: Engine, requests: list[Request]) -> None:
-    """Runs ``requests`` in one batch to their ends, on this thread."""
-    with torch.inference_mode():
-        for request in requests:
-            engine.submit(request)
-        engine._admit(wait=False)
-        while engine._running:
-            engine._step()
-
-
 def new_request(prompt, adapter="a", max_tokens=12, **options) -> Request:
     return Request(prompt=list(prompt), adapter=adapter, max_tokens=max_tokens, emit=lambda event: None, **options)
 
@@ -58,7 +48,7 @@ def test_greedy_with_a_repetition_penalty_is_transformers_generate_with_it(engin
     requests = [new_request(prompts[0], repetition_penalty=1.3),
                 new_request(prompts[1], adapter=None, repetition_penalty=1.3),
                 new_request(prompts[2]), new_request(prompts[2], repetition_penalty=0.8)]
-    decode(engine, requests)
+    engine_decode(engine, requests)
     for r in requests:
         expected = generated(engine, r.prompt, r.adapter, r.max_tokens, repetition_penalty=r.repetition_penalty)
         assert r.tokens == expected, (r.adapter, r.repetition_penalty)
@@ -100,7 +90,7 @@ def test_sample_penalizes_only_the_rows_that_ask(engine):
 def test_a_large_presence_penalty_under_greedy_never_repeats_a_token(engine, prompts):
     plain = new_request(prompts[0], max_tokens=40)
     penalized = new_request(prompts[0], max_tokens=40, presence_penalty=100.0)
-    decode(engine, [plain, penalized])
+    engine_decode(engine, [plain, penalized])
     assert len(set(plain.tokens)) < len(plain.tokens)  # the tiny model repeats itself when let
     assert len(penalized.tokens) > 10 and len(set(penalized.tokens)) == len(penalized.tokens)
 
@@ -112,7 +102,7 @@ def test_warpers_keeping_only_the_top_token_sample_as_greedy_and_a_seed_repeats_
     options = dict(max_tokens=16, temperature=1.0, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
                    frequency_penalty=0.5, presence_penalty=0.5, seed=3)
     drawn = [new_request(prompts[1], **options), new_request(prompts[1], **options)]
-    decode(engine, [greedy, top_k, min_p, *drawn])
+    engine_decode(engine, [greedy, top_k, min_p, *drawn])
     assert top_k.tokens == greedy.tokens and min_p.tokens == greedy.tokens
     assert drawn[0].tokens == drawn[1].tokens and drawn[0].tokens
 

@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
-from helpers import save_perturbed_adapters, save_tiny_base  # noqa: E402
+from helpers import engine_decode, save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
 from qadapter.serving.engine import AdapterBusy, Engine, Request  # noqa: E402
 from qadapter.serving.server import Server  # noqa: E402
@@ -683,23 +683,13 @@ def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
     requests = [Request(prompt=p, adapter=a, max_tokens=6, emit=events[i].append, echo=True, logprobs=k)
                 for i, (p, a, k) in enumerate(jobs)]
     adapter_set.peft_model.eval()
-    with torch.inference_mode():
-        for request in requests:
-            engine.submit(request)
-        engine._admit(wait=False)
-        while engine._running:
-            engine._step()
+    engine_decode(engine, requests)
     assert read_rows == [3]  # (same, kind), (same, terse), (other, kind)
     for i, request in enumerate(requests):
         alone_events = []
         alone = Request(prompt=request.prompt, adapter=request.adapter, max_tokens=6, emit=alone_events.append,
                         echo=True, logprobs=request.logprobs)
-        solo = Engine(adapter_set, tokenizer)
-        with torch.inference_mode():
-            solo.submit(alone)
-            solo._admit(wait=False)
-            while solo._running:
-                solo._step()
+        engine_decode(Engine(adapter_set, tokenizer), [alone])
         assert request.tokens == alone.tokens, i
         got, want = events[i][0]["prompt_logprobs"], alone_events[0]["prompt_logprobs"]
         assert [len(e[2] or ()) for e in got[1:]] == [request.logprobs] * (len(request.prompt) - 1)
