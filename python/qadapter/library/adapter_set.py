@@ -1,8 +1,9 @@
 """Many customized policies over one frozen base: each row of a batch decodes its own adapter's policy.
 
 A Q-Adapter never changes the base; what differs between two customizations is their LoRA weights
-and their ``alpha~``, ``alpha_0``. :class:`AdapterSet` loads saved adapters by name onto one base
-(each checked as :meth:`QAdapterModel.from_pretrained` checks it) and decodes a batch whose rows name
+and their ``alpha~``, ``alpha_0``. :class:`AdapterSet` loads saved adapters (stacked ones too) by
+name onto one base (each checked as :meth:`QAdapterModel.from_pretrained` checks it) and decodes a
+batch whose rows name
 different adapters, or none (the base), in one forward of the network per token.
 
 How a mixed batch runs its LoRA (the *bank*): every LoRA layer holds, under one extra PEFT adapter
@@ -10,7 +11,8 @@ name, the down-projections of all loaded adapters stacked ``[W, d_in]`` and thei
 by side ``[d_out, W]`` (each adapter a block of columns, its scaling folded in, zero where it has no
 LoRA on that layer). PEFT's own forward then computes ``B_all ((A_all x) * mask)``: two GEMMs whatever
 the number of adapters, with a ``[rows, 1, W]`` mask that keeps, on each row, its own adapter's block
-(all zero on frozen rows and base rows, which so get ``W x`` exactly). PEFT's mixed-batch path
+(all zero on frozen rows, which so get ``W x`` exactly; a stack's level row keeps the blocks of that
+level's Q network, :class:`BankRows`). PEFT's mixed-batch path
 (``adapter_names=``) instead loops over the adapters in the batch, gathering and scattering each
 one's rows: a Python loop per layer per adapter. The bank costs ``W / r`` times one adapter's LoRA
 FLOPs, small beside the frozen layers for the adapter counts a batch mixes (``bench/adapter_set.py``
