@@ -36,7 +36,7 @@ from qadapter_kernels import TokenMeasures, combine_logits, vocabulary_pass
 
 from . import atomic
 from . import quantization as quant
-from .hidden import head_softcap, output_head
+from .hidden import decoder_outputs, head_softcap, output_head
 from .model import (
     base_fingerprint,
     check_base,
@@ -432,16 +432,8 @@ class AdapterSet:
         if len(top) != input_ids.shape[0]:
             raise ValueError(f"top must hold one entry per row of input_ids ({input_ids.shape[0]}); got {len(top)}")
         weight, cap = output_head(self.base_model)
-        captured = []
-
-        def keep_hidden(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-        handle = self.base_model.get_decoder().register_forward_hook(keep_hidden)
-        try:
+        with decoder_outputs(self.base_model) as captured:
             logprobs = self.next_logprobs(input_ids, attention_mask, adapters, cache)
-        finally:
-            handle.remove()
         (hidden,) = captured
         levels_of = self.rows.level_rows(input_ids.shape[0], input_ids.device)
         by_name = {a.name: a for a in self.adapters}

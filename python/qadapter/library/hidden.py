@@ -165,14 +165,8 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
     head = linear_head(base_model, logit_softcap)
-    captured = []
-
-    def keep_hidden(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **model_kwargs)
-    handle = base_model.get_decoder().register_forward_hook(keep_hidden)
-    try:
+    with decoder_outputs(base_model) as captured:
         with torch.no_grad():
             with peft_model.disable_adapter():
                 model(**kwargs)
@@ -180,9 +174,24 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                 with only_adapters(peft_model, names):
                     model(**kwargs)
         model(**kwargs)
+    return captured, full_weight(head.weight)  # gathered after the forwards, once
+
+
+@contextmanager
+def decoder_outputs(causal_lm: nn.Module):
+    """Within it, the final hidden states of each forward of ``causal_lm``'s decoder (what its head
+    projects) are appended to the list it yields: a forward with ``logits_to_keep=1`` then gives them
+    for every position while its head forms one position's logits."""
+    captured: list[torch.Tensor] = []
+
+    def keep_hidden(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = causal_lm.get_decoder().register_forward_hook(keep_hidden)
+    try:
+        yield captured
     finally:
         handle.remove()
-    return captured, full_weight(head.weight)  # gathered after the forwards, once
 
 
 def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
