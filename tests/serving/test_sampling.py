@@ -109,7 +109,9 @@ def test_warpers_keeping_only_the_top_token_sample_as_greedy_and_a_seed_repeats_
 
 @pytest.mark.parametrize("option, value", [("temperature", -1.0), ("top_k", 2.5), ("top_p", 0.0), ("min_p", 2.0),
                                            ("repetition_penalty", 0.0), ("frequency_penalty", float("nan")),
-                                           ("presence_penalty", float("inf")), ("seed", -3), ("top_k", True)])
+                                           ("presence_penalty", float("inf")), ("seed", -3), ("top_k", True),
+                                           ("logit_bias", {5: 101.0}), ("logit_bias", {10**6: 1.0}),
+                                           ("logit_bias", {"5": 1.0})])
 def test_a_request_the_engine_cannot_decode_is_refused_by_name_before_it_is_queued(engine, prompts, option, value):
     """The engine's own callers (not only the server, which checks the HTTP fields) hear of a bad value
     at submission, naming the option, instead of an error that ends the running batch."""

@@ -105,8 +105,8 @@ class Engine:
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.vocab = adapter_set.base_model.get_output_embeddings().weight.shape[0]
-        self.device = adapter_set.base_model.get_output_embeddings().weight.device
+        head = adapter_set.base_model.get_output_embeddings().weight
+        self.vocab, self.device = head.shape[0], head.device
         self._pending: queue.Queue[Request] = queue.Queue()
         self._running: list[Request] = []
         self._joining: list[Request] = []  # taken off the queue, not yet in the batch
@@ -136,15 +136,9 @@ class Engine:
         if self.context_length is not None and len(request.prompt) + request.max_tokens > self.context_length:
             raise ValueError(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) exceed "
                              f"the model's context length ({self.context_length})")
-        for name, (holds, expected) in _sampling_expectations(request).items():
+        for name, (holds, expected) in _sampling_expectations(request, self.vocab).items():
             if not holds:  # caught here, not as an error that ends the running batch
                 raise ValueError(f"{name} must be {expected}; got {getattr(request, name)!r}")
-        bias = request.logit_bias
-        if not isinstance(bias, dict) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab and isinstance(b, (int, float))
-                and not isinstance(b, bool) and -100 <= b <= 100 for t, b in bias.items()):
-            raise ValueError(f"logit_bias must map token ids in [0, {self.vocab}) to numbers in [-100, 100]; "
-                             f"got {bias!r}")
 
     def submit(self, request: Request) -> None:
         self.check(request)
@@ -493,8 +487,9 @@ def _unsent_logprobs(request: Request) -> dict:
     return {"logprobs": entries}
 
 
-def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
-    """Each decoding option of ``request``: whether its value can run, and what it must be."""
+def _sampling_expectations(request: Request, vocab: int) -> dict[str, tuple[bool, str]]:
+    """Each decoding option of ``request`` (of a model with ``vocab`` tokens): whether its value can
+    run, and what it must be."""
     def real(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -513,6 +508,9 @@ def _sampling_expectations(request: Request) -> dict[str, tuple[bool, str]]:
         "logprobs": (request.logprobs is None or (integer(request.logprobs) and request.logprobs >= 0),
                      "an integer >= 0 (the likeliest tokens to list) or None"),
         "echo": (isinstance(request.echo, bool), "true or false"),
+        "logit_bias": (isinstance(request.logit_bias, dict) and all(
+            integer(t) and 0 <= t < vocab and real(b) and -100 <= b <= 100 for t, b in request.logit_bias.items()),
+            f"a map of token ids in [0, {vocab}) to numbers in [-100, 100]"),
         "seed": (request.seed is None or (integer(request.seed) and 0 <= request.seed < 2**64),
                  "an integer in [0, 2**64) (a torch seed) or None"),
     }
