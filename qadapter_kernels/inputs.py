@@ -153,10 +153,17 @@ def check_loss_inputs(
         )
 
 
-@torch.compiler.disable
 def _any(mask: torch.Tensor) -> bool:
-    """Whether any entry of ``mask`` is set. A data-dependent answer: under torch.compile this runs
-    eagerly behind a graph break, where a traced ``bool(mask.any())`` would warn of the break."""
+    """Whether any entry of ``mask`` is set. A data-dependent answer: under torch.compile it is
+    taken eagerly behind a graph break, where a traced ``bool(mask.any())`` would warn of the break.
+    The break is asked for only while compiling: ``torch.compiler.disable`` imports dynamo, most of a
+    second of every import of the package."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_eager_any)(mask)
+    return _eager_any(mask)
+
+
+def _eager_any(mask: torch.Tensor) -> bool:
     return bool(mask.any())
 
 

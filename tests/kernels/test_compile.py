@@ -55,3 +55,14 @@ def test_the_input_checks_break_the_graph_silently():
     at_checks = [b.reason for b in explained.break_reasons
                  if b.user_stack and b.user_stack[-1].filename.endswith("inputs.py")]
     assert at_checks and all("disable" in reason for reason in at_checks), at_checks
+
+
+def test_importing_the_kernels_leaves_dynamo_unloaded():
+    """The graph break above is asked for only while compiling: an import that never compiles does
+    not pay for loading dynamo (most of a second, more than the rest of the package)."""
+    import subprocess
+    import sys
+
+    code = "import sys, qadapter_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
