@@ -281,7 +281,7 @@ def _run_train(args) -> int:
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
     if args.q_on != "parent" and args.on is None:
         _usage_error("train", "--q-on applies with --on")
-    stacking = {} if args.on is None else {"on": args.on, "q_on": args.q_on}
+    stacking = {} if args.on is None else {"on": levels, "q_on": args.q_on}  # found once: hashed, located
     model = QAdapterModel.from_base(args.model, quantization=_quantization(args), **config.model_options(), **stacking)
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,

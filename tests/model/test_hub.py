@@ -235,3 +235,21 @@ def test_a_base_that_can_only_be_a_folder_and_is_missing_is_named_before_transfo
         with pytest.raises(FileNotFoundError, match=f"no model folder at {name}"):
             load_base(name)
     assert not names_missing_folder("me/base") and not names_missing_folder("smollm2-135m-instruct")
+
+
+def test_train_on_a_hub_parent_asks_the_hub_once(tmp_path, hub, base, monkeypatch):
+    """``train --on owner/name`` finds its parent once: the checks before loading and the model use
+    the same commit, and an offline machine waits for the hub's retries once, not three times."""
+    trained(base, seed=1).save_pretrained(tmp_path / "level1")
+    sha = hub.publish("me/level1", tmp_path / "level1")
+    lookups = []
+    download = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: lookups.append(repo_id) or download(repo_id, **kw))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n")
+    assert main(["train", "--on", "me/level1", "--data", str(data), "--output", str(tmp_path / "level2"),
+                 "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true"]) == 0
+    assert lookups == ["me/level1"]
+    parent = json.loads((tmp_path / "level2" / "qadapter_config.json").read_text())["stack"][-1]
+    assert parent["hub"] == f"me/level1@{sha}"

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,8 @@ class QAdapterModel(nn.Module):
     ``on``: a saved adapter (its directory or a hub repository): the new adapter is trained on top of
     that customized policy (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q
     network the parent's plus the new LoRA (``q_on="parent"``) or the base plus the new LoRA
-    (``q_on="base"``).
+    (``q_on="base"``). The levels :func:`levels_on` found for it are taken too: a caller that checked
+    them first neither hashes the parent again nor asks the hub for it again.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class QAdapterModel(nn.Module):
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
         target_modules: Iterable[str] = ("q_proj", "v_proj"),
-        on: str | os.PathLike | None = None,
+        on: str | os.PathLike | Sequence[Level] | None = None,
         q_on: str = "parent",
         **loss_options,
     ) -> None:
@@ -123,7 +124,7 @@ class QAdapterModel(nn.Module):
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
         check_q_on(q_on)
-        levels = None if on is None else levels_on(on)
+        levels = None if on is None else list(on) if _are_levels(on) else levels_on(on)
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
         if self.quantization is not None:
@@ -199,7 +200,10 @@ class QAdapterModel(nn.Module):
         tokenizer = options.pop("tokenizer", None)
         if model is None:
             on = options.get("on")
-            model = (read_adapter_config(locate_adapter(on))["base_model"] if on is not None else "") or DEFAULT_MODEL
+            if on is not None:
+                parent = Path(on[-1].path) if _are_levels(on) else locate_adapter(on)
+                model = read_adapter_config(parent)["base_model"]
+            model = model or DEFAULT_MODEL
         if isinstance(model, str):
             model, tokenizer = load_base(model, torch_dtype=torch_dtype, device=device, quantization=quantization)
         elif quantization is not None:
@@ -501,6 +505,12 @@ def levels_on(on: str | os.PathLike) -> list[Level]:
     own = Level(path=str(path.resolve()), sha256=adapter_digest(path, LEVEL_FILES), alpha_0=loss.alpha_0,
                 alpha_tilde=loss.alpha_tilde, q_on=config["q_on"], hub=hub_pin(on, path))
     return [Level.from_dict(record, str(path), path) for record in config["stack"]] + [own]
+
+
+def _are_levels(on: object) -> bool:
+    """Whether ``on`` is the stack :func:`levels_on` found (its levels, the parent last), not a place."""
+    return isinstance(on, Sequence) and not isinstance(on, str) and bool(on) and all(
+        isinstance(level, Level) for level in on)
 
 
 def stack_level_at(path: str | os.PathLike, level_paths: Iterable[str | os.PathLike]) -> int | None:
