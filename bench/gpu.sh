@@ -90,7 +90,7 @@ TRITON_PYTEST=(-q -rfE -p no:cacheprovider $(plugin_flags 8 60))
 # shellcheck disable=SC2207
 BACKEND_PYTEST=(-q -rfE -p no:cacheprovider $(plugin_flags 4 90))
 TRITON_BUDGET=$([ "$HAVE_XDIST" = 1 ] && echo 100 || echo 150)
-BACKEND_BUDGET=$([ "$HAVE_XDIST" = 1 ] && echo 120 || echo 180)
+BACKEND_BUDGET=$([ "$HAVE_XDIST" = 1 ] && echo 150 || echo 210)
 echo "=== TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; pytest flags: ${TRITON_PYTEST[*]} | ${BACKEND_PYTEST[*]}" | tee -a "$LOG"
 
 # step NAME BUDGET_S COMMAND...: runs COMMAND under its own time budget, logs and summarizes it.
@@ -192,7 +192,7 @@ run_steps() {
   fi
   wants cuda-build && step "cuda extension build" 60 build_extension
   # Every registered backend against the reference (tests/kernels/test_backends.py, bf16 included), then the
-  # GPU-only paths (torch.compile through the custom ops, the model layer and decoding on CUDA).
+  # GPU-only paths (torch.compile through the custom ops, the model layer, decoding and serving on CUDA).
   wants backend-tests && step "backend agreement and GPU paths" "$BACKEND_BUDGET" \
     "$PY" -m pytest "${BACKEND_PYTEST[@]}" tests/kernels/test_backends.py tests/kernels/test_gpu_paths.py
   # Errors first, then timings; each row bounded (a first-call autotune), the rows left skipped at the budget.

@@ -246,6 +246,54 @@ def engine_decode(engine, requests: list) -> None:
             engine._step()
 
 
+def decode_joining_and_leaving(adapter_set):
+    """Requests for ``a``, the base, ``b``, ``a`` join a running batch of the serving engine after 0,
+    2, 1, 3 steps, one scoring its prompt alone (``max_tokens`` 0, never in the batch); each gets what
+    it gets decoded alone (``generate``), on the adapter set's device."""
+    from qadapter.serving.engine import Engine, Request
+
+    engine = Engine(adapter_set, tiny_chat_tokenizer(), max_batch=4)
+    ids, mask = left_padded_prompts(lengths=(9, 3, 6, 5), seed=5)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    jobs = [("a", 9), (None, 4), ("b", 7), ("a", 3)]  # (adapter, max_tokens)
+    requests = [Request(prompt=p, adapter=a, max_tokens=n, emit=lambda event: None) for p, (a, n) in zip(prompts, jobs)]
+    scored = []
+    requests.insert(2, Request(prompt=prompts[2], adapter="b", max_tokens=0, emit=scored.append, echo=True, logprobs=1))
+    adapter_set.peft_model.eval()
+    together = 0
+    with torch.inference_mode():
+        for request, joins_after in zip(requests, (0, 2, 0, 1, 3)):  # steps run before each joins
+            for _ in range(joins_after):
+                engine._step()
+            engine.submit(request)
+            engine._admit(wait=False)
+            together = max(together, len(engine._running))
+        while engine._running:
+            engine._step()
+    assert together >= 3  # they did share the batch
+    assert [e.get("finish_reason") for e in scored][-1] == "length" and len(scored[0]["prompt_logprobs"]) == 6
+    for request in requests[:2] + requests[3:]:
+        prompt = torch.tensor([request.prompt], device=engine.device)
+        alone = adapter_set.generate(prompt, adapters=[request.adapter], max_new_tokens=request.max_tokens,
+                                     eos_token_id=2, pad_token_id=0, do_sample=False)[0, prompt.shape[1]:].tolist()
+        assert request.tokens == (alone[:alone.index(2)] if 2 in alone else alone), (request.adapter, alone)
+
+
+def save_three_level_stack(folder, make_base) -> list:
+    """Three trained-looking adapters, each on the one before (the third with ``q_on="base"``), saved
+    as ``folder / level1..3`` on bases from ``make_base()``; returns their directories."""
+    from qadapter.library.model import QAdapterModel
+
+    paths, on = [], None
+    for k, options in enumerate([dict(alpha_tilde=0.9), dict(alpha_0=0.4), dict(q_on="base", alpha_tilde=1.3)], 1):
+        model = QAdapterModel(make_base(), on=on, **options)
+        perturb_adapter(model, seed=k)
+        model.save_pretrained(folder / f"level{k}")
+        on = folder / f"level{k}"
+        paths.append(on)
+    return paths
+
+
 def plain_greedy(model, ids, mask, steps):
     """Re-runs the frozen and the adapter model on the whole sequence every step: no cache, no tricks."""
     from qadapter_kernels import combined_logprobs

@@ -1,6 +1,7 @@
 """Paths only a CUDA device takes, each against its eager or CPU twin: torch.compile through the
-CUDA custom ops and the Triton chunked backend (separate and shared heads), and the model layer on CUDA (training forward,
-bfloat16, cached generation through the Triton decode combine)."""
+CUDA custom ops and the Triton chunked backend (separate and shared heads), the model layer on CUDA (training forward,
+bfloat16, cached generation through the Triton decode combine) and serving on CUDA (an adapter set with a stack,
+echoed prompts, compiled decoding, the engine's running batch)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("peft")
 
-from helpers import (  # noqa: E402  # noqa: E402
+from helpers import (  # noqa: E402
     assert_compiled_matches_eager,
+    decode_joining_and_leaving,
     left_padded_prompts,
     make_inputs,
     make_model,
     plain_greedy,
     preference_batch,
+    save_three_level_stack,
+    tiny_causal_lm,
 )
 
 from qadapter_kernels import qadapter_loss, registry  # noqa: E402
@@ -101,3 +105,35 @@ def test_cached_generation_on_gpu_matches_plain_loop():
     ids, mask = ids.cuda(), mask.cuda()
     out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(out, plain_greedy(model, ids, mask, 12))
+
+
+def test_served_stacks_on_gpu_match_cpu(tmp_path):
+    """An adapter set on CUDA serving a single adapter and a three-level stack over one base, in a
+    batch with the base: next-token and echoed-prompt log-probs as on the CPU; the compiled decoding
+    (CUDA's default) gives the eager tokens; the engine's requests joining and leaving the running
+    batch decode as alone."""
+    from qadapter.library.adapter_set import AdapterSet
+    from transformers import DynamicCache
+
+    levels = save_three_level_stack(tmp_path, tiny_causal_lm)
+    paths = {"a": levels[0], "b": levels[2]}
+    ids, mask = left_padded_prompts(lengths=(7, 4, 9, 5))
+    names, top = ["b", None, "a", "b"], [2, 1, None, 3]
+    sets, read = {}, {}
+    for device in ("cpu", "cuda"):
+        sets[device] = AdapterSet.from_pretrained(paths, tiny_causal_lm().to(device))
+        sets[device].peft_model.eval()
+        read[device] = sets[device].read_prompts(ids.to(device), mask.to(device), names, DynamicCache(), top=top)
+    (cpu_next, cpu_scores), (gpu_next, gpu_scores) = read["cpu"], read["cuda"]
+    torch.testing.assert_close(gpu_next.cpu(), cpu_next, rtol=1e-4, atol=1e-4)
+    assert [s is None for s in gpu_scores] == [s is None for s in cpu_scores] == [t is None for t in top]
+    for row, (gpu_row, cpu_row) in enumerate(zip(gpu_scores, cpu_scores)):
+        if cpu_row is not None:
+            torch.testing.assert_close(gpu_row.combined.cpu(), cpu_row.combined, rtol=1e-4, atol=1e-4, msg=str(row))
+            torch.testing.assert_close(gpu_row.top_logprobs.cpu(), cpu_row.top_logprobs, rtol=1e-4, atol=1e-4)
+
+    gpu = sets["cuda"]
+    options = dict(adapters=names, max_new_tokens=6, eos_token_id=[], do_sample=False)
+    eager = gpu.generate(ids.cuda(), mask.cuda(), compiled=False, **options)
+    assert torch.equal(gpu.generate(ids.cuda(), mask.cuda(), **options), eager)  # compiled: CUDA's default
+    decode_joining_and_leaving(gpu)

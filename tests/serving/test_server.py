@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
-from helpers import engine_decode, save_perturbed_adapters, save_tiny_base  # noqa: E402
+from helpers import decode_joining_and_leaving, engine_decode, save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
 from qadapter.serving.engine import AdapterBusy, Engine, Request  # noqa: E402
 from qadapter.serving.server import Server  # noqa: E402
@@ -652,16 +652,10 @@ def test_requests_joining_and_leaving_mid_run_decode_as_alone(family, tmp_path):
 def test_stacks_join_and_leave_the_running_batch_as_alone(tmp_path):
     """Stacked adapters (a three-level request runs four rows, a base request one) joining and leaving
     beside a single adapter: the cache's rows follow each request's depth."""
-    from helpers import perturb_adapter, tiny_causal_lm
-    from qadapter.library.model import QAdapterModel
+    from helpers import save_three_level_stack, tiny_causal_lm
 
-    on = None
-    for k, options in enumerate([dict(alpha_tilde=0.9), dict(alpha_0=0.4), dict(q_on="base", alpha_tilde=1.3)], 1):
-        model = QAdapterModel(tiny_causal_lm(), on=on, **options)
-        perturb_adapter(model, seed=k)
-        model.save_pretrained(tmp_path / f"level{k}")
-        on = tmp_path / f"level{k}"
-    adapter_set = AdapterSet.from_pretrained({"a": tmp_path / "level1", "b": tmp_path / "level3"}, tiny_causal_lm())
+    levels = save_three_level_stack(tmp_path, tiny_causal_lm)
+    adapter_set = AdapterSet.from_pretrained({"a": levels[0], "b": levels[2]}, tiny_causal_lm())
     assert adapter_set.depth("b") == 3
     decode_joining_and_leaving(adapter_set)
 
@@ -694,39 +688,6 @@ def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
         got, want = events[i][0]["prompt_logprobs"], alone_events[0]["prompt_logprobs"]
         assert [len(e[2] or ()) for e in got[1:]] == [request.logprobs] * (len(request.prompt) - 1)
         torch.testing.assert_close(torch.tensor([e[1] for e in got[1:]]), torch.tensor([e[1] for e in want[1:]]))
-
-
-def decode_joining_and_leaving(adapter_set):
-    """Requests for ``a``, the base, ``b``, ``a`` join a running batch after 0, 2, 1, 3 steps, one
-    scoring its prompt alone (``max_tokens`` 0, never in the batch); each gets what it gets decoded alone."""
-    from helpers import left_padded_prompts, tiny_chat_tokenizer
-    from qadapter.serving.engine import Request
-
-    engine = Engine(adapter_set, tiny_chat_tokenizer(), max_batch=4)
-    ids, mask = left_padded_prompts(lengths=(9, 3, 6, 5), seed=5)
-    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    jobs = [("a", 9), (None, 4), ("b", 7), ("a", 3)]  # (adapter, max_tokens)
-    requests = [Request(prompt=p, adapter=a, max_tokens=n, emit=lambda event: None) for p, (a, n) in zip(prompts, jobs)]
-    scored = []
-    requests.insert(2, Request(prompt=prompts[2], adapter="b", max_tokens=0, emit=scored.append, echo=True, logprobs=1))
-    adapter_set.peft_model.eval()
-    together = 0
-    with torch.inference_mode():
-        for request, joins_after in zip(requests, (0, 2, 0, 1, 3)):  # steps run before each joins
-            for _ in range(joins_after):
-                engine._step()
-            engine.submit(request)
-            engine._admit(wait=False)
-            together = max(together, len(engine._running))
-        while engine._running:
-            engine._step()
-    assert together >= 3  # they did share the batch
-    assert [e.get("finish_reason") for e in scored][-1] == "length" and len(scored[0]["prompt_logprobs"]) == 6
-    for request in requests[:2] + requests[3:]:
-        prompt = request.prompt
-        alone = adapter_set.generate(torch.tensor([prompt]), adapters=[request.adapter], max_new_tokens=request.max_tokens,
-                                     eos_token_id=2, pad_token_id=0, do_sample=False)[0, len(prompt):].tolist()
-        assert request.tokens == (alone[:alone.index(2)] if 2 in alone else alone), (request.adapter, alone)
 
 
 def test_adapters_load_and_unload_while_the_server_runs(updatable_server, saved, solo_text):
