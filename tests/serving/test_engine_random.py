@@ -1,6 +1,6 @@
 """The serving engine's running batch against each request alone, on random schedules: requests of
 random prompts, models (the base, single adapters, a three-level stack and its levels), lengths,
-sampling options, log-probs and echoes join a running batch at random steps, repeat each other's
+sampling options, stop strings, log-probs and echoes join a running batch at random steps, repeat each other's
 prompts (read once, cache rows copied) and queue behind a full batch; every request gets the events
 it gets decoded alone (tokens, text, log-probs, finish reason)."""
 
@@ -25,6 +25,7 @@ from qadapter.serving.engine import Engine, Request  # noqa: E402
 
 VOCAB = 97
 REQUESTS = 8
+STOP_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,8 @@ def random_specs(rng: random.Random) -> list[dict]:
             spec.update(frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2)
         if rng.random() < 0.3:
             spec["logit_bias"] = {rng.randrange(3, VOCAB): 4.0}
+        if rng.random() < 0.4:  # the tiny tokenizer's tokens are single characters: some stop early
+            spec["stop"] = (*rng.sample(STOP_CHARACTERS, 4), "".join(rng.sample(STOP_CHARACTERS, 2)))
         specs.append(spec)
     return specs
 
