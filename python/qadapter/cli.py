@@ -419,6 +419,11 @@ def _serve_parser(p) -> None:
     p.add_argument("--allow-adapter-updates", action="store_true",
                    help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): any client that "
                         "reaches the server can then load adapters from this machine's folders or the hub")
+    p.add_argument("--adapter-dir", metavar="DIR",
+                   help="a request whose model is a folder of DIR (a saved adapter) loads it on first use")
+    p.add_argument("--max-adapters", type=_positive_int, metavar="N",
+                   help="with --adapter-dir: at most N adapters from it loaded at once; the least recently used "
+                        "idle one is unloaded to make room (default: no bound)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="the HTTP server's log (info: one line per request)")
 
@@ -429,6 +434,10 @@ def _run_serve(args) -> int:
     from .serving.engine import Engine
     from .serving.server import BASE_MODEL, serve
 
+    if args.max_adapters is not None and args.adapter_dir is None:
+        _usage_error("serve", "--max-adapters bounds the adapters loaded from --adapter-dir: give --adapter-dir")
+    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
+        _usage_error("serve", f"--adapter-dir {args.adapter_dir}: no such directory")
     adapters = {}
     for item in args.adapter:
         name, sep, path = item.partition("=")
@@ -443,7 +452,8 @@ def _run_serve(args) -> int:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
     serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch), args.host, args.port,
-          log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates)
+          log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates, adapter_dir=args.adapter_dir,
+          max_adapters=args.max_adapters)
     return 0
 
 

@@ -690,6 +690,93 @@ def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
         torch.testing.assert_close(torch.tensor([e[1] for e in got[1:]]), torch.tensor([e[1] for e in want[1:]]))
 
 
+@pytest.fixture
+def adapter_dir(saved, tmp_path):
+    """A directory of adapters (links to three saved ones) and a folder that holds none."""
+    for name in ("formal", "kind", "brief"):
+        (tmp_path / name).symlink_to(saved[2][name], target_is_directory=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".hidden").symlink_to(saved[2]["kind"], target_is_directory=True)
+    return tmp_path
+
+
+def test_an_adapter_directory_loads_models_on_first_use_and_unloads_the_least_recent(saved, solo_text, adapter_dir):
+    """vLLM's filesystem resolver: a request for a folder of the adapter directory loads it and is answered
+    as that adapter alone; with ``max_adapters`` loaded from there, the least recently used one makes room
+    (the adapters loaded at start stay); names that are not a folder there are not models."""
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer)
+    for url, _ in running_server(engine, adapter_dir=adapter_dir, max_adapters=2):
+        api = client(url)
+
+        def answer(model):
+            return api.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
+
+        assert [m.id for m in api.models.list().data] == ["base", "terse"]
+        assert answer("formal") == solo_text("formal", PROMPTS[1], 8)
+        assert answer("kind") == solo_text("kind", PROMPTS[1], 8)
+        assert answer("formal") == solo_text("formal", PROMPTS[1], 8)  # now the most recent of the two
+        assert [m.id for m in api.models.list().data] == ["base", "terse", "formal", "kind"]
+        assert answer("brief") == solo_text("brief", PROMPTS[1], 8)  # kind makes room
+        assert [m.id for m in api.models.list().data] == ["base", "terse", "formal", "brief"]
+        assert answer("kind") == solo_text("kind", PROMPTS[1], 8) and answer("terse") == solo_text("terse", PROMPTS[1], 8)
+        assert engine.adapter_set.names == ["terse", "brief", "kind"]  # formal, the least recent, went
+        for name in (".hidden", "../formal", "nope", str(adapter_dir / "formal")):
+            with pytest.raises(openai.NotFoundError, match="does not exist"):
+                answer(name)
+        with pytest.raises(openai.BadRequestError, match="'empty' of the adapter directory holds no adapter"):
+            answer("empty")
+
+
+def test_an_adapter_directory_never_unloads_a_model_with_requests(saved, adapter_dir):
+    """With ``max_adapters`` loaded from the directory and each answering a request, another one is refused
+    (503) rather than taking a model away; requests arriving together for one unloaded adapter load it once."""
+    from qadapter.library.defaults import load_base
+
+    root, tokenizer, _ = saved
+    engine = Engine(AdapterSet(load_base(str(root / "base"))[0], tokenizer=tokenizer), tokenizer)
+    for url, _ in running_server(engine, adapter_dir=adapter_dir, max_adapters=1):
+        api = client(url)
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda _: api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=4,
+                                                                      temperature=0).choices[0].text, range(4)))
+        assert len(set(together)) == 1 and engine.adapter_set.names == ["kind"]
+        # A request for kind holds the engine at its first token until the unload that brief's load needs is queued.
+        gate = threading.Event()
+        engine.submit(Request(prompt=[5, 6, 7], adapter="kind", max_tokens=20, emit=lambda event: gate.wait(30)))
+        with ThreadPoolExecutor(1) as pool:
+            brief = pool.submit(lambda: httpx.post(f"{url}/completions", timeout=60,
+                                                   json={"model": "brief", "prompt": PROMPTS[0], "max_tokens": 4}))
+            deadline = time.monotonic() + 30
+            while engine._between_steps.empty() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            refused = brief.result()
+        assert refused.status_code == 503 and "have requests running" in refused.json()["error"]["message"]
+        assert engine.wait_idle() and engine.adapter_set.names == ["kind"]
+        api.completions.create(model="brief", prompt=PROMPTS[0], max_tokens=4)
+        assert engine.adapter_set.names == ["brief"]
+
+
+def test_adapter_directory_options_are_checked(saved, tmp_path, capsys):
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer)
+    with pytest.raises(ValueError, match="adapter_dir must be a directory"):
+        Server(engine, adapter_dir=tmp_path / "nope")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_adapters bounds the adapters loaded from adapter_dir"):
+            Server(engine, adapter_dir=tmp_path, max_adapters=bad)
+    with pytest.raises(ValueError, match="without adapter_dir"):
+        Server(engine, max_adapters=2)
+    from qadapter.cli import main
+
+    for args, message in ((["--max-adapters", "2"], "give --adapter-dir"),
+                          (["--adapter-dir", str(tmp_path / "nope")], "no such directory")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_adapters_load_and_unload_while_the_server_runs(updatable_server, saved, solo_text):
     """vLLM's routes: an adapter loaded while another one's request decodes answers as it would alone,
     and so does that request; an unloaded adapter is gone from the models and refused by name."""

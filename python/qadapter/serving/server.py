@@ -7,7 +7,9 @@ or the base; requests to different adapters share one running batch (:mod:`qadap
 Starlette routes, uvicorn serves; a bad request gets a 4xx answer in OpenAI's error shape, naming the
 field, and a client that goes away mid-stream has its request dropped from the batch. With adapter
 updates allowed, ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's routes and
-bodies) load and unload adapters while the server runs.
+bodies) load and unload adapters while the server runs. With an adapter directory, a request for a
+model that is a folder there loads it on first use (vLLM's filesystem resolver), at most
+``max_adapters`` of them at once: the least recently used idle one makes room.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -114,10 +119,23 @@ def _int(body: dict, name: str, default: int | None, low: int, high: int | None 
 class Server:
     """The routes over one :class:`~qadapter.serving.engine.Engine`."""
 
-    def __init__(self, engine: Engine, *, default_max_tokens: int = 256, allow_adapter_updates: bool = False) -> None:
+    def __init__(self, engine: Engine, *, default_max_tokens: int = 256, allow_adapter_updates: bool = False,
+                 adapter_dir: str | os.PathLike | None = None, max_adapters: int | None = None) -> None:
+        if adapter_dir is not None and not Path(adapter_dir).is_dir():
+            raise ValueError(f"adapter_dir must be a directory of saved adapters; got {str(adapter_dir)!r}")
+        if max_adapters is not None and (adapter_dir is None or not isinstance(max_adapters, int)
+                                         or isinstance(max_adapters, bool) or max_adapters < 1):
+            raise ValueError("max_adapters bounds the adapters loaded from adapter_dir: an int >= 1 with "
+                             f"adapter_dir; got {max_adapters!r}" + ("" if adapter_dir else " without adapter_dir"))
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.default_max_tokens = default_max_tokens
         self.allow_adapter_updates = allow_adapter_updates
+        self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
+        self.max_adapters = max_adapters
+        # The adapters loaded from adapter_dir, least recently asked for first; a load or an eviction
+        # holds the lock, and so does a request for one of them until it is queued (so it keeps its model).
+        self._from_dir: OrderedDict[str, None] = OrderedDict()
+        self._dir_lock = asyncio.Lock()
         # A token's text, for log-probs (the vocabulary bounds the cache).
         self._token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
 
@@ -209,6 +227,53 @@ class Server:
             return _error(str(exc), 503)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
+    def _in_adapter_dir(self, model: object) -> Path | None:
+        """The folder of ``adapter_dir`` a request's ``model`` names (one path component, not hidden), or None."""
+        if self.adapter_dir is None or not isinstance(model, str) or model == BASE_MODEL:
+            return None
+        if not model or model.startswith(".") or any(c in model for c in ("/", "\\", "\0", ":")):
+            return None
+        folder = self.adapter_dir / model
+        return folder if folder.is_dir() else None
+
+    async def _load_from_dir(self, model: object) -> None:
+        """Loads a request's ``model`` from the adapter directory where it is a folder there and not
+        loaded, first unloading the least recently used idle adapter from there when ``max_adapters``
+        are loaded. Returns holding nothing: the caller queues its request before it next awaits, so
+        no eviction comes between (an adapter with queued requests is not unloaded)."""
+        if not isinstance(model, str) or (model in self.engine.adapter_set.names and model not in self._from_dir):
+            return  # not a name, or an adapter loaded otherwise (at start, by the route): never unloaded here
+        folder = self._in_adapter_dir(model)
+        if folder is None:
+            return
+        async with self._dir_lock:
+            if model in self.engine.adapter_set.names:
+                self._from_dir.move_to_end(model)
+                return
+            self._from_dir.pop(model, None)  # unloaded by the route meanwhile
+            while self.max_adapters is not None and len(self._from_dir) >= self.max_adapters:
+                await self._evict()
+            try:
+                await asyncio.to_thread(self.engine.load_adapter, model, folder)
+            except (ValueError, OSError) as exc:  # AdapterLoadError (not an adapter, another base), unreadable files
+                raise BadRequest(f"model {model!r}: the folder {model!r} of the adapter directory holds no adapter "
+                                 f"this server can load: {exc}", "model") from exc
+            self._from_dir[model] = None
+
+    async def _evict(self) -> None:
+        """Unloads the least recently used adapter from the adapter directory that no request waits for."""
+        for name in list(self._from_dir):
+            try:
+                await asyncio.to_thread(self.engine.unload_adapter, name)
+            except AdapterBusy:
+                continue
+            except KeyError:  # unloaded by the route meanwhile
+                pass
+            del self._from_dir[name]
+            return
+        raise BadRequest(f"all {self.max_adapters} adapters loaded from the adapter directory have requests "
+                         "running (max_adapters); try again when one finishes", "model", 503)
+
     @staticmethod
     def _adapter_fields(body: dict, names: tuple[str, ...]) -> list[str]:
         """The string fields ``names`` of an adapter update's body, which holds nothing else."""
@@ -224,10 +289,13 @@ class Server:
     async def _complete(self, http: HttpRequest, chat: bool):
         try:
             body = await self._body(http)
+            await self._load_from_dir(body.get("model"))  # no await after it until the requests are queued
             options, choices, stream, usage_chunk = self._options(body, chat)
             prompts = [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, options["echo"])
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
+        except EngineStopped as exc:  # while it loaded an adapter from the adapter directory
+            return _error(str(exc), 503)
         events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
         loop = asyncio.get_running_loop()
         seed = options.pop("seed")
@@ -498,7 +566,8 @@ def _sse(payload: dict) -> str:
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: float = 5.0,
-          log_level: str = "info", allow_adapter_updates: bool = False) -> None:
+          log_level: str = "info", allow_adapter_updates: bool = False, adapter_dir: str | os.PathLike | None = None,
+          max_adapters: int | None = None) -> None:
     """Serves until interrupted. On Ctrl-C (or SIGTERM) new requests are refused, the running ones get
     ``grace`` seconds to finish and are then cancelled (a streaming client reads
     ``finish_reason="cancelled"`` and the end of the stream), and the server exits."""
@@ -511,8 +580,9 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: f
             super().handle_exit(sig, frame)
             threading.Thread(target=engine.stop, args=(grace,), daemon=True).start()
 
+    app = Server(engine, allow_adapter_updates=allow_adapter_updates, adapter_dir=adapter_dir,
+                 max_adapters=max_adapters).app()  # its options checked before the engine starts
     engine.start()
-    app = Server(engine, allow_adapter_updates=allow_adapter_updates).app()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace + 10)
     _Server(config).run()
