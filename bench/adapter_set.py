@@ -5,13 +5,17 @@ decode step alone, as ``bench/decode.py`` clocks it; interleaved rounds, median)
 
 - ``one adapter``: ``QAdapterModel.generate`` of one saved adapter on all rows;
 - ``set, N adapters``: an :class:`~qadapter.library.adapter_set.AdapterSet` holding N adapters,
-  each row naming another one (the bank: two GEMMs per LoRA layer whatever N);
+  each row naming another one (the bank: two GEMMs per LoRA layer whatever N); with ``--loaded M``
+  the set holds M >= N adapters and the rows name N of them (a server's many loaded adapters, a
+  batch's few);
 - ``set, one adapter``: the same set, every row naming the same adapter;
+- ``..., whole bank`` (with ``--loaded``): the same rows with every forward running all M loaded
+  adapters' blocks, as the bank did before a batch selected the blocks of the adapters it names;
 - ``PEFT mixed batch, N adapters``: the same rows through PEFT's own mixed-batch path
   (``adapter_names=``: per layer, a gather, a LoRA and a scatter for each adapter in the batch), the
   anchor.
 
-Embedded default on the CPU; ``python -m bench.adapter_set [--adapters 8] [--tokens 32]
+Embedded default on the CPU; ``python -m bench.adapter_set [--adapters 8] [--loaded M] [--tokens 32]
 [--rounds 3] [--threads N]``; writes ``bench/results/adapter-set-<device>-<date>.json``.
 """
 
@@ -70,11 +74,30 @@ class PeftMixedRows:
         return self.policies.combine(logits, batch)
 
 
-def set_rows(adapter_set, solo, ids: torch.Tensor, tokens: int, rounds: int) -> dict:
-    """ms/token of one adapter (``solo``, a QAdapterModel) and of the set's mixed batches on the rows of ``ids``."""
+def whole_bank_policy(adapter_set, names: list[str]):
+    """The set's policy for rows naming ``names``, but with every forward running the blocks of all
+    loaded adapters (the bank without a batch's selection of the adapters it names): the anchor of
+    ``--loaded``."""
+    from qadapter.library.adapter_set import BankRows
     from qadapter.library.policy import CombinedPolicy
 
-    names = adapter_set.names
+    class WholeBankRows(BankRows):
+        def _members_run(self, served):
+            return set(self.adapter_set.blocks)
+
+    rows = WholeBankRows(adapter_set)
+    rows.kernel = adapter_set.rows.kernel
+    rows.assignment = tuple(adapter_set.names.index(name) for name in names)
+    return CombinedPolicy(adapter_set.base_model, rows)
+
+
+def set_rows(adapter_set, solo, ids: torch.Tensor, tokens: int, rounds: int, active: list[str] | None = None) -> dict:
+    """ms/token of one adapter (``solo``, a QAdapterModel) and of the set's mixed batches on the rows of
+    ``ids``, the rows naming the set's ``active`` adapters in turn (default: all it holds)."""
+    from qadapter.library.policy import CombinedPolicy
+
+    names = active or adapter_set.names
+    held = "" if len(names) == len(adapter_set.names) else f" of {len(adapter_set.names)} loaded"
     rows = ids.shape[0]
     mixed = [names[i % len(names)] for i in range(rows)]
     peft_policy = CombinedPolicy(adapter_set.base_model, PeftMixedRows(adapter_set, mixed))
@@ -84,10 +107,13 @@ def set_rows(adapter_set, solo, ids: torch.Tensor, tokens: int, rounds: int) -> 
 
     loops = {
         "one adapter": generation(solo.generate, ids, tokens, compiled=False),
-        f"set, {len(names)} adapters": generation(set_generate(mixed), ids, tokens, compiled=False),
+        f"set, {len(names)} adapters{held}": generation(set_generate(mixed), ids, tokens, compiled=False),
         "set, one adapter": generation(set_generate([names[0]] * rows), ids, tokens, compiled=False),
         f"PEFT mixed batch, {len(names)} adapters": generation(peft_policy.generate, ids, tokens, compiled=False),
     }
+    if held:
+        whole = whole_bank_policy(adapter_set, mixed)
+        loops[f"set, {len(names)} adapters{held}, whole bank"] = generation(whole.generate, ids, tokens, compiled=False)
     runs = interleaved(loops, rounds)
     ms = {name: statistics.median(v) for name, v in runs.items()}
     one = ms["one adapter"]
@@ -96,14 +122,15 @@ def set_rows(adapter_set, solo, ids: torch.Tensor, tokens: int, rounds: int) -> 
             "over_one_adapter": {name: v / one for name, v in ms.items()}}
 
 
-def measure(adapters: int = 8, tokens: int = 32, rounds: int = 3) -> dict:
+def measure(adapters: int = 8, tokens: int = 32, rounds: int = 3, loaded: int | None = None) -> dict:
     from qadapter.library.adapter_set import AdapterSet
     from qadapter.library.model import QAdapterModel
 
     model = QAdapterModel.from_base()
     tok = model.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
-        paths = save_adapters(model, Path(tmp), adapters)
+        loaded = max(loaded or adapters, adapters)
+        paths = save_adapters(model, Path(tmp), loaded)
         del model
         adapter_set = AdapterSet.from_pretrained(paths)
         solo = QAdapterModel.from_pretrained(paths["adapter-0"])
@@ -111,24 +138,26 @@ def measure(adapters: int = 8, tokens: int = 32, rounds: int = 3) -> dict:
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     return {
         "device": "cpu", "threads": torch.get_num_threads(), **versions("cpu", ("transformers", "peft")),
-        "adapters": adapters, "rows": adapters, "tokens": tokens, "rounds": rounds, "prompt_tokens": ids.shape[1],
+        "adapters": adapters, "loaded": loaded, "rows": adapters, "tokens": tokens, "rounds": rounds, "prompt_tokens": ids.shape[1],
         "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-        **set_rows(adapter_set, solo, ids.repeat(adapters, 1), tokens, rounds),
+        **set_rows(adapter_set, solo, ids.repeat(adapters, 1), tokens, rounds, adapter_set.names[:adapters]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.adapter_set", description=__doc__.split("\n")[0])
-    parser.add_argument("--adapters", type=int, default=8, help="adapters in the set, and rows in the batch")
+    parser.add_argument("--adapters", type=int, default=8, help="adapters the batch names, and rows in the batch")
+    parser.add_argument("--loaded", type=int, default=None, help="adapters in the set (default: --adapters)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = cpu_bench_args(parser, argv)
-    result = measure(args.adapters, args.tokens, args.rounds)
+    result = measure(args.adapters, args.tokens, args.rounds, args.loaded)
     for name, value in result["ms_per_token"].items():
         print(f"{name:>30}: {value:7.1f} ms/token  {result['tokens_per_s'][name]:7.1f} tokens/s  "
               f"{result['over_one_adapter'][name]:.2f}x one adapter")
-    write_result(result, args.out, f"adapter-set-cpu-{datetime.date.today().isoformat()}")
+    loaded = f"-{result['loaded']}-loaded" if result["loaded"] != result["adapters"] else ""
+    write_result(result, args.out, f"adapter-set-cpu-{datetime.date.today().isoformat()}{loaded}")
     return 0
 
 

@@ -71,6 +71,27 @@ def test_each_row_gets_its_own_adapters_policy(saved, solo):
     assert (got[0] - got[2]).abs().max() > 1e-2 and (got[2] - got[3]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("names", [["formal", "formal"], ["kind", None], [None, None], ["terse", "formal", "kind"]])
+def test_a_batch_runs_only_the_bank_columns_of_the_adapters_it_names(saved, solo, names):
+    """Loaded adapters a batch does not name cost it nothing: each bank layer's down-projection runs
+    the blocks of the named adapters only (the whole bank where every one is named), and each row is
+    still its own adapter's policy."""
+    from qadapter.library.adapter_set import BANK
+
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained(paths)
+    widths = []
+    layer = adapter_set.peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_A[BANK].register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(5, 3, 6)[:len(names)])
+    got = set_logprobs(adapter_set, ids, mask, names)
+    blocks = {"terse": 8, "formal": 4, "kind": 16}  # an adapter's block: its rank (zeros where it adapts nothing)
+    assert widths == [sum(blocks[n] for n in set(names) - {None})]
+    for row, name in enumerate(names):
+        want = solo_logprobs(solo[name], ids[row:row + 1], mask[row:row + 1])
+        torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+
+
 def test_greedy_rows_equal_each_adapters_solo_decoding(saved, solo):
     _, vocab, paths = saved
     adapter_set = AdapterSet.from_pretrained(paths)

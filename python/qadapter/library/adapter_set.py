@@ -64,22 +64,41 @@ from .stack import effective_hidden, effective_logits, level_name, q_networks
 BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer holds the bank
 
 
-class _RowMask:
-    """The ``[rows, 1, W]`` mask all bank layers read in a forward: which block of columns each row keeps."""
+class _BankSelection:
+    """What all bank layers read in a forward: ``columns``, the bank's columns of the LoRAs the batch
+    runs (None: all of them), and ``mask`` ``[rows, 1, len(columns)]``, which of those each row keeps.
+    A batch pays for the adapters it names, not for every one loaded."""
 
-    value: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class _BankDown(nn.Module):
+    """The bank's down-projection, ``x @ A^T`` over the selected columns' rows of the stacked ``A``."""
+
+    def __init__(self, weight: torch.Tensor, selection: _BankSelection) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.selection = selection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self.selection.columns
+        return F.linear(x, self.weight if columns is None else self.weight.index_select(0, columns))
 
 
 class _BankUp(nn.Module):
-    """The bank's up-projection, ``(h * mask) @ B_all^T``: each row keeps only its own adapter's block."""
+    """The bank's up-projection, ``(h * mask) @ B^T`` over the selected columns of the side-by-side
+    ``B``: each row keeps only its own adapter's block."""
 
-    def __init__(self, weight: torch.Tensor, mask: _RowMask) -> None:
+    def __init__(self, weight: torch.Tensor, selection: _BankSelection) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.mask = mask
+        self.selection = selection
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h * self.mask.value, self.weight)
+        columns = self.selection.columns
+        weight = self.weight if columns is None else self.weight.index_select(1, columns)
+        return F.linear(h * self.selection.mask, weight)
 
 
 class _Served:
@@ -135,8 +154,8 @@ class BankRows:
         return tuple(a for a in self.assignment for _ in range(repeats))
 
     def _plan(self, batch: int, device: torch.device) -> dict:
-        """The rows, mask and combine groups of a batch of ``batch`` prompt rows, cached per pattern (a
-        compiled step sees the same tensors again and is not re-traced)."""
+        """The rows, bank selection and combine groups of a batch of ``batch`` prompt rows, cached per
+        pattern (a compiled step sees the same tensors again and is not re-traced)."""
         assignment = self._expanded(batch)
         key = (assignment, torch.device(device))
         if key not in self._cache:
@@ -149,22 +168,35 @@ class BankRows:
                 levels.append(list(range(next_row, next_row + depth)))
                 next_row += depth
             owner = list(range(batch)) + [i for i, rows in enumerate(levels) for _ in rows]
-            mask = torch.zeros(next_row, 1, bank.width, device=device, dtype=bank.dtype)
+            # The bank's columns of the LoRAs this batch runs, in bank order, and where each block lands.
+            used = self._members_run(served)
+            blocks, columns = {}, []
+            for member, (start, stop) in sorted(bank.blocks.items(), key=lambda item: item[1]):
+                if member in used:
+                    blocks[member] = (len(columns), len(columns) + stop - start)
+                    columns += range(start, stop)
+            mask = torch.zeros(next_row, 1, len(columns), device=device, dtype=bank.dtype)
             groups: dict = {}
             for i, (policy, rows) in enumerate(zip(served, levels)):
                 for row, network in zip(rows, [] if policy is None else policy.networks):
                     for member in network:
-                        start, stop = bank.blocks[member]
+                        start, stop = blocks[member]
                         mask[row, 0, start:stop] = 1
                 groups.setdefault(() if policy is None else tuple(policy.alphas), []).append(i)
             every = len(groups) == 1
             self._cache[key] = {
                 "mask": mask, "owner": torch.tensor(owner, device=device), "levels": levels,
+                "columns": None if len(columns) == bank.width else torch.tensor(columns, dtype=torch.long, device=device),
                 "groups": [(alphas, None if every else torch.tensor(members, device=device),
                             [_rows(members, device)] + [_rows([levels[i][j] for i in members], device)
                                                         for j in range(len(alphas))])
                            for alphas, members in groups.items()]}
         return self._cache[key]
+
+    @staticmethod
+    def _members_run(served: list[_Served | None]) -> set[str]:
+        """The bank members (LoRAs) the policies of a batch run: the only blocks its forward computes."""
+        return {member for policy in served if policy is not None for network in policy.networks for member in network}
 
     def level_rows(self, batch: int, device: torch.device) -> list[list[int]]:
         """Each prompt row's level rows in the forward (its frozen row is its own index)."""
@@ -180,12 +212,13 @@ class BankRows:
 
     @contextmanager
     def selecting(self, batch: int, device: torch.device):
-        mask = self.adapter_set.row_mask
-        previous, mask.value = mask.value, self._plan(batch, device)["mask"]
+        selection, plan = self.adapter_set.selection, self._plan(batch, device)
+        previous = selection.columns, selection.mask
+        selection.columns, selection.mask = plan["columns"], plan["mask"]
         try:
             yield
         finally:
-            mask.value = previous
+            selection.columns, selection.mask = previous
 
     def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """Each prompt row's policy from the forward's rows: its adapter's combined log-probs with its
@@ -229,7 +262,7 @@ class AdapterSet:
         self.blocks: dict[str, tuple[int, int]] = {}  # each member's columns in the bank
         self.width = 0
         self.dtype = torch.float32
-        self.row_mask = _RowMask()
+        self.selection = _BankSelection()
         self.rows = BankRows(self)
         weight = base_model.get_output_embeddings().weight
         self.rows.kernel = select_combine("auto", weight.device, weight.dtype)
@@ -382,9 +415,8 @@ class AdapterSet:
                     a = layer.lora_A[member].weight
                     down[start:start + a.shape[0]] = a
                     up[:, start:start + a.shape[0]] = layer.lora_B[member].weight * layer.scaling[member]
-            layer.lora_A[BANK] = nn.Linear(layer.in_features, self.width, bias=False, device="meta")
-            layer.lora_A[BANK].weight = nn.Parameter(down, requires_grad=False)
-            layer.lora_B[BANK] = _BankUp(up, self.row_mask)
+            layer.lora_A[BANK] = _BankDown(down, self.selection)
+            layer.lora_B[BANK] = _BankUp(up, self.selection)
             layer.lora_dropout[BANK] = nn.Identity()
             layer.scaling[BANK] = 1.0
             layer.set_adapter(BANK, inference_mode=True)
