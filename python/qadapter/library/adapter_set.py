@@ -73,27 +73,26 @@ class _BankSelection:
     mask: torch.Tensor | None = None
 
 
-class _BankDown(nn.Module):
-    """The bank's down-projection, ``x @ A^T`` over the selected columns' rows of the stacked ``A``."""
+class _BankProjection(nn.Module):
+    """A bank weight (frozen: served, not trained) and the selection every forward reads."""
 
     def __init__(self, weight: torch.Tensor, selection: _BankSelection) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.selection = selection
+
+
+class _BankDown(_BankProjection):
+    """The bank's down-projection, ``x @ A^T`` over the selected columns' rows of the stacked ``A``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         columns = self.selection.columns
         return F.linear(x, self.weight if columns is None else self.weight.index_select(0, columns))
 
 
-class _BankUp(nn.Module):
+class _BankUp(_BankProjection):
     """The bank's up-projection, ``(h * mask) @ B^T`` over the selected columns of the side-by-side
     ``B``: each row keeps only its own adapter's block."""
-
-    def __init__(self, weight: torch.Tensor, selection: _BankSelection) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.selection = selection
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         columns = self.selection.columns
