@@ -147,6 +147,39 @@ def test_health_says_whether_the_engine_takes_requests(server, saved):
     assert answer.status_code == 503 and "not running" in answer.json()["error"]["message"]
 
 
+def test_metrics_count_what_the_server_did(saved):
+    """``/metrics`` (Prometheus' text format, vLLM's names under ``qadapter:``): prompt and answer tokens
+    as the usage reports them, requests by finish reason, a time to first token and a latency per
+    request, every decode step, the adapter loaded while serving; nothing running or waiting once idle."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer)
+    for url, _ in running_server(engine, allow_adapter_updates=True):
+        api = client(url)
+        answers = [api.completions.create(model="terse", prompt=PROMPTS[0], max_tokens=5, temperature=0),
+                   api.completions.create(model="base", prompt=PROMPTS[1:3], max_tokens=3, temperature=0)]
+        assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "kind", "lora_path": str(paths["kind"])},
+                          timeout=60).status_code == 200
+        answers.append(api.chat.completions.create(model="kind", messages=[{"role": "user", "content": PROMPTS[3]}],
+                                                   max_tokens=4, temperature=0))
+        scraped = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10)
+    assert scraped.headers["content-type"].startswith("text/plain")
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(scraped.text) for sample in family.samples}
+    reasons = [choice.finish_reason for answer in answers for choice in answer.choices]
+    assert samples[("qadapter:prompt_tokens_total", ())] == sum(a.usage.prompt_tokens for a in answers)
+    assert samples[("qadapter:generation_tokens_total", ())] == sum(a.usage.completion_tokens for a in answers)
+    for reason in set(reasons):
+        assert samples[("qadapter:request_success_total", (("finished_reason", reason),))] == reasons.count(reason)
+    assert samples[("qadapter:time_to_first_token_seconds_count", ())] == len(reasons) == 4
+    assert samples[("qadapter:e2e_request_latency_seconds_count", ())] == 4
+    assert samples[("qadapter:decode_step_seconds_count", ())] == engine.steps > 0
+    assert samples[("qadapter:adapter_changes_total", (("change", "load"),))] == 1
+    assert samples[("qadapter:num_requests_running", ())] == samples[("qadapter:num_requests_waiting", ())] == 0
+    assert samples[("qadapter:num_adapters_loaded", ())] == 2
+
+
 def test_logit_bias_moves_the_answer_as_openai_defines_it(server, saved):
     """A bias of +100 on a token makes every answer token that token (log-probs are <= 0), on both
     routes; -100 on the greedy answer's first token makes it the policy's second choice; a bias outside

@@ -17,7 +17,8 @@ when sampling, transformers' warpers (temperature, top-k, top-p, min-p).
 One thread owns the model (:meth:`Engine.start`); requests are submitted from any thread and hear of
 their tokens through their ``emit`` callback. Adapters are loaded and unloaded while it serves
 (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`): that thread runs the change between two
-decode steps, and an adapter is unloaded only when no request for it is queued or running.
+decode steps, and an adapter is unloaded only when no request for it is queued or running. It counts
+its work in Prometheus metrics (:mod:`qadapter.serving.metrics`, ``Engine.metrics``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from ..library.adapter_set import AdapterSet
 from ..library.saved import locate_adapter
+from .metrics import EngineMetrics
 
 
 class EngineStopped(RuntimeError):
@@ -85,6 +87,8 @@ class Request:
     sent: int = 0  # characters of the completion text already emitted
     generator: torch.Generator | None = None
     unsent_logprobs: list = field(default_factory=list)  # of the tokens taken since the last event
+    submitted_at: float = 0.0  # time.monotonic() when submitted; and when its first answer token came
+    first_token_at: float | None = None
 
     @property
     def scores_prompt(self) -> bool:
@@ -121,6 +125,8 @@ class Engine:
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.metrics = EngineMetrics(running=lambda: len(self._running), waiting=self._pending.qsize,
+                                     adapters=lambda: len(self.adapter_set.names))
 
     # ------------------------------------------------------------------------------ submitting
     def check(self, request: Request) -> None:
@@ -153,6 +159,7 @@ class Engine:
         with self._lock:  # checked again under the lock: an unload cannot come between the check and the queue
             if request.adapter is not None and request.adapter not in self.adapter_set.names:
                 raise KeyError(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}")
+            request.submitted_at = time.monotonic()
             self._outstanding += 1
             self._in_flight[request.adapter] += 1
             self._pending.put(request)
@@ -164,6 +171,7 @@ class Engine:
         steps. Raises what :meth:`AdapterSet.load` raises (a name taken, another base, bad files)."""
         located = locate_adapter(path)
         self._run_between_steps(lambda: self.adapter_set.load(name, located))
+        self.metrics.adapter_changes.labels("load").inc()
 
     def unload_adapter(self, name: str) -> None:
         """Unloads the adapter ``name`` between two decode steps; :class:`AdapterBusy` while requests
@@ -175,6 +183,7 @@ class Engine:
                                       "unload it when they have finished")
                 self.adapter_set.unload(name)
         self._run_between_steps(unload)
+        self.metrics.adapter_changes.labels("unload").inc()
 
     def _run_between_steps(self, change: Callable[[], None]) -> None:
         """Runs ``change`` in the engine thread between decode steps (at once where no thread runs)."""
@@ -275,6 +284,7 @@ class Engine:
             elif request.max_tokens == 0 and not request.scores_prompt:  # the echoed prompt's text is all it asks
                 self._finish(request, {"finish_reason": "length"})
         new = self._joining = [r for r in new if not r.cancelled and (r.max_tokens or r.scores_prompt)]
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in new))
         if new:
             self._prefill(new)
         self._joining = []
@@ -337,11 +347,12 @@ class Engine:
 
     def _step(self) -> None:
         """One decode step of the whole running batch: feed each request's latest token."""
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-        logprobs = self.adapter_set.next_logprobs(self._next.unsqueeze(1), self._mask,
-                                                  [r.adapter for r in self._running], self._cache)
-        self.steps += 1
-        self._advance(self._running, logprobs, offset=0)
+        with self.metrics.decode_step.time():
+            self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
+            logprobs = self.adapter_set.next_logprobs(self._next.unsqueeze(1), self._mask,
+                                                      [r.adapter for r in self._running], self._cache)
+            self.steps += 1
+            self._advance(self._running, logprobs, offset=0)
 
     def _advance(self, requests: list[Request], logprobs: torch.Tensor, offset: int) -> None:
         """Samples each request's next token from its rows' log-probs, emits the new text, and
@@ -370,11 +381,15 @@ class Engine:
         if request.cancelled:
             self._finish(request, {"finish_reason": "cancelled"})
             return True
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+            self.metrics.time_to_first_token.observe(request.first_token_at - request.submitted_at)
         finish = None
         if token in self.eos:
             finish = "stop"
         else:
             request.tokens.append(token)
+            self.metrics.generation_tokens.inc()
             if logprobs is not None:
                 request.unsent_logprobs.append(logprobs)
         text = completion_text(self.tokenizer, request, final=finish is not None or len(request.tokens) >= request.max_tokens)
@@ -394,6 +409,8 @@ class Engine:
     def _finish(self, request: Request, event: dict) -> None:
         """The request's last event (its end, and how many tokens it got); it no longer counts as work."""
         request.emit({**event, **_unsent_logprobs(request), "completion_tokens": len(request.tokens)})
+        self.metrics.finished.labels(event.get("finish_reason", "error")).inc()
+        self.metrics.e2e_latency.observe(time.monotonic() - request.submitted_at)
         with self._lock:
             self._outstanding -= 1
             self._in_flight[request.adapter] -= 1

@@ -2,8 +2,9 @@
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events when ``stream`` is
 true), ``/v1/models`` listing the base and the loaded adapters (``/v1/models/{id}`` one of them),
-``/health`` for probes. A request's ``model`` names an adapter
-or the base; requests to different adapters share one running batch (:mod:`qadapter.serving.engine`).
+``/health`` for probes, ``/metrics`` for Prometheus (:mod:`qadapter.serving.metrics`). A request's
+``model`` names an adapter or the base; requests to different adapters share one running batch
+(:mod:`qadapter.serving.engine`).
 Starlette routes, uvicorn serves; a bad request gets a 4xx answer in OpenAI's error shape, naming the
 field, and a client that goes away mid-stream has its request dropped from the batch. With adapter
 updates allowed, ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's routes and
@@ -29,10 +30,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import AdapterBusy, Engine, EngineStopped, Request
+from .metrics import CONTENT_TYPE
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 # The request fields each route takes: (those it implements -- OpenAI's, and vLLM's names for the other
@@ -149,6 +151,7 @@ class Server:
                    Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"])]
         return Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -165,6 +168,10 @@ class Server:
         if self.engine.serving:
             return PlainTextResponse("")
         return _error("the engine is not running (stopped, or shutting down)", 503)
+
+    async def metrics(self, request: HttpRequest) -> Response:
+        """The engine's metrics in Prometheus' text format (vLLM's names, ``qadapter:`` for ``vllm:``)."""
+        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
 
     def _model_entry(self, name: str) -> dict:
         """OpenAI's model object, with vLLM's ``root`` (where a model's weights come from) and ``parent``
