@@ -159,6 +159,37 @@ def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
         QAdapterModel.from_pretrained(tmp_path / "dense", quantization="4bit")
 
 
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_an_adapter_set_serves_many_adapters_on_one_quantized_base(bases, tmp_path, bits):
+    """Many policies over one quantized base (the consumer-GPU case): the set loads the base quantized as
+    the adapters were trained, and each row of a mixed batch decodes as its adapter alone does; an
+    adapter of a dense base is refused."""
+    from qadapter.library.adapter_set import AdapterSet
+
+    from qadapter_kernels import LossConfig
+
+    for k, alphas in enumerate([dict(alpha_tilde=0.8), dict(alpha_0=0.4)], 1):
+        model = adapter(bases["llama"], bits, seed=k)
+        model.loss = LossConfig.from_options(model.loss, **alphas)
+        model.save_pretrained(tmp_path / f"a{k}")
+    adapter_set = AdapterSet.from_pretrained({"one": tmp_path / "a1", "two": tmp_path / "a2"})
+    assert adapter_set.quantization == adapter(bases["llama"], bits).quantization
+    ids, mask = left_padded_prompts(vocab=adapter_set.base_model.config.vocab_size, lengths=(6, 4, 5))
+    names = ["two", None, "one"]
+    options = dict(max_new_tokens=4, eos_token_id=[], pad_token_id=0, do_sample=False)
+    out = adapter_set.generate(ids, mask, adapters=names, **options)
+    for row, name in enumerate(names):
+        if name is None:
+            continue
+        real = mask[row].bool()
+        alone = QAdapterModel.from_pretrained(tmp_path / ("a1" if name == "one" else "a2"))
+        want = alone.generate(ids[row:row + 1, real], mask[row:row + 1, real], **options)
+        assert out[row, ids.shape[1]:].tolist() == want[0, real.sum():].tolist(), (bits, name)
+    adapter(bases["llama"]).save_pretrained(tmp_path / "dense")
+    with pytest.raises(AdapterLoadError, match="dense"):
+        adapter_set.load("dense", tmp_path / "dense")
+
+
 def test_another_compute_dtype_loads_where_the_checkpoint_is_exact_in_both(bases, tmp_path):
     """A 4-bit base's weights are cast to the compute dtype before they are quantized: a bfloat16
     checkpoint gives the same 4-bit codes with float32 or bfloat16 compute, a float32 one does not,
