@@ -253,7 +253,7 @@ def _run_train(args) -> int:
     from .library.model import QAdapterModel, levels_on, stack_level_at
     from .library.provenance import data_identity
     from .library.saved import holds_adapter
-    from .library.trainer import QAdapterTrainer
+    from .library.trainer import QAdapterTrainer, seed_everything
 
     config = _training_config(args, args.training_options)
     # The saved adapter is pushed once, at the end; Trainer would push its checkpoints' folder instead.
@@ -282,6 +282,7 @@ def _run_train(args) -> int:
     if args.q_on != "parent" and args.on is None:
         _usage_error("train", "--q-on applies with --on")
     stacking = {} if args.on is None else {"on": levels, "q_on": args.q_on}  # found once: hashed, located
+    seed_everything(config)  # --seed governs the adapter's initialization too, as Trainer's model_init would
     model = QAdapterModel.from_base(args.model, quantization=_quantization(args), **config.model_options(), **stacking)
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,

@@ -90,6 +90,32 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
                  "--min-p", "0.05", "--repetition-penalty", "1.2", "--stop", "the", "--compile", "no"]) == 0
 
 
+def test_train_seed_governs_the_adapters_initialization(tmp_path):
+    """``--seed`` seeds the adapter's initialization as well as training (Trainer seeds only once it
+    starts, after the model is built): one seed gives the same adapter run after run in one process,
+    another seed another one."""
+    import torch
+    from helpers import tiny_causal_lm, tiny_chat_tokenizer
+    from safetensors.torch import load_file
+
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hi {i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(4)))
+
+    def trained(seed: int, run: str) -> dict:
+        assert main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--output", str(tmp_path / run),
+                     "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                     "--save_strategy", "no", "--seed", str(seed)]) == 0
+        return load_file(tmp_path / run / "adapter_model.safetensors")
+
+    first, again, other = trained(3, "a"), trained(3, "b"), trained(4, "c")
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if "lora_A" in k)
+
+
 def test_benchmarks_are_documented_not_a_verb(capsys):
     """The benchmarks run from a source checkout (python -m bench.report); the installed command
     never imports code from the working directory."""

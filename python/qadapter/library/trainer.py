@@ -146,6 +146,14 @@ def _warn_if_padding_dependent(args) -> None:
         )
 
 
+def seed_everything(args: TrainingArguments) -> None:
+    """Seeds what a run draws before Trainer starts (the adapter's initialization), as Trainer seeds
+    before its ``model_init``: ``args.seed``, fully deterministic with ``args.full_determinism``."""
+    from transformers import enable_full_determinism, set_seed
+
+    (enable_full_determinism if args.full_determinism else set_seed)(args.seed)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
     """The newest checkpoint of ``run_dir`` a run can resume from, or None.
 
