@@ -417,6 +417,10 @@ def _serve_parser(p) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together at most")
+    p.add_argument("--max-prefill-tokens", type=_positive_int, metavar="N",
+                   help="prompt tokens (times the rows each request runs: 2 for an adapter, 1 + levels for a "
+                        "stack) read in one prefill at most, bounding its memory; a longer prompt is read alone "
+                        "(default: no bound)")
     p.add_argument("--allow-adapter-updates", action="store_true",
                    help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): any client that "
                         "reaches the server can then load adapters from this machine's folders or the hub")
@@ -452,7 +456,8 @@ def _run_serve(args) -> int:
     else:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
-    serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch), args.host, args.port,
+    serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch,
+                 max_prefill_tokens=args.max_prefill_tokens), args.host, args.port,
           log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates, adapter_dir=args.adapter_dir,
           max_adapters=args.max_adapters)
     return 0

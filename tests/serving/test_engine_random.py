@@ -1,8 +1,8 @@
 """The serving engine's running batch against each request alone, on random schedules: requests of
 random prompts, models (the base, single adapters, a three-level stack and its levels), lengths,
-sampling options, stop strings, log-probs and echoes join a running batch at random steps, repeat each other's
-prompts (read once, cache rows copied) and queue behind a full batch; every request gets the events
-it gets decoded alone (tokens, text, log-probs, finish reason)."""
+sampling options, stop strings, log-probs and echoes join a running batch at random steps, repeat
+each other's prompts (read once, cache rows copied) and queue behind a full batch or a spent prefill
+budget; every request gets the events it gets decoded alone (tokens, text, log-probs, finish reason)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
     rng = random.Random(seed)
     specs = random_specs(rng)
     tokenizer = tiny_chat_tokenizer()
-    engine = Engine(adapter_set, tokenizer, max_batch=rng.choice([3, 8]))
+    engine = Engine(adapter_set, tokenizer, max_batch=rng.choice([3, 8]), max_prefill_tokens=rng.choice([None, 24]))
     events = [[] for _ in specs]
     requests = [Request(**spec, emit=events[i].append) for i, spec in enumerate(specs)]
     with torch.inference_mode():
@@ -96,7 +96,7 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
             engine.submit(request)
             if rng.random() < 0.7:  # else it waits in the queue with the next
                 engine._admit(wait=False)
-        while engine._running or not engine._pending.empty():  # the rest: admitted as room frees, as the loop does
+        while engine._outstanding:  # the rest: admitted as room and the prefill budget allow, as the loop does
             engine._admit(wait=False)
             if engine._running:
                 engine._step()

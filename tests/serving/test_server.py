@@ -695,6 +695,38 @@ def test_stacks_join_and_leave_the_running_batch_as_alone(tmp_path):
     decode_joining_and_leaving(adapter_set)
 
 
+def test_the_prefill_budget_splits_admissions_and_reads_a_long_prompt_alone(saved, monkeypatch):
+    """``max_prefill_tokens`` bounds what one prefill reads (prompt tokens times the rows a request runs:
+    two for an adapter, one for the base): queued requests past it wait, first in line, for the next
+    admission; a prompt over the budget is read alone. Each decodes as it does alone."""
+    _, tokenizer, paths = saved
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]})
+    adapter_set.peft_model.eval()
+    engine = Engine(adapter_set, tokenizer, max_prefill_tokens=25)
+    reads = []
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda new: reads.append([r.prompt[0] for r in new]) or real(new))
+    # (first token as a label, prompt length, adapter): costs 10, 10, 10, 20, 60
+    jobs = [(10, 5, "terse"), (11, 5, "terse"), (12, 5, "terse"), (13, 20, None), (14, 30, "terse")]
+    requests = [Request(prompt=[first] + [5] * (n - 1), adapter=adapter, max_tokens=4, emit=lambda e: None)
+                for first, n, adapter in jobs]
+    for request in requests:
+        engine.submit(request)
+    assert engine.metrics.render().decode().count("qadapter:num_requests_waiting 5.0") == 1
+    with torch.inference_mode():
+        while engine._outstanding:
+            engine._admit(wait=False)
+            if engine._running:
+                engine._step()
+    assert reads == [[10, 11], [12], [13], [14]]
+    for request in requests:
+        alone = Request(prompt=request.prompt, adapter=request.adapter, max_tokens=4, emit=lambda e: None)
+        engine_decode(Engine(adapter_set, tokenizer), [alone])
+        assert request.tokens == alone.tokens
+    with pytest.raises(ValueError, match="max_prefill_tokens must be an int >= 1 or None; got 0"):
+        Engine(adapter_set, tokenizer, max_prefill_tokens=0)
+
+
 def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
     """``n`` choices (or lm-eval's repeated contexts): requests with the same prompt and model are
     prefilled as one row, whose cache rows are copied to each; each then decodes (and scores its echoed

@@ -99,10 +99,17 @@ class Request:
 class Engine:
     """Decodes submitted :class:`Request` s in one running batch of at most ``max_batch`` requests."""
 
-    def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32) -> None:
+    def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32,
+                 max_prefill_tokens: int | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}")
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
+                                               or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
+            raise ValueError(f"max_prefill_tokens must be an int >= 1 or None; got {max_prefill_tokens!r}")
         self.adapter_set, self.tokenizer, self.max_batch = adapter_set, tokenizer, max_batch
+        # Prompt tokens, times the rows each request runs, read in one prefill at most (None: no bound);
+        # a request over it alone is still read, alone.
+        self.max_prefill_tokens = max_prefill_tokens
         config = adapter_set.base_model.config.get_text_config()
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         eos = adapter_set.base_model.generation_config.eos_token_id
@@ -112,6 +119,7 @@ class Engine:
         head = adapter_set.base_model.get_output_embeddings().weight
         self.vocab, self.device = head.shape[0], head.device
         self._pending: queue.Queue[Request] = queue.Queue()
+        self._held: Request | None = None  # taken off the queue, over the prefill budget: first in line next time
         self._running: list[Request] = []
         self._joining: list[Request] = []  # taken off the queue, not yet in the batch
         self._cache = None
@@ -125,7 +133,8 @@ class Engine:
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.metrics = EngineMetrics(running=lambda: len(self._running), waiting=self._pending.qsize,
+        self.metrics = EngineMetrics(running=lambda: len(self._running),
+                                     waiting=lambda: self._pending.qsize() + (self._held is not None),
                                      adapters=lambda: len(self.adapter_set.names))
 
     # ------------------------------------------------------------------------------ submitting
@@ -256,7 +265,7 @@ class Engine:
         self._running, self._joining, self._cache, self._mask, self._next = [], [], None, None, None
 
     def _drain(self) -> list[Request]:
-        taken = []
+        taken, self._held = ([self._held] if self._held is not None else []), None
         while True:
             try:
                 taken.append(self._pending.get_nowait())
@@ -265,19 +274,21 @@ class Engine:
 
     # --------------------------------------------------------------------------------- batching
     def _admit(self, wait: bool) -> None:
-        """Prefills the queued requests that fit and splices them into the running batch."""
+        """Prefills the queued requests that fit (the running batch's room, the prefill budget) and
+        splices them into the running batch."""
         room = self.max_batch - len(self._running)
-        new = []
-        if wait:
-            try:
-                new.append(self._pending.get(timeout=0.05))
-            except queue.Empty:
-                return
+        new, tokens = [], 0
         while len(new) < room:
             try:
-                new.append(self._pending.get_nowait())
+                request = self._queued(wait=wait and not new)
             except queue.Empty:
                 break
+            cost = self._prefill_cost(request)
+            if new and self.max_prefill_tokens is not None and tokens + cost > self.max_prefill_tokens:
+                self._held = request
+                break
+            new.append(request)
+            tokens += cost
         for request in new:
             if request.cancelled:  # its client left while it waited
                 self._finish(request, {"finish_reason": "cancelled"})
@@ -288,6 +299,20 @@ class Engine:
         if new:
             self._prefill(new)
         self._joining = []
+
+    def _queued(self, wait: bool) -> Request:
+        """The next request in line (the one held back last time first); queue.Empty where none is."""
+        if self._held is not None:
+            request, self._held = self._held, None
+            return request
+        return self._pending.get(timeout=0.05) if wait else self._pending.get_nowait()
+
+    def _prefill_cost(self, request: Request) -> int:
+        """What a request adds to a prefill: its prompt's tokens on each row its policy runs (none where
+        it will not be read: cancelled, or an echo without log-probs and no answer)."""
+        if request.cancelled or not (request.max_tokens or request.scores_prompt):
+            return 0
+        return len(request.prompt) * (1 + self.adapter_set.depth(request.adapter))
 
     def _prefill(self, new: list[Request]) -> None:
         """Reads ``new`` requests' distinct prompts in one forward (a prompt that several requests ask of
