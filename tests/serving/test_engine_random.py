@@ -1,8 +1,10 @@
 """The serving engine's running batch against each request alone, on random schedules: requests of
 random prompts, models (the base, single adapters, a three-level stack and its levels), lengths,
 sampling options, stop strings, log-probs and echoes join a running batch at random steps, repeat
-each other's prompts (read once, cache rows copied) and queue behind a full batch or a spent prefill
-budget; every request gets the events it gets decoded alone (tokens, text, log-probs, finish reason)."""
+each other's prompts (read once, cache rows copied) or their beginnings, or continue earlier prompts
+and answers as a chat's next turn (read from the prefix cache after the first finishes), and queue
+behind a full batch or a spent prefill budget; every request gets the events it gets decoded alone
+(tokens, text, log-probs, finish reason)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ def random_specs(rng: random.Random) -> list[dict]:
         if specs and rng.random() < 0.3:  # n choices, or lm-eval's repeated contexts
             earlier = rng.choice(specs)
             prompt, adapter = earlier["prompt"], earlier["adapter"]
+        elif specs and rng.random() < 0.4:  # a shared beginning (a system prompt, an earlier turn), any model
+            earlier = rng.choice(specs)["prompt"]
+            prompt = earlier[:rng.randint(1, len(earlier))] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(0, 6))]
+            adapter = rng.choice(names)
         else:
             prompt, adapter = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 10))], rng.choice(names)
         spec = dict(prompt=prompt, adapter=adapter, logprobs=rng.choice([None, None, 0, 3]))
@@ -85,7 +91,8 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
     rng = random.Random(seed)
     specs = random_specs(rng)
     tokenizer = tiny_chat_tokenizer()
-    engine = Engine(adapter_set, tokenizer, max_batch=rng.choice([3, 8]), max_prefill_tokens=rng.choice([None, 24]))
+    engine = Engine(adapter_set, tokenizer, max_batch=rng.choice([3, 8]), max_prefill_tokens=rng.choice([None, 24]),
+                    prefix_cache_tokens=rng.choice([0, 60, 1000]))
     events = [[] for _ in specs]
     requests = [Request(**spec, emit=events[i].append) for i, spec in enumerate(specs)]
     with torch.inference_mode():
@@ -97,6 +104,21 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
             if rng.random() < 0.7:  # else it waits in the queue with the next
                 engine._admit(wait=False)
         while engine._outstanding:  # the rest: admitted as room and the prefill budget allow, as the loop does
+            engine._admit(wait=False)
+            if engine._running:
+                engine._step()
+
+    # A chat's next turns: earlier prompts with (part of) their answers and a few more tokens, after them.
+    for earlier in rng.sample(requests, 3):
+        answer = earlier.tokens[:rng.randint(0, len(earlier.tokens))]
+        specs.append(dict(prompt=earlier.prompt + answer + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 4))],
+                          adapter=rng.choice([earlier.adapter, "single"]), max_tokens=rng.choice([1, 4]),
+                          logprobs=rng.choice([None, 2])))
+        events.append([])
+        requests.append(Request(**specs[-1], emit=events[-1].append))
+        engine.submit(requests[-1])
+    with torch.inference_mode():
+        while engine._outstanding:
             engine._admit(wait=False)
             if engine._running:
                 engine._step()

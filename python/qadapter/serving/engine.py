@@ -18,7 +18,9 @@ One thread owns the model (:meth:`Engine.start`); requests are submitted from an
 their tokens through their ``emit`` callback. Adapters are loaded and unloaded while it serves
 (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`): that thread runs the change between two
 decode steps, and an adapter is unloaded only when no request for it is queued or running. It counts
-its work in Prometheus metrics (:mod:`qadapter.serving.metrics`, ``Engine.metrics``).
+its work in Prometheus metrics (:mod:`qadapter.serving.metrics`, ``Engine.metrics``). With a prefix
+cache (:mod:`qadapter.serving.prefix_cache`), a prompt that starts as a finished request's sequence did
+under the same policy is read from there on only.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from ..library.adapter_set import AdapterSet
 from ..library.saved import locate_adapter
 from .metrics import EngineMetrics
+from .prefix_cache import Entry, PrefixCache
 
 
 class EngineStopped(RuntimeError):
@@ -100,7 +103,7 @@ class Engine:
     """Decodes submitted :class:`Request` s in one running batch of at most ``max_batch`` requests."""
 
     def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, prefix_cache_tokens: int = 0) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}")
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
@@ -110,6 +113,13 @@ class Engine:
         # Prompt tokens, times the rows each request runs, read in one prefill at most (None: no bound);
         # a request over it alone is still read, alone.
         self.max_prefill_tokens = max_prefill_tokens
+        # Finished requests' KV, reused by prompts that start the same way (0: none kept), in token-rows.
+        self.prefix_cache = None
+        if prefix_cache_tokens:
+            if _slides(adapter_set.base_model):
+                raise ValueError("prefix_cache_tokens: this model attends within a sliding window (Gemma-2, Mistral), "
+                                 "which a reused prefix would move; leave it 0")
+            self.prefix_cache = PrefixCache(prefix_cache_tokens)
         config = adapter_set.base_model.config.get_text_config()
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         eos = adapter_set.base_model.generation_config.eos_token_id
@@ -334,6 +344,9 @@ class Engine:
         cache, adapters = DynamicCache(), [r.adapter for r in reads]
         top = [max((r.logprobs for r, j in zip(new, source) if j == row and r.scores_prompt), default=None)
                for row in range(len(reads))]
+        reused = self._reused_prefixes(reads) if all(k is None for k in top) else None
+        if reused is not None:  # read after the stored prefixes only
+            ids, mask, cache = self._after_prefixes(reads, reused)
         if any(k is not None for k in top):
             logprobs, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache, top=top)
             for request, row in zip(new, source):
@@ -355,6 +368,67 @@ class Engine:
         new = [new[i] for i in going_on]
         self._splice(new, cache, mask)
         self._advance(new, logprobs, offset=len(self._running) - len(new))
+
+    def _policy_key(self, adapter: str | None) -> tuple:
+        """What a row's KV depends on: the LoRAs each level of the policy runs (none for the base)."""
+        if adapter is None:
+            return ()
+        return tuple(self.adapter_set.adapters[self.adapter_set.names.index(adapter)].networks)
+
+    def _reused_prefixes(self, reads: list[Request]) -> list[tuple[int, Entry | None]] | None:
+        """Each read's longest stored prefix, or None where the prefix cache gives none."""
+        if self.prefix_cache is None:
+            return None
+        found = [self.prefix_cache.longest(self._policy_key(r.adapter), r.prompt) for r in reads]
+        self.metrics.prefix_cache_queries.inc(sum(len(r.prompt) for r in reads))
+        self.metrics.prefix_cache_hits.inc(sum(n for n, _ in found))
+        return found if any(n for n, _ in found) else None
+
+    def _after_prefixes(self, reads: list[Request], reused: list[tuple[int, Entry | None]]):
+        """The forward's inputs when each read's first ``n`` prompt tokens come from the prefix cache:
+        the rest of each prompt (left-padded ids), the mask over the stored positions and the new ones
+        (each read's stored prefix right-aligned in a block of the longest one's width), and a cache
+        holding those prefixes on the reads' rows (frozen rows, then level rows)."""
+        from transformers import DynamicCache
+
+        longest = max(n for n, _ in reused)
+        rest = [r.prompt[n:] for r, (n, _) in zip(reads, reused)]
+        width = max(len(t) for t in rest)
+        ids = torch.full((len(reads), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(reads), longest + width, dtype=torch.long)
+        for row, ((n, _), tokens) in enumerate(zip(reused, rest)):
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, longest - n:longest] = 1
+            mask[row, longest + width - len(tokens):] = 1
+        depths = self._depths(reads)
+        first = list(itertools.accumulate(depths, initial=len(reads)))  # each read's first level row
+        sample = next(entry for _, entry in reused if entry is not None).kv
+        layers = []
+        for layer, (keys, _) in enumerate(sample):
+            shape = (len(reads) + sum(depths), keys.shape[1], longest, keys.shape[3])
+            kv = (keys.new_zeros(shape), keys.new_zeros(shape))
+            for row, (n, entry) in enumerate(reused):
+                if n:
+                    rows = [row, *range(first[row], first[row] + depths[row])]
+                    for stored, into in zip(entry.kv[layer], kv):
+                        into[rows, :, longest - n:] = stored[:, :, :n]
+            layers.append(kv)
+        return ids.to(self.device), mask.to(self.device), DynamicCache(ddp_cache_data=layers)
+
+    def _store_prefixes(self, finished: list[int], depths: list[int]) -> None:
+        """Keeps the KV of the running batch's ``finished`` requests (their prompt and the answer tokens
+        fed back) in the prefix cache, under their policies."""
+        first = list(itertools.accumulate(depths, initial=len(depths)))
+        for i in finished:
+            request = self._running[i]
+            if request.cancelled:
+                continue
+            real = self._mask[i].bool()
+            count = int(real.sum())
+            rows = torch.tensor([i, *range(first[i], first[i] + depths[i])], device=self._mask.device)
+            kv = [(layer.keys.index_select(0, rows)[:, :, real], layer.values.index_select(0, rows)[:, :, real])
+                  for layer in self._cache.layers]
+            self.prefix_cache.store(self._policy_key(request.adapter), (request.prompt + request.tokens)[:count], kv)
 
     def _splice(self, new: list[Request], cache, mask: torch.Tensor) -> None:
         """Adds ``new`` requests' rows (their cache, frozen rows then level rows, and their ``mask``) to the batch."""
@@ -441,9 +515,12 @@ class Engine:
             self._in_flight[request.adapter] -= 1
 
     def _drop(self, rows: list[int]) -> None:
-        """Removes the requests at ``rows`` from the batch, and the padding columns no row needs."""
+        """Removes the requests at ``rows`` from the batch (their KV kept in the prefix cache, if any), and
+        the padding columns no row needs."""
         keep = [i for i in range(len(self._running)) if i not in set(rows)]
         depths = self._depths(self._running)
+        if self.prefix_cache is not None:
+            self._store_prefixes(rows, depths)
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache = self._mask = self._next = None
@@ -597,6 +674,13 @@ def _draw(request: Request, scores: torch.Tensor) -> torch.Tensor:
     if request.min_p > 0:
         scores = lp.MinPLogitsWarper(float(request.min_p))(None, scores)
     return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=request.generator)[0, 0]
+
+
+def _slides(model) -> bool:
+    """Whether ``model`` attends within a sliding window on some layer (transformers' cache layout for it)."""
+    from transformers import DynamicCache
+
+    return any(layer.is_sliding for layer in DynamicCache(config=model.config).layers)
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

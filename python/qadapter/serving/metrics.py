@@ -42,6 +42,10 @@ class EngineMetrics:
                                          registry=self.registry)
         self.finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason (stop, length, "
                                 "cancelled, error).", ["finished_reason"], registry=self.registry)
+        self.prefix_cache_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the "
+                                            "prefix cache.", registry=self.registry)
+        self.prefix_cache_hits = Counter(PREFIX + "prefix_cache_hits", "Prompt tokens found there (not read "
+                                         "again).", registry=self.registry)
         self.adapter_changes = Counter(PREFIX + "adapter_changes", "Adapters loaded and unloaded while serving.",
                                        ["change"], registry=self.registry)
         self.time_to_first_token = histogram("time_to_first_token_seconds",

@@ -1,0 +1,88 @@
+"""The serving engine's prefix cache: a chat's next turn and a shared system prompt are read from where
+they differ from a finished request's sequence under the same policy, and decode as they do read
+whole; the store keeps within its budget, least recently used first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import engine_decode, save_perturbed_adapters, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
+from qadapter.library.adapter_set import AdapterSet  # noqa: E402
+from qadapter.serving.engine import Engine, Request  # noqa: E402
+from qadapter.serving.prefix_cache import PrefixCache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def adapter_set(tmp_path_factory):
+    paths = save_perturbed_adapters(tmp_path_factory.mktemp("prefix"), {"a": dict(alpha_tilde=0.9),
+                                                                        "b": dict(alpha_0=0.3)}, tiny_causal_lm)
+    served = AdapterSet.from_pretrained(paths, tiny_causal_lm())
+    served.peft_model.eval()
+    return served
+
+
+def decoded(engine, prompt, adapter, max_tokens=6):
+    request = Request(prompt=prompt, adapter=adapter, max_tokens=max_tokens, emit=lambda event: None, logprobs=3)
+    engine_decode(engine, [request])
+    return request
+
+
+def hits(engine) -> float:
+    return engine.metrics.prefix_cache_hits._value.get()
+
+
+def test_a_chats_next_turn_is_read_from_where_it_differs(adapter_set):
+    tokenizer = tiny_chat_tokenizer()
+    engine = Engine(adapter_set, tokenizer, prefix_cache_tokens=1000)
+    first = decoded(engine, [5, 17, 33, 8, 21, 40, 11], "a")
+    assert hits(engine) == 0 and len(first.tokens) == 6
+    turn = first.prompt + first.tokens + [9, 14, 60]
+    second = decoded(engine, turn, "a")
+    # Stored: the prompt and the answer tokens fed back (all but the last); read now: the rest.
+    assert hits(engine) == len(first.prompt) + len(first.tokens) - 1
+    assert second.tokens == decoded(Engine(adapter_set, tokenizer), turn, "a").tokens
+    other = decoded(engine, turn, "b")  # another policy's rows hold other KV: nothing reused
+    assert hits(engine) == len(first.prompt) + len(first.tokens) - 1
+    assert other.tokens == decoded(Engine(adapter_set, tokenizer), turn, "b").tokens
+
+
+def test_a_shared_system_prompt_is_read_once_per_policy(adapter_set):
+    tokenizer = tiny_chat_tokenizer()
+    engine = Engine(adapter_set, tokenizer, prefix_cache_tokens=1000)
+    system = [7, 23, 41, 12, 30, 55, 19, 4]
+    decoded(engine, system + [70, 71], None)
+    questions = [system + [80, 81, 82], system + [90], system[:5] + [3]]
+    requests = [Request(prompt=p, adapter=None, max_tokens=5, emit=lambda event: None) for p in questions]
+    engine_decode(engine, requests)  # read together, each after its own stored prefix
+    assert hits(engine) == len(system) + len(system) + 5
+    for request in requests:
+        assert request.tokens == decoded(Engine(adapter_set, tokenizer), request.prompt, None, 5).tokens
+
+
+def test_the_store_keeps_within_its_budget_least_recent_first():
+    def kv(rows, n):
+        return [(torch.randn(rows, 2, n, 4), torch.randn(rows, 2, n, 4))]
+
+    store = PrefixCache(budget=40)
+    store.store(("p",), [1, 2, 3, 4, 5], kv(2, 5))  # 10 token-rows
+    store.store(("p",), [1, 2, 3, 4, 5, 6, 7], kv(2, 7))  # extends the first, which goes
+    assert len(store) == 1 and store.held == 14
+    store.store(("q",), [1, 2, 3], kv(3, 3))  # 9
+    assert store.longest(("p",), [1, 2, 3, 9])[0] == 3 and store.longest(("q",), [1, 2, 3, 4])[0] == 3
+    assert store.longest(("p",), [1, 2])[0] == 1  # the prompt's last token is always read
+    assert store.longest(("r",), [1, 2, 3]) == (0, None)
+    assert store.longest(("p",), [1, 2, 3, 4, 5, 6, 7, 8])[0] == 7  # p used last: q is the least recent
+    store.store(("r",), list(range(10, 30)), kv(1, 20))  # 20 more is over 40: q goes
+    assert store.held == 34 and store.longest(("q",), [1, 2, 3, 4]) == (0, None)
+    store.store(("s",), list(range(50)), kv(1, 50))  # over the whole budget: not kept
+    assert store.held == 34 and len(store) == 2
+    with pytest.raises(ValueError, match="budget must be an int >= 1"):
+        PrefixCache(0)
+
+
+def test_a_sliding_window_model_refuses_the_prefix_cache():
+    served = AdapterSet(tiny_causal_lm("mistral"), tokenizer=None)
+    with pytest.raises(ValueError, match="sliding window"):
+        Engine(served, tiny_chat_tokenizer(), prefix_cache_tokens=100)
