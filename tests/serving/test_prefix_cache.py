@@ -86,3 +86,17 @@ def test_a_sliding_window_model_refuses_the_prefix_cache():
     served = AdapterSet(tiny_causal_lm("mistral"), tokenizer=None)
     with pytest.raises(ValueError, match="sliding window"):
         Engine(served, tiny_chat_tokenizer(), prefix_cache_tokens=100)
+
+
+def test_an_unloaded_adapters_entries_go(tmp_path):
+    paths = save_perturbed_adapters(tmp_path, {"a": dict(alpha_tilde=0.9), "b": dict(alpha_0=0.3)}, tiny_causal_lm)
+    served = AdapterSet.from_pretrained(paths, tiny_causal_lm())
+    served.peft_model.eval()
+    engine = Engine(served, tiny_chat_tokenizer(), prefix_cache_tokens=1000)
+    for adapter in ("a", "b", None):
+        decoded(engine, [5, 17, 33, 8], adapter)
+    assert len(engine.prefix_cache) == 3
+    engine.unload_adapter("a")
+    assert len(engine.prefix_cache) == 2
+    assert engine.prefix_cache.longest(engine._policy_key("b"), [5, 17, 33, 8, 1])[0] == 4
+    assert engine.prefix_cache.longest((), [5, 17, 33, 8, 1])[0] == 4

@@ -201,6 +201,9 @@ class Engine:
                     raise AdapterBusy(f"model {name!r} has {self._in_flight[name]} request(s) queued or running; "
                                       "unload it when they have finished")
                 self.adapter_set.unload(name)
+            if self.prefix_cache is not None:  # its policies' KV can serve no request now
+                loaded = set(self.adapter_set.blocks)
+                self.prefix_cache.keep_policies(lambda policy: all(set(level) <= loaded for level in policy))
         self._run_between_steps(unload)
         self.metrics.adapter_changes.labels("unload").inc()
 

@@ -73,6 +73,11 @@ class PrefixCache:
         self._entries.move_to_end(found)
         return best, self._entries[found]
 
+    def keep_policies(self, keep) -> None:
+        """Drops the entries of every policy that ``keep(policy)`` refuses (an unloaded adapter's)."""
+        for key in [k for k in self._entries if not keep(k[0])]:
+            self._drop(key)
+
     def _drop(self, key: tuple) -> None:
         self.held -= self._entries.pop(key).cost
 
