@@ -74,8 +74,8 @@ def test_each_row_gets_its_own_adapters_policy(saved, solo):
 @pytest.mark.parametrize("names", [["formal", "formal"], ["kind", None], [None, None], ["terse", "formal", "kind"]])
 def test_a_batch_runs_only_the_bank_columns_of_the_adapters_it_names(saved, solo, names):
     """Loaded adapters a batch does not name cost it nothing: each bank layer's down-projection runs
-    the blocks of the named adapters only (the whole bank where every one is named), and each row is
-    still its own adapter's policy."""
+    the blocks of the named adapters that adapt that layer (the layer's whole bank where every one is
+    named), and each row is still its own adapter's policy."""
     from qadapter.library.adapter_set import BANK
 
     _, vocab, paths = saved
@@ -85,8 +85,8 @@ def test_a_batch_runs_only_the_bank_columns_of_the_adapters_it_names(saved, solo
     layer.lora_A[BANK].register_forward_hook(lambda module, args, out: widths.append(out.shape[-1]))
     ids, mask = left_padded_prompts(vocab=vocab, lengths=(5, 3, 6)[:len(names)])
     got = set_logprobs(adapter_set, ids, mask, names)
-    blocks = {"terse": 8, "formal": 4, "kind": 16}  # an adapter's block: its rank (zeros where it adapts nothing)
-    assert widths == [sum(blocks[n] for n in set(names) - {None})]
+    ranks = {"terse": 8, "formal": 4, "kind": 0}  # kind adapts no q_proj: the layer's bank holds no block of it
+    assert widths == [sum(ranks[n] for n in set(names) - {None})]
     for row, name in enumerate(names):
         want = solo_logprobs(solo[name], ids[row:row + 1], mask[row:row + 1])
         torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")

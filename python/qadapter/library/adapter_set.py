@@ -65,28 +65,30 @@ BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer hol
 
 
 class _BankSelection:
-    """What all bank layers read in a forward: ``columns``, the bank's columns of the LoRAs the batch
-    runs (None: all of them), and ``mask`` ``[rows, 1, len(columns)]``, which of those each row keeps.
-    A batch pays for the adapters it names, not for every one loaded."""
+    """What the bank layers read in a forward, per layout (the LoRAs a layer's bank holds): ``columns``,
+    the layer bank's columns of the LoRAs the batch runs (None: all of them), and ``mask`` ``[rows, 1,
+    len(columns)]``, which of those each row keeps. A batch pays, on each layer, for the adapters it
+    names that adapt that layer, not for every one loaded."""
 
-    columns: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.columns: dict[tuple, torch.Tensor | None] = {}
+        self.mask: dict[tuple, torch.Tensor] = {}
 
 
 class _BankProjection(nn.Module):
-    """A bank weight (frozen: served, not trained) and the selection every forward reads."""
+    """A bank weight (frozen: served, not trained), its layout and the selection every forward reads."""
 
-    def __init__(self, weight: torch.Tensor, selection: _BankSelection) -> None:
+    def __init__(self, weight: torch.Tensor, layout: tuple, selection: _BankSelection) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.selection = selection
+        self.layout, self.selection = layout, selection
 
 
 class _BankDown(_BankProjection):
     """The bank's down-projection, ``x @ A^T`` over the selected columns' rows of the stacked ``A``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        columns = self.selection.columns
+        columns = self.selection.columns[self.layout]
         return F.linear(x, self.weight if columns is None else self.weight.index_select(0, columns))
 
 
@@ -95,9 +97,9 @@ class _BankUp(_BankProjection):
     ``B``: each row keeps only its own adapter's block."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        columns = self.selection.columns
+        columns = self.selection.columns[self.layout]
         weight = self.weight if columns is None else self.weight.index_select(1, columns)
-        return F.linear(h * self.selection.mask, weight)
+        return F.linear(h * self.selection.mask[self.layout], weight)
 
 
 class _Served:
@@ -167,30 +169,40 @@ class BankRows:
                 levels.append(list(range(next_row, next_row + depth)))
                 next_row += depth
             owner = list(range(batch)) + [i for i, rows in enumerate(levels) for _ in rows]
-            # The bank's columns of the LoRAs this batch runs, in bank order, and where each block lands.
             used = self._members_run(served)
-            blocks, columns = {}, []
-            for member, (start, stop) in sorted(bank.blocks.items(), key=lambda item: item[1]):
-                if member in used:
-                    blocks[member] = (len(columns), len(columns) + stop - start)
-                    columns += range(start, stop)
-            mask = torch.zeros(next_row, 1, len(columns), device=device, dtype=bank.dtype)
+            columns, masks = {}, {}
+            for layout in bank.layouts:
+                columns[layout], masks[layout] = self._selection(layout, used, served, levels, next_row, device)
             groups: dict = {}
-            for i, (policy, rows) in enumerate(zip(served, levels)):
-                for row, network in zip(rows, [] if policy is None else policy.networks):
-                    for member in network:
-                        start, stop = blocks[member]
-                        mask[row, 0, start:stop] = 1
+            for i, policy in enumerate(served):
                 groups.setdefault(() if policy is None else tuple(policy.alphas), []).append(i)
             every = len(groups) == 1
             self._cache[key] = {
-                "mask": mask, "owner": torch.tensor(owner, device=device), "levels": levels,
-                "columns": None if len(columns) == bank.width else torch.tensor(columns, dtype=torch.long, device=device),
+                "mask": masks, "owner": torch.tensor(owner, device=device), "levels": levels, "columns": columns,
                 "groups": [(alphas, None if every else torch.tensor(members, device=device),
                             [_rows(members, device)] + [_rows([levels[i][j] for i in members], device)
                                                         for j in range(len(alphas))])
                            for alphas, members in groups.items()]}
         return self._cache[key]
+
+    def _selection(self, layout: tuple, used: set[str], served: list, levels: list[list[int]], rows: int,
+                   device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The columns of a layer bank of ``layout`` ((member, rank) pairs, in its column order) that
+        the batch's policies run (None: all), and the mask ``[rows, 1, columns]`` of each forward row's."""
+        blocks, columns, start = {}, [], 0
+        for member, rank in layout:
+            if member in used:
+                blocks[member] = (len(columns), len(columns) + rank)
+                columns += range(start, start + rank)
+            start += rank
+        mask = torch.zeros(rows, 1, len(columns), device=device, dtype=self.adapter_set.dtype)
+        for policy, level_rows in zip(served, levels):
+            for row, network in zip(level_rows, [] if policy is None else policy.networks):
+                for member in network:
+                    if member in blocks:
+                        mask[row, 0, blocks[member][0]:blocks[member][1]] = 1
+        whole = len(columns) == start
+        return None if whole else torch.tensor(columns, dtype=torch.long, device=device), mask
 
     @staticmethod
     def _members_run(served: list[_Served | None]) -> set[str]:
@@ -258,8 +270,8 @@ class AdapterSet:
         self.adapters: list[_Served] = []
         self._members: dict[str, str] = {}  # the bank's LoRAs: sha256 of their files -> PEFT adapter name
         self._loads = 0  # LoRAs loaded so far: numbers their PEFT adapter names
-        self.blocks: dict[str, tuple[int, int]] = {}  # each member's columns in the bank
-        self.width = 0
+        self.blocks: dict[str, int] = {}  # the bank's members (its LoRAs) and each one's rank
+        self.layouts: set[tuple] = set()  # each LoRA layer bank's (member, rank) pairs, in column order
         self.dtype = torch.float32
         self.selection = _BankSelection()
         self.rows = BankRows(self)
@@ -390,32 +402,27 @@ class AdapterSet:
             for member in served.members:
                 served_as.setdefault(member, served.name)
         members = list(served_as)
-        widths = {member: 0 for member in members}
+        self.blocks, self.layouts = {member: 0 for member in members}, set()
         for layer in layers:
             for member in members:
                 if member in layer.lora_A:
                     if layer.lora_variant.get(member) is not None or layer.lora_B[member].bias is not None:
                         raise AdapterLoadError(f"adapter {served_as[member]!r}: an adapter set serves plain LoRA only "
                                                "(no DoRA or other variant, no LoRA bias)")
-                    widths[member] = max(widths[member], layer.lora_A[member].weight.shape[0])
-        self.blocks, start = {}, 0
-        for member in members:
-            self.blocks[member] = (start, start + widths[member])
-            start += widths[member]
-        self.width = start
+                    self.blocks[member] = max(self.blocks[member], layer.lora_A[member].weight.shape[0])
         if members:
             self.dtype = next(layer.lora_A[members[0]].weight.dtype for layer in layers if members[0] in layer.lora_A)
         for layer in layers:
+            # This layer's bank holds the LoRAs that adapt it, each block its rank here.
+            layout = tuple((m, layer.lora_A[m].weight.shape[0]) for m in members if m in layer.lora_A)
             device = layer.get_base_layer().weight.device
-            down = torch.zeros(self.width, layer.in_features, device=device, dtype=self.dtype)
-            up = torch.zeros(layer.out_features, self.width, device=device, dtype=self.dtype)
-            for member, (start, _) in self.blocks.items():
-                if member in layer.lora_A:
-                    a = layer.lora_A[member].weight
-                    down[start:start + a.shape[0]] = a
-                    up[:, start:start + a.shape[0]] = layer.lora_B[member].weight * layer.scaling[member]
-            layer.lora_A[BANK] = _BankDown(down, self.selection)
-            layer.lora_B[BANK] = _BankUp(up, self.selection)
+            down = torch.cat([layer.lora_A[m].weight for m, _ in layout]) if layout else \
+                torch.zeros(0, layer.in_features, device=device, dtype=self.dtype)
+            up = torch.cat([layer.lora_B[m].weight * layer.scaling[m] for m, _ in layout], dim=1) if layout else \
+                torch.zeros(layer.out_features, 0, device=device, dtype=self.dtype)
+            self.layouts.add(layout)
+            layer.lora_A[BANK] = _BankDown(down.to(self.dtype), layout, self.selection)
+            layer.lora_B[BANK] = _BankUp(up.to(self.dtype), layout, self.selection)
             layer.lora_dropout[BANK] = nn.Identity()
             layer.scaling[BANK] = 1.0
             layer.set_adapter(BANK, inference_mode=True)
