@@ -34,7 +34,7 @@ SYSTEM = ("You are the support assistant of a small bakery. Answer in a friendly
           "is no parking, but the tram stops in front. Gluten-free bread is baked on Thursdays only. Orders "
           "over fifty euros are delivered free within the city. Never promise what is not listed here; when "
           "unsure, ask the customer to call the shop. ") * 2
-CACHE_TOKENS = 1 << 16  # token-rows: every scenario's sequences fit
+CACHE_BYTES = 1 << 30  # every scenario's sequences fit
 
 
 def run(engine, prompts: list[list[int]], adapter: str, max_tokens: int) -> list:
@@ -89,7 +89,7 @@ def prefix_rows(adapter_set, tokenizer, adapter: str, requests: int, turns: int,
     scenarios = {"system prompt": lambda engine: run(engine, [list(p) for p in asked], adapter, max_tokens),
                  "chat turns": lambda engine: chat(engine, tokenizer, adapter, turns, max_tokens, system)}
     engines = {"no cache": lambda: Engine(adapter_set, tokenizer),
-               "prefix cache": lambda: Engine(adapter_set, tokenizer, prefix_cache_tokens=CACHE_TOKENS)}
+               "prefix cache": lambda: Engine(adapter_set, tokenizer, prefix_cache_bytes=CACHE_BYTES)}
     runs = {scenario: {mode: [] for mode in engines} for scenario in scenarios}
     for _ in range(rounds):
         for scenario, steps in scenarios.items():

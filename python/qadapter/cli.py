@@ -421,11 +421,10 @@ def _serve_parser(p) -> None:
                    help="prompt tokens (times the rows each request runs: 2 for an adapter, 1 + levels for a "
                         "stack) read in one prefill at most, bounding its memory; a longer prompt is read alone "
                         "(default: no bound)")
-    p.add_argument("--prefix-cache-tokens", type=_positive_int, metavar="N",
-                   help="keep finished requests' KV, at most N token-rows (a token on each row a request runs), "
-                        "and read a prompt that starts the same way under the same model from where it differs "
-                        "(a shared system prompt, a chat's next turn); not for sliding-window models "
-                        "(default: off)")
+    p.add_argument("--prefix-cache", metavar="SIZE",
+                   help="keep finished requests' KV cache, at most SIZE (e.g. 2GiB, 500MiB), and read a prompt "
+                        "that starts the same way under the same model from where it differs (a shared system "
+                        "prompt, a chat's next turn); not for sliding-window models (default: off)")
     p.add_argument("--allow-adapter-updates", action="store_true",
                    help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): any client that "
                         "reaches the server can then load adapters from this machine's folders or the hub")
@@ -441,6 +440,7 @@ def _serve_parser(p) -> None:
 def _run_serve(args) -> int:
     from .library.adapter_set import AdapterSet
     from .library.defaults import DEFAULT_MODEL, load_base
+    from .library.memory_plan import parse_size
     from .serving.engine import Engine
     from .serving.server import BASE_MODEL, serve
 
@@ -448,6 +448,10 @@ def _run_serve(args) -> int:
         _usage_error("serve", "--max-adapters bounds the adapters loaded from --adapter-dir: give --adapter-dir")
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         _usage_error("serve", f"--adapter-dir {args.adapter_dir}: no such directory")
+    try:
+        prefix_cache = parse_size(args.prefix_cache) if args.prefix_cache else 0
+    except ValueError as exc:
+        _usage_error("serve", f"--prefix-cache: {exc}")
     adapters = {}
     for item in args.adapter:
         name, sep, path = item.partition("=")
@@ -462,7 +466,7 @@ def _run_serve(args) -> int:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
     serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch,
-                 max_prefill_tokens=args.max_prefill_tokens, prefix_cache_tokens=args.prefix_cache_tokens or 0),
+                 max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=prefix_cache),
           args.host, args.port,
           log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates, adapter_dir=args.adapter_dir,
           max_adapters=args.max_adapters)

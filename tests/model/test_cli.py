@@ -33,6 +33,8 @@ from qadapter.cli import main  # noqa: E402
         (["demo", "--compute-dtype", "bfloat16"], "--compute-dtype applies with --load-in-4bit"),
         (["demo", "--load-in-4bit", "--load-in-8bit"], "not allowed with argument"),
         (["compare", "--compute-dtype", "float16"], "--compute-dtype applies with --load-in-4bit"),
+        (["serve", "--prefix-cache", "lots"], "--prefix-cache: a memory size such as 12GiB"),
+        (["serve", "--max-prefill-tokens", "0"], "--max-prefill-tokens"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):

@@ -92,7 +92,7 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
     specs = random_specs(rng)
     tokenizer = tiny_chat_tokenizer()
     engine = Engine(adapter_set, tokenizer, max_batch=rng.choice([3, 8]), max_prefill_tokens=rng.choice([None, 24]),
-                    prefix_cache_tokens=rng.choice([0, 60, 1000]))
+                    prefix_cache_bytes=rng.choice([0, 15_000, 250_000]))
     events = [[] for _ in specs]
     requests = [Request(**spec, emit=events[i].append) for i, spec in enumerate(specs)]
     with torch.inference_mode():

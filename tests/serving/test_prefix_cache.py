@@ -35,7 +35,7 @@ def hits(engine) -> float:
 
 def test_a_chats_next_turn_is_read_from_where_it_differs(adapter_set):
     tokenizer = tiny_chat_tokenizer()
-    engine = Engine(adapter_set, tokenizer, prefix_cache_tokens=1000)
+    engine = Engine(adapter_set, tokenizer, prefix_cache_bytes=1 << 20)
     first = decoded(engine, [5, 17, 33, 8, 21, 40, 11], "a")
     assert hits(engine) == 0 and len(first.tokens) == 6
     turn = first.prompt + first.tokens + [9, 14, 60]
@@ -50,7 +50,7 @@ def test_a_chats_next_turn_is_read_from_where_it_differs(adapter_set):
 
 def test_a_shared_system_prompt_is_read_once_per_policy(adapter_set):
     tokenizer = tiny_chat_tokenizer()
-    engine = Engine(adapter_set, tokenizer, prefix_cache_tokens=1000)
+    engine = Engine(adapter_set, tokenizer, prefix_cache_bytes=1 << 20)
     system = [7, 23, 41, 12, 30, 55, 19, 4]
     decoded(engine, system + [70, 71], None)
     questions = [system + [80, 81, 82], system + [90], system[:5] + [3]]
@@ -62,22 +62,22 @@ def test_a_shared_system_prompt_is_read_once_per_policy(adapter_set):
 
 
 def test_the_store_keeps_within_its_budget_least_recent_first():
-    def kv(rows, n):
+    def kv(rows, n):  # 2 float32 tensors of rows * 2 * n * 4: 64 bytes a token on a row
         return [(torch.randn(rows, 2, n, 4), torch.randn(rows, 2, n, 4))]
 
-    store = PrefixCache(budget=40)
-    store.store(("p",), [1, 2, 3, 4, 5], kv(2, 5))  # 10 token-rows
+    store = PrefixCache(budget=40 * 64)
+    store.store(("p",), [1, 2, 3, 4, 5], kv(2, 5))
     store.store(("p",), [1, 2, 3, 4, 5, 6, 7], kv(2, 7))  # extends the first, which goes
-    assert len(store) == 1 and store.held == 14
-    store.store(("q",), [1, 2, 3], kv(3, 3))  # 9
+    assert len(store) == 1 and store.held == 14 * 64
+    store.store(("q",), [1, 2, 3], kv(3, 3))
     assert store.longest(("p",), [1, 2, 3, 9])[0] == 3 and store.longest(("q",), [1, 2, 3, 4])[0] == 3
     assert store.longest(("p",), [1, 2])[0] == 1  # the prompt's last token is always read
     assert store.longest(("r",), [1, 2, 3]) == (0, None)
     assert store.longest(("p",), [1, 2, 3, 4, 5, 6, 7, 8])[0] == 7  # p used last: q is the least recent
     store.store(("r",), list(range(10, 30)), kv(1, 20))  # 20 more is over 40: q goes
-    assert store.held == 34 and store.longest(("q",), [1, 2, 3, 4]) == (0, None)
+    assert store.held == 34 * 64 and store.longest(("q",), [1, 2, 3, 4]) == (0, None)
     store.store(("s",), list(range(50)), kv(1, 50))  # over the whole budget: not kept
-    assert store.held == 34 and len(store) == 2
+    assert store.held == 34 * 64 and len(store) == 2
     with pytest.raises(ValueError, match="budget must be an int >= 1"):
         PrefixCache(0)
 
@@ -85,14 +85,14 @@ def test_the_store_keeps_within_its_budget_least_recent_first():
 def test_a_sliding_window_model_refuses_the_prefix_cache():
     served = AdapterSet(tiny_causal_lm("mistral"), tokenizer=None)
     with pytest.raises(ValueError, match="sliding window"):
-        Engine(served, tiny_chat_tokenizer(), prefix_cache_tokens=100)
+        Engine(served, tiny_chat_tokenizer(), prefix_cache_bytes=1 << 20)
 
 
 def test_an_unloaded_adapters_entries_go(tmp_path):
     paths = save_perturbed_adapters(tmp_path, {"a": dict(alpha_tilde=0.9), "b": dict(alpha_0=0.3)}, tiny_causal_lm)
     served = AdapterSet.from_pretrained(paths, tiny_causal_lm())
     served.peft_model.eval()
-    engine = Engine(served, tiny_chat_tokenizer(), prefix_cache_tokens=1000)
+    engine = Engine(served, tiny_chat_tokenizer(), prefix_cache_bytes=1 << 20)
     for adapter in ("a", "b", None):
         decoded(engine, [5, 17, 33, 8], adapter)
     assert len(engine.prefix_cache) == 3

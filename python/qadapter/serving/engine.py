@@ -103,7 +103,7 @@ class Engine:
     """Decodes submitted :class:`Request` s in one running batch of at most ``max_batch`` requests."""
 
     def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32,
-                 max_prefill_tokens: int | None = None, prefix_cache_tokens: int = 0) -> None:
+                 max_prefill_tokens: int | None = None, prefix_cache_bytes: int = 0) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}")
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
@@ -113,13 +113,13 @@ class Engine:
         # Prompt tokens, times the rows each request runs, read in one prefill at most (None: no bound);
         # a request over it alone is still read, alone.
         self.max_prefill_tokens = max_prefill_tokens
-        # Finished requests' KV, reused by prompts that start the same way (0: none kept), in token-rows.
+        # Finished requests' KV, reused by prompts that start the same way, within this many bytes (0: off).
         self.prefix_cache = None
-        if prefix_cache_tokens:
+        if prefix_cache_bytes:
             if _slides(adapter_set.base_model):
-                raise ValueError("prefix_cache_tokens: this model attends within a sliding window (Gemma-2, Mistral), "
+                raise ValueError("prefix_cache_bytes: this model attends within a sliding window (Gemma-2, Mistral), "
                                  "which a reused prefix would move; leave it 0")
-            self.prefix_cache = PrefixCache(prefix_cache_tokens)
+            self.prefix_cache = PrefixCache(prefix_cache_bytes)
         config = adapter_set.base_model.config.get_text_config()
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         eos = adapter_set.base_model.generation_config.eos_token_id

@@ -6,7 +6,7 @@ A request's rows (its frozen row, then one per level of its policy) hold the KV 
 the answer tokens fed back, at positions 0, 1, ...; the KV of position ``t`` depends on the tokens up
 to ``t`` only, so the first ``n`` positions of a stored sequence serve any prompt whose first ``n``
 tokens are the same. Entries are kept per policy (the LoRAs each level runs: an adapter loaded again
-is another policy) and bounded by a budget of token-rows, the least recently used dropped first.
+is another policy) and bounded by a budget of bytes, the least recently used dropped first.
 
 Not for models whose attention slides over a window (Gemma-2, Mistral): a prompt read after a reused
 prefix sits beside it with padding between, which moves the window.
@@ -29,16 +29,16 @@ class Entry:
 
     @property
     def cost(self) -> int:
-        """Token-rows held: the budget's unit."""
-        return len(self.tokens) * self.kv[0][0].shape[0]
+        """Bytes held."""
+        return sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
 
 
 class PrefixCache:
-    """Stored sequences by policy, within ``budget`` token-rows (least recently used dropped first)."""
+    """Stored sequences by policy, within ``budget`` bytes (least recently used dropped first)."""
 
     def __init__(self, budget: int) -> None:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise ValueError(f"the prefix cache budget must be an int >= 1 (token-rows); got {budget!r}")
+            raise ValueError(f"the prefix cache budget must be an int >= 1 (bytes); got {budget!r}")
         self.budget, self.held = budget, 0
         self._entries: OrderedDict[tuple, Entry] = OrderedDict()  # (policy, tokens) -> entry, least recent first
 
