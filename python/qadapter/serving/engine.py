@@ -145,7 +145,8 @@ class Engine:
         self.steps = 0
         self.metrics = EngineMetrics(running=lambda: len(self._running),
                                      waiting=lambda: self._pending.qsize() + (self._held is not None),
-                                     adapters=lambda: len(self.adapter_set.names))
+                                     adapters=lambda: len(self.adapter_set.names),
+                                     cached=lambda: 0 if self.prefix_cache is None else self.prefix_cache.held)
 
     # ------------------------------------------------------------------------------ submitting
     def check(self, request: Request) -> None:

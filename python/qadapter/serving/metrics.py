@@ -21,10 +21,11 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 
 
 class EngineMetrics:
-    """The counters, histograms and gauges of one engine; ``running``, ``waiting`` and ``adapters``
-    are read when scraped."""
+    """The counters, histograms and gauges of one engine; ``running``, ``waiting``, ``adapters`` and
+    ``cached`` (the prefix cache's bytes) are read when scraped."""
 
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], adapters: Callable[[], int]) -> None:
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], adapters: Callable[[], int],
+                 cached: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
 
         def gauge(name: str, help_text: str, read: Callable[[], int]) -> None:
@@ -36,6 +37,7 @@ class EngineMetrics:
         gauge("num_requests_running", "Requests in the running batch.", running)
         gauge("num_requests_waiting", "Requests queued for the running batch.", waiting)
         gauge("num_adapters_loaded", "Adapters loaded (served policies besides the base).", adapters)
+        gauge("prefix_cache_bytes", "Bytes of KV cache the prefix cache holds.", cached)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens read, each request's counted.",
                                      registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Answer tokens generated.",
