@@ -1,7 +1,7 @@
 """Paths only a CUDA device takes, each against its eager or CPU twin: torch.compile through the
 CUDA custom ops and the Triton chunked backend (separate and shared heads), the model layer on CUDA (training forward,
 bfloat16, cached generation through the Triton decode combine) and serving on CUDA (an adapter set with a stack,
-echoed prompts, compiled decoding, the engine's running batch)."""
+echoed prompts, compiled decoding, the engine's running batch, its prefix cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ pytest.importorskip("peft")
 from helpers import (  # noqa: E402
     assert_compiled_matches_eager,
     decode_joining_and_leaving,
+    engine_decode,
     left_padded_prompts,
     make_inputs,
     make_model,
@@ -21,6 +22,7 @@ from helpers import (  # noqa: E402
     preference_batch,
     save_three_level_stack,
     tiny_causal_lm,
+    tiny_chat_tokenizer,
 )
 
 from qadapter_kernels import qadapter_loss, registry  # noqa: E402
@@ -137,3 +139,24 @@ def test_served_stacks_on_gpu_match_cpu(tmp_path):
     eager = gpu.generate(ids.cuda(), mask.cuda(), compiled=False, **options)
     assert torch.equal(gpu.generate(ids.cuda(), mask.cuda(), **options), eager)  # compiled: CUDA's default
     decode_joining_and_leaving(gpu)
+
+
+def test_prefix_cache_on_gpu_reads_a_next_turn_as_alone(tmp_path):
+    """A stack's next chat turn on CUDA, read after its stored prefix, decodes as it does read whole."""
+    from qadapter.library.adapter_set import AdapterSet
+    from qadapter.serving.engine import Engine, Request
+
+    levels = save_three_level_stack(tmp_path, tiny_causal_lm)
+    served = AdapterSet.from_pretrained({"b": levels[2]}, tiny_causal_lm().to("cuda"))
+    served.peft_model.eval()
+    engine, tokenizer = Engine(served, tiny_chat_tokenizer(), prefix_cache_bytes=1 << 20), tiny_chat_tokenizer()
+
+    def decoded(engine, prompt):
+        request = Request(prompt=prompt, adapter="b", max_tokens=6, emit=lambda event: None)
+        engine_decode(engine, [request])
+        return request
+
+    first = decoded(engine, [5, 17, 33, 8, 21])
+    turn = first.prompt + first.tokens + [9, 14]
+    assert decoded(engine, turn).tokens == decoded(Engine(served, tokenizer), turn).tokens
+    assert engine.metrics.prefix_cache_hits._value.get() == len(first.prompt) + len(first.tokens) - 1
