@@ -407,9 +407,10 @@ def _run_generate(args) -> int:
 
 
 def _serve_parser(p) -> None:
-    p.description = ("Serves /v1/completions, /v1/chat/completions (streaming by server-sent events) "
-                     "and /v1/models. A request's model names a loaded adapter, or 'base' for the "
-                     "frozen base alone; requests to different adapters decode in one running batch.")
+    p.description = ("Serves /v1/completions, /v1/chat/completions (streaming by server-sent events), "
+                     "/v1/models, /health and /metrics (Prometheus). A request's model names a loaded "
+                     "adapter, or 'base' for the frozen base alone; requests to different adapters "
+                     "decode in one running batch.")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=ADAPTER",
                    help="serve the saved Q-Adapter ADAPTER (a directory, or a hub repository owner/name[@revision]; "
                         "a stacked one too) as model NAME (repeatable)")
