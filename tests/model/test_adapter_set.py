@@ -110,6 +110,7 @@ def test_greedy_rows_equal_each_adapters_solo_decoding(saved, solo):
 
 
 def test_compiled_mixed_batch_matches_eager(saved):
+    """The compiled decode step (terse loaded, not named: the bank's selection gathered in the graph)."""
     _, vocab, paths = saved
     adapter_set = AdapterSet.from_pretrained(paths)
     ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9))
