@@ -65,41 +65,48 @@ BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer hol
 
 
 class _BankSelection:
-    """What the bank layers read in a forward, per layout (the LoRAs a layer's bank holds): ``columns``,
-    the layer bank's columns of the LoRAs the batch runs (None: all of them), and ``mask`` ``[rows, 1,
-    len(columns)]``, which of those each row keeps. A batch pays, on each layer, for the adapters it
-    names that adapt that layer, not for every one loaded."""
+    """What the bank layers read in a forward: ``weights``, each projection's weight over the columns of
+    the LoRAs the batch runs (by the projection's slot; none where the batch runs the layer's whole
+    bank), gathered once per batch pattern, and ``mask`` ``[rows, 1, columns]`` per layout (the LoRAs a
+    layer's bank holds), which of those columns each row keeps. A batch pays, on each layer, for the
+    adapters it names that adapt that layer, not for every one loaded."""
 
     def __init__(self) -> None:
-        self.columns: dict[tuple, torch.Tensor | None] = {}
+        self.weights: dict[int, torch.Tensor] = {}
         self.mask: dict[tuple, torch.Tensor] = {}
 
 
 class _BankProjection(nn.Module):
-    """A bank weight (frozen: served, not trained), its layout and the selection every forward reads."""
+    """A bank weight (frozen: served, not trained), its layout, its slot in the selection's weights and
+    the selection every forward reads."""
 
-    def __init__(self, weight: torch.Tensor, layout: tuple, selection: _BankSelection) -> None:
+    columns_dim = 0  # where the weight's bank columns run
+
+    def __init__(self, weight: torch.Tensor, layout: tuple, slot: int, selection: _BankSelection) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.layout, self.selection = layout, selection
+        self.layout, self.slot, self.selection = layout, slot, selection
+
+    def selected(self, columns: torch.Tensor) -> torch.Tensor:
+        """The weight over ``columns`` of the bank (for a batch's selection)."""
+        return self.weight.index_select(self.columns_dim, columns.to(self.weight.device))
 
 
 class _BankDown(_BankProjection):
     """The bank's down-projection, ``x @ A^T`` over the selected columns' rows of the stacked ``A``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        columns = self.selection.columns[self.layout]
-        return F.linear(x, self.weight if columns is None else self.weight.index_select(0, columns))
+        return F.linear(x, self.selection.weights.get(self.slot, self.weight))
 
 
 class _BankUp(_BankProjection):
     """The bank's up-projection, ``(h * mask) @ B^T`` over the selected columns of the side-by-side
     ``B``: each row keeps only its own adapter's block."""
 
+    columns_dim = 1
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        columns = self.selection.columns[self.layout]
-        weight = self.weight if columns is None else self.weight.index_select(1, columns)
-        return F.linear(h * self.selection.mask[self.layout], weight)
+        return F.linear(h * self.selection.mask[self.layout], self.selection.weights.get(self.slot, self.weight))
 
 
 class _Served:
@@ -173,12 +180,13 @@ class BankRows:
             columns, masks = {}, {}
             for layout in bank.layouts:
                 columns[layout], masks[layout] = self._selection(layout, used, served, levels, next_row, device)
+            weights = {p.slot: p.selected(columns[p.layout]) for p in bank.projections if columns[p.layout] is not None}
             groups: dict = {}
             for i, policy in enumerate(served):
                 groups.setdefault(() if policy is None else tuple(policy.alphas), []).append(i)
             every = len(groups) == 1
             self._cache[key] = {
-                "mask": masks, "owner": torch.tensor(owner, device=device), "levels": levels, "columns": columns,
+                "mask": masks, "owner": torch.tensor(owner, device=device), "levels": levels, "weights": weights,
                 "groups": [(alphas, None if every else torch.tensor(members, device=device),
                             [_rows(members, device)] + [_rows([levels[i][j] for i in members], device)
                                                         for j in range(len(alphas))])
@@ -224,12 +232,12 @@ class BankRows:
     @contextmanager
     def selecting(self, batch: int, device: torch.device):
         selection, plan = self.adapter_set.selection, self._plan(batch, device)
-        previous = selection.columns, selection.mask
-        selection.columns, selection.mask = plan["columns"], plan["mask"]
+        previous = selection.weights, selection.mask
+        selection.weights, selection.mask = plan["weights"], plan["mask"]
         try:
             yield
         finally:
-            selection.columns, selection.mask = previous
+            selection.weights, selection.mask = previous
 
     def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """Each prompt row's policy from the forward's rows: its adapter's combined log-probs with its
@@ -272,6 +280,7 @@ class AdapterSet:
         self._loads = 0  # LoRAs loaded so far: numbers their PEFT adapter names
         self.blocks: dict[str, int] = {}  # the bank's members (its LoRAs) and each one's rank
         self.layouts: set[tuple] = set()  # each LoRA layer bank's (member, rank) pairs, in column order
+        self.projections: list[_BankProjection] = []  # every layer bank's two, by slot
         self.dtype = torch.float32
         self.selection = _BankSelection()
         self.rows = BankRows(self)
@@ -402,7 +411,7 @@ class AdapterSet:
             for member in served.members:
                 served_as.setdefault(member, served.name)
         members = list(served_as)
-        self.blocks, self.layouts = {member: 0 for member in members}, set()
+        self.blocks, self.layouts, self.projections = {member: 0 for member in members}, set(), []
         for layer in layers:
             for member in members:
                 if member in layer.lora_A:
@@ -421,8 +430,9 @@ class AdapterSet:
             up = torch.cat([layer.lora_B[m].weight * layer.scaling[m] for m, _ in layout], dim=1) if layout else \
                 torch.zeros(layer.out_features, 0, device=device, dtype=self.dtype)
             self.layouts.add(layout)
-            layer.lora_A[BANK] = _BankDown(down.to(self.dtype), layout, self.selection)
-            layer.lora_B[BANK] = _BankUp(up.to(self.dtype), layout, self.selection)
+            layer.lora_A[BANK] = _BankDown(down.to(self.dtype), layout, len(self.projections), self.selection)
+            layer.lora_B[BANK] = _BankUp(up.to(self.dtype), layout, len(self.projections) + 1, self.selection)
+            self.projections += [layer.lora_A[BANK], layer.lora_B[BANK]]
             layer.lora_dropout[BANK] = nn.Identity()
             layer.scaling[BANK] = 1.0
             layer.set_adapter(BANK, inference_mode=True)
