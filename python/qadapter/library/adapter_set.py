@@ -3,20 +3,21 @@
 A Q-Adapter never changes the base; what differs between two customizations is their LoRA weights
 and their ``alpha~``, ``alpha_0``. :class:`AdapterSet` loads saved adapters (stacked ones too) by
 name onto one base (each checked as :meth:`QAdapterModel.from_pretrained` checks it) and decodes a
-batch whose rows name
-different adapters, or none (the base), in one forward of the network per token.
+batch whose rows name different adapters, or none (the base), in one forward of the network per
+token.
 
 How a mixed batch runs its LoRA (the *bank*): every LoRA layer holds, under one extra PEFT adapter
-name, the down-projections of all loaded adapters stacked ``[W, d_in]`` and their up-projections side
-by side ``[d_out, W]`` (each adapter a block of columns, its scaling folded in, zero where it has no
-LoRA on that layer). PEFT's own forward then computes ``B_all ((A_all x) * mask)``: two GEMMs whatever
-the number of adapters, with a ``[rows, 1, W]`` mask that keeps, on each row, its own adapter's block
-(all zero on frozen rows, which so get ``W x`` exactly; a stack's level row keeps the blocks of that
-level's Q network, :class:`BankRows`). PEFT's mixed-batch path
+name, the down-projections of the loaded adapters that adapt that layer stacked ``[W, d_in]`` and
+their up-projections side by side ``[d_out, W]`` (each adapter a block of columns, its scaling folded
+in). A batch runs the columns ``S`` of the adapters it names (their weights gathered once per batch
+pattern, :class:`BankRows`; the whole bank where it names every one), so PEFT's own forward computes
+``B_S ((A_S x) * mask)``: two GEMMs whatever the number of adapters, with a ``[rows, 1, |S|]`` mask
+that keeps, on each row, its own adapter's block (all zero on frozen rows, which so get ``W x``
+exactly; a stack's level row keeps the blocks of that level's Q network). PEFT's mixed-batch path
 (``adapter_names=``) instead loops over the adapters in the batch, gathering and scattering each
-one's rows: a Python loop per layer per adapter. The bank costs ``W / r`` times one adapter's LoRA
-FLOPs, small beside the frozen layers for the adapter counts a batch mixes (``bench/adapter_set.py``
-measures both against one adapter).
+one's rows: a Python loop per layer per adapter. The bank costs ``|S| / r`` times one adapter's LoRA
+FLOPs, small beside the frozen layers for the adapter counts a batch mixes, however many are loaded
+(``bench/adapter_set.py`` measures both against one adapter, and the whole bank beside the selection).
 """
 
 from __future__ import annotations
