@@ -336,21 +336,17 @@ class Engine:
         distinct: dict[tuple, int] = {}
         source = [distinct.setdefault((tuple(r.prompt), r.adapter), len(distinct)) for r in new]
         reads = [new[source.index(j)] for j in range(len(distinct))]
-        width = max(len(r.prompt) for r in reads)
-        ids = torch.full((len(reads), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(reads):
-            ids[row, width - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[row, width - len(r.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        from transformers import DynamicCache
-
-        cache, adapters = DynamicCache(), [r.adapter for r in reads]
+        adapters = [r.adapter for r in reads]
         top = [max((r.logprobs for r, j in zip(new, source) if j == row and r.scores_prompt), default=None)
                for row in range(len(reads))]
         reused = self._reused_prefixes(reads) if all(k is None for k in top) else None
-        if reused is not None:  # read after the stored prefixes only
-            ids, mask, cache = self._after_prefixes(reads, reused)
+        ids, mask = self._read_inputs(reads, [0] * len(reads) if reused is None else [n for n, _ in reused])
+        if reused is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        else:  # read after the stored prefixes only
+            cache = self._stored_prefixes(reads, reused)
         if any(k is not None for k in top):
             logprobs, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache, top=top)
             for request, row in zip(new, source):
@@ -388,22 +384,28 @@ class Engine:
         self.metrics.prefix_cache_hits.inc(sum(n for n, _ in found))
         return found if any(n for n, _ in found) else None
 
-    def _after_prefixes(self, reads: list[Request], reused: list[tuple[int, Entry | None]]):
-        """The forward's inputs when each read's first ``n`` prompt tokens come from the prefix cache:
-        the rest of each prompt (left-padded ids), the mask over the stored positions and the new ones
-        (each read's stored prefix right-aligned in a block of the longest one's width), and a cache
-        holding those prefixes on the reads' rows (frozen rows, then level rows)."""
-        from transformers import DynamicCache
-
-        longest = max(n for n, _ in reused)
-        rest = [r.prompt[n:] for r, (n, _) in zip(reads, reused)]
+    def _read_inputs(self, reads: list[Request], stored: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's ids and mask for ``reads`` whose first ``stored[i]`` prompt tokens are in the
+        cache already (0: read whole): the rest of each prompt, left-padded, and the mask over the
+        stored positions (each read's right-aligned in a block of the longest one's width) and the new."""
+        longest = max(stored)
+        rest = [r.prompt[n:] for r, n in zip(reads, stored)]
         width = max(len(t) for t in rest)
         ids = torch.full((len(reads), width), self.pad, dtype=torch.long)
         mask = torch.zeros(len(reads), longest + width, dtype=torch.long)
-        for row, ((n, _), tokens) in enumerate(zip(reused, rest)):
+        for row, (n, tokens) in enumerate(zip(stored, rest)):
             ids[row, width - len(tokens):] = torch.tensor(tokens)
             mask[row, longest - n:longest] = 1
             mask[row, longest + width - len(tokens):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _stored_prefixes(self, reads: list[Request], reused: list[tuple[int, Entry | None]]):
+        """A cache holding each read's stored prefix (its first ``n`` positions, from the prefix cache)
+        on the reads' rows (frozen rows, then level rows), right-aligned as :meth:`_read_inputs` lays
+        out the mask."""
+        from transformers import DynamicCache
+
+        longest = max(n for n, _ in reused)
         depths = self._depths(reads)
         first = list(itertools.accumulate(depths, initial=len(reads)))  # each read's first level row
         sample = next(entry for _, entry in reused if entry is not None).kv
@@ -417,7 +419,7 @@ class Engine:
                     for stored, into in zip(entry.kv[layer], kv):
                         into[rows, :, longest - n:] = stored[:, :, :n]
             layers.append(kv)
-        return ids.to(self.device), mask.to(self.device), DynamicCache(ddp_cache_data=layers)
+        return DynamicCache(ddp_cache_data=layers)
 
     def _store_prefixes(self, finished: list[int], depths: list[int]) -> None:
         """Keeps the KV of the running batch's ``finished`` requests (their prompt and the answer tokens
