@@ -237,13 +237,16 @@ def left_padded_prompts(vocab=97, lengths=(7, 4, 9), seed=0):
 
 @torch.no_grad()
 def engine_decode(engine, requests: list) -> None:
-    """Runs ``requests`` in one batch of the serving engine to their ends, on this thread (no engine thread)."""
+    """Submits ``requests`` to the serving engine and runs all it holds to the end, on this thread (no
+    engine thread): queued requests are admitted as the batch's room and the prefill budget allow, as
+    the engine's own loop admits them."""
     with torch.inference_mode():
         for request in requests:
             engine.submit(request)
-        engine._admit(wait=False)
-        while engine._running:
-            engine._step()
+        while engine._outstanding:
+            engine._admit(wait=False)
+            if engine._running:
+                engine._step()
 
 
 def decode_joining_and_leaving(adapter_set):

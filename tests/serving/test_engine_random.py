@@ -103,10 +103,7 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
             engine.submit(request)
             if rng.random() < 0.7:  # else it waits in the queue with the next
                 engine._admit(wait=False)
-        while engine._outstanding:  # the rest: admitted as room and the prefill budget allow, as the loop does
-            engine._admit(wait=False)
-            if engine._running:
-                engine._step()
+    engine_decode(engine, [])  # the rest: admitted as room and the prefill budget allow
 
     # A chat's next turns: earlier prompts with (part of) their answers and a few more tokens, after them.
     for earlier in rng.sample(requests, 3):
@@ -116,12 +113,7 @@ def test_random_schedules_decode_each_request_as_alone(adapter_set, seed):
                           logprobs=rng.choice([None, 2])))
         events.append([])
         requests.append(Request(**specs[-1], emit=events[-1].append))
-        engine.submit(requests[-1])
-    with torch.inference_mode():
-        while engine._outstanding:
-            engine._admit(wait=False)
-            if engine._running:
-                engine._step()
+    engine_decode(engine, requests[-3:])
 
     for i, spec in enumerate(specs):
         alone_events = []

@@ -713,11 +713,7 @@ def test_the_prefill_budget_splits_admissions_and_reads_a_long_prompt_alone(save
     for request in requests:
         engine.submit(request)
     assert engine.metrics.render().decode().count("qadapter:num_requests_waiting 5.0") == 1
-    with torch.inference_mode():
-        while engine._outstanding:
-            engine._admit(wait=False)
-            if engine._running:
-                engine._step()
+    engine_decode(engine, [])
     assert reads == [[10, 11], [12], [13], [14]]
     for request in requests:
         alone = Request(prompt=request.prompt, adapter=request.adapter, max_tokens=4, emit=lambda e: None)
