@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Real preference pairs beside the repository (tests' and benchmarks' data, never committed).
+HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
 GIB = 2**30
 
 

@@ -36,25 +36,24 @@ from pathlib import Path
 import torch
 
 import qadapter_kernels
-from bench.common import RESULTS, SHAPES, Case, Timer, make_case_inputs, versions, write_result
+from bench.common import HH_DATA, RESULTS, SHAPES, Case, Timer, make_case_inputs, versions, write_result
 from bench.harness import gemm3_step
 from qadapter_kernels.grad_filter import grad_filter_report, mass_budget
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
 ROWS, SEQ = 4, 1025  # 2 pairs; 1,024 scored tokens per row
 THRESHOLDS = (0.0, "auto", 2**-6)
 
 
 def real_inputs(dtype: torch.dtype) -> dict | None:
     """Loss inputs from the embedded model over the HH-RLHF pairs, or None when the data is absent."""
-    if not DATA.is_file():
+    if not HH_DATA.is_file():
         return None
     from qadapter.library.hidden import frozen_and_adapter_hidden
     from qadapter.library.model import QAdapterModel
 
     model = QAdapterModel.from_base()
     streams = {"chosen": [], "rejected": []}
-    with DATA.open() as f:
+    with HH_DATA.open() as f:
         for line in f:
             pair = json.loads(line)
             for side, ids in streams.items():
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_before": os.getloadavg(), "dtype": "bfloat16", "shape": args.shape, "cases": []}
     real = real_inputs(dtype) if args.shape == "smollm2-135m" else None
     if real is None:
-        reason = f"{DATA.name} is absent" if args.shape == "smollm2-135m" else "taken at the smollm2-135m head only"
+        reason = f"{HH_DATA.name} is absent" if args.shape == "smollm2-135m" else "taken at the smollm2-135m head only"
         print(f"skipping the real hidden states: {reason}")
         result["real"] = f"skipped: {reason}"
     else:

@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import versions
+from bench.common import HH_DATA, versions
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
 HELDOUT_PAIRS = 400
 
 # The authors' loss (LossConfig's defaults) at the budget a first-time user tries, and a preset for
@@ -36,7 +35,7 @@ PRESETS = {
 }
 
 
-def split_rows(path: Path = DATA) -> tuple[list[dict], list[dict]]:
+def split_rows(path: Path = HH_DATA) -> tuple[list[dict], list[dict]]:
     """The usable pairs but the last 400, and the last 400 (a pair with an empty response is not usable)."""
     from qadapter.library.data import PreferenceDataError, check_rows, normalize_row
 
@@ -74,7 +73,7 @@ def run(preset: str, out: Path, *, steps: int, every: int, heldout: int, batch: 
         train, _ = load_preference_data(train_rows, tokenizer, **lengths)
         held, _ = load_preference_data(heldout_rows[:heldout], tokenizer, split="test", **lengths)
         meta = {"preset": preset, "options": options, "steps": steps, "pairs_per_step": batch,
-                "max_length": max_length, "train_pairs": len(train), "data": DATA.name,
+                "max_length": max_length, "train_pairs": len(train), "data": HH_DATA.name,
                 "versions": versions("cpu", packages=("transformers", "peft"))}
         curve = LearningCurve(held.to_list(), tokenizer.pad_token_id, work, every=every, meta=meta)
         started = time.monotonic()
@@ -102,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="2 steps, 4 held-out pairs (a smoke test)")
     args = parser.parse_args(argv)
-    if not DATA.is_file():
-        raise SystemExit(f"{DATA} is not here: the HH-RLHF subset is needed for this benchmark")
+    if not HH_DATA.is_file():
+        raise SystemExit(f"{HH_DATA} is not here: the HH-RLHF subset is needed for this benchmark")
     if args.quick:
         args.steps, args.every, args.heldout, args.max_length = 2, 1, 4, 64
     record = run(args.preset, args.out, steps=args.steps, every=args.every, heldout=args.heldout, batch=args.batch,

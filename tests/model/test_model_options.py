@@ -85,6 +85,13 @@ def test_train_command_defaults_are_loss_config_defaults(built_options, tmp_path
         main(["train", "--data", _pairs_file(tmp_path), "--output", str(tmp_path / "out")])
     assert built_options["loss"] == LossConfig() and built_options["backend"] == "auto"
     assert built_options["chunk_size"] is None
+    assert built_options["padding_free"] is True
+
+
+def test_train_command_runs_padded_when_asked(built_options, tmp_path):
+    with pytest.raises(Built):
+        main(["train", "--data", _pairs_file(tmp_path), "--output", str(tmp_path / "out"), "--padding_free", "false"])
+    assert built_options["padding_free"] is False
 
 
 def test_train_command_passes_loss_options_to_the_model(built_options, tmp_path):

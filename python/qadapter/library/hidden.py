@@ -9,12 +9,15 @@ gradient ever reaches the pre-trained model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .packing import model_packing, packing_error
 
 
 class HiddenStates(NamedTuple):
@@ -150,7 +153,7 @@ def only_adapters(peft_model: nn.Module, names: Sequence[str]):
 
 def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  levels: Sequence[Sequence[str]] = (), logit_softcap: float | None = None,
-                 **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 padding_free: bool = False, **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Final hidden states of the frozen pass (adapters disabled, no grad), of one pass per entry of
     ``levels`` (the adapters named there, no grad: the frozen levels of a stack) and of the adapter
     pass (the model's active adapters, with grad: set, not switched for the pass, so that gradient
@@ -160,12 +163,22 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     keeping its output. ``model`` is a ``peft.PeftModel`` or a wrapper of one (what
     ``accelerator.prepare`` or Trainer returns), so the wrapper sees every pass; ``model_kwargs`` go
     to each. A model that soft-caps its logits (Gemma-2) is refused unless ``logit_softcap`` is its
-    cap (:func:`head_softcap`), which the loss then needs too.
+    cap (:func:`head_softcap`), which the loss then needs too. ``padding_free``: the passes run on the
+    batch packed without its padding and with each prefix its rows share once
+    (:mod:`qadapter.library.packing`), the states returned in the batch's layout all the same; a
+    caller's own ``position_ids`` or 4D mask is a layout of its own, run as it is.
     """
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
     head = linear_head(base_model, logit_softcap)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **model_kwargs)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    packed = None
+    own_layout = model_kwargs.get("position_ids") is not None or attention_mask is None or attention_mask.dim() != 2
+    if padding_free and not own_layout:
+        packed = checked_packing(model, peft_model, base_model)(input_ids, attention_mask)
+        if packed is not None:
+            inputs, model_kwargs = packed.inputs, {k: v for k, v in model_kwargs.items() if k != "position_ids"}
+    kwargs = dict(inputs, use_cache=False, logits_to_keep=1, **model_kwargs)
     with decoder_outputs(base_model) as captured:
         with torch.no_grad():
             with peft_model.disable_adapter():
@@ -174,7 +187,42 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                 with only_adapters(peft_model, names):
                     model(**kwargs)
         model(**kwargs)
+    if packed is not None:
+        captured = [packed.unpack(hidden) for hidden in captured]
     return captured, full_weight(head.weight)  # gathered after the forwards, once
+
+
+_PACKING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # causal LM -> its attention, checked
+PACKING_TOLERANCE = 0.05  # rounding in bf16 stays well below; seeing another sequence's tokens does not
+
+
+def checked_packing(model: nn.Module, peft_model: nn.Module, base_model: nn.Module):
+    """:func:`~qadapter.library.packing.model_packing` of ``base_model``, once it has been seen to keep
+    packed sequences apart (:func:`~qadapter.library.packing.packing_error`, through ``model``'s own
+    forward, adapters off, for each attention implementation the model is set to)."""
+    pack = model_packing(base_model)
+    attention = getattr(base_model.config, "_attn_implementation", None)
+    if _PACKING_CHECKED.get(base_model) == attention:
+        return pack
+
+    def hidden_of(inputs: dict) -> torch.Tensor:
+        with decoder_outputs(base_model) as captured, peft_model.disable_adapter():
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        return captured[0]
+
+    was_training = peft_model.training
+    peft_model.eval()  # no dropout: the two layouts must see one network
+    try:
+        with torch.no_grad():
+            error = packing_error(hidden_of, pack, base_model.get_output_embeddings().weight.device)
+    finally:
+        peft_model.train(was_training)
+    if not error <= PACKING_TOLERANCE:
+        raise ValueError(f"padding_free: {type(base_model).__name__} with attention {attention!r} gives a packed "
+                         f"token a hidden state {error:.2g} away from its padded one (its attention does not keep "
+                         "packed sequences apart): pass padding_free=False (qadapter train --padding_free false)")
+    _PACKING_CHECKED[base_model] = attention
+    return pack
 
 
 @contextmanager
@@ -195,10 +243,11 @@ def decoder_outputs(causal_lm: nn.Module):
 
 
 def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              *, logit_softcap: float | None = None, **model_kwargs) -> HiddenStates:
+                              *, logit_softcap: float | None = None, padding_free: bool = False,
+                              **model_kwargs) -> HiddenStates:
     """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
     PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``
     (:func:`level_hidden` without stacked levels)."""
     (base_hidden, q_hidden), weight = level_hidden(model, input_ids, attention_mask, logit_softcap=logit_softcap,
-                                                   **model_kwargs)
+                                                   padding_free=padding_free, **model_kwargs)
     return HiddenStates(base_hidden, q_hidden, weight)

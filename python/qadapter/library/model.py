@@ -103,6 +103,9 @@ class QAdapterModel(nn.Module):
     them first neither hashes the parent again nor asks the hub for it again.
     """
 
+    # The passes over a padded batch run packed (qadapter.library.packing): a run setting, not saved.
+    padding_free = True
+
     def __init__(
         self,
         base_model: nn.Module,
@@ -117,6 +120,7 @@ class QAdapterModel(nn.Module):
         target_modules: Iterable[str] = ("q_proj", "v_proj"),
         on: str | os.PathLike | Sequence[Level] | None = None,
         q_on: str = "parent",
+        padding_free: bool = True,
         **loss_options,
     ) -> None:
         from peft import LoraConfig, get_peft_model
@@ -124,6 +128,9 @@ class QAdapterModel(nn.Module):
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
         check_q_on(q_on)
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"padding_free must be True or False; got {padding_free!r}")
+        self.padding_free = padding_free
         levels = None if on is None else list(on) if _are_levels(on) else levels_on(on)
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
@@ -369,7 +376,7 @@ class QAdapterModel(nn.Module):
         (``position_ids``, say) go to every forward."""
         networks = self.q_networks
         hidden, _ = level_hidden(self.peft_model, input_ids, attention_mask, levels=networks[:-1],
-                                 logit_softcap=self.loss.logit_softcap, **model_kwargs)
+                                 logit_softcap=self.loss.logit_softcap, padding_free=self.padding_free, **model_kwargs)
         return hidden
 
     def loss_hidden(self, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,6 +88,8 @@ class QAdapterConfig(LossArguments):
     max_length: int = field(default=512, metadata={"help": "tokens per sequence, prompt included"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
+    padding_free: bool = field(default=True, metadata={"help": "run the model on each batch packed without its "
+                                                              "padding, each prompt its sequences share once"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "pairs carry their own columns"})
 
     def __post_init__(self) -> None:
@@ -124,7 +126,7 @@ class QAdapterConfig(LossArguments):
         """Keyword arguments of :class:`qadapter.QAdapterModel` (loss and LoRA settings)."""
         return dict(loss=self.loss_config(), backend=self.backend, chunk_size=self.chunk_size,
                     lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                    target_modules=list(self.lora_target_modules))
+                    target_modules=list(self.lora_target_modules), padding_free=self.padding_free)
 
 
 def _has_accelerator() -> bool:

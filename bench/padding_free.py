@@ -1,0 +1,127 @@
+"""A training step on preference batches padded, and packed without padding with each shared prefix
+once (``QAdapterModel(padding_free=True)``, :mod:`qadapter.library.packing`), in one run: tokens
+through the model, step time, peak extra memory, and how far the loss and the LoRA gradient move.
+
+The step is the trainer's: the Q-Adapter loss of a batch (frozen and adapter passes, the fused loss)
+and its backward. Batches are the HH-RLHF harmless pairs in ``../shared/data`` (multi-turn prompts,
+responses of every length: a real preference batch's padding and shared prompts), tokenized as
+``qadapter train`` does, shuffled with a fixed seed; where that file is absent, the built-in task's
+pairs (``source`` in the result says which). The two ways take turns, median; embedded default on the
+CPU; the adapter's LoRA B drawn so that the gradient is a trained adapter's, not zero's.
+
+    python -m bench.padding_free [--pairs 4] [--max-length 512] [--batches 3] [--rounds 3] [--threads N]
+
+writes ``bench/results/padding-free-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import random
+import statistics
+
+import torch
+
+from bench.common import HH_DATA, Timer, cpu_bench_args, versions, write_result
+from bench.decode import trained_looking
+from bench.memory import peak_extra_memory
+
+
+def preference_features(tokenizer, max_length: int) -> tuple[list[dict], str]:
+    """Tokenized pairs of the shared HH-RLHF file, or of the built-in task where it is absent."""
+    from qadapter.library.data import load_preference_data, tokenize_rows
+
+    if HH_DATA.is_file():
+        data, _ = load_preference_data(str(HH_DATA), tokenizer, max_length=max_length,
+                                       max_prompt_length=max_length // 2, skip_invalid=True)
+        return list(data), HH_DATA.name
+    from qadapter.experiments.task import load_task
+
+    features, _ = tokenize_rows(load_task()["train"], tokenizer, max_length=max_length,
+                                max_prompt_length=max_length // 2)
+    return features, "built-in task"
+
+
+def step_of(model, batch: dict):
+    """One training step's loss and backward; returns the loss and the LoRA gradient, flat."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in params])
+
+    return step
+
+
+def measure_batch(model, batch: dict, rounds: int) -> dict:
+    """Tokens, peak extra memory, median step seconds of both ways on ``batch``, and their agreement."""
+    from qadapter.library.packing import model_packing
+
+    packed = model_packing(model.base_model)(batch["input_ids"], batch["attention_mask"])
+    ways = {}
+    for name, flag in (("padded", False), ("padding_free", True)):
+        def run(flag=flag):
+            model.padding_free = flag
+            return step_of(model, batch)()
+        ways[name] = run
+    results, peaks = {}, {}
+    for name, fn in ways.items():
+        results[name], peaks[name] = peak_extra_memory(fn)
+    times = Timer("cpu", warmup=0).rounds(ways, rounds)
+    (loss, grad), (packed_loss, packed_grad) = results["padded"], results["padding_free"]
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "sequences": int(batch["input_ids"].shape[0]), "padded_tokens": int(batch["input_ids"].numel()),
+        "attended_tokens": int(batch["attention_mask"].sum()),
+        "packed_tokens": int(batch["input_ids"].numel()) if packed is None else packed.tokens,
+        "seconds": seconds, "all_seconds": times, "peak_mib": {k: v / 2**20 for k, v in peaks.items()},
+        "time_over_padded": seconds["padding_free"] / seconds["padded"],
+        "memory_over_padded": peaks["padding_free"] / peaks["padded"],
+        "loss_difference": float((loss - packed_loss).abs()),
+        "gradient_relative_difference": float((grad - packed_grad).norm() / grad.norm()),
+    }
+
+
+def measure(pairs: int = 4, max_length: int = 512, batches: int = 3, rounds: int = 3) -> dict:
+    from qadapter.library.data import PreferenceCollator
+    from qadapter.library.model import QAdapterModel
+
+    model = QAdapterModel.from_base(lora_dropout=0.0)
+    trained_looking(model)
+    features, source = preference_features(model.tokenizer, max_length)
+    random.Random(0).shuffle(features)
+    collate = PreferenceCollator(pad_token_id=model.tokenizer.pad_token_id)
+    rows = [measure_batch(model, collate(features[k * pairs : (k + 1) * pairs]), rounds) for k in range(batches)]
+    return {
+        "device": "cpu", "threads": torch.get_num_threads(), **versions("cpu", ("transformers", "peft")),
+        "source": source, "pairs": pairs, "max_length": max_length, "rounds": rounds,
+        "attention": model.base_model.config._attn_implementation, "rows": rows,
+        "time_over_padded": sum(r["seconds"]["padding_free"] for r in rows) / sum(r["seconds"]["padded"] for r in rows),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.padding_free", description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=4, help="preference pairs per batch")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence, prompt included")
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = cpu_bench_args(parser, argv)
+    result = measure(args.pairs, args.max_length, args.batches, args.rounds)
+    for row in result["rows"]:
+        print(f"{row['padded_tokens']:>6} padded, {row['attended_tokens']:>6} attended, {row['packed_tokens']:>6} packed "
+              f"tokens: {row['seconds']['padded']:6.2f} s vs {row['seconds']['padding_free']:6.2f} s "
+              f"({row['time_over_padded']:.2f}x), memory {row['memory_over_padded']:.2f}x, "
+              f"loss |diff| {row['loss_difference']:.1e}, gradient {row['gradient_relative_difference']:.1e}")
+    print(f"all batches: {result['time_over_padded']:.2f}x the padded step's time ({result['source']})")
+    write_result(result, args.out, f"padding-free-cpu-{datetime.date.today().isoformat()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Padding-free forwards: a padded batch's tokens laid out without its padding, each shared prefix once.
+
+A preference batch is padded to its longest sequence, and its chosen and rejected sequences repeat
+their prompt: on preference data most of a padded batch is padding or a second copy of a prompt. The
+frozen and adapter passes cost what their tokens cost, so :func:`pack_batch` lays the batch out again
+before they run and :meth:`PackedBatch.unpack` puts their hidden states back in the batch's
+``[B, T, d]`` layout, which is all the loss sees (its rewards, pairing and padded-length
+normalization stay exactly as they were).
+
+Two layouts, by what the model's attention takes:
+
+- **Shared prefixes** (attention that takes a 4D mask: ``sdpa``, ``eager``). A row whose first tokens
+  are another row's (the rejected sequence after its chosen one: the prompt) keeps only its own tail;
+  its tail attends to the other row's tokens before the point where they part, at the positions it
+  would have alone. The trees so formed are laid into rows no longer than the largest tree, so a
+  packed row's attention never costs more than the longest padded row's would.
+- **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
+  mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
+  apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are as long as the
+  longest sequence, unless the attention runs sequences apart without touching the others (the
+  flash and flex kernels): then one row.
+
+Either way, the hidden state of every attended token is the one the padded forward gives it (the
+same network on the same tokens at the same positions, seeing the same tokens), up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+VARLEN_ATTENTION = ("flash", "flex")  # name parts of those that skip what the mask hides
+NOT_A_PATH = -1  # a limit no position is below: the segment is not on the query's path
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """The model inputs of a packed forward and the way back to the batch's layout."""
+
+    inputs: dict  # input_ids [R, C], position_ids [R, C], and attention_mask [R, 1, C, C] or None
+    source: torch.Tensor  # [B * T] the packed flat index of each batch position (0 at padding)
+    attended: torch.Tensor  # [B * T] whether a batch position is a token (not padding)
+    shape: tuple[int, int]  # (B, T), the batch's
+    tokens: int  # R * C: what each packed pass costs, against B * T
+
+    def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[R, C, d]`` hidden states of the packed forward as ``[B, T, d]`` in the batch's layout
+        (zeros at padding); differentiable, so the loss's gradient reaches the packed forward."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        whole = flat.index_select(0, self.source.to(flat.device))
+        whole = whole * self.attended.to(flat.device, flat.dtype)[:, None]
+        return whole.view(*self.shape, -1)
+
+
+def attended_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's first attended column and attended length where each row's tokens are one run
+    (right- or left-padded), else None: moving tokens with gaps between them changes what they see."""
+    mask = attention_mask.detach().to("cpu") != 0
+    lengths = mask.sum(1)
+    first = mask.int().argmax(1)
+    column = torch.arange(mask.shape[1])
+    runs = (column >= first[:, None]) & (column < (first + lengths)[:, None])
+    return (first, lengths) if torch.equal(mask, runs) else None
+
+
+def _shared_prefixes(ids: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Per row, the earlier row sharing its longest prefix (itself if none) and that prefix's length."""
+    parent, shared = list(range(len(ids))), [0] * len(ids)
+    for r, row in enumerate(ids):
+        for s in range(r):
+            n = min(len(row), len(ids[s]))
+            same = int((row[:n] == ids[s][:n]).int().cumprod(0).sum()) if n else 0
+            if same > shared[r]:
+                parent[r], shared[r] = s, same
+    return parent, shared
+
+
+def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Items of ``sizes`` in rows of at most ``capacity`` (first fit, largest first)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for k, free in enumerate(room):
+            if sizes[item] <= free:
+                rows[k].append(item)
+                room[k] -= sizes[item]
+                break
+        else:
+            rows.append([item])
+            room.append(capacity - sizes[item])
+    return rows
+
+
+def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attention: str,
+               sliding_window: int | None = None, mask_dtype: torch.dtype = torch.float32) -> PackedBatch | None:
+    """``input_ids`` and ``attention_mask`` (``[B, T]``) laid out without padding, each prefix rows
+    share once where ``attention`` (the model's implementation) takes a 4D mask and the
+    ``sliding_window`` does not cut a sequence; None where packing would save no token, or a row's
+    tokens are not one run."""
+    runs = attended_runs(attention_mask)
+    if runs is None:
+        return None
+    first, lengths = runs
+    batch, width = input_ids.shape
+    rows = [input_ids[r, int(first[r]) : int(first[r] + lengths[r])].cpu() for r in range(batch)]
+    longest = int(lengths.max())
+    share = attention in MASKED_ATTENTION and (sliding_window is None or longest <= sliding_window)
+    parent, shared = _shared_prefixes(rows) if share else (list(range(batch)), [0] * batch)
+    root = list(range(batch))
+    for r in range(batch):
+        root[r] = root[parent[r]]
+    trees = sorted(set(root))
+    sizes = [sum(int(lengths[r]) - shared[r] for r in range(batch) if root[r] == t) for t in trees]
+    one_row = not share and any(part in attention for part in VARLEN_ATTENTION)
+    capacity = sum(sizes) if one_row else max(sizes)
+    layout = _fill_rows(sizes, capacity)
+    if len(layout) * capacity >= batch * width:
+        return None
+    # Each row's tokens take the packed places of its parent's before the parting point, then its own.
+    place = [torch.empty(0, dtype=torch.long)] * batch
+    segment = torch.full((len(layout), capacity), batch)  # the row whose tail a place holds; batch: filler
+    positions = torch.zeros((len(layout), capacity), dtype=torch.long)
+    packed_ids = torch.zeros((len(layout), capacity), dtype=input_ids.dtype)
+    for k, members in enumerate(layout):
+        offset = k * capacity
+        for r in (r for t in members for r in range(batch) if root[r] == trees[t]):
+            own = int(lengths[r]) - shared[r]
+            place[r] = torch.cat([place[parent[r]][: shared[r]], torch.arange(offset, offset + own)])
+            local = slice(offset - k * capacity, offset - k * capacity + own)
+            segment[k, local] = r
+            positions[k, local] = torch.arange(shared[r], int(lengths[r]))
+            packed_ids[k, local] = rows[r][shared[r] :]
+            offset += own
+        filler = (k + 1) * capacity - offset  # a sequence of its own, attending to itself only
+        positions[k, capacity - filler :] = torch.arange(filler)
+    source = torch.zeros(batch * width, dtype=torch.long)
+    attended = torch.zeros(batch * width, dtype=torch.bool)
+    for r in range(batch):
+        at = r * width + int(first[r]) + torch.arange(int(lengths[r]))
+        source[at], attended[at] = place[r], True
+    device = input_ids.device
+    mask = _tree_mask(segment.to(device), positions.to(device), parent, shared, mask_dtype) if share else None
+    inputs = dict(input_ids=packed_ids.to(device), position_ids=positions.to(device), attention_mask=mask)
+    return PackedBatch(inputs, source, attended, (batch, width), len(layout) * capacity)
+
+
+def _tree_mask(segment: torch.Tensor, positions: torch.Tensor, parent: list[int], shared: list[int],
+               dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[R, 1, C, C]`` mask: a query sees the keys of its own segment before it and those of
+    each segment on its path to the root below the position where its path leaves that segment."""
+    batch = len(parent)
+    limit = torch.full((batch + 1, batch + 1), NOT_A_PATH)  # [query segment, key segment]
+    for r in range(batch + 1):
+        limit[r, r] = torch.iinfo(limit.dtype).max
+        below, node = torch.iinfo(limit.dtype).max, r
+        while node < batch and parent[node] != node:
+            below = min(below, shared[node])
+            node = parent[node]
+            limit[r, node] = below
+    limit = limit.to(segment.device)
+    query, key = positions[:, :, None], positions[:, None, :]
+    visible = (key <= query) & (key < limit[segment[:, :, None], segment[:, None, :]])
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], PackedBatch | None]:
+    """:func:`pack_batch` as ``causal_lm`` takes it: its attention, sliding window and mask dtype (its
+    head's, as its forward adds the mask to scores of that dtype)."""
+    config = causal_lm.config
+    attention = str(getattr(config, "_attn_implementation", None) or "eager")
+    window = getattr(config, "sliding_window", None)
+    dtype = causal_lm.get_output_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+
+    def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch | None:
+        return pack_batch(input_ids, attention_mask, attention=attention, sliding_window=window, mask_dtype=dtype)
+
+    return pack
+
+
+PROBE_ROWS = ([1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8, 9, 10], [4])  # a shared prefix, and a short row
+
+
+def packing_error(hidden_of: Callable[[dict], torch.Tensor], pack: Callable, device: torch.device) -> float:
+    """The largest relative difference, over the tokens of a small batch, between their hidden states
+    padded and packed: rounding where the model keeps packed sequences apart, far more where one
+    sees another's tokens. ``hidden_of(inputs)`` runs the model's decoder on ``inputs``."""
+    width = max(map(len, PROBE_ROWS))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
+    packed = pack(ids, mask)
+    padded = hidden_of(dict(input_ids=ids, attention_mask=mask)).float()
+    unpacked = packed.unpack(hidden_of(packed.inputs)).float()
+    keep = mask.bool()
+    difference = (padded[keep] - unpacked[keep]).norm(dim=-1) / padded[keep].norm(dim=-1).clamp_min(1e-6)
+    return float(difference.max())

@@ -1,0 +1,199 @@
+"""Padding-free forwards (qadapter.library.packing): the packed layout lets every token see exactly the
+tokens it sees padded, at the same positions; the frozen and adapter passes packed give the padded
+hidden states, loss and LoRA gradient; a model whose attention would mix packed sequences is refused."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from helpers import make_model, tiny_causal_lm  # noqa: E402
+from qadapter import PreferenceCollator, frozen_and_adapter_hidden  # noqa: E402
+from qadapter.library import hidden as hidden_module  # noqa: E402
+from qadapter.library import packing  # noqa: E402
+from qadapter.library.model import QAdapterModel  # noqa: E402
+
+VOCAB = 97
+
+
+def preference_features(pairs: int, seed: int, longest_prompt: int = 9) -> list[dict]:
+    """Pairs sharing a prompt (and at times their responses' first tokens), of random lengths."""
+    rng = random.Random(seed)
+    features = []
+    for _ in range(pairs):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, longest_prompt))]
+        chosen = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 8))]
+        rejected = chosen[: rng.randint(0, 2)] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 8))]
+        features.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * len(prompt) + chosen,
+                         "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * len(prompt) + rejected})
+    return features
+
+
+def left_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shift = (mask == 0).sum(1)
+    return (torch.stack([row.roll(int(s)) for row, s in zip(ids, shift)]),
+            torch.stack([row.roll(int(s)) for row, s in zip(mask, shift)]))
+
+
+def seen_packed(packed: packing.PackedBatch) -> dict[int, set]:
+    """Per packed place, the (position, token) of every place it attends to: through its 4D mask, or
+    as transformers reads rows without one (a sequence starts where the positions do not go up by 1)."""
+    ids, positions = packed.inputs["input_ids"], packed.inputs["position_ids"]
+    rows, width = ids.shape
+    mask = packed.inputs["attention_mask"]
+    if mask is None:
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        sequence = starts.cumsum(1)
+        visible = (sequence[:, :, None] == sequence[:, None, :]) & (positions[:, None, :] <= positions[:, :, None])
+    else:
+        visible = mask[:, 0] == 0
+    return {r * width + q: {(int(positions[r, k]), int(ids[r, k])) for k in range(width) if visible[r, q, k]}
+            for r in range(rows) for q in range(width)}
+
+
+@pytest.mark.parametrize("attention,window", [("sdpa", None), ("eager", 6), ("flash_attention_2", None)])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
+    batch = PreferenceCollator(pad_token_id=0)(preference_features(6, seed))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if padding == "left":
+        ids, mask = left_padded(ids, mask)
+    packed = packing.pack_batch(ids, mask, attention=attention, sliding_window=window)
+    assert packed is not None and packed.tokens < ids.numel()
+    # Shared prompts run once where the attention takes a 4D mask; sequences whole otherwise.
+    assert (packed.inputs["attention_mask"] is not None) == (attention == "sdpa")
+    if attention == "flash_attention_2":
+        assert packed.inputs["input_ids"].shape[0] == 1 and packed.tokens == int(mask.sum())
+    seen = seen_packed(packed)
+    for r in range(ids.shape[0]):
+        tokens = ids[r][mask[r] == 1].tolist()
+        first = int(mask[r].argmax())
+        for t in range(len(tokens)):
+            place = int(packed.source[r * ids.shape[1] + first + t])
+            assert seen[place] == {(k, tokens[k]) for k in range(t + 1)}, (r, t)
+            assert packed.inputs["input_ids"].view(-1)[place] == tokens[t]
+
+
+def test_nothing_to_save_or_tokens_not_one_run_is_no_packing():
+    ids = torch.randint(3, VOCAB, (3, 5))
+    assert packing.pack_batch(ids, torch.ones_like(ids), attention="sdpa") is None  # no padding, no shared prefix
+    gaps = torch.ones_like(ids)
+    gaps[0, 2] = 0
+    assert packing.pack_batch(ids, gaps, attention="sdpa") is None
+
+
+def peft_lm(family: str, attention: str):
+    """A trained-looking LoRA'd tiny model (no dropout: padded and packed passes see one network)."""
+    model = make_model(family, lora_dropout=0.0)
+    model.base_model.config._attn_implementation = attention
+    return model.peft_model.eval()
+
+
+@pytest.mark.parametrize("family,attention,window", [
+    ("llama", "sdpa", None), ("qwen2", "eager", None), ("mistral", "sdpa", 5),
+    ("gemma", "eager", None), ("gemma2", "eager", None), ("gemma2", "eager", 5),
+])
+def test_packed_passes_give_the_padded_hidden_states(family, attention, window):
+    model = peft_lm(family, attention)
+    if window is not None:  # a window shorter than the sequences: packed whole, without a 4D mask
+        model.get_base_model().config.sliding_window = window
+    batch = PreferenceCollator(pad_token_id=0)(preference_features(4, seed=3))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cap = model.get_base_model().config.final_logit_softcapping if family == "gemma2" else None
+    padded = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap)
+    packed = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap, padding_free=True)
+    attended = mask.bool()
+    for a, b in ((padded.base_hidden, packed.base_hidden), (padded.q_hidden, packed.q_hidden)):
+        torch.testing.assert_close(b[attended], a[attended], rtol=1e-5, atol=1e-5)
+    assert packed.q_hidden.requires_grad and not packed.base_hidden.requires_grad
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_padding_free_training_step_matches_the_padded_one(family):
+    model = make_model(family, lora_dropout=0.0)
+    batch = PreferenceCollator(pad_token_id=0)(preference_features(4, seed=5))
+    results = []
+    for flag in (False, True):
+        model.padding_free = flag
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.loss.detach(), out.chosen_rewards.detach(), grads))
+    (loss, rewards, grads), (packed_loss, packed_rewards, packed_grads) = results
+    # float32 throughout: the two differ by rounding only (other GEMM shapes, other summation orders).
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed_rewards, rewards, rtol=1e-5, atol=1e-5)
+    assert float((packed_grads - grads).norm() / grads.norm()) < 1e-5
+
+
+def test_the_default_model_trains_padding_free_and_the_option_is_checked():
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=VOCAB))
+    assert model.padding_free is True
+    with pytest.raises(TypeError, match="padding_free must be True or False"):
+        QAdapterModel(tiny_causal_lm("llama", vocab=VOCAB), padding_free="yes")
+
+
+def test_a_callers_own_positions_are_run_as_given():
+    model = peft_lm("llama", "sdpa")
+    batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=1))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    padded = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions)
+    asked = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions, padding_free=True)
+    torch.testing.assert_close(asked.q_hidden, padded.q_hidden, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("broken", ["4d mask ignored", "sequences not told apart"])
+def test_an_attention_that_mixes_packed_sequences_is_refused(monkeypatch, broken):
+    if broken == "4d mask ignored":  # a causal mask over the whole packed row: a tail sees another's
+        model = peft_lm("llama", "sdpa")
+
+        def causal_only(segment, positions, parent, shared, dtype):
+            width = segment.shape[1]
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            mask = torch.zeros(segment.shape[0], 1, width, width, dtype=dtype)
+            return mask.masked_fill_(~causal, torch.finfo(dtype).min)
+
+        monkeypatch.setattr(packing, "_tree_mask", causal_only)
+    else:  # no 4D mask (a sliding window cuts the sequences) and position_ids not read as sequences
+        import transformers.masking_utils
+
+        model = peft_lm("mistral", "sdpa")
+        model.get_base_model().config.sliding_window = 3
+        monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    monkeypatch.setattr(hidden_module, "_PACKING_CHECKED", type(hidden_module._PACKING_CHECKED)())
+    batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=2))
+    with pytest.raises(ValueError, match="padding_free: .* does not keep packed sequences apart.*padding_free=False"):
+        frozen_and_adapter_hidden(model, batch["input_ids"], batch["attention_mask"], padding_free=True)
+
+
+def test_measures_through_the_model_run_packed_and_agree(monkeypatch):
+    """customized_likelihood (lm-eval's and the probe's log-probs) hands position_ids=None on: the
+    passes still pack, and the log-probs are the padded ones."""
+    from qadapter.evaluation.measures import Targets, customized_likelihood
+
+    model = make_model("qwen2", lora_dropout=0.0)
+    packed_batches = []
+    checked = hidden_module.checked_packing
+
+    def spy(*args):
+        pack = checked(*args)
+        return lambda ids, mask: packed_batches.append(pack(ids, mask)) or packed_batches[-1]
+
+    monkeypatch.setattr(hidden_module, "checked_packing", spy)
+    batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=4))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, positions = (mask[:, 1:] == 1).nonzero(as_tuple=True)
+    targets = Targets(rows, positions, ids[rows, positions + 1])
+    logprobs = {}
+    for flag in (False, True):
+        model.padding_free = flag
+        logprobs[flag] = customized_likelihood(model)(ids, mask, None, targets)
+    assert len(packed_batches) == 1 and packed_batches[0] is not None
+    torch.testing.assert_close(logprobs[True], logprobs[False], rtol=1e-5, atol=1e-5)
