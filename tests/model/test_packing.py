@@ -50,12 +50,12 @@ def seen_packed(packed: packing.PackedBatch) -> dict[int, set]:
         sequence = starts.cumsum(1)
         visible = (sequence[:, :, None] == sequence[:, None, :]) & (positions[:, None, :] <= positions[:, :, None])
     else:
-        visible = mask[:, 0] == 0
+        visible = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
     return {r * width + q: {(int(positions[r, k]), int(ids[r, k])) for k in range(width) if visible[r, q, k]}
             for r in range(rows) for q in range(width)}
 
 
-@pytest.mark.parametrize("attention,window", [("sdpa", None), ("eager", 6), ("flash_attention_2", None)])
+@pytest.mark.parametrize("attention,window", [("sdpa", None), ("eager", None), ("eager", 6), ("flash_attention_2", None)])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
@@ -66,7 +66,7 @@ def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
     packed = packing.pack_batch(ids, mask, attention=attention, sliding_window=window)
     assert packed is not None and packed.tokens < ids.numel()
     # Shared prompts run once where the attention takes a 4D mask; sequences whole otherwise.
-    assert (packed.inputs["attention_mask"] is not None) == (attention == "sdpa")
+    assert (packed.inputs["attention_mask"] is not None) == (attention != "flash_attention_2" and window is None)
     if attention == "flash_attention_2":
         assert packed.inputs["input_ids"].shape[0] == 1 and packed.tokens == int(mask.sum())
     seen = seen_packed(packed)
@@ -154,11 +154,9 @@ def test_an_attention_that_mixes_packed_sequences_is_refused(monkeypatch, broken
     if broken == "4d mask ignored":  # a causal mask over the whole packed row: a tail sees another's
         model = peft_lm("llama", "sdpa")
 
-        def causal_only(segment, positions, parent, shared, dtype):
+        def causal_only(segment, positions, parent, shared):
             width = segment.shape[1]
-            causal = torch.ones(width, width, dtype=torch.bool).tril()
-            mask = torch.zeros(segment.shape[0], 1, width, width, dtype=dtype)
-            return mask.masked_fill_(~causal, torch.finfo(dtype).min)
+            return torch.ones(segment.shape[0], 1, width, width, dtype=torch.bool).tril()
 
         monkeypatch.setattr(packing, "_tree_mask", causal_only)
     else:  # no 4D mask (a sliding window cuts the sequences) and position_ids not read as sequences

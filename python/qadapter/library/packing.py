@@ -105,7 +105,8 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
         return None
     first, lengths = runs
     batch, width = input_ids.shape
-    rows = [input_ids[r, int(first[r]) : int(first[r] + lengths[r])].cpu() for r in range(batch)]
+    host_ids = input_ids.detach().cpu()
+    rows = [host_ids[r, int(first[r]) : int(first[r] + lengths[r])] for r in range(batch)]
     longest = int(lengths.max())
     share = attention in MASKED_ATTENTION and (sliding_window is None or longest <= sliding_window)
     parent, shared = _shared_prefixes(rows) if share else (list(range(batch)), [0] * batch)
@@ -142,15 +143,16 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
         at = r * width + int(first[r]) + torch.arange(int(lengths[r]))
         source[at], attended[at] = place[r], True
     device = input_ids.device
-    mask = _tree_mask(segment.to(device), positions.to(device), parent, shared, mask_dtype) if share else None
+    mask = _tree_mask(segment.to(device), positions.to(device), parent, shared) if share else None
+    if mask is not None and attention != "sdpa":  # eager adds its mask to the scores
+        mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(~mask, torch.finfo(mask_dtype).min)
     inputs = dict(input_ids=packed_ids.to(device), position_ids=positions.to(device), attention_mask=mask)
     return PackedBatch(inputs, source, attended, (batch, width), len(layout) * capacity)
 
 
-def _tree_mask(segment: torch.Tensor, positions: torch.Tensor, parent: list[int], shared: list[int],
-               dtype: torch.dtype) -> torch.Tensor:
-    """Additive ``[R, 1, C, C]`` mask: a query sees the keys of its own segment before it and those of
-    each segment on its path to the root below the position where its path leaves that segment."""
+def _tree_mask(segment: torch.Tensor, positions: torch.Tensor, parent: list[int], shared: list[int]) -> torch.Tensor:
+    """``[R, 1, C, C]``, True where a query sees a key: the keys of its own segment before it and
+    those of each segment on its path to the root below the position where its path leaves that segment."""
     batch = len(parent)
     limit = torch.full((batch + 1, batch + 1), NOT_A_PATH)  # [query segment, key segment]
     for r in range(batch + 1):
@@ -162,8 +164,7 @@ def _tree_mask(segment: torch.Tensor, positions: torch.Tensor, parent: list[int]
             limit[r, node] = below
     limit = limit.to(segment.device)
     query, key = positions[:, :, None], positions[:, None, :]
-    visible = (key <= query) & (key < limit[segment[:, :, None], segment[:, None, :]])
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+    return ((key <= query) & (key < limit[segment[:, :, None], segment[:, None, :]]))[:, None]
 
 
 def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], PackedBatch | None]:
