@@ -105,8 +105,8 @@ def test_packed_passes_give_the_padded_hidden_states(family, attention, window):
     batch = PreferenceCollator(pad_token_id=0)(preference_features(4, seed=3))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cap = model.get_base_model().config.final_logit_softcapping if family == "gemma2" else None
-    padded = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap)
-    packed = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap, padding_free=True)
+    padded = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap, padding_free=False)
+    packed = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap)  # padding-free by default
     attended = mask.bool()
     for a, b in ((padded.base_hidden, packed.base_hidden), (padded.q_hidden, packed.q_hidden)):
         torch.testing.assert_close(b[attended], a[attended], rtol=1e-5, atol=1e-5)
@@ -144,8 +144,8 @@ def test_a_callers_own_positions_are_run_as_given():
     batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=1))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = (mask.cumsum(1) - 1).clamp_min(0)
-    padded = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions)
-    asked = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions, padding_free=True)
+    padded = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions, padding_free=False)
+    asked = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions)
     torch.testing.assert_close(asked.q_hidden, padded.q_hidden, rtol=0, atol=0)
 
 
@@ -168,7 +168,7 @@ def test_an_attention_that_mixes_packed_sequences_is_refused(monkeypatch, broken
     monkeypatch.setattr(hidden_module, "_PACKING_CHECKED", type(hidden_module._PACKING_CHECKED)())
     batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=2))
     with pytest.raises(ValueError, match="padding_free: .* does not keep packed sequences apart.*padding_free=False"):
-        frozen_and_adapter_hidden(model, batch["input_ids"], batch["attention_mask"], padding_free=True)
+        frozen_and_adapter_hidden(model, batch["input_ids"], batch["attention_mask"])
 
 
 def test_measures_through_the_model_run_packed_and_agree(monkeypatch):

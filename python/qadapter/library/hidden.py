@@ -153,7 +153,7 @@ def only_adapters(peft_model: nn.Module, names: Sequence[str]):
 
 def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  levels: Sequence[Sequence[str]] = (), logit_softcap: float | None = None,
-                 padding_free: bool = False, **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 padding_free: bool = True, **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Final hidden states of the frozen pass (adapters disabled, no grad), of one pass per entry of
     ``levels`` (the adapters named there, no grad: the frozen levels of a stack) and of the adapter
     pass (the model's active adapters, with grad: set, not switched for the pass, so that gradient
@@ -163,8 +163,8 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     keeping its output. ``model`` is a ``peft.PeftModel`` or a wrapper of one (what
     ``accelerator.prepare`` or Trainer returns), so the wrapper sees every pass; ``model_kwargs`` go
     to each. A model that soft-caps its logits (Gemma-2) is refused unless ``logit_softcap`` is its
-    cap (:func:`head_softcap`), which the loss then needs too. ``padding_free``: the passes run on the
-    batch packed without its padding and with each prefix its rows share once
+    cap (:func:`head_softcap`), which the loss then needs too. ``padding_free`` (the default): the
+    passes run on the batch packed without its padding and with each prefix its rows share once
     (:mod:`qadapter.library.packing`), the states returned in the batch's layout all the same; a
     caller's own ``position_ids`` or 4D mask is a layout of its own, run as it is.
     """
@@ -243,7 +243,7 @@ def decoder_outputs(causal_lm: nn.Module):
 
 
 def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              *, logit_softcap: float | None = None, padding_free: bool = False,
+                              *, logit_softcap: float | None = None, padding_free: bool = True,
                               **model_kwargs) -> HiddenStates:
     """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
     PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``
