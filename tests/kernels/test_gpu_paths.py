@@ -1,6 +1,6 @@
 """Paths only a CUDA device takes, each against its eager or CPU twin: torch.compile through the
 CUDA custom ops and the Triton chunked backend (separate and shared heads), the model layer on CUDA (training forward,
-bfloat16, cached generation through the Triton decode combine) and serving on CUDA (an adapter set with a stack,
+bfloat16, padding-free passes through CUDA's attention kernels, cached generation through the Triton decode combine) and serving on CUDA (an adapter set with a stack,
 echoed prompts, compiled decoding, the engine's running batch, its prefix cache)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from helpers import (  # noqa: E402
     plain_greedy,
     preference_batch,
     save_three_level_stack,
+    shared_prompt_pairs,
     tiny_causal_lm,
     tiny_chat_tokenizer,
 )
@@ -88,6 +89,31 @@ def test_model_training_forward_on_gpu_matches_cpu():
     assert cpu_grads.keys() == gpu_grads.keys() and cpu_grads
     for name in cpu_grads:
         torch.testing.assert_close(gpu_grads[name], cpu_grads[name], rtol=2e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("gemma2", "eager")])
+def test_padding_free_step_on_gpu_matches_the_padded_one(family, attention, dtype):
+    """Packed rows (sdpa's boolean tree mask, eager's additive one) through CUDA's attention kernels:
+    the loss and LoRA gradient of the padded step, within the dtype's rounding."""
+    from qadapter import PreferenceCollator
+
+    model = make_model(family, lora_dropout=0.0).to("cuda", dtype)
+    model.base_model.config._attn_implementation = attention
+    batch = {k: v.cuda() for k, v in PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(6, seed=7)).items()}
+    results = []
+    for flag in (False, True):
+        model.padding_free = flag
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = torch.cat([g.flatten() for g in lora_grads(model).values()])
+        results.append((loss.detach().float().cpu(), grads))
+    (loss, grads), (packed_loss, packed_grads) = results
+    # Other GEMM shapes and summation orders: rounding only (on a CPU, bf16 moves the gradient 0.5%).
+    loss_tolerance, gradient_tolerance = (1e-5, 1e-4) if dtype == torch.float32 else (3e-2, 5e-2)
+    assert abs(float(packed_loss - loss)) <= loss_tolerance * max(1.0, abs(float(loss)))
+    assert float((packed_grads - grads).norm() / grads.norm()) <= gradient_tolerance
 
 
 def test_model_bfloat16_on_gpu_is_close_to_float32():

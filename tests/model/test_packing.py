@@ -4,32 +4,17 @@ hidden states, loss and LoRA gradient; a model whose attention would mix packed 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers import make_model, tiny_causal_lm  # noqa: E402
+from helpers import make_model, shared_prompt_pairs, tiny_causal_lm  # noqa: E402
 from qadapter import PreferenceCollator, frozen_and_adapter_hidden  # noqa: E402
 from qadapter.library import hidden as hidden_module  # noqa: E402
 from qadapter.library import packing  # noqa: E402
 from qadapter.library.model import QAdapterModel  # noqa: E402
 
 VOCAB = 97
-
-
-def preference_features(pairs: int, seed: int, longest_prompt: int = 9) -> list[dict]:
-    """Pairs sharing a prompt (and at times their responses' first tokens), of random lengths."""
-    rng = random.Random(seed)
-    features = []
-    for _ in range(pairs):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, longest_prompt))]
-        chosen = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 8))]
-        rejected = chosen[: rng.randint(0, 2)] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 8))]
-        features.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * len(prompt) + chosen,
-                         "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * len(prompt) + rejected})
-    return features
 
 
 def left_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +44,7 @@ def seen_packed(packed: packing.PackedBatch) -> dict[int, set]:
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
-    batch = PreferenceCollator(pad_token_id=0)(preference_features(6, seed))
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(6, seed))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if padding == "left":
         ids, mask = left_padded(ids, mask)
@@ -77,6 +62,24 @@ def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
             place = int(packed.source[r * ids.shape[1] + first + t])
             assert seen[place] == {(k, tokens[k]) for k in range(t + 1)}, (r, t)
             assert packed.inputs["input_ids"].view(-1)[place] == tokens[t]
+
+
+def test_hidden_states_go_back_to_the_batch_layout():
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(5, seed=11))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    packed = packing.pack_batch(ids, mask, attention="sdpa")
+    hidden = torch.randn(*packed.inputs["input_ids"].shape, 3, requires_grad=True)
+    whole = packed.unpack(hidden)
+    assert whole.shape == (*ids.shape, 3) and not whole[mask == 0].any()
+    rows, positions = mask.nonzero(as_tuple=True)
+    torch.testing.assert_close(packed.at(hidden, rows, positions), whole[rows, positions], rtol=0, atol=0)
+    # Each token's state comes from its packed place: a shared prompt's place feeds both of its rows.
+    places = packed.source.view(ids.shape)[rows, positions]
+    torch.testing.assert_close(whole[rows, positions], hidden.detach().reshape(-1, 3)[places], rtol=0, atol=0)
+    whole.sum().backward()
+    uses = torch.zeros(hidden.shape[:2]).view(-1).index_add_(0, places, torch.ones(len(places)))
+    torch.testing.assert_close(hidden.grad[..., 0].reshape(-1), uses, rtol=0, atol=0)
+    assert uses.max() >= 2  # some prompt tokens are shared
 
 
 def test_nothing_to_save_or_tokens_not_one_run_is_no_packing():
@@ -102,7 +105,7 @@ def test_packed_passes_give_the_padded_hidden_states(family, attention, window):
     model = peft_lm(family, attention)
     if window is not None:  # a window shorter than the sequences: packed whole, without a 4D mask
         model.get_base_model().config.sliding_window = window
-    batch = PreferenceCollator(pad_token_id=0)(preference_features(4, seed=3))
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=3))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cap = model.get_base_model().config.final_logit_softcapping if family == "gemma2" else None
     padded = frozen_and_adapter_hidden(model, ids, mask, logit_softcap=cap, padding_free=False)
@@ -116,7 +119,7 @@ def test_packed_passes_give_the_padded_hidden_states(family, attention, window):
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_padding_free_training_step_matches_the_padded_one(family):
     model = make_model(family, lora_dropout=0.0)
-    batch = PreferenceCollator(pad_token_id=0)(preference_features(4, seed=5))
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=5))
     results = []
     for flag in (False, True):
         model.padding_free = flag
@@ -141,7 +144,7 @@ def test_the_default_model_trains_padding_free_and_the_option_is_checked():
 
 def test_a_callers_own_positions_are_run_as_given():
     model = peft_lm("llama", "sdpa")
-    batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=1))
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(3, seed=1))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = (mask.cumsum(1) - 1).clamp_min(0)
     padded = frozen_and_adapter_hidden(model, ids, mask, position_ids=positions, padding_free=False)
@@ -166,7 +169,7 @@ def test_an_attention_that_mixes_packed_sequences_is_refused(monkeypatch, broken
         model.get_base_model().config.sliding_window = 3
         monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     monkeypatch.setattr(hidden_module, "_PACKING_CHECKED", type(hidden_module._PACKING_CHECKED)())
-    batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=2))
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(3, seed=2))
     with pytest.raises(ValueError, match="padding_free: .* does not keep packed sequences apart.*padding_free=False"):
         frozen_and_adapter_hidden(model, batch["input_ids"], batch["attention_mask"])
 
@@ -185,7 +188,7 @@ def test_measures_through_the_model_run_packed_and_agree(monkeypatch):
         return lambda ids, mask: packed_batches.append(pack(ids, mask)) or packed_batches[-1]
 
     monkeypatch.setattr(hidden_module, "checked_packing", spy)
-    batch = PreferenceCollator(pad_token_id=0)(preference_features(3, seed=4))
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(3, seed=4))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows, positions = (mask[:, 1:] == 1).nonzero(as_tuple=True)
     targets = Targets(rows, positions, ids[rows, positions + 1])

@@ -11,8 +11,8 @@
   what the built-in task's pairs are made from).
 
 The pass is built for a CPU. Pairs run longest first in batches of about ``tokens_per_batch``
-tokens, so padding stays small; a pair is one row, its shared prompt once and each response
-attending to the prompt and to itself; the frozen model and the adapter (for a stack, every level's
+tokens, so padding stays small; the batch runs packed as training runs it (its shared prompts once,
+no padding: :mod:`qadapter.library.packing`); the frozen model and the adapter (for a stack, every level's
 Q network) run in one forward of the batch repeated once per network
 (:func:`qadapter.library.stack.level_rows`); the rewards, the step-0 rewards and the KL come from one
 :func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens' hidden states (a stack
@@ -62,28 +62,6 @@ def _can_pack(config, longest: int) -> bool:
             and (window is None or longest <= window))
 
 
-def _packed_rows(batch: list[dict], pad_token_id: int, mask_dtype: torch.dtype):
-    """One row per pair: the chosen sequence, then the rejected one's tokens after the prefix the two
-    share; the rejected tokens attend to that prefix and to themselves, at their own positions.
-
-    Returns the model inputs and, per pair, the shared prefix length and the chosen length.
-    """
-    prefix = torch.tensor([_shared_prefix(f["chosen_input_ids"], f["rejected_input_ids"]) for f in batch])
-    chosen_len = torch.tensor([len(f["chosen_input_ids"]) for f in batch])
-    rows = [f["chosen_input_ids"] + f["rejected_input_ids"][p:] for f, p in zip(batch, prefix.tolist())]
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    segment = torch.full((len(rows), width), 2)  # 0: chosen (from the start), 1: rejected suffix, 2: padding
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, p, c) in enumerate(zip(rows, prefix.tolist(), chosen_len.tolist())):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        segment[i, :c], segment[i, c : len(row)] = 0, 1
-        positions[i, :c] = torch.arange(c)
-        positions[i, c : len(row)] = torch.arange(p, p + len(row) - c)
-    return ({"input_ids": input_ids, "attention_mask": segment_mask(prefix, segment, mask_dtype), "position_ids": positions},
-            prefix, chosen_len)
-
-
 def segment_mask(prefix: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive 4D attention mask ``[B, 1, T, T]`` of packed rows: a query sees the keys before it that
     are in its row's shared prefix (the first ``prefix[b]`` tokens) or in its own ``segment``."""
@@ -100,31 +78,29 @@ def packing_mask_dtype(model, longest: int) -> torch.dtype | None:
     return model.get_output_embeddings().weight.dtype if _can_pack(model.config, longest) else None
 
 
-def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int, pack: bool):
+def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int):
     """Final hidden states ``[h_0, ..., h_L]`` of the frozen model and of each level's Q network (one
     adapter: ``[h_0, h_1]``) at each scored position of the loss's layout ``[chosen..., rejected...]``
     (row by row, the order the loss packs them in), the scored tokens' ids, and the layout's
-    :class:`ScoredTokens`. One forward runs every level, each on its own copy of the rows."""
+    :class:`ScoredTokens`. One forward runs every level, each on its own copy of the rows, packed
+    as training packs them where the model is padding-free (:mod:`qadapter.library.packing`)."""
     weight = model.lm_head_weight
     layout = PreferenceCollator(pad_token_id=pad_token_id)(batch)
     tokens = ScoredTokens.from_labels(layout["labels"].to(weight.device), model.loss.ignore_index)
-    sequence, position = (x.cpu() for x in tokens.mask.nonzero(as_tuple=True))
-    if pack:
-        inputs, prefix, chosen_len = _packed_rows(batch, pad_token_id, weight.dtype)
-        pair = sequence % len(batch)
-        shift = (chosen_len - prefix)[pair] * ((sequence >= len(batch)) & (position >= prefix[pair]))
-        row, position = pair, position + shift
-    else:
-        inputs = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"]}
-        row = sequence
+    inputs = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"]}
+    packed = model.packing()(*inputs.values()) if model.padding_free else None
+    if packed is not None:
+        inputs = {k: v for k, v in packed.inputs.items() if v is not None}
     rows = inputs["input_ids"].shape[0]
     networks = [(), *model.q_networks]  # the frozen model first
     repeated = {k: torch.cat([v] * len(networks)).to(weight.device) for k, v in inputs.items()}
     with level_rows(model.peft_model, networks, rows):
         hidden = model.base_model.get_decoder()(**repeated, use_cache=False).last_hidden_state
-    row, position = row.to(weight.device), position.to(weight.device)
+    sequence, position = tokens.mask.nonzero(as_tuple=True)
     targets = layout["labels"].to(weight.device)[:, 1:][tokens.mask]
-    return [h[row, position] for h in hidden.split(rows)], targets, tokens
+    if packed is None:
+        return [h[sequence, position] for h in hidden.split(rows)], targets, tokens
+    return [packed.at(h, sequence, position) for h in hidden.split(rows)], targets, tokens
 
 
 def _level_measures(model: QAdapterModel, levels: list[torch.Tensor], targets: torch.Tensor, *, step0: bool, kl: bool,
@@ -225,14 +201,13 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
         _check_positive(name, value)
     check_chunk_size(chunk_size)
     loss = model.loss
-    longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
-    pack = _can_pack(model.config, longest)
+    pack = model.padding_free
     learned, initial = [None] * len(features), [None] * len(features)
     kl_total, kl_count = 0.0, 0
     with evaluation_mode(model), _progress(len(features), progress) as bar:
         for indices in _length_batches(features, tokens_per_batch, pack):
             batch = [features[i] for i in indices]
-            levels, targets, tokens = _forward_batch(model, batch, pad_token_id, pack)
+            levels, targets, tokens = _forward_batch(model, batch, pad_token_id)
             measures = _level_measures(model, levels, targets, step0=step0, kl=kl, chunk_size=chunk_size)
             for store, stats in [(learned, (measures.q_taken, measures.value))] + (
                     [(initial, (measures.step0_q_taken, measures.step0_value))] if step0 else []):

@@ -202,7 +202,7 @@ def checked_packing(model: nn.Module, peft_model: nn.Module, base_model: nn.Modu
     forward, adapters off, for each attention implementation the model is set to)."""
     pack = model_packing(base_model)
     attention = getattr(base_model.config, "_attn_implementation", None)
-    if _PACKING_CHECKED.get(base_model) == attention:
+    if base_model in _PACKING_CHECKED and _PACKING_CHECKED[base_model] == attention:
         return pack
 
     def hidden_of(inputs: dict) -> torch.Tensor:

@@ -32,7 +32,15 @@ from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qad
 from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base, names_missing_folder
-from .hidden import activate_adapters, full_weight, head_softcap, level_hidden, linear_head, whole_parameters
+from .hidden import (
+    activate_adapters,
+    checked_packing,
+    full_weight,
+    head_softcap,
+    level_hidden,
+    linear_head,
+    whole_parameters,
+)
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
     CONFIG_NAME,
@@ -378,6 +386,11 @@ class QAdapterModel(nn.Module):
         hidden, _ = level_hidden(self.peft_model, input_ids, attention_mask, levels=networks[:-1],
                                  logit_softcap=self.loss.logit_softcap, padding_free=self.padding_free, **model_kwargs)
         return hidden
+
+    def packing(self):
+        """How this model's passes pack a padded batch (:func:`~qadapter.library.packing.pack_batch` as
+        its base takes it), once the base has been seen to keep packed sequences apart."""
+        return checked_packing(self.peft_model, self.peft_model, self.base_model)
 
     def loss_hidden(self, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss's ``(base_hidden, q_hidden)`` of :meth:`stack_hidden`'s states: ``h_eff`` of the

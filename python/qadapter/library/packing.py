@@ -54,6 +54,12 @@ class PackedBatch:
         whole = whole * self.attended.to(flat.device, flat.dtype)[:, None]
         return whole.view(*self.shape, -1)
 
+    def at(self, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, d]``: the packed forward's hidden states ``[R, C, d]`` at the batch's attended
+        ``(rows[i], positions[i])``, without the rest of the batch's layout."""
+        places = self.source.to(hidden.device)[rows * self.shape[1] + positions]
+        return hidden.reshape(-1, hidden.shape[-1])[places]
+
 
 def attended_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each row's first attended column and attended length where each row's tokens are one run
