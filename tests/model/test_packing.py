@@ -198,3 +198,4 @@ def test_measures_through_the_model_run_packed_and_agree(monkeypatch):
         logprobs[flag] = customized_likelihood(model)(ids, mask, None, targets)
     assert len(packed_batches) == 1 and packed_batches[0] is not None
     torch.testing.assert_close(logprobs[True], logprobs[False], rtol=1e-5, atol=1e-5)
+

@@ -175,7 +175,9 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     packed = None
     own_layout = model_kwargs.get("position_ids") is not None or attention_mask is None or attention_mask.dim() != 2
     if padding_free and not own_layout:
-        packed = checked_packing(model, peft_model, base_model)(input_ids, attention_mask)
+        pack = checked_packing(model, peft_model, base_model)
+        # Host-side bookkeeping: under torch.compile run as it is, behind one graph break.
+        packed = (torch.compiler.disable(pack) if torch.compiler.is_compiling() else pack)(input_ids, attention_mask)
         if packed is not None:
             inputs, model_kwargs = packed.inputs, {k: v for k, v in model_kwargs.items() if k != "position_ids"}
     kwargs = dict(inputs, use_cache=False, logits_to_keep=1, **model_kwargs)
