@@ -173,7 +173,7 @@ def _fixed_policy(seed: int, vocab: int, base_seed: int) -> Policy:
 
 
 def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
-    """The combined policy's log-probs take packed rows (4D mask, position ids) through both passes."""
+    """The combined policy's log-probs of packed probe rows (each prompt once) are those of padded rows."""
     from qadapter.evaluation.knowledge import candidates, option_scores
     from qadapter.library.model import QAdapterModel
 
@@ -187,12 +187,12 @@ def test_qadapter_policy_scores_packed_probe_rows_as_single_rows():
                 parameter.copy_(torch.randn(parameter.shape, generator=g))
     model.eval()  # no LoRA dropout
     policy = qadapter_policy(model, tokenizer)
-    assert policy.mask_dtype == torch.float32
     items = candidates(0)[:8]
     one = option_scores(policy.target_logprobs, tokenizer, items)
-    torch.testing.assert_close(torch.tensor(option_scores(policy.target_logprobs, tokenizer, items,
-                                                          mask_dtype=torch.float32)),
+    model.padding_free = False  # each option's row padded, its prompt run once per option
+    torch.testing.assert_close(torch.tensor(option_scores(policy.target_logprobs, tokenizer, items)),
                                torch.tensor(one), rtol=1e-5, atol=1e-5)
+    model.padding_free = True
     base = lora_policy("base", model.peft_model, tokenizer, adapter=False)
     assert not torch.allclose(torch.tensor(option_scores(base.target_logprobs, tokenizer, items)), torch.tensor(one))
 

@@ -17,7 +17,7 @@ from qadapter.evaluation.knowledge import (
     option_scores,
     score_probe,
 )
-from qadapter.evaluation.measures import likelihood, packing_mask_dtype
+from qadapter.evaluation.measures import likelihood
 
 
 def test_candidates_are_well_formed_and_deterministic():
@@ -121,22 +121,26 @@ def test_option_scores_respect_padding():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_packed_rows_score_each_option_as_its_own_row_does(family):
-    """One row per item (the prompt once, the options side by side under a 4D mask, each at its own
-    positions) gives every option the score of its own right-padded row."""
+def test_packed_options_score_as_their_own_rows_do(monkeypatch, family):
+    """A padding-free likelihood runs each item's prompt once (its options' rows share it) and gives
+    every option the score of its own right-padded row."""
+    from qadapter.library import packing
+
     tokenizer = tiny_chat_tokenizer()
     model = tiny_causal_lm(family, vocab=len(tokenizer))
     items = knowledge.candidates(0)[:12]
     assert max(len(tokenizer(o).input_ids) for it in items for o in it["options"]) > 1  # multi-token options
+    packed_batches = []
+    pack_batch = packing.pack_batch
+    monkeypatch.setattr(packing, "pack_batch", lambda *a, **k: packed_batches.append(pack_batch(*a, **k)) or packed_batches[-1])
 
-    logprobs_fn = likelihood(model)
-    mask_dtype = packing_mask_dtype(model, 256)
-    assert mask_dtype == torch.float32
-    one = option_scores(logprobs_fn, tokenizer, items, batch_size=5)
-    packed = option_scores(logprobs_fn, tokenizer, items, batch_size=5, mask_dtype=mask_dtype)
+    one = option_scores(likelihood(model, padding_free=False), tokenizer, items, batch_size=5)
+    assert not packed_batches
+    packed = option_scores(likelihood(model), tokenizer, items, batch_size=5)
+    assert packed_batches and all(b is not None for b in packed_batches)
     torch.testing.assert_close(torch.tensor(packed), torch.tensor(one), rtol=1e-5, atol=1e-5)
-    assert option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype) == \
-        option_logprob_scores(logprobs_fn, tokenizer, items)
+    assert option_logprob_scores(likelihood(model), tokenizer, items) == \
+        option_logprob_scores(likelihood(model, padding_free=False), tokenizer, items)
 
 
 def test_general_prompts_and_passages():
@@ -155,5 +159,5 @@ def test_embedded_model_gets_shipped_questions_right_by_loglik():
 
     logprobs_fn = likelihood(model)
     assert option_logprob_scores(logprobs_fn, tokenizer, items) == [i["answer"] for i in items]
-    packed = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=packing_mask_dtype(model, 256))
-    assert packed == [i["answer"] for i in items]
+    padded = option_logprob_scores(likelihood(model, padding_free=False), tokenizer, items)
+    assert padded == [i["answer"] for i in items]

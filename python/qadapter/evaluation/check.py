@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..library.atomic import read_json, recover
 from ..library.model import QAdapterModel
-from .knowledge import PROBE_LONGEST, general_passages, load_probe, loglik_accuracy
-from .measures import customized_likelihood, evaluate_pairs, likelihood, packing_mask_dtype, perplexity
+from .knowledge import general_passages, load_probe, loglik_accuracy
+from .measures import customized_likelihood, evaluate_pairs, likelihood, perplexity
 
 REPORT_VERSION = 1
 
@@ -83,7 +83,6 @@ def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], pa
     tokenizer = model.tokenizer
     pairs = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True)
     customized, base = _policies(model)
-    mask_dtype = packing_mask_dtype(model.base_model, PROBE_LONGEST)
     result = {
         "preference_accuracy": pairs["accuracy"],
         "step0_preference_accuracy": pairs["step0"]["accuracy"],
@@ -92,8 +91,8 @@ def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], pa
         "kl_to_base": pairs["kl_to_base"],
     }
     if probe:
-        result["probe_accuracy"] = loglik_accuracy(customized, tokenizer, probe, mask_dtype=mask_dtype)
-        result["base_probe_accuracy"] = loglik_accuracy(base, tokenizer, probe, mask_dtype=mask_dtype)
+        result["probe_accuracy"] = loglik_accuracy(customized, tokenizer, probe)
+        result["base_probe_accuracy"] = loglik_accuracy(base, tokenizer, probe)
         result["probe_drop"] = result["base_probe_accuracy"] - result["probe_accuracy"]
     if passages:
         result["perplexity"] = perplexity(customized, tokenizer, passages)

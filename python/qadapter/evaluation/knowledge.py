@@ -33,7 +33,6 @@ DATA_FILE = Path(__file__).with_name("knowledge_data.json")
 GENERAL_TEXT_FILE = Path(__file__).with_name("general_text.txt")
 N_OPTIONS = 4
 ANSWER_TOKENS = 32  # greedy answer length the probe was built with; score with the same
-PROBE_LONGEST = 256  # a bound on a packed probe row's tokens (the shipped probe's are about 45)
 
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
           "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -335,21 +334,18 @@ def greedy_correct(answer_texts: list[str], items: list[dict]) -> list[bool]:
     return [any(_contains(text.lower(), a) for a in item["accepted"]) for text, item in zip(answer_texts, items)]
 
 
-def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16, *,
-                  mask_dtype=None) -> list[list[float]]:
+def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16) -> list[list[float]]:
     """Per item, the summed log-probability of each option's tokens as the assistant's reply.
 
     ``logprobs_fn(input_ids, attention_mask, position_ids, targets)`` returns the log-probs of ``targets``
     (:class:`qadapter.evaluation.measures.Targets`: rows, positions and token ids, one per scored token).
-    Without ``mask_dtype`` it sees right-padded rows, one per option, ``batch_size`` at a time, and
-    ``position_ids`` None. With ``mask_dtype`` (the model's, :func:`evaluate.packing_mask_dtype`) each
-    row holds one item: its prompt, then every option, each attending to the prompt and to itself at
-    the positions it would have alone (an additive 4D mask of that dtype). The prompt then runs once,
-    not once per option: several times fewer tokens on the shipped probe.
+    It sees right-padded rows, one per option (an item's options side by side), ``batch_size`` at a
+    time, and ``position_ids`` None: a padding-free model runs each item's prompt once
+    (:mod:`qadapter.library.packing`), several times fewer tokens on the shipped probe.
     """
     import torch
 
-    from .measures import Targets, chat_prompts, segment_mask
+    from .measures import Targets, chat_prompts
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
@@ -357,86 +353,59 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
                for p in chat_prompts(tokenizer, [it["question"] for it in items])]
     options = [[tokenizer(o, add_special_tokens=False).input_ids for o in it["options"]] for it in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # One row per option (unpacked) or per item (packed): its tokens, and per option of the row the
-    # (item, option) it scores and the row positions that predict its tokens.
-    rows = []
-    for i, (prompt, opts) in enumerate(zip(prompts, options)):
-        if mask_dtype is None:
-            rows += [(prompt + o, [(i, k, list(range(len(prompt) - 1, len(prompt) + len(o) - 1)), o)])
-                     for k, o in enumerate(opts)]
-            continue
-        tokens, scored = list(prompt), []
-        for k, o in enumerate(opts):
-            scored.append((i, k, [len(prompt) - 1] + list(range(len(tokens), len(tokens) + len(o) - 1)), o))
-            tokens += o
-        rows.append((tokens, scored))
+    # One row per option: its tokens, the (item, option) it scores and the positions predicting them.
+    rows = [(prompt + o, i, k, range(len(prompt) - 1, len(prompt) + len(o) - 1), o)
+            for i, (prompt, opts) in enumerate(zip(prompts, options)) for k, o in enumerate(opts)]
     scores = [[0.0] * len(opts) for opts in options]
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            width = max(len(tokens) for tokens, _ in chunk)
+            width = max(len(tokens) for tokens, *_ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (tokens, _) in enumerate(chunk):
+            for r, (tokens, *_) in enumerate(chunk):
                 input_ids[r, : len(tokens)] = torch.tensor(tokens)
                 attention_mask[r, : len(tokens)] = 1
-            position_ids = None
-            if mask_dtype is not None:
-                prefix = torch.tensor([len(prompts[scored[0][0]]) for _, scored in chunk])
-                segment = torch.full((len(chunk), width), -1)  # padding: a segment of its own
-                position_ids = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, (_, scored) in enumerate(chunk):
-                    p = int(prefix[r])
-                    position_ids[r, :p] = torch.arange(p)
-                    offset = p
-                    for k, (_, _, _, o) in enumerate(scored):
-                        segment[r, offset : offset + len(o)] = k
-                        position_ids[r, offset : offset + len(o)] = torch.arange(p, p + len(o))
-                        offset += len(o)
-                attention_mask = segment_mask(prefix, segment, mask_dtype)
-            at = [(r, position, token) for r, (_, scored) in enumerate(chunk)
-                  for _, _, positions, o in scored for position, token in zip(positions, o)]
+            at = [(r, position, token) for r, (_, _, _, positions, o) in enumerate(chunk)
+                  for position, token in zip(positions, o)]
             targets = Targets(*(torch.tensor(column) for column in zip(*at)))
-            logprobs = logprobs_fn(input_ids, attention_mask, position_ids, targets).float().cpu().tolist()
+            logprobs = logprobs_fn(input_ids, attention_mask, None, targets).float().cpu().tolist()
             start = 0
-            for _, scored in chunk:
-                for i, k, positions, _ in scored:
-                    scores[i][k] = sum(logprobs[start : start + len(positions)])
-                    start += len(positions)
+            for _, i, k, positions, _ in chunk:
+                scores[i][k] = sum(logprobs[start : start + len(positions)])
+                start += len(positions)
     return scores
 
 
-def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16, *,
-                          mask_dtype=None) -> list[int]:
+def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16) -> list[int]:
     """Per item, the index of the option with the highest :func:`option_scores` (the first on a tie)."""
     return [max(range(len(s)), key=s.__getitem__)
-            for s in option_scores(logprobs_fn, tokenizer, items, batch_size, mask_dtype=mask_dtype)]
+            for s in option_scores(logprobs_fn, tokenizer, items, batch_size)]
 
 
-def loglik_accuracy(logprobs_fn, tokenizer, items: list[dict], *, mask_dtype=None) -> float:
+def loglik_accuracy(logprobs_fn, tokenizer, items: list[dict]) -> float:
     """Fraction of items whose most likely option is the correct one (:func:`option_logprob_scores`)."""
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype)
+    picked = option_logprob_scores(logprobs_fn, tokenizer, items)
     return sum(p == it["answer"] for p, it in zip(picked, items)) / len(items)
 
 
-def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict], *, mask_dtype=None) -> dict:
+def score_probe(logprobs_fn, answer_fn, tokenizer, items: list[dict]) -> dict:
     """Fraction of items whose most likely option is the correct one (``loglik_accuracy``,
     :func:`option_scores`) and whose greedy answer (``answer_fn(questions) -> texts``) names it
     (``greedy_accuracy``)."""
     if not items:
         raise ValueError("score_probe needs at least one item")
     greedy = greedy_correct(answer_fn([it["question"] for it in items]), items)
-    return {"loglik_accuracy": loglik_accuracy(logprobs_fn, tokenizer, items, mask_dtype=mask_dtype),
+    return {"loglik_accuracy": loglik_accuracy(logprobs_fn, tokenizer, items),
             "greedy_accuracy": sum(greedy) / len(items), "n": len(items)}
 
 
 def build_probe(model, tokenizer, *, seed: int = 0, max_new_tokens: int = ANSWER_TOKENS) -> list[dict]:
     """The candidates the plain base ``model`` gets right under both scorings, in candidate order."""
-    from .measures import answers, likelihood, packing_mask_dtype
+    from .measures import answers, likelihood
 
     items = candidates(seed)
-    picked = option_logprob_scores(likelihood(model), tokenizer, items,
-                                   mask_dtype=packing_mask_dtype(model, PROBE_LONGEST))
+    picked = option_logprob_scores(likelihood(model), tokenizer, items)
     texts = answers(model, tokenizer, [it["question"] for it in items], customized=False,
                     max_new_tokens=max_new_tokens)
     greedy = greedy_correct(texts, items)

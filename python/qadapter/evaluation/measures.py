@@ -41,7 +41,6 @@ from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
 from ..library.stack import level_rows
 
-ATTENTION_WITH_MASKS = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
                   "rewards: the base's own preference, the baseline to beat")
 
@@ -53,29 +52,6 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _can_pack(config, longest: int) -> bool:
-    """Packed rows need a custom attention mask, which must not hide a sliding window."""
-    window = getattr(config, "sliding_window", None)
-    return (getattr(config, "_attn_implementation", None) in ATTENTION_WITH_MASKS
-            and (window is None or longest <= window))
-
-
-def segment_mask(prefix: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D attention mask ``[B, 1, T, T]`` of packed rows: a query sees the keys before it that
-    are in its row's shared prefix (the first ``prefix[b]`` tokens) or in its own ``segment``."""
-    key = torch.arange(segment.shape[1])
-    causal = key[None, :, None] >= key[None, None, :]  # [1, query, key]
-    visible = (key[None, :] < prefix[:, None])[:, None, :] | (segment[:, :, None] == segment[:, None, :])
-    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~(causal & visible), torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def packing_mask_dtype(model, longest: int) -> torch.dtype | None:
-    """The dtype of the additive attention masks ``model`` takes for packed rows (its weights'), or
-    None where it cannot take one (:func:`_can_pack`)."""
-    return model.get_output_embeddings().weight.dtype if _can_pack(model.config, longest) else None
 
 
 def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int):
@@ -270,16 +246,17 @@ def next_token_targets(labels: torch.Tensor) -> Targets:
     return Targets(rows, positions, labels[:, 1:][scored])
 
 
-def likelihood(model) -> Callable:
+def likelihood(model, *, padding_free: bool = True) -> Callable:
     """``fn(input_ids, attention_mask, position_ids, targets: Targets) -> [targets]``: a plain causal
     LM's log-probs of given next tokens (adapters as the caller set them), from its hidden states at
-    the scored positions and its head, soft cap included, with no ``[B, T, V]`` logits."""
+    the scored positions and its head, soft cap included, with no ``[B, T, V]`` logits; a batch
+    without ``position_ids`` runs packed (``padding_free``, :func:`qadapter.library.hidden.final_hidden`)."""
     weight, cap = output_head(model)
 
     @torch.no_grad()
     def target_logprobs(input_ids, attention_mask, position_ids, targets: Targets):
         device = weight.device
-        hidden = final_hidden(model, input_ids.to(device), attention_mask.to(device),
+        hidden = final_hidden(model, input_ids.to(device), attention_mask.to(device), padding_free=padding_free,
                               position_ids=None if position_ids is None else position_ids.to(device))
         targets = targets.to(device)
         return token_logprobs(hidden[targets.rows, targets.positions], weight, targets.ids, logit_softcap=cap)

@@ -34,14 +34,12 @@ import torch
 from qadapter_kernels import LossConfig
 from qadapter_kernels.vocabulary import vocabulary_pass
 
-from ..evaluation.knowledge import PROBE_LONGEST
 from ..evaluation.measures import (
     answers,
     chat_prompts,
     customized_likelihood,
     likelihood,
     next_token_targets,
-    packing_mask_dtype,
     pair_margins,
     perplexity,
 )
@@ -255,8 +253,7 @@ class Policy:
       (float32) of given next tokens (:class:`qadapter.evaluation.measures.Targets`);
     - ``kl_to_base(input_ids, attention_mask) -> [B, T]``: KL(policy || frozen base) per position;
     - ``answer(questions, max_new_tokens)``: greedy answers to chat questions;
-    - ``margins(features)``: preference margins of tokenized pairs under its own reward;
-    - ``mask_dtype``: the dtype of the packed-row attention masks it takes (None: no packing).
+    - ``margins(features)``: preference margins of tokenized pairs under its own reward.
     """
 
     name: str
@@ -264,7 +261,6 @@ class Policy:
     kl_to_base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     answer: Callable[[list[str], int], list[str]]
     margins: Callable[[list[dict]], torch.Tensor]
-    mask_dtype: torch.dtype | None = None
 
 
 def preference(margins: torch.Tensor) -> dict:
@@ -328,7 +324,7 @@ def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: P
         own = _likelihood_margins(target_logprobs, features, tokenizer.pad_token_id)
         return own if reference is None else own - reference.margins(features)
 
-    return Policy(name, target_logprobs, kl_to_base, answer, margins, packing_mask_dtype(peft_model, PROBE_LONGEST))
+    return Policy(name, target_logprobs, kl_to_base, answer, margins)
 
 
 def qadapter_policy(model, tokenizer) -> Policy:
@@ -349,8 +345,7 @@ def qadapter_policy(model, tokenizer) -> Policy:
     def margins(features):
         return pair_margins(model, features, tokenizer.pad_token_id)
 
-    return Policy("qadapter", target_logprobs, kl_to_base, answer, margins,
-                  packing_mask_dtype(model.base_model, PROBE_LONGEST))
+    return Policy("qadapter", target_logprobs, kl_to_base, answer, margins)
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -393,7 +388,7 @@ def measure(policy: Policy, tokenizer, suite: dict) -> dict:
         row["rule_rate"] = sum(map(follows_rule, generated)) / len(generated)
         row["example"] = {"prompt": suite["rule_prompts"][0], "answer": generated[0]}
     probe = score_probe(policy.target_logprobs, lambda questions: policy.answer(questions, ANSWER_TOKENS), tokenizer,
-                        suite["probe"], mask_dtype=policy.mask_dtype)
+                        suite["probe"])
     row["probe_loglik_accuracy"] = probe["loglik_accuracy"]
     row["probe_greedy_accuracy"] = probe["greedy_accuracy"]
     row["general_kl_to_base"] = mean_kl_to_base(policy, tokenizer, suite["general_prompts"],

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .packing import model_packing, packing_error
+from .packing import PackedBatch, model_packing, packing_error
 
 
 class HiddenStates(NamedTuple):
@@ -64,12 +64,14 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, float | None]:
     return full_weight(linear_head(model, cap).weight), cap
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **model_kwargs) -> torch.Tensor:
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 padding_free: bool = True, **model_kwargs) -> torch.Tensor:
     """Final hidden states ``[B, T, d]`` of a causal LM as it stands (adapters on or off as the caller
-    set them): its decoder's output, what the head projects; no logits are formed."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               **model_kwargs).last_hidden_state
+    set them): its decoder's output, what the head projects; no logits are formed. ``padding_free``
+    as :func:`level_hidden` takes it."""
+    inputs, model_kwargs, packed = packed_inputs(model, model, input_ids, attention_mask, padding_free, model_kwargs)
+    hidden = model.get_decoder()(**inputs, use_cache=False, **model_kwargs).last_hidden_state
+    return hidden if packed is None else packed.unpack(hidden)
 
 
 def full_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -171,15 +173,8 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     peft_model = peft_model_of(model)
     base_model = peft_model.get_base_model()
     head = linear_head(base_model, logit_softcap)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
-    packed = None
-    own_layout = model_kwargs.get("position_ids") is not None or attention_mask is None or attention_mask.dim() != 2
-    if padding_free and not own_layout:
-        pack = checked_packing(model, peft_model, base_model)
-        # Host-side bookkeeping: under torch.compile run as it is, behind one graph break.
-        packed = (torch.compiler.disable(pack) if torch.compiler.is_compiling() else pack)(input_ids, attention_mask)
-        if packed is not None:
-            inputs, model_kwargs = packed.inputs, {k: v for k, v in model_kwargs.items() if k != "position_ids"}
+    inputs, model_kwargs, packed = packed_inputs(model, base_model, input_ids, attention_mask, padding_free,
+                                                 model_kwargs)
     kwargs = dict(inputs, use_cache=False, logits_to_keep=1, **model_kwargs)
     with decoder_outputs(base_model) as captured:
         with torch.no_grad():
@@ -198,32 +193,49 @@ _PACKING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cau
 PACKING_TOLERANCE = 0.05  # rounding in bf16 stays well below; seeing another sequence's tokens does not
 
 
-def checked_packing(model: nn.Module, peft_model: nn.Module, base_model: nn.Module):
-    """:func:`~qadapter.library.packing.model_packing` of ``base_model``, once it has been seen to keep
+def packed_inputs(model: nn.Module, causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  padding_free: bool, model_kwargs: dict) -> tuple[dict, dict, PackedBatch | None]:
+    """The inputs and keyword arguments of ``model``'s forwards over a batch (``causal_lm``: the
+    transformers model inside it), and the packing they run in: None where ``padding_free`` is off,
+    where the caller's ``position_ids`` or 4D mask is a layout of its own, or where packing saves nothing."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    own_layout = model_kwargs.get("position_ids") is not None or attention_mask is None or attention_mask.dim() != 2
+    if not padding_free or own_layout:
+        return inputs, model_kwargs, None
+    pack = checked_packing(model, causal_lm)
+    # Host-side bookkeeping: under torch.compile run as it is, behind one graph break.
+    packed = (torch.compiler.disable(pack) if torch.compiler.is_compiling() else pack)(input_ids, attention_mask)
+    if packed is None:
+        return inputs, model_kwargs, None
+    return packed.inputs, {k: v for k, v in model_kwargs.items() if k != "position_ids"}, packed
+
+
+def checked_packing(model: nn.Module, causal_lm: nn.Module):
+    """:func:`~qadapter.library.packing.model_packing` of ``causal_lm``, once it has been seen to keep
     packed sequences apart (:func:`~qadapter.library.packing.packing_error`, through ``model``'s own
-    forward, adapters off, for each attention implementation the model is set to)."""
-    pack = model_packing(base_model)
-    attention = getattr(base_model.config, "_attn_implementation", None)
-    if base_model in _PACKING_CHECKED and _PACKING_CHECKED[base_model] == attention:
+    forward, in eval mode, for each attention implementation the model is set to)."""
+    pack = model_packing(causal_lm)
+    attention = getattr(causal_lm.config, "_attn_implementation", None)
+    if causal_lm in _PACKING_CHECKED and _PACKING_CHECKED[causal_lm] == attention:
         return pack
 
     def hidden_of(inputs: dict) -> torch.Tensor:
-        with decoder_outputs(base_model) as captured, peft_model.disable_adapter():
+        with decoder_outputs(causal_lm) as captured:
             model(**inputs, use_cache=False, logits_to_keep=1)
         return captured[0]
 
-    was_training = peft_model.training
-    peft_model.eval()  # no dropout: the two layouts must see one network
+    was_training = model.training
+    model.eval()  # no dropout: the two layouts must see one network
     try:
         with torch.no_grad():
-            error = packing_error(hidden_of, pack, base_model.get_output_embeddings().weight.device)
+            error = packing_error(hidden_of, pack, causal_lm.get_output_embeddings().weight.device)
     finally:
-        peft_model.train(was_training)
+        model.train(was_training)
     if not error <= PACKING_TOLERANCE:
-        raise ValueError(f"padding_free: {type(base_model).__name__} with attention {attention!r} gives a packed "
+        raise ValueError(f"padding_free: {type(causal_lm).__name__} with attention {attention!r} gives a packed "
                          f"token a hidden state {error:.2g} away from its padded one (its attention does not keep "
                          "packed sequences apart): pass padding_free=False (qadapter train --padding_free false)")
-    _PACKING_CHECKED[base_model] = attention
+    _PACKING_CHECKED[causal_lm] = attention
     return pack
 
 

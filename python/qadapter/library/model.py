@@ -390,7 +390,7 @@ class QAdapterModel(nn.Module):
     def packing(self):
         """How this model's passes pack a padded batch (:func:`~qadapter.library.packing.pack_batch` as
         its base takes it), once the base has been seen to keep packed sequences apart."""
-        return checked_packing(self.peft_model, self.peft_model, self.base_model)
+        return checked_packing(self.peft_model, self.base_model)
 
     def loss_hidden(self, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss's ``(base_hidden, q_hidden)`` of :meth:`stack_hidden`'s states: ``h_eff`` of the
