@@ -132,17 +132,15 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     positions = torch.zeros((len(layout), capacity), dtype=torch.long)
     packed_ids = torch.zeros((len(layout), capacity), dtype=input_ids.dtype)
     for k, members in enumerate(layout):
-        offset = k * capacity
+        start = 0  # the next free place of packed row k
         for r in (r for t in members for r in range(batch) if root[r] == trees[t]):
-            own = int(lengths[r]) - shared[r]
-            place[r] = torch.cat([place[parent[r]][: shared[r]], torch.arange(offset, offset + own)])
-            local = slice(offset - k * capacity, offset - k * capacity + own)
-            segment[k, local] = r
-            positions[k, local] = torch.arange(shared[r], int(lengths[r]))
-            packed_ids[k, local] = rows[r][shared[r] :]
-            offset += own
-        filler = (k + 1) * capacity - offset  # a sequence of its own, attending to itself only
-        positions[k, capacity - filler :] = torch.arange(filler)
+            own = slice(start, start + int(lengths[r]) - shared[r])
+            place[r] = torch.cat([place[parent[r]][: shared[r]], k * capacity + torch.arange(own.start, own.stop)])
+            segment[k, own] = r
+            positions[k, own] = torch.arange(shared[r], int(lengths[r]))
+            packed_ids[k, own] = rows[r][shared[r] :]
+            start = own.stop
+        positions[k, start:] = torch.arange(capacity - start)  # the filler: a sequence of its own
     source = torch.zeros(batch * width, dtype=torch.long)
     attended = torch.zeros(batch * width, dtype=torch.bool)
     for r in range(batch):
