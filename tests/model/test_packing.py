@@ -199,3 +199,18 @@ def test_measures_through_the_model_run_packed_and_agree(monkeypatch):
     assert len(packed_batches) == 1 and packed_batches[0] is not None
     torch.testing.assert_close(logprobs[True], logprobs[False], rtol=1e-5, atol=1e-5)
 
+
+
+def test_the_probe_leaves_every_module_in_its_mode(monkeypatch):
+    """A wrapper in train mode around a model its owner put in eval mode (no dropout): after the
+    packing probe, the model is still in eval mode (restoring the wrapper's mode would train it)."""
+    model = peft_lm("llama", "sdpa")
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    wrapper.forward = lambda **kwargs: model(**kwargs)
+    wrapper.train()
+    model.eval()
+    monkeypatch.setattr(hidden_module, "_PACKING_CHECKED", type(hidden_module._PACKING_CHECKED)())
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(3, seed=8))
+    frozen_and_adapter_hidden(wrapper, batch["input_ids"], batch["attention_mask"])
+    assert wrapper.training and not any(m.training for m in model.modules())

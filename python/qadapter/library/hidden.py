@@ -65,10 +65,11 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, float | None]:
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 padding_free: bool = True, **model_kwargs) -> torch.Tensor:
+                 padding_free: bool = False, **model_kwargs) -> torch.Tensor:
     """Final hidden states ``[B, T, d]`` of a causal LM as it stands (adapters on or off as the caller
     set them): its decoder's output, what the head projects; no logits are formed. ``padding_free``
-    as :func:`level_hidden` takes it."""
+    as :func:`level_hidden` takes it; off by default, as a caller may have set per-row state for the
+    batch's rows (:func:`qadapter.library.policy.adapter_rows`), which packing would not keep."""
     inputs, model_kwargs, packed = packed_inputs(model, model, input_ids, attention_mask, padding_free, model_kwargs)
     hidden = model.get_decoder()(**inputs, use_cache=False, **model_kwargs).last_hidden_state
     return hidden if packed is None else packed.unpack(hidden)
@@ -224,19 +225,27 @@ def checked_packing(model: nn.Module, causal_lm: nn.Module):
             model(**inputs, use_cache=False, logits_to_keep=1)
         return captured[0]
 
-    was_training = model.training
-    model.eval()  # no dropout: the two layouts must see one network
-    try:
-        with torch.no_grad():
-            error = packing_error(hidden_of, pack, causal_lm.get_output_embeddings().weight.device)
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.no_grad():  # no dropout: the two layouts must see one network
+        error = packing_error(hidden_of, pack, causal_lm.get_output_embeddings().weight.device)
     if not error <= PACKING_TOLERANCE:
         raise ValueError(f"padding_free: {type(causal_lm).__name__} with attention {attention!r} gives a packed "
                          f"token a hidden state {error:.2g} away from its padded one (its attention does not keep "
                          "packed sequences apart): pass padding_free=False (qadapter train --padding_free false)")
     _PACKING_CHECKED[causal_lm] = attention
     return pack
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module):
+    """``module`` in eval mode (no dropout) inside; after, each of its modules back in the mode it
+    was in (a wrapper's own mode need not be its modules': one left in eval stays so)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from .defaults import DEFAULT_MODEL, load_base, names_missing_folder
 from .hidden import (
     activate_adapters,
     checked_packing,
+    evaluation_mode,
     full_weight,
     head_softcap,
     level_hidden,
@@ -471,17 +472,6 @@ def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Ca
     if record.combine is None or (dtype == torch.float64 and not record.float64):
         return combine_logits
     return record.combine
-
-
-@contextmanager
-def evaluation_mode(module: nn.Module):
-    """``module`` in eval mode (no dropout) inside, back to its previous mode after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 
