@@ -370,10 +370,10 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
                   for position, token in zip(positions, o)]
             targets = Targets(*(torch.tensor(column) for column in zip(*at)))
             logprobs = logprobs_fn(input_ids, attention_mask, None, targets).float().cpu().tolist()
-            start = 0
+            offset = 0  # the chunk's targets, option by option
             for _, i, k, positions, _ in chunk:
-                scores[i][k] = sum(logprobs[start : start + len(positions)])
-                start += len(positions)
+                scores[i][k] = sum(logprobs[offset : offset + len(positions)])
+                offset += len(positions)
     return scores
 
 

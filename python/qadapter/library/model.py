@@ -474,7 +474,6 @@ def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Ca
     return record.combine
 
 
-
 def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None = None, *, torch_dtype=None,
                     device=None, quantization: Any = "saved") -> tuple[nn.Module, Any]:
     """The base model a saved adapter goes onto, and its tokenizer (None for a model object): by
