@@ -164,7 +164,7 @@ run_steps() {
     wants consumer && step "consumer step (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run --out "$OUT/consumer.json"
     wants memcheck && skip "compute-sanitizer" "no GPU (dry run)"
     wants grad-filter && step "grad filter (tiny shape)" 120 "$PY" -m bench.grad_filter --backend chunked-triton \
-      --shape tiny --tokens 64 --rounds 1 --out "$OUT/grad-filter.json"
+      --shape tiny --tokens 16 --rounds 1 --out "$OUT/grad-filter.json"
     wants wheel && step "wheel" 300 wheel_check
     if [ -d "$CARRY/site" ]; then
       wants carry && step "bitsandbytes (carried)" 120 "$PY" -m bench.carry --check "$CARRY"
