@@ -1,6 +1,6 @@
 """A training step on preference batches padded, and packed without padding with each shared prefix
 once (``QAdapterModel(padding_free=True)``, :mod:`qadapter.library.packing`), in one run: tokens
-through the model, step time, peak extra memory, and how far the loss and the LoRA gradient move.
+through the model, attention's score work, step time, peak extra memory, and how far the loss and the LoRA gradient move.
 
 The step is the trainer's: the Q-Adapter loss of a batch (frozen and adapter passes, the fused loss)
 and its backward. Batches are the HH-RLHF harmless pairs in ``../shared/data`` (multi-turn prompts,
@@ -78,12 +78,19 @@ def measure_batch(model, batch: dict, rounds: int) -> dict:
         "sequences": int(batch["input_ids"].shape[0]), "padded_tokens": int(batch["input_ids"].numel()),
         "attended_tokens": int(batch["attention_mask"].sum()),
         "packed_tokens": int(batch["input_ids"].numel()) if packed is None else packed.tokens,
+        # Attention's score work (rows x width^2): what a dense mask costs, hidden or not.
+        "attention_over_padded": 1.0 if packed is None else _attention_work(packed.inputs["input_ids"])
+        / _attention_work(batch["input_ids"]),
         "seconds": seconds, "all_seconds": times, "peak_mib": {k: v / 2**20 for k, v in peaks.items()},
         "time_over_padded": seconds["padding_free"] / seconds["padded"],
         "memory_over_padded": peaks["padding_free"] / peaks["padded"],
         "loss_difference": float((loss - packed_loss).abs()),
         "gradient_relative_difference": float((grad - packed_grad).norm() / grad.norm()),
     }
+
+
+def _attention_work(ids: torch.Tensor) -> int:
+    return ids.shape[0] * ids.shape[1] ** 2
 
 
 def measure(pairs: int = 4, max_length: int = 512, batches: int = 3, rounds: int = 3) -> dict:
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.pairs, args.max_length, args.batches, args.rounds)
     for row in result["rows"]:
         print(f"{row['padded_tokens']:>6} padded, {row['attended_tokens']:>6} attended, {row['packed_tokens']:>6} packed "
-              f"tokens: {row['seconds']['padded']:6.2f} s vs {row['seconds']['padding_free']:6.2f} s "
+              f"tokens, attention {row['attention_over_padded']:.2f}x: {row['seconds']['padded']:6.2f} s vs {row['seconds']['padding_free']:6.2f} s "
               f"({row['time_over_padded']:.2f}x), memory {row['memory_over_padded']:.2f}x, "
               f"loss |diff| {row['loss_difference']:.1e}, gradient {row['gradient_relative_difference']:.1e}")
     print(f"all batches: {result['time_over_padded']:.2f}x the padded step's time ({result['source']})")

@@ -315,14 +315,16 @@ def plain_greedy(model, ids, mask, steps):
     return ids
 
 
-def shared_prompt_pairs(pairs: int, seed: int, vocab: int = 97, longest_prompt: int = 9) -> list[dict]:
-    """Tokenized pairs sharing a prompt (and at times their responses' first tokens), of random lengths."""
+def shared_prompt_pairs(pairs: int, seed: int, vocab: int = 97, longest_prompt: int = 9,
+                        system: tuple[int, ...] = ()) -> list[dict]:
+    """Tokenized pairs sharing a prompt (and at times their responses' first tokens), of random
+    lengths; every prompt starts with ``system`` (a chat template's system prompt)."""
     import random
 
     rng = random.Random(seed)
     features = []
     for _ in range(pairs):
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, longest_prompt))]
+        prompt = [*system, *(rng.randrange(3, vocab) for _ in range(rng.randint(1, longest_prompt)))]
         chosen = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 8))]
         rejected = chosen[: rng.randint(0, 2)] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 8))]
         features.append({"chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * len(prompt) + chosen,

@@ -35,6 +35,8 @@ def test_dense_plan_by_hand():
     assert parts["activations"] == 32 * 2 * 768 * 2 + 2 * 32 * 64 * 2
     # 32 rows of 1000 * (2 + 2 + 4) bytes, and the float32 E_p[Wq] rows
     assert parts["fused loss buffers"] == 32 * 8000 + 4 * 32 * 64
+    # sdpa's boolean mask at its largest: one pair's tree mask, a row of 2 * 16 tokens, squared
+    assert parts["attention mask"] == 1 * (2 * 16) ** 2
     assert parts["dequantized layer (transient)"] == 0 and parts["CUDA context"] == 512 * MIB
     assert plan(SMALL, OPTIONS).peak == sum(parts.values())
 

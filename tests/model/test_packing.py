@@ -54,6 +54,12 @@ def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
     assert (packed.inputs["attention_mask"] is not None) == (attention != "flash_attention_2" and window is None)
     if attention == "flash_attention_2":
         assert packed.inputs["input_ids"].shape[0] == 1 and packed.tokens == int(mask.sum())
+    assert_sees_as_padded(packed, ids, mask)
+
+
+def assert_sees_as_padded(packed: packing.PackedBatch, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Every token of the batch, at its packed place, is itself and sees exactly its own sequence's
+    tokens up to it, at their positions."""
     seen = seen_packed(packed)
     for r in range(ids.shape[0]):
         tokens = ids[r][mask[r] == 1].tolist()
@@ -62,6 +68,28 @@ def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
             place = int(packed.source[r * ids.shape[1] + first + t])
             assert seen[place] == {(k, tokens[k]) for k in range(t + 1)}, (r, t)
             assert packed.inputs["input_ids"].view(-1)[place] == tokens[t]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed):
+    pairs = 8
+    features = shared_prompt_pairs(pairs, seed, longest_prompt=12, system=(1, 2, 1))
+    batch = PreferenceCollator(pad_token_id=0)(features)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    packed = packing.pack_batch(ids, mask, attention="sdpa")
+    assert_sees_as_padded(packed, ids, mask)
+    # The system prompt alone would join all 16 rows; a tree holds at most two of the longest rows, so
+    # each packed row's attention costs at most twice a padded row's per token, the batch's at most
+    # twice the padded batch's (and here less).
+    rows, width = packed.inputs["input_ids"].shape
+    longest = int(mask.sum(1).max())
+    assert rows > 1 and width <= 2 * longest
+    assert rows * width**2 <= 2 * ids.shape[0] * longest**2
+    # Each rejected row (the layout's second half) still takes its prompt from its chosen row.
+    source = packed.source.view(ids.shape)
+    for i, pair in enumerate(features):
+        prompt = sum(label == -100 for label in pair["chosen_labels"])
+        torch.testing.assert_close(source[pairs + i, :prompt], source[i, :prompt], rtol=0, atol=0)
 
 
 def test_hidden_states_go_back_to_the_batch_layout():

@@ -39,19 +39,11 @@ from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 from ..library.data import IGNORE_INDEX, PreferenceCollator
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
+from ..library.packing import common_prefix
 from ..library.stack import level_rows
 
 STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
                   "rewards: the base's own preference, the baseline to beat")
-
-
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int):
@@ -106,7 +98,7 @@ def _length_batches(features: list[dict], tokens_per_batch: int, pack: bool) -> 
     tokens with padding (at least one pair each)."""
     def width(f):
         c, r = f["chosen_input_ids"], f["rejected_input_ids"]
-        return len(c) + len(r) - _shared_prefix(c, r) if pack else max(len(c), len(r))
+        return len(c) + len(r) - common_prefix(c, r) if pack else max(len(c), len(r))
 
     widths = [width(f) for f in features]
     rows_per_pair = 2 if pack else 4  # frozen and adapter rows

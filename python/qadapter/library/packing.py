@@ -12,8 +12,12 @@ Two layouts, by what the model's attention takes:
 - **Shared prefixes** (attention that takes a 4D mask: ``sdpa``, ``eager``). A row whose first tokens
   are another row's (the rejected sequence after its chosen one: the prompt) keeps only its own tail;
   its tail attends to the other row's tokens before the point where they part, at the positions it
-  would have alone. The trees so formed are laid into rows no longer than the largest tree, so a
-  packed row's attention never costs more than the longest padded row's would.
+  would have alone. Longest shared prefixes join first, and a tree never grows past two of the
+  batch's longest rows (a pair's worth), so that a prefix every row shares (a chat template's system
+  prompt) does not join the whole batch into one row. The trees are laid into rows as long as the
+  largest tree: a token's attention costs at most twice what it does padded, the packed batch's at
+  most twice the padded batch's (a dense mask costs what it hides), and in practice less, having
+  fewer tokens.
 - **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
   mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
   apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are as long as the
@@ -26,7 +30,7 @@ same network on the same tokens at the same positions, seeing the same tokens), 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,15 +76,35 @@ def attended_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (first, lengths) if torch.equal(mask, runs) else None
 
 
-def _shared_prefixes(ids: list[torch.Tensor]) -> tuple[list[int], list[int]]:
-    """Per row, the earlier row sharing its longest prefix (itself if none) and that prefix's length."""
-    parent, shared = list(range(len(ids))), [0] * len(ids)
-    for r, row in enumerate(ids):
-        for s in range(r):
-            n = min(len(row), len(ids[s]))
-            same = int((row[:n] == ids[s][:n]).int().cumprod(0).sum()) if n else 0
-            if same > shared[r]:
-                parent[r], shared[r] = s, same
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the prefix two token sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _shared_prefixes(ids: list[list[int]], capacity: int) -> tuple[list[int], list[int]]:
+    """Per row, the earlier row whose prefix it shares (itself if none) and that prefix's length: the
+    longest shared prefixes first, each joining two trees only while the joined tree holds at most
+    ``capacity`` tokens (so a prefix every row shares, a chat template's system prompt, cannot make
+    the whole batch one long row, nor take a rejected row from its chosen one)."""
+    rows = len(ids)
+    parent, shared = list(range(rows)), [0] * rows
+    root, size = list(range(rows)), [len(row) for row in ids]  # size: a root's tree's tokens
+    links = sorted(((common_prefix(ids[r], ids[s]), r, s) for r in range(rows) for s in range(r)), reverse=True)
+    for same, r, s in links:
+        if same == 0:
+            break
+        # A row takes one parent, earlier than itself (so the trees stay trees, laid out in row order).
+        if parent[r] != r or size[root[s]] + size[root[r]] - same > capacity:
+            continue
+        old, new = root[r], root[s]
+        parent[r], shared[r] = s, same
+        size[new] += size[old] - same
+        root = [new if t == old else t for t in root]
     return parent, shared
 
 
@@ -115,7 +139,10 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     rows = [host_ids[r, int(first[r]) : int(first[r] + lengths[r])] for r in range(batch)]
     longest = int(lengths.max())
     share = attention in MASKED_ATTENTION and (sliding_window is None or longest <= sliding_window)
-    parent, shared = _shared_prefixes(rows) if share else (list(range(batch)), [0] * batch)
+    # A tree holds at most a pair's two longest rows: each packed row's attention then costs at most
+    # twice a padded row's per token, so the batch's at most twice the padded batch's.
+    parent, shared = (_shared_prefixes([row.tolist() for row in rows], 2 * longest) if share
+                      else (list(range(batch)), [0] * batch))
     root = list(range(batch))
     for r in range(batch):
         root[r] = root[parent[r]]
