@@ -1,6 +1,7 @@
 """A training step on preference batches padded, and packed without padding with each shared prefix
 once (``QAdapterModel(padding_free=True)``, :mod:`qadapter.library.packing`), in one run: tokens
-through the model, attention's score work, step time, peak extra memory, and how far the loss and the LoRA gradient move.
+through the model, attention's score work, step time, peak extra memory, and how far the loss and
+the LoRA gradient move; and the packed layout alone over more batch shapes (:func:`layouts`).
 
 The step is the trainer's: the Q-Adapter loss of a batch (frozen and adapter passes, the fused loss)
 and its backward. Batches are the HH-RLHF harmless pairs in ``../shared/data`` (multi-turn prompts,
@@ -93,9 +94,34 @@ def _attention_work(ids: torch.Tensor) -> int:
     return ids.shape[0] * ids.shape[1] ** 2
 
 
+def layouts(tokenizer, pack, pairs_options=(4, 8, 16), lengths=(512, 1024), batches: int = 10) -> list[dict]:
+    """The packed layout alone (no model runs) over more batch shapes than are timed: packed tokens,
+    rows and attention's score work against the padded batch's, each the mean over ``batches``."""
+    from qadapter.library.data import PreferenceCollator
+
+    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    out = []
+    for max_length in lengths:
+        features, _ = preference_features(tokenizer, max_length)
+        random.Random(0).shuffle(features)
+        for pairs in pairs_options:
+            shares = []
+            for k in range(min(batches, len(features) // pairs)):
+                batch = collate(features[k * pairs : (k + 1) * pairs])
+                packed = pack(batch["input_ids"], batch["attention_mask"])
+                ids = batch["input_ids"] if packed is None else packed.inputs["input_ids"]
+                shares.append((ids.numel() / batch["input_ids"].numel(), ids.shape[0],
+                               _attention_work(ids) / _attention_work(batch["input_ids"])))
+            tokens, rows, attention = (statistics.mean(column) for column in zip(*shares))
+            out.append({"max_length": max_length, "pairs": pairs, "batches": len(shares),
+                        "packed_tokens_over_padded": tokens, "packed_rows": rows, "attention_over_padded": attention})
+    return out
+
+
 def measure(pairs: int = 4, max_length: int = 512, batches: int = 3, rounds: int = 3) -> dict:
     from qadapter.library.data import PreferenceCollator
     from qadapter.library.model import QAdapterModel
+    from qadapter.library.packing import model_packing
 
     model = QAdapterModel.from_base(lora_dropout=0.0)
     trained_looking(model)
@@ -103,10 +129,11 @@ def measure(pairs: int = 4, max_length: int = 512, batches: int = 3, rounds: int
     random.Random(0).shuffle(features)
     collate = PreferenceCollator(pad_token_id=model.tokenizer.pad_token_id)
     rows = [measure_batch(model, collate(features[k * pairs : (k + 1) * pairs]), rounds) for k in range(batches)]
+    layout = layouts(model.tokenizer, model_packing(model.base_model))
     return {
         "device": "cpu", "threads": torch.get_num_threads(), **versions("cpu", ("transformers", "peft")),
         "source": source, "pairs": pairs, "max_length": max_length, "rounds": rounds,
-        "attention": model.base_model.config._attn_implementation, "rows": rows,
+        "attention": model.base_model.config._attn_implementation, "rows": rows, "layouts": layout,
         "time_over_padded": sum(r["seconds"]["padding_free"] for r in rows) / sum(r["seconds"]["padded"] for r in rows),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -125,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens, attention {row['attention_over_padded']:.2f}x: {row['seconds']['padded']:6.2f} s vs {row['seconds']['padding_free']:6.2f} s "
               f"({row['time_over_padded']:.2f}x), memory {row['memory_over_padded']:.2f}x, "
               f"loss |diff| {row['loss_difference']:.1e}, gradient {row['gradient_relative_difference']:.1e}")
+    for row in result["layouts"]:
+        print(f"layout of {row['pairs']:>2} pairs at {row['max_length']:>4}: {row['packed_tokens_over_padded']:.2f}x the "
+              f"padded tokens in {row['packed_rows']:.1f} rows, attention {row['attention_over_padded']:.2f}x")
     print(f"all batches: {result['time_over_padded']:.2f}x the padded step's time ({result['source']})")
     write_result(result, args.out, f"padding-free-cpu-{datetime.date.today().isoformat()}")
     return 0
