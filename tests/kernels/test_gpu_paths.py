@@ -95,12 +95,14 @@ def test_model_training_forward_on_gpu_matches_cpu():
 @pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("gemma2", "eager")])
 def test_padding_free_step_on_gpu_matches_the_padded_one(family, attention, dtype):
     """Packed rows (sdpa's boolean tree mask, eager's additive one) through CUDA's attention kernels:
-    the loss and LoRA gradient of the padded step, within the dtype's rounding."""
+    the loss and LoRA gradient of the padded step, within the dtype's rounding. Every prompt starts
+    alike (a system prompt), so the batch packs into several capped trees."""
     from qadapter import PreferenceCollator
 
     model = make_model(family, lora_dropout=0.0).to("cuda", dtype)
     model.base_model.config._attn_implementation = attention
-    batch = {k: v.cuda() for k, v in PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(6, seed=7)).items()}
+    batch = {k: v.cuda() for k, v in PreferenceCollator(pad_token_id=0)(
+        shared_prompt_pairs(6, seed=7, system=(1, 2, 1))).items()}
     results = []
     for flag in (False, True):
         model.padding_free = flag
