@@ -190,6 +190,18 @@ def test_batching_changes_no_number():
     assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"])
 
 
+def test_forward_batches_hold_their_token_budget_once_per_network():
+    """Pairs of two 10-token sequences sharing 6: padded, a pair is 2 rows of 10 per network; packed,
+    one row of 14. A stack runs more networks, so fewer pairs share a forward."""
+    from qadapter.evaluation.measures import _length_batches
+
+    features = [{"chosen_input_ids": [k] * 6 + [1] * 4, "rejected_input_ids": [k] * 6 + [2] * 4} for k in range(4)]
+    sizes = {(pack, networks): [len(b) for b in _length_batches(features, 80, pack, networks)]
+             for pack in (False, True) for networks in (2, 4)}
+    assert sizes == {(False, 2): [2, 2], (False, 4): [1, 1, 1, 1], (True, 2): [2, 2], (True, 4): [1, 1, 1, 1]}
+    assert [len(b) for b in _length_batches(features, 84, True, 2)] == [3, 1]
+
+
 def test_progress_shows_pairs_and_rate_on_a_terminal_only(monkeypatch, capsys):
     import io
     import sys

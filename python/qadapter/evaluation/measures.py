@@ -93,15 +93,16 @@ def _level_measures(model: QAdapterModel, levels: list[torch.Tensor], targets: t
     return out
 
 
-def _length_batches(features: list[dict], tokens_per_batch: int, pack: bool) -> list[list[int]]:
-    """Pair indices, longest first, in batches whose doubled rows hold about ``tokens_per_batch``
-    tokens with padding (at least one pair each)."""
+def _length_batches(features: list[dict], tokens_per_batch: int, pack: bool, networks: int) -> list[list[int]]:
+    """Pair indices, longest first, in batches whose rows, once per network (the frozen model and
+    each level's Q network), hold about ``tokens_per_batch`` tokens with padding (at least one pair
+    each); packed, a pair's two sequences take one row, their prompt once."""
     def width(f):
         c, r = f["chosen_input_ids"], f["rejected_input_ids"]
         return len(c) + len(r) - common_prefix(c, r) if pack else max(len(c), len(r))
 
     widths = [width(f) for f in features]
-    rows_per_pair = 2 if pack else 4  # frozen and adapter rows
+    rows_per_pair = networks * (1 if pack else 2)
     batches, current = [], []
     for index in sorted(range(len(features)), key=lambda i: -widths[i]):
         if current and (len(current) + 1) * rows_per_pair * widths[current[0]] > tokens_per_batch:
@@ -173,7 +174,7 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     learned, initial = [None] * len(features), [None] * len(features)
     kl_total, kl_count = 0.0, 0
     with evaluation_mode(model), _progress(len(features), progress) as bar:
-        for indices in _length_batches(features, tokens_per_batch, pack):
+        for indices in _length_batches(features, tokens_per_batch, pack, 1 + len(model.q_networks)):
             batch = [features[i] for i in indices]
             levels, targets, tokens = _forward_batch(model, batch, pad_token_id)
             measures = _level_measures(model, levels, targets, step0=step0, kl=kl, chunk_size=chunk_size)
