@@ -37,7 +37,6 @@ import torch
 
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 VARLEN_ATTENTION = ("flash", "flex")  # name parts of those that skip what the mask hides
-NOT_A_PATH = -1  # a limit no position is below: the segment is not on the query's path
 
 
 @dataclass(frozen=True)
@@ -155,47 +154,54 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
         return None
     # Each row's tokens take the packed places of its parent's before the parting point, then its own.
     place = [torch.empty(0, dtype=torch.long)] * batch
-    segment = torch.full((len(layout), capacity), batch)  # the row whose tail a place holds; batch: filler
+    spans: list[list[tuple[int, int, int]]] = []  # per packed row, (row, first place, end) of each tail
     positions = torch.zeros((len(layout), capacity), dtype=torch.long)
     packed_ids = torch.zeros((len(layout), capacity), dtype=input_ids.dtype)
     for k, members in enumerate(layout):
         start = 0  # the next free place of packed row k
+        spans.append([])
         for r in (r for t in members for r in range(batch) if root[r] == trees[t]):
             own = slice(start, start + int(lengths[r]) - shared[r])
             place[r] = torch.cat([place[parent[r]][: shared[r]], k * capacity + torch.arange(own.start, own.stop)])
-            segment[k, own] = r
+            spans[-1].append((r, own.start, own.stop))
             positions[k, own] = torch.arange(shared[r], int(lengths[r]))
             packed_ids[k, own] = rows[r][shared[r] :]
             start = own.stop
         positions[k, start:] = torch.arange(capacity - start)  # the filler: a sequence of its own
+        spans[-1].append((batch, start, capacity))
     source = torch.zeros(batch * width, dtype=torch.long)
     attended = torch.zeros(batch * width, dtype=torch.bool)
     for r in range(batch):
         at = r * width + int(first[r]) + torch.arange(int(lengths[r]))
         source[at], attended[at] = place[r], True
     device = input_ids.device
-    mask = _tree_mask(segment.to(device), positions.to(device), parent, shared) if share else None
+    mask = _tree_mask(spans, capacity, parent, shared).to(device) if share else None
     if mask is not None and attention != "sdpa":  # eager adds its mask to the scores
         mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(~mask, torch.finfo(mask_dtype).min)
     inputs = dict(input_ids=packed_ids.to(device), position_ids=positions.to(device), attention_mask=mask)
     return PackedBatch(inputs, source, attended, (batch, width), len(layout) * capacity)
 
 
-def _tree_mask(segment: torch.Tensor, positions: torch.Tensor, parent: list[int], shared: list[int]) -> torch.Tensor:
-    """``[R, 1, C, C]``, True where a query sees a key: the keys of its own segment before it and
-    those of each segment on its path to the root below the position where its path leaves that segment."""
+def _tree_mask(spans: list[list[tuple[int, int, int]]], capacity: int, parent: list[int],
+               shared: list[int]) -> torch.Tensor:
+    """``[R, 1, C, C]``, True where a query sees a key: the keys of its own tail before it and, of each
+    tail on its path to the root, those below the position where its path leaves that tail. Built
+    block by block (a tail's places are one run): a causal block on the diagonal, a run of columns per
+    ancestor."""
+    mask = torch.zeros(len(spans), 1, capacity, capacity, dtype=torch.bool)
+    causal = torch.ones(capacity, capacity, dtype=torch.bool).tril_()
     batch = len(parent)
-    limit = torch.full((batch + 1, batch + 1), NOT_A_PATH)  # [query segment, key segment]
-    for r in range(batch + 1):
-        limit[r, r] = torch.iinfo(limit.dtype).max
-        below, node = torch.iinfo(limit.dtype).max, r
-        while node < batch and parent[node] != node:
-            below = min(below, shared[node])
-            node = parent[node]
-            limit[r, node] = below
-    limit = limit.to(segment.device)
-    query, key = positions[:, :, None], positions[:, None, :]
-    return ((key <= query) & (key < limit[segment[:, :, None], segment[:, None, :]]))[:, None]
+    for k, row in enumerate(spans):
+        places = {r: (start, stop) for r, start, stop in row}
+        for r, start, stop in row:
+            mask[k, 0, start:stop, start:stop] = causal[: stop - start, : stop - start]
+            below, node = capacity, r  # no position reaches it
+            while node < batch and parent[node] != node:
+                below = min(below, shared[node])
+                node = parent[node]
+                first, end = places[node]  # the ancestor's tail: positions shared[node] onwards
+                mask[k, 0, start:stop, first : first + max(0, min(below - shared[node], end - first))] = True
+    return mask
 
 
 def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], PackedBatch | None]:
