@@ -185,8 +185,8 @@ def test_an_attention_that_mixes_packed_sequences_is_refused(monkeypatch, broken
     if broken == "4d mask ignored":  # a causal mask over the whole packed row: a tail sees another's
         model = peft_lm("llama", "sdpa")
 
-        def causal_only(spans, capacity, parent, shared):
-            return torch.ones(len(spans), 1, capacity, capacity, dtype=torch.bool).tril()
+        def causal_only(spans, capacity, parent, shared, device):
+            return torch.ones(len(spans), 1, capacity, capacity, dtype=torch.bool, device=device).tril()
 
         monkeypatch.setattr(packing, "_tree_mask", causal_only)
     else:  # no 4D mask (a sliding window cuts the sequences) and position_ids not read as sequences

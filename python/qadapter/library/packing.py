@@ -175,21 +175,21 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
         at = r * width + int(first[r]) + torch.arange(int(lengths[r]))
         source[at], attended[at] = place[r], True
     device = input_ids.device
-    mask = _tree_mask(spans, capacity, parent, shared).to(device) if share else None
+    mask = _tree_mask(spans, capacity, parent, shared, device) if share else None
     if mask is not None and attention != "sdpa":  # eager adds its mask to the scores
         mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(~mask, torch.finfo(mask_dtype).min)
     inputs = dict(input_ids=packed_ids.to(device), position_ids=positions.to(device), attention_mask=mask)
     return PackedBatch(inputs, source, attended, (batch, width), len(layout) * capacity)
 
 
-def _tree_mask(spans: list[list[tuple[int, int, int]]], capacity: int, parent: list[int],
-               shared: list[int]) -> torch.Tensor:
+def _tree_mask(spans: list[list[tuple[int, int, int]]], capacity: int, parent: list[int], shared: list[int],
+               device: torch.device) -> torch.Tensor:
     """``[R, 1, C, C]``, True where a query sees a key: the keys of its own tail before it and, of each
     tail on its path to the root, those below the position where its path leaves that tail. Built
     block by block (a tail's places are one run): a causal block on the diagonal, a run of columns per
-    ancestor."""
-    mask = torch.zeros(len(spans), 1, capacity, capacity, dtype=torch.bool)
-    causal = torch.ones(capacity, capacity, dtype=torch.bool).tril_()
+    ancestor; on ``device``, which then copies no ``C x C`` mask in."""
+    mask = torch.zeros(len(spans), 1, capacity, capacity, dtype=torch.bool, device=device)
+    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril_()
     batch = len(parent)
     for k, row in enumerate(spans):
         places = {r: (start, stop) for r, start, stop in row}
