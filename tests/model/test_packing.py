@@ -70,6 +70,19 @@ def assert_sees_as_padded(packed: packing.PackedBatch, ids: torch.Tensor, mask: 
             assert packed.inputs["input_ids"].view(-1)[place] == tokens[t]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_row_repeated_whole_runs_once(attention):
+    features = shared_prompt_pairs(3, seed=4)
+    features += [dict(features[0]), dict(features[1])]  # the same pairs again (a prompt's several pairs)
+    batch = PreferenceCollator(pad_token_id=0)(features)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    packed = packing.pack_batch(ids, mask, attention=attention)
+    assert_sees_as_padded(packed, ids, mask)
+    source = packed.source.view(ids.shape)
+    for copy, original in ((3, 0), (4, 1), (8, 5), (9, 6)):  # [chosen x 5, rejected x 5]
+        torch.testing.assert_close(source[copy], source[original], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed):
     pairs = 8
