@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..library.packing import common_prefix
+
 
 @dataclass
 class Entry:
@@ -65,7 +67,7 @@ class PrefixCache:
         for owner, tokens in self._entries:
             if owner != policy:
                 continue
-            shared = _common_prefix(tokens, prompt[:-1])
+            shared = common_prefix(tokens, prompt[:-1])
             if shared > best:
                 best, found = shared, (owner, tokens)
         if found is None:
@@ -81,10 +83,3 @@ class PrefixCache:
     def _drop(self, key: tuple) -> None:
         self.held -= self._entries.pop(key).cost
 
-
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
