@@ -135,7 +135,7 @@ def test_unload_and_load_keep_the_other_rows_policies(saved, solo):
     torch.testing.assert_close(got[1:], before[1:], rtol=1e-5, atol=1e-6)
     # The same files under a second name share the bank's LoRA, which stays while either is loaded.
     adapter_set.load("kind.v1", paths["kind"])
-    assert len(adapter_set.blocks) == 3
+    assert len(adapter_set.loras) == 3
     adapter_set.unload("kind")
     torch.testing.assert_close(set_logprobs(adapter_set, ids, mask, ["terse", "kind.v1", None]), before,
                                rtol=1e-5, atol=1e-6)

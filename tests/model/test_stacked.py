@@ -344,7 +344,7 @@ def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
     paths = {"one": tmp_path / "level1", "two": tmp_path / "level2", "three.v3": tmp_path / "level3"}
     adapter_set = AdapterSet.from_pretrained(paths, tiny_causal_lm())
     assert [adapter_set.depth(n) for n in (None, "one", "two", "three.v3")] == [0, 1, 2, 3]
-    assert len(adapter_set.blocks) == 3  # the three LoRAs, each once: a stack shares its served parents
+    assert len(adapter_set.loras) == 3  # the three LoRAs, each once: a stack shares its served parents
     solo = {name: QAdapterModel.from_pretrained(path, tiny_causal_lm()).eval() for name, path in paths.items()}
     ids, mask = left_padded_prompts(lengths=(7, 4, 9, 5, 6))
     names = ["three.v3", None, "two", "one", "two"]
@@ -370,7 +370,7 @@ def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
                                     do_sample=False)
         assert out[row, ids.shape[1]:].tolist() == alone[0, real.sum():].tolist(), f"row {row} ({name})"
     adapter_set.unload("three.v3")  # level 3 goes; levels 1 and 2 stay, "two" runs them
-    assert adapter_set.names == ["one", "two"] and len(adapter_set.blocks) == 2
+    assert adapter_set.names == ["one", "two"] and len(adapter_set.loras) == 2
     after = adapter_set.read_prompts(ids, mask, ["one", None, "two", "one", "two"], DynamicCache(), top=[None] * 5)[0]
     torch.testing.assert_close(after[1:], logprobs[1:], rtol=1e-5, atol=1e-5)
 

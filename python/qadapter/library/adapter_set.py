@@ -279,7 +279,7 @@ class AdapterSet:
         self.adapters: list[_Served] = []
         self._members: dict[str, str] = {}  # the bank's LoRAs: sha256 of their files -> PEFT adapter name
         self._loads = 0  # LoRAs loaded so far: numbers their PEFT adapter names
-        self.blocks: dict[str, int] = {}  # the bank's members (its LoRAs) and each one's rank
+        self.loras: list[str] = []  # the bank's LoRAs (PEFT adapter names), in column order
         self.layouts: set[tuple] = set()  # each LoRA layer bank's (member, rank) pairs, in column order
         self.projections: list[_BankProjection] = []  # every layer bank's two, by slot
         self.dtype = torch.float32
@@ -412,14 +412,13 @@ class AdapterSet:
             for member in served.members:
                 served_as.setdefault(member, served.name)
         members = list(served_as)
-        self.blocks, self.layouts, self.projections = {member: 0 for member in members}, set(), []
+        self.loras, self.layouts, self.projections = members, set(), []
         for layer in layers:
             for member in members:
-                if member in layer.lora_A:
-                    if layer.lora_variant.get(member) is not None or layer.lora_B[member].bias is not None:
-                        raise AdapterLoadError(f"adapter {served_as[member]!r}: an adapter set serves plain LoRA only "
-                                               "(no DoRA or other variant, no LoRA bias)")
-                    self.blocks[member] = max(self.blocks[member], layer.lora_A[member].weight.shape[0])
+                if member in layer.lora_A and (layer.lora_variant.get(member) is not None
+                                               or layer.lora_B[member].bias is not None):
+                    raise AdapterLoadError(f"adapter {served_as[member]!r}: an adapter set serves plain LoRA only "
+                                           "(no DoRA or other variant, no LoRA bias)")
         if members:
             self.dtype = next(layer.lora_A[members[0]].weight.dtype for layer in layers if members[0] in layer.lora_A)
         for layer in layers:

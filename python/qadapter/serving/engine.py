@@ -203,7 +203,7 @@ class Engine:
                                       "unload it when they have finished")
                 self.adapter_set.unload(name)
             if self.prefix_cache is not None:  # its policies' KV can serve no request now
-                loaded = set(self.adapter_set.blocks)
+                loaded = set(self.adapter_set.loras)
                 self.prefix_cache.keep_policies(lambda policy: all(set(level) <= loaded for level in policy))
         self._run_between_steps(unload)
         self.metrics.adapter_changes.labels("unload").inc()
