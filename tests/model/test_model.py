@@ -21,6 +21,7 @@ from helpers import (  # noqa: E402
     perturb_adapter,
     preference_batch,
     run_two_workers,
+    shared_prompt_pairs,
     tiny_causal_lm,
 )
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
@@ -59,8 +60,17 @@ def test_gradients_reach_only_lora_and_base_stays_bit_identical():
     assert all(after[n].grad is None for n in before)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    ids, mask, labels = preference_batch()
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gradient_checkpointing_gives_the_same_gradients(layout):
+    """Recomputed layers see what they saw: the padded batch's mask, or the packed one's tree mask."""
+    if layout == "padded":
+        ids, mask, labels = preference_batch()
+    else:  # shared prompts and padding: the passes run packed
+        from qadapter import PreferenceCollator
+
+        batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=3))
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert make_model().packing()(ids, mask) is not None
     grads = []
     for checkpointing in (False, True):
         model = make_model()
