@@ -83,7 +83,7 @@ def whole_bank_policy(adapter_set, names: list[str]):
 
     class WholeBankRows(BankRows):
         def _members_run(self, served):
-            return set(self.adapter_set.blocks)
+            return set(self.adapter_set.loras)
 
     rows = WholeBankRows(adapter_set)
     rows.kernel = adapter_set.rows.kernel
