@@ -83,6 +83,14 @@ def test_a_row_repeated_whole_runs_once(attention):
         torch.testing.assert_close(source[copy], source[original], rtol=0, atol=0)
 
 
+def test_a_model_packs_short_rows_up_to_its_hidden_size(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(packing, "pack_batch", lambda ids, mask, **options: seen.update(options))
+    lm = tiny_causal_lm("llama", vocab=VOCAB)
+    packing.model_packing(lm)(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    assert seen["short_row"] == lm.config.hidden_size and seen["attention"] == lm.config._attn_implementation
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed):
     pairs = 8
@@ -103,6 +111,10 @@ def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed
     for i, pair in enumerate(features):
         prompt = sum(label == -100 for label in pair["chosen_labels"])
         torch.testing.assert_close(source[pairs + i, :prompt], source[i, :prompt], rtol=0, atol=0)
+    # Rows a model deems short (its hidden size in tokens) may join further: here all of them, once.
+    joined = packing.pack_batch(ids, mask, attention="sdpa", short_row=int(mask.sum()))
+    assert_sees_as_padded(joined, ids, mask)
+    assert joined.inputs["input_ids"].shape[0] == 1 and joined.tokens < packed.tokens
 
 
 def test_hidden_states_go_back_to_the_batch_layout():

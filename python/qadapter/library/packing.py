@@ -17,7 +17,8 @@ Two layouts, by what the model's attention takes:
   prompt) does not join the whole batch into one row. The trees are laid into rows as long as the
   largest tree: a token's attention costs at most twice what it does padded, the packed batch's at
   most twice the padded batch's (a dense mask costs what it hides), and in practice less, having
-  fewer tokens.
+  fewer tokens. Short sequences may join up to the model's hidden size in tokens, where a row's
+  attention stays small beside its linear layers and fewer tokens are what saves time.
 - **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
   mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
   apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are as long as the
@@ -124,11 +125,13 @@ def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attention: str,
-               sliding_window: int | None = None, mask_dtype: torch.dtype = torch.float32) -> PackedBatch | None:
+               sliding_window: int | None = None, mask_dtype: torch.dtype = torch.float32,
+               short_row: int = 0) -> PackedBatch | None:
     """``input_ids`` and ``attention_mask`` (``[B, T]``) laid out without padding, each prefix rows
     share once where ``attention`` (the model's implementation) takes a 4D mask and the
     ``sliding_window`` does not cut a sequence; None where packing would save no token, or a row's
-    tokens are not one run."""
+    tokens are not one run. A tree of shared prefixes holds at most two of the longest rows, or
+    ``short_row`` tokens where that is more (a row whose attention is cheap beside its linear layers)."""
     runs = attended_runs(attention_mask)
     if runs is None:
         return None
@@ -138,9 +141,9 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     rows = [host_ids[r, int(first[r]) : int(first[r] + lengths[r])] for r in range(batch)]
     longest = int(lengths.max())
     share = attention in MASKED_ATTENTION and (sliding_window is None or longest <= sliding_window)
-    # A tree holds at most a pair's two longest rows: each packed row's attention then costs at most
-    # twice a padded row's per token, so the batch's at most twice the padded batch's.
-    parent, shared = (_shared_prefixes([row.tolist() for row in rows], 2 * longest) if share
+    # A tree holds at most a pair's two longest rows (or a short row): each packed row's attention then
+    # costs at most twice a padded row's per token, so the batch's at most twice the padded batch's.
+    parent, shared = (_shared_prefixes([row.tolist() for row in rows], max(2 * longest, short_row)) if share
                       else (list(range(batch)), [0] * batch))
     root = list(range(batch))
     for r in range(batch):
@@ -209,12 +212,15 @@ def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.T
     head's, as its forward adds the mask to scores of that dtype)."""
     config = causal_lm.config
     attention = str(getattr(config, "_attn_implementation", None) or "eager")
+    # A row of d tokens: its attention (about 4 C d FLOPs a token) is a sixth of its linear layers' (about 24 d^2).
+    short_row = int(getattr(config.get_text_config(), "hidden_size", 0) or 0)
     window = getattr(config, "sliding_window", None)
     dtype = causal_lm.get_output_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
 
     def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch | None:
-        return pack_batch(input_ids, attention_mask, attention=attention, sliding_window=window, mask_dtype=dtype)
+        return pack_batch(input_ids, attention_mask, attention=attention, sliding_window=window, mask_dtype=dtype,
+                          short_row=short_row)
 
     return pack
 
