@@ -86,9 +86,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _shared_prefixes(ids: list[list[int]], capacity: int) -> tuple[list[int], list[int]]:
-    """Per row, the earlier row whose prefix it shares (itself if none) and that prefix's length: the
-    longest shared prefixes first, each joining two trees only while the joined tree holds at most
+def _shared_prefixes(ids: list[list[int]], capacity: int) -> tuple[list[int], list[int], list[int]]:
+    """Per row, the earlier row whose prefix it shares (itself if none), that prefix's length, and the
+    first row of its tree (the one without a parent): the longest shared prefixes first, each joining two trees only while the joined tree holds at most
     ``capacity`` tokens (so a prefix every row shares, a chat template's system prompt, cannot make
     the whole batch one long row, nor take a rejected row from its chosen one)."""
     rows = len(ids)
@@ -105,7 +105,7 @@ def _shared_prefixes(ids: list[list[int]], capacity: int) -> tuple[list[int], li
         parent[r], shared[r] = s, same
         size[new] += size[old] - same
         root = [new if t == old else t for t in root]
-    return parent, shared
+    return parent, shared, root
 
 
 def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
@@ -143,11 +143,8 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     share = attention in MASKED_ATTENTION and (sliding_window is None or longest <= sliding_window)
     # A tree holds at most a pair's two longest rows (or a short row): each packed row's attention then
     # costs at most twice a padded row's per token, so the batch's at most twice the padded batch's.
-    parent, shared = (_shared_prefixes([row.tolist() for row in rows], max(2 * longest, short_row)) if share
-                      else (list(range(batch)), [0] * batch))
-    root = list(range(batch))
-    for r in range(batch):
-        root[r] = root[parent[r]]
+    parent, shared, root = (_shared_prefixes([row.tolist() for row in rows], max(2 * longest, short_row)) if share
+                            else (list(range(batch)), [0] * batch, list(range(batch))))
     trees = sorted(set(root))
     sizes = [sum(int(lengths[r]) - shared[r] for r in range(batch) if root[r] == t) for t in trees]
     one_row = not share and any(part in attention for part in VARLEN_ATTENTION)
