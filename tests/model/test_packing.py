@@ -181,11 +181,33 @@ def test_padding_free_training_step_matches_the_padded_one(family):
         out.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((out.loss.detach(), out.chosen_rewards.detach(), grads))
+        ids = batch["input_ids"]
+        ran = model.packing()(ids, batch["attention_mask"]).tokens if flag else ids.numel()
+        assert out.pass_tokens == ran
+    assert ran < ids.numel()  # the batch's pairs share their prompts
     (loss, rewards, grads), (packed_loss, packed_rewards, packed_grads) = results
     # float32 throughout: the two differ by rounding only (other GEMM shapes, other summation orders).
     torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed_rewards, rewards, rtol=1e-5, atol=1e-5)
     assert float((packed_grads - grads).norm() / grads.norm()) < 1e-5
+
+
+def test_a_training_forward_gathers_the_head_once(monkeypatch):
+    """Under ZeRO-3 or FSDP2 each read of the head's whole weight is an all-gather: one per step."""
+    from qadapter.library import hidden
+    from qadapter.library import model as model_module
+
+    reads = []
+
+    def counted(weight):
+        reads.append(weight)
+        return weight
+
+    monkeypatch.setattr(hidden, "full_weight", counted)
+    monkeypatch.setattr(model_module, "full_weight", counted)
+    model = make_model("llama", lora_dropout=0.0)
+    model(**PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(2, seed=2))).loss.backward()
+    assert len(reads) == 1
 
 
 def test_the_default_model_trains_padding_free_and_the_option_is_checked():

@@ -13,7 +13,7 @@ from helpers import tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa:
 from qadapter.evaluation.measures import preference_metrics  # noqa: E402
 from qadapter.library import atomic
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
-from qadapter.library.trainer import METRIC_NAMES, QAdapterConfig, QAdapterTrainer  # noqa: E402
+from qadapter.library.trainer import METRIC_NAMES, TOKEN_SHARE, QAdapterConfig, QAdapterTrainer  # noqa: E402
 
 
 def fresh_base():
@@ -34,7 +34,8 @@ def test_training_learns_the_preference_and_logs_metrics(tmp_path):
     assert after["loss"] < before["loss"] - 0.05
     assert before["accuracy"] < 0.5 <= 0.9 <= after["accuracy"]
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert all(name in logged[0] for name in METRIC_NAMES.values())
+    assert all(name in logged[0] for name in [*METRIC_NAMES.values(), TOKEN_SHARE])
+    assert all(0 < entry[TOKEN_SHARE] < 1 for entry in logged)  # padding-free: the pairs' prompts run once
     assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
 
 

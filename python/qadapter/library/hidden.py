@@ -20,6 +20,14 @@ from torch import nn
 from .packing import PackedBatch, model_packing, packing_error
 
 
+class LevelPasses(NamedTuple):
+    """What :func:`level_hidden` returns."""
+
+    hidden: list[torch.Tensor]  # [B, T, d] per pass: the frozen one, each level's, the adapter's
+    weight: torch.Tensor  # [V, d] the frozen lm_head, whole
+    tokens: int  # the tokens each pass ran: the packed batch's (padding_free), else the batch's B * T
+
+
 class HiddenStates(NamedTuple):
     """The first three arguments of :func:`qadapter_kernels.qadapter_loss`, in its order."""
 
@@ -156,11 +164,11 @@ def only_adapters(peft_model: nn.Module, names: Sequence[str]):
 
 def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  levels: Sequence[Sequence[str]] = (), logit_softcap: float | None = None,
-                 padding_free: bool = True, **model_kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 padding_free: bool = True, **model_kwargs) -> LevelPasses:
     """Final hidden states of the frozen pass (adapters disabled, no grad), of one pass per entry of
     ``levels`` (the adapters named there, no grad: the frozen levels of a stack) and of the adapter
     pass (the model's active adapters, with grad: set, not switched for the pass, so that gradient
-    checkpointing recomputes the same network), and the lm_head weight.
+    checkpointing recomputes the same network), the lm_head weight, and the tokens each pass ran.
 
     Every pass goes through ``model``'s own forward with ``logits_to_keep=1``, a hook on the decoder
     keeping its output. ``model`` is a ``peft.PeftModel`` or a wrapper of one (what
@@ -185,9 +193,10 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                 with only_adapters(peft_model, names):
                     model(**kwargs)
         model(**kwargs)
+    tokens = input_ids.numel()
     if packed is not None:
-        captured = [packed.unpack(hidden) for hidden in captured]
-    return captured, full_weight(head.weight)  # gathered after the forwards, once
+        captured, tokens = [packed.unpack(hidden) for hidden in captured], packed.tokens
+    return LevelPasses(captured, full_weight(head.weight), tokens)  # the weight gathered after the forwards, once
 
 
 _PACKING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # causal LM -> its attention, checked
@@ -271,6 +280,6 @@ def frozen_and_adapter_hidden(model: nn.Module, input_ids: torch.Tensor, attenti
     """Final hidden states of the frozen pass (adapters disabled, no grad) and of the adapter pass of a
     PEFT causal LM, and its lm_head weight: ``qadapter_loss(*frozen_and_adapter_hidden(model, ids, mask), labels)``
     (:func:`level_hidden` without stacked levels)."""
-    (base_hidden, q_hidden), weight = level_hidden(model, input_ids, attention_mask, logit_softcap=logit_softcap,
-                                                   padding_free=padding_free, **model_kwargs)
+    (base_hidden, q_hidden), weight, _ = level_hidden(model, input_ids, attention_mask, logit_softcap=logit_softcap,
+                                                      padding_free=padding_free, **model_kwargs)
     return HiddenStates(base_hidden, q_hidden, weight)

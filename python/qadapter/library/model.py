@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from . import atomic, provenance
 from . import quantization as quant
 from .defaults import DEFAULT_MODEL, load_base, names_missing_folder
 from .hidden import (
+    LevelPasses,
     activate_adapters,
     checked_packing,
     evaluation_mode,
@@ -71,6 +72,11 @@ from .stack import (
 # The combination that makes a distribution of plain logits (alpha_0 = 0, alpha~ = 1): a stack's
 # policy is a softmax of h_eff_L W, measured against the base by this.
 PLAIN_LOSS = LossConfig(alpha_0=0.0, alpha_tilde=1.0)
+
+# What QAdapterModel's forward returns: the loss's output, then the tokens each of its passes ran (the
+# packed batch's under padding_free, else B * T), which the trainer logs beside the padded batch's.
+QAdapterModelOutput = NamedTuple("QAdapterModelOutput", [*QAdapterLossOutput.__annotations__.items(),
+                                                         ("pass_tokens", int)])
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -383,10 +389,11 @@ class QAdapterModel(nn.Module):
         """Final hidden states ``[h_0, h_1, ..., h_L]`` of the frozen model and of each level's Q
         network (the stack's levels without grad, this adapter's with); ``model_kwargs``
         (``position_ids``, say) go to every forward."""
-        networks = self.q_networks
-        hidden, _ = level_hidden(self.peft_model, input_ids, attention_mask, levels=networks[:-1],
-                                 logit_softcap=self.loss.logit_softcap, padding_free=self.padding_free, **model_kwargs)
-        return hidden
+        return self._passes(input_ids, attention_mask, **model_kwargs).hidden
+
+    def _passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **model_kwargs) -> LevelPasses:
+        return level_hidden(self.peft_model, input_ids, attention_mask, levels=self.q_networks[:-1],
+                            logit_softcap=self.loss.logit_softcap, padding_free=self.padding_free, **model_kwargs)
 
     def packing(self):
         """How this model's passes pack a padded batch (:func:`~qadapter.library.packing.pack_batch` as
@@ -419,14 +426,16 @@ class QAdapterModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, total_pairs: int | None = None,
-                total_tokens: int | None = None) -> QAdapterLossOutput:
+                total_tokens: int | None = None) -> QAdapterModelOutput:
         """The Q-Adapter loss and its metrics for a batch ``[chosen..., rejected...]``; with
         ``total_pairs``/``total_tokens``, its share of a larger batch's loss (:func:`qadapter_loss`)."""
         if labels is None:
             raise ValueError("labels is required: the forward computes the preference loss (use generate() to decode)")
-        base_hidden, q_hidden = self.hidden_states(input_ids, attention_mask)
-        return qadapter_loss(base_hidden, q_hidden, self.lm_head_weight, labels, config=self.loss, backend=self.backend,
-                             chunk_size=self.chunk_size, total_pairs=total_pairs, total_tokens=total_tokens)
+        passes = self._passes(input_ids, attention_mask)
+        base_hidden, q_hidden = self.loss_hidden(passes.hidden)
+        out = qadapter_loss(base_hidden, q_hidden, passes.weight, labels, config=self.loss, backend=self.backend,
+                            chunk_size=self.chunk_size, total_pairs=total_pairs, total_tokens=total_tokens)
+        return QAdapterModelOutput(*out, pass_tokens=passes.tokens)
 
     # -------------------------------------------------------------------------------- generation
     @property

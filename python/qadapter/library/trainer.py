@@ -41,6 +41,7 @@ METRIC_NAMES = {
     "bt_loss": "loss/bt",
     "chi2_loss": "loss/chi2",
 }
+TOKEN_SHARE = "tokens/run_over_padded"
 
 
 # The training data marks unscored positions with data.IGNORE_INDEX, and the logit soft-capping is
@@ -321,8 +322,10 @@ class QAdapterTrainer(Trainer):
         if totals and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients of their shares
         split = "train" if model.training else "eval"
-        for name, key in METRIC_NAMES.items():
-            value = getattr(out, name).detach().float().mean()
+        values = {key: getattr(out, name).detach().float().mean() for name, key in METRIC_NAMES.items()}
+        # The tokens each pass ran over the padded batch's: what padding-free training saved (1 without it).
+        values[TOKEN_SHARE] = torch.tensor(out.pass_tokens / inputs["input_ids"].numel(), device=loss.device)
+        for key, value in values.items():
             self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
         return (loss, out) if return_outputs else loss
 
