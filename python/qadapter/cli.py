@@ -201,7 +201,7 @@ def _train_parser(p) -> None:
                      "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
                      "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
                      "LoRA and length settings, and e.g. --num_train_epochs 2 "
-                     "--gradient_checkpointing true; --push_to_hub true (--hub_model_id owner/name) "
+                     "--activation_checkpointing true; --push_to_hub true (--hub_model_id owner/name) "
                      "uploads the saved adapter once training ends. With --on, the new adapter is trained on top "
                      "of a saved one (a stack: the saved customized policy takes the frozen "
                      "model's place).")

@@ -41,7 +41,7 @@ def baseline(tmp_path_factory):
 
 @pytest.mark.parametrize("config", [
     dict(backend="chunked", chunk_size=7, padding_free=True),  # tiles smaller than a row, packed passes
-    dict(backend="chunked", padding_free=True, gradient_checkpointing=True),
+    dict(backend="chunked", padding_free=True, activation_checkpointing=True),
     dict(backend="chunked", padding_free=False),
     dict(backend="reference", padding_free=True),
 ], ids=["chunked-packed", "chunked-packed-checkpointed", "chunked-padded", "reference-packed"])

@@ -199,7 +199,7 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
                       target_modules=["q_proj", "v_proj"])
-    shared = {"bf16": False, "gradient_checkpointing": False, "max_length": options.max_length}
+    shared = {"bf16": False, "activation_checkpointing": False, "max_length": options.max_length}
     if method == "sft":
         args, trainer_class = SFTConfig(**_training_args(options, method, steps, work, **shared)), SFTTrainer
     else:
