@@ -26,6 +26,21 @@ def test_one_batch_both_ways_agree_and_the_packed_one_is_smaller():
     assert model.padding_free is True  # the model is left as it trains
 
 
+def test_rows_by_cost_are_timed_beside_rows_as_long_as_the_largest_tree():
+    model = make_model("llama", lora_dropout=0.0)
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=1, system=(1, 2)))
+    pack = model_packing(model.base_model)
+    with padding_free.largest_tree_rows():
+        baseline = pack(batch["input_ids"], batch["attention_mask"])
+    by_cost = pack(batch["input_ids"], batch["attention_mask"])
+    # This batch's trees fit one row by cost (the tiny model's attention is cheap beside its width).
+    assert by_cost.inputs["input_ids"].shape[0] == 1 < baseline.inputs["input_ids"].shape[0]
+    row = padding_free.measure_batch(model, batch, rounds=1)
+    assert set(row["seconds"]) == {"padded", "padding_free", "largest_tree_rows"}
+    assert row["largest_tree_rows_tokens"] == baseline.tokens and row["time_over_largest_tree_rows"] > 0
+    assert row["gradient_relative_difference"] < 1e-4
+
+
 def test_the_layout_sweep_reports_each_shape():
     tokenizer = tiny_chat_tokenizer()
     pack = model_packing(make_model("llama").base_model)
@@ -33,4 +48,6 @@ def test_the_layout_sweep_reports_each_shape():
     assert [(r["max_length"], r["pairs"], r["batches"]) for r in rows] == [(48, 2, 2), (48, 4, 2)]
     for r in rows:
         assert 0 < r["packed_tokens_over_padded"] <= 1 and r["packed_rows"] >= 1
-        assert 0 < r["attention_over_padded"] <= 2
+        assert 0 < r["attention_over_padded"] <= 4  # rows up to twice a tree's most
+        assert 0 < r["largest_tree_rows"]["tokens_over_padded"] <= 1
+        assert 0 < r["largest_tree_rows"]["attention_over_padded"] <= 2

@@ -43,17 +43,20 @@ def seen_packed(packed: packing.PackedBatch) -> dict[int, set]:
 @pytest.mark.parametrize("attention,window", [("sdpa", None), ("eager", None), ("eager", 6), ("flash_attention_2", None)])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding):
+@pytest.mark.parametrize("hidden_size", [0, 1000])  # 1000: rows long enough for every tree at once
+def test_every_token_sees_what_it_sees_padded(attention, window, seed, padding, hidden_size):
     batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(6, seed))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if padding == "left":
         ids, mask = left_padded(ids, mask)
-    packed = packing.pack_batch(ids, mask, attention=attention, sliding_window=window)
+    packed = packing.pack_batch(ids, mask, attention=attention, sliding_window=window, hidden_size=hidden_size)
     assert packed is not None and packed.tokens < ids.numel()
     # Shared prompts run once where the attention takes a 4D mask; sequences whole otherwise.
     assert (packed.inputs["attention_mask"] is not None) == (attention != "flash_attention_2" and window is None)
     if attention == "flash_attention_2":
         assert packed.inputs["input_ids"].shape[0] == 1 and packed.tokens == int(mask.sum())
+    else:  # the memory plan's bound on the mask: rows at most 2 max(2 * longest, d), fewer places than B * T
+        assert packed.inputs["input_ids"].shape[1] <= 2 * max(2 * int(mask.sum(1).max()), hidden_size)
     assert_sees_as_padded(packed, ids, mask)
 
 
@@ -88,7 +91,7 @@ def test_a_model_packs_short_rows_up_to_its_hidden_size(monkeypatch):
     monkeypatch.setattr(packing, "pack_batch", lambda ids, mask, **options: seen.update(options))
     lm = tiny_causal_lm("llama", vocab=VOCAB)
     packing.model_packing(lm)(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
-    assert seen["short_row"] == lm.config.hidden_size and seen["attention"] == lm.config._attn_implementation
+    assert seen["hidden_size"] == lm.config.hidden_size and seen["attention"] == lm.config._attn_implementation
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -100,8 +103,8 @@ def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed
     packed = packing.pack_batch(ids, mask, attention="sdpa")
     assert_sees_as_padded(packed, ids, mask)
     # The system prompt alone would join all 16 rows; a tree holds at most two of the longest rows, so
-    # each packed row's attention costs at most twice a padded row's per token, the batch's at most
-    # twice the padded batch's (and here less).
+    # in rows as long as the largest tree (the model's size not given) each packed row's attention
+    # costs at most twice a padded row's per token, the batch's at most twice the padded batch's.
     rows, width = packed.inputs["input_ids"].shape
     longest = int(mask.sum(1).max())
     assert rows > 1 and width <= 2 * longest
@@ -112,9 +115,20 @@ def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed
         prompt = sum(label == -100 for label in pair["chosen_labels"])
         torch.testing.assert_close(source[pairs + i, :prompt], source[i, :prompt], rtol=0, atol=0)
     # Rows a model deems short (its hidden size in tokens) may join further: here all of them, once.
-    joined = packing.pack_batch(ids, mask, attention="sdpa", short_row=int(mask.sum()))
+    joined = packing.pack_batch(ids, mask, attention="sdpa", hidden_size=int(mask.sum()))
     assert_sees_as_padded(joined, ids, mask)
     assert joined.inputs["input_ids"].shape[0] == 1 and joined.tokens < packed.tokens
+
+
+@pytest.mark.parametrize("sizes,hidden_size,most,capacity", [
+    ([10, 7, 5], 0, 100, 10),  # the model's size unknown: rows as long as the largest tree
+    ([10, 7, 5], 1, 100, 10),  # attention dear beside the linear layers: 3 rows of 10, 30 * 13 < 22 * 25
+    ([10, 7, 5], 1000, 100, 22),  # attention cheap: one row of 22 (22 * 3022) against three of 10 (30 * 3010)
+    ([10, 7, 5], 1000, 20, 10),  # at most 20: no row of 22; two of 20 (40 * 3020) cost more than three of 10
+    ([10, 6, 4], 1000, 100, 10),  # rows of 10 hold everything without filler: 20 * 3010 < 20 * 3020
+])
+def test_rows_take_the_length_that_costs_least(sizes, hidden_size, most, capacity):
+    assert packing._row_capacity(sizes, hidden_size, most) == capacity
 
 
 def test_hidden_states_go_back_to_the_batch_layout():

@@ -17,9 +17,9 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
   weight gradient); with gradient checkpointing, each layer's input ``d`` plus one layer's full
   set recomputed in the backward; and both passes' final hidden states ``2 * N * d``;
 - **attention mask**: sdpa's boolean ``[rows, 1, C, C]`` mask, one for every pass and layer: at
-  most ``N * max(2 * max_length, d)`` bytes, a padding-free batch's tree mask at its largest (its
-  rows are at most ``C = max(2 * max_length, d)`` long and hold fewer than ``N`` places, or packing
-  does not run); a padded batch's is ``N * max_length``;
+  most ``2 N max(2 * max_length, d)`` bytes, a padding-free batch's tree mask at its largest (its
+  rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
+  packing does not run); a padded batch's is ``N * max_length``;
 - **the fused loss**: its ``[chunk, V]`` tiles (``qadapter_kernels.sizing.auto_chunk_size``: at
   most its budget, 1 GiB on CUDA) and the float32 ``E_p[Wq]`` rows, ``4 * N * d``;
 - **transient**: the largest 4-bit or 8-bit layer dequantized while it runs (4-bit: to its compute
@@ -179,7 +179,7 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
-        "attention mask": tokens * max(2 * options.max_length, d),
+        "attention mask": tokens * 2 * max(2 * options.max_length, d),
         "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, getattr(torch, options.dtype), options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
         "CUDA context": CUDA_CONTEXT,

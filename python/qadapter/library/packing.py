@@ -14,16 +14,17 @@ Two layouts, by what the model's attention takes:
   its tail attends to the other row's tokens before the point where they part, at the positions it
   would have alone. Longest shared prefixes join first, and a tree never grows past two of the
   batch's longest rows (a pair's worth), so that a prefix every row shares (a chat template's system
-  prompt) does not join the whole batch into one row. The trees are laid into rows as long as the
-  largest tree: a token's attention costs at most twice what it does padded, the packed batch's at
-  most twice the padded batch's (a dense mask costs what it hides), and in practice less, having
-  fewer tokens. Short sequences may join up to the model's hidden size in tokens, where a row's
-  attention stays small beside its linear layers and fewer tokens are what saves time.
+  prompt) does not join the whole batch into one row. Short sequences may join up to the model's
+  hidden size in tokens, where a row's attention stays small beside its linear layers and fewer
+  tokens are what saves time. The trees are laid into rows at least as long as the largest tree and
+  at most twice as long as a tree may be, of the length that costs least by the model's dimensions
+  (:func:`_row_capacity`): rows as long as the largest tree leave part of the others empty, longer
+  ones cost more attention (a dense mask costs what it hides).
 - **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
   mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
-  apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are as long as the
-  longest sequence, unless the attention runs sequences apart without touching the others (the
-  flash and flex kernels): then one row.
+  apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are chosen the same
+  way, unless the attention runs sequences apart without touching the others (the flash and flex
+  kernels): then one row.
 
 Either way, the hidden state of every attended token is the one the padded forward gives it (the
 same network on the same tokens at the same positions, seeing the same tokens), up to rounding.
@@ -124,14 +125,31 @@ def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _row_capacity(sizes: list[int], hidden_size: int, most: int) -> int:
+    """The length, at most ``most`` (or the largest item), of the packed rows that hold items of
+    ``sizes`` (trees, whole) at the least cost estimated for a model of ``hidden_size`` ``d``: a row of
+    ``C`` tokens costs ``C`` times its linear layers' ``24 d^2`` FLOPs a token and ``C^2`` times
+    attention's ``4 d`` a query-key pair (a dense mask), which run at about half the rate of the
+    linear layers' GEMMs (sdpa with a mask, measured on a CPU: ``bench.padding_free``), so
+    ``C (3 d + C)``. Rows as long as the largest item where ``d`` is unknown (0)."""
+    largest = max(sizes)
+    if not hidden_size:
+        return largest
+    total = sum(sizes)
+    candidates = {max(largest, min(most, -(-total // rows))) for rows in range(1, len(sizes) + 1)}  # n rows' share
+    return min(sorted(candidates), key=lambda c: len(_fill_rows(sizes, c)) * c * (3 * hidden_size + c))
+
+
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attention: str,
                sliding_window: int | None = None, mask_dtype: torch.dtype = torch.float32,
-               short_row: int = 0) -> PackedBatch | None:
+               hidden_size: int = 0) -> PackedBatch | None:
     """``input_ids`` and ``attention_mask`` (``[B, T]``) laid out without padding, each prefix rows
     share once where ``attention`` (the model's implementation) takes a 4D mask and the
     ``sliding_window`` does not cut a sequence; None where packing would save no token, or a row's
-    tokens are not one run. A tree of shared prefixes holds at most two of the longest rows, or
-    ``short_row`` tokens where that is more (a row whose attention is cheap beside its linear layers)."""
+    tokens are not one run. A tree of shared prefixes holds at most two of the longest rows, or the
+    model's ``hidden_size`` in tokens where that is more (a row whose attention is cheap beside its
+    linear layers); the packed rows' length is the cheapest for that size (:func:`_row_capacity`), at
+    most twice a tree's most."""
     runs = attended_runs(attention_mask)
     if runs is None:
         return None
@@ -141,14 +159,16 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     rows = [host_ids[r, int(first[r]) : int(first[r] + lengths[r])] for r in range(batch)]
     longest = int(lengths.max())
     share = attention in MASKED_ATTENTION and (sliding_window is None or longest <= sliding_window)
-    # A tree holds at most a pair's two longest rows (or a short row): each packed row's attention then
-    # costs at most twice a padded row's per token, so the batch's at most twice the padded batch's.
-    parent, shared, root = (_shared_prefixes([row.tolist() for row in rows], max(2 * longest, short_row)) if share
+    # A tree holds at most a pair's two longest rows, or d tokens, a row whose attention (about 4 C d FLOPs
+    # a token) is at most a sixth of its linear layers' (about 24 d^2): no prefix joins a batch of long rows.
+    # A packed row holds at most twice that, whatever the estimate says.
+    tree_cap = max(2 * longest, hidden_size)
+    parent, shared, root = (_shared_prefixes([row.tolist() for row in rows], tree_cap) if share
                             else (list(range(batch)), [0] * batch, list(range(batch))))
     trees = sorted(set(root))
     sizes = [sum(int(lengths[r]) - shared[r] for r in range(batch) if root[r] == t) for t in trees]
     one_row = not share and any(part in attention for part in VARLEN_ATTENTION)
-    capacity = sum(sizes) if one_row else max(sizes)
+    capacity = sum(sizes) if one_row else _row_capacity(sizes, hidden_size, 2 * tree_cap)
     layout = _fill_rows(sizes, capacity)
     if len(layout) * capacity >= batch * width:
         return None
@@ -209,15 +229,14 @@ def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.T
     head's, as its forward adds the mask to scores of that dtype)."""
     config = causal_lm.config
     attention = str(getattr(config, "_attn_implementation", None) or "eager")
-    # A row of d tokens: its attention (about 4 C d FLOPs a token) is a sixth of its linear layers' (about 24 d^2).
-    short_row = int(getattr(config.get_text_config(), "hidden_size", 0) or 0)
+    hidden_size = int(getattr(config.get_text_config(), "hidden_size", 0) or 0)
     window = getattr(config, "sliding_window", None)
     dtype = causal_lm.get_output_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
 
     def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch | None:
         return pack_batch(input_ids, attention_mask, attention=attention, sliding_window=window, mask_dtype=dtype,
-                          short_row=short_row)
+                          hidden_size=hidden_size)
 
     return pack
 
