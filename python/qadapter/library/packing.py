@@ -89,9 +89,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _shared_prefixes(ids: list[list[int]], capacity: int) -> tuple[list[int], list[int], list[int]]:
     """Per row, the earlier row whose prefix it shares (itself if none), that prefix's length, and the
-    first row of its tree (the one without a parent): the longest shared prefixes first, each joining two trees only while the joined tree holds at most
-    ``capacity`` tokens (so a prefix every row shares, a chat template's system prompt, cannot make
-    the whole batch one long row, nor take a rejected row from its chosen one)."""
+    first row of its tree (the one without a parent): the longest shared prefixes first, each joining
+    two trees only while the joined tree holds at most ``capacity`` tokens (so a prefix every row
+    shares, a chat template's system prompt, cannot make the whole batch one long row, nor take a
+    rejected row from its chosen one)."""
     rows = len(ids)
     parent, shared = list(range(rows)), [0] * rows
     root, size = list(range(rows)), [len(row) for row in ids]  # size: a root's tree's tokens
