@@ -370,6 +370,9 @@ def _generate_parser(p) -> None:
     p.add_argument("--min-p", type=_probability,
                    help="with --sample: drop tokens below min_p times the top one's probability")
     p.add_argument("--repetition-penalty", type=_positive_float, default=None)
+    p.add_argument("--num-beams", type=_positive_int, default=1,
+                   help="beam search over the customized policy with this many beams (the answer is printed "
+                        "when the search ends: beams do not stream)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the answer contains TEXT (repeatable)")
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="static cache and compiled decode step (auto: on CUDA)")
@@ -398,11 +401,15 @@ def _run_generate(args) -> int:
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(args.seed or 0)
     sampling = {**SAMPLING_DEFAULTS, **given} if args.sample else {}
-    model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                   **sampling, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                   compiled={"auto": None, "yes": True, "no": False}[args.compile])
+    streams = args.num_beams == 1
+    out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         **sampling, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
+                         num_beams=args.num_beams, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id,
+                         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if streams else None,
+                         compiled={"auto": None, "yes": True, "no": False}[args.compile])
+    if not streams:
+        print(tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
     return 0
 
 

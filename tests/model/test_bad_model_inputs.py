@@ -268,6 +268,7 @@ CLI = [
     ("gen-max-new-tokens-word", [*GEN, "--max-new-tokens", "lots"], "--max-new-tokens"),
     ("gen-seed-word", [*GEN, "--seed", "lucky"], "--seed"),
     ("gen-unknown", [*GEN, "--beam", "4"], "unrecognized arguments: --beam 4"),
+    ("gen-num-beams-0", [*GEN, "--num-beams", "0"], "--num-beams"),
     ("eval-no-data", ["eval", "--adapter", "a"], "--data"),
     ("eval-no-adapter", ["eval", "--data", "d.jsonl"], "--adapter"),
     ("eval-max-length-0", ["eval", "--adapter", "a", "--data", "d", "--max-length", "0"], "--max-length"),
@@ -570,7 +571,7 @@ GENERATE = [
     ("min_p-above-1", {"do_sample": True, "min_p": 1.5}, ValueError, "min_p must be in [0, 1]"),
     ("repetition_penalty-0", {"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
     ("num_return_sequences-0", {"num_return_sequences": 0}, ValueError, "num_return_sequences must be an int >= 1"),
-    ("num_beams-2", {"num_beams": 2}, ValueError, "num_beams must be 1"),
+    ("num_beams-0", {"num_beams": 0}, ValueError, "num_beams must be an int >= 1"),
     ("eos-beyond-vocab", {"eos_token_id": 10**6}, ValueError, "eos_token_id must be a token id (int) in [0,"),
 ]
 VALID_GENERATE = [

@@ -68,6 +68,8 @@ def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     from helpers import tiny_causal_lm, tiny_chat_tokenizer
+    from qadapter.evaluation.measures import chat_prompts
+    from qadapter.library.model import QAdapterModel
 
     tokenizer = tiny_chat_tokenizer()
     base_dir = tmp_path / "base"
@@ -90,6 +92,14 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3", "--sample",
                  "--min-p", "0.05", "--repetition-penalty", "1.2", "--stop", "the", "--compile", "no"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "4",
+                 "--num-beams", "3"]) == 0  # beams do not stream: the answer is printed once the search ends
+    model = QAdapterModel.from_pretrained(adapter)
+    enc = tokenizer(chat_prompts(tokenizer, ["hello"]), return_tensors="pt", add_special_tokens=False)
+    best = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=4, num_beams=3,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
 def test_train_seed_governs_the_adapters_initialization(tmp_path):

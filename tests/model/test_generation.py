@@ -133,6 +133,22 @@ def test_num_return_sequences_expands_every_prompt():
     assert torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, dim=0))
 
 
+def test_beam_search_moves_each_rows_frozen_and_adapter_cache_together():
+    """Beam search reorders the cache by prompt rows; each row's frozen and adapter rows must move
+    together, so cached beam search equals beam search that recomputes every step (no cache), eager
+    and compiled, with every beam returned."""
+    model = make_model()
+    perturb_adapter(model, scale=0.5)
+    ids, mask = left_padded_prompts()
+    options = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=1, num_beams=4, num_return_sequences=2)
+    uncached = model.generate(ids, mask, use_cache=False, compiled=False, **options)
+    assert uncached.shape == (6, ids.shape[1] + 10)
+    assert torch.equal(model.generate(ids, mask, compiled=False, **options), uncached)
+    assert torch.equal(model.generate(ids, mask, compiled=True, **options), uncached)
+    greedy = model.generate(ids, mask, max_new_tokens=10, eos_token_id=[], compiled=False)
+    assert not torch.equal(uncached[::2], greedy)  # the beams did search: the best is not the greedy answer
+
+
 def test_generation_stops_at_eos_and_pads_finished_rows():
     model = make_model()
     ids, mask = left_padded_prompts()
@@ -217,8 +233,8 @@ def test_generate_rejects_bad_input():
         model.generate(ids, mask.flip(1))
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(ids[0])
-    with pytest.raises(ValueError, match="num_beams must be 1"):
-        model.generate(ids, mask, num_beams=2)
+    with pytest.raises(ValueError, match="num_beams must be an int >= 1"):
+        model.generate(ids, mask, num_beams=0)
     with pytest.raises(ValueError, match="rows must be a 1-D bool tensor"):
         with adapter_rows(model.peft_model, torch.ones(3)):
             pass

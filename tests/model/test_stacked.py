@@ -369,6 +369,10 @@ def test_an_adapter_set_serves_stacks_beside_single_adapters(tmp_path):
         alone = solo[name].generate(ids[row:row + 1, real], mask[row:row + 1, real], max_new_tokens=4, eos_token_id=[],
                                     do_sample=False)
         assert out[row, ids.shape[1]:].tolist() == alone[0, real.sum():].tolist(), f"row {row} ({name})"
+    # Beam search: each prompt row's frozen row and level rows (none to three) move together.
+    beams = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=1, num_beams=4)
+    assert torch.equal(adapter_set.generate(ids, mask, adapters=names, compiled=False, **beams),
+                       adapter_set.generate(ids, mask, adapters=names, compiled=False, use_cache=False, **beams))
     adapter_set.unload("three.v3")  # level 3 goes; levels 1 and 2 stay, "two" runs them
     assert adapter_set.names == ["one", "two"] and len(adapter_set.loras) == 2
     after = adapter_set.read_prompts(ids, mask, ["one", None, "two", "one", "two"], DynamicCache(), top=[None] * 5)[0]

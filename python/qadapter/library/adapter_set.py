@@ -177,6 +177,9 @@ class BankRows:
                 levels.append(list(range(next_row, next_row + depth)))
                 next_row += depth
             owner = list(range(batch)) + [i for i, rows in enumerate(levels) for _ in rows]
+            place = [0] * batch + [k for rows in levels for k in range(1, len(rows) + 1)]
+            deepest = max(map(len, levels))
+            table = [[i, *rows, *[0] * (deepest - len(rows))] for i, rows in enumerate(levels)]
             used = self._members_run(served)
             columns, masks = {}, {}
             for layout in bank.layouts:
@@ -188,6 +191,7 @@ class BankRows:
             every = len(groups) == 1
             self._cache[key] = {
                 "mask": masks, "owner": torch.tensor(owner, device=device), "levels": levels, "weights": weights,
+                "place": torch.tensor(place, device=device), "table": torch.tensor(table, device=device),
                 "groups": [(alphas, None if every else torch.tensor(members, device=device),
                             [_rows(members, device)] + [_rows([levels[i][j] for i in members], device)
                                                         for j in range(len(alphas))])
@@ -229,6 +233,12 @@ class BankRows:
         if isinstance(value, dict):
             return {k: self.expand(v, batch) for k, v in value.items()}
         return value
+
+    def forward_rows(self, source: torch.Tensor, batch: int) -> torch.Tensor:
+        """The forward's rows of prompt rows ``source[i]`` in row ``i``'s places: each forward row takes
+        the row at the same place (frozen, level 1, ...) of its prompt row's source."""
+        plan = self._plan(batch, source.device)
+        return plan["table"][source[plan["owner"]], plan["place"]]
 
     @contextmanager
     def selecting(self, batch: int, device: torch.device):

@@ -11,8 +11,9 @@ first key states they see and so hold both halves (dynamic and static alike).
 Why this route: transformers' generation machinery only ever sees one model with ``B`` rows whose
 logits are the policy's, so every option that acts on logits or tokens works unchanged; the row
 doubling stays inside the forward, and the adapter's row selection is a per-row LoRA scaling tensor
-(no hooks), so ``torch.compile`` captures the whole step. Beam search is refused: it reorders the
-cache by rows of ``B`` while the cache holds ``2B``.
+(no hooks), so ``torch.compile`` captures the whole step. Beam search reorders the cache by prompt
+rows; :meth:`CombinedPolicy._reorder_cache` maps each prompt row's move onto all the forward rows it
+owns (its frozen row and its adapter rows), so the cache's halves move together.
 
 Compiled decoding (``compiled=True``) is transformers' own: a static cache and a ``torch.compile``d
 decode step (CUDA graphs on a GPU, ``mode="reduce-overhead"``). :func:`compiles_by_default` is the
@@ -121,6 +122,8 @@ def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
     if config.num_return_sequences is not None and not (is_int(config.num_return_sequences)
                                                         and config.num_return_sequences >= 1):
         raise ValueError(f"num_return_sequences must be an int >= 1; got {config.num_return_sequences!r}")
+    if config.num_beams is not None and not (is_int(config.num_beams) and config.num_beams >= 1):
+        raise ValueError(f"num_beams must be an int >= 1 (1: no beam search); got {config.num_beams!r}")
     if config.do_sample:
         if config.temperature is not None and not (is_real(config.temperature) and config.temperature > 0):
             raise ValueError(f"temperature must be > 0 and finite when sampling; got {config.temperature!r}")
@@ -159,7 +162,9 @@ class RowPlan:
     For a batch of ``batch`` prompt rows: ``expand(value, batch)`` lays a per-row input out on the
     forward's rows; ``selecting(batch, device)`` is the context in which one forward of the network
     runs each of those rows through its network; ``combine(logits, batch)`` turns the forward's
-    logits into the policy's log-probs ``[batch, ..., V]``. Here the forward runs ``copies`` copies of
+    logits into the policy's log-probs ``[batch, ..., V]``; ``forward_rows(source, batch)`` is the
+    forward's rows of prompt rows ``source[i]`` laid out as the forward lays row ``i``'s (beam search
+    reorders the cache by it). Here the forward runs ``copies`` copies of
     the batch: the frozen model on the first, the adapter on the second (a stack of adapters,
     :class:`~qadapter.library.stack.StackedRows`, runs one copy per level after the frozen one).
     """
@@ -175,6 +180,9 @@ class RowPlan:
 
     def selecting(self, batch: int, device: torch.device):
         return adapter_rows(self.peft_model, second_half(self.copies * batch, device))
+
+    def forward_rows(self, source: torch.Tensor, batch: int) -> torch.Tensor:
+        return torch.cat([source + copy * batch for copy in range(self.copies)])
 
     def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         return self.combine_pair(logits[:batch], logits[batch:])
@@ -234,6 +242,12 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         out.logits = rows.combine(out.logits, batch)
         return out
 
+    def _reorder_cache(self, cache, beam_idx: torch.Tensor):
+        """Beam search's reorder of prompt rows (row ``i`` takes row ``beam_idx[i]``'s cache) applied to
+        every forward row: a prompt row's frozen and adapter rows move together."""
+        cache.reorder_cache(self.rows.forward_rows(beam_idx, beam_idx.shape[0]))
+        return cache
+
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *,
                  compiled: bool | None = None, **kwargs):
@@ -246,12 +260,9 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         config = copy.deepcopy(generation_config or self.generation_config)
         kwargs = config.update(**kwargs)  # what is left are model inputs (attention_mask, ...)
         check_decoding_options(config, self.config.get_text_config().vocab_size)
-        if (config.num_beams or 1) != 1:
-            raise ValueError(f"num_beams must be 1: beam search reorders the cache by rows of the batch, which holds "
-                             f"frozen and adapter rows; got num_beams={config.num_beams}")
         if compiled is not None or not (config.disable_compile or config.compile_config is not None):
             # Not told, and the config does not say either: the default rule.
             config = decoding_config(config, compiles_by_default(self.device) if compiled is None else compiled)
-        batch = input_ids.shape[0] * (config.num_return_sequences or 1)
+        batch = input_ids.shape[0] * max(config.num_beams or 1, config.num_return_sequences or 1)
         with self.selecting_rows(batch):
             return super().generate(input_ids, generation_config=config, **kwargs)
