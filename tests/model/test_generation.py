@@ -149,6 +149,19 @@ def test_beam_search_moves_each_rows_frozen_and_adapter_cache_together():
     assert not torch.equal(uncached[::2], greedy)  # the beams did search: the best is not the greedy answer
 
 
+def test_prompt_lookup_decoding_gives_the_greedy_tokens():
+    """Speculative decoding by prompt lookup verifies several drafted tokens in one forward and crops
+    the cache where a draft fails: the frozen and adapter rows are cropped alike."""
+    model = make_model()
+    perturb_adapter(model, scale=0.5)
+    ids, mask = left_padded_prompts()
+    ids = torch.cat([ids[:1], ids[:1, -6:], ids[:1, -6:]], dim=1)  # repeats for the lookup to draft from
+    mask = torch.ones_like(ids)
+    greedy = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], compiled=False)
+    drafted = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], compiled=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(drafted, greedy)
+
+
 def test_generation_stops_at_eos_and_pads_finished_rows():
     model = make_model()
     ids, mask = left_padded_prompts()
