@@ -22,6 +22,7 @@ Nothing here imports ``qadapter_kernels``: the version record must work even whe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -226,6 +228,44 @@ def error_text(exc: BaseException) -> str:
 # --- the timer ------------------------------------------------------------------------------
 
 
+class RowTimeout(BaseException):
+    """A row ran over its time limit. Not an ``Exception``: the ``except Exception`` of a library
+    (an autotuner, Triton's interpreter) lets it through, as it does KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raises :class:`RowTimeout` in the block after ``seconds`` (SIGALRM: the main thread of a
+    POSIX process; Python code between kernel launches, such as an autotuner's loop, is cut short)."""
+    if seconds <= 0:
+        raise RowTimeout("no time left")
+
+    def on_alarm(signum, frame):
+        raise RowTimeout(f"over its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class CutShort(BaseException):
+    """The run was told to stop (SIGTERM, as ``timeout`` sends at the step's budget); a
+    ``BaseException`` for the reason :class:`RowTimeout` is one."""
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`CutShort` in the main thread: the run records what it was doing and
+    writes its results before ``timeout``'s kill follows."""
+    def on_sigterm(signum, frame):
+        raise CutShort("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 class Timer:
     """Median time of a callable: CUDA events on a GPU, ``perf_counter`` elsewhere.
 
@@ -337,7 +377,8 @@ def tool_version(tool: str, *args: str) -> str:
 
 def gpu_run_versions() -> dict:
     """What bench/gpu.sh records first: versions, the device(s) and the CUDA tools found."""
-    info = versions(bench_device(), ("triton", "transformers", "peft", "accelerate", "bitsandbytes", "numpy"))
+    info = versions(bench_device(), ("triton", "transformers", "peft", "accelerate", "bitsandbytes", "numpy",
+                                     "prometheus-client"))
     info["device_count"] = torch.cuda.device_count()
     info["nvcc"] = tool_version("nvcc", "--version")
     info["nvidia-smi"] = tool_version("nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.mem",

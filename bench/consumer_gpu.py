@@ -4,23 +4,30 @@ A 24 GB card holds the 16 GB of bf16 weights of an 8B model and little else. Thi
 run on one model, whether a Q-Adapter training step of 2 preference pairs x 1024 tokens (LoRA r=8
 on q_proj/v_proj, gradient checkpointing, AdamW) fits under that cap with the package's fused loss
 and with the authors' full-logits formulation, and what decoding from the customized policy costs
-per token next to the base model alone (batch 1 and 8, greedy, under the same cap), and, last, a
+per token next to the base model alone (batch 1 and 8, greedy, eager, under the same cap), and, last, a
 batch of 8 rows over 8 adapters beside 8 rows over one adapter (``AdapterSet``, ``bench.adapter_set``)
 and the serving engine's 8 requests at once beside one at a time (``bench.serve``, without HTTP).
+``--decoding compiled`` runs the decoding parts alone with the static cache and the compiled step
+(CUDA graphs; ``generate``'s default on CUDA): each batch compiles two 32-layer steps (the policy's
+and the base's), minutes that get a run of their own.
 
 No hub is reachable: the architecture is built from its configuration with random bf16 weights.
-Each part is guarded: an out-of-memory, an error or the time budget is recorded and the run goes on.
+Each part is guarded: an out-of-memory, an error or the time budget is recorded and the run goes on;
+``--limit-s`` cuts a part short at that many seconds from the start (SIGALRM, and SIGTERM as the
+step's ``timeout`` sends it), recorded as timed out, so the parts measured are written either way.
 
 From the repository root, with the model layer (``python/``, the ``qadapter`` package) importable:
 installed, or ``PYTHONPATH=python`` as bench/gpu.sh sets it::
 
     python -m bench.consumer_gpu --out bench/results/consumer-gpu.json       # CUDA
+    python -m bench.consumer_gpu --decoding compiled --out bench/results/consumer-gpu-compiled.json
     python -m bench.consumer_gpu --dry-run --out /tmp/consumer-gpu.json      # CPU, tiny Llama, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -34,7 +41,19 @@ from pathlib import Path
 import torch
 
 from bench.baselines import eager_authors_loss
-from bench.common import GIB, Timer, error_text, is_oom, release, sync, versions
+from bench.common import (
+    GIB,
+    CutShort,
+    RowTimeout,
+    Timer,
+    error_text,
+    is_oom,
+    release,
+    stop_on_sigterm,
+    sync,
+    time_limit,
+    versions,
+)
 from bench.decode import frozen_generate, generation, interleaved
 from bench.e2e import LORA, MODELS, make_batch
 from qadapter_kernels import qadapter_loss
@@ -51,17 +70,15 @@ class Setup:
     prompt: int
     new_tokens: int
     batches: tuple[int, ...]
-    decodings: tuple[str, ...]  # "eager" (dynamic cache), "compiled" (static cache, compiled step)
+    compiled_batches: tuple[int, ...]  # --decoding compiled: each batch compiles its own steps
     rounds: int  # timed decoding rounds after one warm-up
     cap_gib: float | None
 
 
 GPU = Setup("llama-3.1-8b", "bfloat16", pairs=2, seq=1024, steps=3, prompt=64, new_tokens=32, batches=(1, 8),
-            decodings=("eager", "compiled"),
-            rounds=3, cap_gib=24.0)
+            compiled_batches=(1, 8), rounds=3, cap_gib=24.0)
 DRY = Setup("tiny", "float32", pairs=2, seq=32, steps=1, prompt=16, new_tokens=8, batches=(1, 8),
-            decodings=("eager",), rounds=1,
-            cap_gib=None)
+            compiled_batches=(1,), rounds=1, cap_gib=None)
 
 
 def build_model(setup: Setup, device: torch.device):
@@ -182,14 +199,27 @@ def many_adapters(model, adapters: int, setup: Setup, device: torch.device) -> d
             "engine_at_once_over_one_at_a_time": tps["at once"] / tps["one at a time"], "peak_gib": peak_gib(device)}
 
 
-def run_part(parts: dict, name: str, deadline: float, fn: Callable[[], dict]) -> None:
-    """Stores ``fn()``'s row under ``parts[name]``, or why there is none (skipped, out of memory, error)."""
-    if time.monotonic() > deadline:
+@dataclass(frozen=True)
+class Budget:
+    """A guarded run's times (``time.monotonic()``): no part starts after ``deadline``; a running part
+    is cut short at ``limit`` (None: never)."""
+
+    deadline: float
+    limit: float | None
+
+
+def run_part(parts: dict, name: str, budget: Budget, fn: Callable[[], dict]) -> None:
+    """Stores ``fn()``'s row under ``parts[name]``, or why there is none (skipped, out of memory,
+    error, timed out: cut short at the budget's limit or by SIGTERM)."""
+    start = time.monotonic()
+    if start > budget.deadline:
         parts[name] = {"status": "skipped: time budget"}
         return
-    start = time.monotonic()
     try:
-        row = {"status": "ok", **fn()}
+        with time_limit(budget.limit - start) if budget.limit is not None else contextlib.nullcontext():
+            row = {"status": "ok", **fn()}
+    except (RowTimeout, CutShort) as exc:
+        row = {"status": "timed out", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 -- every failure is a result of this part
         row = {"status": "out of memory" if is_oom(exc) else "error", "error": error_text(exc)}
     gc.collect()  # the failed part's tensors, held by the traceback until now
@@ -224,16 +254,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def start_run(argv: list[str] | None, prog: str, description: str, budget_s: float, dry, gpu):
-    """A guarded GPU run's start: its options (the JSON path, the CPU dry run, the time budget) and
-    ``(args, setup, device, started, deadline)``: ``dry`` on the CPU for a dry run, else ``gpu`` on the
-    current CUDA device; None (said) when there is none."""
+def start_run(argv: list[str] | None, prog: str, description: str, budget_s: float, dry, gpu,
+              add_options: Callable[[argparse.ArgumentParser], None] | None = None):
+    """A guarded GPU run's start: its options (the JSON path, the CPU dry run, the time budget, a
+    part's hard limit; ``add_options`` adds the run's own) and ``(args, setup, device, started,
+    budget)``: ``dry`` on the CPU for a dry run, else ``gpu`` on the current CUDA device; None
+    (said) when there is none. SIGTERM cuts the running part short from here on."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, required=True, help="JSON result path")
     parser.add_argument("--dry-run", action="store_true", help="tiny Llama on CPU: checks the script in seconds")
     parser.add_argument("--budget-s", type=float, default=budget_s, help="skip the parts left after this many seconds")
+    parser.add_argument("--limit-s", type=float, default=None,
+                        help="cut a running part short this many seconds from the start (default: no limit)")
+    if add_options is not None:
+        add_options(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()
+    stop_on_sigterm()
     if args.dry_run:
         setup, device = dry, torch.device("cpu")
     elif torch.cuda.is_available():
@@ -241,7 +278,8 @@ def start_run(argv: list[str] | None, prog: str, description: str, budget_s: flo
     else:
         print("no CUDA device: use --dry-run to check the script on CPU")
         return None
-    return args, setup, device, started, started + args.budget_s
+    limit = None if args.limit_s is None else started + args.limit_s
+    return args, setup, device, started, Budget(started + args.budget_s, limit)
 
 
 def write_json(result: dict, out: Path) -> None:
@@ -262,17 +300,22 @@ def finish_run(result: dict, table: str, out: Path, started: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run = start_run(argv, "python -m bench.consumer_gpu", __doc__.split("\n")[0], 240.0, DRY, GPU)
+    def decoding_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--decoding", choices=("eager", "compiled"), default="eager",
+                            help="eager: training, eager decoding and many adapters; compiled: the decoding "
+                                 "parts alone, static cache and compiled step")
+
+    run = start_run(argv, "python -m bench.consumer_gpu", __doc__.split("\n")[0], 240.0, DRY, GPU, decoding_option)
     if run is None:
         return 2
-    args, setup, device, started, deadline = run
+    args, setup, device, started, budget = run
     if setup.cap_gib:  # the GPU setup only
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, setup.cap_gib * GIB / total), device)
     result = {"setup": asdict(setup), "versions": versions(device, ("transformers", "peft", "triton")),
               "memory_cap_gib": setup.cap_gib,
               "decode_under_cap": setup.cap_gib is not None,
-              "lora": LORA, "gradient_checkpointing": True,
+              "decoding": args.decoding, "lora": LORA, "gradient_checkpointing": True,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "parts": {}}
     parts, holder = result["parts"], {}
 
@@ -284,16 +327,18 @@ def main(argv: list[str] | None = None) -> int:
                 "weight_std": float(weight.float().std()), "resident_gib": allocated_gib(device),
                 "peak_gib": peak_gib(device)}
 
-    run_part(parts, "build", deadline, build)
+    run_part(parts, "build", budget, build)
     model = holder.get("model")
     backend = resolve("auto", device, getattr(torch, setup.dtype)).name
-    todo = {"train: fused": lambda: {"backend": backend, **train(model, qadapter_loss, setup, device)},
-            "train: eager-authors": lambda: train(model, eager_authors_loss, setup, device)}
-    todo |= {f"decode: batch {b} {mode}": (lambda b=b, mode=mode: decode(model, b, mode, setup, device))
-             for b in setup.batches for mode in setup.decodings}
-    todo["decode: batch 8 over 8 adapters"] = lambda: many_adapters(model, 8, setup, device)  # last: unloads the LoRA
+    batches = setup.batches if args.decoding == "eager" else setup.compiled_batches
+    todo = {f"decode: batch {b} {args.decoding}": (lambda b=b: decode(model, b, args.decoding, setup, device))
+            for b in batches}
+    if args.decoding == "eager":
+        todo = {"train: fused": lambda: {"backend": backend, **train(model, qadapter_loss, setup, device)},
+                "train: eager-authors": lambda: train(model, eager_authors_loss, setup, device), **todo}
+        todo["decode: batch 8 over 8 adapters"] = lambda: many_adapters(model, 8, setup, device)  # last: unloads the LoRA
     for name, fn in todo.items():
-        run_part(parts, name, deadline, fn if model is not None else no_model)
+        run_part(parts, name, budget, fn if model is not None else no_model)
         write_json(result, args.out)  # a step killed at its time limit keeps the parts measured
     return finish_run(result, markdown(result), args.out, started)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU proof in one command: every kernel built, checked against the reference and timed.
 #
-#   bash bench/gpu.sh OUTDIR [1|2|3|all|STEP,STEP,...] [--dry-run]
+#   bash bench/gpu.sh OUTDIR [1|2|3|4|all|STEP,STEP,...] [--dry-run]
 #
 # Part 1 (< 8 minutes on an H100/H200): versions, the CUDA extension's just-in-time build for this
 # GPU (in the background, beside the Triton tests), the Triton, backend-agreement and CUDA tests on
@@ -9,7 +9,7 @@
 # soft-capped Gemma-2-2B head shapes, then time as a multiple of T_gemm3, peak memory, copy
 # bandwidth; every row bounded), bench.cuda_check (row step against the copy
 # bandwidth, decode, pairwise) and bench.consumer_gpu (one Llama-3.1-8B LoRA step under 24 GB,
-# fused loss vs the authors' full logits, then decoding, 8 adapters in one batch and serving).
+# fused loss vs the authors' full logits, then eager decoding, 8 adapters in one batch and serving).
 # Part 2 (< 6 minutes): compute-sanitizer memcheck and racecheck on small shapes, gradient
 # filtering at the Llama-3.1-8B head (bench.grad_filter: random and peaked policies, the gradient
 # against float64, the filtered product alone: dense GEMM, gathered GEMMs, the kept-blocks kernel),
@@ -21,8 +21,11 @@
 # bench.carry --check (imported from there, a CUDA library loaded, an NF4 round trip) and
 # bench.quantized_gpu (the Llama-3.1-8B step on a 4-bit base under 8-24 GiB beside the memory
 # plan, LoRA on q/v and on every projection; the fused loss and the authors' on an 8-bit base).
+# Part 4 (< 5 minutes): bench.consumer_gpu --decoding compiled, the 8B model's decoding with the
+# static cache and the compiled step (generate's default on CUDA; each batch compiles two 32-layer
+# steps, minutes of their own).
 # Steps by name (to rerun some): versions, triton-tests, cuda-build, backend-tests, gpu-check,
-# cuda-check, consumer, memcheck, racecheck, grad-filter, wheel, carry, quantized.
+# cuda-check, consumer, memcheck, racecheck, grad-filter, wheel, carry, quantized, consumer-compiled.
 # --dry-run: the same steps on CPU with tiny shapes and the Triton interpreter; the GPU-only steps
 # are reported as skipped with the reason. CI runs it, so a GPU run never fails on a typo. It checks
 # what would be carried: bench/carry when it is built, else a copy made from the installed wheel.
@@ -36,7 +39,7 @@
 # python/ (the qadapter model layer) for the consumer step.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|3|all|STEP,STEP,...] [--dry-run]}"
+OUT="${1:?usage: bash bench/gpu.sh OUTDIR [1|2|3|4|all|STEP,STEP,...] [--dry-run]}"
 PART="${2:-all}"
 DRY=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && DRY=1; done
@@ -151,6 +154,7 @@ raise SystemExit(0 if (ok and compiled) or '$DRY' == '1' else 1)")
 PART1="versions,triton-tests,cuda-build,backend-tests,gpu-check,cuda-check,consumer"
 PART2="memcheck,racecheck,grad-filter,wheel"
 PART3="carry,quantized"
+PART4="consumer-compiled"
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 run_steps() {
@@ -172,6 +176,8 @@ run_steps() {
     else
       { wants carry || wants quantized; } && skip "bitsandbytes (carried) and quantized base" "bitsandbytes is not installed here"
     fi
+    wants consumer-compiled && step "consumer decoding, compiled (tiny model)" 200 "$PY" -m bench.consumer_gpu --dry-run \
+      --decoding compiled --out "$OUT/consumer-compiled.json"
     return
   fi
   # The extension and the wheel compile on the CPU cores while the GPU runs the Triton tests.
@@ -189,6 +195,9 @@ run_steps() {
   if [ -n "$builder" ]; then
     wait "$builder"
     cat "$OUT/.build.log" >>"$LOG"; rm -f "$OUT/.build.log"
+    # A build killed at its limit (here or in the Triton tests, whose backends() builds too) leaves torch's
+    # lock file, on which every later build would wait for ever; nothing else builds now.
+    rm -f "$("$PY" -c 'from qadapter_kernels.toolchain.cache import cache_dir; print(cache_dir("cuda"))')/lock"
   fi
   wants cuda-build && step "cuda extension build" 60 build_extension
   # Every registered backend against the reference (tests/kernels/test_backends.py, bf16 included), then the
@@ -200,8 +209,10 @@ run_steps() {
   # cuda_check runs the CUDA tests (pytest -m gpu tests/kernels/test_cuda_ext.py) before its timings.
   wants cuda-check && step "cuda tests and cuda_check" 90 "$PY" -m bench.cuda_check --skip-sanitizer --out "$OUT"
   # The last part (8 adapters in one batch, then serving) starts within the budget and has the rest to finish;
-  # the JSON is rewritten after every part, so the step's time limit loses no part already measured.
-  wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 140 "$PY" -m bench.consumer_gpu --budget-s 85 --out "$OUT/consumer.json"
+  # a part still running at --limit-s is cut short (recorded as timed out) and the JSON, rewritten after
+  # every part, keeps the parts measured.
+  wants consumer && step "consumer step (Llama-3.1-8B, 24 GB cap)" 140 "$PY" -m bench.consumer_gpu --budget-s 85 \
+    --limit-s 130 --out "$OUT/consumer.json"
   if command -v compute-sanitizer >/dev/null; then
     wants memcheck && step "memcheck (CUDA + Triton, small shapes)" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \
@@ -229,18 +240,22 @@ run_steps() {
     rm -f "$OUT/.wheel.log"
   fi
   wants carry && step "bitsandbytes (carried)" 120 "$PY" -m bench.carry --check "$CARRY"
-  wants quantized && step "quantized base (Llama-3.1-8B, 8-24 GiB caps)" 420 "$PY" -m bench.quantized_gpu --budget-s 390 --out "$OUT/quantized.json"
+  wants quantized && step "quantized base (Llama-3.1-8B, 8-24 GiB caps)" 420 "$PY" -m bench.quantized_gpu --budget-s 390 \
+    --limit-s 410 --out "$OUT/quantized.json"
+  wants consumer-compiled && step "consumer decoding, compiled (Llama-3.1-8B, 24 GB cap)" 290 "$PY" -m bench.consumer_gpu \
+    --decoding compiled --budget-s 200 --limit-s 280 --out "$OUT/consumer-compiled.json"
 }
 
 case "$PART" in
   1) STEPS="$PART1" ;;
   2) STEPS="$PART2" ;;
   3) STEPS="$PART3" ;;
-  all) STEPS="$PART1,$PART2,$PART3" ;;
+  4) STEPS="$PART4" ;;
+  all) STEPS="$PART1,$PART2,$PART3,$PART4" ;;
   *) STEPS="$PART" ;;
 esac
 for name in ${STEPS//,/ }; do
-  [[ ",$PART1,$PART2,$PART3," == *",$name,"* ]] || { echo "unknown step '$name'; steps: $PART1,$PART2,$PART3" >&2; exit 2; }
+  [[ ",$PART1,$PART2,$PART3,$PART4," == *",$name,"* ]] || { echo "unknown step '$name'; steps: $PART1,$PART2,$PART3,$PART4" >&2; exit 2; }
 done
 run_steps
 echo

@@ -35,12 +35,10 @@ bench/harness.py's floor and the row-step bandwidth its measure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import functools
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +52,8 @@ from bench.common import (
     RESULTS,
     SHAPES,
     Case,
+    CutShort,
+    RowTimeout,
     Shape,
     Timer,
     copy_bandwidth,
@@ -62,6 +62,8 @@ from bench.common import (
     make_case_inputs,
     release,
     slug,
+    stop_on_sigterm,
+    time_limit,
     versions,
 )
 from bench.harness import gemm3_step, row_step_bandwidth, row_step_inputs
@@ -110,30 +112,6 @@ def make_inputs(shape: Shape, tokens: int, dtype: torch.dtype, device: str, *, q
     """bench.common's inputs over ``B = 8`` rows of ``tokens / 8 + 1`` positions, ``B * (T - 1) = tokens`` scored."""
     case = Case(shape, tokens, dtype, torch.device(device), pairs=PAIRS)
     return make_case_inputs(case, seed, q_head=q_head, adapter_noise=ADAPTER_NOISE)
-
-
-class RowTimeout(BaseException):
-    """A row ran over its time limit. Not an ``Exception``: the ``except Exception`` of a library
-    (an autotuner, Triton's interpreter) lets it through, as it does KeyboardInterrupt."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raises :class:`RowTimeout` in the block after ``seconds`` (SIGALRM: the main thread of a
-    POSIX process; Python code between kernel launches, such as an autotuner's loop, is cut short)."""
-    if seconds <= 0:
-        raise RowTimeout("no time left")
-
-    def on_alarm(signum, frame):
-        raise RowTimeout(f"over its {seconds:.0f} s limit")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -317,15 +295,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-class CutShort(BaseException):
-    """The run was told to stop (SIGTERM, as ``timeout`` sends at the step's budget); a
-    ``BaseException`` for the reason :class:`RowTimeout` is one."""
-
-
-def _on_sigterm(signum, frame):
-    raise CutShort("stopped by SIGTERM")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="correctness, speed and memory of every backend on this GPU")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (use TRITON_INTERPRET=1)")
@@ -343,7 +312,7 @@ def main(argv=None) -> int:
     else:
         print("no CUDA device: run with --dry-run (and TRITON_INTERPRET=1) to check the script on CPU")
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    stop_on_sigterm()
     fns = loss_fns()
     result = {"versions": versions(device), "date": dt.datetime.now().isoformat(timespec="seconds"),
               "backends": {name: st.reason or "available" for name, st in backend_statuses().items()},

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     run = start_run(argv, "python -m bench.quantized_gpu", __doc__.split("\n")[0], 360.0, DRY, GPU)
     if run is None:
         return 2
-    args, setup, device, started, deadline = run
+    args, setup, device, started, budget = run
     result = {"setup": asdict(setup), "versions": versions(device, ("transformers", "peft", "bitsandbytes", "accelerate")),
               "lora": LORA | {"targets": TARGETS}, "gradient_checkpointing": True,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "parts": {}}
@@ -183,16 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         return with_plan(measured, predicted(model, step, quantization, targets)) if loss_fn is qadapter_loss \
             else measured
 
-    run_part(parts, "4-bit base", deadline, lambda: load("4bit"))
+    run_part(parts, "4-bit base", budget, lambda: load("4bit"))
     for label, targets in TARGETS.items():
-        run_part(parts, f"4-bit, LoRA on {label}", deadline, lambda t=targets: adapter(t))
+        run_part(parts, f"4-bit, LoRA on {label}", budget, lambda t=targets: adapter(t))
         for seq, cap in setup.points:
-            run_part(parts, f"4-bit, LoRA on {label}: {setup.pairs} x {seq} under {cap:g} GiB", deadline,
+            run_part(parts, f"4-bit, LoRA on {label}: {setup.pairs} x {seq} under {cap:g} GiB", budget,
                      lambda t=targets, s=seq, c=cap: row("4bit", t, s, c))
-    run_part(parts, "8-bit base", deadline, lambda: load("8bit"))
-    run_part(parts, "8-bit, LoRA on q,v", deadline, lambda: adapter(TARGETS["q,v"]))
+    run_part(parts, "8-bit base", budget, lambda: load("8bit"))
+    run_part(parts, "8-bit, LoRA on q,v", budget, lambda: adapter(TARGETS["q,v"]))
     for name, loss_fn in (("fused", qadapter_loss), ("eager-authors", eager_authors_loss)):
-        run_part(parts, f"8-bit, LoRA on q,v: {setup.pairs} x {setup.int8_seq}, {name}", deadline,
+        run_part(parts, f"8-bit, LoRA on q,v: {setup.pairs} x {setup.int8_seq}, {name}", budget,
                  lambda f=loss_fn: row("8bit", TARGETS["q,v"], setup.int8_seq, None, f))
     return finish_run(result, markdown(result), args.out, started)
 

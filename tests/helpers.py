@@ -278,7 +278,8 @@ def decode_joining_and_leaving(adapter_set):
     for request in requests[:2] + requests[3:]:
         prompt = torch.tensor([request.prompt], device=engine.device)
         alone = adapter_set.generate(prompt, adapters=[request.adapter], max_new_tokens=request.max_tokens,
-                                     eos_token_id=2, pad_token_id=0, do_sample=False)[0, prompt.shape[1]:].tolist()
+                                     eos_token_id=2, pad_token_id=0, do_sample=False,
+                                     compiled=False)[0, prompt.shape[1]:].tolist()  # the engine's steps are eager
         assert request.tokens == (alone[:alone.index(2)] if 2 in alone else alone), (request.adapter, alone)
 
 

@@ -1,11 +1,14 @@
 """The consumer-GPU benchmark (``python -m bench.consumer_gpu``) runs end to end on CPU with
---dry-run, and a failing part is recorded while the others still run."""
+--dry-run, and a failing part, or one cut short, is recorded while the others still run."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,14 @@ from bench import consumer_gpu  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 LOSS_ROWS = ("train: fused", "train: eager-authors")
 DECODE_ROWS = ("decode: batch 1 eager", "decode: batch 8 eager")
+
+
+@pytest.fixture(autouse=True)
+def sigterm_restored():
+    """``main`` turns SIGTERM into an exception for the run: the test process gets its own back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
 def test_dry_run_writes_every_row(tmp_path):
@@ -72,3 +83,25 @@ def test_time_budget_skips_the_remaining_parts(tmp_path):
     parts = json.loads(out.read_text())["parts"]
     assert {row["status"] for row in parts.values()} == {"skipped: time budget"}
     assert set(parts) == {"build", *LOSS_ROWS, *DECODE_ROWS, "decode: batch 8 over 8 adapters"}
+
+
+@pytest.mark.parametrize("stop", ["limit", "sigterm"])
+def test_a_part_cut_short_is_recorded_and_the_result_written(tmp_path, monkeypatch, stop):
+    """A part still running at ``--limit-s``, or when the step's ``timeout`` sends SIGTERM, is recorded
+    as timed out; the parts after it run (or are skipped by the budget) and the JSON is written."""
+    def decode(model, batch, decoding, setup, device):
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        return {}
+
+    monkeypatch.setattr(consumer_gpu, "decode", decode)
+    out = tmp_path / "result.json"
+    started = time.monotonic()
+    assert consumer_gpu.main(["--dry-run", "--decoding", "compiled", "--limit-s", "20", "--out", str(out)]) == 0
+    assert time.monotonic() - started < 50
+    result = json.loads(out.read_text())
+    assert result["decoding"] == "compiled" and list(result["parts"]) == ["build", "decode: batch 1 compiled"]
+    row = result["parts"]["decode: batch 1 compiled"]
+    assert row["status"] == "timed out"
+    assert ("stopped by SIGTERM" if stop == "sigterm" else "s limit") in row["error"]

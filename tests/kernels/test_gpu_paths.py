@@ -128,12 +128,14 @@ def test_model_bfloat16_on_gpu_is_close_to_float32():
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 3e-2 * max(1.0, abs(losses[torch.float32])), losses
 
 
-def test_cached_generation_on_gpu_matches_plain_loop():
-    """Cached decoding through the Triton combine gives the tokens of the eager re-running loop."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cached_generation_on_gpu_matches_plain_loop(compiled):
+    """Cached decoding gives the tokens of the eager re-running loop: eager through the backend's
+    Triton combine, compiled (CUDA's default: static cache, CUDA graphs) through the traced one."""
     model = make_model().to("cuda")
     ids, mask = left_padded_prompts()
     ids, mask = ids.cuda(), mask.cuda()
-    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], compiled=compiled)
     assert torch.equal(out, plain_greedy(model, ids, mask, 12))
 
 

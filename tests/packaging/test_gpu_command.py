@@ -30,7 +30,7 @@ def test_gpu_command_dry_run(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    for step in ("versions", "triton tests", "gpu_check", "consumer step", "wheel"):
+    for step in ("versions", "triton tests", "gpu_check", "consumer step", "wheel", "consumer decoding, compiled"):
         assert f"| {step}" in summary, summary
     assert "FAILED" not in summary and "TIMEOUT" not in summary, summary
     assert "skipped: no GPU (dry run)" in summary  # the GPU-only steps say why they did not run
