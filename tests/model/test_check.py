@@ -86,6 +86,13 @@ def test_baseline_report_shows_the_change_since(adapters, tmp_path, capsys):
     assert info.value.code == 2
     assert f"probe_items {before_report['probe_items']} there, 3 here (--probe-items)" in capsys.readouterr().err
     assert not (tmp_path / "third").exists()
+    # As many pairs, but other ones (another --data): refused too.
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps(r) for r in rows(8, seed=2)) + "\n")
+    with pytest.raises(SystemExit) as info:
+        _check(tmp / "forgot", other, "--output", str(tmp_path / "fourth"), "--baseline", str(first / "check.json"))
+    assert info.value.code == 2 and "the pairs' tokens differ (--data," in capsys.readouterr().err
+    assert not (tmp_path / "fourth").exists()
 
 
 def test_thresholds_file_and_flags(adapters, tmp_path, capsys):

@@ -10,6 +10,8 @@ with an earlier report when one is given (the change since).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -125,18 +127,33 @@ def change_since(measures: dict, baseline: dict) -> dict:
             if isinstance(before.get(name), (int, float)) and isinstance(value, (int, float))}
 
 
-SAMPLE_OPTIONS = {"pairs": "--max-pairs", "probe_items": "--probe-items", "passages": "--passages"}
+SAMPLE_OPTIONS = {"pairs": "--data or --max-pairs", "probe_items": "--probe-items", "passages": "--passages",
+                  "pairs_sha256": "--data, --max-length or --max-prompt-length"}
+
+
+def pairs_digest(features: list[dict]) -> str:
+    """sha256 of the measured pairs' tokens and labels: which pairs a report measured, not only how many."""
+    digest = hashlib.sha256()
+    for feature in features:
+        digest.update(json.dumps(feature, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def check_same_sample(baseline: dict, sample: dict) -> None:
-    """A change since a baseline compares like with like: the same numbers of pairs, probe questions
-    and passages (each subsample is the first n of a fixed order); refused otherwise, before measuring."""
+    """A change since a baseline compares like with like: the same pairs (as many, and the same tokens
+    where the baseline recorded them), as many probe questions and passages (each subsample is the
+    first n of a fixed order); refused otherwise, before measuring."""
     differ = {k: (baseline.get(k), n) for k, n in sample.items() if k in baseline and baseline[k] != n}
+    if "pairs" in differ:
+        differ.pop("pairs_sha256", None)  # other pairs, already said by their count
     if differ:
+        def said(k, before, now):
+            if k == "pairs_sha256":
+                return f"the pairs' tokens differ ({SAMPLE_OPTIONS[k]})"
+            return f"{k} {before} there, {now} here ({SAMPLE_OPTIONS[k]})"
         raise ValueError("the baseline report measured another sample, so the change would compare different "
-                         "things: " + "; ".join(f"{k} {before} there, {now} here ({SAMPLE_OPTIONS[k]})"
-                                                for k, (before, now) in differ.items())
-                         + ". Run with the baseline's sizes (and data)")
+                         "things: " + "; ".join(said(k, *values) for k, values in differ.items())
+                         + ". Run with the baseline's data and sizes")
 
 
 def read_report(path: str | Path) -> dict:
@@ -152,7 +169,8 @@ def run_check(model: QAdapterModel, features: list[dict], thresholds: Thresholds
     """The check's report: measures, each threshold's verdict, the failures, and the change since ``baseline``."""
     probe = subsample(load_probe(), probe_items)
     texts = subsample(general_passages(), passages)
-    sample = {"pairs": len(features), "probe_items": len(probe), "passages": len(texts)}
+    sample = {"pairs": len(features), "probe_items": len(probe), "passages": len(texts),
+              "pairs_sha256": pairs_digest(features)}
     if baseline is not None:
         check_same_sample(baseline, sample)
     measures = measure(model, features, probe=probe, passages=texts)
