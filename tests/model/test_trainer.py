@@ -39,6 +39,31 @@ def test_training_learns_the_preference_and_logs_metrics(tmp_path):
     assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
 
 
+@pytest.mark.parametrize("container", ["list", "datasets"])
+def test_raw_preference_rows_are_tokenized_as_the_command_line_does(tmp_path, container):
+    """Rows of prompt/chosen/rejected train as their tokenized pairs (the config's lengths); rows the
+    collator cannot take are refused by name, not with a KeyError."""
+    from helpers import rows
+    from qadapter.library.data import PreferenceCollator
+
+    trained = {}
+    for kind in ("tokenized", "raw"):
+        model, tokenizer, args, train, _ = training_setup(tmp_path / kind, max_steps=3, max_length=48)
+        if kind == "raw":
+            train = rows(32, seed=0)
+            if container == "datasets":
+                datasets = pytest.importorskip("datasets")
+                train = datasets.Dataset.from_list(train)
+        QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+        trained[kind] = lora_state(model)
+    for name, value in trained["tokenized"].items():
+        torch.testing.assert_close(trained["raw"][name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="takes tokenized pairs .*load_preference_data"):
+        PreferenceCollator(pad_token_id=0)([{"question": "?", "answer": "!"}])
+    with pytest.raises(ValueError, match="train_dataset holds raw preference rows .*processing_class="):
+        QAdapterTrainer(model=fresh_base(), args=args, train_dataset=rows(2, seed=0))
+
+
 def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     model, tokenizer, args, train, _ = training_setup(tmp_path / "full", max_steps=6)
     QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()

@@ -316,6 +316,9 @@ def load_preference_data(
     return datasets.Dataset.from_list(features), summary
 
 
+PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
 @dataclass
 class PreferenceCollator:
     """Stacks pairs as ``[chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}]`` (the loss's layout),
@@ -334,6 +337,10 @@ class PreferenceCollator:
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("PreferenceCollator got no pairs: a batch holds at least one")
+        if not all(key in features[0] for key in PAIR_KEYS):
+            raise ValueError(f"PreferenceCollator takes tokenized pairs ({', '.join(PAIR_KEYS)}); got a row of "
+                             f"{sorted(features[0])}: tokenize raw rows with qadapter.library.data.load_preference_data "
+                             "or tokenize_rows")
         sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         length = max(len(s) for s in sequences)

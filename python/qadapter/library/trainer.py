@@ -28,7 +28,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
 from . import atomic
-from .data import IGNORE_INDEX, PreferenceCollator
+from .data import IGNORE_INDEX, PreferenceCollator, tokenize_rows
 from .hidden import whole_parameters
 from .provenance import rows_hash
 from .saved import HUB_FILES, holds_adapter
@@ -234,8 +234,31 @@ def _adapter_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _tokenized(dataset, tokenizer, args: QAdapterConfig | None, name: str):
+    """``dataset`` as the collator takes it: raw preference rows (``chosen`` and ``rejected``, with or
+    without ``prompt``, as ``qadapter train`` reads them) tokenized with ``args``' lengths, as TRL's
+    trainers tokenize theirs; tokenized pairs, streams and anything else pass as they are."""
+    if isinstance(dataset, dict):
+        return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]") for key, part in dataset.items()}
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return dataset
+    first = dataset[0]
+    if not isinstance(first, dict) or "chosen_input_ids" in first or not {"chosen", "rejected"} <= first.keys():
+        return dataset
+    if tokenizer is None:
+        raise ValueError(f"{name} holds raw preference rows (chosen, rejected): pass processing_class= (the "
+                         "tokenizer) to tokenize them, or tokenized pairs (qadapter.library.data.load_preference_data)")
+    lengths = {} if args is None else {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
+    features, _ = tokenize_rows(dataset, tokenizer, **lengths)
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset stays one (select, shuffle, save_to_disk)
+        return type(dataset).from_list(features)
+    return features
+
+
 class QAdapterTrainer(Trainer):
-    """Trainer for a :class:`qadapter.QAdapterModel` on tokenized preference pairs.
+    """Trainer for a :class:`qadapter.QAdapterModel` on preference pairs: tokenized, or raw rows
+    (``chosen``/``rejected`` messages, or ``prompt``/``chosen``/``rejected``) that it tokenizes with the
+    config's ``max_length`` and ``max_prompt_length``.
 
     With ``reward_norm`` "mean" or "sum", each micro-batch's loss is its exact share of the step's
     loss (the step's pair and token counts come from :meth:`get_batch_samples`, Trainer's
@@ -248,6 +271,9 @@ class QAdapterTrainer(Trainer):
     """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
+        for name in ("train_dataset", "eval_dataset"):
+            tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
+            kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name)
         if data_collator is None and processing_class is not None:
             pad = processing_class.pad_token_id
             data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
