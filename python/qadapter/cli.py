@@ -445,6 +445,31 @@ def _serve_parser(p) -> None:
                    help="the HTTP server's log (info: one line per request)")
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Binds ``host:port`` as uvicorn will (asyncio's create_server: every address the host resolves to,
+    SO_REUSEADDR) and lets go, so that a port in use is a usage error before the model loads, not a
+    bind error after it."""
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        _usage_error("serve", f"--host {host}: {exc.strerror}")
+    for family, kind, protocol, _, address in addresses:
+        try:
+            sock = socket.socket(family, kind, protocol)
+        except OSError:  # a family this machine lacks: asyncio passes over it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                _usage_error("serve", f"--host {host} --port {port}: cannot listen there: {exc.strerror}")
+
+
 def _run_serve(args) -> int:
     from .library.adapter_set import AdapterSet
     from .library.defaults import DEFAULT_MODEL, load_base
@@ -460,6 +485,7 @@ def _run_serve(args) -> int:
         prefix_cache = parse_size(args.prefix_cache) if args.prefix_cache else 0
     except ValueError as exc:
         _usage_error("serve", f"--prefix-cache: {exc}")
+    _check_listen(args.host, args.port)
     adapters = {}
     for item in args.adapter:
         name, sep, path = item.partition("=")

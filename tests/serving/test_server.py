@@ -130,6 +130,8 @@ def test_models_lists_the_base_and_the_adapters(server, saved):
     assert models[0].root == str(saved[0] / "base") and models[0].parent is None
     assert [(m.root, m.parent) for m in models[1:]] == [(str(saved[2][name]), "base") for name in ADAPTERS]
     assert models[0].max_model_len == 128
+    # created: when each was loaded (the base and the adapters given at start: the server's start).
+    assert {m.created for m in models} == {models[0].created} and time.time() - 3600 < models[0].created <= time.time()
     one = client(server[0]).models.retrieve("formal")
     assert one.id == "formal" and one.parent == "base" and one.root == str(saved[2]["formal"])
     with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
@@ -233,6 +235,39 @@ def test_chat_streamed_equals_chat_whole(server):
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason and chunks[-2].usage is None
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_a_stream_carries_a_usage_only_with_include_usage(server, chat):
+    """As OpenAI's: without ``stream_options.include_usage`` no chunk has a usage; with it every chunk has
+    ``usage: null`` but the last, which has the usage and no choices."""
+    url = f"{server[0]}/{'chat/' if chat else ''}completions"
+    body = {"model": "kind", "max_tokens": 6, "temperature": 0,
+            **({"messages": [{"role": "user", "content": "hello world"}]} if chat else {"prompt": "hello world"})}
+
+    def stream(**fields) -> list[dict]:
+        with httpx.stream("POST", url, json={**body, "stream": True, **fields}, timeout=60) as answer:
+            lines = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    plain = stream()
+    assert not any("usage" in chunk for chunk in plain) and plain[-1]["choices"][0]["finish_reason"]
+    counted = stream(stream_options={"include_usage": True})
+    assert all(chunk["usage"] is None for chunk in counted[:-1]) and counted[-1]["choices"] == []
+    assert counted[-1]["usage"] == httpx.post(url, json=body, timeout=60).json()["usage"]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, None], ids=["stream-false", "no-stream"])
+def test_stream_options_without_a_stream_are_refused(server, chat, stream):
+    """As OpenAI and vLLM answer: options of a stream that the request does not ask for are a 400."""
+    body = {"model": "kind", "max_tokens": 2, "stream_options": {"include_usage": True},
+            **({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}),
+            **({} if stream is None else {"stream": stream})}
+    answer = httpx.post(f"{server[0]}/{'chat/' if chat else ''}completions", json=body, timeout=60)
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == "stream_options" and "stream=true" in error["message"]
+
+
 def test_stop_strings_end_the_answer_before_them(server, solo_text):
     full = solo_text("terse", PROMPTS[1], 16)
     if len(full) < 4:
@@ -293,6 +328,18 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+def test_an_unknown_route_or_method_is_answered_in_the_error_shape(server):
+    """Not Starlette's plain text: OpenAI's error object, naming the path (404) or the method (405)."""
+    root = server[0].removesuffix("/v1")
+    missing = httpx.post(f"{root}/v1/embeddings", json={}, timeout=10)
+    error = missing.json()["error"]
+    assert missing.status_code == 404 and error["type"] == "not_found_error"
+    assert "no route /v1/embeddings" in error["message"] and "/v1/chat/completions" in error["message"]
+    wrong = httpx.get(f"{server[0]}/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["message"] == "GET is not allowed on /v1/completions; it takes POST"
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
     """Each field is implemented, cannot change the answer, or is refused with a 400 naming it, never
@@ -323,6 +370,29 @@ def test_a_field_the_server_does_not_take_is_refused_by_name(server, chat):
         with pytest.raises(openai.BadRequestError, match=r"messages\[0\] has name: a message here is its role") as exc:
             api.chat.completions.create(model="formal", messages=[{"role": "user", "content": "hi", "name": "ann"}],
                                         max_tokens=2)
+        assert exc.value.param == "messages"
+
+
+def test_chat_content_may_be_a_list_of_text_parts(server):
+    """OpenAI's content parts, what many clients send: text parts, in any role, read as their texts
+    joined by newlines (as vLLM reads them); any other part (an image, audio) is a 400 naming it, never dropped."""
+    api = client(server[0])
+
+    def ask(system, user):
+        return api.chat.completions.create(model="formal", max_tokens=6, temperature=0, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": user}]).choices[0].message.content
+
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
+    assert ask([{"type": "text", "text": "be brief"}], parts) == ask("be brief", "hello\nworld")
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    for content, message in (([parts[0], image], r"messages\[1\].content\[1\] is a part of type 'image_url': this "
+                                                 "server takes text parts only"),
+                             ([{"type": "input_audio", "input_audio": {}}], r"content\[0\] is a part of type 'input_audio'"),
+                             ([{"text": "no type"}], r"messages\[1\].content\[0\] must be a text part"),
+                             ([{"type": "text", "text": "hi", "cache_control": {}}], "must be a text part"),
+                             ([], r"messages\[1\].content must be a string or a non-empty list")):
+        with pytest.raises(openai.BadRequestError, match=message) as exc:
+            ask("be brief", content)
         assert exc.value.param == "messages"
 
 
@@ -645,6 +715,26 @@ def test_serve_command_refuses_bad_adapter_arguments(argument, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_serve_command_refuses_a_port_in_use_before_loading_anything(monkeypatch, capsys):
+    """A usage error (2) naming --host and --port, at once, not uvicorn's bind error once the model has loaded."""
+    from qadapter.cli import main
+    from qadapter.library import defaults
+
+    def load_base(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(defaults, "load_base", load_base)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "--host", "127.0.0.1", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--host 127.0.0.1 --port {port}: cannot listen there" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_serve_command_refuses_a_name_given_twice(saved, capsys):
     from qadapter.cli import main
 
@@ -776,7 +866,9 @@ def test_an_adapter_directory_loads_models_on_first_use_and_unloads_the_least_re
             return api.completions.create(model=model, prompt=PROMPTS[1], max_tokens=8, temperature=0).choices[0].text
 
         assert [m.id for m in api.models.list().data] == ["base", "terse"]
+        before = int(time.time())
         assert answer("formal") == solo_text("formal", PROMPTS[1], 8)
+        assert api.models.retrieve("formal").created >= before >= api.models.retrieve("base").created
         assert answer("kind") == solo_text("kind", PROMPTS[1], 8)
         assert answer("formal") == solo_text("formal", PROMPTS[1], 8)  # now the most recent of the two
         assert [m.id for m in api.models.list().data] == ["base", "terse", "formal", "kind"]
@@ -785,8 +877,12 @@ def test_an_adapter_directory_loads_models_on_first_use_and_unloads_the_least_re
         assert answer("kind") == solo_text("kind", PROMPTS[1], 8) and answer("terse") == solo_text("terse", PROMPTS[1], 8)
         assert engine.adapter_set.names == ["terse", "brief", "kind"]  # formal, the least recent, went
         for name in (".hidden", "../formal", "nope", str(adapter_dir / "formal")):
-            with pytest.raises(openai.NotFoundError, match="does not exist"):
+            with pytest.raises(openai.NotFoundError, match="does not exist") as exc:
                 answer(name)
+            assert f"or a folder of the adapter directory {str(adapter_dir)!r}" in exc.value.body["message"]
+            assert "loaded on first use" in exc.value.body["message"]
+        with pytest.raises(openai.NotFoundError, match="a folder of the adapter directory"):
+            api.models.retrieve("nope")
         with pytest.raises(openai.BadRequestError, match="'empty' of the adapter directory holds no adapter"):
             answer("empty")
 
@@ -845,6 +941,7 @@ def test_adapters_load_and_unload_while_the_server_runs(updatable_server, saved,
     and so does that request; an unloaded adapter is gone from the models and refused by name."""
     base_url, _ = updatable_server
     api, paths = client(base_url), saved[2]
+    before = int(time.time())
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(lambda: api.completions.create(model="terse", prompt=PROMPTS[2], max_tokens=40,
                                                              temperature=0).choices[0].text)
@@ -853,6 +950,7 @@ def test_adapters_load_and_unload_while_the_server_runs(updatable_server, saved,
         assert running.result() == solo_text("terse", PROMPTS[2], 40)
     assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'kind' added successfully."
     assert [m.id for m in api.models.list().data] == ["base", "terse", "formal", "kind"]
+    assert api.models.retrieve("kind").created >= before >= api.models.retrieve("terse").created  # when it loaded
     answer = api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=10, temperature=0)
     assert answer.choices[0].text == solo_text("kind", PROMPTS[0], 10)
 

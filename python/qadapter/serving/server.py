@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -75,6 +76,18 @@ class BadRequest(Exception):
 def _error(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+async def _no_route(http: HttpRequest, exc: HTTPException) -> JSONResponse:
+    """Starlette's refusals of a path no route has (404) or a method its route does not take (405), in
+    the error shape of the others, so that a client reads them as it reads any error."""
+    if exc.status_code == 405:
+        message = f"{http.method} is not allowed on {http.url.path}; it takes {exc.headers['Allow']}"
+    else:
+        message = f"no route {http.url.path}; the routes: {', '.join(route.path for route in http.app.routes)}"
+    response = _error(message, exc.status_code)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float = math.inf,
@@ -134,6 +147,10 @@ class Server:
         self.allow_adapter_updates = allow_adapter_updates
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
         self.max_adapters = max_adapters
+        # /v1/models' created: when each adapter the server loaded was loaded; the base and the adapters
+        # loaded before it, the server's start.
+        self._started = int(time.time())
+        self._created: dict[str, int] = {}
         # The adapters loaded from adapter_dir, least recently asked for first; a load or an eviction
         # holds the lock, and so does a request for one of them until it is queued (so it keeps its model).
         self._from_dir: OrderedDict[str, None] = OrderedDict()
@@ -157,14 +174,16 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             *(updates if self.allow_adapter_updates else []),
-        ], lifespan=lifespan)
+        ], lifespan=lifespan, exception_handlers={404: _no_route, 405: _no_route})
 
     @property
     def model_names(self) -> list[str]:
         return [BASE_MODEL, *self.engine.adapter_set.names]
 
     async def health(self, request: HttpRequest):
-        """200 while the engine takes requests, 503 once it does not (a load balancer's probe, as vLLM's)."""
+        """200 while the engine takes requests, 503 when it does not (a load balancer's probe, as vLLM's):
+        stopped or not started. After Ctrl-C uvicorn accepts no connection, so a probe fails to connect;
+        only a connection already open still reads the 503, for an instant."""
         if self.engine.serving:
             return PlainTextResponse("")
         return _error("the engine is not running (stopped, or shutting down)", 503)
@@ -178,8 +197,9 @@ class Server:
         (an adapter's model: the base) and the context length."""
         adapters = {a.name: str(a.path) for a in self.engine.adapter_set.adapters}
         base = getattr(self.engine.adapter_set.base_model.config, "name_or_path", None) or None
-        return {"id": name, "object": "model", "created": 0, "owned_by": "qadapter", "root": adapters.get(name, base),
-                "parent": None if name == BASE_MODEL else BASE_MODEL, "max_model_len": self.engine.context_length}
+        return {"id": name, "object": "model", "created": self._created.get(name, self._started), "owned_by": "qadapter",
+                "root": adapters.get(name, base), "parent": None if name == BASE_MODEL else BASE_MODEL,
+                "max_model_len": self.engine.context_length}
 
     async def models(self, request: HttpRequest) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [self._model_entry(name) for name in self.model_names]})
@@ -188,9 +208,16 @@ class Server:
         """OpenAI's model retrieval: one model of the list, by its id."""
         name = request.path_params["model"]
         if name not in self.model_names:
-            return _error(f"model {name!r} does not exist; available: {self.model_names}", 404, "model",
-                          "model_not_found")
+            exc = self._unknown_model(name)
+            return _error(str(exc), exc.status, exc.param, exc.code)
         return JSONResponse(self._model_entry(name))
+
+    def _unknown_model(self, name: str) -> BadRequest:
+        """The 404 for a model that is not loaded: the loaded ones, and where others come from."""
+        where = "" if self.adapter_dir is None else (
+            f", or a folder of the adapter directory {str(self.adapter_dir)!r} (a saved adapter, loaded on first use)")
+        return BadRequest(f"model {name!r} does not exist; available: {self.model_names}{where}", "model", 404,
+                          "model_not_found")
 
     async def completions(self, request: HttpRequest):
         return await self._complete(request, chat=False)
@@ -208,6 +235,7 @@ class Server:
                 raise BadRequest(f"lora_name {name!r} is {'the base' if name == BASE_MODEL else 'loaded already'}",
                                  "lora_name")
             await asyncio.to_thread(self.engine.load_adapter, name, path)
+            self._created[name] = int(time.time())
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except (ValueError, OSError) as exc:  # AdapterLoadError (not an adapter, another base), unreadable files
@@ -224,6 +252,7 @@ class Server:
                 raise BadRequest(f"lora_name {name!r} is not loaded; loaded: {self.engine.adapter_set.names}",
                                  "lora_name", 404)
             await asyncio.to_thread(self.engine.unload_adapter, name)
+            self._created.pop(name, None)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except AdapterBusy as exc:
@@ -266,6 +295,7 @@ class Server:
                 raise BadRequest(f"model {model!r}: the folder {model!r} of the adapter directory holds no adapter "
                                  f"this server can load: {exc}", "model") from exc
             self._from_dir[model] = None
+            self._created[model] = int(time.time())
 
     async def _evict(self) -> None:
         """Unloads the least recently used adapter from the adapter directory that no request waits for."""
@@ -277,6 +307,7 @@ class Server:
             except KeyError:  # unloaded by the route meanwhile
                 pass
             del self._from_dir[name]
+            self._created.pop(name, None)
             return
         raise BadRequest(f"all {self.max_adapters} adapters loaded from the adapter directory have requests "
                          "running (max_adapters); try again when one finishes", "model", 503)
@@ -364,11 +395,10 @@ class Server:
                 if "error" in event:
                     yield _sse({"error": {"message": event["error"], "type": "server_error"}})
                     break
-                last = None not in ends
                 finish = reply.chunk(index, "" if not reply.chat else {}, event["finish_reason"],
-                                     ends if last and not reply.usage_chunk else None, logprobs=event.get("logprobs"))
+                                     logprobs=event.get("logprobs"))
                 yield _sse(finish)
-                if last and reply.usage_chunk:  # stream_options.include_usage: OpenAI's last chunk, usage and no choices
+                if None not in ends and reply.usage_chunk:  # include_usage: OpenAI's last chunk, usage and no choices
                     yield _sse({**finish, "choices": [], "usage": reply.usage(ends)})
             yield "data: [DONE]\n\n"
         finally:
@@ -394,8 +424,7 @@ class Server:
         if not isinstance(model, str):
             raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
         if model not in self.model_names:
-            raise BadRequest(f"model {model!r} does not exist; available: {self.model_names}", "model", 404,
-                             "model_not_found")
+            raise self._unknown_model(model)
         implemented, harmless, unsupported = FIELDS["chat" if chat else "completions"]
         for name in body:
             if name not in implemented + harmless + unsupported:
@@ -424,6 +453,8 @@ class Server:
                 k in ("include_usage", "include_obfuscation") and isinstance(v, bool) for k, v in stream_options.items()):
             raise BadRequest("stream_options must be an object whose include_usage and include_obfuscation are true or "
                              f"false; got {json.dumps(stream_options)}", "stream_options")
+        if body.get("stream_options") is not None and not stream:  # as OpenAI's and vLLM's: no stream, no options
+            raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
         top_k = _int(body, "top_k", 0, -1)  # -1: off, as vLLM has it (and 0, as transformers has it)
         choices = _int(body, "n", 1, 1, MAX_CHOICES)
         if chat:  # logprobs: true asks for them, top_logprobs for that many alternatives
@@ -478,10 +509,10 @@ class Server:
     def _chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
                 for m in messages):
-            raise BadRequest("messages must be a non-empty list of {role, content} objects with string values",
-                             "messages")
+            raise BadRequest("messages must be a non-empty list of {role, content} objects, each role a string and "
+                             "each content a string or a list of text parts", "messages")
         for i, m in enumerate(messages):
             if m["role"] not in CHAT_ROLES:
                 raise BadRequest(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m['role']!r}",
@@ -492,12 +523,32 @@ class Server:
                                  "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        turns = [{"role": m["role"], "content": _text_content(m["content"], f"messages[{i}].content")}
+                 for i, m in enumerate(messages)]
         try:
             ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
         except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
             raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
+
+
+def _text_content(content: str | list, field: str) -> str:
+    """A message's content: a string, or OpenAI's list of content parts, of which only text parts are
+    taken (their texts joined by newlines, as vLLM joins them); an image or audio part is refused by
+    its type, never dropped."""
+    if isinstance(content, str):
+        return content
+    if not content:
+        raise BadRequest(f"{field} must be a string or a non-empty list of text parts; got []", "messages")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise BadRequest(f"{field}[{j}] is a part of type {kind!r}: this server takes text parts only", "messages")
+        if kind != "text" or not isinstance(part.get("text"), str) or any(
+                v is not None for k, v in part.items() if k not in ("type", "text")):
+            raise BadRequest(f'{field}[{j}] must be a text part, {{"type": "text", "text": a string}}; got '
+                             f"{json.dumps(part)[:80]}", "messages")
+    return "\n".join(part["text"] for part in content)
 
 
 class _Reply:
@@ -553,8 +604,9 @@ class _Reply:
                    for i, (text, end, entries) in enumerate(zip(texts, ends, logprobs))]
         return {**self._head("text_completion"), "choices": choices, "usage": self.usage(ends)}
 
-    def chunk(self, index: int, piece: Any, finish_reason: str | None, ends: list[dict] | None = None,
-              logprobs: list | None = None) -> dict:
+    def chunk(self, index: int, piece: Any, finish_reason: str | None, logprobs: list | None = None) -> dict:
+        """One streamed piece of choice ``index``. As OpenAI's, a chunk has a usage (null) only where the
+        stream ends in the usage chunk (stream_options.include_usage), and no usage otherwise."""
         entries = None if logprobs is None else self.logprobs(index, logprobs)
         if self.chat:
             delta = piece if isinstance(piece, dict) else {"content": piece}
@@ -563,8 +615,8 @@ class _Reply:
         else:
             out = {**self._head("text_completion"),
                    "choices": [{"index": index, "text": piece, "logprobs": entries, "finish_reason": finish_reason}]}
-        if ends is not None:
-            out["usage"] = self.usage(ends)
+        if self.usage_chunk:
+            out["usage"] = None
         return out
 
 
