@@ -186,13 +186,28 @@ def _add_base_model_option(p, text: str = "override the base model named in the 
 
 
 def _quantization(args, default=None):
-    """The quantization the quantization options name (a dict), or ``default`` when none is given."""
+    """The quantization the quantization options name (a dict), or ``default`` when none is given;
+    for a saved adapter (``default="saved"``), ``--compute-dtype`` alone is its 4-bit base's with
+    that compute dtype."""
     if args.load_in_4bit:
         return {"method": "nf4", "compute_dtype": args.compute_dtype}
+    if args.compute_dtype and default == "saved" and not args.load_in_8bit:
+        return _saved_with_compute_dtype(args)
     if args.compute_dtype:
         _usage_error(args.command, "--compute-dtype applies with --load-in-4bit"
                                    + (" (LLM.int8 takes no compute dtype)" if args.load_in_8bit else ""))
     return "8bit" if args.load_in_8bit else default
+
+
+def _saved_with_compute_dtype(args) -> dict:
+    from .library import quantization as quant
+    from .library.saved import locate_adapter, read_adapter_config
+
+    saved = read_adapter_config(locate_adapter(args.adapter))["quantization"]
+    if saved is None or saved["method"] == "int8":
+        _usage_error(args.command, f"--compute-dtype applies to a 4-bit base; {args.adapter} was trained on a "
+                                   f"{quant.describe(saved)} base")
+    return {**saved, "compute_dtype": args.compute_dtype}
 
 
 def _train_parser(p) -> None:
@@ -239,6 +254,9 @@ def _training_config(args, extra: list[str]):
     unknown = sorted(set(given) - names)
     if unknown:
         _usage_error("train", f"unrecognized arguments: {', '.join('--' + u for u in unknown)}")
+    if "output_dir" in given:  # the adapter in one place, its checkpoints in another: --resume would not find them
+        _usage_error("train", "--output_dir is --output's: the adapter goes there and the trainer's checkpoints "
+                              "into <output>/checkpoints")
     parser = HfArgumentParser(QAdapterConfig)
     (config,) = parser.parse_args_into_dataclasses(
         args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none", *extra]
@@ -743,8 +761,8 @@ def _switch(text: str) -> bool:
 def _lm_eval_parser(p) -> None:
     p.description = ("Runs lm-evaluation-harness (lm_eval.simple_evaluate) with lm-eval's run options. The "
                      "model is 'qadapter' (--model_args adapter=DIR,base=...,batch_size=8,dtype=bfloat16) unless "
-                     "--model names another; the shipped tasks qadapter_knowledge and qadapter_tldr (run it with "
-                     "--apply_chat_template) are always included. 'ls [tasks|groups|subtasks|tags]' lists the "
+                     "--model names another; the shipped tasks qadapter_knowledge, qadapter_general_text and "
+                     "qadapter_tldr (run it with --apply_chat_template) are always included. 'ls [tasks|groups|subtasks|tags]' lists the "
                      "tasks, 'validate --tasks ...' checks that they exist. The results table is printed, and "
                      "with --output_path the results JSON is written as lm-eval writes it.")
     # Checked after parsing (no argparse choices), so that the value of an unknown option is not
@@ -916,6 +934,7 @@ LIBRARY_CHATTER = (
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
     ("DeepSpeed", "Setting accelerator to CPU"),
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"),  # once per 8-bit layer call
 )
 
 

@@ -239,6 +239,7 @@ CLI = [
     ("train-no-data", ["train", "--output", "x"], "--data"),
     ("train-no-output", ["train", "--data", "d.jsonl"], "--output"),
     ("train-unknown", ["train", *DATA, "--no_such_option", "1"], "--no_such_option"),
+    ("train-output_dir", ["train", *DATA, "--output_dir", "elsewhere"], "--output_dir is --output's"),
     ("train-backend", ["train", *DATA, "--backend", "foo"], "--backend: invalid choice: 'foo'"),
     ("train-reward_norm", ["train", *DATA, "--reward_norm", "avg"], "--reward_norm"),
     ("train-value_at", ["train", *DATA, "--value_at", "later"], "--value_at"),

@@ -92,7 +92,9 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3", "--sample",
                  "--min-p", "0.05", "--repetition-penalty", "1.2", "--stop", "the", "--compile", "no"]) == 0
-    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # a dense base takes no compute dtype
+        main(["generate", "--adapter", str(adapter), "--prompt", "hi", "--compute-dtype", "float32"])
+    assert exc.value.code == 2 and "applies to a 4-bit base" in capsys.readouterr().err
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "4",
                  "--num-beams", "3"]) == 0  # beams do not stream: the answer is printed once the search ends
     model = QAdapterModel.from_pretrained(adapter)

@@ -231,6 +231,9 @@ def test_cli_trains_and_generates_on_a_4bit_base(bases, tmp_path, capsys):
     assert json.loads((out / "qadapter_config.json").read_text())["quantization"]["method"] == "nf4"
     assert main(["generate", "--adapter", str(out), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert main(["eval", "--adapter", str(out), "--data", str(data), "--load-in-4bit"]) == 0
+    # The compute dtype alone: the saved NF4 base with it (float32: this float32 checkpoint's codes).
+    assert main(["generate", "--adapter", str(out), "--prompt", "hello", "--max-new-tokens", "3",
+                 "--compute-dtype", "float32"]) == 0
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--adapter", str(out), "--prompt", "hi", "--load-in-8bit"])
     assert exc.value.code == 2 and "LLM.int8" in capsys.readouterr().err
