@@ -258,6 +258,7 @@ def _training_config(args, extra: list[str]):
         _usage_error("train", "--output_dir is --output's: the adapter goes there and the trainer's checkpoints "
                               "into <output>/checkpoints")
     parser = HfArgumentParser(QAdapterConfig)
+    parser.error = lambda message: _usage_error("train", message)  # one line, not the usage of every field
     (config,) = parser.parse_args_into_dataclasses(
         args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none", *extra]
     )

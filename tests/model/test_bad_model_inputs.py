@@ -240,6 +240,8 @@ CLI = [
     ("train-no-output", ["train", "--data", "d.jsonl"], "--output"),
     ("train-unknown", ["train", *DATA, "--no_such_option", "1"], "--no_such_option"),
     ("train-output_dir", ["train", *DATA, "--output_dir", "elsewhere"], "--output_dir is --output's"),
+    ("train-learning_rate-word", ["train", *DATA, "--learning_rate", "abc"],
+     "qadapter train: error: argument --learning_rate/--learning-rate: invalid float value: 'abc'"),
     ("train-backend", ["train", *DATA, "--backend", "foo"], "--backend: invalid choice: 'foo'"),
     ("train-reward_norm", ["train", *DATA, "--reward_norm", "avg"], "--reward_norm"),
     ("train-value_at", ["train", *DATA, "--value_at", "later"], "--value_at"),
