@@ -253,3 +253,21 @@ def test_train_on_a_hub_parent_asks_the_hub_once(tmp_path, hub, base, monkeypatc
     assert lookups == ["me/level1"]
     parent = json.loads((tmp_path / "level2" / "qadapter_config.json").read_text())["stack"][-1]
     assert parent["hub"] == f"me/level1@{sha}"
+
+
+def test_a_base_name_close_to_the_default_is_named_in_the_error(monkeypatch):
+    """A name the hub does not answer for that is one typo from the embedded default says so; any
+    other hub name gets the hub's error alone."""
+    import transformers
+    from qadapter.library.defaults import DEFAULT_MODEL, load_base
+
+    def unreachable(name, *args, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(OSError, match=f"did you mean the embedded default model, '{DEFAULT_MODEL}'") as exc:
+        load_base(DEFAULT_MODEL.replace("-instruct", ""))
+    assert "couldn't connect" in str(exc.value)
+    with pytest.raises(OSError) as exc:
+        load_base("someone/some-model")
+    assert "did you mean" not in str(exc.value)

@@ -8,6 +8,7 @@ half-written cache. ``QADAPTER_CACHE`` overrides where it lives.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import os
@@ -123,7 +124,12 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=Non
     if names_missing_folder(name_or_path):
         raise FileNotFoundError(f"no model folder at {name_or_path}")
     path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:  # not on the hub, or the hub out of reach: a mistyped default is the likely cause
+        if difflib.get_close_matches(name_or_path, [DEFAULT_MODEL], n=1, cutoff=0.6):
+            raise OSError(f"{exc}\n(did you mean the embedded default model, {DEFAULT_MODEL!r}?)") from exc
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if torch_dtype is None and quantization is not None and quantization["method"] != "int8":
