@@ -103,9 +103,11 @@ def test_both_passes_go_through_a_wrapper():
     ids, mask, _ = batch()
     wrapped = Wrapper(model)
     hidden = frozen_and_adapter_hidden(wrapped, ids, mask)
-    assert wrapped.calls == 4  # the two passes, and the packing probe's two (once per model: DDP sees them too)
-    hidden = frozen_and_adapter_hidden(wrapped, ids, mask)
+    # The two passes, and the packing probe's four (the batch packed, then each of its three sequences
+    # alone), once per model: DDP sees them too.
     assert wrapped.calls == 6
+    hidden = frozen_and_adapter_hidden(wrapped, ids, mask)
+    assert wrapped.calls == 8
     direct = frozen_and_adapter_hidden(model, ids, mask)
     assert torch.equal(hidden.base_hidden, direct.base_hidden) and torch.equal(hidden.q_hidden, direct.q_hidden)
 
