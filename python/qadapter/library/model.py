@@ -453,8 +453,8 @@ class QAdapterModel(nn.Module):
                  generation_config: Any = None, *, compiled: bool | None = None, **kwargs):
         """Decodes the customized policy with transformers' ``generate``: it takes what that takes
         (a ``GenerationConfig`` and keyword arguments: greedy or sampling, ``temperature``, ``top_k``,
-        ``top_p``, ``min_p``, ``repetition_penalty``, ``num_return_sequences``, ``num_beams``, ``stop_strings``,
-        ``max_new_tokens``, streamers, logits processors, stopping criteria; seeded by
+        ``top_p``, ``min_p``, ``repetition_penalty``, ``num_return_sequences``, ``num_beams``,
+        ``stop_strings``, ``max_new_tokens``, streamers, logits processors, stopping criteria; seeded by
         ``torch.manual_seed``) and returns what it returns; prompts are left-padded. ``compiled``
         (default: on CUDA) decodes with a static cache and a compiled step.
         """

@@ -251,8 +251,8 @@ def packing_error(hidden_of: Callable[[dict], torch.Tensor], pack: Callable, dev
     more where one sees another's tokens. ``hidden_of(inputs)`` runs the model's decoder on ``inputs``.
 
     Alone, not padded: padding is not neutral for every model (bitsandbytes' 8-bit matmul picks the
-    columns it keeps in float16 over the whole batch, the pad tokens' included, and moved a padded
-    token's hidden state by 1.7 of its norm where the same token alone and packed agreed to 0.03)."""
+    columns it keeps in float16 over the whole batch, the pad tokens' included, and moves a padded
+    token's hidden state far more than packing moves it: README, "Quantized base")."""
     width = max(map(len, PROBE_ROWS))
     ids = torch.tensor([row + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
