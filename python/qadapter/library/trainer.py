@@ -271,8 +271,8 @@ class QAdapterTrainer(Trainer):
     """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
+        tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         for name in ("train_dataset", "eval_dataset"):
-            tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
             kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name)
         if data_collator is None and processing_class is not None:
             pad = processing_class.pad_token_id
