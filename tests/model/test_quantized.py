@@ -261,12 +261,10 @@ def test_an_8bit_base_trains_padding_free_though_padding_moves_its_tokens():
     check's tolerance while alone and packed it agrees: the check compares each packed sequence with
     the sequence alone, and the 8-bit base trains padding-free."""
     from qadapter.library.hidden import PACKING_TOLERANCE, checked_packing, decoder_outputs, evaluation_mode
-    from qadapter.library.packing import PROBE_ROWS
+    from qadapter.library.packing import PROBE_ROWS, probe_batch
 
     model = QAdapterModel.from_base(quantization="8bit")
-    width = max(map(len, PROBE_ROWS))
-    ids = torch.tensor([row + [0] * (width - len(row)) for row in PROBE_ROWS])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in PROBE_ROWS])
+    ids, mask = probe_batch()
 
     def hidden(ids, mask):
         with decoder_outputs(model.base_model) as captured:

@@ -245,6 +245,14 @@ def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.T
 PROBE_ROWS = ([1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8, 9, 10], [4])  # a shared prefix, and a short row
 
 
+def probe_batch(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's rows right-padded: ``(input_ids, attention_mask)``."""
+    width = max(map(len, PROBE_ROWS))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
+    return ids, mask
+
+
 def packing_error(hidden_of: Callable[[dict], torch.Tensor], pack: Callable, device: torch.device) -> float:
     """The largest relative difference, over the tokens of a small batch, between their hidden states
     packed and each sequence's run alone: rounding where the model keeps packed sequences apart, far
@@ -253,9 +261,7 @@ def packing_error(hidden_of: Callable[[dict], torch.Tensor], pack: Callable, dev
     Alone, not padded: padding is not neutral for every model (bitsandbytes' 8-bit matmul picks the
     columns it keeps in float16 over the whole batch, the pad tokens' included, and moves a padded
     token's hidden state far more than packing moves it: README, "Quantized base")."""
-    width = max(map(len, PROBE_ROWS))
-    ids = torch.tensor([row + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in PROBE_ROWS], device=device)
+    ids, mask = probe_batch(device)
     packed = pack(ids, mask)
     unpacked = packed.unpack(hidden_of(packed.inputs)).float()
     worst = 0.0
