@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,12 +115,13 @@ class _Served:
     """One served policy: its name and folder, and for each level above the frozen model (one for a
     single adapter; for a stack its saved levels, then its own) the bank members (PEFT adapter names)
     its Q network runs and its ``(alpha_0, alpha~)``. ``digests``, ``members``: the sha256 of each
-    level's LoRA files and its member, levels first."""
+    level's LoRA files and its member, levels first; ``loaded_at``: when it was loaded (Unix time)."""
 
     def __init__(self, name: str, path: Path, digests: list[str], members: list[str],
                  networks: list[tuple[str, ...]], alphas: list[tuple[float, float]]) -> None:
         self.name, self.path, self.digests, self.members = name, path, digests, members
         self.networks, self.alphas = networks, alphas
+        self.loaded_at = time.time()
 
     @property
     def depth(self) -> int:

@@ -147,10 +147,7 @@ class Server:
         self.allow_adapter_updates = allow_adapter_updates
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
         self.max_adapters = max_adapters
-        # /v1/models' created: when each adapter the server loaded was loaded; the base and the adapters
-        # loaded before it, the server's start.
-        self._started = int(time.time())
-        self._created: dict[str, int] = {}
+        self._started = time.time()  # /v1/models' created of the base and of the adapters loaded before it
         # The adapters loaded from adapter_dir, least recently asked for first; a load or an eviction
         # holds the lock, and so does a request for one of them until it is queued (so it keeps its model).
         self._from_dir: OrderedDict[str, None] = OrderedDict()
@@ -193,13 +190,14 @@ class Server:
         return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
 
     def _model_entry(self, name: str) -> dict:
-        """OpenAI's model object, with vLLM's ``root`` (where a model's weights come from) and ``parent``
+        """OpenAI's model object (``created``: when it was loaded, the server's start for the base and the
+        adapters loaded before), with vLLM's ``root`` (where a model's weights come from) and ``parent``
         (an adapter's model: the base) and the context length."""
-        adapters = {a.name: str(a.path) for a in self.engine.adapter_set.adapters}
+        served = {a.name: a for a in self.engine.adapter_set.adapters}.get(name)
         base = getattr(self.engine.adapter_set.base_model.config, "name_or_path", None) or None
-        return {"id": name, "object": "model", "created": self._created.get(name, self._started), "owned_by": "qadapter",
-                "root": adapters.get(name, base), "parent": None if name == BASE_MODEL else BASE_MODEL,
-                "max_model_len": self.engine.context_length}
+        return {"id": name, "object": "model", "created": int(max(served.loaded_at if served else 0, self._started)),
+                "owned_by": "qadapter", "root": str(served.path) if served else base,
+                "parent": None if name == BASE_MODEL else BASE_MODEL, "max_model_len": self.engine.context_length}
 
     async def models(self, request: HttpRequest) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [self._model_entry(name) for name in self.model_names]})
@@ -235,7 +233,6 @@ class Server:
                 raise BadRequest(f"lora_name {name!r} is {'the base' if name == BASE_MODEL else 'loaded already'}",
                                  "lora_name")
             await asyncio.to_thread(self.engine.load_adapter, name, path)
-            self._created[name] = int(time.time())
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except (ValueError, OSError) as exc:  # AdapterLoadError (not an adapter, another base), unreadable files
@@ -252,7 +249,6 @@ class Server:
                 raise BadRequest(f"lora_name {name!r} is not loaded; loaded: {self.engine.adapter_set.names}",
                                  "lora_name", 404)
             await asyncio.to_thread(self.engine.unload_adapter, name)
-            self._created.pop(name, None)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except AdapterBusy as exc:
@@ -295,7 +291,6 @@ class Server:
                 raise BadRequest(f"model {model!r}: the folder {model!r} of the adapter directory holds no adapter "
                                  f"this server can load: {exc}", "model") from exc
             self._from_dir[model] = None
-            self._created[model] = int(time.time())
 
     async def _evict(self) -> None:
         """Unloads the least recently used adapter from the adapter directory that no request waits for."""
@@ -307,7 +302,6 @@ class Server:
             except KeyError:  # unloaded by the route meanwhile
                 pass
             del self._from_dir[name]
-            self._created.pop(name, None)
             return
         raise BadRequest(f"all {self.max_adapters} adapters loaded from the adapter directory have requests "
                          "running (max_adapters); try again when one finishes", "model", 503)
