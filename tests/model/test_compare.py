@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from qadapter.experiments.compare import (  # noqa: E402
     format_table,
     lora_policy,
     mean_kl_to_base,
+    peak_rss_growth,
     perplexity,
     qadapter_policy,
     run_compare,
@@ -297,6 +299,22 @@ def test_sft_and_dpo_need_trl(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match=r"qadapter-kernels\[trl\]"):
         run_compare(CompareOptions(output=str(tmp_path), methods="qadapter,dpo", quick=True))
     assert not (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory is read from /proc")
+def test_training_memory_counts_what_an_earlier_method_freed():
+    """A method that trains after another grows into the memory the first freed, which glibc keeps
+    resident: its growth is still its own (it read 0 for the later method of a comparison)."""
+    def allocate():  # about 190 MB in blocks small enough for malloc's heap, not mmap
+        return [torch.ones(16_000) for _ in range(3000)]
+
+    blocks = allocate()
+    live = torch.ones(10)  # allocated after the blocks: the heap cannot shrink past it
+    del blocks
+    with peak_rss_growth() as memory:
+        blocks = allocate()
+    assert memory["mb"] > 100, memory
+    del blocks, live
 
 
 def test_budgets_are_checked():

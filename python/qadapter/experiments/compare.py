@@ -124,10 +124,27 @@ class CompareOptions:
 
 
 # ------------------------------------------------------------------------------------------ training
+def _release_freed_memory() -> None:
+    """Hands the memory an earlier method freed back to the system, so that the next one's growth is
+    measured from what is live: glibc's malloc keeps freed blocks resident for reuse, and a method
+    that trains after another would otherwise grow into them and read as adding nothing."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):  # glibc only; elsewhere the growth may undercount a later method
+        libc.malloc_trim(0)
+
+
 @contextmanager
 def peak_rss_growth():
     """Yields a dict whose ``"mb"`` is, on exit, the peak resident memory above the entry's (sampled)."""
     result = {"mb": 0.0}
+    _release_freed_memory()
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
