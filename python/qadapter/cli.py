@@ -536,7 +536,7 @@ def _eval_parser(p) -> None:
     p.add_argument("--data", required=True, help="preference data to evaluate on")
     _add_base_model_option(p)
     p.add_argument("--max-length", type=_positive_int, default=512)
-    p.add_argument("--max-prompt-length", type=_positive_int, default=256)
+    p.add_argument("--max-prompt-length", type=_positive_int, help="default: half of --max-length")
     p.add_argument("--skip-invalid", action="store_true")
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
@@ -546,6 +546,7 @@ def _run_eval(args) -> int:
     from .library.data import load_preference_data
     from .library.model import QAdapterModel
 
+    _check_lengths("eval", args)
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
     data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
@@ -674,8 +675,19 @@ def _check_parser(p) -> None:
     p.add_argument("--passages", type=_non_negative_int, default=4,
                    help="general-text passages for perplexity (default: %(default)s; 0: skip)")
     p.add_argument("--max-length", type=_positive_int, default=512)
-    p.add_argument("--max-prompt-length", type=_positive_int, default=256)
+    p.add_argument("--max-prompt-length", type=_positive_int, help="default: half of --max-length")
     p.add_argument("--skip-invalid", action="store_true")
+
+
+def _check_lengths(command: str, args) -> None:
+    """--max-length and --max-prompt-length, checked before a model loads."""
+    from .library.data import check_lengths
+
+    try:
+        check_lengths(args.max_length, args.max_prompt_length)
+    except ValueError as exc:
+        _usage_error(command, str(exc).replace("max_prompt_length", "--max-prompt-length")
+                     .replace("max_length", "--max-length"))
 
 
 def _read_option_file(command: str, option: str, read, path: str | None):
@@ -702,6 +714,7 @@ def _run_check(args) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(Thresholds) if getattr(args, f.name) is not None}
     thresholds = replace(thresholds, **given)
     baseline = _read_option_file("check", "--baseline", read_report, args.baseline)  # fails before any work
+    _check_lengths("check", args)
     output = _output_directory("check", args.output) if args.output else None
     adapter = locate_adapter(args.adapter)
     pin = hub_pin(args.adapter, adapter)  # owner/name@commit: the report names the commit it judged
@@ -712,6 +725,7 @@ def _run_check(args) -> int:
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
     data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+    print(f"data: {summary}", file=sys.stderr, flush=True)
     features = data.to_list()[: args.max_pairs]
     if not features:
         raise ValueError(f"--data {args.data} holds no usable pair ({summary})")
@@ -720,7 +734,7 @@ def _run_check(args) -> int:
         else {"problem": problem}
     report = run_check(model, features, thresholds, probe_items=args.probe_items,
                        passages=args.passages, baseline=baseline,
-                       meta={"adapter": pin or str(args.adapter), "data": str(args.data),
+                       meta={"adapter": pin or str(args.adapter), "data": str(args.data), "data_read": str(summary),
                              "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
     markdown = format_markdown(report)
     atomic.write_texts(output, {"check.json": json.dumps(report, indent=2) + "\n", "check.md": markdown})

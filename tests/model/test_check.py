@@ -54,6 +54,19 @@ def test_untrained_adapter_keeps_everything_and_learned_nothing(adapters, capsys
     assert (tmp / "untrained" / "check.md").read_text().startswith("# qadapter check: FAILED: preference_gain")
 
 
+def test_skipped_rows_are_reported(adapters, tmp_path, capsys):
+    """--skip-invalid: what was read and skipped is in the report and on stderr, as eval and train say it."""
+    tmp, data = adapters
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(data.read_text() + '{"prompt": "a", "chosen": "b"}\nnot json\n')
+    capsys.readouterr()
+    _check(tmp / "untrained", mixed, "--output", str(tmp_path / "out"), "--skip-invalid")
+    read = json.loads((tmp_path / "out" / "check.json").read_text())["data_read"]
+    assert read.startswith("8/10 pairs kept") and "missing key 'rejected': 1" in read
+    assert f"data: {read}" in capsys.readouterr().err
+    assert f"(read: {read})" in (tmp_path / "out" / "check.md").read_text()
+
+
 def test_forgetting_adapter_fails_retention_by_name(adapters, tmp_path, capsys):
     tmp, data = adapters
     capsys.readouterr()

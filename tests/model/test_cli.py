@@ -55,7 +55,7 @@ def test_missing_adapter_is_a_clear_error(tmp_path, capsys):
 def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--output", str(out), "--steps", "2", "--heldout-limit", "2", "--probe-limit", "2",
-                 "--answer-tokens", "6", "--max-length", "48"])
+                 "--answer-tokens", "6", "--max-length", "48", "--max-prompt-length", "32"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "held-out preference accuracy" in printed and "knowledge-probe accuracy" in printed
@@ -192,7 +192,7 @@ def test_invalid_data_fails_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--model", str(tmp_path / "nonexistent"), "--data", str(data), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "preference row 1: missing key 'rejected'" in err
+    assert info.value.code == 2 and "preference row 1 (line 2 of" in err and "): missing key 'rejected'" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -221,7 +221,8 @@ def test_demo_on_a_4bit_base(tmp_path, capsys):
     save_tiny_base(tmp_path / "base", hidden=64)  # bitsandbytes' CPU 4-bit kernels: inputs in blocks of 64
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(tmp_path / "base"), "--load-in-4bit", "--output", str(out), "--steps", "2",
-                 "--heldout-limit", "2", "--probe-limit", "2", "--answer-tokens", "4", "--max-length", "48"]) == 0
+                 "--heldout-limit", "2", "--probe-limit", "2", "--answer-tokens", "4", "--max-length", "48",
+                 "--max-prompt-length", "32"]) == 0
     nf4 = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
     assert "base quantized: NF4 4-bit, double quantization, compute float32" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())

@@ -332,7 +332,7 @@ def test_malformed_data_rows_raise_unless_skip_invalid(tmp_path):
     good = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(6)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [*good[:3], {"prompt": "a", "chosen": "b"}, *good[3:]]) + "\n")
-    with pytest.raises(ValueError, match="preference row 3: missing key 'rejected'"):
+    with pytest.raises(ValueError, match=r"preference row 3 \(line 4 of .*\): missing key 'rejected'"):
         run_compare(CompareOptions(data=str(path), heldout=2, methods="qadapter", output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
     options = CompareOptions(data=str(path), heldout=2, skip_invalid=True)

@@ -69,10 +69,109 @@ def test_prompt_format_equals_conversational_format(tok, row):
 
 
 def test_plain_strings_without_template(tok):
-    row = {"prompt": "Human: hi\n\nAssistant:", "chosen": " Paris", "rejected": " world"}
+    """Text is taken as it is, each response ended with the EOS token as TRL ends them (once)."""
+    row = {"prompt": "Human: hi\n\nAssistant:", "chosen": " Paris", "rejected": " world<|im_end|>"}
     (f,), _ = tokenize_rows([row], tok, use_chat_template=False)
-    assert scored_text(tok, f["chosen_input_ids"], f["chosen_labels"]) == " Paris"
-    assert tok.decode(f["chosen_input_ids"]).endswith("Human: hi\n\nAssistant: Paris")
+    assert scored_text(tok, f["chosen_input_ids"], f["chosen_labels"]) == " Paris<|im_end|>"
+    assert scored_text(tok, f["rejected_input_ids"], f["rejected_labels"]) == " world<|im_end|>"
+    assert tok.decode(f["chosen_input_ids"]).endswith("Human: hi\n\nAssistant: Paris<|im_end|>")
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_whole_text_conversations_split_at_their_shared_prefix(tok, use_chat_template):
+    """TRL's implicit prompt in text (raw HH-RLHF): the prompt is the shared prefix, the space that
+    would end it starts each response instead."""
+    implicit = {"chosen": "Human: hi\n\nAssistant: Paris", "rejected": "Human: hi\n\nAssistant: the world"}
+    explicit = {"prompt": "Human: hi\n\nAssistant:", "chosen": " Paris", "rejected": " the world"}
+    assert normalize_row(0, implicit) == normalize_row(0, explicit)
+    options = dict(use_chat_template=use_chat_template)
+    assert tokenize_rows([implicit], tok, **options)[0] == tokenize_rows([explicit], tok, **options)[0]
+    for row, problem in [({"chosen": "Paris", "rejected": "world"}, "no shared prompt: the texts"),
+                         ({"chosen": "Human: hi", "rejected": "Human: hi there"}, "'chosen' response is empty")]:
+        with pytest.raises(PreferenceDataError, match=problem):
+            normalize_row(0, row)
+
+
+def test_a_prompt_rendered_beforehand_is_not_rendered_twice(tok):
+    """Strings that already hold the template's markup (TRL's standard format, rendered by the user)
+    are taken as they are: the same tokens as the conversation they were rendered from."""
+    conversation = {"chosen": [user("hello"), assistant("Paris")], "rejected": [user("hello"), assistant("the world")]}
+    prompt = tok.apply_chat_template([user("hello")], tokenize=False, add_generation_prompt=True)
+    rendered = {"prompt": prompt, "chosen": "Paris<|im_end|>\n", "rejected": "the world<|im_end|>\n"}
+    assert tokenize_rows([rendered], tok)[0] == tokenize_rows([conversation], tok)[0]
+    mixed = {**rendered, "chosen": [assistant("Paris")]}
+    with pytest.raises(PreferenceDataError, match="rendered already"):
+        tokenize_rows([mixed], tok)
+
+
+def test_pairs_the_same_after_rendering_or_truncation_are_refused_or_skipped(tok):
+    """A pair whose two sequences are the same tokens teaches nothing: the same text given as a
+    string and as a message, or answers that differ only past max_length."""
+    same = {"prompt": "hello", "chosen": "Paris", "rejected": [assistant("Paris")]}
+    late = {"prompt": "hello", "chosen": "Paris is the capital", "rejected": "Paris is the world"}
+    good = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+    with pytest.raises(PreferenceDataError, match="row 0: chosen and rejected are the same tokens$"):
+        tokenize_rows([same], tok)
+    with pytest.raises(PreferenceDataError, match="row 1: .*within max_length 12: they differ only past it"):
+        tokenize_rows([good, late], tok, max_length=12, max_prompt_length=8)
+    assert tokenize_rows([late], tok, max_length=64)[1].kept == 1
+    features, summary = tokenize_rows([same, late, good], tok, max_length=12, max_prompt_length=8, skip_invalid=True)
+    assert len(features) == summary.kept == 1 and sum(summary.skipped.values()) == 2
+
+
+def _with_template(tok, template):
+    copy = tiny_chat_tokenizer()
+    copy.chat_template = template
+    return copy
+
+
+def test_a_template_that_refuses_a_row_names_it(tok):
+    """A template's own refusal (Gemma's: no system role) is that row's error, skippable."""
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    strict = _with_template(tok, template)
+    good = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+    system = {"prompt": [{"role": "system", "content": "be brief"}, user("hello")], "chosen": "Paris",
+              "rejected": "world"}
+    with pytest.raises(PreferenceDataError, match="row 1: the chat template fails on this row: System role not"):
+        tokenize_rows([good, system], strict)
+    features, summary = tokenize_rows([good, system], strict, skip_invalid=True)
+    assert summary.kept == 1 and len(summary.skipped) == 1
+
+
+def test_a_generation_prompt_the_answers_do_not_start_with(tok, caplog):
+    """A template whose generation prompt is not how a rendered answer begins (DeepSeek-R1's
+    ``<think>``): the prompt ends where the two agree, as TRL's, with a warning."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    thinking = _with_template(tok, template)
+    row = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+    with caplog.at_level("WARNING", logger="qadapter.library.data"):
+        (f,), _ = tokenize_rows([row], thinking)
+    assert "'<think>\\n' is left out of the prompt" in caplog.text, template
+    assert f == tokenize_rows([row], tok)[0][0]  # the history renders as ChatML's
+
+
+def test_tools_reach_the_template(tok):
+    template = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t['name'] }}{% endfor %}<|im_end|>\n"
+                "{% endif %}" + tok.chat_template)
+    with_tools = _with_template(tok, template)
+    row = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+    (f,), _ = tokenize_rows([{**row, "tools": json.dumps([{"name": "search"}])}], with_tools)
+    assert "<|im_start|>system\nsearch<|im_end|>" in tok.decode(f["chosen_input_ids"])
+    assert tokenize_rows([row], with_tools)[0] == tokenize_rows([row], tok)[0]
+    with pytest.raises(PreferenceDataError, match="'tools' must be a list"):
+        normalize_row(0, {**row, "tools": {"name": "search"}})
+
+
+def test_prompt_length_defaults_to_half_and_must_leave_room(tok):
+    row = {"prompt": "the capital of France is " * 30, "chosen": "Paris " * 40, "rejected": "world " * 40}
+    (f,), _ = tokenize_rows([row], tok, max_length=24)
+    assert f["chosen_labels"].count(IGNORE_INDEX) == 12
+    for max_prompt_length in (24, 100):
+        with pytest.raises(ValueError, match=rf"max_prompt_length \({max_prompt_length}\) must be below max_length "):
+            tokenize_rows([row], tok, max_length=24, max_prompt_length=max_prompt_length)
 
 
 def test_truncation_keeps_the_prompt_end_and_a_scored_token(tok):
@@ -89,10 +188,6 @@ def test_truncation_keeps_the_prompt_end_and_a_scored_token(tok):
                       add_special_tokens=False)["input_ids"]
     assert f["chosen_input_ids"][:n_prompt] == full_prompt[-n_prompt:]  # cut from the left
     assert summary.truncated == 1
-    # A prompt budget larger than max_length still leaves one scored token.
-    (g,), _ = tokenize_rows([row], tok, max_length=8, max_prompt_length=100)
-    assert len(g["chosen_input_ids"]) == 8 and g["chosen_labels"][-1] != IGNORE_INDEX
-    assert g["chosen_labels"][:-1] == [IGNORE_INDEX] * 7
 
 
 BAD_ROWS = [
@@ -155,7 +250,7 @@ def test_file_formats(tok, tmp_path):
     assert read_rows(jsonl) == rows == read_rows(tmp_path / "d.json")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(PreferenceDataError, match="preference row 1: line 2 of .* is not valid JSON"):
+    with pytest.raises(PreferenceDataError, match=r"preference row 1 \(line 2 of .*\): not valid JSON"):
         load_preference_data(bad, tok)
     _, skipped = load_preference_data(bad, tok, skip_invalid=True)  # an unreadable line is an invalid row
     assert skipped.kept == 1 and sum(skipped.skipped.values()) == 1
@@ -210,6 +305,31 @@ def test_unreadable_files_are_named(tmp_path, name, content, message):
     assert str(path) in str(info.value)
 
 
-def test_a_null_prompt_says_what_to_do(tok):
-    with pytest.raises(PreferenceDataError, match="'prompt' is null"):
+def test_a_null_prompt_is_an_implicit_one(tok):
+    """A column store (parquet, a Dataset) mixing explicit and implicit rows gives the implicit ones
+    a null prompt: the same as leaving the key out."""
+    conversation = {"chosen": [user("hello"), assistant("Paris")], "rejected": [user("hello"), assistant("world")]}
+    assert tokenize_rows([{"prompt": None, **conversation}], tok)[0] == tokenize_rows([conversation], tok)[0]
+    with pytest.raises(PreferenceDataError, match="no shared prompt"):
         tokenize_rows([{"prompt": None, "chosen": "b", "rejected": "c"}], tok)
+
+
+def test_an_empty_prompt_message_is_an_empty_prompt(tok):
+    with pytest.raises(PreferenceDataError, match="every message of 'prompt' is empty"):
+        normalize_row(0, {"prompt": [user("  ")], "chosen": "b", "rejected": "c"})
+
+
+def test_rows_of_a_jsonl_file_are_named_by_their_line(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+    path.write_text(f"{good}\n\n\n{good}\n\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    with pytest.raises(PreferenceDataError, match=rf"preference row 2 \(line 6 of {re.escape(str(path))}\): missing"):
+        load_preference_data(path, tok)
+
+
+def test_json_lines_in_a_json_file(tmp_path):
+    """``datasets.Dataset.to_json`` writes JSON Lines under a .json name, which ``load_dataset`` reads."""
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+    path = tmp_path / "d.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_rows(path) == rows

@@ -62,6 +62,9 @@ def test_raw_preference_rows_are_tokenized_as_the_command_line_does(tmp_path, co
         PreferenceCollator(pad_token_id=0)([{"question": "?", "answer": "!"}])
     with pytest.raises(ValueError, match="train_dataset holds raw preference rows .*processing_class="):
         QAdapterTrainer(model=fresh_base(), args=args, train_dataset=rows(2, seed=0))
+    malformed_first = [{"prompt": "a", "chosen": "b"}, *rows(2, seed=0)]  # raw rows all the same: named
+    with pytest.raises(ValueError, match="preference row 0: missing key 'rejected'"):
+        QAdapterTrainer(model=fresh_base(), args=args, train_dataset=malformed_first, processing_class=tokenizer)
 
 
 def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):

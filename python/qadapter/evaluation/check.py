@@ -195,7 +195,8 @@ def format_markdown(report: dict) -> str:
     verdict = "PASSED" if report["passed"] else "FAILED: " + ", ".join(report["failed"])
     lines = [f"# qadapter check: {verdict}", ""]
     if report.get("adapter"):
-        lines.append(f"Adapter `{report['adapter']}` on data `{report.get('data')}`: {report['pairs']} pairs, "
+        read = f" (read: {report['data_read']})" if report.get("data_read") else ""
+        lines.append(f"Adapter `{report['adapter']}` on data `{report.get('data')}`{read}: {report['pairs']} pairs, "
                      f"{report['probe_items']} probe questions, {report['passages']} general passage"
                      f"{'s' * (report['passages'] != 1)}.")
         lines.append("")

@@ -44,7 +44,7 @@ from ..evaluation.measures import (
     perplexity,
 )
 from ..library import atomic
-from ..library.data import IGNORE_INDEX, PreferenceCollator, check_rows, tokenize_rows
+from ..library.data import IGNORE_INDEX, PreferenceCollator, check_lengths, check_rows, tokenize_rows
 from ..library.defaults import DEFAULT_MODEL, load_base
 from ..library.hidden import final_hidden, output_head
 from ..library.quantization import model_quantization
@@ -110,6 +110,7 @@ class CompareOptions:
         if self.skip_invalid and self.data is None:
             raise ValueError("--skip-invalid applies with --data (the built-in task has no malformed rows)")
         LossConfig(alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
+        check_lengths(self.max_length, self.max_prompt_length)
 
     def budget_steps(self) -> list[int]:
         if self.quick:

@@ -1,21 +1,30 @@
 """Preference data -> tokenized chosen/rejected pairs whose labels score only response tokens.
 
-Two row formats are accepted:
+Two row formats are accepted, TRL's preference formats:
 
-- conversational pairs ``{"chosen": [messages], "rejected": [messages]}`` (HH-RLHF, the method's
-  DSP data): the prompt is the longest shared prefix of the two conversations, the responses
-  are what follows (assistant turns);
+- implicit prompt ``{"chosen": ..., "rejected": ...}``, both whole conversations (lists of
+  messages: HH-RLHF, the method's DSP data) or both strings (raw HH-RLHF text): the prompt is
+  their longest shared prefix (of messages, or of characters as TRL's ``extract_prompt`` splits
+  it), the responses what follows;
 - ``{"prompt": ..., "chosen": ..., "rejected": ...}`` where each is a string or a list of
   messages (a string prompt becomes a user turn, a string response an assistant turn).
 
+A ``prompt`` of null is an implicit prompt (a column store cannot leave the key out of one row);
+a ``tools`` column is passed to the chat template, as TRL does.
+
 With a chat template, the prompt is rendered with the generation prompt and each response is
-the rest of the rendered conversation; without one (or ``use_chat_template=False``), plain
-strings are concatenated. Prompt and response are tokenized separately so that the boundary
-between ignored and scored tokens is exact.
+the rest of the rendered conversation. Without a template (or ``use_chat_template=False``), and
+where a row's prompt already holds the template's markup (rendered beforehand: the template is not
+applied twice), text is taken as it is, each response given the tokenizer's EOS token at its end
+as TRL gives it. Prompt and response are tokenized separately so that the boundary between
+ignored and scored tokens is exact.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,14 +37,35 @@ from qadapter_kernels import LossConfig
 
 IGNORE_INDEX = LossConfig.ignore_index  # the label of unscored positions: the loss's default ignore_index
 ROLES = ("system", "user", "assistant", "tool")
+logger = logging.getLogger(__name__)
 
 
 class PreferenceDataError(ValueError):
-    """A malformed preference row; the message names the row index and the problem."""
+    """A malformed preference row; the message names the row index (and its line in a .jsonl file)
+    and the problem."""
 
-    def __init__(self, index: int, problem: str) -> None:
-        super().__init__(f"preference row {index}: {problem}")
+    def __init__(self, index: int, problem: str, line: str | None = None) -> None:
+        super().__init__(f"preference row {index}{f' ({line})' if line else ''}: {problem}")
         self.index, self.problem = index, problem
+
+
+class _PairProblem(ValueError):
+    """What makes a well-formed row unusable once rendered and tokenized; becomes the row's
+    :class:`PreferenceDataError`."""
+
+
+class Rows(list):
+    """Raw rows read from a .jsonl file, each with the line it was read from (blank lines are not
+    rows): an error names both."""
+
+    def __init__(self, rows: Iterable[Any], lines: list[str]) -> None:
+        super().__init__(rows)
+        self.lines = lines
+
+
+def _line(rows: Any, index: int) -> str | None:
+    lines = getattr(rows, "lines", None)
+    return lines[index] if lines is not None and index < len(lines) else None
 
 
 @dataclass
@@ -45,6 +75,7 @@ class PreferencePair:
     prompt: str | list[dict]
     chosen: str | list[dict]
     rejected: str | list[dict]
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -72,6 +103,27 @@ def _check_messages(index: int, key: str, messages: Any) -> list[dict]:
     return messages
 
 
+def _shared_text(chosen: str, rejected: str) -> int:
+    """Where two whole-text conversations part: their common prefix, less a space that would end
+    it (the space then starts each response), as TRL's ``extract_prompt`` splits them."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return shared - 1 if shared and chosen[shared - 1] == " " else shared
+
+
+def _tools(index: int, row: dict) -> list[dict] | None:
+    tools = row.get("tools")
+    if isinstance(tools, str):  # a JSON string, as TRL's data sets store it in a column
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise PreferenceDataError(index, f"'tools' is a string that is not JSON: {exc}") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise PreferenceDataError(index, "'tools' must be a list of tool definitions (objects)")
+    return tools or None
+
+
 def _check_response(index: int, key: str, response: str | list[dict]) -> None:
     if isinstance(response, str):
         empty = not response.strip()
@@ -89,13 +141,10 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
         raise PreferenceDataError(index, row.problem)
     if not isinstance(row, dict):
         raise PreferenceDataError(index, f"must be a JSON object, got {type(row).__name__}")
-    if "prompt" in row and row["prompt"] is None:
-        raise PreferenceDataError(index, "'prompt' is null: give the shared prompt (a string or a list of messages), "
-                                         "or leave the key out when chosen and rejected are whole conversations")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise PreferenceDataError(index, f"missing key '{key}'")
-    if "prompt" in row:
+    if row.get("prompt") is not None:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if isinstance(prompt, str):
             if not prompt.strip():
@@ -104,9 +153,19 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
             prompt = _check_messages(index, "prompt", prompt)
             if not prompt:
                 raise PreferenceDataError(index, "no shared prompt: 'prompt' is an empty list")
+            if not any(m["content"].strip() for m in prompt):
+                raise PreferenceDataError(index, "no shared prompt: every message of 'prompt' is empty")
         for key in ("chosen", "rejected"):
             if not isinstance(row[key], str):
                 _check_messages(index, key, row[key])
+    elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        if row["chosen"] == row["rejected"]:
+            raise PreferenceDataError(index, "chosen is identical to rejected")
+        shared = _shared_text(row["chosen"], row["rejected"])
+        if not row["chosen"][:shared].strip():
+            raise PreferenceDataError(index, "no shared prompt: the texts of 'chosen' and 'rejected' differ from "
+                                             "their start (give the prompt in a 'prompt' column)")
+        prompt, chosen, rejected = row["chosen"][:shared], row["chosen"][shared:], row["rejected"][shared:]
     else:
         chosen = _check_messages(index, "chosen", row["chosen"])
         rejected = _check_messages(index, "rejected", row["rejected"])
@@ -120,31 +179,69 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
         raise PreferenceDataError(index, "chosen is identical to rejected")
     _check_response(index, "chosen", chosen)
     _check_response(index, "rejected", rejected)
-    return PreferencePair(prompt, chosen, rejected)
+    return PreferencePair(prompt, chosen, rejected, _tools(index, row))
 
 
 def _as_messages(content: str | list[dict], role: str) -> list[dict]:
     return [{"role": role, "content": content}] if isinstance(content, str) else content
 
 
-def _render(tokenizer, pair: PreferencePair, use_chat_template: bool) -> tuple[str, str, str]:
-    """Prompt text and the two response texts that follow it."""
-    if not use_chat_template:
-        if not all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected)):
-            raise ValueError("rows with messages need a chat template: the tokenizer has none (or use_chat_template=False)")
-        return pair.prompt, pair.chosen, pair.rejected
+def template_markup(tokenizer) -> tuple[str, ...]:
+    """The special tokens the chat template writes (named in its source, or its ``bos_token`` and
+    ``eos_token``): a string that holds one was rendered with it already."""
+    template = tokenizer.chat_template
+    source = template if isinstance(template, str) else " ".join(map(str, dict(template or {}).values()))
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    named = {getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos") if f"{role}_token" in source}
+    return tuple(sorted(mark for mark in special if mark and (mark in source or mark in named)))
+
+
+@functools.cache
+def _warn_generation_prompt(dropped: str) -> None:
+    logger.warning(
+        "the chat template renders the prompt's generation prompt differently from the start of a "
+        "rendered answer: %r is left out of the prompt, which ends where the two agree (as TRL does); "
+        "the model is trained on a context a little different from the one it is prompted with", dropped)
+
+
+def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
+            markup: tuple[str, ...]) -> tuple[str, str, str, bool]:
+    """Prompt text, the two response texts that follow it, and whether they are text taken as it
+    is (no template applied, so no special tokens added either)."""
+    strings = all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected))
+    rendered = isinstance(pair.prompt, str) and any(mark in pair.prompt for mark in markup)
+    if rendered and not strings:
+        raise _PairProblem("'prompt' holds the chat template's markup (it was rendered already), but a response "
+                           "is a list of messages; give the responses as text too")
+    if not use_chat_template or rendered:
+        if not strings:
+            raise _PairProblem("rows with messages need a chat template: the tokenizer has none (or "
+                               "use_chat_template=False)")
+        eos = getattr(tokenizer, "eos_token", None)
+        responses = [r if not eos or r.rstrip().endswith(eos) else r + eos for r in (pair.chosen, pair.rejected)]
+        return pair.prompt, responses[0], responses[1], True
     prompt = _as_messages(pair.prompt, "user")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    responses = []
-    for response in (pair.chosen, pair.rejected):
-        full = tokenizer.apply_chat_template(prompt + _as_messages(response, "assistant"), tokenize=False)
-        if not full.startswith(prompt_text):
-            raise ValueError(
-                "the tokenizer's chat template does not render a conversation as its prompt (with the "
-                "generation prompt) followed by the response; response tokens cannot be located"
-            )
-        responses.append(full[len(prompt_text) :])
-    return prompt_text, responses[0], responses[1]
+    try:
+        history = tokenizer.apply_chat_template(prompt, tools=pair.tools, tokenize=False)
+        prompt_text = tokenizer.apply_chat_template(prompt, tools=pair.tools, tokenize=False,
+                                                    add_generation_prompt=True)
+        fulls = [tokenizer.apply_chat_template(prompt + _as_messages(response, "assistant"), tools=pair.tools,
+                                               tokenize=False) for response in (pair.chosen, pair.rejected)]
+    except Exception as exc:  # a template's own refusal (Jinja's raise_exception): this row's, named
+        raise _PairProblem(f"the chat template fails on this row: {exc}") from None
+    if all(full.startswith(prompt_text) for full in fulls):
+        return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):], False
+    if not all(full.startswith(history) for full in fulls):
+        raise _PairProblem("the tokenizer's chat template does not render a conversation as its prompt followed by "
+                           "the response; response tokens cannot be located")
+    shared = len(prompt_text)
+    for full in fulls:
+        shared = min(shared, next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b),
+                                  min(len(prompt_text), len(full))))
+    if shared < len(prompt_text):
+        _warn_generation_prompt(prompt_text[shared:])
+    return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:], False
 
 
 def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
@@ -156,19 +253,22 @@ def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_pro
     return prompt[len(prompt) - kept_prompt :], fitted
 
 
-def tokenize_pair(
-    tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int, use_chat_template: bool
-) -> tuple[dict[str, list[int]], bool]:
+def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int,
+                  use_chat_template: bool, markup: tuple[str, ...] = ()) -> tuple[dict[str, list[int]], bool]:
     """Token ids and labels of both sequences of one pair, and whether anything was truncated."""
-    prompt_text, chosen_text, rejected_text = _render(tokenizer, pair, use_chat_template)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not use_chat_template)["input_ids"]
+    prompt_text, chosen_text, rejected_text, as_text = _render(tokenizer, pair, use_chat_template, markup)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=as_text and not use_chat_template)["input_ids"]
     responses = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (chosen_text, rejected_text)]
     if not prompt_ids:
         prompt_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
     if any(not r for r in responses):
-        raise ValueError("a response tokenizes to no token")
+        raise _PairProblem("a response tokenizes to no token")
     prompt_fit, fitted = _fit(prompt_ids, responses, max_length, max_prompt_length)
     truncated = len(prompt_fit) < len(prompt_ids) or any(len(f) < len(r) for f, r in zip(fitted, responses))
+    if fitted[0] == fitted[1]:
+        raise _PairProblem(f"chosen and rejected are the same tokens within max_length {max_length}: they differ "
+                           "only past it (raise max_length)" if truncated else
+                           "chosen and rejected are the same tokens")
     out = {}
     for name, response in zip(("chosen", "rejected"), fitted):
         out[f"{name}_input_ids"] = prompt_fit + response
@@ -181,20 +281,16 @@ def tokenize_rows(
     tokenizer,
     *,
     max_length: int = 512,
-    max_prompt_length: int = 256,
+    max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,
 ) -> tuple[list[dict[str, list[int]]], DataSummary]:
-    """Tokenized pairs from raw rows; malformed rows raise, or are skipped and counted."""
-    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int; got {value!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 (one prompt and one response token); got {max_length}")
-    if max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be >= 1; got {max_prompt_length}")
+    """Tokenized pairs from raw rows; malformed rows raise, or are skipped and counted.
+    ``max_prompt_length`` defaults to half of ``max_length``."""
+    max_prompt_length = check_lengths(max_length, max_prompt_length)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
+    markup = template_markup(tokenizer) if use_chat_template else ()
     summary, features = DataSummary(), []
     for index, row in enumerate(rows):
         summary.rows += 1
@@ -202,12 +298,13 @@ def tokenize_rows(
             pair = normalize_row(index, row)
             feature, truncated = tokenize_pair(
                 tokenizer, pair, max_length=max_length, max_prompt_length=max_prompt_length,
-                use_chat_template=use_chat_template,
+                use_chat_template=use_chat_template, markup=markup,
             )
-        except PreferenceDataError as exc:
+        except (PreferenceDataError, _PairProblem) as exc:
+            problem = exc.problem if isinstance(exc, PreferenceDataError) else str(exc)
             if not skip_invalid:
-                raise
-            summary.skipped[exc.problem] += 1
+                raise PreferenceDataError(index, problem, _line(rows, index)) from None
+            summary.skipped[problem] += 1
             continue
         summary.truncated += truncated
         summary.kept += 1
@@ -215,6 +312,24 @@ def tokenize_rows(
     if not features:
         raise ValueError(f"no usable preference pair: {summary}")
     return features, summary
+
+
+def check_lengths(max_length: int, max_prompt_length: int | None) -> int:
+    """``max_prompt_length`` checked against ``max_length`` (half of it when None): a prompt budget
+    of the whole length would leave each response one token."""
+    if max_prompt_length is None:
+        max_prompt_length = max_length // 2 if isinstance(max_length, int) else max_length
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int; got {value!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one prompt and one response token); got {max_length}")
+    if max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1; got {max_prompt_length}")
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}): the "
+                         "responses need room")
+    return max_prompt_length
 
 
 @dataclass(frozen=True)
@@ -239,11 +354,11 @@ def _read_text(path: Path) -> str:
 def read_rows(source: Any, *, split: str = "train") -> list[Any]:
     """Raw rows from a local .json/.jsonl/.parquet file, a ``datasets.Dataset``, a list, or a hub name.
 
-    A .jsonl line that is not JSON becomes an :class:`UnreadableRow` (an invalid row, named by its
-    line); a path with another suffix is refused rather than looked up on the hub.
+    A .jsonl file's rows are :class:`Rows`, which know their lines; a line that is not JSON becomes
+    an :class:`UnreadableRow` (an invalid row). A .json file may hold JSON Lines, as
+    ``datasets.Dataset.to_json`` writes by default. A path with another suffix is refused rather
+    than looked up on the hub.
     """
-    import json
-
     if isinstance(source, list):
         return source
     if hasattr(source, "to_list") and hasattr(source, "column_names"):
@@ -255,14 +370,7 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
         raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
                          "files or a hub data set name")
     if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(_read_text(path).splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    rows.append(UnreadableRow(f"line {number} of {path} is not valid JSON: {exc}"))
-        return rows
+        return _json_lines(_read_text(path), path)
     if path.suffix == ".json":
         text = _read_text(path)
         if not text.strip():
@@ -270,6 +378,8 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # one row per line, named .json
+                return _json_lines(text, path)
             raise ValueError(f"data file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
         if not isinstance(data, list):
             raise ValueError(f"data file {path} must hold a JSON list of rows; got a {type(data).__name__}")
@@ -283,6 +393,18 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
     return datasets.load_dataset(str(source), split=split).to_list()  # a hub data set
 
 
+def _json_lines(text: str, path: Path) -> Rows:
+    rows, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                rows.append(UnreadableRow(f"not valid JSON: {exc}"))
+            lines.append(f"line {number} of {path}")
+    return Rows(rows, lines)
+
+
 def check_rows(source: Any, *, split: str = "train", skip_invalid: bool = False) -> list[Any]:
     """The rows, read once and given the structural checks that need no tokenizer: bad data fails
     in a second, before any model is loaded for it (``skip_invalid``: only the file is checked).
@@ -292,7 +414,10 @@ def check_rows(source: Any, *, split: str = "train", skip_invalid: bool = False)
         raise ValueError(f"data {source} holds no preference row")
     if not skip_invalid:
         for index, row in enumerate(rows):
-            normalize_row(index, row)
+            try:
+                normalize_row(index, row)
+            except PreferenceDataError as exc:
+                raise PreferenceDataError(index, exc.problem, _line(rows, index)) from None
     return rows
 
 
@@ -302,7 +427,7 @@ def load_preference_data(
     *,
     split: str = "train",
     max_length: int = 512,
-    max_prompt_length: int = 256,
+    max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,
 ):

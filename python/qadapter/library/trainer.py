@@ -28,7 +28,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
 from . import atomic
-from .data import IGNORE_INDEX, PreferenceCollator, tokenize_rows
+from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, tokenize_rows
 from .hidden import whole_parameters
 from .provenance import rows_hash
 from .saved import HUB_FILES, holds_adapter
@@ -87,7 +87,8 @@ class QAdapterConfig(LossArguments):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     max_length: int = field(default=512, metadata={"help": "tokens per sequence, prompt included"})
-    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "prompt tokens kept (cut from the left; "
+                                                                          "default: half of --max_length)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
     padding_free: bool = field(default=True, metadata={"help": "run the model on each batch packed without its "
                                                               "padding, each prompt its sequences share once"})
@@ -116,6 +117,7 @@ class QAdapterConfig(LossArguments):
         for name, (holds, expected) in expectations.items():
             if not holds:
                 raise ValueError(f"--{name} must be {expected}; got {getattr(self, name)}")
+        check_lengths(self.max_length, self.max_prompt_length)
         if self.max_steps < 0 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 when --max_steps is -1 (its default); "
                              f"got {self.num_train_epochs}")
@@ -242,8 +244,8 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig | None, name: str):
         return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]") for key, part in dataset.items()}
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return dataset
-    first = dataset[0]
-    if not isinstance(first, dict) or "chosen_input_ids" in first or not {"chosen", "rejected"} <= first.keys():
+    first = dataset[0]  # raw rows if it holds any of their keys: a malformed first row is then named, not passed on
+    if not isinstance(first, dict) or "chosen_input_ids" in first or not {"prompt", "chosen", "rejected"} & first.keys():
         return dataset
     if tokenizer is None:
         raise ValueError(f"{name} holds raw preference rows (chosen, rejected): pass processing_class= (the "
