@@ -27,6 +27,7 @@ class QAdapterLossTrainer(Trainer):
 
     def __init__(self, *args, loss: LossConfig | None = None, chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # how transformers before loss_is_scaled_for_ga decide the same
         self.loss_config = loss
         self.chunk_size = chunk_size
 

@@ -9,6 +9,7 @@ import torch
 from torch import distributed as dist
 
 from . import registry
+from .autocast import outside_autocast
 from .config import LossConfig, check_real
 from .inputs import check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
 from .tiles import chunks
@@ -43,6 +44,7 @@ def check_combine_inputs(base_logits, q_values, alpha_tilde, alpha_0) -> tuple[f
     return alpha_tilde, alpha_0
 
 
+@outside_autocast
 def combine_logits(
     base_logits: torch.Tensor,
     q_values: torch.Tensor,
@@ -63,6 +65,7 @@ def combine_logits(
     return log_softmax((q_values.to(sd) + alpha_0 * log_pi1) / alpha_tilde, group)
 
 
+@outside_autocast
 def combined_logprobs(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,
@@ -116,6 +119,7 @@ class TargetLogprobs(NamedTuple):
     base: torch.Tensor  # log pi1(a): the frozen model's, no gradient
 
 
+@outside_autocast
 def combined_logprobs_at(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,

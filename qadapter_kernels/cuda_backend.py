@@ -16,6 +16,7 @@ import functools
 import torch
 
 from . import _cuda, _cuda_ops, pairwise
+from .autocast import outside_autocast
 from .chunked import chunked_token_stats
 from .config import REWARD_NORM, LossConfig, check_real
 from .first_order import first_order
@@ -68,6 +69,7 @@ class _PairwiseBT(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @outside_autocast
     def backward(ctx, grad_stats, _grad_seq):
         (grad,) = ctx.saved_tensors
         return grad_stats[0] * grad, None, None, None, None

@@ -9,6 +9,7 @@ from torch import distributed as dist
 from torch import nn
 
 from . import registry
+from .autocast import outside_autocast
 from .config import LossConfig
 from .inputs import check_chunk_size, check_loss_inputs, check_totals
 from .pairwise import QAdapterLossOutput, ScoredTokens, TokenStats, pairwise_loss, share_of_total, token_rewards
@@ -55,6 +56,7 @@ def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossC
     return share_of_total(impl.pairwise or pairwise_loss, rewards, tokens, config, *totals)
 
 
+@outside_autocast
 def qadapter_token_stats(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,
@@ -86,6 +88,7 @@ def qadapter_token_stats(
     return _token_stats(impl, tokens, *inputs, chunk_size, layout)
 
 
+@outside_autocast
 def qadapter_loss(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,

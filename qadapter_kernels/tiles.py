@@ -11,6 +11,7 @@ import functools
 import torch
 
 from . import grad_filter
+from .autocast import outside_autocast
 from .first_order import first_order
 from .inputs import stats_dtype
 from .steps import FILTER_BLOCK, softcap_
@@ -194,6 +195,7 @@ class ChunkedTokenStats(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @outside_autocast
     def backward(ctx, grad_q_taken, grad_value):
         base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken, lse_c = ctx.saved_tensors
         sd = grad_q_taken.dtype

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .autocast import outside_autocast
 from .first_order import first_order
 from .grad_filter import mass_budget
 from .inputs import check_float_tensor
@@ -154,6 +155,7 @@ class _SumGradAcrossRanks(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @outside_autocast
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
@@ -203,6 +205,7 @@ class _MergedTokenStats(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @outside_autocast
     def backward(ctx, grad_q_taken, grad_value):
         owned, weight = ctx.saved_tensors
         return torch.where(owned, grad_q_taken, 0.0), grad_value * weight, None, None, None, None, None
@@ -256,6 +259,7 @@ class _ShardedLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     @first_order
+    @outside_autocast
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         total = grad.sum(dim=-1, keepdim=True)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .autocast import outside_autocast
 from .config import LossConfig, check_choice
 from .inputs import check_chunk_size, check_hidden_pair, check_targets, stats_dtype
 from .steps import softcap_
@@ -71,6 +72,7 @@ def _taken(rows: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> t
 
 
 @torch.no_grad()
+@outside_autocast
 def vocabulary_pass(
     base_hidden: torch.Tensor,
     q_hidden: torch.Tensor,
@@ -159,6 +161,7 @@ def _fields(measures: tuple[str, ...]) -> list[str]:
 
 
 @torch.no_grad()
+@outside_autocast
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -185,6 +188,7 @@ def token_logprobs(
 
 
 @torch.no_grad()
+@outside_autocast
 def logit_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
                 taken_where: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
                 logit_softcap: float | None = None,

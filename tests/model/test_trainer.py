@@ -4,6 +4,7 @@ checkpoints only the adapter, and resumes exactly."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -211,16 +212,19 @@ def test_padding_dependent_norm_with_accumulation_warns(tmp_path):
         _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), report_to=[]))
 
 
-@pytest.mark.parametrize("reward_norm", ["mean", "sum"])
-def test_accumulated_micro_batches_train_as_their_concatenation(tmp_path, reward_norm):
+@pytest.mark.parametrize(("reward_norm", "older_transformers"), [("mean", False), ("sum", False), ("mean", True)])
+def test_accumulated_micro_batches_train_as_their_concatenation(tmp_path, reward_norm, older_transformers):
     """Two micro-batches of 2 pairs accumulated = one batch of 4 pairs: the same logged loss and the
-    same LoRA weights after plain SGD steps (Trainer's num_items_in_batch carries the step's counts)."""
+    same LoRA weights after plain SGD steps (Trainer's num_items_in_batch carries the step's counts).
+    Transformers before ``loss_is_scaled_for_ga`` decide whether to divide by ``model_accepts_loss_kwargs``."""
     runs = {}
     for micro, accumulate in ((4, 1), (2, 2)):
         model, tokenizer, args, train, _ = training_setup(tmp_path / f"{micro}", max_steps=3, optim="sgd", learning_rate=0.5,
                                                  per_device_train_batch_size=micro,
                                                  gradient_accumulation_steps=accumulate, reward_norm=reward_norm, beta=2.0)
         trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+        if older_transformers:
+            trainer.loss_is_scaled_for_ga = None  # Trainer's default where the attribute exists
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         runs[micro] = (losses, lora_state(model))
@@ -298,3 +302,36 @@ def test_every_checkpoint_push_uploads_a_loadable_adapter(tmp_path, monkeypatch)
             torch.testing.assert_close(pushed[name], value, rtol=0, atol=0)
     for name, value in lora_state(model).items():
         torch.testing.assert_close(uploads[-1][1][name], value, rtol=0, atol=0)
+
+
+def test_evaluation_metrics_are_over_all_pairs_under_their_prefix(tmp_path):
+    """Batches of unequal size average as their concatenation; ``predict`` and a named prefix get the
+    reward metrics under their own prefix and leave nothing behind for the next evaluation."""
+    model, tokenizer, args, _, heldout = training_setup(tmp_path, reward_norm="mean")  # "padded": batch-dependent
+    heldout = heldout[:7]
+    concatenated = QAdapterTrainer(model=model, args=replace(args, per_device_eval_batch_size=7),
+                                   processing_class=tokenizer).evaluate(eval_dataset=heldout)
+    trainer = QAdapterTrainer(model=model, args=replace(args, per_device_eval_batch_size=3), processing_class=tokenizer)
+    alone = trainer.evaluate(eval_dataset=heldout)  # batches of 3, 3 and 1 pairs
+    for key in METRIC_NAMES.values():
+        assert alone[f"eval_{key}"] == pytest.approx(concatenated[f"eval_{key}"], rel=1e-5, abs=1e-7), key
+    assert alone["eval_rewards/accuracies"] == preference_metrics(model, heldout, tokenizer.pad_token_id)["accuracy"]
+    other = trainer.evaluate(eval_dataset=heldout[:4], metric_key_prefix="test")
+    assert {f"test_{key}" for key in METRIC_NAMES.values()} <= other.keys()
+    assert not any(key.startswith("eval_") for key in other)
+    assert {f"test_{key}" for key in METRIC_NAMES.values()} <= trainer.predict(heldout[:4]).metrics.keys()
+    again = trainer.evaluate(eval_dataset=heldout)
+    for key in METRIC_NAMES.values():
+        assert again[f"eval_{key}"] == pytest.approx(alone[f"eval_{key}"], rel=1e-6), key
+
+
+def test_trainer_arguments_are_a_qadapter_config(tmp_path, monkeypatch):
+    """None takes the defaults, as Trainer's does; a plain TrainingArguments lacks the loss options."""
+    from transformers import TrainingArguments
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer, _, train, _ = training_setup(tmp_path)
+    defaults = QAdapterConfig(output_dir=str(tmp_path))
+    assert QAdapterTrainer(model=model, processing_class=tokenizer).args.loss_config() == defaults.loss_config()
+    with pytest.raises(TypeError, match="args must be a QAdapterConfig .*got TrainingArguments"):
+        QAdapterTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)), processing_class=tokenizer)

@@ -273,6 +273,11 @@ class QAdapterTrainer(Trainer):
     """
 
     def __init__(self, model=None, args: QAdapterConfig | None = None, data_collator=None, processing_class=None, **kwargs):
+        if args is None:  # Trainer's own default, with the loss and LoRA options' defaults
+            args = QAdapterConfig(output_dir="trainer_output")
+        elif not isinstance(args, QAdapterConfig):
+            raise TypeError(f"args must be a QAdapterConfig (a TrainingArguments with the loss and LoRA options); "
+                            f"got {type(args).__name__}")
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         for name in ("train_dataset", "eval_dataset"):
             kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name)
@@ -280,12 +285,13 @@ class QAdapterTrainer(Trainer):
             pad = processing_class.pad_token_id
             data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
         self.add_callback(_FiniteGradients())
         self._checkpoint_pushed = _CheckpointAdapterPushed()
         self.add_callback(self._checkpoint_pushed)
         _warn_if_padding_dependent(self.args)
-        self.loss_is_scaled_for_ga = self.args.reward_norm != "padded"  # Trainer must not divide the shares again
+        # Trainer must not divide exact shares again; transformers before loss_is_scaled_for_ga decide by the other.
+        self.loss_is_scaled_for_ga = self.model_accepts_loss_kwargs = self.args.reward_norm != "padded"
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Trainer's ``train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint."""
@@ -349,13 +355,37 @@ class QAdapterTrainer(Trainer):
             raise _stop(self.state.global_step + 1, f"the loss is {loss.item()}", self.args.output_dir)
         if totals and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients of their shares
-        split = "train" if model.training else "eval"
-        values = {key: getattr(out, name).detach().float().mean() for name, key in METRIC_NAMES.items()}
-        # The tokens each pass ran over the padded batch's: what padding-free training saved (1 without it).
-        values[TOKEN_SHARE] = torch.tensor(out.pass_tokens / inputs["input_ids"].numel(), device=loss.device)
-        for key, value in values.items():
-            self._metrics[split][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+        self._record_metrics("train" if model.training else "eval", out, inputs)
         return (loss, out) if return_outputs else loss
+
+    def _record_metrics(self, split: str, out, inputs: dict) -> None:
+        """Adds the batch's metrics to ``split``'s running sums, each weighted by what it is a mean
+        over (the batch's pairs; its scored tokens for the chi2 term; its padded tokens for the token
+        share), so that batches of unequal size average as their concatenation."""
+        input_ids = inputs["input_ids"]
+        pairs, scored = input_ids.shape[0] // 2, int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        weights = [scored if name == "chi2_loss" else pairs for name in METRIC_NAMES] + [input_ids.numel()]
+        sums = [getattr(out, name).detach().float().mean() * weight for name, weight in zip(METRIC_NAMES, weights)]
+        # The tokens each pass ran over the padded batch's: what padding-free training saved (1 without it).
+        sums += [torch.tensor(float(out.pass_tokens), device=input_ids.device)]
+        totals = torch.stack([torch.stack(sums).float(), torch.tensor(weights, device=input_ids.device).float()])
+        totals = self.accelerator.gather(totals[None]).view(-1, 2, len(weights)).sum(dim=0)
+        for key, value, weight in zip([*METRIC_NAMES.values(), TOKEN_SHARE], *totals.tolist()):
+            self._metrics[split][key][0] += value
+            self._metrics[split][key][1] += weight
+
+    def _averages(self, split: str) -> dict[str, float]:
+        averages = {key: value / weight for key, (value, weight) in self._metrics[split].items() if weight}
+        self._metrics[split].clear()
+        return averages
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        """Trainer's loop, with the evaluated batches' reward and loss metrics under its prefix
+        (``eval``, ``eval_<name>`` for a dict of eval sets, ``test`` from ``predict``)."""
+        self._metrics["eval"].clear()
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in self._averages("eval").items()})
+        return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves the adapter (never a copy of the frozen base: a few MB), its ``qadapter_config.json``
@@ -414,10 +444,6 @@ class QAdapterTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        for key, values in self._metrics[split].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
-        self._metrics[split].clear()
+        if "loss" in logs or "train_runtime" in logs:  # a training step's log, or the run's summary
+            logs.update(self._averages("train"))
         super().log(logs, *args, **kwargs)
