@@ -159,3 +159,17 @@ def test_a_float32_backend_named_for_float64_says_so_before_running(x, monkeypat
     with pytest.raises(TypeError, match=r"backend 'chunked-triton' takes float16, bfloat16 and float32 inputs, got "
                                         r"float64 \(float64 runs on 'reference', 'chunked'"):
         call(doubled, backend="chunked-triton")
+
+
+def test_torch_func_transforms_name_the_backend_that_runs_under_them(x):
+    """The fused backwards are autograd Functions without ``setup_context``: under ``torch.func.grad``
+    the chunked backends say so and name the reference, which computes the same gradient."""
+    inputs = {k: v.detach() if k == "q_hidden" else v for k, v in x.items()}
+
+    def loss_of(q_hidden, backend):
+        return call(inputs, q_hidden=q_hidden, backend=backend).loss
+
+    with pytest.raises(RuntimeError, match="torch.func's transforms cannot run; backend='reference'"):
+        torch.func.grad(loss_of)(inputs["q_hidden"], "chunked")
+    expected = torch.autograd.grad(loss_of(x["q_hidden"], "reference"), x["q_hidden"])[0]
+    torch.testing.assert_close(torch.func.grad(loss_of)(inputs["q_hidden"], "reference"), expected)
