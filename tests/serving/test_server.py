@@ -203,7 +203,8 @@ def test_logit_bias_moves_the_answer_as_openai_defines_it(server, saved):
     moved = api.completions.create(model="kind", prompt=ids, max_tokens=1, temperature=0, logprobs=0,
                                    logit_bias={str(first): -100})
     assert moved.choices[0].logprobs.token_logprobs[0] == pytest.approx(policy[second].item(), abs=1e-4)
-    for bias, match in (({"abc": 1}, "logit_bias must map"), ({"5": 101}, r"\[-100, 100\]"),
+    for bias, match in (({"abc": 1}, "logit_bias must map"), ({"\u00b2": 1}, "logit_bias must map"),
+                        ({"5": 101}, r"\[-100, 100\]"),
                         ({str(len(tokenizer) + 10**6): 1}, "token ids in")):
         with pytest.raises(openai.BadRequestError, match=match):
             api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=2, logit_bias=bias)
@@ -304,8 +305,9 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
         api.completions.create(model="nope", prompt="hello", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer >= 1"):
         api.completions.create(model="terse", prompt="hello", max_tokens=-3)
-    with pytest.raises(openai.BadRequestError, match="context length"):
+    with pytest.raises(openai.BadRequestError, match="context length") as info:
         api.completions.create(model="terse", prompt="hello world " * 80, max_tokens=8)
+    assert info.value.param == "max_tokens"  # the limit the client asked for; without one, the prompt is blamed
     with pytest.raises(openai.BadRequestError, match="temperature"):
         api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=5)
     with pytest.raises(openai.BadRequestError, match="messages"):
@@ -1026,3 +1028,18 @@ def test_an_adapter_with_requests_in_flight_is_not_unloaded(saved):
     engine.unload_adapter("terse")  # between two steps of the running engine
     assert engine.adapter_set.names == ["formal"]
     engine.stop()
+
+
+def test_an_unset_or_null_limit_is_the_default_within_the_context(server):
+    """A null max_completion_tokens is an absent one (the client sends null for None); without a limit
+    the default is capped at what the context leaves, as vLLM caps it, rather than refused."""
+    api, engine = client(server[0]), server[1]
+    chat = api.chat.completions.create(model="terse", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                       max_tokens=1, max_completion_tokens=None, temperature=0)
+    assert chat.usage.completion_tokens == 1
+    long_prompt = [7] * (engine.context_length - 3)  # room for 3 tokens: fewer than the default 16
+    answer = api.completions.create(model="terse", prompt=long_prompt, temperature=0)
+    assert answer.usage.prompt_tokens == len(long_prompt) and 1 <= answer.usage.completion_tokens <= 3
+    with pytest.raises(openai.BadRequestError, match="context length") as info:
+        api.completions.create(model="terse", prompt=[7] * engine.context_length, temperature=0)
+    assert info.value.param == "prompt"

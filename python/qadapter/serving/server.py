@@ -113,7 +113,8 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
     bias = body.get("logit_bias")
     if bias is None:
         return {}
-    if isinstance(bias, dict) and all(isinstance(k, str) and k.isdigit() and int(k) < vocab for k in bias) and all(
+    if isinstance(bias, dict) and all(isinstance(k, str) and k.isascii() and k.isdigit() and int(k) < vocab
+                                      for k in bias) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -100 <= v <= 100
             for v in bias.values()):
         return {int(k): float(v) for k, v in bias.items()}
@@ -322,7 +323,7 @@ class Server:
         try:
             body = await self._body(http)
             await self._load_from_dir(body.get("model"))  # no await after it until the requests are queued
-            options, choices, stream, usage_chunk = self._options(body, chat)
+            options, choices, stream, usage_chunk, limit = self._options(body, chat)
             prompts = [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, options["echo"])
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
@@ -332,6 +333,9 @@ class Server:
         loop = asyncio.get_running_loop()
         seed = options.pop("seed")
         # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
+        context = self.engine.context_length
+        if limit is None and context is not None:  # the default, as vLLM's: no more than the context leaves
+            options["max_tokens"] = min(options["max_tokens"], max(1, context - max(len(p) for p, _ in prompts)))
         requests = [Request(prompt=prompt, seed=None if seed is None else seed + i, **options,
                             emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)))
                     for j, (prompt, _) in enumerate(prompts) for i in range(choices)]
@@ -343,7 +347,8 @@ class Server:
                 request.cancelled = True
             if isinstance(exc, EngineStopped):
                 return _error(str(exc), 503)
-            return _error(str(exc).strip("'\""), 400, "messages" if chat else "prompt")
+            blamed = limit if limit is not None and "max_tokens" in str(exc) else "messages" if chat else "prompt"
+            return _error(str(exc).strip("'\""), 400, blamed)
         reply = _Reply(body["model"], chat, sum(len(ids) for ids, _ in prompts), len(requests), usage_chunk,
                        token_text=self._token_text if options["logprobs"] is not None else None)
         echoed = [text if options.get("echo") else "" for _, text in prompts for _ in range(choices)]  # per choice
@@ -410,10 +415,11 @@ class Server:
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _options(self, body: dict, chat: bool) -> tuple[dict, int, bool, bool]:
+    def _options(self, body: dict, chat: bool) -> tuple[dict, int, bool, bool, str | None]:
         """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
-        as OpenAI's), the number of choices, whether to stream, and whether the stream ends in a
-        chunk of the usage alone."""
+        as OpenAI's; a null field is an absent one), the number of choices, whether to stream, whether
+        the stream ends in a chunk of the usage alone, and the field that set max_tokens (None: the
+        default)."""
         model = body.get("model")
         if not isinstance(model, str):
             raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
@@ -430,7 +436,7 @@ class Server:
                                              for d in defaults):
                 raise BadRequest(f"{name} is not supported by this server (only {' or '.join(map(json.dumps, defaults))}"
                                  f"); got {json.dumps(value)}", name)
-        limit = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+        limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         scored_alone = not chat and body.get("echo") is True  # max_tokens 0: the echoed prompt alone
         max_tokens = _int(body, limit, self.default_max_tokens if chat else 16, 0 if scored_alone else 1)
         stop = body.get("stop")
@@ -475,7 +481,8 @@ class Server:
                     logit_bias=_logit_bias(body, self.engine.vocab))
         if not chat:
             options["echo"] = echo
-        return options, choices, stream, stream_options.get("include_usage", False)
+        given = limit if body.get(limit) is not None else None
+        return options, choices, stream, stream_options.get("include_usage", False), given
 
     def _text_prompts(self, body: dict, echo: bool) -> list[tuple[list[int], str]]:
         """The prompts' token ids and texts (what ``echo`` returns; token ids are decoded only then):
