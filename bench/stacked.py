@@ -144,10 +144,16 @@ def run(options: StackedOptions) -> dict:
 
     level1 = fresh()
     tokenizer = level1.tokenizer
-    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length)
-    features = {name: tokenize_rows(rows, tokenizer, **lengths)[0] for name, rows in train_rows.items()}
+    # A bulleted answer and the answer as it is differ only after its first sentence: where that lies
+    # past max_length the pair is the same tokens twice, and is skipped (counted in the result).
+    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length, skip_invalid=True)
+    read = {name: tokenize_rows(rows, tokenizer, **lengths) for name, rows in train_rows.items()}
+    read_heldout = {rule: tokenize_rows(rows, tokenizer, **lengths) for rule, rows in heldout.items()}
+    result["data"] = {f"{part}/{name}": str(summary) for part, parts in (("train", read), ("heldout", read_heldout))
+                      for name, (_, summary) in parts.items()}
+    features = {name: f for name, (f, _) in read.items()}
     suite = {"prompts": [row["prompt"] for row in heldout["tldr"]],
-             "heldout": {rule: tokenize_rows(rows, tokenizer, **lengths)[0] for rule, rows in heldout.items()},
+             "heldout": {rule: f for rule, (f, _) in read_heldout.items()},
              "probe": subsample(load_probe(), options.probe_items),
              "passages": general_passages()[: options.passages]}
     result |= {"train_pairs": {name: len(f) for name, f in features.items()},

@@ -18,8 +18,8 @@ from bench import quantized_accuracy  # noqa: E402
 def test_both_runs_on_a_tiny_base(tmp_path, capsys):
     save_tiny_base(tmp_path / "base", hidden=64)  # bitsandbytes' CPU 4-bit kernels: inputs in blocks of 64
     argv = ["--model", str(tmp_path / "base"), "--steps", "2", "--seed", "3", "--heldout-limit", "4", "--probe-limit",
-            "2", "--answer-tokens", "4", "--max-length", "48", "--output", str(tmp_path / "runs"), "--out",
-            str(tmp_path / "results")]
+            "2", "--answer-tokens", "4", "--max-length", "48", "--max-prompt-length", "32", "--output",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
     assert quantized_accuracy.main(argv) == 0
     [path] = (tmp_path / "results").glob("quantized-accuracy-cpu-*.json")
     result = json.loads(path.read_text())

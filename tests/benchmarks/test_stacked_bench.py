@@ -17,8 +17,8 @@ from bench import stacked  # noqa: E402
 def test_every_run_on_a_tiny_base(tmp_path, capsys):
     save_tiny_base(tmp_path / "base")
     argv = ["--model", str(tmp_path / "base"), "--steps", "1", "--seed", "3", "--heldout-limit", "3", "--probe-items",
-            "2", "--passages", "1", "--answer-tokens", "4", "--max-length", "48", "--output", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "results")]
+            "2", "--passages", "1", "--answer-tokens", "4", "--max-length", "160", "--max-prompt-length", "32",
+            "--output", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
     assert stacked.main(argv) == 0
     [path] = (tmp_path / "results").glob("stacked-second-from-first-cpu-*.json")
     result = json.loads(path.read_text())
@@ -28,6 +28,7 @@ def test_every_run_on_a_tiny_base(tmp_path, capsys):
     assert runs["joint"]["steps"] == 2 and runs["stacked"]["steps"] == 1 and result["options"]["seed"] == 3
     assert result["train_pairs"]["joint"] == result["train_pairs"]["tldr"] + result["train_pairs"]["bullets"]
     assert result["heldout_pairs"] == {"tldr": 3, "bullets": 3} and result["probe_items"] == 2
+    assert set(result["data"]) == {"train/tldr", "train/bullets", "train/joint", "heldout/tldr", "heldout/bullets"}
     for row in (*runs.values(), result["base"]):
         assert 0 <= row["tldr_rate"] <= 1 and 0 <= row["bullets_rate"] <= 1
     for row in runs.values():
