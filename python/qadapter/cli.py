@@ -87,6 +87,29 @@ def _probability(text: str) -> float:
     return value
 
 
+@_named("number in [0, 1]")
+def _unit_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
+    return value
+
+
+@_named("seed")
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:  # what torch.manual_seed takes
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1]; got {text}")
+    return value
+
+
+@_named("non-empty text")
+def _text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (an empty stop string would stop at once)")
+    return text
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) -> None:
     """One ``--field-name`` option per field of a dataclass, with its type, default and metadata
     (``help``, ``choices``; ``positive``: values > 0; ``non_negative``: values >= 0; ``flag``: another
@@ -386,16 +409,17 @@ def _generate_parser(p) -> None:
     p.add_argument("--temperature", type=_positive_float, help="with --sample (default: 1.0)")
     p.add_argument("--top-k", type=_non_negative_int, help="with --sample: keep the k most likely tokens (default 0: all)")
     p.add_argument("--top-p", type=_probability, help="with --sample (default: 1.0)")
-    p.add_argument("--min-p", type=_probability,
-                   help="with --sample: drop tokens below min_p times the top one's probability")
+    p.add_argument("--min-p", type=_unit_fraction,
+                   help="with --sample: drop tokens below min_p times the top one's probability (0: none)")
     p.add_argument("--repetition-penalty", type=_positive_float, default=None)
     p.add_argument("--num-beams", type=_positive_int, default=1,
                    help="beam search over the customized policy with this many beams (the answer is printed "
                         "when the search ends: beams do not stream)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop when the answer contains TEXT (repeatable)")
+    p.add_argument("--stop", action="append", type=_text, default=None, metavar="TEXT",
+                   help="stop when the answer contains TEXT (repeatable)")
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="static cache and compiled decode step (auto: on CUDA)")
-    p.add_argument("--seed", type=int, help="with --sample: the seed of the draws (default: 0)")
+    p.add_argument("--seed", type=_seed, help="with --sample: the seed of the draws (default: 0)")
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 

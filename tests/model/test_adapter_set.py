@@ -54,8 +54,9 @@ def solo_logprobs(model, ids, mask):
 
 
 def set_logprobs(adapter_set, ids, mask, names):
+    """Each row's next-token log-probs (a base row's scores are the base's logits: normalized here)."""
     adapter_set.rows.assignment = tuple(None if n is None else adapter_set.names.index(n) for n in names)
-    return next_token_logprobs(adapter_set._policy, ids, mask)
+    return next_token_logprobs(adapter_set._policy, ids, mask).log_softmax(-1)
 
 
 def test_each_row_gets_its_own_adapters_policy(saved, solo):
@@ -92,12 +93,15 @@ def test_a_batch_runs_only_the_bank_columns_of_the_adapters_it_names(saved, solo
         torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
 
 
-def test_greedy_rows_equal_each_adapters_solo_decoding(saved, solo):
+@pytest.mark.parametrize("penalty", [{}, {"repetition_penalty": 1.5}])
+def test_greedy_rows_equal_each_adapters_solo_decoding(saved, solo, penalty):
+    """A repetition penalty is not shift-invariant: a base row gives generate the base's own logits,
+    as the base alone does, and an adapter row its policy's log-probs, as the adapter alone does."""
     _, vocab, paths = saved
     adapter_set = AdapterSet.from_pretrained(paths)
     ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4, 9, 5), seed=3)
     names = ["kind", "terse", None, "formal"]
-    options = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0)
+    options = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0, **penalty)
     # Two samples per prompt at top_k=1 (greedy): the row plan follows the repeated rows.
     out = adapter_set.generate(ids, mask, adapters=names, num_return_sequences=2, do_sample=True, top_k=1, **options)
     for row, name in enumerate(names):
@@ -216,7 +220,8 @@ def check_read_prompts(adapter_set, solo_of, ids, mask, names, top):
     for row, (name, k) in enumerate(zip(names, top)):
         real = mask[row].bool()
         whole = solo_every_position(solo_of(name), ids[row:row + 1, real], mask[row:row + 1, real])[0]
-        torch.testing.assert_close(logprobs[row], whole[-1], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+        torch.testing.assert_close(logprobs[row].log_softmax(-1), whole[-1], rtol=1e-5, atol=1e-5,
+                                   msg=f"row {row} ({name})")  # a base row's scores are its logits
         if k is None:
             assert scores[row] is None
             continue

@@ -23,6 +23,7 @@ from qadapter.library.data import (  # noqa: E402
     tokenize_rows,
 )
 from qadapter.library.model import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, QAdapterModel  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
 GOOD = {"prompt": "the capital of", "chosen": " France is Paris", "rejected": " hello world"}
 CONV_C = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
@@ -276,6 +277,10 @@ CLI = [
     ("gen-max-new-tokens-0", [*GEN, "--max-new-tokens", "0"], "--max-new-tokens"),
     ("gen-max-new-tokens-word", [*GEN, "--max-new-tokens", "lots"], "--max-new-tokens"),
     ("gen-seed-word", [*GEN, "--seed", "lucky"], "--seed"),
+    ("gen-seed-huge", [*GEN, "--sample", "--seed", str(2**70)], "--seed: must be an integer in [0, 2**64 - 1]"),
+    ("gen-seed-negative", [*GEN, "--sample", "--seed", "-1"], "--seed: must be an integer in [0, 2**64 - 1]"),
+    ("gen-stop-empty", [*GEN, "--stop", ""], "--stop: must not be empty"),
+    ("gen-min-p-above-1", [*GEN, "--sample", "--min-p", "1.5"], "--min-p: must be in [0, 1]"),
     ("gen-unknown", [*GEN, "--beam", "4"], "unrecognized arguments: --beam 4"),
     ("gen-num-beams-0", [*GEN, "--num-beams", "0"], "--num-beams"),
     ("eval-no-data", ["eval", "--adapter", "a"], "--data"),
@@ -566,6 +571,10 @@ GENERATE = [
     ("ids-empty", {"input_ids": PROMPT[:, :0]}, ValueError, "at least one prompt token"),
     ("mask-shape", {"attention_mask": torch.ones(1, 2, dtype=torch.long)}, ValueError, "attention_mask must have"),
     ("right-padded", {"attention_mask": torch.tensor([[1, 1, 0]])}, ValueError, "left-padded"),
+    ("mask-list", {"attention_mask": [[1, 1, 1]]}, TypeError, "attention_mask (the second argument) must be a tensor"),
+    # transformers' order, generate(inputs, generation_config): named
+    ("mask-generation-config", {"attention_mask": GenerationConfig(max_new_tokens=2)},
+     TypeError, "got GenerationConfig (pass it as generation_config=...)"),
     # transformers' own check, which names the argument
     ("max_new_tokens-negative", {"max_new_tokens": -1}, ValueError, "max_new_tokens` must be greater than 0"),
     ("max_new_tokens-0", {"max_new_tokens": 0}, ValueError, "max_new_tokens` must be greater than 0"),

@@ -294,3 +294,12 @@ def test_the_base_is_named_by_model_as_in_train(argv):
     parser = build_parser(argv[:1])
     assert parser.parse_args([*argv, "--model", "some/base"]).base_model == "some/base"
     assert parser.parse_args([*argv, "--base-model", "some/base"]).base_model == "some/base"
+
+
+def test_generate_takes_the_edges_of_its_ranges():
+    """min_p 0 is no filter (as in the Python API and the server); a seed up to torch's largest."""
+    from qadapter.cli import build_parser
+
+    args = build_parser(["generate"]).parse_args(["generate", "--adapter", "a", "--prompt", "hi", "--sample",
+                                                  "--min-p", "0", "--seed", str(2**64 - 1)])
+    assert (args.min_p, args.seed) == (0.0, 2**64 - 1)

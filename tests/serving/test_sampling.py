@@ -55,6 +55,10 @@ def test_greedy_with_a_repetition_penalty_is_transformers_generate_with_it(engin
     # The penalty did change what is decoded (the test is not vacuous).
     assert requests[0].tokens != generated(engine, prompts[0], "a", 12)
     assert requests[3].tokens != requests[2].tokens
+    # The base row is the base model's own generate: the penalty acts on its logits, not its log-probs.
+    alone = tiny_causal_lm().generate(torch.tensor([prompts[1]]), max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD,
+                                      do_sample=False, repetition_penalty=1.3)[0, len(prompts[1]):].tolist()
+    assert requests[1].tokens == (alone[:alone.index(EOS)] if EOS in alone else alone)
 
 
 def test_frequency_and_presence_penalties_move_the_answers_tokens_by_their_counts():

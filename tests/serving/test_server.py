@@ -645,13 +645,13 @@ def test_lm_evals_own_client_scores_the_served_policy(server, saved):
 
 def test_a_failing_step_answers_its_requests_with_an_error_and_the_server_goes_on(server, monkeypatch):
     base_url, engine = server
-    real = engine.adapter_set.next_logprobs
+    real = engine.adapter_set.next_scores
 
     def failing(*args, **kwargs):
-        monkeypatch.setattr(engine.adapter_set, "next_logprobs", real)  # once
+        monkeypatch.setattr(engine.adapter_set, "next_scores", real)  # once
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(engine.adapter_set, "next_logprobs", failing)
+    monkeypatch.setattr(engine.adapter_set, "next_scores", failing)
     with pytest.raises(openai.InternalServerError, match="simulated"):
         client(base_url).completions.create(model="kind", prompt="hello", max_tokens=3, temperature=0)
     assert engine.wait_idle(10)

@@ -253,15 +253,17 @@ class BankRows:
             selection.weights, selection.mask = previous
 
     def combine(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
-        """Each prompt row's policy from the forward's rows: its adapter's combined log-probs with its
-        own ``alpha~``, ``alpha_0`` (a stack's, by the stack's recursion over its levels); a base row's
-        are the frozen log-probs. Rows of the same temperatures combine together."""
+        """Each prompt row's next-token scores from the forward's rows: its adapter's combined log-probs
+        with its own ``alpha~``, ``alpha_0`` (a stack's, by the stack's recursion over its levels); a
+        base row's are the frozen model's own logits, as the base alone gives them to ``generate`` (a
+        repetition penalty, which is not shift-invariant, acts on them as it does there). Rows of the
+        same temperatures combine together."""
         kernel = combine_logits if torch.compiler.is_compiling() else self.kernel
         out = None
         for alphas, index, rows in self._plan(batch, logits.device)["groups"]:
             blocks = [_part(logits, r) for r in rows]
             if not alphas:
-                part = torch.log_softmax(blocks[0].float(), dim=-1)
+                part = blocks[0].float()
             elif len(alphas) == 1:
                 part = kernel(blocks[0], blocks[1], alpha_0=alphas[0][0], alpha_tilde=alphas[0][1])
             else:  # a stack: its parent's policy is the softmax of h_eff W (docs/design.md, "Stacked adapters")
@@ -466,10 +468,11 @@ class AdapterSet:
                                          compiled=compiled, **kwargs)
 
     @torch.no_grad()
-    def next_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
-                      cache) -> torch.Tensor:
-        """Each row's log-probs ``[B, V]`` of its next token under the policy of ``adapters[row]``, after
-        feeding ``input_ids [B, t]``: one step of a caller's own decoding loop (the serving engine's).
+    def next_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
+                    cache) -> torch.Tensor:
+        """Each row's scores ``[B, V]`` of its next token under the policy of ``adapters[row]`` (its
+        log-probs; a base row's, the base's logits: :meth:`BankRows.combine`), after feeding
+        ``input_ids [B, t]``: one step of a caller's own decoding loop (the serving engine's).
         ``attention_mask [B, T + t]`` covers everything fed so far; ``cache`` (a transformers
         ``DynamicCache`` over the forward's rows, :class:`BankRows`: frozen rows, then each row's level
         rows) holds the first ``T`` and is extended. The model is used as it is (call ``eval()`` on it first)."""
@@ -481,7 +484,7 @@ class AdapterSet:
     @torch.no_grad()
     def read_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
                      cache, *, top: Sequence[int | None]) -> tuple[torch.Tensor, list[TokenMeasures | None]]:
-        """:meth:`next_logprobs` of a prefill (``cache`` empty, ``input_ids`` left-padded as
+        """:meth:`next_scores` of a prefill (``cache`` empty, ``input_ids`` left-padded as
         ``attention_mask`` says) that also scores the prompt of each row whose ``top[row]`` is not None:
         each of its tokens after the first, its log-prob under the row's policy (``combined``) and the
         ``top[row]`` likeliest tokens' (``top_logprobs``, ``top_ids``).
@@ -493,7 +496,7 @@ class AdapterSet:
             raise ValueError(f"top must hold one entry per row of input_ids ({input_ids.shape[0]}); got {len(top)}")
         weight, cap = output_head(self.base_model)
         with decoder_outputs(self.base_model) as captured:
-            logprobs = self.next_logprobs(input_ids, attention_mask, adapters, cache)
+            next_scores = self.next_scores(input_ids, attention_mask, adapters, cache)
         (hidden,) = captured
         levels_of = self.rows.level_rows(input_ids.shape[0], input_ids.device)
         by_name = {a.name: a for a in self.adapters}
@@ -511,7 +514,7 @@ class AdapterSet:
                 frozen, q, (alpha_0, alpha_tilde) = effective_hidden(states[:-1], alphas[:-1]), states[-1], alphas[-1]
             scores.append(vocabulary_pass(frozen, q, weight, input_ids[row, real][1:], measures=("logprobs", "top"),
                                           top_k=k, logit_softcap=cap, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
-        return logprobs, scores
+        return next_scores, scores
 
     def _assign(self, adapters: Sequence[str | None], rows: int) -> None:
         """Row ``i`` decodes ``adapters[i]``: checked, and set as the row plan's assignment."""

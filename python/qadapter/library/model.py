@@ -662,6 +662,10 @@ def check_prompt(input_ids, attention_mask):
         raise ValueError("input_ids must hold at least one prompt token per row")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):  # transformers' generate takes generation_config second
+        hint = " (pass it as generation_config=...)" if type(attention_mask).__name__ == "GenerationConfig" else ""
+        raise TypeError(f"attention_mask (the second argument) must be a tensor [B, T] or None; got "
+                        f"{type(attention_mask).__name__}{hint}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
     if bool((attention_mask[:, -1] == 0).any()):

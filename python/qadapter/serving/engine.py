@@ -348,13 +348,13 @@ class Engine:
         else:  # read after the stored prefixes only
             cache = self._stored_prefixes(reads, reused)
         if any(k is not None for k in top):
-            logprobs, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache, top=top)
+            next_scores, scores = self.adapter_set.read_prompts(ids, mask, adapters, cache, top=top)
             for request, row in zip(new, source):
                 if request.scores_prompt:
                     request.emit({"prompt_logprobs": [(request.prompt[0], None, None),
                                                       *_prompt_entries(request, scores[row])]})
         else:
-            logprobs = self.adapter_set.next_logprobs(ids, mask, adapters, cache)
+            next_scores = self.adapter_set.next_scores(ids, mask, adapters, cache)
         for r in new:
             if r.max_tokens == 0:  # an echoed prompt scored alone: no answer token, no place in the batch
                 self._finish(r, {"finish_reason": "length"})
@@ -364,10 +364,10 @@ class Engine:
         rows = [source[i] for i in going_on]  # each request's read
         if rows != list(range(len(reads))):
             _keep_rows(cache, rows, self._depths(reads))
-            mask, logprobs = mask[rows], logprobs[rows]
+            mask, next_scores = mask[rows], next_scores[rows]
         new = [new[i] for i in going_on]
         self._splice(new, cache, mask)
-        self._advance(new, logprobs, offset=len(self._running) - len(new))
+        self._advance(new, next_scores, offset=len(self._running) - len(new))
 
     def _policy_key(self, adapter: str | None) -> tuple:
         """What a row's KV depends on: the LoRAs each level of the policy runs (none for the base)."""
@@ -454,16 +454,16 @@ class Engine:
         """One decode step of the whole running batch: feed each request's latest token."""
         with self.metrics.decode_step.time():
             self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-            logprobs = self.adapter_set.next_logprobs(self._next.unsqueeze(1), self._mask,
-                                                      [r.adapter for r in self._running], self._cache)
+            next_scores = self.adapter_set.next_scores(self._next.unsqueeze(1), self._mask,
+                                                       [r.adapter for r in self._running], self._cache)
             self.steps += 1
-            self._advance(self._running, logprobs, offset=0)
+            self._advance(self._running, next_scores, offset=0)
 
-    def _advance(self, requests: list[Request], logprobs: torch.Tensor, offset: int) -> None:
-        """Samples each request's next token from its rows' log-probs, emits the new text, and
-        drops the requests that finished."""
-        tokens = self._sample(requests, logprobs).tolist()
-        entries = _logprob_entries(requests, logprobs, tokens)
+    def _advance(self, requests: list[Request], next_scores: torch.Tensor, offset: int) -> None:
+        """Samples each request's next token from its rows' scores (a policy's log-probs, the base's
+        logits: :meth:`AdapterSet.next_scores`), emits the new text, and drops the requests that finished."""
+        tokens = self._sample(requests, next_scores).tolist()
+        entries = _logprob_entries(requests, next_scores, tokens)
         new_next = torch.tensor(tokens, device=self.device)
         # A step advances every row; an admission, the rows after the ``offset`` already running.
         self._next = new_next if offset == 0 else torch.cat([self._next[:offset], new_next])
@@ -471,12 +471,12 @@ class Engine:
         if finished:
             self._drop(finished)
 
-    def _sample(self, requests: list[Request], logprobs: torch.Tensor) -> torch.Tensor:
+    def _sample(self, requests: list[Request], next_scores: torch.Tensor) -> torch.Tensor:
         """Each request's next token: the batched argmax, replaced on the rows that ask for more."""
-        tokens = logprobs.argmax(-1)
+        tokens = next_scores.argmax(-1)
         for row, r in enumerate(requests):
             if r.temperature > 0 or _penalized(r):
-                scores = penalize(r, logprobs[row:row + 1])
+                scores = penalize(r, next_scores[row:row + 1])
                 tokens[row] = scores.argmax(-1)[0] if r.temperature == 0 else _draw(r, scores)
         return tokens
 
@@ -586,16 +586,17 @@ def _prompt_entries(request: Request, scores) -> list[tuple]:
                                                  scores.top_logprobs.tolist())]
 
 
-def _logprob_entries(requests: list[Request], logprobs: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
+def _logprob_entries(requests: list[Request], next_scores: torch.Tensor, tokens: list[int]) -> list[tuple | None]:
     """Each request's entry for the token it takes (None where it asks for no log-probs): the token,
-    its log-prob and its request's ``k`` likeliest tokens with theirs, in one gather and one top-k."""
+    its log-prob and its request's ``k`` likeliest tokens with theirs, in one gather and one top-k
+    (the scores normalized: a base row's are logits)."""
     rows = [i for i, r in enumerate(requests) if r.logprobs is not None]
     entries: list[tuple | None] = [None] * len(requests)
     if not rows:
         return entries
-    index = torch.tensor(rows, device=logprobs.device)
-    scores = logprobs.index_select(0, index).float()
-    taken = scores.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logprobs.device))[:, 0].tolist()
+    index = torch.tensor(rows, device=next_scores.device)
+    scores = next_scores.index_select(0, index).float().log_softmax(-1)
+    taken = scores.gather(1, torch.tensor([[tokens[i]] for i in rows], device=next_scores.device))[:, 0].tolist()
     k = max(requests[i].logprobs for i in rows)
     top_values, top_tokens = scores.topk(k, dim=-1) if k else (scores[:, :0], scores[:, :0].long())
     for j, (i, values, ids) in enumerate(zip(rows, top_values.tolist(), top_tokens.tolist())):
