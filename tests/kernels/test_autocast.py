@@ -38,11 +38,14 @@ def _loss_and_grads(inputs, name, *, backward_inside: bool):
     """As PyTorch recommends, the forward inside the region and the backward after it; or both inside."""
     leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items() if v.is_floating_point()}
     trainable = {k: v for k, v in leaves.items() if v.requires_grad}
+    def grads(loss):
+        return dict(zip(trainable, torch.autograd.grad(loss, list(trainable.values()))))
+
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = qadapter_loss(labels=inputs["labels"], **leaves, backend=name)
         if backward_inside:
-            return out, dict(zip(trainable, torch.autograd.grad(out.loss, list(trainable.values()))))
-    return out, dict(zip(trainable, torch.autograd.grad(out.loss, list(trainable.values()))))
+            return out, grads(out.loss)
+    return out, grads(out.loss)
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS if DEVICE == "cpu" else
