@@ -11,12 +11,13 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
 import typing
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import fields
 from pathlib import Path
 
@@ -39,68 +40,25 @@ def _named(name: str):
     return rename
 
 
-@_named("positive integer")
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
-    return value
+def _ranged(name: str, convert: Callable[[str], float], holds: Callable[[float], bool], expected: str):
+    """An argparse type: ``convert`` the text, refuse a value that does not hold, saying what it must be."""
+    @_named(name)
+    def parse(text: str):
+        value = convert(text)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text}")
+        return value
+    return parse
 
 
-@_named("non-negative integer")
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
-    return value
-
-
-@_named("port number")
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535; got {text}")
-    return value
-
-
-@_named("positive number")
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0 and finite; got {text}")
-    return value
-
-
-@_named("non-negative number")
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0 and finite; got {text}")
-    return value
-
-
-@_named("probability")
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
-    return value
-
-
-@_named("number in [0, 1]")
-def _unit_fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
-    return value
-
-
-@_named("seed")
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**64:  # what torch.manual_seed takes
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1]; got {text}")
-    return value
+_positive_int = _ranged("positive integer", int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _ranged("non-negative integer", int, lambda v: v >= 0, "an integer >= 0")
+_port = _ranged("port number", int, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535")
+_positive_float = _ranged("positive number", float, lambda v: 0 < v < math.inf, "> 0 and finite")
+_non_negative_float = _ranged("non-negative number", float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
+_probability = _ranged("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")
+_unit_fraction = _ranged("number in [0, 1]", float, lambda v: 0 <= v <= 1, "in [0, 1]")
+_seed = _ranged("seed", int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64 - 1]")  # torch.manual_seed's range
 
 
 @_named("non-empty text")
