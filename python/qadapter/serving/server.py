@@ -332,10 +332,10 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()  # (choice index, event)
         loop = asyncio.get_running_loop()
         seed = options.pop("seed")
-        # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
         context = self.engine.context_length
         if limit is None and context is not None:  # the default, as vLLM's: no more than the context leaves
             options["max_tokens"] = min(options["max_tokens"], max(1, context - max(len(p) for p, _ in prompts)))
+        # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
         requests = [Request(prompt=prompt, seed=None if seed is None else seed + i, **options,
                             emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)))
                     for j, (prompt, _) in enumerate(prompts) for i in range(choices)]
