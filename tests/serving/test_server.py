@@ -26,7 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 from helpers import decode_joining_and_leaving, engine_decode, save_perturbed_adapters, save_tiny_base  # noqa: E402
 from qadapter.library.adapter_set import AdapterSet  # noqa: E402
-from qadapter.serving.engine import AdapterBusy, Engine, Request  # noqa: E402
+from qadapter.serving.engine import AdapterBusy, Engine, Request, RequestRefused  # noqa: E402
 from qadapter.serving.server import Server  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
@@ -815,6 +815,26 @@ def test_the_prefill_budget_splits_admissions_and_reads_a_long_prompt_alone(save
         Engine(adapter_set, tokenizer, max_prefill_tokens=0)
 
 
+def test_the_engine_refuses_a_request_naming_its_field(saved):
+    """What the engine cannot run is refused before it is queued, with the request's field at fault:
+    what a server maps to the field of its client's request."""
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer)
+    engine.context_length = 32
+    cases = [({"prompt": []}, "prompt", "at least one token"),
+             ({"max_tokens": -1}, "max_tokens", "an integer >= 1"),
+             ({"max_tokens": 0}, "max_tokens", "without echo"),
+             ({"prompt": [5] * 30, "max_tokens": 3}, "max_tokens", "context length"),
+             ({"top_p": 0.0}, "top_p", r"a number in \(0, 1\]"),
+             ({"adapter": "gone"}, "adapter", "'gone' is not loaded")]
+    for fields, field, message in cases:
+        request = Request(**{"prompt": [5, 6], "adapter": "terse", "max_tokens": 2, "emit": lambda e: None, **fields})
+        with pytest.raises(RequestRefused, match=message) as info:
+            engine.submit(request)
+        assert info.value.field == field
+    assert engine._pending.empty()
+
+
 def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
     """``n`` choices (or lm-eval's repeated contexts): requests with the same prompt and model are
     prefilled as one row, whose cache rows are copied to each; each then decodes (and scores its echoed
@@ -1043,3 +1063,13 @@ def test_an_unset_or_null_limit_is_the_default_within_the_context(server):
     with pytest.raises(openai.BadRequestError, match="context length") as info:
         api.completions.create(model="terse", prompt=[7] * engine.context_length, temperature=0)
     assert info.value.param == "prompt"
+    # The field the client set is the one named: messages without a limit, the limit it set by either name.
+    long_message = [{"role": "user", "content": "hello world " * engine.context_length}]
+    with pytest.raises(openai.BadRequestError, match="context length") as info:
+        api.chat.completions.create(model="terse", messages=long_message, temperature=0)
+    assert info.value.param == "messages"
+    short_message = [{"role": "user", "content": PROMPTS[0]}]
+    with pytest.raises(openai.BadRequestError, match="context length") as info:
+        api.chat.completions.create(model="terse", messages=short_message, temperature=0,
+                                    max_completion_tokens=engine.context_length)
+    assert info.value.param == "max_completion_tokens"

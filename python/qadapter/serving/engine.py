@@ -50,6 +50,16 @@ class EngineStopped(RuntimeError):
     """The engine takes no more requests: it is shutting down."""
 
 
+class RequestRefused(ValueError):
+    """A request the engine cannot run, refused before it is queued; ``field`` names the request's
+    field at fault (``prompt``, ``max_tokens``, ``adapter`` or a decoding option), so that a server
+    can point its client at the field of its own request."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class AdapterBusy(RuntimeError):
     """An adapter cannot be unloaded: requests for it are queued or running."""
 
@@ -150,21 +160,22 @@ class Engine:
 
     # ------------------------------------------------------------------------------ submitting
     def check(self, request: Request) -> None:
-        """Refuses, by name, what the engine cannot run (before it is queued; :meth:`submit` checks
-        that its adapter is loaded)."""
+        """Refuses, with :class:`RequestRefused` naming the field, what the engine cannot run (before
+        it is queued; :meth:`submit` checks that its adapter is loaded)."""
         if not request.prompt:
-            raise ValueError("the prompt must hold at least one token")
+            raise RequestRefused("the prompt must hold at least one token", "prompt")
         if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens < 0:
-            raise ValueError(f"max_tokens must be an integer >= 1 (0 with echo: the prompt alone); "
-                             f"got {request.max_tokens!r}")
+            raise RequestRefused(f"max_tokens must be an integer >= 1 (0 with echo: the prompt alone); "
+                                 f"got {request.max_tokens!r}", "max_tokens")
         if request.max_tokens == 0 and request.echo is not True:
-            raise ValueError("max_tokens must be >= 1 without echo (0 asks for the echoed prompt alone); got 0")
+            raise RequestRefused("max_tokens must be >= 1 without echo (0 asks for the echoed prompt alone); got 0",
+                                 "max_tokens")
         if self.context_length is not None and len(request.prompt) + request.max_tokens > self.context_length:
-            raise ValueError(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) exceed "
-                             f"the model's context length ({self.context_length})")
+            raise RequestRefused(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) "
+                                 f"exceed the model's context length ({self.context_length})", "max_tokens")
         for name, (holds, expected) in _sampling_expectations(request, self.vocab).items():
             if not holds:  # caught here, not as an error that ends the running batch
-                raise ValueError(f"{name} must be {expected}; got {getattr(request, name)!r}")
+                raise RequestRefused(f"{name} must be {expected}; got {getattr(request, name)!r}", name)
 
     def submit(self, request: Request) -> None:
         self.check(request)
@@ -178,7 +189,8 @@ class Engine:
                 request.generator.manual_seed(request.seed)
         with self._lock:  # checked again under the lock: an unload cannot come between the check and the queue
             if request.adapter is not None and request.adapter not in self.adapter_set.names:
-                raise KeyError(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}")
+                raise RequestRefused(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}",
+                                     "adapter")
             request.submitted_at = time.monotonic()
             self._outstanding += 1
             self._in_flight[request.adapter] += 1

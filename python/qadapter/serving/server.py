@@ -34,7 +34,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import AdapterBusy, Engine, EngineStopped, Request
+from .engine import AdapterBusy, Engine, EngineStopped, Request, RequestRefused
 from .metrics import CONTENT_TYPE
 
 BASE_MODEL = "base"  # the model name that decodes the frozen base alone
@@ -342,13 +342,12 @@ class Server:
         try:
             for request in requests:
                 self.engine.submit(request)
-        except (KeyError, ValueError, EngineStopped) as exc:
+        except (RequestRefused, EngineStopped) as exc:
             for request in requests:  # those already queued go
                 request.cancelled = True
             if isinstance(exc, EngineStopped):
                 return _error(str(exc), 503)
-            blamed = limit if limit is not None and "max_tokens" in str(exc) else "messages" if chat else "prompt"
-            return _error(str(exc).strip("'\""), 400, blamed)
+            return _error(str(exc), 400, self._request_field(exc.field, limit, chat))
         reply = _Reply(body["model"], chat, sum(len(ids) for ids, _ in prompts), len(requests), usage_chunk,
                        token_text=self._token_text if options["logprobs"] is not None else None)
         echoed = [text if options.get("echo") else "" for _, text in prompts for _ in range(choices)]  # per choice
@@ -371,6 +370,14 @@ class Server:
         if failed:
             return _error(failed[0]["error"], 500)
         return JSONResponse(reply.whole(["".join(text) for text in texts], ends, logprobs))
+
+    @staticmethod
+    def _request_field(field: str, limit: str | None, chat: bool) -> str:
+        """The field of the client's request behind the engine's request ``field``: the limit it set
+        (``max_tokens`` or ``max_completion_tokens``; a limit it left unset is the context's room,
+        so the prompt is at fault), the prompt or messages, the model (an adapter unloaded meanwhile)."""
+        prompt = "messages" if chat else "prompt"
+        return {"max_tokens": limit or prompt, "prompt": prompt, "adapter": "model"}.get(field, field)
 
     async def _stream(self, requests: list[Request], events: asyncio.Queue, reply: _Reply, echoed: list[str]):
         ends: list[dict | None] = [None] * len(requests)
