@@ -109,6 +109,7 @@ def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0, hid
         "gemma": lambda: transformers.GemmaConfig(head_dim=8, **common),
         # A cap small enough to bite on a random model's logits (Gemma-2's own is 30).
         "gemma2": lambda: transformers.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **common),
+        "phi3": lambda: transformers.Phi3Config(**common),  # a fused qkv_proj
     }
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(configs[family]())

@@ -47,6 +47,7 @@ from ..library import atomic
 from ..library.data import IGNORE_INDEX, PreferenceCollator, check_lengths, check_rows, tokenize_rows
 from ..library.defaults import DEFAULT_MODEL, load_base
 from ..library.hidden import final_hidden, output_head
+from ..library.lora import lora_targets
 from ..library.quantization import model_quantization
 from .demo import option_field
 from .task import follows_rule, load_task
@@ -216,7 +217,7 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
             return dataset
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
-                      target_modules=["q_proj", "v_proj"])
+                      target_modules=lora_targets(base, None))  # the layers the Q-Adapter's LoRA wraps
     shared = {"bf16": False, "activation_checkpointing": False, "max_length": options.max_length}
     if method == "sft":
         args, trainer_class = SFTConfig(**_training_args(options, method, steps, work, **shared)), SFTTrainer
@@ -470,7 +471,8 @@ def run_compare(options: CompareOptions) -> dict:
     from peft import LoraConfig, get_peft_model
 
     # The base policy: a LoRA model with its adapter disabled (the same forward as every policy's).
-    base_peft = get_peft_model(base_model, LoraConfig(task_type="CAUSAL_LM", r=1, target_modules=["q_proj"]))
+    base_peft = get_peft_model(base_model, LoraConfig(task_type="CAUSAL_LM", r=1,
+                                                      target_modules=lora_targets(base_model, None)[:1]))
     base = lora_policy("base", base_peft, tokenizer, adapter=False)
     train, suite = _suite(options, tokenizer, rows)
     _stage(f"measuring the base ({len(suite['heldout_features'])} held-out pairs, {len(suite['probe'])} probe "

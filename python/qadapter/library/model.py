@@ -43,6 +43,7 @@ from .hidden import (
     linear_head,
     whole_parameters,
 )
+from .lora import lora_targets
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
     CONFIG_NAME,
@@ -110,6 +111,8 @@ class QAdapterModel(nn.Module):
     ``QAdapterModel(base, ...)`` attaches a fresh adapter; :meth:`from_peft_model` wraps a PEFT model
     that carries one already. The loss options are ``loss`` (a :class:`LossConfig`, default: its
     defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
+    ``target_modules``: the linear layers LoRA wraps (:func:`qadapter.library.lora.lora_targets`; None:
+    the attention's query and value projections, by whatever name the architecture gives them).
 
     ``on``: a saved adapter (its directory or a hub repository): the new adapter is trained on top of
     that customized policy (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q
@@ -132,7 +135,7 @@ class QAdapterModel(nn.Module):
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
-        target_modules: Iterable[str] = ("q_proj", "v_proj"),
+        target_modules: Iterable[str] | None = None,
         on: str | os.PathLike | Sequence[Level] | None = None,
         q_on: str = "parent",
         padding_free: bool = True,
@@ -147,12 +150,13 @@ class QAdapterModel(nn.Module):
             raise TypeError(f"padding_free must be True or False; got {padding_free!r}")
         self.padding_free = padding_free
         levels = None if on is None else list(on) if _are_levels(on) else levels_on(on)
+        targets = lora_targets(base_model, target_modules)
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
         if self.quantization is not None:
             quant.prepare_for_kbit_training(base_model)
         lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=list(target_modules))
+                          target_modules=targets)
         self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
         self.fingerprint = base_fingerprint(self.peft_model)
         if levels is not None:

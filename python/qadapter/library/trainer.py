@@ -85,7 +85,8 @@ class QAdapterConfig(LossArguments):
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "the linear layers LoRA wraps (default: the attention's query and value projections)"})
     max_length: int = field(default=512, metadata={"help": "tokens per sequence, prompt included"})
     max_prompt_length: int | None = field(default=None, metadata={"help": "prompt tokens kept (cut from the left; "
                                                                           "default: half of --max_length)"})
@@ -129,7 +130,7 @@ class QAdapterConfig(LossArguments):
         """Keyword arguments of :class:`qadapter.QAdapterModel` (loss and LoRA settings)."""
         return dict(loss=self.loss_config(), backend=self.backend, chunk_size=self.chunk_size,
                     lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                    target_modules=list(self.lora_target_modules), padding_free=self.padding_free)
+                    target_modules=self.lora_target_modules, padding_free=self.padding_free)
 
 
 def _has_accelerator() -> bool:

@@ -1,0 +1,64 @@
+"""Which linear layers of the base the LoRA adapter wraps.
+
+Unset, they are the attention's query and value projections (PEFT's default for most decoders):
+``q_proj`` and ``v_proj`` where the model has them, else PEFT's default for the architecture, else its
+fused query-key-value projection (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``, ...). Named ones are checked against the base: a name
+no layer has would wrap nothing and train nothing, silently, so it is refused with the names there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+QUERY_VALUE = ("q_proj", "v_proj")
+FUSED_QUERY_KEY_VALUE = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
+
+
+def linear_layer_names(base_model: nn.Module) -> list[str]:
+    """The names (last component) of the base's linear layers an adapter can wrap, its output head
+    aside (the Q head is the adapter's lm_head, trained whole or frozen, never LoRA-wrapped)."""
+    head = base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, module in base_model.named_modules()
+             if name and module is not head and _is_linear(getattr(module, "base_layer", module))
+             and ".lora_" not in name and not name.endswith(".base_layer")}  # a LoRA layer counts once, as itself
+    return sorted(names)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' 4- and 8-bit layers are nn.Linear subclasses; GPT-2's Conv1D is a linear layer too.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def lora_targets(base_model: nn.Module, target_modules: Iterable[str] | None) -> list[str]:
+    """The layer names the adapter wraps on ``base_model``: ``target_modules`` checked, or the default."""
+    known = linear_layer_names(base_model)
+    if target_modules is None:
+        return _default_targets(base_model, known)
+    if isinstance(target_modules, str) or not all(isinstance(name, str) for name in target_modules):
+        raise TypeError(f"target_modules must be a list of layer names (or None: the attention's query and value "
+                        f"projections); got {target_modules!r}")
+    names = list(target_modules)
+    if not names:
+        raise ValueError("target_modules must name at least one layer (or be None: the attention's query and "
+                         "value projections)")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"target_modules: {', '.join(map(repr, unknown))} is not a linear layer of this model; "
+                         f"its linear layers: {', '.join(known)}")
+    return names
+
+
+def _default_targets(base_model: nn.Module, known: list[str]) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+    candidates = [QUERY_VALUE, PEFT_DEFAULTS.get(model_type),
+                  *([name] for name in FUSED_QUERY_KEY_VALUE)]
+    for names in candidates:
+        if names and all(name in known for name in names):
+            return list(names)
+    raise ValueError(f"target_modules: this model ({model_type or type(base_model).__name__}) has no query and "
+                     f"value projections by a known name; name the layers to adapt, from its linear layers: "
+                     f"{', '.join(known)}")
