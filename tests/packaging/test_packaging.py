@@ -80,7 +80,8 @@ def test_wheel_and_sdist_install_and_run_outside_the_checkout(tmp_path):
             "qadapter_kernels/toolchain/cuda_archs.py"}
     assert data <= set(wheel_files), data - set(wheel_files)
     sdist_files = {Path(n).name for n in tarfile.open(sdist).getnames()}
-    assert set(CSRC) <= sdist_files and "setup.py" in sdist_files
+    assert set(CSRC) <= sdist_files and "setup.py" in sdist_files and "LICENSE" in sdist_files
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel_files)
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -88,3 +89,52 @@ def test_wheel_and_sdist_install_and_run_outside_the_checkout(tmp_path):
         out = _install_and_check(artifact, tmp_path / name, outside)
         assert "version 0." in out
         assert "cuda:" in out
+
+
+def run_extension_builder(tmp_path, build_ext, optional: bool) -> None:
+    """setup.py's extension builder over ``build_ext`` (the builder it wraps), for one extension."""
+    import runpy
+
+    from setuptools import Distribution, Extension
+
+    helpers = runpy.run_path(str(ROOT / "setup.py"))  # not "__main__": nothing is set up
+    ext = Extension("pkg._C", [str(tmp_path / "kernel.cu")], optional=optional)
+    command = helpers["recording_archs"](build_ext)(Distribution({"name": "pkg", "ext_modules": [ext]}))
+    command.build_lib, command.build_temp = str(tmp_path / "lib"), str(tmp_path / "temp")
+    command.ensure_finalized()
+    command.run()
+
+
+@pytest.mark.parametrize("optional", [True, False])
+def test_a_failed_optional_extension_build_installs_without_it(tmp_path, optional, capsys):
+    """An optional extension (QADAPTER_BUILD_CUDA unset) whose build fails is left out with the reason
+    (the package builds it just in time later); a required one (QADAPTER_BUILD_CUDA=1) fails the
+    build. torch's builder fails with a RuntimeError, which setuptools' own ``optional`` lets through:
+    a builder failing as it does stands in for it."""
+    from setuptools.command.build_ext import build_ext
+
+    class FailingAsTorchDoes(build_ext):
+        def build_extension(self, ext):
+            raise RuntimeError("Error compiling objects for extension")
+
+    if optional:
+        run_extension_builder(tmp_path, FailingAsTorchDoes, optional)
+        assert ("installing without the CUDA extension pkg._C: its build failed (Error compiling objects"
+                in capsys.readouterr().out)
+        assert not (tmp_path / "lib").exists()  # neither the extension nor its arch record
+    else:
+        with pytest.raises(RuntimeError, match="Error compiling objects"):
+            run_extension_builder(tmp_path, FailingAsTorchDoes, optional)
+
+
+def test_a_built_extension_has_its_arch_list_beside_it(tmp_path, monkeypatch):
+    from setuptools.command.build_ext import build_ext
+
+    class Building(build_ext):
+        def build_extension(self, ext):
+            Path(self.get_ext_fullpath(ext.name)).parent.mkdir(parents=True)
+            Path(self.get_ext_fullpath(ext.name)).write_bytes(b"")
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    run_extension_builder(tmp_path, Building, optional=True)
+    assert (tmp_path / "lib" / "pkg" / "_C_archs.txt").read_text() == "8.0;9.0\n"
