@@ -61,7 +61,7 @@ def _build(cc: str, source: Path, flags: tuple[str, ...]) -> tuple[Path | None, 
         run = subprocess.run([cc, *BASE_FLAGS, *flags, "-o", tmp, str(source), "-lm"],
                              capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
-            return None, error_summary(run.stderr or run.stdout)
+            return None, error_summary(run.stderr or run.stdout) or f"{cc} exited with status {run.returncode}"
         os.replace(tmp, target)
         return target, ""
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _cpu
 from .grad_filter import mass_budget
 from .registry import Backend, StatsOptions
 from .sizing import auto_chunk_size, auto_tiles, default_block_step
@@ -52,10 +53,18 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
                                    (options.alpha_tilde, options.alpha_0, softcap, eps))
 
 
+def _cpu_step_note() -> tuple[bool, str]:
+    """Always available; on a CPU it is fastest with the compiled row step, so a note says when that
+    step cannot be used (why, and that the eager step runs instead)."""
+    compiled, why_not = _cpu.status()
+    return True, "" if compiled else f"on CPU the eager row step runs: the compiled one is unavailable ({why_not})"
+
+
 BACKEND = Backend(
     name="chunked",
     summary="per tile of tokens x vocabulary: 2 GEMMs, the row step (compiled C on CPU), P @ Wq (gradient "
             "filtering optional); elementwise backward",
     token_stats=chunked_token_stats,
-    availability=lambda: (True, ""),
+    availability=_cpu_step_note,
 )
+

@@ -76,7 +76,7 @@ class Backend:
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """Whether a backend can run here and, when it cannot, why."""
+    """Whether a backend can run here and, when it cannot, why (when it runs a slower path here: which, and why)."""
 
     name: str
     available: bool

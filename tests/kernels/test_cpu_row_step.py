@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -248,6 +249,27 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert sizing.default_block_step(torch.device("cpu")) is torch_block_step
     x = make_inputs(seed=4, vocab=97)
     torch.testing.assert_close(_stats(x, None), _stats(x, torch_row_step), rtol=1e-6, atol=1e-6)
+
+
+def test_the_backend_report_says_when_the_eager_step_runs(monkeypatch):
+    from qadapter_kernels import backends
+
+    monkeypatch.setenv(_cpu.ENV_SWITCH, "0")
+    chunked = backends()["chunked"]
+    assert chunked.available and chunked.reason == ("on CPU the eager row step runs: the compiled one is "
+                                                    "unavailable (switched off (QADAPTER_CPU_KERNELS=0))")
+
+
+def test_a_compiler_failing_without_a_word_is_reported_by_its_status(monkeypatch, tmp_path):
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or pytest.skip("no false command"))
+    _cpu._load.cache_clear()
+    try:
+        available, reason = _cpu.status()
+        assert not available and reason.startswith("building csrc/cpu_row_step.c failed: ")
+        assert "false exited with status 1" in reason
+    finally:
+        _cpu._load.cache_clear()
 
 
 def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
