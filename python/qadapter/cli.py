@@ -908,13 +908,15 @@ COMMANDS = {
 
 def build_parser(commands: Collection[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
     """The command line, with the options of ``commands`` only: some commands' options come from
-    modules that import torch and transformers, which ``qadapter --help`` need not wait for."""
+    modules that import torch and transformers, which ``qadapter --help`` and ``--version`` need not
+    wait for."""
     parser = argparse.ArgumentParser(
         prog="qadapter", description="Q-Adapter: customize a frozen LLM to new preferences without forgetting, "
                                      "with fused no-logits kernels.",
         # The benchmarks are not part of the installed package: they run from a source checkout.
         epilog="Benchmarks: from a source checkout of the repository, run python -m bench.report "
                "(python -m bench.report --help for its options).")
+    parser.add_argument("--version", action="version", version=f"qadapter {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (summary, add_options, _) in COMMANDS.items():
         p = sub.add_parser(name, help=summary)
@@ -946,10 +948,41 @@ def _quiet_library_chatter() -> None:
             logging.getLogger(source).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
 
 
+# The extra of the package that installs each optional module a command imports (top-level names).
+EXTRAS = {"transformers": "model", "peft": "model", "accelerate": "model", "datasets": "model", "safetensors": "model",
+          "gguf": "model", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+          "bitsandbytes": "quant", "trl": "trl", "lm_eval": "lm-eval", "deepspeed": "deepspeed", "matplotlib": "plot"}
+
+
+def _missing_module(exc: ModuleNotFoundError) -> str:
+    """One line for a module that is not installed: which, and the extra that installs it."""
+    message = str(exc)
+    extra = EXTRAS.get((exc.name or "").split(".")[0])
+    if extra is None or "pip install" in message:
+        return message
+    return f'{message}: pip install "qadapter-kernels[{extra}]"'
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("qadapter-kernels")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not installed
+        from qadapter_kernels import __version__
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_library_chatter()
-    parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but --help
+    try:  # some commands' options come from modules that need the model extra, their --help too
+        parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but these
+    except ModuleNotFoundError as exc:
+        _usage_error(argv[0], _missing_module(exc))
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -959,7 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader stopped reading (`qadapter info DIR | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing for exit's flush to fail on
         return 141  # as a shell reports a command ended by SIGPIPE
-    except (OSError, ValueError, ModuleNotFoundError) as exc:  # a path, a value, a missing package: one line
+    except ModuleNotFoundError as exc:  # an extra not installed: one line, naming it
+        _usage_error(args.command, _missing_module(exc))
+    except (OSError, ValueError) as exc:  # a path, a value: one line
         _usage_error(args.command, str(exc))
     except FloatingPointError as exc:  # training went non-finite: it says at which step, and what is kept
         print(f"qadapter {args.command}: {exc}", file=sys.stderr)

@@ -303,3 +303,53 @@ def test_generate_takes_the_edges_of_its_ranges():
     args = build_parser(["generate"]).parse_args(["generate", "--adapter", "a", "--prompt", "hi", "--sample",
                                                   "--min-p", "0", "--seed", str(2**64 - 1)])
     assert (args.min_p, args.seed) == (0.0, 2**64 - 1)
+
+
+def without_modules(names: tuple[str, ...]) -> str:
+    """Python code, run first, after which importing any of ``names`` fails as an absent package does."""
+    return ("import sys\nclass Absent:\n    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {names!r}:\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, Absent())\n")
+
+
+@pytest.mark.parametrize("argv, extra", [(["demo", "--help"], "model"), (["check", "--help"], "model"),
+                                         (["plan", "--model", "m"], "model"), (["serve"], "serve")],
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else value)
+def test_a_command_whose_extra_is_not_installed_names_it(argv, extra):
+    """A kernels-only install (no transformers) or one without the serve extra: each command that
+    needs what is missing says which extra installs it, in one line, --help included."""
+    import subprocess
+    import sys
+
+    absent = ("starlette", "uvicorn", "prometheus_client") if extra == "serve" else ("transformers", "peft")
+    code = without_modules(absent) + f"from qadapter.cli import main\nmain({argv!r})\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert f'qadapter {argv[0]}: error: No module named' in run.stderr
+    assert run.stderr.rstrip().endswith(f'pip install "qadapter-kernels[{extra}]"')
+
+
+def test_every_extra_named_is_one_the_package_has():
+    """The command line's module-to-extra table against pyproject.toml's extras."""
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    from qadapter.cli import EXTRAS
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    extras = {name: {re.split(r"[\[<>=;! ]", requirement)[0].replace("-", "_").lower() for requirement in requirements}
+              for name, requirements in project["optional-dependencies"].items()}
+    for module, extra in EXTRAS.items():
+        assert module.lower() in extras[extra], (module, extra)
+
+
+def test_version_and_a_bare_command(capsys):
+    import qadapter_kernels
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"qadapter {qadapter_kernels.__version__}\n"
+    assert main([]) == 2 and "usage: qadapter" in capsys.readouterr().err

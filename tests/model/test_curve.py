@@ -100,3 +100,16 @@ def test_hh_curve_quick_mode(tmp_path):
     record = json.loads((tmp_path / "small-curve.json").read_text())
     assert [p["step"] for p in record["points"]] == [0, 1, 2]
     assert record["heldout_pairs"] == 4 and (tmp_path / "small-curve.png").is_file()
+
+
+def test_without_matplotlib_the_figure_is_not_drawn_and_a_warning_says_so(tmp_path, monkeypatch):
+    import sys
+
+    from qadapter.evaluation.curve import plot_curve
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    record = {"points": [{"step": 0, "accuracy": 0.5, "low": 0.3, "high": 0.7, "kl": 0.0}]}
+    with pytest.warns(UserWarning, match=r"curve.png is not drawn: matplotlib is not installed \(pip install "
+                                         r"\"qadapter-kernels\[plot\]\"\)"):
+        assert plot_curve(record, tmp_path / "curve.png") is False
+    assert not (tmp_path / "curve.png").exists()

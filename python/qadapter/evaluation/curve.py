@@ -106,13 +106,9 @@ class LearningCurve(TrainerCallback):
 
 def plot_curve(record: dict, path: str | Path) -> bool:
     """Accuracy with its 95% band (and the step-0 level) and KL to the base against steps, as a PNG;
-    False, with nothing written, where matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    False, with nothing written, where matplotlib is not installed (:func:`atomic.pyplot` warns)."""
+    plt = atomic.pyplot(path)
+    if plt is None:
         return False
     points = record["points"]
     steps = [p["step"] for p in points]

@@ -568,13 +568,9 @@ def format_table(report: dict) -> str:
 def plot(report: dict, path: Path) -> None:
     """Alignment gain (x) against knowledge kept (y), relative to the base at the origin; one line per
     method (and learning rate or Q-Adapter combination, where a method ran with several) through its
-    budgets. Skipped without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    budgets. Skipped, with a warning, without matplotlib."""
+    plt = atomic.pyplot(path)
+    if plt is None:
         return
     rows = report["rows"]
     align = "rule_rate" if "rule_rate" in rows[0] else "heldout_accuracy"

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -72,6 +73,21 @@ def write_texts(directory: str | os.PathLike, texts: Mapping[str, str]) -> None:
             (staging / name).write_text(text, encoding="utf-8")
 
     save_files(directory, write, is_ours=lambda _: True)
+
+
+def pyplot(path: str | os.PathLike):
+    """matplotlib's pyplot (non-interactive) to draw the figure for ``path``; None where matplotlib is
+    not installed, with a warning naming the figure not drawn and the extra that draws it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn(f"{Path(path).name} is not drawn: matplotlib is not installed "
+                      f"(pip install \"qadapter-kernels[plot]\")", stacklevel=2)
+        return None
+    return plt
 
 
 def save_figure(figure, path: str | os.PathLike, **savefig_options) -> None:
