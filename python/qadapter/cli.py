@@ -348,7 +348,7 @@ def _run_plan(args) -> int:
     config = AutoConfig.from_pretrained(resolve_model(args.model))
     config = getattr(config, "get_text_config", lambda: config)()
     predicted = plan(config, options)
-    known = predicted.shape.linear_layers()
+    known = predicted.shape.adaptable_layers()
     unknown = [name for name in options.target_modules if name not in known]
     if unknown:  # a name no layer has would plan no LoRA weights for it; training refuses it
         _usage_error("plan", f"--lora-target-modules: {', '.join(unknown)} is not a linear layer of a decoder "

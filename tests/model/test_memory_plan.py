@@ -42,6 +42,14 @@ def test_dense_plan_by_hand():
     assert plan(SMALL, OPTIONS).peak == sum(parts.values())
 
 
+def test_lora_on_fused_layers_by_hand():
+    """Phi-3's fused qkv_proj (64 -> 64 + 2 * 32) and gate_up_proj (64 -> 2 * 128): the base weights as
+    Llama's layout, the LoRA's as the fused layers'."""
+    fused = plan(SMALL, OPTIONS, target_modules=("qkv_proj", "gate_up_proj"))
+    assert fused.parts["LoRA weights, gradients, AdamW state"] == 16 * 2 * 8 * ((64 + 128) + (64 + 256))
+    assert fused.parts["base weights"] == plan(SMALL, OPTIONS).parts["base weights"]
+
+
 def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():
     parts = plan(SMALL, OPTIONS, gradient_checkpointing=True).parts
     assert parts["activations"] == 32 * (2 * 64 + 768) * 2 + 2 * 32 * 64 * 2

@@ -79,6 +79,12 @@ class ModelShape:
         return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                 "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
 
+    def adaptable_layers(self) -> dict[str, tuple[int, int]]:
+        """The layers a LoRA can wrap: Llama's, and the fused ones other architectures have instead
+        (Phi-3's ``qkv_proj`` and ``gate_up_proj``: the same weights, so not in :meth:`linear_layers`)."""
+        d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {**self.linear_layers(), "qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * i)}
+
 
 @dataclass(frozen=True)
 class PlanOptions:
@@ -164,7 +170,7 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     norms = (2 * layers + 1) * d * b
     decoder = layers * sum(quantized_linear_bytes(i, o, options.quantization, b, options.double_quant)
                            for i, o in linears.values())
-    lora_params = layers * sum(options.lora_r * (i + o) for name, (i, o) in linears.items()
+    lora_params = layers * sum(options.lora_r * (i + o) for name, (i, o) in shape.adaptable_layers().items()
                                if name in options.target_modules)
     per_layer = 3 * d + 2 * (shape.heads + shape.kv_heads) * shape.head_dim + 3 * shape.intermediate
     if options.gradient_checkpointing:
