@@ -216,6 +216,27 @@ def test_bad_quantization_names_are_refused():
     with pytest.raises(quant.QuantizationError, match="compute_dtype"):
         quant.normalize({"method": "nf4", "compute_dtype": "int8"})
     assert quant.normalize(quant.bnb_config(quant.normalize("4bit"))) == quant.normalize("4bit")
+    assert quant.normalize(quant.bnb_config(quant.normalize("8bit"))) == {"method": "int8"}
+
+
+@pytest.mark.parametrize("quantization, message", [
+    (True, "quantization must be None, '4bit', '8bit'"),
+    (1, "quantization must be None, '4bit', '8bit'"),
+    ({"method": "nf4", "double_quant": "no"}, "double_quant must be True or False; got 'no'"),
+    ({"method": "int8", "compute_dtype": "float32"}, "LLM.int8 \\(int8\\) takes neither"),
+    ("threshold", r"BitsAndBytesConfig.llm_int8_threshold=0.0 is not supported: a base is loaded with "
+                  r"llm_int8_threshold=6.0"),
+    ("skip", r"BitsAndBytesConfig.llm_int8_skip_modules=\['down_proj'\] is not supported"),
+], ids=["True", "1", "double_quant", "int8-dtype", "threshold", "skip"])
+def test_what_the_base_would_not_be_loaded_with_is_refused_not_dropped(quantization, message):
+    """A quantization the loaded base would not honour (a setting the adapter record cannot hold, a
+    value of the wrong kind) is refused by name: never a dense base, or a default, in its place."""
+    from transformers import BitsAndBytesConfig
+
+    configs = {"threshold": lambda: BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0),
+               "skip": lambda: BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["down_proj"])}
+    with pytest.raises(quant.QuantizationError, match=message):
+        quant.normalize(configs[quantization]() if isinstance(quantization, str) else quantization)
 
 
 def test_cli_trains_and_generates_on_a_4bit_base(bases, tmp_path, capsys):

@@ -46,23 +46,49 @@ def normalize(quantization: Any, torch_dtype=None) -> dict | None:
         return None
     if isinstance(quantization, str):
         quantization = {"method": quantization}
-    elif not isinstance(quantization, dict):
+    elif hasattr(quantization, "load_in_4bit"):  # a BitsAndBytesConfig
+        _check_recordable(quantization)
         quantization = from_bnb_config(quantization)
         if quantization is None:
             return None
+    elif not isinstance(quantization, dict):
+        raise QuantizationError(f"quantization must be None, '4bit', '8bit' (or nf4, fp4, int8), a dict or a "
+                                f"transformers.BitsAndBytesConfig; got {quantization!r}")
     unknown = set(quantization) - {"method", "double_quant", "compute_dtype"}
     if unknown:
         raise QuantizationError(f"unknown quantization keys {sorted(unknown)} (method, double_quant, compute_dtype)")
     method = ALIASES.get(str(quantization.get("method", "")).lower())
     if method is None:
         raise QuantizationError(f"quantization method must be one of {sorted(ALIASES)}; got {quantization.get('method')!r}")
+    double_quant = quantization.get("double_quant", True)
+    if not isinstance(double_quant, bool):
+        raise QuantizationError(f"double_quant must be True or False; got {double_quant!r}")
     if method == "int8":
+        if quantization.get("compute_dtype") is not None or "double_quant" in quantization:
+            raise QuantizationError("compute_dtype and double_quant apply to a 4-bit base; LLM.int8 (int8) takes neither")
         return {"method": "int8"}
     compute = quantization.get("compute_dtype") or default_compute_dtype(torch_dtype)
     compute = str(compute).removeprefix("torch.")
     if compute not in COMPUTE_DTYPES:
         raise QuantizationError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {compute!r}")
-    return {"method": method, "double_quant": bool(quantization.get("double_quant", True)), "compute_dtype": compute}
+    return {"method": method, "double_quant": double_quant, "compute_dtype": compute}
+
+
+# BitsAndBytesConfig settings beyond method, double quantization and compute dtype, with the values
+# the base is loaded with: the adapter's record holds no others, so a config that changes one is refused
+# rather than loaded as if it did not (the lm_head is kept dense in any case).
+RECORDED_ONLY = {"llm_int8_threshold": 6.0, "llm_int8_skip_modules": (["lm_head"], None),
+                 "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+                 "bnb_4bit_quant_storage": ("uint8", None, torch.uint8)}
+
+
+def _check_recordable(config: Any) -> None:
+    for name, allowed in RECORDED_ONLY.items():
+        value = getattr(config, name, None)
+        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+            raise QuantizationError(f"BitsAndBytesConfig.{name}={value!r} is not supported: a base is loaded with "
+                                    f"{name}={allowed[0] if isinstance(allowed, tuple) else allowed!r} (an adapter "
+                                    f"records the method, double quantization and compute dtype only)")
 
 
 def from_bnb_config(config: Any) -> dict | None:
