@@ -208,6 +208,11 @@ def test_another_compute_dtype_loads_where_the_checkpoint_is_exact_in_both(bases
     with pytest.raises(AdapterLoadError, match=r"quantized from bfloat16 weights instead of float32 ones.*"
                                                r"--compute-dtype float32"):
         QAdapterModel.from_pretrained(tmp_path / "f32", quantization=bfloat16)
+    # torch_dtype= with the saved quantization is the compute dtype, as --compute-dtype alone is.
+    loaded = QAdapterModel.from_pretrained(tmp_path / "b16", torch_dtype=torch.bfloat16)
+    assert loaded.quantization == {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    with pytest.raises(AdapterLoadError, match=r"quantized from bfloat16 weights instead of float32 ones"):
+        QAdapterModel.from_pretrained(tmp_path / "f32", torch_dtype=torch.bfloat16)
 
 
 def test_bad_quantization_names_are_refused():

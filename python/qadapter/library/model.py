@@ -245,8 +245,9 @@ class QAdapterModel(nn.Module):
         default the one named in its config).
 
         The base is loaded quantized as it was in training (``quantization="saved"``, the adapter's
-        recorded ``"quantization"``); another quantization (``None``: dense), or a base model object
-        quantized otherwise, is refused: the adapter learned a residual on that base's outputs."""
+        recorded ``"quantization"``; for a 4-bit base, ``torch_dtype`` is its compute dtype); another
+        quantization (``None``: dense), or a base model object quantized otherwise, is refused: the
+        adapter learned a residual on that base's outputs."""
         from peft import PeftModel
 
         path = locate_adapter(path, revision)
@@ -505,6 +506,8 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
     if base_model is None or isinstance(base_model, str):
         saved_way = isinstance(quantization, str) and quantization == "saved"
         wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
+        if saved_way and saved is not None and saved["method"] != "int8" and torch_dtype is not None:
+            wanted = quant.normalize({**saved, "compute_dtype": torch_dtype})  # the compute dtype, as the CLI's
         check_quantization(path, saved, wanted)
         base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
                                           quantization=wanted)
