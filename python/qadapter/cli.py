@@ -326,8 +326,12 @@ def _plan_parser(p) -> None:
     p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 12GiB, 24GB, 8000MiB (a bare number: GiB)")
     _add_quantization_options(p, "plan for the base", compute_default="--dtype")
     p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per row (default: %(default)s)")
-    p.add_argument("--pairs-per-step", type=_positive_int, default=4,
-                   help="preference pairs per step, 2 rows each (default: %(default)s)")
+    p.add_argument("--pairs-per-step", type=_positive_int, default=8,
+                   help="preference pairs per step, 2 rows each (default: %(default)s, train's "
+                        "--per_device_train_batch_size)")
+    p.add_argument("--padded", action="store_true",
+                   help="plan for rows padded to --max-length (train: --padding_free false); by default packed, "
+                        "as train runs them")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="the model's dtype (default: %(default)s)")
@@ -338,11 +342,16 @@ def _plan_parser(p) -> None:
 def _run_plan(args) -> int:
     from transformers import AutoConfig
 
-    from .library.defaults import resolve_model
+    from .library.defaults import names_missing_folder, resolve_model
     from .library.memory_plan import PlanOptions, format_plan, parse_size, plan, suggestions
 
-    gpu = parse_size(args.gpu_memory) if args.gpu_memory else None
+    gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory)
+    if gpu is not None and gpu <= 0:
+        _usage_error("plan", f"--gpu-memory must be above 0; got {args.gpu_memory!r}")
+    if names_missing_folder(args.model):
+        raise FileNotFoundError(f"no model folder at {args.model}")
     options = PlanOptions.of(_quantization(args), max_length=args.max_length, pairs_per_step=args.pairs_per_step,
+                             padding_free=not args.padded,
                              gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, lora_r=args.lora_r,
                              target_modules=tuple(args.lora_target_modules))
     config = AutoConfig.from_pretrained(resolve_model(args.model))

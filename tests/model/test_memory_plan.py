@@ -31,8 +31,11 @@ def test_dense_plan_by_hand():
     assert parts["base weights"] == 128000 + 640 + 2 * 36864 * 2
     # LoRA on q (8*(64+64)) and v (8*(64+32)) in 2 layers, 16 bytes a parameter
     assert parts["LoRA weights, gradients, AdamW state"] == 16 * 2 * (1024 + 768)
-    # per token and layer 3*64 + 2*(4+2)*16 + 3*128 = 768 values; plus both final hidden states
-    assert parts["activations"] == 32 * 2 * 768 * 2 + 2 * 32 * 64 * 2
+    # per token and layer (bytes): 2 norms' float32 inputs 2*4*64, q's and v's LoRA inputs in float32 and
+    # their dropout masks 2*5*64, sdpa's q, k and v repeated to 4 heads of 16 and its output 4*64*2,
+    # the MLP's 3*128*2 (the final norm keeps what the first layer's first norm does not); both final states
+    per_layer = 2 * 4 * 64 + 2 * 5 * 64 + 4 * 64 * 2 + 3 * 128 * 2
+    assert parts["activations"] == 32 * 2 * per_layer + 32 * 2 * 64 * 2
     # 32 rows of 1000 * (2 + 2 + 4) bytes, and the float32 E_p[Wq] rows
     assert parts["fused loss buffers"] == 32 * 8000 + 4 * 32 * 64
     # sdpa's boolean mask at its largest: fewer than 32 places in rows of at most 2 max(2 * 16, d = 64)
@@ -50,9 +53,45 @@ def test_lora_on_fused_layers_by_hand():
     assert fused.parts["base weights"] == plan(SMALL, OPTIONS).parts["base weights"]
 
 
+def test_eager_attention_keeps_its_scores_by_the_rows_length():
+    """Gemma-2 runs eager attention (soft-capped scores): q, k and v, and per score the float32 softmax
+    and the capped scores and probabilities in bf16 (8 bytes), over rows of max_length padded or of the
+    packed rows' length; four norms a layer; its mask a float one."""
+    gemma = replace(SMALL, norms=4, attention="eager", attention_softcap=True)
+    padded = plan(gemma, OPTIONS, padding_free=False).parts
+    per_layer = 4 * 4 * 64 + 2 * 5 * 64 + 3 * 128 * 2 + 3 * 64 * 2 + 4 * 16 * 8  # heads * max_length * 8
+    assert padded["activations"] == 32 * 2 * per_layer + 32 * 2 * 64 * 2
+    assert padded["attention mask"] == 2 * plan(SMALL, OPTIONS).parts["attention mask"]
+    assert padded["base weights"] == plan(SMALL, OPTIONS).parts["base weights"] + 2 * 2 * 64 * 2  # 2 more norms a layer
+    # Packed: one pair is one tree of 2 * 16 tokens, a row of 32 (memory_plan.score_row).
+    packed = plan(gemma, OPTIONS).parts
+    assert packed["activations"] - padded["activations"] == 32 * 2 * 4 * (32 - 16) * 8
+
+
+def test_a_4bit_base_runs_in_its_compute_dtype():
+    """A 4-bit base loads its dense parts (embeddings, norms) in the compute dtype and runs in it."""
+    bf16 = plan(SMALL, OPTIONS, quantization="4bit").parts
+    fp32 = plan(SMALL, OPTIONS, quantization="4bit", compute_dtype="float32").parts
+    assert fp32["base weights"] - bf16["base weights"] == (1000 + 5) * 64 * 2
+    assert fp32["activations"] > bf16["activations"]
+
+
+def test_the_architecture_decides_norms_and_attention():
+    pytest.importorskip("transformers")
+    import transformers
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000)
+    gemma = ModelShape.from_config(transformers.Gemma2Config(head_dim=16, **small))
+    llama = ModelShape.from_config(transformers.LlamaConfig(**small))
+    assert (gemma.norms, gemma.attention, gemma.attention_softcap) == (4, "eager", True)
+    assert (llama.norms, llama.attention, llama.attention_softcap) == (2, "sdpa", False)
+
+
 def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():
     parts = plan(SMALL, OPTIONS, gradient_checkpointing=True).parts
-    assert parts["activations"] == 32 * (2 * 64 + 768) * 2 + 2 * 32 * 64 * 2
+    per_layer = 2 * 4 * 64 + 2 * 5 * 64 + 4 * 64 * 2 + 3 * 128 * 2
+    assert parts["activations"] == 32 * (2 * 64 * 2 + per_layer) + 32 * 2 * 64 * 2
 
 
 def test_quantized_weights_by_hand():
@@ -106,6 +145,11 @@ def test_advice_makes_the_plan_fit():
     assert advice.startswith("--gradient-checkpointing --load-in-4bit --pairs-per-step 2 ")
     assert plan(llama7b, options, gradient_checkpointing=True, quantization="4bit", pairs_per_step=2).fits(6 * GIB)
     assert suggestions(llama7b, replace(options, gradient_checkpointing=True), gpu) == ["--load-in-4bit"]
+    # In train's words too: fewer pairs a step, the same pairs an update.
+    assert ("--pairs-per-step 2 (train: --per_device_train_batch_size 2 --gradient_accumulation_steps 2, the same "
+            "4 pairs an update)") in advice
+    eight_bit = replace(options, gradient_checkpointing=True, quantization="8bit")
+    assert "--load-in-4bit (instead of --load-in-8bit)" in suggestions(llama7b, eight_bit, 8 * GIB)
     small_gpu = plan(SMALL, OPTIONS).peak - 1
     assert "--gradient-checkpointing" in suggestions(SMALL, OPTIONS, small_gpu)
 
@@ -117,8 +161,10 @@ def test_sizes(text, size):
 
 
 def test_bad_sizes_and_options_are_refused():
-    with pytest.raises(ValueError, match="memory size"):
-        parse_size("twelve")
+    for text in ("twelve", "12iB", "", "GiB"):  # "12iB" is not 12 bytes
+        with pytest.raises(ValueError, match="memory size"):
+            parse_size(text)
+    assert parse_size("12B") == 12 and parse_size("0") == 0
     with pytest.raises(ValueError, match="quantization"):
         PlanOptions(quantization="3bit")
     with pytest.raises(ValueError, match="compute_dtype"):
@@ -139,8 +185,15 @@ def test_plan_command_on_a_local_config(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--gpu-memory", "300MiB", "--max-length", "4096"]) == 1
     out = capsys.readouterr().out
     assert "does not fit" in out and "no change tried here makes it fit" in out  # the CUDA context alone is 512 MiB
-    for argv in (["--gpu-memory", "lots"], ["--compute-dtype", "float32"], ["--load-in-4bit", "--load-in-8bit"]):
+    assert main(["plan", "--model", str(tmp_path), "--padded"]) == 0
+    assert "(padded)" in capsys.readouterr().out
+    for argv in (["--gpu-memory", "lots"], ["--gpu-memory", "0"], ["--gpu-memory", ""], ["--compute-dtype", "float32"],
+                 ["--load-in-4bit", "--load-in-8bit"]):
         with pytest.raises(SystemExit) as exc:
             main(["plan", "--model", str(tmp_path), *argv])
         assert exc.value.code == 2
-    assert "--compute-dtype applies with --load-in-4bit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--compute-dtype applies with --load-in-4bit" in err and "--gpu-memory must be above 0; got '0'" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", str(tmp_path / "absent")])
+    assert exc.value.code == 2 and f"no model folder at {tmp_path / 'absent'}" in capsys.readouterr().err

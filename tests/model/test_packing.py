@@ -128,7 +128,7 @@ def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed
     ([10, 6, 4], 1000, 100, 10),  # rows of 10 hold everything without filler: 20 * 3010 < 20 * 3020
 ])
 def test_rows_take_the_length_that_costs_least(sizes, hidden_size, most, capacity):
-    assert packing._row_capacity(sizes, hidden_size, most) == capacity
+    assert packing.row_capacity(sizes, hidden_size, most) == capacity
 
 
 def test_hidden_states_go_back_to_the_batch_layout():

@@ -11,11 +11,18 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
 - **LoRA and AdamW**: ``r * (in + out)`` parameters per adapted layer, float32 weights, float32
   gradients and AdamW's two float32 moments: 16 bytes a parameter;
 - **activations** kept for the backward of the adapter pass (the frozen pass keeps only its final
-  hidden states): per token and layer, ``3d + 2*(heads + kv_heads)*head_dim + 3*intermediate``
-  values (the two norms' inputs, the normalized input of the LoRA layers, attention's q, k, v and
-  output, the MLP's gate, up and their activation; the frozen linear layers keep nothing for a
-  weight gradient); with gradient checkpointing, each layer's input ``d`` plus one layer's full
-  set recomputed in the backward; and both passes' final hidden states ``2 * N * d``;
+  hidden states), per token and layer: each norm's input in float32 (``4d`` bytes; RMSNorm computes
+  in float32; Gemma-2 has four norms a layer, others two); each LoRA-adapted layer's input as a
+  float32 copy and its dropout mask (``5 * in`` bytes: PEFT casts the input to the float32 LoRA
+  weights); attention's saved tensors: sdpa (with a mask, which every training batch has) keeps q,
+  k and v repeated to every head, and its output (``4 * heads * head_dim`` values), eager attention
+  (Gemma-2, whose scores are soft-capped) q, k and v and, per score, the float32 softmax and the
+  capped scores and probabilities in the model dtype (``heads * row`` scores a token, ``row`` the
+  length of the rows the batch runs in: ``max_length`` padded, the packed rows' length padding-free);
+  the MLP's gate, up and their activation (``3 * intermediate`` values). The frozen linear layers
+  keep nothing for a weight gradient (and the first layer's first norm nothing, its input needing no
+  gradient, as many bytes as the final norm keeps). With gradient checkpointing, each layer's input
+  ``d`` plus one layer's full set recomputed in the backward. Both passes' final hidden states;
 - **attention mask**: sdpa's boolean ``[rows, 1, C, C]`` mask, one for every pass and layer: at
   most ``2 N max(2 * max_length, d)`` bytes, a padding-free batch's tree mask at its largest (its
   rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
@@ -41,6 +48,7 @@ import torch
 from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
 
 from . import quantization as quant
+from .packing import row_capacity
 
 GIB = 2**30
 MIB = 2**20
@@ -49,6 +57,25 @@ LOSS_BUDGET = DEFAULT_CUDA_BUDGET  # the fused loss's tile budget on CUDA (1 GiB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 BLOCK = 64  # bitsandbytes' 4-bit block size
 DOUBLE_QUANT_BLOCK = 256  # blocks per second-level float32 scale
+
+
+SANDWICH_NORMS = ("gemma2", "gemma3", "gemma3_text")  # a norm before and after attention and the MLP
+
+
+def _attention(config) -> str:
+    """The attention implementation a model of ``config`` trains with: the config's own where it names
+    one, else sdpa where the architecture has it and eager where it does not (Gemma-2)."""
+    chosen = config.get("_attn_implementation") if isinstance(config, dict) else getattr(
+        config, "_attn_implementation", None)
+    if chosen or isinstance(config, dict):
+        return chosen or "sdpa"
+    try:
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (ImportError, KeyError):
+        return "sdpa"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 @dataclass(frozen=True)
@@ -63,6 +90,9 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     tied: bool
+    norms: int = 2  # per decoder layer (Gemma-2: 4)
+    attention: str = "sdpa"  # the implementation training runs: "sdpa", or "eager" (scores kept)
+    attention_softcap: bool = False  # eager scores soft-capped (Gemma-2): one more saved copy
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -71,7 +101,9 @@ class ModelShape:
         hidden = get("hidden_size")
         return cls(vocab=get("vocab_size"), hidden=hidden, intermediate=get("intermediate_size"),
                    layers=get("num_hidden_layers"), heads=heads, kv_heads=get("num_key_value_heads", None) or heads,
-                   head_dim=get("head_dim", None) or hidden // heads, tied=bool(get("tie_word_embeddings", False)))
+                   head_dim=get("head_dim", None) or hidden // heads, tied=bool(get("tie_word_embeddings", False)),
+                   norms=4 if get("model_type", None) in SANDWICH_NORMS else 2, attention=_attention(config),
+                   attention_softcap=get("attn_logit_softcapping", None) is not None)
 
     def linear_layers(self) -> dict[str, tuple[int, int]]:
         """``(in, out)`` of each linear layer of one decoder layer (Llama's names)."""
@@ -89,7 +121,8 @@ class ModelShape:
 @dataclass(frozen=True)
 class PlanOptions:
     max_length: int = 512
-    pairs_per_step: int = 4
+    pairs_per_step: int = 8  # training's default (per_device_train_batch_size)
+    padding_free: bool = True  # training's default: rows packed (an eager attention's scores grow with them)
     gradient_checkpointing: bool = False
     quantization: str | None = None  # None, "4bit" (NF4), "8bit" (LLM.int8)
     double_quant: bool = True
@@ -161,31 +194,32 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     config, a dict, or a :class:`ModelShape`)."""
     options = replace(options or PlanOptions(), **changes)
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
-    b = DTYPE_BYTES[options.dtype]
+    # A 4-bit base loads its dense parts (embeddings, head, norms) in its compute dtype, and runs in it.
+    b = DTYPE_BYTES[options.compute_dtype if options.quantization == "4bit" and options.compute_dtype else options.dtype]
     d, layers = shape.hidden, shape.layers
     linears = shape.linear_layers()
     tokens = 2 * options.pairs_per_step * options.max_length
 
     embeddings = shape.vocab * d * b * (1 if shape.tied else 2)
-    norms = (2 * layers + 1) * d * b
+    norms = (shape.norms * layers + 1) * d * b
     decoder = layers * sum(quantized_linear_bytes(i, o, options.quantization, b, options.double_quant)
                            for i, o in linears.values())
-    lora_params = layers * sum(options.lora_r * (i + o) for name, (i, o) in shape.adaptable_layers().items()
-                               if name in options.target_modules)
-    per_layer = 3 * d + 2 * (shape.heads + shape.kv_heads) * shape.head_dim + 3 * shape.intermediate
+    adapted = {name: size for name, size in shape.adaptable_layers().items() if name in options.target_modules}
+    lora_params = layers * sum(options.lora_r * (i + o) for i, o in adapted.values())
+    per_layer = layer_activation_bytes(shape, options, b, adapted)
     if options.gradient_checkpointing:
-        kept = tokens * (layers * d + per_layer) * b
+        kept = tokens * (layers * d * b + per_layer)
     else:
-        kept = tokens * layers * per_layer * b
+        kept = tokens * layers * per_layer
     transient = 0
     if options.quantization is not None:
-        compute = options.compute_dtype if options.quantization == "4bit" and options.compute_dtype else options.dtype
-        transient = max(i * o for i, o in linears.values()) * DTYPE_BYTES[compute]
+        transient = max(i * o for i, o in linears.values()) * b
+    mask_bytes = b if shape.attention == "eager" else 1  # eager adds a float mask to its scores; sdpa's is boolean
     parts = {
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
-        "attention mask": tokens * 2 * max(2 * options.max_length, d),
+        "attention mask": tokens * mask_bytes * 2 * max(2 * options.max_length, d),
         "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, getattr(torch, options.dtype), options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
         "CUDA context": CUDA_CONTEXT,
@@ -193,26 +227,47 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     return MemoryPlan(shape, options, parts)
 
 
+def layer_activation_bytes(shape: ModelShape, options: PlanOptions, b: int, adapted: dict) -> int:
+    """Bytes one decoder layer keeps for the backward, per token (module docstring)."""
+    q = shape.heads * shape.head_dim
+    kept = shape.norms * 4 * shape.hidden + sum(5 * n_in for n_in, _ in adapted.values()) + 3 * shape.intermediate * b
+    if shape.attention == "eager":
+        per_score = 4 + b * (2 if shape.attention_softcap else 1)
+        return kept + 3 * q * b + shape.heads * score_row(shape, options) * per_score
+    return kept + 4 * q * b
+
+
+def score_row(shape: ModelShape, options: PlanOptions) -> int:
+    """The length of the rows a full-length batch runs in: ``max_length`` padded; padding-free, the
+    packed rows' length the packer chooses for pairs of two full rows sharing nothing."""
+    if not options.padding_free:
+        return options.max_length
+    tree = 2 * options.max_length
+    return row_capacity([tree] * options.pairs_per_step, shape.hidden, 2 * max(tree, shape.hidden))
+
+
 def suggestions(config, options: PlanOptions, gpu_memory: int) -> list[str]:
-    """Changes that make a plan fit ``gpu_memory``: single changes first (gradient checkpointing,
-    4-bit, fewer pairs per step with gradient accumulation, shorter sequences), then the
-    combination of checkpointing and 4-bit with the most pairs that fit."""
+    """Changes that make a plan fit ``gpu_memory``, as ``qadapter plan`` options with what ``qadapter
+    train`` takes for them: single changes first (gradient checkpointing, 4-bit, padded rows where an
+    eager attention's scores grow with packed ones, fewer pairs per step with gradient accumulation,
+    shorter sequences), then the combination of checkpointing and 4-bit with the most pairs that fit."""
     out = []
     if not options.gradient_checkpointing and plan(config, options, gradient_checkpointing=True).fits(gpu_memory):
         out.append("--gradient-checkpointing")
     if options.quantization != "4bit" and plan(config, options, quantization="4bit").fits(gpu_memory):
-        out.append("--load-in-4bit")
+        out.append(_four_bit(options))
+    if options.padding_free and plan(config, options, padding_free=False).fits(gpu_memory):
+        out.append("--padded (train: --padding_free false)")
     pairs = options.pairs_per_step // 2
     while pairs >= 1:
         if plan(config, options, pairs_per_step=pairs).fits(gpu_memory):
-            accumulate = math.ceil(options.pairs_per_step / pairs)
-            out.append(f"--pairs-per-step {pairs} (with --gradient_accumulation_steps {accumulate} in training)")
+            out.append(_fewer_pairs(options, pairs))
             break
         pairs //= 2
     length = options.max_length // 2
     while length >= 64:
         if plan(config, options, max_length=length).fits(gpu_memory):
-            out.append(f"--max-length {length}")
+            out.append(f"--max-length {length} (train: --max_length {length})")
             break
         length //= 2
     if not out:
@@ -222,22 +277,31 @@ def suggestions(config, options: PlanOptions, gpu_memory: int) -> list[str]:
             pairs //= 2
         if pairs >= 1:  # only what changes: the options already given are not repeated
             changes = ["--gradient-checkpointing"] * (not options.gradient_checkpointing)
-            changes += ["--load-in-4bit"] * (options.quantization != "4bit")
+            changes += [_four_bit(options)] * (options.quantization != "4bit")
             if pairs < options.pairs_per_step:
-                accumulate = math.ceil(options.pairs_per_step / pairs)
-                changes.append(f"--pairs-per-step {pairs} (with --gradient_accumulation_steps {accumulate} in training)")
+                changes.append(_fewer_pairs(options, pairs))
             out.append(" ".join(changes))
     return out
 
 
+def _four_bit(options: PlanOptions) -> str:
+    return "--load-in-4bit" + (" (instead of --load-in-8bit)" if options.quantization == "8bit" else "")
+
+
+def _fewer_pairs(options: PlanOptions, pairs: int) -> str:
+    accumulate = math.ceil(options.pairs_per_step / pairs)
+    return (f"--pairs-per-step {pairs} (train: --per_device_train_batch_size {pairs} "
+            f"--gradient_accumulation_steps {accumulate}, the same {pairs * accumulate} pairs an update)")
+
+
 def parse_size(text: str) -> int:
     """Bytes of ``"12GiB"``, ``"24GB"``, ``"800MiB"``, ``"12G"`` (binary) or a bare number of GiB."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?B?)|(B?))\s*", text, flags=re.IGNORECASE)
     if not match:
         raise ValueError(f"a memory size such as 12GiB, 24GB or 800MiB; got {text!r}")
-    number, prefix, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).lower()
+    number, prefix, suffix = float(match.group(1)), (match.group(2) or "").upper(), (match.group(3) or "").lower()
     if not prefix:
-        return int(number * GIB) if not suffix else int(number)
+        return int(number) if match.group(4) else int(number * GIB)
     power = "KMGT".index(prefix) + 1
     base = 1000 if suffix == "b" else 1024  # "GB" decimal; "GiB" and "G" binary
     return int(number * base**power)
@@ -254,8 +318,9 @@ def format_plan(memory_plan: MemoryPlan, gpu_memory: int | None = None, advice: 
              "8bit": "LLM.int8"}[o.quantization]
     lines = [f"model: {s.layers} layers, hidden {s.hidden}, vocabulary {s.vocab}; base {quant}, LoRA r={o.lora_r} "
              f"on {', '.join(o.target_modules)}",
-             f"step: {o.pairs_per_step} pairs x 2 rows x {o.max_length} tokens, gradient checkpointing "
-             f"{'on' if o.gradient_checkpointing else 'off'}"]
+             f"step: {o.pairs_per_step} pairs x 2 rows x {o.max_length} tokens "
+             f"({'packed, padding-free' if o.padding_free else 'padded'}), gradient checkpointing "
+             f"{'on' if o.gradient_checkpointing else 'off'}; attention {s.attention}"]
     width = max(map(len, memory_plan.parts))
     lines += [f"  {name:<{width}}  {format_bytes(size):>11}" for name, size in memory_plan.parts.items()]
     lines.append(f"  {'predicted peak':<{width}}  {format_bytes(memory_plan.peak):>11}")

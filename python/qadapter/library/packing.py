@@ -18,7 +18,7 @@ Two layouts, by what the model's attention takes:
   hidden size in tokens, where a row's attention stays small beside its linear layers and fewer
   tokens are what saves time. The trees are laid into rows at least as long as the largest tree and
   at most twice as long as a tree may be, of the length that costs least by the model's dimensions
-  (:func:`_row_capacity`): rows as long as the largest tree leave part of the others empty, longer
+  (:func:`row_capacity`): rows as long as the largest tree leave part of the others empty, longer
   ones cost more attention (a dense mask costs what it hides).
 - **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
   mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
@@ -126,7 +126,7 @@ def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def _row_capacity(sizes: list[int], hidden_size: int, most: int) -> int:
+def row_capacity(sizes: list[int], hidden_size: int, most: int) -> int:
     """The length, at most ``most`` (or the largest item), of the packed rows that hold items of
     ``sizes`` (trees, whole) at the least cost estimated for a model of ``hidden_size`` ``d``: a row of
     ``C`` tokens costs ``C`` times its linear layers' ``24 d^2`` FLOPs a token and ``C^2`` times
@@ -149,7 +149,7 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     ``sliding_window`` does not cut a sequence; None where packing would save no token, or a row's
     tokens are not one run. A tree of shared prefixes holds at most two of the longest rows, or the
     model's ``hidden_size`` in tokens where that is more (a row whose attention is cheap beside its
-    linear layers); the packed rows' length is the cheapest for that size (:func:`_row_capacity`), at
+    linear layers); the packed rows' length is the cheapest for that size (:func:`row_capacity`), at
     most twice a tree's most."""
     runs = attended_runs(attention_mask)
     if runs is None:
@@ -169,7 +169,7 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     trees = sorted(set(root))
     sizes = [sum(int(lengths[r]) - shared[r] for r in range(batch) if root[r] == t) for t in trees]
     one_row = not share and any(part in attention for part in VARLEN_ATTENTION)
-    capacity = sum(sizes) if one_row else _row_capacity(sizes, hidden_size, 2 * tree_cap)
+    capacity = sum(sizes) if one_row else row_capacity(sizes, hidden_size, 2 * tree_cap)
     layout = _fill_rows(sizes, capacity)
     if len(layout) * capacity >= batch * width:
         return None
