@@ -333,3 +333,57 @@ def test_json_lines_in_a_json_file(tmp_path):
     path = tmp_path / "d.json"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_rows(path) == rows
+
+
+def test_messages_stored_as_json_strings_are_messages(tok):
+    """A table exported with its message columns as JSON text (pandas, CSV tools): the messages, not
+    their JSON text, are trained on."""
+    conv = {"chosen": [user("hello"), assistant("Paris")], "rejected": [user("hello"), assistant("the world")]}
+    as_text = {key: json.dumps(value) for key, value in conv.items()}
+    assert tokenize_rows([as_text], tok)[0] == tokenize_rows([conv], tok)[0]
+    split = {"prompt": json.dumps([user("hello")]), "chosen": json.dumps([assistant("Paris")]),
+             "rejected": "the world"}
+    assert tokenize_rows([split], tok)[0] == tokenize_rows([conv], tok)[0]
+    text = {"prompt": "a list: [{1}]", "chosen": '[{"a": 1}]', "rejected": "no"}  # JSON, not messages: text
+    assert normalize_row(0, text).chosen == '[{"a": 1}]'
+
+
+def test_a_text_prompt_beside_whole_conversations_is_their_shared_turns(tok):
+    """UltraFeedback's binarized layout: a text prompt, and responses that are the whole conversation,
+    the prompt's turn included; the prompt is the shared turns, as TRL's maybe_extract_prompt takes it."""
+    conv = {"chosen": [user("hello"), assistant("Paris")], "rejected": [user("hello"), assistant("the world")]}
+    assert tokenize_rows([{"prompt": "hello", **conv}], tok)[0] == tokenize_rows([conv], tok)[0]
+
+
+def test_skipped_rows_are_counted_by_their_problem_not_its_place(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+    path.write_text("\n".join([good, good[:7], good[:12], good[:20], good]) + "\n")  # cut at three places
+    _, summary = load_preference_data(path, tok, skip_invalid=True)
+    assert dict(summary.skipped) == {"not valid JSON (Unterminated string starting at)": 3}
+    with pytest.raises(PreferenceDataError, match=r"\(line 2 of .*\): not valid JSON: .*column"):
+        load_preference_data(path, tok)  # the error itself says where
+
+
+def test_a_part_of_a_file_names_its_rows_by_their_lines(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+    path.write_text("\n".join([good, good, good, json.dumps({"prompt": "a", "chosen": "b"})]) + "\n")
+    heldout = read_rows(path)[2:]
+    with pytest.raises(PreferenceDataError, match=rf"\(line 4 of {re.escape(str(path))}\): missing"):
+        tokenize_rows(heldout, tok)
+
+
+def test_suffixes_in_any_case_and_dotted_hub_names(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}]
+    for name in ("d.JSONL", "d.ndjson"):
+        (tmp_path / name).write_text(json.dumps(rows[0]) + "\n")
+        assert read_rows(tmp_path / name) == rows
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or
+                        datasets.Dataset.from_list(rows))
+    assert read_rows("allenai/tulu-2.5-preference-data") == rows  # a dot in a hub name is not a file format
+    assert asked == [("allenai/tulu-2.5-preference-data", "train")]
+    with pytest.raises(ValueError, match=r"unsupported format '.csv'"):
+        read_rows("owner/pairs.csv")  # a file type, not looked up on the hub

@@ -9,8 +9,10 @@ Two row formats are accepted, TRL's preference formats:
 - ``{"prompt": ..., "chosen": ..., "rejected": ...}`` where each is a string or a list of
   messages (a string prompt becomes a user turn, a string response an assistant turn).
 
-A ``prompt`` of null is an implicit prompt (a column store cannot leave the key out of one row);
-a ``tools`` column is passed to the chat template, as TRL does.
+A ``prompt`` of null is an implicit prompt (a column store cannot leave the key out of one row), and
+so is a string prompt beside responses that are whole conversations (UltraFeedback's binarized
+layout, as TRL's ``maybe_extract_prompt`` takes it); a list of messages stored as a JSON string is
+the list; a ``tools`` column is passed to the chat template, as TRL does.
 
 With a chat template, the prompt is rendered with the generation prompt and each response is
 the rest of the rendered conversation. Without a template (or ``use_chat_template=False``), and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,9 +47,10 @@ class PreferenceDataError(ValueError):
     """A malformed preference row; the message names the row index (and its line in a .jsonl file)
     and the problem."""
 
-    def __init__(self, index: int, problem: str, line: str | None = None) -> None:
+    def __init__(self, index: int, problem: str, line: str | None = None, reason: str | None = None) -> None:
         super().__init__(f"preference row {index}{f' ({line})' if line else ''}: {problem}")
         self.index, self.problem = index, problem
+        self.reason = reason or problem  # what skipped rows are counted by (no row's own position in it)
 
 
 class _PairProblem(ValueError):
@@ -61,6 +65,11 @@ class Rows(list):
     def __init__(self, rows: Iterable[Any], lines: list[str]) -> None:
         super().__init__(rows)
         self.lines = lines
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a part of the file (held-out rows): still named by their lines
+            return Rows(super().__getitem__(index), self.lines[index])
+        return super().__getitem__(index)
 
 
 def _line(rows: Any, index: int) -> str | None:
@@ -138,12 +147,15 @@ def _check_response(index: int, key: str, response: str | list[dict]) -> None:
 def normalize_row(index: int, row: Any) -> PreferencePair:
     """Checks one raw row and splits it into prompt, chosen and rejected."""
     if isinstance(row, UnreadableRow):
-        raise PreferenceDataError(index, row.problem)
+        raise PreferenceDataError(index, row.problem, reason=row.reason)
     if not isinstance(row, dict):
         raise PreferenceDataError(index, f"must be a JSON object, got {type(row).__name__}")
     for key in ("chosen", "rejected"):
         if key not in row:
             raise PreferenceDataError(index, f"missing key '{key}'")
+    row = {**row, **{key: _messages_in_json(row[key]) for key in ("prompt", "chosen", "rejected") if key in row}}
+    if _whole_conversations_beside_a_text_prompt(row):
+        row = {**row, "prompt": None}  # the prompt is the conversations' shared turns, as TRL takes it
     if row.get("prompt") is not None:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if isinstance(prompt, str):
@@ -180,6 +192,29 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
     _check_response(index, "chosen", chosen)
     _check_response(index, "rejected", rejected)
     return PreferencePair(prompt, chosen, rejected, _tools(index, row))
+
+
+def _messages_in_json(value: Any) -> Any:
+    """A list of messages stored as a JSON string (a table exported with its message columns as
+    text), as the list; any other value as it is."""
+    if not (isinstance(value, str) and value.lstrip().startswith("[{") and value.rstrip().endswith("}]")):
+        return value
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    is_messages = isinstance(decoded, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                    for m in decoded)
+    return decoded if is_messages else value
+
+
+def _whole_conversations_beside_a_text_prompt(row: dict) -> bool:
+    """A text prompt beside responses that are whole conversations, the prompt's turn included
+    (UltraFeedback's binarized layout): TRL's ``maybe_extract_prompt`` takes the conversations'
+    shared turns as the prompt then, and so does this."""
+    responses = (row["chosen"], row["rejected"])
+    return (isinstance(row.get("prompt"), str) and all(isinstance(r, list) for r in responses)
+            and any(isinstance(m, dict) and m.get("role") != "assistant" for r in responses for m in r))
 
 
 def _as_messages(content: str | list[dict], role: str) -> list[dict]:
@@ -304,7 +339,7 @@ def tokenize_rows(
             problem = exc.problem if isinstance(exc, PreferenceDataError) else str(exc)
             if not skip_invalid:
                 raise PreferenceDataError(index, problem, _line(rows, index)) from None
-            summary.skipped[problem] += 1
+            summary.skipped[exc.reason if isinstance(exc, PreferenceDataError) else problem] += 1
             continue
         summary.truncated += truncated
         summary.kept += 1
@@ -337,9 +372,11 @@ class UnreadableRow:
     """A line of a .jsonl file that is not JSON: an invalid row (skipped with ``skip_invalid``)."""
 
     problem: str
+    reason: str  # the problem without where in the line it is
 
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 
 
 def _read_text(path: Path) -> str:
@@ -366,12 +403,15 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
     path = Path(str(source))
     if path.is_dir():  # datasets would read every data file under it, however many and whatever they hold
         raise ValueError(f"data {path} is a folder; give a {', '.join(DATA_SUFFIXES)} file or a hub data set name")
-    if path.suffix and path.suffix not in DATA_SUFFIXES:
+    suffix = path.suffix.lower()
+    file_type = re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) is not None  # not a dotted hub name's tail
+    if suffix and suffix not in (*DATA_SUFFIXES, *JSON_LINES_SUFFIXES) and (
+            file_type or path.exists() or not _hub_name(str(source))):
         raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
                          "files or a hub data set name")
-    if path.suffix == ".jsonl":
+    if suffix in JSON_LINES_SUFFIXES:
         return _json_lines(_read_text(path), path)
-    if path.suffix == ".json":
+    if suffix == ".json":
         text = _read_text(path)
         if not text.strip():
             raise ValueError(f"data file {path} is empty")
@@ -386,11 +426,23 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
         return data
     import datasets
 
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
         return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
     return datasets.load_dataset(str(source), split=split).to_list()  # a hub data set
+
+
+def _hub_name(name: str) -> bool:
+    """Whether ``name`` can name a hub data set (``owner/name``, whose name may hold a dot:
+    ``allenai/tulu-2.5-preference-data``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).is_absolute()
 
 
 def _json_lines(text: str, path: Path) -> Rows:
@@ -400,7 +452,7 @@ def _json_lines(text: str, path: Path) -> Rows:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                rows.append(UnreadableRow(f"not valid JSON: {exc}"))
+                rows.append(UnreadableRow(f"not valid JSON: {exc}", f"not valid JSON ({exc.msg})"))
             lines.append(f"line {number} of {path}")
     return Rows(rows, lines)
 
