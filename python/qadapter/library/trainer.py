@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
 from . import atomic
-from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, tokenize_rows
+from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, tokenize_rows
 from .hidden import whole_parameters
 from .provenance import rows_hash
 from .saved import HUB_FILES, holds_adapter
@@ -42,6 +43,7 @@ METRIC_NAMES = {
     "chi2_loss": "loss/chi2",
 }
 TOKEN_SHARE = "tokens/run_over_padded"
+logger = logging.getLogger(__name__)
 
 
 # The training data marks unscored positions with data.IGNORE_INDEX, and the logit soft-capping is
@@ -252,9 +254,11 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig | None, name: str):
         raise ValueError(f"{name} holds raw preference rows (chosen, rejected): pass processing_class= (the "
                          "tokenizer) to tokenize them, or tokenized pairs (qadapter.library.data.load_preference_data)")
     lengths = {} if args is None else {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
-    features, _ = tokenize_rows(dataset, tokenizer, **lengths)
+    features, summary = tokenize_rows(dataset, tokenizer, **lengths)
+    (logger.warning if summary.truncated else logger.info)("%s: %s (max_length %s)", name, summary,
+                                                            lengths.get("max_length", "default"))
     if hasattr(dataset, "column_names"):  # a datasets.Dataset stays one (select, shuffle, save_to_disk)
-        return type(dataset).from_list(features)
+        return pairs_dataset(features)
     return features
 
 
