@@ -295,6 +295,9 @@ def _run_train(args) -> int:
         evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
         print(f"evaluation data: {eval_summary}")
         model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
+        if model.provenance["eval_data"]["rows_sha256"] == model.provenance["data"]["rows_sha256"]:
+            print("qadapter train: warning: --eval-data holds the same rows as --data: its held-out measures "
+                  "would overstate what the adapter learned", file=sys.stderr)
     callbacks = []
     if args.curve_steps:
         from .evaluation.curve import LearningCurve
@@ -532,6 +535,15 @@ def _eval_parser(p) -> None:
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
+def _warn_if_training_data(command: str, adapter, data) -> None:
+    from .library.provenance import trained_on
+    from .library.saved import locate_adapter
+
+    if trained_on(locate_adapter(adapter), data):
+        print(f"qadapter {command}: warning: {data} is the data this adapter was trained on (its provenance "
+              "says so): held-out measures on it overstate what it learned", file=sys.stderr)
+
+
 def _run_eval(args) -> int:
     from .evaluation.measures import STEP0_BASELINE, evaluate_pairs
     from .library.data import load_preference_data
@@ -543,6 +555,7 @@ def _run_eval(args) -> int:
     data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     print(f"data: {summary}", file=sys.stderr, flush=True)  # stdout is the JSON alone (| jq)
+    _warn_if_training_data("eval", args.adapter, args.data)
     features = data.to_list()
     metrics = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
     metrics["pairs"] = len(features)
@@ -717,6 +730,7 @@ def _run_check(args) -> int:
     data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     print(f"data: {summary}", file=sys.stderr, flush=True)
+    _warn_if_training_data("check", adapter, args.data)
     features = data.to_list()[: args.max_pairs]
     if not features:
         raise ValueError(f"--data {args.data} holds no usable pair ({summary})")

@@ -89,6 +89,12 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     metrics = json.loads(printed.out)  # stdout is the JSON alone (| jq); the data summary goes to stderr
     assert "data: 6/6 pairs kept" in printed.err
     assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
+    # The adapter's own training file, by its provenance: said; another file: not.
+    assert f"warning: {data} is the data this adapter was trained on" in printed.err
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+    assert main(["eval", "--adapter", str(adapter), "--data", str(heldout)]) == 0
+    assert "warning" not in capsys.readouterr().err
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "3", "--sample",
                  "--min-p", "0.05", "--repetition-penalty", "1.2", "--stop", "the", "--compile", "no"]) == 0

@@ -85,6 +85,10 @@ def test_train_command_writes_the_curve(tmp_path, capsys):
                  "--curve-steps", "2"]) == 0
     record = json.loads((tmp_path / "adapter" / "curve.json").read_text())
     assert [p["step"] for p in record["points"]] == [0, 2, 4] and record["heldout_pairs"] == 6
+    assert "warning" not in capsys.readouterr().err
+    # Held out from nothing: the training rows as --eval-data are said to be them.
+    assert main([*common, "--output", str(tmp_path / "same"), "--eval-data", str(tmp_path / "train.jsonl")]) == 0
+    assert "warning: --eval-data holds the same rows as --data" in capsys.readouterr().err
 
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"

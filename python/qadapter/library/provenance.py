@@ -103,6 +103,15 @@ def write(directory: Path, provenance: dict) -> None:
                                                    encoding="utf-8")
 
 
+def trained_on(adapter: str | Path, data: Any) -> bool:
+    """Whether ``data`` (a local file) is the file the adapter in ``adapter`` was trained on, by its
+    recorded sha256: held-out measures on it would overstate what the adapter learned."""
+    record, _ = read_provenance(adapter)
+    recorded = ((record or {}).get("data") or {}).get("file_sha256")
+    path = Path(str(data))
+    return bool(recorded) and path.is_file() and file_hash(path) == recorded
+
+
 def read_provenance(path: str | Path) -> tuple[dict | None, str | None]:
     """``(record, None)``, or ``(None, problem)`` when the adapter directory ``path`` has no readable
     record: missing, not JSON, or not a provenance object."""
