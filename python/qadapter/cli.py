@@ -238,10 +238,13 @@ def _training_config(args, extra: list[str]):
     if "output_dir" in given:  # the adapter in one place, its checkpoints in another: --resume would not find them
         _usage_error("train", "--output_dir is --output's: the adapter goes there and the trainer's checkpoints "
                               "into <output>/checkpoints")
+    if "skip_invalid" in given:
+        _usage_error("train", "--skip_invalid is --skip-invalid's (the command reads the data itself)")
     parser = HfArgumentParser(QAdapterConfig)
     parser.error = lambda message: _usage_error("train", message)  # one line, not the usage of every field
     (config,) = parser.parse_args_into_dataclasses(
-        args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none", *extra]
+        args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none",
+              "--skip_invalid", str(args.skip_invalid), *extra]
     )
     return config
 

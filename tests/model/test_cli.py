@@ -15,7 +15,7 @@ from qadapter.cli import main  # noqa: E402
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "required"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--skip_invalid", "true"], "--skip_invalid is --skip-invalid's"),
         (["demo", "--steps", "0"], "--steps"),
         (["demo", "--steps", "many"], "--steps"),
         (["demo", "--nonsense"], "unrecognized"),

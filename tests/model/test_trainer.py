@@ -66,6 +66,14 @@ def test_raw_preference_rows_are_tokenized_as_the_command_line_does(tmp_path, co
     malformed_first = [{"prompt": "a", "chosen": "b"}, *rows(2, seed=0)]  # raw rows all the same: named
     with pytest.raises(ValueError, match="preference row 0: missing key 'rejected'"):
         QAdapterTrainer(model=fresh_base(), args=args, train_dataset=malformed_first, processing_class=tokenizer)
+    # skip_invalid skips and counts them; the adapter's provenance says what was read.
+    model = QAdapterModel(fresh_base(), tokenizer=tokenizer)
+    trainer = QAdapterTrainer(model=model, args=replace(args, skip_invalid=True), train_dataset=malformed_first,
+                              processing_class=tokenizer)
+    assert len(trainer.train_dataset) == 2
+    read = model.provenance["data"]
+    assert (read["rows"], read["kept"], read["skipped_reasons"]) == (3, 2, {"missing key 'rejected'": 1})
+    assert read["rows_sha256"] is not None
 
 
 def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):

@@ -31,7 +31,7 @@ from qadapter_kernels.registry import BACKEND_NAMES
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, tokenize_rows
 from .hidden import whole_parameters
-from .provenance import rows_hash
+from .provenance import data_identity, rows_hash
 from .saved import HUB_FILES, holds_adapter
 
 METRIC_NAMES = {
@@ -92,6 +92,8 @@ class QAdapterConfig(LossArguments):
     max_length: int = field(default=512, metadata={"help": "tokens per sequence, prompt included"})
     max_prompt_length: int | None = field(default=None, metadata={"help": "prompt tokens kept (cut from the left; "
                                                                           "default: half of --max_length)"})
+    skip_invalid: bool = field(default=False, metadata={"help": "raw preference rows given to the trainer: skip "
+                                                                "malformed ones (counted) instead of failing"})
     learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
     padding_free: bool = field(default=True, metadata={"help": "run the model on each batch packed without its "
                                                               "padding, each prompt its sequences share once"})
@@ -239,12 +241,14 @@ def _adapter_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _tokenized(dataset, tokenizer, args: QAdapterConfig | None, name: str):
+def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     """``dataset`` as the collator takes it: raw preference rows (``chosen`` and ``rejected``, with or
-    without ``prompt``, as ``qadapter train`` reads them) tokenized with ``args``' lengths, as TRL's
-    trainers tokenize theirs; tokenized pairs, streams and anything else pass as they are."""
+    without ``prompt``, as ``qadapter train`` reads them) tokenized with ``args``' lengths (malformed
+    ones skipped and counted with ``args.skip_invalid``), as TRL's trainers tokenize theirs; tokenized
+    pairs, streams and anything else pass as they are. ``read[name]``: the identity of raw rows read
+    (:func:`provenance.data_identity`: their hash and what was kept)."""
     if isinstance(dataset, dict):
-        return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]") for key, part in dataset.items()}
+        return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]", read) for key, part in dataset.items()}
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return dataset
     first = dataset[0]  # raw rows if it holds any of their keys: a malformed first row is then named, not passed on
@@ -253,10 +257,11 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig | None, name: str):
     if tokenizer is None:
         raise ValueError(f"{name} holds raw preference rows (chosen, rejected): pass processing_class= (the "
                          "tokenizer) to tokenize them, or tokenized pairs (qadapter.library.data.load_preference_data)")
-    lengths = {} if args is None else {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
-    features, summary = tokenize_rows(dataset, tokenizer, **lengths)
-    (logger.warning if summary.truncated else logger.info)("%s: %s (max_length %s)", name, summary,
-                                                            lengths.get("max_length", "default"))
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    features, summary = tokenize_rows(rows, tokenizer, max_length=args.max_length,
+                                      max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+    (logger.warning if summary.truncated else logger.info)("%s: %s (max_length %d)", name, summary, args.max_length)
+    read[name] = data_identity(None, rows, summary)
     if hasattr(dataset, "column_names"):  # a datasets.Dataset stays one (select, shuffle, save_to_disk)
         return pairs_dataset(features)
     return features
@@ -284,8 +289,14 @@ class QAdapterTrainer(Trainer):
             raise TypeError(f"args must be a QAdapterConfig (a TrainingArguments with the loss and LoRA options); "
                             f"got {type(args).__name__}")
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
+        read: dict[str, dict] = {}
         for name in ("train_dataset", "eval_dataset"):
-            kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name)
+            kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name, read)
+        record = getattr(model, "provenance", None)
+        if record is not None:  # raw rows given here: their identity, unless the caller recorded the data's
+            for name, key in (("train_dataset", "data"), ("eval_dataset", "eval_data")):
+                if name in read and record.get(key) is None:
+                    record[key] = read[name]
         if data_collator is None and processing_class is not None:
             pad = processing_class.pad_token_id
             data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
