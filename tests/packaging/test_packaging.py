@@ -81,6 +81,7 @@ def test_wheel_and_sdist_install_and_run_outside_the_checkout(tmp_path):
     assert data <= set(wheel_files), data - set(wheel_files)
     sdist_files = {Path(n).name for n in tarfile.open(sdist).getnames()}
     assert set(CSRC) <= sdist_files and "setup.py" in sdist_files and "LICENSE" in sdist_files
+    assert {"qadapter_kernels/py.typed", "qadapter/py.typed"} <= set(wheel_files)  # type hints for checkers
     assert any(".dist-info/" in name and name.endswith("/LICENSE") for name in wheel_files)  # licenses/ from setuptools 77
 
     outside = tmp_path / "elsewhere"
