@@ -187,7 +187,7 @@ def test_batching_changes_no_number():
     assert one == pytest.approx(everything, abs=1e-5)
     preferences = {k: one[k] for k in ("accuracy", "margin", "loss")}
     assert preference_metrics(model, features, PAD) == pytest.approx(preferences)
-    assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"])
+    assert mean_kl(model, features, PAD) == pytest.approx(one["kl_to_base"], rel=1e-5)  # float32 sums in any order
 
 
 def test_forward_batches_hold_their_token_budget_once_per_network():
