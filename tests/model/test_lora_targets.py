@@ -43,11 +43,18 @@ def test_a_fused_query_key_value_projection_is_the_default_where_peft_names_one(
 def test_named_layers_are_wrapped_and_ones_the_model_lacks_refused():
     model = QAdapterModel(tiny_causal_lm("llama"), target_modules=["k_proj", "down_proj"])
     assert wrapped_layers(model) == {"k_proj", "down_proj"}
-    with pytest.raises(ValueError, match=r"target_modules: 'q_proj' is not a linear layer of this model; its linear "
+    with pytest.raises(ValueError, match=r"target_modules: 'q_proj' names no linear layer of this model; its linear "
                                          r"layers: down_proj, gate_up_proj, o_proj, qkv_proj"):
         QAdapterModel(tiny_causal_lm("phi3"), target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="lm_head"):  # the output head is the Q head, never LoRA-wrapped
+    with pytest.raises(ValueError, match="'lm_head' is the output head, the Q head, which LoRA never wraps"):
         QAdapterModel(tiny_causal_lm("llama"), target_modules=["lm_head"])
+    # PEFT's names by suffix: a path within the layer, or one layer alone.
+    assert wrapped_layers(QAdapterModel(tiny_causal_lm("llama"), target_modules=["self_attn.q_proj"])) == {"q_proj"}
+    one = QAdapterModel(tiny_causal_lm("llama"), target_modules=["layers.1.mlp.down_proj"])
+    assert [n for n, _ in one.peft_model.named_parameters() if ".lora_A." in n] == [
+        "base_model.model.model.layers.1.mlp.down_proj.lora_A.default.weight"]
+    with pytest.raises(ValueError, match="'mlp.q_proj' names no linear layer"):
+        QAdapterModel(tiny_causal_lm("llama"), target_modules=["mlp.q_proj"])
     with pytest.raises(TypeError, match="target_modules must be a list of layer names"):
         QAdapterModel(tiny_causal_lm("llama"), target_modules="q_proj")
     with pytest.raises(ValueError, match="at least one layer"):

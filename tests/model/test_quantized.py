@@ -213,6 +213,7 @@ def test_another_compute_dtype_loads_where_the_checkpoint_is_exact_in_both(bases
     assert loaded.quantization == {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     with pytest.raises(AdapterLoadError, match=r"quantized from bfloat16 weights instead of float32 ones"):
         QAdapterModel.from_pretrained(tmp_path / "f32", torch_dtype=torch.bfloat16)
+    assert QAdapterModel.from_pretrained(tmp_path / "f32", torch_dtype="auto").quantization["compute_dtype"] == "float32"
 
 
 def test_bad_quantization_names_are_refused():

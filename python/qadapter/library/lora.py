@@ -16,14 +16,23 @@ QUERY_VALUE = ("q_proj", "v_proj")
 FUSED_QUERY_KEY_VALUE = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
 
 
-def linear_layer_names(base_model: nn.Module) -> list[str]:
-    """The names (last component) of the base's linear layers an adapter can wrap, its output head
-    aside (the Q head is the adapter's lm_head, trained whole or frozen, never LoRA-wrapped)."""
+def _linear_layers(base_model: nn.Module) -> tuple[list[str], str | None]:
+    """The full names of the base's linear layers an adapter can wrap, and its output head's name
+    (the Q head is the adapter's lm_head, trained whole or frozen, never LoRA-wrapped)."""
     head = base_model.get_output_embeddings() if hasattr(base_model, "get_output_embeddings") else None
-    names = {name.rsplit(".", 1)[-1] for name, module in base_model.named_modules()
-             if name and module is not head and _is_linear(getattr(module, "base_layer", module))
-             and ".lora_" not in name and not name.endswith(".base_layer")}  # a LoRA layer counts once, as itself
-    return sorted(names)
+    names, head_name = [], None
+    for name, module in base_model.named_modules():
+        if module is head:
+            head_name = name
+        elif (name and _is_linear(getattr(module, "base_layer", module)) and ".lora_" not in name
+              and not name.endswith(".base_layer")):  # a LoRA layer counts once, as itself
+            names.append(name)
+    return names, head_name
+
+
+def linear_layer_names(base_model: nn.Module) -> list[str]:
+    """The names (last component) of the base's linear layers an adapter can wrap."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_layers(base_model)[0]})
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -36,6 +45,7 @@ def lora_targets(base_model: nn.Module, target_modules: Iterable[str] | None) ->
     known = linear_layer_names(base_model)
     if target_modules is None:
         return _default_targets(base_model, known)
+    full_names, head = _linear_layers(base_model)
     if isinstance(target_modules, str) or not all(isinstance(name, str) for name in target_modules):
         raise TypeError(f"target_modules must be a list of layer names (or None: the attention's query and value "
                         f"projections); got {target_modules!r}")
@@ -43,10 +53,13 @@ def lora_targets(base_model: nn.Module, target_modules: Iterable[str] | None) ->
     if not names:
         raise ValueError("target_modules must name at least one layer (or be None: the attention's query and "
                          "value projections)")
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"target_modules: {', '.join(map(repr, unknown))} is not a linear layer of this model; "
-                         f"its linear layers: {', '.join(known)}")
+    for name in names:  # PEFT's rule: a layer whose full name is the name or ends with "." + name
+        if head is not None and (head == name or head.endswith("." + name)):
+            raise ValueError(f"target_modules: {name!r} is the output head, the Q head, which LoRA never wraps "
+                             "(train it whole with q_weight, or leave it frozen)")
+        if not any(full == name or full.endswith("." + name) for full in full_names):
+            raise ValueError(f"target_modules: {name!r} names no linear layer of this model; its linear layers: "
+                             f"{', '.join(known)}")
     return names
 
 

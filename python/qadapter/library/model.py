@@ -506,7 +506,8 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
     if base_model is None or isinstance(base_model, str):
         saved_way = isinstance(quantization, str) and quantization == "saved"
         wanted = saved if saved_way else quant.normalize(quantization, torch_dtype)
-        if saved_way and saved is not None and saved["method"] != "int8" and torch_dtype is not None:
+        named = str(torch_dtype).removeprefix("torch.") in quant.COMPUTE_DTYPES  # not None, not "auto"
+        if saved_way and saved is not None and saved["method"] != "int8" and named:
             wanted = quant.normalize({**saved, "compute_dtype": torch_dtype})  # the compute dtype, as the CLI's
         check_quantization(path, saved, wanted)
         base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,

@@ -257,7 +257,8 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     if tokenizer is None:
         raise ValueError(f"{name} holds raw preference rows (chosen, rejected): pass processing_class= (the "
                          "tokenizer) to tokenize them, or tokenized pairs (qadapter.library.data.load_preference_data)")
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    rows = dataset if isinstance(dataset, list) else (  # a list of rows read from a file knows their lines
+        dataset.to_list() if hasattr(dataset, "to_list") else list(dataset))
     features, summary = tokenize_rows(rows, tokenizer, max_length=args.max_length,
                                       max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     (logger.warning if summary.truncated else logger.info)("%s: %s (max_length %d)", name, summary, args.max_length)
@@ -293,9 +294,9 @@ class QAdapterTrainer(Trainer):
         for name in ("train_dataset", "eval_dataset"):
             kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name, read)
         record = getattr(model, "provenance", None)
-        if record is not None:  # raw rows given here: their identity, unless the caller recorded the data's
+        if record is not None:  # raw rows given here: theirs is the data's identity
             for name, key in (("train_dataset", "data"), ("eval_dataset", "eval_data")):
-                if name in read and record.get(key) is None:
+                if name in read:
                     record[key] = read[name]
         if data_collator is None and processing_class is not None:
             pad = processing_class.pad_token_id
