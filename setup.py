@@ -91,6 +91,14 @@ def recording_archs(build_ext):
     extension whose build fails (torch's builder raises errors setuptools' ``optional`` does not catch)."""
 
     class BuildExtensionRecordingArchs(build_ext):
+        def run(self):
+            self.built = []
+            super().run()
+            for extension in self.built:  # after the run: an in-place build's path is the source tree's
+                target = Path(self.get_ext_fullpath(extension.name)).with_name("_C_archs.txt")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(os.environ.get("TORCH_CUDA_ARCH_LIST", "") + "\n")
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
@@ -101,9 +109,7 @@ def recording_archs(build_ext):
                       f"build it later with python -m qadapter_kernels.toolchain.build_cuda, or set "
                       f"QADAPTER_BUILD_CUDA=1 to make a failed build fail the install")
                 return
-            target = Path(self.get_ext_fullpath(ext.name)).with_name("_C_archs.txt")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(os.environ.get("TORCH_CUDA_ARCH_LIST", "") + "\n")
+            self.built.append(ext)
 
     return BuildExtensionRecordingArchs
 

@@ -92,7 +92,7 @@ def test_wheel_and_sdist_install_and_run_outside_the_checkout(tmp_path):
         assert "cuda:" in out
 
 
-def run_extension_builder(tmp_path, build_ext, optional: bool) -> None:
+def run_extension_builder(tmp_path, build_ext, optional: bool, inplace: bool = False) -> None:
     """setup.py's extension builder over ``build_ext`` (the builder it wraps), for one extension."""
     import runpy
 
@@ -100,8 +100,10 @@ def run_extension_builder(tmp_path, build_ext, optional: bool) -> None:
 
     helpers = runpy.run_path(str(ROOT / "setup.py"))  # not "__main__": nothing is set up
     ext = Extension("pkg._C", [str(tmp_path / "kernel.cu")], optional=optional)
-    command = helpers["recording_archs"](build_ext)(Distribution({"name": "pkg", "ext_modules": [ext]}))
-    command.build_lib, command.build_temp = str(tmp_path / "lib"), str(tmp_path / "temp")
+    dist = Distribution({"name": "pkg", "ext_modules": [ext], "package_dir": {"pkg": str(tmp_path / "src" / "pkg")},
+                         "packages": ["pkg"]})
+    command = helpers["recording_archs"](build_ext)(dist)
+    command.build_lib, command.build_temp, command.inplace = str(tmp_path / "lib"), str(tmp_path / "temp"), inplace
     command.ensure_finalized()
     command.run()
 
@@ -133,9 +135,12 @@ def test_a_built_extension_has_its_arch_list_beside_it(tmp_path, monkeypatch):
 
     class Building(build_ext):
         def build_extension(self, ext):
-            Path(self.get_ext_fullpath(ext.name)).parent.mkdir(parents=True)
+            Path(self.get_ext_fullpath(ext.name)).parent.mkdir(parents=True, exist_ok=True)
             Path(self.get_ext_fullpath(ext.name)).write_bytes(b"")
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     run_extension_builder(tmp_path, Building, optional=True)
     assert (tmp_path / "lib" / "pkg" / "_C_archs.txt").read_text() == "8.0;9.0\n"
+    (tmp_path / "src" / "pkg").mkdir(parents=True)  # an editable install builds in place: beside the sources
+    run_extension_builder(tmp_path, Building, optional=True, inplace=True)
+    assert (tmp_path / "src" / "pkg" / "_C_archs.txt").read_text() == "8.0;9.0\n"

@@ -305,9 +305,13 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
         api.completions.create(model="nope", prompt="hello", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer >= 1"):
         api.completions.create(model="terse", prompt="hello", max_tokens=-3)
+    context = server[1].context_length
     with pytest.raises(openai.BadRequestError, match="context length") as info:
-        api.completions.create(model="terse", prompt="hello world " * 80, max_tokens=8)
+        api.completions.create(model="terse", prompt=[7] * (context - 3), max_tokens=8)
     assert info.value.param == "max_tokens"  # the limit the client asked for; without one, the prompt is blamed
+    with pytest.raises(openai.BadRequestError, match="context length") as info:
+        api.completions.create(model="terse", prompt="hello world " * context, max_tokens=8)
+    assert info.value.param == "prompt"  # too long for any limit
     with pytest.raises(openai.BadRequestError, match="temperature"):
         api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=5)
     with pytest.raises(openai.BadRequestError, match="messages"):
@@ -825,6 +829,8 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
              ({"max_tokens": -1}, "max_tokens", "an integer >= 1"),
              ({"max_tokens": 0}, "max_tokens", "without echo"),
              ({"prompt": [5] * 30, "max_tokens": 3}, "max_tokens", "context length"),
+             ({"prompt": [5] * 32, "max_tokens": 3}, "prompt", "context length"),  # no limit would do
+             ({"prompt": [5] * 33, "max_tokens": 0, "echo": True}, "prompt", "context length"),
              ({"top_p": 0.0}, "top_p", r"a number in \(0, 1\]"),
              ({"adapter": "gone"}, "adapter", "'gone' is not loaded")]
     for fields, field, message in cases:
@@ -832,6 +838,9 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
         with pytest.raises(RequestRefused, match=message) as info:
             engine.submit(request)
         assert info.value.field == field
+        assert str(info.value) == info.value.args[0]  # not quoted, as a KeyError's message would be
+    with pytest.raises(KeyError):  # an adapter not loaded, as callers caught it before
+        engine.submit(Request(prompt=[5], adapter="gone", max_tokens=1, emit=lambda e: None))
     assert engine._pending.empty()
 
 

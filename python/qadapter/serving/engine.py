@@ -50,10 +50,13 @@ class EngineStopped(RuntimeError):
     """The engine takes no more requests: it is shutting down."""
 
 
-class RequestRefused(ValueError):
+class RequestRefused(ValueError, KeyError):
     """A request the engine cannot run, refused before it is queued; ``field`` names the request's
     field at fault (``prompt``, ``max_tokens``, ``adapter`` or a decoding option), so that a server
-    can point its client at the field of its own request."""
+    can point its client at the field of its own request. (A KeyError too: an adapter not loaded was
+    one before.)"""
+
+    __str__ = ValueError.__str__  # the message as it is, not quoted as a KeyError's key
 
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
@@ -171,8 +174,11 @@ class Engine:
             raise RequestRefused("max_tokens must be >= 1 without echo (0 asks for the echoed prompt alone); got 0",
                                  "max_tokens")
         if self.context_length is not None and len(request.prompt) + request.max_tokens > self.context_length:
+            # The prompt is at fault where no limit would leave room for it and a token.
+            alone = len(request.prompt) >= self.context_length or request.max_tokens == 0
             raise RequestRefused(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) "
-                                 f"exceed the model's context length ({self.context_length})", "max_tokens")
+                                 f"exceed the model's context length ({self.context_length})",
+                                 "prompt" if alone else "max_tokens")
         for name, (holds, expected) in _sampling_expectations(request, self.vocab).items():
             if not holds:  # caught here, not as an error that ends the running batch
                 raise RequestRefused(f"{name} must be {expected}; got {getattr(request, name)!r}", name)
