@@ -53,11 +53,11 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
                                    (options.alpha_tilde, options.alpha_0, softcap, eps))
 
 
-def _cpu_step_note() -> tuple[bool, str]:
-    """Always available; on a CPU it is fastest with the compiled row step, so a note says when that
-    step cannot be used (why, and that the eager step runs instead)."""
+def _cpu_step_note() -> str:
+    """On a CPU the backend is fastest with the compiled row step: where that step cannot be used,
+    why, and that the eager step runs instead (asking builds it once, as its first use would)."""
     compiled, why_not = _cpu.status()
-    return True, "" if compiled else f"on CPU the eager row step runs: the compiled one is unavailable ({why_not})"
+    return "" if compiled else f"on CPU the eager row step runs: the compiled one is unavailable ({why_not})"
 
 
 BACKEND = Backend(
@@ -65,6 +65,7 @@ BACKEND = Backend(
     summary="per tile of tokens x vocabulary: 2 GEMMs, the row step (compiled C on CPU), P @ Wq (gradient "
             "filtering optional); elementwise backward",
     token_stats=chunked_token_stats,
-    availability=_cpu_step_note,
+    availability=lambda: (True, ""),
+    note=_cpu_step_note,
 )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -72,15 +72,18 @@ class Backend:
     float64: bool = True  # False: its kernels compute in float32 at most and refuse float64
     pairwise: Callable | None = None  # replaces pairwise.pairwise_loss (same signature)
     combine: Callable | None = None  # combined-policy log-probs of held logits (combine.combine_logits' contract)
+    note: Callable[[], str] | None = None  # for the report only: a slower path it takes here, and why
 
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """Whether a backend can run here and, when it cannot, why (when it runs a slower path here: which, and why)."""
+    """Whether a backend can run here and, when it cannot, why; ``note``: where it runs a slower path
+    here, which and why (:func:`backends` only)."""
 
     name: str
     available: bool
     reason: str = ""
+    note: str = ""
 
 
 # name -> (module, attribute holding its Backend record)
@@ -116,8 +119,14 @@ def status(name: str) -> BackendStatus:
 
 
 def backends() -> dict[str, BackendStatus]:
-    """Each backend's availability on this machine and, for a missing one, the reason."""
-    return {name: status(name) for name in _RECORDS}
+    """Each backend's availability on this machine and, for a missing one, the reason; for one that
+    runs a slower path here, a note (the chunked backend without its compiled CPU step)."""
+    report = {}
+    for name in _RECORDS:
+        found = status(name)
+        note = get(name).note if found.available else None
+        report[name] = replace(found, note=note()) if note is not None else found
+    return report
 
 
 def _takes_float64(name: str) -> bool:

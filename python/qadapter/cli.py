@@ -192,7 +192,7 @@ def _saved_with_compute_dtype(args) -> dict:
 
 
 def _train_parser(p) -> None:
-    p.description = ("Train a Q-Adapter. Data: .json/.jsonl/.parquet files or a hub data set with "
+    p.description = ("Train a Q-Adapter. Data: .json/.jsonl/.ndjson/.parquet files or a hub data set with "
                      "{'chosen': [messages], 'rejected': [messages]} or {'prompt', 'chosen', "
                      "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
                      "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
@@ -981,11 +981,17 @@ EXTRAS = {"transformers": "model", "peft": "model", "accelerate": "model", "data
 
 
 def _missing_module(exc: ModuleNotFoundError) -> str:
-    """One line for a module that is not installed: which, and the extra that installs it."""
+    """One line for a module that is not installed: which, and the extra that installs it (or, where
+    the package is there without that module, an older release of it: the upgrade)."""
+    import importlib.util
+
     message = str(exc)
-    extra = EXTRAS.get((exc.name or "").split(".")[0])
+    package = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(package)
     if extra is None or "pip install" in message:
         return message
+    if importlib.util.find_spec(package) is not None:
+        return f'{message} (the installed {package} is older than this needs): pip install -U "qadapter-kernels[{extra}]"'
     return f'{message}: pip install "qadapter-kernels[{extra}]"'
 
 
@@ -1006,9 +1012,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but these
     except ModuleNotFoundError as exc:
         _usage_error(argv[0], _missing_module(exc))
-    if not argv:
+    if not argv:  # a command is needed: what there are, as a bad argument exits
         parser.print_help(sys.stderr)
-        return 2
+        raise SystemExit(2)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

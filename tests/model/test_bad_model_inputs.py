@@ -115,7 +115,7 @@ FILES = [
     ("jsonl-array-line", "d.jsonl", "[1, 2]\n", PreferenceDataError, "must be a JSON object, got list"),
     ("jsonl-missing-key", "d.jsonl", GOOD_LINE + '\n{"prompt": "a", "chosen": "b"}\n', PreferenceDataError,
      "d.jsonl): missing key 'rejected'"),
-    ("directory-as-file", "dir.jsonl", "DIR", ValueError, "is a folder; give a .json, .jsonl, .parquet file"),
+    ("directory-as-file", "dir.jsonl", "DIR", ValueError, "is a folder; give a .json, .jsonl, .ndjson, .parquet file"),
     ("directory", "pairs", "DIR", ValueError, "is a folder"),  # not handed to datasets to read all under it
     ("json-empty-list", "d.json", "[]", ValueError, "holds no preference row"),
     ("jsonl-blank", "d.jsonl", "\n  \n", ValueError, "holds no preference row"),
@@ -237,7 +237,7 @@ def test_read_rows_passes_lists_through():
 DATA = ["--data", "d.jsonl", "--output", "x"]
 GEN = ["generate", "--adapter", "a", "--prompt", "hi"]
 CLI = [
-    ("no-verb", [], "required"),
+    ("no-verb", [], "usage: qadapter"),
     ("unknown-verb", ["fly"], "invalid choice: 'fly'"),
     ("demo-steps-0", ["demo", "--steps", "0"], "--steps"),
     ("demo-steps-word", ["demo", "--steps", "many"], "--steps"),

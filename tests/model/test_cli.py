@@ -337,6 +337,14 @@ def test_a_command_whose_extra_is_not_installed_names_it(argv, extra):
     assert run.stderr.rstrip().endswith(f'pip install "qadapter-kernels[{extra}]"')
 
 
+def test_a_module_an_installed_package_lacks_asks_for_an_upgrade():
+    from qadapter.cli import _missing_module
+
+    exc = ModuleNotFoundError("No module named 'transformers.models.newest'", name="transformers.models.newest")
+    assert _missing_module(exc) == ("No module named 'transformers.models.newest' (the installed transformers is "
+                                    'older than this needs): pip install -U "qadapter-kernels[model]"')
+
+
 def test_every_extra_named_is_one_the_package_has():
     """The command line's module-to-extra table against pyproject.toml's extras."""
     import re
@@ -358,4 +366,6 @@ def test_version_and_a_bare_command(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out == f"qadapter {qadapter_kernels.__version__}\n"
-    assert main([]) == 2 and "usage: qadapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2 and "usage: qadapter" in capsys.readouterr().err

@@ -290,7 +290,7 @@ def test_hh_rlhf_rows_score_only_the_final_assistant_turns(tok):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("pairs.csv", b"prompt,chosen,rejected\n", "unsupported format '.csv'; use .json, .jsonl, .parquet"),
+    ("pairs.csv", b"prompt,chosen,rejected\n", "unsupported format '.csv'; use .json, .jsonl, .ndjson, .parquet"),
     ("pairs.json", b"", "is empty"),
     ("pairs.json", b'[{"prompt": "a",', "is not valid JSON (line 1, column"),
     ("pairs.json", b'{"prompt": "a"}', "must hold a JSON list of rows; got a dict"),
@@ -365,6 +365,18 @@ def test_skipped_rows_are_counted_by_their_problem_not_its_place(tok, tmp_path):
         load_preference_data(path, tok)  # the error itself says where
 
 
+def test_message_problems_are_counted_by_kind_not_by_position(tok):
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    bad = [{"chosen": [user("q"), {"role": "bot", "content": "x"}], "rejected": [user("q"), assistant("y")]},
+           {"chosen": [user("q"), user("r"), {"role": "bot", "content": "x"}], "rejected": [user("q"), assistant("y")]},
+           {"chosen": [user("q"), "text"], "rejected": [user("q"), assistant("y")]}]
+    _, summary = tokenize_rows([good, *bad], tok, skip_invalid=True)
+    assert dict(summary.skipped) == {"'chosen' has a message of an unknown role (not one of system, user, assistant, "
+                                     "tool)": 2, "'chosen' holds something that is not a message {'role', 'content'}": 1}
+    with pytest.raises(PreferenceDataError, match=r"'chosen'\[2\] has unknown role 'bot'"):  # the error: where
+        tokenize_rows(bad[1:2], tok)
+
+
 def test_a_part_of_a_file_names_its_rows_by_their_lines(tok, tmp_path):
     path = tmp_path / "d.jsonl"
     good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
@@ -383,7 +395,8 @@ def test_suffixes_in_any_case_and_dotted_hub_names(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or
                         datasets.Dataset.from_list(rows))
-    assert read_rows("allenai/tulu-2.5-preference-data") == rows  # a dot in a hub name is not a file format
-    assert asked == [("allenai/tulu-2.5-preference-data", "train")]
+    for name in ("allenai/tulu-2.5-preference-data", "jondurbin/truthy-dpo-v0.1"):  # a dot in a hub name
+        assert read_rows(name) == rows
+    assert asked == [("allenai/tulu-2.5-preference-data", "train"), ("jondurbin/truthy-dpo-v0.1", "train")]
     with pytest.raises(ValueError, match=r"unsupported format '.csv'"):
         read_rows("owner/pairs.csv")  # a file type, not looked up on the hub

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -106,9 +105,11 @@ def _check_messages(index: int, key: str, messages: Any) -> list[dict]:
         raise PreferenceDataError(index, f"'{key}' must be a string or a list of messages, got {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise PreferenceDataError(index, f"'{key}'[{i}] must be a message {{'role': str, 'content': str}}")
+            raise PreferenceDataError(index, f"'{key}'[{i}] must be a message {{'role': str, 'content': str}}",
+                                      reason=f"'{key}' holds something that is not a message {{'role', 'content'}}")
         if m["role"] not in ROLES:
-            raise PreferenceDataError(index, f"'{key}'[{i}] has unknown role {m['role']!r}")
+            raise PreferenceDataError(index, f"'{key}'[{i}] has unknown role {m['role']!r}",
+                                      reason=f"'{key}' has a message of an unknown role (not one of {', '.join(ROLES)})")
     return messages
 
 
@@ -375,8 +376,13 @@ class UnreadableRow:
     reason: str  # the problem without where in the line it is
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+READ_SUFFIXES = (".json", *JSON_LINES_SUFFIXES, ".parquet")
+# Files of other formats: refused, never looked up on the hub (where a dotted data set name,
+# jondurbin/truthy-dpo-v0.1, has a suffix of its own).
+FILE_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".arrow", ".feather",
+                 ".xlsx", ".xls", ".pkl", ".pickle", ".h5", ".hdf5", ".orc", ".avro", ".yaml", ".yml", ".npy",
+                 ".npz", ".pt", ".db", ".sqlite", ".md", ".html", ".xml")
 
 
 def _read_text(path: Path) -> str:
@@ -402,12 +408,11 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
         return source.to_list()
     path = Path(str(source))
     if path.is_dir():  # datasets would read every data file under it, however many and whatever they hold
-        raise ValueError(f"data {path} is a folder; give a {', '.join(DATA_SUFFIXES)} file or a hub data set name")
+        raise ValueError(f"data {path} is a folder; give a {', '.join(READ_SUFFIXES)} file or a hub data set name")
     suffix = path.suffix.lower()
-    file_type = re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) is not None  # not a dotted hub name's tail
-    if suffix and suffix not in (*DATA_SUFFIXES, *JSON_LINES_SUFFIXES) and (
-            file_type or path.exists() or not _hub_name(str(source))):
-        raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
+    if suffix and suffix not in READ_SUFFIXES and (
+            suffix in FILE_SUFFIXES or path.exists() or not _hub_name(str(source))):  # else a dotted hub name
+        raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(READ_SUFFIXES)} "
                          "files or a hub data set name")
     if suffix in JSON_LINES_SUFFIXES:
         return _json_lines(_read_text(path), path)
