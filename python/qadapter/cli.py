@@ -342,7 +342,8 @@ def _plan_parser(p) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="the model's dtype (default: %(default)s)")
     p.add_argument("--lora-r", type=_positive_int, default=8)
-    p.add_argument("--lora-target-modules", nargs="+", default=["q_proj", "v_proj"], metavar="NAME")
+    p.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                   help="the layers LoRA wraps (default: the attention's query and value projections, as train)")
 
 
 def _run_plan(args) -> int:
@@ -359,15 +360,15 @@ def _run_plan(args) -> int:
     options = PlanOptions.of(_quantization(args), max_length=args.max_length, pairs_per_step=args.pairs_per_step,
                              padding_free=not args.padded,
                              gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, lora_r=args.lora_r,
-                             target_modules=tuple(args.lora_target_modules))
+                             target_modules=args.lora_target_modules and tuple(args.lora_target_modules))
     config = AutoConfig.from_pretrained(resolve_model(args.model))
     config = getattr(config, "get_text_config", lambda: config)()
     predicted = plan(config, options)
     known = predicted.shape.adaptable_layers()
-    unknown = [name for name in options.target_modules if name not in known]
+    unknown = [name for name in predicted.options.target_modules if name not in known]
     if unknown:  # a name no layer has would plan no LoRA weights for it; training refuses it
-        _usage_error("plan", f"--lora-target-modules: {', '.join(unknown)} is not a linear layer of a decoder "
-                             f"layer; choose from {', '.join(known)}")
+        _usage_error("plan", f"--lora-target-modules: {', '.join(unknown)} is not a linear layer of this "
+                             f"architecture's decoder layers; choose from {', '.join(known)}")
     advice = suggestions(config, options, gpu) if gpu is not None and not predicted.fits(gpu) else None
     print(format_plan(predicted, gpu, advice))
     return 0 if gpu is None or predicted.fits(gpu) else 1
@@ -538,27 +539,32 @@ def _eval_parser(p) -> None:
     _add_quantization_options(p, "load the base (default: as the adapter was trained)")
 
 
-def _warn_if_training_data(command: str, adapter, data) -> None:
+def _warn_if_training_data(command: str, adapter, data, rows: list) -> bool:
+    """Whether ``data`` (read as ``rows``) is the adapter's training data, by its provenance; a warning
+    says so."""
     from .library.provenance import trained_on
     from .library.saved import locate_adapter
 
-    if trained_on(locate_adapter(adapter), data):
-        print(f"qadapter {command}: warning: {data} is the data this adapter was trained on (its provenance "
-              "says so): held-out measures on it overstate what it learned", file=sys.stderr)
+    if not trained_on(locate_adapter(adapter), data, rows):
+        return False
+    print(f"qadapter {command}: warning: {data} is the data this adapter was trained on (its provenance says "
+          "so): held-out measures on it overstate what it learned", file=sys.stderr)
+    return True
 
 
 def _run_eval(args) -> int:
     from .evaluation.measures import STEP0_BASELINE, evaluate_pairs
-    from .library.data import load_preference_data
+    from .library.data import load_preference_data, read_rows
     from .library.model import QAdapterModel
 
     _check_lengths("eval", args)
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=_quantization(args, "saved"))
     tokenizer = model.tokenizer
-    data, summary = load_preference_data(args.data, tokenizer, split="test", max_length=args.max_length,
+    rows = read_rows(args.data, split="test")
+    data, summary = load_preference_data(rows, tokenizer, max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     print(f"data: {summary}", file=sys.stderr, flush=True)  # stdout is the JSON alone (| jq)
-    _warn_if_training_data("eval", args.adapter, args.data)
+    _warn_if_training_data("eval", args.adapter, args.data, rows)
     features = data.to_list()
     metrics = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
     metrics["pairs"] = len(features)
@@ -712,7 +718,7 @@ def _run_check(args) -> int:
 
     from .evaluation.check import Thresholds, format_markdown, read_report, run_check
     from .library import atomic
-    from .library.data import load_preference_data
+    from .library.data import load_preference_data, read_rows
     from .library.model import QAdapterModel
     from .library.provenance import read_provenance
     from .library.saved import hub_pin, locate_adapter
@@ -730,10 +736,11 @@ def _run_check(args) -> int:
                               "cache's; name a directory for check.json and check.md")
     output = output or adapter
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
-    data, summary = load_preference_data(args.data, model.tokenizer, split="test", max_length=args.max_length,
+    rows = read_rows(args.data, split="test")
+    data, summary = load_preference_data(rows, model.tokenizer, max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     print(f"data: {summary}", file=sys.stderr, flush=True)
-    _warn_if_training_data("check", adapter, args.data)
+    training_data = _warn_if_training_data("check", adapter, args.data, rows)
     features = data.to_list()[: args.max_pairs]
     if not features:
         raise ValueError(f"--data {args.data} holds no usable pair ({summary})")
@@ -743,6 +750,7 @@ def _run_check(args) -> int:
     report = run_check(model, features, thresholds, probe_items=args.probe_items,
                        passages=args.passages, baseline=baseline,
                        meta={"adapter": pin or str(args.adapter), "data": str(args.data), "data_read": str(summary),
+                             "data_is_training_data": training_data,
                              "baseline": str(args.baseline) if args.baseline else None, "provenance": origin})
     markdown = format_markdown(report)
     atomic.write_texts(output, {"check.json": json.dumps(report, indent=2) + "\n", "check.md": markdown})

@@ -133,3 +133,20 @@ def test_thresholds_file_and_flags(adapters, tmp_path, capsys):
 def test_judge_directions():
     checks = judge({"preference_gain": 0.1, "kl_to_base": 0.7}, Thresholds(max_probe_drop=None))
     assert [(c["measure"], c["passed"]) for c in checks] == [("preference_gain", True), ("kl_to_base", False)]
+
+
+def test_checking_on_the_training_data_is_said_in_the_report(adapters, tmp_path, capsys):
+    import shutil
+
+    from qadapter.library.provenance import PROVENANCE_NAME, file_hash
+
+    tmp, data = adapters
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tmp / "untrained", adapter)
+    record = json.loads((adapter / PROVENANCE_NAME).read_text())
+    record["data"] = {"kind": "file", "source": "elsewhere.jsonl", "file_sha256": file_hash(data), "rows_sha256": None}
+    (adapter / PROVENANCE_NAME).write_text(json.dumps(record))
+    _check(adapter, data, "--output", str(tmp_path / "report"))
+    assert "warning: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "report" / "check.json").read_text())["data_is_training_data"] is True
+    assert "**The data is the adapter's training data**" in (tmp_path / "report" / "check.md").read_text()

@@ -48,9 +48,14 @@ def test_dense_plan_by_hand():
 def test_lora_on_fused_layers_by_hand():
     """Phi-3's fused qkv_proj (64 -> 64 + 2 * 32) and gate_up_proj (64 -> 2 * 128): the base weights as
     Llama's layout, the LoRA's as the fused layers'."""
-    fused = plan(SMALL, OPTIONS, target_modules=("qkv_proj", "gate_up_proj"))
+    phi3 = replace(SMALL, fused=True)
+    fused = plan(phi3, OPTIONS, target_modules=("qkv_proj", "gate_up_proj"))
     assert fused.parts["LoRA weights, gradients, AdamW state"] == 16 * 2 * 8 * ((64 + 128) + (64 + 256))
     assert fused.parts["base weights"] == plan(SMALL, OPTIONS).parts["base weights"]
+    # Unnamed, the layers are the architecture's query and value projections, as training takes them.
+    assert plan(phi3, OPTIONS).options.target_modules == ("qkv_proj",)
+    assert plan(SMALL, OPTIONS).options.target_modules == ("q_proj", "v_proj")
+    assert plan(phi3, OPTIONS).parts["LoRA weights, gradients, AdamW state"] == 16 * 2 * 8 * (64 + 128)
 
 
 def test_eager_attention_keeps_its_scores_by_the_rows_length():
@@ -76,6 +81,21 @@ def test_a_4bit_base_runs_in_its_compute_dtype():
     assert fp32["activations"] > bf16["activations"]
 
 
+def test_the_plan_command_takes_the_layers_the_architecture_has(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from qadapter.cli import main
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000)
+    transformers.Phi3Config(pad_token_id=0, **small).save_pretrained(tmp_path / "phi3")
+    transformers.LlamaConfig(**small).save_pretrained(tmp_path / "llama")
+    assert main(["plan", "--model", str(tmp_path / "phi3")]) == 0
+    assert "LoRA r=8 on qkv_proj" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", str(tmp_path / "llama"), "--lora-target-modules", "qkv_proj"])
+    assert exc.value.code == 2 and "qkv_proj is not a linear layer of this architecture" in capsys.readouterr().err
+
+
 def test_the_architecture_decides_norms_and_attention():
     pytest.importorskip("transformers")
     import transformers
@@ -86,6 +106,8 @@ def test_the_architecture_decides_norms_and_attention():
     llama = ModelShape.from_config(transformers.LlamaConfig(**small))
     assert (gemma.norms, gemma.attention, gemma.attention_softcap) == (4, "eager", True)
     assert (llama.norms, llama.attention, llama.attention_softcap) == (2, "sdpa", False)
+    as_dict = ModelShape.from_config(transformers.Gemma2Config(head_dim=16, **small).to_dict())
+    assert (as_dict.norms, as_dict.attention) == (4, "eager")  # a dict config, too
 
 
 def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():

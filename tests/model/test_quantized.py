@@ -245,6 +245,13 @@ def test_what_the_base_would_not_be_loaded_with_is_refused_not_dropped(quantizat
         quant.normalize(configs[quantization]() if isinstance(quantization, str) else quantization)
 
 
+def test_an_8bit_setting_on_a_4bit_config_is_not_in_the_way():
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_threshold=0.0)
+    assert quant.normalize(config)["method"] == "nf4"  # the threshold is LLM.int8's: unused by a 4-bit base
+
+
 def test_cli_trains_and_generates_on_a_4bit_base(bases, tmp_path, capsys):
     from qadapter.cli import main
 

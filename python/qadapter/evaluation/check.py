@@ -199,6 +199,9 @@ def format_markdown(report: dict) -> str:
         lines.append(f"Adapter `{report['adapter']}` on data `{report.get('data')}`{read}: {report['pairs']} pairs, "
                      f"{report['probe_items']} probe questions, {report['passages']} general passage"
                      f"{'s' * (report['passages'] != 1)}.")
+        if report.get("data_is_training_data"):
+            lines.append("**The data is the adapter's training data** (its provenance says so): the preference "
+                         "measures overstate what it learned.")
         lines.append("")
     lines += ["| check | kind | value | rule | limit | result |", "|---|---|---|---|---|---|"]
     for c in report["checks"]:

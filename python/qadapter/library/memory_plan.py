@@ -60,6 +60,7 @@ DOUBLE_QUANT_BLOCK = 256  # blocks per second-level float32 scale
 
 
 SANDWICH_NORMS = ("gemma2", "gemma3", "gemma3_text")  # a norm before and after attention and the MLP
+FUSED_PROJECTIONS = ("phi3",)  # qkv_proj and gate_up_proj
 
 
 def _attention(config) -> str:
@@ -67,8 +68,10 @@ def _attention(config) -> str:
     one, else sdpa where the architecture has it and eager where it does not (Gemma-2)."""
     chosen = config.get("_attn_implementation") if isinstance(config, dict) else getattr(
         config, "_attn_implementation", None)
-    if chosen or isinstance(config, dict):
-        return chosen or "sdpa"
+    if chosen:
+        return chosen
+    if isinstance(config, dict):  # no model class to ask: the soft-capped scores eager attention is chosen for
+        return "eager" if config.get("attn_logit_softcapping") is not None else "sdpa"
     try:
         from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -91,6 +94,7 @@ class ModelShape:
     head_dim: int
     tied: bool
     norms: int = 2  # per decoder layer (Gemma-2: 4)
+    fused: bool = False  # q, k and v in one qkv_proj and gate and up in one gate_up_proj (Phi-3)
     attention: str = "sdpa"  # the implementation training runs: "sdpa", or "eager" (scores kept)
     attention_softcap: bool = False  # eager scores soft-capped (Gemma-2): one more saved copy
 
@@ -102,7 +106,8 @@ class ModelShape:
         return cls(vocab=get("vocab_size"), hidden=hidden, intermediate=get("intermediate_size"),
                    layers=get("num_hidden_layers"), heads=heads, kv_heads=get("num_key_value_heads", None) or heads,
                    head_dim=get("head_dim", None) or hidden // heads, tied=bool(get("tie_word_embeddings", False)),
-                   norms=4 if get("model_type", None) in SANDWICH_NORMS else 2, attention=_attention(config),
+                   norms=4 if get("model_type", None) in SANDWICH_NORMS else 2,
+                   fused=get("model_type", None) in FUSED_PROJECTIONS, attention=_attention(config),
                    attention_softcap=get("attn_logit_softcapping", None) is not None)
 
     def linear_layers(self) -> dict[str, tuple[int, int]]:
@@ -112,10 +117,19 @@ class ModelShape:
                 "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
 
     def adaptable_layers(self) -> dict[str, tuple[int, int]]:
-        """The layers a LoRA can wrap: Llama's, and the fused ones other architectures have instead
-        (Phi-3's ``qkv_proj`` and ``gate_up_proj``: the same weights, so not in :meth:`linear_layers`)."""
+        """The layers a LoRA can wrap, by the architecture's names: Llama's, or Phi-3's fused
+        ``qkv_proj`` and ``gate_up_proj`` (the same weights as Llama's layout, which the plan counts)."""
+        layers = self.linear_layers()
+        if not self.fused:
+            return layers
         d, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {**self.linear_layers(), "qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * i)}
+        return {"qkv_proj": (d, q + 2 * kv), "o_proj": layers["o_proj"], "gate_up_proj": (d, 2 * i),
+                "down_proj": layers["down_proj"]}
+
+    def default_targets(self) -> tuple[str, ...]:
+        """The layers LoRA wraps unless named, as training chooses them (``qadapter.library.lora``):
+        the attention's query and value projections."""
+        return ("qkv_proj",) if self.fused else ("q_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ class PlanOptions:
     dtype: str = "bfloat16"
     compute_dtype: str | None = None  # a 4-bit base's compute dtype; None: ``dtype``
     lora_r: int = 8
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] | None = None  # None: the architecture's query and value projections
     loss_budget: int = LOSS_BUDGET
 
     def __post_init__(self) -> None:
@@ -195,7 +209,8 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     options = replace(options or PlanOptions(), **changes)
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     # A 4-bit base loads its dense parts (embeddings, head, norms) in its compute dtype, and runs in it.
-    b = DTYPE_BYTES[options.compute_dtype if options.quantization == "4bit" and options.compute_dtype else options.dtype]
+    model_dtype = options.compute_dtype if options.quantization == "4bit" and options.compute_dtype else options.dtype
+    b, dtype = DTYPE_BYTES[model_dtype], getattr(torch, model_dtype)
     d, layers = shape.hidden, shape.layers
     linears = shape.linear_layers()
     tokens = 2 * options.pairs_per_step * options.max_length
@@ -204,6 +219,8 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     norms = (shape.norms * layers + 1) * d * b
     decoder = layers * sum(quantized_linear_bytes(i, o, options.quantization, b, options.double_quant)
                            for i, o in linears.values())
+    if options.target_modules is None:
+        options = replace(options, target_modules=shape.default_targets())
     adapted = {name: size for name, size in shape.adaptable_layers().items() if name in options.target_modules}
     lora_params = layers * sum(options.lora_r * (i + o) for i, o in adapted.values())
     per_layer = layer_activation_bytes(shape, options, b, adapted)
@@ -220,7 +237,7 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
         "attention mask": tokens * mask_bytes * 2 * max(2 * options.max_length, d),
-        "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, getattr(torch, options.dtype), options.loss_budget) + 4 * tokens * d,
+        "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, dtype, options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
         "CUDA context": CUDA_CONTEXT,
     }

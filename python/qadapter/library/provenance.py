@@ -103,13 +103,16 @@ def write(directory: Path, provenance: dict) -> None:
                                                    encoding="utf-8")
 
 
-def trained_on(adapter: str | Path, data: Any) -> bool:
-    """Whether ``data`` (a local file) is the file the adapter in ``adapter`` was trained on, by its
-    recorded sha256: held-out measures on it would overstate what the adapter learned."""
+def trained_on(adapter: str | Path, data: Any, rows: list[Any]) -> bool:
+    """Whether ``data`` (read as ``rows``) is what the adapter in ``adapter`` was trained on, by the
+    recorded sha256 of its file or of its rows: held-out measures on it would overstate what the
+    adapter learned."""
     record, _ = read_provenance(adapter)
-    recorded = ((record or {}).get("data") or {}).get("file_sha256")
+    trained = (record or {}).get("data") or {}
     path = Path(str(data))
-    return bool(recorded) and path.is_file() and file_hash(path) == recorded
+    if trained.get("file_sha256") and path.is_file() and file_hash(path) == trained["file_sha256"]:
+        return True
+    return bool(trained.get("rows_sha256")) and rows_hash(rows) == trained["rows_sha256"]
 
 
 def read_provenance(path: str | Path) -> tuple[dict | None, str | None]:
