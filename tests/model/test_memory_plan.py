@@ -66,7 +66,7 @@ def test_eager_attention_keeps_its_scores_by_the_rows_length():
     padded = plan(gemma, OPTIONS, padding_free=False).parts
     per_layer = 4 * 4 * 64 + 2 * 5 * 64 + 3 * 128 * 2 + 3 * 64 * 2 + 4 * 16 * 8  # heads * max_length * 8
     assert padded["activations"] == 32 * 2 * per_layer + 32 * 2 * 64 * 2
-    assert padded["attention mask"] == 2 * plan(SMALL, OPTIONS).parts["attention mask"]
+    assert padded["attention mask"] == 32 * 2 * 16  # a float mask of each row's 16 places
     assert padded["base weights"] == plan(SMALL, OPTIONS).parts["base weights"] + 2 * 2 * 64 * 2  # 2 more norms a layer
     # Packed: one pair is one tree of 2 * 16 tokens, a row of 32 (memory_plan.score_row).
     packed = plan(gemma, OPTIONS).parts

@@ -1,9 +1,11 @@
 """Which linear layers of the base the LoRA adapter wraps.
 
 Unset, they are the attention's query and value projections (PEFT's default for most decoders):
-``q_proj`` and ``v_proj`` where the model has them, else PEFT's default for the architecture, else its
-fused query-key-value projection (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``, ...). Named ones are checked against the base: a name
-no layer has would wrap nothing and train nothing, silently, so it is refused with the names there are.
+``q_proj`` and ``v_proj`` where the model has them, else PEFT's default for the architecture, else
+its fused query-key-value projection (Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``, ...).
+Named ones are matched as PEFT matches them (a layer's name, or the end of its path:
+``self_attn.q_proj``) and checked against the base: a name no layer has would wrap nothing and
+train nothing, silently, so it is refused with the names there are.
 """
 
 from __future__ import annotations

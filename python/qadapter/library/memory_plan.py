@@ -20,9 +20,10 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
   capped scores and probabilities in the model dtype (``heads * row`` scores a token, ``row`` the
   length of the rows the batch runs in: ``max_length`` padded, the packed rows' length padding-free);
   the MLP's gate, up and their activation (``3 * intermediate`` values). The frozen linear layers
-  keep nothing for a weight gradient (and the first layer's first norm nothing, its input needing no
-  gradient, as many bytes as the final norm keeps). With gradient checkpointing, each layer's input
-  ``d`` plus one layer's full set recomputed in the backward. Both passes' final hidden states;
+  keep nothing for a weight gradient. The first layer's first norm keeps nothing (its input needs no
+  gradient) and the final norm as much, so the count holds. With gradient checkpointing, each
+  layer's input ``d`` plus one layer's full set recomputed in the backward. Both passes' final
+  hidden states;
 - **attention mask**: sdpa's boolean ``[rows, 1, C, C]`` mask, one for every pass and layer: at
   most ``2 N max(2 * max_length, d)`` bytes, a padding-free batch's tree mask at its largest (its
   rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
@@ -236,7 +237,8 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
-        "attention mask": tokens * mask_bytes * 2 * max(2 * options.max_length, d),
+        "attention mask": tokens * mask_bytes * (2 * max(2 * options.max_length, d) if options.padding_free
+                                                 else options.max_length),
         "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, dtype, options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
         "CUDA context": CUDA_CONTEXT,
