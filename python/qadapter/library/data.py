@@ -395,12 +395,14 @@ def _read_text(path: Path) -> str:
 
 
 def read_rows(source: Any, *, split: str = "train") -> list[Any]:
-    """Raw rows from a local .json/.jsonl/.parquet file, a ``datasets.Dataset``, a list, or a hub name.
+    """Raw rows from a local .json/.jsonl/.ndjson/.parquet file (any case), a ``datasets.Dataset``, a
+    list, or a hub name.
 
-    A .jsonl file's rows are :class:`Rows`, which know their lines; a line that is not JSON becomes
-    an :class:`UnreadableRow` (an invalid row). A .json file may hold JSON Lines, as
-    ``datasets.Dataset.to_json`` writes by default. A path with another suffix is refused rather
-    than looked up on the hub.
+    A JSON Lines file's rows are :class:`Rows`, which know their lines; a line that is not JSON
+    becomes an :class:`UnreadableRow` (an invalid row). A .json file may hold JSON Lines, as
+    ``datasets.Dataset.to_json`` writes by default. A file of another format is refused rather than
+    looked up on the hub; a name that is no file here and ends in what is no file format
+    (``allenai/tulu-2.5-preference-data``) is a hub name.
     """
     if isinstance(source, list):
         return source
