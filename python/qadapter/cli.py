@@ -998,7 +998,11 @@ def _missing_module(exc: ModuleNotFoundError) -> str:
     extra = EXTRAS.get(package)
     if extra is None or "pip install" in message:
         return message
-    if importlib.util.find_spec(package) is not None:
+    try:
+        installed = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a finder that refuses the name: not importable either way
+        installed = False
+    if installed:
         return f'{message} (the installed {package} is older than this needs): pip install -U "qadapter-kernels[{extra}]"'
     return f'{message}: pip install "qadapter-kernels[{extra}]"'
 
