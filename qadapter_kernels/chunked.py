@@ -68,4 +68,3 @@ BACKEND = Backend(
     availability=lambda: (True, ""),
     note=_cpu_step_note,
 )
-

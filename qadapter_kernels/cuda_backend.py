@@ -16,10 +16,9 @@ import functools
 import torch
 
 from . import _cuda, _cuda_ops, pairwise
-from .autocast import outside_autocast
 from .chunked import chunked_token_stats
 from .config import REWARD_NORM, LossConfig, check_real
-from .first_order import first_order
+from .first_order import fused_backward
 from .pairwise import QAdapterLossOutput, ScoredTokens
 from .registry import Backend
 from .steps import kernel_block_stats, torch_row_step
@@ -68,8 +67,7 @@ class _PairwiseBT(torch.autograd.Function):
         return stats, seq_rewards
 
     @staticmethod
-    @first_order
-    @outside_autocast
+    @fused_backward
     def backward(ctx, grad_stats, _grad_seq):
         (grad,) = ctx.saved_tensors
         return grad_stats[0] * grad, None, None, None, None

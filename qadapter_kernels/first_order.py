@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from .autocast import outside_autocast
+
 
 class _SecondDerivativeRefused(torch.autograd.Function):
     """The first derivative ``grad`` as it is, on the graph of ``anchors`` (the tensors it depends on),
@@ -51,3 +53,9 @@ def first_order(backward):
                      for g in out)
 
     return wrapped
+
+
+def fused_backward(backward):
+    """Decorates a fused backward: first-order (:func:`first_order`), and computing in its inputs'
+    dtypes whatever autocast region the backward pass runs in (:func:`~.autocast.outside_autocast`)."""
+    return first_order(outside_autocast(backward))

@@ -11,8 +11,7 @@ import functools
 import torch
 
 from . import grad_filter
-from .autocast import outside_autocast
-from .first_order import first_order
+from .first_order import fused_backward
 from .inputs import stats_dtype
 from .steps import FILTER_BLOCK, softcap_
 
@@ -194,8 +193,7 @@ class ChunkedTokenStats(torch.autograd.Function):
         return q_taken, alpha_tilde * lse_c - alpha_0 * lse_z
 
     @staticmethod
-    @first_order
-    @outside_autocast
+    @fused_backward
     def backward(ctx, grad_q_taken, grad_value):
         base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken, lse_c = ctx.saved_tensors
         sd = grad_q_taken.dtype

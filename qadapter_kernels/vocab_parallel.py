@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .autocast import outside_autocast
-from .first_order import first_order
+from .first_order import fused_backward
 from .grad_filter import mass_budget
 from .inputs import check_float_tensor
 from .registry import Backend, StatsOptions
@@ -154,8 +153,7 @@ class _SumGradAcrossRanks(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    @first_order
-    @outside_autocast
+    @fused_backward
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
@@ -204,8 +202,7 @@ class _MergedTokenStats(torch.autograd.Function):
         return taken, merged_value
 
     @staticmethod
-    @first_order
-    @outside_autocast
+    @fused_backward
     def backward(ctx, grad_q_taken, grad_value):
         owned, weight = ctx.saved_tensors
         return torch.where(owned, grad_q_taken, 0.0), grad_value * weight, None, None, None, None, None
@@ -258,8 +255,7 @@ class _ShardedLogSoftmax(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order
-    @outside_autocast
+    @fused_backward
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         total = grad.sum(dim=-1, keepdim=True)
