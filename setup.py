@@ -4,8 +4,9 @@ torch and nvcc are present. Installing without CUDA, nvcc or a GPU always succee
 
 Unset, ``QADAPTER_BUILD_CUDA`` builds the extension where the toolchain is present and installs
 without it (saying why) where its build fails; ``QADAPTER_BUILD_CUDA=1`` requires the extension (the
-install fails if it cannot be built), ``QADAPTER_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures
-(default: every one the kernels support that the installed nvcc targets, ``qadapter_kernels/toolchain/cuda_archs.py``);
+install fails if it cannot be built), ``QADAPTER_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST``
+picks the GPU architectures (default: every one the kernels support that the installed nvcc
+targets, ``qadapter_kernels/toolchain/cuda_archs.py``);
 the list is recorded beside the extension (``_C_archs.txt``), and a GPU it does not cover gets a
 just-in-time build for itself instead.
 Build against the installed torch: ``pip install --no-build-isolation``.

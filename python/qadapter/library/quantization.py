@@ -75,10 +75,11 @@ def normalize(quantization: Any, torch_dtype=None) -> dict | None:
 
 
 # BitsAndBytesConfig settings beyond method, double quantization and compute dtype, with the values
-# the base is loaded with: the adapter's record holds no others, so a config that changes one is refused
-# rather than loaded as if it did not (the lm_head is kept dense in any case).
-RECORDED_ONLY = {"llm_int8_skip_modules": (["lm_head"], None), "llm_int8_enable_fp32_cpu_offload": False}
-RECORDED_ONLY_8BIT = {"llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False}
+# that mean what the base is loaded with (the first: the one it is loaded with): the adapter's record
+# holds no others, so a config that changes one is refused rather than loaded as if it did not (the
+# lm_head is kept dense in any case).
+RECORDED_ONLY = {"llm_int8_skip_modules": (["lm_head"], None), "llm_int8_enable_fp32_cpu_offload": (False,)}
+RECORDED_ONLY_8BIT = {"llm_int8_threshold": (6.0,), "llm_int8_has_fp16_weight": (False,)}
 RECORDED_ONLY_4BIT = {"bnb_4bit_quant_storage": ("uint8", None, torch.uint8)}
 
 
@@ -86,10 +87,10 @@ def _check_recordable(config: Any) -> None:
     settings = {**RECORDED_ONLY, **(RECORDED_ONLY_4BIT if getattr(config, "load_in_4bit", False) else RECORDED_ONLY_8BIT)}
     for name, allowed in settings.items():
         value = getattr(config, name, None)
-        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
+        if value not in allowed:
             raise QuantizationError(f"BitsAndBytesConfig.{name}={value!r} is not supported: a base is loaded with "
-                                    f"{name}={allowed[0] if isinstance(allowed, tuple) else allowed!r} (an adapter "
-                                    f"records the method, double quantization and compute dtype only)")
+                                    f"{name}={allowed[0]!r} (an adapter records the method, double quantization "
+                                    "and compute dtype only)")
 
 
 def from_bnb_config(config: Any) -> dict | None:

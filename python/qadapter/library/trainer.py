@@ -245,8 +245,8 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     """``dataset`` as the collator takes it: raw preference rows (``chosen`` and ``rejected``, with or
     without ``prompt``, as ``qadapter train`` reads them) tokenized with ``args``' lengths (malformed
     ones skipped and counted with ``args.skip_invalid``), as TRL's trainers tokenize theirs; tokenized
-    pairs, streams and anything else pass as they are. ``read[name]``: the identity of raw rows read
-    (:func:`provenance.data_identity`: their hash and what was kept)."""
+    pairs, streams and anything else pass as they are. ``read[name]``: the raw rows read and their
+    :class:`~.data.DataSummary`."""
     if isinstance(dataset, dict):
         return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]", read) for key, part in dataset.items()}
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
@@ -262,7 +262,7 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     features, summary = tokenize_rows(rows, tokenizer, max_length=args.max_length,
                                       max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     (logger.warning if summary.truncated else logger.info)("%s: %s (max_length %d)", name, summary, args.max_length)
-    read[name] = data_identity(None, rows, summary)
+    read[name] = rows, summary
     if hasattr(dataset, "column_names"):  # a datasets.Dataset stays one (select, shuffle, save_to_disk)
         return pairs_dataset(features)
     return features
@@ -290,14 +290,14 @@ class QAdapterTrainer(Trainer):
             raise TypeError(f"args must be a QAdapterConfig (a TrainingArguments with the loss and LoRA options); "
                             f"got {type(args).__name__}")
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
-        read: dict[str, dict] = {}
+        read: dict[str, tuple] = {}
         for name in ("train_dataset", "eval_dataset"):
             kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name, read)
         record = getattr(model, "provenance", None)
-        if record is not None:  # raw rows given here: theirs is the data's identity
+        if record is not None:  # raw rows given here: theirs is the data's identity (hashed only for a record)
             for name, key in (("train_dataset", "data"), ("eval_dataset", "eval_data")):
                 if name in read:
-                    record[key] = read[name]
+                    record[key] = data_identity(None, *read[name])
         if data_collator is None and processing_class is not None:
             pad = processing_class.pad_token_id
             data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
