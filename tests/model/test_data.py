@@ -227,6 +227,28 @@ def test_skip_invalid_counts_what_it_skipped(tok):
         tokenize_rows([BAD_ROWS[0][0]], tok, skip_invalid=True)
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3, 512])
+def test_batched_tokenizing_is_row_by_row_tokenizing(tok, monkeypatch, batch):
+    """Rows are tokenized a batch at a time: any batch size gives the same pairs as one row at a time,
+    and the first bad row in order is the one refused, whichever step (rendering or tokenizing)
+    finds it."""
+    from qadapter.library import data
+
+    rows = [{"prompt": f"q{k}", "chosen": f"yes {k}", "rejected": [assistant(f"no {k}")]} for k in range(7)]
+    rows += [{"chosen": [user("hi"), assistant("a b c")], "rejected": [user("hi"), assistant("a b d")]}]
+    one_by_one = [tokenize_rows([row], tok, max_length=16)[0][0] for row in rows]
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", batch)
+    assert tokenize_rows(rows, tok, max_length=16)[0] == one_by_one
+    late = {"prompt": "x", "chosen": "same", "rejected": [assistant("same")]}  # found once tokenized
+    early = {"prompt": "x", "chosen": "a"}  # found before rendering
+    with pytest.raises(PreferenceDataError, match="row 1: chosen and rejected are the same tokens"):
+        tokenize_rows([rows[0], late, early], tok)
+    with pytest.raises(PreferenceDataError, match="row 1: missing key 'rejected'"):
+        tokenize_rows([rows[0], early, late], tok)
+    features, summary = tokenize_rows([late, *rows, early], tok, max_length=16, skip_invalid=True)
+    assert features == one_by_one and summary.kept == len(rows) and sum(summary.skipped.values()) == 2
+
+
 def test_collator_layout_and_padding(tok):
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c c c c"}, {"prompt": "hello world", "chosen": "x", "rejected": "y"}]
     features, _ = tokenize_rows(rows, tok)

@@ -242,9 +242,8 @@ def _warn_generation_prompt(dropped: str) -> None:
 
 
 def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
-            markup: tuple[str, ...]) -> tuple[str, str, str, bool]:
-    """Prompt text, the two response texts that follow it, and whether they are text taken as it
-    is (no template applied, so no special tokens added either)."""
+            markup: tuple[str, ...]) -> tuple[str, str, str]:
+    """Prompt text and the two response texts that follow it."""
     strings = all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected))
     rendered = isinstance(pair.prompt, str) and any(mark in pair.prompt for mark in markup)
     if rendered and not strings:
@@ -256,18 +255,20 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
                                "use_chat_template=False)")
         eos = getattr(tokenizer, "eos_token", None)
         responses = [r if not eos or r.rstrip().endswith(eos) else r + eos for r in (pair.chosen, pair.rejected)]
-        return pair.prompt, responses[0], responses[1], True
+        return pair.prompt, responses[0], responses[1]
     prompt = _as_messages(pair.prompt, "user")
-    try:
-        history = tokenizer.apply_chat_template(prompt, tools=pair.tools, tokenize=False)
-        prompt_text = tokenizer.apply_chat_template(prompt, tools=pair.tools, tokenize=False,
-                                                    add_generation_prompt=True)
-        fulls = [tokenizer.apply_chat_template(prompt + _as_messages(response, "assistant"), tools=pair.tools,
-                                               tokenize=False) for response in (pair.chosen, pair.rejected)]
-    except Exception as exc:  # a template's own refusal (Jinja's raise_exception): this row's, named
-        raise _PairProblem(f"the chat template fails on this row: {exc}") from None
+
+    def render(messages: list[dict], **options) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tools=pair.tools, tokenize=False, **options)
+        except Exception as exc:  # a template's own refusal (Jinja's raise_exception): this row's, named
+            raise _PairProblem(f"the chat template fails on this row: {exc}") from None
+
+    prompt_text = render(prompt, add_generation_prompt=True)
+    fulls = [render(prompt + _as_messages(response, "assistant")) for response in (pair.chosen, pair.rejected)]
     if all(full.startswith(prompt_text) for full in fulls):
-        return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):], False
+        return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):]
+    history = render(prompt)  # the template's generation prompt differs from how it starts an answer
     if not all(full.startswith(history) for full in fulls):
         raise _PairProblem("the tokenizer's chat template does not render a conversation as its prompt followed by "
                            "the response; response tokens cannot be located")
@@ -277,7 +278,7 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
                                   min(len(prompt_text), len(full))))
     if shared < len(prompt_text):
         _warn_generation_prompt(prompt_text[shared:])
-    return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:], False
+    return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:]
 
 
 def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
@@ -289,14 +290,11 @@ def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_pro
     return prompt[len(prompt) - kept_prompt :], fitted
 
 
-def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_prompt_length: int,
-                  use_chat_template: bool, markup: tuple[str, ...] = ()) -> tuple[dict[str, list[int]], bool]:
-    """Token ids and labels of both sequences of one pair, and whether anything was truncated."""
-    prompt_text, chosen_text, rejected_text, as_text = _render(tokenizer, pair, use_chat_template, markup)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=as_text and not use_chat_template)["input_ids"]
-    responses = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (chosen_text, rejected_text)]
+def _pair_features(prompt_ids: list[int], responses: list[list[int]], fallback_prompt: int, *, max_length: int,
+                   max_prompt_length: int) -> tuple[dict[str, list[int]], bool]:
+    """Token ids and labels of both sequences of one tokenized pair, and whether anything was truncated."""
     if not prompt_ids:
-        prompt_ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+        prompt_ids = [fallback_prompt]
     if any(not r for r in responses):
         raise _PairProblem("a response tokenizes to no token")
     prompt_fit, fitted = _fit(prompt_ids, responses, max_length, max_prompt_length)
@@ -312,6 +310,9 @@ def tokenize_pair(tokenizer, pair: PreferencePair, *, max_length: int, max_promp
     return out, truncated
 
 
+TOKENIZE_BATCH = 512  # rows rendered, then tokenized in one call each for prompts and responses
+
+
 def tokenize_rows(
     rows: Iterable[Any],
     tokenizer,
@@ -321,30 +322,56 @@ def tokenize_rows(
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,
 ) -> tuple[list[dict[str, list[int]]], DataSummary]:
-    """Tokenized pairs from raw rows; malformed rows raise, or are skipped and counted.
-    ``max_prompt_length`` defaults to half of ``max_length``."""
+    """Tokenized pairs from raw rows; malformed rows raise (the first one, in order), or are skipped
+    and counted. ``max_prompt_length`` defaults to half of ``max_length``.
+
+    Rows are rendered one by one, then tokenized :data:`TOKENIZE_BATCH` at a time: a fast tokenizer
+    encodes a batch in one call (in parallel), the same ids as one text at a time. Prompts carry the
+    tokenizer's special tokens only without a chat template (a template writes its own)."""
     max_prompt_length = check_lengths(max_length, max_prompt_length)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     markup = template_markup(tokenizer) if use_chat_template else ()
+    fallback_prompt = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     summary, features = DataSummary(), []
+
+    def take(batch: list[tuple[int, Any]]) -> None:
+        """Every row of ``batch`` rendered, the rendered ones tokenized in two calls, then each row's
+        outcome taken in order (so the first bad row is the one refused)."""
+        rendered: list[tuple[str, str, str] | Exception] = []
+        for index, row in batch:
+            try:
+                rendered.append(_render(tokenizer, normalize_row(index, row), use_chat_template, markup))
+            except (PreferenceDataError, _PairProblem) as exc:
+                rendered.append(exc)
+        texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "")]
+        prompts = iter(tokenizer([t[0] for t in texts], add_special_tokens=not use_chat_template)["input_ids"])
+        responses = iter(tokenizer([r for t in texts for r in t[1:]], add_special_tokens=False)["input_ids"])
+        for (index, _), outcome in zip(batch, rendered):
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                feature, truncated = _pair_features(next(prompts), [next(responses), next(responses)], fallback_prompt,
+                                                    max_length=max_length, max_prompt_length=max_prompt_length)
+            except (PreferenceDataError, _PairProblem) as exc:
+                if not skip_invalid:
+                    problem = exc.problem if isinstance(exc, PreferenceDataError) else str(exc)
+                    raise PreferenceDataError(index, problem, _line(rows, index)) from None
+                summary.skipped[exc.reason if isinstance(exc, PreferenceDataError) else str(exc)] += 1
+                continue
+            summary.truncated += truncated
+            summary.kept += 1
+            features.append(feature)
+
+    batch: list[tuple[int, Any]] = []
     for index, row in enumerate(rows):
         summary.rows += 1
-        try:
-            pair = normalize_row(index, row)
-            feature, truncated = tokenize_pair(
-                tokenizer, pair, max_length=max_length, max_prompt_length=max_prompt_length,
-                use_chat_template=use_chat_template, markup=markup,
-            )
-        except (PreferenceDataError, _PairProblem) as exc:
-            problem = exc.problem if isinstance(exc, PreferenceDataError) else str(exc)
-            if not skip_invalid:
-                raise PreferenceDataError(index, problem, _line(rows, index)) from None
-            summary.skipped[exc.reason if isinstance(exc, PreferenceDataError) else problem] += 1
-            continue
-        summary.truncated += truncated
-        summary.kept += 1
-        features.append(feature)
+        batch.append((index, row))
+        if len(batch) == TOKENIZE_BATCH:
+            take(batch)
+            batch = []
+    if batch:
+        take(batch)
     if not features:
         raise ValueError(f"no usable preference pair: {summary}")
     return features, summary
