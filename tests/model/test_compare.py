@@ -324,6 +324,18 @@ def test_budgets_are_checked():
             CompareOptions(budgets=bad).budget_steps()
 
 
+def test_the_prompt_budget_defaults_to_the_tasks_or_half_of_max_length():
+    """The built-in task keeps 64 prompt tokens (long prompts, short answers); other data keeps half
+    of --max-length, as train and eval do, so a longer --max-length is not spent on answers alone."""
+    assert CompareOptions().prompt_length() == 64
+    assert CompareOptions(max_length=48).prompt_length() == 24
+    assert CompareOptions(data="pairs.jsonl", max_length=512).prompt_length() == 256
+    assert CompareOptions(data="pairs.jsonl", max_length=512, max_prompt_length=100).prompt_length() == 100
+    CompareOptions(data="pairs.jsonl", max_length=48).check()
+    with pytest.raises(ValueError, match=r"max_prompt_length \(64\) must be below max_length \(48\)"):
+        CompareOptions(max_length=48, max_prompt_length=64).check()
+
+
 def test_malformed_data_rows_raise_unless_skip_invalid(tmp_path):
     """As in train: a malformed row of --data fails naming the row, before any model loads; with
     --skip-invalid it is skipped and counted in the report's data summary."""

@@ -50,7 +50,7 @@ from ..library.hidden import final_hidden, output_head
 from ..library.lora import lora_targets
 from ..library.quantization import model_quantization
 from .demo import option_field
-from .task import follows_rule, load_task
+from .task import PROMPT_LENGTH, follows_rule, load_task
 
 METHODS = ("sft", "dpo", "qadapter")
 DEFAULT_BUDGETS = "40"
@@ -83,7 +83,9 @@ class CompareOptions:
                                        positive=True)
     skip_invalid: bool = option_field(False, "skip malformed rows of --data (counted in the report) instead of failing")
     max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
-    max_prompt_length: int = option_field(64, "prompt tokens kept (cut from the left)", positive=True)
+    max_prompt_length: int | None = option_field(
+        None, f"prompt tokens kept (cut from the left); default: {PROMPT_LENGTH} on the built-in task, half of "
+        "--max-length with --data", positive=True)
     answer_tokens: int = option_field(40, "tokens generated per answer (held-out prompts, probe, general prompts)",
                                  positive=True)
     seed: int = option_field(0, "seed of every adapter's initialization and training")
@@ -111,7 +113,15 @@ class CompareOptions:
         if self.skip_invalid and self.data is None:
             raise ValueError("--skip-invalid applies with --data (the built-in task has no malformed rows)")
         LossConfig(alpha_0=self.alpha_0, alpha_tilde=self.alpha_tilde)
-        check_lengths(self.max_length, self.max_prompt_length)
+        check_lengths(self.max_length, self.prompt_length())
+
+    def prompt_length(self) -> int:
+        """``max_prompt_length``, or its default: the built-in task's, or half of ``max_length``."""
+        if self.max_prompt_length is not None:
+            return self.max_prompt_length
+        if self.data is None and self.max_length > PROMPT_LENGTH:
+            return PROMPT_LENGTH
+        return self.max_length // 2
 
     def budget_steps(self) -> list[int]:
         if self.quick:
@@ -245,7 +255,7 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
     set_seed(options.seed)
     if method == "qadapter":
         args = QAdapterConfig(**_training_args(options, method, steps, work, max_length=options.max_length,
-                                               max_prompt_length=options.max_prompt_length, lora_r=options.lora_r,
+                                               max_prompt_length=options.prompt_length(), lora_r=options.lora_r,
                                                lora_alpha=2 * options.lora_r, alpha_0=options.alpha_0,
                                                alpha_tilde=options.alpha_tilde))
         model = QAdapterModel.from_base(options.model, quantization=options.quantization, **args.model_options())
@@ -434,7 +444,7 @@ def _suite(options: CompareOptions, tokenizer, rows: tuple[list, list, list[str]
     """Training features and what every policy is measured on (``suite["data"]``: what was kept and skipped)."""
     from ..evaluation.knowledge import GENERAL_PROMPTS, general_passages, load_probe
 
-    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length,
+    lengths = dict(max_length=options.max_length, max_prompt_length=options.prompt_length(),
                    skip_invalid=options.skip_invalid)
     train_rows, heldout_rows, rule_prompts = rows
     probe, prompts, passages = load_probe(), list(GENERAL_PROMPTS), general_passages()
@@ -483,7 +493,7 @@ def run_compare(options: CompareOptions) -> dict:
         "quantization": model_quantization(base_model),
         "data": options.data or "built-in TL;DR task",
         "data_summary": suite["data"],
-        "options": asdict(options),
+        "options": {**asdict(options), "max_prompt_length": options.prompt_length()},
         "train_pairs": len(train),
         "heldout_pairs": len(suite["heldout_features"]),
         "probe_questions": len(suite["probe"]),

@@ -26,7 +26,7 @@ from ..library.data import tokenize_rows
 from ..library.defaults import DEFAULT_MODEL
 from ..library.model import QAdapterModel
 from ..library.quantization import describe
-from .task import follows_rule, load_task, probe_correct
+from .task import PROMPT_LENGTH, follows_rule, load_task, probe_correct
 
 # Under the table: what the base's preference accuracy is.
 BASELINE_NOTE = (
@@ -54,7 +54,7 @@ class DemoOptions:
     pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
     learning_rate: float = option_field(2e-3, "peak learning rate (cosine schedule)", positive=True)
     max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
-    max_prompt_length: int = option_field(64, "prompt tokens kept (cut from the left)", positive=True)
+    max_prompt_length: int = option_field(PROMPT_LENGTH, "prompt tokens kept (cut from the left)", positive=True)
     answer_tokens: int = option_field(40, "tokens generated per evaluation answer", positive=True)
     seed: int = option_field(0, "seed of the adapter's initialization and of training")
     backend: str = option_field("auto", "qadapter_kernels backend (loss and decoding)", choices=BACKEND_NAMES)

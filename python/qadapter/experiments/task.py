@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 TLDR = "TL;DR:"
+PROMPT_LENGTH = 64  # prompt tokens the task's pairs keep by default: its prompts are long, its answers short
 DATA_FILE = Path(__file__).with_name("task_data.json")
 
 PROMPTS = [
