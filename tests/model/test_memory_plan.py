@@ -60,17 +60,15 @@ def test_lora_on_fused_layers_by_hand():
 
 def test_eager_attention_keeps_its_scores_by_the_rows_length():
     """Gemma-2 runs eager attention (soft-capped scores): q, k and v, and per score the float32 softmax
-    and the capped scores and probabilities in bf16 (8 bytes), over rows of max_length padded or of the
-    packed rows' length; four norms a layer; its mask a float one."""
+    and the capped scores and probabilities in bf16 (8 bytes), over rows of max_length (the packer's
+    rows keep no more); four norms a layer; its mask a float one."""
     gemma = replace(SMALL, norms=4, attention="eager", attention_softcap=True)
     padded = plan(gemma, OPTIONS, padding_free=False).parts
     per_layer = 4 * 4 * 64 + 2 * 5 * 64 + 3 * 128 * 2 + 3 * 64 * 2 + 4 * 16 * 8  # heads * max_length * 8
     assert padded["activations"] == 32 * 2 * per_layer + 32 * 2 * 64 * 2
     assert padded["attention mask"] == 32 * 2 * 16  # a float mask of each row's 16 places
     assert padded["base weights"] == plan(SMALL, OPTIONS).parts["base weights"] + 2 * 2 * 64 * 2  # 2 more norms a layer
-    # Packed: one pair is one tree of 2 * 16 tokens, a row of 32 (memory_plan.score_row).
-    packed = plan(gemma, OPTIONS).parts
-    assert packed["activations"] - padded["activations"] == 32 * 2 * 4 * (32 - 16) * 8
+    assert plan(gemma, OPTIONS).parts == padded
 
 
 def test_a_4bit_base_runs_in_its_compute_dtype():

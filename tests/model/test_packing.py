@@ -131,6 +131,30 @@ def test_rows_take_the_length_that_costs_least(sizes, hidden_size, most, capacit
     assert packing.row_capacity(sizes, hidden_size, most) == capacity
 
 
+def test_eager_rows_keep_no_more_than_the_padded_batch():
+    """Eager attention (Gemma-2's) keeps every score for the backward, its rows' length squared: where
+    sdpa joins the batch into one long row, eager rows keep no more than the padded batch by the
+    packer's estimate (R C (d / 8 + C)), and a layout that saves tokens but would keep more stays padded."""
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(8, seed=3))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    (rows, width), hidden = ids.shape, 4 * int(mask.sum())
+    sdpa = packing.pack_batch(ids, mask, attention="sdpa", hidden_size=hidden)
+    eager = packing.pack_batch(ids, mask, attention="eager", hidden_size=hidden)
+    assert sdpa.inputs["input_ids"].shape[0] == 1
+    assert_sees_as_padded(eager, ids, mask)
+    r, c = eager.inputs["input_ids"].shape
+    assert r * c * (hidden // 8 + c) <= rows * width * (hidden // 8 + width) and r * c * c < sdpa.tokens ** 2
+    # One pair, a short shared prompt and long answers: one tree saves 2 tokens, but its row of 98 would
+    # keep 98 * (8 + 98) where the padded pair keeps 2 * 50 * (8 + 50). The model's probe still packs.
+    pair = {"chosen_input_ids": [5, 6] + [7] * 48, "chosen_labels": [-100] * 2 + [7] * 48,
+            "rejected_input_ids": [5, 6] + [8] * 48, "rejected_labels": [-100] * 2 + [8] * 48}
+    ids, mask = (PreferenceCollator(pad_token_id=0)([pair])[k] for k in ("input_ids", "attention_mask"))
+    assert packing.pack_batch(ids, mask, attention="sdpa", hidden_size=64).tokens == 98
+    assert packing.pack_batch(ids, mask, attention="eager", hidden_size=64) is None
+    assert packing.row_capacity([98], 64, 196, memory_budget=packing.kept_scores_budget(2, 50, 64)) is None
+    assert all(packing.pack_batch(*packing.probe_batch(), attention="eager", hidden_size=d) for d in (1, 8, 64, 4096))
+
+
 def test_hidden_states_go_back_to_the_batch_layout():
     batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(5, seed=11))
     ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -17,8 +17,8 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
   weights); attention's saved tensors: sdpa (with a mask, which every training batch has) keeps q,
   k and v repeated to every head, and its output (``4 * heads * head_dim`` values), eager attention
   (Gemma-2, whose scores are soft-capped) q, k and v and, per score, the float32 softmax and the
-  capped scores and probabilities in the model dtype (``heads * row`` scores a token, ``row`` the
-  length of the rows the batch runs in: ``max_length`` padded, the packed rows' length padding-free);
+  capped scores and probabilities in the model dtype (``heads * max_length`` scores a token: packed
+  rows keep no more than padded ones, :func:`qadapter.library.packing.row_capacity`);
   the MLP's gate, up and their activation (``3 * intermediate`` values). The frozen linear layers
   keep nothing for a weight gradient. The first layer's first norm keeps nothing (its input needs no
   gradient) and the final norm as much, so the count holds. With gradient checkpointing, each
@@ -27,7 +27,8 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
 - **attention mask**: sdpa's boolean ``[rows, 1, C, C]`` mask, one for every pass and layer: at
   most ``2 N max(2 * max_length, d)`` bytes, a padding-free batch's tree mask at its largest (its
   rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
-  packing does not run); a padded batch's is ``N * max_length``;
+  packing does not run); a padded batch's is ``N * max_length``; eager's is a float mask in the
+  model dtype, ``N * max_length`` values (its packed rows are about as large at most);
 - **the fused loss**: its ``[chunk, V]`` tiles (``qadapter_kernels.sizing.auto_chunk_size``: at
   most its budget, 1 GiB on CUDA) and the float32 ``E_p[Wq]`` rows, ``4 * N * d``;
 - **transient**: the largest 4-bit or 8-bit layer dequantized while it runs (4-bit: to its compute
@@ -49,7 +50,6 @@ import torch
 from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
 
 from . import quantization as quant
-from .packing import row_capacity
 
 GIB = 2**30
 MIB = 2**20
@@ -137,7 +137,7 @@ class ModelShape:
 class PlanOptions:
     max_length: int = 512
     pairs_per_step: int = 8  # training's default (per_device_train_batch_size)
-    padding_free: bool = True  # training's default: rows packed (an eager attention's scores grow with them)
+    padding_free: bool = True  # training's default: rows packed (sdpa's mask grows with them)
     gradient_checkpointing: bool = False
     quantization: str | None = None  # None, "4bit" (NF4), "8bit" (LLM.int8)
     double_quant: bool = True
@@ -237,7 +237,8 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
-        "attention mask": tokens * mask_bytes * (2 * max(2 * options.max_length, d) if options.padding_free
+        "attention mask": tokens * mask_bytes * (2 * max(2 * options.max_length, d)
+                                                 if options.padding_free and shape.attention != "eager"
                                                  else options.max_length),
         "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, dtype, options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
@@ -252,23 +253,14 @@ def layer_activation_bytes(shape: ModelShape, options: PlanOptions, b: int, adap
     kept = shape.norms * 4 * shape.hidden + sum(5 * n_in for n_in, _ in adapted.values()) + 3 * shape.intermediate * b
     if shape.attention == "eager":
         per_score = 4 + b * (2 if shape.attention_softcap else 1)
-        return kept + 3 * q * b + shape.heads * score_row(shape, options) * per_score
+        return kept + 3 * q * b + shape.heads * options.max_length * per_score
     return kept + 4 * q * b
-
-
-def score_row(shape: ModelShape, options: PlanOptions) -> int:
-    """The length of the rows a full-length batch runs in: ``max_length`` padded; padding-free, the
-    packed rows' length the packer chooses for pairs of two full rows sharing nothing."""
-    if not options.padding_free:
-        return options.max_length
-    tree = 2 * options.max_length
-    return row_capacity([tree] * options.pairs_per_step, shape.hidden, 2 * max(tree, shape.hidden))
 
 
 def suggestions(config, options: PlanOptions, gpu_memory: int) -> list[str]:
     """Changes that make a plan fit ``gpu_memory``, as ``qadapter plan`` options with what ``qadapter
-    train`` takes for them: single changes first (gradient checkpointing, 4-bit, padded rows where an
-    eager attention's scores grow with packed ones, fewer pairs per step with gradient accumulation,
+    train`` takes for them: single changes first (gradient checkpointing, 4-bit, padded rows where
+    packed ones' masks would not fit, fewer pairs per step with gradient accumulation,
     shorter sequences), then the combination of checkpointing and 4-bit with the most pairs that fit."""
     out = []
     if not options.gradient_checkpointing and plan(config, options, gradient_checkpointing=True).fits(gpu_memory):

@@ -19,7 +19,10 @@ Two layouts, by what the model's attention takes:
   tokens are what saves time. The trees are laid into rows at least as long as the largest tree and
   at most twice as long as a tree may be, of the length that costs least by the model's dimensions
   (:func:`row_capacity`): rows as long as the largest tree leave part of the others empty, longer
-  ones cost more attention (a dense mask costs what it hides).
+  ones cost more attention (a dense mask costs what it hides). Where attention keeps every score for
+  the backward (eager: Gemma-2's soft-capped scores), a row's scores grow with its length squared:
+  there short sequences do not join up to the hidden size, and the rows keep no more memory than the
+  padded batch (:func:`row_capacity`'s estimate), or the batch runs padded.
 - **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
   mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
   apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are chosen the same
@@ -39,6 +42,7 @@ import torch
 
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 VARLEN_ATTENTION = ("flash", "flex")  # name parts of those that skip what the mask hides
+SCORES_KEPT = ("eager",)  # those that keep every query-key score for the backward
 
 
 @dataclass(frozen=True)
@@ -126,19 +130,33 @@ def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def row_capacity(sizes: list[int], hidden_size: int, most: int) -> int:
+def row_capacity(sizes: list[int], hidden_size: int, most: int, *, memory_budget: int | None = None) -> int | None:
     """The length, at most ``most`` (or the largest item), of the packed rows that hold items of
     ``sizes`` (trees, whole) at the least cost estimated for a model of ``hidden_size`` ``d``: a row of
     ``C`` tokens costs ``C`` times its linear layers' ``24 d^2`` FLOPs a token and ``C^2`` times
     attention's ``4 d`` a query-key pair (a dense mask), which run at about half the rate of the
     linear layers' GEMMs (sdpa with a mask, measured on a CPU: ``bench.padding_free``), so
-    ``C (3 d + C)``. Rows as long as the largest item where ``d`` is unknown (0)."""
+    ``C (3 d + C)``. Rows as long as the largest item where ``d`` is unknown (0).
+
+    ``memory_budget``: where attention keeps every score for the backward (eager), the most the rows
+    may keep by the estimate ``R C (d / 8 + C)``: a token's other activations in a decoder layer weigh
+    at least ``d / 8`` of its saved scores on the architectures that run eager (Gemma-2 and Llama
+    shapes: ``memory_plan.layer_activation_bytes``). None where no length keeps within it."""
     largest = max(sizes)
-    if not hidden_size:
-        return largest
     total = sum(sizes)
-    candidates = {max(largest, min(most, -(-total // rows))) for rows in range(1, len(sizes) + 1)}  # n rows' share
+    candidates = {max(largest, min(most, -(-total // rows))) for rows in range(1, len(sizes) + 1)} if hidden_size \
+        else {largest}  # n rows' share
+    if memory_budget is not None:
+        candidates = {c for c in candidates
+                      if len(_fill_rows(sizes, c)) * c * (hidden_size // 8 + c) <= memory_budget}
+        if not candidates:
+            return None
     return min(sorted(candidates), key=lambda c: len(_fill_rows(sizes, c)) * c * (3 * hidden_size + c))
+
+
+def kept_scores_budget(batch: int, width: int, hidden_size: int) -> int:
+    """What the padded batch keeps by :func:`row_capacity`'s memory estimate: packed rows keep no more."""
+    return batch * width * (hidden_size // 8 + width)
 
 
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attention: str,
@@ -146,10 +164,11 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
                hidden_size: int = 0) -> PackedBatch | None:
     """``input_ids`` and ``attention_mask`` (``[B, T]``) laid out without padding, each prefix rows
     share once where ``attention`` (the model's implementation) takes a 4D mask and the
-    ``sliding_window`` does not cut a sequence; None where packing would save no token, or a row's
-    tokens are not one run. A tree of shared prefixes holds at most two of the longest rows, or the
-    model's ``hidden_size`` in tokens where that is more (a row whose attention is cheap beside its
-    linear layers); the packed rows' length is the cheapest for that size (:func:`row_capacity`), at
+    ``sliding_window`` does not cut a sequence; None where packing would save no token, where a row's
+    tokens are not one run, or where attention keeps its scores and no packed rows would keep less
+    than the padded batch. A tree of shared prefixes holds at most two of the longest rows, or the
+    model's ``hidden_size`` in tokens where that is more and attention keeps no scores (a row whose
+    attention is cheap beside its linear layers); the packed rows' length is the cheapest for that size (:func:`row_capacity`), at
     most twice a tree's most."""
     runs = attended_runs(attention_mask)
     if runs is None:
@@ -163,13 +182,19 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     # A tree holds at most a pair's two longest rows, or d tokens, a row whose attention (about 4 C d FLOPs
     # a token) is at most a sixth of its linear layers' (about 24 d^2): no prefix joins a batch of long rows.
     # A packed row holds at most twice that, whatever the estimate says.
-    tree_cap = max(2 * longest, hidden_size)
+    # Where attention keeps its scores (eager), short rows do not join up to d tokens, and the rows keep
+    # no more than the padded batch would (row_capacity's estimate, where d is known).
+    keeps_scores = attention in SCORES_KEPT
+    tree_cap = 2 * longest if keeps_scores else max(2 * longest, hidden_size)
     parent, shared, root = (_shared_prefixes([row.tolist() for row in rows], tree_cap) if share
                             else (list(range(batch)), [0] * batch, list(range(batch))))
     trees = sorted(set(root))
     sizes = [sum(int(lengths[r]) - shared[r] for r in range(batch) if root[r] == t) for t in trees]
     one_row = not share and any(part in attention for part in VARLEN_ATTENTION)
-    capacity = sum(sizes) if one_row else row_capacity(sizes, hidden_size, 2 * tree_cap)
+    budget = kept_scores_budget(batch, width, hidden_size) if keeps_scores and hidden_size else None
+    capacity = sum(sizes) if one_row else row_capacity(sizes, hidden_size, 2 * tree_cap, memory_budget=budget)
+    if capacity is None:
+        return None
     layout = _fill_rows(sizes, capacity)
     if len(layout) * capacity >= batch * width:
         return None
