@@ -134,25 +134,50 @@ def test_rows_take_the_length_that_costs_least(sizes, hidden_size, most, capacit
 def test_eager_rows_keep_no_more_than_the_padded_batch():
     """Eager attention (Gemma-2's) keeps every score for the backward, its rows' length squared: where
     sdpa joins the batch into one long row, eager rows keep no more than the padded batch by the
-    packer's estimate (R C (d / 8 + C)), and a layout that saves tokens but would keep more stays padded."""
+    packer's estimate (R C (w + C), w scores weighing a token), and a layout that saves tokens but
+    would keep more stays padded; with scores that weigh little, short rows still join."""
     batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(8, seed=3))
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    (rows, width), hidden = ids.shape, 4 * int(mask.sum())
+    (rows, width), hidden, weight = ids.shape, 4 * int(mask.sum()), 8
     sdpa = packing.pack_batch(ids, mask, attention="sdpa", hidden_size=hidden)
-    eager = packing.pack_batch(ids, mask, attention="eager", hidden_size=hidden)
+    eager = packing.pack_batch(ids, mask, attention="eager", hidden_size=hidden, score_weight=weight)
     assert sdpa.inputs["input_ids"].shape[0] == 1
     assert_sees_as_padded(eager, ids, mask)
     r, c = eager.inputs["input_ids"].shape
-    assert r * c * (hidden // 8 + c) <= rows * width * (hidden // 8 + width) and r * c * c < sdpa.tokens ** 2
+    assert r * c * (weight + c) <= rows * width * (weight + width) and r * c * c < sdpa.tokens ** 2
+    light = packing.pack_batch(ids, mask, attention="eager", hidden_size=hidden, score_weight=100 * hidden)
+    assert light.inputs["input_ids"].shape == sdpa.inputs["input_ids"].shape
     # One pair, a short shared prompt and long answers: one tree saves 2 tokens, but its row of 98 would
-    # keep 98 * (8 + 98) where the padded pair keeps 2 * 50 * (8 + 50). The model's probe still packs.
+    # keep 98 * (8 + 98) where the padded pair keeps 2 * 50 * (8 + 50).
     pair = {"chosen_input_ids": [5, 6] + [7] * 48, "chosen_labels": [-100] * 2 + [7] * 48,
             "rejected_input_ids": [5, 6] + [8] * 48, "rejected_labels": [-100] * 2 + [8] * 48}
     ids, mask = (PreferenceCollator(pad_token_id=0)([pair])[k] for k in ("input_ids", "attention_mask"))
     assert packing.pack_batch(ids, mask, attention="sdpa", hidden_size=64).tokens == 98
-    assert packing.pack_batch(ids, mask, attention="eager", hidden_size=64) is None
-    assert packing.row_capacity([98], 64, 196, memory_budget=packing.kept_scores_budget(2, 50, 64)) is None
-    assert all(packing.pack_batch(*packing.probe_batch(), attention="eager", hidden_size=d) for d in (1, 8, 64, 4096))
+    assert packing.pack_batch(ids, mask, attention="eager", hidden_size=64, score_weight=weight) is None
+    assert packing.row_capacity([98], 64, 196, score_weight=weight, budget=2 * 50 * (weight + 50)) is None
+
+
+def test_a_models_scores_weigh_what_the_memory_plan_says():
+    """A model packs with the weight of its eager scores that the memory plan's activation model
+    gives: a token's kept bytes in a layer over a query-key pair's, every head's."""
+    from qadapter.library.memory_plan import ModelShape, PlanOptions, layer_activation_bytes, scores_per_token
+
+    lm = tiny_causal_lm("gemma2", vocab=VOCAB)
+    seen = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packing, "pack_batch", lambda ids, mask, **options: seen.update(options))
+        packing.model_packing(lm)(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    shape = ModelShape.from_config(lm.config)
+    assert shape.attention == "eager" and seen["score_weight"] == scores_per_token(lm.config, torch.float32)
+    adapted = {n: s for n, s in shape.adaptable_layers().items() if n in shape.default_targets()}
+    one, two = (layer_activation_bytes(shape, PlanOptions(max_length=t, dtype="float32"), 4, adapted) for t in (1, 2))
+    assert seen["score_weight"] == (2 * one - two) // (two - one)  # kept bytes = token part + T * score part
+    sdpa = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packing, "pack_batch", lambda ids, mask, **options: sdpa.update(options))
+        packing.model_packing(tiny_causal_lm("llama", vocab=VOCAB))(torch.ones(2, 3, dtype=torch.long),
+                                                                    torch.ones(2, 3, dtype=torch.long))
+    assert sdpa["score_weight"] is None
 
 
 def test_hidden_states_go_back_to_the_batch_layout():

@@ -249,12 +249,34 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
 
 def layer_activation_bytes(shape: ModelShape, options: PlanOptions, b: int, adapted: dict) -> int:
     """Bytes one decoder layer keeps for the backward, per token (module docstring)."""
+    kept = _token_bytes(shape, b, adapted)
+    if shape.attention == "eager":
+        kept += options.max_length * score_bytes(shape, b)
+    return kept
+
+
+def _token_bytes(shape: ModelShape, b: int, adapted: dict) -> int:
+    """What one decoder layer keeps for the backward per token, attention's scores left out."""
     q = shape.heads * shape.head_dim
     kept = shape.norms * 4 * shape.hidden + sum(5 * n_in for n_in, _ in adapted.values()) + 3 * shape.intermediate * b
-    if shape.attention == "eager":
-        per_score = 4 + b * (2 if shape.attention_softcap else 1)
-        return kept + 3 * q * b + shape.heads * options.max_length * per_score
-    return kept + 4 * q * b
+    return kept + (3 if shape.attention == "eager" else 4) * q * b
+
+
+def score_bytes(shape: ModelShape, b: int) -> int:
+    """What eager attention keeps for the backward per query-key pair, every head's: the float32
+    softmax and the probabilities (and the capped scores) in the model dtype."""
+    return shape.heads * (4 + b * (2 if shape.attention_softcap else 1))
+
+
+def scores_per_token(config, dtype: torch.dtype) -> int:
+    """How many query-key pairs' kept scores weigh as much as a token's other kept activations, in a
+    decoder layer of a model of ``config`` running eager attention in ``dtype`` with LoRA on its
+    default layers: the packer's rate of exchange between a row's tokens and its scores
+    (:func:`qadapter.library.packing.row_capacity`)."""
+    shape = replace(ModelShape.from_config(config), attention="eager")
+    b = torch.empty(0, dtype=dtype).element_size()
+    adapted = {name: size for name, size in shape.adaptable_layers().items() if name in shape.default_targets()}
+    return _token_bytes(shape, b, adapted) // score_bytes(shape, b)
 
 
 def suggestions(config, options: PlanOptions, gpu_memory: int) -> list[str]:

@@ -21,8 +21,8 @@ Two layouts, by what the model's attention takes:
   (:func:`row_capacity`): rows as long as the largest tree leave part of the others empty, longer
   ones cost more attention (a dense mask costs what it hides). Where attention keeps every score for
   the backward (eager: Gemma-2's soft-capped scores), a row's scores grow with its length squared:
-  there short sequences do not join up to the hidden size, and the rows keep no more memory than the
-  padded batch (:func:`row_capacity`'s estimate), or the batch runs padded.
+  there the rows keep no more memory than the padded batch by an estimate from the model's shape
+  (:func:`row_capacity`, ``memory_plan.scores_per_token``), or the batch runs padded.
 - **Packed sequences** (any other attention, or a sliding window shorter than a sequence, which a 4D
   mask would hide): each sequence whole, laid end to end; transformers keeps the sequences of a row
   apart by their ``position_ids`` restarting at 0 and no attention mask. Rows are chosen the same
@@ -130,7 +130,8 @@ def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def row_capacity(sizes: list[int], hidden_size: int, most: int, *, memory_budget: int | None = None) -> int | None:
+def row_capacity(sizes: list[int], hidden_size: int, most: int, *, score_weight: int | None = None,
+                 budget: int = 0) -> int | None:
     """The length, at most ``most`` (or the largest item), of the packed rows that hold items of
     ``sizes`` (trees, whole) at the least cost estimated for a model of ``hidden_size`` ``d``: a row of
     ``C`` tokens costs ``C`` times its linear layers' ``24 d^2`` FLOPs a token and ``C^2`` times
@@ -138,38 +139,33 @@ def row_capacity(sizes: list[int], hidden_size: int, most: int, *, memory_budget
     linear layers' GEMMs (sdpa with a mask, measured on a CPU: ``bench.padding_free``), so
     ``C (3 d + C)``. Rows as long as the largest item where ``d`` is unknown (0).
 
-    ``memory_budget``: where attention keeps every score for the backward (eager), the most the rows
-    may keep by the estimate ``R C (d / 8 + C)``: a token's other activations in a decoder layer weigh
-    at least ``d / 8`` of its saved scores on the architectures that run eager (Gemma-2 and Llama
-    shapes: ``memory_plan.layer_activation_bytes``). None where no length keeps within it."""
+    ``score_weight``: where attention keeps every score for the backward (eager), how many scores
+    weigh a token's other kept activations (``memory_plan.scores_per_token``); then only lengths whose
+    ``R`` rows keep at most ``budget`` by the estimate ``R C (score_weight + C)`` are candidates, and
+    None is returned where none does."""
     largest = max(sizes)
     total = sum(sizes)
     candidates = {max(largest, min(most, -(-total // rows))) for rows in range(1, len(sizes) + 1)} if hidden_size \
         else {largest}  # n rows' share
-    if memory_budget is not None:
-        candidates = {c for c in candidates
-                      if len(_fill_rows(sizes, c)) * c * (hidden_size // 8 + c) <= memory_budget}
+    if score_weight is not None:
+        candidates = {c for c in candidates if len(_fill_rows(sizes, c)) * c * (score_weight + c) <= budget}
         if not candidates:
             return None
     return min(sorted(candidates), key=lambda c: len(_fill_rows(sizes, c)) * c * (3 * hidden_size + c))
 
 
-def kept_scores_budget(batch: int, width: int, hidden_size: int) -> int:
-    """What the padded batch keeps by :func:`row_capacity`'s memory estimate: packed rows keep no more."""
-    return batch * width * (hidden_size // 8 + width)
-
-
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attention: str,
                sliding_window: int | None = None, mask_dtype: torch.dtype = torch.float32,
-               hidden_size: int = 0) -> PackedBatch | None:
+               hidden_size: int = 0, score_weight: int | None = None) -> PackedBatch | None:
     """``input_ids`` and ``attention_mask`` (``[B, T]``) laid out without padding, each prefix rows
     share once where ``attention`` (the model's implementation) takes a 4D mask and the
-    ``sliding_window`` does not cut a sequence; None where packing would save no token, where a row's
-    tokens are not one run, or where attention keeps its scores and no packed rows would keep less
-    than the padded batch. A tree of shared prefixes holds at most two of the longest rows, or the
-    model's ``hidden_size`` in tokens where that is more and attention keeps no scores (a row whose
-    attention is cheap beside its linear layers); the packed rows' length is the cheapest for that size (:func:`row_capacity`), at
-    most twice a tree's most."""
+    ``sliding_window`` does not cut a sequence; None where packing would save no token or a row's
+    tokens are not one run. A tree of shared prefixes holds at most two of the longest rows, or the
+    model's ``hidden_size`` in tokens where that is more (a row whose attention is cheap beside its
+    linear layers); the packed rows' length is the cheapest for that size (:func:`row_capacity`), at
+    most twice a tree's most. With ``score_weight`` (attention that keeps its scores: eager), rows
+    keep no more than the padded batch by :func:`row_capacity`'s estimate, or the batch stays padded
+    (None)."""
     runs = attended_runs(attention_mask)
     if runs is None:
         return None
@@ -182,17 +178,18 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     # A tree holds at most a pair's two longest rows, or d tokens, a row whose attention (about 4 C d FLOPs
     # a token) is at most a sixth of its linear layers' (about 24 d^2): no prefix joins a batch of long rows.
     # A packed row holds at most twice that, whatever the estimate says.
-    # Where attention keeps its scores (eager), short rows do not join up to d tokens, and the rows keep
-    # no more than the padded batch would (row_capacity's estimate, where d is known).
-    keeps_scores = attention in SCORES_KEPT
-    tree_cap = 2 * longest if keeps_scores else max(2 * longest, hidden_size)
+    # Where attention keeps its scores (score_weight, eager), the rows keep no more than the padded batch
+    # (row_capacity's estimate), and short rows join only up to a length that could.
+    budget = batch * width * (score_weight + width) if score_weight is not None else 0
+    joined = hidden_size if score_weight is None else min(hidden_size, budget // int(lengths.sum()) - score_weight)
+    tree_cap = max(2 * longest, joined)
     parent, shared, root = (_shared_prefixes([row.tolist() for row in rows], tree_cap) if share
                             else (list(range(batch)), [0] * batch, list(range(batch))))
     trees = sorted(set(root))
     sizes = [sum(int(lengths[r]) - shared[r] for r in range(batch) if root[r] == t) for t in trees]
     one_row = not share and any(part in attention for part in VARLEN_ATTENTION)
-    budget = kept_scores_budget(batch, width, hidden_size) if keeps_scores and hidden_size else None
-    capacity = sum(sizes) if one_row else row_capacity(sizes, hidden_size, 2 * tree_cap, memory_budget=budget)
+    capacity = sum(sizes) if one_row else row_capacity(sizes, hidden_size, 2 * tree_cap, score_weight=score_weight,
+                                                       budget=budget)
     if capacity is None:
         return None
     layout = _fill_rows(sizes, capacity)
@@ -251,18 +248,28 @@ def _tree_mask(spans: list[list[tuple[int, int, int]]], capacity: int, parent: l
 
 
 def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], PackedBatch | None]:
-    """:func:`pack_batch` as ``causal_lm`` takes it: its attention, sliding window and mask dtype (its
-    head's, as its forward adds the mask to scores of that dtype)."""
+    """:func:`pack_batch` as ``causal_lm`` takes it: its attention, sliding window, mask dtype (its
+    head's, as its forward adds the mask to scores of that dtype) and, where its attention keeps its
+    scores, what they weigh against its tokens (a config the memory plan cannot read: no bound)."""
+    from .memory_plan import scores_per_token
+
     config = causal_lm.config
     attention = str(getattr(config, "_attn_implementation", None) or "eager")
-    hidden_size = int(getattr(config.get_text_config(), "hidden_size", 0) or 0)
+    text_config = config.get_text_config()
+    hidden_size = int(getattr(text_config, "hidden_size", 0) or 0)
     window = getattr(config, "sliding_window", None)
     dtype = causal_lm.get_output_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
+    score_weight = None
+    if attention in SCORES_KEPT:
+        try:
+            score_weight = scores_per_token(text_config, dtype)
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass
 
     def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch | None:
         return pack_batch(input_ids, attention_mask, attention=attention, sliding_window=window, mask_dtype=dtype,
-                          hidden_size=hidden_size)
+                          hidden_size=hidden_size, score_weight=score_weight)
 
     return pack
 
