@@ -137,6 +137,34 @@ def test_a_crash_between_renames_is_finished_by_the_next_load(tmp_path, monkeypa
     assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_an_exception_between_renames_never_leaves_a_mix(tmp_path, monkeypatch, stop):
+    """An exception while the staged files are renamed into place (the process lives on to unwind):
+    a Ctrl-C finishes the renames before it stops the save; another error keeps the complete staged
+    set for the next load to finish. Old and new files are never left side by side."""
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    new = make_model()
+    perturb_adapter(new, seed=11)
+    real_replace, calls = atomic.os.replace, {"n": 0}
+
+    def failing_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise stop("at the second rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(stop):
+        new.save_pretrained(out)
+    monkeypatch.undo()
+    staged = list(out.glob(atomic.STAGING_PREFIX + "*"))
+    assert not staged if stop is KeyboardInterrupt else staged
+    if stop is KeyboardInterrupt:  # already whole: read without the loader's recovery
+        monkeypatch.setattr(atomic, "recover", lambda path: None)
+    assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(new))
+
+
 def test_a_crash_while_writing_keeps_the_old_adapter(tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     old = make_model()

@@ -8,7 +8,8 @@ directory (the trainer's checkpoints, the user's files) stays. If the process di
 - before the mark: the staging directory is incomplete and is dropped by the next save or load;
   the previous adapter is untouched;
 - after the mark: the next save or load finishes the renames (:func:`recover`), so the directory
-  always ends up holding one whole adapter, old or new, never a mix.
+  always ends up holding one whole adapter, old or new, never a mix. An exception there keeps the
+  staged set for it; a Ctrl-C finishes the renames before it stops the save.
 """
 
 from __future__ import annotations
@@ -164,8 +165,17 @@ def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | 
                 with open(item, "rb") as f:
                     os.fsync(f.fileno())
                 os.chmod(item, _plain_file_mode())  # whatever mode the writer chose: readable by whoever serves it
-        (staging / COMPLETE).touch()
-        _fsync_dir(staging)
-        _move_into(staging, path)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # Marked complete, the staged set is kept until every file is in place: a failure from here on
+    # leaves it for recover() to finish, and a Ctrl-C finishes the few renames before it stops.
+    (staging / COMPLETE).touch()
+    _fsync_dir(staging)
+    try:
+        _move_into(staging, path)
+    except KeyboardInterrupt:
+        _move_into(staging, path)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
