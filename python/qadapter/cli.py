@@ -14,10 +14,14 @@ import logging
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import typing
 import warnings
 from collections.abc import Callable, Collection
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -214,7 +218,8 @@ def _train_parser(p) -> None:
     p.add_argument("--output", required=True, help="directory for the adapter (and trainer checkpoints)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --output that holds no adapter of ours (only the adapter's "
-                        "own files are ever replaced; other files stay)")
+                        "own files are ever replaced; other files stay), or start anew over an earlier run's "
+                        "checkpoints there (they are removed)")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="resume from the latest checkpoint in --output (or from the given checkpoint)")
@@ -256,7 +261,7 @@ def _run_train(args) -> int:
     from .library.model import QAdapterModel, levels_on, stack_level_at
     from .library.provenance import data_identity
     from .library.saved import holds_adapter
-    from .library.trainer import QAdapterTrainer, seed_everything
+    from .library.trainer import QAdapterTrainer, latest_checkpoint, seed_everything
 
     config = _training_config(args, args.training_options)
     # The saved adapter is pushed once, at the end; Trainer would push its checkpoints' folder instead.
@@ -269,6 +274,10 @@ def _run_train(args) -> int:
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
+    earlier = sorted((output / "checkpoints").glob("checkpoint-*")) if args.resume is None else []
+    if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
+        _usage_error("train", f"--output {output} holds checkpoints of an earlier run ({earlier[-1].name}): --resume "
+                              "goes on with it; --overwrite starts anew (its checkpoints are removed)")
     if args.on is not None:  # saving over an adapter of the stack is refused, but only after training
         levels = levels_on(args.on)
         places = [place for level in levels for place in (level.nearby, level.path) if place]
@@ -307,9 +316,14 @@ def _run_train(args) -> int:
 
         callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
                                        progress=True, meta={"data": str(args.data), "eval_data": str(args.eval_data)}))
+    for checkpoint in earlier:  # --overwrite: the earlier run's, removed before this one writes its own
+        shutil.rmtree(checkpoint)
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=args.resume)
+    resume = latest_checkpoint(config.output_dir) if args.resume is True else args.resume
+    if resume:
+        print(f"resuming from {resume}", file=sys.stderr)
+    trainer.train(resume_from_checkpoint=resume or args.resume)
     model.save_pretrained(output, overwrite=args.overwrite)
     print(f"adapter saved to {args.output}")
     if push_to:
@@ -1031,6 +1045,40 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.training_options = extra  # train's TrainingArguments fields (--name value), parsed by HfArgumentParser
+    format_warning = warnings.formatwarning  # a warning is one line of the command's own, while it runs
+    warnings.formatwarning = lambda message, *_, **__: f"qadapter {args.command}: warning: {message}\n"
+    try:
+        with _terminated_as_interrupted():
+            return _run_command(args)
+    finally:
+        warnings.formatwarning = format_warning
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or launcher's stop): unwound as a Ctrl-C is, so what is being saved is
+    finished or dropped whole (``atomic.save_files``)."""
+
+
+@contextmanager
+def _terminated_as_interrupted():
+    """SIGTERM raises :class:`Terminated` inside (in the main thread; the serving command's server
+    installs its own handler, which shuts it down gracefully)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args) -> int:
+    """The command's run, its expected failures each one line on stderr and an exit code."""
     try:
         return COMMANDS[args.command][2](args)
     except BrokenPipeError:  # the reader stopped reading (`qadapter info DIR | head`): nothing to say
@@ -1043,9 +1091,10 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # training went non-finite: it says at which step, and what is kept
         print(f"qadapter {args.command}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # what is saved is whole (saving is atomic); no traceback for a Ctrl-C
-        print(f"qadapter {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # what is saved is whole (saving is atomic); no traceback for a Ctrl-C
+        terminated = isinstance(exc, Terminated)
+        print(f"qadapter {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130  # as a shell reports a command ended by SIGTERM or SIGINT
 
 
 if __name__ == "__main__":

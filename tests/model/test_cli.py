@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -110,6 +111,33 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
+def test_train_over_an_earlier_runs_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
+    """A new run into an --output with an earlier run's checkpoints would lay its own beside them, and a
+    later --resume would take the newest of either run: refused, naming --resume and --overwrite
+    (which starts anew, the earlier checkpoints removed); --resume says where it resumes from."""
+    from helpers import tiny_causal_lm, tiny_chat_tokenizer
+
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hi {i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(4)))
+    output = tmp_path / "run"
+    argv = ["train", "--model", str(tmp_path / "base"), "--data", str(data), "--output", str(output),
+            "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_steps", "1"]
+    assert main([*argv, "--max_steps", "2"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max_steps", "1"])
+    assert exc.value.code == 2
+    assert "holds checkpoints of an earlier run (checkpoint-2): --resume goes on" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"max_steps 3 \(the checkpoint run: 2\): the run goes on"):
+        assert main([*argv, "--max_steps", "3", "--resume"]) == 0
+    assert f"resuming from {output / 'checkpoints' / 'checkpoint-2'}\n" in capsys.readouterr().err
+    assert main([*argv, "--max_steps", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-1"]
+
+
 def test_train_seed_governs_the_adapters_initialization(tmp_path):
     """``--seed`` seeds the adapter's initialization as well as training (Trainer seeds only once it
     starts, after the model is built): one seed gives the same adapter run after run in one process,
@@ -186,6 +214,43 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "generate", (summary, add_options, interrupted))
     assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 130
     assert capsys.readouterr().err.strip() == "qadapter generate: interrupted"
+
+
+def test_sigterm_unwinds_as_a_ctrl_c_and_exits_143(monkeypatch, capsys):
+    """A scheduler's or launcher's SIGTERM unwinds the command as a Ctrl-C does (a save under way is
+    finished or dropped whole), says so in one line, exits as a shell reports SIGTERM; the handler
+    before the command is back after it."""
+    import os
+    import signal
+
+    from qadapter import cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    summary, add_options, _ = cli.COMMANDS["generate"]
+    monkeypatch.setitem(cli.COMMANDS, "generate", (summary, add_options, terminated))
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 143
+    assert capsys.readouterr().err.strip() == "qadapter generate: terminated"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_warning_is_one_line_of_the_commands_while_it_runs(monkeypatch):
+    from qadapter import cli
+
+    shown = []
+
+    def warns(args):
+        shown.append(warnings.formatwarning(UserWarning("resuming from x"), UserWarning, "trainer.py", 1))
+        return 0
+
+    summary, add_options, _ = cli.COMMANDS["generate"]
+    monkeypatch.setitem(cli.COMMANDS, "generate", (summary, add_options, warns))
+    before = warnings.formatwarning
+    assert cli.main(["generate", "--adapter", "x", "--prompt", "hi"]) == 0
+    assert shown == ["qadapter generate: warning: resuming from x\n"] and warnings.formatwarning is before
 
 
 def test_invalid_data_fails_before_the_model_loads(tmp_path, capsys):

@@ -22,7 +22,7 @@ from helpers import (  # noqa: E402
     tiny_causal_lm,  # noqa: E402
 )
 from qadapter.library import atomic  # noqa: E402
-from qadapter.library.model import QAdapterModel  # noqa: E402
+from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
 
 def greedy(model, steps=6):
@@ -524,3 +524,15 @@ def test_files_written_together_are_never_left_new_beside_old(tmp_path, monkeypa
     atomic.recover(tmp_path)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
         "check.json": "new json", "check.md": "new markdown", "notes.txt": "mine"}
+
+
+def test_an_unfinished_runs_output_names_its_newest_checkpoint(tmp_path):
+    """Loading the output of a run stopped before its final save says what it holds: checkpoints,
+    the newest by step (checkpoint-10 after checkpoint-9), and how to finish the run."""
+    from qadapter.library.saved import read_adapter_config
+
+    for step in (2, 9, 10):
+        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    with pytest.raises(AdapterLoadError, match=r"a run not finished: `qadapter train --resume` finishes it, or load "
+                                               r"a checkpoint \(.*checkpoint-10\)"):
+        read_adapter_config(tmp_path)

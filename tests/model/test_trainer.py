@@ -147,6 +147,44 @@ def test_resume_refuses_a_checkpoint_that_is_not_this_adapters(tmp_path):
             resume_from_checkpoint=str(checkpoint))
 
 
+def test_resume_refuses_what_the_checkpoint_would_override_and_warns_of_what_changes_the_run(tmp_path):
+    """A resumed run restores the checkpoint's optimizer and learning-rate schedule: another learning
+    rate would be silently the checkpoint's, so it is refused; so is a checkpoint past max_steps and
+    another LoRA rank (one line, not a size mismatch per tensor). A longer run or other data go on as
+    given, with a warning, and the adapter's record says where the run resumed and what differed."""
+    import json
+
+    from helpers import rows
+
+    def trainer(learning_rate=5e-3, max_steps=4, rows_seed=0, **options):
+        model, tokenizer, args, _, _ = training_setup(tmp_path, max_steps=max_steps, save_strategy="steps",
+                                                      save_steps=2, learning_rate=learning_rate, **options)
+        return QAdapterTrainer(model=model, args=args, train_dataset=rows(32, seed=rows_seed),
+                               processing_class=tokenizer)
+
+    trainer(max_steps=2).train()
+    with pytest.raises(ValueError, match=r"learning_rate 0\.01 \(the checkpoint's: 0\.005\) would not take effect"):
+        trainer(learning_rate=1e-2).train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="at step 2, past max_steps 1"):
+        trainer(max_steps=1).train(resume_from_checkpoint=True)
+    with pytest.raises(AdapterLoadError, match=r"holds a LoRA of r 8.*; this model's has r 4 \(train and resume"):
+        trainer(lora_r=4).train(resume_from_checkpoint=True)
+    resumed = trainer(max_steps=4, rows_seed=1)
+    with pytest.warns(UserWarning) as caught:
+        resumed.train(resume_from_checkpoint=True)
+    said = " ".join(str(w.message) for w in caught)
+    assert "max_steps 4 (the checkpoint run: 2)" in said and "on other data than its run read" in said
+    record = json.loads((tmp_path / "checkpoint-4" / "provenance.json").read_text())
+    resumed_from = json.loads(json.dumps(resumed.model.provenance["training"]["resumed_from"]))
+    assert resumed_from["global_step"] == 2 and resumed_from["changed"] == {"max_steps": {"checkpoint": 2, "given": 4}}
+    assert resumed_from["data"]["rows_sha256"] != record["data"]["rows_sha256"]
+    # Resumed at its last step, a run takes no step: its summary has no training loss or time to give.
+    last = trainer(max_steps=4, rows_seed=1)
+    last.train(resume_from_checkpoint=True)
+    metrics = last.model.provenance["metrics"]
+    assert last.state.global_step == 4 and not any(key.startswith("train_") for key in metrics)
+
+
 def test_save_model_writes_a_loadable_adapter_and_keeps_other_files(tmp_path):
     """Trainer.save_model: the adapter, its config and the tokenizer, staged and renamed into place
     beside whatever the directory holds; a directory of other things is refused untouched."""

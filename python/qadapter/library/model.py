@@ -273,14 +273,23 @@ class QAdapterModel(nn.Module):
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         """Replaces the adapter's weights with those saved in ``path`` (a trainer checkpoint or a saved
         adapter: resume, best-model loading), checked as :meth:`from_pretrained` checks them: an
-        interrupted save is finished first, the base fingerprint must be this model's, and the saved
-        tensors exactly this adapter's (PEFT would load a partial set with a warning)."""
+        interrupted save is finished first, the base fingerprint must be this model's, its LoRA rank,
+        alpha and layers this adapter's, and the saved tensors exactly this adapter's (PEFT would load
+        a partial set with a warning)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = Path(path)
         atomic.recover(path)
-        check_base(path, read_adapter_config(path), self.fingerprint, self.quantization)
+        config = read_adapter_config(path)
+        check_base(path, config, self.fingerprint, self.quantization)
+        ours = self.adapter_config()["lora"]
+        differs = {key: (value, ours[key]) for key, value in (config.get("lora") or {}).items()
+                   if key in ("r", "lora_alpha", "target_modules") and key in ours and value != ours[key]}
+        if differs:  # the weights' shapes or scale differ: one line, not a size mismatch per tensor
+            raise AdapterLoadError(f"{path} holds a LoRA of {', '.join(f'{k} {v!r}' for k, (v, _) in differs.items())}"
+                                   f"; this model's has {', '.join(f'{k} {o!r}' for k, (_, o) in differs.items())} "
+                                   "(train and resume with the same LoRA settings)")
         check_adapter_weights(self.peft_model, path)
         file = path / WEIGHTS_NAME
         try:

@@ -240,7 +240,10 @@ def holds_adapter(path: Path) -> bool:
 def read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     if not file.is_file():
-        raise AdapterLoadError(f"{path} is not a saved Q-Adapter: {CONFIG_NAME} is missing")
+        checkpoints = sorted((path / "checkpoints").glob("checkpoint-*"), key=lambda c: (len(c.name), c.name))
+        unfinished = (f"; it holds the checkpoints of a run not finished: `qadapter train --resume` finishes it, or "
+                      f"load a checkpoint ({checkpoints[-1]})") if checkpoints else ""
+        raise AdapterLoadError(f"{path} is not a saved Q-Adapter: {CONFIG_NAME} is missing{unfinished}")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

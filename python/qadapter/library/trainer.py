@@ -31,7 +31,7 @@ from qadapter_kernels.registry import BACKEND_NAMES
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, tokenize_rows
 from .hidden import whole_parameters
-from .provenance import data_identity, rows_hash
+from .provenance import data_identity, read_provenance, rows_hash
 from .saved import HUB_FILES, holds_adapter
 
 METRIC_NAMES = {
@@ -184,6 +184,54 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
     return None
 
 
+# What a resumed run takes from its checkpoint whatever it is given: the restored optimizer and
+# learning-rate schedule set them.
+RESTORED_OPTIONS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+                    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "optim_args")
+# What a resumed run takes as given, changing the course of the run its checkpoint is from.
+COURSE_OPTIONS = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "seed", "data_seed", "max_length", "max_prompt_length", "lora_dropout", *LOSS_ARGUMENTS)
+
+
+def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -> dict:
+    """Checks that a run given ``args`` (and ``data``, its data identity) can resume from ``checkpoint``
+    and returns where it resumes: the checkpoint, its step, and what differs from its run.
+
+    Refused: a checkpoint past ``max_steps``, and options the restored optimizer and schedule would
+    override (:data:`RESTORED_OPTIONS`: the run would not use what it is given). Warned of: options
+    that change the run's course from the checkpoint on (a longer ``max_steps`` stretches the
+    schedule), and other data than the checkpoint's run read."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    step = int(state.get("global_step", 0))
+    if args.max_steps > 0 and step > args.max_steps:
+        raise ValueError(f"checkpoint {checkpoint} is at step {step}, past max_steps {args.max_steps}: raise "
+                         "max_steps to go on from it, or train anew without resuming")
+    point = {"checkpoint": str(checkpoint), "global_step": step}
+    record, _ = read_provenance(checkpoint)
+    saved = (record or {}).get("training", {}).get("options") or {}
+    given = args.to_dict()
+    differs = {name: (saved[name], given[name]) for name in (*RESTORED_OPTIONS, *COURSE_OPTIONS)
+               if name in saved and name in given and saved[name] != given[name]}
+    refused = [f"{name} {new!r} (the checkpoint's: {old!r})" for name, (old, new) in differs.items()
+               if name in RESTORED_OPTIONS]
+    if refused:
+        raise ValueError(f"resuming from {checkpoint} restores its optimizer and learning-rate schedule, so "
+                         f"{', '.join(refused)} would not take effect: resume with the checkpoint's values, or "
+                         "train anew without resuming")
+    if differs:
+        point["changed"] = {name: {"checkpoint": old, "given": new} for name, (old, new) in differs.items()}
+        warnings.warn(f"resuming from {checkpoint} (step {step}) with "
+                      f"{', '.join(f'{name} {new!r} (the checkpoint run: {old!r})' for name, (old, new) in differs.items())}"
+                      ": the run goes on with the values given", UserWarning, stacklevel=3)
+    earlier = (record or {}).get("data") or {}
+    if data and earlier.get("rows_sha256") and data.get("rows_sha256") and earlier["rows_sha256"] != data["rows_sha256"]:
+        point["data"] = earlier
+        warnings.warn(f"resuming from {checkpoint} (step {step}) on other data than its run read "
+                      f"({earlier.get('source') or 'rows in memory'}): steps 1-{step} were trained on that, the "
+                      "rest on this", UserWarning, stacklevel=3)
+    return point
+
+
 class StepTotals(NamedTuple):
     """Pairs and scored tokens of one optimizer step: every micro-batch, every process."""
 
@@ -315,25 +363,37 @@ class QAdapterTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir} (train "
+                                 "without resuming to start the run)")
+        model = self.accelerator.unwrap_model(self.model)
+        record = getattr(model, "provenance", None)
+        self._resumed = None
+        if resume_from_checkpoint:
+            self._resumed = resume_point(Path(resume_from_checkpoint), self.args, (record or {}).get("data"))
+            logger.info("resuming from %s (step %d)", resume_from_checkpoint, self._resumed["global_step"])
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self._record_provenance(output.metrics)
         return output
 
     def _record_provenance(self, final: dict | None = None) -> None:
         """Puts what this trainer knows into the model's provenance (saved with every adapter and
-        checkpoint): every training option, the step reached, the last logged training metrics (with
-        ``final``, the run's summary) and, unless the caller named the data, the training set's size
-        and ``datasets`` fingerprint."""
+        checkpoint): every training option, the step reached, where a resumed run resumed (its
+        checkpoint, step, and what differed), the last logged training metrics (with ``final``, the
+        run's summary: a resumed run's covers the steps it took) and, unless the caller named the
+        data, the training set's size and ``datasets`` fingerprint."""
         model = self.accelerator.unwrap_model(self.model)
         record = getattr(model, "provenance", None)
         if record is None:
             return
         logged = [entry for entry in self.state.log_history if "loss" in entry and "eval_loss" not in entry]
         evaluated = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        resumed = getattr(self, "_resumed", None)
+        if final and resumed and resumed["global_step"] == self.state.global_step:
+            final = {k: v for k, v in final.items() if not k.startswith("train_")}  # no step taken: nothing to sum up
         metrics = {**(logged[-1] if logged else {}), **(evaluated[-1] if evaluated else {}), **(final or {})}
         record["training"] = {"options": self.args.to_dict(), "global_step": self.state.global_step,
-                              "epoch": self.state.epoch, "completed": final is not None}
+                              "epoch": self.state.epoch, "completed": final is not None,
+                              **({"resumed_from": resumed} if resumed else {})}
         record["metrics"] = metrics
         if "data" not in record and self.train_dataset is not None:
             data = self.train_dataset
