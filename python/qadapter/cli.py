@@ -316,8 +316,10 @@ def _run_train(args) -> int:
 
         callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
                                        progress=True, meta={"data": str(args.data), "eval_data": str(args.eval_data)}))
-    for checkpoint in earlier:  # --overwrite: the earlier run's, removed before this one writes its own
-        shutil.rmtree(checkpoint)
+    # --overwrite: the earlier run's checkpoints go before this run writes its own. Every process of a
+    # launch removes them (whichever comes first), all before the first step, which they take together.
+    for checkpoint in earlier:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer, callbacks=callbacks)
     resume = latest_checkpoint(config.output_dir) if args.resume is True else args.resume
