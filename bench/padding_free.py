@@ -68,7 +68,7 @@ def largest_tree_rows():
     length :func:`qadapter.library.packing.pack_batch` chooses by cost."""
     from qadapter.library import packing
 
-    with mock.patch.object(packing, "row_capacity", lambda sizes, hidden_size, most: max(sizes)):
+    with mock.patch.object(packing, "row_capacity", lambda sizes, hidden_size, most, **bound: max(sizes)):
         yield
 
 
