@@ -274,7 +274,8 @@ def _run_train(args) -> int:
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
-    earlier = sorted((output / "checkpoints").glob("checkpoint-*")) if args.resume is None else []
+    earlier = sorted((output / "checkpoints").glob("checkpoint-*"), key=lambda c: (len(c.name), c.name)) \
+        if args.resume is None else []
     if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
         _usage_error("train", f"--output {output} holds checkpoints of an earlier run ({earlier[-1].name}): --resume "
                               "goes on with it; --overwrite starts anew (its checkpoints are removed)")
@@ -319,11 +320,14 @@ def _run_train(args) -> int:
     # --overwrite: the earlier run's checkpoints go before this run writes its own. Every process of a
     # launch removes them (whichever comes first), all before the first step, which they take together.
     for checkpoint in earlier:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        try:
+            shutil.rmtree(checkpoint)
+        except FileNotFoundError:  # another process's removal
+            pass
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer, callbacks=callbacks)
     resume = latest_checkpoint(config.output_dir) if args.resume is True else args.resume
-    if resume:
+    if resume and config.should_log:
         print(f"resuming from {resume}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=resume or args.resume)
     model.save_pretrained(output, overwrite=args.overwrite)
@@ -1070,13 +1074,14 @@ def _terminated_as_interrupted():
         return
 
     def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends a process stuck in C at once
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
 
 
 def _run_command(args) -> int:

@@ -236,7 +236,14 @@ def test_batched_tokenizing_is_row_by_row_tokenizing(tok, monkeypatch, batch):
 
     rows = [{"prompt": f"q{k}", "chosen": f"yes {k}", "rejected": [assistant(f"no {k}")]} for k in range(7)]
     rows += [{"chosen": [user("hi"), assistant("a b c")], "rejected": [user("hi"), assistant("a b d")]}]
-    one_by_one = [tokenize_rows([row], tok, max_length=16)[0][0] for row in rows]
+    class OneTextAtATime:  # the tokenizer, each text of a batch encoded alone
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, texts, **options):
+            return {"input_ids": [tok(text, **options)["input_ids"] for text in texts]}
+
+    one_by_one = [tokenize_rows([row], OneTextAtATime(), max_length=16)[0][0] for row in rows]
     monkeypatch.setattr(data, "TOKENIZE_BATCH", batch)
     assert tokenize_rows(rows, tok, max_length=16)[0] == one_by_one
     late = {"prompt": "x", "chosen": "same", "rejected": [assistant("same")]}  # found once tokenized

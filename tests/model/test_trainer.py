@@ -167,16 +167,20 @@ def test_resume_refuses_what_the_checkpoint_would_override_and_warns_of_what_cha
         trainer(learning_rate=1e-2).train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="at step 2, past max_steps 1"):
         trainer(max_steps=1).train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"checkpoint-1 is not a complete checkpoint to resume from"):
+        trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     with pytest.raises(AdapterLoadError, match=r"holds a LoRA of r 8.*; this model's has r 4 \(train and resume"):
         trainer(lora_r=4).train(resume_from_checkpoint=True)
-    resumed = trainer(max_steps=4, rows_seed=1)
+    resumed = trainer(max_steps=4, rows_seed=1, lr_scheduler_type="cosine")  # the schedule's shape is rebuilt
     with pytest.warns(UserWarning) as caught:
         resumed.train(resume_from_checkpoint=True)
     said = " ".join(str(w.message) for w in caught)
     assert "max_steps 4 (the checkpoint run: 2)" in said and "on other data than its run read" in said
+    assert "lr_scheduler_type 'cosine' (the checkpoint run: 'linear')" in said
     record = json.loads((tmp_path / "checkpoint-4" / "provenance.json").read_text())
     resumed_from = json.loads(json.dumps(resumed.model.provenance["training"]["resumed_from"]))
-    assert resumed_from["global_step"] == 2 and resumed_from["changed"] == {"max_steps": {"checkpoint": 2, "given": 4}}
+    assert resumed_from["global_step"] == 2 and resumed_from["changed"] == {
+        "max_steps": {"checkpoint": 2, "given": 4}, "lr_scheduler_type": {"checkpoint": "linear", "given": "cosine"}}
     assert resumed_from["data"]["rows_sha256"] != record["data"]["rows_sha256"]
     # Resumed at its last step, a run takes no step: its summary has no training loss or time to give.
     last = trainer(max_steps=4, rows_seed=1)

@@ -84,8 +84,8 @@ class CompareOptions:
     skip_invalid: bool = option_field(False, "skip malformed rows of --data (counted in the report) instead of failing")
     max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
     max_prompt_length: int | None = option_field(
-        None, f"prompt tokens kept (cut from the left); default: {PROMPT_LENGTH} on the built-in task, half of "
-        "--max-length with --data", positive=True)
+        None, f"prompt tokens kept (cut from the left); default: {PROMPT_LENGTH} on the built-in task (where "
+        "--max-length is above it), else half of --max-length", positive=True)
     answer_tokens: int = option_field(40, "tokens generated per answer (held-out prompts, probe, general prompts)",
                                  positive=True)
     seed: int = option_field(0, "seed of every adapter's initialization and training")

@@ -170,11 +170,12 @@ def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | 
         raise
     # Marked complete, the staged set is kept until every file is in place: a failure from here on
     # leaves it for recover() to finish, and a Ctrl-C finishes the few renames before it stops.
-    (staging / COMPLETE).touch()
-    _fsync_dir(staging)
     try:
+        (staging / COMPLETE).touch()
+        _fsync_dir(staging)
         _move_into(staging, path)
     except KeyboardInterrupt:
+        (staging / COMPLETE).touch()
         _move_into(staging, path)
         shutil.rmtree(staging, ignore_errors=True)
         raise

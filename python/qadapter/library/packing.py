@@ -181,7 +181,7 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
     # Where attention keeps its scores (score_weight, eager), the rows keep no more than the padded batch
     # (row_capacity's estimate), and short rows join only up to a length that could.
     budget = batch * width * (score_weight + width) if score_weight is not None else 0
-    joined = hidden_size if score_weight is None else min(hidden_size, budget // int(lengths.sum()) - score_weight)
+    joined = hidden_size if score_weight is None else min(hidden_size, budget // max(1, int(lengths.sum())) - score_weight)
     tree_cap = max(2 * longest, joined)
     parent, shared, root = (_shared_prefixes([row.tolist() for row in rows], tree_cap) if share
                             else (list(range(batch)), [0] * batch, list(range(batch))))

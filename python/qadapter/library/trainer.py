@@ -184,13 +184,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
     return None
 
 
-# What a resumed run takes from its checkpoint whatever it is given: the restored optimizer and
-# learning-rate schedule set them.
-RESTORED_OPTIONS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
-                    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "optim_args")
-# What a resumed run takes as given, changing the course of the run its checkpoint is from.
-COURSE_OPTIONS = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-                  "seed", "data_seed", "max_length", "max_prompt_length", "lora_dropout", *LOSS_ARGUMENTS)
+# What a resumed run takes from its checkpoint whatever it is given: the restored optimizer state
+# sets its hyperparameters, and the restored schedule its base learning rate.
+RESTORED_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_args")
+# What a resumed run takes as given, changing the course of the run its checkpoint is from (the
+# schedule's shape is rebuilt from the options, only its step and base learning rate restored).
+COURSE_OPTIONS = ("max_steps", "num_train_epochs", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+                  "warmup_ratio", "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+                  "data_seed", "max_length", "max_prompt_length", "lora_dropout", *LOSS_ARGUMENTS)
 
 
 def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -> dict:
@@ -199,9 +200,13 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
 
     Refused: a checkpoint past ``max_steps``, and options the restored optimizer and schedule would
     override (:data:`RESTORED_OPTIONS`: the run would not use what it is given). Warned of: options
-    that change the run's course from the checkpoint on (a longer ``max_steps`` stretches the
-    schedule), and other data than the checkpoint's run read."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    that change the run's course from the checkpoint on (:data:`COURSE_OPTIONS`: a longer
+    ``max_steps`` stretches the schedule), and other data than the checkpoint's run read."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{checkpoint} is not a complete checkpoint to resume from (its trainer_state.json: "
+                         f"{exc})") from None
     step = int(state.get("global_step", 0))
     if args.max_steps > 0 and step > args.max_steps:
         raise ValueError(f"checkpoint {checkpoint} is at step {step}, past max_steps {args.max_steps}: raise "
@@ -209,7 +214,7 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
     point = {"checkpoint": str(checkpoint), "global_step": step}
     record, _ = read_provenance(checkpoint)
     saved = (record or {}).get("training", {}).get("options") or {}
-    given = args.to_dict()
+    given = json.loads(json.dumps(args.to_dict(), default=str))  # as the record holds them (tuples as lists)
     differs = {name: (saved[name], given[name]) for name in (*RESTORED_OPTIONS, *COURSE_OPTIONS)
                if name in saved and name in given and saved[name] != given[name]}
     refused = [f"{name} {new!r} (the checkpoint's: {old!r})" for name, (old, new) in differs.items()
@@ -220,12 +225,14 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
                          "train anew without resuming")
     if differs:
         point["changed"] = {name: {"checkpoint": old, "given": new} for name, (old, new) in differs.items()}
+    if differs and args.should_log:  # one process of a launch says it
         warnings.warn(f"resuming from {checkpoint} (step {step}) with "
                       f"{', '.join(f'{name} {new!r} (the checkpoint run: {old!r})' for name, (old, new) in differs.items())}"
                       ": the run goes on with the values given", UserWarning, stacklevel=3)
     earlier = (record or {}).get("data") or {}
     if data and earlier.get("rows_sha256") and data.get("rows_sha256") and earlier["rows_sha256"] != data["rows_sha256"]:
         point["data"] = earlier
+    if "data" in point and args.should_log:
         warnings.warn(f"resuming from {checkpoint} (step {step}) on other data than its run read "
                       f"({earlier.get('source') or 'rows in memory'}): steps 1-{step} were trained on that, the "
                       "rest on this", UserWarning, stacklevel=3)
