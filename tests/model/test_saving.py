@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -162,6 +164,14 @@ def test_an_exception_between_renames_never_leaves_a_mix(tmp_path, monkeypatch, 
     assert not staged if stop is KeyboardInterrupt else staged
     if stop is KeyboardInterrupt:  # already whole: read without the loader's recovery
         monkeypatch.setattr(atomic, "recover", lambda path: None)
+    else:  # a rename that keeps failing is said, naming the staged save, at every load until mended
+        name = next(p.name for p in staged[0].iterdir() if p.name != atomic.COMPLETE)
+        (out / name).unlink()
+        (out / name).mkdir()
+        (out / name / "blocking").touch()
+        with pytest.raises(OSError, match=f"cannot be finished .*remove {re.escape(str(staged[0]))} to keep"):
+            QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))
+        shutil.rmtree(out / name)
     assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(new))
 
 

@@ -127,7 +127,11 @@ def recover(path: str | os.PathLike) -> None:
         return
     for staging in sorted(path.glob(STAGING_PREFIX + "*")):
         if (staging / COMPLETE).is_file():
-            _move_into(staging, path)
+            try:
+                _move_into(staging, path)
+            except OSError as exc:  # what blocks a rename blocks every later save and load here: said
+                raise OSError(f"{path}: a save interrupted there cannot be finished ({exc}); move away what "
+                              f"blocks it, or remove {staging} to keep the files as they are") from exc
         shutil.rmtree(staging, ignore_errors=True)
 
 
