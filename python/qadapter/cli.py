@@ -279,6 +279,12 @@ def _run_train(args) -> int:
     if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
         _usage_error("train", f"--output {output} holds checkpoints of an earlier run ({earlier[-1].name}): --resume "
                               "goes on with it; --overwrite starts anew (its checkpoints are removed)")
+    resume = None
+    if args.resume is not None:  # the checkpoint found before anything loads: none is one line, at once
+        resume = latest_checkpoint(output / "checkpoints") if args.resume is True else args.resume
+        if resume is None or not Path(resume, "trainer_state.json").is_file():
+            where = f"in {output / 'checkpoints'}" if args.resume is True else f"at {args.resume}"
+            _usage_error("train", f"--resume: no complete checkpoint {where} (train without --resume to start the run)")
     if args.on is not None:  # saving over an adapter of the stack is refused, but only after training
         levels = levels_on(args.on)
         places = [place for level in levels for place in (level.nearby, level.path) if place]
@@ -326,10 +332,9 @@ def _run_train(args) -> int:
             pass
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer, callbacks=callbacks)
-    resume = latest_checkpoint(config.output_dir) if args.resume is True else args.resume
-    if resume and config.should_log:
-        print(f"resuming from {resume}", file=sys.stderr)
-    trainer.train(resume_from_checkpoint=resume or args.resume)
+    if resume is not None:
+        trainer.add_callback(_resume_announced(resume))
+    trainer.train(resume_from_checkpoint=resume)
     model.save_pretrained(output, overwrite=args.overwrite)
     print(f"adapter saved to {args.output}")
     if push_to:
@@ -340,6 +345,18 @@ def _run_train(args) -> int:
         metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
         print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _resume_announced(checkpoint: str):
+    """A callback that says where training resumes, once the trainer has taken the checkpoint."""
+    from transformers import TrainerCallback
+
+    class ResumeAnnounced(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if args.should_log:
+                print(f"resuming from {checkpoint} (step {state.global_step})", file=sys.stderr)
+
+    return ResumeAnnounced()
 
 
 def _plan_parser(p) -> None:

@@ -133,7 +133,11 @@ def test_train_over_an_earlier_runs_checkpoints_needs_resume_or_overwrite(tmp_pa
     assert "holds checkpoints of an earlier run (checkpoint-2): --resume goes on" in capsys.readouterr().err
     with pytest.warns(UserWarning, match=r"max_steps 3 \(the checkpoint run: 2\): the run goes on"):
         assert main([*argv, "--max_steps", "3", "--resume"]) == 0
-    assert f"resuming from {output / 'checkpoints' / 'checkpoint-2'}\n" in capsys.readouterr().err
+    assert f"resuming from {output / 'checkpoints' / 'checkpoint-2'} (step 2)\n" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # nothing to resume: said before anything loads, nothing created
+        main([*argv, "--output", str(tmp_path / "none"), "--resume"])
+    assert exc.value.code == 2 and "--resume: no complete checkpoint in" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
     assert main([*argv, "--max_steps", "1", "--overwrite"]) == 0
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-1"]
 

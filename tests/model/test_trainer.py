@@ -156,8 +156,8 @@ def test_resume_refuses_what_the_checkpoint_would_override_and_warns_of_what_cha
 
     from helpers import rows
 
-    def trainer(learning_rate=5e-3, max_steps=4, rows_seed=0, **options):
-        model, tokenizer, args, _, _ = training_setup(tmp_path, max_steps=max_steps, save_strategy="steps",
+    def trainer(learning_rate=5e-3, max_steps=4, rows_seed=0, run=tmp_path, **options):
+        model, tokenizer, args, _, _ = training_setup(run, max_steps=max_steps, save_strategy="steps",
                                                       save_steps=2, learning_rate=learning_rate, **options)
         return QAdapterTrainer(model=model, args=args, train_dataset=rows(32, seed=rows_seed),
                                processing_class=tokenizer)
@@ -167,6 +167,7 @@ def test_resume_refuses_what_the_checkpoint_would_override_and_warns_of_what_cha
         trainer(learning_rate=1e-2).train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="at step 2, past max_steps 1"):
         trainer(max_steps=1).train(resume_from_checkpoint=True)
+    (tmp_path / "checkpoint-1").mkdir()  # named, but with no state
     with pytest.raises(ValueError, match=r"checkpoint-1 is not a complete checkpoint to resume from"):
         trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     with pytest.raises(AdapterLoadError, match=r"holds a LoRA of r 8.*; this model's has r 4 \(train and resume"):
@@ -182,6 +183,15 @@ def test_resume_refuses_what_the_checkpoint_would_override_and_warns_of_what_cha
     assert resumed_from["global_step"] == 2 and resumed_from["changed"] == {
         "max_steps": {"checkpoint": 2, "given": 4}, "lr_scheduler_type": {"checkpoint": "linear", "given": "cosine"}}
     assert resumed_from["data"]["rows_sha256"] != record["data"]["rows_sha256"]
+    # A checkpoint saved without its optimizer state: the optimizer and schedule start afresh, so another
+    # learning rate takes effect (said, not refused).
+    trainer(max_steps=2, run=tmp_path / "model-only", save_only_model=True).train()
+    with pytest.warns(UserWarning) as caught:
+        trainer(learning_rate=1e-2, run=tmp_path / "model-only", save_only_model=True).train(resume_from_checkpoint=True)
+    said = " ".join(str(w.message) for w in caught)
+    assert "holds no optimizer state" in said and "learning_rate 0.01 (the checkpoint run: 0.005)" in said
+    with pytest.raises(ValueError, match="no checkpoint to resume from at .*checkpoint-7"):
+        trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-7"))
     # Resumed at its last step, a run takes no step: its summary has no training loss or time to give.
     last = trainer(max_steps=4, rows_seed=1)
     last.train(resume_from_checkpoint=True)

@@ -199,9 +199,12 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
     and returns where it resumes: the checkpoint, its step, and what differs from its run.
 
     Refused: a checkpoint past ``max_steps``, and options the restored optimizer and schedule would
-    override (:data:`RESTORED_OPTIONS`: the run would not use what it is given). Warned of: options
+    override (:data:`RESTORED_OPTIONS`: the run would not use what it is given). Warned of: a
+    checkpoint without optimizer state (the optimizer and schedule start afresh), options
     that change the run's course from the checkpoint on (:data:`COURSE_OPTIONS`: a longer
     ``max_steps`` stretches the schedule), and other data than the checkpoint's run read."""
+    if not checkpoint.is_dir():
+        raise ValueError(f"no checkpoint to resume from at {checkpoint}")
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -217,14 +220,23 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
     given = json.loads(json.dumps(args.to_dict(), default=str))  # as the record holds them (tuples as lists)
     differs = {name: (saved[name], given[name]) for name in (*RESTORED_OPTIONS, *COURSE_OPTIONS)
                if name in saved and name in given and saved[name] != given[name]}
+    # Its optimizer's state (Trainer's optimizer.pt; a DeepSpeed or FSDP engine's own files); without it
+    # (save_only_model) the optimizer and the schedule start afresh, and every option takes effect.
+    restored = any(item.name.startswith(("optimizer", "global_step")) for item in checkpoint.iterdir())
     refused = [f"{name} {new!r} (the checkpoint's: {old!r})" for name, (old, new) in differs.items()
-               if name in RESTORED_OPTIONS]
+               if name in RESTORED_OPTIONS and restored]
     if refused:
         raise ValueError(f"resuming from {checkpoint} restores its optimizer and learning-rate schedule, so "
                          f"{', '.join(refused)} would not take effect: resume with the checkpoint's values, or "
                          "train anew without resuming")
     if differs:
         point["changed"] = {name: {"checkpoint": old, "given": new} for name, (old, new) in differs.items()}
+    if not restored:
+        point["fresh_optimizer"] = True
+        if args.should_log:
+            warnings.warn(f"{checkpoint} holds no optimizer state (saved with save_only_model): resuming from it, "
+                          f"the optimizer and the learning-rate schedule start afresh at step {step}", UserWarning,
+                          stacklevel=3)
     if differs and args.should_log:  # one process of a launch says it
         warnings.warn(f"resuming from {checkpoint} (step {step}) with "
                       f"{', '.join(f'{name} {new!r} (the checkpoint run: {old!r})' for name, (old, new) in differs.items())}"
