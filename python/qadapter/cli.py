@@ -260,7 +260,7 @@ def _run_train(args) -> int:
     from .library.data import check_rows, load_preference_data
     from .library.model import QAdapterModel, levels_on, stack_level_at
     from .library.provenance import data_identity
-    from .library.saved import holds_adapter
+    from .library.saved import checkpoint_folders, holds_adapter
     from .library.trainer import QAdapterTrainer, latest_checkpoint, seed_everything
 
     config = _training_config(args, args.training_options)
@@ -274,8 +274,7 @@ def _run_train(args) -> int:
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
     except atomic.OutputDirectoryError as exc:
         _usage_error("train", str(exc))
-    earlier = sorted((output / "checkpoints").glob("checkpoint-*"), key=lambda c: (len(c.name), c.name)) \
-        if args.resume is None else []
+    earlier = checkpoint_folders(output / "checkpoints") if args.resume is None else []
     if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
         _usage_error("train", f"--output {output} holds checkpoints of an earlier run ({earlier[-1].name}): --resume "
                               "goes on with it; --overwrite starts anew (its checkpoints are removed)")

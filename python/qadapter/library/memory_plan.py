@@ -274,7 +274,7 @@ def scores_per_token(config, dtype: torch.dtype) -> int:
     default layers: the packer's rate of exchange between a row's tokens and its scores
     (:func:`qadapter.library.packing.row_capacity`)."""
     shape = replace(ModelShape.from_config(config), attention="eager")
-    b = torch.empty(0, dtype=dtype).element_size()
+    b = dtype.itemsize
     adapted = {name: size for name, size in shape.adaptable_layers().items() if name in shape.default_targets()}
     return _token_bytes(shape, b, adapted) // score_bytes(shape, b)
 

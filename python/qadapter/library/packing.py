@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory_plan import scores_per_token
+
 MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 VARLEN_ATTENTION = ("flash", "flex")  # name parts of those that skip what the mask hides
 SCORES_KEPT = ("eager",)  # those that keep every query-key score for the backward
@@ -251,8 +253,6 @@ def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.T
     """:func:`pack_batch` as ``causal_lm`` takes it: its attention, sliding window, mask dtype (its
     head's, as its forward adds the mask to scores of that dtype) and, where its attention keeps its
     scores, what they weigh against its tokens (a config the memory plan cannot read: no bound)."""
-    from .memory_plan import scores_per_token
-
     config = causal_lm.config
     attention = str(getattr(config, "_attn_implementation", None) or "eager")
     text_config = config.get_text_config()

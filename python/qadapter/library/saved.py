@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -237,10 +238,18 @@ def holds_adapter(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() or (path / "checkpoints").is_dir() or any(path.glob(f"checkpoint-*/{CONFIG_NAME}"))
 
 
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """Trainer's checkpoint folders (``checkpoint-<step>``) in ``run_dir``, by step (checkpoint-10 after
+    checkpoint-9)."""
+    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("checkpoint-*")
+             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+    return [path for _, path in sorted(found)]
+
+
 def read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_NAME
     if not file.is_file():
-        checkpoints = sorted((path / "checkpoints").glob("checkpoint-*"), key=lambda c: (len(c.name), c.name))
+        checkpoints = checkpoint_folders(path / "checkpoints")
         unfinished = (f"; it holds the checkpoints of a run not finished: `qadapter train --resume` finishes it, or "
                       f"load a checkpoint ({checkpoints[-1]})") if checkpoints else ""
         raise AdapterLoadError(f"{path} is not a saved Q-Adapter: {CONFIG_NAME} is missing{unfinished}")

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import typing
 import warnings
@@ -32,7 +31,7 @@ from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, tokenize_rows
 from .hidden import whole_parameters
 from .provenance import data_identity, read_provenance, rows_hash
-from .saved import HUB_FILES, holds_adapter
+from .saved import HUB_FILES, checkpoint_folders, holds_adapter
 
 METRIC_NAMES = {
     "chosen_rewards": "rewards/chosen",
@@ -171,9 +170,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
     while checkpointing leaves a newest folder whose state is missing or cut short. That folder is
     passed over (with a warning) for the one before it.
     """
-    found = [(int(m.group(1)), path) for path in Path(run_dir).glob("checkpoint-*")
-             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
-    for _, path in sorted(found, reverse=True):
+    for path in reversed(checkpoint_folders(run_dir)):
         try:
             json.loads((path / "trainer_state.json").read_text())
         except (OSError, ValueError):
