@@ -416,7 +416,7 @@ def options_main(argv: list[str] | None, *, prog: str, doc: str, options_class: 
     (``qadapter`` is imported here, not at the top: the version record must work without it.)"""
     import argparse
 
-    from qadapter.cli import add_dataclass_options, options_from
+    from qadapter.cli.arguments import add_dataclass_options, options_from
 
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     add_dataclass_options(parser, options_class)

@@ -46,7 +46,7 @@ def serving(adapters: dict[str, Path], max_batch: int, threads: int | None = Non
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "qadapter.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
+    command = [sys.executable, "-m", "qadapter", "serve", "--port", str(port), "--max-batch", str(max_batch),
                "--log-level", "warning", *(f"--adapter={name}={path}" for name, path in adapters.items())]
     if base_model is not None:
         command += ["--base-model", base_model]

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("peft")
 from helpers import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
-from qadapter.cli import build_parser, main, options_from  # noqa: E402
+from qadapter.cli import build_parser, main  # noqa: E402
+from qadapter.cli.arguments import options_from  # noqa: E402
 from qadapter.evaluation.measures import answers  # noqa: E402
 from qadapter.experiments.demo import DemoOptions  # noqa: E402
 from qadapter.library.model import QAdapterModel, base_fingerprint, select_combine  # noqa: E402

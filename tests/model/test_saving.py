@@ -197,7 +197,7 @@ def test_cli_train_refuses_a_foreign_output_before_loading_anything(tmp_path):
     foreign = tmp_path / "documents"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("\\documentclass{article}")
-    run = subprocess.run([sys.executable, "-m", "qadapter.cli", "train", "--data", str(tmp_path / "none.jsonl"),
+    run = subprocess.run([sys.executable, "-m", "qadapter", "train", "--data", str(tmp_path / "none.jsonl"),
                           "--output", str(foreign), "--model", "/nonexistent"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "holds no Q-Adapter adapter" in run.stderr, run.stderr

@@ -678,7 +678,7 @@ def test_ctrl_c_ends_the_server_cleanly(saved):
     root, _, paths = saved
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "qadapter.cli", "serve", "--adapter", f"terse={paths['terse']}",
+    process = subprocess.Popen([sys.executable, "-m", "qadapter", "serve", "--adapter", f"terse={paths['terse']}",
                                 "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
