@@ -14,20 +14,19 @@ import functools
 
 import torch
 
-DEVICE_TYPES = ("cuda", "cpu")
-
 
 def outside_autocast(fn):
     """Runs ``fn`` with every enabled autocast region turned off (nothing to do outside one)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        enabled = [device for device in DEVICE_TYPES if torch.is_autocast_enabled(device)]
-        if not enabled:
-            return fn(*args, **kwargs)
-        with contextlib.ExitStack() as regions:
-            for device in enabled:
-                regions.enter_context(torch.autocast(device, enabled=False))
+        with _off("cuda"), _off("cpu"):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def _off(device: str):
+    """The region turning ``device``'s autocast off where it is on (one for a device without autocast
+    would warn); entered in a plain ``with``, which dynamo traces whole."""
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()

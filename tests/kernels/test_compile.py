@@ -66,3 +66,23 @@ def test_importing_the_kernels_leaves_dynamo_unloaded():
     code = "import sys, qadapter_kernels; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_an_entry_point_compiles_whole_inside_an_autocast_region():
+    """The entry points turn autocast off in a way dynamo traces: ``fullgraph=True`` inside
+    ``torch.autocast`` (a bf16 training or decoding step compiled whole) gives the float32 result
+    of the call outside the region; regions entered through an ExitStack broke the graph there."""
+    import torch
+
+    from qadapter_kernels import combine_logits
+
+    gen = torch.Generator().manual_seed(6)
+    base, q = torch.randn(3, 11, generator=gen), torch.randn(3, 11, generator=gen)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda b, v: combine_logits(b, v, alpha_tilde=0.7, alpha_0=0.9) * 2,
+                             fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compiled(base, q)
+    expected = combine_logits(base, q, alpha_tilde=0.7, alpha_0=0.9) * 2
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
