@@ -187,7 +187,10 @@ run_steps() {
     builder=$!
   fi
   if wants wheel; then
-    (MAX_JOBS=8 timeout 280 bash -c "$(declare -f wheel_check); wheel_check" >"$OUT/.wheel.log" 2>&1; echo "exit $?" >>"$OUT/.wheel.log") &
+    # QADAPTER_BUILD_CUDA=1: a failed extension build fails the wheel with the compiler's output (unset, setup.py
+    # would install without it, and pip shows a build's output only when the build fails).
+    (MAX_JOBS=8 QADAPTER_BUILD_CUDA=1 timeout 280 bash -c "$(declare -f wheel_check); wheel_check" >"$OUT/.wheel.log" 2>&1
+     echo "exit $?" >>"$OUT/.wheel.log") &
     wheeler=$!
   fi
   wants triton-tests && step "triton tests (GPU)" "$TRITON_BUDGET" \
@@ -200,10 +203,12 @@ run_steps() {
     rm -f "$("$PY" -c 'from qadapter_kernels.toolchain.cache import cache_dir; print(cache_dir("cuda"))')/lock"
   fi
   wants cuda-build && step "cuda extension build" 60 build_extension
-  # Every registered backend against the reference (tests/kernels/test_backends.py, bf16 included), then the
-  # GPU-only paths (torch.compile through the custom ops, the model layer, decoding and serving on CUDA).
+  # Every registered backend against the reference (tests/kernels/test_backends.py, bf16 included; inside a
+  # CUDA autocast region, test_autocast.py), then the GPU-only paths (torch.compile through the custom ops,
+  # the model layer, decoding and serving on CUDA).
   wants backend-tests && step "backend agreement and GPU paths" "$BACKEND_BUDGET" \
-    "$PY" -m pytest "${BACKEND_PYTEST[@]}" tests/kernels/test_backends.py tests/kernels/test_gpu_paths.py
+    "$PY" -m pytest "${BACKEND_PYTEST[@]}" tests/kernels/test_backends.py tests/kernels/test_autocast.py \
+    tests/kernels/test_gpu_paths.py
   # Errors first, then timings; each row bounded (a first-call autotune), the rows left skipped at the budget.
   wants gpu-check && step "gpu_check" 170 "$PY" -m bench.gpu_check --budget-s 150 --row-limit-s 40 --out "$OUT/gpu-check.json"
   # cuda_check runs the CUDA tests (pytest -m gpu tests/kernels/test_cuda_ext.py) before its timings.
