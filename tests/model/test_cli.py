@@ -324,10 +324,12 @@ warnings.warn('a warning of ours', UserWarning)
 logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward from kernels-community')
 logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes message')
 logging.getLogger('DeepSpeed').warning('Setting accelerator to CPU. If you have GPU')
+warnings.warn('`torch.distributed.all_gather_into_tensor` is deprecated. Please use', FutureWarning)
 """
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "a warning of ours" in err and "another bitsandbytes message" in err
     assert "is_gradient_checkpointing" not in err and "gemm_4bit_forward" not in err and "Setting accelerator" not in err
+    assert "all_gather_into_tensor" not in err
 
 
 def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
@@ -438,3 +440,33 @@ def test_version_and_a_bare_command(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2 and "usage: qadapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["eval", "--adapter", "x", "--data", "d.jsonl"], ["generate", "--adapter", "x",
+                                  "--prompt", "hi"], ["lm-eval", "--tasks", "qadapter_knowledge"]])
+def test_a_command_that_runs_in_one_process_refuses_a_launcher(monkeypatch, capsys, argv):
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1) only train shares its work: another command
+    would run whole in every process, each printing (two JSON objects where one is promised) and
+    writing the same files; refused in one line before anything loads."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"qadapter {argv[0]}: error: runs in one process; this is one of 2 a launcher started (WORLD_SIZE): "
+                   "run it without torchrun or accelerate launch")
+
+
+def test_the_trainer_refuses_processes_that_a_launcher_started_but_did_not_join(monkeypatch, tmp_path):
+    """Launched as two processes on CPUs without use_cpu, accelerate leaves each alone: each would train
+    on all the data and write the same checkpoints. QAdapterTrainer says so, naming use_cpu."""
+    import torch
+    from qadapter.library.trainer import QAdapterConfig, QAdapterTrainer, has_accelerator
+
+    if has_accelerator():
+        pytest.skip("on a GPU machine accelerate joins the processes itself")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = QAdapterConfig(output_dir=str(tmp_path), report_to="none")
+    assert args.world_size == 1
+    with pytest.raises(ValueError, match=r"one of 2 a launcher started \(WORLD_SIZE\), but trains alone.*use_cpu=True"):
+        QAdapterTrainer(model=torch.nn.Linear(2, 2), args=args)

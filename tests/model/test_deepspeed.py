@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,3 +232,36 @@ def test_accelerate_recipe_runs_unchanged_under_zero3(tmp_path, monkeypatch):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["partitioned"]
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp_path):
+    """``torchrun --nproc_per_node 2 qadapter train --deepspeed zero3.json`` on CPUs: the processes join
+    (accelerate joins CPU processes only with use_cpu, which the command sets; else each trained alone,
+    and ZeRO-3's gathers failed), the command speaks and saves once, and the adapter saved at the end
+    is whole (saved outside a gather, ZeRO-3's partitions were empty tensors): it loads, equal to the
+    last checkpoint's, and its provenance counts the processes."""
+    from safetensors.torch import load_file
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "chosen": "the capital", "rejected": "of France"})
+                            + "\n" for i in range(8)))
+    (tmp_path / "zero3.json").write_text(json.dumps(zero_config(3)))
+    output = tmp_path / "adapter"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "qadapter", "train", "--model", str(tmp_path / "base"), "--data", str(data),
+                          "--output", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                          "--save_steps", "2", "--deepspeed", str(tmp_path / "zero3.json")],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("training data:") == 1 and run.stdout.count("adapter saved to") == 1, run.stdout
+    saved = load_file(output / "adapter_model.safetensors")
+    checkpoint = load_file(output / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    assert saved.keys() == checkpoint.keys() and all(saved[k].numel() > 0 for k in saved)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, checkpoint[name], rtol=0, atol=0)
+    record = json.loads((output / "provenance.json").read_text())
+    assert record["training"]["processes"] == 2 and record["training"]["global_step"] == 2
+    # Two processes of 2 pairs each: the 8 pairs are one epoch in 2 steps (alone, each would take 4).
+    assert record["training"]["epoch"] == 1.0

@@ -73,12 +73,14 @@ def build_parser(commands: Collection[str] = tuple(COMMANDS)) -> argparse.Argume
 # What the libraries print on every run about their own versions or this machine, none of it about
 # the run (logger or warning category, and the message's start): PEFT calling transformers' renamed
 # gradient-checkpointing property; bitsandbytes falling back from a hub-fetched CPU kernel to its own;
-# DeepSpeed (imported by transformers when installed) saying it found no GPU, on stdout.
+# DeepSpeed (imported by transformers when installed) saying it found no GPU, on stdout; ZeRO-3's gathers
+# calling torch's renamed collective.
 LIBRARY_CHATTER = (
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
     ("DeepSpeed", "Setting accelerator to CPU"),
     ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"),  # once per 8-bit layer call
+    (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"),
 )
 
 
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.training_options = extra  # train's TrainingArguments fields (--name value), parsed by HfArgumentParser
+    _check_one_process(args)
     format_warning = warnings.formatwarning  # a warning is one line of the command's own, while it runs
     warnings.formatwarning = lambda message, *_, **__: f"qadapter {args.command}: warning: {message}\n"
     try:
@@ -149,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
             return _run_command(args)
     finally:
         warnings.formatwarning = format_warning
+
+
+def _check_one_process(args) -> None:
+    """Only train shares its work among a launcher's processes (torchrun, accelerate launch): under
+    one, another command would run whole in every process, each printing and writing the same."""
+    processes = int(os.environ.get("WORLD_SIZE") or 1)
+    shared = args.command == "train" or (args.command == "lm-eval" and args.model != "qadapter")  # lm-eval's own
+    if processes > 1 and not shared:
+        usage_error(args.command, f"runs in one process; this is one of {processes} a launcher started "
+                                  "(WORLD_SIZE): run it without torchrun or accelerate launch")
 
 
 class Terminated(KeyboardInterrupt):

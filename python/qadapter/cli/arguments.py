@@ -124,7 +124,7 @@ def quantization_from(args, default=None):
         return _saved_with_compute_dtype(args)
     if args.compute_dtype:
         usage_error(args.command, "--compute-dtype applies with --load-in-4bit"
-                                   + (" (LLM.int8 takes no compute dtype)" if args.load_in_8bit else ""))
+                                  + (" (LLM.int8 takes no compute dtype)" if args.load_in_8bit else ""))
     return "8bit" if args.load_in_8bit else default
 
 
@@ -135,7 +135,7 @@ def _saved_with_compute_dtype(args) -> dict:
     saved = read_adapter_config(locate_adapter(args.adapter))["quantization"]
     if saved is None or saved["method"] == "int8":
         usage_error(args.command, f"--compute-dtype applies to a 4-bit base; {args.adapter} was trained on a "
-                                   f"{quant.describe(saved)} base")
+                                  f"{quant.describe(saved)} base")
     return {**saved, "compute_dtype": args.compute_dtype}
 
 
@@ -147,7 +147,7 @@ def check_length_options(command: str, args) -> None:
         check_lengths(args.max_length, args.max_prompt_length)
     except ValueError as exc:
         usage_error(command, str(exc).replace("max_prompt_length", "--max-prompt-length")
-                     .replace("max_length", "--max-length"))
+                    .replace("max_length", "--max-length"))
 
 
 def read_option_file(command: str, option: str, read, path: str | None):

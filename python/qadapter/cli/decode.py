@@ -60,7 +60,7 @@ def generate_command(args) -> int:
     if not args.sample and (given or args.seed is not None):
         named = [f"--{name.replace('_', '-')}" for name in given] + ["--seed"] * (args.seed is not None)
         usage_error("generate", f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} only with "
-                                 "--sample (greedy decoding takes no sampling options)")
+                                "--sample (greedy decoding takes no sampling options)")
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)

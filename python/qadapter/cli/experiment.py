@@ -187,7 +187,7 @@ def _lm_eval_options(args, harness) -> dict:
     if quantization is not None:
         if args.model != "qadapter":
             usage_error("lm-eval", f"--load-in-4bit and --load-in-8bit load the model qadapter's base; --model "
-                                    f"{args.model} takes its own --model_args")
+                                   f"{args.model} takes its own --model_args")
         if "quantization" in model_args:
             usage_error("lm-eval", "quantization is given twice: in --model_args and by --load-in-4bit/--load-in-8bit")
         model_args["quantization"] = quantization

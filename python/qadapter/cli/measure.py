@@ -147,7 +147,8 @@ def _format_provenance(record: dict) -> str:
         options = training.get("options") or {}
         shown = {k: options[k] for k in ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                                         "gradient_accumulation_steps", "seed") if k in options}
-        lines.append(f"training: step {training.get('global_step')}, completed {training.get('completed')}; "
+        processes = f", {training['processes']} processes" if training.get("processes", 1) > 1 else ""
+        lines.append(f"training: step {training.get('global_step')}, completed {training.get('completed')}{processes}; "
                      f"{', '.join(f'{k}={v}' for k, v in shown.items())} ({len(options)} options in --json)")
     else:
         lines.append("training: none recorded (an adapter saved outside training)")
@@ -210,7 +211,7 @@ def check_command(args) -> int:
     pin = hub_pin(args.adapter, adapter)  # owner/name@commit: the report names the commit it judged
     if output is None and pin is not None:
         usage_error("check", f"--output: {args.adapter} is a hub repository, whose downloaded copy is the hub "
-                              "cache's; name a directory for check.json and check.md")
+                             "cache's; name a directory for check.json and check.md")
     output = output or adapter
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
     rows = read_rows(args.data, split="test")

@@ -51,7 +51,7 @@ def train_parser(p) -> None:
 def _training_config(args, extra: list[str]):
     from transformers import HfArgumentParser
 
-    from ..library.trainer import QAdapterConfig
+    from ..library.trainer import QAdapterConfig, has_accelerator, launched_processes
 
     names = {f.name for f in fields(QAdapterConfig)}
     given = [a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in extra if a.startswith("--")]
@@ -60,14 +60,16 @@ def _training_config(args, extra: list[str]):
         usage_error("train", f"unrecognized arguments: {', '.join('--' + u for u in unknown)}")
     if "output_dir" in given:  # the adapter in one place, its checkpoints in another: --resume would not find them
         usage_error("train", "--output_dir is --output's: the adapter goes there and the trainer's checkpoints "
-                              "into <output>/checkpoints")
+                             "into <output>/checkpoints")
     if "skip_invalid" in given:
         usage_error("train", "--skip_invalid is --skip-invalid's (the command reads the data itself)")
     parser = HfArgumentParser(QAdapterConfig)
     parser.error = lambda message: usage_error("train", message)  # one line, not the usage of every field
+    # Launched as several processes on CPUs: accelerate joins them only with use_cpu (else each trains alone).
+    joined = ["--use_cpu", "true"] if launched_processes() > 1 and not has_accelerator() else []
     (config,) = parser.parse_args_into_dataclasses(
         args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none",
-              "--skip_invalid", str(args.skip_invalid), *extra]
+              "--skip_invalid", str(args.skip_invalid), *joined, *extra]
     )
     return config
 
@@ -82,6 +84,7 @@ def train_command(args) -> int:
     from ..library.trainer import QAdapterTrainer, latest_checkpoint, seed_everything
 
     config = _training_config(args, args.training_options)
+    main = config.process_index == 0  # of a launch's processes, the one that speaks, saves and pushes
     # The saved adapter is pushed once, at the end; Trainer would push its checkpoints' folder instead.
     push_to = (config.hub_model_id or Path(args.output).resolve().name) if config.push_to_hub else None
     config.push_to_hub = False
@@ -95,7 +98,7 @@ def train_command(args) -> int:
     earlier = checkpoint_folders(output / "checkpoints") if args.resume is None else []
     if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
         usage_error("train", f"--output {output} holds checkpoints of an earlier run ({earlier[-1].name}): --resume "
-                              "goes on with it; --overwrite starts anew (its checkpoints are removed)")
+                             "goes on with it; --overwrite starts anew (its checkpoints are removed)")
     resume = None
     if args.resume is not None:  # the checkpoint found before anything loads: none is one line, at once
         resume = latest_checkpoint(output / "checkpoints") if args.resume is True else args.resume
@@ -107,11 +110,11 @@ def train_command(args) -> int:
         places = [place for level in levels for place in (level.nearby, level.path) if place]
         if stack_level_at(output, places) is not None:  # a level where the stack moved to, or where recorded
             usage_error("train", f"--output {output} holds an adapter the new one is trained on (--on {args.on}): "
-                                  "saving there would replace it; choose another --output")
+                                 "saving there would replace it; choose another --output")
         local = [k for k, level in enumerate(levels, 1) if level.hub is None]
         if push_to and local:
             usage_error("train", f"--push_to_hub: stack level(s) {local} under the new adapter are local folders; "
-                                  "push them first and train --on the hub repository")
+                                 "push them first and train --on the hub repository")
     # Read and checked before the model loads: bad data fails at once.
     train_rows = check_rows(args.data, skip_invalid=args.skip_invalid)
     eval_rows = check_rows(args.eval_data, split="test", skip_invalid=args.skip_invalid) if args.eval_data else None
@@ -124,14 +127,16 @@ def train_command(args) -> int:
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    skip_invalid=args.skip_invalid)
     train, summary = load_preference_data(train_rows, tokenizer, **lengths)
-    print(f"training data: {summary}")
+    if main:
+        print(f"training data: {summary}")
     model.provenance["data"] = data_identity(args.data, train_rows, summary)  # saved with the adapter
     evaluation = None
     if args.eval_data:
         evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
-        print(f"evaluation data: {eval_summary}")
+        if main:
+            print(f"evaluation data: {eval_summary}")
         model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
-        if model.provenance["eval_data"]["rows_sha256"] == model.provenance["data"]["rows_sha256"]:
+        if main and model.provenance["eval_data"]["rows_sha256"] == model.provenance["data"]["rows_sha256"]:
             print("qadapter train: warning: --eval-data holds the same rows as --data: its held-out measures "
                   "would overstate what the adapter learned", file=sys.stderr)
     callbacks = []
@@ -152,15 +157,17 @@ def train_command(args) -> int:
     if resume is not None:
         trainer.add_callback(_resume_announced(resume))
     trainer.train(resume_from_checkpoint=resume)
-    model.save_pretrained(output, overwrite=args.overwrite)
-    print(f"adapter saved to {args.output}")
-    if push_to:
+    trainer.save_adapter(output, overwrite=args.overwrite)  # once, the adapter whole (ZeRO-3 gathers it)
+    if main:
+        print(f"adapter saved to {args.output}")
+    if push_to and main:
         commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
                                    revision=config.hub_revision)
         print(f"adapter pushed to the hub: {commit.commit_url}")
-    if evaluation is not None:
+    if evaluation is not None:  # every process measures (ZeRO-3's forward is a collective), one prints
         metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
-        print(json.dumps(metrics, indent=2))
+        if main:
+            print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -222,7 +229,7 @@ def plan_command(args) -> int:
     unknown = [name for name in predicted.options.target_modules if name not in known]
     if unknown:  # a name no layer has would plan no LoRA weights for it; training refuses it
         usage_error("plan", f"--lora-target-modules: {', '.join(unknown)} is not a linear layer of this "
-                             f"architecture's decoder layers; choose from {', '.join(known)}")
+                            f"architecture's decoder layers; choose from {', '.join(known)}")
     advice = suggestions(config, options, gpu) if gpu is not None and not predicted.fits(gpu) else None
     print(format_plan(predicted, gpu, advice))
     return 0 if gpu is None or predicted.fits(gpu) else 1

@@ -62,6 +62,7 @@ class LearningCurve(TrainerCallback):
             raise ValueError(f"every must be a positive number of steps; got {every!r}")
         self.features, self.pad_token_id, self.every = features, pad_token_id, every
         self.kl, self.progress = kl, progress
+        self.writes = True  # under a launcher, the main process alone writes (and shows progress)
         self.directory = Path(directory)
         self.record = {"heldout_pairs": len(features), "every": every, **(meta or {}), "points": []}
         self._started = time.monotonic()
@@ -74,8 +75,8 @@ class LearningCurve(TrainerCallback):
         """One point of the curve, written out before it is returned."""
         if self.points and self.points[-1]["step"] == step:
             return self.points[-1]
-        metrics = evaluate_pairs(model, self.features, self.pad_token_id, kl=self.kl, progress=self.progress,
-                                 per_pair=True)
+        metrics = evaluate_pairs(model, self.features, self.pad_token_id, kl=self.kl,
+                                 progress=self.progress and self.writes, per_pair=True)
         ranked = "".join("1" if margin > 0 else "0" for margin in metrics["margins"])
         low, high = wilson_interval(ranked.count("1"), len(self.features))
         point = {"step": step, "accuracy": metrics["accuracy"], "accuracy_95": [low, high],
@@ -85,7 +86,8 @@ class LearningCurve(TrainerCallback):
         if self.points:
             point["vs_step0"] = paired_change(self.points[0]["ranked_right"], ranked)
         self.points.append(point)
-        self.write()
+        if self.writes:
+            self.write()
         return point
 
     def write(self) -> None:
@@ -93,6 +95,7 @@ class LearningCurve(TrainerCallback):
         plot_curve(self.record, self.directory / "curve.png")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.writes = state.is_world_process_zero  # every process measures (ZeRO-3's forward is a collective)
         if state.global_step == 0:
             self.measure(model, 0)
 

@@ -101,7 +101,7 @@ class QAdapterConfig(LossArguments):
     def __post_init__(self) -> None:
         self.check_training_options()
         super().__post_init__()
-        if self.dataloader_pin_memory and not _has_accelerator():
+        if self.dataloader_pin_memory and not has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
         check_chunk_size(self.chunk_size)
@@ -136,9 +136,15 @@ class QAdapterConfig(LossArguments):
                     target_modules=self.lora_target_modules, padding_free=self.padding_free)
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (a GPU): without one, Trainer's processes join only with use_cpu."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; older ones pin for CUDA only
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun, accelerate launch, deepspeed) started for this run."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
 
 
 def _warn_if_padding_dependent(args) -> None:
@@ -353,6 +359,10 @@ class QAdapterTrainer(Trainer):
         elif not isinstance(args, QAdapterConfig):
             raise TypeError(f"args must be a QAdapterConfig (a TrainingArguments with the loss and LoRA options); "
                             f"got {type(args).__name__}")
+        if launched_processes() > 1 and args.world_size == 1:  # accelerate joins CPU processes only with use_cpu
+            raise ValueError(f"this process is one of {launched_processes()} a launcher started (WORLD_SIZE), but "
+                             "trains alone: each would train on all the data and write the same files; on a CPU, "
+                             "use_cpu=True (--use_cpu true) joins them")
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         read: dict[str, tuple] = {}
         for name in ("train_dataset", "eval_dataset"):
@@ -407,7 +417,8 @@ class QAdapterTrainer(Trainer):
         if final and resumed and resumed["global_step"] == self.state.global_step:
             final = {k: v for k, v in final.items() if not k.startswith("train_")}  # no step taken: nothing to sum up
         metrics = {**(logged[-1] if logged else {}), **(evaluated[-1] if evaluated else {}), **(final or {})}
-        record["training"] = {"options": self.args.to_dict(), "global_step": self.state.global_step,
+        record["training"] = {"options": self.args.to_dict(), "processes": self.args.world_size,
+                              "global_step": self.state.global_step,
                               "epoch": self.state.epoch, "completed": final is not None,
                               **({"resumed_from": resumed} if resumed else {})}
         record["metrics"] = metrics
@@ -513,6 +524,15 @@ class QAdapterTrainer(Trainer):
         self._checkpoint_pushed.checkpoint = Path(output_dir) if _internal_call else None
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def save_adapter(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """The trained adapter saved as :meth:`QAdapterModel.save_pretrained` saves it (only its files
+        replaced; ``overwrite``: into a non-empty directory holding none of ours), once: every process
+        gathers it (ZeRO-3: a collective), the main one writes."""
+        model = self.accelerator.unwrap_model(self.model)
+        with whole_parameters(_adapter_parameters(model)):
+            if self.args.should_save:
+                model.save_pretrained(path, overwrite=overwrite)
 
     # Trainer.train calls these two to load a checkpoint's weights (resume; load_best_model_at_end).
     # Their adapter path is taken only for a peft.PeftModel: for any other module they look for a
