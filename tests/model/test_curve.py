@@ -91,6 +91,37 @@ def test_train_command_writes_the_curve(tmp_path, capsys):
     assert "warning: --eval-data holds the same rows as --data" in capsys.readouterr().err
 
 
+def test_a_resumed_run_goes_on_with_the_curve_it_measured(tmp_path, capsys):
+    """``--resume`` keeps the points measured up to the checkpoint's step (the stopped run's curve.json)
+    and compares the later ones with its step 0; a curve of other held-out pairs is said, not mixed in."""
+    from helpers import rows, save_tiny_base
+    from qadapter.cli import main
+
+    save_tiny_base(tmp_path / "base")
+    for name, count, seed in (("train.jsonl", 8, 0), ("heldout.jsonl", 6, 1), ("other.jsonl", 5, 2)):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows(count, seed)) + "\n")
+    output = tmp_path / "adapter"
+    common = ["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"), "--output",
+              str(output), "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_steps", "2",
+              "--curve-steps", "2"]
+    assert main([*common, "--eval-data", str(tmp_path / "heldout.jsonl"), "--max_steps", "2"]) == 0
+    stopped = json.loads((output / "curve.json").read_text())["points"]
+    with pytest.warns(UserWarning, match="max_steps 4"):
+        assert main([*common, "--eval-data", str(tmp_path / "heldout.jsonl"), "--max_steps", "4", "--resume"]) == 0
+    points = json.loads((output / "curve.json").read_text())["points"]
+    assert [p["step"] for p in points] == [0, 2, 4] and points[:2] == stopped
+    assert points[2]["vs_step0"]["gained"] - points[2]["vs_step0"]["lost"] == round(
+        (points[2]["accuracy"] - points[0]["accuracy"]) * 6)
+    assert points[2]["train_seconds"] >= points[1]["train_seconds"]
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as caught:
+        assert main([*common, "--eval-data", str(tmp_path / "other.jsonl"), "--max_steps", "6", "--resume"]) == 0
+    assert any("curve before the resumed step 4 is not in" in str(w.message) and "other held-out pairs" in str(w.message)
+               for w in caught)
+    points = json.loads((output / "curve.json").read_text())["points"]
+    assert [p["step"] for p in points] == [6] and "vs_step0" not in points[0]
+
+
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
 
 

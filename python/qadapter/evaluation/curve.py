@@ -7,13 +7,15 @@ interval, margin, loss and the mean per-token KL of the customized policy to the
 keeps which pairs it ranks right, so every later point is also compared with step 0 on the same
 pairs (McNemar's exact test: a paired test, sharper than comparing the two intervals). Each
 point is written at once to ``curve.json`` (atomically), and ``curve.png`` is drawn from it, so a
-run cut short keeps every point it measured.
+run cut short keeps every point it measured, and a run resumed from a checkpoint goes on with the
+points measured up to that step (of the same held-out pairs).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -83,7 +85,7 @@ class LearningCurve(TrainerCallback):
                  "margin": metrics["margin"], "loss": metrics["loss"],
                  "kl_to_base": metrics.get("kl_to_base"), "train_seconds": round(time.monotonic() - self._started, 1),
                  "ranked_right": ranked}
-        if self.points:
+        if self.points and self.points[0]["step"] == 0:
             point["vs_step0"] = paired_change(self.points[0]["ranked_right"], ranked)
         self.points.append(point)
         if self.writes:
@@ -98,6 +100,24 @@ class LearningCurve(TrainerCallback):
         self.writes = state.is_world_process_zero  # every process measures (ZeRO-3's forward is a collective)
         if state.global_step == 0:
             self.measure(model, 0)
+        else:
+            self.resume(state.global_step)
+
+    def resume(self, step: int) -> None:
+        """Goes on with the points the stopped run measured up to ``step`` (its checkpoint's), read from
+        ``curve.json``; a curve of other held-out pairs, or none, is said, and this one starts at ``step``."""
+        path = self.directory / "curve.json"
+        earlier = atomic.read_json(path, "the learning curve") if path.is_file() else None
+        same = earlier is not None and all(earlier.get(key) == self.record.get(key)
+                                           for key in ("heldout_pairs", "eval_data"))
+        if not same:
+            warnings.warn(f"the learning curve before the resumed step {step} is not in {path} "
+                          f"({'none there' if earlier is None else 'that one measured other held-out pairs'}): "
+                          "this run's curve starts at the resumed step", stacklevel=2)
+            return
+        self.points[:] = [point for point in earlier["points"] if point["step"] <= step]
+        if self.points:  # the time spent training goes on from the stopped run's
+            self._started = time.monotonic() - self.points[-1]["train_seconds"]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
@@ -119,7 +139,8 @@ def plot_curve(record: dict, path: str | Path) -> bool:
     acc_axis.plot(steps, [p["accuracy"] for p in points], "o-", color="tab:blue", label="held-out accuracy")
     acc_axis.fill_between(steps, [p["accuracy_95"][0] for p in points], [p["accuracy_95"][1] for p in points],
                           color="tab:blue", alpha=0.15, label="95% interval")
-    acc_axis.axhline(points[0]["accuracy"], color="gray", ls="--", lw=1, label="step 0 (base's own preference)")
+    if steps[0] == 0:
+        acc_axis.axhline(points[0]["accuracy"], color="gray", ls="--", lw=1, label="step 0 (base's own preference)")
     acc_axis.set_xlabel("optimizer step")
     acc_axis.set_ylabel("preference accuracy")
     handles, labels = acc_axis.get_legend_handles_labels()
