@@ -916,6 +916,7 @@ def test_an_adapter_directory_loads_models_on_first_use_and_unloads_the_least_re
             api.models.retrieve("nope")
         with pytest.raises(openai.BadRequestError, match="'empty' of the adapter directory holds no adapter"):
             answer("empty")
+        assert engine.adapter_set.names == ["terse", "brief", "kind"]  # checked before any made room for it
 
 
 def test_an_adapter_directory_never_unloads_a_model_with_requests(saved, adapter_dir):

@@ -333,6 +333,19 @@ class AdapterSet:
         1 for an adapter, a stack's levels for a stack."""
         return 0 if name is None else next(a.depth for a in self.adapters if a.name == name)
 
+    def check(self, path: str | os.PathLike) -> tuple[Path, dict]:
+        """The saved adapter in ``path`` found (a hub download), and its config, checked against this
+        set's base before anything loads: its files' record, quantization and base fingerprint, and
+        for a stack whether this base can carry one. Raises what :meth:`load` raises for them."""
+        path = locate_adapter(path)
+        atomic.recover(path)
+        config = read_adapter_config(path)
+        check_quantization(path, config["quantization"], self.quantization)
+        check_base(path, config, self.fingerprint, self.quantization)
+        if config["stack"]:
+            check_stackable(head_softcap(self.base_model), str(path))
+        return path, config
+
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as
         ``QAdapterModel.from_pretrained`` checks it (complete files, this base, its quantization, exactly
@@ -341,14 +354,8 @@ class AdapterSet:
             raise ValueError(f"name must be a non-empty string; got {name!r}")
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is loaded already (unload it first)")
-        path = locate_adapter(path)
-        atomic.recover(path)
-        config = read_adapter_config(path)
-        check_quantization(path, config["quantization"], self.quantization)
-        check_base(path, config, self.fingerprint, self.quantization)
+        path, config = self.check(path)
         levels = [Level.from_dict(record, str(path), path) for record in config["stack"]]
-        if levels:
-            check_stackable(head_softcap(self.base_model), str(path))
         # Each LoRA of the bank (a member) is a PEFT adapter named by the set (a served name may hold what a
         # module name cannot), keyed by the sha256 of its files: a stack's level that is loaded already
         # (its parent, served too) is shared, not loaded twice.

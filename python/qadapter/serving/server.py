@@ -284,9 +284,10 @@ class Server:
                 self._from_dir.move_to_end(model)
                 return
             self._from_dir.pop(model, None)  # unloaded by the route meanwhile
-            while self.max_adapters is not None and len(self._from_dir) >= self.max_adapters:
-                await self._evict()
-            try:
+            try:  # a folder that cannot load costs no loaded adapter its place
+                await asyncio.to_thread(self.engine.adapter_set.check, folder)
+                while self.max_adapters is not None and len(self._from_dir) >= self.max_adapters:
+                    await self._evict()
                 await asyncio.to_thread(self.engine.load_adapter, model, folder)
             except (ValueError, OSError) as exc:  # AdapterLoadError (not an adapter, another base), unreadable files
                 raise BadRequest(f"model {model!r}: the folder {model!r} of the adapter directory holds no adapter "
