@@ -152,8 +152,13 @@ def test_adapters_of_another_base_or_bad_names_are_refused(saved, tmp_path):
     with torch.no_grad():
         other_base.get_input_embeddings().weight.add_(1.0)  # another base
     QAdapterModel(other_base).save_pretrained(tmp_path / "other")
-    with pytest.raises(AdapterLoadError, match="another base"):
+    base_named = f"than the base loaded for the first adapter, 'terse': {str(saved[0] / 'base')!r} (fingerprint "
+    with pytest.raises(AdapterLoadError, match="another base") as refused:
         adapter_set.load("other", tmp_path / "other")
+    assert base_named in str(refused.value)  # no base was given: which one was loaded, and for which adapter
+    with pytest.raises(AdapterLoadError, match="another base") as refused:
+        AdapterSet.from_pretrained({"terse": paths["terse"], "other": tmp_path / "other"})
+    assert base_named in str(refused.value)
     with pytest.raises(ValueError, match="loaded already"):
         adapter_set.load("terse", paths["formal"])
     with pytest.raises(ValueError, match="name must be"):

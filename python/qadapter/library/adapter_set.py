@@ -289,6 +289,7 @@ class AdapterSet:
         self.base_model, self.tokenizer = base_model, tokenizer
         self.fingerprint = base_fingerprint(base_model)
         self.quantization = quant.model_quantization(base_model)
+        self.base_described = "the one given"  # which base this is, as a refused adapter's message names it
         self.peft_model: nn.Module | None = None
         self.adapters: list[_Served] = []
         self._members: dict[str, str] = {}  # the bank's LoRAs: sha256 of their files -> PEFT adapter name
@@ -317,9 +318,11 @@ class AdapterSet:
         items = [(name, locate_adapter(path)) for name, path in items]
         first = items[0][1]
         atomic.recover(first)
-        base, tokenizer = load_saved_base(first, read_adapter_config(first), base_model, torch_dtype=torch_dtype,
-                                          device=device)
+        config = read_adapter_config(first)
+        base, tokenizer = load_saved_base(first, config, base_model, torch_dtype=torch_dtype, device=device)
         adapter_set = cls(base, tokenizer=tokenizer)
+        if base_model is None:  # an adapter of another base is told which base was loaded, and why
+            adapter_set.base_described = f"the base loaded for the first adapter, {items[0][0]!r}: {config['base_model']!r}"
         for name, path in items:
             adapter_set.load(name, path)
         return adapter_set
@@ -341,7 +344,7 @@ class AdapterSet:
         atomic.recover(path)
         config = read_adapter_config(path)
         check_quantization(path, config["quantization"], self.quantization)
-        check_base(path, config, self.fingerprint, self.quantization)
+        check_base(path, config, self.fingerprint, self.quantization, given=self.base_described)
         if config["stack"]:
             check_stackable(head_softcap(self.base_model), str(path))
         return path, config

@@ -607,9 +607,11 @@ def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: boo
     return model
 
 
-def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | None) -> None:
+def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | None, *,
+               given: str = "the one given") -> None:
     """An adapter goes only onto the base it was trained on: the saved base fingerprint must be
-    ``fingerprint`` (the base's it is loaded onto, quantized as ``quantization`` says)."""
+    ``fingerprint`` (the base's it is loaded onto, quantized as ``quantization`` says; ``given``
+    says which base that is)."""
     if fingerprint == config["base_fingerprint"]:
         return
     saved = config["quantization"]
@@ -622,7 +624,7 @@ def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | 
                 f"{saved['compute_dtype']} (--compute-dtype {saved['compute_dtype']})")
     raise AdapterLoadError(
         f"the adapter in {path} was trained on another base model, {config['base_model']!r} (fingerprint "
-        f"{config['base_fingerprint']}), than the one given (fingerprint {fingerprint}){hint}")
+        f"{config['base_fingerprint']}), than {given} (fingerprint {fingerprint}){hint}")
 
 
 def check_quantization(path: Path, saved: dict | None, given: dict | None) -> None:
