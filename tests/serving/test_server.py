@@ -750,6 +750,32 @@ def test_serve_command_refuses_a_name_given_twice(saved, capsys):
     assert exc.value.code == 2 and "given twice" in capsys.readouterr().err
 
 
+def test_serve_command_keeps_a_prefix_cache_by_default(saved, tmp_path, monkeypatch, capsys):
+    """``qadapter serve`` keeps finished requests' KV (1 GiB) unless ``--prefix-cache 0``; a base that
+    attends within a sliding window runs without it, said on stderr, and refuses a SIZE given."""
+    from helpers import tiny_causal_lm, tiny_chat_tokenizer
+    from qadapter.cli import main
+    from qadapter.serving import server
+
+    engines = []
+    monkeypatch.setattr(server, "serve", lambda engine, *args, **kwargs: engines.append(engine))
+    adapter = f"a={saved[2]['terse']}"
+    assert main(["serve", "--adapter", adapter, "--port", str(free_port())]) == 0
+    assert engines[-1].prefix_cache is not None and engines[-1].prefix_cache.budget == 1 << 30
+    assert main(["serve", "--adapter", adapter, "--port", str(free_port()), "--prefix-cache", "0"]) == 0
+    assert engines[-1].prefix_cache is None
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("mistral", vocab=len(tokenizer)).save_pretrained(tmp_path / "sliding")
+    tokenizer.save_pretrained(tmp_path / "sliding")
+    capsys.readouterr()
+    assert main(["serve", "--base-model", str(tmp_path / "sliding"), "--port", str(free_port())]) == 0
+    assert engines[-1].prefix_cache is None
+    assert "the prefix cache is off: this model attends within a sliding window" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--base-model", str(tmp_path / "sliding"), "--port", str(free_port()), "--prefix-cache", "1MiB"])
+    assert exc.value.code == 2 and "sliding window" in capsys.readouterr().err
+
+
 def test_completion_text_decodes_a_window_yet_equals_the_whole_decode():
     """Characters split over byte-level tokens and leading spaces come out as a decode of all the
     tokens at once, however the tokens arrive."""

@@ -3,6 +3,7 @@ one base, over HTTP): decoding with the customized policy."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .arguments import (
@@ -78,6 +79,10 @@ def generate_command(args) -> int:
     return 0
 
 
+# The prefix cache's budget where --prefix-cache is not given.
+PREFIX_CACHE = "1GiB"
+
+
 def serve_parser(p) -> None:
     p.description = ("Serves /v1/completions, /v1/chat/completions (streaming by server-sent events), "
                      "/v1/models, /health and /metrics (Prometheus). A request's model names a loaded "
@@ -95,9 +100,10 @@ def serve_parser(p) -> None:
                         "stack) read in one prefill at most, bounding its memory; a longer prompt is read alone "
                         "(default: no bound)")
     p.add_argument("--prefix-cache", metavar="SIZE",
-                   help="keep finished requests' KV cache, at most SIZE (e.g. 2GiB, 500MiB), and read a prompt "
-                        "that starts the same way under the same model from where it differs (a shared system "
-                        "prompt, a chat's next turn); not for sliding-window models (default: off)")
+                   help="keep finished requests' KV cache, at most SIZE (e.g. 2GiB, 500MiB; 0: off), and read a "
+                        "prompt that starts the same way under the same model from where it differs (a shared "
+                        f"system prompt, a chat's next turn) (default: {PREFIX_CACHE}; off for a model that "
+                        "attends within a sliding window, Gemma-2 or Mistral, which refuses a SIZE)")
     p.add_argument("--allow-adapter-updates", action="store_true",
                    help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): any client that "
                         "reaches the server can then load adapters from this machine's folders or the hub")
@@ -139,7 +145,7 @@ def serve_command(args) -> int:
     from ..library.adapter_set import AdapterSet
     from ..library.defaults import DEFAULT_MODEL, load_base
     from ..library.memory_plan import parse_size
-    from ..serving.engine import Engine
+    from ..serving.engine import Engine, attends_in_window
     from ..serving.server import BASE_MODEL, serve
 
     if args.max_adapters is not None and args.adapter_dir is None:
@@ -147,7 +153,7 @@ def serve_command(args) -> int:
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         usage_error("serve", f"--adapter-dir {args.adapter_dir}: no such directory")
     try:
-        prefix_cache = parse_size(args.prefix_cache) if args.prefix_cache else 0
+        prefix_cache = parse_size(args.prefix_cache or PREFIX_CACHE)
     except ValueError as exc:
         usage_error("serve", f"--prefix-cache: {exc}")
     _check_listen(args.host, args.port)
@@ -164,6 +170,10 @@ def serve_command(args) -> int:
     else:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
+    if args.prefix_cache is None and attends_in_window(adapter_set.base_model):  # the default, where it cannot be
+        prefix_cache = 0
+        print("qadapter serve: the prefix cache is off: this model attends within a sliding window, which a reused "
+              "prefix would move", file=sys.stderr)
     serve(Engine(adapter_set, adapter_set.tokenizer, max_batch=args.max_batch,
                  max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=prefix_cache),
           args.host, args.port,

@@ -129,7 +129,7 @@ class Engine:
         # Finished requests' KV, reused by prompts that start the same way, within this many bytes (0: off).
         self.prefix_cache = None
         if prefix_cache_bytes:
-            if _slides(adapter_set.base_model):
+            if attends_in_window(adapter_set.base_model):
                 raise ValueError("prefix_cache_bytes: this model attends within a sliding window (Gemma-2, Mistral), "
                                  "which a reused prefix would move; leave it 0")
             self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -701,7 +701,7 @@ def _draw(request: Request, scores: torch.Tensor) -> torch.Tensor:
     return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=request.generator)[0, 0]
 
 
-def _slides(model) -> bool:
+def attends_in_window(model) -> bool:
     """Whether ``model`` attends within a sliding window on some layer (transformers' cache layout for it)."""
     from transformers import DynamicCache
 
