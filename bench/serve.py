@@ -46,8 +46,11 @@ def serving(adapters: dict[str, Path], max_batch: int, threads: int | None = Non
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # No prefix cache: the concurrent pass would find the prompts the one-at-a-time pass stored
+    # (bench.prefix_cache measures the cache).
     command = [sys.executable, "-m", "qadapter", "serve", "--port", str(port), "--max-batch", str(max_batch),
-               "--log-level", "warning", *(f"--adapter={name}={path}" for name, path in adapters.items())]
+               "--prefix-cache", "0", "--log-level", "warning",
+               *(f"--adapter={name}={path}" for name, path in adapters.items())]
     if base_model is not None:
         command += ["--base-model", base_model]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
