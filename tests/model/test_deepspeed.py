@@ -234,7 +234,7 @@ def test_accelerate_recipe_runs_unchanged_under_zero3(tmp_path, monkeypatch):
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp_path):
+def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp_path, capsys):
     """``torchrun --nproc_per_node 2 qadapter train --deepspeed zero3.json`` on CPUs: the processes join
     (accelerate joins CPU processes only with use_cpu, which the command sets; else each trained alone,
     and ZeRO-3's gathers failed), the command speaks and saves once, and the adapter saved at the end
@@ -265,3 +265,7 @@ def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp
     assert record["training"]["processes"] == 2 and record["training"]["global_step"] == 2
     # Two processes of 2 pairs each: the 8 pairs are one epoch in 2 steps (alone, each would take 4).
     assert record["training"]["epoch"] == 1.0
+    from qadapter.cli import main
+
+    assert main(["info", str(output)]) == 0
+    assert "training: step 2, completed True, 2 processes;" in capsys.readouterr().out
