@@ -454,7 +454,7 @@ def test_a_command_that_runs_in_one_process_refuses_a_launcher(monkeypatch, caps
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"qadapter {argv[0]}: error: runs in one process; this is one of 2 a launcher started (WORLD_SIZE): "
-                   "run it without torchrun or accelerate launch")
+                   "run it without torchrun or accelerate launch (or unset WORLD_SIZE)")
 
 
 def test_the_trainer_refuses_processes_that_a_launcher_started_but_did_not_join(monkeypatch, tmp_path):
@@ -470,3 +470,19 @@ def test_the_trainer_refuses_processes_that_a_launcher_started_but_did_not_join(
     assert args.world_size == 1
     with pytest.raises(ValueError, match=r"one of 2 a launcher started \(WORLD_SIZE\), but trains alone.*use_cpu=True"):
         QAdapterTrainer(model=torch.nn.Linear(2, 2), args=args)
+
+
+def test_the_processes_of_a_launch_are_read_from_its_variables(monkeypatch):
+    """torchrun's WORLD_SIZE or an MPI launcher's own (which accelerate reads too); a value that is
+    not a positive count is no launch, not a traceback."""
+    from qadapter.library.launch import WORLD_SIZE_VARIABLES, launched_processes
+
+    for name in WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert launched_processes() == 1
+    for value, processes in (("4", 4), (" 2 ", 2), ("", 1), ("two", 1), ("0", 1), ("-3", 1)):
+        monkeypatch.setenv("WORLD_SIZE", value)
+        assert launched_processes() == processes, value
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    assert launched_processes() == 3

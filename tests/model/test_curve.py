@@ -116,10 +116,18 @@ def test_a_resumed_run_goes_on_with_the_curve_it_measured(tmp_path, capsys):
     capsys.readouterr()
     with pytest.warns(UserWarning) as caught:
         assert main([*common, "--eval-data", str(tmp_path / "other.jsonl"), "--max_steps", "6", "--resume"]) == 0
-    assert any("curve before the resumed step 4 is not in" in str(w.message) and "other held-out pairs" in str(w.message)
+    assert any("curve before the resumed step 4 is not in" in str(w.message) and "another measure" in str(w.message)
                for w in caught)
     points = json.loads((output / "curve.json").read_text())["points"]
     assert [p["step"] for p in points] == [6] and "vs_step0" not in points[0]
+    (output / "curve.json").write_text("[1, 2")  # damaged: the run still resumes, with a curve of its own
+    with pytest.warns(UserWarning) as caught:
+        assert main([*common, "--eval-data", str(tmp_path / "other.jsonl"), "--max_steps", "8", "--resume"]) == 0
+    assert any("curve before the resumed step 6 is not in" in str(w.message) for w in caught)
+    assert [p["step"] for p in json.loads((output / "curve.json").read_text())["points"]] == [8]
+    # A run started anew (--overwrite) keeps no curve of the run it replaces.
+    assert main([*common[:-2], "--eval-data", str(tmp_path / "other.jsonl"), "--max_steps", "2", "--overwrite"]) == 0
+    assert not (output / "curve.json").exists() and not (output / "curve.png").exists()
 
 
 HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"

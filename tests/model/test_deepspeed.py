@@ -237,9 +237,9 @@ def test_accelerate_recipe_runs_unchanged_under_zero3(tmp_path, monkeypatch):
 def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp_path, capsys):
     """``torchrun --nproc_per_node 2 qadapter train --deepspeed zero3.json`` on CPUs: the processes join
     (accelerate joins CPU processes only with use_cpu, which the command sets; else each trained alone,
-    and ZeRO-3's gathers failed), the command speaks and saves once, and the adapter saved at the end
-    is whole (saved outside a gather, ZeRO-3's partitions were empty tensors): it loads, equal to the
-    last checkpoint's, and its provenance counts the processes."""
+    and ZeRO-3's gathers failed), the command speaks, saves and pushes once, and the adapter saved and
+    pushed at the end is whole (outside a gather, ZeRO-3's partitions were empty tensors): equal to the
+    last checkpoint's, its provenance counting the processes."""
     from safetensors.torch import load_file
 
     save_tiny_base(tmp_path / "base")
@@ -247,20 +247,34 @@ def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp
     data.write_text("".join(json.dumps({"prompt": f"hello {i}", "chosen": "the capital", "rejected": "of France"})
                             + "\n" for i in range(8)))
     (tmp_path / "zero3.json").write_text(json.dumps(zero_config(3)))
+    # The hub, caught where huggingface_hub uploads: the pushed folder is copied to hub/.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import shutil, types, huggingface_hub\n"
+        "huggingface_hub.HfApi.create_repo = lambda self, repo_id, **_: None\n"
+        "def upload_folder(self, *, repo_id, folder_path, **_):\n"
+        f"    shutil.copytree(folder_path, {str(tmp_path / 'hub')!r})\n"
+        "    return types.SimpleNamespace(commit_url='hub://' + repo_id)\n"
+        "huggingface_hub.HfApi.upload_folder = upload_folder\n")
     output = tmp_path / "adapter"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "qadapter", "train", "--model", str(tmp_path / "base"), "--data", str(data),
                           "--output", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                          "--save_steps", "2", "--deepspeed", str(tmp_path / "zero3.json")],
+                          "--save_steps", "2", "--deepspeed", str(tmp_path / "zero3.json"), "--eval-data", str(data),
+                          "--push_to_hub", "true", "--hub_model_id", "me/adapter"],
                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("training data:") == 1 and run.stdout.count("adapter saved to") == 1, run.stdout
+    for once in ("training data:", "adapter saved to", "adapter pushed to the hub: hub://me/adapter", '"accuracy"'):
+        assert run.stdout.count(once) == 1, (once, run.stdout)
     saved = load_file(output / "adapter_model.safetensors")
     checkpoint = load_file(output / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
-    assert saved.keys() == checkpoint.keys() and all(saved[k].numel() > 0 for k in saved)
-    for name, tensor in saved.items():
+    pushed = load_file(tmp_path / "hub" / "adapter_model.safetensors")
+    assert saved.keys() == checkpoint.keys() == pushed.keys() and all(saved[k].numel() > 0 for k in saved)
+    for name, tensor in saved.items():  # the whole adapter saved and pushed (not each process's empty partition)
         torch.testing.assert_close(tensor, checkpoint[name], rtol=0, atol=0)
+        torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=0)
     record = json.loads((output / "provenance.json").read_text())
     assert record["training"]["processes"] == 2 and record["training"]["global_step"] == 2
     # Two processes of 2 pairs each: the 8 pairs are one epoch in 2 steps (alone, each would take 4).

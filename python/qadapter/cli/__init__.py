@@ -74,13 +74,14 @@ def build_parser(commands: Collection[str] = tuple(COMMANDS)) -> argparse.Argume
 # the run (logger or warning category, and the message's start): PEFT calling transformers' renamed
 # gradient-checkpointing property; bitsandbytes falling back from a hub-fetched CPU kernel to its own;
 # DeepSpeed (imported by transformers when installed) saying it found no GPU, on stdout; ZeRO-3's gathers
-# calling torch's renamed collective.
+# and reductions calling torch's renamed collectives.
 LIBRARY_CHATTER = (
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
     ("DeepSpeed", "Setting accelerator to CPU"),
     ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"),  # once per 8-bit layer call
     (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated"),
+    (FutureWarning, "`torch.distributed.reduce_scatter_tensor` is deprecated"),
 )
 
 
@@ -157,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
 def _check_one_process(args) -> None:
     """Only train shares its work among a launcher's processes (torchrun, accelerate launch): under
     one, another command would run whole in every process, each printing and writing the same."""
-    processes = int(os.environ.get("WORLD_SIZE") or 1)
+    from ..library.launch import launch_variable, launched_processes
+
+    processes = launched_processes()
     shared = args.command == "train" or (args.command == "lm-eval" and args.model != "qadapter")  # lm-eval's own
     if processes > 1 and not shared:
         usage_error(args.command, f"runs in one process; this is one of {processes} a launcher started "
-                                  "(WORLD_SIZE): run it without torchrun or accelerate launch")
+                                  f"({launch_variable()}): run it without torchrun or accelerate launch (or unset "
+                                  f"{launch_variable()})")
 
 
 class Terminated(KeyboardInterrupt):

@@ -153,7 +153,7 @@ def serve_command(args) -> int:
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         usage_error("serve", f"--adapter-dir {args.adapter_dir}: no such directory")
     try:
-        prefix_cache = parse_size(args.prefix_cache or PREFIX_CACHE)
+        prefix_cache = parse_size(PREFIX_CACHE if args.prefix_cache is None else args.prefix_cache)
     except ValueError as exc:
         usage_error("serve", f"--prefix-cache: {exc}")
     _check_listen(args.host, args.port)
@@ -170,6 +170,8 @@ def serve_command(args) -> int:
     else:
         base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
+        if args.base_model is None:  # what an adapter of another base (loaded later) is told it is not for
+            adapter_set.base_described = f"the embedded default base, {DEFAULT_MODEL!r}"
     if args.prefix_cache is None and attends_in_window(adapter_set.base_model):  # the default, where it cannot be
         prefix_cache = 0
         print("qadapter serve: the prefix cache is off: this model attends within a sliding window, which a reused "

@@ -51,7 +51,8 @@ def train_parser(p) -> None:
 def _training_config(args, extra: list[str]):
     from transformers import HfArgumentParser
 
-    from ..library.trainer import QAdapterConfig, has_accelerator, launched_processes
+    from ..library.launch import launched_processes
+    from ..library.trainer import QAdapterConfig, has_accelerator
 
     names = {f.name for f in fields(QAdapterConfig)}
     given = [a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in extra if a.startswith("--")]
@@ -143,31 +144,36 @@ def train_command(args) -> int:
     if args.curve_steps:
         from ..evaluation.curve import LearningCurve
 
+        meta = {"data": str(args.data), "eval_data": str(args.eval_data),
+                "eval_rows_sha256": model.provenance["eval_data"]["rows_sha256"]}  # a resumed curve's must match
         callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
-                                       progress=True, meta={"data": str(args.data), "eval_data": str(args.eval_data)}))
-    # --overwrite: the earlier run's checkpoints go before this run writes its own. Every process of a
-    # launch removes them (whichever comes first), all before the first step, which they take together.
-    for checkpoint in earlier:
-        try:
-            shutil.rmtree(checkpoint)
-        except FileNotFoundError:  # another process's removal
-            pass
+                                       progress=True, meta=meta))
+    # --overwrite: the earlier run's checkpoints go before this run writes its own, and a run started
+    # anew keeps no learning curve of another (a resumed one goes on with its own). The main process
+    # removes them while a launch's others wait.
+    with config.main_process_first(local=False, desc="the earlier run's files removed"):
+        if main:
+            for checkpoint in earlier:
+                shutil.rmtree(checkpoint)
+            for name in ("curve.json", "curve.png") if resume is None else ():
+                (output / name).unlink(missing_ok=True)
     trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                               processing_class=tokenizer, callbacks=callbacks)
     if resume is not None:
         trainer.add_callback(_resume_announced(resume))
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_adapter(output, overwrite=args.overwrite)  # once, the adapter whole (ZeRO-3 gathers it)
-    if main:
-        print(f"adapter saved to {args.output}")
-    if push_to and main:
-        commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
-                                   revision=config.hub_revision)
-        print(f"adapter pushed to the hub: {commit.commit_url}")
-    if evaluation is not None:  # every process measures (ZeRO-3's forward is a collective), one prints
-        metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
+    # Every process measures (ZeRO-3's forward is a collective), before the main one saves and pushes alone.
+    metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id) if evaluation is not None else None
+    with trainer.gathered_adapter():  # whole under ZeRO-3; saved and pushed once
         if main:
-            print(json.dumps(metrics, indent=2))
+            model.save_pretrained(output, overwrite=args.overwrite)
+            print(f"adapter saved to {args.output}")
+            if push_to:
+                commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
+                                           revision=config.hub_revision)
+                print(f"adapter pushed to the hub: {commit.commit_url}")
+    if metrics is not None and main:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

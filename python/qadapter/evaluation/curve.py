@@ -105,19 +105,25 @@ class LearningCurve(TrainerCallback):
 
     def resume(self, step: int) -> None:
         """Goes on with the points the stopped run measured up to ``step`` (its checkpoint's), read from
-        ``curve.json``; a curve of other held-out pairs, or none, is said, and this one starts at ``step``."""
+        ``curve.json`` where it is a curve of the same measure (held-out pairs, step interval, what
+        ``meta`` says); otherwise, said, this curve starts at its first point after ``step``."""
         path = self.directory / "curve.json"
-        earlier = atomic.read_json(path, "the learning curve") if path.is_file() else None
-        same = earlier is not None and all(earlier.get(key) == self.record.get(key)
-                                           for key in ("heldout_pairs", "eval_data"))
-        if not same:
-            warnings.warn(f"the learning curve before the resumed step {step} is not in {path} "
-                          f"({'none there' if earlier is None else 'that one measured other held-out pairs'}): "
-                          "this run's curve starts at the resumed step", stacklevel=2)
+        try:
+            earlier = atomic.read_json(path, "the learning curve") if path.is_file() else None
+            points = [p for p in earlier["points"] if p["step"] <= step and "train_seconds" in p] if earlier else []
+        except (ValueError, TypeError, KeyError):  # not a curve this code wrote: none to go on with
+            earlier, points = {}, []
+        same = bool(earlier) and {k: v for k, v in earlier.items() if k != "points"} == \
+            {k: v for k, v in self.record.items() if k != "points"}
+        if not same or not points:
+            if self.writes:
+                why = "none there" if earlier is None else "that one is of another measure, or unreadable"
+                warnings.warn(f"the learning curve before the resumed step {step} is not in {path} ({why}): this "
+                              "run's curve, written there anew, starts at its first point after that step",
+                              stacklevel=2)
             return
-        self.points[:] = [point for point in earlier["points"] if point["step"] <= step]
-        if self.points:  # the time spent training goes on from the stopped run's
-            self._started = time.monotonic() - self.points[-1]["train_seconds"]
+        self.points[:] = points
+        self._started = time.monotonic() - points[-1]["train_seconds"]  # the training time goes on
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:

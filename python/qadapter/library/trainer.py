@@ -7,6 +7,7 @@ checkpointing, progress bars, DDP/FSDP through accelerate or torchrun) is Traine
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from qadapter_kernels.registry import BACKEND_NAMES
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, tokenize_rows
 from .hidden import whole_parameters
+from .launch import launch_variable, launched_processes
 from .provenance import data_identity, read_provenance, rows_hash
 from .saved import HUB_FILES, checkpoint_folders, holds_adapter
 
@@ -140,11 +142,6 @@ def has_accelerator() -> bool:
     """Whether torch sees an accelerator (a GPU): without one, Trainer's processes join only with use_cpu."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; older ones pin for CUDA only
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-def launched_processes() -> int:
-    """How many processes a launcher (torchrun, accelerate launch, deepspeed) started for this run."""
-    return int(os.environ.get("WORLD_SIZE") or 1)
 
 
 def _warn_if_padding_dependent(args) -> None:
@@ -360,8 +357,8 @@ class QAdapterTrainer(Trainer):
             raise TypeError(f"args must be a QAdapterConfig (a TrainingArguments with the loss and LoRA options); "
                             f"got {type(args).__name__}")
         if launched_processes() > 1 and args.world_size == 1:  # accelerate joins CPU processes only with use_cpu
-            raise ValueError(f"this process is one of {launched_processes()} a launcher started (WORLD_SIZE), but "
-                             "trains alone: each would train on all the data and write the same files; on a CPU, "
+            raise ValueError(f"this process is one of {launched_processes()} a launcher started ({launch_variable()}), "
+                             "but trains alone: each would train on all the data and write the same files; on a CPU, "
                              "use_cpu=True (--use_cpu true) joins them")
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         read: dict[str, tuple] = {}
@@ -525,14 +522,15 @@ class QAdapterTrainer(Trainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def save_adapter(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """The trained adapter saved as :meth:`QAdapterModel.save_pretrained` saves it (only its files
-        replaced; ``overwrite``: into a non-empty directory holding none of ours), once: every process
-        gathers it (ZeRO-3: a collective), the main one writes."""
+    @contextlib.contextmanager
+    def gathered_adapter(self):
+        """The trained :class:`QAdapterModel`, its adapter whole inside: under ZeRO-3 every process
+        gathers it (a collective, so every process enters), and the main one (``args.should_save``)
+        saves or pushes it; called outside, its ``save_pretrained`` and ``push_to_hub`` would write
+        each process's empty partitions."""
         model = self.accelerator.unwrap_model(self.model)
         with whole_parameters(_adapter_parameters(model)):
-            if self.args.should_save:
-                model.save_pretrained(path, overwrite=overwrite)
+            yield model
 
     # Trainer.train calls these two to load a checkpoint's weights (resume; load_best_model_at_end).
     # Their adapter path is taken only for a peft.PeftModel: for any other module they look for a

@@ -1,0 +1,25 @@
+"""How many processes a launcher started for this run, read from the environment alone (no torch):
+the command line asks before anything loads, the trainer before it trains."""
+
+from __future__ import annotations
+
+import os
+
+# torchrun, accelerate launch and deepspeed set WORLD_SIZE; MPI launchers (mpirun, Intel MPI, MVAPICH)
+# their own, which accelerate reads too.
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """The processes of this launch (1 outside a launcher; a value that is not a positive count is
+    taken as none given)."""
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def launch_variable() -> str:
+    """The environment variable that says this process is one of several (for messages)."""
+    return next((name for name in WORLD_SIZE_VARIABLES if os.environ.get(name, "").strip()), "WORLD_SIZE")
