@@ -259,13 +259,17 @@ def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp
     output = tmp_path / "adapter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "qadapter", "train", "--model", str(tmp_path / "base"), "--data", str(data),
-                          "--output", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                          "--save_steps", "2", "--deepspeed", str(tmp_path / "zero3.json"), "--eval-data", str(data),
-                          "--push_to_hub", "true", "--hub_model_id", "me/adapter"],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    def train(*options):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "qadapter", "train", "--model", str(tmp_path / "base"), "--data", str(data),
+                              "--output", str(output), "--per_device_train_batch_size", "2", "--save_steps", "2",
+                              "--deepspeed", str(tmp_path / "zero3.json"), *options],
+                             env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return run
+
+    run = train("--max_steps", "2", "--eval-data", str(data), "--push_to_hub", "true", "--hub_model_id", "me/adapter")
     for once in ("training data:", "adapter saved to", "adapter pushed to the hub: hub://me/adapter", '"accuracy"'):
         assert run.stdout.count(once) == 1, (once, run.stdout)
     saved = load_file(output / "adapter_model.safetensors")
@@ -283,3 +287,7 @@ def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp
 
     assert main(["info", str(output)]) == 0
     assert "training: step 2, completed True, 2 processes;" in capsys.readouterr().out
+    (output / "checkpoints" / "checkpoint-3").mkdir()  # cut short: every process would say so; the main one does
+    resumed = train("--max_steps", "3", "--resume")
+    assert resumed.stderr.count("checkpoint-3 is incomplete") == 1, resumed.stderr
+    assert resumed.stderr.count("with max_steps 3 (the checkpoint run: 2): the run goes on") == 1, resumed.stderr

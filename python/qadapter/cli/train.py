@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -79,11 +80,14 @@ def train_command(args) -> int:
     from ..evaluation.measures import preference_metrics
     from ..library import atomic
     from ..library.data import check_rows, load_preference_data
+    from ..library.launch import launched_processes, process_rank
     from ..library.model import QAdapterModel, levels_on, stack_level_at
     from ..library.provenance import data_identity
     from ..library.saved import checkpoint_folders, holds_adapter
     from ..library.trainer import QAdapterTrainer, latest_checkpoint, seed_everything
 
+    if launched_processes() > 1 and process_rank() != 0:
+        warnings.simplefilter("ignore")  # the main process warns of what every process would
     config = _training_config(args, args.training_options)
     main = config.process_index == 0  # of a launch's processes, the one that speaks, saves and pushes
     # The saved adapter is pushed once, at the end; Trainer would push its checkpoints' folder instead.

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 
-# torchrun, accelerate launch and deepspeed set WORLD_SIZE; MPI launchers (mpirun, Intel MPI, MVAPICH)
-# their own, which accelerate reads too.
+# torchrun, accelerate launch and deepspeed set WORLD_SIZE and RANK; MPI launchers (mpirun, Intel MPI,
+# MVAPICH) their own, which accelerate reads too.
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
 def launched_processes() -> int:
@@ -23,3 +24,12 @@ def launched_processes() -> int:
 def launch_variable() -> str:
     """The environment variable that says this process is one of several (for messages)."""
     return next((name for name in WORLD_SIZE_VARIABLES if os.environ.get(name, "").strip()), "WORLD_SIZE")
+
+
+def process_rank() -> int:
+    """This process's rank in its launch (0 outside a launcher, and where none is readable)."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
