@@ -178,7 +178,19 @@ def train_command(args) -> int:
                 print(f"adapter pushed to the hub: {commit.commit_url}")
     if metrics is not None and main:
         print(json.dumps(metrics, indent=2))
+    _leave_the_launch(trainer)
     return 0
+
+
+def _leave_the_launch(trainer) -> None:
+    """A launch's processes end together and leave their process group before the interpreter exits:
+    one that exited while the main one still saved (its gloo and DeepSpeed threads torn down by the
+    exit) aborted a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def _resume_announced(checkpoint: str):
