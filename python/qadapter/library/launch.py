@@ -14,16 +14,21 @@ RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RA
 def launched_processes() -> int:
     """The processes of this launch (1 outside a launcher; a value that is not a positive count is
     taken as none given)."""
-    for name in WORLD_SIZE_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
+    return _launch()[1]
 
 
 def launch_variable() -> str:
     """The environment variable that says this process is one of several (for messages)."""
-    return next((name for name in WORLD_SIZE_VARIABLES if os.environ.get(name, "").strip()), "WORLD_SIZE")
+    return _launch()[0]
+
+
+def _launch() -> tuple[str, int]:
+    """The first of WORLD_SIZE_VARIABLES holding a positive count, and the count (WORLD_SIZE, 1: none)."""
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return name, int(value)
+    return "WORLD_SIZE", 1
 
 
 def process_rank() -> int:
