@@ -14,7 +14,13 @@ from helpers import tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa:
 from qadapter.evaluation.measures import preference_metrics  # noqa: E402
 from qadapter.library import atomic
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
-from qadapter.library.trainer import METRIC_NAMES, TOKEN_SHARE, QAdapterConfig, QAdapterTrainer  # noqa: E402
+from qadapter.library.trainer import (  # noqa: E402
+    METRIC_NAMES,
+    TOKEN_SHARE,
+    QAdapterConfig,
+    QAdapterTrainer,
+    may_skip_trainable,
+)
 
 
 def fresh_base():
@@ -255,6 +261,26 @@ def test_no_memory_is_pinned_without_an_accelerator(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         iter(loader)
+
+
+def test_ddp_walks_the_graph_for_unused_parameters_only_where_a_step_can_skip_one(tmp_path):
+    """Trainer asks DDP to look for unused parameters (an extra autograd walk per step, a warning from
+    each process) for any model that is not a PreTrainedModel; every LoRA weight of a Q-Adapter takes
+    part in every step, unless it sits on a mixture-of-experts base's routed experts. A value given
+    is kept."""
+    model, _, args, train, _ = training_setup(tmp_path)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train)
+    assert args.ddp_find_unused_parameters is False
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is False
+    args = QAdapterConfig(output_dir=str(tmp_path), report_to=[], ddp_find_unused_parameters=True)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train)
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is True
+
+    routed = torch.nn.Module()
+    routed.experts = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    assert may_skip_trainable(routed)
+    routed.experts.requires_grad_(False)
+    assert not may_skip_trainable(routed)
 
 
 def test_padding_dependent_norm_with_accumulation_warns(tmp_path):

@@ -335,6 +335,15 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     return features
 
 
+def may_skip_trainable(model: torch.nn.Module) -> bool:
+    """Whether a step can leave one of the model's trainable parameters without a gradient: DDP's
+    ``find_unused_parameters``, which Trainer sets for any model that is not a ``PreTrainedModel``
+    (an extra walk of the autograd graph every step, and a warning from every process). A Q-Adapter's
+    loss reaches every LoRA weight of its adapter pass, except those of a mixture-of-experts base's
+    routed experts, to which a batch may send no token."""
+    return any(".experts." in f".{name}." for name, param in model.named_parameters() if param.requires_grad)
+
+
 class QAdapterTrainer(Trainer):
     """Trainer for a :class:`qadapter.QAdapterModel` on preference pairs: tokenized, or raw rows
     (``chosen``/``rejected`` messages, or ``prompt``/``chosen``/``rejected``) that it tokenizes with the
@@ -360,6 +369,8 @@ class QAdapterTrainer(Trainer):
             raise ValueError(f"this process is one of {launched_processes()} a launcher started ({launch_variable()}), "
                              "but trains alone: each would train on all the data and write the same files; on a CPU, "
                              "use_cpu=True (--use_cpu true) joins them")
+        if args.ddp_find_unused_parameters is None and model is not None:
+            args.ddp_find_unused_parameters = may_skip_trainable(model)
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         read: dict[str, tuple] = {}
         for name in ("train_dataset", "eval_dataset"):
