@@ -488,6 +488,28 @@ def test_a_level_in_neither_place_is_refused_naming_both(tmp_path):
         QAdapterModel.from_pretrained(tmp_path / "b" / "level2", tiny_causal_lm())
 
 
+def test_an_adapter_set_checks_a_stacks_levels_before_loading(tmp_path):
+    """``AdapterSet.check`` (what a server runs before it unloads an adapter to make room) finds a stack's
+    levels as ``load`` would: a level in neither place is refused by it, with nothing loaded; a level the
+    set holds already (its parent served) is shared, not looked for."""
+    from qadapter.library.adapter_set import AdapterSet
+
+    saved_adapter(tmp_path / "a" / "level1", **PARENT)
+    saved_adapter(tmp_path / "a" / "level2", on=tmp_path / "a" / "level1", seed=2, **CHILD)
+    shutil.copytree(tmp_path / "a" / "level1", tmp_path / "parent")
+    shutil.move(tmp_path / "a" / "level2", tmp_path / "b" / "level2")
+    shutil.rmtree(tmp_path / "a")
+    adapter_set = AdapterSet(tiny_causal_lm())
+    with pytest.raises(AdapterLoadError, match="level2: stack level 1: no adapter at"):
+        adapter_set.check(tmp_path / "b" / "level2")
+    assert adapter_set.names == [] and adapter_set.peft_model is None
+    adapter_set.load("parent", tmp_path / "parent")  # the same files: level 1 is held now
+    _, _, located = adapter_set.check(tmp_path / "b" / "level2")
+    assert [where for _, where in located] == [None]
+    adapter_set.load("child", tmp_path / "b" / "level2")
+    assert adapter_set.depth("child") == 2 and len(adapter_set.loras) == 2
+
+
 def test_an_older_record_without_relative_paths_loads(tmp_path):
     """Records saved before relative paths have the absolute one only: loaded from there as before,
     and refused naming it when it is gone."""

@@ -336,10 +336,11 @@ class AdapterSet:
         1 for an adapter, a stack's levels for a stack."""
         return 0 if name is None else next(a.depth for a in self.adapters if a.name == name)
 
-    def check(self, path: str | os.PathLike) -> tuple[Path, dict]:
-        """The saved adapter in ``path`` found (a hub download), and its config, checked against this
-        set's base before anything loads: its files' record, quantization and base fingerprint, and
-        for a stack whether this base can carry one. Raises what :meth:`load` raises for them."""
+    def check(self, path: str | os.PathLike) -> tuple[Path, dict, list[tuple[Level, Path | None]]]:
+        """The saved adapter in ``path`` found (a hub download), its config, and a stack's levels with
+        where each is (None: one loaded already), checked against this set's base before anything loads: its files' record,
+        quantization and base fingerprint, and for a stack whether this base can carry one and that
+        each level is where its record says and unchanged. Raises what :meth:`load` raises for them."""
         path = locate_adapter(path)
         atomic.recover(path)
         config = read_adapter_config(path)
@@ -347,7 +348,11 @@ class AdapterSet:
         check_base(path, config, self.fingerprint, self.quantization, given=self.base_described)
         if config["stack"]:
             check_stackable(head_softcap(self.base_model), str(path))
-        return path, config
+        levels = [Level.from_dict(record, str(path), path) for record in config["stack"]]
+        found = [None if level.sha256 in self._members  # loaded already (its parent is served): shared
+                 else find_level(level, k, str(path), self.fingerprint, self.quantization)
+                 for k, level in enumerate(levels, 1)]
+        return path, config, list(zip(levels, found))
 
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as
@@ -357,8 +362,8 @@ class AdapterSet:
             raise ValueError(f"name must be a non-empty string; got {name!r}")
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is loaded already (unload it first)")
-        path, config = self.check(path)
-        levels = [Level.from_dict(record, str(path), path) for record in config["stack"]]
+        path, config, located = self.check(path)
+        levels = [level for level, _ in located]
         # Each LoRA of the bank (a member) is a PEFT adapter named by the set (a served name may hold what a
         # module name cannot), keyed by the sha256 of its files: a stack's level that is loaded already
         # (its parent, served too) is shared, not loaded twice.
@@ -371,8 +376,7 @@ class AdapterSet:
                         continue
                     self._loads += 1
                     if k <= len(levels):
-                        found, what = find_level(levels[k - 1], k, str(path), self.fingerprint, self.quantization), \
-                            f"{path}: stack level {k}"
+                        found, what = located[k - 1][1], f"{path}: stack level {k}"
                     else:
                         found, what = path, f"adapter {name!r}"
                     self.peft_model = load_lora(self.peft_model or self.base_model, found, f"lora{self._loads}", what,
