@@ -101,3 +101,34 @@ def test_an_unloaded_adapters_entries_go(tmp_path):
     assert len(engine.prefix_cache) == 2
     assert engine.prefix_cache.longest(engine._policy_key("b"), [5, 17, 33, 8, 1])[0] == 4
     assert engine.prefix_cache.longest((), [5, 17, 33, 8, 1])[0] == 4
+
+
+def test_a_batch_out_of_memory_empties_the_cache_and_the_engine_goes_on(adapter_set, monkeypatch):
+    """Out of memory, the running batch is lost (its clients hear why) and the prefix cache, which only
+    saves work, gives its memory to the batches after it; they decode as without the cache."""
+    tokenizer = tiny_chat_tokenizer()
+    engine = Engine(adapter_set, tokenizer, prefix_cache_bytes=1 << 20).start()
+    try:
+        events = []
+
+        def request(prompt):
+            return Request(prompt=prompt, adapter="a", max_tokens=4, emit=events.append)
+
+        engine.submit(request([5, 17, 33, 8, 21]))
+        assert engine.wait_idle() and len(engine.prefix_cache) == 1
+        step = engine._step
+
+        def out_of_memory():
+            monkeypatch.setattr(engine, "_step", step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        monkeypatch.setattr(engine, "_step", out_of_memory)
+        engine.submit(request([5, 17, 33, 8, 40]))
+        assert engine.wait_idle() and events[-1]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+        assert len(engine.prefix_cache) == 0 and engine.prefix_cache.held == 0
+        after = request([5, 17, 33, 8, 40])
+        engine.submit(after)
+        assert engine.wait_idle() and events[-1]["finish_reason"] == "length"
+        assert after.tokens == decoded(Engine(adapter_set, tokenizer), after.prompt, "a", 4).tokens
+    finally:
+        engine.stop()

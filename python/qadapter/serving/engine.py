@@ -286,6 +286,8 @@ class Engine:
                     if self._running:
                         self._step()
                 except Exception as exc:  # the batch is lost; its clients hear why, the engine goes on
+                    if isinstance(exc, torch.OutOfMemoryError) and self.prefix_cache is not None:
+                        self.prefix_cache.clear()  # only a cache: the batches after this one get its memory
                     joined = self._running + [r for r in self._joining if r not in self._running]
                     self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
         self._end_all({"finish_reason": "cancelled"}, self._running + self._drain())

@@ -80,6 +80,11 @@ class PrefixCache:
         for key in [k for k in self._entries if not keep(k[0])]:
             self._drop(key)
 
+    def clear(self) -> None:
+        """Drops every entry."""
+        self._entries.clear()
+        self.held = 0
+
     def _drop(self, key: tuple) -> None:
         self.held -= self._entries.pop(key).cost
 
