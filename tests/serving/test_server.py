@@ -330,8 +330,37 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
                                   logprobs=0, frequency_penalty=0.0).choices[0].text is not None
     raw = httpx.post(f"{server[0]}/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    for body, message in ((b'{"model": "terse", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+                          (b'{"model": "terse", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "integer"),
+                          (b'{"model": "terse", "prompt": ["ok", "\\udfff"]}', "lone UTF-16 surrogate"),
+                          (b'{"model": "\\ud800", "prompt": "hi"}', "lone UTF-16 surrogate")):
+        raw = httpx.post(f"{server[0]}/completions", content=body, headers={"content-type": "application/json"})
+        assert raw.status_code == 400 and message in raw.json()["error"]["message"], raw.text
+    paired = api.completions.create(model="terse", prompt="\U0001F600", max_tokens=2, temperature=0)  # an escaped pair
+    assert paired.usage.prompt_tokens >= 1
+    with pytest.raises(openai.BadRequestError, match="n times the prompts asks for 4096 answers; a request gets at most"):
+        api.completions.create(model="terse", prompt=["hello"] * 64, n=64, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="characters are more than the model's context length"):
+        api.completions.create(model="terse", prompt="x" * 10**6, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="characters are more than the model's context length"):
+        api.chat.completions.create(model="terse", messages=[{"role": "user", "content": "x" * 10**6}], max_tokens=1)
     # The server is still serving.
     assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_a_body_over_the_bound_is_refused_before_it_is_read_whole(server):
+    """413, whether its length is declared or it comes in chunks; the CLI's --max-body-size sets it."""
+    from starlette.testclient import TestClient
+
+    http = TestClient(Server(server[1], max_body_bytes=64).app())  # no lifespan: the shared engine keeps running
+    body = json.dumps({"model": "terse", "prompt": "x" * 100}).encode()
+    for content in (body, iter([body[:50], body[50:]])):
+        answer = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert answer.status_code == 413, answer.text
+        assert "larger than this server takes (64 bytes" in answer.json()["error"]["message"]
+    assert http.post("/v1/completions", json={"model": "terse"}).status_code == 400  # under it: read
+    with pytest.raises(ValueError, match="max_body_bytes must be an int >= 1"):
+        Server(server[1], max_body_bytes=0)
 
 
 def test_an_unknown_route_or_method_is_answered_in_the_error_shape(server):
@@ -674,6 +703,26 @@ def test_a_client_leaving_mid_stream_is_dropped_from_the_batch(server):
     assert answer.usage.completion_tokens >= 1
 
 
+def test_a_client_leaving_before_its_answer_is_dropped_from_the_batch(server, monkeypatch):
+    """Not streamed too: a client that gives up waiting (a timeout) takes its request out of the batch."""
+    base_url, engine = server
+    real = engine.adapter_set.next_scores
+
+    def slow(*args, **kwargs):  # 100 tokens: 5 s
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.adapter_set, "next_scores", slow)
+    cancelled = engine.metrics.finished.labels("cancelled")._value.get()
+    for chat in (False, True):
+        body = {"model": "brief", "max_tokens": 100, "temperature": 0,
+                **({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hello world"})}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/{'chat/' if chat else ''}completions", json=body, timeout=0.5)
+        assert engine.wait_idle(2), "the request of a client that went away is still decoding"
+    assert engine.metrics.finished.labels("cancelled")._value.get() == cancelled + 2
+
+
 def test_ctrl_c_ends_the_server_cleanly(saved):
     root, _, paths = saved
     port = free_port()
@@ -705,7 +754,7 @@ def test_ctrl_c_ends_the_server_cleanly(saved):
         listener.join(60)
     finally:
         process.kill()
-    assert process.returncode in (0, 130), output  # 130: the conventional status of a process ended by SIGINT
+    assert process.returncode == 130, output  # the conventional status of a process ended by SIGINT
     assert "Traceback" not in output and "ERROR" not in output, output
     assert lines and lines[-1] == "data: [DONE]"  # the running request finished, or was cancelled, cleanly
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop", "cancelled")

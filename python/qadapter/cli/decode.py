@@ -81,6 +81,8 @@ def generate_command(args) -> int:
 
 # The prefix cache's budget where --prefix-cache is not given.
 PREFIX_CACHE = "1GiB"
+# The largest request body where --max-body-size is not given (qadapter.serving.server.MAX_BODY_BYTES).
+MAX_BODY = "32MiB"
 
 
 def serve_parser(p) -> None:
@@ -104,6 +106,8 @@ def serve_parser(p) -> None:
                         "prompt that starts the same way under the same model from where it differs (a shared "
                         f"system prompt, a chat's next turn) (default: {PREFIX_CACHE}; off for a model that "
                         "attends within a sliding window, Gemma-2 or Mistral, which refuses a SIZE)")
+    p.add_argument("--max-body-size", metavar="SIZE", default=MAX_BODY,
+                   help=f"refuse (413) a request body larger than SIZE (e.g. 64MiB) (default: {MAX_BODY})")
     p.add_argument("--allow-adapter-updates", action="store_true",
                    help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): any client that "
                         "reaches the server can then load adapters from this machine's folders or the hub")
@@ -156,6 +160,12 @@ def serve_command(args) -> int:
         prefix_cache = parse_size(PREFIX_CACHE if args.prefix_cache is None else args.prefix_cache)
     except ValueError as exc:
         usage_error("serve", f"--prefix-cache: {exc}")
+    try:
+        max_body = parse_size(args.max_body_size)
+    except ValueError as exc:
+        usage_error("serve", f"--max-body-size: {exc}")
+    if max_body < 1:
+        usage_error("serve", f"--max-body-size must be at least 1 byte; got {args.max_body_size!r}")
     _check_listen(args.host, args.port)
     adapters = {}
     for item in args.adapter:
@@ -180,5 +190,5 @@ def serve_command(args) -> int:
                  max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=prefix_cache),
           args.host, args.port,
           log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates, adapter_dir=args.adapter_dir,
-          max_adapters=args.max_adapters)
+          max_adapters=args.max_adapters, max_body_bytes=max_body)
     return 0

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -58,6 +59,10 @@ FIELDS = {
 }
 MAX_CHOICES = 128  # OpenAI's bound on n
 MAX_PROMPTS = 2048  # prompts in one completions request (OpenAI's bound on a list of prompts)
+MAX_ANSWERS = MAX_PROMPTS  # answers one request asks for: its prompts times n
+MAX_BODY_BYTES = 32 * 2**20  # a request body's size, unless the server is told otherwise
+# A JSON escape of a UTF-16 surrogate: where the body has one, its text is checked for a lone one.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs (its completions stop at 5; vLLM's at 20)
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
@@ -136,7 +141,10 @@ class Server:
     """The routes over one :class:`~qadapter.serving.engine.Engine`."""
 
     def __init__(self, engine: Engine, *, default_max_tokens: int = 256, allow_adapter_updates: bool = False,
-                 adapter_dir: str | os.PathLike | None = None, max_adapters: int | None = None) -> None:
+                 adapter_dir: str | os.PathLike | None = None, max_adapters: int | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be an int >= 1; got {max_body_bytes!r}")
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
             raise ValueError(f"adapter_dir must be a directory of saved adapters; got {str(adapter_dir)!r}")
         if max_adapters is not None and (adapter_dir is None or not isinstance(max_adapters, int)
@@ -148,11 +156,17 @@ class Server:
         self.allow_adapter_updates = allow_adapter_updates
         self.adapter_dir = None if adapter_dir is None else Path(adapter_dir)
         self.max_adapters = max_adapters
+        self.max_body_bytes = max_body_bytes
         self._started = time.time()  # /v1/models' created of the base and of the adapters loaded before it
         # The adapters loaded from adapter_dir, least recently asked for first; a load or an eviction
         # holds the lock, and so does a request for one of them until it is queued (so it keeps its model).
         self._from_dir: OrderedDict[str, None] = OrderedDict()
         self._dir_lock = asyncio.Lock()
+        # The most characters a token can stand for: a text longer than the context's tokens of them can hold
+        # is refused before it is tokenized.
+        context = engine.context_length
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        self._max_text = None if context is None else context * longest
         # A token's text, for log-probs (the vocabulary bounds the cache).
         self._token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
 
@@ -323,9 +337,14 @@ class Server:
     async def _complete(self, http: HttpRequest, chat: bool):
         try:
             body = await self._body(http)
+            # Tokenized off the event loop (a long prompt would hold every stream), before the model is in hand.
+            prompts = await asyncio.to_thread(
+                lambda: [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, body.get("echo") is True))
             await self._load_from_dir(body.get("model"))  # no await after it until the requests are queued
             options, choices, stream, usage_chunk, limit = self._options(body, chat)
-            prompts = [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, options["echo"])
+            if len(prompts) * choices > MAX_ANSWERS:
+                raise BadRequest(f"n times the prompts asks for {len(prompts) * choices} answers; a request gets at "
+                                 f"most {MAX_ANSWERS}", "n")
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except EngineStopped as exc:  # while it loaded an adapter from the adapter directory
@@ -355,18 +374,25 @@ class Server:
         if stream:
             return StreamingResponse(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
         texts, ends, logprobs = [[text] for text in echoed], [None] * len(requests), [[] for _ in requests]
+        gone = asyncio.ensure_future(_disconnected(http))  # a client that leaves takes its requests out of the batch
         try:
             while None in ends:
-                index, event = await events.get()
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+                index, event = event.result()
                 logprobs[index] += [*event.get("prompt_logprobs", ()), *event.get("logprobs", ())]
                 if "text" in event:
                     texts[index].append(event["text"])
                 elif "prompt_logprobs" not in event:
                     ends[index] = event
-        except asyncio.CancelledError:
-            for request in requests:
-                request.cancelled = True
-            raise
+        finally:
+            gone.cancel()
+            for request, end in zip(requests, ends):
+                if end is None:  # the client went away, or the server is stopping: free the rows
+                    request.cancelled = True
         failed = [end for end in ends if "error" in end]
         if failed:
             return _error(failed[0]["error"], 500)
@@ -413,14 +439,32 @@ class Server:
                 if end is None:  # the client went away, the server is stopping, or a choice failed: free the rows
                     request.cancelled = True
 
-    @staticmethod
-    async def _body(http: HttpRequest) -> dict:
+    async def _body(self, http: HttpRequest) -> dict:
+        """The request's JSON object, read up to ``max_body_bytes`` (413 past them), its text valid Unicode."""
+        too_large = BadRequest(f"the request body is larger than this server takes ({self.max_body_bytes} bytes, "
+                               "qadapter serve --max-body-size)", status=413)
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_large
+        raw = bytearray()
+        async for chunk in http.stream():
+            raw += chunk
+            if len(raw) > self.max_body_bytes:
+                raise too_large
         try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = json.loads(raw)
+        except RecursionError as exc:
+            raise BadRequest("the request body is not valid JSON here: nested too deeply") from exc
+        except ValueError as exc:  # not JSON, not UTF-8, an integer of more digits than Python reads
             raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
+        if SURROGATE_ESCAPE.search(raw):  # a pair is one character; one alone is no text
+            try:
+                json.dumps(body, ensure_ascii=False).encode()
+            except UnicodeEncodeError as exc:
+                raise BadRequest("the request body's text holds a lone UTF-16 surrogate (an escape \\ud800-\\udfff "
+                                 "without its pair): text must be valid Unicode") from exc
         return body
 
     def _options(self, body: dict, chat: bool) -> tuple[dict, int, bool, bool, str | None]:
@@ -500,6 +544,7 @@ class Server:
 
         def ids(one) -> tuple[list[int], str] | None:
             if isinstance(one, str) and one:
+                self._check_text_length(len(one), "prompt")
                 return self.tokenizer(one, add_special_tokens=False).input_ids, one
             if isinstance(one, list) and one and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                      for t in one):
@@ -514,6 +559,12 @@ class Server:
             raise BadRequest(f"prompt must be a non-empty string, a list of token ids in [0, {vocab}), or a list of up "
                              f"to {MAX_PROMPTS} of either; got {str(prompt)[:80]!r}", "prompt")
         return several
+
+    def _check_text_length(self, characters: int, field: str) -> None:
+        """Refuses a text too long for the context whatever its tokens, before tokenizing it."""
+        if self._max_text is not None and characters > self._max_text:
+            raise BadRequest(f"{field}: {characters} characters are more than the model's context length "
+                             f"({self.engine.context_length} tokens) can hold", field)
 
     def _chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
@@ -534,11 +585,19 @@ class Server:
             raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
         turns = [{"role": m["role"], "content": _text_content(m["content"], f"messages[{i}].content")}
                  for i, m in enumerate(messages)]
+        self._check_text_length(sum(len(turn["content"]) for turn in turns), "messages")
         try:
             ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
         except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
             raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns when the client has gone away (its body read, what the server receives next is the
+    disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _text_content(content: str | list, field: str) -> str:
@@ -635,22 +694,31 @@ def _sse(payload: dict) -> str:
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: float = 5.0,
           log_level: str = "info", allow_adapter_updates: bool = False, adapter_dir: str | os.PathLike | None = None,
-          max_adapters: int | None = None) -> None:
+          max_adapters: int | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Serves until interrupted. On Ctrl-C (or SIGTERM) new requests are refused, the running ones get
     ``grace`` seconds to finish and are then cancelled (a streaming client reads
-    ``finish_reason="cancelled"`` and the end of the stream), and the server exits."""
+    ``finish_reason="cancelled"`` and the end of the stream), and the server exits: by raising
+    KeyboardInterrupt after a Ctrl-C (uvicorn's own raise of the signal can come as its loop ends, and
+    be lost), or what a SIGTERM handler raises."""
+    import signal
     import threading
 
     import uvicorn
 
     class _Server(uvicorn.Server):
+        signals: tuple[int, ...] = ()  # those it was stopped by
+
         def handle_exit(self, sig, frame) -> None:
+            self.signals += (sig,)
             super().handle_exit(sig, frame)
             threading.Thread(target=engine.stop, args=(grace,), daemon=True).start()
 
     app = Server(engine, allow_adapter_updates=allow_adapter_updates, adapter_dir=adapter_dir,
-                 max_adapters=max_adapters).app()  # its options checked before the engine starts
+                 max_adapters=max_adapters, max_body_bytes=max_body_bytes).app()  # its options checked before the engine starts
     engine.start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace + 10)
-    _Server(config).run()
+    server = _Server(config)
+    server.run()
+    if signal.SIGINT in server.signals:
+        raise KeyboardInterrupt
