@@ -106,8 +106,18 @@ def row_major(t: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def soft_cap(x, cap):
-    """``cap * tanh(x / cap)``, as ``2 sigmoid(2x / cap) - 1`` (a tanh every Triton backend has)."""
-    return cap * (2.0 * tl.sigmoid(x * (2.0 / cap)) - 1.0)
+    """``cap * tanh(x / cap)``, tanh as the CPU step computes it (after Cephes, from exp, which every
+    Triton backend has): below ``|y| = 0.625`` an odd polynomial, above ``(1 - e) / (1 + e)`` with
+    ``e = exp(-2|y|)``. Any form through ``exp(2y) - 1`` alone would keep only the absolute precision
+    of its ``1``, and lose a small ``y``'s digits (every logit, under a large cap)."""
+    y = x / cap
+    a = tl.abs(y)
+    a2 = a * a
+    e = tl.exp(-2.0 * a)
+    r = ((((-5.70498872745e-3 * a2 + 2.06390887954e-2) * a2 - 5.37397155531e-2) * a2 + 1.33314422036e-1) * a2
+         - 3.33332819422e-1)
+    t = tl.where(a < 0.625, r * a2 * a + a, (1.0 - e) / (1.0 + e))
+    return cap * tl.where(y < 0, -t, t)
 
 
 @triton.jit

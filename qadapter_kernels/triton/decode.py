@@ -45,11 +45,12 @@ def _combine_kernel(
     for start in range(0, V, BLOCK_V):
         _, c, _ = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, 0.0, False)
         m, s = online_lse(m, s, c)
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
 
     for start in range(0, V, BLOCK_V):
         _, c, _ = load_block(z_row, q_row, start + cols, V, alpha_0, inv_alpha_tilde, 0.0, False)
-        tl.store(out_row + start + cols, c - lse, mask=start + cols < V)
+        # c - m first: exact where c is near m, which c - (m + log s) would round at m's magnitude.
+        tl.store(out_row + start + cols, (c - m) - log_s, mask=start + cols < V)
 
 
 def combine_logits(

@@ -127,6 +127,20 @@ def test_row_step_block_stats_match_torch(softcap, vocab):
         torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("softcap", [1e4, 1e8])
+def test_a_large_soft_cap_keeps_the_logits_digits(softcap):
+    """Under a cap far above the logits, ``cap * tanh(x / cap)`` is ``x`` to float32's precision: the
+    tanh keeps a small argument's relative precision (a form through ``exp(2y) - 1`` kept only its
+    absolute one, every logit off by about ``cap * 2**-24``)."""
+    g = torch.Generator().manual_seed(7)
+    z, q = ((3 * torch.randn(9, 203, generator=g)).to(DEVICE) for _ in range(2))
+    targets = torch.randint(0, 203, (9,), generator=g).to(DEVICE)
+    want = torch_row_step(z.double(), q.double(), targets, 0.7, 0.3, torch.float64, softcap)
+    got = triton_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, torch.float32, softcap)
+    for w, g_ in zip(want, got):
+        torch.testing.assert_close(g_.double(), w, rtol=1e-6, atol=1e-6)
+
+
 def test_row_step_strided_rows():
     z = torch.randn(5, 300, device=DEVICE)[:, :203]
     q = torch.randn(5, 300, device=DEVICE)[:, :203]
@@ -148,6 +162,17 @@ def test_triton_combine_matches_combine_logits(dtype, shape):
     torch.testing.assert_close(got, combine_logits(z, q, alpha_tilde=0.6, alpha_0=0.1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="q_values must have base_logits' shape"):
         triton_combine_logits(z, q[..., :-1])
+
+
+def test_triton_combine_of_large_combined_logits_sums_to_one():
+    """Combined logits of magnitude 3,000 (a small alpha~): each log-prob is taken from the row's
+    maximum first, so the largest keep their digits and the policy sums to one."""
+    g = torch.Generator().manual_seed(3)
+    z, q = (30 + 4 * torch.randn(4, 203, generator=g)).to(DEVICE), (4 * torch.randn(4, 203, generator=g)).to(DEVICE)
+    got = triton_combine_logits(z, q, alpha_tilde=0.01, alpha_0=1.0)
+    want = torch.log_softmax((q.double() + z.double()) / 0.01, dim=-1)
+    torch.testing.assert_close(got.exp().sum(-1).double(), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.double().exp(), want.exp(), rtol=0, atol=1e-6)
 
 
 def _drop_mask(rows: int, blocks: int, seed: int) -> torch.Tensor:
