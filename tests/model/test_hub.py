@@ -271,3 +271,22 @@ def test_a_base_name_close_to_the_default_is_named_in_the_error(monkeypatch):
     with pytest.raises(OSError) as exc:
         load_base("someone/some-model")
     assert "did you mean" not in str(exc.value)
+
+
+def test_the_converted_default_model_is_kept_per_transformers_major_version(tmp_path, monkeypatch):
+    """The tokenizer files transformers 5 writes, transformers 4 cannot read: each major version
+    converts the embedded default into its own cache folder."""
+    import importlib.metadata
+
+    from qadapter.library import defaults
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"gguf")
+    installed = importlib.metadata.version
+    folders = {}
+    for transformers in ("4.56.2", "5.25.0", "5.0.1"):
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name, v=transformers: v if name == "transformers" else installed(name))
+        folders[transformers] = defaults._cache_dir(gguf).name
+    assert folders["5.25.0"] == folders["5.0.1"] != folders["4.56.2"]
+    assert folders["4.56.2"].endswith("-transformers4")

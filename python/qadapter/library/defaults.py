@@ -47,11 +47,14 @@ def gguf_path() -> Path:
 
 
 def _cache_dir(gguf: Path) -> Path:
+    """Named by the GGUF package's version and file size, and transformers' major version: the
+    tokenizer files one major version writes, another may not read."""
     try:
         version = importlib.metadata.version(GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = "local"
-    return cache_root() / f"{DEFAULT_MODEL}-{version}-{gguf.stat().st_size}"
+    transformers_major = importlib.metadata.version("transformers").split(".")[0]
+    return cache_root() / f"{DEFAULT_MODEL}-{version}-{gguf.stat().st_size}-transformers{transformers_major}"
 
 
 def _convert(gguf: Path, target: Path) -> None:

@@ -286,7 +286,7 @@ class Engine:
                     if self._running:
                         self._step()
                 except Exception as exc:  # the batch is lost; its clients hear why, the engine goes on
-                    if isinstance(exc, torch.OutOfMemoryError) and self.prefix_cache is not None:
+                    if isinstance(exc, torch.cuda.OutOfMemoryError) and self.prefix_cache is not None:
                         self.prefix_cache.clear()  # only a cache: the batches after this one get its memory
                     joined = self._running + [r for r in self._joining if r not in self._running]
                     self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
