@@ -86,6 +86,28 @@ def test_a_hub_repository_loads_as_its_folder_and_a_revision_pins_it(tmp_path, h
     assert policies.names == ["new", "old"]
 
 
+def test_a_pinned_revision_in_the_cache_loads_offline_where_the_hub_client_asks_the_hub(tmp_path, hub, base,
+                                                                                      monkeypatch):
+    """huggingface_hub 1.x, offline, asks the hub for a pinned revision's file list (and fails) where
+    its cache holds the snapshot: the cache's snapshot is taken."""
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    trained(base, seed=1).save_pretrained(tmp_path / "v1")
+    sha = hub.publish("me/tldr", tmp_path / "v1")
+    download = huggingface_hub.snapshot_download
+
+    def as_hub_1(*args, local_files_only=False, **kwargs):
+        if not local_files_only:
+            raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/me/tldr/tree: offline mode")
+        return download(*args, local_files_only=True, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", as_hub_1)
+    assert locate_adapter(f"me/tldr@{sha}") == tmp_path / "hub-cache" / "models--me--tldr" / "snapshots" / sha
+    with pytest.raises(AdapterLoadError, match=r"at revision '0{40}': OfflineModeIsEnabled: Cannot reach"):
+        locate_adapter("me/tldr@" + "0" * 40)
+
+
 def test_what_cannot_be_found_is_named(tmp_path, hub, base):
     with pytest.raises(AdapterLoadError, match=r"'me/missing': no such folder here, and the hub gave no repository"):
         locate_adapter("me/missing")

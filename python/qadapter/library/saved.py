@@ -199,13 +199,27 @@ def locate_adapter(adapter: str | os.PathLike, revision: str | None = None) -> P
     try:
         snapshot = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_FILES)))
     except Exception as exc:  # huggingface_hub raises a family of errors: not found, gated, offline, HTTP
-        raise AdapterLoadError(f"adapter {adapter!r}: no such folder here, and the hub gave no repository "
-                               f"{repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        snapshot = _cached_snapshot(repo_id, revision)
+        if snapshot is None:
+            raise AdapterLoadError(f"adapter {adapter!r}: no such folder here, and the hub gave no repository "
+                                   f"{repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
     if not (snapshot / CONFIG_NAME).is_file():
         raise AdapterLoadError(f"adapter {adapter!r}: the hub repository {repo_id!r} holds no Q-Adapter "
                                f"({CONFIG_NAME} is missing; a plain PEFT adapter is not a Q-Adapter)")
     return snapshot
+
+
+def _cached_snapshot(repo_id: str, revision: str) -> Path | None:
+    """The hub cache's snapshot of ``repo_id`` at ``revision``, or None. Offline, huggingface_hub 1.x
+    asks the hub for the files of a pinned revision even where its cache holds them."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_FILES),
+                                      local_files_only=True))
+    except Exception:  # not in the cache either
+        return None
 
 
 def hub_pin(adapter: str | os.PathLike, path: Path) -> str | None:
