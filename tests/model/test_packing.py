@@ -163,6 +163,7 @@ def test_a_models_scores_weigh_what_the_memory_plan_says():
     from qadapter.library.memory_plan import ModelShape, PlanOptions, layer_activation_bytes, scores_per_token
 
     lm = tiny_causal_lm("gemma2", vocab=VOCAB)
+    lm.set_attn_implementation("eager")  # Gemma-2's default in later transformers 5 releases
     seen = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(packing, "pack_batch", lambda ids, mask, **options: seen.update(options))
