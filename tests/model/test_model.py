@@ -157,6 +157,16 @@ def test_corrupted_files_fail_clearly(tmp_path):
         QAdapterModel.from_pretrained(tmp_path, tiny_causal_lm("llama"))
 
 
+def test_an_adapter_loads_onto_its_base_in_bfloat16_and_a_float16_refusal_says_why(tmp_path):
+    """The fingerprint rounds to bfloat16: a float32-trained adapter loads onto the base in bfloat16.
+    Float16 rounds the weights otherwise; refused there, the message names the dtype."""
+    model = make_model()
+    model.save_pretrained(tmp_path / "adapter")
+    QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama").to(torch.bfloat16))
+    with pytest.raises(AdapterLoadError, match="the same base loaded in float16 on one side and not on the other"):
+        QAdapterModel.from_pretrained(tmp_path / "adapter", tiny_causal_lm("llama").to(torch.float16))
+
+
 def test_interrupted_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     path = tmp_path / "adapter"
     model = make_model()

@@ -83,7 +83,9 @@ QAdapterModelOutput = NamedTuple("QAdapterModelOutput", [*QAdapterLossOutput.__a
 def base_fingerprint(model: nn.Module) -> str:
     """A cheap identity of the base weights: names, shapes and a strided sample of each tensor's values.
 
-    Values are rounded to bfloat16 first, so the same base loaded in fp32, bf16 or fp16 agrees. A
+    Values are rounded to bfloat16 first, so the same base loaded in fp32 or bf16 agrees; loaded in
+    fp16 it may not (float16 rounds fp32 weights otherwise than bfloat16, and its subnormals drop a
+    small weight's bits), which a refusal's message says. A
     quantized base (bitsandbytes) is fingerprinted by its stored tensors (NF4 codes packed in uint8,
     int8 rows), exact in bfloat16, so it is deterministic for a given base and method and differs
     from the dense base's; the method itself is recorded beside it (``"quantization"``). A
@@ -622,6 +624,9 @@ def check_base(path: Path, config: dict, fingerprint: str, quantization: dict | 
         hint = (f" or the same base quantized from {quantization['compute_dtype']} weights instead of "
                 f"{saved['compute_dtype']} ones, whose 4-bit codes differ: load it with the compute dtype "
                 f"{saved['compute_dtype']} (--compute-dtype {saved['compute_dtype']})")
+    elif not saved and not quantization:
+        hint = (", or the same base loaded in float16 on one side and not on the other (float16 rounds float32 "
+                "weights otherwise than bfloat16 does): load it in the dtype the adapter was trained with")
     raise AdapterLoadError(
         f"the adapter in {path} was trained on another base model, {config['base_model']!r} (fingerprint "
         f"{config['base_fingerprint']}), than {given} (fingerprint {fingerprint}){hint}")
