@@ -3,6 +3,7 @@ checkpoints only the adapter, and resumes exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from dataclasses import replace
@@ -250,6 +251,40 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     assert set(saved) == set(state)
     for name, value in saved.items():
         torch.testing.assert_close(state[name], value)
+    # The provenance describes the adapter the model holds: the best checkpoint's step and evaluation.
+    step = int(best.rpartition("-")[2])
+    training, metrics = model.provenance["training"], model.provenance["metrics"]
+    assert (training["global_step"], training["adapter_step"]) == (6, step)
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    at_best = next(entry for entry in evaluations if entry["step"] == step)
+    assert metrics["eval_loss"] == at_best["eval_loss"] != evaluations[-1]["eval_loss"]
+
+
+@pytest.mark.parametrize("metric, greater", [("loss/bt", False), ("eval_loss/chi2", False), ("loss", False),
+                                             ("rewards/accuracies", True), ("rewards/margins", True)])
+def test_a_loss_named_for_the_best_model_is_minimized(tmp_path, metric, greater):
+    """Trainer guesses from a name ending in "loss"; the pair loss's parts (loss/bt, loss/chi2) are losses too."""
+    assert QAdapterConfig(output_dir=str(tmp_path), metric_for_best_model=metric).greater_is_better is greater
+    assert QAdapterConfig(output_dir=str(tmp_path), metric_for_best_model=metric, greater_is_better=not greater
+                          ).greater_is_better is not greater  # given, kept
+
+
+@pytest.mark.parametrize("option, value", [("label_smoothing_factor", 0.1), ("neftune_noise_alpha", 5.0),
+                                           ("train_sampling_strategy", "group_by_length")])
+def test_trainer_options_for_a_language_models_loss_are_refused_by_name(tmp_path, option, value):
+    """Options Trainer applies to a language model's token loss or batches: silently ignored (label
+    smoothing), a crash deep in Trainer (NEFTune), or a failure after loading (length grouping) before."""
+    if not hasattr(QAdapterConfig, option) and option not in {f.name for f in dataclasses.fields(QAdapterConfig)}:
+        pytest.skip(f"this transformers has no {option}")
+    with pytest.raises(ValueError, match=f"--{option}: Trainer's option .* does not take it"):
+        QAdapterConfig(output_dir=str(tmp_path), **{option: value})
+
+
+@pytest.mark.parametrize("callback", ["compute_metrics", "compute_loss_func"])
+def test_a_metrics_or_loss_function_is_refused_rather_than_never_called(tmp_path, callback):
+    model, _, args, train, _ = training_setup(tmp_path)
+    with pytest.raises(ValueError, match=f"{callback}: the Q-Adapter trainer computes its own loss and metrics"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train, **{callback: lambda *a, **k: {}})
 
 
 def test_no_memory_is_pinned_without_an_accelerator(tmp_path):

@@ -102,6 +102,9 @@ class QAdapterConfig(LossArguments):
 
     def __post_init__(self) -> None:
         self.check_training_options()
+        metric = self.metric_for_best_model or ""
+        if self.greater_is_better is None and metric.removeprefix("eval_").startswith("loss"):
+            self.greater_is_better = False  # Trainer's guess reads a name ending in "loss" only: loss/bt is one too
         super().__post_init__()
         if self.dataloader_pin_memory and not has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
@@ -123,6 +126,17 @@ class QAdapterConfig(LossArguments):
         for name, (holds, expected) in expectations.items():
             if not holds:
                 raise ValueError(f"--{name} must be {expected}; got {getattr(self, name)}")
+        # Trainer's options for a language model's own loss or batches, which the pair loss does not take.
+        unused = {"label_smoothing_factor": (self.label_smoothing_factor != 0, "smooths token labels"),
+                  "neftune_noise_alpha": (self.neftune_noise_alpha is not None, "adds noise to the input embeddings"),
+                  # transformers 5's later releases name it so; the earlier, group_by_length
+                  "train_sampling_strategy": (getattr(self, "train_sampling_strategy", "") == "group_by_length",
+                                              "groups sequences by length"),
+                  "group_by_length": (getattr(self, "group_by_length", False), "groups sequences by length")}
+        for name, (given, what) in unused.items():
+            if given:
+                raise ValueError(f"--{name}: Trainer's option {what} for a language model's loss; the Q-Adapter's "
+                                 f"pairwise loss does not take it (got {getattr(self, name, None)})")
         check_lengths(self.max_length, self.max_prompt_length)
         if self.max_steps < 0 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 when --max_steps is -1 (its default); "
@@ -146,14 +160,12 @@ def has_accelerator() -> bool:
 
 def _warn_if_padding_dependent(args) -> None:
     """reward_norm="padded" divides a sequence's reward by its batch's padded length, so a pair's
-    loss depends on the batch it lands in: with accumulation or length grouping, micro-batches
-    are padded differently from the whole batch. Said once, at construction."""
-    norm = getattr(args, "reward_norm", "padded")
-    grouped = getattr(args, "group_by_length", False) or getattr(args, "train_sampling_strategy", "") == "group_by_length"
-    if norm == "padded" and (args.gradient_accumulation_steps > 1 or grouped):
+    loss depends on the batch it lands in: with accumulation, micro-batches are padded differently
+    from the whole batch. Said once, at construction."""
+    if getattr(args, "reward_norm", "padded") == "padded" and args.gradient_accumulation_steps > 1:
         warnings.warn(
             'reward_norm="padded" (the authors\' convention) makes each pair\'s reward depend on how far its '
-            "batch is padded, so gradient accumulation or length grouping changes the loss; reward_norm=\"mean\" "
+            "batch is padded, so gradient accumulation changes the loss; reward_norm=\"mean\" "
             'or "sum" does not depend on padding', UserWarning, stacklevel=3,
         )
 
@@ -365,6 +377,10 @@ class QAdapterTrainer(Trainer):
         elif not isinstance(args, QAdapterConfig):
             raise TypeError(f"args must be a QAdapterConfig (a TrainingArguments with the loss and LoRA options); "
                             f"got {type(args).__name__}")
+        for name in ("compute_metrics", "compute_loss_func"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}: the Q-Adapter trainer computes its own loss and metrics (the pairwise loss, "
+                                 f"{', '.join(METRIC_NAMES.values())}); it would never call this one")
         if launched_processes() > 1 and args.world_size == 1:  # accelerate joins CPU processes only with use_cpu
             raise ValueError(f"this process is one of {launched_processes()} a launcher started ({launch_variable()}), "
                              "but trains alone: each would train on all the data and write the same files; on a CPU, "
@@ -420,13 +436,17 @@ class QAdapterTrainer(Trainer):
         if record is None:
             return
         logged = [entry for entry in self.state.log_history if "loss" in entry and "eval_loss" not in entry]
-        evaluated = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        # The adapter the model holds: at the end of a run that loads its best checkpoint, that checkpoint's.
+        best = self.state.best_model_checkpoint if final is not None and self.args.load_best_model_at_end else None
+        adapter_step = int(Path(best).name.rpartition("-")[2]) if best else self.state.global_step
+        evaluated = [entry for entry in self.state.log_history if "eval_loss" in entry
+                     and (best is None or entry.get("step") == adapter_step)]
         resumed = getattr(self, "_resumed", None)
         if final and resumed and resumed["global_step"] == self.state.global_step:
             final = {k: v for k, v in final.items() if not k.startswith("train_")}  # no step taken: nothing to sum up
         metrics = {**(logged[-1] if logged else {}), **(evaluated[-1] if evaluated else {}), **(final or {})}
         record["training"] = {"options": self.args.to_dict(), "processes": self.args.world_size,
-                              "global_step": self.state.global_step,
+                              "global_step": self.state.global_step, "adapter_step": adapter_step,
                               "epoch": self.state.epoch, "completed": final is not None,
                               **({"resumed_from": resumed} if resumed else {})}
         record["metrics"] = metrics
