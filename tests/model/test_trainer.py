@@ -233,7 +233,7 @@ def test_save_model_writes_a_loadable_adapter_and_keeps_other_files(tmp_path):
     assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
 
 
-def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path, capsys):
     """With the highest held-out loss as "best" (training lowers it), the best checkpoint is an early
     one, not the last: the model ends with that checkpoint's adapter."""
     from safetensors.torch import load_file
@@ -258,6 +258,11 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     at_best = next(entry for entry in evaluations if entry["step"] == step)
     assert metrics["eval_loss"] == at_best["eval_loss"] != evaluations[-1]["eval_loss"]
+    from qadapter.cli import main
+
+    model.save_pretrained(tmp_path / "kept")
+    assert main(["info", str(tmp_path / "kept")]) == 0
+    assert f"training: step 6, completed True, the adapter of step {step} (the best checkpoint);" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("metric, greater", [("loss/bt", False), ("eval_loss/chi2", False), ("loss", False),

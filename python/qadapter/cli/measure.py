@@ -147,8 +147,11 @@ def _format_provenance(record: dict) -> str:
         options = training.get("options") or {}
         shown = {k: options[k] for k in ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                                         "gradient_accumulation_steps", "seed") if k in options}
-        processes = f", {training['processes']} processes" if training.get("processes", 1) > 1 else ""
-        lines.append(f"training: step {training.get('global_step')}, completed {training.get('completed')}{processes}; "
+        details = f", {training['processes']} processes" if training.get("processes", 1) > 1 else ""
+        kept = training.get("adapter_step", training.get("global_step"))
+        if kept != training.get("global_step"):  # load_best_model_at_end kept an earlier checkpoint's
+            details += f", the adapter of step {kept} (the best checkpoint)"
+        lines.append(f"training: step {training.get('global_step')}, completed {training.get('completed')}{details}; "
                      f"{', '.join(f'{k}={v}' for k, v in shown.items())} ({len(options)} options in --json)")
     else:
         lines.append("training: none recorded (an adapter saved outside training)")
