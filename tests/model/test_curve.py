@@ -81,6 +81,9 @@ def test_train_command_writes_the_curve(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*common, "--output", str(tmp_path / "none"), "--curve-steps", "2"])
     assert exc.value.code == 2 and "--curve-steps needs --eval-data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # Trainer's own evaluation, too
+        main([*common, "--output", str(tmp_path / "none"), "--eval_strategy", "steps", "--eval_steps", "2"])
+    assert exc.value.code == 2 and "--eval_strategy steps needs --eval-data" in capsys.readouterr().err
     assert main([*common, "--output", str(tmp_path / "adapter"), "--eval-data", str(tmp_path / "heldout.jsonl"),
                  "--curve-steps", "2"]) == 0
     record = json.loads((tmp_path / "adapter" / "curve.json").read_text())

@@ -266,12 +266,21 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path, cap
 
 
 @pytest.mark.parametrize("metric, greater", [("loss/bt", False), ("eval_loss/chi2", False), ("loss", False),
-                                             ("rewards/accuracies", True), ("rewards/margins", True)])
+                                             ("eval_heldout_loss/bt", False), ("rewards/accuracies", True),
+                                             ("eval_a_rewards/margins", True)])
 def test_a_loss_named_for_the_best_model_is_minimized(tmp_path, metric, greater):
-    """Trainer guesses from a name ending in "loss"; the pair loss's parts (loss/bt, loss/chi2) are losses too."""
+    """Trainer guesses from a name ending in "loss"; the pair loss's parts (loss/bt, loss/chi2) are losses
+    too (of one eval set, or of one of a dict of them)."""
     assert QAdapterConfig(output_dir=str(tmp_path), metric_for_best_model=metric).greater_is_better is greater
     assert QAdapterConfig(output_dir=str(tmp_path), metric_for_best_model=metric, greater_is_better=not greater
                           ).greater_is_better is not greater  # given, kept
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "eval_accuracy", "rewards", "loss/b"])
+def test_a_best_model_metric_the_evaluation_does_not_log_is_refused_before_training(tmp_path, metric):
+    with pytest.raises(ValueError, match=r"--metric_for_best_model must name a measure the evaluation logs.*"
+                                         r"rewards/accuracies"):
+        QAdapterConfig(output_dir=str(tmp_path), metric_for_best_model=metric)
 
 
 @pytest.mark.parametrize("option, value", [("label_smoothing_factor", 0.1), ("neftune_noise_alpha", 5.0),
@@ -458,6 +467,25 @@ def test_evaluation_metrics_are_over_all_pairs_under_their_prefix(tmp_path):
     again = trainer.evaluate(eval_dataset=heldout)
     for key in METRIC_NAMES.values():
         assert again[f"eval_{key}"] == pytest.approx(alone[f"eval_{key}"], rel=1e-6), key
+
+
+def test_evaluate_and_predict_take_raw_rows_as_the_constructor_does(tmp_path):
+    """Raw preference rows (a datasets.Dataset of prompt, chosen, rejected) given to evaluate or predict
+    are tokenized with the config's lengths, as the constructor's datasets are: the same measures."""
+    import datasets
+    from helpers import rows
+    from qadapter.library.data import tokenize_rows
+
+    model, tokenizer, args, _, _ = training_setup(tmp_path, reward_norm="mean")
+    raw = rows(6, seed=3)
+    tokenized, _ = tokenize_rows(raw, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    trainer = QAdapterTrainer(model=model, args=args, processing_class=tokenizer)
+    want = trainer.evaluate(eval_dataset=tokenized)
+    got = trainer.evaluate(eval_dataset=datasets.Dataset.from_list(raw))
+    predicted = trainer.predict(raw).metrics
+    for key in METRIC_NAMES.values():
+        assert got[f"eval_{key}"] == pytest.approx(want[f"eval_{key}"], rel=1e-6), key
+        assert predicted[f"test_{key}"] == pytest.approx(want[f"eval_{key}"], rel=1e-6), key
 
 
 def test_trainer_arguments_are_a_qadapter_config(tmp_path, monkeypatch):

@@ -95,6 +95,9 @@ def train_command(args) -> int:
     config.push_to_hub = False
     if args.curve_steps and not args.eval_data:
         usage_error("train", "--curve-steps needs --eval-data (the held-out pairs it measures)")
+    strategy = getattr(config.eval_strategy, "value", config.eval_strategy)  # an IntervalStrategy, a str enum
+    if strategy != "no" and not args.eval_data:
+        usage_error("train", f"--eval_strategy {strategy} needs --eval-data (the held-out pairs it measures)")
     output = Path(args.output)
     try:  # before anything loads or writes: a wrong --output costs nothing
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)

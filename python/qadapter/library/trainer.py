@@ -44,6 +44,8 @@ METRIC_NAMES = {
     "chi2_loss": "loss/chi2",
 }
 TOKEN_SHARE = "tokens/run_over_padded"
+# What an evaluation logs (under its eval_ prefix): the loss, the preference measures, Trainer's timings.
+EVALUATION_NAMES = ("loss", *METRIC_NAMES.values(), TOKEN_SHARE, "runtime", "samples_per_second", "steps_per_second")
 logger = logging.getLogger(__name__)
 
 
@@ -102,8 +104,12 @@ class QAdapterConfig(LossArguments):
 
     def __post_init__(self) -> None:
         self.check_training_options()
-        metric = self.metric_for_best_model or ""
-        if self.greater_is_better is None and metric.removeprefix("eval_").startswith("loss"):
+        metric = (self.metric_for_best_model or "").removeprefix("eval_")  # [<set>_]<measure>: a dict of eval sets
+        measure = next((name for name in EVALUATION_NAMES if metric == name or metric.endswith(f"_{name}")), None)
+        if metric and measure is None:  # else a KeyError at the first evaluation, after training
+            raise ValueError(f"--metric_for_best_model must name a measure the evaluation logs, with or without "
+                             f"its eval_ prefix: {', '.join(EVALUATION_NAMES)}; got {self.metric_for_best_model!r}")
+        if self.greater_is_better is None and measure is not None and measure.startswith("loss"):
             self.greater_is_better = False  # Trainer's guess reads a name ending in "loss" only: loss/bt is one too
         super().__post_init__()
         if self.dataloader_pin_memory and not has_accelerator():
@@ -407,6 +413,16 @@ class QAdapterTrainer(Trainer):
         _warn_if_padding_dependent(self.args)
         # Trainer must not divide exact shares again; transformers before loss_is_scaled_for_ga decide by the other.
         self.loss_is_scaled_for_ga = self.model_accepts_loss_kwargs = self.args.reward_norm != "padded"
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs) -> dict[str, float]:
+        """Trainer's ``evaluate``; raw preference rows given here are tokenized as the constructor's are."""
+        return super().evaluate(_tokenized(eval_dataset, self.processing_class, self.args, "eval_dataset", {}),
+                                *args, **kwargs)
+
+    def predict(self, test_dataset, *args, **kwargs):
+        """Trainer's ``predict`` (the measures, under ``test_``); raw preference rows tokenized as above."""
+        return super().predict(_tokenized(test_dataset, self.processing_class, self.args, "test_dataset", {}),
+                               *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Trainer's ``train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint."""
