@@ -111,6 +111,36 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
+def test_dtype_loads_the_base_in_it(tmp_path, capsys, monkeypatch):
+    """--dtype bfloat16: train, eval and generate load the base in it (an fp32 checkpoint here), and the
+    adapter trained in bfloat16 loads onto the base in float32 as well (its fingerprint rounds to bfloat16)."""
+    import torch
+    from helpers import save_tiny_base
+    from qadapter.library.model import QAdapterModel
+
+    save_tiny_base(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "chosen": "the capital", "rejected": "of France"})
+                            + "\n" for i in range(4)))
+    loaded = []
+    for name in ("from_base", "from_pretrained"):
+        original = getattr(QAdapterModel, name).__func__
+
+        def recording(cls, *args, original=original, **kwargs):
+            model = original(cls, *args, **kwargs)
+            loaded.append(model.base_model.dtype)
+            return model
+
+        monkeypatch.setattr(QAdapterModel, name, classmethod(recording))
+    adapter = str(tmp_path / "adapter")
+    assert main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--output", adapter, "--max_steps",
+                 "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--dtype", "bfloat16"]) == 0
+    assert main(["eval", "--adapter", adapter, "--data", str(data), "--dtype", "bfloat16"]) == 0
+    assert main(["generate", "--adapter", adapter, "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16"]) == 0
+    assert main(["generate", "--adapter", adapter, "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # auto: float32
+    assert loaded == [torch.bfloat16] * 3 + [torch.float32]
+
+
 def test_train_over_an_earlier_runs_checkpoints_needs_resume_or_overwrite(tmp_path, capsys):
     """A new run into an --output with an earlier run's checkpoints would lay its own beside them, and a
     later --resume would take the newest of either run: refused, naming --resume and --overwrite

@@ -109,6 +109,23 @@ def add_quantization_options(p, loads: str, compute_default: str = "bfloat16 on 
                    help=f"the 4-bit layers' compute dtype (default: {compute_default})")
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def add_dtype_option(p) -> None:
+    """``--dtype``: the dtype a command loads its dense base in (``auto``: its checkpoint's)."""
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="the dtype the base loads in (default: auto, its checkpoint's); an adapter loads onto its "
+                        "base in float32 or bfloat16 alike, not always in float16")
+
+
+def dtype_from(args):
+    """The torch dtype ``--dtype`` names, or None for the checkpoint's own."""
+    import torch
+
+    return None if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
 def add_base_model_option(p, text: str = "override the base model named in the adapter's config") -> None:
     """The base of a command that loads saved adapters: ``--base-model``, or ``--model`` as train names it."""
     p.add_argument("--base-model", "--model", dest="base_model", help=text)

@@ -9,7 +9,9 @@ from pathlib import Path
 from .arguments import (
     ADAPTER_HELP,
     add_base_model_option,
+    add_dtype_option,
     add_quantization_options,
+    dtype_from,
     non_empty_text,
     non_negative_int,
     port_number,
@@ -44,6 +46,7 @@ def generate_parser(p) -> None:
                    help="static cache and compiled decode step (auto: on CUDA)")
     p.add_argument("--seed", type=torch_seed, help="with --sample: the seed of the draws (default: 0)")
     add_quantization_options(p, "load the base (default: as the adapter was trained)")
+    add_dtype_option(p)
 
 
 # What --sample draws with where its options are not given (no filter).
@@ -62,7 +65,8 @@ def generate_command(args) -> int:
         named = [f"--{name.replace('_', '-')}" for name in given] + ["--seed"] * (args.seed is not None)
         usage_error("generate", f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} only with "
                                 "--sample (greedy decoding takes no sampling options)")
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"))
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"),
+                                          torch_dtype=dtype_from(args))
     tokenizer = model.tokenizer
     enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(args.seed or 0)
@@ -94,6 +98,7 @@ def serve_parser(p) -> None:
                    help="serve the saved Q-Adapter ADAPTER (a directory, or a hub repository owner/name[@revision]; "
                         "a stacked one too) as model NAME (repeatable)")
     add_base_model_option(p, "the base (default: the one the adapters name; without adapters, the embedded default)")
+    add_dtype_option(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=32, help="requests decoded together at most")
@@ -176,9 +181,9 @@ def serve_command(args) -> int:
             raise ValueError(f"--adapter: the name {name!r} is {'given twice' if name in adapters else 'reserved for the base'}")
         adapters[name] = path
     if adapters:
-        adapter_set = AdapterSet.from_pretrained(adapters, args.base_model)
+        adapter_set = AdapterSet.from_pretrained(adapters, args.base_model, torch_dtype=dtype_from(args))
     else:
-        base, tokenizer = load_base(args.base_model or DEFAULT_MODEL)
+        base, tokenizer = load_base(args.base_model or DEFAULT_MODEL, torch_dtype=dtype_from(args))
         adapter_set = AdapterSet(base, tokenizer=tokenizer)
         if args.base_model is None:  # what an adapter of another base (loaded later) is told it is not for
             adapter_set.base_described = f"the embedded default base, {DEFAULT_MODEL!r}"

@@ -11,8 +11,10 @@ from dataclasses import fields
 from .arguments import (
     ADAPTER_HELP,
     add_base_model_option,
+    add_dtype_option,
     add_quantization_options,
     check_length_options,
+    dtype_from,
     non_negative_int,
     output_directory,
     positive_int,
@@ -35,6 +37,7 @@ def eval_parser(p) -> None:
     p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
     p.add_argument("--skip-invalid", action="store_true")
     add_quantization_options(p, "load the base (default: as the adapter was trained)")
+    add_dtype_option(p)
 
 
 def _warn_if_training_data(command: str, adapter, data, rows: list) -> bool:
@@ -56,7 +59,8 @@ def eval_command(args) -> int:
     from ..library.model import QAdapterModel
 
     check_length_options("eval", args)
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"))
+    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"),
+                                          torch_dtype=dtype_from(args))
     tokenizer = model.tokenizer
     rows = read_rows(args.data, split="test")
     data, summary = load_preference_data(rows, tokenizer, max_length=args.max_length,

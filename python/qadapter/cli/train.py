@@ -11,7 +11,14 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..library.defaults import DEFAULT_MODEL
-from .arguments import add_quantization_options, positive_int, quantization_from, usage_error
+from .arguments import (
+    add_dtype_option,
+    add_quantization_options,
+    dtype_from,
+    positive_int,
+    quantization_from,
+    usage_error,
+)
 
 
 def train_parser(p) -> None:
@@ -47,6 +54,7 @@ def train_parser(p) -> None:
                         "(accuracy with its 95%% interval, margin, KL to the base) into "
                         "<output>/curve.json and curve.png")
     add_quantization_options(p, "load the frozen base")
+    add_dtype_option(p)
 
 
 def _training_config(args, extra: list[str]):
@@ -130,7 +138,8 @@ def train_command(args) -> int:
         usage_error("train", "--q-on applies with --on")
     stacking = {} if args.on is None else {"on": levels, "q_on": args.q_on}  # found once: hashed, located
     seed_everything(config)  # --seed governs the adapter's initialization too, as Trainer's model_init would
-    model = QAdapterModel.from_base(args.model, quantization=quantization_from(args), **config.model_options(), **stacking)
+    model = QAdapterModel.from_base(args.model, quantization=quantization_from(args), torch_dtype=dtype_from(args),
+                                    **config.model_options(), **stacking)
     tokenizer = model.tokenizer
     lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                    skip_invalid=args.skip_invalid)
