@@ -1,5 +1,5 @@
 """What the commands share: argument types that name what they expect, the options every command
-that loads a base or an adapter takes (quantization, ``--base-model``), options generated from a
+that loads a base or an adapter takes (quantization, ``--dtype``, ``--base-model``), options generated from a
 dataclass, and the one-line usage error (exit 2, argparse's convention)."""
 
 from __future__ import annotations
