@@ -51,6 +51,7 @@ from .model import (
     load_saved_base,
     select_combine,
 )
+from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy
 from .saved import (
     LEVEL_FILES,
@@ -354,6 +355,7 @@ class AdapterSet:
                  for k, level in enumerate(levels, 1)]
         return path, config, list(zip(levels, found))
 
+    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as
         ``QAdapterModel.from_pretrained`` checks it (complete files, this base, its quantization, exactly
@@ -395,6 +397,7 @@ class AdapterSet:
                         for network in q_networks([level.q_on for level in levels] + [config["q_on"]])]
             self.adapters.append(_Served(name, path, digests, members, networks, alphas))
 
+    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
     def unload(self, name: str) -> None:
         """Removes the adapter ``name`` (a stack: with its levels) from the device."""
         if name not in self.names:
@@ -467,6 +470,7 @@ class AdapterSet:
         self.peft_model.requires_grad_(False)  # served, not trained
         self.rows._cache.clear()
 
+    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config: Any = None, *, adapters: Sequence[str | None], compiled: bool | None = None,
                  **kwargs):
@@ -482,6 +486,7 @@ class AdapterSet:
                                          compiled=compiled, **kwargs)
 
     @torch.no_grad()
+    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
     def next_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
                     cache) -> torch.Tensor:
         """Each row's scores ``[B, V]`` of its next token under the policy of ``adapters[row]`` (its
@@ -496,6 +501,7 @@ class AdapterSet:
                             use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
 
     @torch.no_grad()
+    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
     def read_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
                      cache, *, top: Sequence[int | None]) -> tuple[torch.Tensor, list[TokenMeasures | None]]:
         """:meth:`next_scores` of a prefill (``cache`` empty, ``input_ids`` left-padded as

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .one_at_a_time import network_lock
 from .packing import PackedBatch, model_packing, packing_error
 
 
@@ -185,7 +186,9 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     inputs, model_kwargs, packed = packed_inputs(model, base_model, input_ids, attention_mask, padding_free,
                                                  model_kwargs)
     kwargs = dict(inputs, use_cache=False, logits_to_keep=1, **model_kwargs)
-    with decoder_outputs(base_model) as captured:
+    # Adapters switched and a hook on the shared decoder: one call at a time (one_at_a_time.py).
+    held = nullcontext() if torch.compiler.is_compiling() else network_lock(base_model)
+    with held, decoder_outputs(base_model) as captured:
         with torch.no_grad():
             with peft_model.disable_adapter():
                 model(**kwargs)

@@ -44,6 +44,7 @@ from .hidden import (
     whole_parameters,
 )
 from .lora import lora_targets
+from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
     CONFIG_NAME,
@@ -465,6 +466,7 @@ class QAdapterModel(nn.Module):
         return policy
 
     @torch.no_grad()
+    @one_call_at_a_time(lambda model: model.base_model)
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config: Any = None, *, compiled: bool | None = None, **kwargs):
         """Decodes the customized policy with transformers' ``generate``: it takes what that takes

@@ -33,6 +33,8 @@ from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTr
 
 from qadapter_kernels import combine_logits
 
+from .one_at_a_time import one_call_at_a_time
+
 ADAPTER_NAME = "default"
 
 
@@ -227,6 +229,7 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
             finally:
                 self._active_batch = previous
 
+    @one_call_at_a_time(lambda policy: policy.causal_lm)
     def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids: torch.Tensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **model_kwargs):
         """Combined log-probs of the positions kept (all by default) for ``input_ids [B, T]``, as
@@ -249,6 +252,7 @@ class CombinedPolicy(PreTrainedModel, GenerationMixin):
         return cache
 
     @torch.no_grad()
+    @one_call_at_a_time(lambda policy: policy.causal_lm)
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, *,
                  compiled: bool | None = None, **kwargs):
         """transformers' ``generate`` on the customized policy; ``compiled`` decodes with a static
