@@ -333,7 +333,9 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     for body, message in ((b'{"model": "terse", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
                           (b'{"model": "terse", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "integer"),
                           (b'{"model": "terse", "prompt": ["ok", "\\udfff"]}', "lone UTF-16 surrogate"),
-                          (b'{"model": "\\ud800", "prompt": "hi"}', "lone UTF-16 surrogate")):
+                          (b'{"model": "\\ud800", "prompt": "hi"}', "lone UTF-16 surrogate"),
+                          (b'{"model": "terse", "prompt": "\xed\xa0\x80"}', "not valid JSON in UTF-8"),  # encoded
+                          ('{"model": "terse", "prompt": "hi"}'.encode("utf-16"), "not valid JSON in UTF-8")):
         raw = httpx.post(f"{server[0]}/completions", content=body, headers={"content-type": "application/json"})
         assert raw.status_code == 400 and message in raw.json()["error"]["message"], raw.text
     paired = api.completions.create(model="terse", prompt="\U0001F600", max_tokens=2, temperature=0)  # an escaped pair

@@ -51,7 +51,7 @@ from .model import (
     load_saved_base,
     select_combine,
 )
-from .one_at_a_time import one_call_at_a_time
+from .one_at_a_time import network_lock, one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy
 from .saved import (
     LEVEL_FILES,
@@ -355,16 +355,23 @@ class AdapterSet:
                  for k, level in enumerate(levels, 1)]
         return path, config, list(zip(levels, found))
 
-    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Loads the saved adapter in ``path`` (a directory or a hub repository) under ``name``, checked as
         ``QAdapterModel.from_pretrained`` checks it (complete files, this base, its quantization, exactly
         its tensors; a stack's levels found where its record says, unchanged)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string; got {name!r}")
+        self._check_free(name)
+        path, config, located = self.check(path)  # found (a hub download) before the network is held
+        with network_lock(self.base_model):
+            self._check_free(name)  # a load from another thread meanwhile
+            self._load_checked(name, path, config, located)
+
+    def _check_free(self, name: str) -> None:
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is loaded already (unload it first)")
-        path, config, located = self.check(path)
+
+    def _load_checked(self, name: str, path: Path, config: dict, located: list[tuple[Level, Path | None]]) -> None:
         levels = [level for level, _ in located]
         # Each LoRA of the bank (a member) is a PEFT adapter named by the set (a served name may hold what a
         # module name cannot), keyed by the sha256 of its files: a stack's level that is loaded already
@@ -378,7 +385,9 @@ class AdapterSet:
                         continue
                     self._loads += 1
                     if k <= len(levels):
-                        found, what = located[k - 1][1], f"{path}: stack level {k}"
+                        found = located[k - 1][1] or find_level(levels[k - 1], k, str(path), self.fingerprint,
+                                                                 self.quantization)  # unloaded since the check
+                        what = f"{path}: stack level {k}"
                     else:
                         found, what = path, f"adapter {name!r}"
                     self.peft_model = load_lora(self.peft_model or self.base_model, found, f"lora{self._loads}", what,

@@ -3,7 +3,9 @@ the shared transformers model (each row's LoRA scaling, adapters disabled for th
 on the decoder, the bank's selection), so two calls that overlap from two threads (a web app's
 workers) would read each other's and decode, or score, with another's adapter. Every entry point
 that sets such state holds the network's lock for its call; calls on one thread nest freely (the lock
-is reentrant), and a traced region (``torch.compile``) takes none.
+is reentrant), and a traced region (``torch.compile``) takes none. A training step's backward runs
+after its forward let go (and recomputes checkpointed passes with whatever the network holds then):
+training and decoding from two threads at once is not covered.
 
 The lock belongs to the transformers model itself (kept beside it, not on it: a module keeps
 pickling and deep-copying), so every wrapper over one base shares it.

@@ -210,11 +210,14 @@ def locate_adapter(adapter: str | os.PathLike, revision: str | None = None) -> P
     return snapshot
 
 
-def _cached_snapshot(repo_id: str, revision: str) -> Path | None:
-    """The hub cache's snapshot of ``repo_id`` at ``revision``, or None. Offline, huggingface_hub 1.x
-    asks the hub for the files of a pinned revision even where its cache holds them."""
-    from huggingface_hub import snapshot_download
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """Offline (``HF_HUB_OFFLINE``), the hub cache's snapshot of ``repo_id`` at ``revision``, or None:
+    huggingface_hub 1.x asks the hub for the files of a pinned revision even where its cache holds them.
+    Online, None: what the hub said stands."""
+    from huggingface_hub import constants, snapshot_download
 
+    if not constants.HF_HUB_OFFLINE:
+        return None
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_FILES),
                                       local_files_only=True))

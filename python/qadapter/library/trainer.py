@@ -454,7 +454,8 @@ class QAdapterTrainer(Trainer):
         logged = [entry for entry in self.state.log_history if "loss" in entry and "eval_loss" not in entry]
         # The adapter the model holds: at the end of a run that loads its best checkpoint, that checkpoint's.
         best = self.state.best_model_checkpoint if final is not None and self.args.load_best_model_at_end else None
-        adapter_step = int(Path(best).name.rpartition("-")[2]) if best else self.state.global_step
+        adapter_step = (getattr(self.state, "best_global_step", None) or int(Path(best).name.rpartition("-")[2])
+                        if best else self.state.global_step)
         evaluated = [entry for entry in self.state.log_history if "eval_loss" in entry
                      and (best is None or entry.get("step") == adapter_step)]
         resumed = getattr(self, "_resumed", None)

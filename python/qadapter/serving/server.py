@@ -62,7 +62,7 @@ MAX_PROMPTS = 2048  # prompts in one completions request (OpenAI's bound on a li
 MAX_ANSWERS = MAX_PROMPTS  # answers one request asks for: its prompts times n
 MAX_BODY_BYTES = 32 * 2**20  # a request body's size, unless the server is told otherwise
 # A JSON escape of a UTF-16 surrogate: where the body has one, its text is checked for a lone one.
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on chat's top_logprobs (its completions stop at 5; vLLM's at 20)
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are 64-bit signed; choice i samples with seed + i, still a torch seed
 # OpenAI request fields that would change the answer and that this server does not implement, with
@@ -340,11 +340,12 @@ class Server:
             # Tokenized off the event loop (a long prompt would hold every stream), before the model is in hand.
             prompts = await asyncio.to_thread(
                 lambda: [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, body.get("echo") is True))
+            answers = len(prompts) * _int(body, "n", 1, 1, MAX_CHOICES)
+            if answers > MAX_ANSWERS:  # before a model is loaded for it
+                raise BadRequest(f"n times the prompts asks for {answers} answers; a request gets at most "
+                                 f"{MAX_ANSWERS}", "n")
             await self._load_from_dir(body.get("model"))  # no await after it until the requests are queued
             options, choices, stream, usage_chunk, limit = self._options(body, chat)
-            if len(prompts) * choices > MAX_ANSWERS:
-                raise BadRequest(f"n times the prompts asks for {len(prompts) * choices} answers; a request gets at "
-                                 f"most {MAX_ANSWERS}", "n")
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except EngineStopped as exc:  # while it loaded an adapter from the adapter directory
@@ -375,14 +376,14 @@ class Server:
             return StreamingResponse(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
         texts, ends, logprobs = [[text] for text in echoed], [None] * len(requests), [[] for _ in requests]
         gone = asyncio.ensure_future(_disconnected(http))  # a client that leaves takes its requests out of the batch
+        waiting = None
         try:
             while None in ends:
-                event = asyncio.ensure_future(events.get())
-                await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
-                if not event.done():
-                    event.cancel()
+                waiting = asyncio.ensure_future(events.get())
+                await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
                     return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-                index, event = event.result()
+                index, event = waiting.result()
                 logprobs[index] += [*event.get("prompt_logprobs", ()), *event.get("logprobs", ())]
                 if "text" in event:
                     texts[index].append(event["text"])
@@ -390,6 +391,8 @@ class Server:
                     ends[index] = event
         finally:
             gone.cancel()
+            if waiting is not None:
+                waiting.cancel()
             for request, end in zip(requests, ends):
                 if end is None:  # the client went away, or the server is stopping: free the rows
                     request.cancelled = True
@@ -452,14 +455,15 @@ class Server:
             if len(raw) > self.max_body_bytes:
                 raise too_large
         try:
-            body = json.loads(raw)
+            text = raw.decode("utf-8")  # strictly: json.loads would take bytes in UTF-16, or a surrogate encoded
+            body = json.loads(text)
         except RecursionError as exc:
             raise BadRequest("the request body is not valid JSON here: nested too deeply") from exc
-        except ValueError as exc:  # not JSON, not UTF-8, an integer of more digits than Python reads
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+        except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python reads
+            raise BadRequest(f"the request body is not valid JSON in UTF-8: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        if SURROGATE_ESCAPE.search(raw):  # a pair is one character; one alone is no text
+        if SURROGATE_ESCAPE.search(text):  # a pair is one character; one alone is no text
             try:
                 json.dumps(body, ensure_ascii=False).encode()
             except UnicodeEncodeError as exc:
