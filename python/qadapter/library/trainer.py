@@ -141,7 +141,7 @@ class QAdapterConfig(LossArguments):
                   "group_by_length": (getattr(self, "group_by_length", False), "groups sequences by length")}
         for name, (given, what) in unused.items():
             if given:
-                raise ValueError(f"--{name}: Trainer's option {what} for a language model's loss; the Q-Adapter's "
+                raise ValueError(f"--{name} (a Trainer option) {what} for a language model's loss; the Q-Adapter's "
                                  f"pairwise loss does not take it (got {getattr(self, name, None)})")
         check_lengths(self.max_length, self.max_prompt_length)
         if self.max_steps < 0 and not self.num_train_epochs > 0:
