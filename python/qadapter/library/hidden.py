@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .one_at_a_time import network_lock
+from .one_at_a_time import held
 from .packing import PackedBatch, model_packing, packing_error
 
 
@@ -187,8 +187,7 @@ def level_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                                                  model_kwargs)
     kwargs = dict(inputs, use_cache=False, logits_to_keep=1, **model_kwargs)
     # Adapters switched and a hook on the shared decoder: one call at a time (one_at_a_time.py).
-    held = nullcontext() if torch.compiler.is_compiling() else network_lock(base_model)
-    with held, decoder_outputs(base_model) as captured:
+    with held(base_model), decoder_outputs(base_model) as captured:
         with torch.no_grad():
             with peft_model.disable_adapter():
                 model(**kwargs)

@@ -13,6 +13,7 @@ pickling and deep-copying), so every wrapper over one base shares it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import weakref
@@ -30,21 +31,25 @@ Method = TypeVar("Method", bound=Callable)
 def network_lock(model: nn.Module) -> threading.RLock:
     """The lock of the transformers model ``model`` is (or that a PEFT model wraps)."""
     network = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with _MAKING:
-        lock = _LOCKS.get(network)
-        if lock is None:
-            lock = _LOCKS[network] = threading.RLock()
-        return lock
+    lock = _LOCKS.get(network)
+    if lock is None:  # made once, under a lock of its own: two first calls get one lock
+        with _MAKING:
+            lock = _LOCKS.setdefault(network, threading.RLock())
+    return lock
+
+
+def held(model: nn.Module) -> contextlib.AbstractContextManager:
+    """What a call holds for its run: the network's lock, or nothing in a traced region (one traced
+    step of a call that holds it already)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else network_lock(model)
 
 
 def one_call_at_a_time(network_of: Callable[[object], nn.Module]) -> Callable[[Method], Method]:
-    """Decorates a method to run holding the lock of the network ``network_of(self)`` names."""
+    """Decorates a method to run holding (:func:`held`) the network ``network_of(self)`` names."""
     def decorate(method: Method) -> Method:
         @functools.wraps(method)
         def holding(self, *args, **kwargs):
-            if torch.compiler.is_compiling():  # one traced step of a call that holds it already
-                return method(self, *args, **kwargs)
-            with network_lock(network_of(self)):
+            with held(network_of(self)):
                 return method(self, *args, **kwargs)
         return holding  # type: ignore[return-value]
     return decorate
