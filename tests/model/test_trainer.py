@@ -283,6 +283,34 @@ def test_a_best_model_metric_the_evaluation_does_not_log_is_refused_before_train
         QAdapterConfig(output_dir=str(tmp_path), metric_for_best_model=metric)
 
 
+@pytest.mark.parametrize("metric, sets, expected", [
+    ("eval_typo_loss", {"heldout": 0, "other": 0}, "one of the eval sets heldout, other before the measure"),
+    ("loss", {"heldout": 0}, "one of the eval sets heldout"),
+    ("eval_heldout_loss", "one set", "no eval set"),
+])
+def test_a_best_model_metric_names_an_eval_set_that_is_given(tmp_path, metric, sets, expected):
+    """A dict of eval sets logs eval_<set>_<measure>: a set not among them (or one named where a
+    single set is given) fails when the trainer is made, not at the first evaluation after training."""
+    model, _, _, train, heldout = training_setup(tmp_path)
+    args = QAdapterConfig(output_dir=str(tmp_path), report_to=[], metric_for_best_model=metric)
+    sets = {name: heldout for name in sets} if isinstance(sets, dict) else heldout
+    with pytest.raises(ValueError, match=f"--metric_for_best_model '{metric}' must name {expected}"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train, eval_dataset=sets)
+    for given, fine in ((sets, "eval_heldout_loss" if isinstance(sets, dict) else "loss"), (None, metric)):
+        args = QAdapterConfig(output_dir=str(tmp_path), report_to=[], metric_for_best_model=fine)
+        QAdapterTrainer(model=model, args=args, train_dataset=train, eval_dataset=given)
+
+
+def test_reporting_to_an_integration_not_installed_is_refused_before_loading(tmp_path):
+    """Trainer fails on it only when it is made, after the model has loaded."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    missing = next(name for name in ("wandb", "comet_ml", "neptune", "clearml")
+                   if name not in get_available_reporting_integrations())
+    with pytest.raises(ValueError, match=f"--report_to {missing}: not installed here"):
+        QAdapterConfig(output_dir=str(tmp_path), report_to=[missing])
+
+
 @pytest.mark.parametrize("option, value", [("label_smoothing_factor", 0.1), ("neftune_noise_alpha", 5.0),
                                            ("train_sampling_strategy", "group_by_length")])
 def test_trainer_options_for_a_language_models_loss_are_refused_by_name(tmp_path, option, value):
@@ -317,11 +345,11 @@ def test_ddp_walks_the_graph_for_unused_parameters_only_where_a_step_can_skip_on
     """Trainer asks DDP to look for unused parameters (an extra autograd walk per step, a warning from
     each process) for any model that is not a PreTrainedModel; every LoRA weight of a Q-Adapter takes
     part in every step, unless it sits on a mixture-of-experts base's routed experts. A value given
-    is kept."""
+    is kept, and the caller's args are left as given (they may serve a trainer of another model)."""
     model, _, args, train, _ = training_setup(tmp_path)
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train)
     # What Trainer hands DDP (earlier transformers 5 releases make the handler only as they wrap the model).
-    assert args.ddp_find_unused_parameters is False
+    assert trainer.args.ddp_find_unused_parameters is False and args.ddp_find_unused_parameters is None
     assert getattr(trainer.accelerator.ddp_handler, "find_unused_parameters", False) is False
     args = QAdapterConfig(output_dir=str(tmp_path), report_to=[], ddp_find_unused_parameters=True)
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train)

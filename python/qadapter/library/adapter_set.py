@@ -65,6 +65,8 @@ from .saved import (
 from .stack import effective_hidden, effective_logits, level_name, q_networks
 
 BANK = "qadapter_bank"  # the PEFT adapter name under which every LoRA layer holds the bank
+# The methods that set state on the shared base (the bank's selection, the row scaling) take its lock.
+holding_the_base = one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
 
 
 class _BankSelection:
@@ -406,7 +408,7 @@ class AdapterSet:
                         for network in q_networks([level.q_on for level in levels] + [config["q_on"]])]
             self.adapters.append(_Served(name, path, digests, members, networks, alphas))
 
-    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
+    @holding_the_base
     def unload(self, name: str) -> None:
         """Removes the adapter ``name`` (a stack: with its levels) from the device."""
         if name not in self.names:
@@ -479,7 +481,7 @@ class AdapterSet:
         self.peft_model.requires_grad_(False)  # served, not trained
         self.rows._cache.clear()
 
-    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
+    @holding_the_base
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config: Any = None, *, adapters: Sequence[str | None], compiled: bool | None = None,
                  **kwargs):
@@ -495,7 +497,7 @@ class AdapterSet:
                                          compiled=compiled, **kwargs)
 
     @torch.no_grad()
-    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
+    @holding_the_base
     def next_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
                     cache) -> torch.Tensor:
         """Each row's scores ``[B, V]`` of its next token under the policy of ``adapters[row]`` (its
@@ -510,7 +512,7 @@ class AdapterSet:
                             use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
 
     @torch.no_grad()
-    @one_call_at_a_time(lambda adapter_set: adapter_set.base_model)
+    @holding_the_base
     def read_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: Sequence[str | None],
                      cache, *, top: Sequence[int | None]) -> tuple[torch.Tensor, list[TokenMeasures | None]]:
         """:meth:`next_scores` of a prefill (``cache`` empty, ``input_ids`` left-padded as

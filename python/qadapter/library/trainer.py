@@ -8,6 +8,7 @@ checkpointing, progress bars, DDP/FSDP through accelerate or torchrun) is Traine
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.integration_utils import get_available_reporting_integrations
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from qadapter_kernels import LossConfig
@@ -104,18 +106,31 @@ class QAdapterConfig(LossArguments):
 
     def __post_init__(self) -> None:
         self.check_training_options()
-        metric = (self.metric_for_best_model or "").removeprefix("eval_")  # [<set>_]<measure>: a dict of eval sets
-        measure = next((name for name in EVALUATION_NAMES if metric == name or metric.endswith(f"_{name}")), None)
-        if metric and measure is None:  # else a KeyError at the first evaluation, after training
-            raise ValueError(f"--metric_for_best_model must name a measure the evaluation logs, with or without "
-                             f"its eval_ prefix: {', '.join(EVALUATION_NAMES)}; got {self.metric_for_best_model!r}")
+        _, measure = self.best_metric()
         if self.greater_is_better is None and measure is not None and measure.startswith("loss"):
             self.greater_is_better = False  # Trainer's guess reads a name ending in "loss" only: loss/bt is one too
         super().__post_init__()
+        missing = [name for name in self.report_to if name not in get_available_reporting_integrations()]
+        if missing:  # else Trainer's own error, once the model has loaded
+            raise ValueError(f"--report_to {' '.join(missing)}: not installed here (installed: "
+                             f"{', '.join(get_available_reporting_integrations()) or 'none'})")
         if self.dataloader_pin_memory and not has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
         check_chunk_size(self.chunk_size)
+
+    def best_metric(self) -> tuple[str | None, str | None]:
+        """``metric_for_best_model`` read as ``[eval_][<set>_]<measure>`` (a dict of eval sets names its
+        set): the set (None without one) and the measure; (None, None) when unset. A name no evaluation
+        logs is refused here, else a KeyError at the first evaluation, after training."""
+        metric = (self.metric_for_best_model or "").removeprefix("eval_")
+        if not metric:
+            return None, None
+        measure = next((name for name in EVALUATION_NAMES if metric == name or metric.endswith(f"_{name}")), None)
+        if measure is None:
+            raise ValueError(f"--metric_for_best_model must name a measure the evaluation logs, with or without "
+                             f"its eval_ prefix: {', '.join(EVALUATION_NAMES)}; got {self.metric_for_best_model!r}")
+        return metric.removesuffix(measure).removesuffix("_") or None, measure
 
     def check_training_options(self) -> None:
         """Values Trainer takes and fails on only after the model loads (a ZeroDivisionError, numpy's
@@ -326,6 +341,19 @@ def _adapter_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _check_best_metric_set(args: QAdapterConfig, eval_dataset) -> None:
+    """The best-model metric's eval set, where the sets are known: a dict's key by name, none for
+    one set (else a KeyError at the first evaluation, after a run's steps)."""
+    named, measure = args.best_metric()
+    if measure is None or eval_dataset is None:
+        return
+    sets = list(eval_dataset) if isinstance(eval_dataset, dict) else [None]
+    if named not in sets:
+        expected = (f"one of the eval sets {', '.join(map(str, sets))} before the measure (eval_<set>_{measure})"
+                    if sets != [None] else f"no eval set (one is given): eval_{measure}")
+        raise ValueError(f"--metric_for_best_model {args.metric_for_best_model!r} must name {expected}")
+
+
 def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     """``dataset`` as the collator takes it: raw preference rows (``chosen`` and ``rejected``, with or
     without ``prompt``, as ``qadapter train`` reads them) tokenized with ``args``' lengths (malformed
@@ -392,7 +420,9 @@ class QAdapterTrainer(Trainer):
                              "but trains alone: each would train on all the data and write the same files; on a CPU, "
                              "use_cpu=True (--use_cpu true) joins them")
         if args.ddp_find_unused_parameters is None and model is not None:
+            args = copy.copy(args)  # the caller's args stay as given (they may serve another model)
             args.ddp_find_unused_parameters = may_skip_trainable(model)
+        _check_best_metric_set(args, kwargs.get("eval_dataset"))
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         read: dict[str, tuple] = {}
         for name in ("train_dataset", "eval_dataset"):

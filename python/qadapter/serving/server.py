@@ -340,12 +340,13 @@ class Server:
             # Tokenized off the event loop (a long prompt would hold every stream), before the model is in hand.
             prompts = await asyncio.to_thread(
                 lambda: [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, body.get("echo") is True))
-            answers = len(prompts) * _int(body, "n", 1, 1, MAX_CHOICES)
+            choices = _int(body, "n", 1, 1, MAX_CHOICES)
+            answers = len(prompts) * choices
             if answers > MAX_ANSWERS:  # before a model is loaded for it
                 raise BadRequest(f"n times the prompts asks for {answers} answers; a request gets at most "
                                  f"{MAX_ANSWERS}", "n")
             await self._load_from_dir(body.get("model"))  # no await after it until the requests are queued
-            options, choices, stream, usage_chunk, limit = self._options(body, chat)
+            options, stream, usage_chunk, limit = self._options(body, chat)
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except EngineStopped as exc:  # while it loaded an adapter from the adapter directory
@@ -471,9 +472,9 @@ class Server:
                                  "without its pair): text must be valid Unicode") from exc
         return body
 
-    def _options(self, body: dict, chat: bool) -> tuple[dict, int, bool, bool, str | None]:
+    def _options(self, body: dict, chat: bool) -> tuple[dict, bool, bool, str | None]:
         """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
-        as OpenAI's; a null field is an absent one), the number of choices, whether to stream, whether
+        as OpenAI's; a null field is an absent one), whether to stream, whether
         the stream ends in a chunk of the usage alone, and the field that set max_tokens (None: the
         default)."""
         model = body.get("model")
@@ -512,7 +513,6 @@ class Server:
         if body.get("stream_options") is not None and not stream:  # as OpenAI's and vLLM's: no stream, no options
             raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
         top_k = _int(body, "top_k", 0, -1)  # -1: off, as vLLM has it (and 0, as transformers has it)
-        choices = _int(body, "n", 1, 1, MAX_CHOICES)
         if chat:  # logprobs: true asks for them, top_logprobs for that many alternatives
             wanted = body.get("logprobs") or False
             if not isinstance(wanted, bool):
@@ -538,7 +538,7 @@ class Server:
         if not chat:
             options["echo"] = echo
         given = limit if body.get(limit) is not None else None
-        return options, choices, stream, stream_options.get("include_usage", False), given
+        return options, stream, stream_options.get("include_usage", False), given
 
     def _text_prompts(self, body: dict, echo: bool) -> list[tuple[list[int], str]]:
         """The prompts' token ids and texts (what ``echo`` returns; token ids are decoded only then):
