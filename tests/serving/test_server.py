@@ -584,7 +584,8 @@ def test_logprobs_are_the_policys_own(server, saved):
                                         top_logprobs=2)
     content = whole.choices[0].logprobs.content
     assert "".join(e.token for e in content) == whole.choices[0].message.content
-    assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in content)
+    assert all(len(e.top_logprobs) == 2 for e in content)
+    assert bytes(sum((e.bytes for e in content), [])).decode("utf-8", "replace") == whole.choices[0].message.content
     assert all(e.logprob == e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in content)
     chunks = api.chat.completions.create(model="kind", messages=messages, max_tokens=10, temperature=0, logprobs=True,
                                          top_logprobs=2, stream=True)
@@ -594,6 +595,42 @@ def test_logprobs_are_the_policys_own(server, saved):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
         api.chat.completions.create(model="kind", messages=messages, max_tokens=2, top_logprobs=2)
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style BPE (Llama-2's, Mistral's, Gemma's): a byte outside its vocabulary is a <0xNN> token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(["the capital of France is Paris", "hello world"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
+def test_log_prob_bytes_are_each_tokens_share_of_the_utf8(kind):
+    """A character split over tokens decodes to U+FFFD from each token alone; OpenAI's bytes are each
+    token's share of the character's UTF-8, so that a client joining them gets the text."""
+    from helpers import tiny_chat_tokenizer
+    from qadapter.serving.server import token_bytes
+
+    tokenizer = tiny_chat_tokenizer() if kind == "byte-level" else _byte_fallback_tokenizer()
+    text = "héllo 🤗 wörld 中文"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    split = [i for i in ids if tokenizer.decode([i]) == "\ufffd"]
+    assert len(split) >= 7  # é, ö, 🤗 and 中文 in byte tokens of neither vocabulary
+    of = token_bytes(tokenizer)
+    assert all(len(of(i)) == 1 and of(i) != "\ufffd".encode() for i in split)
+    assert b"".join(of(i) for i in split) == "é🤗ö中文".encode()
+    joined = b"".join(of(i) for i in ids).decode()
+    assert joined.replace(" ", "") == text.replace(" ", "")  # SentencePiece's pieces lose their leading space
+    if kind == "byte-level":
+        assert joined == text
 
 
 def test_echo_scores_the_prompt_under_the_policy(server, saved):

@@ -167,8 +167,9 @@ class Server:
         context = engine.context_length
         longest = max(map(len, self.tokenizer.get_vocab()), default=1)
         self._max_text = None if context is None else context * longest
-        # A token's text, for log-probs (the vocabulary bounds the cache).
+        # A token's text and bytes, for log-probs (the vocabulary bounds the caches).
         self._token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
+        self._token_bytes = functools.lru_cache(maxsize=None)(token_bytes(self.tokenizer))
 
     def app(self) -> Starlette:
         @contextlib.asynccontextmanager
@@ -371,7 +372,8 @@ class Server:
                 return _error(str(exc), 503)
             return _error(str(exc), 400, self._request_field(exc.field, limit, chat))
         reply = _Reply(body["model"], chat, sum(len(ids) for ids, _ in prompts), len(requests), usage_chunk,
-                       token_text=self._token_text if options["logprobs"] is not None else None)
+                       token_text=self._token_text if options["logprobs"] is not None else None,
+                       token_bytes=self._token_bytes)
         echoed = [text if options.get("echo") else "" for _, text in prompts for _ in range(choices)]  # per choice
         if stream:
             return StreamingResponse(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
@@ -623,14 +625,39 @@ def _text_content(content: str | list, field: str) -> str:
     return "\n".join(part["text"] for part in content)
 
 
+def token_bytes(tokenizer) -> Callable[[int], bytes]:
+    """A token's own bytes, as OpenAI's chat log-probs give them: of a character split over tokens,
+    each token's share of its UTF-8 (such a token's decoded text is U+FFFD, whose bytes are no part of
+    the answer's). Byte-level BPE (GPT-2's, Llama-3's, Qwen's) spells each byte as one character;
+    SentencePiece's byte fallback spells one as ``<0xNN>``; any other token, its text's bytes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    byte_level = "ByteLevel" in repr(decoder)  # alone or in a Sequence of decoders
+    spelled = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def of(token: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or "")
+        if fallback:
+            return bytes([int(fallback[1], 16)])
+        if byte_level and piece and token not in tokenizer.all_special_ids and all(c in spelled for c in piece):
+            return bytes(spelled[c] for c in piece)
+        return tokenizer.decode([token]).encode()
+
+    return of
+
+
 class _Reply:
     """The OpenAI shapes of one completion's answer (its ``choices`` choices), whole or in chunks;
-    with ``token_text`` (a token's text), the answer tokens' log-probs in each route's shape."""
+    with ``token_text`` (a token's text), the answer tokens' log-probs in each route's shape (a chat's
+    with each token's ``token_bytes``)."""
 
     def __init__(self, model: str, chat: bool, prompt_tokens: int, choices: int = 1, usage_chunk: bool = False,
-                 token_text: Callable[[int], str] | None = None) -> None:
+                 token_text: Callable[[int], str] | None = None,
+                 token_bytes: Callable[[int], bytes] | None = None) -> None:
         self.model, self.chat, self.prompt_tokens, self.usage_chunk = model, chat, prompt_tokens, usage_chunk
-        self.token_text = token_text
+        self.token_text, self.token_bytes = token_text, token_bytes
         self.text_offsets = [0] * choices  # completions' text_offset: where each choice's next token starts
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -642,7 +669,7 @@ class _Reply:
         text = self.token_text
         if self.chat:
             def alternative(token: int, logprob: float) -> dict:
-                return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode())}
+                return {"token": text(token), "logprob": logprob, "bytes": list(self.token_bytes(token))}
             return {"content": [{**alternative(token, logprob), "top_logprobs": [alternative(*t) for t in top]}
                                 for token, logprob, top in entries]}
         tokens = [text(token) for token, _, _ in entries]
