@@ -94,6 +94,28 @@ def tiny_chat_tokenizer():
     )
 
 
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def tiny_sentencepiece_tokenizer():
+    """A SentencePiece-style BPE as Llama-2's tokenizer.json has it (a text's start marked ``▁``, a
+    byte outside the vocabulary a <0xNN> token, BOS added), with Zephyr's chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(["the capital of France is Paris", "hello world", "Rome is in Italy"] * 20,
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   chat_template=ZEPHYR)
+
+
 def tiny_causal_lm(family: str = "llama", *, vocab: int = 97, seed: int = 0, hidden: int = 32):
     """A random-initialized causal LM of a real architecture family, small enough for CPU tests
     (``hidden=64``: every linear layer's input a multiple of 64, as bitsandbytes' 4-bit CPU kernels need)."""

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import tiny_chat_tokenizer  # noqa: E402
+from helpers import tiny_chat_tokenizer, tiny_sentencepiece_tokenizer  # noqa: E402
 from qadapter.library.data import (  # noqa: E402
     IGNORE_INDEX,
     PreferenceCollator,
@@ -75,6 +75,26 @@ def test_plain_strings_without_template(tok):
     assert scored_text(tok, f["chosen_input_ids"], f["chosen_labels"]) == " Paris<|im_end|>"
     assert scored_text(tok, f["rejected_input_ids"], f["rejected_labels"]) == " world<|im_end|>"
     assert tok.decode(f["chosen_input_ids"]).endswith("Human: hi\n\nAssistant: Paris<|im_end|>")
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_a_sentencepiece_response_is_tokenized_as_in_its_conversation(use_chat_template):
+    """SentencePiece marks the start of any text it tokenizes as a word's (``▁``): a response tokenized
+    alone after a prompt ending in a newline would begin with a space the conversation does not have.
+    The pair's ids are the whole conversation's, tokenized at once (TRL's, for these rows)."""
+    sp = tiny_sentencepiece_tokenizer()
+    prompt = [user("the capital of France?")] if use_chat_template else "Question: the capital of France?\n"
+    row = {"prompt": prompt, "chosen": "Paris", "rejected": " Rome is in Italy"}
+    (f,), _ = tokenize_rows([row], sp, use_chat_template=use_chat_template)
+    for side in ("chosen", "rejected"):
+        if use_chat_template:
+            whole = sp.apply_chat_template(prompt + [assistant(row[side])], tokenize=False)
+            expected = sp(whole, add_special_tokens=False).input_ids
+        else:
+            expected = sp(prompt + row[side] + sp.eos_token).input_ids
+        assert f[f"{side}_input_ids"] == expected, sp.convert_ids_to_tokens(f[f"{side}_input_ids"])
+    first = f["chosen_labels"].index(next(label for label in f["chosen_labels"] if label != IGNORE_INDEX))
+    assert not sp.convert_ids_to_tokens(f["chosen_input_ids"][first]).startswith("\u2581")
 
 
 @pytest.mark.parametrize("use_chat_template", [True, False])

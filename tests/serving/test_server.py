@@ -482,7 +482,8 @@ def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
     bad = (("top_k", -5), ("top_k", 2.5), ("top_k", True), ("min_p", 2), ("min_p", -0.1), ("repetition_penalty", 0),
            ("repetition_penalty", -1.5), ("repetition_penalty", "high"), ("presence_penalty", 3),
            ("presence_penalty", -2.5), ("frequency_penalty", 2.01), ("frequency_penalty", True), ("n", 0),
-           ("n", 129), ("n", "2"), ("seed", -1), ("seed", 2**63), ("logprobs", "yes"),
+           ("n", 129), ("n", "2"), ("seed", -1), ("seed", 2**63), ("logprobs", "yes"), ("stop", "x" * 257),
+           ("stop", ["a"] * 5), ("stop", [""]),
            *((("top_logprobs", 21), ("top_logprobs", -1)) if chat else (("logprobs", 21), ("logprobs", -1),
                                                                          ("echo", 1))))
     for name, value in bad:
@@ -501,6 +502,28 @@ def test_a_sampling_option_out_of_its_range_is_a_400_naming_it(server, chat):
         raw = httpx.post(f"{server[0]}/{route}", content=f'{{"model": "terse", {head}, "{name}": {value}}}',
                          headers={"content-type": "application/json"})
         assert raw.status_code == 400 and raw.json()["error"]["param"] == name, (name, value, raw.text)
+
+
+def test_the_text_held_back_for_stop_strings_is_found_in_the_unsent_tail():
+    """A step looks for a stop string's start only in the text not yet sent (any earlier start was held
+    back): the same hold as a search of the whole text, at a cost bounded by the unsent tail."""
+    import random
+
+    from qadapter.serving.engine import _held_back
+
+    def whole(text, stops):  # every prefix of every stop against the whole text
+        hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        return len(text) - hold - (text[:len(text) - hold].endswith("\ufffd"))
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = tuple("".join(rng.choice("ab\ufffd") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3)))
+        text, sent = "", 0
+        for _ in range(12):
+            text += "".join(rng.choice("abc") for _ in range(rng.randint(1, 3)))
+            final = _held_back(text, stops, sent)
+            assert final == whole(text, stops), (text, stops, sent)
+            sent = max(sent, final)
 
 
 def test_n_choices_decode_as_n_requests(server, solo_text):
@@ -597,29 +620,14 @@ def test_logprobs_are_the_policys_own(server, saved):
         api.chat.completions.create(model="kind", messages=messages, max_tokens=2, top_logprobs=2)
 
 
-def _byte_fallback_tokenizer():
-    """A SentencePiece-style BPE (Llama-2's, Mistral's, Gemma's): a byte outside its vocabulary is a <0xNN> token."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tok.train_from_iterator(["the capital of France is Paris", "hello world"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
 def test_log_prob_bytes_are_each_tokens_share_of_the_utf8(kind):
     """A character split over tokens decodes to U+FFFD from each token alone; OpenAI's bytes are each
     token's share of the character's UTF-8, so that a client joining them gets the text."""
-    from helpers import tiny_chat_tokenizer
+    from helpers import tiny_chat_tokenizer, tiny_sentencepiece_tokenizer
     from qadapter.serving.server import token_bytes
 
-    tokenizer = tiny_chat_tokenizer() if kind == "byte-level" else _byte_fallback_tokenizer()
+    tokenizer = tiny_chat_tokenizer() if kind == "byte-level" else tiny_sentencepiece_tokenizer()
     text = "héllo 🤗 wörld 中文"
     ids = tokenizer(text, add_special_tokens=False).input_ids
     split = [i for i in ids if tokenizer.decode([i]) == "\ufffd"]
@@ -1021,13 +1029,16 @@ def test_an_adapter_directory_loads_models_on_first_use_and_unloads_the_least_re
         assert [m.id for m in api.models.list().data] == ["base", "terse", "formal", "brief"]
         assert answer("kind") == solo_text("kind", PROMPTS[1], 8) and answer("terse") == solo_text("terse", PROMPTS[1], 8)
         assert engine.adapter_set.names == ["terse", "brief", "kind"]  # formal, the least recent, went
-        for name in (".hidden", "../formal", "nope", str(adapter_dir / "formal")):
+        for name in (".hidden", "../formal", "nope", str(adapter_dir / "formal"), "x" * 300):  # 300: too long a name
             with pytest.raises(openai.NotFoundError, match="does not exist") as exc:
                 answer(name)
-            assert f"or a folder of the adapter directory {str(adapter_dir)!r}" in exc.value.body["message"]
-            assert "loaded on first use" in exc.value.body["message"]
-        with pytest.raises(openai.NotFoundError, match="a folder of the adapter directory"):
+            assert exc.value.body["message"].endswith(  # not where the directory is
+                "or a folder of the server's adapter directory (a saved adapter, loaded on first use)")
+        with pytest.raises(openai.NotFoundError, match="a folder of the server's adapter directory"):
             api.models.retrieve("nope")
+        with pytest.raises(openai.BadRequestError, match="unsupported field 'bogus'"):  # refused before it loads
+            api.completions.create(model="formal", prompt=PROMPTS[1], max_tokens=8, extra_body={"bogus": 1})
+        assert engine.adapter_set.names == ["terse", "brief", "kind"]
         with pytest.raises(openai.BadRequestError, match="'empty' of the adapter directory holds no adapter"):
             answer("empty")
         assert engine.adapter_set.names == ["terse", "brief", "kind"]  # checked before any made room for it

@@ -44,7 +44,14 @@ from ..evaluation.measures import (
     perplexity,
 )
 from ..library import atomic
-from ..library.data import IGNORE_INDEX, PreferenceCollator, check_lengths, check_rows, tokenize_rows
+from ..library.data import (
+    IGNORE_INDEX,
+    PreferenceCollator,
+    check_lengths,
+    check_rows,
+    tokenize_continuations,
+    tokenize_rows,
+)
 from ..library.defaults import DEFAULT_MODEL, load_base
 from ..library.hidden import final_hidden, output_head
 from ..library.lora import lora_targets
@@ -385,7 +392,7 @@ def _chat_batches(tokenizer, prompts: list[str], responses: list[str], size: int
         rows = []
         for prompt, response in zip(rendered[start : start + size], responses[start : start + size]):
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            r = tokenizer(response, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            r = tokenize_continuations(tokenizer, [response])[0] or [tokenizer.eos_token_id]
             rows.append((p, r))
         width = max(len(p) + len(r) for p, r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)

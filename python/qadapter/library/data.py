@@ -281,6 +281,26 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
     return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:]
 
 
+# What a continuation is tokenized after where the tokenizer marks a text's start as a word's start: a
+# byte token (SentencePiece's) or a newline's (byte-level BPE's) that no letter after it merges into.
+_CONTINUATION_ANCHOR = "\n"
+
+
+def tokenize_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` that each continue a text tokenized before them (a response after its
+    prompt). A SentencePiece tokenizer (Llama-2's, Mistral's) marks the start of any text it tokenizes
+    as a word's start (``▁``, a space): a continuation tokenized alone would begin with a space its
+    rendered conversation does not have. There each is tokenized after an anchor whose ids are then
+    dropped; a text the anchor merges into (where its ids do not come first) is tokenized alone."""
+    alone = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    first = tokenizer.convert_ids_to_tokens(tokenizer(["a"], add_special_tokens=False)["input_ids"][0][:1])
+    if not (first and isinstance(first[0], str) and first[0].startswith("\u2581")):
+        return alone
+    anchor = tokenizer([_CONTINUATION_ANCHOR], add_special_tokens=False)["input_ids"][0]
+    after = tokenizer([_CONTINUATION_ANCHOR + text for text in texts], add_special_tokens=False)["input_ids"]
+    return [ids[len(anchor):] if ids[:len(anchor)] == anchor else own for ids, own in zip(after, alone)]
+
+
 def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
     """Truncates the prompt from the left and the responses from the right to fit ``max_length``;
     both sides keep the same prompt and every response keeps at least one scored token."""
@@ -346,7 +366,7 @@ def tokenize_rows(
                 rendered.append(exc)
         texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "")]
         prompts = iter(tokenizer([t[0] for t in texts], add_special_tokens=not use_chat_template)["input_ids"])
-        responses = iter(tokenizer([r for t in texts for r in t[1:]], add_special_tokens=False)["input_ids"])
+        responses = iter(tokenize_continuations(tokenizer, [r for t in texts for r in t[1:]]))
         for (index, _), outcome in zip(batch, rendered):
             try:
                 if isinstance(outcome, Exception):

@@ -518,12 +518,13 @@ class Engine:
             if logprobs is not None:
                 request.unsent_logprobs.append(logprobs)
         text = completion_text(self.tokenizer, request, final=finish is not None or len(request.tokens) >= request.max_tokens)
-        cut = min((text.find(s) for s in request.stop if s in text), default=-1)
+        # Text sent holds no start of a stop string (its possible starts are held back): the search starts after it.
+        cut = min((i for i in (text.find(s, request.sent) for s in request.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
         if finish is None and len(request.tokens) >= request.max_tokens:
             finish = "length"
-        final = len(text) if finish else _held_back(text, request.stop)
+        final = len(text) if finish else _held_back(text, request.stop, request.sent)
         if final > request.sent:
             request.emit({"text": text[request.sent:final], **_unsent_logprobs(request)})
             request.sent = final
@@ -721,9 +722,12 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
+def _held_back(text: str, stops: tuple[str, ...], sent: int = 0) -> int:
     """How much of ``text`` is final: all but a tail that may begin a stop string and a character
-    whose bytes are still arriving."""
-    hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    whose bytes are still arriving. Such a tail starts after the ``sent`` characters (a start in them
+    would have been held back), so a step's work is bounded by what is unsent, not the stops' lengths."""
+    unsent = len(text) - sent
+    hold = max((k for stop in stops for k in range(1, min(len(stop), unsent + 1)) if text.endswith(stop[:k])),
+               default=0)
     end = len(text) - hold
     return end - 1 if text[:end].endswith("\ufffd") else end

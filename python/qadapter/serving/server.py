@@ -60,6 +60,8 @@ FIELDS = {
 MAX_CHOICES = 128  # OpenAI's bound on n
 MAX_PROMPTS = 2048  # prompts in one completions request (OpenAI's bound on a list of prompts)
 MAX_ANSWERS = MAX_PROMPTS  # answers one request asks for: its prompts times n
+# A stop string's length: each decoding step of every request holds back the text that may begin one.
+MAX_STOP_CHARS = 256
 MAX_BODY_BYTES = 32 * 2**20  # a request body's size, unless the server is told otherwise
 # A JSON escape of a UTF-16 surrogate: where the body has one, its text is checked for a lone one.
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -229,7 +231,7 @@ class Server:
     def _unknown_model(self, name: str) -> BadRequest:
         """The 404 for a model that is not loaded: the loaded ones, and where others come from."""
         where = "" if self.adapter_dir is None else (
-            f", or a folder of the adapter directory {str(self.adapter_dir)!r} (a saved adapter, loaded on first use)")
+            ", or a folder of the server's adapter directory (a saved adapter, loaded on first use)")
         return BadRequest(f"model {name!r} does not exist; available: {self.model_names}{where}", "model", 404,
                           "model_not_found")
 
@@ -282,7 +284,10 @@ class Server:
         if not model or model.startswith(".") or any(c in model for c in ("/", "\\", "\0", ":")):
             return None
         folder = self.adapter_dir / model
-        return folder if folder.is_dir() else None
+        try:
+            return folder if folder.is_dir() else None
+        except OSError:  # a name too long for the file system (Python before 3.12 raises for it)
+            return None
 
     async def _load_from_dir(self, model: object) -> None:
         """Loads a request's ``model`` from the adapter directory where it is a folder there and not
@@ -346,8 +351,9 @@ class Server:
             if answers > MAX_ANSWERS:  # before a model is loaded for it
                 raise BadRequest(f"n times the prompts asks for {answers} answers; a request gets at most "
                                  f"{MAX_ANSWERS}", "n")
+            options, stream, usage_chunk, limit = self._options(body, chat)  # all checked before a model loads for it
             await self._load_from_dir(body.get("model"))  # no await after it until the requests are queued
-            options, stream, usage_chunk, limit = self._options(body, chat)
+            self._check_model(body.get("model"))
         except BadRequest as exc:
             return _error(str(exc), exc.status, exc.param, exc.code)
         except EngineStopped as exc:  # while it loaded an adapter from the adapter directory
@@ -474,16 +480,18 @@ class Server:
                                  "without its pair): text must be valid Unicode") from exc
         return body
 
-    def _options(self, body: dict, chat: bool) -> tuple[dict, bool, bool, str | None]:
-        """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
-        as OpenAI's; a null field is an absent one), whether to stream, whether
-        the stream ends in a chunk of the usage alone, and the field that set max_tokens (None: the
-        default)."""
-        model = body.get("model")
+    def _check_model(self, model: object) -> None:
         if not isinstance(model, str):
             raise BadRequest(f"model must name one of {self.model_names}; got {model!r}", "model")
         if model not in self.model_names:
             raise self._unknown_model(model)
+
+    def _options(self, body: dict, chat: bool) -> tuple[dict, bool, bool, str | None]:
+        """The :class:`~qadapter.serving.engine.Request` options the body sets (each checked, defaults
+        as OpenAI's; a null field is an absent one), whether to stream, whether
+        the stream ends in a chunk of the usage alone, and the field that set max_tokens (None: the
+        default). The model is checked apart, once a folder of the adapter directory it names is loaded."""
+        model = body.get("model")
         implemented, harmless, unsupported = FIELDS["chat" if chat else "completions"]
         for name in body:
             if name not in implemented + harmless + unsupported:
@@ -500,9 +508,10 @@ class Server:
         max_tokens = _int(body, limit, self.default_max_tokens if chat else 16, 0 if scored_alone else 1)
         stop = body.get("stop")
         stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise BadRequest(f"stop must be a non-empty string or a list of up to 4 of them; got {body.get('stop')!r}",
-                             "stop")
+        if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise BadRequest(f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of up to 4 of them; "
+                             f"got {str(body.get('stop'))[:80]!r}", "stop")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"stream must be true or false; got {stream!r}", "stream")
