@@ -11,7 +11,7 @@ from torch import distributed as dist
 from . import registry
 from .autocast import outside_autocast
 from .config import LossConfig, check_real
-from .inputs import check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
+from .inputs import any_set, check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
 from .tiles import chunks
 from .vocab_parallel import (
     agreed_chunk,
@@ -160,7 +160,7 @@ def combined_logprobs_at(
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
     mask = targets != ignore_index
     zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
-    if not bool(mask.any()):  # still on the trainable inputs' graph: a backward gives them zero gradients
+    if not any_set(mask):  # still on the trainable inputs' graph: a backward gives them zero gradients
         trainable = [t for t in (q_hidden, q_weight, q_bias) if t is not None and t.requires_grad]
         attached = zeros + sum(t.flatten()[:0].sum() for t in trainable) if trainable else zeros
         return TargetLogprobs(attached, zeros.clone())

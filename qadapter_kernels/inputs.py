@@ -147,13 +147,13 @@ def check_loss_inputs(
 
     check_targets("labels", labels, (batch, seq), vocab=vocab or weight.shape[0], ignore_index=config.ignore_index,
                   device=q_hidden.device, shift=1)
-    if not _any(labels[:, 1:] != config.ignore_index):
+    if not any_set(labels[:, 1:] != config.ignore_index):
         raise ValueError(
             "labels score no token at all: every labels[:, 1:] equals ignore_index, so the loss is undefined"
         )
 
 
-def _any(mask: torch.Tensor) -> bool:
+def any_set(mask: torch.Tensor) -> bool:
     """Whether any entry of ``mask`` is set. A data-dependent answer: under torch.compile it is
     taken eagerly behind a graph break, where a traced ``bool(mask.any())`` would warn of the break.
     The break is asked for only while compiling: ``torch.compiler.disable`` imports dynamo, most of a
@@ -182,7 +182,7 @@ def check_targets(name: str, targets: object, shape: tuple, *, vocab: int, ignor
         raise ValueError(f"{name} must be on the hidden states' device {device}; got {targets.device}")
     scored_ids = targets[..., shift:]
     bad = (scored_ids != ignore_index) & ((scored_ids < 0) | (scored_ids >= vocab))
-    if _any(bad):
+    if any_set(bad):
         raise ValueError(
             f"{name} must lie in [0, {vocab}) (the vocabulary size V) or equal ignore_index={ignore_index}; "
             f"found {int(scored_ids[bad][0])}"

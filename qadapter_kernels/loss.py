@@ -155,6 +155,7 @@ class QAdapterLoss(nn.Module):
         self.chunk_size = chunk_size
         self.group, self.vocab_start = group, vocab_start  # a vocabulary-parallel head (qadapter_loss)
 
+    @outside_autocast
     def forward(
         self,
         base_hidden: torch.Tensor,

@@ -54,6 +54,8 @@ def capped_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if bias is not None:
         logits += bias
     if softcap is not None:
+        if logits.requires_grad:  # autograd keeps tanh's output for its backward: capped out of place
+            return softcap * torch.tanh(logits / softcap)
         softcap_(logits, softcap)
     return logits
 

@@ -11,6 +11,7 @@ import torch
 from helpers import loss_and_grads, make_inputs
 
 from qadapter_kernels import (
+    QAdapterLoss,
     combined_logprobs,
     qadapter_loss,
     qadapter_token_stats,
@@ -64,6 +65,25 @@ def test_the_loss_and_its_gradients_ignore_autocast(name):
         torch.testing.assert_close(inside.loss, outside.loss, rtol=1e-6, atol=0)
         for key, grad in outside_grads.items():
             torch.testing.assert_close(inside_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_the_loss_module_ignores_autocast_as_the_function_does(name):
+    """QAdapterLoss is the function with its options held: the same inside a region as outside it."""
+    inputs = _inputs()
+    module = QAdapterLoss(backend=_backend(name))
+    results = []
+    for region in (torch.autocast(DEVICE, enabled=False), torch.autocast(DEVICE, dtype=torch.bfloat16)):
+        leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()
+                  if v.is_floating_point()}
+        with region:
+            loss = module(labels=inputs["labels"], **leaves).loss
+        loss.backward()
+        results.append((loss, {k: v.grad for k, v in leaves.items() if v.requires_grad}))
+    (outside, outside_grads), (inside, inside_grads) = results
+    torch.testing.assert_close(inside, outside, rtol=1e-6, atol=0)
+    for key, grad in outside_grads.items():
+        torch.testing.assert_close(inside_grads[key], grad, rtol=1e-5, atol=1e-7, msg=key)
 
 
 def test_the_decoding_measures_ignore_autocast():

@@ -49,6 +49,15 @@ def test_combined_logprobs_with_a_logit_softcap():
     expected = combine_logits(cap(hb @ w.T), cap(hq @ w.T), alpha_tilde=0.9, alpha_0=0.1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, combined_logprobs(hb, hq, w, alpha_tilde=0.9, alpha_0=0.1), atol=1e-2)
+    # Its gradient: the adapter's hidden states through the capped logits (autograd keeps tanh's output).
+    picked = torch.randint(0, 31, (3, 5, 1), generator=g)
+    grads = []
+    for fn in (lambda x: combined_logprobs(hb, x, w, alpha_tilde=0.9, alpha_0=0.1, chunk_size=4, logit_softcap=0.5),
+               lambda x: combine_logits(cap(hb @ w.T), cap(x @ w.T), alpha_tilde=0.9, alpha_0=0.1)):
+        x = hq.clone().requires_grad_()
+        fn(x).gather(-1, picked).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("q_head", [False, True])
