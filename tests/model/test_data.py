@@ -100,12 +100,16 @@ def test_a_sentencepiece_response_is_tokenized_as_in_its_conversation(use_chat_t
 @pytest.mark.parametrize("use_chat_template", [True, False])
 def test_whole_text_conversations_split_at_their_shared_prefix(tok, use_chat_template):
     """TRL's implicit prompt in text (raw HH-RLHF): the prompt is the shared prefix, the space that
-    would end it starts each response instead."""
+    would end it starts each response instead; a prefix ending inside a word ends before the word."""
     implicit = {"chosen": "Human: hi\n\nAssistant: Paris", "rejected": "Human: hi\n\nAssistant: the world"}
     explicit = {"prompt": "Human: hi\n\nAssistant:", "chosen": " Paris", "rejected": " the world"}
-    assert normalize_row(0, implicit) == normalize_row(0, explicit)
+    # Answers that start alike part inside a word: the prompt ends before that word, not inside it.
+    alike = {"chosen": "Human: hi\n\nAssistant: Surely Paris.", "rejected": "Human: hi\n\nAssistant: Sure, Rome."}
+    parted = {"prompt": "Human: hi\n\nAssistant:", "chosen": " Surely Paris.", "rejected": " Sure, Rome."}
     options = dict(use_chat_template=use_chat_template)
-    assert tokenize_rows([implicit], tok, **options)[0] == tokenize_rows([explicit], tok, **options)[0]
+    for whole, split in ((implicit, explicit), (alike, parted)):
+        assert normalize_row(0, whole) == normalize_row(0, split)
+        assert tokenize_rows([whole], tok, **options)[0] == tokenize_rows([split], tok, **options)[0]
     for row, problem in [({"chosen": "Paris", "rejected": "world"}, "no shared prompt: the texts"),
                          ({"chosen": "Human: hi", "rejected": "Human: hi there"}, "'chosen' response is empty")]:
         with pytest.raises(PreferenceDataError, match=problem):
@@ -208,6 +212,20 @@ def test_truncation_keeps_the_prompt_end_and_a_scored_token(tok):
                       add_special_tokens=False)["input_ids"]
     assert f["chosen_input_ids"][:n_prompt] == full_prompt[-n_prompt:]  # cut from the left
     assert summary.truncated == 1
+
+
+def test_a_prompt_cut_from_the_left_keeps_the_bos_its_tokenizer_starts_texts_with():
+    """A tokenizer that starts every text with BOS (Llama's): a model never sees a sequence without it,
+    so a prompt cut from the left keeps it; a template's turn marker (SmolLM2's BOS) is cut as text."""
+    sp = tiny_sentencepiece_tokenizer()
+    row = {"prompt": "the capital of France is " * 30, "chosen": "Paris", "rejected": "Rome is in Italy"}
+    (f,), summary = tokenize_rows([row], sp, max_length=24, max_prompt_length=10, use_chat_template=False)
+    whole = sp(row["prompt"]).input_ids
+    assert whole[0] == sp.bos_token_id and summary.truncated == 1
+    n_prompt = f["chosen_labels"].count(IGNORE_INDEX)
+    assert f["chosen_input_ids"][:n_prompt] == whole[:1] + whole[-(n_prompt - 1):] and n_prompt == 10
+    (f,), _ = tokenize_rows([row], sp, max_length=24, max_prompt_length=1, use_chat_template=False)
+    assert f["chosen_input_ids"][:1] == whole[-1:]  # a prompt of one token: the last one
 
 
 BAD_ROWS = [

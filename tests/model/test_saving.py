@@ -105,6 +105,24 @@ def test_refuses_a_file_and_a_foreign_directory(tmp_path):
     assert (foreign / "cat.jpg").read_bytes() == b"\xff\xd8" and (foreign / "qadapter_config.json").is_file()
 
 
+def test_folders_named_like_checkpoints_are_not_taken_for_a_runs(tmp_path):
+    """A folder is a run's output by what it holds, not by the names of its folders: a save (or
+    `qadapter train --overwrite`, which removes an earlier run's checkpoints) never takes another's
+    ``checkpoints`` or ``checkpoint-7`` for its own."""
+    from qadapter.library.saved import checkpoint_folders, holds_adapter
+
+    out = tmp_path / "mine"
+    (out / "checkpoints" / "checkpoint-7").mkdir(parents=True)
+    (out / "checkpoints" / "model.ckpt").write_text("weights of mine")
+    (out / "checkpoints" / "checkpoint-7" / "thesis.tex").write_text("chapter one")
+    assert not holds_adapter(out) and checkpoint_folders(out / "checkpoints") == []
+    with pytest.raises(atomic.OutputDirectoryError, match="holds no Q-Adapter adapter"):
+        make_model().save_pretrained(out)
+    (out / "checkpoints" / "checkpoint-8").mkdir()
+    (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text("{}")
+    assert holds_adapter(out) and checkpoint_folders(out / "checkpoints") == [out / "checkpoints" / "checkpoint-8"]
+
+
 def _die_after_renames(monkeypatch, renames: int) -> None:
     """The process is killed after ``renames`` files of a save were renamed into place (SystemExit at
     the next rename), and cleans nothing up."""
@@ -163,7 +181,7 @@ def test_an_exception_between_renames_never_leaves_a_mix(tmp_path, monkeypatch, 
     staged = list(out.glob(atomic.STAGING_PREFIX + "*"))
     assert not staged if stop is KeyboardInterrupt else staged
     if stop is KeyboardInterrupt:  # already whole: read without the loader's recovery
-        monkeypatch.setattr(atomic, "recover", lambda path: None)
+        monkeypatch.setattr(atomic, "recover", lambda path, **_: None)
     else:  # a rename that keeps failing is said, naming the staged save, at every load until mended
         name = next(p.name for p in staged[0].iterdir() if p.name != atomic.COMPLETE)
         (out / name).unlink()
@@ -176,6 +194,8 @@ def test_an_exception_between_renames_never_leaves_a_mix(tmp_path, monkeypatch, 
 
 
 def test_a_crash_while_writing_keeps_the_old_adapter(tmp_path, monkeypatch):
+    """The unfinished staging is left by a load (a save still writing looks the same to it: a server
+    reading a trainer's output must not take its save away) and dropped by the next save."""
     out = tmp_path / "adapter"
     old = make_model()
     old.save_pretrained(out)
@@ -190,7 +210,9 @@ def test_a_crash_while_writing_keeps_the_old_adapter(tmp_path, monkeypatch):
         make_model(seed=3).save_pretrained(out)
     monkeypatch.undo()
     assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(old))
-    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))  # the incomplete staging was dropped
+    assert [p.name for p in out.glob(atomic.STAGING_PREFIX + "*/*")] == ["adapter_model.safetensors"]
+    make_model(seed=4).save_pretrained(out)
+    assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
 
 
 def test_cli_train_refuses_a_foreign_output_before_loading_anything(tmp_path):
@@ -252,6 +274,29 @@ def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fra
     with pytest.raises(AdapterLoadError, match="holds an invalid option") as info:
         QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("peft, fragment", [
+    ({"r": 300_000}, "asks for LoRA rank 300000 (r 300000), which is not the adapter's: its weights have rank [8]"),
+    ({"rank_pattern": {"q_proj": 10**6}}, "asks for LoRA rank 1000000"),
+    ({"r": 4}, "asks for LoRA rank 4 (r 4), which is not the adapter's: its weights have rank [8], "
+               "qadapter_config.json records r 8"),
+    ({"r": "8"}, "r and rank_pattern's ranks must be integers >= 1"),
+])
+def test_a_peft_config_whose_rank_is_not_the_weights_is_refused_before_the_base_loads(tmp_path, peft, fragment):
+    """PEFT allocates every LoRA matrix at its config's rank before it reads a weight: an edited or
+    foreign adapter_config.json could make a load (a server's, on first use) allocate without bound."""
+    from qadapter.library.model import AdapterLoadError
+
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, **peft}))
+    with pytest.raises(AdapterLoadError, match=re.escape(fragment)):
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(AdapterLoadError, match="is an incomplete adapter: adapter_config.json is missing"):
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")
 
 
 def test_a_deleted_weights_file_is_named(tmp_path):

@@ -157,7 +157,7 @@ def check_same_sample(baseline: dict, sample: dict) -> None:
 
 
 def read_report(path: str | Path) -> dict:
-    recover(Path(path).parent)  # a report write that was interrupted there is finished first
+    recover(Path(path).parent, reading=True)  # a report write marked complete there is finished first
     report = read_json(path, "baseline report")
     if not isinstance(report, dict) or not isinstance(report.get("measures"), dict):
         raise ValueError(f"baseline report {path} is not a qadapter check report (no 'measures' object)")

@@ -320,7 +320,7 @@ class AdapterSet:
             raise ValueError("adapters must name at least one saved adapter (name -> directory)")
         items = [(name, locate_adapter(path)) for name, path in items]
         first = items[0][1]
-        atomic.recover(first)
+        atomic.recover(first, reading=True)
         config = read_adapter_config(first)
         base, tokenizer = load_saved_base(first, config, base_model, torch_dtype=torch_dtype, device=device)
         adapter_set = cls(base, tokenizer=tokenizer)
@@ -345,7 +345,7 @@ class AdapterSet:
         quantization and base fingerprint, and for a stack whether this base can carry one and that
         each level is where its record says and unchanged. Raises what :meth:`load` raises for them."""
         path = locate_adapter(path)
-        atomic.recover(path)
+        atomic.recover(path, reading=True)
         config = read_adapter_config(path)
         check_quantization(path, config["quantization"], self.quantization)
         check_base(path, config, self.fingerprint, self.quantization, given=self.base_described)

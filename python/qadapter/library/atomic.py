@@ -5,8 +5,8 @@ set into a hidden staging directory inside the target, marks the set complete, t
 file over its old version. Only the adapter's own files are replaced; everything else in the
 directory (the trainer's checkpoints, the user's files) stays. If the process dies:
 
-- before the mark: the staging directory is incomplete and is dropped by the next save or load;
-  the previous adapter is untouched;
+- before the mark: the staging directory is incomplete and is dropped by the next save (a load
+  leaves it: it may be a save still writing); the previous adapter is untouched;
 - after the mark: the next save or load finishes the renames (:func:`recover`), so the directory
   always ends up holding one whole adapter, old or new, never a mix. An exception there keeps the
   staged set for it; a Ctrl-C finishes the renames before it stops the save.
@@ -120,12 +120,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def recover(path: str | os.PathLike) -> None:
-    """Finishes or drops a save that was interrupted in ``path`` (see the module docstring)."""
+def recover(path: str | os.PathLike, *, reading: bool = False) -> None:
+    """Finishes or drops a save that was interrupted in ``path`` (see the module docstring). A reader
+    (``reading``) finishes one marked complete, as its writer would, and leaves an unmarked one: from
+    where it reads, a save that died and one still writing look the same."""
     path = Path(path)
     if not path.is_dir():
         return
     for staging in sorted(path.glob(STAGING_PREFIX + "*")):
+        if reading and not (staging / COMPLETE).is_file():
+            continue
         if (staging / COMPLETE).is_file():
             try:
                 _move_into(staging, path)
@@ -138,7 +142,10 @@ def recover(path: str | os.PathLike) -> None:
 def _move_into(staging: Path, path: Path) -> None:
     for item in sorted(staging.iterdir()):
         if item.name != COMPLETE:
-            os.replace(item, path / item.name)
+            try:
+                os.replace(item, path / item.name)
+            except FileNotFoundError:  # moved meanwhile by a reader finishing the same save
+                continue
     _fsync_dir(path)
 
 

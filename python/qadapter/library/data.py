@@ -115,10 +115,14 @@ def _check_messages(index: int, key: str, messages: Any) -> list[dict]:
 
 def _shared_text(chosen: str, rejected: str) -> int:
     """Where two whole-text conversations part: their common prefix, less a space that would end
-    it (the space then starts each response), as TRL's ``extract_prompt`` splits them."""
+    it (the space then starts each response), as TRL's ``extract_prompt`` splits them; a prefix that
+    ends inside a word (``Sure`` of ``Surely`` and ``Sure,``) ends before it instead, at the
+    whitespace before that word, so that no word is cut into a prompt's part and a response's."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
+    if shared and chosen[shared - 1].isalnum() and any(text[shared:shared + 1].isalnum() for text in (chosen, rejected)):
+        return max((i for i in range(shared) if chosen[i].isspace()), default=0)
     return shared - 1 if shared and chosen[shared - 1] == " " else shared
 
 
@@ -301,23 +305,27 @@ def tokenize_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
     return [ids[len(anchor):] if ids[:len(anchor)] == anchor else own for ids, own in zip(after, alone)]
 
 
-def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int):
+def _fit(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
+         bos: int | None = None):
     """Truncates the prompt from the left and the responses from the right to fit ``max_length``;
-    both sides keep the same prompt and every response keeps at least one scored token."""
+    both sides keep the same prompt and every response keeps at least one scored token. A prompt that
+    starts with the ``bos`` token keeps it (a model trained with one sees no sequence without it)."""
     kept_prompt = min(len(prompt), max_prompt_length)
     fitted = [r[: max(1, max_length - kept_prompt)] for r in responses]
     kept_prompt = min(kept_prompt, max_length - max(len(r) for r in fitted))
+    if kept_prompt < len(prompt) and kept_prompt > 1 and bos is not None and prompt[0] == bos:
+        return prompt[:1] + prompt[len(prompt) - kept_prompt + 1 :], fitted
     return prompt[len(prompt) - kept_prompt :], fitted
 
 
 def _pair_features(prompt_ids: list[int], responses: list[list[int]], fallback_prompt: int, *, max_length: int,
-                   max_prompt_length: int) -> tuple[dict[str, list[int]], bool]:
+                   max_prompt_length: int, bos: int | None = None) -> tuple[dict[str, list[int]], bool]:
     """Token ids and labels of both sequences of one tokenized pair, and whether anything was truncated."""
     if not prompt_ids:
         prompt_ids = [fallback_prompt]
     if any(not r for r in responses):
         raise _PairProblem("a response tokenizes to no token")
-    prompt_fit, fitted = _fit(prompt_ids, responses, max_length, max_prompt_length)
+    prompt_fit, fitted = _fit(prompt_ids, responses, max_length, max_prompt_length, bos)
     truncated = len(prompt_fit) < len(prompt_ids) or any(len(f) < len(r) for f, r in zip(fitted, responses))
     if fitted[0] == fitted[1]:
         raise _PairProblem(f"chosen and rejected are the same tokens within max_length {max_length}: they differ "
@@ -353,6 +361,10 @@ def tokenize_rows(
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     markup = template_markup(tokenizer) if use_chat_template else ()
     fallback_prompt = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # A BOS the tokenizer starts every text with (Llama's, Gemma's; not a template's turn marker) is
+    # kept by a prompt cut from the left.
+    starts = tokenizer(["a"])["input_ids"][0][:1]
+    sequence_start = starts[0] if starts == [tokenizer.bos_token_id] else None
     summary, features = DataSummary(), []
 
     def take(batch: list[tuple[int, Any]]) -> None:
@@ -372,7 +384,8 @@ def tokenize_rows(
                 if isinstance(outcome, Exception):
                     raise outcome
                 feature, truncated = _pair_features(next(prompts), [next(responses), next(responses)], fallback_prompt,
-                                                    max_length=max_length, max_prompt_length=max_prompt_length)
+                                                    max_length=max_length, max_prompt_length=max_prompt_length,
+                                                    bos=sequence_start)
             except (PreferenceDataError, _PairProblem) as exc:
                 if not skip_invalid:
                     problem = exc.problem if isinstance(exc, PreferenceDataError) else str(exc)

@@ -254,7 +254,7 @@ class QAdapterModel(nn.Module):
         from peft import PeftModel
 
         path = locate_adapter(path, revision)
-        atomic.recover(path)  # finishes a save that a crash interrupted
+        atomic.recover(path, reading=True)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
                                                 quantization=quantization)
@@ -283,7 +283,7 @@ class QAdapterModel(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        atomic.recover(path)
+        atomic.recover(path, reading=True)
         config = read_adapter_config(path)
         check_base(path, config, self.fingerprint, self.quantization)
         ours = self.adapter_config()["lora"]
@@ -536,7 +536,7 @@ def levels_on(on: str | os.PathLike) -> list[Level]:
     ``on`` itself, recorded with the sha256 of its files and its alpha options."""
     try:
         path = locate_adapter(on)
-        atomic.recover(path)  # finishes a save that a crash interrupted
+        atomic.recover(path, reading=True)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
     except AdapterLoadError as exc:
         raise AdapterLoadError(f"on: {exc}") from exc

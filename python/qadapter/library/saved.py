@@ -32,6 +32,7 @@ from qadapter_kernels.inputs import check_chunk_size
 
 from . import atomic
 from . import quantization as quant
+from .atomic import STAGING_PREFIX
 from .provenance import PROVENANCE_NAME
 
 CONFIG_NAME = "qadapter_config.json"
@@ -42,6 +43,8 @@ RUN_KEYS = ("backend", "chunk_size")
 WEIGHTS_NAME = "adapter_model.safetensors"
 # What a hub repository of an adapter gives (PEFT's config too: PEFT reads it); never the
 # checkpoints or anything else a pushed training folder may hold.
+# What a Trainer checkpoint of a Q-Adapter holds besides the adapter (Trainer's names), one of them first.
+CHECKPOINT_FILES = (CONFIG_NAME, "trainer_state.json", "optimizer.pt", "scheduler.pt", "training_args.bin")
 HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_config.json", PROVENANCE_NAME)
 # What a stack level's sha256 covers: what its policy is (weights, loss options, base), not its history.
 LEVEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
@@ -250,16 +253,24 @@ def model_card(repo_id: str, config: dict) -> str:
 
 
 def holds_adapter(path: Path) -> bool:
-    """Whether a directory holds a saved adapter or the trainer checkpoints of one."""
+    """Whether a directory holds a saved adapter or the trainer checkpoints of one (in ``checkpoints``,
+    as ``qadapter train`` writes them, or beside it)."""
     path = Path(path)
-    return (path / CONFIG_NAME).is_file() or (path / "checkpoints").is_dir() or any(path.glob(f"checkpoint-*/{CONFIG_NAME}"))
+    checkpoints = path / "checkpoints"  # Trainer's output folder: made when training starts, filled as it saves
+    return ((path / CONFIG_NAME).is_file() or bool(checkpoint_folders(path))
+            or checkpoints.is_dir() and (not any(checkpoints.iterdir()) or bool(checkpoint_folders(checkpoints))))
 
 
 def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
-    """Trainer's checkpoint folders (``checkpoint-<step>``) in ``run_dir``, by step (checkpoint-10 after
-    checkpoint-9)."""
+    """Trainer's checkpoint folders of a Q-Adapter in ``run_dir`` (``checkpoint-<step>`` holding its
+    adapter or Trainer's files, a save begun, or nothing yet), by step (checkpoint-10 after
+    checkpoint-9); a folder of that name holding other things is not one."""
+    def ours(folder: Path) -> bool:
+        return any(entry.name in CHECKPOINT_FILES or entry.name.startswith((STAGING_PREFIX, "rng_state"))
+                   for entry in folder.iterdir()) or not any(folder.iterdir())
+
     found = [(int(m.group(1)), path) for path in Path(run_dir).glob("checkpoint-*")
-             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+             if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)) and ours(path)]
     return [path for _, path in sorted(found)]
 
 
@@ -306,7 +317,33 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterLoadError(f"{file} holds an invalid quantization: {exc}") from exc
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
+    _check_lora_ranks(path, config)
     return config
+
+
+def _check_lora_ranks(path: Path, config: dict) -> None:
+    """PEFT allocates every LoRA matrix at its config's rank before it reads the weights: a rank that
+    is not the weights' own (an edited or foreign adapter_config.json) is refused before anything is
+    allocated for it, so loading costs no more memory than the weights file holds."""
+    from safetensors import safe_open
+
+    peft_file = path / "adapter_config.json"
+    try:
+        peft = json.loads(peft_file.read_text(encoding="utf-8"))
+        with safe_open(path / WEIGHTS_NAME, framework="numpy") as weights:
+            ranks = {weights.get_slice(name).get_shape()[0] for name in weights.keys() if ".lora_A." in name}
+    except FileNotFoundError as exc:
+        raise AdapterLoadError(f"{path} is an incomplete adapter: {Path(exc.filename).name} is missing") from exc
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # JSON, or a safetensors header, not readable
+        raise AdapterLoadError(f"{path} is corrupted: {exc}") from exc
+    asked = [peft.get("r"), *dict(peft.get("rank_pattern") or {}).values()] if isinstance(peft, dict) else [None]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in asked):
+        raise AdapterLoadError(f"{peft_file}: r and rank_pattern's ranks must be integers >= 1; got {asked}")
+    ours = (config.get("lora") or {}).get("r")
+    if max(asked) > max(ranks, default=0) or (ours is not None and ours != peft["r"]):
+        raise AdapterLoadError(f"{peft_file} asks for LoRA rank {max(asked)} (r {peft['r']}), which is not the "
+                               f"adapter's: its weights have rank {sorted(ranks) or 'none'}, {CONFIG_NAME} "
+                               f"records r {ours}")
 
 
 def stack_levels_found(path: Path, config: dict) -> list[dict]:
