@@ -39,7 +39,7 @@ def chunked_token_stats(base: torch.Tensor, hq: torch.Tensor, weight: torch.Tens
     """
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():  # torch.func: grad, vmap
         raise RuntimeError("the chunked backends' fused backward is an autograd Function that torch.func's transforms "
-                           "cannot run; backend='reference' computes under them")
+                           "cannot run; backend='reference' computes under them (with a whole head)")
     vocab, softcap = weight.shape[0], options.logit_softcap
     if row_step is not None:
         # A fused step makes no float32 copies, a soft cap included (it caps as it reads).

@@ -16,6 +16,7 @@ from .tiles import chunks
 from .vocab_parallel import (
     agreed_chunk,
     check_group,
+    check_outside_transforms,
     local_head,
     log_softmax,
     sharded_token_logprobs,
@@ -93,6 +94,7 @@ def combined_logprobs(
     weight, q_weight, q_bias, group, _ = local_head(weight, q_weight, q_bias, group, None)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_group(group)
+    check_outside_transforms(group)
     # The frozen model gets no gradient, as in the loss: pi1's hidden states and head are constants
     # (a shared head takes its gradient through neither side).
     weight = weight.detach()

@@ -140,7 +140,17 @@ def split_head(weight, q_weight, q_bias, group, vocab_start):
     """``(weight, q_weight, q_bias, layout)``: this rank's rows of the head (a DTensor head's local
     rows) and where they sit (:func:`vocab_layout`; None: the head is whole)."""
     weight, q_weight, q_bias, group, vocab_start = local_head(weight, q_weight, q_bias, group, vocab_start)
+    check_outside_transforms(group)
     return weight, q_weight, q_bias, vocab_layout(group, vocab_start, weight)
+
+
+def check_outside_transforms(group: dist.ProcessGroup | None) -> None:
+    """A split head (``group``) is refused under torch.func's transforms by name, not by the
+    transforms' own error about an autograd Function."""
+    if group is not None and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError("a vocabulary-parallel head (group=) merges the ranks' statistics in autograd Functions "
+                           "around collectives, which torch.func's transforms (grad, vmap, ...) cannot run, whatever "
+                           "the backend; take its gradients with torch.autograd")
 
 
 class _SumGradAcrossRanks(torch.autograd.Function):

@@ -141,6 +141,13 @@ def bad_layouts(group: dist.ProcessGroup) -> dict[str, str]:
     expect_error(got, "q_weight", ValueError,
                  lambda: qadapter_loss(base, hq, weight[rows], labels, q_weight=weight, group=group,
                                        vocab_start=rows.start))
+    # torch.func's transforms cannot run the merges' autograd Functions: refused by name, whatever the backend.
+    for backend in ("reference", "chunked"):
+        expect_error(got, f"func_{backend}", RuntimeError, lambda backend=backend: torch.func.grad(
+            lambda h: qadapter_loss(base, h, weight[rows], labels, group=group, vocab_start=rows.start,
+                                    backend=backend).loss)(hq))
+    expect_error(got, "func_rows", RuntimeError, lambda: torch.func.grad(
+        lambda h: combined_logprobs(base, h, weight[rows], group=group).exp().sum())(hq))
     return got
 
 
@@ -295,6 +302,8 @@ def test_bad_layouts_name_the_argument(worlds, world):
                                        f"[{world - 1}]"), bad["empty"]
         assert bad["labels"].startswith("labels must lie in [0, 37)"), bad["labels"]
         assert bad["q_weight"].startswith("q_weight must be [V, d]"), bad["q_weight"]
+        for key in ("func_reference", "func_chunked", "func_rows"):
+            assert bad[key].startswith("a vocabulary-parallel head (group=) merges the ranks' statistics"), bad[key]
 
 
 def test_a_group_needs_torch_distributed_and_a_start_needs_a_group(inputs):
