@@ -68,7 +68,8 @@ _REPORTS: list[GradFilterReport] = []
 
 @contextlib.contextmanager
 def grad_filter_report():
-    """Collects what the chunked backend's gradient filtering skips, for the calls inside the block::
+    """Collects what the chunked backend's gradient filtering skips, for the backwards run inside the
+    block (each once, a checkpointed region's too)::
 
         with grad_filter_report() as report:
             qadapter_loss(..., grad_filter_eps="auto").loss.backward()

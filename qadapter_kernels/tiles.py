@@ -183,8 +183,8 @@ class ChunkedTokenStats(torch.autograd.Function):
                     expected_w[s:e].mul_(keep.unsqueeze(1)).add_(weighted)
         if softcap is not None:  # the targets' Q-values were read raw, before the step capped its tile
             softcap_(q_taken, softcap)
-        if filtering:
-            grad_filter.record(eps, entries=entries, skipped=skipped, dropped_mass=dropped)
+        # Said when the backward runs, once: a checkpointed region runs this forward again for it.
+        ctx.filtered = dict(entries=entries, skipped=skipped, dropped_mass=dropped) if filtering else None
         # base and weight are only needed again to recompute p for a trainable Q head.
         head = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         ctx.save_for_backward(base if head else None, hq, weight if head else None, q_weight, q_bias, targets, expected_w,
@@ -198,6 +198,8 @@ class ChunkedTokenStats(torch.autograd.Function):
         base, hq, weight, q_weight, q_bias, targets, expected_w, capped_q_taken, lse_c = ctx.saved_tensors
         sd = grad_q_taken.dtype
         softcap = ctx.cfg[2]
+        if ctx.filtered is not None:
+            grad_filter.record(ctx.cfg[3], **ctx.filtered)
         if softcap is not None:  # Q[a] = s * tanh(raw / s): d/d raw = 1 - (Q[a] / s)^2
             grad_q_taken = grad_q_taken * softcap_slope(capped_q_taken, softcap)
         grad_hq = grad_qw = grad_qb = None

@@ -143,6 +143,32 @@ def token_stats_grads(inputs, upstream, backend="chunked", **options):
     return leaves["q_hidden"].grad[:, :-1][mask].double(), grad_wq
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_region_reports_its_backward_once(reentrant):
+    """Activation checkpointing runs the forward again for the backward: the report counts the
+    backward's filtering once, as without checkpointing, with each token's dropped mass once."""
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = varied(peaked(q_head=True))
+    reports = []
+    for checkpointed in (False, True):
+        leaves = {k: v.detach().clone().requires_grad_(k == "q_hidden") for k, v in inputs.items() if k != "labels"}
+
+        def loss(q_hidden, leaves=leaves):
+            return qadapter_loss(labels=inputs["labels"], **{**leaves, "q_hidden": q_hidden}, backend="chunked",
+                                 chunk_size=8, grad_filter_eps=0.02).loss
+
+        with grad_filter_report() as report:
+            value = (checkpoint(loss, leaves["q_hidden"], use_reentrant=reentrant) if checkpointed
+                     else loss(leaves["q_hidden"]))
+            value.backward()
+        reports.append(report)
+    plain, checkpointed = reports
+    assert plain.skipped_entries > 0 and plain.dropped_mass.shape == (int((inputs["labels"][:, 1:] != -100).sum()),)
+    assert (checkpointed.entries, checkpointed.skipped_entries) == (plain.entries, plain.skipped_entries)
+    assert torch.equal(checkpointed.dropped_mass, plain.dropped_mass)
+
+
 def scored_targets(inputs) -> torch.Tensor:
     return inputs["labels"][:, 1:][inputs["labels"][:, 1:] != -100]
 
