@@ -214,6 +214,19 @@ def test_truncation_keeps_the_prompt_end_and_a_scored_token(tok):
     assert summary.truncated == 1
 
 
+def test_a_prompt_rendered_beforehand_without_its_bos_text_gets_the_bos():
+    """Rendered with the template beforehand (its markup found), a prompt is tokenized as given, without
+    special tokens; stored without the BOS text, it gets the BOS its tokenizer starts every text with
+    (as TRL tokenizes it), and keeps the one it has."""
+    sp = tiny_sentencepiece_tokenizer()
+    rendered = sp.apply_chat_template([user("the capital of France?")], tokenize=False, add_generation_prompt=True)
+    assert not rendered.startswith(sp.bos_token) and sp.eos_token in rendered
+    for prompt in (rendered, sp.bos_token + rendered):
+        (f,), _ = tokenize_rows([{"prompt": prompt, "chosen": "Paris", "rejected": "Rome"}], sp)
+        ids = f["chosen_input_ids"]
+        assert ids[:1] == [sp.bos_token_id] and ids.count(sp.bos_token_id) == 1, sp.convert_ids_to_tokens(ids)
+
+
 def test_a_prompt_cut_from_the_left_keeps_the_bos_its_tokenizer_starts_texts_with():
     """A tokenizer that starts every text with BOS (Llama's): a model never sees a sequence without it,
     so a prompt cut from the left keeps it; a template's turn marker (SmolLM2's BOS) is cut as text."""

@@ -246,8 +246,9 @@ def _warn_generation_prompt(dropped: str) -> None:
 
 
 def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
-            markup: tuple[str, ...]) -> tuple[str, str, str]:
-    """Prompt text and the two response texts that follow it."""
+            markup: tuple[str, ...]) -> tuple[str, str, str, bool]:
+    """Prompt text, the two response texts that follow it, and whether the prompt was rendered with
+    the chat template beforehand (taken as given)."""
     strings = all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected))
     rendered = isinstance(pair.prompt, str) and any(mark in pair.prompt for mark in markup)
     if rendered and not strings:
@@ -259,7 +260,7 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
                                "use_chat_template=False)")
         eos = getattr(tokenizer, "eos_token", None)
         responses = [r if not eos or r.rstrip().endswith(eos) else r + eos for r in (pair.chosen, pair.rejected)]
-        return pair.prompt, responses[0], responses[1]
+        return pair.prompt, responses[0], responses[1], rendered
     prompt = _as_messages(pair.prompt, "user")
 
     def render(messages: list[dict], **options) -> str:
@@ -271,7 +272,7 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
     prompt_text = render(prompt, add_generation_prompt=True)
     fulls = [render(prompt + _as_messages(response, "assistant")) for response in (pair.chosen, pair.rejected)]
     if all(full.startswith(prompt_text) for full in fulls):
-        return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):]
+        return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):], False
     history = render(prompt)  # the template's generation prompt differs from how it starts an answer
     if not all(full.startswith(history) for full in fulls):
         raise _PairProblem("the tokenizer's chat template does not render a conversation as its prompt followed by "
@@ -282,7 +283,7 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
                                   min(len(prompt_text), len(full))))
     if shared < len(prompt_text):
         _warn_generation_prompt(prompt_text[shared:])
-    return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:]
+    return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:], False
 
 
 # What a continuation is tokenized after where the tokenizer marks a text's start as a word's start: a
@@ -370,15 +371,18 @@ def tokenize_rows(
     def take(batch: list[tuple[int, Any]]) -> None:
         """Every row of ``batch`` rendered, the rendered ones tokenized in two calls, then each row's
         outcome taken in order (so the first bad row is the one refused)."""
-        rendered: list[tuple[str, str, str] | Exception] = []
+        rendered: list[tuple[str, str, str, bool] | Exception] = []
         for index, row in batch:
             try:
                 rendered.append(_render(tokenizer, normalize_row(index, row), use_chat_template, markup))
             except (PreferenceDataError, _PairProblem) as exc:
                 rendered.append(exc)
-        texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "")]
+        texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "", False)]
         prompts = iter(tokenizer([t[0] for t in texts], add_special_tokens=not use_chat_template)["input_ids"])
-        responses = iter(tokenize_continuations(tokenizer, [r for t in texts for r in t[1:]]))
+        # A prompt rendered beforehand without its BOS text gets the BOS its tokenizer starts every text with.
+        prompts = iter([sequence_start, *ids] if as_given and sequence_start is not None and ids[:1] != [sequence_start]
+                       else ids for ids, (*_, as_given) in zip(prompts, texts))
+        responses = iter(tokenize_continuations(tokenizer, [r for t in texts for r in t[1:3]]))
         for (index, _), outcome in zip(batch, rendered):
             try:
                 if isinstance(outcome, Exception):
