@@ -11,7 +11,15 @@ from torch import distributed as dist
 from . import registry
 from .autocast import outside_autocast
 from .config import LossConfig, check_real
-from .inputs import any_set, check_chunk_size, check_float_tensor, check_hidden_pair, check_targets, stats_dtype
+from .inputs import (
+    any_set,
+    check_chunk_size,
+    check_float_tensor,
+    check_hidden_pair,
+    check_targets,
+    check_unbatched,
+    stats_dtype,
+)
 from .tiles import chunks
 from .vocab_parallel import (
     agreed_chunk,
@@ -93,6 +101,7 @@ def combined_logprobs(
     config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, logit_softcap=logit_softcap)
     weight, q_weight, q_bias, group, _ = local_head(weight, q_weight, q_bias, group, None)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
+    check_unbatched("combined_logprobs", base_hidden, q_hidden, weight, q_weight, q_bias)
     check_group(group)
     check_outside_transforms(group)
     # The frozen model gets no gradient, as in the loss: pi1's hidden states and head are constants

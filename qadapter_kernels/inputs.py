@@ -91,6 +91,14 @@ def check_head(
             raise ValueError(f"{name} must be on the hidden states' device {device}; got {t.device}")
 
 
+def check_unbatched(entry: str, *tensors: torch.Tensor | None) -> None:
+    """``entry`` writes its chunks into one preallocated output, which torch.vmap cannot batch: refused
+    by name (not by vmap's error about an in-place write) with what does the same."""
+    if any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors):
+        raise RuntimeError(f"{entry} writes its chunks into one output, which torch.vmap cannot batch; it takes "
+                           "hidden states of any leading shape: pass the batch as a leading dimension instead")
+
+
 def check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias) -> None:
     """Hidden states ``[..., d]`` of the frozen model and of the adapter, alike in shape, dtype and
     device, and the heads that go with them."""

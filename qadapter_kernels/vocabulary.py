@@ -20,7 +20,7 @@ import torch
 
 from .autocast import outside_autocast
 from .config import LossConfig, check_choice
-from .inputs import check_chunk_size, check_hidden_pair, check_targets, stats_dtype
+from .inputs import check_chunk_size, check_hidden_pair, check_targets, check_unbatched, stats_dtype
 from .steps import softcap_
 from .tiles import chunks, matmul_to
 
@@ -106,6 +106,7 @@ def vocabulary_pass(
     measures = tuple(check_choice("measures", m, MEASURES) for m in measures)
     check_chunk_size(chunk_size)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
+    check_unbatched("vocabulary_pass", base_hidden, q_hidden, weight, q_weight, q_bias)
     if "top" in measures and (not isinstance(top_k, int) or isinstance(top_k, bool)
                               or not 0 <= top_k <= weight.shape[0]):
         raise ValueError(f"top_k must be an int in [0, {weight.shape[0]}] (the vocabulary) for the measure 'top'; "
@@ -180,6 +181,7 @@ def token_logprobs(
     config = LossConfig(logit_softcap=logit_softcap, ignore_index=ignore_index)
     check_chunk_size(chunk_size)
     check_hidden_pair(hidden, hidden, weight, None, bias)
+    check_unbatched("token_logprobs", hidden, weight, bias)
     lead = hidden.shape[:-1]
     check_targets("targets", targets, lead, vocab=weight.shape[0], ignore_index=ignore_index, device=hidden.device)
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()

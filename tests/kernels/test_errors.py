@@ -173,3 +173,21 @@ def test_torch_func_transforms_name_the_backend_that_runs_under_them(x):
         torch.func.grad(loss_of)(inputs["q_hidden"], "chunked")
     expected = torch.autograd.grad(loss_of(x["q_hidden"], "reference"), x["q_hidden"])[0]
     torch.testing.assert_close(torch.func.grad(loss_of)(inputs["q_hidden"], "reference"), expected)
+
+
+def test_the_whole_vocabulary_passes_refuse_vmap_by_name(x):
+    """They write their chunks into one preallocated output, which vmap cannot batch; they take any
+    leading shape, which batches the same."""
+    from qadapter_kernels import token_logprobs, vocabulary_pass
+
+    base, weight, targets = x["base_hidden"].detach(), x["weight"].detach(), x["labels"].clamp(min=0)
+    hqs = torch.stack([x["q_hidden"].detach(), x["q_hidden"].detach() + 0.1])
+    bases, targets = base.expand_as(hqs), targets.expand(hqs.shape[:-1])
+    for name, fn in (("combined_logprobs", lambda hq: combined_logprobs(bases[:len(hq)], hq, weight)),
+                     ("vocabulary_pass", lambda hq: vocabulary_pass(bases[:len(hq)], hq, weight, measures=("kl",)).kl),
+                     ("token_logprobs", lambda hq: token_logprobs(hq, weight, targets[:len(hq)]))):
+        with pytest.raises(RuntimeError, match=f"{name} writes its chunks into one output, which torch.vmap cannot "
+                                               "batch; it takes hidden states of any leading shape"):
+            torch.func.vmap(lambda hq, fn=fn: fn(hq.unsqueeze(0)))(hqs)
+        batched = fn(hqs)  # the batch as a leading dimension
+        torch.testing.assert_close(batched[1:], fn(hqs[1:]))
