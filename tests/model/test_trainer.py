@@ -301,6 +301,16 @@ def test_a_best_model_metric_names_an_eval_set_that_is_given(tmp_path, metric, s
         QAdapterTrainer(model=model, args=args, train_dataset=train, eval_dataset=given)
 
 
+def test_float16_mixed_precision_on_a_cpu_is_refused_rather_than_ignored(tmp_path):
+    """accelerate takes fp16 on a CPU and casts nothing (no autocast, no loss scaling): said, with bf16."""
+    with pytest.raises(ValueError, match=r"--fp16 \(float16 mixed precision\) runs on a GPU only.*--bf16 true"):
+        QAdapterConfig(output_dir=str(tmp_path), fp16=True, use_cpu=True)
+    if not torch.accelerator.is_available():
+        with pytest.raises(ValueError, match="--fp16"):
+            QAdapterConfig(output_dir=str(tmp_path), fp16=True)
+    assert QAdapterConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16
+
+
 def test_reporting_to_an_integration_not_installed_is_refused_before_loading(tmp_path):
     """Trainer fails on it only when it is made, after the model has loaded."""
     from transformers.integrations.integration_utils import get_available_reporting_integrations

@@ -159,6 +159,9 @@ class QAdapterConfig(LossArguments):
                 raise ValueError(f"--{name} (a Trainer option) {what} for a language model's loss; the Q-Adapter's "
                                  f"pairwise loss does not take it (got {getattr(self, name, None)})")
         check_lengths(self.max_length, self.max_prompt_length)
+        if self.fp16 and (self.use_cpu or not has_accelerator()):  # accelerate then takes it and casts nothing
+            raise ValueError("--fp16 (float16 mixed precision) runs on a GPU only: on a CPU it would change nothing; "
+                             "--bf16 true computes in bfloat16 there")
         if self.max_steps < 0 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 when --max_steps is -1 (its default); "
                              f"got {self.num_train_epochs}")
