@@ -111,6 +111,34 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
+def test_a_base_without_a_chat_template_takes_plain_prompts(tmp_path, capsys):
+    """A base model's tokenizer has no chat template: training takes its prompts as text (after the BOS
+    its tokenizer starts texts with), and so does generate, greedily the same tokens as the model."""
+    import torch
+    from helpers import tiny_causal_lm, tiny_sentencepiece_tokenizer
+    from qadapter.library.model import QAdapterModel
+
+    tokenizer = tiny_sentencepiece_tokenizer()
+    tokenizer.chat_template = None
+    base_dir = tmp_path / "base"
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello world {i}", "chosen": " the capital", "rejected": " Rome"})
+                            + "\n" for i in range(4)))
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(adapter), "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_strategy", "no"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hello world", "--max-new-tokens", "4"]) == 0
+    model = QAdapterModel.from_pretrained(adapter)
+    ids = tokenizer(["hello world"], return_tensors="pt").input_ids
+    assert ids[0, 0] == tokenizer.bos_token_id
+    out = model.generate(ids, torch.ones_like(ids), max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    assert capsys.readouterr().out == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
 def test_dtype_loads_the_base_in_it(tmp_path, capsys, monkeypatch):
     """--dtype bfloat16: train, eval and generate load the base in it (an fp32 checkpoint here), and the
     adapter trained in bfloat16 loads onto the base in float32 as well (its fingerprint rounds to bfloat16)."""

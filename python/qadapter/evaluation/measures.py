@@ -36,7 +36,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
-from ..library.data import IGNORE_INDEX, PreferenceCollator
+from ..library.data import IGNORE_INDEX, PreferenceCollator, text_start_token
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
 from ..library.packing import common_prefix
@@ -287,6 +287,12 @@ def perplexity(target_logprobs: Callable, tokenizer, passages: list[str]) -> flo
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+    """Each question as a chat's user turn, ready for the answer, by the tokenizer's chat template, to
+    be tokenized without special tokens; a tokenizer without a template (a base model's) takes the
+    question as plain text, as training takes such a prompt (after the BOS it starts texts with)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        start = tokenizer.bos_token if text_start_token(tokenizer) is not None else ""
+        return [start + q for q in questions]
     return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             for q in questions]
 

@@ -286,6 +286,13 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
     return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:], False
 
 
+def text_start_token(tokenizer) -> int | None:
+    """The BOS a tokenizer starts every text it encodes with (Llama's, Gemma's), or None (where its
+    BOS is a chat template's turn marker, SmolLM2's, or it has none)."""
+    starts = tokenizer(["a"])["input_ids"][0][:1]
+    return starts[0] if starts == [tokenizer.bos_token_id] else None
+
+
 # What a continuation is tokenized after where the tokenizer marks a text's start as a word's start: a
 # byte token (SentencePiece's) or a newline's (byte-level BPE's) that no letter after it merges into.
 _CONTINUATION_ANCHOR = "\n"
@@ -362,10 +369,7 @@ def tokenize_rows(
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     markup = template_markup(tokenizer) if use_chat_template else ()
     fallback_prompt = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    # A BOS the tokenizer starts every text with (Llama's, Gemma's; not a template's turn marker) is
-    # kept by a prompt cut from the left.
-    starts = tokenizer(["a"])["input_ids"][0][:1]
-    sequence_start = starts[0] if starts == [tokenizer.bos_token_id] else None
+    sequence_start = text_start_token(tokenizer)  # kept by a prompt cut from the left
     summary, features = DataSummary(), []
 
     def take(batch: list[tuple[int, Any]]) -> None:
