@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("peft")
 from helpers import tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa: E402
 from qadapter.evaluation.measures import preference_metrics  # noqa: E402
-from qadapter.library import atomic
+from qadapter.library import atomic  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter.library.trainer import (  # noqa: E402
     METRIC_NAMES,
@@ -23,6 +23,8 @@ from qadapter.library.trainer import (  # noqa: E402
     QAdapterTrainer,
     may_skip_trainable,
 )
+
+from qadapter_kernels import LossConfig  # noqa: E402
 
 
 def fresh_base():
@@ -378,14 +380,48 @@ def test_padding_dependent_norm_with_accumulation_warns(tmp_path):
 
     from qadapter.library.trainer import _warn_if_padding_dependent
 
-    args = QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[])
     with pytest.warns(UserWarning, match="depend on how far its batch is padded"):
-        _warn_if_padding_dependent(args)
+        _warn_if_padding_dependent("padded", 2)
     with w.catch_warnings():
-        w.simplefilter("error")
-        _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2,
-                                                  reward_norm="mean", report_to=[]))
-        _warn_if_padding_dependent(QAdapterConfig(output_dir=str(tmp_path), report_to=[]))
+        w.simplefilter("error", UserWarning)
+        _warn_if_padding_dependent("mean", 2)
+        _warn_if_padding_dependent("padded", 1)
+        # The trainer goes by the model's norm, which computes the loss (the config's is the default here).
+        model, _, _, train, _ = training_setup(tmp_path)
+        model.loss = LossConfig.from_options(model.loss, reward_norm="mean")
+        trainer = QAdapterTrainer(model=model, args=QAdapterConfig(output_dir=str(tmp_path), report_to=[],
+                                                                   gradient_accumulation_steps=2), train_dataset=train)
+    assert trainer.reward_norm == "mean" and trainer.loss_is_scaled_for_ga
+
+
+def test_a_config_asking_for_options_its_model_was_not_built_with_is_refused(tmp_path):
+    """The model carries its loss and LoRA settings: a config's options that it does not have were
+    silently not applied (beta, the LoRA rank), or crashed (reward_norm); a model's own options under a
+    config that leaves them at their defaults are the model's."""
+    model, tokenizer, _, train, _ = training_setup(tmp_path)
+    args = QAdapterConfig(output_dir=str(tmp_path), report_to=[], beta=0.0, lora_r=2, reward_norm="sum")
+    with pytest.raises(ValueError, match=r"the config asks for beta 0\.0 \(the model's: 0\.1\), reward_norm 'sum' "
+                                         r"\(the model's: 'padded'\), lora_r 2 \(the model's: 8\), which the model"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train)
+    QAdapterTrainer(model=model, args=QAdapterConfig(output_dir=str(tmp_path), report_to=[], lora_r=8),
+                    train_dataset=train)  # what the model has, said again
+    for option in ({"lora_r": 0}, {"lora_dropout": 1.0}):
+        name = next(iter(option))
+        with pytest.raises(ValueError, match=f"--{name} must be"):
+            QAdapterConfig(output_dir=str(tmp_path), **option)
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), **option)
+
+
+def test_the_trainer_pads_with_the_models_tokenizer_where_none_is_given(tmp_path):
+    """processing_class is optional where the model carries its tokenizer; with neither, said by name
+    (Trainer's default collator failed deep in training with a KeyError)."""
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=1)
+    model.tokenizer = tokenizer
+    QAdapterTrainer(model=model, args=args, train_dataset=train).train()
+    model.tokenizer = None
+    with pytest.raises(ValueError, match=r"processing_class \(the tokenizer\) is needed to pad the pairs"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train)
 
 
 @pytest.mark.parametrize(("reward_norm", "older_transformers"), [("mean", False), ("sum", False), ("mean", True)])

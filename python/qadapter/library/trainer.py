@@ -141,6 +141,8 @@ class QAdapterConfig(LossArguments):
             "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, "an integer >= 1"),
             "learning_rate": (self.learning_rate >= 0, "a number >= 0"),
             "lora_alpha": (self.lora_alpha > 0, "> 0"),
+            "lora_r": (self.lora_r >= 1, "an integer >= 1"),
+            "lora_dropout": (0 <= self.lora_dropout < 1, "in [0, 1)"),
             "seed": (0 <= self.seed <= 2**32 - 1, "an integer in [0, 2**32 - 1]"),
             "max_steps": (self.max_steps != 0, "-1 (train --num_train_epochs epochs) or a positive step count"),
         }
@@ -182,11 +184,11 @@ def has_accelerator() -> bool:
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
-def _warn_if_padding_dependent(args) -> None:
+def _warn_if_padding_dependent(reward_norm: str, accumulation_steps: int) -> None:
     """reward_norm="padded" divides a sequence's reward by its batch's padded length, so a pair's
     loss depends on the batch it lands in: with accumulation, micro-batches are padded differently
     from the whole batch. Said once, at construction."""
-    if getattr(args, "reward_norm", "padded") == "padded" and args.gradient_accumulation_steps > 1:
+    if reward_norm == "padded" and accumulation_steps > 1:
         warnings.warn(
             'reward_norm="padded" (the authors\' convention) makes each pair\'s reward depend on how far its '
             "batch is padded, so gradient accumulation changes the loss; reward_norm=\"mean\" "
@@ -344,6 +346,28 @@ def _adapter_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _check_model_options(args: QAdapterConfig, model) -> None:
+    """The model carries its loss and LoRA settings (``QAdapterModel(base, **args.model_options())``):
+    an option the config sets to other than its default, and the model has otherwise, would be
+    silently not applied, so it is refused, naming both values."""
+    if not hasattr(model, "adapter_config"):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(QAdapterConfig)}
+    lora = model.adapter_config()["lora"]
+    loss = args.loss_config()
+    has = {**{name: (getattr(loss, name), getattr(model.loss, name)) for name in LOSS_ARGUMENTS},
+           "backend": (args.backend, model.backend), "chunk_size": (args.chunk_size, model.chunk_size),
+           "padding_free": (args.padding_free, model.padding_free), "lora_r": (args.lora_r, lora["r"]),
+           "lora_alpha": (args.lora_alpha, lora["lora_alpha"]), "lora_dropout": (args.lora_dropout, lora["lora_dropout"]),
+           "lora_target_modules": (sorted(args.lora_target_modules or lora["target_modules"]), lora["target_modules"])}
+    differ = [f"{name} {asked!r} (the model's: {own!r})" for name, (asked, own) in has.items()
+              if getattr(args, name) != defaults[name] and asked != own]
+    if differ:
+        raise ValueError(f"the config asks for {', '.join(differ)}, which the model was not built with: the model "
+                         "carries its loss and LoRA settings; build it with them, "
+                         "QAdapterModel(base, **config.model_options()) (or QAdapterModel.from_base)")
+
+
 def _check_best_metric_set(args: QAdapterConfig, eval_dataset) -> None:
     """The best-model metric's eval set, where the sets are known: a dict's key by name, none for
     one set (else a KeyError at the first evaluation, after a run's steps)."""
@@ -426,6 +450,7 @@ class QAdapterTrainer(Trainer):
             args = copy.copy(args)  # the caller's args stay as given (they may serve another model)
             args.ddp_find_unused_parameters = may_skip_trainable(model)
         _check_best_metric_set(args, kwargs.get("eval_dataset"))
+        _check_model_options(args, model)
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         read: dict[str, tuple] = {}
         for name in ("train_dataset", "eval_dataset"):
@@ -435,17 +460,22 @@ class QAdapterTrainer(Trainer):
             for name, key in (("train_dataset", "data"), ("eval_dataset", "eval_data")):
                 if name in read:
                     record[key] = data_identity(None, *read[name])
-        if data_collator is None and processing_class is not None:
-            pad = processing_class.pad_token_id
-            data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else processing_class.eos_token_id)
+        if data_collator is None:  # the pairs' own collator, padding with the tokenizer's (or the model's) pad id
+            if tokenizer is None:
+                raise ValueError("processing_class (the tokenizer) is needed to pad the pairs, unless the model carries "
+                                 "one (QAdapterModel(..., tokenizer=...)) or a data_collator is given")
+            pad = tokenizer.pad_token_id
+            data_collator = PreferenceCollator(pad_token_id=pad if pad is not None else tokenizer.eos_token_id)
         super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
         self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
         self.add_callback(_FiniteGradients())
         self._checkpoint_pushed = _CheckpointAdapterPushed()
         self.add_callback(self._checkpoint_pushed)
-        _warn_if_padding_dependent(self.args)
+        # The model's, which computes the loss (the config's where the model carries none: checked above).
+        self.reward_norm = getattr(getattr(model, "loss", None), "reward_norm", args.reward_norm)
+        _warn_if_padding_dependent(self.reward_norm, self.args.gradient_accumulation_steps)
         # Trainer must not divide exact shares again; transformers before loss_is_scaled_for_ga decide by the other.
-        self.loss_is_scaled_for_ga = self.model_accepts_loss_kwargs = self.args.reward_norm != "padded"
+        self.loss_is_scaled_for_ga = self.model_accepts_loss_kwargs = self.reward_norm != "padded"
 
     def evaluate(self, eval_dataset=None, *args, **kwargs) -> dict[str, float]:
         """Trainer's ``evaluate``; raw preference rows given here are tokenized as the constructor's are."""
@@ -516,7 +546,7 @@ class QAdapterTrainer(Trainer):
         if self.state.global_step >= self.state.max_steps > 0:
             return [], None
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
-        if self.args.reward_norm == "padded" or not batch_samples:
+        if self.reward_norm == "padded" or not batch_samples:
             return batch_samples, None
         counts = torch.tensor([[batch["labels"].shape[0] // 2, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())]
                                for batch in batch_samples]).sum(dim=0)
