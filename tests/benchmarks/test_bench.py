@@ -4,6 +4,7 @@ report runs end to end on a tiny shape and writes its JSON, markdown and plots."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,16 @@ def test_report_runs_on_a_tiny_shape(tmp_path, capsys):
     assert "| `chunked` | backend |" in text and "Headline ratios" in text and pngs[0] in text
     assert "## One training step inside TRL" in text and "| qadapter |" in text
     assert "Headline:" in capsys.readouterr().out
+    # The decoding section, of a result the decode benchmark wrote (its batches, each loop against its mode's base).
+    decoded = json.loads((Path(__file__).resolve().parents[2] / "bench/results/decode-cpu-2026-12-05.json").read_text())
+    section = report.markdown({**results, "decode": decoded}, pngs).split("## Decoding")[1]
+    base = decoded["batches"]["8"]["ms_per_token"]
+    assert f"| 8 | policy compiled | {base['policy compiled']:.1f} | " \
+           f"{base['policy compiled'] / base['base compiled']:.2f} |" in section
+    # Written again the same day: beside the first report, which stays as it was.
+    again = report.write(results, tmp_path)
+    assert again["json"].name == js.name.replace(".json", "-2.json") and js.read_text() == json.dumps(results, indent=1) + "\n"
+    assert again["md"].is_file() and not list(tmp_path.glob(".*"))
 
 
 

@@ -29,14 +29,15 @@ def generate_parser(p) -> None:
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--prompt", required=True, help="the user message")
     add_base_model_option(p)
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens generated at most (default: %(default)s)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, help="with --sample (default: 1.0)")
     p.add_argument("--top-k", type=non_negative_int, help="with --sample: keep the k most likely tokens (default 0: all)")
     p.add_argument("--top-p", type=probability, help="with --sample (default: 1.0)")
     p.add_argument("--min-p", type=unit_fraction,
                    help="with --sample: drop tokens below min_p times the top one's probability (0: none)")
-    p.add_argument("--repetition-penalty", type=positive_float, default=None)
+    p.add_argument("--repetition-penalty", type=positive_float, default=None,
+                   help="transformers' penalty (> 0) on the prompt's and the answer's tokens (default: none)")
     p.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search over the customized policy with this many beams (the answer is printed "
                         "when the search ends: beams do not stream)")
@@ -99,9 +100,10 @@ def serve_parser(p) -> None:
                         "a stacked one too) as model NAME (repeatable)")
     add_base_model_option(p, "the base (default: the one the adapters name; without adapters, the embedded default)")
     add_dtype_option(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8000)
-    p.add_argument("--max-batch", type=positive_int, default=32, help="requests decoded together at most")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, help="the port to listen on (default: %(default)s)")
+    p.add_argument("--max-batch", type=positive_int, default=32,
+                   help="requests decoded together at most (default: %(default)s)")
     p.add_argument("--max-prefill-tokens", type=positive_int, metavar="N",
                    help="prompt tokens (times the rows each request runs: 2 for an adapter, 1 + levels for a "
                         "stack) read in one prefill at most, bounding its memory; a longer prompt is read alone "

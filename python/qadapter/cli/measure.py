@@ -33,7 +33,8 @@ def eval_parser(p) -> None:
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--data", required=True, help="preference data to evaluate on")
     add_base_model_option(p)
-    p.add_argument("--max-length", type=positive_int, default=512)
+    p.add_argument("--max-length", type=positive_int, default=512,
+                   help="tokens per row, prompt included (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
     p.add_argument("--skip-invalid", action="store_true")
     add_quantization_options(p, "load the base (default: as the adapter was trained)")
@@ -193,7 +194,8 @@ def check_parser(p) -> None:
                    help="knowledge probe questions, spread over the probe (default: %(default)s; 0: skip)")
     p.add_argument("--passages", type=non_negative_int, default=4,
                    help="general-text passages for perplexity (default: %(default)s; 0: skip)")
-    p.add_argument("--max-length", type=positive_int, default=512)
+    p.add_argument("--max-length", type=positive_int, default=512,
+                   help="tokens per row, prompt included (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
     p.add_argument("--skip-invalid", action="store_true")
 
