@@ -31,7 +31,7 @@
 # what would be carried: bench/carry when it is built, else a copy made from the installed wheel.
 #
 # Every step has its own time budget (`timeout`), so one slow step cannot starve the others.
-# Everything lands in OUTDIR (at most 8 files): gpu-run.log (every step's output), summary.md
+# Everything lands in OUTDIR: gpu-run.log (every step's output), summary.md
 # (one line per step), versions.json and each check's JSON / markdown (quantized.json: part 3).
 #
 # Nothing needs installing: the checks run as modules (`python -m bench.gpu_check`) from the
