@@ -22,7 +22,10 @@ examples' toy task (word-level tokens, no download), so the vocabulary's cost is
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -66,38 +69,38 @@ def _trainer(recipe: str, model_name: str, seq: int, output_dir: str):
 
 
 def measure(model_name: str = "smollm2-135m", *, seq: int = 128, repeats: int = 3) -> dict:
-    """Step time and peak extra memory of every recipe (or why one could not run), with the versions."""
-    rows = []
+    """Step time and peak extra memory of every recipe (or why one could not run), with the versions.
+    The recipes' steps take turns within each round, so that a drift in the machine's load biases none."""
+    rows, steps = {}, {}
     missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
-    for recipe in RECIPES:
-        row = {"recipe": recipe, "status": "ok", "reason": "", "time_s": None, "peak_bytes": None}
-        if missing:
-            rows.append(row | {"status": "skipped", "reason": f"not installed: {', '.join(missing)}"})
-            continue
-        if recipe == "dpo-liger" and importlib.util.find_spec("liger_kernel") is None:
-            rows.append(row | {"status": "skipped", "reason": "liger-kernel is not installed"})
-            continue
-        print(f"[bench] TRL recipe {recipe}: {model_name}, {PAIRS} pairs x {seq} tokens", flush=True)
-        try:
-            with tempfile.TemporaryDirectory() as output_dir:
-                trainer = _trainer(recipe, model_name, seq, output_dir)
+    with contextlib.ExitStack() as stack:
+        for recipe in RECIPES:
+            row = rows[recipe] = {"recipe": recipe, "status": "ok", "reason": "", "time_s": None, "peak_bytes": None}
+            if missing:
+                row |= {"status": "skipped", "reason": f"not installed: {', '.join(missing)}"}
+                continue
+            if recipe == "dpo-liger" and importlib.util.find_spec("liger_kernel") is None:
+                row |= {"status": "skipped", "reason": "liger-kernel is not installed"}
+                continue
+            print(f"[bench] TRL recipe {recipe}: {model_name}, {PAIRS} pairs x {seq} tokens", flush=True)
+            try:
+                trainer = _trainer(recipe, model_name, seq, stack.enter_context(tempfile.TemporaryDirectory()))
                 inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
                 trainer.model.train()
                 trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, read by training_step
-
-                def step() -> None:
-                    trainer.training_step(trainer.model, inputs)
-
-                times = Timer("cpu", warmup=1, repeats=repeats)
-                row["time_s"] = times.median_s(step)
-                row["peak_bytes"] = peak_extra_memory(step)[1]
+                steps[recipe] = functools.partial(trainer.training_step, trainer.model, inputs)
+                steps[recipe]()  # a recipe that fails does so here, before the rounds
                 row["tokens"] = int(inputs["input_ids"].numel())
-        except Exception as exc:  # noqa: BLE001 -- a recipe that fails is a recorded result
-            row |= {"status": "skipped", "reason": f"failed: {first_line(exc)}"}
-        rows.append(row)
+            except Exception as exc:  # noqa: BLE001 -- a recipe that fails is a recorded result
+                steps.pop(recipe, None)
+                row |= {"status": "skipped", "reason": f"failed: {first_line(exc)}"}
+        times = Timer("cpu", warmup=1, repeats=repeats).rounds(steps, repeats)
+        for recipe, step in steps.items():
+            rows[recipe]["time_s"] = statistics.median(times[recipe])
+            rows[recipe]["peak_bytes"] = peak_extra_memory(step)[1]
     return {"model": model_name, "vocab": MODELS[model_name]["vocab_size"], "pairs": PAIRS, "seq": seq,
             "repeats": repeats, "trl": package_version("trl"), "liger-kernel": package_version("liger-kernel"),
-            "results": rows}
+            "results": list(rows.values())}
 
 
 def markdown(result: dict) -> list[str]:
@@ -109,7 +112,7 @@ def markdown(result: dict) -> list[str]:
         f"{result['pairs']} pairs x about {result['seq']} tokens",
         "",
         f"TRL {result['trl']}, liger-kernel {result['liger-kernel']}; `Trainer.training_step` (both forwards, loss, "
-        f"backward) on one batch, median of {result['repeats']} after a warm-up (bench/trl_recipe.py).",
+        f"backward) on one batch, median of {result['repeats']} rounds in turns after a warm-up (bench/trl_recipe.py).",
         "",
         "| recipe | time (s) | peak extra (MiB) | x time of qadapter | x memory of qadapter | status |",
         "|---|---:|---:|---:|---:|---|",

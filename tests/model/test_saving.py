@@ -299,6 +299,33 @@ def test_a_peft_config_whose_rank_is_not_the_weights_is_refused_before_the_base_
         QAdapterModel.from_pretrained(out, "/nonexistent/base")
 
 
+def test_a_weights_file_that_is_not_safetensors_is_named(tmp_path):
+    """A Git LFS pointer (a clone without LFS) or a cut-short download where the weights should be."""
+    from qadapter.library.model import AdapterLoadError
+
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    (out / "adapter_model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
+    with pytest.raises(AdapterLoadError, match=f"{re.escape(str(out))} is corrupted"):
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")
+
+
+def test_a_reader_finishing_a_save_as_it_is_written_leaves_it_whole(tmp_path, monkeypatch):
+    """A server loading an adapter a trainer is saving: the reader finishes the marked set (and removes
+    its staging) between the writer's mark and its renames; the writer's save still succeeds."""
+    atomic.write_texts(tmp_path, {"a.txt": "old", "b.txt": "old"})
+    real_fsync = atomic._fsync_dir
+
+    def reader_between(path):
+        real_fsync(path)
+        if path.name.startswith(atomic.STAGING_PREFIX) and (path / atomic.COMPLETE).is_file():
+            atomic.recover(tmp_path, reading=True)
+
+    monkeypatch.setattr(atomic, "_fsync_dir", reader_between)
+    atomic.write_texts(tmp_path, {"a.txt": "new", "b.txt": "new"})
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a.txt": "new", "b.txt": "new"}
+
+
 def test_a_deleted_weights_file_is_named(tmp_path):
     from qadapter.library.model import AdapterLoadError
 

@@ -321,6 +321,8 @@ def test_reporting_to_an_integration_not_installed_is_refused_before_loading(tmp
                    if name not in get_available_reporting_integrations())
     with pytest.raises(ValueError, match=f"--report_to {missing}: not installed here"):
         QAdapterConfig(output_dir=str(tmp_path), report_to=[missing])
+    # Integrations transformers never lists as installed (flyte), or hides beside another, are its to judge.
+    assert QAdapterConfig(output_dir=str(tmp_path), report_to=["flyte"]).report_to == ["flyte"]
 
 
 @pytest.mark.parametrize("option, value", [("label_smoothing_factor", 0.1), ("neftune_noise_alpha", 5.0),

@@ -140,7 +140,11 @@ def recover(path: str | os.PathLike, *, reading: bool = False) -> None:
 
 
 def _move_into(staging: Path, path: Path) -> None:
-    for item in sorted(staging.iterdir()):
+    try:
+        items = sorted(staging.iterdir())
+    except FileNotFoundError:  # a reader finished this save (a complete one) and removed its staging
+        return
+    for item in items:
         if item.name != COMPLETE:
             try:
                 os.replace(item, path / item.name)

@@ -41,10 +41,11 @@ STACKED_FORMAT_VERSION = 2  # a stacked adapter: a reader that cannot load its l
 # Keys of the saved config's "loss" section besides LossConfig's fields.
 RUN_KEYS = ("backend", "chunk_size")
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What a Trainer checkpoint of a Q-Adapter holds, its adapter's config or one of Trainer's files (any
+# one of them makes a checkpoint-<step> folder one).
+CHECKPOINT_FILES = (CONFIG_NAME, "trainer_state.json", "optimizer.pt", "scheduler.pt", "training_args.bin")
 # What a hub repository of an adapter gives (PEFT's config too: PEFT reads it); never the
 # checkpoints or anything else a pushed training folder may hold.
-# What a Trainer checkpoint of a Q-Adapter holds besides the adapter (Trainer's names), one of them first.
-CHECKPOINT_FILES = (CONFIG_NAME, "trainer_state.json", "optimizer.pt", "scheduler.pt", "training_args.bin")
 HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_config.json", PROVENANCE_NAME)
 # What a stack level's sha256 covers: what its policy is (weights, loss options, base), not its history.
 LEVEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
@@ -325,7 +326,7 @@ def _check_lora_ranks(path: Path, config: dict) -> None:
     """PEFT allocates every LoRA matrix at its config's rank before it reads the weights: a rank that
     is not the weights' own (an edited or foreign adapter_config.json) is refused before anything is
     allocated for it, so loading costs no more memory than the weights file holds."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     peft_file = path / "adapter_config.json"
     try:
@@ -334,7 +335,7 @@ def _check_lora_ranks(path: Path, config: dict) -> None:
             ranks = {weights.get_slice(name).get_shape()[0] for name in weights.keys() if ".lora_A." in name}
     except FileNotFoundError as exc:
         raise AdapterLoadError(f"{path} is an incomplete adapter: {Path(exc.filename).name} is missing") from exc
-    except (OSError, ValueError, UnicodeDecodeError) as exc:  # JSON, or a safetensors header, not readable
+    except (OSError, ValueError, SafetensorError) as exc:  # JSON, or a safetensors header, not readable
         raise AdapterLoadError(f"{path} is corrupted: {exc}") from exc
     asked = [peft.get("r"), *dict(peft.get("rank_pattern") or {}).values()] if isinstance(peft, dict) else [None]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in asked):

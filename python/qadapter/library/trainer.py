@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.integrations.integration_utils import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from qadapter_kernels import LossConfig
@@ -110,8 +110,12 @@ class QAdapterConfig(LossArguments):
         if self.greater_is_better is None and measure is not None and measure.startswith("loss"):
             self.greater_is_better = False  # Trainer's guess reads a name ending in "loss" only: loss/bt is one too
         super().__post_init__()
-        missing = [name for name in self.report_to if name not in get_available_reporting_integrations()]
-        if missing:  # else Trainer's own error, once the model has loaded
+        # Integrations transformers lists by whether their package imports (not flyte, which it never
+        # lists, nor azure_ml, which it hides beside mlflow): one not installed fails only in Trainer,
+        # once the model has loaded.
+        listed = set(INTEGRATION_TO_CALLBACK) - {"flyte", "azure_ml"}
+        missing = [name for name in self.report_to if name in listed and name not in get_available_reporting_integrations()]
+        if missing:
             raise ValueError(f"--report_to {' '.join(missing)}: not installed here (installed: "
                              f"{', '.join(get_available_reporting_integrations()) or 'none'})")
         if self.dataloader_pin_memory and not has_accelerator():
