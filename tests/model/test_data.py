@@ -106,8 +106,18 @@ def test_whole_text_conversations_split_at_their_shared_prefix(tok, use_chat_tem
     # Answers that start alike part inside a word: the prompt ends before that word, not inside it.
     alike = {"chosen": "Human: hi\n\nAssistant: Surely Paris.", "rejected": "Human: hi\n\nAssistant: Sure, Rome."}
     parted = {"prompt": "Human: hi\n\nAssistant:", "chosen": " Surely Paris.", "rejected": " Sure, Rome."}
+    # Before punctuation (no space) and in a script without spaces, the prompt ends after it; a word with
+    # nothing before it leaves the prefix whole.
+    tight = {"chosen": "Human: hi\n\nAssistant:Surely Paris.", "rejected": "Human: hi\n\nAssistant:Sure, Rome."}
+    tight_parted = {"prompt": "Human: hi\n\nAssistant:", "chosen": "Surely Paris.", "rejected": "Sure, Rome."}
+    cjk = {"chosen": "用户：你好。助手：我喜欢猫", "rejected": "用户：你好。助手：我喜欢狗"}
+    cjk_parted = {"prompt": "用户：你好。助手：", "chosen": "我喜欢猫", "rejected": "我喜欢狗"}
+    assert normalize_row(0, {"chosen": "ab cd", "rejected": "ab ce"}) == normalize_row(
+        0, {"prompt": "ab", "chosen": " cd", "rejected": " ce"})
+    assert normalize_row(0, {"chosen": "abcd x", "rejected": "abce y"}) == normalize_row(
+        0, {"prompt": "abc", "chosen": "d x", "rejected": "e y"})
     options = dict(use_chat_template=use_chat_template)
-    for whole, split in ((implicit, explicit), (alike, parted)):
+    for whole, split in ((implicit, explicit), (alike, parted), (tight, tight_parted), (cjk, cjk_parted)):
         assert normalize_row(0, whole) == normalize_row(0, split)
         assert tokenize_rows([whole], tok, **options)[0] == tokenize_rows([split], tok, **options)[0]
     for row, problem in [({"chosen": "Paris", "rejected": "world"}, "no shared prompt: the texts"),
@@ -214,17 +224,24 @@ def test_truncation_keeps_the_prompt_end_and_a_scored_token(tok):
     assert summary.truncated == 1
 
 
-def test_a_prompt_rendered_beforehand_without_its_bos_text_gets_the_bos():
+@pytest.mark.parametrize("template_bos", [True, False])
+def test_a_prompt_rendered_beforehand_has_the_bos_its_messages_would(template_bos):
     """Rendered with the template beforehand (its markup found), a prompt is tokenized as given, without
-    special tokens; stored without the BOS text, it gets the BOS its tokenizer starts every text with
-    (as TRL tokenizes it), and keeps the one it has."""
+    special tokens; stored without the BOS text a template starts with (Llama-3's), it gets the BOS, as
+    the same conversation in messages has it; after a template without one (Zephyr's), none."""
     sp = tiny_sentencepiece_tokenizer()
-    rendered = sp.apply_chat_template([user("the capital of France?")], tokenize=False, add_generation_prompt=True)
-    assert not rendered.startswith(sp.bos_token) and sp.eos_token in rendered
-    for prompt in (rendered, sp.bos_token + rendered):
-        (f,), _ = tokenize_rows([{"prompt": prompt, "chosen": "Paris", "rejected": "Rome"}], sp)
+    if template_bos:
+        sp.chat_template = "{{ bos_token }}" + sp.chat_template
+    row = {"prompt": [user("the capital of France?")], "chosen": "Paris", "rejected": "Rome"}
+    (as_messages,), _ = tokenize_rows([row], sp)
+    rendered = sp.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith(sp.bos_token) == template_bos and sp.eos_token in rendered
+    n_prompt = as_messages["chosen_labels"].count(IGNORE_INDEX)
+    for prompt in (rendered.removeprefix(sp.bos_token), rendered):
+        (f,), _ = tokenize_rows([{**row, "prompt": prompt}], sp)
         ids = f["chosen_input_ids"]
-        assert ids[:1] == [sp.bos_token_id] and ids.count(sp.bos_token_id) == 1, sp.convert_ids_to_tokens(ids)
+        assert ids[:n_prompt] == as_messages["chosen_input_ids"][:n_prompt], sp.convert_ids_to_tokens(ids)
+        assert f["chosen_labels"].count(IGNORE_INDEX) == n_prompt and ids.count(sp.bos_token_id) == template_bos
 
 
 def test_a_prompt_cut_from_the_left_keeps_the_bos_its_tokenizer_starts_texts_with():

@@ -116,13 +116,17 @@ def _check_messages(index: int, key: str, messages: Any) -> list[dict]:
 def _shared_text(chosen: str, rejected: str) -> int:
     """Where two whole-text conversations part: their common prefix, less a space that would end
     it (the space then starts each response), as TRL's ``extract_prompt`` splits them; a prefix that
-    ends inside a word (``Sure`` of ``Surely`` and ``Sure,``) ends before it instead, at the
-    whitespace before that word, so that no word is cut into a prompt's part and a response's."""
+    ends inside a word (``Sure`` of ``Surely`` and ``Sure,``) ends before that word instead, so that
+    no word is cut into a prompt's part and a response's: before the whitespace that precedes it (which
+    starts each response), or after the punctuation that does (``Assistant:Sure``, ``助手：我``);
+    where nothing precedes it, the prefix stays whole."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     if shared and chosen[shared - 1].isalnum() and any(text[shared:shared + 1].isalnum() for text in (chosen, rejected)):
-        return max((i for i in range(shared) if chosen[i].isspace()), default=0)
+        start = next((i for i in range(shared - 1, -1, -1) if not chosen[i].isalnum()), None)
+        if start is not None:
+            return start if chosen[start].isspace() else start + 1
     return shared - 1 if shared and chosen[shared - 1] == " " else shared
 
 
@@ -235,6 +239,16 @@ def template_markup(tokenizer) -> tuple[str, ...]:
     special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     named = {getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos") if f"{role}_token" in source}
     return tuple(sorted(mark for mark in special if mark and (mark in source or mark in named)))
+
+
+def _template_starts_with_bos(tokenizer) -> bool:
+    """Whether the chat template writes the BOS text first (Llama-3's, Gemma's; not SmolLM2's, Zephyr's)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    try:
+        return bool(bos) and tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False,
+                                                           add_generation_prompt=True).startswith(bos)
+    except Exception:  # noqa: BLE001 -- a template that refuses this conversation: its rows are refused by name
+        return False
 
 
 @functools.cache
@@ -370,6 +384,7 @@ def tokenize_rows(
     markup = template_markup(tokenizer) if use_chat_template else ()
     fallback_prompt = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequence_start = text_start_token(tokenizer)  # kept by a prompt cut from the left
+    template_bos = use_chat_template and _template_starts_with_bos(tokenizer)
     summary, features = DataSummary(), []
 
     def take(batch: list[tuple[int, Any]]) -> None:
@@ -383,8 +398,9 @@ def tokenize_rows(
                 rendered.append(exc)
         texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "", False)]
         prompts = iter(tokenizer([t[0] for t in texts], add_special_tokens=not use_chat_template)["input_ids"])
-        # A prompt rendered beforehand without its BOS text gets the BOS its tokenizer starts every text with.
-        prompts = iter([sequence_start, *ids] if as_given and sequence_start is not None and ids[:1] != [sequence_start]
+        # A prompt rendered beforehand without the BOS text the template starts with gets it, as the same
+        # conversation in messages has it.
+        prompts = iter([tokenizer.bos_token_id, *ids] if as_given and template_bos and ids[:1] != [tokenizer.bos_token_id]
                        else ids for ids, (*_, as_given) in zip(prompts, texts))
         responses = iter(tokenize_continuations(tokenizer, [r for t in texts for r in t[1:3]]))
         for (index, _), outcome in zip(batch, rendered):
