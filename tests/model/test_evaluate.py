@@ -226,3 +226,27 @@ def test_bad_arguments_are_named(argument, value):
         evaluate_pairs(model, ragged_pairs(2, vocab=97), PAD, **{argument: value})
     with pytest.raises(ValueError, match="features"):
         evaluate_pairs(model, [], PAD)
+
+
+LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+          "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("kind", ["chatml", "sentencepiece, zephyr", "sentencepiece, llama-2", "no template"])
+def test_an_answer_is_scored_as_training_tokenizes_it(kind):
+    """The knowledge probe and compare score an answer after the chat prompt: its tokens are those the
+    training pairs hold for it (a template that opens an answer with a space, Llama-2's, included)."""
+    from helpers import tiny_sentencepiece_tokenizer
+    from qadapter.evaluation.measures import answer_tokens, chat_prompts
+
+    tokenizer = tiny_chat_tokenizer() if kind == "chatml" else tiny_sentencepiece_tokenizer()
+    tokenizer.chat_template = {"sentencepiece, llama-2": LLAMA2, "no template": None}.get(kind, tokenizer.chat_template)
+    question, answers = "the capital of France?", ["Paris", "Rome is in Italy"]
+    got = answer_tokens(tokenizer, question, answers)
+    (pair,), _ = tokenize_rows([{"prompt": question, "chosen": answers[0], "rejected": answers[1]}], tokenizer)
+    prompt = tokenizer(chat_prompts(tokenizer, [question]), add_special_tokens=False).input_ids[0]
+    for side, tokens in zip(("chosen", "rejected"), got):
+        ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
+        scored = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+        assert ids[:len(ids) - len(scored)] == prompt  # the prompt as chat_prompts writes it
+        assert scored[:len(tokens)] == tokens and len(scored) > len(tokens), (kind, side)  # then its end of turn

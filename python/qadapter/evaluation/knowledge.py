@@ -345,14 +345,13 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     """
     import torch
 
-    from ..library.data import tokenize_continuations
-    from .measures import Targets, chat_prompts
+    from .measures import Targets, answer_tokens, chat_prompts
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
     prompts = [tokenizer(p, add_special_tokens=False).input_ids
                for p in chat_prompts(tokenizer, [it["question"] for it in items])]
-    options = [tokenize_continuations(tokenizer, list(it["options"])) for it in items]
+    options = [answer_tokens(tokenizer, it["question"], list(it["options"])) for it in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # One row per option: its tokens, the (item, option) it scores and the positions predicting them.
     rows = [(prompt + o, i, k, range(len(prompt) - 1, len(prompt) + len(o) - 1), o)

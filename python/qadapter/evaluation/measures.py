@@ -36,7 +36,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
-from ..library.data import IGNORE_INDEX, PreferenceCollator, text_start_token
+from ..library.data import IGNORE_INDEX, PreferenceCollator, text_start_token, tokenize_continuations
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
 from ..library.packing import common_prefix
@@ -295,6 +295,24 @@ def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
         return [start + q for q in questions]
     return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             for q in questions]
+
+
+def answer_tokens(tokenizer, question: str, answers: list[str]) -> list[list[int]]:
+    """Each of ``answers``' tokens as it follows ``chat_prompts([question])`` in the conversation the
+    chat template writes (a template may open an answer with a space, Llama-2's, or trim it), without
+    its end of turn: the tokens training scores for it. Without a template, or where the template
+    does not write the answer after that prompt, the answer as given."""
+    texts = list(answers)
+    if getattr(tokenizer, "chat_template", None) is not None:
+        prompt = chat_prompts(tokenizer, [question])[0]
+        for k, answer in enumerate(answers):
+            whole = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                                   {"role": "assistant", "content": answer}], tokenize=False)
+            core = answer.strip() or answer
+            at = whole.find(core, len(prompt)) if whole.startswith(prompt) else -1
+            if at >= 0:
+                texts[k] = whole[len(prompt):at + len(core)]
+    return tokenize_continuations(tokenizer, texts)
 
 
 @torch.no_grad()

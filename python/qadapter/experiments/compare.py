@@ -35,6 +35,7 @@ from qadapter_kernels import LossConfig
 from qadapter_kernels.vocabulary import vocabulary_pass
 
 from ..evaluation.measures import (
+    answer_tokens,
     answers,
     chat_prompts,
     customized_likelihood,
@@ -49,7 +50,6 @@ from ..library.data import (
     PreferenceCollator,
     check_lengths,
     check_rows,
-    tokenize_continuations,
     tokenize_rows,
 )
 from ..library.defaults import DEFAULT_MODEL, load_base
@@ -390,9 +390,10 @@ def _chat_batches(tokenizer, prompts: list[str], responses: list[str], size: int
     rendered = chat_prompts(tokenizer, prompts)
     for start in range(0, len(prompts), size):
         rows = []
-        for prompt, response in zip(rendered[start : start + size], responses[start : start + size]):
+        for question, prompt, response in zip(prompts[start : start + size], rendered[start : start + size],
+                                              responses[start : start + size]):
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            r = tokenize_continuations(tokenizer, [response])[0] or [tokenizer.eos_token_id]
+            r = answer_tokens(tokenizer, question, [response])[0] or [tokenizer.eos_token_id]
             rows.append((p, r))
         width = max(len(p) + len(r) for p, r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
