@@ -408,12 +408,12 @@ def fresh_path(path: Path) -> Path:
     return candidate
 
 
-def write_result(result: dict, out: Path, name: str, indent: int = 1) -> Path:
-    """Writes ``result`` as ``<out>/<name>.json`` (beside an earlier one of that name:
-    :func:`fresh_path`), atomically, and says where."""
+def write_result(result: dict, out: Path, name: str, indent: int = 1, fresh: bool = True) -> Path:
+    """Writes ``result`` as ``<out>/<name>.json`` atomically, and says where: beside an earlier one of
+    that name (:func:`fresh_path`), or over it where the caller named the file (not ``fresh``)."""
     from qadapter.library.atomic import write_text
 
-    path = fresh_path(out / f"{name}.json")
+    path = fresh_path(out / f"{name}.json") if fresh else out / f"{name}.json"
     write_text(path, json.dumps(result, indent=indent) + "\n")
     print(f"wrote {path}")
     return path

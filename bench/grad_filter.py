@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     result["product"] = product_timings(Case(SHAPES[args.shape], args.tokens, dtype, device), args.rounds)
     result["load_average_after"] = os.getloadavg()
     out = args.out or RESULTS / f"grad-filter-{device.type}-{result['date'][:10]}.json"
-    write_result(result, out.parent, out.stem)
+    write_result(result, out.parent, out.stem, fresh=args.out is None)  # a file named by --out is that file
     return 0
 
 
