@@ -34,12 +34,14 @@ def mass_budget(eps: float | str, dtype: torch.dtype) -> float:
 
 @dataclass
 class GradFilterReport:
-    """What gradient filtering left out, summed over the loss calls made while it was in effect.
+    """What gradient filtering left out, summed over the backwards run while it was in effect (each
+    loss call's once per backward: twice if its graph is kept for a second one).
 
     ``entries`` / ``skipped_entries``: token x vocabulary entries of ``p @ Wq`` (the ``q_hidden``
     gradient) seen and left out; ``head_entries`` / ``head_skipped_entries``: the same for a
-    trainable head's ``dWq``. ``dropped_mass``: per scored token (of every call, in order), the
-    probability ``p`` held by the entries left out of its ``p @ Wq``. ``eps``: the last budget used.
+    trainable head's ``dWq``. ``dropped_mass``: per scored token (of every call, in the order their
+    backwards ran), the probability ``p`` held by the entries left out of its ``p @ Wq``. ``eps``:
+    the last budget used.
     """
 
     entries: int = 0
