@@ -331,12 +331,17 @@ def _check_lora_ranks(path: Path, config: dict) -> None:
     peft_file = path / "adapter_config.json"
     try:
         peft = json.loads(peft_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise AdapterLoadError(f"{path} is an incomplete adapter: PEFT's adapter_config.json is missing, so its "
+                               "weights cannot be loaded") from exc
+    except (OSError, ValueError) as exc:
+        raise AdapterLoadError(f"{peft_file} is corrupted: {exc}") from exc
+    try:
         with safe_open(path / WEIGHTS_NAME, framework="numpy") as weights:
             ranks = {weights.get_slice(name).get_shape()[0] for name in weights.keys() if ".lora_A." in name}
-    except FileNotFoundError as exc:
-        raise AdapterLoadError(f"{path} is an incomplete adapter: {Path(exc.filename).name} is missing") from exc
-    except (OSError, ValueError, SafetensorError) as exc:  # JSON, or a safetensors header, not readable
-        raise AdapterLoadError(f"{path} is corrupted: {exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # a header cut short, a Git LFS pointer, ...
+        raise AdapterLoadError(f"the weights in {path} cannot be loaded (corrupted or incomplete?): {WEIGHTS_NAME} "
+                               f"cannot be read: {exc}") from exc
     asked = [peft.get("r"), *dict(peft.get("rank_pattern") or {}).values()] if isinstance(peft, dict) else [None]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in asked):
         raise AdapterLoadError(f"{peft_file}: r and rank_pattern's ranks must be integers >= 1; got {asked}")
