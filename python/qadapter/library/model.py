@@ -55,6 +55,7 @@ from .saved import (
     AdapterLoadError,
     Level,
     adapter_digest,
+    check_lora_ranks,
     check_q_on,
     holds_adapter,
     hub_pin,
@@ -260,6 +261,7 @@ class QAdapterModel(nn.Module):
         path = locate_adapter(path, revision)
         atomic.recover(path, reading=True)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
+        check_lora_ranks(path, config)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
                                                 quantization=quantization)
         with warnings_held_while_checked():
@@ -600,6 +602,10 @@ def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: boo
     level): its weights made buffers. Returns the ``PeftModel``."""
     from peft import PeftModel
 
+    try:
+        check_lora_ranks(path)
+    except AdapterLoadError as exc:
+        raise AdapterLoadError(f"{what}: {exc}") from exc
     with warnings_held_while_checked():
         try:
             if isinstance(model, PeftModel):

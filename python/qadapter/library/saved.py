@@ -318,14 +318,14 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterLoadError(f"{file} holds an invalid quantization: {exc}") from exc
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
-    _check_lora_ranks(path, config)
     return config
 
 
-def _check_lora_ranks(path: Path, config: dict) -> None:
+def check_lora_ranks(path: Path, config: dict | None = None) -> None:
     """PEFT allocates every LoRA matrix at its config's rank before it reads the weights: a rank that
-    is not the weights' own (an edited or foreign adapter_config.json) is refused before anything is
-    allocated for it, so loading costs no more memory than the weights file holds."""
+    is not the weights' own (an edited or foreign adapter_config.json), or not the one ``config``
+    (ours) records, is refused before anything is allocated for it, so loading costs no more memory
+    than the weights file holds. Reads the weights' header only."""
     from safetensors import SafetensorError, safe_open
 
     peft_file = path / "adapter_config.json"
@@ -345,7 +345,7 @@ def _check_lora_ranks(path: Path, config: dict) -> None:
     asked = [peft.get("r"), *dict(peft.get("rank_pattern") or {}).values()] if isinstance(peft, dict) else [None]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in asked):
         raise AdapterLoadError(f"{peft_file}: r and rank_pattern's ranks must be integers >= 1; got {asked}")
-    ours = (config.get("lora") or {}).get("r")
+    ours = ((config or {}).get("lora") or {}).get("r")
     if max(asked) > max(ranks, default=0) or (ours is not None and ours != peft["r"]):
         raise AdapterLoadError(f"{peft_file} asks for LoRA rank {max(asked)} (r {peft['r']}), which is not the "
                                f"adapter's: its weights have rank {sorted(ranks) or 'none'}, {CONFIG_NAME} "
