@@ -97,6 +97,23 @@ def test_a_sentencepiece_response_is_tokenized_as_in_its_conversation(use_chat_t
     assert not sp.convert_ids_to_tokens(f["chosen_input_ids"][first]).startswith("\u2581")
 
 
+def test_a_prefix_space_byte_level_response_is_tokenized_as_in_its_text():
+    """A byte-level BPE that adds a prefix space (``Ġ``) to a text it tokenizes: a response after a
+    prompt ending in a newline is tokenized as the whole text is, without that space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=True), decoders.ByteLevel()
+    bpe.train_from_iterator(["the capital of France is Paris"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spaced = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>")
+    row = {"prompt": "Q: the capital?\n", "chosen": "Paris", "rejected": " France"}
+    (f,), _ = tokenize_rows([row], spaced, use_chat_template=False)
+    for side in ("chosen", "rejected"):
+        assert f[f"{side}_input_ids"] == spaced(row["prompt"] + row[side] + "<|end|>").input_ids
+
+
 @pytest.mark.parametrize("use_chat_template", [True, False])
 def test_whole_text_conversations_split_at_their_shared_prefix(tok, use_chat_template):
     """TRL's implicit prompt in text (raw HH-RLHF): the prompt is the shared prefix, the space that

@@ -314,13 +314,13 @@ _CONTINUATION_ANCHOR = "\n"
 
 def tokenize_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of ``texts`` that each continue a text tokenized before them (a response after its
-    prompt). A SentencePiece tokenizer (Llama-2's, Mistral's) marks the start of any text it tokenizes
-    as a word's start (``▁``, a space): a continuation tokenized alone would begin with a space its
-    rendered conversation does not have. There each is tokenized after an anchor whose ids are then
+    prompt). A SentencePiece tokenizer (Llama-2's, Mistral's), or a byte-level one that adds a prefix
+    space, marks the start of any text it tokenizes as a word's start (``▁``, ``Ġ``: a space): a
+    continuation tokenized alone would begin with a space its rendered conversation does not have. There each is tokenized after an anchor whose ids are then
     dropped; a text the anchor merges into (where its ids do not come first) is tokenized alone."""
     alone = tokenizer(texts, add_special_tokens=False)["input_ids"]
     first = tokenizer.convert_ids_to_tokens(tokenizer(["a"], add_special_tokens=False)["input_ids"][0][:1])
-    if not (first and isinstance(first[0], str) and first[0].startswith("\u2581")):
+    if not (first and isinstance(first[0], str) and first[0].startswith(("\u2581", "\u0120"))):  # ▁, or Ġ: a space
         return alone
     anchor = tokenizer([_CONTINUATION_ANCHOR], add_special_tokens=False)["input_ids"][0]
     after = tokenizer([_CONTINUATION_ANCHOR + text for text in texts], add_special_tokens=False)["input_ids"]
