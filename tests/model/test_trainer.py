@@ -77,7 +77,7 @@ def test_raw_preference_rows_are_tokenized_as_the_command_line_does(tmp_path, co
     with pytest.raises(ValueError, match="preference row 0: missing key 'rejected'"):
         QAdapterTrainer(model=fresh_base(), args=args, train_dataset=malformed_first, processing_class=tokenizer)
     # skip_invalid skips and counts them; the adapter's provenance says what was read.
-    model = QAdapterModel(fresh_base(), tokenizer=tokenizer)
+    model = QAdapterModel(fresh_base(), tokenizer=tokenizer, **args.model_options())
     trainer = QAdapterTrainer(model=model, args=replace(args, skip_invalid=True), train_dataset=malformed_first,
                               processing_class=tokenizer)
     assert len(trainer.train_dataset) == 2
