@@ -232,6 +232,24 @@ LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[I
           "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 
+def test_answers_to_many_questions_are_tokenized_as_each_alone():
+    """compare and the knowledge probe tokenize every answer in one call: each gets the tokens it
+    gets alone, after its own question."""
+    from helpers import tiny_sentencepiece_tokenizer
+    from qadapter.evaluation.measures import answer_tokens
+
+    tokenizer = tiny_sentencepiece_tokenizer()
+    tokenizer.chat_template = LLAMA2
+    questions = ["the capital of France?", "two and two?", "the capital of France?"]
+    replies = ["Paris", "four, of course", "Rome"]
+    together = answer_tokens(tokenizer, questions, replies)
+    assert together == [answer_tokens(tokenizer, [q], [r])[0] for q, r in zip(questions, replies)]
+    assert len(set(map(tuple, together))) == 3
+    assert answer_tokens(tokenizer, [], []) == []
+    with pytest.raises(ValueError, match="questions and answers"):
+        answer_tokens(tokenizer, questions, replies[:2])
+
+
 @pytest.mark.parametrize("kind", ["chatml", "sentencepiece, zephyr", "sentencepiece, llama-2", "no template"])
 def test_an_answer_is_scored_as_training_tokenizes_it(kind):
     """The knowledge probe and compare score an answer after the chat prompt: its tokens are those the
@@ -242,7 +260,7 @@ def test_an_answer_is_scored_as_training_tokenizes_it(kind):
     tokenizer = tiny_chat_tokenizer() if kind == "chatml" else tiny_sentencepiece_tokenizer()
     tokenizer.chat_template = {"sentencepiece, llama-2": LLAMA2, "no template": None}.get(kind, tokenizer.chat_template)
     question, answers = "the capital of France?", ["Paris", "Rome is in Italy"]
-    got = answer_tokens(tokenizer, question, answers)
+    got = answer_tokens(tokenizer, [question] * len(answers), answers)
     (pair,), _ = tokenize_rows([{"prompt": question, "chosen": answers[0], "rejected": answers[1]}], tokenizer)
     prompt = tokenizer(chat_prompts(tokenizer, [question]), add_special_tokens=False).input_ids[0]
     for side, tokens in zip(("chosen", "rejected"), got):

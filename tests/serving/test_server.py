@@ -636,9 +636,8 @@ def test_log_prob_bytes_are_each_tokens_share_of_the_utf8(kind):
     assert all(len(of(i)) == 1 and of(i) != "\ufffd".encode() for i in split)
     assert b"".join(of(i) for i in split) == "é🤗ö中文".encode()
     joined = b"".join(of(i) for i in ids).decode()
-    assert joined.replace(" ", "") == text.replace(" ", "")  # SentencePiece's pieces lose their leading space
-    if kind == "byte-level":
-        assert joined == text
+    # A SentencePiece text's first piece is a word's start (▁): inside an answer, a space.
+    assert joined == (text if kind == "byte-level" else " " + text)
 
 
 def test_echo_scores_the_prompt_under_the_policy(server, saved):
@@ -888,6 +887,30 @@ def test_completion_text_decodes_a_window_yet_equals_the_whole_decode():
     whole = tokenizer.decode(tokens, skip_special_tokens=True)
     assert seen[-1] == whole
     assert all(whole.startswith(text) and "\ufffd" not in text for text in seen)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_a_completion_continues_its_prompt_and_its_tokens_add_up_to_it(kind):
+    """A SentencePiece decoder strips the word-start space of a text's first token: the completion
+    text still continues its prompt as a decode of both at once does (" Paris", not "Paris"), and
+    the answer tokens' texts (log-probs' tokens, their text offsets) add up to it."""
+    from helpers import tiny_chat_tokenizer, tiny_sentencepiece_tokenizer
+    from qadapter.serving.engine import Request, completion_text
+    from qadapter.serving.server import token_bytes, token_text
+
+    tokenizer = tiny_chat_tokenizer() if kind == "byte-level" else tiny_sentencepiece_tokenizer()
+    whole = tokenizer("the capital of France is Paris, hello wörld", add_special_tokens=False).input_ids
+    cut = next(i for i in range(len(whole)) if tokenizer.decode(whole[:i]) == "the capital of France is Paris,")
+    prompt, answer = whole[:cut], whole[cut:]
+    request = Request(prompt=prompt, adapter=None, max_tokens=len(answer), emit=lambda event: None)
+    for i, token in enumerate(answer):
+        request.tokens.append(token)
+        completion_text(tokenizer, request, final=i == len(answer) - 1)
+    assert request.text == " hello wörld"
+    assert tokenizer.decode(prompt) + request.text == tokenizer.decode(whole)
+    text, raw = token_text(tokenizer), token_bytes(tokenizer)
+    assert "".join(text(t) for t in answer) == " hello w\ufffd\ufffdrld"  # ö: two byte tokens, each U+FFFD
+    assert b"".join(raw(t) for t in answer).decode() == request.text
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

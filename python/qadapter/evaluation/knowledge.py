@@ -23,6 +23,7 @@ KL to the base on general chat and perplexity on general text.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from pathlib import Path
@@ -351,7 +352,10 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
     prompts = [tokenizer(p, add_special_tokens=False).input_ids
                for p in chat_prompts(tokenizer, [it["question"] for it in items])]
-    options = [answer_tokens(tokenizer, it["question"], list(it["options"])) for it in items]
+    flat = answer_tokens(tokenizer, [it["question"] for it in items for _ in it["options"]],
+                         [option for it in items for option in it["options"]])
+    ends = list(itertools.accumulate(len(it["options"]) for it in items))
+    options = [flat[end - len(it["options"]):end] for it, end in zip(items, ends)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # One row per option: its tokens, the (item, option) it scores and the positions predicting them.
     rows = [(prompt + o, i, k, range(len(prompt) - 1, len(prompt) + len(o) - 1), o)

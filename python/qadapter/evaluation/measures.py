@@ -297,15 +297,21 @@ def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
             for q in questions]
 
 
-def answer_tokens(tokenizer, question: str, answers: list[str]) -> list[list[int]]:
-    """Each of ``answers``' tokens as it follows ``chat_prompts([question])`` in the conversation the
-    chat template writes (a template may open an answer with a space, Llama-2's, or trim it), without
-    its end of turn: the tokens training scores for it. Without a template, or where the template
-    does not write the answer after that prompt, the answer as given."""
+def answer_tokens(tokenizer, questions: list[str], answers: list[str]) -> list[list[int]]:
+    """The tokens of each of ``answers`` as it follows its question of ``questions`` (side by side),
+    rendered by ``chat_prompts``, in the conversation the chat template writes (a template may open an
+    answer with a space, Llama-2's, or trim it), without its end of turn: the tokens training scores
+    for it. Without a template, or where the template does not write the answer after that prompt,
+    the answer as given. One tokenizer call for all: compare and the knowledge probe score many."""
+    if len(questions) != len(answers):
+        raise ValueError(f"questions and answers must pair up; got {len(questions)} questions and "
+                         f"{len(answers)} answers")
     texts = list(answers)
     if getattr(tokenizer, "chat_template", None) is not None:
-        prompt = chat_prompts(tokenizer, [question])[0]
-        for k, answer in enumerate(answers):
+        distinct = list(dict.fromkeys(questions))
+        prompts = dict(zip(distinct, chat_prompts(tokenizer, distinct)))
+        for k, (question, answer) in enumerate(zip(questions, answers)):
+            prompt = prompts[question]
             whole = tokenizer.apply_chat_template([{"role": "user", "content": question},
                                                    {"role": "assistant", "content": answer}], tokenize=False)
             core = answer.strip() or answer

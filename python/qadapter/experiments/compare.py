@@ -387,14 +387,12 @@ def qadapter_policy(model, tokenizer) -> Policy:
 # ------------------------------------------------------------------------------------------ measures
 def _chat_batches(tokenizer, prompts: list[str], responses: list[str], size: int = 8):
     """Right-padded ``(ids, mask, response_mask)`` batches of chat prompts followed by responses."""
-    rendered = chat_prompts(tokenizer, prompts)
+    if not prompts:
+        return
+    prompt_ids = tokenizer(chat_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    response_ids = [r or [tokenizer.eos_token_id] for r in answer_tokens(tokenizer, prompts, responses)]
     for start in range(0, len(prompts), size):
-        rows = []
-        for question, prompt, response in zip(prompts[start : start + size], rendered[start : start + size],
-                                              responses[start : start + size]):
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            r = answer_tokens(tokenizer, question, [response])[0] or [tokenizer.eos_token_id]
-            rows.append((p, r))
+        rows = list(zip(prompt_ids[start : start + size], response_ids[start : start + size]))
         width = max(len(p) + len(r) for p, r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

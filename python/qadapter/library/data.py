@@ -318,6 +318,8 @@ def tokenize_continuations(tokenizer, texts: list[str]) -> list[list[int]]:
     space, marks the start of any text it tokenizes as a word's start (``▁``, ``Ġ``: a space): a
     continuation tokenized alone would begin with a space its rendered conversation does not have. There each is tokenized after an anchor whose ids are then
     dropped; a text the anchor merges into (where its ids do not come first) is tokenized alone."""
+    if not texts:
+        return []  # a tokenizer refuses an empty batch
     alone = tokenizer(texts, add_special_tokens=False)["input_ids"]
     first = tokenizer.convert_ids_to_tokens(tokenizer(["a"], add_special_tokens=False)["input_ids"][0][:1])
     if not (first and isinstance(first[0], str) and first[0].startswith(("\u2581", "\u0120"))):  # ▁, or Ġ: a space

@@ -575,10 +575,15 @@ def completion_text(tokenizer, request: Request, final: bool) -> str:
     """The completion's text, decoding only its newest tokens: the window starts at the tokens of the
     last piece of text taken (so a token's leading space, or a character split over tokens, comes out
     as in a decode of the whole; a character still incomplete waits, unless ``final``), and a step
-    costs the same however long the answer is."""
+    costs the same however long the answer is. The first window starts after the prompt's last token:
+    a SentencePiece decoder (Llama-2's, Mistral's) strips the leading space of a text's first token, and
+    the prompt and its completion read as one text (as vLLM's do)."""
     prefix, read = request.decoded
-    before = tokenizer.decode(request.tokens[prefix:read], skip_special_tokens=True)
-    after = tokenizer.decode(request.tokens[prefix:], skip_special_tokens=True)
+    context = request.prompt[-1:] if prefix == 0 else []
+    if context and tokenizer.decode(context, skip_special_tokens=True).endswith("\ufffd"):
+        context = []  # a prompt ending inside a character: its answer may complete it
+    before = tokenizer.decode(context + request.tokens[prefix:read], skip_special_tokens=True)
+    after = tokenizer.decode(context + request.tokens[prefix:], skip_special_tokens=True)
     if len(after) > len(before) and (final or not after.endswith("\ufffd")):
         request.text += after[len(before):]
         request.decoded = (read, len(request.tokens))

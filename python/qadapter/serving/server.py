@@ -170,7 +170,7 @@ class Server:
         longest = max(map(len, self.tokenizer.get_vocab()), default=1)
         self._max_text = None if context is None else context * longest
         # A token's text and bytes, for log-probs (the vocabulary bounds the caches).
-        self._token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
+        self._token_text = functools.lru_cache(maxsize=None)(token_text(self.tokenizer))
         self._token_bytes = functools.lru_cache(maxsize=None)(token_bytes(self.tokenizer))
 
     def app(self) -> Starlette:
@@ -634,16 +634,32 @@ def _text_content(content: str | list, field: str) -> str:
     return "\n".join(part["text"] for part in content)
 
 
+def token_text(tokenizer) -> Callable[[int], str]:
+    """A token's text as it reads inside an answer, so that an answer's tokens add up to its text (and
+    completions' ``text_offset`` points into it): decoded after an anchor token whose text is then cut
+    off, since a SentencePiece decoder (Llama-2's, Mistral's) strips the word-start space of a text's
+    first token (``▁Paris`` alone decodes to ``Paris``)."""
+    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"][-1:]
+    lead = tokenizer.decode(anchor)
+
+    def of(token: int) -> str:
+        text = tokenizer.decode(anchor + [token])
+        return text[len(lead):] if text.startswith(lead) else tokenizer.decode([token])
+
+    return of
+
+
 def token_bytes(tokenizer) -> Callable[[int], bytes]:
     """A token's own bytes, as OpenAI's chat log-probs give them: of a character split over tokens,
     each token's share of its UTF-8 (such a token's decoded text is U+FFFD, whose bytes are no part of
     the answer's). Byte-level BPE (GPT-2's, Llama-3's, Qwen's) spells each byte as one character;
-    SentencePiece's byte fallback spells one as ``<0xNN>``; any other token, its text's bytes."""
+    SentencePiece's byte fallback spells one as ``<0xNN>``; any other token, its ``token_text``'s bytes."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     byte_level = "ByteLevel" in repr(decoder)  # alone or in a Sequence of decoders
     spelled = {char: byte for byte, char in bytes_to_unicode().items()}
+    text = token_text(tokenizer)
 
     def of(token: int) -> bytes:
         piece = tokenizer.convert_ids_to_tokens(token)
@@ -652,7 +668,7 @@ def token_bytes(tokenizer) -> Callable[[int], bytes]:
             return bytes([int(fallback[1], 16)])
         if byte_level and piece and token not in tokenizer.all_special_ids and all(c in spelled for c in piece):
             return bytes(spelled[c] for c in piece)
-        return tokenizer.decode([token]).encode()
+        return text(token).encode()
 
     return of
 
