@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import tiny_chat_tokenizer, tiny_sentencepiece_tokenizer  # noqa: E402
+from helpers import LLAMA2, tiny_chat_tokenizer, tiny_sentencepiece_tokenizer  # noqa: E402
 from qadapter.library.data import (  # noqa: E402
     IGNORE_INDEX,
     PreferenceCollator,
@@ -151,8 +151,25 @@ def test_a_prompt_rendered_beforehand_is_not_rendered_twice(tok):
     rendered = {"prompt": prompt, "chosen": "Paris<|im_end|>\n", "rejected": "the world<|im_end|>\n"}
     assert tokenize_rows([rendered], tok)[0] == tokenize_rows([conversation], tok)[0]
     mixed = {**rendered, "chosen": [assistant("Paris")]}
-    with pytest.raises(PreferenceDataError, match="rendered already"):
+    with pytest.raises(PreferenceDataError, match="rendered with the chat template already"):
         tokenize_rows([mixed], tok)
+
+
+def test_a_prompt_rendered_beforehand_in_plain_text_markup_is_not_rendered_twice():
+    """Llama-2's template writes its turns in plain text ([INST] ... [/INST]) after the BOS: a prompt
+    rendered with it beforehand and stored without the BOS text holds no special token, yet it begins
+    as the template begins a user's turn, and is taken as given, not wrapped in a second [INST]."""
+    sp = tiny_sentencepiece_tokenizer()
+    sp.chat_template = LLAMA2
+    row = {"prompt": [user("the capital of France?")], "chosen": "Paris", "rejected": "Rome"}
+    (as_messages,), _ = tokenize_rows([row], sp)
+    n_prompt = as_messages["chosen_labels"].count(IGNORE_INDEX)
+    rendered = sp.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    (f,), _ = tokenize_rows([{**row, "prompt": rendered.removeprefix(sp.bos_token)}], sp)
+    assert f["chosen_input_ids"][:n_prompt] == as_messages["chosen_input_ids"][:n_prompt]
+    assert f["chosen_labels"].count(IGNORE_INDEX) == n_prompt
+    (plain,), _ = tokenize_rows([{**row, "prompt": "the capital of France? [INST]"}], sp)  # [INST] not first: a question
+    assert sp.decode(plain["chosen_input_ids"]).count("[INST]") == 2
 
 
 def test_pairs_the_same_after_rendering_or_truncation_are_refused_or_skipped(tok):

@@ -228,14 +228,10 @@ def test_bad_arguments_are_named(argument, value):
         evaluate_pairs(model, [], PAD)
 
 
-LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
-          "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
-
-
 def test_answers_to_many_questions_are_tokenized_as_each_alone():
     """compare and the knowledge probe tokenize every answer in one call: each gets the tokens it
     gets alone, after its own question."""
-    from helpers import tiny_sentencepiece_tokenizer
+    from helpers import LLAMA2, tiny_sentencepiece_tokenizer
     from qadapter.evaluation.measures import answer_tokens
 
     tokenizer = tiny_sentencepiece_tokenizer()
@@ -254,7 +250,7 @@ def test_answers_to_many_questions_are_tokenized_as_each_alone():
 def test_an_answer_is_scored_as_training_tokenizes_it(kind):
     """The knowledge probe and compare score an answer after the chat prompt: its tokens are those the
     training pairs hold for it (a template that opens an answer with a space, Llama-2's, included)."""
-    from helpers import tiny_sentencepiece_tokenizer
+    from helpers import LLAMA2, tiny_sentencepiece_tokenizer
     from qadapter.evaluation.measures import answer_tokens, chat_prompts
 
     tokenizer = tiny_chat_tokenizer() if kind == "chatml" else tiny_sentencepiece_tokenizer()

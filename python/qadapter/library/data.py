@@ -16,8 +16,8 @@ the list; a ``tools`` column is passed to the chat template, as TRL does.
 
 With a chat template, the prompt is rendered with the generation prompt and each response is
 the rest of the rendered conversation. Without a template (or ``use_chat_template=False``), and
-where a row's prompt already holds the template's markup (rendered beforehand: the template is not
-applied twice), text is taken as it is, each response given the tokenizer's EOS token at its end
+where a row's prompt was rendered with the template beforehand (it holds the template's markup, or
+begins as the template begins a user's turn: it is not rendered twice), text is taken as it is, each response given the tokenizer's EOS token at its end
 as TRL gives it. Prompt and response are tokenized separately so that the boundary between
 ignored and scored tokens is exact.
 """
@@ -28,7 +28,7 @@ import functools
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,15 +230,30 @@ def _as_messages(content: str | list[dict], role: str) -> list[dict]:
     return [{"role": role, "content": content}] if isinstance(content, str) else content
 
 
-def template_markup(tokenizer) -> tuple[str, ...]:
-    """The special tokens the chat template writes (named in its source, or its ``bos_token`` and
-    ``eos_token``): a string that holds one was rendered with it already."""
+def rendered_beforehand(tokenizer) -> Callable[[str], bool]:
+    """Whether a string prompt was rendered with the chat template already (TRL's standard format):
+    it holds a special token the template writes (named in its source, or its ``bos_token`` and
+    ``eos_token``: ChatML's ``<|im_start|>``), or it begins as the template begins a user's turn in
+    plain text (Llama-2's and Mistral's ``[INST]``, Zephyr's ``<|user|>``, after any BOS)."""
     template = tokenizer.chat_template
     source = template if isinstance(template, str) else " ".join(map(str, dict(template or {}).values()))
     special = set(getattr(tokenizer, "all_special_tokens", []))
     special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     named = {getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos") if f"{role}_token" in source}
-    return tuple(sorted(mark for mark in special if mark and (mark in source or mark in named)))
+    markup = tuple(sorted(mark for mark in special if mark and (mark in source or mark in named)))
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    sentinel = "\x00question\x00"
+    try:
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    except Exception:  # noqa: BLE001 -- a template that refuses this conversation: its markup alone
+        turn = ""
+    opening = turn.split(sentinel)[0].removeprefix(bos).strip() if sentinel in turn else ""
+
+    def rendered(prompt: str) -> bool:
+        return any(mark in prompt for mark in markup) or bool(opening) and (
+            prompt.lstrip().removeprefix(bos).lstrip().startswith(opening))
+
+    return rendered
 
 
 def _template_starts_with_bos(tokenizer) -> bool:
@@ -260,14 +275,14 @@ def _warn_generation_prompt(dropped: str) -> None:
 
 
 def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
-            markup: tuple[str, ...]) -> tuple[str, str, str, bool]:
+            rendered_before: Callable[[str], bool] | None) -> tuple[str, str, str, bool]:
     """Prompt text, the two response texts that follow it, and whether the prompt was rendered with
-    the chat template beforehand (taken as given)."""
+    the chat template beforehand (taken as given; ``rendered_before`` tells, :func:`rendered_beforehand`)."""
     strings = all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected))
-    rendered = isinstance(pair.prompt, str) and any(mark in pair.prompt for mark in markup)
+    rendered = isinstance(pair.prompt, str) and rendered_before is not None and rendered_before(pair.prompt)
     if rendered and not strings:
-        raise _PairProblem("'prompt' holds the chat template's markup (it was rendered already), but a response "
-                           "is a list of messages; give the responses as text too")
+        raise _PairProblem("'prompt' was rendered with the chat template already (it holds its markup), but a "
+                           "response is a list of messages; give the responses as text too")
     if not use_chat_template or rendered:
         if not strings:
             raise _PairProblem("rows with messages need a chat template: the tokenizer has none (or "
@@ -383,7 +398,7 @@ def tokenize_rows(
     max_prompt_length = check_lengths(max_length, max_prompt_length)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
-    markup = template_markup(tokenizer) if use_chat_template else ()
+    rendered_before = rendered_beforehand(tokenizer) if use_chat_template else None
     fallback_prompt = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequence_start = text_start_token(tokenizer)  # kept by a prompt cut from the left
     template_bos = use_chat_template and _template_starts_with_bos(tokenizer)
@@ -395,7 +410,7 @@ def tokenize_rows(
         rendered: list[tuple[str, str, str, bool] | Exception] = []
         for index, row in batch:
             try:
-                rendered.append(_render(tokenizer, normalize_row(index, row), use_chat_template, markup))
+                rendered.append(_render(tokenizer, normalize_row(index, row), use_chat_template, rendered_before))
             except (PreferenceDataError, _PairProblem) as exc:
                 rendered.append(exc)
         texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "", False)]
