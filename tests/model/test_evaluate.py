@@ -179,6 +179,18 @@ def test_a_soft_capped_model_gets_its_training_loss():
     assert evaluate_pairs(model, features, PAD)["loss"] != pytest.approx(got["loss"], rel=0.1)
 
 
+def test_the_loss_is_the_whole_sets_whatever_the_groups():
+    """With an exact reward norm, a pair's rewards do not depend on its group: the loss is that of all
+    the pairs as one batch (chi2 a mean over all their tokens, not a pair-weighted mean of groups')."""
+    model = trained_like(tiny_causal_lm("llama"), reward_norm="mean", beta=0.5)
+    model.eval()
+    features = ragged_pairs(7, vocab=97, seed=3)
+    whole = model(**PreferenceCollator(pad_token_id=PAD)(features)).loss.item()
+    for pairs_per_batch in (1, 3, 7):
+        assert evaluate_pairs(model, features, PAD, pairs_per_batch=pairs_per_batch)["loss"] == pytest.approx(
+            whole, rel=1e-5), pairs_per_batch
+
+
 def test_batching_changes_no_number():
     model = trained_like(tiny_causal_lm("llama"))
     features = ragged_pairs(9, vocab=97, seed=5)

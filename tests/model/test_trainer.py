@@ -12,8 +12,8 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from helpers import tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa: E402
-from qadapter.evaluation.measures import preference_metrics  # noqa: E402
+from helpers import perturb_adapter, tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa: E402
+from qadapter.evaluation.measures import evaluate_pairs, preference_metrics  # noqa: E402
 from qadapter.library import atomic  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter.library.trainer import (  # noqa: E402
@@ -527,14 +527,16 @@ def test_every_checkpoint_push_uploads_a_loadable_adapter(tmp_path, monkeypatch)
 def test_evaluation_metrics_are_over_all_pairs_under_their_prefix(tmp_path):
     """Batches of unequal size average as their concatenation; ``predict`` and a named prefix get the
     reward metrics under their own prefix and leave nothing behind for the next evaluation."""
-    model, tokenizer, args, _, heldout = training_setup(tmp_path, reward_norm="mean")  # "padded": batch-dependent
+    model, tokenizer, args, _, heldout = training_setup(tmp_path, reward_norm="mean", beta=0.5)  # "padded": batch-dependent
+    perturb_adapter(model, scale=0.3)
     heldout = heldout[:7]
     concatenated = QAdapterTrainer(model=model, args=replace(args, per_device_eval_batch_size=7),
                                    processing_class=tokenizer).evaluate(eval_dataset=heldout)
     trainer = QAdapterTrainer(model=model, args=replace(args, per_device_eval_batch_size=3), processing_class=tokenizer)
     alone = trainer.evaluate(eval_dataset=heldout)  # batches of 3, 3 and 1 pairs
-    for key in METRIC_NAMES.values():
-        assert alone[f"eval_{key}"] == pytest.approx(concatenated[f"eval_{key}"], rel=1e-5, abs=1e-7), key
+    for key in [*METRIC_NAMES.values(), "loss"]:  # the loss too (chi2 a mean over all tokens, not batches')
+        assert alone[f"eval_{key}"] == pytest.approx(concatenated[f"eval_{key}"], rel=1e-6, abs=1e-7), key
+    assert alone["eval_loss"] == pytest.approx(evaluate_pairs(model, heldout, tokenizer.pad_token_id)["loss"], rel=1e-5)
     assert alone["eval_rewards/accuracies"] == preference_metrics(model, heldout, tokenizer.pad_token_id)["accuracy"]
     other = trainer.evaluate(eval_dataset=heldout[:4], metric_key_prefix="test")
     assert {f"test_{key}" for key in METRIC_NAMES.values()} <= other.keys()

@@ -16,10 +16,11 @@ no padding: :mod:`qadapter.library.packing`); the frozen model and the adapter (
 Q network) run in one forward of the batch repeated once per network
 (:func:`qadapter.library.stack.level_rows`); the rewards, the step-0 rewards and the KL come from one
 :func:`qadapter_kernels.vocabulary.vocabulary_pass` over the scored tokens' hidden states (a stack
-takes one per measure: :func:`_level_measures`), with the model's loss options (its logit soft cap included). None of this changes a number: the loss and the margin are those of the
-training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order (what a
-batched evaluation of the loss reports: ``reward_norm="padded"`` divides by a group's padded
-length, chi2 is a group's token mean), whatever batches the forward passes ran in.
+takes one per measure: :func:`_level_measures`), with the model's loss options (its logit soft cap included). None of this changes a number: the rewards, and so the margins, are those of the
+training loss on consecutive groups of ``pairs_per_batch`` pairs in the given order
+(``reward_norm="padded"`` divides by a group's padded length), whatever batches the forward passes
+ran in; the loss is the training loss of all the pairs as one batch of such rewards (the BT term a
+mean over the pairs, chi2 over the scored tokens), as ``QAdapterTrainer.evaluate`` reports it.
 """
 
 from __future__ import annotations
@@ -124,22 +125,27 @@ def _progress(total: int, show: bool):
 
 def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: list[dict], pad_token_id: int,
                    pairs_per_batch: int, config: LossConfig) -> dict:
-    """Accuracy, margin and mean loss from per-token rewards (chosen, rejected) per pair, over
-    consecutive groups of ``pairs_per_batch`` pairs, each exactly the training loss of that batch."""
+    """Accuracy, margin and loss from per-token rewards (chosen, rejected) per pair, over consecutive
+    groups of ``pairs_per_batch`` pairs, each group's rewards exactly those of a training batch of
+    it; the loss's BT term is a mean over all pairs and its chi2 term over all scored tokens."""
     collate = PreferenceCollator(pad_token_id=pad_token_id)
-    wins, margins, losses = [], [], []
+    wins, margins, bt, chi2, tokens = [], [], [], [], []
     for start in range(0, len(features), pairs_per_batch):
         group = range(start, min(start + pairs_per_batch, len(features)))
         packed = torch.cat([rewards[i][0] for i in group] + [rewards[i][1] for i in group])
         labels = collate(features[group.start : group.stop])["labels"].to(packed.device)
-        out = pairwise_loss(packed, ScoredTokens.from_labels(labels, config.ignore_index), config)
+        scored = ScoredTokens.from_labels(labels, config.ignore_index)
+        out = pairwise_loss(packed, scored, config)
         wins.append(out.chosen_rewards > out.rejected_rewards)
         margins.append(out.chosen_rewards - out.rejected_rewards)
-        losses.append(out.loss.float() * len(group))
+        bt.append(out.bt_loss.float() * len(group))
+        count = int((labels[:, 1:] != config.ignore_index).sum())
+        chi2.append(out.chi2_loss.float() * count)
+        tokens.append(count)
     return {
         "accuracy": torch.cat(wins).float().mean().item(),
         "margin": torch.cat(margins).float().mean().item(),
-        "loss": (torch.stack(losses).sum() / len(features)).item(),
+        "loss": (torch.stack(bt).sum() / len(features) + torch.stack(chi2).sum() / max(sum(tokens), 1)).item(),
         "margins": torch.cat(margins).float().tolist(),
     }
 

@@ -597,10 +597,16 @@ class QAdapterTrainer(Trainer):
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         """Trainer's loop, with the evaluated batches' reward and loss metrics under its prefix
-        (``eval``, ``eval_<name>`` for a dict of eval sets, ``test`` from ``predict``)."""
+        (``eval``, ``eval_<name>`` for a dict of eval sets, ``test`` from ``predict``). Its loss is
+        their two terms' sum, the BT term a mean over all pairs and chi2 over all scored tokens, as one
+        batch of the whole set has it (Trainer's would weight each batch's token mean by its pairs,
+        so that ``load_best_model_at_end`` chose by ``per_device_eval_batch_size``)."""
         self._metrics["eval"].clear()
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in self._averages("eval").items()})
+        averages = self._averages("eval")
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in averages.items()})
+        if METRIC_NAMES["bt_loss"] in averages:
+            output.metrics[f"{metric_key_prefix}_loss"] = averages[METRIC_NAMES["bt_loss"]] + averages[METRIC_NAMES["chi2_loss"]]
         return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
