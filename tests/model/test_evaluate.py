@@ -54,7 +54,8 @@ def capped(logits: torch.Tensor, loss) -> torch.Tensor:
 
 @torch.no_grad()
 def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dict:
-    """The evaluation as first written: collated batches in order, two passes, full-vocabulary KL."""
+    """The evaluation as first written: collated batches in order, two passes, full-vocabulary KL; the
+    loss of all the pairs as one batch of those rewards (BT over the pairs, chi2 over the tokens)."""
     def batches(pairs):
         collate = PreferenceCollator(pad_token_id=pad)
         for start in range(0, len(features), pairs):
@@ -62,12 +63,14 @@ def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dic
             yield len(batch), collate(batch)
 
     model.eval()
-    wins, margins, losses = [], [], []
+    wins, margins, bt, chi2, tokens = [], [], [], [], []
     for pairs, inputs in batches(8):
         out = model(**inputs)
         wins.append(out.chosen_rewards > out.rejected_rewards)
         margins.append(out.chosen_rewards - out.rejected_rewards)
-        losses.append(out.loss.float() * pairs)
+        bt.append(out.bt_loss.float() * pairs)
+        tokens.append(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        chi2.append(out.chi2_loss.float() * tokens[-1])
     weight, loss = model.lm_head_weight, model.loss
     total, count = 0.0, 0
     for _, inputs in batches(4):
@@ -81,7 +84,8 @@ def reference(model: QAdapterModel, features: list[dict], pad: int = PAD) -> dic
             total += (log_pi.exp() * (log_pi - log_pi1)).sum().item()
             count += z.shape[0]
     return {"accuracy": torch.cat(wins).float().mean().item(), "margin": torch.cat(margins).float().mean().item(),
-            "loss": (torch.stack(losses).sum() / len(features)).item(), "kl_to_base": total / count}
+            "loss": (torch.stack(bt).sum() / len(features) + torch.stack(chi2).sum() / sum(tokens)).item(),
+            "kl_to_base": total / count}
 
 
 def trained_like(base, seed: int = 1, **options) -> QAdapterModel:
@@ -238,6 +242,30 @@ def test_bad_arguments_are_named(argument, value):
         evaluate_pairs(model, ragged_pairs(2, vocab=97), PAD, **{argument: value})
     with pytest.raises(ValueError, match="features"):
         evaluate_pairs(model, [], PAD)
+
+
+def test_answers_end_at_every_eos_id_of_the_generation_config_without_a_pad_token():
+    """Llama-3's generation config lists two EOS ids (end of text, end of turn) beside its tokenizer's
+    one, and its tokenizer has no pad token: greedy answers stop where transformers' generate stops,
+    and the caller's tokenizer is left as it was."""
+    from qadapter.evaluation.measures import answers, chat_prompts
+
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_causal_lm("qwen2", vocab=len(tokenizer))
+    question = "hello world"
+    prompt = tokenizer(chat_prompts(tokenizer, [question]), return_tensors="pt", add_special_tokens=False)
+    free = base.generate(**prompt, do_sample=False, max_new_tokens=8, eos_token_id=[tokenizer.eos_token_id],
+                         pad_token_id=0)[0, prompt.input_ids.shape[1]:].tolist()
+    end = next(t for k, t in enumerate(free[1:], 1) if t not in free[:k])  # a token the answer reaches, once
+    base.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
+    tokenizer.pad_token = None
+    want = tokenizer.decode(free[:free.index(end)], skip_special_tokens=True).strip()
+    model = QAdapterModel(base, tokenizer=tokenizer)  # a fresh adapter: the policy is the base's
+    side = tokenizer.padding_side
+    for customized in (False, True):
+        got = answers(model, tokenizer, [question, "the capital of France"], customized=customized, max_new_tokens=8)
+        assert got[0] == want, customized
+    assert tokenizer.pad_token is None and tokenizer.padding_side == side
 
 
 def test_answers_to_many_questions_are_tokenized_as_each_alone():

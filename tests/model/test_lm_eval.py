@@ -159,6 +159,20 @@ def test_generate_until_is_greedy_and_stops_at_a_stop_string(model):
     assert both == [text.split(stop)[0] for text in free]
 
 
+def test_generation_ends_at_every_eos_id_of_the_generation_config(model):
+    """Llama-3's generation config lists an end of turn beside the config's and tokenizer's EOS: a
+    generation ends there too, as lm-eval's own HF model (through transformers' generate) ends it."""
+    lm = QAdapterLM(model, batch_size=1)
+    ids = torch.tensor([lm.tok_encode("hello")])
+    free = model.generate(ids, max_new_tokens=12, eos_token_id=2)[0, ids.shape[1]:].tolist()
+    end = next(t for k, t in enumerate(free[2:], 2) if t not in free[:k])
+    model.base_model.generation_config.eos_token_id = [2, end]
+    lm = QAdapterLM(model, batch_size=1)
+    assert {2, end} <= lm.eos_ids
+    [text] = lm.generate_until(generate_requests(["hello"], until=[], max_gen_toks=12), disable_tqdm=True)
+    assert text == model.tokenizer.decode(free[:free.index(end)], skip_special_tokens=True)
+
+
 def test_model_args_and_a_fresh_adapter(saved):
     base, adapter = saved
     lm = QAdapterLM.create_from_arg_string(f"adapter={adapter},base={base},batch_size=4",

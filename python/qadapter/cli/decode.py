@@ -60,6 +60,7 @@ def generate_command(args) -> int:
 
     from ..evaluation.measures import chat_prompts
     from ..library.model import QAdapterModel
+    from ..library.policy import end_token_ids
 
     given = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None}
     if not args.sample and (given or args.seed is not None):
@@ -75,8 +76,8 @@ def generate_command(args) -> int:
     streams = args.num_beams == 1
     out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                          **sampling, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
-                         num_beams=args.num_beams, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id,
+                         num_beams=args.num_beams, eos_token_id=end_token_ids(model.base_model, tokenizer),
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                          streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if streams else None,
                          compiled={"auto": None, "yes": True, "no": False}[args.compile])
     if not streams:

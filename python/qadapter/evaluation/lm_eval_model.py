@@ -38,6 +38,7 @@ from qadapter_kernels.vocabulary import vocabulary_pass
 
 from ..library.defaults import DEFAULT_MODEL
 from ..library.model import QAdapterModel
+from ..library.policy import end_token_ids
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
@@ -151,8 +152,9 @@ class QAdapterLM(TemplateLM):
         self.max_length = _positive_int("max_length", max_length or getattr(config, "max_position_embeddings", None)
                                         or getattr(config, "n_positions", None) or DEFAULT_MAX_LENGTH)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
-        eos = getattr(config, "eos_token_id", None)
-        self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        eos = getattr(config, "eos_token_id", None)  # a config may list one its generation config does not
+        self.eos_ids = ({*end_token_ids(model.base_model, self.tokenizer), *(eos if isinstance(eos, list) else [eos])}
+                        - {None})
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
 
     @classmethod

@@ -41,6 +41,7 @@ from ..library.data import IGNORE_INDEX, PreferenceCollator, text_start_token, t
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
 from ..library.packing import common_prefix
+from ..library.policy import end_token_ids
 from ..library.stack import level_rows
 
 STEP0_BASELINE = ("an untrained adapter (LoRA B = 0, so Q = the base's logits) on the same base under the same "
@@ -340,17 +341,21 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
                                max_new_tokens=max_new_tokens, batch_size=batch_size)
     elif customized:
         raise TypeError(f"customized answers need a QAdapterModel; got {type(model).__name__}")
-    tokenizer.padding_side = "left"
     device = (model.lm_head_weight if customized else model.get_output_embeddings().weight).device
+    ends = end_token_ids(model.base_model if customized else model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]  # Llama's has none
     out_texts = []
     with evaluation_mode(model):
         for start in range(0, len(questions), batch_size):
-            enc = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size]), return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(device)
+            prompts = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size]),
+                                add_special_tokens=False)["input_ids"]
+            width = max(map(len, prompts))  # left-padded by hand: the caller's tokenizer stays as it is
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             # The same call for QAdapterModel.generate and transformers' generate.
-            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, enc.input_ids.shape[1] :]:
-                out_texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=ends, pad_token_id=pad)
+            for row in out[:, width:].tolist():
+                answer = next((row[:k] for k, token in enumerate(row) if token in ends), row)  # its end left out
+                out_texts.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     return out_texts

@@ -107,6 +107,15 @@ def decoding_config(config: GenerationConfig, compiled: bool) -> GenerationConfi
     return config
 
 
+def end_token_ids(causal_lm: nn.Module, tokenizer) -> list[int]:
+    """The ids that end an answer: every EOS id of the model's generation config (Llama-3's end of
+    text and end of turn) and the tokenizer's EOS, where transformers' ``generate`` and vLLM stop. A
+    caller passing the tokenizer's alone would run past an end of turn into a made-up next turn."""
+    eos = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return sorted(set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
 def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
     """The options transformers takes unchecked or words vaguely, refused by name before any work
     (a top_p of 1.5, a token id as a string or beyond the vocabulary)."""

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..library.adapter_set import AdapterSet
+from ..library.policy import end_token_ids
 from ..library.saved import locate_adapter
 from .metrics import EngineMetrics
 from .prefix_cache import Entry, PrefixCache
@@ -135,9 +136,7 @@ class Engine:
             self.prefix_cache = PrefixCache(prefix_cache_bytes)
         config = adapter_set.base_model.config.get_text_config()
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
-        eos = adapter_set.base_model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.eos = set(end_token_ids(adapter_set.base_model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         head = adapter_set.base_model.get_output_embeddings().weight
         self.vocab, self.device = head.shape[0], head.device
