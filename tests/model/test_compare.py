@@ -133,7 +133,8 @@ def test_trl_sft_is_the_chosen_responses_mean_nll(tmp_path):
 
 
 def test_dpo_margins_are_the_implicit_reward():
-    """DPO's own reward is the policy's likelihood margin minus the reference's."""
+    """DPO's own reward is beta times the policy's likelihood margin minus the reference's (TRL's
+    rewards/margins)."""
     tokenizer = tiny_chat_tokenizer()
     peft = _tiny_lora()
     with torch.no_grad():
@@ -143,7 +144,7 @@ def test_dpo_margins_are_the_implicit_reward():
     peft.eval()
     base = lora_policy("base", peft, tokenizer, adapter=False)
     sft = lora_policy("sft", peft, tokenizer, adapter=True)
-    dpo = lora_policy("dpo", peft, tokenizer, adapter=True, reference=base)
+    dpo = lora_policy("dpo", peft, tokenizer, adapter=True, reference=base, beta=0.1)
     pairs = _pairs(4, seed=2)
     batch = PreferenceCollator(pad_token_id=0)(pairs)
     with torch.no_grad():
@@ -151,8 +152,8 @@ def test_dpo_margins_are_the_implicit_reward():
         with peft.disable_adapter():
             reference = _sequence_logprobs(peft, batch)
     torch.testing.assert_close(sft.margins(pairs), policy[:4] - policy[4:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dpo.margins(pairs), (policy[:4] - reference[:4]) - (policy[4:] - reference[4:]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dpo.margins(pairs), 0.1 * ((policy[:4] - reference[:4]) - (policy[4:] - reference[4:])),
+                               rtol=1e-5, atol=1e-6)
 
 
 def _table(seed: int, vocab: int) -> torch.Tensor:

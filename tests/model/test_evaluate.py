@@ -268,6 +268,26 @@ def test_answers_end_at_every_eos_id_of_the_generation_config_without_a_pad_toke
     assert tokenizer.pad_token is None and tokenizer.padding_side == side
 
 
+def test_likelihoods_of_a_model_in_training_mode_drop_nothing_out():
+    """The probe's and perplexity's log-probs of a model fresh from training (its LoRA dropout on):
+    those of the model in eval mode, the same every call; the model is left training."""
+    from qadapter.evaluation.measures import customized_likelihood, likelihood, perplexity
+
+    tokenizer = tiny_chat_tokenizer()
+    model = trained_like(tiny_causal_lm("llama", vocab=len(tokenizer)), lora_dropout=0.5)
+    passages = ["the capital of France is Paris and hello world"]
+    model.train()
+    training = [perplexity(measure(m), tokenizer, passages) for measure, m in
+                ((customized_likelihood, model), (likelihood, model.peft_model))]
+    again = [perplexity(measure(m), tokenizer, passages) for measure, m in
+             ((customized_likelihood, model), (likelihood, model.peft_model))]
+    assert model.training and model.peft_model.training
+    model.eval()
+    evaluated = [perplexity(measure(m), tokenizer, passages) for measure, m in
+                 ((customized_likelihood, model), (likelihood, model.peft_model))]
+    assert training == again == pytest.approx(evaluated, rel=1e-6)
+
+
 def test_answers_to_many_questions_are_tokenized_as_each_alone():
     """compare and the knowledge probe tokenize every answer in one call: each gets the tokens it
     gets alone, after its own question."""

@@ -142,7 +142,7 @@ def pairs_digest(features: list[dict]) -> str:
 def check_same_sample(baseline: dict, sample: dict) -> None:
     """A change since a baseline compares like with like: the same pairs (as many, and the same tokens
     where the baseline recorded them), as many probe questions and passages (each subsample is the
-    first n of a fixed order); refused otherwise, before measuring."""
+    same n items, spread evenly over a fixed order: :func:`subsample`); refused otherwise, before measuring."""
     differ = {k: (baseline.get(k), n) for k, n in sample.items() if k in baseline and baseline[k] != n}
     if "pairs" in differ:
         differ.pop("pairs_sha256", None)  # other pairs, already said by their count

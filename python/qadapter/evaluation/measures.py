@@ -248,7 +248,7 @@ def next_token_targets(labels: torch.Tensor) -> Targets:
 
 def likelihood(model, *, padding_free: bool = True) -> Callable:
     """``fn(input_ids, attention_mask, position_ids, targets: Targets) -> [targets]``: a plain causal
-    LM's log-probs of given next tokens (adapters as the caller set them), from its hidden states at
+    LM's log-probs of given next tokens (adapters as the caller set them; in eval mode), from its hidden states at
     the scored positions and its head, soft cap included, with no ``[B, T, V]`` logits; a batch
     without ``position_ids`` runs packed (``padding_free``, :func:`qadapter.library.hidden.final_hidden`)."""
     weight, cap = output_head(model)
@@ -256,8 +256,9 @@ def likelihood(model, *, padding_free: bool = True) -> Callable:
     @torch.no_grad()
     def target_logprobs(input_ids, attention_mask, position_ids, targets: Targets):
         device = weight.device
-        hidden = final_hidden(model, input_ids.to(device), attention_mask.to(device), padding_free=padding_free,
-                              position_ids=None if position_ids is None else position_ids.to(device))
+        with evaluation_mode(model):  # a model fresh from training still drops out
+            hidden = final_hidden(model, input_ids.to(device), attention_mask.to(device), padding_free=padding_free,
+                                  position_ids=None if position_ids is None else position_ids.to(device))
         targets = targets.to(device)
         return token_logprobs(hidden[targets.rows, targets.positions], weight, targets.ids, logit_softcap=cap)
 
@@ -272,9 +273,10 @@ def customized_likelihood(model: QAdapterModel) -> Callable:
     @torch.no_grad()
     def target_logprobs(input_ids, attention_mask, position_ids, targets: Targets):
         device = weight.device
-        base_hidden, q_hidden = model.hidden_states(
-            input_ids.to(device), attention_mask.to(device),
-            position_ids=None if position_ids is None else position_ids.to(device))
+        with evaluation_mode(model):
+            base_hidden, q_hidden = model.hidden_states(
+                input_ids.to(device), attention_mask.to(device),
+                position_ids=None if position_ids is None else position_ids.to(device))
         at = targets.to(device)
         return vocabulary_pass(base_hidden[at.rows, at.positions], q_hidden[at.rows, at.positions], weight, at.ids,
                                config=model.loss, measures=("logprobs",)).combined

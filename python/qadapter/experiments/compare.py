@@ -327,9 +327,11 @@ def _likelihood_margins(target_logprobs, features, pad_token_id) -> torch.Tensor
     return torch.cat(out)
 
 
-def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: Policy | None = None) -> Policy:
+def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: Policy | None = None,
+                beta: float = 1.0) -> Policy:
     """The base (``adapter=False``) or a LoRA-tuned causal LM; with ``reference``, margins are DPO's
-    implicit reward (the policy's likelihood margin minus the reference's)."""
+    implicit reward (``beta`` times the policy's likelihood margin minus the reference's, as TRL logs
+    its ``rewards/margins``)."""
     model = peft_model.get_base_model()
     of_targets = likelihood(model)
 
@@ -358,7 +360,7 @@ def lora_policy(name: str, peft_model, tokenizer, *, adapter: bool, reference: P
 
     def margins(features):
         own = _likelihood_margins(target_logprobs, features, tokenizer.pad_token_id)
-        return own if reference is None else own - reference.margins(features)
+        return own if reference is None else beta * (own - reference.margins(features))
 
     return Policy(name, target_logprobs, kl_to_base, answer, margins)
 
@@ -525,7 +527,7 @@ def run_compare(options: CompareOptions) -> dict:
                     policy = qadapter_policy(model, tokenizer)
                 else:
                     policy = lora_policy(method, model, tokenizer, adapter=True,
-                                         reference=base if method == "dpo" else None)
+                                         reference=base if method == "dpo" else None, beta=options.dpo_beta)
                 model.eval()
                 _stage(f"{LABELS[method]}: measuring")
                 combination = ({"alpha_0": model.loss.alpha_0, "alpha_tilde": model.loss.alpha_tilde}
@@ -611,7 +613,7 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel(("rule satisfaction" if align == "rule_rate" else "held-out preference accuracy") + " - base")
-    ax.set_ylabel("knowledge-probe accuracy - base")
+    ax.set_ylabel("knowledge-probe accuracy (log-lik.) - base")
     ax.set_title("learned the preference (right) vs kept knowledge (up)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the points, not over them
     fig.tight_layout()
