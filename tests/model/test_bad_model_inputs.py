@@ -433,12 +433,17 @@ def broken_copy(root, tmp_path, damage):
     return target
 
 
-def edit_config(change):
+def edit_config(change, name: str = CONFIG_NAME):
     def damage(path):
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = json.loads((path / name).read_text())
         change(config)
-        (path / CONFIG_NAME).write_text(json.dumps(config))
+        (path / name).write_text(json.dumps(config))
     return damage
+
+
+def edit_peft_config(**options):
+    """PEFT's adapter_config.json with ``options``, as a foreign or edited adapter may have it."""
+    return edit_config(lambda c: c.update(options), "adapter_config.json")
 
 
 def rename_tensor(path):
@@ -498,6 +503,10 @@ ADAPTERS = [
     ("weights-extra-tensor", extra_tensor, "unexpected ['base_model.model.extra.lora_A.weight']"),
     ("weights-missing-tensor", drop_tensor, "does not match its adapter config: missing"),
     ("weights-other-rank", reshape_tensor, "cannot be loaded"),
+    # PEFT options under which the frozen model would not be the base: refused before PEFT applies them.
+    ("peft-config-base-bias", edit_peft_config(bias="all"), "bias='all' trains the base model's own biases"),
+    ("peft-config-pissa", edit_peft_config(init_lora_weights="pissa"), "rewrites the base model's weights"),
+    ("peft-config-modules-to-save", edit_peft_config(modules_to_save=["embed_tokens"]), "modules_to_save"),
 ]
 
 
@@ -522,6 +531,14 @@ def test_broken_adapter_refused_by_load_adapter_weights(saved, tmp_path, damage,
     root, model = saved
     path = broken_copy(root, tmp_path, damage)
     expect(lambda: model.load_adapter_weights(path), AdapterLoadError, fragment)
+
+
+def test_a_checkpoint_of_other_lora_options_is_refused_by_load_adapter_weights(saved, tmp_path):
+    """rsLoRA scales by alpha / sqrt(r), not alpha / r: the same tensors resumed under the other
+    scale would decode another policy, so a checkpoint of other PEFT scale options is refused."""
+    root, model = saved
+    path = broken_copy(root, tmp_path, edit_peft_config(use_rslora=True))
+    expect(lambda: model.load_adapter_weights(path), AdapterLoadError, "use_rslora True")
 
 
 def test_adapter_on_another_base_is_refused(saved):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -186,6 +187,24 @@ def test_from_peft_model_wraps_an_attached_adapter():
     assert wrapped.fingerprint == model.fingerprint == base_fingerprint(tiny_causal_lm("llama"))
     with pytest.raises(ValueError, match="PEFT model with a LoRA adapter"):
         QAdapterModel.from_peft_model(tiny_causal_lm("llama"))
+
+
+@pytest.mark.parametrize("option, fragment", [
+    ({"bias": "all"}, "bias='all' trains the base model's own biases"),
+    ({"bias": "lora_only"}, "bias='lora_only'"),
+    ({"init_lora_weights": "pissa"}, "rewrites the base model's weights"),
+    ({"init_lora_weights": "olora"}, "rewrites the base model's weights"),
+    ({"modules_to_save": ["embed_tokens"]}, "modules_to_save"),
+    ({"trainable_token_indices": [3, 4]}, "trainable_token_indices"),
+])
+def test_a_peft_model_whose_lora_changes_its_base_is_refused(option, fragment):
+    """PEFT options under which the model with its adapter disabled is not the base (or decoding's
+    frozen rows would run a trained copy): the frozen policy would not be pi1, so they are refused."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_causal_lm("qwen2"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], **option))
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        QAdapterModel.from_peft_model(peft)
 
 
 def test_base_answers_of_a_qadapter_model_are_its_base_models():

@@ -58,7 +58,7 @@ from .saved import (
     AdapterLoadError,
     Level,
     adapter_digest,
-    check_lora_ranks,
+    check_saved_lora,
     locate_adapter,
     read_adapter_config,
     run_options,
@@ -348,7 +348,7 @@ class AdapterSet:
         path = locate_adapter(path)
         atomic.recover(path, reading=True)
         config = read_adapter_config(path)
-        check_lora_ranks(path, config)
+        check_saved_lora(path, config)
         check_quantization(path, config["quantization"], self.quantization)
         check_base(path, config, self.fingerprint, self.quantization, given=self.base_described)
         if config["stack"]:

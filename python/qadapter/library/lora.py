@@ -77,3 +77,32 @@ def _default_targets(base_model: nn.Module, known: list[str]) -> list[str]:
     raise ValueError(f"target_modules: this model ({model_type or type(base_model).__name__}) has no query and "
                      f"value projections by a known name; name the layers to adapt, from its linear layers: "
                      f"{', '.join(known)}")
+
+
+# init_lora_weights values by which PEFT rewrites the base's weights (W - BA, a quantized residual).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# PEFT LoRA options that change a LoRA's weights' shapes or scale: a checkpoint resumed must share them.
+SCALE_OPTIONS = ("use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "layers_to_transform")
+
+
+def unsupported_lora_options(config) -> list[str]:
+    """The PEFT LoRA options of ``config`` (a ``LoraConfig`` or its saved dict) under which the model
+    with its adapter disabled is not the untouched base, or decoding's frozen rows would not be: a
+    Q-Adapter's frozen model is the base itself. Each named, with why."""
+    def get(key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    problems = []
+    if get("bias") not in (None, "none"):
+        problems.append(f"bias={get('bias')!r} trains the base model's own biases, which disabling the adapter "
+                        "does not undo (lora_bias=True trains a bias of the LoRA's own)")
+    init = get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        problems.append(f"init_lora_weights={init!r} rewrites the base model's weights (W - BA), so the model "
+                        "with its adapter disabled is no longer the base")
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if get(key):
+            problems.append(f"{key}={get(key)!r} trains a copy of whole modules (or token rows) beside the LoRA, "
+                            "which decoding's frozen rows would use too")
+    return problems
+

@@ -43,7 +43,7 @@ from .hidden import (
     linear_head,
     whole_parameters,
 )
-from .lora import lora_targets
+from .lora import SCALE_OPTIONS, lora_targets, unsupported_lora_options
 from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
@@ -55,8 +55,8 @@ from .saved import (
     AdapterLoadError,
     Level,
     adapter_digest,
-    check_lora_ranks,
     check_q_on,
+    check_saved_lora,
     holds_adapter,
     hub_pin,
     locate_adapter,
@@ -209,6 +209,10 @@ class QAdapterModel(nn.Module):
         if getattr(config, "peft_type", None) != "LORA":  # PeftType is a str enum
             raise ValueError(f"a Q-Adapter wraps a PEFT model with a LoRA adapter named {ADAPTER_NAME!r}; "
                              f"got {type(peft_model).__name__}")
+        problems = unsupported_lora_options(config)
+        if problems:
+            raise ValueError(f"the PEFT model's LoRA config: {'; '.join(problems)}; a Q-Adapter trains LoRA "
+                             "matrices beside an untouched frozen base")
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._configure(tokenizer, loss, backend, chunk_size, loss_options)
@@ -261,7 +265,7 @@ class QAdapterModel(nn.Module):
         path = locate_adapter(path, revision)
         atomic.recover(path, reading=True)  # finishes a save that a crash interrupted
         config = read_adapter_config(path)
-        check_lora_ranks(path, config)
+        check_saved_lora(path, config)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
                                                 quantization=quantization)
         with warnings_held_while_checked():
@@ -295,6 +299,7 @@ class QAdapterModel(nn.Module):
         ours = self.adapter_config()["lora"]
         differs = {key: (value, ours[key]) for key, value in (config.get("lora") or {}).items()
                    if key in ("r", "lora_alpha", "target_modules") and key in ours and value != ours[key]}
+        differs.update(_peft_options_differing(path, self.peft_model.peft_config[ADAPTER_NAME]))
         if differs:  # the weights' shapes or scale differ: one line, not a size mismatch per tensor
             raise AdapterLoadError(f"{path} holds a LoRA of {', '.join(f'{k} {v!r}' for k, (v, _) in differs.items())}"
                                    f"; this model's has {', '.join(f'{k} {o!r}' for k, (_, o) in differs.items())} "
@@ -492,6 +497,21 @@ class QAdapterModel(nn.Module):
                                         compiled=compiled, **kwargs)
 
 
+def _peft_options_differing(path: Path, live) -> dict[str, tuple]:
+    """PEFT's options that set a LoRA's shapes or scale (rsLoRA, rank and alpha patterns, DoRA, ...)
+    where the adapter saved in ``path`` has other values than ``live`` (a ``LoraConfig``): weights of
+    one loaded under the other would load and decode another policy. Unset and empty are alike."""
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # the weights' own checks name what is missing or corrupted
+    def plain(value):
+        return json.loads(json.dumps(value, default=list)) or None
+
+    return {key: (saved.get(key), getattr(live, key, None)) for key in SCALE_OPTIONS
+            if isinstance(saved, dict) and plain(saved.get(key)) != plain(getattr(live, key, None))}
+
+
 def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
     """The combined-policy log-probs function for decoding: the backend's kernel where it declares one
     (Triton on CUDA), else the eager :func:`qadapter_kernels.combine_logits` (CPU; float64; a named
@@ -603,7 +623,7 @@ def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: boo
     from peft import PeftModel
 
     try:
-        check_lora_ranks(path)
+        check_saved_lora(path)
     except AdapterLoadError as exc:
         raise AdapterLoadError(f"{what}: {exc}") from exc
     with warnings_held_while_checked():

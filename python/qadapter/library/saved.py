@@ -33,6 +33,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from . import atomic
 from . import quantization as quant
 from .atomic import STAGING_PREFIX
+from .lora import unsupported_lora_options
 from .provenance import PROVENANCE_NAME
 
 CONFIG_NAME = "qadapter_config.json"
@@ -321,11 +322,14 @@ def read_adapter_config(path: Path) -> dict:
     return config
 
 
-def check_lora_ranks(path: Path, config: dict | None = None) -> None:
-    """PEFT allocates every LoRA matrix at its config's rank before it reads the weights: a rank that
-    is not the weights' own (an edited or foreign adapter_config.json), or not the one ``config``
-    (ours) records, is refused before anything is allocated for it, so loading costs no more memory
-    than the weights file holds. Reads the weights' header only."""
+def check_saved_lora(path: Path, config: dict | None = None) -> None:
+    """PEFT's config of the adapter in ``path``, before PEFT reads it: options under which the base is
+    not left untouched (:func:`qadapter.library.lora.unsupported_lora_options`: a foreign adapter's)
+    are refused by name; and since PEFT allocates every LoRA matrix at its config's rank before it
+    reads the weights, a rank that is not the weights' own (an edited or foreign
+    adapter_config.json), or not the one ``config`` (ours) records, is refused before anything is
+    allocated for it, so loading costs no more memory than the weights file holds. Reads the
+    weights' header only."""
     from safetensors import SafetensorError, safe_open
 
     peft_file = path / "adapter_config.json"
@@ -336,6 +340,9 @@ def check_lora_ranks(path: Path, config: dict | None = None) -> None:
                                "weights cannot be loaded") from exc
     except (OSError, ValueError) as exc:
         raise AdapterLoadError(f"{peft_file} is corrupted: {exc}") from exc
+    problems = unsupported_lora_options(peft) if isinstance(peft, dict) else []
+    if problems:
+        raise AdapterLoadError(f"{peft_file}: {'; '.join(problems)}; a Q-Adapter's LoRA leaves the base untouched")
     try:
         with safe_open(path / WEIGHTS_NAME, framework="numpy") as weights:
             ranks = {weights.get_slice(name).get_shape()[0] for name in weights.keys() if ".lora_A." in name}
