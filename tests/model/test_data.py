@@ -172,6 +172,36 @@ def test_a_prompt_rendered_beforehand_in_plain_text_markup_is_not_rendered_twice
     assert sp.decode(plain["chosen_input_ids"]).count("[INST]") == 2
 
 
+def dated_tokenizer(day):
+    """A ChatML tokenizer whose template writes a date first, as Llama-3.1's writes today's: ``day(k)``
+    is the date of its k-th rendering of a conversation about France."""
+    from helpers import CHATML
+
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.chat_template = "{{ 'Today ' ~ day ~ '\\n' }}" + CHATML
+    render, calls = tokenizer.apply_chat_template, iter(range(1000))
+
+    def dated(messages, *args, **kw):
+        about = any("France" in m["content"] for m in messages)
+        return render(messages, *args, day=day(next(calls)) if about else "0", **kw)
+
+    tokenizer.apply_chat_template = dated
+    return tokenizer
+
+
+def test_a_row_rendered_as_the_date_turns_is_rendered_again():
+    """The day turns between a row's prompt and its conversations: the prompt's own turns must not be
+    scored as the response; the row is rendered again (the same day throughout), and a template that
+    never renders a row twice alike is refused, naming why."""
+    row = {"prompt": "the capital of France?", "chosen": "Paris", "rejected": "Rome"}
+    (turned,), _ = tokenize_rows([row], dated_tokenizer(lambda k: "1" if k == 0 else "2"))
+    (steady,), _ = tokenize_rows([row], dated_tokenizer(lambda k: "2"))
+    assert turned == steady
+    with pytest.raises(PreferenceDataError, match="renders the prompt's turns differently"):
+        # Each try renders the prompt, both conversations and the turns before the answer: the prompt's date differs.
+        tokenize_rows([row], dated_tokenizer(lambda k: "1" if k % 4 == 0 else "2"))
+
+
 def test_pairs_the_same_after_rendering_or_truncation_are_refused_or_skipped(tok):
     """A pair whose two sequences are the same tokens teaches nothing: the same text given as a
     string and as a message, or answers that differ only past max_length."""

@@ -306,21 +306,31 @@ def test_answers_to_many_questions_are_tokenized_as_each_alone():
         answer_tokens(tokenizer, questions, replies[:2])
 
 
-@pytest.mark.parametrize("kind", ["chatml", "sentencepiece, zephyr", "sentencepiece, llama-2", "no template"])
+# Qwen3's template without thinking: every answer opens with an empty think block.
+QWEN3 = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n"
+         "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+         "{% endif %}")
+
+
+@pytest.mark.parametrize("kind", ["chatml", "chatml, qwen3", "sentencepiece, zephyr", "sentencepiece, llama-2",
+                                  "no template"])
 def test_an_answer_is_scored_as_training_tokenizes_it(kind):
     """The knowledge probe and compare score an answer after the chat prompt: its tokens are those the
-    training pairs hold for it (a template that opens an answer with a space, Llama-2's, included)."""
+    training pairs hold for it (a template that opens an answer with a space, Llama-2's, or with an
+    empty think block, Qwen3's, where an answer "think" is not the block's, included)."""
     from helpers import LLAMA2, tiny_sentencepiece_tokenizer
     from qadapter.evaluation.measures import answer_tokens, chat_prompts
 
-    tokenizer = tiny_chat_tokenizer() if kind == "chatml" else tiny_sentencepiece_tokenizer()
-    tokenizer.chat_template = {"sentencepiece, llama-2": LLAMA2, "no template": None}.get(kind, tokenizer.chat_template)
-    question, answers = "the capital of France?", ["Paris", "Rome is in Italy"]
+    tokenizer = tiny_chat_tokenizer() if kind.startswith("chatml") else tiny_sentencepiece_tokenizer()
+    tokenizer.chat_template = {"sentencepiece, llama-2": LLAMA2, "chatml, qwen3": QWEN3,
+                               "no template": None}.get(kind, tokenizer.chat_template)
+    question, answers = "the capital of France?", ["think" if "qwen3" in kind else "Paris", "Rome is in Italy"]
     got = answer_tokens(tokenizer, [question] * len(answers), answers)
     (pair,), _ = tokenize_rows([{"prompt": question, "chosen": answers[0], "rejected": answers[1]}], tokenizer)
     prompt = tokenizer(chat_prompts(tokenizer, [question]), add_special_tokens=False).input_ids[0]
-    for side, tokens in zip(("chosen", "rejected"), got):
+    for side, tokens, answer in zip(("chosen", "rejected"), got, answers):
         ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
         scored = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
         assert ids[:len(ids) - len(scored)] == prompt  # the prompt as chat_prompts writes it
         assert scored[:len(tokens)] == tokens and len(scored) > len(tokens), (kind, side)  # then its end of turn
+        assert answer not in tokenizer.decode(scored[len(tokens):]), (kind, side)  # and no more of the answer

@@ -319,12 +319,18 @@ def answer_tokens(tokenizer, questions: list[str], answers: list[str]) -> list[l
     if getattr(tokenizer, "chat_template", None) is not None:
         distinct = list(dict.fromkeys(questions))
         prompts = dict(zip(distinct, chat_prompts(tokenizer, distinct)))
+
+        def rendered(question: str, answer: str) -> str:
+            return tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": answer}], tokenize=False)
+
+        # Where the template writes an answer's text: past what it opens every answer with (Qwen3's
+        # empty <think></think>, in which an answer "think" would otherwise be found).
+        opening = {q: rendered(q, "\x00").find("\x00", len(prompts[q])) for q in distinct}
         for k, (question, answer) in enumerate(zip(questions, answers)):
-            prompt = prompts[question]
-            whole = tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                                   {"role": "assistant", "content": answer}], tokenize=False)
+            prompt, whole = prompts[question], rendered(question, answer)
             core = answer.strip() or answer
-            at = whole.find(core, len(prompt)) if whole.startswith(prompt) else -1
+            at = whole.find(core, max(opening[question], len(prompt))) if whole.startswith(prompt) else -1
             if at >= 0:
                 texts[k] = whole[len(prompt):at + len(core)]
     return tokenize_continuations(tokenizer, texts)

@@ -298,18 +298,24 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
         except Exception as exc:  # a template's own refusal (Jinja's raise_exception): this row's, named
             raise _PairProblem(f"the chat template fails on this row: {exc}") from None
 
-    prompt_text = render(prompt, add_generation_prompt=True)
-    fulls = [render(prompt + _as_messages(response, "assistant")) for response in (pair.chosen, pair.rejected)]
-    if all(full.startswith(prompt_text) for full in fulls):
-        return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):], False
-    history = render(prompt)  # the template's generation prompt differs from how it starts an answer
-    if not all(full.startswith(history) for full in fulls):
+    for _ in range(2):  # once more where a template writes today's date (Llama-3.1's) and the day turned meanwhile
+        prompt_text = render(prompt, add_generation_prompt=True)
+        fulls = [render(prompt + _as_messages(response, "assistant")) for response in (pair.chosen, pair.rejected)]
+        if all(full.startswith(prompt_text) for full in fulls):
+            return prompt_text, fulls[0][len(prompt_text):], fulls[1][len(prompt_text):], False
+        history = render(prompt)  # the template's generation prompt differs from how it starts an answer
+        follows = all(full.startswith(history) for full in fulls)
+        shared = min(next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b),
+                          min(len(prompt_text), len(full))) for full in fulls)
+        if follows and shared >= len(history):  # what differs is the generation prompt alone (DeepSeek-R1's)
+            break
+    if not follows:
         raise _PairProblem("the tokenizer's chat template does not render a conversation as its prompt followed by "
                            "the response; response tokens cannot be located")
-    shared = len(prompt_text)
-    for full in fulls:
-        shared = min(shared, next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b),
-                                  min(len(prompt_text), len(full))))
+    if shared < len(history):  # else the prompt's own turns would be scored as the response
+        raise _PairProblem("the chat template renders the prompt's turns differently before a generation prompt and "
+                           "before an answer (a date or other value it writes, changing between renderings?); "
+                           "response tokens cannot be located")
     if shared < len(prompt_text):
         _warn_generation_prompt(prompt_text[shared:])
     return prompt_text[:shared], fulls[0][shared:], fulls[1][shared:], False
