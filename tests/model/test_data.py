@@ -172,6 +172,39 @@ def test_a_prompt_rendered_beforehand_in_plain_text_markup_is_not_rendered_twice
     assert sp.decode(plain["chosen_input_ids"]).count("[INST]") == 2
 
 
+# ChatML whose assistant turns may call tools, as Qwen's template writes them.
+TOOL_CALLS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+              "{% for call in m.get('tool_calls') or [] %}<tool_call>{{ call['function']['name'] }}</tool_call>"
+              "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_response_that_calls_a_tool_is_trained_on_its_call(tok):
+    """An assistant message that only calls a tool (empty or null content, OpenAI's and TRL's way) is a
+    response, not an empty one: its call, as the template writes it, is what is scored."""
+    tok.chat_template = TOOL_CALLS
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
+    for content in ("", None):
+        row = {"prompt": [user("the weather in Paris?")], "chosen": [{"role": "assistant", "content": content,
+                                                                       "tool_calls": call}],
+               "rejected": [assistant("I cannot tell")]}
+        (f,), _ = tokenize_rows([row], tok)
+        scored = [i for i, label in zip(f["chosen_input_ids"], f["chosen_labels"]) if label != IGNORE_INDEX]
+        assert tok.decode(scored) == "<tool_call>weather</tool_call><|im_end|>\n", content
+
+
+def test_content_parts_are_their_texts_and_other_parts_are_refused(tok):
+    """OpenAI's content parts: their texts joined by newlines, as the server reads a chat request;
+    an image part is refused by its type, naming the row, never dropped."""
+    parts = [{"type": "text", "text": "the capital"}, {"type": "text", "text": "of France?"}]
+    as_parts = tokenize_rows([{"prompt": [{"role": "user", "content": parts}], "chosen": "Paris", "rejected": "Rome"}],
+                             tok)[0]
+    assert as_parts == tokenize_rows([{"prompt": [user("the capital\nof France?")], "chosen": "Paris",
+                                       "rejected": "Rome"}], tok)[0]
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    with pytest.raises(PreferenceDataError, match=r"row 0: 'prompt'\[0\].content\[1\] is a part of type 'image_url'"):
+        tokenize_rows([{"prompt": [{"role": "user", "content": [parts[0], image]}], "chosen": "a", "rejected": "b"}], tok)
+
+
 def dated_tokenizer(day):
     """A ChatML tokenizer whose template writes a date first, as Llama-3.1's writes today's: ``day(k)``
     is the date of its k-th rendering of a conversation about France."""

@@ -422,8 +422,8 @@ def test_chat_content_may_be_a_list_of_text_parts(server):
     parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
     assert ask([{"type": "text", "text": "be brief"}], parts) == ask("be brief", "hello\nworld")
     image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
-    for content, message in (([parts[0], image], r"messages\[1\].content\[1\] is a part of type 'image_url': this "
-                                                 "server takes text parts only"),
+    for content, message in (([parts[0], image], r"messages\[1\].content\[1\] is a part of type 'image_url': "
+                                                 "text parts only"),
                              ([{"type": "input_audio", "input_audio": {}}], r"content\[0\] is a part of type 'input_audio'"),
                              ([{"text": "no type"}], r"messages\[1\].content\[0\] must be a text part"),
                              ([{"type": "text", "text": "hi", "cache_control": {}}], "must be a text part"),

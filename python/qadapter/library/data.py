@@ -100,17 +100,49 @@ class DataSummary:
         return f"{self.kept}/{self.rows} pairs kept ({self.truncated} truncated); skipped: {reasons}"
 
 
+def message_text(content: str | list, field: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts, of which only text
+    parts are taken (their texts joined by newlines, as vLLM joins them for a text model); an image
+    or audio part is refused by its type (ValueError), never dropped."""
+    if isinstance(content, str):
+        return content
+    if not content:
+        raise ValueError(f"{field} must be a string or a non-empty list of text parts; got []")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"{field}[{j}] is a part of type {kind!r}: text parts only")
+        if kind != "text" or not isinstance(part.get("text"), str) or any(
+                v is not None for k, v in part.items() if k not in ("type", "text")):
+            raise ValueError(f'{field}[{j}] must be a text part, {{"type": "text", "text": a string}}; got '
+                             f"{json.dumps(part)[:80]}")
+    return "\n".join(part["text"] for part in content)
+
+
 def _check_messages(index: int, key: str, messages: Any) -> list[dict]:
+    """The messages, each content as text (:func:`message_text`; an assistant's tool call has none)."""
     if not isinstance(messages, list):
         raise PreferenceDataError(index, f"'{key}' must be a string or a list of messages, got {type(messages).__name__}")
+    checked = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        content = m.get("content") if isinstance(m, dict) else None
+        if content is None and isinstance(m, dict) and m.get("tool_calls"):
+            content = ""  # OpenAI's assistant message that only calls tools
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, (str, list)):
             raise PreferenceDataError(index, f"'{key}'[{i}] must be a message {{'role': str, 'content': str}}",
                                       reason=f"'{key}' holds something that is not a message {{'role', 'content'}}")
         if m["role"] not in ROLES:
             raise PreferenceDataError(index, f"'{key}'[{i}] has unknown role {m['role']!r}",
                                       reason=f"'{key}' has a message of an unknown role (not one of {', '.join(ROLES)})")
-    return messages
+        try:
+            checked.append({**m, "content": message_text(content, f"'{key}'[{i}].content")})
+        except ValueError as exc:
+            raise PreferenceDataError(index, str(exc), reason=f"'{key}' has a message whose content is not text") from None
+    return checked
+
+
+def _says_something(message: dict) -> bool:
+    return bool(message["content"].strip() or message.get("tool_calls"))
 
 
 def _shared_text(chosen: str, rejected: str) -> int:
@@ -148,7 +180,7 @@ def _check_response(index: int, key: str, response: str | list[dict]) -> None:
     else:
         if any(m["role"] != "assistant" for m in response):
             raise PreferenceDataError(index, f"'{key}' response contains a non-assistant turn")
-        empty = not any(m["content"].strip() for m in response)
+        empty = not any(map(_says_something, response))
     if empty:
         raise PreferenceDataError(index, f"'{key}' response is empty")
 
@@ -174,11 +206,10 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
             prompt = _check_messages(index, "prompt", prompt)
             if not prompt:
                 raise PreferenceDataError(index, "no shared prompt: 'prompt' is an empty list")
-            if not any(m["content"].strip() for m in prompt):
+            if not any(map(_says_something, prompt)):
                 raise PreferenceDataError(index, "no shared prompt: every message of 'prompt' is empty")
-        for key in ("chosen", "rejected"):
-            if not isinstance(row[key], str):
-                _check_messages(index, key, row[key])
+        chosen, rejected = (r if isinstance(r, str) else _check_messages(index, key, r)
+                            for key, r in (("chosen", chosen), ("rejected", rejected)))
     elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
         if row["chosen"] == row["rejected"]:
             raise PreferenceDataError(index, "chosen is identical to rejected")

@@ -35,6 +35,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..library.data import message_text
 from .engine import AdapterBusy, Engine, EngineStopped, Request, RequestRefused
 from .metrics import CONTENT_TYPE
 
@@ -598,8 +599,11 @@ class Server:
                                  "messages")
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template: use /v1/completions", "messages")
-        turns = [{"role": m["role"], "content": _text_content(m["content"], f"messages[{i}].content")}
-                 for i, m in enumerate(messages)]
+        try:
+            turns = [{"role": m["role"], "content": message_text(m["content"], f"messages[{i}].content")}
+                     for i, m in enumerate(messages)]
+        except ValueError as exc:  # an image or audio part, a malformed part
+            raise BadRequest(str(exc), "messages") from None
         self._check_text_length(sum(len(turn["content"]) for turn in turns), "messages")
         try:
             ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -613,25 +617,6 @@ async def _disconnected(http: HttpRequest) -> None:
     disconnect)."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-
-
-def _text_content(content: str | list, field: str) -> str:
-    """A message's content: a string, or OpenAI's list of content parts, of which only text parts are
-    taken (their texts joined by newlines, as vLLM joins them); an image or audio part is refused by
-    its type, never dropped."""
-    if isinstance(content, str):
-        return content
-    if not content:
-        raise BadRequest(f"{field} must be a string or a non-empty list of text parts; got []", "messages")
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if isinstance(kind, str) and kind != "text":
-            raise BadRequest(f"{field}[{j}] is a part of type {kind!r}: this server takes text parts only", "messages")
-        if kind != "text" or not isinstance(part.get("text"), str) or any(
-                v is not None for k, v in part.items() if k not in ("type", "text")):
-            raise BadRequest(f'{field}[{j}] must be a text part, {{"type": "text", "text": a string}}; got '
-                             f"{json.dumps(part)[:80]}", "messages")
-    return "\n".join(part["text"] for part in content)
 
 
 def token_text(tokenizer) -> Callable[[int], str]:
