@@ -439,8 +439,9 @@ def test_train_on_a_moved_stack_refuses_an_output_of_its_levels_before_loading(t
 
 
 def test_info_says_where_each_level_is_and_what_loading_would_refuse(tmp_path, capsys):
-    """`qadapter info` on a stacked adapter: each level where loading would find it (a moved stack:
-    at its new place), the parent in words, and a level gone or changed named as a problem."""
+    """`qadapter info` on a stacked adapter: its Q network, each level where loading would find it (a
+    moved stack: at its new place) with its combination, the parent in words, and a level gone or
+    changed named as a problem."""
     from qadapter.cli import main
 
     saved_stack(tmp_path / "a")
@@ -448,8 +449,9 @@ def test_info_says_where_each_level_is_and_what_loading_would_refuse(tmp_path, c
     capsys.readouterr()
     assert main(["info", str(tmp_path / "b" / "level3")]) == 0
     out = capsys.readouterr().out
-    assert f"stack level 1: {(tmp_path / 'b' / 'level1').resolve()}\n" in out
-    assert f"stack level 2: {(tmp_path / 'b' / 'level2').resolve()}\n" in out
+    assert f"stack level 1: {(tmp_path / 'b' / 'level1').resolve()} (alpha_0 0.3, alpha~ 0.7, q_on None)\n" in out
+    assert f"stack level 2: {(tmp_path / 'b' / 'level2').resolve()} (alpha_0 0.6, alpha~ 1.3, q_on parent)\n" in out
+    assert "q_on: base (the Q network: the base's plus this level's LoRA)\n" in out
     assert "parent adapter: " in out and "(stack depth 2, sha256 " in out
     saved_adapter(tmp_path / "b" / "level1", seed=9, **PARENT)  # level 1 changes under the stack
     shutil.rmtree(tmp_path / "b" / "level2")
@@ -470,9 +472,14 @@ def test_a_copied_stack_uses_its_own_levels_not_the_originals(tmp_path):
     copy, got = stack_outputs(tmp_path / "b" / "level3")
     assert copy.stack[0].path == str((tmp_path / "b" / "level1").resolve())
     assert_same_outputs(got, want)
-    # What is found first must still be the level recorded: a changed copy is refused, not passed over.
+    # What is found first must still be the level recorded: a changed copy is refused, not passed over,
+    # and where the level's recorded path holds it as trained, the refusal says so.
     saved_adapter(tmp_path / "b" / "level1", seed=9, **PARENT)
     with pytest.raises(AdapterLoadError, match=f"stack level 1, the adapter in {re.escape(str(tmp_path / 'b'))}.*has changed"):
+        QAdapterModel.from_pretrained(tmp_path / "b" / "level3", tiny_causal_lm())
+    saved_adapter(tmp_path / "a" / "level1", **PARENT)  # the original as it was trained
+    recorded = re.escape(str((tmp_path / "a" / "level1").resolve()))
+    with pytest.raises(AdapterLoadError, match=f"has changed .*; its recorded path {recorded} holds it as trained"):
         QAdapterModel.from_pretrained(tmp_path / "b" / "level3", tiny_causal_lm())
 
 

@@ -115,9 +115,13 @@ def info_command(args) -> int:
         print(f"provenance: PROBLEM: {problem}")
     else:
         print(_format_provenance(record))
-    for level in levels:  # where loading would find each level now, or why it would refuse it
+    if config is not None and config.get("stack"):  # which network is the top level's Q: it changes the policy
+        print(f"q_on: {config.get('q_on')} (the Q network: the {'parent' if config.get('q_on') == 'parent' else 'base'}"
+              "'s plus this level's LoRA)")
+    for level, record in zip(levels, (config or {}).get("stack") or []):  # where loading would find it, or why not
+        combination = f" (alpha_0 {record.get('alpha_0')}, alpha~ {record.get('alpha_tilde')}, q_on {record.get('q_on')})"
         print(f"stack level {level['level']}: " + (f"PROBLEM: {level['problem']}" if level["problem"]
-                                                    else level["found_at"]))
+                                                    else level["found_at"] + combination))
     return 0
 
 

@@ -611,8 +611,13 @@ def find_level(level: Level, k: int, argument: str, fingerprint: str, quantizati
     except (AdapterLoadError, FileNotFoundError) as exc:
         raise AdapterLoadError(f"{argument}: stack level {k}: {exc}") from exc
     if not level.is_at(path):
+        # What is found first is the level: a changed copy beside the stack is refused, not passed over.
+        recorded = Path(level.path)
+        intact = (recorded.resolve() != path.resolve() and recorded.is_dir() and level.is_at(recorded))
         raise AdapterLoadError(f"{argument}: stack level {k}, the adapter in {path}, has changed since this "
-                               f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)")
+                               f"adapter was trained on it (sha256 of {', '.join(LEVEL_FILES)} differs)"
+                               + (f"; its recorded path {recorded} holds it as trained (move the folder at {path} "
+                                  "away to load the stack from there)" if intact else ""))
     return path
 
 
