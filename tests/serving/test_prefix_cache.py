@@ -132,3 +132,31 @@ def test_a_batch_out_of_memory_empties_the_cache_and_the_engine_goes_on(adapter_
         assert after.tokens == decoded(Engine(adapter_set, tokenizer), after.prompt, "a", 4).tokens
     finally:
         engine.stop()
+
+
+def test_a_request_ended_before_its_batch_fails_is_ended_once(adapter_set):
+    """Keeping an ended request's KV can fail (out of memory) after its end was emitted: the batch's
+    other requests hear the error; the ended one keeps its end, counted once, and the engine holds
+    no request for its adapter (which can then be unloaded)."""
+    engine = Engine(adapter_set, tiny_chat_tokenizer(), prefix_cache_bytes=1 << 20)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    engine.prefix_cache.store = out_of_memory
+    heard = {"short": [], "long": []}
+    for name, max_tokens in (("short", 2), ("long", 6)):
+        engine.submit(Request(prompt=[5, 17, 33, 8], adapter="a", max_tokens=max_tokens, emit=heard[name].append,
+                              logit_bias={2: -100.0}))  # no EOS: each runs to its max_tokens
+    engine.start()
+    try:
+        assert engine.wait_idle(30)
+    finally:
+        engine.stop()
+    ends = {name: [e for e in events if "finish_reason" in e or "error" in e] for name, events in heard.items()}
+    assert [e.get("finish_reason") for e in ends["short"]] == ["length"]
+    assert len(ends["long"]) == 1 and "OutOfMemoryError" in ends["long"][0]["error"]
+    finished = {s.labels["finished_reason"]: s.value for s in engine.metrics.finished.collect()[0].samples
+                if s.name.endswith("_total")}
+    assert finished["length"] == finished["error"] == 1
+    assert engine._outstanding == 0 and engine._in_flight["a"] == 0

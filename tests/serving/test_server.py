@@ -151,16 +151,22 @@ def test_health_says_whether_the_engine_takes_requests(server, saved):
 
 def test_metrics_count_what_the_server_did(saved):
     """``/metrics`` (Prometheus' text format, vLLM's names under ``qadapter:``): prompt and answer tokens
-    as the usage reports them, requests by finish reason, a time to first token and a latency per
-    request, every decode step, the adapter loaded while serving; nothing running or waiting once idle."""
+    as the usage reports them (a prompt once for its n choices; an echo that asks for no answer too),
+    requests by finish reason (every reason's series there from the start), a time to first token and
+    a latency per choice, every decode step, the adapter loaded while serving; nothing running or
+    waiting once idle."""
     from prometheus_client.parser import text_string_to_metric_families
 
     _, tokenizer, paths = saved
     engine = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer)
     for url, _ in running_server(engine, allow_adapter_updates=True):
         api = client(url)
+        fresh = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+        assert all(f'qadapter:request_success_total{{finished_reason="{reason}"}} 0.0' in fresh
+                   for reason in ("stop", "length", "cancelled", "error"))
         answers = [api.completions.create(model="terse", prompt=PROMPTS[0], max_tokens=5, temperature=0),
-                   api.completions.create(model="base", prompt=PROMPTS[1:3], max_tokens=3, temperature=0)]
+                   api.completions.create(model="base", prompt=PROMPTS[1:3], max_tokens=3, temperature=0, n=3)]
+        echoed = api.completions.create(model="terse", prompt=PROMPTS[4], max_tokens=0, echo=True)
         assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "kind", "lora_path": str(paths["kind"])},
                           timeout=60).status_code == 200
         answers.append(api.chat.completions.create(model="kind", messages=[{"role": "user", "content": PROMPTS[3]}],
@@ -169,13 +175,14 @@ def test_metrics_count_what_the_server_did(saved):
     assert scraped.headers["content-type"].startswith("text/plain")
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                for family in text_string_to_metric_families(scraped.text) for sample in family.samples}
-    reasons = [choice.finish_reason for answer in answers for choice in answer.choices]
-    assert samples[("qadapter:prompt_tokens_total", ())] == sum(a.usage.prompt_tokens for a in answers)
+    reasons = [choice.finish_reason for answer in [*answers, echoed] for choice in answer.choices]
+    usage = sum(a.usage.prompt_tokens for a in answers) + echoed.usage.prompt_tokens
+    assert samples[("qadapter:prompt_tokens_total", ())] == usage
     assert samples[("qadapter:generation_tokens_total", ())] == sum(a.usage.completion_tokens for a in answers)
     for reason in set(reasons):
         assert samples[("qadapter:request_success_total", (("finished_reason", reason),))] == reasons.count(reason)
-    assert samples[("qadapter:time_to_first_token_seconds_count", ())] == len(reasons) == 4
-    assert samples[("qadapter:e2e_request_latency_seconds_count", ())] == 4
+    assert samples[("qadapter:time_to_first_token_seconds_count", ())] == len(reasons) - 1 == 8  # the echo: no token
+    assert samples[("qadapter:e2e_request_latency_seconds_count", ())] == 9
     assert samples[("qadapter:decode_step_seconds_count", ())] == engine.steps > 0
     assert samples[("qadapter:adapter_changes_total", (("change", "load"),))] == 1
     assert samples[("qadapter:num_requests_running", ())] == samples[("qadapter:num_requests_waiting", ())] == 0
@@ -869,6 +876,41 @@ def test_serve_command_keeps_a_prefix_cache_by_default(saved, tmp_path, monkeypa
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--base-model", str(tmp_path / "sliding"), "--port", str(free_port()), "--prefix-cache", "1MiB"])
     assert exc.value.code == 2 and "sliding window" in capsys.readouterr().err
+
+
+def test_a_stream_whose_client_leaves_during_a_send_runs_its_cleanup_at_once():
+    """Starlette (ASGI before 2.4) stops a stream whose client left while a chunk was being sent,
+    with its generator suspended at a ``yield``: its cleanup, which cancels the requests and frees
+    their batch rows, must run then, not when the generator is collected."""
+    import asyncio
+
+    from qadapter.serving.server import _ClosingStream
+
+    closed = []
+
+    async def body():
+        try:
+            yield "data: first\n\n"
+            yield "data: never sent\n\n"
+        finally:
+            closed.append(True)
+
+    async def serve() -> list:
+        sent = asyncio.Event()
+
+        async def receive():
+            await sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                sent.set()
+                await asyncio.sleep(30)  # the client is gone: the send never completes
+
+        await _ClosingStream(body())({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return list(closed)  # before the loop's shutdown would finalize the generator
+
+    assert asyncio.run(asyncio.wait_for(serve(), 10)) == [True]
 
 
 def test_completion_text_decodes_a_window_yet_equals_the_whole_decode():

@@ -104,8 +104,10 @@ class Request:
     sent: int = 0  # characters of the completion text already emitted
     generator: torch.Generator | None = None
     unsent_logprobs: list = field(default_factory=list)  # of the tokens taken since the last event
-    submitted_at: float = 0.0  # time.monotonic() when submitted; and when its first answer token came
+    submitted_at: float = 0.0  # time.monotonic() when it arrived (0: when submitted); when its first answer token came
     first_token_at: float | None = None
+    counts_prompt: bool = True  # False: another choice of the same client request counts the prompt's tokens
+    ended: bool = False  # its last event emitted (it is finished once, even where an error follows its end)
 
     @property
     def scores_prompt(self) -> bool:
@@ -196,10 +198,12 @@ class Engine:
             if request.adapter is not None and request.adapter not in self.adapter_set.names:
                 raise RequestRefused(f"model {request.adapter!r} is not loaded; loaded: {self.adapter_set.names}",
                                      "adapter")
-            request.submitted_at = time.monotonic()
+            request.submitted_at = request.submitted_at or time.monotonic()
             self._outstanding += 1
             self._in_flight[request.adapter] += 1
             self._pending.put(request)
+        if request.counts_prompt:  # as the usage counts it: each prompt once, however many choices read it
+            self.metrics.prompt_tokens.inc(len(request.prompt))
 
     # ------------------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -328,7 +332,6 @@ class Engine:
             elif request.max_tokens == 0 and not request.scores_prompt:  # the echoed prompt's text is all it asks
                 self._finish(request, {"finish_reason": "length"})
         new = self._joining = [r for r in new if not r.cancelled and (r.max_tokens or r.scores_prompt)]
-        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in new))
         if new:
             self._prefill(new)
         self._joining = []
@@ -532,7 +535,11 @@ class Engine:
         return finish is not None
 
     def _finish(self, request: Request, event: dict) -> None:
-        """The request's last event (its end, and how many tokens it got); it no longer counts as work."""
+        """The request's last event (its end, and how many tokens it got); it no longer counts as work.
+        Once: a step that fails after a request ended (keeping its prefix) ends the batch's others."""
+        if request.ended:
+            return
+        request.ended = True
         request.emit({**event, **_unsent_logprobs(request), "completion_tokens": len(request.tokens)})
         self.metrics.finished.labels(event.get("finish_reason", "error")).inc()
         self.metrics.e2e_latency.observe(time.monotonic() - request.submitted_at)

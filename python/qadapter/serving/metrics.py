@@ -14,6 +14,8 @@ from collections.abc import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "qadapter:"
+# How a request can end (its finish_reason; "error": the engine failed it).
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds, from a token's time on a small model to a long answer's on a large one (vLLM's spacing).
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -38,21 +40,26 @@ class EngineMetrics:
         gauge("num_requests_waiting", "Requests queued for the running batch.", waiting)
         gauge("num_adapters_loaded", "Adapters loaded (served policies besides the base).", adapters)
         gauge("prefix_cache_bytes", "Bytes of KV cache the prefix cache holds.", cached)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens read, each request's counted.",
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of the requests taken, as their usage "
+                                     "counts them (a prompt once, however many choices read it).",
                                      registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Answer tokens generated.",
                                          registry=self.registry)
-        self.finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason (stop, length, "
-                                "cancelled, error).", ["finished_reason"], registry=self.registry)
+        self.finished = Counter(PREFIX + "request_success", f"Requests ended, by finish reason "
+                                f"({', '.join(FINISH_REASONS)}).", ["finished_reason"], registry=self.registry)
         self.prefix_cache_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the "
                                             "prefix cache.", registry=self.registry)
         self.prefix_cache_hits = Counter(PREFIX + "prefix_cache_hits", "Prompt tokens found there (not read "
                                          "again).", registry=self.registry)
         self.adapter_changes = Counter(PREFIX + "adapter_changes", "Adapters loaded and unloaded while serving.",
                                        ["change"], registry=self.registry)
+        for reason in FINISH_REASONS:  # a series from the start: an alert on its first increase fires
+            self.finished.labels(reason)
+        for change in ("load", "unload"):
+            self.adapter_changes.labels(change)
         self.time_to_first_token = histogram("time_to_first_token_seconds",
-                                             "From a request's submission to its first answer token.")
-        self.e2e_latency = histogram("e2e_request_latency_seconds", "From a request's submission to its end.")
+                                             "From a request's arrival to its first answer token.")
+        self.e2e_latency = histogram("e2e_request_latency_seconds", "From a request's arrival to its end.")
         self.decode_step = histogram("decode_step_seconds", "One decode step of the running batch.")
 
     def render(self) -> bytes:

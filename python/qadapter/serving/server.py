@@ -342,6 +342,7 @@ class Server:
 
     # ------------------------------------------------------------------------------ requests
     async def _complete(self, http: HttpRequest, chat: bool):
+        arrived = time.monotonic()  # its latency metrics count its reading, tokenizing and any adapter load
         try:
             body = await self._body(http)
             # Tokenized off the event loop (a long prompt would hold every stream), before the model is in hand.
@@ -367,7 +368,8 @@ class Server:
             options["max_tokens"] = min(options["max_tokens"], max(1, context - max(len(p) for p, _ in prompts)))
         # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
         requests = [Request(prompt=prompt, seed=None if seed is None else seed + i, **options,
-                            emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)))
+                            emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)),
+                            submitted_at=arrived, counts_prompt=i == 0)
                     for j, (prompt, _) in enumerate(prompts) for i in range(choices)]
         try:
             for request in requests:
@@ -383,7 +385,7 @@ class Server:
                        token_bytes=self._token_bytes)
         echoed = [text if options.get("echo") else "" for _, text in prompts for _ in range(choices)]  # per choice
         if stream:
-            return StreamingResponse(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
+            return _ClosingStream(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
         texts, ends, logprobs = [[text] for text in echoed], [None] * len(requests), [[] for _ in requests]
         gone = asyncio.ensure_future(_disconnected(http))  # a client that leaves takes its requests out of the batch
         waiting = None
@@ -610,6 +612,18 @@ class Server:
         except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
             raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream whose generator is closed when the response ends: Starlette (under ASGI before 2.4)
+    stops sending to a client that left, but a generator suspended at a ``yield`` then stays so until
+    it is collected, its cleanup (which cancels the requests, freeing their batch rows) not run."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _disconnected(http: HttpRequest) -> None:
