@@ -266,7 +266,7 @@ def test_command_line_trains_evaluates_and_generates_a_stack(tmp_path, capsys):
     assert main(["info", str(tmp_path / "child")]) == 0
     out = capsys.readouterr().out
     assert f"parent adapter: {(tmp_path / 'parent').resolve()} (stack depth 1, sha256 " in out
-    assert f"stack level 1: {(tmp_path / 'parent').resolve()}\n" in out
+    assert f"stack level 1: {(tmp_path / 'parent').resolve()} (alpha_0 " in out
     assert main(["generate", "--adapter", str(tmp_path / "child"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     with pytest.raises(SystemExit) as info:
         main(["train", "--q-on", "base", "--output", str(tmp_path / "x"), *common])
