@@ -210,9 +210,48 @@ def test_a_crash_while_writing_keeps_the_old_adapter(tmp_path, monkeypatch):
         make_model(seed=3).save_pretrained(out)
     monkeypatch.undo()
     assert torch.equal(greedy(QAdapterModel.from_pretrained(out, tiny_causal_lm("llama"))), greedy(old))
-    assert [p.name for p in out.glob(atomic.STAGING_PREFIX + "*/*")] == ["adapter_model.safetensors"]
+    assert [p.name for p in out.glob(atomic.STAGING_PREFIX + "*/*") if p.name != atomic.WRITER] == [
+        "adapter_model.safetensors"]
     make_model(seed=4).save_pretrained(out)
     assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
+
+
+def test_a_save_leaves_another_writers_staging_while_it_writes(tmp_path):
+    """Two writers of one directory: a save drops an unfinished staging directory only once its writer
+    is gone (its lock released), never one still being written."""
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    other = out / (atomic.STAGING_PREFIX + "other")
+    other.mkdir()
+    (other / "adapter_model.safetensors").write_bytes(b"being written")
+    holder = open(other / atomic.WRITER, "a")  # noqa: SIM115 -- the other writer, still writing
+    assert atomic._locked(holder)
+    make_model(seed=3).save_pretrained(out)
+    assert (other / "adapter_model.safetensors").read_bytes() == b"being written"
+    holder.close()  # it died
+    make_model(seed=4).save_pretrained(out)
+    assert not other.exists()
+
+
+def test_a_run_holds_its_output_directory(tmp_path, capsys):
+    """``qadapter train`` holds its --output: a second run there is refused before anything loads
+    (each would report success, one having written over the other); a file on the way to it too."""
+    from qadapter.cli import main
+
+    out = tmp_path / "run"
+    holding = atomic.hold(out)
+    with pytest.raises(atomic.OutputDirectoryError, match="being written by another process"):
+        atomic.hold(out)
+    args = ["train", "--data", str(tmp_path / "none.jsonl"), "--model", "/nonexistent"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--output", str(out)])
+    assert exc.value.code == 2 and "being written by another process" in capsys.readouterr().err
+    holding.close()
+    atomic.check_target(out, is_ours=lambda path: False, overwrite=False)  # its lock file alone: still empty
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--output", str(tmp_path / "afile" / "sub")])
+    assert exc.value.code == 2 and "afile is a file, not a directory" in capsys.readouterr().err
 
 
 def test_cli_train_refuses_a_foreign_output_before_loading_anything(tmp_path):

@@ -15,6 +15,7 @@ from .arguments import (
     add_dtype_option,
     add_quantization_options,
     dtype_from,
+    output_directory,
     positive_int,
     quantization_from,
     usage_error,
@@ -106,10 +107,13 @@ def train_command(args) -> int:
     strategy = getattr(config.eval_strategy, "value", config.eval_strategy)  # an IntervalStrategy, a str enum
     if strategy != "no" and not args.eval_data:
         usage_error("train", f"--eval_strategy {strategy} needs --eval-data (the held-out pairs it measures)")
-    output = Path(args.output)
+    output = output_directory("train", args.output)
     try:  # before anything loads or writes: a wrong --output costs nothing
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
-    except atomic.OutputDirectoryError as exc:
+        # The run holds --output (its checkpoints, its adapter) until it ends: a second run there would
+        # write over it, each reporting success.
+        writing = atomic.hold(output) if main else None
+    except (atomic.OutputDirectoryError, OSError) as exc:  # a file on the way to it too
         usage_error("train", str(exc))
     earlier = checkpoint_folders(output / "checkpoints") if args.resume is None else []
     if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
@@ -191,6 +195,8 @@ def train_command(args) -> int:
     if metrics is not None and main:
         print(json.dumps(metrics, indent=2))
     _leave_the_launch(trainer)
+    if writing is not None:
+        writing.close()
     return 0
 
 

@@ -10,6 +10,10 @@ directory (the trainer's checkpoints, the user's files) stays. If the process di
 - after the mark: the next save or load finishes the renames (:func:`recover`), so the directory
   always ends up holding one whole adapter, old or new, never a mix. An exception there keeps the
   staged set for it; a Ctrl-C finishes the renames before it stops the save.
+
+A writer holds a lock on a file in its staging directory while it writes (released when it ends,
+or dies): a save never drops another process's staging directory while that one still writes. A
+whole run (``qadapter train``) holds its output directory the same way (:func:`hold`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,44 @@ from pathlib import Path
 
 STAGING_PREFIX = ".qadapter-saving-"
 COMPLETE = ".complete"
+WRITER = ".qadapter-writer"  # the lock file of a staging directory's writer, or of a run's output directory
+
+
+def _locked(file) -> bool:
+    """Takes an exclusive lock on an open file without waiting: False where another holder has it
+    (True where the platform has no ``flock``: there is nothing to tell)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return True
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _written_now(directory: Path) -> bool:
+    """Whether a writer still holds ``directory``'s lock file."""
+    try:
+        with open(directory / WRITER, "a") as file:
+            return not _locked(file)
+    except OSError:  # none (a save from before the lock, or one that died before it), or unreadable
+        return False
+
+
+def hold(path: str | os.PathLike):
+    """Holds the directory ``path`` (made if missing) for this process alone, for as long as the
+    returned file stays open (it closes with the process, one that dies too): a second writer asking
+    meanwhile gets :class:`OutputDirectoryError`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    file = open(path / WRITER, "a")  # noqa: SIM115 -- the caller holds it open
+    if not _locked(file):
+        file.close()
+        raise OutputDirectoryError(f"{path} is being written by another process (a run with the same output "
+                                   "directory): wait for it to end, or choose another directory")
+    return file
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -128,7 +170,7 @@ def recover(path: str | os.PathLike, *, reading: bool = False) -> None:
     if not path.is_dir():
         return
     for staging in sorted(path.glob(STAGING_PREFIX + "*")):
-        if reading and not (staging / COMPLETE).is_file():
+        if not (staging / COMPLETE).is_file() and (reading or _written_now(staging)):
             continue
         if (staging / COMPLETE).is_file():
             try:
@@ -145,7 +187,7 @@ def _move_into(staging: Path, path: Path) -> None:
     except FileNotFoundError:  # a reader finished this save (a complete one) and removed its staging
         return
     for item in items:
-        if item.name != COMPLETE:
+        if item.name not in (COMPLETE, WRITER):
             try:
                 os.replace(item, path / item.name)
             except FileNotFoundError:  # moved meanwhile by a reader finishing the same save
@@ -157,7 +199,7 @@ def check_target(path: Path, *, is_ours: Callable[[Path], bool], overwrite: bool
     """Refuses a regular file, and a non-empty directory that is not ours unless ``overwrite``."""
     if path.exists() and not path.is_dir():
         raise OutputDirectoryError(f"{path} is a file, not a directory: an adapter is saved as a directory")
-    if path.is_dir() and not overwrite and any(path.iterdir()) and not is_ours(path):
+    if path.is_dir() and not overwrite and any(p.name != WRITER for p in path.iterdir()) and not is_ours(path):
         raise OutputDirectoryError(
             f"{path} is not empty and holds no Q-Adapter adapter or checkpoint: refusing to write into it "
             "(choose another directory, or allow it explicitly: save_pretrained(..., overwrite=True) / qadapter train --overwrite; "
@@ -173,6 +215,8 @@ def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | 
     path.mkdir(parents=True, exist_ok=True)
     recover(path)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
+    writer = open(staging / WRITER, "a")  # noqa: SIM115 -- held while this save writes
+    _locked(writer)
     try:
         write(staging)
         for item in staging.iterdir():
@@ -181,6 +225,7 @@ def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | 
                     os.fsync(f.fileno())
                 os.chmod(item, _plain_file_mode())  # whatever mode the writer chose: readable by whoever serves it
     except BaseException:
+        writer.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     # Marked complete, the staged set is kept until every file is in place: a failure from here on
@@ -194,4 +239,6 @@ def save_files(path: str | os.PathLike, write: Callable[[Path], Iterable[str] | 
         _move_into(staging, path)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        writer.close()
     shutil.rmtree(staging, ignore_errors=True)
