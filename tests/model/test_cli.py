@@ -544,3 +544,42 @@ def test_the_processes_of_a_launch_are_read_from_its_variables(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
     assert launched_processes() == 3
+
+
+def test_exit_codes_tell_a_verdict_from_bad_input_from_a_bug(tmp_path, monkeypatch, capsys):
+    """Scripts read the exit code: 2 bad input, named (a threshold that compares with nothing, a memory
+    size that is none, bad data before any model loads, a folder without a model), 3 an unexpected
+    error with its traceback, 130 a Ctrl-C even while the options' modules import."""
+    import qadapter.cli as cli
+
+    def code(*argv) -> int:
+        try:
+            return main(list(argv))
+        except SystemExit as exc:
+            return exc.code
+
+    assert code("check", "adapter", "--data", "x.jsonl", "--max-kl-to-base", "nan") == 2
+    assert "--max-kl-to-base: must be a finite number" in capsys.readouterr().err
+    assert code("plan", "--gpu-memory", "abc") == 2 and "--gpu-memory: a memory size" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"chosen": "a"}\n')
+    assert code("eval", "--adapter", str(tmp_path / "no-adapter"), "--data", str(tmp_path / "bad.jsonl")) == 2
+    assert "missing key 'rejected'" in capsys.readouterr().err  # the data's fault, found before the adapter's
+    (tmp_path / "folder").mkdir()
+    from qadapter.library.defaults import load_base
+
+    with pytest.raises(FileNotFoundError, match="holds no model: its config.json is missing"):
+        load_base(str(tmp_path / "folder"))
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", (*cli.COMMANDS["info"][:2], broken))
+    assert code("info", str(tmp_path)) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a bug" in err and "qadapter info: unexpected error" in err
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert code("check", "adapter") == 130 and capsys.readouterr().err == "qadapter check: interrupted\n"

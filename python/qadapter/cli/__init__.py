@@ -6,7 +6,10 @@ info, check), ``experiment`` (demo, compare, lm-eval); ``arguments`` holds what 
 types, the quantization options, the one-line usage error). This module builds the parser and runs
 a command: its expected failures are one line on stderr and an exit code.
 
-Bad arguments exit with code 2 and a message naming the argument (argparse's convention). The
+Exit codes: 0 done; 1 a verdict (``check`` failed its thresholds, ``plan`` does not fit, training
+went non-finite, ``lm-eval validate`` lacks a task); 2 bad arguments or inputs, a message naming
+them (argparse's convention); 3 an unexpected error (its traceback: a bug to report); 130 / 143
+interrupted / terminated; 141 the reader of the output went away. The
 options of ``demo``, ``compare`` and ``train`` are generated from their dataclasses (``DemoOptions``,
 ``CompareOptions``, ``QAdapterConfig``, whose loss options are ``qadapter_kernels.LossConfig``'s fields).
 """
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but these
     except ModuleNotFoundError as exc:
         usage_error(argv[0], _missing_module(exc))
+    except KeyboardInterrupt:  # while the options' modules import: no traceback, the code of an interrupt
+        print(" ".join(["qadapter", *argv[:1]]) + ": interrupted", file=sys.stderr)
+        return 130
     if not argv:  # a command is needed: what there are, as a bad argument exits
         parser.print_help(sys.stderr)
         raise SystemExit(2)
@@ -210,3 +216,10 @@ def _run_command(args) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"qadapter {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130  # as a shell reports a command ended by SIGTERM or SIGINT
+    except Exception as exc:  # noqa: BLE001 -- a bug: its traceback, and a code no verdict (1) or bad input (2) has
+        import traceback
+
+        traceback.print_exc()
+        print(f"qadapter {args.command}: unexpected error ({type(exc).__name__}); the traceback above is worth "
+              "a report", file=sys.stderr)
+        return 3

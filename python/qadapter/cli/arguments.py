@@ -44,6 +44,7 @@ positive_int = ranged("positive integer", int, lambda v: v > 0, "a positive inte
 non_negative_int = ranged("non-negative integer", int, lambda v: v >= 0, "an integer >= 0")
 port_number = ranged("port number", int, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535")
 positive_float = ranged("positive number", float, lambda v: 0 < v < math.inf, "> 0 and finite")
+finite_float = ranged("finite number", float, math.isfinite, "a finite number (nan and inf compare with nothing)")
 non_negative_float = ranged("non-negative number", float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
 probability = ranged("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")
 unit_fraction = ranged("number in [0, 1]", float, lambda v: 0 <= v <= 1, "in [0, 1]")

@@ -15,6 +15,7 @@ from .arguments import (
     add_quantization_options,
     check_length_options,
     dtype_from,
+    finite_float,
     non_negative_int,
     output_directory,
     positive_int,
@@ -36,7 +37,7 @@ def eval_parser(p) -> None:
     p.add_argument("--max-length", type=positive_int, default=512,
                    help="tokens per row, prompt included (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
-    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
     add_quantization_options(p, "load the base (default: as the adapter was trained)")
     add_dtype_option(p)
 
@@ -56,14 +57,14 @@ def _warn_if_training_data(command: str, adapter, data, rows: list) -> bool:
 
 def eval_command(args) -> int:
     from ..evaluation.measures import STEP0_BASELINE, evaluate_pairs
-    from ..library.data import load_preference_data, read_rows
+    from ..library.data import check_rows, load_preference_data
     from ..library.model import QAdapterModel
 
     check_length_options("eval", args)
+    rows = check_rows(args.data, split="test", skip_invalid=args.skip_invalid)  # bad data: before a model loads
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"),
                                           torch_dtype=dtype_from(args))
     tokenizer = model.tokenizer
-    rows = read_rows(args.data, split="test")
     data, summary = load_preference_data(rows, tokenizer, max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     print(f"data: {summary}", file=sys.stderr, flush=True)  # stdout is the JSON alone (| jq)
@@ -190,7 +191,7 @@ def check_parser(p) -> None:
     p.add_argument("--thresholds", metavar="JSON", help="a JSON object of thresholds (the flags below win)")
     defaults = Thresholds()
     for f in fields(Thresholds):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=float, default=None, metavar="X",
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=finite_float, default=None, metavar="X",
                        help=f"{'lower' if f.name.startswith('min_') else 'upper'} limit "
                             f"(default: {getattr(defaults, f.name)}; null in the thresholds file turns it off)")
     p.add_argument("--max-pairs", type=positive_int, help="measure at most this many pairs (default: all)")
@@ -201,7 +202,7 @@ def check_parser(p) -> None:
     p.add_argument("--max-length", type=positive_int, default=512,
                    help="tokens per row, prompt included (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
-    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
 
 
 def check_command(args) -> int:
@@ -209,7 +210,7 @@ def check_command(args) -> int:
 
     from ..evaluation.check import Thresholds, format_markdown, read_report, run_check
     from ..library import atomic
-    from ..library.data import load_preference_data, read_rows
+    from ..library.data import check_rows, load_preference_data
     from ..library.model import QAdapterModel
     from ..library.provenance import read_provenance
     from ..library.saved import hub_pin, locate_adapter
@@ -226,8 +227,8 @@ def check_command(args) -> int:
         usage_error("check", f"--output: {args.adapter} is a hub repository, whose downloaded copy is the hub "
                              "cache's; name a directory for check.json and check.md")
     output = output or adapter
+    rows = check_rows(args.data, split="test", skip_invalid=args.skip_invalid)  # bad data: before a model loads
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
-    rows = read_rows(args.data, split="test")
     data, summary = load_preference_data(rows, model.tokenizer, max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
     print(f"data: {summary}", file=sys.stderr, flush=True)

@@ -239,10 +239,12 @@ def plan_parser(p) -> None:
     p.add_argument("--padded", action="store_true",
                    help="plan for rows padded to --max-length (train: --padding_free false); by default packed, "
                         "as train runs them")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="plan with the decoder's activations recomputed in the backward (train: "
+                        "--activation_checkpointing true)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="the model's dtype (default: %(default)s)")
-    p.add_argument("--lora-r", type=positive_int, default=8)
+    p.add_argument("--lora-r", type=positive_int, default=8, help="the LoRA rank (default: %(default)s, train's)")
     p.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
                    help="the layers LoRA wraps (default: the attention's query and value projections, as train)")
 
@@ -253,7 +255,10 @@ def plan_command(args) -> int:
     from ..library.defaults import names_missing_folder, resolve_model
     from ..library.memory_plan import PlanOptions, format_plan, parse_size, plan, suggestions
 
-    gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory)
+    try:
+        gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory)
+    except ValueError as exc:
+        usage_error("plan", f"--gpu-memory: {exc}")
     if gpu is not None and gpu <= 0:
         usage_error("plan", f"--gpu-memory must be above 0; got {args.gpu_memory!r}")
     if names_missing_folder(args.model):

@@ -126,6 +126,9 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=Non
     quantization = quant.normalize(quantization, torch_dtype)
     if names_missing_folder(name_or_path):
         raise FileNotFoundError(f"no model folder at {name_or_path}")
+    if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").is_file():
+        raise FileNotFoundError(f"{name_or_path} holds no model: its config.json is missing (a transformers "
+                                "model folder, as save_pretrained writes it)")
     path = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
