@@ -583,3 +583,17 @@ def test_exit_codes_tell_a_verdict_from_bad_input_from_a_bug(tmp_path, monkeypat
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert code("check", "adapter") == 130 and capsys.readouterr().err == "qadapter check: interrupted\n"
+
+
+def test_trainers_progress_bar_is_for_a_terminal(tmp_path):
+    """In a log (stderr not a terminal, as under pytest), Trainer's bar would be hundreds of
+    carriage-returned lines: off, unless --disable_tqdm says otherwise."""
+    import argparse
+    import sys
+
+    from qadapter.cli.train import _training_config
+
+    assert not sys.stderr.isatty()
+    args = argparse.Namespace(output=str(tmp_path), skip_invalid=False)
+    assert _training_config(args, ["--use_cpu", "true"]).disable_tqdm is True
+    assert _training_config(args, ["--use_cpu", "true", "--disable_tqdm", "false"]).disable_tqdm is False

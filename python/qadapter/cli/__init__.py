@@ -137,6 +137,8 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_library_chatter()
+    if not sys.stderr.isatty():  # progress bars on a terminal only (the hub's and transformers', as ours)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:  # some commands' options come from modules that need the model extra, their --help too
         parser = build_parser(commands=argv[:1])  # the command comes first: the top level has no options but these
     except ModuleNotFoundError as exc:

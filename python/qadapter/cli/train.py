@@ -78,9 +78,11 @@ def _training_config(args, extra: list[str]):
     parser.error = lambda message: usage_error("train", message)  # one line, not the usage of every field
     # Launched as several processes on CPUs: accelerate joins them only with use_cpu (else each trains alone).
     joined = ["--use_cpu", "true"] if launched_processes() > 1 and not has_accelerator() else []
+    # Trainer's progress bar on a terminal only: in a log it is hundreds of carriage-returned lines.
+    quiet = [] if sys.stderr.isatty() else ["--disable_tqdm", "true"]
     (config,) = parser.parse_args_into_dataclasses(
         args=["--output_dir", str(Path(args.output) / "checkpoints"), "--report_to", "none",
-              "--skip_invalid", str(args.skip_invalid), *joined, *extra]
+              "--skip_invalid", str(args.skip_invalid), *joined, *quiet, *extra]
     )
     return config
 

@@ -192,7 +192,8 @@ def _training_args(options: CompareOptions, method: str, steps: int, output: Pat
     return dict(output_dir=str(output / method), max_steps=steps, per_device_train_batch_size=options.pairs_per_step,
                 learning_rate=options.method_learning_rate(method), lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
                 logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], seed=options.seed,
-                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False, **extra)
+                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+                disable_tqdm=not sys.stderr.isatty(), **extra)  # a progress bar on a terminal only
 
 
 def trl_dataset(method: str, features: list[dict]):

@@ -102,7 +102,7 @@ def run_demo(options: DemoOptions) -> dict:
         lr_scheduler_type="cosine", warmup_steps=max(1, options.max_steps // 10), logging_steps=10,
         save_strategy="no", report_to=[], seed=options.seed, backend=options.backend,
         max_length=options.max_length, max_prompt_length=options.max_prompt_length, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, disable_tqdm=not sys.stderr.isatty(),  # a progress bar on a terminal only
     )
     model = QAdapterModel.from_base(options.model, quantization=options.quantization, **args.model_options())
     tokenizer = model.tokenizer
