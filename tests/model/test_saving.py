@@ -242,7 +242,9 @@ def test_a_run_holds_its_output_directory(tmp_path, capsys):
     holding = atomic.hold(out)
     with pytest.raises(atomic.OutputDirectoryError, match="being written by another process"):
         atomic.hold(out)
-    args = ["train", "--data", str(tmp_path / "none.jsonl"), "--model", "/nonexistent"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "the capital of France?", "chosen": "Paris", "rejected": "Rome"}) + "\n")
+    args = ["train", "--data", str(data), "--model", "/nonexistent"]  # refused before the model would load
     with pytest.raises(SystemExit) as exc:
         main([*args, "--output", str(out)])
     assert exc.value.code == 2 and "being written by another process" in capsys.readouterr().err

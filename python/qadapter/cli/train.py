@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -112,10 +113,7 @@ def train_command(args) -> int:
     output = output_directory("train", args.output)
     try:  # before anything loads or writes: a wrong --output costs nothing
         atomic.check_target(output, is_ours=holds_adapter, overwrite=args.overwrite)
-        # The run holds --output (its checkpoints, its adapter) until it ends: a second run there would
-        # write over it, each reporting success.
-        writing = atomic.hold(output) if main else None
-    except (atomic.OutputDirectoryError, OSError) as exc:  # a file on the way to it too
+    except atomic.OutputDirectoryError as exc:
         usage_error("train", str(exc))
     earlier = checkpoint_folders(output / "checkpoints") if args.resume is None else []
     if earlier and not args.overwrite:  # a new run's checkpoints among them, --resume would mix the two runs
@@ -143,62 +141,67 @@ def train_command(args) -> int:
     if args.q_on != "parent" and args.on is None:
         usage_error("train", "--q-on applies with --on")
     stacking = {} if args.on is None else {"on": levels, "q_on": args.q_on}  # found once: hashed, located
-    seed_everything(config)  # --seed governs the adapter's initialization too, as Trainer's model_init would
-    model = QAdapterModel.from_base(args.model, quantization=quantization_from(args), torch_dtype=dtype_from(args),
-                                    **config.model_options(), **stacking)
-    tokenizer = model.tokenizer
-    lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                   skip_invalid=args.skip_invalid)
-    train, summary = load_preference_data(train_rows, tokenizer, **lengths)
-    if main:
-        print(f"training data: {summary}")
-    model.provenance["data"] = data_identity(args.data, train_rows, summary)  # saved with the adapter
-    evaluation = None
-    if args.eval_data:
-        evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
+    # Everything checked, the run holds --output (its checkpoints, its adapter) until it ends: a second
+    # run there would write over it, each reporting success.
+    try:
+        writing = atomic.hold(output) if main else contextlib.nullcontext()
+    except (atomic.OutputDirectoryError, OSError) as exc:
+        usage_error("train", str(exc))
+    with writing:
+        seed_everything(config)  # --seed governs the adapter's initialization too, as Trainer's model_init would
+        model = QAdapterModel.from_base(args.model, quantization=quantization_from(args), torch_dtype=dtype_from(args),
+                                        **config.model_options(), **stacking)
+        tokenizer = model.tokenizer
+        lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                       skip_invalid=args.skip_invalid)
+        train, summary = load_preference_data(train_rows, tokenizer, **lengths)
         if main:
-            print(f"evaluation data: {eval_summary}")
-        model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
-        if main and model.provenance["eval_data"]["rows_sha256"] == model.provenance["data"]["rows_sha256"]:
-            print("qadapter train: warning: --eval-data holds the same rows as --data: its held-out measures "
-                  "would overstate what the adapter learned", file=sys.stderr)
-    callbacks = []
-    if args.curve_steps:
-        from ..evaluation.curve import LearningCurve
+            print(f"training data: {summary}")
+        model.provenance["data"] = data_identity(args.data, train_rows, summary)  # saved with the adapter
+        evaluation = None
+        if args.eval_data:
+            evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
+            if main:
+                print(f"evaluation data: {eval_summary}")
+            model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
+            if main and model.provenance["eval_data"]["rows_sha256"] == model.provenance["data"]["rows_sha256"]:
+                print("qadapter train: warning: --eval-data holds the same rows as --data: its held-out measures "
+                      "would overstate what the adapter learned", file=sys.stderr)
+        callbacks = []
+        if args.curve_steps:
+            from ..evaluation.curve import LearningCurve
 
-        meta = {"data": str(args.data), "eval_data": str(args.eval_data),
-                "eval_rows_sha256": model.provenance["eval_data"]["rows_sha256"]}  # a resumed curve's must match
-        callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
-                                       progress=True, meta=meta))
-    # --overwrite: the earlier run's checkpoints go before this run writes its own, and a run started
-    # anew keeps no learning curve of another (a resumed one goes on with its own). The main process
-    # removes them while a launch's others wait.
-    with config.main_process_first(local=False, desc="the earlier run's files removed"):
-        if main:
-            for checkpoint in earlier:
-                shutil.rmtree(checkpoint)
-            for name in ("curve.json", "curve.png") if resume is None else ():
-                (output / name).unlink(missing_ok=True)
-    trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
-                              processing_class=tokenizer, callbacks=callbacks)
-    if resume is not None:
-        trainer.add_callback(_resume_announced(resume))
-    trainer.train(resume_from_checkpoint=resume)
-    # Every process measures (ZeRO-3's forward is a collective), before the main one saves and pushes alone.
-    metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id) if evaluation is not None else None
-    with trainer.gathered_adapter():  # whole under ZeRO-3; saved and pushed once
-        if main:
-            model.save_pretrained(output, overwrite=args.overwrite)
-            print(f"adapter saved to {args.output}")
-            if push_to:
-                commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
-                                           revision=config.hub_revision)
-                print(f"adapter pushed to the hub: {commit.commit_url}")
-    if metrics is not None and main:
-        print(json.dumps(metrics, indent=2))
-    _leave_the_launch(trainer)
-    if writing is not None:
-        writing.close()
+            meta = {"data": str(args.data), "eval_data": str(args.eval_data),
+                    "eval_rows_sha256": model.provenance["eval_data"]["rows_sha256"]}  # a resumed curve's must match
+            callbacks.append(LearningCurve(evaluation.to_list(), tokenizer.pad_token_id, output, every=args.curve_steps,
+                                           progress=True, meta=meta))
+        # --overwrite: the earlier run's checkpoints go before this run writes its own, and a run started
+        # anew keeps no learning curve of another (a resumed one goes on with its own). The main process
+        # removes them while a launch's others wait.
+        with config.main_process_first(local=False, desc="the earlier run's files removed"):
+            if main:
+                for checkpoint in earlier:
+                    shutil.rmtree(checkpoint)
+                for name in ("curve.json", "curve.png") if resume is None else ():
+                    (output / name).unlink(missing_ok=True)
+        trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                                  processing_class=tokenizer, callbacks=callbacks)
+        if resume is not None:
+            trainer.add_callback(_resume_announced(resume))
+        trainer.train(resume_from_checkpoint=resume)
+        # Every process measures (ZeRO-3's forward is a collective), before the main one saves and pushes alone.
+        metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id) if evaluation is not None else None
+        with trainer.gathered_adapter():  # whole under ZeRO-3; saved and pushed once
+            if main:
+                model.save_pretrained(output, overwrite=args.overwrite)
+                print(f"adapter saved to {args.output}")
+                if push_to:
+                    commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
+                                               revision=config.hub_revision)
+                    print(f"adapter pushed to the hub: {commit.commit_url}")
+        if metrics is not None and main:
+            print(json.dumps(metrics, indent=2))
+        _leave_the_launch(trainer)
     return 0
 
 
