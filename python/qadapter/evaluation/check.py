@@ -15,11 +15,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..library.atomic import read_json, recover
-from ..library.model import QAdapterModel
 from .knowledge import general_passages, load_probe, loglik_accuracy
-from .measures import customized_likelihood, evaluate_pairs, likelihood, perplexity
+
+if TYPE_CHECKING:  # the measuring needs torch; the thresholds and reports (``qadapter check --help``) do not
+    from ..library.model import QAdapterModel
 
 REPORT_VERSION = 1
 
@@ -71,6 +73,8 @@ def subsample(items: list, count: int | None) -> list:
 
 def _policies(model: QAdapterModel):
     """Target log-prob functions of the customized policy and of the base (the adapter disabled)."""
+    from .measures import customized_likelihood, likelihood
+
     plain = likelihood(model.base_model)
 
     def base(ids, mask, position_ids, targets):
@@ -82,6 +86,8 @@ def _policies(model: QAdapterModel):
 
 def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], passages: list[str]) -> dict:
     """Every measure of the check (see the module's docstring), base values included."""
+    from .measures import evaluate_pairs, perplexity
+
     tokenizer = model.tokenizer
     pairs = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True)
     customized, base = _policies(model)
