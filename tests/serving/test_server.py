@@ -153,8 +153,8 @@ def test_metrics_count_what_the_server_did(saved):
     """``/metrics`` (Prometheus' text format, vLLM's names under ``qadapter:``): prompt and answer tokens
     as the usage reports them (a prompt once for its n choices; an echo that asks for no answer too),
     requests by finish reason (every reason's series there from the start), a time to first token and
-    a latency per choice, every decode step, the adapter loaded while serving; nothing running or
-    waiting once idle."""
+    a latency per choice, every decode step, the adapter loaded while serving, HTTP responses by
+    route and status class (a refused request too); nothing running or waiting once idle."""
     from prometheus_client.parser import text_string_to_metric_families
 
     _, tokenizer, paths = saved
@@ -171,6 +171,8 @@ def test_metrics_count_what_the_server_did(saved):
                           timeout=60).status_code == 200
         answers.append(api.chat.completions.create(model="kind", messages=[{"role": "user", "content": PROMPTS[3]}],
                                                    max_tokens=4, temperature=0))
+        assert httpx.post(f"{url}/completions", json={"model": "nope", "prompt": "x"}, timeout=10).status_code == 404
+        assert httpx.get(f"{url}/no/such/path/{'x' * 40}", timeout=10).status_code == 404
         scraped = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10)
     assert scraped.headers["content-type"].startswith("text/plain")
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -187,6 +189,11 @@ def test_metrics_count_what_the_server_did(saved):
     assert samples[("qadapter:adapter_changes_total", (("change", "load"),))] == 1
     assert samples[("qadapter:num_requests_running", ())] == samples[("qadapter:num_requests_waiting", ())] == 0
     assert samples[("qadapter:num_adapters_loaded", ())] == 2
+    http = {labels: value for (name, labels), value in samples.items() if name == "http_requests_total"}
+    assert http[(("handler", "/v1/completions"), ("method", "POST"), ("status", "2xx"))] == 3
+    assert http[(("handler", "/v1/completions"), ("method", "POST"), ("status", "4xx"))] == 1  # refused, counted
+    assert http[(("handler", "/v1/chat/completions"), ("method", "POST"), ("status", "2xx"))] == 1
+    assert http[(("handler", "none"), ("method", "GET"), ("status", "4xx"))] == 1  # no path in the labels
 
 
 def test_logit_bias_moves_the_answer_as_openai_defines_it(server, saved):

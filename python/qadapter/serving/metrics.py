@@ -61,6 +61,9 @@ class EngineMetrics:
                                              "From a request's arrival to its first answer token.")
         self.e2e_latency = histogram("e2e_request_latency_seconds", "From a request's arrival to its end.")
         self.decode_step = histogram("decode_step_seconds", "One decode step of the running batch.")
+        # vLLM's HTTP counter, its name unprefixed as vLLM's is: refused requests (4xx) and failures (5xx) too.
+        self.http_requests = Counter("http_requests", "HTTP responses by route, method and status class.",
+                                     ["handler", "method", "status"], registry=self.registry)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -31,6 +31,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -182,7 +183,7 @@ class Server:
 
         updates = [Route("/v1/load_lora_adapter", self.load_adapter, methods=["POST"]),
                    Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"])]
-        return Starlette(routes=[
+        routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -190,7 +191,10 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             *(updates if self.allow_adapter_updates else []),
-        ], lifespan=lifespan, exception_handlers={404: _no_route, 405: _no_route})
+        ]
+        counted = Middleware(_CountedResponses, counter=self.engine.metrics.http_requests, routes=routes)
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: _no_route, 405: _no_route},
+                         middleware=[counted])
 
     @property
     def model_names(self) -> list[str]:
@@ -612,6 +616,37 @@ class Server:
         except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
             raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
+
+
+class _CountedResponses:
+    """Counts every HTTP response by its route's path (``none`` for a path no route has, so a client
+    cannot grow the labels), method and status class, as vLLM's ``http_requests_total`` does: an
+    error-rate alert sees the requests refused (4xx) and failed (5xx) too."""
+
+    def __init__(self, app, counter, routes: list[Route]) -> None:
+        self.app, self.counter, self.routes = app, counter, routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        handler = next((route.path for route in self.routes if route.path_regex.match(scope["path"])), "none")
+        method = scope["method"] if scope["method"] in ("GET", "POST") else "other"
+        started = False
+
+        async def counted(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.counter.labels(handler, method, f"{message['status'] // 100}xx").inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:  # Starlette answers it with a 500
+                self.counter.labels(handler, method, "5xx").inc()
+            raise
 
 
 class _ClosingStream(StreamingResponse):
