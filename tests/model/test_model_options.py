@@ -207,6 +207,15 @@ def test_a_peft_model_whose_lora_changes_its_base_is_refused(option, fragment):
         QAdapterModel.from_peft_model(peft)
 
 
+def test_a_dora_model_is_told_at_once_that_decoding_refuses_it():
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_causal_lm("qwen2"), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"],
+                                                               use_dora=True))
+    with pytest.warns(UserWarning, match="use_dora=True: training and evaluation take DoRA, but decoding"):
+        QAdapterModel.from_peft_model(peft)
+
+
 def test_base_answers_of_a_qadapter_model_are_its_base_models():
     tokenizer = tiny_chat_tokenizer()
     questions = ["hello world", "the capital of France"]

@@ -213,6 +213,9 @@ class QAdapterModel(nn.Module):
         if problems:
             raise ValueError(f"the PEFT model's LoRA config: {'; '.join(problems)}; a Q-Adapter trains LoRA "
                              "matrices beside an untouched frozen base")
+        if getattr(config, "use_dora", False):  # said now, not after a training run
+            warnings.warn("use_dora=True: training and evaluation take DoRA, but decoding (generate, AdapterSet, "
+                          "the server) runs plain LoRA only and refuses this adapter", stacklevel=2)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._configure(tokenizer, loss, backend, chunk_size, loss_options)
