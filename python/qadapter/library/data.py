@@ -342,7 +342,8 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
             break
     if not follows:
         raise _PairProblem("the tokenizer's chat template does not render a conversation as its prompt followed by "
-                           "the response; response tokens cannot be located")
+                           "the response (it writes an earlier turn by where the conversation ends, as Mistral's "
+                           "puts a system message into the last user turn?); response tokens cannot be located")
     if shared < len(history):  # else the prompt's own turns would be scored as the response
         raise _PairProblem("the chat template renders the prompt's turns differently before a generation prompt and "
                            "before an answer (a date or other value it writes, changing between renderings?); "
