@@ -346,8 +346,8 @@ def test_cli_bad_argument_exits_2(argv, fragment, capsys):
 
 CLI_FILES = [
     ("gen-adapter-missing", lambda p: [*GEN[:2], str(p / "none"), "--prompt", "hi"], "no such folder"),
-    ("eval-adapter-missing", lambda p: ["eval", "--adapter", str(p / "none"), "--data", str(p / "d.jsonl")],
-     "no such folder"),
+    ("eval-adapter-missing", lambda p: ["eval", "--adapter", str(p / "none"),
+                                        "--data", str(write(p, "d.jsonl", GOOD_LINE))], "no such folder"),
     ("train-data-missing", lambda p: ["train", "--data", str(p / "none.jsonl"), "--output", str(p / "o")],
      "does not exist"),
     ("train-data-csv", lambda p: ["train", "--data", str(write(p, "d.csv", "a")), "--output", str(p / "o")],
