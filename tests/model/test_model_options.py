@@ -59,8 +59,9 @@ def test_training_config_refuses_bad_and_unknown_options():
         QAdapterConfig(output_dir="unused", report_to=[], alpha=1.0)
 
 
-class Built(Exception):
-    """Stops ``qadapter train`` once it builds the model: the options are what the test wants."""
+class Built(BaseException):
+    """Stops ``qadapter train`` once it builds the model: the options are what the test wants (not an
+    Exception, which the command would report as an unexpected error, exit 3)."""
 
 
 @pytest.fixture
