@@ -33,7 +33,7 @@ WRITER = ".qadapter-writer"  # the lock file of a staging directory's writer, or
 
 def _locked(file) -> bool:
     """Takes an exclusive lock on an open file without waiting: False where another holder has it
-    (True where the platform has no ``flock``: there is nothing to tell)."""
+    (True where the platform or the file system has no ``flock``: there is nothing to tell)."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -42,6 +42,8 @@ def _locked(file) -> bool:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError:  # a file system without locks (some network mounts): saving goes on as without them
+        return True
     return True
 
 
