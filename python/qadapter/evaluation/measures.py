@@ -140,7 +140,7 @@ def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: l
         wins.append(out.chosen_rewards > out.rejected_rewards)
         margins.append(out.chosen_rewards - out.rejected_rewards)
         bt.append(out.bt_loss.float() * len(group))
-        count = int((labels[:, 1:] != config.ignore_index).sum())
+        count = int(scored.counts.sum())
         chi2.append(out.chi2_loss.float() * count)
         tokens.append(count)
     return {
