@@ -101,6 +101,21 @@ LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[I
 ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
+# ChatML with Qwen3's switch: enable_thinking=false writes an empty think block where an answer starts.
+THINKING = ("{% set quiet = enable_thinking is defined and enable_thinking is false %}"
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['role'] == 'assistant' and quiet %}<think>\n\n</think>\n\n{% endif %}"
+            "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if quiet %}<think>\n\n</think>\n\n{% endif %}"
+            "{% endif %}")
+
+
+def tiny_thinking_tokenizer():
+    """:func:`tiny_chat_tokenizer` with the :data:`THINKING` template."""
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.chat_template = THINKING
+    return tokenizer
+
 
 def tiny_sentencepiece_tokenizer():
     """A SentencePiece-style BPE as Llama-2's tokenizer.json has it (a text's start marked ``▁``, a

@@ -36,6 +36,12 @@ from qadapter.cli import main  # noqa: E402
         (["compare", "--compute-dtype", "float16"], "--compute-dtype applies with --load-in-4bit"),
         (["serve", "--prefix-cache", "lots"], "--prefix-cache: a memory size such as 12GiB"),
         (["serve", "--max-prefill-tokens", "0"], "--max-prefill-tokens"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--chat-template-kwargs", "[1]"],
+         "--chat-template-kwargs: the value must be an object of named options"),
+        (["generate", "--adapter", "a", "--prompt", "hi", "--chat-template-kwargs", "{x}"],
+         "--chat-template-kwargs: must be a JSON object"),
+        (["train", "--data", "d.jsonl", "--output", "x", "--chat_template_kwargs", "{x}"],
+         "--chat_template_kwargs must be a JSON object"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
@@ -109,6 +115,39 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     best = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=4, num_beams=3,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_chat_template_options_train_with_the_adapter_and_prompt_it(tmp_path, capsys):
+    """``--chat_template_kwargs`` renders the training data, is saved with the adapter and renders
+    generate's prompt, where ``--chat-template-kwargs`` goes over it."""
+    from helpers import save_tiny_base, tiny_thinking_tokenizer
+    from qadapter.evaluation.measures import chat_prompts
+    from qadapter.library.model import QAdapterModel
+
+    save_tiny_base(tmp_path / "base")
+    tokenizer = tiny_thinking_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "chosen": "the capital", "rejected": "of France"}) + "\n"
+                            for i in range(4)))
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--output", str(adapter),
+                 "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_strategy", "no",
+                 "--chat_template_kwargs", '{"enable_thinking": false}']) == 0
+    model = QAdapterModel.from_pretrained(adapter)
+    assert model.chat_template_kwargs == {"enable_thinking": False}
+    capsys.readouterr()
+    assert main(["info", str(adapter)]) == 0
+    assert 'chat template options: {"enable_thinking": false}' in capsys.readouterr().out
+    for given, options in (([], {"enable_thinking": False}),
+                           (["--chat-template-kwargs", '{"enable_thinking": true}'], {"enable_thinking": True})):
+        capsys.readouterr()
+        assert main(["generate", "--adapter", str(adapter), "--prompt", "hello", "--max-new-tokens", "4", *given]) == 0
+        enc = tokenizer(chat_prompts(tokenizer, ["hello"], options), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        want = tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        assert capsys.readouterr().out == want + "\n", given
 
 
 def test_a_base_without_a_chat_template_takes_plain_prompts(tmp_path, capsys):

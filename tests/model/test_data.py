@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from helpers import LLAMA2, tiny_chat_tokenizer, tiny_sentencepiece_tokenizer  # noqa: E402
+from helpers import LLAMA2, tiny_chat_tokenizer, tiny_sentencepiece_tokenizer, tiny_thinking_tokenizer  # noqa: E402
 from qadapter.library.data import (  # noqa: E402
     IGNORE_INDEX,
     PreferenceCollator,
@@ -294,6 +294,42 @@ def test_tools_reach_the_template(tok):
     assert tokenize_rows([row], with_tools)[0] == tokenize_rows([row], tok)[0]
     with pytest.raises(PreferenceDataError, match="'tools' must be a list"):
         normalize_row(0, {**row, "tools": {"name": "search"}})
+
+
+def test_chat_template_options_reach_the_template_a_rows_own_over_the_given(tok):
+    """Qwen3's ``enable_thinking=False``: the prompt ends in the empty think block the responses follow;
+    a row's ``chat_template_kwargs`` column (TRL's) is taken over the options every row gets."""
+    thinking = tiny_thinking_tokenizer()
+    row = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+
+    def prompt(features):
+        f = features[0]
+        return thinking.decode([t for t, label in zip(f["chosen_input_ids"], f["chosen_labels"]) if label == IGNORE_INDEX])
+
+    quiet = {"enable_thinking": False}
+    assert prompt(tokenize_rows([row], thinking)[0]).endswith("<|im_start|>assistant\n")
+    assert prompt(tokenize_rows([row], thinking, chat_template_kwargs=quiet)[0]).endswith("</think>\n\n")
+    own = tokenize_rows([{**row, "chat_template_kwargs": json.dumps(quiet)}], thinking)[0]
+    assert own == tokenize_rows([row], thinking, chat_template_kwargs=quiet)[0]
+    louder = tokenize_rows([{**row, "chat_template_kwargs": {"enable_thinking": True}}], thinking,
+                           chat_template_kwargs=quiet)[0]
+    assert louder == tokenize_rows([row], thinking)[0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ([1], "must be an object of named options"),
+    ({"tokenize": False}, "cannot set tokenize: the rendering sets it"),
+    ({"when": float("nan")}, "must hold JSON values"),
+    ({"when": object()}, "must hold JSON values"),
+])
+def test_bad_chat_template_options_are_refused_naming_them(tok, options, message):
+    row = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+    with pytest.raises(ValueError, match=f"chat_template_kwargs {message}"):
+        tokenize_rows([row], tok, chat_template_kwargs=options)
+    with pytest.raises(PreferenceDataError, match=f"row 0: 'chat_template_kwargs' {message}"):
+        normalize_row(0, {**row, "chat_template_kwargs": options})
+    with pytest.raises(PreferenceDataError, match="'chat_template_kwargs' is a string that is not JSON"):
+        normalize_row(0, {**row, "chat_template_kwargs": "{enable_thinking: false}"})
 
 
 def test_prompt_length_defaults_to_half_and_must_leave_room(tok):

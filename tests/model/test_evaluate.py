@@ -268,6 +268,26 @@ def test_answers_end_at_every_eos_id_of_the_generation_config_without_a_pad_toke
     assert tokenizer.pad_token is None and tokenizer.padding_side == side
 
 
+def test_answers_and_the_probe_render_questions_with_the_adapters_template_options(monkeypatch):
+    """An adapter trained with ``enable_thinking=False`` is asked, and its base beside it, with the
+    prompt it was trained on; the probe's questions too, where the options are given."""
+    from helpers import tiny_thinking_tokenizer
+    from qadapter.evaluation.knowledge import loglik_accuracy
+    from qadapter.evaluation.measures import answers, likelihood
+
+    tokenizer, quiet = tiny_thinking_tokenizer(), {"enable_thinking": False}
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer, chat_template_kwargs=quiet)
+    rendered = []
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template",
+                        lambda *a, **kw: rendered.append(render(*a, **kw)) or rendered[-1])
+    for customized in (True, False):
+        answers(model, tokenizer, ["hello world"], customized=customized, max_new_tokens=2)
+    item = {"question": "hello world", "options": ["Paris", "Rome"], "answer": 0}
+    loglik_accuracy(likelihood(model.peft_model), tokenizer, [item], quiet)
+    assert len(rendered) > 2 and all("</think>" in text for text in rendered), rendered
+
+
 def test_likelihoods_of_a_model_in_training_mode_drop_nothing_out():
     """The probe's and perplexity's log-probs of a model fresh from training (its LoRA dropout on):
     those of the model in eval mode, the same every call; the model is left training."""
@@ -312,22 +332,26 @@ QWEN3 = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] ==
          "{% endif %}")
 
 
-@pytest.mark.parametrize("kind", ["chatml", "chatml, qwen3", "sentencepiece, zephyr", "sentencepiece, llama-2",
-                                  "no template"])
+@pytest.mark.parametrize("kind", ["chatml", "chatml, qwen3", "chatml, thinking off", "sentencepiece, zephyr",
+                                  "sentencepiece, llama-2", "no template"])
 def test_an_answer_is_scored_as_training_tokenizes_it(kind):
     """The knowledge probe and compare score an answer after the chat prompt: its tokens are those the
     training pairs hold for it (a template that opens an answer with a space, Llama-2's, or with an
-    empty think block, Qwen3's, where an answer "think" is not the block's, included)."""
-    from helpers import LLAMA2, tiny_sentencepiece_tokenizer
+    empty think block, Qwen3's, where an answer "think" is not the block's, included; the template's
+    options, Qwen3's enable_thinking, as training takes them)."""
+    from helpers import LLAMA2, THINKING, tiny_sentencepiece_tokenizer
     from qadapter.evaluation.measures import answer_tokens, chat_prompts
 
     tokenizer = tiny_chat_tokenizer() if kind.startswith("chatml") else tiny_sentencepiece_tokenizer()
-    tokenizer.chat_template = {"sentencepiece, llama-2": LLAMA2, "chatml, qwen3": QWEN3,
+    tokenizer.chat_template = {"sentencepiece, llama-2": LLAMA2, "chatml, qwen3": QWEN3, "chatml, thinking off": THINKING,
                                "no template": None}.get(kind, tokenizer.chat_template)
+    options = {"enable_thinking": False} if "thinking" in kind else None
     question, answers = "the capital of France?", ["think" if "qwen3" in kind else "Paris", "Rome is in Italy"]
-    got = answer_tokens(tokenizer, [question] * len(answers), answers)
-    (pair,), _ = tokenize_rows([{"prompt": question, "chosen": answers[0], "rejected": answers[1]}], tokenizer)
-    prompt = tokenizer(chat_prompts(tokenizer, [question]), add_special_tokens=False).input_ids[0]
+    got = answer_tokens(tokenizer, [question] * len(answers), answers, options)
+    (pair,), _ = tokenize_rows([{"prompt": question, "chosen": answers[0], "rejected": answers[1]}], tokenizer,
+                               chat_template_kwargs=options)
+    prompt = tokenizer(chat_prompts(tokenizer, [question], options), add_special_tokens=False).input_ids[0]
+    assert ("</think>" in tokenizer.decode(prompt)) == (options is not None)
     for side, tokens, answer in zip(("chosen", "rejected"), got, answers):
         ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
         scored = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]

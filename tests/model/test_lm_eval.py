@@ -186,6 +186,15 @@ def test_model_args_and_a_fresh_adapter(saved):
     assert_scores_its_base(fresh)
 
 
+def test_chat_prompts_take_the_adapters_template_options():
+    from helpers import tiny_thinking_tokenizer
+
+    tokenizer = tiny_thinking_tokenizer()
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer,
+                          chat_template_kwargs={"enable_thinking": False})
+    assert QAdapterLM(model).apply_chat_template([{"role": "user", "content": "hi"}]).endswith("</think>\n\n")
+
+
 def test_qadapter_lm_eval_command_runs_the_shipped_tasks(saved, tmp_path, capsys):
     base, adapter = saved
     own_tasks = tmp_path / "own_tasks"  # a user's --include_path: the shipped tasks stay included

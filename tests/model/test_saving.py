@@ -317,6 +317,23 @@ def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fra
     assert fragment in str(info.value)
 
 
+def test_chat_template_options_are_saved_and_loaded_with_the_adapter(tmp_path):
+    quiet = {"enable_thinking": False}
+    out = tmp_path / "adapter"
+    make_model(chat_template_kwargs=quiet).save_pretrained(out)
+    file = out / "qadapter_config.json"
+    config = json.loads(file.read_text())
+    assert config["chat_template_kwargs"] == quiet
+    assert QAdapterModel.from_pretrained(out, tiny_causal_lm("llama")).chat_template_kwargs == quiet
+    del config["chat_template_kwargs"]  # an adapter saved before the options were recorded: none
+    file.write_text(json.dumps(config))
+    assert QAdapterModel.from_pretrained(out, tiny_causal_lm("llama")).chat_template_kwargs == {}
+    file.write_text(json.dumps({**config, "chat_template_kwargs": {"add_generation_prompt": False}}))
+    with pytest.raises(AdapterLoadError, match="holds invalid chat template options: chat_template_kwargs cannot "
+                                               "set add_generation_prompt"):
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
+
+
 @pytest.mark.parametrize("peft, fragment", [
     ({"r": 300_000}, "asks for LoRA rank 300000 (r 300000), which is not the adapter's: its weights have rank [8]"),
     ({"rank_pattern": {"q_proj": 10**6}}, "asks for LoRA rank 1000000"),

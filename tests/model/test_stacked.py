@@ -80,6 +80,13 @@ def parent_dir(tmp_path):
     return tmp_path / "parent"
 
 
+def test_a_stack_renders_its_chats_as_its_parent_unless_told_otherwise(tmp_path):
+    quiet = {"enable_thinking": False}
+    saved_adapter(tmp_path / "parent", chat_template_kwargs=quiet)
+    assert QAdapterModel(tiny_causal_lm("llama"), on=tmp_path / "parent").chat_template_kwargs == quiet
+    assert QAdapterModel(tiny_causal_lm("llama"), on=tmp_path / "parent", chat_template_kwargs={}).chat_template_kwargs == {}
+
+
 @pytest.mark.parametrize("q_on", ["parent", "base"])
 def test_effective_hidden_gives_the_explicit_combination(parent_dir, q_on):
     model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()

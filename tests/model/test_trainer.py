@@ -415,6 +415,27 @@ def test_a_config_asking_for_options_its_model_was_not_built_with_is_refused(tmp
             QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), **option)
 
 
+def test_raw_rows_are_rendered_with_the_models_chat_template_options(tmp_path):
+    """The config's JSON text (as the command line gives it) builds the model, whose options render
+    raw rows; a config asking for other options than the model's is refused as any other option."""
+    from helpers import rows, tiny_thinking_tokenizer
+    from qadapter.library.data import tokenize_rows
+
+    thinking, quiet = tiny_thinking_tokenizer(), {"enable_thinking": False}
+    args = QAdapterConfig(output_dir=str(tmp_path), report_to=[], chat_template_kwargs='{"enable_thinking": false}')
+    assert args.chat_template_kwargs == quiet
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(thinking)), **args.model_options())
+    raw = rows(4, seed=0)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=raw, processing_class=thinking)
+    want, _ = tokenize_rows(raw, thinking, max_length=args.max_length, chat_template_kwargs=quiet)
+    assert trainer.train_dataset == want != tokenize_rows(raw, thinking, max_length=args.max_length)[0]
+    plain = QAdapterModel(tiny_causal_lm("llama", vocab=len(thinking)))
+    with pytest.raises(ValueError, match=r"chat_template_kwargs \{'enable_thinking': False\} \(the model's: \{\}\)"):
+        QAdapterTrainer(model=plain, args=args, train_dataset=raw, processing_class=thinking)
+    with pytest.raises(ValueError, match="--chat_template_kwargs must be a JSON object"):
+        QAdapterConfig(output_dir=str(tmp_path), chat_template_kwargs="{enable_thinking: false}")
+
+
 def test_the_trainer_pads_with_the_models_tokenizer_where_none_is_given(tmp_path):
     """processing_class is optional where the model carries its tokenizer; with neither, said by name
     (Trainer's default collator failed deep in training with a KeyError)."""

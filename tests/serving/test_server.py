@@ -337,6 +337,10 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
     with pytest.raises(openai.BadRequestError, match="tools is not supported"):
         api.chat.completions.create(model="terse", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                     tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs cannot set tokenize") as info:
+        api.chat.completions.create(model="terse", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                    extra_body={"chat_template_kwargs": {"tokenize": False}})
+    assert info.value.param == "chat_template_kwargs"
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\].role must be one of system, user, assistant"):
         api.chat.completions.create(model="terse", max_tokens=2, messages=[{"role": "user", "content": "hi"},
                                                                            {"role": "bogus", "content": "x"}])
@@ -362,6 +366,36 @@ def test_bad_requests_get_a_4xx_naming_the_problem(server):
         api.chat.completions.create(model="terse", messages=[{"role": "user", "content": "x" * 10**6}], max_tokens=1)
     # The server is still serving.
     assert api.completions.create(model="terse", prompt="hello", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_chats_render_with_the_adapters_template_options_the_requests_over_them(tmp_path):
+    """An adapter trained with ``enable_thinking=False`` is prompted so (one in the adapter directory
+    before it loads too); a request's ``chat_template_kwargs`` (vLLM's field) goes over them."""
+    import shutil
+
+    from helpers import tiny_thinking_tokenizer
+    from qadapter.serving.server import BadRequest
+
+    save_tiny_base(tmp_path / "base")
+    quiet = {"enable_thinking": False}
+    paths = save_perturbed_adapters(tmp_path, {"quiet": {"chat_template_kwargs": quiet}, "plain": {}}, tmp_path / "base")
+    shutil.copytree(paths["quiet"], tmp_path / "directory" / "later")
+    thinking = tiny_thinking_tokenizer()
+    server = Server(Engine(AdapterSet.from_pretrained(paths), thinking), adapter_dir=tmp_path / "directory")
+
+    def prompt(model, **fields):
+        return thinking.decode(server._chat_prompt({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                                    **fields}))
+
+    for model in ("quiet", "later"):
+        assert prompt(model).endswith("</think>\n\n"), model
+    for model in ("plain", "base"):
+        assert prompt(model).endswith("<|im_start|>assistant\n"), model
+    assert prompt("quiet", chat_template_kwargs={"enable_thinking": True}).endswith("<|im_start|>assistant\n")
+    assert prompt("plain", chat_template_kwargs=quiet).endswith("</think>\n\n")
+    with pytest.raises(BadRequest, match="chat_template_kwargs must be an object of named options") as info:
+        prompt("plain", chat_template_kwargs=["enable_thinking"])
+    assert info.value.param == "chat_template_kwargs"
 
 
 def test_a_body_over_the_bound_is_refused_before_it_is_read_whole(server):

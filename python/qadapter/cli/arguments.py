@@ -5,6 +5,7 @@ dataclass, and the one-line usage error (exit 2, argparse's convention)."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import typing
@@ -49,6 +50,25 @@ non_negative_float = ranged("non-negative number", float, lambda v: 0 <= v < mat
 probability = ranged("probability", float, lambda v: 0 < v <= 1, "in (0, 1]")
 unit_fraction = ranged("number in [0, 1]", float, lambda v: 0 <= v <= 1, "in [0, 1]")
 torch_seed = ranged("seed", int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64 - 1]")  # torch.manual_seed's range
+
+
+@named("JSON object")
+def template_options(text: str) -> dict:
+    """The chat template's options, as ``--chat-template-kwargs '{"enable_thinking": false}'``."""
+    from ..library.data import check_template_options
+
+    try:
+        return check_template_options(json.loads(text), "the value")
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object; got {text!r} ({exc})") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_template_options(p) -> None:
+    p.add_argument("--chat-template-kwargs", type=template_options, default={}, metavar="JSON",
+                   help="the chat template's options, over those the adapter was trained with (its "
+                        "chat_template_kwargs), e.g. '{\"enable_thinking\": false}' (Qwen3)")
 
 
 @named("non-empty text")

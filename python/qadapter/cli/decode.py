@@ -11,6 +11,7 @@ from .arguments import (
     add_base_model_option,
     add_dtype_option,
     add_quantization_options,
+    add_template_options,
     dtype_from,
     non_empty_text,
     non_negative_int,
@@ -46,6 +47,7 @@ def generate_parser(p) -> None:
     p.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                    help="static cache and compiled decode step (auto: on CUDA)")
     p.add_argument("--seed", type=torch_seed, help="with --sample: the seed of the draws (default: 0)")
+    add_template_options(p)
     add_quantization_options(p, "load the base (default: as the adapter was trained)")
     add_dtype_option(p)
 
@@ -70,7 +72,8 @@ def generate_command(args) -> int:
     model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"),
                                           torch_dtype=dtype_from(args))
     tokenizer = model.tokenizer
-    enc = tokenizer(chat_prompts(tokenizer, [args.prompt]), return_tensors="pt", add_special_tokens=False)
+    prompts = chat_prompts(tokenizer, [args.prompt], {**model.chat_template_kwargs, **args.chat_template_kwargs})
+    enc = tokenizer(prompts, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(args.seed or 0)
     sampling = {**SAMPLING_DEFAULTS, **given} if args.sample else {}
     streams = args.num_beams == 1

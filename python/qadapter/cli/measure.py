@@ -66,7 +66,8 @@ def eval_command(args) -> int:
                                           torch_dtype=dtype_from(args))
     tokenizer = model.tokenizer
     data, summary = load_preference_data(rows, tokenizer, max_length=args.max_length,
-                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid,
+                                         chat_template_kwargs=model.chat_template_kwargs)
     print(f"data: {summary}", file=sys.stderr, flush=True)  # stdout is the JSON alone (| jq)
     _warn_if_training_data("eval", args.adapter, args.data, rows)
     features = data.to_list()
@@ -119,6 +120,8 @@ def info_command(args) -> int:
     if config is not None and config.get("stack"):  # which network is the top level's Q: it changes the policy
         print(f"q_on: {config.get('q_on')} (the Q network: the {'parent' if config.get('q_on') == 'parent' else 'base'}"
               "'s plus this level's LoRA)")
+    if config is not None and config["chat_template_kwargs"]:  # how its chats are rendered: the prompts it knows
+        print(f"chat template options: {json.dumps(config['chat_template_kwargs'])}")
     for level, record in zip(levels, (config or {}).get("stack") or []):  # where loading would find it, or why not
         combination = f" (alpha_0 {record.get('alpha_0')}, alpha~ {record.get('alpha_tilde')}, q_on {record.get('q_on')})"
         print(f"stack level {level['level']}: " + (f"PROBLEM: {level['problem']}" if level["problem"]
@@ -230,7 +233,8 @@ def check_command(args) -> int:
     rows = check_rows(args.data, split="test", skip_invalid=args.skip_invalid)  # bad data: before a model loads
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
     data, summary = load_preference_data(rows, model.tokenizer, max_length=args.max_length,
-                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid,
+                                         chat_template_kwargs=model.chat_template_kwargs)
     print(f"data: {summary}", file=sys.stderr, flush=True)
     training_data = _warn_if_training_data("check", adapter, args.data, rows)
     features = data.to_list()[: args.max_pairs]

@@ -153,7 +153,7 @@ def train_command(args) -> int:
                                         **config.model_options(), **stacking)
         tokenizer = model.tokenizer
         lengths = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                       skip_invalid=args.skip_invalid)
+                       skip_invalid=args.skip_invalid, chat_template_kwargs=model.chat_template_kwargs)
         train, summary = load_preference_data(train_rows, tokenizer, **lengths)
         if main:
             print(f"training data: {summary}")

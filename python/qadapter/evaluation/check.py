@@ -99,8 +99,8 @@ def measure(model: QAdapterModel, features: list[dict], *, probe: list[dict], pa
         "kl_to_base": pairs["kl_to_base"],
     }
     if probe:
-        result["probe_accuracy"] = loglik_accuracy(customized, tokenizer, probe)
-        result["base_probe_accuracy"] = loglik_accuracy(base, tokenizer, probe)
+        result["probe_accuracy"] = loglik_accuracy(customized, tokenizer, probe, model.chat_template_kwargs)
+        result["base_probe_accuracy"] = loglik_accuracy(base, tokenizer, probe, model.chat_template_kwargs)
         result["probe_drop"] = result["base_probe_accuracy"] - result["probe_accuracy"]
     if passages:
         result["perplexity"] = perplexity(customized, tokenizer, passages)

@@ -335,7 +335,8 @@ def greedy_correct(answer_texts: list[str], items: list[dict]) -> list[bool]:
     return [any(_contains(text.lower(), a) for a in item["accepted"]) for text, item in zip(answer_texts, items)]
 
 
-def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16) -> list[list[float]]:
+def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16,
+                  template_options: dict | None = None) -> list[list[float]]:
     """Per item, the summed log-probability of each option's tokens as the assistant's reply.
 
     ``logprobs_fn(input_ids, attention_mask, position_ids, targets)`` returns the log-probs of ``targets``
@@ -351,9 +352,9 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
     prompts = [tokenizer(p, add_special_tokens=False).input_ids
-               for p in chat_prompts(tokenizer, [it["question"] for it in items])]
+               for p in chat_prompts(tokenizer, [it["question"] for it in items], template_options)]
     flat = answer_tokens(tokenizer, [it["question"] for it in items for _ in it["options"]],
-                         [option for it in items for option in it["options"]])
+                         [option for it in items for option in it["options"]], template_options)
     ends = list(itertools.accumulate(len(it["options"]) for it in items))
     options = [flat[end - len(it["options"]):end] for it, end in zip(items, ends)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -381,15 +382,17 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     return scores
 
 
-def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16) -> list[int]:
+def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16,
+                          template_options: dict | None = None) -> list[int]:
     """Per item, the index of the option with the highest :func:`option_scores` (the first on a tie)."""
     return [max(range(len(s)), key=s.__getitem__)
-            for s in option_scores(logprobs_fn, tokenizer, items, batch_size)]
+            for s in option_scores(logprobs_fn, tokenizer, items, batch_size, template_options)]
 
 
-def loglik_accuracy(logprobs_fn, tokenizer, items: list[dict]) -> float:
-    """Fraction of items whose most likely option is the correct one (:func:`option_logprob_scores`)."""
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items)
+def loglik_accuracy(logprobs_fn, tokenizer, items: list[dict], template_options: dict | None = None) -> float:
+    """Fraction of items whose most likely option is the correct one (:func:`option_logprob_scores`),
+    the questions rendered with ``template_options`` (an adapter's ``chat_template_kwargs``)."""
+    picked = option_logprob_scores(logprobs_fn, tokenizer, items, template_options=template_options)
     return sum(p == it["answer"] for p, it in zip(picked, items)) / len(items)
 
 

@@ -194,10 +194,12 @@ class QAdapterLM(TemplateLM):
         return self.tokenizer(string, **options).input_ids
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """``--apply_chat_template``: the base tokenizer's chat template."""
+        """``--apply_chat_template``: the base tokenizer's chat template, with the options the adapter
+        was trained with (its ``chat_template_kwargs``)."""
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+                                                  continue_final_message=not add_generation_prompt,
+                                                  **self.model.chat_template_kwargs)
 
     # ----------------------------------------------------------------------------- likelihoods
     @torch.no_grad()

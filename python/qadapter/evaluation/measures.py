@@ -295,18 +295,20 @@ def perplexity(target_logprobs: Callable, tokenizer, passages: list[str]) -> flo
     return math.exp(nll / max(count, 1))
 
 
-def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
-    """Each question as a chat's user turn, ready for the answer, by the tokenizer's chat template, to
-    be tokenized without special tokens; a tokenizer without a template (a base model's) takes the
-    question as plain text, as training takes such a prompt (after the BOS it starts texts with)."""
+def chat_prompts(tokenizer, questions: list[str], template_options: dict | None = None) -> list[str]:
+    """Each question as a chat's user turn, ready for the answer, by the tokenizer's chat template
+    (given ``template_options``: an adapter's ``chat_template_kwargs``), to be tokenized without
+    special tokens; a tokenizer without a template (a base model's) takes the question as plain text,
+    as training takes such a prompt (after the BOS it starts texts with)."""
     if getattr(tokenizer, "chat_template", None) is None:
         start = tokenizer.bos_token if text_start_token(tokenizer) is not None else ""
         return [start + q for q in questions]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True,
+                                          **(template_options or {})) for q in questions]
 
 
-def answer_tokens(tokenizer, questions: list[str], answers: list[str]) -> list[list[int]]:
+def answer_tokens(tokenizer, questions: list[str], answers: list[str],
+                  template_options: dict | None = None) -> list[list[int]]:
     """The tokens of each of ``answers`` as it follows its question of ``questions`` (side by side),
     rendered by ``chat_prompts``, in the conversation the chat template writes (a template may open an
     answer with a space, Llama-2's, or trim it), without its end of turn: the tokens training scores
@@ -318,11 +320,12 @@ def answer_tokens(tokenizer, questions: list[str], answers: list[str]) -> list[l
     texts = list(answers)
     if getattr(tokenizer, "chat_template", None) is not None:
         distinct = list(dict.fromkeys(questions))
-        prompts = dict(zip(distinct, chat_prompts(tokenizer, distinct)))
+        prompts = dict(zip(distinct, chat_prompts(tokenizer, distinct, template_options)))
 
         def rendered(question: str, answer: str) -> str:
             return tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                                  {"role": "assistant", "content": answer}], tokenize=False)
+                                                  {"role": "assistant", "content": answer}], tokenize=False,
+                                                 **(template_options or {}))
 
         # Where the template writes an answer's text: past what it opens every answer with (Qwen3's
         # empty <think></think>, in which an answer "think" would otherwise be found).
@@ -338,15 +341,19 @@ def answer_tokens(tokenizer, questions: list[str], answers: list[str]) -> list[l
 
 @torch.no_grad()
 def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new_tokens: int = 48,
-            batch_size: int = 16) -> list[str]:
+            batch_size: int = 16, template_options: dict | None = None) -> list[str]:
     """Greedy answers to chat questions (left-padded batches): of the customized policy of a
     :class:`QAdapterModel`, or with ``customized=False`` of its frozen base model; a plain
-    transformers causal LM is its own base model (``customized=False`` only)."""
+    transformers causal LM is its own base model (``customized=False`` only). The questions are
+    rendered with ``template_options``, by default a :class:`QAdapterModel`'s ``chat_template_kwargs``
+    (its base answers the same prompts)."""
     if isinstance(model, QAdapterModel):
+        if template_options is None:
+            template_options = model.chat_template_kwargs
         if not customized:
             with model.peft_model.disable_adapter():
                 return answers(model.base_model, tokenizer, questions, customized=False,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, template_options=template_options)
     elif customized:
         raise TypeError(f"customized answers need a QAdapterModel; got {type(model).__name__}")
     device = (model.lm_head_weight if customized else model.get_output_embeddings().weight).device
@@ -355,7 +362,7 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
     out_texts = []
     with evaluation_mode(model):
         for start in range(0, len(questions), batch_size):
-            prompts = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size]),
+            prompts = tokenizer(chat_prompts(tokenizer, questions[start : start + batch_size], template_options),
                                 add_special_tokens=False)["input_ids"]
             width = max(map(len, prompts))  # left-padded by hand: the caller's tokenizer stays as it is
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)

@@ -113,7 +113,8 @@ def run_demo(options: DemoOptions) -> dict:
         task["heldout"] = task["heldout"][: options.heldout_limit]
     if options.probe_limit is not None:
         task["probe"] = task["probe"][: options.probe_limit]
-    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length)
+    lengths = dict(max_length=options.max_length, max_prompt_length=options.max_prompt_length,
+                   chat_template_kwargs=model.chat_template_kwargs)
     train_features, _ = tokenize_rows(task["train"], tokenizer, **lengths)
     heldout_features, _ = tokenize_rows(task["heldout"], tokenizer, **lengths)
 

@@ -119,12 +119,13 @@ class _Served:
     """One served policy: its name and folder, and for each level above the frozen model (one for a
     single adapter; for a stack its saved levels, then its own) the bank members (PEFT adapter names)
     its Q network runs and its ``(alpha_0, alpha~)``. ``digests``, ``members``: the sha256 of each
-    level's LoRA files and its member, levels first; ``loaded_at``: when it was loaded (Unix time)."""
+    level's LoRA files and its member, levels first; ``template_options``: the chat template's options
+    it was trained with; ``loaded_at``: when it was loaded (Unix time)."""
 
     def __init__(self, name: str, path: Path, digests: list[str], members: list[str],
-                 networks: list[tuple[str, ...]], alphas: list[tuple[float, float]]) -> None:
+                 networks: list[tuple[str, ...]], alphas: list[tuple[float, float]], template_options: dict) -> None:
         self.name, self.path, self.digests, self.members = name, path, digests, members
-        self.networks, self.alphas = networks, alphas
+        self.networks, self.alphas, self.template_options = networks, alphas, template_options
         self.loaded_at = time.time()
 
     @property
@@ -340,6 +341,10 @@ class AdapterSet:
         1 for an adapter, a stack's levels for a stack."""
         return 0 if name is None else next(a.depth for a in self.adapters if a.name == name)
 
+    def template_options(self, name: str | None) -> dict:
+        """The chat template's options the adapter ``name`` was trained with (None, the base: none)."""
+        return {} if name is None else next(a.template_options for a in self.adapters if a.name == name)
+
     def check(self, path: str | os.PathLike) -> tuple[Path, dict, list[tuple[Level, Path | None]]]:
         """The saved adapter in ``path`` found (a hub download), its config, and a stack's levels with
         where each is (None: one loaded already), checked against this set's base before anything loads: its files' record,
@@ -408,7 +413,7 @@ class AdapterSet:
             by_level = dict(zip([level_name(k) for k in range(1, len(levels) + 1)] + [ADAPTER_NAME], members))
             networks = [tuple(by_level[n] for n in network)
                         for network in q_networks([level.q_on for level in levels] + [config["q_on"]])]
-            self.adapters.append(_Served(name, path, digests, members, networks, alphas))
+            self.adapters.append(_Served(name, path, digests, members, networks, alphas, config["chat_template_kwargs"]))
 
     @holding_the_base
     def unload(self, name: str) -> None:

@@ -12,7 +12,10 @@ Two row formats are accepted, TRL's preference formats:
 A ``prompt`` of null is an implicit prompt (a column store cannot leave the key out of one row), and
 so is a string prompt beside responses that are whole conversations (UltraFeedback's binarized
 layout, as TRL's ``maybe_extract_prompt`` takes it); a list of messages stored as a JSON string is
-the list; a ``tools`` column is passed to the chat template, as TRL does.
+the list; a ``tools`` column is passed to the chat template, as TRL does, and so is a
+``chat_template_kwargs`` column (an object, or one stored as a JSON string: the template's options for
+that row, such as Qwen3's ``enable_thinking``) over the options every row gets
+(``chat_template_kwargs=``, an adapter's recorded ones).
 
 With a chat template, the prompt is rendered with the generation prompt and each response is
 the rest of the rendered conversation. Without a template (or ``use_chat_template=False``), and
@@ -84,6 +87,7 @@ class PreferencePair:
     chosen: str | list[dict]
     rejected: str | list[dict]
     tools: list[dict] | None = None
+    template_options: dict | None = None  # the row's own chat_template_kwargs
 
 
 @dataclass
@@ -174,6 +178,43 @@ def _tools(index: int, row: dict) -> list[dict] | None:
     return tools or None
 
 
+def _template_options(index: int, row: dict) -> dict | None:
+    options = row.get("chat_template_kwargs")
+    if isinstance(options, str):  # a JSON string, as a column store may hold an object of varying keys
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise PreferenceDataError(index, f"'chat_template_kwargs' is a string that is not JSON: {exc}") from None
+    try:
+        return check_template_options(options, "'chat_template_kwargs'") or None
+    except ValueError as exc:
+        raise PreferenceDataError(index, str(exc)) from None
+
+
+def check_template_options(options: Any, name: str = "chat_template_kwargs") -> dict:
+    """Options for the chat template (keyword arguments of ``apply_chat_template`` that reach the
+    template, such as Qwen3's ``enable_thinking``): an object of named JSON values, or None (none).
+    The arguments the rendering sets itself cannot be among them."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f"{name} must be an object of named options; got {json.dumps(options, default=repr)[:80]}")
+    taken = sorted(set(options) & RENDERING_ARGUMENTS)
+    if taken:
+        raise ValueError(f"{name} cannot set {', '.join(taken)}: the rendering sets it")
+    try:
+        json.dumps(options, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must hold JSON values (it is recorded with the adapter): {exc}") from None
+    return dict(options)
+
+
+# apply_chat_template's own arguments: set by whoever renders, never a template option.
+RENDERING_ARGUMENTS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                                 "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+                                 "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
 def _check_response(index: int, key: str, response: str | list[dict]) -> None:
     if isinstance(response, str):
         empty = not response.strip()
@@ -231,7 +272,7 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
         raise PreferenceDataError(index, "chosen is identical to rejected")
     _check_response(index, "chosen", chosen)
     _check_response(index, "rejected", rejected)
-    return PreferencePair(prompt, chosen, rejected, _tools(index, row))
+    return PreferencePair(prompt, chosen, rejected, _tools(index, row), _template_options(index, row))
 
 
 def _messages_in_json(value: Any) -> Any:
@@ -306,9 +347,11 @@ def _warn_generation_prompt(dropped: str) -> None:
 
 
 def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
-            rendered_before: Callable[[str], bool] | None) -> tuple[str, str, str, bool]:
+            rendered_before: Callable[[str], bool] | None, template_options: dict) -> tuple[str, str, str, bool]:
     """Prompt text, the two response texts that follow it, and whether the prompt was rendered with
-    the chat template beforehand (taken as given; ``rendered_before`` tells, :func:`rendered_beforehand`)."""
+    the chat template beforehand (taken as given; ``rendered_before`` tells, :func:`rendered_beforehand`).
+    The template gets ``template_options``, a row's own over them."""
+    template_options = {**template_options, **(pair.template_options or {})}
     strings = all(isinstance(x, str) for x in (pair.prompt, pair.chosen, pair.rejected))
     rendered = isinstance(pair.prompt, str) and rendered_before is not None and rendered_before(pair.prompt)
     if rendered and not strings:
@@ -325,7 +368,8 @@ def _render(tokenizer, pair: PreferencePair, use_chat_template: bool,
 
     def render(messages: list[dict], **options) -> str:
         try:
-            return tokenizer.apply_chat_template(messages, tools=pair.tools, tokenize=False, **options)
+            return tokenizer.apply_chat_template(messages, tools=pair.tools, tokenize=False, **template_options,
+                                                 **options)
         except Exception as exc:  # a template's own refusal (Jinja's raise_exception): this row's, named
             raise _PairProblem(f"the chat template fails on this row: {exc}") from None
 
@@ -426,14 +470,17 @@ def tokenize_rows(
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> tuple[list[dict[str, list[int]]], DataSummary]:
     """Tokenized pairs from raw rows; malformed rows raise (the first one, in order), or are skipped
-    and counted. ``max_prompt_length`` defaults to half of ``max_length``.
+    and counted. ``max_prompt_length`` defaults to half of ``max_length``; ``chat_template_kwargs``
+    are the chat template's options (:func:`check_template_options`), a row's own column over them.
 
     Rows are rendered one by one, then tokenized :data:`TOKENIZE_BATCH` at a time: a fast tokenizer
     encodes a batch in one call (in parallel), the same ids as one text at a time. Prompts carry the
     tokenizer's special tokens only without a chat template (a template writes its own)."""
     max_prompt_length = check_lengths(max_length, max_prompt_length)
+    template_options = check_template_options(chat_template_kwargs)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     rendered_before = rendered_beforehand(tokenizer) if use_chat_template else None
@@ -448,7 +495,8 @@ def tokenize_rows(
         rendered: list[tuple[str, str, str, bool] | Exception] = []
         for index, row in batch:
             try:
-                rendered.append(_render(tokenizer, normalize_row(index, row), use_chat_template, rendered_before))
+                rendered.append(_render(tokenizer, normalize_row(index, row), use_chat_template, rendered_before,
+                                        template_options))
             except (PreferenceDataError, _PairProblem) as exc:
                 rendered.append(exc)
         texts = [r for r in rendered if not isinstance(r, Exception)] or [("", "", "", False)]
@@ -628,11 +676,12 @@ def load_preference_data(
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,
+    chat_template_kwargs: dict | None = None,
 ):
     """A ``datasets.Dataset`` of tokenized pairs, and the :class:`DataSummary` of the reading."""
     features, summary = tokenize_rows(
         read_rows(source, split=split), tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-        skip_invalid=skip_invalid, use_chat_template=use_chat_template,
+        skip_invalid=skip_invalid, use_chat_template=use_chat_template, chat_template_kwargs=chat_template_kwargs,
     )
     return pairs_dataset(features), summary
 

@@ -31,6 +31,7 @@ from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qad
 
 from . import atomic, provenance
 from . import quantization as quant
+from .data import check_template_options
 from .defaults import DEFAULT_MODEL, load_base, names_missing_folder
 from .hidden import (
     LevelPasses,
@@ -118,6 +119,10 @@ class QAdapterModel(nn.Module):
     ``target_modules``: the linear layers LoRA wraps (:func:`qadapter.library.lora.lora_targets`; None:
     the attention's query and value projections, by whatever name the architecture gives them).
 
+    ``chat_template_kwargs``: the chat template's options the adapter is trained with (Qwen3's
+    ``enable_thinking``, ...), saved with it: its prompts are rendered with them wherever it answers
+    (evaluation, generation, the server's chats, lm-eval). None: none, or on a stack its parent's.
+
     ``on``: a saved adapter (its directory or a hub repository): the new adapter is trained on top of
     that customized policy (a stack, :mod:`qadapter.library.stack`; its own levels come along), its Q
     network the parent's plus the new LoRA (``q_on="parent"``) or the base plus the new LoRA
@@ -143,12 +148,14 @@ class QAdapterModel(nn.Module):
         on: str | os.PathLike | Sequence[Level] | None = None,
         q_on: str = "parent",
         padding_free: bool = True,
+        chat_template_kwargs: dict | None = None,
         **loss_options,
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
+        template_options = check_template_options(chat_template_kwargs)
         check_q_on(q_on)
         if not isinstance(padding_free, bool):
             raise TypeError(f"padding_free must be True or False; got {padding_free!r}")
@@ -169,6 +176,9 @@ class QAdapterModel(nn.Module):
         self.fingerprint = base_fingerprint(self.peft_model)
         if levels is not None:
             self._stack_levels(levels, q_on, "on")
+        # An adapter trained on another renders its chats as that one does, unless told otherwise.
+        self.chat_template_kwargs = template_options if chat_template_kwargs is not None or not self.stack else \
+            read_adapter_config(self.stack[-1].location())["chat_template_kwargs"]
 
     def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
         self.loss, self.backend, self.chunk_size = run_options(loss, backend, chunk_size, **loss_options)
@@ -178,6 +188,7 @@ class QAdapterModel(nn.Module):
         # The saved adapters under this one, the first on the base (a stack); empty for one adapter.
         self.stack: tuple[Level, ...] = ()
         self.q_on: str | None = None
+        self.chat_template_kwargs: dict = {}
 
     def _stack_levels(self, levels: list[Level], q_on: str, argument: str) -> None:
         """Loads ``levels`` as frozen PEFT adapters under this one, each checked: same base, same
@@ -280,6 +291,7 @@ class QAdapterModel(nn.Module):
                                        f"{exc}") from exc
             check_adapter_weights(peft_model, path)
         model = cls.from_peft_model(peft_model, tokenizer=tokenizer, **config["loss"])
+        model.chat_template_kwargs = config["chat_template_kwargs"]
         if config["stack"]:
             model._stack_levels([Level.from_dict(r, str(path), path) for r in config["stack"]], config["q_on"], str(path))
         if device is not None and config["quantization"] is None:  # a quantized base is placed as it loads
@@ -330,6 +342,7 @@ class QAdapterModel(nn.Module):
             "loss": {**self.loss.as_dict(), "backend": self.backend, "chunk_size": self.chunk_size},
             "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
                      "target_modules": sorted(lora.target_modules)},
+            "chat_template_kwargs": self.chat_template_kwargs,
             **stacked,
         }
 

@@ -33,6 +33,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from . import atomic
 from . import quantization as quant
 from .atomic import STAGING_PREFIX
+from .data import check_template_options
 from .lora import unsupported_lora_options
 from .provenance import PROVENANCE_NAME
 
@@ -317,6 +318,10 @@ def read_adapter_config(path: Path) -> dict:
         config["quantization"] = quant.normalize(config.get("quantization"))
     except quant.QuantizationError as exc:
         raise AdapterLoadError(f"{file} holds an invalid quantization: {exc}") from exc
+    try:  # adapters saved before template options were recorded: none
+        config["chat_template_kwargs"] = check_template_options(config.get("chat_template_kwargs"))
+    except ValueError as exc:
+        raise AdapterLoadError(f"{file} holds invalid chat template options: {exc}") from exc
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{path} is an incomplete adapter: {WEIGHTS_NAME} is missing")
     return config

@@ -31,7 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
 from . import atomic
-from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, tokenize_rows
+from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, check_template_options, pairs_dataset, tokenize_rows
 from .hidden import whole_parameters
 from .launch import launch_variable, launched_processes
 from .provenance import data_identity, read_provenance, rows_hash
@@ -102,6 +102,10 @@ class QAdapterConfig(LossArguments):
     learning_rate: float = field(default=3e-4, metadata={"help": "the method's learning rate"})
     padding_free: bool = field(default=True, metadata={"help": "run the model on each batch packed without its "
                                                               "padding, each prompt its sequences share once"})
+    chat_template_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "the chat template's options as a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3): data "
+                "rendered with them, and saved with the adapter, whose prompts are rendered so wherever it "
+                "answers (default: none; with --on, the parent adapter's)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "pairs carry their own columns"})
 
     def __post_init__(self) -> None:
@@ -122,6 +126,14 @@ class QAdapterConfig(LossArguments):
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
         check_chunk_size(self.chunk_size)
+        if isinstance(self.chat_template_kwargs, str):  # as the command line gives it
+            try:
+                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--chat_template_kwargs must be a JSON object; got {self.chat_template_kwargs!r} "
+                                 f"({exc})") from None
+        if self.chat_template_kwargs is not None:
+            self.chat_template_kwargs = check_template_options(self.chat_template_kwargs, "--chat_template_kwargs")
 
     def best_metric(self) -> tuple[str | None, str | None]:
         """``metric_for_best_model`` read as ``[eval_][<set>_]<measure>`` (a dict of eval sets names its
@@ -179,7 +191,8 @@ class QAdapterConfig(LossArguments):
         """Keyword arguments of :class:`qadapter.QAdapterModel` (loss and LoRA settings)."""
         return dict(loss=self.loss_config(), backend=self.backend, chunk_size=self.chunk_size,
                     lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                    target_modules=self.lora_target_modules, padding_free=self.padding_free)
+                    target_modules=self.lora_target_modules, padding_free=self.padding_free,
+                    chat_template_kwargs=self.chat_template_kwargs)
 
 
 def has_accelerator() -> bool:
@@ -363,7 +376,8 @@ def _check_model_options(args: QAdapterConfig, model) -> None:
            "backend": (args.backend, model.backend), "chunk_size": (args.chunk_size, model.chunk_size),
            "padding_free": (args.padding_free, model.padding_free), "lora_r": (args.lora_r, lora["r"]),
            "lora_alpha": (args.lora_alpha, lora["lora_alpha"]), "lora_dropout": (args.lora_dropout, lora["lora_dropout"]),
-           "lora_target_modules": (sorted(args.lora_target_modules or lora["target_modules"]), lora["target_modules"])}
+           "lora_target_modules": (sorted(args.lora_target_modules or lora["target_modules"]), lora["target_modules"]),
+           "chat_template_kwargs": (args.chat_template_kwargs, model.chat_template_kwargs)}
     differ = [f"{name} {asked!r} (the model's: {own!r})" for name, (asked, own) in has.items()
               if getattr(args, name) != defaults[name] and asked != own]
     if differ:
@@ -385,14 +399,15 @@ def _check_best_metric_set(args: QAdapterConfig, eval_dataset) -> None:
         raise ValueError(f"--metric_for_best_model {args.metric_for_best_model!r} must name {expected}")
 
 
-def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
+def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict, model=None):
     """``dataset`` as the collator takes it: raw preference rows (``chosen`` and ``rejected``, with or
     without ``prompt``, as ``qadapter train`` reads them) tokenized with ``args``' lengths (malformed
-    ones skipped and counted with ``args.skip_invalid``), as TRL's trainers tokenize theirs; tokenized
+    ones skipped and counted with ``args.skip_invalid``) and ``model``'s chat template options, as
+    TRL's trainers tokenize theirs; tokenized
     pairs, streams and anything else pass as they are. ``read[name]``: the raw rows read and their
     :class:`~.data.DataSummary`."""
     if isinstance(dataset, dict):
-        return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]", read) for key, part in dataset.items()}
+        return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]", read, model) for key, part in dataset.items()}
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return dataset
     first = dataset[0]  # raw rows if it holds any of their keys: a malformed first row is then named, not passed on
@@ -404,7 +419,8 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict):
     rows = dataset if isinstance(dataset, list) else (  # a list of rows read from a file knows their lines
         dataset.to_list() if hasattr(dataset, "to_list") else list(dataset))
     features, summary = tokenize_rows(rows, tokenizer, max_length=args.max_length,
-                                      max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid)
+                                      max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid,
+                                      chat_template_kwargs=getattr(model, "chat_template_kwargs", None))
     (logger.warning if summary.truncated else logger.info)("%s: %s (max_length %d)", name, summary, args.max_length)
     read[name] = rows, summary
     if hasattr(dataset, "column_names"):  # a datasets.Dataset stays one (select, shuffle, save_to_disk)
@@ -458,7 +474,7 @@ class QAdapterTrainer(Trainer):
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
         read: dict[str, tuple] = {}
         for name in ("train_dataset", "eval_dataset"):
-            kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name, read)
+            kwargs[name] = _tokenized(kwargs.get(name), tokenizer, args, name, read, model)
         record = getattr(model, "provenance", None)
         if record is not None:  # raw rows given here: theirs is the data's identity (hashed only for a record)
             for name, key in (("train_dataset", "data"), ("eval_dataset", "eval_data")):
@@ -483,12 +499,12 @@ class QAdapterTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, *args, **kwargs) -> dict[str, float]:
         """Trainer's ``evaluate``; raw preference rows given here are tokenized as the constructor's are."""
-        return super().evaluate(_tokenized(eval_dataset, self.processing_class, self.args, "eval_dataset", {}),
+        return super().evaluate(_tokenized(eval_dataset, self.processing_class, self.args, "eval_dataset", {}, self.model),
                                 *args, **kwargs)
 
     def predict(self, test_dataset, *args, **kwargs):
         """Trainer's ``predict`` (the measures, under ``test_``); raw preference rows tokenized as above."""
-        return super().predict(_tokenized(test_dataset, self.processing_class, self.args, "test_dataset", {}),
+        return super().predict(_tokenized(test_dataset, self.processing_class, self.args, "test_dataset", {}, self.model),
                                *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):

@@ -36,7 +36,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..library.data import message_text
+from ..library.data import check_template_options, message_text
+from ..library.saved import AdapterLoadError, read_adapter_config
 from .engine import AdapterBusy, Engine, EngineStopped, Request, RequestRefused
 from .metrics import CONTENT_TYPE
 
@@ -54,7 +55,7 @@ FIELDS = {
                     ("best_of", "suffix")),
     "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
               "presence_penalty", "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs",
-              "top_logprobs", "stream", "stream_options", "logit_bias"),
+              "top_logprobs", "stream", "stream_options", "logit_bias", "chat_template_kwargs"),
              ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
               "prompt_cache_options", "prompt_cache_retention", "prediction", "parallel_tool_calls"),
              ("tools", "tool_choice", "functions", "function_call", "response_format")),
@@ -611,11 +612,30 @@ class Server:
         except ValueError as exc:  # an image or audio part, a malformed part
             raise BadRequest(str(exc), "messages") from None
         self._check_text_length(sum(len(turn["content"]) for turn in turns), "messages")
+        options = self._template_options(body)
         try:
-            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                     **options)
         except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
             raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
+
+
+    def _template_options(self, body: dict) -> dict:
+        """The chat template's options for a chat: its ``chat_template_kwargs`` (vLLM's field) over those
+        the adapter it names was trained with (read from a folder of the adapter directory not loaded
+        yet; one that cannot be read is refused when it loads)."""
+        try:
+            asked = check_template_options(body.get("chat_template_kwargs"), "chat_template_kwargs")
+        except ValueError as exc:
+            raise BadRequest(str(exc), "chat_template_kwargs") from None
+        model, trained = body.get("model"), {}
+        if isinstance(model, str) and model in self.engine.adapter_set.names:
+            trained = self.engine.adapter_set.template_options(model)
+        elif (folder := self._in_adapter_dir(model)) is not None:
+            with contextlib.suppress(AdapterLoadError):
+                trained = read_adapter_config(folder)["chat_template_kwargs"]
+        return {**trained, **asked}
 
 
 class _CountedResponses:
