@@ -4,6 +4,8 @@ whole; the store keeps within its budget, least recently used first."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -43,7 +45,8 @@ def test_a_chats_next_turn_is_read_from_where_it_differs(adapter_set):
     # Stored: the prompt and the answer tokens fed back (all but the last); read now: the rest.
     assert hits(engine) == len(first.prompt) + len(first.tokens) - 1
     assert second.tokens == decoded(Engine(adapter_set, tokenizer), turn, "a").tokens
-    assert f"qadapter:prefix_cache_bytes {float(engine.prefix_cache.held)}" in engine.metrics.render().decode()
+    assert re.search(rf'qadapter:prefix_cache_bytes{{model_name="[^"]+"}} {float(engine.prefix_cache.held)}',
+                     engine.metrics.render().decode())
     other = decoded(engine, turn, "b")  # another policy's rows hold other KV: nothing reused
     assert hits(engine) == len(first.prompt) + len(first.tokens) - 1
     assert other.tokens == decoded(Engine(adapter_set, tokenizer), turn, "b").tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,7 +155,8 @@ def test_metrics_count_what_the_server_did(saved):
     as the usage reports them (a prompt once for its n choices; an echo that asks for no answer too),
     requests by finish reason (every reason's series there from the start), a time to first token and
     a latency per choice, every decode step, the adapter loaded while serving, HTTP responses by
-    route and status class (a refused request too); nothing running or waiting once idle."""
+    route and status class (a refused request too); nothing running or waiting once idle. Every
+    engine metric is labelled with the base model's name, as vLLM's with its served model's."""
     from prometheus_client.parser import text_string_to_metric_families
 
     _, tokenizer, paths = saved
@@ -162,7 +164,8 @@ def test_metrics_count_what_the_server_did(saved):
     for url, _ in running_server(engine, allow_adapter_updates=True):
         api = client(url)
         fresh = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
-        assert all(f'qadapter:request_success_total{{finished_reason="{reason}"}} 0.0' in fresh
+        base = engine.adapter_set.base_model.config.name_or_path
+        assert all(f'qadapter:request_success_total{{finished_reason="{reason}",model_name="{base}"}} 0.0' in fresh
                    for reason in ("stop", "length", "cancelled", "error"))
         answers = [api.completions.create(model="terse", prompt=PROMPTS[0], max_tokens=5, temperature=0),
                    api.completions.create(model="base", prompt=PROMPTS[1:3], max_tokens=3, temperature=0, n=3)]
@@ -175,8 +178,11 @@ def test_metrics_count_what_the_server_did(saved):
         assert httpx.get(f"{url}/no/such/path/{'x' * 40}", timeout=10).status_code == 404
         scraped = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10)
     assert scraped.headers["content-type"].startswith("text/plain")
-    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-               for family in text_string_to_metric_families(scraped.text) for sample in family.samples}
+    families = list(text_string_to_metric_families(scraped.text))
+    assert all(sample.labels["model_name"] == base for family in families if family.name.startswith("qadapter:")
+               for sample in family.samples)
+    samples = {(sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))): sample.value
+               for family in families for sample in family.samples}
     reasons = [choice.finish_reason for answer in [*answers, echoed] for choice in answer.choices]
     usage = sum(a.usage.prompt_tokens for a in answers) + echoed.usage.prompt_tokens
     assert samples[("qadapter:prompt_tokens_total", ())] == usage
@@ -1036,7 +1042,7 @@ def test_the_prefill_budget_splits_admissions_and_reads_a_long_prompt_alone(save
                 for first, n, adapter in jobs]
     for request in requests:
         engine.submit(request)
-    assert engine.metrics.render().decode().count("qadapter:num_requests_waiting 5.0") == 1
+    assert re.search(r'^qadapter:num_requests_waiting\{model_name="[^"]+"\} 5\.0$', engine.metrics.render().decode(), re.M)
     engine_decode(engine, [])
     assert reads == [[10, 11], [12], [13], [14]]
     for request in requests:

@@ -157,7 +157,8 @@ class Engine:
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.metrics = EngineMetrics(running=lambda: len(self._running),
+        base_name = getattr(adapter_set.base_model.config, "name_or_path", None) or "base"
+        self.metrics = EngineMetrics(base_name, running=lambda: len(self._running),
                                      waiting=lambda: self._pending.qsize() + (self._held is not None),
                                      adapters=lambda: len(self.adapter_set.names),
                                      cached=lambda: 0 if self.prefix_cache is None else self.prefix_cache.held)
@@ -212,7 +213,7 @@ class Engine:
         steps. Raises what :meth:`AdapterSet.load` raises (a name taken, another base, bad files)."""
         located = locate_adapter(path)
         self._run_between_steps(lambda: self.adapter_set.load(name, located))
-        self.metrics.adapter_changes.labels("load").inc()
+        self.metrics.adapter_changes["load"].inc()
 
     def unload_adapter(self, name: str) -> None:
         """Unloads the adapter ``name`` between two decode steps; :class:`AdapterBusy` while requests
@@ -227,7 +228,7 @@ class Engine:
                 loaded = set(self.adapter_set.loras)
                 self.prefix_cache.keep_policies(lambda policy: all(set(level) <= loaded for level in policy))
         self._run_between_steps(unload)
-        self.metrics.adapter_changes.labels("unload").inc()
+        self.metrics.adapter_changes["unload"].inc()
 
     def _run_between_steps(self, change: Callable[[], None]) -> None:
         """Runs ``change`` in the engine thread between decode steps (at once where no thread runs)."""
@@ -541,7 +542,7 @@ class Engine:
             return
         request.ended = True
         request.emit({**event, **_unsent_logprobs(request), "completion_tokens": len(request.tokens)})
-        self.metrics.finished.labels(event.get("finish_reason", "error")).inc()
+        self.metrics.finished[event.get("finish_reason", "error")].inc()
         self.metrics.e2e_latency.observe(time.monotonic() - request.submitted_at)
         with self._lock:
             self._outstanding -= 1

@@ -4,7 +4,8 @@ prefix, so dashboards and alerts written for vLLM read them with ``vllm:`` repla
 Each engine has its own registry (two engines in one process, tests among them, never mix counts).
 The engine counts as it works, on its thread: tokens read and generated, requests finished by
 reason, time to the first token and to the end, each decode step's time; the running and waiting
-requests and the loaded adapters are read when scraped.
+requests and the loaded adapters are read when scraped. Every engine metric carries vLLM's
+``model_name`` label (the base model's name), which vLLM's dashboards select by.
 """
 
 from __future__ import annotations
@@ -23,40 +24,40 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 
 
 class EngineMetrics:
-    """The counters, histograms and gauges of one engine; ``running``, ``waiting``, ``adapters`` and
-    ``cached`` (the prefix cache's bytes) are read when scraped."""
+    """The counters, histograms and gauges of one engine, each labelled ``model_name``; ``running``,
+    ``waiting``, ``adapters`` and ``cached`` (the prefix cache's bytes) are read when scraped;
+    ``finished`` and ``adapter_changes`` hold a series per finish reason and per change."""
 
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], adapters: Callable[[], int],
-                 cached: Callable[[], int]) -> None:
+    def __init__(self, model_name: str, running: Callable[[], int], waiting: Callable[[], int],
+                 adapters: Callable[[], int], cached: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
 
         def gauge(name: str, help_text: str, read: Callable[[], int]) -> None:
-            Gauge(PREFIX + name, help_text, registry=self.registry).set_function(read)
+            Gauge(PREFIX + name, help_text, ["model_name"], registry=self.registry).labels(model_name).set_function(read)
 
-        def histogram(name: str, help_text: str) -> Histogram:
-            return Histogram(PREFIX + name, help_text, buckets=LATENCY_BUCKETS, registry=self.registry)
+        def histogram(name: str, help_text: str):
+            return Histogram(PREFIX + name, help_text, ["model_name"], buckets=LATENCY_BUCKETS,
+                             registry=self.registry).labels(model_name)
+
+        def counter(name: str, help_text: str, label: str | None = None, values: tuple[str, ...] = ()):
+            """The model's series, or with ``label`` one per value of ``values``, each there from the
+            start (an alert on its first increase fires)."""
+            metric = Counter(PREFIX + name, help_text, ["model_name", *([label] if label else [])], registry=self.registry)
+            return {value: metric.labels(model_name, value) for value in values} if label else metric.labels(model_name)
 
         gauge("num_requests_running", "Requests in the running batch.", running)
         gauge("num_requests_waiting", "Requests queued for the running batch.", waiting)
         gauge("num_adapters_loaded", "Adapters loaded (served policies besides the base).", adapters)
         gauge("prefix_cache_bytes", "Bytes of KV cache the prefix cache holds.", cached)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of the requests taken, as their usage "
-                                     "counts them (a prompt once, however many choices read it).",
-                                     registry=self.registry)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Answer tokens generated.",
-                                         registry=self.registry)
-        self.finished = Counter(PREFIX + "request_success", f"Requests ended, by finish reason "
-                                f"({', '.join(FINISH_REASONS)}).", ["finished_reason"], registry=self.registry)
-        self.prefix_cache_queries = Counter(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the "
-                                            "prefix cache.", registry=self.registry)
-        self.prefix_cache_hits = Counter(PREFIX + "prefix_cache_hits", "Prompt tokens found there (not read "
-                                         "again).", registry=self.registry)
-        self.adapter_changes = Counter(PREFIX + "adapter_changes", "Adapters loaded and unloaded while serving.",
-                                       ["change"], registry=self.registry)
-        for reason in FINISH_REASONS:  # a series from the start: an alert on its first increase fires
-            self.finished.labels(reason)
-        for change in ("load", "unload"):
-            self.adapter_changes.labels(change)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the requests taken, as their usage counts "
+                                     "them (a prompt once, however many choices read it).")
+        self.generation_tokens = counter("generation_tokens", "Answer tokens generated.")
+        self.finished = counter("request_success", f"Requests ended, by finish reason ({', '.join(FINISH_REASONS)}).",
+                                "finished_reason", FINISH_REASONS)
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found there (not read again).")
+        self.adapter_changes = counter("adapter_changes", "Adapters loaded and unloaded while serving.", "change",
+                                       ("load", "unload"))
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "From a request's arrival to its first answer token.")
         self.e2e_latency = histogram("e2e_request_latency_seconds", "From a request's arrival to its end.")
