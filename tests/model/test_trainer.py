@@ -597,3 +597,24 @@ def test_trainer_arguments_are_a_qadapter_config(tmp_path, monkeypatch):
     assert QAdapterTrainer(model=model, processing_class=tokenizer).args.loss_config() == defaults.loss_config()
     with pytest.raises(TypeError, match="args must be a QAdapterConfig .*got TrainingArguments"):
         QAdapterTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)), processing_class=tokenizer)
+
+
+def test_evaluate_with_persistent_workers_measures_the_data_set_given(tmp_path):
+    """With persistent loader workers, Trainer keeps each evaluation's loader by its eval set's name,
+    and every data set given to ``evaluate`` under the one name "eval": a set given after the
+    trainer's own (or a second of a dict given) was measured on the first one's loader, its measures."""
+    from helpers import rows
+
+    model, tokenizer, args, _, heldout = training_setup(tmp_path, reward_norm="mean")
+    model.peft_model.eval()
+    other, third = rows(6, seed=3), rows(5, seed=4)
+    alone = QAdapterTrainer(model=model, args=args, processing_class=tokenizer)
+    want = [alone.evaluate(heldout[:6])["eval_loss"], alone.evaluate(other)["eval_loss"],
+            alone.evaluate(third)["eval_loss"]]
+    workers = replace(args, dataloader_num_workers=1, dataloader_persistent_workers=True)
+    trainer = QAdapterTrainer(model=model, args=workers, eval_dataset=heldout[:6], processing_class=tokenizer)
+    sets = trainer.evaluate({"other": other, "third": third})
+    got = [trainer.evaluate()["eval_loss"], trainer.evaluate(other)["eval_loss"], trainer.evaluate(third)["eval_loss"]]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert [sets["eval_other_loss"], sets["eval_third_loss"]] == pytest.approx(want[1:], rel=1e-6)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(want[0], rel=1e-6)  # its own set's loader, kept

@@ -502,6 +502,22 @@ class QAdapterTrainer(Trainer):
         return super().evaluate(_tokenized(eval_dataset, self.processing_class, self.args, "eval_dataset", {}, self.model),
                                 *args, **kwargs)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Trainer's. With persistent workers Trainer keeps each evaluation's loader by its eval set's
+        name, and a data set given to ``evaluate`` under the name "eval", the trainer's own set's: the
+        next set given, or the trainer's own after one, was measured on that loader. A set given gets
+        a loader of its own, kept by none."""
+        if eval_dataset is None or isinstance(eval_dataset, str) or eval_dataset is self.eval_dataset \
+                or not self.args.dataloader_persistent_workers:
+            return super().get_eval_dataloader(eval_dataset)
+        kept = getattr(self, "_eval_dataloaders", {}).pop("eval", None)
+        loader = super().get_eval_dataloader(eval_dataset)
+        loaders = getattr(self, "_eval_dataloaders", {})
+        loaders.pop("eval", None)
+        if kept is not None:
+            loaders["eval"] = kept
+        return loader
+
     def predict(self, test_dataset, *args, **kwargs):
         """Trainer's ``predict`` (the measures, under ``test_``); raw preference rows tokenized as above."""
         return super().predict(_tokenized(test_dataset, self.processing_class, self.args, "test_dataset", {}, self.model),
