@@ -16,6 +16,7 @@ from qadapter.library.data import (  # noqa: E402
     IGNORE_INDEX,
     PreferenceCollator,
     PreferenceDataError,
+    check_rows,
     load_preference_data,
     normalize_row,
     read_rows,
@@ -415,6 +416,22 @@ def test_malformed_row_names_index_and_problem(tok, row, problem):
     good = {"prompt": "a", "chosen": "b", "rejected": "c"}
     with pytest.raises(PreferenceDataError, match=f"preference row 1: .*{problem}"):
         tokenize_rows([good, row], tok)
+
+
+def test_a_malformed_row_error_crosses_a_process_boundary_whole(tmp_path):
+    """Rows checked in worker processes (a process pool, datasets.map's num_proc) send a bad row's
+    error back pickled: it must rebuild as itself, not fail (a process pool then reports its worker
+    gone, the row and its problem lost)."""
+    import pickle
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps({"chosen": "b"}) + "\n")
+    with pytest.raises(PreferenceDataError) as raised:
+        check_rows(data)
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert type(again) is PreferenceDataError and str(again) == str(raised.value)
+    assert (again.index, again.problem, again.reason) == (1, "missing key 'rejected'", "missing key 'rejected'")
+    assert f"line 2 of {data}" in str(again)
 
 
 def test_skip_invalid_counts_what_it_skipped(tok):

@@ -51,8 +51,13 @@ class PreferenceDataError(ValueError):
 
     def __init__(self, index: int, problem: str, line: str | None = None, reason: str | None = None) -> None:
         super().__init__(f"preference row {index}{f' ({line})' if line else ''}: {problem}")
-        self.index, self.problem = index, problem
+        self.index, self.problem, self.line = index, problem, line
         self.reason = reason or problem  # what skipped rows are counted by (no row's own position in it)
+
+    def __reduce__(self):
+        """Rebuilt from its own arguments (an exception pickles its message alone, which this one's
+        constructor does not take): raised in a worker process, it reaches the caller as itself."""
+        return type(self), (self.index, self.problem, self.line, self.reason)
 
 
 class _PairProblem(ValueError):
