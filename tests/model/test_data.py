@@ -396,7 +396,8 @@ BAD_ROWS = [
     ({"rejected": [user("a"), assistant("b")]}, "missing key 'chosen'"),
     ({"chosen": [user("a"), assistant("b")]}, "missing key 'rejected'"),
     ("just a string", "must be a JSON object"),
-    ({"chosen": "text", "rejected": [user("a"), assistant("b")]}, "'chosen' must be a string or a list"),
+    ({"chosen": "text", "rejected": [user("a"), assistant("b")]}, "without a prompt, 'chosen' and 'rejected' must "
+                                                                  "both be texts or both lists of messages; got str and list"),
     ({"chosen": [user("a"), assistant("b")], "rejected": [user("a"), assistant("b")]}, "chosen is identical to rejected"),
     ({"chosen": [user("a"), assistant("")], "rejected": [user("a"), assistant("b")]}, "'chosen' response is empty"),
     ({"chosen": [user("a"), assistant("b")], "rejected": [user("x"), assistant("c")]}, "no shared prompt"),
@@ -408,6 +409,7 @@ BAD_ROWS = [
     ({"prompt": "a", "chosen": "   ", "rejected": "c"}, "'chosen' response is empty"),
     ({"prompt": "a", "chosen": 3, "rejected": "c"}, "'chosen' must be a string or a list"),
     ({"prompt": "a", "chosen": "b", "rejected": "b"}, "identical"),
+    ({"chosen": "text", "rejected": 3}, "both be texts or both lists of messages; got str and int"),
 ]
 
 

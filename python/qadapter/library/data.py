@@ -265,6 +265,12 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
                                              "their start (give the prompt in a 'prompt' column)")
         prompt, chosen, rejected = row["chosen"][:shared], row["chosen"][shared:], row["rejected"][shared:]
     else:
+        if any(isinstance(row[key], str) for key in ("chosen", "rejected")):  # not both: say which is which
+            raise PreferenceDataError(index, f"without a prompt, 'chosen' and 'rejected' must both be texts or both "
+                                             f"lists of messages; got {type(row['chosen']).__name__} and "
+                                             f"{type(row['rejected']).__name__}",
+                                      reason="without a prompt, 'chosen' and 'rejected' must both be texts or both "
+                                             "lists of messages")
         chosen = _check_messages(index, "chosen", row["chosen"])
         rejected = _check_messages(index, "rejected", row["rejected"])
         shared = 0
