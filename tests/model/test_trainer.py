@@ -336,6 +336,15 @@ def test_trainer_options_for_a_language_models_loss_are_refused_by_name(tmp_path
         QAdapterConfig(output_dir=str(tmp_path), **{option: value})
 
 
+def test_a_sampler_by_input_ids_lengths_is_refused_before_loading(tmp_path):
+    """transformers' batch_rebalance sampler reads each example's input_ids, which pairs lack: Trainer
+    failed once train() started, after the model had loaded."""
+    if "batch_rebalance" not in str(dataclasses.fields(QAdapterConfig)):
+        pytest.skip("this transformers has no batch_rebalance sampler")
+    with pytest.raises(ValueError, match="--train_sampling_strategy batch_rebalance balances .* use random or sequential"):
+        QAdapterConfig(output_dir=str(tmp_path), train_sampling_strategy="batch_rebalance")
+
+
 @pytest.mark.parametrize("callback", ["compute_metrics", "compute_loss_func"])
 def test_a_metrics_or_loss_function_is_refused_rather_than_never_called(tmp_path, callback):
     model, _, args, train, _ = training_setup(tmp_path)

@@ -176,6 +176,10 @@ class QAdapterConfig(LossArguments):
             if given:
                 raise ValueError(f"--{name} (a Trainer option) {what} for a language model's loss; the Q-Adapter's "
                                  f"pairwise loss does not take it (got {getattr(self, name, None)})")
+        if getattr(self, "train_sampling_strategy", "") == "batch_rebalance":  # else Trainer's error once the model loaded
+            raise ValueError("--train_sampling_strategy batch_rebalance balances the devices' padded tokens by each "
+                             "example's input_ids, which a preference pair does not have (its chosen and rejected "
+                             "sequences run packed without padding: --padding_free); use random or sequential")
         check_lengths(self.max_length, self.max_prompt_length)
         if self.fp16 and (self.use_cpu or not has_accelerator()):  # accelerate then takes it and casts nothing
             raise ValueError("--fp16 (float16 mixed precision) runs on a GPU only: on a CPU it would change nothing; "
