@@ -216,8 +216,9 @@ def check_template_options(options: Any, name: str = "chat_template_kwargs") -> 
 
 # apply_chat_template's own arguments: set by whoever renders, never a template option.
 RENDERING_ARGUMENTS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                                 "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
-                                 "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+                                 "continue_final_message", "tokenize", "sanitize_control_tokens", "padding",
+                                 "truncation", "max_length", "return_tensors", "return_dict",
+                                 "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 def _check_response(index: int, key: str, response: str | list[dict]) -> None:
