@@ -159,7 +159,6 @@ def test_a_request_ended_before_its_batch_fails_is_ended_once(adapter_set):
     ends = {name: [e for e in events if "finish_reason" in e or "error" in e] for name, events in heard.items()}
     assert [e.get("finish_reason") for e in ends["short"]] == ["length"]
     assert len(ends["long"]) == 1 and "OutOfMemoryError" in ends["long"][0]["error"]
-    finished = {s.labels["finished_reason"]: s.value for s in engine.metrics.finished.collect()[0].samples
-                if s.name.endswith("_total")}
+    finished = {reason: series._value.get() for reason, series in engine.metrics.finished.items()}
     assert finished["length"] == finished["error"] == 1
     assert engine._outstanding == 0 and engine._in_flight["a"] == 0

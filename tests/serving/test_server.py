@@ -813,14 +813,14 @@ def test_a_client_leaving_before_its_answer_is_dropped_from_the_batch(server, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.adapter_set, "next_scores", slow)
-    cancelled = engine.metrics.finished.labels("cancelled")._value.get()
+    cancelled = engine.metrics.finished["cancelled"]._value.get()
     for chat in (False, True):
         body = {"model": "brief", "max_tokens": 100, "temperature": 0,
                 **({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hello world"})}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{base_url}/{'chat/' if chat else ''}completions", json=body, timeout=0.5)
         assert engine.wait_idle(2), "the request of a client that went away is still decoding"
-    assert engine.metrics.finished.labels("cancelled")._value.get() == cancelled + 2
+    assert engine.metrics.finished["cancelled"]._value.get() == cancelled + 2
 
 
 def test_ctrl_c_ends_the_server_cleanly(saved):
