@@ -649,3 +649,16 @@ def test_suffixes_in_any_case_and_dotted_hub_names(tmp_path, monkeypatch):
     assert asked == [("allenai/tulu-2.5-preference-data", "train"), ("jondurbin/truthy-dpo-v0.1", "train")]
     with pytest.raises(ValueError, match=r"unsupported format '.csv'"):
         read_rows("owner/pairs.csv")  # a file type, not looked up on the hub
+
+
+def test_json_lines_are_split_at_line_ends_only(tmp_path):
+    """JSON keeps U+2028, U+2029 and U+0085 in a string as they are (``json.dumps(..., ensure_ascii=False)``
+    writes them): they are text of the row, not the end of its line. CRLF and CR line ends are line ends."""
+    rows = [{"prompt": "a\u2028b\u2029c\u0085d", "chosen": "你好 😀\r\n", "rejected": "c"},
+            {"prompt": "e", "chosen": "f", "rejected": "g"}]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    for end in ("\n", "\r\n", "\r"):
+        path = tmp_path / "d.jsonl"
+        path.write_bytes(("\ufeff" + end.join(lines) + end).encode())
+        read = read_rows(path)
+        assert read == rows and read.lines == [f"line {n} of {path}" for n in (1, 2)]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -652,8 +653,10 @@ def _hub_name(name: str) -> bool:
 
 
 def _json_lines(text: str, path: Path) -> Rows:
+    """Rows of a JSON Lines text, split at LF, CRLF or CR only: ``str.splitlines`` would also split at
+    U+2028, U+2029 and U+0085, which a JSON string holds as they are (``ensure_ascii=False``)."""
     rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
