@@ -662,3 +662,25 @@ def test_json_lines_are_split_at_line_ends_only(tmp_path):
         path.write_bytes(("\ufeff" + end.join(lines) + end).encode())
         read = read_rows(path)
         assert read == rows and read.lines == [f"line {n} of {path}" for n in (1, 2)]
+
+
+def test_a_lone_surrogate_is_a_malformed_row(tok, tmp_path):
+    """JSON's ``\\ud800`` escape outside a pair reads as a string no tokenizer can encode: the row is
+    refused by name (its line in the file) before any model loads, or skipped, not an error of the tokenizer."""
+    good = json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+    path = tmp_path / "d.jsonl"
+    path.write_text(f'{good}\n{{"prompt": "x \\ud800 y", "chosen": "b", "rejected": "c"}}\n'
+                    '{"prompt": "ok \\ud83d\\ude00", "chosen": [{"role": "assistant", "content": "\\udfff"}], "rejected": "c"}\n')
+    with pytest.raises(PreferenceDataError, match=rf"row 1 \(line 2 of {re.escape(str(path))}\): 'prompt' .*lone surrogate"):
+        check_rows(path)
+    with pytest.raises(PreferenceDataError, match=r"row 1 \(line 2 of .*\): 'prompt' .*lone surrogate"):
+        load_preference_data(path, tok)
+    features, summary = tokenize_rows(read_rows(path), tok, skip_invalid=True)
+    assert summary.kept == 1 and sum(summary.skipped.values()) == 2
+    as_text = json.dumps([assistant("\ud800")])  # messages, and tools, stored as JSON text: their escapes
+    assert "\\ud800" in as_text
+    for row, key in (({"prompt": "a", "chosen": as_text, "rejected": "c"}, "chosen"),
+                     ({"prompt": "a", "chosen": "b", "rejected": "c", "tools": json.dumps([{"name": "\udfff"}])},
+                      "tools")):
+        with pytest.raises(PreferenceDataError, match=f"row 0: '{key}' holds a lone surrogate"):
+            tokenize_rows([row], tok)

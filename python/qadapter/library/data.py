@@ -181,6 +181,7 @@ def _tools(index: int, row: dict) -> list[dict] | None:
             raise PreferenceDataError(index, f"'tools' is a string that is not JSON: {exc}") from None
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise PreferenceDataError(index, "'tools' must be a list of tool definitions (objects)")
+    _check_unicode_text(index, "tools", tools)
     return tools or None
 
 
@@ -243,6 +244,8 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
         if key not in row:
             raise PreferenceDataError(index, f"missing key '{key}'")
     row = {**row, **{key: _messages_in_json(row[key]) for key in ("prompt", "chosen", "rejected") if key in row}}
+    for key in ("prompt", "chosen", "rejected"):  # messages stored as JSON text: decoded first
+        _check_unicode_text(index, key, row.get(key))
     if _whole_conversations_beside_a_text_prompt(row):
         row = {**row, "prompt": None}  # the prompt is the conversations' shared turns, as TRL takes it
     if row.get("prompt") is not None:
@@ -286,6 +289,17 @@ def normalize_row(index: int, row: Any) -> PreferencePair:
     _check_response(index, "chosen", chosen)
     _check_response(index, "rejected", rejected)
     return PreferencePair(prompt, chosen, rejected, _tools(index, row), _template_options(index, row))
+
+
+def _check_unicode_text(index: int, key: str, value: Any) -> None:
+    """Refuses a ``value`` that holds a lone surrogate (JSON's ``\\ud800`` escape outside a pair), which no
+    tokenizer encodes (it fails on the whole batch, naming no row)."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PreferenceDataError(index, f"'{key}' holds a lone surrogate (a \\ud800-\\udfff escape not in a pair): "
+                                         "it is no text a tokenizer can encode",
+                                  reason=f"'{key}' holds a lone surrogate") from None
 
 
 def _messages_in_json(value: Any) -> Any:
