@@ -40,10 +40,11 @@ def _canonical(value: Any) -> Any:
 
 
 def rows_hash(rows: list[Any]) -> str:
-    """sha256 of the rows as canonical JSON (sorted keys): the same rows give the same hash in any file format."""
+    """sha256 of the rows as canonical JSON (sorted keys): the same rows give the same hash in any file format.
+    A lone surrogate (a row skipped for it, or in a column not trained on) is hashed as its code point, not refused."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
+        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8", "surrogatepass"))
         digest.update(b"\n")
     return digest.hexdigest()
 
