@@ -1,6 +1,7 @@
 """`qadapter check`: an adapter measured against its base, failed by name when it forgets."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,6 +129,17 @@ def test_thresholds_file_and_flags(adapters, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _check(tmp / "untrained", data, "--thresholds", str(config))
     assert exc.value.code == 2 and "max_kl_to_base must be a finite number or null" in capsys.readouterr().err
+
+
+def test_a_thresholds_file_from_a_windows_editor_is_read(tmp_path):
+    """Notepad's byte-order mark and CRLF are no part of the JSON; a file in another encoding is
+    named, not an undecodable byte alone."""
+    config = tmp_path / "thresholds.json"
+    config.write_bytes(b'\xef\xbb\xbf{"max_kl_to_base": 0.5}\r\n')
+    assert Thresholds.from_file(config).max_kl_to_base == 0.5
+    config.write_bytes('{"max_kl_to_base": 0.5}'.encode("utf-16"))
+    with pytest.raises(ValueError, match=rf"thresholds file {re.escape(str(config))} is not UTF-8 text"):
+        Thresholds.from_file(config)
 
 
 def test_judge_directions():

@@ -101,9 +101,12 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 
 def read_json(path: str | os.PathLike, what: str):
-    """The JSON value in the file ``path``; a file that is not JSON is a ValueError naming ``what``."""
+    """The JSON value in the file ``path``; a file that is not JSON is a ValueError naming ``what``.
+    A leading byte-order mark (a hand-edited file from a Windows editor) is not data, as in the data files."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {path} is not valid JSON: {exc}") from exc
 
