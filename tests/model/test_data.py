@@ -684,3 +684,16 @@ def test_a_lone_surrogate_is_a_malformed_row(tok, tmp_path):
                       "tools")):
         with pytest.raises(PreferenceDataError, match=f"row 0: '{key}' holds a lone surrogate"):
             tokenize_rows([row], tok)
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    """A file that is no parquet, or one whose pages are damaged (read only once the rows are), is a
+    bad --data file named in one line, not a reader's error (exit 3)."""
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"prompt": "a" * 200, "chosen": "b", "rejected": "c"}] * 4).to_parquet(str(path))
+    whole = path.read_bytes()
+    for damaged in (b"not parquet", whole[:4] + b"\0" * 200 + whole[204:]):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"data file {re.escape(str(path))} could not be read as parquet: \S"):
+            read_rows(path)

@@ -646,11 +646,16 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
             raise ValueError(f"data file {path} must hold a JSON list of rows; got a {type(data).__name__}")
         return data
     import datasets
+    import pyarrow
 
     if suffix == ".parquet":
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
-        return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+        try:
+            return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list()
+        except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as exc:  # no parquet, or damaged
+            problem = " ".join(str(exc.__cause__ or exc).split())  # a damaged page: the reader's error, under datasets'
+            raise ValueError(f"data file {path} could not be read as parquet: {problem}") from exc
     return datasets.load_dataset(str(source), split=split).to_list()  # a hub data set
 
 
