@@ -94,6 +94,13 @@ def write(tmp_path, name, content):
     return path
 
 
+def dangling(tmp_path, name):
+    """A link to a folder that does not exist (moved, or on a mount that is gone)."""
+    path = tmp_path / name
+    path.symlink_to(tmp_path / "gone" / name)
+    return path
+
+
 GOOD_LINE = json.dumps(GOOD)
 FILES = [
     ("jsonl-missing", "none.jsonl", None, FileNotFoundError, "does not exist"),
@@ -370,6 +377,10 @@ CLI_FILES = [
      "d.jsonl): missing key 'rejected'"),
     ("check-output-is-file", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--output", str(write(p, "out", "x"))],
      "is a file, not a directory"),
+    ("train-output-dangling-link", lambda p: ["train", "--data", str(write(p, "d.jsonl", GOOD_LINE)),
+                                              "--output", str(dangling(p, "out"))], "out is a link to"),
+    ("check-output-dangling-link", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--output",
+                                              str(dangling(p, "out"))], "which does not exist"),
     ("check-thresholds-missing", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--thresholds",
                                             str(p / "none.json")], "--thresholds"),
     ("check-baseline-missing", lambda p: ["check", str(p / "a"), "--data", "d.jsonl", "--baseline",

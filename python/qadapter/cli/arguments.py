@@ -110,9 +110,11 @@ def options_from(args: argparse.Namespace, options_class: type, **given):
 
 def output_directory(command: str, path: str) -> Path:
     """The directory a command writes into at its end: a file there, or above it, is refused now,
-    not after the work."""
+    not after the work. A link to nothing (its target moved) is refused by name: it could be made no directory."""
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.exists():
+        usage_error(command, f"--output {path}: {existing} is a link to {existing.readlink()}, which does not exist")
     if not existing.is_dir():
         usage_error(command, f"--output {path}: {existing} is a file, not a directory")
     return path
