@@ -71,11 +71,24 @@ def add_template_options(p) -> None:
                         "chat_template_kwargs), e.g. '{\"enable_thinking\": false}' (Qwen3)")
 
 
+@named("UTF-8 text")
+def utf8_text(value: str) -> str:
+    """Text as given. A byte Python could not decode (a Latin-1 terminal's ``é``) comes as a lone
+    surrogate, which no tokenizer encodes: refused here, naming the byte."""
+    for i, char in enumerate(value):
+        if "\udc80" <= char <= "\udcff":
+            raise argparse.ArgumentTypeError(f"byte {ord(char) - 0xdc00:#x} at character {i} is not UTF-8 text "
+                                             "(set the terminal to UTF-8)")
+        if "\ud800" <= char <= "\udfff":
+            raise argparse.ArgumentTypeError(f"character {i} is a lone surrogate ({char!r}), not text")
+    return value
+
+
 @named("non-empty text")
 def non_empty_text(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty (an empty stop string would stop at once)")
-    return text
+    return utf8_text(text)
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, options_class: type) -> None:

@@ -23,12 +23,13 @@ from .arguments import (
     torch_seed,
     unit_fraction,
     usage_error,
+    utf8_text,
 )
 
 
 def generate_parser(p) -> None:
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
-    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--prompt", required=True, type=utf8_text, help="the user message")
     add_base_model_option(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens generated at most (default: %(default)s)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
