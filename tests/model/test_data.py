@@ -544,9 +544,11 @@ def test_hh_rlhf_rows_score_only_the_final_assistant_turns(tok):
     ("pairs.json", b'[{"prompt": "a",', "is not valid JSON (line 1, column"),
     ("pairs.json", b'{"prompt": "a"}', "must hold a JSON list of rows; got a dict"),
     ("pairs.jsonl", b'{"prompt": "caf\xe9"}\n', "is not UTF-8 text (byte 15"),
+    ("pairs", b'{"prompt": "a"}\n', "has no suffix naming its format; use .json, .jsonl, .ndjson, .parquet"),
 ])
 def test_unreadable_files_are_named(tmp_path, name, content, message):
-    """Each names the file and what is wrong; a .csv is never looked up on the hub."""
+    """Each names the file and what is wrong; a .csv, or a file here without a suffix, is never looked up on
+    the hub."""
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(message)) as info:

@@ -626,10 +626,10 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
     if path.is_dir():  # datasets would read every data file under it, however many and whatever they hold
         raise ValueError(f"data {path} is a folder; give a {', '.join(READ_SUFFIXES)} file or a hub data set name")
     suffix = path.suffix.lower()
-    if suffix and suffix not in READ_SUFFIXES and (
-            suffix in FILE_SUFFIXES or path.exists() or not _hub_name(str(source))):  # else a dotted hub name
-        raise ValueError(f"data file {path}: unsupported format {path.suffix!r}; use {', '.join(READ_SUFFIXES)} "
-                         "files or a hub data set name")
+    if suffix not in READ_SUFFIXES and (path.is_file() or suffix and (  # a file here is never a hub name
+            suffix in FILE_SUFFIXES or path.exists() or not _hub_name(str(source)))):  # else a (dotted) hub name
+        problem = f": unsupported format {path.suffix!r}" if suffix else " has no suffix naming its format"
+        raise ValueError(f"data file {path}{problem}; use {', '.join(READ_SUFFIXES)} files or a hub data set name")
     if suffix in JSON_LINES_SUFFIXES:
         return _json_lines(_read_text(path), path)
     if suffix == ".json":
