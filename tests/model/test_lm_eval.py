@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -306,3 +307,15 @@ def test_a_quantized_base_by_model_args_and_by_the_command(tmp_path):
     [results] = (tmp_path / "out").rglob("results_*.json")
     assert json.loads(results.read_text())["config"]["model_args"]["quantization"] == {"method": "nf4",
                                                                                     "compute_dtype": None}
+
+
+def test_a_samples_file_is_read_as_the_other_json_files(tmp_path):
+    """A --samples file from a Windows editor (byte-order mark) is read; one that is not JSON is named."""
+    from qadapter.experiments.lm_eval_run import samples_option
+
+    path = tmp_path / "samples.json"
+    path.write_bytes(b'\xef\xbb\xbf{"qadapter_knowledge": [0, 2]}\r\n')
+    assert samples_option(str(path)) == {"qadapter_knowledge": [0, 2]}
+    path.write_text('{"qadapter_knowledge": [0,')
+    with pytest.raises(ValueError, match=f"--samples file {re.escape(str(path))} is not valid JSON"):
+        samples_option(str(path))

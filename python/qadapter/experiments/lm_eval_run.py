@@ -15,6 +15,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table, simple_parse_args_string
 
 from ..evaluation import lm_eval_model  # noqa: F401 - registers the lm-eval model "qadapter"
+from ..library.atomic import read_json
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 
@@ -63,14 +64,15 @@ def key_values(texts: list[str] | None) -> dict:
 
 
 def samples_option(text: str | None) -> dict | None:
-    """``--samples``: a JSON object ``{"task": [indices]}``, or the path of a file holding one."""
+    """``--samples``: a JSON object ``{"task": [indices]}``, or the path of a file holding one (read as
+    every JSON file is: a byte-order mark is no part of it, and one that is not JSON is named)."""
     if text is None:
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         if Path(text).is_file():
-            return json.loads(Path(text).read_text(encoding="utf-8"))
+            return read_json(text, "--samples file")
         raise ValueError(f"--samples: neither a JSON object nor a file: {text}") from None
 
 
