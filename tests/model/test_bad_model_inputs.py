@@ -67,7 +67,7 @@ ROWS = [
                               "rejected": [{"role": "user", "content": "z"}, {"role": "assistant", "content": "b"}]},
      "differ from their first message"),
     ("conversation-string", {"chosen": "c", "rejected": "r"}, "no shared prompt: the texts"),
-    ("conversation-mixed", {"chosen": "c", "rejected": CONV_R}, "'chosen' must be a string or a list"),
+    ("conversation-mixed", {"chosen": "c", "rejected": CONV_R}, "must both be texts or both lists of messages; got str and list"),
     ("tools-not-a-list", {**GOOD, "tools": "{not json"}, "'tools' is a string that is not JSON"),
     ("identical-conversations", {"chosen": CONV_C, "rejected": CONV_C}, "chosen is identical to rejected"),
 ]
