@@ -317,6 +317,21 @@ def test_chat_template_options_reach_the_template_a_rows_own_over_the_given(tok)
     assert louder == tokenize_rows([row], thinking)[0]
 
 
+def test_a_rows_option_a_column_store_left_null_is_not_set():
+    """A parquet or datasets column of options is a struct: each row holds every key some row has, the
+    others null. A null is no option of that row, so the options every row gets stay."""
+    import datasets
+
+    thinking = tiny_thinking_tokenizer()
+    row = {"prompt": "hello", "chosen": "Paris", "rejected": "world"}
+    column = datasets.Dataset.from_list([{**row, "chat_template_kwargs": {"enable_thinking": False}},
+                                         {**row, "chat_template_kwargs": {"reasoning_effort": "low"}}])
+    assert column[1]["chat_template_kwargs"] == {"enable_thinking": None, "reasoning_effort": "low"}
+    quiet = {"enable_thinking": False}
+    features, _ = tokenize_rows(column.to_list(), thinking, chat_template_kwargs=quiet)
+    assert features[1] == tokenize_rows([row], thinking, chat_template_kwargs=quiet)[0][0]
+
+
 @pytest.mark.parametrize("options, message", [
     ([1], "must be an object of named options"),
     ({"tokenize": False}, "cannot set tokenize: the rendering sets it"),

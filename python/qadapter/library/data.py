@@ -193,9 +193,11 @@ def _template_options(index: int, row: dict) -> dict | None:
         except json.JSONDecodeError as exc:
             raise PreferenceDataError(index, f"'chat_template_kwargs' is a string that is not JSON: {exc}") from None
     try:
-        return check_template_options(options, "'chat_template_kwargs'") or None
+        options = check_template_options(options, "'chat_template_kwargs'")
     except ValueError as exc:
         raise PreferenceDataError(index, str(exc)) from None
+    # A column store's struct holds every key some row has, the others null: no option of this row.
+    return {key: value for key, value in options.items() if value is not None} or None
 
 
 def check_template_options(options: Any, name: str = "chat_template_kwargs") -> dict:
