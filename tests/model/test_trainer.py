@@ -209,6 +209,24 @@ def test_resume_refuses_what_the_checkpoint_would_override_and_warns_of_what_cha
     assert last.state.global_step == 4 and not any(key.startswith("train_") for key in metrics)
 
 
+def test_resume_with_other_chat_template_options_is_warned_of(tmp_path):
+    """Other chat template options render the rest of the data otherwise than the checkpoint's steps
+    saw it (as another max_length cuts it otherwise): the run goes on as given, and says so."""
+    from helpers import rows
+
+    def trainer(max_steps, **options):
+        model, tokenizer, args, _, _ = training_setup(tmp_path, max_steps=max_steps, save_strategy="steps",
+                                                      save_steps=2, **options)
+        return QAdapterTrainer(model=model, args=args, train_dataset=rows(32, seed=0), processing_class=tokenizer)
+
+    trainer(2).train()
+    resumed = trainer(4, chat_template_kwargs={"enable_thinking": False})
+    with pytest.warns(UserWarning, match=r"chat_template_kwargs \{'enable_thinking': False\} \(the checkpoint run: None\)"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.model.provenance["training"]["resumed_from"]["changed"]["chat_template_kwargs"] == {
+        "checkpoint": None, "given": {"enable_thinking": False}}
+
+
 def test_save_model_writes_a_loadable_adapter_and_keeps_other_files(tmp_path):
     """Trainer.save_model: the adapter, its config and the tokenizer, staged and renamed into place
     beside whatever the directory holds; a directory of other things is refused untouched."""

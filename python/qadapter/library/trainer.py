@@ -250,7 +250,8 @@ RESTORED_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
 # schedule's shape is rebuilt from the options, only its step and base learning rate restored).
 COURSE_OPTIONS = ("max_steps", "num_train_epochs", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
                   "warmup_ratio", "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
-                  "data_seed", "max_length", "max_prompt_length", "lora_dropout", *LOSS_ARGUMENTS)
+                  "data_seed", "max_length", "max_prompt_length", "chat_template_kwargs", "lora_dropout",
+                  *LOSS_ARGUMENTS)
 
 
 def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -> dict:
