@@ -402,6 +402,12 @@ def test_chats_render_with_the_adapters_template_options_the_requests_over_them(
     with pytest.raises(BadRequest, match="chat_template_kwargs must be an object of named options") as info:
         prompt("plain", chat_template_kwargs=["enable_thinking"])
     assert info.value.param == "chat_template_kwargs"
+    # A template that refuses an option's value: the request's options are named, not its messages.
+    thinking.chat_template = ("{% if enable_thinking is defined and enable_thinking is not boolean %}"
+                              "{{ raise_exception('enable_thinking is true or false') }}{% endif %}" + thinking.chat_template)
+    with pytest.raises(BadRequest, match="refuses the chat_template_kwargs: enable_thinking is true or false") as info:
+        prompt("plain", chat_template_kwargs={"enable_thinking": "no"})
+    assert info.value.param == "chat_template_kwargs"
 
 
 def test_a_body_over_the_bound_is_refused_before_it_is_read_whole(server):

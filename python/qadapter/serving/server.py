@@ -617,8 +617,20 @@ class Server:
             ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                      **options)
         except Exception as exc:  # the template's own refusal (jinja's raise_exception), e.g. no system role
+            if body.get("chat_template_kwargs") and self._renders(turns, {**body, "chat_template_kwargs": None}):
+                raise BadRequest(f"this model's chat template refuses the chat_template_kwargs: {exc}",
+                                 "chat_template_kwargs") from exc
             raise BadRequest(f"this model's chat template refuses the messages: {exc}", "messages") from exc
         return list(ids["input_ids"])
+
+    def _renders(self, turns: list[dict], body: dict) -> bool:
+        """Whether the template takes ``turns`` with ``body``'s options: what a refusal is of."""
+        try:
+            self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False,
+                                               **self._template_options(body))
+        except Exception:
+            return False
+        return True
 
 
     def _template_options(self, body: dict) -> dict:
