@@ -109,6 +109,31 @@ def test_baseline_report_shows_the_change_since(adapters, tmp_path, capsys):
     assert not (tmp_path / "fourth").exists()
 
 
+def test_a_baseline_of_an_adapter_prompted_otherwise_is_refused_naming_its_template_options(tmp_path, capsys):
+    """Adapters trained with other chat template options (Qwen3's enable_thinking) are measured on
+    prompts rendered otherwise: the change would compare different things, and the refusal says why,
+    not that the data or its lengths differ."""
+    from helpers import tiny_thinking_tokenizer
+
+    tokenizer = tiny_thinking_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows(4, seed=1)) + "\n")
+    QAdapterModel.from_base(str(tmp_path / "base")).save_pretrained(tmp_path / "plain")
+    QAdapterModel.from_base(str(tmp_path / "base"), chat_template_kwargs={"enable_thinking": False}).save_pretrained(
+        tmp_path / "quiet")
+    _check(tmp_path / "plain", data, "--output", str(tmp_path / "first"))
+    assert json.loads((tmp_path / "first" / "check.json").read_text())["chat_template_kwargs"] == {}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        _check(tmp_path / "quiet", data, "--output", str(tmp_path / "second"), "--baseline",
+               str(tmp_path / "first" / "check.json"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "chat_template_kwargs {} there, {'enable_thinking': False} here" in err
+    assert "the pairs' tokens differ" not in err
+
+
 def test_thresholds_file_and_flags(adapters, tmp_path, capsys):
     tmp, data = adapters
     config = tmp_path / "thresholds.json"

@@ -134,7 +134,8 @@ def change_since(measures: dict, baseline: dict) -> dict:
 
 
 SAMPLE_OPTIONS = {"pairs": "--data or --max-pairs", "probe_items": "--probe-items", "passages": "--passages",
-                  "pairs_sha256": "--data, --max-length or --max-prompt-length"}
+                  "pairs_sha256": "--data, --max-length or --max-prompt-length",
+                  "chat_template_kwargs": "the adapters' chat template options: their prompts are rendered otherwise"}
 
 
 def pairs_digest(features: list[dict]) -> str:
@@ -147,11 +148,12 @@ def pairs_digest(features: list[dict]) -> str:
 
 def check_same_sample(baseline: dict, sample: dict) -> None:
     """A change since a baseline compares like with like: the same pairs (as many, and the same tokens
-    where the baseline recorded them), as many probe questions and passages (each subsample is the
-    same n items, spread evenly over a fixed order: :func:`subsample`); refused otherwise, before measuring."""
+    where the baseline recorded them, rendered with the same chat template options), as many probe
+    questions and passages (each subsample is the same n items, spread evenly over a fixed order:
+    :func:`subsample`); refused otherwise, before measuring."""
     differ = {k: (baseline.get(k), n) for k, n in sample.items() if k in baseline and baseline[k] != n}
-    if "pairs" in differ:
-        differ.pop("pairs_sha256", None)  # other pairs, already said by their count
+    if "pairs" in differ or "chat_template_kwargs" in differ:
+        differ.pop("pairs_sha256", None)  # other pairs, or the same rendered otherwise: already said
     if differ:
         def said(k, before, now):
             if k == "pairs_sha256":
@@ -176,7 +178,7 @@ def run_check(model: QAdapterModel, features: list[dict], thresholds: Thresholds
     probe = subsample(load_probe(), probe_items)
     texts = subsample(general_passages(), passages)
     sample = {"pairs": len(features), "probe_items": len(probe), "passages": len(texts),
-              "pairs_sha256": pairs_digest(features)}
+              "pairs_sha256": pairs_digest(features), "chat_template_kwargs": model.chat_template_kwargs}
     if baseline is not None:
         check_same_sample(baseline, sample)
     measures = measure(model, features, probe=probe, passages=texts)
