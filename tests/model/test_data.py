@@ -335,6 +335,8 @@ def test_a_rows_option_a_column_store_left_null_is_not_set():
 @pytest.mark.parametrize("options, message", [
     ([1], "must be an object of named options"),
     ({"tokenize": False}, "cannot set tokenize: the rendering sets it"),
+    ({"messages": [], "enable_thinking": False}, "cannot set messages: the rendering sets it"),
+    ({"conversations": []}, "cannot set conversations: the rendering sets it"),
     ({"when": float("nan")}, "must hold JSON values"),
     ({"when": object()}, "must hold JSON values"),
 ])

@@ -218,10 +218,11 @@ def check_template_options(options: Any, name: str = "chat_template_kwargs") -> 
     return dict(options)
 
 
-# apply_chat_template's own arguments: set by whoever renders, never a template option.
-RENDERING_ARGUMENTS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                                 "continue_final_message", "tokenize", "sanitize_control_tokens", "padding",
-                                 "truncation", "max_length", "return_tensors", "return_dict",
+# apply_chat_template's own arguments, and what it hands the template under its own names (the
+# messages): set by whoever renders, never a template option (the rendering would fail on each).
+RENDERING_ARGUMENTS = frozenset({"conversation", "conversations", "messages", "tools", "documents", "chat_template",
+                                 "add_generation_prompt", "continue_final_message", "tokenize", "sanitize_control_tokens",
+                                 "padding", "truncation", "max_length", "return_tensors", "return_dict",
                                  "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
