@@ -334,6 +334,15 @@ def test_chat_template_options_are_saved_and_loaded_with_the_adapter(tmp_path):
         QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
 
 
+def test_the_model_card_names_the_chat_template_options_its_prompts_take():
+    """Whoever reads the hub's card prompts the adapter as it was trained (or knows why it answers otherwise)."""
+    from qadapter.library.saved import model_card
+
+    config = make_model(chat_template_kwargs={"enable_thinking": False}).adapter_config()
+    assert 'chat template options `{"enable_thinking": false}`' in model_card("me/quiet", config)
+    assert "chat template options" not in model_card("me/plain", make_model().adapter_config())
+
+
 @pytest.mark.parametrize("peft, fragment", [
     ({"r": 300_000}, "asks for LoRA rank 300000 (r 300000), which is not the adapter's: its weights have rank [8]"),
     ({"rank_pattern": {"q_proj": 10**6}}, "asks for LoRA rank 1000000"),

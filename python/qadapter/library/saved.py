@@ -246,10 +246,14 @@ def model_card(repo_id: str, config: dict) -> str:
     if "/" in base and not Path(base).is_absolute():  # a hub name (a local folder names nothing there)
         metadata += f"base_model: {base}\n"
     loss = {k: config["loss"][k] for k in ("alpha_0", "alpha_tilde") if k in config["loss"]}
+    # How its prompts are rendered (qadapter applies them itself): a chat rendered otherwise is not what it learned.
+    options = config.get("chat_template_kwargs")
+    rendered = (f" Its chats are rendered with the chat template options `{json.dumps(options)}`, as it was "
+                "trained; qadapter applies them wherever it answers." if options else "")
     return (f"---\n{metadata}---\n\n# {repo_id.rpartition('/')[2]}\n\n"
             f"A Q-Adapter (Li et al., ICLR 2025) on the frozen base `{base or '(unnamed)'}` "
             f"(quantization: {config['quantization']}; {loss}): a LoRA residual Q-function whose "
-            "combination with the base is the customized policy. Its training data and options are in "
+            f"combination with the base is the customized policy.{rendered} Its training data and options are in "
             f"`{PROVENANCE_NAME}`. With qadapter-kernels installed:\n\n```bash\n"
             f'qadapter generate --adapter {repo_id} --prompt "Hello!"\n```\n\n'
             f"```python\nfrom qadapter import QAdapterModel\nmodel = QAdapterModel.from_pretrained({repo_id!r})\n```\n")
