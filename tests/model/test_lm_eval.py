@@ -194,6 +194,11 @@ def test_chat_prompts_take_the_adapters_template_options():
     model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer,
                           chat_template_kwargs={"enable_thinking": False})
     assert QAdapterLM(model).apply_chat_template([{"role": "user", "content": "hi"}]).endswith("</think>\n\n")
+    # lm-eval's requests cache (--cache_requests) keys the prompts it rendered by the tokenizer's name:
+    # another adapter on this base, prompted otherwise, must not be handed these.
+    plain = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer)
+    assert QAdapterLM(model).tokenizer_name != QAdapterLM(plain).tokenizer_name
+    assert QAdapterLM(plain).tokenizer_name == tokenizer.name_or_path.replace("/", "__")
 
 
 def test_qadapter_lm_eval_command_runs_the_shipped_tasks(saved, tmp_path, capsys):

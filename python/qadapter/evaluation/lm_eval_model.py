@@ -20,6 +20,8 @@ options; it calls :func:`evaluate_tasks`). The shipped offline tasks (``qadapter
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 
@@ -182,7 +184,14 @@ class QAdapterLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__")
+        """Part of the key lm-eval's requests cache (``--cache_requests``) keeps the prompts it rendered
+        under: the adapter's chat template options render them too, so an adapter prompted otherwise on
+        this base is not handed them."""
+        name = self.tokenizer.name_or_path.replace("/", "__")
+        options = self.model.chat_template_kwargs
+        if not options:
+            return name
+        return f"{name}-template_options{hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]}"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """The tokenizer's ids; special tokens as it adds them by default, except a BOS the text
