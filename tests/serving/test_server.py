@@ -395,6 +395,9 @@ def test_chats_render_with_the_adapters_template_options_the_requests_over_them(
 
     for model in ("quiet", "later"):
         assert prompt(model).endswith("</think>\n\n"), model
+    assert server.engine.adapter_set.template_options("quiet") == quiet
+    with pytest.raises(KeyError, match="no adapter named 'later' is loaded"):
+        server.engine.adapter_set.template_options("later")
     for model in ("plain", "base"):
         assert prompt(model).endswith("<|im_start|>assistant\n"), model
     assert prompt("quiet", chat_template_kwargs={"enable_thinking": True}).endswith("<|im_start|>assistant\n")

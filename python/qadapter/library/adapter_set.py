@@ -343,7 +343,12 @@ class AdapterSet:
 
     def template_options(self, name: str | None) -> dict:
         """The chat template's options the adapter ``name`` was trained with (None, the base: none)."""
-        return {} if name is None else next(a.template_options for a in self.adapters if a.name == name)
+        if name is None:
+            return {}
+        served = next((a for a in self.adapters if a.name == name), None)
+        if served is None:
+            raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
+        return served.template_options
 
     def check(self, path: str | os.PathLike) -> tuple[Path, dict, list[tuple[Level, Path | None]]]:
         """The saved adapter in ``path`` found (a hub download), its config, and a stack's levels with

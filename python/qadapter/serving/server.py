@@ -632,7 +632,6 @@ class Server:
             return False
         return True
 
-
     def _template_options(self, body: dict) -> dict:
         """The chat template's options for a chat: its ``chat_template_kwargs`` (vLLM's field) over those
         the adapter it names was trained with (read from a folder of the adapter directory not loaded
@@ -642,8 +641,9 @@ class Server:
         except ValueError as exc:
             raise BadRequest(str(exc), "chat_template_kwargs") from None
         model, trained = body.get("model"), {}
-        if isinstance(model, str) and model in self.engine.adapter_set.names:
-            trained = self.engine.adapter_set.template_options(model)
+        served = next((a for a in self.engine.adapter_set.adapters if a.name == model), None)  # none if unloaded meanwhile
+        if served is not None:
+            trained = served.template_options
         elif (folder := self._in_adapter_dir(model)) is not None:
             with contextlib.suppress(AdapterLoadError):
                 trained = read_adapter_config(folder)["chat_template_kwargs"]
