@@ -297,7 +297,7 @@ def test_tools_reach_the_template(tok):
         normalize_row(0, {**row, "tools": {"name": "search"}})
 
 
-def test_chat_template_options_reach_the_template_a_rows_own_over_the_given(tok):
+def test_chat_template_options_reach_the_template_a_rows_own_over_the_given(tok, caplog):
     """Qwen3's ``enable_thinking=False``: the prompt ends in the empty think block the responses follow;
     a row's ``chat_template_kwargs`` column (TRL's) is taken over the options every row gets."""
     thinking = tiny_thinking_tokenizer()
@@ -315,6 +315,10 @@ def test_chat_template_options_reach_the_template_a_rows_own_over_the_given(tok)
     louder = tokenize_rows([{**row, "chat_template_kwargs": {"enable_thinking": True}}], thinking,
                            chat_template_kwargs=quiet)[0]
     assert louder == tokenize_rows([row], thinking)[0]
+    thinking.chat_template = None  # nothing renders with them: said
+    with caplog.at_level("WARNING", logger="qadapter.library.data"):
+        tokenize_rows([row], thinking, chat_template_kwargs=quiet)
+    assert 'chat_template_kwargs {"enable_thinking": false} change nothing' in caplog.text
 
 
 def test_a_rows_option_a_column_store_left_null_is_not_set():

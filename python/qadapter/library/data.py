@@ -513,6 +513,9 @@ def tokenize_rows(
     template_options = check_template_options(chat_template_kwargs)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
+    if template_options and not use_chat_template:
+        logger.warning("chat_template_kwargs %s change nothing: the rows are not rendered with a chat template "
+                       "(the tokenizer has none, or use_chat_template=False)", json.dumps(template_options))
     rendered_before = rendered_beforehand(tokenizer) if use_chat_template else None
     fallback_prompt = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     sequence_start = text_start_token(tokenizer)  # kept by a prompt cut from the left
