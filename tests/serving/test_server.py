@@ -1306,6 +1306,20 @@ def test_an_adapter_with_requests_in_flight_is_not_unloaded(saved):
     engine.stop()
 
 
+def test_adapters_loaded_and_unloaded_under_new_names_leave_no_count_behind(saved):
+    """A long-running server loads and unloads adapters under ever new names (the update routes, an
+    adapter directory's evictions): the engine's counts of requests by adapter keep none of the names gone."""
+    _, tokenizer, paths = saved
+    engine = Engine(AdapterSet.from_pretrained({"terse": paths["terse"]}), tokenizer).start()
+    for k in range(4):
+        engine.load_adapter(f"turn{k}", paths["kind"])
+        engine.submit(Request(prompt=[5, 6, 7], adapter=f"turn{k}", max_tokens=2, emit=lambda event: None))
+        assert engine.wait_idle()
+        engine.unload_adapter(f"turn{k}")
+    engine.stop()
+    assert dict(engine._in_flight) == {}
+
+
 def test_an_unset_or_null_limit_is_the_default_within_the_context(server):
     """A null max_completion_tokens is an absent one (the client sends null for None); without a limit
     the default is capped at what the context leaves, as vLLM caps it, rather than refused."""

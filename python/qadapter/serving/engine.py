@@ -547,6 +547,8 @@ class Engine:
         with self._lock:
             self._outstanding -= 1
             self._in_flight[request.adapter] -= 1
+            if not self._in_flight[request.adapter]:  # a name unloaded since is never counted again: no zero kept for it
+                del self._in_flight[request.adapter]
 
     def _drop(self, rows: list[int]) -> None:
         """Removes the requests at ``rows`` from the batch (their KV kept in the prefix cache, if any), and
