@@ -4,6 +4,8 @@ the checks a single adapter's loading makes."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -175,6 +177,28 @@ def test_adapters_of_another_base_or_bad_names_are_refused(saved, tmp_path):
         adapter_set.generate(ids, mask, adapters="terse", max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one"):
         AdapterSet.from_pretrained({})
+
+
+def test_a_load_refused_after_peft_read_it_leaves_nothing_behind(saved, tmp_path):
+    """Weights that do not match their config are refused once PEFT has added the LoRA's layers: a
+    server retrying such a folder (each request for it, in an adapter directory) must not keep them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, paths = saved
+    shutil.copytree(paths["formal"], tmp_path / "extra")
+    state = load_file(tmp_path / "extra" / "adapter_model.safetensors")
+    state["base_model.model.extra.lora_A.weight"] = torch.zeros(4, 2)
+    save_file(state, tmp_path / "extra" / "adapter_model.safetensors")
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]})
+    for _ in range(3):
+        with pytest.raises(AdapterLoadError, match="does not match its adapter config"):
+            adapter_set.load("extra", tmp_path / "extra")
+    assert list(adapter_set.peft_model.peft_config) == adapter_set.loras == ["lora1"]
+    held = {re.search(r"\.lora_[AB]\.([^.]+)\.", name)[1] for name, _ in adapter_set.peft_model.named_parameters()
+            if ".lora_" in name}
+    assert held == {"lora1", "qadapter_bank"}  # the bank's own, over the adapters served
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])

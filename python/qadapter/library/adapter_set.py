@@ -411,6 +411,9 @@ class AdapterSet:
             except Exception:
                 for digest in added:
                     self.peft_model.delete_adapter(self._members.pop(digest))
+                failed = f"lora{self._loads}"  # PEFT added its layers before its weights were refused: each try would stay
+                if self.peft_model is not None and failed in self.peft_model.peft_config:
+                    self.peft_model.delete_adapter(failed)
                 raise
             members = [self._members[digest] for digest in digests]
             loss = run_options(**config["loss"])[0]
