@@ -1303,6 +1303,8 @@ def test_an_adapter_with_requests_in_flight_is_not_unloaded(saved):
     assert engine.wait_idle()
     engine.unload_adapter("terse")  # between two steps of the running engine
     assert engine.adapter_set.names == ["formal"]
+    with pytest.raises(RuntimeError, match="this engine was started already"):  # two threads on one batch
+        engine.start()
     engine.stop()
 
 

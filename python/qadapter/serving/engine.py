@@ -262,6 +262,10 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- thread
     def start(self) -> Engine:
+        """Starts the decoding thread; once: a second thread would run the same batch."""
+        if self._thread is not None:
+            raise RuntimeError("this engine was started already (an engine runs one thread, once: make a new "
+                               "Engine to serve again)")
         (self.adapter_set.peft_model or self.adapter_set.base_model).eval()  # no dropout while decoding
         self._thread = threading.Thread(target=self._loop, name="qadapter-engine", daemon=True)
         self._thread.start()
