@@ -42,6 +42,8 @@ from qadapter.cli import main  # noqa: E402
          "--chat-template-kwargs: must be a JSON object"),
         (["train", "--data", "d.jsonl", "--output", "x", "--chat_template_kwargs", "{x}"],
          "--chat_template_kwargs must be a JSON object"),
+        (["serve", "--default-chat-template-kwargs", '{"tokenize": false}'],
+         "--default-chat-template-kwargs: the value cannot set tokenize"),
         # A Latin-1 terminal's "café": the byte Python's UTF-8 argv cannot decode comes as a lone surrogate.
         (["generate", "--adapter", "a", "--prompt", "caf\udce9"], "--prompt: byte 0xe9 at character 3 is not UTF-8"),
         (["generate", "--adapter", "a", "--prompt", "hi", "--stop", "\udcff"], "--stop: byte 0xff at character 0"),

@@ -402,6 +402,16 @@ def test_chats_render_with_the_adapters_template_options_the_requests_over_them(
         assert prompt(model).endswith("<|im_start|>assistant\n"), model
     assert prompt("quiet", chat_template_kwargs={"enable_thinking": True}).endswith("<|im_start|>assistant\n")
     assert prompt("plain", chat_template_kwargs=quiet).endswith("</think>\n\n")
+    # The server's defaults (vLLM's --default-chat-template-kwargs) go under the adapter's and the request's.
+    loud = {"enable_thinking": True}
+    for default, model, fields, quieted in ((quiet, "base", {}, True), (quiet, "plain", {}, True),
+                                            (loud, "quiet", {}, True), (loud, "plain", {}, False),
+                                            (quiet, "plain", {"chat_template_kwargs": loud}, False)):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+        rendered = thinking.decode(Server(server.engine, default_template_options=default)._chat_prompt(body))
+        assert rendered.endswith("</think>\n\n") == quieted, (default, model, fields)
+    with pytest.raises(ValueError, match="default_template_options cannot set tokenize"):
+        Server(server.engine, default_template_options={"tokenize": True})
     with pytest.raises(BadRequest, match="chat_template_kwargs must be an object of named options") as info:
         prompt("plain", chat_template_kwargs=["enable_thinking"])
     assert info.value.param == "chat_template_kwargs"

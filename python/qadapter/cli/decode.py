@@ -20,6 +20,7 @@ from .arguments import (
     positive_int,
     probability,
     quantization_from,
+    template_options,
     torch_seed,
     unit_fraction,
     usage_error,
@@ -128,6 +129,9 @@ def serve_parser(p) -> None:
     p.add_argument("--max-adapters", type=positive_int, metavar="N",
                    help="with --adapter-dir: at most N adapters from it loaded at once; the least recently used "
                         "idle one is unloaded to make room (default: no bound)")
+    p.add_argument("--default-chat-template-kwargs", type=template_options, default={}, metavar="JSON",
+                   help="every chat's chat template options, under those its adapter was trained with and the "
+                        "request's chat_template_kwargs, e.g. '{\"enable_thinking\": false}' (vLLM's option)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="the HTTP server's log (info: one line per request)")
 
@@ -202,5 +206,6 @@ def serve_command(args) -> int:
                  max_prefill_tokens=args.max_prefill_tokens, prefix_cache_bytes=prefix_cache),
           args.host, args.port,
           log_level=args.log_level, allow_adapter_updates=args.allow_adapter_updates, adapter_dir=args.adapter_dir,
-          max_adapters=args.max_adapters, max_body_bytes=max_body)
+          max_adapters=args.max_adapters, max_body_bytes=max_body,
+          default_template_options=args.default_chat_template_kwargs)
     return 0

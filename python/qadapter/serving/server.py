@@ -147,7 +147,7 @@ class Server:
 
     def __init__(self, engine: Engine, *, default_max_tokens: int = 256, allow_adapter_updates: bool = False,
                  adapter_dir: str | os.PathLike | None = None, max_adapters: int | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, default_template_options: dict | None = None) -> None:
         if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be an int >= 1; got {max_body_bytes!r}")
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
@@ -156,6 +156,8 @@ class Server:
                                          or isinstance(max_adapters, bool) or max_adapters < 1):
             raise ValueError("max_adapters bounds the adapters loaded from adapter_dir: an int >= 1 with "
                              f"adapter_dir; got {max_adapters!r}" + ("" if adapter_dir else " without adapter_dir"))
+        # Every chat's template options under those of its adapter (vLLM's --default-chat-template-kwargs).
+        self.default_template_options = check_template_options(default_template_options, "default_template_options")
         self.engine, self.tokenizer = engine, engine.tokenizer
         self.default_max_tokens = default_max_tokens
         self.allow_adapter_updates = allow_adapter_updates
@@ -635,7 +637,7 @@ class Server:
     def _template_options(self, body: dict) -> dict:
         """The chat template's options for a chat: its ``chat_template_kwargs`` (vLLM's field) over those
         the adapter it names was trained with (read from a folder of the adapter directory not loaded
-        yet; one that cannot be read is refused when it loads)."""
+        yet; one that cannot be read is refused when it loads), over the server's defaults."""
         try:
             asked = check_template_options(body.get("chat_template_kwargs"), "chat_template_kwargs")
         except ValueError as exc:
@@ -647,7 +649,7 @@ class Server:
         elif (folder := self._in_adapter_dir(model)) is not None:
             with contextlib.suppress(AdapterLoadError):
                 trained = read_adapter_config(folder)["chat_template_kwargs"]
-        return {**trained, **asked}
+        return {**self.default_template_options, **trained, **asked}
 
 
 class _CountedResponses:
@@ -816,7 +818,8 @@ def _sse(payload: dict) -> str:
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: float = 5.0,
           log_level: str = "info", allow_adapter_updates: bool = False, adapter_dir: str | os.PathLike | None = None,
-          max_adapters: int | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+          max_adapters: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          default_template_options: dict | None = None) -> None:
     """Serves until interrupted. On Ctrl-C (or SIGTERM) new requests are refused, the running ones get
     ``grace`` seconds to finish and are then cancelled (a streaming client reads
     ``finish_reason="cancelled"`` and the end of the stream), and the server exits: by raising
@@ -836,7 +839,8 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, *, grace: f
             threading.Thread(target=engine.stop, args=(grace,), daemon=True).start()
 
     app = Server(engine, allow_adapter_updates=allow_adapter_updates, adapter_dir=adapter_dir,
-                 max_adapters=max_adapters, max_body_bytes=max_body_bytes).app()  # its options checked before the engine starts
+                 max_adapters=max_adapters, max_body_bytes=max_body_bytes,
+                 default_template_options=default_template_options).app()  # its options checked before the engine starts
     engine.start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=grace + 10)
