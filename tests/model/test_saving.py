@@ -343,6 +343,19 @@ def test_the_model_card_names_the_chat_template_options_its_prompts_take():
     assert "chat template options" not in model_card("me/plain", make_model().adapter_config())
 
 
+def test_an_adapter_with_chat_template_options_is_refused_by_readers_that_would_ignore_them(tmp_path):
+    """A reader that predates the options (it reads format versions 1 and 2) would render the
+    adapter's prompts without them, answering otherwise with no error: its version is one it refuses.
+    An adapter without options keeps version 1, which every reader reads."""
+    make_model(chat_template_kwargs={"enable_thinking": False}).save_pretrained(tmp_path / "quiet")
+    make_model().save_pretrained(tmp_path / "plain")
+    version = json.loads((tmp_path / "quiet" / "qadapter_config.json").read_text())["format_version"]
+    assert version not in (1, 2)
+    assert QAdapterModel.from_pretrained(tmp_path / "quiet", tiny_causal_lm("llama")).chat_template_kwargs == {
+        "enable_thinking": False}
+    assert json.loads((tmp_path / "plain" / "qadapter_config.json").read_text())["format_version"] == 1
+
+
 @pytest.mark.parametrize("peft, fragment", [
     ({"r": 300_000}, "asks for LoRA rank 300000 (r 300000), which is not the adapter's: its weights have rank [8]"),
     ({"rank_pattern": {"q_proj": 10**6}}, "asks for LoRA rank 1000000"),

@@ -85,6 +85,11 @@ def test_a_stack_renders_its_chats_as_its_parent_unless_told_otherwise(tmp_path)
     saved_adapter(tmp_path / "parent", chat_template_kwargs=quiet)
     assert QAdapterModel(tiny_causal_lm("llama"), on=tmp_path / "parent").chat_template_kwargs == quiet
     assert QAdapterModel(tiny_causal_lm("llama"), on=tmp_path / "parent", chat_template_kwargs={}).chat_template_kwargs == {}
+    # Saved, the stack's options keep it from a reader that would ignore them; it loads back whole.
+    saved_adapter(tmp_path / "child", on=tmp_path / "parent")
+    assert json.loads((tmp_path / "child" / "qadapter_config.json").read_text())["format_version"] not in (1, 2)
+    child = QAdapterModel.from_pretrained(tmp_path / "child", tiny_causal_lm("llama"))
+    assert len(child.stack) == 1 and child.chat_template_kwargs == quiet
 
 
 @pytest.mark.parametrize("q_on", ["parent", "base"])

@@ -52,6 +52,7 @@ from .saved import (
     FORMAT_VERSION,
     LEVEL_FILES,
     STACKED_FORMAT_VERSION,
+    TEMPLATE_FORMAT_VERSION,
     WEIGHTS_NAME,
     AdapterLoadError,
     Level,
@@ -335,7 +336,8 @@ class QAdapterModel(nn.Module):
         lora = self.peft_model.peft_config[ADAPTER_NAME]
         stacked = {"stack": [level.record(directory) for level in self.stack], "q_on": self.q_on} if self.stack else {}
         return {
-            "format_version": STACKED_FORMAT_VERSION if self.stack else FORMAT_VERSION,
+            "format_version": (TEMPLATE_FORMAT_VERSION if self.chat_template_kwargs
+                               else STACKED_FORMAT_VERSION if self.stack else FORMAT_VERSION),
             "base_model": recorded_base_name(getattr(self.config, "name_or_path", None) or ""),
             "base_fingerprint": self.fingerprint,
             "quantization": self.quantization,

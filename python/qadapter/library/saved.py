@@ -40,6 +40,9 @@ from .provenance import PROVENANCE_NAME
 CONFIG_NAME = "qadapter_config.json"
 FORMAT_VERSION = 1
 STACKED_FORMAT_VERSION = 2  # a stacked adapter: a reader that cannot load its levels refuses it
+# An adapter with chat template options, stacked or not: a reader that predates them would render its
+# prompts without them (another answer, no error), so it refuses it.
+TEMPLATE_FORMAT_VERSION = 3
 # Keys of the saved config's "loss" section besides LossConfig's fields.
 RUN_KEYS = ("backend", "chunk_size")
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -295,13 +298,15 @@ def read_adapter_config(path: Path) -> dict:
     missing = [k for k in ("format_version", "base_model", "base_fingerprint", "loss") if k not in config]
     if missing:
         raise AdapterLoadError(f"{file} lacks {missing}")
-    if config["format_version"] not in (FORMAT_VERSION, STACKED_FORMAT_VERSION):
-        raise AdapterLoadError(f"{file} has format_version {config['format_version']}; this version reads "
-                               f"{FORMAT_VERSION} and {STACKED_FORMAT_VERSION} (stacked)")
+    version = config["format_version"]
+    if version not in (FORMAT_VERSION, STACKED_FORMAT_VERSION, TEMPLATE_FORMAT_VERSION):
+        raise AdapterLoadError(f"{file} has format_version {version}; this version reads {FORMAT_VERSION}, "
+                               f"{STACKED_FORMAT_VERSION} (stacked) and {TEMPLATE_FORMAT_VERSION} (chat template options)")
     config.setdefault("stack", [])
     config.setdefault("q_on", None)
     try:  # the levels' records, checked before any base loads
-        if not isinstance(config["stack"], list) or bool(config["stack"]) != (config["format_version"] == STACKED_FORMAT_VERSION):
+        if not isinstance(config["stack"], list) or (
+                version != TEMPLATE_FORMAT_VERSION and bool(config["stack"]) != (version == STACKED_FORMAT_VERSION)):
             raise ValueError(f"'stack' must be a non-empty list exactly when format_version is {STACKED_FORMAT_VERSION}")
         for record in config["stack"]:
             Level.from_dict(record, str(file))
