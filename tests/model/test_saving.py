@@ -90,6 +90,30 @@ def _umask() -> int:
     return mask
 
 
+def test_an_earlier_adapter_naming_its_base_by_a_relative_path_asks_for_the_base(tmp_path, monkeypatch):
+    """Earlier versions recorded a local base by the path it was given: from elsewhere, ``base`` reads
+    as a hub name, and transformers' error (a hub out of reach, an unknown repository) named neither
+    the adapter nor --base-model."""
+    import qadapter.library.model as model_module
+    from helpers import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    QAdapterModel.from_base(str(tmp_path / "base")).save_pretrained(tmp_path / "adapter")
+    file = tmp_path / "adapter" / "qadapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "base_model": "base"}))
+    monkeypatch.chdir(tmp_path / "adapter")
+
+    def unreachable(name, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}")
+
+    monkeypatch.setattr(model_module, "load_base", unreachable)
+    with pytest.raises(AdapterLoadError, match=r"names its base 'base', which is no folder here .*earlier version.*"
+                                               r"\(--base-model\)"):
+        QAdapterModel.from_pretrained(tmp_path / "adapter")
+    monkeypatch.undo()
+    assert QAdapterModel.from_pretrained(tmp_path / "adapter", str(tmp_path / "base")).fingerprint
+
+
 def test_refuses_a_file_and_a_foreign_directory(tmp_path):
     file = tmp_path / "adapter"
     file.write_text("not a directory")

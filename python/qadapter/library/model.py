@@ -567,8 +567,19 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
         if saved_way and saved is not None and saved["method"] != "int8" and named:
             wanted = quant.normalize({**saved, "compute_dtype": torch_dtype})  # the compute dtype, as the CLI's
         check_quantization(path, saved, wanted)
-        base_model, tokenizer = load_base(base_model or config["base_model"], torch_dtype=torch_dtype, device=device,
-                                          quantization=wanted)
+        try:
+            base_model, tokenizer = load_base(base_model or recorded, torch_dtype=torch_dtype, device=device,
+                                              quantization=wanted)
+        except OSError as exc:
+            if base_model is not None or Path(recorded).is_absolute() or Path(recorded).exists():
+                raise
+            # Earlier versions recorded a local base by the path it was given: a relative one reads as a
+            # hub name anywhere else, and transformers' error names neither the adapter nor the way out.
+            raise AdapterLoadError(f"the adapter in {path} names its base {recorded!r}, which is no folder here and "
+                                   f"could not be loaded as a hub model ({exc}); an adapter saved by an earlier "
+                                   "version may name a local base by a path relative to where it was trained: pass "
+                                   "the same base as base_model= (--base-model), a folder or its hub name; its "
+                                   "fingerprint is checked") from exc
     given = quant.model_quantization(base_model)
     check_quantization(path, saved, given)
     check_base(path, config, base_fingerprint(base_model), given)
