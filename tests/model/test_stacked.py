@@ -92,6 +92,19 @@ def test_a_stack_renders_its_chats_as_its_parent_unless_told_otherwise(tmp_path)
     assert len(child.stack) == 1 and child.chat_template_kwargs == quiet
 
 
+def test_a_stacked_checkpoint_loads_back_into_a_fresh_stack(tmp_path, parent_dir):
+    """Resuming (and best-model loading) puts a checkpoint's weights into a model built anew on the
+    same parent: the file holds the new LoRA only, and the levels' weights, loaded from their own
+    folders, are no missing part of it."""
+    saved_adapter(tmp_path / "child", on=parent_dir, seed=2, **CHILD)
+    trained = QAdapterModel.from_pretrained(tmp_path / "child", tiny_causal_lm())
+    fresh = QAdapterModel(tiny_causal_lm(), on=parent_dir, **CHILD)
+    fresh.load_adapter_weights(tmp_path / "child")
+    want = {k: v for k, v in trained.peft_model.state_dict().items() if "lora_" in k}
+    got = fresh.peft_model.state_dict()
+    assert want and all(torch.equal(got[k], v) for k, v in want.items())
+
+
 @pytest.mark.parametrize("q_on", ["parent", "base"])
 def test_effective_hidden_gives_the_explicit_combination(parent_dir, q_on):
     model = QAdapterModel(tiny_causal_lm(), on=parent_dir, q_on=q_on, **CHILD).eval()

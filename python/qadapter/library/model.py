@@ -327,8 +327,10 @@ class QAdapterModel(nn.Module):
             result = set_peft_model_state_dict(self.peft_model, state, adapter_name=ADAPTER_NAME)
         except Exception as exc:  # unreadable file; a tensor of another shape (another LoRA rank)
             raise AdapterLoadError(f"cannot load adapter weights {file}: {exc}") from exc
-        if any("lora_" in key for key in result.missing_keys):
-            raise AdapterLoadError(f"{file} lacks adapter weights: {[k for k in result.missing_keys if 'lora_' in k][:3]}")
+        # A stack's levels are adapters of their own, loaded from their own files: only this one's count.
+        missing = [key for key in result.missing_keys if "lora_" in key and f".{ADAPTER_NAME}." in key]
+        if missing:
+            raise AdapterLoadError(f"{file} lacks adapter weights: {missing[:3]}")
 
     # ------------------------------------------------------------------------------------ saving
     def adapter_config(self, directory: str | os.PathLike | None = None) -> dict:
