@@ -227,6 +227,30 @@ def test_resume_with_other_chat_template_options_is_warned_of(tmp_path):
         "checkpoint": None, "given": {"enable_thinking": False}}
 
 
+def test_resuming_with_other_packing_than_the_checkpoint_run_is_said(tmp_path):
+    """Packed or padded, a step's dropout draws differ: a resumed run ends with the uninterrupted run's
+    adapter only as that run ran, so another padding_free is warned of, a checkpoint recorded before
+    the option existed being a padded run's."""
+    import json
+
+    from helpers import rows
+
+    def trainer(**options):
+        model, tokenizer, args, _, _ = training_setup(tmp_path, max_steps=2, save_strategy="steps", save_steps=2,
+                                                      **options)
+        return QAdapterTrainer(model=model, args=args, train_dataset=rows(32, seed=0), processing_class=tokenizer)
+
+    trainer().train()
+    with pytest.warns(UserWarning, match=r"padding_free False \(the checkpoint run: True\)"):
+        trainer(padding_free=False).train(resume_from_checkpoint=True)
+    file = tmp_path / "checkpoint-2" / "provenance.json"
+    record = json.loads(file.read_text())
+    del record["training"]["options"]["padding_free"]
+    file.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=r"padding_free True \(the checkpoint run: False\)"):
+        trainer().train(resume_from_checkpoint=True)
+
+
 def test_save_model_writes_a_loadable_adapter_and_keeps_other_files(tmp_path):
     """Trainer.save_model: the adapter, its config and the tokenizer, staged and renamed into place
     beside whatever the directory holds; a directory of other things is refused untouched."""

@@ -251,7 +251,10 @@ RESTORED_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
 COURSE_OPTIONS = ("max_steps", "num_train_epochs", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
                   "warmup_ratio", "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
                   "data_seed", "max_length", "max_prompt_length", "chat_template_kwargs", "lora_dropout",
-                  *LOSS_ARGUMENTS)
+                  "padding_free", *LOSS_ARGUMENTS)
+# What a run recorded before an option existed ran with: a checkpoint from then, resumed, is compared
+# as it ran (padded, no chat template options), not passed over as if it had no value.
+UNRECORDED_OPTIONS = {"padding_free": False, "chat_template_kwargs": None}
 
 
 def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -> dict:
@@ -277,6 +280,7 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
     point = {"checkpoint": str(checkpoint), "global_step": step}
     record, _ = read_provenance(checkpoint)
     saved = (record or {}).get("training", {}).get("options") or {}
+    saved = {**UNRECORDED_OPTIONS, **saved} if saved else saved
     given = json.loads(json.dumps(args.to_dict(), default=str))  # as the record holds them (tuples as lists)
     differs = {name: (saved[name], given[name]) for name in (*RESTORED_OPTIONS, *COURSE_OPTIONS)
                if name in saved and name in given and saved[name] != given[name]}
