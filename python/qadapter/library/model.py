@@ -177,9 +177,9 @@ class QAdapterModel(nn.Module):
         self.fingerprint = base_fingerprint(self.peft_model)
         if levels is not None:
             self._stack_levels(levels, q_on, "on")
-        # An adapter trained on another renders its chats as that one does, unless told otherwise.
-        self.chat_template_kwargs = template_options if chat_template_kwargs is not None or not self.stack else \
-            read_adapter_config(self.stack[-1].location())["chat_template_kwargs"]
+        if chat_template_kwargs is None and self.stack:  # trained on another: its chats rendered as that one's
+            template_options = read_adapter_config(self.stack[-1].location())["chat_template_kwargs"]
+        self.chat_template_kwargs = template_options
 
     def _configure(self, tokenizer, loss, backend, chunk_size, loss_options) -> None:
         self.loss, self.backend, self.chunk_size = run_options(loss, backend, chunk_size, **loss_options)
