@@ -39,7 +39,7 @@ from qadapter.cli import main  # noqa: E402
         (["generate", "--adapter", "a", "--prompt", "hi", "--chat-template-kwargs", "[1]"],
          "--chat-template-kwargs: the value must be an object of named options"),
         (["generate", "--adapter", "a", "--prompt", "hi", "--chat-template-kwargs", "{x}"],
-         "--chat-template-kwargs: must be a JSON object"),
+         "--chat-template-kwargs: the value must be a JSON object; got '{x}'"),
         (["train", "--data", "d.jsonl", "--output", "x", "--chat_template_kwargs", "{x}"],
          "--chat_template_kwargs must be a JSON object"),
         (["serve", "--default-chat-template-kwargs", '{"tokenize": false}'],

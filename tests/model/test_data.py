@@ -350,7 +350,7 @@ def test_bad_chat_template_options_are_refused_naming_them(tok, options, message
         tokenize_rows([row], tok, chat_template_kwargs=options)
     with pytest.raises(PreferenceDataError, match=f"row 0: 'chat_template_kwargs' {message}"):
         normalize_row(0, {**row, "chat_template_kwargs": options})
-    with pytest.raises(PreferenceDataError, match="'chat_template_kwargs' is a string that is not JSON"):
+    with pytest.raises(PreferenceDataError, match="'chat_template_kwargs' must be a JSON object; got '{enable_thinking: false}'"):
         normalize_row(0, {**row, "chat_template_kwargs": "{enable_thinking: false}"})
 
 

@@ -5,7 +5,6 @@ dataclass, and the one-line usage error (exit 2, argparse's convention)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import typing
@@ -55,12 +54,10 @@ torch_seed = ranged("seed", int, lambda v: 0 <= v < 2**64, "an integer in [0, 2*
 @named("JSON object")
 def template_options(text: str) -> dict:
     """The chat template's options, as ``--chat-template-kwargs '{"enable_thinking": false}'``."""
-    from ..library.data import check_template_options
+    from ..library.data import parse_template_options
 
     try:
-        return check_template_options(json.loads(text), "the value")
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"must be a JSON object; got {text!r} ({exc})") from None
+        return parse_template_options(text, "the value")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

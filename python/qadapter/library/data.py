@@ -186,14 +186,8 @@ def _tools(index: int, row: dict) -> list[dict] | None:
 
 
 def _template_options(index: int, row: dict) -> dict | None:
-    options = row.get("chat_template_kwargs")
-    if isinstance(options, str):  # a JSON string, as a column store may hold an object of varying keys
-        try:
-            options = json.loads(options)
-        except json.JSONDecodeError as exc:
-            raise PreferenceDataError(index, f"'chat_template_kwargs' is a string that is not JSON: {exc}") from None
-    try:
-        options = check_template_options(options, "'chat_template_kwargs'")
+    try:  # a JSON string, as a column store may hold an object of varying keys
+        options = parse_template_options(row.get("chat_template_kwargs"), "'chat_template_kwargs'")
     except ValueError as exc:
         raise PreferenceDataError(index, str(exc)) from None
     # A column store's struct holds every key some row has, the others null: no option of this row.
@@ -216,6 +210,17 @@ def check_template_options(options: Any, name: str = "chat_template_kwargs") -> 
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must hold JSON values (it is recorded with the adapter): {exc}") from None
     return dict(options)
+
+
+def parse_template_options(value: Any, name: str = "chat_template_kwargs") -> dict:
+    """:func:`check_template_options` of ``value``, an object given as JSON text (a command line's, a
+    column store's) read first."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} must be a JSON object; got {value[:80]!r} ({exc})") from None
+    return check_template_options(value, name)
 
 
 # apply_chat_template's own arguments, and what it hands the template under its own names (the

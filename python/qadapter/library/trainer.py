@@ -31,7 +31,7 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
 from . import atomic
-from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, check_template_options, pairs_dataset, tokenize_rows
+from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, parse_template_options, tokenize_rows
 from .hidden import whole_parameters
 from .launch import launch_variable, launched_processes
 from .provenance import data_identity, read_provenance, rows_hash
@@ -126,14 +126,8 @@ class QAdapterConfig(LossArguments):
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
         check_chunk_size(self.chunk_size)
-        if isinstance(self.chat_template_kwargs, str):  # as the command line gives it
-            try:
-                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--chat_template_kwargs must be a JSON object; got {self.chat_template_kwargs!r} "
-                                 f"({exc})") from None
-        if self.chat_template_kwargs is not None:
-            self.chat_template_kwargs = check_template_options(self.chat_template_kwargs, "--chat_template_kwargs")
+        if self.chat_template_kwargs is not None:  # JSON text as the command line gives it
+            self.chat_template_kwargs = parse_template_options(self.chat_template_kwargs, "--chat_template_kwargs")
 
     def best_metric(self) -> tuple[str | None, str | None]:
         """``metric_for_best_model`` read as ``[eval_][<set>_]<measure>`` (a dict of eval sets names its

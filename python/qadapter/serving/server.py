@@ -642,13 +642,14 @@ class Server:
             asked = check_template_options(body.get("chat_template_kwargs"), "chat_template_kwargs")
         except ValueError as exc:
             raise BadRequest(str(exc), "chat_template_kwargs") from None
-        model, trained = body.get("model"), {}
-        served = next((a for a in self.engine.adapter_set.adapters if a.name == model), None)  # none if unloaded meanwhile
-        if served is not None:
-            trained = served.template_options
-        elif (folder := self._in_adapter_dir(model)) is not None:
-            with contextlib.suppress(AdapterLoadError):
-                trained = read_adapter_config(folder)["chat_template_kwargs"]
+        model = body.get("model")
+        try:
+            trained = self.engine.adapter_set.template_options(model if isinstance(model, str) else None)
+        except KeyError:  # not loaded (the base's name, a folder of the adapter directory, or unloaded meanwhile)
+            trained, folder = {}, self._in_adapter_dir(model)
+            if folder is not None:
+                with contextlib.suppress(AdapterLoadError):
+                    trained = read_adapter_config(folder)["chat_template_kwargs"]
         return {**self.default_template_options, **trained, **asked}
 
 
