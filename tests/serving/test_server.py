@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import socket
@@ -1092,6 +1093,8 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
             engine.submit(request)
         assert info.value.field == field
         assert str(info.value) == info.value.args[0]  # not quoted, as a KeyError's message would be
+        again = pickle.loads(pickle.dumps(info.value))  # sent between processes, it stays whole
+        assert (type(again), str(again), again.field) == (RequestRefused, str(info.value), field)
     with pytest.raises(KeyError):  # an adapter not loaded, as callers caught it before
         engine.submit(Request(prompt=[5], adapter="gone", max_tokens=1, emit=lambda e: None))
     assert engine._pending.empty()

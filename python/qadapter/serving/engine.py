@@ -63,6 +63,11 @@ class RequestRefused(ValueError, KeyError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self):
+        """Rebuilt from its message and field (an exception pickles its arguments alone, and this
+        constructor needs both): an engine driven from another process gets its refusals whole."""
+        return type(self), (self.args[0], self.field)
+
 
 class AdapterBusy(RuntimeError):
     """An adapter cannot be unloaded: requests for it are queued or running."""
