@@ -76,7 +76,7 @@ def summary(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qadapter.experiments.demo import DemoOptions
+    from qadapter.experiments.options import DemoOptions
 
     return options_main(argv, prog="python -m bench.quantized_accuracy", doc=__doc__, options_class=DemoOptions,
                         run=run, summary=summary, name="quantized-accuracy", output="qadapter-demo/quantized-accuracy")

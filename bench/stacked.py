@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from qadapter.experiments.demo import option_field
+from qadapter.experiments.options import option_field
 
 from bench.common import bench_device, device_label, options_main, versions
 

@@ -291,6 +291,21 @@ def test_help_starts_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
+@pytest.mark.parametrize("command", ["demo", "train", "generate", "serve", "eval", "plan", "compare", "lm-eval",
+                                     "info", "check"])
+def test_a_command_help_imports_no_model_library(command):
+    """`qadapter <command> --help` builds the command's options only: it does not wait for
+    transformers, PEFT or TRL (with bitsandbytes installed, PEFT's import alone takes seconds)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfrom qadapter.cli import main\ntry:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = {'transformers', 'peft', 'trl', 'bitsandbytes'} & set(sys.modules)\n"
+            "assert not heavy, 'imported: ' + str(heavy)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_negative_top_k_is_refused():
     from qadapter.cli import main
 

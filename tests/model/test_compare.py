@@ -14,7 +14,6 @@ pytest.importorskip("peft")
 from helpers import default_model_available, save_tiny_base, tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 from qadapter.evaluation.measures import next_token_targets  # noqa: E402
 from qadapter.experiments.compare import (  # noqa: E402
-    CompareOptions,
     Policy,
     format_table,
     lora_policy,
@@ -26,6 +25,7 @@ from qadapter.experiments.compare import (  # noqa: E402
     trl_dataset,
     trl_trainer,
 )
+from qadapter.experiments.options import CompareOptions  # noqa: E402
 from qadapter.library.data import IGNORE_INDEX, PreferenceCollator  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from helpers import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
 from qadapter.cli import build_parser, main  # noqa: E402
 from qadapter.cli.arguments import options_from  # noqa: E402
 from qadapter.evaluation.measures import answers  # noqa: E402
-from qadapter.experiments.demo import DemoOptions  # noqa: E402
+from qadapter.experiments.options import DemoOptions  # noqa: E402
 from qadapter.library.model import QAdapterModel, base_fingerprint, select_combine  # noqa: E402
 from qadapter.library.trainer import LOSS_ARGUMENTS, QAdapterConfig  # noqa: E402
 

@@ -18,7 +18,7 @@ from .arguments import (
 
 
 def demo_parser(p) -> None:
-    from ..experiments.demo import DemoOptions
+    from ..experiments.options import DemoOptions
 
     p.description = ("The main job: customize the embedded default model (or --model) to answer "
                      "with a TL;DR line, then print before/after preference accuracy, rule "
@@ -28,7 +28,8 @@ def demo_parser(p) -> None:
 
 
 def demo_command(args) -> int:
-    from ..experiments.demo import DemoOptions, format_report, run_demo
+    from ..experiments.demo import format_report, run_demo
+    from ..experiments.options import DemoOptions
     from ..library import atomic
     from ..library.saved import holds_adapter
 
@@ -39,7 +40,7 @@ def demo_command(args) -> int:
 
 
 def compare_parser(p) -> None:
-    from ..experiments.compare import CompareOptions
+    from ..experiments.options import CompareOptions
 
     p.description = ("Train SFT, DPO and a Q-Adapter with the same data, steps, learning rate and "
                      "LoRA rank on the embedded default, then measure each against the base: "
@@ -51,7 +52,8 @@ def compare_parser(p) -> None:
 
 
 def compare_command(args) -> int:
-    from ..experiments.compare import CompareOptions, format_table, run_compare
+    from ..experiments.compare import format_table, run_compare
+    from ..experiments.options import CompareOptions
 
     output_directory("compare", args.output)
     print(format_table(run_compare(options_from(args, CompareOptions, quantization=quantization_from(args)))))

@@ -13,12 +13,9 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from qadapter_kernels.registry import BACKEND_NAMES
 
 from ..evaluation.measures import STEP0_BASELINE, answers, evaluate_pairs
 from ..library import atomic
@@ -26,7 +23,8 @@ from ..library.data import tokenize_rows
 from ..library.defaults import DEFAULT_MODEL
 from ..library.model import QAdapterModel
 from ..library.quantization import describe
-from .task import PROMPT_LENGTH, follows_rule, load_task, probe_correct
+from .options import DemoOptions
+from .task import follows_rule, load_task, probe_correct
 
 # Under the table: what the base's preference accuracy is.
 BASELINE_NOTE = (
@@ -35,33 +33,6 @@ BASELINE_NOTE = (
     "  base's own greedy answer, so the base prefers it: a low base accuracy is the base's preference,",
     "  not a floor of the measure.",
 )
-
-
-def option_field(default, help: str, **metadata):
-    """A dataclass field whose metadata drives its command-line option (see ``cli.add_dataclass_options``)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
-@dataclass
-class DemoOptions:
-    """The demo's options; ``qadapter demo``'s command line is generated from these fields (their
-    metadata: ``help``, ``choices``, ``positive``, and ``flag`` where it is not ``--field-name``)."""
-
-    model: str = option_field(DEFAULT_MODEL, "base model: a local directory, a hub name, or the embedded default "
-                              "(whose own answers the built-in task's pairs were made from)")
-    output: str = option_field("qadapter-demo", "directory for the adapter and report.json")
-    max_steps: int = option_field(40, "training steps", positive=True, flag="--steps")
-    pairs_per_step: int = option_field(4, "preference pairs per training step", positive=True)
-    learning_rate: float = option_field(2e-3, "peak learning rate (cosine schedule)", positive=True)
-    max_length: int = option_field(80, "tokens per sequence, prompt included", positive=True)
-    max_prompt_length: int = option_field(PROMPT_LENGTH, "prompt tokens kept (cut from the left)", positive=True)
-    answer_tokens: int = option_field(40, "tokens generated per evaluation answer", positive=True)
-    seed: int = option_field(0, "seed of the adapter's initialization and of training")
-    backend: str = option_field("auto", "qadapter_kernels backend (loss and decoding)", choices=BACKEND_NAMES)
-    probe_limit: int | None = option_field(None, "use only the first N probe questions", positive=True)
-    heldout_limit: int | None = option_field(None, "use only the first N held-out pairs", positive=True)
-    quantization: str | dict | None = option_field(None, "the base quantized by bitsandbytes ('4bit', '8bit', a dict; "
-                                                   "qadapter.library.quantization)", cli=False)
 
 
 def _peak_memory_mb() -> float:
