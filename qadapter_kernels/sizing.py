@@ -7,11 +7,9 @@ import torch
 
 from . import _cpu
 from .inputs import stats_dtype
-from .steps import BlockStep, RowStep, torch_block_step, torch_row_step
+from .steps import BlockStep, torch_block_step
 
 DEFAULT_CPU_BUDGET = 128 * 2**20
-
-
 DEFAULT_CUDA_BUDGET = 1 * 2**30
 
 
@@ -27,12 +25,6 @@ def _compiled_cpu(device: torch.device):
     if device.type != "cpu":
         return None
     return _cpu if _cpu.status()[0] else None
-
-
-def default_row_step(device: torch.device) -> RowStep:
-    """The compiled single-sweep row step for CPU tensors when it builds, else the eager one."""
-    compiled = _compiled_cpu(device)
-    return compiled.cpu_row_step if compiled else torch_row_step
 
 
 def default_block_step(device: torch.device) -> BlockStep:

@@ -230,8 +230,6 @@ def test_soft_capped_chunked_loss_takes_the_compiled_step(monkeypatch, dtype, to
 def test_chunked_uses_it_by_default_on_cpu():
     assert sizing.default_block_step(torch.device("cpu")) is _cpu.cpu_block_step
     assert sizing.default_block_step(torch.device("cuda")) is torch_block_step
-    assert sizing.default_row_step(torch.device("cpu")) is _cpu.cpu_row_step
-    assert sizing.default_row_step(torch.device("cuda")) is torch_row_step
 
 
 def _stats(x, row_step):
