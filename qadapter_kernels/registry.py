@@ -95,7 +95,7 @@ _RECORDS = {
 }
 BACKEND_NAMES = ("auto", *_RECORDS)
 # What "auto" tries, fastest first, per device type: the order the GPU check measured
-# (docs/architecture.md, "Choosing a backend", has the rule and the figures).
+# (docs/architecture.md, "Choosing a backend", has the rule; README and bench/results/ the figures).
 _AUTO_ORDER = {"cuda": ("chunked-triton", "cuda", "chunked")}
 _AUTO_DEFAULT = ("chunked",)
 

