@@ -29,7 +29,7 @@ from .toolchain.cache import cache_dir, error_summary, sources_dir
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
 SOURCE = "cpu_row_step.c"
 # -fno-trapping-math lets gcc turn the portable exp's float compares into vector selects: without
-# it that loop runs scalar (about 6x slower where there is no AVX-512). Nothing reads FP exceptions.
+# it that loop runs scalar (far slower where there is no AVX-512). Nothing reads FP exceptions.
 BASE_FLAGS = ("-std=c11", "-O3", "-ffp-contract=fast", "-fno-trapping-math", "-fPIC", "-shared")
 # Tried in order: -fopenmp-simd keeps the `omp simd` reductions vectorised without the runtime.
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native", "-fopenmp-simd"), ("-fopenmp-simd",))
