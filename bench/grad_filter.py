@@ -2,10 +2,10 @@
 gradient and with ``grad_filter_eps`` thresholds, beside ``T_gemm3`` in interleaved rounds.
 
 Real hidden states: the embedded default model (SmolLM2-135M-Instruct) over real text, the HH-RLHF
-harmless pairs in ``../shared/data`` (relative to the repository root; skipped, with the reason, when
-absent): 2 pairs of 1,025-token rows (chosen, rejected), N = 4,096 scored tokens, the frozen pass and
-the adapter pass of a fresh adapter, bfloat16, at the model's own head. Random inputs of the same
-shape (``bench.common.make_case_inputs``) are the worst case: unit-scale logits, where no block is
+harmless pairs of ``bench.common.HH_DATA`` (skipped, with the reason, when absent): 2 pairs of
+1,025-token rows (chosen, rejected), N = 4,096 scored tokens, the frozen pass and the adapter pass
+of a fresh adapter, bfloat16, at the model's own head. Random inputs of the same shape
+(``bench.common.make_case_inputs``) are the worst case: unit-scale logits, where no block is
 negligible; the same with a Zipf tilt (:func:`peaked`) the best. For each budget: time, ratio to
 ``T_gemm3``, the skipped fraction, the largest and median probability mass a token loses, and the
 gradient's error against the exact backward and against the float64 one (beside the exact bfloat16

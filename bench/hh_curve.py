@@ -3,7 +3,7 @@
     python -m bench.hh_curve --preset authors --out bench/results/hh-curve-DATE
     python -m bench.hh_curve --preset small --out bench/results/hh-curve-DATE
 
-Splits ``../shared/data/hh-rlhf-harmless-2000.jsonl`` (the 4 rows with an empty response skipped)
+Splits the HH-RLHF harmless pairs of ``bench.common.HH_DATA`` (the 4 rows with an empty response skipped)
 into its last 400 pairs for held-out measurement and the 1,596 before them for training, trains a
 Q-Adapter with a preset's options and measures the held-out pairs at step 0 (the base model's own
 preference), every ``--every`` steps and at the end (:class:`qadapter.evaluation.curve.LearningCurve`):

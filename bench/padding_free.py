@@ -6,7 +6,7 @@ the packed rows' length chosen by cost differs from rows as long as the largest 
 before it, :func:`largest_tree_rows`), that layout is timed too, and laid out in the sweep beside it.
 
 The step is the trainer's: the Q-Adapter loss of a batch (frozen and adapter passes, the fused loss)
-and its backward. Batches are the HH-RLHF harmless pairs in ``../shared/data`` (multi-turn prompts,
+and its backward. Batches are the HH-RLHF harmless pairs of ``bench.common.HH_DATA`` (multi-turn prompts,
 responses of every length: a real preference batch's padding and shared prompts), tokenized as
 ``qadapter train`` does, shuffled with a fixed seed; where that file is absent, the built-in task's
 pairs (``source`` in the result says which). The two ways take turns, median; embedded default on the
