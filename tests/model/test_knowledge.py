@@ -12,8 +12,8 @@ from qadapter.evaluation.knowledge import (
     candidates,
     general_passages,
     greedy_correct,
+    likeliest_options,
     load_probe,
-    option_logprob_scores,
     option_scores,
     score_probe,
 )
@@ -99,7 +99,7 @@ def _favouring(tokenizer, text: str, calls: list):
 def test_option_scores_pick_the_favoured_option(favoured):
     tokenizer = tiny_chat_tokenizer()
     calls = []
-    picked = option_logprob_scores(_favouring(tokenizer, favoured, calls), tokenizer, ITEMS, batch_size=3)
+    picked = likeliest_options(_favouring(tokenizer, favoured, calls), tokenizer, ITEMS, batch_size=3)
     for item, k in zip(ITEMS, picked):
         if favoured in item["options"]:
             assert item["options"][k] == favoured
@@ -113,8 +113,8 @@ def test_option_scores_respect_padding():
     items = knowledge.candidates(0)[:12]
 
     logprobs_fn = likelihood(model)
-    one = option_logprob_scores(logprobs_fn, tokenizer, items, batch_size=1)
-    assert option_logprob_scores(logprobs_fn, tokenizer, items, batch_size=16) == one
+    one = likeliest_options(logprobs_fn, tokenizer, items, batch_size=1)
+    assert likeliest_options(logprobs_fn, tokenizer, items, batch_size=16) == one
     result = score_probe(logprobs_fn, lambda qs: [items[0]["options"][items[0]["answer"]]] * len(qs), tokenizer,
                          items[:1])
     assert result == {"loglik_accuracy": float(one[0] == items[0]["answer"]), "greedy_accuracy": 1.0, "n": 1}
@@ -139,8 +139,8 @@ def test_packed_options_score_as_their_own_rows_do(monkeypatch, family):
     packed = option_scores(likelihood(model), tokenizer, items, batch_size=5)
     assert packed_batches and all(b is not None for b in packed_batches)
     torch.testing.assert_close(torch.tensor(packed), torch.tensor(one), rtol=1e-5, atol=1e-5)
-    assert option_logprob_scores(likelihood(model), tokenizer, items) == \
-        option_logprob_scores(likelihood(model, padding_free=False), tokenizer, items)
+    assert likeliest_options(likelihood(model), tokenizer, items) == \
+        likeliest_options(likelihood(model, padding_free=False), tokenizer, items)
 
 
 def test_general_prompts_and_passages():
@@ -158,6 +158,6 @@ def test_embedded_model_gets_shipped_questions_right_by_loglik():
     items = load_probe()[::40]
 
     logprobs_fn = likelihood(model)
-    assert option_logprob_scores(logprobs_fn, tokenizer, items) == [i["answer"] for i in items]
-    padded = option_logprob_scores(likelihood(model, padding_free=False), tokenizer, items)
+    assert likeliest_options(logprobs_fn, tokenizer, items) == [i["answer"] for i in items]
+    padded = likeliest_options(likelihood(model, padding_free=False), tokenizer, items)
     assert padded == [i["answer"] for i in items]

@@ -382,7 +382,7 @@ def option_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 1
     return scores
 
 
-def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16,
+def likeliest_options(logprobs_fn, tokenizer, items: list[dict], batch_size: int = 16,
                           template_options: dict | None = None) -> list[int]:
     """Per item, the index of the option with the highest :func:`option_scores` (the first on a tie)."""
     return [max(range(len(s)), key=s.__getitem__)
@@ -390,9 +390,9 @@ def option_logprob_scores(logprobs_fn, tokenizer, items: list[dict], batch_size:
 
 
 def loglik_accuracy(logprobs_fn, tokenizer, items: list[dict], template_options: dict | None = None) -> float:
-    """Fraction of items whose most likely option is the correct one (:func:`option_logprob_scores`),
+    """Fraction of items whose most likely option is the correct one (:func:`likeliest_options`),
     the questions rendered with ``template_options`` (an adapter's ``chat_template_kwargs``)."""
-    picked = option_logprob_scores(logprobs_fn, tokenizer, items, template_options=template_options)
+    picked = likeliest_options(logprobs_fn, tokenizer, items, template_options=template_options)
     return sum(p == it["answer"] for p, it in zip(picked, items)) / len(items)
 
 
@@ -412,7 +412,7 @@ def build_probe(model, tokenizer, *, seed: int = 0, max_new_tokens: int = ANSWER
     from .measures import answers, likelihood
 
     items = candidates(seed)
-    picked = option_logprob_scores(likelihood(model), tokenizer, items)
+    picked = likeliest_options(likelihood(model), tokenizer, items)
     texts = answers(model, tokenizer, [it["question"] for it in items], customized=False,
                     max_new_tokens=max_new_tokens)
     greedy = greedy_correct(texts, items)
