@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft")
-from helpers import (
-    default_model_available,  # noqa: E402
-    training_setup,  # noqa: E402
-)
+from helpers import default_model_available, training_setup  # noqa: E402
 from qadapter.evaluation.curve import LearningCurve, mcnemar_exact, paired_change, wilson_interval  # noqa: E402
 from qadapter.evaluation.measures import evaluate_pairs  # noqa: E402
 from qadapter.library.trainer import QAdapterTrainer  # noqa: E402
+
+from bench.common import HH_DATA as HH  # noqa: E402
 
 
 def test_wilson_interval():
@@ -131,9 +129,6 @@ def test_a_resumed_run_goes_on_with_the_curve_it_measured(tmp_path, capsys):
     # A run started anew (--overwrite) keeps no curve of the run it replaces.
     assert main([*common[:-2], "--eval-data", str(tmp_path / "other.jsonl"), "--max_steps", "2", "--overwrite"]) == 0
     assert not (output / "curve.json").exists() and not (output / "curve.png").exists()
-
-
-HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
 
 
 @pytest.mark.skipif(not HH.is_file() or not default_model_available(),

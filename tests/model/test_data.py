@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +22,7 @@ from qadapter.library.data import (  # noqa: E402
     tokenize_rows,
 )
 
-HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
+from bench.common import HH_DATA as HH  # noqa: E402
 
 
 @pytest.fixture(scope="module")

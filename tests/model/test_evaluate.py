@@ -5,7 +5,6 @@ separate batches of 4; and its step-0 baseline is a fresh adapter's."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +15,10 @@ from qadapter.evaluation.measures import evaluate_pairs, mean_kl, preference_met
 from qadapter.library.data import IGNORE_INDEX, PreferenceCollator, tokenize_rows  # noqa: E402
 from qadapter.library.model import QAdapterModel  # noqa: E402
 
+from bench.common import HH_DATA as HH  # noqa: E402
 from qadapter_kernels import combine_logits  # noqa: E402
 
 PAD = 0
-HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-2000.jsonl"
-
-
 def ragged_pairs(count: int, vocab: int, seed: int = 0) -> list[dict]:
     """Random pairs: prompts and responses of different lengths, responses that share a first token
     or two, one pair whose two sequences are identical and one where a response is a prefix."""
