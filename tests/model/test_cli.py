@@ -534,6 +534,24 @@ def test_a_module_an_installed_package_lacks_asks_for_an_upgrade():
                                     'older than this needs): pip install -U "qadapter-kernels[model]"')
 
 
+def test_a_module_missing_behind_a_lazy_import_is_named(monkeypatch):
+    """transformers' lazy imports wrap the absent package's error in one of their own, naming neither
+    it nor a name (``Trainer`` without accelerate): the absent package is the one said."""
+    import sys
+
+    from qadapter.cli import _missing_module
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # not installed
+    try:
+        try:
+            raise ModuleNotFoundError("No module named 'accelerate'", name="accelerate")
+        except ModuleNotFoundError as absent:
+            raise ModuleNotFoundError("Could not import module 'Trainer'. Are this object's requirements "
+                                      "defined correctly?") from absent
+    except ModuleNotFoundError as exc:
+        assert _missing_module(exc) == "No module named 'accelerate': pip install \"qadapter-kernels[model]\""
+
+
 def test_every_extra_named_is_one_the_package_has():
     """The command line's module-to-extra table against pyproject.toml's extras."""
     import re
