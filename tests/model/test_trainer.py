@@ -355,6 +355,16 @@ def test_float16_mixed_precision_on_a_cpu_is_refused_rather_than_ignored(tmp_pat
     assert QAdapterConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16
 
 
+def test_deepspeed_option_without_deepspeed_names_the_extra(tmp_path, monkeypatch):
+    """transformers, without DeepSpeed, fails on --deepspeed with a TypeError from inside its config class."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed
+    with pytest.raises(ModuleNotFoundError, match=r'--deepspeed needs DeepSpeed: pip install "qadapter-kernels'
+                                                  r'\[deepspeed\]"'):
+        QAdapterConfig(output_dir=str(tmp_path), deepspeed={"zero_optimization": {"stage": 2}})
+
+
 def test_reporting_to_an_integration_not_installed_is_refused_before_loading(tmp_path):
     """Trainer fails on it only when it is made, after the model has loaded."""
     from transformers.integrations.integration_utils import get_available_reporting_integrations

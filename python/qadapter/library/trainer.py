@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -178,6 +179,9 @@ class QAdapterConfig(LossArguments):
         if self.fp16 and (self.use_cpu or not has_accelerator()):  # accelerate then takes it and casts nothing
             raise ValueError("--fp16 (float16 mixed precision) runs on a GPU only: on a CPU it would change nothing; "
                              "--bf16 true computes in bfloat16 there")
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:  # else transformers' TypeError
+            raise ModuleNotFoundError('--deepspeed needs DeepSpeed: pip install "qadapter-kernels[deepspeed]"',
+                                      name="deepspeed")
         if self.max_steps < 0 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 when --max_steps is -1 (its default); "
                              f"got {self.num_train_epochs}")
