@@ -312,3 +312,20 @@ def test_the_converted_default_model_is_kept_per_transformers_major_version(tmp_
         folders[transformers] = defaults._cache_dir(gguf).name
     assert folders["5.25.0"] == folders["5.0.1"] != folders["4.56.2"]
     assert folders["4.56.2"].endswith("-transformers4")
+
+
+def test_converting_the_default_model_without_gguf_names_the_extra(tmp_path, monkeypatch):
+    """transformers reads the GGUF file with the gguf package; without it, its ImportError is no
+    ModuleNotFoundError the command line names an extra for. Nothing is written to the cache."""
+    import sys
+
+    from qadapter.library import defaults
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(defaults, "gguf_path", lambda: gguf)
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+    with pytest.raises(ModuleNotFoundError, match=r'needs the gguf package: pip install "qadapter-kernels\[model\]"'):
+        defaults.default_model_dir()
+    assert not (tmp_path / "cache").exists()

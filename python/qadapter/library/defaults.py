@@ -77,6 +77,9 @@ def default_model_dir() -> Path:
     target = _cache_dir(gguf)
     if (target / "config.json").is_file():
         return target
+    if importlib.util.find_spec("gguf") is None:  # else transformers' ImportError, once it reads the file
+        raise ModuleNotFoundError(f'converting the embedded default model ({GGUF_FILE}) needs the gguf package: '
+                                  'pip install "qadapter-kernels[model]"', name="gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
