@@ -526,6 +526,19 @@ def test_a_command_whose_extra_is_not_installed_names_it(argv, extra):
     assert run.stderr.rstrip().endswith(f'pip install "qadapter-kernels[{extra}]"')
 
 
+def test_serve_without_uvicorn_says_so_before_loading_the_model():
+    """The server imports uvicorn only to listen: without it, serve says so before a base loads for
+    minutes (here one that is not there would be the error instead)."""
+    import subprocess
+    import sys
+
+    code = without_modules(("uvicorn",)) + "from qadapter.cli import main\nmain(['serve', '--base-model', '/no/base'])\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == ("qadapter serve: error: No module named 'uvicorn': "
+                                  'pip install "qadapter-kernels[serve]"')
+
+
 def test_a_module_an_installed_package_lacks_asks_for_an_upgrade():
     from qadapter.cli import _missing_module
 

@@ -162,6 +162,8 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def serve_command(args) -> int:
+    import uvicorn  # noqa: F401 -- serve() imports it to listen; missing, it is said before the model loads
+
     from ..library.adapter_set import AdapterSet
     from ..library.defaults import DEFAULT_MODEL, load_base
     from ..library.memory_plan import parse_size
