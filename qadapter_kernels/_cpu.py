@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .steps import FILTER_BLOCK, kernel_block_stats, torch_block_step, torch_row_step
-from .toolchain.cache import cache_dir, error_summary, sources_dir
+from .toolchain.cache import CacheNotWritable, cache_dir, error_summary, sources_dir, writable_cache_dir
 
 ENV_SWITCH = "QADAPTER_CPU_KERNELS"
 SOURCE = "cpu_row_step.c"
@@ -52,9 +52,9 @@ def _cpu_id() -> str:
 def _build(cc: str, source: Path, flags: tuple[str, ...]) -> tuple[Path | None, str]:
     key = hashlib.sha256("\0".join([source.read_text(), cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     target = cache_dir("cpu") / f"cpu_row_step-{key}.so"
-    if target.is_file():
+    if target.is_file():  # a read-only cache that holds the build serves as well
         return target, ""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    writable_cache_dir("cpu")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, then renamed: atomic
     os.close(fd)
     try:
@@ -82,6 +82,8 @@ def _load():
         try:
             path, error = _build(cc, csrc / SOURCE, flags)
             lib = ctypes.CDLL(str(path)) if path else None
+        except CacheNotWritable as exc:  # the same for every set of flags
+            return None, str(exc)
         except (OSError, subprocess.SubprocessError) as exc:
             lib, error = None, str(exc)
         if lib is not None:

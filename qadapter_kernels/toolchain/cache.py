@@ -22,6 +22,25 @@ def cache_dir(kind: str) -> Path:
     return base / kind
 
 
+class CacheNotWritable(OSError):
+    """The cache folder cannot be made or written (a read-only home or container image)."""
+
+
+def writable_cache_dir(kind: str) -> Path:
+    """:func:`cache_dir`, created; :class:`CacheNotWritable`, naming it and ``QADAPTER_CACHE``, where
+    it cannot be made or written."""
+    folder = cache_dir(kind)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        why = "" if os.access(folder, os.W_OK) else "not writable"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    if why:
+        raise CacheNotWritable(f"the cache folder {folder} cannot be written ({why}): set QADAPTER_CACHE to a "
+                               "writable folder")
+    return folder
+
+
 def sources_dir() -> Path | None:
     """The C and CUDA sources: inside the installed package, else the checkout's csrc/; None if neither."""
     package = Path(__file__).resolve().parents[1]

@@ -290,6 +290,21 @@ def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
 
 
 @needs_cc
+def test_a_cache_that_cannot_be_written_is_the_reason_once(monkeypatch, tmp_path):
+    """A read-only home or cache (here a file where the folder would be): the eager step runs, and the
+    reason says which folder and what to set, not one failed build per set of flags."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "file"))
+    _cpu._load.cache_clear()
+    try:
+        available, reason = _cpu.status()
+        assert not available and reason.startswith(f"the cache folder {tmp_path / 'file' / 'cpu'} cannot be written")
+        assert reason.endswith(": set QADAPTER_CACHE to a writable folder") and reason.count("cache folder") == 1
+    finally:
+        _cpu._load.cache_clear()
+
+
+@needs_cc
 def test_build_is_cached(monkeypatch, tmp_path):
     """The first load builds into the cache; a second (a new process) loads it without building."""
     monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path))

