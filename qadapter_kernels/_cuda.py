@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .toolchain import cuda_archs
-from .toolchain.cache import cache_dir, error_summary, sources_dir
+from .toolchain.cache import CacheNotWritable, error_summary, sources_dir, writable_cache_dir
 
 BUILD_COMMAND = "python -m qadapter_kernels.toolchain.build_cuda"
 
@@ -62,8 +62,7 @@ def jit_build(prebuilt_error: str = "", *, verbose: bool = False):
     if not fits:
         return None, f"TORCH_CUDA_ARCH_LIST does not cover this GPU: {why}; unset it or add {capability[0]}.{capability[1]}"
     try:
-        build = cache_dir("cuda")
-        build.mkdir(parents=True, exist_ok=True)
+        build = writable_cache_dir("cuda")
         module = load(
             name="qadapter_kernels_C",
             build_directory=str(build),
@@ -73,6 +72,8 @@ def jit_build(prebuilt_error: str = "", *, verbose: bool = False):
             extra_cuda_cflags=["-O3", "-lineinfo", *cuda_archs.gencode_flags(archs)],
             verbose=verbose or os.environ.get("QADAPTER_JIT_VERBOSE") == "1",
         )
+    except CacheNotWritable as exc:
+        return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - any build failure disables the backend, with its reason
         return None, f"building the CUDA extension failed ({BUILD_COMMAND} shows why): {error_summary(str(exc))}"
     module.built_archs = archs

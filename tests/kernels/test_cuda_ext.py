@@ -187,6 +187,25 @@ def test_backend_status_on_cpu_torch():
         _cuda.extension()
 
 
+def test_a_build_cache_that_cannot_be_written_is_the_reason(monkeypatch, tmp_path):
+    """A just-in-time build into a read-only cache (a container image, a read-only home) is refused
+    naming the folder and QADAPTER_CACHE, before torch's build is asked for anything."""
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("QADAPTER_CACHE", str(tmp_path / "file"))  # a file where the folder would go
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built into an unwritable cache"))
+    module, reason = _cuda.jit_build()
+    assert module is None
+    assert reason.startswith(f"the cache folder {tmp_path / 'file' / 'cuda'} cannot be written")
+    assert reason.endswith("set QADAPTER_CACHE to a writable folder")
+
+
 def test_float64_row_step_keeps_float64_statistics():
     """float64 never reaches the float32 kernels (so this runs on CPU too)."""
     g = torch.Generator().manual_seed(0)
