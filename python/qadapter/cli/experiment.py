@@ -146,7 +146,7 @@ def lm_eval_command(args) -> int:
         if not (exc.name or "").startswith("lm_eval"):
             raise
         raise ModuleNotFoundError("qadapter lm-eval needs lm-evaluation-harness: "
-                                  "pip install 'qadapter-kernels[lm-eval]'") from exc
+                                  'pip install "qadapter-kernels[lm-eval]"') from exc
 
     if args.action not in ("run", "ls", "validate"):
         usage_error("lm-eval", f"argument action: invalid choice: {args.action!r} (choose from run, ls, validate)")

@@ -23,7 +23,7 @@ from torch import nn
 METHODS = ("nf4", "fp4", "int8")
 ALIASES = {"4bit": "nf4", "4-bit": "nf4", "nf4": "nf4", "fp4": "fp4", "8bit": "int8", "8-bit": "int8", "int8": "int8"}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-INSTALL_HINT = "pip install 'qadapter-kernels[quant]' (bitsandbytes)"
+INSTALL_HINT = 'pip install "qadapter-kernels[quant]" (bitsandbytes)'
 
 
 class QuantizationError(ValueError):
