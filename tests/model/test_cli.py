@@ -71,6 +71,7 @@ def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "held-out preference accuracy" in printed and "knowledge-probe accuracy" in printed
+    assert "train_runtime" not in printed  # Trainer's logs go to stderr: stdout is the report
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["max_steps"] == 2 and report["heldout_pairs"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -120,6 +121,26 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     best = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=4, num_beams=3,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_train_prints_its_held_out_measures_alone_on_stdout(tmp_path, capsys):
+    """`qadapter train ... --eval-data h.jsonl | jq`: the data summaries, Trainer's logs (which it prints
+    on stdout) and where the adapter went are on stderr; stdout is the measures' JSON alone."""
+    from helpers import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(4)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    assert main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--eval-data", str(heldout),
+                 "--output", str(tmp_path / "adapter"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                 "--logging_steps", "1", "--use_cpu", "true", "--save_strategy", "no"]) == 0
+    printed = capsys.readouterr()
+    assert 0 <= json.loads(printed.out)["accuracy"] <= 1, printed.out
+    for line in ("training data: 4/4", "evaluation data: 2/2", "'loss':", "'train_runtime':", "adapter saved to"):
+        assert line in printed.err, (line, printed.err)
 
 
 def test_chat_template_options_train_with_the_adapter_and_prompt_it(tmp_path, capsys):

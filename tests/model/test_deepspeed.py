@@ -270,8 +270,13 @@ def test_train_command_under_torchrun_is_one_run_and_saves_the_adapter_whole(tmp
         return run
 
     run = train("--max_steps", "2", "--eval-data", str(data), "--push_to_hub", "true", "--hub_model_id", "me/adapter")
-    for once in ("training data:", "adapter saved to", "adapter pushed to the hub: hub://me/adapter", '"accuracy"'):
-        assert run.stdout.count(once) == 1, (once, run.stdout)
+    for once in ("training data:", "adapter saved to", "adapter pushed to the hub: hub://me/adapter"):
+        assert run.stderr.count(once) == 1, (once, run.stderr)
+    # stdout is the held-out measures alone, once, but for DeepSpeed's own print (each process's, on CPUs)
+    # of the shared-memory collective it built, which the command does not control.
+    measures = "".join(line for line in run.stdout.splitlines(keepends=True)
+                       if not (line.startswith("DeepSpeed ") and line.endswith("built successfully\n")))
+    assert json.loads(measures)["accuracy"] >= 0, run.stdout
     saved = load_file(output / "adapter_model.safetensors")
     checkpoint = load_file(output / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
     pushed = load_file(tmp_path / "hub" / "adapter_model.safetensors")

@@ -96,7 +96,7 @@ def train_command(args) -> int:
     from ..library.model import QAdapterModel, levels_on, stack_level_at
     from ..library.provenance import data_identity
     from ..library.saved import checkpoint_folders, holds_adapter
-    from ..library.trainer import QAdapterTrainer, latest_checkpoint, seed_everything
+    from ..library.trainer import QAdapterTrainer, latest_checkpoint, logs_on_stderr, seed_everything
 
     if launched_processes() > 1 and process_rank() != 0:
         warnings.simplefilter("ignore")  # the main process warns of what every process would
@@ -156,13 +156,13 @@ def train_command(args) -> int:
                        skip_invalid=args.skip_invalid, chat_template_kwargs=model.chat_template_kwargs)
         train, summary = load_preference_data(train_rows, tokenizer, **lengths)
         if main:
-            print(f"training data: {summary}")
+            print(f"training data: {summary}", file=sys.stderr)
         model.provenance["data"] = data_identity(args.data, train_rows, summary)  # saved with the adapter
         evaluation = None
         if args.eval_data:
             evaluation, eval_summary = load_preference_data(eval_rows, tokenizer, split="test", **lengths)
             if main:
-                print(f"evaluation data: {eval_summary}")
+                print(f"evaluation data: {eval_summary}", file=sys.stderr)
             model.provenance["eval_data"] = data_identity(args.eval_data, eval_rows, eval_summary)
             if main and model.provenance["eval_data"]["rows_sha256"] == model.provenance["data"]["rows_sha256"]:
                 print("qadapter train: warning: --eval-data holds the same rows as --data: its held-out measures "
@@ -186,6 +186,7 @@ def train_command(args) -> int:
                     (output / name).unlink(missing_ok=True)
         trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                                   processing_class=tokenizer, callbacks=callbacks)
+        logs_on_stderr(trainer)  # stdout is the held-out measures' JSON alone (| jq)
         if resume is not None:
             trainer.add_callback(_resume_announced(resume))
         trainer.train(resume_from_checkpoint=resume)
@@ -194,11 +195,11 @@ def train_command(args) -> int:
         with trainer.gathered_adapter():  # whole under ZeRO-3; saved and pushed once
             if main:
                 model.save_pretrained(output, overwrite=args.overwrite)
-                print(f"adapter saved to {args.output}")
+                print(f"adapter saved to {args.output}", file=sys.stderr)
                 if push_to:
                     commit = model.push_to_hub(push_to, private=config.hub_private_repo, token=config.hub_token,
                                                revision=config.hub_revision)
-                    print(f"adapter pushed to the hub: {commit.commit_url}")
+                    print(f"adapter pushed to the hub: {commit.commit_url}", file=sys.stderr)
         if metrics is not None and main:
             print(json.dumps(metrics, indent=2))
         _leave_the_launch(trainer)

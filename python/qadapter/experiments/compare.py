@@ -177,7 +177,7 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
     from transformers import set_seed
 
     from ..library.model import QAdapterModel
-    from ..library.trainer import QAdapterConfig, QAdapterTrainer
+    from ..library.trainer import QAdapterConfig, QAdapterTrainer, logs_on_stderr
 
     set_seed(options.seed)
     if method == "qadapter":
@@ -191,6 +191,7 @@ def train_method(method: str, options: CompareOptions, steps: int, train_feature
         trainer = trl_trainer(method, options, steps, train_features, work,
                               *load_base(options.model, quantization=options.quantization))
         model = trainer.model
+    logs_on_stderr(trainer)  # stdout is the table
     for parameter in model.parameters():  # page the (memory-mapped) weights in before measuring
         parameter.data.sum()
     with peak_rss_growth() as memory:

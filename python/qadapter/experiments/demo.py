@@ -60,7 +60,7 @@ def _stage(text: str) -> None:
 
 def run_demo(options: DemoOptions) -> dict:
     """Trains, measures, saves; returns the report (also written to ``<output>/report.json``)."""
-    from ..library.trainer import QAdapterConfig, QAdapterTrainer
+    from ..library.trainer import QAdapterConfig, QAdapterTrainer, logs_on_stderr
 
     started = time.perf_counter()
     embedded = options.model == DEFAULT_MODEL
@@ -94,6 +94,7 @@ def run_demo(options: DemoOptions) -> dict:
 
     _stage(f"3/4 training on {len(train_features)} pairs for {options.max_steps} steps")
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=train_features, processing_class=tokenizer)
+    logs_on_stderr(trainer)  # stdout is the report
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start

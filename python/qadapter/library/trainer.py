@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import typing
 import warnings
 from collections import defaultdict
@@ -311,6 +312,21 @@ def resume_point(checkpoint: Path, args: TrainingArguments, data: dict | None) -
                       f"({earlier.get('source') or 'rows in memory'}): steps 1-{step} were trained on that, the "
                       "rest on this", UserWarning, stacklevel=3)
     return point
+
+
+def logs_on_stderr(trainer: Trainer) -> None:
+    """Writes ``trainer``'s logs (the dicts of losses and rates) to stderr, as its progress bar is:
+    Trainer prints them on stdout (``PrinterCallback``'s print, or ``ProgressCallback``'s ``tqdm.write``),
+    where a command's result goes (``qadapter train --eval-data ... | jq``, the demo's report)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, (PrinterCallback, ProgressCallback)):
+            def on_log(*args, _on_log=callback.on_log, **kwargs):
+                with contextlib.redirect_stdout(sys.stderr):
+                    return _on_log(*args, **kwargs)
+
+            callback.on_log = on_log
 
 
 class StepTotals(NamedTuple):
