@@ -220,7 +220,7 @@ def test_train_pushes_the_saved_adapter_once_at_the_end(tmp_path, hub, base, mon
                  "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true", "--save_steps", "1",
                  "--push_to_hub", "true", "--hub_model_id", "me/trained"]) == 0
     assert uploads == ["me/trained"]  # the adapter, not the checkpoints at each save
-    assert "adapter pushed to the hub: https://huggingface.co/me/trained/commit/" in capsys.readouterr().out
+    assert "adapter pushed to the hub: https://huggingface.co/me/trained/commit/" in capsys.readouterr().err
     torch.testing.assert_close(next_token_logprobs(QAdapterModel.from_pretrained("me/trained")),
                                next_token_logprobs(QAdapterModel.from_pretrained(tmp_path / "run")))
 
