@@ -38,9 +38,9 @@ def test_dense_plan_by_hand():
     assert parts["activations"] == 32 * 2 * per_layer + 32 * 2 * 64 * 2
     # 32 rows of 1000 * (2 + 2 + 4) bytes, and the float32 E_p[Wq] rows
     assert parts["fused loss buffers"] == 32 * 8000 + 4 * 32 * 64
-    # sdpa's boolean mask at its largest: fewer than 32 places in rows of at most 2 max(2 * 16, d = 64)
-    assert parts["attention mask"] == 32 * 128
-    assert plan(SMALL, OPTIONS, max_length=64).parts["attention mask"] == 128 * 256
+    # the packed batch's bf16 mask at its largest: fewer than 32 places in rows of at most 2 max(2 * 16, d = 64)
+    assert parts["attention mask"] == 32 * 128 * 2
+    assert plan(SMALL, OPTIONS, max_length=64).parts["attention mask"] == 128 * 256 * 2
     assert parts["dequantized layer (transient)"] == 0 and parts["CUDA context"] == 512 * MIB
     assert plan(SMALL, OPTIONS).peak == sum(parts.values())
 

@@ -256,6 +256,24 @@ def test_padding_free_training_step_matches_the_padded_one(family):
     assert float((packed_grads - grads).norm() / grads.norm()) < 1e-5
 
 
+def test_a_packed_training_forward_keeps_one_mask_for_every_layer():
+    """sdpa takes the packed rows' mask as it is, additive: no layer turns a boolean one into a float
+    copy of its own, which the adapter pass would keep per layer for the backward."""
+    model = make_model("llama", lora_dropout=0.0)
+    assert model.config._attn_implementation == "sdpa"
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=5))
+    masks = set()
+
+    def keep(saved):
+        if saved.dim() == 4 and saved.shape[1] == 1 and saved.shape[2] == saved.shape[3] > 1:
+            masks.add(saved.untyped_storage().data_ptr())
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda saved: saved):
+        model(**batch).loss.backward()
+    assert len(masks) == 1 and model.config.num_hidden_layers > 1
+
+
 def test_a_training_forward_gathers_the_head_once(monkeypatch):
     """Under ZeRO-3 or FSDP2 each read of the head's whole weight is an all-gather: one per step."""
     from qadapter.library import hidden

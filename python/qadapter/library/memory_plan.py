@@ -24,11 +24,11 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
   gradient) and the final norm as much, so the count holds. With gradient checkpointing, each
   layer's input ``d`` plus one layer's full set recomputed in the backward. Both passes' final
   hidden states;
-- **attention mask**: sdpa's boolean ``[rows, 1, C, C]`` mask, one for every pass and layer: at
-  most ``2 N max(2 * max_length, d)`` bytes, a padding-free batch's tree mask at its largest (its
-  rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
-  packing does not run); a padded batch's is ``N * max_length``; eager's is a float mask in the
-  model dtype, ``N * max_length`` values (its packed rows are about as large at most);
+- **attention mask**: a padding-free batch's tree mask ``[rows, 1, C, C]``, additive in the model
+  dtype, one for every pass and layer: at most ``2 N max(2 * max_length, d)`` values at its largest
+  (its rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
+  packing does not run); a padded batch's is sdpa's boolean one, ``N * max_length`` bytes; eager's is
+  a float mask in the model dtype, ``N * max_length`` values (its packed rows are about as large at most);
 - **the fused loss**: its ``[chunk, V]`` tiles (``qadapter_kernels.sizing.auto_chunk_size``: at
   most its budget, 1 GiB on CUDA) and the float32 ``E_p[Wq]`` rows, ``4 * N * d``;
 - **transient**: the largest 4-bit or 8-bit layer dequantized while it runs (4-bit: to its compute
@@ -232,7 +232,8 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     transient = 0
     if options.quantization is not None:
         transient = max(i * o for i, o in linears.values()) * b
-    mask_bytes = b if shape.attention == "eager" else 1  # eager adds a float mask to its scores; sdpa's is boolean
+    # An additive mask in the model dtype (eager's; a packed batch's); transformers' own for sdpa is boolean.
+    mask_bytes = b if shape.attention == "eager" or options.padding_free else 1
     parts = {
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,

@@ -221,8 +221,11 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, attenti
         source[at], attended[at] = place[r], True
     device = input_ids.device
     mask = _tree_mask(spans, capacity, parent, shared, device) if share else None
-    if mask is not None and attention != "sdpa":  # eager adds its mask to the scores
-        mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(~mask, torch.finfo(mask_dtype).min)
+    if mask is not None:
+        # Additive, made once for every layer and pass: sdpa would turn a boolean mask into this (its -inf)
+        # in each layer, a [C, C] copy that training keeps per layer for the backward; eager adds it to its scores.
+        masked = float("-inf") if attention == "sdpa" else torch.finfo(mask_dtype).min
+        mask = torch.zeros(mask.shape, dtype=mask_dtype, device=device).masked_fill_(~mask, masked)
     inputs = dict(input_ids=packed_ids.to(device), position_ids=positions.to(device), attention_mask=mask)
     return PackedBatch(inputs, source, attended, (batch, width), len(layout) * capacity)
 
