@@ -138,7 +138,8 @@ def test_train_prints_its_held_out_measures_alone_on_stdout(tmp_path, capsys):
                  "--output", str(tmp_path / "adapter"), "--max_steps", "2", "--per_device_train_batch_size", "2",
                  "--logging_steps", "1", "--use_cpu", "true", "--save_strategy", "no"]) == 0
     printed = capsys.readouterr()
-    assert 0 <= json.loads(printed.out)["accuracy"] <= 1, printed.out
+    measures = json.loads(printed.out)
+    assert 0 <= measures["accuracy"] <= 1 and measures["pairs"] == 2, printed.out  # its pair count, as in eval's JSON
     for line in ("training data: 4/4", "evaluation data: 2/2", "'loss':", "'train_runtime':", "adapter saved to"):
         assert line in printed.err, (line, printed.err)
 

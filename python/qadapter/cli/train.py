@@ -191,7 +191,10 @@ def train_command(args) -> int:
             trainer.add_callback(_resume_announced(resume))
         trainer.train(resume_from_checkpoint=resume)
         # Every process measures (ZeRO-3's forward is a collective), before the main one saves and pushes alone.
-        metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id) if evaluation is not None else None
+        metrics = None
+        if evaluation is not None:
+            metrics = preference_metrics(model, evaluation.to_list(), tokenizer.pad_token_id)
+            metrics["pairs"] = len(evaluation)  # as eval's JSON has it
         with trainer.gathered_adapter():  # whole under ZeRO-3; saved and pushed once
             if main:
                 model.save_pretrained(output, overwrite=args.overwrite)
