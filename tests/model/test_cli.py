@@ -123,10 +123,25 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     assert capsys.readouterr().out == tokenizer.decode(best[0, enc.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
-def test_train_prints_its_held_out_measures_alone_on_stdout(tmp_path, capsys):
+def test_train_prints_its_held_out_measures_alone_on_stdout(tmp_path, capsys, monkeypatch):
     """`qadapter train ... --eval-data h.jsonl | jq`: the data summaries, Trainer's logs (which it prints
-    on stdout) and where the adapter went are on stderr; stdout is the measures' JSON alone."""
+    on stdout), a library's notices printed or logged on stdout (DeepSpeed's logger writes there) and
+    where the adapter went are on stderr; stdout is the measures' JSON alone."""
+    import logging
+    import sys
+
     from helpers import save_tiny_base
+    from qadapter.library.trainer import QAdapterTrainer
+
+    library = logging.getLogger("a_library_logging_on_stdout")  # as DeepSpeed's logger does
+    monkeypatch.setattr(library, "handlers", [logging.StreamHandler(sys.stdout)])
+
+    def train_with_notices(self, *args, _train=QAdapterTrainer.train, **kwargs):
+        print("a library's notice printed on stdout")
+        library.warning("a library's notice logged on stdout")
+        return _train(self, *args, **kwargs)
+
+    monkeypatch.setattr(QAdapterTrainer, "train", train_with_notices)
 
     save_tiny_base(tmp_path / "base")
     rows = [{"prompt": f"hello world {i}", "chosen": "the capital", "rejected": "of France"} for i in range(4)]
@@ -134,13 +149,15 @@ def test_train_prints_its_held_out_measures_alone_on_stdout(tmp_path, capsys):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    capsys.readouterr()  # what building the base printed (a library imported then may print on stdout)
     assert main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--eval-data", str(heldout),
                  "--output", str(tmp_path / "adapter"), "--max_steps", "2", "--per_device_train_batch_size", "2",
                  "--logging_steps", "1", "--use_cpu", "true", "--save_strategy", "no"]) == 0
     printed = capsys.readouterr()
     measures = json.loads(printed.out)
     assert 0 <= measures["accuracy"] <= 1 and measures["pairs"] == 2, printed.out  # its pair count, as in eval's JSON
-    for line in ("training data: 4/4", "evaluation data: 2/2", "'loss':", "'train_runtime':", "adapter saved to"):
+    for line in ("training data: 4/4", "evaluation data: 2/2", "'loss':", "'train_runtime':", "adapter saved to",
+                 "notice printed", "notice logged"):
         assert line in printed.err, (line, printed.err)
 
 

@@ -5,6 +5,8 @@ dataclass, and the one-line usage error (exit 2, argparse's convention)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
 import sys
 import typing
@@ -18,6 +20,26 @@ ADAPTER_HELP = "a saved Q-Adapter: its directory, or a hub repository owner/name
 def usage_error(command: str, message: str):
     print(f"qadapter {command}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def result_stdout():
+    """Yields the command's stdout, for its result alone (``| jq``), while everything else printed or
+    logged there meanwhile goes to stderr: Trainer's log lines, and libraries whose loggers write on
+    stdout (DeepSpeed's, whose accelerator notice comes as Trainer starts)."""
+    result = sys.stdout
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    on_stdout = [handler for logger in loggers for handler in logger.handlers
+                 if isinstance(handler, logging.StreamHandler) and handler.stream is result]
+    for handler in on_stdout:
+        handler.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # a logger made meanwhile takes stderr for good
+            yield result
+    finally:
+        for handler in on_stdout:
+            handler.setStream(result)
 
 
 def named(name: str):

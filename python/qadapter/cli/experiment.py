@@ -13,6 +13,7 @@ from .arguments import (
     output_directory,
     positive_int,
     quantization_from,
+    result_stdout,
     usage_error,
 )
 
@@ -35,7 +36,9 @@ def demo_command(args) -> int:
 
     output = output_directory("demo", args.output)
     atomic.check_target(output / "adapter", is_ours=holds_adapter, overwrite=False)  # where the adapter goes
-    print(format_report(run_demo(options_from(args, DemoOptions, quantization=quantization_from(args)))))
+    with result_stdout():
+        report = run_demo(options_from(args, DemoOptions, quantization=quantization_from(args)))
+    print(format_report(report))
     return 0
 
 
@@ -56,7 +59,9 @@ def compare_command(args) -> int:
     from ..experiments.options import CompareOptions
 
     output_directory("compare", args.output)
-    print(format_table(run_compare(options_from(args, CompareOptions, quantization=quantization_from(args)))))
+    with result_stdout():
+        rows = run_compare(options_from(args, CompareOptions, quantization=quantization_from(args)))
+    print(format_table(rows))
     return 0
 
 

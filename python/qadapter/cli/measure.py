@@ -21,6 +21,7 @@ from .arguments import (
     positive_int,
     quantization_from,
     read_option_file,
+    result_stdout,
     usage_error,
 )
 
@@ -62,19 +63,20 @@ def eval_command(args) -> int:
 
     check_length_options("eval", args)
     rows = check_rows(args.data, split="test", skip_invalid=args.skip_invalid)  # bad data: before a model loads
-    model = QAdapterModel.from_pretrained(args.adapter, args.base_model, quantization=quantization_from(args, "saved"),
-                                          torch_dtype=dtype_from(args))
-    tokenizer = model.tokenizer
-    data, summary = load_preference_data(rows, tokenizer, max_length=args.max_length,
-                                         max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid,
-                                         chat_template_kwargs=model.chat_template_kwargs)
-    print(f"data: {summary}", file=sys.stderr, flush=True)  # stdout is the JSON alone (| jq)
-    _warn_if_training_data("eval", args.adapter, args.data, rows)
-    features = data.to_list()
-    metrics = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
-    metrics["pairs"] = len(features)
-    print(f"step0: {STEP0_BASELINE}", file=sys.stderr)
-    print(json.dumps(metrics, indent=2))
+    with result_stdout() as result:  # stdout is the JSON alone (| jq)
+        model = QAdapterModel.from_pretrained(args.adapter, args.base_model,
+                                              quantization=quantization_from(args, "saved"), torch_dtype=dtype_from(args))
+        tokenizer = model.tokenizer
+        data, summary = load_preference_data(rows, tokenizer, max_length=args.max_length,
+                                             max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid,
+                                             chat_template_kwargs=model.chat_template_kwargs)
+        print(f"data: {summary}", file=sys.stderr, flush=True)
+        _warn_if_training_data("eval", args.adapter, args.data, rows)
+        features = data.to_list()
+        metrics = evaluate_pairs(model, features, tokenizer.pad_token_id, kl=True, step0=True, progress=True)
+        metrics["pairs"] = len(features)
+        print(f"step0: {STEP0_BASELINE}", file=sys.stderr)
+        print(json.dumps(metrics, indent=2), file=result)
     return 0
 
 

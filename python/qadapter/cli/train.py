@@ -19,6 +19,7 @@ from .arguments import (
     output_directory,
     positive_int,
     quantization_from,
+    result_stdout,
     usage_error,
 )
 
@@ -96,7 +97,7 @@ def train_command(args) -> int:
     from ..library.model import QAdapterModel, levels_on, stack_level_at
     from ..library.provenance import data_identity
     from ..library.saved import checkpoint_folders, holds_adapter
-    from ..library.trainer import QAdapterTrainer, latest_checkpoint, logs_on_stderr, seed_everything
+    from ..library.trainer import QAdapterTrainer, latest_checkpoint, seed_everything
 
     if launched_processes() > 1 and process_rank() != 0:
         warnings.simplefilter("ignore")  # the main process warns of what every process would
@@ -147,7 +148,7 @@ def train_command(args) -> int:
         writing = atomic.hold(output) if main else contextlib.nullcontext()
     except (atomic.OutputDirectoryError, OSError) as exc:
         usage_error("train", str(exc))
-    with writing:
+    with writing, result_stdout() as result:  # stdout: the held-out measures' JSON alone (| jq)
         seed_everything(config)  # --seed governs the adapter's initialization too, as Trainer's model_init would
         model = QAdapterModel.from_base(args.model, quantization=quantization_from(args), torch_dtype=dtype_from(args),
                                         **config.model_options(), **stacking)
@@ -186,7 +187,6 @@ def train_command(args) -> int:
                     (output / name).unlink(missing_ok=True)
         trainer = QAdapterTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                                   processing_class=tokenizer, callbacks=callbacks)
-        logs_on_stderr(trainer)  # stdout is the held-out measures' JSON alone (| jq)
         if resume is not None:
             trainer.add_callback(_resume_announced(resume))
         trainer.train(resume_from_checkpoint=resume)
@@ -204,7 +204,7 @@ def train_command(args) -> int:
                                                revision=config.hub_revision)
                     print(f"adapter pushed to the hub: {commit.commit_url}", file=sys.stderr)
         if metrics is not None and main:
-            print(json.dumps(metrics, indent=2))
+            print(json.dumps(metrics, indent=2), file=result)
         _leave_the_launch(trainer)
     return 0
 
