@@ -71,6 +71,36 @@ def test_eager_attention_keeps_its_scores_by_the_rows_length():
     assert plan(gemma, OPTIONS).parts == padded
 
 
+def test_a_padded_batch_keeps_sdpa_s_additive_mask_in_every_layer():
+    """sdpa turns a padded batch's boolean mask into an additive one in the model dtype in every layer,
+    and the backward keeps each layer's (a packed batch hands it an additive one made once)."""
+    padded = plan(SMALL, OPTIONS, padding_free=False).parts
+    assert padded["attention mask"] == 32 * 16 + 2 * 32 * 16 * 2  # the boolean one, then 2 layers' bf16 copies
+    checkpointed = plan(SMALL, OPTIONS, padding_free=False, gradient_checkpointing=True).parts
+    assert checkpointed["attention mask"] == 32 * 16 + 32 * 16 * 2  # one layer's, recomputed
+
+
+def test_sdpa_keeps_an_additive_mask_per_layer_from_a_boolean_one():
+    """What the plan counts for a padded batch, as torch does it: each layer's sdpa saves its own
+    additive copy of the boolean mask for the backward."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=4, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config)
+    ids, mask = torch.randint(0, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # padding: a mask sdpa is given
+    kept = []
+
+    def keep(saved):
+        if saved.shape == (2, 1, 12, 12) and saved.is_floating_point():  # [rows, 1, length, length]
+            kept.append(saved.data_ptr())
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda saved: saved):
+        model(input_ids=ids, attention_mask=mask).logits.sum()
+    assert len(set(kept)) == config.num_hidden_layers
+
+
 def test_a_4bit_base_runs_in_its_compute_dtype():
     """A 4-bit base loads its dense parts (embeddings, norms) in the compute dtype and runs in it."""
     bf16 = plan(SMALL, OPTIONS, quantization="4bit").parts

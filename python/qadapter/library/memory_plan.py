@@ -27,8 +27,10 @@ rows padded to ``max_length``; ``b`` the bytes of the model dtype):
 - **attention mask**: a padding-free batch's tree mask ``[rows, 1, C, C]``, additive in the model
   dtype, one for every pass and layer: at most ``2 N max(2 * max_length, d)`` values at its largest
   (its rows are at most ``C = 2 max(2 * max_length, d)`` long and hold fewer than ``N`` places, or
-  packing does not run); a padded batch's is sdpa's boolean one, ``N * max_length`` bytes; eager's is
-  a float mask in the model dtype, ``N * max_length`` values (its packed rows are about as large at most);
+  packing does not run); a padded batch's is sdpa's boolean one, ``N * max_length`` bytes, which sdpa
+  turns into an additive one in every layer, each kept for the backward (``N * max_length`` values a
+  layer; one layer's with gradient checkpointing); eager's is a float mask in the model dtype,
+  ``N * max_length`` values, added to its scores (its packed rows are about as large at most);
 - **the fused loss**: its ``[chunk, V]`` tiles (``qadapter_kernels.sizing.auto_chunk_size``: at
   most its budget, 1 GiB on CUDA) and the float32 ``E_p[Wq]`` rows, ``4 * N * d``;
 - **transient**: the largest 4-bit or 8-bit layer dequantized while it runs (4-bit: to its compute
@@ -234,13 +236,17 @@ def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
         transient = max(i * o for i, o in linears.values()) * b
     # An additive mask in the model dtype (eager's; a packed batch's); transformers' own for sdpa is boolean.
     mask_bytes = b if shape.attention == "eager" or options.padding_free else 1
+    mask = tokens * mask_bytes * (2 * max(2 * options.max_length, d) if options.padding_free and shape.attention != "eager"
+                                  else options.max_length)
+    if shape.attention != "eager" and not options.padding_free:
+        # sdpa turns the boolean mask into an additive one in each layer, which the backward keeps (one
+        # layer's, recomputed, with gradient checkpointing)
+        mask += (1 if options.gradient_checkpointing else layers) * tokens * options.max_length * b
     parts = {
         "base weights": embeddings + norms + decoder,
         "LoRA weights, gradients, AdamW state": 16 * lora_params,
         "activations": kept + 2 * tokens * d * b,
-        "attention mask": tokens * mask_bytes * (2 * max(2 * options.max_length, d)
-                                                 if options.padding_free and shape.attention != "eager"
-                                                 else options.max_length),
+        "attention mask": mask,
         "fused loss buffers": loss_chunk_bytes(tokens, shape.vocab, dtype, options.loss_budget) + 4 * tokens * d,
         "dequantized layer (transient)": transient,
         "CUDA context": CUDA_CONTEXT,
