@@ -370,3 +370,25 @@ def test_the_probe_leaves_every_module_in_its_mode(monkeypatch):
     batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(3, seed=8))
     frozen_and_adapter_hidden(wrapper, batch["input_ids"], batch["attention_mask"])
     assert wrapper.training and not any(m.training for m in model.modules())
+
+
+def test_the_packed_mask_takes_the_dtype_of_the_queries_not_of_the_head(monkeypatch):
+    """A head kept in float32 over a bfloat16 model (transformers' ``_keep_in_fp32_modules`` for some
+    models, or an upcast for exact log-probs): sdpa's queries are bfloat16, and its CUDA kernels take
+    an additive mask of the queries' dtype only ('invalid dtype for bias')."""
+    base = tiny_causal_lm("qwen2").to(torch.bfloat16)  # an untied head
+    base.lm_head.float().register_forward_pre_hook(lambda head, args: (args[0].float(),))  # as such a model's forward
+    model = QAdapterModel(base, lora_dropout=0.0).peft_model.eval()
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query.dtype, None if attn_mask is None else attn_mask.dtype))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=3))
+    packed = frozen_and_adapter_hidden(model, batch["input_ids"], batch["attention_mask"])
+    masked = [(query, mask) for query, mask in seen if mask is not None]  # not each sequence run alone
+    assert masked and all(mask == query == torch.bfloat16 for query, mask in masked)
+    assert packed.q_hidden.dtype == torch.bfloat16

@@ -254,15 +254,18 @@ def _tree_mask(spans: list[list[tuple[int, int, int]]], capacity: int, parent: l
 
 def model_packing(causal_lm: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], PackedBatch | None]:
     """:func:`pack_batch` as ``causal_lm`` takes it: its attention, sliding window, mask dtype (its
-    head's, as its forward adds the mask to scores of that dtype) and, where its attention keeps its
-    scores, what they weigh against its tokens (a config the memory plan cannot read: no bound)."""
+    queries', those of its hidden states from its input embeddings: sdpa's CUDA kernels take an additive
+    mask of that dtype only, and a head may be kept in another, as float32 over a bfloat16 model) and,
+    where its attention keeps its scores, what they weigh against its tokens (a config the memory plan
+    cannot read: no bound)."""
     config = causal_lm.config
     attention = str(getattr(config, "_attn_implementation", None) or "eager")
     text_config = config.get_text_config()
     hidden_size = int(getattr(text_config, "hidden_size", 0) or 0)
     window = getattr(config, "sliding_window", None)
-    dtype = causal_lm.get_output_embeddings().weight.dtype
-    dtype = dtype if dtype.is_floating_point else torch.float32
+    weights = (getattr(module, "weight", None) for module in (causal_lm.get_input_embeddings(),
+                                                                  causal_lm.get_output_embeddings()))
+    dtype = next((w.dtype for w in weights if w is not None and w.dtype.is_floating_point), torch.float32)
     score_weight = None
     if attention in SCORES_KEPT:
         try:
