@@ -605,6 +605,24 @@ def test_a_module_missing_behind_a_lazy_import_is_named(monkeypatch):
         assert _missing_module(exc) == "No module named 'accelerate': pip install \"qadapter-kernels[model]\""
 
 
+def test_a_missing_package_the_project_names_keeps_the_project_message():
+    """The project's own ModuleNotFoundError, raised from the absent package's, already says what is
+    missing and how to install it (lm-eval's package is not named lm_eval): that line is the one said,
+    not the absent module's."""
+    import subprocess
+    import sys
+
+    code = without_modules(("lm_eval",)) + "from qadapter.cli import main\nmain(['lm-eval', 'ls'])\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == ("qadapter lm-eval: error: qadapter lm-eval needs lm-evaluation-harness: "
+                                  'pip install "qadapter-kernels[lm-eval]"')
+    code = (without_modules(("bitsandbytes",)) + "from qadapter.cli import _missing_module\n"
+            "from qadapter.library.quantization import require_bitsandbytes\ntry:\n    require_bitsandbytes()\n"
+            "except ModuleNotFoundError as exc:\n    print(_missing_module(exc))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.stdout.strip() == 'a quantized base needs bitsandbytes: pip install "qadapter-kernels[quant]" (bitsandbytes)', run.stderr
+
 def test_every_extra_named_is_one_the_package_has():
     """The command line's module-to-extra table against pyproject.toml's extras."""
     import re

@@ -108,10 +108,11 @@ EXTRAS = {"transformers": "model", "peft": "model", "accelerate": "model", "data
 def _missing_module(exc: ModuleNotFoundError) -> str:
     """One line for a module that is not installed: which, and the extra that installs it (or, where
     the package is there without that module, an older release of it: the upgrade). transformers'
-    lazy imports wrap an absent package's error in an unnamed one of their own: the absent one is said."""
+    lazy imports wrap an absent package's error in an unnamed one of their own: the absent one is said
+    (not under one of the project's own, which says what is missing and how to install it)."""
     import importlib.util
 
-    while exc.name is None and isinstance(exc.__cause__, ModuleNotFoundError):
+    while exc.name is None and "pip install" not in str(exc) and isinstance(exc.__cause__, ModuleNotFoundError):
         exc = exc.__cause__
     message = str(exc)
     package = (exc.name or "").split(".")[0]
