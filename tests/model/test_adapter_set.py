@@ -274,3 +274,14 @@ def test_read_prompts_scores_each_rows_prompt_under_its_policy(saved, solo):
     assert scores[4].combined.shape == (0,) and scores[4].top_ids.shape == (0, 5)  # a one-token prompt: nothing
     with pytest.raises(ValueError, match="top must hold one entry per row"):
         adapter_set.read_prompts(ids, mask, names, None, top=[1])
+
+
+def test_loading_adapters_leaves_the_global_random_generator_as_it_was(saved):
+    """Loading (a saved LoRA initialized at random by PEFT, then overwritten) draws nothing from the
+    caller's seeded generator."""
+    root, _, paths = saved
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]}, str(root / "base"))
+    adapter_set.load("formal", paths["formal"])
+    assert torch.equal(torch.get_rng_state(), state)

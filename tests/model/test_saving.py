@@ -723,3 +723,14 @@ def test_an_unfinished_runs_output_names_its_newest_checkpoint(tmp_path):
     with pytest.raises(AdapterLoadError, match=r"a run not finished: `qadapter train --resume` finishes it, or load "
                                                r"a checkpoint \(.*checkpoint-10\)"):
         read_adapter_config(tmp_path)
+
+
+def test_loading_an_adapter_leaves_the_global_random_generator_as_it_was(tmp_path):
+    """Loading draws nothing from the caller's seeded generator: PEFT initializes each LoRA at random
+    before the saved weights replace it, which would shift the caller's next samples or dropout."""
+    make_model().save_pretrained(tmp_path / "adapter")
+    base = tiny_causal_lm("llama")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    QAdapterModel.from_pretrained(tmp_path / "adapter", base)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -283,7 +283,7 @@ class QAdapterModel(nn.Module):
         check_saved_lora(path, config)
         base_model, tokenizer = load_saved_base(path, config, base_model, torch_dtype=torch_dtype, device=device,
                                                 quantization=quantization)
-        with warnings_held_while_checked():
+        with warnings_held_while_checked(), generators_kept(base_model):
             try:
                 peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME,
                                                        is_trainable=is_trainable)
@@ -662,7 +662,7 @@ def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: boo
         check_saved_lora(path)
     except AdapterLoadError as exc:
         raise AdapterLoadError(f"{what}: {exc}") from exc
-    with warnings_held_while_checked():
+    with warnings_held_while_checked(), generators_kept(model):
         try:
             if isinstance(model, PeftModel):
                 model.load_adapter(str(path), adapter_name=name, is_trainable=False)
@@ -723,6 +723,16 @@ def warnings_held_while_checked():
         yield
     for w in held:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+@contextmanager
+def generators_kept(model: nn.Module):
+    """The global random generators (the CPU's and those of the GPUs ``model`` is on) as they were
+    after loading saved weights into it: PEFT initializes each LoRA at random before the saved
+    weights replace it, which would shift a caller's seeded samples, dropout or initialization."""
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def check_adapter_weights(peft_model: nn.Module, path: Path, adapter_name: str = ADAPTER_NAME) -> None:
