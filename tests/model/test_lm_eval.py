@@ -26,6 +26,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from qadapter.cli import main  # noqa: E402
 from qadapter.evaluation.lm_eval_model import QAdapterLM
 from qadapter.experiments.lm_eval_run import TASKS_DIR  # noqa: E402
+from qadapter.library.hidden import evaluation_mode  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 
 from qadapter_kernels import combined_logprobs  # noqa: E402
@@ -65,8 +66,9 @@ def model():
 @torch.no_grad()
 def direct_loglikelihood(model, context_ids, continuation_ids):
     """The continuation's summed log-prob under the combined policy and whether it is greedy, from
-    one unbatched pass and :func:`combined_logprobs` over the whole sequence."""
-    base, q = model.hidden_states(torch.tensor([context_ids + continuation_ids]))
+    one unbatched pass (without dropout) and :func:`combined_logprobs` over the whole sequence."""
+    with evaluation_mode(model):
+        base, q = model.hidden_states(torch.tensor([context_ids + continuation_ids]))
     logprobs = combined_logprobs(base[0, :-1], q[0, :-1], model.lm_head_weight, alpha_tilde=model.loss.alpha_tilde,
                                  alpha_0=model.loss.alpha_0,
                                  logit_softcap=model.loss.logit_softcap)[-len(continuation_ids) :]
@@ -106,6 +108,23 @@ def test_loglikelihood_is_the_combined_policy_at_any_batch_size(model):
         assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
         torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
                                    torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_in_training_is_scored_without_dropout_and_left_training():
+    """Scoring a model mid-training (an evaluation callback) runs it without LoRA dropout and leaves
+    every module in the mode it was in: training goes on with its dropout."""
+    tokenizer = tiny_chat_tokenizer()
+    model = QAdapterModel(tiny_causal_lm("llama", vocab=len(tokenizer)), tokenizer=tokenizer, lora_dropout=0.5)
+    perturb_adapter(model, scale=0.2)
+    model.train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    lm = QAdapterLM(model, batch_size=2)
+    expected = [direct_loglikelihood(model, *encoded(lm, c, x)) for c, x in PAIRS]
+    got = lm.loglikelihood(loglikelihood_requests(PAIRS), disable_tqdm=True)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
+                               torch.tensor([lp for lp, _ in expected], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    lm.generate_until(generate_requests(["hello"], until=["\n"], max_gen_toks=3), disable_tqdm=True)
+    assert {name: m.training for name, m in model.named_modules()} == modes
 
 
 def test_a_soft_capped_model_is_scored_with_its_cap():

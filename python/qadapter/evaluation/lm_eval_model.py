@@ -39,6 +39,7 @@ from tqdm import tqdm
 from qadapter_kernels.vocabulary import vocabulary_pass
 
 from ..library.defaults import DEFAULT_MODEL
+from ..library.hidden import evaluation_mode
 from ..library.model import QAdapterModel
 from ..library.policy import end_token_ids
 
@@ -146,7 +147,7 @@ class QAdapterLM(TemplateLM):
                                                   quantization="saved" if quantization is None else quantization)
         if model.tokenizer is None:
             raise ValueError("the Q-Adapter has no tokenizer: build it with tokenizer=")
-        self.model = model.eval()
+        self.model = model  # each call runs it in eval mode, and leaves it in the mode it was in
         self.tokenizer = model.tokenizer
         self._device = model.lm_head_weight.device
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -235,7 +236,8 @@ class QAdapterLM(TemplateLM):
                 positions += range(first, len(tokens) - 1)
                 targets += continuation
             ids, mask = pad_rows(rows, self.pad_id, left=False)
-            base_hidden, q_hidden = self.model.hidden_states(ids.to(self.device), mask.to(self.device))
+            with evaluation_mode(self.model):  # no dropout; a model mid-training is left training
+                base_hidden, q_hidden = self.model.hidden_states(ids.to(self.device), mask.to(self.device))
             at = (torch.tensor(rows_idx, device=self.device), torch.tensor(positions, device=self.device))
             base_hidden, q_hidden = base_hidden[at], q_hidden[at]
             targets = torch.tensor(targets, device=self.device)
