@@ -6,6 +6,7 @@ threads raised errors on most calls and decoded with each other's adapters on ot
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -77,3 +78,27 @@ def test_decoding_beside_a_loss_forward_leaves_both_as_alone():
         got = at_once([lambda: model.generate(ids, mask, **GREEDY), lambda: model(*pair_batch()).loss.detach()] * 2)
         for out, want in zip(got, [decoded, loss] * 2):
             assert isinstance(out, torch.Tensor) and torch.equal(out, want), out
+
+
+def test_loading_adapters_from_threads_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """Loading holds PEFT's warnings in a ``warnings.catch_warnings``, which saves and restores the
+    module's process-wide state: two loads overlapping from two threads restored each other's, and
+    left an "always" filter (and a dead recorder swallowing every later warning) for good."""
+    import time
+
+    import peft
+    from qadapter.library.model import QAdapterModel
+
+    make_model().save_pretrained(tmp_path / "adapter")
+    bases = [tiny_causal_lm("llama") for _ in range(THREADS)]
+    loading = peft.PeftModel.from_pretrained.__func__
+
+    def slow_loading(cls, *args, **kwargs):  # the loads overlap, whatever the machine's speed
+        time.sleep(0.05)
+        return loading(cls, *args, **kwargs)
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", classmethod(slow_loading))
+    filters = list(warnings.filters)
+    results = at_once([lambda base=base: QAdapterModel.from_pretrained(tmp_path / "adapter", base) for base in bases])
+    assert all(isinstance(model, QAdapterModel) for model in results), results
+    assert list(warnings.filters) == filters

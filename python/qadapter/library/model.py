@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -713,12 +714,17 @@ def check_quantization(path: Path, saved: dict | None, given: dict | None) -> No
                                f"{quant.describe(given)} (load it as the adapter was trained)")
 
 
+# catch_warnings saves and restores the warnings module's process-wide state: two loads overlapping
+# from two threads would restore each other's, leaving a filter and a recorder in place for good.
+_WARNINGS_HELD = threading.RLock()
+
+
 @contextmanager
 def warnings_held_while_checked():
     """Holds the warnings of loading an adapter until its checks pass, and drops them when a check
     refuses it: PEFT warns of every missing key (hundreds on a real model) before
-    :func:`check_adapter_weights` says in one line what is wrong."""
-    with warnings.catch_warnings(record=True) as held:
+    :func:`check_adapter_weights` says in one line what is wrong. One load holds them at a time."""
+    with _WARNINGS_HELD, warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")
         yield
     for w in held:
