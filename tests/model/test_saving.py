@@ -67,6 +67,23 @@ def test_a_base_loaded_from_a_relative_folder_is_recorded_by_its_absolute_path(t
     assert QAdapterModel.from_pretrained(tmp_path / "adapter").fingerprint == config["base_fingerprint"]
 
 
+def test_a_base_folder_given_as_a_path_loads_as_by_name(tmp_path):
+    """A pathlib.Path names a base folder as a string does (from_base, from_pretrained's base_model,
+    AdapterSet's), not a model object."""
+    from helpers import tiny_chat_tokenizer
+    from qadapter.library.adapter_set import AdapterSet
+
+    tokenizer = tiny_chat_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = QAdapterModel.from_base(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    assert QAdapterModel.from_base(str(tmp_path / "base")).fingerprint == model.fingerprint
+    again = QAdapterModel.from_pretrained(tmp_path / "adapter", base_model=tmp_path / "base")
+    assert again.fingerprint == model.fingerprint and again.tokenizer is not None
+    assert AdapterSet.from_pretrained({"a": tmp_path / "adapter"}, tmp_path / "base").names == ["a"]
+
+
 def test_a_failed_report_or_figure_write_keeps_the_old_file_and_leaves_nothing_beside_it(tmp_path):
     class Figure:
         def savefig(self, file, format, **_):

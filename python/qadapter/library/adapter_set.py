@@ -313,7 +313,8 @@ class AdapterSet:
 
     @classmethod
     def from_pretrained(cls, adapters: Mapping[str, str | os.PathLike] | Iterable[tuple[str, str | os.PathLike]],
-                        base_model: str | nn.Module | None = None, *, torch_dtype=None, device=None) -> AdapterSet:
+                        base_model: str | os.PathLike | nn.Module | None = None, *, torch_dtype=None,
+                        device=None) -> AdapterSet:
         """An adapter set with ``adapters`` (name -> saved adapter: a directory or a hub repository,
         ``owner/name[@revision]``) loaded onto ``base_model``
         (default: the base the first adapter names, loaded as it was in training)."""

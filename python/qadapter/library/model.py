@@ -241,7 +241,8 @@ class QAdapterModel(nn.Module):
         return model
 
     @classmethod
-    def from_base(cls, model: str | nn.Module | None = None, *, torch_dtype=None, device=None, quantization=None,
+    def from_base(cls, model: str | os.PathLike | nn.Module | None = None, *, torch_dtype=None, device=None,
+                  quantization=None,
                   **options) -> QAdapterModel:
         """A fresh adapter (LoRA B = 0, so Q = base logits) on a model object, a path, a hub name or (None)
         the default; with ``on`` (a saved adapter to stack on), None is the base that adapter names.
@@ -252,6 +253,8 @@ class QAdapterModel(nn.Module):
         ``transformers.BitsAndBytesConfig``; the lm_head and the LoRA weights stay dense. A model
         object is taken as it is (quantized or not)."""
         tokenizer = options.pop("tokenizer", None)
+        if isinstance(model, os.PathLike):  # a folder given as a Path is a folder given by name
+            model = os.fspath(model)
         if model is None:
             on = options.get("on")
             if on is not None:
@@ -265,7 +268,7 @@ class QAdapterModel(nn.Module):
         return cls(model, tokenizer=tokenizer, **options)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, base_model: str | nn.Module | None = None, *,
+    def from_pretrained(cls, path: str | os.PathLike, base_model: str | os.PathLike | nn.Module | None = None, *,
                         torch_dtype=None, device=None, is_trainable: bool = False,
                         quantization: Any = "saved", revision: str | None = None) -> QAdapterModel:
         """Loads a saved adapter (a folder, or a hub repository ``owner/name[@revision]``, or with
@@ -548,7 +551,7 @@ def select_combine(backend: str, device: torch.device, dtype: torch.dtype) -> Ca
     return record.combine
 
 
-def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None = None, *, torch_dtype=None,
+def load_saved_base(path: Path, config: dict, base_model: str | os.PathLike | nn.Module | None = None, *, torch_dtype=None,
                     device=None, quantization: Any = "saved") -> tuple[nn.Module, Any]:
     """The base model a saved adapter goes onto, and its tokenizer (None for a model object): by
     default the one its config names, loaded quantized as it was in training (``quantization="saved"``);
@@ -556,6 +559,8 @@ def load_saved_base(path: Path, config: dict, base_model: str | nn.Module | None
     refused: the adapter learned a residual on that base's outputs."""
     saved = config["quantization"]
     tokenizer = None
+    if isinstance(base_model, os.PathLike):  # a folder given as a Path is a folder given by name
+        base_model = os.fspath(base_model)
     if base_model is None and not config["base_model"]:
         raise AdapterLoadError(f"{path / CONFIG_NAME} names no base model: pass base_model=")
     recorded = config["base_model"]
