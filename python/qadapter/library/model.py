@@ -45,7 +45,7 @@ from .hidden import (
     linear_head,
     whole_parameters,
 )
-from .lora import SCALE_OPTIONS, lora_targets, unsupported_lora_options
+from .lora import SCALE_OPTIONS, check_lora_settings, lora_targets, unsupported_lora_options
 from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
@@ -161,10 +161,7 @@ class QAdapterModel(nn.Module):
         check_q_on(q_on)
         if not isinstance(padding_free, bool):
             raise TypeError(f"padding_free must be True or False; got {padding_free!r}")
-        if not isinstance(lora_r, int) or isinstance(lora_r, bool) or lora_r < 1:  # else PEFT's error, naming r
-            raise ValueError(f"lora_r must be an integer >= 1; got {lora_r!r}")
-        if not 0 <= lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1); got {lora_dropout!r}")
+        lora_r, lora_alpha, lora_dropout = check_lora_settings(lora_r, lora_alpha, lora_dropout)
         self.padding_free = padding_free
         levels = None if on is None else list(on) if _are_levels(on) else levels_on(on)
         targets = lora_targets(base_model, target_modules)
