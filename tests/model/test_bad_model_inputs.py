@@ -240,6 +240,28 @@ def test_read_rows_passes_lists_through():
     assert read_rows([GOOD]) == [GOOD]
 
 
+def test_read_rows_takes_any_iterable_of_rows_and_a_dataset_dicts_split():
+    """A tuple or a generator of rows is rows, not a file or hub name spelled by its repr."""
+    import datasets
+
+    assert read_rows((GOOD, GOOD)) == [GOOD, GOOD]
+    assert read_rows(row for row in [GOOD]) == [GOOD]
+    splits = datasets.DatasetDict(train=datasets.Dataset.from_list([GOOD]), test=datasets.Dataset.from_list([GOOD] * 2))
+    assert read_rows(splits) == [GOOD] and len(read_rows(splits, split="test")) == 2
+    with pytest.raises(ValueError, match="data has no split 'validation'; its splits: 'train', 'test'"):
+        read_rows(splits, split="validation")
+
+
+@pytest.mark.parametrize(("source", "fragment"), [
+    pytest.param(GOOD, "got a dict", id="one-row"),
+    pytest.param(3, "got int", id="int"),
+    pytest.param(b"d.jsonl", "got bytes", id="bytes"),
+])
+def test_read_rows_refuses_what_is_no_rows_naming_what_it_takes(source, fragment):
+    with pytest.raises(TypeError, match=f"data must be a list of rows.*{fragment}"):
+        read_rows(source)
+
+
 # ------------------------------------------------------------------------------ CLI arguments
 DATA = ["--data", "d.jsonl", "--output", "x"]
 GEN = ["generate", "--adapter", "a", "--prompt", "hi"]

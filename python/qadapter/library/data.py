@@ -30,9 +30,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -620,8 +621,8 @@ def _read_text(path: Path) -> str:
 
 
 def read_rows(source: Any, *, split: str = "train") -> list[Any]:
-    """Raw rows from a local .json/.jsonl/.ndjson/.parquet file (any case), a ``datasets.Dataset``, a
-    list, or a hub name.
+    """Raw rows from a local .json/.jsonl/.ndjson/.parquet file (any case), a ``datasets.Dataset`` (or
+    a ``DatasetDict``'s ``split``), a list or other iterable of rows, or a hub name.
 
     A JSON Lines file's rows are :class:`Rows`, which know their lines; a line that is not JSON
     becomes an :class:`UnreadableRow` (an invalid row). A .json file may hold JSON Lines, as
@@ -633,6 +634,18 @@ def read_rows(source: Any, *, split: str = "train") -> list[Any]:
         return source
     if hasattr(source, "to_list") and hasattr(source, "column_names"):
         return source.to_list()
+    if isinstance(source, Mapping):  # a DatasetDict (load_dataset without split=) reads its split
+        if source and all(hasattr(part, "column_names") for part in source.values()):
+            if split not in source:
+                raise ValueError(f"data has no split {split!r}; its splits: {', '.join(map(repr, source))}")
+            return read_rows(source[split])
+        raise TypeError("data must be a list of rows (one row, a dict, in a list), a datasets.Dataset, a file or a "
+                        "hub data set name; got a dict")
+    if not isinstance(source, (str, os.PathLike)):
+        if isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
+            return list(source)  # a tuple, a generator: else its repr would be taken for a file or hub name
+        raise TypeError(f"data must be a list of rows, a datasets.Dataset, a file or a hub data set name; got "
+                        f"{type(source).__name__}")
     path = Path(str(source))
     if path.is_dir():  # datasets would read every data file under it, however many and whatever they hold
         raise ValueError(f"data {path} is a folder; give a {', '.join(READ_SUFFIXES)} file or a hub data set name")
