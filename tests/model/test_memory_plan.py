@@ -223,6 +223,34 @@ def test_bad_sizes_and_options_are_refused():
         PlanOptions(quantization="4bit", compute_dtype="int8")
 
 
+def test_options_as_a_caller_passes_them_plan_as_the_plain_ones():
+    """numpy and torch counts, a torch.dtype and a list or generator of layers are the plain values."""
+    import numpy as np
+
+    given = PlanOptions(max_length=np.int64(16), pairs_per_step=torch.tensor(1), dtype=torch.bfloat16,
+                        lora_r=np.int32(8), target_modules=(name for name in ["q_proj", "v_proj"]))
+    assert given == replace(OPTIONS, target_modules=("q_proj", "v_proj"))
+    assert type(given.max_length) is int and plan(SMALL, given).peak == plan(SMALL, OPTIONS).peak
+
+
+@pytest.mark.parametrize(("options", "exc", "fragment"), [
+    pytest.param(dict(max_length=True), TypeError, "max_length must be an integer; got True", id="bool-count"),
+    pytest.param(dict(pairs_per_step=2.0), TypeError, "pairs_per_step must be an integer; got 2.0", id="float-count"),
+    pytest.param(dict(gradient_checkpointing="false"), TypeError, "gradient_checkpointing must be True or False",
+                 id="str-flag"),
+    pytest.param(dict(padding_free=None), TypeError, "padding_free must be True or False", id="none-flag"),
+    pytest.param(dict(target_modules="q_proj"), TypeError, "target_modules must be a list of layer names",
+                 id="str-targets"),
+    pytest.param(dict(target_modules=3), TypeError, "target_modules must be a list of layer names", id="int-targets"),
+])
+def test_options_of_another_type_are_refused_naming_them(options, exc, fragment):
+    """Not planned as what they happen to stand for: True as one token, "false" as checkpointing on."""
+    with pytest.raises(exc, match=fragment):
+        PlanOptions(**options)
+    with pytest.raises(TypeError, match="options must be a PlanOptions"):
+        plan(SMALL, {"max_length": 16})
+
+
 def test_plan_command_on_a_local_config(tmp_path, capsys):
     pytest.importorskip("transformers")
     from helpers import tiny_causal_lm

@@ -44,7 +44,9 @@ scored, no allocator fragmentation), meant to say whether a run fits and what wo
 from __future__ import annotations
 
 import math
+import operator
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -150,6 +152,22 @@ class PlanOptions:
     loss_budget: int = LOSS_BUDGET
 
     def __post_init__(self) -> None:
+        set_ = object.__setattr__  # a numpy or torch count, a torch.dtype, a list of layers: as the plain ones
+        for name in ("max_length", "pairs_per_step", "lora_r", "loss_budget"):
+            set_(self, name, _count(name, getattr(self, name)))
+        for name in ("padding_free", "gradient_checkpointing", "double_quant"):  # "false" would be true
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        for name in ("dtype", "compute_dtype"):
+            if isinstance(getattr(self, name), torch.dtype):
+                set_(self, name, str(getattr(self, name)).removeprefix("torch."))
+        if self.target_modules is not None:
+            targets = self.target_modules
+            if isinstance(targets, Iterable) and not isinstance(targets, str):
+                targets = tuple(targets)
+            if not isinstance(targets, tuple) or not all(isinstance(t, str) for t in targets):
+                raise TypeError(f"target_modules must be a list of layer names or None; got {self.target_modules!r}")
+            set_(self, "target_modules", targets)
         if self.quantization not in (None, "4bit", "8bit"):
             raise ValueError(f"quantization must be None, '4bit' or '8bit'; got {self.quantization!r}")
         if self.dtype not in DTYPE_BYTES:
@@ -170,6 +188,17 @@ class PlanOptions:
         if q["method"] == "int8":
             return cls(quantization="8bit", **options)
         return cls(quantization="4bit", double_quant=q["double_quant"], compute_dtype=q["compute_dtype"], **options)
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int (numpy's and torch's too), or a TypeError naming ``name``: a float or a bool
+    would be planned as the number it stands for (``True``: one token)."""
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(f"{name} must be an integer; got {value!r}")
 
 
 @dataclass
@@ -209,6 +238,8 @@ def loss_chunk_bytes(tokens: int, vocab: int, dtype: torch.dtype, budget: int = 
 def plan(config, options: PlanOptions | None = None, **changes) -> MemoryPlan:
     """The predicted peak of a training step (module docstring) for a model config (a transformers
     config, a dict, or a :class:`ModelShape`)."""
+    if options is not None and not isinstance(options, PlanOptions):
+        raise TypeError(f"options must be a PlanOptions (or its fields as keywords); got {type(options).__name__}")
     options = replace(options or PlanOptions(), **changes)
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     # A 4-bit base loads its dense parts (embeddings, head, norms) in its compute dtype, and runs in it.
