@@ -61,6 +61,15 @@ def test_named_layers_are_wrapped_and_ones_the_model_lacks_refused():
         QAdapterModel(tiny_causal_lm("llama"), target_modules=[])
 
 
+def test_a_generator_or_tuple_of_layer_names_is_those_layers_and_a_non_iterable_refused():
+    """A generator is read once: checking it and then listing it found no layer."""
+    names = (name for name in ["k_proj", "down_proj"])
+    assert wrapped_layers(QAdapterModel(tiny_causal_lm("llama"), target_modules=names)) == {"k_proj", "down_proj"}
+    assert wrapped_layers(QAdapterModel(tiny_causal_lm("llama"), target_modules=("o_proj",))) == {"o_proj"}
+    with pytest.raises(TypeError, match="target_modules must be a list of layer names"):
+        QAdapterModel(tiny_causal_lm("llama"), target_modules=3)
+
+
 def test_the_training_config_default_is_the_models():
     options = QAdapterConfig(output_dir="unused").model_options()
     assert options["target_modules"] is None

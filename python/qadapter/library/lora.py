@@ -68,10 +68,11 @@ def lora_targets(base_model: nn.Module, target_modules: Iterable[str] | None) ->
     if target_modules is None:
         return _default_targets(base_model, known)
     full_names, head = _linear_layers(base_model)
-    if isinstance(target_modules, str) or not all(isinstance(name, str) for name in target_modules):
+    # Read once: a generator checked, then listed, would be no layers.
+    names = list(target_modules) if isinstance(target_modules, Iterable) and not isinstance(target_modules, str) else None
+    if names is None or not all(isinstance(name, str) for name in names):
         raise TypeError(f"target_modules must be a list of layer names (or None: the attention's query and value "
                         f"projections); got {target_modules!r}")
-    names = list(target_modules)
     if not names:
         raise ValueError("target_modules must name at least one layer (or be None: the attention's query and "
                          "value projections)")
