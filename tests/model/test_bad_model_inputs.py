@@ -184,12 +184,28 @@ TOKENIZE = [
     ("max_length-bool", {"max_length": True}, TypeError, "max_length must be an int"),
     ("max_prompt_length-whole", {"max_length": 64, "max_prompt_length": 64}, ValueError,
      "max_prompt_length (64) must be below max_length (64)"),
+    ("skip_invalid-str", {"skip_invalid": "no"}, TypeError, "skip_invalid must be True or False; got 'no'"),
+    ("skip_invalid-int", {"skip_invalid": 0}, TypeError, "skip_invalid must be True or False; got 0"),
 ]
 
 
 @pytest.mark.parametrize(("options", "exc", "fragment"), [pytest.param(o, e, f, id=i) for i, o, e, f in TOKENIZE])
 def test_bad_tokenize_options(tokenizer, options, exc, fragment):
     expect(lambda: tokenize_rows([GOOD], tokenizer, use_chat_template=False, **options), exc, fragment)
+
+
+def test_use_chat_template_is_a_bool_or_none(tokenizer):
+    expect(lambda: tokenize_rows([GOOD], tokenizer, use_chat_template="no"), TypeError,
+           "use_chat_template must be True or False (or None); got 'no'")
+    expect(lambda: check_rows([GOOD], skip_invalid="yes"), TypeError, "skip_invalid must be True or False")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8", torch.int64, 16])
+def test_a_base_dtype_that_is_not_one_is_refused_by_name(tmp_path, dtype):
+    save_tiny_base(tmp_path / "base")
+    expect(lambda: QAdapterModel.from_base(str(tmp_path / "base"), torch_dtype=dtype), ValueError,
+           "torch_dtype must be a floating torch.dtype or its name")
+    assert QAdapterModel.from_base(str(tmp_path / "base"), torch_dtype="bfloat16").base_model.dtype == torch.bfloat16
 
 
 def test_no_usable_pair_after_skipping(tokenizer):

@@ -516,6 +516,8 @@ def tokenize_rows(
     encodes a batch in one call (in parallel), the same ids as one text at a time. Prompts carry the
     tokenizer's special tokens only without a chat template (a template writes its own)."""
     max_prompt_length = check_lengths(max_length, max_prompt_length)
+    check_switch("skip_invalid", skip_invalid)
+    check_switch("use_chat_template", use_chat_template, none=True)
     template_options = check_template_options(chat_template_kwargs)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
@@ -574,6 +576,13 @@ def tokenize_rows(
     if not features:
         raise ValueError(f"no usable preference pair: {summary}")
     return features, summary
+
+
+def check_switch(name: str, value: Any, *, none: bool = False) -> None:
+    """A flag must be a bool (or None where that means "decide"): the string "no" is true, and would
+    skip rows or render a template silently."""
+    if not isinstance(value, bool) and not (none and value is None):
+        raise TypeError(f"{name} must be True or False{' (or None)' if none else ''}; got {value!r}")
 
 
 def check_lengths(max_length: int, max_prompt_length: int | None) -> int:
@@ -713,6 +722,7 @@ def check_rows(source: Any, *, split: str = "train", skip_invalid: bool = False)
     """The rows, read once and given the structural checks that need no tokenizer: bad data fails
     in a second, before any model is loaded for it (``skip_invalid``: only the file is checked).
     :func:`load_preference_data` takes the returned list."""
+    check_switch("skip_invalid", skip_invalid)
     rows = read_rows(source, split=split)
     if not rows:
         raise ValueError(f"data {source} holds no preference row")
