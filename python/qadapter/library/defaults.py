@@ -117,6 +117,19 @@ def names_missing_folder(name_or_path: str) -> bool:
     return False
 
 
+def check_torch_dtype(torch_dtype) -> None:
+    """``torch_dtype`` as transformers takes it (None, ``"auto"``, a floating torch.dtype or its
+    name), refused by name otherwise: transformers' own error for ``"bf16"`` is torch's missing attribute."""
+    import torch
+
+    if torch_dtype is None or torch_dtype == "auto":
+        return
+    dtype = getattr(torch, torch_dtype, None) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch.dtype or its name ('bfloat16', 'float16', 'float32'), "
+                         f"or 'auto'; got {torch_dtype!r}")
+
+
 def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=None, quantization=None):
     """``(model, tokenizer)`` for a causal LM: the embedded default, a local directory or a hub name.
 
@@ -128,6 +141,7 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=Non
 
     from . import quantization as quant
 
+    check_torch_dtype(torch_dtype)
     quantization = quant.normalize(quantization, torch_dtype)
     if names_missing_folder(name_or_path):
         raise FileNotFoundError(f"no model folder at {name_or_path}")
