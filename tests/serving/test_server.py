@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -437,6 +438,7 @@ def test_a_body_over_the_bound_is_refused_before_it_is_read_whole(server):
     assert http.post("/v1/completions", json={"model": "terse"}).status_code == 400  # under it: read
     with pytest.raises(ValueError, match="max_body_bytes must be an int >= 1"):
         Server(server[1], max_body_bytes=0)
+
 
 
 def test_an_unknown_route_or_method_is_answered_in_the_error_shape(server):
@@ -1086,7 +1088,17 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
              ({"prompt": [5] * 32, "max_tokens": 3}, "prompt", "context length"),  # no limit would do
              ({"prompt": [5] * 33, "max_tokens": 0, "echo": True}, "prompt", "context length"),
              ({"top_p": 0.0}, "top_p", r"a number in \(0, 1\]"),
-             ({"adapter": "gone"}, "adapter", "'gone' is not loaded")]
+             ({"adapter": "gone"}, "adapter", "'gone' is not loaded"),
+             # each would fail inside a decoding step, ending every request of the running batch
+             ({"prompt": "hello"}, "prompt", "a list of token ids; got str"),
+             ({"prompt": torch.tensor([5, 6])}, "prompt", "a list of token ids; got Tensor"),
+             ({"prompt": [5, 10**6]}, "prompt", r"integers in \[0, \d+\); got 1000000"),
+             ({"prompt": [-1, 5]}, "prompt", "got -1"),
+             ({"prompt": [5.0, 6.0]}, "prompt", "got 5.0"),
+             ({"stop": "ab"}, "stop", "a tuple of non-empty strings; got 'ab'"),  # not a stop at each character
+             ({"stop": ("",)}, "stop", "non-empty strings"),
+             ({"stop": None}, "stop", "got None"),
+             ({"emit": None}, "emit", "a function")]
     for fields, field, message in cases:
         request = Request(**{"prompt": [5, 6], "adapter": "terse", "max_tokens": 2, "emit": lambda e: None, **fields})
         with pytest.raises(RequestRefused, match=message) as info:
@@ -1098,6 +1110,11 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
     with pytest.raises(KeyError):  # an adapter not loaded, as callers caught it before
         engine.submit(Request(prompt=[5], adapter="gone", max_tokens=1, emit=lambda e: None))
     assert engine._pending.empty()
+    # A tuple of ids (numpy's too) and a list of stops are taken as the list and the tuple.
+    events = []
+    request = Request(prompt=(5, np.int64(6)), adapter="terse", max_tokens=2, emit=events.append, stop=["zz"])
+    engine_decode(engine, [request])
+    assert len(request.tokens) == 2 and events[-1]["finish_reason"] == "length"
 
 
 def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
 import queue
 import threading
@@ -172,8 +173,24 @@ class Engine:
     def check(self, request: Request) -> None:
         """Refuses, with :class:`RequestRefused` naming the field, what the engine cannot run (before
         it is queued; :meth:`submit` checks that its adapter is loaded)."""
+        if isinstance(request.prompt, tuple):
+            request.prompt = list(request.prompt)
+        if not isinstance(request.prompt, list):  # a string, an array: each step would fail, ending the batch
+            raise RequestRefused(f"the prompt must be a list of token ids; got {type(request.prompt).__name__}",
+                                 "prompt")
         if not request.prompt:
             raise RequestRefused("the prompt must hold at least one token", "prompt")
+        bad = next((t for t in request.prompt if not _token_id(t, self.vocab)), None)
+        if bad is not None:
+            raise RequestRefused(f"the prompt's token ids must be integers in [0, {self.vocab}); got {bad!r}",
+                                 "prompt")
+        if isinstance(request.stop, list):
+            request.stop = tuple(request.stop)
+        if not isinstance(request.stop, tuple) or not all(isinstance(s, str) and s for s in request.stop):
+            # one string would stop at each of its characters
+            raise RequestRefused(f"stop must be a tuple of non-empty strings; got {request.stop!r}", "stop")
+        if not callable(request.emit):
+            raise RequestRefused(f"emit must be a function taking each event; got {request.emit!r}", "emit")
         if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool) or request.max_tokens < 0:
             raise RequestRefused(f"max_tokens must be an integer >= 1 (0 with echo: the prompt alone); "
                                  f"got {request.max_tokens!r}", "max_tokens")
@@ -655,6 +672,11 @@ def _unsent_logprobs(request: Request) -> dict:
         return {}
     entries, request.unsent_logprobs = request.unsent_logprobs, []
     return {"logprobs": entries}
+
+
+def _token_id(value, vocab: int) -> bool:
+    """Whether ``value`` is a token id of a model with ``vocab`` tokens (a numpy integer too)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < vocab
 
 
 def _sampling_expectations(request: Request, vocab: int) -> dict[str, tuple[bool, str]]:
