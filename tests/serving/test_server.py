@@ -440,6 +440,19 @@ def test_a_body_over_the_bound_is_refused_before_it_is_read_whole(server):
         Server(server[1], max_body_bytes=0)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("allow_adapter_updates", "no", "allow_adapter_updates must be True or False; got 'no'"),  # would open the routes
+    ("allow_adapter_updates", 1, "allow_adapter_updates must be True or False"),
+    ("default_max_tokens", "256", "default_max_tokens must be an int >= 1; got '256'"),
+    ("default_max_tokens", None, "default_max_tokens must be an int >= 1; got None"),
+    ("default_max_tokens", True, "default_max_tokens must be an int >= 1; got True"),
+    ("default_max_tokens", 0, "default_max_tokens must be an int >= 1; got 0")])
+def test_server_options_of_another_type_are_refused_by_name(server, option, value, message):
+    """Not taken as what they are not: a chat request without max_tokens refused as if its client had
+    sent the server's default, the string "no" read as true."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Server(server[1], **{option: value})
+
 
 def test_an_unknown_route_or_method_is_answered_in_the_error_shape(server):
     """Not Starlette's plain text: OpenAI's error object, naming the path (404) or the method (405)."""

@@ -150,6 +150,11 @@ class Server:
                  max_body_bytes: int = MAX_BODY_BYTES, default_template_options: dict | None = None) -> None:
         if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be an int >= 1; got {max_body_bytes!r}")
+        if not isinstance(default_max_tokens, int) or isinstance(default_max_tokens, bool) or default_max_tokens < 1:
+            # else each chat request without max_tokens would be refused as if its client had sent the value
+            raise ValueError(f"default_max_tokens must be an int >= 1; got {default_max_tokens!r}")
+        if not isinstance(allow_adapter_updates, bool):  # the string "no" would open the update routes
+            raise ValueError(f"allow_adapter_updates must be True or False; got {allow_adapter_updates!r}")
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
             raise ValueError(f"adapter_dir must be a directory of saved adapters; got {str(adapter_dir)!r}")
         if max_adapters is not None and (adapter_dir is None or not isinstance(max_adapters, int)
