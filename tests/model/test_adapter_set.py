@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,6 +275,41 @@ def test_read_prompts_scores_each_rows_prompt_under_its_policy(saved, solo):
     assert scores[4].combined.shape == (0,) and scores[4].top_ids.shape == (0, 5)  # a one-token prompt: nothing
     with pytest.raises(ValueError, match="top must hold one entry per row"):
         adapter_set.read_prompts(ids, mask, names, None, top=[1])
+
+
+def test_per_row_arguments_take_any_iterable_and_bad_types_are_refused_by_name(saved):
+    """A generator of names (or of top counts, numpy's and torch's integers among them) is read once, as
+    the list; a string, a lone count, a path in place of name -> path, a name that is no string are
+    refused naming the argument, not as an error from inside (a StopIteration, an unpacking error)."""
+    _, vocab, paths = saved
+    adapter_set = AdapterSet.from_pretrained((name, paths[name]) for name in ("terse", "formal"))
+    assert adapter_set.names == ["terse", "formal"] and adapter_set.depth("formal") == 1
+    ids, mask = left_padded_prompts(vocab=vocab, lengths=(7, 4))
+    names = ["terse", None]
+    want = adapter_set.generate(ids, mask, adapters=names, max_new_tokens=3, do_sample=False)
+    got = adapter_set.generate(ids, mask, adapters=iter(names), max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+    top = [np.int64(3), torch.tensor(2)]
+    _, scores = adapter_set.read_prompts(ids, mask, iter(names), None, top=iter(top))
+    assert scores[0].top_ids.shape[-1] == 3 and scores[1].top_ids.shape[-1] == 2
+    for call, message in [
+            (lambda: adapter_set.generate(ids, mask, adapters="terse", max_new_tokens=2), "adapters must name one adapter"),
+            (lambda: adapter_set.generate(ids, mask, adapters=None, max_new_tokens=2), "adapters must name one adapter"),
+            (lambda: adapter_set.generate(ids, mask, adapters=[["terse"], None], max_new_tokens=2),
+             "adapters must name one adapter"),
+            (lambda: adapter_set.read_prompts(ids, mask, names, None, top=3), "top must hold one entry per row"),
+            (lambda: adapter_set.read_prompts(ids, mask, names, None, top=[True, None]), "integer >= 0 .*got True"),
+            (lambda: adapter_set.read_prompts(ids, mask, names, None, top=[2.0, None]), "integer >= 0 .*got 2.0"),
+            (lambda: adapter_set.next_scores(ids, None, names, None), "attention_mask must be a tensor"),
+            (lambda: adapter_set.depth("nope"), "no adapter named 'nope'"),
+            (lambda: adapter_set.load("kind", None), "path must be a saved adapter's directory"),
+            (lambda: AdapterSet.from_pretrained(paths["terse"]), "adapters must be a mapping"),
+            (lambda: AdapterSet.from_pretrained(str(paths["terse"])), "adapters must be a mapping"),
+            (lambda: AdapterSet.from_pretrained([paths["terse"]]), "adapters must be a mapping.*got the item"),
+            (lambda: AdapterSet.from_pretrained({"terse": None}), "the path of 'terse' must be")]:
+        with pytest.raises((ValueError, TypeError, KeyError), match=message):
+            call()
+    assert adapter_set.names == ["terse", "formal"]
 
 
 def test_loading_adapters_leaves_the_global_random_generator_as_it_was(saved):

@@ -23,6 +23,7 @@ FLOPs, small beside the frozen layers for the adapter counts a batch mixes, howe
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -318,7 +319,7 @@ class AdapterSet:
         """An adapter set with ``adapters`` (name -> saved adapter: a directory or a hub repository,
         ``owner/name[@revision]``) loaded onto ``base_model``
         (default: the base the first adapter names, loaded as it was in training)."""
-        items = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
+        items = _named_paths(adapters)
         if not items:
             raise ValueError("adapters must name at least one saved adapter (name -> directory)")
         items = [(name, locate_adapter(path)) for name, path in items]
@@ -340,16 +341,17 @@ class AdapterSet:
     def depth(self, name: str | None) -> int:
         """The rows a request for ``name`` (None: the base) runs beside its frozen row: 0 for the base,
         1 for an adapter, a stack's levels for a stack."""
-        return 0 if name is None else next(a.depth for a in self.adapters if a.name == name)
+        return 0 if name is None else self._served(name).depth
 
     def template_options(self, name: str | None) -> dict:
         """The chat template's options the adapter ``name`` was trained with (None, the base: none)."""
-        if name is None:
-            return {}
+        return {} if name is None else self._served(name).template_options
+
+    def _served(self, name: str) -> _Served:
         served = next((a for a in self.adapters if a.name == name), None)
         if served is None:
             raise KeyError(f"no adapter named {name!r} is loaded; loaded: {self.names}")
-        return served.template_options
+        return served
 
     def check(self, path: str | os.PathLike) -> tuple[Path, dict, list[tuple[Level, Path | None]]]:
         """The saved adapter in ``path`` found (a hub download), its config, and a stack's levels with
@@ -376,6 +378,8 @@ class AdapterSet:
         its tensors; a stack's levels found where its record says, unchanged)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string; got {name!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a saved adapter's directory or a hub repository name; got {path!r}")
         self._check_free(name)
         path, config, located = self.check(path)  # found (a hub download) before the network is held
         with network_lock(self.base_model):
@@ -505,7 +509,7 @@ class AdapterSet:
         adapter's name, or ``None`` for the base model), all rows in one forward per token; takes what
         :meth:`QAdapterModel.generate` takes and returns what transformers' ``generate`` returns."""
         input_ids, attention_mask = check_prompt(input_ids, attention_mask)
-        self._assign(adapters, input_ids.shape[0])
+        self._assign(_per_row("adapters", adapters), input_ids.shape[0])
         if kwargs.get("stop_strings") is not None and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer
         with evaluation_mode(self.peft_model or self.base_model):
@@ -522,7 +526,10 @@ class AdapterSet:
         ``attention_mask [B, T + t]`` covers everything fed so far; ``cache`` (a transformers
         ``DynamicCache`` over the forward's rows, :class:`BankRows`: frozen rows, then each row's level
         rows) holds the first ``T`` and is extended. The model is used as it is (call ``eval()`` on it first)."""
-        self._assign(adapters, input_ids.shape[0])
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a tensor [B, T + t] (everything fed so far); "
+                             f"got {type(attention_mask).__name__}")
+        self._assign(_per_row("adapters", adapters), input_ids.shape[0])
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         return self._policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                             use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}).logits[:, -1]
@@ -539,8 +546,10 @@ class AdapterSet:
         The scores come from the decoder's final hidden states of the same forward through
         :func:`qadapter_kernels.vocabulary_pass`, a chunk of positions at a time: the forward still forms
         the last position's logits only, so scoring a prompt of ``T`` tokens holds no ``[T, V]`` tensor."""
+        adapters, top = _per_row("adapters", adapters), _per_row("top", top)
         if len(top) != input_ids.shape[0]:
             raise ValueError(f"top must hold one entry per row of input_ids ({input_ids.shape[0]}); got {len(top)}")
+        top = tuple(None if k is None else _top_count(k) for k in top)
         weight, cap = output_head(self.base_model)
         with decoder_outputs(self.base_model) as captured:
             next_scores = self.next_scores(input_ids, attention_mask, adapters, cache)
@@ -563,13 +572,47 @@ class AdapterSet:
                                           top_k=k, logit_softcap=cap, alpha_0=alpha_0, alpha_tilde=alpha_tilde))
         return next_scores, scores
 
-    def _assign(self, adapters: Sequence[str | None], rows: int) -> None:
+    def _assign(self, adapters: tuple, rows: int) -> None:
         """Row ``i`` decodes ``adapters[i]``: checked, and set as the row plan's assignment."""
-        if isinstance(adapters, str) or len(adapters) != rows:
+        if len(adapters) != rows or not all(a is None or isinstance(a, str) for a in adapters):
             raise ValueError(f"adapters must name one adapter (or None, the base) per row of input_ids "
                              f"({rows}); got {adapters!r}")
         index = {name: i for i, name in enumerate(self.names)}
-        unknown = sorted({str(a) for a in adapters if a is not None and a not in index})
+        unknown = sorted({a for a in adapters if a is not None and a not in index})
         if unknown:
             raise ValueError(f"adapters names {unknown}, not loaded; loaded: {self.names}")
         self.rows.assignment = tuple(None if a is None else index[a] for a in adapters)
+
+
+def _named_paths(adapters: Any) -> list[tuple[str, str | os.PathLike]]:
+    """``adapters`` (a mapping name -> saved adapter, or (name, path) pairs) as a list of pairs, or a
+    TypeError saying what it takes."""
+    expected = "a mapping of names to saved adapters (directories or hub repositories) or (name, path) pairs"
+    if isinstance(adapters, (str, bytes, os.PathLike)) or not isinstance(adapters, (Mapping, Iterable)):
+        raise TypeError(f"adapters must be {expected}; got {adapters!r} (name it: {{'name': path}})")
+    items = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
+    for item in items:
+        if isinstance(item, (str, bytes, os.PathLike)) or not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"adapters must be {expected}; got the item {item!r}")
+        if not isinstance(item[1], (str, os.PathLike)):
+            raise TypeError(f"adapters: the path of {item[0]!r} must be a directory or a hub repository name; "
+                            f"got {item[1]!r}")
+    return items
+
+
+def _per_row(name: str, values: Any) -> tuple:
+    """``values`` (a list, a tuple, a generator: one per row) as a tuple, or a ValueError naming ``name``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        what = "name one adapter (or None, the base)" if name == "adapters" else "hold one entry"
+        raise ValueError(f"{name} must {what} per row of input_ids (a list); got {values!r}")
+    return tuple(values)
+
+
+def _top_count(k: Any) -> int:
+    """A row's count of likeliest tokens as an int (numpy's and torch's too), or a ValueError."""
+    try:
+        if not isinstance(k, bool) and operator.index(k) >= 0:
+            return operator.index(k)
+    except TypeError:
+        pass
+    raise ValueError(f"top must hold, per row, an integer >= 0 (the likeliest tokens to list) or None; got {k!r}")
