@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("peft")
 from helpers import tiny_causal_lm, tiny_chat_tokenizer  # noqa: E402
-from qadapter.evaluation.measures import evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
+from qadapter.evaluation.measures import answers, evaluate_pairs, mean_kl, preference_metrics  # noqa: E402
 from qadapter.library.data import IGNORE_INDEX, PreferenceCollator, tokenize_rows  # noqa: E402
 from qadapter.library.model import QAdapterModel  # noqa: E402
 
@@ -239,6 +240,39 @@ def test_bad_arguments_are_named(argument, value):
         evaluate_pairs(model, ragged_pairs(2, vocab=97), PAD, **{argument: value})
     with pytest.raises(ValueError, match="features"):
         evaluate_pairs(model, [], PAD)
+
+
+def test_counts_flags_and_collections_of_other_types():
+    """numpy counts and a generator or tuple of pairs measure as the ints and the list do; a string flag
+    (the string "no" is true), a bool or float count and a lone question string (answered character by
+    character) are refused naming the argument."""
+    model = trained_like(tiny_causal_lm("llama"))
+    pairs = ragged_pairs(4, vocab=97)
+    want = evaluate_pairs(model, pairs, PAD, pairs_per_batch=2, tokens_per_batch=64, chunk_size=8)
+    got = evaluate_pairs(model, (p for p in pairs), PAD, pairs_per_batch=np.int64(2),
+                         tokens_per_batch=np.int64(64), chunk_size=np.int64(8))
+    assert got == want and evaluate_pairs(model, tuple(pairs), PAD, pairs_per_batch=2, tokens_per_batch=64,
+                                          chunk_size=8) == want
+    for options, message in [({"kl": "no"}, "kl must be True or False; got 'no'"),
+                             ({"per_pair": 1}, "per_pair must be True or False"),
+                             ({"step0": None}, "step0 must be True or False"),
+                             ({"pairs_per_batch": True}, "pairs_per_batch must be a positive integer; got True"),
+                             ({"tokens_per_batch": 64.0}, "tokens_per_batch must be a positive integer; got 64.0")]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            evaluate_pairs(model, pairs, PAD, **options)
+    tokenizer = tiny_chat_tokenizer()
+    model = trained_like(tiny_causal_lm("llama", vocab=len(tokenizer)))
+    questions = ["the capital of France", "hello"]
+    want = answers(model, tokenizer, questions, customized=True, max_new_tokens=2)
+    assert answers(model, tokenizer, iter(questions), customized=True, max_new_tokens=2,
+                   batch_size=np.int64(1)) == want
+    for call, message in [({"questions": "hello"}, "questions must be a list of question strings; got str"),
+                          ({"customized": "no"}, "customized must be True or False; got 'no'"),
+                          ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
+                          ({"batch_size": True}, "batch_size must be a positive integer; got True")]:
+        arguments = {"questions": questions, "customized": True, **call}
+        with pytest.raises((TypeError, ValueError), match=message):
+            answers(model, tokenizer, arguments.pop("questions"), max_new_tokens=2, **arguments)
 
 
 def test_answers_end_at_every_eos_id_of_the_generation_config_without_a_pad_token():

@@ -26,8 +26,9 @@ mean over the pairs, chi2 over the scored tokens), as ``QAdapterTrainer.evaluate
 from __future__ import annotations
 
 import math
+import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -151,9 +152,28 @@ def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: l
     }
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+def _positive(name: str, value) -> int:
+    """``value`` as a positive int (numpy's and torch's integers too), or a ValueError naming ``name``:
+    a float or a bool would batch as the number it stands for."""
+    try:
+        if not isinstance(value, bool) and operator.index(value) > 0:
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):  # the string "no" is true
+            raise TypeError(f"{name} must be True or False; got {value!r}")
+
+
+def _listed(name: str, items, what: str) -> list:
+    """``items`` (a list, a tuple, a generator, a data set) as a list, or a TypeError naming ``name``."""
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+        raise TypeError(f"{name} must be a list of {what}; got {type(items).__name__}")
+    return items if isinstance(items, list) else list(items)
 
 
 @torch.no_grad()
@@ -171,11 +191,15 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     (scored tokens per block); ``progress``: a progress bar on stderr when it is a terminal;
     ``per_pair``: also each pair's margin (``"margins"``, a list in the features' order).
     """
+    features = _listed("features", features, "tokenized pairs")
     if not features:
         raise ValueError("features must hold at least one tokenized pair")
-    for name, value in (("pairs_per_batch", pairs_per_batch), ("tokens_per_batch", tokens_per_batch)):
-        _check_positive(name, value)
+    pairs_per_batch, tokens_per_batch = (_positive("pairs_per_batch", pairs_per_batch),
+                                         _positive("tokens_per_batch", tokens_per_batch))
+    if chunk_size is not None and not isinstance(chunk_size, (bool, float)):
+        chunk_size = _positive("chunk_size", chunk_size)
     check_chunk_size(chunk_size)
+    _check_flags(kl=kl, step0=step0, progress=progress, per_pair=per_pair)
     loss = model.loss
     pack = model.padding_free
     learned, initial = [None] * len(features), [None] * len(features)
@@ -347,6 +371,9 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
     transformers causal LM is its own base model (``customized=False`` only). The questions are
     rendered with ``template_options``, by default a :class:`QAdapterModel`'s ``chat_template_kwargs``
     (its base answers the same prompts)."""
+    questions = _listed("questions", questions, "question strings")
+    _check_flags(customized=customized)
+    batch_size = _positive("batch_size", batch_size)
     if isinstance(model, QAdapterModel):
         if template_options is None:
             template_options = model.chat_template_kwargs
