@@ -1,5 +1,6 @@
 """`qadapter check`: an adapter measured against its base, failed by name when it forgets."""
 
+import dataclasses
 import json
 import re
 
@@ -187,3 +188,16 @@ def test_checking_on_the_training_data_is_said_in_the_report(adapters, tmp_path,
     assert "warning: " in capsys.readouterr().err
     assert json.loads((tmp_path / "report" / "check.json").read_text())["data_is_training_data"] is True
     assert "**The data is the adapter's training data**" in (tmp_path / "report" / "check.md").read_text()
+
+
+def test_thresholds_from_python_take_numpy_numbers_and_refuse_other_types_by_name():
+    """A numpy limit is kept as a float (the report is written as JSON); a string fails only once
+    measured, a bool is a limit of 1 or 0, NaN fails every check: each refused naming the threshold."""
+    import numpy as np
+
+    thresholds = Thresholds(max_kl_to_base=np.float32(0.5), min_preference_accuracy=np.int64(0))
+    assert type(thresholds.max_kl_to_base) is float and json.dumps(dataclasses.asdict(thresholds))
+    assert judge({"kl_to_base": 0.25}, thresholds)[0]["passed"]
+    for value in ("0.5", True, float("nan"), [0.5]):
+        with pytest.raises(ValueError, match=re.escape(f"max_kl_to_base must be a finite number or None; got {value!r}")):
+            Thresholds(max_kl_to_base=value)

@@ -37,6 +37,21 @@ class Thresholds:
     max_probe_drop: float | None = 0.05
     max_perplexity_ratio: float | None = 1.10
 
+    def __post_init__(self) -> None:
+        """Each limit a plain float (numpy's and torch's numbers too, so a report writes it as JSON), or
+        None; a string, a bool (a limit of 1 or 0) or NaN is refused naming it, before anything is measured."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            try:
+                number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise ValueError(f"{f.name} must be a finite number or None; got {value!r}")
+            setattr(self, f.name, number)
+
     @classmethod
     def from_file(cls, path: str | Path) -> Thresholds:
         """Thresholds from a JSON object of (some of) the field names; unknown keys are refused."""
