@@ -1086,6 +1086,8 @@ def test_the_prefill_budget_splits_admissions_and_reads_a_long_prompt_alone(save
         assert request.tokens == alone.tokens
     with pytest.raises(ValueError, match="max_prefill_tokens must be an int >= 1 or None; got 0"):
         Engine(adapter_set, tokenizer, max_prefill_tokens=0)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1; got True"):  # not a batch of 1
+        Engine(adapter_set, tokenizer, max_batch=True)
 
 
 def test_the_engine_refuses_a_request_naming_its_field(saved):

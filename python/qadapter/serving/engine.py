@@ -126,7 +126,7 @@ class Engine:
 
     def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32,
                  max_prefill_tokens: int | None = None, prefix_cache_bytes: int = 0) -> None:
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}")
         if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
                                                or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
