@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import shutil
 import sys
@@ -131,6 +132,22 @@ class QAdapterConfig(LossArguments):
         if self.chat_template_kwargs is not None:  # JSON text as the command line gives it
             self.chat_template_kwargs = parse_template_options(self.chat_template_kwargs, "--chat_template_kwargs")
 
+    def _check_number_types(self) -> None:
+        """The counts and rates checked below as numbers, refused naming the option otherwise (from
+        Python, a string or None would fail the comparison unnamed, a bool count pass as 0 or 1); a
+        numpy or torch scalar taken as the plain number, which the saved options' JSON can hold."""
+        for names, kind, convert, expected in ((("gradient_accumulation_steps", "per_device_train_batch_size",
+                                                  "lora_r", "seed"), numbers.Integral, int, "an integer"),
+                                                (("learning_rate", "lora_alpha", "lora_dropout"), numbers.Real, float,
+                                                 "a number")):
+            for name in names:
+                value = getattr(self, name)
+                plain = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if isinstance(plain, bool) or not isinstance(plain, kind):
+                    raise TypeError(f"--{name} must be {expected}; got {value!r}")
+                if type(value) not in (int, float):
+                    setattr(self, name, convert(plain))
+
     def best_metric(self) -> tuple[str | None, str | None]:
         """``metric_for_best_model`` read as ``[eval_][<set>_]<measure>`` (a dict of eval sets names its
         set): the set (None without one) and the measure; (None, None) when unset. A name no evaluation
@@ -148,6 +165,7 @@ class QAdapterConfig(LossArguments):
         """Values Trainer takes and fails on only after the model loads (a ZeroDivisionError, numpy's
         seed error), or trains on without a step (an untrained adapter saved): refused here, naming
         the option as ``qadapter train`` spells it."""
+        self._check_number_types()
         expectations = {
             "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "an integer >= 1"),
             "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, "an integer >= 1"),
