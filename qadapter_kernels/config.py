@@ -11,11 +11,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from dataclasses import dataclass, field
 
 VALUE_AT = ("current", "next")
 AUTO = "auto"  # grad_filter_eps: a probability budget per input dtype (grad_filter.mass_budget)
 REWARD_NORM = ("padded", "mean", "sum")
+
+
+def as_integer(value: object) -> int | None:
+    """``value`` as an int (numpy's and torch's integers too), or None where it is none: a bool or a
+    float would count as the number it stands for. Callers say what they expected, naming the argument."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_real(name: str, value: object, *, positive: bool = False, non_negative: bool = False) -> float:

@@ -26,7 +26,6 @@ mean over the pairs, chi2 over the scored tokens), as ``QAdapterTrainer.evaluate
 from __future__ import annotations
 
 import math
-import operator
 import sys
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -34,11 +33,12 @@ from typing import NamedTuple
 import torch
 
 from qadapter_kernels import LossConfig
+from qadapter_kernels.config import as_integer
 from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
-from ..library.data import IGNORE_INDEX, PreferenceCollator, text_start_token, tokenize_continuations
+from ..library.data import IGNORE_INDEX, PreferenceCollator, check_switch, text_start_token, tokenize_continuations
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
 from ..library.packing import common_prefix
@@ -155,18 +155,10 @@ def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: l
 def _positive(name: str, value) -> int:
     """``value`` as a positive int (numpy's and torch's integers too), or a ValueError naming ``name``:
     a float or a bool would batch as the number it stands for."""
-    try:
-        if not isinstance(value, bool) and operator.index(value) > 0:
-            return operator.index(value)
-    except TypeError:
-        pass
-    raise ValueError(f"{name} must be a positive integer; got {value!r}")
-
-
-def _check_flags(**flags) -> None:
-    for name, value in flags.items():
-        if not isinstance(value, bool):  # the string "no" is true
-            raise TypeError(f"{name} must be True or False; got {value!r}")
+    count = as_integer(value)
+    if count is None or count <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return count
 
 
 def _listed(name: str, items, what: str) -> list:
@@ -199,7 +191,8 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     if chunk_size is not None and not isinstance(chunk_size, (bool, float)):
         chunk_size = _positive("chunk_size", chunk_size)
     check_chunk_size(chunk_size)
-    _check_flags(kl=kl, step0=step0, progress=progress, per_pair=per_pair)
+    for name, flag in (("kl", kl), ("step0", step0), ("progress", progress), ("per_pair", per_pair)):
+        check_switch(name, flag)
     loss = model.loss
     pack = model.padding_free
     learned, initial = [None] * len(features), [None] * len(features)
@@ -372,7 +365,7 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
     rendered with ``template_options``, by default a :class:`QAdapterModel`'s ``chat_template_kwargs``
     (its base answers the same prompts)."""
     questions = _listed("questions", questions, "question strings")
-    _check_flags(customized=customized)
+    check_switch("customized", customized)
     batch_size = _positive("batch_size", batch_size)
     if isinstance(model, QAdapterModel):
         if template_options is None:

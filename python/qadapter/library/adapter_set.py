@@ -23,7 +23,6 @@ FLOPs, small beside the frozen layers for the adapter counts a batch mixes, howe
 from __future__ import annotations
 
 import inspect
-import operator
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qadapter_kernels import TokenMeasures, combine_logits, vocabulary_pass
+from qadapter_kernels.config import as_integer
 
 from . import atomic
 from . import quantization as quant
@@ -610,9 +610,7 @@ def _per_row(name: str, values: Any) -> tuple:
 
 def _top_count(k: Any) -> int:
     """A row's count of likeliest tokens as an int (numpy's and torch's too), or a ValueError."""
-    try:
-        if not isinstance(k, bool) and operator.index(k) >= 0:
-            return operator.index(k)
-    except TypeError:
-        pass
+    count = as_integer(k)
+    if count is not None and count >= 0:
+        return count
     raise ValueError(f"top must hold, per row, an integer >= 0 (the likeliest tokens to list) or None; got {k!r}")

@@ -44,13 +44,13 @@ scored, no allocator fragmentation), meant to say whether a run fits and what wo
 from __future__ import annotations
 
 import math
-import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from qadapter_kernels.config import as_integer
 from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
 
 from . import quantization as quant
@@ -193,12 +193,10 @@ class PlanOptions:
 def _count(name: str, value: object) -> int:
     """``value`` as an int (numpy's and torch's too), or a TypeError naming ``name``: a float or a bool
     would be planned as the number it stands for (``True``: one token)."""
-    try:
-        if not isinstance(value, bool):
-            return operator.index(value)
-    except TypeError:
-        pass
-    raise TypeError(f"{name} must be an integer; got {value!r}")
+    count = as_integer(value)
+    if count is None:
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    return count
 
 
 @dataclass
