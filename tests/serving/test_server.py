@@ -1390,3 +1390,32 @@ def test_an_unset_or_null_limit_is_the_default_within_the_context(server):
         api.chat.completions.create(model="terse", messages=short_message, temperature=0,
                                     max_completion_tokens=engine.context_length)
     assert info.value.param == "max_completion_tokens"
+
+
+def test_a_text_prompt_starts_with_the_bos_its_tokenizer_starts_texts_with():
+    """A Llama-style tokenizer starts every text with BOS, and training and ``generate`` read a plain
+    prompt after it: so does a text prompt here (as vLLM's ``add_special_tokens`` default), scored as
+    the same token ids given with it; ``add_special_tokens: false`` reads the text alone; a text that
+    writes its BOS has it once. The echoed text is the prompt as given, the BOS at offset 0 taking no room."""
+    from helpers import tiny_causal_lm, tiny_sentencepiece_tokenizer
+
+    tokenizer = tiny_sentencepiece_tokenizer()
+    base = tiny_causal_lm("llama", vocab=len(tokenizer))
+    for base_url, _ in running_server(Engine(AdapterSet(base, tokenizer=tokenizer), tokenizer, max_batch=4)):
+        api, text = client(base_url), "the capital of France"
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        bos = tokenizer.bos_token_id
+        scored = api.completions.create(model="base", prompt=text, max_tokens=0, logprobs=0, echo=True)
+        given = api.completions.create(model="base", prompt=[bos, *ids], max_tokens=0, logprobs=0, echo=True)
+        got = scored.choices[0]
+        assert scored.usage.prompt_tokens == len(ids) + 1 and got.text == text
+        assert got.logprobs.tokens == given.choices[0].logprobs.tokens and got.logprobs.tokens[0] == "<s>"
+        assert got.logprobs.token_logprobs[1:] == given.choices[0].logprobs.token_logprobs[1:]
+        assert got.logprobs.text_offset[:2] == [0, 0]
+        alone = api.completions.create(model="base", prompt=text, max_tokens=0, logprobs=0, echo=True,
+                                       extra_body={"add_special_tokens": False})
+        assert alone.usage.prompt_tokens == len(ids) and alone.choices[0].logprobs.tokens[0] != "<s>"
+        written = api.completions.create(model="base", prompt="<s>" + text, max_tokens=0, echo=True)
+        assert written.usage.prompt_tokens == len(ids) + 1
+        with pytest.raises(openai.BadRequestError, match="add_special_tokens must be true or false; got \"yes\""):
+            api.completions.create(model="base", prompt=text, max_tokens=1, extra_body={"add_special_tokens": "yes"})

@@ -36,7 +36,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..library.data import check_template_options, message_text
+from ..library.data import check_template_options, message_text, text_start_token
 from ..library.saved import AdapterLoadError, read_adapter_config
 from .engine import AdapterBusy, Engine, EngineStopped, Request, RequestRefused
 from .metrics import CONTENT_TYPE
@@ -50,7 +50,7 @@ BASE_MODEL = "base"  # the model name that decodes the frozen base alone
 FIELDS = {
     "completions": (("model", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
                      "top_k", "min_p", "repetition_penalty", "stop", "seed", "n", "logprobs", "echo", "stream",
-                     "stream_options", "logit_bias"),
+                     "stream_options", "logit_bias", "add_special_tokens"),
                     ("user",),
                     ("best_of", "suffix")),
     "chat": (("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
@@ -182,6 +182,7 @@ class Server:
         # A token's text and bytes, for log-probs (the vocabulary bounds the caches).
         self._token_text = functools.lru_cache(maxsize=None)(token_text(self.tokenizer))
         self._token_bytes = functools.lru_cache(maxsize=None)(token_bytes(self.tokenizer))
+        self._text_start = text_start_token(self.tokenizer)  # the BOS a text prompt starts with, or None
 
     def app(self) -> Starlette:
         @contextlib.asynccontextmanager
@@ -359,7 +360,7 @@ class Server:
             body = await self._body(http)
             # Tokenized off the event loop (a long prompt would hold every stream), before the model is in hand.
             prompts = await asyncio.to_thread(
-                lambda: [(self._chat_prompt(body), "")] if chat else self._text_prompts(body, body.get("echo") is True))
+                lambda: [(self._chat_prompt(body), "", 0)] if chat else self._text_prompts(body, body.get("echo") is True))
             choices = _int(body, "n", 1, 1, MAX_CHOICES)
             answers = len(prompts) * choices
             if answers > MAX_ANSWERS:  # before a model is loaded for it
@@ -377,12 +378,12 @@ class Server:
         seed = options.pop("seed")
         context = self.engine.context_length
         if limit is None and context is not None:  # the default, as vLLM's: no more than the context leaves
-            options["max_tokens"] = min(options["max_tokens"], max(1, context - max(len(p) for p, _ in prompts)))
+            options["max_tokens"] = min(options["max_tokens"], max(1, context - max(len(p) for p, _, _ in prompts)))
         # Choice j * n + i: prompt j's i-th answer (OpenAI's order); seeded choices of a prompt differ.
         requests = [Request(prompt=prompt, seed=None if seed is None else seed + i, **options,
                             emit=lambda event, c=j * choices + i: loop.call_soon_threadsafe(events.put_nowait, (c, event)),
                             submitted_at=arrived, counts_prompt=i == 0)
-                    for j, (prompt, _) in enumerate(prompts) for i in range(choices)]
+                    for j, (prompt, _, _) in enumerate(prompts) for i in range(choices)]
         try:
             for request in requests:
                 self.engine.submit(request)
@@ -392,10 +393,10 @@ class Server:
             if isinstance(exc, EngineStopped):
                 return _error(str(exc), 503)
             return _error(str(exc), 400, self._request_field(exc.field, limit, chat))
-        reply = _Reply(body["model"], chat, sum(len(ids) for ids, _ in prompts), len(requests), usage_chunk,
+        reply = _Reply(body["model"], chat, sum(len(ids) for ids, _, _ in prompts), len(requests), usage_chunk,
                        token_text=self._token_text if options["logprobs"] is not None else None,
-                       token_bytes=self._token_bytes)
-        echoed = [text if options.get("echo") else "" for _, text in prompts for _ in range(choices)]  # per choice
+                       token_bytes=self._token_bytes, unwritten=[u for _, _, u in prompts for _ in range(choices)])
+        echoed = [text if options.get("echo") else "" for _, text, _ in prompts for _ in range(choices)]  # per choice
         if stream:
             return _ClosingStream(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
         texts, ends, logprobs = [[text] for text in echoed], [None] * len(requests), [[] for _ in requests]
@@ -566,19 +567,29 @@ class Server:
         given = limit if body.get(limit) is not None else None
         return options, stream, stream_options.get("include_usage", False), given
 
-    def _text_prompts(self, body: dict, echo: bool) -> list[tuple[list[int], str]]:
-        """The prompts' token ids and texts (what ``echo`` returns; token ids are decoded only then):
-        OpenAI's ``prompt`` is a string, a list of token ids, or a list of either (several prompts, each
-        answered ``n`` times)."""
+    def _text_prompts(self, body: dict, echo: bool) -> list[tuple[list[int], str, int]]:
+        """The prompts' token ids, texts (what ``echo`` returns; token ids are decoded only then) and
+        how many of their first tokens that text does not write: OpenAI's ``prompt`` is a string, a list
+        of token ids, or a list of either (several prompts, each answered ``n`` times). A text starts
+        with the BOS its tokenizer starts texts with (Llama's, Gemma's), as training and ``generate``
+        read it, unless ``add_special_tokens`` (vLLM's field) is false; token ids are taken as given."""
         prompt, vocab = body.get("prompt"), len(self.tokenizer)
+        add_start = body.get("add_special_tokens")
+        if add_start is not None and not isinstance(add_start, bool):
+            raise BadRequest(f"add_special_tokens must be true or false; got {json.dumps(add_start)}",
+                             "add_special_tokens")
+        start = self._text_start if add_start is not False else None
 
-        def ids(one) -> tuple[list[int], str] | None:
+        def ids(one) -> tuple[list[int], str, int] | None:
             if isinstance(one, str) and one:
                 self._check_text_length(len(one), "prompt")
-                return self.tokenizer(one, add_special_tokens=False).input_ids, one
+                tokens = self.tokenizer(one, add_special_tokens=False).input_ids
+                if start is None or tokens[:1] == [start]:  # a text that writes its BOS has it once
+                    return tokens, one, 0
+                return [start, *tokens], one, 1
             if isinstance(one, list) and one and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                      for t in one):
-                return list(one), self.tokenizer.decode(one) if echo else ""
+                return list(one), self.tokenizer.decode(one) if echo else "", 0
             return None
 
         single = ids(prompt)
@@ -754,10 +765,13 @@ class _Reply:
 
     def __init__(self, model: str, chat: bool, prompt_tokens: int, choices: int = 1, usage_chunk: bool = False,
                  token_text: Callable[[int], str] | None = None,
-                 token_bytes: Callable[[int], bytes] | None = None) -> None:
+                 token_bytes: Callable[[int], bytes] | None = None, unwritten: list[int] | None = None) -> None:
         self.model, self.chat, self.prompt_tokens, self.usage_chunk = model, chat, prompt_tokens, usage_chunk
         self.token_text, self.token_bytes = token_text, token_bytes
         self.text_offsets = [0] * choices  # completions' text_offset: where each choice's next token starts
+        # Per choice, the echoed prompt's first tokens its text does not write (a BOS added to a text
+        # prompt): at offset 0, taking no room in the text.
+        self.unwritten = list(unwritten or [0] * choices)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -775,7 +789,10 @@ class _Reply:
         offsets = []
         for token in tokens:
             offsets.append(self.text_offsets[index])
-            self.text_offsets[index] += len(token)
+            if self.unwritten[index]:
+                self.unwritten[index] -= 1
+            else:
+                self.text_offsets[index] += len(token)
         alternatives = []  # keyed by text, as OpenAI's format is: of tokens with one text (an incomplete
         for _, _, top in entries:  # character), the likeliest; likeliest first. None: an echoed first token
             alternatives.append(None if top is None else {})
