@@ -10,7 +10,6 @@ the trained adapter's. It saves the adapter and a JSON report.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,9 +35,18 @@ BASELINE_NOTE = (
 
 
 def _peak_memory_mb() -> float:
+    """The GPU's peak allocation, else the process's peak resident memory, in MiB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        import resource
+    except ImportError:  # Windows: no resource module; psutil comes with accelerate
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20  # the peak working set
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux and the BSDs
 
 
 def _measure(model, tokenizer, task, options: DemoOptions, *, customized: bool) -> dict:

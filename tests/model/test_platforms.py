@@ -1,0 +1,40 @@
+"""What differs on macOS and Windows, checked on Linux by what the code calls there."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def test_demo_imports_and_measures_memory_without_the_resource_module(monkeypatch):
+    """Windows has no ``resource`` module: the demo imported it at the top, so ``qadapter demo`` failed
+    to start there. Its peak memory is then psutil's peak working set."""
+    import psutil
+    import qadapter.experiments
+    import qadapter.experiments.demo as demo
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource raises ImportError, as on Windows
+    monkeypatch.delitem(sys.modules, "qadapter.experiments.demo")  # both put back after the test
+    monkeypatch.setattr(qadapter.experiments, "demo", demo)
+    fresh = importlib.import_module("qadapter.experiments.demo")
+    monkeypatch.setattr(fresh.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(psutil.Process, "memory_info", lambda self: SimpleNamespace(rss=1, peak_wset=3 * 2**20))
+    assert fresh._peak_memory_mb() == 3.0
+
+
+@pytest.mark.parametrize(("platform", "unit"), [("linux", 2**10), ("darwin", 1)])
+def test_demo_peak_memory_reads_max_rss_in_the_platform_unit(monkeypatch, platform, unit):
+    """``ru_maxrss`` is in KiB on Linux but in bytes on macOS: the demo reported 1024 times the memory there."""
+    import resource
+
+    import qadapter.experiments.demo as demo
+
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(demo.sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=500 * 2**20 // unit))
+    assert demo._peak_memory_mb() == 500.0
