@@ -72,7 +72,7 @@ def _release_freed_memory() -> None:
     gc.collect()
     try:
         libc = ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # TypeError: Windows, whose CDLL takes no None (this process's symbols)
         return
     if hasattr(libc, "malloc_trim"):  # glibc only; elsewhere the growth may undercount a later method
         libc.malloc_trim(0)
