@@ -84,13 +84,18 @@ def peak_rss_growth():
     result = {"mb": 0.0}
     _release_freed_memory()
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    if os.path.exists("/proc/self/statm"):
+        def rss() -> int:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    else:  # macOS, Windows: psutil comes with accelerate
+        import psutil
 
-    if not os.path.exists("/proc/self/statm"):
-        yield result
-        return
+        process = psutil.Process()
+
+        def rss() -> int:
+            return process.memory_info().rss
+
     start, peak, done = rss(), [0], threading.Event()
 
     def sample():
