@@ -448,6 +448,22 @@ def test_a_stack_moved_as_a_whole_loads_from_its_new_place(tmp_path):
                                                          for n in ("level1", "level2", "level3")]
 
 
+def test_a_stack_saved_on_windows_loads_moved_elsewhere(tmp_path):
+    """Windows' relative paths are joined with "\\", which names no folder on Linux or macOS: a stack
+    trained on Windows and copied to a server did not find its levels there. Each is read with "/"."""
+    saved_stack(tmp_path / "a")
+    _, want = stack_outputs(tmp_path / "a" / "level3")
+    config_file = tmp_path / "a" / "level3" / "qadapter_config.json"
+    config = json.loads(config_file.read_text())
+    for level in config["stack"]:
+        level["relative_path"] = level["relative_path"].replace("/", "\\")  # as os.path.relpath writes it there
+    config_file.write_text(json.dumps(config))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved, got = stack_outputs(tmp_path / "b" / "level3")
+    assert [level.path for level in moved.stack] == [str((tmp_path / "b" / n).resolve()) for n in ("level1", "level2")]
+    assert_same_outputs(got, want)
+
+
 def test_train_on_a_moved_stack_refuses_an_output_of_its_levels_before_loading(tmp_path, capsys):
     """`qadapter train --on` checks --output against the levels where the moved stack has them, before
     anything loads (the --model given does not exist)."""

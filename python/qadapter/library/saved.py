@@ -106,8 +106,8 @@ class Level:
             home = Path(directory).resolve()
             if home.name.startswith(atomic.STAGING_PREFIX):
                 home = home.parent
-            try:
-                relative = os.path.relpath(self.path, home)
+            try:  # with "/" between its parts, as every platform reads it
+                relative = os.path.relpath(self.path, home).replace(os.sep, "/")
             except ValueError:
                 pass
         return {**self.as_dict(), "relative_path": relative, "hub": self.hub}
@@ -132,6 +132,7 @@ class Level:
             raise ValueError(f"{where}: a stack level's {exc}") from exc
         if relative is None or directory is None:
             return level
+        relative = relative.replace("\\", "/")  # as Windows recorded it before "/" was written
         return replace(level, nearby=str((Path(directory).resolve() / relative).resolve()))
 
     def found_at(self, path: str | os.PathLike) -> Level:
