@@ -504,6 +504,24 @@ def test_a_reader_that_stops_early_is_not_an_error(tmp_path):
     assert run.returncode == 141 and "Broken pipe" not in err, err
 
 
+def test_text_that_stdout_cannot_encode_is_printed_escaped(tmp_path):
+    """Windows writes a redirected stdout in its ANSI code page (cp1252 here): ``qadapter info`` of an
+    adapter in a folder named in Japanese failed with a codec error, printing nothing. It is escaped."""
+    import os
+    import subprocess
+    import sys
+
+    adapter = tmp_path / "アダプター"
+    adapter.mkdir()
+    (adapter / "qadapter_config.json").write_text(json.dumps({"format_version": 1, "base_model": "x",
+                                                             "base_fingerprint": "0", "loss": {}}))
+    (adapter / "adapter_model.safetensors").touch()
+    command = [sys.executable, "-c", "import sys; from qadapter.cli import main; sys.exit(main())", "info", str(adapter)]
+    run = subprocess.run(command, capture_output=True, env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stdout.decode("cp1252").splitlines()[0] == f"adapter: {tmp_path}/\\u30a2\\u30c0\\u30d7\\u30bf\\u30fc"
+
+
 def test_info_reads_an_adapter_without_transformers_or_peft(tmp_path):
     """`qadapter info` reads the saved config and provenance alone (library.saved): it does not wait
     for transformers and PEFT to import."""

@@ -138,9 +138,24 @@ def _version() -> str:
         return __version__
 
 
+def _stdout_never_fails_on_text() -> None:
+    """A character stdout's encoding lacks is written escaped (``\\u30a2``), as stderr writes it, not
+    an error that ends the command having printed nothing: Windows writes a redirected stdout in its
+    ANSI code page (cp1252), which lacks most of what a path, a data set or a generation may hold."""
+    import codecs
+
+    stream = sys.stdout
+    try:
+        if stream.errors == "strict" and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors="backslashreplace")
+    except (AttributeError, LookupError, TypeError, ValueError):  # not a text stream we can change
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_library_chatter()
+    _stdout_never_fails_on_text()
     if not sys.stderr.isatty():  # progress bars on a terminal only (the hub's and transformers', as ours)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:  # some commands' options come from modules that need the model extra, their --help too
