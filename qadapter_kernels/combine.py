@@ -97,7 +97,7 @@ def combined_logprobs(
     same on every rank; the result ``[..., V_r]`` is the whole row's log-probs at this rank's
     vocabulary ids.
     """
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, logit_softcap=logit_softcap)
     weight, q_weight, q_bias, group, _ = local_head(weight, q_weight, q_bias, group, None)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
@@ -163,13 +163,13 @@ def combined_logprobs_at(
     config = LossConfig(alpha_tilde=alpha_tilde, alpha_0=alpha_0, ignore_index=ignore_index,
                         logit_softcap=logit_softcap)
     alpha_tilde, alpha_0, logit_softcap = config.alpha_tilde, config.alpha_0, config.logit_softcap
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     weight, q_weight, q_bias, layout = split_head(weight, q_weight, q_bias, group, vocab_start)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_targets("targets", targets, q_hidden.shape[:-1], vocab=weight.shape[0] if layout is None else layout.vocab,
-                  ignore_index=ignore_index, device=q_hidden.device)
+                  ignore_index=config.ignore_index, device=q_hidden.device)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
-    mask = targets != ignore_index
+    mask = targets != config.ignore_index
     zeros = torch.zeros(targets.shape, dtype=stats_dtype(q_hidden.dtype), device=q_hidden.device)
     if not any_set(mask):  # still on the trainable inputs' graph: a backward gives them zero gradients
         trainable = [t for t in (q_hidden, q_weight, q_bias) if t is not None and t.requires_grad]

@@ -97,8 +97,10 @@ class LossConfig:
         check_choice("reward_norm", self.reward_norm, REWARD_NORM)
         if self.logit_softcap is not None:
             set_(self, "logit_softcap", check_real("logit_softcap", self.logit_softcap, positive=True))
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        ignore_index = as_integer(self.ignore_index)
+        if ignore_index is None:
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        set_(self, "ignore_index", ignore_index)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

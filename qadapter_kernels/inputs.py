@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import LossConfig
+from .config import LossConfig, as_integer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -15,18 +15,21 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_chunk_size(chunk_size: object) -> None:
-    """``chunk_size`` is a positive int or None (automatic): 0, negatives and floats are refused."""
+def check_chunk_size(chunk_size: object) -> int | None:
+    """``chunk_size`` as a positive int (numpy's and torch's integers too), or None (automatic): 0,
+    negatives, floats and bools are refused."""
     if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        return None
+    size = as_integer(chunk_size)
+    if size is None or size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None (automatic); got {chunk_size!r}")
+    return size
 
 
 def check_totals(total_pairs: object, total_tokens: object, config, pairs: int, tokens: int) -> tuple[int, int]:
     """The whole batch's pair and scored-token counts a batch's loss is a share of.
 
-    Both; whole numbers (0-dim integer tensors too), at least this batch's own counts; and
+    Both; whole numbers (numpy's and torch's integers too), at least this batch's own counts; and
     only where the loss is a sum over pairs and tokens: with ``reward_norm="padded"`` a pair's reward
     depends on how far its batch is padded, so no share of a larger batch's loss exists.
     """
@@ -37,11 +40,10 @@ def check_totals(total_pairs: object, total_tokens: object, config, pairs: int, 
                          "reward depends on its batch's padding, so the loss of a larger batch has no exact share")
     counts = []
     for name, value, least in (("total_pairs", total_pairs, pairs), ("total_tokens", total_tokens, tokens)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = int(value.item())
-        if isinstance(value, bool) or not isinstance(value, int) or value < max(least, 1):
+        count = as_integer(value)
+        if count is None or count < max(least, 1):
             raise ValueError(f"{name} must be an int >= this batch's own count ({max(least, 1)}), got {value!r}")
-        counts.append(value)
+        counts.append(count)
     return counts[0], counts[1]
 
 

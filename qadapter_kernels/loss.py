@@ -19,7 +19,6 @@ from .vocab_parallel import check_group, sharded_token_stats, split_head
 def _scored_tokens(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, backend, chunk_size, layout, *,
                    paired):
     """The checks, the backend that runs here, and where the scored tokens sit: everything before the heavy work."""
-    check_chunk_size(chunk_size)
     check_loss_inputs(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config, paired=paired,
                       vocab=None if layout is None else layout.vocab)
     impl = registry.resolve(backend, q_hidden.device, q_hidden.dtype)
@@ -44,6 +43,7 @@ def _token_stats(impl, tokens, base_hidden, q_hidden, weight, labels, q_weight, 
 
 def _loss(base_hidden, q_hidden, weight, labels, q_weight, q_bias, config: LossConfig, backend, chunk_size,
           total_pairs=None, total_tokens=None, group=None, vocab_start=None):
+    chunk_size = check_chunk_size(chunk_size)
     weight, q_weight, q_bias, layout = split_head(weight, q_weight, q_bias, group, vocab_start)
     inputs = (base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
     impl, tokens = _scored_tokens(*inputs, backend, chunk_size, layout, paired=True)
@@ -82,6 +82,7 @@ def qadapter_token_stats(
     Q-Adapter loss itself is ``bt_terms(sequence_rewards(stats)).mean() + beta * stats.rewards.square().mean()``.
     """
     config = LossConfig.from_options(config, **options)
+    chunk_size = check_chunk_size(chunk_size)
     weight, q_weight, q_bias, layout = split_head(weight, q_weight, q_bias, group, vocab_start)
     inputs = (base_hidden, q_hidden, weight, labels, q_weight, q_bias, config)
     impl, tokens = _scored_tokens(*inputs, backend, chunk_size, layout, paired=False)
@@ -149,10 +150,9 @@ class QAdapterLoss(nn.Module):
         super().__init__()
         self.config = LossConfig.from_options(config, **options)
         registry.check_name(backend)
-        check_chunk_size(chunk_size)
         check_group(group)
         self.backend = backend
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.group, self.vocab_start = group, vocab_start  # a vocabulary-parallel head (qadapter_loss)
 
     @outside_autocast

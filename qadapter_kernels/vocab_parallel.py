@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import as_integer
 from .first_order import fused_backward
 from .grad_filter import mass_budget
 from .inputs import check_float_tensor
@@ -30,8 +31,10 @@ def vocab_shard(vocab: int, group: dist.ProcessGroup | None = None) -> slice:
     """The rows of a ``vocab``-row head this rank holds when the head is split over ``group`` (the
     default group for None) as ``torch.tensor_split`` splits it: ranks in order, the first
     ``vocab % world`` of them one row more. Its ``start`` is the ``vocab_start`` the loss takes."""
-    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+    rows = as_integer(vocab)
+    if rows is None or rows <= 0:
         raise ValueError(f"vocab must be a positive int (the whole head's rows); got {vocab!r}")
+    vocab = rows
     _require_initialized("vocab_shard")
     check_group(group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -79,13 +82,14 @@ def vocab_layout(group: dist.ProcessGroup | None, vocab_start: object, weight: t
             raise ValueError("vocab_start is given without group: a head that is not split starts at 0")
         return None
     check_float_tensor("weight", weight)
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+    first = as_integer(vocab_start)
+    if first is None or first < 0:
         raise ValueError(f"vocab_start must be an int >= 0 with group (the first vocabulary id of this rank's "
                          f"rows of weight; vocab_shard(V, group).start for torch.tensor_split's split); "
                          f"got {vocab_start!r}")
     rows = weight.shape[0] if weight.dim() == 2 else 0
     world = dist.get_world_size(group)
-    mine = torch.tensor([vocab_start, rows], dtype=torch.int64, device=weight.device)
+    mine = torch.tensor([first, rows], dtype=torch.int64, device=weight.device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     every = torch.stack(gathered).tolist()
@@ -101,7 +105,7 @@ def vocab_layout(group: dist.ProcessGroup | None, vocab_start: object, weight: t
             raise ValueError(f"vocab_start: the ranks' rows of weight must tile the vocabulary, but rank {rank}'s "
                              f"[{start}, {stop}) {what} [0, {end}) (every rank's (vocab_start, rows): {every})")
         end = stop
-    return VocabLayout(group, vocab_start, rows, end)
+    return VocabLayout(group, first, rows, end)
 
 
 def local_head(weight, q_weight, q_bias, group, vocab_start):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .autocast import outside_autocast
-from .config import LossConfig, check_choice
+from .config import LossConfig, as_integer, check_choice
 from .inputs import check_chunk_size, check_hidden_pair, check_targets, check_unbatched, stats_dtype
 from .steps import softcap_
 from .tiles import chunks, matmul_to
@@ -104,13 +104,15 @@ def vocabulary_pass(
     if isinstance(measures, str) or not measures:
         raise ValueError(f"measures must be a non-empty tuple of {MEASURES}; got {measures!r}")
     measures = tuple(check_choice("measures", m, MEASURES) for m in measures)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_unbatched("vocabulary_pass", base_hidden, q_hidden, weight, q_weight, q_bias)
-    if "top" in measures and (not isinstance(top_k, int) or isinstance(top_k, bool)
-                              or not 0 <= top_k <= weight.shape[0]):
-        raise ValueError(f"top_k must be an int in [0, {weight.shape[0]}] (the vocabulary) for the measure 'top'; "
-                         f"got {top_k!r}")
+    if "top" in measures:
+        count = as_integer(top_k)
+        if count is None or not 0 <= count <= weight.shape[0]:
+            raise ValueError(f"top_k must be an int in [0, {weight.shape[0]}] (the vocabulary) for the measure "
+                             f"'top'; got {top_k!r}")
+        top_k = count
     lead, hidden = q_hidden.shape[:-1], q_hidden.shape[-1]
     targeted = {"stats", "step0", "logprobs"} & set(measures)
     if targeted:
@@ -179,13 +181,14 @@ def token_logprobs(
     ``[..., d]`` and head, its logits soft-capped like the model's; 0 where a target is ``ignore_index``.
     What a plain model's likelihood (the frozen base, a LoRA-tuned policy) needs, one chunk at a time."""
     config = LossConfig(logit_softcap=logit_softcap, ignore_index=ignore_index)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     check_hidden_pair(hidden, hidden, weight, None, bias)
     check_unbatched("token_logprobs", hidden, weight, bias)
     lead = hidden.shape[:-1]
-    check_targets("targets", targets, lead, vocab=weight.shape[0], ignore_index=ignore_index, device=hidden.device)
+    check_targets("targets", targets, lead, vocab=weight.shape[0], ignore_index=config.ignore_index,
+                  device=hidden.device)
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
-    scored = targets != ignore_index
+    scored = targets != config.ignore_index
     lse, taken = logit_stats(flat, weight, targets, scored, bias=bias, logit_softcap=config.logit_softcap,
                              chunk_size=chunk_size)
     return (taken - torch.where(scored, lse, 0)).reshape(lead)

@@ -227,9 +227,14 @@ case("loss", "backend-cuda-on-cpu", lambda: loss(inputs(), backend="cuda"), Runt
 for name, value in (("zero", 0), ("negative", -2), ("float", 2.0), ("bool", True), ("str", "4")):
     case("loss", f"chunk_size-{name}", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
          ValueError, "chunk_size must be a positive int or None")
-for value in (1, 3, 10**9, None):
-    case("loss", f"chunk_size-{value}-valid", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
+for value in (1, 3, 10**9, None, np.int64(3), torch.tensor(3)):
+    case("loss", f"chunk_size-{value!r}-valid", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
          finite)
+case("loss", "chunk_size-numpy-bool", lambda: loss(inputs(), backend="chunked", chunk_size=np.bool_(True)), ValueError,
+     "chunk_size must be a positive int or None")
+case("loss", "numpy-integers-valid",
+     lambda: loss(inputs(), total_pairs=np.int64(4), total_tokens=np.int32(99), reward_norm="sum",
+                  ignore_index=np.int64(-100)), finite)
 case("loss", "total_pairs-alone", lambda: loss(inputs(), total_pairs=2, reward_norm="sum"), ValueError,
      "total_pairs and total_tokens go together")
 case("loss", "totals-padded", lambda: loss(inputs(), total_pairs=2, total_tokens=99), ValueError, 'reward_norm="mean"')
@@ -294,6 +299,8 @@ case("logprobs", "alpha_0-negative", lambda: logprobs(inputs(), alpha_0=-0.5), V
 case("logprobs", "logit_softcap-negative", lambda: logprobs(inputs(), logit_softcap=-3.0), ValueError, "logit_softcap")
 case("logprobs", "chunk_size-zero", lambda: logprobs(inputs(), chunk_size=0), ValueError, "chunk_size")
 case("logprobs", "chunk_size-1-valid", lambda: logprobs(inputs(), chunk_size=1), lambda out: out.shape == (B, T, V))
+case("logprobs", "chunk_size-numpy-valid", lambda: logprobs(inputs(), chunk_size=np.int64(1)),
+     lambda out: out.shape == (B, T, V))
 case("logprobs", "hidden-list", lambda: combined_logprobs([1.0] * D, torch.randn(D), torch.randn(V, D)), TypeError,
      "base_hidden must be a torch.Tensor")
 
@@ -316,6 +323,8 @@ case("logprobs_at", "targets-list", lambda: logprobs_at(inputs(), targets=[[0] *
 case("logprobs_at", "backend-typo", lambda: logprobs_at(inputs(), backend="gpu"), ValueError, "backend")
 case("logprobs_at", "chunk_size-negative", lambda: logprobs_at(inputs(), chunk_size=-1), ValueError, "chunk_size")
 case("logprobs_at", "ignore_index-str", lambda: logprobs_at(inputs(), ignore_index="-100"), TypeError, "ignore_index")
+case("logprobs_at", "numpy-integers-valid", lambda: logprobs_at(inputs(), ignore_index=np.int64(-100), chunk_size=np.int64(2)),
+     lambda out: out.combined.shape == (B, T - 1))
 case("logprobs_at", "alpha_tilde-inf", lambda: logprobs_at(inputs(), alpha_tilde=math.inf), ValueError, "alpha_tilde")
 case("logprobs_at", "q_bias-meta", lambda: logprobs_at(with_("q_bias", lambda x: x["q_bias"].to("meta"))),
      ValueError, "q_bias must be on the hidden states' device")
@@ -369,6 +378,8 @@ case("token_logprobs", "chunk_size-float", lambda: tlogprobs(inputs(), chunk_siz
 case("token_logprobs", "logit_softcap-zero", lambda: tlogprobs(inputs(), logit_softcap=0.0), ValueError,
      "logit_softcap")
 case("token_logprobs", "ignore_index-float", lambda: tlogprobs(inputs(), ignore_index=0.5), TypeError, "ignore_index")
+case("token_logprobs", "numpy-integers-valid", lambda: tlogprobs(inputs(), ignore_index=np.int64(-100),
+                                                                 chunk_size=np.int64(2)), lambda out: out.shape == (B, T))
 case("token_logprobs", "weight-wrong-d", lambda: token_logprobs(torch.randn(3, D), torch.randn(V, D + 1),
                                                                 torch.zeros(3, dtype=torch.long)), ValueError, "d=8")
 case("token_logprobs", "hidden-meta", lambda: token_logprobs(torch.randn(3, D, device="meta"), torch.randn(V, D),
@@ -387,6 +398,10 @@ case("LossConfig", "numpy-scalars-valid", lambda: LossConfig(alpha_tilde=np.floa
 case("LossConfig", "value_at-case", lambda: LossConfig(value_at="Current"), ValueError, "value_at")
 case("LossConfig", "reward_norm-int", lambda: LossConfig(reward_norm=1), ValueError, "reward_norm")
 case("LossConfig", "ignore_index-none", lambda: LossConfig(ignore_index=None), TypeError, "ignore_index")
+case("LossConfig", "ignore_index-numpy-valid", lambda: LossConfig(ignore_index=np.int64(-1)),
+     lambda c: type(c.ignore_index) is int and c.ignore_index == -1)
+case("LossConfig", "ignore_index-numpy-bool", lambda: LossConfig(ignore_index=np.bool_(False)), TypeError,
+     "ignore_index must be an int")
 case("LossConfig", "unknown-keyword", lambda: LossConfig(alpha=1.0), TypeError, "alpha")
 case("LossConfig", "from_options-unknown", lambda: LossConfig.from_options(None, betta=0.1), TypeError,
      "unknown loss option(s) betta")

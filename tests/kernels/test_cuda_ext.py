@@ -10,6 +10,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import loss_and_grads, make_inputs
@@ -609,6 +610,8 @@ def test_decode_logprobs_match_combine(ext, dtype, vocab, layout):
     assert ((sampled >= 0) & (sampled < vocab)).all()
     lp, ids = cuda_backend.decode_combine(z, q, alpha_tilde=0.8, alpha_0=0.2, top_k=1, seed=3)
     assert lp.gather(1, ids[:, None]).squeeze(1).equal(lp.amax(dim=1)), "top_k=1 is greedy (any of tied maxima)"
+    _, numpy_ids = cuda_backend.decode_combine(z, q, alpha_tilde=0.8, alpha_0=0.2, top_k=np.int64(1), seed=np.uint64(3))
+    assert numpy_ids.equal(ids), "numpy's integers are the same counts"
 
 
 def _hf_filtered_probs(logprobs, temperature, top_k, top_p):
@@ -797,6 +800,8 @@ def test_decode_combine_checks_arguments():
         ({"top_p": 1.5}, "top_p must be in"),
         ({"top_k": -1}, "top_k must be an int"),
         ({"seed": -1}, "seed must be an int"),
+        ({"top_k": np.bool_(True)}, "top_k must be an int"),
+        ({"seed": True}, "seed must be an int"),
     ]:
         with pytest.raises(ValueError, match=message):
             cuda_backend.decode_combine(z, z, **kwargs)
@@ -807,6 +812,8 @@ def test_decode_combine_checks_arguments():
     if not HAS_GPU:
         with pytest.raises(RuntimeError, match="not available"):
             cuda_backend.decode_combine(z, z)
+        with pytest.raises(RuntimeError, match="not available"):  # numpy's integers pass the checks
+            cuda_backend.decode_combine(z, z, top_k=np.int64(2), seed=np.uint64(3))
 
 
 def test_custom_ops_trace_without_a_gpu():

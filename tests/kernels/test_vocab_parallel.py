@@ -10,6 +10,7 @@ compare that with the same calls in this process over the whole head."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -151,6 +152,23 @@ def bad_layouts(group: dist.ProcessGroup) -> dict[str, str]:
     return got
 
 
+def numpy_counts(group: dist.ProcessGroup) -> dict:
+    """``vocab_shard``'s ``vocab`` and the loss's ``vocab_start`` given as numpy integers: the rows and
+    the loss plain ints give, or the error that refused them."""
+    inputs = make_inputs(vocab=37, hidden=16, seed=3)
+    base, hq, weight, labels = (inputs[k] for k in ("base_hidden", "q_hidden", "weight", "labels"))
+    rows = vocab_shard(37, group)
+    got = {"want_rows": (rows.start, rows.stop),
+           "want_loss": qadapter_loss(base, hq, weight[rows], labels, group=group, vocab_start=rows.start).loss}
+    try:
+        shard = vocab_shard(np.int64(37), group)
+        got["rows"] = (shard.start, shard.stop)
+        got["loss"] = qadapter_loss(base, hq, weight[rows], labels, group=group, vocab_start=np.int64(rows.start)).loss
+    except ValueError as exc:
+        got["error"] = str(exc)
+    return got
+
+
 def dtensor_head(world: int | None = None) -> dict[str, torch.Tensor]:
     """The loss, its gradients and the combined log-probs with the head given as DTensors sharded on
     their rows (``Shard(0)`` over a 1-D mesh of ``world`` ranks; None: plain tensors, one process).
@@ -203,6 +221,7 @@ def _worker(rank, world, init_file, out_dir):
     group = dist.group.WORLD
     results = {name: run_case(name, group) for name in CASES}
     results["bad"] = bad_layouts(group)
+    results["numpy"] = numpy_counts(group)
     results["dtensor"] = dtensor_head(world)
     results["filtered"] = filtered_gradients(group)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -306,6 +325,14 @@ def test_bad_layouts_name_the_argument(worlds, world):
             assert bad[key].startswith("a vocabulary-parallel head (group=) merges the ranks' statistics"), bad[key]
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_numpy_integers_are_counts(worlds, world):
+    for got in (ranks["numpy"] for ranks in worlds[world]):
+        assert "error" not in got, got["error"]
+        assert got["rows"] == got["want_rows"]
+        torch.testing.assert_close(got["loss"], got["want_loss"], rtol=0, atol=0)
+
+
 def test_a_group_needs_torch_distributed_and_a_start_needs_a_group(inputs):
     args = (inputs["base_hidden"], inputs["q_hidden"], inputs["weight"], inputs["labels"])
     with pytest.raises(ValueError, match="vocab_start is given without group"):
@@ -315,3 +342,5 @@ def test_a_group_needs_torch_distributed_and_a_start_needs_a_group(inputs):
             qadapter_loss(*args, group=object(), vocab_start=0)
         with pytest.raises(RuntimeError, match="vocab_shard needs torch.distributed initialized"):
             vocab_shard(37)
+    with pytest.raises(ValueError, match="vocab must be a positive int"):
+        vocab_shard(np.bool_(True))

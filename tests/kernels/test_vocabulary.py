@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,15 @@ def test_top_zero_and_the_whole_vocabulary():
     torch.testing.assert_close(every.top_logprobs.exp().sum(-1), torch.ones(3, 7))  # the whole distribution
 
 
+def test_numpy_integers_are_counts():
+    hb, hq, w, targets = inputs(torch.float32, seed=6)
+    want = vocabulary_pass(hb, hq, w, targets, measures=("top", "stats"), top_k=4, chunk_size=5)
+    got = vocabulary_pass(hb, hq, w, targets, measures=("top", "stats"), top_k=np.int64(4), chunk_size=np.int32(5),
+                          ignore_index=np.int64(IGNORE))
+    for name in ("top_ids", "top_logprobs", "q_taken", "value"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
 def test_the_statistics_are_the_training_losses():
     """Token stats for the scored tokens equal the backend's, soft cap included."""
     hb, hq, w, targets = inputs(torch.float32, seed=3)
@@ -133,6 +143,7 @@ def test_the_cap_changes_the_numbers():
     (lambda hb, hq, w, t: token_logprobs(hb, w[:, :3], t), "weight must be"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",)), r"top_k must be an int in \[0, 37\]"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=38), "top_k must be an int"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=True), "top_k must be an int"),
 ])
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

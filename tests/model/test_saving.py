@@ -358,6 +358,15 @@ def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fra
     assert fragment in str(info.value)
 
 
+def test_numpy_integer_options_are_saved_as_plain_ints(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "adapter"
+    make_model(chunk_size=np.int64(8), ignore_index=np.int64(-100)).save_pretrained(out)
+    loss = json.loads((out / "qadapter_config.json").read_text())["loss"]
+    assert (loss["chunk_size"], loss["ignore_index"]) == (8, -100)
+
+
 def test_chat_template_options_are_saved_and_loaded_with_the_adapter(tmp_path):
     quiet = {"enable_thinking": False}
     out = tmp_path / "adapter"

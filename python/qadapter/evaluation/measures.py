@@ -188,9 +188,7 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
         raise ValueError("features must hold at least one tokenized pair")
     pairs_per_batch, tokens_per_batch = (_positive("pairs_per_batch", pairs_per_batch),
                                          _positive("tokens_per_batch", tokens_per_batch))
-    if chunk_size is not None and not isinstance(chunk_size, (bool, float)):
-        chunk_size = _positive("chunk_size", chunk_size)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     for name, flag in (("kl", kl), ("step0", step0), ("progress", progress), ("per_pair", per_pair)):
         check_switch(name, flag)
     loss = model.loss

@@ -63,7 +63,7 @@ class AdapterLoadError(ValueError):
 def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_size: int | None = None,
                 **loss_options) -> tuple[LossConfig, str, int | None]:
     """The validated loss options, backend and chunk size of a model (or of its saved config)."""
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     return LossConfig.from_options(loss, **loss_options), registry.check_name(backend), chunk_size
 
 
