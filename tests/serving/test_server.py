@@ -1132,6 +1132,14 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
     assert len(request.tokens) == 2 and events[-1]["finish_reason"] == "length"
 
 
+def test_a_refusal_keeps_its_notes_through_pickle():
+    refusal = RequestRefused("max_tokens must be an integer >= 1; got -1", "max_tokens")
+    refusal.add_note("request 7 of the batch")
+    again = pickle.loads(pickle.dumps(refusal))
+    assert (type(again), again.args, again.field) == (RequestRefused, refusal.args, "max_tokens")
+    assert again.__notes__ == ["request 7 of the batch"]
+
+
 def test_a_prompt_asked_several_times_is_read_once(saved, monkeypatch):
     """``n`` choices (or lm-eval's repeated contexts): requests with the same prompt and model are
     prefilled as one row, whose cache rows are copied to each; each then decodes (and scores its echoed

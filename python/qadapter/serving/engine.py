@@ -66,8 +66,9 @@ class RequestRefused(ValueError, KeyError):
 
     def __reduce__(self):
         """Rebuilt from its message and field (an exception pickles its arguments alone, and this
-        constructor needs both): an engine driven from another process gets its refusals whole."""
-        return type(self), (self.args[0], self.field)
+        constructor needs both), then given its attributes back, notes (``add_note``) included: an
+        engine driven from another process gets its refusals whole."""
+        return type(self), (self.args[0], self.field), self.__dict__
 
 
 class AdapterBusy(RuntimeError):
