@@ -14,15 +14,18 @@ import numbers
 import operator
 from dataclasses import dataclass, field
 
+import torch
+
 VALUE_AT = ("current", "next")
 AUTO = "auto"  # grad_filter_eps: a probability budget per input dtype (grad_filter.mass_budget)
 REWARD_NORM = ("padded", "mean", "sum")
 
 
 def as_integer(value: object) -> int | None:
-    """``value`` as an int (numpy's and torch's integers too), or None where it is none: a bool or a
-    float would count as the number it stands for. Callers say what they expected, naming the argument."""
-    if isinstance(value, bool):
+    """``value`` as an int (numpy's and torch's integers too), or None where it is none: a bool (a
+    torch bool tensor too, which indexes as 0 or 1) or a float would count as the number it stands
+    for. Callers say what they expected, naming the argument."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool:
         return None
     try:
         return operator.index(value)

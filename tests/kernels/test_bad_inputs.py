@@ -230,8 +230,11 @@ for name, value in (("zero", 0), ("negative", -2), ("float", 2.0), ("bool", True
 for value in (1, 3, 10**9, None, np.int64(3), torch.tensor(3)):
     case("loss", f"chunk_size-{value!r}-valid", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
          finite)
-case("loss", "chunk_size-numpy-bool", lambda: loss(inputs(), backend="chunked", chunk_size=np.bool_(True)), ValueError,
-     "chunk_size must be a positive int or None")
+for name, value in (("numpy-bool", np.bool_(True)), ("torch-bool", torch.tensor(True))):
+    case("loss", f"chunk_size-{name}", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
+         ValueError, "chunk_size must be a positive int or None")
+case("LossConfig", "ignore_index-torch-bool", lambda: LossConfig(ignore_index=torch.tensor(False)), TypeError,
+     "ignore_index must be an int")
 case("loss", "numpy-integers-valid",
      lambda: loss(inputs(), total_pairs=np.int64(4), total_tokens=np.int32(99), reward_norm="sum",
                   ignore_index=np.int64(-100)), finite)
