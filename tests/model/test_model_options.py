@@ -62,11 +62,12 @@ def test_training_config_refuses_bad_and_unknown_options():
 @pytest.mark.parametrize("name, value, expected", [("lora_r", "4", "an integer"), ("lora_r", True, "an integer"),
                                                    ("lora_r", 4.0, "an integer"), ("lora_alpha", None, "a number"),
                                                    ("learning_rate", "1e-3", "a number"),
-                                                   ("gradient_accumulation_steps", None, "an integer")])
+                                                   ("gradient_accumulation_steps", None, "an integer"),
+                                                   ("seed", torch.tensor(True), "an integer")])
 def test_training_config_from_python_refuses_counts_and_rates_of_other_types(name, value, expected):
     """The command line converts its options' text; a Python caller's string, None or bool is refused
     naming the option, not failed in a comparison (or a bool count taken as 0 or 1)."""
-    with pytest.raises(TypeError, match=f"--{name} must be {expected}; got {value!r}"):
+    with pytest.raises(TypeError, match=re.escape(f"--{name} must be {expected}; got {value!r}")):
         QAdapterConfig(output_dir="unused", report_to=[], **{name: value})
 
 
@@ -74,9 +75,11 @@ def test_training_config_takes_numpy_and_torch_scalars_as_plain_numbers():
     import numpy as np
 
     config = QAdapterConfig(output_dir="unused", report_to=[], lora_r=np.int64(4), lora_alpha=np.float32(8.0),
-                            learning_rate=torch.tensor(1e-3, dtype=torch.float64), seed=np.int32(3))
+                            learning_rate=torch.tensor(1e-3, dtype=torch.float64), seed=np.int32(3),
+                            gradient_accumulation_steps=np.array(2), chunk_size=np.int64(8))
     assert (config.lora_r, config.lora_alpha, config.learning_rate, config.seed) == (4, 8.0, 1e-3, 3)
-    assert {type(config.lora_r), type(config.lora_alpha), type(config.seed)} == {int, float}
+    assert (config.gradient_accumulation_steps, config.chunk_size) == (2, 8)
+    assert {type(config.lora_r), type(config.lora_alpha), type(config.seed), type(config.chunk_size)} == {int, float}
     json.loads(config.to_json_string())  # saved with the run's options
 
 

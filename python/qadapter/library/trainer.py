@@ -30,6 +30,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK,
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from qadapter_kernels import LossConfig
+from qadapter_kernels.config import as_integer
 from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
@@ -128,7 +129,7 @@ class QAdapterConfig(LossArguments):
         if self.dataloader_pin_memory and not has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
         self.loss_config()  # a bad value fails here, naming the option, not when the model is built
-        check_chunk_size(self.chunk_size)
+        self.chunk_size = check_chunk_size(self.chunk_size)
         if self.chat_template_kwargs is not None:  # JSON text as the command line gives it
             self.chat_template_kwargs = parse_template_options(self.chat_template_kwargs, "--chat_template_kwargs")
 
@@ -136,17 +137,19 @@ class QAdapterConfig(LossArguments):
         """The counts and rates checked below as numbers, refused naming the option otherwise (from
         Python, a string or None would fail the comparison unnamed, a bool count pass as 0 or 1); a
         numpy or torch scalar taken as the plain number, which the saved options' JSON can hold."""
-        for names, kind, convert, expected in ((("gradient_accumulation_steps", "per_device_train_batch_size",
-                                                  "lora_r", "seed"), numbers.Integral, int, "an integer"),
-                                                (("learning_rate", "lora_alpha", "lora_dropout"), numbers.Real, float,
-                                                 "a number")):
-            for name in names:
-                value = getattr(self, name)
-                plain = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-                if isinstance(plain, bool) or not isinstance(plain, kind):
-                    raise TypeError(f"--{name} must be {expected}; got {value!r}")
-                if type(value) not in (int, float):
-                    setattr(self, name, convert(plain))
+        for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "lora_r", "seed"):
+            value = getattr(self, name)
+            count = as_integer(value)
+            if count is None:
+                raise TypeError(f"--{name} must be an integer; got {value!r}")
+            setattr(self, name, count)
+        for name in ("learning_rate", "lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            plain = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            if isinstance(plain, bool) or not isinstance(plain, numbers.Real):
+                raise TypeError(f"--{name} must be a number; got {value!r}")
+            if type(value) not in (int, float):
+                setattr(self, name, float(plain))
 
     def best_metric(self) -> tuple[str | None, str | None]:
         """``metric_for_best_model`` read as ``[eval_][<set>_]<measure>`` (a dict of eval sets names its
