@@ -1132,6 +1132,21 @@ def test_the_engine_refuses_a_request_naming_its_field(saved):
     assert len(request.tokens) == 2 and events[-1]["finish_reason"] == "length"
 
 
+def test_the_engine_gives_the_model_back_in_the_modes_it_found(saved):
+    """It decodes with every module in eval mode (no dropout), and gives each module back the mode
+    its caller had when the engine stops: a model trained on after serving trains with dropout."""
+    _, tokenizer, paths = saved
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]})
+    model = adapter_set.peft_model
+    for i, module in enumerate(model.modules()):  # some in train mode, some in eval
+        module.training = i % 2 == 0
+    caller = {name: module.training for name, module in model.named_modules()}
+    engine = Engine(adapter_set, tokenizer).start()
+    assert not any(module.training for module in model.modules())
+    engine.stop()
+    assert {name: module.training for name, module in model.named_modules()} == caller
+
+
 def test_a_refusal_keeps_its_notes_through_pickle():
     refusal = RequestRefused("max_tokens must be an integer >= 1; got -1", "max_tokens")
     refusal.add_note("request 7 of the batch")

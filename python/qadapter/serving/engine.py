@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -163,6 +164,9 @@ class Engine:
         self._closing = threading.Event()  # no new requests
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
+        # Each module's mode (train/eval) when the engine started, given back when it stops; weak, so
+        # that an adapter unloaded while serving is freed.
+        self._caller_modes: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
         self.steps = 0
         base_name = getattr(adapter_set.base_model.config, "name_or_path", None) or "base"
         self.metrics = EngineMetrics(base_name, running=lambda: len(self._running),
@@ -289,7 +293,9 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("this engine was started already (an engine runs one thread, once: make a new "
                                "Engine to serve again)")
-        (self.adapter_set.peft_model or self.adapter_set.base_model).eval()  # no dropout while decoding
+        model = self.adapter_set.peft_model or self.adapter_set.base_model
+        self._caller_modes.update((module, module.training) for module in model.modules())
+        model.eval()  # no dropout while decoding; the caller's modes come back when the thread ends
         self._thread = threading.Thread(target=self._loop, name="qadapter-engine", daemon=True)
         self._thread.start()
         return self
@@ -309,20 +315,24 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping.is_set():
-                self._apply_changes()
-                try:
-                    self._admit(wait=not self._running)
-                    if self._running:
-                        self._step()
-                except Exception as exc:  # the batch is lost; its clients hear why, the engine goes on
-                    if isinstance(exc, torch.cuda.OutOfMemoryError) and self.prefix_cache is not None:
-                        self.prefix_cache.clear()  # only a cache: the batches after this one get its memory
-                    joined = self._running + [r for r in self._joining if r not in self._running]
-                    self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
-        self._end_all({"finish_reason": "cancelled"}, self._running + self._drain())
-        self._apply_changes(EngineStopped("the server is shutting down"))
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self._apply_changes()
+                    try:
+                        self._admit(wait=not self._running)
+                        if self._running:
+                            self._step()
+                    except Exception as exc:  # the batch is lost; its clients hear why, the engine goes on
+                        if isinstance(exc, torch.cuda.OutOfMemoryError) and self.prefix_cache is not None:
+                            self.prefix_cache.clear()  # only a cache: the batches after this one get its memory
+                        joined = self._running + [r for r in self._joining if r not in self._running]
+                        self._end_all({"error": f"{type(exc).__name__}: {exc}"}, joined)
+            self._end_all({"finish_reason": "cancelled"}, self._running + self._drain())
+            self._apply_changes(EngineStopped("the server is shutting down"))
+        finally:  # here, not in stop(): a thread that outlives stop's timeout still decodes without dropout
+            for module, training in self._caller_modes.items():
+                module.training = training  # this module alone: train() would set its children too
 
     def _end_all(self, event: dict, requests: list[Request]) -> None:
         for request in requests:
