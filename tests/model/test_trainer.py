@@ -86,6 +86,31 @@ def test_raw_preference_rows_are_tokenized_as_the_command_line_does(tmp_path, co
     assert read["rows_sha256"] is not None
 
 
+def test_a_datasetdict_or_a_stream_of_raw_rows_to_train_on_is_refused_by_name(tmp_path):
+    """A DatasetDict (what load_dataset returns) is no split to train on: refused naming train_dataset,
+    not a KeyError from the data loader; a stream of raw rows is refused where a stream of tokenized
+    pairs trains (Trainer takes an IterableDataset with max_steps), and a DatasetDict of eval sets
+    evaluates each."""
+    datasets = pytest.importorskip("datasets")
+    from helpers import rows
+    from qadapter.library.data import pairs_dataset
+
+    model, tokenizer, args, train, heldout = training_setup(tmp_path, max_steps=1)
+    splits = datasets.DatasetDict({"train": pairs_dataset(train)})
+    with pytest.raises(TypeError, match=r"train_dataset must be one split of pairs .*got a DatasetDict of the splits "
+                                        r"\['train'\]: pass one of them, e.g. train_dataset=data\['train'\]"):
+        QAdapterTrainer(model=model, args=args, train_dataset=splits, processing_class=tokenizer)
+    stream = datasets.Dataset.from_list(rows(4, seed=0)).to_iterable_dataset()
+    for name in ("train_dataset", "eval_dataset"):
+        with pytest.raises(ValueError, match=f"{name} is a stream .* of raw preference rows .*chosen, prompt, rejected"):
+            QAdapterTrainer(model=model, args=args, processing_class=tokenizer, **{name: stream})
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=pairs_dataset(train).to_iterable_dataset(),
+                              eval_dataset=datasets.DatasetDict({"test": pairs_dataset(heldout)}),
+                              processing_class=tokenizer)
+    trainer.train()
+    assert "eval_test_loss" in trainer.evaluate()
+
+
 def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     model, tokenizer, args, train, _ = training_setup(tmp_path / "full", max_steps=6)
     QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()

@@ -452,7 +452,15 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict, 
     :class:`~.data.DataSummary`."""
     if isinstance(dataset, dict):
         return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]", read, model) for key, part in dataset.items()}
-    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+    if dataset is not None and not hasattr(dataset, "__len__"):  # a stream: passed on as it is
+        columns = set(getattr(dataset, "column_names", None) or ())
+        if {"prompt", "chosen", "rejected"} & columns and "chosen_input_ids" not in columns:
+            raise ValueError(f"{name} is a stream (an IterableDataset) of raw preference rows ({', '.join(sorted(columns))}), "
+                             "which the trainer does not tokenize (it tokenizes a data set whole, before training): "
+                             "give the rows as a datasets.Dataset or a list, or stream tokenized pairs "
+                             "(qadapter.library.data.tokenize_rows)")
+        return dataset
+    if dataset is None or len(dataset) == 0:
         return dataset
     first = dataset[0]  # raw rows if it holds any of their keys: a malformed first row is then named, not passed on
     if not isinstance(first, dict) or "chosen_input_ids" in first or not {"prompt", "chosen", "rejected"} & first.keys():
@@ -513,6 +521,11 @@ class QAdapterTrainer(Trainer):
         if args.ddp_find_unused_parameters is None and model is not None:
             args = copy.copy(args)  # the caller's args stay as given (they may serve another model)
             args.ddp_find_unused_parameters = may_skip_trainable(model)
+        train_dataset = kwargs.get("train_dataset")
+        if isinstance(train_dataset, dict):  # a DatasetDict too: Trainer would index it by row number (a KeyError)
+            raise TypeError(f"train_dataset must be one split of pairs (a datasets.Dataset, a list, an IterableDataset); "
+                            f"got a {type(train_dataset).__name__} of the splits {list(train_dataset)}: pass one of "
+                            f"them, e.g. train_dataset=data['train'] (eval_dataset takes a dict: named eval sets)")
         _check_best_metric_set(args, kwargs.get("eval_dataset"))
         _check_model_options(args, model)
         tokenizer = processing_class if processing_class is not None else getattr(model, "tokenizer", None)
