@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import perturb_adapter, rows, tiny_causal_lm, tiny_chat_tokenizer
 from qadapter.cli import main
-from qadapter.evaluation.check import Thresholds, judge
+from qadapter.evaluation.check import Thresholds, judge, run_check
 from qadapter.library.model import QAdapterModel
 
 QUICK = ["--probe-items", "6", "--passages", "2"]
@@ -166,6 +166,15 @@ def test_a_thresholds_file_from_a_windows_editor_is_read(tmp_path):
     config.write_bytes('{"max_kl_to_base": 0.5}'.encode("utf-16"))
     with pytest.raises(ValueError, match=rf"thresholds file {re.escape(str(config))} is not UTF-8 text"):
         Thresholds.from_file(config)
+
+
+@pytest.mark.parametrize("option, value", [("probe_items", True), ("passages", False), ("probe_items", -1),
+                                           ("passages", 2.0)])
+def test_sample_sizes_from_python_are_refused_by_name(option, value):
+    """A bool would measure one item or none, a negative none, without a word: refused before measuring."""
+    with pytest.raises(ValueError, match=re.escape(f"{option} must be an integer >= 0 (0: skip) or None (all of them); "
+                                                   f"got {value!r}")):
+        run_check(None, [], Thresholds(), **{option: value})
 
 
 def test_judge_directions():

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qadapter_kernels.config import as_integer
+
 from ..library.atomic import read_json, recover
 from .knowledge import general_passages, load_probe, loglik_accuracy
 
@@ -84,6 +86,17 @@ def subsample(items: list, count: int | None) -> list:
     if count is None or count >= len(items):
         return list(items)
     return [items[(k * len(items)) // count] for k in range(count)]
+
+
+def check_sample_size(name: str, value: object) -> int | None:
+    """``value`` as an int >= 0 (0: skip the measure; numpy's and torch's integers too) or None (all
+    items), or a ValueError naming ``name``: a bool would take one item or none, a negative none, unsaid."""
+    if value is None:
+        return None
+    size = as_integer(value)
+    if size is None or size < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: skip) or None (all of them); got {value!r}")
+    return size
 
 
 def _policies(model: QAdapterModel):
@@ -190,8 +203,8 @@ def read_report(path: str | Path) -> dict:
 def run_check(model: QAdapterModel, features: list[dict], thresholds: Thresholds, *, probe_items: int | None = 64,
               passages: int | None = 4, baseline: dict | None = None, meta: dict | None = None) -> dict:
     """The check's report: measures, each threshold's verdict, the failures, and the change since ``baseline``."""
-    probe = subsample(load_probe(), probe_items)
-    texts = subsample(general_passages(), passages)
+    probe = subsample(load_probe(), check_sample_size("probe_items", probe_items))
+    texts = subsample(general_passages(), check_sample_size("passages", passages))
     sample = {"pairs": len(features), "probe_items": len(probe), "passages": len(texts),
               "pairs_sha256": pairs_digest(features), "chat_template_kwargs": model.chat_template_kwargs}
     if baseline is not None:
