@@ -269,7 +269,10 @@ def test_counts_flags_and_collections_of_other_types():
     for call, message in [({"questions": "hello"}, "questions must be a list of question strings; got str"),
                           ({"customized": "no"}, "customized must be True or False; got 'no'"),
                           ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
-                          ({"batch_size": True}, "batch_size must be a positive integer; got True")]:
+                          ({"batch_size": True}, "batch_size must be a positive integer; got True"),
+                          ({"template_options": [("enable_thinking", False)]},
+                           "template_options must be an object of named options; got"),
+                          ({"template_options": []}, "template_options must be an object of named options; got")]:
         arguments = {"questions": questions, "customized": True, **call}
         with pytest.raises((TypeError, ValueError), match=message):
             answers(model, tokenizer, arguments.pop("questions"), max_new_tokens=2, **arguments)

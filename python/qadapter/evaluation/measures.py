@@ -38,7 +38,14 @@ from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
 
-from ..library.data import IGNORE_INDEX, PreferenceCollator, check_switch, text_start_token, tokenize_continuations
+from ..library.data import (
+    IGNORE_INDEX,
+    PreferenceCollator,
+    check_switch,
+    check_template_options,
+    text_start_token,
+    tokenize_continuations,
+)
 from ..library.hidden import final_hidden, output_head
 from ..library.model import QAdapterModel, evaluation_mode
 from ..library.packing import common_prefix
@@ -315,11 +322,12 @@ def chat_prompts(tokenizer, questions: list[str], template_options: dict | None 
     (given ``template_options``: an adapter's ``chat_template_kwargs``), to be tokenized without
     special tokens; a tokenizer without a template (a base model's) takes the question as plain text,
     as training takes such a prompt (after the BOS it starts texts with)."""
+    template_options = check_template_options(template_options, "template_options")
     if getattr(tokenizer, "chat_template", None) is None:
         start = tokenizer.bos_token if text_start_token(tokenizer) is not None else ""
         return [start + q for q in questions]
     return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True,
-                                          **(template_options or {})) for q in questions]
+                                          **template_options) for q in questions]
 
 
 def answer_tokens(tokenizer, questions: list[str], answers: list[str],
