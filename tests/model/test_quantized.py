@@ -216,6 +216,14 @@ def test_another_compute_dtype_loads_where_the_checkpoint_is_exact_in_both(bases
     assert QAdapterModel.from_pretrained(tmp_path / "f32", torch_dtype="auto").quantization["compute_dtype"] == "float32"
 
 
+def test_torch_dtype_auto_on_a_4bit_base_takes_the_default_compute_dtype(bases):
+    """"auto" (the checkpoint's dtype) names no compute dtype: a 4-bit base loads as with None, as the
+    command line's --dtype auto loads it (it failed naming compute_dtype, which the caller never gave)."""
+    model = QAdapterModel.from_base(bases["llama"], torch_dtype="auto", quantization="4bit")
+    assert model.quantization == {"method": "nf4", "double_quant": True, "compute_dtype": quant.default_compute_dtype()}
+    assert model.lm_head_weight.dtype == getattr(torch, quant.default_compute_dtype())
+
+
 def test_bad_quantization_names_are_refused():
     with pytest.raises(quant.QuantizationError, match="method"):
         quant.normalize("3bit")

@@ -157,8 +157,8 @@ def load_base(name_or_path: str = DEFAULT_MODEL, *, torch_dtype=None, device=Non
         raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if torch_dtype is None and quantization is not None and quantization["method"] != "int8":
-        torch_dtype = quantization["compute_dtype"]
+    if torch_dtype in (None, "auto") and quantization is not None and quantization["method"] != "int8":
+        torch_dtype = quantization["compute_dtype"]  # "auto" as --dtype auto: the dense modules compute with it
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **quant.load_kwargs(quantization, device))
     model.config.name_or_path = name_or_path

@@ -31,9 +31,10 @@ class QuantizationError(ValueError):
 
 
 def default_compute_dtype(torch_dtype=None) -> str:
-    """The 4-bit compute dtype when none is named: the model's dtype if given, else bfloat16 on CUDA
-    (QLoRA's choice) and float32 elsewhere (bitsandbytes' CPU kernels)."""
-    if torch_dtype is not None:
+    """The 4-bit compute dtype when none is named: the model's dtype if given, else (None, or "auto":
+    the checkpoint's, as the command line's --dtype auto) bfloat16 on CUDA (QLoRA's choice) and
+    float32 elsewhere (bitsandbytes' CPU kernels)."""
+    if torch_dtype is not None and torch_dtype != "auto":
         return str(torch_dtype).removeprefix("torch.")
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
