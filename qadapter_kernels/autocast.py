@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def outside_autocast(fn):
+
+def outside_autocast(fn: Callable[P, R]) -> Callable[P, R]:
     """Runs ``fn`` with every enabled autocast region turned off (nothing to do outside one)."""
 
     @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
         with _off("cuda"), _off("cpu"):
             return fn(*args, **kwargs)
 
