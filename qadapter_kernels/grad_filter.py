@@ -69,7 +69,7 @@ _REPORTS: list[GradFilterReport] = []
 
 
 @contextlib.contextmanager
-def grad_filter_report():
+def grad_filter_report() -> Iterator[GradFilterReport]:
     """Collects what the chunked backend's gradient filtering skips, for the backwards run inside the
     block (each once, a checkpointed region's too)::
 
