@@ -153,7 +153,7 @@ class QAdapterModel(nn.Module):
         backend: str = "auto",
         chunk_size: int | None = None,
         lora_r: int = 8,
-        lora_alpha: int = 16,
+        lora_alpha: float = 16,
         lora_dropout: float = 0.05,
         target_modules: Iterable[str] | None = None,
         on: str | os.PathLike | Sequence[Level] | None = None,
