@@ -83,6 +83,19 @@ def test_training_config_takes_numpy_and_torch_scalars_as_plain_numbers():
     json.loads(config.to_json_string())  # saved with the run's options
 
 
+def test_training_config_takes_a_non_integer_lora_alpha_as_the_model_does():
+    """LoRA's alpha is a real number (the model keeps 12.5 as its scale): the command line takes one too,
+    where an int-typed option refused it."""
+    import argparse
+
+    from qadapter.cli.train import _training_config
+
+    assert QAdapterConfig(output_dir="unused", report_to=[], lora_alpha=12.5).lora_alpha == 12.5
+    args = argparse.Namespace(output="unused", skip_invalid=False)
+    assert _training_config(args, ["--lora_alpha", "12.5"]).lora_alpha == 12.5
+    assert _training_config(args, ["--lora_alpha", "16"]).model_options()["lora_alpha"] == 16
+
+
 class Built(BaseException):
     """Stops ``qadapter train`` once it builds the model: the options are what the test wants (not an
     Exception, which the command would report as an unexpected error, exit 3)."""

@@ -94,7 +94,7 @@ class QAdapterConfig(LossArguments):
     chunk_size: int | None = field(default=None, metadata={"help": "tokens per chunk of the chunked backends; "
                                                                    "unset: from a memory budget"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] | None = field(default=None, metadata={
         "help": "the linear layers LoRA wraps (default: the attention's query and value projections)"})
