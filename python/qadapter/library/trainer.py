@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import TrainOutput
 
 from qadapter_kernels import LossConfig
 from qadapter_kernels.config import as_integer
@@ -580,7 +581,7 @@ class QAdapterTrainer(Trainer):
         return super().predict(_tokenized(test_dataset, self.processing_class, self.args, "test_dataset", {}, self.model),
                                *args, **kwargs)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """Trainer's ``train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
