@@ -1442,3 +1442,27 @@ def test_a_text_prompt_starts_with_the_bos_its_tokenizer_starts_texts_with():
         assert written.usage.prompt_tokens == len(ids) + 1
         with pytest.raises(openai.BadRequestError, match="add_special_tokens must be true or false; got \"yes\""):
             api.completions.create(model="base", prompt=text, max_tokens=1, extra_body={"add_special_tokens": "yes"})
+
+
+def test_an_added_bos_moves_no_offset_of_an_answer_not_echoed():
+    """The BOS added to a text prompt is at offset 0 of an echoed prompt only: without ``echo`` the
+    answer's first token takes its room, so each token's offset is the text before it, streamed or whole."""
+    from helpers import tiny_causal_lm, tiny_sentencepiece_tokenizer
+
+    tokenizer = tiny_sentencepiece_tokenizer()
+    base = tiny_causal_lm("llama", vocab=len(tokenizer))
+    for base_url, _ in running_server(Engine(AdapterSet(base, tokenizer=tokenizer), tokenizer, max_batch=4)):
+        api = client(base_url)
+        answer = api.completions.create(model="base", prompt=["the capital", "of France"], n=2, max_tokens=4,
+                                        temperature=0, logprobs=0)
+        for choice in answer.choices:
+            got = choice.logprobs
+            assert len(got.tokens) >= 2
+            assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+        pieces = [chunk.choices[0].logprobs for chunk in api.completions.create(
+            model="base", prompt="the capital", max_tokens=4, temperature=0, logprobs=0, stream=True)
+            if chunk.choices and chunk.choices[0].logprobs is not None]
+        tokens = [t for piece in pieces for t in piece.tokens]
+        assert len(tokens) >= 2
+        assert [o for piece in pieces for o in piece.text_offset] == [sum(len(t) for t in tokens[:i])
+                                                                       for i in range(len(tokens))]

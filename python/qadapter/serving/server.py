@@ -395,7 +395,8 @@ class Server:
             return _error(str(exc), 400, self._request_field(exc.field, limit, chat))
         reply = _Reply(body["model"], chat, sum(len(ids) for ids, _, _ in prompts), len(requests), usage_chunk,
                        token_text=self._token_text if options["logprobs"] is not None else None,
-                       token_bytes=self._token_bytes, unwritten=[u for _, _, u in prompts for _ in range(choices)])
+                       token_bytes=self._token_bytes,  # an added BOS is written (at offset 0) only where the prompt is echoed
+                       unwritten=[u if options.get("echo") else 0 for _, _, u in prompts for _ in range(choices)])
         echoed = [text if options.get("echo") else "" for _, text, _ in prompts for _ in range(choices)]  # per choice
         if stream:
             return _ClosingStream(self._stream(requests, events, reply, echoed), media_type="text/event-stream")
