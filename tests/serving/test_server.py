@@ -1147,6 +1147,19 @@ def test_the_engine_gives_the_model_back_in_the_modes_it_found(saved):
     assert {name: module.training for name, module in model.named_modules()} == caller
 
 
+def test_the_engine_keeps_a_train_mode_its_caller_set_while_it_ran(saved):
+    """A module its caller put in train mode while the engine ran (a thread outliving stop's timeout
+    ends after its caller went on to train) stays in train mode: only the modes the engine set are
+    given back."""
+    _, tokenizer, paths = saved
+    adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]})
+    model = adapter_set.peft_model
+    model.eval()
+    engine = Engine(adapter_set, tokenizer).start()
+    model.train()  # the caller's, meanwhile
+    engine.stop()
+    assert all(module.training for module in model.modules())
+
 def test_a_refusal_keeps_its_notes_through_pickle():
     refusal = RequestRefused("max_tokens must be an integer >= 1; got -1", "max_tokens")
     refusal.add_note("request 7 of the batch")

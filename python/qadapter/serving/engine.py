@@ -164,8 +164,8 @@ class Engine:
         self._closing = threading.Event()  # no new requests
         self._stopping = threading.Event()  # the thread ends, cancelling what still runs
         self._thread: threading.Thread | None = None
-        # Each module's mode (train/eval) when the engine started, given back when it stops; weak, so
-        # that an adapter unloaded while serving is freed.
+        # Each module's mode (train/eval) when the engine started, given back when it stops to each module
+        # still in the eval mode the engine set; weak, so that an adapter unloaded while serving is freed.
         self._caller_modes: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
         self.steps = 0
         base_name = getattr(adapter_set.base_model.config, "name_or_path", None) or "base"
@@ -332,7 +332,8 @@ class Engine:
             self._apply_changes(EngineStopped("the server is shutting down"))
         finally:  # here, not in stop(): a thread that outlives stop's timeout still decodes without dropout
             for module, training in self._caller_modes.items():
-                module.training = training  # this module alone: train() would set its children too
+                if not module.training:  # as the engine left it: a train mode the caller set meanwhile stays
+                    module.training = training  # this module alone: train() would set its children too
 
     def _end_all(self, event: dict, requests: list[Request]) -> None:
         for request in requests:
