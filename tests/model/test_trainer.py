@@ -101,9 +101,12 @@ def test_a_datasetdict_or_a_stream_of_raw_rows_to_train_on_is_refused_by_name(tm
                                         r"\['train'\]: pass one of them, e.g. train_dataset=data\['train'\]"):
         QAdapterTrainer(model=model, args=args, train_dataset=splits, processing_class=tokenizer)
     stream = datasets.Dataset.from_list(rows(4, seed=0)).to_iterable_dataset()
+    unknown = datasets.IterableDataset.from_generator(lambda: iter(rows(4, seed=0)))  # its columns unknown
+    assert unknown.column_names is None
     for name in ("train_dataset", "eval_dataset"):
-        with pytest.raises(ValueError, match=f"{name} is a stream .* of raw preference rows .*chosen, prompt, rejected"):
-            QAdapterTrainer(model=model, args=args, processing_class=tokenizer, **{name: stream})
+        for raw in (stream, unknown):
+            with pytest.raises(ValueError, match=f"{name} is a stream .* of raw preference rows .*chosen, prompt, rejected"):
+                QAdapterTrainer(model=model, args=args, processing_class=tokenizer, **{name: raw})
     trainer = QAdapterTrainer(model=model, args=args, train_dataset=pairs_dataset(train).to_iterable_dataset(),
                               eval_dataset=datasets.DatasetDict({"test": pairs_dataset(heldout)}),
                               processing_class=tokenizer)

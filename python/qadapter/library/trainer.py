@@ -454,7 +454,11 @@ def _tokenized(dataset, tokenizer, args: QAdapterConfig, name: str, read: dict, 
     if isinstance(dataset, dict):
         return {key: _tokenized(part, tokenizer, args, f"{name}[{key!r}]", read, model) for key, part in dataset.items()}
     if dataset is not None and not hasattr(dataset, "__len__"):  # a stream: passed on as it is
-        columns = set(getattr(dataset, "column_names", None) or ())
+        columns = getattr(dataset, "column_names", None)
+        if columns is None and hasattr(dataset, "column_names"):  # a datasets stream of unknown columns (from a
+            first = next(iter(dataset), None)  # generator, after a map): its first row, as it starts again each pass
+            columns = first.keys() if isinstance(first, dict) else ()
+        columns = set(columns or ())
         if {"prompt", "chosen", "rejected"} & columns and "chosen_input_ids" not in columns:
             raise ValueError(f"{name} is a stream (an IterableDataset) of raw preference rows ({', '.join(sorted(columns))}), "
                              "which the trainer does not tokenize (it tokenizes a data set whole, before training): "
