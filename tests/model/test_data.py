@@ -353,6 +353,16 @@ def test_bad_chat_template_options_are_refused_naming_them(tok, options, message
         normalize_row(0, {**row, "chat_template_kwargs": "{enable_thinking: false}"})
 
 
+def test_chat_template_options_may_be_any_mapping():
+    """A read-only mapping (``types.MappingProxyType``, a frozen config's) is options as a dict is."""
+    import types
+
+    from qadapter.library.data import check_template_options
+
+    options = check_template_options(types.MappingProxyType({"enable_thinking": False}))
+    assert options == {"enable_thinking": False} and type(options) is dict
+
+
 def test_prompt_length_defaults_to_half_and_must_leave_room(tok):
     row = {"prompt": "the capital of France is " * 30, "chosen": "Paris " * 40, "rejected": "world " * 40}
     (f,), _ = tokenize_rows([row], tok, max_length=24)

@@ -201,16 +201,17 @@ def check_template_options(options: Any, name: str = "chat_template_kwargs") -> 
     The arguments the rendering sets itself cannot be among them."""
     if options is None:
         return {}
-    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
         raise ValueError(f"{name} must be an object of named options; got {json.dumps(options, default=repr)[:80]}")
+    options = dict(options)
     taken = sorted(set(options) & RENDERING_ARGUMENTS)
     if taken:
         raise ValueError(f"{name} cannot set {', '.join(taken)}: the rendering sets it")
     try:
         json.dumps(options, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must hold JSON values (it is recorded with the adapter): {exc}") from None
-    return dict(options)
+        raise ValueError(f"{name} must hold JSON values (an adapter records its options as JSON): {exc}") from None
+    return options
 
 
 def parse_template_options(value: Any, name: str = "chat_template_kwargs") -> dict:
