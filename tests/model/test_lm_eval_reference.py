@@ -85,13 +85,18 @@ def test_rolling_loglikelihood_matches_hflm(pair):
 
 @pytest.mark.parametrize("options", [{"until": [], "max_gen_toks": 8}, {"until": ["e"], "max_gen_toks": 8},
                                      {"until": ["\n\n", "Paris"], "max_gen_toks": 5, "do_sample": False},
-                                     {"until": "o", "max_gen_toks": 6}],
-                         ids=["free", "stop", "two_stops", "stop_string"])
+                                     {"until": "o", "max_gen_toks": 6}, {"until": [""], "max_gen_toks": 4},
+                                     {"until": ["", "e"], "max_gen_toks": 8}],
+                         ids=["free", "stop", "two_stops", "stop_string", "empty_stop", "empty_and_other_stop"])
 def test_generate_until_matches_hflm(pair, options):
     """Greedy text, cut at the first stop string, at most ``max_gen_toks`` tokens, a long prompt kept to
-    its last ``max_length - max_gen_toks`` tokens."""
+    its last ``max_length - max_gen_toks`` tokens; an empty stop string stops nothing (lm-eval ignores it)."""
     ours, reference = pair
-    expected = reference.generate_until(requests("generate_until", [(c, dict(options)) for c in CONTEXTS]),
+    # HFLM drops an empty stop string when it cuts the text, but its stopping criterion finds "" in any
+    # text and so ends the generation after one token: the reference is its answer without the "".
+    until = options["until"]
+    kept = dict(options, until=[stop for stop in until if stop]) if isinstance(until, list) else options
+    expected = reference.generate_until(requests("generate_until", [(c, dict(kept)) for c in CONTEXTS]),
                                         disable_tqdm=True)
     got = ours.generate_until(requests("generate_until", [(c, dict(options)) for c in CONTEXTS]), disable_tqdm=True)
     assert got == expected

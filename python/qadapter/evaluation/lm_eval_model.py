@@ -272,7 +272,7 @@ class QAdapterLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations of the combined policy, each cut before the first of its ``until``
-        strings; at most ``max_gen_toks`` tokens. Requests with the same generation options run
+        strings (an empty one ignored); at most ``max_gen_toks`` tokens. Requests with the same generation options run
         together, longest first, in left-padded batches; a batch ends once every row has stopped."""
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -284,7 +284,8 @@ class QAdapterLM(TemplateLM):
             options = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
             if options.get("do_sample"):
                 log.warning("qadapter: the task asks for sampling (%s); decoding greedily", options)
-            until = handle_stop_sequences(options.get("until"), eos=eos_text)
+            # An empty stop string stops nothing, as lm-eval's own models ignore it ("" is in every text).
+            until = [stop for stop in handle_stop_sequences(options.get("until"), eos=eos_text) if stop]
             max_gen_toks = options["max_gen_toks"]
             if max_gen_toks >= self.max_length:
                 raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt within "
