@@ -1479,3 +1479,51 @@ def test_an_added_bos_moves_no_offset_of_an_answer_not_echoed():
         assert len(tokens) >= 2
         assert [o for piece in pieces for o in piece.text_offset] == [sum(len(t) for t in tokens[:i])
                                                                        for i in range(len(tokens))]
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece_bos"])
+def plain_base_server(request, tmp_path_factory):
+    """A server over a tiny base (its tokenizer byte-level without a BOS, or SentencePiece adding Llama's
+    BOS) with one adapter; (base_url, tokenizer, the same base loaded as a plain transformers model)."""
+    from helpers import tiny_causal_lm, tiny_chat_tokenizer, tiny_sentencepiece_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp(f"plain_{request.param}")
+    tokenizer = tiny_chat_tokenizer() if request.param == "byte_level" else tiny_sentencepiece_tokenizer()
+    tiny_causal_lm("llama", vocab=len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    paths = save_perturbed_adapters(root, {"terse": ADAPTERS["terse"]}, root / "base")
+    plain = AutoModelForCausalLM.from_pretrained(root / "base").float().eval()
+    for url, _ in running_server(Engine(AdapterSet.from_pretrained(paths), tokenizer, max_batch=8)):
+        yield url, tokenizer, plain
+
+
+def test_the_base_echoes_and_answers_as_a_plain_transformers_model(plain_base_server):
+    """Model ``base``, differentially against plain transformers on the same weights: a text prompt is
+    the tokenizer's own encoding (its BOS where it adds one), the greedy answer is ``generate``'s, and
+    the echoed prompt's and the answer's log-probs are ``log_softmax`` of one forward over prompt and
+    answer (within 1e-4), the first token's none; a token-id prompt is taken as given."""
+    url, tokenizer, plain = plain_base_server
+    api = client(url)
+    eos = tokenizer.eos_token_id
+    for prompt in ["the capital of France", "hello world the capital of France is Paris", "Rome"]:
+        ids = tokenizer(prompt).input_ids  # as training and generate read a text: special tokens added
+        with torch.no_grad():
+            out = plain.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id or 0)[0, len(ids):].tolist()
+        answer_ids = out[:out.index(eos)] if eos in out else out
+        with torch.no_grad():
+            logprobs = torch.log_softmax(plain(torch.tensor([ids + answer_ids])).logits[0, :-1].float(), -1)
+        want = logprobs.gather(1, torch.tensor(ids[1:] + answer_ids)[:, None])[:, 0]
+        for given in (prompt, ids):
+            got = api.completions.create(model="base", prompt=given, max_tokens=6, temperature=0, logprobs=1,
+                                         echo=True).choices[0]
+            answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+            assert got.text.endswith(answer) and len(got.logprobs.tokens) == len(ids) + len(answer_ids)
+            if given is prompt:
+                assert got.text == prompt + answer
+            assert got.logprobs.token_logprobs[0] is None
+            torch.testing.assert_close(torch.tensor(got.logprobs.token_logprobs[1:]), want, rtol=0, atol=1e-4)
+            alone = api.completions.create(model="base", prompt=given, max_tokens=6, temperature=0).choices[0]
+            assert alone.text == answer
+            assert alone.finish_reason == ("stop" if eos in out else "length")
