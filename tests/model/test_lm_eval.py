@@ -206,6 +206,16 @@ def test_model_args_and_a_fresh_adapter(saved):
     assert_scores_its_base(fresh)
 
 
+def test_max_length_is_the_context_lm_evals_own_models_read(model):
+    """A composite config (Gemma-3's) holds its text model's context length in ``text_config``, which
+    goes first, as lm-eval's own models read it; a plain config's is its maximum positions."""
+    import types
+
+    assert QAdapterLM(adapter=model).max_length == model.config.max_position_embeddings
+    model.config.text_config = types.SimpleNamespace(max_position_embeddings=96)
+    assert QAdapterLM(adapter=model).max_length == 96
+
+
 def test_chat_prompts_take_the_adapters_template_options():
     from helpers import tiny_thinking_tokenizer
 

@@ -28,7 +28,7 @@ import os
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, resolve_max_length
 from lm_eval.utils import (
     get_rolling_token_windows,
     make_disjoint_window,
@@ -119,7 +119,7 @@ class QAdapterLM(TemplateLM):
     Model args: ``adapter`` (a saved adapter's directory, or a :class:`QAdapterModel` object; without
     it, a fresh adapter on ``base`` at ``alpha_0 = 0, alpha~ = 1``, whose policy is exactly the base's),
     ``base`` (the base model: path, hub name; default: the adapter's own, else the embedded default),
-    ``batch_size``, ``max_length`` (default: the model's maximum positions, else 2048), ``device``
+    ``batch_size``, ``max_length`` (default: the model's context length as lm-eval's own models read it, else 2048), ``device``
     (default: CUDA when present; a model object stays where it is unless given), ``dtype`` (e.g.
     ``bfloat16``; default: the checkpoint's; a 4-bit base's compute dtype unless ``quantization`` names
     one), ``quantization`` (the base quantized by bitsandbytes: ``4bit``, ``8bit``, or a dict as
@@ -152,8 +152,9 @@ class QAdapterLM(TemplateLM):
         self._device = model.lm_head_weight.device
         self.batch_size = _positive_int("batch_size", batch_size)
         config = model.config
-        self.max_length = _positive_int("max_length", max_length or getattr(config, "max_position_embeddings", None)
-                                        or getattr(config, "n_positions", None) or DEFAULT_MAX_LENGTH)
+        # As lm-eval's own models read it: a composite config's text model (Gemma-3's) first.
+        self.max_length = _positive_int("max_length", max_length or resolve_max_length(config, self.tokenizer,
+                                                                                       default=DEFAULT_MAX_LENGTH))
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         eos = getattr(config, "eos_token_id", None)  # a config may list one its generation config does not
         self.eos_ids = ({*end_token_ids(model.base_model, self.tokenizer), *(eos if isinstance(eos, list) else [eos])}
