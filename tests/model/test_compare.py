@@ -91,6 +91,34 @@ def _perturb_adapter(model, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_trl_baselines_run_without_checkpointing_and_no_deprecated_argument(method, tmp_path):
+    """The baselines turn TRL's default gradient checkpointing off by the name this transformers takes
+    (activation_checkpointing since 5.23, gradient_checkpointing before): no deprecation warning of
+    ours (PEFT's own read of transformers' renamed property aside)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        trainer, _ = _trl_trainer(method, tmp_path)
+    ours = [str(w.message) for w in shown if issubclass(w.category, (DeprecationWarning, FutureWarning))
+            and "is_gradient_checkpointing" not in str(w.message)]
+    assert ours == []
+    assert trainer.args.gradient_checkpointing is False
+    assert getattr(trainer.args, "activation_checkpointing", False) is False
+
+
+def test_checkpointing_is_turned_off_by_the_old_name_before_transformers_5_23(monkeypatch):
+    """transformers before 5.23 has no activation_checkpointing field (an unknown argument there)."""
+    import dataclasses
+
+    from qadapter.experiments import compare
+
+    monkeypatch.setattr(compare, "fields", lambda cls: [f for f in dataclasses.fields(cls)
+                                                       if f.name != "activation_checkpointing"])
+    assert compare.checkpointing_off() == {"gradient_checkpointing": False}
+
+
 def test_trl_dpo_is_the_papers_loss_against_the_base(tmp_path):
     """TRL's DPO on the pairs: log 2 for the untrained adapter (the policy is its reference); with a
     trained-looking adapter, -log sigmoid(beta * ((pc - rc) - (pr - rr))) over the pairs, the reference

@@ -30,7 +30,8 @@ def train_parser(p) -> None:
                      "'rejected'} rows. Every QAdapterConfig / TrainingArguments field is accepted "
                      "as --name value: the loss options of qadapter_kernels.LossConfig, --backend, "
                      "LoRA and length settings, and e.g. --num_train_epochs 2 "
-                     "--activation_checkpointing true; --push_to_hub true (--hub_model_id owner/name) "
+                     "--activation_checkpointing true (--gradient_checkpointing before transformers 5.23); "
+                     "--push_to_hub true (--hub_model_id owner/name) "
                      "uploads the saved adapter once training ends. With --on, the new adapter is trained on top "
                      "of a saved one (a stack: the saved customized policy takes the frozen "
                      "model's place).")
@@ -250,7 +251,7 @@ def plan_parser(p) -> None:
                         "as train runs them")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="plan with the decoder's activations recomputed in the backward (train: "
-                        "--activation_checkpointing true)")
+                        "--activation_checkpointing true; --gradient_checkpointing true before transformers 5.23)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="the model's dtype (default: %(default)s)")
     p.add_argument("--lora-r", type=positive_int, default=8, help="the LoRA rank (default: %(default)s, train's)")

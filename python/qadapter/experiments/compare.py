@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -120,6 +120,17 @@ def _training_args(options: CompareOptions, method: str, steps: int, output: Pat
                 disable_tqdm=not sys.stderr.isatty(), **extra)  # a progress bar on a terminal only
 
 
+def checkpointing_off() -> dict:
+    """The TrainingArguments setting that turns gradient checkpointing off (TRL's configs turn it on by
+    default): ``activation_checkpointing``, its name since transformers 5.23, where the old
+    ``gradient_checkpointing`` warns that it is deprecated; ``gradient_checkpointing`` before, where the new
+    name is not a field."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
+
+
 def trl_dataset(method: str, features: list[dict]):
     """The pairs as the pre-tokenized columns of TRL's trainers: SFT's ``input_ids`` and ``labels`` of
     the chosen sequences (the prompt's labels ignored: only the chosen response is scored); DPO's
@@ -160,7 +171,7 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
 
     lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
                       target_modules=lora_targets(base, None))  # the layers the Q-Adapter's LoRA wraps
-    shared = {"bf16": False, "activation_checkpointing": False, "max_length": options.max_length}
+    shared = {"bf16": False, **checkpointing_off(), "max_length": options.max_length}
     if method == "sft":
         args, trainer_class = SFTConfig(**_training_args(options, method, steps, work, **shared)), SFTTrainer
     else:
