@@ -96,7 +96,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, *, checkpoi
     config = LlamaConfig(**MODELS[name], attn_implementation="sdpa", use_cache=False)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
-    if checkpointing:  # transformers >= 5 renamed it; the device machine may have an older one
+    if checkpointing:  # transformers 5.23 renamed it; the device machine may have an older one
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable({"use_reentrant": False})
