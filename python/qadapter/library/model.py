@@ -45,6 +45,7 @@ from .hidden import (
     linear_head,
     whole_parameters,
 )
+from .lent import lend
 from .lora import SCALE_OPTIONS, check_lora_settings, lora_targets, unsupported_lora_options
 from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
@@ -125,7 +126,9 @@ class QAdapterModel(nn.Module):
     """A frozen causal LM with a LoRA residual Q-function; ``forward`` returns the Q-Adapter loss.
 
     ``QAdapterModel(base, ...)`` attaches a fresh adapter; :meth:`from_peft_model` wraps a PEFT model
-    that carries one already. The loss options are ``loss`` (a :class:`LossConfig`, default: its
+    that carries one already. PEFT injects the LoRA layers into ``base`` in place: once this model's
+    PEFT model (and every other made on that base) is gone, the base is given back as it was
+    (:mod:`qadapter.library.lent`). The loss options are ``loss`` (a :class:`LossConfig`, default: its
     defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
     ``target_modules``: the linear layers LoRA wraps (:func:`qadapter.library.lora.lora_targets`; None:
     the attention's query and value projections, by whatever name the architecture gives them).
@@ -176,11 +179,16 @@ class QAdapterModel(nn.Module):
         targets = lora_targets(base_model, target_modules)
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
-        if self.quantization is not None:
-            quant.prepare_for_kbit_training(base_model)
         lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=targets)
-        self.peft_model = get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
+
+        def wrap() -> nn.Module:
+            if self.quantization is not None:
+                quant.prepare_for_kbit_training(base_model)
+            return get_peft_model(base_model, lora, adapter_name=ADAPTER_NAME)
+
+        # The caller's base gets its own layers back once the PEFT model is gone (lent.py).
+        self.peft_model = lend(base_model, wrap)
         self.fingerprint = base_fingerprint(self.peft_model)
         if levels is not None:
             self._stack_levels(levels, q_on, "on")
@@ -295,8 +303,8 @@ class QAdapterModel(nn.Module):
                                                 quantization=quantization)
         with warnings_held_while_checked(), generators_kept(base_model):
             try:
-                peft_model = PeftModel.from_pretrained(base_model, path, adapter_name=ADAPTER_NAME,
-                                                       is_trainable=is_trainable)
+                peft_model = lend(base_model, lambda: PeftModel.from_pretrained(
+                    base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable))
             except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
                 raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): "
                                        f"{exc}") from exc
@@ -679,7 +687,8 @@ def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: boo
             if isinstance(model, PeftModel):
                 model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             else:
-                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                base = model
+                model = lend(base, lambda: PeftModel.from_pretrained(base, path, adapter_name=name))
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
             raise AdapterLoadError(f"{what}: the weights in {path} cannot be loaded (corrupted or incomplete?): "
                                    f"{exc}") from exc

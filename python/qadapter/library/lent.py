@@ -1,0 +1,94 @@
+"""A base model handed to a :class:`~qadapter.library.model.QAdapterModel` or an
+:class:`~qadapter.library.adapter_set.AdapterSet` is the caller's: PEFT injects its LoRA layers into
+it in place (a copy would double the memory) and freezes its weights. Once the last PEFT model made
+on it here is gone, the base gets back what it had: its own layers where LoRA layers were put (an
+AdapterSet's bank with them), no ``peft_config``, each weight's ``requires_grad``. Without that, a
+base a trained adapter was built on went on decoding that adapter's policy as if it were the base,
+and one an AdapterSet had served could neither run a forward nor take another AdapterSet.
+
+While any such PEFT model lives the layers stay: two Q-Adapters built on one base share its LoRA
+layers (the later one's fresh adapter replaces the earlier one's, as PEFT warns), and the first one
+dropped takes nothing from the one still in use.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+Wrapper = TypeVar("Wrapper", bound=nn.Module)
+
+
+class _Loan:
+    """What the base had before the first PEFT model was made on it, and how many live on it now."""
+
+    def __init__(self, base: nn.Module) -> None:
+        self.own_layers = set(tuner_layer_names(base))  # the caller's own PEFT layers, if any: left alone
+        self.had_config = "peft_config" in vars(base)
+        self.requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
+        self.wrappers = 0
+
+
+_LOANS: weakref.WeakKeyDictionary[nn.Module, _Loan] = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()  # reentrant: a collection inside lend() runs the finalizers on this thread
+
+
+def tuner_layer_names(model: nn.Module) -> list[str]:
+    """The names of the outermost PEFT tuner layers (LoRA layers) in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    return [name for name in names if not any(name.startswith(f"{other}.") for other in names)]
+
+
+def lend(base: nn.Module, wrap: Callable[[], Wrapper]) -> Wrapper:
+    """``wrap()`` (which makes a PEFT model on ``base``, injecting into it), with ``base`` given back
+    as it was once that PEFT model and every other made here on it are collected (or at once where
+    ``wrap`` fails and none is left)."""
+    with _LOCK:
+        if base in _LOANS and _LOANS[base].wrappers:
+            gc.collect()  # earlier wrappers that are garbage in a cycle give the base back first
+        loan = _LOANS.get(base)
+        if loan is None:
+            loan = _LOANS[base] = _Loan(base)
+        try:
+            wrapper = wrap()
+        except BaseException:
+            if not loan.wrappers:
+                _give_back(base, loan)
+            raise
+        loan.wrappers += 1
+        weakref.finalize(wrapper, _returned, weakref.ref(base)).atexit = False
+        return wrapper
+
+
+def _returned(base_ref: weakref.ref) -> None:
+    base = base_ref()
+    if base is None:
+        return
+    with _LOCK:
+        loan = _LOANS.get(base)
+        if loan is None:
+            return
+        loan.wrappers -= 1
+        if not loan.wrappers:
+            _give_back(base, loan)
+
+
+def _give_back(base: nn.Module, loan: _Loan) -> None:
+    for name in tuner_layer_names(base):
+        if name in loan.own_layers:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, base.get_submodule(name).get_base_layer())
+    if not loan.had_config and "peft_config" in vars(base):
+        del base.peft_config
+    for name, param in base.named_parameters():
+        if name in loan.requires_grad:
+            param.requires_grad_(loan.requires_grad[name])
+    _LOANS.pop(base, None)
