@@ -160,6 +160,34 @@ def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
         QAdapterModel.from_pretrained(tmp_path / "dense", quantization="4bit")
 
 
+def test_a_4bit_base_run_for_inference_first_is_fingerprinted_as_loaded(bases, tmp_path):
+    """bitsandbytes repacks a 4-bit CPU layer's weight the first time the base runs in eval mode without
+    grad: a base tried out before its adapter was built on it (or before an adapter set took it) is
+    fingerprinted in the layout it was loaded in, so the adapter loads on the base loaded afresh."""
+    from qadapter.library.adapter_set import AdapterSet
+    from qadapter.library.defaults import load_base
+
+    base, _ = load_base(bases["llama"], quantization="4bit")
+    fresh = QAdapterModel.from_base(bases["llama"], quantization="4bit").fingerprint
+    layer = base.model.layers[0].self_attn.q_proj
+    if not getattr(layer, "support_avx512bf16_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit CPU weights only where the CPU has AVX512-BF16")
+    prompt = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        base(prompt)  # the user tries the base first
+    assert layer.weight.quant_state.packing_format_for_cpu  # repacked
+    set_first = AdapterSet(base)
+    assert set_first.fingerprint == fresh
+    del set_first
+    with torch.no_grad():
+        base(prompt)  # repacked again
+    model = QAdapterModel(base, lora_dropout=0.0)
+    assert model.fingerprint == fresh
+    perturb_adapter(model, scale=0.05)
+    model.save_pretrained(tmp_path / "a")
+    assert QAdapterModel.from_pretrained(tmp_path / "a").fingerprint == fresh  # loads on a fresh 4-bit base
+
+
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_an_adapter_set_serves_many_adapters_on_one_quantized_base(bases, tmp_path, bits):
     """Many policies over one quantized base (the consumer-GPU case): the set loads the base quantized as

@@ -149,10 +149,26 @@ def keep_training_layout(model: nn.Module) -> None:
     """bitsandbytes repacks a 4-bit CPU layer's weight in place, for inference, the first time it
     runs in eval mode on an input without grad (the frozen pass), and that layout's kernel then fails
     under autograd on a layer with a bias (Qwen2's q/k/v); it would also change the stored tensors
-    the fingerprint reads. The layout stays the one loaded."""
+    the fingerprint reads. The layout stays the one loaded, and a layer repacked already (the base
+    run for inference before it was given here) gets it back (:func:`loaded_layout`)."""
+    loaded_layout(model)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def loaded_layout(model: nn.Module) -> None:
+    """Puts every 4-bit CPU layer of ``model`` that an inference forward repacked back in the layout
+    it was loaded in, as bitsandbytes' own ``state_dict`` does before saving it: the fingerprint of a
+    base read repacked would be another than that of the same base loaded afresh, and an adapter
+    trained or checked on it refused on every other load of that base."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None) if hasattr(module, "support_avx512bf16_for_cpu") else None
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
 def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
