@@ -61,21 +61,27 @@ def test_a_base_is_given_back_as_it_was_when_its_trained_qadapter_is_gone(tmp_pa
     assert_as_given(base, pristine)
 
 
-def test_dropping_one_of_two_qadapters_on_a_base_leaves_the_other_its_layers():
+def test_a_second_model_on_a_base_in_use_is_refused_and_the_first_keeps_its_weights(tmp_path):
+    """PEFT would inject a second adapter into the same layers, overwriting the first one's weights: a
+    QAdapterModel, a saved one loaded onto the base, and an AdapterSet's first adapter are refused
+    while the first lives; once it is dropped, the base takes another."""
     base = tiny_causal_lm()
-    pristine = copy.deepcopy(base)
     first = QAdapterModel(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT's: the base carries LoRA layers already
-        second = QAdapterModel(base)  # a cell run again: `model = QAdapterModel(base)`
+    perturb_adapter(first)  # trained
+    first.save_pretrained(tmp_path / "a")
+    trained = {k: v.clone() for k, v in first.peft_model.state_dict().items() if "lora_" in k}
+    refused = "base_model carries the LoRA layers of a QAdapterModel or AdapterSet still in use"
+    with pytest.raises(ValueError, match=refused):
+        QAdapterModel(base)  # a cell run again, `model = QAdapterModel(base)`, while `model` holds the first
+    with pytest.raises(ValueError, match=refused):
+        QAdapterModel.from_pretrained(tmp_path / "a", base)
+    with pytest.raises(ValueError, match=refused):
+        AdapterSet(base).load("a", tmp_path / "a")
+    now = first.peft_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in trained.items())
     del first
-    gc.collect()
-    perturb_adapter(second)
-    assert not torch.equal(second.generate(IDS, **GREEDY), pristine.generate(IDS, **PLAIN))
-    assert any("lora_" in name for name, _ in second.peft_model.named_parameters())
-    del second
-    gc.collect()
-    assert_as_given(base, pristine)
+    again = QAdapterModel.from_pretrained(tmp_path / "a", base)
+    assert all(torch.equal(again.peft_model.state_dict()[k], v) for k, v in trained.items())
 
 
 def test_a_base_an_adapter_set_served_runs_and_takes_another_adapter_set(tmp_path):

@@ -1,14 +1,14 @@
 """A base model handed to a :class:`~qadapter.library.model.QAdapterModel` or an
 :class:`~qadapter.library.adapter_set.AdapterSet` is the caller's: PEFT injects its LoRA layers into
-it in place (a copy would double the memory) and freezes its weights. Once the last PEFT model made
-on it here is gone, the base gets back what it had: its own layers where LoRA layers were put (an
+it in place (a copy would double the memory) and freezes its weights. Once the PEFT model made on it
+here is gone, the base gets back what it had: its own layers where LoRA layers were put (an
 AdapterSet's bank with them), no ``peft_config``, each weight's ``requires_grad``. Without that, a
 base a trained adapter was built on went on decoding that adapter's policy as if it were the base,
 and one an AdapterSet had served could neither run a forward nor take another AdapterSet.
 
-While any such PEFT model lives the layers stay: two Q-Adapters built on one base share its LoRA
-layers (the later one's fresh adapter replaces the earlier one's, as PEFT warns), and the first one
-dropped takes nothing from the one still in use.
+While such a PEFT model lives, the base is its alone: a second one on it is refused, since PEFT
+would inject into the same layers and overwrite the first one's adapter weights (a notebook that
+trains a Q-Adapter and builds another on the same base would lose the trained one unsaid).
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ Wrapper = TypeVar("Wrapper", bound=nn.Module)
 
 
 class _Loan:
-    """What the base had before the first PEFT model was made on it, and how many live on it now."""
+    """What the base had before the PEFT model was made on it."""
 
     def __init__(self, base: nn.Module) -> None:
         self.own_layers = set(tuner_layer_names(base))  # the caller's own PEFT layers, if any: left alone
         self.had_config = "peft_config" in vars(base)
         self.requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
-        self.wrappers = 0
+
+
+class BaseInUse(ValueError):
+    """The base given carries the LoRA layers of a PEFT model made here that is still in use."""
 
 
 _LOANS: weakref.WeakKeyDictionary[nn.Module, _Loan] = weakref.WeakKeyDictionary()
@@ -48,21 +51,22 @@ def tuner_layer_names(model: nn.Module) -> list[str]:
 
 def lend(base: nn.Module, wrap: Callable[[], Wrapper]) -> Wrapper:
     """``wrap()`` (which makes a PEFT model on ``base``, injecting into it), with ``base`` given back
-    as it was once that PEFT model and every other made here on it are collected (or at once where
-    ``wrap`` fails and none is left)."""
+    as it was once that PEFT model is collected (or at once where ``wrap`` fails); refused while
+    another PEFT model made here on ``base`` lives."""
     with _LOCK:
-        if base in _LOANS and _LOANS[base].wrappers:
-            gc.collect()  # earlier wrappers that are garbage in a cycle give the base back first
-        loan = _LOANS.get(base)
-        if loan is None:
-            loan = _LOANS[base] = _Loan(base)
+        if base in _LOANS:
+            gc.collect()  # an earlier one that is garbage in a cycle (an AdapterSet's) gives the base back first
+        if base in _LOANS:
+            raise BaseInUse("base_model carries the LoRA layers of a QAdapterModel or AdapterSet still in use: "
+                             "PEFT injects them into the base in place, so another one on it would overwrite that "
+                             "one's adapter weights. Build this one on another copy of the base, or drop the one "
+                             "in use first (del it; the base is then given back as it was)")
+        loan = _LOANS[base] = _Loan(base)
         try:
             wrapper = wrap()
         except BaseException:
-            if not loan.wrappers:
-                _give_back(base, loan)
+            _give_back(base, loan)
             raise
-        loan.wrappers += 1
         weakref.finalize(wrapper, _returned, weakref.ref(base)).atexit = False
         return wrapper
 
@@ -73,10 +77,7 @@ def _returned(base_ref: weakref.ref) -> None:
         return
     with _LOCK:
         loan = _LOANS.get(base)
-        if loan is None:
-            return
-        loan.wrappers -= 1
-        if not loan.wrappers:
+        if loan is not None:
             _give_back(base, loan)
 
 

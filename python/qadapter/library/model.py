@@ -45,7 +45,7 @@ from .hidden import (
     linear_head,
     whole_parameters,
 )
-from .lent import lend
+from .lent import BaseInUse, lend
 from .lora import SCALE_OPTIONS, check_lora_settings, lora_targets, unsupported_lora_options
 from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
@@ -126,9 +126,9 @@ class QAdapterModel(nn.Module):
     """A frozen causal LM with a LoRA residual Q-function; ``forward`` returns the Q-Adapter loss.
 
     ``QAdapterModel(base, ...)`` attaches a fresh adapter; :meth:`from_peft_model` wraps a PEFT model
-    that carries one already. PEFT injects the LoRA layers into ``base`` in place: once this model's
-    PEFT model (and every other made on that base) is gone, the base is given back as it was
-    (:mod:`qadapter.library.lent`). The loss options are ``loss`` (a :class:`LossConfig`, default: its
+    that carries one already. PEFT injects the LoRA layers into ``base`` in place: the base is this
+    model's alone while it lives (another on it is refused), and once its PEFT model is gone the
+    base is given back as it was (:mod:`qadapter.library.lent`). The loss options are ``loss`` (a :class:`LossConfig`, default: its
     defaults) with single fields replaced by ``**loss_options``; an unknown name is a TypeError.
     ``target_modules``: the linear layers LoRA wraps (:func:`qadapter.library.lora.lora_targets`; None:
     the attention's query and value projections, by whatever name the architecture gives them).
@@ -305,6 +305,8 @@ class QAdapterModel(nn.Module):
             try:
                 peft_model = lend(base_model, lambda: PeftModel.from_pretrained(
                     base_model, path, adapter_name=ADAPTER_NAME, is_trainable=is_trainable))
+            except BaseInUse:
+                raise
             except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
                 raise AdapterLoadError(f"the adapter weights in {path} cannot be loaded (corrupted or incomplete?): "
                                        f"{exc}") from exc
@@ -689,6 +691,8 @@ def load_lora(model: nn.Module, path: Path, name: str, what: str, *, frozen: boo
             else:
                 base = model
                 model = lend(base, lambda: PeftModel.from_pretrained(base, path, adapter_name=name))
+        except BaseInUse:
+            raise
         except Exception as exc:  # safetensors and PEFT raise several types for unreadable files
             raise AdapterLoadError(f"{what}: the weights in {path} cannot be loaded (corrupted or incomplete?): "
                                    f"{exc}") from exc
