@@ -101,3 +101,17 @@ def test_a_base_an_adapter_set_served_runs_and_takes_another_adapter_set(tmp_pat
         del adapter_set, fresh
         gc.collect()  # a set holds itself in a cycle (its row plan): collected, not freed at once
         assert_as_given(base, pristine)
+
+
+def test_a_base_with_peft_layers_of_its_own_is_refused_naming_them():
+    """PEFT would add the Q-Adapter to the caller's LoRA layers and make it their active adapter: there
+    is no plain base to give back, so such a base is refused, pointing to the plain model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    base = tiny_causal_lm()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), base, adapter_name="mine")
+    pristine = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"base_model carries PEFT layers of its own \(model.layers.0.self_attn.q_proj, "
+                                         r"model.layers.1.self_attn.q_proj\): give the plain model"):
+        QAdapterModel(base)
+    assert [(n, type(m)) for n, m in base.named_modules()] == [(n, type(m)) for n, m in pristine.named_modules()]

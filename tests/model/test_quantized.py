@@ -349,3 +349,41 @@ def test_an_8bit_base_trains_padding_free_though_padding_moves_its_tokens():
     checked_packing(model.peft_model, model.base_model)  # raises where packed and alone disagree
     ids, mask, labels = preference_batch(vocab=model.config.vocab_size, seq=16)
     assert torch.isfinite(model(ids, mask, labels).loss)
+
+
+def test_a_4bit_base_given_back_runs_inference_in_bitsandbytes_cpu_layout_again(bases):
+    """Training keeps a 4-bit CPU layer in its loaded layout (bitsandbytes' faster inference layout
+    switched off); the base given back once the Q-Adapter is gone has that switch as it was."""
+    import gc
+
+    from qadapter.library.defaults import load_base
+
+    base, _ = load_base(bases["llama"], quantization="4bit")
+    layer = base.model.layers[0].self_attn.q_proj
+    if not getattr(layer, "support_avx512bf16_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit CPU weights only where the CPU has AVX512-BF16")
+    model = QAdapterModel(base, lora_dropout=0.0)
+    assert base.model.layers[0].self_attn.q_proj.base_layer is layer and not layer.support_avx512bf16_for_cpu
+    del model
+    gc.collect()
+    assert base.model.layers[0].self_attn.q_proj is layer and layer.support_avx512bf16_for_cpu
+    with torch.no_grad():
+        base(torch.tensor([[1, 5, 9, 13]]))
+    assert layer.weight.quant_state.packing_format_for_cpu  # bitsandbytes' inference layout, as before
+
+
+def test_an_adapter_loads_on_a_4bit_base_object_run_for_inference_first(bases, tmp_path):
+    """``from_pretrained(path, base)`` with a 4-bit CPU base the caller tried out first (bitsandbytes
+    repacked its layers for inference) checks the base's fingerprint in the layout it was loaded in."""
+    from qadapter.library.defaults import load_base
+
+    adapter(bases["llama"], quantization="4bit").save_pretrained(tmp_path / "a")
+    base, _ = load_base(bases["llama"], quantization="4bit")
+    layer = base.model.layers[0].self_attn.q_proj
+    if not getattr(layer, "support_avx512bf16_for_cpu", False):
+        pytest.skip("bitsandbytes repacks 4-bit CPU weights only where the CPU has AVX512-BF16")
+    with torch.no_grad():
+        base(torch.tensor([[1, 5, 9, 13]]))  # the user tries the base first
+    assert layer.weight.quant_state.packing_format_for_cpu  # repacked
+    loaded = QAdapterModel.from_pretrained(tmp_path / "a", base)
+    assert loaded.fingerprint == QAdapterModel.from_pretrained(tmp_path / "a").fingerprint

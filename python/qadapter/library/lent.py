@@ -2,13 +2,16 @@
 :class:`~qadapter.library.adapter_set.AdapterSet` is the caller's: PEFT injects its LoRA layers into
 it in place (a copy would double the memory) and freezes its weights. Once the PEFT model made on it
 here is gone, the base gets back what it had: its own layers where LoRA layers were put (an
-AdapterSet's bank with them), no ``peft_config``, each weight's ``requires_grad``. Without that, a
+AdapterSet's bank with them), no ``peft_config``, each weight's ``requires_grad``, a 4-bit CPU
+layer's inference layout switch (training turns it off: quantization.py). Without that, a
 base a trained adapter was built on went on decoding that adapter's policy as if it were the base,
 and one an AdapterSet had served could neither run a forward nor take another AdapterSet.
 
 While such a PEFT model lives, the base is its alone: a second one on it is refused, since PEFT
 would inject into the same layers and overwrite the first one's adapter weights (a notebook that
-trains a Q-Adapter and builds another on the same base would lose the trained one unsaid).
+trains a Q-Adapter and builds another on the same base would lose the trained one unsaid). So is a
+base carrying PEFT layers of the caller's own: PEFT would add the Q-Adapter to them and make it
+their active adapter, and there is no plain base to give back.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ class _Loan:
     """What the base had before the PEFT model was made on it."""
 
     def __init__(self, base: nn.Module) -> None:
-        self.own_layers = set(tuner_layer_names(base))  # the caller's own PEFT layers, if any: left alone
         self.had_config = "peft_config" in vars(base)
         self.requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
+        self.cpu_packing = {name: m.support_avx512bf16_for_cpu for name, m in base.named_modules()
+                            if hasattr(m, "support_avx512bf16_for_cpu")}
 
 
 class BaseInUse(ValueError):
-    """The base given carries the LoRA layers of a PEFT model made here that is still in use."""
+    """The base given carries PEFT layers: a PEFT model's made here that is still in use, or the caller's own."""
 
 
 _LOANS: weakref.WeakKeyDictionary[nn.Module, _Loan] = weakref.WeakKeyDictionary()
@@ -52,7 +56,7 @@ def tuner_layer_names(model: nn.Module) -> list[str]:
 def lend(base: nn.Module, wrap: Callable[[], Wrapper]) -> Wrapper:
     """``wrap()`` (which makes a PEFT model on ``base``, injecting into it), with ``base`` given back
     as it was once that PEFT model is collected (or at once where ``wrap`` fails); refused while
-    another PEFT model made here on ``base`` lives."""
+    another PEFT model made here on ``base`` lives, and for a base with PEFT layers of its own."""
     with _LOCK:
         if base in _LOANS:
             gc.collect()  # an earlier one that is garbage in a cycle (an AdapterSet's) gives the base back first
@@ -61,6 +65,12 @@ def lend(base: nn.Module, wrap: Callable[[], Wrapper]) -> Wrapper:
                              "PEFT injects them into the base in place, so another one on it would overwrite that "
                              "one's adapter weights. Build this one on another copy of the base, or drop the one "
                              "in use first (del it; the base is then given back as it was)")
+        own = tuner_layer_names(base)
+        if own:
+            raise BaseInUse(f"base_model carries PEFT layers of its own ({', '.join(own[:3])}"
+                            f"{', ...' if len(own) > 3 else ''}): give the plain model (a PEFT model's "
+                            "unload() gives it back), or a PEFT model whose adapter is the Q-function to "
+                            "QAdapterModel.from_peft_model")
         loan = _LOANS[base] = _Loan(base)
         try:
             wrapper = wrap()
@@ -83,8 +93,6 @@ def _returned(base_ref: weakref.ref) -> None:
 
 def _give_back(base: nn.Module, loan: _Loan) -> None:
     for name in tuner_layer_names(base):
-        if name in loan.own_layers:
-            continue
         parent, _, child = name.rpartition(".")
         setattr(base.get_submodule(parent), child, base.get_submodule(name).get_base_layer())
     if not loan.had_config and "peft_config" in vars(base):
@@ -92,4 +100,7 @@ def _give_back(base: nn.Module, loan: _Loan) -> None:
     for name, param in base.named_parameters():
         if name in loan.requires_grad:
             param.requires_grad_(loan.requires_grad[name])
+    for name, module in base.named_modules():
+        if name in loan.cpu_packing:
+            module.support_avx512bf16_for_cpu = loan.cpu_packing[name]
     _LOANS.pop(base, None)

@@ -606,6 +606,7 @@ def load_saved_base(path: Path, config: dict, base_model: str | os.PathLike | nn
                                    "fingerprint is checked") from exc
     given = quant.model_quantization(base_model)
     check_quantization(path, saved, given)
+    quant.loaded_layout(base_model)  # a 4-bit CPU base object run for inference first: fingerprinted as loaded
     check_base(path, config, base_fingerprint(base_model), given)
     return base_model, tokenizer
 
