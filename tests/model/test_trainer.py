@@ -114,6 +114,22 @@ def test_a_datasetdict_or_a_stream_of_raw_rows_to_train_on_is_refused_by_name(tm
     assert "eval_test_loss" in trainer.evaluate()
 
 
+def test_a_model_init_building_on_one_base_object_trains_each_run_afresh(tmp_path):
+    """Trainer calls ``model_init`` again at each ``train()`` (each run of a hyperparameter search): one
+    that builds a fresh Q-Adapter on a base object it keeps gets that base back from the model of the
+    run before, which the trainer lets go of first, and each run, seeded alike, trains alike."""
+    import gc
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path, max_steps=2)
+    base = model.base_model
+    del model
+    gc.collect()
+    trainer = QAdapterTrainer(model_init=lambda: QAdapterModel(base, tokenizer=tokenizer, **args.model_options()),
+                              args=args, train_dataset=train, processing_class=tokenizer)
+    losses = [trainer.train().training_loss for _ in range(2)]
+    assert losses[0] == losses[1]
+
+
 def test_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     model, tokenizer, args, train, _ = training_setup(tmp_path / "full", max_steps=6)
     QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()

@@ -585,6 +585,15 @@ class QAdapterTrainer(Trainer):
         return super().predict(_tokenized(test_dataset, self.processing_class, self.args, "test_dataset", {}, self.model),
                                *args, **kwargs)
 
+    def call_model_init(self, trial=None):
+        """Trainer's, after letting go of the model an earlier call made: a ``model_init`` that builds a
+        fresh Q-Adapter on one base object it keeps (each run of a hyperparameter search) finds that
+        base given back, not lent to a model the trainer no longer uses (:mod:`.lent`)."""
+        if getattr(self, "model", None) is not None:
+            self.model = self.model_wrapped = self.callback_handler.model = None
+            self.accelerator.free_memory()  # the prepared model of an earlier run, and a garbage collection
+        return super().call_model_init(trial)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """Trainer's ``train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint."""
         if resume_from_checkpoint is True:
@@ -592,8 +601,7 @@ class QAdapterTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir} (train "
                                  "without resuming to start the run)")
-        model = self.accelerator.unwrap_model(self.model)
-        record = getattr(model, "provenance", None)
+        record = getattr(self.accelerator.unwrap_model(self.model), "provenance", None)  # (a model_init's is remade)
         self._resumed = None
         if resume_from_checkpoint:
             self._resumed = resume_point(Path(resume_from_checkpoint), self.args, (record or {}).get("data"))
