@@ -115,3 +115,22 @@ def test_a_base_with_peft_layers_of_its_own_is_refused_naming_them():
                                          r"model.layers.1.self_attn.q_proj\): give the plain model"):
         QAdapterModel(base)
     assert [(n, type(m)) for n, m in base.named_modules()] == [(n, type(m)) for n, m in pristine.named_modules()]
+
+
+def test_a_base_whose_live_model_took_its_layers_out_is_lent_afresh(tmp_path):
+    """``peft_model.unload()`` gives the plain base back while the model lives (the GPU benchmark serves
+    an AdapterSet on it so): nothing is left to overwrite, so it is lent afresh, and the earlier model,
+    collected later, leaves the new one's layers alone."""
+    base = tiny_causal_lm()
+    pristine = copy.deepcopy(base)
+    model = QAdapterModel(base)
+    perturb_adapter(model)
+    model.save_pretrained(tmp_path / "a")
+    adapter_set = AdapterSet.from_pretrained({"a": tmp_path / "a"}, base_model=model.peft_model.unload())
+    fresh = AdapterSet.from_pretrained({"a": tmp_path / "a"}, base_model=copy.deepcopy(pristine))
+    del model
+    gc.collect()
+    assert torch.equal(adapter_set.generate(IDS, adapters=["a"], **GREEDY), fresh.generate(IDS, adapters=["a"], **GREEDY))
+    del adapter_set, fresh
+    gc.collect()
+    assert_as_given(base, pristine)

@@ -9,7 +9,8 @@ and one an AdapterSet had served could neither run a forward nor take another Ad
 
 While such a PEFT model lives, the base is its alone: a second one on it is refused, since PEFT
 would inject into the same layers and overwrite the first one's adapter weights (a notebook that
-trains a Q-Adapter and builds another on the same base would lose the trained one unsaid). So is a
+trains a Q-Adapter and builds another on the same base would lose the trained one unsaid), unless
+that model took its layers out itself (``unload()``). So is a
 base carrying PEFT layers of the caller's own: PEFT would add the Q-Adapter to them and make it
 their active adapter, and there is no plain base to give back.
 """
@@ -55,39 +56,42 @@ def tuner_layer_names(model: nn.Module) -> list[str]:
 
 def lend(base: nn.Module, wrap: Callable[[], Wrapper]) -> Wrapper:
     """``wrap()`` (which makes a PEFT model on ``base``, injecting into it), with ``base`` given back
-    as it was once that PEFT model is collected (or at once where ``wrap`` fails); refused while
-    another PEFT model made here on ``base`` lives, and for a base with PEFT layers of its own."""
+    as it was once that PEFT model is collected (or at once where ``wrap`` fails). Refused while
+    ``base`` carries PEFT layers: another PEFT model's made here that lives, or the caller's own; a
+    base whose PEFT model lives but took its layers out (``unload()``, ``merge_and_unload()``) is
+    lent afresh."""
     with _LOCK:
         if base in _LOANS:
             gc.collect()  # an earlier one that is garbage in a cycle (an AdapterSet's) gives the base back first
-        if base in _LOANS:
+        layers = tuner_layer_names(base)
+        if layers and base in _LOANS:
             raise BaseInUse("base_model carries the LoRA layers of a QAdapterModel or AdapterSet still in use: "
-                             "PEFT injects them into the base in place, so another one on it would overwrite that "
-                             "one's adapter weights. Build this one on another copy of the base, or drop the one "
-                             "in use first (del it; the base is then given back as it was)")
-        own = tuner_layer_names(base)
-        if own:
-            raise BaseInUse(f"base_model carries PEFT layers of its own ({', '.join(own[:3])}"
-                            f"{', ...' if len(own) > 3 else ''}): give the plain model (a PEFT model's "
+                            "PEFT injects them into the base in place, so another one on it would overwrite that "
+                            "one's adapter weights. Build this one on another copy of the base, or drop the one "
+                            "in use first (del it; the base is then given back as it was)")
+        if layers:
+            raise BaseInUse(f"base_model carries PEFT layers of its own ({', '.join(layers[:3])}"
+                            f"{', ...' if len(layers) > 3 else ''}): give the plain model (a PEFT model's "
                             "unload() gives it back), or a PEFT model whose adapter is the Q-function to "
                             "QAdapterModel.from_peft_model")
+        if base in _LOANS:  # its PEFT model lives on without layers in it
+            _give_back(base, _LOANS[base])
         loan = _LOANS[base] = _Loan(base)
         try:
             wrapper = wrap()
         except BaseException:
             _give_back(base, loan)
             raise
-        weakref.finalize(wrapper, _returned, weakref.ref(base)).atexit = False
+        weakref.finalize(wrapper, _returned, weakref.ref(base), loan).atexit = False
         return wrapper
 
 
-def _returned(base_ref: weakref.ref) -> None:
+def _returned(base_ref: weakref.ref, loan: _Loan) -> None:
     base = base_ref()
     if base is None:
         return
     with _LOCK:
-        loan = _LOANS.get(base)
-        if loan is not None:
+        if _LOANS.get(base) is loan:  # not lent afresh since
             _give_back(base, loan)
 
 
