@@ -293,7 +293,6 @@ class AdapterSet:
 
     def __init__(self, base_model: nn.Module, *, tokenizer: Any = None) -> None:
         self.base_model, self.tokenizer = base_model, tokenizer
-        quant.loaded_layout(base_model)  # a 4-bit CPU base run for inference first: fingerprinted as loaded
         self.fingerprint = base_fingerprint(base_model)
         self.quantization = quant.model_quantization(base_model)
         self.base_described = "the one given"  # which base this is, as a refused adapter's message names it

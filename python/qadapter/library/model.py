@@ -94,7 +94,8 @@ def base_fingerprint(model: nn.Module) -> str:
     small weight's bits), which a refusal's message says. A
     quantized base (bitsandbytes) is fingerprinted by its stored tensors (NF4 codes packed in uint8,
     int8 rows), exact in bfloat16, so it is deterministic for a given base and method and differs
-    from the dense base's; the method itself is recorded beside it (``"quantization"``). A
+    from the dense base's (a 4-bit CPU layer that an inference forward repacked is put back in its
+    loaded layout first: :func:`~.quantization.loaded_layout`); the method itself is recorded beside it (``"quantization"``). A
     PEFT model gives its base's fingerprint (LoRA weights left out, ``base_layer`` names folded
     back), so an adapter can be checked against a base whether or not it is already attached. A base
     DeepSpeed ZeRO-3 holds partitioned (loaded under its ``zero.Init``) is read one parameter at a
@@ -102,6 +103,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """
     if hasattr(model, "get_base_model"):  # a peft.PeftModel
         model = model.get_base_model()
+    quant.loaded_layout(model)  # a 4-bit CPU base run for inference first: read as it was loaded
     params = {name.replace(".base_layer.", "."): param for name, param in model.named_parameters() if "lora_" not in name}
     digest = hashlib.sha256()
     for name, param in sorted(params.items(), key=lambda item: item[0]):
@@ -597,7 +599,6 @@ def load_saved_base(path: Path, config: dict, base_model: str | os.PathLike | nn
                                    "fingerprint is checked") from exc
     given = quant.model_quantization(base_model)
     check_quantization(path, saved, given)
-    quant.loaded_layout(base_model)  # a 4-bit CPU base object run for inference first: fingerprinted as loaded
     check_base(path, config, base_fingerprint(base_model), given)
     return base_model, tokenizer
 
