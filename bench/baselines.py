@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qadapter_kernels import LossConfig, QAdapterLossOutput
+from qadapter_kernels.config import check_integer
 from qadapter_kernels.inputs import stats_dtype
 from qadapter_kernels.pairwise import loss_output
 from qadapter_kernels.reference import qadapter_loss_reference
@@ -203,8 +204,7 @@ def chunked_pairs_loss(
     ``2 * chunk_pairs * T * V``: fine for short sequences, large for long ones.
     """
     config = LossConfig.from_options(**options)
-    if isinstance(chunk_pairs, bool) or not isinstance(chunk_pairs, int) or chunk_pairs < 1:
-        raise ValueError(f"chunk_pairs must be a positive int; got {chunk_pairs!r}")
+    chunk_pairs = check_integer("chunk_pairs", chunk_pairs, least=1)
     if q_hidden.dim() != 3 or q_hidden.shape[0] % 2:
         raise ValueError(f"q_hidden must be [B, T, d] with B even; got shape {tuple(q_hidden.shape)}")
     loss, bt, chi2, chosen, rejected = _ChunkedPairs.apply(

@@ -21,16 +21,26 @@ AUTO = "auto"  # grad_filter_eps: a probability budget per input dtype (grad_fil
 REWARD_NORM = ("padded", "mean", "sum")
 
 
-def as_integer(value: object) -> int | None:
-    """``value`` as an int (numpy's and torch's integers too), or None where it is none: a bool (a
-    torch bool tensor too, which indexes as 0 or 1) or a float would count as the number it stands
-    for. Callers say what they expected, naming the argument."""
+def check_integer(name: str, value: object, *, least: int | None = None, most: int | None = None,
+                  note: str = "") -> int:
+    """``value`` as an int (numpy's and torch's integers too) in ``[least, most]``, or an error naming
+    ``name``: a TypeError where it is no integer, a ValueError out of bounds. A bool (a torch bool
+    tensor too, which indexes as 0 or 1) or a float is no integer: it would count as the number it
+    stands for. ``note`` says what the value means, or what else is taken (" or None (automatic)")."""
+    if least is not None and most is not None:
+        bounds = f" in [{least}, {most}]"
+    else:
+        bounds = f" >= {least}" if least is not None else f" <= {most}" if most is not None else ""
+    expected = f"{name} must be an integer{bounds}{note}; got {value!r}"
     if isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool:
-        return None
+        raise TypeError(expected)
     try:
-        return operator.index(value)
+        count = operator.index(value)
     except TypeError:
-        return None
+        raise TypeError(expected) from None
+    if least is not None and count < least or most is not None and count > most:
+        raise ValueError(expected)
+    return count
 
 
 def check_real(name: str, value: object, *, positive: bool = False, non_negative: bool = False) -> float:
@@ -100,10 +110,7 @@ class LossConfig:
         check_choice("reward_norm", self.reward_norm, REWARD_NORM)
         if self.logit_softcap is not None:
             set_(self, "logit_softcap", check_real("logit_softcap", self.logit_softcap, positive=True))
-        ignore_index = as_integer(self.ignore_index)
-        if ignore_index is None:
-            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
-        set_(self, "ignore_index", ignore_index)
+        set_(self, "ignore_index", check_integer("ignore_index", self.ignore_index))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ import torch
 
 from . import _cuda, _cuda_ops, pairwise
 from .chunked import chunked_token_stats
-from .config import REWARD_NORM, LossConfig, as_integer, check_real
+from .config import REWARD_NORM, LossConfig, check_integer, check_real
 from .first_order import fused_backward
 from .pairwise import QAdapterLossOutput, ScoredTokens
 from .registry import Backend
@@ -124,12 +124,8 @@ def decode_combine(
     top_p = check_real("top_p", top_p, positive=True)
     if top_p > 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-    count, seed_value = as_integer(top_k), as_integer(seed)
-    if count is None or count < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter); got {top_k!r}")
-    if seed_value is None or not 0 <= seed_value < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63); got {seed!r}")
-    top_k, seed = count, seed_value
+    top_k = check_integer("top_k", top_k, least=0, note=" (0: no top-k filter)")
+    seed = check_integer("seed", seed, least=0, most=2**63 - 1)
     if base_logits.shape != q_values.shape or base_logits.dim() < 1:
         raise ValueError(
             f"q_values must have base_logits' shape {tuple(base_logits.shape)} ([..., V]); got {tuple(q_values.shape)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import LossConfig, as_integer
+from .config import LossConfig, check_integer
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -18,12 +18,7 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_chunk_size(chunk_size: object) -> int | None:
     """``chunk_size`` as a positive int (numpy's and torch's integers too), or None (automatic): 0,
     negatives, floats and bools are refused."""
-    if chunk_size is None:
-        return None
-    size = as_integer(chunk_size)
-    if size is None or size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None (automatic); got {chunk_size!r}")
-    return size
+    return None if chunk_size is None else check_integer("chunk_size", chunk_size, least=1, note=" or None (automatic)")
 
 
 def check_totals(total_pairs: object, total_tokens: object, config, pairs: int, tokens: int) -> tuple[int, int]:
@@ -38,13 +33,9 @@ def check_totals(total_pairs: object, total_tokens: object, config, pairs: int, 
     if config.reward_norm == "padded":
         raise ValueError('total_pairs/total_tokens need reward_norm="mean" or "sum": with "padded" a pair\'s '
                          "reward depends on its batch's padding, so the loss of a larger batch has no exact share")
-    counts = []
-    for name, value, least in (("total_pairs", total_pairs, pairs), ("total_tokens", total_tokens, tokens)):
-        count = as_integer(value)
-        if count is None or count < max(least, 1):
-            raise ValueError(f"{name} must be an int >= this batch's own count ({max(least, 1)}), got {value!r}")
-        counts.append(count)
-    return counts[0], counts[1]
+    own = " (this batch's own count)"
+    return (check_integer("total_pairs", total_pairs, least=max(pairs, 1), note=own),
+            check_integer("total_tokens", total_tokens, least=max(tokens, 1), note=own))
 
 
 def describe(t: torch.Tensor) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import as_integer
+from .config import check_integer
 from .first_order import fused_backward
 from .grad_filter import mass_budget
 from .inputs import check_float_tensor
@@ -31,10 +31,7 @@ def vocab_shard(vocab: int, group: dist.ProcessGroup | None = None) -> slice:
     """The rows of a ``vocab``-row head this rank holds when the head is split over ``group`` (the
     default group for None) as ``torch.tensor_split`` splits it: ranks in order, the first
     ``vocab % world`` of them one row more. Its ``start`` is the ``vocab_start`` the loss takes."""
-    rows = as_integer(vocab)
-    if rows is None or rows <= 0:
-        raise ValueError(f"vocab must be a positive int (the whole head's rows); got {vocab!r}")
-    vocab = rows
+    vocab = check_integer("vocab", vocab, least=1, note=" (the whole head's rows)")
     _require_initialized("vocab_shard")
     check_group(group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -82,11 +79,9 @@ def vocab_layout(group: dist.ProcessGroup | None, vocab_start: object, weight: t
             raise ValueError("vocab_start is given without group: a head that is not split starts at 0")
         return None
     check_float_tensor("weight", weight)
-    first = as_integer(vocab_start)
-    if first is None or first < 0:
-        raise ValueError(f"vocab_start must be an int >= 0 with group (the first vocabulary id of this rank's "
-                         f"rows of weight; vocab_shard(V, group).start for torch.tensor_split's split); "
-                         f"got {vocab_start!r}")
+    first = check_integer("vocab_start", vocab_start, least=0,
+                          note=" with group (the first vocabulary id of this rank's rows of weight; "
+                               "vocab_shard(V, group).start for torch.tensor_split's split)")
     rows = weight.shape[0] if weight.dim() == 2 else 0
     world = dist.get_world_size(group)
     mine = torch.tensor([first, rows], dtype=torch.int64, device=weight.device)

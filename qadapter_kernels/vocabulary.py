@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .autocast import outside_autocast
-from .config import LossConfig, as_integer, check_choice
+from .config import LossConfig, check_choice, check_integer
 from .inputs import check_chunk_size, check_hidden_pair, check_targets, check_unbatched, stats_dtype
 from .steps import softcap_
 from .tiles import chunks, matmul_to
@@ -108,11 +108,7 @@ def vocabulary_pass(
     check_hidden_pair(base_hidden, q_hidden, weight, q_weight, q_bias)
     check_unbatched("vocabulary_pass", base_hidden, q_hidden, weight, q_weight, q_bias)
     if "top" in measures:
-        count = as_integer(top_k)
-        if count is None or not 0 <= count <= weight.shape[0]:
-            raise ValueError(f"top_k must be an int in [0, {weight.shape[0]}] (the vocabulary) for the measure "
-                             f"'top'; got {top_k!r}")
-        top_k = count
+        top_k = check_integer("top_k", top_k, least=0, most=weight.shape[0], note=" (the vocabulary) for the measure 'top'")
     lead, hidden = q_hidden.shape[:-1], q_hidden.shape[-1]
     targeted = {"stats", "step0", "logprobs"} & set(measures)
     if targeted:

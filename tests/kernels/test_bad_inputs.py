@@ -224,15 +224,17 @@ case("loss", "grad_filter_eps-auto-on-chunked-valid",
 case("loss", "backend-typo", lambda: loss(inputs(), backend="fast"), ValueError, "backend")
 case("loss", "backend-none", lambda: loss(inputs(), backend=None), ValueError, "backend")
 case("loss", "backend-cuda-on-cpu", lambda: loss(inputs(), backend="cuda"), RuntimeError, "not available")
-for name, value in (("zero", 0), ("negative", -2), ("float", 2.0), ("bool", True), ("str", "4")):
+CHUNK_SIZE = "chunk_size must be an integer >= 1 or None (automatic)"
+for name, value, error in (("zero", 0, ValueError), ("negative", -2, ValueError), ("float", 2.0, TypeError),
+                           ("bool", True, TypeError), ("str", "4", TypeError)):
     case("loss", f"chunk_size-{name}", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
-         ValueError, "chunk_size must be a positive int or None")
+         error, CHUNK_SIZE)
 for value in (1, 3, 10**9, None, np.int64(3), torch.tensor(3)):
     case("loss", f"chunk_size-{value!r}-valid", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
          finite)
 for name, value in (("numpy-bool", np.bool_(True)), ("torch-bool", torch.tensor(True))):
     case("loss", f"chunk_size-{name}", lambda value=value: loss(inputs(), backend="chunked", chunk_size=value),
-         ValueError, "chunk_size must be a positive int or None")
+         TypeError, CHUNK_SIZE)
 case("LossConfig", "ignore_index-torch-bool", lambda: LossConfig(ignore_index=torch.tensor(False)), TypeError,
      "ignore_index must be an int")
 case("loss", "numpy-integers-valid",
@@ -242,16 +244,16 @@ case("loss", "total_pairs-alone", lambda: loss(inputs(), total_pairs=2, reward_n
      "total_pairs and total_tokens go together")
 case("loss", "totals-padded", lambda: loss(inputs(), total_pairs=2, total_tokens=99), ValueError, 'reward_norm="mean"')
 case("loss", "total_pairs-zero", lambda: loss(inputs(), total_pairs=0, total_tokens=99, reward_norm="sum"),
-     ValueError, "total_pairs must be an int >= this batch's own count (1)")
+     ValueError, "total_pairs must be an integer >= 1 (this batch's own count); got 0")
 case("loss", "total_pairs-float", lambda: loss(inputs(), total_pairs=2.0, total_tokens=99, reward_norm="sum"),
-     ValueError, "total_pairs must be an int")
+     TypeError, "total_pairs must be an integer")
 case("loss", "total_tokens-bool", lambda: loss(inputs(), total_pairs=2, total_tokens=True, reward_norm="sum"),
-     ValueError, "total_tokens must be an int")
+     TypeError, "total_tokens must be an integer")
 case("loss", "total_tokens-below-own", lambda: loss(inputs(), total_pairs=2, total_tokens=1, reward_norm="sum"),
-     ValueError, "total_tokens must be an int >= this batch's own count")
+     ValueError, "(this batch's own count); got 1")
 case("loss", "total_tokens-float-tensor",
-     lambda: loss(inputs(), total_pairs=2, total_tokens=torch.tensor(99.0), reward_norm="sum"), ValueError,
-     "total_tokens must be an int")
+     lambda: loss(inputs(), total_pairs=2, total_tokens=torch.tensor(99.0), reward_norm="sum"), TypeError,
+     "total_tokens must be an integer")
 case("loss", "totals-int-tensors",
      lambda: loss(inputs(), total_pairs=torch.tensor(4), total_tokens=torch.tensor(99), reward_norm="sum"), finite)
 
@@ -377,7 +379,7 @@ case("token_logprobs", "targets-float", lambda: tlogprobs(inputs(), targets=torc
      "targets must be an integer tensor")
 case("token_logprobs", "targets-out-of-range", lambda: tlogprobs(inputs(), targets=torch.full((B, T), -5)),
      ValueError, "found -5")
-case("token_logprobs", "chunk_size-float", lambda: tlogprobs(inputs(), chunk_size=1.5), ValueError, "chunk_size")
+case("token_logprobs", "chunk_size-float", lambda: tlogprobs(inputs(), chunk_size=1.5), TypeError, "chunk_size")
 case("token_logprobs", "logit_softcap-zero", lambda: tlogprobs(inputs(), logit_softcap=0.0), ValueError,
      "logit_softcap")
 case("token_logprobs", "ignore_index-float", lambda: tlogprobs(inputs(), ignore_index=0.5), TypeError, "ignore_index")

@@ -52,14 +52,15 @@ def x():
         (lambda x: dict(alpha_tilde=float("nan")), ValueError, "alpha_tilde must be finite"),
         (lambda x: dict(beta=-0.1), ValueError, "beta must be >= 0"),
         (lambda x: dict(gamma="1"), TypeError, "gamma must be a real number"),
-        (lambda x: dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (lambda x: dict(chunk_size=0), ValueError, "chunk_size must be an integer >= 1"),
         (lambda x: dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (lambda x: dict(total_pairs=4), ValueError, "total_pairs and total_tokens go together"),
         (lambda x: dict(total_pairs=4, total_tokens=100), ValueError, 'need reward_norm="mean" or "sum"'),
         (lambda x: dict(total_pairs=1, total_tokens=100, reward_norm="mean"), ValueError,
-         "total_pairs must be an int >= this batch's own count (2), got 1"),
-        (lambda x: dict(total_pairs=2.0, total_tokens=100, reward_norm="sum"), ValueError, "total_pairs must be an int"),
-        (lambda x: dict(total_pairs=8, total_tokens=1, reward_norm="sum"), ValueError, "total_tokens must be an int >="),
+         "total_pairs must be an integer >= 2 (this batch's own count); got 1"),
+        (lambda x: dict(total_pairs=2.0, total_tokens=100, reward_norm="sum"), TypeError,
+         "total_pairs must be an integer"),
+        (lambda x: dict(total_pairs=8, total_tokens=1, reward_norm="sum"), ValueError, "total_tokens must be an integer >="),
     ],
 )
 def test_bad_input_names_the_argument(x, change, error, pattern):
@@ -127,9 +128,10 @@ def test_loss_options_are_validated(x, options, error, pattern):
 @pytest.mark.parametrize("chunk_size", [-1, 0, 2.5, True])
 def test_every_chunk_size_entry_validates_it(x, chunk_size):
     """combined_logprobs(chunk_size=-1) returned uninitialised memory; 0 silently meant automatic."""
-    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+    error = TypeError if isinstance(chunk_size, (bool, float)) else ValueError
+    with pytest.raises(error, match=re.escape("chunk_size must be an integer >= 1 or None (automatic)")):
         combined_logprobs(x["base_hidden"], x["q_hidden"].detach(), x["weight"], chunk_size=chunk_size)
-    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+    with pytest.raises(error, match=re.escape("chunk_size must be an integer >= 1 or None (automatic)")):
         call(x, chunk_size=chunk_size)
 
 

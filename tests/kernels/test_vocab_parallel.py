@@ -10,6 +10,8 @@ compare that with the same calls in this process over the whole head."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -129,7 +131,7 @@ def bad_layouts(group: dist.ProcessGroup) -> dict[str, str]:
     got = {}
     expect_error(got, "whole_head", ValueError,
                  lambda: qadapter_loss(base, hq, weight, labels, group=group, vocab_start=rows.start))
-    expect_error(got, "no_start", ValueError, lambda: qadapter_loss(base, hq, weight[rows], labels, group=group))
+    expect_error(got, "no_start", TypeError, lambda: qadapter_loss(base, hq, weight[rows], labels, group=group))
     last = dist.get_rank(group) == dist.get_world_size(group) - 1
     expect_error(got, "gap", ValueError, lambda: qadapter_loss(base, hq, weight[rows], labels, group=group,
                                                                vocab_start=rows.start + last))
@@ -315,7 +317,7 @@ def test_a_dtensor_head_brings_its_own_layout(worlds, world):
 def test_bad_layouts_name_the_argument(worlds, world):
     for bad in (ranks["bad"] for ranks in worlds[world]):
         assert "vocab_start" in bad["whole_head"] and "overlaps" in bad["whole_head"], bad["whole_head"]
-        assert "vocab_start must be an int" in bad["no_start"], bad["no_start"]
+        assert "vocab_start must be an integer >= 0 with group" in bad["no_start"], bad["no_start"]
         assert "vocab_start" in bad["gap"] and "leaves a gap" in bad["gap"], bad["gap"]
         assert bad["empty"].startswith(f"weight must be [V_r, d] with V_r >= 1 rows on every rank of group; on ranks "
                                        f"[{world - 1}]"), bad["empty"]
@@ -342,5 +344,7 @@ def test_a_group_needs_torch_distributed_and_a_start_needs_a_group(inputs):
             qadapter_loss(*args, group=object(), vocab_start=0)
         with pytest.raises(RuntimeError, match="vocab_shard needs torch.distributed initialized"):
             vocab_shard(37)
-    with pytest.raises(ValueError, match="vocab must be a positive int"):
+    with pytest.raises(TypeError, match=re.escape("vocab must be an integer >= 1 (the whole head's rows); got")):
         vocab_shard(np.bool_(True))
+    with pytest.raises(ValueError, match=re.escape("vocab must be an integer >= 1 (the whole head's rows); got 0")):
+        vocab_shard(0)

@@ -137,13 +137,13 @@ def test_the_cap_changes_the_numbers():
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t, measures=("entropy",)), "measures must be one of"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq[:, :3], w, t), "base_hidden must have q_hidden's shape"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t[:, :3]), "targets must be"),
-    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t, chunk_size=0), "chunk_size must be a positive int"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t, chunk_size=0), "chunk_size must be an integer >= 1"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t + 1000), r"targets must lie in \[0, 37\)"),
     (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, t, logit_softcap=-1.0), "logit_softcap must be > 0"),
     (lambda hb, hq, w, t: token_logprobs(hb, w[:, :3], t), "weight must be"),
-    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",)), r"top_k must be an int in \[0, 37\]"),
-    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=38), "top_k must be an int"),
-    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=True), "top_k must be an int"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",)), r"top_k must be an integer in \[0, 37\]"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=38), "top_k must be an integer"),
+    (lambda hb, hq, w, t: vocabulary_pass(hb, hq, w, measures=("top",), top_k=True), "top_k must be an integer"),
 ])
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,9 +177,9 @@ def tokenizer():
 
 
 TOKENIZE = [
-    ("max_length-1", {"max_length": 1}, ValueError, "max_length must be >= 2"),
-    ("max_length-0", {"max_length": 0}, ValueError, "max_length must be >= 2"),
-    ("max_prompt_length-0", {"max_prompt_length": 0}, ValueError, "max_prompt_length must be >= 1"),
+    ("max_length-1", {"max_length": 1}, ValueError, "max_length must be an integer >= 2"),
+    ("max_length-0", {"max_length": 0}, ValueError, "max_length must be an integer >= 2"),
+    ("max_prompt_length-0", {"max_prompt_length": 0}, ValueError, "max_prompt_length must be an integer >= 1"),
     ("max_length-float", {"max_length": 64.0}, TypeError, "max_length must be an int"),
     ("max_prompt_length-str", {"max_prompt_length": "8"}, TypeError, "max_prompt_length must be an int"),
     ("max_length-bool", {"max_length": True}, TypeError, "max_length must be an int"),
@@ -225,7 +226,7 @@ def test_messages_need_a_chat_template(tokenizer):
 COLLATOR = [
     ("pad-none", {"pad_token_id": None}, TypeError, "pad_token_id must be an int"),
     ("pad-float", {"pad_token_id": 0.0}, TypeError, "pad_token_id must be an int"),
-    ("multiple-0", {"pad_token_id": 0, "pad_to_multiple_of": 0}, ValueError, "pad_to_multiple_of must be a positive"),
+    ("multiple-0", {"pad_token_id": 0, "pad_to_multiple_of": 0}, ValueError, "pad_to_multiple_of must be an integer >= 1"),
     ("multiple-negative", {"pad_token_id": 0, "pad_to_multiple_of": -8}, ValueError, "pad_to_multiple_of"),
 ]
 
@@ -661,8 +662,9 @@ GENERATE = [
     ("pad-float", {"pad_token_id": 1.0}, ValueError, "pad_token_id must be a token id"),
     ("min_p-above-1", {"do_sample": True, "min_p": 1.5}, ValueError, "min_p must be in [0, 1]"),
     ("repetition_penalty-0", {"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
-    ("num_return_sequences-0", {"num_return_sequences": 0}, ValueError, "num_return_sequences must be an int >= 1"),
-    ("num_beams-0", {"num_beams": 0}, ValueError, "num_beams must be an int >= 1"),
+    ("num_return_sequences-0", {"num_return_sequences": 0}, ValueError,
+     "num_return_sequences must be an integer >= 1"),
+    ("num_beams-0", {"num_beams": 0}, ValueError, "num_beams must be an integer >= 1"),
     ("eos-beyond-vocab", {"eos_token_id": 10**6}, ValueError, "eos_token_id must be a token id (int) in [0,"),
 ]
 VALID_GENERATE = [
@@ -674,6 +676,8 @@ VALID_GENERATE = [
     ("eos-list", {"eos_token_id": [2, 3]}, None),
     ("eos-tuple", {"eos_token_id": (2,)}, None),
     ("pad-given", {"pad_token_id": 0}, 3 + 2),
+    ("numpy-counts", {"max_new_tokens": np.int64(2), "num_beams": np.int64(1), "do_sample": True,
+                      "top_k": np.int32(3)}, 3 + 2),  # transformers alone refuses a numpy top_k
 ]
 
 
@@ -706,15 +710,15 @@ def test_valid_generation_option(chat_model, options, length):
 
 # ------------------------------------------------------------------------------ lm-eval model arguments
 LM_EVAL = [
-    ("batch_size-0", {"batch_size": 0}, "batch_size must be a positive integer"),
-    ("batch_size-negative", {"batch_size": -2}, "batch_size must be a positive integer"),
-    ("batch_size-word", {"batch_size": "many"}, "batch_size must be a positive integer"),
-    ("batch_size-bool", {"batch_size": True}, "batch_size must be a positive integer"),
-    ("batch_size-float", {"batch_size": 2.5}, "batch_size must be a positive integer"),
-    ("max_length-0", {"max_length": "0"}, "max_length must be a positive integer"),
-    ("max_length-word", {"max_length": "long"}, "max_length must be a positive integer"),
-    ("max_gen_toks-0", {"max_gen_toks": 0}, "max_gen_toks must be a positive integer"),
-    ("max_gen_toks-negative", {"max_gen_toks": "-1"}, "max_gen_toks must be a positive integer"),
+    ("batch_size-0", {"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ("batch_size-negative", {"batch_size": -2}, "batch_size must be an integer >= 1"),
+    ("batch_size-word", {"batch_size": "many"}, "batch_size must be an integer >= 1"),
+    ("batch_size-bool", {"batch_size": True}, "batch_size must be an integer >= 1"),
+    ("batch_size-float", {"batch_size": 2.5}, "batch_size must be an integer >= 1"),
+    ("max_length-0", {"max_length": "0"}, "max_length must be an integer >= 1"),
+    ("max_length-word", {"max_length": "long"}, "max_length must be an integer >= 1"),
+    ("max_gen_toks-0", {"max_gen_toks": 0}, "max_gen_toks must be an integer >= 1"),
+    ("max_gen_toks-negative", {"max_gen_toks": "-1"}, "max_gen_toks must be an integer >= 1"),
     ("dtype-unknown", {"dtype": "float8"}, "dtype must name a torch dtype"),
     ("dtype-not-a-dtype", {"dtype": "nn"}, "dtype must name a torch dtype"),
 ]
@@ -725,7 +729,7 @@ def test_bad_lm_eval_model_argument(chat_model, options, fragment):
     pytest.importorskip("lm_eval")
     from qadapter.evaluation.lm_eval_model import QAdapterLM
 
-    expect(lambda: QAdapterLM(chat_model, **options), ValueError, fragment)
+    expect(lambda: QAdapterLM(chat_model, **options), (TypeError, ValueError), fragment)
 
 
 def test_lm_eval_model_without_tokenizer_is_refused():

@@ -172,7 +172,8 @@ def test_a_thresholds_file_from_a_windows_editor_is_read(tmp_path):
                                            ("passages", 2.0)])
 def test_sample_sizes_from_python_are_refused_by_name(option, value):
     """A bool would measure one item or none, a negative none, without a word: refused before measuring."""
-    with pytest.raises(ValueError, match=re.escape(f"{option} must be an integer >= 0 (0: skip) or None (all of them); "
+    error = ValueError if value == -1 else TypeError
+    with pytest.raises(error, match=re.escape(f"{option} must be an integer >= 0 (0: skip) or None (all of them); "
                                                    f"got {value!r}")):
         run_check(None, [], Thresholds(), **{option: value})
 

@@ -246,7 +246,7 @@ def test_generate_rejects_bad_input():
         model.generate(ids, mask.flip(1))
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(ids[0])
-    with pytest.raises(ValueError, match="num_beams must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_beams must be an integer >= 1"):
         model.generate(ids, mask, num_beams=0)
     with pytest.raises(ValueError, match="rows must be a 1-D bool tensor"):
         with adapter_rows(model.peft_model, torch.ones(3)):

@@ -199,7 +199,7 @@ def test_model_args_and_a_fresh_adapter(saved):
                                            {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
     assert lm.batch_size == 4 and lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert (lm.model.loss.alpha_tilde, lm.model.loss.alpha_0) == (0.7, 0.3)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(TypeError, match="batch_size must be an integer >= 1; got 'auto'"):
         QAdapterLM.create_from_arg_obj({"adapter": str(adapter), "base": str(base), "batch_size": "auto"})
     # Without an adapter: the base model's own policy.
     fresh = QAdapterLM(base=str(base), device="cpu")

@@ -34,8 +34,9 @@ def test_numpy_and_torch_scalars_are_the_numbers_they_hold_and_the_adapter_saves
     pytest.param(dict(lora_dropout="0.1"), TypeError, "lora_dropout must be a real number", id="dropout-str"),
     pytest.param(dict(lora_dropout=None), TypeError, "lora_dropout must be a real number", id="dropout-none"),
     pytest.param(dict(lora_dropout=1.0), ValueError, r"lora_dropout must be in \[0, 1\)", id="dropout-one"),
-    pytest.param(dict(lora_r=4.0), ValueError, "lora_r must be an integer >= 1", id="rank-float"),
-    pytest.param(dict(lora_r=True), ValueError, "lora_r must be an integer >= 1", id="rank-bool"),
+    pytest.param(dict(lora_r=4.0), TypeError, "lora_r must be an integer >= 1", id="rank-float"),
+    pytest.param(dict(lora_r=True), TypeError, "lora_r must be an integer >= 1", id="rank-bool"),
+    pytest.param(dict(lora_r=0), ValueError, "lora_r must be an integer >= 1; got 0", id="rank-zero"),
 ])
 def test_a_bad_lora_setting_is_refused_naming_it(options, exc, fragment):
     with pytest.raises(exc, match=fragment):

@@ -340,7 +340,7 @@ def test_weights_that_contradict_the_config_are_refused(tmp_path, change, fragme
 @pytest.mark.parametrize("loss, fragment", [
     ({"alpha_tilde": "x"}, "alpha_tilde must be a real number"),
     ({"backend": "fastest"}, "backend must be one of"),
-    ({"chunk_size": -3}, "chunk_size must be a positive int"),
+    ({"chunk_size": -3}, "chunk_size must be an integer >= 1"),
     ({"gamma": -1.0}, "gamma must be >= 0"),
 ])
 def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fragment):

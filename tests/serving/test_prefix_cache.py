@@ -82,7 +82,7 @@ def test_the_store_keeps_within_its_budget_least_recent_first():
     assert store.held == 34 * 64 and store.longest(("q",), [1, 2, 3, 4]) == (0, None)
     store.store(("s",), list(range(50)), kv(1, 50))  # over the whole budget: not kept
     assert store.held == 34 * 64 and len(store) == 2
-    with pytest.raises(ValueError, match="budget must be an int >= 1"):
+    with pytest.raises(ValueError, match=re.escape("budget must be an integer >= 1 (bytes); got 0")):
         PrefixCache(0)
 
 

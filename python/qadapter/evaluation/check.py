@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qadapter_kernels.config import as_integer
+from qadapter_kernels.config import check_integer
 
 from ..library.atomic import read_json, recover
 from .knowledge import general_passages, load_probe, loglik_accuracy
@@ -89,14 +89,9 @@ def subsample(items: list, count: int | None) -> list:
 
 
 def check_sample_size(name: str, value: object) -> int | None:
-    """``value`` as an int >= 0 (0: skip the measure; numpy's and torch's integers too) or None (all
-    items), or a ValueError naming ``name``: a bool would take one item or none, a negative none, unsaid."""
-    if value is None:
-        return None
-    size = as_integer(value)
-    if size is None or size < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0: skip) or None (all of them); got {value!r}")
-    return size
+    """``value`` as an int >= 0 (0: skip the measure) or None (all items), or an error naming ``name``:
+    a bool would take one item or none, a negative none, unsaid."""
+    return None if value is None else check_integer(name, value, least=0, note=" (0: skip) or None (all of them)")
 
 
 def _policies(model: QAdapterModel):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from qadapter_kernels.config import check_integer
+
 from ..library import atomic
 from .measures import evaluate_pairs
 
@@ -60,8 +62,7 @@ class LearningCurve(TrainerCallback):
                  kl: bool = True, progress: bool = False, meta: dict | None = None):
         if not features:
             raise ValueError("the learning curve needs held-out pairs (features is empty)")
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every must be a positive number of steps; got {every!r}")
+        every = check_integer("every", every, least=1, note=" (steps)")
         self.features, self.pad_token_id, self.every = features, pad_token_id, every
         self.kl, self.progress = kl, progress
         self.writes = True  # under a launcher, the main process alone writes (and shows progress)

@@ -36,6 +36,7 @@ from lm_eval.utils import (
 )
 from tqdm import tqdm
 
+from qadapter_kernels.config import check_integer
 from qadapter_kernels.vocabulary import vocabulary_pass
 
 from ..library.defaults import DEFAULT_MODEL
@@ -315,9 +316,10 @@ class QAdapterLM(TemplateLM):
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) <= 0:
-        raise ValueError(f"qadapter: {name} must be a positive integer; got {value!r}")
-    return int(value)
+    """A count given in lm-eval's model arguments, which its command line passes as strings ("4")."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    return check_integer(f"qadapter: {name}", value, least=1)
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:

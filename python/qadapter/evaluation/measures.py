@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from qadapter_kernels import LossConfig
-from qadapter_kernels.config import as_integer
+from qadapter_kernels.config import check_integer
 from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.pairwise import ScoredTokens, pairwise_loss, token_rewards
 from qadapter_kernels.vocabulary import token_logprobs, vocabulary_pass
@@ -159,15 +159,6 @@ def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: l
     }
 
 
-def _positive(name: str, value) -> int:
-    """``value`` as a positive int (numpy's and torch's integers too), or a ValueError naming ``name``:
-    a float or a bool would batch as the number it stands for."""
-    count = as_integer(value)
-    if count is None or count <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return count
-
-
 def _listed(name: str, items, what: str) -> list:
     """``items`` (a list, a tuple, a generator, a data set) as a list, or a TypeError naming ``name``."""
     if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
@@ -193,8 +184,8 @@ def evaluate_pairs(model: QAdapterModel, features: list[dict], pad_token_id: int
     features = _listed("features", features, "tokenized pairs")
     if not features:
         raise ValueError("features must hold at least one tokenized pair")
-    pairs_per_batch, tokens_per_batch = (_positive("pairs_per_batch", pairs_per_batch),
-                                         _positive("tokens_per_batch", tokens_per_batch))
+    pairs_per_batch, tokens_per_batch = (check_integer("pairs_per_batch", pairs_per_batch, least=1),
+                                         check_integer("tokens_per_batch", tokens_per_batch, least=1))
     chunk_size = check_chunk_size(chunk_size)
     for name, flag in (("kl", kl), ("step0", step0), ("progress", progress), ("per_pair", per_pair)):
         check_switch(name, flag)
@@ -372,7 +363,7 @@ def answers(model, tokenizer, questions: list[str], *, customized: bool, max_new
     (its base answers the same prompts)."""
     questions = _listed("questions", questions, "question strings")
     check_switch("customized", customized)
-    batch_size = _positive("batch_size", batch_size)
+    batch_size = check_integer("batch_size", batch_size, least=1)
     if isinstance(model, QAdapterModel):
         if template_options is None:
             template_options = model.chat_template_kwargs

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qadapter_kernels import TokenMeasures, combine_logits, vocabulary_pass
-from qadapter_kernels.config import as_integer
+from qadapter_kernels.config import check_integer
 
 from . import atomic
 from . import quantization as quant
@@ -549,7 +549,8 @@ class AdapterSet:
         adapters, top = _per_row("adapters", adapters), _per_row("top", top)
         if len(top) != input_ids.shape[0]:
             raise ValueError(f"top must hold one entry per row of input_ids ({input_ids.shape[0]}); got {len(top)}")
-        top = tuple(None if k is None else _top_count(k) for k in top)
+        top = tuple(None if k is None else check_integer("top", k, least=0, note=" per row (the likeliest tokens to list) or None")
+                    for k in top)
         weight, cap = output_head(self.base_model)
         with decoder_outputs(self.base_model) as captured:
             next_scores = self.next_scores(input_ids, attention_mask, adapters, cache)
@@ -606,11 +607,3 @@ def _per_row(name: str, values: Any) -> tuple:
         what = "name one adapter (or None, the base)" if name == "adapters" else "hold one entry"
         raise ValueError(f"{name} must {what} per row of input_ids (a list); got {values!r}")
     return tuple(values)
-
-
-def _top_count(k: Any) -> int:
-    """A row's count of likeliest tokens as an int (numpy's and torch's too), or a ValueError."""
-    count = as_integer(k)
-    if count is not None and count >= 0:
-        return count
-    raise ValueError(f"top must hold, per row, an integer >= 0 (the likeliest tokens to list) or None; got {k!r}")

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from qadapter_kernels import LossConfig
+from qadapter_kernels.config import check_integer
 
 IGNORE_INDEX = LossConfig.ignore_index  # the label of unscored positions: the loss's default ignore_index
 ROLES = ("system", "user", "assistant", "tool")
@@ -589,15 +590,9 @@ def check_switch(name: str, value: Any, *, none: bool = False) -> None:
 def check_lengths(max_length: int, max_prompt_length: int | None) -> int:
     """``max_prompt_length`` checked against ``max_length`` (half of it when None): a prompt budget
     of the whole length would leave each response one token."""
-    if max_prompt_length is None:
-        max_prompt_length = max_length // 2 if isinstance(max_length, int) else max_length
-    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int; got {value!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 (one prompt and one response token); got {max_length}")
-    if max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be >= 1; got {max_prompt_length}")
+    max_length = check_integer("max_length", max_length, least=2, note=" (one prompt and one response token)")
+    max_prompt_length = (max_length // 2 if max_prompt_length is None
+                         else check_integer("max_prompt_length", max_prompt_length, least=1))
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}): the "
                          "responses need room")
@@ -777,11 +772,10 @@ class PreferenceCollator:
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-            raise TypeError(f"pad_token_id must be an int (the tokenizer's pad or eos id); got {self.pad_token_id!r}")
-        multiple = self.pad_to_multiple_of
-        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0):
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None; got {multiple!r}")
+        self.pad_token_id = check_integer("pad_token_id", self.pad_token_id, note=" (the tokenizer's pad or eos id)")
+        if self.pad_to_multiple_of is not None:
+            self.pad_to_multiple_of = check_integer("pad_to_multiple_of", self.pad_to_multiple_of, least=1,
+                                                    note=" or None")
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if not features:

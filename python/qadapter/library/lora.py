@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from qadapter_kernels.config import as_integer, check_real
+from qadapter_kernels.config import check_integer, check_real
 
 QUERY_VALUE = ("q_proj", "v_proj")
 FUSED_QUERY_KEY_VALUE = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
@@ -24,9 +24,7 @@ def check_lora_settings(lora_r: object, lora_alpha: object, lora_dropout: object
     """The LoRA rank, alpha and dropout as plain Python numbers, or an error naming the one that is
     not: PEFT takes a numpy or torch scalar as it is, and the adapter's config then fails to save as
     JSON after training; an alpha of 0 scales the adapter's output, and its gradient, to nothing."""
-    rank = as_integer(lora_r)
-    if rank is None or rank < 1:  # else PEFT's error
-        raise ValueError(f"lora_r must be an integer >= 1; got {lora_r!r}")
+    rank = check_integer("lora_r", lora_r, least=1)  # else PEFT's error
     alpha = check_real("lora_alpha", lora_alpha, positive=True)
     dropout = check_real("lora_dropout", lora_dropout, non_negative=True)
     if dropout >= 1:

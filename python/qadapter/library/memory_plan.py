@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from qadapter_kernels.config import as_integer
+from qadapter_kernels.config import check_integer
 from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
 
 from . import quantization as quant
@@ -154,7 +154,7 @@ class PlanOptions:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # a numpy or torch count, a torch.dtype, a list of layers: as the plain ones
         for name in ("max_length", "pairs_per_step", "lora_r", "loss_budget"):
-            set_(self, name, _count(name, getattr(self, name)))
+            set_(self, name, check_integer(name, getattr(self, name)))
         for name in ("padding_free", "gradient_checkpointing", "double_quant"):  # "false" would be true
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
@@ -188,15 +188,6 @@ class PlanOptions:
         if q["method"] == "int8":
             return cls(quantization="8bit", **options)
         return cls(quantization="4bit", double_quant=q["double_quant"], compute_dtype=q["compute_dtype"], **options)
-
-
-def _count(name: str, value: object) -> int:
-    """``value`` as an int (numpy's and torch's too), or a TypeError naming ``name``: a float or a bool
-    would be planned as the number it stands for (``True``: one token)."""
-    count = as_integer(value)
-    if count is None:
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    return count
 
 
 @dataclass

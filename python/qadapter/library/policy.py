@@ -32,6 +32,7 @@ from torch import nn
 from transformers import CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
 
 from qadapter_kernels import combine_logits
+from qadapter_kernels.config import check_integer
 
 from .one_at_a_time import one_call_at_a_time
 
@@ -118,7 +119,8 @@ def end_token_ids(causal_lm: nn.Module, tokenizer) -> list[int]:
 
 def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
     """The options transformers takes unchecked or words vaguely, refused by name before any work
-    (a top_p of 1.5, a token id as a string or beyond the vocabulary)."""
+    (a top_p of 1.5, a token id as a string or beyond the vocabulary); ``config``'s counts made plain
+    ints in place (transformers refuses a numpy ``top_k``)."""
     def is_int(value):
         return isinstance(value, int) and not isinstance(value, bool)
 
@@ -128,18 +130,14 @@ def check_decoding_options(config: GenerationConfig, vocab: int) -> None:
     def is_token(value):
         return is_int(value) and 0 <= value < vocab
 
-    if config.max_new_tokens is not None and not (is_int(config.max_new_tokens) and config.max_new_tokens >= 1):
-        raise ValueError(f"max_new_tokens must be an int >= 1; got {config.max_new_tokens!r}")
-    if config.num_return_sequences is not None and not (is_int(config.num_return_sequences)
-                                                        and config.num_return_sequences >= 1):
-        raise ValueError(f"num_return_sequences must be an int >= 1; got {config.num_return_sequences!r}")
-    if config.num_beams is not None and not (is_int(config.num_beams) and config.num_beams >= 1):
-        raise ValueError(f"num_beams must be an int >= 1 (1: no beam search); got {config.num_beams!r}")
+    for name, note in (("max_new_tokens", ""), ("num_return_sequences", ""), ("num_beams", " (1: no beam search)")):
+        if getattr(config, name) is not None:
+            setattr(config, name, check_integer(name, getattr(config, name), least=1, note=note))
     if config.do_sample:
         if config.temperature is not None and not (is_real(config.temperature) and config.temperature > 0):
             raise ValueError(f"temperature must be > 0 and finite when sampling; got {config.temperature!r}")
-        if config.top_k is not None and not (is_int(config.top_k) and config.top_k >= 0):
-            raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter); got {config.top_k!r}")
+        if config.top_k is not None:
+            config.top_k = check_integer("top_k", config.top_k, least=0, note=" (0: no top-k filter)")
         if config.top_p is not None and not (is_real(config.top_p) and 0 < config.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] (1: no top-p filter); got {config.top_p!r}")
         if config.min_p is not None and not (is_real(config.min_p) and 0 <= config.min_p <= 1):

@@ -31,7 +31,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
 from qadapter_kernels import LossConfig
-from qadapter_kernels.config import as_integer
+from qadapter_kernels.config import check_integer
 from qadapter_kernels.inputs import check_chunk_size
 from qadapter_kernels.registry import BACKEND_NAMES
 
@@ -139,11 +139,7 @@ class QAdapterConfig(LossArguments):
         Python, a string or None would fail the comparison unnamed, a bool count pass as 0 or 1); a
         numpy or torch scalar taken as the plain number, which the saved options' JSON can hold."""
         for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "lora_r", "seed"):
-            value = getattr(self, name)
-            count = as_integer(value)
-            if count is None:
-                raise TypeError(f"--{name} must be an integer; got {value!r}")
-            setattr(self, name, count)
+            setattr(self, name, check_integer(f"--{name}", getattr(self, name)))
         for name in ("learning_rate", "lora_alpha", "lora_dropout"):
             value = getattr(self, name)
             plain = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qadapter_kernels.config import check_integer
+
 from ..library.adapter_set import AdapterSet
 from ..library.policy import end_token_ids
 from ..library.saved import locate_adapter
@@ -128,11 +130,9 @@ class Engine:
 
     def __init__(self, adapter_set: AdapterSet, tokenizer, *, max_batch: int = 32,
                  max_prefill_tokens: int | None = None, prefix_cache_bytes: int = 0) -> None:
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1; got {max_batch!r}")
-        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int)
-                                               or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1):
-            raise ValueError(f"max_prefill_tokens must be an int >= 1 or None; got {max_prefill_tokens!r}")
+        max_batch = check_integer("max_batch", max_batch, least=1)
+        if max_prefill_tokens is not None:
+            max_prefill_tokens = check_integer("max_prefill_tokens", max_prefill_tokens, least=1, note=" or None")
         self.adapter_set, self.tokenizer, self.max_batch = adapter_set, tokenizer, max_batch
         # Prompt tokens, times the rows each request runs, read in one prefill at most (None: no bound);
         # a request over it alone is still read, alone.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qadapter_kernels.config import check_integer
+
 from ..library.packing import common_prefix
 
 
@@ -39,9 +41,7 @@ class PrefixCache:
     """Stored sequences by policy, within ``budget`` bytes (least recently used dropped first)."""
 
     def __init__(self, budget: int) -> None:
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise ValueError(f"the prefix cache budget must be an int >= 1 (bytes); got {budget!r}")
-        self.budget, self.held = budget, 0
+        self.budget, self.held = check_integer("the prefix cache budget", budget, least=1, note=" (bytes)"), 0
         self._entries: OrderedDict[tuple, Entry] = OrderedDict()  # (policy, tokens) -> entry, least recent first
 
     def __len__(self) -> int:

@@ -36,6 +36,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from qadapter_kernels.config import check_integer
+
 from ..library.data import check_template_options, message_text, text_start_token
 from ..library.saved import AdapterLoadError, read_adapter_config
 from .engine import AdapterBusy, Engine, EngineStopped, Request, RequestRefused
@@ -148,11 +150,9 @@ class Server:
     def __init__(self, engine: Engine, *, default_max_tokens: int = 256, allow_adapter_updates: bool = False,
                  adapter_dir: str | os.PathLike | None = None, max_adapters: int | None = None,
                  max_body_bytes: int = MAX_BODY_BYTES, default_template_options: dict | None = None) -> None:
-        if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be an int >= 1; got {max_body_bytes!r}")
-        if not isinstance(default_max_tokens, int) or isinstance(default_max_tokens, bool) or default_max_tokens < 1:
-            # else each chat request without max_tokens would be refused as if its client had sent the value
-            raise ValueError(f"default_max_tokens must be an int >= 1; got {default_max_tokens!r}")
+        max_body_bytes = check_integer("max_body_bytes", max_body_bytes, least=1)
+        # else each chat request without max_tokens would be refused as if its client had sent the value
+        default_max_tokens = check_integer("default_max_tokens", default_max_tokens, least=1)
         if not isinstance(allow_adapter_updates, bool):  # the string "no" would open the update routes
             raise ValueError(f"allow_adapter_updates must be True or False; got {allow_adapter_updates!r}")
         if adapter_dir is not None and not Path(adapter_dir).is_dir():
