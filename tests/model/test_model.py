@@ -107,6 +107,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(layout):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
 
 
+def test_forward_output_is_the_loss_output_then_pass_tokens():
+    """Written out for readers and type checkers, so kept to the loss output's fields here."""
+    from qadapter.library.model import QAdapterModelOutput
+
+    from qadapter_kernels import QAdapterLossOutput
+
+    assert QAdapterModelOutput._fields == (*QAdapterLossOutput._fields, "pass_tokens")
+
+
 def test_forward_requires_labels():
     with pytest.raises(ValueError, match="labels"):
         make_model()(torch.ones(2, 3, dtype=torch.long))

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from qadapter_kernels import LossConfig, QAdapterLossOutput, combine_logits, qadapter_loss, registry
+from qadapter_kernels import LossConfig, combine_logits, qadapter_loss, registry
 
 from . import atomic, provenance
 from . import quantization as quant
@@ -80,10 +80,19 @@ from .stack import (
 # policy is a softmax of h_eff_L W, measured against the base by this.
 PLAIN_LOSS = LossConfig(alpha_0=0.0, alpha_tilde=1.0)
 
-# What QAdapterModel's forward returns: the loss's output, then the tokens each of its passes ran (the
-# packed batch's under padding_free, else B * T), which the trainer logs beside the padded batch's.
-QAdapterModelOutput = NamedTuple("QAdapterModelOutput", [*QAdapterLossOutput.__annotations__.items(),
-                                                         ("pass_tokens", int)])
+class QAdapterModelOutput(NamedTuple):
+    """What QAdapterModel's forward returns: the fields of :class:`QAdapterLossOutput`, in its order,
+    then the tokens each of its passes ran (the packed batch's under padding_free, else B * T), which
+    the trainer logs beside the padded batch's."""
+
+    loss: torch.Tensor
+    bt_loss: torch.Tensor
+    chi2_loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+    pass_tokens: int
 
 
 def base_fingerprint(model: nn.Module) -> str:
