@@ -577,6 +577,36 @@ def test_accumulated_micro_batches_train_as_their_concatenation(tmp_path, reward
         torch.testing.assert_close(accumulated[name], value, rtol=2e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("reward_norm", ["mean", "sum"])
+def test_a_steps_totals_are_its_micro_batches_pairs_and_scored_tokens(tmp_path, reward_norm):
+    """``get_batch_samples`` counts the pairs and scored tokens of every micro-batch of a step (counted
+    here from the tokenized pairs' responses), and a step of one micro-batch, given its totals, has
+    that batch's own loss: the totals are no scale of their own."""
+    from qadapter.library.data import PreferenceCollator
+
+    model, tokenizer, args, train, _ = training_setup(tmp_path, reward_norm=reward_norm, beta=2.0)
+    perturb_adapter(model, seed=3)
+    trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(11)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    groups = [[train[i] for i in order[:3]], [train[i] for i in order[3:8]]]  # micro-batches of unequal size
+    batches = [collate(group) for group in groups]
+    batches_out, totals = trainer.get_batch_samples(iter(batches), len(batches), torch.device("cpu"))
+    assert len(batches_out) == 2
+    scored = sum(len(f[f"{side}_input_ids"]) - f[f"{side}_labels"].count(-100)
+                 for group in groups for f in group for side in ("chosen", "rejected"))
+    assert (totals.pairs, totals.tokens) == (8, scored)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            _, one = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+            alone = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+            torch.testing.assert_close(trainer.compute_loss(model, batch, num_items_in_batch=one), alone,
+                                       rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_training_that_goes_non_finite_stops_and_keeps_the_last_checkpoint(tmp_path, poison):
     """A non-finite loss (a LoRA weight turned NaN) or a non-finite gradient (an inf gradient hook)
