@@ -734,6 +734,7 @@ def test_echo_scores_the_prompt_under_the_policy(server, saved):
     prompt's tokens' log-probs are the customized policy's (a single-adapter model's forward over the
     prompt), the first token's none; streamed, the same text and entries."""
     from qadapter.library.model import QAdapterModel
+    from qadapter.serving.server import token_text
 
     _, tokenizer, paths = saved
     api = client(server[0])
@@ -742,6 +743,8 @@ def test_echo_scores_the_prompt_under_the_policy(server, saved):
     got = answer.choices[0]
     assert got.text.startswith(tokenizer.decode(ids)) and len(got.logprobs.tokens) == len(ids) + 1
     assert got.logprobs.token_logprobs[0] is None and got.logprobs.top_logprobs[0] is None
+    text_of = token_text(tokenizer)
+    assert got.logprobs.tokens[:len(ids)] == [text_of(t) for t in ids]  # each entry is its own prompt token's
     with torch.no_grad():
         policy = QAdapterModel.from_pretrained(paths["formal"]).policy(input_ids=torch.tensor([ids])).logits[0]
     want = policy[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
@@ -1503,9 +1506,12 @@ def test_the_base_echoes_and_answers_as_a_plain_transformers_model(plain_base_se
     the tokenizer's own encoding (its BOS where it adds one), the greedy answer is ``generate``'s, and
     the echoed prompt's and the answer's log-probs are ``log_softmax`` of one forward over prompt and
     answer (within 1e-4), the first token's none; a token-id prompt is taken as given."""
+    from qadapter.serving.server import token_text
+
     url, tokenizer, plain = plain_base_server
     api = client(url)
     eos = tokenizer.eos_token_id
+    text_of = token_text(tokenizer)
     for prompt in ["the capital of France", "hello world the capital of France is Paris", "Rome"]:
         ids = tokenizer(prompt).input_ids  # as training and generate read a text: special tokens added
         with torch.no_grad():
@@ -1523,6 +1529,7 @@ def test_the_base_echoes_and_answers_as_a_plain_transformers_model(plain_base_se
             if given is prompt:
                 assert got.text == prompt + answer
             assert got.logprobs.token_logprobs[0] is None
+            assert got.logprobs.tokens == [text_of(t) for t in ids + answer_ids]  # in order, the prompt's own first
             torch.testing.assert_close(torch.tensor(got.logprobs.token_logprobs[1:]), want, rtol=0, atol=1e-4)
             alone = api.completions.create(model="base", prompt=given, max_tokens=6, temperature=0).choices[0]
             assert alone.text == answer
