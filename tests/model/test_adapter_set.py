@@ -321,3 +321,44 @@ def test_loading_adapters_leaves_the_global_random_generator_as_it_was(saved):
     adapter_set = AdapterSet.from_pretrained({"terse": paths["terse"]}, str(root / "base"))
     adapter_set.load("formal", paths["formal"])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def tiny_gpt2():
+    """A tiny GPT-2: learned absolute position embeddings, where a token read one position off is read
+    differently (a rotary model's attention sees only relative positions)."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                                     eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # PEFT sets it for GPT-2's Conv1D itself
+def test_next_scores_read_each_row_at_its_own_positions_on_an_absolute_position_base(tmp_path):
+    """The serving engine's steps (``next_scores``: a left-padded prefill, then one token per row
+    fed on the cache) read each row's tokens at positions 0, 1, ... of its own: on a GPT-2 base every
+    row's scores are its solo model's over its tokens alone (no padding, no position ids given)."""
+    from transformers import DynamicCache
+
+    paths = save_perturbed_adapters(tmp_path, {"a": dict(alpha_tilde=0.7), "b": dict(lora_r=4, alpha_0=1.3)},
+                                    tiny_gpt2)
+    adapter_set = AdapterSet.from_pretrained(paths, base_model=tiny_gpt2())
+    ids, mask = left_padded_prompts(lengths=(7, 4, 9))
+    names = ["b", None, "a"]
+    cache = DynamicCache()
+    with torch.no_grad():
+        first = adapter_set.next_scores(ids, mask, names, cache).log_softmax(-1)
+        fed = torch.randint(3, 97, (len(names), 1), generator=torch.Generator().manual_seed(5))
+        mask = torch.cat([mask, torch.ones_like(fed)], 1)
+        second = adapter_set.next_scores(fed, mask, names, cache).log_softmax(-1)
+    for row, name in enumerate(names):
+        alone = torch.cat([ids[row, mask[row, :-1].bool()], fed[row]])[None]
+        with torch.no_grad():
+            if name is None:
+                want = torch.log_softmax(tiny_gpt2()(input_ids=alone).logits.float(), -1)[0]
+            else:
+                want = QAdapterModel.from_pretrained(paths[name], tiny_gpt2()).eval().policy(input_ids=alone).logits[0]
+        torch.testing.assert_close(first[row], want[-2], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name}), prefill")
+        torch.testing.assert_close(second[row], want[-1], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name}), step")
