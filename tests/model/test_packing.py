@@ -120,6 +120,28 @@ def test_a_prefix_every_row_shares_neither_joins_the_batch_nor_parts_a_pair(seed
     assert joined.inputs["input_ids"].shape[0] == 1 and joined.tokens < packed.tokens
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_short_rows_join_up_to_the_hidden_size_that_size_included(seed):
+    """Four rows of 4 tokens sharing 2 (two of them 3): joined into one tree they hold 9 tokens, each
+    prefix once, past two of the longest rows (8); a model of hidden size 9 takes that tree whole, one
+    of 8 does not."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = (torch.randperm(90, generator=g) + 3).tolist()
+    prefix, third = tokens[:2], tokens[2]
+    rows = [prefix + [third, tokens[3]], prefix + [third, tokens[4]], prefix + tokens[5:7], prefix + tokens[7:9]]
+    order = torch.randperm(len(rows), generator=g).tolist()
+    ids = torch.tensor([rows[i] for i in order])
+    mask = torch.ones_like(ids)
+    each_prefix_once = len({tuple(row[:k + 1]) for row in rows for k in range(len(row))})
+    assert each_prefix_once == 9
+    whole = packing.pack_batch(ids, mask, attention="sdpa", hidden_size=each_prefix_once)
+    assert_sees_as_padded(whole, ids, mask)
+    assert whole.inputs["input_ids"].shape == (1, each_prefix_once) and whole.tokens == each_prefix_once
+    parted = packing.pack_batch(ids, mask, attention="sdpa", hidden_size=each_prefix_once - 1)
+    assert_sees_as_padded(parted, ids, mask)
+    assert parted.tokens > each_prefix_once
+
+
 @pytest.mark.parametrize("sizes,hidden_size,most,capacity", [
     ([10, 7, 5], 0, 100, 10),  # the model's size unknown: rows as long as the largest tree
     ([10, 7, 5], 1, 100, 10),  # attention dear beside the linear layers: 3 rows of 10, 30 * 13 < 22 * 25
