@@ -86,6 +86,32 @@ def test_the_store_keeps_within_its_budget_least_recent_first():
         PrefixCache(0)
 
 
+def test_sequences_of_a_policy_that_part_are_each_kept_and_only_an_extended_one_goes():
+    """Two chats after one system prompt (sequences that part) are both kept; a sequence that extends
+    one of them replaces that one alone, not another policy's of the same tokens."""
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(3, 90, (6,), generator=g).tolist()
+    first, second = system + [91, 92], system + [93, 94, 95]
+
+    def kv(tokens):  # keys and values of one row: 64 bytes a token
+        return [(torch.randn(1, 2, len(tokens), 4, generator=g), torch.randn(1, 2, len(tokens), 4, generator=g))]
+
+    store = PrefixCache(budget=1 << 20)
+    store.store(("p",), first, kv(first))
+    store.store(("p",), second, kv(second))
+    assert len(store) == 2 and store.held == (len(first) + len(second)) * 64
+    for stored in (first, second):
+        shared, entry = store.longest(("p",), stored + [7])
+        assert shared == len(stored) and entry.tokens == tuple(stored)
+    store.store(("q",), first, kv(first))
+    longer = first + [96]
+    store.store(("p",), longer, kv(longer))
+    assert len(store) == 3 and store.held == (len(longer) + len(second) + len(first)) * 64
+    assert store.longest(("q",), first + [7])[1].tokens == tuple(first)
+    assert store.longest(("p",), first + [7])[1].tokens == tuple(longer)
+    assert store.longest(("p",), second + [7])[1].tokens == tuple(second)
+
+
 def test_a_sliding_window_model_refuses_the_prefix_cache():
     served = AdapterSet(tiny_causal_lm("mistral"), tokenizer=None)
     with pytest.raises(ValueError, match="sliding window"):
