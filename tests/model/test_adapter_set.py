@@ -335,7 +335,7 @@ def tiny_gpt2():
         return transformers.GPT2LMHeadModel(config).eval()
 
 
-@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # PEFT sets it for GPT-2's Conv1D itself
+@pytest.mark.filterwarnings("error:fan_in_fan_out is set")  # GPT-2's Conv1D layers are wrapped as they store W
 def test_next_scores_read_each_row_at_its_own_positions_on_an_absolute_position_base(tmp_path):
     """The serving engine's steps (``next_scores``: a left-padded prefill, then one token per row
     fed on the cache) read each row's tokens at positions 0, 1, ... of its own: on a GPT-2 base every

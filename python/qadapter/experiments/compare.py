@@ -53,7 +53,7 @@ from ..library.data import (
 )
 from ..library.defaults import load_base
 from ..library.hidden import final_hidden, output_head
-from ..library.lora import lora_targets
+from ..library.lora import lora_config, lora_targets
 from ..library.quantization import model_quantization
 from .options import DEFAULT_HELDOUT, METHODS, CompareOptions
 from .task import follows_rule, load_task
@@ -159,7 +159,6 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
     the reference). Where TRL's defaults would make the baselines' run differ from the Q-Adapter's, they
     are set back: float32 (no bf16), no gradient checkpointing, DPO keeps the LoRA dropout (TRL
     would zero it), and on a quantized base the LoRA weights stay float32, as the Q-Adapter's do."""
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     class PreTokenizedDPOTrainer(DPOTrainer):
@@ -169,8 +168,8 @@ def trl_trainer(method: str, options: CompareOptions, steps: int, train_features
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    lora = LoraConfig(task_type="CAUSAL_LM", r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05,
-                      target_modules=lora_targets(base, None))  # the layers the Q-Adapter's LoRA wraps
+    # the layers the Q-Adapter's LoRA wraps
+    lora = lora_config(base, lora_targets(base, None), r=options.lora_r, lora_alpha=2 * options.lora_r, lora_dropout=0.05)
     shared = {"bf16": False, **checkpointing_off(), "max_length": options.max_length}
     if method == "sft":
         args, trainer_class = SFTConfig(**_training_args(options, method, steps, work, **shared)), SFTTrainer
@@ -423,11 +422,10 @@ def run_compare(options: CompareOptions) -> dict:
     started = time.perf_counter()
     output = Path(options.output)
     base_model, tokenizer = load_base(options.model, quantization=options.quantization)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     # The base policy: a LoRA model with its adapter disabled (the same forward as every policy's).
-    base_peft = get_peft_model(base_model, LoraConfig(task_type="CAUSAL_LM", r=1,
-                                                      target_modules=lora_targets(base_model, None)[:1]))
+    base_peft = get_peft_model(base_model, lora_config(base_model, lora_targets(base_model, None)[:1], r=1))
     base = lora_policy("base", base_peft, tokenizer, adapter=False)
     train, suite = _suite(options, tokenizer, rows)
     _stage(f"measuring the base ({len(suite['heldout_features'])} held-out pairs, {len(suite['probe'])} probe "

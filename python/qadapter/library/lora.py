@@ -80,6 +80,18 @@ def lora_targets(base_model: nn.Module, target_modules: Iterable[str] | None) ->
     return names
 
 
+def lora_config(base_model: nn.Module, targets: list[str], **options):
+    """PEFT's causal-LM LoraConfig wrapping ``targets`` of ``base_model``, with ``fan_in_fan_out`` set
+    where they are GPT-2's Conv1D layers, which store their weight as ``[in, out]`` (else PEFT warns on
+    each layer and sets it itself)."""
+    from peft import LoraConfig
+
+    layers = [getattr(module, "base_layer", module) for name, module in base_model.named_modules()
+              if any(name == target or name.endswith("." + target) for target in targets)]
+    transposed = bool(layers) and all(type(layer).__name__ == "Conv1D" for layer in layers)
+    return LoraConfig(task_type="CAUSAL_LM", target_modules=targets, fan_in_fan_out=transposed, **options)
+
+
 def _default_targets(base_model: nn.Module, known: list[str]) -> list[str]:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 

@@ -46,7 +46,7 @@ from .hidden import (
     whole_parameters,
 )
 from .lent import BaseInUse, lend
-from .lora import SCALE_OPTIONS, check_lora_settings, lora_targets, unsupported_lora_options
+from .lora import SCALE_OPTIONS, check_lora_settings, lora_config, lora_targets, unsupported_lora_options
 from .one_at_a_time import one_call_at_a_time
 from .policy import ADAPTER_NAME, CombinedPolicy, RowPlan
 from .saved import (
@@ -167,7 +167,7 @@ class QAdapterModel(nn.Module):
         chat_template_kwargs: dict | None = None,
         **loss_options,
     ) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         super().__init__()
         self._configure(tokenizer, loss, backend, chunk_size, loss_options)  # refuse bad options before any work
@@ -181,8 +181,7 @@ class QAdapterModel(nn.Module):
         targets = lora_targets(base_model, target_modules)
         self._take_softcap(base_model)
         self.quantization = quant.model_quantization(base_model)
-        lora = LoraConfig(task_type="CAUSAL_LM", r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=targets)
+        lora = lora_config(base_model, targets, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
 
         def wrap() -> nn.Module:
             if self.quantization is not None:
