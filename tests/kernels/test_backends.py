@@ -270,3 +270,18 @@ def test_property_nonfinite_inputs_give_the_references_nonfinite_outputs(name, s
     assert nonfinite_kind(got.loss) == nonfinite_kind(ref.loss)
     for key, grad in ref_grads.items():
         assert nonfinite_kind(got_grads[key]) == nonfinite_kind(grad), key
+
+
+@pytest.mark.parametrize("name", ["reference", *NAMES])
+def test_a_shares_terms_are_the_batchs_own_means(name):
+    """With totals, ``bt_loss`` and ``chi2_loss`` stay this batch's own means and the loss is
+    ``(K/K_tot) bt + beta (sum r^2) / n_tot`` (docs/design.md, "The loss")."""
+    backend(name)
+    x = make_inputs(batch=4, seq=9, seed=13, device=DEVICE)
+    options = dict(backend=name, reward_norm="sum", beta=0.3, chunk_size=5)
+    own = qadapter_loss(**x, **options)
+    n = int((x["labels"][:, 1:] != -100).sum())
+    share = qadapter_loss(**x, **options, total_pairs=5, total_tokens=3 * n)
+    assert rel_err(share.bt_loss, own.bt_loss) <= TOL[torch.float32]
+    assert rel_err(share.chi2_loss, own.chi2_loss) <= TOL[torch.float32]
+    assert rel_err(share.loss, 2 / 5 * own.bt_loss + own.chi2_loss / 3) <= TOL[torch.float32]

@@ -7,6 +7,7 @@ import torch
 from helpers import loss_and_grads, make_inputs
 
 from qadapter_kernels import chunked, sizing, steps, tiles
+from qadapter_kernels.reference import reference_token_stats
 from qadapter_kernels.registry import StatsOptions
 from qadapter_kernels.sizing import auto_chunk_size
 from qadapter_kernels.tiles import ChunkLogits, chunks
@@ -189,3 +190,46 @@ def test_cpu_tiles_fill_the_cache():
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def test_a_fused_row_step_over_whole_rows_gives_the_reference_statistics():
+    """A row step passed as ``row_step`` (the GPU backends' way in, here the eager one) serves as one
+    whole-row tile (``whole_row_block_step``): its value comes back unchanged at any temperature,
+    and ``q_hidden``'s gradient is the reference's."""
+    g = torch.Generator().manual_seed(23)
+    base, hq = torch.randn(2, 9, 12, generator=g, dtype=torch.float64)
+    weight = torch.randn(31, 12, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 31, (9,), generator=g)
+    options = StatsOptions(alpha_tilde=0.6, alpha_0=0.3, chunk_size=4)
+    got_hq, ref_hq = hq.clone().requires_grad_(), hq.clone().requires_grad_()
+    got = chunked.chunked_token_stats(base, got_hq, weight, weight, None, targets, options, row_step=steps.torch_row_step)
+    ref = reference_token_stats(base, ref_hq, weight, weight, None, targets, options)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn(2, 9, generator=g, dtype=torch.float64)
+    (got_grad,) = torch.autograd.grad((got[0] * upstream[0] + got[1] * upstream[1]).sum(), got_hq)
+    (ref_grad,) = torch.autograd.grad((ref[0] * upstream[0] + ref[1] * upstream[1]).sum(), ref_hq)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_float16_head_gradient_keeps_products_below_the_smallest_subnormal():
+    """``dWq = d_logits^T h`` for float16: ``d_logits`` far below float16's smallest subnormal (6e-8,
+    as a real vocabulary's ``g_v p`` is) still gives its float32 product (scaled before the cast)."""
+    g = torch.Generator().manual_seed(29)
+    d_logits = torch.randn(64, 40, generator=g) * 1e-9  # float32, every entry below float16's range
+    h = torch.randn(64, 8, generator=g).to(torch.float16)
+    got = tiles._head_weight_grad(d_logits, h)
+    want = d_logits.double().T @ h.double()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-3 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("width", [2 * steps.FILTER_BLOCK, 2 * steps.FILTER_BLOCK + 1, 7])
+def test_eager_block_stats_sum_each_block_whole_or_short(width):
+    """``block_stats_`` fills one sum per FILTER_BLOCK columns, a short last block included, and
+    nothing past the last block when the width is a whole number of blocks (as 4,096-column CPU tiles are)."""
+    p = torch.rand(3, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    blocks = -(-width // steps.FILTER_BLOCK)
+    stats = steps.block_stats_(p, torch.empty(3, blocks, dtype=torch.float64))
+    want = torch.stack([p[:, b * steps.FILTER_BLOCK:(b + 1) * steps.FILTER_BLOCK].sum(1) for b in range(blocks)], 1)
+    torch.testing.assert_close(stats, want, rtol=1e-12, atol=0.0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import loss_and_grads, make_inputs
 
-from qadapter_kernels import _cpu, qadapter_loss, qadapter_token_stats, steps
-from qadapter_kernels.grad_filter import grad_filter_report, mass_budget
+from qadapter_kernels import _cpu, qadapter_loss, qadapter_token_stats, sizing, steps, tiles
+from qadapter_kernels.grad_filter import dropped_blocks, grad_filter_report, mass_budget
 from qadapter_kernels.steps import FILTER_BLOCK
 
 VOCAB = 4 * FILTER_BLOCK + 300  # five blocks, the last one partial
@@ -304,3 +304,47 @@ def test_bad_grad_filter_eps_is_refused_naming_it(value, error, message):
 def test_backends_that_do_not_filter_refuse_it(eps):
     with pytest.raises(ValueError, match="grad_filter_eps=.*does not implement"):
         qadapter_loss(**make_inputs(), backend="reference", grad_filter_eps=eps)
+
+
+def test_blocks_holding_exactly_the_allowance_are_left_out():
+    """As many blocks as hold at most m: lightest blocks whose masses add up to the allowance exactly
+    (dyadic masses, exact sums) are all left out, and nothing heavier."""
+    mass = torch.tensor([[0.5, 0.125, 0.25, 0.125], [0.375, 0.0625, 0.5, 0.0625]], dtype=torch.float64)
+    drop = dropped_blocks(mass, torch.tensor([0.25, 0.5], dtype=torch.float64))
+    assert drop.tolist() == [[False, True, False, True], [True, True, False, True]]
+
+
+def test_reported_mass_is_what_the_gradient_lost_across_vocabulary_tiles(step, monkeypatch):
+    """Several vocabulary tiles: masses left out of earlier tiles are carried over to the row's final
+    log-sum-exp, so each token's reported dropped mass is the probability its gradient lost. A head
+    column that is 1 everywhere (no change to p) turns that column of ``E_p[Wq]`` into ``sum p``."""
+    inputs = varied(peaked(zipf=1.5, scale=0.3))
+    inputs["weight"][:, 1] = 1.0
+    monkeypatch.setattr(sizing, "cpu_tile_columns", lambda *args, **options: 2 * FILTER_BLOCK)  # three tiles
+    n = len(scored_targets(inputs))
+    upstream = torch.stack([torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)])
+    exact, _ = token_stats_grads(inputs, upstream, chunk_size=n)
+    with grad_filter_report() as report:
+        filtered, _ = token_stats_grads(inputs, upstream, chunk_size=n, grad_filter_eps=0.02)
+    lost = exact[:, 1] - filtered[:, 1]
+    assert (lost > 1e-4).float().mean() > 0.5  # not vacuous
+    torch.testing.assert_close(report.dropped_mass.double(), lost, rtol=1e-4, atol=1e-6)
+    assert (lost <= 0.02 + 1e-6).all()
+
+
+def test_the_budget_is_spent_across_the_vocabulary_tiles(step, monkeypatch):
+    """A tile ending at column v1 may leave out at most ``m * v1 / V`` of a token's probability, so
+    the first tile cannot spend the whole budget. A head column that is 1 over the first tile and 0
+    elsewhere makes that column of the gradient's loss the probability left out of the first tile."""
+    inputs = varied(peaked(zipf=1.5, scale=0.3))
+    monkeypatch.setattr(sizing, "cpu_tile_columns", lambda *args, **options: 2 * FILTER_BLOCK)  # three tiles
+    first_end = next(iter(tiles.chunks(VOCAB, 2 * FILTER_BLOCK)))[1]
+    inputs["weight"][:, 1] = (torch.arange(VOCAB) < first_end).to(inputs["weight"].dtype)
+    n = len(scored_targets(inputs))
+    upstream = torch.stack([torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)])
+    budget = 0.008
+    exact, _ = token_stats_grads(inputs, upstream, chunk_size=n)
+    filtered, _ = token_stats_grads(inputs, upstream, chunk_size=n, grad_filter_eps=budget)
+    lost = exact[:, 1] - filtered[:, 1]
+    assert (lost > 1e-4).any()  # the first tile leaves something out
+    assert (lost <= budget * first_end / VOCAB + 1e-6).all()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import make_inputs
 
-from qadapter_kernels import qadapter_loss
+from qadapter_kernels import LossConfig, qadapter_loss
+from qadapter_kernels.reference import qadapter_loss_reference
 
 OPTIONS = [
     dict(value_at=v, reward_norm=r)
@@ -90,3 +91,31 @@ def test_metrics_follow_rewards():
     assert out.loss.item() == pytest.approx(out.bt_loss.item() + out.chi2_loss.item())
     assert out.chosen_rewards[1].item() == 0.0  # the prompt-only row has reward 0
     assert not out.chosen_rewards.requires_grad and not out.bt_loss.requires_grad
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_whole_logits_reference_matches_plain_transcription(options):
+    """``qadapter_loss_reference`` (the ``[B, T, V]`` spec the baselines compile) is the same
+    transcription: rows whose last position is scored give ``value_at="next"`` no successor there."""
+    x = make_inputs(batch=4, seq=6, hidden=5, vocab=11, dtype=torch.float64, q_head=True, q_bias=True, seed=3)
+    assert (x["labels"][:, -1] != -100).any()  # a last position that is scored
+    hyper = dict(alpha_tilde=0.7, alpha_0=0.3, gamma=0.9, beta=0.2, **options)
+    out = qadapter_loss_reference(x["base_hidden"], x["q_hidden"], x["weight"], x["labels"], x["q_weight"],
+                                  x["q_bias"], LossConfig(**hyper))
+    expected, rewards = plain_loss(
+        x["base_hidden"], x["q_hidden"].detach(), x["weight"], x["labels"],
+        q_weight=x["q_weight"].detach(), q_bias=x["q_bias"].detach(), **hyper,
+    )
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    got = torch.cat([out.chosen_rewards, out.rejected_rewards]).tolist()
+    assert got == pytest.approx(rewards, rel=1e-12, abs=1e-12)
+
+
+def test_accuracy_is_strict():
+    """A pair whose two rows score nothing has ``R_k = R_{k+K} = 0`` exactly: it is not counted as won."""
+    x = make_inputs(dtype=torch.float64, seed=17)
+    x["labels"][3] = -100  # the rejected row of the pair whose chosen row (1) scores nothing
+    out = qadapter_loss(**x, backend="reference")
+    assert out.chosen_rewards[1].item() == 0.0 and out.rejected_rewards[1].item() == 0.0
+    won = float(out.chosen_rewards[0] > out.rejected_rewards[0])
+    assert out.accuracy.item() == won / 2
