@@ -149,7 +149,7 @@ class QAdapterLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.config = LossConfig.from_options(config, **options)
-        registry.check_name(backend)
+        registry.check_options(backend, self.config.grad_filter_eps)
         check_group(group)
         self.backend = backend
         self.chunk_size = check_chunk_size(chunk_size)

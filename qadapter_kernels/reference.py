@@ -68,7 +68,7 @@ def qadapter_loss_reference(
 def reference_token_stats(base, hq, weight, q_weight, q_bias, targets, options: StatsOptions):
     """The ``token_stats`` contract with the whole ``[N, V]`` logits and plain autograd (nothing is
     chunked: ``options.chunk_size`` has nothing to bound)."""
-    require_exact_gradient(options, "reference")
+    require_exact_gradient(options.grad_filter_eps, "reference")
     q, value = _values(base, hq, weight, q_weight, q_bias, options.alpha_tilde, options.alpha_0, options.logit_softcap)
     return q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), value
 
@@ -78,4 +78,5 @@ BACKEND = Backend(
     summary="eager, materializes the [N, V] logits: the executable spec",
     token_stats=reference_token_stats,
     availability=lambda: (True, ""),
+    grad_filter=False,
 )

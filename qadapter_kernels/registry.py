@@ -37,10 +37,10 @@ class StatsOptions:
     grad_filter_eps: float | str = 0.0  # LossConfig.grad_filter_eps; the chunked backends' steps report for it
 
 
-def require_exact_gradient(options: StatsOptions, backend: str) -> None:
+def require_exact_gradient(grad_filter_eps: float | str, backend: str) -> None:
     """A backend that computes the exact gradient refuses a request for gradient filtering."""
-    if options.grad_filter_eps:
-        raise ValueError(f"grad_filter_eps={options.grad_filter_eps!r} asks for gradient filtering, which the "
+    if grad_filter_eps:
+        raise ValueError(f"grad_filter_eps={grad_filter_eps!r} asks for gradient filtering, which the "
                          f"{backend} backend does not implement: use a chunked backend (chunked, chunked-triton, cuda), or "
                          f"grad_filter_eps=0")
 
@@ -73,6 +73,7 @@ class Backend:
     pairwise: Callable | None = None  # replaces pairwise.pairwise_loss (same signature)
     combine: Callable | None = None  # combined-policy log-probs of held logits (combine.combine_logits' contract)
     note: Callable[[], str] | None = None  # for the report only: a slower path it takes here, and why
+    grad_filter: bool = True  # False: it computes the exact gradient only and refuses grad_filter_eps
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,24 @@ _AUTO_DEFAULT = ("chunked",)
 
 def check_name(name: str) -> str:
     return check_choice("backend", name, BACKEND_NAMES)
+
+
+def check_options(name: str, grad_filter_eps: float | str = 0.0) -> str:
+    """``name`` checked, and refused with options it does not implement: gradient filtering on a
+    backend that computes the exact gradient only. A model's or a trainer's options are refused as they
+    are set, not at the first step's loss, after the base and the data have loaded. ``auto``, which
+    picks a backend per device, and a backend whose module cannot be imported here are left to
+    :func:`resolve`."""
+    name = check_name(name)
+    if name == "auto" or not grad_filter_eps:
+        return name
+    try:
+        record = get(name)
+    except ImportError:
+        return name
+    if not record.grad_filter:
+        require_exact_gradient(grad_filter_eps, name)
+    return name
 
 
 def get(name: str) -> Backend:

@@ -88,6 +88,14 @@ def test_module_validates_options_at_construction():
         QAdapterLoss(backend="nope")
     with pytest.raises(ValueError, match="chunk_size"):
         QAdapterLoss(chunk_size=-1)
+    # Gradient filtering on the backend that computes the exact gradient only: refused as it is asked
+    # for, not at the first call; "auto" picks its backend per device, so it takes it.
+    for eps in (1e-3, "auto"):
+        with pytest.raises(ValueError, match=re.escape(f"grad_filter_eps={eps!r} asks for gradient filtering, "
+                                                       "which the reference backend does not implement")):
+            QAdapterLoss(backend="reference", grad_filter_eps=eps)
+        assert QAdapterLoss(backend="auto", grad_filter_eps=eps).config.grad_filter_eps == eps
+    assert QAdapterLoss(backend="reference", grad_filter_eps=0).backend == "reference"
 
 
 def test_unavailable_backend_says_why(x):

@@ -57,6 +57,9 @@ def test_training_config_refuses_bad_and_unknown_options():
         QAdapterConfig(output_dir="unused", report_to=[], alpha_0=-1.0)
     with pytest.raises(TypeError, match="alpha"):
         QAdapterConfig(output_dir="unused", report_to=[], alpha=1.0)
+    # An option its backend does not implement: refused here, not at the first step once the model loaded.
+    with pytest.raises(ValueError, match="grad_filter_eps='auto' asks for gradient filtering, which the reference"):
+        QAdapterConfig(output_dir="unused", report_to=[], backend="reference", grad_filter_eps="auto")
 
 
 @pytest.mark.parametrize("name, value, expected", [("lora_r", "4", "an integer"), ("lora_r", True, "an integer"),
@@ -158,6 +161,9 @@ def test_train_command_takes_a_number_or_auto_for_grad_filter_eps(built_options,
         (["--backend", "fastest"], "--backend"),
         (["--alpha", "1"], "unrecognized arguments: --alpha"),
         (["--grad_filter_eps", "sometimes"], "grad_filter_eps must be 'auto' or a probability budget in [0, 1)"),
+        # Before the data (here none) or the base loads: the option pair, not the first step, is refused.
+        (["--backend", "reference", "--grad_filter_eps", "auto"],
+         "grad_filter_eps='auto' asks for gradient filtering, which the reference backend does not implement"),
     ],
 )
 def test_train_command_refuses_bad_loss_options(extra, message, capsys, tmp_path):
@@ -182,6 +188,8 @@ def test_model_takes_a_loss_config_and_single_options():
         ({"alpha_tilde": 0.0}, ValueError, "alpha_tilde must be > 0"),
         ({"backend": "fastest"}, ValueError, "backend must be one of"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"backend": "reference", "grad_filter_eps": 1e-3}, ValueError,
+         r"grad_filter_eps=0\.001 asks for gradient filtering, which the reference backend does not implement"),
     ],
 )
 def test_model_refuses_bad_options_before_attaching_an_adapter(options, error, pattern):

@@ -64,7 +64,8 @@ def run_options(loss: LossConfig | None = None, backend: str = "auto", chunk_siz
                 **loss_options) -> tuple[LossConfig, str, int | None]:
     """The validated loss options, backend and chunk size of a model (or of its saved config)."""
     chunk_size = check_chunk_size(chunk_size)
-    return LossConfig.from_options(loss, **loss_options), registry.check_name(backend), chunk_size
+    config = LossConfig.from_options(loss, **loss_options)
+    return config, registry.check_options(backend, config.grad_filter_eps), chunk_size
 
 
 Q_ON = ("parent", "base")

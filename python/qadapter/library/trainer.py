@@ -33,7 +33,7 @@ from transformers.trainer_utils import TrainOutput
 from qadapter_kernels import LossConfig
 from qadapter_kernels.config import check_integer
 from qadapter_kernels.inputs import check_chunk_size
-from qadapter_kernels.registry import BACKEND_NAMES
+from qadapter_kernels.registry import BACKEND_NAMES, check_options
 
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, parse_template_options, tokenize_rows
@@ -129,7 +129,9 @@ class QAdapterConfig(LossArguments):
                              f"{', '.join(get_available_reporting_integrations()) or 'none'})")
         if self.dataloader_pin_memory and not has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin memory for: torch's loader would only warn
-        self.loss_config()  # a bad value fails here, naming the option, not when the model is built
+        # A bad value fails here, naming the option, not when the model is built (nor, for a backend
+        # without an option, at the first step's loss).
+        check_options(self.backend, self.loss_config().grad_filter_eps)
         self.chunk_size = check_chunk_size(self.chunk_size)
         if self.chat_template_kwargs is not None:  # JSON text as the command line gives it
             self.chat_template_kwargs = parse_template_options(self.chat_template_kwargs, "--chat_template_kwargs")
