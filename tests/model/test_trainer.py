@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 from helpers import perturb_adapter, tiny_causal_lm, tiny_chat_tokenizer, training_setup  # noqa: E402
 from qadapter.evaluation.measures import evaluate_pairs, preference_metrics  # noqa: E402
 from qadapter.library import atomic  # noqa: E402
+from qadapter.library.data import PreferenceCollator  # noqa: E402
 from qadapter.library.model import AdapterLoadError, QAdapterModel  # noqa: E402
 from qadapter.library.trainer import (  # noqa: E402
     METRIC_NAMES,
@@ -605,6 +606,45 @@ def test_a_steps_totals_are_its_micro_batches_pairs_and_scored_tokens(tmp_path, 
                           labels=batch["labels"]).loss
             torch.testing.assert_close(trainer.compute_loss(model, batch, num_items_in_batch=one), alone,
                                        rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reward_norm", ["mean", "sum"])
+def test_a_model_with_its_own_ignore_index_trains_as_with_the_default(tmp_path, reward_norm):
+    """A model whose loss skips another label (ignore_index=-1), fed by a collator that marks unscored
+    positions so, with accumulated micro-batches: the step's token counts (the exact shares' totals) and
+    the logged metrics count the tokens the loss scores, so losses and LoRA weights are the default's."""
+    runs = {}
+    for ignore_index in (-100, -1):
+        model, tokenizer, args, train, _ = training_setup(tmp_path / str(ignore_index), max_steps=2, optim="sgd",
+                                                          learning_rate=0.5, per_device_train_batch_size=2,
+                                                          gradient_accumulation_steps=2, reward_norm=reward_norm,
+                                                          beta=2.0)
+        model.loss = replace(model.loss, ignore_index=ignore_index)
+        collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+
+        def marked(features, ignore_index=ignore_index):
+            batch = collate(features)
+            batch["labels"] = batch["labels"].masked_fill(batch["labels"] == -100, ignore_index)
+            return batch
+
+        trainer = QAdapterTrainer(model=model, args=args, train_dataset=train, data_collator=marked)
+        trainer.train()
+        logged = [{k: v for k, v in entry.items() if k.startswith(("loss", "rewards"))}
+                  for entry in trainer.state.log_history if "loss" in entry]
+        runs[ignore_index] = (logged, lora_state(model))
+    (want_logs, want), (got_logs, got) = runs[-100], runs[-1]
+    assert len(want_logs) == 2 and want_logs[0].keys() == got_logs[0].keys()
+    for w, g in zip(want_logs, got_logs):  # float32 sums in either order: 2e-5 relative
+        torch.testing.assert_close(torch.tensor(list(g.values())), torch.tensor(list(w.values())), rtol=2e-5, atol=1e-6)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=2e-5, atol=1e-6, msg=name)
+
+
+def test_a_model_with_its_own_ignore_index_needs_a_collator_marking_labels_so(tmp_path):
+    model, tokenizer, args, train, _ = training_setup(tmp_path)
+    model.loss = replace(model.loss, ignore_index=-1)
+    with pytest.raises(ValueError, match="ignore_index -1, and the pairs' collator marks unscored positions with -100"):
+        QAdapterTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])

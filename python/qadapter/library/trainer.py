@@ -541,6 +541,11 @@ class QAdapterTrainer(Trainer):
                 if name in read:
                     record[key] = data_identity(None, *read[name])
         if data_collator is None:  # the pairs' own collator, padding with the tokenizer's (or the model's) pad id
+            skipped = getattr(getattr(model, "loss", None), "ignore_index", IGNORE_INDEX)
+            if skipped != IGNORE_INDEX:  # else every step's loss refuses the collator's labels
+                raise ValueError(f"the model's loss skips the labels equal to its ignore_index {skipped}, and the pairs' "
+                                 f"collator marks unscored positions with {IGNORE_INDEX}: build the model with the "
+                                 "default ignore_index, or give a data_collator that marks them as the model does")
             if tokenizer is None:
                 raise ValueError("processing_class (the tokenizer) is needed to pad the pairs, unless the model carries "
                                  "one (QAdapterModel(..., tokenizer=...)) or a data_collator is given")
@@ -553,6 +558,9 @@ class QAdapterTrainer(Trainer):
         self.add_callback(self._checkpoint_pushed)
         # The model's, which computes the loss (the config's where the model carries none: checked above).
         self.reward_norm = getattr(getattr(model, "loss", None), "reward_norm", args.reward_norm)
+        # The label of unscored positions the loss skips: the step's token counts and the metrics' weights
+        # count the tokens it scores (a data_collator of the caller's may mark them as the model does).
+        self.ignore_index = getattr(getattr(model, "loss", None), "ignore_index", IGNORE_INDEX)
         _warn_if_padding_dependent(self.reward_norm, self.args.gradient_accumulation_steps)
         # Trainer must not divide exact shares again; transformers before loss_is_scaled_for_ga decide by the other.
         self.loss_is_scaled_for_ga = self.model_accepts_loss_kwargs = self.reward_norm != "padded"
@@ -652,7 +660,7 @@ class QAdapterTrainer(Trainer):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         if self.reward_norm == "padded" or not batch_samples:
             return batch_samples, None
-        counts = torch.tensor([[batch["labels"].shape[0] // 2, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())]
+        counts = torch.tensor([[batch["labels"].shape[0] // 2, int((batch["labels"][:, 1:] != self.ignore_index).sum())]
                                for batch in batch_samples]).sum(dim=0)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts.to(self.args.device)).view(-1, 2).sum(dim=0).cpu()
@@ -679,7 +687,7 @@ class QAdapterTrainer(Trainer):
         over (the batch's pairs; its scored tokens for the chi2 term; its padded tokens for the token
         share), so that batches of unequal size average as their concatenation."""
         input_ids = inputs["input_ids"]
-        pairs, scored = input_ids.shape[0] // 2, int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        pairs, scored = input_ids.shape[0] // 2, int((inputs["labels"][:, 1:] != self.ignore_index).sum())
         weights = [scored if name == "chi2_loss" else pairs for name in METRIC_NAMES] + [input_ids.numel()]
         sums = [getattr(out, name).detach().float().mean() * weight for name, weight in zip(METRIC_NAMES, weights)]
         # The tokens each pass ran over the padded batch's: what padding-free training saved (1 without it).
