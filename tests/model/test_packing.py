@@ -278,6 +278,43 @@ def test_padding_free_training_step_matches_the_padded_one(family):
     assert float((packed_grads - grads).norm() / grads.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("family,options", [
+    ("llama", dict(value_at="next", reward_norm="padded", backend="chunked", checkpointing=True)),
+    ("llama", dict(value_at="current", reward_norm="sum", backend="auto", grad_filter_eps="auto")),
+    ("qwen2", dict(value_at="next", reward_norm="mean", backend="reference", checkpointing=True)),
+    ("gemma2", dict(value_at="next", reward_norm="sum", backend="auto", grad_filter_eps="auto", checkpointing=True)),
+    ("gemma2", dict(value_at="current", reward_norm="mean", backend="chunked")),
+])
+def test_padding_free_steps_with_other_options_match_the_padded_reference(family, options):
+    """Padding-free training beside the loss options, backends, gradient filtering and gradient
+    checkpointing (Gemma-2: its logit soft cap too): loss, rewards and LoRA gradient those of the same
+    batch run padded through the reference backend, exact gradient, no checkpointing. float32: rounding
+    only (measured within 1e-6 of the loss, 1e-6 of the gradient's norm); "auto" filtering of float32
+    inputs leaves out less than a unit roundoff of each token's policy."""
+    options = dict(options)
+    checkpointing = options.pop("checkpointing", False)
+    batch = PreferenceCollator(pad_token_id=0)(shared_prompt_pairs(4, seed=5))
+    results = []
+    for packed in (False, True):
+        run = options if packed else {**options, "backend": "reference", "grad_filter_eps": 0.0}
+        model = make_model(family, lora_dropout=0.0, padding_free=packed, **run)
+        if packed and checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.base_model.is_gradient_checkpointing
+        model.train()
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (padded, want), (packed, got) = results
+    assert packed.pass_tokens < padded.pass_tokens and got.keys() == want.keys() and want
+    torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.chosen_rewards, padded.chosen_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.rejected_rewards, padded.rejected_rewards, rtol=1e-5, atol=1e-5)
+    flat = [torch.cat([g[n].flatten() for n in sorted(want)]) for g in (want, got)]
+    assert float((flat[1] - flat[0]).norm() / flat[0].norm()) < 1e-5
+
+
 def test_a_packed_training_forward_keeps_one_mask_for_every_layer():
     """sdpa takes the packed rows' mask as it is, additive: no layer turns a boolean one into a float
     copy of its own, which the adapter pass would keep per layer for the backward."""
