@@ -142,6 +142,16 @@ def test_one_pass_gives_the_reference_numbers(layout, options):
         assert got[key] == pytest.approx(value, abs=1e-5, rel=1e-5), key
 
 
+def test_a_model_with_its_own_ignore_index_is_measured_as_with_the_default():
+    """The pairs are collated here, marking unscored positions with IGNORE_INDEX: the model's own
+    ignore_index (how its training batches mark them) does not change which tokens are measured."""
+    model = trained_like(base_model("padded"), reward_norm="mean")
+    features = ragged_pairs(5, vocab=97)
+    want = evaluate_pairs(model, features, PAD, pairs_per_batch=2)
+    model.loss = dataclasses.replace(model.loss, ignore_index=-1)
+    assert evaluate_pairs(model, features, PAD, pairs_per_batch=2) == want
+
+
 @pytest.mark.skipif(not HH.is_file(), reason=f"the shared HH-RLHF sample is absent ({HH})")
 def test_real_conversations_give_the_reference_numbers():
     """Multi-turn HH-RLHF pairs, prompts cut from the left, responses from the right."""

@@ -64,7 +64,7 @@ def _forward_batch(model: QAdapterModel, batch: list[dict], pad_token_id: int):
     as training packs them where the model is padding-free (:mod:`qadapter.library.packing`)."""
     weight = model.lm_head_weight
     layout = PreferenceCollator(pad_token_id=pad_token_id)(batch)
-    tokens = ScoredTokens.from_labels(layout["labels"].to(weight.device), model.loss.ignore_index)
+    tokens = ScoredTokens.from_labels(layout["labels"].to(weight.device), IGNORE_INDEX)  # the collator's mark
     inputs = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"]}
     packed = model.packing()(*inputs.values()) if model.padding_free else None
     if packed is not None:
@@ -143,7 +143,7 @@ def _group_metrics(rewards: list[tuple[torch.Tensor, torch.Tensor]], features: l
         group = range(start, min(start + pairs_per_batch, len(features)))
         packed = torch.cat([rewards[i][0] for i in group] + [rewards[i][1] for i in group])
         labels = collate(features[group.start : group.stop])["labels"].to(packed.device)
-        scored = ScoredTokens.from_labels(labels, config.ignore_index)
+        scored = ScoredTokens.from_labels(labels, IGNORE_INDEX)  # the collator's mark, whatever the model's
         out = pairwise_loss(packed, scored, config)
         wins.append(out.chosen_rewards > out.rejected_rewards)
         margins.append(out.chosen_rewards - out.rejected_rewards)
