@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -94,13 +95,14 @@ def test_train_eval_generate_on_a_local_model(tmp_path, capsys):
     adapter = tmp_path / "adapter"
     assert main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(adapter),
                  "--max_steps", "2", "--per_device_train_batch_size", "2", "--use_cpu", "true",
-                 "--save_strategy", "no"]) == 0
+                 "--save_strategy", "no", "--max_length", "20", "--max_prompt_length", "12"]) == 0
     assert (adapter / "adapter_model.safetensors").is_file()
-    capsys.readouterr()
+    trained = re.search(r"training data: (.*)", capsys.readouterr().err).group(1)
+    assert "6/6 pairs kept (6 truncated)" in trained  # the chat template's prompts are longer than 12 tokens
     assert main(["eval", "--adapter", str(adapter), "--data", str(data)]) == 0
     printed = capsys.readouterr()
     metrics = json.loads(printed.out)  # stdout is the JSON alone (| jq); the data summary goes to stderr
-    assert "data: 6/6 pairs kept" in printed.err
+    assert f"data: {trained}" in printed.err  # cut as the adapter was trained: its lengths by default
     assert metrics["pairs"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["kl_to_base"] >= 0
     # The adapter's own training file, by its provenance: said; another file: not.
     assert f"warning: {data} is the data this adapter was trained on" in printed.err

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+from ..library.defaults import MAX_LENGTH
+
 ADAPTER_HELP = "a saved Q-Adapter: its directory, or a hub repository owner/name[@revision]"
 
 
@@ -211,15 +213,41 @@ def _saved_with_compute_dtype(args) -> dict:
     return {**saved, "compute_dtype": args.compute_dtype}
 
 
+def add_length_options(p: argparse.ArgumentParser) -> None:
+    """--max-length and --max-prompt-length of a command that measures an adapter on preference data."""
+    p.add_argument("--max-length", type=positive_int,
+                   help=f"tokens per row, prompt included (default: as the adapter was trained, else {MAX_LENGTH})")
+    p.add_argument("--max-prompt-length", type=positive_int,
+                   help="default: as the adapter was trained when --max-length is too, else half of --max-length")
+
+
 def check_length_options(command: str, args) -> None:
-    """--max-length and --max-prompt-length, checked before a model loads."""
+    """--max-length and --max-prompt-length as given, checked before anything is read."""
     from ..library.data import check_lengths
 
+    if args.max_length is None:  # the adapter's, read later (adapter_lengths)
+        return
     try:
         check_lengths(args.max_length, args.max_prompt_length)
     except ValueError as exc:
         usage_error(command, str(exc).replace("max_prompt_length", "--max-prompt-length")
                     .replace("max_length", "--max-length"))
+
+
+def adapter_lengths(command: str, args) -> None:
+    """--max-length and --max-prompt-length not given: as the adapter was trained (its provenance
+    records its options: held-out pairs cut as its training pairs were), else the default; checked
+    before a model loads."""
+    from ..library.provenance import read_provenance
+    from ..library.saved import locate_adapter
+
+    if args.max_length is None:
+        record, _ = read_provenance(locate_adapter(args.adapter))
+        trained = ((record or {}).get("training") or {}).get("options") or {}
+        args.max_length = trained.get("max_length") or MAX_LENGTH
+        if args.max_prompt_length is None:
+            args.max_prompt_length = trained.get("max_prompt_length")
+        check_length_options(command, args)
 
 
 def read_option_file(command: str, option: str, read, path: str | None):

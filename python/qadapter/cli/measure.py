@@ -10,8 +10,10 @@ from dataclasses import fields
 
 from .arguments import (
     ADAPTER_HELP,
+    adapter_lengths,
     add_base_model_option,
     add_dtype_option,
+    add_length_options,
     add_quantization_options,
     check_length_options,
     dtype_from,
@@ -35,9 +37,7 @@ def eval_parser(p) -> None:
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--data", required=True, help="preference data to evaluate on")
     add_base_model_option(p)
-    p.add_argument("--max-length", type=positive_int, default=512,
-                   help="tokens per row, prompt included (default: %(default)s)")
-    p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
+    add_length_options(p)
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
     add_quantization_options(p, "load the base (default: as the adapter was trained)")
     add_dtype_option(p)
@@ -63,6 +63,7 @@ def eval_command(args) -> int:
 
     check_length_options("eval", args)
     rows = check_rows(args.data, split="test", skip_invalid=args.skip_invalid)  # bad data: before a model loads
+    adapter_lengths("eval", args)
     with result_stdout() as result:  # stdout is the JSON alone (| jq)
         model = QAdapterModel.from_pretrained(args.adapter, args.base_model,
                                               quantization=quantization_from(args, "saved"), torch_dtype=dtype_from(args))
@@ -204,9 +205,7 @@ def check_parser(p) -> None:
                    help="knowledge probe questions, spread over the probe (default: %(default)s; 0: skip)")
     p.add_argument("--passages", type=non_negative_int, default=4,
                    help="general-text passages for perplexity (default: %(default)s; 0: skip)")
-    p.add_argument("--max-length", type=positive_int, default=512,
-                   help="tokens per row, prompt included (default: %(default)s)")
-    p.add_argument("--max-prompt-length", type=positive_int, help="default: half of --max-length")
+    add_length_options(p)
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed rows (counted) instead of failing")
 
 
@@ -233,6 +232,7 @@ def check_command(args) -> int:
                              "cache's; name a directory for check.json and check.md")
     output = output or adapter
     rows = check_rows(args.data, split="test", skip_invalid=args.skip_invalid)  # bad data: before a model loads
+    adapter_lengths("check", args)
     model = QAdapterModel.from_pretrained(adapter, args.base_model)
     data, summary = load_preference_data(rows, model.tokenizer, max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length, skip_invalid=args.skip_invalid,

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from ..library.defaults import DEFAULT_MODEL
+from ..library.defaults import DEFAULT_MODEL, MAX_LENGTH
 from .arguments import (
     add_dtype_option,
     add_quantization_options,
@@ -242,7 +242,7 @@ def plan_parser(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model: a local directory, a hub name, or %(default)s")
     p.add_argument("--gpu-memory", help="the GPU's memory, e.g. 12GiB, 24GB, 8000MiB (a bare number: GiB)")
     add_quantization_options(p, "plan for the base", compute_default="--dtype")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per row (default: %(default)s)")
+    p.add_argument("--max-length", type=positive_int, default=MAX_LENGTH, help="tokens per row (default: %(default)s)")
     p.add_argument("--pairs-per-step", type=positive_int, default=8,
                    help="preference pairs per step, 2 rows each (default: %(default)s, train's "
                         "--per_device_train_batch_size)")

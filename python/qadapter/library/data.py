@@ -43,6 +43,8 @@ import torch
 from qadapter_kernels import LossConfig
 from qadapter_kernels.config import check_integer
 
+from .defaults import MAX_LENGTH
+
 IGNORE_INDEX = LossConfig.ignore_index  # the label of unscored positions: the loss's default ignore_index
 ROLES = ("system", "user", "assistant", "tool")
 logger = logging.getLogger(__name__)
@@ -504,7 +506,7 @@ def tokenize_rows(
     rows: Iterable[Any],
     tokenizer,
     *,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,
@@ -736,7 +738,7 @@ def load_preference_data(
     tokenizer,
     *,
     split: str = "train",
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
     use_chat_template: bool | None = None,

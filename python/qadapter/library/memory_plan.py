@@ -54,6 +54,7 @@ from qadapter_kernels.config import check_integer
 from qadapter_kernels.sizing import DEFAULT_CUDA_BUDGET, auto_chunk_size, chunk_row_bytes
 
 from . import quantization as quant
+from .defaults import MAX_LENGTH
 
 GIB = 2**30
 MIB = 2**20
@@ -139,7 +140,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class PlanOptions:
-    max_length: int = 512
+    max_length: int = MAX_LENGTH
     pairs_per_step: int = 8  # training's default (per_device_train_batch_size)
     padding_free: bool = True  # training's default: rows packed (sdpa's mask grows with them)
     gradient_checkpointing: bool = False

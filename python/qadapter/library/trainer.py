@@ -37,6 +37,7 @@ from qadapter_kernels.registry import BACKEND_NAMES, check_options
 
 from . import atomic
 from .data import IGNORE_INDEX, PreferenceCollator, check_lengths, pairs_dataset, parse_template_options, tokenize_rows
+from .defaults import MAX_LENGTH
 from .hidden import whole_parameters
 from .launch import launch_variable, launched_processes
 from .provenance import data_identity, read_provenance, rows_hash
@@ -99,7 +100,7 @@ class QAdapterConfig(LossArguments):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] | None = field(default=None, metadata={
         "help": "the linear layers LoRA wraps (default: the attention's query and value projections)"})
-    max_length: int = field(default=512, metadata={"help": "tokens per sequence, prompt included"})
+    max_length: int = field(default=MAX_LENGTH, metadata={"help": "tokens per sequence, prompt included"})
     max_prompt_length: int | None = field(default=None, metadata={"help": "prompt tokens kept (cut from the left; "
                                                                           "default: half of --max_length)"})
     skip_invalid: bool = field(default=False, metadata={"help": "raw preference rows given to the trainer: skip "
