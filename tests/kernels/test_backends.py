@@ -285,3 +285,37 @@ def test_a_shares_terms_are_the_batchs_own_means(name):
     assert rel_err(share.bt_loss, own.bt_loss) <= TOL[torch.float32]
     assert rel_err(share.chi2_loss, own.chi2_loss) <= TOL[torch.float32]
     assert rel_err(share.loss, 2 / 5 * own.bt_loss + own.chi2_loss / 3) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("runnable", [("chunked-triton", "cuda"), ("cuda",), ()])
+def test_auto_takes_the_first_backend_that_runs(monkeypatch, runnable):
+    """``auto`` on CUDA takes the first of chunked-triton, cuda, chunked that runs here (float64: that
+    also takes float64), never one whose status says it cannot run; elsewhere chunked. The statuses
+    are set here, so the rule is checked whatever this machine has."""
+    monkeypatch.setattr(registry, "status",
+                        lambda name: registry.BackendStatus(name, name in (*runnable, "reference", "chunked")))
+    cuda = torch.device("cuda")
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        order = [n for n in ("chunked-triton", "cuda") if n in runnable and (dtype != torch.float64 or n == "cuda")]
+        assert registry.resolve("auto", cuda, dtype).name == (order + ["chunked"])[0], dtype
+        assert registry.resolve("auto", torch.device("cpu"), dtype).name == "chunked"
+
+
+def test_a_backend_whose_module_cannot_be_imported_is_reported_not_raised(monkeypatch):
+    """A backend whose module fails to import (a missing optional dependency) is unavailable with the
+    import error as its reason: ``backends()`` reports it, ``auto`` passes it by, naming it raises why."""
+    real_get = registry.get
+
+    def get(name):
+        if name == "chunked-triton":
+            raise ImportError("No module named 'triton'")
+        return real_get(name)
+
+    monkeypatch.setattr(registry, "get", get)
+    report = registry.backends()
+    assert report["chunked-triton"] == registry.BackendStatus(
+        "chunked-triton", False, "cannot import it: No module named 'triton'")
+    assert report["chunked"].available and report["reference"].available
+    assert registry.resolve("auto", torch.device("cuda"), torch.float32).name in ("cuda", "chunked")
+    with pytest.raises(RuntimeError, match=r"backend 'chunked-triton' is not available: cannot import it: No module"):
+        registry.resolve("chunked-triton", torch.device("cpu"), torch.float32)

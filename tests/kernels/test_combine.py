@@ -23,6 +23,18 @@ def test_alpha_0_zero_and_unit_temperature_is_softmax_of_q():
     assert torch.allclose(combine_logits(torch.randn(4, 9), q, alpha_0=0.0), torch.log_softmax(q, -1), atol=1e-6)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_are_combined_in_float32(dtype):
+    """Logits held in a model's half-precision dtype come back as float32 log-probs, the float64
+    formula's of the same values to float32's precision, not log-softmaxes rounded to the logits' dtype."""
+    g = torch.Generator().manual_seed(4)
+    z, q = ((4 * torch.randn(3, 50, generator=g)).to(dtype) for _ in range(2))
+    got = combine_logits(z, q, alpha_tilde=0.6, alpha_0=0.3)
+    assert got.dtype == torch.float32
+    want = torch.log_softmax((q.double() + 0.3 * torch.log_softmax(z.double(), -1)) / 0.6, -1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_size", [None, 1, 4])
 def test_combined_logprobs_from_hidden_states(dtype, chunk_size):

@@ -347,3 +347,19 @@ def test_portable_build_matches_eager(monkeypatch, tmp_path):
                 _check_capped(z, q, targets, p_dtype)
     finally:
         _cpu._load.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_target_outside_the_row_gives_nan_not_a_neighbour(dtype):
+    """Q[t, a_t] of a target outside ``[0, V)`` is NaN, never the next row's first entry or the
+    previous row's last; the row's value and policy are what they are with any target."""
+    z, q, targets = _logits(4, 37, dtype, seed=9)
+    outside = targets.clone()
+    outside[1], outside[2] = 37, -1  # one past the row, one before it
+    got = _cpu.cpu_row_step(z.clone(), q.clone(), outside, 0.7, 0.3, torch.float32)
+    want = torch_row_step(z.clone(), q.clone(), targets, 0.7, 0.3, torch.float32)
+    assert got[0][1:3].isnan().all(), got[0]
+    assert torch.equal(got[0][[0, 3]], want[0][[0, 3]])
+    torch.testing.assert_close(got[1], want[1], **VALUE_TOL[dtype])
+    torch.testing.assert_close(got[2], want[2], **TOL[torch.float32])

@@ -3,7 +3,8 @@ holding its rows of the head, compute what one process holding the whole head co
 (function and module) and its metrics, the token statistics, the gradients of ``q_hidden`` and of a
 sharded Q head and bias, the combined log-probs (and their gradient), those of targets and ``combine_logits``; uneven
 splits, a soft cap, float32 and bfloat16; a head of DTensors; gradient filtering's budget shared
-among the ranks. Bad layouts get errors naming the argument.
+among the ranks. Bad layouts get errors naming the argument. The collectives hold at their edges
+(one row a rank, chunk sizes that differ by rank, infinite log-sum-exp parts).
 
 Each world is spawned once (module fixture) and runs every case, saving what it got; the tests
 compare that with the same calls in this process over the whole head."""
@@ -30,6 +31,7 @@ from qadapter_kernels import (
     vocab_shard,
 )
 from qadapter_kernels.steps import FILTER_BLOCK
+from qadapter_kernels.vocab_parallel import agreed_chunk, merge_logsumexp
 
 TIMEOUT_S = 60
 WORLDS = (2, 3)
@@ -218,6 +220,23 @@ def filtered_gradients(group: dist.ProcessGroup | None = None) -> dict[str, torc
             "head_norm": inputs["weight"].double().norm(dim=1).max()}
 
 
+def collectives(group: dist.ProcessGroup) -> dict:
+    """The helpers' collectives on their edge cases: ``vocab_shard`` of the smallest head (one row a
+    rank), ``agreed_chunk`` of chunk sizes that differ by rank, and ``merge_logsumexp`` of random parts
+    with -inf on every rank (stays -inf), on one rank, and +inf on one (NaN), summing a tensor alongside."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shard = vocab_shard(world, group)
+    g = torch.Generator().manual_seed(41 + rank)
+    parts = 4 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    parts[1, 0] = float("-inf")  # every rank
+    parts[1, 1] = float("-inf") if rank == 0 else parts[1, 1]
+    parts[2, 2] = float("inf") if rank == world - 1 else parts[2, 2]
+    summed = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    lse, total = merge_logsumexp(parts, group, summed=summed)
+    return {"rows": (shard.start, shard.stop), "chunk": agreed_chunk(9 - 2 * rank, group, torch.device("cpu")),
+            "parts": parts, "summed": summed, "lse": lse, "total": total}
+
+
 def _worker(rank, world, init_file, out_dir):
     init_gloo(rank, world, init_file, TIMEOUT_S)
     group = dist.group.WORLD
@@ -226,6 +245,7 @@ def _worker(rank, world, init_file, out_dir):
     results["numpy"] = numpy_counts(group)
     results["dtensor"] = dtensor_head(world)
     results["filtered"] = filtered_gradients(group)
+    results["collectives"] = collectives(group)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     exit_worker()
 
@@ -333,6 +353,24 @@ def test_numpy_integers_are_counts(worlds, world):
         assert "error" not in got, got["error"]
         assert got["rows"] == got["want_rows"]
         torch.testing.assert_close(got["loss"], got["want_loss"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_collectives_at_their_edges(worlds, world):
+    """One row a rank is a valid split; the agreed chunk is the ranks' smallest; the merged log-sum-exp
+    is the whole row's (-inf where every rank's part is -inf, NaN where one is +inf, as one process's
+    max-shifted form gives), and ``summed`` comes back summed over the ranks."""
+    got = [ranks["collectives"] for ranks in worlds[world]]
+    assert [r["rows"] for r in got] == [(rank, rank + 1) for rank in range(world)]
+    assert [r["chunk"] for r in got] == [9 - 2 * (world - 1)] * world
+    parts = torch.stack([r["parts"] for r in got])
+    want = torch.logsumexp(parts, dim=0)
+    want[2, 2] = float("nan")
+    assert want[1, 0] == float("-inf") and torch.isfinite(want[1, 1])
+    total = torch.stack([r["summed"] for r in got]).sum(0)
+    for r in got:
+        torch.testing.assert_close(r["lse"], want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(r["total"], total, rtol=1e-12, atol=1e-12)
 
 
 def test_a_group_needs_torch_distributed_and_a_start_needs_a_group(inputs):
