@@ -79,6 +79,16 @@ def test_forgetting_adapter_fails_retention_by_name(adapters, tmp_path, capsys):
     assert "preference_gain" not in report["failed"]
     assert "FAILED kl_to_base" in err and "--max-kl-to-base" in err
     assert report["measures"]["kl_to_base"] > 0.5
+    # It answers fewer probe questions than its base: a drop, failed by name. The retention measures
+    # are the changes from the base, in the direction a larger value is worse.
+    m = report["measures"]
+    assert m["probe_accuracy"] < m["base_probe_accuracy"] - 0.05 and "probe_drop" in report["failed"]
+    assert m["probe_drop"] == pytest.approx(m["base_probe_accuracy"] - m["probe_accuracy"])
+    assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / m["base_perplexity"])
+    for check in report["checks"]:
+        value, limit = m[check["measure"]], check["limit"]
+        assert check["passed"] == (value >= limit if check["rule"] == ">=" else value <= limit)
+        assert (check["measure"] in report["failed"]) == (not check["passed"])
 
 
 def test_baseline_report_shows_the_change_since(adapters, tmp_path, capsys):
@@ -211,3 +221,27 @@ def test_thresholds_from_python_take_numpy_numbers_and_refuse_other_types_by_nam
     for value in ("0.5", True, float("nan"), [0.5]):
         with pytest.raises(ValueError, match=re.escape(f"max_kl_to_base must be a finite number or None; got {value!r}")):
             Thresholds(max_kl_to_base=value)
+
+
+def test_a_measure_at_its_limit_passes_and_a_limit_set_to_none_checks_nothing():
+    """``min_*``: at least the limit; ``max_*``: at most. Exactly at the limit meets both."""
+    limits = Thresholds(min_preference_accuracy=0.75, min_preference_gain=0.25, max_kl_to_base=0.5,
+                        max_probe_drop=0.125, max_perplexity_ratio=None)
+    at = {"preference_accuracy": 0.75, "preference_gain": 0.25, "kl_to_base": 0.5, "probe_drop": 0.125,
+          "perplexity_ratio": 9.0}
+    checks = judge(at, limits)
+    assert [(c["measure"], c["rule"], c["passed"]) for c in checks] == [
+        ("preference_accuracy", ">=", True), ("preference_gain", ">=", True), ("kl_to_base", "<=", True),
+        ("probe_drop", "<=", True)]  # no perplexity check: its limit is None
+    below = judge({**at, "preference_accuracy": 0.5, "probe_drop": 0.25}, limits)
+    assert [c["measure"] for c in below if not c["passed"]] == ["preference_accuracy", "probe_drop"]
+
+
+def test_a_subsample_spreads_over_the_items_in_their_order():
+    from qadapter.evaluation.check import subsample
+
+    # 5 of 10: every second one, from the first; 3 of 10: items 0, 10 // 3 = 3 and 20 // 3 = 6.
+    assert subsample(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert subsample(list(range(10)), 3) == [0, 3, 6]
+    assert subsample(list(range(4)), None) == subsample(list(range(4)), 9) == [0, 1, 2, 3]
+    assert subsample(list(range(4)), 0) == []

@@ -766,3 +766,55 @@ def test_trainers_progress_bar_is_for_a_terminal(tmp_path):
     args = argparse.Namespace(output=str(tmp_path), skip_invalid=False)
     assert _training_config(args, ["--use_cpu", "true"]).disable_tqdm is True
     assert _training_config(args, ["--use_cpu", "true", "--disable_tqdm", "false"]).disable_tqdm is False
+
+
+def test_generate_passes_its_repetition_penalty_and_stop_strings_to_the_policy(tmp_path, capsys):
+    """``qadapter generate --repetition-penalty`` and ``--stop`` print the customized policy's greedy answer
+    under those options, as ``generate`` gives it."""
+    import torch
+    from helpers import perturb_adapter, save_tiny_base
+    from qadapter.evaluation.measures import chat_prompts
+    from qadapter.library.model import QAdapterModel
+
+    tokenizer = save_tiny_base(tmp_path / "base")
+    model = QAdapterModel.from_base(str(tmp_path / "base"))
+    perturb_adapter(model, seed=1)
+    model.save_pretrained(tmp_path / "adapter")
+    model = QAdapterModel.from_pretrained(tmp_path / "adapter")
+    enc = tokenizer(chat_prompts(tokenizer, ["hello"]), return_tensors="pt", add_special_tokens=False)
+
+    def answer(**options):
+        torch.manual_seed(0)
+        out = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, **options)
+        return tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
+    def printed(*options):
+        capsys.readouterr()
+        assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "hello", "--max-new-tokens", "12",
+                     "--compile", "no", *options]) == 0
+        return capsys.readouterr().out.rstrip("\n")
+
+    plain = answer()
+    assert printed() == plain
+    penalized = answer(repetition_penalty=5.0)
+    assert penalized != plain and printed("--repetition-penalty", "5") == penalized
+    stop = plain[len(plain) // 2:len(plain) // 2 + 3]  # a piece from the middle of the answer: it ends there
+    stopped = answer(stop_strings=[stop])
+    assert len(stopped) < len(plain) and printed("--stop", stop) == stopped
+
+
+def test_the_quantization_options_name_the_base_s_quantization():
+    """--load-in-4bit with --compute-dtype is NF4 in that dtype; --load-in-8bit is LLM.int8; none, the default."""
+    from qadapter.cli import build_parser
+    from qadapter.cli.arguments import quantization_from
+    from qadapter.library import quantization as quant
+
+    def named(*options):
+        args = build_parser().parse_args(["train", "--data", "d", "--output", "o", *options])
+        return quantization_from(args)
+
+    assert named("--load-in-4bit", "--compute-dtype", "bfloat16") == {"method": "nf4", "compute_dtype": "bfloat16"}
+    assert quant.normalize(named("--load-in-4bit", "--compute-dtype", "float16")) == {
+        "method": "nf4", "double_quant": True, "compute_dtype": "float16"}
+    assert named("--load-in-8bit") == "8bit" and named() is None

@@ -277,3 +277,39 @@ def test_plan_command_on_a_local_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plan", "--model", str(tmp_path / "absent")])
     assert exc.value.code == 2 and f"no model folder at {tmp_path / 'absent'}" in capsys.readouterr().err
+
+
+def test_llm_int8_scales_one_float32_per_output_row_of_a_non_square_layer():
+    # SMALL's layers sum as many inputs as outputs (5 * 64 + 64 + 128 = 2 * 64 + 2 * 32 + 2 * 128 + 64), so
+    # its 8-bit plan alone cannot tell a scale per output row from one per input row: a layer 64 -> 32 and
+    # one 128 -> 64 can (a byte a weight, then 4 bytes a row of the output).
+    assert quantized_linear_bytes(64, 32, "8bit", 2) == 64 * 32 + 4 * 32
+    assert quantized_linear_bytes(128, 64, "8bit", 2) == 128 * 64 + 4 * 64
+
+
+def test_eager_attention_without_a_soft_cap_keeps_two_copies_of_its_scores():
+    """A model told to run eager attention without a soft cap keeps per score the float32 softmax and
+    the probabilities in bf16 (6 bytes a head), not the capped scores besides."""
+    eager = replace(SMALL, attention="eager")
+    parts = plan(eager, OPTIONS, padding_free=False).parts
+    # 2 norms' float32 inputs, q's and v's LoRA inputs and masks, the MLP's three, q, k and v (no output kept),
+    # and 4 heads * 16 places * (4 + 2) bytes of scores.
+    per_layer = 2 * 4 * 64 + 2 * 5 * 64 + 3 * 128 * 2 + 3 * 64 * 2 + 4 * 16 * 6
+    assert parts["activations"] == 32 * 2 * per_layer + 32 * 2 * 64 * 2
+
+
+def test_advice_of_fewer_pairs_keeps_at_least_the_pairs_an_update():
+    """7 pairs a step halve to 3, which take ceil(7 / 3) = 3 accumulation steps: 9 pairs an update, never
+    fewer than the 7 given (7 // 3 = 2 steps would make 6)."""
+    options = replace(OPTIONS, pairs_per_step=7)
+    gpu = plan(SMALL, options, pairs_per_step=3).peak
+    assert not plan(SMALL, options).fits(gpu)
+    assert ("--pairs-per-step 3 (train: --per_device_train_batch_size 3 --gradient_accumulation_steps 3, the same "
+            "9 pairs an update)") in suggestions(SMALL, options, gpu)
+
+
+def test_advice_offers_sequences_as_short_as_64_tokens():
+    options = replace(OPTIONS, max_length=128)
+    gpu = plan(SMALL, options, max_length=64).peak
+    assert not plan(SMALL, options).fits(gpu)
+    assert "--max-length 64 (train: --max_length 64)" in suggestions(SMALL, options, gpu)

@@ -58,7 +58,7 @@ def test_info_equals_what_training_used(trained, capsys):
         assert needle in text
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "foreign"])
 def test_missing_or_corrupt_provenance_is_reported_and_the_adapter_still_loads(trained, tmp_path, damage, capsys):
     import shutil
 
@@ -67,10 +67,13 @@ def test_missing_or_corrupt_provenance_is_reported_and_the_adapter_still_loads(t
     shutil.copytree(adapter, copy)
     if damage == "missing":
         (copy / PROVENANCE_NAME).unlink()
-    else:
+    elif damage == "corrupt":
         (copy / PROVENANCE_NAME).write_text('{"provenance_version": 1, "data": {')
+    else:  # JSON, but another tool's object: not taken for a record
+        (copy / PROVENANCE_NAME).write_text('{"data": null, "training": {"options": {}}}')
     record, problem = read_provenance(copy)
-    assert record is None and ("missing" if damage == "missing" else "corrupted") in problem
+    expected = {"missing": "missing", "corrupt": "corrupted", "foreign": "is not a provenance record"}[damage]
+    assert record is None and expected in problem
     capsys.readouterr()
     assert main(["info", str(copy)]) == 0
     assert "provenance: PROBLEM" in capsys.readouterr().out
@@ -120,3 +123,26 @@ def test_rows_holding_a_lone_surrogate_have_a_hash():
     a column training does not read, is still among the rows read: hashed, not an encoding error."""
     rows = [{"prompt": "a \ud800", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b", "id": "\udfff"}]
     assert rows_hash(rows) != rows_hash([{**rows[0], "prompt": "a"}, rows[1]])
+
+
+def test_the_rows_hash_does_not_depend_on_the_order_of_a_row_s_keys():
+    """The same rows from a file that writes its columns in another order (a JSONL file against a
+    parquet one, say) are the same training data: one hash."""
+    a = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "q", "chosen": "d", "rejected": "s"}]
+    b = [{"rejected": row["rejected"], "chosen": row["chosen"], "prompt": row["prompt"]} for row in a]
+    assert rows_hash(a) == rows_hash(b) != rows_hash(a[::-1])
+
+
+def test_the_data_identity_counts_every_skipped_row_and_each_reason():
+    from collections import Counter
+
+    from qadapter.library.data import DataSummary
+    from qadapter.library.provenance import data_identity
+
+    rows = [{"prompt": str(k)} for k in range(6)]
+    summary = DataSummary(rows=6, kept=3, truncated=1, skipped=Counter({"not JSON": 2, "empty chosen": 1}))
+    identity = data_identity(rows, rows, summary)  # rows given in memory: no source, no file hash
+    assert identity["kind"] == "memory" and identity["source"] is None and identity["file_sha256"] is None
+    assert (identity["rows"], identity["kept"], identity["truncated"]) == (6, 3, 1)
+    assert identity["skipped"] == 3 and identity["skipped_reasons"] == {"not JSON": 2, "empty chosen": 1}
+    assert identity["rows_sha256"] == rows_hash(rows)

@@ -147,6 +147,8 @@ def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
     model.save_pretrained(tmp_path / "a")
     saved = json.loads((tmp_path / "a" / "qadapter_config.json").read_text())
     assert saved["quantization"] == {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    provenance = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert provenance["base"]["quantization"] == saved["quantization"]  # what the adapter says of its base
     loaded = QAdapterModel.from_pretrained(tmp_path / "a")  # quantized as it was trained
     assert loaded.quantization == model.quantization and loaded.fingerprint == model.fingerprint
     assert torch.equal(loaded.generate(prompt, max_new_tokens=4), want)
@@ -154,6 +156,9 @@ def test_save_load_generate_on_the_same_quantization_only(bases, tmp_path):
         QAdapterModel.from_pretrained(tmp_path / "a", quantization=None)
     with pytest.raises(AdapterLoadError, match="LLM.int8"):
         QAdapterModel.from_pretrained(tmp_path / "a", quantization="8bit")
+    with pytest.raises(AdapterLoadError, match="NF4 4-bit, double quantization, compute float32; the base "
+                                               "given is NF4 4-bit, compute float32"):  # its scales stored otherwise
+        QAdapterModel.from_pretrained(tmp_path / "a", quantization={"method": "nf4", "double_quant": False})
     dense = adapter(bases["llama"])
     with pytest.raises(AdapterLoadError, match="dense"):
         QAdapterModel.from_pretrained(tmp_path / "a", dense.base_model)
@@ -261,6 +266,19 @@ def test_bad_quantization_names_are_refused():
         quant.normalize({"method": "nf4", "compute_dtype": "int8"})
     assert quant.normalize(quant.bnb_config(quant.normalize("4bit"))) == quant.normalize("4bit")
     assert quant.normalize(quant.bnb_config(quant.normalize("8bit"))) == {"method": "int8"}
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16", "float16"])
+def test_every_4bit_quantization_reads_back_from_its_bitsandbytes_config(method, double_quant, compute_dtype):
+    """What a base object loaded with a BitsAndBytesConfig is recorded and checked as: the method, double
+    quantization and compute dtype it was loaded with, each as set (no default in place of any)."""
+    q = {"method": method, "double_quant": double_quant, "compute_dtype": compute_dtype}
+    assert quant.normalize(quant.bnb_config(q)) == q
+    assert quant.from_bnb_config(quant.bnb_config(q).to_dict()) == q
+    # A refusal describes both sides: two bases told apart by double quantization alone read apart.
+    assert ("double quantization" in quant.describe(q)) == double_quant and method.upper() in quant.describe(q)
 
 
 @pytest.mark.parametrize("quantization, message", [

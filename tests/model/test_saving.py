@@ -257,6 +257,21 @@ def test_a_crash_while_writing_keeps_the_old_adapter(tmp_path, monkeypatch):
     assert not list(out.glob(atomic.STAGING_PREFIX + "*"))
 
 
+def test_a_staged_set_never_marked_complete_is_dropped_not_moved_in(tmp_path):
+    """A save that died while writing (its staging unmarked, its writer gone) left part of a new
+    adapter: a reader leaves it, the next save drops it, and neither moves a file of it in."""
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    staging = out / (atomic.STAGING_PREFIX + "died")
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"half a new adapter")
+    atomic.recover(out, reading=True)
+    assert staging.is_dir() and {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    atomic.recover(out)
+    assert not staging.exists() and {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_a_save_leaves_another_writers_staging_while_it_writes(tmp_path):
     """Two writers of one directory: a save drops an unfinished staging directory only once its writer
     is gone (its lock released), never one still being written."""
@@ -356,6 +371,19 @@ def test_bad_saved_options_are_refused_before_the_base_loads(tmp_path, loss, fra
     with pytest.raises(AdapterLoadError, match="holds an invalid option") as info:
         QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("version", [0, 4, "1"])
+def test_a_format_version_this_reader_does_not_know_is_refused_before_the_base_loads(tmp_path, version):
+    """A later writer's adapter (format_version 4) may mean what this version cannot read: refused by its
+    version, not loaded as if it were one of the three known."""
+    out = tmp_path / "adapter"
+    make_model().save_pretrained(out)
+    config = json.loads((out / "qadapter_config.json").read_text())
+    config["format_version"] = version
+    (out / "qadapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match=f"has format_version {version}; this version reads 1, 2"):
+        QAdapterModel.from_pretrained(out, "/nonexistent/base")  # never reached: the config fails first
 
 
 def test_numpy_integer_options_are_saved_as_plain_ints(tmp_path):

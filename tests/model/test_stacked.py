@@ -196,6 +196,19 @@ def test_save_and_load_round_trip_three_levels(tmp_path, parent_dir):
         QAdapterModel.from_pretrained(tmp_path / "grandchild", tiny_causal_lm())
 
 
+def test_a_level_is_recorded_by_the_sha256_of_its_files_names_and_contents(tmp_path, parent_dir):
+    """The recorded sha256 is of the level's weights and config, each file's name then its bytes, in that
+    order: a stack saved by one version is found by another only if every version hashes alike."""
+    import hashlib
+
+    saved_adapter(tmp_path / "child", on=parent_dir, seed=2, **CHILD)
+    config = json.loads((tmp_path / "child" / "qadapter_config.json").read_text())
+    digest = hashlib.sha256()
+    for name in ("adapter_model.safetensors", "qadapter_config.json"):
+        digest.update(name.encode() + (parent_dir / name).read_bytes())
+    assert config["stack"][0]["sha256"] == digest.hexdigest()
+
+
 def test_trainer_trains_only_the_new_adapter(tmp_path, parent_dir):
     from helpers import rows, tiny_chat_tokenizer
     from qadapter.library.data import tokenize_rows

@@ -227,9 +227,12 @@ def test_logit_bias_moves_the_answer_as_openai_defines_it(server, saved):
     assert moved.choices[0].logprobs.token_logprobs[0] == pytest.approx(policy[second].item(), abs=1e-4)
     for bias, match in (({"abc": 1}, "logit_bias must map"), ({"\u00b2": 1}, "logit_bias must map"),
                         ({"5": 101}, r"\[-100, 100\]"),
-                        ({str(len(tokenizer) + 10**6): 1}, "token ids in")):
+                        ({str(len(tokenizer) + 10**6): 1}, "token ids in"), ({str(server[1].vocab): 1}, "token ids in")):
         with pytest.raises(openai.BadRequestError, match=match):
             api.completions.create(model="kind", prompt=PROMPTS[0], max_tokens=2, logit_bias=bias)
+    last = api.completions.create(model="kind", prompt=ids, max_tokens=2, temperature=0,  # the vocabulary's last id
+                                  logit_bias={str(server[1].vocab - 1): 100})
+    assert last.choices[0].text == tokenizer.decode([server[1].vocab - 1] * 2)
 
 
 def test_completion_is_the_adapters_own_greedy_decoding(server, solo_text):
@@ -237,6 +240,7 @@ def test_completion_is_the_adapters_own_greedy_decoding(server, solo_text):
     assert answer.choices[0].text == solo_text("formal", PROMPTS[0], 10)
     assert answer.choices[0].finish_reason in ("length", "stop")
     assert answer.usage.completion_tokens <= 10 and answer.usage.prompt_tokens > 0
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
     base = client(server[0]).completions.create(model="base", prompt=PROMPTS[0], max_tokens=10, temperature=0)
     assert base.choices[0].text == solo_text(None, PROMPTS[0], 10)
 
@@ -709,6 +713,19 @@ def test_logprobs_are_the_policys_own(server, saved):
         api.chat.completions.create(model="kind", messages=messages, max_tokens=2, top_logprobs=2)
 
 
+def test_a_chat_answer_of_a_split_character_gives_each_tokens_own_bytes(server, saved):
+    """The chat route's log-prob bytes are each token's share of a character's UTF-8 (é is C3 A9), not the
+    bytes of its decoded text alone (U+FFFD, EF BF BD): an answer forced to é's first byte token says C3."""
+    _, tokenizer, _ = saved
+    first = tokenizer("é", add_special_tokens=False).input_ids[0]
+    assert tokenizer.decode([first]) == "\ufffd"  # a byte-level token of part of the character
+    answer = client(server[0]).chat.completions.create(
+        model="kind", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=2, temperature=0,
+        logprobs=True, logit_bias={str(first): 100})
+    content = answer.choices[0].logprobs.content
+    assert [e.bytes for e in content] == [[0xC3], [0xC3]] and answer.choices[0].message.content == "\ufffd" * 2
+
+
 @pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
 def test_log_prob_bytes_are_each_tokens_share_of_the_utf8(kind):
     """A character split over tokens decodes to U+FFFD from each token alone; OpenAI's bytes are each
@@ -935,6 +952,27 @@ def test_serve_command_refuses_a_name_given_twice(saved, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--adapter", f"a={path}", "--adapter", f"a={path}"])
     assert exc.value.code == 2 and "given twice" in capsys.readouterr().err
+
+
+def test_serve_command_passes_its_options_to_the_engine_and_the_server(saved, monkeypatch):
+    """``qadapter serve``'s batch, prefill, body size, adapter directory and chat template options reach
+    the engine and the server as given (the server itself is not started)."""
+    from qadapter.cli import main
+    from qadapter.serving import server
+
+    served = []
+    monkeypatch.setattr(server, "serve", lambda engine, *args, **kwargs: served.append((engine, args, kwargs)))
+    port = free_port()
+    directory = str(Path(saved[2]["terse"]).parent)
+    assert main(["serve", "--adapter", f"a={saved[2]['terse']}", "--port", str(port), "--max-batch", "3",
+                 "--max-prefill-tokens", "64", "--max-body-size", "2KiB", "--adapter-dir", directory,
+                 "--max-adapters", "2", "--allow-adapter-updates", "--log-level", "warning",
+                 "--default-chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    (engine, args, kwargs), = served
+    assert (engine.max_batch, engine.max_prefill_tokens) == (3, 64) and args == ("127.0.0.1", port)
+    assert kwargs == {"log_level": "warning", "allow_adapter_updates": True, "adapter_dir": directory,
+                      "max_adapters": 2, "max_body_bytes": 2 * 1024,
+                      "default_template_options": {"enable_thinking": False}}
 
 
 def test_serve_command_keeps_a_prefix_cache_by_default(saved, tmp_path, monkeypatch, capsys):
@@ -1416,6 +1454,10 @@ def test_an_unset_or_null_limit_is_the_default_within_the_context(server):
     long_prompt = [7] * (engine.context_length - 3)  # room for 3 tokens: fewer than the default 16
     answer = api.completions.create(model="terse", prompt=long_prompt, temperature=0)
     assert answer.usage.prompt_tokens == len(long_prompt) and 1 <= answer.usage.completion_tokens <= 3
+    # Several prompts: the default is what the longest one's context leaves, for each of them.
+    both = api.completions.create(model="terse", prompt=[[7] * 3, long_prompt], temperature=0, logprobs=0)
+    assert both.usage.prompt_tokens == 3 + len(long_prompt)
+    assert all(1 <= len(choice.logprobs.tokens) <= 3 for choice in both.choices)
     with pytest.raises(openai.BadRequestError, match="context length") as info:
         api.completions.create(model="terse", prompt=[7] * engine.context_length, temperature=0)
     assert info.value.param == "prompt"
