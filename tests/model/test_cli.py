@@ -715,6 +715,30 @@ def test_the_processes_of_a_launch_are_read_from_its_variables(monkeypatch):
     assert launched_processes() == 3
 
 
+def test_the_launch_variable_and_rank_are_the_first_one_set(monkeypatch):
+    """Messages name the variable the count was read from (WORLD_SIZE outside a launcher); the rank
+    is the first of the rank variables holding a count (0 outside a launcher or where none reads)."""
+    from qadapter.library.launch import RANK_VARIABLES, WORLD_SIZE_VARIABLES, launch_variable, process_rank
+
+    for name in (*WORLD_SIZE_VARIABLES, *RANK_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    assert (launch_variable(), process_rank()) == ("WORLD_SIZE", 0)
+    monkeypatch.setenv("WORLD_SIZE", "0")  # not a count: passed over for the next one set
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setenv("MV2_COMM_WORLD_SIZE", "8")
+    assert launch_variable() == "PMI_SIZE"
+    monkeypatch.setenv("RANK", "x")
+    assert process_rank() == 0
+    monkeypatch.setenv("MV2_COMM_WORLD_RANK", "2")
+    monkeypatch.setenv("PMI_RANK", " 3 ")
+    assert process_rank() == 3
+    monkeypatch.setenv("RANK", "0")  # rank 0 is a rank, not none given
+    assert process_rank() == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("PMI_RANK")
+    assert process_rank() == 2
+
+
 def test_exit_codes_tell_a_verdict_from_bad_input_from_a_bug(tmp_path, monkeypatch, capsys):
     """Scripts read the exit code: 2 bad input, named (a threshold that compares with nothing, a memory
     size that is none, bad data before any model loads, a folder without a model), 3 an unexpected
@@ -818,3 +842,28 @@ def test_the_quantization_options_name_the_base_s_quantization():
     assert quant.normalize(named("--load-in-4bit", "--compute-dtype", "float16")) == {
         "method": "nf4", "double_quant": True, "compute_dtype": "float16"}
     assert named("--load-in-8bit") == "8bit" and named() is None
+
+
+def test_the_demo_table_puts_each_measure_before_and_after_in_its_column():
+    """format_report's rows: the base's value under "base", the trained adapter's under "Q-Adapter"
+    (the KL of the base to itself being 0), each to three decimals, and the run's counts and pace."""
+    from qadapter.experiments.demo import format_report
+
+    before = {"heldout_accuracy": 0.25, "rule_rate": 0.0, "probe_accuracy": 0.875, "heldout_margin": -1.5}
+    after = {"heldout_accuracy": 0.9, "rule_rate": 0.75, "probe_accuracy": 0.8125, "kl_to_base": 0.0421,
+             "examples": [{"prompt": "Why?", "answer": "TL;DR: Because."}]}
+    report = {"before": before, "after": after, "train_pairs": 93, "heldout_pairs": 20, "probe_questions": 26,
+              "options": {"max_steps": 40}, "steps_per_second": 1.234, "device": "cpu", "threads": 2,
+              "peak_memory_mb": 812.4, "total_seconds": 90, "adapter": "out/adapter"}
+    table = format_report(report)
+    rows = {cells[0]: cells[1:] for line in table.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").rsplit("|", 2)]]}  # a name may hold "||"
+    assert rows == {"metric": ["base", "Q-Adapter"],
+                    "held-out preference accuracy *": ["0.250", "0.900"],
+                    "rule satisfaction (greedy generations)": ["0.000", "0.750"],
+                    "knowledge-probe accuracy": ["0.875", "0.812"],
+                    "mean per-token KL(customized || base)": ["0.000", "0.042"]}
+    assert "mean reward margin (chosen - rejected) is -1.500" in table
+    assert "93 training pairs, 20 held-out pairs, 26 probe questions; 40 steps at 1.23 steps/s on cpu (2 threads)" \
+        ", peak memory 812 MB, total 1.5 min" in table
+    assert "example ('Why?'):\nTL;DR: Because." in table and table.endswith("adapter saved to out/adapter")

@@ -433,3 +433,66 @@ def test_a_quantized_comparison_trains_every_method_on_the_4bit_base(tmp_path, m
     assert trained == {method: (nf4, {torch.float32}, True) for method in ("sft", "dpo", "qadapter")}
     assert [(r["method"], r["steps"]) for r in report["rows"]] == [("base", 0), ("sft", 2), ("dpo", 2), ("qadapter", 2)]
     assert all(0 <= r["heldout_accuracy"] <= 1 and math.isfinite(r["general_perplexity"]) for r in report["rows"])
+
+
+def test_the_tasks_rule_and_the_pairs_made_for_it():
+    """The TL;DR rule reads the first non-blank line only, and wants a summary of 3 characters or more
+    after the marker; a chosen response is its rejected one with the first sentence (whitespace
+    folded) set apart as that line, so the shipped pairs differ in the rule alone."""
+    from qadapter.experiments.task import follows_rule, load_task, make_chosen, probe_correct, whole_sentences
+
+    assert follows_rule("TL;DR: Blue light scatters.\n\nMore.") and follows_rule("  \n TL;DR: yes\nrest")
+    for broken in ("TL;DR: ok", "TL;DR:\nThe sky is blue.", "tl;dr: The sky is blue.", "The sky. TL;DR: blue."):
+        assert not follows_rule(broken), broken
+    # The first sentence ends at the first whitespace after '.', '!' or '?' (not at the line break).
+    assert make_chosen("The sky is   blue because of\nscattering. Short waves scatter more!  Red less.") == \
+        "TL;DR: The sky is blue because of scattering.\n\nShort waves scatter more!  Red less."
+    assert make_chosen(" Yes. ") == "TL;DR: Yes."
+    # An answer cut at the token limit keeps its whole sentences, each with its full stop.
+    assert whole_sentences("It rains. Then it sto") == "It rains."
+    assert whole_sentences("One.\nTwo and") == "One."
+    assert whole_sentences(" It rains! ") == "It rains!" and whole_sentences("no end at all") == "no end at all"
+    assert probe_correct("The answer is Paris.", ["paris"]) and probe_correct("TWELVE", ["12", "twelve"])
+    assert not probe_correct("London", ["paris"])
+    task = load_task()
+    for row in task["train"] + task["heldout"]:
+        assert row["chosen"] == make_chosen(row["rejected"]) and whole_sentences(row["rejected"]) == row["rejected"]
+        assert follows_rule(row["chosen"]) and not follows_rule(row["rejected"]), row["prompt"]
+
+
+def test_the_second_preferences_bullets_and_its_pairs():
+    """After the opening line, the next non-empty line is a '- ' item saying something; the pairs set
+    an answer's later sentences as items, and leave out an answer of one sentence."""
+    from qadapter.experiments.task import bullet_pairs, follows_bullets, make_bulleted, sentences
+
+    assert sentences("TL;DR: A b.\n\n- C d. E f!\n") == ["TL;DR: A b.", "C d.", "E f!"]
+    assert make_bulleted("First one. Second one! Third?") == "First one.\n\n- Second one!\n- Third?"
+    assert follows_bullets("First one.\n\n- Second one!") and follows_bullets("First.\n- ab")
+    for broken in ("First.\n\nSecond.", "First.\n- a", "First.\n-", "- First only."):
+        assert not follows_bullets(broken), broken
+    rows = [{"prompt": "p", "chosen": "TL;DR: One.\n\nTwo. Three.", "rejected": "One. Two. Three."},
+            {"prompt": "q", "chosen": "TL;DR: Only.", "rejected": "Only."}]
+    assert bullet_pairs(rows) == [{"prompt": "p", "chosen": "TL;DR: One.\n\n- Two.\n- Three.",
+                                   "rejected": "TL;DR: One.\n\nTwo. Three."}]
+    assert bullet_pairs(rows, "rejected") == [{"prompt": "p", "chosen": "One.\n\n- Two.\n- Three.",
+                                               "rejected": "One. Two. Three."}]
+
+
+def test_the_comparison_table_has_a_column_per_measure_some_row_holds():
+    """format_table: the columns of the measures some row has (in COLUMNS' order), '-' where a row has
+    none (the base trains with no learning rate), each number in its column's format."""
+    rows = [{"method": "base", "steps": 0, "heldout_accuracy": 0.25, "general_kl_to_base": 0.0},
+            {"method": "qadapter", "steps": 40, "learning_rate": 3e-4, "heldout_accuracy": 0.8125,
+             "general_kl_to_base": 0.01234, "train_seconds": 61.6}]
+    report = {"rows": rows, "train_pairs": 93, "heldout_pairs": 20, "probe_questions": 26, "general_prompts": 8,
+              "device": "cpu", "threads": 2, "total_seconds": 150, "complete": False}
+    lines = format_table(report).splitlines()
+    assert lines[:4] == [
+        "| method | steps | learning rate | held-out pref. acc. (own reward) | KL to base / token | train s |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| base | 0 | - | 0.250 | 0.0000 | - |",
+        "| Q-Adapter | 40 | 0.0003 | 0.812 | 0.0123 | 62 |"]
+    assert lines[5].startswith("93 training pairs, 20 held-out pairs, 26 probe questions, 8 general prompts; "
+                               "cpu (2 threads), total 2.5 min.")
+    assert lines[-1].startswith("Partial: the run stopped")
+    assert "Partial" not in format_table({**report, "complete": True})

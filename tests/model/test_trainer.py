@@ -793,3 +793,55 @@ def test_evaluate_with_persistent_workers_measures_the_data_set_given(tmp_path):
     assert got == pytest.approx(want, rel=1e-6)
     assert [sets["eval_other_loss"], sets["eval_third_loss"]] == pytest.approx(want[1:], rel=1e-6)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(want[0], rel=1e-6)  # its own set's loader, kept
+
+
+def test_which_options_resuming_refuses_or_says_and_how_a_checkpoint_is_read(tmp_path):
+    """:func:`resume_point` on checkpoint folders written by hand: each optimizer hyperparameter
+    (learning rate, weight decay, Adam's betas and epsilon, optim_args) another than the checkpoint
+    run's is refused where its optimizer state is restored, Trainer's optimizer.pt or a DeepSpeed
+    engine's global_step folder; an option of the run's course is said; one of neither (how often it
+    logs) is not compared; a checkpoint at max_steps itself resumes; other data is the data's hash."""
+    import json
+
+    from qadapter.library.trainer import resume_point
+
+    def config(**options):
+        return QAdapterConfig(output_dir=str(tmp_path / "run"), report_to="none", max_steps=4, **options)
+
+    def checkpoint(name, step=2, optimizer="optimizer.pt", data=None, **options):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if optimizer:
+            (folder / optimizer).mkdir()
+        recorded = json.loads(json.dumps(config(**options).to_dict(), default=str))
+        (folder / "provenance.json").write_text(json.dumps({"provenance_version": 1, "data": data or {},
+                                                            "training": {"options": recorded}}))
+        return folder
+
+    optimizer = {"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.8, "adam_beta2": 0.99,
+                 "adam_epsilon": 1e-6, "optim_args": "amsgrad=True"}
+    for name, value in optimizer.items():
+        for state in ("optimizer.pt", "global_step2"):
+            folder = checkpoint(f"{name}-{state}", optimizer=state, **{name: value})
+            with pytest.raises(ValueError, match=f"{name} .* would not take effect"):
+                resume_point(folder, config(), None)
+        with warnings.catch_warnings(record=True) as caught:  # no state restored: the value given takes effect
+            warnings.simplefilter("always")
+            point = resume_point(checkpoint(f"{name}-model-only", optimizer=None, **{name: value}), config(), None)
+        said = " ".join(str(w.message) for w in caught)
+        assert "holds no optimizer state" in said and f"with {name} " in said and "goes on with the values" in said
+        assert list(point["changed"]) == [name] and point["fresh_optimizer"]
+    course = {"warmup_steps": 3, "seed": 7, "gradient_accumulation_steps": 2, "max_length": 64, "alpha_0": 0.5}
+    folder = checkpoint("course", **course, logging_steps=7)
+    with pytest.warns(UserWarning, match="the run goes on with the values given"):
+        point = resume_point(folder, config(), None)
+    given = config()
+    assert point["changed"] == {name: {"checkpoint": value, "given": getattr(given, name)}
+                                for name, value in course.items()}
+    data = {"rows_sha256": "a" * 64, "source": "pairs.jsonl"}
+    at_the_end = resume_point(checkpoint("end", step=4, data=data), config(), {"rows_sha256": "a" * 64})
+    assert at_the_end == {"checkpoint": str(tmp_path / "end"), "global_step": 4}
+    with pytest.warns(UserWarning, match=r"on other data than its run read \(pairs.jsonl\): steps 1-2"):
+        point = resume_point(checkpoint("other-data", data=data), config(), {"rows_sha256": "b" * 64})
+    assert point["data"] == data and "changed" not in point
