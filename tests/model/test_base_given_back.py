@@ -134,3 +134,53 @@ def test_a_base_whose_live_model_took_its_layers_out_is_lent_afresh(tmp_path):
     del adapter_set, fresh
     gc.collect()
     assert_as_given(base, pristine)
+
+
+def test_a_base_whose_adapter_set_awaits_collection_takes_another(tmp_path):
+    """An AdapterSet dropped but not yet collected (it holds itself in a cycle) is collected when
+    another one is built on its base: the base is given back first, not refused as still in use."""
+    source = QAdapterModel(tiny_causal_lm())
+    perturb_adapter(source)
+    source.save_pretrained(tmp_path / "a")
+    del source
+    base = tiny_causal_lm()
+    gc.collect()
+    gc.disable()  # no automatic collection between the drop and the next set
+    try:
+        first = AdapterSet(base)
+        first.load("a", tmp_path / "a")
+        gone = weakref.ref(first)
+        del first
+        assert gone() is not None  # garbage in a cycle, not freed yet
+        second = AdapterSet(base)
+        second.load("a", tmp_path / "a")
+        assert gone() is None
+    finally:
+        gc.enable()
+    fresh = AdapterSet(tiny_causal_lm())
+    fresh.load("a", tmp_path / "a")
+    assert torch.equal(second.generate(IDS, adapters=["a"], **GREEDY), fresh.generate(IDS, adapters=["a"], **GREEDY))
+
+
+def test_a_base_is_given_back_when_an_adapter_fails_to_load_onto_it(tmp_path):
+    """PEFT injects the LoRA layers before it loads the weights: weights that do not fit them (a
+    tensor of another shape) leave no layers and no loan behind, so the base is as given and takes
+    the next model."""
+    from qadapter.library.model import AdapterLoadError
+    from safetensors.torch import load_file, save_file
+
+    source = QAdapterModel(tiny_causal_lm())
+    source.save_pretrained(tmp_path / "a")
+    del source
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    base = tiny_causal_lm()
+    pristine = copy.deepcopy(base)
+    with pytest.raises(AdapterLoadError, match="cannot be loaded"):
+        QAdapterModel.from_pretrained(tmp_path / "a", base)
+    assert_as_given(base, pristine)
+    again = QAdapterModel(base)
+    torch.testing.assert_close(logits(again.peft_model), logits(pristine), rtol=0, atol=0)

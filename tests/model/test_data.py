@@ -729,3 +729,16 @@ def test_a_damaged_parquet_file_is_named(tmp_path):
         path.write_bytes(damaged)
         with pytest.raises(ValueError, match=rf"data file {re.escape(str(path))} could not be read as parquet: \S"):
             read_rows(path)
+
+
+def test_a_response_cut_to_fit_counts_as_truncated(tok):
+    """A prompt that fits with a response cut on the right is a truncated pair, as a prompt cut is."""
+    row = {"prompt": "hello", "chosen": "Paris " * 40, "rejected": "Rome"}
+    (f,), summary = tokenize_rows([row], tok, max_length=24)
+    n_prompt = f["chosen_labels"].count(IGNORE_INDEX)
+    whole = tokenize_rows([row], tok, max_length=4096)[0][0]
+    assert whole["chosen_labels"].count(IGNORE_INDEX) == n_prompt  # the prompt kept whole
+    assert len(f["chosen_input_ids"]) == 24 < len(whole["chosen_input_ids"])
+    assert f["chosen_input_ids"] == whole["chosen_input_ids"][:24]
+    assert summary.truncated == 1
+    assert tokenize_rows([row], tok, max_length=4096)[1].truncated == 0

@@ -132,3 +132,33 @@ def test_refuses_a_quantized_head():
     head.weight = torch.nn.Parameter(torch.zeros(head.weight.shape, dtype=torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match=r"dense weight; got a torch.int8 one .*llm_int8_skip_modules"):
         frozen_and_adapter_hidden(model, ids, mask)
+
+
+def test_a_soft_cap_of_zero_is_none():
+    """``final_logit_softcapping=0`` caps nothing (a config's way of turning it off): no cap is asked
+    of the caller, and the states give the model's uncapped logits."""
+    model = peft_lm("llama")
+    model.get_base_model().config.final_logit_softcapping = 0
+    assert head_softcap(model.get_base_model()) is None
+    ids, mask, _ = batch()
+    hidden = frozen_and_adapter_hidden(model, ids, mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(hidden.q_hidden.detach() @ hidden.weight.T, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_probed_again_when_the_attention_changes():
+    """The packing probe runs once per model and attention implementation: a model switched to another
+    attention after its first step is probed again (that one may not keep packed sequences apart)."""
+    model = peft_lm("llama")
+    ids, mask, _ = batch()
+    wrapped = Wrapper(model)
+    frozen_and_adapter_hidden(wrapped, ids, mask)
+    frozen_and_adapter_hidden(wrapped, ids, mask)
+    assert wrapped.calls == 6 + 2  # the probe's four forwards once, then two per call
+    attention = model.get_base_model().config._attn_implementation
+    model.get_base_model().config._attn_implementation = "eager" if attention != "eager" else "sdpa"
+    frozen_and_adapter_hidden(wrapped, ids, mask)
+    assert wrapped.calls == 8 + 6
+    frozen_and_adapter_hidden(wrapped, ids, mask)
+    assert wrapped.calls == 14 + 2

@@ -161,3 +161,14 @@ def test_embedded_model_gets_shipped_questions_right_by_loglik():
     assert likeliest_options(logprobs_fn, tokenizer, items) == [i["answer"] for i in items]
     padded = likeliest_options(likelihood(model, padding_free=False), tokenizer, items)
     assert padded == [i["answer"] for i in items]
+
+
+def test_a_tie_picks_the_first_option():
+    """Options scored alike (a model indifferent to them): the first one is picked, as documented."""
+    tokenizer = tiny_chat_tokenizer()
+
+    def indifferent(input_ids, attention_mask, position_ids, targets):
+        return torch.zeros(targets.ids.shape[0])
+
+    assert option_scores(indifferent, tokenizer, ITEMS) == [[0.0] * len(it["options"]) for it in ITEMS]
+    assert likeliest_options(indifferent, tokenizer, ITEMS) == [0] * len(ITEMS)

@@ -353,3 +353,35 @@ def test_a_samples_file_is_read_as_the_other_json_files(tmp_path):
     path.write_text('{"qadapter_knowledge": [0,')
     with pytest.raises(ValueError, match=f"--samples file {re.escape(str(path))} is not valid JSON"):
         samples_option(str(path))
+
+
+def test_a_stop_string_of_more_tokens_than_characters_stops_its_row():
+    """A byte-level tokenizer spends several tokens on one accented character: a stop string is still
+    found in the text of a row's last tokens, the row stopping at the token that completes it."""
+    from qadapter.evaluation.lm_eval_model import _AllStopped, _StopWatch
+
+    tokenizer = tiny_chat_tokenizer()
+    stop = "\u00e9t\u00e9"
+    assert len(tokenizer(stop, add_special_tokens=False).input_ids) > len(stop)
+    ids = tokenizer("hello world " + stop + " and more", add_special_tokens=False).input_ids
+    until_stop = next(k for k in range(len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
+    watch = _StopWatch(tokenizer, 1, {2}, [stop])
+    watch.put(torch.tensor([[5, 6]]))  # the prompt
+    with pytest.raises(_AllStopped):
+        for token in ids:
+            watch.put(torch.tensor([token]))
+    assert watch.tokens[0] == ids[:until_stop]
+
+
+def test_a_long_prompt_is_kept_to_its_last_tokens_that_leave_room_to_generate(model, monkeypatch):
+    """``generate_until`` hands the model each prompt's last ``max_length - max_gen_toks`` tokens,
+    left-padded beside the shorter ones."""
+    lm = QAdapterLM(model, batch_size=2, max_length=16)
+    seen, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, mask, **kw: seen.append((ids, mask)) or generate(ids, mask, **kw))
+    long = "the capital of France is Paris " * 5
+    lm.generate_until(generate_requests(["hello", long], until=[], max_gen_toks=6), disable_tqdm=True)
+    [(ids, mask)] = seen
+    assert len(lm.tok_encode(long)) > 10
+    assert ids[0].tolist() == lm.tok_encode(long)[-10:] and bool(mask[0].all())  # the longest first
+    assert ids[1][mask[1] == 1].tolist() == lm.tok_encode("hello") and mask[1, 0] == 0

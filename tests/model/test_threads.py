@@ -102,3 +102,14 @@ def test_loading_adapters_from_threads_leaves_the_warning_filters_as_they_were(t
     results = at_once([lambda base=base: QAdapterModel.from_pretrained(tmp_path / "adapter", base) for base in bases])
     assert all(isinstance(model, QAdapterModel) for model in results), results
     assert list(warnings.filters) == filters
+
+
+def test_every_wrapper_over_one_base_shares_its_lock():
+    """The PEFT model, the QAdapterModel's passes (which hold the base) and the base itself take one
+    lock: a decode through one and a loss pass through the other wait for each other."""
+    from qadapter.library.one_at_a_time import network_lock
+
+    model = make_model("llama")
+    base = model.peft_model.get_base_model()
+    assert network_lock(model.peft_model) is network_lock(base)
+    assert network_lock(tiny_causal_lm()) is not network_lock(base)
