@@ -162,3 +162,14 @@ def test_packing_is_probed_again_when_the_attention_changes():
     assert wrapped.calls == 8 + 6
     frozen_and_adapter_hidden(wrapped, ids, mask)
     assert wrapped.calls == 14 + 2
+
+
+def test_the_tokens_each_pass_ran():
+    """Unpacked, a pass runs the whole padded batch (B * T, padding included), not only its attended
+    tokens."""
+    from qadapter.library.hidden import level_hidden
+
+    model = peft_lm("llama")
+    ids, mask, _ = batch()
+    assert int(mask.sum()) < ids.numel()
+    assert level_hidden(model, ids, mask, padding_free=False).tokens == ids.numel()
