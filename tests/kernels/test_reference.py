@@ -57,11 +57,20 @@ def plain_loss(base, hq, weight, labels, *, q_weight=None, q_bias=None, alpha_ti
     return bt + beta * squares / n, seq_rewards
 
 
+@pytest.mark.parametrize("whole_logits", [False, True], ids=["backend", "whole-logits"])
 @pytest.mark.parametrize("options", OPTIONS)
-def test_reference_matches_plain_transcription(options):
+def test_reference_matches_plain_transcription(options, whole_logits):
+    """The reference backend, and ``qadapter_loss_reference`` (the ``[B, T, V]`` spec the baselines
+    compile), are the plain transcription: rows whose last position is scored give
+    ``value_at="next"`` no successor there."""
     x = make_inputs(batch=4, seq=6, hidden=5, vocab=11, dtype=torch.float64, q_head=True, q_bias=True, seed=3)
+    assert (x["labels"][:, -1] != -100).any()  # a last position that is scored
     hyper = dict(alpha_tilde=0.7, alpha_0=0.3, gamma=0.9, beta=0.2, **options)
-    out = qadapter_loss(**x, backend="reference", **hyper)
+    if whole_logits:
+        out = qadapter_loss_reference(x["base_hidden"], x["q_hidden"], x["weight"], x["labels"], x["q_weight"],
+                                      x["q_bias"], LossConfig(**hyper))
+    else:
+        out = qadapter_loss(**x, backend="reference", **hyper)
     expected, rewards = plain_loss(
         x["base_hidden"], x["q_hidden"].detach(), x["weight"], x["labels"],
         q_weight=x["q_weight"].detach(), q_bias=x["q_bias"].detach(), **hyper,
@@ -91,24 +100,6 @@ def test_metrics_follow_rewards():
     assert out.loss.item() == pytest.approx(out.bt_loss.item() + out.chi2_loss.item())
     assert out.chosen_rewards[1].item() == 0.0  # the prompt-only row has reward 0
     assert not out.chosen_rewards.requires_grad and not out.bt_loss.requires_grad
-
-
-@pytest.mark.parametrize("options", OPTIONS)
-def test_whole_logits_reference_matches_plain_transcription(options):
-    """``qadapter_loss_reference`` (the ``[B, T, V]`` spec the baselines compile) is the same
-    transcription: rows whose last position is scored give ``value_at="next"`` no successor there."""
-    x = make_inputs(batch=4, seq=6, hidden=5, vocab=11, dtype=torch.float64, q_head=True, q_bias=True, seed=3)
-    assert (x["labels"][:, -1] != -100).any()  # a last position that is scored
-    hyper = dict(alpha_tilde=0.7, alpha_0=0.3, gamma=0.9, beta=0.2, **options)
-    out = qadapter_loss_reference(x["base_hidden"], x["q_hidden"], x["weight"], x["labels"], x["q_weight"],
-                                  x["q_bias"], LossConfig(**hyper))
-    expected, rewards = plain_loss(
-        x["base_hidden"], x["q_hidden"].detach(), x["weight"], x["labels"],
-        q_weight=x["q_weight"].detach(), q_bias=x["q_bias"].detach(), **hyper,
-    )
-    assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
-    got = torch.cat([out.chosen_rewards, out.rejected_rewards]).tolist()
-    assert got == pytest.approx(rewards, rel=1e-12, abs=1e-12)
 
 
 def test_accuracy_is_strict():
