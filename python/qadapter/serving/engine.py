@@ -609,10 +609,12 @@ class Engine:
         return [self.adapter_set.depth(r.adapter) for r in requests]
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Whether the engine ran out of work within ``timeout`` seconds (for tests and benchmarks)."""
+        """Whether the engine ran out of work within ``timeout`` seconds (for tests and benchmarks): no
+        request outstanding and its batch dropped (a request is told it ended before its batch lets it
+        go and keeps its prefix)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._outstanding:
+            if not self._outstanding and not self._running:
                 return True
             time.sleep(0.01)
         return False
